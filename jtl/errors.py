@@ -1,0 +1,55 @@
+"""Errors raised by jtl.
+
+Every error jtl raises for bad user input is a `JtlError`. A message says what
+was expected, what was found, where (path, file, config key) and what to do.
+Problems are collected and reported together rather than one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class JtlError(Exception):
+  """Base class of every error jtl raises for bad input."""
+
+
+class PartitionError(JtlError):
+  """Rules, labels or tree structures that do not fit a parameter tree."""
+
+
+class OptimizerError(JtlError):
+  """Labels or options that do not fit the optimizer being built."""
+
+
+class StepError(JtlError):
+  """A loss, model or batch that does not fit the train/eval step."""
+
+
+class DeviceError(JtlError):
+  """A batch, mesh or sharding that does not fit the devices."""
+
+
+class CheckpointError(JtlError):
+  """A checkpoint file or directory that cannot be read or written."""
+
+
+class LoadError(JtlError):
+  """Pretrained weights that do not fit the model they are loaded into."""
+
+
+class ConfigError(JtlError):
+  """A config key or value that is missing, unknown or invalid."""
+
+
+class DataError(JtlError):
+  """A dataset, split, folder or example that cannot be used."""
+
+
+def bullet_list(items: Iterable[object], *, limit: int = 50) -> str:
+  """Formats items as an indented bullet list, eliding after `limit`."""
+  items = list(items)
+  lines = [f"  - {item}" for item in items[:limit]]
+  if len(items) > limit:
+    lines.append(f"  ... and {len(items) - limit} more")
+  return "\n".join(lines)
