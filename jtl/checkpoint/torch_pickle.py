@@ -197,8 +197,11 @@ class _Unpickler(pickle.Unpickler):
     return self._load_storage(key, dtype, numel)
 
 
-def _unpickle(path: str, data: Any, load_storage: Any) -> Any:
+def _unpickle(path: str, data: Any, load_storage: Any, *,
+              unpickler: Any = None) -> Any:
   try:
+    if unpickler is not None:
+      return unpickler(data).load()
     return _Unpickler(data, load_storage).load()
   except _Refused as e:
     raise CheckpointError(
@@ -299,15 +302,17 @@ def read_legacy(path: str, buf: bytes) -> Any:
   """Unpickles a legacy (non-zip) torch.save stream held in `buf`."""
   f = _Reader(buf)
   try:
-    magic = _Plain(f).load()
+    magic = _unpickle(path, f, None, unpickler=_Plain)
+  except CheckpointError:
+    raise
   except Exception:  # noqa: BLE001 - any failure here means "not torch"
     magic = None
   if magic != LEGACY_MAGIC:
     raise CheckpointError(
         f"{path}: not a PyTorch file (no zip archive and no legacy magic "
         "number at the start).")
-  _Plain(f).load()  # protocol version
-  sys_info = _Plain(f).load()
+  _unpickle(path, f, None, unpickler=_Plain)  # protocol version
+  sys_info = _unpickle(path, f, None, unpickler=_Plain)
   big_endian = isinstance(sys_info, dict) and not sys_info.get(
       "little_endian", True)
   declared: dict[str, tuple[np.dtype, int]] = {}
@@ -319,7 +324,7 @@ def read_legacy(path: str, buf: bytes) -> Any:
     return storages[key]
 
   obj = _unpickle(path, f, load_storage)
-  keys = _Plain(f).load()
+  keys = _unpickle(path, f, None, unpickler=_Plain)
   if not isinstance(keys, list) or set(map(str, keys)) != set(declared):
     raise CheckpointError(
         f"{path}: the storage key list does not match the storages the "

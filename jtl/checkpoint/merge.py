@@ -1,0 +1,256 @@
+"""`load_pretrained`: put checkpoint arrays into fresh model variables, with a report.
+
+>>> import numpy as np
+>>> like = {"params": {"w": np.zeros((2, 2), np.float32),
+...                    "head": {"kernel": np.zeros((2, 10), np.float32)}}}
+>>> src = {"w": np.ones((2, 2)), "head/kernel": np.ones((2, 1000))}
+>>> variables, report = load_pretrained(src, like)
+>>> float(variables["params"]["w"][0, 0]), variables["params"]["w"].dtype
+(1.0, dtype('float32'))
+>>> report.reinitialised[0].note
+'checkpoint has 1000 classes, model 10: re-initialised'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jtl import tree as tree_lib
+from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
+from jtl.checkpoint.readers import read, to_flat_arrays
+from jtl.errors import JtlError, LoadError, bullet_list
+
+Shape = tuple[int, ...]
+Adapter = Callable[[np.ndarray, Shape], np.ndarray]
+
+
+class Entry(NamedTuple):
+  """One leaf in a LoadReport: its path, source and model shapes, a note."""
+  path: str
+  source_shape: Shape | None = None
+  model_shape: Shape | None = None
+  note: str = ""
+
+  def __str__(self) -> str:
+    shapes = " -> ".join(str(s) for s in (self.source_shape, self.model_shape)
+                         if s is not None)
+    return f"{self.path} {shapes}" + (f" ({self.note})" if self.note else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+  """What `load_pretrained` did with every leaf of the model and the source.
+
+  Attributes:
+    loaded: model leaves set from the checkpoint.
+    skipped: leaves matched by `skip` (model keeps its init), and head leaves
+      of the checkpoint that the model does not have.
+    missing: model leaves absent from the checkpoint (kept from init).
+    unexpected: checkpoint leaves (after conversion) the model does not have.
+    mismatched: leaves whose shapes differ (kept from init when not strict).
+    reinitialised: head leaves whose class count differs (kept from init).
+    adapted: leaves reshaped by an adapter (position embeddings, input conv).
+    cast: loaded leaves whose dtype was changed.
+  """
+  loaded: tuple[Entry, ...] = ()
+  skipped: tuple[Entry, ...] = ()
+  missing: tuple[Entry, ...] = ()
+  unexpected: tuple[Entry, ...] = ()
+  mismatched: tuple[Entry, ...] = ()
+  reinitialised: tuple[Entry, ...] = ()
+  adapted: tuple[Entry, ...] = ()
+  cast: tuple[Entry, ...] = ()
+
+  @property
+  def ok(self) -> bool:
+    """True when nothing is missing, unexpected or mismatched."""
+    return not (self.missing or self.unexpected or self.mismatched)
+
+  def __str__(self, limit: int = 3) -> str:
+    lines = [f"{'category':<14}{'count':>6}  first paths"]
+    for field in dataclasses.fields(self):
+      entries = getattr(self, field.name)
+      first = "; ".join(str(e) for e in entries[:limit])
+      more = f"; ... {len(entries) - limit} more" if len(entries) > limit else ""
+      lines.append(f"{field.name:<14}{len(entries):>6}  {first}{more}".rstrip())
+    return "\n".join(lines)
+
+
+def _strip_collection(path: str) -> str:
+  return path.split("/", 1)[1] if "/" in path else path
+
+
+def _posemb_adapter(src: np.ndarray, shape: Shape) -> np.ndarray | None:
+  if src.ndim != 3 or len(shape) != 3 or src.shape[0] != 1 or shape[0] != 1 \
+      or src.shape[2] != shape[2]:
+    return None
+  for prefix in (0, 1):
+    old, new = src.shape[1] - prefix, shape[1] - prefix
+    if old > 0 and new > 0 and round(old**.5)**2 == old and round(new**.5)**2 == new:
+      return resize_pos_embed(src, round(new**.5), num_prefix_tokens=prefix)
+  return None
+
+
+def _input_conv_adapter(src: np.ndarray, shape: Shape) -> np.ndarray | None:
+  if src.ndim != 4 or len(shape) != 4 or src.shape[2] != 3:
+    return None
+  if src.shape[:2] + src.shape[3:] != shape[:2] + shape[3:]:
+    return None
+  return adapt_input_conv(src, shape[2])
+
+
+DEFAULT_ADAPTERS: tuple[tuple[str, Adapter], ...] = (
+    (r"(.*/)?(pos_?embed\w*|posemb\w*)(/.*)?", _posemb_adapter),
+    (r"params/(.*/)?(stem|conv_?stem|conv1|embedding|patch_embed|conv_root)"
+     r"(/.*)?/kernel", _input_conv_adapter),
+)
+
+
+def _as_flat_source(source: Any) -> dict[str, np.ndarray]:
+  if isinstance(source, Mapping):
+    return to_flat_arrays(source, "source")
+  return read(source)
+
+
+def load_pretrained(
+    source: Any, like: Mapping[str, Any], *,
+    converter: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
+    skip: Sequence[str] = (), strict: bool = True,
+    reinit_head: str | None = r"params/head/.*", dtype: Any = None,
+    adapt: bool | Sequence[tuple[str, Adapter]] = True,
+) -> tuple[Any, LoadReport]:
+  """Returns `like` with its leaves replaced by the checkpoint's, and a report.
+
+  Args:
+    source: anything `read` accepts, or an already-read (flat or nested)
+      dict of arrays.
+    like: freshly initialised variables, e.g. {"params": ..., "batch_stats":
+      ...}; gives the structure, shapes, dtypes and the values kept for
+      leaves that are not loaded.
+    converter: maps the source's flat dict to {"params/...": array,
+      "batch_stats/...": array}. Without it, source names are model paths (a
+      "params/" prefix is added when the source has no collection names).
+    skip: regexes; matching leaves (full path, or path without the collection)
+      keep their init and are listed as skipped.
+    strict: raise one LoadError for anything missing, unexpected or
+      mismatched; False keeps init values for those and reports them.
+    reinit_head: regex of the classifier head; when only its class count (last
+      axis) differs, the model's init is kept and reported as reinitialised.
+    dtype: cast loaded floating arrays to this dtype; by default they are cast
+      to the dtype of the corresponding `like` leaf.
+    adapt: True applies the built-in adapters (ViT position-embedding resize,
+      first-conv input channels) to shape mismatches of matching paths; False
+      none; or a sequence of (regex, fn(source_array, model_shape) -> array).
+
+  Returns:
+    (variables with the structure of `like`, holding numpy arrays; LoadReport)
+  """
+  flat_src = _as_flat_source(source)
+  if converter is not None:
+    try:
+      flat_src = dict(converter(flat_src))
+    except JtlError:
+      raise
+    except Exception as e:  # noqa: BLE001 - name the converter and source
+      raise LoadError(
+          f"The converter {getattr(converter, '__name__', converter)} failed "
+          f"on {source if not isinstance(source, Mapping) else 'the source'}: "
+          f"{type(e).__name__}: {e}. Is this the checkpoint the converter "
+          "expects?") from e
+    flat_src = {k: np.asarray(v) for k, v in flat_src.items()}
+  flat_like = tree_lib.flatten(like)
+  collections = {p.split("/")[0] for p in flat_like}
+  if converter is None and "params" in collections and not any(
+      k.split("/")[0] in collections for k in flat_src):
+    flat_src = {f"params/{k}": v for k, v in flat_src.items()}
+  adapters = list(DEFAULT_ADAPTERS) if adapt is True else list(adapt or ())
+  cats: dict[str, list[Entry]] = {f.name: [] for f in dataclasses.fields(LoadReport)}
+
+  def skipped(path: str) -> bool:
+    return any(re.fullmatch(p, path) or re.fullmatch(p, _strip_collection(path))
+               for p in skip)
+
+  def is_head(path: str) -> bool:
+    return reinit_head is not None and re.fullmatch(reinit_head, path) is not None
+
+  out: dict[str, Any] = {}
+  for path, init in flat_like.items():
+    init = np.asarray(init)
+    out[path] = init
+    if skipped(path):
+      src = flat_src.get(path)
+      cats["skipped"].append(Entry(path, None if src is None else src.shape,
+                                   init.shape, "skip pattern"))
+      continue
+    if path not in flat_src:
+      cats["missing"].append(Entry(path, None, init.shape))
+      continue
+    src = flat_src[path]
+    if src.shape != init.shape:
+      fixed = None
+      for pattern, fn in adapters:
+        if re.fullmatch(pattern, path):
+          fixed = fn(src, init.shape)
+          if fixed is not None and tuple(fixed.shape) == init.shape:
+            cats["adapted"].append(Entry(path, src.shape, init.shape,
+                                         getattr(fn, "__name__", "adapter")))
+            break
+          fixed = None
+      if fixed is None:
+        if (is_head(path) and src.ndim == init.ndim and src.ndim > 0
+            and src.shape[:-1] == init.shape[:-1]):
+          cats["reinitialised"].append(Entry(
+              path, src.shape, init.shape,
+              f"checkpoint has {src.shape[-1]} classes, model "
+              f"{init.shape[-1]}: re-initialised"))
+        else:
+          cats["mismatched"].append(Entry(path, src.shape, init.shape))
+        continue
+      src = fixed
+    out[path] = _cast(path, src, init, dtype, cats)
+    cats["loaded"].append(Entry(path, src.shape, init.shape))
+  for path, src in flat_src.items():
+    if path in flat_like:
+      continue
+    if skipped(path):
+      cats["skipped"].append(Entry(path, src.shape, None, "skip pattern"))
+    elif is_head(path):
+      cats["skipped"].append(Entry(path, src.shape, None, "model has no head"))
+    else:
+      cats["unexpected"].append(Entry(path, src.shape, None))
+  report = LoadReport(**{k: tuple(v) for k, v in cats.items()})
+  if strict and not report.ok:
+    raise LoadError(_strict_message(source, report))
+  variables = tree_lib.map_with_path(lambda p, _: out[p], like)
+  return variables, report
+
+
+def _cast(path: str, src: np.ndarray, init: np.ndarray, dtype: Any,
+          cats: dict[str, list[Entry]]) -> np.ndarray:
+  is_float = np.issubdtype(src.dtype, np.floating) or src.dtype.name in (
+      "bfloat16", "float8_e4m3fn", "float8_e5m2")
+  target = np.dtype(dtype) if dtype is not None and is_float else init.dtype
+  if src.dtype != target:
+    cats["cast"].append(Entry(path, src.shape, init.shape,
+                              f"{src.dtype} -> {target}"))
+    return src.astype(target)
+  return src
+
+
+def _strict_message(source: Any, report: LoadReport) -> str:
+  where = "the given arrays" if isinstance(source, Mapping) else str(source)
+  parts = [f"Checkpoint {where} does not fit the model:"]
+  for name in ("missing", "unexpected", "mismatched"):
+    entries = getattr(report, name)
+    if entries:
+      parts.append(f"{len(entries)} {name}:\n" + bullet_list(entries, limit=30))
+  parts.append(
+      "Fix the converter, or relax: skip=[regex, ...] for leaves to leave at "
+      "their init, reinit_head= for the classifier, or strict=False to keep "
+      "init values for everything that does not fit (listed in the report).")
+  return "\n".join(parts)
