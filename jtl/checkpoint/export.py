@@ -32,8 +32,10 @@ def _to_bytes(flat: dict[str, np.ndarray], fmt: str) -> bytes:
   if fmt == "safetensors":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
+    # safetensors needs C-contiguous buffers (np.ascontiguousarray would also
+    # turn 0-d arrays into 1-d ones).
     return safetensors.numpy.save(
-        {k: np.ascontiguousarray(v) for k, v in flat.items()})
+        {k: np.array(v, order="C") for k, v in flat.items()})
   if fmt == "msgpack":
     from flax import serialization  # pylint: disable=g-import-not-at-top
 

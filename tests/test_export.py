@@ -1,0 +1,74 @@
+"""Tests for jtl.checkpoint.export: round trips through `read`, atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jtl.checkpoint import export, load_pretrained, read
+from jtl.errors import CheckpointError
+
+
+def _variables():
+  rng = np.random.default_rng(0)
+  return {"params": {
+      "stem": {"conv": {"kernel": rng.normal(size=(3, 3, 3, 8)).astype(np.float32)}},
+      "blocks": {"0": {"w": rng.normal(size=(8, 8)).astype(np.float16)},
+                 "1": {"w": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}},
+      "head": {"kernel": rng.normal(size=(8, 10)).astype(ml_dtypes.bfloat16),
+               # a transposed view: not contiguous in memory
+               "bias": rng.normal(size=(10, 4)).astype(np.float32).T[0]}},
+      "batch_stats": {"bn": {"mean": np.arange(8, dtype=np.float32),
+                             "count": np.array(3, np.int64)}}}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".msgpack"])
+def test_round_trip(tmp_path, suffix):
+  variables = _variables()
+  path = tmp_path / "sub" / f"model{suffix}"
+  export(variables, path)
+  flat = read(path)
+  expected = {
+      "params/stem/conv/kernel", "params/blocks/0/w", "params/blocks/1/w",
+      "params/head/kernel", "params/head/bias", "batch_stats/bn/mean",
+      "batch_stats/bn/count"}
+  assert set(flat) == expected
+  from jtl.tree import flatten
+  for name, leaf in flatten(variables).items():
+    leaf = np.asarray(leaf)
+    got = flat[name]
+    assert got.shape == leaf.shape, name
+    if leaf.dtype == ml_dtypes.bfloat16 and suffix == ".npz":
+      assert got.dtype == np.float32  # .npy has no bfloat16; exact widening
+    else:
+      assert got.dtype == leaf.dtype, name
+    np.testing.assert_array_equal(got.astype(np.float64), leaf.astype(np.float64))
+  assert os.listdir(path.parent) == [path.name]  # no temporary files left
+  # The exported file loads back into the same structure, strictly.
+  like = {"params": variables["params"]}
+  loaded, report = load_pretrained(path, like, skip=[r"batch_stats/.*"])
+  assert report.ok and len(report.loaded) == 5
+
+
+def test_export_params_only_and_format_override(tmp_path):
+  params = {"a": {"kernel": np.ones((2, 2), np.float32)}}
+  export(params, tmp_path / "weights.bin", format="safetensors")
+  assert list(read(tmp_path / "weights.bin")) == ["a/kernel"]
+
+
+def test_export_errors_leave_existing_file_intact(tmp_path):
+  path = tmp_path / "model.npz"
+  export({"w": np.ones(3)}, path)
+  before = path.read_bytes()
+  with pytest.raises(CheckpointError, match="not: \\['w/name"):
+    export({"w": {"name": np.array(["a"])}}, path)
+  with pytest.raises(CheckpointError, match="suffix '.pkl'"):
+    export({"w": np.ones(3)}, tmp_path / "model.pkl")
+  with pytest.raises(CheckpointError, match="no leaves"):
+    export({}, path)
+  assert path.read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == ["model.npz"]
