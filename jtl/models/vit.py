@@ -1,0 +1,242 @@
+"""Vision Transformer (ViT-Ti/16, S/16, B/16) with big_vision parameter names.
+
+Inputs are float NHWC images in [-1, 1] (see `preprocess`). Parameter paths:
+"embedding/kernel", "cls", "pos_embedding",
+"Transformer/encoderblock_0/LayerNorm_0/scale",
+"Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
+"Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", ...,
+"Transformer/encoder_norm/scale", "pre_logits/kernel" (optional), "head/kernel".
+
+`pos_embedding` covers the class token too, as in the google-research
+vision_transformer checkpoints; it is sized for `image_size` and resized on
+the fly (bilinear, as big_vision does) for inputs with another patch grid.
+`convert_npz` reads both published `.npz` layouts (vision_transformer and
+big_vision); `jtl.checkpoint.load_pretrained` resizes a checkpoint's position
+embedding to the model's grid (`jtl.checkpoint.adapt.resize_pos_embed`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtl.models import registry, resnet
+
+
+def _resize_grid(posemb: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
+  """In-graph twin of `jtl.checkpoint.adapt.resize_pos_embed` (same numbers)."""
+  prefix, tokens = posemb[:, :num_prefix], posemb[:, num_prefix:]
+  old = math.isqrt(tokens.shape[1])
+  if (old, old) == tuple(grid):
+    return posemb
+  width = tokens.shape[-1]
+  tokens = jax.image.resize(tokens.reshape(1, old, old, width), (1, *grid, width),
+                            "bilinear", antialias=False)
+  return jnp.concatenate([prefix, tokens.reshape(1, grid[0] * grid[1], width)], axis=1)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh form, as the published models) -> Dense."""
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0")(x))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return nn.Dense(width, name="Dense_1")(x)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, name="MultiHeadDotProductAttention_0")(
+            y, y, deterministic=True)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.LayerNorm(name="LayerNorm_1")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, name="MlpBlock_0")(y, train=train)
+    return x + nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class Encoder(nn.Module):
+  """The stack of blocks and the final LayerNorm ("Transformer" in the npz)."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(self.depth):
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout,
+                         name=f"encoderblock_{i}")(x, train=train)
+    return nn.LayerNorm(name="encoder_norm")(x)
+
+
+class ViT(nn.Module):
+  """Vision Transformer.
+
+  Attributes:
+    num_classes: size of the head; 0 returns the pooled features.
+    patch_size, width, depth, mlp_dim, num_heads: the architecture.
+    image_size: the resolution `pos_embedding` is sized for.
+    pool: "tok" (class token) or "gap" (mean of the patch tokens).
+    representation_size: width of the tanh "pre_logits" layer, or None.
+    dropout: dropout rate after attention and in the MLP.
+  """
+  num_classes: int = 1000
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  image_size: int = 224
+  pool: str = "tok"
+  representation_size: int | None = None
+  dropout: float = 0.0
+
+  def setup(self):
+    p = self.patch_size
+    self.embedding = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID")
+    prefix = 1 if self.pool == "tok" else 0
+    grid = self.image_size // p
+    if prefix:
+      self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+    self.pos_embedding = self.param(
+        "pos_embedding", nn.initializers.normal(stddev=0.02),
+        (1, prefix + grid * grid, self.width))
+    self.embedding_dropout = nn.Dropout(self.dropout)
+    self.Transformer = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout)
+    if self.representation_size:
+      self.pre_logits = nn.Dense(self.representation_size)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Pooled, normalised encoder output (after pre_logits if any) [B, D]."""
+    if self.pool not in ("tok", "gap"):
+      raise ValueError(f"ViT.pool must be 'tok' or 'gap', not {self.pool!r}.")
+    x = self.embedding(x)
+    batch, h, w, width = x.shape
+    x = x.reshape(batch, h * w, width)
+    prefix = 1 if self.pool == "tok" else 0
+    if prefix:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls, (batch, 1, width)), x], axis=1)
+    posemb = _resize_grid(self.pos_embedding, (h, w), prefix)
+    x = x + posemb.astype(x.dtype)
+    x = self.embedding_dropout(x, deterministic=not train)
+    x = self.Transformer(x, train=train)
+    x = x[:, 0] if prefix else jnp.mean(x, axis=1)
+    if self.representation_size:
+      x = jnp.tanh(self.pre_logits(x))
+    return x.astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    f = self.features(x, train=train)
+    return self.head(f).astype(jnp.float32) if self.num_classes else f
+
+
+VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
+    "ti": (192, 12, 768, 3), "s": (384, 12, 1536, 6), "b": (768, 12, 3072, 12),
+}
+
+
+def vit(variant: str, num_classes: int = 1000, *, patch_size: int = 16,
+        **kwargs: Any) -> ViT:
+  """Builds ViT-`variant`/`patch_size`, e.g. `vit("b", 10, image_size=384)`."""
+  width, depth, mlp_dim, num_heads = VARIANTS[variant]
+  return ViT(num_classes=num_classes, patch_size=patch_size, width=width,
+             depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, **kwargs)
+
+
+# Both layouts -> big_vision names. vision_transformer numbers a block's
+# submodules in creation order (LayerNorm_0, MHA_1, LayerNorm_2, MlpBlock_3).
+_RENAMES = [
+    (r"Transformer/posembed_input/pos_embedding", "pos_embedding"),
+    (r"(Transformer/encoderblock_\d+)/LayerNorm_2/(.*)", r"\1/LayerNorm_1/\2"),
+    (r"(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_1/(.*)",
+     r"\1/MultiHeadDotProductAttention_0/\2"),
+    (r"(Transformer/encoderblock_\d+)/MlpBlock_3/(.*)", r"\1/MlpBlock_0/\2"),
+]
+_KNOWN = re.compile(
+    r"embedding/(kernel|bias)|cls|pos_embedding|(head|pre_logits)/(kernel|bias)"
+    r"|Transformer/encoder_norm/(scale|bias)"
+    r"|Transformer/encoderblock_\d+/(LayerNorm_[01]/(scale|bias)"
+    r"|MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)"
+    r"|MlpBlock_0/Dense_[01]/(kernel|bias))")
+
+
+def convert_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Maps a ViT `.npz` (vision_transformer or big_vision) to flat "params/..." paths.
+
+  A big_vision checkpoint whose `pos_embedding` has no row for the class
+  token gets a zero row, which is the same model. Unknown keys pass through
+  unchanged so that a strict load reports them.
+
+  >>> out = convert_npz({"Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias":
+  ...                    np.zeros(4, np.float32)})
+  >>> list(out)
+  ['params/Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias']
+  """
+  out: dict[str, np.ndarray] = {}
+  for key, value in arrays.items():
+    name = key[len("params/"):] if key.startswith("params/") else key
+    for pattern, target in _RENAMES:
+      name = re.sub(rf"^{pattern}$", target, name)
+    out[f"params/{name}" if _KNOWN.fullmatch(name) else key] = np.asarray(value)
+  posemb = out.get("params/pos_embedding")
+  if posemb is not None and "params/cls" in out and posemb.ndim == 3:
+    side = math.isqrt(posemb.shape[1])
+    if side * side == posemb.shape[1]:
+      out["params/pos_embedding"] = np.concatenate(
+          [np.zeros_like(posemb[:, :1]), posemb], axis=1)
+  return out
+
+
+def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224) -> jax.Array:
+  """big_vision preprocessing: resize, then scale 0..255 to [-1, 1]."""
+  half = np.full(3, 0.5, np.float32)
+  return resnet.normalize_images(images, size=size, mean=half, std=half)
+
+
+def example_input(batch_size: int, size: int = 224) -> np.ndarray:
+  return np.zeros((batch_size, size, size, 3), np.float32)
+
+
+def groups(depth: int) -> list[tuple[str, str]]:
+  """Layer groups bottom to top: embedding, one per block, encoder_norm, head."""
+  return ([("embedding", r"(embedding/.*|cls|pos_embedding)")]
+          + [(f"encoderblock_{i}", rf"Transformer/encoderblock_{i}/.*")
+             for i in range(depth)]
+          + [("encoder_norm", r"Transformer/encoder_norm/.*|pre_logits/.*"),
+             ("head", r"head/.*")])
+
+
+for _variant in VARIANTS:
+  registry.register(registry.ModelSpec(
+      name=f"vit_{_variant}16",
+      build=functools.partial(
+          lambda v, num_classes=21843, **kw: vit(v, num_classes, **kw), _variant),
+      example_input=example_input,
+      preprocess=preprocess,
+      groups=groups(VARIANTS[_variant][1]),
+      pretrained=f"vit_{_variant}16/augreg_in21k",
+      converter=convert_npz,
+      default_num_classes=21843,
+  ))
