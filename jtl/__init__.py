@@ -1,0 +1,32 @@
+"""jtl: transfer learning in JAX.
+
+Load pretrained weights, split the params into frozen and trainable partitions
+by rules, and fine-tune with pure, jit-compiled steps on every device.
+"""
+
+from jtl.errors import (CheckpointError, ConfigError, DataError, DeviceError, JtlError,
+                        LoadError, OptimizerError, PartitionError, StepError)
+from jtl.optim import base_optimizer, make_optimizer, scale_by_tree, tree_bytes
+from jtl.parallel import (batch_sharding, initialize_distributed, jit_eval_step, jit_train_step,
+                          make_mesh, place_state, pmap_train_step, replicate, shard_batch,
+                          shard_for_pmap, state_shardings, unreplicate)
+from jtl.partition import (FROZEN, Summary, frozen_module_paths, is_frozen, label_params, merge,
+                           split, summarize, trainable_labels)
+from jtl.state import TrainState, create_train_state
+from jtl.steps import (cross_entropy_loss, frozen_batchnorm, make_eval_step, make_train_step,
+                       masked_mean, summarize_eval)
+from jtl.tree import flatten, map_with_path, match_rules, unflatten
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "DeviceError", "FROZEN", "JtlError",
+    "LoadError", "OptimizerError", "PartitionError", "StepError", "Summary", "TrainState",
+    "base_optimizer", "batch_sharding", "create_train_state", "cross_entropy_loss", "flatten",
+    "frozen_batchnorm", "frozen_module_paths", "initialize_distributed", "is_frozen",
+    "jit_eval_step", "jit_train_step", "label_params", "make_eval_step", "make_mesh",
+    "make_optimizer", "make_train_step", "map_with_path", "masked_mean", "match_rules", "merge",
+    "place_state", "pmap_train_step", "replicate", "scale_by_tree", "shard_batch",
+    "shard_for_pmap", "split", "state_shardings", "summarize", "summarize_eval",
+    "trainable_labels", "tree_bytes", "unflatten", "unreplicate",
+]

@@ -1,0 +1,161 @@
+"""Data parallelism on a device mesh (jit + NamedSharding), and pmap.
+
+The recommended path: `mesh = make_mesh()`, `state = place_state(state, mesh)`,
+`step = jit_train_step(train_step, mesh)`, then feed `shard_batch(batch, mesh)`.
+Params are replicated; with `fsdp > 1`, leaves matched by `fsdp_rules` are
+sharded along their largest divisible dimension over the "fsdp" mesh axis.
+
+Multi-host (TPU VM pods): call `initialize_distributed()` first on every host;
+each process loads its own slice of the global batch and `shard_batch` turns
+the per-process arrays into global arrays.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jtl import tree as jtree
+from jtl.errors import DeviceError
+
+PyTree = Any
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Starts multi-host JAX (`jax.distributed.initialize`); on TPU VMs the
+  arguments are discovered automatically. Call once, before anything else."""
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, fsdp: int = 1) -> Mesh:
+  """A 2-D mesh ("data", "fsdp") over `devices` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if fsdp < 1 or len(devices) % fsdp:
+    raise DeviceError(
+        f"fsdp={fsdp} must be >= 1 and divide the number of devices ({len(devices)}).")
+  grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
+  return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every device of the mesh."""
+  return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape: tuple[int, ...], size: int) -> P:
+  dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+  for d in dims:
+    if shape[d] % size == 0 and shape[d] >= size:
+      spec = [None] * len(shape)
+      spec[d] = FSDP_AXIS
+      return P(*spec)
+  return P()
+
+
+def state_shardings(state: PyTree, mesh: Mesh, *, fsdp_rules: Sequence[str] = (),
+                    min_size: int = 2**18) -> PyTree:
+  """NamedShardings for every leaf: replicated, or FSDP-sharded when the mesh
+  has an "fsdp" axis > 1 and the leaf's path matches one of `fsdp_rules`
+  (regexes) and it has at least `min_size` elements."""
+  size = mesh.shape[FSDP_AXIS]
+  patterns = [re.compile(r) for r in fsdp_rules]
+
+  def spec(path: str, leaf: Any) -> NamedSharding:
+    shape = tuple(np.shape(leaf))
+    if (size > 1 and int(np.prod(shape)) >= min_size
+        and any(p.search(path) for p in patterns)):
+      return NamedSharding(mesh, _fsdp_spec(shape, size))
+    return NamedSharding(mesh, P())
+
+  return jtree.map_with_path(spec, state)
+
+
+def place_state(state: PyTree, mesh: Mesh, shardings: PyTree | None = None) -> PyTree:
+  """Puts the state on the mesh (replicated unless `shardings` says otherwise)."""
+  shardings = state_shardings(state, mesh) if shardings is None else shardings
+  return jax.device_put(state, shardings)
+
+
+def _check_divisible(batch: PyTree, n: int, what: str) -> None:
+  for path, x in jtree.leaves_with_paths(batch):
+    if np.ndim(x) == 0 or np.shape(x)[0] % n:
+      raise DeviceError(
+          f"Batch entry {path!r} has shape {np.shape(x)}: its leading (batch) "
+          f"dimension must be divisible by {n} ({what}). Use a batch size that "
+          f"is a multiple of {n}.")
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+  """Per-process numpy batch -> global arrays split over the mesh's devices.
+
+  In a multi-host run, each process passes its own part of the global batch.
+  """
+  sharding = batch_sharding(mesh)
+  local = len(mesh.local_devices)
+  _check_divisible(batch, local, f"the {local} local devices")
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: PyTree | None = None,
+                   *, donate: bool = True) -> Callable:
+  """jit-compiles `train_step(state, batch)` for the mesh.
+
+  The state keeps `state_sharding` (default: whatever placement the state
+  already has); the batch is split over devices; metrics are replicated.
+  """
+  kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+  if state_sharding is not None:
+    kwargs["in_shardings"] = (state_sharding, batch_sharding(mesh))
+    kwargs["out_shardings"] = (state_sharding, replicated(mesh))
+  return jax.jit(train_step, **kwargs)
+
+
+def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+  """jit-compiles `eval_step(variables, batch)`; sums come back replicated."""
+  del mesh
+  return jax.jit(eval_step)
+
+
+# --- pmap ---------------------------------------------------------------------
+
+PMAP_AXIS = "batch"
+
+
+def pmap_train_step(train_step: Callable, *, donate: bool = True) -> Callable:
+  """`jax.pmap` of a step built with `make_train_step(..., axis_name="batch")`."""
+  return jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
+
+
+def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+  """Stacks one copy of `tree` per local device (for pmap)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  return jax.device_put_replicated(tree, devices)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+  """The first device's copy of a pmap-replicated tree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def shard_for_pmap(batch: PyTree, num_devices: int | None = None) -> PyTree:
+  """Reshapes [B, ...] to [devices, B / devices, ...]."""
+  n = jax.local_device_count() if num_devices is None else num_devices
+  _check_divisible(batch, n, f"the {n} local devices")
+  return jax.tree.map(lambda x: np.reshape(x, (n, -1) + np.shape(x)[1:]), batch)

@@ -1,0 +1,201 @@
+"""Rules -> labels; split into trainable/frozen; merge back; a summary table.
+
+Labels are a tree of strings with the structure of the params. The label
+"frozen" (or a rule value of None) freezes a leaf. `split` puts None where a
+leaf belongs to the other side, so the trainable tree holds only trainable
+arrays: gradients, optimizer state and weight decay never see a frozen leaf.
+
+>>> import numpy as np
+>>> params = {"backbone": {"kernel": np.ones((3, 4))}, "head": {"kernel": np.ones((4, 2))}}
+>>> labels = label_params(params, [("head/.*", "head"), (".*", None)])
+>>> labels
+{'backbone': {'kernel': 'frozen'}, 'head': {'kernel': 'head'}}
+>>> trainable, frozen = split(params, labels)
+>>> trainable["backbone"]["kernel"] is None, frozen["head"]["kernel"] is None
+(True, True)
+>>> merged = merge(trainable, frozen)
+>>> float(merged["backbone"]["kernel"].sum())
+12.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtl import tree as jtree
+from jtl.errors import PartitionError, bullet_list
+
+PyTree = Any
+FROZEN = "frozen"
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
+  """Labels every leaf by the first (regex, label) rule that fully matches.
+
+  Args:
+    params: any pytree of arrays (Flax Linen dicts, `nnx.State`, ...).
+    rules: ordered (regex, label) pairs over "/"-joined paths; a label of
+      None or "frozen" freezes. First match wins; every leaf must match.
+
+  Returns:
+    A tree of string labels with the structure of `params`.
+  """
+  bad = [f"{pattern!r}: {label!r}" for pattern, label in rules
+         if label is not None and not isinstance(label, str)]
+  if bad:
+    raise PartitionError(
+        "Rule labels must be strings or None (None means frozen); got:\n"
+        + bullet_list(bad))
+  labels = jtree.match_rules(params, rules, what="label")
+  return jax.tree.map(lambda label: FROZEN if label is None else label, labels,
+                      is_leaf=_is_none)
+
+
+def is_frozen(label: Any) -> bool:
+  """Whether a label means frozen."""
+  return label is None or label == FROZEN
+
+
+def _check_same_structure(a: PyTree, b: PyTree, a_name: str, b_name: str) -> None:
+  a_paths = {p for p, _ in jtree.leaves_with_paths(
+      jax.tree.map(lambda x: 0, a, is_leaf=_is_none))}
+  b_paths = {p for p, _ in jtree.leaves_with_paths(
+      jax.tree.map(lambda x: 0, b, is_leaf=_is_none))}
+  if a_paths != b_paths:
+    only_a, only_b = sorted(a_paths - b_paths), sorted(b_paths - a_paths)
+    raise PartitionError(
+        f"{a_name} and {b_name} have different tree structures.\n"
+        f"Paths only in {a_name}:\n{bullet_list(only_a) or '  (none)'}\n"
+        f"Paths only in {b_name}:\n{bullet_list(only_b) or '  (none)'}\n"
+        f"Build {b_name} from the same tree as {a_name} (e.g. label_params(params, rules)).")
+  if jax.tree.structure(a, is_leaf=_is_none) != jax.tree.structure(b, is_leaf=_is_none):
+    raise PartitionError(
+        f"{a_name} and {b_name} have the same paths but different container "
+        f"types:\n  {a_name}: {jax.tree.structure(a, is_leaf=_is_none)}\n"
+        f"  {b_name}: {jax.tree.structure(b, is_leaf=_is_none)}")
+
+
+def split(params: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
+  """Splits params into (trainable, frozen) trees, None marking the other side.
+
+  Works for any pytree; `merge(*split(params, labels))` rebuilds `params`
+  exactly (same structure, same leaf objects).
+  """
+  _check_same_structure(params, labels, "params", "labels")
+  trainable = jax.tree.map(lambda p, l: None if is_frozen(l) else p, params, labels)
+  frozen = jax.tree.map(lambda p, l: p if is_frozen(l) else None, params, labels)
+  return trainable, frozen
+
+
+def merge(trainable: PyTree, frozen: PyTree) -> PyTree:
+  """Inverse of `split`: takes each leaf from whichever side is not None."""
+  _check_same_structure(trainable, frozen, "trainable", "frozen")
+  clashes: list[str] = []
+
+  def pick(path: str, t: Any, f: Any) -> Any:
+    if (t is None) == (f is None):
+      clashes.append(path)
+    return f if t is None else t
+
+  merged = jtree.map_with_path(pick, trainable, frozen, keep_none=True)
+  if clashes:
+    raise PartitionError(
+        "merge needs each leaf on exactly one side (the other None); these "
+        "paths are set on both sides or on neither:\n" + bullet_list(clashes)
+        + "\nPass the two halves returned by one call to split().")
+  return merged
+
+
+def trainable_labels(labels: PyTree) -> PyTree:
+  """The labels of trainable leaves, None where frozen (matches `split`)."""
+  return jax.tree.map(lambda l: None if is_frozen(l) else l, labels, is_leaf=_is_none)
+
+
+def frozen_module_paths(labels: PyTree, *, collection_leaves: Iterable[str] = ()) -> frozenset[str]:
+  """Module paths all of whose params are frozen ("backbone/bn0", ...).
+
+  Used to run frozen BatchNorm layers with their stored statistics.
+  """
+  del collection_leaves
+  by_module: dict[str, list[bool]] = {}
+  for path, label in jtree.leaves_with_paths(labels):
+    module = path.rsplit("/", 1)[0] if "/" in path else ""
+    by_module.setdefault(module, []).append(is_frozen(label))
+  return frozenset(m for m, flags in by_module.items() if all(flags))
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelStats:
+  label: str
+  leaves: int
+  params: int
+  bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """Per-label counts of leaves, parameters and bytes; prints as a table."""
+  rows: tuple[LabelStats, ...]
+
+  @property
+  def total_params(self) -> int:
+    return sum(r.params for r in self.rows)
+
+  @property
+  def trainable_params(self) -> int:
+    return sum(r.params for r in self.rows if not is_frozen(r.label))
+
+  @property
+  def trainable_fraction(self) -> float:
+    return self.trainable_params / max(self.total_params, 1)
+
+  def as_dict(self) -> dict[str, Any]:
+    return {
+        "labels": {r.label: dataclasses.asdict(r) for r in self.rows},
+        "total_params": self.total_params,
+        "trainable_params": self.trainable_params,
+        "trainable_percent": 100.0 * self.trainable_fraction,
+    }
+
+  def __str__(self) -> str:
+    header = f"{'label':<20} {'leaves':>7} {'params':>13} {'bytes':>11}"
+    lines = [header, "-" * len(header)]
+    for r in self.rows:
+      lines.append(f"{r.label:<20} {r.leaves:>7} {r.params:>13,} {_human(r.bytes):>11}")
+    lines.append("-" * len(header))
+    total_bytes = sum(r.bytes for r in self.rows)
+    lines.append(f"{'total':<20} {sum(r.leaves for r in self.rows):>7} "
+                 f"{self.total_params:>13,} {_human(total_bytes):>11}")
+    lines.append(f"trainable: {self.trainable_params:,} params "
+                 f"({100.0 * self.trainable_fraction:.2f}%)")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def summarize(params: PyTree, labels: PyTree) -> Summary:
+  """Counts leaves, parameters and bytes per label (frozen listed last)."""
+  _check_same_structure(params, labels, "params", "labels")
+  stats: dict[str, list[int]] = {}
+  for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
+    s = stats.setdefault(l, [0, 0, 0])
+    s[0] += 1
+    s[1] += int(np.prod(np.shape(p)))
+    s[2] += int(np.prod(np.shape(p))) * np.dtype(p.dtype).itemsize
+  order = sorted(stats, key=lambda l: (is_frozen(l), l))
+  return Summary(tuple(LabelStats(l, *stats[l]) for l in order))

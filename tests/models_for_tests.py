@@ -1,0 +1,47 @@
+"""Small Flax models shared by the core tests (random init, tiny shapes)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ConvNet(nn.Module):
+  """A conv backbone with BatchNorm and a dense head named like zoo models."""
+  num_classes: int = 10
+  width: int = 16
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    for i in range(3):
+      x = nn.Conv(self.width * (i + 1), (3, 3), strides=(2, 2) if i else (1, 1),
+                  name=f"backbone_conv{i}")(x)
+      x = nn.BatchNorm(momentum=0.9, name=f"backbone_bn{i}")(x, use_running_average=not train)
+      x = nn.relu(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+class MLP(nn.Module):
+  """A BatchNorm-free model whose gradients do not depend on the batch split."""
+  num_classes: int = 4
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    del train
+    x = x.reshape((x.shape[0], -1))
+    x = nn.tanh(nn.Dense(32, name="body")(x))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def init(module: nn.Module, x: jax.Array, seed: int = 0):
+  return module.init(jax.random.PRNGKey(seed), x, train=False)
+
+
+def batch(n: int = 16, size: int = 8, channels: int = 3, classes: int = 10, seed: int = 0):
+  kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+  return {"inputs": jax.random.normal(kx, (n, size, size, channels)),
+          "label": jax.random.randint(ky, (n,), 0, classes)}

@@ -1,0 +1,115 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jtl
+from jtl.errors import PartitionError
+
+
+def params():
+  return {"backbone": {"block0": {"conv": {"kernel": np.ones((3, 3, 3, 8), np.float32),
+                                           "bias": np.zeros(8, np.float32)}},
+                       "block1": {"conv": {"kernel": np.ones((3, 3, 8, 8), np.float32)}}},
+          "head": {"kernel": np.ones((8, 10), np.float32), "bias": np.zeros(10, np.float32)}}
+
+
+def test_first_match_wins_and_none_freezes():
+  labels = jtl.label_params(params(), [
+      (r"head/.*", "head"), (r"backbone/block1/.*", "top"), (r"backbone/.*", None),
+      (r".*", "never")])
+  assert jtl.flatten(labels) == {
+      "backbone/block0/conv/bias": "frozen", "backbone/block0/conv/kernel": "frozen",
+      "backbone/block1/conv/kernel": "top", "head/bias": "head", "head/kernel": "head"}
+
+
+def test_unmatched_leaves_are_all_listed():
+  with pytest.raises(PartitionError) as e:
+    jtl.label_params(params(), [(r"head/kernel", "head")])
+  msg = str(e.value)
+  for path in ["head/bias", "backbone/block0/conv/kernel", "backbone/block0/conv/bias",
+               "backbone/block1/conv/kernel"]:
+    assert path in msg
+  assert "4 parameter path(s)" in msg
+
+
+def test_invalid_rules_are_reported():
+  with pytest.raises(PartitionError, match="not a valid regex"):
+    jtl.label_params(params(), [("head/(", "head")])
+  with pytest.raises(PartitionError, match="strings or None"):
+    jtl.label_params(params(), [(".*", 3)])
+
+
+def test_split_merge_round_trip_linen():
+  module = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+  variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
+  p = variables["params"]
+  labels = jtl.label_params(p, [(r"layers_2/.*", "head"), (".*", "frozen")])
+  trainable, frozen = jtl.split(p, labels)
+  assert [k for k, v in jtl.flatten(trainable).items()] == ["layers_2/bias", "layers_2/kernel"]
+  merged = jtl.merge(trainable, frozen)
+  assert jax.tree.structure(merged) == jax.tree.structure(p)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(p)):
+    assert a is b
+
+
+def test_split_merge_round_trip_nnx_state():
+  model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  labels = jtl.label_params(state, [(r".*bias.*", "frozen"), (".*", "train")])
+  trainable, frozen = jtl.split(state, labels)
+  assert sorted(jtl.flatten(trainable)) == ["kernel/value"]  # nnx leaves end in "/value"
+  merged = jtl.merge(trainable, frozen)
+  assert jax.tree.structure(merged) == jax.tree.structure(state)
+  np.testing.assert_array_equal(merged["kernel"][...], state["kernel"][...])
+  nnx.update(model, merged)  # the merged state is usable by nnx
+
+
+def test_split_merge_plain_lists():
+  p = {"layers": [np.ones(2), np.zeros(3)], "scale": np.float32(2.0)}
+  labels = jtl.label_params(p, [(r"layers/0", "a"), (".*", "frozen")])
+  t, f = jtl.split(p, labels)
+  assert t["layers"][1] is None and f["layers"][0] is None
+  m = jtl.merge(t, f)
+  assert m["layers"][0] is p["layers"][0] and m["scale"] is p["scale"]
+
+
+def test_structure_mismatch_errors_name_paths():
+  p = params()
+  labels = jtl.label_params(p, [(".*", "all")])
+  del labels["head"]["bias"]
+  with pytest.raises(PartitionError, match="head/bias"):
+    jtl.split(p, labels)
+  t, f = jtl.split(p, jtl.label_params(p, [(".*", "all")]))
+  f["extra"] = np.ones(1)
+  with pytest.raises(PartitionError, match="extra"):
+    jtl.merge(t, f)
+
+
+def test_merge_rejects_leaf_on_both_sides():
+  p = params()
+  labels = jtl.label_params(p, [("head/.*", "head"), (".*", None)])
+  t, f = jtl.split(p, labels)
+  _, f_all = jtl.split(p, jtl.label_params(p, [(".*", None)]))
+  with pytest.raises(PartitionError, match="head/kernel"):
+    jtl.merge(t, f_all)
+
+
+def test_summary_counts_and_table():
+  p = params()
+  labels = jtl.label_params(p, [("head/.*", "head"), (".*", "frozen")])
+  s = jtl.summarize(p, labels)
+  data = s.as_dict()
+  assert data["labels"]["head"] == {"label": "head", "leaves": 2, "params": 90, "bytes": 360}
+  assert data["labels"]["frozen"]["params"] == 3 * 3 * 3 * 8 + 8 + 3 * 3 * 8 * 8
+  assert data["total_params"] == 90 + 224 + 576
+  assert abs(data["trainable_percent"] - 100 * 90 / 890) < 1e-9
+  text = str(s)
+  assert "head" in text and "frozen" in text and "10.11%" in text
+
+
+def test_frozen_module_paths():
+  labels = jtl.label_params(params(), [("head/kernel", "head"), (".*", None)])
+  assert jtl.frozen_module_paths(labels) == {"backbone/block0/conv", "backbone/block1/conv"}

@@ -1,0 +1,191 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jtl
+from jtl.errors import StepError
+from models_for_tests import MLP, ConvNet, batch, init
+
+HEAD_ONLY = [("head/.*", "head"), (".*", "frozen")]
+
+
+def setup(rules, *, model=None, lr=0.1, optimizer="sgd", clip=None, seed=0, **kw):
+  model = model or ConvNet()
+  b = batch(16)
+  variables = init(model, b["inputs"], seed)
+  labels = jtl.label_params(variables["params"], rules)
+  tx = jtl.make_optimizer(labels, learning_rate=lr, optimizer=optimizer, clip_norm=clip)
+  state = jtl.create_train_state(variables, labels, tx, rng=1)
+  step = jtl.make_train_step(model, tx, labels=labels, **kw)
+  return model, variables, labels, state, step, b
+
+
+def test_frozen_leaves_and_frozen_bn_stats_do_not_change():
+  model, variables, labels, state, step, b = setup(HEAD_ONLY)
+  new, metrics = jax.jit(step)(state, b)
+  before, after = jtl.flatten(variables["params"]), jtl.flatten(new.params)
+  for path in before:
+    if path.startswith("head/"):
+      assert not np.allclose(before[path], after[path]), path
+    else:
+      np.testing.assert_array_equal(before[path], after[path])
+  # Frozen BatchNorm layers used and kept their stored statistics.
+  for a, c in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(new.model_state)):
+    np.testing.assert_array_equal(a, c)
+  assert int(new.step) == 1 and np.isfinite(metrics["loss"])
+
+
+def test_frozen_bn_forward_equals_eval_mode():
+  model, variables, labels, state, step, b = setup(HEAD_ONLY)
+  eval_logits = model.apply(variables, b["inputs"], train=False)
+  with jtl.frozen_batchnorm(jtl.frozen_module_paths(labels)):
+    train_logits, _ = model.apply(variables, b["inputs"], train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(train_logits, eval_logits, atol=1e-6)
+
+
+def test_trainable_bn_updates_its_statistics():
+  rules = [("backbone_bn2/.*", "bn"), ("head/.*", "head"), (".*", "frozen")]
+  model, variables, labels, state, step, b = setup(rules)
+  new, _ = jax.jit(step)(state, b)
+  old_stats, new_stats = variables["batch_stats"], new.model_state["batch_stats"]
+  assert not np.allclose(old_stats["backbone_bn2"]["mean"], new_stats["backbone_bn2"]["mean"])
+  np.testing.assert_array_equal(old_stats["backbone_bn0"]["mean"], new_stats["backbone_bn0"]["mean"])
+
+
+def test_gradient_matches_full_gradient_on_trainable_leaves():
+  model, variables, labels, state, step, b = setup(HEAD_ONLY, lr=1.0)
+  new, metrics = step(state, b)
+
+  def full_loss(params):
+    with jtl.frozen_batchnorm(jtl.frozen_module_paths(labels)):
+      logits, _ = model.apply({**variables, "params": params}, b["inputs"], train=True,
+                              mutable=["batch_stats"])
+    return jtl.cross_entropy_loss(logits, b)
+
+  full_grads = jax.grad(full_loss)(variables["params"])
+  # SGD with lr 1: update = -grad.
+  np.testing.assert_allclose(variables["params"]["head"]["kernel"] - new.params["head"]["kernel"],
+                             full_grads["head"]["kernel"], atol=1e-6)
+  head_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(full_grads["head"])))
+  np.testing.assert_allclose(metrics["grad_norm"], head_norm, rtol=1e-5)
+
+
+def test_same_step_with_and_without_jit():
+  # SGD, not Adam: Adam would amplify the ~1e-9 gradients of conv biases
+  # followed by BatchNorm (zero in exact arithmetic) into +-lr noise.
+  *_, state, step, b = setup([("head/.*", "head"), (".*", "body")], optimizer="sgd", lr=0.1)
+  a, ma = step(state, b)
+  c, mc = jax.jit(step)(state, b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+  np.testing.assert_allclose(ma["loss"], mc["loss"], rtol=1e-6)
+
+
+def test_compiled_flops_frozen_backbone_close_to_forward():
+  model = ConvNet(width=32)
+  b = batch(32, size=32)
+  variables = init(model, b["inputs"])
+  labels = jtl.label_params(variables["params"], HEAD_ONLY)
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="adamw", clip_norm=1.0,
+                          weight_decay=1e-4)
+  state = jtl.create_train_state(variables, labels, tx)
+  step = jtl.make_train_step(model, tx, labels=labels)  # logs grad_norm, clips
+
+  def flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+  forward = flops(lambda v, x: model.apply(v, x, train=False), variables, b["inputs"])
+  frozen_step = flops(step, state, b)
+  all_labels = jtl.label_params(variables["params"], [(".*", "all")])
+  full_tx = jtl.make_optimizer(all_labels, learning_rate=0.1, clip_norm=1.0)
+  full_step = flops(jtl.make_train_step(model, full_tx, labels=all_labels),
+                    jtl.create_train_state(variables, all_labels, full_tx), b)
+  assert frozen_step <= 1.3 * forward, (frozen_step / forward)
+  assert full_step >= 2.0 * forward, (full_step / forward)  # the test can tell them apart
+
+
+def test_microbatches_give_the_full_batch_update():
+  model = MLP()
+  b = batch(16, classes=4)
+  variables = init(model, b["inputs"])
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adam")
+  state = jtl.create_train_state(variables, labels, tx)
+  full = jax.jit(jtl.make_train_step(model, tx, labels=labels))
+  micro = jax.jit(jtl.make_train_step(model, tx, labels=labels, microbatches=4))
+  s1, s4 = state, state
+  for _ in range(3):
+    s1, m1 = full(s1, b)
+    s4, m4 = micro(s4, b)
+  for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(x, y, atol=2e-6)  # tolerance: fp32 summation order
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  with pytest.raises(StepError, match="does not divide into 3 micro-batches"):
+    jtl.make_train_step(model, tx, labels=labels, microbatches=3)(state, b)
+
+
+def test_bf16_compute_keeps_fp32_master_params():
+  *_, state, step, b = setup([(".*", "all")], optimizer="adam", lr=1e-3,
+                             compute_dtype=jnp.bfloat16)
+  new, metrics = jax.jit(step)(state, b)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+  assert np.isfinite(metrics["loss"])
+  _, fp32_metrics = jax.jit(setup([(".*", "all")], optimizer="adam", lr=1e-3)[4])(state, b)
+  np.testing.assert_allclose(metrics["loss"], fp32_metrics["loss"], rtol=5e-2)
+
+
+def test_dropout_rng_changes_every_step():
+  model = ConvNet(dropout=0.5)
+  _, variables, labels, state, step, b = setup([(".*", "all")], model=model, lr=0.0)
+  s1, m1 = jax.jit(step)(state, b)
+  s2, m2 = jax.jit(step)(s1, b)
+  assert not np.array_equal(state.rng, s1.rng)
+  assert float(m1["loss"]) != float(m2["loss"])  # lr 0: only the dropout mask differs
+
+
+def test_eval_counts_masked_batch_exactly():
+  model = MLP()
+  b = batch(8, classes=4)
+  variables = init(model, b["inputs"])
+  eval_step = jax.jit(jtl.make_eval_step(model))
+  logits = model.apply(variables, b["inputs"])
+  mask = np.array([1, 1, 1, 0, 1, 0, 0, 1], bool)
+  sums = eval_step(variables, {**b, "mask": mask})
+  assert float(sums["count"]) == 5
+  expected_correct = np.sum((np.argmax(logits, -1) == b["label"]) & mask)
+  assert float(sums["correct"]) == expected_correct
+  ce = -jax.nn.log_softmax(logits)[np.arange(8), b["label"]]
+  np.testing.assert_allclose(sums["loss"], np.sum(np.where(mask, ce, 0)), rtol=1e-5)
+  assert float(sums["correct_top5"]) == 5  # 4 classes: always in the top 5
+  summary = jtl.summarize_eval(sums)
+  assert summary["count"] == 5 and 0 <= summary["accuracy"] <= 1
+
+
+def test_step_compiles_once_for_a_fixed_batch_shape():
+  model, variables, labels, state, _, b = setup(HEAD_ONLY)
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+  traces = []
+  inner = jtl.make_train_step(model, tx, labels=labels)
+
+  def counted(state, batch):
+    traces.append(1)
+    return inner(state, batch)
+
+  step = jax.jit(counted)
+  for i in range(4):
+    state, _ = step(state, batch(16, seed=i))
+  assert len(traces) == 1
+  step(state, batch(8))
+  assert len(traces) == 2  # a new batch shape compiles again, as expected
+
+
+def test_non_scalar_loss_is_rejected():
+  model, variables, labels, state, _, b = setup(HEAD_ONLY)
+  tx = jtl.make_optimizer(labels, learning_rate=0.1)
+  bad = jtl.make_train_step(model, tx, labels=labels,
+                            loss_fn=lambda logits, batch: jnp.sum(logits, axis=-1))
+  with pytest.raises(StepError, match=r"scalar, got shape \(16,\)"):
+    bad(state, b)
