@@ -16,7 +16,6 @@ kernel", "blocks_{i}/expand_bn/...", "blocks_{i}/dw/kernel" (kh, kw, 1, C),
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -24,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.errors import DataError
 from jtl.models import registry
-from jtl.models.layers import DepthwiseConv, drop_path, relu6
+from jtl.models.layers import (DepthwiseConv, center_crop_resize,
+                               convert_with_rules, drop_path, relu6)
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage.
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
@@ -154,29 +153,6 @@ _MODULES = (
     (r"_blocks\.(\d+)\._project_conv", r"blocks_\1/project_conv"),
     (r"_blocks\.(\d+)\._bn2", r"blocks_\1/project_bn"),
 )
-_BN = {"weight": "params/{}/scale", "bias": "params/{}/bias",
-       "running_mean": "batch_stats/{}/mean", "running_var": "batch_stats/{}/var"}
-
-
-def torch_to_flax(path: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
-  """One torch tensor -> (flat variable path, array) given the module's jtl path.
-
-  Convs OIHW -> HWIO; depthwise (C, 1, kh, kw) -> (kh, kw, 1, C) (the same
-  transpose); Linear (out, in) -> (in, out); BatchNorm -> scale/bias/mean/var.
-  Returns None for a leaf it does not know.
-  """
-  kind = path.rsplit("/", 1)[-1]
-  if kind == "bn" or kind.endswith("_bn"):
-    return (_BN[leaf].format(path), value) if leaf in _BN else None
-  if leaf == "weight" and value.ndim == 4:
-    return f"params/{path}/kernel", np.transpose(value, (2, 3, 1, 0))
-  if leaf == "weight" and value.ndim == 2:
-    return f"params/{path}/kernel", value.T
-  if leaf == "bias":
-    return f"params/{path}/bias", value
-  return None
-
-
 def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Maps an EfficientNet-PyTorch state dict to flat "params/..."/"batch_stats/..." paths.
 
@@ -189,28 +165,6 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   {'params/blocks_3/dw/kernel': (3, 3, 1, 144), 'batch_stats/stem/bn/var': (32,)}
   """
   return convert_with_rules(state_dict, _MODULES)
-
-
-def convert_with_rules(state_dict: Mapping[str, np.ndarray],
-                       rules: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
-  """Converts with (torch module regex, jtl path template) rules; see `torch_to_flax`."""
-  out: dict[str, np.ndarray] = {}
-  for key, value in state_dict.items():
-    module, _, leaf = key.rpartition(".")
-    if leaf == "num_batches_tracked":
-      continue
-    value = np.asarray(value)
-    converted = None
-    for pattern, template in rules:
-      m = re.fullmatch(pattern, module)
-      if m is not None:
-        converted = torch_to_flax(m.expand(template), leaf, value)
-        break
-    if converted is None:
-      out[key] = value
-    else:
-      out[converted[0]] = converted[1]
-  return out
 
 
 def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
@@ -226,20 +180,7 @@ def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
   Raises:
     DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
   """
-  x = jnp.asarray(images)
-  if x.ndim == 3:
-    x = x[None]
-  if x.ndim != 4 or x.shape[-1] != 3:
-    raise DataError(f"Expected RGB images [batch, height, width, 3] (or one "
-                    f"[height, width, 3]); found shape {tuple(jnp.shape(images))}.")
-  x = x.astype(jnp.float32)
-  if size is not None:
-    h, w = x.shape[1:3]
-    side = max(1, int(round(min(h, w) * crop_fraction)))
-    top, left = (h - side) // 2, (w - side) // 2
-    x = x[:, top:top + side, left:left + side]
-    if side != size:
-      x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
+  x = center_crop_resize(images, size=size, crop_fraction=crop_fraction)
   return (x - 127.0) / 128.0
 
 
