@@ -144,9 +144,9 @@ def pmap_train_step(train_step: Callable, *, donate: bool = True) -> Callable:
 
 
 def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
-  """Stacks one copy of `tree` per local device (for pmap)."""
-  devices = list(jax.local_devices() if devices is None else devices)
-  return jax.device_put_replicated(tree, devices)
+  """Stacks one copy of `tree` per local device (pmap shards the leading axis)."""
+  n = len(jax.local_devices() if devices is None else devices)
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:

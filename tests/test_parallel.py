@@ -1,0 +1,89 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jtl
+from jtl.errors import DeviceError
+from models_for_tests import MLP, batch, init
+
+STEPS = 4
+
+
+def make(seed=0):
+  model = MLP()
+  b = batch(16, classes=4)
+  variables = init(model, b["inputs"], seed)
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "body")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adam", clip_norm=1.0,
+                          lr_multipliers={"body": 0.5})
+  state = jtl.create_train_state(variables, labels, tx, rng=3)
+  return model, tx, labels, state
+
+
+def batches():
+  return [jax.tree.map(np.asarray, batch(16, classes=4, seed=i)) for i in range(STEPS)]
+
+
+def run_jit(devices):
+  model, tx, labels, state = make()
+  mesh = jtl.make_mesh(devices)
+  state = jtl.place_state(state, mesh)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)
+  for b in batches():
+    state, metrics = step(state, jtl.shard_batch(b, mesh))
+  return jax.device_get(state.params), float(metrics["loss"])
+
+
+def run_pmap():
+  model, tx, labels, state = make()
+  step = jtl.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
+  state = jtl.replicate(state)
+  for b in batches():
+    state, metrics = step(state, jtl.shard_for_pmap(b))
+  return jax.device_get(jtl.unreplicate(state).params), float(metrics["loss"][0])
+
+
+def test_one_device_eight_devices_jit_and_pmap_agree():
+  assert jax.device_count() == 8
+  one, loss1 = run_jit(jax.devices()[:1])
+  eight, loss8 = run_jit(jax.devices())
+  pm, lossp = run_pmap()
+  for a, b, c in zip(jax.tree.leaves(one), jax.tree.leaves(eight), jax.tree.leaves(pm)):
+    # Tolerance: only the order of the fp32 sums over the batch differs.
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+  np.testing.assert_allclose([loss8, lossp], loss1, rtol=1e-5)
+
+
+def test_batch_is_split_over_all_devices():
+  mesh = jtl.make_mesh()
+  sharded = jtl.shard_batch(batches()[0], mesh)
+  assert len(sharded["inputs"].addressable_shards) == 8
+  assert sharded["inputs"].addressable_shards[0].data.shape == (2, 8, 8, 3)
+
+
+def test_indivisible_batch_is_a_clear_error():
+  mesh = jtl.make_mesh()
+  bad = jax.tree.map(lambda x: x[:12], batches()[0])
+  with pytest.raises(DeviceError, match=r"'inputs' has shape \(12, 8, 8, 3\).*divisible by 8"):
+    jtl.shard_batch(bad, mesh)
+  with pytest.raises(DeviceError, match="divisible by 8"):
+    jtl.shard_for_pmap(bad)
+  with pytest.raises(DeviceError, match="fsdp=3"):
+    jtl.make_mesh(fsdp=3)
+
+
+def test_fsdp_sharding_of_large_params_gives_the_same_result():
+  model, tx, labels, state = make()
+  mesh = jtl.make_mesh(fsdp=4)
+  shardings = jtl.state_shardings(state, mesh, fsdp_rules=[r"body/kernel"], min_size=64)
+  placed = jtl.place_state(state, mesh, shardings)
+  kernel = placed.trainable["body"]["kernel"]  # (192, 32): split 4 ways on dim 0
+  assert kernel.addressable_shards[0].data.shape == (48, 32)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh, shardings)
+  for b in batches():
+    placed, _ = step(placed, jtl.shard_batch(b, mesh))
+  reference, _ = run_jit(jax.devices()[:1])
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(jax.device_get(placed.params))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
