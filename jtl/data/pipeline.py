@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,6 +80,11 @@ class BatchIterator:
 
   def _explain(self, error: Exception) -> str:
     src = self._source
+    bad_label = re.search(r"label value:\] \[(-?\d+)\]", error.message)
+    if bad_label:
+      return (f"Label {bad_label.group(1)} lies outside [0, {self.info.num_classes}) in "
+              f"split {self._split!r} of dataset {src.name!r}. Pass the right "
+              "num_classes or fix the labels.")
     msg = f"Reading split {self._split!r} of dataset {src.name!r} failed: {error.message}"
     if isinstance(src, ArraySource) and src.kind == "file":
       bad = folder.find_undecodable(src.inputs[self._split.split("[")[0]])
@@ -123,10 +129,9 @@ def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
 
   def pick(ex):
     label = tf.cast(ex[src.label_key], tf.int32)
-    check = tf.debugging.assert_equal(
-        tf.logical_and(label >= 0, label < n), True,
-        message=f"label outside [0, {n}) in TFDS dataset {src.name!r}; label value:",
-        data=[label])
+    check = tf.debugging.Assert(
+        tf.logical_and(label >= 0, label < n),
+        [f"label outside [0, {n}) in TFDS dataset {src.name!r}; label value:", label])
     with tf.control_dependencies([check]):
       return {key: ex[src.input_key], "label": tf.identity(label)}
 

@@ -1,0 +1,209 @@
+"""Sources for make_dataset: image folders, TFDS (local builders), text."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jtl.data import dataset_info, make_dataset
+from jtl.data.builders import mnist5k
+from jtl.errors import DataError
+
+
+class JtlTestTinyText(tfds.core.GeneratorBasedBuilder):
+  """Seven labelled sentences, to run the TFDS text path offline."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "text": tfds.features.Text(),
+        "label": tfds.features.ClassLabel(names=["neg", "pos"])}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(7):
+      yield i, {"text": f"sentence number {i} is {'good' if i % 2 else 'bad'}",
+                "label": i % 2}
+
+
+def _write_folder(root, per_class=3):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", per_class), ("test", 2)):
+    for c, name in enumerate(["cat", "dog"]):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        value = 100 * c + 10 * i + (50 if split == "test" else 0)
+        image = np.full((6 + i, 5, 3), value, np.uint8)
+        image[0, 0] = rng.integers(0, 255, 3)
+        Image.fromarray(image).save(root / split / name / f"{i:03d}.png")
+  (root / "train" / "cat" / "notes.txt").write_text("not an image")
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  # make_dataset builds jtl's local builders by itself (no network).
+  info = dataset_info("jtl_mnist5k", data_dir=data_dir)
+  return data_dir, info
+
+
+def test_folder_reads_images_with_labels_by_class(tmp_path):
+  _write_folder(tmp_path)
+  info = dataset_info(f"folder:{tmp_path}")
+  assert info == (2, {"test": 4, "train": 6}, ["cat", "dog"])
+  it = make_dataset(tmp_path, split="test", batch_size=3, train=False, image_size=4)
+  batches = list(it)
+  assert len(batches) == 2
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  centre = np.concatenate([b["inputs"][:, 2, 2, 1] for b in batches])[mask]
+  assert labels.tolist() == [0, 0, 1, 1]
+  np.testing.assert_allclose(centre, [50, 60, 150, 160], atol=0.5)
+
+
+def test_folder_unreadable_file_raises_or_is_skipped(tmp_path, caplog):
+  _write_folder(tmp_path)
+  bad = tmp_path / "train" / "dog" / "broken.jpg"
+  bad.write_bytes(b"this is not a jpeg")
+  with pytest.raises(DataError, match=r"(?s)1 file\(s\).*broken\.jpg.*on_bad_file='skip'"):
+    dataset_info(f"folder:{tmp_path}")
+  with caplog.at_level(logging.WARNING):
+    info = dataset_info(f"folder:{tmp_path}", on_bad_file="skip")
+  assert info.num_examples == {"test": 4, "train": 6}
+  assert "Skipped 1 unreadable" in caplog.text and "broken.jpg" in caplog.text
+  assert "notes.txt" in caplog.text  # files without an image extension are named too
+
+
+def test_folder_damaged_image_body_is_named_when_decoded(tmp_path):
+  _write_folder(tmp_path)
+  target = tmp_path / "test" / "dog" / "001.png"
+  target.write_bytes(target.read_bytes()[:40])  # PNG signature, truncated body
+  it = make_dataset(f"folder:{tmp_path}", split="test", batch_size=2, train=False,
+                    image_size=4)
+  with pytest.raises(DataError, match=r"(?s)cannot be decoded.*test/dog/001\.png"):
+    list(it)
+
+
+def test_unknown_tfds_name_lists_close_names(tmp_path):
+  with pytest.raises(DataError, match=r"(?s)'cifar_10'.*Close names: \[.*'cifar10'"):
+    dataset_info("cifar_10", data_dir=tmp_path)
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
+  with pytest.raises(DataError, match=rf"(?s)not prepared.*tfds build mnist --data_dir {tmp_path}"):
+    make_dataset("mnist", split="train", batch_size=4, train=True, data_dir=tmp_path)
+  assert not (tmp_path / "downloads").exists()
+
+
+def test_mnist5k_builder_is_real_and_stratified(mnist_dir):
+  data_dir, info = mnist_dir
+  assert info == (10, {"train": 4000, "test": 1000}, [str(d) for d in range(10)])
+  images, labels = mnist5k.load_arrays()
+  assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+  split = mnist5k.split_indices(labels)
+  assert not set(split["train"]) & set(split["test"])
+  it = make_dataset("jtl_mnist5k", split="test", batch_size=384, train=False,
+                    image_size=28, data_dir=data_dir)
+  batches = list(it)
+  assert len(batches) == 3
+  mask = np.concatenate([b["mask"] for b in batches])
+  got = np.concatenate([b["label"] for b in batches])[mask]
+  assert mask.sum() == 1000 and np.bincount(got).tolist() == [100] * 10
+  # The served pixels are the CSV's digits, gray repeated over 3 channels.
+  pixels = np.concatenate([b["inputs"] for b in batches])[mask]
+  np.testing.assert_allclose(pixels[..., 0], pixels[..., 2])
+  want = collections.Counter(hashlib.md5(images[i].tobytes()).hexdigest()
+                             for i in split["test"])
+  have = collections.Counter(hashlib.md5(np.round(p[..., 0]).astype(np.uint8).tobytes())
+                             .hexdigest() for p in pixels)
+  assert have == want
+
+
+def _fingerprints(batch):
+  return [hashlib.md5(x.tobytes()).hexdigest()[:8] for x in batch["inputs"]]
+
+
+def test_tfds_train_stream_is_deterministic_and_resumable(mnist_dir):
+  data_dir, _ = mnist_dir
+  make = lambda **kw: make_dataset("jtl_mnist5k", split="train[:200]", batch_size=16,
+                                   train=True, image_size=16, data_dir=data_dir, seed=5,
+                                   shuffle_buffer=64, **kw)
+  a, b = make(), make()
+  first = [next(a) for _ in range(15)]  # crosses the 200-example epoch boundary
+  assert [_fingerprints(x) for x in first] == [_fingerprints(next(b)) for _ in range(15)]
+  resumed = make(start_step=11)
+  for want in first[11:]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["inputs"], want["inputs"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+  other = next(make_dataset("jtl_mnist5k", split="train[:200]", batch_size=16, train=True,
+                            image_size=16, data_dir=data_dir, seed=6, shuffle_buffer=64))
+  assert _fingerprints(other) != _fingerprints(first[0])
+
+
+def test_tfds_process_shards_are_disjoint_and_complete(mnist_dir):
+  data_dir, _ = mnist_dir
+  shards = []
+  for pi in range(2):
+    batches = list(make_dataset("jtl_mnist5k", split="test[:45]", batch_size=8, train=False,
+                                image_size=28, data_dir=data_dir, process_index=pi,
+                                process_count=2))
+    assert len(batches) == 6  # ceil(ceil(45 / 2) / 4) on both processes
+    shards.append([f for b in batches for f, m in zip(_fingerprints(b), b["mask"]) if m])
+  whole = list(make_dataset("jtl_mnist5k", split="test[:45]", batch_size=8, train=False,
+                            image_size=28, data_dir=data_dir))
+  everything = [f for b in whole for f, m in zip(_fingerprints(b), b["mask"]) if m]
+  assert len(shards[0]) + len(shards[1]) == 45
+  assert sorted(shards[0] + shards[1]) == sorted(everything)
+
+
+def test_tfds_labels_outside_num_classes_raise(mnist_dir):
+  data_dir, _ = mnist_dir
+  it = make_dataset("jtl_mnist5k", split="test", batch_size=500, train=False,
+                    image_size=8, data_dir=data_dir, num_classes=5)
+  with pytest.raises(DataError, match=r"Label [5-9] lies outside \[0, 5\) in split 'test' of dataset 'jtl_mnist5k'"):
+    list(it)
+
+
+def test_tfds_text_dataset_is_tokenised(tmp_path):
+  tfds.builder("jtl_test_tiny_text", data_dir=tmp_path).download_and_prepare()
+  batches = list(make_dataset("jtl_test_tiny_text", split="train", batch_size=4,
+                              train=False, data_dir=tmp_path, max_length=12))
+  assert len(batches) == 2 and batches[1]["mask"].tolist() == [True] * 3 + [False]
+  ids = batches[0]["inputs"]["input_ids"]
+  assert ids.shape == (4, 12) and ids.dtype == np.int32
+  assert (ids[:, 0] == 101).all()  # [CLS]
+  assert batches[0]["inputs"]["attention_mask"][0].sum() == 7  # 5 words + CLS/SEP
+  assert batches[1]["inputs"]["attention_mask"][3].sum() == 2  # padding row: ""
+
+
+def test_rotten_tomatoes_split_and_batches():
+  it = make_dataset("rotten_tomatoes", split="test[:150]", batch_size=64, train=False)
+  info = it.info
+  assert info.class_names == ["rotten", "fresh"]
+  assert sum(info.num_examples.values()) == 7403 + 5405
+  assert 0.15 < info.num_examples["test"] / 12808 < 0.25
+  batches = list(it)
+  assert len(batches) == 3 and sum(int(b["mask"].sum()) for b in batches) == 150
+  inputs = batches[0]["inputs"]
+  assert {k: v.shape for k, v in inputs.items()} == {
+      "input_ids": (64, 128), "attention_mask": (64, 128), "token_type_ids": (64, 128)}
+  assert (inputs["input_ids"][:, 0] == 101).all()
+  assert set(np.concatenate([b["label"] for b in batches]).tolist()) == {0, 1}
+  train = lambda **kw: make_dataset("rotten_tomatoes", split="train[:300]", batch_size=32,
+                                    train=True, seed=1, **kw)
+  full = train()
+  want = [next(full) for _ in range(12)][10]
+  got = next(train(start_step=10))
+  np.testing.assert_array_equal(got["inputs"]["input_ids"], want["inputs"]["input_ids"])
+  np.testing.assert_array_equal(got["label"], want["label"])
