@@ -16,6 +16,7 @@ from jtl.state import TrainState, create_train_state
 from jtl.steps import (cross_entropy_loss, frozen_batchnorm, make_eval_step, make_train_step,
                        masked_mean, summarize_eval)
 from jtl.tree import flatten, map_with_path, match_rules, unflatten
+from jtl import train  # noqa: E402  (the loop; imports checkpoint and data)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,82 @@
+"""Where a run's numbers go: JSONL, TensorBoard event files and a PNG plot.
+
+All three live in the workdir: `metrics.jsonl` (one JSON object per line,
+{"step": ..., "split": "train"|"eval", ...}), `tensorboard/` and `curves.png`
+(training loss, eval loss and eval accuracy against step, redrawn at each
+evaluation). Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from etils import epath
+
+
+class MetricWriter:
+  """Appends metrics to JSONL and TensorBoard; draws the curves on demand."""
+
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    self.workdir = epath.Path(workdir)
+    self.active = jax.process_index() == 0
+    self.history: list[dict[str, Any]] = []
+    self._tb = None
+    if not self.active:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = self.workdir / "metrics.jsonl"
+    if self.jsonl.exists():  # a resumed run keeps its earlier curve
+      self.history = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+    self.history.append(row)
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+      self._tb.flush()
+
+  def plot(self, filename: str = "curves.png") -> epath.Path | None:
+    """Draws loss and accuracy curves of the history into workdir/filename."""
+    if not self.active or not self.history:
+      return None
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    def series(split, key):
+      rows = [r for r in self.history if r["split"] == split and key in r]
+      return [r["step"] for r in rows], [r[key] for r in rows]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+      xs, ys = series(split, "loss")
+      if xs:
+        ax_loss.plot(xs, ys, style, label=f"{split} loss")
+      xs, ys = series(split, "accuracy")
+      if xs:
+        ax_acc.plot(xs, ys, style, label=f"{split} accuracy")
+    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss"), ax_loss.legend()
+    ax_acc.set_xlabel("step"), ax_acc.set_ylabel("accuracy"), ax_acc.legend()
+    ax_acc.set_ylim(0, 1)
+    fig.tight_layout()
+    path = self.workdir / filename
+    tmp = self.workdir / (filename + ".tmp.png")
+    fig.savefig(str(tmp), dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
