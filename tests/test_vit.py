@@ -1,0 +1,164 @@
+"""ViT: both published .npz layouts, position-embedding resize, parity with PyTorch."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jtl import checkpoint, tree
+from jtl.checkpoint.adapt import resize_pos_embed
+from jtl.errors import LoadError
+from jtl.models import registry, vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _layouts():
+  spec = importlib.util.spec_from_file_location("zoo_layouts", FIXTURES / "zoo_layouts.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+layouts = _layouts()
+REF = np.load(FIXTURES / "zoo_reference.npz")
+
+
+def zeros_like_model(model, size):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), vit.example_input(1, size)))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+@pytest.mark.parametrize("variant,params", [
+    ("ti", 5_717_416 - 1000 * 193 + 21843 * 193),
+    ("s", 22_050_664 - 1000 * 385 + 21843 * 385),
+    ("b", 86_567_656 - 1000 * 769 + 21843 * 769),
+])
+def test_vision_transformer_npz_maps_completely(variant, params):
+  layout = layouts.vit_npz(variant)
+  assert "Transformer/encoderblock_11/MlpBlock_3/Dense_1/kernel" in {k for k, _, _ in layout}
+  npz = {k: np.zeros(s, np.float32) for k, s, _ in layout}
+  like = zeros_like_model(vit.vit(variant, 21843), 224)
+  converted = vit.convert_npz(npz)
+  flat = tree.flatten(like)
+  assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in flat.items()}
+  assert sum(v.size for v in converted.values()) == params
+  _, report = checkpoint.load_pretrained(npz, like, converter=vit.convert_npz)
+  assert report.ok and len(report.loaded) == len(layout) == 200
+  assert not report.adapted
+
+
+def test_npz_file_round_trip_with_pre_logits_and_new_resolution(tmp_path):
+  # The original ViT-B/16 imagenet21k release has a tanh pre_logits layer.
+  layout = layouts.vit_npz("ti", representation_size=192, num_classes=21843, depth=2)
+  arrays = layouts.random_arrays(layout, seed=9)
+  path = tmp_path / "ViT-Ti_16.npz"
+  np.savez(path, **arrays)
+  model = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3,
+                  image_size=384, representation_size=192)
+  like = zeros_like_model(model, 384)
+  variables, report = checkpoint.load_pretrained(path, like, converter=vit.convert_npz)
+  assert report.ok
+  assert [(e.path, e.source_shape, e.model_shape) for e in report.adapted] == [
+      ("params/pos_embedding", (1, 197, 192), (1, 577, 192))]
+  assert {e.path for e in report.reinitialised} == {"params/head/kernel", "params/head/bias"}
+  np.testing.assert_array_equal(variables["params"]["pre_logits"]["kernel"],
+                                arrays["pre_logits/kernel"])
+  # Without pre_logits in the model, a strict load names the extra arrays.
+  plain = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3)
+  with pytest.raises(LoadError, match="pre_logits/kernel"):
+    checkpoint.load_pretrained(path, zeros_like_model(plain, 224), converter=vit.convert_npz)
+
+
+def _load(layout, seed, model, size=64):
+  arrays = layouts.random_arrays(layout, seed)
+  variables, report = checkpoint.load_pretrained(
+      arrays, zeros_like_model(model, size), converter=vit.convert_npz)
+  return variables, report
+
+
+def test_vit_ti_224_checkpoint_at_64px_matches_pytorch():
+  # A 224-px checkpoint (14x14 patches) fine-tuned at 64 px (4x4 patches).
+  model = vit.vit("ti", 1000, image_size=64)
+  variables, report = _load(layouts.vit_npz("ti", num_classes=1000), 3, model)
+  assert [e.path for e in report.adapted] == ["params/pos_embedding"]
+  big = vit.vit("ti", 1000, image_size=224)
+  variables_224, _ = _load(layouts.vit_npz("ti", num_classes=1000), 3, big, 224)
+
+  @jax.jit
+  def run(v64, v224, x):
+    return model.apply(v64, x), big.apply(v224, x), model.apply(v64, x, method=vit.ViT.features)
+
+  logits, logits_resized_in_graph, feats = map(np.asarray, run(variables, variables_224,
+                                                               REF["vit_images"]))
+  want = REF["vit_ti16_logits"]
+  assert np.abs(logits - want).max() < 1e-4 * np.abs(want).max()
+  # The model sized for 224 px resizes its position embedding in the graph
+  # with the same numbers as the checkpoint adapter.
+  assert np.abs(logits_resized_in_graph - want).max() < 1e-4 * np.abs(want).max()
+  head = variables["params"]["head"]
+  np.testing.assert_allclose(logits, feats @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-4)
+
+
+def test_big_vision_layout_matches_pytorch():
+  # big_vision: "params/" prefix, no class-token row in pos_embedding.
+  layout = layouts.vit_npz("ti", num_classes=10, layout="big_vision", depth=2)
+  assert ("params/pos_embedding", (1, 196, 192), "token") in layout
+  model = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3, image_size=64)
+  variables, report = _load(layout, 4, model)
+  assert report.ok and len(report.loaded) == len(layout)
+  logits = np.asarray(jax.jit(model.apply)(variables, REF["vit_images"]))
+  want = REF["vit_ti16_bv_logits"]
+  assert np.abs(logits - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_in_graph_resize_equals_checkpoint_resize():
+  posemb = np.random.RandomState(0).normal(size=(1, 1 + 14 * 14, 8)).astype(np.float32)
+  for grid in (4, 20):
+    got = np.asarray(jax.jit(lambda p, g=grid: vit._resize_grid(p, (g, g), 1))(posemb))
+    np.testing.assert_allclose(got, resize_pos_embed(posemb, grid), atol=1e-5)
+
+
+def test_gap_pooling_without_class_token():
+  model = vit.ViT(num_classes=0, width=12, depth=1, mlp_dim=24, num_heads=2, patch_size=4,
+                  image_size=16, pool="gap")
+  x = np.random.RandomState(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  assert "cls" not in shapes["params"]
+  assert shapes["params"]["pos_embedding"].shape == (1, 16, 12)
+  rng = np.random.RandomState(1)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.3, shapes)
+  feats = np.asarray(jax.jit(model.apply)(variables, x))
+  # Mean of the normalised patch tokens: recompute it from the token states.
+  tokens = np.asarray(jax.jit(lambda v: model.apply(
+      v, x, method=lambda m, x: m.Transformer(
+          m.embedding(x).reshape(2, 16, 12) + m.pos_embedding, train=False)))(variables))
+  np.testing.assert_allclose(feats, tokens.mean(axis=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,width", [("vit_ti16", 192), ("vit_s16", 384), ("vit_b16", 768)])
+def test_specs(name, width):
+  spec = registry.get_spec(name)
+  assert spec.pretrained in checkpoint.list_sources()
+  assert spec.converter is vit.convert_npz and spec.default_num_classes == 21843
+  model = spec.build(num_classes=5)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.example_input(1)))
+  assert shapes["params"]["cls"].shape == (1, 1, width)
+  names = [n for n, _ in spec.groups]
+  assert names[0] == "embedding" and names[-2:] == ["encoder_norm", "head"]
+  assert len(names) == 12 + 3
+  patterns = [p for _, p in spec.groups]
+  hit = [tree.first_match(p, patterns) for p in tree.flatten(shapes["params"])]
+  assert None not in hit and set(hit) == set(range(len(patterns)))
+
+
+def test_preprocess_maps_to_minus_one_one():
+  images = np.stack([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)])
+  out = np.asarray(vit.preprocess(images, size=16))
+  assert out.shape == (2, 16, 16, 3)
+  np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
+  np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
