@@ -225,3 +225,19 @@ def test_lfw_subset_builder_serves_the_skimage_crops(tmp_path):
   have = collections.Counter((np.round(g).astype(np.uint8).tobytes(), int(y))
                              for g, y in zip(got, got_labels))
   assert have == want
+
+
+def test_pipelines_of_network_datasets_build_under_tfds_mock_data(tmp_path):
+  # TPU configs (cifar10, oxford_flowers102, imdb_reviews) are checked offline
+  # this way: TFDS serves random examples of the real features.
+  with tfds.testing.mock_data(num_examples=10):
+    it = make_dataset("oxford_flowers102", split="test", batch_size=4, train=False,
+                      image_size=16, data_dir=tmp_path, normalize="imagenet")
+    batches = list(it)
+    text_batch = next(make_dataset("imdb_reviews", split="train", batch_size=2, train=True,
+                                   data_dir=tmp_path))
+  assert it.info.num_classes == 102 and len(batches) == it.num_batches == 3
+  assert sum(int(b["mask"].sum()) for b in batches) == 10
+  assert batches[0]["inputs"].shape == (4, 16, 16, 3)
+  assert text_batch["inputs"]["input_ids"].shape == (2, 128)
+  assert list(tmp_path.iterdir()) == []  # nothing was downloaded or written

@@ -47,6 +47,13 @@ from jtl.data.sources import ArraySource, DatasetInfo, TfdsSource, resolve_sourc
 from jtl.errors import DataError
 
 Batch = dict[str, Any]
+
+# tf.data only runs on the host; a GPU build of TensorFlow must not take the
+# accelerator memory that JAX needs.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # devices already initialised by the user's own TF code
+  pass
 _FOREVER = 2**62
 
 
@@ -220,6 +227,8 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
     ds = ds.map(src.loader(name), num_parallel_calls=tf.data.AUTOTUNE)
   else:
     total = src.num_examples(split)
+    if not total:
+      raise DataError(f"Split {split!r} of TFDS dataset {src.name!r} has no examples.")
     local_split = tfds.even_splits(split, n=pc)[pi] if pc > 1 else split
     ds = _tfds_stream(src, local_split, train=train, seed=seed, num_epochs=num_epochs,
                       start=start, shuffle_buffer=shuffle_buffer)

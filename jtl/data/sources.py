@@ -115,11 +115,15 @@ class TfdsSource:
     return DatasetInfo(self.num_classes, sizes, list(self.class_names))
 
   def num_examples(self, split: Any) -> int:
+    if not self.builder.info.splits:  # under tfds.testing.mock_data: no metadata
+      cardinality = int(self.builder.as_dataset(split=split).cardinality())
+      if cardinality >= 0:
+        return cardinality
     try:
       return int(self.builder.info.splits[split].num_examples)
     except (KeyError, ValueError) as e:
       raise DataError(
-          f"TFDS dataset {self.name!r} has no split {split!r} ({e}). Available "
+          f"Cannot read split {split!r} of TFDS dataset {self.name!r}: {e} Available "
           f"splits: {sorted(self.builder.info.splits)}.") from None
 
 
@@ -183,6 +187,13 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
                      [str(c) for c in range(n)])
 
 
+def _tfds_is_mocked() -> bool:
+  # `tfds.testing.mock_data` serves random examples of the right features, so
+  # that configs and pipelines can be checked offline without prepared files.
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(prepare, "__name__", "") == "mock_download_and_prepare"
+
+
 def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str | None,
                  label_key: str, num_classes: int | None) -> TfdsSource:
   try:
@@ -194,7 +205,7 @@ def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str |
         f"TFDS does not know a dataset named {name!r}. Close names: {close or 'none'}. "
         "See https://www.tensorflow.org/datasets/catalog, or use "
         "'folder:/path' for an image folder or a dict of arrays.") from None
-  if not builder.is_prepared():
+  if not builder.is_prepared() and not builder.info.splits and not _tfds_is_mocked():
     if builder.name in builders.LOCAL_BUILDERS:
       log.warning("Building the local dataset %s into %s (no download).",
                   builder.name, builder.data_dir)
