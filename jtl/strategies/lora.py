@@ -1,0 +1,265 @@
+"""LoRA: low-rank adapters on Dense, attention and convolution kernels.
+
+Hu et al. (2021). A matched layer with kernel W (fan_in, out) computes
+`x W + scale * (x A) B` with A (fan_in, r), B (r, out), scale = alpha / r;
+B starts at zero, so the adapted model starts as the pretrained one. The zoo
+modules are not changed: the adapters are two extra leaves, "lora_a" and
+"lora_b", next to the layer's "kernel" in the params tree, and `LoraModel`
+wraps a module so that its `apply` runs under a Flax method interceptor that
+adds the low-rank path to every `nn.Dense` / `nn.Conv` holding adapters. For a
+convolution, A is a convolution with the layer's kernel size, strides and
+padding into r channels and B a 1x1 projection, so W + scale * A B is the
+kernel the merged layer uses.
+
+`merge_lora` folds the adapters into the kernels (a plain model for export and
+inference), `unmerge_lora` takes them out again, and `save_adapters` /
+`load_adapters` write and read only the adapters (and the head).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtl import tree as jtree
+from jtl.errors import CheckpointError, ConfigError, bullet_list
+
+PyTree = Any
+LORA_A, LORA_B = "lora_a", "lora_b"
+LORA_LEAF = r"(?:.*/)?lora_[ab]"
+_ALPHA_KEY = "__lora_alpha__"
+
+
+def _eligible(module: nn.Module) -> bool:
+  return (isinstance(module, nn.Dense)
+          or (isinstance(module, nn.Conv) and module.feature_group_count == 1))
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(module.scope.path)
+
+
+def adaptable_layers(module: nn.Module, variables: PyTree, inputs: Any,
+                     **call_kwargs: Any) -> list[str]:
+  """Paths of the `nn.Dense` / ungrouped `nn.Conv` layers a forward pass calls.
+
+  Traced abstractly (`jax.eval_shape`), so it costs no compute.
+  """
+  found: list[str] = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and _eligible(context.module):
+      path = _module_path(context.module)
+      if path not in found and context.module.has_variable("params", "kernel"):
+        found.append(path)
+    return next_fun(*args, **kwargs)
+
+  call_kwargs.setdefault("train", False)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: module.apply(v, x, **call_kwargs), variables, inputs)
+  return found
+
+
+def select_targets(layers: Sequence[str], targets: Sequence[str] | str) -> list[str]:
+  """The layer paths that fully match one of the `targets` regexes.
+
+  Raises ConfigError naming each regex that matches no layer.
+  """
+  targets = [targets] if isinstance(targets, str) else list(targets)
+  compiled = jtree.compile_rules([(t, None) for t in targets])
+  chosen = [p for p in layers if any(c.fullmatch(p) for c, _ in compiled)]
+  unused = [t for (c, _), t in zip(compiled, targets) if not any(c.fullmatch(p) for p in layers)]
+  if unused or not targets:
+    raise ConfigError(
+        f"LoRA targets {unused or targets} match no Dense/Conv layer (regexes must fully "
+        "match a layer path). The adaptable layers are:\n" + bullet_list(layers, limit=40))
+  return chosen
+
+
+def add_lora(module: nn.Module, variables: PyTree, inputs: Any, *,
+             targets: Sequence[str] | str, rank: int, seed: int = 0) -> dict[str, Any]:
+  """Returns `variables` with adapters on the layers matched by `targets`.
+
+  Args:
+    module, variables: the model and its (pretrained) variables.
+    inputs: an example input batch (only its shapes are used).
+    targets: regexes over layer paths, e.g. r".*/attention/(query|value)".
+    rank: adapter rank r.
+    seed: initialisation of A (uniform, +-1/sqrt(fan_in), as PEFT); B is 0.
+  """
+  if not (isinstance(rank, int) and rank >= 1):
+    raise ConfigError(f"LoRA rank={rank!r}: expected an int >= 1.")
+  chosen = select_targets(adaptable_layers(module, variables, inputs), targets)
+  flat = jtree.flatten(variables["params"])
+  key = jax.random.PRNGKey(seed)
+  for i, path in enumerate(chosen):
+    kernel = flat[f"{path}/kernel"]
+    fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+    bound = 1.0 / np.sqrt(fan_in)
+    flat[f"{path}/{LORA_A}"] = np.asarray(jax.random.uniform(
+        jax.random.fold_in(key, i), (fan_in, rank), jnp.float32, -bound, bound))
+    flat[f"{path}/{LORA_B}"] = np.zeros((rank, out), np.float32)
+  return {**variables, "params": jtree.unflatten(flat)}
+
+
+def _delta(a: jax.Array, b: jax.Array, kernel_shape: Sequence[int], alpha: float) -> jax.Array:
+  return ((a @ b) * (alpha / a.shape[-1])).reshape(kernel_shape)
+
+
+def lora_interceptor(alpha: float):
+  """A Flax method interceptor adding `alpha/r * (x A) B` to adapted layers."""
+
+  def intercept(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    mod = context.module
+    if (context.method_name != "__call__" or not _eligible(mod)
+        or not mod.has_variable("params", LORA_A)):
+      return out
+    a = mod.get_variable("params", LORA_A).astype(out.dtype)
+    b = mod.get_variable("params", LORA_B).astype(out.dtype)
+    x = jnp.asarray(args[0]).astype(out.dtype)
+    scale = alpha / a.shape[-1]
+    if isinstance(mod, nn.Dense):
+      low = x @ a
+    else:
+      kernel_shape = mod.get_variable("params", "kernel").shape
+      conv = mod.clone(parent=None, name=None, features=a.shape[-1], use_bias=False)
+      low = conv.apply({"params": {"kernel": a.reshape(kernel_shape[:-1] + (a.shape[-1],))}}, x)
+    return out + ((low @ b) * scale).astype(out.dtype)
+
+  return intercept
+
+
+class LoraModel:
+  """Wraps a Flax module so `apply` adds the LoRA path of adapted layers.
+
+  It stands in for the module wherever jtl calls `module.apply(...)` (train
+  and eval steps, `fit`); other attributes (`features`, ...) pass through.
+  """
+
+  def __init__(self, base: nn.Module, alpha: float):
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+      raise ConfigError(f"LoRA alpha={alpha!r}: expected a positive number.")
+    self.base = base
+    self.alpha = float(alpha)
+
+  def apply(self, variables: PyTree, *args: Any, **kwargs: Any) -> Any:
+    with nn.intercept_methods(lora_interceptor(self.alpha)):
+      return self.base.apply(variables, *args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.base, name)
+
+  def __repr__(self) -> str:
+    return f"LoraModel(alpha={self.alpha}, base={type(self.base).__name__})"
+
+
+def lora_rules(head_pattern: str | None = r"head/.*") -> list[tuple[str, str | None]]:
+  """Adapters ("lora") and the head ("head") train; everything else is frozen."""
+  rules: list[tuple[str, str | None]] = [(LORA_LEAF, "lora")]
+  if head_pattern:
+    rules.append((head_pattern, "head"))
+  return rules + [(".*", None)]
+
+
+def _adapted_modules(flat: Mapping[str, Any]) -> list[str]:
+  return sorted(p[: -len(LORA_A) - 1] for p in flat if p.endswith("/" + LORA_A))
+
+
+def merge_lora(params: PyTree, alpha: float) -> dict[str, Any]:
+  """Folds every adapter into its kernel and drops the adapter leaves.
+
+  The result is a plain params tree for the unwrapped module.
+  """
+  flat = dict(jtree.flatten(params))
+  for m in _adapted_modules(flat):
+    a, b = flat.pop(f"{m}/{LORA_A}"), flat.pop(f"{m}/{LORA_B}")
+    kernel = flat[f"{m}/kernel"]
+    flat[f"{m}/kernel"] = (kernel + _delta(a, b, kernel.shape, alpha)).astype(kernel.dtype)
+  return jtree.unflatten(flat)
+
+
+def adapter_params(params: PyTree, *, include: str | None = None) -> dict[str, Any]:
+  """Flat {path: array} of the adapters, plus leaves matching `include`."""
+  pattern = re.compile(include) if include else None
+  return {p: v for p, v in jtree.flatten(params).items()
+          if re.fullmatch(LORA_LEAF, p) or (pattern and pattern.fullmatch(p))}
+
+
+def unmerge_lora(merged: PyTree, adapters: Mapping[str, Any], alpha: float) -> dict[str, Any]:
+  """Inverse of `merge_lora`: subtracts the adapters' update, puts them back."""
+  flat = dict(jtree.flatten(merged))
+  adapters = {p: v for p, v in adapters.items() if re.fullmatch(LORA_LEAF, p)}
+  _check_slots(flat, adapters, "unmerge_lora")
+  for m in _adapted_modules(adapters):
+    a, b = adapters[f"{m}/{LORA_A}"], adapters[f"{m}/{LORA_B}"]
+    kernel = flat[f"{m}/kernel"]
+    flat[f"{m}/kernel"] = (kernel - _delta(a, b, kernel.shape, alpha)).astype(kernel.dtype)
+    flat[f"{m}/{LORA_A}"], flat[f"{m}/{LORA_B}"] = a, b
+  return jtree.unflatten(flat)
+
+
+def _check_slots(flat: Mapping[str, Any], adapters: Mapping[str, Any], where: str) -> None:
+  problems = []
+  for p, v in adapters.items():
+    module, leaf = p.rsplit("/", 1)
+    kernel = flat.get(f"{module}/kernel")
+    if kernel is None:
+      problems.append(f"{p}: the params have no kernel at {module}/kernel")
+      continue
+    fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+    ok = (np.ndim(v) == 2 and (v.shape[0] == fan_in if leaf == LORA_A else v.shape[1] == out))
+    if not ok:
+      problems.append(f"{p}: shape {np.shape(v)} does not fit kernel {tuple(kernel.shape)} "
+                      f"(expected {LORA_A} (fan_in={fan_in}, r), {LORA_B} (r, {out}))")
+  for m in _adapted_modules(adapters):
+    if f"{m}/{LORA_B}" not in adapters:
+      problems.append(f"{m}: has {LORA_A} but no {LORA_B}")
+  if problems:
+    raise CheckpointError(f"{where}: adapters do not fit the params:\n" + bullet_list(problems))
+
+
+def save_adapters(params: PyTree, path: Any, *, alpha: float | None = None,
+                  include: str | None = r"head/.*") -> None:
+  """Writes only the adapters (and leaves matching `include`, the head) to
+  npz/safetensors/msgpack by suffix; `alpha` is stored with them if given."""
+  from jtl.checkpoint import export  # pylint: disable=g-import-not-at-top
+  flat = {p: np.asarray(v) for p, v in adapter_params(params, include=include).items()}
+  if not any(re.fullmatch(LORA_LEAF, p) for p in flat):
+    raise CheckpointError(f"{path}: the params hold no LoRA adapters to save; "
+                          "add them with add_lora first.")
+  if alpha is not None:
+    flat[_ALPHA_KEY] = np.asarray(alpha, np.float32)
+  export(jtree.unflatten(flat), path)
+
+
+def load_adapters(params: PyTree, path: Any) -> tuple[dict[str, Any], float | None]:
+  """Puts the adapters (and head) saved at `path` into `params`.
+
+  Leaves already present must keep their shape; missing adapter slots are
+  created next to their kernels. Returns (params, alpha or None).
+  """
+  from jtl.checkpoint import read  # pylint: disable=g-import-not-at-top
+  saved = dict(read(path))
+  alpha = saved.pop(_ALPHA_KEY, None)
+  flat = dict(jtree.flatten(params))
+  problems = []
+  for p, v in saved.items():
+    if p in flat and np.shape(flat[p]) != np.shape(v):
+      problems.append(f"{p}: file has shape {np.shape(v)}, params {np.shape(flat[p])}")
+    elif p not in flat and not re.fullmatch(LORA_LEAF, p):
+      problems.append(f"{p}: not in the params and not an adapter")
+  if problems:
+    raise CheckpointError(f"{path}: saved adapters do not fit these params:\n"
+                          + bullet_list(problems) + "\nLoad them into the model they were "
+                          "trained with (same architecture, same LoRA targets and rank).")
+  _check_slots(flat, {p: v for p, v in saved.items() if re.fullmatch(LORA_LEAF, p)}, str(path))
+  for p, v in saved.items():
+    flat[p] = jnp.asarray(v, flat[p].dtype) if p in flat else jnp.asarray(v)
+  return jtree.unflatten(flat), None if alpha is None else float(alpha)
