@@ -157,8 +157,10 @@ def test_bad_arguments_are_reported():
   data = _arrays()
   with pytest.raises(DataError, match="Unknown split 'valid'.*'test', 'train'"):
     make_dataset(data, split="valid", batch_size=4, train=False)
-  with pytest.raises(DataError, match="multiple of process_count=2"):
-    _train(data, batch_size=3, process_index=0, process_count=2)
+  with pytest.raises(DataError, match=r"(?s)multiple of process_count=2.*mixup_alpha=-1"
+                                      r".*crop_fraction=0"):
+    _train(data, batch_size=3, process_index=0, process_count=2, mixup_alpha=-1,
+           crop_fraction=0)
   with pytest.raises(DataError, match="Unknown normalisation 'resnet'"):
     get_normalizer("resnet")
   with pytest.raises(DataError, match="12 images but 3 labels"):

@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 
 from jtl.data import folder, images, text
 from jtl.data.sources import ArraySource, DatasetInfo, TfdsSource, resolve_source
-from jtl.errors import DataError
+from jtl.errors import DataError, bullet_list
 
 Batch = dict[str, Any]
 
@@ -207,14 +207,32 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
     prefetch: batches tf.data prepares ahead.
   """
   pi, pc = _process(process_index, process_count)
+  problems = []
   if batch_size < 1 or batch_size % pc:
-    raise DataError(f"batch_size={batch_size} must be a positive multiple of "
-                    f"process_count={pc}.")
+    problems.append(f"batch_size={batch_size} must be a positive multiple of "
+                    f"process_count={pc}")
   if start_step < 0 or (start_step and not train):
-    raise DataError(f"start_step={start_step} must be >= 0, and 0 for evaluation.")
+    problems.append(f"start_step={start_step} must be >= 0, and 0 for evaluation")
+  if num_epochs is not None and num_epochs < 1:
+    problems.append(f"num_epochs={num_epochs} must be >= 1 or None (endless)")
+  if mixup_alpha < 0:
+    problems.append(f"mixup_alpha={mixup_alpha} must be >= 0 (0 = no mixup)")
+  if not (len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1):
+    problems.append(f"crop_scale={tuple(crop_scale)} must be (low, high) with "
+                    "0 < low <= high <= 1")
+  if not 0 < crop_fraction <= 1:
+    problems.append(f"crop_fraction={crop_fraction} must lie in (0, 1]")
+  if shuffle_buffer < 1:
+    problems.append(f"shuffle_buffer={shuffle_buffer} must be >= 1")
+  if problems:
+    raise DataError("Invalid make_dataset options:\n" + bullet_list(problems))
+  normalize = images.get_normalizer(normalize)
+  images.image_hw(image_size)
   local_b = batch_size // pc
   src = resolve_source(source, data_dir, num_classes=num_classes, input_key=input_key,
                        label_key=label_key, on_bad_file=on_bad_file)
+  if mixup_alpha > 0 and src.kind == "text":
+    raise DataError(f"mixup_alpha={mixup_alpha} works on images only; {src.name!r} is text.")
   n_classes = src.info().num_classes
   start = start_step * local_b
 
@@ -249,8 +267,6 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
       num_batches = max(0, num_epochs * (total // pc) // local_b - start_step)
     ds = ds.batch(local_b, drop_remainder=True)
     if mixup_alpha > 0:
-      if src.kind == "text":
-        raise DataError("mixup_alpha > 0 works on images only; the source is text.")
       mix_seed = tf.constant([seed, 10_000 + pi], tf.int64)
       ds = ds.enumerate(start_step).map(
           lambda step, b: images.mixup(
