@@ -117,6 +117,42 @@ def test_pickle_that_runs_code_is_refused(tmp_path, layout):
   assert not marker.exists()
 
 
+def test_shared_and_cyclic_structures_are_refused(tmp_path):
+  laughs = [1.0]
+  for _ in range(40):  # 2**40 leaves through shared references, 1 KB file
+    laughs = [laughs, laughs]
+  _zip_with_pickle(FIXTURES / "torch_zip.pt", tmp_path / "laughs.pt",
+                   pickle.dumps({"w": laughs}, protocol=2))
+  with pytest.raises(CheckpointError, match="more than 1000000 entries"):
+    read(tmp_path / "laughs.pt")
+  cycle = []
+  cycle.append(cycle)
+  _zip_with_pickle(FIXTURES / "torch_zip.pt", tmp_path / "cycle.pt",
+                   pickle.dumps({"w": cycle}, protocol=2))
+  with pytest.raises(CheckpointError, match="'w/0' contains itself"):
+    read(tmp_path / "cycle.pt")
+
+
+def test_pickle_opcodes_that_allocate_or_mutate_are_harmless(tmp_path):
+  path = tmp_path / "memo.pt"
+  # LONG_BINPUT at index 2**31 - 1: the C unpickler would allocate and zero
+  # a 16 GiB memo table; jtl's unpickler keeps the memo in a dict.
+  _zip_with_pickle(FIXTURES / "torch_zip.pt", path, b"\x80\x02}r\xff\xff\xff\x7f.")
+  assert read(path) == {}
+  # BUILD on an allow-listed object would change it for every later read.
+  for pkl in (b"\x80\x02ctorch\nfloat32\n}b.",
+              b"\x80\x02ctorch\nFloatStorage\n}(X\x05\x00\x00\x00dtypeK\x01ub."):
+    _zip_with_pickle(FIXTURES / "torch_zip.pt", path, pkl)
+    with pytest.raises(CheckpointError, match="BUILD on a"):
+      read(path)
+  assert read(FIXTURES / "torch_zip.pt")["0.weight"].dtype == np.float32
+  # BYTEARRAY8 declaring 2**40 bytes.
+  _zip_with_pickle(FIXTURES / "torch_zip.pt", path,
+                   b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b".")
+  with pytest.raises(CheckpointError, match="BYTEARRAY8"):
+    read(path)
+
+
 def test_unknown_storage_type_is_refused(tmp_path):
   with zipfile.ZipFile(FIXTURES / "torch_zip.pt") as zf:
     pkl = zf.read("torch_zip/data.pkl")

@@ -34,6 +34,7 @@ from jtl.errors import CheckpointError, JtlError, bullet_list
 
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_MAX_NODES = 1_000_000  # a state dict has thousands; guards shared-list bombs
 
 
 @contextlib.contextmanager
@@ -64,8 +65,15 @@ def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
   keep e.g. "epoch" next to the tensors).
   """
   out: dict[str, np.ndarray] = {}
+  on_path: set[int] = set()
+  budget = [_MAX_NODES]
 
   def visit(node: Any, name: str) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+      raise CheckpointError(
+          f"{path}: more than {_MAX_NODES} entries; the file is damaged or "
+          "a structure is shared many times over.")
     if isinstance(node, Mapping):
       items = [(str(k), v) for k, v in node.items()]
     elif isinstance(node, (list, tuple)):
@@ -82,8 +90,12 @@ def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
       return
     else:
       return
+    if id(node) in on_path:
+      raise CheckpointError(f"{path}: {name!r} contains itself.")
+    on_path.add(id(node))
     for key, child in items:
       visit(child, f"{name}/{key}" if name else key)
+    on_path.discard(id(node))
 
   visit(tree, prefix)
   return out

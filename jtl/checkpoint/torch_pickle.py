@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -81,7 +82,7 @@ def _build(storage: _Storage, offset: Any, size: Any,
     raise ValueError(f"bad tensor geometry size={size} stride={stride} "
                      f"offset={offset}")
   flat = storage.data
-  numel = int(np.prod(size, dtype=np.int64)) if size else 1
+  numel = math.prod(size)  # Python ints: no silent int64 overflow
   if numel == 0:
     return np.zeros(size, flat.dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -110,16 +111,32 @@ def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any,
 
 
 def materialize(obj: Any) -> Any:
-  """Replaces every tensor reference in `obj`'s containers by its array."""
-  if isinstance(obj, _TensorRef):
-    return _build(*obj.args)
-  if isinstance(obj, dict):
-    return {k: materialize(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [materialize(v) for v in obj]
-  if isinstance(obj, (_Storage, _StorageType)):
-    return None
-  return obj
+  """Replaces every tensor reference in `obj`'s containers by its array.
+
+  Shared sub-objects are converted once (a pickle can reference one list
+  from many places, so a tiny file could otherwise expand exponentially).
+  """
+  memo: dict[int, Any] = {}
+
+  def convert(node: Any) -> Any:
+    if id(node) in memo:
+      return memo[id(node)]
+    if isinstance(node, _TensorRef):
+      out = _build(*node.args)
+    elif isinstance(node, dict):
+      out = memo[id(node)] = {}
+      out.update((k, convert(v)) for k, v in node.items())
+    elif isinstance(node, (list, tuple)):
+      out = memo[id(node)] = []
+      out.extend(convert(v) for v in node)
+    elif isinstance(node, (_Storage, _StorageType)):
+      out = None
+    else:
+      return node
+    memo[id(node)] = out
+    return out
+
+  return convert(obj)
 
 
 def _rebuild_parameter(data: Any, *unused: Any) -> Any:
@@ -166,7 +183,34 @@ class _Refused(Exception):
   pass
 
 
-class _Unpickler(pickle.Unpickler):
+class _SafeUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """The pure-Python unpickler with the opcodes that can hurt taken out.
+
+  The C unpickler is not used: a damaged LONG_BINPUT index makes it allocate
+  and zero a memo table of that size (gigabytes). In the Python one the memo
+  is a dict; BYTEARRAY8 (which allocates its declared length) is refused and
+  BUILD may only set attributes of plain dicts (torch's `_metadata`), so a
+  file cannot mutate the shared objects `find_class` hands out.
+  """
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
+
+  def _load_build(self) -> None:
+    if not isinstance(self.stack[-2], dict):
+      raise ValueError(f"BUILD on a {type(self.stack[-2]).__name__} refused")
+    pickle._Unpickler.load_build(self)  # pylint: disable=protected-access
+
+  def _refuse(self) -> None:
+    raise ValueError("BYTEARRAY8 refused (never used by torch.save)")
+
+  dispatch[pickle.BUILD[0]] = _load_build
+  dispatch[pickle.BYTEARRAY8[0]] = _refuse
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise _Refused(f"{module}.{name}")
+
+
+class _Unpickler(_SafeUnpickler):
   """Unpickler that only resolves allow-listed globals."""
 
   def __init__(self, file: Any, load_storage: Any):
@@ -260,20 +304,15 @@ def _from_bytes(raw: bytes, dtype: np.dtype, numel: int,
   return arr.astype(dtype, copy=False)
 
 
-class _Reader(io.RawIOBase):
-  """A read-only file over a bytes buffer that never allocates past its end."""
+class _Reader:
+  """A read-only file over a bytes buffer.
+
+  It has no `readinto`, so the unpickler asks for bytes with `read(n)` and
+  never pre-allocates the (possibly absurd) length a damaged file declares.
+  """
 
   def __init__(self, buf: bytes):
-    self._buf, self.pos = memoryview(buf), 0
-
-  def readable(self) -> bool:
-    return True
-
-  def readinto(self, b: Any) -> int:
-    n = min(len(b), len(self._buf) - self.pos)
-    b[:n] = self._buf[self.pos:self.pos + n]
-    self.pos += n
-    return n
+    self._bytes, self._buf, self.pos = buf, memoryview(buf), 0
 
   def read(self, n: int = -1) -> bytes:
     end = len(self._buf) if n is None or n < 0 else min(
@@ -283,19 +322,13 @@ class _Reader(io.RawIOBase):
     return out
 
   def readline(self, limit: int = -1) -> bytes:
-    rest = self._buf[self.pos:].tobytes() if limit < 0 else self._buf[
-        self.pos:self.pos + limit].tobytes()
-    i = rest.find(b"\n")
-    out = rest if i < 0 else rest[:i + 1]
-    self.pos += len(out)
-    return out
+    stop = len(self._buf) if limit < 0 else min(self.pos + limit, len(self._buf))
+    i = self._bytes.find(b"\n", self.pos, stop)
+    return self.read((stop if i < 0 else i + 1) - self.pos)
 
 
-class _Plain(pickle.Unpickler):
+class _Plain(_SafeUnpickler):
   """For the legacy header pickles, which hold only ints, dicts and strings."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    raise _Refused(f"{module}.{name}")
 
 
 def read_legacy(path: str, buf: bytes) -> Any:
