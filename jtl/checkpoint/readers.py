@@ -130,12 +130,13 @@ def detect_format(path: epath.Path) -> str:
   if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
     with guard(path, "a zip file"):
       return _zip_kind(path, _local_or_bytes(path))
-  if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-    return "torch"
+  # safetensors first: its 8-byte header length can start with 80 02.
   if len(head) >= 9:
     n = int.from_bytes(head[:8], "little")
     if n + 8 <= size and head[8:9] == b"{":
       return "safetensors"
+  if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+    return "torch"
   if 0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF):
     return "msgpack"
   raise CheckpointError(

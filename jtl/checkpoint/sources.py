@@ -137,8 +137,9 @@ def download(url: str, dest: epath.Path, *, sha256: str | None = None,
             out.write(chunk)
       except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"Cannot download {url} to {dest}: {e}. Check the network, or "
-            "download it yourself and pass the local path.") from e
+            f"Cannot download {url}: {e}. Check the network, or download "
+            f"the file yourself and put it at {dest} (or pass its local "
+            "path).") from e
     got = digest.hexdigest()
     if sha256 and not got.startswith(sha256.lower()):
       raise CheckpointError(
