@@ -1,0 +1,103 @@
+import jax
+import numpy as np
+import pytest
+
+import jtl
+from jtl.checkpoint import CheckpointManager, restore_variables
+from jtl.errors import CheckpointError
+from models_for_tests import ConvNet, batch, init
+
+
+def setup():
+  model = ConvNet(width=8)
+  b = batch(8)
+  variables = init(model, b["inputs"])
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adam")
+  state = jtl.create_train_state(variables, labels, tx)
+  step = jax.jit(jtl.make_train_step(model, tx, labels=labels))
+  state, _ = step(state, b)
+  return variables, labels, tx, state
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_keeps_last_k_plus_best(tmp_path):
+  variables, labels, tx, state = setup()
+  mngr = CheckpointManager(tmp_path, save_every=1, keep=2, best_metric="accuracy",
+                           async_save=False)
+  for step, acc in zip(range(1, 7), [0.1, 0.9, 0.2, 0.3, 0.4, 0.5]):
+    assert mngr.save(step, state.replace(step=np.int32(step)), metrics={"accuracy": acc})
+  mngr.close()
+  assert CheckpointManager(tmp_path).all_steps() == [2, 5, 6]
+  assert CheckpointManager(tmp_path, best_metric="accuracy").best_step() == 2
+  _, meta = restore_variables(tmp_path, step="best", metric="accuracy")
+  assert meta["step"] == 2 and meta["metrics"] == {"accuracy": 0.9}
+
+
+def test_restore_onto_other_device_counts(tmp_path):
+  variables, labels, tx, state = setup()
+  mesh8 = jtl.make_mesh()
+  mesh1 = jtl.make_mesh(jax.devices()[:1])
+  mngr = CheckpointManager(tmp_path / "on8", save_every=1, async_save=False)
+  mngr.save(1, jtl.place_state(state, mesh8))
+  mngr.close()
+  target1 = jtl.place_state(jtl.create_train_state(variables, labels, tx), mesh1)
+  on1 = CheckpointManager(tmp_path / "on8").restore(target1, labels)
+  assert len(jax.tree.leaves(on1.trainable)[0].sharding.device_set) == 1
+  assert_same(on1, state)
+
+  mngr = CheckpointManager(tmp_path / "on1", save_every=1, async_save=False)
+  mngr.save(1, on1)
+  mngr.close()
+  target8 = jtl.place_state(jtl.create_train_state(variables, labels, tx), mesh8)
+  on8 = CheckpointManager(tmp_path / "on1").restore(target8, labels)
+  assert len(jax.tree.leaves(on8.trainable)[0].sharding.device_set) == 8
+  assert_same(on8, state)
+
+
+def test_restore_variables_reads_params_and_stats_only(tmp_path):
+  variables, labels, tx, state = setup()
+  mngr = CheckpointManager(tmp_path, save_every=1, async_save=False)
+  mngr.save(1, state, meta={"model": "convnet"})
+  mngr.close()
+  restored, meta = restore_variables(tmp_path)
+  assert set(restored) == {"params", "batch_stats"} and meta["model"] == "convnet"
+  assert_same(restored["params"], jax.device_get(state.params))
+  assert_same(restored["batch_stats"], jax.device_get(state.model_state["batch_stats"]))
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+  variables, labels, tx, state = setup()
+  mngr = CheckpointManager(tmp_path, save_every=1, async_save=False)
+  mngr.save(1, state)
+  mngr.close()
+  # What a process killed in the middle of a save leaves behind.
+  partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+  again = CheckpointManager(tmp_path, save_every=1)
+  assert again.latest_step() == 1
+  restored = again.restore(jtl.create_train_state(variables, labels, tx), labels)
+  assert_same(restored, state)
+  again.close()
+
+
+def test_mismatched_target_and_missing_checkpoints_are_clear(tmp_path):
+  variables, labels, tx, state = setup()
+  with pytest.raises(CheckpointError, match="no checkpoints"):
+    restore_variables(tmp_path)
+  mngr = CheckpointManager(tmp_path, save_every=1, async_save=False)
+  mngr.save(1, state)
+  mngr.close()
+  other = ConvNet(width=4)
+  v2 = init(other, batch(8)["inputs"])
+  l2 = jtl.label_params(v2["params"], [("head/.*", "head"), (".*", "frozen")])
+  target = jtl.create_train_state(v2, l2, jtl.make_optimizer(l2, learning_rate=0.1))
+  with pytest.raises(CheckpointError, match="does not fit"):
+    CheckpointManager(tmp_path).restore(target, l2)
+  with pytest.raises(CheckpointError, match="no checkpoint at step 7"):
+    restore_variables(tmp_path, step=7)
