@@ -40,6 +40,9 @@ class ModelSpec:
       a flat {"params/...": array, "batch_stats/...": array} dict.
     head_pattern: regex of the classifier head's variable paths, re-initialised
       when its class count differs from the checkpoint's.
+    input_kind, image_size, normalize: what the input pipeline must produce:
+      "image" batches at this resolution with this normalisation preset, or
+      "text" (token ids).
   """
   name: str
   build: Callable[..., nn.Module]
@@ -50,6 +53,10 @@ class ModelSpec:
   converter: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
   head_pattern: str = r"params/head/.*"
   default_num_classes: int = 1000
+  # What the input pipeline must produce for this model.
+  input_kind: str = "image"  # or "text"
+  image_size: int = 224
+  normalize: str | None = None  # a jtl.data.NORMALIZE_PRESETS name
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
