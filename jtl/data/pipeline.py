@@ -242,7 +242,7 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
     if not local.size:
       raise DataError(f"Split {split!r} of {src.name!r} has no examples for process {pi}.")
     ds = _index_stream(local, train=train, seed=seed, num_epochs=num_epochs, start=start)
-    ds = ds.map(src.loader(name), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = src.load(name, ds)
   else:
     total = src.num_examples(split)
     if not total:

@@ -84,19 +84,31 @@ class ArraySource:
     name, sl = slice_split(split, self.info().num_examples)
     return name, np.arange(len(self.labels[name]))[sl]
 
-  def loader(self, split: str):
-    """Returns `load(index) -> {"image"|"text": ..., "label": int32}` (tf)."""
-    inputs = tf.constant(self.inputs[split])
+  def load(self, split: str, indices: tf.data.Dataset) -> tf.data.Dataset:
+    """Maps a dataset of indices to {"image"|"text": ..., "label": int32}."""
     labels = tf.constant(self.labels[split].astype(np.int32))
+    if self.kind == "image":
+      # Gather in numpy, a chunk at a time: a tf.constant copy of a large array
+      # takes seconds per GB, and a graph constant is limited to 2 GB.
+      array = self.inputs[split]
+      dtype = tf.as_dtype(array.dtype)
+      shape = list(array.shape[1:])
+
+      def gather(i):
+        x = tf.numpy_function(lambda j: array[j], [i], dtype, stateful=False)
+        x.set_shape([None] + shape)
+        return {"image": x, "label": tf.gather(labels, i)}
+
+      return indices.batch(64).map(gather, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    inputs = tf.constant(self.inputs[split])
 
     def load(i):
       x = tf.gather(inputs, i)
       if self.kind == "file":
-        x = tf.io.read_file(x)
-      key = "text" if self.kind == "text" else "image"
-      return {key: x, "label": tf.gather(labels, i)}
+        return {"image": tf.io.read_file(x), "label": tf.gather(labels, i)}
+      return {"text": x, "label": tf.gather(labels, i)}
 
-    return load
+    return indices.map(load, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 @dataclasses.dataclass(frozen=True)
