@@ -92,7 +92,7 @@ def test_small_vgg_forward_features_and_head():
     return (model.apply(variables, x), model.apply(variables, x, method=vgg.VGG.features),
             model.apply(variables, x, train=True, rngs={"dropout": key}))
 
-  logits, feats, train_logits = map(np.asarray, run(variables, jax.random.PRNGKey(0)))
+  logits, feats, train_logits = map(np.asarray, run(variables, jax.random.key(0, impl="rbg")))
   assert variables["params"]["fc6"]["kernel"].shape == (7 * 7 * 8, 4096)
   assert logits.shape == (2, 3) and feats.shape == (2, 4096)
   head = variables["params"]["head"]

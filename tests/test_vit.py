@@ -86,22 +86,28 @@ def test_vit_ti_224_checkpoint_at_64px_matches_pytorch():
   model = vit.vit("ti", 1000, image_size=64)
   variables, report = _load(layouts.vit_npz("ti", num_classes=1000), 3, model)
   assert [e.path for e in report.adapted] == ["params/pos_embedding"]
-  big = vit.vit("ti", 1000, image_size=224)
-  variables_224, _ = _load(layouts.vit_npz("ti", num_classes=1000), 3, big, 224)
 
   @jax.jit
-  def run(v64, v224, x):
-    return model.apply(v64, x), big.apply(v224, x), model.apply(v64, x, method=vit.ViT.features)
+  def run(v, x):
+    return model.apply(v, x), model.apply(v, x, method=vit.ViT.features)
 
-  logits, logits_resized_in_graph, feats = map(np.asarray, run(variables, variables_224,
-                                                               REF["vit_images"]))
+  logits, feats = map(np.asarray, run(variables, REF["vit_images"]))
   want = REF["vit_ti16_logits"]
   assert np.abs(logits - want).max() < 1e-4 * np.abs(want).max()
-  # The model sized for 224 px resizes its position embedding in the graph
-  # with the same numbers as the checkpoint adapter.
-  assert np.abs(logits_resized_in_graph - want).max() < 1e-4 * np.abs(want).max()
   head = variables["params"]["head"]
   np.testing.assert_allclose(logits, feats @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-4)
+
+
+def test_model_sized_for_224_resizes_in_graph_for_other_inputs():
+  # Same numbers as resizing the checkpoint: the 2-block big_vision model
+  # below, sized for 224 px, run on 64-px images.
+  layout = layouts.vit_npz("ti", num_classes=10, layout="big_vision", depth=2)
+  model = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3)
+  variables, report = _load(layout, 4, model, size=224)
+  assert report.ok and not report.adapted
+  logits = np.asarray(jax.jit(model.apply)(variables, REF["vit_images"]))
+  want = REF["vit_ti16_bv_logits"]
+  assert np.abs(logits - want).max() < 1e-4 * np.abs(want).max()
 
 
 def test_big_vision_layout_matches_pytorch():
@@ -132,11 +138,11 @@ def test_gap_pooling_without_class_token():
   assert shapes["params"]["pos_embedding"].shape == (1, 16, 12)
   rng = np.random.RandomState(1)
   variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.3, shapes)
-  feats = np.asarray(jax.jit(model.apply)(variables, x))
   # Mean of the normalised patch tokens: recompute it from the token states.
-  tokens = np.asarray(jax.jit(lambda v: model.apply(
-      v, x, method=lambda m, x: m.Transformer(
-          m.embedding(x).reshape(2, 16, 12) + m.pos_embedding, train=False)))(variables))
+  tokens_fn = lambda m, x: m.Transformer(m.embedding(x).reshape(2, 16, 12) + m.pos_embedding,
+                                         train=False)
+  feats, tokens = map(np.asarray, jax.jit(lambda v: (
+      model.apply(v, x), model.apply(v, x, method=tokens_fn)))(variables))
   np.testing.assert_allclose(feats, tokens.mean(axis=1), rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,162 @@
+"""all-MiniLM-L6-v2 with its real weights against sentence-transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jtl import checkpoint, tree
+from jtl.errors import DataError, LoadError
+from jtl.models import bert, registry, text
+
+REF = np.load(Path(__file__).parent / "fixtures" / "minilm_reference.npz")
+SENTENCES = [str(s) for s in REF["sentences"]]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+  """The real weights loaded strictly, and the model's outputs on the fixture sentences."""
+  model = bert.Bert()
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), bert.example_input(1)))
+  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  path = checkpoint.resolve("minilm_l6/sentence")
+  variables, report = checkpoint.load_pretrained(path, like, converter=bert.convert_torch)
+  batch = bert.preprocess_minilm(SENTENCES)
+  embed = jax.jit(lambda v, b: model.apply(v, b, method=bert.Bert.embed))
+  return model, variables, report, batch, embed
+
+
+def test_real_weights_load_strictly(minilm):
+  _, variables, report, _, _ = minilm
+  assert report.ok and not report.adapted and not report.reinitialised
+  assert len(report.loaded) == 5 + 6 * 16  # embeddings + 6 layers
+  assert variables["params"]["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 384)
+
+
+def test_tokens_match_the_hugging_face_tokenizer(minilm):
+  batch = minilm[3]
+  length = batch["input_ids"].shape[1]
+  assert length == REF["input_ids"].shape[1]  # the longest sentence, after trimming
+  np.testing.assert_array_equal(batch["input_ids"], REF["input_ids"])
+  np.testing.assert_array_equal(batch["attention_mask"], REF["attention_mask"])
+
+
+def test_embeddings_match_sentence_transformers(minilm):
+  _, variables, _, batch, embed = minilm
+  got = np.asarray(embed(variables, batch))
+  want = REF["embeddings"]
+  cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+  assert (cosine >= 0.999).all(), cosine
+  assert np.abs(got - want).max() < 1e-4
+  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_paraphrases_score_higher_than_unrelated_pairs(minilm):
+  _, variables, _, batch, embed = minilm
+  e = np.asarray(embed(variables, batch))
+  sim = e @ e.T
+  # 0/1: eating food / eating bread; 2/3: movie awesome / film great.
+  for a, b in ((0, 1), (2, 3)):
+    unrelated = [sim[a, j] for j in range(len(e)) if j not in (a, b)]
+    assert sim[a, b] > max(unrelated) + 0.2, (sim[a, b], unrelated)
+
+
+def test_padding_and_token_types_do_not_change_the_embedding(minilm):
+  model, variables, _, _, embed = minilm
+  tokenizer = text.load_tokenizer(text.minilm_dir(), max_length=16)
+  padded = text.tokenize(tokenizer, SENTENCES[:2])
+  assert padded["input_ids"].shape == (2, 16)
+  trimmed = text.trim_padding(padded)
+  no_types = {k: v for k, v in padded.items() if k != "token_type_ids"}
+  a = np.asarray(embed(variables, no_types))
+  np.testing.assert_allclose(np.asarray(embed(variables, trimmed)), a, atol=1e-5)
+  np.testing.assert_allclose(a, REF["embeddings"][:2], atol=1e-4)
+
+
+def test_classification_head_on_pooled_features(minilm):
+  _, variables, _, batch, _ = minilm
+  model = bert.Bert(num_classes=2)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), bert.example_input(1)))
+  like = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), shapes)
+  like["params"]["head"]["kernel"] = np.random.RandomState(0).normal(
+      size=(384, 2)).astype(np.float32)
+  path = checkpoint.resolve("minilm_l6/sentence")
+  clf, report = checkpoint.load_pretrained(path, like, converter=bert.convert_torch,
+                                           skip=[r"params/head/.*"])
+  assert {e.path for e in report.skipped} == {"params/head/kernel", "params/head/bias"}
+
+  @jax.jit
+  def run(v, b):
+    return model.apply(v, b), model.apply(v, b, method=bert.Bert.features)
+
+  logits, feats = map(np.asarray, run(clf, batch))
+  assert logits.shape == (6, 2) and logits.dtype == np.float32
+  head = clf["params"]["head"]
+  np.testing.assert_allclose(logits, feats @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-5)
+  # The pooled features are the pretrained encoder's (before normalisation).
+  unit = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+  np.testing.assert_allclose(unit, REF["embeddings"], atol=1e-4)
+
+
+def test_dropout_only_in_training():
+  model = bert.Bert(num_classes=2, config=bert.BertConfig(
+      vocab_size=200, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+      max_position=8))
+  batch = bert.example_input(2)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))
+  rng = np.random.RandomState(0)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+  @jax.jit
+  def run(v, key):
+    return model.apply(v, batch), model.apply(v, batch, train=True, rngs={"dropout": key})
+
+  # An "rbg" key: XLA:CPU compiles threefry dropout masks several times slower.
+  a, trained = map(np.asarray, run(variables, jax.random.key(1, impl="rbg")))
+  assert np.abs(trained - a).max() > 1e-3
+
+
+def test_spec_groups_cover_every_param():
+  spec = registry.get_spec("minilm_l6")
+  assert spec.pretrained == "minilm_l6/sentence" and spec.default_num_classes == 0
+  assert [n for n, _ in spec.groups] == (
+      ["embeddings"] + [f"layer_{i}" for i in range(6)] + ["head"])
+  model = spec.build(num_classes=3)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.example_input(2)))
+  patterns = [p for _, p in spec.groups]
+  hit = [tree.first_match(p, patterns) for p in tree.flatten(shapes["params"])]
+  assert None not in hit and set(hit) == set(range(len(patterns)))
+
+
+def test_converter_names_and_passes_unknown_keys():
+  sd = {"bert.encoder.layer.3.output.LayerNorm.gamma": np.ones(4, np.float32),
+        "bert.pooler.dense.weight": np.ones((4, 4), np.float32),
+        "cls.predictions.bias": np.ones(7, np.float32)}
+  assert {k: v.shape for k, v in bert.convert_torch(sd).items()} == {
+      "params/layer_3/output_norm/scale": (4,), "cls.predictions.bias": (7,)}
+
+
+def test_bad_inputs_raise_with_what_was_found():
+  model = bert.Bert(config=bert.BertConfig(vocab_size=10, hidden_size=4, num_layers=1,
+                                           num_heads=2, intermediate_size=8, max_position=8))
+  with pytest.raises(DataError, match=r"found \['input_ids'\]"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                      {"input_ids": np.zeros((1, 3), np.int32)}))
+  tokenizer = text.load_tokenizer(text.minilm_dir())
+  with pytest.raises(DataError, match=r"texts\[1\] = 3"):
+    text.tokenize(tokenizer, ["fine", 3])
+  with pytest.raises(DataError, match="pairs has 1 entries but texts has 2"):
+    text.tokenize(tokenizer, ["a", "b"], pairs=["c"])
+  with pytest.raises(LoadError, match="No tokenizer file"):
+    text.load_tokenizer("/nonexistent/folder")
+
+
+def test_pairs_get_token_type_one():
+  tokenizer = text.load_tokenizer(text.minilm_dir())
+  batch = text.trim_padding(text.tokenize(tokenizer, ["a cat"], pairs=["a dog"]))
+  # [CLS] a cat [SEP] a dog [SEP]
+  assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1]]
+  assert batch["input_ids"][0, 0] == 101 and batch["input_ids"][0, -1] == 102
