@@ -1,0 +1,143 @@
+"""EfficientNet-Lite0: real ImageNet weights, real photos, parity with PyTorch."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+import pytest
+import skimage.data
+
+from jtl import checkpoint, tree
+from jtl.errors import DataError, LoadError
+from jtl.models import efficientnet, registry
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",
+                       "efficientnet_lite0_reference.npz")
+
+
+def _center_crop(img: np.ndarray, size: int = 224) -> np.ndarray:
+  h, w = img.shape[:2]
+  top, left = (h - size) // 2, (w - size) // 2
+  return img[top:top + size, left:left + size]
+
+
+def _zeros_like_init(model, size: int = 32):
+  """Variables of the right structure without compiling `init`."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          np.zeros((1, size, size, 3), np.float32))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained():
+  model = efficientnet.efficientnet_lite0()
+  path = checkpoint.resolve("efficientnet_lite0/imagenet")
+  variables, report = checkpoint.load_pretrained(
+      checkpoint.read(path), like=_zeros_like_init(model),
+      converter=efficientnet.convert_torch)
+  return model, variables, report
+
+
+def _center_crops() -> np.ndarray:
+  noise = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+  return np.stack([_center_crop(skimage.data.chelsea()),
+                   _center_crop(skimage.data.coffee()), noise])
+
+
+@functools.lru_cache(maxsize=1)
+def _logits() -> dict[str, np.ndarray]:
+  """One compiled forward pass for all the real-weight tests."""
+  model, variables, _ = _pretrained()
+  photos = np.concatenate([efficientnet.preprocess(skimage.data.chelsea()),
+                           efficientnet.preprocess(skimage.data.coffee())])
+  x = np.concatenate([photos, efficientnet.preprocess(_center_crops(), size=None)])
+  logits = np.asarray(jax.jit(model.apply)(variables, x))
+  return {"photos": logits[:2], "crops": logits[2:]}
+
+
+def test_every_checkpoint_tensor_loads_strictly():
+  _, variables, report = _pretrained()
+  assert report.ok
+  assert len(report.loaded) == 247  # 296 keys - 49 num_batches_tracked
+  assert not report.missing and not report.unexpected and not report.mismatched
+  n = sum(v.size for v in jax.tree.leaves(variables["params"]))
+  assert n == 4_652_008
+
+
+def test_real_photos_are_classified():
+  logits = _logits()["photos"]
+  cat_top5 = set(np.argsort(-logits[0])[:5])
+  assert cat_top5 & {281, 282, 283, 284, 285}, cat_top5
+  assert int(np.argmax(logits[1])) == 967  # espresso
+
+
+def test_logits_match_pytorch_reference():
+  ref = np.load(FIXTURE)
+  np.testing.assert_array_equal(_center_crops().reshape(3, -1).astype(np.int64).sum(1),
+                                ref["efficientnet_input_sums"])
+  logits = _logits()["crops"]
+  diff = np.abs(logits - ref["efficientnet_logits"]).max()
+  assert diff < 1e-3, diff
+  np.testing.assert_array_equal(logits.argmax(1), ref["efficientnet_logits"].argmax(1))
+
+
+def test_features_head_and_groups():
+  spec = registry.get_spec("efficientnet_lite0")
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  headless = efficientnet.efficientnet_lite0(num_classes=0)
+  v0 = jax.eval_shape(headless.init, jax.random.PRNGKey(0), x)
+  assert "head" not in v0["params"]
+  assert jax.eval_shape(headless.apply, v0, x).shape == (2, 1280)
+  full = efficientnet.efficientnet_lite0(num_classes=7)
+  v7 = jax.eval_shape(full.init, jax.random.PRNGKey(0), x)
+  feats = jax.eval_shape(functools.partial(
+      full.apply, method=efficientnet.EfficientNetLite.features), v7, x)
+  assert feats.shape == (2, 1280)
+  assert v7["params"]["head"]["kernel"].shape == (1280, 7)
+  names = [n for n, _ in spec.groups]
+  assert names[0] == "stem" and names[-2:] == ["top", "head"] and len(names) == 19
+  for path in tree.flatten(v7["params"]):  # each parameter in exactly one group
+    hits = [n for n, rx in spec.groups if tree.first_match(path, [rx]) is not None]
+    assert len(hits) == 1, (path, hits)
+
+
+def test_train_mode_updates_batch_stats_and_drops_paths():
+  model = efficientnet.EfficientNetLite(
+      num_classes=3, stages=((2, 3, 1, 1, 16),), top_channels=8,
+      drop_connect_rate=0.9, dropout_rate=0.0)
+  x = np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype(np.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+
+  @jax.jit
+  def train_apply(variables, rng):
+    return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": rng})
+
+  (a, upd), (b, _) = train_apply(variables, jax.random.PRNGKey(1)), train_apply(
+      variables, jax.random.PRNGKey(2))
+  assert a.shape == (4, 3)
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-6  # drop path is random
+  before = variables["batch_stats"]["stem"]["bn"]["mean"]
+  after = upd["batch_stats"]["stem"]["bn"]["mean"]
+  assert np.abs(after - before).max() > 0
+
+
+def test_converter_passes_unknown_keys_for_strict_report():
+  sd = dict(checkpoint.read(checkpoint.resolve("efficientnet_lite0/imagenet")))
+  sd["_blocks.99._depthwise_conv.weight"] = np.zeros((8, 1, 3, 3), np.float32)
+  del sd["_fc.bias"]
+  _, like, _ = _pretrained()
+  with pytest.raises(LoadError) as e:
+    checkpoint.load_pretrained(sd, like=like, converter=efficientnet.convert_torch)
+  assert "params/head/bias" in str(e.value) and "blocks_99" in str(e.value)
+
+
+def test_preprocess_rejects_bad_shapes():
+  with pytest.raises(DataError, match=r"\(4, 4\)"):
+    efficientnet.preprocess(np.zeros((4, 4), np.uint8))
+  x = efficientnet.preprocess(np.full((300, 400, 3), 255, np.uint8), size=64)
+  assert x.shape == (1, 64, 64, 3)
+  np.testing.assert_allclose(x, 1.0, atol=1e-5)  # (255 - 127) / 128

@@ -1,0 +1,109 @@
+"""DepthwiseConv: the shifted and grouped formulations agree (values, grads)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtl.errors import ConfigError, DataError
+from jtl.models import layers
+
+CASES = [  # (H, W, kernel, stride, padding)
+    (9, 9, 3, 1, "SAME"), (8, 8, 3, 2, "SAME"), (9, 7, 5, 2, "SAME"),
+    (8, 8, 5, 1, "SAME"), (8, 8, 3, 2, 1), (7, 7, 3, 1, "VALID"),
+    (10, 9, 3, 2, ((2, 0), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("h,w,k,s,padding", CASES)
+def test_formulations_agree_in_values_and_gradients(h, w, k, s, padding):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, h, w, 6)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, 1, 6)).astype(np.float32)
+
+  def loss(formulation, x, kernel):
+    y = layers.depthwise_conv(x, kernel, strides=s, padding=padding,
+                              formulation=formulation)
+    return jnp.sum(jnp.sin(y)), y
+
+  results = {}
+  for f in ("shifted", "grouped"):
+    (_, y), grads = jax.jit(jax.value_and_grad(
+        lambda x, kk, f=f: loss(f, x, kk), argnums=(0, 1), has_aux=True))(x, kernel)
+    results[f] = (y, grads)
+  ys, (gxs, gks) = results["shifted"]
+  yg, (gxg, gkg) = results["grouped"]
+  assert ys.shape == yg.shape
+  np.testing.assert_allclose(ys, yg, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(gxs, gxg, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(gks, gkg, atol=1e-4, rtol=1e-5)
+
+
+def test_matches_a_direct_loop_and_torch_padding():
+  # Direct definition: y[n, o, p, c] = sum_ij xp[n, s*o + i, s*p + j, c] w[i, j, c].
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((1, 6, 6, 2)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 1, 2)).astype(np.float32)
+  y = np.asarray(layers.depthwise_conv(x, w, strides=2, padding=1, formulation="shifted"))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = np.zeros((1, 3, 3, 2), np.float32)
+  for o in range(3):
+    for p in range(3):
+      ref[0, o, p] = np.einsum("ijc,ijc->c", xp[0, 2 * o:2 * o + 3, 2 * p:2 * p + 3],
+                               w[:, :, 0])
+  np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_module_parameter_layout_equals_flax_grouped_conv():
+  x = np.random.default_rng(2).standard_normal((2, 8, 8, 5)).astype(np.float32)
+  ours = layers.DepthwiseConv(3, 2, "SAME", use_bias=True, formulation="shifted")
+  flax_conv = nn.Conv(5, (3, 3), (2, 2), "SAME", feature_group_count=5)
+  v = jax.jit(ours.init)(jax.random.PRNGKey(0), x)
+  assert v["params"]["kernel"].shape == (3, 3, 1, 5)
+  assert jax.tree.map(jnp.shape, v) == jax.tree.map(
+      jnp.shape, flax_conv.init(jax.random.PRNGKey(0), x))
+  np.testing.assert_allclose(jax.jit(ours.apply)(v, x), jax.jit(flax_conv.apply)(v, x),
+                             atol=1e-5)
+
+
+def test_auto_formulation_follows_backend():
+  assert layers.default_formulation("cpu") == "shifted"
+  assert layers.default_formulation("gpu") == "grouped"
+  assert layers.default_formulation("tpu") == "grouped"
+  assert layers.default_formulation() == "shifted"  # the tests run on CPU
+  text = jax.jit(lambda x, w: layers.depthwise_conv(x, w)).lower(
+      np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 1, 3), np.float32)).as_text()
+  assert "feature_group_count" not in text and "convolution" not in text
+
+
+def test_same_padding_is_tf_style():
+  assert layers.same_padding(224, 3, 2) == (0, 1)
+  assert layers.same_padding(112, 5, 2) == (1, 2)
+  assert layers.same_padding(7, 5, 1) == (2, 2)
+  assert layers.same_padding(7, 3, 2) == (1, 1)
+  assert layers.same_padding(1, 1, 1) == (0, 0)
+
+
+def test_bad_arguments_raise_config_errors():
+  x = np.zeros((1, 4, 4, 3), np.float32)
+  with pytest.raises(ConfigError, match="formulation='fast'"):
+    layers.depthwise_conv(x, np.zeros((3, 3, 1, 3)), formulation="fast")
+  with pytest.raises(ConfigError, match=r"kernel \(3, 3, 1, 4\)"):
+    layers.depthwise_conv(x, np.zeros((3, 3, 1, 4)))
+  with pytest.raises(ConfigError, match="padding='FULL'"):
+    layers.depthwise_conv(x, np.zeros((3, 3, 1, 3)), padding="FULL")
+  with pytest.raises(DataError, match=r"\(5, 5, 1\)"):
+    layers.center_crop_resize(np.zeros((5, 5, 1)))
+
+
+def test_drop_path_drops_whole_examples_and_rescales():
+  x = jnp.ones((64, 2, 2, 3))
+  y = np.asarray(layers.drop_path(x, 0.5, deterministic=False, rng=jax.random.PRNGKey(0)))
+  per_example = y.reshape(64, -1)
+  assert set(np.unique(per_example)) <= {0.0, 2.0}
+  assert np.all(per_example.min(1) == per_example.max(1))
+  assert 10 < int((per_example[:, 0] == 0).sum()) < 54
+  np.testing.assert_array_equal(layers.drop_path(x, 0.5, deterministic=True, rng=None), x)
