@@ -136,7 +136,7 @@ def _shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       tap = lax.slice(xp, (0, i, j, 0),
                       (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
                       (1, sh, sw, 1))
-      term = tap * kernel[i, j, 0]
+      term = tap * kernel[i, j].reshape(1, 1, 1, c)
       out = term if out is None else out + term
   return out
 
@@ -167,7 +167,8 @@ class DepthwiseConv(nn.Module):
     y = depthwise_conv(x, kernel, strides=self.strides, padding=self.padding,
                        formulation=self.formulation)
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (c,), jnp.float32).astype(y.dtype)
+      bias = self.param("bias", self.bias_init, (c,), jnp.float32)
+      y = y + bias.astype(y.dtype).reshape(1, 1, 1, c)
     return y
 
 

@@ -171,7 +171,7 @@ def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
                crop_fraction: float = 0.875) -> jax.Array:
   """uint8 RGB images -> centre crop, resize, ImageNet mean/std normalisation."""
   x = center_crop_resize(images, size=size, crop_fraction=crop_fraction) / 255.0
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
+  return (x - IMAGENET_MEAN.reshape(1, 1, 1, 3)) / IMAGENET_STD.reshape(1, 1, 1, 3)
 
 
 def example_input(batch_size: int, size: int = 224) -> np.ndarray:
