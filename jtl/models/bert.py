@@ -272,4 +272,5 @@ registry.register(registry.ModelSpec(
     pretrained="minilm_l6/sentence",
     converter=convert_torch,
     default_num_classes=0,
+    input_kind="text",
 ))

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.errors import DataError
 from jtl.models import registry
+from jtl.models.layers import center_crop_resize
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -33,33 +33,28 @@ _Conv = functools.partial(nn.Conv, use_bias=False,
 
 def normalize_images(images: np.ndarray | jax.Array, *, size: int | None,
                      mean: np.ndarray, std: np.ndarray,
-                     scale: float = 255.0) -> jax.Array:
-  """Resizes images to size x size (bilinear) and normalises them.
+                     crop_fraction: float = 0.875) -> jax.Array:
+  """Central crop, resize to size x size, then (x / 255 - mean) / std.
 
   Args:
     images: uint8 or float [B, H, W, 3] or [H, W, 3] on a 0..255 scale.
-    size: output height and width; None keeps the input size.
+    size: output height and width; None keeps the input as it is.
     mean, std: per-channel constants on the 0..1 scale.
-    scale: divisor that maps the input to 0..1.
+    crop_fraction: side of the central square crop relative to the shorter
+      side (0.875: resize-256-crop-224, torchvision's evaluation transform).
 
   Raises:
-    DataError: when the images are not 3- or 4-dimensional with 3 channels.
+    DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
   """
-  x = jnp.asarray(images)
-  if x.ndim == 3:
-    x = x[None]
-  if x.ndim != 4 or x.shape[-1] != 3:
-    raise DataError(f"Expected RGB images [batch, height, width, 3] (or one "
-                    f"[height, width, 3]); found shape {tuple(jnp.shape(images))}.")
-  x = x.astype(jnp.float32) / scale
-  if size is not None and x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
+  x = center_crop_resize(images, size=size, crop_fraction=crop_fraction) / 255.0
   return (x - mean[None, None, None, :]) / std[None, None, None, :]
 
 
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224) -> jax.Array:
-  """torchvision ImageNet preprocessing: resize, /255, mean/std normalise."""
-  return normalize_images(images, size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
+               crop_fraction: float = 0.875) -> jax.Array:
+  """torchvision ImageNet evaluation preprocessing: crop, resize, mean/std."""
+  return normalize_images(images, size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                          crop_fraction=crop_fraction)
 
 
 class Stem(nn.Module):
@@ -252,4 +247,5 @@ for _depth in (18, 50):
       groups=groups(STAGES[_depth][0]),
       pretrained=f"resnet{_depth}/imagenet",
       converter=convert_torch,
-  ))
+      normalize="imagenet",
+))

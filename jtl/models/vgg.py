@@ -153,4 +153,5 @@ registry.register(registry.ModelSpec(
     groups=GROUPS,
     pretrained="vgg16/imagenet",
     converter=convert_torch,
+    normalize="imagenet",
 ))

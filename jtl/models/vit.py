@@ -209,10 +209,13 @@ def convert_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224) -> jax.Array:
-  """big_vision preprocessing: resize, then scale 0..255 to [-1, 1]."""
+def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
+               crop_fraction: float = 1.0) -> jax.Array:
+  """big_vision evaluation preprocessing: resize (whole image by default),
+  then scale 0..255 to [-1, 1]."""
   half = np.full(3, 0.5, np.float32)
-  return resnet.normalize_images(images, size=size, mean=half, std=half)
+  return resnet.normalize_images(images, size=size, mean=half, std=half,
+                                 crop_fraction=crop_fraction)
 
 
 def example_input(batch_size: int, size: int = 224) -> np.ndarray:
@@ -239,4 +242,5 @@ for _variant in VARIANTS:
       pretrained=f"vit_{_variant}16/augreg_in21k",
       converter=convert_npz,
       default_num_classes=21843,
-  ))
+      normalize="vit",
+))
