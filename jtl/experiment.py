@@ -1,0 +1,237 @@
+"""A fine-tuning experiment from an ml_collections config: the library side of
+`scripts/finetune.py`, `scripts/evaluate.py` and `scripts/convert.py`.
+
+Config keys (see configs/default.py for a complete one): model, pretrained,
+num_classes, dataset, data_dir, train_split, eval_split, image_size,
+batch_size, num_steps, eval_every, checkpoint_every, keep, best_metric,
+optimizer, learning_rate, warmup_steps, schedule, weight_decay, clip_norm,
+rules, lr_multipliers, strategy, augment, microbatches, compute_dtype, seed,
+log_every, distributed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from jtl import data, models, parallel, partition, steps
+from jtl.checkpoint import manager
+from jtl.errors import ConfigError, bullet_list
+from jtl.optim import make_optimizer
+from jtl.train import FitResult, evaluate, fit
+
+REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks required keys and value ranges, reporting every problem at once."""
+  problems = [f"missing key {k!r}" for k in REQUIRED if k not in config]
+  if not problems:
+    if config.batch_size < 1:
+      problems.append(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.num_steps < 1:
+      problems.append(f"num_steps must be >= 1, got {config.num_steps}")
+    if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
+      problems.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
+                      f"{config.compute_dtype!r}")
+    if config.get("schedule", "cosine") not in ("cosine", "constant", "linear"):
+      problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
+    try:
+      models.get_spec(config.model)
+    except ConfigError as e:
+      problems.append(str(e))
+  if problems:
+    raise ConfigError("Invalid config:\n" + bullet_list(problems))
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """All "a.b" keys of a config (for error messages listing valid keys)."""
+  keys = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(flat_keys(v, f"{prefix}{k}."))
+    else:
+      keys.append(prefix + k)
+  return sorted(keys)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  lr, steps_, warmup = config.learning_rate, config.num_steps, config.get("warmup_steps", 0)
+  kind = config.get("schedule", "cosine")
+  if kind == "constant":
+    decay = optax.constant_schedule(lr)
+  elif kind == "linear":
+    decay = optax.linear_schedule(lr, 0.0, max(steps_ - warmup, 1))
+  else:
+    decay = optax.cosine_decay_schedule(lr, max(steps_ - warmup, 1))
+  if not warmup:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  if config.get("num_classes"):
+    return int(config.num_classes)
+  return data.dataset_info(config.dataset, config.get("data_dir")).num_classes
+
+
+def build_model(config: ml_collections.ConfigDict, *, pretrained: Any = None) -> models.CreatedModel:
+  """The zoo model with `num_classes` outputs and pretrained weights merged."""
+  pretrained = config.get("pretrained", True) if pretrained is None else pretrained
+  created = models.create(config.model, num_classes=num_classes(config), pretrained=pretrained,
+                          seed=config.get("seed", 0))
+  if created.report is not None:
+    logging.info("Pretrained weights:\n%s", created.report)
+  return created
+
+
+def _pipeline_kwargs(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> dict[str, Any]:
+  kwargs: dict[str, Any] = {"data_dir": config.get("data_dir"), "seed": config.get("seed", 0)}
+  if spec.input_kind == "image":
+    kwargs.update(image_size=config.get("image_size") or spec.image_size, normalize=spec.normalize)
+  else:
+    kwargs.update(max_length=config.get("max_length"))
+  return kwargs
+
+
+def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec):
+  """`start_step -> iterator` over global training batches (this process's part)."""
+  aug = config.get("augment", ml_collections.ConfigDict())
+  kwargs = _pipeline_kwargs(config, spec)
+  if spec.input_kind == "image":
+    kwargs.update(augment=aug.get("crop", True), flip=aug.get("flip", True),
+                  crop_scale=tuple(aug.get("crop_scale", (0.08, 1.0))),
+                  mixup_alpha=aug.get("mixup_alpha", 0.0))
+
+  def make(start_step: int) -> Iterator[dict[str, Any]]:
+    return iter(data.make_dataset(config.dataset, split=config.get("train_split", "train"),
+                                  batch_size=config.batch_size, train=True,
+                                  start_step=start_step, **kwargs))
+  return make
+
+
+def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
+                 split: str | None = None):
+  kwargs = _pipeline_kwargs(config, spec)
+  split = split or config.get("eval_split", "test")
+  batch_size = config.get("eval_batch_size") or config.batch_size
+  return lambda: data.make_dataset(config.dataset, split=split, batch_size=batch_size,
+                                   train=False, **kwargs)
+
+
+def build_partition(config: ml_collections.ConfigDict, created: models.CreatedModel) -> Any:
+  """Labels from the config's strategy (jtl.strategies) or its explicit rules."""
+  params = created.variables["params"]
+  strategy = config.get("strategy")
+  if strategy and strategy.get("name"):
+    from jtl import strategies  # pylint: disable=g-import-not-at-top
+    return strategies.labels_for(strategy, params, created.spec)
+  rules = config.get("rules") or [(".*", "all")]
+  return partition.label_params(params, [tuple(r) for r in rules])
+
+
+def build_optimizer(config: ml_collections.ConfigDict, labels: Any) -> optax.GradientTransformation:
+  return make_optimizer(
+      labels, learning_rate=learning_rate_schedule(config),
+      optimizer=config.get("optimizer", "adamw"), weight_decay=config.get("weight_decay", 0.0),
+      clip_norm=config.get("clip_norm"), lr_multipliers=dict(config.get("lr_multipliers") or {}))
+
+
+def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
+  return {"model": config.model, "num_classes": classes, "config": config.to_dict()}
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+             *, progress: bool = True) -> FitResult:
+  """Runs the whole fine-tuning job described by `config` in `workdir`."""
+  validate(config)
+  if config.get("distributed"):
+    parallel.initialize_distributed()
+  workdir = epath.Path(workdir)
+  created = build_model(config)
+  labels = build_partition(config, created)
+  summary = partition.summarize(created.variables["params"], labels)
+  logging.info("Trainable / frozen:\n%s", summary)
+  print(f"Pretrained load report:\n{created.report}\n\nTrainable / frozen:\n{summary}\n", flush=True)
+  tx = build_optimizer(config, labels)
+  classes = num_classes(config)
+  compute_dtype = jnp.bfloat16 if config.get("compute_dtype") == "bfloat16" else None
+  result = fit(
+      module=created.module, variables=created.variables, labels=labels, tx=tx,
+      train_batches=train_batches(config, created.spec), num_steps=config.num_steps,
+      workdir=workdir, eval_batches=eval_batches(config, created.spec),
+      eval_every=config.get("eval_every", 0), checkpoint_every=config.get("checkpoint_every", 0),
+      keep=config.get("keep", 2), best_metric=config.get("best_metric", "accuracy"),
+      microbatches=config.get("microbatches", 1), compute_dtype=compute_dtype,
+      seed=config.get("seed", 0), meta=run_meta(config, classes),
+      log_every=config.get("log_every", 10), progress=progress)
+  report = {"workdir": str(workdir), "start_step": result.start_step,
+            "num_steps": config.num_steps, "eval": result.eval_metrics,
+            "steps_per_second": result.steps_per_second,
+            "input_wait_fraction": result.input_wait_fraction,
+            "trainable_params": summary.trainable_params, "total_params": summary.total_params}
+  if jax.process_index() == 0:
+    (workdir / "final_report.json").write_text(json.dumps(report, indent=2))
+  return result
+
+
+def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
+                     step: int | str = "latest", out_dir: str | os.PathLike | None = None
+                     ) -> dict[str, Any]:
+  """Restores a checkpoint (params only, any device count), evaluates it on
+  `split`, and writes eval_<split>.json and confusion_<split>.png."""
+  meta_config = None
+  variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
+  if "config" not in meta:
+    raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
+                      "scripts/finetune.py?")
+  meta_config = ml_collections.ConfigDict(meta["config"])
+  spec = models.get_spec(meta_config.model)
+  module = spec.build(num_classes=meta["num_classes"])
+  split = split or meta_config.get("eval_split", "test")
+  predict = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  eval_step = jax.jit(steps.make_eval_step(module))
+  classes = meta["num_classes"]
+  confusion = np.zeros((classes, classes), np.int64)
+  sums: dict[str, float] = {}
+  for batch in eval_batches(meta_config, spec, split)():
+    logits = np.asarray(predict(variables, batch["inputs"]))
+    mask = np.asarray(batch["mask"], bool)
+    np.add.at(confusion, (np.asarray(batch["label"])[mask], logits.argmax(-1)[mask]), 1)
+    for k, v in jax.device_get(eval_step(variables, batch)).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  metrics = steps.summarize_eval(sums)
+  per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+  result = {"workdir": str(workdir), "step": meta.get("step"), "split": split, **metrics,
+            "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
+  out = epath.Path(out_dir or workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+  _plot_confusion(confusion, out / f"confusion_{split}.png", title=f"{meta_config.model} {split}")
+  return result
+
+
+def _plot_confusion(confusion: np.ndarray, path: epath.Path, *, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 5))
+  image = ax.imshow(confusion, cmap="Blues")
+  fig.colorbar(image)
+  ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+  if len(confusion) <= 20:
+    for (i, j), v in np.ndenumerate(confusion):
+      ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(str(path), dpi=100)
+  plt.close(fig)

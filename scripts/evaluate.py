@@ -1,0 +1,38 @@
+"""Restores a checkpoint from a workdir and evaluates it.
+
+  python scripts/evaluate.py --workdir runs/default [--split test] [--step best]
+
+Writes eval_<split>.json (accuracy, top-5, loss, per-class accuracy, confusion
+matrix) and confusion_<split>.png into the workdir (or --out_dir).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from jtl import experiment  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
+_STEP = flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+_OUT = flags.DEFINE_string("out_dir", None, "Where to write results (default: the workdir).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
+  result = experiment.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=step,
+                                       out_dir=_OUT.value)
+  shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
+  print(json.dumps(shown, indent=2))
+  print("per-class accuracy:", [round(a, 3) for a in result["per_class_accuracy"]])
+
+
+if __name__ == "__main__":
+  app.run(main)

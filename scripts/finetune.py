@@ -1,0 +1,38 @@
+"""Fine-tunes a pretrained model from a config.
+
+  python scripts/finetune.py --config configs/default.py --workdir runs/default
+  python scripts/finetune.py --config configs/default.py --config.num_steps=50 ...
+
+Running it again with the same --workdir resumes from the last checkpoint.
+Outputs in the workdir: checkpoints/, metrics.jsonl, tensorboard/, curves.png,
+final_report.json.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jtl import experiment  # noqa: E402
+from jtl.cli import parse_flags_with_config_keys  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
+  print(f"\nDone. Final eval: {result.eval_metrics}\n"
+        f"Outputs in {_WORKDIR.value}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, "
+        "final_report.json")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags_with_config_keys)
