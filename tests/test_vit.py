@@ -168,3 +168,12 @@ def test_preprocess_maps_to_minus_one_one():
   assert out.shape == (2, 16, 16, 3)
   np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
   np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
+
+
+def test_bad_config_names_the_choices():
+  from jtl.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"'xl'.*\['b', 's', 'ti'\]"):
+    vit.vit("xl")
+  model = vit.ViT(num_classes=0, width=8, depth=1, mlp_dim=8, num_heads=2, pool="max")
+  with pytest.raises(ConfigError, match="'max'"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), vit.example_input(1, 32)))

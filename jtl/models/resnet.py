@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtl.errors import ConfigError
 from jtl.models import registry
 from jtl.models.layers import center_crop_resize
 
@@ -166,7 +167,13 @@ STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False),
 
 
 def resnet(depth: int, num_classes: int = 1000) -> ResNet:
-  """Builds ResNet-`depth` (18, 34, 50, 101 or 152)."""
+  """Builds ResNet-`depth` (18, 34, 50, 101 or 152).
+
+  >>> resnet(50, 10).bottleneck
+  True
+  """
+  if depth not in STAGES:
+    raise ConfigError(f"Unknown ResNet depth {depth!r}; expected one of {sorted(STAGES)}.")
   stage_sizes, bottleneck = STAGES[depth]
   return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, bottleneck=bottleneck)
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtl.errors import ConfigError
 from jtl.models import registry, resnet
 
 
@@ -131,7 +132,8 @@ class ViT(nn.Module):
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Pooled, normalised encoder output (after pre_logits if any) [B, D]."""
     if self.pool not in ("tok", "gap"):
-      raise ValueError(f"ViT.pool must be 'tok' or 'gap', not {self.pool!r}.")
+      raise ConfigError(f"ViT.pool must be 'tok' (class token) or 'gap' (mean of "
+                        f"the patch tokens); found {self.pool!r}.")
     x = self.embedding(x)
     batch, h, w, width = x.shape
     x = x.reshape(batch, h * w, width)
@@ -159,7 +161,14 @@ VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
 
 def vit(variant: str, num_classes: int = 1000, *, patch_size: int = 16,
         **kwargs: Any) -> ViT:
-  """Builds ViT-`variant`/`patch_size`, e.g. `vit("b", 10, image_size=384)`."""
+  """Builds ViT-`variant`/`patch_size`, e.g. `vit("b", 10, image_size=384)`.
+
+  >>> vit("s", 0).width
+  384
+  """
+  if variant not in VARIANTS:
+    raise ConfigError(f"Unknown ViT variant {variant!r}; expected one of "
+                      f"{sorted(VARIANTS)}.")
   width, depth, mlp_dim, num_heads = VARIANTS[variant]
   return ViT(num_classes=num_classes, patch_size=patch_size, width=width,
              depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, **kwargs)
