@@ -1,0 +1,35 @@
+"""Transfer strategies as composable pure functions over the partition core.
+
+Linear probe (optionally on cached features), partial fine-tuning of the top
+groups, gradual unfreezing and LP-FT phases, layer-wise learning-rate decay,
+BitFit, LoRA and L2-SP. `build(config, module, variables, spec)` picks one
+from a config; the modules below are usable on their own.
+"""
+
+from __future__ import annotations
+
+from jtl.strategies.build import Strategy, build, resolve_options
+from jtl.strategies.features import (Head, cache_problems, extract_features, feature_batches,
+                                     train_head, with_head)
+from jtl.strategies.l2sp import l2sp, l2sp_penalty
+from jtl.strategies.llrd import (layer_decay, layer_decay_multipliers, layer_decay_scales,
+                                 layer_depths)
+from jtl.strategies.lora import (LoraModel, adaptable_layers, add_lora, adapter_params,
+                                 load_adapters, lora_rules, merge_lora, save_adapters,
+                                 unmerge_lora)
+from jtl.strategies.rules import (bitfit_rules, full_rules, group_rules, linear_probe_rules,
+                                  partial_rules, top_groups)
+from jtl.strategies.schedules import (Phase, PhasedResult, gradual_unfreezing_phases,
+                                      lp_ft_phases, phase_index, switch_phase, train_phases,
+                                      transfer_opt_state)
+
+__all__ = [
+    "Head", "LoraModel", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
+    "adapter_params", "bitfit_rules", "build", "cache_problems", "extract_features",
+    "feature_batches", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
+    "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
+    "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",
+    "merge_lora", "partial_rules", "phase_index", "resolve_options", "save_adapters",
+    "switch_phase", "top_groups", "train_head", "train_phases", "transfer_opt_state",
+    "unmerge_lora", "with_head",
+]

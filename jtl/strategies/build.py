@@ -1,0 +1,192 @@
+"""`build`: one transfer strategy from a config, over the partition core.
+
+    strategy = jtl.strategies.build(config.strategy, module, variables, spec)
+    tx = strategy.make_optimizer(learning_rate=1e-3, weight_decay=1e-4)
+    # train strategy.module from strategy.variables with strategy.labels, tx;
+    # several phases (lp_ft, gradual): jtl.strategies.train_phases.
+
+`config` is a strategy name or a mapping / ConfigDict {"name": ..., options}.
+Strategies: "full", "scratch", "linear_probe", "partial", "bitfit", "lora",
+"lp_ft", "gradual", "llrd" (= "full" with layer_decay). Options every
+strategy takes: head, layer_decay, stacked, l2sp, l2sp_head, seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+from jtl import optim, partition
+from jtl.errors import ConfigError, bullet_list
+from jtl.strategies import l2sp as l2sp_lib
+from jtl.strategies import llrd, lora
+from jtl.strategies import rules as rules_lib
+from jtl.strategies import schedules
+
+PyTree = Any
+
+_COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
+           "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "full": {}, "scratch": {}, "llrd": {}, "bitfit": {},
+    "linear_probe": {"cache_features": False},
+    "partial": {"num_blocks": 2},
+    "lora": {"rank": 8, "alpha": 16.0, "targets": None},
+    "lp_ft": {"probe_steps": None},
+    "gradual": {"steps_per_stage": None, "blocks_per_stage": 1, "max_blocks": None},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """What a strategy hands the training loop.
+
+  Attributes:
+    name: the strategy's name.
+    module: the model to train (a `lora.LoraModel` wrapper for LoRA).
+    variables: its initial variables (with adapters for LoRA; re-initialised
+      for "scratch").
+    phases: one or more `schedules.Phase`; `phases[0].rules` is the partition
+      of a single-phase strategy.
+    labels: labels of the first phase over `variables["params"]`.
+    options: the resolved options (defaults filled in).
+    groups: the model's layer groups.
+  """
+  name: str
+  module: Any
+  variables: dict[str, Any]
+  phases: tuple[schedules.Phase, ...]
+  labels: PyTree
+  options: dict[str, Any]
+  groups: tuple[tuple[str, str], ...]
+
+  @property
+  def rules(self) -> list[tuple[str, str | None]]:
+    return list(self.phases[0].rules)
+
+  @property
+  def head_pattern(self) -> str:
+    return dict(self.groups)[self.options["head"]]
+
+  @property
+  def cache_features(self) -> bool:
+    return bool(self.options.get("cache_features"))
+
+  def summary(self, labels: PyTree | None = None) -> partition.Summary:
+    """Trainable/frozen counts of `labels` (default: the first phase's)."""
+    return partition.summarize(self.variables["params"],
+                               self.labels if labels is None else labels)
+
+  def make_optimizer(self, labels: PyTree | None = None, **kwargs: Any
+                     ) -> optax.GradientTransformation:
+    """`jtl.make_optimizer(labels, **kwargs)` plus this strategy's pieces:
+    layer-wise decay scales after it and L2-SP before it."""
+    labels = self.labels if labels is None else labels
+    tx = optim.make_optimizer(labels, **kwargs)
+    o = self.options
+    if o["layer_decay"] is not None:
+      trainable, _ = partition.split(self.variables["params"], labels)
+      tx = optax.chain(tx, llrd.layer_decay(trainable, self.groups, o["layer_decay"],
+                                            stacked=o["stacked"]))
+    if o["l2sp"] or o["l2sp_head"]:
+      tx = optax.chain(l2sp_lib.l2sp(o["l2sp"], exclude=self.head_pattern,
+                                     head_strength=o["l2sp_head"]), tx)
+    return tx
+
+  def export_params(self, params: PyTree) -> PyTree:
+    """Params for the plain model: LoRA adapters merged into their kernels."""
+    if self.name == "lora":
+      return lora.merge_lora(params, self.options["alpha"])
+    return params
+
+  def __str__(self) -> str:
+    opts = {k: v for k, v in self.options.items() if k != "name"}
+    lines = [f"strategy {self.name} {opts}", str(self.summary())]
+    if len(self.phases) > 1:
+      lines.append("phases:\n" + schedules.describe(self.phases))
+    return "\n".join(lines)
+
+
+def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
+  """Fills in defaults and checks the keys of a strategy config."""
+  if isinstance(config, str):
+    config = {"name": config}
+  elif hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise ConfigError(f"strategy config must be a name or a mapping with 'name'; "
+                      f"got {type(config).__name__}.")
+  name = config.get("name")
+  if name not in _OPTIONS:
+    raise ConfigError(f"strategy.name={name!r}: expected one of {sorted(_OPTIONS)}.")
+  allowed = {**_COMMON, **_OPTIONS[name]}
+  unknown = sorted(set(config) - set(allowed))
+  if unknown:
+    raise ConfigError(f"Unknown option(s) for strategy {name!r}: {unknown}. It takes:\n"
+                      + bullet_list(sorted(allowed)))
+  options = {**allowed, **dict(config)}
+  missing = [k for k, v in options.items() if v is None and k in _OPTIONS[name]
+             and k not in ("targets", "max_blocks")]
+  if missing:
+    raise ConfigError(f"strategy {name!r} needs {missing} (steps counted from the start).")
+  if name == "llrd" and options["layer_decay"] is None:
+    options["layer_decay"] = 0.75
+  if options["stacked"] is not None:
+    options["stacked"] = dict(options["stacked"])
+  return options
+
+
+def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec: Any, *,
+          verbose: bool = True) -> Strategy:
+  """Builds a transfer strategy for a model.
+
+  Args:
+    config: strategy name, or a mapping / ConfigDict {"name", options...}.
+    module: the Flax module (e.g. `jtl.models.create(...).module`).
+    variables: its pretrained variables.
+    spec: its ModelSpec (for `groups`, and `example_input` for LoRA/scratch).
+    verbose: print the trainable/frozen summary.
+  """
+  o = resolve_options(config)
+  name = o["name"]
+  groups = tuple(tuple(g) for g in spec.groups)
+  head = rules_lib.head_group(groups, o["head"])
+  o["head"] = head
+  if name == "scratch":
+    from jtl.models import registry  # pylint: disable=g-import-not-at-top
+    variables = registry.init_variables(spec, module, seed=o["seed"])
+  if name in ("full", "scratch", "llrd"):
+    phases = (schedules.Phase(0, tuple(rules_lib.full_rules(groups)), name),)
+  elif name == "linear_probe":
+    phases = (schedules.Phase(0, tuple(rules_lib.linear_probe_rules(groups, head=head)), name),)
+  elif name == "partial":
+    phases = (schedules.Phase(0, tuple(rules_lib.partial_rules(groups, o["num_blocks"],
+                                                               head=head)), name),)
+  elif name == "bitfit":
+    phases = (schedules.Phase(0, tuple(rules_lib.bitfit_rules(groups, head=head)), name),)
+  elif name == "lp_ft":
+    phases = schedules.lp_ft_phases(groups, o["probe_steps"], head=head)
+  elif name == "gradual":
+    phases = schedules.gradual_unfreezing_phases(
+        groups, o["steps_per_stage"], head=head, blocks_per_stage=o["blocks_per_stage"],
+        max_blocks=o["max_blocks"])
+  else:  # lora
+    head_regex = dict(groups)[head]
+    targets = o["targets"]
+    example = spec.example_input(1)
+    if targets is None:
+      import re  # pylint: disable=g-import-not-at-top
+      layers = lora.adaptable_layers(module, variables, example)
+      targets = [re.escape(p) for p in layers if not re.fullmatch(head_regex, p + "/kernel")]
+    variables = lora.add_lora(module, variables, example, targets=targets,
+                              rank=o["rank"], seed=o["seed"])
+    module = lora.LoraModel(module, o["alpha"])
+    phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
+  labels = partition.label_params(variables["params"], list(phases[0].rules))
+  strategy = Strategy(name, module, dict(variables), phases, labels, o, groups)
+  if verbose:
+    print(strategy)
+  return strategy

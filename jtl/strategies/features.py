@@ -1,0 +1,127 @@
+"""Linear probe on cached features.
+
+When the backbone is frozen and the input pipeline applies no random
+augmentation, every epoch feeds the head the same features. So compute them
+once, `extract_features` (jit-compiled, batches split over all devices of the
+mesh, padded rows dropped), and train only the head on the cache with
+`train_head`: an epoch then costs a Dense layer instead of a backbone pass.
+Features come from `module.apply(..., method="features", train=False)`:
+frozen BatchNorm uses its stored statistics and dropout is off, as in a
+frozen backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jtl import parallel, partition, steps
+from jtl import tree as jtree
+from jtl.errors import ConfigError, DataError
+from jtl.state import TrainState, create_train_state
+
+PyTree = Any
+
+
+class Head(nn.Module):
+  """The classifier alone: a Dense named "head", as in every zoo model."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    del train
+    return nn.Dense(self.num_classes, name="head")(x).astype(jnp.float32)
+
+
+def cache_problems(labels: PyTree, *, head_pattern: str = r"head/.*",
+                   augment: bool = False) -> list[str]:
+  """Why features cannot be cached ([] when they can)."""
+  import re  # pylint: disable=g-import-not-at-top
+  problems = []
+  trainable = [p for p, l in jtree.leaves_with_paths(labels)
+               if not partition.is_frozen(l) and not re.fullmatch(head_pattern, p)]
+  if trainable:
+    problems.append(f"{len(trainable)} backbone leaves are trainable (e.g. {trainable[:3]})")
+  if augment:
+    problems.append("the training pipeline applies random augmentation")
+  return problems
+
+
+def extract_features(module: Any, variables: PyTree, batches: Iterable[dict[str, Any]], *,
+                     mesh: jax.sharding.Mesh | None = None, method: str = "features"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Runs `module.<method>` over every batch; returns (features [N, D], labels [N]).
+
+  Batches are {"inputs", "label", "mask"?} (an evaluation pass of
+  `jtl.data.make_dataset`); rows with mask=False are dropped. Batch sizes
+  must be divisible by the number of devices of `mesh` (default: all).
+  """
+  mesh = mesh or parallel.make_mesh()
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  fn = jax.jit(lambda v, x: module.apply(v, x, train=False, method=method))
+  feats, labels = [], []
+  for batch in batches:
+    out = fn(variables, parallel.shard_batch(batch["inputs"], mesh))
+    keep = np.ones(len(batch["label"]), bool) if batch.get("mask") is None \
+        else np.asarray(batch["mask"], bool)
+    feats.append(np.asarray(jax.device_get(out))[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  if not feats:
+    raise DataError("extract_features got no batches; pass one evaluation pass of the data.")
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                    seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Endless shuffled batches of cached features, a new permutation per epoch."""
+  n = len(features)
+  if not 1 <= batch_size <= n:
+    raise DataError(f"batch_size={batch_size}: expected 1..{n} (the cached examples).")
+  rng = np.random.default_rng(seed)
+  while True:
+    order = rng.permutation(n)
+    for i in range(0, n - batch_size + 1, batch_size):
+      idx = order[i:i + batch_size]
+      yield {"inputs": features[idx], "label": labels[idx]}
+
+
+def head_variables(variables: PyTree) -> dict[str, Any]:
+  """{"params": {"head": ...}} taken from a full model's variables."""
+  head = variables["params"].get("head") if isinstance(variables["params"], dict) else None
+  if head is None:
+    raise ConfigError("The model's params have no 'head' entry; build it with "
+                      "num_classes > 0 to train a linear probe.")
+  return {"params": {"head": head}}
+
+
+def with_head(variables: PyTree, head_params: PyTree) -> dict[str, Any]:
+  """The model's variables with `head_params` (a {"head": ...} tree) put in."""
+  return {**variables, "params": {**variables["params"], **head_params}}
+
+
+def train_head(features: np.ndarray, labels: np.ndarray, variables: PyTree,
+               tx: optax.GradientTransformation, *, num_steps: int, batch_size: int,
+               seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+               loss_fn: steps.LossFn = steps.cross_entropy_loss) -> TrainState:
+  """Trains the model's head on cached features; returns the head's TrainState.
+
+  `variables` are the full model's; its head initialises the probe. Put the
+  result back with `with_head(variables, state.params)`.
+  """
+  mesh = mesh or parallel.make_mesh()
+  head_vars = head_variables(variables)
+  num_classes = head_vars["params"]["head"]["kernel"].shape[-1]
+  module = Head(num_classes)
+  hlabels = jax.tree.map(lambda _: "head", head_vars["params"])
+  state = parallel.place_state(create_train_state(head_vars, hlabels, tx, rng=seed), mesh)
+  step = parallel.jit_train_step(steps.make_train_step(module, tx, loss_fn=loss_fn), mesh)
+  it = feature_batches(features, labels, batch_size, seed=seed)
+  for _ in range(num_steps):
+    state, _ = step(state, parallel.shard_batch(next(it), mesh))
+  return state

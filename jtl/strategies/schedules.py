@@ -1,0 +1,178 @@
+"""Phased training: the trainable set changes at phase boundaries.
+
+Gradual unfreezing (ULMFiT: the head first, then one more group from the top
+per stage) and LP-FT (linear probe, then full fine-tuning) are lists of
+`Phase`s, each with its own partition rules. At a boundary `switch_phase`
+re-splits the params and builds the new optimizer state; `transfer_opt_state`
+carries over the state of every leaf that stays trainable (moments, step
+count), and newly trainable leaves start fresh. `train_phases` compiles the
+train step once per phase.
+
+>>> groups = [("stem", "stem/.*"), ("b0", "b0/.*"), ("b1", "b1/.*"), ("head", "head/.*")]
+>>> [(p.start, p.name) for p in gradual_unfreezing_phases(groups, steps_per_stage=10)]
+[(0, 'head'), (10, 'head+b1'), (20, 'head+b1+b0'), (30, 'head+b1+b0+stem')]
+>>> [(p.start, p.name) for p in lp_ft_phases(groups, probe_steps=5)]
+[(0, 'linear_probe'), (5, 'full')]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jtl import parallel, partition, steps
+from jtl import tree as jtree
+from jtl.errors import ConfigError, bullet_list
+from jtl.state import TrainState, create_train_state
+from jtl.strategies import rules as rules_lib
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """From step `start` on (steps done so far), train by `rules`."""
+  start: int
+  rules: tuple[tuple[str, str | None], ...]
+  name: str = ""
+
+
+def check_phases(phases: Sequence[Phase]) -> None:
+  """Raises ConfigError unless starts begin at 0 and strictly increase."""
+  starts = [p.start for p in phases]
+  if not phases or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+    raise ConfigError(f"Phase starts must begin at 0 and strictly increase; got {starts}.")
+
+
+def phase_index(phases: Sequence[Phase], step: int) -> int:
+  """Index of the phase that the step after `step` completed steps runs in."""
+  return max(i for i, p in enumerate(phases) if p.start <= step)
+
+
+def lp_ft_phases(groups: rules_lib.Groups, probe_steps: int, *,
+                 head: str | None = "head") -> tuple[Phase, ...]:
+  """LP-FT (Kumar et al. 2022): the head alone for `probe_steps`, then all."""
+  if probe_steps < 1:
+    raise ConfigError(f"probe_steps={probe_steps}: expected >= 1.")
+  return (Phase(0, tuple(rules_lib.linear_probe_rules(groups, head=head)), "linear_probe"),
+          Phase(probe_steps, tuple(rules_lib.full_rules(groups)), "full"))
+
+
+def gradual_unfreezing_phases(groups: rules_lib.Groups, steps_per_stage: int, *,
+                              head: str | None = "head", blocks_per_stage: int = 1,
+                              max_blocks: int | None = None) -> tuple[Phase, ...]:
+  """ULMFiT's gradual unfreezing: the head, then `blocks_per_stage` more groups
+  from the top every `steps_per_stage` steps, up to `max_blocks` (default all)."""
+  head = rules_lib.head_group(groups, head)
+  below = len(groups) - 1
+  max_blocks = below if max_blocks is None else max_blocks
+  if steps_per_stage < 1 or blocks_per_stage < 1 or not 0 <= max_blocks <= below:
+    raise ConfigError(
+        f"steps_per_stage={steps_per_stage} and blocks_per_stage={blocks_per_stage} must be "
+        f">= 1 and max_blocks={max_blocks} in 0..{below}.")
+  phases, n = [], 0
+  while True:
+    names = rules_lib.top_groups(groups, n, head=head)
+    phases.append(Phase(len(phases) * steps_per_stage,
+                        tuple(rules_lib.group_rules(groups, names)),
+                        "+".join([head] + names[:-1][::-1])))
+    if n >= max_blocks:
+      return tuple(phases)
+    n = min(n + blocks_per_stage, max_blocks)
+
+
+def transfer_opt_state(old: optax.OptState, new: optax.OptState) -> optax.OptState:
+  """`new` (a fresh `tx.init` of the new partition) with every leaf that also
+  exists in `old` at the same path, shape and dtype copied from `old`.
+
+  Optimizer state leaves are keyed by the optimizer's structure followed by
+  the param path ("0/mu/blocks_3/conv/kernel", "0/count"), so the moments of a
+  leaf that stays trainable carry over, and so do step counts (the learning
+  rate schedule continues); a newly trainable leaf keeps its fresh state.
+  """
+  old_flat = jtree.flatten(old)
+
+  def pick(path: str, leaf: Any) -> Any:
+    prev = old_flat.get(path)
+    if (prev is not None and np.shape(prev) == np.shape(leaf)
+        and np.result_type(prev) == np.result_type(leaf)):
+      return prev
+    return leaf
+
+  return jtree.map_with_path(pick, new)
+
+
+def switch_phase(state: TrainState, labels: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  """Re-splits the params by `labels`; the optimizer state carries over."""
+  trainable, frozen = partition.split(state.params, labels)
+  opt_state = transfer_opt_state(state.opt_state, tx.init(trainable))
+  return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state)
+
+
+@dataclasses.dataclass
+class PhasedResult:
+  state: TrainState
+  labels: PyTree
+  losses: np.ndarray
+  phase_starts: list[int]
+
+
+def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
+                 make_tx: Callable[[PyTree], optax.GradientTransformation],
+                 batches: Iterator[dict[str, Any]], num_steps: int, *,
+                 mesh: jax.sharding.Mesh | None = None,
+                 loss_fn: steps.LossFn = steps.cross_entropy_loss, seed: int = 0,
+                 on_phase: Callable[[Phase, PyTree], None] | None = None) -> PhasedResult:
+  """Trains through `phases` for `num_steps` steps, data parallel on `mesh`.
+
+  Args:
+    module, variables: the model and its (pretrained) variables.
+    phases: from `lp_ft_phases`, `gradual_unfreezing_phases`, or one
+      `Phase(0, rules)` for a fixed partition.
+    make_tx: `make_tx(labels) -> tx` builds each phase's optimizer.
+    batches: iterator of global numpy batches.
+    on_phase: called with (phase, labels) at each phase start (e.g. to print
+      `jtl.summarize(params, labels)`).
+
+  Each phase jit-compiles its own train step once; the optimizer state of
+  leaves trainable in consecutive phases carries over.
+  """
+  check_phases(phases)
+  mesh = mesh or parallel.make_mesh()
+  state, labels, losses, starts = None, None, [], []
+  for i, phase in enumerate(phases):
+    if phase.start >= num_steps:
+      break
+    end = phases[i + 1].start if i + 1 < len(phases) else num_steps
+    end = min(end, num_steps)
+    params = variables["params"] if state is None else state.params
+    labels = partition.label_params(params, list(phase.rules))
+    tx = make_tx(labels)
+    if on_phase:
+      on_phase(phase, labels)
+    if state is None:
+      state = create_train_state(variables, labels, tx, rng=seed)
+    else:
+      state = switch_phase(jax.device_get(state), labels, tx)
+    state = parallel.place_state(state, mesh)
+    step = parallel.jit_train_step(
+        steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn), mesh)
+    phase_losses = []
+    for _ in range(phase.start, end):
+      state, metrics = step(state, parallel.shard_batch(next(batches), mesh))
+      phase_losses.append(metrics["loss"])
+    losses.extend(float(x) for x in jax.device_get(phase_losses))
+    starts.append(phase.start)
+  if state is None:
+    raise ConfigError(f"num_steps={num_steps} leaves no step to train.")
+  return PhasedResult(state, labels, np.asarray(losses), starts)
+
+
+def describe(phases: Sequence[Phase]) -> str:
+  """One line per phase: its start step and name."""
+  return bullet_list([f"step {p.start}: {p.name or 'phase'}" for p in phases])
