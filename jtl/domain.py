@@ -1,0 +1,279 @@
+"""Unsupervised domain adaptation: labelled source, unlabelled target.
+
+- DANN (Ganin & Lempitsky, 2015): a domain classifier on the features, fed
+  through a gradient reversal layer, so the features learn to fool it while
+  the class head learns the source labels.
+- CORAL (Sun & Saenko, 2016): a penalty on the distance between the source
+  and target feature covariances.
+- AdaBN (Li et al., 2016): after training, re-estimate every BatchNorm's
+  statistics on target data; the params are untouched.
+
+Adaptation batches are {"inputs": source images, "label": source labels,
+"target_inputs": target images}; the target's labels are never read.
+
+>>> import jax, jax.numpy as jnp
+>>> jax.grad(lambda x: jnp.sum(gradient_reversal(x, 0.5) * 3.0))(jnp.ones(2))
+Array([-1.5, -1.5], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jtl import partition
+from jtl.errors import ConfigError, StepError
+from jtl.state import TrainState
+from jtl.steps import Batch, cross_entropy_loss, frozen_batchnorm, masked_mean
+from jtl.tree import flatten, unflatten
+
+PyTree = Any
+METHODS = ("source_only", "dann", "coral")
+
+
+@jax.custom_vjp
+def gradient_reversal(x: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
+  """Identity forward; multiplies the incoming gradient by -scale backward."""
+  return x
+
+
+def _grl_fwd(x, scale):
+  return x, scale
+
+
+def _grl_bwd(scale, g):
+  return (jax.tree.map(lambda t: -scale * t, g), jnp.zeros_like(jnp.asarray(scale)))
+
+
+gradient_reversal.defvjp(_grl_fwd, _grl_bwd)
+
+
+def dann_schedule(num_steps: int, *, gamma: float = 10.0) -> Callable[[jax.Array], jax.Array]:
+  """The DANN paper's reversal scale 2 / (1 + exp(-gamma p)) - 1, p = step / num_steps."""
+  def schedule(step):
+    p = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
+    return 2.0 / (1.0 + jnp.exp(-gamma * p)) - 1.0
+  return schedule
+
+
+def coral_loss(source: jax.Array, target: jax.Array) -> jax.Array:
+  """||Cov(source) - Cov(target)||_F^2 / (4 d^2) over [N, d] features."""
+  def cov(f):
+    f = f.astype(jnp.float32)
+    c = f - jnp.mean(f, axis=0, keepdims=True)
+    return c.T @ c / jnp.maximum(f.shape[0] - 1, 1)
+  d = source.shape[-1]
+  return jnp.sum(jnp.square(cov(source) - cov(target))) / (4.0 * d * d)
+
+
+class DomainClassifier(nn.Module):
+  """MLP: features -> one logit (source = 0, target = 1)."""
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+    x = nn.relu(nn.Dense(self.hidden, name="fc2")(x))
+    return nn.Dense(1, name="out")(x)[..., 0]
+
+
+class AdaptModel(nn.Module):
+  """A zoo-style model (params "model/...") plus, if domain_hidden > 0, a
+  DANN domain classifier ("domain/...").
+
+  `__call__` is the wrapped model's, so eval steps, AdaBN and export see the
+  plain classifier. `outputs` gives (logits, features, domain logits).
+  """
+  model: nn.Module
+  domain_hidden: int = 0
+
+  def setup(self) -> None:
+    if self.domain_hidden:
+      self.domain = DomainClassifier(self.domain_hidden)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.model(x, train=train)
+
+  def outputs(self, x: jax.Array, *, train: bool = False, grl_scale: Any = 1.0):
+    if not hasattr(self.model, "features"):
+      raise StepError(f"{type(self.model).__name__} has no features(x, *, train) method.")
+    feats = self.model.features(x, train=train)
+    logits = self.model.head(feats).astype(jnp.float32)
+    dom = None
+    if self.domain_hidden:
+      dom = self.domain(gradient_reversal(feats, grl_scale)).astype(jnp.float32)
+    return logits, feats.astype(jnp.float32), dom
+
+
+def wrap(model: nn.Module, variables: PyTree, example_input: jax.Array, *,
+         method: str = "dann", domain_hidden: int = 256, rng: int = 0
+         ) -> tuple[AdaptModel, PyTree]:
+  """(AdaptModel, variables) for `method`; the model's variables are kept.
+
+  The domain classifier (DANN only) is initialised from `rng`.
+  """
+  if method not in METHODS:
+    raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
+  hidden = domain_hidden if method == "dann" else 0
+  wrapped = {k: {"model": v} for k, v in variables.items()}
+  if hidden:
+    fshape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, method=model.features),
+                            variables, jnp.asarray(example_input))
+    dom = DomainClassifier(hidden).init(jax.random.PRNGKey(rng),
+                                        jnp.zeros((1, fshape.shape[-1])))
+    wrapped["params"]["domain"] = dom["params"]
+  return AdaptModel(model, hidden), wrapped
+
+
+def make_adapt_train_step(
+    module: AdaptModel, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
+    method: str = "dann", weight: float = 1.0,
+    grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Pure `train_step(state, batch)` for source-only, DANN or CORAL training.
+
+  Source and target images go through the network as one batch (so the
+  BatchNorm statistics see both domains); the class loss uses source rows
+  only. Loss = CE(source) + weight * (domain BCE | CORAL).
+
+  Args:
+    module: an `AdaptModel` (from `wrap`); DANN needs its domain classifier.
+    method: "source_only", "dann" or "coral".
+    weight: weight of the adaptation term.
+    grl_scale: reversal scale, a float or a function of the step (e.g.
+      `dann_schedule(num_steps)`).
+  """
+  if method not in METHODS:
+    raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
+  if method == "dann" and not module.domain_hidden:
+    raise ConfigError("method='dann' needs an AdaptModel with a domain classifier "
+                      "(jtl.domain.wrap(..., method='dann')).")
+  frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
+  schedule = grl_scale if callable(grl_scale) else (lambda step: jnp.float32(grl_scale))
+
+  def loss_fn(trainable, frozen, model_state, batch, rng, scale):
+    src, tgt = batch["inputs"], batch.get("target_inputs")
+    if method != "source_only" and tgt is None:
+      raise StepError(f"method={method!r} needs batch['target_inputs'] (keys: {sorted(batch)}).")
+    x = src if method == "source_only" else jnp.concatenate([src, tgt], axis=0)
+    n = src.shape[0]
+    variables = {"params": partition.merge(trainable, frozen), **model_state}
+    mutable = list(model_state) if model_state else False
+    with frozen_batchnorm(frozen_paths):
+      out = module.apply(variables, x, train=True, grl_scale=scale, rngs={"dropout": rng},
+                         mutable=mutable, method=AdaptModel.outputs)
+    (logits, feats, dom), new_state = out if mutable else (out, model_state)
+    cls_loss = cross_entropy_loss(logits[:n], batch)
+    adapt = jnp.zeros(())
+    if method == "dann":
+      domain_label = jnp.concatenate([jnp.zeros(n), jnp.ones(x.shape[0] - n)])
+      adapt = jnp.mean(optax.sigmoid_binary_cross_entropy(dom, domain_label))
+    elif method == "coral":
+      adapt = coral_loss(feats[:n], feats[n:])
+    return cls_loss + weight * adapt, (dict(new_state), logits[:n], cls_loss, adapt, dom)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    rng, step_rng = jax.random.split(state.rng)
+    scale = schedule(state.step)
+    (loss, (model_state, logits, cls_loss, adapt, dom)), grads = grad_fn(
+        state.trainable, state.frozen, state.model_state, batch, step_rng, scale)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    new_state = state.replace(step=state.step + 1,
+                              trainable=optax.apply_updates(state.trainable, updates),
+                              opt_state=opt_state, model_state=model_state, rng=rng)
+    hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    metrics = {"loss": loss, "class_loss": cls_loss, "adapt_loss": adapt,
+               "accuracy": masked_mean(hit, batch.get("mask")), "grl_scale": scale,
+               "grad_norm": optax.tree.norm(grads)}
+    if dom is not None:
+      n = logits.shape[0]
+      metrics["domain_accuracy"] = jnp.mean(
+          jnp.concatenate([dom[:n] < 0, dom[n:] >= 0]).astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def unwrap(variables: PyTree) -> PyTree:
+  """The plain model's variables from an AdaptModel's ({"model": ...} dropped)."""
+  return {k: v["model"] for k, v in variables.items() if "model" in v}
+
+
+def _record_batchnorm_moments(next_fun, args, kwargs, context):
+  """Interceptor: normalise with batch statistics and sow each BatchNorm's
+  input mean and mean square (over every axis but the feature axis)."""
+  module = context.module
+  if context.method_name != "__call__" or not isinstance(module, nn.BatchNorm):
+    return next_fun(*args, **kwargs)
+  x = jnp.asarray(args[0], jnp.float32)
+  axis = module.axis if isinstance(module.axis, int) else module.axis[0]
+  axis = axis % x.ndim
+  reduce = tuple(i for i in range(x.ndim) if i != axis)
+  module.sow("adabn_moments", "mean", jnp.mean(x, axis=reduce))
+  module.sow("adabn_moments", "mean_sq", jnp.mean(jnp.square(x), axis=reduce))
+  return next_fun(*args, **{**kwargs, "use_running_average": False})
+
+
+def adapt_batchnorm(module: nn.Module, variables: PyTree, batches: Iterable[Batch], *,
+                    input_key: str = "inputs") -> PyTree:
+  """AdaBN: every BatchNorm's mean and var re-estimated on `batches` (target data).
+
+  Each layer normalises with the statistics of the batch it sees (as in
+  training), and its stored statistics become the exact population mean and
+  variance of its input over all rows of all batches (rows with mask=False
+  are dropped). Params and every other collection are returned unchanged.
+
+  Args:
+    module: a Flax model `__call__(x, *, train)`, with BatchNorm layers.
+    variables: {"params": ..., "batch_stats": ...}.
+    batches: target batches; only `batch[input_key]` (and "mask") is read.
+  """
+  if "batch_stats" not in variables:
+    raise ConfigError("adapt_batchnorm: the variables have no 'batch_stats' collection "
+                      f"(collections: {sorted(variables)}); the model has no BatchNorm.")
+
+  @jax.jit
+  def moments(v, x):
+    with nn.intercept_methods(_record_batchnorm_moments):
+      _, state = module.apply(v, x, train=False, mutable=["adabn_moments", "batch_stats"])
+    return jax.tree.map(lambda t: t[0], state["adabn_moments"],
+                        is_leaf=lambda t: isinstance(t, tuple))
+
+  sums: dict[str, np.ndarray] = {}
+  total = 0
+  for batch in batches:
+    x = np.asarray(batch[input_key])
+    if batch.get("mask") is not None:
+      x = x[np.asarray(batch["mask"], bool)]
+    if len(x) == 0:
+      continue
+    m = jax.device_get(moments(variables, x))
+    for path, value in flatten(m).items():
+      sums[path] = sums.get(path, 0.0) + len(x) * np.asarray(value, np.float64)
+    total += len(x)
+  if total == 0:
+    raise ConfigError("adapt_batchnorm: the batches held no (unmasked) rows.")
+
+  new_stats = flatten(variables["batch_stats"])
+  missing = []
+  for path in {p.rsplit("/", 1)[0] for p in sums}:
+    mean = sums[f"{path}/mean"] / total
+    var = np.maximum(sums[f"{path}/mean_sq"] / total - mean * mean, 0.0)
+    for leaf, value in (("mean", mean), ("var", var)):
+      key = f"{path}/{leaf}"
+      if key not in new_stats:
+        missing.append(key)
+        continue
+      new_stats[key] = np.asarray(value, np.asarray(new_stats[key]).dtype)
+  if missing:
+    raise ConfigError("adapt_batchnorm: BatchNorm layers whose statistics are not in "
+                      f"variables['batch_stats']: {sorted(missing)}.")
+  return {**variables, "batch_stats": unflatten(new_stats)}
