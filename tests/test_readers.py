@@ -205,6 +205,10 @@ def test_npz_big_vision_layout(tmp_path):
     np.testing.assert_array_equal(flat[k], v)
   sub = read(tmp_path / "vit.npz", subtree="Transformer/encoderblock_0")
   assert list(sub) == ["MlpBlock_0/Dense_0/kernel"]
+  with pytest.raises(CheckpointError, match="single array"):
+    read(tmp_path / "vit.npz", subtree="embedding/bias")
+  with pytest.raises(CheckpointError, match="Top-level names"):
+    read(tmp_path / "vit.npz", subtree="Transformer/nope")
 
 
 def test_safetensors_with_bf16(tmp_path):
@@ -286,6 +290,8 @@ def test_orbax_pytree_and_standard_checkpointer(tmp_path):
   assert sub["conv/kernel"].shape == (2, 3, 4)
   with pytest.raises(CheckpointError, match="'nope'"):
     read(tmp_path / "a", subtree="params/nope")
+  with pytest.raises(CheckpointError, match="single array"):
+    read(tmp_path / "a", subtree="params/txt/emb")
 
 
 def test_orbax_manager_step_and_root(tmp_path):

@@ -71,7 +71,7 @@ def _restore(path: epath.Path, keys: list[str], subtree: str) -> Any:
 
 def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
   """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays."""
-  from jtl.checkpoint.readers import to_flat_arrays  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
 
   keys = [k for k in (subtree or "").split("/") if k]
   if not _is_pytree_dir(path) and not any(
@@ -83,15 +83,17 @@ def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
           "no item sub-directories, no numbered step directories).")
     path = step
   if _is_pytree_dir(path):
-    return to_flat_arrays(_restore(path, keys, subtree or ""), path)
+    return select(to_flat_arrays(_restore(path, keys, subtree or ""), path,
+                                 prefix=subtree or ""), subtree, path)
   items = sorted(p.name for p in path.iterdir() if _is_pytree_dir(p))
   if keys:
     if keys[0] not in items:
       raise CheckpointError(
           f"{path}: no item {keys[0]!r} for subtree {subtree!r}. Items:\n"
           + bullet_list(items))
-    return to_flat_arrays(_restore(path / keys[0], keys[1:], subtree or ""),
-                          path / keys[0])
+    return select(to_flat_arrays(
+        _restore(path / keys[0], keys[1:], subtree or ""), path / keys[0],
+        prefix=subtree or ""), subtree, path)
   out: dict[str, np.ndarray] = {}
   for name in items:
     out.update(to_flat_arrays(_restore(path / name, [], ""), path / name,

@@ -236,6 +236,10 @@ def select(flat: Mapping[str, np.ndarray], subtree: str | None,
     return dict(flat)
   prefix = subtree.strip("/") + "/"
   out = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  if "" in out or prefix[:-1] in flat:
+    raise CheckpointError(
+        f"{where}: subtree {subtree!r} is a single array, not a branch; read "
+        f"the parent and take the key, e.g. read(...)[{prefix[:-1]!r}].")
   if not out:
     tops = sorted({k.split("/")[0] for k in flat})
     raise CheckpointError(
