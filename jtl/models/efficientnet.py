@@ -208,4 +208,5 @@ registry.register(registry.ModelSpec(
     groups=groups(),
     pretrained="efficientnet_lite0/imagenet",
     converter=convert_torch,
+    normalize="efficientnet",
 ))

@@ -198,4 +198,5 @@ registry.register(registry.ModelSpec(
     groups=groups(),
     pretrained="mobilenet_v2/imagenet",
     converter=convert_torch,
+    normalize="imagenet",
 ))

@@ -9,6 +9,7 @@ converter from the published layout to the module's variables.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -88,3 +89,62 @@ def init_variables(spec: ModelSpec, module: nn.Module, *, seed: int = 0) -> Vari
   variables = jax.jit(lambda r, x: module.init({"params": r, "dropout": r}, x, train=False))(
       rng, spec.example_input(1))
   return jax.tree.map(np.asarray, dict(variables))
+
+
+@dataclasses.dataclass(frozen=True)
+class CreatedModel:
+  """What `create` returns: everything needed to run or fine-tune a zoo model.
+
+  Attributes:
+    module: the Flax module.
+    variables: {"params": ..., "batch_stats": ...} as numpy arrays.
+    report: the `jtl.checkpoint.LoadReport` of the pretrained load, or None.
+    preprocess: the model's preprocessing of raw inputs (see `ModelSpec`).
+    spec: the registered `ModelSpec`.
+  """
+  module: nn.Module
+  variables: Variables
+  report: Any
+  preprocess: Callable[..., Any] | None
+  spec: ModelSpec
+
+
+def create(name: str, *, num_classes: int | None = None,
+           pretrained: bool | str = True, seed: int = 0, **kwargs: Any) -> CreatedModel:
+  """Builds a zoo model, initialises it and merges pretrained weights.
+
+  Args:
+    name: a registered model name (see `list_models()`).
+    num_classes: classes of the new head; None keeps the checkpoint's
+      (`spec.default_num_classes`), 0 builds the model without a head. A head
+      whose class count differs from the checkpoint's keeps its fresh init and
+      is listed as reinitialised in the report.
+    pretrained: True loads `spec.pretrained`; a string is a source name, URL or
+      path for `jtl.checkpoint.resolve`; False keeps the random init.
+    seed: PRNG seed of the init.
+    **kwargs: passed to `spec.build` (e.g. `formulation="grouped"`).
+
+  Raises:
+    ConfigError: unknown name, or pretrained=True for a model without weights.
+  """
+  spec = get_spec(name)
+  n = spec.default_num_classes if num_classes is None else int(num_classes)
+  module = spec.build(num_classes=n, **kwargs)
+  variables = init_variables(spec, module, seed=seed)
+  report = None
+  if pretrained is not False and pretrained is not None:
+    source = spec.pretrained if pretrained is True else pretrained
+    if source is None:
+      raise ConfigError(
+          f"Model {name!r} has no default pretrained weights (spec.pretrained "
+          "is None). Pass pretrained=False for a random init, or "
+          "pretrained='<path or source name>'.")
+    from jtl import checkpoint  # noqa: PLC0415 - checkpoint imports models' users
+    variables, report = checkpoint.load_pretrained(
+        checkpoint.resolve(source), like=variables, converter=spec.converter,
+        reinit_head=spec.head_pattern)
+    if report.reinitialised:
+      logging.info("%s: head re-initialised for %d classes (checkpoint has "
+                   "%d): %s", name, n, spec.default_num_classes,
+                   ", ".join(e.path for e in report.reinitialised))
+  return CreatedModel(module, variables, report, spec.preprocess, spec)
