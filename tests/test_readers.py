@@ -376,12 +376,12 @@ def test_huge_declared_sizes_are_refused_before_allocating(tmp_path):
   with pytest.raises(CheckpointError, match="declares shape"):
     read(tmp_path / "huge.npz")
   # legacy torch: the first storage's element count set to 2**60.
-  from jtl.checkpoint import torch_pickle
+  from jtl.checkpoint import torch_files, torch_pickle
   data = bytearray((FIXTURES / "torch_legacy.pt").read_bytes())
-  f = torch_pickle._Reader(bytes(data))
+  f = torch_files._Reader(bytes(data))
   for _ in range(3):
     pickle.load(f)
-  torch_pickle._Unpickler(f, lambda *a: torch_pickle._Storage(np.zeros(0))).load()
+  torch_pickle.StateDictUnpickler(f, lambda *a: torch_pickle.Storage(np.zeros(0))).load()
   pickle.load(f)  # storage keys; the first storage's count follows
   data[f.pos:f.pos + 8] = (2**60).to_bytes(8, "little")
   (tmp_path / "huge.pt").write_bytes(bytes(data))

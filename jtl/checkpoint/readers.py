@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from jtl.checkpoint import torch_pickle
+from jtl.checkpoint import torch_files
 from jtl.checkpoint.orbax_reader import read_orbax
 from jtl.checkpoint.sources import resolve
 from jtl.errors import CheckpointError, JtlError, bullet_list
@@ -214,10 +214,10 @@ def _read_torch(path: epath.Path) -> dict[str, np.ndarray]:
   head = _head(path, 4)
   if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
     with zipfile.ZipFile(src) as zf:
-      obj = torch_pickle.read_zip(str(path), zf)
+      obj = torch_files.read_zip(str(path), zf)
   else:
     buf = src.getvalue() if isinstance(src, io.BytesIO) else path.read_bytes()
-    obj = torch_pickle.read_legacy(str(path), buf)
+    obj = torch_files.read_legacy(str(path), buf)
   if not isinstance(obj, Mapping):
     raise CheckpointError(
         f"{path}: holds a {type(obj).__name__}, not a state dict (a mapping "

@@ -1,21 +1,18 @@
-"""PyTorch `torch.save` files read without torch and without running code.
+"""The restricted unpickler behind jtl's PyTorch reader: no torch, no code.
 
-Both layouts are supported: the zip archive (`<name>/data.pkl` plus one
-`<name>/data/<key>` member per storage) and the legacy stream (magic number,
-protocol version, system info, the object pickle, the storage keys, then the
-raw storages). The pickle is read by an `Unpickler` whose `find_class` only
-knows an allow-list of names, each mapped to a jtl function that builds numpy
-arrays; any other global is refused, so a malicious file cannot run code.
+`find_class` knows only an allow-list of names (tensor rebuild functions,
+storage types, dtypes, OrderedDict, a few builtins), each mapped to a jtl
+stand-in that builds numpy arrays; any other global is refused with a
+CheckpointError naming it, so a malicious file cannot run code. Tensors are
+built by `materialize` once their storages' bytes are known. The file layouts
+(zip archive, legacy stream) are read in `jtl.checkpoint.torch_files`.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import math
 import pickle
-import struct
-import zipfile
 from typing import Any
 
 import ml_dtypes
@@ -23,8 +20,6 @@ import numpy as np
 
 from jtl.errors import CheckpointError
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_MAX_PICKLE_BYTES = 1 << 30
 
 # Storage class name (as pickled, `torch.<Name>`) -> numpy dtype.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -49,7 +44,7 @@ _TORCH_DTYPES = {
 }
 
 
-class _StorageType:
+class StorageType:
   """Stands for a `torch.<X>Storage` class named in the pickle."""
 
   def __init__(self, name: str):
@@ -57,7 +52,7 @@ class _StorageType:
     self.dtype = STORAGE_DTYPES[name]
 
 
-class _Storage:
+class Storage:
   """A flat numpy array of one storage's elements."""
 
   def __init__(self, data: np.ndarray):
@@ -68,13 +63,13 @@ class _TensorRef:
   """A tensor named by the pickle; built once its storage's bytes are read."""
 
   def __init__(self, storage: Any, offset: Any, size: Any, stride: Any):
-    if not isinstance(storage, _Storage):
+    if not isinstance(storage, Storage):
       raise ValueError(
           f"tensor built from {type(storage).__name__}, not a storage")
     self.args = (storage, offset, size, stride)
 
 
-def _build(storage: _Storage, offset: Any, size: Any,
+def _build(storage: Storage, offset: Any, size: Any,
            stride: Any) -> np.ndarray:
   size, stride, offset = tuple(size), tuple(stride), int(offset)
   if len(size) != len(stride) or any(
@@ -129,7 +124,7 @@ def materialize(obj: Any) -> Any:
     elif isinstance(node, (list, tuple)):
       out = memo[id(node)] = []
       out.extend(convert(v) for v in node)
-    elif isinstance(node, (_Storage, _StorageType)):
+    elif isinstance(node, (Storage, StorageType)):
       out = None
     else:
       return node
@@ -175,7 +170,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("_codecs", "encode"): _encode,
 }
-_ALLOWED.update({("torch", n): _StorageType(n) for n in STORAGE_DTYPES})
+_ALLOWED.update({("torch", n): StorageType(n) for n in STORAGE_DTYPES})
 _ALLOWED.update({("torch", n): np.dtype(t) for n, t in _TORCH_DTYPES.items()})
 
 
@@ -210,7 +205,7 @@ class _SafeUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
     raise _Refused(f"{module}.{name}")
 
 
-class _Unpickler(_SafeUnpickler):
+class StateDictUnpickler(_SafeUnpickler):
   """Unpickler that only resolves allow-listed globals."""
 
   def __init__(self, file: Any, load_storage: Any):
@@ -228,7 +223,7 @@ class _Unpickler(_SafeUnpickler):
     storage_type, key, numel = pid[1], str(pid[2]), pid[4]
     if isinstance(storage_type, np.dtype):  # newer torch pickles the dtype
       dtype = storage_type
-    elif isinstance(storage_type, _StorageType):
+    elif isinstance(storage_type, StorageType):
       dtype = storage_type.dtype
     else:
       raise ValueError(f"storage type {storage_type!r:.80} is not a known "
@@ -241,12 +236,17 @@ class _Unpickler(_SafeUnpickler):
     return self._load_storage(key, dtype, numel)
 
 
-def _unpickle(path: str, data: Any, load_storage: Any, *,
-              unpickler: Any = None) -> Any:
+def unpickle(path: str, data: Any, load_storage: Any, *,
+             unpickler: Any = None) -> Any:
+  """Loads one pickle from the file object `data` with the allow-list.
+
+  `load_storage(key, dtype, numel) -> Storage` supplies tensor storages;
+  `unpickler` replaces StateDictUnpickler (e.g. PlainUnpickler for headers).
+  """
   try:
     if unpickler is not None:
       return unpickler(data).load()
-    return _Unpickler(data, load_storage).load()
+    return StateDictUnpickler(data, load_storage).load()
   except _Refused as e:
     raise CheckpointError(
         f"{path}: refused to unpickle the global {e}: only tensors and plain "
@@ -255,123 +255,5 @@ def _unpickle(path: str, data: Any, load_storage: Any, *,
         "`model.state_dict()` (or export to safetensors).") from None
 
 
-def read_zip(path: str, zf: zipfile.ZipFile) -> Any:
-  """Unpickles a torch zip archive; returns the saved object (numpy leaves)."""
-  names = zf.namelist()
-  pkl = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-  if len(pkl) != 1:
-    other = "TorchScript archive" if any(
-        n.endswith("/constants.pkl") for n in names) else "zip file"
-    raise CheckpointError(
-        f"{path}: a {other} without exactly one '<name>/data.pkl' member "
-        f"(found {len(pkl)}; members: {names[:8]}), so it is not a torch.save "
-        "state dict. Save with torch.save(model.state_dict(), path).")
-  prefix = pkl[0][:-len("data.pkl")]
-  big_endian = False
-  if prefix + "byteorder" in names:
-    big_endian = zf.read(prefix + "byteorder").strip() == b"big"
-  info = zf.getinfo(pkl[0])
-  if info.file_size > _MAX_PICKLE_BYTES:
-    raise CheckpointError(f"{path}: data.pkl declares {info.file_size} bytes")
-  cache: dict[str, _Storage] = {}
-
-  def load_storage(key: str, dtype: np.dtype, numel: int) -> _Storage:
-    if key not in cache:
-      member = f"{prefix}data/{key}"
-      if member not in names:
-        raise CheckpointError(f"{path}: storage member {member!r} is missing")
-      nbytes = numel * dtype.itemsize
-      if zf.getinfo(member).file_size < nbytes:
-        raise CheckpointError(
-            f"{path}: storage {member!r} holds {zf.getinfo(member).file_size} "
-            f"bytes, but {numel} x {dtype} needs {nbytes}")
-      with zf.open(member) as f:
-        raw = f.read(nbytes)
-      cache[key] = _Storage(_from_bytes(raw, dtype, numel, big_endian))
-    return cache[key]
-
-  return materialize(
-      _unpickle(path, io.BytesIO(zf.read(pkl[0])), load_storage))
-
-
-def _from_bytes(raw: bytes, dtype: np.dtype, numel: int,
-                big_endian: bool) -> np.ndarray:
-  if len(raw) != numel * dtype.itemsize:
-    raise ValueError(f"storage has {len(raw)} bytes, expected "
-                     f"{numel * dtype.itemsize}")
-  arr = np.frombuffer(raw, dtype.newbyteorder(">" if big_endian else "<")
-                      if dtype.itemsize > 1 else dtype, count=numel)
-  return arr.astype(dtype, copy=False)
-
-
-class _Reader:
-  """A read-only file over a bytes buffer.
-
-  It has no `readinto`, so the unpickler asks for bytes with `read(n)` and
-  never pre-allocates the (possibly absurd) length a damaged file declares.
-  """
-
-  def __init__(self, buf: bytes):
-    self._bytes, self._buf, self.pos = buf, memoryview(buf), 0
-
-  def read(self, n: int = -1) -> bytes:
-    end = len(self._buf) if n is None or n < 0 else min(
-        self.pos + n, len(self._buf))
-    out = self._buf[self.pos:end].tobytes()
-    self.pos = end
-    return out
-
-  def readline(self, limit: int = -1) -> bytes:
-    stop = len(self._buf) if limit < 0 else min(self.pos + limit, len(self._buf))
-    i = self._bytes.find(b"\n", self.pos, stop)
-    return self.read((stop if i < 0 else i + 1) - self.pos)
-
-
-class _Plain(_SafeUnpickler):
+class PlainUnpickler(_SafeUnpickler):
   """For the legacy header pickles, which hold only ints, dicts and strings."""
-
-
-def read_legacy(path: str, buf: bytes) -> Any:
-  """Unpickles a legacy (non-zip) torch.save stream held in `buf`."""
-  f = _Reader(buf)
-  try:
-    magic = _unpickle(path, f, None, unpickler=_Plain)
-  except CheckpointError:
-    raise
-  except Exception:  # noqa: BLE001 - any failure here means "not torch"
-    magic = None
-  if magic != LEGACY_MAGIC:
-    raise CheckpointError(
-        f"{path}: not a PyTorch file (no zip archive and no legacy magic "
-        "number at the start).")
-  _unpickle(path, f, None, unpickler=_Plain)  # protocol version
-  sys_info = _unpickle(path, f, None, unpickler=_Plain)
-  big_endian = isinstance(sys_info, dict) and not sys_info.get(
-      "little_endian", True)
-  declared: dict[str, tuple[np.dtype, int]] = {}
-  storages: dict[str, _Storage] = {}
-
-  def load_storage(key: str, dtype: np.dtype, numel: int) -> _Storage:
-    declared.setdefault(key, (dtype, numel))
-    storages.setdefault(key, _Storage(np.zeros(0, dtype)))
-    return storages[key]
-
-  obj = _unpickle(path, f, load_storage)
-  keys = _unpickle(path, f, None, unpickler=_Plain)
-  if not isinstance(keys, list) or set(map(str, keys)) != set(declared):
-    raise CheckpointError(
-        f"{path}: the storage key list does not match the storages the "
-        "tensors use; the file is damaged.")
-  for key in map(str, keys):
-    dtype, numel = declared[key]
-    header = f.read(8)
-    if len(header) != 8:
-      raise CheckpointError(f"{path}: truncated before storage {key}")
-    (count,) = struct.unpack("<q" if not big_endian else ">q", header)
-    nbytes = count * dtype.itemsize
-    if count != numel or nbytes > len(buf) - f.pos:
-      raise CheckpointError(
-          f"{path}: storage {key} declares {count} elements ({numel} "
-          f"expected, {len(buf) - f.pos} bytes left in the file)")
-    storages[key].data = _from_bytes(f.read(nbytes), dtype, count, big_endian)
-  return materialize(obj)
