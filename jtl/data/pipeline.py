@@ -15,8 +15,8 @@ process, so every example is counted exactly once.
 
 Training order is a function of `seed` only. Arrays, folders and text corpora
 are shuffled by an exact permutation per epoch, so `start_step=k` starts at
-batch k at once; TFDS streams are shuffled with a buffer and skip the records
-before batch k without decoding them. Augmentation is seeded per example
+batch k at once; TFDS streams are shuffled with a buffer, reseeded each epoch,
+and skip the records of batch k's epoch before it without decoding them. Augmentation is seeded per example
 position, so a resumed run sees the very same pixels.
 
 >>> import numpy as np
@@ -126,9 +126,12 @@ def _index_stream(indices: np.ndarray, *, train: bool, seed: int,
 
 
 def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
-                 num_epochs: int | None, start: int, shuffle_buffer: int) -> tf.data.Dataset:
+                 num_epochs: int | None, start: int, shuffle_buffer: int,
+                 n_local: int) -> tf.data.Dataset:
   decoders = {src.input_key: tfds.decode.SkipDecoding()} if src.kind == "image" else None
-  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  # Files are shuffled once by `seed`; examples are reshuffled every epoch.
+  read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                                try_autocache=False)
   ds = src.builder.as_dataset(split=split, shuffle_files=train, decoders=decoders,
                               read_config=read_config)
   key = "image" if src.kind == "image" else "text"
@@ -143,9 +146,18 @@ def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
       return {key: ex[src.input_key], "label": tf.identity(label)}
 
   ds = ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE)
-  if train:
-    ds = ds.repeat(num_epochs).shuffle(shuffle_buffer, seed=seed).skip(start)
-  return ds
+  if not train:
+    return ds
+  # Each epoch is its own seeded shuffle, so a resume skips at most one epoch
+  # of (undecoded) records.
+  epoch0, offset = divmod(start, n_local)
+
+  def epoch(e):
+    return ds.shuffle(shuffle_buffer, seed=seed * 1_000_003 + e,
+                      reshuffle_each_iteration=False)
+
+  end = _FOREVER if num_epochs is None else num_epochs
+  return tf.data.Dataset.range(epoch0, max(end, epoch0)).flat_map(epoch).skip(offset)
 
 
 def _preprocess(ex: dict[str, tf.Tensor], index: tf.Tensor, *, kind: str, train: bool,
@@ -249,7 +261,8 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
       raise DataError(f"Split {split!r} of TFDS dataset {src.name!r} has no examples.")
     local_split = tfds.even_splits(split, n=pc)[pi] if pc > 1 else split
     ds = _tfds_stream(src, local_split, train=train, seed=seed, num_epochs=num_epochs,
-                      start=start, shuffle_buffer=shuffle_buffer)
+                      start=start, shuffle_buffer=shuffle_buffer,
+                      n_local=src.num_examples(local_split))
 
   image_kwargs: dict[str, Any] = {"image_size": image_size, "normalize": normalize}
   if train:
