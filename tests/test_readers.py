@@ -49,6 +49,21 @@ def test_torch_fixture_every_tensor(name):
   assert flat["view.transposed"].flags.writeable
 
 
+def test_torch_checkpoint_with_state_dict_and_epoch(tmp_path):
+  # {"state_dict": <the fixture's state dict>, "epoch": 3, "arch": "x"},
+  # spliced at the pickle level so that no torch is needed.
+  with zipfile.ZipFile(FIXTURES / "torch_zip.pt") as zf:
+    body = zf.read("torch_zip/data.pkl")
+  assert body[:2] == b"\x80\x02" and body[-1:] == b"."
+  pkl = (b"\x80\x02}(X\x0a\x00\x00\x00state_dict" + body[2:-1] +
+         b"X\x05\x00\x00\x00epochK\x03X\x04\x00\x00\x00archX\x01\x00\x00\x00xu.")
+  _zip_with_pickle(FIXTURES / "torch_zip.pt", tmp_path / "ckpt.pt", pkl)
+  flat = read(tmp_path / "ckpt.pt")
+  assert sorted(flat) == sorted(f"state_dict/{k}" for k in META)  # no epoch/arch
+  sub = read(tmp_path / "ckpt.pt", subtree="state_dict")
+  np.testing.assert_array_equal(sub["0.weight"], EXPECTED["0.weight"])
+
+
 def test_torch_format_detection():
   assert readers.detect_format(epath.Path(FIXTURES / "torch_zip.pt")) == "torch"
   assert readers.detect_format(epath.Path(FIXTURES / "torch_legacy.pt")) == "torch"
