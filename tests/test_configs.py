@@ -1,0 +1,54 @@
+"""Every config loads and validates, and the network-only (TPU) configs build
+their model and point at their pipeline without downloading anything."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import pytest
+
+from jtl import experiment, models
+from jtl.errors import ConfigError, DataError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.py"))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_validates(path):
+  config = load(path)
+  experiment.validate(config)
+  spec = models.get_spec(config.model)
+  assert config.rules or config.strategy.name
+
+
+@pytest.mark.parametrize("name", ["tpu_vit_b16_cifar10", "tpu_resnet50_flowers"])
+def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
+  config = load(Path(__file__).parents[1] / "configs" / f"{name}.py")
+  spec = models.get_spec(config.model)
+  module = spec.build(num_classes=10)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), spec.example_input(1)))
+  labels = experiment.partition.label_params(shapes["params"], list(config.rules))
+  experiment.build_optimizer(config, labels)
+  config.data_dir = str(tmp_path)
+  with pytest.raises(DataError, match="not prepared|tfds build"):
+    next(iter(experiment.eval_batches(config, spec)()))
+
+
+def test_partial_config_takes_the_number_of_blocks():
+  config = load(Path(__file__).parents[1] / "configs" / "partial.py", "2")
+  assert "blocks_14|blocks_15" in config.rules[0][0]
+
+
+def test_invalid_values_are_reported_together():
+  config = load(Path(__file__).parents[1] / "configs" / "default.py")
+  config.batch_size, config.num_steps, config.model = 0, 0, "resnet51"
+  with pytest.raises(ConfigError) as e:
+    experiment.validate(config)
+  assert "batch_size" in str(e.value) and "num_steps" in str(e.value) and "resnet51" in str(e.value)

@@ -1,0 +1,74 @@
+"""The scripts end to end: fine-tune (real EfficientNet-Lite0 weights, real
+MNIST digits), resume in the same workdir, evaluate, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+SMALL = ["--config.num_steps={steps}", "--config.image_size=32", "--config.batch_size=16",
+         "--config.eval_batch_size=250", "--config.eval_every=2", "--config.checkpoint_every=2",
+         "--config.log_every=1", "--config.warmup_steps=0"]
+
+
+def script(name, *args, data_dir, timeout=600):
+  env = {**os.environ, "TFDS_DATA_DIR": str(data_dir), "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def finetune(workdir, steps, data_dir, *extra):
+  args = ["--config", ROOT / "configs" / "linear_probe.py", "--workdir", workdir,
+          f"--config.data_dir={data_dir}", *[a.format(steps=steps) for a in SMALL], *extra]
+  return script("finetune.py", *args, data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def test_finetune_resume_and_evaluate(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  first = finetune(workdir, 2, data_dir)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+  assert "Pretrained load report" in first.stdout and "trainable:" in first.stdout
+  report = json.loads((workdir / "final_report.json").read_text())
+  assert report["start_step"] == 0 and report["eval"]["count"] == 1000
+  assert (workdir / "curves.png").stat().st_size > 1000
+  assert any((workdir / "tensorboard").iterdir())
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert {"loss", "steps_per_second", "examples_per_second", "input_wait_fraction"} <= set(train_rows[0])
+
+  second = finetune(workdir, 4, data_dir)
+  assert second.returncode == 0, second.stderr[-5000:]
+  report = json.loads((workdir / "final_report.json").read_text())
+  assert report["start_step"] == 2  # resumed, did not start over
+
+  evaluated = script("evaluate.py", "--workdir", workdir, "--step", "best", data_dir=data_dir)
+  assert evaluated.returncode == 0, evaluated.stderr[-5000:]
+  result = json.loads((workdir / "eval_test.json").read_text())
+  assert result["count"] == 1000 and len(result["per_class_accuracy"]) == 10
+  assert sum(map(sum, result["confusion_matrix"])) == 1000
+  assert 0.0 <= result["accuracy"] <= result["top5_accuracy"] <= 1.0
+  assert (workdir / "confusion_test.png").exists()
+
+  # Same workdir, different model: refused, and the checkpoints are untouched.
+  steps_before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  other = finetune(workdir, 6, data_dir, "--config.model=mobilenet_v2", "--config.pretrained=False")
+  assert other.returncode != 0
+  assert "belongs to a different model" in other.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps_before
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path, data_dir):
+  result = script("finetune.py", "--config", ROOT / "configs" / "default.py", "--workdir",
+                  tmp_path, "--config.learnin_rate=0.1", data_dir=data_dir)
+  assert result.returncode != 0
+  assert "unknown config key 'learnin_rate'" in result.stderr
+  assert "learning_rate" in result.stderr and "augment.crop_scale" in result.stderr
