@@ -14,3 +14,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # random init); the "rbg" generator compiles ~5x faster. Tests compare runs
 # with each other, never with fixed random draws, so the generator is free.
 jax.config.update("jax_default_prng_impl", "rbg")
+
+# Fixture generators run with torch (never in the test suite): don't collect them.
+collect_ignore_glob = ["fixtures/make_*.py"]
