@@ -19,11 +19,11 @@ def get_config(arg=None):
   c.pretrained = True
   c.num_classes = 0  # 0: from the dataset
   c.dataset = "jtl_mnist5k"
-  c.data_dir = None  # default TFDS data dir; the local builder prepares it
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default
   c.train_split = "train"
   c.eval_split = "test"
   c.image_size = 64
-  c.max_length = None
+  c.max_length = ml_collections.config_dict.placeholder(int)
   c.batch_size = 64
   c.eval_batch_size = 200
   c.num_steps = 300
@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.augment.mixup_alpha = 0.0
 
   c.microbatches = 1
-  c.compute_dtype = None  # "bfloat16" for mixed precision on TPU/GPU
+  c.compute_dtype = ml_collections.config_dict.placeholder(str)  # "bfloat16" for mixed precision on TPU/GPU
   c.seed = 0
   c.distributed = False  # True on multi-host TPU VM pods
   return c

@@ -25,14 +25,12 @@ _OUT = flags.DEFINE_string("out", None, "Output path.")
 _FORMAT = flags.DEFINE_enum("format", None, ["npz", "safetensors", "msgpack", "orbax"],
                             "Output format (default: from --out's suffix).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the head (default: the model's).")
-_STRICT = flags.DEFINE_bool("strict", True, "Fail on missing/unexpected/mismatched weights.")
 flags.mark_flags_as_required(["model", "source", "out"])
 
 
 def main(argv):
   del argv
-  created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value,
-                          strict=_STRICT.value)
+  created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
   path = checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)
   print(f"Wrote {path}")

@@ -262,3 +262,15 @@ def test_adapt_input_conv_like_timm():
                              s2d.reshape(2, 2, 4, 3, 4).sum(axis=3), rtol=1e-6)
   with pytest.raises(LoadError, match="only RGB"):
     adapt_input_conv(np.zeros((3, 3, 2, 4)), 5)
+
+
+def test_head_absent_from_a_headless_checkpoint_is_reinitialised_not_missing():
+  import numpy as np
+  from jtl.checkpoint import load_pretrained
+  like = {"params": {"body": {"kernel": np.zeros((3, 4), np.float32)},
+                     "head": {"kernel": np.full((4, 2), 7.0, np.float32)}}}
+  source = {"params/body/kernel": np.ones((3, 4), np.float32)}
+  variables, report = load_pretrained(source, like=like)
+  assert [e.path for e in report.reinitialised] == ["params/head/kernel"]
+  assert not report.missing and report.ok
+  np.testing.assert_array_equal(variables["params"]["head"]["kernel"], 7.0)

@@ -178,6 +178,7 @@ def load_pretrained(
   def is_head(path: str) -> bool:
     return reinit_head is not None and re.fullmatch(reinit_head, path) is not None
 
+  source_has_head = any(is_head(p) for p in flat_src)
   out: dict[str, Any] = {}
   for path, init in flat_like.items():
     init = np.asarray(init)
@@ -188,7 +189,11 @@ def load_pretrained(
                                    init.shape, "skip pattern"))
       continue
     if path not in flat_src:
-      cats["missing"].append(Entry(path, None, init.shape))
+      if is_head(path) and not source_has_head:
+        cats["reinitialised"].append(Entry(
+            path, None, init.shape, "the checkpoint has no classifier head: new head"))
+      else:
+        cats["missing"].append(Entry(path, None, init.shape))
       continue
     src = flat_src[path]
     if src.shape != init.shape:
