@@ -1,0 +1,136 @@
+"""Domain adaptation: gradient reversal, AdaBN statistics, CORAL, DANN steps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jtl
+from jtl import domain
+from beyond_models import TinyCNN, images, init, labels
+
+
+def test_gradient_reversal_flips_feature_gradient():
+  w = jnp.array([[0.5, -1.0], [2.0, 0.3], [-0.7, 1.1]])
+  head = lambda f: jnp.sum(jnp.tanh(f @ w))  # noqa: E731
+  f = jnp.array([[0.1, -0.4, 0.9], [1.0, 0.2, -0.3]])
+  plain = jax.grad(head)(f)
+  for scale in (1.0, 0.25):
+    reversed_ = jax.grad(lambda f: head(domain.gradient_reversal(f, scale)))(f)
+    np.testing.assert_allclose(np.asarray(reversed_), -scale * np.asarray(plain), rtol=1e-6)
+  np.testing.assert_array_equal(domain.gradient_reversal(f, 3.0), f)  # identity forward
+
+
+def test_dann_schedule_and_coral():
+  s = domain.dann_schedule(100)
+  assert float(s(0)) == 0.0 and 0.99 < float(s(100)) < 1.0
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(50, 3)).astype(np.float32)
+  assert float(domain.coral_loss(a, a)) == pytest.approx(0.0, abs=1e-9)
+  b = a * np.array([1.0, 2.0, 1.0], np.float32)  # var of column 1 x4
+  ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  expected = np.sum((ca - cb) ** 2) / (4 * 9)
+  assert float(domain.coral_loss(a, b)) == pytest.approx(expected, rel=1e-4)
+  assert float(domain.coral_loss(a, a + 5.0)) == pytest.approx(0.0, abs=1e-6)  # shift-blind
+
+
+def test_adabn_changes_only_statistics_and_matches_target_moments():
+  model = TinyCNN(4)
+  v = init(model, images(4))
+  target = images(24, seed=7, shift=3.0)
+  batches = [{"inputs": target[:10]}, {"inputs": target[10:16]},
+             {"inputs": np.concatenate([target[16:], target[:4]]),
+              "mask": np.array([True] * 8 + [False] * 4)}]
+  adapted = domain.adapt_batchnorm(model, v, batches)
+  jax.tree.map(np.testing.assert_array_equal, adapted["params"], v["params"])
+  # The first BatchNorm's input is conv0(x): its stored statistics are the
+  # population moments over all 24 unmasked target rows.
+  conv = jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, x: m.conv0(x)))
+  h = np.asarray(conv(v["params"], target), np.float64)
+  np.testing.assert_allclose(adapted["batch_stats"]["bn0"]["mean"], h.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(adapted["batch_stats"]["bn0"]["var"], h.var((0, 1, 2)), rtol=1e-3, atol=1e-5)
+  assert not np.allclose(adapted["batch_stats"]["bn1"]["mean"], v["batch_stats"]["bn1"]["mean"])
+  # Adapted on one batch, inference mode normalises it exactly as training mode does.
+  whole = domain.adapt_batchnorm(model, v, [{"inputs": target}])
+  eval_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(whole, target)
+  train_out, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, target)
+  np.testing.assert_allclose(eval_out, train_out, atol=2e-3)
+  with pytest.raises(jtl.ConfigError, match="batch_stats"):
+    domain.adapt_batchnorm(model, {"params": v["params"]}, batches)
+
+
+def _train(method, steps=20, **kwargs):
+  model = TinyCNN(4)
+  x, y = images(8), labels(8)
+  tgt = images(8, seed=9, shift=1.5) * np.linspace(0.2, 3.0, 3, dtype=np.float32)
+  v = init(model, x)
+  module, wv = domain.wrap(model, v, x, method=method, domain_hidden=16)
+  assert ("domain" in wv["params"]) == (method == "dann")
+  lab = jtl.label_params(wv["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(lab, learning_rate=0.01, optimizer="adam")
+  step = jax.jit(domain.make_adapt_train_step(module, tx, labels=lab, method=method, **kwargs))
+  state = jtl.create_train_state(wv, lab, tx)
+  batch = {"inputs": x, "label": y, "target_inputs": tgt}
+  ms = []
+  for _ in range(steps):
+    state, m = step(state, batch)
+    ms.append(jax.device_get(m))
+  feats = jax.jit(lambda v, x: module.apply(v, x, train=False, method=domain.AdaptModel.outputs)[1])
+  gap = float(domain.coral_loss(feats(state.variables, x), feats(state.variables, tgt)))
+  return module, state, ms, gap
+
+
+def test_dann_step_trains_class_head_and_domain_classifier():
+  # Reversal scale 0: the domain classifier learns, the features ignore it.
+  module, state, ms, _ = _train("dann", grl_scale=0.0)
+  assert ms[-1]["class_loss"] < ms[0]["class_loss"]
+  assert ms[-1]["adapt_loss"] < 0.8 * ms[0]["adapt_loss"] and ms[-1]["domain_accuracy"] > 0.6
+  np.testing.assert_array_equal(
+      jax.jit(module.apply)(state.variables, images(8)),
+      jax.jit(module.model.apply)(domain.unwrap(state.variables), images(8)))
+  plain = domain.unwrap(jax.device_get(state.variables))
+  assert set(plain) == {"params", "batch_stats"} and "domain" not in plain["params"]
+
+
+def test_coral_step_shrinks_covariance_gap_against_source_only():
+  _, _, ms, coral_gap = _train("coral", weight=1000.0, grl_scale=domain.dann_schedule(20))
+  _, _, base_ms, base_gap = _train("source_only")
+  assert ms[0]["grl_scale"] == 0.0 and ms[-1]["grl_scale"] > 0.5
+  assert base_ms[-1]["adapt_loss"] == 0.0 and ms[-1]["class_loss"] < ms[0]["class_loss"]
+  assert coral_gap < 0.5 * base_gap
+
+
+def test_dann_reverses_domain_gradient_into_the_features_only():
+  model = TinyCNN(4)
+  x = np.concatenate([images(4), images(4, seed=3, shift=1.0)])
+  module, wv = domain.wrap(model, init(model, x), x, method="dann", domain_hidden=8)
+  dlabel = jnp.array([0.0] * 4 + [1.0] * 4)
+
+  @jax.jit
+  def grads(params, scale):
+    def loss(p):
+      (_, _, dom), _ = module.apply({**wv, "params": p}, x, train=True, grl_scale=scale,
+                                    mutable=["batch_stats"], method=domain.AdaptModel.outputs)
+      return jnp.mean(jnp.logaddexp(0.0, dom) - dom * dlabel)
+    return jax.grad(loss)(params)
+
+  rev, plain = grads(wv["params"], 1.0), grads(wv["params"], -1.0)  # -1: no reversal
+  for a, b in zip(jax.tree.leaves(rev["model"]["conv0"]), jax.tree.leaves(plain["model"]["conv0"])):
+    np.testing.assert_allclose(a, -b, rtol=1e-4, atol=1e-7)
+    assert np.abs(b).max() > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               rev["domain"], plain["domain"])
+
+
+def test_dann_needs_domain_classifier_and_target():
+  model = TinyCNN(4)
+  x = images(4)
+  module, wv = domain.wrap(model, init(model, x), x, method="coral")
+  lab = jtl.label_params(wv["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(lab, learning_rate=0.01)
+  with pytest.raises(jtl.ConfigError, match="domain classifier"):
+    domain.make_adapt_train_step(module, tx, method="dann")
+  with pytest.raises(jtl.ConfigError, match="method='mmd'"):
+    domain.wrap(model, init(model, x), x, method="mmd")
