@@ -14,7 +14,7 @@ from jtl import tree as jtree
 class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train):
-    x = nn.Conv(4, (3, 3), name="conv")(x)
+    x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x)
     x = nn.BatchNorm(momentum=0.9, name="bn")(x, use_running_average=not train)
     return nn.relu(x)
 

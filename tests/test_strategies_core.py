@@ -17,7 +17,7 @@ from jtl import strategies
 from jtl.errors import ConfigError, PartitionError
 from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
 
-ALL = {"stem/conv/kernel", "stem/conv/bias", "stem/bn/scale", "stem/bn/bias",
+ALL = {"stem/conv/kernel", "stem/bn/scale", "stem/bn/bias",
        "block_0/dense/kernel", "block_0/dense/bias", "block_0/norm/scale", "block_0/norm/bias",
        "block_1/dense/kernel", "block_1/dense/bias", "block_1/norm/scale", "block_1/norm/bias",
        "head/kernel", "head/bias"}

@@ -177,12 +177,12 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
     head_regex = dict(groups)[head]
     targets = o["targets"]
     example = spec.example_input(1)
+    layers = lora.adaptable_layers(module, variables, example)
     if targets is None:
       import re  # pylint: disable=g-import-not-at-top
-      layers = lora.adaptable_layers(module, variables, example)
       targets = [re.escape(p) for p in layers if not re.fullmatch(head_regex, p + "/kernel")]
     variables = lora.add_lora(module, variables, example, targets=targets,
-                              rank=o["rank"], seed=o["seed"])
+                              rank=o["rank"], seed=o["seed"], layers=layers)
     module = lora.LoraModel(module, o["alpha"])
     phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
   labels = partition.label_params(variables["params"], list(phases[0].rules))

@@ -83,7 +83,8 @@ def select_targets(layers: Sequence[str], targets: Sequence[str] | str) -> list[
 
 
 def add_lora(module: nn.Module, variables: PyTree, inputs: Any, *,
-             targets: Sequence[str] | str, rank: int, seed: int = 0) -> dict[str, Any]:
+             targets: Sequence[str] | str, rank: int, seed: int = 0,
+             layers: Sequence[str] | None = None) -> dict[str, Any]:
   """Returns `variables` with adapters on the layers matched by `targets`.
 
   Args:
@@ -92,10 +93,13 @@ def add_lora(module: nn.Module, variables: PyTree, inputs: Any, *,
     targets: regexes over layer paths, e.g. r".*/attention/(query|value)".
     rank: adapter rank r.
     seed: initialisation of A (uniform, +-1/sqrt(fan_in), as PEFT); B is 0.
+    layers: `adaptable_layers(module, variables, inputs)` if already known.
   """
   if not (isinstance(rank, int) and rank >= 1):
     raise ConfigError(f"LoRA rank={rank!r}: expected an int >= 1.")
-  chosen = select_targets(adaptable_layers(module, variables, inputs), targets)
+  if layers is None:
+    layers = adaptable_layers(module, variables, inputs)
+  chosen = select_targets(layers, targets)
   flat = jtree.flatten(variables["params"])
   key = jax.random.PRNGKey(seed)
   for i, path in enumerate(chosen):

@@ -1,0 +1,79 @@
+"""LoRA: only adapters and head train; merge/unmerge; adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jtl
+from jtl import strategies
+from jtl.errors import CheckpointError, ConfigError
+from strategies_helpers import SPEC, batch, changed, tiny
+
+ADAPTED = ["stem/conv", "block_0/dense", "block_1/dense"]
+
+
+def test_lora_trains_only_adapters_and_head_and_merges(tmp_path, capsys):
+  module, variables = tiny()
+  s = strategies.build({"name": "lora", "rank": 2, "alpha": 4.0}, module, variables, SPEC)
+  assert "lora" in capsys.readouterr().out
+  lora_paths = {f"{m}/lora_{x}" for m in ADAPTED for x in "ab"}
+  assert lora_paths <= set(jtl.flatten(s.variables["params"]))
+  assert s.summary().trainable_params == sum(
+      np.size(v) for p, v in jtl.flatten(s.variables["params"]).items()
+      if p in lora_paths or p.startswith("head/"))
+  # B starts at 0: the adapted model is the pretrained one.
+  x = batch()["inputs"]
+  np.testing.assert_allclose(s.module.apply(s.variables, x), module.apply(variables, x),
+                             atol=1e-6)
+
+  tx = s.make_optimizer(learning_rate=0.1, optimizer="sgd")
+  state = jtl.create_train_state(s.variables, s.labels, tx)
+  step = jax.jit(jtl.make_train_step(s.module, tx, labels=s.labels))
+  for i in range(2):
+    state, _ = step(state, batch(seed=i))
+  # Step 1 moves B (A gets no gradient while B = 0), step 2 moves A too.
+  assert changed(s.variables["params"], state.params) == lora_paths | {"head/kernel", "head/bias"}
+  assert not changed(s.variables["batch_stats"], state.model_state["batch_stats"])
+
+  params = state.params
+  adapted_out = s.module.apply(state.variables, x)
+  merged = s.export_params(params)
+  assert set(jtl.flatten(merged)) == set(jtl.flatten(variables["params"]))
+  merged_out = module.apply({**state.model_state, "params": merged}, x)
+  np.testing.assert_allclose(merged_out, adapted_out, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(adapted_out) - np.asarray(module.apply(variables, x))).max() > 1e-3
+
+  adapters = strategies.adapter_params(params)
+  unmerged = strategies.unmerge_lora(merged, adapters, 4.0)
+  for path, value in jtl.flatten(params).items():
+    np.testing.assert_allclose(jtl.flatten(unmerged)[path], value, atol=1e-6)
+
+  for suffix in ("npz", "safetensors"):
+    path = tmp_path / f"adapters.{suffix}"
+    strategies.save_adapters(params, path, alpha=4.0)
+    saved = jtl.checkpoint.read(path)
+    assert set(saved) == lora_paths | {"head/kernel", "head/bias", "__lora_alpha__"}
+    loaded, alpha = strategies.load_adapters(variables["params"], path)
+    assert alpha == 4.0
+    out = s.module.apply({**state.model_state, "params": loaded}, x)
+    np.testing.assert_allclose(out, adapted_out, atol=1e-6)
+
+
+def test_lora_errors_name_the_problem(tmp_path):
+  module, variables = tiny()
+  with pytest.raises(ConfigError, match=r"(?s)match no Dense/Conv.*block_0/dense"):
+    strategies.add_lora(module, variables, SPEC.example_input(1), targets=["nope/.*"], rank=2)
+  with pytest.raises(ConfigError, match="rank=0"):
+    strategies.add_lora(module, variables, SPEC.example_input(1), targets=[".*"], rank=0)
+  v = strategies.add_lora(module, variables, SPEC.example_input(1), targets=["block_0/dense"],
+                          rank=2)
+  path = tmp_path / "a.npz"
+  strategies.save_adapters(v["params"], path)
+  other = strategies.add_lora(module, variables, SPEC.example_input(1),
+                              targets=["block_0/dense"], rank=3)
+  with pytest.raises(CheckpointError, match=r"block_0/dense/lora_a: file has shape \(4, 2\), params \(4, 3\)"):
+    strategies.load_adapters(other["params"], path)
+  with pytest.raises(CheckpointError, match="no LoRA adapters"):
+    strategies.save_adapters(variables["params"], tmp_path / "b.npz")

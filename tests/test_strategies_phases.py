@@ -1,0 +1,92 @@
+"""LP-FT and gradual unfreezing: one compile per phase, optimizer state carries over."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jtl
+from jtl import strategies
+from jtl.errors import ConfigError
+from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
+
+
+def test_lp_ft_compiles_once_per_phase_and_carries_state():
+  module, variables = tiny()
+  strategy = strategies.build({"name": "lp_ft", "probe_steps": 2}, module, variables, SPEC,
+                              verbose=False)
+  traces = []
+
+  def loss_fn(logits, b):
+    traces.append(1)  # runs only while tracing
+    return jtl.cross_entropy_loss(logits, b)
+
+  def batches():
+    i = 0
+    while True:
+      yield batch(seed=i)
+      i += 1
+
+  seen = []
+  result = strategies.train_phases(
+      strategy.module, strategy.variables, strategy.phases,
+      lambda labels: strategy.make_optimizer(labels, learning_rate=0.05, optimizer="adam"),
+      batches(), num_steps=5, loss_fn=loss_fn, on_phase=lambda p, l: seen.append(p.name))
+  assert seen == ["linear_probe", "full"]
+  assert len(traces) == 2
+  assert result.losses.shape == (5,) and np.all(np.isfinite(result.losses))
+  assert int(result.state.step) == 5 and result.phase_starts == [0, 2]
+  assert changed(variables["params"], result.state.params) == set(jtl.flatten(variables["params"]))
+
+  # Phase 1 alone, then switch by hand: the head's moments carry over, the rest start at 0.
+  tx0 = strategy.make_optimizer(strategy.labels, learning_rate=0.05, optimizer="adam")
+  state = jtl.create_train_state(strategy.variables, strategy.labels, tx0)
+  step0 = jax.jit(jtl.make_train_step(strategy.module, tx0, labels=strategy.labels))
+  for i in range(2):
+    state, _ = step0(state, batch(seed=i))
+  assert changed(variables["params"], state.params) == {"head/kernel", "head/bias"}
+  full = jtl.label_params(state.params, list(strategy.phases[1].rules))
+  tx1 = strategy.make_optimizer(full, learning_rate=0.05, optimizer="adam")
+  new = strategies.switch_phase(state, full, tx1)
+  old_mu, new_mu = state.opt_state[0].mu, new.opt_state[0].mu
+  np.testing.assert_array_equal(new_mu["head"]["kernel"], old_mu["head"]["kernel"])
+  assert np.abs(np.asarray(old_mu["head"]["kernel"])).max() > 0
+  np.testing.assert_array_equal(new_mu["stem"]["conv"]["kernel"], 0.0)
+  assert int(new.opt_state[0].count) == 2
+  # Same numbers as the loop: phase 2's first step from the switched state.
+  step1 = jax.jit(jtl.make_train_step(strategy.module, tx1, labels=full))
+  new, _ = step1(new, batch(seed=2))
+  loop_state = strategies.train_phases(
+      strategy.module, strategy.variables, strategy.phases,
+      lambda labels: strategy.make_optimizer(labels, learning_rate=0.05, optimizer="adam"),
+      batches(), num_steps=3).state
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(loop_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradual_unfreezing_phases_unfreeze_from_the_top():
+  module, variables = tiny()
+  strategy = strategies.build({"name": "gradual", "steps_per_stage": 3}, module, variables,
+                              SPEC, verbose=False)
+  assert [p.start for p in strategy.phases] == [0, 3, 6, 9]
+  trainable_groups = []
+  for phase in strategy.phases:
+    labels = jtl.label_params(variables["params"], list(phase.rules))
+    trainable_groups.append(sorted({p.split("/")[0] for p, l in jtl.flatten(labels).items()
+                                    if not jtl.is_frozen(l)}))
+  assert trainable_groups == [["head"], ["block_1", "head"], ["block_0", "block_1", "head"],
+                              ["block_0", "block_1", "head", "stem"]]
+  two = strategies.gradual_unfreezing_phases(GROUPS, 5, blocks_per_stage=2, max_blocks=2)
+  assert [(p.start, p.name) for p in two] == [(0, "head"), (5, "head+block_1+block_0")]
+  assert strategies.phase_index(two, 4) == 0 and strategies.phase_index(two, 5) == 1
+  with pytest.raises(ConfigError, match="max_blocks=9"):
+    strategies.gradual_unfreezing_phases(GROUPS, 5, max_blocks=9)
+
+
+def test_transfer_opt_state_matches_paths_shapes_and_dtypes():
+  old = {"mu": {"a": np.ones(2), "b": np.ones(3)}, "count": np.int32(7)}
+  new = {"mu": {"a": np.zeros(2), "b": np.zeros(4), "c": np.zeros(1)}, "count": np.int32(0)}
+  out = strategies.transfer_opt_state(old, new)
+  assert out["mu"]["a"].tolist() == [1, 1] and out["mu"]["b"].tolist() == [0] * 4
+  assert out["mu"]["c"].tolist() == [0] and int(out["count"]) == 7
