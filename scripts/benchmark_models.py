@@ -1,0 +1,221 @@
+"""CPU throughput of jtl's EfficientNet-Lite0 / MobileNetV2 vs PyTorch eager.
+
+Runs both in one go: jtl (JAX) in this process, PyTorch in a subprocess of
+another Python that has torch (jtl never imports torch). Prints forward img/s
+and full fine-tuning step img/s (SGD and Adam; BatchNorm in train mode, all
+parameters trained) per model and resolution, the jtl/torch ratios, then
+batch-1 latency and batch-64 throughput of jtl's jit-compiled predict.
+
+  /tmp/venv/bin/python scripts/benchmark_models.py \
+      --torch_python /tmp/torchenv/bin/python --sizes 128,224 --batch 32
+
+Both sides see the same environment, e.g. MALLOC_MMAP_THRESHOLD_ (set it
+before the command to compare allocators; it is inherited by the subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = ("efficientnet_lite0", "mobilenet_v2")
+
+
+def _timeit(fn, iters: int, warmup: int) -> float:
+  """Median seconds per call (after warm-up)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+# ----------------------------------------------------------------- PyTorch side
+
+def _torch_model(name: str):
+  import torch
+  from torch import nn
+  if name == "efficientnet_lite0":
+    from efficientnet_lite_pytorch import EfficientNet
+    return EfficientNet.from_name("efficientnet-lite0")
+
+  class ConvBNReLU(nn.Sequential):
+
+    def __init__(self, cin, cout, k=3, s=1, groups=1):
+      super().__init__(nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
+                       nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+  class InvertedResidual(nn.Module):
+
+    def __init__(self, cin, cout, s, t):
+      super().__init__()
+      hidden = cin * t
+      self.use_res = s == 1 and cin == cout
+      layers = [] if t == 1 else [ConvBNReLU(cin, hidden, 1)]
+      layers += [ConvBNReLU(hidden, hidden, 3, s, groups=hidden),
+                 nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+      self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+      return x + self.conv(x) if self.use_res else self.conv(x)
+
+  class MobileNetV2(nn.Module):  # torchvision's architecture and names
+
+    def __init__(self):
+      super().__init__()
+      feats, cin = [ConvBNReLU(3, 32, 3, 2)], 32
+      for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+          feats.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+          cin = c
+      feats.append(ConvBNReLU(cin, 1280, 1))
+      self.features = nn.Sequential(*feats)
+      self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+    def forward(self, x):
+      return self.classifier(self.features(x).mean((2, 3)))
+
+  del torch
+  return MobileNetV2()
+
+
+def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
+  import torch
+  torch.manual_seed(0)
+  model = _torch_model(name)
+  x = torch.randn(batch, 3, size, size)
+  y = torch.randint(0, 1000, (batch,))
+  out = {"threads": torch.get_num_threads(), "version": torch.__version__}
+  model.eval()
+  with torch.no_grad():
+    out["forward"] = batch / _timeit(lambda: model(x), iters, warmup)
+  model.train()
+  for opt_name, opt in (("sgd", torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)),
+                        ("adam", torch.optim.Adam(model.parameters(), lr=1e-4))):
+    def step():
+      opt.zero_grad(set_to_none=True)
+      loss = torch.nn.functional.cross_entropy(model(x), y)
+      loss.backward()
+      opt.step()
+    out[opt_name] = batch / _timeit(step, iters, warmup)
+  return out
+
+
+# --------------------------------------------------------------------- jtl side
+
+def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jtl.models import registry
+  import jtl.models  # noqa: F401 - registers the families
+
+  spec = registry.get_spec(name)
+  module = spec.build(num_classes=1000)
+  variables = registry.init_variables(spec, module)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, 3)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 1000, batch))
+  out = {"backend": jax.default_backend()}
+  fwd = jax.jit(lambda v, x: module.apply(v, x))
+  out["forward"] = batch / _timeit(lambda: fwd(variables, x).block_until_ready(),
+                                   iters, warmup)
+  for opt_name, tx in (("sgd", optax.sgd(1e-3, momentum=0.9)), ("adam", optax.adam(1e-4))):
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    def loss_fn(params, stats, key):
+      logits, upd = module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                 mutable=["batch_stats"], rngs={"dropout": key})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, upd["batch_stats"]
+
+    @jax.jit
+    def train_step(params, stats, opt_state, key, tx=tx):
+      (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), stats, opt_state
+
+    state = [params, stats, opt_state]
+    key = jax.random.PRNGKey(0)
+
+    def step(state=state):
+      state[:] = train_step(*state, key)
+      jax.block_until_ready(state[0])
+    out[opt_name] = batch / _timeit(step, iters, warmup)
+  return out
+
+
+def jtl_predict(name: str, size: int, iters: int) -> dict:
+  import jax
+  import numpy as np
+  from jtl.models import export, registry
+  import jtl.models  # noqa: F401
+  spec = registry.get_spec(name)
+  module = spec.build(num_classes=1000)
+  predict = export.make_predict_fn(module, registry.init_variables(spec, module))
+  out = {}
+  for b in (1, 64):
+    x = np.zeros((b, size, size, 3), np.float32)
+    t = _timeit(lambda: predict(x).block_until_ready(), iters if b == 1 else max(2, iters // 3), 2)
+    out[f"b{b}"] = t
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
+  p.add_argument("--models", default=",".join(MODELS))
+  p.add_argument("--sizes", default="128,224")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--predict_size", type=int, default=224)
+  p.add_argument("--no_predict", action="store_true")
+  p.add_argument("--torch_worker", help=argparse.SUPPRESS)
+  a = p.parse_args()
+  if a.torch_worker:
+    name, size = a.torch_worker.split(":")
+    print(json.dumps(torch_worker(name, int(size), a.batch, a.iters, a.warmup)))
+    return
+  rows = []
+  print(f"batch {a.batch}, median of {a.iters} iterations after {a.warmup} warm-up; "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+  for name in a.models.split(","):
+    for size in map(int, a.sizes.split(",")):
+      torch_out = json.loads(subprocess.run(
+          [a.torch_python, __file__, "--torch_worker", f"{name}:{size}",
+           "--batch", str(a.batch), "--iters", str(a.iters), "--warmup", str(a.warmup)],
+          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+      jtl_out = jtl_bench(name, size, a.batch, a.iters, a.warmup)
+      for kind in ("forward", "sgd", "adam"):
+        rows.append((name, size, kind, jtl_out[kind], torch_out[kind]))
+        print(f"  {name:<19} {size:>4}px {kind:<8} jtl {jtl_out[kind]:7.1f} img/s  "
+              f"torch {torch_out[kind]:7.1f} img/s  ratio {jtl_out[kind] / torch_out[kind]:.2f}",
+              flush=True)
+  print("\n| model | px | what | jtl img/s | torch eager img/s | jtl/torch |")
+  print("|---|---|---|---|---|---|")
+  for name, size, kind, j, t in rows:
+    what = {"forward": "forward (eval)", "sgd": "train step SGD",
+            "adam": "train step Adam"}[kind]
+    print(f"| {name} | {size} | {what} | {j:.1f} | {t:.1f} | {j / t:.2f} |")
+  if not a.no_predict:
+    print(f"\njit predict at {a.predict_size}px (jtl):\n| model | batch-1 latency ms | "
+          "batch-64 img/s |\n|---|---|---|")
+    for name in a.models.split(","):
+      r = jtl_predict(name, a.predict_size, max(a.iters, 10))
+      print(f"| {name} | {r['b1'] * 1e3:.1f} | {64 / r['b64']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
