@@ -55,8 +55,14 @@ def train_batches(inputs, labels, size, seed):
       yield {"inputs": jax.tree.map(lambda a: a[idx], inputs), "label": labels[idx]}
 
 
+_EVAL_STEPS: dict = {}
+
+
 def evaluate(module, variables, inputs, labels, size):
-  step = jax.jit(jtl.make_eval_step(module))
+  # One compiled eval step per module object (LoRA wraps the module).
+  if id(module) not in _EVAL_STEPS:
+    _EVAL_STEPS[id(module)] = (module, jax.jit(jtl.make_eval_step(module)))
+  step = _EVAL_STEPS[id(module)][1]
   return jtl.train.evaluate(step, variables, padded_batches(inputs, labels, size))["accuracy"]
 
 

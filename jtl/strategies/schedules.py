@@ -86,6 +86,10 @@ def gradual_unfreezing_phases(groups: rules_lib.Groups, steps_per_stage: int, *,
     n = min(n + blocks_per_stage, max_blocks)
 
 
+def _dtype(x: Any) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
 def transfer_opt_state(old: optax.OptState, new: optax.OptState) -> optax.OptState:
   """`new` (a fresh `tx.init` of the new partition) with every leaf that also
   exists in `old` at the same path, shape and dtype copied from `old`.
@@ -100,7 +104,7 @@ def transfer_opt_state(old: optax.OptState, new: optax.OptState) -> optax.OptSta
   def pick(path: str, leaf: Any) -> Any:
     prev = old_flat.get(path)
     if (prev is not None and np.shape(prev) == np.shape(leaf)
-        and np.result_type(prev) == np.result_type(leaf)):
+        and _dtype(prev) == _dtype(leaf)):
       return prev
     return leaf
 
