@@ -2,40 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Sequence
 
 from absl import flags
-
-from jtl.errors import ConfigError
 
 
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
   """absl flag parsing where an unknown `--config.key` lists the valid keys."""
   try:
     return flags.FLAGS(argv)
-  except flags.UnrecognizedFlagError as e:
-    name = str(getattr(e, "flagname", "") or "")
-    if not name.startswith("config."):
+  except Exception:  # ml_collections raises AttributeError/KeyError/flags errors
+    unknown, valid, path = _unknown_config_keys(argv)
+    if not unknown:
       raise
-    from jtl.experiment import flat_keys  # pylint: disable=g-import-not-at-top
-    config_path = _config_path(argv)
-    keys: list[str] = []
-    if config_path:
-      from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-      module = config_flags.config_flags._LoadConfigModule("config", config_path.split(":")[0])
-      arg = config_path.split(":", 1)[1] if ":" in config_path else None
-      cfg = module.get_config(arg) if arg is not None else module.get_config()
-      keys = flat_keys(cfg)
-    print(f"ConfigError: unknown config key {name[len('config.'):]!r} "
-          f"(from {config_path}). Valid keys:\n  " + "\n  ".join(keys), file=sys.stderr)
-    raise SystemExit(2) from ConfigError(name)
+    print(f"ConfigError: unknown config key(s) {unknown} for {path}. Valid keys:\n  "
+          + "\n  ".join(valid), file=sys.stderr)
+    raise SystemExit(2) from None
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+  from jtl.experiment import flat_keys  # pylint: disable=g-import-not-at-top
+  path = None
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return [], [], None
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_jtl_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  valid = flat_keys(module.get_config(arg) if arg else module.get_config())
+  given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  return [k for k in given if k not in valid], valid, path

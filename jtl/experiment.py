@@ -37,8 +37,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks required keys and value ranges, reporting every problem at once."""
   problems = [f"missing key {k!r}" for k in REQUIRED if k not in config]
   if not problems:
-    if config.batch_size < 1:
-      problems.append(f"batch_size must be >= 1, got {config.batch_size}")
+    devices = jax.device_count()
+    if config.batch_size < 1 or config.batch_size % devices:
+      problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
+                      f"{config.batch_size}")
     if config.num_steps < 1:
       problems.append(f"num_steps must be >= 1, got {config.num_steps}")
     if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
@@ -90,8 +92,6 @@ def build_model(config: ml_collections.ConfigDict, *, pretrained: Any = None) ->
   pretrained = config.get("pretrained", True) if pretrained is None else pretrained
   created = models.create(config.model, num_classes=num_classes(config), pretrained=pretrained,
                           seed=config.get("seed", 0))
-  if created.report is not None:
-    logging.info("Pretrained weights:\n%s", created.report)
   return created
 
 
@@ -125,6 +125,8 @@ def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
   kwargs = _pipeline_kwargs(config, spec)
   split = split or config.get("eval_split", "test")
   batch_size = config.get("eval_batch_size") or config.batch_size
+  # Eval batches are padded and masked, so rounding up to fill every device is free.
+  batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   return lambda: data.make_dataset(config.dataset, split=split, batch_size=batch_size,
                                    train=False, **kwargs)
 
@@ -161,7 +163,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   created = build_model(config)
   labels = build_partition(config, created)
   summary = partition.summarize(created.variables["params"], labels)
-  logging.info("Trainable / frozen:\n%s", summary)
   print(f"Pretrained load report:\n{created.report}\n\nTrainable / frozen:\n{summary}\n", flush=True)
   tx = build_optimizer(config, labels)
   classes = num_classes(config)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -85,8 +86,15 @@ def state_shardings(state: PyTree, mesh: Mesh, *, fsdp_rules: Sequence[str] = ()
 
 
 def place_state(state: PyTree, mesh: Mesh, shardings: PyTree | None = None) -> PyTree:
-  """Puts the state on the mesh (replicated unless `shardings` says otherwise)."""
+  """Puts the state on the mesh (replicated unless `shardings` says otherwise).
+
+  Always copies, so a train step that donates the state never deletes arrays
+  the caller still holds (e.g. the pretrained variables).
+  """
   shardings = state_shardings(state, mesh) if shardings is None else shardings
+  # device_put may alias a buffer already on the right device, whatever
+  # may_alias says; copy jax arrays first so donation cannot reach the caller's.
+  state = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, state)
   return jax.device_put(state, shardings)
 
 

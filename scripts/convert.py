@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from jtl import checkpoint, models  # noqa: E402
 
@@ -30,6 +30,7 @@ flags.mark_flags_as_required(["model", "source", "out"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
   path = checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)

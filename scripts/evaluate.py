@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from jtl import experiment  # noqa: E402
 
@@ -26,6 +26,7 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   result = experiment.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=step,
                                        out_dir=_OUT.value)
