@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 
 from jtl import data, models, parallel, partition, steps
@@ -131,22 +130,37 @@ def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
                                    train=False, **kwargs)
 
 
-def build_partition(config: ml_collections.ConfigDict, created: models.CreatedModel) -> Any:
-  """Labels from the config's strategy (jtl.strategies) or its explicit rules."""
-  params = created.variables["params"]
-  strategy = config.get("strategy")
-  if strategy and strategy.get("name"):
-    from jtl import strategies  # pylint: disable=g-import-not-at-top
-    return strategies.labels_for(strategy, params, created.spec)
-  rules = config.get("rules") or [(".*", "all")]
-  return partition.label_params(params, [tuple(r) for r in rules])
+def optimizer_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(learning_rate=learning_rate_schedule(config),
+              optimizer=config.get("optimizer", "adamw"),
+              weight_decay=config.get("weight_decay", 0.0), clip_norm=config.get("clip_norm"),
+              lr_multipliers=dict(config.get("lr_multipliers") or {}))
 
 
 def build_optimizer(config: ml_collections.ConfigDict, labels: Any) -> optax.GradientTransformation:
-  return make_optimizer(
-      labels, learning_rate=learning_rate_schedule(config),
-      optimizer=config.get("optimizer", "adamw"), weight_decay=config.get("weight_decay", 0.0),
-      clip_norm=config.get("clip_norm"), lr_multipliers=dict(config.get("lr_multipliers") or {}))
+  return make_optimizer(labels, **optimizer_kwargs(config))
+
+
+def build_training(config: ml_collections.ConfigDict, created: models.CreatedModel
+                   ) -> tuple[Any, Any, list[tuple[int, Any, optax.GradientTransformation]]]:
+  """(module, variables, phases) from the config's strategy or its rules.
+
+  `phases` is [(start_step, labels, tx)], one entry unless the strategy
+  changes the partition during training (LP-FT, gradual unfreezing).
+  """
+  strategy_config = config.get("strategy")
+  if strategy_config and strategy_config.get("name"):
+    from jtl import strategies  # pylint: disable=g-import-not-at-top
+    strategy = strategies.build(strategy_config, created.module, created.variables, created.spec,
+                                verbose=False)
+    phases = []
+    for phase in strategy.phases:
+      labels = partition.label_params(strategy.variables["params"], list(phase.rules))
+      phases.append((phase.start, labels, strategy.make_optimizer(labels, **optimizer_kwargs(config))))
+    return strategy.module, strategy.variables, phases
+  rules = config.get("rules") or [(".*", "all")]
+  labels = partition.label_params(created.variables["params"], [tuple(r) for r in rules])
+  return created.module, created.variables, [(0, labels, build_optimizer(config, labels))]
 
 
 def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
@@ -161,14 +175,16 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     parallel.initialize_distributed()
   workdir = epath.Path(workdir)
   created = build_model(config)
-  labels = build_partition(config, created)
-  summary = partition.summarize(created.variables["params"], labels)
+  module, variables, phases = build_training(config, created)
+  summary = partition.summarize(variables["params"], phases[0][1])
   print(f"Pretrained load report:\n{created.report}\n\nTrainable / frozen:\n{summary}\n", flush=True)
-  tx = build_optimizer(config, labels)
+  for start, labels, _ in phases[1:]:
+    print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
   classes = num_classes(config)
   compute_dtype = jnp.bfloat16 if config.get("compute_dtype") == "bfloat16" else None
   result = fit(
-      module=created.module, variables=created.variables, labels=labels, tx=tx,
+      module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
+      later_phases=phases[1:],
       train_batches=train_batches(config, created.spec), num_steps=config.num_steps,
       workdir=workdir, eval_batches=eval_batches(config, created.spec),
       eval_every=config.get("eval_every", 0), checkpoint_every=config.get("checkpoint_every", 0),
@@ -199,6 +215,11 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   meta_config = ml_collections.ConfigDict(meta["config"])
   spec = models.get_spec(meta_config.model)
   module = spec.build(num_classes=meta["num_classes"])
+  strategy = meta_config.get("strategy") or {}
+  if strategy.get("name") == "lora":  # evaluate the plain model with adapters merged
+    from jtl.strategies import build as strategy_build, lora  # pylint: disable=g-import-not-at-top
+    alpha = strategy_build.resolve_options(strategy)["alpha"]
+    variables = {**variables, "params": lora.merge_lora(variables["params"], alpha)}
   split = split or meta_config.get("eval_split", "test")
   predict = jax.jit(lambda v, x: module.apply(v, x, train=False))
   eval_step = jax.jit(steps.make_eval_step(module))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jtl import parallel, partition, steps
+from jtl import parallel, steps
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError
 from jtl.metrics import MetricWriter
@@ -76,6 +76,7 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
         microbatches: int = 1, compute_dtype: Any = None, seed: int = 0,
         meta: dict[str, Any] | None = None, log_every: int = 10, progress: bool = True,
         async_checkpoints: bool = True,
+        later_phases: Sequence[tuple[int, PyTree, optax.GradientTransformation]] = (),
         on_log: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
@@ -94,26 +95,45 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
     mesh: device mesh (default: all devices, data parallel).
     meta: JSON-able facts saved with each checkpoint ("model",
       "num_classes", ...); resuming with a different model is refused.
+    later_phases: (start_step, labels, tx) of later phases (gradual
+      unfreezing, LP-FT): from `start_step` on, the partition and optimizer
+      change; the optimizer state of leaves that stay trainable carries over.
+      Each phase compiles its step once. Resuming restores into the phase
+      the checkpoint was written in.
   """
   mesh = mesh or parallel.make_mesh()
   meta = dict(meta or {})
-  state = create_train_state(variables, labels, tx, rng=seed)
-  state = parallel.place_state(state, mesh)
+  phases = sorted([(0, labels, tx), *later_phases], key=lambda p: p[0])
+
+  def phase_at(completed_steps: int) -> int:
+    return max(i for i, p in enumerate(phases) if p[0] <= completed_steps)
+
   mngr = writer = None
+  latest = None
   if workdir is not None:
     mngr = CheckpointManager(workdir, save_every=checkpoint_every, keep=keep,
                              best_metric=best_metric if eval_batches else None,
                              async_save=async_checkpoints)
     _check_meta(mngr, meta, workdir)
-    state = mngr.restore_or(state, labels)
+    latest = mngr.latest_step()
     writer = MetricWriter(workdir)
+  # A checkpoint at step s was written by the phase that ran step s.
+  phase = phase_at(latest - 1) if latest else 0
+  _, labels, tx = phases[phase]
+  state = create_train_state(variables, labels, tx, rng=seed)
+  state = parallel.place_state(state, mesh)
+  if latest:
+    state = mngr.restore(state, labels)
   start_step = int(jax.device_get(state.step))
   if start_step:
     logging.info("Resuming from step %d in %s", start_step, workdir)
 
-  train_step = parallel.jit_train_step(
-      steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
-                            microbatches=microbatches, compute_dtype=compute_dtype), mesh)
+  def compile_step(labels, tx):
+    return parallel.jit_train_step(
+        steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
+                              microbatches=microbatches, compute_dtype=compute_dtype), mesh)
+
+  train_step = compile_step(labels, tx)
   eval_step = jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype))
 
   def run_eval(step: int) -> dict[str, float]:
@@ -135,6 +155,13 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
   window_start, window_steps, batch_size = time.perf_counter(), 0, 0
   pending: list[dict[str, jax.Array]] = []
   for step in range(start_step + 1, num_steps + 1):
+    if phase_at(step - 1) != phase:
+      from jtl.strategies.schedules import switch_phase  # pylint: disable=g-import-not-at-top
+      phase = phase_at(step - 1)
+      _, labels, tx = phases[phase]
+      state = parallel.place_state(switch_phase(jax.device_get(state), labels, tx), mesh)
+      train_step = compile_step(labels, tx)
+      logging.info("Phase %d from step %d", phase, step - 1)
     t0 = time.perf_counter()
     batch = next(batches)
     t1 = time.perf_counter()
