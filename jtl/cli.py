@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
 from absl import flags
+
+
+def enable_compilation_cache() -> None:
+  """Caches compiled XLA programs across runs (a restarted or resumed job, or
+  evaluate.py after finetune.py, skips recompiling): $JAX_COMPILATION_CACHE_DIR
+  if set, else <jtl cache dir>/xla (see jtl.checkpoint.cache_dir)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint.sources import cache_dir  # pylint: disable=g-import-not-at-top
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 
 
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:

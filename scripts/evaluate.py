@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from jtl import experiment  # noqa: E402
+from jtl import cli, experiment  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
@@ -27,6 +27,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
+  cli.enable_compilation_cache()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   result = experiment.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=step,
                                        out_dir=_OUT.value)

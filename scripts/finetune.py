@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jtl import experiment  # noqa: E402
+from jtl import cli, experiment  # noqa: E402
 from jtl.cli import parse_flags_with_config_keys  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -29,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
+  cli.enable_compilation_cache()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
   print(f"\nDone. Final eval: {result.eval_metrics}\n"
         f"Outputs in {_WORKDIR.value}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, "

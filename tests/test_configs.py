@@ -41,6 +41,18 @@ def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
     next(iter(experiment.eval_batches(config, spec)()))
 
 
+@pytest.mark.parametrize("name", ["lora", "lp_ft", "gradual", "bitfit", "llrd", "partial"])
+def test_strategy_configs_build_their_phases(name):
+  config = load(Path(__file__).parents[1] / "configs" / "strategy.py", name)
+  config.pretrained = False
+  experiment.validate(config)
+  created = models.create(config.model, num_classes=10, pretrained=False)
+  module, variables, phases = experiment.build_training(config, created)
+  assert len(phases) == (2 if name == "lp_ft" else 1) or name == "gradual"
+  summary = experiment.partition.summarize(variables["params"], phases[0][1])
+  assert 0 < summary.trainable_params < summary.total_params or name == "llrd"
+
+
 def test_partial_config_takes_the_number_of_blocks():
   config = load(Path(__file__).parents[1] / "configs" / "partial.py", "2")
   assert "blocks_14|blocks_15" in config.rules[0][0]

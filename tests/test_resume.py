@@ -15,9 +15,14 @@ from jtl.checkpoint import read
 JOB = Path(__file__).with_name("resume_job.py")
 
 
+def env(tmp_path):
+  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+
+
 def run(workdir, out, seconds_per_step="0"):
   return subprocess.Popen([sys.executable, str(JOB), str(workdir), str(out), seconds_per_step],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env(Path(workdir).parent))
 
 
 def test_sigkill_then_resume_gives_identical_params(tmp_path):
@@ -37,7 +42,7 @@ def test_sigkill_then_resume_gives_identical_params(tmp_path):
 
   resumed = subprocess.run([sys.executable, str(JOB), str(tmp_path / "killed"),
                             str(tmp_path / "b.npz")], capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, env=env(tmp_path))
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   start = int(resumed.stdout.split("finished from step")[1].split()[0])
   assert 6 <= start < 12, resumed.stdout

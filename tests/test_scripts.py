@@ -16,7 +16,9 @@ SMALL = ["--config.num_steps={steps}", "--config.image_size=32", "--config.batch
 
 
 def script(name, *args, data_dir, timeout=600):
-  env = {**os.environ, "TFDS_DATA_DIR": str(data_dir), "JAX_PLATFORMS": "cpu"}
+  # The runs share a compilation cache, as a restarted job on one machine does.
+  env = {**os.environ, "TFDS_DATA_DIR": str(data_dir), "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(data_dir / "xla_cache")}
   return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
