@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from jtl.strategies.build import Strategy, build, resolve_options
 from jtl.strategies.features import (Head, cache_problems, extract_features, feature_batches,
-                                     train_head, with_head)
+                                     head_trainer, train_head, with_head)
 from jtl.strategies.l2sp import l2sp, l2sp_penalty
 from jtl.strategies.llrd import (layer_decay, layer_decay_multipliers, layer_decay_scales,
                                  layer_depths)
@@ -26,7 +26,7 @@ from jtl.strategies.schedules import (Phase, PhasedResult, gradual_unfreezing_ph
 __all__ = [
     "Head", "LoraModel", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
     "adapter_params", "bitfit_rules", "build", "cache_problems", "extract_features",
-    "feature_batches", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
+    "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
     "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",
     "merge_lora", "partial_rules", "phase_index", "resolve_options", "save_adapters",

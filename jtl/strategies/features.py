@@ -12,6 +12,8 @@ frozen backbone.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -105,23 +107,48 @@ def with_head(variables: PyTree, head_params: PyTree) -> dict[str, Any]:
   return {**variables, "params": {**variables["params"], **head_params}}
 
 
+def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
+                 loss_fn: steps.LossFn = steps.cross_entropy_loss):
+  """Compiles head training on cached features once; returns
+  `train(features, labels, *, num_steps, batch_size, seed=0) -> TrainState`.
+
+  All `num_steps` steps run inside one jit-compiled `lax.scan` over batch
+  indices (the order of `feature_batches`), with the features on the device:
+  an epoch costs the head's arithmetic only, no per-step dispatch or
+  host-to-device copy. Calls with the same (num_steps, batch_size) reuse the
+  compiled program.
+  """
+  head_vars = head_variables(variables)
+  module = Head(head_vars["params"]["head"]["kernel"].shape[-1])
+  hlabels = jax.tree.map(lambda _: "head", head_vars["params"])
+  step = steps.make_train_step(module, tx, loss_fn=loss_fn)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def run(state, features, labels, order):
+    def body(state, idx):
+      state, metrics = step(state, {"inputs": features[idx], "label": labels[idx]})
+      return state, metrics["loss"]
+    return jax.lax.scan(body, state, order)
+
+  def train(features: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size: int,
+            seed: int = 0) -> TrainState:
+    it = feature_batches(np.arange(len(features)), labels, batch_size, seed=seed)
+    order = np.stack([next(it)["inputs"] for _ in range(num_steps)])
+    state = create_train_state(head_vars, hlabels, tx, rng=seed)
+    state, _ = run(state, jnp.asarray(features), jnp.asarray(labels), order)
+    return state
+
+  return train
+
+
 def train_head(features: np.ndarray, labels: np.ndarray, variables: PyTree,
                tx: optax.GradientTransformation, *, num_steps: int, batch_size: int,
-               seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-               loss_fn: steps.LossFn = steps.cross_entropy_loss) -> TrainState:
+               seed: int = 0, loss_fn: steps.LossFn = steps.cross_entropy_loss) -> TrainState:
   """Trains the model's head on cached features; returns the head's TrainState.
 
   `variables` are the full model's; its head initialises the probe. Put the
-  result back with `with_head(variables, state.params)`.
+  result back with `with_head(variables, state.params)`. To train repeatedly
+  without recompiling, use `head_trainer`.
   """
-  mesh = mesh or parallel.make_mesh()
-  head_vars = head_variables(variables)
-  num_classes = head_vars["params"]["head"]["kernel"].shape[-1]
-  module = Head(num_classes)
-  hlabels = jax.tree.map(lambda _: "head", head_vars["params"])
-  state = parallel.place_state(create_train_state(head_vars, hlabels, tx, rng=seed), mesh)
-  step = parallel.jit_train_step(steps.make_train_step(module, tx, loss_fn=loss_fn), mesh)
-  it = feature_batches(features, labels, batch_size, seed=seed)
-  for _ in range(num_steps):
-    state, _ = step(state, parallel.shard_batch(next(it), mesh))
-  return state
+  return head_trainer(variables, tx, loss_fn=loss_fn)(
+      features, labels, num_steps=num_steps, batch_size=batch_size, seed=seed)
