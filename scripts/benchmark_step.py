@@ -41,7 +41,8 @@ def naive_step(module, variables, labels):
   def step(params, opt_state, batch_stats, batch):
     def loss_fn(p):
       logits, new_stats = module.apply({"params": p, "batch_stats": batch_stats}, batch["inputs"],
-                                       train=True, mutable=["batch_stats"])
+                                       train=True, mutable=["batch_stats"],
+                                       rngs={"dropout": jax.random.PRNGKey(0)})
       return jtl.cross_entropy_loss(logits, batch), new_stats
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
