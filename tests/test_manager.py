@@ -59,9 +59,10 @@ def test_restore_onto_other_device_counts(tmp_path):
   assert_same(on8, state)
 
 
-def test_restore_variables_reads_params_and_stats_only(tmp_path):
+def test_restore_variables_reads_params_and_stats_only(tmp_path, monkeypatch):
   variables, labels, tx, state = setup()
-  mngr = CheckpointManager(tmp_path, save_every=1, async_save=False)
+  monkeypatch.chdir(tmp_path.parent)  # a relative workdir, as on the command line
+  mngr = CheckpointManager(tmp_path.name, save_every=1, async_save=False)
   mngr.save(1, state, meta={"model": "convnet"})
   mngr.close()
   restored, meta = restore_variables(tmp_path)

@@ -32,7 +32,9 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_DIR
+  path = epath.Path(workdir)
+  # Orbax refuses relative paths; "runs/x" means relative to the cwd.
+  return (path if path.is_absolute() else epath.Path(os.path.abspath(workdir))) / CHECKPOINT_DIR
 
 
 def _to_saved(state: TrainState) -> dict[str, Any]:
