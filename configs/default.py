@@ -4,7 +4,10 @@ locally into TFDS by jtl's `jtl_mnist5k` builder: no network needed).
 
 Partial fine-tuning: the last four blocks, the top conv and a new 10-class
 head train; the stem and the first twelve blocks stay frozen (their
-BatchNorm statistics too). Sized to finish in under 5 minutes on 2 CPU cores.
+BatchNorm statistics too). Sized to finish in under 5 minutes on 2 CPU cores:
+measured from a fresh clone (`make finetune`, cold XLA cache), 2 min 33 s of
+wall time for 300 steps of 64 images at 64 px, reaching 97.5% test accuracy
+(top-5 100%) on the 1,000 held-out digits.
 
   python scripts/finetune.py --config configs/default.py --workdir runs/default
 """
