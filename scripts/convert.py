@@ -33,7 +33,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
-  path = checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)
+  if _FORMAT.value == "orbax":
+    path = checkpoint.export_orbax(created.variables, _OUT.value)
+  else:
+    checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)
+    path = _OUT.value
   print(f"Wrote {path}")
 
 

@@ -14,4 +14,5 @@ from jtl.checkpoint.merge import Entry, LoadReport, load_pretrained
 from jtl.checkpoint.readers import FORMATS, detect_format, read
 from jtl.checkpoint.sources import (cache_dir, download, list_sources,
                                     register_source, resolve)
-from jtl.checkpoint.manager import CheckpointManager, restore_variables, select_step
+from jtl.checkpoint.manager import (CheckpointManager, export_orbax, restore_variables,
+                                     select_step)
