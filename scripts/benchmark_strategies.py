@@ -161,10 +161,19 @@ def main():
   ap.add_argument("--text_steps", type=int, default=50)
   ap.add_argument("--skip_images", action="store_true")
   ap.add_argument("--skip_text", action="store_true")
+  ap.add_argument("--probe_only", action="store_true",
+                  help="only the cached linear-probe per-epoch speed-up")
   args = ap.parse_args()
   t_start = time.perf_counter()
   print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
+
+  if args.probe_only:
+    created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
+    x, y = load_folder(Path(args.cifar_dir), "train", int(args.per_class.split(",")[-1]))
+    x = np.asarray(created.preprocess(x, size=args.image_size, crop_fraction=1.0))
+    probe_speedup(created, (x, y), args.batch)
+    return
 
   if not args.skip_images:
     created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
