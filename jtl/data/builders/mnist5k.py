@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jtl.data.text import package_file
+from jtl.data.builders.split import stratified_split
 
 _SPLIT_SEED = 20240501
 _TEST_PER_CLASS = 100
@@ -40,13 +41,7 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
   """Deterministic stratified split: per class, 100 test and the rest train."""
-  rng = np.random.default_rng(_SPLIT_SEED)
-  train, test = [], []
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    test.append(idx[:_TEST_PER_CLASS])
-    train.append(idx[_TEST_PER_CLASS:])
-  return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+  return stratified_split(labels, test_per_class=_TEST_PER_CLASS, seed=_SPLIT_SEED)
 
 
 class JtlMnist5k(tfds.core.GeneratorBasedBuilder):

@@ -1,0 +1,18 @@
+"""The deterministic stratified train/test split shared by the local builders."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def stratified_split(labels: np.ndarray, *, test_per_class: int, seed: int
+                     ) -> dict[str, np.ndarray]:
+  """Per class, `test_per_class` random examples go to "test", the rest to
+  "train"; the same seed always gives the same (sorted) indices."""
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    test.append(idx[:test_per_class])
+    train.append(idx[test_per_class:])
+  return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
