@@ -14,7 +14,8 @@ from jtl.models import layers
 CASES = [  # (H, W, kernel, stride, padding)
     (9, 9, 3, 1, "SAME"), (8, 8, 3, 2, "SAME"), (9, 7, 5, 2, "SAME"),
     (8, 8, 5, 1, "SAME"), (8, 8, 3, 2, 1), (7, 7, 3, 1, "VALID"),
-    (10, 9, 3, 2, ((2, 0), (1, 1))),
+    (10, 9, 3, 2, ((2, 0), (1, 1))), (6, 5, 3, 2, 3),
+    (11, 11, 5, 2, ((1, 0), (2, 1))),
 ]
 
 
@@ -40,6 +41,48 @@ def test_formulations_agree_in_values_and_gradients(h, w, k, s, padding):
   np.testing.assert_allclose(ys, yg, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(gxs, gxg, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(gks, gkg, atol=1e-4, rtol=1e-5)
+
+
+def test_shifted_backward_saves_only_the_input():
+  # Autodiff of k*k slices keeps every tap for the kernel gradient (9x the
+  # activation); the custom VJP keeps x and the kernel only.
+  x = jnp.ones((2, 16, 16, 8))
+  kernel = jnp.ones((3, 3, 1, 8))
+  f = lambda x, k: layers.depthwise_conv(x, k, padding="SAME", formulation="shifted")
+  residuals = jax.vjp(f, x, kernel)[1]
+  saved = sum(leaf.size for leaf in jax.tree.leaves(residuals)
+              if hasattr(leaf, "size"))
+  assert saved <= x.size + kernel.size
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((0, 0), (0, 0))])
+def test_pointwise_conv_is_a_matmul_with_the_same_values_and_gradients(padding):
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 5, 4, 6)).astype(np.float32)
+  kernel = rng.standard_normal((1, 1, 6, 7)).astype(np.float32)
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.sin(conv(x, kernel, (1, 1), padding, dimension_numbers=dims)))
+
+  ours = jax.value_and_grad(lambda *a: loss(layers.conv_general_dilated, *a),
+                            argnums=(0, 1))(x, kernel)
+  ref = jax.value_and_grad(lambda *a: loss(jax.lax.conv_general_dilated, *a),
+                           argnums=(0, 1))(x, kernel)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
+      x, k, (1, 1), padding, dimension_numbers=dims))(x, kernel))
+  assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+
+
+def test_other_convs_keep_lax_conv():
+  x = np.ones((1, 6, 6, 2), np.float32)
+  for kernel, strides in ((np.ones((3, 3, 2, 4), np.float32), (1, 1)),
+                          (np.ones((1, 1, 2, 4), np.float32), (2, 2))):
+    jaxpr = str(jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
+        x, k, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, kernel))
+    assert "conv_general_dilated" in jaxpr
 
 
 def test_matches_a_direct_loop_and_torch_padding():

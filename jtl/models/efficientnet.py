@@ -25,7 +25,8 @@ import numpy as np
 
 from jtl.models import registry
 from jtl.models.layers import (DepthwiseConv, center_crop_resize,
-                               convert_with_rules, drop_path, relu6)
+                               conv_general_dilated, convert_with_rules,
+                               drop_path, relu6)
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage.
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
@@ -34,7 +35,7 @@ LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
 
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
 _Conv = functools.partial(
-    nn.Conv, use_bias=False, padding="SAME",
+    nn.Conv, use_bias=False, padding="SAME", conv_general_dilated=conv_general_dilated,
     kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 

@@ -8,6 +8,12 @@ per-channel weight, summed: one fused loop), elsewhere lax's grouped conv.
 Both give the same numbers and use the same kernel layout, (kh, kw, 1, C),
 the layout of `flax.linen.Conv(feature_group_count=C)`.
 
+`conv_general_dilated` does the same for 1x1 convolutions (the expand and
+project convs of inverted residuals, ResNet bottlenecks): XLA differentiates a
+convolution into a convolution whose window is the whole image for the kernel
+gradient, which XLA:CPU runs 10x slower than the matmul it is. Written as a
+matmul, forward and both gradients are matmuls on every backend.
+
 >>> import jax, numpy as np
 >>> x = np.arange(2 * 5 * 5 * 3, dtype=np.float32).reshape(2, 5, 5, 3)
 >>> w = np.ones((3, 3, 1, 3), np.float32)
@@ -19,6 +25,7 @@ the layout of `flax.linen.Conv(feature_group_count=C)`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -118,11 +125,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *,
     return lax.conv_general_dilated(
         x, kernel.astype(x.dtype), (sh, sw), pads,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-  return _shifted(x, kernel.astype(x.dtype), (sh, sw), pads)
+  return _shifted(x, kernel.astype(x.dtype), (sh, sw),
+                  tuple(tuple(p) for p in pads))
 
 
-def _shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-             pads: list[tuple[int, int]]) -> jax.Array:
+def _shifted_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                     pads: tuple[tuple[int, int], ...]) -> jax.Array:
   n, h, w, c = x.shape
   kh, kw = kernel.shape[:2]
   sh, sw = strides
@@ -139,6 +147,121 @@ def _shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       term = tap * kernel[i, j].reshape(1, 1, 1, c)
       out = term if out is None else out + term
   return out
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
+                 strides: tuple[int, int], pads: tuple[tuple[int, int], ...]
+                 ) -> jax.Array:
+  """d(loss)/d(kernel) of the shifted form, for output gradient `g`.
+
+  dk[i, j] = sum over (n, h, w) of xp[n, s*h + i, s*w + j] * g[n, h, w]. Sliced
+  operands make XLA:CPU's reductions ~5x slower, so the padded input is split
+  into its s*s stride phases and `g` is zero-padded to a phase's shape instead:
+  every reduction then reads two arrays of one shape.
+  """
+  kh, kw = kernel_shape[:2]
+  (sh, sw), ((ph0, ph1), (pw0, pw1)) = strides, pads
+  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+  n, hp, wp, c = xp.shape
+  ho, wo = g.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  rows = [[None] * kw for _ in range(kh)]
+  for a in range(min(sh, kh)):
+    for b in range(min(sw, kw)):
+      ha, wb = -(-(hp - a) // sh), -(-(wp - b) // sw)
+      phase = lax.slice(xp, (0, a, b, 0),
+                        (n, a + sh * (ha - 1) + 1, b + sw * (wb - 1) + 1, c),
+                        (1, sh, sw, 1))
+      for i in range(a, kh, sh):
+        for j in range(b, kw, sw):
+          i2, j2 = i // sh, j // sw
+          gq = lax.pad(g, zero, ((0, 0, 0), (i2, ha - i2 - ho, 0),
+                                 (j2, wb - j2 - wo, 0), (0, 0, 0)))
+          rows[i][j] = jnp.sum(phase * gq, axis=(0, 1, 2), dtype=jnp.float32)
+  return jnp.stack([jnp.stack(r) for r in rows]).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+             pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return _shifted_forward(x, kernel, strides, pads)
+
+
+# Autodiff of the shifted form keeps all k*k taps of the input for the kernel
+# gradient (k*k times the activation memory, written in the forward pass).
+# The custom rule keeps only x and recomputes what the backward pass needs.
+def _shifted_fwd(x, kernel, strides, pads):
+  return _shifted_forward(x, kernel, strides, pads), (x, kernel)
+
+
+def _input_grad(g: jax.Array, kernel: jax.Array, input_hw: tuple[int, int],
+                strides: tuple[int, int], pads: tuple[tuple[int, int], ...]
+                ) -> jax.Array:
+  """d(loss)/dx of the shifted form: a stride-1 shifted correlation of `g`.
+
+  `g` is dilated by the stride and padded (one materialised pad) so that
+  dx[h] = sum_i g'[h + i] * kernel[kh - 1 - i]: the forward's structure again.
+  (Autodiff's version sums k*k padded copies inside one loop, ~5x slower.)
+  """
+  kh, kw = kernel.shape[:2]
+  (sh, sw), ((ph0, _), (pw0, _)) = strides, pads
+  ho, wo = g.shape[1:3]
+  lo_h, lo_w = kh - 1 - ph0, kw - 1 - pw0
+  hi_h = input_hw[0] + kh - 1 - lo_h - (sh * (ho - 1) + 1)
+  hi_w = input_hw[1] + kw - 1 - lo_w - (sw * (wo - 1) + 1)
+  gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (lo_h, hi_h, sh - 1),
+                                           (lo_w, hi_w, sw - 1), (0, 0, 0)))
+  return _shifted_forward(gp, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
+
+
+def _shifted_bwd(strides, pads, res, g):
+  x, kernel = res
+  dx = _input_grad(g, kernel, x.shape[1:3], strides, pads)
+  dk = _kernel_grad(x, g, kernel.shape, strides, pads).astype(kernel.dtype)
+  return dx, dk
+
+
+_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+  """`lax.conv_general_dilated`, with 1x1 stride-1 NHWC convs as a matmul.
+
+  A drop-in for `flax.linen.Conv(conv_general_dilated=...)`: same arguments,
+  same result, same kernel layout (1, 1, C_in, C_out).
+
+  >>> x, w = np.ones((2, 4, 4, 3), np.float32), np.ones((1, 1, 3, 5), np.float32)
+  >>> conv_general_dilated(x, w, (1, 1), "SAME",
+  ...     dimension_numbers=("NHWC", "HWIO", "NHWC")).shape
+  (2, 4, 4, 5)
+  """
+  dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  spatial_ones = lambda v: v is None or all(int(d) == 1 for d in v)
+  zero_pad = (padding in ("SAME", "VALID") or
+              (not isinstance(padding, str) and
+               all(tuple(p) == (0, 0) for p in padding)))
+  pointwise = (dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                  ("NHWC", "HWIO", "NHWC"))
+               and rhs.shape[:2] == (1, 1) and spatial_ones(window_strides)
+               and spatial_ones(lhs_dilation) and spatial_ones(rhs_dilation)
+               and feature_group_count == 1 and batch_group_count == 1
+               and zero_pad)
+  if not pointwise:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  n, h, w, cin = lhs.shape
+  y = lax.dot_general(lhs.reshape(n * h * w, cin), rhs.reshape(rhs.shape[2:]),
+                      (((1,), (0,)), ((), ())), precision=precision,
+                      preferred_element_type=preferred_element_type)
+  return y.reshape(n, h, w, rhs.shape[3])
 
 
 class DepthwiseConv(nn.Module):
