@@ -150,3 +150,33 @@ def test_drop_path_drops_whole_examples_and_rescales():
   assert np.all(per_example.min(1) == per_example.max(1))
   assert 10 < int((per_example[:, 0] == 0).sum()) < 54
   np.testing.assert_array_equal(layers.drop_path(x, 0.5, deterministic=True, rng=None), x)
+
+
+@pytest.mark.parametrize("momentum,eps", [(0.9, 1e-5), (0.99, 1e-3)])
+def test_batch_norm_equals_flax_in_values_gradients_and_statistics(momentum, eps):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
+  ours = layers.BatchNorm(momentum=momentum, epsilon=eps)
+  ref = nn.BatchNorm(momentum=momentum, epsilon=eps)
+  v = ref.init(jax.random.PRNGKey(0), x, use_running_average=False)
+  assert jax.tree.map(jnp.shape, v) == jax.tree.map(
+      jnp.shape, ours.init(jax.random.PRNGKey(0), x, use_running_average=False))
+  v = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape), a.dtype), v)
+
+  def loss(module, params):
+    y, upd = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                          use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(jnp.clip(y, 0, 6) * x), (y, upd["batch_stats"])
+
+  (lo, (yo, so)), go = jax.value_and_grad(lambda p: loss(ours, p), has_aux=True)(v["params"])
+  (lr, (yr, sr)), gr = jax.value_and_grad(lambda p: loss(ref, p), has_aux=True)(v["params"])
+  for a, b in zip(jax.tree.leaves((lo, yo, so, go)), jax.tree.leaves((lr, yr, sr, gr))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  gx_ours = jax.grad(lambda x: jnp.sum(jnp.sin(ours.apply(
+      v, x, use_running_average=False, mutable=["batch_stats"])[0])))(x)
+  gx_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref.apply(
+      v, x, use_running_average=False, mutable=["batch_stats"])[0])))(x)
+  np.testing.assert_allclose(gx_ours, gx_ref, rtol=1e-4, atol=1e-5)
+  # Eval mode and other dtypes are flax's own code path.
+  np.testing.assert_allclose(ours.apply(v, x, use_running_average=True),
+                             ref.apply(v, x, use_running_average=True), atol=1e-6)

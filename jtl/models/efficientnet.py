@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.models import registry
-from jtl.models.layers import (DepthwiseConv, center_crop_resize,
+from jtl.models.layers import (BatchNorm, DepthwiseConv, center_crop_resize,
                                conv_general_dilated, convert_with_rules,
                                drop_path, relu6)
 
@@ -33,7 +33,7 @@ LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
                 (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192),
                 (1, 3, 1, 6, 320))
 
-_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
+_BatchNorm = functools.partial(BatchNorm, momentum=0.99, epsilon=1e-3)
 _Conv = functools.partial(
     nn.Conv, use_bias=False, padding="SAME", conv_general_dilated=conv_general_dilated,
     kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))

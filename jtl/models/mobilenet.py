@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.models import registry
-from jtl.models.layers import (DepthwiseConv, center_crop_resize,
+from jtl.models.layers import (BatchNorm, DepthwiseConv, center_crop_resize,
                                conv_general_dilated, convert_with_rules,
                                relu6)
 
@@ -35,7 +35,7 @@ V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
-_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+_BatchNorm = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
 _init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_init,
                           conv_general_dilated=conv_general_dilated)

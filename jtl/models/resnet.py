@@ -20,13 +20,13 @@ import numpy as np
 
 from jtl.errors import ConfigError
 from jtl.models import registry
-from jtl.models.layers import center_crop_resize, conv_general_dilated
+from jtl.models.layers import BatchNorm, center_crop_resize, conv_general_dilated
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= flax momentum 0.9).
-_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+_BatchNorm = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
 _Conv = functools.partial(nn.Conv, use_bias=False,
                           conv_general_dilated=conv_general_dilated,
                           kernel_init=nn.initializers.variance_scaling(
