@@ -50,6 +50,9 @@ def get_config(arg=None):
       (r".*", "frozen"),
   )
   c.strategy = ml_collections.ConfigDict({"name": ""})  # or e.g. "lora"; see jtl.strategies
+  # "" = fine-tuning; "distill", "dann", "coral", "adversarial": see jtl.methods
+  c.method = ml_collections.ConfigDict({"name": ""})
+  c.eval_dataset = ml_collections.config_dict.placeholder(str)  # None: `dataset`
 
   c.augment = ml_collections.ConfigDict()
   c.augment.crop = True

@@ -5,8 +5,8 @@ Config keys (see configs/default.py for a complete one): model, pretrained,
 num_classes, dataset, data_dir, train_split, eval_split, image_size,
 batch_size, num_steps, eval_every, checkpoint_every, keep, best_metric,
 optimizer, learning_rate, warmup_steps, schedule, weight_decay, clip_norm,
-rules, lr_multipliers, strategy, augment, microbatches, compute_dtype, seed,
-log_every, distributed.
+rules, lr_multipliers, strategy, method (see jtl.methods), eval_dataset,
+augment, microbatches, compute_dtype, seed, log_every, distributed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from jtl import data, models, parallel, partition, steps
+from jtl import data, methods, models, parallel, partition, quantize, steps
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError, bullet_list
 from jtl.optim import make_optimizer
@@ -103,8 +103,10 @@ def _pipeline_kwargs(config: ml_collections.ConfigDict, spec: models.ModelSpec) 
   return kwargs
 
 
-def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec):
-  """`start_step -> iterator` over global training batches (this process's part)."""
+def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
+                  dataset: str | None = None, split: str | None = None):
+  """`start_step -> iterator` over global training batches (this process's part);
+  `dataset` / `split` default to the config's training data."""
   aug = config.get("augment", ml_collections.ConfigDict())
   kwargs = _pipeline_kwargs(config, spec)
   if spec.input_kind == "image":
@@ -113,7 +115,8 @@ def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec):
                   mixup_alpha=aug.get("mixup_alpha", 0.0))
 
   def make(start_step: int) -> Iterator[dict[str, Any]]:
-    return iter(data.make_dataset(config.dataset, split=config.get("train_split", "train"),
+    return iter(data.make_dataset(dataset or config.dataset,
+                                  split=split or config.get("train_split", "train"),
                                   batch_size=config.batch_size, train=True,
                                   start_step=start_step, **kwargs))
   return make
@@ -126,7 +129,8 @@ def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
   batch_size = config.get("eval_batch_size") or config.batch_size
   # Eval batches are padded and masked, so rounding up to fill every device is free.
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
-  return lambda: data.make_dataset(config.dataset, split=split, batch_size=batch_size,
+  dataset = config.get("eval_dataset") or config.dataset
+  return lambda: data.make_dataset(dataset, split=split, batch_size=batch_size,
                                    train=False, **kwargs)
 
 
@@ -176,8 +180,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   workdir = epath.Path(workdir)
   created = build_model(config)
   module, variables, phases = build_training(config, created)
+  method = methods.build(config, module, variables, created.spec,
+                         train_batches(config, created.spec),
+                         lambda ds, split: train_batches(config, created.spec, ds, split))
+  if method.name in methods.DOMAIN_METHODS:
+    phases = [(start, method.labels(labels), build_optimizer(config, method.labels(labels)))
+              for start, labels, _ in phases]
+  module, variables = method.module, method.variables
   summary = partition.summarize(variables["params"], phases[0][1])
   print(f"Pretrained load report:\n{created.report}\n\nTrainable / frozen:\n{summary}\n", flush=True)
+  if method.describe:
+    print(f"Method {method.name}: {method.describe}\n", flush=True)
   for start, labels, _ in phases[1:]:
     print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
   classes = num_classes(config)
@@ -185,7 +198,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   result = fit(
       module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
       later_phases=phases[1:],
-      train_batches=train_batches(config, created.spec), num_steps=config.num_steps,
+      train_batches=method.train_batches, make_step=method.make_step,
+      num_steps=config.num_steps,
       workdir=workdir, eval_batches=eval_batches(config, created.spec),
       eval_every=config.get("eval_every", 0), checkpoint_every=config.get("checkpoint_every", 0),
       keep=config.get("keep", 2), best_metric=config.get("best_metric", "accuracy"),
@@ -203,11 +217,24 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
-                     step: int | str = "latest", out_dir: str | os.PathLike | None = None
-                     ) -> dict[str, Any]:
+                     step: int | str = "latest", out_dir: str | os.PathLike | None = None,
+                     precision: str = "float32", save_quantized: str | os.PathLike | None = None,
+                     adabn: bool = False, attack: str | None = None, eps: float = 0.1,
+                     attack_steps: int = 20) -> dict[str, Any]:
   """Restores a checkpoint (params only, any device count), evaluates it on
-  `split`, and writes eval_<split>.json and confusion_<split>.png."""
-  meta_config = None
+  `split`, and writes eval_<split>.json and confusion_<split>.png.
+
+  Post-training options (their results go into the same JSON):
+    precision: "float32", "bfloat16", "int8" or "int8_bfloat16"
+      (`jtl.quantize`; int8 = per-channel weight quantization); the report
+      adds the stored model size.
+    save_quantized: also write the variables at `precision` to this
+      safetensors file (`jtl.quantize.load` reads it back).
+    adabn: first re-estimate BatchNorm statistics on the unlabelled
+      training split of the evaluated dataset (AdaBN, `jtl.domain`).
+    attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
+      with radius eps in pixel units ("adv_accuracy").
+  """
   variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
   if "config" not in meta:
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
@@ -215,32 +242,74 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   meta_config = ml_collections.ConfigDict(meta["config"])
   spec = models.get_spec(meta_config.model)
   module = spec.build(num_classes=meta["num_classes"])
+  variables = methods.plain_variables(meta_config, variables)
   strategy = meta_config.get("strategy") or {}
   if strategy.get("name") == "lora":  # evaluate the plain model with adapters merged
     from jtl.strategies import build as strategy_build, lora  # pylint: disable=g-import-not-at-top
     alpha = strategy_build.resolve_options(strategy)["alpha"]
     variables = {**variables, "params": lora.merge_lora(variables["params"], alpha)}
   split = split or meta_config.get("eval_split", "test")
-  predict = jax.jit(lambda v, x: module.apply(v, x, train=False))
-  eval_step = jax.jit(steps.make_eval_step(module))
+  extra: dict[str, Any] = {}
+  if adabn:
+    from jtl import domain  # pylint: disable=g-import-not-at-top
+    target = train_batches_once(meta_config, spec)
+    variables = domain.adapt_batchnorm(module, variables, target())
+    extra["adabn"] = {"dataset": meta_config.get("eval_dataset") or meta_config.dataset,
+                      "split": meta_config.get("train_split", "train")}
+  variables = quantize.prepare(variables, precision)
+  extra["precision"] = precision
+  extra["model_bytes"] = quantize.model_bytes(variables)
+  if save_quantized:
+    extra["saved_quantized"] = {"path": str(save_quantized), "bytes": quantize.save(
+        save_quantized, variables, meta={"model": meta_config.model,
+                                          "num_classes": meta["num_classes"],
+                                          "precision": precision})}
+  predict = quantize.make_inference_fn(module, variables, precision=precision)
+  eval_step = jax.jit(quantize.make_quantized_eval_step(module, precision=precision))
+  robust_step = None
+  if attack:
+    from jtl import adversarial  # pylint: disable=g-import-not-at-top
+    mul, add = methods.pixel_affine(spec.normalize)
+    robust_step = jax.jit(adversarial.make_robust_eval_step(
+        module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
+        bounds=(float(np.min(add)), float(np.max(mul + add)))))
+    float_variables = quantize.dequantize(variables, jnp.float32)
   classes = meta["num_classes"]
   confusion = np.zeros((classes, classes), np.int64)
   sums: dict[str, float] = {}
+  robust_sums: dict[str, float] = {}
   for batch in eval_batches(meta_config, spec, split)():
-    logits = np.asarray(predict(variables, batch["inputs"]))
+    logits = np.asarray(predict(batch["inputs"]))
     mask = np.asarray(batch["mask"], bool)
     np.add.at(confusion, (np.asarray(batch["label"])[mask], logits.argmax(-1)[mask]), 1)
     for k, v in jax.device_get(eval_step(variables, batch)).items():
       sums[k] = sums.get(k, 0.0) + float(v)
+    if robust_step is not None:
+      for k, v in jax.device_get(robust_step(float_variables, batch)).items():
+        robust_sums[k] = robust_sums.get(k, 0.0) + float(v)
   metrics = steps.summarize_eval(sums)
+  if robust_step is not None:
+    extra["adv_accuracy"] = steps.summarize_eval(robust_sums)["accuracy"]
+    extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
   per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
   result = {"workdir": str(workdir), "step": meta.get("step"), "split": split, **metrics,
-            "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
+            **extra, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
   out = epath.Path(out_dir or workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
   _plot_confusion(confusion, out / f"confusion_{split}.png", title=f"{meta_config.model} {split}")
   return result
+
+
+def train_batches_once(config: ml_collections.ConfigDict, spec: models.ModelSpec):
+  """One pass, without augmentation, over the training split of the evaluated
+  dataset (`eval_dataset` or `dataset`): the unlabelled data AdaBN reads."""
+  kwargs = _pipeline_kwargs(config, spec)
+  dataset = config.get("eval_dataset") or config.dataset
+  batch_size = -(-(config.get("eval_batch_size") or config.batch_size) // jax.device_count()
+                 ) * jax.device_count()
+  return lambda: data.make_dataset(dataset, split=config.get("train_split", "train"),
+                                   batch_size=batch_size, train=False, **kwargs)
 
 
 def _plot_confusion(confusion: np.ndarray, path: epath.Path, *, title: str) -> None:

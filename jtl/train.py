@@ -77,7 +77,9 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
         meta: dict[str, Any] | None = None, log_every: int = 10, progress: bool = True,
         async_checkpoints: bool = True,
         later_phases: Sequence[tuple[int, PyTree, optax.GradientTransformation]] = (),
-        on_log: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        make_step: Callable[[PyTree, optax.GradientTransformation], Callable] | None = None,
+        ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
   Args:
@@ -100,6 +102,11 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
       change; the optimizer state of leaves that stay trainable carries over.
       Each phase compiles its step once. Resuming restores into the phase
       the checkpoint was written in.
+    make_step: `make_step(labels, tx) -> train_step(state, batch) -> (state,
+      metrics)`, a pure step to use instead of `jtl.make_train_step` (e.g.
+      `jtl.distill.make_distill_train_step`, `jtl.domain.make_adapt_train_step`,
+      `jtl.adversarial.make_adversarial_train_step`); loss_fn, microbatches
+      and compute_dtype are then the factory's business.
   """
   mesh = mesh or parallel.make_mesh()
   meta = dict(meta or {})
@@ -129,6 +136,8 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
     logging.info("Resuming from step %d in %s", start_step, workdir)
 
   def compile_step(labels, tx):
+    if make_step is not None:
+      return parallel.jit_train_step(make_step(labels, tx), mesh)
     return parallel.jit_train_step(
         steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
                               microbatches=microbatches, compute_dtype=compute_dtype), mesh)

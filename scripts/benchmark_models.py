@@ -1,13 +1,15 @@
 """CPU throughput of jtl's EfficientNet-Lite0 / MobileNetV2 vs PyTorch eager.
 
-Runs both in one go: jtl (JAX) in this process, PyTorch in a subprocess of
-another Python that has torch (jtl never imports torch). Prints forward img/s
+Runs both in one go: jtl (JAX) and PyTorch each in fresh subprocesses,
+alternated for --rounds rounds (PyTorch from another Python that has torch;
+jtl never imports torch), so that neither side inherits the other's warm
+caches or a noisy minute. Prints forward img/s
 and full fine-tuning step img/s (SGD and Adam; BatchNorm in train mode, all
 parameters trained) per model and resolution, the jtl/torch ratios, then
 batch-1 latency and batch-64 throughput of jtl's jit-compiled predict.
 
   /tmp/venv/bin/python scripts/benchmark_models.py \
-      --torch_python /tmp/torchenv/bin/python --sizes 128,224 --batch 32
+      --torch_python /tmp/torchenv/bin/python --sizes 128,224 --batch 32 --rounds 3
 
 Both sides see the same environment, e.g. MALLOC_MMAP_THRESHOLD_ (set it
 before the command to compare allocators; it is inherited by the subprocess).
@@ -182,27 +184,42 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--predict_size", type=int, default=224)
   p.add_argument("--no_predict", action="store_true")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="fresh jtl and torch processes per measurement, alternated; "
+                      "the table shows the median over rounds")
   p.add_argument("--torch_worker", help=argparse.SUPPRESS)
+  p.add_argument("--jtl_worker", help=argparse.SUPPRESS)
   a = p.parse_args()
-  if a.torch_worker:
-    name, size = a.torch_worker.split(":")
-    print(json.dumps(torch_worker(name, int(size), a.batch, a.iters, a.warmup)))
+  if a.torch_worker or a.jtl_worker:
+    worker = torch_worker if a.torch_worker else jtl_bench
+    name, size = (a.torch_worker or a.jtl_worker).split(":")
+    print(json.dumps(worker(name, int(size), a.batch, a.iters, a.warmup)))
     return
   rows = []
-  print(f"batch {a.batch}, median of {a.iters} iterations after {a.warmup} warm-up; "
+  print(f"batch {a.batch}, median of {a.iters} iterations after {a.warmup} warm-up, "
+        f"median of {a.rounds} alternated rounds of fresh processes; "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+  def run_worker(python: str, flag: str, name: str, size: int) -> dict:
+    out = subprocess.run(
+        [python, __file__, flag, f"{name}:{size}", "--batch", str(a.batch),
+         "--iters", str(a.iters), "--warmup", str(a.warmup)],
+        check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
   for name in a.models.split(","):
     for size in map(int, a.sizes.split(",")):
-      torch_out = json.loads(subprocess.run(
-          [a.torch_python, __file__, "--torch_worker", f"{name}:{size}",
-           "--batch", str(a.batch), "--iters", str(a.iters), "--warmup", str(a.warmup)],
-          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-      jtl_out = jtl_bench(name, size, a.batch, a.iters, a.warmup)
+      runs = {"jtl": [], "torch": []}
+      for r in range(a.rounds):
+        runs["torch"].append(run_worker(a.torch_python, "--torch_worker", name, size))
+        runs["jtl"].append(run_worker(sys.executable, "--jtl_worker", name, size))
+        print(f"  round {r}: {name} {size}px " + "  ".join(
+            f"{kind} jtl {runs['jtl'][-1][kind]:.1f} torch {runs['torch'][-1][kind]:.1f}"
+            for kind in ("forward", "sgd", "adam")), flush=True)
       for kind in ("forward", "sgd", "adam"):
-        rows.append((name, size, kind, jtl_out[kind], torch_out[kind]))
-        print(f"  {name:<19} {size:>4}px {kind:<8} jtl {jtl_out[kind]:7.1f} img/s  "
-              f"torch {torch_out[kind]:7.1f} img/s  ratio {jtl_out[kind] / torch_out[kind]:.2f}",
-              flush=True)
+        j = statistics.median(run[kind] for run in runs["jtl"])
+        t = statistics.median(run[kind] for run in runs["torch"])
+        rows.append((name, size, kind, j, t))
   print("\n| model | px | what | jtl img/s | torch eager img/s | jtl/torch |")
   print("|---|---|---|---|---|---|")
   for name, size, kind, j, t in rows:

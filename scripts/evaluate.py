@@ -4,6 +4,11 @@
 
 Writes eval_<split>.json (accuracy, top-5, loss, per-class accuracy, confusion
 matrix) and confusion_<split>.png into the workdir (or --out_dir).
+
+Post-training options:
+  --precision int8 [--save_quantized model_int8.safetensors]   quantized eval
+  --adabn                         AdaBN on the evaluated dataset's train split
+  --attack pgd --eps 0.1          also accuracy under attack (pixel units)
 """
 
 import json
@@ -21,6 +26,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/fine
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
 _STEP = flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where to write results (default: the workdir).")
+_PRECISION = flags.DEFINE_enum("precision", "float32",
+                               ["float32", "bfloat16", "int8", "int8_bfloat16"],
+                               "Inference precision (int8: per-channel weight quantization).")
+_SAVE_Q = flags.DEFINE_string("save_quantized", None,
+                              "Also save the variables at --precision to this safetensors file.")
+_ADABN = flags.DEFINE_bool("adabn", False, "Re-estimate BatchNorm statistics on the evaluated "
+                           "dataset's (unlabelled) train split first.")
+_ATTACK = flags.DEFINE_enum("attack", None, ["pgd", "fgsm"], "Also evaluate under this attack.")
+_EPS = flags.DEFINE_float("eps", 0.1, "Attack radius in pixel units (0..1).")
+_ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 20, "PGD steps.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -29,8 +44,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   cli.enable_compilation_cache()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
-  result = experiment.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=step,
-                                       out_dir=_OUT.value)
+  result = experiment.evaluate_workdir(
+      _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,
+      precision=_PRECISION.value, save_quantized=_SAVE_Q.value, adabn=_ADABN.value,
+      attack=_ATTACK.value, eps=_EPS.value, attack_steps=_ATTACK_STEPS.value)
   shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
   print(json.dumps(shown, indent=2))
   print("per-class accuracy:", [round(a, 3) for a in result["per_class_accuracy"]])

@@ -6,10 +6,11 @@ as `tfds.builder(...)` / `jtl.data.make_dataset(...)` sources offline.
 
 from __future__ import annotations
 
+from jtl.data.builders.digits import JtlDigits
 from jtl.data.builders.lfw_subset import JtlLfwSubset
 from jtl.data.builders.mnist5k import JtlMnist5k
 
 # Names that jtl may build by itself (no download) when a data_dir lacks them.
-LOCAL_BUILDERS = ("jtl_mnist5k", "jtl_lfw_subset")
+LOCAL_BUILDERS = ("jtl_mnist5k", "jtl_lfw_subset", "jtl_digits")
 
-__all__ = ["JtlLfwSubset", "JtlMnist5k", "LOCAL_BUILDERS"]
+__all__ = ["JtlDigits", "JtlLfwSubset", "JtlMnist5k", "LOCAL_BUILDERS"]

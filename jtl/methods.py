@@ -1,0 +1,231 @@
+"""Training methods beyond plain fine-tuning, selected by a config's `method`.
+
+`config.method.name` picks how `scripts/finetune.py` trains; the rest of the
+config (model, data, rules, optimizer, schedule, checkpoints) is unchanged:
+
+- "" / "finetune": `jtl.make_train_step` (the default).
+- "distill": a frozen teacher, restored from another run's workdir
+  (`teacher_workdir`, `teacher_step`), gives soft targets on the fly
+  (`temperature`, `alpha`; `jtl.distill`). The teacher sees each batch with
+  its own image size and normalisation.
+- "dann" / "coral": unsupervised domain adaptation (`jtl.domain`); each batch
+  also carries unlabelled images of `target_dataset` / `target_split`
+  (`weight`, and for DANN `domain_hidden`, `grl_gamma`). Checkpoints hold the
+  wrapped model ("model/...", "domain/..."); `plain_variables` unwraps them.
+- "adversarial": PGD or FGSM inputs made with the current params
+  (`attack`, `eps`, `step_size`, `steps`, `clean_fraction`;
+  `jtl.adversarial`). eps and step_size are in pixel units (0..1 of the
+  pixel range) and converted to the model's normalised inputs.
+
+>>> sorted(DEFAULTS)
+['adversarial', 'coral', 'dann', 'distill']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jtl import adversarial, distill, domain
+from jtl.errors import ConfigError, bullet_list
+
+PyTree = Any
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "distill": {"teacher_workdir": None, "teacher_step": "best", "temperature": 4.0,
+                "alpha": 0.9},
+    "dann": {"target_dataset": None, "target_split": "train", "weight": 1.0,
+             "domain_hidden": 256, "grl_gamma": 10.0},
+    "coral": {"target_dataset": None, "target_split": "train", "weight": 1.0},
+    "adversarial": {"attack": "pgd", "eps": 0.1, "step_size": None, "steps": 7,
+                    "clean_fraction": 0.0},
+}
+DOMAIN_METHODS = ("dann", "coral")
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+  """The config's method ("" for plain fine-tuning)."""
+  method = config.get("method") or {}
+  name = method.get("name") or ""
+  return "" if name == "finetune" else name
+
+
+def resolve_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The method's options with defaults; unknown names or options raise."""
+  name = method_name(config)
+  if not name:
+    return {}
+  if name not in DEFAULTS:
+    raise ConfigError(f"method.name={name!r}: expected '' (fine-tuning) or one of "
+                      f"{sorted(DEFAULTS)}.")
+  given = {k: v for k, v in dict(config.method).items() if k != "name"}
+  unknown = sorted(set(given) - set(DEFAULTS[name]))
+  if unknown:
+    raise ConfigError(f"method {name!r} has no options {unknown}; its options are "
+                      f"{sorted(DEFAULTS[name])}.")
+  options = {**DEFAULTS[name], **{k: v for k, v in given.items() if v is not None}}
+  problems = []
+  if name == "distill" and not options["teacher_workdir"]:
+    problems.append("method.teacher_workdir: the workdir of a finished run "
+                    "(scripts/finetune.py) whose model is the teacher")
+  if name in DOMAIN_METHODS and not options["target_dataset"]:
+    problems.append("method.target_dataset: the unlabelled target domain (e.g. 'jtl_digits')")
+  if problems:
+    raise ConfigError(f"method {name!r} needs:\n" + bullet_list(problems))
+  return options
+
+
+def pixel_affine(normalize: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(mul, add) per channel with normalised = pixel01 * mul + add.
+
+  Found by running the pipeline's normaliser on black and white images, so it
+  holds for every affine preset ("unit", "imagenet", "efficientnet", ...).
+
+  >>> mul, add = pixel_affine("unit")
+  >>> mul.tolist(), add.tolist()
+  ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jtl.data import images  # pylint: disable=g-import-not-at-top
+  fn = images.get_normalizer(normalize)
+  black = np.asarray(fn(tf.zeros((1, 1, 1, 3), tf.float32)), np.float64).reshape(3)
+  white = np.asarray(fn(tf.fill((1, 1, 1, 3), 255.0)), np.float64).reshape(3)
+  return (white - black).astype(np.float32), black.astype(np.float32)
+
+
+def teacher_input_fn(student_normalize: Any, student_size: int, teacher_normalize: Any,
+                     teacher_size: int) -> Callable[[jax.Array], jax.Array]:
+  """Maps a student batch to the teacher's inputs (pixels, resize, normalise)."""
+  s_mul, s_add = pixel_affine(student_normalize)
+  t_mul, t_add = pixel_affine(teacher_normalize)
+  row = lambda a: jnp.asarray(a).reshape(1, 1, 1, 3)  # noqa: E731
+
+  def convert(x):
+    pixels = (x - row(s_add)) / row(s_mul)
+    if teacher_size != student_size:
+      pixels = jax.image.resize(pixels, (x.shape[0], teacher_size, teacher_size, x.shape[3]),
+                                "bilinear")
+    return pixels * row(t_mul) + row(t_add)
+
+  return convert
+
+
+@dataclasses.dataclass
+class Method:
+  """How a config trains: the module and variables trained, the step factory
+  for `jtl.train.fit` (None: the default step) and the batch stream."""
+  name: str
+  module: Any
+  variables: PyTree
+  labels: Callable[[PyTree], PyTree]
+  make_step: Callable[[PyTree, Any], Callable] | None
+  train_batches: Callable[[int], Iterator[dict[str, Any]]]
+  describe: str = ""
+
+
+def plain_variables(config: ml_collections.ConfigDict, variables: PyTree) -> PyTree:
+  """The zoo model's variables from a checkpoint of this config's method."""
+  if method_name(config) in DOMAIN_METHODS and "model" in variables.get("params", {}):
+    return domain.unwrap(variables)
+  return variables
+
+
+def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spec: Any,
+          train_batches: Callable[[int], Iterator[dict[str, Any]]],
+          make_target_batches: Callable[[str, str], Callable[[int], Iterator[dict[str, Any]]]],
+          ) -> Method:
+  """The `Method` of `config.method` around an already-partitioned model.
+
+  Args:
+    module, variables, spec: the model to train (after any strategy).
+    train_batches: `start_step -> iterator` of the config's training data.
+    make_target_batches: `(dataset, split) -> (start_step -> iterator)` over
+      the target domain, with the same preprocessing.
+
+  For DANN / CORAL the caller rebuilds each phase's optimizer from
+  `method.labels(labels)`, the partition of the wrapped model.
+  """
+  name = method_name(config)
+  options = resolve_options(config)
+  same = lambda labels: labels  # noqa: E731
+  if not name:
+    return Method("finetune", module, variables, same, None, train_batches)
+  image_size = config.get("image_size") or spec.image_size
+
+  if name == "distill":
+    from jtl import models  # pylint: disable=g-import-not-at-top
+    from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
+    t_vars, meta = manager.restore_variables(options["teacher_workdir"],
+                                             step=options["teacher_step"], metric="accuracy")
+    t_config = ml_collections.ConfigDict(meta.get("config", {}))
+    if "model" not in meta or not t_config:
+      raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
+                        "checkpoint; the teacher must be a scripts/finetune.py run.")
+    t_spec = models.get_spec(meta["model"])
+    t_module = t_spec.build(num_classes=meta["num_classes"])
+    t_vars = plain_variables(t_config, t_vars)
+    t_size = t_config.get("image_size") or t_spec.image_size
+    convert = teacher_input_fn(spec.normalize, image_size, t_spec.normalize, t_size)
+    run_teacher = distill.teacher_fn(t_module, t_vars)
+    teacher = lambda x: run_teacher(convert(x))  # noqa: E731
+
+    def make_step(labels, tx):
+      return distill.make_distill_train_step(
+          module, tx, labels=labels, temperature=options["temperature"],
+          alpha=options["alpha"], teacher=teacher)
+    return Method(name, module, variables, same, make_step, train_batches,
+                  f"teacher {meta['model']} from {options['teacher_workdir']} "
+                  f"(step {meta.get('step')}), T={options['temperature']}, "
+                  f"alpha={options['alpha']}")
+
+  if name == "adversarial":
+    mul, add = pixel_affine(spec.normalize)
+    bounds = (float(np.min(add)), float(np.max(mul + add)))
+
+    def make_step(labels, tx):
+      return adversarial.make_adversarial_train_step(
+          module, tx, labels=labels, attack=options["attack"], eps=options["eps"],
+          step_size=options["step_size"], steps=options["steps"],
+          clean_fraction=options["clean_fraction"], input_scale=float(np.mean(mul)),
+          bounds=bounds)
+    return Method(name, module, variables, same, make_step, train_batches,
+                  f"{options['attack']} eps={options['eps']} (pixel units), "
+                  f"{options['steps']} steps, clean_fraction={options['clean_fraction']}")
+
+  # DANN / CORAL: the model wrapped with its adaptation parts.
+  if config.get("strategy") and config.strategy.get("name"):
+    raise ConfigError(f"method {name!r} is built on config.rules; strategy "
+                      f"{config.strategy.name!r} cannot be combined with it here.")
+  example = spec.example_input(2)
+  if spec.input_kind == "image":
+    example = np.zeros((2, image_size, image_size, 3), np.float32)
+  wrapped_module, wrapped_vars = domain.wrap(
+      module, variables, example, method=name,
+      domain_hidden=options.get("domain_hidden", 256), rng=config.get("seed", 0))
+
+  def wrap_labels(labels):
+    out = {"model": labels}
+    if "domain" in wrapped_vars["params"]:
+      out["domain"] = jax.tree.map(lambda _: "domain", wrapped_vars["params"]["domain"])
+    return out
+
+  targets = make_target_batches(options["target_dataset"], options["target_split"])
+
+  def with_targets(start_step: int) -> Iterator[dict[str, Any]]:
+    for batch, target in zip(train_batches(start_step), targets(start_step)):
+      yield {**batch, "target_inputs": target["inputs"]}
+
+  grl = domain.dann_schedule(config.num_steps, gamma=options.get("grl_gamma", 10.0))
+
+  def make_step(labels, tx):
+    return domain.make_adapt_train_step(wrapped_module, tx, labels=labels, method=name,
+                                        weight=options["weight"], grl_scale=grl)
+  return Method(name, wrapped_module, wrapped_vars, wrap_labels, make_step, with_targets,
+                f"target {options['target_dataset']}:{options['target_split']} "
+                f"(labels unused), weight={options['weight']}")

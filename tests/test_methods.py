@@ -1,0 +1,111 @@
+"""Config-selected training methods (jtl.methods) through jtl.experiment:
+distillation from a teacher run, DANN / CORAL with a target domain, adversarial
+training, and the post-training evaluation options (int8, AdaBN, PGD)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import adversarial as adversarial_config
+from configs import distill as distill_config
+from configs import domain as domain_config
+from jtl import experiment, methods, quantize
+from jtl.checkpoint import manager
+from jtl.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def small(config, data_dir, steps=3):
+  config.data_dir = data_dir
+  config.num_steps = steps
+  config.batch_size = 32
+  config.eval_batch_size = 400
+  config.eval_every = steps
+  config.checkpoint_every = steps
+  config.log_every = 1
+  config.warmup_steps = 0
+  return config
+
+
+def train_rows(workdir):
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if r["split"] == "train"]
+
+
+def test_distillation_from_a_teacher_workdir(tmp_path, data_dir):
+  teacher_dir = tmp_path / "teacher"
+  experiment.finetune(small(distill_config.get_config("labels"), data_dir, steps=4),
+                      teacher_dir, progress=False)
+  config = small(distill_config.get_config(), data_dir)
+  config.model = "small_cnn_w16"
+  config.method.teacher_workdir = str(teacher_dir)
+  result = experiment.finetune(config, tmp_path / "student", progress=False)
+  rows = train_rows(tmp_path / "student")
+  assert all(r["soft_loss"] > 0 for r in rows)  # the teacher's targets were used
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert result.eval_metrics["count"] == 1000
+  variables, meta = manager.restore_variables(tmp_path / "student", step="latest")
+  assert meta["model"] == "small_cnn_w16"
+  assert variables["params"]["stage0_conv"]["kernel"].shape[-1] == 16  # the student's
+
+
+def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data_dir):
+  workdir = tmp_path / "dann"
+  experiment.finetune(small(domain_config.get_config("dann"), data_dir), workdir,
+                      progress=False)
+  rows = train_rows(workdir)
+  assert {"domain_accuracy", "adapt_loss", "grl_scale"} <= set(rows[0])
+  assert rows[0]["grl_scale"] < rows[-1]["grl_scale"]  # the DANN schedule ramps up
+  variables, _ = manager.restore_variables(workdir, step="latest")
+  assert set(variables["params"]) == {"model", "domain"}
+  plain = experiment.evaluate_workdir(workdir)
+  assert plain["count"] == 800  # jtl_digits test split, the target
+  adapted = experiment.evaluate_workdir(workdir, adabn=True, out_dir=tmp_path / "adabn")
+  assert adapted["count"] == 800 and adapted["adabn"]["dataset"] == "jtl_digits"
+
+
+def test_adversarial_training_then_int8_and_pgd_evaluation(tmp_path, data_dir):
+  workdir = tmp_path / "adv"
+  experiment.finetune(small(adversarial_config.get_config(), data_dir), workdir,
+                      progress=False)
+  assert "adv_accuracy" in train_rows(workdir)[0]
+  path = tmp_path / "int8.safetensors"
+  result = experiment.evaluate_workdir(workdir, precision="int8", save_quantized=path,
+                                       attack="pgd", eps=0.1, attack_steps=3)
+  float32 = experiment.evaluate_workdir(workdir, out_dir=tmp_path / "f32")
+  assert result["precision"] == "int8" and result["model_bytes"] < 0.5 * float32["model_bytes"]
+  assert abs(result["accuracy"] - float32["accuracy"]) <= 0.05
+  assert result["adv_accuracy"] <= float32["accuracy"] + 1e-6
+  loaded, meta = quantize.load(path)
+  assert meta["precision"] == "int8" and meta["model"] == "small_cnn"
+  assert path.stat().st_size == result["saved_quantized"]["bytes"]
+
+
+def test_method_config_errors_name_the_problem():
+  config = distill_config.get_config()
+  config.method.teacher_workdir = ""
+  with pytest.raises(ConfigError, match="teacher_workdir"):
+    methods.resolve_options(config)
+  config.method.name = "distil"
+  with pytest.raises(ConfigError, match="'distil'.*adversarial"):
+    methods.resolve_options(config)
+  config = adversarial_config.get_config()
+  config.method.epsilon = 0.3
+  with pytest.raises(ConfigError, match=r"no options \['epsilon'\].*eps"):
+    methods.resolve_options(config)
+  config = domain_config.get_config("dann")
+  config.strategy.name = "lora"
+  with pytest.raises(ConfigError, match="strategy 'lora'"):
+    methods.build(config, None, None, None, None, None)
+
+
+def test_pixel_affine_matches_the_pipeline_presets():
+  mul, add = methods.pixel_affine("imagenet")
+  np.testing.assert_allclose(add, -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(mul, 1 / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
