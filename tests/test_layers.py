@@ -180,3 +180,15 @@ def test_batch_norm_equals_flax_in_values_gradients_and_statistics(momentum, eps
   # Eval mode and other dtypes are flax's own code path.
   np.testing.assert_allclose(ours.apply(v, x, use_running_average=True),
                              ref.apply(v, x, use_running_average=True), atol=1e-6)
+
+
+def test_batch_norm_under_the_frozen_interceptor_uses_stored_statistics():
+  from jtl.steps import frozen_batchnorm
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 3, 3, 2)) + 2.0, jnp.float32)
+  bn = layers.BatchNorm(momentum=0.9)
+  v = bn.init(jax.random.PRNGKey(0), x, use_running_average=False)
+  with frozen_batchnorm([""]):
+    y, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  np.testing.assert_allclose(y, bn.apply(v, x, use_running_average=True), atol=1e-6)
+  for a, b in zip(jax.tree.leaves(upd["batch_stats"]), jax.tree.leaves(v["batch_stats"])):
+    np.testing.assert_array_equal(a, b)

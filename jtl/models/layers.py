@@ -364,7 +364,7 @@ class BatchNorm(nn.BatchNorm):
              and self.dtype in (None, jnp.float32)
              and self.param_dtype == jnp.float32)
     if not fused:
-      return super().__call__(x, use_running_average, mask=mask)
+      return super().__call__(x, use_running_average=use_running_average, mask=mask)
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean",
                             lambda s: jnp.zeros(s, jnp.float32), (c,))
