@@ -1,0 +1,101 @@
+"""Where a zoo model's full fine-tuning step spends its time on this backend.
+
+Times the jit-compiled SGD step (BatchNorm in train mode, every parameter
+trained; as scripts/benchmark_models.py), then records two steps with
+`jax.profiler` and prints the slowest XLA ops with the jax op they came from.
+
+  python scripts/profile_step.py --model mobilenet_v2 --size 128 --batch 32 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="mobilenet_v2")
+  p.add_argument("--size", type=int, default=128)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=8)
+  p.add_argument("--top", type=int, default=25)
+  a = p.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import jtl.models  # noqa: F401 - registers the families
+  from jtl.models import registry
+
+  spec = registry.get_spec(a.model)
+  module = spec.build(num_classes=1000)
+  variables = registry.init_variables(spec, module)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((a.batch, a.size, a.size, 3)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 1000, a.batch))
+  tx = optax.sgd(1e-3, momentum=0.9)
+
+  def loss_fn(params, stats, key):
+    logits, upd = module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"], rngs={"dropout": key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+
+  @jax.jit
+  def train_step(params, stats, opt_state, key):
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state
+
+  key = jax.random.PRNGKey(0)
+  state = train_step(variables["params"], variables["batch_stats"],
+                     tx.init(variables["params"]), key)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(a.steps):
+    t = time.perf_counter()
+    state = jax.block_until_ready(train_step(*state, key))
+    times.append(time.perf_counter() - t)
+  print(f"{a.model} {a.size}px batch {a.batch} on {jax.default_backend()}: step "
+        f"{statistics.median(times):.3f} s (median of {a.steps}; "
+        f"{', '.join(f'{t:.3f}' for t in times)})")
+
+  hlo = train_step.lower(*state, key).compile().as_text()
+  origin = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+    op = re.search(r'op_name="([^"]+)"', line)
+    if m:
+      origin[m.group(1)] = (m.group(2), op.group(1) if op else "")
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(2):
+      state = jax.block_until_ready(train_step(*state, key))
+    jax.profiler.stop_trace()
+    trace = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+    events = json.load(gzip.open(trace))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and re.fullmatch(r"[a-z_]+(\.\d+)?", e["name"]):
+      per_op[e["name"]] += e["dur"] / 2e3  # ms per step
+  print(f"XLA ops: {sum(per_op.values()):.0f} ms per step summed over threads; slowest:")
+  for name, ms in per_op.most_common(a.top):
+    shape, op = origin.get(name, ("?", ""))
+    print(f"  {ms:7.1f} ms  {name:<30} {shape:<28} {op[-80:]}")
+
+
+if __name__ == "__main__":
+  main()
