@@ -1,6 +1,6 @@
 """Where a zoo model's full fine-tuning step spends its time on this backend.
 
-Times the jit-compiled SGD step (BatchNorm in train mode, every parameter
+Times the jit-compiled SGD (or Adam) step (BatchNorm in train mode, every parameter
 trained; as scripts/benchmark_models.py), then records two steps with
 `jax.profiler` and prints the slowest XLA ops with the jax op they came from.
 
@@ -31,6 +31,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
   a = p.parse_args()
 
   import jax
@@ -46,7 +47,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((a.batch, a.size, a.size, 3)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 1000, a.batch))
-  tx = optax.sgd(1e-3, momentum=0.9)
+  tx = (optax.sgd(1e-3, momentum=0.9) if a.optimizer == "sgd" else optax.adam(1e-4))
 
   def loss_fn(params, stats, key):
     logits, upd = module.apply({"params": params, "batch_stats": stats}, x, train=True,
@@ -68,7 +69,7 @@ def main() -> None:
     t = time.perf_counter()
     state = jax.block_until_ready(train_step(*state, key))
     times.append(time.perf_counter() - t)
-  print(f"{a.model} {a.size}px batch {a.batch} on {jax.default_backend()}: step "
+  print(f"{a.model} {a.size}px batch {a.batch} {a.optimizer} on {jax.default_backend()}: step "
         f"{statistics.median(times):.3f} s (median of {a.steps}; "
         f"{', '.join(f'{t:.3f}' for t in times)})")
 
