@@ -77,12 +77,34 @@ def test_pointwise_conv_is_a_matmul_with_the_same_values_and_gradients(padding):
 
 
 def test_other_convs_keep_lax_conv():
-  x = np.ones((1, 6, 6, 2), np.float32)
-  for kernel, strides in ((np.ones((3, 3, 2, 4), np.float32), (1, 1)),
-                          (np.ones((1, 1, 2, 4), np.float32), (2, 2))):
+  x = np.ones((1, 6, 6, 40), np.float32)
+  for kernel, strides in ((np.ones((3, 3, 40, 4), np.float32), (1, 1)),
+                          (np.ones((1, 1, 40, 4), np.float32), (2, 2))):
     jaxpr = str(jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
         x, k, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, kernel))
     assert "conv_general_dilated" in jaxpr
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 9, 9, 3), (3, 3), (2, 2), "SAME"), ((2, 8, 7, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 10, 10, 1), (5, 5), (1, 1), "VALID"), ((2, 7, 7, 1), (3, 3), (2, 1), "SAME")])
+def test_few_channel_convs_use_patches_on_cpu_with_equal_values_and_gradients(
+    shape, kernel, strides, padding):
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal(shape).astype(np.float32)
+  w = rng.standard_normal((*kernel, shape[-1], 5)).astype(np.float32)
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv, x, w):
+    return jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=dims)))
+
+  ours = jax.value_and_grad(lambda *a: loss(layers.conv_general_dilated, *a), (0, 1))(x, w)
+  ref = jax.value_and_grad(lambda *a: loss(jax.lax.conv_general_dilated, *a), (0, 1))(x, w)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=dims))(x, w))
+  assert "conv_general_dilated" not in jaxpr  # the tests run on CPU
 
 
 def test_matches_a_direct_loop_and_torch_padding():

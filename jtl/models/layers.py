@@ -40,6 +40,7 @@ from jtl.errors import ConfigError, DataError
 
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 FORMULATIONS = ("auto", "shifted", "grouped")
+IM2COL_MAX_COLUMNS = 32  # 3x3 RGB stems (27); not ResNet's 7x7 stem (147)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -229,10 +230,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
-  """`lax.conv_general_dilated`, with 1x1 stride-1 NHWC convs as a matmul.
+  """`lax.conv_general_dilated`, with 1x1 stride-1 NHWC convs as a matmul
+  (every backend) and, on CPU, convs with few input channels as patches
+  times a matrix (kh * kw * C_in <= IM2COL_MAX_COLUMNS).
 
   A drop-in for `flax.linen.Conv(conv_general_dilated=...)`: same arguments,
-  same result, same kernel layout (1, 1, C_in, C_out).
+  same result, same kernel layout (kh, kw, C_in, C_out).
 
   >>> x, w = np.ones((2, 4, 4, 3), np.float32), np.ones((1, 1, 3, 5), np.float32)
   >>> conv_general_dilated(x, w, (1, 1), "SAME",
@@ -241,27 +244,46 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   """
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   spatial_ones = lambda v: v is None or all(int(d) == 1 for d in v)
+  plain = (dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                              ("NHWC", "HWIO", "NHWC"))
+           and spatial_ones(lhs_dilation) and spatial_ones(rhs_dilation)
+           and feature_group_count == 1 and batch_group_count == 1)
   zero_pad = (padding in ("SAME", "VALID") or
               (not isinstance(padding, str) and
                all(tuple(p) == (0, 0) for p in padding)))
-  pointwise = (dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                  ("NHWC", "HWIO", "NHWC"))
-               and rhs.shape[:2] == (1, 1) and spatial_ones(window_strides)
-               and spatial_ones(lhs_dilation) and spatial_ones(rhs_dilation)
-               and feature_group_count == 1 and batch_group_count == 1
-               and zero_pad)
-  if not pointwise:
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
-  n, h, w, cin = lhs.shape
-  y = lax.dot_general(lhs.reshape(n * h * w, cin), rhs.reshape(rhs.shape[2:]),
-                      (((1,), (0,)), ((), ())), precision=precision,
-                      preferred_element_type=preferred_element_type)
-  return y.reshape(n, h, w, rhs.shape[3])
+  kh, kw, cin, cout = rhs.shape if plain else (0, 0, 0, 0)
+  n = lhs.shape[0]
+  if plain and (kh, kw) == (1, 1) and spatial_ones(window_strides) and zero_pad:
+    _, h, w, _ = lhs.shape
+    y = lax.dot_general(lhs.reshape(n * h * w, cin), rhs.reshape(cin, cout),
+                        (((1,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=preferred_element_type)
+    return y.reshape(n, h, w, cout)
+  if plain and kh * kw * cin <= IM2COL_MAX_COLUMNS and jax.default_backend() == "cpu":
+    # Few input channels (an RGB stem): XLA:CPU's kernel gradient of this
+    # conv is a whole-image-window conv (25 ms for MobileNetV2's stem at
+    # 128 px, batch 32); patches times a matrix make it a small matmul.
+    strides = tuple(window_strides) if window_strides is not None else (1, 1)
+    pads = resolve_padding(padding if isinstance(padding, str) else list(padding),
+                           lhs.shape[1:3], (kh, kw), strides)
+    xp = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    ho = (xp.shape[1] - kh) // strides[0] + 1
+    wo = (xp.shape[2] - kw) // strides[1] + 1
+    taps = [lax.slice(xp, (0, i, j, 0),
+                      (n, i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, cin),
+                      (1, strides[0], strides[1], 1))
+            for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(taps, axis=-1).reshape(n * ho * wo, kh * kw * cin)
+    y = lax.dot_general(patches, rhs.reshape(kh * kw * cin, cout),
+                        (((1,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=preferred_element_type)
+    return y.reshape(n, ho, wo, cout)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
 
 
 class DepthwiseConv(nn.Module):
