@@ -10,17 +10,11 @@ step_size are in pixel units (0..1); SmallCNN on MNIST digits by default.
 
 import ml_collections
 
-from configs import default
+from configs import small_cnn
 
 
 def get_config(arg=None):
-  c = default.get_config()
-  c.model = "small_cnn"
-  c.pretrained = False
-  c.image_size = 28
-  c.rules = ((".*", "all"),)
-  c.learning_rate = 2e-3
-  c.num_steps = 300
+  c = small_cnn.get_config()
   c.augment.crop = False
   if arg == "standard":
     c.method = ml_collections.ConfigDict({"name": ""})

@@ -14,17 +14,12 @@ same student trained on labels alone (alpha = 0, no teacher), the baseline.
 
 import ml_collections
 
-from configs import default
+from configs import small_cnn
 
 
 def get_config(arg=None):
-  c = default.get_config()
-  c.model = "small_cnn"
-  c.pretrained = False
-  c.image_size = 28
-  c.rules = ((".*", "all"),)
+  c = small_cnn.get_config()
   c.learning_rate = 3e-3
-  c.num_steps = 300
   c.augment.crop_scale = (0.8, 1.0)
   if arg == "labels":
     c.method = ml_collections.ConfigDict({"name": ""})

@@ -12,17 +12,12 @@ Evaluation is on the target's held-out test split (`eval_dataset`).
 
 import ml_collections
 
-from configs import default
+from configs import small_cnn
 
 
 def get_config(arg=None):
   name = arg or "dann"
-  c = default.get_config()
-  c.model = "small_cnn"
-  c.pretrained = False
-  c.image_size = 28
-  c.rules = ((".*", "all"),)
-  c.learning_rate = 2e-3
+  c = small_cnn.get_config()
   c.num_steps = 400
   c.augment.crop = False
   c.eval_dataset = "jtl_digits"

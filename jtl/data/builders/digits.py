@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jtl.data.builders.mnist5k import JtlMnist5k
 from jtl.data.builders.split import stratified_split
 from jtl.data.text import package_file
 
@@ -39,29 +40,19 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
   return np.clip(np.round(images), 0, 255).astype(np.uint8), table[:, 64].astype(np.int64)
 
 
-class JtlDigits(tfds.core.GeneratorBasedBuilder):
-  """sklearn's 8x8 digits upsampled to 28x28; 997 train / 800 test, stratified."""
+class JtlDigits(JtlMnist5k):
+  """sklearn's 8x8 digits upsampled to 28x28; 997 train / 800 test, stratified.
+
+  Same features and example encoding as `jtl_mnist5k` (28x28x3 uint8, ten
+  classes); only the data and the split differ.
+  """
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(28, 28, 3)),
-            "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-    )
+  HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # ships with scikit-learn
     images, labels = load_arrays()
     splits = stratified_split(labels, test_per_class=_TEST_PER_CLASS, seed=_SPLIT_SEED)
     return {name: self._generate_examples(images, labels, idx) for name, idx in splits.items()}
-
-  def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {"image": np.repeat(images[i][..., None], 3, axis=-1),
-                     "label": int(labels[i])}

