@@ -252,7 +252,8 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   extra: dict[str, Any] = {}
   if adabn:
     from jtl import domain  # pylint: disable=g-import-not-at-top
-    target = train_batches_once(meta_config, spec)
+    # One unaugmented pass over the unlabelled train split of the evaluated data.
+    target = eval_batches(meta_config, spec, meta_config.get("train_split", "train"))
     variables = domain.adapt_batchnorm(module, variables, target())
     extra["adabn"] = {"dataset": meta_config.get("eval_dataset") or meta_config.dataset,
                       "split": meta_config.get("train_split", "train")}
@@ -299,17 +300,6 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
   _plot_confusion(confusion, out / f"confusion_{split}.png", title=f"{meta_config.model} {split}")
   return result
-
-
-def train_batches_once(config: ml_collections.ConfigDict, spec: models.ModelSpec):
-  """One pass, without augmentation, over the training split of the evaluated
-  dataset (`eval_dataset` or `dataset`): the unlabelled data AdaBN reads."""
-  kwargs = _pipeline_kwargs(config, spec)
-  dataset = config.get("eval_dataset") or config.dataset
-  batch_size = -(-(config.get("eval_batch_size") or config.batch_size) // jax.device_count()
-                 ) * jax.device_count()
-  return lambda: data.make_dataset(dataset, split=config.get("train_split", "train"),
-                                   batch_size=batch_size, train=False, **kwargs)
 
 
 def _plot_confusion(confusion: np.ndarray, path: epath.Path, *, title: str) -> None:

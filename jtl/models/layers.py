@@ -130,23 +130,26 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *,
                   tuple(tuple(p) for p in pads))
 
 
+def _strided_taps(xp: jax.Array, kh: int, kw: int, strides: tuple[int, int]
+                  ) -> list[jax.Array]:
+  """The kh*kw windows xp[:, i::s, j::s] of a padded input, each [N, H', W', C]."""
+  n, hp, wp, c = xp.shape
+  sh, sw = strides
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  return [lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
 def _shifted_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                      pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  n, h, w, c = x.shape
-  kh, kw = kernel.shape[:2]
-  sh, sw = strides
-  (ph0, ph1), (pw0, pw1) = pads
-  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-  ho = (h + ph0 + ph1 - kh) // sh + 1
-  wo = (w + pw0 + pw1 - kw) // sw + 1
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = lax.slice(xp, (0, i, j, 0),
-                      (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                      (1, sh, sw, 1))
-      term = tap * kernel[i, j].reshape(1, 1, 1, c)
-      out = term if out is None else out + term
+  kh, kw, _, c = kernel.shape
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  terms = [tap * kernel[t // kw, t % kw].reshape(1, 1, 1, c)
+           for t, tap in enumerate(_strided_taps(xp, kh, kw, strides))]
+  out = terms[0]
+  for term in terms[1:]:
+    out = out + term
   return out
 
 
@@ -266,13 +269,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     strides = tuple(window_strides) if window_strides is not None else (1, 1)
     pads = resolve_padding(padding if isinstance(padding, str) else list(padding),
                            lhs.shape[1:3], (kh, kw), strides)
-    xp = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-    ho = (xp.shape[1] - kh) // strides[0] + 1
-    wo = (xp.shape[2] - kw) // strides[1] + 1
-    taps = [lax.slice(xp, (0, i, j, 0),
-                      (n, i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, cin),
-                      (1, strides[0], strides[1], 1))
-            for i in range(kh) for j in range(kw)]
+    taps = _strided_taps(jnp.pad(lhs, ((0, 0), *pads, (0, 0))), kh, kw, strides)
+    _, ho, wo, _ = taps[0].shape
     patches = jnp.concatenate(taps, axis=-1).reshape(n * ho * wo, kh * kw * cin)
     y = lax.dot_general(patches, rhs.reshape(kh * kw * cin, cout),
                         (((1,), (0,)), ((), ())), precision=precision,
