@@ -11,13 +11,15 @@ batch-1 latency and batch-64 throughput of jtl's jit-compiled predict.
   /tmp/venv/bin/python scripts/benchmark_models.py \
       --torch_python /tmp/torchenv/bin/python --sizes 128,224 --batch 32 --rounds 3
 
-Both sides see the same environment, e.g. MALLOC_MMAP_THRESHOLD_ (set it
-before the command to compare allocators; it is inherited by the subprocess).
+Both sides see the same environment, printed in the header: run it with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `make finetune` does) and without
+to compare 4 KiB pages with transparent huge pages.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -142,7 +144,8 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, upd["batch_stats"]
 
-    @jax.jit
+    # Donates the state, as jtl.jit_train_step does (torch updates in place).
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def train_step(params, stats, opt_state, key, tx=tx):
       (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, key)
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -198,7 +201,8 @@ def main() -> None:
   rows = []
   print(f"batch {a.batch}, median of {a.iters} iterations after {a.warmup} warm-up, "
         f"median of {a.rounds} alternated rounds of fresh processes; "
-        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)", flush=True)
 
   def run_worker(python: str, flag: str, name: str, size: int) -> dict:
     out = subprocess.run(
