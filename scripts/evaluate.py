@@ -42,8 +42,10 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
+  hint = cli.configure_cpu_runtime()  # before any computation creates the CPU client
+  if hint:
+    logging.warning(hint)
   cli.enable_compilation_cache()
-  cli.log_huge_pages_hint()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   result = experiment.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,

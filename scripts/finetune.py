@@ -29,8 +29,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
+  hint = cli.configure_cpu_runtime()  # before any computation creates the CPU client
+  if hint:
+    logging.warning(hint)
   cli.enable_compilation_cache()
-  cli.log_huge_pages_hint()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
   print(f"\nDone. Final eval: {result.eval_metrics}\n"
         f"Outputs in {_WORKDIR.value}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, "

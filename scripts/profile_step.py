@@ -34,6 +34,10 @@ def main() -> None:
   p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
   a = p.parse_args()
 
+  from jtl import cli
+  hint = cli.configure_cpu_runtime()  # as scripts/finetune.py does
+  if hint:
+    print(hint)
   import jax
   import jax.numpy as jnp
   import numpy as np
