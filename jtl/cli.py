@@ -26,15 +26,18 @@ def enable_compilation_cache() -> None:
 HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=68719476736")
 
 
-def missing_heap_tunables(environ: Mapping[str, str] | None = None) -> list[str]:
-  """The HEAP_REUSE_TUNABLES not in $GLIBC_TUNABLES ([] off glibc, where they mean nothing).
+def on_glibc() -> bool:
+  """Whether this process runs on Linux with glibc (where the tunables apply)."""
+  return sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
 
-  >>> missing_heap_tunables({"GLIBC_TUNABLES": ":".join(HEAP_REUSE_TUNABLES)})
-  []
+
+def missing_heap_tunables(environ: Mapping[str, str] | None = None) -> list[str]:
+  """The HEAP_REUSE_TUNABLES not in $GLIBC_TUNABLES.
+
+  >>> missing_heap_tunables({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
+  ['glibc.malloc.trim_threshold=68719476736']
   """
   environ = os.environ if environ is None else environ
-  if not (sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")):
-    return []
   given = environ.get("GLIBC_TUNABLES", "").split(":")
   return [t for t in HEAP_REUSE_TUNABLES if t not in given]
 
@@ -46,15 +49,18 @@ def configure_cpu_runtime(environ: Mapping[str, str] | None = None) -> str | Non
 
   XLA:CPU allocates every step's buffers afresh, and glibc maps large blocks
   from the OS and unmaps them on free, so each step faults in (and the
-  kernel zeroes) all its pages again: 650,000 faults and about 40% of a
+  kernel zeroes) all its pages again: 650,000 faults and nearly half of a
   MobileNetV2 training step at 224 px on 2 cores (BENCHMARKS.md). With
   HEAP_REUSE_TUNABLES in $GLIBC_TUNABLES, freed blocks stay in the main heap;
   with synchronous dispatch, set here, XLA allocates on the calling thread,
   whose heap that is (worker-thread arenas still map large blocks afresh).
   glibc reads the tunables only at process start, so where they are missing
   this changes nothing and returns a hint (on the CPU backend) naming them.
+  Off glibc it does nothing.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  if not on_glibc():
+    return None
   missing = missing_heap_tunables(environ)
   if not missing:
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # affects CPU devices only
@@ -63,7 +69,7 @@ def configure_cpu_runtime(environ: Mapping[str, str] | None = None) -> str | Non
     return None
   environ = os.environ if environ is None else environ
   value = ":".join(filter(None, [environ.get("GLIBC_TUNABLES")] + missing))
-  return (f"XLA:CPU training steps ran 1.3-1.9x faster when memory is reused across steps: "
+  return (f"XLA:CPU training steps ran about 2x faster when memory is reused across steps: "
           f"start the process with GLIBC_TUNABLES={value} (glibc reads it only at "
           "start-up; `make finetune` sets it).")
 

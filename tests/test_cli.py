@@ -28,7 +28,7 @@ for _ in range(5):
 print("faults per step:", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
-ON_GLIBC = sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+ON_GLIBC = cli.on_glibc()
 
 
 def _probe(tunables):
