@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -69,13 +70,18 @@ def main() -> None:
                      tx.init(variables["params"]), key)
   jax.block_until_ready(state)
   times = []
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(a.steps):
     t = time.perf_counter()
     state = jax.block_until_ready(train_step(*state, key))
     times.append(time.perf_counter() - t)
+  after = resource.getrusage(resource.RUSAGE_SELF)
   print(f"{a.model} {a.size}px batch {a.batch} {a.optimizer} on {jax.default_backend()}: step "
         f"{statistics.median(times):.3f} s (median of {a.steps}; "
         f"{', '.join(f'{t:.3f}' for t in times)})")
+  print(f"per step: {(after.ru_minflt - usage.ru_minflt) / a.steps:,.0f} page faults, "
+        f"{(after.ru_stime - usage.ru_stime) / a.steps:.2f} s system CPU "
+        f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
 
   hlo = train_step.lower(*state, key).compile().as_text()
   origin = {}
