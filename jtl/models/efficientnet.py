@@ -185,15 +185,7 @@ def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
   return (x - 127.0) / 128.0
 
 
-def example_input(batch_size: int, size: int = 224) -> np.ndarray:
-  return np.zeros((batch_size, size, size, 3), np.float32)
-
-
-def groups(num_blocks: int = len(block_configs())) -> list[tuple[str, str]]:
-  """Layer groups bottom to top: stem, blocks_0 .. blocks_{n-1}, top, head."""
-  return ([("stem", r"stem/.*")]
-          + [(f"blocks_{i}", rf"blocks_{i}/.*") for i in range(num_blocks)]
-          + [("top", r"top/.*"), ("head", r"head/.*")])
+example_input = registry.image_input
 
 
 def efficientnet_lite0(num_classes: int = 1000, **kwargs) -> EfficientNetLite:
@@ -206,7 +198,7 @@ registry.register(registry.ModelSpec(
     build=efficientnet_lite0,
     example_input=example_input,
     preprocess=preprocess,
-    groups=groups(),
+    groups=registry.block_groups(len(block_configs())),
     pretrained="efficientnet_lite0/imagenet",
     converter=convert_torch,
     normalize="efficientnet",

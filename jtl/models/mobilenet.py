@@ -176,15 +176,7 @@ def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
   return (x - IMAGENET_MEAN.reshape(1, 1, 1, 3)) / IMAGENET_STD.reshape(1, 1, 1, 3)
 
 
-def example_input(batch_size: int, size: int = 224) -> np.ndarray:
-  return np.zeros((batch_size, size, size, 3), np.float32)
-
-
-def groups(num_blocks: int = len(block_configs())) -> list[tuple[str, str]]:
-  """Layer groups bottom to top: stem, blocks_0 .. blocks_16, top, head."""
-  return ([("stem", r"stem/.*")]
-          + [(f"blocks_{i}", rf"blocks_{i}/.*") for i in range(num_blocks)]
-          + [("top", r"top/.*"), ("head", r"head/.*")])
+example_input = registry.image_input
 
 
 def mobilenet_v2(num_classes: int = 1000, **kwargs) -> MobileNetV2:
@@ -197,7 +189,7 @@ registry.register(registry.ModelSpec(
     build=mobilenet_v2,
     example_input=example_input,
     preprocess=preprocess,
-    groups=groups(),
+    groups=registry.block_groups(len(block_configs())),
     pretrained="mobilenet_v2/imagenet",
     converter=convert_torch,
     normalize="imagenet",

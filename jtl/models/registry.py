@@ -22,6 +22,22 @@ from jtl.errors import ConfigError, bullet_list
 Variables = dict[str, Any]
 
 
+def image_input(batch_size: int, size: int = 224) -> np.ndarray:
+  """Zeros [batch_size, size, size, 3]: the `example_input` of the image models."""
+  return np.zeros((batch_size, size, size, 3), np.float32)
+
+
+def block_groups(num_blocks: int) -> list[tuple[str, str]]:
+  """Layer groups bottom to top: stem, blocks_0 .. blocks_{n-1}, top, head.
+
+  >>> block_groups(2)[:2]
+  [('stem', 'stem/.*'), ('blocks_0', 'blocks_0/.*')]
+  """
+  return ([("stem", r"stem/.*")]
+          + [(f"blocks_{i}", rf"blocks_{i}/.*") for i in range(num_blocks)]
+          + [("top", r"top/.*"), ("head", r"head/.*")])
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """How to build, initialise, feed and load one zoo model.

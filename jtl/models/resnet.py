@@ -235,8 +235,7 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return out
 
 
-def example_input(batch_size: int, size: int = 224) -> np.ndarray:
-  return np.zeros((batch_size, size, size, 3), np.float32)
+example_input = registry.image_input
 
 
 def groups(stage_sizes: Sequence[int]) -> list[tuple[str, str]]:

@@ -138,8 +138,7 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return out
 
 
-def example_input(batch_size: int, size: int = 224) -> np.ndarray:
-  return np.zeros((batch_size, size, size, 3), np.float32)
+example_input = registry.image_input
 
 
 GROUPS = ([(f"block{b}", rf"block{b}/.*") for b in range(1, 6)]

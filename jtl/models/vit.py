@@ -227,8 +227,7 @@ def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
                                  crop_fraction=crop_fraction)
 
 
-def example_input(batch_size: int, size: int = 224) -> np.ndarray:
-  return np.zeros((batch_size, size, size, 3), np.float32)
+example_input = registry.image_input
 
 
 def groups(depth: int) -> list[tuple[str, str]]:
