@@ -42,9 +42,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
-  hint = cli.configure_cpu_runtime()  # before any computation creates the CPU client
-  if hint:
-    logging.warning(hint)
+  cli.configure_cpu_runtime()  # before any computation creates the CPU client
   cli.enable_compilation_cache()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   result = experiment.evaluate_workdir(

@@ -29,9 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
-  hint = cli.configure_cpu_runtime()  # before any computation creates the CPU client
-  if hint:
-    logging.warning(hint)
+  cli.configure_cpu_runtime()  # before any computation creates the CPU client
   cli.enable_compilation_cache()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
   print(f"\nDone. Final eval: {result.eval_metrics}\n"

@@ -36,9 +36,7 @@ def main() -> None:
   a = p.parse_args()
 
   from jtl import cli
-  hint = cli.configure_cpu_runtime()  # as scripts/finetune.py does
-  if hint:
-    print(hint)
+  cli.configure_cpu_runtime()  # as scripts/finetune.py does
   import jax
   import jax.numpy as jnp
   import numpy as np
