@@ -10,22 +10,16 @@ import pytest
 from jtl import cli
 
 # Loads jtl/cli.py alone (importing jtl would take seconds), sets up the
-# runtime, then counts the page faults of a step shaped like a training step:
-# donated state, temporaries of 36 MiB (above glibc's largest mmap threshold).
+# runtime and prints what it applied. Only deterministic facts are asserted:
+# page-fault counts depend on the kernel's reclaim and the machine's load, so
+# they are measured by scripts/profile_step.py (BENCHMARKS.md), not here.
 PROBE = f"""
-import importlib.util, resource
+import importlib.util
 spec = importlib.util.spec_from_file_location("cli", {str(Path(cli.__file__))!r})
 cli = importlib.util.module_from_spec(spec); spec.loader.exec_module(cli)
 print("hint:", cli.configure_cpu_runtime())
-import jax, jax.numpy as jnp
-step = jax.jit(lambda s, w: s * 0.5 + jnp.tanh(s @ w) @ w.T * 1e-3, donate_argnums=0)
-s, w = jnp.ones((9216, 1024)), jnp.ones((1024, 128)) * 1e-3
-for _ in range(3):
-  s = step(s, w).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-  s = step(s, w).block_until_ready()
-print("faults per step:", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+import jax
+print("async dispatch:", jax.config.read("jax_cpu_enable_async_dispatch"))
 """
 
 ON_GLIBC = cli.on_glibc()
@@ -37,7 +31,7 @@ def _probe(tunables):
   out = subprocess.run([sys.executable, "-c", PROBE], env=env, check=True,
                        capture_output=True, text=True).stdout
   hint = out.split("hint: ", 1)[1].split("\n", 1)[0]
-  return hint, float(out.split("faults per step: ")[1])
+  return hint, out.split("async dispatch: ", 1)[1].strip()
 
 
 @pytest.mark.skipif(not ON_GLIBC, reason="glibc only")
@@ -49,11 +43,11 @@ def test_missing_tunables_are_named_and_kept_after_existing_ones():
 
 
 @pytest.mark.skipif(not ON_GLIBC, reason="glibc only")
-def test_heap_reuse_removes_the_page_faults_of_each_step():
-  hint, faults = _probe("glibc.cpu.x86_avx=1")
+def test_runtime_settings_follow_the_tunables():
+  # Without the tunables: a hint naming them (after the user's own), dispatch untouched.
+  hint, async_dispatch = _probe("glibc.cpu.x86_avx=1")
   expected = "GLIBC_TUNABLES=glibc.cpu.x86_avx=1:" + ":".join(cli.HEAP_REUSE_TUNABLES)
-  assert expected in hint
-  assert faults > 8_000  # 36 MiB from fresh 4 KiB pages, every step
-  hint, faults = _probe(":".join(cli.HEAP_REUSE_TUNABLES))
-  assert hint == "None"
-  assert faults < 100
+  assert expected in hint and async_dispatch == "True"
+  # With them: no hint, synchronous dispatch (XLA allocates on the main heap).
+  hint, async_dispatch = _probe(":".join(cli.HEAP_REUSE_TUNABLES))
+  assert hint == "None" and async_dispatch == "False"
