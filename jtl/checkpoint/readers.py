@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from jtl.checkpoint import torch_files
+from jtl.checkpoint.torch_pickle import Budget
 from jtl.checkpoint.orbax_reader import read_orbax
 from jtl.checkpoint.sources import resolve
 from jtl.errors import CheckpointError, JtlError, bullet_list
@@ -35,6 +36,8 @@ from jtl.errors import CheckpointError, JtlError, bullet_list
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
 _MAX_SAFETENSORS_HEADER = 100 << 20
 _MAX_NODES = 1_000_000  # a state dict has thousands; guards shared-list bombs
+MAX_EXPANSION = 4.0
+EXPANSION_FLOOR = 64 << 20
 
 
 @contextlib.contextmanager
@@ -152,37 +155,65 @@ def _local_or_bytes(path: epath.Path) -> Any:
   return io.BytesIO(path.read_bytes())
 
 
-def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+def _file_bytes(path: epath.Path) -> bytearray:
+  """The whole file in one writable buffer (arrays may be views into it)."""
+  with path.open("rb") as f:
+    return torch_files.read_exact(f, path.stat().length, f"{path}")
+
+
+def budget_for(path: epath.Path, max_expansion: float | None) -> Budget:
+  """The bytes a reader may materialise from the file at `path`."""
+  if max_expansion is None:
+    return Budget(str(path), None)
+  size = path.stat().length
+  limit = int(max_expansion * size) + EXPANSION_FLOOR
+  return Budget(str(path), limit, f"(max_expansion={max_expansion} x the "
+                f"file's {size} bytes + {EXPANSION_FLOOR})")
+
+
+def _npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any,
+                budget: Budget) -> np.ndarray:
+  """One .npy member, inflated at most to its header's size, copied once."""
+  with zf.open(info) as f:
+    version = np.lib.format.read_magic(f)
+    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = reader(f)
+    if dtype.hasobject:
+      raise CheckpointError(
+          f"{path}: member {info.filename!r} holds Python objects, which "
+          "jtl does not unpickle.")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > info.file_size:
+      raise CheckpointError(
+          f"{path}: member {info.filename!r} declares shape {shape} "
+          f"({nbytes} bytes) but holds only {info.file_size} bytes.")
+    budget.charge(nbytes, f"member {info.filename!r} (shape {shape})")
+    raw = torch_files.read_exact(f, nbytes, f"{path}: member {info.filename!r}")
+  return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   with zipfile.ZipFile(_local_or_bytes(path)) as zf:
-    for info in zf.infolist():
-      if not info.filename.endswith(".npy"):
-        continue
-      with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = reader(f)
-        if dtype.hasobject:
-          raise CheckpointError(
-              f"{path}: member {info.filename!r} holds Python objects, which "
-              "jtl does not unpickle.")
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if nbytes > info.file_size:
-          raise CheckpointError(
-              f"{path}: member {info.filename!r} declares shape {shape} "
-              f"({nbytes} bytes) but holds only {info.file_size} bytes.")
-        raw = f.read(nbytes)
-      if len(raw) != nbytes:
-        raise CheckpointError(f"{path}: member {info.filename!r} is truncated")
-      arr = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
-      out[info.filename[:-len(".npy")]] = np.array(arr)
+    members = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+    declared = sum(i.file_size for i in members)
+    if budget.limit is not None and declared > budget.limit:
+      big = max(members, key=lambda i: i.file_size)
+      raise CheckpointError(
+          f"{path}: the .npy members inflate to {declared} bytes (member "
+          f"{big.filename!r}: {big.compress_size} bytes compressed, "
+          f"{big.file_size} inflated), more than the limit of {budget.limit} "
+          f"bytes {budget.hint}. The file is damaged or a zip bomb; if you "
+          "trust it, pass a larger max_expansion= to jtl.read.")
+    for info in members:
+      out[info.filename[:-len(".npy")]] = _npy_member(zf, info, path, budget)
   if not out:
     raise CheckpointError(f"{path}: a zip file without .npy members, so not npz")
   return out
 
 
-def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
   src = _local_or_bytes(path)
@@ -198,7 +229,7 @@ def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in flat.items()}
 
 
-def _read_msgpack(path: epath.Path) -> dict[str, np.ndarray]:
+def _read_msgpack(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
   tree = serialization.msgpack_restore(path.read_bytes())
@@ -209,15 +240,13 @@ def _read_msgpack(path: epath.Path) -> dict[str, np.ndarray]:
   return to_flat_arrays(tree, path)
 
 
-def _read_torch(path: epath.Path) -> dict[str, np.ndarray]:
-  src = _local_or_bytes(path)
+def _read_torch(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
   head = _head(path, 4)
   if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-    with zipfile.ZipFile(src) as zf:
-      obj = torch_files.read_zip(str(path), zf)
+    with zipfile.ZipFile(_local_or_bytes(path)) as zf:
+      obj = torch_files.read_zip(str(path), zf, budget)
   else:
-    buf = src.getvalue() if isinstance(src, io.BytesIO) else path.read_bytes()
-    obj = torch_files.read_legacy(str(path), buf)
+    obj = torch_files.read_legacy(str(path), _file_bytes(path), budget)
   if not isinstance(obj, Mapping):
     raise CheckpointError(
         f"{path}: holds a {type(obj).__name__}, not a state dict (a mapping "
@@ -249,7 +278,8 @@ def select(flat: Mapping[str, np.ndarray], subtree: str | None,
 
 
 def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined-builtin
-         subtree: str | None = None) -> dict[str, np.ndarray]:
+         subtree: str | None = None,
+         max_expansion: float | None = MAX_EXPANSION) -> dict[str, np.ndarray]:
   """Reads a checkpoint into a flat {name: numpy array} dict.
 
   Args:
@@ -259,6 +289,12 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
       detection from the content.
     subtree: keep only names under this "/"-joined prefix and strip it, e.g.
       "params/img". Orbax restores only that sub-tree from disk.
+    max_expansion: a file may yield at most `max_expansion` x its size +
+      `EXPANSION_FLOOR` (64 MiB) bytes of arrays; a file that asks for more
+      (a zip bomb, stride-0 tensors over a tiny storage) is refused before
+      anything is allocated. Tied weights (plain views of one torch storage)
+      count once. None lifts the limit. Orbax directories are checked by
+      `verify_orbax` instead (declared sizes against the bytes on disk).
 
   Returns:
     {name: np.ndarray} on the host.
@@ -282,5 +318,5 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   if path.stat().length == 0:
     raise CheckpointError(f"{path}: the file is empty (0 bytes).")
   with guard(path, f"a {fmt} file"):
-    flat = _READERS[fmt](path)
+    flat = _READERS[fmt](path, budget_for(path, max_expansion))
   return select(flat, subtree, path)

@@ -17,16 +17,51 @@ from typing import Any
 
 import numpy as np
 
-from jtl.checkpoint.torch_pickle import (PlainUnpickler, Storage, materialize,
-                                         unpickle)
+from jtl.checkpoint.torch_pickle import (Budget, PlainUnpickler, Storage,
+                                         materialize, unpickle)
 from jtl.errors import CheckpointError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE_BYTES = 1 << 30
+_CHUNK = 1 << 20
 
 
-def read_zip(path: str, zf: zipfile.ZipFile) -> Any:
-  """Unpickles a torch zip archive; returns the saved object (numpy leaves)."""
+def read_exact(f: Any, nbytes: int, what: str) -> bytearray:
+  """Reads exactly `nbytes` from the file object `f` into one new buffer.
+
+  The read is streamed in chunks with `nbytes` as a hard cap, so a member
+  whose declared size lies (a zip bomb) can never inflate past it, and the
+  bytes are copied once (no intermediate `bytes` of the whole member).
+  """
+  buf = bytearray(nbytes)
+  view, pos = memoryview(buf), 0
+  while pos < nbytes:
+    chunk = f.read(min(_CHUNK, nbytes - pos))
+    if not chunk:
+      raise CheckpointError(f"{what} is truncated: {pos} of {nbytes} bytes")
+    view[pos:pos + len(chunk)] = chunk
+    pos += len(chunk)
+  return buf
+
+
+def _member(zf: zipfile.ZipFile, name: str, nbytes: int, budget: Budget,
+            path: str) -> bytearray:
+  """Reads the first `nbytes` of a zip member, charged to `budget` first."""
+  declared = zf.getinfo(name).file_size
+  if declared < nbytes:
+    raise CheckpointError(
+        f"{path}: member {name!r} holds {declared} bytes, but {nbytes} are "
+        "needed; the file is truncated or damaged.")
+  budget.charge(nbytes, f"member {name!r} ({nbytes} bytes)")
+  with zf.open(name) as f:
+    return read_exact(f, nbytes, f"{path}: member {name!r}")
+
+
+def read_zip(path: str, zf: zipfile.ZipFile, budget: Budget) -> Any:
+  """Unpickles a torch zip archive; returns the saved object (numpy leaves).
+
+  Every byte inflated or copied is charged to `budget` before it is read.
+  """
   names = zf.namelist()
   pkl = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
   if len(pkl) != 1:
@@ -39,10 +74,11 @@ def read_zip(path: str, zf: zipfile.ZipFile) -> Any:
   prefix = pkl[0][:-len("data.pkl")]
   big_endian = False
   if prefix + "byteorder" in names:
-    big_endian = zf.read(prefix + "byteorder").strip() == b"big"
-  info = zf.getinfo(pkl[0])
-  if info.file_size > _MAX_PICKLE_BYTES:
-    raise CheckpointError(f"{path}: data.pkl declares {info.file_size} bytes")
+    with zf.open(prefix + "byteorder") as f:
+      big_endian = f.read(16).strip() == b"big"
+  size = zf.getinfo(pkl[0]).file_size
+  if size > _MAX_PICKLE_BYTES:
+    raise CheckpointError(f"{path}: data.pkl declares {size} bytes")
   cache: dict[str, Storage] = {}
 
   def load_storage(key: str, dtype: np.dtype, numel: int) -> Storage:
@@ -50,22 +86,17 @@ def read_zip(path: str, zf: zipfile.ZipFile) -> Any:
       member = f"{prefix}data/{key}"
       if member not in names:
         raise CheckpointError(f"{path}: storage member {member!r} is missing")
-      nbytes = numel * dtype.itemsize
-      if zf.getinfo(member).file_size < nbytes:
-        raise CheckpointError(
-            f"{path}: storage {member!r} holds {zf.getinfo(member).file_size} "
-            f"bytes, but {numel} x {dtype} needs {nbytes}")
-      with zf.open(member) as f:
-        raw = f.read(nbytes)
+      raw = _member(zf, member, numel * dtype.itemsize, budget, path)
       cache[key] = Storage(_from_bytes(raw, dtype, numel, big_endian))
     return cache[key]
 
-  return materialize(
-      unpickle(path, io.BytesIO(zf.read(pkl[0])), load_storage))
+  data = _member(zf, pkl[0], size, budget, path)
+  return materialize(unpickle(path, _Reader(data), load_storage), budget)
 
 
-def _from_bytes(raw: bytes, dtype: np.dtype, numel: int,
+def _from_bytes(raw: Any, dtype: np.dtype, numel: int,
                 big_endian: bool) -> np.ndarray:
+  """A (writable when `raw` is) array over `raw`, in native byte order."""
   if len(raw) != numel * dtype.itemsize:
     raise ValueError(f"storage has {len(raw)} bytes, expected "
                      f"{numel * dtype.itemsize}")
@@ -81,7 +112,7 @@ class _Reader:
   never pre-allocates the (possibly absurd) length a damaged file declares.
   """
 
-  def __init__(self, buf: bytes):
+  def __init__(self, buf: bytes | bytearray):
     self._bytes, self._buf, self.pos = buf, memoryview(buf), 0
 
   def read(self, n: int = -1) -> bytes:
@@ -91,14 +122,24 @@ class _Reader:
     self.pos = end
     return out
 
+  def view(self, n: int) -> memoryview:
+    """The next `n` bytes without a copy (fewer at the end of the buffer)."""
+    out = self._buf[self.pos:self.pos + n]
+    self.pos += len(out)
+    return out
+
   def readline(self, limit: int = -1) -> bytes:
     stop = len(self._buf) if limit < 0 else min(self.pos + limit, len(self._buf))
     i = self._bytes.find(b"\n", self.pos, stop)
     return self.read((stop if i < 0 else i + 1) - self.pos)
 
 
-def read_legacy(path: str, buf: bytes) -> Any:
-  """Unpickles a legacy (non-zip) torch.save stream held in `buf`."""
+def read_legacy(path: str, buf: bytearray, budget: Budget) -> Any:
+  """Unpickles a legacy (non-zip) torch.save stream held in `buf`.
+
+  Storages are views into `buf` (no copy); their bytes and those of any
+  expanded tensor are charged to `budget`.
+  """
   f = _Reader(buf)
   try:
     magic = unpickle(path, f, None, unpickler=PlainUnpickler)
@@ -139,5 +180,7 @@ def read_legacy(path: str, buf: bytes) -> Any:
       raise CheckpointError(
           f"{path}: storage {key} declares {count} elements ({numel} "
           f"expected, {len(buf) - f.pos} bytes left in the file)")
-    storages[key].data = _from_bytes(f.read(nbytes), dtype, count, big_endian)
-  return materialize(obj)
+    budget.charge(nbytes, f"storage {key} ({count} x {dtype})")
+    storages[key].data = _from_bytes(f.view(nbytes), dtype, count,
+                                     big_endian)
+  return materialize(obj, budget)

@@ -69,8 +69,43 @@ class _TensorRef:
     self.args = (storage, offset, size, stride)
 
 
-def _build(storage: Storage, offset: Any, size: Any,
-           stride: Any) -> np.ndarray:
+class Budget:
+  """Bytes a reader may still materialise; refuses a file that asks for more.
+
+  A tiny file can declare huge arrays (a stride-0 tensor over a one-element
+  storage, a deflated member that inflates a thousandfold); every allocation
+  is charged here *before* it is made.
+  """
+
+  def __init__(self, path: str, limit: int | None, hint: str = ""):
+    self.path, self.limit, self.used, self.hint = path, limit, 0, hint
+
+  def charge(self, nbytes: int, what: str) -> None:
+    """Adds `nbytes` for `what`; raises CheckpointError past the limit."""
+    self.used += int(nbytes)
+    if self.limit is not None and self.used > self.limit:
+      raise CheckpointError(
+          f"{self.path}: {what} would bring the arrays read from this file to "
+          f"{self.used} bytes, more than the limit of {self.limit} bytes "
+          f"{self.hint}. The file is damaged or built to exhaust memory (a "
+          "decompression or stride-0 bomb); if you trust it, pass a larger "
+          "max_expansion= (or max_expansion=None) to jtl.read.")
+
+
+def _is_plain(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+  """True when no two elements of the (size, stride) view share memory."""
+  span = 0  # the largest offset reached by the dimensions of smaller stride
+  for s, n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+    if s <= span:
+      return False
+    span += (n - 1) * s
+  return True
+
+
+def _build(storage: Storage, offset: Any, size: Any, stride: Any,
+           budget: Budget | None = None, name: str = "") -> np.ndarray:
+  """The tensor's array: a view of its storage when no elements overlap
+  (tied weights then share memory, as in torch), else a charged copy."""
   size, stride, offset = tuple(size), tuple(stride), int(offset)
   if len(size) != len(stride) or any(
       not isinstance(v, int) or v < 0 for v in size + stride) or offset < 0:
@@ -84,13 +119,18 @@ def _build(storage: Storage, offset: Any, size: Any,
   if last >= flat.size:
     raise ValueError(f"tensor (size={size}, stride={stride}, offset={offset}) "
                      f"reaches element {last} of a storage of {flat.size}")
-  if numel > 16 * flat.size + (1 << 20):  # stride-0 blow-ups
-    raise ValueError(f"tensor of {numel} elements from a storage of "
-                     f"{flat.size}")
   item = flat.itemsize
+  plain = _is_plain(size, stride)
   view = np.lib.stride_tricks.as_strided(
-      flat[offset:], shape=size, strides=[s * item for s in stride],
-      writeable=False)
+      flat[offset:], shape=size,
+      strides=[s * item if n > 1 else 0 for n, s in zip(size, stride)],
+      writeable=plain and flat.flags.writeable)
+  if plain and flat.flags.writeable:
+    return view
+  if budget is not None:
+    budget.charge(numel * item, f"tensor {name!r} ({numel * item} bytes: "
+                  f"size={size}, stride={stride} over a storage of "
+                  f"{flat.size} elements)")
   return np.array(view, copy=True)
 
 
@@ -105,25 +145,29 @@ def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any,
   return _TensorRef(storage, offset, size, stride)
 
 
-def materialize(obj: Any) -> Any:
+def materialize(obj: Any, budget: Budget | None = None) -> Any:
   """Replaces every tensor reference in `obj`'s containers by its array.
 
   Shared sub-objects are converted once (a pickle can reference one list
   from many places, so a tiny file could otherwise expand exponentially).
+  Tensors that overlap themselves (stride 0) are copied and charged to
+  `budget` before the copy is made.
   """
   memo: dict[int, Any] = {}
 
-  def convert(node: Any) -> Any:
+  def convert(node: Any, name: str) -> Any:
     if id(node) in memo:
       return memo[id(node)]
     if isinstance(node, _TensorRef):
-      out = _build(*node.args)
+      out = _build(*node.args, budget=budget, name=name)
     elif isinstance(node, dict):
       out = memo[id(node)] = {}
-      out.update((k, convert(v)) for k, v in node.items())
+      out.update((k, convert(v, f"{name}/{k}" if name else str(k)))
+                 for k, v in node.items())
     elif isinstance(node, (list, tuple)):
       out = memo[id(node)] = []
-      out.extend(convert(v) for v in node)
+      out.extend(convert(v, f"{name}/{i}" if name else str(i))
+                 for i, v in enumerate(node))
     elif isinstance(node, (Storage, StorageType)):
       out = None
     else:
@@ -131,7 +175,7 @@ def materialize(obj: Any) -> Any:
     memo[id(node)] = out
     return out
 
-  return convert(obj)
+  return convert(obj, "")
 
 
 def _rebuild_parameter(data: Any, *unused: Any) -> Any:

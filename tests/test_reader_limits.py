@@ -1,0 +1,238 @@
+"""Readers refuse files that ask for far more memory than they hold.
+
+Stride-0 torch tensors over a tiny storage, zip members that inflate a
+thousandfold, Orbax metadata declaring [10^6, 10^6] arrays: each is refused
+with a CheckpointError *before* the memory is allocated (checked with
+tracemalloc's peak, which is deterministic), and valid files are read with one
+copy of their bytes at most.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+
+from jtl.checkpoint import read, readers
+from jtl.errors import CheckpointError
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------- hand-written torch pickles
+
+
+def _str(text: str) -> bytes:
+  data = text.encode()
+  return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def _int(value: int) -> bytes:
+  if 0 <= value < 2**31:
+    return b"J" + value.to_bytes(4, "little", signed=True)
+  data = value.to_bytes(8, "little", signed=True)
+  return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def _tuple(items) -> bytes:
+  return b"(" + b"".join(items) + b"t"
+
+
+def _global(module: str, name: str) -> bytes:
+  return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _tensor(key: str, numel: int, offset: int, size, stride,
+            storage: str = "FloatStorage") -> bytes:
+  pid = _tuple([_str("storage"), _global("torch", storage), _str(key),
+                _str("cpu"), _int(numel)]) + b"Q"  # BINPERSID
+  args = _tuple([pid, _int(offset), _tuple(map(_int, size)),
+                 _tuple(map(_int, stride)), b"\x89",
+                 _global("collections", "OrderedDict") + b")R"])
+  return _global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
+
+
+def state_dict_pickle(tensors: dict, numels: dict) -> bytes:
+  """A protocol-2 pickle of {name: tensor} as torch.save writes it.
+
+  `tensors` maps a name to (storage key, offset, size, stride); `numels`
+  maps a storage key to its element count.
+  """
+  body = b"".join(_str(name) + _tensor(key, numels[key], off, size, stride)
+                  for name, (key, off, size, stride) in tensors.items())
+  return b"\x80\x02}(" + body + b"u."
+
+
+def torch_zip(path, tensors: dict, storages: dict, *,
+              compression: int = zipfile.ZIP_STORED) -> None:
+  """Writes a torch.save zip archive; `storages` maps key -> float32 array."""
+  numels = {k: v.size for k, v in storages.items()}
+  with zipfile.ZipFile(path, "w", compression) as zf:
+    zf.writestr("archive/data.pkl", state_dict_pickle(tensors, numels))
+    zf.writestr("archive/byteorder", "little")
+    for key, arr in storages.items():
+      with zf.open(f"archive/data/{key}", "w", force_zip64=True) as f:
+        for i in range(0, arr.size, MiB):
+          f.write(arr[i:i + MiB].tobytes())
+    zf.writestr("archive/version", "3\n")
+
+
+def torch_legacy(path, tensors: dict, storages: dict) -> None:
+  """Writes a legacy (non-zip) torch.save stream."""
+  out = io.BytesIO()
+  for obj in (0x1950A86A20F9469CFC6C, 1001,
+              {"protocol_version": 1001, "little_endian": True}):
+    pickle.dump(obj, out, protocol=2)
+  out.write(state_dict_pickle(tensors, {k: v.size for k, v in storages.items()}))
+  pickle.dump(list(storages), out, protocol=2)
+  for arr in storages.values():
+    out.write(arr.size.to_bytes(8, "little") + arr.astype("<f4").tobytes())
+  path.write_bytes(out.getvalue())
+
+
+def peak_bytes(fn, *args, **kwargs):
+  """Runs fn and returns (its result or exception, tracemalloc peak)."""
+  tracemalloc.start()
+  try:
+    try:
+      result = fn(*args, **kwargs)
+    except CheckpointError as e:
+      result = e
+    return result, tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+# ------------------------------------------------------ item 8: amplification
+
+
+@pytest.mark.parametrize("writer", [torch_zip, torch_legacy])
+def test_stride0_tensors_over_a_tiny_storage_are_refused(tmp_path, writer):
+  # 1000 tensors of 200 x 1000 floats, all reading one element: 800 MB from
+  # a ~160 KB file.
+  tensors = {f"w{i}": ("0", 0, (200, 1000), (0, 0)) for i in range(1000)}
+  path = tmp_path / "amplified.pt"
+  writer(path, tensors, {"0": np.ones(1, np.float32)})
+  assert path.stat().st_size < 200_000
+  err, peak = peak_bytes(read, path)
+  assert isinstance(err, CheckpointError), err
+  assert str(path) in str(err) and "max_expansion" in str(err)
+  assert "stride=(0, 0)" in str(err) and "'w" in str(err)
+  assert peak < 80 * MiB  # the 64 MiB floor is spent, nothing beyond it
+
+
+def test_one_tensor_asking_for_24_gib_is_refused_before_allocating(tmp_path):
+  path = tmp_path / "huge.pt"
+  torch_zip(path, {"w": ("0", 0, (2**31, 3), (0, 0))},
+            {"0": np.ones(1, np.float32)})
+  err, peak = peak_bytes(read, path)
+  assert isinstance(err, CheckpointError)
+  assert "tensor 'w' (25769803776 bytes" in str(err)
+  assert peak < 4 * MiB
+
+
+def test_tied_weights_count_once_and_share_memory(tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "EXPANSION_FLOOR", 0)
+  base = np.arange(MiB // 4, dtype=np.float32)  # a 1 MiB storage
+  tensors = {f"tied{i}": ("0", 0, (512, 512), (512, 1)) for i in range(8)}
+  tensors["transposed"] = ("0", 0, (512, 512), (1, 512))
+  tensors["offset"] = ("0", 512, (2, 3), (512, 1))
+  path = tmp_path / "tied.pt"
+  torch_zip(path, tensors, {"0": base})
+  flat = read(path, max_expansion=1.1)  # 9 views of one storage fit in 1.1x
+  np.testing.assert_array_equal(flat["tied3"], base.reshape(512, 512))
+  np.testing.assert_array_equal(flat["transposed"], base.reshape(512, 512).T)
+  np.testing.assert_array_equal(flat["offset"], base[512:1536].reshape(2, 512)[:, :3])
+  assert np.shares_memory(flat["tied0"], flat["tied7"])
+  assert flat["transposed"].flags.writeable
+  # A stride-0 view is expanded, so it is charged: 1 MiB more does not fit.
+  tensors["expanded"] = ("0", 0, (512, 512), (0, 1))
+  torch_zip(path, tensors, {"0": base})
+  with pytest.raises(CheckpointError, match="tensor 'expanded'"):
+    read(path, max_expansion=1.1)
+  assert read(path, max_expansion=2.5)["expanded"].shape == (512, 512)
+  assert read(path, max_expansion=None)["expanded"][3, 5] == 5.0
+
+
+# ---------------------------------------------------------- item 9: zip bombs
+
+
+def _npz_bomb(path, mib: int) -> None:
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {"descr": "<f4", "fortran_order": False, "shape": (mib * MiB // 4,)})
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zf.open("w.npy", "w", force_zip64=True) as f:
+      f.write(header.getvalue())
+      for _ in range(mib):
+        f.write(bytes(MiB))
+
+
+def test_npz_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "EXPANSION_FLOOR", MiB)
+  path = tmp_path / "bomb.npz"
+  _npz_bomb(path, 8)
+  assert path.stat().st_size < 64_000
+  err, peak = peak_bytes(read, path, max_expansion=4)
+  assert isinstance(err, CheckpointError), err
+  assert "'w.npy'" in str(err) and "zip bomb" in str(err)
+  assert "max_expansion" in str(err)
+  assert peak < MiB // 2  # nothing was inflated
+  assert read(path, max_expansion=None)["w"].shape == (2 * MiB,)
+
+
+def test_torch_deflated_storage_bomb_is_refused_before_inflating(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "EXPANSION_FLOOR", MiB)
+  path = tmp_path / "bomb.pt"
+  torch_zip(path, {"w": ("0", 0, (2 * MiB,), (1,))},
+            {"0": np.zeros(2 * MiB, np.float32)}, compression=zipfile.ZIP_DEFLATED)
+  assert path.stat().st_size < 64_000
+  err, peak = peak_bytes(read, path)
+  assert isinstance(err, CheckpointError), err
+  assert "archive/data/0" in str(err) and "max_expansion" in str(err)
+  assert peak < MiB // 2
+
+
+def test_member_whose_declared_size_lies_is_capped(tmp_path):
+  # The zip headers say 1000 bytes; the deflated stream holds 8 MiB.
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {"descr": "<f4", "fortran_order": False, "shape": (2 * MiB,)})
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("w.npy", header.getvalue() + bytes(8 * MiB))
+  data = bytearray(buf.getvalue())
+  for magic, at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+    pos = data.index(magic) + at
+    assert int.from_bytes(data[pos:pos + 4], "little") == 8 * MiB + 128
+    data[pos:pos + 4] = (1000).to_bytes(4, "little")
+  path = tmp_path / "liar.npz"
+  path.write_bytes(bytes(data))
+  err, peak = peak_bytes(read, path, max_expansion=None)
+  assert isinstance(err, CheckpointError), err
+  assert "liar.npz" in str(err)  # zipfile stops at 1000 bytes (bad CRC)
+  assert peak < MiB // 2
+
+
+@pytest.mark.parametrize("kind", ["npz", "torch_zip", "torch_legacy"])
+def test_valid_files_are_copied_once(tmp_path, kind):
+  arr = np.arange(2 * MiB, dtype=np.float32)  # 8 MiB
+  path = tmp_path / f"w.{kind}"
+  if kind == "npz":
+    np.savez(path, w=arr)
+  elif kind == "torch_zip":
+    torch_zip(path, {"w": ("0", 0, (arr.size,), (1,))}, {"0": arr})
+  else:
+    torch_legacy(path, {"w": ("0", 0, (arr.size,), (1,))}, {"0": arr})
+  flat, peak = peak_bytes(read, path)
+  np.testing.assert_array_equal(flat["w"], arr)
+  assert flat["w"].flags.writeable
+  assert peak < arr.nbytes + 3 * MiB  # before: the bytes read, then a copy
