@@ -10,6 +10,7 @@ copy of their bytes at most.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -236,3 +237,91 @@ def test_valid_files_are_copied_once(tmp_path, kind):
   np.testing.assert_array_equal(flat["w"], arr)
   assert flat["w"].flags.writeable
   assert peak < arr.nbytes + 3 * MiB  # before: the bytes read, then a copy
+
+
+# ------------------------------------------- item 12: paths, steps, float8
+
+
+def safetensors_bytes(entries: dict, data: bytes) -> bytes:
+  header = json.dumps(entries).encode()
+  return len(header).to_bytes(8, "little") + header + data
+
+
+def test_float8_safetensors_are_read(tmp_path):
+  import ml_dtypes
+  e4 = np.array([0.5, -1.75, 448.0], ml_dtypes.float8_e4m3fn)
+  e5 = np.array([[1.0, -2.0], [0.25, 57344.0]], ml_dtypes.float8_e5m2)
+  path = tmp_path / "fp8.safetensors"
+  path.write_bytes(safetensors_bytes(
+      {"a": {"dtype": "F8_E4M3", "shape": [3], "data_offsets": [0, 3]},
+       "b": {"dtype": "F8_E5M2", "shape": [2, 2], "data_offsets": [3, 7]},
+       "__metadata__": {"format": "pt"}}, e4.tobytes() + e5.tobytes()))
+  flat = read(path)
+  assert flat["a"].dtype == ml_dtypes.float8_e4m3fn
+  assert flat["b"].dtype == ml_dtypes.float8_e5m2
+  np.testing.assert_array_equal(flat["a"].astype(np.float32), [0.5, -1.75, 448])
+  np.testing.assert_array_equal(flat["b"].astype(np.float32),
+                                [[1, -2], [0.25, 57344]])
+  path.write_bytes(safetensors_bytes(
+      {"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0"))
+  with pytest.raises(CheckpointError, match="tensor 'a': dtype 'F4' is not "
+                     "supported") as e:
+    read(path)
+  assert "F8_E4M3" in str(e.value) and str(path) in str(e.value)
+
+
+def test_safetensors_offsets_are_checked(tmp_path):
+  path = tmp_path / "bad.safetensors"
+  for entries, match in [
+      ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}},
+       "needs 16 bytes"),
+      ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+       "overlap"),
+      ({"a": {"dtype": "F32", "shape": [10**9], "data_offsets": [0, 4 * 10**9]}},
+       "data section of 16 bytes")]:
+    path.write_bytes(safetensors_bytes(entries, bytes(16)))
+    with pytest.raises(CheckpointError, match=match):
+      read(path)
+
+
+@pytest.fixture(scope="module")
+def orbax_run(tmp_path_factory):
+  """A CheckpointManager run with steps 1 and 2 of a tiny tree."""
+  import orbax.checkpoint as ocp
+  root = tmp_path_factory.mktemp("orbax") / "ckpts"
+  tree = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                     "b": np.ones(3, np.int32)}}
+  with ocp.CheckpointManager(root, item_names=("state",)) as mngr:
+    for step in (1, 2):
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    mngr.wait_until_finished()
+  return root
+
+
+def test_relative_orbax_paths_are_read(orbax_run, monkeypatch):
+  monkeypatch.chdir(orbax_run.parent)
+  for rel in ("ckpts", "ckpts/2", os.path.join("ckpts", "1", "state")):
+    flat = read(rel)
+    key = "params/w" if rel.endswith("state") else "state/params/w"
+    np.testing.assert_array_equal(flat[key], np.arange(6).reshape(2, 3))
+
+
+def test_step_folder_without_a_checkpoint_is_an_error(orbax_run, tmp_path):
+  import shutil
+  root = tmp_path / "ckpts"
+  shutil.copytree(orbax_run, root)
+  (root / "50").mkdir()
+  with pytest.raises(CheckpointError, match="numbered step folder without a "
+                     "checkpoint") as e:
+    read(root / "50")
+  assert str(root / "50") in str(e.value)
+  with pytest.raises(CheckpointError, match="latest step folder") as e:
+    read(root)  # step 50 is the latest and holds nothing
+  assert "earlier step" in str(e.value)
+  (root / "50" / "junk").mkdir()
+  (root / "50" / "junk" / "x.txt").write_text("junk")
+  (root / "50" / "0").mkdir()
+  for where in (root / "50", root):
+    with pytest.raises(CheckpointError, match="holds no checkpoint|without a"):
+      read(where)

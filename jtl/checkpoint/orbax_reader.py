@@ -10,6 +10,7 @@ branch is restored from disk (`partial_restore`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -69,23 +70,46 @@ def _restore(path: epath.Path, keys: list[str], subtree: str) -> Any:
   return restored
 
 
+def _items(path: epath.Path) -> list[str]:
+  return sorted(p.name for p in path.iterdir() if _is_pytree_dir(p))
+
+
+def checkpoint_dir(path: epath.Path) -> epath.Path:
+  """`path` if it holds a checkpoint (PyTree or items), else its latest step.
+
+  Raises a CheckpointError when neither it nor its latest numbered step holds
+  one (an empty or interrupted step folder must not read as "no arrays").
+  """
+  if _is_pytree_dir(path) or _items(path):
+    return path
+  step = _latest_step(path)
+  if step is None:
+    what = ("a numbered step folder without a checkpoint in it"
+            if path.name.isdigit() else "a directory but not an Orbax checkpoint")
+    raise CheckpointError(
+        f"{path}: {what} (no _METADATA, no item sub-directories, no numbered "
+        "step directories). The save may not have finished: read another "
+        "step, or the run's checkpoint directory for the latest one.")
+  if not (_is_pytree_dir(step) or _items(step)):
+    raise CheckpointError(
+        f"{step}: the latest step folder under {path} holds no checkpoint (no "
+        "_METADATA, no item sub-directories); its save did not finish or it "
+        f"was damaged. Read an earlier step ({path}/<step>) or remove {step}.")
+  return step
+
+
 def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
   """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays."""
   from jtl.checkpoint.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
 
+  if "://" not in os.fspath(path):
+    path = epath.Path(os.path.abspath(os.fspath(path)))  # Orbax needs it
   keys = [k for k in (subtree or "").split("/") if k]
-  if not _is_pytree_dir(path) and not any(
-      _is_pytree_dir(p) for p in path.iterdir()):
-    step = _latest_step(path)
-    if step is None:
-      raise CheckpointError(
-          f"{path}: a directory but not an Orbax checkpoint (no _METADATA, "
-          "no item sub-directories, no numbered step directories).")
-    path = step
+  path = checkpoint_dir(path)
   if _is_pytree_dir(path):
     return select(to_flat_arrays(_restore(path, keys, subtree or ""), path,
                                  prefix=subtree or ""), subtree, path)
-  items = sorted(p.name for p in path.iterdir() if _is_pytree_dir(p))
+  items = _items(path)
   if keys:
     if keys[0] not in items:
       raise CheckpointError(

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from etils import epath
 
@@ -35,6 +38,15 @@ from jtl.errors import CheckpointError, JtlError, bullet_list
 
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
 _MAX_SAFETENSORS_HEADER = 100 << 20
+# safetensors dtype names -> numpy (little-endian, as the format stores them).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(t).newbyteorder("<") for name, t in {
+        "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
+        "I16": np.int16, "U32": np.uint32, "I32": np.int32, "U64": np.uint64,
+        "I64": np.int64, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+        "F32": np.float32, "F64": np.float64, "C64": np.complex64,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+        "F8_E8M0": ml_dtypes.float8_e8m0fnu}.items()}
 _MAX_NODES = 1_000_000  # a state dict has thousands; guards shared-list bombs
 MAX_EXPANSION = 4.0
 EXPANSION_FLOOR = 64 << 20
@@ -213,20 +225,74 @@ def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+def _safetensors_entry(path: Any, key: str, entry: Any,
+                       size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  """Checks one header entry; returns (dtype, shape, begin, end)."""
+  where = f"{path}: tensor {key!r}"
+  if not isinstance(entry, dict):
+    raise CheckpointError(f"{where}: header entry is not a JSON object")
+  dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+  if dtype is None:
+    raise CheckpointError(
+        f"{where}: dtype {entry.get('dtype')!r:.40} is not supported; jtl "
+        f"reads {sorted(SAFETENSORS_DTYPES)}. Convert the tensor to one of "
+        "them (e.g. F32) before saving.")
+  shape, offsets = entry.get("shape"), entry.get("data_offsets")
+  if not (isinstance(shape, list) and all(
+      type(n) is int and n >= 0 for n in shape) and isinstance(offsets, list)
+          and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+    raise CheckpointError(f"{where}: bad shape {shape!r:.80} or "
+                          f"data_offsets {offsets!r:.80}")
+  begin, end = offsets
+  if not 0 <= begin <= end <= size or end - begin != math.prod(
+      shape) * dtype.itemsize:
+    raise CheckpointError(
+        f"{where}: shape {shape} x {entry['dtype']} needs "
+        f"{math.prod(shape) * dtype.itemsize} bytes, but data_offsets are "
+        f"{offsets} in a data section of {size} bytes; the file is damaged.")
+  return dtype, tuple(shape), begin, end
 
-  src = _local_or_bytes(path)
-  head = _head(path, 8)
-  if len(head) < 8 or int.from_bytes(head, "little") > _MAX_SAFETENSORS_HEADER:
+
+def _safetensors_header(path: epath.Path, f: Any) -> tuple[dict[str, Any], int]:
+  """Parses the JSON header; returns it without __metadata__, and its size."""
+  head = f.read(8)
+  n = int.from_bytes(head, "little") if len(head) == 8 else -1
+  if not 2 <= n <= min(_MAX_SAFETENSORS_HEADER, path.stat().length - 8):
     raise CheckpointError(
         f"{path}: not a safetensors file (the 8-byte header length "
-        f"{head.hex()} is missing or larger than {_MAX_SAFETENSORS_HEADER}).")
-  if isinstance(src, str):
-    flat = safetensors.numpy.load_file(src)
-  else:
-    flat = safetensors.numpy.load(src.getvalue())
-  return {k: np.asarray(v) for k, v in flat.items()}
+        f"{head.hex()} is missing, or larger than the file or "
+        f"{_MAX_SAFETENSORS_HEADER}).")
+  try:
+    header = json.loads(f.read(n))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise CheckpointError(
+        f"{path}: the safetensors header is not valid JSON ({e}).") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: the safetensors header is not an object")
+  header.pop("__metadata__", None)
+  return header, n
+
+
+def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
+  """Reads every tensor, float8 included, as views of one buffer."""
+  with path.open("rb") as f:
+    header, n = _safetensors_header(path, f)
+    size = path.stat().length - 8 - n
+    entries = {k: _safetensors_entry(path, k, v, size)
+               for k, v in header.items()}
+    spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+      if begin < end:
+        raise CheckpointError(
+            f"{path}: tensors {a!r} and {b!r} overlap in the data section")
+    budget.charge(size, f"the data section ({size} bytes)")
+    buf = torch_files.read_exact(f, size, f"{path}: data section")
+  out = {}
+  for key, (dtype, shape, begin, end) in entries.items():
+    arr = np.frombuffer(buf, dtype, (end - begin) // dtype.itemsize, begin)
+    arr = arr.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    out[key] = arr if arr.flags.aligned else arr.copy()
+  return out
 
 
 def _read_msgpack(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
