@@ -46,6 +46,10 @@ class DataError(JtlError):
   """A dataset, split, folder or example that cannot be used."""
 
 
+class DivergenceError(StepError):
+  """A training step whose loss or gradient norm is not finite (NaN or inf)."""
+
+
 def bullet_list(items: Iterable[object], *, limit: int = 50) -> str:
   """Formats items as an indented bullet list, eliding after `limit`."""
   items = list(items)

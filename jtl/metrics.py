@@ -3,12 +3,15 @@
 All three live in the workdir: `metrics.jsonl` (one JSON object per line,
 {"step": ..., "split": "train"|"eval", ...}), `tensorboard/` and `curves.png`
 (training loss, eval loss and eval accuracy against step, redrawn at each
-evaluation). Only process 0 writes.
+evaluation). Only process 0 writes. A NaN or inf is written as null (strict
+JSON). A resumed run first cuts the JSONL back to its resume step, so the
+steps it repeats appear once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -19,7 +22,8 @@ from etils import epath
 class MetricWriter:
   """Appends metrics to JSONL and TensorBoard; draws the curves on demand."""
 
-  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.workdir = epath.Path(workdir)
     self.active = jax.process_index() == 0
     self.history: list[dict[str, Any]] = []
@@ -28,8 +32,15 @@ class MetricWriter:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.jsonl = self.workdir / "metrics.jsonl"
-    if self.jsonl.exists():  # a resumed run keeps its earlier curve
+    if self.jsonl.exists():  # a resumed run keeps its earlier curve, up to where it resumes
       self.history = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+      if resume_step is not None:
+        kept = [r for r in self.history if r.get("step", 0) <= resume_step]
+        if len(kept) < len(self.history):
+          self.history = kept
+          tmp = self.workdir / "metrics.jsonl.tmp"
+          tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+          tmp.replace(self.jsonl)
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
@@ -37,10 +48,12 @@ class MetricWriter:
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.active:
       return
-    row = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+    values = {k: float(v) for k, v in metrics.items()}
+    row = {"step": int(step), "split": split,
+           **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
     self.history.append(row)
     with open(self.jsonl, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(row, allow_nan=False) + "\n")
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -56,7 +69,7 @@ class MetricWriter:
 
     def series(split, key):
       rows = [r for r in self.history if r["split"] == split and key in r]
-      return [r["step"] for r in rows], [r[key] for r in rows]
+      return [r["step"] for r in rows], [math.nan if r[key] is None else r[key] for r in rows]
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("eval", "o-")):

@@ -271,3 +271,32 @@ def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
           "accuracy": float(sums["correct"]) / count,
           "top5_accuracy": float(sums["correct_top5"]) / count,
           "count": int(sums["count"])}
+
+
+def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+                   ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Wraps a train step so that an update whose loss or gradient norm is NaN
+  or inf is not applied: params, optimizer state and model statistics stay
+  as they were; the step counter and rng advance (the batch is consumed).
+  The metrics gain "skipped" (1.0 for a skipped update, else 0.0).
+
+  >>> import optax
+  >>> state = TrainState(step=jnp.zeros((), jnp.int32), trainable={"w": jnp.ones(2)},
+  ...                    frozen={}, opt_state=(), model_state={}, rng=jnp.zeros(2, jnp.uint32))
+  >>> bad = lambda s, b: (s.replace(step=s.step + 1, trainable={"w": s.trainable["w"] * jnp.nan}),
+  ...                     {"loss": jnp.float32(jnp.nan)})
+  >>> new, metrics = skip_nonfinite(bad)(state, {})
+  >>> new.trainable["w"].tolist(), int(new.step), float(metrics["skipped"])
+  ([1.0, 1.0], 1, 1.0)
+  """
+  def guarded(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    new, metrics = train_step(state, batch)
+    ok = jnp.isfinite(metrics["loss"])
+    if "grad_norm" in metrics:
+      ok &= jnp.isfinite(metrics["grad_norm"])
+    keep = lambda n, o: jnp.where(ok, n, o)
+    new = new.replace(trainable=jax.tree.map(keep, new.trainable, state.trainable),
+                      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+                      model_state=jax.tree.map(keep, new.model_state, state.model_state))
+    return new, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
+  return guarded

@@ -9,6 +9,7 @@ step's wall time is spent waiting for input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -21,8 +22,10 @@ import optax
 from absl import logging
 
 from jtl import parallel, steps
+from jtl import phases as phases_lib
+from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.errors import CheckpointError
+from jtl.errors import CheckpointError, ConfigError, DivergenceError
 from jtl.metrics import MetricWriter
 from jtl.state import TrainState, create_train_state
 
@@ -67,6 +70,68 @@ def _check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> 
         + "\n  ".join(clashes) + "\nUse a new --workdir, or the same model settings.")
 
 
+def _exit_quietly_on_error(close: Callable[[], None]) -> Callable[..., bool]:
+  """An ExitStack exit callback: runs `close`; when the run is already failing,
+  a failure to close is logged, so the user sees the one real error."""
+  def exit_(exc_type, exc, tb) -> bool:
+    del exc, tb
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001
+      if exc_type is None:
+        raise
+      logging.error("While stopping after an error, closing also failed: %s", e)
+    return False
+  return exit_
+
+
+def _nonfinite_step(steps_and_metrics: list[tuple[int, dict[str, Any]]]
+                    ) -> tuple[int, dict[str, float]] | None:
+  """The first (step, metrics) whose loss or grad_norm is NaN or inf."""
+  for step, metrics in jax.device_get(steps_and_metrics):
+    values = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics}
+    if not all(np.isfinite(v) for v in values.values()):
+      return step, values
+  return None
+
+
+def _divergence(step: int, values: dict[str, float], last_saved: int | None,
+                workdir: Any) -> DivergenceError:
+  shown = ", ".join(f"{k} {v}" for k, v in values.items())
+  kept = (f"The last checkpoint, step {last_saved} in {workdir}, is from before it and is kept."
+          if last_saved is not None else "Nothing was saved by this run after it.")
+  return DivergenceError(
+      f"Training diverged at step {step}: {shown}. The run stops and saves nothing from "
+      f"step {step} on. {kept} Lower the learning rate, add clip_norm or warmup, or set "
+      "on_nonfinite='skip' (config key on_nonfinite) to skip such updates instead.")
+
+
+@dataclasses.dataclass
+class _Window:
+  """Train metrics since the last log line, and the time they took."""
+  start: float
+  rows: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
+  wait: float = 0.0
+  busy: float = 0.0
+  skipped: float = 0.0
+
+  def summary(self, batch_size: int) -> dict[str, float]:
+    fetched = [m for _, m in jax.device_get(self.rows)]  # blocks: the window's compute is done
+    now = time.perf_counter()
+    row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    if "skipped" in row:
+      row["skipped"] = float(np.sum([m["skipped"] for m in fetched]))
+      self.skipped += row["skipped"]
+      row["skipped_total"] = self.skipped
+    elapsed = now - self.start
+    self.busy += elapsed
+    row["steps_per_second"] = len(fetched) / elapsed
+    row["examples_per_second"] = len(fetched) * batch_size / elapsed
+    row["input_wait_fraction"] = self.wait / max(self.busy, 1e-9)
+    self.rows, self.start = [], time.perf_counter()
+    return row
+
+
 def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTransformation,
         train_batches: Callable[[int], Iterator[Batch]], num_steps: int,
         workdir: str | os.PathLike | None = None,
@@ -75,7 +140,7 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
         mesh: jax.sharding.Mesh | None = None, loss_fn: steps.LossFn = steps.cross_entropy_loss,
         microbatches: int = 1, compute_dtype: Any = None, seed: int = 0,
         meta: dict[str, Any] | None = None, log_every: int = 10, progress: bool = True,
-        async_checkpoints: bool = True,
+        async_checkpoints: bool = True, on_nonfinite: str = "stop",
         later_phases: Sequence[tuple[int, PyTree, optax.GradientTransformation]] = (),
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         make_step: Callable[[PyTree, optax.GradientTransformation], Callable] | None = None,
@@ -88,15 +153,20 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
     train_batches: `train_batches(start_step)` returns the iterator of global
       numpy batches from that step on (the input position on resume).
     num_steps: total number of training steps.
-    workdir: where checkpoints and metrics go; resumes from it if it holds a
-      checkpoint. None: no checkpoints, no files.
+    workdir: where checkpoints and metrics go; resumes from its newest intact
+      checkpoint. The run holds `<workdir>/jtl.lock` while it runs, so a
+      second run on the same workdir is refused. None: no checkpoints, no files.
     eval_batches: `eval_batches()` returns one pass of padded, masked batches.
     eval_every, checkpoint_every: in steps (0: only at the end).
     keep, best_metric: keep the last `keep` checkpoints plus the best by
-      this eval metric.
+      this eval metric (across restarts).
     mesh: device mesh (default: all devices, data parallel).
     meta: JSON-able facts saved with each checkpoint ("model",
       "num_classes", ...); resuming with a different model is refused.
+    on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a
+      `DivergenceError` naming the step, before anything later is saved;
+      "skip": such updates are not applied, and the train metrics count them
+      ("skipped", "skipped_total").
     later_phases: (start_step, labels, tx) of later phases (gradual
       unfreezing, LP-FT): from `start_step` on, the partition and optimizer
       change; the optimizer state of leaves that stay trainable carries over.
@@ -108,6 +178,8 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
       `jtl.adversarial.make_adversarial_train_step`); loss_fn, microbatches
       and compute_dtype are then the factory's business.
   """
+  if on_nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
   mesh = mesh or parallel.make_mesh()
   meta = dict(meta or {})
   phases = sorted([(0, labels, tx), *later_phases], key=lambda p: p[0])
@@ -115,105 +187,107 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
   def phase_at(completed_steps: int) -> int:
     return max(i for i, p in enumerate(phases) if p[0] <= completed_steps)
 
-  mngr = writer = None
-  latest = None
-  if workdir is not None:
-    mngr = CheckpointManager(workdir, save_every=checkpoint_every, keep=keep,
-                             best_metric=best_metric if eval_batches else None,
-                             async_save=async_checkpoints)
-    _check_meta(mngr, meta, workdir)
-    latest = mngr.latest_step()
-    writer = MetricWriter(workdir)
-  # A checkpoint at step s was written by the phase that ran step s.
-  phase = phase_at(latest - 1) if latest else 0
-  _, labels, tx = phases[phase]
-  state = create_train_state(variables, labels, tx, rng=seed)
-  state = parallel.place_state(state, mesh)
-  if latest:
-    state = mngr.restore(state, labels)
-  start_step = int(jax.device_get(state.step))
-  if start_step:
-    logging.info("Resuming from step %d in %s", start_step, workdir)
+  def fresh_state(phase: int) -> tuple[TrainState, PyTree]:
+    _, labels, tx = phases[phase]
+    return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
 
   def compile_step(labels, tx):
-    if make_step is not None:
-      return parallel.jit_train_step(make_step(labels, tx), mesh)
+    step = make_step(labels, tx) if make_step is not None else steps.make_train_step(
+        module, tx, labels=labels, loss_fn=loss_fn, microbatches=microbatches,
+        compute_dtype=compute_dtype)
     return parallel.jit_train_step(
-        steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
-                              microbatches=microbatches, compute_dtype=compute_dtype), mesh)
+        steps.skip_nonfinite(step) if on_nonfinite == "skip" else step, mesh)
 
-  train_step = compile_step(labels, tx)
-  eval_step = jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype))
+  with contextlib.ExitStack() as stack:
+    mngr = writer = None
+    state = None
+    if workdir is not None:
+      stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
+      mngr = CheckpointManager(workdir, save_every=checkpoint_every, keep=keep,
+                               best_metric=best_metric if eval_batches else None,
+                               async_save=async_checkpoints)
+      stack.push(_exit_quietly_on_error(mngr.close))
+      _check_meta(mngr, meta, workdir)
+      # A checkpoint at step s was written by the phase that ran step s.
+      state = mngr.restore_latest(lambda s: fresh_state(phase_at(s - 1) if s else 0))
+    state = state if state is not None else fresh_state(0)[0]
+    start_step = int(jax.device_get(state.step))
+    phase = phase_at(start_step - 1) if start_step else 0
+    if start_step:
+      logging.info("Resuming from step %d in %s", start_step, workdir)
+    if workdir is not None:
+      writer = MetricWriter(workdir, resume_step=start_step)
+      stack.callback(writer.close)
+    train_step = compile_step(*phases[phase][1:])
+    eval_step = jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype))
 
-  def run_eval(step: int) -> dict[str, float]:
-    result = evaluate(eval_step, state.variables, eval_batches(), mesh)
-    if writer:
-      writer.write(step, "eval", result)
-      writer.plot()
-    logging.info("eval step %d: %s", step, result)
-    return result
-
-  bar = None
-  if progress and jax.process_index() == 0 and num_steps > start_step:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
-  eval_metrics = None
-  batches = train_batches(start_step)
-  wait_time = busy_time = 0.0
-  window_start, window_steps, batch_size = time.perf_counter(), 0, 0
-  pending: list[dict[str, jax.Array]] = []
-  for step in range(start_step + 1, num_steps + 1):
-    if phase_at(step - 1) != phase:
-      from jtl.strategies.schedules import switch_phase  # pylint: disable=g-import-not-at-top
-      phase = phase_at(step - 1)
-      _, labels, tx = phases[phase]
-      state = parallel.place_state(switch_phase(jax.device_get(state), labels, tx), mesh)
-      train_step = compile_step(labels, tx)
-      logging.info("Phase %d from step %d", phase, step - 1)
-    t0 = time.perf_counter()
-    batch = next(batches)
-    t1 = time.perf_counter()
-    wait_time += t1 - t0
-    batch_size = len(batch["label"])
-    state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
-    pending.append(metrics)
-    window_steps += 1
-    if step % log_every == 0 or step == num_steps:
-      fetched = jax.device_get(pending)  # blocks: the window's compute is done
-      t2 = time.perf_counter()
-      row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      elapsed = t2 - window_start
-      row["steps_per_second"] = window_steps / elapsed
-      row["examples_per_second"] = window_steps * batch_size / elapsed
-      busy_time += elapsed
-      row["input_wait_fraction"] = wait_time / max(busy_time, 1e-9)
+    def run_eval(step: int) -> dict[str, float]:
+      result = evaluate(eval_step, state.variables, eval_batches(), mesh)
       if writer:
-        writer.write(step, "train", row)
-      if on_log:
-        on_log(step, row)
+        writer.write(step, "eval", result)
+        writer.plot()
+      logging.info("eval step %d: %s", step, result)
+      return result
+
+    bar = None
+    if progress and jax.process_index() == 0 and num_steps > start_step:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+      stack.callback(bar.close)
+
+    eval_metrics = None
+    last_saved = mngr.latest_step() if mngr else None
+    batches = train_batches(start_step)
+    window = _Window(start=time.perf_counter())
+    unchecked: list[tuple[int, dict[str, jax.Array]]] = []
+    batch_size = 0
+    for step in range(start_step + 1, num_steps + 1):
+      if phase_at(step - 1) != phase:
+        phase = phase_at(step - 1)
+        _, labels, tx = phases[phase]
+        state = parallel.place_state(phases_lib.switch_phase(jax.device_get(state), labels, tx),
+                                     mesh)
+        train_step = compile_step(labels, tx)
+        logging.info("Phase %d from step %d", phase, step - 1)
+      t0 = time.perf_counter()
+      batch = next(batches)
+      window.wait += time.perf_counter() - t0
+      batch_size = len(batch["label"])
+      state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+      window.rows.append((step, metrics))
+      unchecked.append((step, metrics))
+      last = step == num_steps
+      due_eval = eval_batches is not None and ((eval_every and step % eval_every == 0) or last)
+      due_save = mngr is not None and (last or mngr.should_save(step))
+      if step % log_every == 0 or last or due_eval or due_save:
+        bad = _nonfinite_step(unchecked) if on_nonfinite == "stop" else None
+        unchecked = []
+        if bad is not None:
+          raise _divergence(*bad, last_saved, workdir)
+      if step % log_every == 0 or last:
+        row = window.summary(batch_size)
+        if writer:
+          writer.write(step, "train", row)
+        if on_log:
+          on_log(step, row)
+        if bar:
+          bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_second']:.2f}",
+                          ex_s=f"{row['examples_per_second']:.1f}",
+                          wait=f"{100 * row['input_wait_fraction']:.0f}%")
+        if row.get("skipped"):
+          logging.warning("Skipped %d non-finite update(s) up to step %d (%d in all).",
+                          row["skipped"], step, row["skipped_total"])
       if bar:
-        bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_second']:.2f}",
-                        ex_s=f"{row['examples_per_second']:.1f}",
-                        wait=f"{100 * row['input_wait_fraction']:.0f}%")
-      pending, window_start, window_steps = [], time.perf_counter(), 0
-    if bar:
-      bar.update(1)
-    last = step == num_steps
-    evaluated = None
-    if eval_batches is not None and ((eval_every and step % eval_every == 0) or last):
-      evaluated = eval_metrics = run_eval(step)
-    if mngr is not None:
-      mngr.save(step, state, metrics=evaluated if best_metric else None, meta=meta, force=last)
-  if bar:
-    bar.close()
-  if mngr is not None:
-    if num_steps == start_step and eval_batches is not None:
+        bar.update(1)
+      evaluated = None
+      if due_eval:
+        evaluated = eval_metrics = run_eval(step)
+      if due_save and mngr.save(step, state, metrics=evaluated if best_metric else None,
+                                meta=meta, force=last):
+        last_saved = step
+    if mngr is not None and num_steps == start_step and eval_batches is not None:
       eval_metrics = run_eval(start_step)
-    mngr.close()
-  if writer:
-    writer.close()
-  total = busy_time if busy_time else 1e-9
+  total = window.busy if window.busy else 1e-9
   return FitResult(state=state, eval_metrics=eval_metrics, start_step=start_step,
-                   steps_per_second=(num_steps - start_step) / total if busy_time else 0.0,
-                   input_wait_fraction=wait_time / total if busy_time else 0.0)
+                   steps_per_second=(num_steps - start_step) / total if window.busy else 0.0,
+                   input_wait_fraction=window.wait / total if window.busy else 0.0)

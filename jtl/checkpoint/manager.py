@@ -9,24 +9,37 @@ a save leaves the last good checkpoint untouched; the next start uses it.
 
 Layout: `<workdir>/checkpoints/<step>/{state,meta}`, where `meta` is JSON
 (model name, number of classes, metrics, anything the caller adds).
+
+What is kept is decided from the files alone, so it survives any number of
+restarts: the last `keep` intact steps plus the best by the metric saved in
+each step's meta. A state with a NaN or inf is never saved, and a non-finite
+metric never counts as best. A damaged step (truncated files, a stray folder)
+is skipped with a warning naming it, and resuming falls back to the newest
+intact step.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jtl import partition
 from jtl import tree as jtree
-from jtl.errors import CheckpointError
+from jtl.checkpoint import orbax_reader
+from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
 
+log = logging.getLogger(__name__)
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
 
@@ -40,6 +53,48 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
 def _to_saved(state: TrainState) -> dict[str, Any]:
   return {"step": state.step, "params": state.params, "model_state": state.model_state,
           "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _finite_metrics(metrics: dict[str, Any] | None) -> dict[str, float | None] | None:
+  """Metrics as floats, a NaN or inf as None (JSON null, never the best)."""
+  if metrics is None:
+    return None
+  return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+
+
+@jax.jit
+def _nonfinite(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [~jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def nonfinite_paths(tree: PyTree) -> list[str]:
+  """The "/"-joined paths of the float leaves of `tree` holding a NaN or inf."""
+  floats = [(path, x) for path, x in jtree.leaves_with_paths(tree)
+            if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  flags = jax.device_get(_nonfinite([x for _, x in floats]))
+  return [path for (path, _), bad in zip(floats, flags) if bad]
+
+
+def step_problem(step_dir: epath.Path) -> str | None:
+  """Why `step_dir` is not a complete, readable checkpoint (None if it is).
+
+  Cheap: reads metadata only (see `orbax_reader.verify_orbax`), never arrays.
+  """
+  if not (step_dir / "state").is_dir():
+    return "no state/ folder (not a complete checkpoint)"
+  if not (step_dir / "meta" / "metadata").exists():
+    return "no meta/metadata file (not a complete checkpoint)"
+  try:
+    json.loads((step_dir / "meta" / "metadata").read_text())
+  except (OSError, ValueError) as e:
+    return f"unreadable meta/metadata ({e})"
+  verify = getattr(orbax_reader, "verify_orbax", None)
+  if verify is not None:
+    try:
+      verify(step_dir / "state")
+    except CheckpointError as e:
+      return str(e)
+  return None
 
 
 class CheckpointManager:
@@ -63,59 +118,103 @@ class CheckpointManager:
       raise CheckpointError(f"keep must be >= 1 (checkpoints to keep), got {keep}.")
     self.directory = checkpoint_dir(workdir)
     self.save_every = save_every
+    self.keep = keep
     self.best_metric = best_metric
     self.best_mode = best_mode
-    policies: list[Any] = [pp.LatestN(n=keep)]
-    if best_metric:
-      policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric],
-                               reverse=best_mode == "min", n=1,
-                               keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True)
+    # Orbax deletes nothing: `_prune` decides from the files, so the best
+    # survives restarts (Orbax's own policy forgets metrics across processes).
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
+  def _step_dirs(self) -> list[int]:
+    return step_numbers(self.directory)
+
+  def intact_steps(self, *, warn: bool = False) -> list[int]:
+    """Finished, undamaged steps, oldest first (damaged ones logged if `warn`)."""
+    intact = []
+    for step in self._step_dirs():
+      problem = step_problem(self.directory / str(step))
+      if problem is None:
+        intact.append(step)
+      elif warn:
+        log.warning("Checkpoint %s is damaged and skipped: %s", self.directory / str(step), problem)
+    return intact
+
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.intact_steps()
+    return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    """The kept step with the best `best_metric` (None if none has it)."""
+    """The intact step with the best finite `best_metric` (None if none has it)."""
     if not self.best_metric:
       return None
-    try:
-      return self._resolve("best")
-    except CheckpointError:
-      return None
+    return _best(self.directory, self.intact_steps(), self.best_metric, self.best_mode)
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return self.intact_steps()
 
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
 
   def save(self, step: int, state: TrainState, *, metrics: dict[str, float] | None = None,
            meta: dict[str, Any] | None = None, force: bool = False) -> bool:
-    """Saves `state` at `step` if due (or `force`); returns whether it saved."""
+    """Saves `state` at `step` if due (or `force`); returns whether it saved.
+
+    Raises a CheckpointError, and saves nothing, if the state holds a NaN or
+    inf; a non-finite metric is saved as null and never counts as best.
+    """
     if not force and not self.should_save(step):
       return False
-    if step in self._manager.all_steps():
+    if step in self._step_dirs():
       return False
-    metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     if self.best_metric and metrics is not None and self.best_metric not in metrics:
       raise CheckpointError(
           f"best_metric {self.best_metric!r} is not among the metrics given to save(): "
           f"{sorted(metrics)}.")
+    bad = nonfinite_paths(_to_saved(state))
+    if bad:
+      raise CheckpointError(
+          f"Not saving step {step} to {self.directory}: the state holds NaN or inf in\n"
+          + bullet_list(bad, limit=10) + f"\nThe kept checkpoints {self._step_dirs()} are "
+          "left as they are.")
+    self.wait()  # the previous save is complete before it counts for pruning
+    self._prune()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saved(state)),
-        meta=ocp.args.JsonSave({"step": int(step), "metrics": metrics, **(meta or {})}))
-    return self._manager.save(step, args=args, metrics=metrics, force=True)
+        meta=ocp.args.JsonSave({"step": int(step), "metrics": _finite_metrics(metrics),
+                                **(meta or {})}))
+    try:
+      return self._manager.save(step, args=args, force=True)
+    except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise bare exceptions
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointError:
+    text = str(error)
+    full = "RESOURCE_EXHAUSTED" in text or "No space left" in text or (
+        isinstance(error, OSError) and error.errno == 28)
+    cause = "the disk is full" if full else f"{type(error).__name__}: {text[:500]}"
+    latest = self.latest_step()
+    kept = (f"The last complete checkpoint, step {latest}, is intact." if latest is not None
+            else "No complete checkpoint exists yet.")
+    what = f"step {step}" if step is not None else "a checkpoint"
+    return CheckpointError(f"Saving {what} to {self.directory} failed: {cause}. {kept} "
+                           + ("Free disk space, then run again to resume." if full else ""))
+
+  def _prune(self) -> None:
+    """Deletes intact steps that are neither among the last `keep` nor the best."""
+    steps = self.intact_steps()
+    kept = set(steps[-self.keep:])
+    best = self.best_step()
+    if best is not None:
+      kept.add(best)
+    for step in steps:
+      if step not in kept:
+        self._manager.delete(step)
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
-    step = self._resolve(step)
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _read_meta(self.directory / str(self._resolve(step)))
 
   def _resolve(self, step: int | str | None) -> int:
     return select_step(self.directory, step, metric=self.best_metric, mode=self.best_mode)
@@ -134,22 +233,63 @@ class CheckpointManager:
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f"{self.directory}/{step}: the checkpoint does not fit the state of this run "
-          f"(different model, partition or optimizer?): {e}") from e
+          f"(different model, partition or optimizer?) or is damaged: {e}") from e
+    except Exception as e:  # noqa: BLE001 - tensorstore raises bare exceptions on bad files
+      raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
+                            f"{type(e).__name__}: {str(e)[:500]}") from e
     trainable, frozen = partition.split(restored["params"], labels)
     return TrainState(step=restored["step"], trainable=trainable, frozen=frozen,
                       opt_state=restored["opt_state"], model_state=restored["model_state"],
                       rng=restored["rng"])
 
+  def restore_latest(self, make_target: Callable[[int], tuple[TrainState, PyTree]]
+                     ) -> TrainState | None:
+    """Restores the newest step that reads back, or None if there is none.
+
+    `make_target(step)` gives the (state, labels) to restore step `step`
+    into. A damaged newer step is logged, renamed to `<step>.damaged` (kept
+    for inspection, out of the way of new saves) and skipped. If no step
+    reads back, the newest one's error is raised (e.g. a different model).
+    """
+    errors: list[tuple[int, CheckpointError]] = []
+    for step in reversed(self._step_dirs()):
+      problem = step_problem(self.directory / str(step))
+      try:
+        if problem is not None:
+          raise CheckpointError(f"{self.directory / str(step)}: {problem}")
+        state = self.restore(*make_target(step), step=step)
+      except CheckpointError as e:
+        errors.append((step, e))
+        continue
+      for bad, error in errors:
+        log.warning("Checkpoint step %d is damaged; resuming from step %d instead. It is "
+                    "kept as %s.damaged. %s", bad, step, self.directory / str(bad), error)
+        (self.directory / str(bad)).rename(self.directory / f"{bad}.damaged")
+      if errors and hasattr(self._manager, "reload"):
+        self._manager.reload()
+      return state
+    if errors:
+      raise errors[0][1]
+    return None
+
   def restore_or(self, target: TrainState, labels: PyTree) -> TrainState:
-    """Restores the latest checkpoint if there is one, else returns `target`."""
-    return target if self.latest_step() is None else self.restore(target, labels)
+    """Restores the newest intact checkpoint if there is one, else returns `target`."""
+    restored = self.restore_latest(lambda step: (target, labels))
+    return target if restored is None else restored
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - an async save's error surfaces here
+      raise self._save_error(None, e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the pending save, prunes, and closes (call on every exit path)."""
+    try:
+      self.wait()
+      self._prune()
+    finally:
+      self._manager.close()
 
 
 def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "latest",
@@ -159,28 +299,75 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   Reads only the params and model statistics (never the optimizer state), so
   it needs no optimizer and works on any number of devices. `step` is a step
   number, "latest", or "best" (highest `metric` among the kept checkpoints,
-  or lowest with mode="min").
+  or lowest with mode="min"). For "latest" and "best", a damaged step is
+  skipped with a warning and the next one (newest, or next best) is read.
 
   Returns:
     (variables, meta) where meta is the JSON saved with the checkpoint.
   """
   directory = checkpoint_dir(workdir)
-  chosen = select_step(directory, step, metric=metric, mode=mode)
+  first = select_step(directory, step, metric=metric, mode=mode)
+  candidates = [first]
+  if step in (None, "latest", "best"):
+    candidates += [s for s in _ranked(directory, step, metric, mode) if s != first]
   from jtl.checkpoint.readers import read  # pylint: disable=g-import-not-at-top
-  variables = {}
-  for part in ("params", "model_state"):
-    flat = read(directory / str(chosen) / "state", format="orbax", subtree=part)
-    tree = jtree.unflatten(flat) if flat else {}
-    variables.update({"params": tree} if part == "params" else tree)
-  return variables, _read_meta(directory / str(chosen))
+  failures = []
+  for chosen in candidates:
+    step_dir = directory / str(chosen)
+    try:
+      problem = step_problem(step_dir)
+      if problem is not None:
+        raise CheckpointError(f"{step_dir}: {problem}")
+      variables = {}
+      for part in ("params", "model_state"):
+        flat = read(step_dir / "state", format="orbax", subtree=part)
+        tree = jtree.unflatten(flat) if flat else {}
+        variables.update({"params": tree} if part == "params" else tree)
+    except CheckpointError as e:
+      failures.append(e)
+      log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
+      continue
+    return variables, _read_meta(step_dir)
+  raise failures[0]
+
+
+def step_numbers(directory: epath.Path) -> list[int]:
+  """The numbered step folders in `directory`, ascending."""
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _scores(directory: epath.Path, steps: list[int], metric: str | None) -> dict[int, float]:
+  scores = {}
+  for s in steps:
+    value = ((_read_meta(directory / str(s)).get("metrics") or {}).get(metric)
+             if metric else None)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+      scores[s] = float(value)
+  return scores
+
+
+def _best(directory: epath.Path, steps: list[int], metric: str, mode: str) -> int | None:
+  scores = _scores(directory, steps, metric)
+  return (max if mode == "max" else min)(scores, key=scores.get) if scores else None
+
+
+def _ranked(directory: epath.Path, step: int | str | None, metric: str | None,
+            mode: str) -> list[int]:
+  """Fallback order: newest first for "latest", best first for "best"."""
+  steps = step_numbers(directory)
+  if step != "best":
+    return steps[::-1]
+  scores = _scores(directory, steps, metric)
+  return sorted(scores, key=scores.get, reverse=mode == "max")
 
 
 def select_step(directory: epath.Path, step: int | str | None, *, metric: str | None = None,
                 mode: str = "max") -> int:
-  """Resolves "latest", "best" (by `metric` in the saved meta) or a step number
-  to a finished checkpoint step in `directory`."""
-  steps = sorted(int(p.name) for p in directory.iterdir()
-                 if p.is_dir() and p.name.isdigit()) if directory.exists() else []
+  """Resolves "latest", "best" (by a finite `metric` in the saved meta) or a
+  step number to a checkpoint step in `directory`."""
+  steps = step_numbers(directory)
   if not steps:
     raise CheckpointError(
         f"{directory}: no checkpoints. Train first (scripts/finetune.py --workdir "
@@ -188,21 +375,20 @@ def select_step(directory: epath.Path, step: int | str | None, *, metric: str | 
   if step in (None, "latest"):
     return steps[-1]
   if step == "best":
-    metas = {s: _read_meta(directory / str(s)) for s in steps}
-    scored = {s: m["metrics"][metric] for s, m in metas.items()
-              if metric and m.get("metrics") and metric in m["metrics"]}
-    if not scored:
+    best = _best(directory, steps, metric, mode) if metric else None
+    if best is None:
       raise CheckpointError(
-          f"{directory}: no checkpoint has metric {metric!r}; saved steps {steps}. "
+          f"{directory}: no checkpoint has a finite metric {metric!r}; saved steps {steps}. "
           "Use step='latest', or evaluate during training so checkpoints carry metrics.")
-    return (max if mode == "max" else min)(scored, key=scored.get)
+    return best
+  if isinstance(step, str) and not step.isdigit():
+    raise CheckpointError(f"step must be 'latest', 'best' or a step number, got {step!r}.")
   if int(step) not in steps:
     raise CheckpointError(f"{directory}: no checkpoint at step {step}; saved steps: {steps}.")
   return int(step)
 
 
 def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
-  import json  # pylint: disable=g-import-not-at-top
   path = step_dir / "meta" / "metadata"
   try:
     return json.loads(path.read_text())

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from jtl import parallel, partition, steps
-from jtl import tree as jtree
 from jtl.errors import ConfigError, bullet_list
+from jtl.phases import switch_phase, transfer_opt_state  # noqa: F401 (re-exported)
 from jtl.state import TrainState, create_train_state
 from jtl.strategies import rules as rules_lib
 
@@ -84,38 +84,6 @@ def gradual_unfreezing_phases(groups: rules_lib.Groups, steps_per_stage: int, *,
     if n >= max_blocks:
       return tuple(phases)
     n = min(n + blocks_per_stage, max_blocks)
-
-
-def _dtype(x: Any) -> np.dtype:
-  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
-
-
-def transfer_opt_state(old: optax.OptState, new: optax.OptState) -> optax.OptState:
-  """`new` (a fresh `tx.init` of the new partition) with every leaf that also
-  exists in `old` at the same path, shape and dtype copied from `old`.
-
-  Optimizer state leaves are keyed by the optimizer's structure followed by
-  the param path ("0/mu/blocks_3/conv/kernel", "0/count"), so the moments of a
-  leaf that stays trainable carry over, and so do step counts (the learning
-  rate schedule continues); a newly trainable leaf keeps its fresh state.
-  """
-  old_flat = jtree.flatten(old)
-
-  def pick(path: str, leaf: Any) -> Any:
-    prev = old_flat.get(path)
-    if (prev is not None and np.shape(prev) == np.shape(leaf)
-        and _dtype(prev) == _dtype(leaf)):
-      return prev
-    return leaf
-
-  return jtree.map_with_path(pick, new)
-
-
-def switch_phase(state: TrainState, labels: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  """Re-splits the params by `labels`; the optimizer state carries over."""
-  trainable, frozen = partition.split(state.params, labels)
-  opt_state = transfer_opt_state(state.opt_state, tx.init(trainable))
-  return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state)
 
 
 @dataclasses.dataclass

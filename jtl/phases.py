@@ -1,0 +1,54 @@
+"""Phase boundaries: the partition and optimizer change during training.
+
+A phase is (start_step, labels, tx). At a boundary `switch_phase` re-splits the
+params by the new labels and builds the new optimizer state;
+`transfer_opt_state` carries over the state of every leaf that stays
+trainable (moments, step counts), and newly trainable leaves start fresh.
+The fit loop (`jtl.train.fit`) and the strategies' schedules (LP-FT, gradual
+unfreezing) both use these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optax
+
+from jtl import partition
+from jtl import tree as jtree
+from jtl.state import TrainState
+
+PyTree = Any
+
+
+def _dtype(x: Any) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
+def transfer_opt_state(old: optax.OptState, new: optax.OptState) -> optax.OptState:
+  """`new` (a fresh `tx.init` of the new partition) with every leaf that also
+  exists in `old` at the same path, shape and dtype copied from `old`.
+
+  Optimizer state leaves are keyed by the optimizer's structure followed by
+  the param path ("0/mu/blocks_3/conv/kernel", "0/count"), so the moments of a
+  leaf that stays trainable carry over, and so do step counts (the learning
+  rate schedule continues); a newly trainable leaf keeps its fresh state.
+  """
+  old_flat = jtree.flatten(old)
+
+  def pick(path: str, leaf: Any) -> Any:
+    prev = old_flat.get(path)
+    if (prev is not None and np.shape(prev) == np.shape(leaf)
+        and _dtype(prev) == _dtype(leaf)):
+      return prev
+    return leaf
+
+  return jtree.map_with_path(pick, new)
+
+
+def switch_phase(state: TrainState, labels: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  """Re-splits the params by `labels`; the optimizer state carries over."""
+  trainable, frozen = partition.split(state.params, labels)
+  opt_state = transfer_opt_state(state.opt_state, tx.init(trainable))
+  return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state)
