@@ -325,3 +325,103 @@ def test_step_folder_without_a_checkpoint_is_an_error(orbax_run, tmp_path):
   for where in (root / "50", root):
     with pytest.raises(CheckpointError, match="holds no checkpoint|without a"):
       read(where)
+
+
+# ------------------------------------------------ item 10: Orbax verification
+
+
+def _kv(item):
+  import tensorstore as ts
+  return ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/"}).result()
+
+
+def _zarray_edit(**changes):
+  def edit(raw: bytes) -> bytes:
+    meta = json.loads(raw)
+    meta.update(changes)
+    return json.dumps(meta).encode()
+  return edit
+
+
+def _copy_item(orbax_run, tmp_path, name):
+  import shutil
+  shutil.copytree(orbax_run / "1" / "state", tmp_path / name)
+  return tmp_path / name
+
+
+_DAMAGE = {  # key in the OCDBT store -> edit (None: delete), expected message
+    "shape_huge": ("params.w/.zarray", _zarray_edit(shape=[10**6, 10**6]),
+                   "'params.w' declares shape \\[1000000, 1000000\\] in chunks of "
+                   "\\[2, 3\\], that is 166667000000 chunks"),
+    "chunks_huge": ("params.w/.zarray", _zarray_edit(
+        shape=[10**6, 10**6], chunks=[10**6, 10**6]), "holds 24"),
+    "dtype": ("params.w/.zarray", _zarray_edit(dtype="<f8"),
+              "should hold 48 bytes"),
+    "bad_dtype": ("params.w/.zarray", _zarray_edit(dtype="<q7"),
+                  "a known dtype"),
+    "unparsable": ("params.b/.zarray", lambda raw: raw[:-5],
+                   "'params.b': unparsable"),
+    "no_zarray": ("params.b/.zarray", None, "'params.b' .* has no '.zarray'"),
+    "no_chunk": ("params.b/0", None, "'params.b' declares shape \\[3\\]"),
+    "bad_chunk": ("params.w/0.0", lambda raw: b"\0" * len(raw),
+                  "is not zstd data"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_verify_orbax_names_the_damaged_array(orbax_run, tmp_path, damage):
+  import tensorstore as ts
+  from jtl.checkpoint.orbax_reader import verify_orbax
+  item = _copy_item(orbax_run, tmp_path, damage)
+  key, edit, match = _DAMAGE[damage]
+  kv = _kv(item)
+  if edit is None:
+    kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+  else:
+    kv[key] = edit(kv[key])
+  with pytest.raises(CheckpointError, match=match) as e:
+    verify_orbax(item)
+  assert str(item) in str(e.value) and "damaged" in str(e.value)
+  with pytest.raises(CheckpointError, match=match):
+    read(item)
+
+
+def test_verify_orbax_files(orbax_run, tmp_path, monkeypatch):
+  from jtl.checkpoint.orbax_reader import verify_orbax
+  monkeypatch.chdir(orbax_run.parent)
+  assert verify_orbax(os.path.join("ckpts", "2", "state")) is None  # relative
+  item = _copy_item(orbax_run, tmp_path, "stray")
+  (item / "notes.txt").write_text("stray entries are fine")
+  _kv(item)["extra/key"] = b"stray"
+  verify_orbax(item)
+  cases = {
+      "_METADATA": (lambda p: p.write_text("{not json"), "_METADATA is unreadable"),
+      "manifest.ocdbt": (lambda p: p.unlink(), "manifest.ocdbt is missing"),
+      "d": (lambda p: [f.write_bytes(f.read_bytes()[:20]) for f in p.rglob("*")
+                       if f.is_file()], "damaged Orbax checkpoint"),
+  }
+  for name, (damage, match) in cases.items():
+    item = _copy_item(orbax_run, tmp_path, f"file_{name}")
+    damage(item / name)
+    if name == "d":  # the process-level store holds the data
+      damage(item / "ocdbt.process_0" / "d")
+    with pytest.raises(CheckpointError, match=match):
+      verify_orbax(item)
+  with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+    verify_orbax(tmp_path / "absent")
+
+
+def test_huge_declared_orbax_shape_does_not_abort_the_interpreter(
+    orbax_run, tmp_path):
+  # Before: TensorStore allocated 8 TB for the restore: std::bad_alloc, 134.
+  item = _copy_item(orbax_run, tmp_path, "huge")
+  kv = _kv(item)
+  kv["params.w/.zarray"] = _zarray_edit(
+      shape=[10**6, 10**6], chunks=[10**6, 10**6])(kv["params.w/.zarray"])
+  code = ("import sys; from jtl.checkpoint import read; from jtl.errors "
+          "import CheckpointError\ntry:\n  read(sys.argv[1])\nexcept "
+          "CheckpointError as e:\n  print('REFUSED', e)\n")
+  proc = subprocess.run([sys.executable, "-c", code, str(item)],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "REFUSED" in proc.stdout and "'params.w'" in proc.stdout
