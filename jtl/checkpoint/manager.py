@@ -214,6 +214,9 @@ class CheckpointManager:
         self._manager.delete(step)
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON saved with `step` (default: the newest intact step)."""
+    if step is None:
+      step = self.latest_step()
     return _read_meta(self.directory / str(self._resolve(step)))
 
   def _resolve(self, step: int | str | None) -> int:
@@ -319,9 +322,8 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       if problem is not None:
         raise CheckpointError(f"{step_dir}: {problem}")
       variables = {}
-      for part in ("params", "model_state"):
-        flat = read(step_dir / "state", format="orbax", subtree=part)
-        tree = jtree.unflatten(flat) if flat else {}
+      for part in _nonempty_branches(step_dir / "state", ("params", "model_state")):
+        tree = jtree.unflatten(read(step_dir / "state", format="orbax", subtree=part))
         variables.update({"params": tree} if part == "params" else tree)
     except CheckpointError as e:
       failures.append(e)
@@ -329,6 +331,14 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       continue
     return variables, _read_meta(step_dir)
   raise failures[0]
+
+
+def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
+  """Those of `names` that hold arrays in the saved state (a model without
+  BatchNorm saves an empty model_state)."""
+  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+  return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]
 
 
 def step_numbers(directory: epath.Path) -> list[int]:

@@ -1,0 +1,237 @@
+"""Nothing is lost: the best checkpoint survives restarts, a diverging run saves
+nothing bad, a workdir has one owner, errors close the manager, and a damaged
+checkpoint is skipped (issue 12, items 1-4, 11, 12)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jtl
+from jtl.checkpoint import CheckpointManager, restore_variables
+from jtl.checkpoint.lock import LOCK_NAME
+from jtl.errors import CheckpointError, DataError, DivergenceError
+from jtl.metrics import MetricWriter
+from models_for_tests import MLP, batch, init
+
+
+def setup(learning_rate=0.1):
+  module = MLP()
+  variables = init(module, batch(8, classes=4)["inputs"])
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=learning_rate, optimizer="sgd")
+  return module, variables, labels, tx
+
+
+def fit_kwargs(workdir, learning_rate=0.1, **extra):
+  module, variables, labels, tx = setup(learning_rate)
+  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
+  evals = lambda: [{**batch(8, classes=4, seed=99), "mask": np.ones(8, bool)}]
+  kwargs = dict(module=module, variables=variables, labels=labels, tx=tx, train_batches=data,
+                eval_batches=evals, workdir=workdir, checkpoint_every=2, eval_every=2, keep=1,
+                progress=False, async_checkpoints=False, log_every=1,
+                meta={"model": "mlp", "num_classes": 4})
+  return {**kwargs, **extra}
+
+
+def state_at(step):
+  module, variables, labels, tx = setup()
+  return jtl.create_train_state(variables, labels, tx).replace(step=np.int32(step))
+
+
+def steps_on_disk(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# Item 1: the best survives any number of restarts.
+def test_best_checkpoint_survives_two_restarts(tmp_path):
+  first = CheckpointManager(tmp_path, save_every=1, keep=1, best_metric="accuracy",
+                            async_save=False)
+  first.save(1, state_at(1), metrics={"accuracy": 0.9})
+  first.save(2, state_at(2), metrics={"accuracy": 0.1})
+  first.close()
+  for step in (3, 4):  # two restarts, each a new process's manager
+    again = CheckpointManager(tmp_path, save_every=1, keep=1, best_metric="accuracy",
+                              async_save=False)
+    again.save(step, state_at(step), metrics={"accuracy": 0.1 * step / 10})
+    again.close()
+  assert steps_on_disk(tmp_path) == [1, 4]
+  assert CheckpointManager(tmp_path, best_metric="accuracy").best_step() == 1
+  _, meta = restore_variables(tmp_path, step="best", metric="accuracy")
+  assert meta["step"] == 1
+
+
+# Item 2: a diverging run stops, saves nothing non-finite, keeps the good ones.
+def test_diverging_resume_stops_and_keeps_the_good_checkpoints(tmp_path):
+  good = jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path))
+  assert np.isfinite(good.eval_metrics["loss"])
+  before = steps_on_disk(tmp_path)
+  best = CheckpointManager(tmp_path, best_metric="accuracy").best_step()
+  with pytest.raises(DivergenceError, match=r"diverged at step 6: loss inf"):
+    jtl.train.fit(num_steps=10, **fit_kwargs(tmp_path, learning_rate=1e38))
+  assert steps_on_disk(tmp_path) == before
+  assert CheckpointManager(tmp_path, best_metric="accuracy").best_step() == best
+  variables, meta = restore_variables(tmp_path, step="best", metric="accuracy")
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+  assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_diverging_first_run_saves_nothing(tmp_path):
+  with pytest.raises(DivergenceError, match="Nothing was saved"):
+    jtl.train.fit(num_steps=10, **fit_kwargs(tmp_path, learning_rate=1e38))
+  assert steps_on_disk(tmp_path) == []
+
+
+def test_skip_mode_skips_nonfinite_updates_and_counts_them(tmp_path):
+  rows = []
+  kwargs = fit_kwargs(tmp_path, learning_rate=1e38, on_nonfinite="skip",
+                      on_log=lambda step, row: rows.append(row))
+  result = jtl.train.fit(num_steps=4, **kwargs)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(result.state.params))
+  assert rows[-1]["skipped_total"] >= 3  # step 1 may still be finite
+  saved = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(r.get("skipped", 0) in (0.0, 1.0) for r in saved)
+
+
+def test_manager_refuses_a_nonfinite_state_and_nonfinite_metrics_never_win(tmp_path):
+  mngr = CheckpointManager(tmp_path, save_every=1, best_metric="accuracy", async_save=False)
+  bad = state_at(1)
+  bad = bad.replace(trainable=jax.tree.map(lambda x: x * np.nan, bad.trainable))
+  with pytest.raises(CheckpointError, match="NaN or inf in\n  - params/"):
+    mngr.save(1, bad, metrics={"accuracy": 0.5})
+  mngr.save(2, state_at(2), metrics={"accuracy": 0.2})
+  mngr.save(3, state_at(3), metrics={"accuracy": float("nan")})
+  mngr.close()
+  assert CheckpointManager(tmp_path, best_metric="accuracy").best_step() == 2
+  meta = json.loads((tmp_path / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  assert meta["metrics"] == {"accuracy": None}
+
+
+# Item 3: one run per workdir.
+HOLDER = """
+import sys, time
+from jtl.checkpoint.lock import WorkdirLock
+with WorkdirLock(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(60)
+"""
+
+
+def _lock_module_env():
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def test_second_run_on_a_workdir_is_refused_naming_the_owner(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=_lock_module_env())
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(CheckpointError, match=f"in use by another run: process {holder.pid} on "
+                                              "this host"):
+      jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not (tmp_path / "checkpoints").exists() or steps_on_disk(tmp_path) == []
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  import socket
+  (tmp_path / LOCK_NAME).write_text(json.dumps(
+      {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "earlier"}))
+  with caplog.at_level(logging.WARNING):
+    jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path))
+  assert "no longer running" in caplog.text
+  assert steps_on_disk(tmp_path) == [2] and not (tmp_path / LOCK_NAME).exists()
+
+
+# Item 4: an error inside the loop closes the manager; the in-flight save completes.
+def test_error_in_the_loop_finishes_the_pending_save_and_raises_the_real_error(tmp_path):
+  def broken(start):
+    for i in range(start, 3):
+      yield batch(8, classes=4, seed=i)
+    raise DataError("truncated.jpg cannot be decoded")
+
+  kwargs = fit_kwargs(tmp_path, async_checkpoints=True, train_batches=broken)
+  with pytest.raises(DataError, match="truncated.jpg"):
+    jtl.train.fit(num_steps=10, **kwargs)
+  assert steps_on_disk(tmp_path) == [2]
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
+  assert not (tmp_path / LOCK_NAME).exists()
+  resumed = jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path))
+  assert resumed.start_step == 2
+
+
+# Item 11: resume falls back past a damaged checkpoint, with a warning naming it.
+def test_resume_falls_back_past_a_truncated_checkpoint(tmp_path, caplog):
+  jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path, keep=2))
+  assert steps_on_disk(tmp_path) == [2, 4]
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:7])  # truncated array data
+  variables, meta = restore_variables(tmp_path)  # evaluate.py's path
+  assert meta["step"] == 2
+  with caplog.at_level(logging.WARNING):
+    resumed = jtl.train.fit(num_steps=6, **fit_kwargs(tmp_path, keep=2))
+  assert resumed.start_step == 2
+  assert "/checkpoints/4" in caplog.text
+  assert (tmp_path / "checkpoints" / "4.damaged").is_dir()
+  assert steps_on_disk(tmp_path)[-2:] == [4, 6]  # the 4 written by the resumed run
+
+
+def test_stray_step_folder_is_skipped(tmp_path, caplog):
+  jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path))
+  (tmp_path / "checkpoints" / "50").mkdir()
+  (tmp_path / "checkpoints" / "50" / "junk").write_text("x")
+  assert CheckpointManager(tmp_path).latest_step() == 2
+  _, meta = restore_variables(tmp_path)
+  assert meta["step"] == 2
+  with caplog.at_level(logging.WARNING):
+    resumed = jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path))
+  assert resumed.start_step == 2 and "checkpoints/50" in caplog.text
+
+
+def test_a_checkpoint_that_fits_nothing_is_still_a_clear_error(tmp_path):
+  jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path))
+  other = fit_kwargs(tmp_path)
+  wider = init(MLP(num_classes=4), batch(8, size=4, classes=4)["inputs"])
+  labels = jtl.label_params(wider["params"], [(".*", "all")])
+  other.update(variables=wider, labels=labels,
+               tx=jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd"))
+  with pytest.raises(CheckpointError, match="does not fit"):
+    jtl.train.fit(num_steps=4, **other)
+  assert steps_on_disk(tmp_path) == [2]
+
+
+# Item 12: full disk, metrics.jsonl on resume, NaN in JSON.
+def test_full_disk_names_the_workdir_and_the_intact_checkpoint(tmp_path, monkeypatch):
+  mngr = CheckpointManager(tmp_path, save_every=1, async_save=False)
+  mngr.save(1, state_at(1))
+
+  def full(*args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: write failed: No space left on device")
+
+  monkeypatch.setattr(mngr._manager, "save", full)
+  with pytest.raises(CheckpointError, match=r"disk is full. The last complete checkpoint, "
+                                            r"step 1, is intact"):
+    mngr.save(2, state_at(2))
+  mngr.close()
+
+
+def test_resumed_run_writes_each_step_once_and_nan_as_null(tmp_path):
+  jtl.train.fit(num_steps=3, **fit_kwargs(tmp_path))  # checkpoint at 2, rows for 1..3
+  jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path))  # resumes at 2
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in rows if r["split"] == "train"]
+  assert train_steps == [1, 2, 3, 4]
+  writer = MetricWriter(tmp_path / "w", tensorboard=False)
+  writer.write(1, "train", {"loss": float("nan"), "accuracy": 0.5})
+  line = (tmp_path / "w" / "metrics.jsonl").read_text()
+  assert json.loads(line)["loss"] is None and "NaN" not in line
