@@ -2,7 +2,15 @@
 
 Load pretrained weights, split the params into frozen and trainable partitions
 by rules, and fine-tune with pure, jit-compiled steps on every device.
+
+`import jtl` imports neither TensorFlow nor TFDS: they are loaded when an input
+pipeline is first built (`jtl.make_dataset`) or a TFDS dataset is read, and
+Orbax when a training checkpoint is written or restored (`jtl.train`,
+`jtl.CheckpointManager`).
 """
+
+import importlib
+from typing import Any
 
 from jtl.errors import (CheckpointError, ConfigError, DataError, DeviceError, JtlError,
                         LoadError, OptimizerError, PartitionError, StepError)
@@ -18,13 +26,29 @@ from jtl.steps import (cross_entropy_loss, frozen_batchnorm, make_eval_step, mak
 from jtl.tree import flatten, map_with_path, match_rules, unflatten
 # Subpackages, importable as jtl.checkpoint, jtl.data, jtl.models, jtl.train.
 from jtl import (adversarial, checkpoint, data, distill, domain, models, quantize,  # noqa: E402
-                 strategies, train)
-from jtl.checkpoint import (CheckpointManager, LoadReport, export, load_pretrained, read,
-                            restore_variables)
-from jtl.data import DatasetInfo, dataset_info, make_dataset, prefetch_to_device
+                 strategies)
+from jtl.checkpoint import LoadReport, export, load_pretrained, read
+from jtl.data import DatasetInfo, dataset_info, prefetch_to_device
 from jtl.models import CreatedModel, create
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that `import jtl` costs about what `import jax`
+# costs: `make_dataset` brings TensorFlow, the others Orbax.
+_LAZY = {"make_dataset": "jtl.data", "CheckpointManager": "jtl.checkpoint",
+         "restore_variables": "jtl.checkpoint", "train": None}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _LAZY:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  if _LAZY[name] is None:
+    return importlib.import_module(f"{__name__}.{name}")
+  return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "CheckpointManager", "CreatedModel", "DatasetInfo", "LoadReport", "adversarial", "checkpoint",

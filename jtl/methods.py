@@ -91,8 +91,8 @@ def pixel_affine(normalize: Any) -> tuple[np.ndarray, np.ndarray]:
   >>> mul.tolist(), add.tolist()
   ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jtl.data import images  # pylint: disable=g-import-not-at-top
+  from jtl.data import images, sources  # pylint: disable=g-import-not-at-top
+  tf = sources.host_tf()  # TensorFlow, with its GPUs hidden as in the pipeline
   fn = images.get_normalizer(normalize)
   black = np.asarray(fn(tf.zeros((1, 1, 1, 3), tf.float32)), np.float64).reshape(3)
   white = np.asarray(fn(tf.fill((1, 1, 1, 3), 255.0)), np.float64).reshape(3)

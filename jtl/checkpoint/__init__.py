@@ -8,11 +8,26 @@ out; `resolve` and `register_source` name where checkpoints come from.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
 from jtl.checkpoint.export import export
 from jtl.checkpoint.merge import Entry, LoadReport, load_pretrained
 from jtl.checkpoint.readers import FORMATS, detect_format, read
 from jtl.checkpoint.sources import (cache_dir, download, list_sources,
                                     register_source, resolve)
-from jtl.checkpoint.manager import (CheckpointManager, export_orbax, restore_variables,
-                                     select_step)
+
+# The Orbax checkpoint manager (training state) is loaded, with orbax, on first
+# use, so that reading and exporting checkpoints does not import orbax.
+_MANAGER_NAMES = ("CheckpointManager", "export_orbax", "restore_variables", "select_step")
+
+
+def __getattr__(name: str) -> Any:
+  if name in _MANAGER_NAMES:
+    return getattr(importlib.import_module("jtl.checkpoint.manager"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_MANAGER_NAMES))

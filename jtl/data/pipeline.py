@@ -43,17 +43,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jtl.data import folder, images, text
-from jtl.data.sources import ArraySource, DatasetInfo, TfdsSource, resolve_source
+from jtl.data.sources import ArraySource, DatasetInfo, TfdsSource, host_tf, resolve_source
 from jtl.errors import DataError, bullet_list
 
 Batch = dict[str, Any]
-
-# tf.data only runs on the host; a GPU build of TensorFlow must not take the
-# accelerator memory that JAX needs.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # devices already initialised by the user's own TF code
-  pass
 _FOREVER = 2**62
 
 
@@ -218,6 +211,7 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
     on_bad_file: "raise" or "skip" unreadable files of an image folder.
     prefetch: batches tf.data prepares ahead.
   """
+  host_tf()  # tf.data runs on the host: hide GPUs from TensorFlow, not from JAX
   pi, pc = _process(process_index, process_count)
   problems = []
   if batch_size < 1 or batch_size % pc:

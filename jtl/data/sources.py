@@ -7,6 +7,9 @@
   permutations, resumed in O(1).
 - `TfdsSource`: a prepared TFDS dataset, read as a stream of records.
 
+This module imports TensorFlow and TFDS only when a source needs them
+(`host_tf`), so in-memory arrays, folders and text resolve without them.
+
 >>> import numpy as np
 >>> src = resolve_source({"train": {"image": np.zeros((4, 2, 2, 3), np.uint8),
 ...                                 "label": np.array([0, 1, 2, 1])}})
@@ -23,16 +26,35 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from jtl.data import builders, folder, text
+from jtl.data import folder, text
 from jtl.errors import DataError, bullet_list
 
+if TYPE_CHECKING:
+  import tensorflow as tf
+
 log = logging.getLogger(__name__)
+
+
+def host_tf() -> Any:
+  """Imports TensorFlow for host-side input pipelines and returns the module.
+
+  TensorFlow is imported here, when jtl first builds a pipeline or reads a
+  TFDS dataset, never by `import jtl`. tf.data only runs on the host, so GPUs
+  are hidden from TensorFlow (not from JAX) to keep it from taking the
+  accelerator memory that JAX needs; a TensorFlow whose devices the user's
+  own code has already initialised is left as it is.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # devices already initialised by the user's own TF code
+    pass
+  return tf
 
 
 class DatasetInfo(NamedTuple):
@@ -86,6 +108,7 @@ class ArraySource:
 
   def load(self, split: str, indices: tf.data.Dataset) -> tf.data.Dataset:
     """Maps a dataset of indices to {"image"|"text": ..., "label": int32}."""
+    tf = host_tf()
     labels = tf.constant(self.labels[split].astype(np.int32))
     if self.kind == "image":
       # Gather in numpy, a chunk at a time: a tf.constant copy of a large array
@@ -202,12 +225,18 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
 def _tfds_is_mocked() -> bool:
   # `tfds.testing.mock_data` serves random examples of the right features, so
   # that configs and pipelines can be checked offline without prepared files.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   prepare = tfds.core.DatasetBuilder.download_and_prepare
   return getattr(prepare, "__name__", "") == "mock_download_and_prepare"
 
 
 def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str | None,
                  label_key: str, num_classes: int | None) -> TfdsSource:
+  host_tf()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  # Importing the builders registers jtl's local datasets ("jtl_mnist5k", ...).
+  from jtl.data import builders  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
