@@ -63,5 +63,6 @@ def get_config(arg=None):
   c.microbatches = 1
   c.compute_dtype = ml_collections.config_dict.placeholder(str)  # "bfloat16" for mixed precision on TPU/GPU
   c.seed = 0
+  c.on_nonfinite = "stop"  # NaN/inf loss: "stop" with an error, or "skip" the update
   c.distributed = False  # True on multi-host TPU VM pods
   return c

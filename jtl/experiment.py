@@ -21,36 +21,135 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 
 from jtl import data, methods, models, parallel, partition, quantize, steps
 from jtl.checkpoint import manager
-from jtl.errors import ConfigError, bullet_list
+from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
 from jtl.train import FitResult, evaluate, fit
 
 REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
 
 
+def config_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems of the config's own keys and values (no data or weights read)."""
+  problems = [f"missing key {k!r}" for k in REQUIRED if k not in config]
+  if problems:
+    return problems
+  devices = jax.device_count()
+  if config.batch_size < 1 or config.batch_size % devices:
+    problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
+                    f"{config.batch_size}")
+  if config.num_steps < 1:
+    problems.append(f"num_steps must be >= 1, got {config.num_steps}")
+  if not config.learning_rate > 0:
+    problems.append(f"learning_rate must be > 0, got {config.learning_rate}")
+  for key in ("eval_every", "checkpoint_every", "warmup_steps"):
+    if config.get(key, 0) < 0:
+      problems.append(f"{key} must be >= 0, got {config.get(key)}")
+  if config.get("keep", 2) < 1:
+    problems.append(f"keep must be >= 1 (checkpoints kept), got {config.keep}")
+  if config.get("num_classes") and config.num_classes < 2:
+    problems.append(f"num_classes must be >= 2 (or 0: from the dataset), got {config.num_classes}")
+  if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
+    problems.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
+                    f"{config.compute_dtype!r}")
+  if config.get("schedule", "cosine") not in ("cosine", "constant", "linear"):
+    problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
+  if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
+    problems.append(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+  if config.get("rules") and (config.get("strategy") or {}).get("name"):
+    problems.append(f"rules and strategy.name={config.strategy.name!r} are both set; the "
+                    "strategy makes its own rules: set rules=() or strategy.name=''")
+  try:
+    spec = models.get_spec(config.model)
+  except ConfigError as e:
+    return problems + [str(e)]
+  size = config.get("image_size")
+  if spec.input_kind == "image" and size is not None and size < spec.min_image_size:
+    problems.append(f"image_size must be >= {spec.min_image_size} for {config.model} (or None "
+                    f"for its native {spec.image_size}), got {size}")
+  return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks required keys and value ranges, reporting every problem at once."""
-  problems = [f"missing key {k!r}" for k in REQUIRED if k not in config]
-  if not problems:
-    devices = jax.device_count()
-    if config.batch_size < 1 or config.batch_size % devices:
-      problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
-                      f"{config.batch_size}")
-    if config.num_steps < 1:
-      problems.append(f"num_steps must be >= 1, got {config.num_steps}")
-    if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
-      problems.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
-                      f"{config.compute_dtype!r}")
-    if config.get("schedule", "cosine") not in ("cosine", "constant", "linear"):
-      problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
+  problems = config_problems(config)
+  if problems:
+    raise ConfigError("Invalid config:\n" + bullet_list(problems))
+
+
+def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
+  """Checks both datasets, their splits and (for folders) every image file.
+
+  Returns (problems, number of classes of the training data, 0 if unknown).
+  Classes of the eval split absent from the train split are warned about.
+  """
+  from jtl.data import sources  # pylint: disable=g-import-not-at-top
+  problems, found = [], {}
+  uses = {"train_split": (config.dataset, config.get("train_split", "train")),
+          "eval_split": (config.get("eval_dataset") or config.dataset,
+                         config.get("eval_split", "test"))}
+  for key, (dataset, split) in uses.items():
     try:
-      models.get_spec(config.model)
-    except ConfigError as e:
-      problems.append(str(e))
+      source = sources.resolve_source(dataset, config.get("data_dir"))
+      sources.slice_split(split, source.info().num_examples)
+      found[key] = source
+    except JtlError as e:
+      problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
+  classes = found["train_split"].info().num_classes if "train_split" in found else 0
+  if "train_split" in found and classes < 2 and not config.get("num_classes"):
+    problems.append(f"dataset {config.dataset!r} has {classes} class(es); fine-tuning a "
+                    "classifier needs at least 2")
+  if len(found) == 2:
+    _warn_unseen_classes(config, found["train_split"], found["eval_split"])
+  return problems, classes
+
+
+def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: Any) -> None:
+  labels = lambda src, split: getattr(src, "labels", {}).get(split.split("[")[0])
+  seen = labels(train, config.get("train_split", "train"))
+  wanted = labels(test, config.get("eval_split", "test"))
+  if seen is None or wanted is None:
+    return
+  unseen = sorted(set(np.unique(wanted).tolist()) - set(np.unique(seen).tolist()))
+  if unseen:
+    names = [test.class_names[i] if i < len(test.class_names) else i for i in unseen]
+    logging.warning("Eval classes %s have no training examples in %s of %s: they cannot be "
+                    "learned.", names, config.get("train_split", "train"), config.dataset)
+
+
+def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
+  """Rules that label no parameter, or parameters no rule labels; checked on
+  the model's parameter shapes (no weights are loaded)."""
+  rules = [tuple(r) for r in config.get("rules") or ()]
+  if not rules or (config.get("strategy") or {}).get("name"):
+    return []
+  spec = models.get_spec(config.model)
+  module = spec.build(num_classes=int(config.get("num_classes") or classes or 2))
+  shapes = jax.eval_shape(
+      lambda: module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                          spec.example_input(1), train=False))
+  try:
+    partition.label_params(shapes["params"], rules)
+  except JtlError as e:
+    return [f"rules: {e}"]
+  return [f"rule {rule!r} labels no parameter of {config.model} (a typo, or every match "
+          "is taken by an earlier rule)" for rule in partition.unused_rules(shapes["params"], rules)]
+
+
+def preflight(config: ml_collections.ConfigDict) -> None:
+  """Everything that can be checked before loading weights and training:
+  config values, datasets, splits, image files, classes and rules. Raises one
+  ConfigError listing every problem."""
+  problems = config_problems(config)
+  if not problems:
+    data, classes = data_problems(config)
+    problems += data
+    if not data:
+      problems += rule_problems(config, classes)
   if problems:
     raise ConfigError("Invalid config:\n" + bullet_list(problems))
 
@@ -174,9 +273,9 @@ def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
 def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              *, progress: bool = True) -> FitResult:
   """Runs the whole fine-tuning job described by `config` in `workdir`."""
-  validate(config)
-  if config.get("distributed"):
+  if config.get("distributed"):  # before anything asks JAX for its devices
     parallel.initialize_distributed()
+  preflight(config)
   workdir = epath.Path(workdir)
   created = build_model(config)
   module, variables, phases = build_training(config, created)
@@ -205,6 +304,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       keep=config.get("keep", 2), best_metric=config.get("best_metric", "accuracy"),
       microbatches=config.get("microbatches", 1), compute_dtype=compute_dtype,
       seed=config.get("seed", 0), meta=run_meta(config, classes),
+      on_nonfinite=config.get("on_nonfinite", "stop"),
       log_every=config.get("log_every", 10), progress=progress)
   report = {"workdir": str(workdir), "start_step": result.start_step,
             "num_steps": config.num_steps, "eval": result.eval_metrics,

@@ -60,6 +60,19 @@ def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
                       is_leaf=_is_none)
 
 
+def unused_rules(params: PyTree, rules: jtree.Rules) -> list[tuple[str, Any]]:
+  """The rules that label no leaf: nothing matches them, or only leaves that
+  an earlier rule already took (a typo, or a rule after a catch-all).
+
+  >>> params = {"head": {"kernel": 0}, "body": {"kernel": 0}}
+  >>> unused_rules(params, [("head/.*", "head"), ("haed/.*", "x"), (".*", "frozen")])
+  [('haed/.*', 'x')]
+  """
+  patterns = [pattern for pattern, _ in rules]
+  used = {jtree.first_match(path, patterns) for path, _ in jtree.leaves_with_paths(params)}
+  return [tuple(rule) for i, rule in enumerate(rules) if i not in used]
+
+
 def is_frozen(label: Any) -> bool:
   """Whether a label means frozen."""
   return label is None or label == FROZEN

@@ -84,14 +84,38 @@ def test_folder_unreadable_file_raises_or_is_skipped(tmp_path, caplog):
   assert "notes.txt" in caplog.text  # files without an image extension are named too
 
 
-def test_folder_damaged_image_body_is_named_when_decoded(tmp_path):
+def test_folder_damaged_image_body_is_named_before_reading(tmp_path):
   _write_folder(tmp_path)
   target = tmp_path / "test" / "dog" / "001.png"
   target.write_bytes(target.read_bytes()[:40])  # PNG signature, truncated body
-  it = make_dataset(f"folder:{tmp_path}", split="test", batch_size=2, train=False,
-                    image_size=4)
-  with pytest.raises(DataError, match=r"(?s)cannot be decoded.*test/dog/001\.png"):
-    list(it)
+  with pytest.raises(DataError, match=r"(?s)1 file\(s\).*test/dog/001\.png"):
+    make_dataset(f"folder:{tmp_path}", split="test", batch_size=2, train=False, image_size=4)
+
+
+def test_folder_truncated_jpeg_and_huge_png_are_found_at_scan(tmp_path):
+  import io
+  import zlib
+  _write_folder(tmp_path)
+  photo = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+      photo, format="JPEG")
+  (tmp_path / "test" / "cat" / "cut.jpg").write_bytes(photo.getvalue()[:-200])
+  # Harmless bytes after a complete JPEG are not an error (decoded in full to tell).
+  (tmp_path / "test" / "cat" / "padded.jpg").write_bytes(photo.getvalue() + b"trailer")
+
+  def chunk(kind, body):
+    return (len(body).to_bytes(4, "big") + kind + body
+            + zlib.crc32(kind + body).to_bytes(4, "big"))
+  header = (10_000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])  # 10,000 x 10,000 RGB
+  huge = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+          + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+  (tmp_path / "test" / "dog" / "huge.png").write_bytes(huge)
+  with pytest.raises(DataError) as error:
+    dataset_info(f"folder:{tmp_path}")
+  message = str(error.value)
+  assert "2 file(s)" in message and "padded.jpg" not in message
+  assert "cut.jpg: a truncated or damaged JPEG" in message
+  assert "huge.png: 10000 x 10000 = 100,000,000 pixels, above max_pixels" in message
 
 
 def test_unknown_tfds_name_lists_close_names(tmp_path):

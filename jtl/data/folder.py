@@ -3,13 +3,15 @@
 Class names are the sorted union of class folder names over all splits, so a
 class gets the same label in every split. Files are listed in sorted order.
 
-Unreadable files. Each image file's first bytes are checked against the JPEG,
-PNG, GIF and BMP signatures when the folder is scanned (cheap: 12 bytes per
-file). With `on_bad_file="raise"` (default) a `DataError` names every bad file;
-with `on_bad_file="skip"` they are left out and a warning gives their count
-and names. A file whose header is fine but whose body is damaged is found when
-it is decoded: the pipeline then raises a `DataError` naming it (see
-`find_undecodable`). Files without an image extension (README, .DS_Store) are
+Unreadable files. Every image file is checked when the folder is scanned,
+before any training step: its header must parse (PIL reads the header only),
+its size must stay within `max_pixels` (a 10,000 x 10,000 PNG would cost
+gigabytes once decoded), and it must end the way its format ends (JPEG's EOI
+marker, PNG's IEND chunk, GIF's trailer, BMP's declared size); a file that
+does not is decoded in full to tell a truncated image from harmless trailing
+bytes. With `on_bad_file="raise"` (default) a `DataError` names every bad file
+and why; with `on_bad_file="skip"` they are left out and a warning gives their
+count and names. Files without an image extension (README, .DS_Store) are
 ignored with a warning.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,16 +28,47 @@ from jtl.errors import DataError, bullet_list
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold (about 9,459 x 9,459)
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
-def _is_image_header(path: Path) -> bool:
+def _ends_complete(path: Path, image_format: str | None) -> bool:
+  """Whether the file ends as its format ends (cheap: reads the last bytes)."""
+  with open(path, "rb") as f:
+    size = f.seek(0, 2)
+    f.seek(max(size - 16, 0))
+    tail = f.read().rstrip(b"\0")
+    if image_format == "BMP":
+      f.seek(2)
+      return size >= int.from_bytes(f.read(4), "little")
+  ends = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+  return tail.endswith(ends[image_format]) if image_format in ends else True
+
+
+def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+  """Why `path` is not a usable image, or None: not an image, too many
+  pixels, or cut short (see the module docstring)."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with open(path, "rb") as f:
       head = f.read(12)
-  except OSError:
-    return False
-  return any(head.startswith(sig) for sig in _SIGNATURES)
+    if not any(head.startswith(sig) for sig in _SIGNATURES):
+      return "not a JPEG/PNG/GIF/BMP file (its first bytes are no image signature)"
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path) as im:  # reads the header only
+        (width, height), image_format = im.size, im.format
+  except Image.DecompressionBombError:
+    return f"more than twice PIL's pixel limit; at most max_pixels={max_pixels:,} allowed"
+  except (OSError, ValueError, SyntaxError) as e:
+    return f"its header does not parse ({e})"
+  if width * height > max_pixels:
+    return (f"{width} x {height} = {width * height:,} pixels, above max_pixels={max_pixels:,}: "
+            "downscale it first")
+  if not _ends_complete(path, image_format) and find_undecodable([path], max_pixels=max_pixels):
+    return f"a truncated or damaged {image_format} (it does not decode to the end)"
+  return None
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
@@ -55,13 +89,14 @@ def _layout(root: Path) -> dict[str, Path]:
   return {c.name: c for c in children}
 
 
-def scan(root: Path, *, on_bad_file: str = "raise"
+def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
   """Lists an image folder: ({split: paths}, {split: labels}, class_names).
 
   Args:
     root: the folder.
-    on_bad_file: "raise" or "skip" files that are not readable images.
+    on_bad_file: "raise" or "skip" files that are not usable images.
+    max_pixels: the largest width x height accepted.
   """
   if on_bad_file not in ("raise", "skip"):
     raise DataError(f"on_bad_file must be 'raise' or 'skip', got {on_bad_file!r}.")
@@ -78,8 +113,8 @@ def scan(root: Path, *, on_bad_file: str = "raise"
           continue
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
           ignored.append(f)
-        elif not _is_image_header(f):
-          bad.append(f)
+        elif (problem := image_problem(f, max_pixels)) is not None:
+          bad.append(f"{f}: {problem}")
         else:
           paths.append(str(f))
           ys.append(class_names.index(c.name))
@@ -93,7 +128,7 @@ def scan(root: Path, *, on_bad_file: str = "raise"
                 len(ignored), root, bullet_list(ignored, limit=10))
   if bad and on_bad_file == "raise":
     raise DataError(
-        f"{len(bad)} file(s) in image folder {root} are not readable JPEG/PNG/GIF/"
+        f"{len(bad)} file(s) in image folder {root} are not usable JPEG/PNG/GIF/"
         "BMP images:\n" + bullet_list(bad) +
         "\nDelete or replace them, or pass on_bad_file='skip' to leave them out.")
   if bad:
@@ -102,7 +137,7 @@ def scan(root: Path, *, on_bad_file: str = "raise"
   return files, labels, class_names
 
 
-def find_undecodable(paths: np.ndarray, limit: int = 20) -> list[str]:
+def find_undecodable(paths: Any, limit: int = 20, *, max_pixels: int = MAX_PIXELS) -> list[str]:
   """Returns up to `limit` paths that PIL cannot fully decode."""
   from PIL import Image  # only needed after a decode failure
 
@@ -110,6 +145,8 @@ def find_undecodable(paths: np.ndarray, limit: int = 20) -> list[str]:
   for p in paths:
     try:
       with Image.open(p) as im:
+        if im.size[0] * im.size[1] > max_pixels:
+          raise ValueError("too many pixels to decode")
         im.load()
     except Exception:  # noqa: BLE001 - any failure means undecodable
       bad.append(str(p))

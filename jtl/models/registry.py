@@ -59,7 +59,8 @@ class ModelSpec:
       when its class count differs from the checkpoint's.
     input_kind, image_size, normalize: what the input pipeline must produce:
       "image" batches at this resolution with this normalisation preset, or
-      "text" (token ids).
+      "text" (token ids). min_image_size: the smallest `image_size` a config
+      may ask for.
   """
   name: str
   build: Callable[..., nn.Module]
@@ -73,6 +74,7 @@ class ModelSpec:
   # What the input pipeline must produce for this model.
   input_kind: str = "image"  # or "text"
   image_size: int = 224
+  min_image_size: int = 32  # the smallest input the network's downsampling takes
   normalize: str | None = None  # a jtl.data.NORMALIZE_PRESETS name
 
 

@@ -54,6 +54,7 @@ def _register(name: str, width: int) -> None:
       groups=[(f"stage{i}", rf"stage{i}_.*") for i in range(3)] + [("head", r"head/.*")],
       default_num_classes=10,
       image_size=28,
+      min_image_size=8,
       normalize="unit",
   ))
 
