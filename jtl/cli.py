@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from absl import flags
 
@@ -77,16 +78,48 @@ def configure_cpu_runtime(environ: Mapping[str, str] | None = None) -> str | Non
   return hint
 
 
+def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+  """Wraps a script's `main`: a `JtlError` is printed as one message (its
+  class and text, no traceback) and the process exits with status 2.
+
+  >>> from jtl.errors import ConfigError
+  >>> def main(argv): raise ConfigError("learning_rate must be > 0, got -1")
+  >>> try:
+  ...   exit_on_jtl_error(main)([])
+  ... except SystemExit as e:
+  ...   print("exit", e.code)
+  exit 2
+  """
+  from jtl.errors import JtlError  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> object:
+    try:
+      return main(argv)
+    except JtlError as e:
+      sys.stdout.flush()
+      print(f"\n{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+      raise SystemExit(2) from None
+  return wrapped
+
+
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
-  """absl flag parsing where an unknown `--config.key` lists the valid keys."""
+  """absl flag parsing where an unknown `--config.key` lists the valid keys,
+  and any invalid flag value is one message with exit status 2."""
   try:
     return flags.FLAGS(argv)
-  except Exception:  # ml_collections raises AttributeError/KeyError/flags errors
-    unknown, valid, path = _unknown_config_keys(argv)
-    if not unknown:
-      raise
-    print(f"ConfigError: unknown config key(s) {unknown} for {path}. Valid keys:\n  "
-          + "\n  ".join(valid), file=sys.stderr)
+  except Exception as e:  # ml_collections raises AttributeError/KeyError/flags errors
+    try:
+      unknown, valid, path = _unknown_config_keys(argv)
+    except Exception:  # noqa: BLE001 - the config file itself is broken: report e below
+      unknown, valid, path = [], [], None
+    if unknown:
+      print(f"ConfigError: unknown config key(s) {unknown} for {path}. Valid keys:\n  "
+            + "\n  ".join(valid), file=sys.stderr)
+    else:
+      print(f"ConfigError: invalid command line: {type(e).__name__}: {e}\n"
+            f"Run {os.path.basename(argv[0]) if argv else 'the script'} --helpfull for the "
+            "flags.", file=sys.stderr)
     raise SystemExit(2) from None
 
 

@@ -145,10 +145,10 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   config values, datasets, splits, image files, classes and rules. Raises one
   ConfigError listing every problem."""
   problems = config_problems(config)
-  if not problems:
+  if "dataset" in config:
     data, classes = data_problems(config)
     problems += data
-    if not data:
+    if not data and "model" in config and not any("Unknown model" in p for p in problems):
       problems += rule_problems(config, classes)
   if problems:
     raise ConfigError("Invalid config:\n" + bullet_list(problems))

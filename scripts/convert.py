@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from jtl import checkpoint, models  # noqa: E402
+from jtl import checkpoint, cli, models  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, f"Zoo model name: {models.list_models()}")
 _SOURCE = flags.DEFINE_string("source", None, "File, directory or registry name.")
@@ -28,6 +28,7 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the head (d
 flags.mark_flags_as_required(["model", "source", "out"])
 
 
+@cli.exit_on_jtl_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_config_keys)

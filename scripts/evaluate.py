@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from jtl import cli, experiment  # noqa: E402
+from jtl.errors import ConfigError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
@@ -39,12 +40,15 @@ _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 20, "PGD steps.")
 flags.mark_flag_as_required("workdir")
 
 
+@cli.exit_on_jtl_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   cli.configure_cpu_runtime()  # before any computation creates the CPU client
   cli.enable_compilation_cache()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
+  if step not in ("latest", "best") and not isinstance(step, int):
+    raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
   result = experiment.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,
       precision=_PRECISION.value, save_quantized=_SAVE_Q.value, adabn=_ADABN.value,
@@ -55,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_config_keys)

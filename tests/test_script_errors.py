@@ -1,0 +1,80 @@
+"""Bad input to the scripts: one clear message, exit status 2, before any
+training step (issue 12, items 5-7). A small image folder stands in for the
+user's data; no weights are loaded, so each run takes seconds."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(name, *args, cwd=ROOT):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                        capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def photo_folder(root):
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for name in ("cat", "dog"):
+      (root / split / name).mkdir(parents=True)
+      for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(
+            root / split / name / f"{i}.jpg")
+  return root
+
+
+def finetune(tmp_path, *overrides):
+  data = tmp_path / "photos"
+  if not data.exists():
+    photo_folder(data)
+  return run("finetune.py", "--config", ROOT / "configs" / "default.py",
+             "--workdir", tmp_path / "run", f"--config.dataset=folder:{data}", *overrides)
+
+
+def assert_clean_failure(result, *needles):
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in result.stderr, (needle, result.stderr[-3000:])
+
+
+def test_every_config_problem_in_one_error_before_training(tmp_path):
+  result = finetune(tmp_path, "--config.learning_rate=-1", "--config.image_size=0",
+                    "--config.eval_split=tset", "--config.num_steps=0")
+  assert_clean_failure(
+      result, "ConfigError: Invalid config:", "learning_rate must be > 0, got -1",
+      "image_size must be >= 32 for efficientnet_lite0", "num_steps must be >= 1",
+      "eval_split='tset'", "Unknown split 'tset'")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_rule_that_labels_nothing_is_reported(tmp_path):
+  result = finetune(tmp_path, "--config.rules=(('haed/.*', 'head'), ('.*', 'frozen'))")
+  assert_clean_failure(result, "rule ('haed/.*', 'head') labels no parameter of "
+                               "efficientnet_lite0")
+
+
+def test_a_truncated_test_image_stops_the_run_before_step_1(tmp_path):
+  data = photo_folder(tmp_path / "photos")
+  image = data / "test" / "dog" / "1.jpg"
+  image.write_bytes(image.read_bytes()[:-100])
+  result = finetune(tmp_path)
+  assert_clean_failure(result, "test/dog/1.jpg: a truncated or damaged JPEG")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_invalid_flag_values_are_one_message(tmp_path):
+  result = finetune(tmp_path, "--config.batch_size=abc")
+  assert_clean_failure(result, "ConfigError: invalid command line")
+  result = run("evaluate.py", "--workdir", tmp_path / "none", "--step", "abc")
+  assert_clean_failure(result, "ConfigError: --step must be 'latest', 'best' or a step number, "
+                               "got 'abc'")
+  result = run("evaluate.py", "--workdir", tmp_path / "none")
+  assert_clean_failure(result, "CheckpointError:", "no checkpoints")
