@@ -68,7 +68,7 @@ def _itemsize(name: Any) -> int | None:
 
   try:
     return np.dtype(name).itemsize or None if isinstance(name, str) else None
-  except TypeError:
+  except (TypeError, ValueError):
     return None
 
 
@@ -262,8 +262,13 @@ def verify_orbax(path: Any) -> None:
     path = epath.Path(os.path.abspath(os.fspath(path)))
   if not path.is_dir():
     raise CheckpointError(f"{path}: no such checkpoint directory.")
+  _inspect(path)
+
+
+def _inspect(path: epath.Path) -> dict[str, int]:
+  """inspect_orbax with any TensorStore/OS failure as a CheckpointError."""
   try:
-    inspect_orbax(path)
+    return inspect_orbax(path)
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - tensorstore/OS errors of any type
@@ -314,7 +319,7 @@ def _physical_memory() -> int | None:
 
 def _check_fits(path: epath.Path, keys: list[str]) -> None:
   """verify_orbax, then: the arrays to restore fit in this host's memory."""
-  sizes = inspect_orbax(path)
+  sizes = _inspect(path)
   prefix = ".".join(keys)
   total = sum(b for n, b in sizes.items()
               if not prefix or n == prefix or n.startswith(prefix + "."))

@@ -231,7 +231,8 @@ def _safetensors_entry(path: Any, key: str, entry: Any,
   where = f"{path}: tensor {key!r}"
   if not isinstance(entry, dict):
     raise CheckpointError(f"{where}: header entry is not a JSON object")
-  dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+  name = entry.get("dtype")
+  dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
   if dtype is None:
     raise CheckpointError(
         f"{where}: dtype {entry.get('dtype')!r:.40} is not supported; jtl "
