@@ -181,11 +181,11 @@ def rezip(rng: random.Random, data: bytes, edit: Any) -> bytes:
     bomb = rng.choice(infos).filename if rng.random() < 0.15 else None
     for info in infos:
       payload = edit(rng, info.filename, zin.read(info))
+      deflate = info.compress_type == zipfile.ZIP_DEFLATED and len(payload) > 1 << 20
       if info.filename == bomb:
-        payload = payload[:128] + bytes(rng.choice([1, 8, 64, 300]) << 20)
-        zout.writestr(info.filename, payload, compress_type=zipfile.ZIP_DEFLATED)
-      else:
-        zout.writestr(info.filename, payload)
+        payload, deflate = payload[:128] + bytes(rng.choice([1, 8, 64, 300]) << 20), True
+      zout.writestr(info.filename, payload,
+                    compress_type=zipfile.ZIP_DEFLATED if deflate else method)
   return out.getvalue()
 
 
@@ -586,6 +586,7 @@ def worker(args: argparse.Namespace) -> None:
   for line in sys.stdin:
     fmt, index = line.split()
     path = make_case(fmt, int(index), args.seed, args.seeds, tmp)
+    proto.write("start\n")  # the time cap counts from here
     try:
       outcome, detail = read_case(fmt, path)
     finally:
@@ -606,14 +607,25 @@ class Worker:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seeds",
            self.args.seeds, "--seed", str(self.args.seed), "--mem_gib", str(self.args.mem_gib)]
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=open(self.log, "wb"), text=True, bufsize=1)
-    if self.proc.stdout.readline().strip() != "ready":
+                                 stderr=open(self.log, "wb"), bufsize=0)
+    if self.proc.stdout.readline().strip() != b"ready":
       raise RuntimeError(f"worker failed to start; see {self.log}")
-    self.done = 0
+    self.done, self.buf = 0, b""
+
+  def lines(self) -> list[str] | None:
+    """Complete lines from the worker (unbuffered read); None once it died."""
+    chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+    if not chunk:
+      return None
+    self.buf += chunk
+    *done, self.buf = self.buf.split(b"\n")
+    return [line.decode() for line in done]
 
   def submit(self, case: tuple[str, int]) -> None:
-    self.case, self.deadline = case, time.monotonic() + self.args.timeout
-    self.proc.stdin.write(f"{case[0]} {case[1]}\n")
+    # Making the case (a 300 MiB deflated member, say) is not the reader's
+    # time: the cap starts when the worker says "start".
+    self.case, self.deadline = case, time.monotonic() + 10 * self.args.timeout + 60
+    self.proc.stdin.write(f"{case[0]} {case[1]}\n".encode())
     self.proc.stdin.flush()
 
   def kill(self) -> None:
@@ -655,23 +667,30 @@ def run_campaign(args: argparse.Namespace) -> dict[str, dict[str, int]]:
 
   for w in workers:
     feed(w)
-  finished = 0
+  finished = reported = 0
   while any(w.case for w in workers):
     for key, _ in sel.select(timeout=0.5):
       w = key.data
-      sel.unregister(key.fileobj)
-      line = w.proc.stdout.readline()
-      if line:
-        reply = json.loads(line)
-        record(w, reply["outcome"], reply["detail"])
-      else:  # the worker died reading this case
+      lines = w.lines()
+      if lines is None:  # the worker died reading this case
+        sel.unregister(key.fileobj)
         code = w.proc.wait()
         tail = w.stderr_tail()
         record(w, "memory" if "bad_alloc" in tail or "MemoryError" in tail else "crash",
                f"exit {code}: {tail[-400:]}")
         w.start()
-      finished += 1
-      feed(w)
+        finished += 1
+        feed(w)
+        continue
+      for line in lines:
+        if line == "start":
+          w.deadline = time.monotonic() + args.timeout
+        else:
+          reply = json.loads(line)
+          sel.unregister(key.fileobj)
+          record(w, reply["outcome"], reply["detail"])
+          finished += 1
+          feed(w)
     for w in workers:
       if w.case and time.monotonic() > w.deadline:
         sel.unregister(w.proc.stdout)
@@ -680,7 +699,8 @@ def run_campaign(args: argparse.Namespace) -> dict[str, dict[str, int]]:
         finished += 1
         w.start()
         feed(w)
-    if finished and finished % 2000 == 0:
+    if finished >= reported + 2000:
+      reported = finished
       print(f"  {finished}/{total} files, {time.time() - start:.0f} s", flush=True)
   for w in workers:
     w.kill()
