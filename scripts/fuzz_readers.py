@@ -50,6 +50,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 FORMATS = ("torch_zip", "torch_legacy", "safetensors", "npz", "msgpack", "orbax")
 FORCED = {"torch_zip": "torch", "torch_legacy": "torch", "orbax": "orbax",
           "safetensors": "safetensors", "npz": "npz", "msgpack": "msgpack"}
+BOMB_MIB = [1, 8, 64, 300]  # a zip member blown up to this many MiB of zeros
 OUTCOMES = ("arrays", "jtl_error", "other_exception", "hang", "crash", "memory")
 HUGE = [0, 1, 2, 7, 255, 256, 65535, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
         2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1, 10**12, -1, -2**31, -2**63]
@@ -183,7 +184,7 @@ def rezip(rng: random.Random, data: bytes, edit: Any) -> bytes:
       payload = edit(rng, info.filename, zin.read(info))
       deflate = info.compress_type == zipfile.ZIP_DEFLATED and len(payload) > 1 << 20
       if info.filename == bomb:
-        payload, deflate = payload[:128] + bytes(rng.choice([1, 8, 64, 300]) << 20), True
+        payload, deflate = payload[:128] + bytes(rng.choice(BOMB_MIB) << 20), True
       zout.writestr(info.filename, payload,
                     compress_type=zipfile.ZIP_DEFLATED if deflate else method)
   return out.getvalue()

@@ -5,7 +5,8 @@ deleted, or overwritten with huge length fields). `read` must then return a
 dict of numpy arrays or raise a JtlError: no other exception, no hang (each
 example runs under an alarm). Zip-based formats are also mutated *inside*
 their members and re-zipped, so the parsers behind the CRC checks get fuzzed.
-Counts per format are printed (run with -s to see them).
+Counts per format are printed (run with -s to see them). A slice of the
+structure-aware campaign of scripts/fuzz_readers.py runs here too.
 """
 
 from __future__ import annotations
@@ -167,3 +168,33 @@ def test_mutated_orbax_directories(valid_files, tmp_path):
         f"arrays, {counts['error']} raised JtlError")
   assert sum(counts.values()) == 2 * ORBAX_EXAMPLES
   assert counts["error"] > 0
+
+
+STRUCTURED_EXAMPLES = 30
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_structure_aware_mutations(tmp_path, monkeypatch):
+  """A small slice of scripts/fuzz_readers.py's campaign, in-process: pickle
+  opcodes, zip header fields, safetensors/npy/msgpack/zarr metadata."""
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "scripts"))
+  import fuzz_readers
+  monkeypatch.setattr(fuzz_readers, "BOMB_MIB", [1, 4])  # 300 MiB: slow here
+  seeds = tmp_path / "seeds"
+  fuzz_readers.make_seeds(str(seeds))
+  counts: dict[str, int] = {}
+  old = signal.signal(signal.SIGALRM, _timeout)
+  try:
+    for fmt in fuzz_readers.FORMATS:
+      for index in range(STRUCTURED_EXAMPLES):
+        path = fuzz_readers.make_case(fmt, index, 0, str(seeds), str(tmp_path))
+        signal.alarm(20)
+        outcome, detail = fuzz_readers.read_case(fmt, path)
+        signal.alarm(0)
+        assert outcome in ("arrays", "jtl_error"), (fmt, index, detail)
+        counts[outcome] = counts.get(outcome, 0) + 1
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+  print(f"\nstructured fuzz: {counts}")
+  assert counts["jtl_error"] > counts.get("arrays", 0) > 0
