@@ -354,7 +354,11 @@ _DAMAGE = {  # key in the OCDBT store -> edit (None: delete), expected message
                    "'params.w' declares shape \\[1000000, 1000000\\] in chunks of "
                    "\\[2, 3\\], that is 166667000000 chunks"),
     "chunks_huge": ("params.w/.zarray", _zarray_edit(
-        shape=[10**6, 10**6], chunks=[10**6, 10**6]), "holds 24"),
+        shape=[10**6, 10**6], chunks=[10**6, 10**6]),
+        "fewer than the 122070313 bytes it needs"),
+    "chunks_blosc": ("params.w/.zarray", _zarray_edit(
+        shape=[2, 3], chunks=[10**6, 10**6], compressor={"id": "blosc"}),
+        "fewer than the 122070313 bytes it needs"),
     "dtype": ("params.w/.zarray", _zarray_edit(dtype="<f8"),
               "should hold 48 bytes"),
     "bad_dtype": ("params.w/.zarray", _zarray_edit(dtype="<q7"),

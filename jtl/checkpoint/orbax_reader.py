@@ -31,6 +31,9 @@ from jtl.errors import CheckpointError, bullet_list
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
 _META_KEYS = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# No codec inflates more than this (zstd's limit: a 4-byte RLE block holds
+# 128 KiB), so a chunk decoding to N bytes must store at least N / this.
+_MAX_RATIO = 1 << 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +41,15 @@ class _Array:
   """What an array's zarr metadata declares."""
   shape: tuple[int, ...]
   chunks: tuple[int, ...]  # the stored chunk (zarr3: shard) grid
-  chunk_bytes: int | None  # bytes a zstd frame of one (inner) chunk holds
+  inner_bytes: int  # bytes one (zarr3: inner) chunk decodes to
   itemsize: int
+  codec: str  # "zstd" or "blosc" (headers state the size), "raw", "other"
+
+  @property
+  def min_stored(self) -> int:
+    """The fewest bytes a stored chunk can have and still decode."""
+    ratio = 1 if self.codec == "raw" else _MAX_RATIO
+    return max(1, -(-self.inner_bytes // ratio))
 
   @property
   def nbytes(self) -> int:
@@ -88,13 +98,16 @@ def _parse_zarr(path: Any, name: str, raw: bytes, zarr3: bool) -> _Array:
       if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
         conf = codec.get("configuration") or {}
         inner, inner_codecs = conf.get("chunk_shape"), conf.get("codecs") or []
-    zstd = any(isinstance(c, dict) and c.get("name") == "zstd"
-               for c in inner_codecs)
+    names = [c.get("name") for c in inner_codecs if isinstance(c, dict)]
+    codec = _codec(next((n for n in names if n not in ("bytes", "transpose",
+                                                       "crc32c")), None))
   else:
     chunks = inner = meta.get("chunks")
     dtype = meta.get("dtype")
-    zstd = (meta.get("compressor") or {}).get("id") == "zstd" and not meta.get(
-        "filters")
+    compressor = meta.get("compressor")
+    codec = _codec(compressor.get("id") if isinstance(compressor, dict)
+                   else compressor)
+    codec = "other" if meta.get("filters") else codec
   shape, chunks = _ints(meta.get("shape"), False), _ints(chunks, True)
   inner, itemsize = _ints(inner, True), _itemsize(dtype)
   if None in (shape, chunks, inner, itemsize) or not (
@@ -103,8 +116,22 @@ def _parse_zarr(path: Any, name: str, raw: bytes, zarr3: bool) -> _Array:
                    f"{meta.get('shape')!r:.80}, chunks {chunks!r:.80}, dtype "
                    f"{dtype!r:.40}: expected lists of non-negative integers "
                    "of one length and a known dtype")
-  return _Array(shape, chunks, math.prod(inner) * itemsize if zstd else None,
-                itemsize)
+  return _Array(shape, chunks, math.prod(inner) * itemsize, itemsize, codec)
+
+
+def _codec(name: Any) -> str:
+  if name is None:
+    return "raw"
+  return name if name in ("zstd", "blosc") else "other"
+
+
+def _declared_size(arr: _Array, head: bytes) -> int | None:
+  """The decoded size a chunk's codec header states (-1: not that codec)."""
+  if arr.codec == "zstd":
+    return _frame_content_size(head)
+  if arr.codec == "blosc":
+    return int.from_bytes(head[4:8], "little") if len(head) >= 16 else -1
+  return None
 
 
 def _frame_content_size(head: bytes) -> int | None:
@@ -160,15 +187,25 @@ def _required(path: epath.Path) -> tuple[list[str], dict[str, Any]]:
   return names, meta
 
 
-def _chunk_reads(store: Any, keys: list[bytes]) -> list[tuple[Any, Any]]:
+def _chunk_reads(store: Any, keys: list[bytes],
+                 arr: _Array) -> list[tuple[Any, ...]]:
+  """Per chunk: its first 18 bytes, its last byte, byte `min_stored - 1`."""
+  need = arr.min_stored
   return [(store.read(k, byte_range=slice(0, 18)),
-           store.read(k, byte_range=slice(-1, None))) for k in keys]
+           store.read(k, byte_range=slice(-1, None)),
+           store.read(k, byte_range=slice(need - 1, need))) for k in keys]
 
 
-def _head(store: Any, key: bytes, head: Any, tail: Any) -> bytes:
+def _head(store: Any, key: bytes, head: Any, tail: Any, probe: Any,
+          need: int) -> bytes:
   """The first (up to 18) bytes of a chunk; raises if it is missing/cut."""
   if tail.result().state != "value" or not tail.result().value:
     raise ValueError("missing or empty")
+  try:
+    probe.result()
+  except Exception:  # noqa: BLE001 - OUT_OF_RANGE: shorter than `need`
+    raise ValueError(f"it holds fewer than the {need} bytes it needs to "
+                     "decode to its declared size") from None
   try:
     return head.result().value
   except Exception:  # noqa: BLE001 - a value shorter than 18 bytes
@@ -184,19 +221,21 @@ def _check_chunks(path: Any, name: str, arr: _Array, keys: list[bytes],
     raise _damaged(path, f"array {name!r} declares shape {list(arr.shape)} in "
                    f"chunks of {list(arr.chunks)}, that is {arr.num_chunks} "
                    f"chunks ({arr.nbytes} bytes), but {len(keys)} are stored")
-  for key, (head, tail) in zip(keys, reads):
+  for key, (head, tail, probe) in zip(keys, reads):
     chunk = key.decode(errors="replace")
     try:
-      first = _head(store, key, head, tail)
+      first = _head(store, key, head, tail, probe, arr.min_stored)
     except Exception as e:  # noqa: BLE001 - tensorstore's own error types
-      raise _damaged(path, f"array {name!r}: chunk {chunk} is unreadable, "
-                     f"missing or truncated ({str(e)[:200]})")
-    size = _frame_content_size(first) if arr.chunk_bytes else None
-    if size is not None and size != arr.chunk_bytes:
+      raise _damaged(path, f"array {name!r} (shape {list(arr.shape)}, chunks "
+                     f"{list(arr.chunks)}): chunk {chunk} is unreadable, "
+                     f"missing or truncated: {str(e)[:200]}")
+    size = _declared_size(arr, first)
+    if size is not None and size != arr.inner_bytes:
       raise _damaged(path, f"array {name!r}: a chunk of {list(arr.chunks)} x "
                      f"{arr.itemsize}-byte elements should hold "
-                     f"{arr.chunk_bytes} bytes, but chunk {chunk} "
-                     + ("is not zstd data" if size < 0 else f"holds {size}")
+                     f"{arr.inner_bytes} bytes, but chunk {chunk} "
+                     + (f"is not {arr.codec} data" if size < 0 else
+                        f"holds {size}")
                      + f" (the array declares shape {list(arr.shape)})")
 
 
@@ -233,7 +272,8 @@ def inspect_orbax(path: epath.Path) -> dict[str, int]:
   arrays = {n: _parse_zarr(path, n, r.result().value, zarr3)
             for n, r in raws.items()}
   all_stored = bool(meta.get("store_array_data_equal_to_fill_value"))
-  reads = {n: _chunk_reads(store, by_array.get(n, [])) for n in arrays}
+  reads = {n: _chunk_reads(store, by_array.get(n, []), a)
+           for n, a in arrays.items()}
   for name, arr in arrays.items():
     _check_chunks(path, name, arr, by_array.get(name, []), reads[name],
                   all_stored, store)
