@@ -6,6 +6,12 @@ map) and can be forced with `format=`. The result is always a flat dict of
 host numpy arrays: nested trees (Orbax, msgpack, npz) are keyed by "/"-joined
 paths, PyTorch and safetensors state dicts keep their own keys.
 
+Damaged or hostile files cost bounded memory: every byte a reader inflates or
+copies is charged, before it is allocated, to a budget of `max_expansion` x
+the file's size + `EXPANSION_FLOOR` (zip bombs, stride-0 torch tensors over a
+one-element storage); members are stream-read with their size as a hard cap
+and copied once; Orbax directories pass `verify_orbax` first.
+
 >>> import numpy as np, tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "w.npz")
 >>> np.savez(path, **{"params/head/kernel": np.ones((2, 3))})
