@@ -12,8 +12,10 @@ Orbax when a training checkpoint is written or restored (`jtl.train`,
 import importlib
 from typing import Any
 
-from jtl.errors import (CheckpointError, ConfigError, DataError, DeviceError, JtlError,
-                        LoadError, OptimizerError, PartitionError, StepError)
+from jtl.adapter import (FunctionModel, LinenModel, NnxModel, as_model, update_module,
+                         variables_of)
+from jtl.errors import (CheckpointError, ConfigError, DataError, DeviceError, DivergenceError,
+                        JtlError, LoadError, OptimizerError, PartitionError, StepError)
 from jtl.optim import base_optimizer, make_optimizer, scale_by_tree, tree_bytes
 from jtl.parallel import (batch_sharding, initialize_distributed, jit_eval_step, jit_train_step,
                           make_mesh, place_state, pmap_train_step, replicate, shard_batch,
@@ -55,7 +57,9 @@ __all__ = [
     "create", "distill", "domain", "quantize",
     "data", "dataset_info", "export", "load_pretrained", "make_dataset", "models",
     "prefetch_to_device", "read", "restore_variables", "strategies", "train",
-    "CheckpointError", "ConfigError", "DataError", "DeviceError", "FROZEN", "JtlError",
+    "CheckpointError", "ConfigError", "DataError", "DeviceError", "DivergenceError", "FROZEN",
+    "FunctionModel", "JtlError", "LinenModel", "NnxModel", "as_model", "update_module",
+    "variables_of",
     "LoadError", "OptimizerError", "PartitionError", "StepError", "Summary", "TrainState",
     "base_optimizer", "batch_sharding", "create_train_state", "cross_entropy_loss", "flatten",
     "frozen_batchnorm", "frozen_module_paths", "initialize_distributed", "is_frozen",

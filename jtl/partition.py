@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jtl import tree as jtree
+from jtl.adapter import is_nnx_module, variables_of
 from jtl.errors import PartitionError, bullet_list
 
 PyTree = Any
@@ -38,17 +39,27 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
+def _params_of(params: PyTree) -> PyTree:
+  """The params pytree, also when given an NNX module."""
+  if is_nnx_module(params):
+    return variables_of(params)["params"]
+  return params
+
+
 def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
   """Labels every leaf by the first (regex, label) rule that fully matches.
 
   Args:
-    params: any pytree of arrays (Flax Linen dicts, `nnx.State`, ...).
+    params: any pytree of arrays (Flax Linen dicts, a pure dict of NNX
+      params), or a Flax NNX module (its `nnx.Param` leaves are labelled, as
+      `jtl.variables_of(module)["params"]`).
     rules: ordered (regex, label) pairs over "/"-joined paths; a label of
       None or "frozen" freezes. First match wins; every leaf must match.
 
   Returns:
     A tree of string labels with the structure of `params`.
   """
+  params = _params_of(params)
   bad = [f"{pattern!r}: {label!r}" for pattern, label in rules
          if label is not None and not isinstance(label, str)]
   if bad:
@@ -202,7 +213,10 @@ def _human(n: int) -> str:
 
 
 def summarize(params: PyTree, labels: PyTree) -> Summary:
-  """Counts leaves, parameters and bytes per label (frozen listed last)."""
+  """Counts leaves, parameters and bytes per label (frozen listed last).
+
+  `params` may be a Flax NNX module, as for `label_params`."""
+  params = _params_of(params)
   _check_same_structure(params, labels, "params", "labels")
   stats: dict[str, list[int]] = {}
   for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):

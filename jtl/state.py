@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jtl import partition
+from jtl.adapter import is_nnx_module, variables_of
 
 PyTree = Any
 
@@ -45,12 +46,15 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
   """Splits `variables["params"]` by `labels` and initialises the optimizer.
 
   Args:
-    variables: a Flax variables dict: {"params": ..., "batch_stats": ...}.
+    variables: a Flax variables dict: {"params": ..., "batch_stats": ...},
+      or a Flax NNX module (its variables, `jtl.variables_of(module)`).
     labels: label tree of `variables["params"]`.
     tx: the optimizer (see `jtl.optim.make_optimizer`), applied to the
       trainable partition only.
     rng: a PRNG key or an int seed, for dropout.
   """
+  if is_nnx_module(variables):
+    variables = variables_of(variables)
   variables = dict(variables)
   params = variables.pop("params")
   trainable, frozen = partition.split(params, labels)

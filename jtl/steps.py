@@ -11,22 +11,21 @@ Batches are dicts: {"inputs": ..., "label": int [B] or soft [B, C],
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from jtl import partition
+from jtl.adapter import as_model, frozen_batchnorm  # noqa: F401 (frozen_batchnorm re-exported)
 from jtl.errors import StepError
 from jtl.state import TrainState
 
 PyTree = Any
 Batch = dict[str, Any]
-LossFn = Callable[[jax.Array, Batch], jax.Array]
+LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
 
 
 def cross_entropy_loss(logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
@@ -57,30 +56,6 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-@contextlib.contextmanager
-def frozen_batchnorm(frozen_module_paths: Iterable[str]):
-  """Within this context, BatchNorm layers at these module paths use their
-  stored statistics (and do not update them), whatever `train` says.
-
-  Models call `nn.BatchNorm(...)(x, use_running_average=not train)`; this
-  interceptor rewrites that keyword for the frozen layers.
-  """
-  paths = frozenset(frozen_module_paths)
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
-        and "/".join(module.scope.path) in paths):
-      kwargs = {**kwargs, "use_running_average": True}
-    return next_fun(*args, **kwargs)
-
-  if not paths:
-    yield
-    return
-  with nn.intercept_methods(interceptor):
-    yield
-
-
 def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
   if dtype is None:
     return tree
@@ -88,17 +63,17 @@ def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
       lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
-def _apply(module: nn.Module, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *,
-           train: bool, rng: jax.Array | None, frozen_paths: frozenset[str],
-           compute_dtype: Any) -> tuple[jax.Array, dict[str, PyTree]]:
-  variables = {"params": _cast_floats(params, compute_dtype), **model_state}
-  inputs = _cast_floats(inputs, compute_dtype)
-  rngs = {"dropout": rng} if rng is not None else {}
-  mutable = list(model_state) if train and model_state else False
-  with frozen_batchnorm(frozen_paths if train else ()):
-    out = module.apply(variables, inputs, train=train, rngs=rngs, mutable=mutable)
-  logits, new_state = out if mutable else (out, model_state)
-  return logits.astype(jnp.float32), dict(new_state)
+def _logits(outputs: Any) -> jax.Array | None:
+  """The float32 logits among a model's outputs (an array, or the first of a tuple)."""
+  if isinstance(outputs, (tuple, list)) and outputs:
+    outputs = outputs[0]
+  return outputs.astype(jnp.float32) if hasattr(outputs, "astype") else None
+
+
+def _to_float32(outputs: Any) -> Any:
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
+      outputs)
 
 
 def _check_scalar(loss: Any) -> None:
@@ -118,24 +93,48 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(reshape, batch)
 
 
+BatchTransform = Callable[[dict[str, PyTree], Batch, jax.Array], tuple[Batch, dict[str, Any]]]
+
+
+def _loss_and_metrics(loss_fn: LossFn, outputs: Any, batch: Batch) -> tuple[jax.Array, dict]:
+  out = loss_fn(outputs, batch)
+  loss, aux = out if isinstance(out, tuple) else (out, {})
+  _check_scalar(loss)
+  return loss, dict(aux)
+
+
 def make_train_step(
-    module: nn.Module,
+    model: Any,
     tx: optax.GradientTransformation,
     *,
     labels: PyTree | None = None,
     loss_fn: LossFn = cross_entropy_loss,
+    batch_transform: BatchTransform | None = None,
     microbatches: int = 1,
     compute_dtype: Any = None,
     axis_name: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and un-jitted.
 
+  The one train step of jtl: fine-tuning and every method (distillation,
+  domain adaptation, adversarial training) run through it, so microbatching,
+  mixed precision, pmap/mesh, frozen BatchNorm and the frozen-partition
+  guarantees hold for all of them.
+
   Args:
-    module: a Flax Linen module whose `__call__(x, train=...)` gives logits.
+    model: a Flax Linen module whose `__call__(x, train=...)` gives logits,
+      a Flax NNX module, an `apply_fn(params, inputs)`, or an adapter
+      (`jtl.LinenModel`, `jtl.NnxModel`, `jtl.FunctionModel`) naming how to
+      call it (see `jtl.adapter`).
     tx: the optimizer over the trainable partition.
     labels: the label tree; BatchNorm layers whose params are all frozen run
       with stored statistics. Without labels every BatchNorm trains.
-    loss_fn: `loss_fn(logits, batch) -> scalar`.
+    loss_fn: `loss_fn(outputs, batch) -> scalar` or `-> (scalar, metrics)`,
+      where `outputs` is what the model returns (logits, or a method's tuple)
+      and metrics are extra scalars to report.
+    batch_transform: `batch_transform(variables, batch, rng) -> (batch,
+      metrics)`, run on the whole batch before the gradient, outside it (e.g.
+      teacher targets, adversarial inputs); its metrics are reported.
     microbatches: accumulate gradients over this many micro-batches (inside
       the compiled step, with `lax.scan`) before one update.
     compute_dtype: e.g. jnp.bfloat16 for mixed precision: params stay fp32
@@ -144,20 +143,25 @@ def make_train_step(
       gradients, metrics and statistics are averaged across that axis and
       the dropout rng differs per device.
 
-  Metrics: loss, accuracy, grad_norm (of the trainable gradients).
+  Metrics: loss, accuracy (when the outputs are logits), grad_norm (of the
+  trainable gradients), and those of `loss_fn` and `batch_transform`.
   """
   if microbatches < 1:
     raise StepError(f"microbatches must be >= 1, got {microbatches}.")
+  adapter = as_model(model)
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
 
   def loss_and_aux(trainable, frozen, model_state, batch, rng):
-    params = partition.merge(trainable, frozen)
-    logits, new_model_state = _apply(
-        module, params, model_state, batch["inputs"], train=True, rng=rng,
-        frozen_paths=frozen_paths, compute_dtype=compute_dtype)
-    loss = loss_fn(logits, batch)
-    _check_scalar(loss)
-    return loss, (new_model_state, logits)
+    params = _cast_floats(partition.merge(trainable, frozen), compute_dtype)
+    outputs, new_model_state = adapter.apply(
+        params, model_state, _cast_floats(batch["inputs"], compute_dtype), train=True, rng=rng,
+        frozen_paths=frozen_paths)
+    outputs = _to_float32(outputs)
+    loss, aux = _loss_and_metrics(loss_fn, outputs, batch)
+    logits = _logits(outputs)
+    if "accuracy" not in aux and logits is not None and logits.shape[0] == batch["label"].shape[0]:
+      aux["correct"] = _correct(logits, batch)
+    return loss, (dict(new_model_state), aux)
 
   grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
 
@@ -165,43 +169,48 @@ def make_train_step(
     rng, step_rng = jax.random.split(state.rng)
     if axis_name is not None:
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    extra: dict[str, Any] = {}
+    if batch_transform is not None:
+      batch, extra = batch_transform(state.variables, batch, jax.random.fold_in(step_rng, 1))
+      batch = jax.lax.stop_gradient(batch)
 
     if microbatches == 1:
-      (loss, (model_state, logits)), grads = grad_fn(
+      (loss, (model_state, aux)), grads = grad_fn(
           state.trainable, state.frozen, state.model_state, batch, step_rng)
-      correct = _correct(logits, batch)
     else:
       micro = _split_microbatches(batch, microbatches)
-      zeros = jax.tree.map(jnp.zeros_like, state.trainable)
 
       def accumulate(carry, xs):
-        grad_sum, loss_sum, correct_sum, model_state = carry
+        grad_sum, model_state = carry
         mb, i = xs
-        (loss, (model_state, logits)), grads = grad_fn(
+        (loss, (model_state, aux)), grads = grad_fn(
             state.trainable, state.frozen, model_state, mb, jax.random.fold_in(step_rng, i))
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (grad_sum, loss_sum + loss, correct_sum + _correct(logits, mb), model_state), None
+        return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux)
 
-      init = (zeros, jnp.zeros(()), jnp.zeros(()), state.model_state)
-      (grad_sum, loss_sum, correct, model_state), _ = jax.lax.scan(
+      init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
+      (grad_sum, model_state), (losses, auxes) = jax.lax.scan(
           accumulate, init, (micro, jnp.arange(microbatches)))
       grads = jax.tree.map(lambda g: g / microbatches, grad_sum)
-      loss = loss_sum / microbatches
+      loss = jnp.mean(losses)
+      aux = {k: (jnp.sum(v) if k == "correct" else jnp.mean(v)) for k, v in auxes.items()}
 
     count = _count(batch)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       loss = jax.lax.pmean(loss, axis_name)
       model_state = jax.lax.pmean(model_state, axis_name)
-      correct = jax.lax.psum(correct, axis_name)
+      aux = {k: (jax.lax.psum(v, axis_name) if k == "correct" else jax.lax.pmean(v, axis_name))
+             for k, v in aux.items()}
+      extra = jax.lax.pmean(extra, axis_name)
       count = jax.lax.psum(count, axis_name)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable,
                               opt_state=opt_state, model_state=model_state, rng=rng)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "accuracy": correct / jnp.maximum(count, 1.0)}
+    if "correct" in aux:
+      aux["accuracy"] = aux.pop("correct") / jnp.maximum(count, 1.0)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux, **extra}
     return new_state, metrics
 
   return train_step
@@ -227,24 +236,29 @@ def _count(batch: Batch) -> jax.Array:
 
 
 def make_eval_step(
-    module: nn.Module,
+    model: Any,
     *,
     compute_dtype: Any = None,
     axis_name: str | None = None,
 ) -> Callable[[dict[str, PyTree], Batch], dict[str, jax.Array]]:
   """Returns `eval_step(variables, batch) -> sums`, pure and un-jitted.
 
-  `variables` is {"params": ..., "batch_stats": ...} (e.g. `state.variables`).
+  `model` is any model `make_train_step` takes (Linen, NNX, apply function,
+  adapter). `variables` is {"params": ..., "batch_stats": ...} (e.g.
+  `state.variables`).
   The sums (loss, correct, correct_top5, count) cover only rows with
   mask=True, so a padded last batch counts every real example exactly once;
   divide by `count` after summing over batches.
   """
 
+  adapter = as_model(model)
+
   def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
     variables = dict(variables)
-    params = variables.pop("params")
-    logits, _ = _apply(module, params, variables, batch["inputs"], train=False, rng=None,
-                       frozen_paths=frozenset(), compute_dtype=compute_dtype)
+    params = _cast_floats(variables.pop("params"), compute_dtype)
+    outputs, _ = adapter.apply(params, variables, _cast_floats(batch["inputs"], compute_dtype),
+                               train=False, rng=None)
+    logits = _logits(outputs)
     mask = _mask(batch)
     labels = _hard_labels(batch)
     losses = per_example_cross_entropy(logits, batch["label"])

@@ -1,0 +1,299 @@
+"""How jtl calls a model: one small adapter for every kind of model code.
+
+Every step, loss and method in jtl calls a model through one pure function,
+
+    model.apply(params, model_state, inputs, *, train, rng, frozen_paths)
+        -> (outputs, new_model_state)
+
+where `params` is a nested dict of arrays (labelled by "/"-joined paths),
+`model_state` the model's other state (BatchNorm statistics) and
+`frozen_paths` the module paths whose params are all frozen, whose BatchNorm
+layers then run with their stored statistics. Three adapters give it:
+
+- `LinenModel(module, ...)`: a Flax Linen module, with `train=`,
+  `deterministic=` or no flag; outputs picked from a dict or tuple; inputs
+  passed as keyword arguments (e.g. `input_ids=`, `attention_mask=`); or any
+  call written as `call(module, inputs, **flag)`.
+- `NnxModel(module, ...)`: a Flax NNX module. It is split once
+  (`nnx.split`) into its graph definition and state; `params` are its
+  `nnx.Param` leaves as a pure dict, `model_state` = {"state": its other
+  variables (BatchStat, ...)}. Inside the pure step it is merged again, put
+  in train or eval mode, its frozen BatchNorm layers set to their stored
+  statistics and its rng streams reseeded from the step's key.
+  `update_module(module, state)` writes a trained state back.
+- `FunctionModel(apply_fn, ...)`: a plain `apply_fn(params, inputs, **kw)`.
+
+`as_model(x)` picks the adapter; the steps call it, so users pass whichever
+they have. An adapter is named once, e.g.
+`jtl.LinenModel(bert, train_kwarg="deterministic", output="logits",
+inputs_as_kwargs=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+
+from jtl.errors import StepError
+
+PyTree = Any
+Output = str | int | Callable[[Any], Any] | None
+
+
+class Model(Protocol):
+  """What the steps need of a model (see the module docstring)."""
+
+  def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
+            rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
+            ) -> tuple[Any, dict[str, PyTree]]:
+    ...
+
+
+def select_output(out: Any, output: Output) -> Any:
+  """`out[output]` for a key or index, `output(out)` for a function, else `out`.
+
+  >>> select_output({"logits": 1, "hidden": 2}, "logits"), select_output((3, 4), 0)
+  (1, 3)
+  """
+  if output is None:
+    return out
+  return output(out) if callable(output) else out[output]
+
+
+def _flag(train_kwarg: str | None, train: bool) -> dict[str, bool]:
+  if train_kwarg is None:
+    return {}
+  if train_kwarg == "deterministic":
+    return {"deterministic": not train}
+  if train_kwarg == "use_running_average":
+    return {"use_running_average": not train}
+  return {train_kwarg: train}
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(frozen_module_paths: Iterable[str]):
+  """Within this context, Linen BatchNorm layers at these module paths use
+  their stored statistics (and do not update them), whatever `train` says.
+
+  Models call `nn.BatchNorm(...)(x, use_running_average=not train)`; this
+  interceptor rewrites that keyword for the frozen layers.
+  """
+  paths = frozenset(frozen_module_paths)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
+        and "/".join(module.scope.path) in paths):
+      kwargs = {**kwargs, "use_running_average": True}
+    return next_fun(*args, **kwargs)
+
+  if not paths:
+    yield
+    return
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenModel:
+  """A Flax Linen module and how to call it.
+
+  Args:
+    module: the Linen module.
+    train_kwarg: the mode flag: "train" (`train=True` when training),
+      "deterministic" (`deterministic=False` when training), or None (no flag).
+    output: which output is the logits: a dict key, a tuple index, or a
+      function of the output; None: the output itself.
+    inputs_as_kwargs: call `module(**inputs)` with a dict of inputs (e.g.
+      `input_ids`, `attention_mask`) instead of `module(inputs)`.
+    call: `call(module, inputs, **flag)`, any other way of calling it (a
+      method such as `MyModel.features`); replaces the three above's call.
+
+  >>> import jax.numpy as jnp
+  >>> class Net(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x, deterministic=True):
+  ...     return {"logits": nn.Dense(2)(x)}
+  >>> model = LinenModel(Net(), train_kwarg="deterministic", output="logits")
+  >>> params = Net().init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+  >>> model.apply(params, {}, jnp.ones((4, 3)), train=True, rng=None)[0].shape
+  (4, 2)
+  """
+  module: nn.Module
+  train_kwarg: str | None = "train"
+  output: Output = None
+  inputs_as_kwargs: bool = False
+  call: Callable[..., Any] | None = None
+
+  def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
+            rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
+            ) -> tuple[Any, dict[str, PyTree]]:
+    variables = {"params": params, **model_state}
+    mutable = list(model_state) if train and model_state else False
+    kwargs = dict(_flag(self.train_kwarg, train), rngs={"dropout": rng} if rng is not None else {},
+                  mutable=mutable, method=self.call)
+    with frozen_batchnorm(frozen_paths if train else ()):
+      if self.inputs_as_kwargs:
+        out = self.module.apply(variables, **inputs, **kwargs)
+      else:
+        out = self.module.apply(variables, inputs, **kwargs)
+    out, new_state = out if mutable else (out, model_state)
+    return select_output(out, self.output), dict(new_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionModel:
+  """A plain `fn(params, inputs, **kwargs) -> outputs` (no Flax module).
+
+  Args:
+    fn: the apply function.
+    train_kwarg: keyword of its mode flag ("train" or "deterministic"), or None.
+    rng_kwarg: keyword for a dropout key, or None.
+    output: which output is the logits (see `LinenModel`).
+
+  >>> import jax.numpy as jnp
+  >>> model = FunctionModel(lambda p, x: x @ p["w"])
+  >>> model.apply({"w": jnp.ones((3, 2))}, {}, jnp.ones((4, 3)), train=True, rng=None)[0].shape
+  (4, 2)
+  """
+  fn: Callable[..., Any]
+  train_kwarg: str | None = None
+  rng_kwarg: str | None = None
+  output: Output = None
+
+  def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
+            rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
+            ) -> tuple[Any, dict[str, PyTree]]:
+    del frozen_paths
+    kwargs = _flag(self.train_kwarg, train)
+    if self.rng_kwarg and rng is not None:
+      kwargs[self.rng_kwarg] = rng
+    return select_output(self.fn(params, inputs, **kwargs), self.output), model_state
+
+
+def _nnx():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx
+
+
+def is_nnx_module(x: Any) -> bool:
+  """Whether `x` is a Flax NNX module (without importing NNX if nothing did)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.Module)
+
+
+class NnxModel:
+  """A Flax NNX module, split once into a graph definition and its state.
+
+  Args:
+    module: the NNX module (its current weights are the initial variables).
+    call: `call(module, inputs)`, how to call it (default `module(inputs)`).
+    output: which output is the logits (see `LinenModel`).
+
+  `variables` is {"params": <nnx.Param leaves as a pure dict>, "state": <the
+  other variables except rng state>} (no "state" if there are none): what
+  `label_params`, `create_train_state` and checkpoints take.
+  """
+
+  def __init__(self, module: Any, *, call: Callable[..., Any] | None = None,
+               output: Output = None):
+    nnx = _nnx()
+    if not isinstance(module, nnx.Module):
+      raise StepError(f"NnxModel needs a flax.nnx.Module, got {type(module).__name__}.")
+    self.graphdef, self._params, self._rngs, self._rest = nnx.split(
+        module, nnx.Param, nnx.RngState, ...)
+    self._streams = sorted({s.tag for _, s in nnx.iter_graph(module)
+                            if isinstance(s, nnx.RngStream)})
+    self.call, self.output = call, output
+
+  @property
+  def variables(self) -> dict[str, PyTree]:
+    nnx = _nnx()
+    rest = nnx.to_pure_dict(self._rest)
+    return {"params": nnx.to_pure_dict(self._params), **({"state": rest} if rest else {})}
+
+  def merge(self, params: PyTree, model_state: dict[str, PyTree]) -> Any:
+    """A module with these params and state (in a trace or not)."""
+    nnx = _nnx()
+    copy = lambda state: jax.tree.map(lambda x: x, state)  # fresh Variables, here
+    param_state, rest = copy(self._params), copy(self._rest)
+    nnx.replace_by_pure_dict(param_state, params)
+    if model_state.get("state"):
+      nnx.replace_by_pure_dict(rest, model_state["state"])
+    return nnx.merge(self.graphdef, param_state, copy(self._rngs), rest)
+
+  def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
+            rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
+            ) -> tuple[Any, dict[str, PyTree]]:
+    nnx = _nnx()
+    module = self.merge(params, model_state)
+    if rng is not None and self._streams:
+      nnx.reseed(module, **{tag: jax.random.fold_in(rng, i) for i, tag in enumerate(self._streams)})
+    module.set_attributes(deterministic=not train, use_running_average=not train,
+                          raise_if_not_found=False)
+    if train and frozen_paths:
+      for path, sub in nnx.iter_modules(module):
+        if isinstance(sub, nnx.BatchNorm) and "/".join(map(str, path)) in frozen_paths:
+          sub.use_running_average = True
+    out = self.call(module, inputs) if self.call else module(inputs)
+    if not train or "state" not in model_state:
+      return select_output(out, self.output), model_state
+    rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]
+    return select_output(out, self.output), {"state": nnx.to_pure_dict(rest)}
+
+
+def as_model(model: Any) -> Model:
+  """The adapter for `model`: an adapter as is, a Linen module as
+  `LinenModel(model)`, an NNX module as `NnxModel(model)`, and any other
+  callable as `FunctionModel(model)`."""
+  if isinstance(model, (LinenModel, NnxModel, FunctionModel)) or (
+      hasattr(model, "apply") and not isinstance(model, nn.Module) and not callable(model)):
+    return model
+  if isinstance(model, nn.Module):
+    return LinenModel(model)
+  if is_nnx_module(model):
+    return NnxModel(model)
+  if callable(model):
+    return FunctionModel(model)
+  raise StepError(
+      f"Cannot call a model of type {type(model).__name__}: expected a Flax Linen or NNX "
+      "module, a function apply_fn(params, inputs), or a jtl.LinenModel / NnxModel / "
+      "FunctionModel.")
+
+
+def variables_of(model: Any) -> dict[str, PyTree]:
+  """{"params": ..., ...} of an NNX module (or `NnxModel`): what
+  `label_params`, `create_train_state` and `fit` take. Linen modules and
+  apply functions keep their variables outside: pass those."""
+  if is_nnx_module(model):
+    model = NnxModel(model)
+  if isinstance(model, NnxModel):
+    return model.variables
+  raise StepError(
+      f"A {type(model).__name__} keeps no variables of its own: pass its variables "
+      "(e.g. module.init(...) for Linen, the params pytree for an apply function).")
+
+
+def update_module(module: Any, state: Any) -> Any:
+  """Writes a trained `TrainState` (or {"params": ..., "state": ...}
+  variables) back into the NNX `module`, in place, and returns it, so that
+  `module(x)` uses the fine-tuned weights."""
+  nnx = _nnx()
+  if not isinstance(module, nnx.Module):
+    raise StepError(f"update_module needs a flax.nnx.Module, got {type(module).__name__}.")
+  variables = state.variables if hasattr(state, "variables") else state
+  variables = jax.device_get(variables)
+  _, params, _, other = nnx.split(module, nnx.Param, nnx.RngState, ...)
+  nnx.replace_by_pure_dict(params, variables["params"])
+  updates = [params]
+  if variables.get("state"):
+    nnx.replace_by_pure_dict(other, variables["state"])
+    updates.append(other)
+  nnx.update(module, *updates)
+  return module

@@ -1,0 +1,197 @@
+"""Every model API through the same calls: a Linen module, its NNX twin and a
+plain apply function train to the same params (issue 13)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jtl
+from models_for_tests import ConvNet, batch, init
+
+STEPS = 3
+# The head and the last conv block train; the first two blocks (and their
+# BatchNorm statistics) stay frozen.
+RULES = [(r"(head|backbone_conv2|backbone_bn2)/.*", "top"), (r".*", "frozen")]
+
+
+class NnxConvNet(nnx.Module):
+  """models_for_tests.ConvNet written in NNX, with the same variable names."""
+
+  def __init__(self, num_classes=10, width=8, dropout=0.0, *, rngs):
+    channels = 3
+    for i in range(3):
+      out = width * (i + 1)
+      setattr(self, f"backbone_conv{i}", nnx.Conv(channels, out, (3, 3), strides=2 if i else 1,
+                                                  rngs=rngs))
+      setattr(self, f"backbone_bn{i}", nnx.BatchNorm(out, momentum=0.9, rngs=rngs))
+      channels = out
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    for i in range(3):
+      x = nnx.relu(getattr(self, f"backbone_bn{i}")(getattr(self, f"backbone_conv{i}")(x)))
+    return self.head(self.dropout(jnp.mean(x, axis=(1, 2))))
+
+
+def twins():
+  """(Linen module, its variables, NNX module holding the same weights)."""
+  linen = ConvNet(width=8)
+  variables = init(linen, batch(16)["inputs"])
+  variables = jax.tree.map(lambda x: x + 0.01, variables)  # BN stats away from 0/1
+  model = NnxConvNet(width=8, rngs=nnx.Rngs(0))
+  jtl.update_module(model, {"params": variables["params"], "state": variables["batch_stats"]})
+  return linen, variables, model
+
+
+def batches():
+  return [jax.tree.map(np.asarray, batch(16, seed=i)) for i in range(STEPS)]
+
+
+def train(model, variables, *, devices=None, pmap=False):
+  labels = jtl.label_params(variables["params"], RULES)
+  tx = jtl.make_optimizer(labels, learning_rate=0.05, optimizer="adamw", clip_norm=1.0)
+  state = jtl.create_train_state(variables, labels, tx)
+  if pmap:
+    step = jtl.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
+    state = jtl.replicate(state)
+    for b in batches():
+      state, _ = step(state, jtl.shard_for_pmap(b))
+    return jax.device_get(jtl.unreplicate(state))
+  mesh = jtl.make_mesh(devices)
+  state = jtl.place_state(state, mesh)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)
+  for b in batches():
+    state, _ = step(state, jtl.shard_batch(b, mesh))
+  return jax.device_get(state)
+
+
+def assert_close(a, b, atol):
+  for path, x in jtl.flatten(a).items():
+    np.testing.assert_allclose(x, jtl.flatten(b)[path], atol=atol, err_msg=path)
+
+
+@pytest.mark.parametrize("where", ["1 device", "8 devices", "pmap"])
+def test_linen_and_nnx_twins_end_with_the_same_params(where):
+  linen, variables, model = twins()
+  nnx_variables = jtl.variables_of(model)
+  assert set(jtl.flatten(nnx_variables["params"])) == set(jtl.flatten(variables["params"]))
+  kwargs = {"1 device": dict(devices=jax.devices()[:1]), "8 devices": {},
+            "pmap": dict(pmap=True)}[where]
+  a = train(linen, variables, **kwargs)
+  b = train(model, nnx_variables, **kwargs)
+  # Tolerance: the two APIs lower to the same ops; only fusion order differs.
+  assert_close(a.params, b.params, atol=1e-5)
+  assert_close(a.model_state["batch_stats"], b.model_state["state"], atol=1e-5)
+  # Frozen layers and their statistics did not move; the trained ones did.
+  np.testing.assert_array_equal(b.params["backbone_conv0"]["kernel"],
+                                nnx_variables["params"]["backbone_conv0"]["kernel"])
+  np.testing.assert_allclose(b.model_state["state"]["backbone_bn0"]["mean"],  # pmean rounding
+                             nnx_variables["state"]["backbone_bn0"]["mean"], rtol=1e-6)
+  assert not np.allclose(b.model_state["state"]["backbone_bn2"]["mean"],
+                         nnx_variables["state"]["backbone_bn2"]["mean"])
+
+
+def test_nnx_module_directly_and_written_back():
+  _, _, model = twins()
+  labels = jtl.label_params(model, RULES)  # the module itself, not its variables
+  tx = jtl.make_optimizer(labels, learning_rate=0.05)
+  state = jtl.create_train_state(model, labels, tx)
+  step = jax.jit(jtl.make_train_step(model, tx, labels=labels))
+  for b in batches():
+    state, metrics = step(state, b)
+  assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
+  x = batches()[0]["inputs"]
+  expected = jtl.make_eval_step(model)(state.variables, {**batches()[0], "mask": np.ones(16)})
+  jtl.update_module(model, state)
+  model.eval()
+  logits = model(x)
+  losses = jtl.steps.per_example_cross_entropy(logits, batches()[0]["label"])
+  np.testing.assert_allclose(float(jnp.sum(losses)), expected["loss"], rtol=1e-5)
+  np.testing.assert_array_equal(model.head.kernel.value, state.params["head"]["kernel"])
+
+
+def test_dropout_keys_come_from_the_train_state():
+  model = NnxConvNet(width=8, dropout=0.5, rngs=nnx.Rngs(0, dropout=1))
+  labels = jtl.label_params(model, [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=0.05)
+  step = jax.jit(jtl.make_train_step(model, tx, labels=labels))
+  b = batches()[0]
+  runs = [step(jtl.create_train_state(model, labels, tx, rng=seed), b)[1]["loss"]
+          for seed in (0, 0, 1)]
+  assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_plain_apply_function_matches_linen():
+  linen, variables, _ = twins()
+  stats = variables["batch_stats"]
+
+  def apply_fn(params, x, train=False):  # code without modules: stored BN statistics
+    del train
+    return linen.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+  labels = jtl.label_params(variables["params"], RULES)
+  tx = jtl.make_optimizer(labels, learning_rate=0.05, optimizer="sgd")
+  in_eval_mode = jtl.LinenModel(linen, call=lambda m, x, train: m(x, train=False))
+  ref_step = jax.jit(jtl.make_train_step(in_eval_mode, tx, labels=labels))
+  fn_step = jax.jit(jtl.make_train_step(jtl.FunctionModel(apply_fn, train_kwarg="train"), tx,
+                                        labels=labels))
+  a = jtl.create_train_state(variables, labels, tx)
+  b = jtl.create_train_state({"params": variables["params"]}, labels, tx)
+  for x in batches():
+    a, ma = ref_step(a, x)
+    b, mb = fn_step(b, x)
+  assert_close(a.params, b.params, atol=1e-6)
+  np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-5)
+  assert not np.allclose(b.params["head"]["kernel"], variables["params"]["head"]["kernel"])
+
+
+def _flops(fn, *args):
+  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("kind", ["nnx", "function"])
+def test_frozen_backbone_step_costs_about_a_forward(kind):
+  b = batch(32, size=32)
+  linen = ConvNet(width=32)
+  variables = init(linen, b["inputs"])
+  if kind == "nnx":
+    model = NnxConvNet(width=32, rngs=nnx.Rngs(0))
+    variables = jtl.variables_of(model)
+    forward = lambda v, x: jtl.as_model(model).apply(v["params"], v, x, train=False, rng=None)[0]
+  else:
+    stats = variables["batch_stats"]
+    model = lambda p, x: linen.apply({"params": p, "batch_stats": stats}, x)  # noqa: E731
+    variables = {"params": variables["params"]}
+    forward = lambda v, x: model(v["params"], x)
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="adamw", clip_norm=1.0,
+                          weight_decay=1e-4)
+  state = jtl.create_train_state(variables, labels, tx)
+  frozen_step = _flops(jtl.make_train_step(model, tx, labels=labels), state, b)
+  all_labels = jtl.label_params(variables["params"], [(".*", "all")])
+  full_tx = jtl.make_optimizer(all_labels, learning_rate=0.1, clip_norm=1.0)
+  full_step = _flops(jtl.make_train_step(model, full_tx, labels=all_labels),
+                     jtl.create_train_state(variables, all_labels, full_tx), b)
+  fwd = _flops(forward, variables, b["inputs"])
+  assert frozen_step <= 1.3 * fwd, frozen_step / fwd
+  assert full_step >= 2.0 * fwd, full_step / fwd
+
+
+def test_fit_checkpoints_and_resumes_an_nnx_model(tmp_path):
+  _, _, model = twins()
+  labels = jtl.label_params(model, RULES)
+  tx = jtl.make_optimizer(labels, learning_rate=0.05)
+  data = lambda start: iter(batches()[start:] + batches())
+  kwargs = dict(module=model, variables=jtl.variables_of(model), labels=labels, tx=tx,
+                train_batches=data, progress=False, async_checkpoints=False)
+  straight = jtl.train.fit(num_steps=3, **kwargs).state
+  jtl.train.fit(num_steps=2, workdir=tmp_path, checkpoint_every=1, **kwargs)
+  resumed = jtl.train.fit(num_steps=3, workdir=tmp_path, checkpoint_every=1, **kwargs)
+  assert resumed.start_step == 2
+  assert_close(jax.device_get(straight.variables), jax.device_get(resumed.state.variables),
+               atol=1e-6)
+  variables, _ = jtl.restore_variables(tmp_path)
+  assert set(variables) == {"params", "state"}
