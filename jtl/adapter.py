@@ -249,13 +249,13 @@ class NnxModel:
 
 
 def as_model(model: Any) -> Model:
-  """The adapter for `model`: an adapter as is, a Linen module as
-  `LinenModel(model)`, an NNX module as `NnxModel(model)`, and any other
+  """The adapter for `model`: an adapter as is; a Linen module (or an object
+  with Linen's `apply(variables, x, ...)`, such as `jtl.strategies.LoraModel`)
+  as `LinenModel(model)`; an NNX module as `NnxModel(model)`; any other
   callable as `FunctionModel(model)`."""
-  if isinstance(model, (LinenModel, NnxModel, FunctionModel)) or (
-      hasattr(model, "apply") and not isinstance(model, nn.Module) and not callable(model)):
+  if isinstance(model, (LinenModel, NnxModel, FunctionModel)):
     return model
-  if isinstance(model, nn.Module):
+  if isinstance(model, nn.Module) or (hasattr(model, "apply") and not callable(model)):
     return LinenModel(model)
   if is_nnx_module(model):
     return NnxModel(model)

@@ -92,12 +92,19 @@ def pgd(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: 
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, x_adv))
 
 
-def model_loss(module: nn.Module, variables: PyTree, batch: Batch) -> Callable[[jax.Array], jax.Array]:
+def _predict(module: Any, variables: PyTree, x: jax.Array) -> jax.Array:
+  """The logits of any model (`jtl.as_model`) in inference mode."""
+  state = {k: v for k, v in variables.items() if k != "params"}
+  out = jsteps.as_model(module).apply(variables["params"], state, x, train=False, rng=None)[0]
+  return out.astype(jnp.float32)
+
+
+def model_loss(module: Any, variables: PyTree, batch: Batch) -> Callable[[jax.Array], jax.Array]:
   """inputs -> summed cross-entropy of the model in inference mode on `batch`'s labels."""
   mask = batch.get("mask")
 
   def loss(x):
-    logits = module.apply(variables, x, train=False).astype(jnp.float32)
+    logits = _predict(module, variables, x)
     per_example = jsteps.per_example_cross_entropy(logits, batch["label"])
     if mask is not None:
       per_example = per_example * mask.astype(per_example.dtype)
@@ -130,56 +137,77 @@ def make_attack(*, attack: str = "pgd", eps: float, step_size: float | None = No
   return run
 
 
+def _adversarial_transform(module: Any, run_attack: Callable, clean_fraction: float):
+  """batch_transform: the batch's inputs replaced by (or, with clean_fraction,
+  joined by) adversarial inputs made with the current params."""
+  def transform(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[Batch, dict]:
+    del rng  # the attack's own stream: the same examples under jit, mesh and pmap
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0x5EED), state.step)
+    variables = state.variables
+    x_adv = run_attack(model_loss(module, variables, batch), batch["inputs"], rng)
+    logits = _predict(module, variables, x_adv)
+    adv_acc = jsteps.masked_mean(
+        (jnp.argmax(logits, -1) == jsteps._hard_labels(batch)).astype(jnp.float32),  # pylint: disable=protected-access
+        batch.get("mask"))
+    if not clean_fraction:
+      return {**batch, "inputs": x_adv}, {"adv_accuracy": adv_acc}
+    n = batch["label"].shape[0]
+    # Rows carry their weight, so micro-batches of the joined batch stay exact.
+    weights = {"loss_weight": jnp.concatenate([jnp.full((n,), clean_fraction),
+                                               jnp.full((n,), 1.0 - clean_fraction)])}
+    joined = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), batch, {**batch, "inputs": x_adv})
+    return {**joined, **weights}, {"adv_accuracy": adv_acc}
+  return transform
+
+
+def _weighted_cross_entropy(logits: jax.Array, batch: Batch) -> jax.Array:
+  """f * CE(clean rows) + (1 - f) * CE(adversarial rows), as row weights (the
+  two halves are the same examples, so their masked counts are equal)."""
+  per_example = jsteps.per_example_cross_entropy(logits, batch["label"])
+  return 2.0 * jsteps.masked_mean(per_example * batch["loss_weight"], batch.get("mask"))
+
+
 def make_adversarial_train_step(
     module: nn.Module, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
     attack: str = "pgd", eps: float, step_size: float | None = None, steps: int = 7,
     random_start: bool = True, bounds: Bounds = None, input_scale: float = 1.0,
-    clean_fraction: float = 0.0, loss_fn: jsteps.LossFn = jsteps.cross_entropy_loss,
+    clean_fraction: float = 0.0, loss_fn: jsteps.LossFn | None = None,
     **train_step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """`jtl.make_train_step` whose batch inputs are first attacked.
 
   The attack uses the current params in inference mode and its gradients
   never reach the params. With `clean_fraction` f > 0, the step trains on the
-  clean and the adversarial batch together, weighting them f and 1 - f.
+  clean and the adversarial batch together, weighting them f and 1 - f
+  (cross-entropy; a custom `loss_fn` needs clean_fraction=0).
 
   Metrics: those of `make_train_step` (on the batch trained on), plus
   "adv_accuracy" of the pre-step model on the attacked inputs.
   """
-  if not 0.0 <= clean_fraction < 1.0:
-    raise ConfigError(f"clean_fraction={clean_fraction!r}: expected a value in [0, 1).")
-  run_attack = make_attack(attack=attack, eps=eps, step_size=step_size, steps=steps,
-                           random_start=random_start, bounds=bounds, input_scale=input_scale)
-
-  def weighted_loss(logits, batch):
-    if not clean_fraction:
-      return loss_fn(logits, batch)
-    n = logits.shape[0] // 2
-    half = lambda b, s: jax.tree.map(lambda a: a[s], b)  # noqa: E731
-    clean = loss_fn(logits[:n], half(batch, slice(0, n)))
-    adv = loss_fn(logits[n:], half(batch, slice(n, None)))
-    return clean_fraction * clean + (1.0 - clean_fraction) * adv
-
-  inner = jsteps.make_train_step(module, tx, labels=labels, loss_fn=weighted_loss,
+  model, loss, transform = adversarial_parts(
+      module, attack=attack, eps=eps, step_size=step_size, steps=steps,
+      random_start=random_start, bounds=bounds, input_scale=input_scale,
+      clean_fraction=clean_fraction, loss_fn=loss_fn)
+  return jsteps.make_train_step(model, tx, labels=labels, loss_fn=loss, batch_transform=transform,
                                 **train_step_kwargs)
 
-  def train_step(state: TrainState, batch: Batch):
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0x5EED), state.step)
-    variables = state.variables
-    x_adv = run_attack(model_loss(module, variables, batch), batch["inputs"], rng)
-    logits = module.apply(variables, x_adv, train=False)
-    adv_acc = jsteps.masked_mean(
-        (jnp.argmax(logits, -1) == jsteps._hard_labels(batch)).astype(jnp.float32),  # pylint: disable=protected-access
-        batch.get("mask"))
-    if clean_fraction:
-      train_batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), batch,
-                                 {**batch, "inputs": x_adv})
-    else:
-      train_batch = {**batch, "inputs": x_adv}
-    state, metrics = inner(state, train_batch)
-    return state, {**metrics, "adv_accuracy": adv_acc}
 
-  return train_step
+def adversarial_parts(module: Any, *, attack: str = "pgd", eps: float,
+                      step_size: float | None = None, steps: int = 7, random_start: bool = True,
+                      bounds: Bounds = None, input_scale: float = 1.0,
+                      clean_fraction: float = 0.0, loss_fn: jsteps.LossFn | None = None
+                      ) -> tuple[Any, jsteps.LossFn, Callable]:
+  """(model, loss_fn, batch_transform) of adversarial training, for
+  `jtl.make_train_step` or `jtl.train.fit`; see `make_adversarial_train_step`."""
+  if not 0.0 <= clean_fraction < 1.0:
+    raise ConfigError(f"clean_fraction={clean_fraction!r}: expected a value in [0, 1).")
+  if clean_fraction and loss_fn is not None:
+    raise ConfigError("clean_fraction > 0 weights cross-entropy rows; a custom loss_fn needs "
+                      "clean_fraction=0.")
+  run_attack = make_attack(attack=attack, eps=eps, step_size=step_size, steps=steps,
+                           random_start=random_start, bounds=bounds, input_scale=input_scale)
+  loss = _weighted_cross_entropy if clean_fraction else (loss_fn or jsteps.cross_entropy_loss)
+  return module, loss, _adversarial_transform(module, run_attack, clean_fraction)
 
 
 def make_robust_eval_step(module: nn.Module, *, attack: str = "pgd", eps: float,

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtl import partition
+from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
-from jtl.steps import Batch, LossFn, cross_entropy_loss, frozen_batchnorm, masked_mean
+from jtl.steps import Batch, LossFn, cross_entropy_loss, make_train_step, masked_mean
 
 PyTree = Any
 
@@ -233,12 +233,64 @@ def with_projection(student: nn.Module, student_variables: PyTree, teacher_dim: 
   return FeatureProjection(student, teacher_dim), variables
 
 
+def _teacher_transform(teacher: Callable[[jax.Array], Any] | None, feature_weight: float):
+  """batch_transform adding the teacher's targets (or checking they are there)."""
+  def transform(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[Batch, dict]:
+    del state, rng
+    if teacher is None:
+      if "teacher_logits" not in batch or (feature_weight and "teacher_features" not in batch):
+        raise StepError("No teacher given and the batch lacks 'teacher_logits'"
+                        + (" / 'teacher_features'" if feature_weight else "") +
+                        f" (keys: {sorted(batch)}).")
+      return batch, {}
+    out = teacher(batch["inputs"])
+    t_logits, t_feats = out if isinstance(out, tuple) else (out, None)
+    if feature_weight and t_feats is None:
+      raise StepError("feature_weight > 0 needs a teacher built with teacher_fn(..., features=True).")
+    extra = {} if t_feats is None else {"teacher_features": t_feats}
+    return {**batch, "teacher_logits": t_logits, **extra}, {}
+  return transform
+
+
+def _distill_objective(temperature: float, alpha: float, feature_weight: float) -> LossFn:
+  """loss_fn(outputs, batch) -> (loss, metrics) over (logits[, projected features])."""
+  def loss_fn(outputs: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits, proj = outputs if feature_weight else (outputs, None)
+    mask = batch.get("mask")
+    soft = masked_mean(soft_target_loss(logits, batch["teacher_logits"],
+                                        temperature=temperature), mask)
+    hard = cross_entropy_loss(logits, batch) if alpha < 1.0 else jnp.zeros(())
+    loss = (1.0 - alpha) * hard + alpha * soft
+    feat_loss = jnp.zeros(())
+    if feature_weight:
+      feat_loss = masked_mean(jnp.mean(jnp.square(proj - batch["teacher_features"]), axis=-1),
+                              mask)
+      loss = loss + feature_weight * feat_loss
+    return loss, {"soft_loss": soft, "feature_loss": feat_loss}
+  return loss_fn
+
+
+def distill_parts(module: nn.Module, *, temperature: float = 4.0, alpha: float = 0.9,
+                  feature_weight: float = 0.0, teacher: Callable[[jax.Array], Any] | None = None
+                  ) -> tuple[Any, LossFn, Callable]:
+  """(model, loss_fn, batch_transform) of distillation, for `jtl.make_train_step`
+  or `jtl.train.fit`: see `make_distill_train_step` for the arguments."""
+  _check_options(temperature, alpha)
+  if feature_weight and not isinstance(module, FeatureProjection):
+    raise ConfigError(
+        f"feature_weight={feature_weight} needs the student wrapped in a "
+        "FeatureProjection (see jtl.distill.with_projection).")
+  model = LinenModel(module, call=FeatureProjection.outputs) if feature_weight else module
+  return (model, _distill_objective(temperature, alpha, feature_weight),
+          _teacher_transform(teacher, feature_weight))
+
+
 def make_distill_train_step(
     module: nn.Module, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
     temperature: float = 4.0, alpha: float = 0.9, feature_weight: float = 0.0,
-    teacher: Callable[[jax.Array], Any] | None = None,
+    teacher: Callable[[jax.Array], Any] | None = None, **train_step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """A pure `train_step(state, batch)` for distillation with feature matching.
+  """`jtl.make_train_step` for distillation with feature matching.
 
   Args:
     module: the student; a `FeatureProjection` when feature_weight > 0.
@@ -248,69 +300,11 @@ def make_distill_train_step(
       teacher features)^2); 0 turns feature matching off.
     teacher: `teacher_fn(...)` output, run on the fly (under stop_gradient);
       None reads batch["teacher_logits"] (and batch["teacher_features"]).
+    **train_step_kwargs: microbatches, compute_dtype, axis_name.
 
   Metrics: loss, soft_loss, hard-label accuracy, feature_loss, grad_norm.
   """
-  _check_options(temperature, alpha)
-  if feature_weight and not isinstance(module, FeatureProjection):
-    raise ConfigError(
-        f"feature_weight={feature_weight} needs the student wrapped in a "
-        "FeatureProjection (see jtl.distill.with_projection).")
-  frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
-
-  def teacher_targets(batch):
-    if teacher is None:
-      t_logits = batch.get("teacher_logits")
-      t_feats = batch.get("teacher_features")
-      if t_logits is None or (feature_weight and t_feats is None):
-        raise StepError("No teacher given and the batch lacks 'teacher_logits'"
-                        + (" / 'teacher_features'" if feature_weight else "") +
-                        f" (keys: {sorted(batch)}).")
-      return t_logits, t_feats
-    out = teacher(batch["inputs"])
-    t_logits, t_feats = out if isinstance(out, tuple) else (out, None)
-    if feature_weight and t_feats is None:
-      raise StepError("feature_weight > 0 needs a teacher built with teacher_fn(..., features=True).")
-    return jax.lax.stop_gradient(t_logits), (None if t_feats is None
-                                            else jax.lax.stop_gradient(t_feats))
-
-  def loss_fn(trainable, frozen, model_state, batch, rng, t_logits, t_feats):
-    variables = {"params": partition.merge(trainable, frozen), **model_state}
-    mutable = list(model_state) if model_state else False
-    kwargs = dict(train=True, rngs={"dropout": rng}, mutable=mutable)
-    with frozen_batchnorm(frozen_paths):
-      if feature_weight:
-        out = module.apply(variables, batch["inputs"], method=FeatureProjection.outputs, **kwargs)
-      else:
-        out = module.apply(variables, batch["inputs"], **kwargs)
-    out, new_state = out if mutable else (out, model_state)
-    logits, proj = out if feature_weight else (out, None)
-    logits = logits.astype(jnp.float32)
-    mask = batch.get("mask")
-    soft = masked_mean(soft_target_loss(logits, t_logits, temperature=temperature), mask)
-    hard = cross_entropy_loss(logits, batch) if alpha < 1.0 else jnp.zeros(())
-    loss = (1.0 - alpha) * hard + alpha * soft
-    feat_loss = jnp.zeros(())
-    if feature_weight:
-      feat_loss = masked_mean(jnp.mean(jnp.square(proj - t_feats), axis=-1), mask)
-      loss = loss + feature_weight * feat_loss
-    return loss, (dict(new_state), logits, soft, feat_loss)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: Batch):
-    rng, step_rng = jax.random.split(state.rng)
-    t_logits, t_feats = teacher_targets(batch)
-    (loss, (model_state, logits, soft, feat_loss)), grads = grad_fn(
-        state.trainable, state.frozen, state.model_state, batch, step_rng, t_logits, t_feats)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    new_state = state.replace(step=state.step + 1,
-                              trainable=optax.apply_updates(state.trainable, updates),
-                              opt_state=opt_state, model_state=model_state, rng=rng)
-    mask = batch.get("mask")
-    hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    metrics = {"loss": loss, "soft_loss": soft, "feature_loss": feat_loss,
-               "accuracy": masked_mean(hit, mask), "grad_norm": optax.tree.norm(grads)}
-    return new_state, metrics
-
-  return train_step
+  model, loss_fn, transform = distill_parts(module, temperature=temperature, alpha=alpha,
+                                            feature_weight=feature_weight, teacher=teacher)
+  return make_train_step(model, tx, labels=labels, loss_fn=loss_fn, batch_transform=transform,
+                         **train_step_kwargs)

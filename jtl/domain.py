@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtl import partition
+from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
-from jtl.steps import Batch, cross_entropy_loss, frozen_batchnorm, masked_mean
+from jtl.steps import Batch, cross_entropy_loss, make_train_step, masked_mean
 from jtl.tree import flatten, unflatten
 
 PyTree = Any
@@ -131,12 +131,79 @@ def wrap(model: nn.Module, variables: PyTree, example_input: jax.Array, *,
   return AdaptModel(model, hidden), wrapped
 
 
+def _adapt_call(module: AdaptModel, inputs: Any, train: bool = False) -> Any:
+  """Training batches ({"source", "target", "grl_scale"}) give (logits,
+  features, domain logits) over source rows then target rows; plain inputs
+  (evaluation) give the classifier's logits."""
+  if not isinstance(inputs, dict):
+    return module(inputs, train=train)
+  x = inputs["source"]
+  if "target" in inputs:
+    x = jnp.concatenate([x, inputs["target"]], axis=0)
+  return module.outputs(x, train=train, grl_scale=inputs["grl_scale"][0])
+
+
+def _adapt_transform(method: str, schedule: Callable[[jax.Array], jax.Array]):
+  """batch_transform: {"inputs", "target_inputs"} -> one model input per row
+  pair (so micro-batches keep source and target rows together)."""
+  def transform(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[Batch, dict]:
+    del rng
+    tgt = batch.get("target_inputs")
+    if method != "source_only" and tgt is None:
+      raise StepError(f"method={method!r} needs batch['target_inputs'] (keys: {sorted(batch)}).")
+    scale = jnp.asarray(schedule(state.step), jnp.float32)
+    n = batch["label"].shape[0]
+    inputs = {"source": batch["inputs"], "grl_scale": jnp.full((n,), scale)}
+    if method != "source_only":
+      inputs["target"] = tgt
+    rest = {k: v for k, v in batch.items() if k not in ("inputs", "target_inputs")}
+    return {**rest, "inputs": inputs}, {"grl_scale": scale}
+  return transform
+
+
+def _adapt_objective(method: str, weight: float):
+  def loss_fn(outputs: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits, feats, dom = outputs
+    n = batch["label"].shape[0]
+    cls_loss = cross_entropy_loss(logits[:n], batch)
+    adapt = jnp.zeros(())
+    metrics = {}
+    if method == "dann":
+      domain_label = jnp.concatenate([jnp.zeros(n), jnp.ones(logits.shape[0] - n)])
+      adapt = jnp.mean(optax.sigmoid_binary_cross_entropy(dom, domain_label))
+      metrics["domain_accuracy"] = jnp.mean(
+          jnp.concatenate([dom[:n] < 0, dom[n:] >= 0]).astype(jnp.float32))
+    elif method == "coral":
+      adapt = coral_loss(feats[:n], feats[n:])
+    hit = (jnp.argmax(logits[:n], -1) == batch["label"]).astype(jnp.float32)
+    return cls_loss + weight * adapt, {"class_loss": cls_loss, "adapt_loss": adapt,
+                                       "accuracy": masked_mean(hit, batch.get("mask")),
+                                       **metrics}
+  return loss_fn
+
+
+def adapt_parts(module: AdaptModel, *, method: str = "dann", weight: float = 1.0,
+                grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0
+                ) -> tuple[LinenModel, Callable, Callable]:
+  """(model, loss_fn, batch_transform) of source-only / DANN / CORAL training,
+  for `jtl.make_train_step` or `jtl.train.fit`; arguments as for
+  `make_adapt_train_step`. The model evaluates as the plain classifier."""
+  if method not in METHODS:
+    raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
+  if method == "dann" and not module.domain_hidden:
+    raise ConfigError("method='dann' needs an AdaptModel with a domain classifier "
+                      "(jtl.domain.wrap(..., method='dann')).")
+  schedule = grl_scale if callable(grl_scale) else (lambda step: jnp.float32(grl_scale))
+  return (LinenModel(module, call=_adapt_call), _adapt_objective(method, weight),
+          _adapt_transform(method, schedule))
+
+
 def make_adapt_train_step(
     module: AdaptModel, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
     method: str = "dann", weight: float = 1.0,
-    grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0,
+    grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0, **train_step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """Pure `train_step(state, batch)` for source-only, DANN or CORAL training.
+  """`jtl.make_train_step` for source-only, DANN or CORAL training.
 
   Source and target images go through the network as one batch (so the
   BatchNorm statistics see both domains); the class loss uses source rows
@@ -148,58 +215,12 @@ def make_adapt_train_step(
     weight: weight of the adaptation term.
     grl_scale: reversal scale, a float or a function of the step (e.g.
       `dann_schedule(num_steps)`).
+    **train_step_kwargs: microbatches, compute_dtype, axis_name.
   """
-  if method not in METHODS:
-    raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
-  if method == "dann" and not module.domain_hidden:
-    raise ConfigError("method='dann' needs an AdaptModel with a domain classifier "
-                      "(jtl.domain.wrap(..., method='dann')).")
-  frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
-  schedule = grl_scale if callable(grl_scale) else (lambda step: jnp.float32(grl_scale))
-
-  def loss_fn(trainable, frozen, model_state, batch, rng, scale):
-    src, tgt = batch["inputs"], batch.get("target_inputs")
-    if method != "source_only" and tgt is None:
-      raise StepError(f"method={method!r} needs batch['target_inputs'] (keys: {sorted(batch)}).")
-    x = src if method == "source_only" else jnp.concatenate([src, tgt], axis=0)
-    n = src.shape[0]
-    variables = {"params": partition.merge(trainable, frozen), **model_state}
-    mutable = list(model_state) if model_state else False
-    with frozen_batchnorm(frozen_paths):
-      out = module.apply(variables, x, train=True, grl_scale=scale, rngs={"dropout": rng},
-                         mutable=mutable, method=AdaptModel.outputs)
-    (logits, feats, dom), new_state = out if mutable else (out, model_state)
-    cls_loss = cross_entropy_loss(logits[:n], batch)
-    adapt = jnp.zeros(())
-    if method == "dann":
-      domain_label = jnp.concatenate([jnp.zeros(n), jnp.ones(x.shape[0] - n)])
-      adapt = jnp.mean(optax.sigmoid_binary_cross_entropy(dom, domain_label))
-    elif method == "coral":
-      adapt = coral_loss(feats[:n], feats[n:])
-    return cls_loss + weight * adapt, (dict(new_state), logits[:n], cls_loss, adapt, dom)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: Batch):
-    rng, step_rng = jax.random.split(state.rng)
-    scale = schedule(state.step)
-    (loss, (model_state, logits, cls_loss, adapt, dom)), grads = grad_fn(
-        state.trainable, state.frozen, state.model_state, batch, step_rng, scale)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    new_state = state.replace(step=state.step + 1,
-                              trainable=optax.apply_updates(state.trainable, updates),
-                              opt_state=opt_state, model_state=model_state, rng=rng)
-    hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    metrics = {"loss": loss, "class_loss": cls_loss, "adapt_loss": adapt,
-               "accuracy": masked_mean(hit, batch.get("mask")), "grl_scale": scale,
-               "grad_norm": optax.tree.norm(grads)}
-    if dom is not None:
-      n = logits.shape[0]
-      metrics["domain_accuracy"] = jnp.mean(
-          jnp.concatenate([dom[:n] < 0, dom[n:] >= 0]).astype(jnp.float32))
-    return new_state, metrics
-
-  return train_step
+  model, loss_fn, transform = adapt_parts(module, method=method, weight=weight,
+                                          grl_scale=grl_scale)
+  return make_train_step(model, tx, labels=labels, loss_fn=loss_fn, batch_transform=transform,
+                         **train_step_kwargs)
 
 
 def unwrap(variables: PyTree) -> PyTree:

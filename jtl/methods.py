@@ -118,13 +118,16 @@ def teacher_input_fn(student_normalize: Any, student_size: int, teacher_normaliz
 
 @dataclasses.dataclass
 class Method:
-  """How a config trains: the module and variables trained, the step factory
-  for `jtl.train.fit` (None: the default step) and the batch stream."""
+  """How a config trains, as the pieces of `jtl.make_train_step`: the model
+  (and how it is called), its variables, the loss and the batch transform
+  (None: the defaults), and the batch stream. All methods share the one train
+  step, so microbatches, compute_dtype and the mesh apply to each."""
   name: str
   module: Any
   variables: PyTree
   labels: Callable[[PyTree], PyTree]
-  make_step: Callable[[PyTree, Any], Callable] | None
+  loss_fn: Callable | None
+  batch_transform: Callable | None
   train_batches: Callable[[int], Iterator[dict[str, Any]]]
   describe: str = ""
 
@@ -155,7 +158,7 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
   options = resolve_options(config)
   same = lambda labels: labels  # noqa: E731
   if not name:
-    return Method("finetune", module, variables, same, None, train_batches)
+    return Method("finetune", module, variables, same, None, None, train_batches)
   image_size = config.get("image_size") or spec.image_size
 
   if name == "distill":
@@ -175,11 +178,9 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
     run_teacher = distill.teacher_fn(t_module, t_vars)
     teacher = lambda x: run_teacher(convert(x))  # noqa: E731
 
-    def make_step(labels, tx):
-      return distill.make_distill_train_step(
-          module, tx, labels=labels, temperature=options["temperature"],
-          alpha=options["alpha"], teacher=teacher)
-    return Method(name, module, variables, same, make_step, train_batches,
+    model, loss_fn, transform = distill.distill_parts(
+        module, temperature=options["temperature"], alpha=options["alpha"], teacher=teacher)
+    return Method(name, model, variables, same, loss_fn, transform, train_batches,
                   f"teacher {meta['model']} from {options['teacher_workdir']} "
                   f"(step {meta.get('step')}), T={options['temperature']}, "
                   f"alpha={options['alpha']}")
@@ -188,13 +189,11 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
     mul, add = pixel_affine(spec.normalize)
     bounds = (float(np.min(add)), float(np.max(mul + add)))
 
-    def make_step(labels, tx):
-      return adversarial.make_adversarial_train_step(
-          module, tx, labels=labels, attack=options["attack"], eps=options["eps"],
-          step_size=options["step_size"], steps=options["steps"],
-          clean_fraction=options["clean_fraction"], input_scale=float(np.mean(mul)),
-          bounds=bounds)
-    return Method(name, module, variables, same, make_step, train_batches,
+    model, loss_fn, transform = adversarial.adversarial_parts(
+        module, attack=options["attack"], eps=options["eps"], step_size=options["step_size"],
+        steps=options["steps"], clean_fraction=options["clean_fraction"],
+        input_scale=float(np.mean(mul)), bounds=bounds)
+    return Method(name, model, variables, same, loss_fn, transform, train_batches,
                   f"{options['attack']} eps={options['eps']} (pixel units), "
                   f"{options['steps']} steps, clean_fraction={options['clean_fraction']}")
 
@@ -223,9 +222,8 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
 
   grl = domain.dann_schedule(config.num_steps, gamma=options.get("grl_gamma", 10.0))
 
-  def make_step(labels, tx):
-    return domain.make_adapt_train_step(wrapped_module, tx, labels=labels, method=name,
-                                        weight=options["weight"], grl_scale=grl)
-  return Method(name, wrapped_module, wrapped_vars, wrap_labels, make_step, with_targets,
+  model, loss_fn, transform = domain.adapt_parts(wrapped_module, method=name,
+                                                 weight=options["weight"], grl_scale=grl)
+  return Method(name, model, wrapped_vars, wrap_labels, loss_fn, transform, with_targets,
                 f"target {options['target_dataset']}:{options['target_split']} "
                 f"(labels unused), weight={options['weight']}")

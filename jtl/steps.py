@@ -93,7 +93,7 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(reshape, batch)
 
 
-BatchTransform = Callable[[dict[str, PyTree], Batch, jax.Array], tuple[Batch, dict[str, Any]]]
+BatchTransform = Callable[[TrainState, Batch, jax.Array], tuple[Batch, dict[str, Any]]]
 
 
 def _loss_and_metrics(loss_fn: LossFn, outputs: Any, batch: Batch) -> tuple[jax.Array, dict]:
@@ -132,9 +132,10 @@ def make_train_step(
     loss_fn: `loss_fn(outputs, batch) -> scalar` or `-> (scalar, metrics)`,
       where `outputs` is what the model returns (logits, or a method's tuple)
       and metrics are extra scalars to report.
-    batch_transform: `batch_transform(variables, batch, rng) -> (batch,
+    batch_transform: `batch_transform(state, batch, rng) -> (batch,
       metrics)`, run on the whole batch before the gradient, outside it (e.g.
-      teacher targets, adversarial inputs); its metrics are reported.
+      teacher targets, adversarial inputs, a schedule of the step); its
+      metrics are reported.
     microbatches: accumulate gradients over this many micro-batches (inside
       the compiled step, with `lax.scan`) before one update.
     compute_dtype: e.g. jnp.bfloat16 for mixed precision: params stay fp32
@@ -171,7 +172,7 @@ def make_train_step(
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     extra: dict[str, Any] = {}
     if batch_transform is not None:
-      batch, extra = batch_transform(state.variables, batch, jax.random.fold_in(step_rng, 1))
+      batch, extra = batch_transform(state, batch, jax.random.fold_in(step_rng, 1))
       batch = jax.lax.stop_gradient(batch)
 
     if microbatches == 1:

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 
 from jtl import parallel, steps
+from jtl.adapter import variables_of
 from jtl import phases as phases_lib
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
@@ -132,7 +133,7 @@ class _Window:
     return row
 
 
-def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTransformation,
+def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.GradientTransformation,
         train_batches: Callable[[int], Iterator[Batch]], num_steps: int,
         workdir: str | os.PathLike | None = None,
         eval_batches: Callable[[], Iterable[Batch]] | None = None, eval_every: int = 0,
@@ -143,12 +144,15 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
         async_checkpoints: bool = True, on_nonfinite: str = "stop",
         later_phases: Sequence[tuple[int, PyTree, optax.GradientTransformation]] = (),
         on_log: Callable[[int, dict[str, float]], None] | None = None,
-        make_step: Callable[[PyTree, optax.GradientTransformation], Callable] | None = None,
+        batch_transform: steps.BatchTransform | None = None,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
   Args:
-    module, variables: the Flax model and its initial (pretrained) variables.
+    module, variables: the model (a Flax Linen or NNX module, an apply
+      function, or a `jtl.LinenModel`/`NnxModel`/`FunctionModel`) and its
+      initial (pretrained) variables; for an NNX module, None takes its own
+      (`jtl.variables_of`).
     labels, tx: the partition labels and the optimizer (`make_optimizer`).
     train_batches: `train_batches(start_step)` returns the iterator of global
       numpy batches from that step on (the input position on resume).
@@ -172,11 +176,11 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
       change; the optimizer state of leaves that stay trainable carries over.
       Each phase compiles its step once. Resuming restores into the phase
       the checkpoint was written in.
-    make_step: `make_step(labels, tx) -> train_step(state, batch) -> (state,
-      metrics)`, a pure step to use instead of `jtl.make_train_step` (e.g.
-      `jtl.distill.make_distill_train_step`, `jtl.domain.make_adapt_train_step`,
-      `jtl.adversarial.make_adversarial_train_step`); loss_fn, microbatches
-      and compute_dtype are then the factory's business.
+    loss_fn, batch_transform: as for `jtl.make_train_step`; a method
+      (`jtl.distill.distill_parts`, `jtl.domain.adapt_parts`,
+      `jtl.adversarial.adversarial_parts`) gives the model, loss and batch
+      transform, and the one train step runs them with microbatches,
+      compute_dtype and the mesh.
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
@@ -191,10 +195,13 @@ def fit(*, module: Any, variables: PyTree, labels: PyTree, tx: optax.GradientTra
     _, labels, tx = phases[phase]
     return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
 
+  if variables is None:
+    variables = variables_of(module)
+
   def compile_step(labels, tx):
-    step = make_step(labels, tx) if make_step is not None else steps.make_train_step(
-        module, tx, labels=labels, loss_fn=loss_fn, microbatches=microbatches,
-        compute_dtype=compute_dtype)
+    step = steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
+                                 batch_transform=batch_transform, microbatches=microbatches,
+                                 compute_dtype=compute_dtype)
     return parallel.jit_train_step(
         steps.skip_nonfinite(step) if on_nonfinite == "skip" else step, mesh)
 
