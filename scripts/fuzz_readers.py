@@ -593,6 +593,7 @@ def worker(args: argparse.Namespace) -> None:
     finally:
       shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
     proto.write(json.dumps({"outcome": outcome, "detail": detail}) + "\n")
+  shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------- parent
@@ -630,8 +631,13 @@ class Worker:
     self.proc.stdin.flush()
 
   def kill(self) -> None:
-    self.proc.kill()
-    self.proc.wait()
+    """Ends the worker: EOF lets it remove its files; a hung one is killed."""
+    try:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+      self.proc.kill()
+      self.proc.wait()
 
   def stderr_tail(self) -> str:
     with open(self.log, "rb") as f:
