@@ -198,7 +198,9 @@ class NnxModel:
 
   `variables` is {"params": <nnx.Param leaves as a pure dict>, "state": <the
   other variables except rng state>} (no "state" if there are none): what
-  `label_params`, `create_train_state` and checkpoints take.
+  `label_params`, `create_train_state` and checkpoints take. A Linen module
+  wrapped in `nnx.bridge.ToNNX` is called with its `train=` flag and mutable
+  BatchNorm statistics.
   """
 
   def __init__(self, module: Any, *, call: Callable[..., Any] | None = None,
@@ -211,6 +213,17 @@ class NnxModel:
     self._streams = sorted({s.tag for _, s in nnx.iter_graph(module)
                             if isinstance(s, nnx.RngStream)})
     self.call, self.output = call, output
+    self._bridged = isinstance(module, nnx.bridge.ToNNX)
+
+  def _run(self, module: Any, inputs: Any, train: bool, frozen_paths: frozenset[str]) -> Any:
+    if self.call is not None:
+      return self.call(module, inputs)
+    if not self._bridged:
+      return module(inputs)
+    # A Linen module inside `nnx.bridge.ToNNX` (e.g. from `jtl.models.create(...,
+    # api="nnx")`): Linen's flag, mutable statistics and frozen BatchNorm.
+    with frozen_batchnorm(frozen_paths if train else ()):
+      return module(inputs, train=train, mutable=["batch_stats"] if train else False)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -241,7 +254,7 @@ class NnxModel:
       for path, sub in nnx.iter_modules(module):
         if isinstance(sub, nnx.BatchNorm) and "/".join(map(str, path)) in frozen_paths:
           sub.use_running_average = True
-    out = self.call(module, inputs) if self.call else module(inputs)
+    out = self._run(module, inputs, train, frozen_paths)
     if not train or "state" not in model_state:
       return select_output(out, self.output), model_state
     rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]

@@ -141,3 +141,29 @@ def test_preprocess_rejects_bad_shapes():
   x = efficientnet.preprocess(np.full((300, 400, 3), 255, np.uint8), size=64)
   assert x.shape == (1, 64, 64, 3)
   np.testing.assert_allclose(x, 1.0, atol=1e-5)  # (255 - 127) / 128
+
+
+def test_nnx_from_the_zoo_gives_the_linen_logits_and_fine_tunes():
+  import jtl
+  from jtl import models
+  created = models.create("efficientnet_lite0", num_classes=None, api="nnx")
+  photo = efficientnet.preprocess(skimage.data.chelsea())
+  from flax import nnx
+  logits = np.asarray(nnx.jit(lambda m, x: m(x))(created.module, photo))
+  np.testing.assert_allclose(logits, _logits()["photos"][:1], atol=1e-4)
+  assert int(np.argmax(logits)) in {281, 282, 283, 284, 285}
+  # Fine-tuned through the same calls: frozen stem BatchNorm statistics stay put.
+  model = created.module
+  labels = jtl.label_params(model, [(r"head/.*", "head"), (r"blocks_15/.*", "top"),
+                                    (r".*", "frozen")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-3)
+  state = jtl.create_train_state(model, labels, tx)
+  x = np.concatenate([efficientnet.preprocess(skimage.data.chelsea(), size=64)] * 2)
+  state, metrics = jax.jit(jtl.make_train_step(model, tx, labels=labels))(
+      state, {"inputs": x, "label": np.array([281, 281])})
+  before = jtl.variables_of(model)["state"]
+  after = jax.device_get(state.model_state["state"])
+  np.testing.assert_array_equal(after["stem"]["bn"]["mean"], before["stem"]["bn"]["mean"])
+  assert not np.allclose(after["blocks_15"]["project_bn"]["mean"],
+                         before["blocks_15"]["project_bn"]["mean"])
+  assert np.isfinite(metrics["loss"])

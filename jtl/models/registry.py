@@ -114,13 +114,15 @@ class CreatedModel:
   """What `create` returns: everything needed to run or fine-tune a zoo model.
 
   Attributes:
-    module: the Flax module.
-    variables: {"params": ..., "batch_stats": ...} as numpy arrays.
+    module: the Flax module: Linen, or with api="nnx" an NNX module
+      (`nnx.bridge.ToNNX` around the Linen model) holding the weights.
+    variables: {"params": ..., "batch_stats": ...} as numpy arrays (the
+      Linen layout; `jtl.variables_of(module)` gives the NNX module's).
     report: the `jtl.checkpoint.LoadReport` of the pretrained load, or None.
     preprocess: the model's preprocessing of raw inputs (see `ModelSpec`).
     spec: the registered `ModelSpec`.
   """
-  module: nn.Module
+  module: Any
   variables: Variables
   report: Any
   preprocess: Callable[..., Any] | None
@@ -128,7 +130,8 @@ class CreatedModel:
 
 
 def create(name: str, *, num_classes: int | None = None,
-           pretrained: bool | str = True, seed: int = 0, **kwargs: Any) -> CreatedModel:
+           pretrained: bool | str = True, seed: int = 0, api: str = "linen",
+           **kwargs: Any) -> CreatedModel:
   """Builds a zoo model, initialises it and merges pretrained weights.
 
   Args:
@@ -140,11 +143,16 @@ def create(name: str, *, num_classes: int | None = None,
     pretrained: True loads `spec.pretrained`; a string is a source name, URL or
       path for `jtl.checkpoint.resolve`; False keeps the random init.
     seed: PRNG seed of the init.
+    api: "linen", or "nnx" for a Flax NNX module with the same weights, which
+      `model(x)` runs (in eval mode: `model(x, train=False)` is the default)
+      and every jtl call (`label_params`, `make_train_step`, `fit`) takes.
     **kwargs: passed to `spec.build` (e.g. `formulation="grouped"`).
 
   Raises:
     ConfigError: unknown name, or pretrained=True for a model without weights.
   """
+  if api not in ("linen", "nnx"):
+    raise ConfigError(f"api={api!r}: expected 'linen' or 'nnx'.")
   spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
   module = spec.build(num_classes=n, **kwargs)
@@ -165,4 +173,21 @@ def create(name: str, *, num_classes: int | None = None,
       logging.info("%s: head re-initialised for %d classes (checkpoint has "
                    "%d): %s", name, n, spec.default_num_classes,
                    ", ".join(e.path for e in report.reinitialised))
+  if api == "nnx":
+    return CreatedModel(to_nnx(module, variables, spec.example_input(1), seed=seed), variables,
+                        report, spec.preprocess, spec)
   return CreatedModel(module, variables, report, spec.preprocess, spec)
+
+
+def to_nnx(module: nn.Module, variables: Variables, example_input: Any, *, seed: int = 0) -> Any:
+  """An NNX module (`nnx.bridge.ToNNX`) running the Linen `module` with
+  `variables` ({"params", "batch_stats"}); params keep their Linen paths."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jtl.adapter import update_module  # pylint: disable=g-import-not-at-top
+  model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(seed))
+  nnx.bridge.lazy_init(model, example_input)
+  extra = sorted(set(variables) - {"params", "batch_stats"})
+  if extra:
+    raise ConfigError(f"api='nnx' supports params and batch_stats; this model also has {extra}.")
+  return update_module(model, {"params": variables["params"],
+                               "state": variables.get("batch_stats", {})})
