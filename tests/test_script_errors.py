@@ -78,3 +78,27 @@ def test_invalid_flag_values_are_one_message(tmp_path):
                                "got 'abc'")
   result = run("evaluate.py", "--workdir", tmp_path / "none")
   assert_clean_failure(result, "CheckpointError:", "no checkpoints")
+
+
+def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplog):
+  import logging
+  import pytest
+  from configs import default
+  from jtl import experiment
+  from jtl.errors import ConfigError
+  data = photo_folder(tmp_path / "photos")
+  config = default.get_config()
+  config.dataset = f"folder:{data}"
+  for image in (data / "train" / "dog").iterdir():  # dogs only in the test split
+    image.unlink()
+  (data / "train" / "dog").rmdir()
+  with caplog.at_level(logging.WARNING):
+    problems, classes = experiment.data_problems(config)
+  assert problems == [] and classes == 2  # class names are the union over splits
+  assert "Eval classes ['dog'] have no training examples" in caplog.text
+  for image in (data / "test" / "dog").iterdir():  # now one class in all
+    image.unlink()
+  (data / "test" / "dog").rmdir()
+  with pytest.raises(ConfigError, match="has 1 class\\(es\\); fine-tuning a classifier needs "
+                                        "at least 2"):
+    experiment.preflight(config)
