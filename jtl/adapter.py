@@ -130,6 +130,7 @@ class LinenModel:
   output: Output = None
   inputs_as_kwargs: bool = False
   call: Callable[..., Any] | None = None
+  jtl_adapter = True  # class attribute: `as_model` passes adapters through
 
   def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
             rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
@@ -166,6 +167,7 @@ class FunctionModel:
   train_kwarg: str | None = None
   rng_kwarg: str | None = None
   output: Output = None
+  jtl_adapter = True
 
   def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
             rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
@@ -202,6 +204,7 @@ class NnxModel:
   wrapped in `nnx.bridge.ToNNX` is called with its `train=` flag and mutable
   BatchNorm statistics.
   """
+  jtl_adapter = True
 
   def __init__(self, module: Any, *, call: Callable[..., Any] | None = None,
                output: Output = None):
@@ -262,11 +265,12 @@ class NnxModel:
 
 
 def as_model(model: Any) -> Model:
-  """The adapter for `model`: an adapter as is; a Linen module (or an object
+  """The adapter for `model`: an adapter (an object with `jtl_adapter = True`
+  and the `Model.apply` signature) as is; a Linen module (or an object
   with Linen's `apply(variables, x, ...)`, such as `jtl.strategies.LoraModel`)
   as `LinenModel(model)`; an NNX module as `NnxModel(model)`; any other
   callable as `FunctionModel(model)`."""
-  if isinstance(model, (LinenModel, NnxModel, FunctionModel)):
+  if getattr(model, "jtl_adapter", False):  # LinenModel, NnxModel, FunctionModel, ...
     return model
   if isinstance(model, nn.Module) or (hasattr(model, "apply") and not callable(model)):
     return LinenModel(model)

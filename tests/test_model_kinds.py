@@ -195,3 +195,56 @@ def test_fit_checkpoints_and_resumes_an_nnx_model(tmp_path):
                atol=1e-6)
   variables, _ = jtl.restore_variables(tmp_path)
   assert set(variables) == {"params", "state"}
+
+
+def test_lora_on_nnx_layers_trains_adapters_saves_and_merges(tmp_path):
+  from jtl.strategies import lora
+  _, _, model = twins()
+  assert "head" in lora.adaptable_layers(model) and "backbone_conv2" in lora.adaptable_layers(model)
+  variables = lora.add_lora(model, targets=r"head|backbone_conv2", rank=2)
+  labels = jtl.label_params(variables["params"], lora.lora_rules(head_pattern=None))
+  tx = jtl.make_optimizer(labels, learning_rate=0.05)
+  adapted = lora.LoraWeights(model, alpha=4.0)
+  eval_step = jax.jit(jtl.make_eval_step(adapted))
+  b = {**batches()[0], "mask": np.ones(16)}
+  np.testing.assert_allclose(eval_step(variables, b)["loss"],  # B = 0: the pretrained model
+                             jtl.make_eval_step(model)(jtl.variables_of(model), b)["loss"],
+                             rtol=1e-6)
+  state = jtl.create_train_state(variables, labels, tx)
+  step = jax.jit(jtl.make_train_step(adapted, tx, labels=labels))
+  for x in batches():
+    state, _ = step(state, x)
+  trained = jax.device_get(state.params)
+  np.testing.assert_array_equal(trained["head"]["kernel"], variables["params"]["head"]["kernel"])
+  assert np.abs(trained["head"]["lora_b"]).sum() > 0
+  # Adapters alone, saved and loaded onto fresh adapter slots: the same model.
+  lora.save_adapters(trained, tmp_path / "adapters.safetensors", alpha=4.0, include=None)
+  fresh = lora.add_lora(model, targets=r"head|backbone_conv2", rank=2, seed=5)["params"]
+  loaded, alpha = lora.load_adapters(fresh, tmp_path / "adapters.safetensors")
+  assert alpha == 4.0
+  expected = eval_step(state.variables, b)["loss"]
+  np.testing.assert_allclose(eval_step({**state.variables, "params": loaded}, b)["loss"],
+                             expected, rtol=1e-6)
+  # Merged into the kernels and written back: a plain NNX module, same outputs.
+  jtl.update_module(model, {"params": lora.merge_lora(trained, 4.0),
+                            "state": state.model_state["state"]})
+  np.testing.assert_allclose(
+      jtl.make_eval_step(model)(jtl.variables_of(model), b)["loss"], expected, rtol=1e-5)
+
+
+def test_nnx_lora_layers_a_user_already_has_are_selected_by_rules():
+  model = nnx.Sequential(nnx.LoRALinear(8, 16, lora_rank=2, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  labels = jtl.label_params(model, [(r".*/lora_[ab]", "lora"), (r"layers/2/.*", "head"),
+                                    (r".*", "frozen")])
+  assert jtl.flatten(labels) == {"layers/0/bias": "frozen", "layers/0/kernel": "frozen",
+                                 "layers/0/lora/lora_a": "lora", "layers/0/lora/lora_b": "lora",
+                                 "layers/2/bias": "head", "layers/2/kernel": "head"}
+  tx = jtl.make_optimizer(labels, learning_rate=0.1)
+  state = jtl.create_train_state(model, labels, tx)
+  x = {"inputs": np.ones((4, 8), np.float32), "label": np.array([0, 1, 2, 3])}
+  new, _ = jax.jit(jtl.make_train_step(model, tx, labels=labels))(state, x)
+  np.testing.assert_array_equal(new.params["layers"][0]["kernel"],
+                                state.params["layers"][0]["kernel"])
+  assert not np.allclose(new.params["layers"][0]["lora"]["lora_b"],
+                         state.params["layers"][0]["lora"]["lora_b"])

@@ -14,7 +14,7 @@ from jtl.strategies.features import (Head, cache_problems, extract_features, fea
 from jtl.strategies.l2sp import l2sp, l2sp_penalty
 from jtl.strategies.llrd import (layer_decay, layer_decay_multipliers, layer_decay_scales,
                                  layer_depths)
-from jtl.strategies.lora import (LoraModel, adaptable_layers, add_lora, adapter_params,
+from jtl.strategies.lora import (LoraModel, LoraWeights, adaptable_layers, add_lora, adapter_params,
                                  load_adapters, lora_rules, merge_lora, save_adapters,
                                  unmerge_lora)
 from jtl.strategies.rules import (bitfit_rules, full_rules, group_rules, linear_probe_rules,
@@ -24,7 +24,7 @@ from jtl.strategies.schedules import (Phase, PhasedResult, gradual_unfreezing_ph
                                       transfer_opt_state)
 
 __all__ = [
-    "Head", "LoraModel", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
+    "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
     "adapter_params", "bitfit_rules", "build", "cache_problems", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",

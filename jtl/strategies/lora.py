@@ -14,6 +14,15 @@ kernel the merged layer uses.
 `merge_lora` folds the adapters into the kernels (a plain model for export and
 inference), `unmerge_lora` takes them out again, and `save_adapters` /
 `load_adapters` write and read only the adapters (and the head).
+
+Flax NNX models: `adaptable_layers` / `add_lora` find `nnx.Linear`,
+`nnx.LinearGeneral` and ungrouped `nnx.Conv` layers and add the same two
+leaves to the module's params (`jtl.variables_of(module)`); `LoraWeights`
+wraps the model so that each step uses W + scale * A B as the layer's kernel
+(any model kind: it folds the adapters in before calling it). A model that
+already holds `nnx.LoRA` / `nnx.LoRALinear` layers needs none of this: its
+`nnx.LoRAParam` leaves ("lora_a", "lora_b") are params that rules select,
+e.g. `[(".*/lora_[ab]", "lora"), (".*", "frozen")]`.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import tree as jtree
+from jtl.adapter import as_model, is_nnx_module, variables_of
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 
 PyTree = Any
@@ -45,12 +55,22 @@ def _module_path(module: nn.Module) -> str:
   return "/".join(module.scope.path)
 
 
-def adaptable_layers(module: nn.Module, variables: PyTree, inputs: Any,
-                     **call_kwargs: Any) -> list[str]:
-  """Paths of the `nn.Dense` / ungrouped `nn.Conv` layers a forward pass calls.
+def _nnx_layers(module: Any) -> list[str]:
+  """Paths of the NNX Linear / LinearGeneral / ungrouped Conv layers with a kernel."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  kinds = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+  return ["/".join(map(str, path)) for path, sub in nnx.iter_modules(module)
+          if isinstance(sub, kinds) and getattr(sub, "feature_group_count", 1) == 1
+          and isinstance(getattr(sub, "kernel", None), nnx.Param)]
 
-  Traced abstractly (`jax.eval_shape`), so it costs no compute.
-  """
+
+def adaptable_layers(module: Any, variables: PyTree = None, inputs: Any = None,
+                     **call_kwargs: Any) -> list[str]:
+  """Paths of the `nn.Dense` / ungrouped `nn.Conv` layers a forward pass calls
+  (Linen; traced abstractly with `jax.eval_shape`, so it costs no compute), or
+  of an NNX module's Linear / LinearGeneral / ungrouped Conv layers."""
+  if is_nnx_module(module):
+    return _nnx_layers(module)
   found: list[str] = []
 
   def record(next_fun, args, kwargs, context):
@@ -82,14 +102,16 @@ def select_targets(layers: Sequence[str], targets: Sequence[str] | str) -> list[
   return chosen
 
 
-def add_lora(module: nn.Module, variables: PyTree, inputs: Any, *,
+def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
              targets: Sequence[str] | str, rank: int, seed: int = 0,
              layers: Sequence[str] | None = None) -> dict[str, Any]:
   """Returns `variables` with adapters on the layers matched by `targets`.
 
   Args:
-    module, variables: the model and its (pretrained) variables.
-    inputs: an example input batch (only its shapes are used).
+    module, variables: the model and its (pretrained) variables; for an NNX
+      module, None takes its own (`jtl.variables_of(module)`).
+    inputs: an example input batch (only its shapes are used; not needed
+      for NNX modules).
     targets: regexes over layer paths, e.g. r".*/attention/(query|value)".
     rank: adapter rank r.
     seed: initialisation of A (uniform, +-1/sqrt(fan_in), as PEFT); B is 0.
@@ -97,6 +119,8 @@ def add_lora(module: nn.Module, variables: PyTree, inputs: Any, *,
   """
   if not (isinstance(rank, int) and rank >= 1):
     raise ConfigError(f"LoRA rank={rank!r}: expected an int >= 1.")
+  if variables is None:
+    variables = variables_of(module)
   if layers is None:
     layers = adaptable_layers(module, variables, inputs)
   chosen = select_targets(layers, targets)
@@ -162,6 +186,34 @@ class LoraModel:
 
   def __repr__(self) -> str:
     return f"LoraModel(alpha={self.alpha}, base={type(self.base).__name__})"
+
+
+class LoraWeights:
+  """A model adapter for params holding LoRA leaves: each call folds them into
+  the kernels (W + alpha/r * A B, `merge_lora`) and runs the model with those.
+
+  Works for any model `jtl.as_model` takes; this is how NNX models train
+  adapters (`add_lora(nnx_module, ...)`). The frozen kernels get no gradient;
+  A and B get theirs through the product.
+
+  Example:
+    variables = add_lora(model, targets=r".*(query|value)", rank=8)
+    labels = jtl.label_params(variables["params"], lora_rules())
+    step = jtl.make_train_step(LoraWeights(model, alpha=16), tx, labels=labels)
+  """
+  jtl_adapter = True
+
+  def __init__(self, model: Any, alpha: float):
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+      raise ConfigError(f"LoRA alpha={alpha!r}: expected a positive number.")
+    self.model = as_model(model)
+    self.alpha = float(alpha)
+
+  def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
+            rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
+            ) -> tuple[Any, dict[str, PyTree]]:
+    return self.model.apply(merge_lora(params, self.alpha), model_state, inputs, train=train,
+                            rng=rng, frozen_paths=frozen_paths)
 
 
 def lora_rules(head_pattern: str | None = r"head/.*") -> list[tuple[str, str | None]]:
