@@ -267,7 +267,8 @@ class CheckpointManager:
       for bad, error in errors:
         log.warning("Checkpoint step %d is damaged; resuming from step %d instead. It is "
                     "kept as %s.damaged. %s", bad, step, self.directory / str(bad), error)
-        (self.directory / str(bad)).rename(self.directory / f"{bad}.damaged")
+        if jax.process_index() == 0:  # one host moves it; the others only skip it
+          (self.directory / str(bad)).rename(self.directory / f"{bad}.damaged")
       if errors and hasattr(self._manager, "reload"):
         self._manager.reload()
       return state

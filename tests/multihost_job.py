@@ -1,0 +1,76 @@
+"""One fine-tuning run as process PROCESS_ID of NUM_PROCESSES on this machine.
+
+usage: python multihost_job.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT.npz STEPS [DIE_AT]
+
+8 CPU devices in all (8 / NUM_PROCESSES per process); with 2 processes they
+form one mesh through `jax.distributed` (coordinator on 127.0.0.1:PORT, gloo
+collectives). The global batch of step s is fixed by s; each process feeds its
+own rows of it, which `shard_batch` assembles into global arrays. Checkpoints
+every 2 steps; process 0 writes the final params to OUT.npz. With DIE_AT,
+process 1 exits abruptly after that step (a preempted host).
+"""
+
+import os
+import sys
+
+PROCESS_ID, NUM_PROCESSES, PORT = (int(a) for a in sys.argv[1:4])
+WORKDIR, OUT, STEPS = sys.argv[4], sys.argv[5], int(sys.argv[6])
+DIE_AT = int(sys.argv[7]) if len(sys.argv) > 7 else None
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // NUM_PROCESSES}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jtl  # noqa: E402
+
+GLOBAL_BATCH = 16
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    x = nn.relu(nn.Dense(32, name="body")(x.reshape((x.shape[0], -1))))
+    x = nn.BatchNorm(momentum=0.9, name="bn")(x, use_running_average=not train)
+    return nn.Dense(5, name="head")(x)
+
+
+def global_batch(step):
+  rng = np.random.default_rng(step)
+  return {"inputs": rng.normal(size=(GLOBAL_BATCH, 6, 6, 3)).astype(np.float32),
+          "label": rng.integers(0, 5, GLOBAL_BATCH).astype(np.int32)}
+
+
+def local_batches(start):
+  rows = GLOBAL_BATCH // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  for step in range(start, 10_000):
+    yield {k: v[mine] for k, v in global_batch(step).items()}
+
+
+def main():
+  if NUM_PROCESSES > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jtl.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID)
+  module = Net()
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
+  labels = jtl.label_params(variables["params"], [("body/.*", "frozen"), (".*", "top")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adamw", clip_norm=1.0)
+
+  def on_log(step, row):
+    if DIE_AT is not None and step == DIE_AT and jax.process_index() == 1:
+      os._exit(17)  # no cleanup, like a preempted host
+
+  result = jtl.train.fit(
+      module=module, variables=variables, labels=labels, tx=tx, train_batches=local_batches,
+      num_steps=STEPS, workdir=WORKDIR, checkpoint_every=2, keep=2, log_every=1,
+      progress=False, meta={"model": "multihost_job", "num_classes": 5}, on_log=on_log)
+  if jax.process_index() == 0:
+    flat = jtl.flatten(jax.device_get(result.state.variables))
+    np.savez(OUT, start_step=result.start_step, **flat)
+  print("done from step", result.start_step, flush=True)
+
+
+if __name__ == "__main__":
+  main()
