@@ -3,7 +3,9 @@
 `read` returns a flat {name: numpy array} dict from Orbax, msgpack, npz,
 safetensors or PyTorch files; `load_pretrained` puts those arrays into a
 model's fresh variables and reports what it did; `export` writes params back
-out; `resolve` and `register_source` name where checkpoints come from.
+out; `resolve` and `register_source` name where checkpoints come from, including
+the Hugging Face Hub ("hf://<owner>/<name>[@rev]/<file>", "hf-hub:<owner>/<name>",
+see `jtl.checkpoint.hub`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import importlib
 from typing import Any
 
 from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
+from jtl.checkpoint import hub
 from jtl.checkpoint.export import export
+from jtl.checkpoint.hub import HubRef
 from jtl.checkpoint.merge import Entry, LoadReport, load_pretrained
 from jtl.checkpoint.readers import FORMATS, detect_format, read
 from jtl.checkpoint.sources import (cache_dir, download, list_sources,

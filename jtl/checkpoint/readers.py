@@ -356,8 +356,10 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   """Reads a checkpoint into a flat {name: numpy array} dict.
 
   Args:
-    source: a local path, an `etils.epath` path (gs://...), or a registered
-      source name such as "efficientnet_lite0/imagenet" (see `resolve`).
+    source: a local path, an `etils.epath` path (gs://...), a registered
+      source name such as "efficientnet_lite0/imagenet", or a Hub source
+      "hf://<owner>/<name>[@rev]/<file>" / "hf-hub:<owner>/<name>[@rev]" (see
+      `resolve`). A sharded checkpoint's `*.index.json` reads all its shards.
     format: one of "orbax", "msgpack", "npz", "safetensors", "torch" to skip
       detection from the content.
     subtree: keep only names under this "/"-joined prefix and strip it, e.g.
@@ -381,6 +383,10 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   path = resolve(source)
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory.")
+  if path.name.endswith(".index.json") and not path.is_dir():  # sharded (Hub)
+    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    return select(hub.read_sharded(path, read, format=format,
+                                   max_expansion=max_expansion), subtree, path)
   fmt = format or detect_format(path)
   if fmt == "orbax":
     with guard(path, "an Orbax checkpoint"):

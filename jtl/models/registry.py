@@ -135,7 +135,11 @@ def create(name: str, *, num_classes: int | None = None,
   """Builds a zoo model, initialises it and merges pretrained weights.
 
   Args:
-    name: a registered model name (see `list_models()`).
+    name: a registered model name (see `list_models()`), or a Hub model repo
+      "hf-hub:<owner>/<name>[@<revision>]" (timm or transformers): its
+      config.json picks the zoo architecture, size and preprocessing, and its
+      weights are the default pretrained source (see
+      `jtl.models.hub_models.SUPPORTED`).
     num_classes: classes of the new head; None keeps the checkpoint's
       (`spec.default_num_classes`), 0 builds the model without a head. A head
       whose class count differs from the checkpoint's keeps its fresh init and
@@ -150,10 +154,16 @@ def create(name: str, *, num_classes: int | None = None,
 
   Raises:
     ConfigError: unknown name, or pretrained=True for a model without weights.
+    CheckpointError: a Hub repo that cannot be downloaded.
   """
   if api not in ("linen", "nnx"):
     raise ConfigError(f"api={api!r}: expected 'linen' or 'nnx'.")
-  spec = get_spec(name)
+  from_hub = name.startswith("hf-hub:")
+  if from_hub:
+    from jtl.models import hub_models  # noqa: PLC0415 - imports every family
+    spec = hub_models.spec_for(name)
+  else:
+    spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
   module = spec.build(num_classes=n, **kwargs)
   variables = init_variables(spec, module, seed=seed)
@@ -168,7 +178,7 @@ def create(name: str, *, num_classes: int | None = None,
     from jtl import checkpoint  # noqa: PLC0415 - checkpoint imports models' users
     variables, report = checkpoint.load_pretrained(
         checkpoint.resolve(source), like=variables, converter=spec.converter,
-        reinit_head=spec.head_pattern)
+        reinit_head=spec.head_pattern, skip=hub_models.SKIP if from_hub else ())
     if report.reinitialised:
       logging.info("%s: head re-initialised for %d classes (checkpoint has "
                    "%d): %s", name, n, spec.default_num_classes,

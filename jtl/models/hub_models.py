@@ -1,0 +1,296 @@
+"""Zoo models for Hub repos: `create("hf-hub:<owner>/<name>")` reads config.json.
+
+A timm repo's config.json names the `architecture` (and `model_args`) and its
+`pretrained_cfg` (input size, mean/std, crop); a Hugging Face transformers
+repo names its `model_type` and sizes. `spec_for` turns either into a
+`ModelSpec` of the jtl module that implements it, with a converter from the
+published state-dict layout (every key mapped, every shape checked by the
+strict load), the preprocessing of `pretrained_cfg` and the repo as the
+pretrained source. Architectures jtl does not implement are a ConfigError
+listing `SUPPORTED`.
+
+>>> parse_timm_vit("vit_base_patch16_384")
+('b', 16, 384)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jtl.errors import ConfigError, bullet_list
+from jtl.models import bert, efficientnet, mobilenet, registry, resnet, vit
+from jtl.models.layers import convert_with_rules
+
+SUPPORTED = (
+    "timm resnet18, resnet50 (e.g. timm/resnet50.a1_in1k)",
+    "timm vit_tiny_patch16_*, vit_small_patch16_*, vit_base_patch16_* "
+    "(class token; e.g. timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)",
+    "timm mobilenetv2_100 (timm/mobilenetv2_100.ra_in1k)",
+    "timm tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2",
+    "transformers model_type 'bert' (google-bert/bert-base-uncased, "
+    "sentence-transformers/all-MiniLM-L6-v2)",
+)
+# Pretraining heads of BERT checkpoints (BertForPreTraining): not part of the
+# encoder; a strict load lists them as skipped.
+SKIP = (r"cls\.(predictions|seq_relationship)\..*",)
+_VIT_SIZES = {"tiny": "ti", "small": "s", "base": "b"}
+_LITE_STAGES = {0: efficientnet.LITE0_STAGES}
+
+
+def _unsupported(what: str, where: str) -> ConfigError:
+  return ConfigError(
+      f"{where}: {what} is not implemented in jtl's zoo. Supported:\n"
+      + bullet_list(SUPPORTED) + "\nOther weights can still be read with "
+      "jtl.read('hf://<owner>/<name>/<file>') and loaded with your own "
+      "module and converter (jtl.checkpoint.load_pretrained).")
+
+
+def parse_timm_vit(arch: str) -> tuple[str, int, int] | None:
+  """("ti"|"s"|"b", patch, image size) of a timm ViT name, else None."""
+  m = re.fullmatch(r"vit_(tiny|small|base)_patch(\d+)_(\d+)", arch)
+  return (_VIT_SIZES[m.group(1)], int(m.group(2)), int(m.group(3))) if m else None
+
+
+# --- converters from the published layouts -----------------------------------
+
+def convert_timm_vit(sd: Mapping[str, np.ndarray], *, num_heads: int) -> dict[str, np.ndarray]:
+  """timm VisionTransformer state dict -> jtl ViT paths (fused qkv split).
+
+  Unknown keys pass through unchanged so that a strict load reports them.
+
+  >>> sd = {"blocks.0.attn.qkv.weight": np.zeros((12, 4)), "cls_token": np.zeros((1, 1, 4))}
+  >>> {k: v.shape for k, v in convert_timm_vit(sd, num_heads=2).items()}  # doctest: +NORMALIZE_WHITESPACE
+  {'params/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel': (4, 2, 2),
+   'params/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/key/kernel': (4, 2, 2),
+   'params/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/value/kernel': (4, 2, 2),
+   'params/cls': (1, 1, 4)}
+  """
+  out: dict[str, np.ndarray] = {}
+  simple = {"cls_token": "cls", "pos_embed": "pos_embedding",
+            "norm.weight": "Transformer/encoder_norm/scale",
+            "norm.bias": "Transformer/encoder_norm/bias", "head.bias": "head/bias"}
+  for key, value in sd.items():
+    value = np.asarray(value)
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if key in simple:
+      out[f"params/{simple[key]}"] = value
+    elif key == "head.weight" and value.ndim == 2:
+      out["params/head/kernel"] = value.T
+    elif key == "patch_embed.proj.weight" and value.ndim == 4:
+      out["params/embedding/kernel"] = np.transpose(value, (2, 3, 1, 0))
+    elif key == "patch_embed.proj.bias":
+      out["params/embedding/bias"] = value
+    elif m is not None and _vit_block(out, f"Transformer/encoderblock_{m.group(1)}",
+                                      m.group(2), value, num_heads):
+      pass
+    else:
+      out[key] = value
+  return out
+
+
+def _vit_block(out: dict[str, np.ndarray], block: str, rest: str, value: np.ndarray,
+               num_heads: int) -> bool:
+  """Adds one timm block tensor to `out`; False when `rest` is unknown."""
+  mha = f"params/{block}/MultiHeadDotProductAttention_0"
+  norms = {"norm1": "LayerNorm_0", "norm2": "LayerNorm_1"}
+  mlps = {"mlp.fc1": "MlpBlock_0/Dense_0", "mlp.fc2": "MlpBlock_0/Dense_1"}
+  module, _, leaf = rest.rpartition(".")
+  if module in norms and leaf in ("weight", "bias"):
+    out[f"params/{block}/{norms[module]}/{'scale' if leaf == 'weight' else 'bias'}"] = value
+  elif module in mlps and leaf == "weight" and value.ndim == 2:
+    out[f"params/{block}/{mlps[module]}/kernel"] = value.T
+  elif module in mlps and leaf == "bias":
+    out[f"params/{block}/{mlps[module]}/bias"] = value
+  elif module == "attn.qkv" and value.shape[0] % (3 * num_heads) == 0 and value.ndim in (1, 2):
+    width = value.shape[0] // 3
+    for i, name in enumerate(("query", "key", "value")):
+      part = value[i * width:(i + 1) * width]
+      if leaf == "weight" and value.ndim == 2:
+        out[f"{mha}/{name}/kernel"] = part.T.reshape(part.shape[1], num_heads, -1)
+      elif leaf == "bias" and value.ndim == 1:
+        out[f"{mha}/{name}/bias"] = part.reshape(num_heads, -1)
+      else:
+        return False
+  elif module == "attn.proj" and leaf == "weight" and value.ndim == 2:
+    out[f"{mha}/out/kernel"] = value.T.reshape(num_heads, -1, value.shape[0])
+  elif module == "attn.proj" and leaf == "bias":
+    out[f"{mha}/out/bias"] = value
+  else:
+    return False
+  return True
+
+
+def _effnet_block(stage_starts: tuple[int, ...], m: re.Match) -> str:
+  """timm EfficientNet/MobileNet block module -> jtl MBConv path."""
+  stage, index, module = int(m.group(1)), int(m.group(2)), m.group(3)
+  if stage >= len(stage_starts):
+    return f"unknown_stage_{stage}/{index}/{module}"
+  names = ({"conv_dw": "dw", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}
+           if stage == 0 else  # DepthwiseSeparableConv (expand 1)
+           {"conv_pw": "expand_conv", "bn1": "expand_bn", "conv_dw": "dw", "bn2": "dw_bn",
+            "conv_pwl": "project_conv", "bn3": "project_bn"})
+  return f"blocks_{stage_starts[stage] + index}/{names.get(module, 'unknown_' + module)}"
+
+
+def convert_timm_effnet(sd: Mapping[str, np.ndarray], *,
+                        stage_repeats: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """timm EfficientNet-family state dict (mobilenetv2_100, tf_efficientnet_lite*)
+  -> the flat paths of jtl's MobileNetV2 / EfficientNetLite.
+
+  >>> sd = {"blocks.1.1.conv_dw.weight": np.zeros((144, 1, 3, 3)),
+  ...       "classifier.weight": np.zeros((1000, 1280))}
+  >>> {k: v.shape for k, v in convert_timm_effnet(sd, stage_repeats=(1, 2)).items()}
+  {'params/blocks_2/dw/kernel': (3, 3, 1, 144), 'params/head/kernel': (1280, 1000)}
+  """
+  starts = tuple(int(s) for s in np.cumsum((0,) + tuple(stage_repeats))[:-1])
+  rules = ((r"conv_stem", "stem/conv"), (r"bn1", "stem/bn"), (r"conv_head", "top/conv"),
+           (r"bn2", "top/bn"), (r"classifier", "head"),
+           (r"blocks\.(\d+)\.(\d+)\.(\w+)", functools.partial(_effnet_block, starts)))
+  return convert_with_rules(sd, rules)
+
+
+def convert_hf_bert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Hugging Face BERT (BertModel, BertForPreTraining, sentence-transformers)
+  -> jtl Bert paths; the pretraining heads (`cls.*`) pass through for `SKIP`."""
+  return bert.convert_torch(sd)
+
+
+# --- config.json -> ModelSpec ------------------------------------------------
+
+def _image_preprocess(cfg: Mapping[str, Any], size: int, default_crop: float):
+  mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), np.float32)
+  std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), np.float32)
+  crop = float(cfg.get("crop_pct", default_crop))
+  if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0) or not 0 < crop <= 1:
+    raise ConfigError(f"pretrained_cfg: mean {mean}, std {std} or crop_pct {crop} "
+                      "is not 3 values / 3 positive values / in (0, 1].")
+  preset = ("imagenet" if np.allclose(mean, resnet.IMAGENET_MEAN, atol=1e-3)
+            and np.allclose(std, resnet.IMAGENET_STD, atol=1e-3) else
+            "vit" if np.allclose(mean, .5) and np.allclose(std, .5) else None)
+  return (functools.partial(resnet.normalize_images, size=size, mean=mean, std=std,
+                            crop_fraction=crop), preset)
+
+
+def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
+  arch = str(config.get("architecture"))
+  cfg = config.get("pretrained_cfg") or {}
+  args = dict(config.get("model_args") or {})
+  num_classes = int(config.get("num_classes", cfg.get("num_classes", 1000)))
+  size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+  where = f"{source} (config.json architecture {arch!r})"
+  if (v := parse_timm_vit(arch)) is not None:
+    return _timm_vit_spec(source, v, args, cfg, num_classes, where)
+  if args:
+    raise ConfigError(f"{where}: model_args {sorted(args)} are not supported for "
+                      "this architecture; jtl builds it at its published size.")
+  if arch in ("resnet18", "resnet50"):
+    depth = int(arch[len("resnet"):])
+    base, converter = registry.get_spec(arch), resnet.convert_torch
+    build = lambda num_classes=num_classes: resnet.resnet(depth, num_classes)
+  elif arch == "mobilenetv2_100":
+    base = registry.get_spec("mobilenet_v2")
+    build = lambda num_classes=num_classes, **kw: mobilenet.mobilenet_v2(num_classes, **kw)
+    converter = functools.partial(convert_timm_effnet, stage_repeats=tuple(
+        s[2] for s in mobilenet.V2_STAGES))
+  elif (m := re.fullmatch(r"tf_efficientnet_lite([0-2])", arch)) is not None:
+    stages = efficientnet.LITE_STAGES[int(m.group(1))]
+    base = registry.get_spec(f"efficientnet_lite{m.group(1)}")
+    build = lambda num_classes=num_classes, **kw: efficientnet.EfficientNetLite(
+        num_classes=num_classes, stages=stages, **kw)
+    converter = functools.partial(convert_timm_effnet,
+                                  stage_repeats=tuple(s[0] for s in stages))
+  else:
+    raise _unsupported(f"the timm architecture {arch!r}", source)
+  preprocess, preset = _image_preprocess(cfg, size, 0.875)
+  return dataclasses.replace(
+      base, name=source, build=build, pretrained=source, converter=converter,
+      preprocess=preprocess, default_num_classes=num_classes, image_size=size,
+      example_input=functools.partial(registry.image_input, size=size),
+      normalize=preset or base.normalize)
+
+
+def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, Any],
+                   cfg: Mapping[str, Any], num_classes: int, where: str) -> registry.ModelSpec:
+  variant, patch, size = parsed
+  width, depth, mlp_dim, heads = vit.VARIANTS[variant]
+  if args.pop("class_token", True) is not True or args.pop("global_pool", "token") != "token":
+    raise ConfigError(f"{where}: jtl's ViT pools the class token; this model "
+                      "uses another pooling (class_token/global_pool).")
+  args.pop("num_classes", None)
+  ratio = float(args.pop("mlp_ratio", mlp_dim / width))
+  width = int(args.pop("embed_dim", width))
+  depth, heads = int(args.pop("depth", depth)), int(args.pop("num_heads", heads))
+  mlp_dim = int(width * ratio)
+  patch = int(args.pop("patch_size", patch))
+  size = int(args.pop("img_size", (cfg.get("input_size") or (3, size, size))[-1]))
+  if args:
+    raise ConfigError(f"{where}: model_args {sorted(args)} are not supported; jtl "
+                      "takes embed_dim, depth, num_heads, mlp_ratio, patch_size, "
+                      "img_size, class_token=True, global_pool='token'.")
+  kw = dict(patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim,
+            num_heads=heads, image_size=size)
+  preprocess, preset = _image_preprocess(cfg, size, 0.9)
+  return registry.ModelSpec(
+      name=source, build=lambda num_classes=num_classes, **extra: vit.ViT(
+          num_classes=num_classes, **{**kw, **extra}),
+      example_input=functools.partial(registry.image_input, size=size),
+      preprocess=preprocess, groups=vit.groups(depth), pretrained=source,
+      converter=functools.partial(convert_timm_vit, num_heads=heads),
+      default_num_classes=num_classes, image_size=size, normalize=preset)
+
+
+def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
+  where = f"{source} (config.json model_type 'bert')"
+  act = config.get("hidden_act", "gelu")
+  pos = config.get("position_embedding_type", "absolute")
+  if act != "gelu" or pos != "absolute":
+    raise ConfigError(f"{where}: hidden_act {act!r} / position_embedding_type "
+                      f"{pos!r}; jtl's Bert implements 'gelu' / 'absolute'.")
+  try:
+    c = bert.BertConfig(
+        vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=int(config["num_attention_heads"]),
+        intermediate_size=int(config["intermediate_size"]),
+        max_position=int(config.get("max_position_embeddings", 512)),
+        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        dropout=float(config.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: config.json lacks or mangles {e}; expected "
+                      "vocab_size, hidden_size, num_hidden_layers, "
+                      "num_attention_heads, intermediate_size.") from None
+  base = registry.get_spec("minilm_l6")
+  return dataclasses.replace(
+      base, name=source, build=lambda num_classes=0, **kw: bert.Bert(
+          num_classes=num_classes, config=c, **kw),
+      pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
+      preprocess=None, default_num_classes=0)
+
+
+def spec_for(source: str) -> registry.ModelSpec:
+  """The ModelSpec of the Hub repo "hf-hub:<owner>/<name>[@rev]" (config.json).
+
+  Raises:
+    ConfigError: an architecture jtl does not implement (lists `SUPPORTED`).
+    CheckpointError: config.json cannot be downloaded or parsed.
+  """
+  from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+  ref = hub.parse(source)
+  if ref is None or ref.filename is not None:
+    raise ConfigError(f"{source!r}: a Hub model is 'hf-hub:<owner>/<name>[@rev]'.")
+  config = hub.read_config(source)
+  if "architecture" in config:
+    return _timm_spec(source, config)
+  model_type = config.get("model_type")
+  if model_type == "bert":
+    return _bert_spec(source, config)
+  raise _unsupported(f"the model (model_type {model_type!r}, architectures "
+                     f"{config.get('architectures')!r})", source)

