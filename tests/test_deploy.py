@@ -1,0 +1,175 @@
+"""jtl.deploy: EfficientNet-Lite0 with its real ImageNet weights, exported to
+ONNX and LiteRT (float32 and full-integer int8) and run in onnxruntime and the
+LiteRT interpreter on scikit-image's chelsea (a cat) and coffee (espresso).
+
+Tolerances: float32 files give jtl's logits within 1e-3 absolute (measured:
+about 1e-5, the logits span about 30); the int8 file keeps the top-1 class.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+from jax import lax
+
+from jtl import deploy, models
+from jtl.models import efficientnet
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+
+FLOAT_ATOL = 1e-3
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def _calibration_images(count: int = 32) -> list[np.ndarray]:
+  """Random crops of photos other than the two test photos, preprocessed."""
+  photos = [skimage.data.astronaut(), skimage.data.rocket(), skimage.data.immunohistochemistry(),
+            skimage.data.colorwheel(), skimage.data.logo()[..., :3], skimage.data.cat()[:, ::-1]]
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(count):
+    img = photos[i % len(photos)]
+    side = int(min(img.shape[:2]) * rng.uniform(0.5, 1.0))
+    top = rng.integers(0, img.shape[0] - side + 1)
+    left = rng.integers(0, img.shape[1] - side + 1)
+    crop = np.ascontiguousarray(img[top:top + side, left:left + side])
+    out.append(np.asarray(efficientnet.preprocess(crop, crop_fraction=1.0), np.float32))
+  return out
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+  """The model, the two photos, jtl's logits and the three exported files."""
+  created = models.create("efficientnet_lite0", pretrained=True)
+  photos = np.concatenate([efficientnet.preprocess(skimage.data.chelsea()),
+                           efficientnet.preprocess(skimage.data.coffee())]).astype(np.float32)
+  logits = np.asarray(jax.jit(deploy.inference_fn(created.module, created.variables))(photos))
+  out = tmp_path_factory.mktemp("deploy")
+  files = {}
+  for fmt in deploy.FORMATS:
+    files[fmt] = deploy.export(
+        created.module, created.variables, out / f"lite0{deploy.SUFFIX[fmt]}", format=fmt,
+        representative=_calibration_images() if fmt == "tflite_int8" else None,
+        meta={"model": "efficientnet_lite0"})
+  return {"created": created, "photos": photos, "logits": logits, "files": files}
+
+
+def test_jtl_reference_classifies_the_photos(lite0):
+  top1 = lite0["logits"].argmax(1)
+  assert top1[0] in CAT_CLASSES and top1[1] == ESPRESSO, top1
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_float_exports_give_jtl_logits(lite0, fmt):
+  exported = lite0["files"][fmt]
+  runtime = deploy.load(exported.path, num_threads=2)
+  assert runtime.format == fmt and runtime.input_shape == (224, 224, 3)
+  both = runtime(lite0["photos"])
+  one = runtime(lite0["photos"][1:])  # another batch size, same file
+  np.testing.assert_allclose(both, lite0["logits"], atol=FLOAT_ATOL, rtol=0)
+  np.testing.assert_allclose(one, lite0["logits"][1:], atol=FLOAT_ATOL, rtol=0)
+  np.testing.assert_array_equal(both.argmax(1), lite0["logits"].argmax(1))
+  # The weights are in the file: 4.65M float32 parameters, about 18.6 MB.
+  assert 18.0e6 < exported.bytes < 19.5e6, exported.bytes
+  assert deploy.read_meta(exported.path)["format"] == fmt
+
+
+def test_onnx_batch_dimension_is_dynamic(lite0):
+  import onnx  # pylint: disable=g-import-not-at-top
+  model = onnx.load(lite0["files"]["onnx"].path, load_external_data=False)
+  dims = model.graph.input[0].type.tensor_type.shape.dim
+  assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [224, 224, 3]
+
+
+def test_int8_tflite_keeps_top1_with_int8_kernels(lite0):
+  exported = lite0["files"]["tflite_int8"]
+  runtime = deploy.load(exported.path, num_threads=2)
+  logits = runtime(lite0["photos"])
+  np.testing.assert_array_equal(logits.argmax(1), lite0["logits"].argmax(1))
+  # Full-integer: every conv and matmul reads int8 tensors, none float32.
+  types = deploy.tflite_tensor_types(exported.path)
+  for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+    assert "int8" in types[op] and "float32" not in types[op], (op, types[op])
+  assert exported.bytes < 0.3 * lite0["files"]["tflite"].bytes, exported.bytes
+  check = deploy.check_int8(lambda x: lite0["logits"], runtime, lite0["photos"])
+  assert check["top1_agreement"] == 100.0 and check["drop_points"] == 0.0
+
+
+class _Odd(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + lax.population_count(x.astype(jnp.int32)).astype(jnp.float32)
+
+
+class _Callback(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jax.pure_callback(lambda v: np.asarray(v) * 2, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+
+class _Net(nn.Module):
+  odd: type
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dense(4, name="body")(x)
+    x = self.odd(name="strange_layer")(x)
+    return nn.Dense(3, name="head")(x)
+
+
+@pytest.mark.parametrize("fmt,layer,op", [("tflite", _Odd, "population_count"),
+                                          ("onnx", _Callback, "pure_callback")])
+def test_unsupported_op_names_layer_and_op(tmp_path, fmt, layer, op):
+  module = _Net(layer)
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.float32))
+  with pytest.raises(deploy.ExportError) as info:
+    deploy.export(module, variables, tmp_path / f"m{deploy.SUFFIX[fmt]}", format=fmt,
+                  input_shape=(8,))
+  message = str(info.value)
+  assert "layer strange_layer" in message and f"op {op}" in message, message
+  assert not (tmp_path / f"m{deploy.SUFFIX[fmt]}").exists()
+
+
+def test_int8_accuracy_drop_warns_with_both_numbers():
+  x = np.eye(4, dtype=np.float32)
+  labels = np.arange(4)
+  half_wrong = lambda v: np.where(np.arange(4) < 2, v.T, v[:, ::-1].T).T  # noqa: E731
+  with pytest.warns(deploy.QuantizationWarning,
+                    match=r"float32 accuracy 100\.00%, int8 50\.00% \(threshold 1\.00"):
+    result = deploy.check_int8(lambda v: v, half_wrong, x, labels)
+  assert result["drop_points"] == 50.0
+  with pytest.warns(deploy.QuantizationWarning, match=r"agreement with float32 100\.00%, int8 0\.00%"):
+    deploy.check_int8(lambda v: v, lambda v: v[:, ::-1], x)
+
+
+def test_bad_requests_are_clear_errors(tmp_path):
+  module = nn.Dense(2)
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 3), np.float32))
+  with pytest.raises(deploy.ConfigError, match="expected one of"):
+    deploy.export(module, variables, tmp_path / "m.x", format="coreml", input_shape=(3,))
+  with pytest.raises(deploy.ConfigError, match="representative images"):
+    deploy.export(module, variables, tmp_path / "m.tflite", format="tflite_int8",
+                  input_shape=(3,))
+  with pytest.raises(deploy.CheckpointError, match="no such file"):
+    deploy.load(tmp_path / "missing.onnx")
+  (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer")
+  with pytest.raises(deploy.CheckpointError, match="cannot load"):
+    deploy.load(tmp_path / "junk.tflite")
+
+
+def test_import_jtl_deploy_loads_no_converter():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  code = ("import sys, jtl.deploy; bad = [m for m in ('tensorflow', 'onnx', 'onnxruntime', "
+          "'jax2onnx', 'ai_edge_litert') if m in sys.modules]; print(bad)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
