@@ -225,7 +225,8 @@ def export_onnx(fn: Callable[[jax.Array], jax.Array], path: str | os.PathLike, *
         f"Cannot export to ONNX: jax2onnx has no lowering for these ops of the model:\n"
         f"{bullet_list(missing)}\nReplace the op in that layer, or export to another format.")
   try:
-    with _quiet_logger("jax2onnx"):
+    # jax2onnx's flax plugins broadcast biases by rank promotion.
+    with _quiet_logger("jax2onnx"), jax.numpy_rank_promotion("allow"):
       proto = to_onnx(fn, [("B", *input_shape)], return_mode="proto", model_name=name)
   except Exception as e:  # noqa: BLE001 - any converter failure, reported with its cause
     raise ExportError(f"jax2onnx failed to convert the model: {type(e).__name__}: "

@@ -1,4 +1,5 @@
-"""Converts a foreign checkpoint into jtl's layout for a zoo model.
+"""Converts a foreign checkpoint into jtl's layout for a zoo model, or exports
+a model for deployment (ONNX, LiteRT float32, LiteRT full-integer int8).
 
   python scripts/convert.py --model resnet50 --source resnet50.pth --out resnet50.npz
   python scripts/convert.py --model efficientnet_lite0 --source efficientnet_lite0/imagenet \\
@@ -7,6 +8,17 @@
 Reads any format jtl.checkpoint.read supports, maps it with the model's
 converter, prints the load report, and writes npz, safetensors, msgpack or an
 Orbax checkpoint directory.
+
+Deployment (jtl.deploy): a fine-tuned workdir to onnx | tflite | tflite_int8;
+int8 is calibrated on --calibration_images images of the training split and
+checked against float32 on them (a warning past --max_int8_drop points):
+
+  python scripts/convert.py --workdir runs/default --format tflite_int8 [--out m.tflite]
+
+or a zoo model with pretrained weights, float formats (224 px unless --image_size):
+
+  python scripts/convert.py --model efficientnet_lite0 --source efficientnet_lite0/imagenet \\
+      --format onnx --out lite0.onnx
 """
 
 import os
@@ -18,20 +30,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from jtl import checkpoint, cli, models  # noqa: E402
+from jtl.errors import ConfigError  # noqa: E402
 
+_DEPLOY_FORMATS = ["onnx", "tflite", "tflite_int8"]
 _MODEL = flags.DEFINE_string("model", None, f"Zoo model name: {models.list_models()}")
 _SOURCE = flags.DEFINE_string("source", None, "File, directory or registry name.")
-_OUT = flags.DEFINE_string("out", None, "Output path.")
-_FORMAT = flags.DEFINE_enum("format", None, ["npz", "safetensors", "msgpack", "orbax"],
+_OUT = flags.DEFINE_string("out", None, "Output path (with --workdir: default "
+                           "<workdir>/export/model.<format>).")
+_FORMAT = flags.DEFINE_enum("format", None, ["npz", "safetensors", "msgpack", "orbax",
+                                             *_DEPLOY_FORMATS],
                             "Output format (default: from --out's suffix).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the head (default: the model's).")
-flags.mark_flags_as_required(["model", "source", "out"])
+_WORKDIR = flags.DEFINE_string("workdir", None, "Export this fine-tuned workdir (with a "
+                               "deployment --format) instead of converting --source.")
+_STEP = flags.DEFINE_string("step", "best", "With --workdir: 'latest', 'best' or a step.")
+_CALIB = flags.DEFINE_integer("calibration_images", 300, "tflite_int8: training images that "
+                              "calibrate the int8 ranges and check the accuracy.")
+_MAX_DROP = flags.DEFINE_float("max_int8_drop", 1.0, "tflite_int8: warn when int8 loses more "
+                               "accuracy points than this against float32 on the check.")
+_PIXELS = flags.DEFINE_bool("input_pixels", False, "Fold the normalisation in: the exported "
+                            "file takes RGB 0..255 (default: normalised inputs, as jtl's pipeline).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Zoo-model export: input size "
+                                   "(default: the model's).")
 
 
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
+  if _WORKDIR.value or _FORMAT.value in _DEPLOY_FORMATS:
+    _export()
+    return
+  missing = [f"--{f.name}" for f in (_MODEL, _SOURCE, _OUT) if not f.value]
+  if missing:
+    raise ConfigError(f"Converting a checkpoint needs {', '.join(missing)} (or --workdir "
+                      f"with --format one of {_DEPLOY_FORMATS} to export for deployment).")
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
   if _FORMAT.value == "orbax":
@@ -40,6 +73,41 @@ def main(argv):
     checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)
     path = _OUT.value
   print(f"Wrote {path}")
+
+
+def _export():
+  """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.deploy)."""
+  from jtl import deploy  # noqa: PLC0415 - only this path needs the converters
+  if _FORMAT.value not in _DEPLOY_FORMATS:
+    raise ConfigError(f"--workdir exports for deployment: --format must be one of "
+                      f"{_DEPLOY_FORMATS}, got {_FORMAT.value!r}.")
+  if _WORKDIR.value:
+    step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
+    exported = deploy.export_workdir(
+        _WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step,
+        num_calibration=_CALIB.value, input_pixels=_PIXELS.value, max_drop=_MAX_DROP.value)
+  else:
+    if not (_MODEL.value and _SOURCE.value and _OUT.value):
+      raise ConfigError("Exporting a zoo model needs --model, --source and --out "
+                        "(or pass --workdir).")
+    if _FORMAT.value == "tflite_int8":
+      raise ConfigError("tflite_int8 needs calibration images from a training split: "
+                        "export a fine-tuned --workdir.")
+    created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
+                            pretrained=_SOURCE.value)
+    size = _IMAGE_SIZE.value or created.spec.image_size
+    affine = None
+    if _PIXELS.value:
+      from jtl import methods  # noqa: PLC0415
+      affine = methods.pixel_affine(created.spec.normalize)
+    exported = deploy.export(created.module, created.variables, _OUT.value,
+                             format=_FORMAT.value, input_shape=(size, size, 3),
+                             pixel_affine=affine, meta={"model": _MODEL.value,
+                                                        "normalize": created.spec.normalize})
+  print(f"Wrote {exported.path} ({exported.format}, {exported.bytes / 1e6:.2f} MB); "
+        f"input: {exported.meta['input']} {exported.meta['input_shape']}")
+  if "calibration_check" in exported.meta:
+    print("int8 calibration check:", exported.meta["calibration_check"])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ Post-training options:
   --precision int8 [--save_quantized model_int8.safetensors]   quantized eval
   --adabn                         AdaBN on the evaluated dataset's train split
   --attack pgd --eps 0.1          also accuracy under attack (pixel units)
+  --exported runs/default/export/model.int8.tflite
+                                  evaluate an exported ONNX / LiteRT file in its
+                                  runtime instead (eval_<split>_<format>.json)
 """
 
 import json
@@ -37,6 +40,9 @@ _ADABN = flags.DEFINE_bool("adabn", False, "Re-estimate BatchNorm statistics on 
 _ATTACK = flags.DEFINE_enum("attack", None, ["pgd", "fgsm"], "Also evaluate under this attack.")
 _EPS = flags.DEFINE_float("eps", 0.1, "Attack radius in pixel units (0..1).")
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 20, "PGD steps.")
+_EXPORTED = flags.DEFINE_string("exported", None, "Evaluate this exported .onnx / .tflite file "
+                                "(scripts/convert.py --format ...) in its runtime.")
+_THREADS = flags.DEFINE_integer("threads", None, "--exported: runtime threads (default: all).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -49,6 +55,13 @@ def main(argv):
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
+  if _EXPORTED.value:
+    from jtl import deploy  # noqa: PLC0415 - only this path needs the runtimes
+    result = deploy.evaluate_exported(_WORKDIR.value, _EXPORTED.value, split=_SPLIT.value,
+                                      out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
+    shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
+    print(json.dumps(shown, indent=2))
+    return
   result = experiment.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,
       precision=_PRECISION.value, save_quantized=_SAVE_Q.value, adabn=_ADABN.value,

@@ -32,35 +32,52 @@ ESPRESSO = 967
 
 def _calibration_images(count: int = 32) -> list[np.ndarray]:
   """Random crops of photos other than the two test photos, preprocessed."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   photos = [skimage.data.astronaut(), skimage.data.rocket(), skimage.data.immunohistochemistry(),
             skimage.data.colorwheel(), skimage.data.logo()[..., :3], skimage.data.cat()[:, ::-1]]
   rng = np.random.default_rng(0)
-  out = []
+  crops = []
   for i in range(count):
     img = photos[i % len(photos)]
     side = int(min(img.shape[:2]) * rng.uniform(0.5, 1.0))
     top = rng.integers(0, img.shape[0] - side + 1)
     left = rng.integers(0, img.shape[1] - side + 1)
-    crop = np.ascontiguousarray(img[top:top + side, left:left + side])
-    out.append(np.asarray(efficientnet.preprocess(crop, crop_fraction=1.0), np.float32))
-  return out
+    crop = Image.fromarray(np.ascontiguousarray(img[top:top + side, left:left + side]))
+    crops.append(np.asarray(crop.resize((224, 224), Image.BILINEAR)))
+  x = np.asarray(efficientnet.preprocess(np.stack(crops), size=None), np.float32)
+  return [x[i:i + 1] for i in range(count)]
+
+
+def _lite0():
+  """models.create("efficientnet_lite0", pretrained=True)'s module and
+  variables, without compiling `init` (8 s on 2 cores): the checkpoint is
+  loaded into zeros of the init's shapes."""
+  from jtl import checkpoint  # pylint: disable=g-import-not-at-top
+  module = efficientnet.efficientnet_lite0()
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  variables, report = checkpoint.load_pretrained(
+      checkpoint.read(checkpoint.resolve("efficientnet_lite0/imagenet")), like=like,
+      converter=efficientnet.convert_torch)
+  assert report.ok
+  return module, variables
 
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
   """The model, the two photos, jtl's logits and the three exported files."""
-  created = models.create("efficientnet_lite0", pretrained=True)
+  module, variables = _lite0()
   photos = np.concatenate([efficientnet.preprocess(skimage.data.chelsea()),
                            efficientnet.preprocess(skimage.data.coffee())]).astype(np.float32)
-  logits = np.asarray(jax.jit(deploy.inference_fn(created.module, created.variables))(photos))
+  logits = np.asarray(jax.jit(deploy.inference_fn(module, variables))(photos))
   out = tmp_path_factory.mktemp("deploy")
   files = {}
   for fmt in deploy.FORMATS:
     files[fmt] = deploy.export(
-        created.module, created.variables, out / f"lite0{deploy.SUFFIX[fmt]}", format=fmt,
+        module, variables, out / f"lite0{deploy.SUFFIX[fmt]}", format=fmt,
         representative=_calibration_images() if fmt == "tflite_int8" else None,
         meta={"model": "efficientnet_lite0"})
-  return {"created": created, "photos": photos, "logits": logits, "files": files}
+  return {"photos": photos, "logits": logits, "files": files}
 
 
 def test_jtl_reference_classifies_the_photos(lite0):
@@ -173,3 +190,53 @@ def test_import_jtl_deploy_loads_no_converter():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def _tiny_workdir(root):
+  """A workdir as scripts/finetune.py leaves it (config in the checkpoint's
+  meta), holding a freshly initialised small_cnn; data: a folder of crops of
+  two real photos."""
+  import configs.default  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jtl import experiment, state  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  photos = {"cat": skimage.data.chelsea(), "cup": skimage.data.coffee()}
+  for split, count in (("train", 16), ("test", 6)):
+    for name, img in photos.items():
+      (root / "photos" / split / name).mkdir(parents=True)
+      for i in range(count):
+        top, left = rng.integers(0, 150), rng.integers(0, 150)
+        Image.fromarray(img[top:top + 120, left:left + 120]).save(
+            root / "photos" / split / name / f"{i}.png")
+  config = configs.default.get_config()
+  config.update(dict(model="small_cnn", pretrained=False, dataset=f"folder:{root / 'photos'}",
+                     image_size=28, batch_size=8, eval_batch_size=8))
+  created = models.create("small_cnn", num_classes=2, pretrained=False, seed=3)
+  labels = jax.tree.map(lambda _: "all", created.variables["params"])
+  train_state = state.create_train_state(created.variables, labels, optax.sgd(0.0))
+  mngr = manager.CheckpointManager(root / "run", best_metric="accuracy", async_save=False)
+  mngr.save(1, train_state, metrics={"accuracy": 0.5}, meta=experiment.run_meta(config, 2),
+            force=True)
+  mngr.close()
+  return root / "run"
+
+
+def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
+  workdir = _tiny_workdir(tmp_path)
+  exported = deploy.export_workdir(workdir, "tflite_int8", num_calibration=16)
+  assert exported.path == str(workdir / "export" / "model.int8.tflite")
+  check = deploy.read_meta(exported.path)["calibration_check"]
+  assert check["count"] == 16 and 0.0 <= check["int8_accuracy"] <= 100.0
+  result = deploy.evaluate_exported(workdir, exported.path)
+  assert result["count"] == 12 and result["format"] == "tflite_int8"
+  assert sum(map(sum, result["confusion_matrix"])) == 12
+  assert (workdir / "eval_test_tflite_int8.json").exists()
+  # The float file in the same runtime agrees with jtl's own evaluation.
+  onnx_file = deploy.export_workdir(workdir, "onnx", input_pixels=True).path
+  from jtl import experiment  # pylint: disable=g-import-not-at-top
+  reference = experiment.evaluate_workdir(workdir, step="best")
+  onnx_result = deploy.evaluate_exported(workdir, onnx_file)
+  assert onnx_result["accuracy"] == reference["accuracy"]
+  assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4
