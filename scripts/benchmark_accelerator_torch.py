@@ -1,0 +1,98 @@
+"""The timm side of benchmark_accelerator.py (run by it in a Python with torch + timm).
+
+  python scripts/benchmark_accelerator_torch.py --models vit_b16=vit_base_patch16_224 \\
+      --batches 64,128 --image_size 224 --steps 20
+
+What a PyTorch user would pick: timm models, AdamW, AMP bf16 autocast,
+`torch.compile` where it works (else eager, noted in the row), channels_last
+for convnets. "frozen": only the classifier trains and the backbone runs in
+eval mode (stored BatchNorm statistics), as jtl's frozen partition does.
+Prints one JSON object per line; jtl itself never imports this.
+"""
+
+import argparse
+import json
+import time
+
+import timm
+import torch
+
+
+def measure(zoo: str, name: str, mode: str, batch: int, size: int, steps: int) -> dict:
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
+  convnet = "vit" not in name
+  if convnet:
+    model = model.to(memory_format=torch.channels_last)
+  head = model.get_classifier()
+  if mode == "frozen":
+    for p in model.parameters():
+      p.requires_grad_(False)
+    for p in head.parameters():
+      p.requires_grad_(True)
+    model.eval()
+    head.train()
+  else:
+    model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+  x = torch.randn(batch, 3, size, size, device=device)
+  if convnet:
+    x = x.contiguous(memory_format=torch.channels_last)
+  y = torch.randint(0, 1000, (batch,), device=device)
+  compiled = "compiled"
+  try:
+    fwd = torch.compile(model)
+  except Exception:  # noqa: BLE001
+    fwd, compiled = model, "eager"
+
+  def step():
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+      loss = torch.nn.functional.cross_entropy(fwd(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  def sync():
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  try:
+    for _ in range(3):
+      step()
+  except Exception:  # noqa: BLE001 - torch.compile failures surface at the first call
+    fwd, compiled = model, "eager"
+    for _ in range(3):
+      step()
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    step()
+  sync()
+  seconds = (time.perf_counter() - t0) / steps
+  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+  return {"framework": "timm", "model": zoo, "timm_name": name, "mode": mode, "batch": batch,
+          "image_size": size, "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
+          "torch": torch.__version__, "how": compiled, "peak_memory_gib": peak}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", required=True)
+  parser.add_argument("--batches", required=True)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--steps", type=int, default=20)
+  args = parser.parse_args()
+  for pair in args.models.split(","):
+    zoo, name = pair.split("=")
+    for mode in ("full", "frozen"):
+      for batch in map(int, args.batches.split(",")):
+        try:
+          row = measure(zoo, name, mode, batch, args.image_size, args.steps)
+        except torch.cuda.OutOfMemoryError:
+          break
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
