@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -394,26 +395,57 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     extra["adv_accuracy"] = steps.summarize_eval(robust_sums)["accuracy"]
     extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
   per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+  names = _class_names(meta_config, classes)
   result = {"workdir": str(workdir), "step": meta.get("step"), "split": split, **metrics,
-            **extra, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
+            **extra, "class_names": names, "per_class_accuracy": per_class,
+            "per_class_accuracy_by_name": dict(zip(names, per_class)),
+            "confusion_matrix": confusion.tolist()}
   out = epath.Path(out_dir or workdir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
-  _plot_confusion(confusion, out / f"confusion_{split}.png", title=f"{meta_config.model} {split}")
+  (out / f"eval_{file_safe(split)}.json").write_text(json.dumps(result, indent=2))
+  _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names,
+                  title=f"{meta_config.model} {split}")
   return result
 
 
-def _plot_confusion(confusion: np.ndarray, path: epath.Path, *, title: str) -> None:
+def file_safe(split: str) -> str:
+  """A split name for file names: "test[:64]" -> "test_64", "train[10%:]" -> "train_10pct".
+
+  >>> file_safe("test[:64]"), file_safe("train[10%:]"), file_safe("test")
+  ('test_64', 'train_10pct', 'test')
+  """
+  return re.sub(r"[^\w.-]+", "_", split.replace("%", "pct")).strip("_")
+
+
+def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:
+  """The evaluated dataset's class names (their indices if it has none)."""
+  try:
+    names = data.dataset_info(config.get("eval_dataset") or config.dataset,
+                              config.get("data_dir")).class_names
+  except JtlError:
+    names = []
+  return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]
+
+
+def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *,
+                    title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 5))
+  n = len(confusion)
+  side = min(4 + 0.45 * n, 24)
+  fig, ax = plt.subplots(figsize=(side + 1, side))
   image = ax.imshow(confusion, cmap="Blues")
   fig.colorbar(image)
   ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
-  if len(confusion) <= 20:
-    for (i, j), v in np.ndenumerate(confusion):
-      ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+  if n <= 50:  # class names on the axes; integer ticks only where they would not fit
+    ax.set_xticks(range(n), names, rotation=90 if n > 5 else 0)
+    ax.set_yticks(range(n), names)
+  if n <= 20:
+    dark = confusion.max() / 2 if confusion.size else 0
+    for (i, j), v in np.ndenumerate(confusion):  # white on dark cells, black on light ones
+      ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+              color="white" if v > dark else "black")
   fig.tight_layout()
   fig.savefig(str(path), dpi=100)
   plt.close(fig)

@@ -56,6 +56,8 @@ def test_finetune_resume_and_evaluate(tmp_path, data_dir):
   assert evaluated.returncode == 0, evaluated.stderr[-5000:]
   result = json.loads((workdir / "eval_test.json").read_text())
   assert result["count"] == 1000 and len(result["per_class_accuracy"]) == 10
+  assert result["class_names"] == [str(d) for d in range(10)]
+  assert result["per_class_accuracy_by_name"]["7"] == result["per_class_accuracy"][7]
   assert sum(map(sum, result["confusion_matrix"])) == 1000
   assert 0.0 <= result["accuracy"] <= result["top5_accuracy"] <= 1.0
   assert (workdir / "confusion_test.png").exists()
