@@ -87,8 +87,17 @@ def register(spec: ModelSpec) -> ModelSpec:
   return spec
 
 
+def _hub_skip() -> tuple[str, ...]:
+  from jtl.models import hub_models  # noqa: PLC0415 - imports every family
+  return hub_models.SKIP
+
+
 def get_spec(name: str) -> ModelSpec:
-  """Returns the registered spec for `name`, or a ConfigError listing names."""
+  """Returns the registered spec for `name` (or, for "hf-hub:<repo>", the spec
+  its config.json describes), or a ConfigError listing names."""
+  if name.startswith("hf-hub:"):
+    from jtl.models import hub_models  # noqa: PLC0415 - imports every family
+    return hub_models.spec_for(name)
   if name not in _REGISTRY:
     raise ConfigError(
         f"Unknown model {name!r}. Registered models:\n"
@@ -159,11 +168,7 @@ def create(name: str, *, num_classes: int | None = None,
   if api not in ("linen", "nnx"):
     raise ConfigError(f"api={api!r}: expected 'linen' or 'nnx'.")
   from_hub = name.startswith("hf-hub:")
-  if from_hub:
-    from jtl.models import hub_models  # noqa: PLC0415 - imports every family
-    spec = hub_models.spec_for(name)
-  else:
-    spec = get_spec(name)
+  spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
   module = spec.build(num_classes=n, **kwargs)
   variables = init_variables(spec, module, seed=seed)
@@ -178,7 +183,7 @@ def create(name: str, *, num_classes: int | None = None,
     from jtl import checkpoint  # noqa: PLC0415 - checkpoint imports models' users
     variables, report = checkpoint.load_pretrained(
         checkpoint.resolve(source), like=variables, converter=spec.converter,
-        reinit_head=spec.head_pattern, skip=hub_models.SKIP if from_hub else ())
+        reinit_head=spec.head_pattern, skip=_hub_skip() if from_hub else ())
     if report.reinitialised:
       logging.info("%s: head re-initialised for %d classes (checkpoint has "
                    "%d): %s", name, n, spec.default_num_classes,
