@@ -41,8 +41,8 @@ import flax.linen as nn
 import jax
 
 from jtl.errors import StepError
+from jtl.tree import PyTree
 
-PyTree = Any
 Output = str | int | Callable[[Any], Any] | None
 
 

@@ -31,8 +31,8 @@ from jtl import steps as jsteps
 from jtl.errors import ConfigError
 from jtl.state import TrainState
 from jtl.steps import Batch
+from jtl.tree import PyTree
 
-PyTree = Any
 Bounds = tuple[float, float] | None
 ATTACKS = ("fgsm", "pgd")
 

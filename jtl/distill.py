@@ -38,8 +38,7 @@ from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
 from jtl.steps import Batch, LossFn, cross_entropy_loss, make_train_step, masked_mean
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 def _check_options(temperature: float, alpha: float) -> None:

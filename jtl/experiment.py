@@ -29,7 +29,7 @@ from jtl import data, methods, models, parallel, partition, quantize, steps
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
-from jtl.train import FitResult, evaluate, fit
+from jtl.train import FitResult, fit
 
 REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
 

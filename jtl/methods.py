@@ -34,8 +34,8 @@ import numpy as np
 
 from jtl import adversarial, distill, domain
 from jtl.errors import ConfigError, bullet_list
+from jtl.tree import PyTree
 
-PyTree = Any
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"teacher_workdir": None, "teacher_step": "best", "temperature": 4.0,

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 
 from jtl import partition
-from jtl.errors import OptimizerError, bullet_list
+from jtl.errors import OptimizerError
+from jtl.tree import PyTree
 
-PyTree = Any
 ScalarOrSchedule = float | optax.Schedule
 
 # Optimizers whose own update applies decoupled weight decay.

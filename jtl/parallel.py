@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jtl import tree as jtree
 from jtl.errors import DeviceError
+from jtl.tree import PyTree
 
-PyTree = Any
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
@@ -136,9 +136,9 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: PyTree | No
 
 
 def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
-  """jit-compiles `eval_step(variables, batch)`; sums come back replicated."""
-  del mesh
-  return jax.jit(eval_step)
+  """jit-compiles `eval_step(variables, batch)` for the mesh: the batch split
+  over its devices, the sums replicated on all of them."""
+  return jax.jit(eval_step, out_shardings=replicated(mesh))
 
 
 # --- pmap ---------------------------------------------------------------------

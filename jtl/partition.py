@@ -21,7 +21,6 @@ arrays: gradients, optimizer state and weight decay never see a frozen leaf.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -30,8 +29,8 @@ import numpy as np
 from jtl import tree as jtree
 from jtl.adapter import is_nnx_module, variables_of
 from jtl.errors import PartitionError, bullet_list
+from jtl.tree import PyTree
 
-PyTree = Any
 FROZEN = "frozen"
 
 
@@ -144,12 +143,11 @@ def trainable_labels(labels: PyTree) -> PyTree:
   return jax.tree.map(lambda l: None if is_frozen(l) else l, labels, is_leaf=_is_none)
 
 
-def frozen_module_paths(labels: PyTree, *, collection_leaves: Iterable[str] = ()) -> frozenset[str]:
+def frozen_module_paths(labels: PyTree) -> frozenset[str]:
   """Module paths all of whose params are frozen ("backbone/bn0", ...).
 
   Used to run frozen BatchNorm layers with their stored statistics.
   """
-  del collection_leaves
   by_module: dict[str, list[bool]] = {}
   for path, label in jtree.leaves_with_paths(labels):
     module = path.rsplit("/", 1)[0] if "/" in path else ""

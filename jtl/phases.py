@@ -18,8 +18,7 @@ import optax
 from jtl import partition
 from jtl import tree as jtree
 from jtl.state import TrainState
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 def _dtype(x: Any) -> np.dtype:

@@ -38,8 +38,8 @@ import numpy as np
 from jtl import steps
 from jtl.errors import CheckpointError, ConfigError
 from jtl.tree import Rules, match_rules, path_name, unflatten
+from jtl.tree import PyTree
 
-PyTree = Any
 PRECISIONS = ("float32", "bfloat16", "int8", "int8_bfloat16")
 DEFAULT_RULES: Rules = ((r"(.*/)?kernel", True), (r".*", False))
 _Q, _S = "::qvalue", "::scale"

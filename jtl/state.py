@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.struct
 import jax
@@ -16,8 +15,7 @@ import optax
 
 from jtl import partition
 from jtl.adapter import is_nnx_module, variables_of
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 @flax.struct.dataclass

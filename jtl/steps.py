@@ -22,8 +22,8 @@ from jtl import partition
 from jtl.adapter import as_model, frozen_batchnorm  # noqa: F401 (frozen_batchnorm re-exported)
 from jtl.errors import StepError
 from jtl.state import TrainState
+from jtl.tree import PyTree
 
-PyTree = Any
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
 

@@ -29,8 +29,8 @@ from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError
 from jtl.metrics import MetricWriter
 from jtl.state import TrainState, create_train_state
+from jtl.tree import PyTree
 
-PyTree = Any
 Batch = dict[str, Any]
 
 

@@ -38,9 +38,9 @@ from jtl import tree as jtree
 from jtl.checkpoint import orbax_reader
 from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
+from jtl.tree import PyTree
 
 log = logging.getLogger(__name__)
-PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
 
 

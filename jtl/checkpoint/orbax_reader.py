@@ -74,7 +74,7 @@ def _ints(value: Any, positive: bool) -> tuple[int, ...] | None:
 
 
 def _itemsize(name: Any) -> int | None:
-  import ml_dtypes  # pylint: disable=g-import-not-at-top,unused-import
+  import ml_dtypes  # noqa: F401 - registers the float8/bfloat16 names with numpy
 
   try:
     return np.dtype(name).itemsize or None if isinstance(name, str) else None

@@ -10,7 +10,6 @@ before anything is allocated.
 
 from __future__ import annotations
 
-import io
 import struct
 import zipfile
 from typing import Any

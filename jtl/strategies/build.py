@@ -25,8 +25,8 @@ from jtl.strategies import l2sp as l2sp_lib
 from jtl.strategies import llrd, lora
 from jtl.strategies import rules as rules_lib
 from jtl.strategies import schedules
+from jtl.tree import PyTree
 
-PyTree = Any
 
 _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}

@@ -27,8 +27,7 @@ from jtl import parallel, partition, steps
 from jtl import tree as jtree
 from jtl.errors import ConfigError, DataError
 from jtl.state import TrainState, create_train_state
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 class Head(nn.Module):

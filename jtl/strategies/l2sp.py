@@ -22,7 +22,7 @@ carry it. Put it first in the chain, before the optimizer.
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,7 @@ import optax
 
 from jtl import tree as jtree
 from jtl.errors import ConfigError, OptimizerError
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 class L2SPState(NamedTuple):

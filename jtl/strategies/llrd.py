@@ -20,7 +20,7 @@ many depths as it has layers, and its leaves get a per-slice scale of shape
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,8 +30,7 @@ from jtl import optim
 from jtl import tree as jtree
 from jtl.errors import ConfigError, PartitionError, bullet_list
 from jtl.strategies.rules import Groups, check_groups
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 def layer_depths(groups: Groups, *, stacked: Mapping[str, int] | None = None

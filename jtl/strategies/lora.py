@@ -39,8 +39,8 @@ import numpy as np
 from jtl import tree as jtree
 from jtl.adapter import as_model, is_nnx_module, variables_of
 from jtl.errors import CheckpointError, ConfigError, bullet_list
+from jtl.tree import PyTree
 
-PyTree = Any
 LORA_A, LORA_B = "lora_a", "lora_b"
 LORA_LEAF = r"(?:.*/)?lora_[ab]"
 _ALPHA_KEY = "__lora_alpha__"

@@ -30,8 +30,7 @@ from jtl.errors import ConfigError, bullet_list
 from jtl.phases import switch_phase, transfer_opt_state  # noqa: F401 (re-exported)
 from jtl.state import TrainState, create_train_state
 from jtl.strategies import rules as rules_lib
-
-PyTree = Any
+from jtl.tree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
