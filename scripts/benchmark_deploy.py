@@ -1,0 +1,255 @@
+"""Deployment benchmark: jtl float32 / int8 weights against ONNX Runtime and
+LiteRT (float32, full-integer int8), on models fine-tuned on a real dataset.
+
+  nice -n 19 .venv/bin/python scripts/benchmark_deploy.py \\
+      --data /work/shared/data/cifar10_subset --out /tmp/bench_deploy \\
+      [--torch_python /tmp/torchenv/bin/python] [--survey]
+
+For each model (EfficientNet-Lite0 from its ImageNet weights, top blocks
+fine-tuned; MobileNetV2 from a random init, as no ImageNet weights can be had
+offline) it fine-tunes at 224 px for --steps steps (scripts/finetune.py's
+library path), exports ONNX / LiteRT / LiteRT int8 (calibrated on
+--calibration training images), and prints per runtime: test accuracy, top-1
+agreement with jtl float32, file size, batch-1 latency (median) and batch-64
+throughput, all on --threads threads, measured in this one run. With
+--torch_python (a separate venv with torch; jtl never needs torch) it also
+times PyTorch eager float32 on the same architectures (random weights: speed
+only). --survey tries every zoo image model (random init) in every format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data", required=True, help="image folder with train/ and test/")
+  p.add_argument("--out", default="/tmp/bench_deploy")
+  p.add_argument("--models", default="efficientnet_lite0,mobilenet_v2")
+  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--calibration", type=int, default=300)
+  p.add_argument("--eval_images", type=int, default=1000)
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--latency_runs", type=int, default=50)
+  p.add_argument("--torch_python", default=None)
+  p.add_argument("--survey", action="store_true")
+  return p.parse_args()
+
+
+def finetune(name: str, args: argparse.Namespace) -> str:
+  """Fine-tunes `name` at 224 px; returns the workdir (reused if done)."""
+  import configs.default  # pylint: disable=g-import-not-at-top
+  from jtl import experiment  # pylint: disable=g-import-not-at-top
+  workdir = os.path.join(args.out, name)
+  if os.path.exists(os.path.join(workdir, "final_report.json")):
+    return workdir
+  c = configs.default.get_config()
+  pretrained = name == "efficientnet_lite0"
+  c.update(dict(model=name, pretrained=pretrained, dataset=f"folder:{args.data}",
+                image_size=224, batch_size=args.batch_size, eval_batch_size=100,
+                num_steps=args.steps, eval_every=args.steps, checkpoint_every=args.steps,
+                log_every=25, warmup_steps=10, learning_rate=2e-3 if pretrained else 5e-3))
+  if not pretrained:
+    c.rules = ((r".*", "all"),)
+  c.augment.flip = True
+  experiment.finetune(c, workdir, progress=False)
+  return workdir
+
+
+def timed(fn, x: np.ndarray, runs: int) -> list[float]:
+  fn(x)  # warm-up (compile / allocate)
+  fn(x)
+  out = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    np.asarray(fn(x))
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
+  """{runtime: (predict, bytes)} for the five ways of running the model."""
+  from jtl import deploy, quantize  # pylint: disable=g-import-not-at-top
+  module, variables, _, _, _ = deploy.restore_workdir(workdir, step="latest")
+  out = {"jtl jit float32": (quantize.make_inference_fn(module, variables, precision="float32"),
+                             quantize.model_bytes(variables))}
+  q = quantize.prepare(variables, "int8")
+  qpath = os.path.join(workdir, "export", "model_int8.safetensors")
+  out["jtl int8 weights"] = (quantize.make_inference_fn(module, q, precision="int8"),
+                             quantize.save(qpath, q))
+  labels = {"onnx": "ONNX Runtime float32", "tflite": "LiteRT float32",
+            "tflite_int8": "LiteRT int8"}
+  for fmt, label in labels.items():
+    exported = deploy.export_workdir(workdir, fmt, step="latest",
+                                     num_calibration=args.calibration)
+    if "calibration_check" in exported.meta:
+      print(f"  int8 calibration check: {exported.meta['calibration_check']}")
+    out[label] = (deploy.load(exported.path, num_threads=args.threads), exported.bytes)
+  return out
+
+
+def accuracy(workdir: str, preds: dict[str, tuple], args: argparse.Namespace) -> dict[str, tuple]:
+  """{runtime: (accuracy %, agreement with jtl float32 %)} on the test split."""
+  from jtl import deploy, experiment  # pylint: disable=g-import-not-at-top
+  _, _, config, spec, _ = deploy.restore_workdir(workdir, step="latest")
+  top1 = {k: [] for k in preds}
+  labels = []
+  for batch in experiment.eval_batches(config, spec, "test")():
+    mask = np.asarray(batch["mask"], bool)
+    x = np.asarray(batch["inputs"], np.float32)[mask]
+    labels.append(np.asarray(batch["label"])[mask])
+    for name, (fn, _) in preds.items():
+      top1[name].append(np.asarray(fn(x)).argmax(-1))
+    if sum(map(len, labels)) >= args.eval_images:
+      break
+  y = np.concatenate(labels)
+  ref = np.concatenate(top1["jtl jit float32"])
+  return {k: (100 * np.mean(np.concatenate(v) == y), 100 * np.mean(np.concatenate(v) == ref))
+          for k, v in top1.items()}
+
+
+def speed(preds: dict[str, tuple], args: argparse.Namespace) -> dict[str, tuple]:
+  """{runtime: (batch-1 median ms, batch-64 images/s)}."""
+  rng = np.random.default_rng(0)
+  x1 = rng.standard_normal((1, 224, 224, 3)).astype(np.float32)
+  x64 = rng.standard_normal((64, 224, 224, 3)).astype(np.float32)
+  out = {}
+  for name, (fn, _) in preds.items():
+    lat = np.median(timed(fn, x1, args.latency_runs)) * 1e3
+    thr = 64 / np.median(timed(fn, x64, 3))
+    out[name] = (lat, thr)
+    print(f"  {name}: {lat:.2f} ms at batch 1, {thr:.1f} images/s at batch 64", flush=True)
+  return out
+
+
+TORCH_CODE = r"""
+import sys, time, json, torch
+torch.set_num_threads(int(sys.argv[1])); torch.manual_seed(0)
+def build(name):
+  if name == "efficientnet_lite0":
+    from efficientnet_lite_pytorch import EfficientNet
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=10)
+  return mobilenet_v2(10)  # torchvision's architecture, written out (no torchvision needed)
+def cbr(cin, cout, k=3, s=1, g=1, act=True):
+  layers = [torch.nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), torch.nn.BatchNorm2d(cout)]
+  return layers + ([torch.nn.ReLU6(inplace=True)] if act else [])
+class InvRes(torch.nn.Module):
+  def __init__(self, cin, cout, s, t):
+    super().__init__(); h = cin * t; self.skip = s == 1 and cin == cout
+    self.body = torch.nn.Sequential(*((cbr(cin, h, 1) if t != 1 else []) + cbr(h, h, 3, s, h)
+                                      + cbr(h, cout, 1, act=False)))
+  def forward(self, x):
+    return x + self.body(x) if self.skip else self.body(x)
+def mobilenet_v2(classes):
+  layers, cin = cbr(3, 32, 3, 2), 32
+  for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                     (6, 160, 3, 2), (6, 320, 1, 1)):
+    for i in range(n):
+      layers.append(InvRes(cin, c, s if i == 0 else 1, t)); cin = c
+  layers += cbr(cin, 1280, 1) + [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                 torch.nn.Dropout(0.2), torch.nn.Linear(1280, classes)]
+  return torch.nn.Sequential(*layers)
+out = {}
+for name in sys.argv[2].split(","):
+  m = build(name).eval()
+  res = {}
+  for b, runs in ((1, 50), (64, 3)):
+    x = torch.randn(b, 3, 224, 224)
+    with torch.inference_mode():
+      m(x); m(x); ts = []
+      for _ in range(runs):
+        t = time.perf_counter(); m(x); ts.append(time.perf_counter() - t)
+    ts.sort(); res[b] = ts[len(ts) // 2]
+  out[name] = (res[1] * 1e3, 64 / res[64])
+print(json.dumps(out))
+"""
+
+
+def torch_speed(args: argparse.Namespace, names: list[str]) -> dict[str, tuple]:
+  if not args.torch_python:
+    return {}
+  try:
+    run = subprocess.run([args.torch_python, "-c", TORCH_CODE, str(args.threads), ",".join(names)],
+                         capture_output=True, text=True, timeout=1800, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+  except (subprocess.SubprocessError, OSError, ValueError) as e:
+    print(f"PyTorch timing skipped: {e}")
+    return {}
+
+
+def survey(args: argparse.Namespace) -> None:
+  """Every zoo image model, random init, in every format: converts or why not."""
+  from jtl import deploy, models  # pylint: disable=g-import-not-at-top
+  for name in models.list_models():
+    spec = models.get_spec(name)
+    if spec.input_kind != "image":
+      print(f"| {name} | - | - | - | takes {spec.input_kind} (token ids); jtl.deploy exports "
+            "image models |")
+      continue
+    created = models.create(name, pretrained=False, num_classes=10)
+    size = spec.image_size
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    import jax  # pylint: disable=g-import-not-at-top
+    ref = np.asarray(jax.jit(deploy.inference_fn(created.module, created.variables))(x))
+    cells = []
+    for fmt in deploy.FORMATS:
+      path = os.path.join(args.out, "survey", name + deploy.SUFFIX[fmt])
+      try:
+        rep = [x[:1], x[1:]] if fmt == "tflite_int8" else None
+        e = deploy.export(created.module, created.variables, path, format=fmt,
+                          input_shape=(size, size, 3), representative=rep)
+        y = deploy.load(path, num_threads=args.threads)(x)
+        diff = float(np.abs(y - ref).max() / (np.abs(ref).max() + 1e-12))
+        cells.append(f"ok {e.bytes / 1e6:.1f} MB, rel. diff {diff:.1e}")
+      except Exception as err:  # noqa: BLE001 - reported in the table
+        cells.append(f"FAILS: {type(err).__name__}: {str(err)[:160]}")
+    print(f"| {name} ({size} px) | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+  args = parse_args()
+  from jtl import cli  # pylint: disable=g-import-not-at-top
+  cli.configure_cpu_runtime()
+  os.makedirs(args.out, exist_ok=True)
+  if args.survey:
+    survey(args)
+    return
+  names = args.models.split(",")
+  rows = []
+  torch = torch_speed(args, names)
+  for name in names:
+    t = time.time()
+    workdir = finetune(name, args)
+    print(f"{name}: fine-tuned in {time.time() - t:.0f} s -> {workdir}", flush=True)
+    preds = predictors(workdir, args)
+    acc = accuracy(workdir, preds, args)
+    spd = speed(preds, args)
+    base = spd["jtl jit float32"][0]
+    for k, (fn, size) in preds.items():
+      rows.append((name, k, acc[k][0], acc[k][1], size / 1e6, spd[k][0], base / spd[k][0], spd[k][1]))
+    if name in torch:
+      lat, thr = torch[name]
+      rows.append((name, "PyTorch eager float32 (speed only)", float("nan"), float("nan"),
+                   float("nan"), lat, base / lat, thr))
+  print("\n| model | runtime | test acc. % | top-1 agrees with jtl % | file MB | batch-1 ms "
+        "| speed-up vs jtl f32 (b1) | batch-64 img/s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.2f} | "
+          f"{r[6]:.2f}x | {r[7]:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
