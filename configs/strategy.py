@@ -9,7 +9,9 @@ import ml_collections
 from configs import default
 
 OPTIONS = {
-    "full": {}, "scratch": {}, "bitfit": {}, "linear_probe": {},
+    "full": {}, "scratch": {}, "bitfit": {},
+    # None: features cached when nothing prevents it (no augmentation, no method).
+    "linear_probe": {"cache_features": ml_collections.config_dict.placeholder(bool)},
     "llrd": {"layer_decay": 0.8},
     "partial": {"num_blocks": 4},
     "lora": {"rank": 8, "alpha": 16.0},
@@ -25,4 +27,6 @@ def get_config(arg=None):
   c.strategy = ml_collections.ConfigDict({"name": name, **OPTIONS[name]})
   if name in ("linear_probe", "bitfit", "lora"):
     c.learning_rate = 5e-3
+  if name == "linear_probe":  # a frozen backbone: fixed features, cached once
+    c.augment.crop = False
   return c

@@ -61,6 +61,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
   if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
     problems.append(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+  problems += cached_probe_problems(config) or []
   if config.get("rules") and (config.get("strategy") or {}).get("name"):
     problems.append(f"rules and strategy.name={config.strategy.name!r} are both set; the "
                     "strategy makes its own rules: set rules=() or strategy.name=''")
@@ -223,13 +224,15 @@ def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
 
 
 def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
-                 split: str | None = None):
+                 split: str | None = None, dataset: str | None = None):
+  """`() -> one padded, masked, unaugmented pass` over `split` of `dataset`
+  (default: the config's eval split of its eval dataset)."""
   kwargs = _pipeline_kwargs(config, spec)
   split = split or config.get("eval_split", "test")
   batch_size = config.get("eval_batch_size") or config.batch_size
   # Eval batches are padded and masked, so rounding up to fill every device is free.
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
-  dataset = config.get("eval_dataset") or config.dataset
+  dataset = dataset or config.get("eval_dataset") or config.dataset
   return lambda: data.make_dataset(dataset, split=split, batch_size=batch_size,
                                    train=False, **kwargs)
 
@@ -267,6 +270,28 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   return created.module, created.variables, [(0, labels, build_optimizer(config, labels))]
 
 
+def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None:
+  """None: the run is not a cached linear probe; []: it is (features are
+  extracted once, the head trains on the cache); otherwise why
+  `strategy.cache_features=True` cannot be honoured. With the default
+  (None) the probe is cached exactly when nothing prevents it."""
+  strategy = config.get("strategy") or {}
+  option = strategy.get("cache_features")
+  if strategy.get("name") != "linear_probe":
+    return (["strategy.cache_features applies to strategy.name='linear_probe' only"]
+            if option is not None else None)
+  if option is False:
+    return None
+  aug = config.get("augment") or {}
+  problems = [f"augment.{k} is on: cached features need an unaugmented pipeline"
+              for k in ("crop", "flip") if aug.get(k, True)]
+  if aug.get("mixup_alpha"):
+    problems.append("augment.mixup_alpha > 0: cached features need an unaugmented pipeline")
+  if methods.method_name(config):
+    problems.append(f"method {methods.method_name(config)!r} trains through its own step")
+  return None if problems and option is None else problems
+
+
 def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
   return {"model": config.model, "num_classes": classes, "config": config.to_dict()}
 
@@ -294,6 +319,21 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   for start, labels, _ in phases[1:]:
     print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
   classes = num_classes(config)
+  if cached_probe_problems(config) == []:
+    from jtl.strategies import features  # pylint: disable=g-import-not-at-top
+    head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
+    print("Linear probe on cached features: one backbone pass over the training split, "
+          "then the head trains on the cache.\n", flush=True)
+    result = features.fit_cached_probe(
+        module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
+        head_tx=build_optimizer(config, head_labels),
+        train_pass=eval_batches(config, created.spec, config.get("train_split", "train"),
+                                config.dataset)(),
+        num_steps=config.num_steps, batch_size=config.batch_size, workdir=workdir,
+        eval_batches=eval_batches(config, created.spec), keep=config.get("keep", 2),
+        best_metric=config.get("best_metric", "accuracy"), meta=run_meta(config, classes),
+        seed=config.get("seed", 0))
+    return _write_report(config, workdir, result, summary)
   compute_dtype = jnp.bfloat16 if config.get("compute_dtype") == "bfloat16" else None
   result = fit(
       module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
@@ -308,6 +348,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       seed=config.get("seed", 0), meta=run_meta(config, classes),
       on_nonfinite=config.get("on_nonfinite", "stop"),
       log_every=config.get("log_every", 10), progress=progress)
+  return _write_report(config, workdir, result, summary)
+
+
+def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result: FitResult,
+                  summary: partition.Summary) -> FitResult:
   report = {"workdir": str(workdir), "start_step": result.start_step,
             "num_steps": config.num_steps, "eval": result.eval_metrics,
             "steps_per_second": result.steps_per_second,

@@ -32,7 +32,8 @@ _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
 _OPTIONS: dict[str, dict[str, Any]] = {
     "full": {}, "scratch": {}, "llrd": {}, "bitfit": {},
-    "linear_probe": {"cache_features": False},
+    # None: cache when the run allows it (scripts/finetune.py); True: require it.
+    "linear_probe": {"cache_features": None},
     "partial": {"num_blocks": 2},
     "lora": {"rank": 8, "alpha": 16.0, "targets": None},
     "lp_ft": {"probe_steps": None},
@@ -129,7 +130,7 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
                       + bullet_list(sorted(allowed)))
   options = {**allowed, **dict(config)}
   missing = [k for k, v in options.items() if v is None and k in _OPTIONS[name]
-             and k not in ("targets", "max_blocks")]
+             and k not in ("targets", "max_blocks", "cache_features")]
   if missing:
     raise ConfigError(f"strategy {name!r} needs {missing} (steps counted from the start).")
   if name == "llrd" and options["layer_decay"] is None:

@@ -12,6 +12,7 @@ frozen backbone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from collections.abc import Iterable, Iterator
@@ -151,3 +152,72 @@ def train_head(features: np.ndarray, labels: np.ndarray, variables: PyTree,
   """
   return head_trainer(variables, tx, loss_fn=loss_fn)(
       features, labels, num_steps=num_steps, batch_size=batch_size, seed=seed)
+
+
+def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
+                     tx: optax.GradientTransformation, head_tx: optax.GradientTransformation,
+                     train_pass: Iterable[dict[str, Any]], num_steps: int, batch_size: int,
+                     workdir: Any = None, eval_batches: Any = None, keep: int = 2,
+                     best_metric: str | None = "accuracy", meta: dict[str, Any] | None = None,
+                     seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """A linear probe run like `jtl.train.fit`, on cached features.
+
+  The backbone runs once over `train_pass` (one unaugmented pass of the
+  training split) on all devices of the mesh; the head then trains for
+  `num_steps` steps of `batch_size` on the cache in one compiled scan
+  (`head_trainer`, optimizer `head_tx` over {"head": ...}); the result is
+  evaluated, logged and checkpointed in `workdir` like a `fit` run (a full
+  TrainState over `labels`/`tx` at step `num_steps`, so `scripts/evaluate.py`
+  and resuming work unchanged). A workdir that already holds step
+  `num_steps` is evaluated, not retrained; an unfinished one is retrained
+  from the start (the run is short). Returns a `jtl.train.FitResult` whose
+  `steps_per_second` counts head steps.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  from jtl import train as jtrain  # pylint: disable=g-import-not-at-top  (Orbax: lazily)
+  from jtl.checkpoint.lock import WorkdirLock  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
+  from jtl.metrics import MetricWriter  # pylint: disable=g-import-not-at-top
+  mesh = mesh or parallel.make_mesh()
+  eval_step = jax.jit(steps.make_eval_step(module))
+  lock = contextlib.nullcontext() if workdir is None else WorkdirLock(
+      workdir, enabled=jax.process_index() == 0)
+  with lock:
+    mngr = None if workdir is None else CheckpointManager(
+        workdir, keep=keep, best_metric=best_metric if eval_batches else None, async_save=False)
+    try:
+      fresh = lambda s: (parallel.place_state(create_train_state(variables, labels, tx), mesh),
+                         labels)
+      done = mngr.restore_latest(fresh) if mngr and mngr.latest_step() == num_steps else None
+      if done is not None:
+        metrics = jtrain.evaluate(eval_step, done.variables, eval_batches(), mesh) \
+            if eval_batches else None
+        return jtrain.FitResult(done, metrics, num_steps, 0.0, 0.0)
+      t0 = time.perf_counter()
+      feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
+      t1 = time.perf_counter()
+      head = head_trainer(variables, head_tx)(feats, ys, num_steps=num_steps,
+                                              batch_size=min(batch_size, len(ys)), seed=seed)
+      jax.block_until_ready(head.params)
+      t2 = time.perf_counter()
+      trained = with_head(variables, jax.device_get(head.params))
+      state = parallel.place_state(
+          create_train_state(trained, labels, tx, rng=seed).replace(step=jnp.int32(num_steps)),
+          mesh)
+      metrics = jtrain.evaluate(eval_step, state.variables, eval_batches(), mesh) \
+          if eval_batches else None
+      if workdir is not None:
+        writer = MetricWriter(workdir, resume_step=0)
+        writer.write(num_steps, "train", {"extract_seconds": t1 - t0, "head_seconds": t2 - t1,
+                                          "steps_per_second": num_steps / (t2 - t1),
+                                          "cached_examples": len(ys)})
+        if metrics:
+          writer.write(num_steps, "eval", metrics)
+          writer.plot()
+        writer.close()
+        mngr.save(num_steps, state, metrics=metrics if best_metric else None, meta=meta,
+                  force=True)
+      return jtrain.FitResult(state, metrics, 0, num_steps / (t2 - t1), 0.0)
+    finally:
+      if mngr is not None:
+        mngr.close()

@@ -1,0 +1,53 @@
+"""The cached-feature linear probe through the experiment (scripts/finetune.py's
+path): one backbone pass, the head trained on the cache, checkpointed and
+evaluated like any run (issue 15)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import strategy as strategy_config
+from jtl import experiment
+from jtl.errors import ConfigError
+from test_script_errors import photo_folder
+
+
+def probe_config(data):
+  c = strategy_config.get_config("linear_probe")
+  c.model, c.pretrained, c.image_size = "small_cnn", False, 28
+  c.dataset = f"folder:{data}"
+  c.batch_size, c.eval_batch_size, c.num_steps = 8, 8, 20
+  c.warmup_steps, c.eval_every, c.checkpoint_every = 0, 0, 0
+  return c
+
+
+def test_linear_probe_trains_on_cached_features_and_evaluates(tmp_path):
+  config = probe_config(photo_folder(tmp_path / "photos"))
+  assert experiment.cached_probe_problems(config) == []
+  result = experiment.finetune(config, tmp_path / "run", progress=False)
+  assert result.eval_metrics["count"] == 4 and result.steps_per_second > 0
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if r["split"] == "train"][0]
+  assert train["step"] == 20 and train["cached_examples"] == 4  # 2 classes x 2 train photos
+  initial = experiment.build_model(config).variables["params"]
+  trained = jax.device_get(result.state.params)
+  for name in initial:  # the backbone is the model's own; only the head moved
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial[name]),
+                                                    jax.tree.leaves(trained[name])))
+    assert same == (name != "head"), name
+  evaluated = experiment.evaluate_workdir(tmp_path / "run")
+  assert evaluated["accuracy"] == pytest.approx(result.eval_metrics["accuracy"])
+  again = experiment.finetune(config, tmp_path / "run", progress=False)
+  assert again.start_step == 20  # a finished cached run is not retrained
+
+
+def test_cache_features_true_with_augmentation_is_refused(tmp_path):
+  config = probe_config(photo_folder(tmp_path / "photos"))
+  config.strategy.cache_features = True
+  config.augment.crop = True
+  with pytest.raises(ConfigError, match="augment.crop is on: cached features need"):
+    experiment.preflight(config)
+  config.strategy.cache_features = None  # auto: falls back to the plain step
+  assert experiment.cached_probe_problems(config) is None
