@@ -1,0 +1,318 @@
+"""Fine-tuned weights out in the Hugging Face / timm layouts (no torch needed).
+
+The inverse of the converters in `jtl.models.bert` / `jtl.models.hub_models`
+/ `jtl.models.resnet`: a jtl BERT becomes a transformers `BertModel`
+(`model.safetensors` + `config.json` that `AutoModel.from_pretrained` reads),
+a jtl ViT / ResNet becomes timm's `VisionTransformer` / `ResNet` state dict
+(`model.safetensors` + a timm Hub `config.json`: architecture, model_args,
+num_classes, pretrained_cfg). LoRA adapters are merged into their kernels
+first. Every jtl leaf is mapped (an unmapped one is an error naming it), and
+the result maps back through the forward converter to the same arrays.
+
+Layouts ("bert", "timm_vit", "timm_resnet") also name the module paths that
+`jtl.checkpoint.peft` writes adapters under: `torch_module(layout, path)`.
+
+Notes:
+  * jtl's BERT has no pooler (it mean-pools); `BertModel` reports
+    `pooler.dense` as newly initialised. A classification head (jtl's Dense on
+    the mean-pooled features, not HF's [CLS] pooler) goes to `head.safetensors`
+    as `classifier.weight` [classes, hidden] / `classifier.bias`.
+  * jtl's ViT MLP uses the tanh GELU of the published JAX models; timm's
+    default is the erf GELU. `config.json` keeps timm's default architecture;
+    pass `act_layer="gelu_tanh"` to `timm.create_model` for the same function.
+
+>>> torch_module("bert", "layer_0/attention/query")
+('encoder.layer.0.attention.self.query', 'linear')
+>>> torch_module("timm_resnet", "layer2_0/downsample/conv")
+('layer2.0.downsample.0', 'conv')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jtl import tree as jtree
+from jtl.errors import CheckpointError, ConfigError, bullet_list
+from jtl.tree import PyTree
+
+LAYOUTS = ("bert", "timm_vit", "timm_resnet")
+
+# jtl module path -> (torch module path, kind). First match wins.
+_MODULES: dict[str, list[tuple[str, str, str]]] = {
+    "bert": [
+        (r"embeddings/(word|position|token_type)_embeddings", r"embeddings.\1_embeddings",
+         "embed"),
+        (r"embeddings/layer_norm", "embeddings.LayerNorm", "norm"),
+        (r"layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2",
+         "linear"),
+        (r"layer_(\d+)/attention/output", r"encoder.layer.\1.attention.output.dense", "linear"),
+        (r"layer_(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm", "norm"),
+        (r"layer_(\d+)/intermediate", r"encoder.layer.\1.intermediate.dense", "linear"),
+        (r"layer_(\d+)/output", r"encoder.layer.\1.output.dense", "linear"),
+        (r"layer_(\d+)/output_norm", r"encoder.layer.\1.output.LayerNorm", "norm"),
+        (r"head", "classifier", "linear"),
+    ],
+    "timm_vit": [
+        (r"embedding", "patch_embed.proj", "conv"),
+        (r"Transformer/encoderblock_(\d+)/LayerNorm_0", r"blocks.\1.norm1", "norm"),
+        (r"Transformer/encoderblock_(\d+)/LayerNorm_1", r"blocks.\1.norm2", "norm"),
+        (r"Transformer/encoderblock_(\d+)/MlpBlock_0/Dense_0", r"blocks.\1.mlp.fc1", "linear"),
+        (r"Transformer/encoderblock_(\d+)/MlpBlock_0/Dense_1", r"blocks.\1.mlp.fc2", "linear"),
+        (r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_0/out",
+         r"blocks.\1.attn.proj", "linear"),
+        (r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_0/(query|key|value)",
+         r"blocks.\1.attn.qkv", "qkv"),
+        (r"Transformer/encoder_norm", "norm", "norm"),
+        (r"head", "head", "linear"),
+    ],
+    "timm_resnet": [
+        (r"stem/conv", "conv1", "conv"), (r"stem/bn", "bn1", "bn"), (r"head", "fc", "linear"),
+        (r"layer(\d+)_(\d+)/downsample/conv", r"layer\1.\2.downsample.0", "conv"),
+        (r"layer(\d+)_(\d+)/downsample/bn", r"layer\1.\2.downsample.1", "bn"),
+        (r"layer(\d+)_(\d+)/(conv\d)", r"layer\1.\2.\3", "conv"),
+        (r"layer(\d+)_(\d+)/(bn\d)", r"layer\1.\2.\3", "bn"),
+    ],
+}
+_TOP_LEVEL = {"timm_vit": {"cls": "cls_token", "pos_embedding": "pos_embed"}}
+
+
+def _check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ConfigError(f"Unknown export layout {layout!r}; expected one of {LAYOUTS}.")
+
+
+def torch_module(layout: str, path: str) -> tuple[str, str] | None:
+  """(torch module path, kind) of a jtl module path, or None if unmapped."""
+  _check_layout(layout)
+  for pattern, target, kind in _MODULES[layout]:
+    m = re.fullmatch(pattern, path)
+    if m is not None:
+      return m.expand(target), kind
+  return None
+
+
+def layout_of(module: Any) -> str:
+  """The export layout of a jtl zoo module (LoRA wrappers are looked through)."""
+  from jtl.models import bert, resnet, vit  # pylint: disable=g-import-not-at-top
+  base = getattr(module, "base", module)
+  if isinstance(base, bert.Bert):
+    return "bert"
+  if isinstance(base, vit.ViT):
+    if base.pool != "tok" or base.representation_size:
+      raise ConfigError("timm layout export needs a ViT with pool='tok' and no "
+                        f"pre_logits; this one has pool={base.pool!r}, "
+                        f"representation_size={base.representation_size}.")
+    return "timm_vit"
+  if isinstance(base, resnet.ResNet):
+    return "timm_resnet"
+  raise ConfigError(f"No HF/timm export layout for {type(base).__name__}; supported: "
+                    "jtl.models.bert.Bert (HF BertModel), vit.ViT (timm "
+                    "VisionTransformer), resnet.ResNet (timm ResNet).")
+
+
+def _linear_weight(kernel: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(kernel.reshape(-1, kernel.shape[-1]).T)
+
+
+def _conv_weight(kernel: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1)))
+
+
+def _module_leaves(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  modules: dict[str, dict[str, np.ndarray]] = {}
+  for path, value in flat.items():
+    module, _, leaf = path.rpartition("/")
+    modules.setdefault(module, {})[leaf] = np.asarray(value)
+  return modules
+
+
+def _convert_module(kind: str, name: str, leaves: dict[str, np.ndarray],
+                    out: dict[str, np.ndarray]) -> list[str]:
+  """Adds one module's tensors; returns the leaves it does not know."""
+  known = {"linear": ("kernel", "bias"), "conv": ("kernel", "bias"),
+           "norm": ("scale", "bias"), "embed": ("embedding",),
+           "bn": ("scale", "bias", "mean", "var")}[kind]
+  for leaf, value in leaves.items():
+    if leaf == "kernel":
+      out[f"{name}.weight"] = _linear_weight(value) if kind == "linear" else _conv_weight(value)
+    elif leaf == "bias":
+      out[f"{name}.bias"] = value.reshape(-1)
+    elif leaf == "scale":
+      out[f"{name}.weight"] = value
+    elif leaf == "embedding":
+      out[f"{name}.weight"] = value
+    elif leaf in ("mean", "var") and kind == "bn":
+      out[f"{name}.running_{leaf}"] = value
+  if kind == "bn":
+    out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
+  return [leaf for leaf in leaves if leaf not in known]
+
+
+def _fuse_qkv(modules: dict[str, dict[str, np.ndarray]], out: dict[str, np.ndarray],
+              name: str, block: str) -> None:
+  """q/k/v DenseGeneral kernels [width, heads, head_dim] -> timm's fused qkv."""
+  parts = [modules.get(f"{block}/{n}", {}) for n in ("query", "key", "value")]
+  if not all("kernel" in p and "bias" in p for p in parts):
+    raise CheckpointError(f"{block}: query, key and value need a kernel and a bias "
+                          "each to make timm's fused qkv.")
+  out[f"{name}.weight"] = np.ascontiguousarray(np.concatenate(
+      [p["kernel"].reshape(p["kernel"].shape[0], -1).T for p in parts]))
+  out[f"{name}.bias"] = np.concatenate([p["bias"].reshape(-1) for p in parts])
+
+
+def to_torch_state_dict(variables: PyTree, layout: str) -> dict[str, np.ndarray]:
+  """jtl variables ({"params", "batch_stats"?}) -> the layout's state dict.
+
+  Params must be plain (adapters merged: `jtl.strategies.lora.merge_lora`).
+
+  Raises:
+    CheckpointError: a leaf the layout has no place for (all listed), or
+      LoRA leaves still in the params.
+  """
+  _check_layout(layout)
+  flat = {p: np.asarray(v) for p, v in jtree.flatten(dict(variables)).items()}
+  params = {p[len("params/"):]: v for p, v in flat.items() if p.startswith("params/")}
+  stats = {p[len("batch_stats/"):]: v for p, v in flat.items() if p.startswith("batch_stats/")}
+  other = [p for p in flat if not p.startswith(("params/", "batch_stats/"))]
+  adapters = [p for p in params if re.fullmatch(r"(.*/)?lora_[ab]", p)]
+  if adapters:
+    raise CheckpointError(f"{len(adapters)} LoRA leaves (e.g. {adapters[0]}) are still in "
+                          "the params: merge them first (lora.merge_lora) or export "
+                          "them with jtl.checkpoint.peft.")
+  out: dict[str, np.ndarray] = {}
+  top = _TOP_LEVEL.get(layout, {})
+  problems = [f"{p}: not a params/batch_stats leaf" for p in other]
+  modules = _module_leaves({k: v for k, v in params.items() if k not in top})
+  for module, leaves in _module_leaves(stats).items():
+    modules.setdefault(module, {}).update(leaves)
+  fused = set()
+  for module, leaves in sorted(modules.items()):
+    mapped = torch_module(layout, module)
+    if mapped is None:
+      problems.append(f"{module}: no {layout} module for it (leaves {sorted(leaves)})")
+      continue
+    name, kind = mapped
+    if kind == "qkv":
+      if name not in fused:
+        fused.add(name)
+        _fuse_qkv(modules, out, name, module.rpartition("/")[0])
+      continue
+    problems += [f"{module}/{leaf}: unknown leaf for a {kind} module"
+                 for leaf in _convert_module(kind, name, leaves, out)]
+  for leaf, name in top.items():
+    if leaf in params:
+      out[name] = params[leaf]
+  if problems:
+    raise CheckpointError(f"Cannot write the {layout} layout:\n" + bullet_list(problems))
+  return out
+
+
+def _bert_config(module: Any) -> dict[str, Any]:
+  c = module.config
+  return {"architectures": ["BertModel"], "model_type": "bert",
+          "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+          "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+          "intermediate_size": c.intermediate_size, "hidden_act": "gelu",
+          "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attention_dropout,
+          "max_position_embeddings": c.max_position, "type_vocab_size": c.type_vocab_size,
+          "layer_norm_eps": c.layer_norm_eps, "initializer_range": 0.02, "pad_token_id": 0,
+          "position_embedding_type": "absolute", "torch_dtype": "float32"}
+
+
+def _vit_config(module: Any) -> dict[str, Any]:
+  names = {192: "vit_tiny", 384: "vit_small"}
+  arch = f"{names.get(module.width, 'vit_base')}_patch16_224"
+  args = {"embed_dim": module.width, "depth": module.depth, "num_heads": module.num_heads,
+          "mlp_ratio": module.mlp_dim / module.width, "patch_size": module.patch_size,
+          "img_size": module.image_size}
+  return {"architecture": arch, "num_classes": module.num_classes,
+          "num_features": module.width, "model_args": args,
+          "pretrained_cfg": {"input_size": [3, module.image_size, module.image_size],
+                             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                             "crop_pct": 0.9, "num_classes": module.num_classes}}
+
+
+def _resnet_config(module: Any) -> dict[str, Any]:
+  stages = [int(s) for s in module.stage_sizes]
+  standard = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34",
+              (3, 4, 6, 3, True): "resnet50"}
+  key = (*stages, bool(module.bottleneck))
+  arch = standard.get(key, "resnet50" if module.bottleneck else "resnet18")
+  args = {} if key in standard else {"layers": stages}
+  from jtl.models import resnet  # pylint: disable=g-import-not-at-top
+  return {"architecture": arch, "num_classes": module.num_classes, "model_args": args,
+          "pretrained_cfg": {"input_size": [3, 224, 224],
+                             "mean": [float(v) for v in resnet.IMAGENET_MEAN],
+                             "std": [float(v) for v in resnet.IMAGENET_STD], "crop_pct": 0.875,
+                             "num_classes": module.num_classes}}
+
+
+def hub_config(module: Any) -> dict[str, Any]:
+  """The config.json of the export: transformers' for BERT, timm's Hub form else."""
+  layout = layout_of(module)
+  base = getattr(module, "base", module)
+  return {"bert": _bert_config, "timm_vit": _vit_config,
+          "timm_resnet": _resnet_config}[layout](base)
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+  """Writes tensors with the {"format": "pt"} metadata transformers and PEFT expect.
+
+  Same tensors give the same bytes (keys are sorted by the format).
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  safetensors.numpy.save_file({k: np.array(v, order="C") for k, v in tensors.items()},
+                              str(path), metadata={"format": "pt"})
+
+
+def _write_json(obj: Any, path: Path) -> None:
+  path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
+              alpha: float | None = None) -> Path:
+  """Writes merged fine-tuned weights in the HF (BERT) / timm (ViT, ResNet) layout.
+
+  Args:
+    module: the jtl module (or a `LoraModel`, whose alpha is used).
+    variables: its variables; LoRA leaves are merged with `alpha`.
+    out_dir: folder for `model.safetensors` and `config.json` (and, for a BERT
+      with a head, `head.safetensors`).
+    alpha: LoRA alpha, needed when the params hold adapters.
+
+  Returns:
+    out_dir as a Path.
+
+  Example (from PyTorch):
+    transformers.AutoModel.from_pretrained(out_dir)            # BERT
+    m = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"],
+                          **cfg["model_args"])                 # ViT / ResNet
+    m.load_state_dict(safetensors.torch.load_file(out_dir + "/model.safetensors"))
+  """
+  from jtl.strategies import lora  # pylint: disable=g-import-not-at-top
+  layout = layout_of(module)
+  alpha = getattr(module, "alpha", None) if alpha is None else alpha
+  variables = dict(variables)
+  params = variables["params"]
+  if lora.adapter_params(params):
+    if alpha is None:
+      raise ConfigError("The params hold LoRA adapters: pass alpha= (or the LoraModel) "
+                        "to merge them before export.")
+    variables["params"] = lora.merge_lora(params, alpha)
+  sd = to_torch_state_dict(variables, layout)
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if layout == "bert":
+    head = {k: sd.pop(k) for k in list(sd) if k.startswith("classifier.")}
+    if head:
+      write_safetensors(head, out / "head.safetensors")
+  write_safetensors(sd, out / "model.safetensors")
+  _write_json(hub_config(module), out / "config.json")
+  return out

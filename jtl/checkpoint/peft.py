@@ -1,0 +1,407 @@
+"""LoRA adapters in the Hugging Face PEFT format, out and back in (no torch).
+
+A PEFT LoRA adapter is a folder with `adapter_config.json` (peft_type "LORA",
+r, lora_alpha, target_modules, modules_to_save, task_type, ...) and
+`adapter_model.safetensors` whose keys are the torch module paths of the base
+model under "base_model.model.", with the adapter name stripped:
+
+  base_model.model.encoder.layer.0.attention.self.query.lora_A.weight  [r, in]
+  base_model.model.encoder.layer.0.attention.self.query.lora_B.weight  [out, r]
+  base_model.model.layer1.0.conv1.lora_A.weight                  [r, in, kh, kw]
+  base_model.model.layer1.0.conv1.lora_B.weight                  [out, r, 1, 1]
+  base_model.model.head.weight, ...head.bias      (a module in modules_to_save)
+
+jtl holds an adapter as "lora_a" [fan_in, r] / "lora_b" [r, out] next to the
+layer's kernel with scale alpha / r (`jtl.strategies.lora`), so the export is
+a transpose (and for convolutions the HWIO <-> OIHW reshuffle) under the module
+names of `jtl.checkpoint.hf_export` ("bert": transformers BertModel,
+"timm_vit", "timm_resnet"). PEFT's scale lora_alpha / r is jtl's with
+lora_alpha = alpha; layers of another rank are listed in `rank_pattern`.
+`PeftModel.from_pretrained(base, folder)` loads the export (tested against
+peft, transformers and timm through fixtures).
+
+Import reads any LoRA adapter PEFT saved for these layouts: per-layer
+rank_pattern / alpha_pattern and rsLoRA scales are folded into B so jtl's
+single alpha gives the same update. timm's fused `attn.qkv` has no jtl
+adapter slot (jtl's ViT has separate query/key/value kernels): import it with
+`fold_unsupported=True`, which adds its update to those kernels.
+
+Which jtl wrapper applies the imported adapters: `LoraModel` runs the ones on
+`nn.Dense` / `nn.Conv` layers (BERT, ResNet, ViT MLP and patch embedding);
+adapters on ViT's attention output (`attn.proj`, a DenseGeneral) need
+`LoraWeights` or `merge_lora`, which handle every adapter.
+
+Example:
+  export_peft(lora_model, variables, "adapter/", base_model_name_or_path="timm/...")
+  params, alpha = import_peft(variables["params"], "adapter/", layout="timm_vit")
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jtl import tree as jtree
+from jtl.checkpoint import hf_export
+from jtl.errors import CheckpointError, ConfigError, bullet_list
+from jtl.tree import PyTree
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+HEAD_FILE = "head.safetensors"  # BERT: jtl's head on the mean-pooled features
+PREFIX = "base_model.model."
+_TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": None}
+# Modules of the torch model that jtl's does not compute with: BERT's pooler
+# (jtl mean-pools; `bert.convert_torch` drops its weights too).
+_UNUSED = {"bert": r"pooler\..*"}
+_AUTO_MAPPING = {
+    "timm_vit": {"base_model_class": "VisionTransformer",
+                 "parent_library": "timm.models.vision_transformer"},
+    "timm_resnet": {"base_model_class": "ResNet", "parent_library": "timm.models.resnet"},
+}
+
+
+def _modules(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  out: dict[str, dict[str, Any]] = {}
+  for path, value in flat.items():
+    module, _, leaf = path.rpartition("/")
+    out.setdefault(module, {})[leaf] = value
+  return out
+
+
+def _targets(adapted: Sequence[str], candidates: Sequence[str]) -> list[str] | str:
+  """PEFT target_modules: short names ("query") when they pick exactly
+  `adapted`, else a regex that PEFT full-matches against module names (a list
+  entry would also match every module whose name ends with it)."""
+  short = {name.rsplit(".", 1)[-1] for name in adapted}
+  picked = {c for c in candidates if c.rsplit(".", 1)[-1] in short}
+  if picked == set(adapted):
+    return sorted(short)
+  return "(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")"
+
+
+def _pattern_key(name: str, candidates: Sequence[str]) -> str:
+  """A rank_pattern key that matches only `name` (PEFT: (.*\\.)?(key)$)."""
+  clash = any(c != name and c.endswith("." + name) for c in candidates)
+  return "^" + re.escape(name) if clash else name
+
+
+def _export_adapter(kind: str, kernel: np.ndarray, a: np.ndarray, b: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """jtl (lora_a [fan_in, r], lora_b [r, out]) -> PEFT (lora_A, lora_B) weights."""
+  r = a.shape[1]
+  if kind == "linear":
+    return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+  kh, kw, cin, _ = kernel.shape  # conv: A is a conv into r channels, B a 1x1 conv
+  lora_a = np.transpose(a.reshape(kh, kw, cin, r), (3, 2, 0, 1))
+  return np.ascontiguousarray(lora_a), np.ascontiguousarray(b.T[:, :, None, None])
+
+
+def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] = ()
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """PEFT safetensors tensors and the LoRA part of adapter_config.json.
+
+  Args:
+    params: jtl params holding "lora_a"/"lora_b" leaves.
+    layout: "bert", "timm_vit" or "timm_resnet".
+    modules_to_save: jtl module paths saved whole (e.g. a new head, "head").
+
+  Raises:
+    CheckpointError: adapters the format cannot hold (all listed), or none.
+  """
+  flat = {p: np.asarray(v) for p, v in jtree.flatten(params).items()}
+  modules = _modules(flat)
+  tensors: dict[str, np.ndarray] = {}
+  problems: list[str] = []
+  ranks: dict[str, int] = {}
+  candidates = []
+  for path, leaves in sorted(modules.items()):
+    mapped = hf_export.torch_module(layout, path) if "kernel" in leaves else None
+    if mapped is not None and mapped[1] in ("linear", "conv", "qkv"):
+      candidates.append(mapped[0])
+    if "lora_a" not in leaves:
+      continue
+    if mapped is None or mapped[1] not in ("linear", "conv") or (
+        layout == "bert" and path == "head"):
+      why = ("timm's fused qkv would need one adapter for query, key and value; jtl's "
+             "[width, heads, head_dim] kernels factorise differently" if mapped and
+             mapped[1] == "qkv" else "no module of the base model holds it")
+      problems.append(f"{path}: {why}")
+      continue
+    if "lora_b" not in leaves:
+      problems.append(f"{path}: has lora_a but no lora_b")
+      continue
+    name, kind = mapped
+    lora_a, lora_b = _export_adapter(kind, leaves["kernel"], leaves["lora_a"], leaves["lora_b"])
+    tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
+    tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b
+    ranks[name] = int(leaves["lora_a"].shape[1])
+  if not ranks and not problems:
+    raise CheckpointError("The params hold no LoRA adapters (lora_a/lora_b leaves) to export.")
+  saved = []
+  for path in modules_to_save:
+    mapped = hf_export.torch_module(layout, path)
+    leaves = modules.get(path)
+    if mapped is None or not leaves or "lora_a" in leaves:
+      problems.append(f"{path}: modules_to_save needs a plain mapped module "
+                      f"(found {sorted(leaves or [])}, maps to {mapped})")
+      continue
+    part: dict[str, np.ndarray] = {}
+    hf_export._convert_module(mapped[1], mapped[0], leaves, part)  # pylint: disable=protected-access
+    tensors.update({PREFIX + k: v for k, v in part.items()})
+    saved.append(mapped[0])
+  if problems:
+    raise CheckpointError(f"Cannot write a PEFT {layout} adapter:\n" + bullet_list(problems))
+  r = collections.Counter(ranks.values()).most_common(1)[0][0]
+  config = {"r": r, "target_modules": _targets(sorted(ranks), candidates),
+            "rank_pattern": {_pattern_key(n, candidates): k
+                             for n, k in sorted(ranks.items()) if k != r},
+            "modules_to_save": saved or None}
+  return tensors, config
+
+
+def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
+                alpha: float | None = None, base_model_name_or_path: str | None = None,
+                modules_to_save: Sequence[str] | None = None,
+                task_type: str | None = "auto") -> Path:
+  """Writes the LoRA adapters of a jtl model as a PEFT adapter folder.
+
+  Args:
+    module: the jtl zoo module (Bert, ViT, ResNet) or its `LoraModel`.
+    variables: variables whose params hold the adapters.
+    out_dir: folder for adapter_config.json and adapter_model.safetensors.
+    alpha: LoRA alpha (default: the LoraModel's).
+    base_model_name_or_path: the base model's Hub id or folder (recorded).
+    modules_to_save: jtl module paths saved whole; default ["head"] when the
+      params have a head. For BERT the head (on the mean-pooled features, which
+      `BertModel` does not have) goes to head.safetensors beside the adapter.
+    task_type: PEFT task type; "auto": FEATURE_EXTRACTION for BERT, none for timm.
+
+  Returns:
+    out_dir as a Path.
+  """
+  layout = hf_export.layout_of(module)
+  alpha = getattr(module, "alpha", None) if alpha is None else alpha
+  if not (isinstance(alpha, (int, float)) and alpha > 0):
+    raise ConfigError(f"export_peft: alpha={alpha!r}; pass the LoRA alpha the adapters "
+                      "were trained with (or the LoraModel).")
+  params = variables["params"] if "params" in variables else variables
+  has_head = "head" in params
+  if modules_to_save is None:
+    modules_to_save = ["head"] if has_head else []
+  modules_to_save = list(modules_to_save)
+  bert_head = layout == "bert" and "head" in modules_to_save
+  if bert_head:
+    modules_to_save.remove("head")
+  tensors, lora_cfg = peft_tensors(params, layout, modules_to_save=modules_to_save)
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if bert_head:
+    head = hf_export.to_torch_state_dict({"params": {"head": params["head"]}}, layout)
+    hf_export.write_safetensors(head, out / HEAD_FILE)
+  task = _TASK_TYPES[layout] if task_type == "auto" else task_type
+  config = {
+      "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name_or_path,
+      "revision": None, "inference_mode": True, "r": lora_cfg["r"],
+      "lora_alpha": float(alpha), "lora_dropout": 0.0, "target_modules": lora_cfg["target_modules"],
+      "rank_pattern": lora_cfg["rank_pattern"], "alpha_pattern": {},
+      "modules_to_save": lora_cfg["modules_to_save"], "fan_in_fan_out": False, "bias": "none",
+      "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+      "layers_to_transform": None, "layers_pattern": None,
+      "auto_mapping": None if task else _AUTO_MAPPING.get(layout),
+  }
+  hf_export.write_safetensors(tensors, out / WEIGHTS_FILE)
+  (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  return out
+
+
+# --- import -------------------------------------------------------------------
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+  """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+  for key, value in patterns.items():
+    if re.match(rf"(.*\.)?({key})$", name):
+      return value
+  return default
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(adapter_config.json, {key: array}) of a PEFT adapter folder."""
+  folder = Path(path)
+  missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
+  if missing:
+    raise CheckpointError(f"{folder}: not a PEFT adapter folder (missing {missing}); "
+                          "expected the output of PeftModel.save_pretrained.")
+  config = json.loads((folder / CONFIG_FILE).read_text())
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  return config, dict(safetensors.numpy.load_file(str(folder / WEIGHTS_FILE)))
+
+
+def _check_config(config: Mapping[str, Any], where: str) -> None:
+  bad = []
+  if config.get("peft_type") != "LORA":
+    bad.append(f"peft_type {config.get('peft_type')!r} (jtl reads 'LORA')")
+  for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
+    if config.get(key, ok) != ok:
+      bad.append(f"{key}={config.get(key)!r} (jtl's LoRA has {key}={ok})")
+  if config.get("bias", "none") != "none":
+    bad.append(f"bias={config.get('bias')!r} (jtl reads bias='none')")
+  if bad:
+    raise CheckpointError(f"{where}: this adapter uses what jtl's LoRA does not "
+                          "implement:\n" + bullet_list(bad))
+
+
+def _torch_to_jtl(flat: Mapping[str, Any], layout: str) -> dict[str, list[str]]:
+  """torch module name -> the jtl module paths (with a kernel) it covers."""
+  out: dict[str, list[str]] = {}
+  for module, leaves in _modules(flat).items():
+    mapped = hf_export.torch_module(layout, module) if "kernel" in leaves else None
+    if mapped is not None:
+      out.setdefault(mapped[0], []).append(module)
+  return out
+
+
+def _group(tensors: Mapping[str, np.ndarray], where: str) -> dict[str, dict[str, np.ndarray]]:
+  groups: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in tensors.items():
+    if not key.startswith(PREFIX):
+      raise CheckpointError(f"{where}: key {key!r} does not start with {PREFIX!r}.")
+    m = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|weight|bias)", key[len(PREFIX):])
+    if m is None:
+      raise CheckpointError(f"{where}: key {key!r} is not a LoRA or module_to_save tensor "
+                            "(lora_embedding and DoRA magnitudes are not supported).")
+    groups.setdefault(m.group(1), {})[m.group(2)] = value
+  return groups
+
+
+def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.ndarray,
+                 b: np.ndarray, scale: float, alpha: float, fold: bool) -> str | None:
+  """Puts one PEFT adapter into `flat`; returns a problem or None."""
+  r = a.shape[0]
+  if kind == "qkv":
+    if not fold:
+      return ("timm's fused qkv adapter has no jtl adapter slot (separate query/key/value "
+              "kernels); pass fold_unsupported=True to add its update to those kernels")
+    delta = (b.reshape(b.shape[0], r) @ a.reshape(r, -1)) * scale  # [3 * width, width]
+    width = delta.shape[0] // 3
+    order = ("query", "key", "value")
+    for i, path in enumerate(sorted(jtl_paths, key=lambda p: order.index(p.rsplit("/", 1)[-1]))):
+      kernel = np.asarray(flat[f"{path}/kernel"])
+      part = delta[i * width:(i + 1) * width].T.reshape(kernel.shape)
+      flat[f"{path}/kernel"] = (kernel + part).astype(kernel.dtype)
+    return None
+  path = jtl_paths[0]
+  kernel = np.asarray(flat[f"{path}/kernel"])
+  if kind == "conv":
+    if a.ndim != 4 or b.shape[2:] != (1, 1):
+      return f"{path}: conv adapter shapes {a.shape} / {b.shape}, expected [r, in, kh, kw] / [out, r, 1, 1]"
+    lora_a = np.transpose(a, (2, 3, 1, 0)).reshape(-1, r)
+    lora_b = b[:, :, 0, 0].T
+  else:
+    lora_a, lora_b = a.T, b.T
+  fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+  if lora_a.shape != (fan_in, r) or lora_b.shape != (r, out):
+    return (f"{path}: adapter [{fan_in}? x {r}] x [{r} x {out}?] does not fit kernel "
+            f"{tuple(kernel.shape)} (file: lora_A {a.shape}, lora_B {b.shape})")
+  factor = scale / (alpha / r)  # jtl applies alpha / r; PEFT may differ per layer
+  flat[f"{path}/lora_a"] = np.ascontiguousarray(lora_a, np.float32)
+  flat[f"{path}/lora_b"] = np.ascontiguousarray(lora_b * factor, np.float32)
+  return None
+
+
+def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
+                fold_unsupported: bool = False) -> tuple[dict[str, Any], float]:
+  """Loads a PEFT LoRA adapter folder into jtl params.
+
+  Args:
+    params: the base model's jtl params (a head of the saved size if the
+      adapter saves one).
+    path: the folder PeftModel.save_pretrained (or `export_peft`) wrote.
+    layout: "bert", "timm_vit" or "timm_resnet" (see `hf_export.LAYOUTS`).
+    fold_unsupported: add the update of adapters jtl has no slot for (timm's
+      fused qkv) to the base kernels instead of failing.
+
+  Returns:
+    (params with "lora_a"/"lora_b" leaves and the saved modules, alpha).
+    Run with `LoraWeights(model, alpha)` / `merge_lora(params, alpha)`.
+
+  Raises:
+    CheckpointError: keys that map to no module, shapes that do not fit, or
+      LoRA variants jtl does not implement; all listed together.
+  """
+  hf_export._check_layout(layout)  # pylint: disable=protected-access
+  config, tensors = read_adapter(path)
+  _check_config(config, str(path))
+  alpha = float(config.get("lora_alpha", 8))
+  flat = dict(jtree.flatten(params))
+  owners = _torch_to_jtl(flat, layout)
+  problems: list[str] = []
+  dropped = []
+  for name, part in sorted(_group(tensors, str(path)).items()):
+    if re.fullmatch(_UNUSED.get(layout, "$^"), name):
+      dropped.append(name)
+      continue
+    paths = owners.get(name, [])
+    mapped = hf_export.torch_module(layout, paths[0]) if paths else None
+    if mapped is None:
+      problems.append(f"{name}: no module of the jtl model maps to it ({sorted(part)})")
+      continue
+    kind = mapped[1]
+    if "lora_A.weight" in part or "lora_B.weight" in part:
+      if set(part) != {"lora_A.weight", "lora_B.weight"}:
+        problems.append(f"{name}: expected lora_A and lora_B, found {sorted(part)}")
+        continue
+      a, b = part["lora_A.weight"], part["lora_B.weight"]
+      r = a.shape[0]
+      lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha)
+      scale = lora_alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+      problem = _import_lora(flat, paths, kind, a, b, scale, alpha, fold_unsupported)
+      if problem:
+        problems.append(f"{name}: {problem}")
+    else:  # a module in modules_to_save: its whole weights
+      problems += _import_module(flat, paths[0], kind, part, name)
+  if layout == "bert" and (Path(path) / HEAD_FILE).is_file():
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    head = safetensors.numpy.load_file(str(Path(path) / HEAD_FILE))
+    problems += _import_module(flat, "head", "linear",
+                               {k.split(".", 1)[1]: v for k, v in head.items()}, HEAD_FILE)
+  if problems:
+    raise CheckpointError(f"{path}: the PEFT adapter does not fit these {layout} params:\n"
+                          + bullet_list(problems) + "\nLoad it into the model it was "
+                          "trained for (same sizes; a head of the saved size).")
+  if dropped:
+    logging.warning("%s: skipped adapters on %s (jtl's %s does not use them).", path,
+                    ", ".join(dropped), layout)
+  return jtree.unflatten(flat), alpha
+
+
+def _import_module(flat: dict[str, Any], path: str, kind: str, part: Mapping[str, np.ndarray],
+                   name: str) -> list[str]:
+  """A whole saved module (modules_to_save) -> jtl leaves; returns problems."""
+  problems = []
+  for leaf, value in part.items():
+    jtl_leaf = ("bias" if leaf == "bias" else "kernel" if kind in ("linear", "conv")
+                else "scale")
+    target = f"{path}/{jtl_leaf}"
+    if target not in flat:
+      problems.append(f"{name}.{leaf}: the params have no {target}")
+      continue
+    old = np.asarray(flat[target])
+    new = (value.T if kind == "linear" and leaf == "weight" else
+           np.transpose(value, (2, 3, 1, 0)) if kind == "conv" and leaf == "weight" else value)
+    if leaf == "weight" and kind == "linear":
+      new = new.reshape(old.shape) if new.size == old.size else new
+    if new.shape != old.shape:
+      problems.append(f"{name}.{leaf}: shape {value.shape} does not fit {target} {old.shape}")
+      continue
+    flat[target] = np.asarray(new, old.dtype)
+  return problems

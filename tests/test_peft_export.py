@@ -1,0 +1,194 @@
+"""PEFT-format LoRA adapters and HF/timm-layout merged weights, against the
+real consumers' recorded outputs (tests/fixtures/make_peft_reference.py:
+peft 0.21.2, transformers 5.24.0, timm 1.0.31, torch 2.13.0 CPU).
+
+Fixture models: tiny BERT (HF BertModel layout), tiny ViT (timm
+VisionTransformer) and a ResNet with one BasicBlock per stage (timm resnet18
+layout), seeded numpy weights, LoRA on every exportable layer kind (Dense,
+DenseGeneral attention output, patch-embedding conv, 3x3/7x7/strided 1x1
+convs) with mixed ranks, and a changed head.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jtl import tree as jtree
+from jtl.checkpoint import hf_export, peft
+from jtl.errors import CheckpointError, ConfigError
+from jtl.models import bert, hub_models, resnet
+from jtl.strategies import lora
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PEFT_DIR = FIXTURES / "peft"
+
+
+def _load_ref():
+  spec = importlib.util.spec_from_file_location(
+      "make_peft_reference", FIXTURES / "make_peft_reference.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ref = _load_ref()
+REF = np.load(PEFT_DIR / "reference.npz")
+MANIFEST = json.loads((PEFT_DIR / "manifest.json").read_text())
+LAYOUT = {"bert": "bert", "vit": "timm_vit", "resnet": "timm_resnet"}
+TOL = 1e-5  # float32 forward passes in two frameworks; measured <= 2.3e-6
+
+
+@functools.cache
+def base(name):
+  return ref.base_variables(name)
+
+
+@functools.cache
+def adapted(name):
+  return ref.adapted_variables(name)
+
+
+def _max_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+@pytest.mark.parametrize("name", ref.MODELS)
+def test_adapter_export_is_the_file_peft_loaded(name, tmp_path):
+  """Re-exporting gives byte-identical files to the ones PeftModel loaded."""
+  module = lora.LoraModel(ref.build(name), ref.ALPHA)
+  out = peft.export_peft(module, adapted(name), tmp_path,
+                         base_model_name_or_path=f"jtl-fixture/{name}")
+  committed = PEFT_DIR / "jtl_adapter" / name
+  files = sorted(p.name for p in committed.iterdir())
+  assert sorted(p.name for p in out.iterdir()) == files
+  for f in files:
+    assert (out / f).read_bytes() == (committed / f).read_bytes(), f
+  config = json.loads((out / peft.CONFIG_FILE).read_text())
+  assert config["peft_type"] == "LORA" and config["lora_alpha"] == ref.ALPHA
+  assert config["task_type"] == ("FEATURE_EXTRACTION" if name == "bert" else None)
+  assert config["modules_to_save"] == {"bert": None, "vit": ["head"], "resnet": ["fc"]}[name]
+
+
+@pytest.mark.parametrize("name", ref.MODELS)
+def test_jtl_outputs_match_peft_and_merged_consumers(name):
+  """jtl's adapted model == PeftModel(base, jtl adapter) == BertModel/timm(merged)."""
+  outs = ref.jtl_outputs(name, adapted(name))
+  for key, value in outs.items():
+    for source in ("jtl_adapter", "merged"):
+      recorded = REF[f"{name}/{source}/{key}"]
+      assert recorded.shape == value.shape
+      diff = _max_diff(value, recorded)
+      print(f"{name} {source} {key}: max |jtl - torch| = {diff:.2e}")
+      assert diff < TOL, (name, source, key, diff)
+  # The adapters change the model, so these comparisons are not vacuous.
+  plain = ref.build(name).apply(base(name), ref.inputs(name))
+  assert _max_diff(plain, outs["logits"]) > 0.05
+  if name == "vit":  # timm's default erf GELU vs jtl's tanh GELU, stated
+    assert 1e-5 < _max_diff(outs["logits"], REF["vit/merged/logits_erf"]) < 1e-2
+
+
+def test_lora_model_interceptor_gives_the_same_outputs_as_merging():
+  """LoraModel (what training runs) agrees with the merged model PEFT matched."""
+  name = "bert"
+  module = lora.LoraModel(ref.build(name), ref.ALPHA)
+  logits = np.asarray(module.apply(adapted(name), ref.inputs(name)))
+  assert _max_diff(logits, REF["bert/jtl_adapter/logits"]) < TOL
+
+
+@pytest.mark.parametrize("name", ref.MODELS)
+def test_merged_export_has_the_layout_the_consumer_loaded(name, tmp_path):
+  module = ref.build(name)
+  out = hf_export.export_hf(module, adapted(name), tmp_path, alpha=ref.ALPHA)
+  import safetensors.numpy
+  tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+  recorded = MANIFEST["merged"][name]
+  assert {k: [list(v.shape), str(v.dtype)] for k, v in tensors.items()} == recorded["tensors"]
+  assert json.loads((out / "config.json").read_text()) == recorded["config.json"]
+  # ... and maps back through jtl's importers to the merged variables exactly.
+  if name == "bert":
+    head = safetensors.numpy.load_file(str(out / "head.safetensors"))
+    back = bert.convert_torch({**tensors, **head})
+  elif name == "vit":
+    back = hub_models.convert_timm_vit(tensors, num_heads=2)
+  else:
+    back = resnet.convert_torch(tensors)
+  merged = adapted(name)
+  merged = jtree.flatten({**merged, "params": lora.merge_lora(merged["params"], ref.ALPHA)})
+  assert sorted(back) == sorted(merged)
+  for k, v in merged.items():
+    np.testing.assert_array_equal(back[k], np.asarray(v), err_msg=k)
+
+
+@pytest.mark.parametrize("name", ref.MODELS)
+def test_peft_trained_adapter_loads_into_jtl(name, caplog):
+  """An adapter PEFT trained and saved gives PEFT's outputs in jtl."""
+  folder = PEFT_DIR / "peft_trained" / name
+  with caplog.at_level(logging.WARNING):
+    params, alpha = peft.import_peft(base(name)["params"], folder, layout=LAYOUT[name],
+                                     fold_unsupported=(name == "vit"))
+  config = json.loads((folder / peft.CONFIG_FILE).read_text())
+  assert alpha == config["lora_alpha"]
+  n_adapters = sum(p.endswith("/lora_a") for p in jtree.flatten(params))
+  assert n_adapters == {"bert": 10, "vit": 7, "resnet": 12}[name]
+  if name == "bert":  # PEFT's "dense" also hit BertModel's pooler, which jtl lacks
+    assert "pooler.dense" in caplog.text
+  variables = {**base(name), "params": lora.merge_lora(params, alpha)}
+  key = "features" if name == "bert" else "logits"
+  out = ref.build(name).apply(variables, ref.inputs(name), method=key if key == "features" else None)
+  diff = _max_diff(out, REF[f"{name}/peft_trained/{key}"])
+  print(f"{name} PEFT-trained adapter in jtl: max |jtl - peft| = {diff:.2e}")
+  assert diff < TOL
+
+
+@pytest.mark.parametrize("name", ["vit", "resnet"])
+def test_export_then_import_restores_the_adapters_exactly(name, tmp_path):
+  peft.export_peft(lora.LoraModel(ref.build(name), ref.ALPHA), adapted(name), tmp_path)
+  params, alpha = peft.import_peft(base(name)["params"], tmp_path, layout=LAYOUT[name])
+  assert alpha == ref.ALPHA
+  want, got = jtree.flatten(adapted(name)["params"]), jtree.flatten(params)
+  assert sorted(want) == sorted(got)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_fused_qkv_adapter_needs_fold(tmp_path):
+  with pytest.raises(CheckpointError, match="fused qkv.*fold_unsupported=True"):
+    peft.import_peft(base("vit")["params"], PEFT_DIR / "peft_trained" / "vit", layout="timm_vit")
+
+
+def test_unrepresentable_or_mismatched_adapters_are_named(tmp_path):
+  # jtl LoRA on a [width, heads, head_dim] query kernel: no PEFT equivalent.
+  flat = jtree.flatten(base("vit")["params"])
+  q = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query"
+  flat[f"{q}/lora_a"] = np.ones((64, 2), np.float32)
+  flat[f"{q}/lora_b"] = np.ones((2, 16), np.float32)
+  with pytest.raises(CheckpointError, match=f"{q}: timm's fused qkv"):
+    peft.export_peft(ref.build("vit"), {"params": jtree.unflatten(flat)}, tmp_path, alpha=4)
+  # A BERT adapter into a BERT of another width: every shape problem listed.
+  wrong = ref.build("bert").__class__(3, bert.BertConfig(
+      vocab_size=100, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=64,
+      max_position=64))
+  import jax
+  shapes = jax.eval_shape(lambda: wrong.init(jax.random.PRNGKey(0), ref.inputs("bert")))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  with pytest.raises(CheckpointError, match="does not fit kernel") as e:
+    peft.import_peft(zeros["params"], PEFT_DIR / "jtl_adapter" / "bert", layout="bert")
+  assert str(e.value).count("does not fit") >= 7
+  # Not a LoRA adapter / not a folder.
+  (tmp_path / "cfg").mkdir()
+  (tmp_path / "cfg" / peft.CONFIG_FILE).write_text(json.dumps({"peft_type": "IA3"}))
+  (tmp_path / "cfg" / peft.WEIGHTS_FILE).write_bytes(
+      (PEFT_DIR / "jtl_adapter" / "bert" / peft.WEIGHTS_FILE).read_bytes())
+  with pytest.raises(CheckpointError, match="peft_type 'IA3'"):
+    peft.import_peft(base("bert")["params"], tmp_path / "cfg", layout="bert")
+  with pytest.raises(CheckpointError, match="not a PEFT adapter folder"):
+    peft.import_peft(base("bert")["params"], tmp_path, layout="bert")
+  with pytest.raises(ConfigError, match="pass alpha"):
+    hf_export.export_hf(ref.build("bert"), adapted("bert"), tmp_path / "m")
