@@ -19,6 +19,12 @@ or a zoo model with pretrained weights, float formats (224 px unless --image_siz
 
   python scripts/convert.py --model efficientnet_lite0 --source efficientnet_lite0/imagenet \\
       --format onnx --out lite0.onnx
+
+For PyTorch users (jtl.checkpoint.peft / hf_export): a LoRA run's adapters as
+a PEFT folder (PeftModel.from_pretrained), or merged weights in the HF (BERT) /
+timm (ViT, ResNet) layout (default out: <workdir>/export/<format>):
+
+  python scripts/convert.py --workdir runs/default --format peft|hf [--out folder]
 """
 
 import os
@@ -33,12 +39,13 @@ from jtl import checkpoint, cli, models  # noqa: E402
 from jtl.errors import ConfigError  # noqa: E402
 
 _DEPLOY_FORMATS = ["onnx", "tflite", "tflite_int8"]
+_HUB_FORMATS = ["peft", "hf"]  # jtl.checkpoint.peft / hf_export: folders PyTorch users load
 _MODEL = flags.DEFINE_string("model", None, f"Zoo model name: {models.list_models()}")
 _SOURCE = flags.DEFINE_string("source", None, "File, directory or registry name.")
 _OUT = flags.DEFINE_string("out", None, "Output path (with --workdir: default "
                            "<workdir>/export/model.<format>).")
 _FORMAT = flags.DEFINE_enum("format", None, ["npz", "safetensors", "msgpack", "orbax",
-                                             *_DEPLOY_FORMATS],
+                                             *_DEPLOY_FORMATS, *_HUB_FORMATS],
                             "Output format (default: from --out's suffix).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the head (default: the model's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Export this fine-tuned workdir (with a "
@@ -58,6 +65,9 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Zoo-model export: input 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
+  if _FORMAT.value in _HUB_FORMATS:
+    _export_hub()
+    return
   if _WORKDIR.value or _FORMAT.value in _DEPLOY_FORMATS:
     _export()
     return
@@ -73,6 +83,23 @@ def main(argv):
     checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)
     path = _OUT.value
   print(f"Wrote {path}")
+
+
+def _export_hub():
+  """A workdir's LoRA adapters as a PEFT folder, or merged weights in the HF / timm layout."""
+  from jtl.checkpoint import hf_export  # noqa: PLC0415
+  if _WORKDIR.value:
+    step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
+    path = hf_export.export_workdir(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step)
+  elif _FORMAT.value == "hf" and _MODEL.value and _SOURCE.value and _OUT.value:
+    created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
+                            pretrained=_SOURCE.value)
+    print(created.report)
+    path = hf_export.export_hf(created.module, created.variables, _OUT.value)
+  else:
+    raise ConfigError(f"--format {_FORMAT.value} exports a fine-tuned --workdir (or, for hf, "
+                      "a zoo --model with --source and --out).")
+  print(f"Wrote {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))
 
 
 def _export():

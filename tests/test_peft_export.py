@@ -192,3 +192,63 @@ def test_unrepresentable_or_mismatched_adapters_are_named(tmp_path):
     peft.import_peft(base("bert")["params"], tmp_path, layout="bert")
   with pytest.raises(ConfigError, match="pass alpha"):
     hf_export.export_hf(ref.build("bert"), adapted("bert"), tmp_path / "m")
+
+
+def _lora_workdir(root):
+  """A LoRA run's workdir as scripts/finetune.py leaves it (config in the meta)."""
+  import configs.default
+  import jax
+  import optax
+
+  from jtl import experiment, models, state
+  from jtl.checkpoint import manager
+  config = configs.default.get_config()
+  config.update(dict(model="vit_ti16", pretrained=False, image_size=32))
+  config.strategy = {"name": "lora", "rank": 2, "alpha": 4.0}
+  created = models.create("vit_ti16", num_classes=2, pretrained=False, seed=0)
+  flat = jtree.flatten(created.variables["params"])
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    module = f"Transformer/encoderblock_{i}/MlpBlock_0/Dense_0"
+    flat[f"{module}/lora_a"] = rng.standard_normal((192, 2)).astype(np.float32)
+    flat[f"{module}/lora_b"] = rng.standard_normal((2, 768)).astype(np.float32)
+  flat["head/kernel"] = rng.standard_normal((192, 2)).astype(np.float32)
+  variables = {**created.variables, "params": jtree.unflatten(flat)}
+  labels = jax.tree.map(lambda _: "all", variables["params"])
+  train_state = state.create_train_state(variables, labels, optax.sgd(0.0))
+  mngr = manager.CheckpointManager(root / "run", best_metric="accuracy", async_save=False)
+  mngr.save(1, train_state, metrics={"accuracy": 0.5}, meta=experiment.run_meta(config, 2),
+            force=True)
+  mngr.close()
+  return root / "run", variables
+
+
+def test_convert_script_exports_a_lora_workdir(tmp_path):
+  import subprocess
+  import sys
+  workdir, variables = _lora_workdir(tmp_path)
+  script = Path(__file__).parents[1] / "scripts" / "convert.py"
+  result = subprocess.run([sys.executable, str(script), f"--workdir={workdir}", "--format=peft"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "adapter_model.safetensors" in result.stdout
+  config = json.loads((workdir / "export" / "peft" / peft.CONFIG_FILE).read_text())
+  assert config["target_modules"] == ["fc1"] and config["modules_to_save"] == ["head"]
+  assert config["base_model_name_or_path"] == "vit_ti16/augreg_in21k"
+  params, alpha = peft.import_peft(jtree.unflatten(
+      {p: v for p, v in jtree.flatten(variables["params"]).items() if "lora" not in p}),
+      workdir / "export" / "peft", layout="timm_vit")
+  assert alpha == 4.0
+  for p, v in jtree.flatten(variables["params"]).items():
+    np.testing.assert_array_equal(np.asarray(jtree.flatten(params)[p]), v, err_msg=p)
+  # Merged weights in timm's layout from the same workdir (library call, no 2nd process).
+  out = hf_export.export_workdir(workdir, "hf")
+  import safetensors.numpy
+  back = hub_models.convert_timm_vit(
+      safetensors.numpy.load_file(str(out / "model.safetensors")), num_heads=3)
+  merged = jtree.flatten(lora.merge_lora(variables["params"], 4.0))
+  np.testing.assert_allclose(back["params/Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"],
+                             merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
+  assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+  with pytest.raises(ConfigError, match="format 'onnx'"):
+    hf_export.export_workdir(workdir, "onnx")

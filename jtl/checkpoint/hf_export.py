@@ -316,3 +316,49 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   write_safetensors(sd, out / "model.safetensors")
   _write_json(hub_config(module), out / "config.json")
   return out
+
+
+def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
+                   out: str | os.PathLike | None = None, step: int | str = "best") -> Path:
+  """Exports a scripts/finetune.py checkpoint as a PEFT adapter or merged weights.
+
+  Args:
+    workdir: the run's folder (its checkpoints hold the config).
+    format: "peft" (a LoRA run's adapters and head, `jtl.checkpoint.peft`) or
+      "hf" (merged weights in the HF / timm layout, `export_hf`).
+    out: destination folder (default <workdir>/export/<format>).
+    step: "best", "latest" or a step number.
+
+  Raises:
+    ConfigError: "peft" for a run that did not train LoRA adapters, or a
+      model without an HF/timm layout.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jtl import methods, models  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint import manager, peft  # pylint: disable=g-import-not-at-top
+  from jtl.strategies.build import resolve_options  # pylint: disable=g-import-not-at-top
+  if format not in ("peft", "hf"):
+    raise ConfigError(f"export_workdir: format {format!r}; expected 'peft' or 'hf'.")
+  variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
+  if "config" not in meta:
+    raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
+                      "scripts/finetune.py?")
+  config = ml_collections.ConfigDict(meta["config"])
+  spec = models.get_spec(config.model)
+  module = spec.build(num_classes=meta["num_classes"])
+  variables = methods.plain_variables(config, variables)
+  strategy = config.get("strategy") or {}
+  alpha = (resolve_options(strategy)["alpha"]
+           if strategy.get("name") == "lora" else None)
+  out = Path(out or Path(workdir) / "export" / format)
+  if format == "hf":
+    return export_hf(module, variables, out, alpha=alpha)
+  if alpha is None:
+    raise ConfigError(f"{workdir}: --format peft exports LoRA adapters, but this run's "
+                      f"strategy is {strategy.get('name') or 'full fine-tuning'!r}; "
+                      "use --format hf for merged weights.")
+  source = spec.pretrained if isinstance(spec.pretrained, str) else None
+  if source and source.startswith("hf-hub:"):
+    source = source[len("hf-hub:"):]
+  return peft.export_peft(module, variables, out, alpha=alpha,
+                          base_model_name_or_path=source or config.model)
