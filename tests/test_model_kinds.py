@@ -30,10 +30,13 @@ class NnxConvNet(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.head = nnx.Linear(channels, num_classes, rngs=rngs)
 
-  def __call__(self, x):
+  def features(self, x):
     for i in range(3):
       x = nnx.relu(getattr(self, f"backbone_bn{i}")(getattr(self, f"backbone_conv{i}")(x)))
-    return self.head(self.dropout(jnp.mean(x, axis=(1, 2))))
+    return jnp.mean(x, axis=(1, 2))
+
+  def __call__(self, x):
+    return self.head(self.dropout(self.features(x)))
 
 
 def twins():
@@ -248,3 +251,22 @@ def test_nnx_lora_layers_a_user_already_has_are_selected_by_rules():
                                 state.params["layers"][0]["kernel"])
   assert not np.allclose(new.params["layers"][0]["lora"]["lora_b"],
                          state.params["layers"][0]["lora"]["lora_b"])
+
+
+def test_linear_probe_on_cached_nnx_features_matches_the_module():
+  from jtl import strategies
+  _, _, model = twins()
+  variables = jtl.variables_of(model)
+  data = [{**b, "mask": np.ones(16, bool)} for b in batches()]
+  feats, labels = strategies.extract_features(model, variables, data)
+  assert feats.shape == (48, 24) and labels.shape == (48,)
+  model.eval()
+  np.testing.assert_allclose(feats[:16], model.features(data[0]["inputs"]), atol=1e-5)
+  tx = jtl.make_optimizer({"head": {"kernel": "head", "bias": "head"}}, learning_rate=0.1)
+  head = strategies.train_head(feats, labels, variables, tx, num_steps=5, batch_size=16)
+  probed = strategies.with_head(variables, jax.device_get(head.params))
+  assert not np.allclose(probed["params"]["head"]["kernel"], variables["params"]["head"]["kernel"])
+  jtl.update_module(model, probed)
+  logits = model(data[0]["inputs"])
+  np.testing.assert_allclose(logits, feats[:16] @ probed["params"]["head"]["kernel"]
+                             + probed["params"]["head"]["bias"], atol=1e-4)

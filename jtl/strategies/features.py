@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from jtl import parallel, partition, steps
+from jtl.adapter import NnxModel, as_model, is_nnx_module
 from jtl import tree as jtree
 from jtl.errors import ConfigError, DataError
 from jtl.state import TrainState, create_train_state
@@ -60,13 +61,16 @@ def extract_features(module: Any, variables: PyTree, batches: Iterable[dict[str,
                      ) -> tuple[np.ndarray, np.ndarray]:
   """Runs `module.<method>` over every batch; returns (features [N, D], labels [N]).
 
+  `module` is a Linen module, an NNX module (its `<method>(x)` in eval mode),
+  or any model adapter whose outputs are the features (`jtl.as_model`).
+
   Batches are {"inputs", "label", "mask"?} (an evaluation pass of
   `jtl.data.make_dataset`); rows with mask=False are dropped. Batch sizes
   must be divisible by the number of devices of `mesh` (default: all).
   """
   mesh = mesh or parallel.make_mesh()
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  fn = jax.jit(lambda v, x: module.apply(v, x, train=False, method=method))
+  fn = jax.jit(_feature_fn(module, method))
   feats, labels = [], []
   for batch in batches:
     out = fn(variables, parallel.shard_batch(batch["inputs"], mesh))
@@ -77,6 +81,20 @@ def extract_features(module: Any, variables: PyTree, batches: Iterable[dict[str,
   if not feats:
     raise DataError("extract_features got no batches; pass one evaluation pass of the data.")
   return np.concatenate(feats), np.concatenate(labels)
+
+
+def _feature_fn(module: Any, method: str):
+  """(variables, x) -> features of any model kind, in inference mode."""
+  if isinstance(module, nn.Module) or (hasattr(module, "apply") and not callable(module)
+                                       and not getattr(module, "jtl_adapter", False)):
+    return lambda v, x: module.apply(v, x, train=False, method=method)
+  model = NnxModel(module, call=lambda m, x: getattr(m, method)(x)) \
+      if is_nnx_module(module) else as_model(module)
+
+  def run(v, x):
+    state = {k: s for k, s in v.items() if k != "params"}
+    return model.apply(v["params"], state, x, train=False, rng=None)[0]
+  return run
 
 
 def feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, *,
