@@ -144,9 +144,7 @@ def _convert_module(kind: str, name: str, leaves: dict[str, np.ndarray],
       out[f"{name}.weight"] = _linear_weight(value) if kind == "linear" else _conv_weight(value)
     elif leaf == "bias":
       out[f"{name}.bias"] = value.reshape(-1)
-    elif leaf == "scale":
-      out[f"{name}.weight"] = value
-    elif leaf == "embedding":
+    elif leaf in ("scale", "embedding"):
       out[f"{name}.weight"] = value
     elif leaf in ("mean", "var") and kind == "bn":
       out[f"{name}.running_{leaf}"] = value
@@ -334,6 +332,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
       model without an HF/timm layout.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from jtl import methods, models  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint import manager, peft  # pylint: disable=g-import-not-at-top
   from jtl.strategies.build import resolve_options  # pylint: disable=g-import-not-at-top

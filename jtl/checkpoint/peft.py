@@ -60,6 +60,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 HEAD_FILE = "head.safetensors"  # BERT: jtl's head on the mean-pooled features
 PREFIX = "base_model.model."
 _TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": None}
+_LOG = logging.getLogger(__name__)
 # Modules of the torch model that jtl's does not compute with: BERT's pooler
 # (jtl mean-pools; `bert.convert_torch` drops its weights too).
 _UNUSED = {"bert": r"pooler\..*"}
@@ -194,7 +195,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   if not (isinstance(alpha, (int, float)) and alpha > 0):
     raise ConfigError(f"export_peft: alpha={alpha!r}; pass the LoRA alpha the adapters "
                       "were trained with (or the LoraModel).")
-  params = variables["params"] if "params" in variables else variables
+  params = variables.get("params", variables)
   has_head = "head" in params
   if modules_to_save is None:
     modules_to_save = ["head"] if has_head else []
@@ -379,7 +380,7 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
                           + bullet_list(problems) + "\nLoad it into the model it was "
                           "trained for (same sizes; a head of the saved size).")
   if dropped:
-    logging.warning("%s: skipped adapters on %s (jtl's %s does not use them).", path,
+    _LOG.warning("%s: skipped adapters on %s (jtl's %s does not use them).", path,
                     ", ".join(dropped), layout)
   return jtree.unflatten(flat), alpha
 
