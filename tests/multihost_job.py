@@ -13,11 +13,9 @@ process 1 exits abruptly after that step (a preempted host).
 import os
 import sys
 
-PROCESS_ID, NUM_PROCESSES, PORT = (int(a) for a in sys.argv[1:4])
-WORKDIR, OUT, STEPS = sys.argv[4], sys.argv[5], int(sys.argv[6])
-DIE_AT = int(sys.argv[7]) if len(sys.argv) > 7 else None
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // NUM_PROCESSES}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # before jax is imported: this process's CPU devices
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // int(sys.argv[2])}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -49,28 +47,31 @@ def local_batches(start):
     yield {k: v[mine] for k, v in global_batch(step).items()}
 
 
-def main():
-  if NUM_PROCESSES > 1:
+def main(argv):
+  process_id, num_processes, port = (int(a) for a in argv[1:4])
+  workdir, out, steps = argv[4], argv[5], int(argv[6])
+  die_at = int(argv[7]) if len(argv) > 7 else None
+  if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jtl.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID)
+    jtl.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   module = Net()
   variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
   labels = jtl.label_params(variables["params"], [("body/.*", "frozen"), (".*", "top")])
   tx = jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adamw", clip_norm=1.0)
 
   def on_log(step, row):
-    if DIE_AT is not None and step == DIE_AT and jax.process_index() == 1:
+    if die_at is not None and step == die_at and jax.process_index() == 1:
       os._exit(17)  # no cleanup, like a preempted host
 
   result = jtl.train.fit(
       module=module, variables=variables, labels=labels, tx=tx, train_batches=local_batches,
-      num_steps=STEPS, workdir=WORKDIR, checkpoint_every=2, keep=2, log_every=1,
+      num_steps=steps, workdir=workdir, checkpoint_every=2, keep=2, log_every=1,
       progress=False, meta={"model": "multihost_job", "num_classes": 5}, on_log=on_log)
   if jax.process_index() == 0:
     flat = jtl.flatten(jax.device_get(result.state.variables))
-    np.savez(OUT, start_step=result.start_step, **flat)
+    np.savez(out, start_step=result.start_step, **flat)
   print("done from step", result.start_step, flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv)
