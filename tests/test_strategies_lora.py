@@ -77,3 +77,24 @@ def test_lora_errors_name_the_problem(tmp_path):
     strategies.load_adapters(other["params"], path)
   with pytest.raises(CheckpointError, match="no LoRA adapters"):
     strategies.save_adapters(variables["params"], tmp_path / "b.npz")
+
+
+def test_lora_model_refuses_adapters_it_cannot_apply():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jtl.strategies import LoraModel, LoraWeights, merge_lora
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.DenseGeneral((2, 3), name="proj")(x).reshape(x.shape[0], -1)
+
+  x = jnp.ones((2, 4))
+  params = Net().init(jax.random.PRNGKey(0), x)["params"]
+  params["proj"]["lora_a"] = jnp.ones((8, 2)) * 0.1  # kernel (4, 2, 3) as (4*2, 3)
+  params["proj"]["lora_b"] = jnp.ones((2, 3)) * 0.1
+  with pytest.raises(ConfigError, match=r"LoRA adapters at proj \(DenseGeneral\).*LoraWeights"):
+    LoraModel(Net(), alpha=2.0).apply({"params": params}, x)
+  folded = LoraWeights(Net(), alpha=2.0).apply(params, {}, x, train=False, rng=None)[0]
+  merged = Net().apply({"params": merge_lora(params, 2.0)}, x)
+  np.testing.assert_allclose(folded, merged, rtol=1e-6)

@@ -234,7 +234,7 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
                       "takes embed_dim, depth, num_heads, mlp_ratio, patch_size, "
                       "img_size, class_token=True, global_pool='token'.")
   kw = dict(patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim,
-            num_heads=heads, image_size=size)
+            num_heads=heads, image_size=size, exact_gelu=True)  # timm's nn.GELU is erf
   preprocess, preset = _image_preprocess(cfg, size, 0.9)
   return registry.ModelSpec(
       name=source, build=lambda num_classes=num_classes, **extra: vit.ViT(

@@ -45,14 +45,16 @@ def _resize_grid(posemb: jax.Array, grid: tuple[int, int], num_prefix: int) -> j
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU (tanh form, as the published models) -> Dense."""
+  """Dense -> GELU -> Dense. GELU in its tanh form, as the big_vision and
+  vision_transformer models; `exact_gelu` for the erf form (timm, HF)."""
   mlp_dim: int
   dropout: float = 0.0
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0")(x))
+    x = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0")(x), approximate=not self.exact_gelu)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return nn.Dense(width, name="Dense_1")(x)
 
@@ -62,6 +64,7 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -71,7 +74,7 @@ class Encoder1DBlock(nn.Module):
             y, y, deterministic=True)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.LayerNorm(name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, name="MlpBlock_0")(y, train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.exact_gelu, name="MlpBlock_0")(y, train=train)
     return x + nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
@@ -81,11 +84,12 @@ class Encoder(nn.Module):
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.depth):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout,
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
                          name=f"encoderblock_{i}")(x, train=train)
     return nn.LayerNorm(name="encoder_norm")(x)
 
@@ -100,6 +104,8 @@ class ViT(nn.Module):
     pool: "tok" (class token) or "gap" (mean of the patch tokens).
     representation_size: width of the tanh "pre_logits" layer, or None.
     dropout: dropout rate after attention and in the MLP.
+    exact_gelu: the MLP's GELU in its erf form (timm / HF weights) instead of
+      the tanh form (big_vision / vision_transformer weights).
   """
   num_classes: int = 1000
   patch_size: int = 16
@@ -111,6 +117,7 @@ class ViT(nn.Module):
   pool: str = "tok"
   representation_size: int | None = None
   dropout: float = 0.0
+  exact_gelu: bool = False
 
   def setup(self):
     p = self.patch_size
@@ -123,7 +130,8 @@ class ViT(nn.Module):
         "pos_embedding", nn.initializers.normal(stddev=0.02),
         (1, prefix + grid * grid, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout)
-    self.Transformer = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout)
+    self.Transformer = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout,
+                               self.exact_gelu)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size)
     if self.num_classes:

@@ -144,11 +144,15 @@ def lora_interceptor(alpha: float):
   """A Flax method interceptor adding `alpha/r * (x A) B` to adapted layers."""
 
   def intercept(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
     mod = context.module
-    if (context.method_name != "__call__" or not _eligible(mod)
-        or not mod.has_variable("params", LORA_A)):
-      return out
+    if context.method_name != "__call__" or not mod.has_variable("params", LORA_A):
+      return next_fun(*args, **kwargs)
+    if not _eligible(mod):  # e.g. adapters imported from PEFT onto a DenseGeneral
+      raise ConfigError(
+          f"LoRA adapters at {_module_path(mod)} ({type(mod).__name__}): LoraModel adds "
+          "the low-rank path to nn.Dense and ungrouped nn.Conv layers only. Use "
+          "jtl.strategies.LoraWeights (folds any adapter into its kernel) or merge_lora.")
+    out = next_fun(*args, **kwargs)
     a = mod.get_variable("params", LORA_A).astype(out.dtype)
     b = mod.get_variable("params", LORA_B).astype(out.dtype)
     x = jnp.asarray(args[0]).astype(out.dtype)
