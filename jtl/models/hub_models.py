@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from jtl.errors import ConfigError, bullet_list
-from jtl.models import bert, efficientnet, mobilenet, registry, resnet, vit
+from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, vit
 from jtl.models.layers import convert_with_rules
 
 SUPPORTED = (
@@ -35,6 +35,8 @@ SUPPORTED = (
     "timm tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2",
     "transformers model_type 'bert' (google-bert/bert-base-uncased, "
     "sentence-transformers/all-MiniLM-L6-v2)",
+    ("transformers model_type 'dinov2' (facebook/dinov2-small, facebook/dinov2-base; "
+     "Dinov2Model or Dinov2ForImageClassification)"),
 )
 # Pretraining heads of BERT checkpoints (BertForPreTraining): not part of the
 # encoder; a strict load lists them as skipped.
@@ -292,5 +294,7 @@ def spec_for(source: str) -> registry.ModelSpec:
   model_type = config.get("model_type")
   if model_type == "bert":
     return _bert_spec(source, config)
+  if model_type == "dinov2":
+    return dinov2.hub_spec(source, config)
   raise _unsupported(f"the model (model_type {model_type!r}, architectures "
                      f"{config.get('architectures')!r})", source)
