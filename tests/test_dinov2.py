@@ -115,18 +115,39 @@ def test_position_embedding_interpolation_is_torch_bicubic(tiny):
   np.testing.assert_allclose(dinov2.bicubic_matrix(37, 37), np.eye(37), atol=1e-7)
 
 
+def published_config(width: int, heads: int) -> bytes:
+  """config.json of facebook/dinov2-small / -base as published (transformers 4.31)."""
+  return json.dumps({
+      "architectures": ["Dinov2Model"], "attention_probs_dropout_prob": 0.0,
+      "drop_path_rate": 0.0, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+      "hidden_size": width, "image_size": 518, "initializer_range": 0.02,
+      "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "mlp_ratio": 4,
+      "model_type": "dinov2", "num_attention_heads": heads, "num_channels": 3,
+      "num_hidden_layers": 12, "patch_size": 14, "qkv_bias": True,
+      "torch_dtype": "float32", "transformers_version": "4.31.0.dev0",
+      "use_swiglu_ffn": False}).encode()
+
+
 @pytest.mark.parametrize("name,width,heads,params", [
     ("dinov2_s14", 384, 6, 22_056_576), ("dinov2_b14", 768, 12, 86_580_480)])
-def test_published_layout_loads_strictly_into_the_full_size_specs(name, width, heads, params):
+@pytest.mark.parametrize("via_hub", [False, True])
+def test_published_layout_loads_strictly_into_the_full_size_specs(
+    fake_hub, name, width, heads, params, via_hub):  # noqa: F811
   """Every key of facebook/dinov2-{small,base} (shapes from the config
   formulas: 518 px, patch 14, MLP ratio 4, 12 layers) maps to a variable of
-  the same shape, and every variable is loaded."""
+  the same shape, and every variable is loaded; the same through the zoo name
+  and through the Hub repo's config.json."""
+  repo = dinov2.HUB_REPOS[name[7]]
   spec = registry.get_spec(name)
-  assert spec.pretrained == f"hf-hub:{dinov2.HUB_REPOS[name[7]]}"
-  assert (spec.image_size, spec.default_num_classes) == (224, 0)
+  if via_hub:
+    fake_hub.add(repo, {"config.json": published_config(width, heads)})
+    spec = hub_models.spec_for(f"hf-hub:{repo}")
+  assert spec.pretrained == f"hf-hub:{repo}"
+  assert (spec.image_size, spec.default_num_classes, spec.normalize) == (224, 0, "imagenet")
   module, like = _like(spec, 0)
   assert (module.width, module.depth, module.num_heads, module.patch_size,
-          module.image_size, module.mlp_ratio) == (width, 12, heads, 14, 518, 4.0)
+          module.image_size, module.mlp_ratio, module.layer_norm_eps,
+          module.pool) == (width, 12, heads, 14, 518, 4.0, 1e-6, "cls_mean")
   shapes = dinov2.hf_shapes(hidden_size=width, num_hidden_layers=12)
   assert shapes["embeddings.position_embeddings"] == (1, 1 + 37 * 37, width)
   sd = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}  # no memory

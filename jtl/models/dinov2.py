@@ -436,7 +436,12 @@ _HUB_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 
 def hub_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
   """ModelSpec of a transformers config.json with model_type "dinov2"
-  (Dinov2Model, or Dinov2ForImageClassification with its `id2label` classes)."""
+  (Dinov2Model, or Dinov2ForImageClassification with its `id2label` classes).
+
+  The training-time options drop_path_rate, hidden_dropout_prob and
+  attention_probs_dropout_prob (0 in the published configs) are not applied;
+  `layerscale_value` only initialises the layer scales that checkpoints set.
+  """
   where = f"{source} (config.json model_type 'dinov2')"
   unsupported = {k: config.get(k) for k, ok in (
       ("use_swiglu_ffn", False), ("qkv_bias", True), ("hidden_act", "gelu"),
