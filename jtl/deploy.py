@@ -12,8 +12,9 @@ The input contract of every exported file is the input of the jtl model:
 float32 NHWC `[batch, size, size, 3]`, already normalised as the zoo model's
 `spec.normalize` preset says (what jtl's input pipeline yields), with a
 dynamic batch dimension (ONNX: a symbolic "B"; LiteRT: stored as batch 1,
-which the interpreter resizes to any batch, as `Runtime` does); the output
-is float32 logits `[batch, classes]`.
+which the interpreter resizes to any batch, as `Runtime` does; a graph with
+the batch in a reshape, such as ViT's tokens, runs one example at a time);
+the output is float32 logits `[batch, classes]`.
 `input_pixels=True` folds the normalisation in instead: the file then takes
 RGB values in 0..255 (float32). The int8 file keeps float32 input and output
 (quantize/dequantize ops at its edges). A JSON sidecar `<file>.json` records
@@ -463,6 +464,7 @@ class Runtime:
     self._output = self._interpreter.get_output_details()[0]
     self.input_shape = tuple(int(d) for d in self._input["shape_signature"][1:])
     self._batch = None
+    self._batch_one_only = False  # set when the graph cannot be resized
 
   def __call__(self, x: Any) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
@@ -471,8 +473,22 @@ class Runtime:
                         f"{tuple(x.shape)}.")
     if self.format == "onnx":
       return self._session.run(None, {self._input_name: x})[0]
+    if self._batch_one_only and len(x) != 1:
+      return np.concatenate([self(x[i:i + 1]) for i in range(len(x))])
+    try:
+      return self._invoke(x)
+    except RuntimeError:
+      if len(x) == 1:
+        raise
+      # A graph with the traced batch (1) in a reshape (ViT's tokens) cannot
+      # be resized: run it one example at a time.
+      self._batch_one_only = True
+      return self(x)
+
+  def _invoke(self, x: np.ndarray) -> np.ndarray:
     it = self._interpreter
     if self._batch != x.shape[0]:
+      self._batch = None
       it.resize_tensor_input(self._input["index"], list(x.shape))
       it.allocate_tensors()
       self._batch = x.shape[0]

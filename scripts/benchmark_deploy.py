@@ -191,6 +191,7 @@ def torch_speed(args: argparse.Namespace, names: list[str]) -> dict[str, tuple]:
 
 def survey(args: argparse.Namespace) -> None:
   """Every zoo image model, random init, in every format: converts or why not."""
+  import jax  # pylint: disable=g-import-not-at-top
   from jtl import deploy, models  # pylint: disable=g-import-not-at-top
   for name in models.list_models():
     spec = models.get_spec(name)
@@ -199,16 +200,19 @@ def survey(args: argparse.Namespace) -> None:
             "image models |")
       continue
     created = models.create(name, pretrained=False, num_classes=10)
+    # Zero-initialised heads (ViT) would make every logit 0: give them values.
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda v: rng.normal(0, 0.02, v.shape).astype(v.dtype)
+                             if v.ndim >= 1 and not np.any(v) else v, created.variables)
     size = spec.image_size
     x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
-    import jax  # pylint: disable=g-import-not-at-top
-    ref = np.asarray(jax.jit(deploy.inference_fn(created.module, created.variables))(x))
+    ref = np.asarray(jax.jit(deploy.inference_fn(created.module, variables))(x))
     cells = []
     for fmt in deploy.FORMATS:
       path = os.path.join(args.out, "survey", name + deploy.SUFFIX[fmt])
       try:
         rep = [x[:1], x[1:]] if fmt == "tflite_int8" else None
-        e = deploy.export(created.module, created.variables, path, format=fmt,
+        e = deploy.export(created.module, variables, path, format=fmt,
                           input_shape=(size, size, 3), representative=rep)
         y = deploy.load(path, num_threads=args.threads)(x)
         diff = float(np.abs(y - ref).max() / (np.abs(ref).max() + 1e-12))

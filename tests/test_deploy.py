@@ -240,3 +240,21 @@ def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   onnx_result = deploy.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]
   assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4
+
+
+class _Tokens(nn.Module):
+  """Folds the batch into a reshape, as ViT's tokens do."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    tokens = nn.Dense(4)(x.reshape(x.shape[0] * 2, 4))
+    return tokens.reshape(x.shape[0], 8)
+
+
+def test_litert_graph_with_batch_in_a_reshape_runs_any_batch(tmp_path):
+  module = _Tokens()
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.float32))
+  deploy.export(module, variables, tmp_path / "t.tflite", format="tflite", input_shape=(8,))
+  x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+  runtime = deploy.load(tmp_path / "t.tflite")
+  np.testing.assert_allclose(runtime(x), module.apply(variables, x), atol=1e-5)
+  np.testing.assert_allclose(runtime(x[:1]), module.apply(variables, x[:1]), atol=1e-5)
