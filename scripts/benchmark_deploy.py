@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--latency_runs", type=int, default=50)
   p.add_argument("--torch_python", default=None)
   p.add_argument("--survey", action="store_true")
+  p.add_argument("--survey_one", default=None, help=argparse.SUPPRESS)
   return p.parse_args()
 
 
@@ -190,36 +191,57 @@ def torch_speed(args: argparse.Namespace, names: list[str]) -> dict[str, tuple]:
 
 
 def survey(args: argparse.Namespace) -> None:
-  """Every zoo image model, random init, in every format: converts or why not."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """Every zoo image model, random init, in every format: converts or why not.
+
+  Each (model, format) runs in its own process: a runtime that aborts (a
+  native crash) is reported, not fatal."""
   from jtl import deploy, models  # pylint: disable=g-import-not-at-top
+  print("| model | " + " | ".join(deploy.FORMATS) + " |")
+  print("|---|---|---|---|")
   for name in models.list_models():
     spec = models.get_spec(name)
     if spec.input_kind != "image":
-      print(f"| {name} | - | - | - | takes {spec.input_kind} (token ids); jtl.deploy exports "
-            "image models |")
+      print(f"| {name} | takes {spec.input_kind} (token ids): jtl.deploy exports image "
+            "models | - | - |", flush=True)
       continue
-    created = models.create(name, pretrained=False, num_classes=10)
-    # Zero-initialised heads (ViT) would make every logit 0: give them values.
-    rng = np.random.default_rng(1)
-    variables = jax.tree.map(lambda v: rng.normal(0, 0.02, v.shape).astype(v.dtype)
-                             if v.ndim >= 1 and not np.any(v) else v, created.variables)
-    size = spec.image_size
-    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
-    ref = np.asarray(jax.jit(deploy.inference_fn(created.module, variables))(x))
     cells = []
     for fmt in deploy.FORMATS:
-      path = os.path.join(args.out, "survey", name + deploy.SUFFIX[fmt])
-      try:
-        rep = [x[:1], x[1:]] if fmt == "tflite_int8" else None
-        e = deploy.export(created.module, variables, path, format=fmt,
-                          input_shape=(size, size, 3), representative=rep)
-        y = deploy.load(path, num_threads=args.threads)(x)
-        diff = float(np.abs(y - ref).max() / (np.abs(ref).max() + 1e-12))
-        cells.append(f"ok {e.bytes / 1e6:.1f} MB, rel. diff {diff:.1e}")
-      except Exception as err:  # noqa: BLE001 - reported in the table
-        cells.append(f"FAILS: {type(err).__name__}: {str(err)[:160]}")
-    print(f"| {name} ({size} px) | " + " | ".join(cells) + " |", flush=True)
+      run = subprocess.run([sys.executable, os.path.abspath(__file__), "--data", args.data,
+                            "--out", args.out, "--threads", str(args.threads),
+                            "--survey_one", f"{name}:{fmt}"],
+                           capture_output=True, text=True, timeout=1800)
+      lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+      cell = lines[-1][7:] if lines else "process died before exporting"
+      if run.returncode != 0:  # a native abort in the converter or the runtime
+        cell += f"; then the process died (exit {run.returncode}) running it"
+      cells.append(cell)
+    print(f"| {name} ({spec.image_size} px) | " + " | ".join(cells) + " |", flush=True)
+
+
+def survey_one(args: argparse.Namespace) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from jtl import deploy, models  # pylint: disable=g-import-not-at-top
+  name, fmt = args.survey_one.split(":")
+  spec = models.get_spec(name)
+  created = models.create(name, pretrained=False, num_classes=10)
+  # Zero-initialised heads (ViT) would make every logit 0: give them values.
+  rng = np.random.default_rng(1)
+  variables = jax.tree.map(lambda v: rng.normal(0, 0.02, v.shape).astype(v.dtype)
+                           if v.ndim >= 1 and not np.any(v) else v, created.variables)
+  size = spec.image_size
+  x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+  ref = np.asarray(jax.jit(deploy.inference_fn(created.module, variables))(x))
+  path = os.path.join(args.out, "survey", name + deploy.SUFFIX[fmt])
+  try:
+    rep = [x[:1], x[1:]] if fmt == "tflite_int8" else None
+    e = deploy.export(created.module, variables, path, format=fmt,
+                      input_shape=(size, size, 3), representative=rep)
+    print(f"RESULT exported {e.bytes / 1e6:.1f} MB", flush=True)
+    y = deploy.load(path, num_threads=args.threads)(x)
+    diff = float(np.abs(y - ref).max() / (np.abs(ref).max() + 1e-12))
+    print(f"RESULT ok, {e.bytes / 1e6:.1f} MB, max rel. diff {diff:.1e}", flush=True)
+  except Exception as err:  # noqa: BLE001 - reported in the table
+    print(f"RESULT FAILS: {type(err).__name__}: {str(err)[:160]}".replace("\n", " "), flush=True)
 
 
 def main() -> None:
@@ -227,6 +249,9 @@ def main() -> None:
   from jtl import cli  # pylint: disable=g-import-not-at-top
   cli.configure_cpu_runtime()
   os.makedirs(args.out, exist_ok=True)
+  if args.survey_one:
+    survey_one(args)
+    return
   if args.survey:
     survey(args)
     return
