@@ -25,8 +25,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from jtl import data, methods, models, parallel, partition, quantize, steps
-from jtl.checkpoint import manager
+from jtl import data, methods, models, parallel, partition, quantize, steps, workdirs
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
 from jtl.train import FitResult, fit
@@ -382,19 +381,9 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
       with radius eps in pixel units ("adv_accuracy").
   """
-  variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
-  if "config" not in meta:
-    raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
-                      "scripts/finetune.py?")
-  meta_config = ml_collections.ConfigDict(meta["config"])
-  spec = models.get_spec(meta_config.model)
-  module = spec.build(num_classes=meta["num_classes"])
-  variables = methods.plain_variables(meta_config, variables)
-  strategy = meta_config.get("strategy") or {}
-  if strategy.get("name") == "lora":  # evaluate the plain model with adapters merged
-    from jtl.strategies import build as strategy_build, lora  # pylint: disable=g-import-not-at-top
-    alpha = strategy_build.resolve_options(strategy)["alpha"]
-    variables = {**variables, "params": lora.merge_lora(variables["params"], alpha)}
+  run = workdirs.restore(workdir, step=step)
+  meta, meta_config, spec, module = run.meta, run.config, run.spec, run.module
+  variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or meta_config.get("eval_split", "test")
   extra: dict[str, Any] = {}
   if adabn:

@@ -87,10 +87,11 @@ def main(argv):
 
 def _export_hub():
   """A workdir's LoRA adapters as a PEFT folder, or merged weights in the HF / timm layout."""
+  from jtl import workdirs  # noqa: PLC0415
   from jtl.checkpoint import hf_export  # noqa: PLC0415
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
-    path = hf_export.export_workdir(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step)
+    path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step)
   elif _FORMAT.value == "hf" and _MODEL.value and _SOURCE.value and _OUT.value:
     created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
                             pretrained=_SOURCE.value)

@@ -11,19 +11,16 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "jtl"
-APP = ("jtl.experiment", "jtl.cli", "jtl.methods")
+APP = ("jtl.experiment", "jtl.cli", "jtl.methods", "jtl.workdirs")
 RECIPES = ("jtl.strategies", "jtl.distill", "jtl.domain", "jtl.adversarial", "jtl.quantize",
            "jtl.deploy")
 TF_ALLOWED = ("jtl.data",)  # the input pipelines, loaded only when one is built
 # Workdir export functions (restore a finetune.py run, then export it) that
 # belong to the app layer; to be moved there (issue 17).
 KNOWN = {
-    ("jtl.checkpoint.hf_export", "jtl.methods"),
-    ("jtl.checkpoint.hf_export", "jtl.strategies"),
-    ("jtl.checkpoint.hf_export", "jtl.strategies.build"),
+    ("jtl.checkpoint.hf_export", "jtl.strategies"),  # merges LoRA adapters before export
     ("jtl.deploy", "jtl.experiment"),
     ("jtl.deploy", "jtl.methods"),
-    ("jtl.checkpoint.hf_export", "ml_collections"),
 }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jtl import tree as jtree
+from jtl import workdirs
 from jtl.checkpoint import hf_export, peft
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, hub_models, resnet
@@ -242,7 +243,7 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   for p, v in jtree.flatten(variables["params"]).items():
     np.testing.assert_array_equal(np.asarray(jtree.flatten(params)[p]), v, err_msg=p)
   # Merged weights in timm's layout from the same workdir (library call, no 2nd process).
-  out = hf_export.export_workdir(workdir, "hf")
+  out = workdirs.export_hub_format(workdir, "hf")
   import safetensors.numpy
   back = hub_models.convert_timm_vit(
       safetensors.numpy.load_file(str(out / "model.safetensors")), num_heads=3)
@@ -251,4 +252,11 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
   assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
   with pytest.raises(ConfigError, match="format 'onnx'"):
-    hf_export.export_workdir(workdir, "onnx")
+    workdirs.export_hub_format(workdir, "onnx")
+  # What evaluate.py evaluates: the plain model with the adapters folded in.
+  run = workdirs.restore(workdir)
+  assert run.alpha == 4.0
+  folded = jtree.flatten(run.merged_variables()["params"])
+  assert not any("lora" in p for p in folded)
+  np.testing.assert_allclose(folded["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"],
+                             merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])

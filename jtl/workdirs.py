@@ -1,0 +1,104 @@
+"""A finished `scripts/finetune.py` run as a model: restore it, export it.
+
+App layer: a workdir's checkpoints carry the run's config, so the model, its
+variables (method wrappers removed) and its LoRA adapters (with their alpha)
+can be rebuilt from the workdir alone. `restore` does that once for
+`scripts/convert.py`, `scripts/evaluate.py` and `jtl.experiment`;
+`export_hub_format` writes a run as a PEFT adapter folder or as merged
+weights in the HF / timm layout (`jtl.checkpoint.peft`, `hf_export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jtl import methods, models
+from jtl.errors import ConfigError
+from jtl.tree import PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `restore` rebuilds from a workdir.
+
+  Attributes:
+    module: the zoo model (plain, without method wrappers).
+    variables: its variables as saved (LoRA adapters still separate).
+    config: the run's config.
+    spec: the model's `ModelSpec`.
+    num_classes: classes of its head.
+    alpha: the LoRA alpha of a LoRA run, else None.
+    meta: the checkpoint's meta (step, metrics, ...).
+  """
+  module: Any
+  variables: PyTree
+  config: ml_collections.ConfigDict
+  spec: models.ModelSpec
+  num_classes: int
+  alpha: float | None
+  meta: dict[str, Any]
+
+  def merged_variables(self) -> PyTree:
+    """The variables with LoRA adapters folded into the kernels (a plain model)."""
+    if self.alpha is None:
+      return self.variables
+    from jtl.strategies import lora  # pylint: disable=g-import-not-at-top
+    return {**self.variables, "params": lora.merge_lora(self.variables["params"], self.alpha)}
+
+
+def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored:
+  """Rebuilds a finetune.py run's model and variables (params and statistics
+  only, host arrays, any device count) from its checkpoint at `step`."""
+  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top  (Orbax)
+  variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
+  if "config" not in meta:
+    raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
+                      "scripts/finetune.py?")
+  config = ml_collections.ConfigDict(meta["config"])
+  spec = models.get_spec(config.model)
+  module = spec.build(num_classes=meta["num_classes"])
+  strategy = config.get("strategy") or {}
+  alpha = None
+  if strategy.get("name") == "lora":
+    from jtl.strategies.build import resolve_options  # pylint: disable=g-import-not-at-top
+    alpha = resolve_options(strategy)["alpha"]
+  return Restored(module, methods.plain_variables(config, variables), config, spec,
+                  int(meta["num_classes"]), alpha, meta)
+
+
+def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
+                      out: str | os.PathLike | None = None, step: int | str = "best") -> Path:
+  """Exports a run as a PEFT adapter folder or as merged HF / timm weights.
+
+  Args:
+    workdir: the run's folder (its checkpoints hold the config).
+    format: "peft" (a LoRA run's adapters and head, `jtl.checkpoint.peft`) or
+      "hf" (merged weights in the HF / timm layout, `hf_export.export_hf`).
+    out: destination folder (default <workdir>/export/<format>).
+    step: "best", "latest" or a step number.
+
+  Raises:
+    ConfigError: "peft" for a run that did not train LoRA adapters, or a
+      model without an HF/timm layout.
+  """
+  from jtl.checkpoint import hf_export, peft  # pylint: disable=g-import-not-at-top
+  if format not in ("peft", "hf"):
+    raise ConfigError(f"export_hub_format: format {format!r}; expected 'peft' or 'hf'.")
+  run = restore(workdir, step=step)
+  out = Path(out or Path(workdir) / "export" / format)
+  if format == "hf":
+    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha)
+  if run.alpha is None:
+    strategy = (run.config.get("strategy") or {}).get("name") or "full fine-tuning"
+    raise ConfigError(f"{workdir}: --format peft exports LoRA adapters, but this run's "
+                      f"strategy is {strategy!r}; use --format hf for merged weights.")
+  source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
+  if source and source.startswith("hf-hub:"):
+    source = source[len("hf-hub:"):]
+  return peft.export_peft(run.module, run.variables, out, alpha=run.alpha,
+                          base_model_name_or_path=source or run.config.model)
