@@ -82,8 +82,9 @@ def timed(fn, x: np.ndarray, runs: int) -> list[float]:
 
 def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
   """{runtime: (predict, bytes)} for the five ways of running the model."""
-  from jtl import deploy, quantize  # pylint: disable=g-import-not-at-top
-  module, variables, _, _, _ = deploy.restore_workdir(workdir, step="latest")
+  from jtl import deploy, deploy_runs, quantize, workdirs  # pylint: disable=g-import-not-at-top
+  run = workdirs.restore(workdir, step="latest")
+  module, variables = run.module, run.merged_variables()
   out = {"jtl jit float32": (quantize.make_inference_fn(module, variables, precision="float32"),
                              quantize.model_bytes(variables))}
   q = quantize.prepare(variables, "int8")
@@ -93,8 +94,8 @@ def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
   labels = {"onnx": "ONNX Runtime float32", "tflite": "LiteRT float32",
             "tflite_int8": "LiteRT int8"}
   for fmt, label in labels.items():
-    exported = deploy.export_workdir(workdir, fmt, step="latest",
-                                     num_calibration=args.calibration)
+    exported = deploy_runs.export_workdir(workdir, fmt, step="latest",
+                                          num_calibration=args.calibration)
     if "calibration_check" in exported.meta:
       print(f"  int8 calibration check: {exported.meta['calibration_check']}")
     out[label] = (deploy.load(exported.path, num_threads=args.threads), exported.bytes)
@@ -103,8 +104,9 @@ def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
 
 def accuracy(workdir: str, preds: dict[str, tuple], args: argparse.Namespace) -> dict[str, tuple]:
   """{runtime: (accuracy %, agreement with jtl float32 %)} on the test split."""
-  from jtl import deploy, experiment  # pylint: disable=g-import-not-at-top
-  _, _, config, spec, _ = deploy.restore_workdir(workdir, step="latest")
+  from jtl import experiment, workdirs  # pylint: disable=g-import-not-at-top
+  run = workdirs.restore(workdir, step="latest")
+  config, spec = run.config, run.spec
   top1 = {k: [] for k in preds}
   labels = []
   for batch in experiment.eval_batches(config, spec, "test")():

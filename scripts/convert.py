@@ -105,13 +105,13 @@ def _export_hub():
 
 def _export():
   """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.deploy)."""
-  from jtl import deploy  # noqa: PLC0415 - only this path needs the converters
+  from jtl import deploy, deploy_runs  # noqa: PLC0415 - only this path needs the converters
   if _FORMAT.value not in _DEPLOY_FORMATS:
     raise ConfigError(f"--workdir exports for deployment: --format must be one of "
                       f"{_DEPLOY_FORMATS}, got {_FORMAT.value!r}.")
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
-    exported = deploy.export_workdir(
+    exported = deploy_runs.export_workdir(
         _WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step,
         num_calibration=_CALIB.value, input_pixels=_PIXELS.value, max_drop=_MAX_DROP.value)
   else:

@@ -56,8 +56,8 @@ def main(argv):
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
   if _EXPORTED.value:
-    from jtl import deploy  # noqa: PLC0415 - only this path needs the runtimes
-    result = deploy.evaluate_exported(_WORKDIR.value, _EXPORTED.value, split=_SPLIT.value,
+    from jtl import deploy_runs  # noqa: PLC0415 - only this path needs the runtimes
+    result = deploy_runs.evaluate_exported(_WORKDIR.value, _EXPORTED.value, split=_SPLIT.value,
                                       out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
     print(json.dumps(shown, indent=2))

@@ -19,7 +19,7 @@ import pytest
 import skimage.data
 from jax import lax
 
-from jtl import deploy, models
+from jtl import deploy, deploy_runs, models
 from jtl.models import efficientnet
 
 pytest.importorskip("onnxruntime")
@@ -225,19 +225,19 @@ def _tiny_workdir(root):
 
 def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   workdir = _tiny_workdir(tmp_path)
-  exported = deploy.export_workdir(workdir, "tflite_int8", num_calibration=16)
+  exported = deploy_runs.export_workdir(workdir, "tflite_int8", num_calibration=16)
   assert exported.path == str(workdir / "export" / "model.int8.tflite")
   check = deploy.read_meta(exported.path)["calibration_check"]
   assert check["count"] == 16 and 0.0 <= check["int8_accuracy"] <= 100.0
-  result = deploy.evaluate_exported(workdir, exported.path)
+  result = deploy_runs.evaluate_exported(workdir, exported.path)
   assert result["count"] == 12 and result["format"] == "tflite_int8"
   assert sum(map(sum, result["confusion_matrix"])) == 12
   assert (workdir / "eval_test_tflite_int8.json").exists()
   # The float file in the same runtime agrees with jtl's own evaluation.
-  onnx_file = deploy.export_workdir(workdir, "onnx", input_pixels=True).path
+  onnx_file = deploy_runs.export_workdir(workdir, "onnx", input_pixels=True).path
   from jtl import experiment  # pylint: disable=g-import-not-at-top
   reference = experiment.evaluate_workdir(workdir, step="best")
-  onnx_result = deploy.evaluate_exported(workdir, onnx_file)
+  onnx_result = deploy_runs.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]
   assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4
 

@@ -1,0 +1,150 @@
+"""A fine-tuned run exported for deployment, and evaluated in the runtime.
+
+App layer over `jtl.deploy` (which exports and runs a model): a finetune.py
+workdir to ONNX / LiteRT float32 / LiteRT int8, with int8 calibrated on images
+of the run's own training split, and an exported file evaluated on a split of
+the run's data with the same pipeline as `jtl.experiment.evaluate_workdir`.
+`scripts/convert.py --workdir` and `scripts/evaluate.py --exported` call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtl import data, deploy, experiment, methods, workdirs
+from jtl.errors import ConfigError
+
+
+def _image_run(workdir: str | os.PathLike, step: int | str) -> workdirs.Restored:
+  run = workdirs.restore(workdir, step=step)
+  if run.spec.input_kind != "image":
+    raise ConfigError(f"{workdir}: model {run.config.model!r} takes {run.spec.input_kind}; "
+                      "deployment export supports image models.")
+  return run
+
+
+def calibration_images(config: Any, spec: Any, count: int, *, split: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels): `count` shuffled, unaugmented images of the training
+  split from jtl's own input pipeline (what the model takes)."""
+  kwargs = experiment._pipeline_kwargs(config, spec)  # pylint: disable=protected-access
+  batches = data.make_dataset(
+      config.dataset, split=split or config.get("train_split", "train"),
+      batch_size=min(count, 64), train=True, augment=False, flip=False, num_epochs=1,
+      **kwargs)
+  images, labels, n = [], [], 0
+  for batch in batches:
+    images.append(np.asarray(batch["inputs"], np.float32))
+    labels.append(np.asarray(batch["label"]))
+    n += len(images[-1])
+    if n >= count:
+      break
+  if not images:
+    raise ConfigError(f"No calibration images in {config.dataset!r} split "
+                      f"{split or config.get('train_split', 'train')!r}.")
+  return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
+def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
+                   out: str | os.PathLike | None = None, step: int | str = "best",
+                   num_calibration: int = 300, input_pixels: bool = False,
+                   max_drop: float = deploy.DEFAULT_MAX_ACCURACY_DROP) -> deploy.Exported:
+  """Exports a fine-tuned checkpoint to `format` ("onnx", "tflite", "tflite_int8").
+
+  The input size is the config's `image_size` (the size it was evaluated at).
+  For int8, `num_calibration` images of the training split calibrate the
+  quantization and then check it: accuracy of the int8 file against the
+  float32 model on them (`check_int8`, warns past `max_drop` points); the
+  result goes into the sidecar JSON. `out` defaults to
+  `<workdir>/export/model<suffix>`.
+  """
+  run = _image_run(workdir, step)
+  module, variables, config, spec, classes = (run.module, run.merged_variables(), run.config,
+                                              run.spec, run.num_classes)
+  size = int(config.get("image_size") or spec.image_size)
+  shape = (size, size, 3)
+  out = os.fspath(out or os.path.join(os.fspath(workdir), "export", "model" + deploy.SUFFIX.get(
+      format, "")))
+  affine = None
+  images = labels = None
+  if format == "tflite_int8" or input_pixels:
+    affine = methods.pixel_affine(spec.normalize) if input_pixels else None
+  if format == "tflite_int8":
+    images, labels = calibration_images(config, spec, num_calibration)
+  representative = None
+  if images is not None:
+    feed = _to_pixels(images, affine) if affine is not None else images
+    representative = [feed[i:i + 1] for i in range(len(feed))]
+  meta = {"model": config.model, "num_classes": classes, "workdir": os.fspath(workdir),
+          "normalize": spec.normalize}
+  exported = deploy.export(module, variables, out, format=format, input_shape=shape,
+                    representative=representative, pixel_affine=affine, meta=meta)
+  if format == "tflite_int8":
+    float_fn = jax.jit(deploy.inference_fn(module, variables))
+    runtime = deploy.load(out)
+    check = deploy.check_int8(float_fn, lambda x: runtime(_to_pixels(x, affine) if affine else x),
+                       images, labels, max_drop=max_drop)
+    meta = {**exported.meta, "calibration_check": check}
+    deploy.write_meta(out, meta)
+    exported = dataclasses.replace(exported, meta=meta)
+  return exported
+
+
+def _to_pixels(x: np.ndarray, affine: tuple[Any, Any]) -> np.ndarray:
+  """Normalised inputs back to RGB 0..255 (the inverse of `x/255*mul + add`)."""
+  mul, add = (np.asarray(a, np.float32).reshape(1, 1, 1, -1) for a in affine)
+  return ((x - add) / mul * 255.0).astype(np.float32)
+
+
+def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
+                      split: str | None = None, out_dir: str | os.PathLike | None = None,
+                      step: int | str = "best", num_threads: int | None = None
+                      ) -> dict[str, Any]:
+  """Evaluates an exported file in its runtime on a split of the workdir's
+  dataset, with the same pipeline as `evaluate_workdir`; writes
+  eval_<split>_<format>.json (accuracy, top-5, loss, per-class accuracy,
+  confusion matrix) into `out_dir` (default: the workdir)."""
+  run = _image_run(workdir, step)
+  config, spec, classes = run.config, run.spec, run.num_classes
+  runtime = deploy.load(path, num_threads=num_threads)
+  split = split or config.get("eval_split", "test")
+  size = int(config.get("image_size") or spec.image_size)
+  if runtime.input_shape[:2] != (size, size):
+    raise ConfigError(f"{path} takes {runtime.input_shape} images; the workdir's pipeline "
+                      f"makes {size}x{size}. Export it again from this workdir.")
+  affine = methods.pixel_affine(spec.normalize) if deploy.read_meta(path).get("input_pixels") else None
+  confusion = np.zeros((classes, classes), np.int64)
+  loss = correct5 = 0.0
+  for batch in experiment.eval_batches(config, spec, split)():
+    mask = np.asarray(batch["mask"], bool)
+    x = np.asarray(batch["inputs"], np.float32)[mask]
+    if not len(x):
+      continue
+    logits = runtime(_to_pixels(x, affine) if affine is not None else x)
+    label = np.asarray(batch["label"])[mask]
+    np.add.at(confusion, (label, logits.argmax(-1)), 1)
+    logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+    loss += float(-jnp.take_along_axis(logp, jnp.asarray(label)[:, None], axis=-1).sum())
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    correct5 += float((top5 == label[:, None]).any(-1).sum())
+  count = int(confusion.sum())
+  result = {"workdir": os.fspath(workdir), "exported": os.fspath(path),
+            "format": runtime.format, "bytes": os.path.getsize(path), "split": split,
+            "loss": loss / max(count, 1), "accuracy": float(np.trace(confusion)) / max(count, 1),
+            "top5_accuracy": correct5 / max(count, 1), "count": count,
+            "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
+            "confusion_matrix": confusion.tolist()}
+  out = os.fspath(out_dir or workdir)
+  path_out = Path(out) / f"eval_{experiment.file_safe(split)}_{runtime.format}.json"
+  tmp = path_out.with_suffix(".tmp")
+  tmp.write_text(json.dumps(result, indent=2))
+  tmp.replace(path_out)
+  return result
