@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jtl.checkpoint.export import write_atomic
 from jtl.errors import CheckpointError, ConfigError, JtlError, bullet_list
 
 PyTree = Any
@@ -235,7 +235,7 @@ def export_onnx(fn: Callable[[jax.Array], jax.Array], path: str | os.PathLike, *
   # jax2onnx leaves stale NHWC shape annotations on tensors it moved to NCHW;
   # onnxruntime infers them again without the mismatch warnings.
   del proto.graph.value_info[:]
-  _write_atomic(path, proto.SerializeToString())
+  write_atomic(path, proto.SerializeToString())
 
 
 # --------------------------------------------------------------------------
@@ -321,24 +321,11 @@ def export_tflite(fn: Callable[[jax.Array], jax.Array], path: str | os.PathLike,
   except Exception as e:  # noqa: BLE001 - converter errors come in many types
     raise _tflite_error(e, find_ops(fn, jax.ShapeDtypeStruct((1, *input_shape),
                                                             jnp.float32))) from e
-  _write_atomic(path, data)
+  write_atomic(path, data)
 
 
 # --------------------------------------------------------------------------
 # One entry point, files, runtimes.
-
-
-def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-deploy-")
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except OSError as e:
-    raise CheckpointError(f"Cannot write {path}: {e}. Check the directory is writable.") from e
 
 
 def export(module: Any, variables: PyTree | None, path: str | os.PathLike, *, format: str,
@@ -386,7 +373,7 @@ def export(module: Any, variables: PyTree | None, path: str | os.PathLike, *, fo
 
 def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> None:
   """Writes the JSON sidecar `<path>.json`."""
-  _write_atomic(os.fspath(path) + ".json", json.dumps(meta, indent=2).encode())
+  write_atomic(os.fspath(path) + ".json", json.dumps(meta, indent=2).encode())
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import data, deploy, experiment, methods, workdirs
+from jtl.checkpoint.export import write_atomic
 from jtl.errors import ConfigError
 
 
@@ -143,8 +144,6 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
             "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
             "confusion_matrix": confusion.tolist()}
   out = os.fspath(out_dir or workdir)
-  path_out = Path(out) / f"eval_{experiment.file_safe(split)}_{runtime.format}.json"
-  tmp = path_out.with_suffix(".tmp")
-  tmp.write_text(json.dumps(result, indent=2))
-  tmp.replace(path_out)
+  write_atomic(Path(out) / f"eval_{experiment.file_safe(split)}_{runtime.format}.json",
+               json.dumps(result, indent=2).encode())
   return result

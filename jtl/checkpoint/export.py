@@ -80,20 +80,32 @@ def export(variables_or_params: Any, path: Any, *,
         f"{path}: can only export arrays; "
         + (f"these leaves are not: {bad}" if bad else "the tree has no leaves")
         + ".")
-  data = _to_bytes(flat, fmt)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if "://" in os.fspath(path):
-    tmp = path.parent / f".tmp-{path.name}"
-    tmp.write_bytes(data)
-    tmp.rename(path)
-    return
-  fd, tmp_name = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=".tmp-")
+  write_atomic(path, _to_bytes(flat, fmt))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file in the same folder and a
+  rename, so a reader never sees a half-written file (object stores: a
+  temporary object and a rename). The folder is created if needed.
+
+  Raises:
+    CheckpointError: naming the path, when it cannot be written.
+  """
+  path = epath.Path(path)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp_name, os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "://" in os.fspath(path):
+      tmp = path.parent / f".tmp-{path.name}"
+      tmp.write_bytes(data)
+      tmp.rename(path)
+      return
+    fd, tmp_name = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=".tmp-")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+      os.replace(tmp_name, os.fspath(path))
+    finally:
+      if os.path.exists(tmp_name):
+        os.remove(tmp_name)
   except OSError as e:
-    raise CheckpointError(f"{path}: cannot write the export ({e}).") from e
-  finally:
-    if os.path.exists(tmp_name):
-      os.remove(tmp_name)
+    raise CheckpointError(f"Cannot write {path}: {e}. Check that its folder is writable.") from e

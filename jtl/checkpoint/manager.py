@@ -127,15 +127,23 @@ class CheckpointManager:
                                            cleanup_tmp_directories=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+    # A finished step's files do not change (this run owns the workdir), so
+    # each is checked once, not at every save.
+    self._problems: dict[int, str | None] = {}
 
   def _step_dirs(self) -> list[int]:
     return step_numbers(self.directory)
+
+  def _problem(self, step: int) -> str | None:
+    if step not in self._problems:
+      self._problems[step] = step_problem(self.directory / str(step))
+    return self._problems[step]
 
   def intact_steps(self, *, warn: bool = False) -> list[int]:
     """Finished, undamaged steps, oldest first (damaged ones logged if `warn`)."""
     intact = []
     for step in self._step_dirs():
-      problem = step_problem(self.directory / str(step))
+      problem = self._problem(step)
       if problem is None:
         intact.append(step)
       elif warn:
@@ -206,12 +214,14 @@ class CheckpointManager:
     """Deletes intact steps that are neither among the last `keep` nor the best."""
     steps = self.intact_steps()
     kept = set(steps[-self.keep:])
-    best = self.best_step()
+    best = _best(self.directory, steps, self.best_metric, self.best_mode) \
+        if self.best_metric else None
     if best is not None:
       kept.add(best)
     for step in steps:
       if step not in kept:
         self._manager.delete(step)
+        self._problems.pop(step, None)
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON saved with `step` (default: the newest intact step)."""
@@ -256,7 +266,7 @@ class CheckpointManager:
     """
     errors: list[tuple[int, CheckpointError]] = []
     for step in reversed(self._step_dirs()):
-      problem = step_problem(self.directory / str(step))
+      problem = self._problem(step)
       try:
         if problem is not None:
           raise CheckpointError(f"{self.directory / str(step)}: {problem}")
@@ -269,6 +279,7 @@ class CheckpointManager:
                     "kept as %s.damaged. %s", bad, step, self.directory / str(bad), error)
         if jax.process_index() == 0:  # one host moves it; the others only skip it
           (self.directory / str(bad)).rename(self.directory / f"{bad}.damaged")
+        self._problems.pop(bad, None)
       if errors and hasattr(self._manager, "reload"):
         self._manager.reload()
       return state

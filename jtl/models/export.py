@@ -17,7 +17,6 @@ True
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,19 +68,8 @@ def export_predict(module: nn.Module, variables: Any, path: str | os.PathLike, *
   spec = jax.ShapeDtypeStruct((batch, *input_shape), dtype)
   fn = jax.jit(lambda x: module.apply(variables, x))
   exported = jax_export.export(fn, platforms=platforms)(spec)
-  data = exported.serialize()
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-export-")
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except OSError as e:
-    raise CheckpointError(f"Cannot write the exported predict function to "
-                          f"{path}: {e}. Check the directory exists and is "
-                          "writable.") from e
+  from jtl.checkpoint.export import write_atomic  # pylint: disable=g-import-not-at-top
+  write_atomic(path, exported.serialize())
 
 
 def load_exported(path: str | os.PathLike) -> Callable[..., jax.Array]:
