@@ -10,13 +10,20 @@ backbone (head only): bf16 compute with fp32 master weights, donated state,
 synthetic batches already on the devices (the input pipeline is not measured).
 Reported: images/s, the compiled FLOPs of a step (`cost_analysis()`), MFU =
 achieved FLOP/s over the device's peak bf16 FLOP/s (`PEAK_BF16_TFLOPS`, by
-`jax.devices()[0].device_kind`, or --peak_tflops), the step time over the
-forward time, and the peak device memory (`memory_stats()`).
+`jax.devices()[0].device_kind`, or --peak_tflops), for the frozen backbone the
+step time over the forward time, and the device memory the compiled step needs
+(XLA's `memory_analysis()`).
+
+The largest batch of each model and mode is measured first and the rest of the
+sweep after, each side under a time budget (--torch_budget_s, --budget_s), so
+that one command fits a short accelerator lease; results are rewritten after
+every row.
 
 The same models in PyTorch (timm, AMP bf16, torch.compile where it works,
-channels_last for convnets) run in a companion process
+channels_last for convnets) run first, in a companion process
 (`benchmark_accelerator_torch.py`, with --torch_python or this Python if it
-has torch and timm); the table gets their images/s and the jtl/timm ratio.
+has torch and timm), which gives the device back before JAX takes it; the table
+gets their images/s and the jtl/timm ratio.
 
 Writes results.json and results.md to --out and prints the table. With
 --check_mesh, also checks on the local devices that the sharded step gives
@@ -99,37 +106,62 @@ def _timed(fn, args, steps: int, *, carry: bool) -> float:
   return (time.perf_counter() - t0) / steps
 
 
+def program_gib(compiled) -> float | None:
+  """Device memory the compiled step needs (arguments + outputs + temporaries,
+  donated buffers counted once), from XLA's own memory analysis: per program,
+  unlike `memory_stats()`'s peak, which only grows over a process."""
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+  return total / 2**30
+
+
 def measure_jtl(name: str, mode: str, batch: int, size: int, steps: int,
                 peak: float | None) -> dict[str, Any]:
+  """One jtl row. The forward pass is timed for the frozen mode only, where
+  "step over forward" is the goal (a head-only step should cost a forward)."""
   mesh = jtl.make_mesh()
   created, state, step, data = _setup(name, mode, batch, size, mesh)
+  t0 = time.perf_counter()
   compiled = jtl.jit_train_step(step, mesh).lower(state, data).compile()
+  compile_s = time.perf_counter() - t0
   flops = float(compiled.cost_analysis()["flops"])
   seconds = _timed(compiled, (state, data), steps, carry=True)
-  module = created.module
-  forward = jax.jit(lambda v, x: module.apply(
-      jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, v),
-      x.astype(jnp.bfloat16), train=False))
-  variables = jax.device_put(created.variables, jtl.parallel.replicated(mesh))
-  fwd_seconds = _timed(forward, (variables, data["inputs"]), steps, carry=False)
-  stats = jax.devices()[0].memory_stats() or {}
+  fwd_seconds = None
+  if mode == "frozen":
+    module = created.module
+    forward = jax.jit(lambda v, x: module.apply(
+        jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, v),
+        x.astype(jnp.bfloat16), train=False))
+    variables = jax.device_put(created.variables, jtl.parallel.replicated(mesh))
+    fwd_seconds = _timed(forward, (variables, data["inputs"]), steps, carry=False)
   achieved = flops / seconds / 1e12
   return {"framework": "jtl", "model": name, "mode": mode, "batch": batch, "image_size": size,
           "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
           "tflops_per_step": flops / 1e12, "achieved_tflops": achieved,
-          "mfu": achieved / peak if peak else None, "step_over_forward": seconds / fwd_seconds,
-          "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None}
+          "mfu": achieved / peak if peak else None,
+          "step_over_forward": fwd_seconds and seconds / fwd_seconds,
+          "program_gib": program_gib(compiled), "compile_s": compile_s}
 
 
-def measure_torch(python: str, pairs: dict[str, str], args: argparse.Namespace) -> list[dict]:
+def measure_torch(python: str, plan: list[tuple[str, str, int]], pairs: dict[str, str],
+                  args: argparse.Namespace) -> list[dict]:
+  """timm's rows, from the companion process (run before JAX takes the device)."""
   script = Path(__file__).with_name("benchmark_accelerator_torch.py")
-  cmd = [python, str(script), "--models", ",".join(f"{k}={v}" for k, v in pairs.items()),
-         "--batches", args.batches, "--image_size", str(args.image_size),
-         "--steps", str(args.steps)]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.torch_timeout)
-  if done.returncode:
-    print(f"timm side failed ({done.returncode}): {done.stderr[-2000:]}", file=sys.stderr)
+  cmd = [python, str(script), "--plan", ",".join(f"{pairs[m]}:{m}:{mode}:{b}" for m, mode, b in plan),
+         "--image_size", str(args.image_size), "--steps", str(args.steps),
+         "--budget_s", str(args.torch_budget_s)]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.torch_budget_s + 120)
+  except subprocess.TimeoutExpired as e:
+    print(f"timm side timed out: {e}", file=sys.stderr)
     return []
+  sys.stderr.write(done.stderr[-3000:])
+  if done.returncode:
+    print(f"timm side failed ({done.returncode})", file=sys.stderr)
   return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
@@ -161,16 +193,41 @@ def table(rows: list[dict], kind: str) -> str:
   fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
   lines = [f"Device: {kind} x {jax.device_count()}", "",
            "| model | mode | batch | jtl img/s | timm img/s | jtl/timm | TFLOP/step | MFU % | "
-           "step/forward | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "step/forward | program GiB | timm how |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in (r for r in rows if r["framework"] == "jtl"):
     t = timm.get((r["model"], r["mode"], r["batch"]))
     theirs = t["images_per_s"] if t else None
     cells = [r["model"], r["mode"], r["batch"], fmt(r["images_per_s"], ".1f"),
              fmt(theirs, ".1f"), fmt(theirs and r["images_per_s"] / theirs, ".2f"),
              fmt(r["tflops_per_step"], ".3f"), fmt(r["mfu"] and 100 * r["mfu"], ".1f"),
-             fmt(r["step_over_forward"], ".2f"), fmt(r["peak_memory_gib"], ".1f")]
+             fmt(r["step_over_forward"], ".2f"), fmt(r["program_gib"], ".1f"),
+             t["how"] if t else "-"]
     lines.append("| " + " | ".join(map(str, cells)) + " |")
   return "\n".join(lines)
+
+
+def plan_of(pairs: dict[str, str], args: argparse.Namespace) -> list[tuple[str, str, int]]:
+  """(model, mode, batch) in the order measured: the largest batch of every
+  model and mode first, so a run cut short by its time budget still compares
+  every model; the rest of the sweep after."""
+  batches = {"full": [int(b) for b in args.batches.split(",")],
+             "frozen": [int(b) for b in (args.frozen_batches or args.batches).split(",")]}
+  modes = args.modes.split(",")
+  first = [(m, mode, max(batches[mode])) for mode in modes for m in pairs]
+  rest = [(m, mode, b) for mode in modes for m in pairs for b in sorted(batches[mode])[::-1]
+          if b != max(batches[mode])]
+  return first + rest
+
+
+def write(out: Path, result: dict) -> str:
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(result, indent=2))
+  text = table(result["rows"], result["device_kind"])
+  if result["not_measured"]:
+    text += "\n\nNot measured: " + "; ".join(result["not_measured"])
+  (out / "results.md").write_text(text + "\n")
+  return text
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -180,44 +237,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--models", default=None, help="comma-separated zoo names")
   parser.add_argument("--modes", default="full,frozen")
   parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+  parser.add_argument("--frozen_batches", default=None, help="default: --batches")
   parser.add_argument("--image_size", type=int, default=None)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--peak_tflops", type=float, default=None)
   parser.add_argument("--torch_python", default=None)
   parser.add_argument("--no_torch", action="store_true")
-  parser.add_argument("--torch_timeout", type=int, default=300)
+  parser.add_argument("--torch_budget_s", type=int, default=300,
+                      help="timm starts no new measurement after this many seconds")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="jtl starts no new measurement after this many seconds")
   parser.add_argument("--check_mesh", action="store_true")
   args = parser.parse_args(argv)
   pairs = TINY if args.tiny else FULL
   if args.models:
     pairs = {m: {**FULL, **TINY}.get(m, m) for m in args.models.split(",")}
-  args.batches = args.batches or ("16" if args.tiny else "64,128,256")
+  args.batches = args.batches or ("16" if args.tiny else "128,256")
+  args.frozen_batches = args.frozen_batches or (None if args.tiny else "256")
   args.image_size = args.image_size or (32 if args.tiny else 224)
+  plan = plan_of(pairs, args)
+  # timm first: a JAX process keeps the device memory it took until it exits.
+  python = None if args.no_torch else torch_python(args.torch_python)
+  rows = measure_torch(python, plan, pairs, args) if python else []
   kind = jax.devices()[0].device_kind
   peak = peak_tflops(kind, args.peak_tflops)
-  rows = []
-  for name in pairs:
-    for mode in args.modes.split(","):
-      for batch in map(int, args.batches.split(",")):
-        try:
-          rows.append(measure_jtl(name, mode, batch, args.image_size, args.steps, peak))
-        except Exception as e:  # noqa: BLE001 - an out-of-memory batch ends the sweep
-          print(f"jtl {name} {mode} batch {batch}: {type(e).__name__}: {str(e)[:200]}",
-                file=sys.stderr)
-          break
-  python = None if args.no_torch else torch_python(args.torch_python)
-  if python:
-    rows += measure_torch(python, pairs, args)
   result = {"device_kind": kind, "devices": jax.device_count(), "peak_bf16_tflops": peak,
-            "rows": rows}
+            "jax": jax.__version__, "rows": rows, "not_measured": []}
+  out, start = Path(args.out), time.perf_counter()
+  for name, mode, batch in plan:
+    if args.budget_s and time.perf_counter() - start > args.budget_s:
+      result["not_measured"].append(f"jtl {name} {mode} {batch}: time budget")
+      continue
+    try:
+      rows.append(measure_jtl(name, mode, batch, args.image_size, args.steps, peak))
+    except Exception as e:  # noqa: BLE001 - an out-of-memory batch is reported, not fatal
+      print(f"jtl {name} {mode} batch {batch}: {type(e).__name__}: {str(e)[:300]}",
+            file=sys.stderr)
+      result["not_measured"].append(f"jtl {name} {mode} {batch}: {type(e).__name__}")
+    write(out, result)
   if args.check_mesh:
     result["mesh_max_abs_diff"] = check_mesh()
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(result, indent=2))
-  text = table(rows, kind)
-  (out / "results.md").write_text(text + "\n")
-  print(text)
+  print(write(out, result))
   return rows
 
 

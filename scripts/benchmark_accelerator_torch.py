@@ -1,17 +1,20 @@
 """The timm side of benchmark_accelerator.py (run by it in a Python with torch + timm).
 
-  python scripts/benchmark_accelerator_torch.py --models vit_b16=vit_base_patch16_224 \\
-      --batches 64,128 --image_size 224 --steps 20
+  python scripts/benchmark_accelerator_torch.py \\
+      --plan vit_base_patch16_224:vit_b16:full:256,resnet50:resnet50:frozen:256 \\
+      --image_size 224 --steps 20 --budget_s 300
 
 What a PyTorch user would pick: timm models, AdamW, AMP bf16 autocast,
 `torch.compile` where it works (else eager, noted in the row), channels_last
 for convnets. "frozen": only the classifier trains and the backbone runs in
 eval mode (stored BatchNorm statistics), as jtl's frozen partition does.
-Prints one JSON object per line; jtl itself never imports this.
+Prints one JSON object per line, in the plan's order, and starts no new
+measurement once --budget_s has passed; jtl itself never imports this.
 """
 
 import argparse
 import json
+import sys
 import time
 
 import timm
@@ -20,6 +23,12 @@ import torch
 
 def measure(zoo: str, name: str, mode: str, batch: int, size: int, steps: int) -> dict:
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  # A fresh compile per row: dynamo's cache is per class, and a second batch
+  # size would otherwise be compiled with a dynamic batch dimension.
+  torch._dynamo.reset()
+  if device == "cuda":
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
   model = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
   convnet = "vit" not in name
   if convnet:
@@ -40,7 +49,7 @@ def measure(zoo: str, name: str, mode: str, batch: int, size: int, steps: int) -
   if convnet:
     x = x.contiguous(memory_format=torch.channels_last)
   y = torch.randint(0, 1000, (batch,), device=device)
-  compiled = "compiled"
+  compiled, t0 = "compiled", time.perf_counter()
   try:
     fwd = torch.compile(model)
   except Exception:  # noqa: BLE001
@@ -65,6 +74,7 @@ def measure(zoo: str, name: str, mode: str, batch: int, size: int, steps: int) -
     for _ in range(3):
       step()
   sync()
+  warmup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(steps):
     step()
@@ -73,25 +83,29 @@ def measure(zoo: str, name: str, mode: str, batch: int, size: int, steps: int) -
   peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
   return {"framework": "timm", "model": zoo, "timm_name": name, "mode": mode, "batch": batch,
           "image_size": size, "images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
-          "torch": torch.__version__, "how": compiled, "peak_memory_gib": peak}
+          "torch": torch.__version__, "how": compiled, "peak_memory_gib": peak,
+          "warmup_s": warmup_s}
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--models", required=True)
-  parser.add_argument("--batches", required=True)
+  parser.add_argument("--plan", required=True, help="timm_name:zoo_name:mode:batch,...")
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--budget_s", type=float, default=300)
   args = parser.parse_args()
-  for pair in args.models.split(","):
-    zoo, name = pair.split("=")
-    for mode in ("full", "frozen"):
-      for batch in map(int, args.batches.split(",")):
-        try:
-          row = measure(zoo, name, mode, batch, args.image_size, args.steps)
-        except torch.cuda.OutOfMemoryError:
-          break
-        print(json.dumps(row), flush=True)
+  start = time.perf_counter()
+  for item in args.plan.split(","):
+    name, zoo, mode, batch = item.split(":")
+    if time.perf_counter() - start > args.budget_s:
+      print(f"timm {name} {mode} {batch}: not measured (time budget)", file=sys.stderr)
+      continue
+    try:
+      row = measure(zoo, name, mode, int(batch), args.image_size, args.steps)
+    except Exception as e:  # noqa: BLE001 - out of memory or a model timm lacks
+      print(f"timm {name} {mode} {batch}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+      continue
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
