@@ -78,8 +78,8 @@ def _rules(mode: str) -> list[tuple[str, str]]:
 
 
 def _setup(name: str, mode: str, batch: int, size: int, mesh: jax.sharding.Mesh,
-           compute_dtype: Any = jnp.bfloat16, optimizer: str = "adamw"):
-  created = models.create(name, num_classes=1000, pretrained=False)
+           compute_dtype: Any = jnp.bfloat16, optimizer: str = "adamw", **build: Any):
+  created = models.create(name, num_classes=1000, pretrained=False, **build)
   labels = jtl.label_params(created.variables["params"], _rules(mode))
   tx = jtl.make_optimizer(labels, learning_rate=1e-4 if optimizer == "adamw" else 0.1,
                           optimizer=optimizer, weight_decay=0.05 if optimizer == "adamw" else 0.0)
@@ -120,15 +120,19 @@ def program_gib(compiled) -> float | None:
 
 
 def measure_jtl(name: str, mode: str, batch: int, size: int, steps: int,
-                peak: float | None) -> dict[str, Any]:
-  """One jtl row. The forward pass is timed for the frozen mode only, where
-  "step over forward" is the goal (a head-only step should cost a forward)."""
+                peak: float | None, **build: Any) -> dict[str, Any]:
+  """One jtl row (`build`: keyword arguments of the zoo model). The forward
+  pass is timed for the frozen mode only, where "step over forward" is the
+  goal (a head-only step should cost about a forward)."""
   mesh = jtl.make_mesh()
-  created, state, step, data = _setup(name, mode, batch, size, mesh)
+  created, state, step, data = _setup(name, mode, batch, size, mesh, **build)
   t0 = time.perf_counter()
-  compiled = jtl.jit_train_step(step, mesh).lower(state, data).compile()
+  lowered = jtl.jit_train_step(step, mesh).lower(state, data)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  flops = float(compiled.cost_analysis()["flops"])
+  # FLOPs of the program as written, before XLA rewrites it: the compiled
+  # program's count misses what runs as library calls (cuBLAS, cuDNN on GPU).
+  flops = float(lowered.cost_analysis()["flops"])
   seconds = _timed(compiled, (state, data), steps, carry=True)
   fwd_seconds = None
   if mode == "frozen":
@@ -144,7 +148,8 @@ def measure_jtl(name: str, mode: str, batch: int, size: int, steps: int,
           "tflops_per_step": flops / 1e12, "achieved_tflops": achieved,
           "mfu": achieved / peak if peak else None,
           "step_over_forward": fwd_seconds and seconds / fwd_seconds,
-          "program_gib": program_gib(compiled), "compile_s": compile_s}
+          "program_gib": program_gib(compiled), "compile_s": compile_s,
+          "build": build}
 
 
 def measure_torch(python: str, plan: list[tuple[str, str, int]], pairs: dict[str, str],
@@ -247,6 +252,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       help="timm starts no new measurement after this many seconds")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="jtl starts no new measurement after this many seconds")
+  parser.add_argument("--model_kwargs", default="{}",
+                      help='JSON keyword arguments of every jtl model, e.g. \'{"fused_attention": false}\'')
   parser.add_argument("--check_mesh", action="store_true")
   args = parser.parse_args(argv)
   pairs = TINY if args.tiny else FULL
@@ -269,7 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
       result["not_measured"].append(f"jtl {name} {mode} {batch}: time budget")
       continue
     try:
-      rows.append(measure_jtl(name, mode, batch, args.image_size, args.steps, peak))
+      rows.append(measure_jtl(name, mode, batch, args.image_size, args.steps, peak,
+                              **json.loads(args.model_kwargs)))
     except Exception as e:  # noqa: BLE001 - an out-of-memory batch is reported, not fatal
       print(f"jtl {name} {mode} batch {batch}: {type(e).__name__}: {str(e)[:300]}",
             file=sys.stderr)

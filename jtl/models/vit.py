@@ -59,19 +59,37 @@ class MlpBlock(nn.Module):
     return nn.Dense(width, name="Dense_1")(x)
 
 
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    bias: jax.Array | None = None, mask: jax.Array | None = None,
+                    **kwargs: Any) -> jax.Array:
+  """Flax's attention, or cuDNN's fused (flash) kernel where it applies: a GPU
+  backend, bf16/fp16 inputs, no bias or mask. The fused kernel never writes the
+  [batch, heads, tokens, tokens] scores to device memory; elsewhere (CPU, TPU,
+  fp32) this is `nn.dot_product_attention` itself."""
+  if (jax.default_backend() == "gpu" and bias is None and mask is None
+      and query.dtype in (jnp.bfloat16, jnp.float16)):
+    try:
+      return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):  # shape or cuDNN version
+      pass
+  return nn.dot_product_attention(query, key, value, bias=bias, mask=mask, **kwargs)
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-LayerNorm block: x + MHA(LN(x)), then x + MLP(LN(x))."""
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   exact_gelu: bool = False
+  fused: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     y = nn.LayerNorm(name="LayerNorm_0")(x)
+    attention_fn = fused_attention if self.fused else nn.dot_product_attention
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, name="MultiHeadDotProductAttention_0")(
-            y, y, deterministic=True)
+        num_heads=self.num_heads, attention_fn=attention_fn,
+        name="MultiHeadDotProductAttention_0")(y, y, deterministic=True)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.LayerNorm(name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.exact_gelu, name="MlpBlock_0")(y, train=train)
@@ -85,12 +103,13 @@ class Encoder(nn.Module):
   num_heads: int
   dropout: float = 0.0
   exact_gelu: bool = False
+  fused_attention: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.depth):
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
-                         name=f"encoderblock_{i}")(x, train=train)
+                         self.fused_attention, name=f"encoderblock_{i}")(x, train=train)
     return nn.LayerNorm(name="encoder_norm")(x)
 
 
@@ -106,6 +125,8 @@ class ViT(nn.Module):
     dropout: dropout rate after attention and in the MLP.
     exact_gelu: the MLP's GELU in its erf form (timm / HF weights) instead of
       the tanh form (big_vision / vision_transformer weights).
+    fused_attention: cuDNN's fused attention on NVIDIA GPUs in bf16/fp16
+      (`fused_attention`); False keeps Flax's everywhere. Same parameters.
   """
   num_classes: int = 1000
   patch_size: int = 16
@@ -118,6 +139,7 @@ class ViT(nn.Module):
   representation_size: int | None = None
   dropout: float = 0.0
   exact_gelu: bool = False
+  fused_attention: bool = True
 
   def setup(self):
     p = self.patch_size
@@ -131,7 +153,7 @@ class ViT(nn.Module):
         (1, prefix + grid * grid, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout)
     self.Transformer = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout,
-                               self.exact_gelu)
+                               self.exact_gelu, self.fused_attention)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size)
     if self.num_classes:
