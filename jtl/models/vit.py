@@ -81,7 +81,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dropout: float = 0.0
   exact_gelu: bool = False
-  fused: bool = True
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -103,7 +103,7 @@ class Encoder(nn.Module):
   num_heads: int
   dropout: float = 0.0
   exact_gelu: bool = False
-  fused_attention: bool = True
+  fused_attention: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -126,7 +126,8 @@ class ViT(nn.Module):
     exact_gelu: the MLP's GELU in its erf form (timm / HF weights) instead of
       the tanh form (big_vision / vision_transformer weights).
     fused_attention: cuDNN's fused attention on NVIDIA GPUs in bf16/fp16
-      (`fused_attention`); False keeps Flax's everywhere. Same parameters.
+      (`fused_attention`), same parameters. Off by default: not yet measured
+      on a GPU (BENCHMARKS.md, "Accelerators").
   """
   num_classes: int = 1000
   patch_size: int = 16
@@ -139,7 +140,7 @@ class ViT(nn.Module):
   representation_size: int | None = None
   dropout: float = 0.0
   exact_gelu: bool = False
-  fused_attention: bool = True
+  fused_attention: bool = False
 
   def setup(self):
     p = self.patch_size
