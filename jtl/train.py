@@ -133,6 +133,55 @@ class _Window:
     return row
 
 
+@dataclasses.dataclass(frozen=True)
+class _Phases:
+  """(start_step, labels, tx) of each phase of a run, sorted by start step."""
+  items: list[tuple[int, PyTree, optax.GradientTransformation]]
+
+  def at(self, completed_steps: int) -> int:
+    """The phase that runs the step after `completed_steps`."""
+    return max(i for i, p in enumerate(self.items) if p[0] <= completed_steps)
+
+
+def _open_workdir(stack: contextlib.ExitStack, workdir: Any, meta: dict[str, Any],
+                  save_every: int, keep: int, best_metric: str | None,
+                  async_save: bool) -> CheckpointManager:
+  """Takes the workdir's lock and opens its checkpoint manager, both closed by
+  `stack`; refuses a workdir whose checkpoints were written for another model."""
+  stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
+  mngr = CheckpointManager(workdir, save_every=save_every, keep=keep,
+                           best_metric=best_metric, async_save=async_save)
+  stack.push(_exit_quietly_on_error(mngr.close))
+  _check_meta(mngr, meta, workdir)
+  return mngr
+
+
+def _progress_bar(stack: contextlib.ExitStack, start_step: int, num_steps: int) -> Any:
+  """A tqdm bar on process 0 when steps remain (closed by `stack`), else None."""
+  if jax.process_index() != 0 or num_steps <= start_step:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+  stack.callback(bar.close)
+  return bar
+
+
+def _report(step: int, row: dict[str, float], writer: MetricWriter | None,
+            on_log: Callable[[int, dict[str, float]], None] | None, bar: Any) -> None:
+  """One train-metrics row to the metrics file, the callback and the bar."""
+  if writer:
+    writer.write(step, "train", row)
+  if on_log:
+    on_log(step, row)
+  if bar:
+    bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_second']:.2f}",
+                    ex_s=f"{row['examples_per_second']:.1f}",
+                    wait=f"{100 * row['input_wait_fraction']:.0f}%")
+  if row.get("skipped"):
+    logging.warning("Skipped %d non-finite update(s) up to step %d (%d in all).",
+                    row["skipped"], step, row["skipped_total"])
+
+
 def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.GradientTransformation,
         train_batches: Callable[[int], Iterator[Batch]], num_steps: int,
         workdir: str | os.PathLike | None = None,
@@ -186,19 +235,16 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
   mesh = mesh or parallel.make_mesh()
   meta = dict(meta or {})
-  phases = sorted([(0, labels, tx), *later_phases], key=lambda p: p[0])
-
-  def phase_at(completed_steps: int) -> int:
-    return max(i for i, p in enumerate(phases) if p[0] <= completed_steps)
-
-  def fresh_state(phase: int) -> tuple[TrainState, PyTree]:
-    _, labels, tx = phases[phase]
-    return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
-
+  phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   if variables is None:
     variables = variables_of(module)
 
-  def compile_step(labels, tx):
+  def fresh_state(phase: int) -> tuple[TrainState, PyTree]:
+    """The initial state of `phase` and its labels (what a restore fills)."""
+    _, labels, tx = phases.items[phase]
+    return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
+
+  def compile_step(labels: PyTree, tx: optax.GradientTransformation) -> Callable:
     step = steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
                                  batch_transform=batch_transform, microbatches=microbatches,
                                  compute_dtype=compute_dtype)
@@ -206,26 +252,23 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         steps.skip_nonfinite(step) if on_nonfinite == "skip" else step, mesh)
 
   with contextlib.ExitStack() as stack:
-    mngr = writer = None
+    mngr = None
     state = None
     if workdir is not None:
-      stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
-      mngr = CheckpointManager(workdir, save_every=checkpoint_every, keep=keep,
-                               best_metric=best_metric if eval_batches else None,
-                               async_save=async_checkpoints)
-      stack.push(_exit_quietly_on_error(mngr.close))
-      _check_meta(mngr, meta, workdir)
+      mngr = _open_workdir(stack, workdir, meta, checkpoint_every, keep,
+                           best_metric if eval_batches else None, async_checkpoints)
       # A checkpoint at step s was written by the phase that ran step s.
-      state = mngr.restore_latest(lambda s: fresh_state(phase_at(s - 1) if s else 0))
+      state = mngr.restore_latest(lambda s: fresh_state(phases.at(s - 1) if s else 0))
     state = state if state is not None else fresh_state(0)[0]
     start_step = int(jax.device_get(state.step))
-    phase = phase_at(start_step - 1) if start_step else 0
+    phase = phases.at(start_step - 1) if start_step else 0
     if start_step:
       logging.info("Resuming from step %d in %s", start_step, workdir)
+    writer = None
     if workdir is not None:
       writer = MetricWriter(workdir, resume_step=start_step)
       stack.callback(writer.close)
-    train_step = compile_step(*phases[phase][1:])
+    train_step = compile_step(*phases.items[phase][1:])
     eval_step = jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype))
 
     def run_eval(step: int) -> dict[str, float]:
@@ -236,22 +279,16 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       logging.info("eval step %d: %s", step, result)
       return result
 
-    bar = None
-    if progress and jax.process_index() == 0 and num_steps > start_step:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-      stack.callback(bar.close)
-
+    bar = _progress_bar(stack, start_step, num_steps) if progress else None
     eval_metrics = None
     last_saved = mngr.latest_step() if mngr else None
     batches = train_batches(start_step)
     window = _Window(start=time.perf_counter())
     unchecked: list[tuple[int, dict[str, jax.Array]]] = []
-    batch_size = 0
     for step in range(start_step + 1, num_steps + 1):
-      if phase_at(step - 1) != phase:
-        phase = phase_at(step - 1)
-        _, labels, tx = phases[phase]
+      if phases.at(step - 1) != phase:
+        phase = phases.at(step - 1)
+        _, labels, tx = phases.items[phase]
         state = parallel.place_state(phases_lib.switch_phase(jax.device_get(state), labels, tx),
                                      mesh)
         train_step = compile_step(labels, tx)
@@ -259,7 +296,6 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       t0 = time.perf_counter()
       batch = next(batches)
       window.wait += time.perf_counter() - t0
-      batch_size = len(batch["label"])
       state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
       window.rows.append((step, metrics))
       unchecked.append((step, metrics))
@@ -272,18 +308,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         if bad is not None:
           raise _divergence(*bad, last_saved, workdir)
       if step % log_every == 0 or last:
-        row = window.summary(batch_size)
-        if writer:
-          writer.write(step, "train", row)
-        if on_log:
-          on_log(step, row)
-        if bar:
-          bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_second']:.2f}",
-                          ex_s=f"{row['examples_per_second']:.1f}",
-                          wait=f"{100 * row['input_wait_fraction']:.0f}%")
-        if row.get("skipped"):
-          logging.warning("Skipped %d non-finite update(s) up to step %d (%d in all).",
-                          row["skipped"], step, row["skipped_total"])
+        _report(step, window.summary(len(batch["label"])), writer, on_log, bar)
       if bar:
         bar.update(1)
       evaluated = None
