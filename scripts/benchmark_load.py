@@ -13,7 +13,9 @@ wall time and the peak resident memory (VmHWM, reset after the imports with
   read+load+put the same, then jax.device_put of every variable (what a
                 training run does next)
   create        jtl.models.create("hf-hub:...") from a local Hub cache: config.json,
-                a real init of the model (XLA), then the load
+                the variable tree from jax.eval_shape (no init), then the load
+  create+head   the same with num_classes=10: the new head is the only leaf
+                initialised (XLA computes just that leaf of the init)
 
 and prints a table of the increase in peak RSS over the process after its
 imports, against the bytes on disk. Linux only (/proc).
@@ -30,7 +32,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("read", "read+load", "read+load+put", "create")
+MODES = ("read", "read+load", "read+load+put", "create", "create+head")
 
 
 def _status(field: str) -> int:
@@ -95,8 +97,9 @@ def measure(mode: str, path: str) -> dict:
   else:
     os.environ["HF_HUB_CACHE"] = os.path.join(os.path.dirname(path), "hub")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    out = models.create("hf-hub:bench/vit_b16")
-    assert out.report.ok
+    head = 10 if mode == "create+head" else None
+    out = models.create("hf-hub:bench/vit_b16", num_classes=head)
+    assert out.report.ok and len(out.report.reinitialised) == (2 if head else 0)
   seconds = time.perf_counter() - t0
   return {"mode": mode, "seconds": seconds, "base": base, "peak": _status("VmHWM"),
           "file": os.path.getsize(path)}

@@ -496,3 +496,66 @@ def test_sharded_index_must_match_its_shards(tmp_path):
   (tmp_path / "bad.index.json").write_text(json.dumps({"weight_map": {"a": "../s1"}}))
   with pytest.raises(CheckpointError, match="weight_map"):
     jtl.read(tmp_path / "bad.index.json")
+
+
+def test_create_with_weights_initialises_only_what_the_checkpoint_lacks(tmp_path, monkeypatch):
+  """create(pretrained=file) builds the variable tree with jax.eval_shape: the
+  init runs once, for the leaves the file does not provide (a new head), and
+  the loaded leaves are the file's values; nothing runs the full init."""
+  from jtl import tree as jtree
+  from jtl.models import registry
+  spec = models.get_spec("small_cnn")
+  shapes = jtree.flatten(registry.abstract_variables(spec, spec.build(num_classes=10)))
+  assert all(isinstance(s, jax.ShapeDtypeStruct) for s in shapes.values())
+  rng = np.random.default_rng(0)
+  saved = {k: rng.standard_normal(s.shape).astype(s.dtype) for k, s in shapes.items()}
+  assert any(k.startswith("batch_stats/") for k in saved)
+  path = tmp_path / "small_cnn.npz"
+  checkpoint.export(jtree.unflatten(saved), path)
+  calls = []
+  real_init_leaves = registry.init_leaves
+
+  def spy(spec_, module, paths, **kw):
+    calls.append(sorted(paths))
+    return real_init_leaves(spec_, module, paths, **kw)
+
+  def full_init(*args, **kw):
+    raise AssertionError("create(pretrained=...) ran the full init")
+
+  monkeypatch.setattr(registry, "init_leaves", spy)
+  monkeypatch.setattr(registry, "init_variables", full_init)
+  same = models.create("small_cnn", pretrained=str(path))
+  assert calls == [] and same.report.ok and len(same.report.loaded) == len(saved)
+  for k, v in jtree.flatten(same.variables).items():
+    np.testing.assert_array_equal(v, saved[k], err_msg=k)
+  new_head = models.create("small_cnn", num_classes=3, pretrained=str(path), seed=5)
+  assert calls == [["params/head/bias", "params/head/kernel"]]
+  assert [e.path for e in new_head.report.reinitialised] == calls[0]
+  monkeypatch.undo()
+  # The new head is exactly the full init's head (same seed, same PRNG streams).
+  full = jtree.flatten(registry.init_variables(spec, spec.build(num_classes=3), seed=5))
+  got = jtree.flatten(new_head.variables)
+  assert sorted(got) == sorted(full)
+  assert np.abs(got["params/head/kernel"]).max() > 0
+  for k, v in got.items():
+    assert v.dtype == full[k].dtype and v.shape == full[k].shape, k
+    np.testing.assert_array_equal(v, full[k] if k.startswith("params/head/") else saved[k],
+                                  err_msg=k)
+
+
+def test_abstract_like_needs_an_init_for_what_is_not_loaded():
+  like = {"params": {"w": jax.ShapeDtypeStruct((2, 2), np.float32),
+                     "b": jax.ShapeDtypeStruct((2,), np.float32)}}
+  src = {"w": np.ones((2, 2), np.float32)}
+  with pytest.raises(jtl.errors.LoadError, match="(?s)params/b.*init=fn"):
+    checkpoint.load_pretrained(src, like, strict=False)
+  asked = []
+  out, report = checkpoint.load_pretrained(
+      src, like, strict=False, init=lambda paths: asked.extend(paths) or {
+          p: np.full((2,), 7.0) for p in paths})
+  assert asked == ["params/b"] and [e.path for e in report.missing] == ["params/b"]
+  assert out["params"]["b"].dtype == np.float32 and out["params"]["b"].tolist() == [7.0, 7.0]
+  assert out["params"]["w"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+  with pytest.raises(jtl.errors.LoadError, match=r"params/b: init gave \(3,\), expected \(2,\)"):
+    checkpoint.load_pretrained(src, like, strict=False,
+                               init=lambda paths: {p: np.zeros(3) for p in paths})

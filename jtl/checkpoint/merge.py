@@ -123,6 +123,7 @@ def load_pretrained(
     skip: Sequence[str] = (), strict: bool = True,
     reinit_head: str | None = r"params/head/.*", dtype: Any = None,
     adapt: bool | Sequence[tuple[str, Adapter]] = True,
+    init: Callable[[Sequence[str]], Mapping[str, Any]] | None = None,
 ) -> tuple[Any, LoadReport]:
   """Returns `like` with its leaves replaced by the checkpoint's, and a report.
 
@@ -131,7 +132,11 @@ def load_pretrained(
       dict of arrays.
     like: freshly initialised variables, e.g. {"params": ..., "batch_stats":
       ...}; gives the structure, shapes, dtypes and the values kept for
-      leaves that are not loaded.
+      leaves that are not loaded. Its leaves may be abstract (anything with
+      `shape` and `dtype` that is not an array, e.g. the `jax.ShapeDtypeStruct`s
+      of `jax.eval_shape(module.init, ...)`): then `init` makes only the
+      leaves the checkpoint does not provide, and no memory is spent on an
+      init of the leaves it does.
     converter: maps the source's flat dict to {"params/...": array,
       "batch_stats/...": array}. Without it, source names are model paths (a
       "params/" prefix is added when the source has no collection names).
@@ -146,6 +151,10 @@ def load_pretrained(
     adapt: True applies the built-in adapters (ViT position-embedding resize,
       first-conv input channels) to shape mismatches of matching paths; False
       none; or a sequence of (regex, fn(source_array, model_shape) -> array).
+    init: for abstract `like` leaves: `init(paths) -> {path: array}`, called
+      once with the paths of every abstract leaf that is not loaded (a new
+      head, skipped or, when not strict, missing leaves); not called when
+      the checkpoint provides them all.
 
   Returns:
     (variables with the structure of `like`, holding numpy arrays; LoadReport)
@@ -180,45 +189,45 @@ def load_pretrained(
 
   source_has_head = any(is_head(p) for p in flat_src)
   out: dict[str, Any] = {}
-  for path, init in flat_like.items():
-    init = np.asarray(init)
-    out[path] = init
+  for path, model_leaf in flat_like.items():
+    model_leaf = model_leaf if _is_abstract(model_leaf) else np.asarray(model_leaf)
+    out[path] = model_leaf
     if skipped(path):
       src = flat_src.get(path)
       cats["skipped"].append(Entry(path, None if src is None else src.shape,
-                                   init.shape, "skip pattern"))
+                                   model_leaf.shape, "skip pattern"))
       continue
     if path not in flat_src:
       if is_head(path) and not source_has_head:
         cats["reinitialised"].append(Entry(
-            path, None, init.shape, "the checkpoint has no classifier head: new head"))
+            path, None, model_leaf.shape, "the checkpoint has no classifier head: new head"))
       else:
-        cats["missing"].append(Entry(path, None, init.shape))
+        cats["missing"].append(Entry(path, None, model_leaf.shape))
       continue
     src = flat_src[path]
-    if src.shape != init.shape:
+    if src.shape != model_leaf.shape:
       fixed = None
       for pattern, fn in adapters:
         if re.fullmatch(pattern, path):
-          fixed = fn(src, init.shape)
-          if fixed is not None and tuple(fixed.shape) == init.shape:
-            cats["adapted"].append(Entry(path, src.shape, init.shape,
+          fixed = fn(src, model_leaf.shape)
+          if fixed is not None and tuple(fixed.shape) == model_leaf.shape:
+            cats["adapted"].append(Entry(path, src.shape, model_leaf.shape,
                                          getattr(fn, "__name__", "adapter")))
             break
           fixed = None
       if fixed is None:
-        if (is_head(path) and src.ndim == init.ndim and src.ndim > 0
-            and src.shape[:-1] == init.shape[:-1]):
+        if (is_head(path) and src.ndim == model_leaf.ndim and src.ndim > 0
+            and src.shape[:-1] == model_leaf.shape[:-1]):
           cats["reinitialised"].append(Entry(
-              path, src.shape, init.shape,
+              path, src.shape, model_leaf.shape,
               f"checkpoint has {src.shape[-1]} classes, model "
-              f"{init.shape[-1]}: re-initialised"))
+              f"{model_leaf.shape[-1]}: re-initialised"))
         else:
-          cats["mismatched"].append(Entry(path, src.shape, init.shape))
+          cats["mismatched"].append(Entry(path, src.shape, model_leaf.shape))
         continue
       src = fixed
-    out[path] = _cast(path, src, init, dtype, cats)
-    cats["loaded"].append(Entry(path, src.shape, init.shape))
+    out[path] = _cast(path, src, model_leaf, dtype, cats)
+    cats["loaded"].append(Entry(path, src.shape, model_leaf.shape))
   for path, src in flat_src.items():
     if path in flat_like:
       continue
@@ -231,8 +240,41 @@ def load_pretrained(
   report = LoadReport(**{k: tuple(v) for k, v in cats.items()})
   if strict and not report.ok:
     raise LoadError(_strict_message(source, report))
+  _materialise(out, init)
   variables = tree_lib.map_with_path(lambda p, _: out[p], like)
   return variables, report
+
+
+def _is_abstract(leaf: Any) -> bool:
+  """A shape-and-dtype placeholder (jax.ShapeDtypeStruct), not an array."""
+  return (hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+          and not isinstance(leaf, (np.ndarray, np.generic)) and not hasattr(leaf, "__array__"))
+
+
+def _materialise(out: dict[str, Any], init: Callable[[Sequence[str]], Mapping[str, Any]] | None
+                 ) -> None:
+  """Replaces the abstract leaves left in `out` (not loaded) by `init`'s arrays."""
+  abstract = [p for p, v in out.items() if _is_abstract(v)]
+  if not abstract:
+    return
+  if init is None:
+    raise LoadError(
+        f"{len(abstract)} variables are abstract (shape/dtype only) and the checkpoint does "
+        "not provide them:\n" + bullet_list(abstract, limit=30) + "\nPass init=fn(paths) -> "
+        "{path: array} to load_pretrained, or concrete arrays in `like`.")
+  made = dict(init(abstract))
+  problems = []
+  for path in abstract:
+    want = out[path]
+    got = made.get(path)
+    if got is None or tuple(np.shape(got)) != tuple(want.shape):
+      problems.append(f"{path}: init gave {None if got is None else np.shape(got)}, "
+                      f"expected {tuple(want.shape)}")
+      continue
+    out[path] = np.asarray(got, want.dtype)
+  if problems:
+    raise LoadError("load_pretrained: init(paths) did not return the leaves asked "
+                    "for:\n" + bullet_list(problems))
 
 
 def _cast(path: str, src: np.ndarray, init: np.ndarray, dtype: Any,

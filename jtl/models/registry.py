@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jtl import tree as jtree
 from jtl.errors import ConfigError, bullet_list
 
 Variables = dict[str, Any]
@@ -110,12 +111,43 @@ def list_models() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def _init_fn(module: nn.Module) -> Callable[[jax.Array, Any], Any]:
+  return lambda r, x: module.init({"params": r, "dropout": r}, x, train=False)
+
+
 def init_variables(spec: ModelSpec, module: nn.Module, *, seed: int = 0) -> Variables:
   """Initialises `module`'s variables from the spec's example input (on host)."""
   rng = jax.random.PRNGKey(seed)
-  variables = jax.jit(lambda r, x: module.init({"params": r, "dropout": r}, x, train=False))(
-      rng, spec.example_input(1))
+  variables = jax.jit(_init_fn(module))(rng, spec.example_input(1))
   return jax.tree.map(np.asarray, dict(variables))
+
+
+def abstract_variables(spec: ModelSpec, module: nn.Module, *, seed: int = 0) -> Variables:
+  """The variables' tree as `jax.ShapeDtypeStruct`s (`jax.eval_shape`: no
+  memory, no compute)."""
+  return dict(jax.eval_shape(_init_fn(module), jax.random.PRNGKey(seed), spec.example_input(1)))
+
+
+def init_leaves(spec: ModelSpec, module: nn.Module, paths: Sequence[str], *,
+                seed: int = 0) -> dict[str, np.ndarray]:
+  """{path: array} of only these leaves ("params/head/kernel", ...) of the init.
+
+  The values are those of `init_variables(spec, module, seed=seed)` (same
+  PRNG streams; Flax derives each layer's key from its path), but the
+  compiled init returns only these leaves, so XLA drops every other
+  initialiser and the forward pass they do not need: the memory is that of
+  the leaves asked for.
+  """
+  paths = tuple(paths)
+  if not paths:
+    return {}
+
+  def some(r, x):
+    flat = jtree.flatten(dict(_init_fn(module)(r, x)))
+    return {p: flat[p] for p in paths}
+
+  out = jax.jit(some)(jax.random.PRNGKey(seed), spec.example_input(1))
+  return {p: np.asarray(v) for p, v in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +203,10 @@ def create(name: str, *, num_classes: int | None = None,
   spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
   module = spec.build(num_classes=n, **kwargs)
-  variables = init_variables(spec, module, seed=seed)
   report = None
-  if pretrained is not False and pretrained is not None:
+  if pretrained is False or pretrained is None:
+    variables = init_variables(spec, module, seed=seed)
+  else:
     source = spec.pretrained if pretrained is True else pretrained
     if source is None:
       raise ConfigError(
@@ -181,9 +214,14 @@ def create(name: str, *, num_classes: int | None = None,
           "is None). Pass pretrained=False for a random init, or "
           "pretrained='<path or source name>'.")
     from jtl import checkpoint  # noqa: PLC0415 - checkpoint imports models' users
+    # Shapes only (no init of what the checkpoint replaces): the loaded leaves
+    # are the checkpoint's arrays, and only the leaves it lacks (a new head,
+    # skipped ones) are initialised, so the peak stays near the file's size.
     variables, report = checkpoint.load_pretrained(
-        checkpoint.resolve(source), like=variables, converter=spec.converter,
-        reinit_head=spec.head_pattern, skip=_hub_skip() if from_hub else ())
+        checkpoint.resolve(source), like=abstract_variables(spec, module, seed=seed),
+        converter=spec.converter, reinit_head=spec.head_pattern,
+        skip=_hub_skip() if from_hub else (),
+        init=lambda paths: init_leaves(spec, module, paths, seed=seed))
     if report.reinitialised:
       logging.info("%s: head re-initialised for %d classes (checkpoint has "
                    "%d): %s", name, n, spec.default_num_classes,
