@@ -175,36 +175,12 @@ def make_train_step(
       batch, extra = batch_transform(state, batch, jax.random.fold_in(step_rng, 1))
       batch = jax.lax.stop_gradient(batch)
 
-    if microbatches == 1:
-      (loss, (model_state, aux)), grads = grad_fn(
-          state.trainable, state.frozen, state.model_state, batch, step_rng)
-    else:
-      micro = _split_microbatches(batch, microbatches)
-
-      def accumulate(carry, xs):
-        grad_sum, model_state = carry
-        mb, i = xs
-        (loss, (model_state, aux)), grads = grad_fn(
-            state.trainable, state.frozen, model_state, mb, jax.random.fold_in(step_rng, i))
-        return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux)
-
-      init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
-      (grad_sum, model_state), (losses, auxes) = jax.lax.scan(
-          accumulate, init, (micro, jnp.arange(microbatches)))
-      grads = jax.tree.map(lambda g: g / microbatches, grad_sum)
-      loss = jnp.mean(losses)
-      aux = {k: (jnp.sum(v) if k == "correct" else jnp.mean(v)) for k, v in auxes.items()}
-
+    (loss, (model_state, aux)), grads = _value_and_grad(grad_fn, state, batch, step_rng,
+                                                        microbatches)
     count = _count(batch)
     if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      loss = jax.lax.pmean(loss, axis_name)
-      model_state = jax.lax.pmean(model_state, axis_name)
-      aux = {k: (jax.lax.psum(v, axis_name) if k == "correct" else jax.lax.pmean(v, axis_name))
-             for k, v in aux.items()}
-      extra = jax.lax.pmean(extra, axis_name)
-      count = jax.lax.psum(count, axis_name)
-
+      grads, loss, model_state, aux, extra, count = _across_devices(
+          axis_name, grads, loss, model_state, aux, extra, count)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable,
@@ -215,6 +191,38 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax.Array,
+                    microbatches: int) -> tuple[tuple[jax.Array, tuple[PyTree, dict]], PyTree]:
+  """`grad_fn` on the whole batch, or gradients averaged over `microbatches`
+  slices of it with `lax.scan` (statistics carried from slice to slice)."""
+  if microbatches == 1:
+    return grad_fn(state.trainable, state.frozen, state.model_state, batch, rng)
+
+  def accumulate(carry, xs):
+    grad_sum, model_state = carry
+    mb, i = xs
+    (loss, (model_state, aux)), grads = grad_fn(
+        state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux)
+
+  init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
+  (grad_sum, model_state), (losses, auxes) = jax.lax.scan(
+      accumulate, init, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
+  grads = jax.tree.map(lambda g: g / microbatches, grad_sum)
+  aux = {k: (jnp.sum(v) if k == "correct" else jnp.mean(v)) for k, v in auxes.items()}
+  return (jnp.mean(losses), (model_state, aux)), grads
+
+
+def _across_devices(axis_name: str, grads: PyTree, loss: jax.Array, model_state: PyTree,
+                    aux: dict, extra: dict, count: jax.Array) -> tuple:
+  """Means over the pmap axis; correct-prediction and example counts summed."""
+  aux = {k: (jax.lax.psum(v, axis_name) if k == "correct" else jax.lax.pmean(v, axis_name))
+         for k, v in aux.items()}
+  return (jax.lax.pmean(grads, axis_name), jax.lax.pmean(loss, axis_name),
+          jax.lax.pmean(model_state, axis_name), aux, jax.lax.pmean(extra, axis_name),
+          jax.lax.psum(count, axis_name))
 
 
 def _hard_labels(batch: Batch) -> jax.Array:
