@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from zoo_helpers import REF, layouts, zeros_like_model
 
 from jtl import checkpoint, tree
 from jtl.errors import DataError, LoadError
 from jtl.models import registry, resnet
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _layouts():
-  spec = importlib.util.spec_from_file_location("zoo_layouts", FIXTURES / "zoo_layouts.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-layouts = _layouts()
-REF = np.load(FIXTURES / "zoo_reference.npz")
-
-
-def zeros_like_model(model, x, **kw):
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, **kw))
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 @pytest.mark.parametrize("depth,keys,leaves", [(18, 122, 102), (50, 320, 267)])

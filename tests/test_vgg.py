@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
+from zoo_helpers import layouts
 
 from jtl import checkpoint, tree
 from jtl.models import registry, vgg
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _layouts():
-  spec = importlib.util.spec_from_file_location("zoo_layouts", FIXTURES / "zoo_layouts.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-layouts = _layouts()
 
 
 def test_torchvision_state_dict_maps_completely():

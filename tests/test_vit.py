@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
+from zoo_helpers import REF, layouts, zeros_like_model
 
 from jtl import checkpoint, tree
 from jtl.checkpoint.adapt import resize_pos_embed
 from jtl.errors import LoadError
 from jtl.models import registry, vit
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _layouts():
-  spec = importlib.util.spec_from_file_location("zoo_layouts", FIXTURES / "zoo_layouts.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-layouts = _layouts()
-REF = np.load(FIXTURES / "zoo_reference.npz")
-
-
-def zeros_like_model(model, size):
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), vit.example_input(1, size)))
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 @pytest.mark.parametrize("variant,params", [
@@ -42,7 +22,7 @@ def test_vision_transformer_npz_maps_completely(variant, params):
   layout = layouts.vit_npz(variant)
   assert "Transformer/encoderblock_11/MlpBlock_3/Dense_1/kernel" in {k for k, _, _ in layout}
   npz = {k: np.zeros(s, np.float32) for k, s, _ in layout}
-  like = zeros_like_model(vit.vit(variant, 21843), 224)
+  like = zeros_like_model(vit.vit(variant, 21843), vit.example_input(1, 224))
   converted = vit.convert_npz(npz)
   flat = tree.flatten(like)
   assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in flat.items()}
@@ -60,7 +40,7 @@ def test_npz_file_round_trip_with_pre_logits_and_new_resolution(tmp_path):
   np.savez(path, **arrays)
   model = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3,
                   image_size=384, representation_size=192)
-  like = zeros_like_model(model, 384)
+  like = zeros_like_model(model, vit.example_input(1, 384))
   variables, report = checkpoint.load_pretrained(path, like, converter=vit.convert_npz)
   assert report.ok
   assert [(e.path, e.source_shape, e.model_shape) for e in report.adapted] == [
@@ -71,13 +51,14 @@ def test_npz_file_round_trip_with_pre_logits_and_new_resolution(tmp_path):
   # Without pre_logits in the model, a strict load names the extra arrays.
   plain = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3)
   with pytest.raises(LoadError, match="pre_logits/kernel"):
-    checkpoint.load_pretrained(path, zeros_like_model(plain, 224), converter=vit.convert_npz)
+    checkpoint.load_pretrained(path, zeros_like_model(plain, vit.example_input(1, 224)),
+                               converter=vit.convert_npz)
 
 
 def _load(layout, seed, model, size=64):
   arrays = layouts.random_arrays(layout, seed)
   variables, report = checkpoint.load_pretrained(
-      arrays, zeros_like_model(model, size), converter=vit.convert_npz)
+      arrays, zeros_like_model(model, vit.example_input(1, size)), converter=vit.convert_npz)
   return variables, report
 
 
