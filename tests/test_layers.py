@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jtl.errors import ConfigError, DataError
-from jtl.models import layers
+from jtl.models import layers, preprocessing
 
 CASES = [  # (H, W, kernel, stride, padding)
     (9, 9, 3, 1, "SAME"), (8, 8, 3, 2, "SAME"), (9, 7, 5, 2, "SAME"),
@@ -161,7 +161,7 @@ def test_bad_arguments_raise_config_errors():
   with pytest.raises(ConfigError, match="padding='FULL'"):
     layers.depthwise_conv(x, np.zeros((3, 3, 1, 3)), padding="FULL")
   with pytest.raises(DataError, match=r"\(5, 5, 1\)"):
-    layers.center_crop_resize(np.zeros((5, 5, 1)))
+    preprocessing.center_crop_resize(np.zeros((5, 5, 1)))
 
 
 def test_drop_path_drops_whole_examples_and_rescales():

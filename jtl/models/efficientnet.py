@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.models import registry
-from jtl.models.layers import (BatchNorm, DepthwiseConv, center_crop_resize,
-                               conv_general_dilated, convert_with_rules,
-                               drop_path, relu6)
+from jtl.models.conversion import convert_with_rules
+from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, drop_path, relu6
+from jtl.models.preprocessing import center_crop_resize
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage.
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),

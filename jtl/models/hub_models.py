@@ -25,7 +25,7 @@ import numpy as np
 
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, vit
-from jtl.models.layers import convert_with_rules
+from jtl.models.conversion import convert_with_rules
 
 SUPPORTED = (
     "timm resnet18, resnet50 (e.g. timm/resnet50.a1_in1k)",

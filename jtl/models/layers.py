@@ -1,4 +1,6 @@
-"""Layers shared by the convolutional zoo models: fast depthwise conv, padding.
+"""Layers shared by the convolutional zoo models: fast depthwise conv, padding,
+BatchNorm, drop path. Weight conversion lives in `conversion`, image
+preprocessing in `preprocessing`.
 
 XLA's CPU backend runs grouped convolutions with one group per channel very
 slowly (about 10x slower than the same arithmetic written out). `DepthwiseConv`
@@ -26,17 +28,15 @@ matmul, forward and both gradients are matmuls on every backend.
 from __future__ import annotations
 
 import functools
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jtl.errors import ConfigError, DataError
+from jtl.errors import ConfigError
 
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 FORMULATIONS = ("auto", "shifted", "grouped")
@@ -416,96 +416,3 @@ def drop_path(x: jax.Array, rate: float, *, deterministic: bool,
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-_BN_LEAVES = {"weight": "params/{}/scale", "bias": "params/{}/bias",
-              "running_mean": "batch_stats/{}/mean",
-              "running_var": "batch_stats/{}/var"}
-
-
-def torch_to_flax(path: str, leaf: str, value: np.ndarray
-                  ) -> tuple[str, np.ndarray] | None:
-  """One torch tensor -> (flat variable path, array), given its module's jtl path.
-
-  Paths ending in "bn" are BatchNorms (weight/bias/running_mean/running_var ->
-  params scale/bias, batch_stats mean/var). Conv weights OIHW -> HWIO, which
-  also maps a depthwise (C, 1, kh, kw) weight to `DepthwiseConv`'s
-  (kh, kw, 1, C); Linear (out, in) -> (in, out). None for an unknown leaf.
-
-  >>> torch_to_flax("blocks_2/dw", "weight", np.zeros((96, 1, 3, 3)))[1].shape
-  (3, 3, 1, 96)
-  """
-  kind = path.rsplit("/", 1)[-1]
-  if kind == "bn" or kind.endswith("_bn"):
-    return (_BN_LEAVES[leaf].format(path), value) if leaf in _BN_LEAVES else None
-  if leaf == "weight" and value.ndim == 4:
-    return f"params/{path}/kernel", np.transpose(value, (2, 3, 1, 0))
-  if leaf == "weight" and value.ndim == 2:
-    return f"params/{path}/kernel", value.T
-  if leaf == "bias" and value.ndim == 1:
-    return f"params/{path}/bias", value
-  return None
-
-
-def convert_with_rules(state_dict: Mapping[str, np.ndarray],
-                       rules: Sequence[tuple[str, str | Callable[[re.Match], str]]]
-                       ) -> dict[str, np.ndarray]:
-  """Converts a torch state dict with (module regex, jtl path) rules.
-
-  The path is a `re.Match.expand` template or a function of the match; the
-  first fully matching rule wins and `torch_to_flax` does the rest.
-  num_batches_tracked is dropped; keys no rule converts pass through unchanged
-  so that a strict load reports them as unexpected.
-  """
-  out: dict[str, np.ndarray] = {}
-  for key, value in state_dict.items():
-    module, _, leaf = key.rpartition(".")
-    if leaf == "num_batches_tracked":
-      continue
-    value = np.asarray(value)
-    converted = None
-    for pattern, target in rules:
-      m = re.fullmatch(pattern, module)
-      if m is not None:
-        path = target(m) if callable(target) else m.expand(target)
-        converted = torch_to_flax(path, leaf, value)
-        break
-    if converted is None:
-      out[key] = value
-    else:
-      out[converted[0]] = converted[1]
-  return out
-
-
-def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224,
-                       crop_fraction: float = 0.875) -> jax.Array:
-  """Central square crop, then antialiased bilinear resize; float32, 0..255 kept.
-
-  Args:
-    images: [H, W, 3] or [B, H, W, 3] RGB.
-    size: output side; None returns the images unchanged (as float32 NHWC).
-    crop_fraction: crop side relative to the shorter image side (0.875 is the
-      usual ImageNet evaluation crop).
-
-  Raises:
-    DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
-
-  >>> center_crop_resize(np.zeros((40, 60, 3), np.uint8), size=16).shape
-  (1, 16, 16, 3)
-  """
-  x = jnp.asarray(images)
-  if x.ndim == 3:
-    x = x[None]
-  if x.ndim != 4 or x.shape[-1] != 3:
-    raise DataError(f"Expected RGB images [batch, height, width, 3] (or one "
-                    f"[height, width, 3]); found shape {tuple(jnp.shape(images))}.")
-  x = x.astype(jnp.float32)
-  if size is None:
-    return x
-  h, w = x.shape[1:3]
-  side = max(1, int(round(min(h, w) * crop_fraction)))
-  top, left = (h - side) // 2, (w - side) // 2
-  x = x[:, top:top + side, left:left + side]
-  if side != size:
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
-  return x

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.models import registry
-from jtl.models.layers import (BatchNorm, DepthwiseConv, center_crop_resize,
-                               conv_general_dilated, convert_with_rules,
-                               relu6)
+from jtl.models.conversion import convert_with_rules
+from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, relu6
+from jtl.models.preprocessing import center_crop_resize
 
 # (expand t, channels c, repeats n, stride s) per stage, as torchvision.
 V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),

@@ -20,7 +20,8 @@ import numpy as np
 
 from jtl.errors import ConfigError
 from jtl.models import registry
-from jtl.models.layers import BatchNorm, center_crop_resize, conv_general_dilated
+from jtl.models.layers import BatchNorm, conv_general_dilated
+from jtl.models.preprocessing import center_crop_resize
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
