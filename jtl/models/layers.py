@@ -34,6 +34,7 @@ from typing import Any, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np  # noqa: F401 - the doctests use it
 from jax import lax
 
 from jtl.errors import ConfigError
