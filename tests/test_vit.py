@@ -158,3 +158,15 @@ def test_bad_config_names_the_choices():
   model = vit.ViT(num_classes=0, width=8, depth=1, mlp_dim=8, num_heads=2, pool="max")
   with pytest.raises(ConfigError, match="'max'"):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), vit.example_input(1, 32)))
+
+
+def test_fused_attention_option_keeps_parameters_and_outputs_off_gpu():
+  """`fused_attention` changes only the attention kernel (cuDNN's on GPU): the
+  same parameter tree, and off a GPU the same numbers as Flax's attention."""
+  x = vit.example_input(2, 32)
+  plain = vit.vit("ti", 5, image_size=32, patch_size=8)
+  fused = vit.vit("ti", 5, image_size=32, patch_size=8, fused_attention=True)
+  variables = plain.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(fused.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+  variables = jax.tree.map(lambda v: v + 0.01, variables)  # a non-zero head
+  np.testing.assert_allclose(fused.apply(variables, x), plain.apply(variables, x), atol=1e-6)
