@@ -17,9 +17,11 @@ Notes:
     `pooler.dense` as newly initialised. A classification head (jtl's Dense on
     the mean-pooled features, not HF's [CLS] pooler) goes to `head.safetensors`
     as `classifier.weight` [classes, hidden] / `classifier.bias`.
-  * jtl's ViT MLP uses the tanh GELU of the published JAX models; timm's
-    default is the erf GELU. `config.json` keeps timm's default architecture;
-    pass `act_layer="gelu_tanh"` to `timm.create_model` for the same function.
+  * jtl's ViT MLP uses the tanh GELU of the published JAX models unless
+    built with `exact_gelu=True` (timm / HF weights); timm's default is the
+    erf GELU, so for a tanh-GELU ViT `config.json`'s model_args say
+    `act_layer: "gelu_tanh"`, and `timm.create_model(arch, **model_args)`
+    builds the same network.
 
 >>> torch_module("bert", "layer_0/attention/query")
 ('encoder.layer.0.attention.self.query', 'linear')
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from jtl import tree as jtree
+from jtl.checkpoint import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
@@ -168,7 +171,7 @@ def _fuse_qkv(modules: dict[str, dict[str, np.ndarray]], out: dict[str, np.ndarr
 def to_torch_state_dict(variables: PyTree, layout: str) -> dict[str, np.ndarray]:
   """jtl variables ({"params", "batch_stats"?}) -> the layout's state dict.
 
-  Params must be plain (adapters merged: `jtl.strategies.lora.merge_lora`).
+  Params must be plain (adapters merged: `lora_layout.merge_lora`).
 
   Raises:
     CheckpointError: a leaf the layout has no place for (all listed), or
@@ -230,6 +233,8 @@ def _vit_config(module: Any) -> dict[str, Any]:
   args = {"embed_dim": module.width, "depth": module.depth, "num_heads": module.num_heads,
           "mlp_ratio": module.mlp_dim / module.width, "patch_size": module.patch_size,
           "img_size": module.image_size}
+  if not module.exact_gelu:  # jtl's default tanh GELU; timm's nn.GELU is erf
+    args["act_layer"] = "gelu_tanh"
   return {"architecture": arch, "num_classes": module.num_classes,
           "num_features": module.width, "model_args": args,
           "pretrained_cfg": {"input_size": [3, module.image_size, module.image_size],
@@ -291,19 +296,18 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   Example (from PyTorch):
     transformers.AutoModel.from_pretrained(out_dir)            # BERT
     m = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"],
-                          **cfg["model_args"])                 # ViT / ResNet
+                          **cfg["model_args"])  # ViT / ResNet (act_layer included)
     m.load_state_dict(safetensors.torch.load_file(out_dir + "/model.safetensors"))
   """
-  from jtl.strategies import lora  # pylint: disable=g-import-not-at-top
   layout = layout_of(module)
   alpha = getattr(module, "alpha", None) if alpha is None else alpha
   variables = dict(variables)
   params = variables["params"]
-  if lora.adapter_params(params):
+  if lora_layout.adapter_params(params):
     if alpha is None:
       raise ConfigError("The params hold LoRA adapters: pass alpha= (or the LoraModel) "
                         "to merge them before export.")
-    variables["params"] = lora.merge_lora(params, alpha)
+    variables["params"] = lora_layout.merge_lora(params, alpha)
   sd = to_torch_state_dict(variables, layout)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,19 @@ lora_alpha = alpha; layers of another rank are listed in `rank_pattern`.
 `PeftModel.from_pretrained(base, folder)` loads the export (tested against
 peft, transformers and timm through fixtures).
 
+timm's ViT fuses query, key and value in one `attn.qkv` Linear; jtl's has
+three [width, heads, head_dim] kernels. LoRAs on them (lora_a [width, r],
+lora_b [r, heads * head_dim]) export exactly as one qkv LoRA of rank
+r_q + r_k + r_v: lora_A = concat(A_q, A_k, A_v), lora_B = block diagonal
+(B_q, B_k, B_v), with rank_pattern / alpha_pattern keeping the scale alpha / r.
+An adapter split after the heads axis ([width * heads, r] x [r, head_dim], as
+`add_lora` makes for a LinearGeneral) exports as rank heads * r, also exactly.
+
 Import reads any LoRA adapter PEFT saved for these layouts: per-layer
 rank_pattern / alpha_pattern and rsLoRA scales are folded into B so jtl's
-single alpha gives the same update. timm's fused `attn.qkv` has no jtl
-adapter slot (jtl's ViT has separate query/key/value kernels): import it with
-`fold_unsupported=True`, which adds its update to those kernels.
+single alpha gives the same update. A qkv adapter becomes adapters on query,
+key and value (block-diagonal ones, as jtl writes them, back into the
+separate adapters; `fold_unsupported=True` adds it to the kernels instead).
 
 Which jtl wrapper applies the imported adapters: `LoraModel` runs the ones on
 `nn.Dense` / `nn.Conv` layers (BERT, ResNet, ViT MLP and patch embedding);
@@ -96,20 +104,93 @@ def _pattern_key(name: str, candidates: Sequence[str]) -> str:
   return "^" + re.escape(name) if clash else name
 
 
+def _linear_lora(kernel_shape: Sequence[int], n_in: int, a: np.ndarray, b: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray] | str:
+  """A jtl adapter as a LoRA of the torch Linear whose weight is the kernel as
+  an [prod(shape[n_in:]), prod(shape[:n_in])] matrix: (lora_A [R, in], lora_B
+  [out, R]), lora_B @ lora_A = (a @ b) as that matrix; a problem string else.
+
+  jtl's a [prod(shape[:k]), r] / b [r, prod(shape[k:])] may split the kernel
+  after its input axes (k > n_in; `add_lora` on a [width, heads, head_dim]
+  kernel gives [width * heads, r] x [r, head_dim]): the axes in between join
+  the rank, R = r * prod(shape[n_in:k]) with lora_B block diagonal. Exact.
+  """
+  shape = tuple(int(d) for d in kernel_shape)
+  r = a.shape[1]
+  splits = [k for k in range(n_in, len(shape) + 1)
+            if math.prod(shape[:k]) == a.shape[0] and math.prod(shape[k:]) == b.shape[1]]
+  if a.ndim != 2 or b.ndim != 2 or b.shape[0] != r or not splits:
+    return (f"adapter lora_a {a.shape} x lora_b {b.shape} does not split kernel {shape} "
+            f"after its {n_in} input ax{'i' if n_in == 1 else 'e'}s")
+  mid = math.prod(shape[n_in:splits[0]])
+  lora_a = a.reshape(math.prod(shape[:n_in]), mid * r).T
+  lora_b = b.T if mid == 1 else np.kron(np.eye(mid, dtype=b.dtype), b.T)
+  return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
+
+
 def _export_adapter(kind: str, kernel: np.ndarray, a: np.ndarray, b: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray] | str:
   """jtl (lora_a [fan_in, r], lora_b [r, out]) -> PEFT (lora_A, lora_B) weights."""
   r = a.shape[1]
   if kind == "linear":
-    return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+    return _linear_lora(kernel.shape, kernel.ndim - 1, a, b)
   kh, kw, cin, _ = kernel.shape  # conv: A is a conv into r channels, B a 1x1 conv
   lora_a = np.transpose(a.reshape(kh, kw, cin, r), (3, 2, 0, 1))
   return np.ascontiguousarray(lora_a), np.ascontiguousarray(b.T[:, :, None, None])
 
 
+_QKV = ("query", "key", "value")
+
+
+def _fused_qkv_lora(block: str, modules: Mapping[str, Mapping[str, np.ndarray]]
+                    ) -> tuple[np.ndarray, np.ndarray, int, float] | str:
+  """The LoRAs on one attention's query/key/value as one LoRA of timm's fused
+  qkv Linear: lora_A = concat(A_q, A_k, A_v) [R, width], lora_B = block
+  diagonal(B_q, B_k, B_v) [3 * width, R] (zero rows for a projection without
+  an adapter). Returns (lora_A, lora_B, R, alpha factor): with rank_pattern
+  R and alpha_pattern alpha * factor, PEFT's scale is jtl's alpha / r of the
+  first adapted projection; the B blocks of projections of another rank r_p
+  are multiplied by r / r_p, so every update is jtl's."""
+  a_parts, b_parts, ranks = [], [], []
+  for name in _QKV:
+    leaves = modules.get(f"{block}/{name}", {})
+    if "kernel" not in leaves:
+      return f"{block}/{name}: no kernel (timm's qkv fuses query, key and value)"
+    kernel = leaves["kernel"]
+    out = math.prod(kernel.shape[1:])
+    if "lora_a" not in leaves:
+      b_parts.append((out, None))
+      continue
+    if "lora_b" not in leaves:
+      return f"{block}/{name}: has lora_a but no lora_b"
+    pair = _linear_lora(kernel.shape, 1, leaves["lora_a"], leaves["lora_b"])
+    if isinstance(pair, str):
+      return f"{block}/{name}: {pair}"
+    a_parts.append(pair[0])
+    b_parts.append((out, pair[1]))
+    ranks.append(int(leaves["lora_a"].shape[1]))
+  r0 = ranks[0]
+  lora_a = np.concatenate(a_parts)
+  total = lora_a.shape[0]
+  lora_b = np.zeros((sum(o for o, _ in b_parts), total), lora_a.dtype)
+  row = col = 0
+  rank = iter(ranks)
+  for out, part in b_parts:
+    if part is not None:
+      r_p = next(rank)
+      lora_b[row:row + out, col:col + part.shape[1]] = part if r_p == r0 else part * (r0 / r_p)
+      col += part.shape[1]
+    row += out
+  return lora_a, lora_b, total, total / r0
+
+
 def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] = ()
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """PEFT safetensors tensors and the LoRA part of adapter_config.json.
+
+  The config part has "alpha_factors": {rank_pattern key: f}, modules whose
+  PEFT alpha must be alpha * f (alpha_pattern) to keep jtl's scale: timm's
+  fused qkv (see `_fused_qkv_lora`) and adapters whose rank grew.
 
   Args:
     params: jtl params holding "lora_a"/"lora_b" leaves.
@@ -124,6 +205,7 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
   tensors: dict[str, np.ndarray] = {}
   problems: list[str] = []
   ranks: dict[str, int] = {}
+  alpha_factors: dict[str, float] = {}
   candidates = []
   for path, leaves in sorted(modules.items()):
     mapped = hf_export.torch_module(layout, path) if "kernel" in leaves else None
@@ -131,21 +213,33 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
       candidates.append(mapped[0])
     if "lora_a" not in leaves:
       continue
-    if mapped is None or mapped[1] not in ("linear", "conv") or (
+    if mapped is None or mapped[1] not in ("linear", "conv", "qkv") or (
         layout == "bert" and path == "head"):
-      why = ("timm's fused qkv would need one adapter for query, key and value; jtl's "
-             "[width, heads, head_dim] kernels factorise differently" if mapped and
-             mapped[1] == "qkv" else "no module of the base model holds it")
-      problems.append(f"{path}: {why}")
-      continue
-    if "lora_b" not in leaves:
-      problems.append(f"{path}: has lora_a but no lora_b")
+      problems.append(f"{path}: no module of the base model holds it")
       continue
     name, kind = mapped
-    lora_a, lora_b = _export_adapter(kind, leaves["kernel"], leaves["lora_a"], leaves["lora_b"])
+    if kind == "qkv":  # one fused adapter per attention block, made once
+      if name in ranks:
+        continue
+      fused = _fused_qkv_lora(path.rpartition("/")[0], modules)
+      if isinstance(fused, str):
+        problems.append(fused)
+        continue
+      lora_a, lora_b, ranks[name], alpha_factors[name] = fused
+    else:
+      if "lora_b" not in leaves:
+        problems.append(f"{path}: has lora_a but no lora_b")
+        continue
+      pair = _export_adapter(kind, leaves["kernel"], leaves["lora_a"], leaves["lora_b"])
+      if isinstance(pair, str):
+        problems.append(f"{path}: {pair}")
+        continue
+      lora_a, lora_b = pair
+      ranks[name] = int(lora_a.shape[0])
+      if ranks[name] != leaves["lora_a"].shape[1]:  # the rank grew: keep jtl's scale
+        alpha_factors[name] = ranks[name] / leaves["lora_a"].shape[1]
     tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
     tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b
-    ranks[name] = int(leaves["lora_a"].shape[1])
   if not ranks and not problems:
     raise CheckpointError("The params hold no LoRA adapters (lora_a/lora_b leaves) to export.")
   saved = []
@@ -166,6 +260,8 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
   config = {"r": r, "target_modules": _targets(sorted(ranks), candidates),
             "rank_pattern": {_pattern_key(n, candidates): k
                              for n, k in sorted(ranks.items()) if k != r},
+            "alpha_factors": {_pattern_key(n, candidates): f
+                              for n, f in sorted(alpha_factors.items())},
             "modules_to_save": saved or None}
   return tensors, config
 
@@ -214,7 +310,8 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name_or_path,
       "revision": None, "inference_mode": True, "r": lora_cfg["r"],
       "lora_alpha": float(alpha), "lora_dropout": 0.0, "target_modules": lora_cfg["target_modules"],
-      "rank_pattern": lora_cfg["rank_pattern"], "alpha_pattern": {},
+      "rank_pattern": lora_cfg["rank_pattern"],
+      "alpha_pattern": {k: float(alpha) * f for k, f in lora_cfg["alpha_factors"].items()},
       "modules_to_save": lora_cfg["modules_to_save"], "fan_in_fan_out": False, "bias": "none",
       "use_rslora": False, "use_dora": False, "init_lora_weights": True,
       "layers_to_transform": None, "layers_pattern": None,
@@ -288,18 +385,16 @@ def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.nd
                  b: np.ndarray, scale: float, alpha: float, fold: bool) -> str | None:
   """Puts one PEFT adapter into `flat`; returns a problem or None."""
   r = a.shape[0]
-  if kind == "qkv":
-    if not fold:
-      return ("timm's fused qkv adapter has no jtl adapter slot (separate query/key/value "
-              "kernels); pass fold_unsupported=True to add its update to those kernels")
+  if kind == "qkv" and fold:
     delta = (b.reshape(b.shape[0], r) @ a.reshape(r, -1)) * scale  # [3 * width, width]
     width = delta.shape[0] // 3
-    order = ("query", "key", "value")
-    for i, path in enumerate(sorted(jtl_paths, key=lambda p: order.index(p.rsplit("/", 1)[-1]))):
+    for i, path in enumerate(sorted(jtl_paths, key=lambda p: _QKV.index(p.rsplit("/", 1)[-1]))):
       kernel = np.asarray(flat[f"{path}/kernel"])
       part = delta[i * width:(i + 1) * width].T.reshape(kernel.shape)
       flat[f"{path}/kernel"] = (kernel + part).astype(kernel.dtype)
     return None
+  if kind == "qkv":
+    return _import_qkv(flat, jtl_paths, a, b, scale, alpha)
   path = jtl_paths[0]
   kernel = np.asarray(flat[f"{path}/kernel"])
   if kind == "conv":
@@ -319,6 +414,42 @@ def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.nd
   return None
 
 
+def _import_qkv(flat: dict[str, Any], jtl_paths: list[str], a: np.ndarray, b: np.ndarray,
+                scale: float, alpha: float) -> str | None:
+  """timm's fused qkv adapter (A [R, width], B [3 * width, R]) -> adapters on
+  jtl's query, key and value: A_p [width, r_p] / B_p [r_p, heads * head_dim].
+
+  When B is block diagonal (the columns each projection's rows use are
+  disjoint, as `export_peft` writes), each projection gets its own columns
+  (rank r_p, exactly the adapters exported); otherwise (a qkv adapter PEFT
+  trained) each gets all R columns: the same A and its rows of B. Either way
+  the update is exactly PEFT's; B carries PEFT's scale over jtl's alpha / r_p.
+  """
+  paths = sorted(jtl_paths, key=lambda p: _QKV.index(p.rsplit("/", 1)[-1]))
+  kernels = [np.asarray(flat[f"{p}/kernel"]) for p in paths]
+  outs = [math.prod(k.shape[1:]) for k in kernels]
+  if (len(paths) != 3 or a.ndim != 2 or b.ndim != 2 or b.shape != (sum(outs), a.shape[0])
+      or any(k.shape[0] != a.shape[1] for k in kernels)):
+    return (f"qkv adapter lora_A {a.shape} / lora_B {b.shape} does not fit the kernels "
+            f"{[tuple(k.shape) for k in kernels]} of {paths}")
+  starts = np.cumsum([0, *outs])
+  rows = [b[starts[i]:starts[i + 1]] for i in range(3)]
+  used = [np.flatnonzero(np.any(part != 0, axis=0)) for part in rows]
+  disjoint = sum(len(u) for u in used) == len(set().union(*map(set, used)))
+  if not (disjoint and any(len(u) for u in used)):
+    used = [np.arange(a.shape[0])] * 3
+  for path, part, cols in zip(paths, rows, used):
+    if not len(cols):  # no update on this projection
+      continue
+    r_p = len(cols)
+    flat[f"{path}/lora_a"] = np.ascontiguousarray(a[cols].T, np.float32)
+    factor = scale / (alpha / r_p)
+    lora_b = part[:, cols].T
+    flat[f"{path}/lora_b"] = np.ascontiguousarray(lora_b if factor == 1 else lora_b * factor,
+                                                  np.float32)
+  return None
+
+
 def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
                 fold_unsupported: bool = False) -> tuple[dict[str, Any], float]:
   """Loads a PEFT LoRA adapter folder into jtl params.
@@ -328,8 +459,8 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
       adapter saves one).
     path: the folder PeftModel.save_pretrained (or `export_peft`) wrote.
     layout: "bert", "timm_vit" or "timm_resnet" (see `hf_export.LAYOUTS`).
-    fold_unsupported: add the update of adapters jtl has no slot for (timm's
-      fused qkv) to the base kernels instead of failing.
+    fold_unsupported: add the update of timm's fused qkv adapters to the
+      query/key/value kernels instead of making adapters on them.
 
   Returns:
     (params with "lora_a"/"lora_b" leaves and the saved modules, alpha).

@@ -42,6 +42,8 @@ SUPPORTED = (
 # encoder; a strict load lists them as skipped.
 SKIP = (r"cls\.(predictions|seq_relationship)\..*",)
 _VIT_SIZES = {"tiny": "ti", "small": "s", "base": "b"}
+# timm act_layer names of a ViT's MLP -> jtl ViT exact_gelu (erf) or not (tanh).
+_TIMM_GELU = {"gelu": True, "gelu_tanh": False}
 _LITE_STAGES = {0: efficientnet.LITE0_STAGES}
 
 
@@ -231,12 +233,16 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
   mlp_dim = int(width * ratio)
   patch = int(args.pop("patch_size", patch))
   size = int(args.pop("img_size", (cfg.get("input_size") or (3, size, size))[-1]))
+  act = args.pop("act_layer", "gelu")  # timm's default nn.GELU is erf
+  if act not in _TIMM_GELU:
+    raise ConfigError(f"{where}: model_args act_layer {act!r}; jtl's ViT implements "
+                      f"{sorted(_TIMM_GELU)}.")
   if args:
     raise ConfigError(f"{where}: model_args {sorted(args)} are not supported; jtl "
                       "takes embed_dim, depth, num_heads, mlp_ratio, patch_size, "
-                      "img_size, class_token=True, global_pool='token'.")
+                      "img_size, act_layer, class_token=True, global_pool='token'.")
   kw = dict(patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim,
-            num_heads=heads, image_size=size, exact_gelu=True)  # timm's nn.GELU is erf
+            num_heads=heads, image_size=size, exact_gelu=_TIMM_GELU[act])
   preprocess, preset = _image_preprocess(cfg, size, 0.9)
   return registry.ModelSpec(
       name=source, build=lambda num_classes=num_classes, **extra: vit.ViT(

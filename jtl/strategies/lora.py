@@ -12,7 +12,8 @@ padding into r channels and B a 1x1 projection, so W + scale * A B is the
 kernel the merged layer uses.
 
 `merge_lora` folds the adapters into the kernels (a plain model for export and
-inference), `unmerge_lora` takes them out again, and `save_adapters` /
+inference; it lives with the leaf layout in the core, `jtl.checkpoint.lora_layout`,
+which the exports use), `unmerge_lora` takes them out again, and `save_adapters` /
 `load_adapters` write and read only the adapters (and the head).
 
 Flax NNX models: `adaptable_layers` / `add_lora` find `nnx.Linear`,
@@ -38,11 +39,14 @@ import numpy as np
 
 from jtl import tree as jtree
 from jtl.adapter import as_model, is_nnx_module, variables_of
+from jtl.checkpoint import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
-LORA_A, LORA_B = "lora_a", "lora_b"
-LORA_LEAF = r"(?:.*/)?lora_[ab]"
+# The leaf layout and the merge live in the core (exports use them too).
+LORA_A, LORA_B, LORA_LEAF = lora_layout.LORA_A, lora_layout.LORA_B, lora_layout.LORA_LEAF
+merge_lora, adapter_params = lora_layout.merge_lora, lora_layout.adapter_params
+_delta, _adapted_modules = lora_layout.delta, lora_layout.adapted_modules
 _ALPHA_KEY = "__lora_alpha__"
 
 
@@ -136,10 +140,6 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
   return {**variables, "params": jtree.unflatten(flat)}
 
 
-def _delta(a: jax.Array, b: jax.Array, kernel_shape: Sequence[int], alpha: float) -> jax.Array:
-  return ((a @ b) * (alpha / a.shape[-1])).reshape(kernel_shape)
-
-
 def lora_interceptor(alpha: float):
   """A Flax method interceptor adding `alpha/r * (x A) B` to adapted layers."""
 
@@ -226,30 +226,6 @@ def lora_rules(head_pattern: str | None = r"head/.*") -> list[tuple[str, str | N
   if head_pattern:
     rules.append((head_pattern, "head"))
   return rules + [(".*", None)]
-
-
-def _adapted_modules(flat: Mapping[str, Any]) -> list[str]:
-  return sorted(p[: -len(LORA_A) - 1] for p in flat if p.endswith("/" + LORA_A))
-
-
-def merge_lora(params: PyTree, alpha: float) -> dict[str, Any]:
-  """Folds every adapter into its kernel and drops the adapter leaves.
-
-  The result is a plain params tree for the unwrapped module.
-  """
-  flat = dict(jtree.flatten(params))
-  for m in _adapted_modules(flat):
-    a, b = flat.pop(f"{m}/{LORA_A}"), flat.pop(f"{m}/{LORA_B}")
-    kernel = flat[f"{m}/kernel"]
-    flat[f"{m}/kernel"] = (kernel + _delta(a, b, kernel.shape, alpha)).astype(kernel.dtype)
-  return jtree.unflatten(flat)
-
-
-def adapter_params(params: PyTree, *, include: str | None = None) -> dict[str, Any]:
-  """Flat {path: array} of the adapters, plus leaves matching `include`."""
-  pattern = re.compile(include) if include else None
-  return {p: v for p, v in jtree.flatten(params).items()
-          if re.fullmatch(LORA_LEAF, p) or (pattern and pattern.fullmatch(p))}
 
 
 def unmerge_lora(merged: PyTree, adapters: Mapping[str, Any], alpha: float) -> dict[str, Any]:
