@@ -12,6 +12,12 @@ Post-training options:
   --exported runs/default/export/model.int8.tflite
                                   evaluate an exported ONNX / LiteRT file in its
                                   runtime instead (eval_<split>_<format>.json)
+
+For PyTorch users, the checkpoint at --step instead of an evaluation (the same
+library call as scripts/convert.py --workdir --format peft|hf):
+  --format peft [--export_dir DIR]  a LoRA run's adapters as a PEFT folder
+  --format hf [--export_dir DIR]    merged weights in the HF (BERT) / timm layout
+                                    (default DIR: <workdir>/export/<format>)
 """
 
 import json
@@ -43,6 +49,11 @@ _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 20, "PGD steps.")
 _EXPORTED = flags.DEFINE_string("exported", None, "Evaluate this exported .onnx / .tflite file "
                                 "(scripts/convert.py --format ...) in its runtime.")
 _THREADS = flags.DEFINE_integer("threads", None, "--exported: runtime threads (default: all).")
+_FORMAT = flags.DEFINE_enum("format", None, ["peft", "hf"], "Instead of evaluating, write the "
+                            "checkpoint at --step as a PEFT adapter folder (peft) or merged "
+                            "HF / timm weights (hf), as scripts/convert.py --workdir does.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--format: output folder (default "
+                                  "<workdir>/export/<format>).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -55,6 +66,12 @@ def main(argv):
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
+  if _FORMAT.value:
+    from jtl import workdirs  # noqa: PLC0415
+    path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_EXPORT_DIR.value,
+                                      step=step)
+    print(f"Wrote {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))
+    return
   if _EXPORTED.value:
     from jtl import deploy_runs  # noqa: PLC0415 - only this path needs the runtimes
     result = deploy_runs.evaluate_exported(_WORKDIR.value, _EXPORTED.value, split=_SPLIT.value,

@@ -338,6 +338,16 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   np.testing.assert_allclose(back["params/Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"],
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
   assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+  # evaluate.py --format: the same library call, the same files.
+  evaluate = Path(__file__).parents[1] / "scripts" / "evaluate.py"
+  result = subprocess.run([sys.executable, str(evaluate), f"--workdir={workdir}", "--format=peft",
+                           f"--export_dir={tmp_path / 'from_evaluate'}", "--step=best"],
+                          check=False, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "adapter_model.safetensors" in result.stdout
+  for name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
+    assert ((tmp_path / "from_evaluate" / name).read_bytes()
+            == (workdir / "export" / "peft" / name).read_bytes()), name
   with pytest.raises(ConfigError, match="format 'onnx'"):
     workdirs.export_hub_format(workdir, "onnx")
   # What evaluate.py evaluates: the plain model with the adapters folded in.
