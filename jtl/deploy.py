@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jtl.checkpoint.export import write_atomic
+from jtl.checkpoint.writers import write_atomic
 from jtl.errors import CheckpointError, ConfigError, JtlError, bullet_list
 
 PyTree = Any

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import data, deploy, experiment, methods, workdirs
-from jtl.checkpoint.export import write_atomic
+from jtl.checkpoint.writers import write_atomic
 from jtl.errors import ConfigError
 
 

@@ -170,11 +170,11 @@ def jtl_predict(name: str, size: int, iters: int) -> dict:
   cli.configure_cpu_runtime()
   import jax
   import numpy as np
-  from jtl.models import export, registry
+  from jtl.models import registry, serving
   import jtl.models  # noqa: F401
   spec = registry.get_spec(name)
   module = spec.build(num_classes=1000)
-  predict = export.make_predict_fn(module, registry.init_variables(spec, module))
+  predict = serving.make_predict_fn(module, registry.init_variables(spec, module))
   out = {}
   for b in (1, 64):
     x = np.zeros((b, size, size, 3), np.float32)

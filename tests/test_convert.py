@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "convert.py"
 
 
 def test_convert_real_weights_to_orbax(tmp_path):
-  # One subprocess (npz/safetensors/msgpack writing is covered by test_export.py).
+  # One subprocess (npz/safetensors/msgpack writing is covered by test_writers.py).
   for out, fmt in [(tmp_path / "lite0_orbax", ["--format=orbax"])]:
     result = subprocess.run([sys.executable, str(SCRIPT), "--model=efficientnet_lite0",
                              "--source=efficientnet_lite0/imagenet", f"--out={out}", *fmt],

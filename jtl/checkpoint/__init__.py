@@ -15,9 +15,9 @@ from typing import Any
 
 from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
 from jtl.checkpoint import hub
-from jtl.checkpoint.export import export
+from jtl.checkpoint.writers import export
 from jtl.checkpoint.hub import HubRef
-from jtl.checkpoint.merge import Entry, LoadReport, load_pretrained
+from jtl.checkpoint.loading import Entry, LoadReport, load_pretrained
 from jtl.checkpoint.readers import FORMATS, detect_format, read
 from jtl.checkpoint.sources import (cache_dir, download, list_sources,
                                     register_source, resolve)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jtl.errors import CheckpointError
-from jtl.models import efficientnet, export
+from jtl.models import efficientnet, serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,14 +29,14 @@ def _small_model():
 def test_export_reloads_in_a_fresh_process(tmp_path):
   model, variables = _small_model()
   x = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
-  expected = np.asarray(export.make_predict_fn(model, variables)(x))
+  expected = np.asarray(serving.make_predict_fn(model, variables)(x))
   np.testing.assert_allclose(expected, jax.jit(model.apply)(variables, x), atol=1e-6)
   path = tmp_path / "model.jax"
-  export.export_predict(model, variables, path, input_shape=(32, 32, 3))
+  serving.export_predict(model, variables, path, input_shape=(32, 32, 3))
   np.save(tmp_path / "x.npy", x)
   script = (
       "import sys, numpy as np\n"
-      "from jtl.models.export import load_exported\n"
+      "from jtl.models.serving import load_exported\n"
       "p = load_exported(sys.argv[1])\n"
       "x = np.load(sys.argv[2])\n"
       "np.save(sys.argv[3], np.asarray(p(x)))\n"
@@ -52,8 +52,8 @@ def test_export_reloads_in_a_fresh_process(tmp_path):
 def test_fixed_batch_export_and_errors(tmp_path):
   model, variables = _small_model()
   path = tmp_path / "sub" / "fixed.jax"
-  export.export_predict(model, variables, path, batch_size=2, input_shape=(32, 32, 3))
-  predict = export.load_exported(path)
+  serving.export_predict(model, variables, path, batch_size=2, input_shape=(32, 32, 3))
+  predict = serving.load_exported(path)
   x = np.ones((2, 32, 32, 3), np.float32)
   np.testing.assert_allclose(predict(x), jax.jit(model.apply)(variables, x), atol=1e-5)
   with pytest.raises(Exception):
@@ -61,6 +61,6 @@ def test_fixed_batch_export_and_errors(tmp_path):
   assert not [p for p in os.listdir(path.parent) if p.startswith(".tmp")]
   (tmp_path / "junk.jax").write_bytes(b"not an export")
   with pytest.raises(CheckpointError, match="junk.jax"):
-    export.load_exported(tmp_path / "junk.jax")
+    serving.load_exported(tmp_path / "junk.jax")
   with pytest.raises(CheckpointError, match="missing.jax"):
-    export.load_exported(tmp_path / "missing.jax")
+    serving.load_exported(tmp_path / "missing.jax")

@@ -1,4 +1,4 @@
-"""Tests for jtl.checkpoint.export: round trips through `read`, atomic writes."""
+"""Tests for jtl.checkpoint.writers (`jtl.export`): round trips through `read`, atomic writes."""
 
 from __future__ import annotations
 
