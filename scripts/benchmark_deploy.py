@@ -14,7 +14,8 @@ agreement with jtl float32, file size, batch-1 latency (median) and batch-64
 throughput, all on --threads threads, measured in this one run. With
 --torch_python (a separate venv with torch; jtl never needs torch) it also
 times PyTorch eager float32 on the same architectures (random weights: speed
-only). --survey tries every zoo image model (random init) in every format.
+only). --survey tries every zoo model (random init; text models with int32 token
+inputs padded to 128) in every format.
 """
 
 from __future__ import annotations
@@ -82,11 +83,11 @@ def timed(fn, x: np.ndarray, runs: int) -> list[float]:
 
 def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
   """{runtime: (predict, bytes)} for the five ways of running the model."""
-  from jtl import deploy, deploy_runs, quantize, workdirs  # pylint: disable=g-import-not-at-top
+  from jtl import deploy, deploy_runs, quantize, tree_bytes, workdirs  # pylint: disable=g-import-not-at-top
   run = workdirs.restore(workdir, step="latest")
   module, variables = run.module, run.merged_variables()
   out = {"jtl jit float32": (quantize.make_inference_fn(module, variables, precision="float32"),
-                             quantize.model_bytes(variables))}
+                             tree_bytes(variables))}
   q = quantize.prepare(variables, "int8")
   qpath = os.path.join(workdir, "export", "model_int8.safetensors")
   out["jtl int8 weights"] = (quantize.make_inference_fn(module, q, precision="int8"),
@@ -202,10 +203,6 @@ def survey(args: argparse.Namespace) -> None:
   print("|---|---|---|---|")
   for name in models.list_models():
     spec = models.get_spec(name)
-    if spec.input_kind != "image":
-      print(f"| {name} | takes {spec.input_kind} (token ids): jtl.deploy exports image "
-            "models | - | - |", flush=True)
-      continue
     cells = []
     for fmt in deploy.FORMATS:
       run = subprocess.run([sys.executable, os.path.abspath(__file__), "--data", args.data,
@@ -217,7 +214,32 @@ def survey(args: argparse.Namespace) -> None:
       if run.returncode != 0:  # a native abort in the converter or the runtime
         cell += f"; then the process died (exit {run.returncode}) running it"
       cells.append(cell)
-    print(f"| {name} ({spec.image_size} px) | " + " | ".join(cells) + " |", flush=True)
+    size = f"{spec.image_size} px" if spec.input_kind == "image" else f"{TEXT_LENGTH} tokens"
+    print(f"| {name} ({size}) | " + " | ".join(cells) + " |", flush=True)
+
+
+TEXT_LENGTH = 128  # all-MiniLM-L6-v2's tokenizer pads and truncates to 128
+
+
+def _survey_inputs(spec, name: str):
+  """(inputs for 2 examples, per-example shape, token_inputs) of a zoo model."""
+  if spec.input_kind == "image":
+    size = spec.image_size
+    return (np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32),
+            (size, size, 3), False)
+  sentences = ["A man is eating a piece of bread.", "The new movie is awesome"]
+  try:
+    batch = spec.preprocess(sentences, max_length=TEXT_LENGTH)
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    pad = TEXT_LENGTH - batch["input_ids"].shape[1]
+    batch = {k: np.pad(v, ((0, 0), (0, pad))) for k, v in batch.items()}
+  except Exception:  # noqa: BLE001 - no tokenizer installed: random ids
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 2000, (2, TEXT_LENGTH)).astype(np.int32)
+    mask = (np.arange(TEXT_LENGTH)[None] < np.array([[20], [9]])).astype(np.int32)
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+  return ({k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask")},
+          (TEXT_LENGTH,), True)
 
 
 def survey_one(args: argparse.Namespace) -> None:
@@ -230,18 +252,24 @@ def survey_one(args: argparse.Namespace) -> None:
   rng = np.random.default_rng(1)
   variables = jax.tree.map(lambda v: rng.normal(0, 0.02, v.shape).astype(v.dtype)
                            if v.ndim >= 1 and not np.any(v) else v, created.variables)
-  size = spec.image_size
-  x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
-  ref = np.asarray(jax.jit(deploy.inference_fn(created.module, variables))(x))
+  x, shape, tokens = _survey_inputs(spec, name)
+  fn = deploy.inference_fn(created.module, variables, token_inputs=tokens)
+  ref = np.asarray(jax.jit(fn)(*(x[k] for k in deploy.TOKEN_INPUTS) if tokens else (x,)))
   path = os.path.join(args.out, "survey", name + deploy.SUFFIX[fmt])
+  def one(i: int):
+    return tuple(x[k][i:i + 1] for k in deploy.TOKEN_INPUTS) if tokens else x[i:i + 1]
+
   try:
-    rep = [x[:1], x[1:]] if fmt == "tflite_int8" else None
-    e = deploy.export(created.module, variables, path, format=fmt,
-                      input_shape=(size, size, 3), representative=rep)
+    rep = [one(0), one(1)] if fmt == "tflite_int8" else None
+    e = deploy.export(created.module, variables, path, format=fmt, input_shape=shape,
+                      representative=rep, token_inputs=tokens)
     print(f"RESULT exported {e.bytes / 1e6:.1f} MB", flush=True)
     y = deploy.load(path, num_threads=args.threads)(x)
     diff = float(np.abs(y - ref).max() / (np.abs(ref).max() + 1e-12))
-    print(f"RESULT ok, {e.bytes / 1e6:.1f} MB, max rel. diff {diff:.1e}", flush=True)
+    cosine = float(np.min((y * ref).sum(-1) / (np.linalg.norm(y, axis=-1)
+                                               * np.linalg.norm(ref, axis=-1) + 1e-12)))
+    print(f"RESULT ok, {e.bytes / 1e6:.1f} MB, max rel. diff {diff:.1e}, "
+          f"min cosine {cosine:.3f}", flush=True)
   except Exception as err:  # noqa: BLE001 - reported in the table
     print(f"RESULT FAILS: {type(err).__name__}: {str(err)[:160]}".replace("\n", " "), flush=True)
 
