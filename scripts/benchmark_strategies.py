@@ -13,13 +13,16 @@ are not augmented, so the linear probe trains on cached features.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 
 import jtl
@@ -48,6 +51,7 @@ def padded_batches(inputs, labels, size):
 
 def train_batches(inputs, labels, size, seed):
   rng = np.random.default_rng(seed)
+  size = min(size, len(labels))
   while True:
     order = rng.permutation(len(labels))
     for i in range(0, len(order) - size + 1, size):
@@ -66,46 +70,86 @@ def evaluate(module, variables, inputs, labels, size):
   return jtl.train.evaluate(step, variables, padded_batches(inputs, labels, size))["accuracy"]
 
 
-def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_cache):
-  """Trains one strategy; returns (accuracy, seconds, trainable params, notes)."""
+def _INJECTED_ADAM(learning_rate):
+  return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+
+
+def set_learning_rate(opt_state, lr):
+  """Writes `lr` into every injected-hyperparameter state of `opt_state`."""
+  is_injected = lambda x: hasattr(x, "hyperparams") and "learning_rate" in x.hyperparams
+  def put(x):
+    if not is_injected(x):
+      return x
+    return x._replace(hyperparams={**x.hyperparams,
+                                   "learning_rate": jnp.asarray(lr, jnp.float32)})
+  return jax.tree.map(put, opt_state, is_leaf=is_injected)
+
+
+def flip_batches(batches, seed):
+  """Random horizontal flips (CIFAR classes are mirror-symmetric): cheap augmentation."""
+  rng = np.random.default_rng(seed + 7)
+  for b in batches:
+    flip = rng.random(len(b["label"])) < 0.5
+    x = np.asarray(b["inputs"]).copy()
+    x[flip] = x[flip, :, ::-1]
+    yield {**b, "inputs": x}
+
+
+def probe_variables(s, train, *, batch, head_lr, head_steps, seed, features=None):
+  """The strategy's variables with the head trained on cached features
+  (the probe phase of LP-FT, or the whole linear probe)."""
+  ft, yt = features if features is not None else strategies.extract_features(
+      s.module, s.variables, padded_batches(*train, batch))
+  head_labels = {"head": jax.tree.map(lambda _: "head", s.variables["params"]["head"])}
+  tx = jtl.make_optimizer(head_labels, learning_rate=head_lr, optimizer="adam")
+  head = strategies.train_head(ft, yt, s.variables, tx, num_steps=head_steps,
+                               batch_size=min(batch, len(yt)), seed=seed)
+  return strategies.with_head(s.variables, jax.device_get(head.params)), (ft, yt)
+
+
+def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_cache,
+                 head_lr=1e-2, head_steps=300, features=None, flip=False):
+  """Trains one strategy and evaluates it on `test`.
+
+  linear_probe: the head alone on cached features (`head_steps` steps at
+  `head_lr`; `lr` unused). lp_ft: that probe first, then full fine-tuning for
+  `steps` steps at `lr` (Kumar et al. 2022: the probe phase is cheap, so it
+  trains to convergence on the cache). Others: `steps` steps at `lr` (Adam,
+  cosine decay, 10% warmup). Returns (accuracy, seconds, trainable params).
+  """
   t0 = time.perf_counter()
-  s = strategies.build(config, created.module, created.variables, created.spec, verbose=False)
-  print(f"\n== {s.name}: {dict(config) if not isinstance(config, str) else config}")
-  print(s.summary())
+  name = config if isinstance(config, str) else config["name"]
+  build_config = "full" if name == "lp_ft" else config
+  s = strategies.build(build_config, created.module, created.variables, created.spec,
+                       verbose=False)
+  print(f"\n== {name} lr={lr:g} seed={seed}: {config}", flush=True)
   n_trainable = s.summary().trainable_params
-  if s.cache_features:
-    ft, yt = strategies.extract_features(s.module, s.variables, padded_batches(*train, batch))
-    head = strategies.train_head(ft, yt, s.variables,
-                                 s.make_optimizer(learning_rate=lr * 10, optimizer="adam"),
-                                 num_steps=steps, batch_size=min(batch, len(yt)), seed=seed)
-    variables = strategies.with_head(s.variables, head.params)
-    jax.block_until_ready(variables)
-    seconds = time.perf_counter() - t0
-    acc = evaluate(s.module, variables, *test, batch)
-    return acc, seconds, n_trainable
-  it = train_batches(*train, batch, seed)
-  state = None
-  for i, phase in enumerate(s.phases):
-    end = s.phases[i + 1].start if i + 1 < len(s.phases) else steps
-    labels = jtl.label_params(s.variables["params"], list(phase.rules))
-    base_lr = lr * 10 if phase.name in ("linear_probe", "head") else lr
-    tx = s.make_optimizer(labels, learning_rate=base_lr, optimizer="adam")
-    if state is None:
-      state = jtl.create_train_state(s.variables, labels, tx, rng=seed)
-    else:
-      state = strategies.switch_phase(state, labels, tx)
-      print(f"   phase {phase.name} from step {phase.start}: "
-            f"{s.summary(labels).trainable_params:,} trainable")
-    key = (s.name, config.get("layer_decay") if isinstance(config, dict) else None, i)
+  variables = s.variables
+  if name in ("linear_probe", "lp_ft"):
+    variables, _ = probe_variables(s, train, batch=batch, head_lr=head_lr, head_steps=head_steps,
+                                   seed=seed, features=features)
+  if name != "linear_probe":
+    # Adam with the learning rate in the optimizer state (set every step from a
+    # warmup-cosine schedule): one compiled step per strategy serves every
+    # learning rate, step count and seed.
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
+    tx = s.make_optimizer(s.labels, learning_rate=lr, optimizer=_INJECTED_ADAM)
+    state = jtl.create_train_state(variables, s.labels, tx, rng=seed)
+    key = (name, json.dumps(config, sort_keys=True, default=str))
     if key not in step_cache:
-      step_cache[key] = jax.jit(jtl.make_train_step(s.module, tx, labels=labels))
+      step_cache[key] = jax.jit(jtl.make_train_step(s.module, tx, labels=s.labels))
     step = step_cache[key]
-    for _ in range(phase.start, end):
+    it = train_batches(*train, batch, seed)
+    if flip:
+      it = flip_batches(it, seed)
+    for i in range(steps):
+      state = state.replace(opt_state=set_learning_rate(state.opt_state, float(sched(i))))
       state, metrics = step(state, next(it))
-  jax.block_until_ready(state)
+    jax.block_until_ready(state)
+    print(f"   final train loss {float(metrics['loss']):.3f}", flush=True)
+    variables = state.variables
   seconds = time.perf_counter() - t0
-  print(f"   final train loss {float(metrics['loss']):.3f}")
-  acc = evaluate(s.module, state.variables, *test, batch)
+  acc = evaluate(s.module, variables, *test, 100)
   return acc, seconds, n_trainable
 
 
@@ -148,13 +192,201 @@ def probe_speedup(created, train, batch, epochs=3):
         flush=True)
 
 
+# Learning rates swept per strategy (Adam, warmup-cosine). linear_probe: the
+# head's learning rate on cached features; lp_ft: the fine-tuning phase's
+# (its probe phase takes linear_probe's best head learning rate).
+GRID = {
+    "linear_probe": [3e-3, 1e-2, 3e-2, 1e-1],
+    "lp_ft": [1e-4, 3e-4],
+    "full": [3e-4, 1e-3],
+    "partial": [1e-3, 3e-3],
+    "llrd": [1e-3, 3e-3],
+    "bitfit": [3e-3, 1e-2],
+    "lora": [1e-3, 3e-3],
+    "scratch": [3e-3, 1e-2],
+}
+CONFIGS = {
+    "scratch": "scratch",
+    "linear_probe": {"name": "linear_probe", "cache_features": True},
+    "partial": {"name": "partial", "num_blocks": 4},
+    "full": "full",
+    "lp_ft": {"name": "lp_ft", "probe_steps": 1},  # probe on the cache, then full
+    "llrd": {"name": "llrd", "layer_decay": 0.8},
+    "bitfit": "bitfit",
+    "lora": {"name": "lora", "rank": 8, "alpha": 16.0},
+}
+
+
+def labelled_subset(y_all, per_class, seed):
+  """`per_class` random indices of each class (seeded), sorted."""
+  rng = np.random.default_rng(1000 + seed)
+  return np.sort(np.concatenate([rng.choice(np.flatnonzero(y_all == c), per_class, replace=False)
+                                 for c in np.unique(y_all)]))
+
+
+def stratified_holdout(y, fraction, seed=0):
+  """(fit indices, validation indices): `fraction` of every class held out."""
+  rng = np.random.default_rng(seed)
+  val = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:max(1, round(fraction * np.sum(y == c)))]
+                        for c in np.unique(y)])
+  return np.setdiff1d(np.arange(len(y)), val), np.sort(val)
+
+
+class Results:
+  """One JSON line per finished row; rows already in the file are skipped."""
+
+  def __init__(self, path):
+    self.path = Path(path)
+    self.rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] \
+        if self.path.exists() else []
+
+  @staticmethod
+  def key(row):
+    return tuple(row.get(k) for k in ("kind", "strategy", "per_class", "seed", "lr", "steps",
+                                      "image_size"))
+
+  def get(self, **key):
+    k = self.key(key)
+    return next((r for r in self.rows if self.key(r) == k), None)
+
+  def add(self, row):
+    self.rows.append(row)
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def best_lrs(results, names, *, per_class, steps, image_size):
+  """{strategy: (best lr, its validation accuracy)} from the sweep rows."""
+  best = {}
+  for name in names:
+    rows = [r for r in results.rows if r["kind"] == "sweep" and r["strategy"] == name
+            and r["per_class"] == per_class and r["steps"] == steps
+            and r["image_size"] == image_size]
+    if rows:
+      r = max(rows, key=lambda r: (r["acc"], -r["lr"]))
+      best[name] = (r["lr"], r["acc"])
+  return best
+
+
+def image_report(results, args, names):
+  """Markdown tables: the sweep, then mean +- std over seeds per row."""
+  lines = [f"\n### Sweep (validation accuracy; {args.sweep_per_class}/class, "
+           f"{round(args.val_fraction * 100)}% of each class held out, seed 0, "
+           f"{args.sweep_steps} steps)\n", "| strategy | lr | val acc | train s |", "|---|---:|---:|---:|"]
+  for r in results.rows:
+    if r["kind"] == "sweep" and r["image_size"] == args.image_size:
+      lines.append(f"| {r['strategy']} | {r['lr']:g} | {100 * r['acc']:.1f}% | {r['seconds']:.0f} |")
+  lines += [f"\n### EfficientNet-Lite0, CIFAR-10 at {args.image_size}px (test: first "
+            f"{args.test_per_class} images per class)\n",
+            "| strategy | labels/class | steps | lr | trainable params | train s (mean) | seeds "
+            "| test acc mean | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for k in map(int, args.per_class.split(",")):
+    for name in names:
+      rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
+              and r["per_class"] == k and r["image_size"] == args.image_size]
+      if not rows:
+        continue
+      accs = np.array([r["acc"] for r in rows])
+      lr = rows[0]["lr"] if name != "linear_probe" else rows[0]["head_lr"]
+      lines.append(f"| {name} | {k} | {rows[0]['steps']} | {lr:g} | {rows[0]['trainable']:,} | "
+                   f"{np.mean([r['seconds'] for r in rows]):.0f} | {len(rows)} | "
+                   f"{100 * accs.mean():.1f}% | {100 * accs.std(ddof=1) if len(rows) > 1 else 0:.1f} |")
+  print("\n".join(lines), flush=True)
+
+
+def run_images(args, results):
+  names = [n for n in CONFIGS if args.strategies == "all" or n in args.strategies.split(",")]
+  created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
+  prep = lambda x: np.asarray(created.preprocess(x, size=args.image_size, crop_fraction=1.0))
+  root = Path(args.cifar_dir)
+  x_all, y_all = load_folder(root, "train", None)
+  tx_, ty_ = load_folder(root, "test", args.test_per_class)
+  test = (prep(tx_), ty_)
+  step_cache: dict = {}
+  common = dict(batch=args.batch, step_cache=step_cache, head_steps=args.head_steps,
+                flip=True)
+
+  def row(kind, name, k, seed, lr, head_lr, steps, train, evalset, features):
+    done = results.get(kind=kind, strategy=name, per_class=k, seed=seed, lr=lr, steps=steps,
+                       image_size=args.image_size)
+    if done:
+      return done
+    acc, sec, n = run_strategy(CONFIGS[name], created, train, evalset, steps=steps, lr=lr,
+                               seed=seed, head_lr=head_lr, features=features, **common)
+    r = {"kind": kind, "strategy": name, "per_class": k, "seed": seed, "lr": lr,
+         "head_lr": head_lr, "steps": steps, "image_size": args.image_size, "acc": acc,
+         "seconds": sec, "trainable": n, "eval_n": len(evalset[1]),
+         "date": time.strftime("%Y-%m-%d %H:%M")}
+    results.add(r)
+    print(f"   -> {kind} {name} {k}/class seed {seed} lr {lr:g}: acc {100 * acc:.1f}% "
+          f"({sec:.0f}s)", flush=True)
+    return r
+
+  # 1. Sweep on a validation split of the labelled images (never the test split).
+  idx = labelled_subset(y_all, args.sweep_per_class, 0)
+  fit_i, val_i = stratified_holdout(y_all[idx], args.val_fraction)
+  fit = (prep(x_all[idx][fit_i]), y_all[idx][fit_i])
+  val = (prep(x_all[idx][val_i]), y_all[idx][val_i])
+  feats = None
+  sweep = dict(per_class=args.sweep_per_class, steps=args.sweep_steps, image_size=args.image_size)
+  for name in names:
+    if name == "linear_probe":
+      for lr in GRID[name]:
+        if feats is None and not results.get(kind="sweep", strategy=name, seed=0, lr=lr, **sweep):
+          s = strategies.build("linear_probe", created.module, created.variables, created.spec,
+                               verbose=False)
+          feats = strategies.extract_features(s.module, s.variables,
+                                              padded_batches(*fit, args.batch))
+        row("sweep", name, args.sweep_per_class, 0, lr, lr, args.sweep_steps, fit, val, feats)
+  head_lr = best_lrs(results, ["linear_probe"], **sweep).get("linear_probe", (1e-2,))[0]
+  for name in names:
+    if name != "linear_probe":
+      for lr in GRID[name]:
+        row("sweep", name, args.sweep_per_class, 0, lr, head_lr, args.sweep_steps, fit, val, None)
+  chosen = best_lrs(results, names, **sweep)
+  print("\nchosen on validation:", {n: f"lr {lr:g} (val {100 * a:.1f}%)"
+                                    for n, (lr, a) in chosen.items()}, flush=True)
+
+  # 2. Final rows: every seed draws its own labelled subset; test on the test split.
+  for seed in map(int, args.seeds.split(",")):
+    for k, steps in zip(map(int, args.per_class.split(",")), map(int, args.steps.split(","))):
+      idx = labelled_subset(y_all, k, seed)
+      train = (prep(x_all[idx]), y_all[idx])
+      feats = None
+      for name in names:
+        lr = chosen.get(name, (GRID[name][0],))[0]
+        if results.get(kind="final", strategy=name, per_class=k, seed=seed, lr=lr, steps=steps,
+                       image_size=args.image_size):
+          continue
+        if name in ("linear_probe", "lp_ft") and feats is None:
+          s = strategies.build("full", created.module, created.variables, created.spec,
+                               verbose=False)
+          feats = strategies.extract_features(s.module, s.variables,
+                                              padded_batches(*train, args.batch))
+        row("final", name, k, seed, lr, head_lr, steps, train, test, feats)
+      image_report(results, args, names)
+  image_report(results, args, names)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--cifar_dir", required=True)
-  ap.add_argument("--image_size", type=int, default=64)
+  ap.add_argument("--image_size", type=int, default=128)
   ap.add_argument("--per_class", default="10,100")
-  ap.add_argument("--steps", default="30,90", help="train steps per --per_class entry")
+  ap.add_argument("--steps", default="10,20", help="train steps per --per_class entry")
   ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--test_per_class", type=int, default=None,
+                  help="first N test images per class (default: all)")
+  ap.add_argument("--sweep_per_class", type=int, default=100)
+  ap.add_argument("--sweep_steps", type=int, default=20)
+  ap.add_argument("--val_fraction", type=float, default=0.2)
+  ap.add_argument("--head_steps", type=int, default=300,
+                  help="head steps on cached features (linear probe, LP-FT's probe phase)")
+  ap.add_argument("--strategies", default="all", help="comma-separated subset of " + ",".join(CONFIGS))
+  ap.add_argument("--results", default="strategies_results.jsonl",
+                  help="JSON lines, one per finished row; rerunning skips them")
+  ap.add_argument("--report", action="store_true", help="print the tables from --results only")
   ap.add_argument("--text_train", type=int, default=400)
   ap.add_argument("--text_test", type=int, default=600)
   ap.add_argument("--text_len", type=int, default=48)
@@ -167,6 +399,10 @@ def main():
   t_start = time.perf_counter()
   print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  results = Results(args.results)
+  if args.report:
+    image_report(results, args, list(CONFIGS))
+    return
 
   if args.probe_only:
     created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
@@ -176,40 +412,7 @@ def main():
     return
 
   if not args.skip_images:
-    created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
-    prep = lambda x: np.asarray(created.preprocess(x, size=args.image_size, crop_fraction=1.0))
-    root = Path(args.cifar_dir)
-    test_x, test_y = load_folder(root, "test", None)
-    test = (prep(test_x), test_y)
-    blocks = len([g for g, _ in created.spec.groups if g.startswith("blocks_")])
-    configs = [
-        "scratch",
-        {"name": "linear_probe", "cache_features": True},
-        {"name": "partial", "num_blocks": 4},
-        "full",
-        {"name": "lp_ft", "probe_steps": None},
-        {"name": "llrd", "layer_decay": 0.8},
-        "bitfit",
-        {"name": "lora", "rank": 8, "alpha": 16.0},
-    ]
-    step_cache: dict = {}
-    rows = []
-    for k, steps in zip(map(int, args.per_class.split(",")), map(int, args.steps.split(","))):
-      x, y = load_folder(root, "train", k)
-      train = (prep(x), y)
-      print(f"\n# EfficientNet-Lite0, {k} labelled images per class ({len(y)}), {steps} steps")
-      for config in configs:
-        if isinstance(config, dict) and config["name"] == "lp_ft":
-          config = {**config, "probe_steps": steps // 3}
-        acc, sec, n = run_strategy(config, created, train, test, steps=steps, batch=args.batch,
-                                   lr=1e-3 if config != "scratch" else 3e-3, seed=0,
-                                   step_cache=step_cache)
-        name = config if isinstance(config, str) else config["name"]
-        rows.append((name, k, n, sec, acc))
-        print(f"   -> {name}: acc {100 * acc:.1f}%, {sec:.1f}s", flush=True)
-    table(rows, f"Images: EfficientNet-Lite0 (ImageNet weights), CIFAR-10 at "
-                f"{args.image_size}px, test on {len(test_y)} images (blocks: {blocks})")
-    probe_speedup(created, train, args.batch)
+    run_images(args, results)
 
   if not args.skip_text:
     texts, labels = text_data.rotten_tomatoes()
