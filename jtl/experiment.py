@@ -27,7 +27,7 @@ from etils import epath
 
 from jtl import data, methods, models, parallel, partition, quantize, steps, workdirs
 from jtl.errors import ConfigError, JtlError, bullet_list
-from jtl.optim import make_optimizer
+from jtl.optim import make_optimizer, tree_bytes
 from jtl.train import FitResult, fit
 
 REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
@@ -395,7 +395,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
                       "split": meta_config.get("train_split", "train")}
   variables = quantize.prepare(variables, precision)
   extra["precision"] = precision
-  extra["model_bytes"] = quantize.model_bytes(variables)
+  extra["model_bytes"] = tree_bytes(variables)
   if save_quantized:
     extra["saved_quantized"] = {"path": str(save_quantized), "bytes": quantize.save(
         save_quantized, variables, meta={"model": meta_config.model,

@@ -121,12 +121,6 @@ def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
                       if np.issubdtype(np.asarray(x).dtype, np.floating) else x, tree)
 
 
-def model_bytes(tree: PyTree) -> int:
-  """Bytes of every array leaf (int8 values and scales of QTensors included)."""
-  return sum(int(np.size(x)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
-
-
 def prepare(variables: PyTree, precision: str, **quantize_kwargs: Any) -> PyTree:
   """Stored variables for a precision: float32, bfloat16 (cast), int8 (quantized)."""
   if precision not in PRECISIONS:

@@ -275,7 +275,7 @@ def bench_quantize(args):
     x224 = np.asarray(jax.image.resize(x64[:64], (64, 224, 224, 3), "bilinear"))
     c1 = timed(big, x224[:1], args.reps * 2)
     c64 = timed(big, x224, args.reps)
-    size = quantize.model_bytes(stored)
+    size = jtl.tree_bytes(stored)
     rows.append((precision, f"{(pred == yte).mean():.4f}", f"{(pred == ref).mean():.4f}",
                  f"{size / 2**20:.2f}", f"{b1 * 1e3:.1f}", f"{64 / b64:.0f}",
                  f"{c1 * 1e3:.1f}", f"{64 / c64:.1f}"))

@@ -44,7 +44,7 @@ def test_params_size_and_forward(model):
   assert len(q_paths) == 3  # conv0, conv1, head kernels; biases and BN stay float
   np.testing.assert_array_equal(qv["params"]["conv0"]["bias"], v["params"]["conv0"]["bias"])
   kernels = sum(np.size(v["params"][k]["kernel"]) for k in ("conv0", "conv1", "head"))
-  saved = quantize.model_bytes(v) - quantize.model_bytes(qv)
+  saved = jtl.tree_bytes(v) - jtl.tree_bytes(qv)
   assert saved == 3 * kernels - 4 * (16 + 32 + 4)  # 4 -> 1 byte each, plus float scales
   ref = np.asarray(jax.jit(m.apply)(v, x))
   out = {p: np.asarray(quantize.make_inference_fn(m, v, precision=p)(x))
