@@ -77,12 +77,7 @@ def main(argv):
                       f"with --format one of {_DEPLOY_FORMATS} to export for deployment).")
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
-  if _FORMAT.value == "orbax":
-    path = checkpoint.export_orbax(created.variables, _OUT.value)
-  else:
-    checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)
-    path = _OUT.value
-  print(f"Wrote {path}")
+  print(f"Wrote {checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)}")
 
 
 def _export_hub():

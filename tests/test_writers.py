@@ -72,3 +72,16 @@ def test_export_errors_leave_existing_file_intact(tmp_path):
     export({}, path)
   assert path.read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ["model.npz"]
+
+
+def test_orbax_directory_round_trip_and_never_overwrites(tmp_path):
+  """Orbax is one more format of `export` (no second writer in the manager)."""
+  variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+               "batch_stats": {"bn": {"mean": np.ones(3, np.float32)}}}
+  path = export(variables, tmp_path / "ckpt", format="orbax")
+  assert path == tmp_path / "ckpt" and path.is_dir()
+  flat = read(path)
+  np.testing.assert_array_equal(flat["params/w"], variables["params"]["w"])
+  np.testing.assert_array_equal(read(path, subtree="params")["w"], variables["params"]["w"])
+  with pytest.raises(CheckpointError, match="exists; Orbax does not overwrite"):
+    export(variables, path, format="orbax")

@@ -24,7 +24,7 @@ from jtl.checkpoint.sources import (cache_dir, download, list_sources,
 
 # The Orbax checkpoint manager (training state) is loaded, with orbax, on first
 # use, so that reading and exporting checkpoints does not import orbax.
-_MANAGER_NAMES = ("CheckpointManager", "export_orbax", "restore_variables", "select_step")
+_MANAGER_NAMES = ("CheckpointManager", "restore_variables", "select_step")
 
 
 def __getattr__(name: str) -> Any:

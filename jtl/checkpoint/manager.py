@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -416,15 +415,3 @@ def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
   except (OSError, ValueError):
     return {}
-
-
-def export_orbax(variables: PyTree, path: str | os.PathLike) -> epath.Path:
-  """Writes variables as an Orbax checkpoint directory (readable by `read`,
-  and with `read(path, subtree="params")` for the params alone)."""
-  path = epath.Path(os.path.abspath(path)) if not epath.Path(path).is_absolute() else epath.Path(path)
-  if path.exists():
-    raise CheckpointError(f"{path} exists; Orbax does not overwrite. Choose a new --out.")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, jax.tree.map(np.asarray, variables))
-  checkpointer.wait_until_finished()
-  return path

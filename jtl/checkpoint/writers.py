@@ -1,13 +1,15 @@
-"""`export`: write params (or all variables) to npz, safetensors or msgpack.
+"""`export`: write params (or all variables) to npz, safetensors, msgpack or
+an Orbax checkpoint directory: every format `read` takes, written in one place.
 
 Names are the "/"-joined tree paths, so `read` gives back the same flat dict.
-The file is written under a temporary name in the same directory and renamed
-into place, so a crash never leaves a half-written file at `path`.
+A file is written under a temporary name in the same directory and renamed
+into place (Orbax does the same with its directory), so a crash never leaves
+a half-written checkpoint at `path`.
 
 >>> import numpy as np, os, tempfile
 >>> from jtl.checkpoint.readers import read
 >>> path = os.path.join(tempfile.mkdtemp(), "params.safetensors")
->>> export({"head": {"kernel": np.ones((2, 3), np.float32)}}, path)
+>>> path = export({"head": {"kernel": np.ones((2, 3), np.float32)}}, path)
 >>> read(path)["head/kernel"].shape
 (2, 3)
 """
@@ -49,26 +51,32 @@ def _to_bytes(flat: dict[str, np.ndarray], fmt: str) -> bytes:
   return buf.getvalue()
 
 
+FORMATS = ("npz", "safetensors", "msgpack", "orbax")
+
+
 def export(variables_or_params: Any, path: Any, *,
-           format: str | None = None) -> None:  # pylint: disable=redefined-builtin
-  """Writes every leaf of a params/variables tree to one file.
+           format: str | None = None) -> epath.Path:  # pylint: disable=redefined-builtin
+  """Writes every leaf of a params/variables tree to one file (or, for Orbax,
+  one checkpoint directory) and returns its path.
 
   Args:
     variables_or_params: a (nested) dict of arrays, numpy or jax.
     path: destination; its suffix (.npz, .safetensors, .msgpack) picks the
       format unless `format` is given.
-    format: "npz", "safetensors" or "msgpack".
+    format: one of `FORMATS`; "orbax" writes a directory that `read` (and
+      `read(path, subtree="params")`) reads, and never overwrites one.
 
   Raises:
-    CheckpointError: unknown format, non-array leaves, or a write failure.
+    CheckpointError: unknown format, non-array leaves, an existing Orbax
+      directory, or a write failure.
   """
   path = epath.Path(path)
   fmt = format or _SUFFIXES.get(path.suffix)
-  if fmt not in _SUFFIXES.values():
+  if fmt not in FORMATS:
     raise CheckpointError(
         f"{path}: cannot tell the export format from the suffix "
         f"{path.suffix!r}; use one of {sorted(_SUFFIXES)} or pass format= "
-        f"one of {sorted(_SUFFIXES.values())}.")
+        f"one of {list(FORMATS)}.")
   flat, bad = {}, []
   for name, leaf in tree_lib.flatten(variables_or_params).items():
     arr = np.asarray(leaf)
@@ -80,7 +88,22 @@ def export(variables_or_params: Any, path: Any, *,
         f"{path}: can only export arrays; "
         + (f"these leaves are not: {bad}" if bad else "the tree has no leaves")
         + ".")
+  if fmt == "orbax":
+    return _write_orbax(tree_lib.unflatten(flat), path)
   write_atomic(path, _to_bytes(flat, fmt))
+  return path
+
+
+def _write_orbax(tree: dict[str, Any], path: epath.Path) -> epath.Path:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top - orbax only when asked
+
+  path = epath.Path(os.path.abspath(path))
+  if path.exists():
+    raise CheckpointError(f"{path} exists; Orbax does not overwrite. Choose a new path.")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree)
+  checkpointer.wait_until_finished()
+  return path
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
