@@ -3,7 +3,8 @@
 
 Config keys (see configs/default.py for a complete one): model, pretrained,
 num_classes, dataset, data_dir, train_split, eval_split, image_size,
-batch_size, num_steps, eval_every, checkpoint_every, keep, best_metric,
+batch_size, num_steps (or num_epochs: see `resolve_schedule`), eval_every,
+checkpoint_every, keep, best_metric, test_split,
 optimizer, learning_rate, warmup_steps, schedule, weight_decay, clip_norm,
 rules, lr_multipliers, strategy, method (see jtl.methods), eval_dataset,
 augment, microbatches, compute_dtype, seed, log_every, distributed.
@@ -39,11 +40,18 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   if problems:
     return problems
   devices = jax.device_count()
+  if not config.dataset:
+    problems.append("dataset is empty: pass --config.dataset=folder:/path/to/images (class "
+                    "folders, or train/ and test/ folders of class folders) or a TFDS name")
   if config.batch_size < 1 or config.batch_size % devices:
     problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
                     f"{config.batch_size}")
-  if config.num_steps < 1:
-    problems.append(f"num_steps must be >= 1, got {config.num_steps}")
+  epochs = config.get("num_epochs") or 0
+  if epochs < 0 or (epochs and config.get("warmup_epochs", 0) < 0):
+    problems.append(f"num_epochs must be >= 0 (0: num_steps counts) and warmup_epochs >= 0, got "
+                    f"{epochs} and {config.get('warmup_epochs')}")
+  elif not epochs and config.num_steps < 1:
+    problems.append(f"num_steps must be >= 1 (or num_epochs >= 1), got {config.num_steps}")
   if not config.learning_rate > 0:
     problems.append(f"learning_rate must be > 0, got {config.learning_rate}")
   for key in ("eval_every", "checkpoint_every", "warmup_steps"):
@@ -96,7 +104,7 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
   for key, (dataset, split) in uses.items():
     try:
       source = sources.resolve_source(dataset, config.get("data_dir"))
-      sources.slice_split(split, source.info().num_examples)
+      sources.split_size(source, split)
       found[key] = source
     except JtlError as e:
       problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
@@ -164,6 +172,28 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     else:
       keys.append(prefix + k)
   return sorted(keys)
+
+
+def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config in epochs made concrete: with `num_epochs` > 0, a copy whose
+  num_steps = num_epochs x steps per epoch (training examples // batch_size),
+  eval_every = checkpoint_every = one epoch, warmup_steps = warmup_epochs x
+  steps per epoch; batch_size shrinks to the training split when that is
+  smaller. Other configs are returned unchanged."""
+  epochs = config.get("num_epochs") or 0
+  if not epochs:
+    return config
+  from jtl.data import sources  # pylint: disable=g-import-not-at-top
+  n = sources.split_size(config.dataset, config.get("train_split", "train"), config.get("data_dir"))
+  devices = jax.device_count()
+  c = ml_collections.ConfigDict(config.to_dict())
+  if n < c.batch_size:
+    c.batch_size = max(devices, n // devices * devices)
+  per_epoch = max(1, n // c.batch_size)
+  c.num_steps = int(epochs * per_epoch)
+  c.eval_every = c.checkpoint_every = per_epoch
+  c.warmup_steps = int(round(config.get("warmup_epochs", 0) * per_epoch))
+  return c
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -276,8 +306,10 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
   (None) the probe is cached exactly when nothing prevents it."""
   strategy = config.get("strategy") or {}
   option = strategy.get("cache_features")
+  if strategy.get("name") == "lp_ft":
+    return lp_ft_cache_problems(config) if option else None  # lp_ft is no linear probe
   if strategy.get("name") != "linear_probe":
-    return (["strategy.cache_features applies to strategy.name='linear_probe' only"]
+    return (["strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft' only"]
             if option is not None else None)
   if option is False:
     return None
@@ -291,6 +323,20 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
   return None if problems and option is None else problems
 
 
+def lp_ft_cache_problems(config: ml_collections.ConfigDict) -> list[str] | None:
+  """For strategy lp_ft: None when its probe phase trains on cached features
+  (one unaugmented backbone pass, then the head; fine-tuning then runs with
+  the config's augmentation), [] when the option is off, else why
+  `cache_features=True` cannot be honoured."""
+  strategy = config.get("strategy") or {}
+  if strategy.get("name") != "lp_ft" or strategy.get("cache_features") is False:
+    return []
+  if methods.method_name(config):
+    return [f"strategy lp_ft with cache_features: method {methods.method_name(config)!r} "
+            "trains through its own step; set strategy.cache_features=False"]
+  return None
+
+
 def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
   return {"model": config.model, "num_classes": classes, "config": config.to_dict()}
 
@@ -301,9 +347,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if config.get("distributed"):  # before anything asks JAX for its devices
     parallel.initialize_distributed()
   preflight(config)
+  config = resolve_schedule(config)
   workdir = epath.Path(workdir)
   created = build_model(config)
   module, variables, phases = build_training(config, created)
+  cached_lp_ft = (config.get("strategy") or {}).get("name") == "lp_ft" and \
+      lp_ft_cache_problems(config) is None
+  if cached_lp_ft:
+    variables, phases = _cached_probe_phase(config, created.spec, module, variables, phases,
+                                            workdir)
   method = methods.build(config, module, variables, created.spec,
                          train_batches(config, created.spec),
                          lambda ds, split: train_batches(config, created.spec, ds, split))
@@ -348,6 +400,51 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       on_nonfinite=config.get("on_nonfinite", "stop"),
       log_every=config.get("log_every", 10), progress=progress)
   return _write_report(config, workdir, result, summary)
+
+
+def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec, module: Any,
+                        variables: Any, phases: list, workdir: epath.Path) -> tuple[Any, list]:
+  """LP-FT's probe phase on cached features (skipped when `workdir` already
+  holds checkpoints: the run resumes its fine-tuning phase). Returns the
+  variables with the probed head and the one fine-tuning phase from step 0."""
+  from jtl.strategies import features  # pylint: disable=g-import-not-at-top
+  o = config.strategy
+  ft_labels = phases[-1][1]
+  ft_phase = [(0, ft_labels, build_optimizer(config, ft_labels))]
+  if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+    print("LP-FT: checkpoints found, resuming the fine-tuning phase.\n", flush=True)
+    return variables, ft_phase
+  head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
+  probe_lr = o.get("probe_learning_rate") or 100 * config.learning_rate
+  head_tx = make_optimizer(head_labels, learning_rate=probe_lr,
+                           optimizer=config.get("optimizer", "adamw"))
+  variables, info = features.probe_head(
+      module, variables, eval_batches(config, spec, config.get("train_split", "train"),
+                                      config.dataset)(),
+      head_tx, num_steps=o.probe_steps, batch_size=config.batch_size, seed=config.get("seed", 0))
+  print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted in "
+        f"{info['extract_seconds']:.1f}s, {o.probe_steps} head steps at learning rate "
+        f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning every parameter at "
+        f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
+  return variables, ft_phase
+
+
+def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                        ) -> dict[str, Any] | None:
+  """After a run: the best checkpoint evaluated on `config.test_split` (if the
+  key is set and the dataset has that split), written as eval_<split>.json
+  and confusion_<split>.png; None otherwise."""
+  split = config.get("test_split")
+  if not split:
+    return None
+  from jtl.data import sources  # pylint: disable=g-import-not-at-top
+  dataset = config.get("eval_dataset") or config.dataset
+  try:
+    sources.split_size(dataset, split, config.get("data_dir"))
+  except JtlError as e:
+    print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
+    return None
+  return evaluate_workdir(workdir, split=split, step="best")
 
 
 def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result: FitResult,

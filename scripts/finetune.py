@@ -33,6 +33,10 @@ def main(argv):
   cli.configure_cpu_runtime()  # before any computation creates the CPU client
   cli.enable_compilation_cache()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
+  test = experiment.evaluate_test_split(_CONFIG.value, _WORKDIR.value)  # with test_split set
+  if test is not None:
+    print(f"\nBest checkpoint (step {test['step']}) on {test['split']}: accuracy "
+          f"{test['accuracy']:.4f}; per class: {test['per_class_accuracy_by_name']}")
   print(f"\nDone. Final eval: {result.eval_metrics}\n"
         f"Outputs in {_WORKDIR.value}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, "
         "final_report.json")

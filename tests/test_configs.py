@@ -23,6 +23,10 @@ def load(path, arg=None):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_validates(path):
   config = load(path)
+  if not config.dataset:  # configs/folder.py: the user names the folder
+    with pytest.raises(ConfigError, match="--config.dataset=folder:"):
+      experiment.validate(config)
+    config.dataset = "folder:/path/to/images"
   experiment.validate(config)
   spec = models.get_spec(config.model)
   assert config.rules or config.strategy.name

@@ -65,15 +65,57 @@ class DatasetInfo(NamedTuple):
 
 
 _SLICE = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+_HOLDOUT = re.compile(r"^([\w.-]+)\[(-?)val(\d+)%\]$")
+HOLDOUT_SEED = 0
+
+
+def parse_holdout(split: str) -> tuple[str, bool, int] | None:
+  """"train[val10%]" -> ("train", False, 10); "train[-val10%]" -> ("train", True, 10);
+  None for any other split.
+
+  >>> parse_holdout("train[-val10%]"), parse_holdout("train[:10%]")
+  (('train', True, 10), None)
+  """
+  m = _HOLDOUT.match(split.replace(" ", ""))
+  return (m.group(1), m.group(2) == "-", int(m.group(3))) if m else None
+
+
+def holdout_indices(labels: np.ndarray, percent: int, *, rest: bool = False,
+                    seed: int = HOLDOUT_SEED) -> np.ndarray:
+  """A stratified validation split: `percent`% of every class (at least one
+  example of each class that has two or more), drawn with a fixed seed;
+  `rest=True` gives the other examples. Sorted indices into `labels`.
+
+  >>> y = np.array([0] * 10 + [1] * 5 + [2])
+  >>> v, r = holdout_indices(y, 20), holdout_indices(y, 20, rest=True)
+  >>> np.bincount(y[v], minlength=3).tolist(), len(r), sorted(set(v) | set(r)) == list(range(16))
+  ([2, 1, 0], 13, True)
+  """
+  if not 0 < percent < 100:
+    raise DataError(f"A validation split takes 1..99% of each class, got {percent}%.")
+  rng = np.random.default_rng(seed)
+  held = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    if len(members) >= 2:
+      k = min(len(members) - 1, max(1, round(len(members) * percent / 100)))
+      held.append(rng.permutation(members)[:k])
+  val = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+  return np.setdiff1d(np.arange(len(labels)), val) if rest else val
 
 
 def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
-  """Parses "train", "train[:80%]" or "test[10:20]" into (name, slice)."""
+  """Parses "train", "train[:80%]" or "test[10:20]" into (name, slice).
+
+  Stratified validation splits ("train[val10%]", "train[-val10%]") are not
+  slices: see `split_size` and `ArraySource.indices`."""
   m = _SLICE.match(split.replace(" ", ""))
   if not m or m.group(1) not in sizes:
     raise DataError(
         f"Unknown split {split!r}. Available splits: {sorted(sizes)} "
-        "(slices like 'train[:80%]' or 'train[100:]' also work).")
+        "(slices like 'train[:80%]' or 'train[100:]' also work, and for image folders and "
+        "arrays 'train[val10%]' / 'train[-val10%]': a stratified 10% validation split of "
+        "every class / the rest).")
   name, n = m.group(1), sizes[m.group(1)]
 
   def bound(s: str | None) -> int | None:
@@ -102,7 +144,16 @@ class ArraySource:
                        {s: len(v) for s, v in self.labels.items()}, list(self.class_names))
 
   def indices(self, split: str) -> tuple[str, np.ndarray]:
-    """Returns (split name, example indices) for a possibly sliced split."""
+    """Returns (split name, example indices) for a possibly sliced split, or
+    for a stratified validation split ("train[val10%]") or its rest
+    ("train[-val10%]")."""
+    holdout = parse_holdout(split)
+    if holdout is not None:
+      name, rest, percent = holdout
+      if name not in self.labels:
+        raise DataError(f"Unknown split {split!r} of {self.name!r}. Available splits: "
+                        f"{sorted(self.labels)}.")
+      return name, holdout_indices(self.labels[name], percent, rest=rest)
     name, sl = slice_split(split, self.info().num_examples)
     return name, np.arange(len(self.labels[name]))[sl]
 
@@ -311,6 +362,25 @@ def resolve_source(source: Any, data_dir: str | os.PathLike | None = None, *,
   raise DataError(
       f"Cannot use source of type {type(source).__name__}; expected a TFDS name, "
       "'folder:/path', a pathlib.Path, 'rotten_tomatoes' or a dict of arrays.")
+
+
+def split_size(source: Any, split: str, data_dir: str | os.PathLike | None = None) -> int:
+  """Number of examples of `split` (slices and validation splits included) of
+  a source (a source object or anything `resolve_source` takes); raises
+  DataError for an unknown or empty split."""
+  src = source if isinstance(source, (ArraySource, TfdsSource)) else resolve_source(source, data_dir)
+  if isinstance(src, ArraySource):
+    n = len(src.indices(split)[1])
+  elif parse_holdout(split) is not None:
+    raise DataError(f"Split {split!r}: stratified validation splits work for image folders, "
+                    f"arrays and text corpora, not for the TFDS dataset {src.name!r}; use a "
+                    "slice such as 'train[:90%]' / 'train[90%:]' instead.")
+  else:
+    name, sl = slice_split(split, src.info().num_examples)
+    n = len(range(src.info().num_examples[name])[sl])
+  if not n:
+    raise DataError(f"Split {split!r} of {src.name!r} has no examples.")
+  return n
 
 
 def dataset_info(source: Any, data_dir: str | os.PathLike | None = None,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from jtl.strategies.build import Strategy, build, resolve_options
 from jtl.strategies.features import (Head, cache_problems, extract_features, feature_batches,
-                                     head_trainer, train_head, with_head)
+                                     head_trainer, probe_head, train_head,
+                                     with_head)
 from jtl.strategies.l2sp import l2sp, l2sp_penalty
 from jtl.strategies.llrd import (layer_decay, layer_decay_multipliers, layer_decay_scales,
                                  layer_depths)
@@ -29,7 +30,7 @@ __all__ = [
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
     "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",
-    "merge_lora", "partial_rules", "phase_index", "resolve_options", "save_adapters",
+    "merge_lora", "partial_rules", "phase_index", "probe_head", "resolve_options", "save_adapters",
     "switch_phase", "top_groups", "train_head", "train_phases", "transfer_opt_state",
     "unmerge_lora", "with_head",
 ]

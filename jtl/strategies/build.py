@@ -36,7 +36,12 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "linear_probe": {"cache_features": None},
     "partial": {"num_blocks": 2},
     "lora": {"rank": 8, "alpha": 16.0, "targets": None},
-    "lp_ft": {"probe_steps": None},
+    # probe_steps: head steps of the probe phase. cache_features (None: when
+    # the run allows it): the probe trains on cached features, then all
+    # parameters fine-tune from step 0 of the run. probe_learning_rate: the
+    # probe's (the run's learning_rate is the fine-tuning phase's, 10-100x
+    # lower, Kumar et al. 2022); None: 100x the run's.
+    "lp_ft": {"probe_steps": None, "cache_features": None, "probe_learning_rate": None},
     "gradual": {"steps_per_stage": None, "blocks_per_stage": 1, "max_blocks": None},
 }
 
@@ -130,7 +135,7 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
                       + bullet_list(sorted(allowed)))
   options = {**allowed, **dict(config)}
   missing = [k for k, v in options.items() if v is None and k in _OPTIONS[name]
-             and k not in ("targets", "max_blocks", "cache_features")]
+             and k not in ("targets", "max_blocks", "cache_features", "probe_learning_rate")]
   if missing:
     raise ConfigError(f"strategy {name!r} needs {missing} (steps counted from the start).")
   if name == "llrd" and options["layer_decay"] is None:

@@ -172,6 +172,28 @@ def train_head(features: np.ndarray, labels: np.ndarray, variables: PyTree,
       features, labels, num_steps=num_steps, batch_size=batch_size, seed=seed)
 
 
+def probe_head(module: Any, variables: PyTree, train_pass: Iterable[dict[str, Any]],
+               head_tx: optax.GradientTransformation, *, num_steps: int, batch_size: int,
+               seed: int = 0, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[dict[str, Any], dict[str, float]]:
+  """The probe phase of LP-FT on cached features: one backbone pass over
+  `train_pass` (unaugmented), then `num_steps` head steps on the cache.
+
+  Returns (the model's variables with the trained head, {"extract_seconds",
+  "head_seconds", "cached_examples"}).
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
+  t1 = time.perf_counter()
+  head = head_trainer(variables, head_tx)(feats, ys, num_steps=num_steps,
+                                          batch_size=min(batch_size, len(ys)), seed=seed)
+  params = jax.device_get(head.params)
+  return with_head(variables, params), {"extract_seconds": t1 - t0,
+                                        "head_seconds": time.perf_counter() - t1,
+                                        "cached_examples": len(ys)}
+
+
 def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
                      tx: optax.GradientTransformation, head_tx: optax.GradientTransformation,
                      train_pass: Iterable[dict[str, Any]], num_steps: int, batch_size: int,

@@ -1,0 +1,67 @@
+"""Fine-tune a zoo model on your image folder, one command:
+
+  python scripts/finetune.py --config configs/folder.py --workdir runs/photos \
+      --config.dataset=folder:/path/to/photos
+
+The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
+`test/` folders of class folders. What runs:
+
+- EfficientNet-Lite0 (`--config.model=...` for another zoo model) with its
+  ImageNet weights, at its native resolution and preprocessing (`image_size`
+  None: the model spec's);
+- LP-FT (Kumar et al. 2022): a linear probe on cached features first (one
+  backbone pass over the unaugmented training images, then `probe_steps`
+  head steps at `probe_learning_rate`: seconds), then every parameter
+  fine-tunes at `learning_rate`, 100x lower, with augmentation on (random
+  resized crops, horizontal flips);
+- a schedule in epochs (`num_epochs`; steps per epoch = training images //
+  batch_size), cosine decay, an evaluation and a checkpoint every epoch on a
+  validation split: 10% of every class of the training images
+  ("train[val10%]", drawn with a fixed seed; training sees "train[-val10%]");
+  the best checkpoint by validation accuracy is kept;
+- at the end, the best checkpoint is evaluated on the folder's `test/` split
+  (`test_split`; skipped when the folder has none): eval_test.json and
+  confusion_test.png in the workdir.
+
+Defaults chosen on a validation split (never the test split) of the CIFAR-10
+folder, see /tmp/notes -> BENCHMARKS.md ("Strategies"): the LP-FT learning
+rates and the probe's are the swept best of `scripts/benchmark_strategies.py`.
+"""
+
+import ml_collections
+
+from configs import default
+
+# Measured defaults (scripts/benchmark_strategies.py sweep, validation split).
+FINETUNE_LEARNING_RATE = 1e-4
+PROBE_LEARNING_RATE = 1e-2
+
+
+def get_config(arg=None):
+  c = default.get_config(arg)
+  c.dataset = ""  # --config.dataset=folder:/path/to/images
+  c.train_split = "train[-val10%]"
+  c.eval_split = "train[val10%]"
+  c.test_split = "test"
+  c.image_size = ml_collections.config_dict.placeholder(int)  # None: the model's native size
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_epochs = 10
+  c.num_steps = 0  # derived from num_epochs
+  c.warmup_epochs = 0.0
+  c.eval_every = 0  # every epoch
+  c.checkpoint_every = 0  # every epoch
+  c.keep = 1  # the last checkpoint, and the best by validation accuracy
+  c.optimizer = "adamw"
+  c.learning_rate = FINETUNE_LEARNING_RATE
+  c.schedule = "cosine"
+  c.warmup_steps = 0
+  c.weight_decay = 1e-4
+  c.rules = ()
+  c.strategy = ml_collections.ConfigDict({
+      "name": "lp_ft", "probe_steps": 500, "probe_learning_rate": PROBE_LEARNING_RATE,
+      "cache_features": ml_collections.config_dict.placeholder(bool)})
+  c.augment.crop = True
+  c.augment.crop_scale = (0.35, 1.0)
+  c.augment.flip = True
+  return c

@@ -1,0 +1,114 @@
+"""configs/folder.py: the one-command job for a user's image folder (epochs,
+a stratified validation split, LP-FT with a cached probe phase, the best
+checkpoint evaluated on the folder's test split). A tiny folder, a few steps."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jtl import experiment
+from jtl.data import sources
+from jtl.errors import ConfigError, DataError
+
+ROOT = Path(__file__).parents[1]
+CLASSES = ("cat", "dog", "ship")
+
+
+def load_config():
+  spec = importlib.util.spec_from_file_location("folder", ROOT / "configs" / "folder.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  """train/<class>/ 12 images, test/<class>/ 3 images; each class its own colour."""
+  root = tmp_path_factory.mktemp("photos")
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 12), ("test", 3)):
+    for c, name in enumerate(CLASSES):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        x = rng.integers(0, 60, (20, 24, 3))
+        x[..., c] += 180
+        Image.fromarray(x.astype(np.uint8)).save(root / split / name / f"{i:03d}.png")
+  return root
+
+
+def small(config, photos):
+  config.dataset = f"folder:{photos}"
+  config.model, config.pretrained, config.image_size = "small_cnn", False, 32
+  config.batch_size, config.eval_batch_size, config.num_epochs = 8, 16, 2
+  config.strategy.probe_steps = 10
+  config.log_every = 1
+  return config
+
+
+def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_path):
+  config = small(load_config(), photos)
+  resolved = experiment.resolve_schedule(config)
+  # 36 training images, 1 of each class held out for validation: 33 // 8 = 4 steps per epoch.
+  assert sources.split_size(config.dataset, config.train_split) == 33
+  assert sources.split_size(config.dataset, config.eval_split) == 3
+  assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every) == (8, 4, 4)
+  workdir = tmp_path / "run"
+  result = experiment.finetune(config, workdir, progress=False)
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "eval"] == [4, 8]  # every epoch
+  assert all(r["count"] == 3 for r in rows if r["split"] == "eval")  # on the validation split
+  assert result.eval_metrics["count"] == 3
+  report = json.loads((workdir / "final_report.json").read_text())
+  assert report["num_steps"] == 8
+  assert report["trainable_params"] == report["total_params"]  # the fine-tuning phase: all
+  test = experiment.evaluate_test_split(config, workdir)
+  assert test["split"] == "test" and test["count"] == 9
+  assert set(test["per_class_accuracy_by_name"]) == set(CLASSES)
+  assert (workdir / "eval_test.json").exists() and (workdir / "confusion_test.png").exists()
+
+
+def test_lp_ft_probe_phase_trains_the_head_on_cached_features(photos, tmp_path, capsys):
+  config = small(load_config(), photos)
+  config.num_epochs, config.strategy.probe_steps = 1, 200
+  config.strategy.probe_learning_rate = 3e-2
+  experiment.finetune(config, tmp_path / "run", progress=False)
+  out = capsys.readouterr().out
+  assert "LP-FT probe phase on cached features: 33 examples" in out
+  assert "200 head steps at learning rate 0.03" in out
+
+
+def test_empty_dataset_and_holdout_of_tfds_are_clear_errors(tmp_path):
+  config = load_config()
+  with pytest.raises(ConfigError, match=r"--config.dataset=folder:/path"):
+    experiment.validate(config)
+  config.dataset = f"folder:{tmp_path / 'missing'}"
+  with pytest.raises(ConfigError, match="missing"):
+    experiment.preflight(config)
+
+
+def test_lp_ft_cache_with_a_method_is_refused():
+  config = load_config()
+  config.dataset = "folder:/x"
+  config.strategy.cache_features = True
+  config.method.name = "distill"
+  problems = experiment.config_problems(config)
+  assert any("lp_ft" in p and "cache_features=False" in p for p in problems), problems
+
+
+def test_holdout_split_is_stratified_disjoint_and_fixed():
+  labels = np.repeat(np.arange(4), [50, 20, 9, 1])
+  src = sources.resolve_source({"train": {"image": np.zeros((80, 2, 2, 3), np.uint8),
+                                          "label": labels}})
+  _, val = src.indices("train[val10%]")
+  _, rest = src.indices("train[-val10%]")
+  assert np.bincount(labels[val], minlength=4).tolist() == [5, 2, 1, 0]  # a lone example trains
+  assert not set(val) & set(rest) and len(val) + len(rest) == 80
+  assert np.array_equal(src.indices("train[val10%]")[1], val)
+  with pytest.raises(DataError, match="Unknown split 'tran\\[val10%\\]'"):
+    src.indices("tran[val10%]")
+  with pytest.raises(DataError, match="1..99%"):
+    src.indices("train[val0%]")
