@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "benchmark_accelerator.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "benchmarks" / "benchmark_accelerator.py"
 
 
 def load():

@@ -12,7 +12,7 @@ from jtl import cli
 # Loads jtl/cli.py alone (importing jtl would take seconds), sets up the
 # runtime and prints what it applied. Only deterministic facts are asserted:
 # page-fault counts depend on the kernel's reclaim and the machine's load, so
-# they are measured by scripts/profile_step.py (BENCHMARKS.md), not here.
+# they are measured by scripts/benchmarks/profile_step.py (BENCHMARKS.md), not here.
 PROBE = f"""
 import importlib.util
 spec = importlib.util.spec_from_file_location("cli", {str(Path(cli.__file__))!r})

@@ -6,7 +6,7 @@ dict of numpy arrays or raise a JtlError: no other exception, no hang (each
 example runs under an alarm). Zip-based formats are also mutated *inside*
 their members and re-zipped, so the parsers behind the CRC checks get fuzzed.
 Counts per format are printed (run with -s to see them). A slice of the
-structure-aware campaign of scripts/fuzz_readers.py runs here too.
+structure-aware campaign of scripts/benchmarks/fuzz_readers.py runs here too.
 """
 
 from __future__ import annotations
@@ -175,9 +175,9 @@ STRUCTURED_EXAMPLES = 30
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_structure_aware_mutations(tmp_path, monkeypatch):
-  """A small slice of scripts/fuzz_readers.py's campaign, in-process: pickle
+  """A small slice of scripts/benchmarks/fuzz_readers.py's campaign, in-process: pickle
   opcodes, zip header fields, safetensors/npy/msgpack/zarr metadata."""
-  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "scripts"))
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "scripts" / "benchmarks"))
   import fuzz_readers
   monkeypatch.setattr(fuzz_readers, "BOMB_MIB", [1, 4])  # 300 MiB: slow here
   seeds = tmp_path / "seeds"

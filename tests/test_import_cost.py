@@ -1,7 +1,7 @@
 """`import jtl` loads neither TensorFlow nor TFDS, prints nothing, hides no devices.
 
 Each check runs in a fresh interpreter: this test process has TensorFlow loaded
-by other tests already. Timings are measured by scripts/benchmark_import.py.
+by other tests already. Timings are measured by scripts/benchmarks/benchmark_import.py.
 """
 
 from __future__ import annotations

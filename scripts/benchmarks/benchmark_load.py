@@ -1,6 +1,6 @@
 """Loading time and peak memory of a ViT-B/16-sized safetensors checkpoint.
 
-  nice -n 19 .venv/bin/python scripts/benchmark_load.py [--dir /tmp/jtl_bench_load]
+  nice -n 19 .venv/bin/python scripts/benchmarks/benchmark_load.py [--dir /tmp/jtl_bench_load]
 
 Builds (once) a ViT-B/16 state dict in timm's key layout (86.6M float32
 parameters, ~346 MB), then measures, each in a fresh Python process, the
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ("read", "read+load", "read+load+put", "create", "create+head")
 
 

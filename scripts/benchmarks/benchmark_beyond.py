@@ -1,7 +1,7 @@
 """Benchmarks beyond fine-tuning: distillation, domain adaptation, adversarial
 fine-tuning and int8/bf16 inference, each on real data; prints tables.
 
-  python scripts/benchmark_beyond.py --topics=distill,quantize,domain,adversarial \
+  python scripts/benchmarks/benchmark_beyond.py --topics=distill,quantize,domain,adversarial \
       --cifar=/work/shared/data/cifar10_subset --workdir=/tmp/bench_beyond
 
 - distill: EfficientNet-Lite0 (real ImageNet weights) fine-tuned on the
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -8,7 +8,7 @@ and full fine-tuning step img/s (SGD and Adam; BatchNorm in train mode, all
 parameters trained) per model and resolution, the jtl/torch ratios, then
 batch-1 latency and batch-64 throughput of jtl's jit-compiled predict.
 
-  /tmp/venv/bin/python scripts/benchmark_models.py \
+  .venv/bin/python scripts/benchmarks/benchmark_models.py \
       --torch_python /tmp/torchenv/bin/python --sizes 128,224 --batch 32 --rounds 3
 
 Both sides see the same environment, printed in the header. Run it with
@@ -168,7 +168,6 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
 def jtl_predict(name: str, size: int, iters: int) -> dict:
   from jtl import cli
   cli.configure_cpu_runtime()
-  import jax
   import numpy as np
   from jtl.models import registry, serving
   import jtl.models  # noqa: F401

@@ -1,6 +1,6 @@
 """jtl's train step on a Flax NNX model vs the hand-written NNX idiom.
 
-  python scripts/benchmark_nnx.py [--size 64] [--batch 64] [--width 32] [--rounds 5]
+  python scripts/benchmarks/benchmark_nnx.py [--size 64] [--batch 64] [--width 32] [--rounds 5]
 
 The same NNX ConvNet (conv/BatchNorm blocks and a head), batch and optimizer
 (AdamW with global-norm clipping), two ways:
@@ -22,11 +22,9 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

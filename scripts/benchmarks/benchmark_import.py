@@ -12,7 +12,7 @@ another checkout (e.g. the previous commit) to put its numbers in the same
 table:
 
   git archive HEAD~1 jtl | tar -x -C /tmp/jtl_before
-  python scripts/benchmark_import.py --before /tmp/jtl_before
+  python scripts/benchmarks/benchmark_import.py --before /tmp/jtl_before
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASELINE = "import jax, flax, optax"
 
 

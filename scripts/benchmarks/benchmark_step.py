@@ -1,6 +1,6 @@
 """Cost of a train step with a frozen backbone, against the forward pass.
 
-  python scripts/benchmark_step.py [--model efficientnet_lite0] [--image_size 128] [--batch 32]
+  python scripts/benchmarks/benchmark_step.py [--model efficientnet_lite0] [--image_size 128] [--batch 32]
 
 Prints, for one model on this machine's CPU (or whatever device JAX has):
 forward time, jtl's frozen-backbone train step, jtl's full fine-tuning step,
@@ -10,11 +10,9 @@ as ratios to the forward pass, measured in one run, with compiled-FLOPs ratios.
 """
 
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

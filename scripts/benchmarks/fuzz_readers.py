@@ -1,8 +1,8 @@
 """Fuzz campaign for jtl.checkpoint.read: mutated files read in capped workers.
 
-  nice -n 19 .venv/bin/python scripts/fuzz_readers.py --per_format 10000
-  .venv/bin/python scripts/fuzz_readers.py --per_format 200 --formats npz,orbax
-  .venv/bin/python scripts/fuzz_readers.py --replay torch_zip:1234
+  nice -n 19 .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 10000
+  .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 200 --formats npz,orbax
+  .venv/bin/python scripts/benchmarks/fuzz_readers.py --replay torch_zip:1234
 
 Valid seed files of each format (torch zip, torch legacy, safetensors, npz,
 msgpack, Orbax) are mutated with structure-aware mutations: pickle opcodes and
@@ -41,12 +41,11 @@ import traceback
 import zipfile
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))), "tests", "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "tests", "fixtures")
 FORMATS = ("torch_zip", "torch_legacy", "safetensors", "npz", "msgpack", "orbax")
 FORCED = {"torch_zip": "torch", "torch_legacy": "torch", "orbax": "orbax",
           "safetensors": "safetensors", "npz": "npz", "msgpack": "msgpack"}

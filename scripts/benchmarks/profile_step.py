@@ -1,10 +1,10 @@
 """Where a zoo model's full fine-tuning step spends its time on this backend.
 
 Times the jit-compiled SGD (or Adam) step (BatchNorm in train mode, every parameter
-trained; as scripts/benchmark_models.py), then records two steps with
+trained; as scripts/benchmarks/benchmark_models.py), then records two steps with
 `jax.profiler` and prints the slowest XLA ops with the jax op they came from.
 
-  python scripts/profile_step.py --model mobilenet_v2 --size 128 --batch 32 --steps 8
+  python scripts/benchmarks/profile_step.py --model mobilenet_v2 --size 128 --batch 32 --steps 8
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import os
 import re
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The timm side of benchmark_accelerator.py (run by it in a Python with torch + timm).
 
-  python scripts/benchmark_accelerator_torch.py \\
+  python scripts/benchmarks/benchmark_accelerator_torch.py \\
       --plan vit_base_patch16_224:vit_b16:full:256,resnet50:resnet50:frozen:256 \\
       --image_size 224 --steps 20 --budget_s 300
 

@@ -1,7 +1,8 @@
 """Fine-tuning throughput and MFU on the local accelerator, side by side with timm.
 
-  python scripts/benchmark_accelerator.py --out runs/accelerator      # one GPU/TPU, 224 px
-  python scripts/benchmark_accelerator.py --tiny --out /tmp/accel     # CPU smoke run (tested)
+  pip install -e .   # once: the benchmark scripts import the installed jtl
+  python scripts/benchmarks/benchmark_accelerator.py --out runs/accelerator      # one GPU/TPU, 224 px
+  python scripts/benchmarks/benchmark_accelerator.py --tiny --out /tmp/accel     # CPU smoke run (tested)
 
 For each model (ViT-B/16, ResNet-50, EfficientNet-Lite0 at 224 px; with --tiny
 ViT-Ti/16 and ResNet-18 at 32 px) and each batch size of the sweep, jtl's
@@ -42,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
