@@ -560,6 +560,16 @@ def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:
 
 def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *,
                     title: str) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = confusion_figure(confusion, names, title=title)
+  fig.savefig(str(path), dpi=100)
+  plt.close(fig)
+
+
+def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = "") -> Any:
+  """The confusion matrix as a matplotlib figure: true classes down, predicted
+  across, labelled with the class names (up to 50 classes), counts written in
+  each cell (up to 20 classes), white on dark cells and black on light ones."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -578,5 +588,4 @@ def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *
       ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
               color="white" if v > dark else "black")
   fig.tight_layout()
-  fig.savefig(str(path), dpi=100)
-  plt.close(fig)
+  return fig

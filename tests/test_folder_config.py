@@ -49,8 +49,9 @@ def small(config, photos):
   return config
 
 
-def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_path):
+def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_path, capsys):
   config = small(load_config(), photos)
+  config.strategy.probe_steps, config.strategy.probe_learning_rate = 200, 3e-2
   resolved = experiment.resolve_schedule(config)
   # 36 training images, 1 of each class held out for validation: 33 // 8 = 4 steps per epoch.
   assert sources.split_size(config.dataset, config.train_split) == 33
@@ -58,6 +59,9 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every) == (8, 4, 4)
   workdir = tmp_path / "run"
   result = experiment.finetune(config, workdir, progress=False)
+  out = capsys.readouterr().out
+  assert "LP-FT probe phase on cached features: 33 examples" in out  # train[-val10%] only
+  assert "200 head steps at learning rate 0.03" in out and "for 8 steps" in out
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["split"] == "eval"] == [4, 8]  # every epoch
   assert all(r["count"] == 3 for r in rows if r["split"] == "eval")  # on the validation split
@@ -69,16 +73,6 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   assert test["split"] == "test" and test["count"] == 9
   assert set(test["per_class_accuracy_by_name"]) == set(CLASSES)
   assert (workdir / "eval_test.json").exists() and (workdir / "confusion_test.png").exists()
-
-
-def test_lp_ft_probe_phase_trains_the_head_on_cached_features(photos, tmp_path, capsys):
-  config = small(load_config(), photos)
-  config.num_epochs, config.strategy.probe_steps = 1, 200
-  config.strategy.probe_learning_rate = 3e-2
-  experiment.finetune(config, tmp_path / "run", progress=False)
-  out = capsys.readouterr().out
-  assert "LP-FT probe phase on cached features: 33 examples" in out
-  assert "200 head steps at learning rate 0.03" in out
 
 
 def test_empty_dataset_and_holdout_of_tfds_are_clear_errors(tmp_path):
@@ -112,3 +106,16 @@ def test_holdout_split_is_stratified_disjoint_and_fixed():
     src.indices("tran[val10%]")
   with pytest.raises(DataError, match="1..99%"):
     src.indices("train[val0%]")
+
+
+def test_confusion_figure_has_class_names_and_readable_counts():
+  import matplotlib.pyplot as plt
+  confusion = np.array([[9, 1], [0, 7]])
+  fig = experiment.confusion_figure(confusion, ["cat", "dog"], title="t")
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
+  assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog"]
+  assert list(ax.get_xticks()) == [0, 1]  # one tick per class, not -0.5..1.5
+  colors = {t.get_text(): t.get_color() for t in ax.texts}
+  assert colors == {"9": "white", "7": "white", "1": "black", "0": "black"}
+  plt.close(fig)
