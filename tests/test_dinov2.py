@@ -99,6 +99,56 @@ def test_image_classification_checkpoint_head_sees_cls_and_mean_patch(tiny):
                                                                     "params/head/kernel"]
 
 
+_CONFIG_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
+                  "num_attention_heads", "mlp_ratio", "patch_size", "image_size",
+                  "num_channels", "hidden_act", "layer_norm_eps", "layerscale_value",
+                  "qkv_bias", "use_swiglu_ffn", "use_mask_token", "apply_layernorm",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_hf_export_rewrites_the_transformers_files(tiny, tmp_path, with_head):
+  """export_hf of the loaded tiny model gives back, bit for bit, the tensors
+  transformers' save_pretrained wrote (Dinov2Model; with a head the
+  Dinov2ForImageClassification state dict: "dinov2." + backbone, classifier),
+  and a config.json with transformers' values that maps back to the same spec."""
+  from jtl.checkpoint import hf_export
+  _, module, variables, _ = tiny
+  want = dict(load_file(TINY / "model.safetensors"))
+  config = dict(CONFIG)
+  if with_head:
+    want = {f"dinov2.{k}": v for k, v in want.items()}
+    want.update({"classifier.weight": REF["cls_weight"], "classifier.bias": REF["cls_bias"]})
+    config["architectures"] = ["Dinov2ForImageClassification"]
+    module = module.clone(num_classes=3)
+    head = {"kernel": REF["cls_weight"].T, "bias": REF["cls_bias"]}
+    variables = {"params": {**variables["params"], "head": head}}
+  out = hf_export.export_hf(module, variables, tmp_path)
+  got = load_file(out / "model.safetensors")
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  written = json.loads((out / "config.json").read_text())
+  assert {k: written[k] for k in _CONFIG_FIELDS} == {k: config[k] for k in _CONFIG_FIELDS}
+  assert len(written.get("id2label", {})) == (3 if with_head else 0)
+  back = dinov2.hub_spec("exported", written)
+  assert back.default_num_classes == (3 if with_head else 0)
+  assert back.build(num_classes=module.num_classes) == module
+
+
+def test_hf_export_refuses_what_transformers_cannot_hold(tiny, tmp_path):
+  from jtl.checkpoint import hf_export
+  _, module, variables, _ = tiny
+  with pytest.raises(ConfigError, match="pool='mean'"):
+    hf_export.export_hf(module.clone(num_classes=3, pool="mean"), variables, tmp_path)
+  with pytest.raises(ConfigError, match="integer mlp_ratio"):
+    hf_export.hub_config(module.clone(mlp_ratio=2.5))
+  extra = {"params": {**variables["params"], "register_tokens": np.zeros((1, 4, 32))}}
+  with pytest.raises(jtl.errors.CheckpointError, match="register_tokens"):
+    hf_export.export_hf(module, extra, tmp_path)
+
+
 def test_position_embedding_interpolation_is_torch_bicubic(tiny):
   _, _, variables, _ = tiny
   pos = variables["params"]["pos_embedding"]

@@ -4,11 +4,13 @@ peft 0.21.2, transformers 5.24.0, timm 1.0.31, torch 2.13.0 and torchvision
 0.28.0 (PyPI builds, run on the CPU)).
 
 Fixture models: tiny BERT (HF BertModel layout), tiny ViT (timm
-VisionTransformer) and a ResNet with one BasicBlock per stage (timm resnet18
-layout), seeded numpy weights, LoRA on every exportable layer kind (Dense,
-DenseGeneral attention output, query/key/value as timm's fused qkv,
-patch-embedding conv, 3x3/7x7/strided 1x1 convs) with mixed ranks, and a
-changed head.
+VisionTransformer), a ResNet with one BasicBlock per stage (timm resnet18
+layout) and a tiny DINOv2 with a head (transformers
+Dinov2ForImageClassification: separate q/k/v/o Linears, layer scale, mask
+token), seeded numpy weights, LoRA on every exportable layer kind (Dense,
+DenseGeneral attention output, query/key/value as timm's fused qkv or as
+DINOv2's separate projections, patch-embedding conv, 3x3/7x7/strided 1x1
+convs) with mixed ranks, and a changed head.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from jtl import tree as jtree
 from jtl import workdirs
 from jtl.checkpoint import hf_export, peft
 from jtl.errors import CheckpointError, ConfigError
-from jtl.models import bert, hub_models, resnet
+from jtl.models import bert, dinov2, hub_models, resnet
 from jtl.strategies import lora
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -45,7 +47,7 @@ def _load_ref():
 ref = _load_ref()
 REF = np.load(PEFT_DIR / "reference.npz")
 MANIFEST = json.loads((PEFT_DIR / "manifest.json").read_text())
-LAYOUT = {"bert": "bert", "vit": "timm_vit", "resnet": "timm_resnet"}
+LAYOUT = {"bert": "bert", "vit": "timm_vit", "resnet": "timm_resnet", "dinov2": "dinov2_cls"}
 TOL = 1e-5  # float32 forward passes in two frameworks; measured <= 2.4e-6
 
 
@@ -77,7 +79,8 @@ def test_adapter_export_is_the_file_peft_loaded(name, tmp_path):
   config = json.loads((out / peft.CONFIG_FILE).read_text())
   assert config["peft_type"] == "LORA" and config["lora_alpha"] == ref.ALPHA
   assert config["task_type"] == ("FEATURE_EXTRACTION" if name == "bert" else None)
-  assert config["modules_to_save"] == {"bert": None, "vit": ["head"], "resnet": ["fc"]}[name]
+  assert config["modules_to_save"] == {"bert": None, "vit": ["head"], "resnet": ["fc"],
+                                      "dinov2": ["classifier"]}[name]
 
 
 @pytest.mark.parametrize("name", ref.MODELS)
@@ -121,6 +124,8 @@ def test_merged_export_has_the_layout_the_consumer_loaded(name, tmp_path):
     back = bert.convert_torch({**tensors, **head})
   elif name == "vit":
     back = hub_models.convert_timm_vit(tensors, num_heads=2)
+  elif name == "dinov2":
+    back = dinov2.convert_hf(tensors, num_heads=2)
   else:
     back = resnet.convert_torch(tensors)
   merged = adapted(name)
@@ -140,18 +145,24 @@ def test_peft_trained_adapter_loads_into_jtl(name, caplog):
   assert alpha == config["lora_alpha"]
   n_adapters = sum(p.endswith("/lora_a") for p in jtree.flatten(params))
   # ViT: PEFT's qkv adapter (rank 4, dense B) -> query, key and value adapters.
-  assert n_adapters == {"bert": 10, "vit": 13, "resnet": 12}[name]
+  # DINOv2: q/k/v/o, fc1, fc2 in each of 2 layers and the patch projection.
+  assert n_adapters == {"bert": 10, "vit": 13, "resnet": 12, "dinov2": 13}[name]
   if name == "bert":  # PEFT's "dense" also hit BertModel's pooler, which jtl lacks
     assert "pooler.dense" in caplog.text
   variables = {**base(name), "params": lora.merge_lora(params, alpha)}
-  key = "features" if name == "bert" else "logits"
-  out = ref.build(name).apply(variables, ref.inputs(name), method=key if key == "features" else None)
-  diff = _max_diff(out, REF[f"{name}/peft_trained/{key}"])
-  print(f"{name} PEFT-trained adapter in jtl: max |jtl - peft| = {diff:.2e}")
-  assert diff < TOL
+  methods = {"bert": ["features"], "dinov2": [None, "tokens"]}.get(name, [None])
+  for method in methods:
+    key = method or "logits"
+    out = ref.build(name).apply(variables, ref.inputs(name), method=method)
+    diff = _max_diff(out, REF[f"{name}/peft_trained/{key}"])
+    print(f"{name} PEFT-trained adapter in jtl: max |jtl - peft| {key} = {diff:.2e}")
+    assert diff < TOL
+  # The trained adapter changed the model, so the comparison is not vacuous.
+  plain = ref.build(name).apply(base(name), ref.inputs(name), method=methods[0])
+  assert _max_diff(plain, REF[f"{name}/peft_trained/{methods[0] or 'logits'}"]) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["vit", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "resnet", "dinov2"])
 def test_export_then_import_restores_the_adapters_exactly(name, tmp_path):
   peft.export_peft(lora.LoraModel(ref.build(name), ref.ALPHA), adapted(name), tmp_path)
   params, alpha = peft.import_peft(base(name)["params"], tmp_path, layout=LAYOUT[name])
@@ -160,6 +171,74 @@ def test_export_then_import_restores_the_adapters_exactly(name, tmp_path):
   assert sorted(want) == sorted(got)
   for k in want:
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def _renamed_adapter(src, dst, rename, config_names):
+  """A copy of a PEFT adapter folder with its keys renamed (and the short
+  module names in target_modules / rank_pattern / alpha_pattern)."""
+  import safetensors.numpy
+  dst.mkdir()
+  config = json.loads((src / peft.CONFIG_FILE).read_text())
+  config["target_modules"] = [config_names.get(n, n) for n in config["target_modules"]]
+  for key in ("rank_pattern", "alpha_pattern"):
+    config[key] = {config_names.get(n, n): v for n, v in config[key].items()}
+  (dst / peft.CONFIG_FILE).write_text(json.dumps(config))
+  tensors = safetensors.numpy.load_file(str(src / peft.WEIGHTS_FILE))
+  hf_export.write_safetensors({rename(k): v for k, v in tensors.items()}, dst / peft.WEIGHTS_FILE)
+  return dst
+
+
+def test_dinov2_adapter_with_transformers_4_names_imports_the_same(tmp_path):
+  """PEFT with transformers 4 saved DINOv2 adapters under the file names
+  (attention.attention.query, attention.output.dense; config patterns like
+  {"dense": 16}); they map to the same jtl adapters as transformers 5's
+  in-memory names (q_proj, o_proj)."""
+  folder = PEFT_DIR / "peft_trained" / "dinov2"
+  v4_names = {"q": "query", "k": "key", "v": "value"}
+  v4 = _renamed_adapter(folder, tmp_path / "v4", lambda k: re.sub(
+      r"attention\.([qkv])_proj", lambda m: "attention.attention." + v4_names[m.group(1)],
+      k).replace("attention.o_proj", "attention.output.dense"),
+      {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "dense"})
+  import safetensors.numpy
+  assert any("attention.attention.key" in k for k in
+             safetensors.numpy.load_file(str(v4 / peft.WEIGHTS_FILE)))
+  want, alpha = peft.import_peft(base("dinov2")["params"], folder, layout="dinov2_cls")
+  got, alpha_v4 = peft.import_peft(base("dinov2")["params"], v4, layout="dinov2_cls")
+  want, got = jtree.flatten(want), jtree.flatten(got)
+  assert alpha_v4 == alpha and sorted(want) == sorted(got)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_dinov2_backbone_adapter_and_layout_mismatch(tmp_path):
+  """A Dinov2 without a head exports a Dinov2Model adapter (no "dinov2."
+  prefix, no modules_to_save); importing an adapter with the other layout
+  names the right one."""
+  module = ref.build("dinov2").clone(num_classes=0)
+  flat = {p: v for p, v in jtree.flatten(adapted("dinov2")["params"]).items()
+          if not p.startswith("head/")}
+  out = peft.export_peft(module, {"params": jtree.unflatten(flat)}, tmp_path / "a",
+                         alpha=ref.ALPHA)
+  config = json.loads((out / peft.CONFIG_FILE).read_text())
+  assert config["modules_to_save"] is None and config["task_type"] is None
+  assert config["auto_mapping"]["base_model_class"] == "Dinov2Model"
+  import safetensors.numpy
+  keys = safetensors.numpy.load_file(str(out / peft.WEIGHTS_FILE))
+  assert "base_model.model.encoder.layer.1.attention.k_proj.lora_A.weight" in keys
+  assert not any(k.startswith("base_model.model.dinov2.") for k in keys)
+  back, _ = peft.import_peft(jtree.unflatten({p: v for p, v in flat.items() if "lora" not in p}),
+                             out, layout="dinov2")
+  for p, v in flat.items():
+    np.testing.assert_array_equal(np.asarray(jtree.flatten(back)[p]), v, err_msg=p)
+  with pytest.raises(CheckpointError, match="layout='dinov2_cls'"):
+    peft.import_peft(base("dinov2")["params"], PEFT_DIR / "peft_trained" / "dinov2",
+                     layout="dinov2")
+  with pytest.raises(CheckpointError, match="layout='dinov2'"):
+    peft.import_peft(base("dinov2")["params"], out, layout="dinov2_cls")
+  # A head on the class token alone is not Dinov2ForImageClassification's.
+  with pytest.raises(ConfigError, match="pool='cls'"):
+    peft.export_peft(ref.build("dinov2").clone(pool="cls"), adapted("dinov2"), tmp_path / "b",
+                     alpha=ref.ALPHA)
 
 
 def test_peft_trained_qkv_adapter_folded_or_as_adapters_gives_the_same_model():

@@ -1,16 +1,26 @@
 """Fine-tuned weights out in the Hugging Face / timm layouts (no torch needed).
 
 The inverse of the converters in `jtl.models.bert` / `jtl.models.hub_models`
-/ `jtl.models.resnet`: a jtl BERT becomes a transformers `BertModel`
-(`model.safetensors` + `config.json` that `AutoModel.from_pretrained` reads),
-a jtl ViT / ResNet becomes timm's `VisionTransformer` / `ResNet` state dict
-(`model.safetensors` + a timm Hub `config.json`: architecture, model_args,
-num_classes, pretrained_cfg). LoRA adapters are merged into their kernels
-first. Every jtl leaf is mapped (an unmapped one is an error naming it), and
-the result maps back through the forward converter to the same arrays.
+/ `jtl.models.resnet` / `jtl.models.dinov2`: a jtl BERT becomes a
+transformers `BertModel` (`model.safetensors` + `config.json` that
+`AutoModel.from_pretrained` reads), a jtl ViT / ResNet becomes timm's
+`VisionTransformer` / `ResNet` state dict (`model.safetensors` + a timm Hub
+`config.json`: architecture, model_args, num_classes, pretrained_cfg), a jtl
+DINOv2 becomes transformers' `Dinov2Model` (no head) or
+`Dinov2ForImageClassification` (a head on [class token, mean patch token],
+as `classifier`) in the facebook/dinov2-* key layout. LoRA adapters are
+merged into their kernels first. Every jtl leaf is mapped (an unmapped one is
+an error naming it), and the result maps back through the forward converter
+to the same arrays.
 
-Layouts ("bert", "timm_vit", "timm_resnet") also name the module paths that
-`jtl.checkpoint.peft` writes adapters under: `torch_module(layout, path)`.
+Layouts ("bert", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls") also
+name the module paths that `jtl.checkpoint.peft` writes adapters under:
+`torch_module(layout, path)`, the names of the modules in the live torch
+model. transformers >= 5 renames DINOv2's attention modules in memory
+(`attention.q_proj` ... `attention.o_proj`, what PEFT saves adapters under)
+and renames them back when saving (`attention.attention.query` ...
+`attention.output.dense`, the published files): `saved_name` gives the
+name in the files, which `to_torch_state_dict` writes.
 
 Notes:
   * jtl's BERT has no pooler (it mean-pools); `BertModel` reports
@@ -27,11 +37,16 @@ Notes:
 ('encoder.layer.0.attention.self.query', 'linear')
 >>> torch_module("timm_resnet", "layer2_0/downsample/conv")
 ('layer2.0.downsample.0', 'conv')
+>>> torch_module("dinov2_cls", "Transformer/encoderblock_3/MultiHeadDotProductAttention_0/key")
+('dinov2.encoder.layer.3.attention.k_proj', 'linear_heads')
+>>> saved_name("dinov2", "encoder.layer.3.attention.k_proj")
+'encoder.layer.3.attention.attention.key'
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -45,9 +60,32 @@ from jtl.checkpoint import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
-LAYOUTS = ("bert", "timm_vit", "timm_resnet")
+LAYOUTS = ("bert", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls")
+_LOG = logging.getLogger(__name__)
 
-# jtl module path -> (torch module path, kind). First match wins.
+# jtl module path -> (torch module path, kind). First match wins. Kinds:
+# "linear" (kernel [*in, out] -> weight [out, prod(in)]), "linear_heads" (a
+# Linear whose jtl kernel is [in, heads, head_dim]: weight [heads * head_dim,
+# in]), "conv", "norm", "embed", "bn", "layerscale" (`lambda1`), "qkv" (timm's
+# fused query/key/value).
+_DINOV2_BLOCK = r"Transformer/encoderblock_(\d+)"
+_DINOV2 = [
+    (r"embedding", "embeddings.patch_embeddings.projection", "conv"),
+    (rf"{_DINOV2_BLOCK}/LayerNorm_0", r"encoder.layer.\1.norm1", "norm"),
+    (rf"{_DINOV2_BLOCK}/LayerNorm_1", r"encoder.layer.\1.norm2", "norm"),
+    *((rf"{_DINOV2_BLOCK}/MultiHeadDotProductAttention_0/{jtl}",
+       rf"encoder.layer.\1.attention.{jtl[0]}_proj", "linear_heads")
+      for jtl in ("query", "key", "value")),
+    (rf"{_DINOV2_BLOCK}/MultiHeadDotProductAttention_0/out", r"encoder.layer.\1.attention.o_proj",
+     "linear"),
+    (rf"{_DINOV2_BLOCK}/LayerScale_0", r"encoder.layer.\1.layer_scale1", "layerscale"),
+    (rf"{_DINOV2_BLOCK}/LayerScale_1", r"encoder.layer.\1.layer_scale2", "layerscale"),
+    (rf"{_DINOV2_BLOCK}/MlpBlock_0/Dense_0", r"encoder.layer.\1.mlp.fc1", "linear"),
+    (rf"{_DINOV2_BLOCK}/MlpBlock_0/Dense_1", r"encoder.layer.\1.mlp.fc2", "linear"),
+    (r"Transformer/encoder_norm", "layernorm", "norm"),
+]
+_DINOV2_TOP = {"cls": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+               "pos_embedding": "embeddings.position_embeddings"}
 _MODULES: dict[str, list[tuple[str, str, str]]] = {
     "bert": [
         (r"embeddings/(word|position|token_type)_embeddings", r"embeddings.\1_embeddings",
@@ -82,8 +120,20 @@ _MODULES: dict[str, list[tuple[str, str, str]]] = {
         (r"layer(\d+)_(\d+)/(conv\d)", r"layer\1.\2.\3", "conv"),
         (r"layer(\d+)_(\d+)/(bn\d)", r"layer\1.\2.\3", "bn"),
     ],
+    "dinov2": _DINOV2,  # transformers Dinov2Model
+    "dinov2_cls": [(p, "dinov2." + t, k) for p, t, k in _DINOV2]  # ...ForImageClassification
+                  + [(r"head", "classifier", "linear")],
 }
-_TOP_LEVEL = {"timm_vit": {"cls": "cls_token", "pos_embedding": "pos_embed"}}
+_TOP_LEVEL = {"timm_vit": {"cls": "cls_token", "pos_embedding": "pos_embed"},
+              "dinov2": _DINOV2_TOP,
+              "dinov2_cls": {k: "dinov2." + v for k, v in _DINOV2_TOP.items()}}
+# In-memory module name -> the name transformers writes to (and reads from) files.
+_SAVED_NAMES = {
+    "dinov2": [*((rf"(.*\.attention)\.{n[0]}_proj", rf"\1.attention.{n}")
+                 for n in ("query", "key", "value")),
+               (r"(.*\.attention)\.o_proj", r"\1.output.dense")],
+}
+_SAVED_NAMES["dinov2_cls"] = _SAVED_NAMES["dinov2"]
 
 
 def _check_layout(layout: str) -> None:
@@ -101,12 +151,28 @@ def torch_module(layout: str, path: str) -> tuple[str, str] | None:
   return None
 
 
+def saved_name(layout: str, name: str) -> str:
+  """The name a torch module has in the files (`save_pretrained`, the Hub)."""
+  for pattern, target in _SAVED_NAMES.get(layout, ()):
+    m = re.fullmatch(pattern, name)
+    if m is not None:
+      return m.expand(target)
+  return name
+
+
 def layout_of(module: Any) -> str:
   """The export layout of a jtl zoo module (LoRA wrappers are looked through)."""
-  from jtl.models import bert, resnet, vit  # pylint: disable=g-import-not-at-top
+  from jtl.models import bert, dinov2, resnet, vit  # pylint: disable=g-import-not-at-top
   base = getattr(module, "base", module)
   if isinstance(base, bert.Bert):
     return "bert"
+  if isinstance(base, dinov2.Dinov2):
+    if base.num_classes and base.pool != "cls_mean":
+      raise ConfigError("transformers' Dinov2ForImageClassification puts its classifier on "
+                        "[class token, mean patch token]; this Dinov2's head sees "
+                        f"pool={base.pool!r}. Export a Dinov2 with pool='cls_mean' (or "
+                        "num_classes=0 for the backbone alone, Dinov2Model).")
+    return "dinov2_cls" if base.num_classes else "dinov2"
   if isinstance(base, vit.ViT):
     if base.pool != "tok" or base.representation_size:
       raise ConfigError("timm layout export needs a ViT with pool='tok' and no "
@@ -117,7 +183,8 @@ def layout_of(module: Any) -> str:
     return "timm_resnet"
   raise ConfigError(f"No HF/timm export layout for {type(base).__name__}; supported: "
                     "jtl.models.bert.Bert (HF BertModel), vit.ViT (timm "
-                    "VisionTransformer), resnet.ResNet (timm ResNet).")
+                    "VisionTransformer), resnet.ResNet (timm ResNet), dinov2.Dinov2 "
+                    "(HF Dinov2Model / Dinov2ForImageClassification).")
 
 
 def _linear_weight(kernel: np.ndarray) -> np.ndarray:
@@ -139,12 +206,18 @@ def _module_leaves(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nda
 def _convert_module(kind: str, name: str, leaves: dict[str, np.ndarray],
                     out: dict[str, np.ndarray]) -> list[str]:
   """Adds one module's tensors; returns the leaves it does not know."""
-  known = {"linear": ("kernel", "bias"), "conv": ("kernel", "bias"),
-           "norm": ("scale", "bias"), "embed": ("embedding",),
-           "bn": ("scale", "bias", "mean", "var")}[kind]
+  known = {"linear": ("kernel", "bias"), "linear_heads": ("kernel", "bias"),
+           "conv": ("kernel", "bias"), "norm": ("scale", "bias"), "embed": ("embedding",),
+           "bn": ("scale", "bias", "mean", "var"), "layerscale": ("scale",)}[kind]
   for leaf, value in leaves.items():
+    if leaf not in known:
+      continue
     if leaf == "kernel":
-      out[f"{name}.weight"] = _linear_weight(value) if kind == "linear" else _conv_weight(value)
+      out[f"{name}.weight"] = (_linear_weight(value) if kind == "linear" else
+                               np.ascontiguousarray(value.reshape(value.shape[0], -1).T)
+                               if kind == "linear_heads" else _conv_weight(value))
+    elif kind == "layerscale":
+      out[f"{name}.lambda1"] = value
     elif leaf == "bias":
       out[f"{name}.bias"] = value.reshape(-1)
     elif leaf in ("scale", "embedding"):
@@ -210,6 +283,9 @@ def to_torch_state_dict(variables: PyTree, layout: str) -> dict[str, np.ndarray]
   for leaf, name in top.items():
     if leaf in params:
       out[name] = params[leaf]
+  if layout in _SAVED_NAMES:
+    out = {f"{saved_name(layout, k.rpartition('.')[0])}.{k.rpartition('.')[2]}": v
+           for k, v in out.items()}
   if problems:
     raise CheckpointError(f"Cannot write the {layout} layout:\n" + bullet_list(problems))
   return out
@@ -257,12 +333,45 @@ def _resnet_config(module: Any) -> dict[str, Any]:
                              "num_classes": module.num_classes}}
 
 
+def _dinov2_config(module: Any) -> dict[str, Any]:
+  """transformers' Dinov2Config as `save_pretrained` writes it (the fields its
+  Dinov2Model / Dinov2ForImageClassification read; `dinov2.hub_spec` reads it
+  back)."""
+  if module.interpolate_offset:
+    _LOG.warning("Dinov2 interpolate_offset=%s (the original DINOv2 resize) has no "
+                 "transformers config field: transformers >= 4.44 resizes position "
+                 "embeddings to the grid size; outputs at other resolutions differ slightly.",
+                 module.interpolate_offset)
+  mlp = int(module.width * module.mlp_ratio)
+  if mlp % module.width:  # transformers' Dinov2Config: mlp_ratio: int
+    raise ConfigError(f"Dinov2 width {module.width} x mlp_ratio {module.mlp_ratio} = MLP "
+                      f"{mlp}: transformers' Dinov2Config holds an integer mlp_ratio; export "
+                      "a Dinov2 whose MLP width is a multiple of its width.")
+  config = {
+      "architectures": ["Dinov2ForImageClassification" if module.num_classes else "Dinov2Model"],
+      "model_type": "dinov2", "hidden_size": module.width,
+      "num_hidden_layers": module.depth, "num_attention_heads": module.num_heads,
+      "mlp_ratio": mlp // module.width, "patch_size": module.patch_size,
+      "image_size": module.image_size, "num_channels": 3, "hidden_act": "gelu",
+      "layer_norm_eps": float(module.layer_norm_eps),
+      "layerscale_value": float(module.layerscale_value),
+      "hidden_dropout_prob": float(module.dropout), "attention_probs_dropout_prob": 0.0,
+      "drop_path_rate": 0.0, "initializer_range": 0.02, "qkv_bias": True,
+      "use_swiglu_ffn": False, "use_mask_token": True, "apply_layernorm": True,
+      "reshape_hidden_states": True, "dtype": "float32"}
+  if module.num_classes:
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(module.num_classes)}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(module.num_classes)}
+  return config
+
+
 def hub_config(module: Any) -> dict[str, Any]:
-  """The config.json of the export: transformers' for BERT, timm's Hub form else."""
+  """The config.json of the export: transformers' for BERT and DINOv2, timm's
+  Hub form else."""
   layout = layout_of(module)
   base = getattr(module, "base", module)
-  return {"bert": _bert_config, "timm_vit": _vit_config,
-          "timm_resnet": _resnet_config}[layout](base)
+  return {"bert": _bert_config, "timm_vit": _vit_config, "timm_resnet": _resnet_config,
+          "dinov2": _dinov2_config, "dinov2_cls": _dinov2_config}[layout](base)
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -294,7 +403,8 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     out_dir as a Path.
 
   Example (from PyTorch):
-    transformers.AutoModel.from_pretrained(out_dir)            # BERT
+    transformers.AutoModel.from_pretrained(out_dir)            # BERT, DINOv2
+    transformers.Dinov2ForImageClassification.from_pretrained(out_dir)  # DINOv2 + head
     m = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"],
                           **cfg["model_args"])  # ViT / ResNet (act_layer included)
     m.load_state_dict(safetensors.torch.load_file(out_dir + "/model.safetensors"))

@@ -15,10 +15,17 @@ jtl holds an adapter as "lora_a" [fan_in, r] / "lora_b" [r, out] next to the
 layer's kernel with scale alpha / r (`jtl.strategies.lora`), so the export is
 a transpose (and for convolutions the HWIO <-> OIHW reshuffle) under the module
 names of `jtl.checkpoint.hf_export` ("bert": transformers BertModel,
-"timm_vit", "timm_resnet"). PEFT's scale lora_alpha / r is jtl's with
+"timm_vit", "timm_resnet", "dinov2": transformers Dinov2Model, "dinov2_cls":
+Dinov2ForImageClassification). PEFT's scale lora_alpha / r is jtl's with
 lora_alpha = alpha; layers of another rank are listed in `rank_pattern`.
 `PeftModel.from_pretrained(base, folder)` loads the export (tested against
 peft, transformers and timm through fixtures).
+
+DINOv2's query/key/value are separate Linears in transformers; jtl's
+[width, heads, head_dim] kernels export one LoRA each under the names of
+transformers >= 5's modules (`attention.q_proj`, `k_proj`, `v_proj`,
+`o_proj`), which PEFT saves and matches; import also reads the names of
+transformers 4 (`attention.attention.query`, `attention.output.dense`).
 
 timm's ViT fuses query, key and value in one `attn.qkv` Linear; jtl's has
 three [width, heads, head_dim] kernels. LoRAs on them (lora_a [width, r],
@@ -67,7 +74,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 HEAD_FILE = "head.safetensors"  # BERT: jtl's head on the mean-pooled features
 PREFIX = "base_model.model."
-_TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": None}
+_TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": None,
+               "dinov2": None, "dinov2_cls": None}
 _LOG = logging.getLogger(__name__)
 # Modules of the torch model that jtl's does not compute with: BERT's pooler
 # (jtl mean-pools; `bert.convert_torch` drops its weights too).
@@ -76,7 +84,12 @@ _AUTO_MAPPING = {
     "timm_vit": {"base_model_class": "VisionTransformer",
                  "parent_library": "timm.models.vision_transformer"},
     "timm_resnet": {"base_model_class": "ResNet", "parent_library": "timm.models.resnet"},
+    "dinov2": {"base_model_class": "Dinov2Model",
+               "parent_library": "transformers.models.dinov2.modeling_dinov2"},
+    "dinov2_cls": {"base_model_class": "Dinov2ForImageClassification",
+                   "parent_library": "transformers.models.dinov2.modeling_dinov2"},
 }
+_ADAPTABLE = ("linear", "linear_heads", "conv", "qkv")
 
 
 def _modules(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -132,8 +145,8 @@ def _export_adapter(kind: str, kernel: np.ndarray, a: np.ndarray, b: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray] | str:
   """jtl (lora_a [fan_in, r], lora_b [r, out]) -> PEFT (lora_A, lora_B) weights."""
   r = a.shape[1]
-  if kind == "linear":
-    return _linear_lora(kernel.shape, kernel.ndim - 1, a, b)
+  if kind in ("linear", "linear_heads"):
+    return _linear_lora(kernel.shape, 1 if kind == "linear_heads" else kernel.ndim - 1, a, b)
   kh, kw, cin, _ = kernel.shape  # conv: A is a conv into r channels, B a 1x1 conv
   lora_a = np.transpose(a.reshape(kh, kw, cin, r), (3, 2, 0, 1))
   return np.ascontiguousarray(lora_a), np.ascontiguousarray(b.T[:, :, None, None])
@@ -194,7 +207,7 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
 
   Args:
     params: jtl params holding "lora_a"/"lora_b" leaves.
-    layout: "bert", "timm_vit" or "timm_resnet".
+    layout: one of `hf_export.LAYOUTS`.
     modules_to_save: jtl module paths saved whole (e.g. a new head, "head").
 
   Raises:
@@ -209,11 +222,11 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
   candidates = []
   for path, leaves in sorted(modules.items()):
     mapped = hf_export.torch_module(layout, path) if "kernel" in leaves else None
-    if mapped is not None and mapped[1] in ("linear", "conv", "qkv"):
+    if mapped is not None and mapped[1] in _ADAPTABLE:
       candidates.append(mapped[0])
     if "lora_a" not in leaves:
       continue
-    if mapped is None or mapped[1] not in ("linear", "conv", "qkv") or (
+    if mapped is None or mapped[1] not in _ADAPTABLE or (
         layout == "bert" and path == "head"):
       problems.append(f"{path}: no module of the base model holds it")
       continue
@@ -273,7 +286,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   """Writes the LoRA adapters of a jtl model as a PEFT adapter folder.
 
   Args:
-    module: the jtl zoo module (Bert, ViT, ResNet) or its `LoraModel`.
+    module: the jtl zoo module (Bert, ViT, ResNet, Dinov2) or its `LoraModel`.
     variables: variables whose params hold the adapters.
     out_dir: folder for adapter_config.json and adapter_model.safetensors.
     alpha: LoRA alpha (default: the LoraModel's).
@@ -281,7 +294,8 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     modules_to_save: jtl module paths saved whole; default ["head"] when the
       params have a head. For BERT the head (on the mean-pooled features, which
       `BertModel` does not have) goes to head.safetensors beside the adapter.
-    task_type: PEFT task type; "auto": FEATURE_EXTRACTION for BERT, none for timm.
+    task_type: PEFT task type; "auto": FEATURE_EXTRACTION for BERT, none for
+      timm and DINOv2 (PeftModel on the base model's own forward).
 
   Returns:
     out_dir as a Path.
@@ -359,12 +373,16 @@ def _check_config(config: Mapping[str, Any], where: str) -> None:
 
 
 def _torch_to_jtl(flat: Mapping[str, Any], layout: str) -> dict[str, list[str]]:
-  """torch module name -> the jtl module paths (with a kernel) it covers."""
+  """torch module name (in memory, and as saved where they differ) -> the jtl
+  module paths (with a kernel) it covers."""
   out: dict[str, list[str]] = {}
   for module, leaves in _modules(flat).items():
     mapped = hf_export.torch_module(layout, module) if "kernel" in leaves else None
     if mapped is not None:
       out.setdefault(mapped[0], []).append(module)
+      saved = hf_export.saved_name(layout, mapped[0])
+      if saved != mapped[0]:
+        out.setdefault(saved, []).append(module)
   return out
 
 
@@ -404,7 +422,8 @@ def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.nd
     lora_b = b[:, :, 0, 0].T
   else:
     lora_a, lora_b = a.T, b.T
-  fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+  split = 1 if kind == "linear_heads" else kernel.ndim - 1  # jtl's fan_in x out
+  fan_in, out = math.prod(kernel.shape[:split]), math.prod(kernel.shape[split:])
   if lora_a.shape != (fan_in, r) or lora_b.shape != (r, out):
     return (f"{path}: adapter [{fan_in}? x {r}] x [{r} x {out}?] does not fit kernel "
             f"{tuple(kernel.shape)} (file: lora_A {a.shape}, lora_B {b.shape})")
@@ -458,7 +477,9 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
     params: the base model's jtl params (a head of the saved size if the
       adapter saves one).
     path: the folder PeftModel.save_pretrained (or `export_peft`) wrote.
-    layout: "bert", "timm_vit" or "timm_resnet" (see `hf_export.LAYOUTS`).
+    layout: "bert", "timm_vit", "timm_resnet", "dinov2" (an adapter of
+      Dinov2Model) or "dinov2_cls" (Dinov2ForImageClassification); see
+      `hf_export.LAYOUTS`.
     fold_unsupported: add the update of timm's fused qkv adapters to the
       query/key/value kernels instead of making adapters on them.
 
@@ -507,9 +528,17 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
     problems += _import_module(flat, "head", "linear",
                                {k.split(".", 1)[1]: v for k, v in head.items()}, HEAD_FILE)
   if problems:
+    hint = ""
+    if layout.startswith("dinov2"):
+      prefixed = any(name.startswith("dinov2.") for name in _group(tensors, str(path)))
+      other = "dinov2_cls" if prefixed else "dinov2"
+      if other != layout:
+        hint = (f" The keys are {'' if prefixed else 'not '}under 'dinov2.': an adapter of "
+                f"{'Dinov2ForImageClassification' if prefixed else 'Dinov2Model'}, "
+                f"layout={other!r}.")
     raise CheckpointError(f"{path}: the PEFT adapter does not fit these {layout} params:\n"
                           + bullet_list(problems) + "\nLoad it into the model it was "
-                          "trained for (same sizes; a head of the saved size).")
+                          "trained for (same sizes; a head of the saved size)." + hint)
   if dropped:
     _LOG.warning("%s: skipped adapters on %s (jtl's %s does not use them).", path,
                     ", ".join(dropped), layout)
@@ -520,18 +549,19 @@ def _import_module(flat: dict[str, Any], path: str, kind: str, part: Mapping[str
                    name: str) -> list[str]:
   """A whole saved module (modules_to_save) -> jtl leaves; returns problems."""
   problems = []
+  linear = kind in ("linear", "linear_heads")
   for leaf, value in part.items():
-    jtl_leaf = ("bias" if leaf == "bias" else "kernel" if kind in ("linear", "conv")
+    jtl_leaf = ("bias" if leaf == "bias" else "kernel" if linear or kind == "conv"
                 else "scale")
     target = f"{path}/{jtl_leaf}"
     if target not in flat:
       problems.append(f"{name}.{leaf}: the params have no {target}")
       continue
     old = np.asarray(flat[target])
-    new = (value.T if kind == "linear" and leaf == "weight" else
+    new = (value.T if linear and leaf == "weight" else
            np.transpose(value, (2, 3, 1, 0)) if kind == "conv" and leaf == "weight" else value)
-    if leaf == "weight" and kind == "linear":
-      new = new.reshape(old.shape) if new.size == old.size else new
+    if linear and new.size == old.size:  # [in, heads, head_dim] kernels and biases
+      new = new.reshape(old.shape)
     if new.shape != old.shape:
       problems.append(f"{name}.{leaf}: shape {value.shape} does not fit {target} {old.shape}")
       continue
