@@ -1,7 +1,7 @@
 """Deployment benchmark: jtl float32 / int8 weights against ONNX Runtime and
 LiteRT (float32, full-integer int8), on models fine-tuned on a real dataset.
 
-  nice -n 19 .venv/bin/python scripts/benchmark_deploy.py \\
+  nice -n 19 .venv/bin/python scripts/benchmarks/benchmark_deploy.py \\
       --data /work/shared/data/cifar10_subset --out /tmp/bench_deploy \\
       [--torch_python /tmp/torchenv/bin/python] [--survey]
 
@@ -28,7 +28,6 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
@@ -52,12 +51,16 @@ def parse_args() -> argparse.Namespace:
 
 def finetune(name: str, args: argparse.Namespace) -> str:
   """Fine-tunes `name` at 224 px; returns the workdir (reused if done)."""
-  import configs.default  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
   from jtl import experiment  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "default.py")
+  spec = importlib.util.spec_from_file_location("default_config", path)
+  default_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(default_config)
   workdir = os.path.join(args.out, name)
   if os.path.exists(os.path.join(workdir, "final_report.json")):
     return workdir
-  c = configs.default.get_config()
+  c = default_config.get_config()
   pretrained = name == "efficientnet_lite0"
   c.update(dict(model=name, pretrained=pretrained, dataset=f"folder:{args.data}",
                 image_size=224, batch_size=args.batch_size, eval_batch_size=100,
