@@ -498,10 +498,8 @@ def test_sharded_index_must_match_its_shards(tmp_path):
     jtl.read(tmp_path / "bad.index.json")
 
 
-def test_create_with_weights_initialises_only_what_the_checkpoint_lacks(tmp_path, monkeypatch):
-  """create(pretrained=file) builds the variable tree with jax.eval_shape: the
-  init runs once, for the leaves the file does not provide (a new head), and
-  the loaded leaves are the file's values; nothing runs the full init."""
+def _small_cnn_file(tmp_path):
+  """small_cnn's variables (10 classes) as random arrays in an npz: (path, {flat path: array})."""
   from jtl import tree as jtree
   from jtl.models import registry
   spec = models.get_spec("small_cnn")
@@ -512,6 +510,17 @@ def test_create_with_weights_initialises_only_what_the_checkpoint_lacks(tmp_path
   assert any(k.startswith("batch_stats/") for k in saved)
   path = tmp_path / "small_cnn.npz"
   checkpoint.export(jtree.unflatten(saved), path)
+  return path, saved
+
+
+def test_create_with_weights_initialises_only_what_the_checkpoint_lacks(tmp_path, monkeypatch):
+  """create(pretrained=file) builds the variable tree with jax.eval_shape: the
+  init runs once, for the leaves the file does not provide (a new head), and
+  the loaded leaves are the file's values; nothing runs the full init."""
+  from jtl import tree as jtree
+  from jtl.models import registry
+  spec = models.get_spec("small_cnn")
+  path, saved = _small_cnn_file(tmp_path)
   calls = []
   real_init_leaves = registry.init_leaves
 
@@ -541,6 +550,49 @@ def test_create_with_weights_initialises_only_what_the_checkpoint_lacks(tmp_path
     assert v.dtype == full[k].dtype and v.shape == full[k].shape, k
     np.testing.assert_array_equal(v, full[k] if k.startswith("params/head/") else saved[k],
                                   err_msg=k)
+
+
+def test_create_nnx_with_weights_wraps_the_loaded_arrays_without_an_init(tmp_path, monkeypatch):
+  """api="nnx" sets nnx.bridge.ToNNX's variables from the loaded arrays: no
+  Linen init runs on concrete inputs (the bridge's lazy_init would run the
+  full random init once more), the NNX params and statistics are the loaded
+  arrays themselves, and the model computes what the Linen model does."""
+  import flax.linen as nn
+
+  from jtl import tree as jtree
+  path, saved = _small_cnn_file(tmp_path)
+  eager = []
+  real_init = nn.Module.init_with_output
+
+  def spy(self, rngs, *args, **kwargs):
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+      eager.append(type(self).__name__)  # an init computing real arrays, outside jit
+    return real_init(self, rngs, *args, **kwargs)
+
+  monkeypatch.setattr(nn.Module, "init_with_output", spy)
+  created = models.create("small_cnn", pretrained=str(path), api="nnx")
+  assert eager == [] and created.report.ok
+  held = jtl.variables_of(created.module)
+  nnx_flat = {**{f"params/{k}": v for k, v in jtree.flatten(held["params"]).items()},
+              **{f"batch_stats/{k}": v for k, v in jtree.flatten(held["state"]).items()}}
+  loaded = jtree.flatten(created.variables)
+  assert sorted(nnx_flat) == sorted(loaded) == sorted(saved)
+  for k, v in nnx_flat.items():
+    assert np.shares_memory(np.asarray(v), loaded[k]), k  # the loaded array, not a copy
+    np.testing.assert_array_equal(v, saved[k], err_msg=k)
+  x = created.spec.example_input(2)
+  linen = created.spec.build(num_classes=10)
+  np.testing.assert_allclose(np.asarray(created.module(x)),
+                             np.asarray(linen.apply(created.variables, x, train=False)),
+                             rtol=1e-6, atol=1e-6)
+  # A new head: the NNX model holds the Linen create's fresh head, still no eager init.
+  nnx_head = models.create("small_cnn", num_classes=3, pretrained=str(path), seed=5, api="nnx")
+  linen_head = models.create("small_cnn", num_classes=3, pretrained=str(path), seed=5)
+  assert eager == []
+  got = jtree.flatten(jtl.variables_of(nnx_head.module)["params"])
+  for k, v in jtree.flatten(linen_head.variables["params"]).items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  assert np.abs(got["head/kernel"]).max() > 0
 
 
 def test_abstract_like_needs_an_init_for_what_is_not_loaded():

@@ -227,20 +227,29 @@ def create(name: str, *, num_classes: int | None = None,
                    "%d): %s", name, n, spec.default_num_classes,
                    ", ".join(e.path for e in report.reinitialised))
   if api == "nnx":
-    return CreatedModel(to_nnx(module, variables, spec.example_input(1), seed=seed), variables,
-                        report, spec.preprocess, spec)
+    return CreatedModel(to_nnx(module, variables, seed=seed), variables, report,
+                        spec.preprocess, spec)
   return CreatedModel(module, variables, report, spec.preprocess, spec)
 
 
-def to_nnx(module: nn.Module, variables: Variables, example_input: Any, *, seed: int = 0) -> Any:
+def to_nnx(module: nn.Module, variables: Variables, *, seed: int = 0) -> Any:
   """An NNX module (`nnx.bridge.ToNNX`) running the Linen `module` with
-  `variables` ({"params", "batch_stats"}); params keep their Linen paths."""
+  `variables` ({"params", "batch_stats"}); params keep their Linen paths.
+
+  No init runs: `ToNNX` keeps the Linen variables as its attributes, which
+  its `lazy_init` would fill from a full random init (a second one after
+  `create`'s, as large as the model); here they are set from `variables`
+  with the bridge's own Linen -> NNX conversion (`nnx.Param` for params,
+  `nnx.BatchStat` for batch_stats), holding the given arrays. The rng
+  streams (seed) are drawn from first at the first call, not at creation.
+  """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jtl.adapter import update_module  # pylint: disable=g-import-not-at-top
-  model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(seed))
-  nnx.bridge.lazy_init(model, example_input)
+  from flax.nnx.bridge import variables as bridge_variables  # pylint: disable=g-import-not-at-top
   extra = sorted(set(variables) - {"params", "batch_stats"})
   if extra:
     raise ConfigError(f"api='nnx' supports params and batch_stats; this model also has {extra}.")
-  return update_module(model, {"params": variables["params"],
-                               "state": variables.get("batch_stats", {})})
+  model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(seed))
+  linen = {c: variables[c] for c in ("params", "batch_stats") if variables.get(c)}
+  for name, value in bridge_variables.linen_vars_to_nnx_attrs(linen).items():
+    setattr(model, name, nnx.data(value))  # as ToNNX.__call__ stores an init's variables
+  return model
