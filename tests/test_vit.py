@@ -170,3 +170,32 @@ def test_fused_attention_option_keeps_parameters_and_outputs_off_gpu():
   assert jax.tree.structure(fused.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
   variables = jax.tree.map(lambda v: v + 0.01, variables)  # a non-zero head
   np.testing.assert_allclose(fused.apply(variables, x), plain.apply(variables, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_drop_path_drops_whole_residual_branches_in_training_only(family):
+  """drop_path_rate=1 on a 2-block model: block 0 keeps its branches (rate 0),
+  block 1 drops both for every example (rate 1), so training-mode outputs equal
+  the eval outputs of the same weights with block 1's branches zeroed; eval
+  mode is untouched and the parameter tree is the same as without it."""
+  from jtl.models import dinov2
+  kw = dict(num_classes=3, patch_size=8, width=32, depth=2, num_heads=2, image_size=16)
+  if family == "vit":
+    plain, dropping = vit.ViT(mlp_dim=64, **kw), vit.ViT(mlp_dim=64, drop_path_rate=1.0, **kw)
+    outs = ("MultiHeadDotProductAttention_0/out", "MlpBlock_0/Dense_1")
+  else:
+    plain, dropping = dinov2.Dinov2(**kw), dinov2.Dinov2(drop_path_rate=1.0, **kw)
+    outs = ("LayerScale_0", "LayerScale_1")
+  x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+  variables = plain.init(jax.random.PRNGKey(0), x)
+  noise = np.random.default_rng(1)  # a random head and layer scales (zeros / ones at init)
+  variables = jax.tree.map(lambda v: v + 0.1 * noise.normal(size=v.shape).astype(v.dtype),
+                           variables)
+  assert jax.tree.structure(dropping.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+  np.testing.assert_allclose(dropping.apply(variables, x), plain.apply(variables, x), atol=1e-6)
+  trained = dropping.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  flat = tree.flatten(variables)
+  skipped = {k: (np.zeros_like(v) if any(f"encoderblock_1/{o}/" in k for o in outs) else v)
+             for k, v in flat.items()}
+  np.testing.assert_allclose(trained, plain.apply(tree.unflatten(skipped), x), atol=1e-5)
+  assert not np.allclose(trained, plain.apply(variables, x), atol=1e-3)

@@ -405,6 +405,15 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.clip(x, 0.0, 6.0)
 
 
+def drop_path_rate_of(rate: float, block: int, depth: int) -> float:
+  """Stochastic depth of `block`: 0 for the first, `rate` for the last (timm).
+
+  >>> [drop_path_rate_of(0.1, i, 3) for i in range(3)]
+  [0.0, 0.05, 0.1]
+  """
+  return rate * block / max(depth - 1, 1)
+
+
 def drop_path(x: jax.Array, rate: float, *, deterministic: bool,
               rng: jax.Array | None) -> jax.Array:
   """Drops whole examples of a residual branch with probability `rate`.

@@ -30,6 +30,7 @@ import numpy as np
 
 from jtl.errors import ConfigError
 from jtl.models import registry, resnet
+from jtl.models.layers import drop_path_rate_of
 
 
 def _resize_grid(posemb: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
@@ -82,18 +83,23 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   exact_gelu: bool = False
   fused: bool = False
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    # Stochastic depth: a residual branch dropped for whole examples.
+    drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     y = nn.LayerNorm(name="LayerNorm_0")(x)
     attention_fn = fused_attention if self.fused else nn.dot_product_attention
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_fn=attention_fn,
         name="MultiHeadDotProductAttention_0")(y, y, deterministic=True)
-    x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    x = x + drop_path(y, deterministic=not train)
     y = nn.LayerNorm(name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.exact_gelu, name="MlpBlock_0")(y, train=train)
-    return x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return x + drop_path(y, deterministic=not train)
 
 
 class Encoder(nn.Module):
@@ -104,12 +110,14 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   exact_gelu: bool = False
   fused_attention: bool = False
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.depth):
+      drop_path = drop_path_rate_of(self.drop_path_rate, i, self.depth)
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
-                         self.fused_attention, name=f"encoderblock_{i}")(x, train=train)
+                         self.fused_attention, drop_path, name=f"encoderblock_{i}")(x, train=train)
     return nn.LayerNorm(name="encoder_norm")(x)
 
 
@@ -125,6 +133,10 @@ class ViT(nn.Module):
     dropout: dropout rate after attention and in the MLP.
     exact_gelu: the MLP's GELU in its erf form (timm / HF weights) instead of
       the tanh form (big_vision / vision_transformer weights).
+    drop_path_rate: stochastic depth of the last block, rising linearly from 0
+      at the first (timm's `drop_path_rate`; 0.1 is usual for fine-tuning
+      ViT-B); the residual branches of a block are dropped for whole examples
+      in training.
     fused_attention: cuDNN's fused attention on NVIDIA GPUs in bf16/fp16
       (`fused_attention`), same parameters. Off by default: not yet measured
       on a GPU (BENCHMARKS.md, "Accelerators").
@@ -141,6 +153,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   exact_gelu: bool = False
   fused_attention: bool = False
+  drop_path_rate: float = 0.0
 
   def setup(self):
     p = self.patch_size
@@ -154,7 +167,7 @@ class ViT(nn.Module):
         (1, prefix + grid * grid, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout)
     self.Transformer = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout,
-                               self.exact_gelu, self.fused_attention)
+                               self.exact_gelu, self.fused_attention, self.drop_path_rate)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size)
     if self.num_classes:
