@@ -16,6 +16,7 @@ wall time and the peak resident memory (VmHWM, reset after the imports with
                 the variable tree from jax.eval_shape (no init), then the load
   create+head   the same with num_classes=10: the new head is the only leaf
                 initialised (XLA computes just that leaf of the init)
+  create nnx    `create` with api="nnx": the NNX module wraps the loaded arrays
 
 and prints a table of the increase in peak RSS over the process after its
 imports, against the bytes on disk. Linux only (/proc).
@@ -32,7 +33,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODES = ("read", "read+load", "read+load+put", "create", "create+head")
+MODES = ("read", "read+load", "read+load+put", "create", "create+head", "create nnx")
 
 
 def _status(field: str) -> int:
@@ -98,7 +99,8 @@ def measure(mode: str, path: str) -> dict:
     os.environ["HF_HUB_CACHE"] = os.path.join(os.path.dirname(path), "hub")
     os.environ["HF_HUB_OFFLINE"] = "1"
     head = 10 if mode == "create+head" else None
-    out = models.create("hf-hub:bench/vit_b16", num_classes=head)
+    api = "nnx" if mode == "create nnx" else "linen"
+    out = models.create("hf-hub:bench/vit_b16", num_classes=head, api=api)
     assert out.report.ok and len(out.report.reinitialised) == (2 if head else 0)
   seconds = time.perf_counter() - t0
   return {"mode": mode, "seconds": seconds, "base": base, "peak": _status("VmHWM"),
