@@ -31,10 +31,7 @@ rates and the probe's are the swept best of `scripts/benchmark_strategies.py`.
 import ml_collections
 
 from configs import default
-
-# Measured defaults (scripts/benchmark_strategies.py sweep, validation split).
-FINETUNE_LEARNING_RATE = 1e-4
-PROBE_LEARNING_RATE = 1e-2
+from jtl import strategies
 
 
 def get_config(arg=None):
@@ -53,13 +50,13 @@ def get_config(arg=None):
   c.checkpoint_every = 0  # every epoch
   c.keep = 1  # the last checkpoint, and the best by validation accuracy
   c.optimizer = "adamw"
-  c.learning_rate = FINETUNE_LEARNING_RATE
+  c.learning_rate = strategies.LEARNING_RATES["lp_ft"]  # the fine-tuning phase's
   c.schedule = "cosine"
   c.warmup_steps = 0
   c.weight_decay = 1e-4
   c.rules = ()
   c.strategy = ml_collections.ConfigDict({
-      "name": "lp_ft", "probe_steps": 500, "probe_learning_rate": PROBE_LEARNING_RATE,
+      "name": "lp_ft", "probe_steps": 500, "probe_learning_rate": strategies.PROBE_LEARNING_RATE,
       "cache_features": ml_collections.config_dict.placeholder(bool)})
   c.augment.crop = True
   c.augment.crop_scale = (0.35, 1.0)

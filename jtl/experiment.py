@@ -415,15 +415,17 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
     print("LP-FT: checkpoints found, resuming the fine-tuning phase.\n", flush=True)
     return variables, ft_phase
   head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
-  probe_lr = o.get("probe_learning_rate") or 100 * config.learning_rate
+  from jtl import strategies  # pylint: disable=g-import-not-at-top
+  probe_lr = o.get("probe_learning_rate") or strategies.PROBE_LEARNING_RATE
+  probe_steps = o.get("probe_steps") or strategies.PROBE_STEPS
   head_tx = make_optimizer(head_labels, learning_rate=probe_lr,
                            optimizer=config.get("optimizer", "adamw"))
   variables, info = features.probe_head(
       module, variables, eval_batches(config, spec, config.get("train_split", "train"),
                                       config.dataset)(),
-      head_tx, num_steps=o.probe_steps, batch_size=config.batch_size, seed=config.get("seed", 0))
+      head_tx, num_steps=probe_steps, batch_size=config.batch_size, seed=config.get("seed", 0))
   print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted in "
-        f"{info['extract_seconds']:.1f}s, {o.probe_steps} head steps at learning rate "
+        f"{info['extract_seconds']:.1f}s, {probe_steps} head steps at learning rate "
         f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning every parameter at "
         f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
   return variables, ft_phase

@@ -383,6 +383,9 @@ def main():
   ap.add_argument("--val_fraction", type=float, default=0.2)
   ap.add_argument("--head_steps", type=int, default=300,
                   help="head steps on cached features (linear probe, LP-FT's probe phase)")
+  ap.add_argument("--grid", default=None,
+                  help='JSON {strategy: [learning rates]} replacing GRID entries, e.g. a second, '
+                       'narrower round around the first round\'s best')
   ap.add_argument("--strategies", default="all", help="comma-separated subset of " + ",".join(CONFIGS))
   ap.add_argument("--results", default="strategies_results.jsonl",
                   help="JSON lines, one per finished row; rerunning skips them")
@@ -400,6 +403,8 @@ def main():
   print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
   results = Results(args.results)
+  if args.grid:
+    GRID.update({k: [float(v) for v in vs] for k, vs in json.loads(args.grid).items()})
   if args.report:
     image_report(results, args, list(CONFIGS))
     return

@@ -72,7 +72,10 @@ def test_config_dict_and_errors():
   with pytest.raises(ConfigError, match=r"num_blocks=7: expected 0..3"):
     strategies.build({"name": "partial", "num_blocks": 7}, module, variables, SPEC)
   with pytest.raises(ConfigError, match="needs \\['probe_steps'\\]"):
-    strategies.build("lp_ft", module, variables, SPEC)
+    strategies.build({"name": "lp_ft", "probe_steps": None}, module, variables, SPEC)
+  lp_ft = strategies.build("lp_ft", module, variables, SPEC, verbose=False)  # measured defaults
+  assert lp_ft.phases[1].start == strategies.PROBE_STEPS
+  assert lp_ft.options["probe_learning_rate"] == strategies.PROBE_LEARNING_RATE
 
 
 def test_scratch_reinitialises():

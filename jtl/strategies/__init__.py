@@ -8,7 +8,8 @@ from a config; the modules below are usable on their own.
 
 from __future__ import annotations
 
-from jtl.strategies.build import Strategy, build, resolve_options
+from jtl.strategies.build import (LEARNING_RATES, PROBE_LEARNING_RATE, PROBE_STEPS, Strategy,
+                                  build, resolve_options)
 from jtl.strategies.features import (Head, cache_problems, extract_features, feature_batches,
                                      head_trainer, probe_head, train_head,
                                      with_head)
@@ -25,7 +26,7 @@ from jtl.strategies.schedules import (Phase, PhasedResult, gradual_unfreezing_ph
                                       transfer_opt_state)
 
 __all__ = [
-    "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
+    "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
     "adapter_params", "bitfit_rules", "build", "cache_problems", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",

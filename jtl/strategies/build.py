@@ -28,6 +28,18 @@ from jtl.strategies import schedules
 from jtl.tree import PyTree
 
 
+# Learning rates (Adam, warmup then cosine decay) chosen per strategy on a
+# validation split (20% of each class of the labelled images, never the test
+# split) by scripts/benchmark_strategies.py: EfficientNet-Lite0 with ImageNet
+# weights, CIFAR-10 at 128 px, 100 labelled images per class, batch 32 (the
+# sweep and its table: BENCHMARKS.md, "Strategies"). lp_ft's is its
+# fine-tuning phase's; its probe phase (head steps on cached features) takes
+# PROBE_LEARNING_RATE, as the linear probe does.
+LEARNING_RATES = {"scratch": 3e-3, "linear_probe": 1e-2, "partial": 3e-3, "full": 1e-3,
+                  "lp_ft": 1e-4, "llrd": 3e-3, "bitfit": 1e-2, "lora": 3e-3, "gradual": 3e-3}
+PROBE_LEARNING_RATE = 1e-2
+PROBE_STEPS = 300  # head steps of the cached probe (linear probe, LP-FT's probe phase)
+
 _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
 _OPTIONS: dict[str, dict[str, Any]] = {
@@ -40,8 +52,8 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     # the run allows it): the probe trains on cached features, then all
     # parameters fine-tune from step 0 of the run. probe_learning_rate: the
     # probe's (the run's learning_rate is the fine-tuning phase's, 10-100x
-    # lower, Kumar et al. 2022); None: 100x the run's.
-    "lp_ft": {"probe_steps": None, "cache_features": None, "probe_learning_rate": None},
+    # lower, Kumar et al. 2022); None: PROBE_LEARNING_RATE.
+    "lp_ft": {"probe_steps": PROBE_STEPS, "cache_features": None, "probe_learning_rate": None},
     "gradual": {"steps_per_stage": None, "blocks_per_stage": 1, "max_blocks": None},
 }
 
@@ -138,6 +150,8 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
              and k not in ("targets", "max_blocks", "cache_features", "probe_learning_rate")]
   if missing:
     raise ConfigError(f"strategy {name!r} needs {missing} (steps counted from the start).")
+  if name == "lp_ft" and options["probe_learning_rate"] is None:
+    options["probe_learning_rate"] = PROBE_LEARNING_RATE
   if name == "llrd" and options["layer_decay"] is None:
     options["layer_decay"] = 0.75
   if options["stacked"] is not None:
