@@ -51,8 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry, resnet
-from jtl.models.layers import drop_path_rate_of
+from jtl.models import registry, resnet, vit
 
 POOLS = ("cls_mean", "cls", "mean")
 VARIANTS = {"s": (384, 12, 6), "b": (768, 12, 12)}  # width, depth, heads
@@ -128,75 +127,6 @@ def interpolate_pos_embed(posemb: jax.Array, grid: Sequence[int], *,
 
 # --- the module --------------------------------------------------------------
 
-class LayerScale(nn.Module):
-  """x * scale, one learned value per channel (DINOv2's `lambda1`)."""
-  init_value: float = 1.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],))
-    return x * scale.astype(x.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
-
-
-class Mlp(nn.Module):
-  """Dense -> GELU (exact, erf: transformers' "gelu") -> Dense."""
-  mlp_dim: int
-  dropout: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0")(x), approximate=False)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    return nn.Dense(width, name="Dense_1")(x)
-
-
-class Block(nn.Module):
-  """x + LS(MHA(LN(x))), then x + LS(MLP(LN(x))) (transformers' Dinov2Layer)."""
-  mlp_dim: int
-  num_heads: int
-  eps: float = 1e-6
-  layerscale_value: float = 1.0
-  dropout: float = 0.0
-  drop_path: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    # Stochastic depth: a residual branch dropped for whole examples.
-    drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
-    y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_0")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, name="MultiHeadDotProductAttention_0")(
-            y, y, deterministic=True)
-    y = LayerScale(self.layerscale_value, name="LayerScale_0")(y)
-    y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    x = x + drop_path(y, deterministic=not train)
-    y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_1")(x)
-    y = Mlp(self.mlp_dim, self.dropout, name="MlpBlock_0")(y, train=train)
-    y = LayerScale(self.layerscale_value, name="LayerScale_1")(y)
-    y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    return x + drop_path(y, deterministic=not train)
-
-
-class Encoder(nn.Module):
-  """The blocks and the final LayerNorm ("Transformer", as in jtl's ViT)."""
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  eps: float = 1e-6
-  layerscale_value: float = 1.0
-  dropout: float = 0.0
-  drop_path_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    for i in range(self.depth):
-      x = Block(self.mlp_dim, self.num_heads, self.eps, self.layerscale_value, self.dropout,
-                drop_path_rate_of(self.drop_path_rate, i, self.depth),
-                name=f"encoderblock_{i}")(x, train=train)
-    return nn.LayerNorm(epsilon=self.eps, name="encoder_norm")(x)
-
-
 class Dinov2(nn.Module):
   """DINOv2 Vision Transformer.
 
@@ -241,9 +171,10 @@ class Dinov2(nn.Module):
     self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                     (1, 1 + grid * grid, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout)
-    self.Transformer = Encoder(self.depth, int(self.width * self.mlp_ratio), self.num_heads,
-                               self.layer_norm_eps, self.layerscale_value, self.dropout,
-                               self.drop_path_rate)
+    self.Transformer = vit.Encoder(
+        self.depth, int(self.width * self.mlp_ratio), self.num_heads, self.dropout,
+        exact_gelu=True, drop_path_rate=self.drop_path_rate, eps=self.layer_norm_eps,
+        layerscale=self.layerscale_value)
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
 

@@ -76,28 +76,45 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return nn.dot_product_attention(query, key, value, bias=bias, mask=mask, **kwargs)
 
 
+class LayerScale(nn.Module):
+  """x * scale, one learned value per channel (DINOv2's `lambda1`)."""
+  init_value: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * scale.astype(x.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm block: x + MHA(LN(x)), then x + MLP(LN(x)); with
+  `layerscale`, each branch is scaled per channel first (DINOv2)."""
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   exact_gelu: bool = False
   fused: bool = False
   drop_path: float = 0.0
+  eps: float = 1e-6
+  layerscale: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     # Stochastic depth: a residual branch dropped for whole examples.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
-    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_0")(x)
     attention_fn = fused_attention if self.fused else nn.dot_product_attention
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_fn=attention_fn,
         name="MultiHeadDotProductAttention_0")(y, y, deterministic=True)
+    if self.layerscale is not None:
+      y = LayerScale(self.layerscale, name="LayerScale_0")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + drop_path(y, deterministic=not train)
-    y = nn.LayerNorm(name="LayerNorm_1")(x)
+    y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.exact_gelu, name="MlpBlock_0")(y, train=train)
+    if self.layerscale is not None:
+      y = LayerScale(self.layerscale, name="LayerScale_1")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     return x + drop_path(y, deterministic=not train)
 
@@ -111,14 +128,17 @@ class Encoder(nn.Module):
   exact_gelu: bool = False
   fused_attention: bool = False
   drop_path_rate: float = 0.0
+  eps: float = 1e-6
+  layerscale: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.depth):
       drop_path = drop_path_rate_of(self.drop_path_rate, i, self.depth)
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
-                         self.fused_attention, drop_path, name=f"encoderblock_{i}")(x, train=train)
-    return nn.LayerNorm(name="encoder_norm")(x)
+                         self.fused_attention, drop_path, self.eps, self.layerscale,
+                         name=f"encoderblock_{i}")(x, train=train)
+    return nn.LayerNorm(epsilon=self.eps, name="encoder_norm")(x)
 
 
 class ViT(nn.Module):
