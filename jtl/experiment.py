@@ -292,7 +292,12 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
     phases = []
     for phase in strategy.phases:
       labels = partition.label_params(strategy.variables["params"], list(phase.rules))
-      phases.append((phase.start, labels, strategy.make_optimizer(labels, **optimizer_kwargs(config))))
+      kwargs = optimizer_kwargs(config)
+      if strategy.name == "lp_ft" and phase.name == "linear_probe":
+        # The probe phase at its own learning rate (constant); the run's
+        # learning_rate, 10-100x lower, is the fine-tuning phase's.
+        kwargs["learning_rate"] = strategy.options["probe_learning_rate"]
+      phases.append((phase.start, labels, strategy.make_optimizer(labels, **kwargs)))
     return strategy.module, strategy.variables, phases
   rules = config.get("rules") or [(".*", "all")]
   labels = partition.label_params(created.variables["params"], [tuple(r) for r in rules])

@@ -119,3 +119,24 @@ def test_confusion_figure_has_class_names_and_readable_counts():
   colors = {t.get_text(): t.get_color() for t in ax.texts}
   assert colors == {"9": "white", "7": "white", "1": "black", "0": "black"}
   plt.close(fig)
+
+
+def test_lp_ft_phases_without_cache_take_their_own_learning_rates():
+  import jax
+  import jax.numpy as jnp
+  from jtl import models, partition
+  config = load_config()
+  config.dataset, config.model, config.pretrained = "folder:/x", "small_cnn", False
+  config.strategy.cache_features = False
+  config.strategy.probe_steps, config.strategy.probe_learning_rate = 5, 0.05
+  config.learning_rate, config.warmup_steps, config.schedule = 1e-4, 0, "constant"
+  config.num_steps, config.weight_decay, config.clip_norm = 20, 0.0, None
+  created = models.create("small_cnn", num_classes=3, pretrained=False)
+  _, variables, phases = experiment.build_training(config, created)
+  assert [start for start, _, _ in phases] == [0, 5]
+  for (_, labels, tx), lr in zip(phases, (0.05, 1e-4)):
+    trainable, _ = partition.split(variables["params"], labels)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    step = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates))
+    assert step == pytest.approx(lr, rel=1e-3)  # Adam's first step: the learning rate
