@@ -119,7 +119,8 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   """
   t0 = time.perf_counter()
   name = config if isinstance(config, str) else config["name"]
-  build_config = "full" if name == "lp_ft" else config
+  build_config = {"name": "full", "freeze_batchnorm": config.get("freeze_batchnorm")} \
+      if name == "lp_ft" else config
   s = strategies.build(build_config, created.module, created.variables, created.spec,
                        verbose=False)
   print(f"\n== {name} lr={lr:g} seed={seed}: {config}", flush=True)
@@ -198,6 +199,7 @@ def probe_speedup(created, train, batch, epochs=3):
 GRID = {
     "linear_probe": [3e-3, 1e-2, 3e-2, 1e-1],
     "lp_ft": [1e-4, 3e-4],
+    "lp_ft_frozen_bn": [1e-4, 3e-4],
     "full": [3e-4, 1e-3],
     "partial": [1e-3, 3e-3],
     "llrd": [1e-3, 3e-3],
@@ -210,7 +212,11 @@ CONFIGS = {
     "linear_probe": {"name": "linear_probe", "cache_features": True},
     "partial": {"name": "partial", "num_blocks": 4},
     "full": "full",
-    "lp_ft": {"name": "lp_ft", "probe_steps": 1},  # probe on the cache, then full
+    # probe on the cache, then full fine-tuning with BatchNorm statistics
+    # re-estimated from the batches (as in the first runs) or frozen (the
+    # strategy's default since)
+    "lp_ft": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": False},
+    "lp_ft_frozen_bn": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": True},
     "llrd": {"name": "llrd", "layer_decay": 0.8},
     "bitfit": "bitfit",
     "lora": {"name": "lora", "rank": 8, "alpha": 16.0},
@@ -284,6 +290,7 @@ def image_report(results, args, names):
     for name in names:
       rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
               and r["per_class"] == k and r["image_size"] == args.image_size]
+      rows = list({Results.key(r): r for r in reversed(rows)}.values())  # one per seed
       if not rows:
         continue
       accs = np.array([r["acc"] for r in rows])
@@ -358,7 +365,8 @@ def run_images(args, results):
         if results.get(kind="final", strategy=name, per_class=k, seed=seed, lr=lr, steps=steps,
                        image_size=args.image_size):
           continue
-        if name in ("linear_probe", "lp_ft") and feats is None:
+        kind = CONFIGS[name] if isinstance(CONFIGS[name], str) else CONFIGS[name]["name"]
+        if kind in ("linear_probe", "lp_ft") and feats is None:
           s = strategies.build("full", created.module, created.variables, created.spec,
                                verbose=False)
           feats = strategies.extract_features(s.module, s.variables,

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -68,7 +69,10 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   assert result.eval_metrics["count"] == 3
   report = json.loads((workdir / "final_report.json").read_text())
   assert report["num_steps"] == 8
-  assert report["trainable_params"] == report["total_params"]  # the fine-tuning phase: all
+  # The fine-tuning phase: everything but BatchNorm (frozen by default for lp_ft).
+  bn = sum(v.size for k, v in jax.tree_util.tree_leaves_with_path(
+      result.state.variables["params"]) if "bn" in jax.tree_util.keystr(k))
+  assert bn > 0 and report["trainable_params"] == report["total_params"] - bn
   test = experiment.evaluate_test_split(config, workdir)
   assert test["split"] == "test" and test["count"] == 9
   assert set(test["per_class_accuracy_by_name"]) == set(CLASSES)

@@ -37,7 +37,13 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
   assert len(traces) == 2
   assert result.losses.shape == (5,) and np.all(np.isfinite(result.losses))
   assert int(result.state.step) == 5 and result.phase_starts == [0, 2]
-  assert changed(variables["params"], result.state.params) == set(jtl.flatten(variables["params"]))
+  # Everything trained but BatchNorm, frozen by lp_ft's default (stored statistics too).
+  bn = {k for k in jtl.flatten(variables["params"]) if "/bn/" in k}
+  assert bn and changed(variables["params"], result.state.params) == \
+      set(jtl.flatten(variables["params"])) - bn
+  stats = result.state.variables["batch_stats"]
+  np.testing.assert_array_equal(jtl.flatten(stats)["stem/bn/mean"],
+                                jtl.flatten(variables["batch_stats"])["stem/bn/mean"])
 
   # Phase 1 alone, then switch by hand: the head's moments carry over, the rest start at 0.
   tx0 = strategy.make_optimizer(strategy.labels, learning_rate=0.05, optimizer="adam")

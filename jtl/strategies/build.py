@@ -40,7 +40,14 @@ LEARNING_RATES = {"scratch": 3e-3, "linear_probe": 1e-2, "partial": 3e-3, "full"
 PROBE_LEARNING_RATE = 1e-2
 PROBE_STEPS = 300  # head steps of the cached probe (linear probe, LP-FT's probe phase)
 
+# freeze_batchnorm: BatchNorm layers keep their pretrained statistics and
+# affine parameters (they run in inference mode while the rest trains). On by
+# default for lp_ft: measured on the validation split of the sweep
+# (EfficientNet-Lite0, CIFAR-10 at 128 px, 80 images per class, 60 steps of 32,
+# fine-tuning lr 1e-4), LP-FT reached 67.5% with frozen BatchNorm against 55.5%
+# with statistics re-estimated from batches of 32, below its own probe (67.0%).
 _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
+           "freeze_batchnorm": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
 _OPTIONS: dict[str, dict[str, Any]] = {
     "full": {}, "scratch": {}, "llrd": {}, "bitfit": {},
@@ -159,6 +166,22 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   return options
 
 
+def batchnorm_rule(variables: PyTree) -> tuple[str, None] | None:
+  """A rule freezing every BatchNorm layer's params: the modules that hold
+  `batch_stats` (None when the model has none).
+
+  >>> batchnorm_rule({"params": {}, "batch_stats": {"b0": {"bn": {"mean": 0, "var": 1}}}})
+  ('(b0/bn)/.*', None)
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  from jtl import tree as jtree  # pylint: disable=g-import-not-at-top
+  stats = variables.get("batch_stats") if isinstance(variables, Mapping) else None
+  if not stats:
+    return None
+  modules = sorted({p.rsplit("/", 1)[0] for p, _ in jtree.leaves_with_paths(stats)})
+  return ("(" + "|".join(re.escape(m) for m in modules) + ")/.*", None)
+
+
 def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec: Any, *,
           verbose: bool = True) -> Strategy:
   """Builds a transfer strategy for a model.
@@ -205,6 +228,12 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
                               rank=o["rank"], seed=o["seed"], layers=layers)
     module = lora.LoraModel(module, o["alpha"])
     phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
+  if o["freeze_batchnorm"] is None:
+    o["freeze_batchnorm"] = name == "lp_ft"
+  if o["freeze_batchnorm"]:
+    bn_rule = batchnorm_rule(variables)
+    if bn_rule is not None:
+      phases = tuple(dataclasses.replace(p, rules=(bn_rule,) + tuple(p.rules)) for p in phases)
   labels = partition.label_params(variables["params"], list(phases[0].rules))
   strategy = Strategy(name, module, dict(variables), phases, labels, o, groups)
   if verbose:
