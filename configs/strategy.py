@@ -8,7 +8,7 @@ validation split in the sweep of scripts/benchmark_strategies.py
 (EfficientNet-Lite0, CIFAR-10 at 128 px, 100 labelled images per class).
 lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 `probe_learning_rate`), then fine-tunes every parameter at the run's
-`learning_rate`, 100x lower (Kumar et al. 2022).
+`learning_rate`, 100x lower (Kumar et al. 2022), BatchNorm frozen.
 """
 
 import ml_collections

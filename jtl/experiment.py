@@ -431,7 +431,7 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
       head_tx, num_steps=probe_steps, batch_size=config.batch_size, seed=config.get("seed", 0))
   print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted in "
         f"{info['extract_seconds']:.1f}s, {probe_steps} head steps at learning rate "
-        f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning every parameter at "
+        f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning (the partition below) at "
         f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
   return variables, ft_phase
 
