@@ -200,6 +200,7 @@ GRID = {
     "linear_probe": [3e-3, 1e-2, 3e-2, 1e-1],
     "lp_ft": [1e-4, 3e-4],
     "lp_ft_frozen_bn": [1e-4, 3e-4],
+    "full_frozen_bn": [3e-4, 1e-3],
     "full": [3e-4, 1e-3],
     "partial": [1e-3, 3e-3],
     "llrd": [1e-3, 3e-3],
@@ -217,6 +218,7 @@ CONFIGS = {
     # strategy's default since)
     "lp_ft": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": False},
     "lp_ft_frozen_bn": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": True},
+    "full_frozen_bn": {"name": "full", "freeze_batchnorm": True},
     "llrd": {"name": "llrd", "layer_decay": 0.8},
     "bitfit": "bitfit",
     "lora": {"name": "lora", "rank": 8, "alpha": 16.0},
