@@ -65,7 +65,7 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
   strategy = config.get("strategy") or {}
   alpha = None
   if strategy.get("name") == "lora":
-    from jtl.strategies.build import resolve_options  # pylint: disable=g-import-not-at-top
+    from jtl.strategies.builder import resolve_options  # pylint: disable=g-import-not-at-top
     alpha = resolve_options(strategy)["alpha"]
   return Restored(module, methods.plain_variables(config, variables), config, spec,
                   int(meta["num_classes"]), alpha, meta)

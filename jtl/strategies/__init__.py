@@ -8,7 +8,7 @@ from a config; the modules below are usable on their own.
 
 from __future__ import annotations
 
-from jtl.strategies.build import (LEARNING_RATES, PROBE_LEARNING_RATE, PROBE_STEPS, Strategy,
+from jtl.strategies.builder import (LEARNING_RATES, PROBE_LEARNING_RATE, PROBE_STEPS, Strategy,
                                   build, resolve_options)
 from jtl.strategies.features import (Head, cache_problems, extract_features, feature_batches,
                                      head_trainer, probe_head, train_head,
