@@ -23,7 +23,7 @@ def torch_to_flax(path: str, leaf: str, value: np.ndarray
                   ) -> tuple[str, np.ndarray] | None:
   """One torch tensor -> (flat variable path, array), given its module's jtl path.
 
-  Paths ending in "bn" are BatchNorms (weight/bias/running_mean/running_var ->
+  Paths ending in "bn" (or "bn1", "bn2", ...) are BatchNorms (weight/bias/running_mean/running_var ->
   params scale/bias, batch_stats mean/var). Conv weights OIHW -> HWIO, which
   also maps a depthwise (C, 1, kh, kw) weight to `DepthwiseConv`'s
   (kh, kw, 1, C); Linear (out, in) -> (in, out). None for an unknown leaf.
@@ -32,7 +32,7 @@ def torch_to_flax(path: str, leaf: str, value: np.ndarray
   (3, 3, 1, 96)
   """
   kind = path.rsplit("/", 1)[-1]
-  if kind == "bn" or kind.endswith("_bn"):
+  if re.fullmatch(r"bn\d*|.*_bn", kind):
     return (_BN_LEAVES[leaf].format(path), value) if leaf in _BN_LEAVES else None
   if leaf == "weight" and value.ndim == 4:
     return f"params/{path}/kernel", np.transpose(value, (2, 3, 1, 0))

@@ -10,7 +10,6 @@ and ".../var". `convert_torch` maps a torchvision state dict onto these.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import numpy as np
 
 from jtl.errors import ConfigError
 from jtl.models import registry
+from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, conv_general_dilated
 from jtl.models.preprocessing import center_crop_resize
 
@@ -187,9 +187,6 @@ _MODULE_RULES = [
     (r"layer(\d+)\.(\d+)\.downsample\.1", r"layer\1_\2/downsample/bn"),
     (r"layer(\d+)\.(\d+)\.(conv\d|bn\d)", r"layer\1_\2/\3"),
 ]
-_BN_LEAVES = {"weight": "params/{}/scale", "bias": "params/{}/bias",
-              "running_mean": "batch_stats/{}/mean",
-              "running_var": "batch_stats/{}/var"}
 
 
 def torch_conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -209,31 +206,7 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   >>> list(convert_torch(sd))
   ['batch_stats/layer1_0/bn1/var']
   """
-  out: dict[str, np.ndarray] = {}
-  for key, value in state_dict.items():
-    module, _, leaf = key.rpartition(".")
-    if leaf == "num_batches_tracked":
-      continue
-    value = np.asarray(value)
-    for pattern, target in _MODULE_RULES:
-      m = re.fullmatch(pattern, module)
-      if m is None:
-        continue
-      path = m.expand(target)
-      kind = path.rsplit("/", 1)[-1]
-      if kind.startswith("bn") and leaf in _BN_LEAVES:
-        out[_BN_LEAVES[leaf].format(path)] = value
-      elif kind.startswith("conv") and leaf == "weight":
-        out[f"params/{path}/kernel"] = torch_conv_kernel(value)
-      elif kind == "head" and leaf in ("weight", "bias"):
-        out[f"params/head/{'kernel' if leaf == 'weight' else 'bias'}"] = (
-            value.T if leaf == "weight" else value)
-      else:
-        out[key] = value
-      break
-    else:
-      out[key] = value
-  return out
+  return convert_with_rules(state_dict, _MODULE_RULES)
 
 
 example_input = registry.image_input
