@@ -117,6 +117,50 @@ def _as_flat_source(source: Any) -> dict[str, np.ndarray]:
   return read(source)
 
 
+def _converted_source(source: Any, converter: Callable[[Mapping[str, np.ndarray]],
+                                                       Mapping[str, Any]] | None
+                      ) -> dict[str, np.ndarray]:
+  """The source as a flat {name: array} dict, through the converter if given."""
+  flat_src = _as_flat_source(source)
+  if converter is None:
+    return flat_src
+  try:
+    flat_src = dict(converter(flat_src))
+  except JtlError:
+    raise
+  except Exception as e:  # noqa: BLE001 - name the converter and source
+    raise LoadError(
+        f"The converter {getattr(converter, '__name__', converter)} failed "
+        f"on {source if not isinstance(source, Mapping) else 'the source'}: "
+        f"{type(e).__name__}: {e}. Is this the checkpoint the converter "
+        "expects?") from e
+  return {k: np.asarray(v) for k, v in flat_src.items()}
+
+
+def _with_collections(flat_src: dict[str, np.ndarray], collections: set[str]
+                      ) -> dict[str, np.ndarray]:
+  """Prefixes "params/" to unconverted names when none starts with a collection."""
+  if "params" in collections and not any(k.split("/")[0] in collections for k in flat_src):
+    return {f"params/{k}": v for k, v in flat_src.items()}
+  return flat_src
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+  """How leaves are matched: skip patterns, the head regex, adapters, a dtype."""
+  skip: Sequence[str]
+  reinit_head: str | None
+  adapters: Sequence[tuple[str, Adapter]]
+  dtype: Any
+
+  def skipped(self, path: str) -> bool:
+    return any(re.fullmatch(p, path) or re.fullmatch(p, _strip_collection(path))
+               for p in self.skip)
+
+  def is_head(self, path: str) -> bool:
+    return self.reinit_head is not None and re.fullmatch(self.reinit_head, path) is not None
+
+
 def load_pretrained(
     source: Any, like: Mapping[str, Any], *,
     converter: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
@@ -159,90 +203,92 @@ def load_pretrained(
   Returns:
     (variables with the structure of `like`, holding numpy arrays; LoadReport)
   """
-  flat_src = _as_flat_source(source)
-  if converter is not None:
-    try:
-      flat_src = dict(converter(flat_src))
-    except JtlError:
-      raise
-    except Exception as e:  # noqa: BLE001 - name the converter and source
-      raise LoadError(
-          f"The converter {getattr(converter, '__name__', converter)} failed "
-          f"on {source if not isinstance(source, Mapping) else 'the source'}: "
-          f"{type(e).__name__}: {e}. Is this the checkpoint the converter "
-          "expects?") from e
-    flat_src = {k: np.asarray(v) for k, v in flat_src.items()}
+  flat_src = _converted_source(source, converter)
   flat_like = tree_lib.flatten(like)
-  collections = {p.split("/")[0] for p in flat_like}
-  if converter is None and "params" in collections and not any(
-      k.split("/")[0] in collections for k in flat_src):
-    flat_src = {f"params/{k}": v for k, v in flat_src.items()}
+  if converter is None:
+    flat_src = _with_collections(flat_src, {p.split("/")[0] for p in flat_like})
   adapters = list(DEFAULT_ADAPTERS) if adapt is True else list(adapt or ())
+  rules = _Rules(skip=skip, reinit_head=reinit_head, adapters=adapters, dtype=dtype)
   cats: dict[str, list[Entry]] = {f.name: [] for f in dataclasses.fields(LoadReport)}
-
-  def skipped(path: str) -> bool:
-    return any(re.fullmatch(p, path) or re.fullmatch(p, _strip_collection(path))
-               for p in skip)
-
-  def is_head(path: str) -> bool:
-    return reinit_head is not None and re.fullmatch(reinit_head, path) is not None
-
-  source_has_head = any(is_head(p) for p in flat_src)
-  out: dict[str, Any] = {}
-  for path, model_leaf in flat_like.items():
-    model_leaf = model_leaf if _is_abstract(model_leaf) else np.asarray(model_leaf)
-    out[path] = model_leaf
-    if skipped(path):
-      src = flat_src.get(path)
-      cats["skipped"].append(Entry(path, None if src is None else src.shape,
-                                   model_leaf.shape, "skip pattern"))
-      continue
-    if path not in flat_src:
-      if is_head(path) and not source_has_head:
-        cats["reinitialised"].append(Entry(
-            path, None, model_leaf.shape, "the checkpoint has no classifier head: new head"))
-      else:
-        cats["missing"].append(Entry(path, None, model_leaf.shape))
-      continue
-    src = flat_src[path]
-    if src.shape != model_leaf.shape:
-      fixed = None
-      for pattern, fn in adapters:
-        if re.fullmatch(pattern, path):
-          fixed = fn(src, model_leaf.shape)
-          if fixed is not None and tuple(fixed.shape) == model_leaf.shape:
-            cats["adapted"].append(Entry(path, src.shape, model_leaf.shape,
-                                         getattr(fn, "__name__", "adapter")))
-            break
-          fixed = None
-      if fixed is None:
-        if (is_head(path) and src.ndim == model_leaf.ndim and src.ndim > 0
-            and src.shape[:-1] == model_leaf.shape[:-1]):
-          cats["reinitialised"].append(Entry(
-              path, src.shape, model_leaf.shape,
-              f"checkpoint has {src.shape[-1]} classes, model "
-              f"{model_leaf.shape[-1]}: re-initialised"))
-        else:
-          cats["mismatched"].append(Entry(path, src.shape, model_leaf.shape))
-        continue
-      src = fixed
-    out[path] = _cast(path, src, model_leaf, dtype, cats)
-    cats["loaded"].append(Entry(path, src.shape, model_leaf.shape))
-  for path, src in flat_src.items():
-    if path in flat_like:
-      continue
-    if skipped(path):
-      cats["skipped"].append(Entry(path, src.shape, None, "skip pattern"))
-    elif is_head(path):
-      cats["skipped"].append(Entry(path, src.shape, None, "model has no head"))
-    else:
-      cats["unexpected"].append(Entry(path, src.shape, None))
+  source_has_head = any(rules.is_head(p) for p in flat_src)
+  out = {path: _place_leaf(path, leaf, flat_src, rules, source_has_head, cats)
+         for path, leaf in flat_like.items()}
+  _report_source_only(flat_src, flat_like, rules, cats)
   report = LoadReport(**{k: tuple(v) for k, v in cats.items()})
   if strict and not report.ok:
     raise LoadError(_strict_message(source, report))
   _materialise(out, init)
   variables = tree_lib.map_with_path(lambda p, _: out[p], like)
   return variables, report
+
+
+def _place_leaf(path: str, model_leaf: Any, flat_src: Mapping[str, np.ndarray],
+                rules: _Rules, source_has_head: bool, cats: dict[str, list[Entry]]) -> Any:
+  """The value of one model leaf: the checkpoint's (adapted, cast) or the init's.
+
+  Appends the leaf's entry to `cats`.
+  """
+  model_leaf = model_leaf if _is_abstract(model_leaf) else np.asarray(model_leaf)
+  if rules.skipped(path):
+    src = flat_src.get(path)
+    cats["skipped"].append(Entry(path, None if src is None else src.shape,
+                                 model_leaf.shape, "skip pattern"))
+    return model_leaf
+  if path not in flat_src:
+    if rules.is_head(path) and not source_has_head:
+      cats["reinitialised"].append(Entry(
+          path, None, model_leaf.shape, "the checkpoint has no classifier head: new head"))
+    else:
+      cats["missing"].append(Entry(path, None, model_leaf.shape))
+    return model_leaf
+  src = flat_src[path]
+  if src.shape != model_leaf.shape:
+    fixed = _adapted(path, src, model_leaf.shape, rules.adapters, cats)
+    if fixed is None:
+      category, entry = _unfit(path, src, model_leaf, rules)
+      cats[category].append(entry)
+      return model_leaf
+    src = fixed
+  value = _cast(path, src, model_leaf, rules.dtype, cats)
+  cats["loaded"].append(Entry(path, src.shape, model_leaf.shape))
+  return value
+
+
+def _adapted(path: str, src: np.ndarray, shape: Shape,
+             adapters: Sequence[tuple[str, Adapter]], cats: dict[str, list[Entry]]
+             ) -> np.ndarray | None:
+  """`src` reshaped to `shape` by the first adapter that fits `path`, or None."""
+  for pattern, fn in adapters:
+    if re.fullmatch(pattern, path):
+      fixed = fn(src, shape)
+      if fixed is not None and tuple(fixed.shape) == shape:
+        cats["adapted"].append(Entry(path, src.shape, shape, getattr(fn, "__name__", "adapter")))
+        return fixed
+  return None
+
+
+def _unfit(path: str, src: np.ndarray, model_leaf: Any, rules: _Rules) -> tuple[str, Entry]:
+  """(category, entry) of a leaf whose shape no adapter fixed: a new head or a mismatch."""
+  if (rules.is_head(path) and src.ndim == model_leaf.ndim and src.ndim > 0
+      and src.shape[:-1] == model_leaf.shape[:-1]):
+    return "reinitialised", Entry(path, src.shape, model_leaf.shape,
+                                  f"checkpoint has {src.shape[-1]} classes, model "
+                                  f"{model_leaf.shape[-1]}: re-initialised")
+  return "mismatched", Entry(path, src.shape, model_leaf.shape)
+
+
+def _report_source_only(flat_src: Mapping[str, np.ndarray], flat_like: Mapping[str, Any],
+                        rules: _Rules, cats: dict[str, list[Entry]]) -> None:
+  """Reports the checkpoint leaves the model does not have."""
+  for path, src in flat_src.items():
+    if path in flat_like:
+      continue
+    if rules.skipped(path):
+      cats["skipped"].append(Entry(path, src.shape, None, "skip pattern"))
+    elif rules.is_head(path):
+      cats["skipped"].append(Entry(path, src.shape, None, "model has no head"))
+    else:
+      cats["unexpected"].append(Entry(path, src.shape, None))
 
 
 def _is_abstract(leaf: Any) -> bool:
