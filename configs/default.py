@@ -21,6 +21,9 @@ def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.model = "efficientnet_lite0"
+  # Options for the model's constructor, e.g. {"drop_path_rate": 0.1} for a ViT
+  # (jtl.experiment.model_options lists a model's); an unknown one is a ConfigError.
+  c.model_kwargs = ml_collections.ConfigDict()
   c.pretrained = True
   c.num_classes = 0  # 0: from the dataset
   c.dataset = "jtl_mnist5k"

@@ -116,6 +116,9 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
     if unknown:
       print(f"ConfigError: unknown config key(s) {unknown} for {path}. Valid keys:\n  "
             + "\n  ".join(valid), file=sys.stderr)
+      if any(k.startswith("model_kwargs.") for k in unknown):
+        print("Model options are one dict on the command line: "
+              "--config.model_kwargs=\"{'drop_path_rate': 0.1}\"", file=sys.stderr)
     else:
       print(f"ConfigError: invalid command line: {type(e).__name__}: {e}\n"
             f"Run {os.path.basename(argv[0]) if argv else 'the script'} --helpfull for the "

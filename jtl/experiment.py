@@ -7,11 +7,14 @@ batch_size, num_steps (or num_epochs: see `resolve_schedule`), eval_every,
 checkpoint_every, keep, best_metric, test_split,
 optimizer, learning_rate, warmup_steps, schedule, weight_decay, clip_norm,
 rules, lr_multipliers, strategy, method (see jtl.methods), eval_dataset,
+model_kwargs (options for the model's constructor, e.g. drop_path_rate),
 augment, microbatches, compute_dtype, seed, log_every, distributed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -80,7 +83,43 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   if spec.input_kind == "image" and size is not None and size < spec.min_image_size:
     problems.append(f"image_size must be >= {spec.min_image_size} for {config.model} (or None "
                     f"for its native {spec.image_size}), got {size}")
-  return problems
+  return problems + model_kwargs_problems(config, spec)
+
+
+def model_options(spec: models.ModelSpec) -> list[str]:
+  """The constructor options `model_kwargs` may set for this model: the
+  keywords of `spec.build` and, when it passes **kwargs on, the fields of the
+  module it builds (num_classes excluded: it is a config key of its own)."""
+  params = inspect.signature(spec.build).parameters.values()
+  names = {p.name for p in params
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+  if any(p.kind is p.VAR_KEYWORD for p in params):
+    module = spec.build(num_classes=0)
+    names |= {f.name for f in dataclasses.fields(module) if f.init}
+  return sorted(names - {"num_classes", "parent", "name"})
+
+
+def model_kwargs_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> list[str]:
+  """Why `model_kwargs` do not build the model ([] when they do): an option
+  its constructor does not take, or a value its init rejects (checked on
+  shapes only: `jax.eval_shape`, no weights)."""
+  raw = config.get("model_kwargs") or {}
+  if not hasattr(raw, "items"):
+    return [f"model_kwargs must be a dict of {config.model} constructor options, got {raw!r}"]
+  kwargs = workdirs.model_kwargs(config)
+  if not kwargs:
+    return []
+  accepted = model_options(spec)
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    return [f"model_kwargs {unknown}: not options of model {config.model!r}; it takes "
+            f"{accepted or 'none'}"]
+  try:
+    models.registry.abstract_variables(spec, spec.build(num_classes=2, **kwargs))
+  except Exception as e:  # noqa: BLE001 - any constructor/init failure is the config's
+    return [f"model_kwargs {kwargs} do not build model {config.model!r}: "
+            f"{type(e).__name__}: {e}"]
+  return []
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -220,7 +259,7 @@ def build_model(config: ml_collections.ConfigDict, *, pretrained: Any = None) ->
   """The zoo model with `num_classes` outputs and pretrained weights merged."""
   pretrained = config.get("pretrained", True) if pretrained is None else pretrained
   created = models.create(config.model, num_classes=num_classes(config), pretrained=pretrained,
-                          seed=config.get("seed", 0))
+                          seed=config.get("seed", 0), **workdirs.model_kwargs(config))
   return created
 
 

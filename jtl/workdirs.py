@@ -22,6 +22,13 @@ from jtl.errors import ConfigError
 from jtl.tree import PyTree
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's `model_kwargs`: options for the model's constructor
+  (`spec.build`, e.g. {"drop_path_rate": 0.1}); {} when unset."""
+  kwargs = config.get("model_kwargs") or {}
+  return kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """What `restore` rebuilds from a workdir.
@@ -61,7 +68,7 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
                       "scripts/finetune.py?")
   config = ml_collections.ConfigDict(meta["config"])
   spec = models.get_spec(config.model)
-  module = spec.build(num_classes=meta["num_classes"])
+  module = spec.build(num_classes=meta["num_classes"], **model_kwargs(config))
   strategy = config.get("strategy") or {}
   alpha = None
   if strategy.get("name") == "lora":

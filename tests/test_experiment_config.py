@@ -1,0 +1,68 @@
+"""Config keys of the experiment that must act or fail, never do nothing
+(issue 17): model_kwargs reach the model's constructor, an unknown one is a
+ConfigError before any training step; strategy.cache_features outside a
+probe, and rules together with strategy.name, are errors."""
+
+import ml_collections
+import pytest
+
+from configs import default
+from jtl import experiment, workdirs
+from jtl.errors import ConfigError
+from test_script_errors import photo_folder
+
+
+def config_with(**model_kwargs):
+  c = default.get_config()
+  c.num_classes = 10  # no dataset read
+  c.model_kwargs = model_kwargs
+  return c
+
+
+def test_model_kwargs_reach_the_model_and_its_restore():
+  config = config_with(dropout_rate=0.0, drop_connect_rate=0.05)
+  assert experiment.config_problems(config) == []
+  created = experiment.build_model(config)  # real weights: loading skips the full init
+  assert (created.module.dropout_rate, created.module.drop_connect_rate) == (0.0, 0.05)
+  # The saved config rebuilds the same module (workdirs.restore builds with these).
+  saved = ml_collections.ConfigDict(experiment.run_meta(config, 10)["config"])
+  assert workdirs.model_kwargs(saved) == {"dropout_rate": 0.0, "drop_connect_rate": 0.05}
+
+
+def test_model_options_lists_the_constructor_fields():
+  spec = experiment.models.get_spec("vit_ti16")
+  options = experiment.model_options(spec)
+  assert {"drop_path_rate", "fused_attention", "image_size"} <= set(options)
+  assert "num_classes" not in options and "parent" not in options
+
+
+def test_unknown_model_kwarg_is_a_config_error_naming_key_and_model(tmp_path):
+  config = config_with(dropout_rat=0.1)
+  config.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"
+  with pytest.raises(ConfigError, match=r"model_kwargs \['dropout_rat'\]: not options of model "
+                     r"'efficientnet_lite0'; it takes \[.*'dropout_rate'"):
+    experiment.finetune(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+
+
+def test_model_kwarg_value_the_model_rejects_is_a_config_error():
+  config = config_with(stem_channels=-3)  # a known option whose value cannot build
+  problems = experiment.config_problems(config)
+  assert len(problems) == 1 and "do not build model 'efficientnet_lite0'" in problems[0]
+
+
+def test_cache_features_outside_a_probe_is_an_error():
+  for name in ("", "full"):
+    config = default.get_config()
+    config.rules = () if name else config.rules
+    config.strategy = {"name": name, "cache_features": True}
+    problems = experiment.config_problems(config)
+    assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
+               in p for p in problems), (name, problems)
+
+
+def test_rules_with_a_strategy_name_is_an_error():
+  config = default.get_config()  # its rules freeze the first blocks
+  config.strategy.name = "lora"
+  with pytest.raises(ConfigError, match="rules and strategy.name='lora' are both set"):
+    experiment.validate(config)
