@@ -1,4 +1,4 @@
-"""scripts/benchmark_strategies.py's bookkeeping, without data: resumable
+"""scripts/benchmarks/benchmark_strategies.py's bookkeeping, without data: resumable
 results, seeded labelled subsets, stratified validation splits, and the
 learning rate written into the optimizer state (one compiled step serves
 every swept learning rate)."""
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 spec = importlib.util.spec_from_file_location(
-    "benchmark_strategies", Path(__file__).parents[1] / "scripts" / "benchmark_strategies.py")
+    "benchmark_strategies", Path(__file__).parents[1] / "scripts" / "benchmarks" / "benchmark_strategies.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 

@@ -74,6 +74,14 @@ def test_padding_and_token_types_do_not_change_the_embedding(minilm):
   a = np.asarray(embed(variables, no_types))
   np.testing.assert_allclose(np.asarray(embed(variables, trimmed)), a, atol=1e-5)
   np.testing.assert_allclose(a, REF["embeddings"][:2], atol=1e-4)
+  # rounded up to a multiple of 4 tokens (few batch shapes): the same embedding
+  rounded = text.trim_padding(padded, multiple=4)
+  width = trimmed["input_ids"].shape[1]
+  assert rounded["input_ids"].shape[1] == -(-width // 4) * 4 > width
+  np.testing.assert_allclose(np.asarray(embed(variables, rounded)), a, atol=1e-5)
+  assert text.trim_padding(padded, multiple=64)["input_ids"].shape == (2, 16)  # never wider
+  with pytest.raises(DataError, match="multiple=0"):
+    text.trim_padding(padded, multiple=0)
 
 
 def test_classification_head_on_pooled_features(minilm):

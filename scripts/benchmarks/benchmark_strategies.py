@@ -2,12 +2,12 @@
 
 Images: EfficientNet-Lite0 with its ImageNet weights on a CIFAR-10 image
 folder (train/<class>/*.jpg, test/<class>/*.jpg), with K labelled images per
-class, tested on the whole test split. Text: MiniLM-L6 on Rotten Tomatoes with
-a few hundred labels. Every strategy is built with `jtl.strategies.build` and
+class, tested on the whole test split (text: scripts/benchmarks/benchmark_text.py,
+which reuses this script's bookkeeping). Every strategy is built with `jtl.strategies.build` and
 trained by the same loop (same steps, batch size, optimizer family); inputs
 are not augmented, so the linear probe trains on cached features.
 
-  python scripts/benchmark_strategies.py --cifar_dir /path/to/cifar10_subset
+  python scripts/benchmarks/benchmark_strategies.py --cifar_dir /path/to/cifar10_subset
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from PIL import Image
 import jtl
 import jtl.models
 from jtl import strategies
-from jtl.data import text as text_data
 
 
 def load_folder(root: Path, split: str, per_class: int | None):
@@ -154,13 +153,6 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   return acc, seconds, n_trainable
 
 
-def table(rows, title):
-  lines = [f"\n### {title}\n", "| strategy | labels/class | trainable params | train s | test acc |",
-           "|---|---:|---:|---:|---:|"]
-  lines += [f"| {r[0]} | {r[1]} | {r[2]:,} | {r[3]:.1f} | {100 * r[4]:.1f}% |" for r in rows]
-  print("\n".join(lines), flush=True)
-
-
 def probe_speedup(created, train, batch, epochs=3):
   """Per-epoch time of the frozen-backbone probe: recomputing features vs the cache."""
   s = strategies.build("linear_probe", created.module, created.variables, created.spec,
@@ -241,17 +233,21 @@ def stratified_holdout(y, fraction, seed=0):
 
 
 class Results:
-  """One JSON line per finished row; rows already in the file are skipped."""
+  """One JSON line per finished row; rows already in the file are skipped.
 
-  def __init__(self, path):
+  A row is identified by its values of `KEY` (another benchmark passes its own
+  fields, e.g. the text benchmark's number of labels and token length).
+  """
+  KEY = ("kind", "strategy", "per_class", "seed", "lr", "steps", "image_size")
+
+  def __init__(self, path, key_fields=KEY):
     self.path = Path(path)
+    self.key_fields = tuple(key_fields)
     self.rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] \
         if self.path.exists() else []
 
-  @staticmethod
-  def key(row):
-    return tuple(row.get(k) for k in ("kind", "strategy", "per_class", "seed", "lr", "steps",
-                                      "image_size"))
+  def key(self, row):
+    return tuple(row.get(k) for k in self.key_fields)
 
   def get(self, **key):
     k = self.key(key)
@@ -292,7 +288,7 @@ def image_report(results, args, names):
     for name in names:
       rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
               and r["per_class"] == k and r["image_size"] == args.image_size]
-      rows = list({Results.key(r): r for r in reversed(rows)}.values())  # one per seed
+      rows = list({results.key(r): r for r in reversed(rows)}.values())  # one per seed
       if not rows:
         continue
       accs = np.array([r["acc"] for r in rows])
@@ -400,12 +396,8 @@ def main():
   ap.add_argument("--results", default="strategies_results.jsonl",
                   help="JSON lines, one per finished row; rerunning skips them")
   ap.add_argument("--report", action="store_true", help="print the tables from --results only")
-  ap.add_argument("--text_train", type=int, default=400)
-  ap.add_argument("--text_test", type=int, default=600)
-  ap.add_argument("--text_len", type=int, default=48)
-  ap.add_argument("--text_steps", type=int, default=50)
-  ap.add_argument("--skip_images", action="store_true")
-  ap.add_argument("--skip_text", action="store_true")
+  ap.add_argument("--skip_text", action="store_true",
+                  help="no effect (kept for old command lines): text is benchmark_text.py")
   ap.add_argument("--probe_only", action="store_true",
                   help="only the cached linear-probe per-epoch speed-up")
   args = ap.parse_args()
@@ -426,31 +418,8 @@ def main():
     probe_speedup(created, (x, y), args.batch)
     return
 
-  if not args.skip_images:
-    run_images(args, results)
+  run_images(args, results)
 
-  if not args.skip_text:
-    texts, labels = text_data.rotten_tomatoes()
-    tok = text_data.load_tokenizer(max_length=args.text_len)
-    rng = np.random.default_rng(0)
-    tr = rng.permutation(len(labels["train"]))[:args.text_train]
-    te = rng.permutation(len(labels["test"]))[:args.text_test]
-    train = (text_data.tokenize(list(texts["train"][tr]), tok), labels["train"][tr].astype(np.int32))
-    test = (text_data.tokenize(list(texts["test"][te]), tok), labels["test"][te].astype(np.int32))
-    created = jtl.models.create("minilm_l6", num_classes=2, pretrained=True)
-    rows, step_cache = [], {}
-    for config in [{"name": "linear_probe", "cache_features": True}, "full",
-                   {"name": "lora", "rank": 8, "alpha": 16.0,
-                    "targets": [r"layer_\d/attention/(query|value)"]}, "scratch"]:
-      acc, sec, n = run_strategy(config, created, train, test, steps=args.text_steps,
-                                 batch=16, lr=1e-4 if config == "full" else 1e-3, seed=0,
-                                 step_cache=step_cache)
-      name = config if isinstance(config, str) else config["name"]
-      rows.append((name, len(tr), n, sec, acc))
-      print(f"   -> {name}: acc {100 * acc:.1f}%, {sec:.1f}s", flush=True)
-    table(rows, f"Text: MiniLM-L6 (all-MiniLM-L6-v2 weights), Rotten Tomatoes, "
-                f"{len(tr)} labelled snippets, max {args.text_len} tokens, {args.text_steps} "
-                f"steps of 16, test on {len(te)} snippets (labels/class column: total labels)")
   print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
 
 
