@@ -30,6 +30,7 @@ import sys
 import time
 
 MODELS = ("efficientnet_lite0", "mobilenet_v2")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _timeit(fn, iters: int, warmup: int) -> float:
@@ -47,51 +48,17 @@ def _timeit(fn, iters: int, warmup: int) -> float:
 # ----------------------------------------------------------------- PyTorch side
 
 def _torch_model(name: str):
-  import torch
-  from torch import nn
   if name == "efficientnet_lite0":
     from efficientnet_lite_pytorch import EfficientNet
     return EfficientNet.from_name("efficientnet-lite0")
-
-  class ConvBNReLU(nn.Sequential):
-
-    def __init__(self, cin, cout, k=3, s=1, groups=1):
-      super().__init__(nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
-                       nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
-
-  class InvertedResidual(nn.Module):
-
-    def __init__(self, cin, cout, s, t):
-      super().__init__()
-      hidden = cin * t
-      self.use_res = s == 1 and cin == cout
-      layers = [] if t == 1 else [ConvBNReLU(cin, hidden, 1)]
-      layers += [ConvBNReLU(hidden, hidden, 3, s, groups=hidden),
-                 nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-      self.conv = nn.Sequential(*layers)
-
-    def forward(self, x):
-      return x + self.conv(x) if self.use_res else self.conv(x)
-
-  class MobileNetV2(nn.Module):  # torchvision's architecture and names
-
-    def __init__(self):
-      super().__init__()
-      feats, cin = [ConvBNReLU(3, 32, 3, 2)], 32
-      for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
-        for i in range(n):
-          feats.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
-          cin = c
-      feats.append(ConvBNReLU(cin, 1280, 1))
-      self.features = nn.Sequential(*feats)
-      self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
-
-    def forward(self, x):
-      return self.classifier(self.features(x).mean((2, 3)))
-
-  del torch
-  return MobileNetV2()
+  # torchvision's architecture and names, shared with the test fixture's generator
+  # (loaded from its file: tests/ is no package of the torch environment).
+  import importlib.util
+  path = os.path.join(ROOT, "tests", "fixtures", "torch_mobilenet_v2.py")
+  spec = importlib.util.spec_from_file_location("torch_mobilenet_v2", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.mobilenet_v2(num_classes=1000)
 
 
 def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
