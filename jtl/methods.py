@@ -34,6 +34,7 @@ import numpy as np
 
 from jtl import adversarial, distill, domain
 from jtl.errors import ConfigError, bullet_list
+from jtl.models import preprocessing
 from jtl.tree import PyTree
 
 
@@ -84,19 +85,18 @@ def resolve_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def pixel_affine(normalize: Any) -> tuple[np.ndarray, np.ndarray]:
   """(mul, add) per channel with normalised = pixel01 * mul + add.
 
-  Found by running the pipeline's normaliser on black and white images, so it
-  holds for every affine preset ("unit", "imagenet", "efficientnet", ...).
+  `normalize` is what the pipeline takes (a preset name, a (mean, std) pair,
+  a `Normalization`, None); its affine is data (`Normalization.affine`), so no
+  TensorFlow runs. A callable normaliser is run on black and white NumPy
+  pixels instead.
 
   >>> mul, add = pixel_affine("unit")
   >>> mul.tolist(), add.tolist()
   ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
   """
-  from jtl.data import images, sources  # pylint: disable=g-import-not-at-top
-  tf = sources.host_tf()  # TensorFlow, with its GPUs hidden as in the pipeline
-  fn = images.get_normalizer(normalize)
-  black = np.asarray(fn(tf.zeros((1, 1, 1, 3), tf.float32)), np.float64).reshape(3)
-  white = np.asarray(fn(tf.fill((1, 1, 1, 3), 255.0)), np.float64).reshape(3)
-  return (white - black).astype(np.float32), black.astype(np.float32)
+  if callable(normalize):
+    return preprocessing.affine_of(normalize)
+  return preprocessing.as_normalization(normalize).affine()
 
 
 def teacher_input_fn(student_normalize: Any, student_size: int, teacher_normalize: Any,

@@ -23,24 +23,16 @@ import numpy as np
 import tensorflow as tf
 
 from jtl.errors import DataError
+from jtl.models import preprocessing
 
 Normalizer = Callable[[tf.Tensor], tf.Tensor]
-NormalizeSpec = Union[str, Normalizer, tuple[Sequence[float], Sequence[float]], None]
+NormalizeSpec = Union[str, Normalizer, tuple[Sequence[float], Sequence[float]],
+                      preprocessing.Normalization, None]
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-# Each maps float32 pixel values in 0..255 to what a model family was trained on.
-PRESETS: dict[str, Normalizer] = {
-    # EfficientNet-Lite (TF reference): (x - 127) / 128.
-    "efficientnet": lambda x: (x - 127.0) / 128.0,
-    # torchvision models: ImageNet mean/std on 0..1 pixels.
-    "imagenet": lambda x: (x - IMAGENET_MEAN) / IMAGENET_STD,
-    # ViT / big_vision: [-1, 1].
-    "vit": lambda x: x / 127.5 - 1.0,
-    "unit": lambda x: x / 255.0,
-    "none": lambda x: x,
-}
+# Each maps float32 pixel values in 0..255 to what a model family was trained
+# on; the affines are data (`jtl.models.preprocessing.PRESETS`), shared with
+# the zoo models' JAX `preprocess`.
+PRESETS: dict[str, Normalizer] = {name: n.apply for name, n in preprocessing.PRESETS.items()}
 
 
 def get_normalizer(normalize: NormalizeSpec) -> Normalizer:
@@ -49,28 +41,12 @@ def get_normalizer(normalize: NormalizeSpec) -> Normalizer:
   Args:
     normalize: one of `PRESETS` ("efficientnet", "imagenet", "vit", "unit",
       "none"), a `(mean, std)` pair in 0..255 units (per channel or scalar), a
-      callable on float32 tf tensors of 0..255 values, or None (= "none").
+      callable on float32 tf tensors of 0..255 values, a
+      `jtl.models.preprocessing.Normalization`, or None (= "none").
   """
-  if normalize is None:
-    return PRESETS["none"]
-  if isinstance(normalize, str):
-    if normalize not in PRESETS:
-      raise DataError(
-          f"Unknown normalisation {normalize!r}. Expected one of "
-          f"{sorted(PRESETS)}, a (mean, std) pair in 0..255 units, or a "
-          "callable on float32 tensors.")
-    return PRESETS[normalize]
   if callable(normalize):
     return normalize
-  if isinstance(normalize, (tuple, list)) and len(normalize) == 2:
-    mean = np.asarray(normalize[0], np.float32)
-    std = np.asarray(normalize[1], np.float32)
-    if np.any(std <= 0):
-      raise DataError(f"normalize std must be > 0, got {std.tolist()}.")
-    return lambda x: (x - mean) / std
-  raise DataError(
-      f"normalize={normalize!r} is not a preset name, (mean, std) pair or "
-      "callable.")
+  return preprocessing.as_normalization(normalize).apply
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:

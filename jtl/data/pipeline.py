@@ -194,7 +194,9 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
       one padded, masked pass in file order if False.
     image_size: model resolution, int or (height, width).
     normalize: model normalisation: "efficientnet", "imagenet", "vit", a
-      (mean, std) pair in 0..255 units, or a callable on tf tensors.
+      (mean, std) pair in 0..255 units, a `jtl.models.preprocessing.Normalization`
+      (its affine; `image_size` and `crop_fraction` stay what is passed here),
+      or a callable on tf tensors.
     seed: shuffling and augmentation seed.
     num_epochs: training epochs, None for endless.
     start_step: first training batch to yield (resume position).

@@ -39,6 +39,7 @@ transformers >= 5, `attention.q_proj`, ...). `hub_spec` maps a config.json with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -51,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry, resnet, vit
+from jtl.models import registry, vit
+from jtl.models.preprocessing import model_normalization
 
 POOLS = ("cls_mean", "cls", "mean")
 VARIANTS = {"s": (384, 12, 6), "b": (768, 12, 12)}  # width, depth, heads
@@ -336,12 +338,11 @@ def hf_shapes(*, hidden_size: int, num_hidden_layers: int, image_size: int = NAT
 
 # --- zoo -------------------------------------------------------------------------
 
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = INPUT_SIZE,
-               crop_fraction: float = 224 / 256) -> jax.Array:
-  """The facebook/dinov2-* evaluation preprocessing: central crop (resize 256,
-  crop 224), ImageNet mean/std."""
-  return resnet.normalize_images(images, size=size, mean=resnet.IMAGENET_MEAN,
-                                 std=resnet.IMAGENET_STD, crop_fraction=crop_fraction)
+# The facebook/dinov2-* evaluation preprocessing: central crop (resize 256,
+# crop 224), ImageNet mean/std; `preprocess(images, size=224, crop_fraction=0.875)`.
+NORMALIZATION = model_normalization("imagenet", image_size=INPUT_SIZE,
+                                    crop_fraction=INPUT_SIZE / 256)
+preprocess = NORMALIZATION.preprocessor()
 
 
 def groups(depth: int) -> list[tuple[str, str]]:
@@ -368,11 +369,10 @@ def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: 
 
   return registry.ModelSpec(
       name=name, build=build,
-      example_input=functools.partial(registry.image_input, size=input_size),
-      preprocess=functools.partial(preprocess, size=input_size), groups=groups(depth),
-      pretrained=pretrained, converter=functools.partial(convert_hf, num_heads=num_heads),
-      default_num_classes=num_classes, image_size=input_size, min_image_size=patch_size,
-      normalize="imagenet")
+      **registry.image_inputs(dataclasses.replace(NORMALIZATION, image_size=input_size)),
+      groups=groups(depth), pretrained=pretrained,
+      converter=functools.partial(convert_hf, num_heads=num_heads),
+      default_num_classes=num_classes, min_image_size=patch_size)
 
 
 _HUB_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads")

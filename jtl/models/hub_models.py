@@ -26,6 +26,7 @@ import numpy as np
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, vit
 from jtl.models.conversion import convert_with_rules
+from jtl.models.preprocessing import PRESETS, Normalization
 
 SUPPORTED = (
     "timm resnet18, resnet50 (e.g. timm/resnet50.a1_in1k)",
@@ -167,18 +168,21 @@ def convert_hf_bert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # --- config.json -> ModelSpec ------------------------------------------------
 
-def _image_preprocess(cfg: Mapping[str, Any], size: int, default_crop: float):
-  mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), np.float32)
-  std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), np.float32)
+def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
+                         default_preset: str | None = None) -> Normalization:
+  """The `Normalization` of a timm pretrained_cfg (mean/std default to ImageNet's);
+  its preset is the pipeline's with that mean/std, else `default_preset`."""
+  imagenet = PRESETS["imagenet"]
+  mean = np.asarray(cfg.get("mean", imagenet.mean), np.float32)
+  std = np.asarray(cfg.get("std", imagenet.std), np.float32)
   crop = float(cfg.get("crop_pct", default_crop))
   if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0) or not 0 < crop <= 1:
     raise ConfigError(f"pretrained_cfg: mean {mean}, std {std} or crop_pct {crop} "
                       "is not 3 values / 3 positive values / in (0, 1].")
-  preset = ("imagenet" if np.allclose(mean, resnet.IMAGENET_MEAN, atol=1e-3)
-            and np.allclose(std, resnet.IMAGENET_STD, atol=1e-3) else
-            "vit" if np.allclose(mean, .5) and np.allclose(std, .5) else None)
-  return (functools.partial(resnet.normalize_images, size=size, mean=mean, std=std,
-                            crop_fraction=crop), preset)
+  preset = ("imagenet" if np.allclose(mean, imagenet.mean, atol=1e-3)
+            and np.allclose(std, imagenet.std, atol=1e-3) else
+            "vit" if np.allclose(mean, .5) and np.allclose(std, .5) else default_preset)
+  return Normalization(preset, mean=mean, std=std, image_size=size, crop_fraction=crop)
 
 
 def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
@@ -211,12 +215,10 @@ def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
                                   stage_repeats=tuple(s[0] for s in stages))
   else:
     raise _unsupported(f"the timm architecture {arch!r}", source)
-  preprocess, preset = _image_preprocess(cfg, size, 0.875)
+  normalization = _image_normalization(cfg, size, 0.875, base.normalize)
   return dataclasses.replace(
       base, name=source, build=build, pretrained=source, converter=converter,
-      preprocess=preprocess, default_num_classes=num_classes, image_size=size,
-      example_input=functools.partial(registry.image_input, size=size),
-      normalize=preset or base.normalize)
+      default_num_classes=num_classes, **registry.image_inputs(normalization))
 
 
 def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, Any],
@@ -243,14 +245,13 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
                       "img_size, act_layer, class_token=True, global_pool='token'.")
   kw = dict(patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim,
             num_heads=heads, image_size=size, exact_gelu=_TIMM_GELU[act])
-  preprocess, preset = _image_preprocess(cfg, size, 0.9)
   return registry.ModelSpec(
       name=source, build=lambda num_classes=num_classes, **extra: vit.ViT(
           num_classes=num_classes, **{**kw, **extra}),
-      example_input=functools.partial(registry.image_input, size=size),
-      preprocess=preprocess, groups=vit.groups(depth), pretrained=source,
+      **registry.image_inputs(_image_normalization(cfg, size, 0.9)),
+      groups=vit.groups(depth), pretrained=source,
       converter=functools.partial(convert_timm_vit, num_heads=heads),
-      default_num_classes=num_classes, image_size=size, normalize=preset)
+      default_num_classes=num_classes)
 
 
 def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:

@@ -2,7 +2,7 @@
 
 torchvision's MobileNetV2: ReLU6, BatchNorm eps 1e-5 / momentum 0.1 (flax
 0.9), symmetric padding (k - 1) // 2, inputs normalised with the ImageNet
-mean/std (see `preprocess`). No weights can be had offline here, so
+mean/std (`NORMALIZATION`, `preprocess`). No weights can be had offline here, so
 `pretrained` names the torchvision source, which `jtl.checkpoint.resolve`
 fetches where there is a network.
 
@@ -24,16 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.models import registry
+from jtl.models import preprocessing, registry
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, relu6
-from jtl.models.preprocessing import center_crop_resize
 
 # (expand t, channels c, repeats n, stride s) per stage, as torchvision.
 V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.asarray(preprocessing.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(preprocessing.IMAGENET_STD, np.float32)
+# torchvision's evaluation: resize 256, crop 224, ImageNet mean/std.
+NORMALIZATION = preprocessing.model_normalization("imagenet")
 
 _BatchNorm = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
 _init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -169,11 +170,9 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return convert_with_rules(state_dict, _MODULES)
 
 
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
-               crop_fraction: float = 0.875) -> jax.Array:
-  """uint8 RGB images -> centre crop, resize, ImageNet mean/std normalisation."""
-  x = center_crop_resize(images, size=size, crop_fraction=crop_fraction) / 255.0
-  return (x - IMAGENET_MEAN.reshape(1, 1, 1, 3)) / IMAGENET_STD.reshape(1, 1, 1, 3)
+# uint8 RGB images -> centre crop, resize, ImageNet mean/std normalisation:
+# `preprocess(images, size=224, crop_fraction=0.875)`; size=None only normalises.
+preprocess = NORMALIZATION.preprocessor()
 
 
 example_input = registry.image_input
@@ -187,10 +186,8 @@ def mobilenet_v2(num_classes: int = 1000, **kwargs) -> MobileNetV2:
 registry.register(registry.ModelSpec(
     name="mobilenet_v2",
     build=mobilenet_v2,
-    example_input=example_input,
-    preprocess=preprocess,
+    **registry.image_inputs(NORMALIZATION),
     groups=registry.block_groups(len(block_configs())),
     pretrained="mobilenet_v2/imagenet",
     converter=convert_torch,
-    normalize="imagenet",
 ))

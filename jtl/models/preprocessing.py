@@ -1,12 +1,184 @@
-"""Image preprocessing in JAX shared by the zoo models' `preprocess`."""
+"""Normalisation as data, and image preprocessing in JAX.
+
+A `Normalization` says how one model wants its pixels: the affine
+(pixels / scale - mean) / std, the channel order, the evaluation resolution,
+the central crop and the resize. It is declared once per model (on its
+`ModelSpec`) and everything else is derived from it: the JAX `preprocess`
+(`Normalization.preprocessor`), the input pipeline's preset
+(`jtl.data.images.PRESETS`, through `Normalization.apply`, which runs on
+NumPy, JAX and TensorFlow arrays alike) and the per-channel affine that
+deployment and distillation fold in (`Normalization.affine`).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.errors import DataError
+from jtl.errors import ConfigError, DataError
+
+# torchvision's ImageNet statistics, on pixels scaled to 0..1.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """How a model's inputs are made from RGB pixels in 0..255.
+
+  normalised = (pixels / scale - mean) / std, per channel (one value is
+  broadcast over the three).
+
+  Attributes:
+    preset: the name of the input pipeline's preset with this affine (what
+      `ModelSpec.normalize` says), or None when none matches.
+    mean, std: per channel (or one value), in units of pixels / scale.
+    scale: what pixels are divided by first (255: mean/std on 0..1 pixels).
+    channels: channel order the model takes ("RGB", the only one jtl's
+      pipelines produce).
+    image_size: evaluation resolution (square side).
+    crop_fraction: side of the central square crop at evaluation, relative
+      to the shorter image side (0.875: resize 256, crop 224).
+    resize: resize method ("bilinear", antialiased, in JAX and tf.data).
+
+  >>> Normalization("unit", image_size=8).apply(np.full(3, 255.0, np.float32)).tolist()
+  [1.0, 1.0, 1.0]
+  """
+  preset: str | None
+  mean: Sequence[float] = (0.0,)
+  std: Sequence[float] = (1.0,)
+  scale: float = 255.0
+  channels: str = "RGB"
+  image_size: int = 224
+  crop_fraction: float = 0.875
+  resize: str = "bilinear"
+
+  def __post_init__(self) -> None:
+    # Tuples, so that the dataclass stays hashable and compares by value.
+    object.__setattr__(self, "mean", tuple(float(m) for m in np.ravel(self.mean)))
+    object.__setattr__(self, "std", tuple(float(s) for s in np.ravel(self.std)))
+    problems = []
+    if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
+      problems.append(f"mean {self.mean} / std {self.std}: expected 1 or 3 values each")
+    if min(self.std, default=0.0) <= 0 or self.scale <= 0:
+      problems.append(f"std {self.std} and scale {self.scale} must be > 0")
+    if self.channels != "RGB" or self.resize != "bilinear":
+      problems.append(f"channels={self.channels!r}, resize={self.resize!r}: jtl's "
+                      "pipelines produce 'RGB' and resize 'bilinear'")
+    if not 0 < self.crop_fraction <= 1 or self.image_size < 1:
+      problems.append(f"crop_fraction {self.crop_fraction} must lie in (0, 1], "
+                      f"image_size {self.image_size} be >= 1")
+    if problems:
+      raise ConfigError("Normalization: " + "; ".join(problems) + ".")
+
+  def apply(self, x: Any) -> Any:
+    """(x / scale - mean) / std on float pixels 0..255 [..., C]: NumPy, JAX or
+    tf tensors (the same float32 operations in each, so they agree)."""
+    # Constants of x's rank: JAX may be set to refuse implicit rank promotion.
+    shape = (1,) * (len(x.shape) - 1) + (-1,)
+    mean = np.asarray(self.mean, np.float32).reshape(shape)
+    std = np.asarray(self.std, np.float32).reshape(shape)
+    return (x / self.scale - mean) / std
+
+  def affine(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mul, add) per channel with normalised = pixels / 255 * mul + add."""
+    return affine_of(self.apply)
+
+  def preprocessor(self) -> Callable[..., jax.Array]:
+    """`preprocess(images, *, size=image_size, crop_fraction=crop_fraction)`:
+    uint8 RGB images -> central crop, resize, normalise (see `preprocess`)."""
+    return functools.partial(preprocess, normalization=self, size=self.image_size,
+                             crop_fraction=self.crop_fraction)
+
+
+# The input pipeline's presets, by name: each is the pixel affine of a family.
+PRESETS: dict[str, Normalization] = {
+    # EfficientNet-Lite (TF reference): (x - 127) / 128.
+    "efficientnet": Normalization("efficientnet", mean=(127.0,), std=(128.0,), scale=1.0),
+    # torchvision models: ImageNet mean/std on 0..1 pixels.
+    "imagenet": Normalization("imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    # ViT / big_vision: [-1, 1].
+    "vit": Normalization("vit", mean=(0.5,), std=(0.5,)),
+    "unit": Normalization("unit"),
+    "none": Normalization("none", scale=1.0),
+}
+
+
+def affine_of(normalize: Callable[[Any], Any]) -> tuple[np.ndarray, np.ndarray]:
+  """(mul, add) per channel of an affine pixel normaliser, normalised =
+  pixels / 255 * mul + add: `normalize` run on black and white float32
+  pixels [1, 1, 1, 3] (as the pipeline computes them).
+
+  >>> [a.tolist() for a in affine_of(lambda x: (x - 127.0) / 128.0)]
+  [[1.9921875, 1.9921875, 1.9921875], [-0.9921875, -0.9921875, -0.9921875]]
+  """
+  black = np.asarray(normalize(np.zeros((1, 1, 1, 3), np.float32)), np.float64).reshape(3)
+  white = np.asarray(normalize(np.full((1, 1, 1, 3), 255.0, np.float32)), np.float64).reshape(3)
+  return (white - black).astype(np.float32), black.astype(np.float32)
+
+
+def model_normalization(preset: str, *, image_size: int = 224,
+                        crop_fraction: float = 0.875) -> Normalization:
+  """A model's `Normalization`: a preset's affine at this resolution and crop.
+
+  >>> model_normalization("vit", crop_fraction=1.0).mean
+  (0.5,)
+  """
+  return dataclasses.replace(as_normalization(preset), image_size=image_size,
+                             crop_fraction=crop_fraction)
+
+
+def as_normalization(normalize: str | Normalization | Sequence[Any] | None) -> Normalization:
+  """The `Normalization` of a preset name, a (mean, std) pair in 0..255 units
+  (per channel or scalar), a `Normalization`, or None (= "none").
+
+  Raises:
+    DataError: an unknown name, a std <= 0, or anything else.
+  """
+  if normalize is None:
+    return PRESETS["none"]
+  if isinstance(normalize, Normalization):
+    return normalize
+  if isinstance(normalize, str):
+    if normalize not in PRESETS:
+      raise DataError(
+          f"Unknown normalisation {normalize!r}. Expected one of "
+          f"{sorted(PRESETS)}, a (mean, std) pair in 0..255 units, or a "
+          "callable on float32 tensors.")
+    return PRESETS[normalize]
+  if isinstance(normalize, (tuple, list)) and len(normalize) == 2:
+    mean = np.asarray(normalize[0], np.float32)
+    std = np.asarray(normalize[1], np.float32)
+    if np.any(std <= 0):
+      raise DataError(f"normalize std must be > 0, got {std.tolist()}.")
+    return Normalization(None, mean=mean, std=std, scale=1.0)
+  raise DataError(
+      f"normalize={normalize!r} is not a preset name, (mean, std) pair or "
+      "callable.")
+
+
+def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
+               size: int | None, crop_fraction: float) -> jax.Array:
+  """Central crop, resize to size x size, then `normalization.apply`.
+
+  Args:
+    images: uint8 or float [B, H, W, 3] or [H, W, 3] on a 0..255 scale.
+    normalization: the model's pixel affine.
+    size: output height and width; None keeps the input as it is (only
+      normalises).
+    crop_fraction: side of the central square crop relative to the shorter
+      side.
+
+  Raises:
+    DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
+  """
+  return normalization.apply(center_crop_resize(images, size=size, crop_fraction=crop_fraction))
 
 
 def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224,

@@ -9,6 +9,7 @@ converter from the published layout to the module's variables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 
 from jtl import tree as jtree
 from jtl.errors import ConfigError, bullet_list
+from jtl.models.preprocessing import Normalization
 
 Variables = dict[str, Any]
 
@@ -26,6 +28,21 @@ Variables = dict[str, Any]
 def image_input(batch_size: int, size: int = 224) -> np.ndarray:
   """Zeros [batch_size, size, size, 3]: the `example_input` of the image models."""
   return np.zeros((batch_size, size, size, 3), np.float32)
+
+
+def image_inputs(normalization: Normalization) -> dict[str, Any]:
+  """The `ModelSpec` fields an image model's `Normalization` decides: the
+  normalization itself, `preprocess`, `example_input`, `image_size` and the
+  pipeline preset `normalize`. Declare the normalisation once and pass these.
+
+  >>> from jtl.models.preprocessing import model_normalization
+  >>> fields = image_inputs(model_normalization("unit", image_size=28))
+  >>> fields["image_size"], fields["normalize"], fields["example_input"](2).shape
+  (28, 'unit', (2, 28, 28, 3))
+  """
+  return {"normalization": normalization, "preprocess": normalization.preprocessor(),
+          "example_input": functools.partial(image_input, size=normalization.image_size),
+          "image_size": normalization.image_size, "normalize": normalization.preset}
 
 
 def block_groups(num_blocks: int) -> list[tuple[str, str]]:
@@ -62,6 +79,9 @@ class ModelSpec:
       "image" batches at this resolution with this normalisation preset, or
       "text" (token ids). min_image_size: the smallest `image_size` a config
       may ask for.
+    normalization: an image model's `Normalization` (mean, std, scale,
+      channels, resolution, crop), from which `image_inputs` derives
+      preprocess, example_input, image_size and normalize.
   """
   name: str
   build: Callable[..., nn.Module]
@@ -77,6 +97,7 @@ class ModelSpec:
   image_size: int = 224
   min_image_size: int = 32  # the smallest input the network's downsampling takes
   normalize: str | None = None  # a jtl.data.NORMALIZE_PRESETS name
+  normalization: Normalization | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

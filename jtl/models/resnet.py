@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry
+from jtl.models import preprocessing, registry
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, conv_general_dilated
-from jtl.models.preprocessing import center_crop_resize
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.asarray(preprocessing.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(preprocessing.IMAGENET_STD, np.float32)
+# torchvision's evaluation: resize 256, crop 224, ImageNet mean/std.
+NORMALIZATION = preprocessing.model_normalization("imagenet")
 
 # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= flax momentum 0.9).
 _BatchNorm = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -34,30 +35,9 @@ _Conv = functools.partial(nn.Conv, use_bias=False,
                               2.0, "fan_out", "normal"))
 
 
-def normalize_images(images: np.ndarray | jax.Array, *, size: int | None,
-                     mean: np.ndarray, std: np.ndarray,
-                     crop_fraction: float = 0.875) -> jax.Array:
-  """Central crop, resize to size x size, then (x / 255 - mean) / std.
-
-  Args:
-    images: uint8 or float [B, H, W, 3] or [H, W, 3] on a 0..255 scale.
-    size: output height and width; None keeps the input as it is.
-    mean, std: per-channel constants on the 0..1 scale.
-    crop_fraction: side of the central square crop relative to the shorter
-      side (0.875: resize-256-crop-224, torchvision's evaluation transform).
-
-  Raises:
-    DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
-  """
-  x = center_crop_resize(images, size=size, crop_fraction=crop_fraction) / 255.0
-  return (x - mean[None, None, None, :]) / std[None, None, None, :]
-
-
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
-               crop_fraction: float = 0.875) -> jax.Array:
-  """torchvision ImageNet evaluation preprocessing: crop, resize, mean/std."""
-  return normalize_images(images, size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          crop_fraction=crop_fraction)
+# torchvision ImageNet evaluation preprocessing: crop, resize, mean/std:
+# `preprocess(images, size=224, crop_fraction=0.875)`; size=None only normalises.
+preprocess = NORMALIZATION.preprocessor()
 
 
 class Stem(nn.Module):
@@ -223,10 +203,8 @@ for _depth in (18, 50):
   registry.register(registry.ModelSpec(
       name=f"resnet{_depth}",
       build=functools.partial(lambda d, num_classes=1000: resnet(d, num_classes), _depth),
-      example_input=example_input,
-      preprocess=preprocess,
+      **registry.image_inputs(NORMALIZATION),
       groups=groups(STAGES[_depth][0]),
       pretrained=f"resnet{_depth}/imagenet",
       converter=convert_torch,
-      normalize="imagenet",
 ))

@@ -3,7 +3,7 @@ the fast model of the domain-adaptation and adversarial configs.
 
 Three 3x3 conv + BatchNorm + ReLU stages (the last two with stride 2), global
 average pooling and a "head" Dense; `features()` gives the pooled features.
-Inputs are images scaled to 0..1 (normalize="unit"), so attack radii are in
+Inputs are images scaled to 0..1 (`NORMALIZATION`: "unit"), so attack radii are in
 pixel units. It has no pretrained weights.
 
 >>> import numpy as np
@@ -18,10 +18,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jtl.models import registry
 from jtl.models.layers import BatchNorm
+from jtl.models.preprocessing import model_normalization
+
+# Pixels scaled to 0..1 at 28 x 28, the whole image (no crop).
+NORMALIZATION = model_normalization("unit", image_size=28, crop_fraction=1.0)
 
 
 class SmallCNN(nn.Module):
@@ -50,12 +53,10 @@ def _register(name: str, width: int) -> None:
   registry.register(registry.ModelSpec(
       name=name,
       build=lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, width=width, **kw),
-      example_input=lambda n: np.zeros((n, 28, 28, 3), np.float32),
+      **registry.image_inputs(NORMALIZATION),
       groups=[(f"stage{i}", rf"stage{i}_.*") for i in range(3)] + [("head", r"head/.*")],
       default_num_classes=10,
-      image_size=28,
       min_image_size=8,
-      normalize="unit",
   ))
 
 

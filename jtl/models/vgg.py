@@ -147,10 +147,8 @@ GROUPS = ([(f"block{b}", rf"block{b}/.*") for b in range(1, 6)]
 registry.register(registry.ModelSpec(
     name="vgg16",
     build=lambda num_classes=1000, **kw: VGG(num_classes=num_classes, **kw),
-    example_input=example_input,
-    preprocess=resnet.preprocess,
+    **registry.image_inputs(resnet.NORMALIZATION),  # torchvision's evaluation
     groups=GROUPS,
     pretrained="vgg16/imagenet",
     converter=convert_torch,
-    normalize="imagenet",
 ))

@@ -1,6 +1,6 @@
 """Vision Transformer (ViT-Ti/16, S/16, B/16) with big_vision parameter names.
 
-Inputs are float NHWC images in [-1, 1] (see `preprocess`). Parameter paths:
+Inputs are float NHWC images in [-1, 1] (`NORMALIZATION`, `preprocess`). Parameter paths:
 "embedding/kernel", "cls", "pos_embedding",
 "Transformer/encoderblock_0/LayerNorm_0/scale",
 "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry, resnet
+from jtl.models import registry
 from jtl.models.layers import drop_path_rate_of
+from jtl.models.preprocessing import model_normalization
 
 
 def _resize_grid(posemb: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
@@ -282,13 +283,10 @@ def convert_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def preprocess(images: np.ndarray | jax.Array, *, size: int | None = 224,
-               crop_fraction: float = 1.0) -> jax.Array:
-  """big_vision evaluation preprocessing: resize (whole image by default),
-  then scale 0..255 to [-1, 1]."""
-  half = np.full(3, 0.5, np.float32)
-  return resnet.normalize_images(images, size=size, mean=half, std=half,
-                                 crop_fraction=crop_fraction)
+# big_vision's evaluation: resize the whole image, scale 0..255 to [-1, 1].
+NORMALIZATION = model_normalization("vit", crop_fraction=1.0)
+# `preprocess(images, size=224, crop_fraction=1.0)`; size=None only normalises.
+preprocess = NORMALIZATION.preprocessor()
 
 
 example_input = registry.image_input
@@ -308,11 +306,9 @@ for _variant in VARIANTS:
       name=f"vit_{_variant}16",
       build=functools.partial(
           lambda v, num_classes=21843, **kw: vit(v, num_classes, **kw), _variant),
-      example_input=example_input,
-      preprocess=preprocess,
+      **registry.image_inputs(NORMALIZATION),
       groups=groups(VARIANTS[_variant][1]),
       pretrained=f"vit_{_variant}16/augreg_in21k",
       converter=convert_npz,
       default_num_classes=21843,
-      normalize="vit",
 ))
