@@ -54,11 +54,29 @@ def _grl_bwd(scale, g):
 gradient_reversal.defvjp(_grl_fwd, _grl_bwd)
 
 
-def dann_schedule(num_steps: int, *, gamma: float = 10.0) -> Callable[[jax.Array], jax.Array]:
-  """The DANN paper's reversal scale 2 / (1 + exp(-gamma p)) - 1, p = step / num_steps."""
+def dann_schedule(num_steps: int, *, gamma: float = 10.0, max_scale: float = 1.0
+                  ) -> Callable[[jax.Array], jax.Array]:
+  """The DANN paper's reversal scale max_scale * (2 / (1 + exp(-gamma p)) - 1),
+  p = step / num_steps: 0 at the start (the domain classifier learns first),
+  near max_scale from p ~ 0.5 on."""
+  if num_steps < 1:
+    raise ConfigError(f"num_steps={num_steps}: expected a positive number of steps.")
   def schedule(step):
-    p = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
-    return 2.0 / (1.0 + jnp.exp(-gamma * p)) - 1.0
+    p = jnp.clip(jnp.asarray(step, jnp.float32) / num_steps, 0.0, 1.0)
+    return max_scale * (2.0 / (1.0 + jnp.exp(-gamma * p)) - 1.0)
+  return schedule
+
+
+def dann_lr_schedule(learning_rate: float, num_steps: int, *, alpha: float = 10.0,
+                     beta: float = 0.75) -> optax.Schedule:
+  """The DANN paper's annealing lr / (1 + alpha p)^beta, p = step / num_steps
+  (with SGD, momentum 0.9): lr at the start, lr / 11^0.75 ~ 0.166 lr at the end."""
+  if num_steps < 1 or learning_rate <= 0:
+    raise ConfigError(f"learning_rate={learning_rate}, num_steps={num_steps}: "
+                      "expected both positive.")
+  def schedule(step):
+    p = jnp.clip(jnp.asarray(step, jnp.float32) / num_steps, 0.0, 1.0)
+    return learning_rate / (1.0 + alpha * p) ** beta
   return schedule
 
 
@@ -73,13 +91,22 @@ def coral_loss(source: jax.Array, target: jax.Array) -> jax.Array:
 
 
 class DomainClassifier(nn.Module):
-  """MLP: features -> one logit (source = 0, target = 1)."""
-  hidden: int = 256
+  """MLP: features -> one logit (source = 0, target = 1).
+
+  `depth` hidden layers of `hidden` ReLU units, each followed by dropout
+  (active only with train=True), as in the DANN paper's 1024-1024 head: a
+  classifier too strong for the features reaches 100% and leaves the
+  reversed gradient nothing to push against.
+  """
+  hidden: int = 1024
+  depth: int = 2
+  dropout: float = 0.5
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
-    x = nn.relu(nn.Dense(self.hidden, name="fc2")(x))
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    for i in range(self.depth):
+      x = nn.relu(nn.Dense(self.hidden, name=f"fc{i + 1}")(x))
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(1, name="out")(x)[..., 0]
 
 
@@ -92,10 +119,11 @@ class AdaptModel(nn.Module):
   """
   model: nn.Module
   domain_hidden: int = 0
+  domain_dropout: float = 0.5
 
   def setup(self) -> None:
     if self.domain_hidden:
-      self.domain = DomainClassifier(self.domain_hidden)
+      self.domain = DomainClassifier(self.domain_hidden, dropout=self.domain_dropout)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     return self.model(x, train=train)
@@ -107,17 +135,21 @@ class AdaptModel(nn.Module):
     logits = self.model.head(feats).astype(jnp.float32)
     dom = None
     if self.domain_hidden:
-      dom = self.domain(gradient_reversal(feats, grl_scale)).astype(jnp.float32)
+      dom = self.domain(gradient_reversal(feats, grl_scale), train=train).astype(jnp.float32)
     return logits, feats.astype(jnp.float32), dom
 
 
 def wrap(model: nn.Module, variables: PyTree, example_input: jax.Array, *,
-         method: str = "dann", domain_hidden: int = 256, rng: int = 0
-         ) -> tuple[AdaptModel, PyTree]:
+         method: str = "dann", domain_hidden: int = 1024, domain_dropout: float = 0.5,
+         rng: int = 0) -> tuple[AdaptModel, PyTree]:
   """(AdaptModel, variables) for `method`; the model's variables are kept.
 
-  The domain classifier (DANN only) is initialised from `rng`.
+  The domain classifier (DANN only: `domain_hidden` units in each of its two
+  hidden layers, dropout `domain_dropout`) is initialised from `rng`.
   """
+  if domain_hidden < 1 or not 0.0 <= domain_dropout < 1.0:
+    raise ConfigError(f"domain_hidden={domain_hidden}, domain_dropout={domain_dropout}: "
+                      "expected domain_hidden >= 1 and 0 <= domain_dropout < 1.")
   if method not in METHODS:
     raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
   hidden = domain_hidden if method == "dann" else 0
@@ -125,10 +157,10 @@ def wrap(model: nn.Module, variables: PyTree, example_input: jax.Array, *,
   if hidden:
     fshape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, method=model.features),
                             variables, jnp.asarray(example_input))
-    dom = DomainClassifier(hidden).init(jax.random.PRNGKey(rng),
-                                        jnp.zeros((1, fshape.shape[-1])))
+    dom = DomainClassifier(hidden, dropout=domain_dropout).init(
+        jax.random.PRNGKey(rng), jnp.zeros((1, fshape.shape[-1])))
     wrapped["params"]["domain"] = dom["params"]
-  return AdaptModel(model, hidden), wrapped
+  return AdaptModel(model, hidden, domain_dropout), wrapped
 
 
 def _adapt_call(module: AdaptModel, inputs: Any, train: bool = False) -> Any:

