@@ -2,7 +2,7 @@
 is `scripts/finetune.py` with a config from configs/, then `scripts/evaluate.py`
 on its workdir. Prints one table per method family.
 
-  python scripts/benchmark_methods.py --workdir /tmp/bench_methods \
+  python scripts/benchmarks/benchmark_methods.py --workdir /tmp/bench_methods \
       --topics domain,distill,adversarial [--steps 400]
 
 - domain: configs/domain.py:{source_only,coral,dann}, each evaluated on the
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(script: str, *args: str) -> float:
