@@ -23,12 +23,12 @@ from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtl.models import registry
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, drop_path, relu6
+from jtl.models.mobilenet import PooledConvNet  # its features / __call__
 from jtl.models.preprocessing import model_normalization
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage.
@@ -112,7 +112,7 @@ class ConvBN(nn.Module):
     return relu6(x) if self.act else x
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(PooledConvNet):
   """EfficientNet-Lite on float NHWC inputs normalised by `preprocess`.
 
   Attributes:
@@ -141,21 +141,6 @@ class EfficientNetLite(nn.Module):
     self.dropout = nn.Dropout(self.dropout_rate)
     if self.num_classes:
       self.head = nn.Dense(self.num_classes)
-
-  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Pooled [N, top_channels] features (before dropout and head)."""
-    x = self.stem(x, train=train)
-    for block in self.blocks:
-      x = block(x, train=train)
-    x = self.top(x, train=train)
-    return jnp.mean(x, axis=(1, 2))
-
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    x = self.features(x, train=train)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = self.dropout(x, deterministic=not train)
-    return self.head(x).astype(jnp.float32)
 
 
 # EfficientNet-PyTorch module names -> this module's paths.

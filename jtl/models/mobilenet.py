@@ -101,7 +101,29 @@ class ConvBN(nn.Module):
     return relu6(_BatchNorm(name="bn")(x, use_running_average=not train))
 
 
-class MobileNetV2(nn.Module):
+class PooledConvNet(nn.Module):
+  """stem -> blocks -> top -> mean pool [-> dropout -> head], float32 out:
+  the `features` / `__call__` of MobileNetV2 and EfficientNet-Lite. A
+  subclass's `setup` defines stem, blocks, top, dropout and, when
+  `num_classes` is not 0, head."""
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Pooled [N, C] features of the top conv (before dropout and head)."""
+    x = self.stem(x, train=train)
+    for block in self.blocks:
+      x = block(x, train=train)
+    x = self.top(x, train=train)
+    return jnp.mean(x, axis=(1, 2))
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = self.features(x, train=train)
+    if not self.num_classes:
+      return x.astype(jnp.float32)
+    x = self.dropout(x, deterministic=not train)
+    return self.head(x).astype(jnp.float32)
+
+
+class MobileNetV2(PooledConvNet):
   """MobileNetV2 on float NHWC inputs normalised by `preprocess`.
 
   Attributes:
@@ -125,21 +147,6 @@ class MobileNetV2(nn.Module):
     if self.num_classes:
       self.head = nn.Dense(
           self.num_classes, kernel_init=nn.initializers.normal(0.01))
-
-  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Pooled [N, 1280] features (before dropout and head)."""
-    x = self.stem(x, train=train)
-    for block in self.blocks:
-      x = block(x, train=train)
-    x = self.top(x, train=train)
-    return jnp.mean(x, axis=(1, 2))
-
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    x = self.features(x, train=train)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = self.dropout(x, deterministic=not train)
-    return self.head(x).astype(jnp.float32)
 
 
 def _block_path(m: re.Match) -> str:
