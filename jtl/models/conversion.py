@@ -1,4 +1,4 @@
-"""Torch state dicts -> jtl variables: one tensor's layout, and rules that name
+r"""Torch state dicts -> jtl variables: one tensor's layout, and rules that name
 where each torch module goes (the zoo's converters are lists of such rules).
 
 >>> convert_with_rules({"features.0.weight": np.zeros((8, 3, 3, 3))},
