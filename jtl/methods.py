@@ -116,6 +116,10 @@ def teacher_input_fn(student_normalize: Any, student_size: int, teacher_normaliz
   return convert
 
 
+# `start_step -> iterator` of training batches.
+Batches = Callable[[int], Iterator[dict[str, Any]]]
+
+
 @dataclasses.dataclass
 class Method:
   """How a config trains, as the pieces of `jtl.make_train_step`: the model
@@ -139,9 +143,13 @@ def plain_variables(config: ml_collections.ConfigDict, variables: PyTree) -> PyT
   return variables
 
 
+def _same_labels(labels: PyTree) -> PyTree:
+  """A method that keeps the model's partition as it is."""
+  return labels
+
+
 def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spec: Any,
-          train_batches: Callable[[int], Iterator[dict[str, Any]]],
-          make_target_batches: Callable[[str, str], Callable[[int], Iterator[dict[str, Any]]]],
+          train_batches: Batches, make_target_batches: Callable[[str, str], Batches],
           ) -> Method:
   """The `Method` of `config.method` around an already-partitioned model.
 
@@ -156,51 +164,75 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
   """
   name = method_name(config)
   options = resolve_options(config)
-  same = lambda labels: labels  # noqa: E731
   if not name:
-    return Method("finetune", module, variables, same, None, None, train_batches)
+    return Method("finetune", module, variables, _same_labels, None, None, train_batches)
   image_size = config.get("image_size") or spec.image_size
-
   if name == "distill":
-    from jtl import models  # pylint: disable=g-import-not-at-top
-    from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
-    t_vars, meta = manager.restore_variables(options["teacher_workdir"],
-                                             step=options["teacher_step"], metric="accuracy")
-    t_config = ml_collections.ConfigDict(meta.get("config", {}))
-    if "model" not in meta or not t_config:
-      raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
-                        "checkpoint; the teacher must be a scripts/finetune.py run.")
-    t_spec = models.get_spec(meta["model"])
-    t_module = t_spec.build(num_classes=meta["num_classes"])
-    t_vars = plain_variables(t_config, t_vars)
-    t_size = t_config.get("image_size") or t_spec.image_size
-    convert = teacher_input_fn(spec.normalize, image_size, t_spec.normalize, t_size)
-    run_teacher = distill.teacher_fn(t_module, t_vars)
-    teacher = lambda x: run_teacher(convert(x))  # noqa: E731
-
-    model, loss_fn, transform = distill.distill_parts(
-        module, temperature=options["temperature"], alpha=options["alpha"], teacher=teacher)
-    return Method(name, model, variables, same, loss_fn, transform, train_batches,
-                  f"teacher {meta['model']} from {options['teacher_workdir']} "
-                  f"(step {meta.get('step')}), T={options['temperature']}, "
-                  f"alpha={options['alpha']}")
-
+    return _distill_method(options, module, variables, spec, image_size, train_batches)
   if name == "adversarial":
-    mul, add = pixel_affine(spec.normalize)
-    bounds = (float(np.min(add)), float(np.max(mul + add)))
-
-    model, loss_fn, transform = adversarial.adversarial_parts(
-        module, attack=options["attack"], eps=options["eps"], step_size=options["step_size"],
-        steps=options["steps"], clean_fraction=options["clean_fraction"],
-        input_scale=float(np.mean(mul)), bounds=bounds)
-    return Method(name, model, variables, same, loss_fn, transform, train_batches,
-                  f"{options['attack']} eps={options['eps']} (pixel units), "
-                  f"{options['steps']} steps, clean_fraction={options['clean_fraction']}")
-
-  # DANN / CORAL: the model wrapped with its adaptation parts.
+    return _adversarial_method(options, module, variables, spec, train_batches)
   if config.get("strategy") and config.strategy.get("name"):
     raise ConfigError(f"method {name!r} is built on config.rules; strategy "
                       f"{config.strategy.name!r} cannot be combined with it here.")
+  return _domain_method(config, name, options, module, variables, spec, image_size,
+                        train_batches, make_target_batches)
+
+
+def _teacher(options: dict[str, Any], spec: Any, image_size: int,
+             ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
+  """The teacher of `options["teacher_workdir"]` on the student's batches
+  (inputs converted to its pixels, size and normalisation), and its meta."""
+  from jtl import models  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
+  t_vars, meta = manager.restore_variables(options["teacher_workdir"],
+                                           step=options["teacher_step"], metric="accuracy")
+  t_config = ml_collections.ConfigDict(meta.get("config", {}))
+  if "model" not in meta or not t_config:
+    raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
+                      "checkpoint; the teacher must be a scripts/finetune.py run.")
+  t_spec = models.get_spec(meta["model"])
+  t_module = t_spec.build(num_classes=meta["num_classes"])
+  t_vars = plain_variables(t_config, t_vars)
+  t_size = t_config.get("image_size") or t_spec.image_size
+  convert = teacher_input_fn(spec.normalize, image_size, t_spec.normalize, t_size)
+  run_teacher = distill.teacher_fn(t_module, t_vars)
+  return lambda x: run_teacher(convert(x)), meta
+
+
+def _distill_method(options: dict[str, Any], module: Any, variables: PyTree, spec: Any,
+                    image_size: int, train_batches: Batches) -> Method:
+  """Knowledge distillation from a finished run's model (the teacher)."""
+  teacher, meta = _teacher(options, spec, image_size)
+  model, loss_fn, transform = distill.distill_parts(
+      module, temperature=options["temperature"], alpha=options["alpha"], teacher=teacher)
+  return Method("distill", model, variables, _same_labels, loss_fn, transform, train_batches,
+                f"teacher {meta['model']} from {options['teacher_workdir']} "
+                f"(step {meta.get('step')}), T={options['temperature']}, "
+                f"alpha={options['alpha']}")
+
+
+def _adversarial_method(options: dict[str, Any], module: Any, variables: PyTree, spec: Any,
+                        train_batches: Batches) -> Method:
+  """Adversarial training (FGSM / PGD) on the normalised inputs."""
+  # Attack radii are in pixel units: the normalisation's affine converts them.
+  mul, add = pixel_affine(spec.normalize)
+  bounds = (float(np.min(add)), float(np.max(mul + add)))
+  model, loss_fn, transform = adversarial.adversarial_parts(
+      module, attack=options["attack"], eps=options["eps"], step_size=options["step_size"],
+      steps=options["steps"], clean_fraction=options["clean_fraction"],
+      input_scale=float(np.mean(mul)), bounds=bounds)
+  return Method("adversarial", model, variables, _same_labels, loss_fn, transform,
+                train_batches,
+                f"{options['attack']} eps={options['eps']} (pixel units), "
+                f"{options['steps']} steps, clean_fraction={options['clean_fraction']}")
+
+
+def _domain_method(config: ml_collections.ConfigDict, name: str, options: dict[str, Any],
+                   module: Any, variables: PyTree, spec: Any, image_size: int,
+                   train_batches: Batches, make_target_batches: Callable[[str, str], Batches],
+                   ) -> Method:
+  """DANN / CORAL: the model wrapped with its adaptation parts, source
+  batches paired with target-domain inputs."""
   example = spec.example_input(2)
   if spec.input_kind == "image":
     example = np.zeros((2, image_size, image_size, 3), np.float32)
@@ -221,7 +253,6 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
       yield {**batch, "target_inputs": target["inputs"]}
 
   grl = domain.dann_schedule(config.num_steps, gamma=options.get("grl_gamma", 10.0))
-
   model, loss_fn, transform = domain.adapt_parts(wrapped_module, method=name,
                                                  weight=options["weight"], grl_scale=grl)
   return Method(name, model, wrapped_vars, wrap_labels, loss_fn, transform, with_targets,
