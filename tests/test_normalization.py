@@ -37,7 +37,12 @@ def test_every_image_model_declares_one_normalization_the_spec_derives_from():
     np.testing.assert_array_equal(preprocessing.PRESETS[n.preset].affine(), n.affine())
 
 
-@pytest.mark.parametrize("spec", _distinct_normalizations(), ids=lambda s: s.name)
+def _id(spec) -> str:
+  n = spec.normalization
+  return f"{n.preset}-{n.image_size}px-crop{n.crop_fraction:.3f}"
+
+
+@pytest.mark.parametrize("spec", _distinct_normalizations(), ids=_id)
 def test_pipeline_preset_jax_preprocess_and_pixel_affine_agree(spec):
   n = spec.normalization
   # A square image whose central crop is whole pixels in both crops (tf's
