@@ -1,12 +1,23 @@
 """Linear probe: EfficientNet-Lite0 frozen entirely (BatchNorm statistics too);
-only a new 10-class head trains, without random augmentation."""
+only a new 10-class head trains, without random augmentation.
+
+The backbone is frozen and nothing is augmented, so every epoch would feed
+the head the same features: they are extracted once (one pass over the
+training split, on all devices) and the head trains on the cache
+(`strategy.cache_features`; None: cached whenever nothing prevents it, e.g.
+augmentation turned back on or a method; False: the plain training step).
+"""
+
+import ml_collections
 
 from configs import default
 
 
 def get_config(arg=None):
   c = default.get_config(arg)
-  c.rules = ((r"head/.*", "head"), (r".*", "frozen"))
+  c.rules = ()
+  c.strategy = ml_collections.ConfigDict({
+      "name": "linear_probe", "cache_features": ml_collections.config_dict.placeholder(bool)})
   c.learning_rate = 1e-2
   c.weight_decay = 0.0
   c.augment.crop = False

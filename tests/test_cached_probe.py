@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import strategy as strategy_config
 from jtl import experiment
@@ -31,6 +32,7 @@ def test_linear_probe_trains_on_cached_features_and_evaluates(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if r["split"] == "train"][0]
   assert train["step"] == 20 and train["cached_examples"] == 4  # 2 classes x 2 train photos
+  assert 0 <= train["head_compile_seconds"] <= train["head_seconds"]
   initial = experiment.build_model(config).variables["params"]
   trained = jax.device_get(result.state.params)
   for name in initial:  # the backbone is the model's own; only the head moved
@@ -51,3 +53,30 @@ def test_cache_features_true_with_augmentation_is_refused(tmp_path):
     experiment.preflight(config)
   config.strategy.cache_features = None  # auto: falls back to the plain step
   assert experiment.cached_probe_problems(config) is None
+
+
+def test_the_probe_config_trains_on_cached_features_by_default():
+  from configs import linear_probe  # pylint: disable=g-import-not-at-top
+  assert experiment.cached_probe_problems(linear_probe.get_config()) == []
+
+
+def test_cached_and_uncached_probes_train_the_same_head(tmp_path):
+  # Full-batch steps (batch = the 8 training photos): the head sees the same
+  # batches on the cache and through the plain step, in any order.
+  data = photo_folder(tmp_path / "photos")
+  rng = np.random.default_rng(1)
+  for name in ("cat", "dog"):
+    for i in range(2, 4):
+      Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(
+          data / "train" / name / f"{i}.jpg")
+  heads = {}
+  for cache in (True, False):
+    config = probe_config(data)
+    config.batch_size, config.strategy.cache_features = 8, cache
+    result = experiment.finetune(config, tmp_path / f"run_{cache}", progress=False)
+    assert result.state.step == 20
+    heads[cache] = jax.device_get(result.state.params["head"])
+  start = experiment.build_model(config).variables["params"]["head"]
+  assert not np.allclose(heads[True]["kernel"], start["kernel"], atol=1e-3)  # it trained
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(heads[True][name], heads[False][name], rtol=1e-4, atol=1e-5)

@@ -24,8 +24,11 @@ def script(name, *args, data_dir, timeout=600):
 
 
 def finetune(workdir, steps, data_dir, *extra):
+  # The plain training step (the probe config would train on cached features,
+  # tests/test_cached_probe.py): per-step logs, checkpoints and resuming.
   args = ["--config", ROOT / "configs" / "linear_probe.py", "--workdir", workdir,
-          f"--config.data_dir={data_dir}", *[a.format(steps=steps) for a in SMALL], *extra]
+          f"--config.data_dir={data_dir}", "--config.strategy.cache_features=False",
+          *[a.format(steps=steps) for a in SMALL], *extra]
   return script("finetune.py", *args, data_dir=data_dir)
 
 
