@@ -1,9 +1,11 @@
-"""scripts/benchmarks/benchmark_strategies.py's bookkeeping, without data: resumable
-results, seeded labelled subsets, stratified validation splits, and the
-learning rate written into the optimizer state (one compiled step serves
-every swept learning rate)."""
+"""scripts/benchmarks/benchmark_strategies.py's bookkeeping, without training:
+resumable results (keyed by model), seeded labelled subsets, stratified
+validation splits, the learning rate written into the optimizer state (one
+compiled step serves every swept learning rate), and the digits folder of
+make_small_folders.py read back by load_folder."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import jax
@@ -49,3 +51,44 @@ def test_learning_rate_lives_in_the_optimizer_state():
     updates, _ = step(grads, bench.set_learning_rate(state, lr))
     assert float(jnp.abs(updates["w"][0])) == pytest.approx(lr, rel=1e-3)
   assert step._cache_size() == 1  # one program for both learning rates
+
+
+def test_rows_before_the_model_flag_are_lite0s(tmp_path):
+  path = tmp_path / "rows.jsonl"
+  old = dict(kind="final", strategy="lora", per_class=100, seed=0, lr=3e-3, steps=60,
+             image_size=128)
+  path.write_text(json.dumps({**old, "acc": 0.76}) + "\n")  # written without "model"
+  results = bench.Results(path)
+  assert results.get(**old, model="efficientnet_lite0")["acc"] == 0.76
+  assert results.get(**old, model="efficientnet_lite1") is None
+
+
+def test_labelled_subset_names_the_smallest_class():
+  y = np.array([0] * 12 + [1] * 8)
+  with pytest.raises(SystemExit, match="smallest training class has 8"):
+    bench.labelled_subset(y, 10, 0)
+
+
+folders_spec = importlib.util.spec_from_file_location(
+    "make_small_folders", Path(__file__).parents[1] / "scripts" / "benchmarks" / "make_small_folders.py")
+folders = importlib.util.module_from_spec(folders_spec)
+folders_spec.loader.exec_module(folders)
+
+
+def test_small_folders_round_trip_through_load_folder(tmp_path):
+  images, labels, names = folders.digits()
+  assert images.shape == (1797, 8, 8) and images.max() == 255 and len(names) == 10
+  parts = folders.split(labels, 50)
+  assert np.bincount(labels[parts["test"]]).tolist() == [50] * 10
+  assert not set(parts["test"]) & set(parts["train"]) and len(parts["train"]) == 1297
+  assert np.array_equal(parts["test"], folders.split(labels, 50)["test"])  # fixed seed
+  few = np.concatenate([np.flatnonzero(labels == c)[:3] for c in (0, 7)])
+  counts = folders.write_folder(tmp_path, images[few], labels[few], names, 1)
+  assert counts == {"train": 4, "test": 2}
+  x, y = bench.load_folder(tmp_path, "train", None)
+  assert x.shape == (4, 8, 8, 3) and y.tolist() == [0, 0, 1, 1]  # classes "0", "7" in order
+  train_idx = few[folders.split(labels[few], 1)["train"]]
+  assert np.array_equal(x[..., 0], images[train_idx])  # lossless PNG, grey -> RGB
+  (tmp_path / "val").mkdir()
+  with pytest.raises(SystemExit, match="no class folders"):
+    bench.load_folder(tmp_path, "val", None)

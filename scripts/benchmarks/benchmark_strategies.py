@@ -1,8 +1,9 @@
 """Transfer strategies compared on real data; prints tables for BENCHMARKS.md.
 
-Images: EfficientNet-Lite0 with its ImageNet weights on a CIFAR-10 image
-folder (train/<class>/*.jpg, test/<class>/*.jpg), with K labelled images per
-class, tested on the whole test split (text: scripts/benchmarks/benchmark_text.py,
+Images: EfficientNet-Lite0 (or Lite1/Lite2, --model) with its ImageNet
+weights on an image folder (train/<class>/*.{jpg,png}, test/<class>/*; the
+CIFAR-10 subset, or the digits / LFW folders of make_small_folders.py), with K
+labelled images per class, tested on the test split (text: scripts/benchmarks/benchmark_text.py,
 which reuses this script's bookkeeping). Every strategy is built with `jtl.strategies.build` and
 trained by the same loop (same steps, batch size, optimizer family); inputs
 are not augmented, so the linear probe trains on cached features.
@@ -30,11 +31,21 @@ import jtl.models
 from jtl import strategies
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
 def load_folder(root: Path, split: str, per_class: int | None):
+  """(uint8 RGB images [N, H, W, 3], int labels [N]) of root/split/<class>/*;
+  classes in sorted order, the first `per_class` files (sorted) of each."""
   classes = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+  if not classes:
+    raise SystemExit(f"{root / split} has no class folders; expected {split}/<class>/*.png|jpg")
   images, labels = [], []
   for i, c in enumerate(classes):
-    files = sorted((root / split / c).glob("*.jpg"))[:per_class]
+    files = sorted(f for f in (root / split / c).iterdir()
+                   if f.suffix.lower() in IMAGE_SUFFIXES)[:per_class]
+    if not files:
+      raise SystemExit(f"{root / split / c} has no {'/'.join(IMAGE_SUFFIXES)} images")
     images += [np.asarray(Image.open(f).convert("RGB")) for f in files]
     labels += [i] * len(files)
   return np.stack(images), np.asarray(labels, np.int32)
@@ -85,7 +96,8 @@ def set_learning_rate(opt_state, lr):
 
 
 def flip_batches(batches, seed):
-  """Random horizontal flips (CIFAR classes are mirror-symmetric): cheap augmentation."""
+  """Random horizontal flips: cheap augmentation where classes are
+  mirror-symmetric (CIFAR, faces; not digits: --no_flip)."""
   rng = np.random.default_rng(seed + 7)
   for b in batches:
     flip = rng.random(len(b["label"])) < 0.5
@@ -219,6 +231,10 @@ CONFIGS = {
 
 def labelled_subset(y_all, per_class, seed):
   """`per_class` random indices of each class (seeded), sorted."""
+  smallest = int(np.bincount(y_all).min())
+  if per_class > smallest:
+    raise SystemExit(f"{per_class} labels/class asked for, but the smallest training class "
+                     f"has {smallest} images; pass --per_class / --sweep_per_class <= {smallest}")
   rng = np.random.default_rng(1000 + seed)
   return np.sort(np.concatenate([rng.choice(np.flatnonzero(y_all == c), per_class, replace=False)
                                  for c in np.unique(y_all)]))
@@ -232,22 +248,29 @@ def stratified_holdout(y, fraction, seed=0):
   return np.setdiff1d(np.arange(len(y)), val), np.sort(val)
 
 
+DEFAULT_MODEL = "efficientnet_lite0"
+MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
 class Results:
   """One JSON line per finished row; rows already in the file are skipped.
 
   A row is identified by its values of `KEY` (another benchmark passes its own
-  fields, e.g. the text benchmark's number of labels and token length).
+  fields, e.g. the text benchmark's number of labels and token length). Rows
+  written before the --model flag have no "model": they are Lite0's.
   """
-  KEY = ("kind", "strategy", "per_class", "seed", "lr", "steps", "image_size")
+  KEY = ("kind", "strategy", "per_class", "seed", "lr", "steps", "image_size", "model")
 
   def __init__(self, path, key_fields=KEY):
     self.path = Path(path)
     self.key_fields = tuple(key_fields)
     self.rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] \
         if self.path.exists() else []
+    if "model" in self.key_fields:
+      self.rows = [{"model": DEFAULT_MODEL, **r} for r in self.rows]
 
   def key(self, row):
-    return tuple(row.get(k) for k in self.key_fields)
+    return tuple(row.get(k, DEFAULT_MODEL if k == "model" else None) for k in self.key_fields)
 
   def get(self, **key):
     k = self.key(key)
@@ -259,13 +282,13 @@ class Results:
       f.write(json.dumps(row) + "\n")
 
 
-def best_lrs(results, names, *, per_class, steps, image_size):
+def best_lrs(results, names, *, per_class, steps, image_size, model=DEFAULT_MODEL):
   """{strategy: (best lr, its validation accuracy)} from the sweep rows."""
   best = {}
   for name in names:
     rows = [r for r in results.rows if r["kind"] == "sweep" and r["strategy"] == name
             and r["per_class"] == per_class and r["steps"] == steps
-            and r["image_size"] == image_size]
+            and r["image_size"] == image_size and r.get("model", DEFAULT_MODEL) == model]
     if rows:
       r = max(rows, key=lambda r: (r["acc"], -r["lr"]))
       best[name] = (r["lr"], r["acc"])
@@ -277,49 +300,59 @@ def image_report(results, args, names):
   lines = [f"\n### Sweep (validation accuracy; {args.sweep_per_class}/class, "
            f"{round(args.val_fraction * 100)}% of each class held out, seed 0, "
            f"{args.sweep_steps} steps)\n", "| strategy | lr | val acc | train s |", "|---|---:|---:|---:|"]
+  mine = lambda r: r["image_size"] == args.image_size and r["model"] == args.model
   for r in results.rows:
-    if r["kind"] == "sweep" and r["image_size"] == args.image_size:
+    if r["kind"] == "sweep" and mine(r):
       lines.append(f"| {r['strategy']} | {r['lr']:g} | {100 * r['acc']:.1f}% | {r['seconds']:.0f} |")
-  lines += [f"\n### EfficientNet-Lite0, CIFAR-10 at {args.image_size}px (test: first "
-            f"{args.test_per_class} images per class)\n",
+  test_n = "all" if args.test_per_class is None else f"first {args.test_per_class}"
+  lines += [f"\n### {args.model}, {Path(args.cifar_dir).name} at {args.image_size}px (test: "
+            f"{test_n} images per class)\n",
             "| strategy | labels/class | steps | lr | trainable params | train s (mean) | seeds "
-            "| test acc mean | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| test acc mean | std | per seed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for k in map(int, args.per_class.split(",")):
     for name in names:
       rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
-              and r["per_class"] == k and r["image_size"] == args.image_size]
-      rows = list({results.key(r): r for r in reversed(rows)}.values())  # one per seed
+              and r["per_class"] == k and mine(r)]
+      rows = sorted({results.key(r): r for r in reversed(rows)}.values(),
+                    key=lambda r: r["seed"])  # one per seed
       if not rows:
         continue
       accs = np.array([r["acc"] for r in rows])
       lr = rows[0]["lr"] if name != "linear_probe" else rows[0]["head_lr"]
+      per_seed = " / ".join(f"{100 * a:.1f}" for a in accs)
       lines.append(f"| {name} | {k} | {rows[0]['steps']} | {lr:g} | {rows[0]['trainable']:,} | "
                    f"{np.mean([r['seconds'] for r in rows]):.0f} | {len(rows)} | "
-                   f"{100 * accs.mean():.1f}% | {100 * accs.std(ddof=1) if len(rows) > 1 else 0:.1f} |")
+                   f"{100 * accs.mean():.1f}% | {100 * accs.std(ddof=1) if len(rows) > 1 else 0:.1f} "
+                   f"| {per_seed} |")
   print("\n".join(lines), flush=True)
 
 
 def run_images(args, results):
   names = [n for n in CONFIGS if args.strategies == "all" or n in args.strategies.split(",")]
-  created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
-  prep = lambda x: np.asarray(created.preprocess(x, size=args.image_size, crop_fraction=1.0))
   root = Path(args.cifar_dir)
   x_all, y_all = load_folder(root, "train", None)
   tx_, ty_ = load_folder(root, "test", args.test_per_class)
+  num_classes = int(y_all.max()) + 1
+  created = jtl.models.create(args.model, num_classes=num_classes, pretrained=True)
+  prep = lambda x: np.asarray(created.preprocess(x, size=args.image_size, crop_fraction=1.0))
   test = (prep(tx_), ty_)
+  print(f"{root}: {len(y_all)} train / {len(ty_)} test images, {num_classes} classes, "
+        f"{x_all.shape[1]}x{x_all.shape[2]} px; {args.model}", flush=True)
   step_cache: dict = {}
   common = dict(batch=args.batch, step_cache=step_cache, head_steps=args.head_steps,
-                flip=True)
+                flip=not args.no_flip)
+  same = dict(image_size=args.image_size, model=args.model)
 
   def row(kind, name, k, seed, lr, head_lr, steps, train, evalset, features):
     done = results.get(kind=kind, strategy=name, per_class=k, seed=seed, lr=lr, steps=steps,
-                       image_size=args.image_size)
+                       **same)
     if done:
       return done
     acc, sec, n = run_strategy(CONFIGS[name], created, train, evalset, steps=steps, lr=lr,
                                seed=seed, head_lr=head_lr, features=features, **common)
     r = {"kind": kind, "strategy": name, "per_class": k, "seed": seed, "lr": lr,
-         "head_lr": head_lr, "steps": steps, "image_size": args.image_size, "acc": acc,
+         "head_lr": head_lr, "steps": steps, **same, "dataset": str(root),
+         "flip": not args.no_flip, "acc": acc,
          "seconds": sec, "trainable": n, "eval_n": len(evalset[1]),
          "date": time.strftime("%Y-%m-%d %H:%M")}
     results.add(r)
@@ -333,7 +366,7 @@ def run_images(args, results):
   fit = (prep(x_all[idx][fit_i]), y_all[idx][fit_i])
   val = (prep(x_all[idx][val_i]), y_all[idx][val_i])
   feats = None
-  sweep = dict(per_class=args.sweep_per_class, steps=args.sweep_steps, image_size=args.image_size)
+  sweep = dict(per_class=args.sweep_per_class, steps=args.sweep_steps, **same)
   for name in names:
     if name == "linear_probe":
       for lr in GRID[name]:
@@ -361,7 +394,7 @@ def run_images(args, results):
       for name in names:
         lr = chosen.get(name, (GRID[name][0],))[0]
         if results.get(kind="final", strategy=name, per_class=k, seed=seed, lr=lr, steps=steps,
-                       image_size=args.image_size):
+                       **same):
           continue
         kind = CONFIGS[name] if isinstance(CONFIGS[name], str) else CONFIGS[name]["name"]
         if kind in ("linear_probe", "lp_ft") and feats is None:
@@ -376,7 +409,11 @@ def run_images(args, results):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--cifar_dir", required=True)
+  ap.add_argument("--cifar_dir", required=True,
+                  help="image folder with train/<class>/* and test/<class>/* (any classes, sizes)")
+  ap.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS)
+  ap.add_argument("--no_flip", action="store_true",
+                  help="no random horizontal flips (for classes that are not mirror-symmetric)")
   ap.add_argument("--image_size", type=int, default=128)
   ap.add_argument("--per_class", default="10,100")
   ap.add_argument("--steps", default="10,20", help="train steps per --per_class entry")
@@ -412,8 +449,8 @@ def main():
     return
 
   if args.probe_only:
-    created = jtl.models.create("efficientnet_lite0", num_classes=10, pretrained=True)
     x, y = load_folder(Path(args.cifar_dir), "train", int(args.per_class.split(",")[-1]))
+    created = jtl.models.create(args.model, num_classes=int(y.max()) + 1, pretrained=True)
     x = np.asarray(created.preprocess(x, size=args.image_size, crop_fraction=1.0))
     probe_speedup(created, (x, y), args.batch)
     return
