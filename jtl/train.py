@@ -182,6 +182,35 @@ def _report(step: int, row: dict[str, float], writer: MetricWriter | None,
                     row["skipped"], step, row["skipped_total"])
 
 
+def _restore_or_fresh(mngr: CheckpointManager | None, phases: _Phases,
+                      fresh_state: Callable[[int], tuple[TrainState, PyTree]]) -> TrainState:
+  """The newest intact checkpoint's state (restored into the phase that wrote
+  it), or the fresh state of phase 0."""
+  state = None
+  if mngr is not None:
+    # A checkpoint at step s was written by the phase that ran step s.
+    state = mngr.restore_latest(lambda s: fresh_state(phases.at(s - 1) if s else 0))
+  return state if state is not None else fresh_state(0)[0]
+
+
+def _enter_phase(state: TrainState, phase: tuple[int, PyTree, optax.GradientTransformation],
+                 compile_step: Callable, mesh: jax.sharding.Mesh) -> tuple[TrainState, Callable]:
+  """(state, train step) of a new phase: its partition and optimizer, the
+  optimizer state of leaves that stay trainable carried over."""
+  _, labels, tx = phase
+  state = parallel.place_state(phases_lib.switch_phase(jax.device_get(state), labels, tx), mesh)
+  return state, compile_step(labels, tx)
+
+
+def _stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: int | None,
+                      workdir: Any) -> None:
+  """Raises DivergenceError at the first of these steps with a NaN/inf loss or
+  gradient norm (this reads the metrics back from the device)."""
+  bad = _nonfinite_step(unchecked)
+  if bad is not None:
+    raise _divergence(*bad, last_saved, workdir)
+
+
 def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.GradientTransformation,
         train_batches: Callable[[int], Iterator[Batch]], num_steps: int,
         workdir: str | os.PathLike | None = None,
@@ -252,20 +281,16 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         steps.skip_nonfinite(step) if on_nonfinite == "skip" else step, mesh)
 
   with contextlib.ExitStack() as stack:
-    mngr = None
-    state = None
+    mngr = writer = None
     if workdir is not None:
       mngr = _open_workdir(stack, workdir, meta, checkpoint_every, keep,
                            best_metric if eval_batches else None, async_checkpoints)
-      # A checkpoint at step s was written by the phase that ran step s.
-      state = mngr.restore_latest(lambda s: fresh_state(phases.at(s - 1) if s else 0))
-    state = state if state is not None else fresh_state(0)[0]
+    state = _restore_or_fresh(mngr, phases, fresh_state)
     start_step = int(jax.device_get(state.step))
     phase = phases.at(start_step - 1) if start_step else 0
-    if start_step:
-      logging.info("Resuming from step %d in %s", start_step, workdir)
-    writer = None
     if workdir is not None:
+      if start_step:
+        logging.info("Resuming from step %d in %s", start_step, workdir)
       writer = MetricWriter(workdir, resume_step=start_step)
       stack.callback(writer.close)
     train_step = compile_step(*phases.items[phase][1:])
@@ -288,10 +313,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     for step in range(start_step + 1, num_steps + 1):
       if phases.at(step - 1) != phase:
         phase = phases.at(step - 1)
-        _, labels, tx = phases.items[phase]
-        state = parallel.place_state(phases_lib.switch_phase(jax.device_get(state), labels, tx),
-                                     mesh)
-        train_step = compile_step(labels, tx)
+        state, train_step = _enter_phase(state, phases.items[phase], compile_step, mesh)
         logging.info("Phase %d from step %d", phase, step - 1)
       t0 = time.perf_counter()
       batch = next(batches)
@@ -303,10 +325,9 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       due_eval = eval_batches is not None and ((eval_every and step % eval_every == 0) or last)
       due_save = mngr is not None and (last or mngr.should_save(step))
       if step % log_every == 0 or last or due_eval or due_save:
-        bad = _nonfinite_step(unchecked) if on_nonfinite == "stop" else None
+        if on_nonfinite == "stop":  # before anything of this step is saved
+          _stop_if_diverged(unchecked, last_saved, workdir)
         unchecked = []
-        if bad is not None:
-          raise _divergence(*bad, last_saved, workdir)
       if step % log_every == 0 or last:
         _report(step, window.summary(len(batch["label"])), writer, on_log, bar)
       if bar:
