@@ -170,6 +170,72 @@ def _preprocess(ex: dict[str, tf.Tensor], index: tf.Tensor, *, kind: str, train:
   return out
 
 
+def _check_options(*, batch_size: int, process_count: int, start_step: int, train: bool,
+                   num_epochs: int | None, mixup_alpha: float, crop_scale: Sequence[float],
+                   crop_fraction: float, shuffle_buffer: int) -> None:
+  """One DataError listing every invalid make_dataset option."""
+  problems = []
+  if batch_size < 1 or batch_size % process_count:
+    problems.append(f"batch_size={batch_size} must be a positive multiple of "
+                    f"process_count={process_count}")
+  if start_step < 0 or (start_step and not train):
+    problems.append(f"start_step={start_step} must be >= 0, and 0 for evaluation")
+  if num_epochs is not None and num_epochs < 1:
+    problems.append(f"num_epochs={num_epochs} must be >= 1 or None (endless)")
+  if mixup_alpha < 0:
+    problems.append(f"mixup_alpha={mixup_alpha} must be >= 0 (0 = no mixup)")
+  if not (len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1):
+    problems.append(f"crop_scale={tuple(crop_scale)} must be (low, high) with "
+                    "0 < low <= high <= 1")
+  if not 0 < crop_fraction <= 1:
+    problems.append(f"crop_fraction={crop_fraction} must lie in (0, 1]")
+  if shuffle_buffer < 1:
+    problems.append(f"shuffle_buffer={shuffle_buffer} must be >= 1")
+  if problems:
+    raise DataError("Invalid make_dataset options:\n" + bullet_list(problems))
+
+
+def _example_stream(src: Any, split: str, pi: int, pc: int, *, train: bool, seed: int,
+                    num_epochs: int | None, start: int, shuffle_buffer: int
+                    ) -> tuple[tf.data.Dataset, int, int]:
+  """(examples of this process's shard from example `start` on, examples in
+  the split, examples in this shard)."""
+  if isinstance(src, ArraySource):
+    name, indices = src.indices(split)
+    local = indices[pi::pc]
+    if not local.size:
+      raise DataError(f"Split {split!r} of {src.name!r} has no examples for process {pi}.")
+    ds = _index_stream(local, train=train, seed=seed, num_epochs=num_epochs, start=start)
+    return src.load(name, ds), len(indices), len(local)
+  total = src.num_examples(split)
+  if not total:
+    raise DataError(f"Split {split!r} of TFDS dataset {src.name!r} has no examples.")
+  local_split = tfds.even_splits(split, n=pc)[pi] if pc > 1 else split
+  local_n = src.num_examples(local_split)
+  ds = _tfds_stream(src, local_split, train=train, seed=seed, num_epochs=num_epochs,
+                    start=start, shuffle_buffer=shuffle_buffer, n_local=local_n)
+  return ds, total, local_n
+
+
+def _mixup(ds: tf.data.Dataset, *, seed: int, process_index: int, start_step: int,
+           alpha: float, num_classes: int) -> tf.data.Dataset:
+  """Mixup of each batch, its randomness a function of (seed, process, step)."""
+  mix_seed = tf.constant([seed, 10_000 + process_index], tf.int64)
+  return ds.enumerate(start_step).map(
+      lambda step, b: images.mixup(b, tf.random.experimental.stateless_fold_in(mix_seed, step),
+                                   alpha=alpha, num_classes=num_classes),
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _padded_batches(ds: tf.data.Dataset, pad: int, batch_size: int) -> tf.data.Dataset:
+  """Full batches of ds followed by `pad` masked filler examples."""
+  filler = {k: tf.zeros(s.shape, s.dtype) if s.dtype != tf.string else tf.constant("")
+            for k, s in ds.element_spec.items()}
+  filler["mask"] = tf.constant(False)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
+  return ds.batch(batch_size, drop_remainder=True)
+
+
 def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
                  image_size: int | Sequence[int] = 224,
                  normalize: images.NormalizeSpec = None, seed: int = 0,
@@ -215,25 +281,9 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
   """
   host_tf()  # tf.data runs on the host: hide GPUs from TensorFlow, not from JAX
   pi, pc = _process(process_index, process_count)
-  problems = []
-  if batch_size < 1 or batch_size % pc:
-    problems.append(f"batch_size={batch_size} must be a positive multiple of "
-                    f"process_count={pc}")
-  if start_step < 0 or (start_step and not train):
-    problems.append(f"start_step={start_step} must be >= 0, and 0 for evaluation")
-  if num_epochs is not None and num_epochs < 1:
-    problems.append(f"num_epochs={num_epochs} must be >= 1 or None (endless)")
-  if mixup_alpha < 0:
-    problems.append(f"mixup_alpha={mixup_alpha} must be >= 0 (0 = no mixup)")
-  if not (len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1):
-    problems.append(f"crop_scale={tuple(crop_scale)} must be (low, high) with "
-                    "0 < low <= high <= 1")
-  if not 0 < crop_fraction <= 1:
-    problems.append(f"crop_fraction={crop_fraction} must lie in (0, 1]")
-  if shuffle_buffer < 1:
-    problems.append(f"shuffle_buffer={shuffle_buffer} must be >= 1")
-  if problems:
-    raise DataError("Invalid make_dataset options:\n" + bullet_list(problems))
+  _check_options(batch_size=batch_size, process_count=pc, start_step=start_step, train=train,
+                 num_epochs=num_epochs, mixup_alpha=mixup_alpha, crop_scale=crop_scale,
+                 crop_fraction=crop_fraction, shuffle_buffer=shuffle_buffer)
   normalize = images.get_normalizer(normalize)
   images.image_hw(image_size)
   local_b = batch_size // pc
@@ -244,21 +294,9 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
   n_classes = src.info().num_classes
   start = start_step * local_b
 
-  if isinstance(src, ArraySource):
-    name, indices = src.indices(split)
-    total, local = len(indices), indices[pi::pc]
-    if not local.size:
-      raise DataError(f"Split {split!r} of {src.name!r} has no examples for process {pi}.")
-    ds = _index_stream(local, train=train, seed=seed, num_epochs=num_epochs, start=start)
-    ds = src.load(name, ds)
-  else:
-    total = src.num_examples(split)
-    if not total:
-      raise DataError(f"Split {split!r} of TFDS dataset {src.name!r} has no examples.")
-    local_split = tfds.even_splits(split, n=pc)[pi] if pc > 1 else split
-    ds = _tfds_stream(src, local_split, train=train, seed=seed, num_epochs=num_epochs,
-                      start=start, shuffle_buffer=shuffle_buffer,
-                      n_local=src.num_examples(local_split))
+  ds, total, local_n = _example_stream(src, split, pi, pc, train=train, seed=seed,
+                                       num_epochs=num_epochs, start=start,
+                                       shuffle_buffer=shuffle_buffer)
 
   image_kwargs: dict[str, Any] = {"image_size": image_size, "normalize": normalize}
   if train:
@@ -276,23 +314,12 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
       num_batches = max(0, num_epochs * (total // pc) // local_b - start_step)
     ds = ds.batch(local_b, drop_remainder=True)
     if mixup_alpha > 0:
-      mix_seed = tf.constant([seed, 10_000 + pi], tf.int64)
-      ds = ds.enumerate(start_step).map(
-          lambda step, b: images.mixup(
-              b, tf.random.experimental.stateless_fold_in(mix_seed, step),
-              alpha=mixup_alpha, num_classes=n_classes),
-          num_parallel_calls=tf.data.AUTOTUNE)
+      ds = _mixup(ds, seed=seed, process_index=pi, start_step=start_step, alpha=mixup_alpha,
+                  num_classes=n_classes)
   else:
     # Same batch count on every process: pad each shard to the largest one.
     num_batches = math.ceil(math.ceil(total / pc) / local_b)
-    local_n = len(local) if isinstance(src, ArraySource) else src.num_examples(local_split)
-    pad = num_batches * local_b - local_n
-    spec = ds.element_spec
-    filler = {k: tf.zeros(s.shape, s.dtype) if s.dtype != tf.string else tf.constant("")
-              for k, s in spec.items()}
-    filler["mask"] = tf.constant(False)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
-    ds = ds.batch(local_b, drop_remainder=True)
+    ds = _padded_batches(ds, num_batches * local_b - local_n, local_b)
 
   ds = ds.prefetch(prefetch)
   tok = text.load_tokenizer(tokenizer, max_length=max_length) if src.kind == "text" else None
