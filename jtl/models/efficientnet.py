@@ -27,8 +27,8 @@ import numpy as np
 
 from jtl.models import registry
 from jtl.models.conversion import convert_with_rules
-from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, drop_path, relu6
-from jtl.models.mobilenet import PooledConvNet  # its features / __call__
+from jtl.models.layers import BatchNorm, conv_general_dilated, relu6
+from jtl.models.mobilenet import InvertedResidual, PooledConvNet
 from jtl.models.preprocessing import model_normalization
 
 # (repeats, kernel, stride, expand_ratio, out_channels) per stage.
@@ -48,7 +48,11 @@ LITE_NORMALIZATION = {
     n: model_normalization("efficientnet", image_size=size, crop_fraction=size / (size + 32))
     for n, size in ((0, 224), (1, 240), (2, 260))}
 
-_BatchNorm = functools.partial(BatchNorm, momentum=0.99, epsilon=1e-3)
+_BN_MOMENTUM, _BN_EPSILON = 0.99, 1e-3  # the TF reference's BatchNorm
+_BatchNorm = functools.partial(BatchNorm, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON)
+# MBConv: MobileNetV2's inverted residual with TF "SAME" padding and this BatchNorm.
+_MBConv = functools.partial(InvertedResidual, padding="SAME", bn_momentum=_BN_MOMENTUM,
+                            bn_epsilon=_BN_EPSILON)
 _Conv = functools.partial(
     nn.Conv, use_bias=False, padding="SAME", conv_general_dilated=conv_general_dilated,
     kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
@@ -67,34 +71,6 @@ def block_configs(stages: Sequence[tuple[int, int, int, int, int]] = LITE0_STAGE
       out.append((cin, cout, k, s if r == 0 else 1, e))
       cin = cout
   return out
-
-
-class MBConv(nn.Module):
-  """Inverted residual: 1x1 expand, depthwise, 1x1 project (+ skip)."""
-  cin: int
-  cout: int
-  kernel: int
-  stride: int
-  expand: int
-  drop_rate: float = 0.0
-  formulation: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    inputs = x
-    if self.expand != 1:
-      x = _Conv(self.cin * self.expand, (1, 1), name="expand_conv")(x)
-      x = relu6(_BatchNorm(name="expand_bn")(x, use_running_average=not train))
-    x = DepthwiseConv(self.kernel, self.stride, "SAME", formulation=self.formulation,
-                      kernel_init=nn.initializers.variance_scaling(
-                          2.0, "fan_out", "normal"), name="dw")(x)
-    x = relu6(_BatchNorm(name="dw_bn")(x, use_running_average=not train))
-    x = _Conv(self.cout, (1, 1), name="project_conv")(x)
-    x = _BatchNorm(name="project_bn")(x, use_running_average=not train)
-    if self.stride == 1 and self.cin == self.cout:
-      rng = self.make_rng("dropout") if train and self.drop_rate > 0 else None
-      x = drop_path(x, self.drop_rate, deterministic=not train, rng=rng) + inputs
-    return x
 
 
 class ConvBN(nn.Module):
@@ -134,8 +110,8 @@ class EfficientNetLite(PooledConvNet):
     self.stem = ConvBN(self.stem_channels, 3, 2)
     configs = block_configs(self.stages, self.stem_channels)
     self.blocks = [
-        MBConv(cin, cout, k, s, e, self.drop_connect_rate * i / len(configs),
-               self.formulation)
+        _MBConv(cin, cout, s, e, self.formulation, kernel=k,
+                drop_rate=self.drop_connect_rate * i / len(configs))
         for i, (cin, cout, k, s, e) in enumerate(configs)]
     self.top = ConvBN(self.top_channels, 1, 1)
     self.dropout = nn.Dropout(self.dropout_rate)

@@ -132,7 +132,7 @@ def _vit_block(out: dict[str, np.ndarray], block: str, rest: str, value: np.ndar
 
 
 def _effnet_block(stage_starts: tuple[int, ...], m: re.Match) -> str:
-  """timm EfficientNet/MobileNet block module -> jtl MBConv path."""
+  """timm EfficientNet/MobileNet block module -> jtl InvertedResidual path."""
   stage, index, module = int(m.group(1)), int(m.group(2)), m.group(3)
   if stage >= len(stage_starts):
     return f"unknown_stage_{stage}/{index}/{module}"

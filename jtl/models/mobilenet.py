@@ -26,7 +26,7 @@ import numpy as np
 
 from jtl.models import preprocessing, registry
 from jtl.models.conversion import convert_with_rules
-from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, relu6
+from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, drop_path, relu6
 
 # (expand t, channels c, repeats n, stride s) per stage, as torchvision.
 V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -64,26 +64,36 @@ def block_configs(width: float = 1.0) -> list[tuple[int, int, int, int]]:
 
 
 class InvertedResidual(nn.Module):
-  """1x1 expand (if t > 1), 3x3 depthwise, 1x1 linear project (+ skip)."""
+  """1x1 expand (if expand > 1), depthwise, 1x1 linear project (+ skip, with
+  stochastic depth at `drop_rate`): MobileNetV2's block (3x3, padding 1,
+  torchvision's BatchNorm) and EfficientNet-Lite's MBConv (its kernel, TF
+  "SAME" padding, BatchNorm momentum 0.99 / eps 1e-3)."""
   cin: int
   cout: int
   stride: int
   expand: int
   formulation: str = "auto"
+  kernel: int = 3
+  padding: str | int = 1
+  drop_rate: float = 0.0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     inputs = x
+    bn = functools.partial(BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.expand != 1:
       x = _Conv(self.cin * self.expand, (1, 1), name="expand_conv")(x)
-      x = relu6(_BatchNorm(name="expand_bn")(x, use_running_average=not train))
-    x = DepthwiseConv(3, self.stride, 1, formulation=self.formulation,
+      x = relu6(bn(name="expand_bn")(x, use_running_average=not train))
+    x = DepthwiseConv(self.kernel, self.stride, self.padding, formulation=self.formulation,
                       kernel_init=_init, name="dw")(x)
-    x = relu6(_BatchNorm(name="dw_bn")(x, use_running_average=not train))
+    x = relu6(bn(name="dw_bn")(x, use_running_average=not train))
     x = _Conv(self.cout, (1, 1), name="project_conv")(x)
-    x = _BatchNorm(name="project_bn")(x, use_running_average=not train)
+    x = bn(name="project_bn")(x, use_running_average=not train)
     if self.stride == 1 and self.cin == self.cout:
-      x = x + inputs
+      rng = self.make_rng("dropout") if train and self.drop_rate > 0 else None
+      x = drop_path(x, self.drop_rate, deterministic=not train, rng=rng) + inputs
     return x
 
 
