@@ -77,7 +77,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   affine = None
   images = labels = None
   if format == "tflite_int8" or input_pixels:
-    affine = methods.pixel_affine(spec.normalize) if input_pixels else None
+    affine = methods.pixel_affine(spec.input_normalization) if input_pixels else None
   if format == "tflite_int8":
     images, labels = calibration_images(config, spec, num_calibration)
   representative = None
@@ -121,7 +121,8 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
   if runtime.input_shape[:2] != (size, size):
     raise ConfigError(f"{path} takes {runtime.input_shape} images; the workdir's pipeline "
                       f"makes {size}x{size}. Export it again from this workdir.")
-  affine = methods.pixel_affine(spec.normalize) if deploy.read_meta(path).get("input_pixels") else None
+  input_pixels = deploy.read_meta(path).get("input_pixels")
+  affine = methods.pixel_affine(spec.input_normalization) if input_pixels else None
   confusion = np.zeros((classes, classes), np.int64)
   loss = correct5 = 0.0
   for batch in experiment.eval_batches(config, spec, split)():

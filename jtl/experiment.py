@@ -266,7 +266,8 @@ def build_model(config: ml_collections.ConfigDict, *, pretrained: Any = None) ->
 def _pipeline_kwargs(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> dict[str, Any]:
   kwargs: dict[str, Any] = {"data_dir": config.get("data_dir"), "seed": config.get("seed", 0)}
   if spec.input_kind == "image":
-    kwargs.update(image_size=config.get("image_size") or spec.image_size, normalize=spec.normalize)
+    kwargs.update(image_size=config.get("image_size") or spec.image_size,
+                  normalize=spec.input_normalization)
   else:
     kwargs.update(max_length=config.get("max_length"))
   return kwargs
@@ -549,7 +550,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   robust_step = None
   if attack:
     from jtl import adversarial  # pylint: disable=g-import-not-at-top
-    mul, add = methods.pixel_affine(spec.normalize)
+    mul, add = methods.pixel_affine(spec.input_normalization)
     robust_step = jax.jit(adversarial.make_robust_eval_step(
         module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
         bounds=(float(np.min(add)), float(np.max(mul + add)))))

@@ -191,10 +191,13 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
     raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
                       "checkpoint; the teacher must be a scripts/finetune.py run.")
   t_spec = models.get_spec(meta["model"])
-  t_module = t_spec.build(num_classes=meta["num_classes"])
+  # The teacher's constructor options (its run's `model_kwargs`), as the run built it.
+  t_kwargs = t_config.get("model_kwargs") or ml_collections.ConfigDict()
+  t_module = t_spec.build(num_classes=meta["num_classes"], **t_kwargs.to_dict())
   t_vars = plain_variables(t_config, t_vars)
   t_size = t_config.get("image_size") or t_spec.image_size
-  convert = teacher_input_fn(spec.normalize, image_size, t_spec.normalize, t_size)
+  convert = teacher_input_fn(spec.input_normalization, image_size,
+                             t_spec.input_normalization, t_size)
   run_teacher = distill.teacher_fn(t_module, t_vars)
   return lambda x: run_teacher(convert(x)), meta
 
@@ -215,7 +218,7 @@ def _adversarial_method(options: dict[str, Any], module: Any, variables: PyTree,
                         train_batches: Batches) -> Method:
   """Adversarial training (FGSM / PGD) on the normalised inputs."""
   # Attack radii are in pixel units: the normalisation's affine converts them.
-  mul, add = pixel_affine(spec.normalize)
+  mul, add = pixel_affine(spec.input_normalization)
   bounds = (float(np.min(add)), float(np.max(mul + add)))
   model, loss_fn, transform = adversarial.adversarial_parts(
       module, attack=options["attack"], eps=options["eps"], step_size=options["step_size"],

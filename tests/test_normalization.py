@@ -80,3 +80,20 @@ def test_normalization_values_and_errors():
     preprocessing.Normalization("x", std=(0.0,))
   with pytest.raises(ConfigError, match="channels='BGR'"):
     preprocessing.Normalization("x", channels="BGR")
+
+
+def test_a_hub_model_with_its_own_mean_and_std_is_normalised_by_the_pipeline():
+  # CLIP's mean/std match no preset: the pipeline and pixel_affine must still
+  # use them (the spec's Normalization), not skip normalisation.
+  from jtl.models import hub_models, registry
+  clip = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+  n = hub_models._image_normalization(clip, 224, 0.9)
+  spec = registry.ModelSpec(name="clip_like", build=lambda **_: None,
+                            **registry.image_inputs(n))
+  assert spec.normalize is None and spec.input_normalization is n
+  pixels = np.random.default_rng(0).integers(0, 256, (1, 4, 4, 3)).astype(np.float32)
+  piped = np.asarray(images.get_normalizer(spec.input_normalization)(pixels))
+  expected = (pixels / 255.0 - np.asarray(clip["mean"])) / np.asarray(clip["std"])
+  np.testing.assert_allclose(piped, expected, rtol=1e-5, atol=1e-5)
+  mul, add = methods.pixel_affine(spec.input_normalization)
+  np.testing.assert_allclose(pixels / 255.0 * mul + add, expected, rtol=1e-5, atol=1e-5)

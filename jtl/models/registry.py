@@ -99,6 +99,13 @@ class ModelSpec:
   normalize: str | None = None  # a jtl.data.NORMALIZE_PRESETS name
   normalization: Normalization | None = None
 
+  @property
+  def input_normalization(self) -> Normalization | str | None:
+    """What the input pipeline and `methods.pixel_affine` normalise with: the
+    model's own `Normalization` where it has one (so a Hub model whose
+    mean/std match no preset is still normalised), else the preset name."""
+    return self.normalization if self.normalization is not None else self.normalize
+
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
