@@ -386,23 +386,28 @@ def run_images(args, results):
                                     for n, (lr, a) in chosen.items()}, flush=True)
 
   # 2. Final rows: every seed draws its own labelled subset; test on the test split.
-  for seed in map(int, args.seeds.split(",")):
-    for k, steps in zip(map(int, args.per_class.split(",")), map(int, args.steps.split(","))):
-      idx = labelled_subset(y_all, k, seed)
-      train = (prep(x_all[idx]), y_all[idx])
-      feats = None
-      for name in names:
-        lr = chosen.get(name, (GRID[name][0],))[0]
+  # Strategy-major (every seed of a strategy before the next strategy), so a run
+  # cut short leaves whole rows (all seeds) rather than every row with seed 0 only.
+  seeds = list(map(int, args.seeds.split(",")))
+  for k, steps in zip(map(int, args.per_class.split(",")), map(int, args.steps.split(","))):
+    trains = {seed: None for seed in seeds}
+    feats = {seed: None for seed in seeds}  # the probe's cache, shared by linear_probe and lp_ft
+    for name in names:
+      lr = chosen.get(name, (GRID[name][0],))[0]
+      for seed in seeds:
         if results.get(kind="final", strategy=name, per_class=k, seed=seed, lr=lr, steps=steps,
                        **same):
           continue
+        if trains[seed] is None:
+          idx = labelled_subset(y_all, k, seed)
+          trains[seed] = (prep(x_all[idx]), y_all[idx])
         kind = CONFIGS[name] if isinstance(CONFIGS[name], str) else CONFIGS[name]["name"]
-        if kind in ("linear_probe", "lp_ft") and feats is None:
+        if kind in ("linear_probe", "lp_ft") and feats[seed] is None:
           s = strategies.build("full", created.module, created.variables, created.spec,
                                verbose=False)
-          feats = strategies.extract_features(s.module, s.variables,
-                                              padded_batches(*train, args.batch))
-        row("final", name, k, seed, lr, head_lr, steps, train, test, feats)
+          feats[seed] = strategies.extract_features(s.module, s.variables,
+                                                    padded_batches(*trains[seed], args.batch))
+        row("final", name, k, seed, lr, head_lr, steps, trains[seed], test, feats[seed])
       image_report(results, args, names)
   image_report(results, args, names)
 
