@@ -8,6 +8,13 @@ scikit-learn's 8x8 digits upsampled to 28x28 (target, labels never read).
 `:NAME` is dann (gradient reversal + domain classifier), coral (feature
 covariance alignment) or source_only (the baseline: source labels only).
 Evaluation is on the target's held-out test split (`eval_dataset`).
+
+The options are those chosen on a labelled target validation split by
+scripts/benchmarks/benchmark_domain.py (1,000 steps, AdamW 2e-3 with cosine
+decay, DANN head 2x1024 with dropout 0.5 and the paper's reversal schedule;
+CORAL weight 1). That benchmark also re-lays the 8x8 digits out as MNIST
+does (20x20 box, centred by mass); jtl_digits fills the 28x28 frame, where a
+source-only model is near chance (see BENCHMARKS.md, "Domain adaptation").
 """
 
 import ml_collections
@@ -18,10 +25,10 @@ from configs import small_cnn
 def get_config(arg=None):
   name = arg or "dann"
   c = small_cnn.get_config()
-  c.num_steps = 400
+  c.num_steps = 1000  # the DANN schedules are functions of num_steps
   c.augment.crop = False
   c.eval_dataset = "jtl_digits"
-  options = {"dann": {"weight": 1.0, "domain_hidden": 256, "grl_gamma": 10.0},
+  options = {"dann": {"weight": 1.0, "domain_hidden": 1024, "grl_gamma": 10.0},
              "coral": {"weight": 1.0}, "source_only": {}}[name]
   if name == "source_only":
     c.method = ml_collections.ConfigDict({"name": ""})

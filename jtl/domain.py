@@ -18,6 +18,7 @@ Array([-1.5, -1.5], dtype=float32)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +36,7 @@ from jtl.tree import flatten, unflatten
 from jtl.tree import PyTree
 
 METHODS = ("source_only", "dann", "coral")
+BATCHNORM_MODES = ("joint", "separate")
 
 
 @jax.custom_vjp
@@ -90,6 +92,21 @@ def coral_loss(source: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(cov(source) - cov(target))) / (4.0 * d * d)
 
 
+def _keep_batchnorm_statistics(next_fun, args, kwargs, context):
+  """Interceptor: each BatchNorm runs as asked, then its running statistics
+  are put back as they were."""
+  module = context.module
+  if context.method_name != "__call__" or not isinstance(module, nn.BatchNorm):
+    return next_fun(*args, **kwargs)
+  saved = {name: module.get_variable("batch_stats", name) for name in ("mean", "var")
+           if module.has_variable("batch_stats", name)}
+  out = next_fun(*args, **kwargs)
+  if module.is_mutable_collection("batch_stats"):
+    for name, value in saved.items():
+      module.put_variable("batch_stats", name, value)
+  return out
+
+
 class DomainClassifier(nn.Module):
   """MLP: features -> one logit (source = 0, target = 1).
 
@@ -128,10 +145,20 @@ class AdaptModel(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     return self.model(x, train=train)
 
-  def outputs(self, x: jax.Array, *, train: bool = False, grl_scale: Any = 1.0):
+  def outputs(self, x: jax.Array, *, train: bool = False, grl_scale: Any = 1.0,
+              target: jax.Array | None = None):
+    """(logits, features, domain logits) of the rows of x, then of `target`'s.
+
+    `target` goes through the network on its own: in training every
+    BatchNorm normalises it with its own batch statistics (domain-specific
+    normalisation) and keeps the running statistics those of x.
+    """
     if not hasattr(self.model, "features"):
       raise StepError(f"{type(self.model).__name__} has no features(x, *, train) method.")
     feats = self.model.features(x, train=train)
+    if target is not None:
+      with nn.intercept_methods(_keep_batchnorm_statistics):
+        feats = jnp.concatenate([feats, self.model.features(target, train=train)], axis=0)
     logits = self.model.head(feats).astype(jnp.float32)
     dom = None
     if self.domain_hidden:
@@ -163,16 +190,20 @@ def wrap(model: nn.Module, variables: PyTree, example_input: jax.Array, *,
   return AdaptModel(model, hidden, domain_dropout), wrapped
 
 
-def _adapt_call(module: AdaptModel, inputs: Any, train: bool = False) -> Any:
+def _adapt_call(module: AdaptModel, inputs: Any, train: bool = False, *,
+                batchnorm: str = "joint") -> Any:
   """Training batches ({"source", "target", "grl_scale"}) give (logits,
   features, domain logits) over source rows then target rows; plain inputs
   (evaluation) give the classifier's logits."""
   if not isinstance(inputs, dict):
     return module(inputs, train=train)
-  x = inputs["source"]
-  if "target" in inputs:
-    x = jnp.concatenate([x, inputs["target"]], axis=0)
-  return module.outputs(x, train=train, grl_scale=inputs["grl_scale"][0])
+  x, target = inputs["source"], inputs.get("target")
+  scale = inputs["grl_scale"][0]
+  if target is not None and batchnorm == "separate":
+    return module.outputs(x, train=train, grl_scale=scale, target=target)
+  if target is not None:
+    x = jnp.concatenate([x, target], axis=0)
+  return module.outputs(x, train=train, grl_scale=scale)
 
 
 def _adapt_transform(method: str, schedule: Callable[[jax.Array], jax.Array]):
@@ -215,31 +246,38 @@ def _adapt_objective(method: str, weight: float):
 
 
 def adapt_parts(module: AdaptModel, *, method: str = "dann", weight: float = 1.0,
-                grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0
-                ) -> tuple[LinenModel, Callable, Callable]:
+                grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0,
+                batchnorm: str = "joint") -> tuple[LinenModel, Callable, Callable]:
   """(model, loss_fn, batch_transform) of source-only / DANN / CORAL training,
   for `jtl.make_train_step` or `jtl.train.fit`; arguments as for
   `make_adapt_train_step`. The model evaluates as the plain classifier."""
   if method not in METHODS:
     raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
+  if batchnorm not in BATCHNORM_MODES:
+    raise ConfigError(f"batchnorm={batchnorm!r}: expected one of {BATCHNORM_MODES}.")
   if method == "dann" and not module.domain_hidden:
     raise ConfigError("method='dann' needs an AdaptModel with a domain classifier "
                       "(jtl.domain.wrap(..., method='dann')).")
   schedule = grl_scale if callable(grl_scale) else (lambda step: jnp.float32(grl_scale))
-  return (LinenModel(module, call=_adapt_call), _adapt_objective(method, weight),
+  call = functools.partial(_adapt_call, batchnorm=batchnorm)
+  return (LinenModel(module, call=call), _adapt_objective(method, weight),
           _adapt_transform(method, schedule))
 
 
 def make_adapt_train_step(
     module: AdaptModel, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
     method: str = "dann", weight: float = 1.0,
-    grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0, **train_step_kwargs: Any,
+    grl_scale: float | Callable[[jax.Array], jax.Array] = 1.0, batchnorm: str = "joint",
+    **train_step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """`jtl.make_train_step` for source-only, DANN or CORAL training.
 
-  Source and target images go through the network as one batch (so the
-  BatchNorm statistics see both domains); the class loss uses source rows
-  only. Loss = CE(source) + weight * (domain BCE | CORAL).
+  The class loss uses source rows only. Loss = CE(source) + weight *
+  (domain BCE | CORAL). With batchnorm="joint", source and target images go
+  through the network as one batch (the BatchNorm statistics mix both
+  domains); with "separate", each domain is normalised with its own batch
+  statistics and the running statistics stay the source's: evaluate the
+  target after `adapt_batchnorm` on target data (AdaBN).
 
   Args:
     module: an `AdaptModel` (from `wrap`); DANN needs its domain classifier.
@@ -247,10 +285,11 @@ def make_adapt_train_step(
     weight: weight of the adaptation term.
     grl_scale: reversal scale, a float or a function of the step (e.g.
       `dann_schedule(num_steps)`).
+    batchnorm: "joint" or "separate" (see above).
     **train_step_kwargs: microbatches, compute_dtype, axis_name.
   """
   model, loss_fn, transform = adapt_parts(module, method=method, weight=weight,
-                                          grl_scale=grl_scale)
+                                          grl_scale=grl_scale, batchnorm=batchnorm)
   return make_train_step(model, tx, labels=labels, loss_fn=loss_fn, batch_transform=transform,
                          **train_step_kwargs)
 

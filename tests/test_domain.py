@@ -171,3 +171,25 @@ def test_dann_needs_domain_classifier_and_target():
     domain.make_adapt_train_step(module, tx, method="dann")
   with pytest.raises(jtl.ConfigError, match="method='mmd'"):
     domain.wrap(model, init(model, x), x, method="mmd")
+
+
+def test_separate_batchnorm_normalises_each_domain_and_keeps_source_statistics():
+  model = TinyCNN(4)
+  xs, xt = images(4), images(4, seed=3, shift=2.0)
+  module, wv = domain.wrap(model, init(model, xs), xs, method="dann", domain_hidden=8)
+  outputs = jax.jit(lambda x, t: module.apply(
+      wv, x, train=True, target=t, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)},
+      method=domain.AdaptModel.outputs))
+  (_, feats, dom), stats = outputs(xs, xt)
+  (_, source_feats, _), source_stats = outputs(xs, None)
+  (_, target_feats, _), _ = outputs(xt, None)
+  (_, joint_feats, _), _ = outputs(np.concatenate([xs, xt]), None)
+  assert dom.shape == (8,)
+  np.testing.assert_allclose(feats[:4], source_feats, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(feats[4:], target_feats, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(joint_feats[4:], target_feats, atol=1e-3)  # "joint" mixes the domains
+  jax.tree.map(np.testing.assert_array_equal, stats, source_stats)  # target left no trace
+  lab = jtl.label_params(wv["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(lab, learning_rate=0.01)
+  with pytest.raises(jtl.ConfigError, match="batchnorm='per_domain'"):
+    domain.make_adapt_train_step(module, tx, labels=lab, batchnorm="per_domain")
