@@ -55,9 +55,11 @@ STRATEGIES: dict[str, Any] = {
 }
 # AdamW (weight decay 0.01 on kernels), 10% warmup then cosine decay. The
 # linear probe's rate is its head's, on cached features.
+# 3e-4 / 1e-4 (probe) and 2e-4 (full) were added when the first grid's best
+# was its edge.
 GRID = {
-    "linear_probe": [1e-3, 3e-3, 1e-2, 3e-2],
-    "full": [2e-5, 5e-5, 1e-4],
+    "linear_probe": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "full": [2e-5, 5e-5, 1e-4, 2e-4],
     "lora": [1e-3, 3e-3],
     "scratch": [1e-4, 5e-4],
 }
