@@ -25,7 +25,7 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
   confusion_test.png in the workdir.
 
 Defaults chosen on a validation split (never the test split) of the CIFAR-10
-folder by `scripts/benchmark_strategies.py` (two sweep rounds, 20 and 60
+folder by `scripts/benchmarks/benchmark_strategies.py` (two sweep rounds, 20 and 60
 steps, EfficientNet-Lite0 at 128 px, 100 labelled images per class; table in
 BENCHMARKS.md, "Strategies"): the probe's learning rate (1e-2 of 3e-3..1e-1),
 the fine-tuning phase's (1e-4; see jtl.strategies.LEARNING_RATES for the

@@ -4,7 +4,7 @@ scratch, linear_probe, partial, bitfit, lora, lp_ft, gradual, llrd.
 Strategy options are config keys too, e.g. --config.strategy.rank=4.
 
 Learning rates are `jtl.strategies.LEARNING_RATES`: each strategy's best on a
-validation split in the sweep of scripts/benchmark_strategies.py
+validation split in the sweep of scripts/benchmarks/benchmark_strategies.py
 (EfficientNet-Lite0, CIFAR-10 at 128 px, 100 labelled images per class).
 lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 `probe_learning_rate`), then fine-tunes every parameter at the run's

@@ -30,7 +30,7 @@ from jtl.tree import PyTree
 
 # Learning rates (Adam, warmup then cosine decay) chosen per strategy on a
 # validation split (20% of each class of the labelled images, never the test
-# split) by scripts/benchmark_strategies.py: EfficientNet-Lite0 with ImageNet
+# split) by scripts/benchmarks/benchmark_strategies.py: EfficientNet-Lite0 with ImageNet
 # weights, CIFAR-10 at 128 px, 100 labelled images per class, batch 32 (the
 # sweep and its table: BENCHMARKS.md, "Strategies"). lp_ft's is its
 # fine-tuning phase's; its probe phase (head steps on cached features) takes
