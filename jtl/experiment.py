@@ -521,7 +521,9 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     save_quantized: also write the variables at `precision` to this
       safetensors file (`jtl.quantize.load` reads it back).
     adabn: first re-estimate BatchNorm statistics on the unlabelled
-      training split of the evaluated dataset (AdaBN, `jtl.domain`).
+      training split of the evaluated dataset (AdaBN, `jtl.domain`). Always
+      done for a domain run with batchnorm "separate" (`methods.needs_adabn`):
+      its running statistics are the source's.
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
       with radius eps in pixel units ("adv_accuracy").
   """
@@ -530,13 +532,14 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or meta_config.get("eval_split", "test")
   extra: dict[str, Any] = {}
-  if adabn:
+  if adabn or methods.needs_adabn(meta_config):
     from jtl import domain  # pylint: disable=g-import-not-at-top
     # One unaugmented pass over the unlabelled train split of the evaluated data.
     target = eval_batches(meta_config, spec, meta_config.get("train_split", "train"))
     variables = domain.adapt_batchnorm(module, variables, target())
     extra["adabn"] = {"dataset": meta_config.get("eval_dataset") or meta_config.dataset,
-                      "split": meta_config.get("train_split", "train")}
+                      "split": meta_config.get("train_split", "train"),
+                      "why": "asked" if adabn else "method.batchnorm='separate'"}
   variables = quantize.prepare(variables, precision)
   extra["precision"] = precision
   extra["model_bytes"] = tree_bytes(variables)

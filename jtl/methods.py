@@ -10,8 +10,13 @@ config (model, data, rules, optimizer, schedule, checkpoints) is unchanged:
   its own image size and normalisation.
 - "dann" / "coral": unsupervised domain adaptation (`jtl.domain`); each batch
   also carries unlabelled images of `target_dataset` / `target_split`
-  (`weight`, and for DANN `domain_hidden`, `grl_gamma`). Checkpoints hold the
-  wrapped model ("model/...", "domain/..."); `plain_variables` unwraps them.
+  (`weight`, `batchnorm`, and for DANN `domain_hidden`, `grl_gamma`).
+  batchnorm "joint" (default) normalises source and target rows as one batch;
+  "separate" normalises each domain with its own batch statistics and keeps
+  the running statistics the source's, so the target is evaluated after AdaBN
+  (`needs_adabn`; `jtl.experiment.evaluate_workdir` applies it by itself).
+  Checkpoints hold the wrapped model ("model/...", "domain/...");
+  `plain_variables` unwraps them.
 - "adversarial": PGD or FGSM inputs made with the current params
   (`attack`, `eps`, `step_size`, `steps`, `clean_fraction`;
   `jtl.adversarial`). eps and step_size are in pixel units (0..1 of the
@@ -41,9 +46,11 @@ from jtl.tree import PyTree
 DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"teacher_workdir": None, "teacher_step": "best", "temperature": 4.0,
                 "alpha": 0.9},
+    # domain_hidden 1024: the DANN paper's head (2 layers, dropout 0.5), jtl.domain's default.
     "dann": {"target_dataset": None, "target_split": "train", "weight": 1.0,
-             "domain_hidden": 256, "grl_gamma": 10.0},
-    "coral": {"target_dataset": None, "target_split": "train", "weight": 1.0},
+             "domain_hidden": 1024, "grl_gamma": 10.0, "batchnorm": "joint"},
+    "coral": {"target_dataset": None, "target_split": "train", "weight": 1.0,
+              "batchnorm": "joint"},
     "adversarial": {"attack": "pgd", "eps": 0.1, "step_size": None, "steps": 7,
                     "clean_fraction": 0.0},
 }
@@ -77,9 +84,22 @@ def resolve_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     "(scripts/finetune.py) whose model is the teacher")
   if name in DOMAIN_METHODS and not options["target_dataset"]:
     problems.append("method.target_dataset: the unlabelled target domain (e.g. 'jtl_digits')")
+  if name in DOMAIN_METHODS and options["batchnorm"] not in domain.BATCHNORM_MODES:
+    problems.append(f"method.batchnorm={options['batchnorm']!r}: one of "
+                    f"{domain.BATCHNORM_MODES} ('joint': one BatchNorm batch of both domains; "
+                    "'separate': each domain its own, target evaluated after AdaBN)")
   if problems:
     raise ConfigError(f"method {name!r} needs:\n" + bullet_list(problems))
   return options
+
+
+def needs_adabn(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's target must be evaluated after AdaBN: a DANN / CORAL run
+  with batchnorm "separate" keeps the source's running statistics, which do not
+  describe the target's features."""
+  if method_name(config) not in DOMAIN_METHODS:
+    return False
+  return (config.method.get("batchnorm") or "joint") == "separate"
 
 
 def pixel_affine(normalize: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +261,7 @@ def _domain_method(config: ml_collections.ConfigDict, name: str, options: dict[s
     example = np.zeros((2, image_size, image_size, 3), np.float32)
   wrapped_module, wrapped_vars = domain.wrap(
       module, variables, example, method=name,
-      domain_hidden=options.get("domain_hidden", 256), rng=config.get("seed", 0))
+      domain_hidden=options.get("domain_hidden", 1024), rng=config.get("seed", 0))
 
   def wrap_labels(labels):
     out = {"model": labels}
@@ -257,7 +277,13 @@ def _domain_method(config: ml_collections.ConfigDict, name: str, options: dict[s
 
   grl = domain.dann_schedule(config.num_steps, gamma=options.get("grl_gamma", 10.0))
   model, loss_fn, transform = domain.adapt_parts(wrapped_module, method=name,
-                                                 weight=options["weight"], grl_scale=grl)
+                                                 weight=options["weight"], grl_scale=grl,
+                                                 batchnorm=options["batchnorm"])
+  note = ""
+  if options["batchnorm"] == "separate":
+    note = ("; the evaluations during training use the source's BatchNorm statistics, "
+            "scripts/evaluate.py evaluates the target after AdaBN")
   return Method(name, model, wrapped_vars, wrap_labels, loss_fn, transform, with_targets,
                 f"target {options['target_dataset']}:{options['target_split']} "
-                f"(labels unused), weight={options['weight']}")
+                f"(labels unused), weight={options['weight']}, "
+                f"batchnorm={options['batchnorm']!r}{note}")

@@ -8,6 +8,8 @@ matrix) and confusion_<split>.png into the workdir (or --out_dir).
 Post-training options:
   --precision int8 [--save_quantized model_int8.safetensors]   quantized eval
   --adabn                         AdaBN on the evaluated dataset's train split
+                                  (always for a DANN/CORAL run with
+                                  method.batchnorm='separate')
   --attack pgd --eps 0.1          also accuracy under attack (pixel units)
   --exported runs/default/export/model.int8.tflite
                                   evaluate an exported ONNX / LiteRT file in its
@@ -40,7 +42,8 @@ _PRECISION = flags.DEFINE_enum("precision", "float32",
 _SAVE_Q = flags.DEFINE_string("save_quantized", None,
                               "Also save the variables at --precision to this safetensors file.")
 _ADABN = flags.DEFINE_bool("adabn", False, "Re-estimate BatchNorm statistics on the evaluated "
-                           "dataset's (unlabelled) train split first.")
+                           "dataset's (unlabelled) train split first (always done for "
+                           "a DANN/CORAL run with method.batchnorm='separate').")
 _ATTACK = flags.DEFINE_enum("attack", None, ["pgd", "fgsm"], "Also evaluate under this attack.")
 _EPS = flags.DEFINE_float("eps", 0.1, "Attack radius in pixel units (0..1).")
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 20, "PGD steps.")

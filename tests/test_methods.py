@@ -63,10 +63,17 @@ def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data
   assert rows[0]["grl_scale"] < rows[-1]["grl_scale"]  # the DANN schedule ramps up
   variables, _ = manager.restore_variables(workdir, step="latest")
   assert set(variables["params"]) == {"model", "domain"}
+  assert variables["params"]["domain"]["fc1"]["kernel"].shape[-1] == 1024
+  # The config's DANN normalises each domain apart (batchnorm "separate"): its
+  # running statistics are the source's, so the target is evaluated after AdaBN
+  # even when not asked, and says so.
   plain = experiment.evaluate_workdir(workdir)
   assert plain["count"] == 800  # jtl_digits test split, the target
+  assert plain["adabn"] == {"dataset": "jtl_digits", "split": "train",
+                            "why": "method.batchnorm='separate'"}
   adapted = experiment.evaluate_workdir(workdir, adabn=True, out_dir=tmp_path / "adabn")
-  assert adapted["count"] == 800 and adapted["adabn"]["dataset"] == "jtl_digits"
+  assert adapted["count"] == 800 and adapted["adabn"]["why"] == "asked"
+  assert adapted["accuracy"] == pytest.approx(plain["accuracy"])  # the same AdaBN
 
 
 def test_adversarial_training_then_int8_and_pgd_evaluation(tmp_path, data_dir):
@@ -102,6 +109,24 @@ def test_method_config_errors_name_the_problem():
   config.strategy.name = "lora"
   with pytest.raises(ConfigError, match="strategy 'lora'"):
     methods.build(config, None, None, None, None, None)
+
+
+def test_domain_methods_take_a_batchnorm_mode():
+  config = domain_config.get_config("dann")
+  assert methods.resolve_options(config)["batchnorm"] == "separate"  # the config's choice
+  assert methods.needs_adabn(config)
+  config.method.batchnorm = None  # unset: the default
+  options = methods.resolve_options(config)
+  assert options["batchnorm"] == "joint" and options["domain_hidden"] == 1024
+  assert not methods.needs_adabn(config)
+  coral = domain_config.get_config("coral")
+  assert methods.resolve_options(coral)["batchnorm"] == "joint"
+  coral.method.batchnorm = "separate"
+  assert methods.resolve_options(coral)["batchnorm"] == "separate" and methods.needs_adabn(coral)
+  assert not methods.needs_adabn(domain_config.get_config("source_only"))
+  config.method.batchnorm = "per_domain"
+  with pytest.raises(ConfigError, match=r"batchnorm='per_domain'.*'joint', 'separate'"):
+    methods.resolve_options(config)
 
 
 def test_pixel_affine_matches_the_pipeline_presets():

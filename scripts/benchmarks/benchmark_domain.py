@@ -16,7 +16,7 @@ Target preprocessing (`--layout`, no labels used):
   28x28 frame and shifted so its centre of mass is the frame's centre: the
   layout of MNIST (digits size-normalised to a 20x20 box, centred by mass).
   Intensities 0..16 -> 0..1, as MNIST's 0..255 -> 0..1.
-- "frame": the 8x8 image upsampled to fill 28x28 (jtl_digits' layout):
+- "frame": the 8x8 image upsampled to fill 28x28 (jtl_digits 1.0.0's layout; 2.0.0 has "mnist"):
   digits about 40% taller than any MNIST training digit.
 
 Rows (same network, data order, steps and optimizer for every method):
@@ -49,6 +49,7 @@ import optax  # noqa: E402
 
 import jtl  # noqa: E402
 from jtl import domain  # noqa: E402
+from jtl.data.builders.digits import mnist_layout  # noqa: E402  (jtl_digits' layout)
 from jtl.models.small_cnn import SmallCNN  # noqa: E402
 
 # Hyperparameters tried per method with --select (chosen on target validation):
@@ -75,22 +76,8 @@ def grids(recipes=RECIPES) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------- data
 
 
-def mnist_layout(small: np.ndarray) -> np.ndarray:
-  """[N, 8, 8] in 0..1 -> [N, 28, 28]: 20x20 digit, centred by mass (as MNIST)."""
-  box = np.asarray(jax.image.resize(jnp.asarray(small), (len(small), 20, 20), "bilinear"))
-  box = np.clip(box, 0.0, 1.0)
-  out = np.zeros((len(small), 28, 28), np.float32)
-  out[:, 4:24, 4:24] = box
-  grid = np.arange(28, dtype=np.float32)
-  for i, im in enumerate(out):
-    mass = im.sum()
-    cy, cx = (im.sum(1) @ grid) / mass, (im.sum(0) @ grid) / mass
-    out[i] = np.roll(im, (int(round(13.5 - cy)), int(round(13.5 - cx))), axis=(0, 1))
-  return out
-
-
 def frame_layout(small: np.ndarray) -> np.ndarray:
-  """[N, 8, 8] in 0..1 -> [N, 28, 28] filling the frame (jtl_digits' layout)."""
+  """[N, 8, 8] in 0..1 -> [N, 28, 28] filling the frame (jtl_digits 1.0.0's layout)."""
   big = jax.image.resize(jnp.asarray(small), (len(small), 28, 28), "bilinear")
   return np.clip(np.asarray(big), 0.0, 1.0)
 
@@ -98,7 +85,7 @@ def frame_layout(small: np.ndarray) -> np.ndarray:
 def raw_arrays(cache: Path | None) -> dict[str, np.ndarray]:
   """The source and target arrays and their fixed splits, from `cache` (an .npz)
   when it exists, else from jtl's builders (then written to `cache`): the
-  cache lets the benchmark run where TFDS and mlxtend are not installed."""
+  cache lets the benchmark run where mlxtend and scikit-learn are not installed."""
   if cache is not None and cache.exists():
     with np.load(cache) as f:
       return dict(f)
