@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jtl.data.builders.split import grey_examples, stratified_split
 from jtl.data.text import package_file
-from jtl.data.builders.split import stratified_split
 
 _SPLIT_SEED = 20240502
 _TEST_PER_CLASS = 20
@@ -58,6 +58,4 @@ class JtlLfwSubset(tfds.core.GeneratorBasedBuilder):
             for name, idx in split_indices(labels).items()}
 
   def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {"image": np.repeat(images[i][..., None], 3, axis=-1),
-                     "label": int(labels[i])}
+    return grey_examples(images, labels, indices)

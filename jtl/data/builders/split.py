@@ -16,3 +16,11 @@ def stratified_split(labels: np.ndarray, *, test_per_class: int, seed: int
     test.append(idx[:test_per_class])
     train.append(idx[test_per_class:])
   return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+
+
+def grey_examples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray):
+  """(key, example) pairs of a TFDS builder's split: grey [H, W] images as
+  RGB (the channel repeated) with their integer labels, keyed by index."""
+  for i in indices:
+    yield int(i), {"image": np.repeat(images[i][..., None], 3, axis=-1),
+                   "label": int(labels[i])}
