@@ -7,7 +7,10 @@ scikit-learn's 8x8 digits laid out as MNIST in 28x28 (target, labels never read)
 
 `:NAME` is dann (gradient reversal + domain classifier), coral (feature
 covariance alignment) or source_only (the baseline: source labels only).
-Evaluation is on the target's held-out test split (`eval_dataset`).
+During training, the best checkpoint is chosen on 100 labelled target images
+(`eval_split`, "train[:100]"), kept out of the unlabelled adaptation pool
+(`target_split`, "train[100:]"); the target's test split is only scored at the
+end (`test_split`) and by scripts/evaluate.py.
 
 The options are those chosen on a labelled target validation split by
 scripts/benchmarks/benchmark_domain.py (1,000 steps, AdamW 2e-3 with cosine
@@ -32,6 +35,8 @@ def get_config(arg=None):
   c.num_steps = 1000  # the DANN schedules are functions of num_steps
   c.augment.crop = False
   c.eval_dataset = "jtl_digits"
+  c.eval_split = "train[:100]"  # labelled target validation: picks the best checkpoint
+  c.test_split = "test"
   options = {"dann": {"weight": 1.0, "domain_hidden": 1024, "grl_gamma": 10.0,
                       "batchnorm": "separate"},
              "coral": {"weight": 1.0}, "source_only": {}}[name]
@@ -39,5 +44,5 @@ def get_config(arg=None):
     c.method = ml_collections.ConfigDict({"name": ""})
   else:
     c.method = ml_collections.ConfigDict({
-        "name": name, "target_dataset": "jtl_digits", "target_split": "train", **options})
+        "name": name, "target_dataset": "jtl_digits", "target_split": "train[100:]", **options})
   return c
