@@ -2,8 +2,8 @@
 scikit-learn's 8x8 digits laid out as MNIST in 28x28 (target, labels never read).
 
   python scripts/finetune.py --config configs/domain.py:dann --workdir runs/dann
-  python scripts/evaluate.py --workdir runs/dann              # target test accuracy
-  python scripts/evaluate.py --workdir runs/coral --adabn     # + AdaBN
+  python scripts/evaluate.py --workdir runs/dann --split test              # target test accuracy
+  python scripts/evaluate.py --workdir runs/coral --split test --adabn     # + AdaBN
 
 `:NAME` is dann (gradient reversal + domain classifier), coral (feature
 covariance alignment) or source_only (the baseline: source labels only).

@@ -67,11 +67,12 @@ def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data
   # The config's DANN normalises each domain apart (batchnorm "separate"): its
   # running statistics are the source's, so the target is evaluated after AdaBN
   # even when not asked, and says so.
-  plain = experiment.evaluate_workdir(workdir)
+  plain = experiment.evaluate_workdir(workdir, split="test")
   assert plain["count"] == 800  # jtl_digits test split, the target
   assert plain["adabn"] == {"dataset": "jtl_digits", "split": "train",
                             "why": "method.batchnorm='separate'"}
-  adapted = experiment.evaluate_workdir(workdir, adabn=True, out_dir=tmp_path / "adabn")
+  adapted = experiment.evaluate_workdir(workdir, split="test", adabn=True,
+                                       out_dir=tmp_path / "adabn")
   assert adapted["count"] == 800 and adapted["adabn"]["why"] == "asked"
   assert adapted["accuracy"] == pytest.approx(plain["accuracy"])  # the same AdaBN
 
