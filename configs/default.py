@@ -22,7 +22,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.model = "efficientnet_lite0"
   # Options for the model's constructor, e.g. {"drop_path_rate": 0.1} for a ViT
-  # (jtl.experiment.model_options lists a model's); an unknown one is a ConfigError.
+  # (jtl.app.experiment.model_options lists a model's); an unknown one is a ConfigError.
   c.model_kwargs = ml_collections.ConfigDict()
   c.pretrained = True
   c.num_classes = 0  # 0: from the dataset
@@ -54,8 +54,8 @@ def get_config(arg=None):
       (r"head/.*", "head"),
       (r".*", "frozen"),
   )
-  c.strategy = ml_collections.ConfigDict({"name": ""})  # or e.g. "lora"; see jtl.strategies
-  # "" = fine-tuning; "distill", "dann", "coral", "adversarial": see jtl.methods
+  c.strategy = ml_collections.ConfigDict({"name": ""})  # or e.g. "lora"; see jtl.recipes.strategies
+  # "" = fine-tuning; "distill", "dann", "coral", "adversarial": see jtl.app.methods
   c.method = ml_collections.ConfigDict({"name": ""})
   c.eval_dataset = ml_collections.config_dict.placeholder(str)  # None: `dataset`
 

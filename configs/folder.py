@@ -28,7 +28,7 @@ Defaults chosen on a validation split (never the test split) of the CIFAR-10
 folder by `scripts/benchmarks/benchmark_strategies.py` (two sweep rounds, 20 and 60
 steps, EfficientNet-Lite0 at 128 px, 100 labelled images per class; table in
 BENCHMARKS.md, "Strategies"): the probe's learning rate (1e-2 of 3e-3..1e-1),
-the fine-tuning phase's (1e-4; see jtl.strategies.LEARNING_RATES for the
+the fine-tuning phase's (1e-4; see jtl.recipes.strategies.LEARNING_RATES for the
 measurements behind it) and frozen BatchNorm (LP-FT 67.5% on validation
 against 55.5% with statistics re-estimated; the probe alone 67.0%).
 """
@@ -36,7 +36,7 @@ against 55.5% with statistics re-estimated; the probe alone 67.0%).
 import ml_collections
 
 from configs import default
-from jtl import strategies
+from jtl.recipes import strategies
 
 
 def get_config(arg=None):

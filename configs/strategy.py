@@ -1,9 +1,9 @@
-"""Any jtl.strategies strategy on the default job (EfficientNet-Lite0 on
+"""Any jtl.recipes.strategies strategy on the default job (EfficientNet-Lite0 on
 MNIST digits): `--config configs/strategy.py:NAME`, NAME one of full,
 scratch, linear_probe, partial, bitfit, lora, lp_ft, gradual, llrd.
 Strategy options are config keys too, e.g. --config.strategy.rank=4.
 
-Learning rates are `jtl.strategies.LEARNING_RATES`: each strategy's best on a
+Learning rates are `jtl.recipes.strategies.LEARNING_RATES`: each strategy's best on a
 validation split in the sweep of scripts/benchmarks/benchmark_strategies.py
 (EfficientNet-Lite0, CIFAR-10 at 128 px, 100 labelled images per class).
 lp_ft trains its probe phase on cached features (`probe_steps` head steps at
@@ -14,7 +14,7 @@ lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 import ml_collections
 
 from configs import default
-from jtl import strategies
+from jtl.recipes import strategies
 
 OPTIONS = {
     "full": {}, "scratch": {}, "bitfit": {},

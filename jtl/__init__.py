@@ -27,8 +27,8 @@ from jtl.steps import (cross_entropy_loss, frozen_batchnorm, make_eval_step, mak
                        masked_mean, summarize_eval)
 from jtl.tree import flatten, map_with_path, match_rules, unflatten
 # Subpackages, importable as jtl.checkpoint, jtl.data, jtl.models, jtl.train.
-from jtl import (adversarial, checkpoint, data, distill, domain, models, quantize,  # noqa: E402
-                 strategies)
+from jtl import checkpoint, data, models  # noqa: E402
+from jtl.recipes import adversarial, distill, domain, quantize, strategies  # noqa: E402
 from jtl.checkpoint import LoadReport, export, load_pretrained, read
 from jtl.data import DatasetInfo, dataset_info, prefetch_to_device
 from jtl.models import CreatedModel, create

@@ -267,7 +267,7 @@ class NnxModel:
 def as_model(model: Any) -> Model:
   """The adapter for `model`: an adapter (an object with `jtl_adapter = True`
   and the `Model.apply` signature) as is; a Linen module (or an object
-  with Linen's `apply(variables, x, ...)`, such as `jtl.strategies.LoraModel`)
+  with Linen's `apply(variables, x, ...)`, such as `jtl.recipes.strategies.LoraModel`)
   as `LinenModel(model)`; an NNX module as `NnxModel(model)`; any other
   callable as `FunctionModel(model)`."""
   if getattr(model, "jtl_adapter", False):  # LinenModel, NnxModel, FunctionModel, ...

@@ -255,8 +255,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       Each phase compiles its step once. Resuming restores into the phase
       the checkpoint was written in.
     loss_fn, batch_transform: as for `jtl.make_train_step`; a method
-      (`jtl.distill.distill_parts`, `jtl.domain.adapt_parts`,
-      `jtl.adversarial.adversarial_parts`) gives the model, loss and batch
+      (`jtl.recipes.distill.distill_parts`, `jtl.recipes.domain.adapt_parts`,
+      `jtl.recipes.adversarial.adversarial_parts`) gives the model, loss and batch
       transform, and the one train step runs them with microbatches,
       compute_dtype and the mesh.
   """

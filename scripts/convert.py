@@ -9,7 +9,7 @@ Reads any format jtl.checkpoint.read supports, maps it with the model's
 converter, prints the load report, and writes npz, safetensors, msgpack or an
 Orbax checkpoint directory.
 
-Deployment (jtl.deploy): a fine-tuned workdir to onnx | tflite | tflite_int8;
+Deployment (jtl.recipes.deploy): a fine-tuned workdir to onnx | tflite | tflite_int8;
 int8 is calibrated on --calibration_images images of the training split and
 checked against float32 on them (a warning past --max_int8_drop points):
 
@@ -33,7 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
-from jtl import checkpoint, cli, models  # noqa: E402
+from jtl import checkpoint, models  # noqa: E402
+from jtl.app import cli  # noqa: E402
 from jtl.errors import ConfigError  # noqa: E402
 
 _DEPLOY_FORMATS = ["onnx", "tflite", "tflite_int8"]
@@ -80,7 +81,7 @@ def main(argv):
 
 def _export_hub():
   """A workdir's LoRA adapters as a PEFT folder, or merged weights in the HF / timm layout."""
-  from jtl import workdirs  # noqa: PLC0415
+  from jtl.app import workdirs  # noqa: PLC0415
   from jtl.checkpoint import hf_export  # noqa: PLC0415
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
@@ -97,8 +98,9 @@ def _export_hub():
 
 
 def _export():
-  """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.deploy)."""
-  from jtl import deploy, deploy_runs  # noqa: PLC0415 - only this path needs the converters
+  """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.recipes.deploy)."""
+  from jtl.app import deploy_runs  # noqa: PLC0415 - only this path needs the converters
+  from jtl.recipes import deploy  # noqa: PLC0415 - only this path needs the converters
   if _FORMAT.value not in _DEPLOY_FORMATS:
     raise ConfigError(f"--workdir exports for deployment: --format must be one of "
                       f"{_DEPLOY_FORMATS}, got {_FORMAT.value!r}.")
@@ -119,7 +121,7 @@ def _export():
     size = _IMAGE_SIZE.value or created.spec.image_size
     affine = None
     if _PIXELS.value:
-      from jtl import methods  # noqa: PLC0415
+      from jtl.app import methods  # noqa: PLC0415
       affine = methods.pixel_affine(created.spec.normalize)
     exported = deploy.export(created.module, created.variables, _OUT.value,
                              format=_FORMAT.value, input_shape=(size, size, 3),

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jtl import cli, experiment  # noqa: E402
-from jtl.cli import parse_flags_with_config_keys  # noqa: E402
+from jtl.app import cli, experiment  # noqa: E402
+from jtl.app.cli import parse_flags_with_config_keys  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)

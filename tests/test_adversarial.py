@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jtl
-from jtl import adversarial
+from jtl.recipes import adversarial
 from beyond_models import TinyCNN, images, init, labels
 
 

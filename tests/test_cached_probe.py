@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import strategy as strategy_config
-from jtl import experiment
+from jtl.app import experiment
 from jtl.errors import ConfigError
 from test_script_errors import photo_folder
 

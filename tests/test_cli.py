@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jtl import cli
+from jtl.app import cli
 
-# Loads jtl/cli.py alone (importing jtl would take seconds), sets up the
+# Loads jtl/app/cli.py alone (importing jtl would take seconds), sets up the
 # runtime and prints what it applied. Only deterministic facts are asserted:
 # page-fault counts depend on the kernel's reclaim and the machine's load, so
 # they are measured by scripts/benchmarks/profile_step.py (BENCHMARKS.md), not here.

@@ -7,7 +7,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from jtl import experiment, models
+from jtl import models
+from jtl.app import experiment
 from jtl.errors import ConfigError, DataError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.py"))

@@ -1,4 +1,4 @@
-"""jtl.deploy: EfficientNet-Lite0 with its real ImageNet weights, exported to
+"""jtl.recipes.deploy: EfficientNet-Lite0 with its real ImageNet weights, exported to
 ONNX and LiteRT (float32 and full-integer int8) and run in onnxruntime and the
 LiteRT interpreter on scikit-image's chelsea (a cat) and coffee (espresso).
 
@@ -19,7 +19,9 @@ import pytest
 import skimage.data
 from jax import lax
 
-from jtl import deploy, deploy_runs, models
+from jtl import models
+from jtl.app import deploy_runs
+from jtl.recipes import deploy
 from jtl.models import efficientnet
 
 pytest.importorskip("onnxruntime")
@@ -185,7 +187,7 @@ def test_bad_requests_are_clear_errors(tmp_path):
 
 def test_import_jtl_deploy_loads_no_converter():
   import subprocess  # pylint: disable=g-import-not-at-top
-  code = ("import sys, jtl.deploy; bad = [m for m in ('tensorflow', 'onnx', 'onnxruntime', "
+  code = ("import sys, jtl.recipes.deploy; bad = [m for m in ('tensorflow', 'onnx', 'onnxruntime', "
           "'jax2onnx', 'ai_edge_litert') if m in sys.modules]; print(bad)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
@@ -199,7 +201,8 @@ def _tiny_workdir(root):
   import configs.default  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jtl import experiment, state  # pylint: disable=g-import-not-at-top
+  from jtl import state  # pylint: disable=g-import-not-at-top
+  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   photos = {"cat": skimage.data.chelsea(), "cup": skimage.data.coffee()}
@@ -235,7 +238,7 @@ def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   assert (workdir / "eval_test_tflite_int8.json").exists()
   # The float file in the same runtime agrees with jtl's own evaluation.
   onnx_file = deploy_runs.export_workdir(workdir, "onnx", input_pixels=True).path
-  from jtl import experiment  # pylint: disable=g-import-not-at-top
+  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
   reference = experiment.evaluate_workdir(workdir, step="best")
   onnx_result = deploy_runs.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]

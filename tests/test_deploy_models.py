@@ -1,4 +1,4 @@
-"""jtl.deploy on the zoo models the first deployment round could not export:
+"""jtl.recipes.deploy on the zoo models the first deployment round could not export:
 ResNet / VGG max pools to ONNX, ResNet and DINOv2 (exact GELU) to int8
 LiteRT, MiniLM (token inputs) to ONNX and LiteRT; and the int8 range guard.
 
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jtl import deploy, models
+from jtl import models
+from jtl.recipes import deploy
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jtl
-from jtl import distill
+from jtl.recipes import distill
 from beyond_models import TinyCNN, images, init, labels
 
 

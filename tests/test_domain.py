@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jtl
-from jtl import domain
+from jtl.recipes import domain
 from beyond_models import TinyCNN, images, init, labels
 
 

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from configs import default
-from jtl import experiment, workdirs
+from jtl.app import experiment, workdirs
 from jtl.errors import ConfigError
 from test_script_errors import photo_folder
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jtl import experiment
+from jtl.app import experiment
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError
 

@@ -1,4 +1,4 @@
-"""Config-selected training methods (jtl.methods) through jtl.experiment:
+"""Config-selected training methods (jtl.app.methods) through jtl.app.experiment:
 distillation from a teacher run, DANN / CORAL with a target domain, adversarial
 training, and the post-training evaluation options (int8, AdaBN, PGD)."""
 
@@ -10,7 +10,8 @@ import pytest
 from configs import adversarial as adversarial_config
 from configs import distill as distill_config
 from configs import domain as domain_config
-from jtl import experiment, methods, quantize
+from jtl.app import experiment, methods
+from jtl.recipes import quantize
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError
 

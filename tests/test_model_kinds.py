@@ -201,7 +201,7 @@ def test_fit_checkpoints_and_resumes_an_nnx_model(tmp_path):
 
 
 def test_lora_on_nnx_layers_trains_adapters_saves_and_merges(tmp_path):
-  from jtl.strategies import lora
+  from jtl.recipes.strategies import lora
   _, _, model = twins()
   assert "head" in lora.adaptable_layers(model) and "backbone_conv2" in lora.adaptable_layers(model)
   variables = lora.add_lora(model, targets=r"head|backbone_conv2", rank=2)
@@ -254,7 +254,7 @@ def test_nnx_lora_layers_a_user_already_has_are_selected_by_rules():
 
 
 def test_linear_probe_on_cached_nnx_features_matches_the_module():
-  from jtl import strategies
+  from jtl.recipes import strategies
   _, _, model = twins()
   variables = jtl.variables_of(model)
   data = [{**b, "mask": np.ones(16, bool)} for b in batches()]

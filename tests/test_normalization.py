@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jtl import methods, models
+from jtl import models
+from jtl.app import methods
 from jtl.data import images
 from jtl.errors import ConfigError, DataError
 from jtl.models import preprocessing

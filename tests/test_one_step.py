@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 import jtl
-from jtl import adversarial, distill, domain
+from jtl.recipes import adversarial, distill, domain
 from models_for_tests import MLP, batch, init
 
 

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 from jtl import tree as jtree
-from jtl import workdirs
+from jtl.app import workdirs
 from jtl.checkpoint import hf_export, peft
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, dinov2, hub_models, resnet
-from jtl.strategies import lora
+from jtl.recipes.strategies import lora
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PEFT_DIR = FIXTURES / "peft"
@@ -367,7 +367,8 @@ def _lora_workdir(root):
   import optax
 
   import configs.default
-  from jtl import experiment, models, state
+  from jtl import models, state
+  from jtl.app import experiment
   from jtl.checkpoint import manager
   config = configs.default.get_config()
   config.update({"model": "vit_ti16", "pretrained": False, "image_size": 32})

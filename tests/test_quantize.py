@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jtl
-from jtl import quantize
+from jtl.recipes import quantize
 from beyond_models import TinyCNN, images, init, labels
 
 

@@ -84,7 +84,7 @@ def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplo
   import logging
   import pytest
   from configs import default
-  from jtl import experiment
+  from jtl.app import experiment
   from jtl.errors import ConfigError
   data = photo_folder(tmp_path / "photos")
   config = default.get_config()

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jtl
-from jtl import strategies
+from jtl.recipes import strategies
 from jtl.errors import ConfigError, PartitionError
 from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
 

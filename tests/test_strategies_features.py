@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jtl
-from jtl import strategies
+from jtl.recipes import strategies
 from jtl.errors import DataError
 from strategies_helpers import SPEC, batch, changed, tiny
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jtl
-from jtl import strategies
+from jtl.recipes import strategies
 from jtl.errors import CheckpointError, ConfigError
 from strategies_helpers import SPEC, batch, changed, tiny
 
@@ -82,7 +82,7 @@ def test_lora_errors_name_the_problem(tmp_path):
 def test_lora_model_refuses_adapters_it_cannot_apply():
   import flax.linen as nn
   import jax.numpy as jnp
-  from jtl.strategies import LoraModel, LoraWeights, merge_lora
+  from jtl.recipes.strategies import LoraModel, LoraWeights, merge_lora
 
   class Net(nn.Module):
     @nn.compact

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jtl
-from jtl import strategies
+from jtl.recipes import strategies
 from jtl.errors import ConfigError
 from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
 

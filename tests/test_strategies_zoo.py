@@ -9,7 +9,7 @@ import numpy as np
 
 import jtl
 import jtl.models
-from jtl import strategies
+from jtl.recipes import strategies
 from jtl.models import bert, efficientnet, registry
 from strategies_helpers import changed
 

@@ -4,7 +4,7 @@ An adapted layer holds two extra leaves next to its "kernel": "lora_a"
 [fan_in, r] and "lora_b" [r, out], where fan_in * out is the kernel's size
 (fan_in the product of the kernel's leading axes, out of the others), and
 computes with kernel + alpha / r * (lora_a @ lora_b) reshaped to the kernel.
-`jtl.strategies.lora` trains such adapters (`LoraModel`, `LoraWeights`);
+`jtl.recipes.strategies.lora` trains such adapters (`LoraModel`, `LoraWeights`);
 `jtl.checkpoint.peft` / `hf_export` write them out. The functions here work
 on numpy and jax arrays alike (the training step merges under jit).
 

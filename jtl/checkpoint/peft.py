@@ -12,7 +12,7 @@ model under "base_model.model.", with the adapter name stripped:
   base_model.model.head.weight, ...head.bias      (a module in modules_to_save)
 
 jtl holds an adapter as "lora_a" [fan_in, r] / "lora_b" [r, out] next to the
-layer's kernel with scale alpha / r (`jtl.strategies.lora`), so the export is
+layer's kernel with scale alpha / r (`jtl.recipes.strategies.lora`), so the export is
 a transpose (and for convolutions the HWIO <-> OIHW reshuffle) under the module
 names of `jtl.checkpoint.hf_export` ("bert": transformers BertModel,
 "timm_vit", "timm_resnet", "dinov2": transformers Dinov2Model, "dinov2_cls":

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jtl  # noqa: E402
-from jtl import adversarial, distill, models, quantize  # noqa: E402
+from jtl import models  # noqa: E402
+from jtl.recipes import adversarial, distill, quantize  # noqa: E402
 
 
 class SmallCNN(nn.Module):

@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
 def finetune(name: str, args: argparse.Namespace) -> str:
   """Fine-tunes `name` at 224 px; returns the workdir (reused if done)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from jtl import experiment  # pylint: disable=g-import-not-at-top
+  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "default.py")
   spec = importlib.util.spec_from_file_location("default_config", path)
   default_config = importlib.util.module_from_spec(spec)
@@ -86,7 +86,9 @@ def timed(fn, x: np.ndarray, runs: int) -> list[float]:
 
 def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
   """{runtime: (predict, bytes)} for the five ways of running the model."""
-  from jtl import deploy, deploy_runs, quantize, tree_bytes, workdirs  # pylint: disable=g-import-not-at-top
+  from jtl import tree_bytes  # pylint: disable=g-import-not-at-top
+  from jtl.app import deploy_runs, workdirs  # pylint: disable=g-import-not-at-top
+  from jtl.recipes import deploy, quantize  # pylint: disable=g-import-not-at-top
   run = workdirs.restore(workdir, step="latest")
   module, variables = run.module, run.merged_variables()
   out = {"jtl jit float32": (quantize.make_inference_fn(module, variables, precision="float32"),
@@ -108,7 +110,7 @@ def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
 
 def accuracy(workdir: str, preds: dict[str, tuple], args: argparse.Namespace) -> dict[str, tuple]:
   """{runtime: (accuracy %, agreement with jtl float32 %)} on the test split."""
-  from jtl import experiment, workdirs  # pylint: disable=g-import-not-at-top
+  from jtl.app import experiment, workdirs  # pylint: disable=g-import-not-at-top
   run = workdirs.restore(workdir, step="latest")
   config, spec = run.config, run.spec
   top1 = {k: [] for k in preds}
@@ -201,7 +203,8 @@ def survey(args: argparse.Namespace) -> None:
 
   Each (model, format) runs in its own process: a runtime that aborts (a
   native crash) is reported, not fatal."""
-  from jtl import deploy, models  # pylint: disable=g-import-not-at-top
+  from jtl import models  # pylint: disable=g-import-not-at-top
+  from jtl.recipes import deploy  # pylint: disable=g-import-not-at-top
   print("| model | " + " | ".join(deploy.FORMATS) + " |")
   print("|---|---|---|---|")
   for name in models.list_models():
@@ -247,7 +250,8 @@ def _survey_inputs(spec, name: str):
 
 def survey_one(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from jtl import deploy, models  # pylint: disable=g-import-not-at-top
+  from jtl import models  # pylint: disable=g-import-not-at-top
+  from jtl.recipes import deploy  # pylint: disable=g-import-not-at-top
   name, fmt = args.survey_one.split(":")
   spec = models.get_spec(name)
   created = models.create(name, pretrained=False, num_classes=10)
@@ -279,7 +283,7 @@ def survey_one(args: argparse.Namespace) -> None:
 
 def main() -> None:
   args = parse_args()
-  from jtl import cli  # pylint: disable=g-import-not-at-top
+  from jtl.app import cli  # pylint: disable=g-import-not-at-top
   cli.configure_cpu_runtime()
   os.makedirs(args.out, exist_ok=True)
   if args.survey_one:

@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 import jtl
-from jtl import distill, models, quantize, strategies
+from jtl import models
+from jtl.recipes import distill, quantize, strategies
 from jtl.models import efficientnet
 
 

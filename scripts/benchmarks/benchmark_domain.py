@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jtl  # noqa: E402
-from jtl import domain  # noqa: E402
+from jtl.recipes import domain  # noqa: E402
 from jtl.data.builders.digits import mnist_layout  # noqa: E402  (jtl_digits' layout)
 from jtl.models.small_cnn import SmallCNN  # noqa: E402
 

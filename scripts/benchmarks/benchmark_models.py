@@ -15,7 +15,7 @@ Both sides see the same environment, printed in the header. Run it with
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 (as `make finetune` does; glibc then keeps freed memory for reuse, which
 helps both sides) and without. jtl's workers call
-`jtl.cli.configure_cpu_runtime()` first, as the scripts do.
+`jtl.app.cli.configure_cpu_runtime()` first, as the scripts do.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> d
 # --------------------------------------------------------------------- jtl side
 
 def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
-  from jtl import cli
+  from jtl.app import cli
   cli.configure_cpu_runtime()  # as scripts/finetune.py does
   import jax
   import jax.numpy as jnp
@@ -133,7 +133,7 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
 
 
 def jtl_predict(name: str, size: int, iters: int) -> dict:
-  from jtl import cli
+  from jtl.app import cli
   cli.configure_cpu_runtime()
   import numpy as np
   from jtl.models import registry, serving

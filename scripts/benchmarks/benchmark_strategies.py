@@ -4,7 +4,7 @@ Images: EfficientNet-Lite0 (or Lite1/Lite2, --model) with its ImageNet
 weights on an image folder (train/<class>/*.{jpg,png}, test/<class>/*; the
 CIFAR-10 subset, or the digits / LFW folders of make_small_folders.py), with K
 labelled images per class, tested on the test split (text: scripts/benchmarks/benchmark_text.py,
-which reuses this script's bookkeeping). Every strategy is built with `jtl.strategies.build` and
+which reuses this script's bookkeeping). Every strategy is built with `jtl.recipes.strategies.build` and
 trained by the same loop (same steps, batch size, optimizer family); inputs
 are not augmented, so the linear probe trains on cached features.
 
@@ -28,7 +28,7 @@ from PIL import Image
 
 import jtl
 import jtl.models
-from jtl import strategies
+from jtl.recipes import strategies
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

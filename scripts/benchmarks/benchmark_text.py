@@ -37,7 +37,7 @@ import optax
 
 import jtl
 import jtl.models
-from jtl import strategies
+from jtl.recipes import strategies
 from jtl.data import text as text_data
 from jtl.models import text as text_models
 from jtl.optim import default_decay_mask

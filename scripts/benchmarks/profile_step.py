@@ -33,7 +33,7 @@ def main() -> None:
   p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
   a = p.parse_args()
 
-  from jtl import cli
+  from jtl.app import cli
   cli.configure_cpu_runtime()  # as scripts/finetune.py does
   import jax
   import jax.numpy as jnp

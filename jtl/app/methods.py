@@ -6,20 +6,20 @@ config (model, data, rules, optimizer, schedule, checkpoints) is unchanged:
 - "" / "finetune": `jtl.make_train_step` (the default).
 - "distill": a frozen teacher, restored from another run's workdir
   (`teacher_workdir`, `teacher_step`), gives soft targets on the fly
-  (`temperature`, `alpha`; `jtl.distill`). The teacher sees each batch with
+  (`temperature`, `alpha`; `jtl.recipes.distill`). The teacher sees each batch with
   its own image size and normalisation.
-- "dann" / "coral": unsupervised domain adaptation (`jtl.domain`); each batch
+- "dann" / "coral": unsupervised domain adaptation (`jtl.recipes.domain`); each batch
   also carries unlabelled images of `target_dataset` / `target_split`
   (`weight`, `batchnorm`, and for DANN `domain_hidden`, `grl_gamma`).
   batchnorm "joint" (default) normalises source and target rows as one batch;
   "separate" normalises each domain with its own batch statistics and keeps
   the running statistics the source's, so the target is evaluated after AdaBN
-  (`needs_adabn`; `jtl.experiment.evaluate_workdir` applies it by itself).
+  (`needs_adabn`; `jtl.app.experiment.evaluate_workdir` applies it by itself).
   Checkpoints hold the wrapped model ("model/...", "domain/...");
   `plain_variables` unwraps them.
 - "adversarial": PGD or FGSM inputs made with the current params
   (`attack`, `eps`, `step_size`, `steps`, `clean_fraction`;
-  `jtl.adversarial`). eps and step_size are in pixel units (0..1 of the
+  `jtl.recipes.adversarial`). eps and step_size are in pixel units (0..1 of the
   pixel range) and converted to the model's normalised inputs.
 
 >>> sorted(DEFAULTS)
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jtl import adversarial, distill, domain
+from jtl.recipes import adversarial, distill, domain
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import preprocessing
 from jtl.tree import PyTree
@@ -46,7 +46,7 @@ from jtl.tree import PyTree
 DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"teacher_workdir": None, "teacher_step": "best", "temperature": 4.0,
                 "alpha": 0.9},
-    # domain_hidden 1024: the DANN paper's head (2 layers, dropout 0.5), jtl.domain's default.
+    # domain_hidden 1024: the DANN paper's head (2 layers, dropout 0.5), jtl.recipes.domain's default.
     "dann": {"target_dataset": None, "target_split": "train", "weight": 1.0,
              "domain_hidden": 1024, "grl_gamma": 10.0, "batchnorm": "joint"},
     "coral": {"target_dataset": None, "target_split": "train", "weight": 1.0,

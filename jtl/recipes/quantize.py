@@ -215,7 +215,7 @@ def load(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   path = Path(path)
   if not path.is_file():
-    raise CheckpointError(f"{path}: no such file; expected a file written by jtl.quantize.save.")
+    raise CheckpointError(f"{path}: no such file; expected a file written by jtl.recipes.quantize.save.")
   try:
     with safe_open(str(path), framework="numpy") as f:
       metadata = f.metadata() or {}
@@ -223,7 +223,7 @@ def load(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
   except Exception as e:  # noqa: BLE001 - name the file
     raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
   if metadata.get("jtl_quantized") != "1":
-    raise CheckpointError(f"{path}: not written by jtl.quantize.save (no 'jtl_quantized' "
+    raise CheckpointError(f"{path}: not written by jtl.recipes.quantize.save (no 'jtl_quantized' "
                           "metadata); read plain checkpoints with jtl.checkpoint.read.")
   flat: dict[str, Any] = {}
   broken = []

@@ -127,7 +127,7 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
 
 
 def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-  from jtl.experiment import flat_keys  # pylint: disable=g-import-not-at-top
+  from jtl.app.experiment import flat_keys  # pylint: disable=g-import-not-at-top
   path = None
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):

@@ -4,7 +4,7 @@ A zoo model's `spec.groups` lists (name, regex) layer groups from the stem to
 the head. The rule builders here turn a choice of groups into ordered
 (regex, label) rules for `jtl.label_params`. Trainable leaves are labelled by
 their group's name, so every strategy composes with per-group learning rates
-(see `jtl.strategies.llrd`); frozen leaves get None.
+(see `jtl.recipes.strategies.llrd`); frozen leaves get None.
 
 >>> groups = [("stem", r"stem/.*"), ("block_0", r"block_0/.*"),
 ...           ("block_1", r"block_1/.*"), ("head", r"head/.*")]

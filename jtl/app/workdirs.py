@@ -3,7 +3,7 @@
 App layer: a workdir's checkpoints carry the run's config, so the model, its
 variables (method wrappers removed) and its LoRA adapters (with their alpha)
 can be rebuilt from the workdir alone. `restore` does that once for
-`scripts/convert.py`, `scripts/evaluate.py` and `jtl.experiment`;
+`scripts/convert.py`, `scripts/evaluate.py` and `jtl.app.experiment`;
 `export_hub_format` writes a run as a PEFT adapter folder or as merged
 weights in the HF / timm layout (`jtl.checkpoint.peft`, `hf_export`).
 """
@@ -17,7 +17,8 @@ from typing import Any
 
 import ml_collections
 
-from jtl import methods, models
+from jtl import models
+from jtl.app import methods
 from jtl.errors import ConfigError
 from jtl.tree import PyTree
 
@@ -54,7 +55,7 @@ class Restored:
     """The variables with LoRA adapters folded into the kernels (a plain model)."""
     if self.alpha is None:
       return self.variables
-    from jtl.strategies import lora  # pylint: disable=g-import-not-at-top
+    from jtl.recipes.strategies import lora  # pylint: disable=g-import-not-at-top
     return {**self.variables, "params": lora.merge_lora(self.variables["params"], self.alpha)}
 
 
@@ -72,7 +73,7 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
   strategy = config.get("strategy") or {}
   alpha = None
   if strategy.get("name") == "lora":
-    from jtl.strategies.builder import resolve_options  # pylint: disable=g-import-not-at-top
+    from jtl.recipes.strategies.builder import resolve_options  # pylint: disable=g-import-not-at-top
     alpha = resolve_options(strategy)["alpha"]
   return Restored(module, methods.plain_variables(config, variables), config, spec,
                   int(meta["num_classes"]), alpha, meta)

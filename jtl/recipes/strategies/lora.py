@@ -151,7 +151,7 @@ def lora_interceptor(alpha: float):
       raise ConfigError(
           f"LoRA adapters at {_module_path(mod)} ({type(mod).__name__}): LoraModel adds "
           "the low-rank path to nn.Dense and ungrouped nn.Conv layers only. Use "
-          "jtl.strategies.LoraWeights (folds any adapter into its kernel) or merge_lora.")
+          "jtl.recipes.strategies.LoraWeights (folds any adapter into its kernel) or merge_lora.")
     out = next_fun(*args, **kwargs)
     a = mod.get_variable("params", LORA_A).astype(out.dtype)
     b = mod.get_variable("params", LORA_B).astype(out.dtype)

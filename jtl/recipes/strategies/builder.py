@@ -1,9 +1,9 @@
 """`build`: one transfer strategy from a config, over the partition core.
 
-    strategy = jtl.strategies.build(config.strategy, module, variables, spec)
+    strategy = jtl.recipes.strategies.build(config.strategy, module, variables, spec)
     tx = strategy.make_optimizer(learning_rate=1e-3, weight_decay=1e-4)
     # train strategy.module from strategy.variables with strategy.labels, tx;
-    # several phases (lp_ft, gradual): jtl.strategies.train_phases.
+    # several phases (lp_ft, gradual): jtl.recipes.strategies.train_phases.
 
 `config` is a strategy name or a mapping / ConfigDict {"name": ..., options}.
 Strategies: "full", "scratch", "linear_probe", "partial", "bitfit", "lora",
@@ -21,10 +21,10 @@ import optax
 
 from jtl import optim, partition
 from jtl.errors import ConfigError, bullet_list
-from jtl.strategies import l2sp as l2sp_lib
-from jtl.strategies import llrd, lora
-from jtl.strategies import rules as rules_lib
-from jtl.strategies import schedules
+from jtl.recipes.strategies import l2sp as l2sp_lib
+from jtl.recipes.strategies import llrd, lora
+from jtl.recipes.strategies import rules as rules_lib
+from jtl.recipes.strategies import schedules
 from jtl.tree import PyTree
 
 

@@ -1,9 +1,9 @@
 """A fine-tuned run exported for deployment, and evaluated in the runtime.
 
-App layer over `jtl.deploy` (which exports and runs a model): a finetune.py
+App layer over `jtl.recipes.deploy` (which exports and runs a model): a finetune.py
 workdir to ONNX / LiteRT float32 / LiteRT int8, with int8 calibrated on images
 of the run's own training split, and an exported file evaluated on a split of
-the run's data with the same pipeline as `jtl.experiment.evaluate_workdir`.
+the run's data with the same pipeline as `jtl.app.experiment.evaluate_workdir`.
 `scripts/convert.py --workdir` and `scripts/evaluate.py --exported` call these.
 """
 
@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl import data, deploy, experiment, methods, workdirs
+from jtl import data
+from jtl.app import experiment, methods, workdirs
+from jtl.recipes import deploy
 from jtl.checkpoint.writers import write_atomic
 from jtl.errors import ConfigError
 

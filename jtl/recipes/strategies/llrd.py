@@ -29,7 +29,7 @@ import optax
 from jtl import optim
 from jtl import tree as jtree
 from jtl.errors import ConfigError, PartitionError, bullet_list
-from jtl.strategies.rules import Groups, check_groups
+from jtl.recipes.strategies.rules import Groups, check_groups
 from jtl.tree import PyTree
 
 

@@ -103,7 +103,7 @@ def make_distill_loss(*, temperature: float = 4.0, alpha: float = 0.9,
     if teacher_key not in batch:
       raise StepError(
           f"The batch has no {teacher_key!r} entry (keys: {sorted(batch)}). Add the "
-          "teacher's logits with jtl.distill.cache_teacher_outputs + array_batches, "
+          "teacher's logits with jtl.recipes.distill.cache_teacher_outputs + array_batches, "
           "or use make_distill_train_step with a teacher.")
     return distillation_loss(logits, batch[teacher_key], batch.get("label"),
                              temperature=temperature, alpha=alpha,
@@ -278,7 +278,7 @@ def distill_parts(module: nn.Module, *, temperature: float = 4.0, alpha: float =
   if feature_weight and not isinstance(module, FeatureProjection):
     raise ConfigError(
         f"feature_weight={feature_weight} needs the student wrapped in a "
-        "FeatureProjection (see jtl.distill.with_projection).")
+        "FeatureProjection (see jtl.recipes.distill.with_projection).")
   model = LinenModel(module, call=FeatureProjection.outputs) if feature_weight else module
   return (model, _distill_objective(temperature, alpha, feature_weight),
           _teacher_transform(teacher, feature_weight))

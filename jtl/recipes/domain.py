@@ -257,7 +257,7 @@ def adapt_parts(module: AdaptModel, *, method: str = "dann", weight: float = 1.0
     raise ConfigError(f"batchnorm={batchnorm!r}: expected one of {BATCHNORM_MODES}.")
   if method == "dann" and not module.domain_hidden:
     raise ConfigError("method='dann' needs an AdaptModel with a domain classifier "
-                      "(jtl.domain.wrap(..., method='dann')).")
+                      "(jtl.recipes.domain.wrap(..., method='dann')).")
   schedule = grl_scale if callable(grl_scale) else (lambda step: jnp.float32(grl_scale))
   call = functools.partial(_adapt_call, batchnorm=batchnorm)
   return (LinenModel(module, call=call), _adapt_objective(method, weight),

@@ -6,7 +6,7 @@ num_classes, dataset, data_dir, train_split, eval_split, image_size,
 batch_size, num_steps (or num_epochs: see `resolve_schedule`), eval_every,
 checkpoint_every, keep, best_metric, test_split,
 optimizer, learning_rate, warmup_steps, schedule, weight_decay, clip_norm,
-rules, lr_multipliers, strategy, method (see jtl.methods), eval_dataset,
+rules, lr_multipliers, strategy, method (see jtl.app.methods), eval_dataset,
 model_kwargs (options for the model's constructor, e.g. drop_path_rate),
 augment, microbatches, compute_dtype, seed, log_every, distributed.
 """
@@ -29,7 +29,9 @@ import optax
 from absl import logging
 from etils import epath
 
-from jtl import data, methods, models, parallel, partition, quantize, steps, workdirs
+from jtl import data, models, parallel, partition, steps
+from jtl.app import methods, workdirs
+from jtl.recipes import quantize
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer, tree_bytes
 from jtl.train import FitResult, fit
@@ -326,7 +328,7 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   """
   strategy_config = config.get("strategy")
   if strategy_config and strategy_config.get("name"):
-    from jtl import strategies  # pylint: disable=g-import-not-at-top
+    from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
     strategy = strategies.build(strategy_config, created.module, created.variables, created.spec,
                                 verbose=False)
     phases = []
@@ -416,7 +418,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
   classes = num_classes(config)
   if cached_probe_problems(config) == []:
-    from jtl.strategies import features  # pylint: disable=g-import-not-at-top
+    from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
     head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
     print("Linear probe on cached features: one backbone pass over the training split, "
           "then the head trains on the cache.\n", flush=True)
@@ -452,7 +454,7 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
   """LP-FT's probe phase on cached features (skipped when `workdir` already
   holds checkpoints: the run resumes its fine-tuning phase). Returns the
   variables with the probed head and the one fine-tuning phase from step 0."""
-  from jtl.strategies import features  # pylint: disable=g-import-not-at-top
+  from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
   o = config.strategy
   ft_labels = phases[-1][1]
   ft_phase = [(0, ft_labels, build_optimizer(config, ft_labels))]
@@ -460,7 +462,7 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
     print("LP-FT: checkpoints found, resuming the fine-tuning phase.\n", flush=True)
     return variables, ft_phase
   head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
-  from jtl import strategies  # pylint: disable=g-import-not-at-top
+  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   probe_lr = o.get("probe_learning_rate") or strategies.PROBE_LEARNING_RATE
   probe_steps = o.get("probe_steps") or strategies.PROBE_STEPS
   head_tx = make_optimizer(head_labels, learning_rate=probe_lr,
@@ -516,12 +518,12 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
 
   Post-training options (their results go into the same JSON):
     precision: "float32", "bfloat16", "int8" or "int8_bfloat16"
-      (`jtl.quantize`; int8 = per-channel weight quantization); the report
+      (`jtl.recipes.quantize`; int8 = per-channel weight quantization); the report
       adds the stored model size.
     save_quantized: also write the variables at `precision` to this
-      safetensors file (`jtl.quantize.load` reads it back).
+      safetensors file (`jtl.recipes.quantize.load` reads it back).
     adabn: first re-estimate BatchNorm statistics on the unlabelled
-      training split of the evaluated dataset (AdaBN, `jtl.domain`). Always
+      training split of the evaluated dataset (AdaBN, `jtl.recipes.domain`). Always
       done for a domain run with batchnorm "separate" (`methods.needs_adabn`):
       its running statistics are the source's.
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
@@ -533,7 +535,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   split = split or meta_config.get("eval_split", "test")
   extra: dict[str, Any] = {}
   if adabn or methods.needs_adabn(meta_config):
-    from jtl import domain  # pylint: disable=g-import-not-at-top
+    from jtl.recipes import domain  # pylint: disable=g-import-not-at-top
     # One unaugmented pass over the unlabelled train split of the evaluated data.
     target = eval_batches(meta_config, spec, meta_config.get("train_split", "train"))
     variables = domain.adapt_batchnorm(module, variables, target())
@@ -552,7 +554,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   eval_step = jax.jit(quantize.make_quantized_eval_step(module, precision=precision))
   robust_step = None
   if attack:
-    from jtl import adversarial  # pylint: disable=g-import-not-at-top
+    from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
     mul, add = methods.pixel_affine(spec.input_normalization)
     robust_step = jax.jit(adversarial.make_robust_eval_step(
         module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
