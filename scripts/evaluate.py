@@ -27,7 +27,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from jtl.app import cli, experiment  # noqa: E402
 from jtl.errors import ConfigError  # noqa: E402
@@ -61,9 +61,7 @@ flags.mark_flag_as_required("workdir")
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
-  cli.configure_cpu_runtime()  # before any computation creates the CPU client
-  cli.enable_compilation_cache()
+  cli.prepare_process()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The repository root, for the config files' own imports (`from configs import default`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jtl.app import cli, experiment  # noqa: E402
@@ -30,9 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
-  cli.configure_cpu_runtime()  # before any computation creates the CPU client
-  cli.enable_compilation_cache()
+  cli.prepare_process()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
   test = experiment.evaluate_test_split(_CONFIG.value, _WORKDIR.value)  # with test_split set
   if test is not None:

@@ -11,6 +11,16 @@ from collections.abc import Callable, Mapping, Sequence
 from absl import flags
 
 
+def prepare_process() -> None:
+  """What an entry point does first: library INFO logs (Orbax, TFDS) off, as
+  they drown the progress bar; the CPU runtime configured, before any
+  computation creates the CPU client; the persistent compilation cache on."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  configure_cpu_runtime()
+  enable_compilation_cache()
+
+
 def enable_compilation_cache() -> None:
   """Caches compiled XLA programs across runs (a restarted or resumed job, or
   evaluate.py after finetune.py, skips recompiling): $JAX_COMPILATION_CACHE_DIR
