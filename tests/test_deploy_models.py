@@ -111,7 +111,7 @@ def test_resnet18_int8_litert_runs_in_xnnpack(resnet18, tmp_path):
 
 _DINO_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax
-    from jtl import deploy
+    from jtl.recipes import deploy
     from jtl.models import dinov2
     module = dinov2.Dinov2(num_classes=5, width=32, depth=1, num_heads=2, image_size=56)
     x = np.random.default_rng(0).standard_normal((3, 28, 28, 3)).astype(np.float32)
