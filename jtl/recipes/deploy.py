@@ -62,8 +62,8 @@ from jax import lax
 
 from jtl.checkpoint.writers import write_atomic
 from jtl.errors import CheckpointError, ConfigError, JtlError, bullet_list
+from jtl.tree import PyTree
 
-PyTree = Any
 FORMATS = ("onnx", "tflite", "tflite_int8")
 SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tflite_int8": ".int8.tflite"}
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # points (percent) lost by int8 before the check warns
