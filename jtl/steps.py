@@ -22,7 +22,7 @@ from jtl import partition
 from jtl.adapter import as_model, frozen_batchnorm  # noqa: F401 (frozen_batchnorm re-exported)
 from jtl.errors import StepError
 from jtl.state import TrainState
-from jtl.tree import PyTree
+from jtl.tree import PyTree, cast_floats
 
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
@@ -56,24 +56,11 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
-  if dtype is None:
-    return tree
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
-
-
 def _logits(outputs: Any) -> jax.Array | None:
   """The float32 logits among a model's outputs (an array, or the first of a tuple)."""
   if isinstance(outputs, (tuple, list)) and outputs:
     outputs = outputs[0]
   return outputs.astype(jnp.float32) if hasattr(outputs, "astype") else None
-
-
-def _to_float32(outputs: Any) -> Any:
-  return jax.tree.map(
-      lambda x: x.astype(jnp.float32) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
-      outputs)
 
 
 def _check_scalar(loss: Any) -> None:
@@ -153,11 +140,11 @@ def make_train_step(
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
 
   def loss_and_aux(trainable, frozen, model_state, batch, rng):
-    params = _cast_floats(partition.merge(trainable, frozen), compute_dtype)
+    params = cast_floats(partition.merge(trainable, frozen), compute_dtype)
     outputs, new_model_state = adapter.apply(
-        params, model_state, _cast_floats(batch["inputs"], compute_dtype), train=True, rng=rng,
+        params, model_state, cast_floats(batch["inputs"], compute_dtype), train=True, rng=rng,
         frozen_paths=frozen_paths)
-    outputs = _to_float32(outputs)
+    outputs = cast_floats(outputs, jnp.float32)
     loss, aux = _loss_and_metrics(loss_fn, outputs, batch)
     logits = _logits(outputs)
     if "accuracy" not in aux and logits is not None and logits.shape[0] == batch["label"].shape[0]:
@@ -264,8 +251,8 @@ def make_eval_step(
 
   def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
     variables = dict(variables)
-    params = _cast_floats(variables.pop("params"), compute_dtype)
-    outputs, _ = adapter.apply(params, variables, _cast_floats(batch["inputs"], compute_dtype),
+    params = cast_floats(variables.pop("params"), compute_dtype)
+    outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
                                train=False, rng=None)
     logits = _logits(outputs)
     mask = _mask(batch)

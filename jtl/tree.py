@@ -26,6 +26,22 @@ PyTree = Any
 Rules = Sequence[tuple[str, Any]]
 
 
+def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
+  """Floating leaves cast to `dtype` (numpy stays numpy, jax stays jax);
+  integer and other leaves unchanged; `dtype` None returns the tree as is.
+
+  >>> import numpy as np
+  >>> t = cast_floats({"w": np.ones(2, np.float32), "n": np.arange(2)}, np.float16)
+  >>> str(t["w"].dtype), str(t["n"].dtype)
+  ('float16', 'int64')
+  """
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jax.numpy.issubdtype(jax.numpy.result_type(x),
+                                                         jax.numpy.floating) else x, tree)
+
+
 def key_name(key: Any) -> str:
   """Returns the plain name of one jax key-path entry."""
   for attr in ("key", "name", "idx"):

@@ -38,7 +38,7 @@ from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
 from jtl.steps import Batch, LossFn, cross_entropy_loss, make_train_step, masked_mean
-from jtl.tree import PyTree
+from jtl.tree import PyTree, cast_floats
 
 
 def _check_options(temperature: float, alpha: float) -> None:
@@ -137,9 +137,7 @@ def teacher_fn(module: nn.Module, variables: PyTree, *, features: bool = False,
   def run(x):
     v = variables
     if compute_dtype is not None:
-      v = jax.tree.map(lambda a: a.astype(compute_dtype)
-                       if jnp.issubdtype(a.dtype, jnp.floating) else a, v)
-      x = x.astype(compute_dtype)
+      v, x = cast_floats(v, compute_dtype), x.astype(compute_dtype)
     if features:
       f, logits = module.apply(v, x, False, method=_features_and_logits)
       return logits.astype(jnp.float32), f.astype(jnp.float32)

@@ -37,8 +37,7 @@ import numpy as np
 
 from jtl import steps
 from jtl.errors import CheckpointError, ConfigError
-from jtl.tree import Rules, match_rules, path_name, unflatten
-from jtl.tree import PyTree
+from jtl.tree import PyTree, Rules, cast_floats, match_rules, path_name, unflatten
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int8_bfloat16")
 DEFAULT_RULES: Rules = ((r"(.*/)?kernel", True), (r".*", False))
@@ -115,20 +114,14 @@ def dequantize(tree: PyTree, dtype: Any = jnp.float32) -> PyTree:
   return jax.tree.map(one, tree, is_leaf=_is_q)
 
 
-def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
-  """Floating leaves cast to `dtype` (e.g. bf16 storage); others unchanged."""
-  return jax.tree.map(lambda x: np.asarray(x).astype(dtype)
-                      if np.issubdtype(np.asarray(x).dtype, np.floating) else x, tree)
-
-
 def prepare(variables: PyTree, precision: str, **quantize_kwargs: Any) -> PyTree:
   """Stored variables for a precision: float32, bfloat16 (cast), int8 (quantized)."""
   if precision not in PRECISIONS:
     raise ConfigError(f"precision={precision!r}: expected one of {PRECISIONS}.")
   if precision == "float32":
-    return cast_floats(variables, np.float32)
+    return cast_floats(jax.tree.map(np.asarray, variables), np.float32)
   if precision == "bfloat16":
-    return cast_floats(variables, jnp.bfloat16)
+    return cast_floats(jax.tree.map(np.asarray, variables), jnp.bfloat16)
   return quantize_variables(variables, **quantize_kwargs)
 
 
