@@ -39,13 +39,14 @@ def run_steps(strategy, n=1, lr=0.1, optimizer="sgd", history=None, **kw):
 @pytest.mark.parametrize("config, expected", [
     ("linear_probe", HEAD),
     ({"name": "partial", "num_blocks": 1}, HEAD | {p for p in ALL if p.startswith("block_1")}),
-    ("bitfit", HEAD | {p for p in ALL if re.search(r"/(bias|scale)$", p)}),
-    ("full", ALL),
-    ("llrd", ALL),
+    ({"name": "bitfit", "freeze_batchnorm": False},
+     HEAD | {p for p in ALL if re.search(r"/(bias|scale)$", p)}),
+    ({"name": "full", "freeze_batchnorm": False}, ALL),
+    ({"name": "llrd", "freeze_batchnorm": False}, ALL),
 ])
 def test_only_trainable_leaves_change(config, expected, capsys):
   module, variables = tiny()
-  strategy = strategies.build(config, module, variables, SPEC)
+  strategy = strategies.build(config, module, variables, SPEC, verbose=True)
   printed = capsys.readouterr().out
   assert "trainable:" in printed and "frozen" in printed or expected == ALL
   state, metrics = run_steps(strategy)

@@ -16,7 +16,8 @@ ADAPTED = ["stem/conv", "block_0/dense", "block_1/dense"]
 
 def test_lora_trains_only_adapters_and_head_and_merges(tmp_path, capsys):
   module, variables = tiny()
-  s = strategies.build({"name": "lora", "rank": 2, "alpha": 4.0}, module, variables, SPEC)
+  s = strategies.build({"name": "lora", "rank": 2, "alpha": 4.0}, module, variables, SPEC,
+                       verbose=True)
   assert "lora" in capsys.readouterr().out
   lora_paths = {f"{m}/lora_{x}" for m in ADAPTED for x in "ab"}
   assert lora_paths <= set(jtl.flatten(s.variables["params"]))

@@ -205,27 +205,39 @@ GRID = {
     "lp_ft": [1e-4, 3e-4],
     "lp_ft_frozen_bn": [1e-4, 3e-4],
     "full_frozen_bn": [3e-4, 1e-3],
+    "full_frozen_stats": [3e-4, 1e-3],
     "full": [3e-4, 1e-3],
     "partial": [1e-3, 3e-3],
+    "partial_frozen_bn": [1e-3, 3e-3],
     "llrd": [1e-3, 3e-3],
+    "llrd_frozen_bn": [1e-3, 3e-3],
+    "llrd_frozen_stats": [1e-3, 3e-3],
     "bitfit": [3e-3, 1e-2],
+    "bitfit_frozen_stats": [3e-3, 1e-2],
     "lora": [1e-3, 3e-3],
     "scratch": [3e-3, 1e-2],
 }
+# Every BatchNorm mode is written out (freeze_batchnorm: True = frozen whole,
+# "statistics" = stored statistics with scale/offset training, False =
+# statistics re-estimated from the batches), so rows keep their meaning when
+# a strategy's default changes. The plain names are the first runs' setting.
 CONFIGS = {
-    "scratch": "scratch",
+    "scratch": {"name": "scratch", "freeze_batchnorm": False},
     "linear_probe": {"name": "linear_probe", "cache_features": True},
-    "partial": {"name": "partial", "num_blocks": 4},
-    "full": "full",
-    # probe on the cache, then full fine-tuning with BatchNorm statistics
-    # re-estimated from the batches (as in the first runs) or frozen (the
-    # strategy's default since)
+    "partial": {"name": "partial", "num_blocks": 4, "freeze_batchnorm": False},
+    "partial_frozen_bn": {"name": "partial", "num_blocks": 4, "freeze_batchnorm": True},
+    "full": {"name": "full", "freeze_batchnorm": False},
+    "full_frozen_bn": {"name": "full", "freeze_batchnorm": True},
+    "full_frozen_stats": {"name": "full", "freeze_batchnorm": "statistics"},
+    # probe on the cache, then full fine-tuning
     "lp_ft": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": False},
     "lp_ft_frozen_bn": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": True},
-    "full_frozen_bn": {"name": "full", "freeze_batchnorm": True},
-    "llrd": {"name": "llrd", "layer_decay": 0.8},
-    "bitfit": "bitfit",
-    "lora": {"name": "lora", "rank": 8, "alpha": 16.0},
+    "llrd": {"name": "llrd", "layer_decay": 0.8, "freeze_batchnorm": False},
+    "llrd_frozen_bn": {"name": "llrd", "layer_decay": 0.8, "freeze_batchnorm": True},
+    "llrd_frozen_stats": {"name": "llrd", "layer_decay": 0.8, "freeze_batchnorm": "statistics"},
+    "bitfit": {"name": "bitfit", "freeze_batchnorm": False},
+    "bitfit_frozen_stats": {"name": "bitfit", "freeze_batchnorm": "statistics"},
+    "lora": {"name": "lora", "rank": 8, "alpha": 16.0, "freeze_batchnorm": False},
 }
 
 

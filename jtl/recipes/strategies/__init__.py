@@ -8,8 +8,9 @@ from a config; the modules below are usable on their own.
 
 from __future__ import annotations
 
-from jtl.recipes.strategies.builder import (LEARNING_RATES, PROBE_LEARNING_RATE, PROBE_STEPS, Strategy,
-                                  build, resolve_options)
+from jtl.recipes.strategies.batchnorm import FrozenStatistics, batchnorm_paths, batchnorm_rule
+from jtl.recipes.strategies.builder import (FREEZE_BATCHNORM, LEARNING_RATES, PROBE_LEARNING_RATE,
+                                            PROBE_STEPS, Strategy, build, resolve_options)
 from jtl.recipes.strategies.features import (Head, cache_problems, extract_features, feature_batches,
                                      head_trainer, probe_head, train_head,
                                      with_head)
@@ -26,8 +27,8 @@ from jtl.recipes.strategies.schedules import (Phase, PhasedResult, gradual_unfre
                                       transfer_opt_state)
 
 __all__ = [
-    "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
-    "adapter_params", "bitfit_rules", "build", "cache_problems", "extract_features",
+    "FREEZE_BATCHNORM", "FrozenStatistics", "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
+    "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
     "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",

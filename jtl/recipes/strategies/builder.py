@@ -14,6 +14,7 @@ strategy takes: head, layer_decay, stacked, l2sp, l2sp_head, seed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ import optax
 
 from jtl import optim, partition
 from jtl.errors import ConfigError, bullet_list
+from jtl.recipes.strategies import batchnorm
 from jtl.recipes.strategies import l2sp as l2sp_lib
 from jtl.recipes.strategies import llrd, lora
 from jtl.recipes.strategies import rules as rules_lib
@@ -45,12 +47,13 @@ LEARNING_RATES = {"scratch": 3e-3, "linear_probe": 1e-2, "partial": 3e-3, "full"
 PROBE_LEARNING_RATE = 1e-2
 PROBE_STEPS = 300  # head steps of the cached probe (linear probe, LP-FT's probe phase)
 
-# freeze_batchnorm: BatchNorm layers keep their pretrained statistics and
-# affine parameters (they run in inference mode while the rest trains). On by
-# default for lp_ft: measured on the validation split of the sweep
-# (EfficientNet-Lite0, CIFAR-10 at 128 px, 80 images per class, 60 steps of 32,
-# fine-tuning lr 1e-4), LP-FT reached 67.5% with frozen BatchNorm against 55.5%
-# with statistics re-estimated from batches of 32, below its own probe (67.0%).
+# freeze_batchnorm defaults (True: BatchNorm frozen whole; "statistics":
+# stored statistics, scale and offset train; see strategies/batchnorm.py).
+# lp_ft: measured on the validation split of the sweep (EfficientNet-Lite0,
+# CIFAR-10 at 128 px, 80 images per class, 60 steps of 32, fine-tuning lr
+# 1e-4), LP-FT reached 67.5% with frozen BatchNorm against 55.5% with
+# statistics re-estimated from batches of 32, below its own probe (67.0%).
+FREEZE_BATCHNORM: dict[str, bool | str] = {"lp_ft": True}
 _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
            "freeze_batchnorm": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
@@ -171,24 +174,8 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   return options
 
 
-def batchnorm_rule(variables: PyTree) -> tuple[str, None] | None:
-  """A rule freezing every BatchNorm layer's params: the modules that hold
-  `batch_stats` (None when the model has none).
-
-  >>> batchnorm_rule({"params": {}, "batch_stats": {"b0": {"bn": {"mean": 0, "var": 1}}}})
-  ('(b0/bn)/.*', None)
-  """
-  import re  # pylint: disable=g-import-not-at-top
-  from jtl import tree as jtree  # pylint: disable=g-import-not-at-top
-  stats = variables.get("batch_stats") if isinstance(variables, Mapping) else None
-  if not stats:
-    return None
-  modules = sorted({p.rsplit("/", 1)[0] for p, _ in jtree.leaves_with_paths(stats)})
-  return ("(" + "|".join(re.escape(m) for m in modules) + ")/.*", None)
-
-
 def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec: Any, *,
-          verbose: bool = True) -> Strategy:
+          verbose: bool = False) -> Strategy:
   """Builds a transfer strategy for a model.
 
   Args:
@@ -196,7 +183,8 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
     module: the Flax module (e.g. `jtl.models.create(...).module`).
     variables: its pretrained variables.
     spec: its ModelSpec (for `groups`, and `example_input` for LoRA/scratch).
-    verbose: print the trainable/frozen summary.
+    verbose: also print the trainable/frozen summary (it is always logged
+      at INFO level).
   """
   o = resolve_options(config)
   name = o["name"]
@@ -233,14 +221,28 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
                               rank=o["rank"], seed=o["seed"], layers=layers)
     module = lora.LoraModel(module, o["alpha"])
     phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
-  if o["freeze_batchnorm"] is None:
-    o["freeze_batchnorm"] = name == "lp_ft"
-  if o["freeze_batchnorm"]:
-    bn_rule = batchnorm_rule(variables)
-    if bn_rule is not None:
-      phases = tuple(dataclasses.replace(p, rules=(bn_rule,) + tuple(p.rules)) for p in phases)
+  module, phases = _with_batchnorm_mode(o, module, variables, phases)
   labels = partition.label_params(variables["params"], list(phases[0].rules))
   strategy = Strategy(name, module, dict(variables), phases, labels, o, groups)
+  logging.getLogger(__name__).info("%s", strategy)
   if verbose:
     print(strategy)
   return strategy
+
+
+def _with_batchnorm_mode(o: dict[str, Any], module: Any, variables: PyTree,
+                         phases: tuple[schedules.Phase, ...]
+                         ) -> tuple[Any, tuple[schedules.Phase, ...]]:
+  """Applies `freeze_batchnorm` (None: the strategy's measured default)."""
+  mode = o["freeze_batchnorm"]
+  if mode is None:
+    mode = o["freeze_batchnorm"] = FREEZE_BATCHNORM.get(o["name"], False)
+  if mode not in batchnorm.MODES:
+    raise ConfigError(f"strategy.freeze_batchnorm={mode!r}: expected True (BatchNorm frozen "
+                      "whole), 'statistics' (stored statistics, scale and offset train) or "
+                      "False (statistics re-estimated from the batches).")
+  if mode is True and (rule := batchnorm.batchnorm_rule(variables)) is not None:
+    phases = tuple(dataclasses.replace(p, rules=(rule,) + tuple(p.rules)) for p in phases)
+  elif mode == "statistics" and (paths := batchnorm.batchnorm_paths(variables)):
+    module = batchnorm.FrozenStatistics(module, paths)
+  return module, phases

@@ -1,0 +1,84 @@
+"""BatchNorm during fine-tuning: frozen whole, or statistics only.
+
+A pretrained network's BatchNorm statistics describe its pretraining data.
+Fine-tuning in training mode normalises with each batch's statistics and
+moves the running averages slowly (momentum 0.99: 20 steps move them 18% of
+the way), so after a short run the evaluated network (running averages) is
+not the one that was trained (batch statistics). On small, shifted data
+(8x8 digits upsampled to 128 px) that costs 47 points of accuracy
+(BENCHMARKS.md, issue 15, section 3c). Two remedies, one option
+(`strategy.freeze_batchnorm`):
+
+- True: BatchNorm layers are frozen whole: stored statistics, and their
+  scale and offset do not train (`batchnorm_rule`, a partition rule; the
+  train step runs layers whose params are all frozen on stored statistics).
+- "statistics": stored statistics, but scale and offset train
+  (`FrozenStatistics`, a model wrapper). BitFit's default: its trainable
+  params are mostly BatchNorm offsets and scales.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from jtl import adapter
+from jtl import tree as jtree
+from jtl.tree import PyTree
+
+MODES = (True, False, "statistics")
+
+
+def batchnorm_paths(variables: PyTree) -> tuple[str, ...]:
+  """Module paths of the layers that hold `batch_stats`, sorted.
+
+  >>> batchnorm_paths({"params": {}, "batch_stats": {"b0": {"bn": {"mean": 0, "var": 1}}}})
+  ('b0/bn',)
+  """
+  stats = variables.get("batch_stats") if isinstance(variables, Mapping) else None
+  if not stats:
+    return ()
+  return tuple(sorted({p.rsplit("/", 1)[0] for p, _ in jtree.leaves_with_paths(stats)}))
+
+
+def batchnorm_rule(variables: PyTree) -> tuple[str, None] | None:
+  """A rule freezing every BatchNorm layer's params (None when the model has none).
+
+  >>> batchnorm_rule({"params": {}, "batch_stats": {"b0": {"bn": {"mean": 0, "var": 1}}}})
+  ('(b0/bn)/.*', None)
+  """
+  paths = batchnorm_paths(variables)
+  if not paths:
+    return None
+  return ("(" + "|".join(re.escape(m) for m in paths) + ")/.*", None)
+
+
+class FrozenStatistics:
+  """Wraps a Flax Linen module so that its BatchNorm layers at `paths` use
+  their stored statistics in training too (and do not update them), while
+  their scale and offset may train.
+
+  Like `LoraModel`, it stands in for the module wherever jtl calls
+  `module.apply(...)`; other attributes (`features`, ...) pass through.
+
+  Example:
+    module = FrozenStatistics(module, batchnorm_paths(variables))
+    step = jtl.make_train_step(module, tx, labels=labels)
+  """
+
+  def __init__(self, base: Any, paths: Iterable[str]):
+    self.base = base
+    self.paths = frozenset(paths)
+
+  def apply(self, variables: PyTree, *args: Any, **kwargs: Any) -> Any:
+    with adapter.frozen_batchnorm(self.paths):
+      return self.base.apply(variables, *args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    if name == "base":  # not set yet (copy, unpickling): no recursion
+      raise AttributeError(name)
+    return getattr(self.base, name)
+
+  def __repr__(self) -> str:
+    return f"FrozenStatistics({len(self.paths)} layers, base={type(self.base).__name__})"
