@@ -179,6 +179,11 @@ def wrap(model: nn.Module, variables: PyTree, example_input: jax.Array, *,
                       "expected domain_hidden >= 1 and 0 <= domain_dropout < 1.")
   if method not in METHODS:
     raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
+  if not isinstance(model, nn.Module):
+    raise ConfigError(
+        f"Domain adaptation wraps a Flax Linen module; got a {type(model).__name__} (a strategy's "
+        "model wrapper: LoRA, or freeze_batchnorm='statistics'). Use a strategy that keeps the "
+        "module (e.g. full or bitfit with strategy.freeze_batchnorm=True or False).")
   hidden = domain_hidden if method == "dann" else 0
   wrapped = {k: {"model": v} for k, v in variables.items()}
   if hidden:
