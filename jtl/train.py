@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -211,6 +212,119 @@ def _stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: i
     raise _divergence(*bad, last_saved, workdir)
 
 
+def _open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any], TrainState],
+              **workdir_kwargs: Any) -> tuple[CheckpointManager | None, MetricWriter | None,
+                                              TrainState]:
+  """(checkpoint manager, metric writer, start state) of a run, the first two
+  None without a workdir and closed by `stack`. `restore(mngr)` gives the state."""
+  if workdir is None:
+    return None, None, restore(None)
+  mngr = _open_workdir(stack, workdir, **workdir_kwargs)
+  state = restore(mngr)
+  start_step = int(jax.device_get(state.step))
+  if start_step:
+    logging.info("Resuming from step %d in %s", start_step, workdir)
+  writer = MetricWriter(workdir, resume_step=start_step)
+  stack.callback(writer.close)
+  return mngr, writer, state
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The step loop of `fit`: the parts it is given once, then what each step
+  carries on to the next."""
+  # Given once.
+  phases: _Phases
+  compile_step: Callable[[PyTree, optax.GradientTransformation], Callable]
+  mesh: jax.sharding.Mesh
+  mngr: CheckpointManager | None
+  writer: MetricWriter | None
+  eval_step: Callable
+  eval_batches: Callable[[], Iterable[Batch]] | None
+  eval_every: int
+  log_every: int
+  on_log: Callable[[int, dict[str, float]], None] | None
+  bar: Any
+  stop_on_nonfinite: bool
+  save_eval_metrics: bool  # a best_metric picks the best checkpoint by them
+  meta: dict[str, Any]
+  workdir: Any
+  # Carried from step to step.
+  state: TrainState
+  phase: int
+  train_step: Callable
+  last_saved: int | None
+  window: _Window = dataclasses.field(init=False)  # set by `run`
+  unchecked: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
+  eval_metrics: dict[str, float] | None = None
+
+  def run(self, batches: Iterator[Batch], start_step: int, num_steps: int) -> None:
+    """Steps start_step + 1 to num_steps, with their logs, evals and saves."""
+    self.window = _Window(start=time.perf_counter())
+    for step in range(start_step + 1, num_steps + 1):
+      self._enter_phase_if_due(step)
+      batch = self._next_batch(batches)
+      self.state, metrics = self.train_step(self.state, parallel.shard_batch(batch, self.mesh))
+      self.window.rows.append((step, metrics))
+      self.unchecked.append((step, metrics))
+      last = step == num_steps
+      due_eval = self.eval_batches is not None and (
+          (self.eval_every and step % self.eval_every == 0) or last)
+      due_save = self.mngr is not None and (last or self.mngr.should_save(step))
+      due_log = step % self.log_every == 0 or last
+      if due_log or due_eval or due_save:
+        self._check_finite()
+      if due_log:
+        _report(step, self.window.summary(len(batch["label"])), self.writer, self.on_log,
+                self.bar)
+      if self.bar:
+        self.bar.update(1)
+      evaluated = self.evaluate(step) if due_eval else None
+      if due_save and self.mngr.save(step, self.state, meta=self.meta, force=last,
+                                     metrics=evaluated if self.save_eval_metrics else None):
+        self.last_saved = step
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    """Evaluates the current state, writes and logs the result, and keeps it
+    as the latest eval metrics."""
+    result = evaluate(self.eval_step, self.state.variables, self.eval_batches(), self.mesh)
+    if self.writer:
+      self.writer.write(step, "eval", result)
+      self.writer.plot()
+    logging.info("eval step %d: %s", step, result)
+    self.eval_metrics = result
+    return result
+
+  def _enter_phase_if_due(self, step: int) -> None:
+    if self.phases.at(step - 1) != self.phase:
+      self.phase = self.phases.at(step - 1)
+      self.state, self.train_step = _enter_phase(self.state, self.phases.items[self.phase],
+                                                 self.compile_step, self.mesh)
+      logging.info("Phase %d from step %d", self.phase, step - 1)
+
+  def _next_batch(self, batches: Iterator[Batch]) -> Batch:
+    """The next batch; the time spent waiting for it counts as input wait."""
+    t0 = time.perf_counter()
+    batch = next(batches)
+    self.window.wait += time.perf_counter() - t0
+    return batch
+
+  def _check_finite(self) -> None:
+    """Checks the steps since the last check for NaN/inf (on_nonfinite="stop"),
+    before anything of the latest step is saved."""
+    if self.stop_on_nonfinite:
+      _stop_if_diverged(self.unchecked, self.last_saved, self.workdir)
+    self.unchecked = []
+
+
+def _compile_train_step(labels: PyTree, tx: optax.GradientTransformation, *, module: Any,
+                        mesh: jax.sharding.Mesh, skip_nonfinite: bool,
+                        **step_kwargs: Any) -> Callable:
+  """The jitted train step of one phase (`steps.make_train_step`'s options)."""
+  step = steps.make_train_step(module, tx, labels=labels, **step_kwargs)
+  return parallel.jit_train_step(steps.skip_nonfinite(step) if skip_nonfinite else step, mesh)
+
+
 def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.GradientTransformation,
         train_batches: Callable[[int], Iterator[Batch]], num_steps: int,
         workdir: str | os.PathLike | None = None,
@@ -267,80 +381,37 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   if variables is None:
     variables = variables_of(module)
+  compile_step = functools.partial(
+      _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
+      loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
+      compute_dtype=compute_dtype)
 
   def fresh_state(phase: int) -> tuple[TrainState, PyTree]:
     """The initial state of `phase` and its labels (what a restore fills)."""
     _, labels, tx = phases.items[phase]
     return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
 
-  def compile_step(labels: PyTree, tx: optax.GradientTransformation) -> Callable:
-    step = steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn,
-                                 batch_transform=batch_transform, microbatches=microbatches,
-                                 compute_dtype=compute_dtype)
-    return parallel.jit_train_step(
-        steps.skip_nonfinite(step) if on_nonfinite == "skip" else step, mesh)
-
   with contextlib.ExitStack() as stack:
-    mngr = writer = None
-    if workdir is not None:
-      mngr = _open_workdir(stack, workdir, meta, checkpoint_every, keep,
-                           best_metric if eval_batches else None, async_checkpoints)
-    state = _restore_or_fresh(mngr, phases, fresh_state)
+    mngr, writer, state = _open_run(
+        stack, workdir, lambda mngr: _restore_or_fresh(mngr, phases, fresh_state), meta=meta,
+        save_every=checkpoint_every, keep=keep, best_metric=best_metric if eval_batches else None,
+        async_save=async_checkpoints)
     start_step = int(jax.device_get(state.step))
     phase = phases.at(start_step - 1) if start_step else 0
-    if workdir is not None:
-      if start_step:
-        logging.info("Resuming from step %d in %s", start_step, workdir)
-      writer = MetricWriter(workdir, resume_step=start_step)
-      stack.callback(writer.close)
-    train_step = compile_step(*phases.items[phase][1:])
-    eval_step = jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype))
-
-    def run_eval(step: int) -> dict[str, float]:
-      result = evaluate(eval_step, state.variables, eval_batches(), mesh)
-      if writer:
-        writer.write(step, "eval", result)
-        writer.plot()
-      logging.info("eval step %d: %s", step, result)
-      return result
-
-    bar = _progress_bar(stack, start_step, num_steps) if progress else None
-    eval_metrics = None
-    last_saved = mngr.latest_step() if mngr else None
-    batches = train_batches(start_step)
-    window = _Window(start=time.perf_counter())
-    unchecked: list[tuple[int, dict[str, jax.Array]]] = []
-    for step in range(start_step + 1, num_steps + 1):
-      if phases.at(step - 1) != phase:
-        phase = phases.at(step - 1)
-        state, train_step = _enter_phase(state, phases.items[phase], compile_step, mesh)
-        logging.info("Phase %d from step %d", phase, step - 1)
-      t0 = time.perf_counter()
-      batch = next(batches)
-      window.wait += time.perf_counter() - t0
-      state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
-      window.rows.append((step, metrics))
-      unchecked.append((step, metrics))
-      last = step == num_steps
-      due_eval = eval_batches is not None and ((eval_every and step % eval_every == 0) or last)
-      due_save = mngr is not None and (last or mngr.should_save(step))
-      if step % log_every == 0 or last or due_eval or due_save:
-        if on_nonfinite == "stop":  # before anything of this step is saved
-          _stop_if_diverged(unchecked, last_saved, workdir)
-        unchecked = []
-      if step % log_every == 0 or last:
-        _report(step, window.summary(len(batch["label"])), writer, on_log, bar)
-      if bar:
-        bar.update(1)
-      evaluated = None
-      if due_eval:
-        evaluated = eval_metrics = run_eval(step)
-      if due_save and mngr.save(step, state, metrics=evaluated if best_metric else None,
-                                meta=meta, force=last):
-        last_saved = step
+    loop = _Loop(
+        phases=phases, compile_step=compile_step, mesh=mesh, mngr=mngr, writer=writer,
+        eval_step=jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype)),
+        eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
+        bar=_progress_bar(stack, start_step, num_steps) if progress else None,
+        stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
+        meta=meta, workdir=workdir, state=state, phase=phase,
+        train_step=compile_step(*phases.items[phase][1:]),
+        last_saved=mngr.latest_step() if mngr else None)
+    loop.run(train_batches(start_step), start_step, num_steps)
     if mngr is not None and num_steps == start_step and eval_batches is not None:
-      eval_metrics = run_eval(start_step)
+      loop.evaluate(start_step)
+  window = loop.window
   total = window.busy if window.busy else 1e-9
-  return FitResult(state=state, eval_metrics=eval_metrics, start_step=start_step,
+  return FitResult(state=loop.state, eval_metrics=loop.eval_metrics, start_step=start_step,
                    steps_per_second=(num_steps - start_step) / total if window.busy else 0.0,
                    input_wait_fraction=window.wait / total if window.busy else 0.0)
