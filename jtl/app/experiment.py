@@ -18,7 +18,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -530,66 +530,99 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
       with radius eps in pixel units ("adv_accuracy").
   """
   run = workdirs.restore(workdir, step=step)
-  meta, meta_config, spec, module = run.meta, run.config, run.spec, run.module
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
-  split = split or meta_config.get("eval_split", "test")
+  split = split or run.config.get("eval_split", "test")
+  variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
+                                    save_quantized=save_quantized)
+  robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
+  metrics, robust, confusion = _eval_pass(run, variables, split, precision, robust_step)
+  if robust is not None:
+    extra["adv_accuracy"] = robust["accuracy"]
+    extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
+  names = _class_names(run.config, run.meta["num_classes"])
+  per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+  result = {"workdir": str(workdir), "step": run.meta.get("step"), "split": split, **metrics,
+            **extra, "class_names": names, "per_class_accuracy": per_class,
+            "per_class_accuracy_by_name": dict(zip(names, per_class)),
+            "confusion_matrix": confusion.tolist()}
+  _write_eval(epath.Path(out_dir or workdir), split, result, confusion, names,
+              title=f"{run.config.model} {split}")
+  return result
+
+
+def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, precision: str,
+                   save_quantized: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
+  """`evaluate_workdir`'s variables after AdaBN (when asked, or when the method
+  needs it) and quantization to `precision` (also saved when asked), and what
+  was done, for the report."""
   extra: dict[str, Any] = {}
-  if adabn or methods.needs_adabn(meta_config):
+  config = run.config
+  if adabn or methods.needs_adabn(config):
     from jtl.recipes import domain  # pylint: disable=g-import-not-at-top
     # One unaugmented pass over the unlabelled train split of the evaluated data.
-    target = eval_batches(meta_config, spec, meta_config.get("train_split", "train"))
-    variables = domain.adapt_batchnorm(module, variables, target())
-    extra["adabn"] = {"dataset": meta_config.get("eval_dataset") or meta_config.dataset,
-                      "split": meta_config.get("train_split", "train"),
+    target = eval_batches(config, run.spec, config.get("train_split", "train"))
+    variables = domain.adapt_batchnorm(run.module, variables, target())
+    extra["adabn"] = {"dataset": config.get("eval_dataset") or config.dataset,
+                      "split": config.get("train_split", "train"),
                       "why": "asked" if adabn else "method.batchnorm='separate'"}
   variables = quantize.prepare(variables, precision)
   extra["precision"] = precision
   extra["model_bytes"] = tree_bytes(variables)
   if save_quantized:
     extra["saved_quantized"] = {"path": str(save_quantized), "bytes": quantize.save(
-        save_quantized, variables, meta={"model": meta_config.model,
-                                          "num_classes": meta["num_classes"],
+        save_quantized, variables, meta={"model": config.model,
+                                          "num_classes": run.meta["num_classes"],
                                           "precision": precision})}
-  predict = quantize.make_inference_fn(module, variables, precision=precision)
-  eval_step = jax.jit(quantize.make_quantized_eval_step(module, precision=precision))
-  robust_step = None
-  if attack:
-    from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
-    mul, add = methods.pixel_affine(spec.input_normalization)
-    robust_step = jax.jit(adversarial.make_robust_eval_step(
-        module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
-        bounds=(float(np.min(add)), float(np.max(mul + add)))))
+  return variables, extra
+
+
+def _robust_eval_step(run: workdirs.Restored, attack: str, eps: float,
+                      attack_steps: int) -> Callable:
+  """The jitted eval step under a "pgd" / "fgsm" attack of radius `eps` in
+  pixel units (on float variables)."""
+  from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
+  mul, add = methods.pixel_affine(run.spec.input_normalization)
+  return jax.jit(adversarial.make_robust_eval_step(
+      run.module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
+      bounds=(float(np.min(add)), float(np.max(mul + add)))))
+
+
+def _eval_pass(run: workdirs.Restored, variables: Any, split: str, precision: str,
+               robust_step: Callable | None
+               ) -> tuple[dict[str, float], dict[str, float] | None, np.ndarray]:
+  """One pass over `split` at `precision`: the eval metrics, those under attack
+  (None without `robust_step`) and the confusion matrix (true classes down)."""
+  predict = quantize.make_inference_fn(run.module, variables, precision=precision)
+  eval_step = jax.jit(quantize.make_quantized_eval_step(run.module, precision=precision))
+  if robust_step is not None:
     float_variables = quantize.dequantize(variables, jnp.float32)
-  classes = meta["num_classes"]
+  classes = run.meta["num_classes"]
   confusion = np.zeros((classes, classes), np.int64)
   sums: dict[str, float] = {}
   robust_sums: dict[str, float] = {}
-  for batch in eval_batches(meta_config, spec, split)():
+  for batch in eval_batches(run.config, run.spec, split)():
     logits = np.asarray(predict(batch["inputs"]))
     mask = np.asarray(batch["mask"], bool)
     np.add.at(confusion, (np.asarray(batch["label"])[mask], logits.argmax(-1)[mask]), 1)
-    for k, v in jax.device_get(eval_step(variables, batch)).items():
-      sums[k] = sums.get(k, 0.0) + float(v)
+    _add_sums(sums, eval_step(variables, batch))
     if robust_step is not None:
-      for k, v in jax.device_get(robust_step(float_variables, batch)).items():
-        robust_sums[k] = robust_sums.get(k, 0.0) + float(v)
-  metrics = steps.summarize_eval(sums)
-  if robust_step is not None:
-    extra["adv_accuracy"] = steps.summarize_eval(robust_sums)["accuracy"]
-    extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
-  per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
-  names = _class_names(meta_config, classes)
-  result = {"workdir": str(workdir), "step": meta.get("step"), "split": split, **metrics,
-            **extra, "class_names": names, "per_class_accuracy": per_class,
-            "per_class_accuracy_by_name": dict(zip(names, per_class)),
-            "confusion_matrix": confusion.tolist()}
-  out = epath.Path(out_dir or workdir)
+      _add_sums(robust_sums, robust_step(float_variables, batch))
+  robust = steps.summarize_eval(robust_sums) if robust_step is not None else None
+  return steps.summarize_eval(sums), robust, confusion
+
+
+def _add_sums(total: dict[str, float], sums: dict[str, Any]) -> None:
+  """Adds one batch's eval sums (device arrays) to `total`."""
+  for k, v in jax.device_get(sums).items():
+    total[k] = total.get(k, 0.0) + float(v)
+
+
+def _write_eval(out: epath.Path, split: str, result: dict[str, Any], confusion: np.ndarray,
+                names: list[str], *, title: str) -> None:
+  """Writes eval_<split>.json and confusion_<split>.png into `out`."""
   out.mkdir(parents=True, exist_ok=True)
   (out / f"eval_{file_safe(split)}.json").write_text(json.dumps(result, indent=2))
-  _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names,
-                  title=f"{meta_config.model} {split}")
-  return result
-
+  _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names, title=title)
 
 def file_safe(split: str) -> str:
   """A split name for file names: "test[:64]" -> "test_64", "train[10%:]" -> "train_10pct".
