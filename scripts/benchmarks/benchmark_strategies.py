@@ -446,6 +446,10 @@ def main():
   ap.add_argument("--grid", default=None,
                   help='JSON {strategy: [learning rates]} replacing GRID entries, e.g. a second, '
                        'narrower round around the first round\'s best')
+  ap.add_argument("--variants", default=None,
+                  help='JSON {row name: strategy config} adding rows, e.g. an option sweep: '
+                       '\'{"llrd_d06": {"name": "llrd", "layer_decay": 0.6, '
+                       '"freeze_batchnorm": "statistics"}}\' (learning rates from --grid)')
   ap.add_argument("--strategies", default="all", help="comma-separated subset of " + ",".join(CONFIGS))
   ap.add_argument("--results", default="strategies_results.jsonl",
                   help="JSON lines, one per finished row; rerunning skips them")
@@ -459,8 +463,12 @@ def main():
   print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
   results = Results(args.results)
+  if args.variants:
+    CONFIGS.update(json.loads(args.variants))
   if args.grid:
     GRID.update({k: [float(v) for v in vs] for k, vs in json.loads(args.grid).items()})
+  if missing := sorted(set(CONFIGS) - set(GRID)):
+    raise SystemExit(f"no learning rates for {missing}: add them to --grid")
   if args.report:
     image_report(results, args, list(CONFIGS))
     return
