@@ -12,26 +12,68 @@ Orbax when a training checkpoint is written or restored (`jtl.train`,
 import importlib
 from typing import Any
 
-from jtl.adapter import (FunctionModel, LinenModel, NnxModel, as_model, update_module,
-                         variables_of)
-from jtl.errors import (CheckpointError, ConfigError, DataError, DeviceError, DivergenceError,
-                        JtlError, LoadError, OptimizerError, PartitionError, StepError)
-from jtl.optim import base_optimizer, make_optimizer, scale_by_tree, tree_bytes
-from jtl.parallel import (batch_sharding, initialize_distributed, jit_eval_step, jit_train_step,
-                          make_mesh, place_state, pmap_train_step, replicate, shard_batch,
-                          shard_for_pmap, state_shardings, unreplicate)
-from jtl.partition import (FROZEN, Summary, frozen_module_paths, is_frozen, label_params, merge,
-                           split, summarize, trainable_labels)
-from jtl.state import TrainState, create_train_state
-from jtl.steps import (cross_entropy_loss, frozen_batchnorm, make_eval_step, make_train_step,
-                       masked_mean, summarize_eval)
-from jtl.tree import flatten, map_with_path, match_rules, unflatten
 # Subpackages, importable as jtl.checkpoint, jtl.data, jtl.models, jtl.train.
-from jtl import checkpoint, data, models  # noqa: E402
-from jtl.recipes import adversarial, distill, domain, quantize, strategies  # noqa: E402
+from jtl import checkpoint, data, models
+from jtl.adapter import (
+  FunctionModel,
+  LinenModel,
+  NnxModel,
+  as_model,
+  update_module,
+  variables_of,
+)
 from jtl.checkpoint import LoadReport, export, load_pretrained, read
 from jtl.data import DatasetInfo, dataset_info, prefetch_to_device
+from jtl.errors import (
+  CheckpointError,
+  ConfigError,
+  DataError,
+  DeviceError,
+  DivergenceError,
+  JtlError,
+  LoadError,
+  OptimizerError,
+  PartitionError,
+  StepError,
+)
 from jtl.models import CreatedModel, create
+from jtl.optim import base_optimizer, make_optimizer, scale_by_tree, tree_bytes
+from jtl.parallel import (
+  batch_sharding,
+  initialize_distributed,
+  jit_eval_step,
+  jit_train_step,
+  make_mesh,
+  place_state,
+  pmap_train_step,
+  replicate,
+  shard_batch,
+  shard_for_pmap,
+  state_shardings,
+  unreplicate,
+)
+from jtl.partition import (
+  FROZEN,
+  Summary,
+  frozen_module_paths,
+  is_frozen,
+  label_params,
+  merge,
+  split,
+  summarize,
+  trainable_labels,
+)
+from jtl.recipes import adversarial, distill, domain, quantize, strategies
+from jtl.state import TrainState, create_train_state
+from jtl.steps import (
+  cross_entropy_loss,
+  frozen_batchnorm,
+  make_eval_step,
+  make_train_step,
+  masked_mean,
+  summarize_eval,
+)
+from jtl.tree import flatten, map_with_path, match_rules, unflatten
 
 __version__ = "0.1.0"
 

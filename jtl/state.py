@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-
 import flax.struct
 import jax
 import jax.numpy as jnp

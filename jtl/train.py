@@ -23,8 +23,8 @@ import optax
 from absl import logging
 
 from jtl import parallel, steps
-from jtl.adapter import variables_of
 from jtl import phases as phases_lib
+from jtl.adapter import variables_of
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError
@@ -79,7 +79,7 @@ def _exit_quietly_on_error(close: Callable[[], None]) -> Callable[..., bool]:
     del exc, tb
     try:
       close()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       if exc_type is None:
         raise
       logging.error("While stopping after an error, closing also failed: %s", e)

@@ -31,11 +31,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-from jtl import checkpoint, models  # noqa: E402
-from jtl.app import cli  # noqa: E402
-from jtl.errors import ConfigError  # noqa: E402
+from jtl import checkpoint, models
+from jtl.app import cli
+from jtl.errors import ConfigError
 
 _DEPLOY_FORMATS = ["onnx", "tflite", "tflite_int8"]
 _HUB_FORMATS = ["peft", "hf"]  # jtl.checkpoint.peft / hf_export: folders PyTorch users load
@@ -81,8 +81,8 @@ def main(argv):
 
 def _export_hub():
   """A workdir's LoRA adapters as a PEFT folder, or merged weights in the HF / timm layout."""
-  from jtl.app import workdirs  # noqa: PLC0415
-  from jtl.checkpoint import hf_export  # noqa: PLC0415
+  from jtl.app import workdirs
+  from jtl.checkpoint import hf_export
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
     path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step)
@@ -99,8 +99,8 @@ def _export_hub():
 
 def _export():
   """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.recipes.deploy)."""
-  from jtl.app import deploy_runs  # noqa: PLC0415 - only this path needs the converters
-  from jtl.recipes import deploy  # noqa: PLC0415 - only this path needs the converters
+  from jtl.app import deploy_runs  # only this path needs the converters
+  from jtl.recipes import deploy  # only this path needs the converters
   if _FORMAT.value not in _DEPLOY_FORMATS:
     raise ConfigError(f"--workdir exports for deployment: --format must be one of "
                       f"{_DEPLOY_FORMATS}, got {_FORMAT.value!r}.")
@@ -121,7 +121,7 @@ def _export():
     size = _IMAGE_SIZE.value or created.spec.image_size
     affine = None
     if _PIXELS.value:
-      from jtl.app import methods  # noqa: PLC0415
+      from jtl.app import methods
       affine = methods.pixel_affine(created.spec.normalize)
     exported = deploy.export(created.module, created.variables, _OUT.value,
                              format=_FORMAT.value, input_shape=(size, size, 3),

@@ -27,10 +27,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from jtl.app import cli, experiment  # noqa: E402
-from jtl.errors import ConfigError  # noqa: E402
+from jtl.app import cli, experiment
+from jtl.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
@@ -66,13 +66,13 @@ def main(argv):
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
   if _FORMAT.value:
-    from jtl.app import workdirs  # noqa: PLC0415
+    from jtl.app import workdirs
     path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_EXPORT_DIR.value,
                                       step=step)
     print(f"Wrote {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))
     return
   if _EXPORTED.value:
-    from jtl.app import deploy_runs  # noqa: PLC0415 - only this path needs the runtimes
+    from jtl.app import deploy_runs  # only this path needs the runtimes
     result = deploy_runs.evaluate_exported(_WORKDIR.value, _EXPORTED.value, split=_SPLIT.value,
                                       out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}

@@ -15,11 +15,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The repository root, for the config files' own imports (`from configs import default`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from jtl.app import cli, experiment  # noqa: E402
-from jtl.app.cli import parse_flags_with_config_keys  # noqa: E402
+from jtl.app import cli, experiment
+from jtl.app.cli import parse_flags_with_config_keys
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)

@@ -17,11 +17,11 @@ if __name__ == "__main__":  # before jax is imported: this process's CPU devices
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // int(sys.argv[2])}"
   os.environ["JAX_PLATFORMS"] = "cpu"
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import numpy as np
 
-import jtl  # noqa: E402
+import jtl
 
 GLOBAL_BATCH = 16
 

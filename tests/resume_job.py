@@ -13,13 +13,13 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import numpy as np
 
-import jtl  # noqa: E402
-from jtl.checkpoint import export  # noqa: E402
-from jtl.data import make_dataset  # noqa: E402
+import jtl
+from jtl.checkpoint import export
+from jtl.data import make_dataset
 
 NUM_STEPS = 12
 

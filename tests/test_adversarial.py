@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from beyond_models import TinyCNN, images, init, labels
 
 import jtl
 from jtl.recipes import adversarial
-from beyond_models import TinyCNN, images, init, labels
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_adversarial_train_step_and_robust_eval(setup):
 
 
 def test_attack_by_name_and_input_scale():
-  loss = lambda x: jnp.sum(x * jnp.array([1.0, -1.0]))  # noqa: E731
+  loss = lambda x: jnp.sum(x * jnp.array([1.0, -1.0]))
   run = adversarial.make_attack(attack="pgd", eps=2.0, steps=4, random_start=False,
                                 input_scale=0.5)
   np.testing.assert_allclose(run(loss, jnp.zeros(2), None), [1.0, -1.0])

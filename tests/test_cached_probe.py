@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_script_errors import photo_folder
 
 from configs import strategy as strategy_config
 from jtl.app import experiment
 from jtl.errors import ConfigError
-from test_script_errors import photo_folder
 
 
 def probe_config(data):

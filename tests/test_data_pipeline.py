@@ -7,7 +7,8 @@ import collections
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jtl.data import dataset_info, get_normalizer, make_dataset, prefetch_to_device
 from jtl.errors import DataError, DeviceError

@@ -21,8 +21,8 @@ from jax import lax
 
 from jtl import models
 from jtl.app import deploy_runs
-from jtl.recipes import deploy
 from jtl.models import efficientnet
+from jtl.recipes import deploy
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx")
@@ -161,7 +161,7 @@ def test_unsupported_op_names_layer_and_op(tmp_path, fmt, layer, op):
 def test_int8_accuracy_drop_warns_with_both_numbers():
   x = np.eye(4, dtype=np.float32)
   labels = np.arange(4)
-  half_wrong = lambda v: np.where(np.arange(4) < 2, v.T, v[:, ::-1].T).T  # noqa: E731
+  half_wrong = lambda v: np.where(np.arange(4) < 2, v.T, v[:, ::-1].T).T
   with pytest.warns(deploy.QuantizationWarning,
                     match=r"float32 accuracy 100\.00%, int8 50\.00% \(threshold 1\.00"):
     result = deploy.check_int8(lambda v: v, half_wrong, x, labels)
@@ -198,9 +198,10 @@ def _tiny_workdir(root):
   """A workdir as scripts/finetune.py leaves it (config in the checkpoint's
   meta), holding a freshly initialised small_cnn; data: a folder of crops of
   two real photos."""
-  import configs.default  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  import configs.default  # pylint: disable=g-import-not-at-top
   from jtl import state  # pylint: disable=g-import-not-at-top
   from jtl.app import experiment  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from beyond_models import TinyCNN, images, init, labels
 
 import jtl
 from jtl.recipes import distill
-from beyond_models import TinyCNN, images, init, labels
 
 
 def _numpy_loss(s, t, y, temperature, alpha):
@@ -35,7 +35,7 @@ def test_loss_equals_formula():
 
 def test_soft_gradient_zero_at_teacher_and_scaled_by_t_squared():
   t = jnp.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
-  soft = lambda s, temp: distill.distillation_loss(s, t, None, temperature=temp, alpha=1.0)  # noqa: E731
+  soft = lambda s, temp: distill.distillation_loss(s, t, None, temperature=temp, alpha=1.0)
   g = jax.grad(soft)(t, 4.0)
   np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-6)
   s = t + 0.3 * jnp.array([[1.0, 0.0, -1.0], [0.5, -0.5, 0.0]])
@@ -82,7 +82,7 @@ def test_cached_logits_train_with_core_step_and_match_on_the_fly_teacher():
   batch = {"inputs": x, "label": y, "teacher_logits": t_logits}
   core = jax.jit(jtl.make_train_step(student, tx, labels=lab,
                                      loss_fn=distill.make_distill_loss(temperature=2.0, alpha=0.7)))
-  confident = lambda x: 20.0 * distill.teacher_fn(teacher, tv)(x)  # noqa: E731
+  confident = lambda x: 20.0 * distill.teacher_fn(teacher, tv)(x)
   own = jax.jit(distill.make_distill_train_step(student, tx, labels=lab, temperature=2.0,
                                                 alpha=0.7, teacher=confident))
   s1 = s2 = jtl.create_train_state(sv, lab, tx)

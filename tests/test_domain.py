@@ -6,15 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from beyond_models import TinyCNN, images, init, labels
 
 import jtl
 from jtl.recipes import domain
-from beyond_models import TinyCNN, images, init, labels
 
 
 def test_gradient_reversal_flips_feature_gradient():
   w = jnp.array([[0.5, -1.0], [2.0, 0.3], [-0.7, 1.1]])
-  head = lambda f: jnp.sum(jnp.tanh(f @ w))  # noqa: E731
+  head = lambda f: jnp.sum(jnp.tanh(f @ w))
   f = jnp.array([[0.1, -0.4, 0.9], [1.0, 0.2, -0.3]])
   plain = jax.grad(head)(f)
   for scale in (1.0, 0.25):

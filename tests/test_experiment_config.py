@@ -5,11 +5,11 @@ probe, and rules together with strategy.name, are errors."""
 
 import ml_collections
 import pytest
+from test_script_errors import photo_folder
 
 from configs import default
 from jtl.app import experiment, workdirs
 from jtl.errors import ConfigError
-from test_script_errors import photo_folder
 
 
 def config_with(**model_kwargs):

@@ -128,6 +128,7 @@ def test_confusion_figure_has_class_names_and_readable_counts():
 def test_lp_ft_phases_without_cache_take_their_own_learning_rates():
   import jax
   import jax.numpy as jnp
+
   from jtl import models, partition
   config = load_config()
   config.dataset, config.model, config.pretrained = "folder:/x", "small_cnn", False

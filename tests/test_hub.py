@@ -28,7 +28,6 @@ from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, efficientnet, hub_models, mobilenet
 
 
-
 class FakeHub(http.server.ThreadingHTTPServer):
   """The Hub's /{repo}/resolve/{revision}/{file} layout, HEAD and GET."""
 
@@ -93,10 +92,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if body:
       self.wfile.write(data)
 
-  def do_HEAD(self):  # noqa: N802
+  def do_HEAD(self):
     self._serve(body=False)
 
-  def do_GET(self):  # noqa: N802
+  def do_GET(self):
     self._serve(body=True)
 
 

@@ -1,11 +1,11 @@
 import jax
 import numpy as np
 import pytest
+from models_for_tests import ConvNet, batch, init
 
 import jtl
 from jtl.checkpoint import CheckpointManager, restore_variables
 from jtl.errors import CheckpointError
-from models_for_tests import ConvNet, batch, init
 
 
 def setup():

@@ -11,9 +11,9 @@ from configs import adversarial as adversarial_config
 from configs import distill as distill_config
 from configs import domain as domain_config
 from jtl.app import experiment, methods
-from jtl.recipes import quantize
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError
+from jtl.recipes import quantize
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from models_for_tests import ConvNet, batch, init
 
 import jtl
-from models_for_tests import ConvNet, batch, init
 
 STEPS = 3
 # The head and the last conv block train; the first two blocks (and their
@@ -166,7 +166,7 @@ def test_frozen_backbone_step_costs_about_a_forward(kind):
     forward = lambda v, x: jtl.as_model(model).apply(v["params"], v, x, train=False, rng=None)[0]
   else:
     stats = variables["batch_stats"]
-    model = lambda p, x: linen.apply({"params": p, "batch_stats": stats}, x)  # noqa: E731
+    model = lambda p, x: linen.apply({"params": p, "batch_stats": stats}, x)
     variables = {"params": variables["params"]}
     forward = lambda v, x: model(v["params"], x)
   labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])

@@ -3,10 +3,10 @@ mesh hold for each (issue 13)."""
 
 import jax
 import numpy as np
+from models_for_tests import MLP, batch, init
 
 import jtl
 from jtl.recipes import adversarial, distill, domain
-from models_for_tests import MLP, batch, init
 
 
 def mlp_setup(classes=4, seed=0):
@@ -61,7 +61,8 @@ def test_adversarial_step_under_pmap_equals_the_mesh_step():
 
 
 def test_domain_adaptation_microbatches_keep_source_and_target_rows_paired():
-  from beyond_models import TinyCNN, images, labels as class_labels
+  from beyond_models import TinyCNN, images
+  from beyond_models import labels as class_labels
   model = TinyCNN(4)
   x, y = images(8), class_labels(8)
   tgt = images(8, seed=9, shift=1.5)

@@ -2,10 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models_for_tests import MLP, batch, init
 
 import jtl
 from jtl.errors import DeviceError
-from models_for_tests import MLP, batch, init
 
 STEPS = 4
 

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from beyond_models import TinyCNN, images, init, labels
 
 import jtl
 from jtl.recipes import quantize
-from beyond_models import TinyCNN, images, init, labels
 
 
 def test_dequantized_within_half_step_per_channel():

@@ -375,6 +375,7 @@ _DAMAGE = {  # key in the OCDBT store -> edit (None: delete), expected message
 @pytest.mark.parametrize("damage", sorted(_DAMAGE))
 def test_verify_orbax_names_the_damaged_array(orbax_run, tmp_path, damage):
   import tensorstore as ts
+
   from jtl.checkpoint.orbax_reader import verify_orbax
   item = _copy_item(orbax_run, tmp_path, damage)
   key, edit, match = _DAMAGE[damage]

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jtl.checkpoint import readers, sources
-from jtl.checkpoint import read, register_source, resolve
+from jtl.checkpoint import read, readers, register_source, resolve, sources
 from jtl.errors import CheckpointError, ConfigError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

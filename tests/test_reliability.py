@@ -11,13 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from models_for_tests import MLP, batch, init
 
 import jtl
 from jtl.checkpoint import CheckpointManager, restore_variables
 from jtl.checkpoint.lock import LOCK_NAME
 from jtl.errors import CheckpointError, DataError, DivergenceError
 from jtl.metrics import MetricWriter
-from models_for_tests import MLP, batch, init
 
 
 def setup(learning_rate=0.1):

@@ -82,7 +82,9 @@ def test_invalid_flag_values_are_one_message(tmp_path):
 
 def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplog):
   import logging
+
   import pytest
+
   from configs import default
   from jtl.app import experiment
   from jtl.errors import ConfigError

@@ -76,9 +76,10 @@ def test_unknown_config_key_lists_valid_keys(tmp_path, data_dir):
 
 def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):
   import jax
+  from models_for_tests import MLP, batch, init
+
   import jtl
   from jtl.errors import CheckpointError
-  from models_for_tests import MLP, batch, init
   module = MLP()
   variables = init(module, batch(8, classes=4)["inputs"])
   labels = jtl.label_params(variables["params"], [(".*", "all")])

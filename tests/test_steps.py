@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models_for_tests import MLP, ConvNet, batch, init
 
 import jtl
 from jtl.errors import StepError
-from models_for_tests import MLP, ConvNet, batch, init
 
 HEAD_ONLY = [("head/.*", "head"), (".*", "frozen")]
 

@@ -2,9 +2,9 @@
 
 import jax
 import numpy as np
+from models_for_tests import MLP, batch, init
 
 import jtl
-from models_for_tests import MLP, batch, init
 
 
 def setup():

@@ -26,6 +26,7 @@ def enable_compilation_cache() -> None:
   evaluate.py after finetune.py, skips recompiling): $JAX_COMPILATION_CACHE_DIR
   if set, else <jtl cache dir>/xla (see jtl.checkpoint.cache_dir)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from jtl.checkpoint.sources import cache_dir  # pylint: disable=g-import-not-at-top
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))

@@ -21,9 +21,9 @@ import numpy as np
 
 from jtl import data
 from jtl.app import experiment, methods, workdirs
-from jtl.recipes import deploy
 from jtl.checkpoint.writers import write_atomic
 from jtl.errors import ConfigError
+from jtl.recipes import deploy
 
 
 def _image_run(workdir: str | os.PathLike, step: int | str) -> workdirs.Restored:

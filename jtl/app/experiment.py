@@ -31,9 +31,9 @@ from etils import epath
 
 from jtl import data, models, parallel, partition, steps
 from jtl.app import methods, workdirs
-from jtl.recipes import quantize
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer, tree_bytes
+from jtl.recipes import quantize
 from jtl.train import FitResult, fit
 
 REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")

@@ -37,11 +37,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jtl.recipes import adversarial, distill, domain
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import preprocessing
+from jtl.recipes import adversarial, distill, domain
 from jtl.tree import PyTree
-
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"teacher_workdir": None, "teacher_step": "best", "temperature": 4.0,
@@ -124,7 +123,7 @@ def teacher_input_fn(student_normalize: Any, student_size: int, teacher_normaliz
   """Maps a student batch to the teacher's inputs (pixels, resize, normalise)."""
   s_mul, s_add = pixel_affine(student_normalize)
   t_mul, t_add = pixel_affine(teacher_normalize)
-  row = lambda a: jnp.asarray(a).reshape(1, 1, 1, 3)  # noqa: E731
+  row = lambda a: jnp.asarray(a).reshape(1, 1, 1, 3)
 
   def convert(x):
     pixels = (x - row(s_add)) / row(s_mul)

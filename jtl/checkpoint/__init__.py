@@ -13,14 +13,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
 from jtl.checkpoint import hub
-from jtl.checkpoint.writers import export
+from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
 from jtl.checkpoint.hub import HubRef
 from jtl.checkpoint.loading import Entry, LoadReport, load_pretrained
 from jtl.checkpoint.readers import FORMATS, detect_format, read
-from jtl.checkpoint.sources import (cache_dir, download, list_sources,
-                                    register_source, resolve)
+from jtl.checkpoint.sources import (
+  cache_dir,
+  download,
+  list_sources,
+  register_source,
+  resolve,
+)
+from jtl.checkpoint.writers import export
 
 # The Orbax checkpoint manager (training state) is loaded, with orbax, on first
 # use, so that reading and exporting checkpoints does not import orbax.

@@ -135,7 +135,7 @@ def download(repo_id: str, filename: str, revision: str | None = None
     path = hf_hub_download(repo_id, filename, revision=revision,
                            cache_dir=s["cache_dir"], endpoint=s["endpoint"],
                            local_files_only=s["offline"])
-  except Exception as e:  # noqa: BLE001 - every client failure becomes one message
+  except Exception as e:  # every client failure becomes one message
     raise _hub_error(e, repo_id, revision, filename, s) from e
   return epath.Path(path)
 

@@ -128,7 +128,7 @@ def _converted_source(source: Any, converter: Callable[[Mapping[str, np.ndarray]
     flat_src = dict(converter(flat_src))
   except JtlError:
     raise
-  except Exception as e:  # noqa: BLE001 - name the converter and source
+  except Exception as e:  # name the converter and source
     raise LoadError(
         f"The converter {getattr(converter, '__name__', converter)} failed "
         f"on {source if not isinstance(source, Mapping) else 'the source'}: "

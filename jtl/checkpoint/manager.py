@@ -194,7 +194,7 @@ class CheckpointManager:
                                 **(meta or {})}))
     try:
       return self._manager.save(step, args=args, force=True)
-    except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise bare exceptions
+    except Exception as e:  # Orbax/tensorstore raise bare exceptions
       raise self._save_error(step, e) from e
 
   def _save_error(self, step: int | None, error: Exception) -> CheckpointError:
@@ -246,7 +246,7 @@ class CheckpointManager:
       raise CheckpointError(
           f"{self.directory}/{step}: the checkpoint does not fit the state of this run "
           f"(different model, partition or optimizer?) or is damaged: {e}") from e
-    except Exception as e:  # noqa: BLE001 - tensorstore raises bare exceptions on bad files
+    except Exception as e:  # tensorstore raises bare exceptions on bad files
       raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
     trainable, frozen = partition.split(restored["params"], labels)
@@ -294,7 +294,7 @@ class CheckpointManager:
   def wait(self) -> None:
     try:
       self._manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001 - an async save's error surfaces here
+    except Exception as e:  # an async save's error surfaces here
       raise self._save_error(None, e) from e
 
   def close(self) -> None:

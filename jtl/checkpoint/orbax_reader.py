@@ -27,7 +27,6 @@ from etils import epath
 
 from jtl.errors import CheckpointError, bullet_list
 
-
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
 _META_KEYS = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -311,7 +310,7 @@ def _inspect(path: epath.Path) -> dict[str, int]:
     return inspect_orbax(path)
   except CheckpointError:
     raise
-  except Exception as e:  # noqa: BLE001 - tensorstore/OS errors of any type
+  except Exception as e:  # tensorstore/OS errors of any type
     raise _damaged(path, f"{type(e).__name__}: {str(e)[:300]}") from e
 
 

@@ -37,9 +37,9 @@ import numpy as np
 from etils import epath
 
 from jtl.checkpoint import torch_files
-from jtl.checkpoint.torch_pickle import Budget
 from jtl.checkpoint.orbax_reader import read_orbax
 from jtl.checkpoint.sources import resolve
+from jtl.checkpoint.torch_pickle import Budget
 from jtl.errors import CheckpointError, JtlError, bullet_list
 
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
@@ -65,7 +65,7 @@ def guard(path: Any, what: str) -> Iterator[None]:
     yield
   except JtlError:
     raise
-  except BaseException as e:  # noqa: BLE001 - parsers of damaged files throw anything
+  except BaseException as e:  # parsers of damaged files throw anything
     if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
       raise
     try:

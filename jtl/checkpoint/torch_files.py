@@ -16,8 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from jtl.checkpoint.torch_pickle import (Budget, PlainUnpickler, Storage,
-                                         materialize, unpickle)
+from jtl.checkpoint.torch_pickle import (
+  Budget,
+  PlainUnpickler,
+  Storage,
+  materialize,
+  unpickle,
+)
 from jtl.errors import CheckpointError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

@@ -20,7 +20,6 @@ import numpy as np
 
 from jtl.errors import CheckpointError
 
-
 # Storage class name (as pickled, `torch.<Name>`) -> numpy dtype.
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "FloatStorage": np.dtype(np.float32),

@@ -49,6 +49,7 @@ def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
   """Why `path` is not a usable image, or None: not an image, too many
   pixels, or cut short (see the module docstring)."""
   import warnings  # pylint: disable=g-import-not-at-top
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with open(path, "rb") as f:

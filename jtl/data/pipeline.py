@@ -43,7 +43,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jtl.data import folder, images, text
-from jtl.data.sources import ArraySource, DatasetInfo, TfdsSource, host_tf, resolve_source
+from jtl.data.sources import (
+  ArraySource,
+  DatasetInfo,
+  TfdsSource,
+  host_tf,
+  resolve_source,
+)
 from jtl.errors import DataError, bullet_list
 
 Batch = dict[str, Any]

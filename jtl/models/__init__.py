@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
-from jtl.models.registry import (CreatedModel, ModelSpec, create, get_spec,
-                                 list_models, register)
-from jtl.models import efficientnet, mobilenet
-from jtl.models import bert, vit, resnet, vgg, small_cnn
-from jtl.models import dinov2
+from jtl.models import (
+  bert,
+  dinov2,
+  efficientnet,
+  mobilenet,
+  resnet,
+  small_cnn,
+  vgg,
+  vit,
+)
+from jtl.models.registry import (
+  CreatedModel,
+  ModelSpec,
+  create,
+  get_spec,
+  list_models,
+  register,
+)

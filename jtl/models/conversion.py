@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-
 _BN_LEAVES = {"weight": "params/{}/scale", "bias": "params/{}/bias",
               "running_mean": "batch_stats/{}/mean",
               "running_var": "batch_stats/{}/var"}

@@ -26,7 +26,13 @@ import numpy as np
 
 from jtl.models import preprocessing, registry
 from jtl.models.conversion import convert_with_rules
-from jtl.models.layers import BatchNorm, DepthwiseConv, conv_general_dilated, drop_path, relu6
+from jtl.models.layers import (
+  BatchNorm,
+  DepthwiseConv,
+  conv_general_dilated,
+  drop_path,
+  relu6,
+)
 
 # (expand t, channels c, repeats n, stride s) per stage, as torchvision.
 V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),

@@ -117,7 +117,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def _hub_skip() -> tuple[str, ...]:
-  from jtl.models import hub_models  # noqa: PLC0415 - imports every family
+  from jtl.models import hub_models  # imports every family
   return hub_models.SKIP
 
 
@@ -125,7 +125,7 @@ def get_spec(name: str) -> ModelSpec:
   """Returns the registered spec for `name` (or, for "hf-hub:<repo>", the spec
   its config.json describes), or a ConfigError listing names."""
   if name.startswith("hf-hub:"):
-    from jtl.models import hub_models  # noqa: PLC0415 - imports every family
+    from jtl.models import hub_models  # imports every family
     return hub_models.spec_for(name)
   if name not in _REGISTRY:
     raise ConfigError(
@@ -241,7 +241,7 @@ def create(name: str, *, num_classes: int | None = None,
           f"Model {name!r} has no default pretrained weights (spec.pretrained "
           "is None). Pass pretrained=False for a random init, or "
           "pretrained='<path or source name>'.")
-    from jtl import checkpoint  # noqa: PLC0415 - checkpoint imports models' users
+    from jtl import checkpoint  # checkpoint imports models' users
     # Shapes only (no init of what the checkpoint replaces): the loaded leaves
     # are the checkpoint's arrays, and only the leaves it lacks (a new head,
     # skipped ones) are initialised, so the peak stays near the file's size.

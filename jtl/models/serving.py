@@ -86,7 +86,7 @@ def load_exported(path: str | os.PathLike) -> Callable[..., jax.Array]:
     raise CheckpointError(f"Cannot read exported model {path}: {e}.") from e
   try:
     exported = jax_export.deserialize(bytearray(data))
-  except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+  except Exception as e:  # any parse failure means a bad file
     raise CheckpointError(
         f"{path} is not a serialized jax.export artifact ({type(e).__name__}: "
         f"{e}). Write it with jtl.models.serving.export_predict.") from e

@@ -364,7 +364,7 @@ def export_onnx(fn: Callable[..., jax.Array], path: str | os.PathLike, *,
                         input_names=list(TOKEN_INPUTS))
       else:
         proto = to_onnx(fn, [("B", *input_shape)], return_mode="proto", model_name=name)
-  except Exception as e:  # noqa: BLE001 - any converter failure, reported with its cause
+  except Exception as e:  # any converter failure, reported with its cause
     raise ExportError(f"jax2onnx failed to convert the model: {type(e).__name__}: "
                       f"{str(e)[:2000]}") from e
   # jax2onnx leaves stale NHWC shape annotations on tensors it moved to NCHW;
@@ -403,7 +403,7 @@ def unresolvable_int8_tensors(model: bytes | str | os.PathLike) -> list[str]:
   try:
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
   except ImportError:
-    Interpreter = _tf().lite.Interpreter  # noqa: N806
+    Interpreter = _tf().lite.Interpreter
   if isinstance(model, bytes):
     it = Interpreter(model_content=model)
   else:
@@ -654,7 +654,7 @@ def export_tflite(fn: Callable[..., jax.Array], path: str | os.PathLike, *,
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs.*")
       data = converter.convert()
-  except Exception as e:  # noqa: BLE001 - converter errors come in many types
+  except Exception as e:  # converter errors come in many types
     raise _tflite_error(e, find_ops(fn, *_examples(input_shape, token_inputs))) from e
   if representative is not None:
     bad = unresolvable_int8_tensors(data)
@@ -789,7 +789,7 @@ class Runtime:
         self._init_tflite(num_threads)
     except (ImportError, ConfigError):
       raise
-    except Exception as e:  # noqa: BLE001 - a runtime's parse error
+    except Exception as e:  # a runtime's parse error
       raise CheckpointError(f"{self.path}: the {self.format} runtime cannot load it "
                             f"({type(e).__name__}: {e}).") from e
 
@@ -814,7 +814,7 @@ class Runtime:
     try:
       from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
     except ImportError:
-      Interpreter = _tf().lite.Interpreter  # noqa: N806 - TensorFlow's own, deprecated
+      Interpreter = _tf().lite.Interpreter  # TensorFlow's own, deprecated
     self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
     details = self._interpreter.get_input_details()
     if len(details) > 1:  # token inputs: match the file's names ("serving_..._input_ids:0")

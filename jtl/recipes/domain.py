@@ -32,8 +32,7 @@ from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
 from jtl.steps import Batch, cross_entropy_loss, make_train_step, masked_mean
-from jtl.tree import flatten, unflatten
-from jtl.tree import PyTree
+from jtl.tree import PyTree, flatten, unflatten
 
 METHODS = ("source_only", "dann", "coral")
 BATCHNORM_MODES = ("joint", "separate")

@@ -213,7 +213,7 @@ def load(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
     with safe_open(str(path), framework="numpy") as f:
       metadata = f.metadata() or {}
       arrays = {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:  # noqa: BLE001 - name the file
+  except Exception as e:  # name the file
     raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
   if metadata.get("jtl_quantized") != "1":
     raise CheckpointError(f"{path}: not written by jtl.recipes.quantize.save (no 'jtl_quantized' "

@@ -44,12 +44,12 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jtl  # noqa: E402
-from jtl import models  # noqa: E402
+import jtl
+from jtl import models
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -208,7 +208,7 @@ def check_mesh(name: str = "vit_ti16", size: int = 32, batch: int = 16) -> float
 def table(rows: list[dict], kind: str) -> str:
   """The markdown table: one line per jtl measurement, timm's beside it."""
   timm = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["framework"] == "timm"}
-  fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+  fmt = lambda value, spec: "-" if value is None else format(value, spec)
   lines = [f"Device: {kind} x {jax.device_count()}", "",
            "| model | mode | batch | jtl img/s | timm img/s | jtl/timm | TFLOP/step | MFU % | "
            "step/forward | program GiB | timm how |",

@@ -26,15 +26,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jtl  # noqa: E402
-from jtl import models  # noqa: E402
-from jtl.recipes import adversarial, distill, quantize  # noqa: E402
+import jtl
+from jtl import models
+from jtl.recipes import adversarial, distill, quantize
 
 
 class SmallCNN(nn.Module):
@@ -194,7 +194,7 @@ def bench_distill(args):
       distill.teacher_fn(t_module, t_vars, features=True), teacher_inputs(xtr), batch_size=250)
   cache_s = time.perf_counter() - t0
   teacher_acc = accuracy(t_module, t_vars, teacher_inputs(xte), yte)
-  s_in = lambda x: x.astype(np.float32) / 127.5 - 1.0  # noqa: E731
+  s_in = lambda x: x.astype(np.float32) / 127.5 - 1.0
   arrays = {"inputs": s_in(xtr), "label": ytr, "teacher_logits": t_logits,
             "teacher_features": t_feats}
   student = SmallCNN(10)

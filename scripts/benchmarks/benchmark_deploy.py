@@ -29,7 +29,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
 def finetune(name: str, args: argparse.Namespace) -> str:
   """Fine-tunes `name` at 224 px; returns the workdir (reused if done)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   from jtl.app import experiment  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "default.py")
   spec = importlib.util.spec_from_file_location("default_config", path)
@@ -250,6 +251,7 @@ def _survey_inputs(spec, name: str):
 
 def survey_one(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   from jtl import models  # pylint: disable=g-import-not-at-top
   from jtl.recipes import deploy  # pylint: disable=g-import-not-at-top
   name, fmt = args.survey_one.split(":")

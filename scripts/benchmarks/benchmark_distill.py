@@ -36,8 +36,8 @@ import optax
 
 import jtl
 from jtl import models
-from jtl.recipes import distill, quantize, strategies
 from jtl.models import efficientnet
+from jtl.recipes import distill, quantize, strategies
 
 
 def pack(folder: Path, out: Path) -> None:
@@ -156,7 +156,7 @@ def train_teacher(args, data, tr, va, out: Path):
   frozen = distill.teacher_fn(module, variables, compute_dtype=dtype)
   # Student inputs (0..1, 32 px) in, logits out.
   teacher = jax.jit(lambda x: frozen(teacher_inputs(x, size)))
-  apply = lambda x: teacher(x.astype(jnp.float32) / 255.0)  # noqa: E731
+  apply = lambda x: teacher(x.astype(jnp.float32) / 255.0)
   val_acc = accuracy(apply, data["x_train"][va], data["y_train"][va])
   test_acc = accuracy(apply, data["x_test"], data["y_test"])
   quantize.save(out / "teacher.safetensors", variables,

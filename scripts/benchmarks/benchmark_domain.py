@@ -42,15 +42,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jtl  # noqa: E402
-from jtl.recipes import domain  # noqa: E402
-from jtl.data.builders.digits import mnist_layout  # noqa: E402  (jtl_digits' layout)
-from jtl.models.small_cnn import SmallCNN  # noqa: E402
+import jtl
+from jtl.data.builders.digits import mnist_layout  # jtl_digits' layout
+from jtl.models.small_cnn import SmallCNN
+from jtl.recipes import domain
 
 # Hyperparameters tried per method with --select (chosen on target validation):
 # the optimizer recipe (AdamW + cosine, or the DANN paper's SGD schedule) for

@@ -77,6 +77,7 @@ def measure(mode: str, path: str) -> dict:
   """Runs one mode in this process; returns seconds and memory figures."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import jtl  # pylint: disable=g-import-not-at-top
   from jtl import checkpoint, models  # pylint: disable=g-import-not-at-top
   from jtl.models import hub_models, vit  # pylint: disable=g-import-not-at-top

@@ -92,8 +92,9 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from jtl.models import registry
+
   import jtl.models  # noqa: F401 - registers the families
+  from jtl.models import registry
 
   spec = registry.get_spec(name)
   module = spec.build(num_classes=1000)
@@ -136,8 +137,9 @@ def jtl_predict(name: str, size: int, iters: int) -> dict:
   from jtl.app import cli
   cli.configure_cpu_runtime()
   import numpy as np
-  from jtl.models import registry, serving
+
   import jtl.models  # noqa: F401
+  from jtl.models import registry, serving
   spec = registry.get_spec(name)
   module = spec.build(num_classes=1000)
   predict = serving.make_predict_fn(module, registry.init_variables(spec, module))

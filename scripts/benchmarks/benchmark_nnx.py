@@ -26,13 +26,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
-import jtl  # noqa: E402
+import jtl
 
 
 class ConvNet(nnx.Module):
@@ -124,7 +124,7 @@ def main():
         "| jtl GFLOPs | hand-written GFLOPs |")
   print("|---|---|---|---|---|---|---|")
   for frozen in (True, False):
-    make = lambda: ConvNet(args.width, 10, rngs=nnx.Rngs(0))  # noqa: E731
+    make = lambda: ConvNet(args.width, 10, rngs=nnx.Rngs(0))
     j_pure, j_state = jtl_step(make(), frozen)
     h_pure, h_state, wrt = nnx_step(make(), frozen)
     j_flops, h_flops = flops(j_pure, j_state, batch), flops(h_pure, h_state, batch)

@@ -93,7 +93,7 @@ def table(results: dict[str, dict[str, float]], args: argparse.Namespace, n: int
            "| mode | one-off backbone pass s | head scan compile s | first epoch s "
            "| s/epoch | process wall s | eval acc |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-  cell = lambda v, digits: "-" if v != v else f"{v:.{digits}f}"  # noqa: E731 - NaN: no such cost
+  cell = lambda v, digits: "-" if v != v else f"{v:.{digits}f}"  # NaN: no such cost
   for name, r in results.items():
     lines.append(f"| {name} | {cell(r['extract'], 2)} | {cell(r['compile'], 2)} "
                  f"| {cell(r['first_epoch'], 2)} | {r['epoch']:.5f} | {r['wall']:.1f} "

@@ -14,14 +14,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
 
-import jtl  # noqa: E402
-from jtl import models  # noqa: E402
+import jtl
+from jtl import models
 
 _MODEL = flags.DEFINE_string("model", "efficientnet_lite0", "Zoo model.")
 _SIZE = flags.DEFINE_integer("image_size", 128, "Input resolution.")

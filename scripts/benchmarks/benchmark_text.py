@@ -37,13 +37,13 @@ import optax
 
 import jtl
 import jtl.models
-from jtl.recipes import strategies
 from jtl.data import text as text_data
 from jtl.models import text as text_models
 from jtl.optim import default_decay_mask
+from jtl.recipes import strategies
 
 sys.path.insert(0, str(Path(__file__).parent))  # the image benchmark's bookkeeping
-from benchmark_strategies import Results, set_learning_rate, stratified_holdout  # noqa: E402
+from benchmark_strategies import Results, set_learning_rate, stratified_holdout
 
 KEY = ("kind", "strategy", "labels", "seed", "lr", "epochs", "max_length", "pooling")
 STRATEGIES: dict[str, Any] = {

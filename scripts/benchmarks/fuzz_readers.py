@@ -507,6 +507,7 @@ def make_seeds(seeds: str) -> None:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   from jtl.checkpoint import export  # pylint: disable=g-import-not-at-top
   os.makedirs(seeds, exist_ok=True)
   rng = np.random.default_rng(0)
@@ -537,6 +538,7 @@ def _caused_by_memory(e: BaseException) -> bool:
 def read_case(fmt: str, path: str) -> tuple[str, str]:
   """Reads one case every way; returns the worst (outcome, detail)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from jtl.checkpoint import read  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint.orbax_reader import verify_orbax  # pylint: disable=g-import-not-at-top
   from jtl.errors import JtlError  # pylint: disable=g-import-not-at-top

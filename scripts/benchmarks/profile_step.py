@@ -22,7 +22,6 @@ import tempfile
 import time
 
 
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="mobilenet_v2")
@@ -39,6 +38,7 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
   import optax
+
   import jtl.models  # noqa: F401 - registers the families
   from jtl.models import registry
 
