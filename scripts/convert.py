@@ -119,14 +119,14 @@ def _export():
     created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
                             pretrained=_SOURCE.value)
     size = _IMAGE_SIZE.value or created.spec.image_size
-    affine = None
+    affine, norm = None, created.spec.normalization
     if _PIXELS.value:
       from jtl.app import methods
-      affine = methods.pixel_affine(created.spec.normalize)
+      affine = methods.pixel_affine(norm)
     exported = deploy.export(created.module, created.variables, _OUT.value,
                              format=_FORMAT.value, input_shape=(size, size, 3),
                              pixel_affine=affine, meta={"model": _MODEL.value,
-                                                        "normalize": created.spec.normalize})
+                                                        "normalize": norm and norm.describe()})
   print(f"Wrote {exported.path} ({exported.format}, {exported.bytes / 1e6:.2f} MB); "
         f"input: {exported.meta['input']} {exported.meta['input_shape']}")
   if "calibration_check" in exported.meta:

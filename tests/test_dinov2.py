@@ -55,7 +55,7 @@ def test_tiny_transformers_model_loads_strictly_and_matches(tiny):
   spec, module, variables, report = tiny
   assert report.ok and len(report.loaded) == 43 == len(load_file(TINY / "model.safetensors"))
   assert not (report.adapted or report.cast or report.skipped)
-  assert (spec.image_size, spec.min_image_size, spec.normalize) == (56, 14, "imagenet")
+  assert (spec.image_size, spec.min_image_size, spec.normalization.preset) == (56, 14, "imagenet")
 
   @jax.jit
   def run(v, x, mask=None):
@@ -193,7 +193,7 @@ def test_published_layout_loads_strictly_into_the_full_size_specs(
     fake_hub.add(repo, {"config.json": published_config(width, heads)})
     spec = hub_models.spec_for(f"hf-hub:{repo}")
   assert spec.pretrained == f"hf-hub:{repo}"
-  assert (spec.image_size, spec.default_num_classes, spec.normalize) == (224, 0, "imagenet")
+  assert (spec.image_size, spec.default_num_classes, spec.normalization.preset) == (224, 0, "imagenet")
   module, like = _like(spec, 0)
   assert (module.width, module.depth, module.num_heads, module.patch_size,
           module.image_size, module.mlp_ratio, module.layer_norm_eps,

@@ -319,8 +319,8 @@ def test_published_layouts_load_strictly(fake_hub):
                     "mobilenetv2_100": (314, 262, 0), "tf_efficientnet_lite0": (296, 247, 0),
                     "bert-base-uncased": (206, 197, 7)}, counts
   spec = hub_models.spec_for("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
-  assert (spec.image_size, spec.normalize) == (224, "vit")
-  assert hub_models.spec_for("hf-hub:timm/resnet50.a1_in1k").normalize == "imagenet"
+  assert (spec.image_size, spec.normalization.preset) == (224, "vit")
+  assert hub_models.spec_for("hf-hub:timm/resnet50.a1_in1k").normalization.preset == "imagenet"
 
 
 @pytest.mark.parametrize("n", [0, 1, 2])

@@ -32,7 +32,7 @@ def test_every_image_model_declares_one_normalization_the_spec_derives_from():
   for spec in specs:
     n = spec.normalization
     assert n is not None, spec.name
-    assert (spec.normalize, spec.image_size) == (n.preset, n.image_size), spec.name
+    assert (spec.normalization.preset, spec.image_size) == (n.preset, n.image_size), spec.name
     assert spec.example_input(2).shape == (2, n.image_size, n.image_size, 3), spec.name
     # The preset the pipeline gets has the same affine as the model's own.
     np.testing.assert_array_equal(preprocessing.PRESETS[n.preset].affine(), n.affine())
@@ -52,18 +52,18 @@ def test_pipeline_preset_jax_preprocess_and_pixel_affine_agree(spec):
   image = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
   want = np.asarray(spec.preprocess(image))[0]
   assert want.shape == (n.image_size, n.image_size, 3)
-  tf_out = np.asarray(images.eval_image(image, image_size=n.image_size, normalize=spec.normalize,
+  tf_out = np.asarray(images.eval_image(image, image_size=n.image_size, normalize=spec.normalization.preset,
                                         crop_fraction=n.crop_fraction))
   # tf.image.resize and jax.image.resize (both antialiased): float rounding
   # only (one grey level is 0.004..0.017 after normalisation).
   np.testing.assert_allclose(tf_out, want, atol=1e-5)
   # Without resize, the affine alone: pipeline, JAX and pixel_affine.
   pixels = image[:8, :8].astype(np.float32)
-  mul, add = methods.pixel_affine(spec.normalize)
+  mul, add = methods.pixel_affine(spec.normalization.preset)
   jax_only = np.asarray(spec.preprocess(image[:8, :8], size=None))[0]
   np.testing.assert_allclose(jax_only, pixels / 255 * mul + add, rtol=1e-6, atol=1e-5)
   # (XLA may divide by multiplying with the reciprocal: a few ulp.)
-  np.testing.assert_allclose(np.asarray(images.get_normalizer(spec.normalize)(pixels)),
+  np.testing.assert_allclose(np.asarray(images.get_normalizer(spec.normalization.preset)(pixels)),
                              jax_only, rtol=1e-6, atol=1e-6)
 
 
@@ -91,10 +91,10 @@ def test_a_hub_model_with_its_own_mean_and_std_is_normalised_by_the_pipeline():
   n = hub_models._image_normalization(clip, 224, 0.9)
   spec = registry.ModelSpec(name="clip_like", build=lambda **_: None,
                             **registry.image_inputs(n))
-  assert spec.normalize is None and spec.input_normalization is n
+  assert spec.normalization.preset is None and spec.normalization is n
   pixels = np.random.default_rng(0).integers(0, 256, (1, 4, 4, 3)).astype(np.float32)
-  piped = np.asarray(images.get_normalizer(spec.input_normalization)(pixels))
+  piped = np.asarray(images.get_normalizer(spec.normalization)(pixels))
   expected = (pixels / 255.0 - np.asarray(clip["mean"])) / np.asarray(clip["std"])
   np.testing.assert_allclose(piped, expected, rtol=1e-5, atol=1e-5)
-  mul, add = methods.pixel_affine(spec.input_normalization)
+  mul, add = methods.pixel_affine(spec.normalization)
   np.testing.assert_allclose(pixels / 255.0 * mul + add, expected, rtol=1e-5, atol=1e-5)

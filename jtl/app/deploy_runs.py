@@ -79,7 +79,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   affine = None
   images = labels = None
   if format == "tflite_int8" or input_pixels:
-    affine = methods.pixel_affine(spec.input_normalization) if input_pixels else None
+    affine = methods.pixel_affine(spec.normalization) if input_pixels else None
   if format == "tflite_int8":
     images, labels = calibration_images(config, spec, num_calibration)
   representative = None
@@ -87,7 +87,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
     feed = _to_pixels(images, affine) if affine is not None else images
     representative = [feed[i:i + 1] for i in range(len(feed))]
   meta = {"model": config.model, "num_classes": classes, "workdir": os.fspath(workdir),
-          "normalize": spec.normalize}
+          "normalize": spec.normalization.describe()}
   exported = deploy.export(module, variables, out, format=format, input_shape=shape,
                     representative=representative, pixel_affine=affine, meta=meta)
   if format == "tflite_int8":
@@ -124,7 +124,7 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
     raise ConfigError(f"{path} takes {runtime.input_shape} images; the workdir's pipeline "
                       f"makes {size}x{size}. Export it again from this workdir.")
   input_pixels = deploy.read_meta(path).get("input_pixels")
-  affine = methods.pixel_affine(spec.input_normalization) if input_pixels else None
+  affine = methods.pixel_affine(spec.normalization) if input_pixels else None
   confusion = np.zeros((classes, classes), np.int64)
   loss = correct5 = 0.0
   for batch in experiment.eval_batches(config, spec, split)():

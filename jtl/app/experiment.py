@@ -269,7 +269,7 @@ def _pipeline_kwargs(config: ml_collections.ConfigDict, spec: models.ModelSpec) 
   kwargs: dict[str, Any] = {"data_dir": config.get("data_dir"), "seed": config.get("seed", 0)}
   if spec.input_kind == "image":
     kwargs.update(image_size=config.get("image_size") or spec.image_size,
-                  normalize=spec.input_normalization)
+                  normalize=spec.normalization)
   else:
     kwargs.update(max_length=config.get("max_length"))
   return kwargs
@@ -581,7 +581,7 @@ def _robust_eval_step(run: workdirs.Restored, attack: str, eps: float,
   """The jitted eval step under a "pgd" / "fgsm" attack of radius `eps` in
   pixel units (on float variables)."""
   from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
-  mul, add = methods.pixel_affine(run.spec.input_normalization)
+  mul, add = methods.pixel_affine(run.spec.normalization)
   return jax.jit(adversarial.make_robust_eval_step(
       run.module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
       bounds=(float(np.min(add)), float(np.max(mul + add)))))

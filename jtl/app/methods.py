@@ -215,8 +215,8 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
   t_module = t_spec.build(num_classes=meta["num_classes"], **t_kwargs.to_dict())
   t_vars = plain_variables(t_config, t_vars)
   t_size = t_config.get("image_size") or t_spec.image_size
-  convert = teacher_input_fn(spec.input_normalization, image_size,
-                             t_spec.input_normalization, t_size)
+  convert = teacher_input_fn(spec.normalization, image_size,
+                             t_spec.normalization, t_size)
   run_teacher = distill.teacher_fn(t_module, t_vars)
   return lambda x: run_teacher(convert(x)), meta
 
@@ -237,7 +237,7 @@ def _adversarial_method(options: dict[str, Any], module: Any, variables: PyTree,
                         train_batches: Batches) -> Method:
   """Adversarial training (FGSM / PGD) on the normalised inputs."""
   # Attack radii are in pixel units: the normalisation's affine converts them.
-  mul, add = pixel_affine(spec.input_normalization)
+  mul, add = pixel_affine(spec.normalization)
   bounds = (float(np.min(add)), float(np.max(mul + add)))
   model, loss_fn, transform = adversarial.adversarial_parts(
       module, attack=options["attack"], eps=options["eps"], step_size=options["step_size"],

@@ -215,7 +215,7 @@ def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
                                   stage_repeats=tuple(s[0] for s in stages))
   else:
     raise _unsupported(f"the timm architecture {arch!r}", source)
-  normalization = _image_normalization(cfg, size, 0.875, base.normalize)
+  normalization = _image_normalization(cfg, size, 0.875, base.normalization.preset)
   return dataclasses.replace(
       base, name=source, build=build, pretrained=source, converter=converter,
       default_num_classes=num_classes, **registry.image_inputs(normalization))

@@ -37,7 +37,7 @@ class Normalization:
 
   Attributes:
     preset: the name of the input pipeline's preset with this affine (what
-      `ModelSpec.normalize` says), or None when none matches.
+      the pipeline's presets name), or None when none matches.
     mean, std: per channel (or one value), in units of pixels / scale.
     scale: what pixels are divided by first (255: mean/std on 0..1 pixels).
     channels: channel order the model takes ("RGB", the only one jtl's
@@ -76,6 +76,15 @@ class Normalization:
                       f"image_size {self.image_size} be >= 1")
     if problems:
       raise ConfigError("Normalization: " + "; ".join(problems) + ".")
+
+  def describe(self) -> dict[str, Any]:
+    """A JSON-able record (for exported files' metadata).
+
+    >>> Normalization("unit", image_size=8).describe()["mean"]
+    [0.0]
+    """
+    return {"preset": self.preset, "mean": list(self.mean), "std": list(self.std),
+            "scale": self.scale, "image_size": self.image_size}
 
   def apply(self, x: Any) -> Any:
     """(x / scale - mean) / std on float pixels 0..255 [..., C]: NumPy, JAX or

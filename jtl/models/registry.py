@@ -33,16 +33,16 @@ def image_input(batch_size: int, size: int = 224) -> np.ndarray:
 def image_inputs(normalization: Normalization) -> dict[str, Any]:
   """The `ModelSpec` fields an image model's `Normalization` decides: the
   normalization itself, `preprocess`, `example_input`, `image_size` and the
-  pipeline preset `normalize`. Declare the normalisation once and pass these.
+  Declare the normalisation once and pass these.
 
   >>> from jtl.models.preprocessing import model_normalization
   >>> fields = image_inputs(model_normalization("unit", image_size=28))
-  >>> fields["image_size"], fields["normalize"], fields["example_input"](2).shape
+  >>> fields["image_size"], fields["normalization"].preset, fields["example_input"](2).shape
   (28, 'unit', (2, 28, 28, 3))
   """
   return {"normalization": normalization, "preprocess": normalization.preprocessor(),
           "example_input": functools.partial(image_input, size=normalization.image_size),
-          "image_size": normalization.image_size, "normalize": normalization.preset}
+          "image_size": normalization.image_size}
 
 
 def block_groups(num_blocks: int) -> list[tuple[str, str]]:
@@ -75,13 +75,13 @@ class ModelSpec:
       a flat {"params/...": array, "batch_stats/...": array} dict.
     head_pattern: regex of the classifier head's variable paths, re-initialised
       when its class count differs from the checkpoint's.
-    input_kind, image_size, normalize: what the input pipeline must produce:
-      "image" batches at this resolution with this normalisation preset, or
+    input_kind, image_size: what the input pipeline must produce: "image"
+      batches at this resolution (normalised as `normalization` says), or
       "text" (token ids). min_image_size: the smallest `image_size` a config
       may ask for.
     normalization: an image model's `Normalization` (mean, std, scale,
       channels, resolution, crop), from which `image_inputs` derives
-      preprocess, example_input, image_size and normalize.
+      preprocess, example_input and image_size; None for text models.
   """
   name: str
   build: Callable[..., nn.Module]
@@ -96,15 +96,7 @@ class ModelSpec:
   input_kind: str = "image"  # or "text"
   image_size: int = 224
   min_image_size: int = 32  # the smallest input the network's downsampling takes
-  normalize: str | None = None  # a jtl.data.NORMALIZE_PRESETS name
-  normalization: Normalization | None = None
-
-  @property
-  def input_normalization(self) -> Normalization | str | None:
-    """What the input pipeline and `methods.pixel_affine` normalise with: the
-    model's own `Normalization` where it has one (so a Hub model whose
-    mean/std match no preset is still normalised), else the preset name."""
-    return self.normalization if self.normalization is not None else self.normalize
+  normalization: Normalization | None = None  # images: what the pipeline normalises with
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

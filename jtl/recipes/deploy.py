@@ -10,7 +10,7 @@ A fine-tuned model leaves jtl in the formats that deployment runtimes load:
 
 The input contract of every exported file is the input of the jtl model:
 float32 NHWC `[batch, size, size, 3]`, already normalised as the zoo model's
-`spec.input_normalization` says (what jtl's input pipeline yields), with a
+`spec.normalization` says (what jtl's input pipeline yields), with a
 dynamic batch dimension (ONNX: a symbolic "B"; LiteRT: stored as batch 1,
 which the interpreter resizes to any batch, as `Runtime` does; a graph with
 the batch in a reshape, such as ViT's tokens, runs one example at a time);
