@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from strategies_helpers import SPEC, batch, changed, tiny
 
 import jtl
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
 from jtl.recipes.strategies import batchnorm
-from strategies_helpers import SPEC, batch, changed, tiny
 
 BN_PARAMS = {"stem/bn/scale", "stem/bn/bias"}
 

@@ -11,11 +11,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
 
 import jtl
-from jtl.recipes import strategies
 from jtl.errors import ConfigError, PartitionError
-from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
+from jtl.recipes import strategies
 
 ALL = {"stem/conv/kernel", "stem/bn/scale", "stem/bn/bias",
        "block_0/dense/kernel", "block_0/dense/bias", "block_0/norm/scale", "block_0/norm/bias",

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from strategies_helpers import SPEC, batch, changed, tiny
 
 import jtl
-from jtl.recipes import strategies
 from jtl.errors import DataError
-from strategies_helpers import SPEC, batch, changed, tiny
+from jtl.recipes import strategies
 
 
 def eval_batches(inputs, labels, size):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from strategies_helpers import SPEC, batch, changed, tiny
 
 import jtl
-from jtl.recipes import strategies
 from jtl.errors import CheckpointError, ConfigError
-from strategies_helpers import SPEC, batch, changed, tiny
+from jtl.recipes import strategies
 
 ADAPTED = ["stem/conv", "block_0/dense", "block_1/dense"]
 
@@ -83,6 +83,7 @@ def test_lora_errors_name_the_problem(tmp_path):
 def test_lora_model_refuses_adapters_it_cannot_apply():
   import flax.linen as nn
   import jax.numpy as jnp
+
   from jtl.recipes.strategies import LoraModel, LoraWeights, merge_lora
 
   class Net(nn.Module):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
 
 import jtl
-from jtl.recipes import strategies
 from jtl.errors import ConfigError
-from strategies_helpers import GROUPS, SPEC, batch, changed, tiny
+from jtl.recipes import strategies
 
 
 def test_lp_ft_compiles_once_per_phase_and_carries_state():

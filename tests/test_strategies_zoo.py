@@ -6,12 +6,12 @@ import re
 
 import jax
 import numpy as np
+from strategies_helpers import changed
 
 import jtl
 import jtl.models
-from jtl.recipes import strategies
 from jtl.models import bert, efficientnet, registry
-from strategies_helpers import changed
+from jtl.recipes import strategies
 
 
 def lite0_shapes():

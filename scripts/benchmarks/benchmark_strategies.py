@@ -30,7 +30,6 @@ import jtl
 import jtl.models
 from jtl.recipes import strategies
 
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

@@ -9,22 +9,62 @@ from a config; the modules below are usable on their own.
 from __future__ import annotations
 
 from jtl.recipes.strategies.batchnorm import FrozenStatistics, batchnorm_paths, batchnorm_rule
-from jtl.recipes.strategies.builder import (FREEZE_BATCHNORM, LEARNING_RATES, PROBE_LEARNING_RATE,
-                                            PROBE_STEPS, Strategy, build, resolve_options)
-from jtl.recipes.strategies.features import (Head, cache_problems, extract_features, feature_batches,
-                                     head_trainer, probe_head, train_head,
-                                     with_head)
+from jtl.recipes.strategies.builder import (
+  FREEZE_BATCHNORM,
+  LEARNING_RATES,
+  PROBE_LEARNING_RATE,
+  PROBE_STEPS,
+  Strategy,
+  build,
+  resolve_options,
+)
+from jtl.recipes.strategies.features import (
+  Head,
+  cache_problems,
+  extract_features,
+  feature_batches,
+  head_trainer,
+  probe_head,
+  train_head,
+  with_head,
+)
 from jtl.recipes.strategies.l2sp import l2sp, l2sp_penalty
-from jtl.recipes.strategies.llrd import (layer_decay, layer_decay_multipliers, layer_decay_scales,
-                                 layer_depths)
-from jtl.recipes.strategies.lora import (LoraModel, LoraWeights, adaptable_layers, add_lora, adapter_params,
-                                 load_adapters, lora_rules, merge_lora, save_adapters,
-                                 unmerge_lora)
-from jtl.recipes.strategies.rules import (bitfit_rules, full_rules, group_rules, linear_probe_rules,
-                                  partial_rules, top_groups)
-from jtl.recipes.strategies.schedules import (Phase, PhasedResult, gradual_unfreezing_phases,
-                                      lp_ft_phases, phase_index, switch_phase, train_phases,
-                                      transfer_opt_state)
+from jtl.recipes.strategies.llrd import (
+  layer_decay,
+  layer_decay_multipliers,
+  layer_decay_scales,
+  layer_depths,
+)
+from jtl.recipes.strategies.lora import (
+  LoraModel,
+  LoraWeights,
+  adaptable_layers,
+  adapter_params,
+  add_lora,
+  load_adapters,
+  lora_rules,
+  merge_lora,
+  save_adapters,
+  unmerge_lora,
+)
+from jtl.recipes.strategies.rules import (
+  bitfit_rules,
+  full_rules,
+  group_rules,
+  linear_probe_rules,
+  partial_rules,
+  top_groups,
+)
+from jtl.recipes.strategies.schedules import (
+  Phase,
+  PhasedResult,
+  gradual_unfreezing_phases,
+  lp_ft_phases,
+  phase_index,
+  switch_phase,
+  train_phases,
+  transfer_opt_state,
+)
 
 __all__ = [
     "FREEZE_BATCHNORM", "FrozenStatistics", "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",

@@ -22,13 +22,10 @@ import optax
 
 from jtl import optim, partition
 from jtl.errors import ConfigError, bullet_list
-from jtl.recipes.strategies import batchnorm
+from jtl.recipes.strategies import batchnorm, llrd, lora, schedules
 from jtl.recipes.strategies import l2sp as l2sp_lib
-from jtl.recipes.strategies import llrd, lora
 from jtl.recipes.strategies import rules as rules_lib
-from jtl.recipes.strategies import schedules
 from jtl.tree import PyTree
-
 
 # Learning rates (Adam, warmup then cosine decay) chosen per strategy on a
 # validation split (20% of each class of the labelled images, never the test

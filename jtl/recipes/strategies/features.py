@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,8 +25,8 @@ import numpy as np
 import optax
 
 from jtl import parallel, partition, steps
-from jtl.adapter import NnxModel, as_model, is_nnx_module
 from jtl import tree as jtree
+from jtl.adapter import NnxModel, as_model, is_nnx_module
 from jtl.errors import ConfigError, DataError
 from jtl.state import TrainState, create_train_state
 from jtl.tree import PyTree

@@ -28,8 +28,8 @@ import optax
 from jtl import parallel, partition, steps
 from jtl.errors import ConfigError, bullet_list
 from jtl.phases import switch_phase, transfer_opt_state  # noqa: F401 (re-exported)
-from jtl.state import TrainState, create_train_state
 from jtl.recipes.strategies import rules as rules_lib
+from jtl.state import TrainState, create_train_state
 from jtl.tree import PyTree
 
 
