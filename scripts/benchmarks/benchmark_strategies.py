@@ -306,6 +306,15 @@ def best_lrs(results, names, *, per_class, steps, image_size, model=DEFAULT_MODE
   return best
 
 
+def _final_line(name, per_class, lr, rows):
+  accs = np.array([r["acc"] for r in rows])
+  per_seed = " / ".join(f"{100 * a:.1f}" for a in accs)
+  std = 100 * accs.std(ddof=1) if len(rows) > 1 else 0
+  return (f"| {name} | {per_class} | {rows[0]['steps']} | {lr:g} | {rows[0]['trainable']:,} | "
+          f"{np.mean([r['seconds'] for r in rows]):.0f} | {len(rows)} | "
+          f"{100 * accs.mean():.1f}% | {std:.1f} | {per_seed} |")
+
+
 def image_report(results, args, names):
   """Markdown tables: the sweep, then mean +- std over seeds per row."""
   lines = [f"\n### Sweep (validation accuracy; {args.sweep_per_class}/class, "
@@ -322,19 +331,13 @@ def image_report(results, args, names):
             "| test acc mean | std | per seed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for k in map(int, args.per_class.split(",")):
     for name in names:
-      rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
-              and r["per_class"] == k and mine(r)]
-      rows = sorted({results.key(r): r for r in reversed(rows)}.values(),
-                    key=lambda r: r["seed"])  # one per seed
-      if not rows:
-        continue
-      accs = np.array([r["acc"] for r in rows])
-      lr = rows[0]["lr"] if name != "linear_probe" else rows[0]["head_lr"]
-      per_seed = " / ".join(f"{100 * a:.1f}" for a in accs)
-      lines.append(f"| {name} | {k} | {rows[0]['steps']} | {lr:g} | {rows[0]['trainable']:,} | "
-                   f"{np.mean([r['seconds'] for r in rows]):.0f} | {len(rows)} | "
-                   f"{100 * accs.mean():.1f}% | {100 * accs.std(ddof=1) if len(rows) > 1 else 0:.1f} "
-                   f"| {per_seed} |")
+      finals = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
+                and r["per_class"] == k and mine(r)]
+      rate = lambda r: r["head_lr"] if name == "linear_probe" else r["lr"]  # noqa: E731
+      for lr in dict.fromkeys(map(rate, finals)):  # one line per learning rate run
+        rows = sorted({results.key(r): r for r in reversed(finals) if rate(r) == lr}.values(),
+                      key=lambda r: r["seed"])  # one per seed
+        lines.append(_final_line(name, k, lr, rows))
   print("\n".join(lines), flush=True)
 
 
