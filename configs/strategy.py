@@ -6,6 +6,11 @@ Strategy options are config keys too, e.g. --config.strategy.rank=4.
 Learning rates are `jtl.recipes.strategies.LEARNING_RATES`: each strategy's best on a
 validation split in the sweep of scripts/benchmarks/benchmark_strategies.py
 (EfficientNet-Lite0, CIFAR-10 at 128 px, 100 labelled images per class).
+BatchNorm keeps its pretrained statistics while fine-tuning
+(`strategies.FREEZE_BATCHNORM`: full, llrd and bitfit train its scale and
+offset, partial, gradual and lp_ft freeze it whole); set
+`--config.strategy.freeze_batchnorm=False` to re-estimate them (large
+batches, long runs).
 lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 `probe_learning_rate`), then fine-tunes every parameter at the run's
 `learning_rate`, 100x lower (Kumar et al. 2022), BatchNorm frozen.
@@ -20,7 +25,7 @@ OPTIONS = {
     "full": {}, "scratch": {}, "bitfit": {},
     # None: features cached when nothing prevents it (no augmentation, no method).
     "linear_probe": {"cache_features": ml_collections.config_dict.placeholder(bool)},
-    "llrd": {"layer_decay": 0.8},
+    "llrd": {"layer_decay": strategies.LAYER_DECAY},
     "partial": {"num_blocks": 4},
     "lora": {"rank": 8, "alpha": 16.0},
     # None: the probe phase trains on cached features unless a method prevents it.
@@ -35,7 +40,11 @@ def get_config(arg=None):
   name = arg or "lora"
   c = default.get_config()
   c.rules = ()
-  c.strategy = ml_collections.ConfigDict({"name": name, **OPTIONS[name]})
+  # None: the strategy's measured default (strategies.FREEZE_BATCHNORM); or True,
+  # "statistics", False.
+  c.strategy = ml_collections.ConfigDict({
+      "name": name, "freeze_batchnorm": ml_collections.config_dict.placeholder(object),
+      **OPTIONS[name]})
   c.learning_rate = strategies.LEARNING_RATES[name]
   if name == "linear_probe":  # a frozen backbone: fixed features, cached once
     c.augment.crop = False

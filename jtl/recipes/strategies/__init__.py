@@ -11,6 +11,7 @@ from __future__ import annotations
 from jtl.recipes.strategies.batchnorm import FrozenStatistics, batchnorm_paths, batchnorm_rule
 from jtl.recipes.strategies.builder import (
   FREEZE_BATCHNORM,
+  LAYER_DECAY,
   LEARNING_RATES,
   PROBE_LEARNING_RATE,
   PROBE_STEPS,
@@ -67,7 +68,7 @@ from jtl.recipes.strategies.schedules import (
 )
 
 __all__ = [
-    "FREEZE_BATCHNORM", "FrozenStatistics", "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
+    "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
     "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
