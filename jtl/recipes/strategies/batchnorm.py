@@ -27,8 +27,6 @@ from jtl import adapter
 from jtl import tree as jtree
 from jtl.tree import PyTree
 
-MODES = (True, False, "statistics")
-
 
 def batchnorm_paths(variables: PyTree) -> tuple[str, ...]:
   """Module paths of the layers that hold `batch_stats`, sorted.

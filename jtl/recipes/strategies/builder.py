@@ -183,6 +183,13 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
              and k not in ("targets", "max_blocks", "cache_features", "probe_learning_rate")]
   if missing:
     raise ConfigError(f"strategy {name!r} needs {missing} (steps counted from the start).")
+  if options["freeze_batchnorm"] is None:
+    options["freeze_batchnorm"] = FREEZE_BATCHNORM.get(name, False)
+  mode = options["freeze_batchnorm"]
+  if not (mode is True or mode is False or mode == "statistics"):
+    raise ConfigError(f"strategy.freeze_batchnorm={mode!r}: expected "
+                      "True (BatchNorm frozen whole), 'statistics' (stored statistics, scale "
+                      "and offset train) or False (statistics re-estimated from the batches).")
   if name == "lp_ft" and options["probe_learning_rate"] is None:
     options["probe_learning_rate"] = PROBE_LEARNING_RATE
   if name == "llrd" and options["layer_decay"] is None:
@@ -251,14 +258,8 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
 def _with_batchnorm_mode(o: dict[str, Any], module: Any, variables: PyTree,
                          phases: tuple[schedules.Phase, ...]
                          ) -> tuple[Any, tuple[schedules.Phase, ...]]:
-  """Applies `freeze_batchnorm` (None: the strategy's measured default)."""
+  """Applies the resolved `freeze_batchnorm` mode."""
   mode = o["freeze_batchnorm"]
-  if mode is None:
-    mode = o["freeze_batchnorm"] = FREEZE_BATCHNORM.get(o["name"], False)
-  if mode not in batchnorm.MODES:
-    raise ConfigError(f"strategy.freeze_batchnorm={mode!r}: expected True (BatchNorm frozen "
-                      "whole), 'statistics' (stored statistics, scale and offset train) or "
-                      "False (statistics re-estimated from the batches).")
   if mode is True and (rule := batchnorm.batchnorm_rule(variables)) is not None:
     phases = tuple(dataclasses.replace(p, rules=(rule,) + tuple(p.rules)) for p in phases)
   elif mode == "statistics" and (paths := batchnorm.batchnorm_paths(variables)):
