@@ -129,6 +129,13 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   """
   t0 = time.perf_counter()
   name = config if isinstance(config, str) else config["name"]
+  # recompute_batchnorm (this script's key, not a strategy option): after
+  # training, every BatchNorm's statistics become the population statistics
+  # of the unaugmented training images under the final weights ("precise BN",
+  # `jtl.domain.adapt_batchnorm` on the training set).
+  recompute = isinstance(config, dict) and config.get("recompute_batchnorm", False)
+  if recompute:
+    config = {k: v for k, v in config.items() if k != "recompute_batchnorm"}
   build_config = {"name": "full", "freeze_batchnorm": config.get("freeze_batchnorm")} \
       if name == "lp_ft" else config
   s = strategies.build(build_config, created.module, created.variables, created.spec,
@@ -159,6 +166,9 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
     jax.block_until_ready(state)
     print(f"   final train loss {float(metrics['loss']):.3f}", flush=True)
     variables = state.variables
+  if recompute:
+    variables = jtl.domain.adapt_batchnorm(s.module, variables, (
+        {"inputs": train[0][i:i + batch]} for i in range(0, len(train[1]), batch)))
   seconds = time.perf_counter() - t0
   acc = evaluate(s.module, variables, *test, 100)
   return acc, seconds, n_trainable
@@ -215,6 +225,8 @@ GRID = {
     "bitfit_frozen_stats": [3e-3, 1e-2],
     "lora": [1e-3, 3e-3],
     "scratch": [3e-3, 1e-2],
+    "scratch_precise_bn": [3e-3, 1e-2],
+    "full_precise_bn": [3e-4, 1e-3],
 }
 # Every BatchNorm mode is written out (freeze_batchnorm: True = frozen whole,
 # "statistics" = stored statistics with scale/offset training, False =
@@ -222,6 +234,9 @@ GRID = {
 # a strategy's default changes. The plain names are the first runs' setting.
 CONFIGS = {
     "scratch": {"name": "scratch", "freeze_batchnorm": False},
+    "scratch_precise_bn": {"name": "scratch", "freeze_batchnorm": False,
+                           "recompute_batchnorm": True},
+    "full_precise_bn": {"name": "full", "freeze_batchnorm": False, "recompute_batchnorm": True},
     "linear_probe": {"name": "linear_probe", "cache_features": True},
     "partial": {"name": "partial", "num_blocks": 4, "freeze_batchnorm": False},
     "partial_frozen_bn": {"name": "partial", "num_blocks": 4, "freeze_batchnorm": True},
