@@ -9,7 +9,10 @@ Post-training options:
   --precision int8 [--save_quantized model_int8.safetensors]   quantized eval
   --adabn                         AdaBN on the evaluated dataset's train split
                                   (always for a DANN/CORAL run with
-                                  method.batchnorm='separate')
+                                  method.batchnorm='separate'); on a run's own
+                                  data, the statistics a short run that
+                                  re-estimated them (scratch,
+                                  freeze_batchnorm=False) had no time to reach
   --attack pgd --eps 0.1          also accuracy under attack (pixel units)
   --exported runs/default/export/model.int8.tflite
                                   evaluate an exported ONNX / LiteRT file in its
