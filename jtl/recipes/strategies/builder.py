@@ -67,8 +67,11 @@ PROBE_STEPS = 300
 # 62.4 (True: 73.5 / 63.1), llrd 27.5 -> 85.1 / 60.7 -> 74.3 (True: 84.9 /
 # 74.7), bitfit 17.3 -> 85.9 / 58.8 -> 75.9,
 # partial 76.2 -> 81.7 / 69.1 -> 71.5, lp_ft (CIFAR, 60 steps) 64.0 -> 74.5.
-# Re-estimating pays off only when batches are large and training long
-# enough for the running averages (momentum 0.99) to follow: set False then.
+# Re-estimating (False) pays off when the statistics are recomputed after
+# training (precise BN, `jtl.domain.adapt_batchnorm` on the training images,
+# `scripts/evaluate.py --adabn`): full then reached 88.9 / 66.8, but `fit`
+# does not recompute them yet, and without it the running averages
+# (momentum 0.99) trail the weights of a short run.
 FREEZE_BATCHNORM: dict[str, bool | str] = {
     "full": "statistics", "llrd": "statistics", "bitfit": "statistics",
     "partial": True, "gradual": True, "lp_ft": True}
