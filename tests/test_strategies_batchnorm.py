@@ -51,10 +51,10 @@ def test_frozen_statistics_trains_on_the_evaluated_network():
 
 def test_measured_defaults_and_bad_mode():
   module, variables = tiny()
-  for name, mode in [("lp_ft", True), ("scratch", False), ("lora", False),
-                     *strategies.FREEZE_BATCHNORM.items()]:
-    s = strategies.build(name if name != "gradual" else {"name": name, "steps_per_stage": 2},
-                         module, variables, SPEC)
-    assert s.options["freeze_batchnorm"] == strategies.FREEZE_BATCHNORM.get(name, False) == mode
+  expected = {"scratch": False, "lora": False, "lp_ft": True, "partial": True,
+              "full": "statistics", "llrd": "statistics", "bitfit": "statistics"}
+  assert {k: strategies.FREEZE_BATCHNORM.get(k, False) for k in expected} == expected
+  for name, mode in expected.items():
+    assert strategies.build(name, module, variables, SPEC).options["freeze_batchnorm"] == mode
   with pytest.raises(ConfigError, match=r"freeze_batchnorm='stats'.*'statistics'"):
     strategies.build({"name": "full", "freeze_batchnorm": "stats"}, module, variables, SPEC)
