@@ -41,9 +41,12 @@ def get_config(arg=None):
   c = default.get_config()
   c.rules = ()
   # None: the strategy's measured default (strategies.FREEZE_BATCHNORM); or True,
-  # "statistics", False.
+  # "statistics", False. precise_batchnorm None: recompute the statistics on
+  # strategies.PRECISE_BATCHNORM_IMAGES training images before each evaluation
+  # and save when they train (freeze_batchnorm False); 0: off.
   c.strategy = ml_collections.ConfigDict({
       "name": name, "freeze_batchnorm": ml_collections.config_dict.placeholder(object),
+      "precise_batchnorm": ml_collections.config_dict.placeholder(int),
       **OPTIONS[name]})
   c.learning_rate = strategies.LEARNING_RATES[name]
   if name == "linear_probe":  # a frozen backbone: fixed features, cached once

@@ -22,6 +22,7 @@ from jtl.adapter import (
   update_module,
   variables_of,
 )
+from jtl.batchnorm import recompute_batchnorm
 from jtl.checkpoint import LoadReport, export, load_pretrained, read
 from jtl.data import DatasetInfo, dataset_info, prefetch_to_device
 from jtl.errors import (
@@ -98,7 +99,7 @@ __all__ = [
     "CheckpointManager", "CreatedModel", "DatasetInfo", "LoadReport", "adversarial", "checkpoint",
     "create", "distill", "domain", "quantize",
     "data", "dataset_info", "export", "load_pretrained", "make_dataset", "models",
-    "prefetch_to_device", "read", "restore_variables", "strategies", "train",
+    "prefetch_to_device", "read", "recompute_batchnorm", "restore_variables", "strategies", "train",
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "DivergenceError", "FROZEN",
     "FunctionModel", "JtlError", "LinenModel", "NnxModel", "as_model", "update_module",
     "variables_of",

@@ -216,12 +216,14 @@ class NnxModel:
     self._streams = sorted({s.tag for _, s in nnx.iter_graph(module)
                             if isinstance(s, nnx.RngStream)})
     self.call, self.output = call, output
-    self._bridged = isinstance(module, nnx.bridge.ToNNX)
+    self.bridged = isinstance(module, nnx.bridge.ToNNX)  # a Linen module inside
 
-  def _run(self, module: Any, inputs: Any, train: bool, frozen_paths: frozenset[str]) -> Any:
+  def call_module(self, module: Any, inputs: Any, *, train: bool = False,
+                  frozen_paths: frozenset[str] = frozenset()) -> Any:
+    """The merged `module`'s output on `inputs` (in the mode it is set to)."""
     if self.call is not None:
       return self.call(module, inputs)
-    if not self._bridged:
+    if not self.bridged:
       return module(inputs)
     # A Linen module inside `nnx.bridge.ToNNX` (e.g. from `jtl.models.create(...,
     # api="nnx")`): Linen's flag, mutable statistics and frozen BatchNorm.
@@ -257,7 +259,7 @@ class NnxModel:
       for path, sub in nnx.iter_modules(module):
         if isinstance(sub, nnx.BatchNorm) and "/".join(map(str, path)) in frozen_paths:
           sub.use_running_average = True
-    out = self._run(module, inputs, train, frozen_paths)
+    out = self.call_module(module, inputs, train=train, frozen_paths=frozen_paths)
     if not train or "state" not in model_state:
       return select_output(out, self.output), model_state
     rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]

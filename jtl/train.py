@@ -22,9 +22,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from jtl import parallel, steps
+from jtl import parallel, partition, steps
 from jtl import phases as phases_lib
 from jtl.adapter import variables_of
+from jtl.batchnorm import make_recompute_batchnorm
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError
@@ -229,6 +230,25 @@ def _open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any]
   return mngr, writer, state
 
 
+def _batchnorm_refresher(module: Any, phases: _Phases,
+                         batches: Callable[[], Iterable[Batch]]
+                         ) -> Callable[[TrainState, int], TrainState]:
+  """`refresh(state, phase)`: the state with the statistics of every BatchNorm
+  layer that trains in `phase` recomputed on one pass of `batches` (precise
+  BN), placed as before. Compiled once per phase."""
+  compiled: dict[int, Callable] = {}
+
+  def refresh(state: TrainState, phase: int) -> TrainState:
+    if phase not in compiled:
+      compiled[phase] = make_recompute_batchnorm(
+          module, skip=partition.frozen_module_paths(phases.items[phase][1]))
+    variables = compiled[phase](state.variables, batches())
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    placed = jax.device_put(model_state, jax.tree.map(lambda a: a.sharding, state.model_state))
+    return state.replace(model_state=placed)
+  return refresh
+
+
 @dataclasses.dataclass
 class _Loop:
   """The step loop of `fit`: the parts it is given once, then what each step
@@ -247,6 +267,7 @@ class _Loop:
   bar: Any
   stop_on_nonfinite: bool
   save_eval_metrics: bool  # a best_metric picks the best checkpoint by them
+  refresh_batchnorm: Callable[[TrainState, int], TrainState] | None
   meta: dict[str, Any]
   workdir: Any
   # Carried from step to step.
@@ -279,6 +300,8 @@ class _Loop:
                 self.bar)
       if self.bar:
         self.bar.update(1)
+      if (due_eval or due_save) and self.refresh_batchnorm is not None:
+        self.state = self.refresh_batchnorm(self.state, self.phase)
       evaluated = self.evaluate(step) if due_eval else None
       if due_save and self.mngr.save(step, self.state, meta=self.meta, force=last,
                                      metrics=evaluated if self.save_eval_metrics else None):
@@ -337,6 +360,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         later_phases: Sequence[tuple[int, PyTree, optax.GradientTransformation]] = (),
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         batch_transform: steps.BatchTransform | None = None,
+        batchnorm_batches: Callable[[], Iterable[Batch]] | None = None,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
@@ -373,6 +397,13 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       `jtl.recipes.adversarial.adversarial_parts`) gives the model, loss and batch
       transform, and the one train step runs them with microbatches,
       compute_dtype and the mesh.
+    batchnorm_batches: precise BatchNorm. `batchnorm_batches()` returns one
+      pass of (unaugmented) training batches; before each evaluation and
+      each save, the stored statistics of every BatchNorm layer that trains
+      in the current phase are recomputed on it (`jtl.recompute_batchnorm`),
+      so the model evaluated and saved normalises as it was trained, rather
+      than with moving averages that trail the weights. Layers whose params
+      are all frozen keep theirs.
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
@@ -381,6 +412,9 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   if variables is None:
     variables = variables_of(module)
+  if batchnorm_batches is not None and set(variables) == {"params"}:
+    raise ConfigError("fit(batchnorm_batches=...): the variables hold no BatchNorm statistics "
+                      "(only 'params'); drop batchnorm_batches for a model without BatchNorm.")
   compile_step = functools.partial(
       _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
       loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
@@ -404,6 +438,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
         bar=_progress_bar(stack, start_step, num_steps) if progress else None,
         stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
+        refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches)
+                           if batchnorm_batches is not None else None),
         meta=meta, workdir=workdir, state=state, phase=phase,
         train_step=compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)

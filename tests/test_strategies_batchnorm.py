@@ -58,3 +58,18 @@ def test_measured_defaults_and_bad_mode():
     assert strategies.build(name, module, variables, SPEC).options["freeze_batchnorm"] == mode
   with pytest.raises(ConfigError, match=r"freeze_batchnorm='stats'.*'statistics'"):
     strategies.build({"name": "full", "freeze_batchnorm": "stats"}, module, variables, SPEC)
+
+
+def test_precise_batchnorm_is_on_where_statistics_train():
+  resolve = lambda **o: strategies.resolve_options({"name": "full", **o})["precise_batchnorm"]
+  assert strategies.PRECISE_BATCHNORM_IMAGES == 2048
+  assert resolve(freeze_batchnorm=False) == 2048
+  assert resolve(freeze_batchnorm=False, precise_batchnorm=0) == 0
+  assert resolve(freeze_batchnorm=False, precise_batchnorm=500) == 500
+  assert resolve() == 0 and resolve(freeze_batchnorm=True) == 0  # statistics stored
+  assert strategies.resolve_options("scratch")["precise_batchnorm"] == 2048
+  assert strategies.resolve_options("linear_probe")["precise_batchnorm"] == 0  # backbone frozen
+  with pytest.raises(ConfigError, match=r"precise_batchnorm=500 .*freeze_batchnorm='statistics'"):
+    resolve(precise_batchnorm=500)
+  with pytest.raises(ConfigError, match=r"precise_batchnorm=-1: expected a number"):
+    resolve(freeze_batchnorm=False, precise_batchnorm=-1)

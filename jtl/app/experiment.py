@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from etils import epath
 
 from jtl import data, models, parallel, partition, steps
 from jtl.app import methods, workdirs
+from jtl.batchnorm import recompute_batchnorm
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer, tree_bytes
 from jtl.recipes import quantize
@@ -346,6 +348,28 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   return created.module, created.variables, [(0, labels, build_optimizer(config, labels))]
 
 
+def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec
+                              ) -> Callable[[], Iterator[Any]] | None:
+  """`fit`'s `batchnorm_batches`: up to `strategy.precise_batchnorm` unaugmented
+  training images (resolved by the strategy: on when BatchNorm statistics
+  train), or None. Methods train through their own wrappers: off for them."""
+  strategy = config.get("strategy")
+  if not strategy or not strategy.get("name"):
+    return None
+  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
+  images = strategies.resolve_options(strategy)["precise_batchnorm"]
+  if images and methods.method_name(config):
+    if strategy.get("precise_batchnorm"):
+      raise ConfigError(f"strategy.precise_batchnorm={images} is not supported with method "
+                        f"{methods.method_name(config)!r}: set it to 0.")
+    return None
+  if not images:
+    return None
+  batches = eval_batches(config, spec, config.get("train_split", "train"), config.dataset)
+  count = -(-images // (config.get("eval_batch_size") or config.batch_size))
+  return lambda: itertools.islice(batches(), count)
+
+
 def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None:
   """None: the run is not a cached linear probe; []: it is (features are
   extracted once, the head trains on the cache); otherwise why
@@ -445,6 +469,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       microbatches=config.get("microbatches", 1), compute_dtype=compute_dtype,
       seed=config.get("seed", 0), meta=run_meta(config, classes),
       on_nonfinite=config.get("on_nonfinite", "stop"),
+      batchnorm_batches=precise_batchnorm_batches(config, created.spec),
       log_every=config.get("log_every", 10), progress=progress)
   return _write_report(config, workdir, result, summary)
 
@@ -558,10 +583,9 @@ def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, preci
   extra: dict[str, Any] = {}
   config = run.config
   if adabn or methods.needs_adabn(config):
-    from jtl.recipes import domain  # pylint: disable=g-import-not-at-top
     # One unaugmented pass over the unlabelled train split of the evaluated data.
     target = eval_batches(config, run.spec, config.get("train_split", "train"))
-    variables = domain.adapt_batchnorm(run.module, variables, target())
+    variables = recompute_batchnorm(run.module, variables, target())
     extra["adabn"] = {"dataset": config.get("eval_dataset") or config.dataset,
                       "split": config.get("train_split", "train"),
                       "why": "asked" if adabn else "method.batchnorm='separate'"}

@@ -6,7 +6,8 @@
 - CORAL (Sun & Saenko, 2016): a penalty on the distance between the source
   and target feature covariances.
 - AdaBN (Li et al., 2016): after training, re-estimate every BatchNorm's
-  statistics on target data; the params are untouched.
+  statistics on target data (`jtl.recompute_batchnorm` on target batches);
+  the params are untouched.
 
 Adaptation batches are {"inputs": source images, "label": source labels,
 "target_inputs": target images}; the target's labels are never read.
@@ -19,20 +20,19 @@ Array([-1.5, -1.5], dtype=float32)
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
 from jtl.steps import Batch, cross_entropy_loss, make_train_step, masked_mean
-from jtl.tree import PyTree, flatten, unflatten
+from jtl.tree import PyTree
 
 METHODS = ("source_only", "dann", "coral")
 BATCHNORM_MODES = ("joint", "separate")
@@ -281,7 +281,7 @@ def make_adapt_train_step(
   through the network as one batch (the BatchNorm statistics mix both
   domains); with "separate", each domain is normalised with its own batch
   statistics and the running statistics stay the source's: evaluate the
-  target after `adapt_batchnorm` on target data (AdaBN).
+  target after `jtl.recompute_batchnorm` on target data (AdaBN).
 
   Args:
     module: an `AdaptModel` (from `wrap`); DANN needs its domain classifier.
@@ -301,75 +301,3 @@ def make_adapt_train_step(
 def unwrap(variables: PyTree) -> PyTree:
   """The plain model's variables from an AdaptModel's ({"model": ...} dropped)."""
   return {k: v["model"] for k, v in variables.items() if "model" in v}
-
-
-def _record_batchnorm_moments(next_fun, args, kwargs, context):
-  """Interceptor: normalise with batch statistics and sow each BatchNorm's
-  input mean and mean square (over every axis but the feature axis)."""
-  module = context.module
-  if context.method_name != "__call__" or not isinstance(module, nn.BatchNorm):
-    return next_fun(*args, **kwargs)
-  x = jnp.asarray(args[0], jnp.float32)
-  axis = module.axis if isinstance(module.axis, int) else module.axis[0]
-  axis = axis % x.ndim
-  reduce = tuple(i for i in range(x.ndim) if i != axis)
-  module.sow("adabn_moments", "mean", jnp.mean(x, axis=reduce))
-  module.sow("adabn_moments", "mean_sq", jnp.mean(jnp.square(x), axis=reduce))
-  return next_fun(*args, **{**kwargs, "use_running_average": False})
-
-
-def adapt_batchnorm(module: nn.Module, variables: PyTree, batches: Iterable[Batch], *,
-                    input_key: str = "inputs") -> PyTree:
-  """AdaBN: every BatchNorm's mean and var re-estimated on `batches` (target data).
-
-  Each layer normalises with the statistics of the batch it sees (as in
-  training), and its stored statistics become the exact population mean and
-  variance of its input over all rows of all batches (rows with mask=False
-  are dropped). Params and every other collection are returned unchanged.
-
-  Args:
-    module: a Flax model `__call__(x, *, train)`, with BatchNorm layers.
-    variables: {"params": ..., "batch_stats": ...}.
-    batches: target batches; only `batch[input_key]` (and "mask") is read.
-  """
-  if "batch_stats" not in variables:
-    raise ConfigError("adapt_batchnorm: the variables have no 'batch_stats' collection "
-                      f"(collections: {sorted(variables)}); the model has no BatchNorm.")
-
-  @jax.jit
-  def moments(v, x):
-    with nn.intercept_methods(_record_batchnorm_moments):
-      _, state = module.apply(v, x, train=False, mutable=["adabn_moments", "batch_stats"])
-    return jax.tree.map(lambda t: t[0], state["adabn_moments"],
-                        is_leaf=lambda t: isinstance(t, tuple))
-
-  sums: dict[str, np.ndarray] = {}
-  total = 0
-  for batch in batches:
-    x = np.asarray(batch[input_key])
-    if batch.get("mask") is not None:
-      x = x[np.asarray(batch["mask"], bool)]
-    if len(x) == 0:
-      continue
-    m = jax.device_get(moments(variables, x))
-    for path, value in flatten(m).items():
-      sums[path] = sums.get(path, 0.0) + len(x) * np.asarray(value, np.float64)
-    total += len(x)
-  if total == 0:
-    raise ConfigError("adapt_batchnorm: the batches held no (unmasked) rows.")
-
-  new_stats = flatten(variables["batch_stats"])
-  missing = []
-  for path in {p.rsplit("/", 1)[0] for p in sums}:
-    mean = sums[f"{path}/mean"] / total
-    var = np.maximum(sums[f"{path}/mean_sq"] / total - mean * mean, 0.0)
-    for leaf, value in (("mean", mean), ("var", var)):
-      key = f"{path}/{leaf}"
-      if key not in new_stats:
-        missing.append(key)
-        continue
-      new_stats[key] = np.asarray(value, np.asarray(new_stats[key]).dtype)
-  if missing:
-    raise ConfigError("adapt_batchnorm: BatchNorm layers whose statistics are not in "
-                      f"variables['batch_stats']: {sorted(missing)}.")
-  return {**variables, "batch_stats": unflatten(new_stats)}

@@ -36,7 +36,6 @@ import argparse
 import gzip
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -216,7 +215,7 @@ def evaluate(model, variables, data) -> dict:
 
 def adabn(model, variables, data):
   pool = data["target_pool"][0]
-  return domain.adapt_batchnorm(model, variables,
+  return jtl.recompute_batchnorm(model, variables,
                                 [{"inputs": pool[i:i + 300]} for i in range(0, len(pool), 300)])
 
 

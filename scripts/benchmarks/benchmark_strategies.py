@@ -132,7 +132,7 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   # recompute_batchnorm (this script's key, not a strategy option): after
   # training, every BatchNorm's statistics become the population statistics
   # of the unaugmented training images under the final weights ("precise BN",
-  # `jtl.domain.adapt_batchnorm` on the training set).
+  # `jtl.recompute_batchnorm` on the training set).
   recompute = isinstance(config, dict) and config.get("recompute_batchnorm", False)
   if recompute:
     config = {k: v for k, v in config.items() if k != "recompute_batchnorm"}
@@ -167,7 +167,7 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
     print(f"   final train loss {float(metrics['loss']):.3f}", flush=True)
     variables = state.variables
   if recompute:
-    variables = jtl.domain.adapt_batchnorm(s.module, variables, (
+    variables = jtl.recompute_batchnorm(s.module, variables, (
         {"inputs": train[0][i:i + batch]} for i in range(0, len(train[1]), batch)))
   seconds = time.perf_counter() - t0
   acc = evaluate(s.module, variables, *test, 100)

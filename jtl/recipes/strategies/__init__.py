@@ -13,6 +13,7 @@ from jtl.recipes.strategies.builder import (
   FREEZE_BATCHNORM,
   LAYER_DECAY,
   LEARNING_RATES,
+  PRECISE_BATCHNORM_IMAGES,
   PROBE_LEARNING_RATE,
   PROBE_STEPS,
   Strategy,
@@ -68,7 +69,7 @@ from jtl.recipes.strategies.schedules import (
 )
 
 __all__ = [
-    "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
+    "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
     "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",

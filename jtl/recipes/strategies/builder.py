@@ -8,7 +8,8 @@
 `config` is a strategy name or a mapping / ConfigDict {"name": ..., options}.
 Strategies: "full", "scratch", "linear_probe", "partial", "bitfit", "lora",
 "lp_ft", "gradual", "llrd" (= "full" with layer_decay). Options every
-strategy takes: head, layer_decay, stacked, l2sp, l2sp_head, seed.
+strategy takes: head, layer_decay, stacked, freeze_batchnorm,
+precise_batchnorm, l2sp, l2sp_head, seed.
 """
 
 from __future__ import annotations
@@ -68,15 +69,21 @@ PROBE_STEPS = 300
 # 74.7), bitfit 17.3 -> 85.9 / 58.8 -> 75.9,
 # partial 76.2 -> 81.7 / 69.1 -> 71.5, lp_ft (CIFAR, 60 steps) 64.0 -> 74.5.
 # Re-estimating (False) pays off when the statistics are recomputed after
-# training (precise BN, `jtl.domain.adapt_batchnorm` on the training images,
+# training (precise BN, `jtl.recompute_batchnorm` on the training images,
 # `scripts/evaluate.py --adabn`): full then reached 88.9 / 66.8, but `fit`
 # does not recompute them yet, and without it the running averages
 # (momentum 0.99) trail the weights of a short run.
 FREEZE_BATCHNORM: dict[str, bool | str] = {
     "full": "statistics", "llrd": "statistics", "bitfit": "statistics",
     "partial": True, "gradual": True, "lp_ft": True}
+# Precise BatchNorm (`jtl.fit(batchnorm_batches=...)`): with freeze_batchnorm
+# False, the statistics of the layers that train are recomputed on up to this
+# many unaugmented training images before each evaluation and save, instead of
+# the moving averages that trail the weights of a short run (Wu & Johnson,
+# 2021, use a few thousand images). precise_batchnorm=0 turns it off.
+PRECISE_BATCHNORM_IMAGES = 2048
 _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
-           "freeze_batchnorm": None,
+           "freeze_batchnorm": None, "precise_batchnorm": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
 _OPTIONS: dict[str, dict[str, Any]] = {
     "full": {}, "scratch": {}, "llrd": {}, "bitfit": {},
@@ -197,6 +204,7 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
     raise ConfigError(f"strategy.freeze_batchnorm={mode!r}: expected "
                       "True (BatchNorm frozen whole), 'statistics' (stored statistics, scale "
                       "and offset train) or False (statistics re-estimated from the batches).")
+  options["precise_batchnorm"] = _precise_batchnorm_images(name, options)
   if name == "lp_ft" and options["probe_learning_rate"] is None:
     options["probe_learning_rate"] = PROBE_LEARNING_RATE
   if name == "llrd" and options["layer_decay"] is None:
@@ -204,6 +212,22 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   if options["stacked"] is not None:
     options["stacked"] = dict(options["stacked"])
   return options
+
+
+def _precise_batchnorm_images(name: str, options: dict[str, Any]) -> int:
+  """The resolved `precise_batchnorm`: images to recompute the statistics on
+  (0: off); by default PRECISE_BATCHNORM_IMAGES when the statistics train."""
+  images, mode = options["precise_batchnorm"], options["freeze_batchnorm"]
+  if images is None:
+    return PRECISE_BATCHNORM_IMAGES if mode is False and name != "linear_probe" else 0
+  if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+    raise ConfigError(f"strategy.precise_batchnorm={images!r}: expected a number of training "
+                      "images >= 0 (0: off).")
+  if images and mode is not False:
+    raise ConfigError(f"strategy.precise_batchnorm={images} recomputes BatchNorm statistics "
+                      f"that train, but freeze_batchnorm={mode!r} keeps them stored: set "
+                      "freeze_batchnorm=False, or precise_batchnorm=0.")
+  return images
 
 
 def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec: Any, *,

@@ -1,0 +1,206 @@
+"""Precise BatchNorm: stored statistics recomputed as exact population moments.
+
+Training keeps a BatchNorm layer's stored mean and variance as a moving
+average (momentum 0.99 in the zoo) of batch statistics taken under earlier
+weights. After a short fine-tuning run they lag the weights, so the network
+that is evaluated is not the one that was trained (Wu & Johnson, 2021,
+"Rethinking 'Batch' in BatchNorm"). `recompute_batchnorm` replaces them by
+the mean and variance of each layer's input over given batches, each layer
+seeing its inputs normalised with batch statistics, as in training. On
+training images this is "precise BN" (`jtl.fit(batchnorm_batches=...)` does
+it before each evaluation and save); on unlabelled target images it is AdaBN
+(Li et al., 2016).
+
+Linen BatchNorm layers (zoo models, Linen modules, their jtl wrappers) and
+NNX `nnx.BatchNorm` layers are supported.
+
+>>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+>>> class Net(nn.Module):
+...   @nn.compact
+...   def __call__(self, x, train=False):
+...     return nn.BatchNorm(use_running_average=not train)(x)
+>>> v = Net().init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
+>>> x = np.array([[1.0, 0.0], [3.0, 4.0]], np.float32)
+>>> stats = recompute_batchnorm(Net(), v, [{"inputs": x}])["batch_stats"]["BatchNorm_0"]
+>>> stats["mean"], stats["var"]
+(array([2., 2.], dtype=float32), array([1., 4.], dtype=float32))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtl.adapter import NnxModel, as_model
+from jtl.errors import ConfigError
+from jtl.tree import PyTree, flatten, unflatten
+
+Moments = dict[str, tuple[jax.Array, jax.Array]]  # module path -> (mean, mean of squares)
+
+
+def _reduce_axes(ndim: int, feature_axes: int | tuple[int, ...]) -> tuple[int, ...]:
+  features = {a % ndim for a in (feature_axes if isinstance(feature_axes, tuple)
+                                 else (feature_axes,))}
+  return tuple(i for i in range(ndim) if i not in features)
+
+
+def _linen_moments(model: Any, skip: frozenset[str]) -> Callable[..., Moments]:
+  """fn(params, model_state, x) -> moments, by intercepting Linen BatchNorm.
+
+  The model runs in evaluation mode; each recorded layer is given the input
+  whose normalisation with its stored statistics equals the normalisation of
+  its real input with the batch's statistics, so no collection is mutated.
+  """
+  def moments(params: PyTree, model_state: dict[str, PyTree], x: Any) -> Moments:
+    recorded: Moments = {}
+
+    def record(next_fun, args, kwargs, context):
+      module = context.module
+      path = "/".join(module.scope.path) if module.scope else ""
+      if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
+          or path in skip):
+        return next_fun(*args, **kwargs)
+      h = jnp.asarray(args[0], jnp.float32)
+      axes = _reduce_axes(h.ndim, module.axis)
+      mean, mean_sq = jnp.mean(h, axes), jnp.mean(jnp.square(h), axes)
+      recorded[path] = (mean, mean_sq)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      stored_mean = module.get_variable("batch_stats", "mean")
+      stored_var = module.get_variable("batch_stats", "var")
+      shape = [1] * h.ndim
+      for a in range(h.ndim):
+        if a not in axes:
+          shape[a] = h.shape[a]
+      at = lambda t: jnp.reshape(t, shape)
+      h = at(stored_mean) + (h - at(mean)) * jnp.sqrt(
+          (at(stored_var) + module.epsilon) / (at(var) + module.epsilon))
+      return next_fun(h.astype(args[0].dtype), *args[1:], **kwargs)
+
+    with nn.intercept_methods(record):
+      model.apply(params, model_state, x, train=False, rng=None)
+    return recorded
+  return moments
+
+
+def _nnx_moments(model: NnxModel, skip: frozenset[str]) -> Callable[..., Moments]:
+  """fn(params, model_state, x) -> moments: each `nnx.BatchNorm` run on batch
+  statistics with momentum 0, so that its stored mean and var become the
+  batch's, while everything else runs in evaluation mode."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def moments(params: PyTree, model_state: dict[str, PyTree], x: Any) -> Moments:
+    module = model.merge(params, model_state)
+    module.set_attributes(deterministic=True, use_running_average=True,
+                          raise_if_not_found=False)
+    layers = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(module)
+              if isinstance(m, nnx.BatchNorm) and "/".join(map(str, p)) not in skip}
+    for layer in layers.values():
+      layer.use_running_average, layer.momentum = False, 0.0
+    model.call_module(module, x)
+    return {path: (layer.mean[...], layer.var[...] + jnp.square(layer.mean[...]))
+            for path, layer in layers.items()}
+  return moments
+
+
+def _write_linen(variables: PyTree, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> PyTree:
+  stored = flatten(variables["batch_stats"])
+  missing = [p for p in stats if f"{p}/mean" not in stored]
+  if missing:
+    raise ConfigError("recompute_batchnorm: BatchNorm layers whose statistics are not in "
+                      f"variables['batch_stats']: {sorted(missing)}.")
+  for path, (mean, var) in stats.items():
+    for leaf, value in (("mean", mean), ("var", var)):
+      key = f"{path}/{leaf}"
+      stored[key] = np.asarray(value, np.asarray(stored[key]).dtype)
+  return {**variables, "batch_stats": unflatten(stored)}
+
+
+def _write_nnx(model: NnxModel, variables: PyTree,
+               stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> PyTree:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  module = model.merge(variables["params"], {k: v for k, v in variables.items() if k != "params"})
+  for path, layer in nnx.iter_modules(module):
+    key = "/".join(map(str, path))
+    if key in stats:
+      mean, var = stats[key]
+      layer.mean[...] = jnp.asarray(mean, layer.mean[...].dtype)
+      layer.var[...] = jnp.asarray(var, layer.var[...].dtype)
+  rest = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
+  return {**variables, "state": rest}
+
+
+def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (),
+                             input_key: str = "inputs"
+                             ) -> Callable[[PyTree, Iterable[dict[str, Any]]], PyTree]:
+  """`recompute(variables, batches) -> variables`, compiled once for `model`
+  (what `recompute_batchnorm` runs; `jtl.fit` keeps one per phase)."""
+  adapted = as_model(model)
+  skip = frozenset(skip)
+  if isinstance(adapted, NnxModel):
+    if adapted.bridged:
+      raise ConfigError(
+          "recompute_batchnorm: a Linen module inside nnx.bridge.ToNNX is not supported; "
+          "pass the Linen module (e.g. jtl.models.create(..., api='linen')).")
+    moments = jax.jit(_nnx_moments(adapted, skip))
+  else:
+    moments = jax.jit(_linen_moments(adapted, skip))
+
+  def recompute(variables: PyTree, batches: Iterable[dict[str, Any]]) -> PyTree:
+    if not isinstance(adapted, NnxModel):
+      if "batch_stats" not in variables:
+        raise ConfigError("recompute_batchnorm: the variables have no 'batch_stats' collection "
+                          f"(collections: {sorted(variables)}); the model has no BatchNorm.")
+      if {k.rsplit("/", 1)[0] for k in flatten(variables["batch_stats"])} <= skip:
+        return variables  # every layer skipped: no pass over the batches
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    total = 0
+    for batch in batches:
+      x = np.asarray(batch[input_key])
+      if batch.get("mask") is not None:
+        x = x[np.asarray(batch["mask"], bool)]
+      if len(x) == 0:
+        continue
+      for path, (mean, mean_sq) in jax.device_get(
+          moments(variables["params"], model_state, x)).items():
+        old = sums.get(path, (0.0, 0.0))
+        sums[path] = (old[0] + len(x) * np.asarray(mean, np.float64),
+                      old[1] + len(x) * np.asarray(mean_sq, np.float64))
+      total += len(x)
+    if total == 0:
+      raise ConfigError("recompute_batchnorm: the batches held no (unmasked) rows.")
+    if not sums:
+      if skip:  # every BatchNorm layer is frozen: nothing to recompute
+        return variables
+      raise ConfigError("recompute_batchnorm: the model has no BatchNorm layer to recompute.")
+    stats = {p: (s / total, np.maximum(sq / total - np.square(s / total), 0.0))
+             for p, (s, sq) in sums.items()}
+    if isinstance(adapted, NnxModel):
+      return _write_nnx(adapted, variables, stats)
+    return _write_linen(variables, stats)
+  return recompute
+
+
+def recompute_batchnorm(model: Any, variables: PyTree, batches: Iterable[dict[str, Any]], *,
+                        skip: Iterable[str] = (), input_key: str = "inputs") -> PyTree:
+  """Every BatchNorm's stored mean and var recomputed on `batches`.
+
+  Each layer normalises with the statistics of the batch it sees (as in
+  training), and its stored statistics become the exact population mean and
+  (biased) variance of its input over all rows of all batches (rows with
+  mask=False are dropped). Params and every other collection are unchanged.
+
+  Args:
+    model: a Flax Linen module (`__call__(x, *, train)`), an NNX module, or a
+      `jtl.LinenModel`/`NnxModel` adapter, with BatchNorm layers.
+    variables: {"params": ..., "batch_stats": ...} (Linen) or
+      `jtl.variables_of(module)` (NNX: {"params": ..., "state": ...}).
+    batches: only `batch[input_key]` (and "mask") is read.
+    skip: module paths ("backbone/bn0") whose statistics stay as stored.
+  """
+  return make_recompute_batchnorm(model, skip=skip, input_key=input_key)(variables, batches)
