@@ -58,12 +58,13 @@ def _linen_moments(model: Any, skip: frozenset[str]) -> Callable[..., Moments]:
   """
   def moments(params: PyTree, model_state: dict[str, PyTree], x: Any) -> Moments:
     recorded: Moments = {}
+    active: set[str] = set()  # a subclass's __call__ calling nn.BatchNorm's: once
 
     def record(next_fun, args, kwargs, context):
       module = context.module
       path = "/".join(module.scope.path) if module.scope else ""
       if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
-          or path in skip):
+          or path in skip or path in active):
         return next_fun(*args, **kwargs)
       h = jnp.asarray(args[0], jnp.float32)
       axes = _reduce_axes(h.ndim, module.axis)
@@ -79,7 +80,11 @@ def _linen_moments(model: Any, skip: frozenset[str]) -> Callable[..., Moments]:
       at = lambda t: jnp.reshape(t, shape)
       h = at(stored_mean) + (h - at(mean)) * jnp.sqrt(
           (at(stored_var) + module.epsilon) / (at(var) + module.epsilon))
-      return next_fun(h.astype(args[0].dtype), *args[1:], **kwargs)
+      active.add(path)
+      try:
+        return next_fun(h.astype(args[0].dtype), *args[1:], **kwargs)
+      finally:
+        active.discard(path)
 
     with nn.intercept_methods(record):
       model.apply(params, model_state, x, train=False, rng=None)

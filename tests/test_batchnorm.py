@@ -65,6 +65,30 @@ def test_recompute_through_a_linen_adapter_with_attribute_style_batchnorm():
   np.testing.assert_allclose(out["batch_stats"]["bn"]["var"], h.var(0), rtol=1e-4, atol=1e-5)
 
 
+def test_recompute_batchnorm_subclass_calling_flax_batchnorm():
+  # The zoo's BatchNorm subclasses nn.BatchNorm and calls its __call__ in
+  # evaluation mode: one layer, recorded once, on its real input.
+  import flax.linen as nn
+  from jtl.models.layers import BatchNorm
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = BatchNorm(name="bn0")(nn.Dense(3)(x), use_running_average=not train)
+      return BatchNorm(name="bn1")(x * 2.0 + 1.0, use_running_average=not train)
+
+  x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32) * 3.0
+  v = jax.jit(lambda x: Net().init(jax.random.PRNGKey(0), x))(x)
+  out = jtl.recompute_batchnorm(Net(), v, [{"inputs": x}])["batch_stats"]
+  h = np.asarray(x, np.float64) @ np.asarray(v["params"]["Dense_0"]["kernel"]) \
+      + np.asarray(v["params"]["Dense_0"]["bias"])
+  np.testing.assert_allclose(out["bn0"]["mean"], h.mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["bn0"]["var"], h.var(0), rtol=1e-4, atol=1e-5)
+  g = 2.0 * (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) + 1.0  # bn0's scale 1, bias 0
+  np.testing.assert_allclose(out["bn1"]["mean"], g.mean(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["bn1"]["var"], g.var(0), rtol=1e-3, atol=1e-4)
+
+
 def test_recompute_nnx_batchnorm_matches_linen_moments():
   from flax import nnx
 

@@ -129,17 +129,16 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   """
   t0 = time.perf_counter()
   name = config if isinstance(config, str) else config["name"]
-  # recompute_batchnorm (this script's key, not a strategy option): after
-  # training, every BatchNorm's statistics become the population statistics
-  # of the unaugmented training images under the final weights ("precise BN",
-  # `jtl.recompute_batchnorm` on the training set).
-  recompute = isinstance(config, dict) and config.get("recompute_batchnorm", False)
-  if recompute:
-    config = {k: v for k, v in config.items() if k != "recompute_batchnorm"}
-  build_config = {"name": "full", "freeze_batchnorm": config.get("freeze_batchnorm")} \
+  build_config = {"name": "full", "freeze_batchnorm": config.get("freeze_batchnorm"),
+                  "precise_batchnorm": config.get("precise_batchnorm")} \
       if name == "lp_ft" else config
   s = strategies.build(build_config, created.module, created.variables, created.spec,
                        verbose=False)
+  # precise_batchnorm (on by default where statistics train): the statistics
+  # of the layers that train are recomputed on up to that many unaugmented
+  # training images under the final weights, as `jtl.fit` does before its
+  # evaluation (this loop evaluates once, at the end).
+  precise = s.options["precise_batchnorm"]
   print(f"\n== {name} lr={lr:g} seed={seed}: {config}", flush=True)
   n_trainable = s.summary().trainable_params
   variables = s.variables
@@ -166,9 +165,11 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
     jax.block_until_ready(state)
     print(f"   final train loss {float(metrics['loss']):.3f}", flush=True)
     variables = state.variables
-  if recompute:
+  if precise:
+    skip = jtl.frozen_module_paths(s.labels)
     variables = jtl.recompute_batchnorm(s.module, variables, (
-        {"inputs": train[0][i:i + batch]} for i in range(0, len(train[1]), batch)))
+        {"inputs": train[0][i:min(i + batch, precise)]}
+        for i in range(0, min(len(train[1]), precise), batch)), skip=skip)
   seconds = time.perf_counter() - t0
   acc = evaluate(s.module, variables, *test, 100)
   return acc, seconds, n_trainable
@@ -227,31 +228,42 @@ GRID = {
     "scratch": [3e-3, 1e-2],
     "scratch_precise_bn": [3e-3, 1e-2],
     "full_precise_bn": [3e-4, 1e-3],
+    "partial_precise_bn": [1e-3, 3e-3],
+    "llrd_precise_bn": [1e-3, 3e-3],
+    "bitfit_precise_bn": [3e-3, 1e-2],
+    "lora_precise_bn": [1e-3, 3e-3],
 }
 # Every BatchNorm mode is written out (freeze_batchnorm: True = frozen whole,
 # "statistics" = stored statistics with scale/offset training, False =
-# statistics re-estimated from the batches), so rows keep their meaning when
-# a strategy's default changes. The plain names are the first runs' setting.
+# statistics re-estimated from the batches; precise_batchnorm: recomputed on
+# the training images after the last step, 0 = off), so rows keep their
+# meaning when a strategy's default changes. The plain names are the first
+# runs' setting.
+_RUNNING = {"freeze_batchnorm": False, "precise_batchnorm": 0}  # the moving averages
+_PRECISE = {"freeze_batchnorm": False, "precise_batchnorm": 100_000}  # every training image
 CONFIGS = {
-    "scratch": {"name": "scratch", "freeze_batchnorm": False},
-    "scratch_precise_bn": {"name": "scratch", "freeze_batchnorm": False,
-                           "recompute_batchnorm": True},
-    "full_precise_bn": {"name": "full", "freeze_batchnorm": False, "recompute_batchnorm": True},
+    "scratch": {"name": "scratch", **_RUNNING},
+    "scratch_precise_bn": {"name": "scratch", **_PRECISE},
+    "full_precise_bn": {"name": "full", **_PRECISE},
     "linear_probe": {"name": "linear_probe", "cache_features": True},
-    "partial": {"name": "partial", "num_blocks": 4, "freeze_batchnorm": False},
+    "partial": {"name": "partial", "num_blocks": 4, **_RUNNING},
     "partial_frozen_bn": {"name": "partial", "num_blocks": 4, "freeze_batchnorm": True},
-    "full": {"name": "full", "freeze_batchnorm": False},
+    "partial_precise_bn": {"name": "partial", "num_blocks": 4, **_PRECISE},
+    "full": {"name": "full", **_RUNNING},
     "full_frozen_bn": {"name": "full", "freeze_batchnorm": True},
     "full_frozen_stats": {"name": "full", "freeze_batchnorm": "statistics"},
     # probe on the cache, then full fine-tuning
-    "lp_ft": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": False},
+    "lp_ft": {"name": "lp_ft", "probe_steps": 1, **_RUNNING},
     "lp_ft_frozen_bn": {"name": "lp_ft", "probe_steps": 1, "freeze_batchnorm": True},
-    "llrd": {"name": "llrd", "layer_decay": 0.8, "freeze_batchnorm": False},
+    "llrd": {"name": "llrd", "layer_decay": 0.8, **_RUNNING},
     "llrd_frozen_bn": {"name": "llrd", "layer_decay": 0.8, "freeze_batchnorm": True},
     "llrd_frozen_stats": {"name": "llrd", "layer_decay": 0.8, "freeze_batchnorm": "statistics"},
-    "bitfit": {"name": "bitfit", "freeze_batchnorm": False},
+    "llrd_precise_bn": {"name": "llrd", "layer_decay": 0.8, **_PRECISE},
+    "bitfit": {"name": "bitfit", **_RUNNING},
     "bitfit_frozen_stats": {"name": "bitfit", "freeze_batchnorm": "statistics"},
-    "lora": {"name": "lora", "rank": 8, "alpha": 16.0, "freeze_batchnorm": False},
+    "bitfit_precise_bn": {"name": "bitfit", **_PRECISE},
+    "lora": {"name": "lora", "rank": 8, "alpha": 16.0, **_RUNNING},
+    "lora_precise_bn": {"name": "lora", "rank": 8, "alpha": 16.0, **_PRECISE},
 }
 
 
