@@ -249,11 +249,9 @@ def _batchnorm_refresher(module: Any, phases: _Phases,
   return refresh
 
 
-@dataclasses.dataclass
-class _Loop:
-  """The step loop of `fit`: the parts it is given once, then what each step
-  carries on to the next."""
-  # Given once.
+@dataclasses.dataclass(frozen=True)
+class _Given:
+  """What `fit`'s step loop is given once."""
   phases: _Phases
   compile_step: Callable[[PyTree, optax.GradientTransformation], Callable]
   mesh: jax.sharding.Mesh
@@ -270,7 +268,13 @@ class _Loop:
   refresh_batchnorm: Callable[[TrainState, int], TrainState] | None
   meta: dict[str, Any]
   workdir: Any
-  # Carried from step to step.
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The step loop of `fit`: what it is given, then what each step carries
+  on to the next."""
+  given: _Given
   state: TrainState
   phase: int
   train_step: Callable
@@ -281,48 +285,56 @@ class _Loop:
 
   def run(self, batches: Iterator[Batch], start_step: int, num_steps: int) -> None:
     """Steps start_step + 1 to num_steps, with their logs, evals and saves."""
+    g = self.given
     self.window = _Window(start=time.perf_counter())
     for step in range(start_step + 1, num_steps + 1):
       self._enter_phase_if_due(step)
       batch = self._next_batch(batches)
-      self.state, metrics = self.train_step(self.state, parallel.shard_batch(batch, self.mesh))
+      self.state, metrics = self.train_step(self.state, parallel.shard_batch(batch, g.mesh))
       self.window.rows.append((step, metrics))
       self.unchecked.append((step, metrics))
       last = step == num_steps
-      due_eval = self.eval_batches is not None and (
-          (self.eval_every and step % self.eval_every == 0) or last)
-      due_save = self.mngr is not None and (last or self.mngr.should_save(step))
-      due_log = step % self.log_every == 0 or last
+      due_eval = g.eval_batches is not None and (
+          (g.eval_every and step % g.eval_every == 0) or last)
+      due_save = g.mngr is not None and (last or g.mngr.should_save(step))
+      due_log = step % g.log_every == 0 or last
       if due_log or due_eval or due_save:
         self._check_finite()
       if due_log:
-        _report(step, self.window.summary(len(batch["label"])), self.writer, self.on_log,
-                self.bar)
-      if self.bar:
-        self.bar.update(1)
-      if (due_eval or due_save) and self.refresh_batchnorm is not None:
-        self.state = self.refresh_batchnorm(self.state, self.phase)
-      evaluated = self.evaluate(step) if due_eval else None
-      if due_save and self.mngr.save(step, self.state, meta=self.meta, force=last,
-                                     metrics=evaluated if self.save_eval_metrics else None):
-        self.last_saved = step
+        _report(step, self.window.summary(len(batch["label"])), g.writer, g.on_log, g.bar)
+      if g.bar:
+        g.bar.update(1)
+      if due_eval or due_save:
+        self._evaluate_and_save(step, due_eval, due_save, last)
+
+  def _evaluate_and_save(self, step: int, due_eval: bool, due_save: bool, last: bool) -> None:
+    """Precise BatchNorm first (when asked), then the evaluation and the save."""
+    g = self.given
+    if g.refresh_batchnorm is not None:
+      self.state = g.refresh_batchnorm(self.state, self.phase)
+    evaluated = self.evaluate(step) if due_eval else None
+    if due_save and g.mngr.save(step, self.state, meta=g.meta, force=last,
+                                metrics=evaluated if g.save_eval_metrics else None):
+      self.last_saved = step
 
   def evaluate(self, step: int) -> dict[str, float]:
     """Evaluates the current state, writes and logs the result, and keeps it
     as the latest eval metrics."""
-    result = evaluate(self.eval_step, self.state.variables, self.eval_batches(), self.mesh)
-    if self.writer:
-      self.writer.write(step, "eval", result)
-      self.writer.plot()
+    g = self.given
+    result = evaluate(g.eval_step, self.state.variables, g.eval_batches(), g.mesh)
+    if g.writer:
+      g.writer.write(step, "eval", result)
+      g.writer.plot()
     logging.info("eval step %d: %s", step, result)
     self.eval_metrics = result
     return result
 
   def _enter_phase_if_due(self, step: int) -> None:
-    if self.phases.at(step - 1) != self.phase:
-      self.phase = self.phases.at(step - 1)
-      self.state, self.train_step = _enter_phase(self.state, self.phases.items[self.phase],
-                                                 self.compile_step, self.mesh)
+    g = self.given
+    if g.phases.at(step - 1) != self.phase:
+      self.phase = g.phases.at(step - 1)
+      self.state, self.train_step = _enter_phase(self.state, g.phases.items[self.phase],
+                                                 g.compile_step, g.mesh)
       logging.info("Phase %d from step %d", self.phase, step - 1)
 
   def _next_batch(self, batches: Iterator[Batch]) -> Batch:
@@ -335,8 +347,8 @@ class _Loop:
   def _check_finite(self) -> None:
     """Checks the steps since the last check for NaN/inf (on_nonfinite="stop"),
     before anything of the latest step is saved."""
-    if self.stop_on_nonfinite:
-      _stop_if_diverged(self.unchecked, self.last_saved, self.workdir)
+    if self.given.stop_on_nonfinite:
+      _stop_if_diverged(self.unchecked, self.last_saved, self.given.workdir)
     self.unchecked = []
 
 
@@ -432,7 +444,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         async_save=async_checkpoints)
     start_step = int(jax.device_get(state.step))
     phase = phases.at(start_step - 1) if start_step else 0
-    loop = _Loop(
+    loop = _Loop(_Given(
         phases=phases, compile_step=compile_step, mesh=mesh, mngr=mngr, writer=writer,
         eval_step=jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype)),
         eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
@@ -440,7 +452,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
         refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches)
                            if batchnorm_batches is not None else None),
-        meta=meta, workdir=workdir, state=state, phase=phase,
+        meta=meta, workdir=workdir), state=state, phase=phase,
         train_step=compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)
     loop.run(train_batches(start_step), start_step, num_steps)
