@@ -79,6 +79,33 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   assert (workdir / "eval_test.json").exists() and (workdir / "confusion_test.png").exists()
 
 
+def test_full_with_statistics_training_recomputes_them_before_eval_and_save(photos, tmp_path):
+  import ml_collections
+
+  import jtl
+  config = small(load_config(), photos)
+  config.strategy = ml_collections.ConfigDict({"name": "full", "freeze_batchnorm": False})
+  config.num_epochs = 1
+  result = experiment.finetune(config, tmp_path / "run", progress=False)
+  saved, _ = jtl.restore_variables(tmp_path / "run")
+  created = experiment.build_model(config)
+  module = created.module
+  train = experiment.eval_batches(config, created.spec, config.train_split, config.dataset)
+  # Precise BatchNorm (on by default when statistics train): the saved
+  # statistics are the population moments of the unaugmented training split
+  # under the saved params, not moving averages.
+  expected = jtl.recompute_batchnorm(module, {**saved}, train())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               saved["batch_stats"], expected["batch_stats"])
+  assert result.eval_metrics["count"] == 3
+  config.strategy.precise_batchnorm = 0  # off: the moving averages differ
+  experiment.finetune(config, tmp_path / "plain", progress=False)
+  plain, _ = jtl.restore_variables(tmp_path / "plain")
+  assert not np.allclose(plain["batch_stats"]["stage0_bn"]["mean"],
+                         jtl.recompute_batchnorm(module, plain, train())["batch_stats"][
+                             "stage0_bn"]["mean"], atol=1e-3)
+
+
 def test_empty_dataset_and_holdout_of_tfds_are_clear_errors(tmp_path):
   config = load_config()
   with pytest.raises(ConfigError, match=r"--config.dataset=folder:/path"):
