@@ -51,8 +51,9 @@ def test_frozen_statistics_trains_on_the_evaluated_network():
 
 def test_measured_defaults_and_bad_mode():
   module, variables = tiny()
-  expected = {"scratch": False, "lora": False, "lp_ft": True, "partial": True,
-              "full": "statistics", "llrd": "statistics", "bitfit": "statistics"}
+  expected = {"scratch": False, "lora": False, "lp_ft": True, "partial": False,
+              "full": False, "llrd": "statistics", "bitfit": "statistics"}
+  assert strategies.FREEZE_BATCHNORM["gradual"] is True
   assert {k: strategies.FREEZE_BATCHNORM.get(k, False) for k in expected} == expected
   for name, mode in expected.items():
     assert strategies.build(name, module, variables, SPEC).options["freeze_batchnorm"] == mode
@@ -61,13 +62,14 @@ def test_measured_defaults_and_bad_mode():
 
 
 def test_precise_batchnorm_is_on_where_statistics_train():
-  resolve = lambda **o: strategies.resolve_options({"name": "full", **o})["precise_batchnorm"]
+  resolve = lambda **o: strategies.resolve_options({"name": "llrd", **o})["precise_batchnorm"]
   assert strategies.PRECISE_BATCHNORM_IMAGES == 2048
   assert resolve(freeze_batchnorm=False) == 2048
   assert resolve(freeze_batchnorm=False, precise_batchnorm=0) == 0
   assert resolve(freeze_batchnorm=False, precise_batchnorm=500) == 500
   assert resolve() == 0 and resolve(freeze_batchnorm=True) == 0  # statistics stored
-  assert strategies.resolve_options("scratch")["precise_batchnorm"] == 2048
+  for name in ("scratch", "full", "partial"):
+    assert strategies.resolve_options(name)["precise_batchnorm"] == 2048
   assert strategies.resolve_options("linear_probe")["precise_batchnorm"] == 0  # backbone frozen
   with pytest.raises(ConfigError, match=r"precise_batchnorm=500 .*freeze_batchnorm='statistics'"):
     resolve(precise_batchnorm=500)

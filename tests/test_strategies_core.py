@@ -63,9 +63,10 @@ def test_only_trainable_leaves_change(config, expected, capsys):
 
 def test_config_dict_and_errors():
   module, variables = tiny()
-  config = ml_collections.ConfigDict({"name": "partial", "num_blocks": 2, "l2sp": 0.01})
+  config = ml_collections.ConfigDict({"name": "partial", "num_blocks": 2, "l2sp": 0.01,
+                                      "freeze_batchnorm": True})
   s = strategies.build(config, module, variables, SPEC, verbose=False)
-  # partial's default freeze_batchnorm=True puts the BatchNorm rule first
+  # freeze_batchnorm=True puts the BatchNorm rule first
   assert s.rules[0] == ("(stem/bn)/.*", None)
   assert [l for _, l in s.rules[1:]] == [None, "block_0", "block_1", "head"]
   with pytest.raises(ConfigError, match=r"(?s)Unknown option.*'rank'.*num_blocks"):

@@ -32,7 +32,12 @@ def test_efficientnet_lite0_partitions():
   assert probe.summary().trainable_params == head == 1280 * 10 + 10
   partial = strategies.build({"name": "partial", "num_blocks": 2}, module, variables, spec,
                              verbose=False)
-  assert partial.summary().trainable_params == head + sum(  # BatchNorm frozen (the default)
+  # BatchNorm trains (the default, with precise statistics) in the unfrozen blocks.
+  assert partial.summary().trainable_params == head + sum(
+      n for p, n in size.items() if p.startswith(("top/", "blocks_15/")))
+  frozen_bn = strategies.build({"name": "partial", "num_blocks": 2, "freeze_batchnorm": True},
+                               module, variables, spec, verbose=False)
+  assert frozen_bn.summary().trainable_params == head + sum(
       n for p, n in size.items() if p.startswith(("top/", "blocks_15/"))
       and not re.search(r"_?bn/(scale|bias)$", p))
   bitfit = strategies.build("bitfit", module, variables, spec, verbose=False)
