@@ -28,6 +28,7 @@ from PIL import Image
 
 import jtl
 import jtl.models
+from jtl import phases as phases_lib
 from jtl.recipes import strategies
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -117,6 +118,36 @@ def probe_variables(s, train, *, batch, head_lr, head_steps, seed, features=None
   return strategies.with_head(s.variables, jax.device_get(head.params)), (ft, yt)
 
 
+def train_steps(s, name, config, variables, train, *, steps, batch, lr, seed, flip, step_cache):
+  """`steps` steps of the strategy's phases (one, or gradual unfreezing's
+  stages) at `lr`: Adam with the learning rate in the optimizer state, set
+  every step from one warmup-cosine schedule over the run, so one compiled
+  step per phase serves every learning rate, step count and seed. Returns
+  (variables, the last phase's labels, the last step's metrics)."""
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
+  starts = [p.start for p in s.phases if p.start < steps]
+  state = labels = None
+  it = train_batches(*train, batch, seed)
+  if flip:
+    it = flip_batches(it, seed)
+  for i in range(steps):
+    if i in starts:  # a phase starts: its partition and optimizer
+      phase = starts.index(i)
+      labels = s.labels if phase == 0 else jtl.label_params(
+          s.variables["params"], list(s.phases[phase].rules))
+      tx = s.make_optimizer(labels, learning_rate=lr, optimizer=_INJECTED_ADAM)
+      state = jtl.create_train_state(variables, labels, tx, rng=seed) if phase == 0 else \
+          phases_lib.switch_phase(jax.device_get(state), labels, tx)
+      key = (name, json.dumps(config, sort_keys=True, default=str), phase)
+      if key not in step_cache:
+        step_cache[key] = jax.jit(jtl.make_train_step(s.module, tx, labels=labels))
+      step = step_cache[key]
+    state = state.replace(opt_state=set_learning_rate(state.opt_state, float(sched(i))))
+    state, metrics = step(state, next(it))
+  jax.block_until_ready(state)
+  return state.variables, labels, metrics
+
+
 def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_cache,
                  head_lr=1e-2, head_steps=300, features=None, flip=False):
   """Trains one strategy and evaluates it on `test`.
@@ -145,28 +176,15 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   if name in ("linear_probe", "lp_ft"):
     variables, _ = probe_variables(s, train, batch=batch, head_lr=head_lr, head_steps=head_steps,
                                    seed=seed, features=features)
+  labels = s.labels
   if name != "linear_probe":
-    # Adam with the learning rate in the optimizer state (set every step from a
-    # warmup-cosine schedule): one compiled step per strategy serves every
-    # learning rate, step count and seed.
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
-    tx = s.make_optimizer(s.labels, learning_rate=lr, optimizer=_INJECTED_ADAM)
-    state = jtl.create_train_state(variables, s.labels, tx, rng=seed)
-    key = (name, json.dumps(config, sort_keys=True, default=str))
-    if key not in step_cache:
-      step_cache[key] = jax.jit(jtl.make_train_step(s.module, tx, labels=s.labels))
-    step = step_cache[key]
-    it = train_batches(*train, batch, seed)
-    if flip:
-      it = flip_batches(it, seed)
-    for i in range(steps):
-      state = state.replace(opt_state=set_learning_rate(state.opt_state, float(sched(i))))
-      state, metrics = step(state, next(it))
-    jax.block_until_ready(state)
+    variables, labels, metrics = train_steps(s, name, config, variables, train, steps=steps,
+                                             batch=batch, lr=lr, seed=seed, flip=flip,
+                                             step_cache=step_cache)
     print(f"   final train loss {float(metrics['loss']):.3f}", flush=True)
-    variables = state.variables
+    n_trainable = jtl.summarize(s.variables["params"], labels).trainable_params  # last phase's
   if precise:
-    skip = jtl.frozen_module_paths(s.labels)
+    skip = jtl.frozen_module_paths(labels)
     variables = jtl.recompute_batchnorm(s.module, variables, (
         {"inputs": train[0][i:min(i + batch, precise)]}
         for i in range(0, min(len(train[1]), precise), batch)), skip=skip)
