@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtl import parallel
 from jtl.adapter import NnxModel, as_model
 from jtl.errors import ConfigError
 from jtl.tree import PyTree, flatten, unflatten
@@ -49,14 +50,18 @@ def _reduce_axes(ndim: int, feature_axes: int | tuple[int, ...]) -> tuple[int, .
   return tuple(i for i in range(ndim) if i not in features)
 
 
-def _linen_moments(model: Any, skip: frozenset[str]) -> Callable[..., Moments]:
-  """fn(params, model_state, x) -> moments, by intercepting Linen BatchNorm.
+def _linen_moments(model: Any, skip: frozenset[str]
+                   ) -> Callable[..., tuple[Moments, jax.Array]]:
+  """fn(params, model_state, x, mask) -> (moments over the rows where mask
+  is True, their number), by intercepting Linen BatchNorm.
 
   The model runs in evaluation mode; each recorded layer is given the input
   whose normalisation with its stored statistics equals the normalisation of
   its real input with the batch's statistics, so no collection is mutated.
+  The leading axis is the batch axis; a sharded batch gives global moments.
   """
-  def moments(params: PyTree, model_state: dict[str, PyTree], x: Any) -> Moments:
+  def moments(params: PyTree, model_state: dict[str, PyTree], x: Any, mask: jax.Array
+              ) -> tuple[Moments, jax.Array]:
     recorded: Moments = {}
     active: set[str] = set()  # a subclass's __call__ calling nn.BatchNorm's: once
 
@@ -68,7 +73,12 @@ def _linen_moments(model: Any, skip: frozenset[str]) -> Callable[..., Moments]:
         return next_fun(*args, **kwargs)
       h = jnp.asarray(args[0], jnp.float32)
       axes = _reduce_axes(h.ndim, module.axis)
-      mean, mean_sq = jnp.mean(h, axes), jnp.mean(jnp.square(h), axes)
+      if 0 not in axes:
+        raise ConfigError(f"recompute_batchnorm: BatchNorm {path!r} normalises over axes {axes}, "
+                          "without the leading (batch) axis.")
+      w = jnp.broadcast_to(jnp.reshape(mask, (-1,) + (1,) * (h.ndim - 1)), h.shape)
+      count = jnp.maximum(jnp.sum(w, axes), 1.0)
+      mean, mean_sq = jnp.sum(h * w, axes) / count, jnp.sum(jnp.square(h) * w, axes) / count
       recorded[path] = (mean, mean_sq)
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       stored_mean = module.get_variable("batch_stats", "mean")
@@ -88,7 +98,7 @@ def _linen_moments(model: Any, skip: frozenset[str]) -> Callable[..., Moments]:
 
     with nn.intercept_methods(record):
       model.apply(params, model_state, x, train=False, rng=None)
-    return recorded
+    return recorded, jnp.sum(mask)
   return moments
 
 
@@ -139,24 +149,44 @@ def _write_nnx(model: NnxModel, variables: PyTree,
   return {**variables, "state": rest}
 
 
-def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (),
-                             input_key: str = "inputs"
+def _batch_rows(batch: dict[str, Any], input_key: str) -> tuple[Any, np.ndarray]:
+  x = batch[input_key]
+  n = len(jax.tree.leaves(x)[0])
+  mask = batch.get("mask")
+  return x, (np.ones(n, np.float32) if mask is None else np.asarray(mask, np.float32))
+
+
+def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key: str = "inputs",
+                             mesh: jax.sharding.Mesh | None = None
                              ) -> Callable[[PyTree, Iterable[dict[str, Any]]], PyTree]:
   """`recompute(variables, batches) -> variables`, compiled once for `model`
-  (what `recompute_batchnorm` runs; `jtl.fit` keeps one per phase)."""
+  (what `recompute_batchnorm` runs; `jtl.fit` keeps one per phase). With a
+  `mesh`, each batch is split over its devices (`jtl.shard_batch`: in a
+  multi-host run each process passes its own rows) and the moments are the
+  global batch's."""
   adapted = as_model(model)
   skip = frozenset(skip)
-  if isinstance(adapted, NnxModel):
+  nnx_model = isinstance(adapted, NnxModel)
+  if nnx_model:
     if adapted.bridged:
       raise ConfigError(
           "recompute_batchnorm: a Linen module inside nnx.bridge.ToNNX is not supported; "
           "pass the Linen module (e.g. jtl.models.create(..., api='linen')).")
-    moments = jax.jit(_nnx_moments(adapted, skip))
+    if jax.process_count() > 1:
+      raise ConfigError("recompute_batchnorm: NNX models are supported in one process only "
+                        f"(this run has {jax.process_count()}).")
+    nnx_moments = jax.jit(_nnx_moments(adapted, skip))
+    # NNX layers take no mask here: the masked rows are dropped on the host.
+    moments = lambda p, s, x, m: (nnx_moments(p, s, jax.tree.map(lambda a: a[m > 0], x)),
+                                  np.sum(m))
+  elif mesh is not None:
+    linen = jax.jit(_linen_moments(adapted, skip), out_shardings=parallel.replicated(mesh))
+    moments = lambda p, s, x, m: linen(p, s, *parallel.shard_batch((x, m), mesh))
   else:
     moments = jax.jit(_linen_moments(adapted, skip))
 
   def recompute(variables: PyTree, batches: Iterable[dict[str, Any]]) -> PyTree:
-    if not isinstance(adapted, NnxModel):
+    if not nnx_model:
       if "batch_stats" not in variables:
         raise ConfigError("recompute_batchnorm: the variables have no 'batch_stats' collection "
                           f"(collections: {sorted(variables)}); the model has no BatchNorm.")
@@ -164,19 +194,16 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (),
         return variables  # every layer skipped: no pass over the batches
     model_state = {k: v for k, v in variables.items() if k != "params"}
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    total = 0
+    total = 0.0
     for batch in batches:
-      x = np.asarray(batch[input_key])
-      if batch.get("mask") is not None:
-        x = x[np.asarray(batch["mask"], bool)]
-      if len(x) == 0:
-        continue
-      for path, (mean, mean_sq) in jax.device_get(
-          moments(variables["params"], model_state, x)).items():
-        old = sums.get(path, (0.0, 0.0))
-        sums[path] = (old[0] + len(x) * np.asarray(mean, np.float64),
-                      old[1] + len(x) * np.asarray(mean_sq, np.float64))
-      total += len(x)
+      x, mask = _batch_rows(batch, input_key)
+      if not nnx_model or mask.any():
+        recorded, count = jax.device_get(moments(variables["params"], model_state, x, mask))
+        for path, (mean, mean_sq) in recorded.items():
+          old = sums.get(path, (0.0, 0.0))
+          sums[path] = (old[0] + count * np.asarray(mean, np.float64),
+                        old[1] + count * np.asarray(mean_sq, np.float64))
+        total += float(count)
     if total == 0:
       raise ConfigError("recompute_batchnorm: the batches held no (unmasked) rows.")
     if not sums:
@@ -185,9 +212,7 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (),
       raise ConfigError("recompute_batchnorm: the model has no BatchNorm layer to recompute.")
     stats = {p: (s / total, np.maximum(sq / total - np.square(s / total), 0.0))
              for p, (s, sq) in sums.items()}
-    if isinstance(adapted, NnxModel):
-      return _write_nnx(adapted, variables, stats)
-    return _write_linen(variables, stats)
+    return _write_nnx(adapted, variables, stats) if nnx_model else _write_linen(variables, stats)
   return recompute
 
 

@@ -230,22 +230,27 @@ def _open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any]
   return mngr, writer, state
 
 
-def _batchnorm_refresher(module: Any, phases: _Phases,
-                         batches: Callable[[], Iterable[Batch]]
-                         ) -> Callable[[TrainState, int], TrainState]:
+def _batchnorm_refresher(module: Any, phases: _Phases, batches: Callable[[], Iterable[Batch]],
+                         mesh: jax.sharding.Mesh) -> Callable[[TrainState, int], TrainState]:
   """`refresh(state, phase)`: the state with the statistics of every BatchNorm
   layer that trains in `phase` recomputed on one pass of `batches` (precise
-  BN), placed as before. Compiled once per phase."""
+  BN; each process passes its own rows, as for training), placed as before.
+  Compiled once per phase."""
   compiled: dict[int, Callable] = {}
+
+  def place(new: Any, old: jax.Array) -> jax.Array:
+    if isinstance(new, jax.Array):  # not recomputed: as it was
+      return new
+    value = np.asarray(new, old.dtype)  # the same on every process
+    return jax.make_array_from_callback(value.shape, old.sharding, lambda index: value[index])
 
   def refresh(state: TrainState, phase: int) -> TrainState:
     if phase not in compiled:
       compiled[phase] = make_recompute_batchnorm(
-          module, skip=partition.frozen_module_paths(phases.items[phase][1]))
+          module, skip=partition.frozen_module_paths(phases.items[phase][1]), mesh=mesh)
     variables = compiled[phase](state.variables, batches())
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    placed = jax.device_put(model_state, jax.tree.map(lambda a: a.sharding, state.model_state))
-    return state.replace(model_state=placed)
+    return state.replace(model_state=jax.tree.map(place, model_state, state.model_state))
   return refresh
 
 
@@ -450,7 +455,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
         bar=_progress_bar(stack, start_step, num_steps) if progress else None,
         stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
-        refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches)
+        refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches, mesh)
                            if batchnorm_batches is not None else None),
         meta=meta, workdir=workdir), state=state, phase=phase,
         train_step=compile_step(*phases.items[phase][1:]),

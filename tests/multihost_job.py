@@ -5,8 +5,9 @@ usage: python multihost_job.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT.npz STE
 8 CPU devices in all (8 / NUM_PROCESSES per process); with 2 processes they
 form one mesh through `jax.distributed` (coordinator on 127.0.0.1:PORT, gloo
 collectives). The global batch of step s is fixed by s; each process feeds its
-own rows of it, which `shard_batch` assembles into global arrays. Checkpoints
-every 2 steps; process 0 writes the final params to OUT.npz. With DIE_AT,
+own rows of it, which `shard_batch` assembles into global arrays; so for the
+precise BatchNorm batches. Checkpoints every 2 steps; process 0 writes the
+final variables to OUT.npz. With DIE_AT,
 process 1 exits abruptly after that step (a preempted host).
 """
 
@@ -47,6 +48,16 @@ def local_batches(start):
     yield {k: v[mine] for k, v in global_batch(step).items()}
 
 
+def batchnorm_batches():
+  """Two fixed global batches for precise BatchNorm, this process's rows (the
+  last 4 rows of the second are padding: mask False)."""
+  rows = GLOBAL_BATCH // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  for seed, padding in ((1000, 0), (1001, 4)):
+    mask = np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - padding
+    yield {"inputs": global_batch(seed)["inputs"][mine], "mask": mask[mine]}
+
+
 def main(argv):
   process_id, num_processes, port = (int(a) for a in argv[1:4])
   workdir, out, steps = argv[4], argv[5], int(argv[6])
@@ -66,7 +77,8 @@ def main(argv):
   result = jtl.train.fit(
       module=module, variables=variables, labels=labels, tx=tx, train_batches=local_batches,
       num_steps=steps, workdir=workdir, checkpoint_every=2, keep=2, log_every=1,
-      progress=False, meta={"model": "multihost_job", "num_classes": 5}, on_log=on_log)
+      progress=False, meta={"model": "multihost_job", "num_classes": 5}, on_log=on_log,
+      batchnorm_batches=batchnorm_batches)
   if jax.process_index() == 0:
     flat = jtl.flatten(jax.device_get(result.state.variables))
     np.savez(out, start_step=result.start_step, **flat)

@@ -68,6 +68,17 @@ def test_two_processes_match_one_and_resume_across_kill_and_layouts(tmp_path):
   assert int(resumed["start_step"]) == max(complete)
   # Tolerance: the cross-process reductions sum in another order than one process's.
   assert_same(params(tmp_path / "one6.npz"), resumed)
+  # Precise BatchNorm: the saved statistics are the population moments of the
+  # global batches' unmasked rows under the final params (both processes' rows).
+  import jtl
+  from multihost_job import GLOBAL_BATCH, Net, global_batch
+  final = jtl.unflatten({k: v for k, v in resumed.items() if k != "start_step"})
+  direct = jtl.recompute_batchnorm(Net(), final, [
+      {"inputs": global_batch(1000)["inputs"]},
+      {"inputs": global_batch(1001)["inputs"], "mask": np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 4}])
+  for leaf in ("mean", "var"):
+    np.testing.assert_allclose(final["batch_stats"]["bn"][leaf], direct["batch_stats"]["bn"][leaf],
+                               rtol=1e-4, atol=1e-5)
   # A checkpoint of two processes restores in one, and one process's in two.
   codes, logs = launch(1, two, tmp_path / "two_then_one8.npz", 8)
   assert codes == [0], logs[0][-3000:]
