@@ -415,12 +415,14 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       transform, and the one train step runs them with microbatches,
       compute_dtype and the mesh.
     batchnorm_batches: precise BatchNorm. `batchnorm_batches()` returns one
-      pass of (unaugmented) training batches; before each evaluation and
-      each save, the stored statistics of every BatchNorm layer that trains
-      in the current phase are recomputed on it (`jtl.recompute_batchnorm`),
-      so the model evaluated and saved normalises as it was trained, rather
-      than with moving averages that trail the weights. Layers whose params
-      are all frozen keep theirs.
+      pass of (unaugmented) training batches, each process its own rows as
+      for `train_batches`, padding rows with mask=False. Before each
+      evaluation and each save, the stored statistics of every BatchNorm
+      layer that trains in the current phase are recomputed on it
+      (`jtl.recompute_batchnorm`, over the global batches), so the model
+      evaluated and saved normalises as it was trained, not with moving
+      averages that trail the weights. Layers whose params are all frozen
+      keep theirs.
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
