@@ -6,12 +6,12 @@ Strategy options are config keys too, e.g. --config.strategy.rank=4.
 Learning rates are `jtl.recipes.strategies.LEARNING_RATES`: each strategy's best on a
 validation split in the sweep of scripts/benchmarks/benchmark_strategies.py
 (EfficientNet-Lite0, CIFAR-10 at 128 px, 100 labelled images per class).
-BatchNorm while fine-tuning (`strategies.FREEZE_BATCHNORM`, measured): full
-and partial re-estimate its statistics and recompute them on up to 2,048
+BatchNorm while fine-tuning (`strategies.FREEZE_BATCHNORM`, measured): full,
+partial and gradual re-estimate its statistics and recompute them on up to 2,048
 unaugmented training images before each evaluation and checkpoint (precise
 BatchNorm, `strategy.precise_batchnorm`; scratch too); llrd and bitfit keep
 the pretrained statistics and train its scale and offset
-(`freeze_batchnorm="statistics"`); gradual and lp_ft freeze it whole.
+(`freeze_batchnorm="statistics"`); lp_ft freezes it whole.
 lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 `probe_learning_rate`), then fine-tunes every parameter at the run's
 `learning_rate`, 100x lower (Kumar et al. 2022), BatchNorm frozen.

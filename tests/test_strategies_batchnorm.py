@@ -53,7 +53,7 @@ def test_measured_defaults_and_bad_mode():
   module, variables = tiny()
   expected = {"scratch": False, "lora": False, "lp_ft": True, "partial": False,
               "full": False, "llrd": "statistics", "bitfit": "statistics"}
-  assert strategies.FREEZE_BATCHNORM["gradual"] is True
+  assert strategies.FREEZE_BATCHNORM["gradual"] is False
   assert {k: strategies.FREEZE_BATCHNORM.get(k, False) for k in expected} == expected
   for name, mode in expected.items():
     assert strategies.build(name, module, variables, SPEC).options["freeze_batchnorm"] == mode
