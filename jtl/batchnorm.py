@@ -41,7 +41,7 @@ from jtl.adapter import NnxModel, as_model
 from jtl.errors import ConfigError
 from jtl.tree import PyTree, flatten, unflatten
 
-Moments = dict[str, tuple[jax.Array, jax.Array]]  # module path -> (mean, mean of squares)
+Moments = dict[str, tuple[jax.Array, jax.Array]]  # module path -> (mean, variance)
 
 
 def _reduce_axes(ndim: int, feature_axes: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -77,10 +77,11 @@ def _linen_moments(model: Any, skip: frozenset[str]
         raise ConfigError(f"recompute_batchnorm: BatchNorm {path!r} normalises over axes {axes}, "
                           "without the leading (batch) axis.")
       w = jnp.broadcast_to(jnp.reshape(mask, (-1,) + (1,) * (h.ndim - 1)), h.shape)
-      count = jnp.maximum(jnp.sum(w, axes), 1.0)
-      mean, mean_sq = jnp.sum(h * w, axes) / count, jnp.sum(jnp.square(h) * w, axes) / count
-      recorded[path] = (mean, mean_sq)
-      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      count = jnp.maximum(jnp.sum(w, axes, keepdims=True), 1.0)
+      mean = jnp.sum(h * w, axes, keepdims=True) / count
+      var = jnp.sum(jnp.square(h - mean) * w, axes, keepdims=True) / count  # centred
+      mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+      recorded[path] = (mean, var)
       stored_mean = module.get_variable("batch_stats", "mean")
       stored_var = module.get_variable("batch_stats", "var")
       shape = [1] * h.ndim
@@ -117,8 +118,7 @@ def _nnx_moments(model: NnxModel, skip: frozenset[str]) -> Callable[..., Moments
     for layer in layers.values():
       layer.use_running_average, layer.momentum = False, 0.0
     model.call_module(module, x)
-    return {path: (layer.mean[...], layer.var[...] + jnp.square(layer.mean[...]))
-            for path, layer in layers.items()}
+    return {path: (layer.mean[...], layer.var[...]) for path, layer in layers.items()}
   return moments
 
 
@@ -156,6 +156,27 @@ def _batch_rows(batch: dict[str, Any], input_key: str) -> tuple[Any, np.ndarray]
   return x, (np.ones(n, np.float32) if mask is None else np.asarray(mask, np.float32))
 
 
+def _compiled_moments(adapted: Any, skip: frozenset[str], mesh: jax.sharding.Mesh | None
+                      ) -> Callable[..., tuple[Moments, Any]]:
+  """fn(params, model_state, x, mask) -> (moments, unmasked rows), jitted."""
+  if not isinstance(adapted, NnxModel):
+    if mesh is None:
+      return jax.jit(_linen_moments(adapted, skip))
+    linen = jax.jit(_linen_moments(adapted, skip), out_shardings=parallel.replicated(mesh))
+    return lambda p, s, x, m: linen(p, s, *parallel.shard_batch((x, m), mesh))
+  if adapted.bridged:
+    raise ConfigError(
+        "recompute_batchnorm: a Linen module inside nnx.bridge.ToNNX is not supported; "
+        "pass the Linen module (e.g. jtl.models.create(..., api='linen')).")
+  if jax.process_count() > 1:
+    raise ConfigError("recompute_batchnorm: NNX models are supported in one process only "
+                      f"(this run has {jax.process_count()}).")
+  nnx_moments = jax.jit(_nnx_moments(adapted, skip))
+  # NNX layers take no mask here: the masked rows are dropped on the host.
+  return lambda p, s, x, m: (nnx_moments(p, s, jax.tree.map(lambda a: a[m > 0], x)),
+                             np.sum(m))
+
+
 def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key: str = "inputs",
                              mesh: jax.sharding.Mesh | None = None
                              ) -> Callable[[PyTree, Iterable[dict[str, Any]]], PyTree]:
@@ -167,23 +188,7 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
   adapted = as_model(model)
   skip = frozenset(skip)
   nnx_model = isinstance(adapted, NnxModel)
-  if nnx_model:
-    if adapted.bridged:
-      raise ConfigError(
-          "recompute_batchnorm: a Linen module inside nnx.bridge.ToNNX is not supported; "
-          "pass the Linen module (e.g. jtl.models.create(..., api='linen')).")
-    if jax.process_count() > 1:
-      raise ConfigError("recompute_batchnorm: NNX models are supported in one process only "
-                        f"(this run has {jax.process_count()}).")
-    nnx_moments = jax.jit(_nnx_moments(adapted, skip))
-    # NNX layers take no mask here: the masked rows are dropped on the host.
-    moments = lambda p, s, x, m: (nnx_moments(p, s, jax.tree.map(lambda a: a[m > 0], x)),
-                                  np.sum(m))
-  elif mesh is not None:
-    linen = jax.jit(_linen_moments(adapted, skip), out_shardings=parallel.replicated(mesh))
-    moments = lambda p, s, x, m: linen(p, s, *parallel.shard_batch((x, m), mesh))
-  else:
-    moments = jax.jit(_linen_moments(adapted, skip))
+  moments = _compiled_moments(adapted, skip, mesh)
 
   def recompute(variables: PyTree, batches: Iterable[dict[str, Any]]) -> PyTree:
     if not nnx_model:
@@ -193,16 +198,17 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
       if {k.rsplit("/", 1)[0] for k in flatten(variables["batch_stats"])} <= skip:
         return variables  # every layer skipped: no pass over the batches
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # Per layer: sums over batches of n, n * mean, n * mean^2 and n * var.
+    sums: dict[str, np.ndarray] = {}
     total = 0.0
     for batch in batches:
       x, mask = _batch_rows(batch, input_key)
       if not nnx_model or mask.any():
         recorded, count = jax.device_get(moments(variables["params"], model_state, x, mask))
-        for path, (mean, mean_sq) in recorded.items():
-          old = sums.get(path, (0.0, 0.0))
-          sums[path] = (old[0] + count * np.asarray(mean, np.float64),
-                        old[1] + count * np.asarray(mean_sq, np.float64))
+        for path, (mean, var) in recorded.items():
+          mean = np.asarray(mean, np.float64)
+          sums[path] = sums.get(path, 0.0) + float(count) * np.stack(
+              [mean, np.square(mean), np.asarray(var, np.float64)])
         total += float(count)
     if total == 0:
       raise ConfigError("recompute_batchnorm: the batches held no (unmasked) rows.")
@@ -210,8 +216,10 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
       if skip:  # every BatchNorm layer is frozen: nothing to recompute
         return variables
       raise ConfigError("recompute_batchnorm: the model has no BatchNorm layer to recompute.")
-    stats = {p: (s / total, np.maximum(sq / total - np.square(s / total), 0.0))
-             for p, (s, sq) in sums.items()}
+    # The population variance: the mean within-batch variance plus the
+    # variance of the batch means.
+    stats = {p: (s[0] / total, s[2] / total + np.maximum(s[1] / total - np.square(s[0] / total), 0))
+             for p, s in sums.items()}
     return _write_nnx(adapted, variables, stats) if nnx_model else _write_linen(variables, stats)
   return recompute
 

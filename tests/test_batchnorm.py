@@ -89,6 +89,22 @@ def test_recompute_batchnorm_subclass_calling_flax_batchnorm():
   np.testing.assert_allclose(out["bn1"]["var"], g.var(0), rtol=1e-3, atol=1e-4)
 
 
+def test_recompute_variance_is_accurate_for_a_large_mean():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.BatchNorm(use_running_average=not train, name="bn")(x)
+
+  x = (1000.0 + 0.01 * np.random.default_rng(0).normal(size=(64, 3))).astype(np.float32)
+  v = jax.jit(lambda x: Net().init(jax.random.PRNGKey(0), x))(x)
+  out = jtl.recompute_batchnorm(Net(), v, [{"inputs": x[:32]}, {"inputs": x[32:]}])
+  # E[x^2] - E[x]^2 in float32 would lose every digit of a 1e-4 variance at a mean of 1000.
+  np.testing.assert_allclose(out["batch_stats"]["bn"]["var"], np.asarray(x, np.float64).var(0),
+                             rtol=1e-2)
+
+
 def test_recompute_nnx_batchnorm_matches_linen_moments():
   from flax import nnx
 
