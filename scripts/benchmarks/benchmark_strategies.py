@@ -14,6 +14,7 @@ are not augmented, so the linear probe trains on cached features.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -148,6 +149,12 @@ def train_steps(s, name, config, variables, train, *, steps, batch, lr, seed, fl
   return state.variables, labels, metrics
 
 
+def input_batches(train, batch, limit=None):
+  """The first `limit` (default all) training images, unaugmented, in batches."""
+  n = len(train[1]) if limit is None else min(len(train[1]), limit)
+  return ({"inputs": train[0][i:min(i + batch, n)]} for i in range(0, n, batch))
+
+
 def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_cache,
                  head_lr=1e-2, head_steps=300, features=None, flip=False):
   """Trains one strategy and evaluates it on `test`.
@@ -160,6 +167,14 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   """
   t0 = time.perf_counter()
   name = config if isinstance(config, str) else config["name"]
+  # recomputed_probe (this script's key): the probe (linear_probe, LP-FT's
+  # probe phase) trains on features under BatchNorm statistics recomputed on
+  # the training images (AdaBN on the task's own images), not ImageNet's.
+  recomputed_probe = isinstance(config, dict) and config.get("recomputed_probe", False)
+  if name == "linear_probe":  # its learning rate is the head's (variants swept by it too)
+    head_lr = lr
+  if recomputed_probe:
+    config = {k: v for k, v in config.items() if k != "recomputed_probe"}
   build_config = {"name": "full", "freeze_batchnorm": config.get("freeze_batchnorm"),
                   "precise_batchnorm": config.get("precise_batchnorm")} \
       if name == "lp_ft" else config
@@ -174,6 +189,10 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   n_trainable = s.summary().trainable_params
   variables = s.variables
   if name in ("linear_probe", "lp_ft"):
+    if recomputed_probe:
+      s = dataclasses.replace(s, variables=jtl.recompute_batchnorm(
+          s.module, s.variables, input_batches(train, batch)))
+      features = None  # the shared cache holds features under the pretrained statistics
     variables, _ = probe_variables(s, train, batch=batch, head_lr=head_lr, head_steps=head_steps,
                                    seed=seed, features=features)
   labels = s.labels
@@ -185,9 +204,8 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
     n_trainable = jtl.summarize(s.variables["params"], labels).trainable_params  # last phase's
   if precise:
     skip = jtl.frozen_module_paths(labels)
-    variables = jtl.recompute_batchnorm(s.module, variables, (
-        {"inputs": train[0][i:min(i + batch, precise)]}
-        for i in range(0, min(len(train[1]), precise), batch)), skip=skip)
+    variables = jtl.recompute_batchnorm(s.module, variables, input_batches(train, batch, precise),
+                                        skip=skip)
   seconds = time.perf_counter() - t0
   acc = evaluate(s.module, variables, *test, 100)
   return acc, seconds, n_trainable
