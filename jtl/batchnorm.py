@@ -7,7 +7,7 @@ that is evaluated is not the one that was trained (Wu & Johnson, 2021,
 "Rethinking 'Batch' in BatchNorm"). `recompute_batchnorm` replaces them by
 the mean and variance of each layer's input over given batches, each layer
 seeing its inputs normalised with batch statistics, as in training. On
-training images this is "precise BN" (`jtl.fit(batchnorm_batches=...)` does
+training images this is "precise BN" (`jtl.train.fit(batchnorm_batches=...)` does
 it before each evaluation and save); on unlabelled target images it is AdaBN
 (Li et al., 2016).
 
@@ -181,7 +181,7 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
                              mesh: jax.sharding.Mesh | None = None
                              ) -> Callable[[PyTree, Iterable[dict[str, Any]]], PyTree]:
   """`recompute(variables, batches) -> variables`, compiled once for `model`
-  (what `recompute_batchnorm` runs; `jtl.fit` keeps one per phase). With a
+  (what `recompute_batchnorm` runs; `jtl.train.fit` keeps one per phase). With a
   `mesh`, each batch is split over its devices (`jtl.shard_batch`: in a
   multi-host run each process passes its own rows) and the moments are the
   global batch's."""

@@ -182,7 +182,7 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
                        verbose=False)
   # precise_batchnorm (on by default where statistics train): the statistics
   # of the layers that train are recomputed on up to that many unaugmented
-  # training images under the final weights, as `jtl.fit` does before its
+  # training images under the final weights, as `jtl.train.fit` does before its
   # evaluation (this loop evaluates once, at the end).
   precise = s.options["precise_batchnorm"]
   print(f"\n== {name} lr={lr:g} seed={seed}: {config}", flush=True)

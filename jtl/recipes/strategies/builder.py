@@ -81,7 +81,7 @@ PROBE_STEPS = 300
 FREEZE_BATCHNORM: dict[str, bool | str] = {
     "full": False, "partial": False, "gradual": False, "llrd": "statistics",
     "bitfit": "statistics", "lp_ft": True}
-# Precise BatchNorm (`jtl.fit(batchnorm_batches=...)`): with freeze_batchnorm
+# Precise BatchNorm (`jtl.train.fit(batchnorm_batches=...)`): with freeze_batchnorm
 # False, the statistics of the layers that train are recomputed on up to this
 # many unaugmented training images before each evaluation and save, instead of
 # the moving averages that trail the weights of a short run (Wu & Johnson,
