@@ -159,8 +159,18 @@ def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTr
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-  """The first device's copy of a pmap-replicated tree."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first device's copy of a pmap-replicated tree.
+
+  Waits for the tree, then reads the first device's shard alone: indexing the
+  whole array would run a computation across every device while the pmapped
+  step may still be running, which has aborted XLA's CPU client (a rare crash
+  of tests/test_model_kinds.py).
+  """
+  def first(x: Any) -> Any:
+    if isinstance(x, jax.Array) and len(x.addressable_shards) > 1:
+      return x.addressable_shards[0].data[0]
+    return x[0]
+  return jax.tree.map(first, jax.block_until_ready(tree))
 
 
 def shard_for_pmap(batch: PyTree, num_devices: int | None = None) -> PyTree:
