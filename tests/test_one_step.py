@@ -52,12 +52,12 @@ def test_adversarial_step_under_pmap_equals_the_mesh_step():
       model, tx, axis_name="batch", **kwargs))
   pmap_state, pmap_metrics = run(lambda s, b: pmapped(s, jtl.shard_for_pmap(b)),
                                  jtl.replicate(state))
-  pmap_state = jtl.unreplicate(pmap_state)
+  pmap_state, pmap_metrics = jtl.unreplicate((pmap_state, pmap_metrics))
   for a, b in zip(jax.tree.leaves(mesh_state.params), jax.tree.leaves(pmap_state.params)):
     np.testing.assert_allclose(a, b, atol=1e-5)
-  np.testing.assert_allclose(pmap_metrics["adv_accuracy"][0], mesh_metrics["adv_accuracy"],
+  np.testing.assert_allclose(pmap_metrics["adv_accuracy"], mesh_metrics["adv_accuracy"],
                              atol=1e-6)
-  np.testing.assert_allclose(pmap_metrics["loss"][0], mesh_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(pmap_metrics["loss"], mesh_metrics["loss"], rtol=1e-5)
 
 
 def test_domain_adaptation_microbatches_keep_source_and_target_rows_paired():

@@ -41,7 +41,7 @@ def run_pmap():
   state = jtl.replicate(state)
   for b in batches():
     state, metrics = step(state, jtl.shard_for_pmap(b))
-  return jax.device_get(jtl.unreplicate(state).params), float(metrics["loss"][0])
+  return jax.device_get(jtl.unreplicate(state).params), float(jtl.unreplicate(metrics)["loss"])
 
 
 def test_one_device_eight_devices_jit_and_pmap_agree():
