@@ -69,6 +69,7 @@ def test_recompute_batchnorm_subclass_calling_flax_batchnorm():
   # The zoo's BatchNorm subclasses nn.BatchNorm and calls its __call__ in
   # evaluation mode: one layer, recorded once, on its real input.
   import flax.linen as nn
+
   from jtl.models.layers import BatchNorm
 
   class Net(nn.Module):

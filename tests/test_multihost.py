@@ -70,8 +70,9 @@ def test_two_processes_match_one_and_resume_across_kill_and_layouts(tmp_path):
   assert_same(params(tmp_path / "one6.npz"), resumed)
   # Precise BatchNorm: the saved statistics are the population moments of the
   # global batches' unmasked rows under the final params (both processes' rows).
-  import jtl
   from multihost_job import GLOBAL_BATCH, Net, global_batch
+
+  import jtl
   final = jtl.unflatten({k: v for k, v in resumed.items() if k != "start_step"})
   direct = jtl.recompute_batchnorm(Net(), final, [
       {"inputs": global_batch(1000)["inputs"]},
