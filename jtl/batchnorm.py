@@ -143,8 +143,8 @@ def _write_nnx(model: NnxModel, variables: PyTree,
     key = "/".join(map(str, path))
     if key in stats:
       mean, var = stats[key]
-      layer.mean[...] = jnp.asarray(mean, layer.mean[...].dtype)
-      layer.var[...] = jnp.asarray(var, layer.var[...].dtype)
+      layer.mean.set_value(np.asarray(mean, layer.mean.get_value().dtype))
+      layer.var.set_value(np.asarray(var, layer.var.get_value().dtype))
   rest = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
   return {**variables, "state": rest}
 

@@ -239,7 +239,7 @@ def _batchnorm_refresher(module: Any, phases: _Phases, batches: Callable[[], Ite
   compiled: dict[int, Callable] = {}
 
   def place(new: Any, old: jax.Array) -> jax.Array:
-    if isinstance(new, jax.Array):  # not recomputed: as it was
+    if isinstance(new, jax.Array) and new.sharding == old.sharding:  # not recomputed
       return new
     value = np.asarray(new, old.dtype)  # the same on every process
     return jax.make_array_from_callback(value.shape, old.sharding, lambda index: value[index])

@@ -173,6 +173,35 @@ def test_fit_recomputes_trained_batchnorm_statistics_before_eval_and_save(tmp_pa
                          expected["batch_stats"]["bn1"]["mean"], atol=1e-3)
 
 
+def test_fit_recomputes_nnx_statistics_on_the_mesh():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(4, 3, rngs=rngs)
+      self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.lin(x))
+
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(16, 4)).astype(np.float32), rng.integers(0, 3, 16).astype(np.int32)
+  net = Net(nnx.Rngs(0))
+  lab = jtl.label_params(jtl.variables_of(net)["params"], [(".*", "all")])
+  batch = {"inputs": x, "label": y, "mask": np.ones(16, bool)}
+  result = train.fit(module=net, variables=None, labels=lab,
+                     tx=jtl.make_optimizer(lab, learning_rate=0.1, optimizer="adam"),
+                     train_batches=lambda start: iter([batch] * 4), num_steps=4,
+                     eval_batches=lambda: [batch], eval_every=2, progress=False,
+                     batchnorm_batches=lambda: [{"inputs": x[:8]}, {"inputs": x[8:]}])
+  state = result.state
+  expected = jtl.recompute_batchnorm(net, jax.device_get(state.variables), [{"inputs": x}])
+  np.testing.assert_allclose(state.model_state["state"]["bn"]["var"],
+                             expected["state"]["bn"]["var"], rtol=1e-5)
+  # Placed like the rest of the state (replicated over the mesh's devices).
+  assert state.model_state["state"]["bn"]["mean"].sharding == state.params["lin"]["bias"].sharding
+
+
 def test_fit_batchnorm_batches_needs_batchnorm_statistics():
   with pytest.raises(jtl.ConfigError, match="batchnorm_batches"):
     train.fit(module=lambda p, x: x @ p["w"], variables={"params": {"w": jnp.ones((2, 2))}},
