@@ -80,17 +80,10 @@ def _linen_moments(model: Any, skip: frozenset[str]
       count = jnp.maximum(jnp.sum(w, axes, keepdims=True), 1.0)
       mean = jnp.sum(h * w, axes, keepdims=True) / count
       var = jnp.sum(jnp.square(h - mean) * w, axes, keepdims=True) / count  # centred
-      mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
-      recorded[path] = (mean, var)
-      stored_mean = module.get_variable("batch_stats", "mean")
-      stored_var = module.get_variable("batch_stats", "var")
-      shape = [1] * h.ndim
-      for a in range(h.ndim):
-        if a not in axes:
-          shape[a] = h.shape[a]
-      at = lambda t: jnp.reshape(t, shape)
-      h = at(stored_mean) + (h - at(mean)) * jnp.sqrt(
-          (at(stored_var) + module.epsilon) / (at(var) + module.epsilon))
+      recorded[path] = (jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
+      stored = lambda name: jnp.reshape(module.get_variable("batch_stats", name), mean.shape)
+      h = stored("mean") + (h - mean) * jnp.sqrt(
+          (stored("var") + module.epsilon) / (var + module.epsilon))
       active.add(path)
       try:
         return next_fun(h.astype(args[0].dtype), *args[1:], **kwargs)
