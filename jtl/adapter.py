@@ -81,17 +81,28 @@ def frozen_batchnorm(frozen_module_paths: Iterable[str]):
   """Within this context, Linen BatchNorm layers at these module paths use
   their stored statistics (and do not update them), whatever `train` says.
 
-  Models call `nn.BatchNorm(...)(x, use_running_average=not train)`; this
-  interceptor rewrites that keyword for the frozen layers.
+  The flag is rewritten for the frozen layers wherever the model sets it: in
+  the call (`nn.BatchNorm(...)(x, use_running_average=not train)`, the zoo's
+  style) or in the constructor (`nn.BatchNorm(use_running_average=not
+  train)(x)`, flax examples' style, where a call-time flag would clash).
   """
   paths = frozenset(frozen_module_paths)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
-        and "/".join(module.scope.path) in paths):
-      kwargs = {**kwargs, "use_running_average": True}
-    return next_fun(*args, **kwargs)
+    if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
+        or "/".join(module.scope.path) not in paths):
+      return next_fun(*args, **kwargs)
+    if len(args) > 1:  # bn(x, use_running_average)
+      return next_fun(args[0], True, *args[2:], **kwargs)
+    if module.use_running_average is None:
+      return next_fun(*args, **{**kwargs, "use_running_average": True})
+    flag = module.use_running_average
+    object.__setattr__(module, "use_running_average", True)  # a frozen dataclass field
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(module, "use_running_average", flag)
 
   if not paths:
     yield

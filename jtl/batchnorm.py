@@ -11,8 +11,10 @@ training images this is "precise BN" (`jtl.train.fit(batchnorm_batches=...)` doe
 it before each evaluation and save); on unlabelled target images it is AdaBN
 (Li et al., 2016).
 
-Linen BatchNorm layers (zoo models, Linen modules, their jtl wrappers) and
-NNX `nnx.BatchNorm` layers are supported.
+Linen BatchNorm layers (zoo models, Linen modules, their jtl wrappers, a
+Linen module inside `nnx.bridge.ToNNX` as `jtl.models.create(..., api="nnx")`
+makes) and NNX `nnx.BatchNorm` layers are supported, with masks and on a
+multi-host mesh alike.
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 >>> class Net(nn.Module):
@@ -28,6 +30,7 @@ NNX `nnx.BatchNorm` layers are supported.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,82 +53,129 @@ def _reduce_axes(ndim: int, feature_axes: int | tuple[int, ...]) -> tuple[int, .
   return tuple(i for i in range(ndim) if i not in features)
 
 
-def _linen_moments(model: Any, skip: frozenset[str]
-                   ) -> Callable[..., tuple[Moments, jax.Array]]:
-  """fn(params, model_state, x, mask) -> (moments over the rows where mask
-  is True, their number), by intercepting Linen BatchNorm.
+def _batch_moments(h: jax.Array, mask: jax.Array, feature_axes: int | tuple[int, ...],
+                   path: str) -> tuple[jax.Array, jax.Array]:
+  """The mean and (centred, biased) variance of `h` over its rows where
+  `mask` is True and its non-feature axes, with the features' axes kept."""
+  axes = _reduce_axes(h.ndim, feature_axes)
+  if 0 not in axes:
+    raise ConfigError(f"recompute_batchnorm: BatchNorm {path!r} normalises over axes {axes}, "
+                      "without the leading (batch) axis.")
+  w = jnp.broadcast_to(jnp.reshape(mask, (-1,) + (1,) * (h.ndim - 1)), h.shape)
+  count = jnp.maximum(jnp.sum(w, axes, keepdims=True), 1.0)
+  mean = jnp.sum(h * w, axes, keepdims=True) / count
+  return mean, jnp.sum(jnp.square(h - mean) * w, axes, keepdims=True) / count
 
-  The model runs in evaluation mode; each recorded layer is given the input
-  whose normalisation with its stored statistics equals the normalisation of
-  its real input with the batch's statistics, so no collection is mutated.
-  The leading axis is the batch axis; a sharded batch gives global moments.
-  """
+
+def _as_batch_normalised(x: Any, mask: jax.Array, stored: tuple[Any, Any], epsilon: float,
+                         feature_axes: int | tuple[int, ...], path: str, recorded: Moments) -> Any:
+  """Records the batch moments of a BatchNorm's input `x` under `path`, and
+  returns the input whose normalisation with the `stored` (mean, var) equals
+  the normalisation of `x` with the batch's: the layer runs in evaluation
+  mode (nothing is mutated) yet computes what training computes."""
+  h = jnp.asarray(x, jnp.float32)
+  mean, var = _batch_moments(h, mask, feature_axes, path)
+  axes = _reduce_axes(h.ndim, feature_axes)
+  recorded[path] = (jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
+  stored_mean, stored_var = (jnp.reshape(jnp.asarray(s, jnp.float32), mean.shape) for s in stored)
+  h = stored_mean + (h - mean) * jnp.sqrt((stored_var + epsilon) / (var + epsilon))
+  return h.astype(x.dtype)
+
+
+@contextlib.contextmanager
+def _linen_recording(mask: jax.Array, skip: frozenset[str], recorded: Moments):
+  """Linen BatchNorm calls (in the zoo, user modules, a `nnx.bridge.ToNNX`)
+  recorded and rewritten by `_as_batch_normalised`, keyed by scope path."""
+  active: set[str] = set()  # a subclass's __call__ calling nn.BatchNorm's: once
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    path = "/".join(module.scope.path) if module.scope else ""
+    if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
+        or path in skip or path in active):
+      return next_fun(*args, **kwargs)
+    stored = tuple(module.get_variable("batch_stats", n) for n in ("mean", "var"))
+    x = _as_batch_normalised(args[0], mask, stored, module.epsilon, module.axis, path, recorded)
+    active.add(path)
+    try:
+      return next_fun(x, *args[1:], **kwargs)
+    finally:
+      active.discard(path)
+
+  with nn.intercept_methods(record):
+    yield
+
+
+@contextlib.contextmanager
+def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded: Moments):
+  """The `nnx.BatchNorm` layers of the merged `module` recorded and
+  rewritten by `_as_batch_normalised`, keyed by graph path. NNX has no
+  method interceptors (Linen's `nn.intercept_methods`), so
+  `nnx.BatchNorm.__call__` is wrapped for the duration of the trace; the
+  wrapper acts on this module's layers only and calls the original."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  paths: dict[int, str] = {}
+  for path, layer in nnx.iter_modules(module):
+    key = "/".join(map(str, path))
+    if isinstance(layer, nnx.bridge.ToNNX) and path:
+      raise ConfigError(f"recompute_batchnorm: {key!r} is a Linen module inside "
+                        "nnx.bridge.ToNNX, nested in an NNX module; pass the bridged module "
+                        "itself or a model of one API.")
+    if isinstance(layer, nnx.BatchNorm) and key not in skip:
+      paths[id(layer)] = key
+  original = nnx.BatchNorm.__call__
+
+  def call(self, x, use_running_average=None, **kwargs):
+    path = paths.get(id(self))
+    if path is None:
+      return original(self, x, use_running_average, **kwargs)
+    stored = (self.mean[...], self.var[...])
+    x = _as_batch_normalised(x, rows, stored, self.epsilon, self.axis, path, recorded)
+    return original(self, x, True, **kwargs)  # normalised with the stored statistics
+
+  nnx.BatchNorm.__call__ = call
+  try:
+    yield
+  finally:
+    nnx.BatchNorm.__call__ = original
+
+
+def _moments(adapted: Any, skip: frozenset[str]) -> Callable[..., tuple[Moments, jax.Array]]:
+  """fn(params, model_state, x, mask) -> (each recorded layer's moments over
+  the rows where mask is True, their number), the model running in
+  evaluation mode with every BatchNorm layer not in `skip` normalising with
+  its batch's statistics. The leading axis is the batch axis; a sharded
+  batch gives global moments."""
   def moments(params: PyTree, model_state: dict[str, PyTree], x: Any, mask: jax.Array
               ) -> tuple[Moments, jax.Array]:
     recorded: Moments = {}
-    active: set[str] = set()  # a subclass's __call__ calling nn.BatchNorm's: once
-
-    def record(next_fun, args, kwargs, context):
-      module = context.module
-      path = "/".join(module.scope.path) if module.scope else ""
-      if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
-          or path in skip or path in active):
-        return next_fun(*args, **kwargs)
-      h = jnp.asarray(args[0], jnp.float32)
-      axes = _reduce_axes(h.ndim, module.axis)
-      if 0 not in axes:
-        raise ConfigError(f"recompute_batchnorm: BatchNorm {path!r} normalises over axes {axes}, "
-                          "without the leading (batch) axis.")
-      w = jnp.broadcast_to(jnp.reshape(mask, (-1,) + (1,) * (h.ndim - 1)), h.shape)
-      count = jnp.maximum(jnp.sum(w, axes, keepdims=True), 1.0)
-      mean = jnp.sum(h * w, axes, keepdims=True) / count
-      var = jnp.sum(jnp.square(h - mean) * w, axes, keepdims=True) / count  # centred
-      recorded[path] = (jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
-      stored = lambda name: jnp.reshape(module.get_variable("batch_stats", name), mean.shape)
-      h = stored("mean") + (h - mean) * jnp.sqrt(
-          (stored("var") + module.epsilon) / (var + module.epsilon))
-      active.add(path)
-      try:
-        return next_fun(h.astype(args[0].dtype), *args[1:], **kwargs)
-      finally:
-        active.discard(path)
-
-    with nn.intercept_methods(record):
-      model.apply(params, model_state, x, train=False, rng=None)
+    if isinstance(adapted, NnxModel) and not adapted.bridged:
+      module = adapted.merge(params, model_state)
+      module.set_attributes(deterministic=True, use_running_average=True,
+                            raise_if_not_found=False)
+      with _nnx_recording(module, mask, skip, recorded):
+        adapted.call_module(module, x)
+    else:  # Linen, or a Linen module inside nnx.bridge.ToNNX
+      with _linen_recording(mask, skip, recorded):
+        adapted.apply(params, model_state, x, train=False, rng=None)
     return recorded, jnp.sum(mask)
   return moments
 
 
-def _nnx_moments(model: NnxModel, skip: frozenset[str]) -> Callable[..., Moments]:
-  """fn(params, model_state, x) -> moments: each `nnx.BatchNorm` run on batch
-  statistics with momentum 0, so that its stored mean and var become the
-  batch's, while everything else runs in evaluation mode."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  def moments(params: PyTree, model_state: dict[str, PyTree], x: Any) -> Moments:
-    module = model.merge(params, model_state)
-    module.set_attributes(deterministic=True, use_running_average=True,
-                          raise_if_not_found=False)
-    layers = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(module)
-              if isinstance(m, nnx.BatchNorm) and "/".join(map(str, p)) not in skip}
-    for layer in layers.values():
-      layer.use_running_average, layer.momentum = False, 0.0
-    model.call_module(module, x)
-    return {path: (layer.mean[...], layer.var[...]) for path, layer in layers.items()}
-  return moments
-
-
-def _write_linen(variables: PyTree, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> PyTree:
-  stored = flatten(variables["batch_stats"])
+def _write_flat(variables: PyTree, collection: str,
+                stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> PyTree:
+  """Statistics written by path into `variables[collection]` ("batch_stats",
+  or "state" of a bridged Linen module, whose paths are Linen's)."""
+  stored = flatten(variables[collection])
   missing = [p for p in stats if f"{p}/mean" not in stored]
   if missing:
     raise ConfigError("recompute_batchnorm: BatchNorm layers whose statistics are not in "
-                      f"variables['batch_stats']: {sorted(missing)}.")
+                      f"variables[{collection!r}]: {sorted(missing)}.")
   for path, (mean, var) in stats.items():
     for leaf, value in (("mean", mean), ("var", var)):
       key = f"{path}/{leaf}"
       stored[key] = np.asarray(value, np.asarray(stored[key]).dtype)
-  return {**variables, "batch_stats": unflatten(stored)}
+  return {**variables, collection: unflatten(stored)}
 
 
 def _write_nnx(model: NnxModel, variables: PyTree,
@@ -142,6 +192,14 @@ def _write_nnx(model: NnxModel, variables: PyTree,
   return {**variables, "state": rest}
 
 
+def _write(adapted: Any, variables: PyTree, stats: dict[str, tuple[np.ndarray, np.ndarray]]
+           ) -> PyTree:
+  if not isinstance(adapted, NnxModel):
+    return _write_flat(variables, "batch_stats", stats)
+  return _write_flat(variables, "state", stats) if adapted.bridged else _write_nnx(
+      adapted, variables, stats)
+
+
 def _batch_rows(batch: dict[str, Any], input_key: str) -> tuple[Any, np.ndarray]:
   x = batch[input_key]
   n = len(jax.tree.leaves(x)[0])
@@ -152,22 +210,10 @@ def _batch_rows(batch: dict[str, Any], input_key: str) -> tuple[Any, np.ndarray]
 def _compiled_moments(adapted: Any, skip: frozenset[str], mesh: jax.sharding.Mesh | None
                       ) -> Callable[..., tuple[Moments, Any]]:
   """fn(params, model_state, x, mask) -> (moments, unmasked rows), jitted."""
-  if not isinstance(adapted, NnxModel):
-    if mesh is None:
-      return jax.jit(_linen_moments(adapted, skip))
-    linen = jax.jit(_linen_moments(adapted, skip), out_shardings=parallel.replicated(mesh))
-    return lambda p, s, x, m: linen(p, s, *parallel.shard_batch((x, m), mesh))
-  if adapted.bridged:
-    raise ConfigError(
-        "recompute_batchnorm: a Linen module inside nnx.bridge.ToNNX is not supported; "
-        "pass the Linen module (e.g. jtl.models.create(..., api='linen')).")
-  if jax.process_count() > 1:
-    raise ConfigError("recompute_batchnorm: NNX models are supported in one process only "
-                      f"(this run has {jax.process_count()}).")
-  nnx_moments = jax.jit(_nnx_moments(adapted, skip))
-  # NNX layers take no mask here: the masked rows are dropped on the host.
-  return lambda p, s, x, m: (nnx_moments(p, s, jax.tree.map(lambda a: a[m > 0], x)),
-                             np.sum(m))
+  if mesh is None:
+    return jax.jit(_moments(adapted, skip))
+  compiled = jax.jit(_moments(adapted, skip), out_shardings=parallel.replicated(mesh))
+  return lambda p, s, x, m: compiled(p, s, *parallel.shard_batch((x, m), mesh))
 
 
 def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key: str = "inputs",
@@ -180,11 +226,11 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
   global batch's."""
   adapted = as_model(model)
   skip = frozenset(skip)
-  nnx_model = isinstance(adapted, NnxModel)
+  linen = not isinstance(adapted, NnxModel)
   moments = _compiled_moments(adapted, skip, mesh)
 
   def recompute(variables: PyTree, batches: Iterable[dict[str, Any]]) -> PyTree:
-    if not nnx_model:
+    if linen:
       if "batch_stats" not in variables:
         raise ConfigError("recompute_batchnorm: the variables have no 'batch_stats' collection "
                           f"(collections: {sorted(variables)}); the model has no BatchNorm.")
@@ -196,13 +242,12 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
     total = 0.0
     for batch in batches:
       x, mask = _batch_rows(batch, input_key)
-      if not nnx_model or mask.any():
-        recorded, count = jax.device_get(moments(variables["params"], model_state, x, mask))
-        for path, (mean, var) in recorded.items():
-          mean = np.asarray(mean, np.float64)
-          sums[path] = sums.get(path, 0.0) + float(count) * np.stack(
-              [mean, np.square(mean), np.asarray(var, np.float64)])
-        total += float(count)
+      recorded, count = jax.device_get(moments(variables["params"], model_state, x, mask))
+      for path, (mean, var) in recorded.items():
+        mean = np.asarray(mean, np.float64)
+        sums[path] = sums.get(path, 0.0) + float(count) * np.stack(
+            [mean, np.square(mean), np.asarray(var, np.float64)])
+      total += float(count)
     if total == 0:
       raise ConfigError("recompute_batchnorm: the batches held no (unmasked) rows.")
     if not sums:
@@ -213,7 +258,7 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
     # variance of the batch means.
     stats = {p: (s[0] / total, s[2] / total + np.maximum(s[1] / total - np.square(s[0] / total), 0))
              for p, s in sums.items()}
-    return _write_nnx(adapted, variables, stats) if nnx_model else _write_linen(variables, stats)
+    return _write(adapted, variables, stats)
   return recompute
 
 

@@ -8,7 +8,8 @@ collectives). The global batch of step s is fixed by s; each process feeds its
 own rows of it, which `shard_batch` assembles into global arrays; so for the
 precise BatchNorm batches. Checkpoints every 2 steps; process 0 writes the
 final variables to OUT.npz. With DIE_AT,
-process 1 exits abruptly after that step (a preempted host).
+process 1 exits abruptly after that step (a preempted host). With
+MULTIHOST_API=nnx in the environment the model is the NNX `NnxNet`.
 """
 
 import os
@@ -33,6 +34,21 @@ class Net(nn.Module):
     x = nn.relu(nn.Dense(32, name="body")(x.reshape((x.shape[0], -1))))
     x = nn.BatchNorm(momentum=0.9, name="bn")(x, use_running_average=not train)
     return nn.Dense(5, name="head")(x)
+
+
+def nnx_net():
+  """`Net` as a Flax NNX module."""
+  from flax import nnx
+
+  class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+      self.body = nnx.Linear(6 * 6 * 3, 32, rngs=rngs)
+      self.bn = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
+      self.head = nnx.Linear(32, 5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.bn(nnx.relu(self.body(x.reshape((x.shape[0], -1))))))
+  return NnxNet(nnx.Rngs(0))
 
 
 def global_batch(step):
@@ -65,8 +81,12 @@ def main(argv):
   if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jtl.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
-  module = Net()
-  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
+  if os.environ.get("MULTIHOST_API") == "nnx":
+    module = nnx_net()
+    variables = jtl.variables_of(module)
+  else:
+    module = Net()
+    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
   labels = jtl.label_params(variables["params"], [("body/.*", "frozen"), (".*", "top")])
   tx = jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adamw", clip_norm=1.0)
 

@@ -121,7 +121,10 @@ def test_recompute_nnx_batchnorm_matches_linen_moments():
   net = Net(nnx.Rngs(0))
   x = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32) - 1.0
   v = jtl.variables_of(net)
-  out = jtl.recompute_batchnorm(net, v, [{"inputs": x[:8]}, {"inputs": x[8:]}])
+  # The second batch is padded with 4 masked rows of garbage: they are not counted.
+  padded = {"inputs": np.concatenate([x[8:], np.full((4, 4), 1e3, np.float32)]),
+            "mask": np.arange(16) < 12}
+  out = jtl.recompute_batchnorm(net, v, [{"inputs": x[:8]}, padded])
   h = np.asarray(x, np.float64) @ np.asarray(net.lin.kernel[...]) + np.asarray(net.lin.bias[...])
   np.testing.assert_allclose(out["state"]["bn0"]["mean"], h.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out["state"]["bn0"]["var"], h.var(0), rtol=1e-4, atol=1e-5)
@@ -131,6 +134,44 @@ def test_recompute_nnx_batchnorm_matches_linen_moments():
   np.testing.assert_allclose(out["state"]["bn1"]["mean"], g.mean(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out["state"]["bn1"]["var"], g.var(0), rtol=1e-3, atol=1e-5)
   jax.tree.map(np.testing.assert_array_equal, out["params"], v["params"])
+
+
+def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refused():
+  import flax.linen as nn
+  from flax import nnx
+
+  from jtl.models.registry import to_nnx
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
+
+  class Net(nn.Module):  # what jtl.models.create(..., api="nnx") wraps in nnx.bridge.ToNNX
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = Block(name="block")(nn.Dense(3)(x), train)
+      return nn.BatchNorm(use_running_average=not train)(x)
+
+  x = np.random.default_rng(2).normal(size=(20, 4)).astype(np.float32) + 1.0
+  v = jax.jit(lambda x: Net().init(jax.random.PRNGKey(0), x))(x)
+  batches = [{"inputs": x[:8]}, {"inputs": x[8:], "mask": np.arange(12) < 9}]
+  linen = jtl.recompute_batchnorm(Net(), v, batches, skip=["BatchNorm_0"])
+  bridged = to_nnx(Net(), v)
+  out = jtl.recompute_batchnorm(bridged, jtl.variables_of(bridged), batches, skip=["BatchNorm_0"])
+  assert not np.allclose(linen["batch_stats"]["block"]["bn"]["var"], v["batch_stats"]["block"]["bn"]["var"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out["state"],
+               linen["batch_stats"])
+
+  class Outer(nnx.Module):  # Linen paths inside a nested bridge are not the state's
+    def __init__(self):
+      self.inner = to_nnx(Net(), v)
+
+    def __call__(self, x):
+      return self.inner(x)
+
+  with pytest.raises(jtl.ConfigError, match="'inner' is a Linen module inside nnx.bridge.ToNNX"):
+    jtl.recompute_batchnorm(Outer(), jtl.variables_of(Outer()), batches)
 
 
 def _fit(tmp_path, labels_rules, **kwargs):

@@ -20,10 +20,11 @@ def _port():
     return s.getsockname()[1]
 
 
-def launch(processes, workdir, out, steps, die_at=None, timeout=240):
+def launch(processes, workdir, out, steps, die_at=None, timeout=240, api="linen"):
   """Runs the job as `processes` processes; returns their exit codes."""
   port = _port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["MULTIHOST_API"] = api
   procs = [subprocess.Popen(
       [sys.executable, str(JOB), str(i), str(processes), str(port), str(workdir), str(out),
        str(steps), *([str(die_at)] if die_at else [])],
@@ -88,3 +89,21 @@ def test_two_processes_match_one_and_resume_across_kill_and_layouts(tmp_path):
   a, b = params(tmp_path / "two_then_one8.npz"), params(tmp_path / "one_then_two8.npz")
   assert int(a["start_step"]) == int(b["start_step"]) == 6
   assert_same(a, b)
+
+
+def test_two_processes_recompute_nnx_batchnorm_statistics_of_the_global_batches(tmp_path):
+  codes, logs = launch(2, tmp_path / "nnx", tmp_path / "nnx.npz", 2, api="nnx")
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  from multihost_job import GLOBAL_BATCH, global_batch, nnx_net
+
+  import jtl
+  final = jtl.unflatten({k: v for k, v in params(tmp_path / "nnx.npz").items()
+                         if k != "start_step"})
+  direct = jtl.recompute_batchnorm(nnx_net(), final, [
+      {"inputs": global_batch(1000)["inputs"]},
+      {"inputs": global_batch(1001)["inputs"], "mask": np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 4}])
+  initial = jtl.variables_of(nnx_net())["state"]["bn"]
+  for leaf in ("mean", "var"):
+    assert not np.allclose(final["state"]["bn"][leaf], initial[leaf], atol=1e-3)
+    np.testing.assert_allclose(final["state"]["bn"][leaf], direct["state"]["bn"][leaf],
+                               rtol=1e-4, atol=1e-5)

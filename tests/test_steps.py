@@ -46,6 +46,26 @@ def test_frozen_bn_forward_equals_eval_mode():
   np.testing.assert_allclose(train_logits, eval_logits, atol=1e-6)
 
 
+def test_frozen_bn_with_the_flag_in_the_constructor_or_positional():
+  import flax.linen as nn
+
+  class Net(nn.Module):  # flax examples' style (constructor flag), and a positional flag
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.BatchNorm(use_running_average=not train, name="bn0")(nn.Dense(3)(x))
+      x = nn.BatchNorm(momentum=0.5, name="bn1")(x, not train)
+      return nn.BatchNorm(momentum=0.5, name="bn2")(x, use_running_average=not train)
+
+  x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 3.0
+  v = Net().init(jax.random.PRNGKey(0), x)
+  with jtl.frozen_batchnorm(["bn0", "bn1"]):
+    out, new = Net().apply(v, x, train=True, mutable=["batch_stats"])
+  for name in ("bn0", "bn1"):  # stored statistics used and kept
+    jax.tree.map(np.testing.assert_array_equal, new["batch_stats"][name], v["batch_stats"][name])
+  assert not np.allclose(new["batch_stats"]["bn2"]["mean"], v["batch_stats"]["bn2"]["mean"])
+  np.testing.assert_allclose(np.asarray(out).mean(0), 0.0, atol=1e-5)  # bn2 on batch statistics
+
+
 def test_trainable_bn_updates_its_statistics():
   rules = [("backbone_bn2/.*", "bn"), ("head/.*", "head"), (".*", "frozen")]
   model, variables, labels, state, step, b = setup(rules)
