@@ -54,6 +54,11 @@ def get_config(arg=None):
       (r"head/.*", "head"),
       (r".*", "frozen"),
   )
+  # Precise BatchNorm for the rules: before each evaluation and save, the
+  # statistics of the BatchNorm layers that train are recomputed on this many
+  # unaugmented training images (0: off; None: strategies.PRECISE_BATCHNORM_IMAGES
+  # when the model has BatchNorm). A strategy has its own strategy.precise_batchnorm.
+  c.precise_batchnorm = ml_collections.config_dict.placeholder(int)
   c.strategy = ml_collections.ConfigDict({"name": ""})  # or e.g. "lora"; see jtl.recipes.strategies
   # "" = fine-tuning; "distill", "dann", "coral", "adversarial": see jtl.app.methods
   c.method = ml_collections.ConfigDict({"name": ""})

@@ -10,6 +10,7 @@ from test_script_errors import photo_folder
 from configs import default
 from jtl.app import experiment, workdirs
 from jtl.errors import ConfigError
+from jtl.recipes import strategies
 
 
 def config_with(**model_kwargs):
@@ -66,3 +67,30 @@ def test_rules_with_a_strategy_name_is_an_error():
   config.strategy.name = "lora"
   with pytest.raises(ConfigError, match="rules and strategy.name='lora' are both set"):
     experiment.validate(config)
+
+
+def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
+  bn, no_bn = {"params": {}, "batch_stats": {"bn": {}}}, {"params": {}}
+  images = lambda config, v=bn: experiment.precise_batchnorm_images(config, v)
+  c = default.get_config()
+  assert images(c) == strategies.PRECISE_BATCHNORM_IMAGES  # None: on with BatchNorm
+  assert images(c, no_bn) == 0  # e.g. a ViT or BERT: nothing to recompute
+  c.precise_batchnorm = 0
+  assert images(c) == 0
+  c.precise_batchnorm = 300
+  assert images(c) == 300
+  with pytest.raises(ConfigError, match=r"precise_batchnorm=300: model 'efficientnet_lite0' "
+                                        r"has no BatchNorm statistics"):
+    images(c, no_bn)
+  c.method.name = "distill"  # methods train through their own wrappers
+  with pytest.raises(ConfigError, match=r"precise_batchnorm=300 is not supported with method "
+                                        r"'distill'"):
+    images(c)
+  c.precise_batchnorm = None
+  assert images(c) == 0
+  c.method.name, c.precise_batchnorm = "", -2
+  with pytest.raises(ConfigError, match=r"precise_batchnorm=-2: expected a number"):
+    images(c)
+  c.precise_batchnorm, c.strategy.name = 300, "full"
+  with pytest.raises(ConfigError, match="set strategy.precise_batchnorm instead"):
+    images(c)

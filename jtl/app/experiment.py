@@ -348,21 +348,48 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   return created.module, created.variables, [(0, labels, build_optimizer(config, labels))]
 
 
-def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec
-                              ) -> Callable[[], Iterator[Any]] | None:
-  """`fit`'s `batchnorm_batches`: up to `strategy.precise_batchnorm` unaugmented
-  training images (resolved by the strategy: on when BatchNorm statistics
-  train), or None. Methods train through their own wrappers: off for them."""
-  strategy = config.get("strategy")
-  if not strategy or not strategy.get("name"):
-    return None
+def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) -> int:
+  """How many training images precise BatchNorm recomputes the statistics on
+  before each evaluation and save (0: off). A strategy resolves its own
+  `strategy.precise_batchnorm` (on where its statistics train). A rules
+  config reads the top-level `precise_batchnorm`: None means
+  `strategies.PRECISE_BATCHNORM_IMAGES` when the model has BatchNorm
+  statistics (`fit` recomputes only the layers that train). Methods train
+  through their own wrappers: off for them."""
   from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
-  images = strategies.resolve_options(strategy)["precise_batchnorm"]
-  if images and methods.method_name(config):
-    if strategy.get("precise_batchnorm"):
-      raise ConfigError(f"strategy.precise_batchnorm={images} is not supported with method "
-                        f"{methods.method_name(config)!r}: set it to 0.")
-    return None
+  strategy = config.get("strategy")
+  method = methods.method_name(config)
+  top = config.get("precise_batchnorm")
+  if strategy and strategy.get("name"):
+    if top is not None:
+      raise ConfigError(f"precise_batchnorm={top!r} is the rules' option; with strategy "
+                        f"{strategy.name!r} set strategy.precise_batchnorm instead.")
+    explicit, images = "strategy.precise_batchnorm", strategies.resolve_options(strategy)[
+        "precise_batchnorm"]
+    given = strategy.get("precise_batchnorm")
+  else:
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+      raise ConfigError(f"precise_batchnorm={top!r}: expected a number of training images "
+                        ">= 0 (0: off), or None (on when the model has BatchNorm).")
+    has_statistics = bool(variables.get("batch_stats"))
+    if top and not has_statistics:
+      raise ConfigError(f"precise_batchnorm={top}: model {config.model!r} has no BatchNorm "
+                        "statistics (variables['batch_stats']); set precise_batchnorm=0.")
+    explicit, given = "precise_batchnorm", top
+    images = strategies.PRECISE_BATCHNORM_IMAGES if top is None and has_statistics else top or 0
+  if images and method:
+    if given:
+      raise ConfigError(f"{explicit}={images} is not supported with method {method!r}: "
+                        "set it to 0.")
+    return 0
+  return images
+
+
+def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
+                              variables: Any) -> Callable[[], Iterator[Any]] | None:
+  """`fit`'s `batchnorm_batches`: `precise_batchnorm_images` unaugmented
+  training images, or None when that is 0."""
+  images = precise_batchnorm_images(config, variables)
   if not images:
     return None
   batches = eval_batches(config, spec, config.get("train_split", "train"), config.dataset)
@@ -469,7 +496,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       microbatches=config.get("microbatches", 1), compute_dtype=compute_dtype,
       seed=config.get("seed", 0), meta=run_meta(config, classes),
       on_nonfinite=config.get("on_nonfinite", "stop"),
-      batchnorm_batches=precise_batchnorm_batches(config, created.spec),
+      batchnorm_batches=precise_batchnorm_batches(config, created.spec, variables),
       log_every=config.get("log_every", 10), progress=progress)
   return _write_report(config, workdir, result, summary)
 
