@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags
 
-from jtl.app import cli, experiment
+from jtl.app import cli, evaluation
 from jtl.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
@@ -81,7 +81,7 @@ def main(argv):
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
     print(json.dumps(shown, indent=2))
     return
-  result = experiment.evaluate_workdir(
+  result = evaluation.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,
       precision=_PRECISION.value, save_quantized=_SAVE_Q.value, adabn=_ADABN.value,
       attack=_ATTACK.value, eps=_EPS.value, attack_steps=_ATTACK_STEPS.value)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 from ml_collections import config_flags
 
-from jtl.app import cli, experiment
+from jtl.app import cli, evaluation, experiment
 from jtl.app.cli import parse_flags_with_config_keys
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -32,7 +32,7 @@ def main(argv):
   del argv
   cli.prepare_process()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
-  test = experiment.evaluate_test_split(_CONFIG.value, _WORKDIR.value)  # with test_split set
+  test = evaluation.evaluate_test_split(_CONFIG.value, _WORKDIR.value)  # with test_split set
   if test is not None:
     print(f"\nBest checkpoint (step {test['step']}) on {test['split']}: accuracy "
           f"{test['accuracy']:.4f}; per class: {test['per_class_accuracy_by_name']}")

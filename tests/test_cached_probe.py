@@ -11,7 +11,7 @@ from PIL import Image
 from test_script_errors import photo_folder
 
 from configs import strategy as strategy_config
-from jtl.app import experiment
+from jtl.app import evaluation, experiment
 from jtl.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ def test_linear_probe_trains_on_cached_features_and_evaluates(tmp_path):
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial[name]),
                                                     jax.tree.leaves(trained[name])))
     assert same == (name != "head"), name
-  evaluated = experiment.evaluate_workdir(tmp_path / "run")
+  evaluated = evaluation.evaluate_workdir(tmp_path / "run")
   assert evaluated["accuracy"] == pytest.approx(result.eval_metrics["accuracy"])
   again = experiment.finetune(config, tmp_path / "run", progress=False)
   assert again.start_step == 20  # a finished cached run is not retrained

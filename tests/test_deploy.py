@@ -21,6 +21,7 @@ from jax import lax
 
 from jtl import models
 from jtl.app import deploy_runs
+from jtl.errors import CheckpointError, ConfigError
 from jtl.models import efficientnet
 from jtl.recipes import deploy
 
@@ -173,15 +174,15 @@ def test_int8_accuracy_drop_warns_with_both_numbers():
 def test_bad_requests_are_clear_errors(tmp_path):
   module = nn.Dense(2)
   variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 3), np.float32))
-  with pytest.raises(deploy.ConfigError, match="expected one of"):
+  with pytest.raises(ConfigError, match="expected one of"):
     deploy.export(module, variables, tmp_path / "m.x", format="coreml", input_shape=(3,))
-  with pytest.raises(deploy.ConfigError, match="representative images"):
+  with pytest.raises(ConfigError, match="representative images"):
     deploy.export(module, variables, tmp_path / "m.tflite", format="tflite_int8",
                   input_shape=(3,))
-  with pytest.raises(deploy.CheckpointError, match="no such file"):
+  with pytest.raises(CheckpointError, match="no such file"):
     deploy.load(tmp_path / "missing.onnx")
   (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer")
-  with pytest.raises(deploy.CheckpointError, match="cannot load"):
+  with pytest.raises(CheckpointError, match="cannot load"):
     deploy.load(tmp_path / "junk.tflite")
 
 
@@ -239,8 +240,8 @@ def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   assert (workdir / "eval_test_tflite_int8.json").exists()
   # The float file in the same runtime agrees with jtl's own evaluation.
   onnx_file = deploy_runs.export_workdir(workdir, "onnx", input_pixels=True).path
-  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
-  reference = experiment.evaluate_workdir(workdir, step="best")
+  from jtl.app import evaluation  # pylint: disable=g-import-not-at-top
+  reference = evaluation.evaluate_workdir(workdir, step="best")
   onnx_result = deploy_runs.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]
   assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jtl import models
+from jtl.errors import ConfigError
 from jtl.recipes import deploy
 
 pytest.importorskip("onnxruntime")
@@ -43,7 +44,7 @@ def test_resnet18_exports_to_onnx_with_its_max_pool(resnet18, tmp_path):
   import onnx  # pylint: disable=g-import-not-at-top
   from jax2onnx.plugins import plugin_system  # pylint: disable=g-import-not-at-top
   module, variables, x, ref = resnet18
-  deploy._jax2onnx()  # pylint: disable=protected-access  (imports every plugin)
+  deploy.onnx_export._jax2onnx()  # pylint: disable=protected-access  (imports every plugin)
   registry_before = dict(plugin_system.PLUGIN_REGISTRY)
   exported = deploy.export(module, variables, tmp_path / "r18.onnx", format="onnx",
                            input_shape=(64, 64, 3))
@@ -206,7 +207,7 @@ def test_minilm_exports_with_token_inputs(minilm, fmt):
   np.testing.assert_allclose(one, ref[2:3], atol=1e-4, rtol=0)
   meta = deploy.read_meta(files[fmt].path)
   assert meta["inputs"] == ["input_ids", "attention_mask"] and meta["input_shape"] == [None, 24]
-  with pytest.raises(deploy.ConfigError, match="token_type_ids"):
+  with pytest.raises(ConfigError, match="token_type_ids"):
     runtime({**batch, "token_type_ids": np.ones_like(batch["input_ids"])})
-  with pytest.raises(deploy.ConfigError, match="dict"):
+  with pytest.raises(ConfigError, match="dict"):
     runtime(batch["input_ids"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jtl.app import experiment
+from jtl.app import evaluation, experiment
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError
 
@@ -73,7 +73,7 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   bn = sum(v.size for k, v in jax.tree_util.tree_leaves_with_path(
       result.state.variables["params"]) if "bn" in jax.tree_util.keystr(k))
   assert bn > 0 and report["trainable_params"] == report["total_params"] - bn
-  test = experiment.evaluate_test_split(config, workdir)
+  test = evaluation.evaluate_test_split(config, workdir)
   assert test["split"] == "test" and test["count"] == 9
   assert set(test["per_class_accuracy_by_name"]) == set(CLASSES)
   assert (workdir / "eval_test.json").exists() and (workdir / "confusion_test.png").exists()
@@ -142,7 +142,7 @@ def test_holdout_split_is_stratified_disjoint_and_fixed():
 def test_confusion_figure_has_class_names_and_readable_counts():
   import matplotlib.pyplot as plt
   confusion = np.array([[9, 1], [0, 7]])
-  fig = experiment.confusion_figure(confusion, ["cat", "dog"], title="t")
+  fig = evaluation.confusion_figure(confusion, ["cat", "dog"], title="t")
   ax = fig.axes[0]
   assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
   assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog"]

@@ -10,7 +10,7 @@ import pytest
 from configs import adversarial as adversarial_config
 from configs import distill as distill_config
 from configs import domain as domain_config
-from jtl.app import experiment, methods
+from jtl.app import evaluation, experiment, methods
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError
 from jtl.recipes import quantize
@@ -68,11 +68,11 @@ def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data
   # The config's DANN normalises each domain apart (batchnorm "separate"): its
   # running statistics are the source's, so the target is evaluated after AdaBN
   # even when not asked, and says so.
-  plain = experiment.evaluate_workdir(workdir, split="test")
+  plain = evaluation.evaluate_workdir(workdir, split="test")
   assert plain["count"] == 800  # jtl_digits test split, the target
   assert plain["adabn"] == {"dataset": "jtl_digits", "split": "train",
                             "why": "method.batchnorm='separate'"}
-  adapted = experiment.evaluate_workdir(workdir, split="test", adabn=True,
+  adapted = evaluation.evaluate_workdir(workdir, split="test", adabn=True,
                                        out_dir=tmp_path / "adabn")
   assert adapted["count"] == 800 and adapted["adabn"]["why"] == "asked"
   assert adapted["accuracy"] == pytest.approx(plain["accuracy"])  # the same AdaBN
@@ -84,9 +84,9 @@ def test_adversarial_training_then_int8_and_pgd_evaluation(tmp_path, data_dir):
                       progress=False)
   assert "adv_accuracy" in train_rows(workdir)[0]
   path = tmp_path / "int8.safetensors"
-  result = experiment.evaluate_workdir(workdir, precision="int8", save_quantized=path,
+  result = evaluation.evaluate_workdir(workdir, precision="int8", save_quantized=path,
                                        attack="pgd", eps=0.1, attack_steps=3)
-  float32 = experiment.evaluate_workdir(workdir, out_dir=tmp_path / "f32")
+  float32 = evaluation.evaluate_workdir(workdir, out_dir=tmp_path / "f32")
   assert result["precision"] == "int8" and result["model_bytes"] < 0.5 * float32["model_bytes"]
   assert abs(result["accuracy"] - float32["accuracy"]) <= 0.05
   assert result["adv_accuracy"] <= float32["accuracy"] + 1e-6

@@ -3,7 +3,7 @@
 App layer over `jtl.recipes.deploy` (which exports and runs a model): a finetune.py
 workdir to ONNX / LiteRT float32 / LiteRT int8, with int8 calibrated on images
 of the run's own training split, and an exported file evaluated on a split of
-the run's data with the same pipeline as `jtl.app.experiment.evaluate_workdir`.
+the run's data with the same pipeline as `jtl.app.evaluation.evaluate_workdir`.
 `scripts/convert.py --workdir` and `scripts/evaluate.py --exported` call these.
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import data
-from jtl.app import experiment, methods, workdirs
+from jtl.app import evaluation, experiment, methods, workdirs
 from jtl.checkpoint.writers import write_atomic
 from jtl.errors import ConfigError
 from jtl.recipes import deploy
@@ -147,6 +147,6 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
             "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
             "confusion_matrix": confusion.tolist()}
   out = os.fspath(out_dir or workdir)
-  write_atomic(Path(out) / f"eval_{experiment.file_safe(split)}_{runtime.format}.json",
+  write_atomic(Path(out) / f"eval_{evaluation.file_safe(split)}_{runtime.format}.json",
                json.dumps(result, indent=2).encode())
   return result

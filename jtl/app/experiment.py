@@ -18,7 +18,6 @@ import inspect
 import itertools
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,12 +29,10 @@ import optax
 from absl import logging
 from etils import epath
 
-from jtl import data, models, parallel, partition, steps
+from jtl import data, models, parallel, partition
 from jtl.app import methods, workdirs
-from jtl.batchnorm import recompute_batchnorm
 from jtl.errors import ConfigError, JtlError, bullet_list
-from jtl.optim import make_optimizer, tree_bytes
-from jtl.recipes import quantize
+from jtl.optim import make_optimizer
 from jtl.train import FitResult, fit
 
 REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
@@ -530,24 +527,6 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
   return variables, ft_phase
 
 
-def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                        ) -> dict[str, Any] | None:
-  """After a run: the best checkpoint evaluated on `config.test_split` (if the
-  key is set and the dataset has that split), written as eval_<split>.json
-  and confusion_<split>.png; None otherwise."""
-  split = config.get("test_split")
-  if not split:
-    return None
-  from jtl.data import sources  # pylint: disable=g-import-not-at-top
-  dataset = config.get("eval_dataset") or config.dataset
-  try:
-    sources.split_size(dataset, split, config.get("data_dir"))
-  except JtlError as e:
-    print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
-    return None
-  return evaluate_workdir(workdir, split=split, step="best")
-
-
 def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result: FitResult,
                   summary: partition.Summary) -> FitResult:
   report = {"workdir": str(workdir), "start_step": result.start_step,
@@ -558,170 +537,3 @@ def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result
   if jax.process_index() == 0:
     (workdir / "final_report.json").write_text(json.dumps(report, indent=2))
   return result
-
-
-def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
-                     step: int | str = "latest", out_dir: str | os.PathLike | None = None,
-                     precision: str = "float32", save_quantized: str | os.PathLike | None = None,
-                     adabn: bool = False, attack: str | None = None, eps: float = 0.1,
-                     attack_steps: int = 20) -> dict[str, Any]:
-  """Restores a checkpoint (params only, any device count), evaluates it on
-  `split`, and writes eval_<split>.json and confusion_<split>.png.
-
-  Post-training options (their results go into the same JSON):
-    precision: "float32", "bfloat16", "int8" or "int8_bfloat16"
-      (`jtl.recipes.quantize`; int8 = per-channel weight quantization); the report
-      adds the stored model size.
-    save_quantized: also write the variables at `precision` to this
-      safetensors file (`jtl.recipes.quantize.load` reads it back).
-    adabn: first re-estimate BatchNorm statistics on the unlabelled
-      training split of the evaluated dataset (AdaBN, `jtl.recipes.domain`). Always
-      done for a domain run with batchnorm "separate" (`methods.needs_adabn`):
-      its running statistics are the source's.
-    attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
-      with radius eps in pixel units ("adv_accuracy").
-  """
-  run = workdirs.restore(workdir, step=step)
-  variables = run.merged_variables()  # the plain model, LoRA adapters folded in
-  split = split or run.config.get("eval_split", "test")
-  variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
-                                    save_quantized=save_quantized)
-  robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
-  metrics, robust, confusion = _eval_pass(run, variables, split, precision, robust_step)
-  if robust is not None:
-    extra["adv_accuracy"] = robust["accuracy"]
-    extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
-  names = _class_names(run.config, run.meta["num_classes"])
-  per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
-  result = {"workdir": str(workdir), "step": run.meta.get("step"), "split": split, **metrics,
-            **extra, "class_names": names, "per_class_accuracy": per_class,
-            "per_class_accuracy_by_name": dict(zip(names, per_class)),
-            "confusion_matrix": confusion.tolist()}
-  _write_eval(epath.Path(out_dir or workdir), split, result, confusion, names,
-              title=f"{run.config.model} {split}")
-  return result
-
-
-def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, precision: str,
-                   save_quantized: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
-  """`evaluate_workdir`'s variables after AdaBN (when asked, or when the method
-  needs it) and quantization to `precision` (also saved when asked), and what
-  was done, for the report."""
-  extra: dict[str, Any] = {}
-  config = run.config
-  if adabn or methods.needs_adabn(config):
-    # One unaugmented pass over the unlabelled train split of the evaluated data.
-    target = eval_batches(config, run.spec, config.get("train_split", "train"))
-    variables = recompute_batchnorm(run.module, variables, target())
-    extra["adabn"] = {"dataset": config.get("eval_dataset") or config.dataset,
-                      "split": config.get("train_split", "train"),
-                      "why": "asked" if adabn else "method.batchnorm='separate'"}
-  variables = quantize.prepare(variables, precision)
-  extra["precision"] = precision
-  extra["model_bytes"] = tree_bytes(variables)
-  if save_quantized:
-    extra["saved_quantized"] = {"path": str(save_quantized), "bytes": quantize.save(
-        save_quantized, variables, meta={"model": config.model,
-                                          "num_classes": run.meta["num_classes"],
-                                          "precision": precision})}
-  return variables, extra
-
-
-def _robust_eval_step(run: workdirs.Restored, attack: str, eps: float,
-                      attack_steps: int) -> Callable:
-  """The jitted eval step under a "pgd" / "fgsm" attack of radius `eps` in
-  pixel units (on float variables)."""
-  from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
-  mul, add = methods.pixel_affine(run.spec.normalization)
-  return jax.jit(adversarial.make_robust_eval_step(
-      run.module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
-      bounds=(float(np.min(add)), float(np.max(mul + add)))))
-
-
-def _eval_pass(run: workdirs.Restored, variables: Any, split: str, precision: str,
-               robust_step: Callable | None
-               ) -> tuple[dict[str, float], dict[str, float] | None, np.ndarray]:
-  """One pass over `split` at `precision`: the eval metrics, those under attack
-  (None without `robust_step`) and the confusion matrix (true classes down)."""
-  predict = quantize.make_inference_fn(run.module, variables, precision=precision)
-  eval_step = jax.jit(quantize.make_quantized_eval_step(run.module, precision=precision))
-  if robust_step is not None:
-    float_variables = quantize.dequantize(variables, jnp.float32)
-  classes = run.meta["num_classes"]
-  confusion = np.zeros((classes, classes), np.int64)
-  sums: dict[str, float] = {}
-  robust_sums: dict[str, float] = {}
-  for batch in eval_batches(run.config, run.spec, split)():
-    logits = np.asarray(predict(batch["inputs"]))
-    mask = np.asarray(batch["mask"], bool)
-    np.add.at(confusion, (np.asarray(batch["label"])[mask], logits.argmax(-1)[mask]), 1)
-    _add_sums(sums, eval_step(variables, batch))
-    if robust_step is not None:
-      _add_sums(robust_sums, robust_step(float_variables, batch))
-  robust = steps.summarize_eval(robust_sums) if robust_step is not None else None
-  return steps.summarize_eval(sums), robust, confusion
-
-
-def _add_sums(total: dict[str, float], sums: dict[str, Any]) -> None:
-  """Adds one batch's eval sums (device arrays) to `total`."""
-  for k, v in jax.device_get(sums).items():
-    total[k] = total.get(k, 0.0) + float(v)
-
-
-def _write_eval(out: epath.Path, split: str, result: dict[str, Any], confusion: np.ndarray,
-                names: list[str], *, title: str) -> None:
-  """Writes eval_<split>.json and confusion_<split>.png into `out`."""
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"eval_{file_safe(split)}.json").write_text(json.dumps(result, indent=2))
-  _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names, title=title)
-
-def file_safe(split: str) -> str:
-  """A split name for file names: "test[:64]" -> "test_64", "train[10%:]" -> "train_10pct".
-
-  >>> file_safe("test[:64]"), file_safe("train[10%:]"), file_safe("test")
-  ('test_64', 'train_10pct', 'test')
-  """
-  return re.sub(r"[^\w.-]+", "_", split.replace("%", "pct")).strip("_")
-
-
-def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:
-  """The evaluated dataset's class names (their indices if it has none)."""
-  try:
-    names = data.dataset_info(config.get("eval_dataset") or config.dataset,
-                              config.get("data_dir")).class_names
-  except JtlError:
-    names = []
-  return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]
-
-
-def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *,
-                    title: str) -> None:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig = confusion_figure(confusion, names, title=title)
-  fig.savefig(str(path), dpi=100)
-  plt.close(fig)
-
-
-def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = "") -> Any:
-  """The confusion matrix as a matplotlib figure: true classes down, predicted
-  across, labelled with the class names (up to 50 classes), counts written in
-  each cell (up to 20 classes), white on dark cells and black on light ones."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  n = len(confusion)
-  side = min(4 + 0.45 * n, 24)
-  fig, ax = plt.subplots(figsize=(side + 1, side))
-  image = ax.imshow(confusion, cmap="Blues")
-  fig.colorbar(image)
-  ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
-  if n <= 50:  # class names on the axes; integer ticks only where they would not fit
-    ax.set_xticks(range(n), names, rotation=90 if n > 5 else 0)
-    ax.set_yticks(range(n), names)
-  if n <= 20:
-    dark = confusion.max() / 2 if confusion.size else 0
-    for (i, j), v in np.ndenumerate(confusion):  # white on dark cells, black on light ones
-      ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-              color="white" if v > dark else "black")
-  fig.tight_layout()
-  return fig

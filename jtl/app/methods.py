@@ -14,7 +14,7 @@ config (model, data, rules, optimizer, schedule, checkpoints) is unchanged:
   batchnorm "joint" (default) normalises source and target rows as one batch;
   "separate" normalises each domain with its own batch statistics and keeps
   the running statistics the source's, so the target is evaluated after AdaBN
-  (`needs_adabn`; `jtl.app.experiment.evaluate_workdir` applies it by itself).
+  (`needs_adabn`; `jtl.app.evaluation.evaluate_workdir` applies it by itself).
   Checkpoints hold the wrapped model ("model/...", "domain/...");
   `plain_variables` unwraps them.
 - "adversarial": PGD or FGSM inputs made with the current params
