@@ -31,6 +31,7 @@ multi-host mesh alike.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +46,7 @@ from jtl.errors import ConfigError
 from jtl.tree import PyTree, flatten, unflatten
 
 Moments = dict[str, tuple[jax.Array, jax.Array]]  # module path -> (mean, variance)
+_NNX_PATCH = threading.RLock()  # held while nnx.BatchNorm.__call__ is wrapped
 
 
 def _reduce_axes(ndim: int, feature_axes: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -123,7 +125,6 @@ def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded:
                         "itself or a model of one API.")
     if isinstance(layer, nnx.BatchNorm) and key not in skip:
       paths[id(layer)] = key
-  original = nnx.BatchNorm.__call__
 
   def call(self, x, use_running_average=None, **kwargs):
     path = paths.get(id(self))
@@ -133,11 +134,13 @@ def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded:
     x = _as_batch_normalised(x, rows, stored, self.epsilon, self.axis, path, recorded)
     return original(self, x, True, **kwargs)  # normalised with the stored statistics
 
-  nnx.BatchNorm.__call__ = call
-  try:
-    yield
-  finally:
-    nnx.BatchNorm.__call__ = original
+  with _NNX_PATCH:  # one wrapper at a time: two threads tracing would restore each other's
+    original = nnx.BatchNorm.__call__
+    nnx.BatchNorm.__call__ = call
+    try:
+      yield
+    finally:
+      nnx.BatchNorm.__call__ = original
 
 
 def _moments(adapted: Any, skip: frozenset[str]) -> Callable[..., tuple[Moments, jax.Array]]:
