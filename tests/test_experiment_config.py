@@ -91,6 +91,8 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   c.method.name, c.precise_batchnorm = "", -2
   with pytest.raises(ConfigError, match=r"precise_batchnorm=-2: expected a number"):
     images(c)
+  # Known from the config alone: reported with every other problem, before any weights load.
+  assert any("precise_batchnorm=-2" in p for p in experiment.config_problems(c))
   c.precise_batchnorm, c.strategy.name = 300, "full"
   with pytest.raises(ConfigError, match="set strategy.precise_batchnorm instead"):
     images(c)

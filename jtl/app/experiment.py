@@ -73,6 +73,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
     problems.append(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
   problems += cached_probe_problems(config) or []
+  problems += precise_batchnorm_problems(config)
   if config.get("rules") and (config.get("strategy") or {}).get("name"):
     problems.append(f"rules and strategy.name={config.strategy.name!r} are both set; the "
                     "strategy makes its own rules: set rules=() or strategy.name=''")
@@ -345,41 +346,50 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   return created.module, created.variables, [(0, labels, build_optimizer(config, labels))]
 
 
+def precise_batchnorm_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems of the precise BatchNorm keys that the config alone shows: the
+  rules' `precise_batchnorm` with a strategy (which has its own
+  `strategy.precise_batchnorm`) or of a wrong type, and either key set with
+  a method (methods train through their own wrappers: off for them)."""
+  strategy = (config.get("strategy") or {}).get("name")
+  top = config.get("precise_batchnorm")
+  problems = []
+  if top is not None and strategy:
+    problems.append(f"precise_batchnorm={top!r} is the rules' option; with strategy "
+                    f"{strategy!r} set strategy.precise_batchnorm instead")
+  elif top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+    problems.append(f"precise_batchnorm={top!r}: expected a number of training images >= 0 "
+                    "(0: off), or None (on when the model has BatchNorm)")
+  key = "strategy.precise_batchnorm" if strategy else "precise_batchnorm"
+  given = config.strategy.get("precise_batchnorm") if strategy else top
+  if given and methods.method_name(config):
+    problems.append(f"{key}={given} is not supported with method "
+                    f"{methods.method_name(config)!r}: set it to 0")
+  return problems
+
+
 def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) -> int:
   """How many training images precise BatchNorm recomputes the statistics on
   before each evaluation and save (0: off). A strategy resolves its own
   `strategy.precise_batchnorm` (on where its statistics train). A rules
   config reads the top-level `precise_batchnorm`: None means
   `strategies.PRECISE_BATCHNORM_IMAGES` when the model has BatchNorm
-  statistics (`fit` recomputes only the layers that train). Methods train
-  through their own wrappers: off for them."""
+  statistics (`fit` recomputes only the layers that train). Off for methods."""
   from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
-  strategy = config.get("strategy")
-  method = methods.method_name(config)
-  top = config.get("precise_batchnorm")
-  if strategy and strategy.get("name"):
-    if top is not None:
-      raise ConfigError(f"precise_batchnorm={top!r} is the rules' option; with strategy "
-                        f"{strategy.name!r} set strategy.precise_batchnorm instead.")
-    explicit, images = "strategy.precise_batchnorm", strategies.resolve_options(strategy)[
-        "precise_batchnorm"]
-    given = strategy.get("precise_batchnorm")
-  else:
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-      raise ConfigError(f"precise_batchnorm={top!r}: expected a number of training images "
-                        ">= 0 (0: off), or None (on when the model has BatchNorm).")
-    has_statistics = bool(variables.get("batch_stats"))
-    if top and not has_statistics:
-      raise ConfigError(f"precise_batchnorm={top}: model {config.model!r} has no BatchNorm "
-                        "statistics (variables['batch_stats']); set precise_batchnorm=0.")
-    explicit, given = "precise_batchnorm", top
-    images = strategies.PRECISE_BATCHNORM_IMAGES if top is None and has_statistics else top or 0
-  if images and method:
-    if given:
-      raise ConfigError(f"{explicit}={images} is not supported with method {method!r}: "
-                        "set it to 0.")
+  problems = precise_batchnorm_problems(config)
+  if problems:
+    raise ConfigError("; ".join(problems) + ".")
+  if methods.method_name(config):
     return 0
-  return images
+  strategy = config.get("strategy")
+  if strategy and strategy.get("name"):
+    return strategies.resolve_options(strategy)["precise_batchnorm"]
+  top = config.get("precise_batchnorm")
+  has_statistics = bool(variables.get("batch_stats"))
+  if top and not has_statistics:
+    raise ConfigError(f"precise_batchnorm={top}: model {config.model!r} has no BatchNorm "
+                      "statistics (variables['batch_stats']); set precise_batchnorm=0.")
+  return strategies.PRECISE_BATCHNORM_IMAGES if top is None and has_statistics else top or 0
 
 
 def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
