@@ -229,16 +229,17 @@ def make_recompute_batchnorm(model: Any, *, skip: Iterable[str] = (), input_key:
   global batch's."""
   adapted = as_model(model)
   skip = frozenset(skip)
-  linen = not isinstance(adapted, NnxModel)
+  collection = "state" if isinstance(adapted, NnxModel) else "batch_stats"
   moments = _compiled_moments(adapted, skip, mesh)
 
   def recompute(variables: PyTree, batches: Iterable[dict[str, Any]]) -> PyTree:
-    if linen:
-      if "batch_stats" not in variables:
-        raise ConfigError("recompute_batchnorm: the variables have no 'batch_stats' collection "
-                          f"(collections: {sorted(variables)}); the model has no BatchNorm.")
-      if {k.rsplit("/", 1)[0] for k in flatten(variables["batch_stats"])} <= skip:
-        return variables  # every layer skipped: no pass over the batches
+    if collection not in variables:
+      raise ConfigError(f"recompute_batchnorm: the variables have no {collection!r} collection "
+                        f"(collections: {sorted(variables)}); the model has no BatchNorm.")
+    layers = {k.rsplit("/", 1)[0] for k in flatten(variables[collection])
+              if k.endswith(("/mean", "/var"))}
+    if layers and layers <= skip:
+      return variables  # every layer skipped (e.g. all frozen in this phase): no pass at all
     model_state = {k: v for k, v in variables.items() if k != "params"}
     # Per layer: sums over batches of n, n * mean, n * mean^2 and n * var.
     sums: dict[str, np.ndarray] = {}

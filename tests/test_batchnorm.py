@@ -135,6 +135,11 @@ def test_recompute_nnx_batchnorm_matches_linen_moments():
   np.testing.assert_allclose(out["state"]["bn1"]["var"], g.var(0), rtol=1e-3, atol=1e-5)
   jax.tree.map(np.testing.assert_array_equal, out["params"], v["params"])
 
+  def no_pass():  # every layer skipped (a phase where all are frozen): not iterated
+    raise AssertionError("the batches were read")
+    yield
+  assert jtl.recompute_batchnorm(net, v, no_pass(), skip=["bn0", "bn1"]) is v
+
 
 def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refused():
   import flax.linen as nn
