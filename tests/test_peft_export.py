@@ -437,3 +437,86 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   assert not any("lora" in p for p in folded)
   np.testing.assert_allclose(folded["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"],
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
+
+
+def _edited_adapter(tmp_path, name, config_edit=None, weights=None, tensors_edit=None):
+  """A copy of the jtl-exported fixture adapter `name` with its config or
+  weights changed."""
+  src, dst = PEFT_DIR / "jtl_adapter" / name, tmp_path / name
+  dst.mkdir()
+  config = json.loads((src / peft.CONFIG_FILE).read_text())
+  text = config_edit(config) if config_edit else None
+  (dst / peft.CONFIG_FILE).write_text(text if isinstance(text, str) else json.dumps(config))
+  data = (src / peft.WEIGHTS_FILE).read_bytes()
+  if tensors_edit is not None:
+    from safetensors.numpy import load, save
+    tensors = dict(load(data))
+    tensors_edit(tensors)
+    data = save(tensors)
+  (dst / peft.WEIGHTS_FILE).write_bytes(weights(data) if weights else data)
+  return dst
+
+
+def test_regex_pattern_keys_match_as_peft_does(tmp_path):
+  """alpha_pattern / rank_pattern keys are regexes matched on the module name
+  or a part of it after a ".": written as regexes they give the same import."""
+  want, _ = peft.import_peft(base("vit")["params"], PEFT_DIR / "jtl_adapter" / "vit",
+                             layout="timm_vit")
+
+  def regexes(config):
+    config["alpha_pattern"] = {r"^blocks\.0\.attn\.qkv$": 8.0, r"(?:.*)1\.attn\.qkv": 16.0}
+    config["rank_pattern"] = {r"blocks\.[0]\.attn\.qkv": 4, r"attn.proj": 4, r"\d\.attn\.qkv": 8}
+  got, _ = peft.import_peft(base("vit")["params"], _edited_adapter(tmp_path, "vit", regexes),
+                            layout="timm_vit")
+  want, got = jtree.flatten(want), jtree.flatten(got)
+  assert sorted(want) == sorted(got)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("key", [r"(.+)+Z", r"(\w|.)*Z", r"(a*)*b", r"(?=blocks).*", r"(x)\1"])
+def test_pattern_keys_that_could_backtrack_for_ever_are_refused(tmp_path, key):
+  """Nested quantifiers ((.*.*)*Z takes hours on 'blocks.0.mlp.fc1' with
+  PEFT's re.match), alternatives under a quantifier, look-arounds and
+  back-references: a CheckpointError naming the field and key, at once."""
+  def hostile(config):
+    config["alpha_pattern"] = {key: 2.0, **config["alpha_pattern"]}
+  folder = _edited_adapter(tmp_path, "vit", hostile)
+  with pytest.raises(CheckpointError, match=rf"adapter_config.json alpha_pattern key "
+                     rf"{re.escape(repr(key))}"):
+    peft.import_peft(base("vit")["params"], folder, layout="timm_vit")
+
+
+def _zero_rank(tensors):
+  key = "base_model.model.blocks.0.mlp.fc1.lora_A.weight"
+  tensors[key] = tensors[key][:0]
+
+
+@pytest.mark.parametrize("edit,where", [
+    (dict(config_edit=lambda c: "{not json"), r"adapter_config.json: not a readable JSON"),
+    (dict(config_edit=lambda c: "[1, 2]"), r"adapter_config.json: a JSON list"),
+    (dict(config_edit=lambda c: c.update(alpha_pattern=["x"])),
+     r"adapter_config.json alpha_pattern is list"),
+    (dict(config_edit=lambda c: c.update(rank_pattern={"(": 4})),
+     r"adapter_config.json rank_pattern key '\(': not a usable regex"),
+    (dict(config_edit=lambda c: c.update(alpha_pattern={"blocks.0.mlp.fc1": 0})),
+     r"alpha_pattern key 'blocks.0.mlp.fc1'.*value 0; expected a positive number"),
+    (dict(config_edit=lambda c: c.update(lora_alpha=0)),
+     r"adapter_config.json lora_alpha=0; expected a positive number"),
+    (dict(config_edit=lambda c: c.update(lora_alpha="abc")), r"lora_alpha='abc'"),
+    (dict(config_edit=lambda c: c.update(r=0)), r"adapter_config.json r=0"),
+    (dict(config_edit=lambda c: c.update(use_rslora="yes")), r"use_rslora='yes'"),
+    (dict(config_edit=lambda c: c.update(r=3)),
+     r"blocks.0.mlp.fc1: adapter_config.json gives rank 3 .* lora_A has rank 2"),
+    (dict(tensors_edit=_zero_rank), r"blocks.0.mlp.fc1: lora_A \(0, 32\) .* not a LoRA pair"),
+    (dict(weights=lambda d: d[:len(d) // 2]), r"adapter_model.safetensors"),
+    (dict(weights=lambda d: b"\xff" * 8 + d[8:]), r"adapter_model.safetensors"),
+])
+def test_damaged_adapter_folder_is_one_checkpoint_error(tmp_path, edit, where):
+  """A damaged adapter folder (JSON, config fields, r=0 / alpha=0, a bad regex,
+  truncated safetensors): one CheckpointError naming the file and field, not
+  a JSONDecodeError, AttributeError, ZeroDivisionError, re.error or
+  SafetensorError."""
+  folder = _edited_adapter(tmp_path, "vit", **edit)
+  with pytest.raises(CheckpointError, match=where):
+    peft.import_peft(base("vit")["params"], folder, layout="timm_vit")

@@ -41,6 +41,13 @@ single alpha gives the same update. A qkv adapter becomes adapters on query,
 key and value (block-diagonal ones, as jtl writes them, back into the
 separate adapters; `fold_unsupported=True` adds it to the kernels instead).
 
+rank_pattern / alpha_pattern keys are matched as PEFT matches them (a regex
+on the module name or a part after a "."), but a key is data from a file:
+one whose backtracking has no small bound (nested quantifiers such as
+`(a+)+`, look-arounds, back-references) is a CheckpointError, not a hang. A
+damaged folder (JSON, fields, r = 0, safetensors) is one CheckpointError
+naming the file and field.
+
 Which jtl wrapper applies the imported adapters: `LoraModel` runs the ones on
 `nn.Dense` / `nn.Conv` layers (BERT, ResNet, ViT MLP and patch embedding);
 adapters on ViT's attention output (`attn.proj`, a DenseGeneral) need
@@ -61,7 +68,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -338,38 +345,191 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
 
 # --- import -------------------------------------------------------------------
 
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-  """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+# --- pattern keys (rank_pattern / alpha_pattern) ----------------------------------
+# PEFT matches a key as `re.match(rf"(.*\.)?({key})$", name)`: the key, a regex,
+# must match the whole module name or a part of it that starts after a ".". A
+# key comes from a file, so it is data: jtl matches it the same way, but first
+# bounds what backtracking can cost (nested or many repetitions, `(a+)+` or
+# `(a|a)*`, take exponential time), so a hostile key is an error, not a hang.
+_MAX_KEY_CHARS = 1000
+_MAX_MATCH_STEPS = 2_000_000  # bound on the paths backtracking can try per name
+_SINGLE = {"LITERAL", "NOT_LITERAL", "ANY", "IN"}  # one character each
+try:  # Python >= 3.11
+  from re import _parser as _sre_parse  # pylint: disable=g-import-not-at-top
+except ImportError:  # pragma: no cover
+  import sre_parse as _sre_parse  # pylint: disable=g-import-not-at-top,deprecated-module
+
+
+def _regex_cost(items: Any, n: int) -> int:
+  """Upper bound on the paths backtracking tries for parsed `items` on a
+  string of n characters; ValueError for constructs with no such bound."""
+  cost = 1
+  for op, arg in items:
+    name = str(op)
+    if name in _SINGLE or name == "AT":
+      continue
+    if name == "SUBPATTERN":
+      cost *= _regex_cost(arg[-1], n)
+    elif name == "ATOMIC_GROUP":
+      cost *= _regex_cost(arg, n)
+    elif name == "BRANCH":
+      cost *= sum(_regex_cost(alt, n) for alt in arg[1])
+    elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+      low, high, body = arg
+      if not all(str(o) in _SINGLE or (str(o) == "SUBPATTERN" and all(
+          str(x) in _SINGLE for x, _ in a[-1])) for o, a in body):
+        raise ValueError("a repetition of something other than fixed characters "
+                         "(nested quantifiers or alternatives, e.g. (a+)+ or (a|b)*)")
+      cost *= max(1, min(high, n) - low + 1)
+    else:
+      raise ValueError(f"{name.lower()} (jtl matches plain regular expressions: no "
+                       "look-arounds, back-references or conditionals)")
+    cost = min(cost, _MAX_MATCH_STEPS + 1)
+  return cost
+
+
+class _PatternKey:
+  """One rank_pattern / alpha_pattern key, matched as PEFT does, bounded."""
+
+  def __init__(self, key: Any, field: str, where: str):
+    self.key, self.where = key, f"{where}: {CONFIG_FILE} {field} key {str(key)[:80]!r}"
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_CHARS:
+      raise CheckpointError(f"{self.where}: a key must be a module name or regex of 1 to "
+                            f"{_MAX_KEY_CHARS} characters.")
+    try:
+      self.regex = re.compile(key)
+      self.parsed = _sre_parse.parse(key)
+      _regex_cost(self.parsed, 64)
+    except (re.error, ValueError, RecursionError, OverflowError) as e:
+      raise CheckpointError(f"{self.where}: not a usable regex ({e}). Use module names "
+                            "(e.g. 'encoder.layer.0.attention.self.query') or simple "
+                            "patterns such as 'layer\\.\\d+\\.output\\.dense'.") from None
+
+  def matches(self, name: str) -> bool:
+    """True when the key matches `name` or a part of it after a "."."""
+    starts = [0] + [i + 1 for i, c in enumerate(name) if c == "."]
+    if len(starts) * _regex_cost(self.parsed, len(name)) > _MAX_MATCH_STEPS:
+      raise CheckpointError(f"{self.where}: matching it against module {name!r} could "
+                            "take too long (many repetitions); use plain module names.")
+    return any(self.regex.fullmatch(name, start) for start in starts)
+
+
+def _pattern_keys(config: Mapping[str, Any], field: str, where: str, *, integer: bool
+                  ) -> list[tuple[_PatternKey, float]]:
+  """The checked (key, value) pairs of config[field] (a {regex: number} map)."""
+  patterns = config.get(field)
+  if patterns is None:
+    return []
+  if not isinstance(patterns, dict):
+    raise CheckpointError(f"{where}: {CONFIG_FILE} {field} is {type(patterns).__name__}; "
+                          "expected an object {module name or regex: number}.")
+  out = []
   for key, value in patterns.items():
-    if re.match(rf"(.*\.)?({key})$", name):
+    pattern = _PatternKey(key, field, where)
+    if not _positive(value, integer):
+      raise CheckpointError(f"{pattern.where}: value {value!r:.40}; expected a positive "
+                            f"{'integer' if integer else 'number'}.")
+    out.append((pattern, value))
+  return out
+
+
+def _pattern_value(patterns: Sequence[tuple[_PatternKey, Any]], name: str, default: Any) -> Any:
+  """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key):
+  the value of the first key that matches `name`, else `default`."""
+  for key, value in patterns:
+    if key.matches(name):
       return value
   return default
 
 
+def _positive(value: Any, integer: bool) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  return value > 0 and math.isfinite(value) and (not integer or float(value).is_integer())
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(adapter_config.json, {key: array}) of a PEFT adapter folder."""
+  """(adapter_config.json, {key: array}) of a PEFT adapter folder.
+
+  Raises:
+    CheckpointError: a file is missing, not JSON / not an object, or not a
+      readable safetensors file (named, with what is wrong).
+  """
   folder = Path(path)
   missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
   if missing:
     raise CheckpointError(f"{folder}: not a PEFT adapter folder (missing {missing}); "
                           "expected the output of PeftModel.save_pretrained.")
-  config = json.loads((folder / CONFIG_FILE).read_text())
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  return config, dict(safetensors.numpy.load_file(str(folder / WEIGHTS_FILE)))
+  try:
+    config = json.loads((folder / CONFIG_FILE).read_bytes())
+  except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise CheckpointError(f"{folder / CONFIG_FILE}: not a readable JSON file ({e}); "
+                          "save the adapter again (PeftModel.save_pretrained).") from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{folder / CONFIG_FILE}: a JSON {type(config).__name__}, "
+                          "expected an object (the LoraConfig's fields).")
+  return config, _read_tensors(folder / WEIGHTS_FILE)
 
 
-def _check_config(config: Mapping[str, Any], where: str) -> None:
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+  """A safetensors file through jtl's bounded reader (CheckpointError if damaged)."""
+  from jtl.checkpoint.readers import read  # pylint: disable=g-import-not-at-top
+  return read(path, format="safetensors")
+
+
+class _Settings(NamedTuple):
+  """The adapter_config.json fields import uses, checked."""
+  alpha: float
+  rank: int | None  # "r": PEFT's rank where rank_pattern names none
+  rslora: bool
+  alpha_pattern: list[tuple[_PatternKey, float]]
+  rank_pattern: list[tuple[_PatternKey, float]]
+
+
+def _check_config(config: Mapping[str, Any], where: str) -> _Settings:
+  """The import settings of adapter_config.json; CheckpointError naming the
+  fields this LoRA variant or a damaged file gets wrong."""
   bad = []
   if config.get("peft_type") != "LORA":
-    bad.append(f"peft_type {config.get('peft_type')!r} (jtl reads 'LORA')")
+    bad.append(f"peft_type {config.get('peft_type')!r:.60} (jtl reads 'LORA')")
   for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
-    if config.get(key, ok) != ok:
-      bad.append(f"{key}={config.get(key)!r} (jtl's LoRA has {key}={ok})")
-  if config.get("bias", "none") != "none":
-    bad.append(f"bias={config.get('bias')!r} (jtl reads bias='none')")
+    if config.get(key, ok) not in (ok, None):
+      bad.append(f"{key}={config.get(key)!r:.60} (jtl's LoRA has {key}={ok})")
+  if config.get("bias", "none") not in ("none", None):
+    bad.append(f"bias={config.get('bias')!r:.60} (jtl reads bias='none')")
   if bad:
     raise CheckpointError(f"{where}: this adapter uses what jtl's LoRA does not "
                           "implement:\n" + bullet_list(bad))
+  file = f"{where}: {CONFIG_FILE}"
+  alpha, rank, rslora = config.get("lora_alpha", 8), config.get("r"), config.get("use_rslora")
+  if not _positive(alpha, integer=False):
+    raise CheckpointError(f"{file} lora_alpha={alpha!r:.40}; expected a positive number.")
+  if rank is not None and not _positive(rank, integer=True):
+    raise CheckpointError(f"{file} r={rank!r:.40}; expected a positive integer.")
+  if rslora not in (True, False, None):
+    raise CheckpointError(f"{file} use_rslora={rslora!r:.40}; expected true or false.")
+  return _Settings(float(alpha), None if rank is None else int(rank), bool(rslora),
+                   _pattern_keys(config, "alpha_pattern", where, integer=False),
+                   _pattern_keys(config, "rank_pattern", where, integer=True))
+
+
+def _lora_pair(name: str, part: Mapping[str, np.ndarray], settings: _Settings
+               ) -> tuple[np.ndarray, np.ndarray, float] | str:
+  """(lora_A, lora_B, PEFT's scale) of one adapter; a problem string if the
+  file's tensors or its config cannot be that adapter."""
+  if set(part) != {"lora_A.weight", "lora_B.weight"}:
+    return f"expected lora_A and lora_B, found {sorted(part)}"
+  a, b = part["lora_A.weight"], part["lora_B.weight"]
+  if a.ndim < 2 or b.ndim < 2 or a.shape[0] == 0 or b.shape[1] != a.shape[0]:
+    return (f"lora_A {a.shape} / lora_B {b.shape} are not a LoRA pair (expected "
+            "[r, in, ...] / [out, r, ...] with r > 0)")
+  r = a.shape[0]
+  want = _pattern_value(settings.rank_pattern, name, settings.rank)
+  if want is not None and want != r:
+    return (f"{CONFIG_FILE} gives rank {want} (r / rank_pattern), but lora_A has rank {r}; "
+            "the config and the weights are from different adapters")
+  lora_alpha = _pattern_value(settings.alpha_pattern, name, settings.alpha)
+  return a, b, lora_alpha / (math.sqrt(r) if settings.rslora else r)
 
 
 def _torch_to_jtl(flat: Mapping[str, Any], layout: str) -> dict[str, list[str]]:
@@ -493,8 +653,8 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
   """
   hf_export._check_layout(layout)  # pylint: disable=protected-access
   config, tensors = read_adapter(path)
-  _check_config(config, str(path))
-  alpha = float(config.get("lora_alpha", 8))
+  settings = _check_config(config, str(path))
+  alpha = settings.alpha
   flat = dict(jtree.flatten(params))
   owners = _torch_to_jtl(flat, layout)
   problems: list[str] = []
@@ -510,23 +670,19 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
       continue
     kind = mapped[1]
     if "lora_A.weight" in part or "lora_B.weight" in part:
-      if set(part) != {"lora_A.weight", "lora_B.weight"}:
-        problems.append(f"{name}: expected lora_A and lora_B, found {sorted(part)}")
+      pair = _lora_pair(name, part, settings)
+      if isinstance(pair, str):
+        problems.append(f"{name}: {pair}")
         continue
-      a, b = part["lora_A.weight"], part["lora_B.weight"]
-      r = a.shape[0]
-      lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha)
-      scale = lora_alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-      problem = _import_lora(flat, paths, kind, a, b, scale, alpha, fold_unsupported)
+      problem = _import_lora(flat, paths, kind, *pair, alpha, fold_unsupported)
       if problem:
         problems.append(f"{name}: {problem}")
     else:  # a module in modules_to_save: its whole weights
       problems += _import_module(flat, paths[0], kind, part, name)
   if layout == "bert" and (Path(path) / HEAD_FILE).is_file():
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    head = safetensors.numpy.load_file(str(Path(path) / HEAD_FILE))
+    head = _read_tensors(Path(path) / HEAD_FILE)
     problems += _import_module(flat, "head", "linear",
-                               {k.split(".", 1)[1]: v for k, v in head.items()}, HEAD_FILE)
+                               {k.rpartition(".")[2]: v for k, v in head.items()}, HEAD_FILE)
   if problems:
     hint = ""
     if layout.startswith("dinov2"):
@@ -551,6 +707,10 @@ def _import_module(flat: dict[str, Any], path: str, kind: str, part: Mapping[str
   problems = []
   linear = kind in ("linear", "linear_heads")
   for leaf, value in part.items():
+    if leaf not in ("weight", "bias") or (kind == "conv" and leaf == "weight" and value.ndim != 4):
+      problems.append(f"{name}.{leaf}: shape {value.shape} is not a module's weight [.., ..] "
+                      "or bias")
+      continue
     jtl_leaf = ("bias" if leaf == "bias" else "kernel" if linear or kind == "conv"
                 else "scale")
     target = f"{path}/{jtl_leaf}"
