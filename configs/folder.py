@@ -27,12 +27,12 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
 Defaults chosen on a validation split (never the test split) of the CIFAR-10
 folder by `scripts/benchmarks/benchmark_strategies.py` (two sweep rounds, 20 and 60
 steps, EfficientNet-Lite0 at 128 px, 100 labelled images per class; table in
-BENCHMARKS.md, "Strategies"): the probe's learning rate (1e-2 of 3e-3..1e-1),
-the fine-tuning phase's (1e-4; see jtl.recipes.strategies.LEARNING_RATES for the
-measurements behind it), the probe's head steps (`strategies.PROBE_STEPS`, 300:
-validation accuracy plateaus from 300 on, on CIFAR-10 and the sklearn digits;
-BENCHMARKS.md section 3d) and frozen BatchNorm (LP-FT 67.5% on validation
-against 55.5% with statistics re-estimated; the probe alone 67.0%).
+BENCHMARKS.md, "Strategies: learning rates and options" and "BatchNorm
+modes"): the probe's learning rate (1e-2 of 3e-3..1e-1), the fine-tuning
+phase's (1e-4), the probe's head steps (`strategies.PROBE_STEPS`, 300:
+validation accuracy plateaus from 300 on, on CIFAR-10 and the sklearn
+digits) and frozen BatchNorm (LP-FT 67.5% on validation against 55.5% with
+statistics re-estimated; the probe alone 67.0%).
 """
 
 import ml_collections

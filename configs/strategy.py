@@ -36,7 +36,8 @@ OPTIONS = {
     # One more group every 10% of the run (30 of the default 300 steps) up to
     # partial's four: the shortest stage of 10 / 20 / 30% scored best on
     # validation (digits 90.5 / 85.0 / 72.5, CIFAR-10 70.0 / 70.5 / 68.5;
-    # BENCHMARKS.md, issue 15, section 3e). Scale steps_per_stage with num_steps.
+    # BENCHMARKS.md, "Strategies: learning rates and options"). Scale
+    # steps_per_stage with num_steps.
     "gradual": {"steps_per_stage": 30, "blocks_per_stage": 1, "max_blocks": 4},
 }
 

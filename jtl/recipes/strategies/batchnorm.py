@@ -6,7 +6,7 @@ moves the running averages slowly (momentum 0.99: 20 steps move them 18% of
 the way), so after a short run the evaluated network (running averages) is
 not the one that was trained (batch statistics). On small, shifted data
 (8x8 digits upsampled to 128 px) that costs 47 points of accuracy
-(BENCHMARKS.md, issue 15, section 3c). Two remedies, one option
+(BENCHMARKS.md, "Strategies: BatchNorm modes"). Two remedies, one option
 (`strategy.freeze_batchnorm`):
 
 - True: BatchNorm layers are frozen whole: stored statistics, and their
