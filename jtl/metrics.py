@@ -5,18 +5,49 @@ All three live in the workdir: `metrics.jsonl` (one JSON object per line,
 (training loss, eval loss and eval accuracy against step, redrawn at each
 evaluation). Only process 0 writes. A NaN or inf is written as null (strict
 JSON). A resumed run first cuts the JSONL back to its resume step, so the
-steps it repeats appear once.
+steps it repeats appear once, and drops a line left partial by a kill.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
 
 import jax
 from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+def _read_rows(path: epath.Path) -> tuple[list[dict[str, Any]], list[int]]:
+  """The rows of a metrics JSONL file and the numbers of the lines dropped.
+
+  A run killed during a write (or a full disk) leaves a partial last line;
+  the checkpoints are intact, so the run must resume: such a line, or any
+  line that is not a metrics row, is dropped with a warning (the file is
+  then rewritten without it, so the next row starts on a line of its own).
+  """
+  rows, dropped = [], []
+  text = path.read_bytes().decode("utf-8", errors="replace")  # a cut can split a character
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and {"step", "split"} <= row.keys():
+      rows.append(row)
+    else:
+      dropped.append(number)
+  if dropped:
+    log.warning("%s: dropped %d unreadable line(s) (line %s; a write cut short by a kill "
+                "or a full disk); the checkpoints are not affected.", path, len(dropped),
+                ", ".join(map(str, dropped[:10])))
+  return rows, dropped
 
 
 class MetricWriter:
@@ -33,14 +64,14 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.jsonl = self.workdir / "metrics.jsonl"
     if self.jsonl.exists():  # a resumed run keeps its earlier curve, up to where it resumes
-      self.history = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
-      if resume_step is not None:
-        kept = [r for r in self.history if r.get("step", 0) <= resume_step]
-        if len(kept) < len(self.history):
-          self.history = kept
-          tmp = self.workdir / "metrics.jsonl.tmp"
-          tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-          tmp.replace(self.jsonl)
+      self.history, dropped = _read_rows(self.jsonl)
+      kept = [r for r in self.history
+              if resume_step is None or r.get("step", 0) <= resume_step]
+      if dropped or len(kept) < len(self.history):
+        self.history = kept
+        tmp = self.workdir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.jsonl)
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))

@@ -59,8 +59,14 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   assert sources.split_size(config.dataset, config.eval_split) == 3
   assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every) == (8, 4, 4)
   workdir = tmp_path / "run"
+  # A kill during a first save leaves Orbax's temporary folder: no checkpoint,
+  # so the probe phase runs (issue 26, item 3.5).
+  unfinished = workdir / "checkpoints" / "4.orbax-checkpoint-tmp"
+  (unfinished / "state").mkdir(parents=True)
+  (unfinished / "state" / "_METADATA").write_text('{"tree_metadata": {"para')
   result = experiment.finetune(config, workdir, progress=False)
   out = capsys.readouterr().out
+  assert "resuming" not in out and not unfinished.exists()
   assert "LP-FT probe phase on cached features: 33 examples" in out  # train[-val10%] only
   assert "200 head steps at learning rate 0.03" in out and "for 8 steps" in out
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]

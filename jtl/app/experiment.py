@@ -511,13 +511,16 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec, module: Any,
                         variables: Any, phases: list, workdir: epath.Path) -> tuple[Any, list]:
   """LP-FT's probe phase on cached features (skipped when `workdir` already
-  holds checkpoints: the run resumes its fine-tuning phase). Returns the
+  holds a complete checkpoint: the run resumes its fine-tuning phase). Returns the
   variables with the probed head and the one fine-tuning phase from step 0."""
   from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
   o = config.strategy
   ft_labels = phases[-1][1]
   ft_phase = [(0, ft_labels, build_optimizer(config, ft_labels))]
-  if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+  from jtl.checkpoint.manager import finished_steps  # pylint: disable=g-import-not-at-top
+  # Only a complete checkpoint counts: a save cut short by a kill leaves a
+  # temporary folder, and skipping the probe then would fine-tune an untrained head.
+  if finished_steps(workdir):
     print("LP-FT: checkpoints found, resuming the fine-tuning phase.\n", flush=True)
     return variables, ft_phase
   head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})

@@ -359,6 +359,17 @@ def step_numbers(directory: epath.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def finished_steps(workdir: str | os.PathLike) -> list[int]:
+  """The complete, readable checkpoint steps of a run's workdir, ascending.
+
+  An unfinished save (Orbax's `<step>.orbax-checkpoint-tmp*` folder, left by
+  a kill during the save) or a damaged step is not a checkpoint: a run
+  that finds only such folders starts from the beginning.
+  """
+  directory = checkpoint_dir(workdir)
+  return [s for s in step_numbers(directory) if step_problem(directory / str(s)) is None]
+
+
 def _scores(directory: epath.Path, steps: list[int], metric: str | None) -> dict[int, float]:
   scores = {}
   for s in steps:
