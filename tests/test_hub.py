@@ -485,6 +485,55 @@ def test_hub_errors_name_repo_revision_file_and_what_to_do(fake_hub, monkeypatch
   assert not [p for m, p in fake_hub.log if m == "GET" and "tiny-vit" in p]
 
 
+def _bert_config(layers):
+  return json.dumps({
+      "model_type": "bert", "hidden_size": 32, "num_hidden_layers": layers,
+      "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 50,
+      "max_position_embeddings": 16}).encode()
+
+
+def test_config_layer_count_is_checked_against_the_weights_before_building(
+    fake_hub, monkeypatch):
+  """A config.json whose layer count the weights do not have is refused from
+  the safetensors header / sharded index, before the model is built (a
+  million layers used to be built before the weights were looked at); an
+  implausible count is refused from config.json alone."""
+  _tiny_vit_repo(fake_hub)  # 2 blocks
+  vit_config = json.loads(fake_hub.repos["test-org/tiny-vit"]["files"]["config.json"])
+  vit_config["model_args"]["depth"] = 3
+  sd = _random(hf_bert_pretraining_shapes(hidden=32, layers=2, inter=64, vocab=50,
+                                          max_pos=16), seed=3)
+  keys = sorted(sd)
+  fake_hub.add("test-org/deep-vit", {**fake_hub.repos["test-org/tiny-vit"]["files"],
+                                     "config.json": json.dumps(vit_config).encode()})
+  fake_hub.add("test-org/deep-bert", {
+      "config.json": _bert_config(5), "model-1.safetensors": st_save(sd),
+      "model.safetensors.index.json": json.dumps({
+          "weight_map": {k: "model-1.safetensors" for k in keys}}).encode()})
+  built = []
+  real = models.registry.abstract_variables
+  monkeypatch.setattr(models.registry, "abstract_variables",
+                      lambda *a, **k: built.append(1) or real(*a, **k))
+  with pytest.raises(CheckpointError, match=r"test-org/deep-vit: config.json says model_args "
+                     r"depth=3, but the weights .*model.safetensors hold layers 0..1"):
+    models.create("hf-hub:test-org/deep-vit")
+  with pytest.raises(CheckpointError, match=r"num_hidden_layers=5, but the weights "
+                     r".*index.json hold layers 0..1 \(2 distinct\)"):
+    models.create("hf-hub:test-org/deep-bert", num_classes=2)
+  assert built == []
+  assert models.create("hf-hub:test-org/tiny-vit").report.ok and built == [1]
+  # A million layers (or none, or not a number): refused from config.json.
+  for i, layers in enumerate((1_000_000, 0, "12x", 2.5)):
+    fake_hub.add(f"test-org/huge-bert{i}", {"config.json": _bert_config(layers)})
+    with pytest.raises(ConfigError, match=rf"num_hidden_layers={layers!r}; expected a "
+                       "layer count from 1 to 1000"):
+      hub_models.spec_for(f"hf-hub:test-org/huge-bert{i}")
+  vit_config["model_args"]["depth"] = 10**6
+  fake_hub.add("test-org/huge-vit", {"config.json": json.dumps(vit_config).encode()})
+  with pytest.raises(ConfigError, match="model_args depth=1000000"):
+    hub_models.spec_for("hf-hub:test-org/huge-vit")
+
+
 def test_sharded_index_must_match_its_shards(tmp_path):
   st = {"a": np.zeros(2, np.float32)}
   (tmp_path / "s1.safetensors").write_bytes(st_save(st))

@@ -17,7 +17,7 @@ from jtl.checkpoint import hub
 from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
 from jtl.checkpoint.hub import HubRef
 from jtl.checkpoint.loading import Entry, LoadReport, load_pretrained
-from jtl.checkpoint.readers import FORMATS, detect_format, read
+from jtl.checkpoint.readers import FORMATS, detect_format, read, tensor_names
 from jtl.checkpoint.sources import (
   cache_dir,
   download,

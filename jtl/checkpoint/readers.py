@@ -399,3 +399,22 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   with guard(path, f"a {fmt} file"):
     flat = _READERS[fmt](path, budget_for(path, max_expansion))
   return select(flat, subtree, path)
+
+
+def tensor_names(source: Any) -> list[str]:
+  """The sorted tensor names of a checkpoint, from its header where the format
+  has one (a safetensors file, a sharded `*.index.json`: no tensor is read),
+  else by reading it.
+
+  Raises:
+    CheckpointError: as `read`.
+  """
+  path = resolve(source)
+  if path.name.endswith(".index.json") and path.is_file():
+    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    return sorted(hub.weight_map(path))
+  if path.is_file() and detect_format(path) == "safetensors":
+    with path.open("rb") as f:
+      header, _ = _safetensors_header(path, f)
+    return sorted(header)
+  return sorted(read(path))

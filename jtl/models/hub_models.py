@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jtl.errors import ConfigError, bullet_list
+from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, vit
 from jtl.models.conversion import convert_with_rules
 from jtl.models.preprocessing import PRESETS, Normalization
@@ -46,6 +46,44 @@ _VIT_SIZES = {"tiny": "ti", "small": "s", "base": "b"}
 # timm act_layer names of a ViT's MLP -> jtl ViT exact_gelu (erf) or not (tanh).
 _TIMM_GELU = {"gelu": True, "gelu_tanh": False}
 _LITE_STAGES = {0: efficientnet.LITE0_STAGES}
+
+
+# More layers than any published model of these families has (ViT-g 40,
+# BERT-large 24): a config.json asking for more is damaged, not built.
+MAX_LAYERS = 1000
+# Tensor names that carry a transformer layer's index, per published layout.
+_TIMM_BLOCK = r"^blocks\.(\d{1,9})\."
+_HF_LAYER = r"(?:^|\.)encoder\.layer\.(\d{1,9})\."
+
+
+def _layer_count(value: Any, key: str, where: str) -> int:
+  """config.json's layer count `value` (under `key`), checked to be 1..MAX_LAYERS."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    value = None
+  try:
+    depth = int(value)
+  except (TypeError, ValueError, OverflowError):
+    depth = 0
+  if not 1 <= depth <= MAX_LAYERS or depth != float(value):
+    raise ConfigError(f"{where}: {key}={value!r:.40}; expected a layer count from 1 to "
+                      f"{MAX_LAYERS}. The config.json is damaged or not for this model.")
+  return depth
+
+
+def _depth_check(pattern: str, depth: int, key: str, source: str) -> Any:
+  """A `ModelSpec.check_names`: the weights must hold layers 0..depth-1 (names
+  matching `pattern`, whose group is the index), as config.json's `key` says."""
+
+  def check(names: Any, where: str) -> None:
+    found = sorted({int(m.group(1)) for n in names if (m := re.search(pattern, n))})
+    if found != list(range(depth)):
+      held = (f"layers {found[0]}..{found[-1]} ({len(found)} distinct)" if found
+              else "no layer tensors")
+      raise CheckpointError(
+          f"{source}: config.json says {key}={depth}, but the weights {where} hold "
+          f"{held}. The config and the weights do not describe the same model; use "
+          "a revision whose config.json matches its weights.")
+  return check
 
 
 def _unsupported(what: str, where: str) -> ConfigError:
@@ -231,7 +269,8 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
   args.pop("num_classes", None)
   ratio = float(args.pop("mlp_ratio", mlp_dim / width))
   width = int(args.pop("embed_dim", width))
-  depth, heads = int(args.pop("depth", depth)), int(args.pop("num_heads", heads))
+  depth = _layer_count(args.pop("depth", depth), "model_args depth", where)
+  heads = int(args.pop("num_heads", heads))
   mlp_dim = int(width * ratio)
   patch = int(args.pop("patch_size", patch))
   size = int(args.pop("img_size", (cfg.get("input_size") or (3, size, size))[-1]))
@@ -251,7 +290,8 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
       **registry.image_inputs(_image_normalization(cfg, size, 0.9)),
       groups=vit.groups(depth), pretrained=source,
       converter=functools.partial(convert_timm_vit, num_heads=heads),
-      default_num_classes=num_classes)
+      default_num_classes=num_classes,
+      check_names=_depth_check(_TIMM_BLOCK, depth, "model_args depth", source))
 
 
 def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
@@ -264,7 +304,7 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
   try:
     c = bert.BertConfig(
         vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=_layer_count(config["num_hidden_layers"], "num_hidden_layers", where),
         num_heads=int(config["num_attention_heads"]),
         intermediate_size=int(config["intermediate_size"]),
         max_position=int(config.get("max_position_embeddings", 512)),
@@ -281,7 +321,8 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
       base, name=source, build=lambda num_classes=0, **kw: bert.Bert(
           num_classes=num_classes, config=c, **kw),
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
-      preprocess=None, default_num_classes=0)
+      preprocess=None, default_num_classes=0,
+      check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
 
 
 def spec_for(source: str) -> registry.ModelSpec:
@@ -302,6 +343,9 @@ def spec_for(source: str) -> registry.ModelSpec:
   if model_type == "bert":
     return _bert_spec(source, config)
   if model_type == "dinov2":
-    return dinov2.hub_spec(source, config)
+    where = f"{source} (config.json model_type 'dinov2')"
+    depth = _layer_count(config.get("num_hidden_layers"), "num_hidden_layers", where)
+    return dataclasses.replace(dinov2.hub_spec(source, config), check_names=_depth_check(
+        _HF_LAYER, depth, "num_hidden_layers", source))
   raise _unsupported(f"the model (model_type {model_type!r}, architectures "
                      f"{config.get('architectures')!r})", source)

@@ -82,6 +82,10 @@ class ModelSpec:
     normalization: an image model's `Normalization` (mean, std, scale,
       channels, resolution, crop), from which `image_inputs` derives
       preprocess, example_input and image_size; None for text models.
+    check_names: `check_names(tensor_names, where)`, called by `create` with
+      the names in the pretrained checkpoint before the model is built;
+      raises when they contradict the spec (a Hub config.json's layer count
+      that the weights do not have). None: no check.
   """
   name: str
   build: Callable[..., nn.Module]
@@ -97,6 +101,7 @@ class ModelSpec:
   image_size: int = 224
   min_image_size: int = 32  # the smallest input the network's downsampling takes
   normalization: Normalization | None = None  # images: what the pipeline normalises with
+  check_names: Callable[[Sequence[str], str], None] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -222,23 +227,18 @@ def create(name: str, *, num_classes: int | None = None,
   from_hub = name.startswith("hf-hub:")
   spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
+  path = None if pretrained is False or pretrained is None else _weights(name, spec, pretrained)
   module = spec.build(num_classes=n, **kwargs)
   report = None
-  if pretrained is False or pretrained is None:
+  if path is None:
     variables = init_variables(spec, module, seed=seed)
   else:
-    source = spec.pretrained if pretrained is True else pretrained
-    if source is None:
-      raise ConfigError(
-          f"Model {name!r} has no default pretrained weights (spec.pretrained "
-          "is None). Pass pretrained=False for a random init, or "
-          "pretrained='<path or source name>'.")
     from jtl import checkpoint  # checkpoint imports models' users
     # Shapes only (no init of what the checkpoint replaces): the loaded leaves
     # are the checkpoint's arrays, and only the leaves it lacks (a new head,
     # skipped ones) are initialised, so the peak stays near the file's size.
     variables, report = checkpoint.load_pretrained(
-        checkpoint.resolve(source), like=abstract_variables(spec, module, seed=seed),
+        path, like=abstract_variables(spec, module, seed=seed),
         converter=spec.converter, reinit_head=spec.head_pattern,
         skip=_hub_skip() if from_hub else (),
         init=lambda paths: init_leaves(spec, module, paths, seed=seed))
@@ -250,6 +250,22 @@ def create(name: str, *, num_classes: int | None = None,
     return CreatedModel(to_nnx(module, variables, seed=seed), variables, report,
                         spec.preprocess, spec)
   return CreatedModel(module, variables, report, spec.preprocess, spec)
+
+
+def _weights(name: str, spec: ModelSpec, pretrained: bool | str) -> Any:
+  """The local path of the pretrained weights, checked by `spec.check_names`
+  (before anything is built: a config that contradicts them is refused)."""
+  source = spec.pretrained if pretrained is True else pretrained
+  if source is None:
+    raise ConfigError(
+        f"Model {name!r} has no default pretrained weights (spec.pretrained "
+        "is None). Pass pretrained=False for a random init, or "
+        "pretrained='<path or source name>'.")
+  from jtl import checkpoint  # checkpoint imports models' users
+  path = checkpoint.resolve(source)
+  if spec.check_names is not None:
+    spec.check_names(checkpoint.tensor_names(path), str(path))
+  return path
 
 
 def to_nnx(module: nn.Module, variables: Variables, *, seed: int = 0) -> Any:
