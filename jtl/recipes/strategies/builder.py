@@ -28,56 +28,33 @@ from jtl.recipes.strategies import l2sp as l2sp_lib
 from jtl.recipes.strategies import rules as rules_lib
 from jtl.tree import PyTree
 
-# Learning rates (Adam, warmup then cosine decay) chosen per strategy on a
-# validation split (20% of each class of the labelled images, never the test
-# split) by scripts/benchmarks/benchmark_strategies.py: EfficientNet-Lite0 with
-# ImageNet weights, CIFAR-10 at 128 px, 100 labelled images per class, 60
-# steps of 32, each strategy with its default BatchNorm mode below (the
-# sweeps and tables: BENCHMARKS.md, issue 15, sections 3, 3d and 3e). full
-# 1e-3 with precise BatchNorm (65.5% vs 47.0% at 3e-4; the digits' pick too,
-# 89.5% vs 62.5%), llrd 1e-3 (73.0% vs 55.5% at 3e-3), partial 3e-3 with
-# precise BatchNorm (70.5% vs 64.0% at 1e-3; digits 92.0% vs 88.0%), bitfit
-# 1e-2 (71.5% vs 70.5% at 3e-3), lora 3e-3 (71.0% vs 10.0% at 1e-2, diverged).
-# lp_ft's is its fine-tuning phase's (its probe phase takes PROBE_LEARNING_RATE
-# on cached features, as the linear probe does): with BatchNorm frozen 3e-4
-# scored 69.0% against 67.5% on the 200 validation images, 0.85 against 0.90
-# on a 20-image-per-class folder at 224 px (configs/folder.py), and on the
-# sklearn digits 3e-5 92.5%, 1e-4 90.5%, 3e-4 86.5%: 1e-4, 100x below the
-# probe's (Kumar et al.), stays. gradual 3e-3 with precise BatchNorm (one
-# block more every 12 of 60 steps up to partial's 4: 70.5% vs 63.5% at 1e-3;
-# digits, every 4 of 20 steps, 85.0% vs 66.5%).
+# Learning rates (Adam, warmup then cosine decay), chosen per strategy on a
+# validation split (never the test split) by
+# scripts/benchmarks/benchmark_strategies.py: EfficientNet-Lite0 (ImageNet
+# weights) on CIFAR-10 at 128 px, 100 labels per class, 60 steps, each
+# strategy at its FREEZE_BATCHNORM mode. lp_ft's is its fine-tuning phase's
+# (the probe phase takes PROBE_LEARNING_RATE): 100x below the probe's (Kumar
+# et al. 2022). The sweeps behind these constants, LAYER_DECAY, PROBE_STEPS,
+# FREEZE_BATCHNORM and LoRA's rank and alpha: BENCHMARKS.md, "Strategies:
+# learning rates and options" and "Strategies: BatchNorm modes".
 LEARNING_RATES = {"scratch": 3e-3, "linear_probe": 1e-2, "partial": 3e-3, "full": 1e-3,
                   "lp_ft": 1e-4, "llrd": 1e-3, "bitfit": 1e-2, "lora": 3e-3, "gradual": 3e-3}
 PROBE_LEARNING_RATE = 1e-2
-# llrd's decay per group: validation accuracy on the digits (20 steps) / CIFAR-10
-# (60 steps) at lr 1e-3, BatchNorm statistics frozen: 0.6 80.5 / 70.5, 0.7 83.0 /
-# 73.5, 0.8 83.5 / 73.0, 0.9 61.0 / 65.5 (BENCHMARKS.md, issue 15, section 3d).
-# 0.7 and 0.8 tie; 0.8 is the decay the learning rates were swept at.
+# llrd's decay per group (0.7 and 0.8 tie; the rates were swept at 0.8).
 LAYER_DECAY = 0.8
-# Head steps of the cached probe (linear probe, LP-FT's probe phase). Validation
-# accuracy (seed 0, best head lr of 3e-3/1e-2/3e-2) on the digits / CIFAR-10
-# (section 3d): 100 steps 92.0 / 65.0, 300 92.5 / 67.0, 1000 93.0 / 67.0, 3000
-# 93.0 / 67.5: a plateau from 300 on (0.5 points = one of 200 images).
+# Head steps of the cached probe (linear probe, LP-FT's probe phase): validation
+# accuracy plateaus from 300 on.
 PROBE_STEPS = 300
 
 # freeze_batchnorm defaults (True: BatchNorm frozen whole; "statistics":
 # stored statistics, scale and offset train; False: statistics re-estimated
 # from the batches, then recomputed on the training images before each
 # evaluation and save: precise BatchNorm, PRECISE_BATCHNORM_IMAGES; see
-# strategies/batchnorm.py and jtl/batchnorm.py). Chosen by the mean of the
-# validation accuracies (seed 0, each mode at its best learning rate) on the
-# sklearn digits (Lite0, 128 px, 100/class, 20 steps) and CIFAR-10 (Lite0,
-# 128 px, 100/class, 60 steps); BENCHMARKS.md, issue 15, sections 3d and 3e:
-#   full    precise 89.5 / 65.5, statistics 64.0 / 66.0, frozen 64.0 / 62.5
-#   partial precise 92.0 / 70.5, frozen 80.0 / 68.0, running averages 73.5 / 67.5
-#   gradual precise 85.0 / 70.5, frozen 80.5 / 65.0
-#   llrd    precise 89.5 / 61.0, statistics 83.5 / 73.0, frozen 84.0 / 72.5
-#   bitfit  precise 77.0 / 54.0, statistics 84.5 / 71.5, running averages 21.5 / 48.0
-# lp_ft: frozen (with precise BatchNorm its probe head, fitted to features
-# under the pretrained statistics, fails: 14.5-19.5% on the digits). lora, scratch
-# and linear_probe take False: LoRA and the probe freeze every BatchNorm
-# parameter, so its statistics stay; scratch needs precise BatchNorm (10% ->
-# 64.7% on the digits).
+# strategies/batchnorm.py and jtl/batchnorm.py), each the best mode on the
+# mean of the validation accuracies on the sklearn digits and CIFAR-10. lp_ft
+# keeps its probe's pretrained statistics; lora, scratch and linear_probe take
+# False (LoRA and the probe freeze every BatchNorm parameter anyway; scratch
+# needs precise BatchNorm).
 FREEZE_BATCHNORM: dict[str, bool | str] = {
     "full": False, "partial": False, "gradual": False, "llrd": "statistics",
     "bitfit": "statistics", "lp_ft": True}
@@ -95,11 +72,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     # None: cache when the run allows it (scripts/finetune.py); True: require it.
     "linear_probe": {"cache_features": None},
     "partial": {"num_blocks": 2},
-    # rank 8, alpha 16: validation accuracy at each setting's best lr on
-    # CIFAR-10 / the digits (sections 3d, 3e): alpha = 2 rank: rank 4 70.5 /
-    # 82.0, 8 71.0 / 85.0, 16 71.0 / 84.5, 32 69.0 / 90.0 (rank 32's digits
-    # test run at that rate diverged, 10%); rank 8: alpha 8 71.5 / 85.5, 16
-    # 71.0 / 85.0, 32 73.0 / 83.5 (means within 0.5 points): 8 and 16 stay.
+    # rank 8, alpha 16: chosen on validation (BENCHMARKS.md).
     "lora": {"rank": 8, "alpha": 16.0, "targets": None},
     # probe_steps: head steps of the probe phase. cache_features (None: when
     # the run allows it): the probe trains on cached features, then all
