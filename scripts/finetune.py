@@ -12,8 +12,11 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The repository root, for the config files' own imports (`from configs import default`).
+# The repository root, for the config files' own imports (`from configs import default`),
+# and the current directory, for the user's packages (model="mypkg.models:MyNet"), as
+# `python -m` would; evaluate.py and convert.py rerun a config file that registered a model.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.getcwd())
 
 from absl import app, flags
 from ml_collections import config_flags

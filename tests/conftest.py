@@ -16,4 +16,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_prng_impl", "rbg")
 
 # Fixture generators run with torch (never in the test suite): don't collect them.
-collect_ignore_glob = ["fixtures/make_*.py"]
+# A config file that registers a model at import: test_own_model.py checks that a
+# process which never imported it (doctest collection would) can restore the run.
+collect_ignore_glob = ["fixtures/make_*.py", "own_model_pkg/registered_config.py"]

@@ -443,7 +443,12 @@ def lp_ft_cache_problems(config: ml_collections.ConfigDict) -> list[str] | None:
 
 
 def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
-  return {"model": config.model, "num_classes": classes, "config": config.to_dict()}
+  """What each checkpoint records of the run: the model, its classes, the
+  config and, for a model registered outside jtl (a config file, the user's
+  package), where the registration was made (`workdirs.model_spec` redoes it)."""
+  meta = {"model": config.model, "num_classes": classes, "config": config.to_dict()}
+  origin = models.registry.origin(config.model)
+  return {**meta, "model_origin": origin} if origin else meta
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

@@ -201,7 +201,6 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
              ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
   """The teacher of `options["teacher_workdir"]` on the student's batches
   (inputs converted to its pixels, size and normalisation), and its meta."""
-  from jtl import models  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
   t_vars, meta = manager.restore_variables(options["teacher_workdir"],
                                            step=options["teacher_step"], metric="accuracy")
@@ -209,7 +208,8 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
   if "model" not in meta or not t_config:
     raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
                       "checkpoint; the teacher must be a scripts/finetune.py run.")
-  t_spec = models.get_spec(meta["model"])
+  from jtl.app import workdirs  # pylint: disable=g-import-not-at-top  (imports methods)
+  t_spec = workdirs.model_spec(meta["model"], meta)
   # The teacher's constructor options (its run's `model_kwargs`), as the run built it.
   t_kwargs = t_config.get("model_kwargs") or ml_collections.ConfigDict()
   t_module = t_spec.build(num_classes=meta["num_classes"], **t_kwargs.to_dict())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,21 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   (`spec.build`, e.g. {"drop_path_rate": 0.1}); {} when unset."""
   kwargs = config.get("model_kwargs") or {}
   return kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+
+
+def model_spec(model: str, meta: Mapping[str, Any]) -> models.ModelSpec:
+  """The spec of a run's `model` (its config's `model` key), registering it
+  again from the origin the checkpoint's `meta` records when the name is not
+  registered in this process (a model registered by the run's config file or
+  the user's package: see `models.registry.origin`)."""
+  try:
+    return models.get_spec(model)
+  except ConfigError:
+    where = meta.get("model_origin")
+    if not where:
+      raise
+  models.registry.import_origin(where)
+  return models.get_spec(model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +84,7 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
                       "scripts/finetune.py?")
   config = ml_collections.ConfigDict(meta["config"])
-  spec = models.get_spec(config.model)
+  spec = model_spec(config.model, meta)
   module = spec.build(num_classes=meta["num_classes"], **model_kwargs(config))
   strategy = config.get("strategy") or {}
   alpha = None

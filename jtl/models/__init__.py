@@ -17,6 +17,8 @@ from jtl.models.registry import (
   ModelSpec,
   create,
   get_spec,
+  image_inputs,
   list_models,
   register,
+  spec_of_module,
 )

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import logging
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -105,12 +109,59 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# Where each name outside jtl was registered: {"module": ..., "file": ...}.
+_ORIGINS: dict[str, dict[str, str | None]] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-  """Adds `spec` to the registry (the last registration of a name wins)."""
+  """Adds `spec` to the registry (the last registration of a name wins).
+
+  A registration made outside jtl (a config file, the user's package)
+  remembers where it was made (`origin`): a run's workdir records it, so
+  `scripts/evaluate.py` and `convert.py` perform the same registration again.
+  """
   _REGISTRY[spec.name] = spec
+  caller = sys._getframe(1).f_globals  # pylint: disable=protected-access
+  module = caller.get("__name__", "")
+  if module == "jtl" or module.startswith("jtl."):
+    _ORIGINS.pop(spec.name, None)
+  else:
+    file = caller.get("__file__")  # relative when a config file was given so
+    _ORIGINS[spec.name] = {"module": module, "file": file and os.path.abspath(file)}
   return spec
+
+
+def origin(name: str) -> dict[str, str | None] | None:
+  """Where model `name` was registered outside jtl ({"module", "file"}), or
+  None for jtl's own models, Hub repos and "package.module:attr" references
+  (which say themselves where they live)."""
+  return dict(_ORIGINS[name]) if name in _ORIGINS else None
+
+
+def import_origin(where: Mapping[str, str | None]) -> None:
+  """Performs a registration again from its `origin`: imports the module
+  when it is importable from the same file, else runs the file (a config
+  file: ml_collections loads those by path, not by module name).
+
+  Raises:
+    ConfigError: neither can be found.
+  """
+  module, file = where.get("module"), where.get("file")
+  try:
+    found = importlib.util.find_spec(module) if module and module != "__main__" else None
+  except (ImportError, ValueError):
+    found = None
+  if found is not None and (file is None or os.path.abspath(found.origin or "") == file):
+    importlib.import_module(module)
+    return
+  if not file or not os.path.exists(file):
+    raise ConfigError(
+        f"The model was registered by {module or 'code'} ({file or 'no file'}), which "
+        "cannot be found now: restore the file, or register the model before this call "
+        "(jtl.models.register).")
+  loaded = importlib.util.spec_from_file_location(f"_jtl_origin_{abs(hash(file))}", file)
+  code = importlib.util.module_from_spec(loaded)
+  loaded.loader.exec_module(code)
 
 
 def _hub_skip() -> tuple[str, ...]:
@@ -118,17 +169,87 @@ def _hub_skip() -> tuple[str, ...]:
   return hub_models.SKIP
 
 
+def is_reference(name: str) -> bool:
+  """Whether `name` is a "package.module:attribute" reference to user code.
+
+  >>> is_reference("mypkg.models:MyNet"), is_reference("hf-hub:timm/x"), is_reference("resnet50")
+  (True, False, False)
+  """
+  module, sep, attr = name.partition(":")
+  return bool(sep) and attr.isidentifier() and all(p.isidentifier() for p in module.split("."))
+
+
 def get_spec(name: str) -> ModelSpec:
-  """Returns the registered spec for `name` (or, for "hf-hub:<repo>", the spec
-  its config.json describes), or a ConfigError listing names."""
+  """Returns the spec of `name`: a registered name, "hf-hub:<repo>" (the spec
+  its config.json describes), or "package.module:attribute" (user code: a
+  `ModelSpec`, or a Linen module class taking `num_classes`, see
+  `spec_of_module`); a ConfigError lists the registered names."""
   if name.startswith("hf-hub:"):
     from jtl.models import hub_models  # imports every family
     return hub_models.spec_for(name)
+  if name not in _REGISTRY and is_reference(name):
+    return _referenced_spec(name)
   if name not in _REGISTRY:
     raise ConfigError(
         f"Unknown model {name!r}. Registered models:\n"
-        + bullet_list(sorted(_REGISTRY)))
+        + bullet_list(sorted(_REGISTRY))
+        + "\nYour own model: model='package.module:Name' (a ModelSpec or a Linen module "
+        "class), or jtl.models.register(ModelSpec(...)) in the config file.")
   return _REGISTRY[name]
+
+
+def _referenced_spec(name: str) -> ModelSpec:
+  """The spec of a "package.module:attribute" reference (see `get_spec`)."""
+  module_name, _, attr = name.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ConfigError(
+        f"model {name!r}: cannot import {module_name!r} ({e}). Put the folder that holds "
+        "the package on PYTHONPATH (the scripts also look in the current directory) or "
+        "pip install it.") from e
+  if not hasattr(module, attr):
+    raise ConfigError(f"model {name!r}: module {module_name!r} ({module.__file__}) has no "
+                      f"attribute {attr!r}.")
+  target = getattr(module, attr)
+  if isinstance(target, ModelSpec):
+    return dataclasses.replace(target, name=name)
+  if isinstance(target, type) and issubclass(target, nn.Module):
+    return spec_of_module(target, name=name)
+  raise ConfigError(
+      f"model {name!r} is a {type(target).__name__}; expected a jtl.models.ModelSpec or a "
+      "Linen module class (an NNX model trains from Python: README, Python API).")
+
+
+def _build_class(cls: type[nn.Module], num_classes: int, **kwargs: Any) -> nn.Module:
+  return cls(num_classes=num_classes, **kwargs)
+
+
+def spec_of_module(cls: type[nn.Module], *, name: str | None = None) -> ModelSpec:
+  """The spec of a Linen image classifier class with a `num_classes` field.
+
+  Its inputs: RGB pixels scaled to 0..1 at 224 px, the whole image (no
+  crop), unless the class has a `normalization` class attribute (a
+  `Normalization`). `head_pattern` "params/head/.*": name the classifier
+  layer "head" so that strategies find it. No pretrained weights. For
+  anything else (text, groups, weights), declare a `ModelSpec`.
+
+  Raises:
+    ConfigError: the class has no `num_classes` field.
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  if "num_classes" not in fields:
+    raise ConfigError(f"{cls.__module__}.{cls.__qualname__} has no `num_classes` field; a "
+                      "model the scripts build takes num_classes (0: no head).")
+  from jtl.models.preprocessing import model_normalization  # pylint: disable=g-import-not-at-top
+  normalization = getattr(cls, "normalization", None)
+  if not isinstance(normalization, Normalization):
+    normalization = model_normalization("unit", crop_fraction=1.0)
+  default = fields["num_classes"].default
+  return ModelSpec(name=name or f"{cls.__module__}:{cls.__qualname__}",
+                   build=functools.partial(_build_class, cls), **image_inputs(normalization),
+                   default_num_classes=default if isinstance(default, int) else 1000,
+                   min_image_size=1)
 
 
 def list_models() -> list[str]:
