@@ -176,7 +176,10 @@ STRUCTURED_EXAMPLES = 30
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_structure_aware_mutations(tmp_path, monkeypatch):
   """A small slice of scripts/benchmarks/fuzz_readers.py's campaign, in-process: pickle
-  opcodes, zip header fields, safetensors/npy/msgpack/zarr metadata."""
+  opcodes, zip header fields, safetensors/npy/msgpack/zarr metadata, and the
+  folder targets (PEFT adapters, Hub config.json files)."""
+  from jtl.checkpoint import hub
+  monkeypatch.setattr(hub, "download", hub.download)  # the hub_config target serves files
   monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "scripts" / "benchmarks"))
   import fuzz_readers
   monkeypatch.setattr(fuzz_readers, "BOMB_MIB", [1, 4])  # 300 MiB: slow here
@@ -185,7 +188,7 @@ def test_structure_aware_mutations(tmp_path, monkeypatch):
   counts: dict[str, int] = {}
   old = signal.signal(signal.SIGALRM, _timeout)
   try:
-    for fmt in fuzz_readers.FORMATS:
+    for fmt in fuzz_readers.ALL_FORMATS:
       for index in range(STRUCTURED_EXAMPLES):
         path = fuzz_readers.make_case(fmt, index, 0, str(seeds), str(tmp_path))
         signal.alarm(20)

@@ -534,6 +534,37 @@ def test_config_layer_count_is_checked_against_the_weights_before_building(
     hub_models.spec_for("hf-hub:test-org/huge-vit")
 
 
+def test_damaged_config_values_are_config_errors_before_anything_is_allocated(fake_hub):
+  """Values of a damaged config.json (found by fuzz_readers.py's hub_config
+  target): a ConfigError naming the key, not a TypeError, OverflowError or a
+  10^6 x 10^6 example image allocated."""
+  _tiny_vit_repo(fake_hub)
+  vit = json.loads(fake_hub.repos["test-org/tiny-vit"]["files"]["config.json"])
+  bert_cfg = json.loads(_bert_config(2))
+  cases = [
+      (vit, ("model_args", "img_size"), 10**6, r"model_args img_size=1000000; expected an "
+       "integer from 1 to 4096"),
+      (vit, ("model_args", "num_heads"), [2], r"model_args num_heads=\[2\]"),
+      (vit, ("model_args", "patch_size"), None, r"model_args patch_size=None"),
+      (vit, ("model_args", "act_layer"), ["gelu"], r"act_layer \['gelu'\]"),
+      (vit, ("pretrained_cfg", "mean"), ["a", "b", "c"], r"mean .* is not 3 values"),
+      (vit, ("pretrained_cfg",), [1], r"pretrained_cfg=\[1\]; expected a JSON object"),
+      (vit, ("num_classes",), 10**9, r"num_classes=1000000000; expected an integer from 0"),
+      (bert_cfg, ("hidden_size",), float("inf"), r"hidden_size=inf"),
+      (bert_cfg, ("vocab_size",), "50", r"vocab_size='50'"),
+      (bert_cfg, ("hidden_dropout_prob",), float("nan"), r"hidden_dropout_prob=nan"),
+  ]
+  for i, (base, path, value, message) in enumerate(cases):
+    config = json.loads(json.dumps(base))
+    node = config
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+    fake_hub.add(f"test-org/damaged{i}", {"config.json": json.dumps(config).encode()})
+    with pytest.raises(ConfigError, match=message):
+      hub_models.spec_for(f"hf-hub:test-org/damaged{i}")
+
+
 def test_sharded_index_must_match_its_shards(tmp_path):
   st = {"a": np.zeros(2, np.float32)}
   (tmp_path / "s1.safetensors").write_bytes(st_save(st))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -48,26 +49,54 @@ _TIMM_GELU = {"gelu": True, "gelu_tanh": False}
 _LITE_STAGES = {0: efficientnet.LITE0_STAGES}
 
 
-# More layers than any published model of these families has (ViT-g 40,
-# BERT-large 24): a config.json asking for more is damaged, not built.
+# Bounds on config.json's sizes, beyond what any published model of these
+# families has (ViT-g: 40 layers, width 1536; BERT vocabularies ~1e5; timm
+# heads ~2e4 classes): a config.json asking for more is damaged, and is
+# refused before anything that size is built or allocated.
 MAX_LAYERS = 1000
+_LIMITS = {"layers": MAX_LAYERS, "width": 65536, "heads": 1024, "image": 4096,
+           "classes": 100_000, "vocab": 1_000_000, "positions": 65536, "types": 1024}
 # Tensor names that carry a transformer layer's index, per published layout.
 _TIMM_BLOCK = r"^blocks\.(\d{1,9})\."
 _HF_LAYER = r"(?:^|\.)encoder\.layer\.(\d{1,9})\."
 
 
+def _damaged(where: str, key: str, value: Any, expected: str) -> ConfigError:
+  return ConfigError(f"{where}: {key}={value!r:.60}; expected {expected}. The config.json "
+                     "is damaged or not for this model.")
+
+
+def _int_field(value: Any, key: str, where: str, limit: str, low: int = 1) -> int:
+  """config.json's integer `value` (under `key`), checked to be low.._LIMITS[limit]."""
+  high = _LIMITS[limit]
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or value != int(value) or not low <= value <= high):
+    raise _damaged(where, key, value, f"an integer from {low} to {high}")
+  return int(value)
+
+
 def _layer_count(value: Any, key: str, where: str) -> int:
   """config.json's layer count `value` (under `key`), checked to be 1..MAX_LAYERS."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-    value = None
-  try:
-    depth = int(value)
-  except (TypeError, ValueError, OverflowError):
-    depth = 0
-  if not 1 <= depth <= MAX_LAYERS or depth != float(value):
-    raise ConfigError(f"{where}: {key}={value!r:.40}; expected a layer count from 1 to "
-                      f"{MAX_LAYERS}. The config.json is damaged or not for this model.")
-  return depth
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_LAYERS):
+    raise _damaged(where, key, value, f"a layer count from 1 to {MAX_LAYERS}")
+  return int(value)
+
+
+def _float_field(value: Any, key: str, where: str, low: float, high: float) -> float:
+  """config.json's number `value`, checked to be finite and in [low, high]."""
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or not low <= value <= high):
+    raise _damaged(where, key, value, f"a number from {low} to {high}")
+  return float(value)
+
+
+def _object(value: Any, key: str, where: str) -> dict[str, Any]:
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise _damaged(where, key, value, "a JSON object")
+  return value
 
 
 def _depth_check(pattern: str, depth: int, key: str, source: str) -> Any:
@@ -211,10 +240,15 @@ def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
   """The `Normalization` of a timm pretrained_cfg (mean/std default to ImageNet's);
   its preset is the pipeline's with that mean/std, else `default_preset`."""
   imagenet = PRESETS["imagenet"]
-  mean = np.asarray(cfg.get("mean", imagenet.mean), np.float32)
-  std = np.asarray(cfg.get("std", imagenet.std), np.float32)
-  crop = float(cfg.get("crop_pct", default_crop))
-  if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0) or not 0 < crop <= 1:
+  try:
+    mean = np.asarray(cfg.get("mean", imagenet.mean), np.float32)
+    std = np.asarray(cfg.get("std", imagenet.std), np.float32)
+    crop = float(cfg.get("crop_pct", default_crop))
+  except (TypeError, ValueError, OverflowError):
+    mean = std = np.zeros(0)
+    crop = 0.0
+  if (mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0)
+      or not np.all(np.isfinite(mean)) or not np.all(np.isfinite(std)) or not 0 < crop <= 1):
     raise ConfigError(f"pretrained_cfg: mean {mean}, std {std} or crop_pct {crop} "
                       "is not 3 values / 3 positive values / in (0, 1].")
   preset = ("imagenet" if np.allclose(mean, imagenet.mean, atol=1e-3)
@@ -224,12 +258,13 @@ def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
 
 
 def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
-  arch = str(config.get("architecture"))
-  cfg = config.get("pretrained_cfg") or {}
-  args = dict(config.get("model_args") or {})
-  num_classes = int(config.get("num_classes", cfg.get("num_classes", 1000)))
-  size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+  arch = str(config.get("architecture"))[:200]
   where = f"{source} (config.json architecture {arch!r})"
+  cfg = _object(config.get("pretrained_cfg"), "pretrained_cfg", where)
+  args = dict(_object(config.get("model_args"), "model_args", where))
+  num_classes = _int_field(config.get("num_classes", cfg.get("num_classes", 1000)),
+                           "num_classes", where, "classes", low=0)
+  size = _input_size(cfg.get("input_size"), where)
   if (v := parse_timm_vit(arch)) is not None:
     return _timm_vit_spec(source, v, args, cfg, num_classes, where)
   if args:
@@ -259,6 +294,15 @@ def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
       default_num_classes=num_classes, **registry.image_inputs(normalization))
 
 
+def _input_size(value: Any, where: str, default: int = 224) -> int:
+  """The image side of pretrained_cfg's input_size [channels, height, width]."""
+  if value is None:
+    return default
+  if not (isinstance(value, list) and len(value) == 3 and value[1] == value[2]):
+    raise _damaged(where, "pretrained_cfg input_size", value, "[3, size, size]")
+  return _int_field(value[2], "pretrained_cfg input_size", where, "image")
+
+
 def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, Any],
                    cfg: Mapping[str, Any], num_classes: int, where: str) -> registry.ModelSpec:
   variant, patch, size = parsed
@@ -267,15 +311,20 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
     raise ConfigError(f"{where}: jtl's ViT pools the class token; this model "
                       "uses another pooling (class_token/global_pool).")
   args.pop("num_classes", None)
-  ratio = float(args.pop("mlp_ratio", mlp_dim / width))
-  width = int(args.pop("embed_dim", width))
+  ratio = _float_field(args.pop("mlp_ratio", mlp_dim / width), "model_args mlp_ratio", where,
+                       1e-3, 64)
+  width = _int_field(args.pop("embed_dim", width), "model_args embed_dim", where, "width")
   depth = _layer_count(args.pop("depth", depth), "model_args depth", where)
-  heads = int(args.pop("num_heads", heads))
-  mlp_dim = int(width * ratio)
-  patch = int(args.pop("patch_size", patch))
-  size = int(args.pop("img_size", (cfg.get("input_size") or (3, size, size))[-1]))
+  heads = _int_field(args.pop("num_heads", heads), "model_args num_heads", where, "heads")
+  mlp_dim = max(1, int(width * ratio))
+  size = _int_field(args.pop("img_size", _input_size(cfg.get("input_size"), where, size)),
+                    "model_args img_size", where, "image")
+  patch = _int_field(args.pop("patch_size", patch), "model_args patch_size", where, "image")
+  if width % heads or patch > size:
+    raise ConfigError(f"{where}: embed_dim {width} must be a multiple of num_heads {heads}, "
+                      f"patch_size {patch} at most img_size {size}.")
   act = args.pop("act_layer", "gelu")  # timm's default nn.GELU is erf
-  if act not in _TIMM_GELU:
+  if not isinstance(act, str) or act not in _TIMM_GELU:
     raise ConfigError(f"{where}: model_args act_layer {act!r}; jtl's ViT implements "
                       f"{sorted(_TIMM_GELU)}.")
   if args:
@@ -301,21 +350,28 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
   if act != "gelu" or pos != "absolute":
     raise ConfigError(f"{where}: hidden_act {act!r} / position_embedding_type "
                       f"{pos!r}; jtl's Bert implements 'gelu' / 'absolute'.")
-  try:
-    c = bert.BertConfig(
-        vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
-        num_layers=_layer_count(config["num_hidden_layers"], "num_hidden_layers", where),
-        num_heads=int(config["num_attention_heads"]),
-        intermediate_size=int(config["intermediate_size"]),
-        max_position=int(config.get("max_position_embeddings", 512)),
-        type_vocab_size=int(config.get("type_vocab_size", 2)),
-        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-        dropout=float(config.get("hidden_dropout_prob", 0.1)),
-        attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)))
-  except (KeyError, TypeError, ValueError) as e:
-    raise ConfigError(f"{where}: config.json lacks or mangles {e}; expected "
-                      "vocab_size, hidden_size, num_hidden_layers, "
-                      "num_attention_heads, intermediate_size.") from None
+  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size") if k not in config]
+  if missing:
+    raise ConfigError(f"{where}: config.json lacks {missing}; expected vocab_size, "
+                      "hidden_size, num_hidden_layers, num_attention_heads, intermediate_size.")
+  g = config.get
+  c = bert.BertConfig(
+      vocab_size=_int_field(g("vocab_size"), "vocab_size", where, "vocab"),
+      hidden_size=_int_field(g("hidden_size"), "hidden_size", where, "width"),
+      num_layers=_layer_count(g("num_hidden_layers"), "num_hidden_layers", where),
+      num_heads=_int_field(g("num_attention_heads"), "num_attention_heads", where, "heads"),
+      intermediate_size=_int_field(g("intermediate_size"), "intermediate_size", where, "width"),
+      max_position=_int_field(g("max_position_embeddings", 512), "max_position_embeddings",
+                              where, "positions"),
+      type_vocab_size=_int_field(g("type_vocab_size", 2), "type_vocab_size", where, "types"),
+      layer_norm_eps=_float_field(g("layer_norm_eps", 1e-12), "layer_norm_eps", where, 0, 1),
+      dropout=_float_field(g("hidden_dropout_prob", 0.1), "hidden_dropout_prob", where, 0, 0.99),
+      attention_dropout=_float_field(g("attention_probs_dropout_prob", 0.1),
+                                     "attention_probs_dropout_prob", where, 0, 0.99))
+  if c.hidden_size % c.num_heads:
+    raise ConfigError(f"{where}: hidden_size {c.hidden_size} must be a multiple of "
+                      f"num_attention_heads {c.num_heads}.")
   base = registry.get_spec("minilm_l6")
   return dataclasses.replace(
       base, name=source, build=lambda num_classes=0, **kw: bert.Bert(
@@ -323,6 +379,27 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
       preprocess=None, default_num_classes=0,
       check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
+
+
+def _check_dinov2(source: str, config: Mapping[str, Any]) -> int:
+  """Bounds on a DINOv2 config.json's sizes (`dinov2.hub_spec` reads it);
+  returns its layer count."""
+  where = f"{source} (config.json model_type 'dinov2')"
+  g = config.get
+  for key, limit in (("hidden_size", "width"), ("num_attention_heads", "heads")):
+    _int_field(g(key), key, where, limit)
+  for key, default in (("image_size", 224), ("patch_size", 14)):
+    value = g(key, default)
+    for v in (value if isinstance(value, list) and value else [value]):
+      _int_field(v, key, where, "image")
+  for key, default, high in (("mlp_ratio", 4, 64), ("layer_norm_eps", 1e-6, 1),
+                             ("layerscale_value", 1.0, 1e6)):
+    _float_field(g(key, default), key, where, 0, high)
+  labels = g("id2label")
+  if labels is not None and not (isinstance(labels, dict) and len(labels) <= _LIMITS["classes"]):
+    raise _damaged(where, "id2label", labels, "an object {index: label}")
+  _int_field(g("num_labels", 2), "num_labels", where, "classes", low=0)
+  return _layer_count(g("num_hidden_layers"), "num_hidden_layers", where)
 
 
 def spec_for(source: str) -> registry.ModelSpec:
@@ -343,8 +420,7 @@ def spec_for(source: str) -> registry.ModelSpec:
   if model_type == "bert":
     return _bert_spec(source, config)
   if model_type == "dinov2":
-    where = f"{source} (config.json model_type 'dinov2')"
-    depth = _layer_count(config.get("num_hidden_layers"), "num_hidden_layers", where)
+    depth = _check_dinov2(source, config)
     return dataclasses.replace(dinov2.hub_spec(source, config), check_names=_depth_check(
         _HF_LAYER, depth, "num_hidden_layers", source))
   raise _unsupported(f"the model (model_type {model_type!r}, architectures "

@@ -2,6 +2,7 @@
 
   nice -n 19 .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 10000
   .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 200 --formats npz,orbax
+  nice -n 19 .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 10000 --formats peft,hub_config
   .venv/bin/python scripts/benchmarks/fuzz_readers.py --replay torch_zip:1234
 
 Valid seed files of each format (torch zip, torch legacy, safetensors, npz,
@@ -10,6 +11,12 @@ their arguments, zip local/central-directory/end-record fields and deflated
 members, safetensors header offsets/shapes/dtypes, npy headers, flax msgpack
 ndarray records, zarr metadata (shape/chunks/dtype/compressor) and chunks in
 the Orbax OCDBT store, plus plain byte flips, insertions and truncations.
+Two folder targets: PEFT adapters (adapter_config.json fields and pattern
+keys, hostile regexes among them, and the safetensors) imported by
+`import_peft` into the fixture models, and Hub repos whose config.json is
+damaged (sizes, layer counts, hostile values; the weights sometimes too),
+built by `models.create("hf-hub:...")` with the download served from the
+case's folder.
 
 Each mutated file is read (auto-detected, then with format= forced; Orbax
 directories also through `verify_orbax`) by one of a pool of long-lived worker
@@ -47,6 +54,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "tests", "fixtures")
 FORMATS = ("torch_zip", "torch_legacy", "safetensors", "npz", "msgpack", "orbax")
+ALL_FORMATS = FORMATS + ("peft", "hub_config")  # the last two: folders (see below)
 FORCED = {"torch_zip": "torch", "torch_legacy": "torch", "orbax": "orbax",
           "safetensors": "safetensors", "npz": "npz", "msgpack": "msgpack"}
 BOMB_MIB = [1, 8, 64, 300]  # a zip member blown up to this many MiB of zeros
@@ -480,6 +488,181 @@ def _mutate_metadata(rng: random.Random, meta: dict) -> None:
     entry["value_metadata"]["skip_deserialize"] = rng.choice([True, "x"])
 
 
+# ------------------------------------- PEFT adapter folders, Hub config.json files
+# A case is a folder holding one model's files (folder name = fixture model):
+# a PEFT adapter (adapter_config.json, adapter_model.safetensors, BERT's
+# head.safetensors) read by `import_peft` into the fixture model's params, or
+# a Hub repo (config.json, model.safetensors) built by `models.create`
+# ("hf-hub:...", the download served from the folder).
+
+FOLDER_FORMATS = ("peft", "hub_config")
+FOLDER_MODELS = {"peft": ("vit", "bert", "resnet", "dinov2"), "hub_config": ("vit", "bert", "dinov2")}
+PEFT_LAYOUTS = {"bert": "bert", "vit": "timm_vit", "resnet": "timm_resnet", "dinov2": "dinov2_cls"}
+_JSON_VALUES = [None, True, False, 0, 1, 2, 3, -1, 0.5, -0.0, 1e308, float("nan"), float("inf"),
+                7, 16, 64, 224, 1000, 10**6, 10**9, 2**31, 2**63, 10**30, -2**63, "", "x",
+                "12", "gelu", "gelu_tanh", "none", "LORA", "bert", "dinov2", "x" * 5000,
+                [], [1], [3, 32, 32], [3, 10**6, 10**6], [0.5] * 3, [-1, 0, 1], {}, {"a": 1},
+                [[[[[[[[[[1]]]]]]]]]]]
+_HOSTILE_KEYS = ["(a+)+$", "(.*.*)*Z", "(\\w|.)*Z", "(", "[", "\\", ")", "a{1000000000}",
+                 "(.*){50}", ".{0,100000}", "(?=blocks).*", "(x)\\1", "(?i)qkv", "^", "$",
+                 ".*", "blocks\\.\\d+\\.attn\\.qkv", "encoder.layer.0", "x" * 2000, "",
+                 "(((((((((((((((((((((a)))))))))))))))))))))*", "(?P<n>a)(?P=n)"]
+
+
+def _json_spots(node: Any, out: list) -> list:
+  """(container, key) of every value in a JSON tree."""
+  if isinstance(node, dict):
+    for k in list(node):
+      out.append((node, k))
+      _json_spots(node[k], out)
+  elif isinstance(node, list):
+    for i in range(len(node)):
+      out.append((node, i))
+      _json_spots(node[i], out)
+  return out
+
+
+def mutate_json(rng: random.Random, raw: bytes, names: list[str]) -> bytes:
+  """Structure-aware JSON damage: values set to hostile ones, keys dropped,
+  renamed or added (`names`: field names worth adding), pattern maps given
+  hostile regex keys; sometimes plain text damage."""
+  try:
+    tree = json.loads(raw)
+  except ValueError:
+    return mutate_bytes(rng, raw)
+  pick = rng.random()
+  if pick < 0.08:
+    return mutate_bytes(rng, raw)
+  if pick < 0.12:
+    return rng.choice([b"", b"[]", b"null", b"[" * 100000, raw[:rng.randrange(len(raw) + 1)],
+                       b"\xff\xfe" + raw, b'{"a": 1e99999}'])
+  if not isinstance(tree, dict):
+    return raw
+  for _ in range(rng.randint(1, 3)):
+    spots = _json_spots(tree, [])
+    action = rng.random()
+    if action < 0.45 and spots:
+      parent, key = rng.choice(spots)
+      parent[key] = rng.choice(_JSON_VALUES)
+    elif action < 0.6 and spots:
+      parent, key = rng.choice(spots)
+      if isinstance(parent, dict):
+        del parent[key]
+    elif action < 0.8:
+      target = rng.choice([tree] + [p[k] for p, k in spots if isinstance(p[k], dict)])
+      target[rng.choice(names + ["alpha_pattern", "rank_pattern"])] = rng.choice(_JSON_VALUES)
+    else:
+      field = rng.choice(["alpha_pattern", "rank_pattern", "id2label", "model_args"])
+      tree[field] = {rng.choice(_HOSTILE_KEYS + names): rng.choice([2, 4, 8.0, 0, -1, "x", None])
+                     for _ in range(rng.randint(1, 3))}
+  return json.dumps(tree).encode()
+
+
+def _names_in(seeds: str, fmt: str) -> list[str]:
+  names: set[str] = set()
+  for model in FOLDER_MODELS[fmt]:
+    name = "adapter_config.json" if fmt == "peft" else "config.json"
+    with open(os.path.join(seeds, fmt, model, name), "rb") as f:
+      names.update(str(k) for p, k in _json_spots(json.load(f), []) if isinstance(p, dict))
+  return sorted(names)
+
+
+def make_folder_case(fmt: str, rng: random.Random, seeds: str, out: str) -> str:
+  """Copies one model's seed folder to out/<model>/ and damages its files."""
+  model = rng.choice(FOLDER_MODELS[fmt])
+  folder = os.path.join(out, model)
+  shutil.copytree(os.path.join(seeds, fmt, model), folder)
+  config = "adapter_config.json" if fmt == "peft" else "config.json"
+  weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+  pick = rng.random()
+  targets = ([config] if pick < (0.6 if fmt == "peft" else 0.9) else
+             [rng.choice(weights)] if pick < 0.95 else [config, rng.choice(weights)])
+  for name in targets:
+    path = os.path.join(folder, name)
+    with open(path, "rb") as f:
+      data = f.read()
+    for _ in range(rng.choice([1, 1, 2])):
+      try:
+        data = (mutate_json(rng, data, _names_in(seeds, fmt)) if name == config
+                else mutate_safetensors(rng, data))
+      except Exception:  # noqa: BLE001 - damaged beyond the structured mutator
+        data = mutate_bytes(rng, data)
+    with open(path, "wb") as f:
+      f.write(data)
+  if rng.random() < 0.02:
+    os.remove(os.path.join(folder, rng.choice(os.listdir(folder))))
+  return out
+
+
+def _fixture_module() -> Any:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "make_peft_reference", os.path.join(FIXTURES, "make_peft_reference.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def make_folder_seeds(seeds: str) -> None:
+  """PEFT adapters jtl exported for the fixture models (tests/fixtures/peft),
+  and Hub repos of the fixture models written by `export_hf`."""
+  from jtl.checkpoint import hf_export  # pylint: disable=g-import-not-at-top
+  for model in FOLDER_MODELS["peft"]:
+    dst = os.path.join(seeds, "peft", model)
+    if not os.path.exists(dst):
+      shutil.copytree(os.path.join(FIXTURES, "peft", "jtl_adapter", model), dst)
+  ref = _fixture_module()
+  for model in FOLDER_MODELS["hub_config"]:
+    dst = os.path.join(seeds, "hub_config", model)
+    if not os.path.exists(dst):
+      hf_export.export_hf(ref.build(model), ref.base_variables(model), dst)
+      if os.path.exists(os.path.join(dst, "head.safetensors")):
+        os.remove(os.path.join(dst, "head.safetensors"))  # BERT: built without its head
+
+
+_BASE_PARAMS: dict[str, Any] = {}
+
+
+def _serve_hub_from(folder: str) -> None:
+  """`hub.download` answers from `folder` (the case's files), as the Hub would."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+
+  def download(repo_id: str, filename: str, revision: str | None = None) -> Any:
+    path = os.path.join(folder, filename)
+    if not os.path.isfile(path):
+      raise hub._Missing(f"{repo_id}: no {filename}")  # pylint: disable=protected-access
+    return epath.Path(path)
+  hub.download = download
+
+
+def read_folder_case(fmt: str, path: str) -> Any:
+  """Imports the PEFT adapter / creates the Hub model of each model folder in
+  `path`; returns the last result."""
+  from jtl import models  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint import peft  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  result = None
+  for model in sorted(os.listdir(path)):
+    folder = os.path.join(path, model)
+    if fmt == "peft":
+      if model not in _BASE_PARAMS:
+        _BASE_PARAMS[model] = _fixture_module().base_variables(model)["params"]
+      params, _ = peft.import_peft(_BASE_PARAMS[model], folder, layout=PEFT_LAYOUTS[model])
+      result = {k: np.asarray(v) for k, v in jtree_flatten(params).items()}
+    else:
+      _serve_hub_from(folder)
+      created = models.create(f"hf-hub:fuzz/{model}", num_classes=None)
+      result = {k: np.asarray(v) for k, v in jtree_flatten(created.variables).items()}
+  return result
+
+
+def jtree_flatten(tree: Any) -> dict[str, Any]:
+  from jtl import tree as jtree  # pylint: disable=g-import-not-at-top
+  return jtree.flatten(tree)
+
+
 MUTATORS = {"torch_zip": mutate_torch_zip, "torch_legacy": mutate_torch_legacy,
             "safetensors": mutate_safetensors, "npz": mutate_npz, "msgpack": mutate_msgpack}
 
@@ -488,6 +671,9 @@ def make_case(fmt: str, index: int, seed: int, seeds: str, out_dir: str) -> str:
   """Writes mutated file `index` of `fmt` (deterministic) and returns its path."""
   rng = random.Random(f"{seed}/{fmt}/{index}")
   path = os.path.join(out_dir, f"{fmt}-{index}")
+  if fmt in FOLDER_FORMATS:
+    os.makedirs(path)
+    return make_folder_case(fmt, rng, seeds, path)
   if fmt == "orbax":
     return mutate_orbax(rng, os.path.join(seeds, "orbax"), path)
   with open(os.path.join(seeds, fmt), "rb") as f:
@@ -522,6 +708,7 @@ def make_seeds(seeds: str) -> None:
     os.replace(os.path.join(seeds, f"seed.{fmt}"), os.path.join(seeds, fmt))
   if not os.path.exists(os.path.join(seeds, "orbax")):
     ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(seeds), "orbax"), tree)
+  make_folder_seeds(seeds)
 
 
 # --------------------------------------------------------------------- worker
@@ -542,7 +729,8 @@ def read_case(fmt: str, path: str) -> tuple[str, str]:
   from jtl.checkpoint import read  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint.orbax_reader import verify_orbax  # pylint: disable=g-import-not-at-top
   from jtl.errors import JtlError  # pylint: disable=g-import-not-at-top
-  calls = [lambda: read(path), lambda: read(path, format=FORCED[fmt])]
+  calls = ([lambda: read_folder_case(fmt, path)] if fmt in FOLDER_FORMATS else
+           [lambda: read(path), lambda: read(path, format=FORCED[fmt])])
   if fmt == "orbax":
     calls.append(lambda: verify_orbax(path))
   worst = ("arrays", "")
@@ -580,7 +768,7 @@ def worker(args: argparse.Namespace) -> None:
   import logging  # pylint: disable=g-import-not-at-top
   logging.disable(logging.WARNING)
   tmp = tempfile.mkdtemp(prefix="fuzzw-")
-  for fmt in FORMATS:  # warm up every code path before the cap is set
+  for fmt in ALL_FORMATS:  # warm up every code path before the cap is set
     read_case(fmt, os.path.join(args.seeds, fmt))
   cap = _vm_size() + int(args.mem_gib * (1 << 30))
   resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -729,7 +917,7 @@ def print_table(counts: dict[str, dict[str, int]], wall: float) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--per_format", type=int, default=10_000)
-  parser.add_argument("--formats", default=",".join(FORMATS))
+  parser.add_argument("--formats", default=",".join(ALL_FORMATS))
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
   parser.add_argument("--mem_gib", type=float, default=2.0)
   parser.add_argument("--timeout", type=float, default=10.0)
@@ -745,9 +933,9 @@ def main() -> None:
   args.workdir = args.workdir or tempfile.mkdtemp(prefix="fuzz_readers-")
   args.seeds = args.seeds or os.path.join(args.workdir, "seeds")
   args.formats = [f for f in args.formats.split(",") if f]
-  unknown = set(args.formats) - set(FORMATS)
+  unknown = set(args.formats) - set(ALL_FORMATS)
   if unknown:
-    parser.error(f"unknown --formats {sorted(unknown)}; choose from {FORMATS}")
+    parser.error(f"unknown --formats {sorted(unknown)}; choose from {ALL_FORMATS}")
   make_seeds(args.seeds)
   if args.replay:
     fmt, index = args.replay.split(":")
