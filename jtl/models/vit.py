@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,20 +62,55 @@ class MlpBlock(nn.Module):
     return nn.Dense(width, name="Dense_1")(x)
 
 
+def _cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """cuDNN's fused (flash) attention of [B, T, heads, head_dim] inputs.
+
+  jax's cuDNN path refuses an odd sequence length when differentiated (its
+  training check counts the absent bias as present and then asks for even
+  lengths), and ViT's 197 tokens are odd: the tokens are padded to an even
+  count and the padding masked out with sequence lengths, then sliced off.
+  """
+  batch, tokens = query.shape[:2]
+  if tokens % 2 == 0:
+    return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  lengths = jnp.full((batch,), tokens, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value),
+                                     query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation="cudnn")
+  return out[:, :tokens]
+
+
 def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     bias: jax.Array | None = None, mask: jax.Array | None = None,
                     **kwargs: Any) -> jax.Array:
-  """Flax's attention, or cuDNN's fused (flash) kernel where it applies: a GPU
-  backend, bf16/fp16 inputs, no bias or mask. The fused kernel never writes the
-  [batch, heads, tokens, tokens] scores to device memory; elsewhere (CPU, TPU,
-  fp32) this is `nn.dot_product_attention` itself."""
-  if (jax.default_backend() == "gpu" and bias is None and mask is None
-      and query.dtype in (jnp.bfloat16, jnp.float16)):
-    try:
-      return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError):  # shape or cuDNN version
-      pass
-  return nn.dot_product_attention(query, key, value, bias=bias, mask=mask, **kwargs)
+  """Flax's attention, or cuDNN's fused (flash) kernel in a program lowered
+  for CUDA: bf16/fp16 inputs, no bias, mask or dropout. The fused kernel never
+  writes the [batch, heads, tokens, tokens] scores to device memory.
+
+  The choice is made by the platform the program is lowered for
+  (`lax.platform_dependent`), not by the host's default backend, so a step
+  lowered for CUDA on a CPU host is the GPU's program. Where cuDNN is absent
+  (no CUDA jaxlib plugin), or refuses the shapes, this is
+  `nn.dot_product_attention` itself (a warning says why on a GPU backend).
+  """
+  xla = functools.partial(nn.dot_product_attention, bias=bias, mask=mask, **kwargs)
+  dropout = kwargs.get("dropout_rate", 0.0) and not kwargs.get("deterministic", True)
+  if (bias is not None or mask is not None or dropout
+      or query.dtype not in (jnp.bfloat16, jnp.float16)):
+    return xla(query, key, value)
+  try:
+    # Rematerialised, the other platforms' branch keeps only its inputs for
+    # the backward pass: a switch's branches share their residuals, so its
+    # [batch, heads, tokens, tokens] probabilities would otherwise be
+    # zero-filled outputs of the cuDNN branch too.
+    return jax.lax.platform_dependent(query, key, value, cuda=_cudnn_attention,
+                                      default=jax.checkpoint(xla))
+  except (ValueError, NotImplementedError, RuntimeError) as e:  # no cuDNN, or shapes
+    if jax.default_backend() == "gpu":  # shown once per reason (warnings' registry)
+      warnings.warn(f"fused_attention: cuDNN's kernel not used ({type(e).__name__}: {e}); "
+                    "running Flax's attention instead.", stacklevel=2)
+    return xla(query, key, value)
 
 
 class LayerScale(nn.Module):
@@ -158,9 +194,10 @@ class ViT(nn.Module):
       at the first (timm's `drop_path_rate`; 0.1 is usual for fine-tuning
       ViT-B); the residual branches of a block are dropped for whole examples
       in training.
-    fused_attention: cuDNN's fused attention on NVIDIA GPUs in bf16/fp16
-      (`fused_attention`), same parameters. Off by default: not yet measured
-      on a GPU (BENCHMARKS.md, "Accelerators").
+    fused_attention: cuDNN's fused attention in programs lowered for CUDA, in
+      bf16/fp16 (`fused_attention`), same parameters; Flax's attention
+      elsewhere. Off by default: not yet measured on a GPU (BENCHMARKS.md,
+      "Accelerators").
   """
   num_classes: int = 1000
   patch_size: int = 16
