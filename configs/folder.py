@@ -17,8 +17,9 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
   resized crops, horizontal flips);
 - a schedule in epochs (`num_epochs`; steps per epoch = training images //
   batch_size), cosine decay, an evaluation and a checkpoint every epoch on a
-  validation split: 10% of every class of the training images
-  ("train[val10%]", drawn with a fixed seed; training sees "train[-val10%]");
+  validation split: about 10% of every class of the training images
+  ("train[val10%]", each file's side fixed by a hash of its path, so adding
+  photos moves no other file; training sees "train[-val10%]");
   the best checkpoint by validation accuracy is kept;
 - at the end, the best checkpoint is evaluated on the folder's `test/` split
   (`test_split`; skipped when the folder has none): eval_test.json and

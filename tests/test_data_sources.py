@@ -270,3 +270,17 @@ def test_pipelines_of_network_datasets_build_under_tfds_mock_data(tmp_path):
   assert batches[0]["inputs"].shape == (4, 16, 16, 3)
   assert text_batch["inputs"]["input_ids"].shape == (2, 128)
   assert list(tmp_path.iterdir()) == []  # nothing was downloaded or written
+
+
+def test_hidden_files_never_decide_the_folder_layout(tmp_path, caplog):
+  """Issue 26: a .DS_Store in photos/train/ made train/ and test/ the classes."""
+  _write_folder(tmp_path)
+  for junk in (tmp_path / ".DS_Store", tmp_path / "train" / ".DS_Store",
+               tmp_path / "test" / "._001.png", tmp_path / "train" / "cat" / "._000.png",
+               tmp_path / "train" / "Thumbs.db"):
+    junk.write_bytes(b"\0\x05\x16\x07 not an image")
+  (tmp_path / "__MACOSX" / "train").mkdir(parents=True)
+  with caplog.at_level(logging.WARNING):
+    info = dataset_info(f"folder:{tmp_path}")
+  assert info == (2, {"test": 4, "train": 6}, ["cat", "dog"])
+  assert "._000.png" not in caplog.text  # hidden files are not even warned about

@@ -96,3 +96,41 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   c.precise_batchnorm, c.strategy.name = 300, "full"
   with pytest.raises(ConfigError, match="set strategy.precise_batchnorm instead"):
     images(c)
+
+
+def test_num_classes_below_the_dataset_classes_is_refused_before_training(tmp_path):
+  """Issue 26: MNIST with num_classes=3 trained (labels 3..9 gave zero loss)."""
+  photos = photo_folder(tmp_path / "photos")
+  for split in ("train", "test"):
+    (photos / split / "fox").mkdir()
+    (photos / split / "cat" / "0.jpg").rename(photos / split / "fox" / "0.jpg")
+  config = config_with()
+  config.dataset = f"folder:{photos}"
+  config.num_classes = 2
+  with pytest.raises(ConfigError, match=r"num_classes=2 is smaller than the 3 classes of dataset "
+                     r"'folder:.*photos' \(train_split; labels 0..2\).*Set num_classes=3"):
+    experiment.finetune(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+  config.num_classes = 0  # from the dataset: three outputs
+  problems, classes = experiment.data_problems(config)
+  assert (problems, classes) == ([], 3)
+  config.num_classes = 4  # more outputs than classes is allowed
+  assert experiment.data_problems(config) == ([], 3)
+
+
+def test_patch_model_image_size_off_the_patch_grid_is_refused_with_the_nearest_sizes():
+  """Issue 26: ViT at 40 px trained on 32 px (36% of the pixels dropped), silently."""
+  config = config_with()
+  config.model, config.image_size = "vit_ti16", 40
+  assert experiment.config_problems(config) == [
+      "image_size=40 is not a multiple of vit_ti16's patch size 16: 36% of the pixels (past "
+      "the last full patch) would be dropped; set image_size to 32 or 48"]
+  config.model, config.image_size = "dinov2_s14", 100
+  assert experiment.config_problems(config) == [
+      "image_size=100 is not a multiple of dinov2_s14's patch size 14: 4% of the pixels (past "
+      "the last full patch) would be dropped; set image_size to 98 or 112"]
+  config.model_kwargs = {"patch_size": 10}  # the model as configured decides
+  assert experiment.config_problems(config) == []
+  for model, size in (("vit_ti16", 48), ("vit_ti16", None), ("efficientnet_lite0", 41)):
+    config.model, config.image_size, config.model_kwargs = model, size, {}
+    assert experiment.config_problems(config) == [], model

@@ -1,9 +1,10 @@
 """configs/folder.py: the one-command job for a user's image folder (epochs,
-a stratified validation split, LP-FT with a cached probe phase, the best
+a per-file validation split, LP-FT with a cached probe phase, the best
 checkpoint evaluated on the folder's test split). A tiny folder, a few steps."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -54,9 +55,10 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   config = small(load_config(), photos)
   config.strategy.probe_steps, config.strategy.probe_learning_rate = 200, 3e-2
   resolved = experiment.resolve_schedule(config)
-  # 36 training images, 1 of each class held out for validation: 33 // 8 = 4 steps per epoch.
-  assert sources.split_size(config.dataset, config.train_split) == 33
-  assert sources.split_size(config.dataset, config.eval_split) == 3
+  # 36 training images, 2 held out for validation (by their paths' hashes): 34 // 8 = 4
+  # steps per epoch.
+  assert sources.split_size(config.dataset, config.train_split) == 34
+  assert sources.split_size(config.dataset, config.eval_split) == 2
   assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every) == (8, 4, 4)
   workdir = tmp_path / "run"
   # A kill during a first save leaves Orbax's temporary folder: no checkpoint,
@@ -67,12 +69,12 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   result = experiment.finetune(config, workdir, progress=False)
   out = capsys.readouterr().out
   assert "resuming" not in out and not unfinished.exists()
-  assert "LP-FT probe phase on cached features: 33 examples" in out  # train[-val10%] only
+  assert "LP-FT probe phase on cached features: 34 examples" in out  # train[-val10%] only
   assert "200 head steps at learning rate 0.03" in out and "for 8 steps" in out
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["split"] == "eval"] == [4, 8]  # every epoch
-  assert all(r["count"] == 3 for r in rows if r["split"] == "eval")  # on the validation split
-  assert result.eval_metrics["count"] == 3
+  assert all(r["count"] == 2 for r in rows if r["split"] == "eval")  # on the validation split
+  assert result.eval_metrics["count"] == 2
   report = json.loads((workdir / "final_report.json").read_text())
   assert report["num_steps"] == 8
   # The fine-tuning phase: everything but BatchNorm (frozen by default for lp_ft).
@@ -103,7 +105,7 @@ def test_full_with_statistics_training_recomputes_them_before_eval_and_save(phot
   expected = jtl.recompute_batchnorm(module, {**saved}, train())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                saved["batch_stats"], expected["batch_stats"])
-  assert result.eval_metrics["count"] == 3
+  assert result.eval_metrics["count"] == 2
   config.strategy.precise_batchnorm = 0  # off: the moving averages differ
   experiment.finetune(config, tmp_path / "plain", progress=False)
   plain, _ = jtl.restore_variables(tmp_path / "plain")
@@ -130,19 +132,49 @@ def test_lp_ft_cache_with_a_method_is_refused():
   assert any("lp_ft" in p and "cache_features=False" in p for p in problems), problems
 
 
-def test_holdout_split_is_stratified_disjoint_and_fixed():
-  labels = np.repeat(np.arange(4), [50, 20, 9, 1])
-  src = sources.resolve_source({"train": {"image": np.zeros((80, 2, 2, 3), np.uint8),
+def test_holdout_split_is_per_class_disjoint_and_fixed():
+  labels = np.repeat(np.arange(4), [500, 200, 9, 1])
+  src = sources.resolve_source({"train": {"image": np.zeros((710, 2, 2, 3), np.uint8),
                                           "label": labels}})
   _, val = src.indices("train[val10%]")
   _, rest = src.indices("train[-val10%]")
-  assert np.bincount(labels[val], minlength=4).tolist() == [5, 2, 1, 0]  # a lone example trains
-  assert not set(val) & set(rest) and len(val) + len(rest) == 80
+  # About 10% of each class (each example decides by its key's hash); a lone example trains.
+  assert np.bincount(labels[val], minlength=4).tolist() == [41, 14, 1, 0]
+  assert not set(val) & set(rest) and len(val) + len(rest) == 710
   assert np.array_equal(src.indices("train[val10%]")[1], val)
   with pytest.raises(DataError, match="Unknown split 'tran\\[val10%\\]'"):
     src.indices("tran[val10%]")
   with pytest.raises(DataError, match="1..99%"):
     src.indices("train[val0%]")
+
+
+def test_adding_a_photo_moves_no_other_photo_between_validation_and_training(tmp_path):
+  """Issue 26: one added photo reshuffled the validation split (8 of 30
+  validation images had been trained on before the resume)."""
+  rng = np.random.default_rng(0)
+  for c in ("cat", "dog"):
+    (tmp_path / c).mkdir()
+    for i in range(40):
+      Image.fromarray(rng.integers(0, 255, (4, 4, 3), np.uint8)).save(tmp_path / c / f"{i}.png")
+
+  def split_of_each_file():
+    src = sources.resolve_source(tmp_path)
+    files = src.inputs["train"]
+    return {files[i]: "val" for i in src.indices("train[val10%]")[1]} | {
+        files[i]: "train" for i in src.indices("train[-val10%]")[1]}
+
+  before = split_of_each_file()
+  assert list(before.values()).count("val") == 13 and len(before) == 80
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "cat" / "00_new.png")
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "dog" / "new.png")
+  after = split_of_each_file()
+  assert len(after) == 82 and {f: after[f] for f in before} == before
+  # The split follows the file, not the folder it was copied to.
+  shutil.copytree(tmp_path, tmp_path.parent / "copy")
+  moved = sources.resolve_source(tmp_path.parent / "copy")
+  names = ["/".join(Path(f).parts[-2:]) for f in moved.inputs["train"]]
+  held = {names[i] for i in moved.indices("train[val10%]")[1]}
+  assert held == {"/".join(Path(f).parts[-2:]) for f, s in after.items() if s == "val"}
 
 
 def test_confusion_figure_has_class_names_and_readable_counts():

@@ -85,7 +85,28 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   if spec.input_kind == "image" and size is not None and size < spec.min_image_size:
     problems.append(f"image_size must be >= {spec.min_image_size} for {config.model} (or None "
                     f"for its native {spec.image_size}), got {size}")
-  return problems + model_kwargs_problems(config, spec)
+  return problems + patch_size_problems(config, spec) + model_kwargs_problems(config, spec)
+
+
+def patch_size_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> list[str]:
+  """An `image_size` that is no multiple of a patch model's (ViT, DINOv2)
+  patch size: the strided patch embedding would drop the pixels past the
+  last full patch (at 40 px with 16 px patches, 36% of them), silently."""
+  size = config.get("image_size")
+  if spec.input_kind != "image" or size is None:
+    return []
+  try:
+    patch = getattr(spec.build(num_classes=0, **workdirs.model_kwargs(config)), "patch_size", None)
+  except Exception:  # noqa: BLE001 - model_kwargs_problems reports what does not build
+    return []
+  if not isinstance(patch, int) or patch < 2 or size % patch == 0:
+    return []
+  below, above = size // patch * patch, (size // patch + 1) * patch
+  nearest = f"{below} or {above}" if below >= spec.min_image_size else f"{above}"
+  dropped = 1 - (below / size) ** 2
+  return [f"image_size={size} is not a multiple of {config.model}'s patch size {patch}: "
+          f"{dropped:.0%} of the pixels (past the last full patch) would be dropped; "
+          f"set image_size to {nearest}"]
 
 
 def model_options(spec: models.ModelSpec) -> list[str]:
@@ -153,9 +174,30 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
   if "train_split" in found and classes < 2 and not config.get("num_classes"):
     problems.append(f"dataset {config.dataset!r} has {classes} class(es); fine-tuning a "
                     "classifier needs at least 2")
+  problems += num_classes_problems(config, found, classes)
   if len(found) == 2:
     _warn_unseen_classes(config, found["train_split"], found["eval_split"])
   return problems, classes
+
+
+def num_classes_problems(config: ml_collections.ConfigDict, found: dict[str, Any],
+                         classes: int) -> list[str]:
+  """`num_classes` below a dataset's class count: the labels at or above it
+  would have no output (zero loss, never predicted), so it is refused."""
+  outputs = int(config.get("num_classes") or classes)
+  datasets = {"train_split": config.dataset,
+              "eval_split": config.get("eval_dataset") or config.dataset}
+  problems, seen = [], set()
+  for key, source in found.items():
+    dataset, n = datasets[key], source.info().num_classes
+    if outputs and n > outputs and dataset not in seen:
+      seen.add(dataset)
+      given = (f"num_classes={outputs}" if config.get("num_classes") else
+               f"num_classes=0 (the {outputs} classes of dataset {config.dataset!r})")
+      problems.append(f"{given} is smaller than the {n} classes of dataset {dataset!r} "
+                      f"({key}; labels 0..{n - 1}): labels {outputs}..{n - 1} would have no "
+                      f"output. Set num_classes={n} (or 0: from the dataset)")
+  return problems
 
 
 def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: Any) -> None:

@@ -11,8 +11,10 @@ marker, PNG's IEND chunk, GIF's trailer, BMP's declared size); a file that
 does not is decoded in full to tell a truncated image from harmless trailing
 bytes. With `on_bad_file="raise"` (default) a `DataError` names every bad file
 and why; with `on_bad_file="skip"` they are left out and a warning gives their
-count and names. Files without an image extension (README, .DS_Store) are
-ignored with a warning.
+count and names. Files without an image extension (README) are ignored
+with a warning; hidden files and folders (".DS_Store", "._photo.jpg",
+"__MACOSX") are ignored silently and never decide the layout (only visible
+image files make a folder a class folder).
 """
 
 from __future__ import annotations
@@ -72,8 +74,22 @@ def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
   return None
 
 
+# Folders that file managers and archivers leave behind, never classes.
+_SYSTEM_DIRS = ("__MACOSX", "$RECYCLE.BIN", "System Volume Information")
+
+
+def _hidden(path: Path) -> bool:
+  """Hidden (".DS_Store", "._x.jpg", ".ipynb_checkpoints") or system files and folders."""
+  return path.name.startswith(".") or path.name in _SYSTEM_DIRS
+
+
 def _class_dirs(split_dir: Path) -> list[Path]:
-  return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+  return sorted(p for p in split_dir.iterdir() if p.is_dir() and not _hidden(p))
+
+
+def _holds_images(folder: Path) -> bool:
+  return any(f.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(f) and f.is_file()
+             for f in folder.iterdir())
 
 
 def _layout(root: Path) -> dict[str, Path]:
@@ -83,9 +99,9 @@ def _layout(root: Path) -> dict[str, Path]:
     raise DataError(
         f"Image folder {root} has no sub-folders. Expected {root}/<split>/<class>/"
         f"*.jpg (e.g. train/ and test/) or {root}/<class>/*.jpg.")
-  # A folder whose children hold image files directly is a class folder.
-  has_files = [any(f.is_file() for f in c.iterdir()) for c in children]
-  if any(has_files):
+  # A folder whose children hold image files directly is a class folder. Only
+  # visible image files count: a .DS_Store or README in train/ decides nothing.
+  if any(_holds_images(c) for c in children):
     return {"train": root}
   return {c.name: c for c in children}
 
@@ -110,7 +126,7 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
     paths, ys = [], []
     for c in _class_dirs(split_dir):
       for f in sorted(c.iterdir()):
-        if not f.is_file() or f.name.startswith("."):
+        if not f.is_file() or _hidden(f):
           continue
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
           ignored.append(f)

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -80,42 +81,49 @@ def parse_holdout(split: str) -> tuple[str, bool, int] | None:
   return (m.group(1), m.group(2) == "-", int(m.group(3))) if m else None
 
 
-def holdout_indices(labels: np.ndarray, percent: int, *, rest: bool = False,
-                    seed: int = HOLDOUT_SEED) -> np.ndarray:
-  """A stratified validation split: `percent`% of every class (at least one
-  example of each class that has two or more), drawn with a fixed seed;
+def holdout_fraction(key: bytes, seed: int = HOLDOUT_SEED) -> float:
+  """A fixed number in [0, 1) for an example's key (its file's path inside
+  the split folder, or its index): the example is held out below `percent`."""
+  digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + key).digest()
+  return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def holdout_indices(labels: np.ndarray, percent: int, *, keys: Sequence[bytes] | None = None,
+                    rest: bool = False, seed: int = HOLDOUT_SEED) -> np.ndarray:
+  """A validation split: each example is held out when the hash of its key
+  (`keys`: the file's path inside the split folder; default: its index)
+  falls in the first `percent`% (`holdout_fraction`), so about `percent`% of
+  every class; the only example of a class always trains. Each example
+  decides alone: adding or removing files never moves any other file
+  between the splits (a resumed run's validation images stay unseen).
   `rest=True` gives the other examples. Sorted indices into `labels`.
 
-  >>> y = np.array([0] * 10 + [1] * 5 + [2])
+  >>> y = np.array([0] * 1000 + [1] * 500 + [2])
   >>> v, r = holdout_indices(y, 20), holdout_indices(y, 20, rest=True)
-  >>> np.bincount(y[v], minlength=3).tolist(), len(r), sorted(set(v) | set(r)) == list(range(16))
-  ([2, 1, 0], 13, True)
+  >>> np.bincount(y[v], minlength=3).tolist(), len(v) + len(r), set(v) & set(r)
+  ([178, 102, 0], 1501, set())
   """
   if not 0 < percent < 100:
     raise DataError(f"A validation split takes 1..99% of each class, got {percent}%.")
-  rng = np.random.default_rng(seed)
-  held = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    if len(members) >= 2:
-      k = min(len(members) - 1, max(1, round(len(members) * percent / 100)))
-      held.append(rng.permutation(members)[:k])
-  val = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-  return np.setdiff1d(np.arange(len(labels)), val) if rest else val
+  keys = [str(i).encode() for i in range(len(labels))] if keys is None else keys
+  held = np.array([holdout_fraction(k, seed) < percent / 100 for k in keys], bool)
+  classes, counts = np.unique(labels, return_counts=True)
+  held &= ~np.isin(labels, classes[counts < 2])
+  return np.flatnonzero(~held if rest else held)
 
 
 def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
   """Parses "train", "train[:80%]" or "test[10:20]" into (name, slice).
 
-  Stratified validation splits ("train[val10%]", "train[-val10%]") are not
-  slices: see `split_size` and `ArraySource.indices`."""
+  Validation splits ("train[val10%]", "train[-val10%]") are not slices: see
+  `holdout_indices`, `split_size` and `ArraySource.indices`."""
   m = _SLICE.match(split.replace(" ", ""))
   if not m or m.group(1) not in sizes:
     raise DataError(
         f"Unknown split {split!r}. Available splits: {sorted(sizes)} "
         "(slices like 'train[:80%]' or 'train[100:]' also work, and for image folders and "
-        "arrays 'train[val10%]' / 'train[-val10%]': a stratified 10% validation split of "
-        "every class / the rest).")
+        "arrays 'train[val10%]' / 'train[-val10%]': a 10% validation split of every "
+        "class, fixed per file / the rest).")
   name, n = m.group(1), sizes[m.group(1)]
 
   def bound(s: str | None) -> int | None:
@@ -143,9 +151,17 @@ class ArraySource:
     return DatasetInfo(len(self.class_names),
                        {s: len(v) for s, v in self.labels.items()}, list(self.class_names))
 
+  def keys(self, split: str) -> list[bytes] | None:
+    """What decides an example's validation split: a file's path inside its
+    split folder ("<class>/<file>"), so that it follows the file; None
+    (the index) for arrays and text."""
+    if self.kind != "file":
+      return None
+    return [os.fsencode("/".join(Path(p).parts[-2:])) for p in self.inputs[split]]
+
   def indices(self, split: str) -> tuple[str, np.ndarray]:
     """Returns (split name, example indices) for a possibly sliced split, or
-    for a stratified validation split ("train[val10%]") or its rest
+    for a validation split ("train[val10%]", see `holdout_indices`) or its rest
     ("train[-val10%]")."""
     holdout = parse_holdout(split)
     if holdout is not None:
@@ -153,7 +169,8 @@ class ArraySource:
       if name not in self.labels:
         raise DataError(f"Unknown split {split!r} of {self.name!r}. Available splits: "
                         f"{sorted(self.labels)}.")
-      return name, holdout_indices(self.labels[name], percent, rest=rest)
+      return name, holdout_indices(self.labels[name], percent, keys=self.keys(name),
+                                   rest=rest)
     name, sl = slice_split(split, self.info().num_examples)
     return name, np.arange(len(self.labels[name]))[sl]
 
