@@ -3,6 +3,14 @@
 Load pretrained weights, split the params into frozen and trainable partitions
 by rules, and fine-tune with pure, jit-compiled steps on every device.
 
+The top level holds the path a user's code takes (create or load a model,
+label its params, build the optimizer, state and step, fit, restore); the
+rest lives in its module: `jtl.weights` (weights in), `jtl.export` (outputs),
+`jtl.checkpoint` (a run's checkpoints), `jtl.partition`, `jtl.tree`,
+`jtl.optim`, `jtl.parallel`, `jtl.steps`, `jtl.data`, `jtl.models`,
+`jtl.errors`, and the recipes under `jtl.recipes` (`strategies`, `distill`,
+`domain`, `adversarial`).
+
 `import jtl` imports neither TensorFlow nor TFDS: they are loaded when an input
 pipeline is first built (`jtl.make_dataset`) or a TFDS dataset is read, and
 Orbax when a training checkpoint is written or restored (`jtl.train`,
@@ -12,69 +20,26 @@ Orbax when a training checkpoint is written or restored (`jtl.train`,
 import importlib
 from typing import Any
 
-# Subpackages, importable as jtl.checkpoint, jtl.data, jtl.models, jtl.train.
-from jtl import checkpoint, data, models
-from jtl.adapter import (
-  FunctionModel,
-  LinenModel,
-  NnxModel,
-  as_model,
-  update_module,
-  variables_of,
-)
+from jtl import checkpoint, data, errors, export, models, optim, parallel, partition, recipes
+from jtl import steps, tree, weights
+from jtl.adapter import FunctionModel, LinenModel, NnxModel, as_model, update_module
 from jtl.batchnorm import recompute_batchnorm
-from jtl.checkpoint import LoadReport, export, load_pretrained, read
-from jtl.data import DatasetInfo, dataset_info, prefetch_to_device
-from jtl.errors import (
-  CheckpointError,
-  ConfigError,
-  DataError,
-  DeviceError,
-  DivergenceError,
-  JtlError,
-  LoadError,
-  OptimizerError,
-  PartitionError,
-  StepError,
-)
-from jtl.models import CreatedModel, create
-from jtl.optim import base_optimizer, make_optimizer, scale_by_tree, tree_bytes
+from jtl.errors import ConfigError, JtlError
+from jtl.models import create
+from jtl.optim import make_optimizer
 from jtl.parallel import (
-  batch_sharding,
   initialize_distributed,
   jit_eval_step,
   jit_train_step,
   make_mesh,
   place_state,
   pmap_train_step,
-  replicate,
   shard_batch,
-  shard_for_pmap,
-  state_shardings,
-  unreplicate,
 )
-from jtl.partition import (
-  FROZEN,
-  Summary,
-  frozen_module_paths,
-  is_frozen,
-  label_params,
-  merge,
-  split,
-  summarize,
-  trainable_labels,
-)
-from jtl.recipes import adversarial, distill, domain, quantize, strategies
+from jtl.partition import FROZEN, label_params, summarize
 from jtl.state import TrainState, create_train_state
-from jtl.steps import (
-  cross_entropy_loss,
-  frozen_batchnorm,
-  make_eval_step,
-  make_train_step,
-  masked_mean,
-  summarize_eval,
-)
-from jtl.tree import flatten, map_with_path, match_rules, unflatten
+from jtl.steps import cross_entropy_loss, make_eval_step, make_train_step
+from jtl.weights import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -96,19 +61,17 @@ def __dir__() -> list[str]:
   return sorted(set(globals()) | set(__all__))
 
 __all__ = [
-    "CheckpointManager", "CreatedModel", "DatasetInfo", "LoadReport", "adversarial", "checkpoint",
-    "create", "distill", "domain", "quantize",
-    "data", "dataset_info", "export", "load_pretrained", "make_dataset", "models",
-    "prefetch_to_device", "read", "recompute_batchnorm", "restore_variables", "strategies", "train",
-    "CheckpointError", "ConfigError", "DataError", "DeviceError", "DivergenceError", "FROZEN",
-    "FunctionModel", "JtlError", "LinenModel", "NnxModel", "as_model", "update_module",
-    "variables_of",
-    "LoadError", "OptimizerError", "PartitionError", "StepError", "Summary", "TrainState",
-    "base_optimizer", "batch_sharding", "create_train_state", "cross_entropy_loss", "flatten",
-    "frozen_batchnorm", "frozen_module_paths", "initialize_distributed", "is_frozen",
-    "jit_eval_step", "jit_train_step", "label_params", "make_eval_step", "make_mesh",
-    "make_optimizer", "make_train_step", "map_with_path", "masked_mean", "match_rules", "merge",
-    "place_state", "pmap_train_step", "replicate", "scale_by_tree", "shard_batch",
-    "shard_for_pmap", "split", "state_shardings", "summarize", "summarize_eval",
-    "trainable_labels", "tree_bytes", "unflatten", "unreplicate",
+    # modules
+    "checkpoint", "data", "errors", "export", "models", "optim", "parallel", "partition",
+    "recipes", "steps", "train", "tree", "weights",
+    # a model and its weights
+    "create", "load_pretrained", "FunctionModel", "LinenModel", "NnxModel", "as_model",
+    "update_module",
+    # what trains, how, where
+    "FROZEN", "label_params", "summarize", "make_optimizer", "TrainState", "create_train_state",
+    "cross_entropy_loss", "make_train_step", "make_eval_step", "recompute_batchnorm",
+    "make_mesh", "place_state", "shard_batch", "jit_train_step", "jit_eval_step",
+    "pmap_train_step", "initialize_distributed", "make_dataset",
+    # a run's checkpoints and errors
+    "CheckpointManager", "restore_variables", "JtlError", "ConfigError",
 ]

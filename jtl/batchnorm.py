@@ -279,7 +279,7 @@ def recompute_batchnorm(model: Any, variables: PyTree, batches: Iterable[dict[st
     model: a Flax Linen module (`__call__(x, *, train)`), an NNX module, or a
       `jtl.LinenModel`/`NnxModel` adapter, with BatchNorm layers.
     variables: {"params": ..., "batch_stats": ...} (Linen) or
-      `jtl.variables_of(module)` (NNX: {"params": ..., "state": ...}).
+      `jtl.adapter.variables_of(module)` (NNX: {"params": ..., "state": ...}).
     batches: only `batch[input_key]` (and "mask") is read.
     skip: module paths ("backbone/bn0") whose statistics stay as stored.
   """

@@ -51,7 +51,7 @@ def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
   Args:
     params: any pytree of arrays (Flax Linen dicts, a pure dict of NNX
       params), or a Flax NNX module (its `nnx.Param` leaves are labelled, as
-      `jtl.variables_of(module)["params"]`).
+      `jtl.adapter.variables_of(module)["params"]`).
     rules: ordered (regex, label) pairs over "/"-joined paths; a label of
       None or "frozen" freezes. First match wins; every leaf must match.
 

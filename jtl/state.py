@@ -44,7 +44,7 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
 
   Args:
     variables: a Flax variables dict: {"params": ..., "batch_stats": ...},
-      or a Flax NNX module (its variables, `jtl.variables_of(module)`).
+      or a Flax NNX module (its variables, `jtl.adapter.variables_of(module)`).
     labels: label tree of `variables["params"]`.
     tx: the optimizer (see `jtl.optim.make_optimizer`), applied to the
       trainable partition only.

@@ -385,7 +385,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     module, variables: the model (a Flax Linen or NNX module, an apply
       function, or a `jtl.LinenModel`/`NnxModel`/`FunctionModel`) and its
       initial (pretrained) variables; for an NNX module, None takes its own
-      (`jtl.variables_of`).
+      (`jtl.adapter.variables_of`).
     labels, tx: the partition labels and the optimizer (`make_optimizer`).
     train_batches: `train_batches(start_step)` returns the iterator of global
       numpy batches from that step on (the input position on resume).

@@ -5,11 +5,11 @@ a model for deployment (ONNX, LiteRT float32, LiteRT full-integer int8).
   python scripts/convert.py --model efficientnet_lite0 --source efficientnet_lite0/imagenet \\
       --out /tmp/lite0_orbax --format orbax
 
-Reads any format jtl.checkpoint.read supports, maps it with the model's
+Reads any format jtl.weights.read supports, maps it with the model's
 converter, prints the load report, and writes npz, safetensors, msgpack or an
 Orbax checkpoint directory.
 
-Deployment (jtl.recipes.deploy): a fine-tuned workdir to onnx | tflite | tflite_int8;
+Deployment (jtl.export.deploy): a fine-tuned workdir to onnx | tflite | tflite_int8;
 int8 is calibrated on --calibration_images images of the training split and
 checked against float32 on them (a warning past --max_int8_drop points):
 
@@ -20,7 +20,7 @@ or a zoo model with pretrained weights, float formats (224 px unless --image_siz
   python scripts/convert.py --model efficientnet_lite0 --source efficientnet_lite0/imagenet \\
       --format onnx --out lite0.onnx
 
-For PyTorch users (jtl.checkpoint.peft / hf_export): a LoRA run's adapters as
+For PyTorch users (jtl.export.peft / hf_export): a LoRA run's adapters as
 a PEFT folder (PeftModel.from_pretrained), or merged weights in the HF (BERT) /
 timm (ViT, ResNet) layout (default out: <workdir>/export/<format>):
 
@@ -39,12 +39,12 @@ sys.path.append(os.getcwd())
 
 from absl import app, flags, logging
 
-from jtl import checkpoint, models
+from jtl import export, models, weights
 from jtl.app import cli
 from jtl.errors import ConfigError
 
 _DEPLOY_FORMATS = ["onnx", "tflite", "tflite_int8"]
-_HUB_FORMATS = ["peft", "hf"]  # jtl.checkpoint.peft / hf_export: folders PyTorch users load
+_HUB_FORMATS = ["peft", "hf"]  # jtl.export.peft / hf_export: folders PyTorch users load
 _MODEL = flags.DEFINE_string("model", None, f"Zoo model name: {models.list_models()}")
 _SOURCE = flags.DEFINE_string("source", None, "File, directory or registry name.")
 _OUT = flags.DEFINE_string("out", None, "Output path (with --workdir: default "
@@ -82,13 +82,13 @@ def main(argv):
                       f"with --format one of {_DEPLOY_FORMATS} to export for deployment).")
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
-  print(f"Wrote {checkpoint.export(created.variables, _OUT.value, format=_FORMAT.value)}")
+  print(f"Wrote {export.write(created.variables, _OUT.value, format=_FORMAT.value)}")
 
 
 def _export_hub():
   """A workdir's LoRA adapters as a PEFT folder, or merged weights in the HF / timm layout."""
   from jtl.app import workdirs
-  from jtl.checkpoint import hf_export
+  from jtl.export import hf_export
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
     path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step)
@@ -104,9 +104,9 @@ def _export_hub():
 
 
 def _export():
-  """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.recipes.deploy)."""
+  """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.export.deploy)."""
   from jtl.app import deploy_runs  # only this path needs the converters
-  from jtl.recipes import deploy  # only this path needs the converters
+  from jtl.export import deploy  # only this path needs the converters
   if _FORMAT.value not in _DEPLOY_FORMATS:
     raise ConfigError(f"--workdir exports for deployment: --format must be one of "
                       f"{_DEPLOY_FORMATS}, got {_FORMAT.value!r}.")

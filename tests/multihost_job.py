@@ -83,7 +83,7 @@ def main(argv):
     jtl.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   if os.environ.get("MULTIHOST_API") == "nnx":
     module = nnx_net()
-    variables = jtl.variables_of(module)
+    variables = jtl.adapter.variables_of(module)
   else:
     module = Net()
     variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
@@ -100,7 +100,7 @@ def main(argv):
       progress=False, meta={"model": "multihost_job", "num_classes": 5}, on_log=on_log,
       batchnorm_batches=batchnorm_batches)
   if jax.process_index() == 0:
-    flat = jtl.flatten(jax.device_get(result.state.variables))
+    flat = jtl.tree.flatten(jax.device_get(result.state.variables))
     np.savez(out, start_step=result.start_step, **flat)
   print("done from step", result.start_step, flush=True)
 

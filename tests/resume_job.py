@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 import jtl
-from jtl.checkpoint import export
+from jtl.export import write
 from jtl.data import make_dataset
 
 NUM_STEPS = 12
@@ -53,7 +53,7 @@ def main(workdir, out, seconds_per_step=0.0):
       num_steps=NUM_STEPS, workdir=workdir, checkpoint_every=3, eval_every=6, keep=2,
       log_every=1, progress=False, meta={"model": "resume_job", "num_classes": 5},
       on_log=lambda step, row: time.sleep(seconds_per_step))
-  export(jax.device_get(result.state.variables), out)
+  write(jax.device_get(result.state.variables), out)
   print("finished from step", result.start_step, flush=True)
 
 

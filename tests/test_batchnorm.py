@@ -120,7 +120,7 @@ def test_recompute_nnx_batchnorm_matches_linen_moments():
 
   net = Net(nnx.Rngs(0))
   x = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32) - 1.0
-  v = jtl.variables_of(net)
+  v = jtl.adapter.variables_of(net)
   # The second batch is padded with 4 masked rows of garbage: they are not counted.
   padded = {"inputs": np.concatenate([x[8:], np.full((4, 4), 1e3, np.float32)]),
             "mask": np.arange(16) < 12}
@@ -163,7 +163,7 @@ def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refuse
   batches = [{"inputs": x[:8]}, {"inputs": x[8:], "mask": np.arange(12) < 9}]
   linen = jtl.recompute_batchnorm(Net(), v, batches, skip=["BatchNorm_0"])
   bridged = to_nnx(Net(), v)
-  out = jtl.recompute_batchnorm(bridged, jtl.variables_of(bridged), batches, skip=["BatchNorm_0"])
+  out = jtl.recompute_batchnorm(bridged, jtl.adapter.variables_of(bridged), batches, skip=["BatchNorm_0"])
   assert not np.allclose(linen["batch_stats"]["block"]["bn"]["var"], v["batch_stats"]["block"]["bn"]["var"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out["state"],
                linen["batch_stats"])
@@ -176,7 +176,7 @@ def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refuse
       return self.inner(x)
 
   with pytest.raises(jtl.ConfigError, match="'inner' is a Linen module inside nnx.bridge.ToNNX"):
-    jtl.recompute_batchnorm(Outer(), jtl.variables_of(Outer()), batches)
+    jtl.recompute_batchnorm(Outer(), jtl.adapter.variables_of(Outer()), batches)
 
 
 def _fit(tmp_path, labels_rules, **kwargs):
@@ -233,7 +233,7 @@ def test_fit_recomputes_nnx_statistics_on_the_mesh():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(16, 4)).astype(np.float32), rng.integers(0, 3, 16).astype(np.int32)
   net = Net(nnx.Rngs(0))
-  lab = jtl.label_params(jtl.variables_of(net)["params"], [(".*", "all")])
+  lab = jtl.label_params(jtl.adapter.variables_of(net)["params"], [(".*", "all")])
   batch = {"inputs": x, "label": y, "mask": np.ones(16, bool)}
   result = train.fit(module=net, variables=None, labels=lab,
                      tx=jtl.make_optimizer(lab, learning_rate=0.1, optimizer="adam"),

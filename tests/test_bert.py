@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jtl import checkpoint, tree
+from jtl import tree, weights
 from jtl.errors import DataError, LoadError
 from jtl.models import bert, registry, text
 
@@ -22,8 +22,8 @@ def minilm():
   model = bert.Bert()
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), bert.example_input(1)))
   like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  path = checkpoint.resolve("minilm_l6/sentence")
-  variables, report = checkpoint.load_pretrained(path, like, converter=bert.convert_torch)
+  path = weights.resolve("minilm_l6/sentence")
+  variables, report = weights.load_pretrained(path, like, converter=bert.convert_torch)
   batch = bert.preprocess_minilm(SENTENCES)
   embed = jax.jit(lambda v, b: model.apply(v, b, method=bert.Bert.embed))
   return model, variables, report, batch, embed
@@ -91,8 +91,8 @@ def test_classification_head_on_pooled_features(minilm):
   like = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), shapes)
   like["params"]["head"]["kernel"] = np.random.RandomState(0).normal(
       size=(384, 2)).astype(np.float32)
-  path = checkpoint.resolve("minilm_l6/sentence")
-  clf, report = checkpoint.load_pretrained(path, like, converter=bert.convert_torch,
+  path = weights.resolve("minilm_l6/sentence")
+  clf, report = weights.load_pretrained(path, like, converter=bert.convert_torch,
                                            skip=[r"params/head/.*"])
   assert {e.path for e in report.skipped} == {"params/head/kernel", "params/head/bias"}
 

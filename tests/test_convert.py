@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtl.checkpoint import read
+from jtl.weights import read
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "convert.py"
 
@@ -30,5 +30,5 @@ def test_convert_real_weights_to_orbax(tmp_path):
 
 
 def _pth():
-  from jtl.checkpoint import resolve
+  from jtl.weights import resolve
   return resolve("efficientnet_lite0/imagenet")

@@ -1,4 +1,4 @@
-"""jtl.recipes.deploy: EfficientNet-Lite0 with its real ImageNet weights, exported to
+"""jtl.export.deploy: EfficientNet-Lite0 with its real ImageNet weights, exported to
 ONNX and LiteRT (float32 and full-integer int8) and run in onnxruntime and the
 LiteRT interpreter on scikit-image's chelsea (a cat) and coffee (espresso).
 
@@ -23,7 +23,7 @@ from jtl import models
 from jtl.app import deploy_runs
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import efficientnet
-from jtl.recipes import deploy
+from jtl.export import deploy
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx")
@@ -55,12 +55,12 @@ def _lite0():
   """models.create("efficientnet_lite0", pretrained=True)'s module and
   variables, without compiling `init` (8 s on 2 cores): the checkpoint is
   loaded into zeros of the init's shapes."""
-  from jtl import checkpoint  # pylint: disable=g-import-not-at-top
+  from jtl import weights  # pylint: disable=g-import-not-at-top
   module = efficientnet.efficientnet_lite0()
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
   like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  variables, report = checkpoint.load_pretrained(
-      checkpoint.read(checkpoint.resolve("efficientnet_lite0/imagenet")), like=like,
+  variables, report = weights.load_pretrained(
+      weights.read(weights.resolve("efficientnet_lite0/imagenet")), like=like,
       converter=efficientnet.convert_torch)
   assert report.ok
   return module, variables
@@ -188,7 +188,7 @@ def test_bad_requests_are_clear_errors(tmp_path):
 
 def test_import_jtl_deploy_loads_no_converter():
   import subprocess  # pylint: disable=g-import-not-at-top
-  code = ("import sys, jtl.recipes.deploy; bad = [m for m in ('tensorflow', 'onnx', 'onnxruntime', "
+  code = ("import sys, jtl.export.deploy; bad = [m for m in ('tensorflow', 'onnx', 'onnxruntime', "
           "'jax2onnx', 'ai_edge_litert') if m in sys.modules]; print(bad)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)

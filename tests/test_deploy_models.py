@@ -1,4 +1,4 @@
-"""jtl.recipes.deploy on the zoo models the first deployment round could not export:
+"""jtl.export.deploy on the zoo models the first deployment round could not export:
 ResNet / VGG max pools to ONNX, ResNet and DINOv2 (exact GELU) to int8
 LiteRT, MiniLM (token inputs) to ONNX and LiteRT; and the int8 range guard.
 
@@ -21,7 +21,7 @@ import pytest
 
 from jtl import models
 from jtl.errors import ConfigError
-from jtl.recipes import deploy
+from jtl.export import deploy
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx")
@@ -112,7 +112,7 @@ def test_resnet18_int8_litert_runs_in_xnnpack(resnet18, tmp_path):
 
 _DINO_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax
-    from jtl.recipes import deploy
+    from jtl.export import deploy
     from jtl.models import dinov2
     module = dinov2.Dinov2(num_classes=5, width=32, depth=1, num_heads=2, image_size=56)
     x = np.random.default_rng(0).standard_normal((3, 28, 28, 3)).astype(np.float32)
@@ -176,12 +176,12 @@ def test_int8_tensor_int8_cannot_hold_is_refused_naming_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
-  from jtl import checkpoint  # pylint: disable=g-import-not-at-top
+  from jtl import weights  # pylint: disable=g-import-not-at-top
   from jtl.models import bert, text  # pylint: disable=g-import-not-at-top
   model = bert.Bert()
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), bert.example_input(1)))
   like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  variables, report = checkpoint.load_pretrained(checkpoint.resolve("minilm_l6/sentence"),
+  variables, report = weights.load_pretrained(weights.resolve("minilm_l6/sentence"),
                                                  like, converter=bert.convert_torch)
   assert report.ok
   sentences = ["A man is eating food.", "A man is eating a piece of bread.",

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from test_hub import fake_hub  # noqa: F401 - the local Hub server fixture
 
 import jtl
-from jtl import checkpoint, models, tree
+from jtl import models, tree, weights
 from jtl.errors import ConfigError, LoadError
 from jtl.models import dinov2, hub_models, registry
 
@@ -46,7 +46,7 @@ def _like(spec, num_classes):
 def tiny():
   spec = dinov2.hub_spec("fixture", CONFIG)
   module, like = _like(spec, 0)
-  variables, report = checkpoint.load_pretrained(
+  variables, report = weights.load_pretrained(
       TINY / "model.safetensors", like=like, converter=spec.converter)
   return spec, module, variables, report
 
@@ -88,13 +88,13 @@ def test_image_classification_checkpoint_head_sees_cls_and_mean_patch(tiny):
   clf_spec = dinov2.hub_spec("fixture-clf", config)
   assert clf_spec.default_num_classes == 3
   module, like = _like(clf_spec, 3)
-  variables, report = checkpoint.load_pretrained(sd, like=like, converter=clf_spec.converter)
+  variables, report = weights.load_pretrained(sd, like=like, converter=clf_spec.converter)
   assert report.ok and len(report.loaded) == 45
   logits = np.asarray(jax.jit(module.apply)(variables, pixels(REF["x56"])))
   assert np.abs(logits - REF["x56_logits"]).max() < TOL
   # The same checkpoint into a backbone without a head: the classifier is skipped.
   _, like0 = _like(spec, 0)
-  _, report0 = checkpoint.load_pretrained(sd, like=like0, converter=spec.converter)
+  _, report0 = weights.load_pretrained(sd, like=like0, converter=spec.converter)
   assert report0.ok and sorted(e.path for e in report0.skipped) == ["params/head/bias",
                                                                     "params/head/kernel"]
 
@@ -112,7 +112,7 @@ def test_hf_export_rewrites_the_transformers_files(tiny, tmp_path, with_head):
   transformers' save_pretrained wrote (Dinov2Model; with a head the
   Dinov2ForImageClassification state dict: "dinov2." + backbone, classifier),
   and a config.json with transformers' values that maps back to the same spec."""
-  from jtl.checkpoint import hf_export
+  from jtl.export import hf_export
   _, module, variables, _ = tiny
   want = dict(load_file(TINY / "model.safetensors"))
   config = dict(CONFIG)
@@ -138,7 +138,7 @@ def test_hf_export_rewrites_the_transformers_files(tiny, tmp_path, with_head):
 
 
 def test_hf_export_refuses_what_transformers_cannot_hold(tiny, tmp_path):
-  from jtl.checkpoint import hf_export
+  from jtl.export import hf_export
   _, module, variables, _ = tiny
   with pytest.raises(ConfigError, match="pool='mean'"):
     hf_export.export_hf(module.clone(num_classes=3, pool="mean"), variables, tmp_path)
@@ -201,7 +201,7 @@ def test_published_layout_loads_strictly_into_the_full_size_specs(
   shapes = dinov2.hf_shapes(hidden_size=width, num_hidden_layers=12)
   assert shapes["embeddings.position_embeddings"] == (1, 1 + 37 * 37, width)
   sd = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}  # no memory
-  _, report = checkpoint.load_pretrained(sd, like=like, converter=spec.converter)
+  _, report = weights.load_pretrained(sd, like=like, converter=spec.converter)
   assert report.ok and len(report.loaded) == len(shapes) == 223
   assert sum(int(np.prod(s)) for s in shapes.values()) == params
   assert sum(x.size for x in jax.tree.leaves(like)) == params
@@ -211,7 +211,7 @@ def test_published_layout_loads_strictly_into_the_full_size_specs(
   # A wrong shape is reported, not reshaped: a checkpoint of the other size.
   wrong = dict(sd, **{"encoder.layer.0.mlp.fc1.weight": np.zeros((8, width), np.float32)})
   with pytest.raises(LoadError, match="mismatched"):
-    checkpoint.load_pretrained(wrong, like=like, converter=spec.converter)
+    weights.load_pretrained(wrong, like=like, converter=spec.converter)
 
 
 def test_create_from_the_hub_and_train_only_the_head(fake_hub):  # noqa: F811

@@ -51,7 +51,7 @@ def test_mask_and_bad_options():
   assert float(masked) == pytest.approx(0.0, abs=1e-6)
   with pytest.raises(jtl.ConfigError, match="temperature=0"):
     distill.make_distill_loss(temperature=0, alpha=2.0)
-  with pytest.raises(jtl.StepError, match="teacher_logits"):
+  with pytest.raises(jtl.errors.StepError, match="teacher_logits"):
     distill.make_distill_loss()(s, {"label": jnp.zeros(2, jnp.int32)})
 
 

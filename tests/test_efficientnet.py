@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jtl import checkpoint, tree
+from jtl import tree, weights
 from jtl.errors import DataError, LoadError
 from jtl.models import efficientnet, registry
 
@@ -34,9 +34,9 @@ def _zeros_like_init(model, size: int = 32):
 @functools.lru_cache(maxsize=1)
 def _pretrained():
   model = efficientnet.efficientnet_lite0()
-  path = checkpoint.resolve("efficientnet_lite0/imagenet")
-  variables, report = checkpoint.load_pretrained(
-      checkpoint.read(path), like=_zeros_like_init(model),
+  path = weights.resolve("efficientnet_lite0/imagenet")
+  variables, report = weights.load_pretrained(
+      weights.read(path), like=_zeros_like_init(model),
       converter=efficientnet.convert_torch)
   return model, variables, report
 
@@ -126,12 +126,12 @@ def test_train_mode_updates_batch_stats_and_drops_paths():
 
 
 def test_converter_passes_unknown_keys_for_strict_report():
-  sd = dict(checkpoint.read(checkpoint.resolve("efficientnet_lite0/imagenet")))
+  sd = dict(weights.read(weights.resolve("efficientnet_lite0/imagenet")))
   sd["_blocks.99._depthwise_conv.weight"] = np.zeros((8, 1, 3, 3), np.float32)
   del sd["_fc.bias"]
   _, like, _ = _pretrained()
   with pytest.raises(LoadError) as e:
-    checkpoint.load_pretrained(sd, like=like, converter=efficientnet.convert_torch)
+    weights.load_pretrained(sd, like=like, converter=efficientnet.convert_torch)
   assert "params/head/bias" in str(e.value) and "blocks_99" in str(e.value)
 
 
@@ -161,7 +161,7 @@ def test_nnx_from_the_zoo_gives_the_linen_logits_and_fine_tunes():
   x = np.concatenate([efficientnet.preprocess(skimage.data.chelsea(), size=64)] * 2)
   state, metrics = jax.jit(jtl.make_train_step(model, tx, labels=labels))(
       state, {"inputs": x, "label": np.array([281, 281])})
-  before = jtl.variables_of(model)["state"]
+  before = jtl.adapter.variables_of(model)["state"]
   after = jax.device_get(state.model_state["state"])
   np.testing.assert_array_equal(after["stem"]["bn"]["mean"], before["stem"]["bn"]["mean"])
   assert not np.allclose(after["blocks_15"]["project_bn"]["mean"],
@@ -176,7 +176,7 @@ def test_lite1_lite2_real_weights_classify_real_photos(n, params):
   model = spec.build(num_classes=1000)
   like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
       model.init, jax.random.PRNGKey(0), spec.example_input(1)))
-  variables, report = checkpoint.load_pretrained(
+  variables, report = weights.load_pretrained(
       f"efficientnet_lite{n}/imagenet", like=like, converter=spec.converter)
   assert report.ok and len(report.loaded) == 322  # 386 keys - 64 num_batches_tracked
   assert sum(v.size for v in jax.tree.leaves(variables["params"])) == params

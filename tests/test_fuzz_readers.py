@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jtl.checkpoint import export, read
+from jtl.export import write
+from jtl.weights import read
 from jtl.errors import JtlError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -83,7 +84,7 @@ def valid_files(tmp_path_factory) -> dict[str, pathlib.Path]:
            "torch_legacy": FIXTURES / "torch_legacy.pt"}
   for fmt in ("npz", "safetensors", "msgpack"):
     files[fmt] = root / f"model.{fmt}"
-    export(tree, files[fmt])
+    write(tree, files[fmt])
   import orbax.checkpoint as ocp
   ocp.PyTreeCheckpointer().save(root / "orbax", tree)
   files["orbax"] = root / "orbax"
@@ -178,7 +179,7 @@ def test_structure_aware_mutations(tmp_path, monkeypatch):
   """A small slice of scripts/benchmarks/fuzz_readers.py's campaign, in-process: pickle
   opcodes, zip header fields, safetensors/npy/msgpack/zarr metadata, and the
   folder targets (PEFT adapters, Hub config.json files)."""
-  from jtl.checkpoint import hub
+  from jtl.weights import hub
   monkeypatch.setattr(hub, "download", hub.download)  # the hub_config target serves files
   monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "scripts" / "benchmarks"))
   import fuzz_readers

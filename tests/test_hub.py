@@ -22,8 +22,8 @@ import scipy.special
 from safetensors.numpy import save as st_save
 
 import jtl
-from jtl import checkpoint, models
-from jtl.checkpoint import hub
+from jtl import export, models, weights
+from jtl.weights import hub
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, efficientnet, hub_models, mobilenet
 
@@ -303,7 +303,7 @@ def test_published_layouts_load_strictly(fake_hub):
     fake_hub.add(repo, {"config.json": config})
     spec = hub_models.spec_for(f"hf-hub:{repo}")
     _, like = _like(spec)
-    _, report = checkpoint.load_pretrained(
+    _, report = weights.load_pretrained(
         _zeros(shapes), like=like, converter=spec.converter, skip=hub_models.SKIP)
     assert report.ok, (repo, str(report))
     n_vars = len(jax.tree.leaves(like))
@@ -326,7 +326,7 @@ def test_published_layouts_load_strictly(fake_hub):
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_timm_lite_layout_gives_the_same_variables_as_the_real_weights(n):
   """Real Lite0/1/2 weights renamed to timm's tf_efficientnet_lite names."""
-  sd = checkpoint.read(f"efficientnet_lite{n}/imagenet")
+  sd = weights.read(f"efficientnet_lite{n}/imagenet")
   stages = efficientnet.LITE_STAGES[n]
   starts = np.cumsum([0] + [s[0] for s in stages])
   block = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
@@ -346,10 +346,10 @@ def test_timm_lite_layout_gives_the_same_variables_as_the_real_weights(n):
       timm[".".join([top[parts[0]], *parts[1:]])] = value
   spec = models.get_spec(f"efficientnet_lite{n}")
   _, like = _like(spec)
-  ours, r1 = checkpoint.load_pretrained(sd, like=like, converter=spec.converter)
+  ours, r1 = weights.load_pretrained(sd, like=like, converter=spec.converter)
   converter = lambda d: hub_models.convert_timm_effnet(
       d, stage_repeats=tuple(s[0] for s in stages))
-  theirs, r2 = checkpoint.load_pretrained(timm, like=like, converter=converter)
+  theirs, r2 = weights.load_pretrained(timm, like=like, converter=converter)
   assert r1.ok and r2.ok and len(r2.loaded) == len(r1.loaded)
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
@@ -407,19 +407,19 @@ def test_create_from_hub_matches_timm_forward_and_caches(fake_hub, monkeypatch):
   ref = _timm_vit_reference(sd, x.astype(np.float64), heads=2)
   # jtl's ViT uses tanh-GELU (as the big_vision checkpoints); timm uses erf.
   assert np.abs(ours - ref).max() < 1e-5, np.abs(ours - ref).max()  # exact GELU as timm
-  # A new head for 3 classes; revision by tag and by commit; jtl.read.
+  # A new head for 3 classes; revision by tag and by commit; jtl.weights.read.
   created3 = models.create("hf-hub:test-org/tiny-vit@v1.0", num_classes=3, pretrained=True)
   assert [e.path for e in created3.report.reinitialised] == ["params/head/bias",
                                                              "params/head/kernel"]
-  flat = jtl.read(f"hf://test-org/tiny-vit@{commit}/model.safetensors")
+  flat = jtl.weights.read(f"hf://test-org/tiny-vit@{commit}/model.safetensors")
   assert sorted(flat) == sorted(sd)
   # Cached: no new GET; works with the server stopped and with HF_HUB_OFFLINE=1.
   gets = sum(m == "GET" for m, _ in fake_hub.log)
   _stop(fake_hub)
-  again = jtl.read("hf-hub:test-org/tiny-vit")
+  again = jtl.weights.read("hf-hub:test-org/tiny-vit")
   np.testing.assert_array_equal(again["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  again = jtl.read("hf-hub:test-org/tiny-vit")
+  again = jtl.weights.read("hf-hub:test-org/tiny-vit")
   assert sorted(again) == sorted(sd)
   assert sum(m == "GET" for m, _ in fake_hub.log) == gets
 
@@ -439,7 +439,7 @@ def test_sharded_bert_and_real_minilm(fake_hub):
       "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 50,
       "max_position_embeddings": 16}).encode()
   fake_hub.add("test-org/tiny-bert", files)
-  flat = jtl.read("hf-hub:test-org/tiny-bert")
+  flat = jtl.weights.read("hf-hub:test-org/tiny-bert")
   assert sorted(flat) == keys
   created = models.create("hf-hub:test-org/tiny-bert", num_classes=4)
   report = created.report
@@ -448,15 +448,15 @@ def test_sharded_bert_and_real_minilm(fake_hub):
       created.variables["params"]["layer_1"]["attention"]["key"]["kernel"],
       sd["bert.encoder.layer.1.attention.self.key.weight"].T)
   # The real sentence-transformers/all-MiniLM-L6-v2 files, as the package ships them.
-  folder = os.path.dirname(os.fspath(checkpoint.resolve("minilm_l6/sentence")))
+  folder = os.path.dirname(os.fspath(weights.resolve("minilm_l6/sentence")))
   fake_hub.add("sentence-transformers/all-MiniLM-L6-v2", {
       n: os.path.join(folder, n) for n in ("config.json", "model.safetensors")})
   spec = hub_models.spec_for("hf-hub:sentence-transformers/all-MiniLM-L6-v2")
   _, like = _like(spec)
-  variables, report = checkpoint.load_pretrained(
+  variables, report = weights.load_pretrained(
       "hf-hub:sentence-transformers/all-MiniLM-L6-v2", like=like, converter=spec.converter)
   assert report.ok and len(report.loaded) == 101
-  direct = bert.convert_torch(checkpoint.read("minilm_l6/sentence"))
+  direct = bert.convert_torch(weights.read("minilm_l6/sentence"))
   np.testing.assert_array_equal(variables["params"]["layer_5"]["output"]["kernel"],
                                 direct["params/layer_5/output/kernel"])
 
@@ -474,12 +474,12 @@ def test_hub_errors_name_repo_revision_file_and_what_to_do(fake_hub, monkeypatch
   ]
   for source, pattern in cases:
     with pytest.raises(CheckpointError, match=pattern):
-      jtl.read(source)
+      jtl.weights.read(source)
   with pytest.raises(ConfigError, match=r"convnext_tiny.*not implemented(.|\n)*resnet18"):
     models.create("hf-hub:test-org/convnext")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(CheckpointError, match=r"HF_HUB_OFFLINE.*not in the Hub cache"):
-    jtl.read("hf-hub:test-org/tiny-vit")
+    jtl.weights.read("hf-hub:test-org/tiny-vit")
   with pytest.raises(CheckpointError, match=r"'config.json'.*HF_HUB_OFFLINE"):
     models.create("hf-hub:test-org/tiny-vit")
   assert not [p for m, p in fake_hub.log if m == "GET" and "tiny-vit" in p]
@@ -571,10 +571,10 @@ def test_sharded_index_must_match_its_shards(tmp_path):
   (tmp_path / "m.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}))
   with pytest.raises(CheckpointError, match=r"lacks \['b'\]"):
-    jtl.read(tmp_path / "m.safetensors.index.json")
+    jtl.weights.read(tmp_path / "m.safetensors.index.json")
   (tmp_path / "bad.index.json").write_text(json.dumps({"weight_map": {"a": "../s1"}}))
   with pytest.raises(CheckpointError, match="weight_map"):
-    jtl.read(tmp_path / "bad.index.json")
+    jtl.weights.read(tmp_path / "bad.index.json")
 
 
 def _small_cnn_file(tmp_path):
@@ -588,7 +588,7 @@ def _small_cnn_file(tmp_path):
   saved = {k: rng.standard_normal(s.shape).astype(s.dtype) for k, s in shapes.items()}
   assert any(k.startswith("batch_stats/") for k in saved)
   path = tmp_path / "small_cnn.npz"
-  checkpoint.export(jtree.unflatten(saved), path)
+  export.write(jtree.unflatten(saved), path)
   return path, saved
 
 
@@ -651,7 +651,7 @@ def test_create_nnx_with_weights_wraps_the_loaded_arrays_without_an_init(tmp_pat
   monkeypatch.setattr(nn.Module, "init_with_output", spy)
   created = models.create("small_cnn", pretrained=str(path), api="nnx")
   assert eager == [] and created.report.ok
-  held = jtl.variables_of(created.module)
+  held = jtl.adapter.variables_of(created.module)
   nnx_flat = {**{f"params/{k}": v for k, v in jtree.flatten(held["params"]).items()},
               **{f"batch_stats/{k}": v for k, v in jtree.flatten(held["state"]).items()}}
   loaded = jtree.flatten(created.variables)
@@ -668,7 +668,7 @@ def test_create_nnx_with_weights_wraps_the_loaded_arrays_without_an_init(tmp_pat
   nnx_head = models.create("small_cnn", num_classes=3, pretrained=str(path), seed=5, api="nnx")
   linen_head = models.create("small_cnn", num_classes=3, pretrained=str(path), seed=5)
   assert eager == []
-  got = jtree.flatten(jtl.variables_of(nnx_head.module)["params"])
+  got = jtree.flatten(jtl.adapter.variables_of(nnx_head.module)["params"])
   for k, v in jtree.flatten(linen_head.variables["params"]).items():
     np.testing.assert_array_equal(got[k], v, err_msg=k)
   assert np.abs(got["head/kernel"]).max() > 0
@@ -679,14 +679,14 @@ def test_abstract_like_needs_an_init_for_what_is_not_loaded():
                      "b": jax.ShapeDtypeStruct((2,), np.float32)}}
   src = {"w": np.ones((2, 2), np.float32)}
   with pytest.raises(jtl.errors.LoadError, match="(?s)params/b.*init=fn"):
-    checkpoint.load_pretrained(src, like, strict=False)
+    weights.load_pretrained(src, like, strict=False)
   asked = []
-  out, report = checkpoint.load_pretrained(
+  out, report = weights.load_pretrained(
       src, like, strict=False, init=lambda paths: asked.extend(paths) or {
           p: np.full((2,), 7.0) for p in paths})
   assert asked == ["params/b"] and [e.path for e in report.missing] == ["params/b"]
   assert out["params"]["b"].dtype == np.float32 and out["params"]["b"].tolist() == [7.0, 7.0]
   assert out["params"]["w"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
   with pytest.raises(jtl.errors.LoadError, match=r"params/b: init gave \(3,\), expected \(2,\)"):
-    checkpoint.load_pretrained(src, like, strict=False,
+    weights.load_pretrained(src, like, strict=False,
                                init=lambda paths: {p: np.zeros(3) for p in paths})

@@ -47,7 +47,7 @@ with open({out!r}, "w") as f:
 
 def test_import_jtl_and_core_modules_load_no_tensorflow_and_print_nothing(tmp_path):
   modules = _modules_without_tf()
-  assert {"jtl.models", "jtl.checkpoint.readers", "jtl.partition", "jtl.train",
+  assert {"jtl.models", "jtl.weights.readers", "jtl.partition", "jtl.train",
           "jtl.data.sources"} <= set(modules)
   out = tmp_path / "loaded.json"
   result = _run(PROBE.format(heavy=HEAVY, modules=modules, out=str(out)))

@@ -15,7 +15,7 @@ APP = ("jtl.app",)  # the folders are the layers
 RECIPES = ("jtl.recipes",)
 TF_ALLOWED = ("jtl.data",)  # the input pipelines, loaded only when one is built
 # Upward imports that remain: none (the LoRA leaf layout and merge that the
-# exports need moved to the core, jtl.checkpoint.lora_layout). Keep it empty.
+# exports need moved to the core, jtl.lora_layout). Keep it empty.
 KNOWN: set[tuple[str, str]] = set()
 
 

@@ -12,13 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jtl.checkpoint import (
-  LoadReport,
-  adapt_input_conv,
-  load_pretrained,
-  read,
-  resize_pos_embed,
-)
+from jtl.weights import LoadReport, adapt_input_conv, load_pretrained, read, resize_pos_embed
 from jtl.errors import LoadError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -272,7 +266,7 @@ def test_adapt_input_conv_like_timm():
 def test_head_absent_from_a_headless_checkpoint_is_reinitialised_not_missing():
   import numpy as np
 
-  from jtl.checkpoint import load_pretrained
+  from jtl.weights import load_pretrained
   like = {"params": {"body": {"kernel": np.zeros((3, 4), np.float32)},
                      "head": {"kernel": np.full((4, 2), 7.0, np.float32)}}}
   source = {"params/body/kernel": np.ones((3, 4), np.float32)}

@@ -13,7 +13,7 @@ from configs import domain as domain_config
 from jtl.app import evaluation, experiment, methods
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError
-from jtl.recipes import quantize
+from jtl.export import quantize
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jtl import checkpoint, tree
+from jtl import tree, weights
 from jtl.errors import LoadError
 from jtl.models import mobilenet, registry
 
@@ -99,7 +99,7 @@ def test_every_key_maps_and_strict_load_is_clean():
   assert set(converted) == set(flat_like)
   for path, value in converted.items():
     assert value.shape == flat_like[path].shape, path
-  variables, report = checkpoint.load_pretrained(sd, like=like, converter=mobilenet.convert_torch)
+  variables, report = weights.load_pretrained(sd, like=like, converter=mobilenet.convert_torch)
   assert report.ok and not report.missing and not report.unexpected
   assert len(report.loaded) == len(flat_like) == 262
   np.testing.assert_array_equal(variables["params"]["blocks_1"]["dw"]["kernel"][:, :, 0, 5],
@@ -109,7 +109,7 @@ def test_every_key_maps_and_strict_load_is_clean():
 def test_logits_match_pytorch_port():
   ref = np.load(FIXTURE)
   like = _like()
-  variables, _ = checkpoint.load_pretrained(_state_dict(), like=like,
+  variables, _ = weights.load_pretrained(_state_dict(), like=like,
                                             converter=mobilenet.convert_torch)
   x = np.random.default_rng(1).standard_normal((2, 96, 96, 3)).astype(np.float32)
   model = mobilenet.mobilenet_v2()
@@ -123,14 +123,14 @@ def test_logits_match_pytorch_port():
 def test_new_head_is_reinitialised_and_bad_keys_are_reported():
   sd = _state_dict()
   like10 = _like(10)
-  variables, report = checkpoint.load_pretrained(sd, like=like10, converter=mobilenet.convert_torch)
+  variables, report = weights.load_pretrained(sd, like=like10, converter=mobilenet.convert_torch)
   assert {e.path for e in report.reinitialised} == {"params/head/kernel", "params/head/bias"}
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"],
                                 like10["params"]["head"]["kernel"])
   sd["features.5.conv.9.weight"] = np.zeros((3,), np.float32)
   del sd["features.3.conv.1.1.running_var"]
   with pytest.raises(LoadError) as e:
-    checkpoint.load_pretrained(sd, like=_like(), converter=mobilenet.convert_torch)
+    weights.load_pretrained(sd, like=_like(), converter=mobilenet.convert_torch)
   assert "batch_stats/blocks_2/dw_bn/var" in str(e.value)
   assert "features.5.conv.9.weight" in str(e.value)
 

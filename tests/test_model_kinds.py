@@ -59,10 +59,10 @@ def train(model, variables, *, devices=None, pmap=False):
   state = jtl.create_train_state(variables, labels, tx)
   if pmap:
     step = jtl.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
-    state = jtl.replicate(state)
+    state = jtl.parallel.replicate(state)
     for b in batches():
-      state, _ = step(state, jtl.shard_for_pmap(b))
-    return jax.device_get(jtl.unreplicate(state))
+      state, _ = step(state, jtl.parallel.shard_for_pmap(b))
+    return jax.device_get(jtl.parallel.unreplicate(state))
   mesh = jtl.make_mesh(devices)
   state = jtl.place_state(state, mesh)
   step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)
@@ -72,15 +72,15 @@ def train(model, variables, *, devices=None, pmap=False):
 
 
 def assert_close(a, b, atol):
-  for path, x in jtl.flatten(a).items():
-    np.testing.assert_allclose(x, jtl.flatten(b)[path], atol=atol, err_msg=path)
+  for path, x in jtl.tree.flatten(a).items():
+    np.testing.assert_allclose(x, jtl.tree.flatten(b)[path], atol=atol, err_msg=path)
 
 
 @pytest.mark.parametrize("where", ["1 device", "8 devices", "pmap"])
 def test_linen_and_nnx_twins_end_with_the_same_params(where):
   linen, variables, model = twins()
-  nnx_variables = jtl.variables_of(model)
-  assert set(jtl.flatten(nnx_variables["params"])) == set(jtl.flatten(variables["params"]))
+  nnx_variables = jtl.adapter.variables_of(model)
+  assert set(jtl.tree.flatten(nnx_variables["params"])) == set(jtl.tree.flatten(variables["params"]))
   kwargs = {"1 device": dict(devices=jax.devices()[:1]), "8 devices": {},
             "pmap": dict(pmap=True)}[where]
   a = train(linen, variables, **kwargs)
@@ -162,7 +162,7 @@ def test_frozen_backbone_step_costs_about_a_forward(kind):
   variables = init(linen, b["inputs"])
   if kind == "nnx":
     model = NnxConvNet(width=32, rngs=nnx.Rngs(0))
-    variables = jtl.variables_of(model)
+    variables = jtl.adapter.variables_of(model)
     forward = lambda v, x: jtl.as_model(model).apply(v["params"], v, x, train=False, rng=None)[0]
   else:
     stats = variables["batch_stats"]
@@ -188,7 +188,7 @@ def test_fit_checkpoints_and_resumes_an_nnx_model(tmp_path):
   labels = jtl.label_params(model, RULES)
   tx = jtl.make_optimizer(labels, learning_rate=0.05)
   data = lambda start: iter(batches()[start:] + batches())
-  kwargs = dict(module=model, variables=jtl.variables_of(model), labels=labels, tx=tx,
+  kwargs = dict(module=model, variables=jtl.adapter.variables_of(model), labels=labels, tx=tx,
                 train_batches=data, progress=False, async_checkpoints=False)
   straight = jtl.train.fit(num_steps=3, **kwargs).state
   jtl.train.fit(num_steps=2, workdir=tmp_path, checkpoint_every=1, **kwargs)
@@ -211,7 +211,7 @@ def test_lora_on_nnx_layers_trains_adapters_saves_and_merges(tmp_path):
   eval_step = jax.jit(jtl.make_eval_step(adapted))
   b = {**batches()[0], "mask": np.ones(16)}
   np.testing.assert_allclose(eval_step(variables, b)["loss"],  # B = 0: the pretrained model
-                             jtl.make_eval_step(model)(jtl.variables_of(model), b)["loss"],
+                             jtl.make_eval_step(model)(jtl.adapter.variables_of(model), b)["loss"],
                              rtol=1e-6)
   state = jtl.create_train_state(variables, labels, tx)
   step = jax.jit(jtl.make_train_step(adapted, tx, labels=labels))
@@ -232,7 +232,7 @@ def test_lora_on_nnx_layers_trains_adapters_saves_and_merges(tmp_path):
   jtl.update_module(model, {"params": lora.merge_lora(trained, 4.0),
                             "state": state.model_state["state"]})
   np.testing.assert_allclose(
-      jtl.make_eval_step(model)(jtl.variables_of(model), b)["loss"], expected, rtol=1e-5)
+      jtl.make_eval_step(model)(jtl.adapter.variables_of(model), b)["loss"], expected, rtol=1e-5)
 
 
 def test_nnx_lora_layers_a_user_already_has_are_selected_by_rules():
@@ -240,7 +240,7 @@ def test_nnx_lora_layers_a_user_already_has_are_selected_by_rules():
                          nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
   labels = jtl.label_params(model, [(r".*/lora_[ab]", "lora"), (r"layers/2/.*", "head"),
                                     (r".*", "frozen")])
-  assert jtl.flatten(labels) == {"layers/0/bias": "frozen", "layers/0/kernel": "frozen",
+  assert jtl.tree.flatten(labels) == {"layers/0/bias": "frozen", "layers/0/kernel": "frozen",
                                  "layers/0/lora/lora_a": "lora", "layers/0/lora/lora_b": "lora",
                                  "layers/2/bias": "head", "layers/2/kernel": "head"}
   tx = jtl.make_optimizer(labels, learning_rate=0.1)
@@ -256,7 +256,7 @@ def test_nnx_lora_layers_a_user_already_has_are_selected_by_rules():
 def test_linear_probe_on_cached_nnx_features_matches_the_module():
   from jtl.recipes import strategies
   _, _, model = twins()
-  variables = jtl.variables_of(model)
+  variables = jtl.adapter.variables_of(model)
   data = [{**b, "mask": np.ones(16, bool)} for b in batches()]
   feats, labels = strategies.extract_features(model, variables, data)
   assert feats.shape == (48, 24) and labels.shape == (48,)

@@ -74,7 +74,7 @@ def test_two_processes_match_one_and_resume_across_kill_and_layouts(tmp_path):
   from multihost_job import GLOBAL_BATCH, Net, global_batch
 
   import jtl
-  final = jtl.unflatten({k: v for k, v in resumed.items() if k != "start_step"})
+  final = jtl.tree.unflatten({k: v for k, v in resumed.items() if k != "start_step"})
   direct = jtl.recompute_batchnorm(Net(), final, [
       {"inputs": global_batch(1000)["inputs"]},
       {"inputs": global_batch(1001)["inputs"], "mask": np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 4}])
@@ -97,12 +97,12 @@ def test_two_processes_recompute_nnx_batchnorm_statistics_of_the_global_batches(
   from multihost_job import GLOBAL_BATCH, global_batch, nnx_net
 
   import jtl
-  final = jtl.unflatten({k: v for k, v in params(tmp_path / "nnx.npz").items()
+  final = jtl.tree.unflatten({k: v for k, v in params(tmp_path / "nnx.npz").items()
                          if k != "start_step"})
   direct = jtl.recompute_batchnorm(nnx_net(), final, [
       {"inputs": global_batch(1000)["inputs"]},
       {"inputs": global_batch(1001)["inputs"], "mask": np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 4}])
-  initial = jtl.variables_of(nnx_net())["state"]["bn"]
+  initial = jtl.adapter.variables_of(nnx_net())["state"]["bn"]
   for leaf in ("mean", "var"):
     assert not np.allclose(final["state"]["bn"][leaf], initial[leaf], atol=1e-3)
     np.testing.assert_allclose(final["state"]["bn"][leaf], direct["state"]["bn"][leaf],

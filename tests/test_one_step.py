@@ -50,9 +50,9 @@ def test_adversarial_step_under_pmap_equals_the_mesh_step():
                                  jtl.place_state(state, mesh))
   pmapped = jtl.pmap_train_step(adversarial.make_adversarial_train_step(
       model, tx, axis_name="batch", **kwargs))
-  pmap_state, pmap_metrics = run(lambda s, b: pmapped(s, jtl.shard_for_pmap(b)),
-                                 jtl.replicate(state))
-  pmap_state, pmap_metrics = jtl.unreplicate((pmap_state, pmap_metrics))
+  pmap_state, pmap_metrics = run(lambda s, b: pmapped(s, jtl.parallel.shard_for_pmap(b)),
+                                 jtl.parallel.replicate(state))
+  pmap_state, pmap_metrics = jtl.parallel.unreplicate((pmap_state, pmap_metrics))
   for a, b in zip(jax.tree.leaves(mesh_state.params), jax.tree.leaves(pmap_state.params)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   np.testing.assert_allclose(pmap_metrics["adv_accuracy"], mesh_metrics["adv_accuracy"],

@@ -24,20 +24,20 @@ def test_optimizer_state_only_for_trainable(name, buffers):
   labels = labels_head_only(p)
   tx = jtl.make_optimizer(labels, learning_rate=1e-3, optimizer=name, weight_decay=1e-4,
                           clip_norm=1.0)
-  trainable, _ = jtl.split(p, labels)
+  trainable, _ = jtl.partition.split(p, labels)
   state = tx.init(trainable)
   trainable_bytes = (64 * 10 + 10) * 4
-  counters = jtl.tree_bytes(state) - buffers * trainable_bytes
-  assert 0 <= counters <= 16, (name, jtl.tree_bytes(state))
+  counters = jtl.optim.tree_bytes(state) - buffers * trainable_bytes
+  assert 0 <= counters <= 16, (name, jtl.optim.tree_bytes(state))
   # And the full-model state would be 100x larger: the frozen body is absent.
-  assert jtl.tree_bytes(state) < 0.2 * buffers * jtl.tree_bytes(p) + 16
+  assert jtl.optim.tree_bytes(state) < 0.2 * buffers * jtl.optim.tree_bytes(p) + 16
 
 
 def test_clipping_reads_trainable_grads_only():
   p = params()
   labels = labels_head_only(p)
   tx = jtl.make_optimizer(labels, learning_rate=1.0, optimizer="sgd", clip_norm=1.0)
-  trainable, _ = jtl.split(p, labels)
+  trainable, _ = jtl.partition.split(p, labels)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), trainable)
   updates, _ = tx.update(grads, tx.init(trainable), trainable)
   # Head grad norm = 0.01 * sqrt(650) < 1: no clipping, update equals -grad.
@@ -51,7 +51,7 @@ def test_weight_decay_touches_trainable_matrices_only():
   p = params()
   labels = labels_head_only(p)
   tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd", weight_decay=0.5)
-  trainable, _ = jtl.split(p, labels)
+  trainable, _ = jtl.partition.split(p, labels)
   zeros = jax.tree.map(jnp.zeros_like, trainable)
   updates, _ = tx.update(zeros, tx.init(trainable), trainable)
   np.testing.assert_allclose(updates["head"]["kernel"], -0.05 * p["head"]["kernel"], rtol=1e-5)
@@ -88,6 +88,6 @@ def test_per_label_optimizers_and_errors_show_both_sides():
 
 def test_scale_by_tree_per_slice():
   updates = {"stack": jnp.ones((3, 2, 2))}
-  tx = jtl.scale_by_tree({"stack": jnp.array([0.25, 0.5, 1.0]).reshape(3, 1, 1)})
+  tx = jtl.optim.scale_by_tree({"stack": jnp.array([0.25, 0.5, 1.0]).reshape(3, 1, 1)})
   out, _ = tx.update(updates, tx.init(updates))
   np.testing.assert_allclose(out["stack"][:, 0, 0], [0.25, 0.5, 1.0])

@@ -38,10 +38,10 @@ def run_jit(devices):
 def run_pmap():
   model, tx, labels, state = make()
   step = jtl.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
-  state = jtl.replicate(state)
+  state = jtl.parallel.replicate(state)
   for b in batches():
-    state, metrics = step(state, jtl.shard_for_pmap(b))
-  return jax.device_get(jtl.unreplicate(state).params), float(jtl.unreplicate(metrics)["loss"])
+    state, metrics = step(state, jtl.parallel.shard_for_pmap(b))
+  return jax.device_get(jtl.parallel.unreplicate(state).params), float(jtl.parallel.unreplicate(metrics)["loss"])
 
 
 def test_one_device_eight_devices_jit_and_pmap_agree():
@@ -69,7 +69,7 @@ def test_indivisible_batch_is_a_clear_error():
   with pytest.raises(DeviceError, match=r"'inputs' has shape \(12, 8, 8, 3\).*divisible by 8"):
     jtl.shard_batch(bad, mesh)
   with pytest.raises(DeviceError, match="divisible by 8"):
-    jtl.shard_for_pmap(bad)
+    jtl.parallel.shard_for_pmap(bad)
   with pytest.raises(DeviceError, match="fsdp=3"):
     jtl.make_mesh(fsdp=3)
 
@@ -77,7 +77,7 @@ def test_indivisible_batch_is_a_clear_error():
 def test_fsdp_sharding_of_large_params_gives_the_same_result():
   model, tx, labels, state = make()
   mesh = jtl.make_mesh(fsdp=4)
-  shardings = jtl.state_shardings(state, mesh, fsdp_rules=[r"body/kernel"], min_size=64)
+  shardings = jtl.parallel.state_shardings(state, mesh, fsdp_rules=[r"body/kernel"], min_size=64)
   placed = jtl.place_state(state, mesh, shardings)
   kernel = placed.trainable["body"]["kernel"]  # (192, 32): split 4 ways on dim 0
   assert kernel.addressable_shards[0].data.shape == (48, 32)

@@ -20,7 +20,7 @@ def test_first_match_wins_and_none_freezes():
   labels = jtl.label_params(params(), [
       (r"head/.*", "head"), (r"backbone/block1/.*", "top"), (r"backbone/.*", None),
       (r".*", "never")])
-  assert jtl.flatten(labels) == {
+  assert jtl.tree.flatten(labels) == {
       "backbone/block0/conv/bias": "frozen", "backbone/block0/conv/kernel": "frozen",
       "backbone/block1/conv/kernel": "top", "head/bias": "head", "head/kernel": "head"}
 
@@ -47,9 +47,9 @@ def test_split_merge_round_trip_linen():
   variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
   p = variables["params"]
   labels = jtl.label_params(p, [(r"layers_2/.*", "head"), (".*", "frozen")])
-  trainable, frozen = jtl.split(p, labels)
-  assert [k for k, v in jtl.flatten(trainable).items()] == ["layers_2/bias", "layers_2/kernel"]
-  merged = jtl.merge(trainable, frozen)
+  trainable, frozen = jtl.partition.split(p, labels)
+  assert [k for k, v in jtl.tree.flatten(trainable).items()] == ["layers_2/bias", "layers_2/kernel"]
+  merged = jtl.partition.merge(trainable, frozen)
   assert jax.tree.structure(merged) == jax.tree.structure(p)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(p)):
     assert a is b
@@ -59,9 +59,9 @@ def test_split_merge_round_trip_nnx_state():
   model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   labels = jtl.label_params(state, [(r".*bias.*", "frozen"), (".*", "train")])
-  trainable, frozen = jtl.split(state, labels)
-  assert sorted(jtl.flatten(trainable)) == ["kernel/value"]  # nnx leaves end in "/value"
-  merged = jtl.merge(trainable, frozen)
+  trainable, frozen = jtl.partition.split(state, labels)
+  assert sorted(jtl.tree.flatten(trainable)) == ["kernel/value"]  # nnx leaves end in "/value"
+  merged = jtl.partition.merge(trainable, frozen)
   assert jax.tree.structure(merged) == jax.tree.structure(state)
   np.testing.assert_array_equal(merged["kernel"][...], state["kernel"][...])
   nnx.update(model, merged)  # the merged state is usable by nnx
@@ -70,9 +70,9 @@ def test_split_merge_round_trip_nnx_state():
 def test_split_merge_plain_lists():
   p = {"layers": [np.ones(2), np.zeros(3)], "scale": np.float32(2.0)}
   labels = jtl.label_params(p, [(r"layers/0", "a"), (".*", "frozen")])
-  t, f = jtl.split(p, labels)
+  t, f = jtl.partition.split(p, labels)
   assert t["layers"][1] is None and f["layers"][0] is None
-  m = jtl.merge(t, f)
+  m = jtl.partition.merge(t, f)
   assert m["layers"][0] is p["layers"][0] and m["scale"] is p["scale"]
 
 
@@ -81,20 +81,20 @@ def test_structure_mismatch_errors_name_paths():
   labels = jtl.label_params(p, [(".*", "all")])
   del labels["head"]["bias"]
   with pytest.raises(PartitionError, match="head/bias"):
-    jtl.split(p, labels)
-  t, f = jtl.split(p, jtl.label_params(p, [(".*", "all")]))
+    jtl.partition.split(p, labels)
+  t, f = jtl.partition.split(p, jtl.label_params(p, [(".*", "all")]))
   f["extra"] = np.ones(1)
   with pytest.raises(PartitionError, match="extra"):
-    jtl.merge(t, f)
+    jtl.partition.merge(t, f)
 
 
 def test_merge_rejects_leaf_on_both_sides():
   p = params()
   labels = jtl.label_params(p, [("head/.*", "head"), (".*", None)])
-  t, f = jtl.split(p, labels)
-  _, f_all = jtl.split(p, jtl.label_params(p, [(".*", None)]))
+  t, f = jtl.partition.split(p, labels)
+  _, f_all = jtl.partition.split(p, jtl.label_params(p, [(".*", None)]))
   with pytest.raises(PartitionError, match="head/kernel"):
-    jtl.merge(t, f_all)
+    jtl.partition.merge(t, f_all)
 
 
 def test_summary_counts_and_table():
@@ -112,4 +112,4 @@ def test_summary_counts_and_table():
 
 def test_frozen_module_paths():
   labels = jtl.label_params(params(), [("head/kernel", "head"), (".*", None)])
-  assert jtl.frozen_module_paths(labels) == {"backbone/block0/conv", "backbone/block1/conv"}
+  assert jtl.partition.frozen_module_paths(labels) == {"backbone/block0/conv", "backbone/block1/conv"}

@@ -27,7 +27,7 @@ import pytest
 
 from jtl import tree as jtree
 from jtl.app import workdirs
-from jtl.checkpoint import hf_export, peft
+from jtl.export import hf_export, peft
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, dinov2, hub_models, resnet
 from jtl.recipes.strategies import lora

@@ -9,7 +9,7 @@ import pytest
 from beyond_models import TinyCNN, images, init, labels
 
 import jtl
-from jtl.recipes import quantize
+from jtl.export import quantize
 
 
 def test_dequantized_within_half_step_per_channel():
@@ -44,7 +44,7 @@ def test_params_size_and_forward(model):
   assert len(q_paths) == 3  # conv0, conv1, head kernels; biases and BN stay float
   np.testing.assert_array_equal(qv["params"]["conv0"]["bias"], v["params"]["conv0"]["bias"])
   kernels = sum(np.size(v["params"][k]["kernel"]) for k in ("conv0", "conv1", "head"))
-  saved = jtl.tree_bytes(v) - jtl.tree_bytes(qv)
+  saved = jtl.optim.tree_bytes(v) - jtl.optim.tree_bytes(qv)
   assert saved == 3 * kernels - 4 * (16 + 32 + 4)  # 4 -> 1 byte each, plus float scales
   ref = np.asarray(jax.jit(m.apply)(v, x))
   out = {p: np.asarray(quantize.make_inference_fn(m, v, precision=p)(x))
@@ -66,7 +66,7 @@ def test_save_restore_evaluate(model, tmp_path):
   f_eval = jax.jit(jtl.make_eval_step(m))(quantize.dequantize(qv), batch)
   np.testing.assert_allclose(q_eval["loss"], f_eval["loss"], rtol=1e-5)
   (tmp_path / "bad.safetensors").write_bytes(b"not a file")
-  with pytest.raises(jtl.CheckpointError, match="bad.safetensors"):
+  with pytest.raises(jtl.errors.CheckpointError, match="bad.safetensors"):
     quantize.load(tmp_path / "bad.safetensors")
   with pytest.raises(jtl.ConfigError, match="precision='int4'"):
     quantize.make_inference_fn(m, v, precision="int4")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jtl.checkpoint import read, readers, register_source, resolve, sources
+from jtl.weights import read, readers, register_source, resolve, sources
 from jtl.errors import CheckpointError, ConfigError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -390,7 +390,7 @@ def test_huge_declared_sizes_are_refused_before_allocating(tmp_path):
   with pytest.raises(CheckpointError, match="declares shape"):
     read(tmp_path / "huge.npz")
   # legacy torch: the first storage's element count set to 2**60.
-  from jtl.checkpoint import torch_files, torch_pickle
+  from jtl.weights import torch_files, torch_pickle
   data = bytearray((FIXTURES / "torch_legacy.pt").read_bytes())
   f = torch_files._Reader(bytes(data))
   for _ in range(3):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from zoo_helpers import REF, layouts, zeros_like_model
 
-from jtl import checkpoint, tree
+from jtl import tree, weights
 from jtl.errors import DataError, LoadError
 from jtl.models import registry, resnet
 
@@ -24,7 +24,7 @@ def test_torchvision_state_dict_maps_completely(depth, keys, leaves):
   flat = tree.flatten(like)
   assert set(converted) == set(flat)
   assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in flat.items()}
-  _, report = checkpoint.load_pretrained(sd, like, converter=resnet.convert_torch)
+  _, report = weights.load_pretrained(sd, like, converter=resnet.convert_torch)
   assert report.ok
   assert len(report.loaded) == leaves
   assert not report.unexpected and not report.missing and not report.adapted
@@ -34,7 +34,7 @@ def _load_random(depth, num_classes=1000):
   sd = layouts.random_arrays(layouts.torchvision_resnet(depth), seed={18: 1, 50: 2}[depth])  # as make_zoo_reference.py
   model = resnet.resnet(depth, num_classes)
   like = zeros_like_model(model, REF["images"][:1], train=False)
-  variables, report = checkpoint.load_pretrained(sd, like, converter=resnet.convert_torch)
+  variables, report = weights.load_pretrained(sd, like, converter=resnet.convert_torch)
   return model, variables, report
 
 
@@ -116,7 +116,7 @@ def test_unknown_key_is_reported_by_strict_load():
   sd["fc2.weight"] = np.zeros((3, 3), np.float32)
   like = zeros_like_model(resnet.resnet(18), resnet.example_input(1, 32), train=False)
   with pytest.raises(LoadError, match="fc2.weight"):
-    checkpoint.load_pretrained(sd, like, converter=resnet.convert_torch)
+    weights.load_pretrained(sd, like, converter=resnet.convert_torch)
 
 
 def test_new_head_is_reinitialised_and_the_rest_loaded():
@@ -132,7 +132,7 @@ def test_new_head_is_reinitialised_and_the_rest_loaded():
 def test_spec_groups_cover_every_param_in_order(name, blocks):
   spec = registry.get_spec(name)
   assert spec.pretrained == f"{name}/imagenet"
-  assert spec.pretrained in checkpoint.list_sources()
+  assert spec.pretrained in weights.list_sources()
   assert spec.converter is resnet.convert_torch
   model = spec.build(num_classes=10)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.example_input(1)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtl.checkpoint import read
+from jtl.weights import read
 
 JOB = Path(__file__).with_name("resume_job.py")
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jtl.errors import CheckpointError
-from jtl.models import efficientnet, serving
+from jtl.models import efficientnet
+from jtl.export import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def test_export_reloads_in_a_fresh_process(tmp_path):
   np.save(tmp_path / "x.npy", x)
   script = (
       "import sys, numpy as np\n"
-      "from jtl.models.serving import load_exported\n"
+      "from jtl.export.serving import load_exported\n"
       "p = load_exported(sys.argv[1])\n"
       "x = np.load(sys.argv[2])\n"
       "np.save(sys.argv[3], np.asarray(p(x)))\n"

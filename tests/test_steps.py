@@ -26,7 +26,7 @@ def setup(rules, *, model=None, lr=0.1, optimizer="sgd", clip=None, seed=0, **kw
 def test_frozen_leaves_and_frozen_bn_stats_do_not_change():
   model, variables, labels, state, step, b = setup(HEAD_ONLY)
   new, metrics = jax.jit(step)(state, b)
-  before, after = jtl.flatten(variables["params"]), jtl.flatten(new.params)
+  before, after = jtl.tree.flatten(variables["params"]), jtl.tree.flatten(new.params)
   for path in before:
     if path.startswith("head/"):
       assert not np.allclose(before[path], after[path]), path
@@ -41,7 +41,7 @@ def test_frozen_leaves_and_frozen_bn_stats_do_not_change():
 def test_frozen_bn_forward_equals_eval_mode():
   model, variables, labels, state, step, b = setup(HEAD_ONLY)
   eval_logits = model.apply(variables, b["inputs"], train=False)
-  with jtl.frozen_batchnorm(jtl.frozen_module_paths(labels)):
+  with jtl.steps.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
     train_logits, _ = model.apply(variables, b["inputs"], train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(train_logits, eval_logits, atol=1e-6)
 
@@ -58,7 +58,7 @@ def test_frozen_bn_with_the_flag_in_the_constructor_or_positional():
 
   x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 3.0
   v = Net().init(jax.random.PRNGKey(0), x)
-  with jtl.frozen_batchnorm(["bn0", "bn1"]):
+  with jtl.steps.frozen_batchnorm(["bn0", "bn1"]):
     out, new = Net().apply(v, x, train=True, mutable=["batch_stats"])
   for name in ("bn0", "bn1"):  # stored statistics used and kept
     jax.tree.map(np.testing.assert_array_equal, new["batch_stats"][name], v["batch_stats"][name])
@@ -80,7 +80,7 @@ def test_gradient_matches_full_gradient_on_trainable_leaves():
   new, metrics = step(state, b)
 
   def full_loss(params):
-    with jtl.frozen_batchnorm(jtl.frozen_module_paths(labels)):
+    with jtl.steps.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
       logits, _ = model.apply({**variables, "params": params}, b["inputs"], train=True,
                               mutable=["batch_stats"])
     return jtl.cross_entropy_loss(logits, b)
@@ -180,7 +180,7 @@ def test_eval_counts_masked_batch_exactly():
   ce = -jax.nn.log_softmax(logits)[np.arange(8), b["label"]]
   np.testing.assert_allclose(sums["loss"], np.sum(np.where(mask, ce, 0)), rtol=1e-5)
   assert float(sums["correct_top5"]) == 5  # 4 classes: always in the top 5
-  summary = jtl.summarize_eval(sums)
+  summary = jtl.steps.summarize_eval(sums)
   assert summary["count"] == 5 and 0 <= summary["accuracy"] <= 1
 
 

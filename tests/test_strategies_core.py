@@ -94,9 +94,9 @@ def test_layer_decay_scales_updates_per_group():
   plain = strategies.build("full", module, variables, SPEC, verbose=False)
   decayed = strategies.build({"name": "full", "layer_decay": 0.5}, module, variables, SPEC,
                              verbose=False)
-  p0 = jtl.flatten(variables["params"])
-  d_plain = {k: v - p0[k] for k, v in jtl.flatten(run_steps(plain)[0].params).items()}
-  d_decay = {k: v - p0[k] for k, v in jtl.flatten(run_steps(decayed)[0].params).items()}
+  p0 = jtl.tree.flatten(variables["params"])
+  d_plain = {k: v - p0[k] for k, v in jtl.tree.flatten(run_steps(plain)[0].params).items()}
+  d_decay = {k: v - p0[k] for k, v in jtl.tree.flatten(run_steps(decayed)[0].params).items()}
   depth = {"stem": 3, "block_0": 2, "block_1": 1, "head": 0}
   for path, d in d_plain.items():
     np.testing.assert_allclose(d_decay[path], d * 0.5 ** depth[path.split("/")[0]],
@@ -159,8 +159,8 @@ def test_l2sp_pulls_toward_pretrained():
   p2_plain = run_steps(plain, 2, lr, history=history)[0].params
   p1 = history[0]
   p2_reg = run_steps(reg, 2, lr)[0].params
-  f0, f1 = jtl.flatten(variables["params"]), jtl.flatten(p1)
-  fp, fr = jtl.flatten(p2_plain), jtl.flatten(p2_reg)
+  f0, f1 = jtl.tree.flatten(variables["params"]), jtl.tree.flatten(p1)
+  fp, fr = jtl.tree.flatten(p2_plain), jtl.tree.flatten(p2_reg)
   for path in f0:
     expected = 0.0 if path.startswith("head/") else -lr * strength * (f1[path] - f0[path])
     np.testing.assert_allclose(fr[path] - fp[path], expected, atol=2e-6)

@@ -20,9 +20,9 @@ def test_lora_trains_only_adapters_and_head_and_merges(tmp_path, capsys):
                        verbose=True)
   assert "lora" in capsys.readouterr().out
   lora_paths = {f"{m}/lora_{x}" for m in ADAPTED for x in "ab"}
-  assert lora_paths <= set(jtl.flatten(s.variables["params"]))
+  assert lora_paths <= set(jtl.tree.flatten(s.variables["params"]))
   assert s.summary().trainable_params == sum(
-      np.size(v) for p, v in jtl.flatten(s.variables["params"]).items()
+      np.size(v) for p, v in jtl.tree.flatten(s.variables["params"]).items()
       if p in lora_paths or p.startswith("head/"))
   # B starts at 0: the adapted model is the pretrained one.
   x = batch()["inputs"]
@@ -41,20 +41,20 @@ def test_lora_trains_only_adapters_and_head_and_merges(tmp_path, capsys):
   params = state.params
   adapted_out = s.module.apply(state.variables, x)
   merged = s.export_params(params)
-  assert set(jtl.flatten(merged)) == set(jtl.flatten(variables["params"]))
+  assert set(jtl.tree.flatten(merged)) == set(jtl.tree.flatten(variables["params"]))
   merged_out = module.apply({**state.model_state, "params": merged}, x)
   np.testing.assert_allclose(merged_out, adapted_out, rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(adapted_out) - np.asarray(module.apply(variables, x))).max() > 1e-3
 
   adapters = strategies.adapter_params(params)
   unmerged = strategies.unmerge_lora(merged, adapters, 4.0)
-  for path, value in jtl.flatten(params).items():
-    np.testing.assert_allclose(jtl.flatten(unmerged)[path], value, atol=1e-6)
+  for path, value in jtl.tree.flatten(params).items():
+    np.testing.assert_allclose(jtl.tree.flatten(unmerged)[path], value, atol=1e-6)
 
   for suffix in ("npz", "safetensors"):
     path = tmp_path / f"adapters.{suffix}"
     strategies.save_adapters(params, path, alpha=4.0)
-    saved = jtl.checkpoint.read(path)
+    saved = jtl.weights.read(path)
     assert set(saved) == lora_paths | {"head/kernel", "head/bias", "__lora_alpha__"}
     loaded, alpha = strategies.load_adapters(variables["params"], path)
     assert alpha == 4.0

@@ -38,12 +38,12 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
   assert result.losses.shape == (5,) and np.all(np.isfinite(result.losses))
   assert int(result.state.step) == 5 and result.phase_starts == [0, 2]
   # Everything trained but BatchNorm, frozen by lp_ft's default (stored statistics too).
-  bn = {k for k in jtl.flatten(variables["params"]) if "/bn/" in k}
+  bn = {k for k in jtl.tree.flatten(variables["params"]) if "/bn/" in k}
   assert bn and changed(variables["params"], result.state.params) == \
-      set(jtl.flatten(variables["params"])) - bn
+      set(jtl.tree.flatten(variables["params"])) - bn
   stats = result.state.variables["batch_stats"]
-  np.testing.assert_array_equal(jtl.flatten(stats)["stem/bn/mean"],
-                                jtl.flatten(variables["batch_stats"])["stem/bn/mean"])
+  np.testing.assert_array_equal(jtl.tree.flatten(stats)["stem/bn/mean"],
+                                jtl.tree.flatten(variables["batch_stats"])["stem/bn/mean"])
 
   # Phase 1 alone, then switch by hand: the head's moments carry over, the rest start at 0.
   tx0 = strategy.make_optimizer(strategy.labels, learning_rate=0.05, optimizer="adam")
@@ -79,8 +79,8 @@ def test_gradual_unfreezing_phases_unfreeze_from_the_top():
   trainable_groups = []
   for phase in strategy.phases:
     labels = jtl.label_params(variables["params"], list(phase.rules))
-    trainable_groups.append(sorted({p.split("/")[0] for p, l in jtl.flatten(labels).items()
-                                    if not jtl.is_frozen(l)}))
+    trainable_groups.append(sorted({p.split("/")[0] for p, l in jtl.tree.flatten(labels).items()
+                                    if not jtl.partition.is_frozen(l)}))
   assert trainable_groups == [["head"], ["block_1", "head"], ["block_0", "block_1", "head"],
                               ["block_0", "block_1", "head", "stem"]]
   two = strategies.gradual_unfreezing_phases(GROUPS, 5, blocks_per_stage=2, max_blocks=2)

@@ -24,7 +24,7 @@ def lite0_shapes():
 
 def test_efficientnet_lite0_partitions():
   spec, module, variables = lite0_shapes()
-  flat = jtl.flatten(variables["params"])
+  flat = jtl.tree.flatten(variables["params"])
   size = {p: int(np.prod(v.shape)) for p, v in flat.items()}
   head = size["head/kernel"] + size["head/bias"]
 
@@ -48,7 +48,7 @@ def test_efficientnet_lite0_partitions():
   assert "blocks_1/expand_conv" in layers and "stem/conv" in layers and "head" in layers
   assert not any(p.endswith("/dw") for p in layers)  # depthwise: no low-rank form
   lora = strategies.build({"name": "lora", "rank": 4}, module, variables, spec, verbose=False)
-  adapters = {p: v for p, v in jtl.flatten(lora.variables["params"]).items() if "lora_" in p}
+  adapters = {p: v for p, v in jtl.tree.flatten(lora.variables["params"]).items() if "lora_" in p}
   assert len(adapters) == 2 * (len(layers) - 1)
   assert adapters["blocks_1/expand_conv/lora_a"].shape == (16, 4)
   assert adapters["blocks_1/expand_conv/lora_b"].shape == (4, 96)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from zoo_helpers import layouts
 
-from jtl import checkpoint, tree
+from jtl import tree, weights
 from jtl.models import registry, vgg
 
 
@@ -21,7 +21,7 @@ def test_torchvision_state_dict_maps_completely():
   flat = tree.flatten(like)
   assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in flat.items()}
   assert sum(v.size for v in converted.values()) == 138_357_544
-  _, report = checkpoint.load_pretrained(sd, like, converter=vgg.convert_torch)
+  _, report = weights.load_pretrained(sd, like, converter=vgg.convert_torch)
   assert report.ok and len(report.loaded) == 32
 
 
@@ -88,7 +88,7 @@ def test_small_vgg_forward_features_and_head():
 
 def test_spec():
   spec = registry.get_spec("vgg16")
-  assert spec.pretrained == "vgg16/imagenet" and spec.pretrained in checkpoint.list_sources()
+  assert spec.pretrained == "vgg16/imagenet" and spec.pretrained in weights.list_sources()
   names = [n for n, _ in spec.groups]
   assert names == ["block1", "block2", "block3", "block4", "block5", "fc6", "fc7", "head"]
   shapes = jax.eval_shape(lambda: spec.build(num_classes=10).init(

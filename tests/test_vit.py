@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from zoo_helpers import REF, layouts, zeros_like_model
 
-from jtl import checkpoint, tree
-from jtl.checkpoint.adapt import resize_pos_embed
+from jtl import tree, weights
+from jtl.weights.adapt import resize_pos_embed
 from jtl.errors import LoadError
 from jtl.models import registry, vit
 
@@ -27,7 +27,7 @@ def test_vision_transformer_npz_maps_completely(variant, params):
   flat = tree.flatten(like)
   assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in flat.items()}
   assert sum(v.size for v in converted.values()) == params
-  _, report = checkpoint.load_pretrained(npz, like, converter=vit.convert_npz)
+  _, report = weights.load_pretrained(npz, like, converter=vit.convert_npz)
   assert report.ok and len(report.loaded) == len(layout) == 200
   assert not report.adapted
 
@@ -41,7 +41,7 @@ def test_npz_file_round_trip_with_pre_logits_and_new_resolution(tmp_path):
   model = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3,
                   image_size=384, representation_size=192)
   like = zeros_like_model(model, vit.example_input(1, 384))
-  variables, report = checkpoint.load_pretrained(path, like, converter=vit.convert_npz)
+  variables, report = weights.load_pretrained(path, like, converter=vit.convert_npz)
   assert report.ok
   assert [(e.path, e.source_shape, e.model_shape) for e in report.adapted] == [
       ("params/pos_embedding", (1, 197, 192), (1, 577, 192))]
@@ -51,13 +51,13 @@ def test_npz_file_round_trip_with_pre_logits_and_new_resolution(tmp_path):
   # Without pre_logits in the model, a strict load names the extra arrays.
   plain = vit.ViT(num_classes=10, width=192, depth=2, mlp_dim=768, num_heads=3)
   with pytest.raises(LoadError, match="pre_logits/kernel"):
-    checkpoint.load_pretrained(path, zeros_like_model(plain, vit.example_input(1, 224)),
+    weights.load_pretrained(path, zeros_like_model(plain, vit.example_input(1, 224)),
                                converter=vit.convert_npz)
 
 
 def _load(layout, seed, model, size=64):
   arrays = layouts.random_arrays(layout, seed)
-  variables, report = checkpoint.load_pretrained(
+  variables, report = weights.load_pretrained(
       arrays, zeros_like_model(model, vit.example_input(1, size)), converter=vit.convert_npz)
   return variables, report
 
@@ -130,7 +130,7 @@ def test_gap_pooling_without_class_token():
 @pytest.mark.parametrize("name,width", [("vit_ti16", 192), ("vit_s16", 384), ("vit_b16", 768)])
 def test_specs(name, width):
   spec = registry.get_spec(name)
-  assert spec.pretrained in checkpoint.list_sources()
+  assert spec.pretrained in weights.list_sources()
   assert spec.converter is vit.convert_npz and spec.default_num_classes == 21843
   model = spec.build(num_classes=5)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.example_input(1)))

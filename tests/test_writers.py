@@ -1,4 +1,4 @@
-"""Tests for jtl.checkpoint.writers (`jtl.export`): round trips through `read`, atomic writes."""
+"""Tests for jtl.export.writers (`jtl.export`): round trips through `read`, atomic writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jtl.checkpoint import export, load_pretrained, read
+from jtl.export import write
+from jtl.weights import load_pretrained, read
 from jtl.errors import CheckpointError
 
 
@@ -30,7 +31,7 @@ def _variables():
 def test_round_trip(tmp_path, suffix):
   variables = _variables()
   path = tmp_path / "sub" / f"model{suffix}"
-  export(variables, path)
+  write(variables, path)
   flat = read(path)
   expected = {
       "params/stem/conv/kernel", "params/blocks/0/w", "params/blocks/1/w",
@@ -56,20 +57,20 @@ def test_round_trip(tmp_path, suffix):
 
 def test_export_params_only_and_format_override(tmp_path):
   params = {"a": {"kernel": np.ones((2, 2), np.float32)}}
-  export(params, tmp_path / "weights.bin", format="safetensors")
+  write(params, tmp_path / "weights.bin", format="safetensors")
   assert list(read(tmp_path / "weights.bin")) == ["a/kernel"]
 
 
 def test_export_errors_leave_existing_file_intact(tmp_path):
   path = tmp_path / "model.npz"
-  export({"w": np.ones(3)}, path)
+  write({"w": np.ones(3)}, path)
   before = path.read_bytes()
   with pytest.raises(CheckpointError, match="not: \\['w/name"):
-    export({"w": {"name": np.array(["a"])}}, path)
+    write({"w": {"name": np.array(["a"])}}, path)
   with pytest.raises(CheckpointError, match="suffix '.pkl'"):
-    export({"w": np.ones(3)}, tmp_path / "model.pkl")
+    write({"w": np.ones(3)}, tmp_path / "model.pkl")
   with pytest.raises(CheckpointError, match="no leaves"):
-    export({}, path)
+    write({}, path)
   assert path.read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ["model.npz"]
 
@@ -78,10 +79,10 @@ def test_orbax_directory_round_trip_and_never_overwrites(tmp_path):
   """Orbax is one more format of `export` (no second writer in the manager)."""
   variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
                "batch_stats": {"bn": {"mean": np.ones(3, np.float32)}}}
-  path = export(variables, tmp_path / "ckpt", format="orbax")
+  path = write(variables, tmp_path / "ckpt", format="orbax")
   assert path == tmp_path / "ckpt" and path.is_dir()
   flat = read(path)
   np.testing.assert_array_equal(flat["params/w"], variables["params"]["w"])
   np.testing.assert_array_equal(read(path, subtree="params")["w"], variables["params"]["w"])
   with pytest.raises(CheckpointError, match="exists; Orbax does not overwrite"):
-    export(variables, path, format="orbax")
+    write(variables, path, format="orbax")

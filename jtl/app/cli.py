@@ -24,10 +24,10 @@ def prepare_process() -> None:
 def enable_compilation_cache() -> None:
   """Caches compiled XLA programs across runs (a restarted or resumed job, or
   evaluate.py after finetune.py, skips recompiling): $JAX_COMPILATION_CACHE_DIR
-  if set, else <jtl cache dir>/xla (see jtl.checkpoint.cache_dir)."""
+  if set, else <jtl cache dir>/xla (see jtl.weights.cache_dir)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jtl.checkpoint.sources import cache_dir  # pylint: disable=g-import-not-at-top
+  from jtl.weights.sources import cache_dir  # pylint: disable=g-import-not-at-top
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 

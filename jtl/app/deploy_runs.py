@@ -1,6 +1,6 @@
 """A fine-tuned run exported for deployment, and evaluated in the runtime.
 
-App layer over `jtl.recipes.deploy` (which exports and runs a model): a finetune.py
+App layer over `jtl.export.deploy` (which exports and runs a model): a finetune.py
 workdir to ONNX / LiteRT float32 / LiteRT int8, with int8 calibrated on images
 of the run's own training split, and an exported file evaluated on a split of
 the run's data with the same pipeline as `jtl.app.evaluation.evaluate_workdir`.
@@ -21,9 +21,9 @@ import numpy as np
 
 from jtl import data
 from jtl.app import evaluation, experiment, methods, workdirs
-from jtl.checkpoint.writers import write_atomic
+from jtl.export.writers import write_atomic
 from jtl.errors import ConfigError
-from jtl.recipes import deploy
+from jtl.export import deploy
 
 
 def _image_run(workdir: str | os.PathLike, step: int | str) -> workdirs.Restored:

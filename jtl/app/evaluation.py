@@ -28,7 +28,7 @@ from jtl.app.experiment import eval_batches
 from jtl.batchnorm import recompute_batchnorm
 from jtl.errors import JtlError
 from jtl.optim import tree_bytes
-from jtl.recipes import quantize
+from jtl.export import quantize
 
 
 def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.PathLike
@@ -59,10 +59,10 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
 
   Post-training options (their results go into the same JSON):
     precision: "float32", "bfloat16", "int8" or "int8_bfloat16"
-      (`jtl.recipes.quantize`; int8 = per-channel weight quantization); the report
+      (`jtl.export.quantize`; int8 = per-channel weight quantization); the report
       adds the stored model size.
     save_quantized: also write the variables at `precision` to this
-      safetensors file (`jtl.recipes.quantize.load` reads it back).
+      safetensors file (`jtl.export.quantize.load` reads it back).
     adabn: first re-estimate BatchNorm statistics on the unlabelled
       training split of the evaluated dataset (AdaBN, `jtl.recipes.domain`). Always
       done for a domain run with batchnorm "separate" (`methods.needs_adabn`):

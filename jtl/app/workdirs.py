@@ -5,7 +5,7 @@ variables (method wrappers removed) and its LoRA adapters (with their alpha)
 can be rebuilt from the workdir alone. `restore` does that once for
 `scripts/convert.py`, `scripts/evaluate.py` and `jtl.app.experiment`;
 `export_hub_format` writes a run as a PEFT adapter folder or as merged
-weights in the HF / timm layout (`jtl.checkpoint.peft`, `hf_export`).
+weights in the HF / timm layout (`jtl.export.peft`, `hf_export`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
 
   Args:
     workdir: the run's folder (its checkpoints hold the config).
-    format: "peft" (a LoRA run's adapters and head, `jtl.checkpoint.peft`) or
+    format: "peft" (a LoRA run's adapters and head, `jtl.export.peft`) or
       "hf" (merged weights in the HF / timm layout, `hf_export.export_hf`).
     out: destination folder (default <workdir>/export/<format>).
     step: "best", "latest" or a step number.
@@ -110,7 +110,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     ConfigError: "peft" for a run that did not train LoRA adapters, or a
       model without an HF/timm layout.
   """
-  from jtl.checkpoint import hf_export, peft  # pylint: disable=g-import-not-at-top
+  from jtl.export import hf_export, peft  # pylint: disable=g-import-not-at-top
   if format not in ("peft", "hf"):
     raise ConfigError(f"export_hub_format: format {format!r}; expected 'peft' or 'hf'.")
   run = restore(workdir, step=step)

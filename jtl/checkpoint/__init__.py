@@ -1,11 +1,9 @@
-"""Pretrained checkpoints: read any format, merge into a model, export.
+"""A run's own checkpoints: the Orbax manager (atomic saves, the best kept by
+the metric in each step's meta, damaged steps skipped) and the workdir lock.
 
-`read` returns a flat {name: numpy array} dict from Orbax, msgpack, npz,
-safetensors or PyTorch files; `load_pretrained` puts those arrays into a
-model's fresh variables and reports what it did; `export` writes params back
-out; `resolve` and `register_source` name where checkpoints come from, including
-the Hugging Face Hub ("hf://<owner>/<name>[@rev]/<file>", "hf-hub:<owner>/<name>",
-see `jtl.checkpoint.hub`).
+Loaded with Orbax on first use, so that `import jtl` does not import it.
+Pretrained weights come in through `jtl.weights`; exports go out through
+`jtl.export`.
 """
 
 from __future__ import annotations
@@ -13,22 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jtl.checkpoint import hub
-from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
-from jtl.checkpoint.hub import HubRef
-from jtl.checkpoint.loading import Entry, LoadReport, load_pretrained
-from jtl.checkpoint.readers import FORMATS, detect_format, read, tensor_names
-from jtl.checkpoint.sources import (
-  cache_dir,
-  download,
-  list_sources,
-  register_source,
-  resolve,
-)
-from jtl.checkpoint.writers import export
-
-# The Orbax checkpoint manager (training state) is loaded, with orbax, on first
-# use, so that reading and exporting checkpoints does not import orbax.
 _MANAGER_NAMES = ("CheckpointManager", "restore_variables", "select_step")
 
 

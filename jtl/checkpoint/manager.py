@@ -34,7 +34,7 @@ from etils import epath
 
 from jtl import partition
 from jtl import tree as jtree
-from jtl.checkpoint import orbax_reader
+from jtl.weights import orbax_reader
 from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
 from jtl.tree import PyTree
@@ -324,7 +324,7 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   candidates = [first]
   if step in (None, "latest", "best"):
     candidates += [s for s in _ranked(directory, step, metric, mode) if s != first]
-  from jtl.checkpoint.readers import read  # pylint: disable=g-import-not-at-top
+  from jtl.weights.readers import read  # pylint: disable=g-import-not-at-top
   failures = []
   for chosen in candidates:
     step_dir = directory / str(chosen)

@@ -119,8 +119,8 @@ def _unsupported(what: str, where: str) -> ConfigError:
   return ConfigError(
       f"{where}: {what} is not implemented in jtl's zoo. Supported:\n"
       + bullet_list(SUPPORTED) + "\nOther weights can still be read with "
-      "jtl.read('hf://<owner>/<name>/<file>') and loaded with your own "
-      "module and converter (jtl.checkpoint.load_pretrained).")
+      "jtl.weights.read('hf://<owner>/<name>/<file>') and loaded with your own "
+      "module and converter (jtl.weights.load_pretrained).")
 
 
 def parse_timm_vit(arch: str) -> tuple[str, int, int] | None:
@@ -409,7 +409,7 @@ def spec_for(source: str) -> registry.ModelSpec:
     ConfigError: an architecture jtl does not implement (lists `SUPPORTED`).
     CheckpointError: config.json cannot be downloaded or parsed.
   """
-  from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+  from jtl.weights import hub  # pylint: disable=g-import-not-at-top
   ref = hub.parse(source)
   if ref is None or ref.filename is not None:
     raise ConfigError(f"{source!r}: a Hub model is 'hf-hub:<owner>/<name>[@rev]'.")

@@ -3,7 +3,7 @@
 torchvision's MobileNetV2: ReLU6, BatchNorm eps 1e-5 / momentum 0.1 (flax
 0.9), symmetric padding (k - 1) // 2, inputs normalised with the ImageNet
 mean/std (`NORMALIZATION`, `preprocess`). No weights can be had offline here, so
-`pretrained` names the torchvision source, which `jtl.checkpoint.resolve`
+`pretrained` names the torchvision source, which `jtl.weights.resolve`
 fetches where there is a network.
 
 Parameter paths: "stem/conv/kernel", "stem/bn/...", "blocks_{i}/expand_conv/

@@ -74,7 +74,7 @@ class ModelSpec:
     groups: ordered (name, regex) layer groups, bottom (stem) to top (head),
       over "/"-joined parameter paths without the "params/" prefix.
     pretrained: name of the default pretrained source (see
-      `jtl.checkpoint.resolve`), or None when no weights can be had.
+      `jtl.weights.resolve`), or None when no weights can be had.
     converter: maps a flat {name: array} state dict in the published layout to
       a flat {"params/...": array, "batch_stats/...": array} dict.
     head_pattern: regex of the classifier head's variable paths, re-initialised
@@ -304,8 +304,8 @@ class CreatedModel:
     module: the Flax module: Linen, or with api="nnx" an NNX module
       (`nnx.bridge.ToNNX` around the Linen model) holding the weights.
     variables: {"params": ..., "batch_stats": ...} as numpy arrays (the
-      Linen layout; `jtl.variables_of(module)` gives the NNX module's).
-    report: the `jtl.checkpoint.LoadReport` of the pretrained load, or None.
+      Linen layout; `jtl.adapter.variables_of(module)` gives the NNX module's).
+    report: the `jtl.weights.LoadReport` of the pretrained load, or None.
     preprocess: the model's preprocessing of raw inputs (see `ModelSpec`).
     spec: the registered `ModelSpec`.
   """
@@ -332,7 +332,7 @@ def create(name: str, *, num_classes: int | None = None,
       whose class count differs from the checkpoint's keeps its fresh init and
       is listed as reinitialised in the report.
     pretrained: True loads `spec.pretrained`; a string is a source name, URL or
-      path for `jtl.checkpoint.resolve`; False keeps the random init.
+      path for `jtl.weights.resolve`; False keeps the random init.
     seed: PRNG seed of the init.
     api: "linen", or "nnx" for a Flax NNX module with the same weights, which
       `model(x)` runs (in eval mode: `model(x, train=False)` is the default)
@@ -354,11 +354,11 @@ def create(name: str, *, num_classes: int | None = None,
   if path is None:
     variables = init_variables(spec, module, seed=seed)
   else:
-    from jtl import checkpoint  # checkpoint imports models' users
+    from jtl import checkpoint, weights  # checkpoint imports models' users
     # Shapes only (no init of what the checkpoint replaces): the loaded leaves
     # are the checkpoint's arrays, and only the leaves it lacks (a new head,
     # skipped ones) are initialised, so the peak stays near the file's size.
-    variables, report = checkpoint.load_pretrained(
+    variables, report = weights.load_pretrained(
         path, like=abstract_variables(spec, module, seed=seed),
         converter=spec.converter, reinit_head=spec.head_pattern,
         skip=_hub_skip() if from_hub else (),
@@ -382,8 +382,8 @@ def _weights(name: str, spec: ModelSpec, pretrained: bool | str) -> Any:
         f"Model {name!r} has no default pretrained weights (spec.pretrained "
         "is None). Pass pretrained=False for a random init, or "
         "pretrained='<path or source name>'.")
-  from jtl import checkpoint  # checkpoint imports models' users
-  path = checkpoint.resolve(source)
+  from jtl import checkpoint, weights  # checkpoint imports models' users
+  path = weights.resolve(source)
   if spec.check_names is not None:
     spec.check_names(checkpoint.tensor_names(path), str(path))
   return path

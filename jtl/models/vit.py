@@ -11,8 +11,8 @@ Inputs are float NHWC images in [-1, 1] (`NORMALIZATION`, `preprocess`). Paramet
 vision_transformer checkpoints; it is sized for `image_size` and resized on
 the fly (bilinear, as big_vision does) for inputs with another patch grid.
 `convert_npz` reads both published `.npz` layouts (vision_transformer and
-big_vision); `jtl.checkpoint.load_pretrained` resizes a checkpoint's position
-embedding to the model's grid (`jtl.checkpoint.adapt.resize_pos_embed`).
+big_vision); `jtl.weights.load_pretrained` resizes a checkpoint's position
+embedding to the model's grid (`jtl.weights.adapt.resize_pos_embed`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from jtl.models.preprocessing import model_normalization
 
 
 def _resize_grid(posemb: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
-  """In-graph twin of `jtl.checkpoint.adapt.resize_pos_embed` (same numbers)."""
+  """In-graph twin of `jtl.weights.adapt.resize_pos_embed` (same numbers)."""
   prefix, tokens = posemb[:, :num_prefix], posemb[:, num_prefix:]
   old = math.isqrt(tokens.shape[1])
   if (old, old) == tuple(grid):

@@ -34,7 +34,8 @@ import optax
 
 import jtl
 from jtl import models
-from jtl.recipes import adversarial, distill, quantize
+from jtl.recipes import adversarial, distill
+from jtl.export import quantize
 
 
 class SmallCNN(nn.Module):
@@ -108,7 +109,7 @@ def accuracy(module, variables, x, y, batch_size=250, eval_step=None):
     sums = jax.device_get(eval_step(variables, {"inputs": xb, "label": yb, "mask": mask}))
     for k, v in sums.items():
       total[k] = total.get(k, 0.0) + float(v)
-  return jtl.summarize_eval(total)["accuracy"]
+  return jtl.steps.summarize_eval(total)["accuracy"]
 
 
 def predict_all(fn, x, batch_size=250):
@@ -265,7 +266,7 @@ def bench_quantize(args):
     x224 = np.asarray(jax.image.resize(x64[:64], (64, 224, 224, 3), "bilinear"))
     c1 = timed(big, x224[:1], args.reps * 2)
     c64 = timed(big, x224, args.reps)
-    size = jtl.tree_bytes(stored)
+    size = jtl.optim.tree_bytes(stored)
     rows.append((precision, f"{(pred == yte).mean():.4f}", f"{(pred == ref).mean():.4f}",
                  f"{size / 2**20:.2f}", f"{b1 * 1e3:.1f}", f"{64 / b64:.0f}",
                  f"{c1 * 1e3:.1f}", f"{64 / c64:.1f}"))

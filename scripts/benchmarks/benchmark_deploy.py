@@ -87,9 +87,9 @@ def timed(fn, x: np.ndarray, runs: int) -> list[float]:
 
 def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
   """{runtime: (predict, bytes)} for the five ways of running the model."""
-  from jtl import tree_bytes  # pylint: disable=g-import-not-at-top
+  from jtl.optim import tree_bytes  # pylint: disable=g-import-not-at-top
   from jtl.app import deploy_runs, workdirs  # pylint: disable=g-import-not-at-top
-  from jtl.recipes import deploy, quantize  # pylint: disable=g-import-not-at-top
+  from jtl.export import deploy, quantize  # pylint: disable=g-import-not-at-top
   run = workdirs.restore(workdir, step="latest")
   module, variables = run.module, run.merged_variables()
   out = {"jtl jit float32": (quantize.make_inference_fn(module, variables, precision="float32"),
@@ -205,7 +205,7 @@ def survey(args: argparse.Namespace) -> None:
   Each (model, format) runs in its own process: a runtime that aborts (a
   native crash) is reported, not fatal."""
   from jtl import models  # pylint: disable=g-import-not-at-top
-  from jtl.recipes import deploy  # pylint: disable=g-import-not-at-top
+  from jtl.export import deploy  # pylint: disable=g-import-not-at-top
   print("| model | " + " | ".join(deploy.FORMATS) + " |")
   print("|---|---|---|---|")
   for name in models.list_models():
@@ -253,7 +253,7 @@ def survey_one(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   from jtl import models  # pylint: disable=g-import-not-at-top
-  from jtl.recipes import deploy  # pylint: disable=g-import-not-at-top
+  from jtl.export import deploy  # pylint: disable=g-import-not-at-top
   name, fmt = args.survey_one.split(":")
   spec = models.get_spec(name)
   created = models.create(name, pretrained=False, num_classes=10)

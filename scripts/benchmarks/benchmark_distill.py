@@ -37,7 +37,8 @@ import optax
 import jtl
 from jtl import models
 from jtl.models import efficientnet
-from jtl.recipes import distill, quantize, strategies
+from jtl.recipes import distill, strategies
+from jtl.export import quantize
 
 
 def pack(folder: Path, out: Path) -> None:

@@ -7,8 +7,8 @@ parameters, ~346 MB), then measures, each in a fresh Python process, the
 wall time and the peak resident memory (VmHWM, reset after the imports with
 /proc/self/clear_refs) of:
 
-  read          jtl.read(path)
-  read+load     jtl.checkpoint.load_pretrained(path, like, converter=timm ViT)
+  read          jtl.weights.read(path)
+  read+load     jtl.weights.load_pretrained(path, like, converter=timm ViT)
                 (`like` from jax.eval_shape: zeros that are never touched)
   read+load+put the same, then jax.device_put of every variable (what a
                 training run does next)
@@ -79,7 +79,7 @@ def measure(mode: str, path: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import jtl  # pylint: disable=g-import-not-at-top
-  from jtl import checkpoint, models  # pylint: disable=g-import-not-at-top
+  from jtl import checkpoint, models, weights  # pylint: disable=g-import-not-at-top
   from jtl.models import hub_models, vit  # pylint: disable=g-import-not-at-top
   module = vit.vit("b", 1000)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3)))
@@ -90,9 +90,9 @@ def measure(mode: str, path: str) -> dict:
   base = _status("VmRSS")
   t0 = time.perf_counter()
   if mode == "read":
-    out = jtl.read(path)
+    out = jtl.weights.read(path)
   elif mode.startswith("read+load"):
-    out, report = checkpoint.load_pretrained(path, like=like, converter=converter)
+    out, report = weights.load_pretrained(path, like=like, converter=converter)
     assert report.ok
     if mode == "read+load+put":
       out = jax.block_until_ready(jax.device_put(out))

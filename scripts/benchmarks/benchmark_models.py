@@ -139,7 +139,8 @@ def jtl_predict(name: str, size: int, iters: int) -> dict:
   import numpy as np
 
   import jtl.models  # noqa: F401
-  from jtl.models import registry, serving
+  from jtl.models import registry
+  from jtl.export import serving
   spec = registry.get_spec(name)
   module = spec.build(num_classes=1000)
   predict = serving.make_predict_fn(module, registry.init_variables(spec, module))

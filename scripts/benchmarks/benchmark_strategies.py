@@ -203,7 +203,7 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
     print(f"   final train loss {float(metrics['loss']):.3f}", flush=True)
     n_trainable = jtl.summarize(s.variables["params"], labels).trainable_params  # last phase's
   if precise:
-    skip = jtl.frozen_module_paths(labels)
+    skip = jtl.partition.frozen_module_paths(labels)
     variables = jtl.recompute_batchnorm(s.module, variables, input_batches(train, batch, precise),
                                         skip=skip)
   seconds = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Fuzz campaign for jtl.checkpoint.read: mutated files read in capped workers.
+"""Fuzz campaign for jtl.weights.read: mutated files read in capped workers.
 
   nice -n 19 .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 10000
   .venv/bin/python scripts/benchmarks/fuzz_readers.py --per_format 200 --formats npz,orbax
@@ -606,7 +606,7 @@ def _fixture_module() -> Any:
 def make_folder_seeds(seeds: str) -> None:
   """PEFT adapters jtl exported for the fixture models (tests/fixtures/peft),
   and Hub repos of the fixture models written by `export_hf`."""
-  from jtl.checkpoint import hf_export  # pylint: disable=g-import-not-at-top
+  from jtl.export import hf_export  # pylint: disable=g-import-not-at-top
   for model in FOLDER_MODELS["peft"]:
     dst = os.path.join(seeds, "peft", model)
     if not os.path.exists(dst):
@@ -627,7 +627,7 @@ def _serve_hub_from(folder: str) -> None:
   """`hub.download` answers from `folder` (the case's files), as the Hub would."""
   from etils import epath  # pylint: disable=g-import-not-at-top
 
-  from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+  from jtl.weights import hub  # pylint: disable=g-import-not-at-top
 
   def download(repo_id: str, filename: str, revision: str | None = None) -> Any:
     path = os.path.join(folder, filename)
@@ -641,7 +641,7 @@ def read_folder_case(fmt: str, path: str) -> Any:
   """Imports the PEFT adapter / creates the Hub model of each model folder in
   `path`; returns the last result."""
   from jtl import models  # pylint: disable=g-import-not-at-top
-  from jtl.checkpoint import peft  # pylint: disable=g-import-not-at-top
+  from jtl.export import peft  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   result = None
   for model in sorted(os.listdir(path)):
@@ -694,7 +694,7 @@ def make_seeds(seeds: str) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  from jtl.checkpoint import export  # pylint: disable=g-import-not-at-top
+  from jtl.export import write  # pylint: disable=g-import-not-at-top
   os.makedirs(seeds, exist_ok=True)
   rng = np.random.default_rng(0)
   tree = {"params": {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
@@ -704,7 +704,7 @@ def make_seeds(seeds: str) -> None:
   shutil.copy(os.path.join(FIXTURES, "torch_zip.pt"), os.path.join(seeds, "torch_zip"))
   shutil.copy(os.path.join(FIXTURES, "torch_legacy.pt"), os.path.join(seeds, "torch_legacy"))
   for fmt in ("npz", "safetensors", "msgpack"):
-    export(tree, os.path.join(seeds, f"seed.{fmt}"))
+    write(tree, os.path.join(seeds, f"seed.{fmt}"))
     os.replace(os.path.join(seeds, f"seed.{fmt}"), os.path.join(seeds, fmt))
   if not os.path.exists(os.path.join(seeds, "orbax")):
     ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(seeds), "orbax"), tree)
@@ -726,8 +726,8 @@ def read_case(fmt: str, path: str) -> tuple[str, str]:
   """Reads one case every way; returns the worst (outcome, detail)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from jtl.checkpoint import read  # pylint: disable=g-import-not-at-top
-  from jtl.checkpoint.orbax_reader import verify_orbax  # pylint: disable=g-import-not-at-top
+  from jtl.weights import read  # pylint: disable=g-import-not-at-top
+  from jtl.weights.orbax_reader import verify_orbax  # pylint: disable=g-import-not-at-top
   from jtl.errors import JtlError  # pylint: disable=g-import-not-at-top
   calls = ([lambda: read_folder_case(fmt, path)] if fmt in FOLDER_FORMATS else
            [lambda: read(path), lambda: read(path, format=FORCED[fmt])])

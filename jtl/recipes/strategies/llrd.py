@@ -5,7 +5,7 @@ counts groups down from the top (the head has depth 0, the group below it 1,
 ...), the rule of timm's `param_groups_layer_decay`. A group whose blocks are
 stacked along a leading layer axis of one parameter (a scanned model) spans as
 many depths as it has layers, and its leaves get a per-slice scale of shape
-(L, 1, ..., 1), applied with `jtl.scale_by_tree`.
+(L, 1, ..., 1), applied with `jtl.optim.scale_by_tree`.
 
 >>> groups = [("embed", "embed/.*"), ("blocks", "blocks/.*"), ("head", "head/.*")]
 >>> layer_depths(groups, stacked={"blocks": 3})

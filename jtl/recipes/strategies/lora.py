@@ -12,13 +12,13 @@ padding into r channels and B a 1x1 projection, so W + scale * A B is the
 kernel the merged layer uses.
 
 `merge_lora` folds the adapters into the kernels (a plain model for export and
-inference; it lives with the leaf layout in the core, `jtl.checkpoint.lora_layout`,
+inference; it lives with the leaf layout in the core, `jtl.lora_layout`,
 which the exports use), `unmerge_lora` takes them out again, and `save_adapters` /
 `load_adapters` write and read only the adapters (and the head).
 
 Flax NNX models: `adaptable_layers` / `add_lora` find `nnx.Linear`,
 `nnx.LinearGeneral` and ungrouped `nnx.Conv` layers and add the same two
-leaves to the module's params (`jtl.variables_of(module)`); `LoraWeights`
+leaves to the module's params (`jtl.adapter.variables_of(module)`); `LoraWeights`
 wraps the model so that each step uses W + scale * A B as the layer's kernel
 (any model kind: it folds the adapters in before calling it). A model that
 already holds `nnx.LoRA` / `nnx.LoRALinear` layers needs none of this: its
@@ -39,7 +39,7 @@ import numpy as np
 
 from jtl import tree as jtree
 from jtl.adapter import as_model, is_nnx_module, variables_of
-from jtl.checkpoint import lora_layout
+from jtl import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
@@ -113,7 +113,7 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
 
   Args:
     module, variables: the model and its (pretrained) variables; for an NNX
-      module, None takes its own (`jtl.variables_of(module)`).
+      module, None takes its own (`jtl.adapter.variables_of(module)`).
     inputs: an example input batch (only its shapes are used; not needed
       for NNX modules).
     targets: regexes over layer paths, e.g. r".*/attention/(query|value)".
@@ -265,14 +265,14 @@ def save_adapters(params: PyTree, path: Any, *, alpha: float | None = None,
                   include: str | None = r"head/.*") -> None:
   """Writes only the adapters (and leaves matching `include`, the head) to
   npz/safetensors/msgpack by suffix; `alpha` is stored with them if given."""
-  from jtl.checkpoint import export  # pylint: disable=g-import-not-at-top
+  from jtl.export import write  # pylint: disable=g-import-not-at-top
   flat = {p: np.asarray(v) for p, v in adapter_params(params, include=include).items()}
   if not any(re.fullmatch(LORA_LEAF, p) for p in flat):
     raise CheckpointError(f"{path}: the params hold no LoRA adapters to save; "
                           "add them with add_lora first.")
   if alpha is not None:
     flat[_ALPHA_KEY] = np.asarray(alpha, np.float32)
-  export(jtree.unflatten(flat), path)
+  write(jtree.unflatten(flat), path)
 
 
 def load_adapters(params: PyTree, path: Any) -> tuple[dict[str, Any], float | None]:
@@ -281,7 +281,7 @@ def load_adapters(params: PyTree, path: Any) -> tuple[dict[str, Any], float | No
   Leaves already present must keep their shape; missing adapter slots are
   created next to their kernels. Returns (params, alpha or None).
   """
-  from jtl.checkpoint import read  # pylint: disable=g-import-not-at-top
+  from jtl.weights import read  # pylint: disable=g-import-not-at-top
   saved = dict(read(path))
   alpha = saved.pop(_ALPHA_KEY, None)
   flat = dict(jtree.flatten(params))

@@ -3,7 +3,7 @@
 `resolve("efficientnet_lite0/imagenet")` finds the file an installed pip
 package ships; `resolve("hf://<owner>/<name>[@<rev>]/<file>")` and
 `resolve("hf-hub:<owner>/<name>[@<rev>]")` fetch from the Hugging Face Hub
-with `huggingface_hub` and its cache (see `jtl.checkpoint.hub`); `resolve("resnet50/imagenet")` downloads the published file
+with `huggingface_hub` and its cache (see `jtl.weights.hub`); `resolve("resnet50/imagenet")` downloads the published file
 once into the cache directory (`$JTL_CACHE_DIR`, default `~/.cache/jtl`),
 atomically and with SHA-256 verification. Any other string or path is
 returned as an `etils.epath.Path` (local, gs://, ...).
@@ -177,7 +177,7 @@ def resolve(source: Any) -> epath.Path:
     CheckpointError: the package or file is missing, or a download fails.
   """
   if isinstance(source, str) and source.startswith(("hf://", "hf-hub:")):
-    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return hub.resolve(source)
   if isinstance(source, str) and source in _SOURCES:
     entry = _SOURCES[source]

@@ -14,7 +14,7 @@ an error naming it), and the result maps back through the forward converter
 to the same arrays.
 
 Layouts ("bert", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls") also
-name the module paths that `jtl.checkpoint.peft` writes adapters under:
+name the module paths that `jtl.export.peft` writes adapters under:
 `torch_module(layout, path)`, the names of the modules in the live torch
 model. transformers >= 5 renames DINOv2's attention modules in memory
 (`attention.q_proj` ... `attention.o_proj`, what PEFT saves adapters under)
@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from jtl import tree as jtree
-from jtl.checkpoint import lora_layout
+from jtl import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
@@ -259,7 +259,7 @@ def to_torch_state_dict(variables: PyTree, layout: str) -> dict[str, np.ndarray]
   if adapters:
     raise CheckpointError(f"{len(adapters)} LoRA leaves (e.g. {adapters[0]}) are still in "
                           "the params: merge them first (lora.merge_lora) or export "
-                          "them with jtl.checkpoint.peft.")
+                          "them with jtl.export.peft.")
   out: dict[str, np.ndarray] = {}
   top = _TOP_LEVEL.get(layout, {})
   problems = [f"{p}: not a params/batch_stats leaf" for p in other]

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from jtl.checkpoint.writers import write_atomic
+from jtl.export.writers import write_atomic
 from jtl.errors import CheckpointError, ConfigError
-from jtl.recipes.deploy.litert import _tf
-from jtl.recipes.deploy.tracing import (
+from jtl.export.deploy.litert import _tf
+from jtl.export.deploy.tracing import (
   DEFAULT_MAX_ACCURACY_DROP,
   FORMATS,
   TOKEN_INPUTS,

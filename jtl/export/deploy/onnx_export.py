@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jtl.checkpoint.writers import write_atomic
+from jtl.export.writers import write_atomic
 from jtl.errors import ConfigError, bullet_list
-from jtl.recipes.deploy.tracing import TOKEN_INPUTS, ExportError, _examples, find_ops
+from jtl.export.deploy.tracing import TOKEN_INPUTS, ExportError, _examples, find_ops
 
 
 @contextlib.contextmanager

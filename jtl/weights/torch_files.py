@@ -3,7 +3,7 @@
 The zip archive holds `<name>/data.pkl` plus one `<name>/data/<key>` member
 per storage; the legacy stream holds the magic number, the protocol version,
 system info, the object pickle, the storage keys, then the raw storages. Both
-pickles go through the restricted unpickler of `jtl.checkpoint.torch_pickle`;
+pickles go through the restricted unpickler of `jtl.weights.torch_pickle`;
 every length read from the file is checked against the bytes actually there
 before anything is allocated.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jtl.checkpoint.torch_pickle import (
+from jtl.weights.torch_pickle import (
   Budget,
   PlainUnpickler,
   Storage,

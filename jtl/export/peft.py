@@ -14,7 +14,7 @@ model under "base_model.model.", with the adapter name stripped:
 jtl holds an adapter as "lora_a" [fan_in, r] / "lora_b" [r, out] next to the
 layer's kernel with scale alpha / r (`jtl.recipes.strategies.lora`), so the export is
 a transpose (and for convolutions the HWIO <-> OIHW reshuffle) under the module
-names of `jtl.checkpoint.hf_export` ("bert": transformers BertModel,
+names of `jtl.export.hf_export` ("bert": transformers BertModel,
 "timm_vit", "timm_resnet", "dinov2": transformers Dinov2Model, "dinov2_cls":
 Dinov2ForImageClassification). PEFT's scale lora_alpha / r is jtl's with
 lora_alpha = alpha; layers of another rank are listed in `rank_pattern`.
@@ -73,7 +73,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jtl import tree as jtree
-from jtl.checkpoint import hf_export
+from jtl.export import hf_export
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
@@ -473,7 +473,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
   """A safetensors file through jtl's bounded reader (CheckpointError if damaged)."""
-  from jtl.checkpoint.readers import read  # pylint: disable=g-import-not-at-top
+  from jtl.weights.readers import read  # pylint: disable=g-import-not-at-top
   return read(path, format="safetensors")
 
 

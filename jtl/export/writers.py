@@ -1,4 +1,4 @@
-"""`export`: write params (or all variables) to npz, safetensors, msgpack or
+"""`write`: write params (or all variables) to npz, safetensors, msgpack or
 an Orbax checkpoint directory: every format `read` takes, written in one place.
 
 Names are the "/"-joined tree paths, so `read` gives back the same flat dict.
@@ -7,9 +7,9 @@ into place (Orbax does the same with its directory), so a crash never leaves
 a half-written checkpoint at `path`.
 
 >>> import numpy as np, os, tempfile
->>> from jtl.checkpoint.readers import read
+>>> from jtl.weights.readers import read
 >>> path = os.path.join(tempfile.mkdtemp(), "params.safetensors")
->>> path = export({"head": {"kernel": np.ones((2, 3), np.float32)}}, path)
+>>> path = write({"head": {"kernel": np.ones((2, 3), np.float32)}}, path)
 >>> read(path)["head/kernel"].shape
 (2, 3)
 """
@@ -54,7 +54,7 @@ def _to_bytes(flat: dict[str, np.ndarray], fmt: str) -> bytes:
 FORMATS = ("npz", "safetensors", "msgpack", "orbax")
 
 
-def export(variables_or_params: Any, path: Any, *,
+def write(variables_or_params: Any, path: Any, *,
            format: str | None = None) -> epath.Path:  # pylint: disable=redefined-builtin
   """Writes every leaf of a params/variables tree to one file (or, for Orbax,
   one checkpoint directory) and returns its path.

@@ -187,7 +187,7 @@ def repo_weights(repo_id: str, revision: str | None = None) -> epath.Path:
   """The local path of a repo's weights: the first of `WEIGHT_FILES` it has.
 
   For a sharded checkpoint this is the index file, and every shard it names
-  is downloaded next to it (`jtl.read` reads the index as one checkpoint).
+  is downloaded next to it (`jtl.weights.read` reads the index as one checkpoint).
 
   Raises:
     CheckpointError: the repo has none of `WEIGHT_FILES`, or a download fails.

@@ -52,14 +52,14 @@ from typing import Any
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.recipes.deploy.litert import (
+from jtl.export.deploy.litert import (
   TANH_GELU_MAX_DIFF,
   export_tflite,
   int8_form,
   unresolvable_int8_tensors,
 )
-from jtl.recipes.deploy.onnx_export import export_onnx
-from jtl.recipes.deploy.runtime import (
+from jtl.export.deploy.onnx_export import export_onnx
+from jtl.export.deploy.runtime import (
   Runtime,
   check_int8,
   format_of,
@@ -68,7 +68,7 @@ from jtl.recipes.deploy.runtime import (
   tflite_tensor_types,
   write_meta,
 )
-from jtl.recipes.deploy.tracing import (
+from jtl.export.deploy.tracing import (
   DEFAULT_MAX_ACCURACY_DROP,
   FORMATS,
   SUFFIX,

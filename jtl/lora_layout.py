@@ -5,7 +5,7 @@ An adapted layer holds two extra leaves next to its "kernel": "lora_a"
 (fan_in the product of the kernel's leading axes, out of the others), and
 computes with kernel + alpha / r * (lora_a @ lora_b) reshaped to the kernel.
 `jtl.recipes.strategies.lora` trains such adapters (`LoraModel`, `LoraWeights`);
-`jtl.checkpoint.peft` / `hf_export` write them out. The functions here work
+`jtl.export.peft` / `hf_export` write them out. The functions here work
 on numpy and jax arrays alike (the training step merges under jit).
 
 >>> import numpy as np

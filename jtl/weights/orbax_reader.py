@@ -417,7 +417,7 @@ def checkpoint_dir(path: epath.Path) -> epath.Path:
 
 def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
   """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays."""
-  from jtl.checkpoint.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
+  from jtl.weights.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
 
   if "://" not in os.fspath(path):
     path = epath.Path(os.path.abspath(os.fspath(path)))  # Orbax needs it

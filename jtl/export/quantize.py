@@ -208,7 +208,7 @@ def load(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   path = Path(path)
   if not path.is_file():
-    raise CheckpointError(f"{path}: no such file; expected a file written by jtl.recipes.quantize.save.")
+    raise CheckpointError(f"{path}: no such file; expected a file written by jtl.export.quantize.save.")
   try:
     with safe_open(str(path), framework="numpy") as f:
       metadata = f.metadata() or {}
@@ -216,8 +216,8 @@ def load(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
   except Exception as e:  # name the file
     raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
   if metadata.get("jtl_quantized") != "1":
-    raise CheckpointError(f"{path}: not written by jtl.recipes.quantize.save (no 'jtl_quantized' "
-                          "metadata); read plain checkpoints with jtl.checkpoint.read.")
+    raise CheckpointError(f"{path}: not written by jtl.export.quantize.save (no 'jtl_quantized' "
+                          "metadata); read plain checkpoints with jtl.weights.read.")
   flat: dict[str, Any] = {}
   broken = []
   for key, arr in arrays.items():

@@ -36,10 +36,10 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from jtl.checkpoint import torch_files
-from jtl.checkpoint.orbax_reader import read_orbax
-from jtl.checkpoint.sources import resolve
-from jtl.checkpoint.torch_pickle import Budget
+from jtl.weights import torch_files
+from jtl.weights.orbax_reader import read_orbax
+from jtl.weights.sources import resolve
+from jtl.weights.torch_pickle import Budget
 from jtl.errors import CheckpointError, JtlError, bullet_list
 
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
@@ -223,7 +223,7 @@ def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
           f"{big.filename!r}: {big.compress_size} bytes compressed, "
           f"{big.file_size} inflated), more than the limit of {budget.limit} "
           f"bytes {budget.hint}. The file is damaged or a zip bomb; if you "
-          "trust it, pass a larger max_expansion= to jtl.read.")
+          "trust it, pass a larger max_expansion= to jtl.weights.read.")
     for info in members:
       out[info.filename[:-len(".npy")]] = _npy_member(zf, info, path, budget)
   if not out:
@@ -384,7 +384,7 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory.")
   if path.name.endswith(".index.json") and not path.is_dir():  # sharded (Hub)
-    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return select(hub.read_sharded(path, read, format=format,
                                    max_expansion=max_expansion), subtree, path)
   fmt = format or detect_format(path)
@@ -411,7 +411,7 @@ def tensor_names(source: Any) -> list[str]:
   """
   path = resolve(source)
   if path.name.endswith(".index.json") and path.is_file():
-    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return sorted(hub.weight_map(path))
   if path.is_file() and detect_format(path) == "safetensors":
     with path.open("rb") as f:

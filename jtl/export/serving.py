@@ -68,7 +68,7 @@ def export_predict(module: nn.Module, variables: Any, path: str | os.PathLike, *
   spec = jax.ShapeDtypeStruct((batch, *input_shape), dtype)
   fn = jax.jit(lambda x: module.apply(variables, x))
   exported = jax_export.export(fn, platforms=platforms)(spec)
-  from jtl.checkpoint.writers import write_atomic  # pylint: disable=g-import-not-at-top
+  from jtl.export.writers import write_atomic  # pylint: disable=g-import-not-at-top
   write_atomic(path, exported.serialize())
 
 
@@ -89,5 +89,5 @@ def load_exported(path: str | os.PathLike) -> Callable[..., jax.Array]:
   except Exception as e:  # any parse failure means a bad file
     raise CheckpointError(
         f"{path} is not a serialized jax.export artifact ({type(e).__name__}: "
-        f"{e}). Write it with jtl.models.serving.export_predict.") from e
+        f"{e}). Write it with jtl.export.serving.export_predict.") from e
   return jax.jit(exported.call)

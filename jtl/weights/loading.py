@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jtl import tree as tree_lib
-from jtl.checkpoint.adapt import adapt_input_conv, resize_pos_embed
-from jtl.checkpoint.readers import read, to_flat_arrays
+from jtl.weights.adapt import adapt_input_conv, resize_pos_embed
+from jtl.weights.readers import read, to_flat_arrays
 from jtl.errors import JtlError, LoadError, bullet_list
 
 Shape = tuple[int, ...]

@@ -5,7 +5,7 @@ storage types, dtypes, OrderedDict, a few builtins), each mapped to a jtl
 stand-in that builds numpy arrays; any other global is refused with a
 CheckpointError naming it, so a malicious file cannot run code. Tensors are
 built by `materialize` once their storages' bytes are known. The file layouts
-(zip archive, legacy stream) are read in `jtl.checkpoint.torch_files`.
+(zip archive, legacy stream) are read in `jtl.weights.torch_files`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Budget:
           f"{self.used} bytes, more than the limit of {self.limit} bytes "
           f"{self.hint}. The file is damaged or built to exhaust memory (a "
           "decompression or stride-0 bomb); if you trust it, pass a larger "
-          "max_expansion= (or max_expansion=None) to jtl.read.")
+          "max_expansion= (or max_expansion=None) to jtl.weights.read.")
 
 
 def _is_plain(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
