@@ -69,6 +69,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Zoo-model export: input 
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
+  cli.refuse_empty_paths(workdir=_WORKDIR.value, out=_OUT.value)
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   if _FORMAT.value in _HUB_FORMATS:
     _export_hub()

@@ -70,6 +70,8 @@ flags.mark_flag_as_required("workdir")
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
+  cli.refuse_empty_paths(workdir=_WORKDIR.value, out_dir=_OUT.value,
+                         export_dir=_EXPORT_DIR.value, save_quantized=_SAVE_Q.value)
   cli.prepare_process()
   step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
   if step not in ("latest", "best") and not isinstance(step, int):

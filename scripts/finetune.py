@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
+  cli.refuse_empty_paths(workdir=_WORKDIR.value)
   cli.prepare_process()
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
   test = evaluation.evaluate_test_split(_CONFIG.value, _WORKDIR.value)  # with test_split set

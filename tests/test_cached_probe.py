@@ -41,6 +41,7 @@ def test_linear_probe_trains_on_cached_features_and_evaluates(tmp_path):
     assert same == (name != "head"), name
   evaluated = evaluation.evaluate_workdir(tmp_path / "run")
   assert evaluated["accuracy"] == pytest.approx(result.eval_metrics["accuracy"])
+  _evaluation_output_checks(tmp_path)
   again = experiment.finetune(config, tmp_path / "run", progress=False)
   assert again.start_step == 20  # a finished cached run is not retrained
 
@@ -80,3 +81,19 @@ def test_cached_and_uncached_probes_train_the_same_head(tmp_path):
   assert not np.allclose(heads[True]["kernel"], start["kernel"], atol=1e-3)  # it trained
   for name in ("kernel", "bias"):
     np.testing.assert_allclose(heads[True][name], heads[False][name], rtol=1e-4, atol=1e-5)
+
+
+
+def _evaluation_output_checks(tmp_path):
+  """evaluate_workdir into a file: refused before the evaluation runs; a write
+  that fails after it: the error carries the metrics (evaluate.py used to
+  compute everything, then die with a raw OSError and print nothing)."""
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ConfigError, match=r"Cannot write the evaluation's results: out_dir "
+                                        rf"{tmp_path / 'file'} is not a writable folder"):
+    evaluation.evaluate_workdir(tmp_path / "run", out_dir=tmp_path / "file")
+  (tmp_path / "out" / "eval_test.json").mkdir(parents=True)  # writable folder, unwritable file
+  with pytest.raises(ConfigError, match=r'The evaluation finished \({"step": 20, "split": '
+                     r'"test", "accuracy": [0-9.]+, .*"count": 4}\) but its files could not be '
+                     rf"written into {tmp_path / 'out'} \(IsADirectoryError"):
+    evaluation.evaluate_workdir(tmp_path / "run", out_dir=tmp_path / "out")

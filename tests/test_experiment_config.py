@@ -3,6 +3,8 @@
 ConfigError before any training step; strategy.cache_features outside a
 probe, and rules together with strategy.name, are errors."""
 
+import re
+
 import ml_collections
 import pytest
 from test_script_errors import photo_folder
@@ -134,3 +136,51 @@ def test_patch_model_image_size_off_the_patch_grid_is_refused_with_the_nearest_s
   for model, size in (("vit_ti16", 48), ("vit_ti16", None), ("efficientnet_lite0", 41)):
     config.model, config.image_size, config.model_kwargs = model, size, {}
     assert experiment.config_problems(config) == [], model
+
+
+def test_training_values_the_loop_would_reject_late_are_config_errors():
+  """log_every=0 (a ZeroDivisionError at the first step), a best_metric no
+  evaluation reports (found at the first save), a negative weight_decay or
+  clip_norm (accepted): one ConfigError before any weights load."""
+  c = default.get_config()
+  c.num_classes = 10
+  assert experiment.config_problems(c) == []
+  c.log_every, c.best_metric, c.weight_decay, c.clip_norm = 0, "acc", -1e-4, -1.0
+  problems = "\n".join(experiment.config_problems(c))
+  for needle in ("log_every must be an integer >= 1, got 0".replace(", got", " (training "
+                 "metrics are logged every that many steps), got"),
+                 "best_metric must be one of ['accuracy', 'top5_accuracy']",
+                 "got 'acc'", "weight_decay must be a number >= 0 (0: none), got -0.0001",
+                 "clip_norm must be > 0 or None (no clipping), got -1.0"):
+    assert needle in problems, (needle, problems)
+  c.log_every, c.best_metric, c.weight_decay, c.clip_norm = 5, "loss", 0.0, None
+  assert experiment.config_problems(c) == [
+      "best_metric must be one of ['accuracy', 'top5_accuracy'] (what each evaluation reports) "
+      "or None (keep only the latest), got 'loss' (the best checkpoint is the one with the "
+      "highest value, so a loss would keep the worst)"]
+  c.best_metric = "top5_accuracy"
+  assert experiment.config_problems(c) == []
+
+
+def test_unwritable_or_empty_workdir_is_refused_in_the_preflight(tmp_path):
+  """A workdir that is a file, under a file, on a filesystem nothing can be
+  written to (/proc) or empty (`--workdir=$UNSET`): a ConfigError naming it
+  before the model is built (was a raw OSError after it)."""
+  from configs import strategy as strategy_config
+  c = strategy_config.get_config("linear_probe")
+  c.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"
+  c.model, c.pretrained, c.image_size, c.batch_size = "small_cnn", False, 28, 8
+  experiment.preflight(c, workdir=tmp_path / "run")  # a new folder is fine
+  (tmp_path / "file").write_text("x")
+  cases = [(tmp_path / "file", "is not a writable folder (FileExistsError"),
+           (tmp_path / "file" / "run", "is not a writable folder (NotADirectoryError"),
+           ("", "workdir is empty (an unset shell variable?)")]
+  if __import__("sys").platform == "linux":
+    cases.append(("/proc/jtl-run", "is not a writable folder"))
+  for workdir, needle in cases:
+    with pytest.raises(ConfigError, match="Invalid config") as e:
+      experiment.preflight(c, workdir=workdir)
+    assert needle in str(e.value) and f"workdir {workdir}".strip() in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+      experiment.finetune(c, workdir, progress=False)
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # the probe is removed

@@ -541,7 +541,12 @@ def test_damaged_config_values_are_config_errors_before_anything_is_allocated(fa
   _tiny_vit_repo(fake_hub)
   vit = json.loads(fake_hub.repos["test-org/tiny-vit"]["files"]["config.json"])
   bert_cfg = json.loads(_bert_config(2))
+  dino = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+          "architectures": ["Dinov2ForImageClassification"], "id2label": {"0": "a", "1": "b"}}
   cases = [
+      (dino, ("architectures",), 1.5, r"architectures=1.5; expected a list of class names"),
+      (dino, ("mlp_ratio",), -0.0, r"mlp_ratio=-0.0; expected a number from 0.001"),
       (vit, ("model_args", "img_size"), 10**6, r"model_args img_size=1000000; expected an "
        "integer from 1 to 4096"),
       (vit, ("model_args", "num_heads"), [2], r"model_args num_heads=\[2\]"),

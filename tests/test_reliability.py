@@ -152,6 +152,26 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
   assert steps_on_disk(tmp_path) == [2] and not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"{\"pid\": 12", b"\x00\xff garbage", b"[1, 2]",
+                                     b'{"pid": "x", "host": null}', b'{"pid": 0, "host": "h"}'])
+def test_damaged_lock_file_is_called_damaged_and_taken_over_once_old(tmp_path, caplog, content):
+  """An empty or garbled jtl.lock (jtl writes it whole, so no run is writing
+  it) used to read as 'process None on host None' and block every re-run:
+  now a fresh one is an error saying it is damaged and how to clear it, and
+  one older than DAMAGED_LOCK_AGE_S is taken over with a warning."""
+  from jtl.checkpoint import lock
+  path = tmp_path / LOCK_NAME
+  path.write_bytes(content)
+  with pytest.raises(CheckpointError, match=rf"The lock file {path} is damaged .* delete it "
+                                            rf"now \(rm {path}\) and run again"):
+    lock.WorkdirLock(tmp_path).acquire()
+  old = path.stat().st_mtime - lock.DAMAGED_LOCK_AGE_S - 1
+  os.utime(path, (old, old))
+  with caplog.at_level(logging.WARNING), lock.WorkdirLock(tmp_path):
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+  assert "Taking over the damaged lock file" in caplog.text and not path.exists()
+
+
 # Item 4: an error inside the loop closes the manager; the in-flight save completes.
 def test_error_in_the_loop_finishes_the_pending_save_and_raises_the_real_error(tmp_path):
   def broken(start):

@@ -104,3 +104,15 @@ def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplo
   with pytest.raises(ConfigError, match="has 1 class\\(es\\); fine-tuning a classifier needs "
                                         "at least 2"):
     experiment.preflight(config)
+
+
+def test_an_empty_workdir_flag_is_refused_by_every_script(tmp_path):
+  """`--workdir=$UNSET` used to mean the current directory (finetune.py wrote
+  its checkpoints there); every script refuses it and writes nothing."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  for script, args in (("finetune.py", ["--config", ROOT / "configs" / "default.py"]),
+                       ("evaluate.py", []), ("convert.py", ["--format", "onnx"])):
+    result = run(script, "--workdir=", *args, cwd=cwd)
+    assert_clean_failure(result, "ConfigError: --workdir is empty (an unset shell variable?)")
+  assert list(cwd.iterdir()) == []

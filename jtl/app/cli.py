@@ -89,6 +89,22 @@ def configure_cpu_runtime(environ: Mapping[str, str] | None = None) -> str | Non
   return hint
 
 
+def refuse_empty_paths(**flags: str | None) -> None:
+  """ConfigError for a path flag given as "" (`--workdir=$UNSET`), which would
+  otherwise mean the current directory.
+
+  >>> refuse_empty_paths(workdir="runs/a", out=None)
+  >>> refuse_empty_paths(workdir="")
+  Traceback (most recent call last):
+  jtl.errors.ConfigError: --workdir is empty (an unset shell variable?): pass a path, e.g. --workdir runs/default.
+  """
+  from jtl.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  for name, value in flags.items():
+    if value is not None and not value.strip():
+      raise ConfigError(f"--{name} is empty (an unset shell variable?): pass a path, e.g. "
+                        f"--{name} runs/default.")
+
+
 def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
   """Wraps a script's `main`: a `JtlError` is printed as one message (its
   class and text, no traceback) and the process exits with status 2.

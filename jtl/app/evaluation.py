@@ -26,7 +26,7 @@ from jtl import data, steps
 from jtl.app import methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.batchnorm import recompute_batchnorm
-from jtl.errors import JtlError
+from jtl.errors import ConfigError, JtlError
 from jtl.optim import tree_bytes
 from jtl.export import quantize
 
@@ -71,6 +71,10 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
       with radius eps in pixel units ("adv_accuracy").
   """
   run = workdirs.restore(workdir, step=step)
+  out = out_dir or workdir
+  problem = workdirs.writable_problem(out, "out_dir" if out_dir else "workdir")
+  if problem:  # before the evaluation, not after it
+    raise ConfigError(f"Cannot write the evaluation's results: {problem}.")
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or run.config.get("eval_split", "test")
   variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
@@ -86,8 +90,16 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
             **extra, "class_names": names, "per_class_accuracy": per_class,
             "per_class_accuracy_by_name": dict(zip(names, per_class)),
             "confusion_matrix": confusion.tolist()}
-  _write_eval(epath.Path(out_dir or workdir), split, result, confusion, names,
-              title=f"{run.config.model} {split}")
+  try:
+    _write_eval(epath.Path(out), split, result, confusion, names,
+                title=f"{run.config.model} {split}")
+  except OSError as e:  # the numbers are not lost with the files
+    shown = {k: result[k] for k in ("step", "split", "accuracy", "top5_accuracy", "loss", "count")
+             if k in result}
+    raise ConfigError(
+        f"The evaluation finished ({json.dumps(shown)}) but its files could not be written "
+        f"into {os.fspath(out)} ({type(e).__name__}: {e.strerror or e}). Pass --out_dir "
+        "(out_dir=) a writable folder with free space to keep them.") from e
   return result
 
 

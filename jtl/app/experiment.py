@@ -36,6 +36,9 @@ from jtl.optim import make_optimizer
 from jtl.train import FitResult, fit
 
 REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
+# What every evaluation reports (`jtl.train.evaluate`) and could pick the best
+# checkpoint by (the highest value wins).
+BEST_METRICS = ("accuracy", "top5_accuracy")
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -61,6 +64,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   for key in ("eval_every", "checkpoint_every", "warmup_steps"):
     if config.get(key, 0) < 0:
       problems.append(f"{key} must be >= 0, got {config.get(key)}")
+  problems += _training_value_problems(config)
   if config.get("keep", 2) < 1:
     problems.append(f"keep must be >= 1 (checkpoints kept), got {config.keep}")
   if config.get("num_classes") and config.num_classes < 2:
@@ -107,6 +111,33 @@ def patch_size_problems(config: ml_collections.ConfigDict, spec: models.ModelSpe
   return [f"image_size={size} is not a multiple of {config.model}'s patch size {patch}: "
           f"{dropped:.0%} of the pixels (past the last full patch) would be dropped; "
           f"set image_size to {nearest}"]
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _training_value_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """log_every, weight_decay, clip_norm and best_metric, which the loop would
+  otherwise reject late (a ZeroDivisionError, the first save) or not at all."""
+  problems = []
+  log_every = config.get("log_every", 10)
+  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+    problems.append(f"log_every must be an integer >= 1 (training metrics are logged every "
+                    f"that many steps), got {log_every!r}")
+  decay = config.get("weight_decay", 0.0)
+  if not (_is_number(decay) and decay >= 0):
+    problems.append(f"weight_decay must be a number >= 0 (0: none), got {decay!r}")
+  clip = config.get("clip_norm")
+  if clip is not None and not (_is_number(clip) and clip > 0):
+    problems.append(f"clip_norm must be > 0 or None (no clipping), got {clip!r}")
+  best = config.get("best_metric", "accuracy")
+  if best not in (None, "", *BEST_METRICS):
+    hint = (" (the best checkpoint is the one with the highest value, so a loss would keep "
+            "the worst)" if isinstance(best, str) and "loss" in best else "")
+    problems.append(f"best_metric must be one of {list(BEST_METRICS)} (what each evaluation "
+                    f"reports) or None (keep only the latest), got {best!r}{hint}")
+  return problems
 
 
 def model_options(spec: models.ModelSpec) -> list[str]:
@@ -232,11 +263,14 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
           "is taken by an earlier rule)" for rule in partition.unused_rules(shapes["params"], rules)]
 
 
-def preflight(config: ml_collections.ConfigDict) -> None:
+def preflight(config: ml_collections.ConfigDict, workdir: Any = None) -> None:
   """Everything that can be checked before loading weights and training:
-  config values, datasets, splits, image files, classes and rules. Raises one
-  ConfigError listing every problem."""
+  config values, datasets, splits, image files, classes and rules, and (given)
+  that `workdir` is a folder the run can write. Raises one ConfigError listing
+  every problem."""
   problems = config_problems(config)
+  if workdir is not None:
+    problems += [p for p in [workdirs.writable_problem(workdir)] if p]
   if "dataset" in config:
     data, classes = data_problems(config)
     problems += data
@@ -498,7 +532,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """Runs the whole fine-tuning job described by `config` in `workdir`."""
   if config.get("distributed"):  # before anything asks JAX for its devices
     parallel.initialize_distributed()
-  preflight(config)
+  preflight(config, workdir="" if workdir is None else workdir)
   config = resolve_schedule(config)
   workdir = epath.Path(workdir)
   created = build_model(config)

@@ -24,6 +24,27 @@ from jtl.errors import ConfigError
 from jtl.tree import PyTree
 
 
+def writable_problem(path: Any, what: str = "workdir") -> str | None:
+  """Why the run cannot write into the folder `path` (None when it can): an
+  empty path (an unset shell variable), a file, a read-only or full disk.
+  Creates the folder, and writes and removes one small probe file in it."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if path is None or not str(os.fspath(path)).strip():
+    return (f"{what} is empty (an unset shell variable?): pass the run's folder, e.g. "
+            f"--{what} runs/default; jtl does not write into the current directory unasked")
+  folder = epath.Path(path)
+  probe = folder / f".jtl-write-check-{os.getpid()}"
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"jtl write check\n")
+    probe.unlink()
+  except OSError as e:
+    return (f"{what} {os.fspath(path)} is not a writable folder ({type(e).__name__}: "
+            f"{e.strerror or e}): pass a folder on a disk with free space that you can "
+            "write to")
+  return None
+
+
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `model_kwargs`: options for the model's constructor
   (`spec.build`, e.g. {"drop_path_rate": 0.1}); {} when unset."""

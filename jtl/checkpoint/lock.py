@@ -34,7 +34,7 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(owner: dict[str, Any]) -> bool:
-  pid = int(owner.get("pid", -1))
+  pid = owner.get("pid", -1)
   if pid <= 0:
     return False
   try:
@@ -48,13 +48,49 @@ def _alive(owner: dict[str, Any]) -> bool:
 
 
 def _read_owner(path: Path) -> dict[str, Any] | None:
+  """The lock's owner ({} when the file is damaged), None when there is none."""
   try:
-    owner = json.loads(path.read_text())
+    owner = json.loads(path.read_bytes())
   except FileNotFoundError:
     return None
-  except (OSError, ValueError):
+  except (OSError, ValueError, RecursionError):
     return {}
-  return owner if isinstance(owner, dict) else {}
+  return owner if _is_owner(owner) else {}
+
+
+def _is_owner(owner: Any) -> bool:
+  """Whether `owner` is what `WorkdirLock` writes: a positive pid and a host."""
+  pid = owner.get("pid") if isinstance(owner, dict) else None
+  return (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+          and isinstance(owner.get("host"), str) and bool(owner["host"]))
+
+
+# A damaged lock (empty, not JSON, no pid/host) was not written by a jtl run:
+# they write it whole, atomically. One older than this has no writer still at
+# work on it, and is taken over; a younger one may be some other tool's.
+DAMAGED_LOCK_AGE_S = 60.0
+
+
+def _damaged_lock(path: Path) -> bool:
+  """True (after a warning) when the damaged lock at `path` may be taken over;
+  else a CheckpointError saying how to clear it."""
+  try:
+    age = time.time() - path.stat().st_mtime
+    head = path.read_bytes()[:60]
+  except FileNotFoundError:
+    return True
+  except OSError as e:
+    age, head = 0.0, f"unreadable: {e}".encode()
+  what = "empty" if not head else f"starts {head!r}"
+  if age >= DAMAGED_LOCK_AGE_S:
+    log.warning("Taking over the damaged lock file %s (%s, %.0f s old): it names no process, "
+                "and jtl runs write their lock whole.", path, what, age)
+    return True
+  raise CheckpointError(
+      f"The lock file {path} is damaged ({what}; jtl writes a JSON object with the owner's "
+      f"pid and host) and only {age:.0f} s old. jtl takes a damaged lock over once it is "
+      f"{DAMAGED_LOCK_AGE_S:.0f} s old; if no other run uses this workdir, delete it now "
+      f"(rm {path}) and run again.")
 
 
 class WorkdirLock:
@@ -97,6 +133,10 @@ class WorkdirLock:
   def _take_over_if_stale(self, mine: dict[str, Any]) -> None:
     owner = _read_owner(self.path)
     if owner is None:  # released meanwhile
+      return
+    if not owner:
+      if _damaged_lock(self.path) and _read_owner(self.path) == {}:
+        self.path.unlink(missing_ok=True)
       return
     same_host = owner.get("host") == mine["host"]
     if same_host and (owner.get("pid") == mine["pid"] or not _alive(owner)):

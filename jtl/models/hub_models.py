@@ -392,9 +392,12 @@ def _check_dinov2(source: str, config: Mapping[str, Any]) -> int:
     value = g(key, default)
     for v in (value if isinstance(value, list) and value else [value]):
       _int_field(v, key, where, "image")
-  for key, default, high in (("mlp_ratio", 4, 64), ("layer_norm_eps", 1e-6, 1),
-                             ("layerscale_value", 1.0, 1e6)):
-    _float_field(g(key, default), key, where, 0, high)
+  for key, default, low, high in (("mlp_ratio", 4, 1e-3, 64), ("layer_norm_eps", 1e-6, 0, 1),
+                                  ("layerscale_value", 1.0, 0, 1e6)):
+    _float_field(g(key, default), key, where, low, high)
+  arch = g("architectures")
+  if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+    raise _damaged(where, "architectures", arch, "a list of class names")
   labels = g("id2label")
   if labels is not None and not (isinstance(labels, dict) and len(labels) <= _LIMITS["classes"]):
     raise _damaged(where, "id2label", labels, "an object {index: label}")
@@ -423,5 +426,5 @@ def spec_for(source: str) -> registry.ModelSpec:
     depth = _check_dinov2(source, config)
     return dataclasses.replace(dinov2.hub_spec(source, config), check_names=_depth_check(
         _HF_LAYER, depth, "num_hidden_layers", source))
-  raise _unsupported(f"the model (model_type {model_type!r}, architectures "
-                     f"{config.get('architectures')!r})", source)
+  raise _unsupported(f"the model (model_type {model_type!r:.100}, architectures "
+                     f"{config.get('architectures')!r:.200})", source)

@@ -21,7 +21,9 @@ case's folder.
 Each mutated file is read (auto-detected, then with format= forced; Orbax
 directories also through `verify_orbax`) by one of a pool of long-lived worker
 subprocesses, under a memory cap (RLIMIT_AS: --mem_gib above the worker's
-footprint after warm-up) and a time cap per file (--timeout). A worker that
+footprint after warm-up) and a time cap per file (--timeout seconds of the
+worker's CPU time, so that a loaded shared machine does not count as hangs;
+or 20 x --timeout of wall time). A worker that
 dies or hangs is restarted. Outcomes are counted per format: arrays, JtlError,
 other exception, hang, crash, over the memory cap; the goal is 0 in the last
 four. Cases in those classes are listed in <workdir>/findings.jsonl and are
@@ -812,10 +814,34 @@ class Worker:
     *done, self.buf = self.buf.split(b"\n")
     return [line.decode() for line in done]
 
+  def cpu_seconds(self) -> float:
+    """CPU time (user + system, all threads) the worker has used."""
+    try:
+      with open(f"/proc/{self.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+      return float("inf")  # no /proc: the wall-time cap alone
+
+  def hung(self) -> bool:
+    """Past the time cap: --timeout seconds of CPU time on this case (a wall
+    clock cap would count the time a shared machine's other jobs took from
+    it), or 20 x --timeout of wall time."""
+    now = time.monotonic()
+    if now < self.deadline:
+      return False
+    if self.cpu_at is None or now - self.started > 20 * self.args.timeout:
+      return True
+    if self.cpu_seconds() - self.cpu_at >= self.args.timeout:
+      return True
+    self.deadline = now + 1.0  # starved, not hung: look again in a second
+    return False
+
   def submit(self, case: tuple[str, int]) -> None:
     # Making the case (a 300 MiB deflated member, say) is not the reader's
     # time: the cap starts when the worker says "start".
     self.case, self.deadline = case, time.monotonic() + 10 * self.args.timeout + 60
+    self.cpu_at = None
     self.proc.stdin.write(f"{case[0]} {case[1]}\n".encode())
     self.proc.stdin.flush()
 
@@ -880,7 +906,8 @@ def run_campaign(args: argparse.Namespace) -> dict[str, dict[str, int]]:
         continue
       for line in lines:
         if line == "start":
-          w.deadline = time.monotonic() + args.timeout
+          w.started, w.cpu_at = time.monotonic(), w.cpu_seconds()
+          w.deadline = w.started + args.timeout
         else:
           reply = json.loads(line)
           sel.unregister(key.fileobj)
@@ -888,7 +915,7 @@ def run_campaign(args: argparse.Namespace) -> dict[str, dict[str, int]]:
           finished += 1
           feed(w)
     for w in workers:
-      if w.case and time.monotonic() > w.deadline:
+      if w.case and w.hung():
         sel.unregister(w.proc.stdout)
         w.kill()
         record(w, "hang", f"> {args.timeout} s")
