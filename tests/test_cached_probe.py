@@ -90,7 +90,7 @@ def _evaluation_output_checks(tmp_path):
   compute everything, then die with a raw OSError and print nothing)."""
   (tmp_path / "file").write_text("x")
   with pytest.raises(ConfigError, match=r"Cannot write the evaluation's results: out_dir "
-                                        rf"{tmp_path / 'file'} is not a writable folder"):
+                                        rf"{tmp_path / 'file'} is not a folder"):
     evaluation.evaluate_workdir(tmp_path / "run", out_dir=tmp_path / "file")
   (tmp_path / "out" / "eval_test.json").mkdir(parents=True)  # writable folder, unwritable file
   with pytest.raises(ConfigError, match=r'The evaluation finished \({"step": 20, "split": '

@@ -26,20 +26,25 @@ from jtl.tree import PyTree
 
 def writable_problem(path: Any, what: str = "workdir") -> str | None:
   """Why the run cannot write into the folder `path` (None when it can): an
-  empty path (an unset shell variable), a file, a read-only or full disk.
-  Creates the folder, and writes and removes one small probe file in it."""
+  empty path (an unset shell variable), a file in the way, a read-only or
+  full disk. Writes and removes one small probe file in `path` or, while it
+  does not exist, in its nearest existing parent: nothing is left behind."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if path is None or not str(os.fspath(path)).strip():
     return (f"{what} is empty (an unset shell variable?): pass the run's folder, e.g. "
             f"--{what} runs/default; jtl does not write into the current directory unasked")
-  folder = epath.Path(path)
-  probe = folder / f".jtl-write-check-{os.getpid()}"
+  folder = existing = epath.Path(path)
   try:
-    folder.mkdir(parents=True, exist_ok=True)
+    while not existing.exists() and existing.parent != existing:
+      existing = existing.parent
+    if not existing.is_dir():
+      return f"{what} {os.fspath(path)} is not a folder: {existing} is a file"
+    probe = existing / f".jtl-write-check-{os.getpid()}"
     probe.write_bytes(b"jtl write check\n")
     probe.unlink()
   except OSError as e:
-    return (f"{what} {os.fspath(path)} is not a writable folder ({type(e).__name__}: "
+    where = "" if existing == folder else f" (its parent {existing})"
+    return (f"{what} {os.fspath(path)}{where} is not writable ({type(e).__name__}: "
             f"{e.strerror or e}): pass a folder on a disk with free space that you can "
             "write to")
   return None

@@ -354,7 +354,7 @@ def create(name: str, *, num_classes: int | None = None,
   if path is None:
     variables = init_variables(spec, module, seed=seed)
   else:
-    from jtl import checkpoint, weights  # checkpoint imports models' users
+    from jtl import weights  # weights imports models' users
     # Shapes only (no init of what the checkpoint replaces): the loaded leaves
     # are the checkpoint's arrays, and only the leaves it lacks (a new head,
     # skipped ones) are initialised, so the peak stays near the file's size.
@@ -382,10 +382,10 @@ def _weights(name: str, spec: ModelSpec, pretrained: bool | str) -> Any:
         f"Model {name!r} has no default pretrained weights (spec.pretrained "
         "is None). Pass pretrained=False for a random init, or "
         "pretrained='<path or source name>'.")
-  from jtl import checkpoint, weights  # checkpoint imports models' users
+  from jtl import weights  # weights imports models' users
   path = weights.resolve(source)
   if spec.check_names is not None:
-    spec.check_names(checkpoint.tensor_names(path), str(path))
+    spec.check_names(weights.tensor_names(path), str(path))
   return path
 
 

@@ -15,7 +15,7 @@ from jtl.weights import hub
 from jtl.weights.adapt import adapt_input_conv, resize_pos_embed
 from jtl.weights.hub import HubRef
 from jtl.weights.loading import Entry, LoadReport, load_pretrained
-from jtl.weights.readers import FORMATS, detect_format, read
+from jtl.weights.readers import FORMATS, detect_format, read, tensor_names
 from jtl.weights.sources import (
   cache_dir,
   download,
@@ -26,4 +26,4 @@ from jtl.weights.sources import (
 
 __all__ = ["FORMATS", "Entry", "HubRef", "LoadReport", "adapt_input_conv", "cache_dir",
            "detect_format", "download", "hub", "list_sources", "load_pretrained", "read",
-           "register_source", "resize_pos_embed", "resolve"]
+           "register_source", "resize_pos_embed", "resolve", "tensor_names"]
