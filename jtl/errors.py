@@ -50,6 +50,13 @@ class DivergenceError(StepError):
   """A training step whose loss or gradient norm is not finite (NaN or inf)."""
 
 
+class MissingExtraError(JtlError, ImportError):
+  """An optional package a feature needs is not installed (`jtl._optional`).
+
+  Also an ImportError, so code that falls back when an import fails keeps working.
+  """
+
+
 def bullet_list(items: Iterable[object], *, limit: int = 50) -> str:
   """Formats items as an indented bullet list, eliding after `limit`."""
   items = list(items)

@@ -6,6 +6,8 @@ All three live in the workdir: `metrics.jsonl` (one JSON object per line,
 evaluation). Only process 0 writes. A NaN or inf is written as null (strict
 JSON). A resumed run first cuts the JSONL back to its resume step, so the
 steps it repeats appear once, and drops a line left partial by a kill.
+TensorBoard files need tensorboardX and the plot matplotlib (`jtl[app]`);
+by default each is written when its package is installed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import jax
 from etils import epath
+
+from jtl import _optional
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +54,35 @@ def _read_rows(path: epath.Path) -> tuple[list[dict[str, Any]], list[int]]:
   return rows, dropped
 
 
-class MetricWriter:
-  """Appends metrics to JSONL and TensorBoard; draws the curves on demand."""
+def _wanted(option: bool | None, module: str, what: str) -> bool:
+  """True/False as given; None: whether `module` is installed (logged once if not)."""
+  if option is not None:
+    return option
+  if _optional.available(module):
+    return True
+  if module not in _NOT_INSTALLED_LOGGED:
+    _NOT_INSTALLED_LOGGED.add(module)
+    log.info("%s not written: %s is not installed (pip install 'jtl[app]').", what, module)
+  return False
 
-  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
-               resume_step: int | None = None):
+
+_NOT_INSTALLED_LOGGED: set[str] = set()
+
+
+class MetricWriter:
+  """Appends metrics to JSONL and TensorBoard; draws the curves on demand.
+
+  `tensorboard` and `curves`: True writes them (MissingExtraError without
+  tensorboardX / matplotlib), False does not, None when the package is installed.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool | None = None,
+               curves: bool | None = None, resume_step: int | None = None):
     self.workdir = epath.Path(workdir)
     self.active = jax.process_index() == 0
     self.history: list[dict[str, Any]] = []
     self._tb = None
+    self.curves = self.active and _wanted(curves, "matplotlib", "curves.png")
     if not self.active:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -72,9 +96,9 @@ class MetricWriter:
         tmp = self.workdir / "metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.jsonl)
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    if _wanted(tensorboard, "tensorboardX", "TensorBoard logs"):
+      tbx = _optional.require("tensorboardX", "TensorBoard logs (MetricWriter)")
+      self._tb = tbx.SummaryWriter(str(self.workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.active:
@@ -92,11 +116,10 @@ class MetricWriter:
 
   def plot(self, filename: str = "curves.png") -> epath.Path | None:
     """Draws loss and accuracy curves of the history into workdir/filename."""
-    if not self.active or not self.history:
+    if not self.active or not self.history or not self.curves:
       return None
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    _optional.require("matplotlib", "Plotting curves (MetricWriter)").use("Agg")
+    plt = _optional.require("matplotlib.pyplot", "Plotting curves (MetricWriter)")
 
     def series(split, key):
       rows = [r for r in self.history if r["split"] == split and key in r]

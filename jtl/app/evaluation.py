@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jtl import data, steps
+from jtl import _optional, data, steps
 from jtl.app import methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.batchnorm import recompute_batchnorm
@@ -197,7 +197,7 @@ def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:
 
 def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *,
                     title: str) -> None:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _optional.require("matplotlib.pyplot", "The confusion matrix PNG")
   fig = confusion_figure(confusion, names, title=title)
   fig.savefig(str(path), dpi=100)
   plt.close(fig)
@@ -207,7 +207,7 @@ def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = ""
   """The confusion matrix as a matplotlib figure: true classes down, predicted
   across, labelled with the class names (up to 50 classes), counts written in
   each cell (up to 20 classes), white on dark cells and black on light ones."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib = _optional.require("matplotlib", "The confusion matrix figure")
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   n = len(confusion)

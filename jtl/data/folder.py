@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from jtl import _optional
 from jtl.errors import DataError, bullet_list
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
   pixels, or cut short (see the module docstring)."""
   import warnings  # pylint: disable=g-import-not-at-top
 
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = _optional.require("PIL.Image", "Image folders")  # noqa: N806
   try:
     with open(path, "rb") as f:
       head = f.read(12)
@@ -156,7 +157,7 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
 
 def find_undecodable(paths: Any, limit: int = 20, *, max_pixels: int = MAX_PIXELS) -> list[str]:
   """Returns up to `limit` paths that PIL cannot fully decode."""
-  from PIL import Image  # only needed after a decode failure
+  Image = _optional.require("PIL.Image", "Image folders")  # noqa: N806
 
   bad = []
   for p in paths:

@@ -20,10 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import numpy as np
-import tensorflow as tf
 
+from jtl import _optional
 from jtl.errors import DataError
 from jtl.models import preprocessing
+
+tf = _optional.require("tensorflow", "jtl.data's input pipelines")
 
 Normalizer = Callable[[tf.Tensor], tf.Tensor]
 NormalizeSpec = Union[str, Normalizer, tuple[Sequence[float], Sequence[float]],

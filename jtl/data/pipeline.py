@@ -39,9 +39,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from jtl import _optional
 from jtl.data import folder, images, text
 from jtl.data.sources import (
   ArraySource,
@@ -51,6 +50,9 @@ from jtl.data.sources import (
   resolve_source,
 )
 from jtl.errors import DataError, bullet_list
+
+tf = _optional.require("tensorflow", "jtl.data's input pipelines")
+tfds = _optional.require("tensorflow_datasets", "jtl.data's input pipelines")
 
 Batch = dict[str, Any]
 _FOREVER = 2**62

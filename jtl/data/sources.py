@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from jtl import _optional
 from jtl.data import folder, text
 from jtl.errors import DataError, bullet_list
 
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def host_tf() -> Any:
+def host_tf(feature: str = "jtl.data's input pipelines and TFDS datasets",
+            extra: str | None = None) -> Any:
   """Imports TensorFlow for host-side input pipelines and returns the module.
 
   TensorFlow is imported here, when jtl first builds a pipeline or reads a
@@ -49,8 +51,7 @@ def host_tf() -> Any:
   accelerator memory that JAX needs; a TensorFlow whose devices the user's
   own code has already initialised is left as it is.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+  tf = _optional.require("tensorflow", feature, extra)
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # devices already initialised by the user's own TF code
@@ -293,7 +294,7 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
 def _tfds_is_mocked() -> bool:
   # `tfds.testing.mock_data` serves random examples of the right features, so
   # that configs and pipelines can be checked offline without prepared files.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _optional.require("tensorflow_datasets", "TFDS datasets")
   prepare = tfds.core.DatasetBuilder.download_and_prepare
   return getattr(prepare, "__name__", "") == "mock_download_and_prepare"
 
@@ -301,7 +302,7 @@ def _tfds_is_mocked() -> bool:
 def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str | None,
                  label_key: str, num_classes: int | None) -> TfdsSource:
   host_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _optional.require("tensorflow_datasets", "TFDS datasets")
 
   # Importing the builders registers jtl's local datasets ("jtl_mnist5k", ...).
   from jtl.data import builders  # pylint: disable=g-import-not-at-top

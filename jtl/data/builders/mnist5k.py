@@ -16,10 +16,12 @@ import gzip
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from jtl import _optional
 from jtl.data.builders.split import grey_examples, stratified_split
 from jtl.data.text import package_file
+
+tfds = _optional.require("tensorflow_datasets", "jtl's TFDS datasets")
 
 _SPLIT_SEED = 20240501
 _TEST_PER_CLASS = 100

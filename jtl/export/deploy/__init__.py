@@ -28,8 +28,9 @@ per layer and map it to their conv kernels. The numbers are the same.
 `load(path)` runs a file in its own runtime (onnxruntime; ai-edge-litert's
 interpreter, or TensorFlow's as a fallback) as `predict(x) -> logits`.
 The converters and runtimes are imported lazily: `import jtl` never imports
-them, and they are needed only here (onnx, onnx-ir, onnxruntime, jax2onnx,
-ai-edge-litert are test/deployment dependencies, not runtime ones).
+them, and they are needed only here: the "deploy" extra (onnx, onnx-ir,
+onnxruntime, ai-edge-litert, TensorFlow for the LiteRT converter) and
+jax2onnx, each named by the error when it is missing.
 
 >>> import numpy as np, flax.linen as nn, jax, tempfile, os
 >>> module = nn.Dense(3)

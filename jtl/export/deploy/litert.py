@@ -16,14 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jtl.export.writers import write_atomic
+from jtl import _optional
 from jtl.errors import bullet_list
 from jtl.export.deploy.tracing import TOKEN_INPUTS, ExportError, OpUse, _examples, find_ops
+from jtl.export.writers import write_atomic
 
 
-def _tf():
+def _tf(feature: str = "LiteRT export") -> Any:
   from jtl.data import sources  # pylint: disable=g-import-not-at-top
-  return sources.host_tf()  # TensorFlow with its GPUs hidden, as jtl's pipeline has it
+  # TensorFlow with its GPUs hidden, as jtl's pipeline has it.
+  return sources.host_tf(feature, extra="deploy")
+
+
+def _interpreter() -> Any:
+  """ai-edge-litert's Interpreter class, or TensorFlow's (deprecated) without it."""
+  if _optional.available("ai_edge_litert"):
+    return _optional.require("ai_edge_litert.interpreter", "Running LiteRT files").Interpreter
+  return _tf("Running LiteRT files (ai-edge-litert or TensorFlow)").lite.Interpreter
 
 
 _TFLITE_ALIASES = {"countleadingzeros": "clz", "populationcount": "population_count"}
@@ -44,10 +53,7 @@ def unresolvable_int8_tensors(model: bytes | str | os.PathLike) -> list[str]:
   """'op OP: tensor NAME (scale S)' for every quantized tensor of a LiteRT
   model whose scale is not finite, zero, or above MAX_INT8_SCALE (read
   without allocating: the runtime aborts while preparing such ops)."""
-  try:
-    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    Interpreter = _tf().lite.Interpreter
+  Interpreter = _interpreter()  # noqa: N806
   if isinstance(model, bytes):
     it = Interpreter(model_content=model)
   else:

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jtl.export.writers import write_atomic
-from jtl.errors import ConfigError, bullet_list
+from jtl import _optional
+from jtl.errors import MissingExtraError, bullet_list
 from jtl.export.deploy.tracing import TOKEN_INPUTS, ExportError, _examples, find_ops
+from jtl.export.writers import write_atomic
 
 
 @contextlib.contextmanager
@@ -33,14 +34,14 @@ def _jax2onnx() -> tuple[Callable[..., Any], Any]:
   """jax2onnx's `to_onnx` and its plugin system (the registry of lowerings)."""
   try:
     with _quiet_logger("jax2onnx"):  # it tries to import optional plugins (equinox, dm_pix)
-      from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-      from jax2onnx.plugins import plugin_system  # pylint: disable=g-import-not-at-top
+      to_onnx = _optional.require("jax2onnx", "ONNX export").to_onnx
+      plugin_system = _optional.require("jax2onnx.plugins.plugin_system", "ONNX export")
       plugin_system.import_all_plugins()
-  except ImportError as e:
-    raise ConfigError(
-        f"ONNX export needs jax2onnx, onnx and onnx-ir ({e}). Install them with "
-        "`pip install onnx onnx-ir onnxruntime` and `pip install --no-deps jax2onnx` "
-        "(its declared orbax pin would downgrade orbax-checkpoint).") from e
+  except MissingExtraError:
+    raise
+  except ImportError as e:  # jax2onnx is there but onnx or onnx-ir, its own imports, is not
+    missing = (e.name or "onnx").split(".")[0]
+    raise MissingExtraError(_optional.message(missing, "ONNX export")) from e
   return to_onnx, plugin_system
 
 
@@ -64,8 +65,9 @@ def _max_pool_lowering(plugin_system: Any) -> Any:
   MaxPool with the explicit pads (MaxPool pads with -inf, as the reduce
   window's init), Transpose back. Other shapes keep jax2onnx's lowering.
   """
-  from jax2onnx.plugins import _ir_shapes  # pylint: disable=g-import-not-at-top
-  from jax2onnx.plugins.jax.lax import reduce_window_max  # pylint: disable=g-import-not-at-top
+  _ir_shapes = _optional.require("jax2onnx.plugins._ir_shapes", "ONNX export")
+  reduce_window_max = _optional.require("jax2onnx.plugins.jax.lax.reduce_window_max",
+                                        "ONNX export")
 
   base = reduce_window_max.ReduceWindowMaxPrimitivePlugin
 

@@ -12,15 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from jtl.export.writers import write_atomic
+from jtl import _optional
 from jtl.errors import CheckpointError, ConfigError
-from jtl.export.deploy.litert import _tf
+from jtl.export.deploy import litert
 from jtl.export.deploy.tracing import (
   DEFAULT_MAX_ACCURACY_DROP,
   FORMATS,
   TOKEN_INPUTS,
   QuantizationWarning,
 )
+from jtl.export.writers import write_atomic
 
 
 def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> None:
@@ -84,10 +85,7 @@ class Runtime:
                             f"({type(e).__name__}: {e}).") from e
 
   def _init_onnx(self, num_threads: int | None) -> None:
-    try:
-      import onnxruntime as ort  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ConfigError(f"Running ONNX needs onnxruntime ({e}): pip install onnxruntime") from e
+    ort = _optional.require("onnxruntime", "Running ONNX files")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if num_threads:
@@ -101,11 +99,7 @@ class Runtime:
     self.input_shape = tuple(int(d) if isinstance(d, int) else None for d in inputs[0].shape[1:])
 
   def _init_tflite(self, num_threads: int | None) -> None:
-    try:
-      from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      Interpreter = _tf().lite.Interpreter  # TensorFlow's own, deprecated
-    self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+    self._interpreter = litert._interpreter()(model_path=self.path, num_threads=num_threads)
     details = self._interpreter.get_input_details()
     if len(details) > 1:  # token inputs: match the file's names ("serving_..._input_ids:0")
       by_name = {n: [d for d in details if n in d["name"]] for n in TOKEN_INPUTS}
