@@ -65,7 +65,7 @@ accuracy = lambda p: float((module.apply({"params": p}, x).argmax(-1) == y).mean
 
 errors = {}
 for name, call in [("data", lambda: jtl.data.make_dataset),
-                   ("hub", lambda: jtl.read("hf://owner/repo/model.safetensors")),
+                   ("hub", lambda: jtl.weights.read("hf://owner/repo/model.safetensors")),
                    ("app", lambda: __import__("jtl.app"))]:
   try:
     call()
