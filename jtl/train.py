@@ -426,6 +426,9 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
+  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+    raise ConfigError(f"log_every must be an integer >= 1 (steps between logged training "
+                      f"metrics), got {log_every!r}.")
   mesh = mesh or parallel.make_mesh()
   meta = dict(meta or {})
   phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))

@@ -172,6 +172,14 @@ def test_damaged_lock_file_is_called_damaged_and_taken_over_once_old(tmp_path, c
   assert "Taking over the damaged lock file" in caplog.text and not path.exists()
 
 
+def test_fit_refuses_log_every_0_before_any_step(tmp_path):
+  """fit (the Python API) as the config: log_every=0 was a ZeroDivisionError at step 1."""
+  from jtl.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"log_every must be an integer >= 1 .* got 0"):
+    jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path, log_every=0))
+  assert not (tmp_path / "checkpoints").exists()
+
+
 # Item 4: an error inside the loop closes the manager; the in-flight save completes.
 def test_error_in_the_loop_finishes_the_pending_save_and_raises_the_real_error(tmp_path):
   def broken(start):
