@@ -284,3 +284,133 @@ def test_hidden_files_never_decide_the_folder_layout(tmp_path, caplog):
     info = dataset_info(f"folder:{tmp_path}")
   assert info == (2, {"test": 4, "train": 6}, ["cat", "dog"])
   assert "._000.png" not in caplog.text  # hidden files are not even warned about
+
+
+def rle8_bmp(pixels):
+  """An 8-bit run-length encoded (BI_RLE8) BMP of grey palette indices:
+  PIL reads it, TensorFlow's decoder does not."""
+  import struct
+  h, w = pixels.shape
+  body = b"".join(b"".join(bytes([1, int(v)]) for v in row) + b"\0\0" for row in pixels[::-1])
+  body += b"\0\1"
+  palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+  offset = 14 + 40 + len(palette)
+  header = b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset)
+  info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+  return header + info + palette + body
+
+
+def _damaged_mid_file(image, fmt):
+  """A PNG/JPEG whose header and end are intact, damaged in the middle."""
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt)
+  data = buf.getvalue()
+  n = len(data) // 2
+  return data[:n] + b"\xff" * 50 + data[n + 50:]
+
+
+def test_bmp_kinds_tensorflow_cannot_decode_are_read_as_the_check_reads_them(tmp_path):
+  """Issue 26: 1-bit and RLE8 BMPs passed the check (PIL) and crashed the
+  pipeline (TensorFlow's decoder) at the first evaluation."""
+  _write_folder(tmp_path)
+  grey = np.arange(30, dtype=np.uint8).reshape(5, 6) * 8
+  (tmp_path / "test" / "cat" / "rle8.bmp").write_bytes(rle8_bmp(grey))
+  bits = np.zeros((5, 6), bool)
+  bits[:, 3:] = True
+  Image.fromarray(bits).save(tmp_path / "test" / "dog" / "mono.bmp")
+  batches = list(make_dataset(tmp_path, split="test", batch_size=8, train=False,
+                              image_size=(5, 6)))
+  assert len(batches) == 1 and batches[0]["mask"].sum() == 6
+  by_label = batches[0]["inputs"][:6]
+  np.testing.assert_allclose(by_label[2, ..., 0], grey, atol=1e-3)  # cat: 000, 001, rle8
+  np.testing.assert_allclose(by_label[5, ..., 1], bits * 255.0, atol=1e-3)  # dog: ..., mono
+
+
+def test_files_damaged_mid_file_are_named_before_training(tmp_path):
+  """Issue 26: PNG/JPEG damaged in the middle passed the check, then stopped
+  the run at its first evaluation with nothing saved."""
+  from test_experiment_config import config_with
+
+  from jtl.app import experiment
+  from jtl.errors import ConfigError
+  _write_folder(tmp_path / "photos")
+  image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)
+  (tmp_path / "photos" / "test" / "cat" / "mid.png").write_bytes(_damaged_mid_file(image, "PNG"))
+  (tmp_path / "photos" / "train" / "dog" / "mid.jpg").write_bytes(
+      _damaged_mid_file(image, "JPEG"))
+  dataset_info(tmp_path / "photos")  # the header check passes them: both end as they should
+  config = config_with()
+  config.dataset, config.num_classes = f"folder:{tmp_path / 'photos'}", 0
+  with pytest.raises(ConfigError, match=r"(?s)2 file\(s\) of image folder .* do not decode.*"
+                     r"test/cat/mid\.png: does not decode.*train/dog/mid\.jpg: does not decode"):
+    experiment.finetune(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+  # Read without the check, the pipeline names the file.
+  with pytest.raises(DataError, match=r"test/cat/mid\.png: does not decode"):
+    list(make_dataset(tmp_path / "photos", split="test", batch_size=8, train=False,
+                      image_size=4))
+
+
+def test_file_names_that_are_not_utf8_are_read(tmp_path):
+  """Issue 26: a non-UTF-8 file name passed the scan, then the first
+  evaluation died with a ValueError naming no file."""
+  import os
+  _write_folder(tmp_path)
+  name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or zip writes them
+  Image.fromarray(np.full((6, 5, 3), 200, np.uint8)).save(tmp_path / "test" / "dog" / name)
+  assert dataset_info(tmp_path).num_examples == {"test": 5, "train": 6}
+  batches = list(make_dataset(tmp_path, split="test", batch_size=5, train=False, image_size=4))
+  assert batches[0]["mask"].sum() == 5 and batches[0]["label"].tolist() == [0, 0, 1, 1, 1]
+  np.testing.assert_allclose(batches[0]["inputs"][4], 200.0, atol=1e-3)  # sorted after 001.png
+  train = next(iter(make_dataset(tmp_path, split="train", batch_size=2, train=True,
+                                 image_size=4)))
+  assert train["inputs"].shape == (2, 4, 4, 3)
+  from jtl.data import folder
+  assert folder.shown(tmp_path / "test" / "dog" / name).endswith("caf\\xe9.png")
+  (tmp_path / "train" / os.fsdecode(b"\xff\xfe")).mkdir()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+      tmp_path / "train" / os.fsdecode(b"\xff\xfe") / "0.png")
+  with pytest.raises(DataError, match=r"(?s)Class folder names.*must be UTF-8.*\\xff\\xfe"):
+    dataset_info(tmp_path)
+
+
+def test_exif_orientation_is_applied_as_phones_show_photos(tmp_path):
+  """Issue 26: phone photos with an EXIF orientation were used sideways."""
+  from PIL import ImageOps
+  _write_folder(tmp_path)
+  stored = np.zeros((8, 16, 3), np.uint8)
+  stored[:, 8:] = 255  # stored sideways: dark left half, bright right half
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+  path = tmp_path / "test" / "dog" / "phone.jpg"
+  Image.fromarray(stored).save(path, exif=exif, quality=100)
+  upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+  assert upright.shape == (16, 8, 3) and upright[:8].mean() < 10 < 245 < upright[8:].mean()
+  batch = next(iter(make_dataset(tmp_path, split="test", batch_size=8, train=False,
+                                 image_size=(16, 8))))
+  np.testing.assert_allclose(batch["inputs"][4], upright, atol=1e-3)  # dog: 000, 001, phone
+
+
+def test_the_same_image_in_training_and_evaluation_splits_is_warned_with_the_count(
+    tmp_path, caplog):
+  """Issue 26: the same file content in train/ and test/ was accepted silently."""
+  import shutil
+
+  from test_experiment_config import config_with
+
+  from jtl.app import experiment
+  _write_folder(tmp_path)
+  config = config_with()
+  config.dataset, config.num_classes = f"folder:{tmp_path}", 0
+  with caplog.at_level(logging.WARNING):
+    experiment.preflight(config)
+  assert "same content" not in caplog.text
+  shutil.copy(tmp_path / "train" / "cat" / "001.png", tmp_path / "test" / "dog" / "copy1.png")
+  shutil.copy(tmp_path / "train" / "dog" / "000.png", tmp_path / "test" / "dog" / "copy2.png")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    experiment.preflight(config)
+  assert ("2 image(s) of eval_split='test' have the same content as a training image of "
+          "'train' (e.g. test/dog/copy1.png = train/cat/001.png, test/dog/copy2.png = "
+          "train/dog/000.png)") in caplog.text

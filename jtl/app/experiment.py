@@ -206,6 +206,7 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
     problems.append(f"dataset {config.dataset!r} has {classes} class(es); fine-tuning a "
                     "classifier needs at least 2")
   problems += num_classes_problems(config, found, classes)
+  problems += image_file_problems(config, found)
   if len(found) == 2:
     _warn_unseen_classes(config, found["train_split"], found["eval_split"])
   return problems, classes
@@ -229,6 +230,58 @@ def num_classes_problems(config: ml_collections.ConfigDict, found: dict[str, Any
                       f"({key}; labels 0..{n - 1}): labels {outputs}..{n - 1} would have no "
                       f"output. Set num_classes={n} (or 0: from the dataset)")
   return problems
+
+
+def image_file_problems(config: ml_collections.ConfigDict, found: dict[str, Any]) -> list[str]:
+  """Image folders: every file decoded as the input pipeline decodes it
+  (`folder.verify`: PIL, EXIF orientation applied) and hashed. A file that
+  does not decode is a problem (it would stop the run at its first
+  evaluation); evaluation files with the same bytes as a training file are
+  warned about (`_warn_duplicates`)."""
+  from jtl.data import folder  # pylint: disable=g-import-not-at-top
+  sources = {s.name: s for s in found.values() if getattr(s, "kind", None) == "file"}
+  problems, digests = [], {}
+  for source in sources.values():
+    paths = [p for files in source.inputs.values() for p in files]
+    bad, hashes = folder.verify(paths)
+    if bad:
+      problems.append(f"{len(bad)} file(s) of image folder {source.name!r} do not decode "
+                      "(delete or replace them):\n" + bullet_list(bad, limit=20).replace(
+                          "  - ", "      - "))
+    digests.update(zip(paths, hashes))
+  if not problems and "train_split" in found and found["train_split"].name in sources:
+    _warn_duplicates(config, found, digests)
+  return problems
+
+
+def _warn_duplicates(config: ml_collections.ConfigDict, found: dict[str, Any],
+                     digests: dict[str, str]) -> None:
+  """Warns, with the count, when evaluation files (eval_split, test_split)
+  have the same bytes as a training file: they are not held out."""
+  train = found["train_split"]
+  name, idx = train.indices(config.get("train_split", "train"))
+  seen = {digests[train.inputs[name][i]]: train.inputs[name][i] for i in idx}
+  evals = {"eval_split": (found.get("eval_split"), config.get("eval_split", "test"))}
+  if config.get("test_split") and config.test_split.split("[")[0] in train.labels:
+    evals["test_split"] = (train, config.test_split)
+  for key, (source, split) in evals.items():
+    if source is None or getattr(source, "kind", None) != "file":
+      continue
+    name, idx = source.indices(split)
+    copies = [(f, seen[digests[f]]) for f in source.inputs[name][idx]
+              if digests.get(f) in seen]
+    if copies:
+      example = ", ".join(f"{folder_name(a)} = {folder_name(b)}" for a, b in copies[:3])
+      logging.warning("%d image(s) of %s=%r have the same content as a training image of %r "
+                      "(e.g. %s): they are not held out, so their accuracy overstates the "
+                      "model's. Remove the copies from one side.", len(copies), key, split,
+                      config.get("train_split", "train"), example)
+
+
+def folder_name(path: str) -> str:
+  """"<split>/<class>/<file>" of an image folder's file, printable."""
+  from jtl.data import folder  # pylint: disable=g-import-not-at-top
+  return folder.shown("/".join(os.path.normpath(path).split(os.sep)[-3:]))
 
 
 def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: Any) -> None:

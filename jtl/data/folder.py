@@ -9,17 +9,29 @@ its size must stay within `max_pixels` (a 10,000 x 10,000 PNG would cost
 gigabytes once decoded), and it must end the way its format ends (JPEG's EOI
 marker, PNG's IEND chunk, GIF's trailer, BMP's declared size); a file that
 does not is decoded in full to tell a truncated image from harmless trailing
-bytes. With `on_bad_file="raise"` (default) a `DataError` names every bad file
+bytes. Decoding is `load_image`'s everywhere: the input pipeline, this check
+and `verify` (the before-training check of every file: the decode, and a
+content hash to find the same image in training and evaluation splits) use
+the one function, so a file that passes cannot fail later. It applies the
+EXIF orientation (a phone photo is used upright, as a viewer shows it).
+With `on_bad_file="raise"` (default) a `DataError` names every bad file
 and why; with `on_bad_file="skip"` they are left out and a warning gives their
 count and names. Files without an image extension (README) are ignored
 with a warning; hidden files and folders (".DS_Store", "._photo.jpg",
 "__MACOSX") are ignored silently and never decide the layout (only visible
-image files make a folder a class folder).
+image files make a folder a class folder). File names need not be UTF-8
+(they are read as bytes); class folder names must be (they are printed and
+saved as the class names).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import io
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +134,11 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
     raise DataError(f"Image folder {root} does not exist or is not a directory.")
   splits = _layout(root)
   class_names = sorted({c.name for d in splits.values() for c in _class_dirs(d)})
+  not_utf8 = [shown(n) for n in class_names if n != os.fsencode(n).decode("utf-8", "replace")]
+  if not_utf8:
+    raise DataError(f"Class folder names of image folder {root} must be UTF-8 text (they are "
+                    f"the class names, printed and saved with the model); rename these "
+                    f"folders:\n" + bullet_list(not_utf8))
   files, labels, bad, ignored = {}, {}, [], []
   for split, split_dir in splits.items():
     paths, ys = [], []
@@ -130,9 +147,9 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
         if not f.is_file() or _hidden(f):
           continue
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
-          ignored.append(f)
+          ignored.append(shown(f))
         elif (problem := image_problem(f, max_pixels)) is not None:
-          bad.append(f"{f}: {problem}")
+          bad.append(f"{shown(f)}: {problem}")
         else:
           paths.append(str(f))
           ys.append(class_names.index(c.name))
@@ -155,19 +172,85 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
   return files, labels, class_names
 
 
-def find_undecodable(paths: Any, limit: int = 20, *, max_pixels: int = MAX_PIXELS) -> list[str]:
-  """Returns up to `limit` paths that PIL cannot fully decode."""
-  Image = _optional.require("PIL.Image", "Image folders")  # noqa: N806
+def shown(path: str | bytes | os.PathLike) -> str:
+  """A file name to print: bytes that are not UTF-8 shown as \\xNN escapes."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
 
+
+def _rgb(im: Any) -> np.ndarray:
+  """uint8 [H, W, 3] of a PIL image of any mode; 16-bit grey keeps its high
+  byte (as TensorFlow's decoders do), alpha is dropped."""
+  if im.mode.startswith("I") or im.mode == "F":
+    a = np.asarray(im)
+    a = a >> 8 if im.mode.startswith("I") else a
+    a = np.clip(a, 0, 255).astype(np.uint8)
+    return np.repeat(a[..., None], 3, axis=-1)
+  return np.asarray(im.convert("RGB"))
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 [H, W, 3], upright: PIL decodes
+  the whole file (any damage raises), the first frame of an animation, the
+  EXIF orientation applied (as `PIL.ImageOps.exif_transpose`)."""
+  import warnings  # pylint: disable=g-import-not-at-top
+
+  Image = _optional.require("PIL.Image", "Image folders")  # noqa: N806
+  ImageOps = _optional.require("PIL.ImageOps", "Image folders")  # noqa: N806
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with Image.open(io.BytesIO(data)) as im:
+      if im.size[0] * im.size[1] > max_pixels:
+        raise ValueError(f"{im.size[0]} x {im.size[1]} pixels, above max_pixels={max_pixels:,}")
+      im.load()
+      return _rgb(ImageOps.exif_transpose(im))
+
+
+def load_image(path: str | bytes | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """The input pipeline's image: `decode` of the file's bytes. Raises
+  ValueError naming the file when it does not decode."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return decode(data, max_pixels)
+  except Exception as e:  # noqa: BLE001 - any decoder failure is the file's
+    raise ValueError(f"{shown(path)}: does not decode ({type(e).__name__}: {e}). Delete or "
+                     "replace it.") from None
+
+
+def _digest_and_problem(path: str, max_pixels: int) -> tuple[str, str | None]:
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    decode(data, max_pixels)
+    return digest, None
+  except Exception as e:  # noqa: BLE001 - any failure makes the file unusable
+    return "", f"{shown(path)}: does not decode ({type(e).__name__}: {e})"
+
+
+def verify(paths: Sequence[str], *, max_pixels: int = MAX_PIXELS,
+           workers: int | None = None) -> tuple[list[str], list[str]]:
+  """Decodes every file exactly as the input pipeline will (`decode`), in
+  threads (PIL decodes without the GIL), and hashes its bytes.
+
+  Returns (problems: one line per file that does not decode, naming it;
+  digests: the sha256 of each file's bytes, "" for a file that cannot be read).
+  """
+  workers = workers or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    results = list(pool.map(lambda p: _digest_and_problem(p, max_pixels), paths))
+  return [p for _, p in results if p], [d for d, _ in results]
+
+
+def find_undecodable(paths: Any, limit: int = 20, *, max_pixels: int = MAX_PIXELS) -> list[str]:
+  """Returns up to `limit` of `paths` that `load_image` cannot decode, as
+  printable names."""
   bad = []
   for p in paths:
     try:
-      with Image.open(p) as im:
-        if im.size[0] * im.size[1] > max_pixels:
-          raise ValueError("too many pixels to decode")
-        im.load()
-    except Exception:  # noqa: BLE001 - any failure means undecodable
-      bad.append(str(p))
+      load_image(p, max_pixels)
+    except (OSError, ValueError):
+      bad.append(shown(p))
       if len(bad) >= limit:
         break
   return bad

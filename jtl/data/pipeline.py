@@ -93,7 +93,13 @@ class BatchIterator:
       return (f"Label {bad_label.group(1)} lies outside [0, {self.info.num_classes}) in "
               f"split {self._split!r} of dataset {src.name!r}. Pass the right "
               "num_classes or fix the labels.")
-    msg = f"Reading split {self._split!r} of dataset {src.name!r} failed: {error.message}"
+    failed = f"Reading split {self._split!r} of dataset {src.name!r} failed"
+    # folder.load_image names the file; TensorFlow wraps it in node names and tracebacks.
+    undecodable = re.search(r"ValueError: (.*: does not decode .*)", error.message)
+    if undecodable:
+      return (f"{failed}: {undecodable.group(1)} `jtl.data.folder.verify(paths)` checks "
+              "every file at once.")
+    msg = f"{failed}: {error.message}"
     if isinstance(src, ArraySource) and src.kind == "file":
       bad = folder.find_undecodable(src.inputs[self._split.split("[")[0]])
       msg += ("\nThese files cannot be decoded:\n  - " + "\n  - ".join(bad) +
