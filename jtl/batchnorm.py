@@ -31,7 +31,9 @@ multi-host mesh alike.
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,7 +48,6 @@ from jtl.errors import ConfigError
 from jtl.tree import PyTree, flatten, unflatten
 
 Moments = dict[str, tuple[jax.Array, jax.Array]]  # module path -> (mean, variance)
-_NNX_PATCH = threading.RLock()  # held while nnx.BatchNorm.__call__ is wrapped
 
 
 def _reduce_axes(ndim: int, feature_axes: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -108,15 +109,58 @@ def _linen_recording(mask: jax.Array, skip: frozenset[str], recorded: Moments):
     yield
 
 
+@dataclasses.dataclass
+class _NnxTrace:
+  paths: dict[int, str]  # id of a layer of the merged copy -> its graph path
+  rows: jax.Array
+  recorded: Moments
+
+
+# The trace being recorded in this thread (each thread has its own context).
+_NNX_TRACE: contextvars.ContextVar[_NnxTrace | None] = contextvars.ContextVar(
+    "jtl_batchnorm_nnx_trace", default=None)
+
+
+@functools.cache
+def _recorder() -> type:
+  """`nnx.BatchNorm` whose call substitutes the input (`_as_batch_normalised`)
+  for the layers of the trace being recorded, then runs on the stored statistics."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def call(self, x, use_running_average=None, **kwargs):
+    trace = _NNX_TRACE.get()
+    path = None if trace is None else trace.paths.get(id(self))
+    if path is None:
+      return nnx.BatchNorm.__call__(self, x, use_running_average, **kwargs)
+    stored = (self.mean[...], self.var[...])
+    x = _as_batch_normalised(x, trace.rows, stored, self.epsilon, self.axis, path,
+                             trace.recorded)
+    return nnx.BatchNorm.__call__(self, x, True, **kwargs)  # normalised with the stored stats
+
+  return type("RecordingBatchNorm", (nnx.BatchNorm,), {"__call__": call})
+
+
+@functools.cache
+def _recording_class(cls: type) -> type:
+  """`cls` (nnx.BatchNorm or a user's subclass) with the recorder placed just
+  above nnx.BatchNorm in its MRO: a subclass's own `__call__` runs first and
+  its `super().__call__` reaches the recorder."""
+  recorder = _recorder()
+  if cls is recorder.__mro__[1]:  # nnx.BatchNorm itself
+    return recorder
+  return type(f"Recording{cls.__name__}", (cls, recorder), {})
+
+
 @contextlib.contextmanager
 def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded: Moments):
   """The `nnx.BatchNorm` layers of the merged `module` recorded and
   rewritten by `_as_batch_normalised`, keyed by graph path. NNX has no
-  method interceptors (Linen's `nn.intercept_methods`), so
-  `nnx.BatchNorm.__call__` is wrapped for the duration of the trace; the
-  wrapper acts on this module's layers only and calls the original."""
+  method interceptors (Linen's `nn.intercept_methods`), so each layer of
+  this merged copy (made for the trace and dropped after it) is given a
+  recording subclass of its own class; nothing global changes, and other
+  modules and threads are untouched."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  paths: dict[int, str] = {}
+  layers: dict[int, tuple[Any, str]] = {}
   for path, layer in nnx.iter_modules(module):
     key = "/".join(map(str, path))
     if isinstance(layer, nnx.bridge.ToNNX) and path:
@@ -124,23 +168,17 @@ def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded:
                         "nnx.bridge.ToNNX, nested in an NNX module; pass the bridged module "
                         "itself or a model of one API.")
     if isinstance(layer, nnx.BatchNorm) and key not in skip:
-      paths[id(layer)] = key
-
-  def call(self, x, use_running_average=None, **kwargs):
-    path = paths.get(id(self))
-    if path is None:
-      return original(self, x, use_running_average, **kwargs)
-    stored = (self.mean[...], self.var[...])
-    x = _as_batch_normalised(x, rows, stored, self.epsilon, self.axis, path, recorded)
-    return original(self, x, True, **kwargs)  # normalised with the stored statistics
-
-  with _NNX_PATCH:  # one wrapper at a time: two threads tracing would restore each other's
-    original = nnx.BatchNorm.__call__
-    nnx.BatchNorm.__call__ = call
-    try:
-      yield
-    finally:
-      nnx.BatchNorm.__call__ = original
+      layers[id(layer)] = (layer, key)
+  token = _NNX_TRACE.set(_NnxTrace({i: key for i, (_, key) in layers.items()}, rows, recorded))
+  classes = [(layer, type(layer)) for layer, _ in layers.values()]
+  try:
+    for layer, cls in classes:
+      object.__setattr__(layer, "__class__", _recording_class(cls))
+    yield
+  finally:
+    for layer, cls in classes:
+      object.__setattr__(layer, "__class__", cls)
+    _NNX_TRACE.reset(token)
 
 
 def _moments(adapted: Any, skip: frozenset[str]) -> Callable[..., tuple[Moments, jax.Array]]:

@@ -141,6 +141,38 @@ def test_recompute_nnx_batchnorm_matches_linen_moments():
   assert jtl.recompute_batchnorm(net, v, no_pass(), skip=["bn0", "bn1"]) is v
 
 
+def test_recompute_nnx_subclass_and_nothing_global_is_replaced():
+  # A user's nnx.BatchNorm subclass doubles its input before the base call: the
+  # statistics are those of what nnx.BatchNorm sees, and nnx.BatchNorm itself
+  # (what other modules and threads call) is never replaced during the trace.
+  from flax import nnx
+
+  seen = []
+
+  class Doubling(nnx.BatchNorm):
+    def __call__(self, x, use_running_average=None):
+      seen.append(nnx.BatchNorm.__call__)
+      return super().__call__(2.0 * x, use_running_average)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.bn = Doubling(3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(x)
+
+  original = nnx.BatchNorm.__call__
+  net = Net(nnx.Rngs(0))
+  x = np.random.default_rng(2).normal(size=(10, 3)).astype(np.float32) + 3.0
+  out = jtl.recompute_batchnorm(net, jtl.adapter.variables_of(net), [{"inputs": x}])
+  np.testing.assert_allclose(out["state"]["bn"]["mean"], 2 * x.astype(np.float64).mean(0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(out["state"]["bn"]["var"], 4 * x.astype(np.float64).var(0),
+                             rtol=1e-4)
+  assert seen and all(f is original for f in seen)
+  assert type(net.bn) is Doubling and nnx.BatchNorm.__call__ is original
+
+
 def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refused():
   import flax.linen as nn
   from flax import nnx
