@@ -57,6 +57,22 @@ class MissingExtraError(JtlError, ImportError):
   """
 
 
+class Preempted(JtlError):
+  """A run stopped by SIGTERM or SIGINT after saving its progress.
+
+  `step` is the checkpoint step saved (None when nothing could be: no
+  workdir), `signal_name` the signal ("SIGTERM", "SIGINT"); running again
+  with the same workdir resumes from `step`. Scripts exit with `exit_code`,
+  128 + the signal's number, as a shell reports a process the signal ended.
+  """
+
+  def __init__(self, message: str, *, step: int | None, signal_name: str, exit_code: int):
+    super().__init__(message)
+    self.step = step
+    self.signal_name = signal_name
+    self.exit_code = exit_code
+
+
 def bullet_list(items: Iterable[object], *, limit: int = 50) -> str:
   """Formats items as an indented bullet list, eliding after `limit`."""
   items = list(items)

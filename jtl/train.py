@@ -28,8 +28,9 @@ from jtl.adapter import variables_of
 from jtl.batchnorm import make_recompute_batchnorm
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.errors import CheckpointError, ConfigError, DivergenceError
+from jtl.errors import CheckpointError, ConfigError, DivergenceError, Preempted
 from jtl.metrics import MetricWriter
+from jtl.preemption import StopRequests, preempted
 from jtl.state import TrainState, create_train_state
 from jtl.tree import PyTree
 
@@ -273,6 +274,7 @@ class _Given:
   refresh_batchnorm: Callable[[TrainState, int], TrainState] | None
   meta: dict[str, Any]
   workdir: Any
+  stop: StopRequests
 
 
 @dataclasses.dataclass
@@ -311,6 +313,24 @@ class _Loop:
         g.bar.update(1)
       if due_eval or due_save:
         self._evaluate_and_save(step, due_eval, due_save, last)
+      if g.stop.reached(step):  # after every step, on every process (multi-host sync)
+        self._save_and_stop(step, num_steps, len(batch["label"]))
+
+  def _save_and_stop(self, step: int, num_steps: int, batch_size: int) -> None:
+    """After a stop request (SIGTERM, SIGINT): the train metrics since the
+    last log line written, `step` saved synchronously and `Preempted` raised
+    (`fit` then closes the writers and releases the lock). The state is
+    saved as it stands (no precise-BatchNorm pass), so the resumed run
+    continues exactly as an uninterrupted one."""
+    g = self.given
+    if self.window.rows:
+      self._check_finite()
+      _report(step, self.window.summary(batch_size), g.writer, g.on_log, None)
+    if g.mngr is not None:
+      if self.last_saved != step and g.mngr.save(step, self.state, meta=g.meta, force=True):
+        self.last_saved = step
+      g.mngr.wait()
+    raise _preempted(g.stop, self.last_saved if g.mngr else None, step, num_steps, g.workdir)
 
   def _evaluate_and_save(self, step: int, due_eval: bool, due_save: bool, last: bool) -> None:
     """Precise BatchNorm first (when asked), then the evaluation and the save."""
@@ -357,6 +377,14 @@ class _Loop:
     self.unchecked = []
 
 
+def _preempted(stop: StopRequests, saved: int | None, step: int, num_steps: int,
+               workdir: Any) -> Preempted:
+  """The error `fit` raises after stopping on a signal at `step`."""
+  when = ("when training had finished" if step >= num_steps
+          else f"after step {step} of {num_steps}")
+  return preempted(stop, saved=saved, when=when, workdir=workdir)
+
+
 def _compile_train_step(labels: PyTree, tx: optax.GradientTransformation, *, module: Any,
                         mesh: jax.sharding.Mesh, skip_nonfinite: bool,
                         **step_kwargs: Any) -> Callable:
@@ -378,6 +406,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         batch_transform: steps.BatchTransform | None = None,
         batchnorm_batches: Callable[[], Iterable[Batch]] | None = None,
+        stop_on_signals: bool = True,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
@@ -423,6 +452,16 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       evaluated and saved normalises as it was trained, not with moving
       averages that trail the weights. Layers whose params are all frozen
       keep theirs.
+    stop_on_signals: while `fit` runs (called from the main thread),
+      SIGTERM and SIGINT (a preempted VM, Ctrl-C) finish the current step,
+      save it synchronously, close the writers, release the lock and raise
+      `jtl.Preempted` naming the step saved; a second signal meanwhile is
+      ignored. The previous handlers are restored on return. Multi-host,
+      every process saves the same step (`jtl.preemption`). False: signals
+      keep their usual effect.
+
+  Raises:
+    Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
@@ -447,7 +486,10 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     _, labels, tx = phases.items[phase]
     return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
 
+  stop = StopRequests()
   with contextlib.ExitStack() as stack:
+    if stop_on_signals:
+      stack.enter_context(stop)  # entered first: restored after the lock is released
     mngr, writer, state = _open_run(
         stack, workdir, lambda mngr: _restore_or_fresh(mngr, phases, fresh_state), meta=meta,
         save_every=checkpoint_every, keep=keep, best_metric=best_metric if eval_batches else None,
@@ -462,12 +504,14 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
         refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches, mesh)
                            if batchnorm_batches is not None else None),
-        meta=meta, workdir=workdir), state=state, phase=phase,
+        meta=meta, workdir=workdir, stop=stop), state=state, phase=phase,
         train_step=compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)
     loop.run(train_batches(start_step), start_step, num_steps)
     if mngr is not None and num_steps == start_step and eval_batches is not None:
       loop.evaluate(start_step)
+  if stop.signum is not None:  # during the last step or the final save: all is saved
+    raise _preempted(stop, loop.last_saved, num_steps, num_steps, workdir)
   window = loop.window
   total = window.busy if window.busy else 1e-9
   return FitResult(state=loop.state, eval_metrics=loop.eval_metrics, start_step=start_step,

@@ -9,11 +9,15 @@ own rows of it, which `shard_batch` assembles into global arrays; so for the
 precise BatchNorm batches. Checkpoints every 2 steps; process 0 writes the
 final variables to OUT.npz. With DIE_AT,
 process 1 exits abruptly after that step (a preempted host). With
-MULTIHOST_API=nnx in the environment the model is the NNX `NnxNet`.
+MULTIHOST_API=nnx in the environment the model is the NNX `NnxNet`; with
+MULTIHOST_SECONDS_PER_STEP, each step takes at least that long (time to
+signal a process mid-run). A run stopped by SIGTERM exits as the scripts do
+(`Preempted`: 128 + the signal, the message on stderr).
 """
 
 import os
 import sys
+import time
 
 if __name__ == "__main__":  # before jax is imported: this process's CPU devices
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // int(sys.argv[2])}"
@@ -93,6 +97,7 @@ def main(argv):
   def on_log(step, row):
     if die_at is not None and step == die_at and jax.process_index() == 1:
       os._exit(17)  # no cleanup, like a preempted host
+    time.sleep(float(os.environ.get("MULTIHOST_SECONDS_PER_STEP", 0)))
 
   result = jtl.train.fit(
       module=module, variables=variables, labels=labels, tx=tx, train_batches=local_batches,
@@ -106,4 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  from jtl.app.cli import exit_on_jtl_error
+  exit_on_jtl_error(main)(sys.argv)

@@ -58,4 +58,6 @@ def main(workdir, out, seconds_per_step=0.0):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+  from jtl.app.cli import exit_on_jtl_error  # as the scripts: a Preempted run exits 128 + signal
+  exit_on_jtl_error(lambda argv: main(argv[1], argv[2], float(argv[3]) if len(argv) > 3 else 0.0))(
+      sys.argv)

@@ -107,7 +107,10 @@ def refuse_empty_paths(**flags: str | None) -> None:
 
 def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
   """Wraps a script's `main`: a `JtlError` is printed as one message (its
-  class and text, no traceback) and the process exits with status 2.
+  class and text, no traceback) and the process exits with status 2; a run
+  stopped by a signal after saving (`Preempted`) exits with 128 + the
+  signal's number (143 for SIGTERM, 130 for SIGINT), as the shell reports a
+  process that signal ended.
 
   >>> from jtl.errors import ConfigError
   >>> def main(argv): raise ConfigError("learning_rate must be > 0, got -1")
@@ -126,7 +129,7 @@ def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str
     except JtlError as e:
       sys.stdout.flush()
       print(f"\n{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-      raise SystemExit(2) from None
+      raise SystemExit(getattr(e, "exit_code", 2)) from None
   return wrapped
 
 

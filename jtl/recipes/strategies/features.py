@@ -221,17 +221,21 @@ def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
   and resuming work unchanged). A workdir that already holds step
   `num_steps` is evaluated, not retrained; an unfinished one is retrained
   from the start (the run is short). Returns a `jtl.train.FitResult` whose
-  `steps_per_second` counts head steps.
+  `steps_per_second` counts head steps. A SIGTERM or SIGINT (as for `fit`)
+  stops it after the feature extraction, or after the save when the head
+  was training, with the lock released: `jtl.Preempted`.
   """
   from jtl import train as jtrain  # pylint: disable=g-import-not-at-top  (Orbax: lazily)
   from jtl.checkpoint.lock import WorkdirLock  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
   from jtl.metrics import MetricWriter  # pylint: disable=g-import-not-at-top
+  from jtl.preemption import StopRequests, preempted  # pylint: disable=g-import-not-at-top
   mesh = mesh or parallel.make_mesh()
   eval_step = jax.jit(steps.make_eval_step(module))
   lock = contextlib.nullcontext() if workdir is None else WorkdirLock(
       workdir, enabled=jax.process_index() == 0)
-  with lock:
+  stop = StopRequests()
+  with stop, lock:  # the lock is released before the signal handlers are restored
     mngr = None if workdir is None else CheckpointManager(
         workdir, keep=keep, best_metric=best_metric if eval_batches else None, async_save=False)
     try:
@@ -244,6 +248,9 @@ def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
         return jtrain.FitResult(done, metrics, num_steps, 0.0, 0.0)
       t0 = time.perf_counter()
       feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
+      if stop.reached(1):  # on every process (multi-host sync), as `fit` after each step
+        raise preempted(stop, saved=None, when="after extracting the features",
+                        workdir=workdir)
       t1 = time.perf_counter()
       timings: dict[str, float] = {}
       head = head_trainer(variables, head_tx)(feats, ys, num_steps=num_steps,
@@ -269,6 +276,9 @@ def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
         writer.close()
         mngr.save(num_steps, state, metrics=metrics if best_metric else None, meta=meta,
                   force=True)
+      if stop.reached(2):
+        raise preempted(stop, saved=num_steps if mngr else None,
+                        when="when training had finished", workdir=workdir)
       return jtrain.FitResult(state, metrics, 0, num_steps / (t2 - t1), 0.0)
     finally:
       if mngr is not None:
