@@ -455,7 +455,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     stop_on_signals: while `fit` runs (called from the main thread),
       SIGTERM and SIGINT (a preempted VM, Ctrl-C) finish the current step,
       save it synchronously, close the writers, release the lock and raise
-      `jtl.Preempted` naming the step saved; a second signal meanwhile is
+      `jtl.errors.Preempted` naming the step saved; a second signal meanwhile is
       ignored. The previous handlers are restored on return. Multi-host,
       every process saves the same step (`jtl.preemption`). False: signals
       keep their usual effect.

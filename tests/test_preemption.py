@@ -22,6 +22,7 @@ from test_resume import run as resume_run
 
 import jtl
 from jtl.checkpoint.manager import finished_steps
+from jtl.errors import Preempted
 
 
 def fit_kwargs(workdir, **extra):
@@ -74,7 +75,7 @@ def test_sigterm_saves_the_step_releases_the_lock_and_resumes_exactly(tmp_path, 
   before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   stopped = tmp_path / "stopped"
   with caplog.at_level(logging.WARNING), pytest.raises(
-      jtl.Preempted, match=r"Stopped by SIGTERM after step 3 of 6\. Checkpoint step 3 is saved"
+      Preempted, match=r"Stopped by SIGTERM after step 3 of 6\. Checkpoint step 3 is saved"
   ) as stop:
     jtl.train.fit(num_steps=6, on_log=signal_twice_at_3, **two_phase_kwargs(stopped))
   assert (stop.value.step, stop.value.signal_name, stop.value.exit_code) == (3, "SIGTERM", 143)
@@ -88,7 +89,8 @@ def test_sigterm_saves_the_step_releases_the_lock_and_resumes_exactly(tmp_path, 
   resumed = jtl.train.fit(num_steps=6, **two_phase_kwargs(stopped))  # in phase 1, at step 3
   reference = jtl.train.fit(num_steps=6, **two_phase_kwargs(tmp_path / "reference"))
   assert (resumed.start_step, reference.start_step) == (3, 0)
-  a, b = jtl.flatten(jax.device_get(resumed.state)), jtl.flatten(jax.device_get(reference.state))
+  a = jtl.tree.flatten(jax.device_get(resumed.state))
+  b = jtl.tree.flatten(jax.device_get(reference.state))
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -96,7 +98,7 @@ def test_sigterm_saves_the_step_releases_the_lock_and_resumes_exactly(tmp_path, 
 
 def test_sigint_without_a_workdir_names_that_nothing_was_saved_and_fit_off_the_main_thread():
   kill = lambda step, row: os.kill(os.getpid(), signal.SIGINT)
-  with pytest.raises(jtl.Preempted, match=r"SIGINT after step 1 of 3\. Nothing was saved") as e:
+  with pytest.raises(Preempted, match=r"SIGINT after step 1 of 3\. Nothing was saved") as e:
     jtl.train.fit(num_steps=3, on_log=kill, **fit_kwargs(None))
   assert e.value.exit_code == 130 and e.value.step is None
   # Off the main thread no handler can be installed: fit runs as before.
@@ -200,7 +202,7 @@ def test_cached_probe_stopped_during_extraction_releases_the_lock(tmp_path):
     os.kill(os.getpid(), signal.SIGTERM)
     yield batch(8, classes=4, seed=1)
 
-  with pytest.raises(jtl.Preempted, match=r"SIGTERM after extracting the features\. Nothing "
+  with pytest.raises(Preempted, match=r"SIGTERM after extracting the features\. Nothing "
                                           r"was saved yet in .* its lock is released"):
     features.fit_cached_probe(
         module=module, variables=variables, labels=labels,

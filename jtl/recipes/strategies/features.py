@@ -223,7 +223,7 @@ def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
   from the start (the run is short). Returns a `jtl.train.FitResult` whose
   `steps_per_second` counts head steps. A SIGTERM or SIGINT (as for `fit`)
   stops it after the feature extraction, or after the save when the head
-  was training, with the lock released: `jtl.Preempted`.
+  was training, with the lock released: `jtl.errors.Preempted`.
   """
   from jtl import train as jtrain  # pylint: disable=g-import-not-at-top  (Orbax: lazily)
   from jtl.checkpoint.lock import WorkdirLock  # pylint: disable=g-import-not-at-top
