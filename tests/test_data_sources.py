@@ -414,3 +414,26 @@ def test_the_same_image_in_training_and_evaluation_splits_is_warned_with_the_cou
   assert ("2 image(s) of eval_split='test' have the same content as a training image of "
           "'train' (e.g. test/dog/copy1.png = train/cat/001.png, test/dog/copy2.png = "
           "train/dog/000.png)") in caplog.text
+
+
+def test_first_runs_building_a_local_dataset_at_once_all_succeed(tmp_path):
+  """Issue 26: two of three first runs building the bundled dataset at once
+  died with FileExistsError (each renamed its finished build into place)."""
+  import threading
+  barrier, results = threading.Barrier(3), []
+
+  def first_run():
+    barrier.wait()  # all three find the dataset unprepared
+    try:
+      results.append(dataset_info("jtl_lfw_subset", data_dir=tmp_path).num_examples)
+    except Exception as e:  # noqa: BLE001 - the test reports any failure
+      results.append(f"{type(e).__name__}: {e}")
+
+  threads = [threading.Thread(target=first_run) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert results == [{"train": 160, "test": 40}] * 3
+  assert sorted(p.name for p in (tmp_path / "jtl_lfw_subset").iterdir()) == [
+      ".jtl-build.lock", "1.0.0"]  # one build, no incomplete.* folder left

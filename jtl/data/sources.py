@@ -19,13 +19,14 @@ DatasetInfo(num_classes=3, num_examples={'train': 4}, class_names=['0', '1', '2'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -309,6 +310,44 @@ def _tfds_is_mocked() -> bool:
   return getattr(prepare, "__name__", "") == "mock_download_and_prepare"
 
 
+@contextlib.contextmanager
+def _build_lock(builder: Any) -> Iterator[None]:
+  """An exclusive lock on `<data_dir>/<name>/.jtl-build.lock` (fcntl: held
+  per open file, so threads exclude each other as processes do; released
+  by the OS when a process dies). No lock where there is no local file
+  system (a gs:// data_dir) or no fcntl (Windows)."""
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    fcntl = None
+  folder = Path(os.fspath(builder.data_dir)).parent
+  if fcntl is None or "://" in os.fspath(builder.data_dir):
+    yield
+    return
+  folder.mkdir(parents=True, exist_ok=True)
+  with open(folder / ".jtl-build.lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_local(name: str, data_dir: str | os.PathLike | None, builder: Any) -> Any:
+  """Builds one of jtl's local datasets (no download) and returns its
+  builder. Runs that start at once build it once: the others wait for the
+  lock, then find it prepared (TFDS renames its finished folder into place,
+  and a second rename would fail with FileExistsError)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with _build_lock(builder):
+    builder = tfds.builder(name, data_dir=data_dir)  # what the lock's holder left
+    if not builder.is_prepared():
+      log.warning("Building the local dataset %s into %s (no download).",
+                  builder.name, builder.data_dir)
+      builder.download_and_prepare()
+  return builder
+
+
 def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str | None,
                  label_key: str, num_classes: int | None) -> TfdsSource:
   host_tf()
@@ -327,9 +366,7 @@ def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str |
         "'folder:/path' for an image folder or a dict of arrays.") from None
   if not builder.is_prepared() and not builder.info.splits and not _tfds_is_mocked():
     if builder.name in builders.LOCAL_BUILDERS:
-      log.warning("Building the local dataset %s into %s (no download).",
-                  builder.name, builder.data_dir)
-      builder.download_and_prepare()
+      builder = _build_local(name, data_dir, builder)
     else:
       where = data_dir or "~/tensorflow_datasets"
       raise DataError(
