@@ -338,7 +338,7 @@ def _build_local(name: str, data_dir: str | os.PathLike | None, builder: Any) ->
   builder. Runs that start at once build it once: the others wait for the
   lock, then find it prepared (TFDS renames its finished folder into place,
   and a second rename would fail with FileExistsError)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _optional.require("tensorflow_datasets", "TFDS datasets")
   with _build_lock(builder):
     builder = tfds.builder(name, data_dir=data_dir)  # what the lock's holder left
     if not builder.is_prepared():
