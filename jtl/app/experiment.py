@@ -97,8 +97,8 @@ def patch_size_problems(config: ml_collections.ConfigDict, spec: models.ModelSpe
   patch size: the strided patch embedding would drop the pixels past the
   last full patch (at 40 px with 16 px patches, 36% of them), silently."""
   size = config.get("image_size")
-  if spec.input_kind != "image" or size is None:
-    return []
+  if spec.input_kind != "image" or not isinstance(size, int) or size < 1:
+    return []  # None: the model's native size; < 1 is min_image_size's problem
   try:
     patch = getattr(spec.build(num_classes=0, **workdirs.model_kwargs(config)), "patch_size", None)
   except Exception:  # noqa: BLE001 - model_kwargs_problems reports what does not build
