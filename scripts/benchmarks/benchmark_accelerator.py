@@ -220,6 +220,7 @@ def measure_jtl(name: str, mode: str, batch: int, size: int, steps: int, peak: f
   if build.get("fused_attention"):
     guarded(row, "cudnn_fmha_in_program", lambda: "__cudnn$fmha" in compiled.as_text())
   if profile_dir:
+    row["trace_dir"] = profile_dir
     guarded(row, "top_kernels", lambda: profile_one_step(compiled, args, carry, profile_dir))
   return row
 
@@ -489,7 +490,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="JSON {model: [build keyword arguments, ...]}: more full rows")
   parser.add_argument("--profile", default=None,
                       help="models whose largest-batch full step is profiled (default: ViT, Lite0)")
-  parser.add_argument("--cache_dir", default=None, help="default: OUT/jax_cache")
+  parser.add_argument("--cache_dir", default=None,
+                      help="persistent compilation cache, empty for cold compile times "
+                           "(default: OUT/jax_cache)")
   parser.add_argument("--no_second_run", dest="second", action="store_false")
   parser.add_argument("--model_kwargs", default="{}",
                       help="JSON keyword arguments of every jtl model")
@@ -532,7 +535,7 @@ def run_jtl(plan: list, args: argparse.Namespace, result: dict, time_left: Calla
     trace = None
     if name in profile and mode == "full" and not build.get("fused_attention"):
       profile.discard(name)
-      trace = tempfile.mkdtemp(prefix=f"trace_{name}_", dir=out)
+      trace = tempfile.mkdtemp(prefix=f"jtl_trace_{name}_")  # not in --out: traces are large
     t0 = time.perf_counter()
     try:
       row = measure_jtl(name, mode, batch, args.image_size, args.steps, peak,
