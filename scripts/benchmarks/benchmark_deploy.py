@@ -31,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
+import common
+
 
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -72,17 +74,6 @@ def finetune(name: str, args: argparse.Namespace) -> str:
   c.augment.flip = True
   experiment.finetune(c, workdir, progress=False)
   return workdir
-
-
-def timed(fn, x: np.ndarray, runs: int) -> list[float]:
-  fn(x)  # warm-up (compile / allocate)
-  fn(x)
-  out = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    np.asarray(fn(x))
-    out.append(time.perf_counter() - t)
-  return out
 
 
 def predictors(workdir: str, args: argparse.Namespace) -> dict[str, tuple]:
@@ -137,51 +128,26 @@ def speed(preds: dict[str, tuple], args: argparse.Namespace) -> dict[str, tuple]
   x64 = rng.standard_normal((64, 224, 224, 3)).astype(np.float32)
   out = {}
   for name, (fn, _) in preds.items():
-    lat = np.median(timed(fn, x1, args.latency_runs)) * 1e3
-    thr = 64 / np.median(timed(fn, x64, 3))
+    lat = common.median_seconds(lambda: np.asarray(fn(x1)), args.latency_runs, warmup=2) * 1e3
+    thr = 64 / common.median_seconds(lambda: np.asarray(fn(x64)), 3, warmup=2)
     out[name] = (lat, thr)
     print(f"  {name}: {lat:.2f} ms at batch 1, {thr:.1f} images/s at batch 64", flush=True)
   return out
 
 
 TORCH_CODE = r"""
-import sys, time, json, torch
+import json, sys, torch
+sys.path.insert(0, sys.argv[3])  # this folder: common.py (timer, the reference models)
+import common
 torch.set_num_threads(int(sys.argv[1])); torch.manual_seed(0)
-def build(name):
-  if name == "efficientnet_lite0":
-    from efficientnet_lite_pytorch import EfficientNet
-    return EfficientNet.from_name("efficientnet-lite0", num_classes=10)
-  return mobilenet_v2(10)  # torchvision's architecture, written out (no torchvision needed)
-def cbr(cin, cout, k=3, s=1, g=1, act=True):
-  layers = [torch.nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), torch.nn.BatchNorm2d(cout)]
-  return layers + ([torch.nn.ReLU6(inplace=True)] if act else [])
-class InvRes(torch.nn.Module):
-  def __init__(self, cin, cout, s, t):
-    super().__init__(); h = cin * t; self.skip = s == 1 and cin == cout
-    self.body = torch.nn.Sequential(*((cbr(cin, h, 1) if t != 1 else []) + cbr(h, h, 3, s, h)
-                                      + cbr(h, cout, 1, act=False)))
-  def forward(self, x):
-    return x + self.body(x) if self.skip else self.body(x)
-def mobilenet_v2(classes):
-  layers, cin = cbr(3, 32, 3, 2), 32
-  for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                     (6, 160, 3, 2), (6, 320, 1, 1)):
-    for i in range(n):
-      layers.append(InvRes(cin, c, s if i == 0 else 1, t)); cin = c
-  layers += cbr(cin, 1280, 1) + [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                 torch.nn.Dropout(0.2), torch.nn.Linear(1280, classes)]
-  return torch.nn.Sequential(*layers)
 out = {}
 for name in sys.argv[2].split(","):
-  m = build(name).eval()
+  m = common.torch_model(name, num_classes=10).eval()
   res = {}
   for b, runs in ((1, 50), (64, 3)):
     x = torch.randn(b, 3, 224, 224)
     with torch.inference_mode():
-      m(x); m(x); ts = []
-      for _ in range(runs):
-        t = time.perf_counter(); m(x); ts.append(time.perf_counter() - t)
-    ts.sort(); res[b] = ts[len(ts) // 2]
+      res[b] = common.median_seconds(lambda: m(x), runs, warmup=2)
   out[name] = (res[1] * 1e3, 64 / res[64])
 print(json.dumps(out))
 """
@@ -191,7 +157,8 @@ def torch_speed(args: argparse.Namespace, names: list[str]) -> dict[str, tuple]:
   if not args.torch_python:
     return {}
   try:
-    run = subprocess.run([args.torch_python, "-c", TORCH_CODE, str(args.threads), ",".join(names)],
+    run = subprocess.run([args.torch_python, "-c", TORCH_CODE, str(args.threads), ",".join(names),
+                          os.path.dirname(os.path.abspath(__file__))],
                          capture_output=True, text=True, timeout=1800, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
   except (subprocess.SubprocessError, OSError, ValueError) as e:

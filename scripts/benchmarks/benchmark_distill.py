@@ -32,13 +32,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jtl
 from jtl import models
+from jtl.export import quantize
 from jtl.models import efficientnet
 from jtl.recipes import distill, strategies
-from jtl.export import quantize
+
+sys.path.insert(0, str(Path(__file__).parent))  # common.py, also when a test imports this file
+import common  # noqa: E402
 
 
 def pack(folder: Path, out: Path) -> None:
@@ -107,18 +109,9 @@ def teacher_inputs(x01: jax.Array, size: int) -> jax.Array:
   return efficientnet.preprocess(x01 * 255.0, size=size, crop_fraction=1.0)
 
 
-def accuracy(apply, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
-  correct = 0
-  for i in range(0, len(x), batch_size):
-    logits = apply(jnp.asarray(x[i:i + batch_size]))
-    correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == y[i:i + batch_size]))
-  return correct / len(x)
-
-
 def cosine_adamw(labels, lr: float, steps: int, weight_decay: float):
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
-  return jtl.make_optimizer(labels, learning_rate=sched, optimizer="adamw",
-                            weight_decay=weight_decay)
+  return common.cosine_adamw(labels, lr, steps, weight_decay=weight_decay,
+                             warmup_steps=max(1, steps // 20))
 
 
 def train(step, state, stream, steps: int):
@@ -158,8 +151,8 @@ def train_teacher(args, data, tr, va, out: Path):
   # Student inputs (0..1, 32 px) in, logits out.
   teacher = jax.jit(lambda x: frozen(teacher_inputs(x, size)))
   apply = lambda x: teacher(x.astype(jnp.float32) / 255.0)
-  val_acc = accuracy(apply, data["x_train"][va], data["y_train"][va])
-  test_acc = accuracy(apply, data["x_test"], data["y_test"])
+  val_acc = common.accuracy(apply, data["x_train"][va], data["y_train"][va], batch_size=500)
+  test_acc = common.accuracy(apply, data["x_test"], data["y_test"], batch_size=500)
   quantize.save(out / "teacher.safetensors", variables,
                 meta={"steps": steps, "val_accuracy": val_acc, "test_accuracy": test_acc})
   row = {"kind": "teacher", "steps": steps, "epochs": args.teacher_epochs, "lr": args.teacher_lr,
@@ -199,7 +192,7 @@ def run_student(args, data, train_idx, eval_x, eval_y, *, teacher, lr, seed,
   variables = jax.device_get(state.variables)
   secs = time.perf_counter() - t0
   evaluate = jax.jit(lambda x: module.apply(variables, x.astype(jnp.float32) / 255.0, train=False))
-  return accuracy(evaluate, eval_x, eval_y), secs
+  return common.accuracy(evaluate, eval_x, eval_y, batch_size=500), secs
 
 
 def record(out: Path, row: dict) -> None:
@@ -212,16 +205,17 @@ def table(rows: list[dict]) -> None:
   groups: dict[str, list[dict]] = {}
   for r in rows:
     groups.setdefault(r["name"], []).append(r)
-  print("\n| student | lr | T | alpha | seeds | test acc mean | std | per seed | train s (mean) |")
-  print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+  lines = []
   for name, rs in groups.items():
     accs = [100 * r["test_acc"] for r in rs]
     std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-    print(f"| {name} | {rs[0]['lr']:g} | {rs[0]['temperature'] or '-'} | {rs[0]['alpha']:g} | "
-          f"{len(rs)} | {statistics.mean(accs):.1f}% | {std:.1f} | "
-          f"{' / '.join(f'{a:.1f}' for a in accs)} | "
-          f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
-  sys.stdout.flush()
+    lines.append([name, f"{rs[0]['lr']:g}", rs[0]["temperature"] or "-", f"{rs[0]['alpha']:g}",
+                  len(rs), f"{statistics.mean(accs):.1f}%", f"{std:.1f}",
+                  " / ".join(f"{a:.1f}" for a in accs),
+                  f"{statistics.mean(r['seconds'] for r in rs):.0f}"])
+  print("\n" + common.markdown_table(
+      ["student", "lr", "T", "alpha", "seeds", "test acc mean", "std", "per seed",
+       "train s (mean)"], lines, align="lrrrrrrlr"), flush=True)
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+import common
 import jtl
 from jtl.data.builders.digits import mnist_layout  # jtl_digits' layout
 from jtl.models.small_cnn import SmallCNN
@@ -140,8 +140,7 @@ def make_tx(labels, hp: dict, steps: int, weight_decay: float):
     lr = domain.dann_lr_schedule(hp["lr"], steps)
     return jtl.make_optimizer(labels, learning_rate=lr, optimizer="sgd", momentum=0.9,
                               weight_decay=weight_decay)
-  lr = optax.cosine_decay_schedule(hp["lr"], steps)
-  return jtl.make_optimizer(labels, learning_rate=lr, optimizer="adamw", weight_decay=weight_decay)
+  return common.cosine_adamw(labels, hp["lr"], steps, weight_decay=weight_decay)
 
 
 _CACHE: dict[str, object] = {}  # compiled functions, reused across seeds
@@ -156,13 +155,7 @@ def cached(name: str, build):
 def predict(model, variables, x, batch_size=500):
   fn = cached(f"predict{model.width}", lambda: jax.jit(
       lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1)))
-  out = []
-  for i in range(0, len(x), batch_size):
-    xb = x[i:i + batch_size]
-    pad = batch_size - len(xb)
-    xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)]) if pad else xb
-    out.append(np.asarray(fn(variables, xb))[:batch_size - pad])
-  return np.concatenate(out)
+  return common.predict_padded(lambda xb: fn(variables, xb), x, batch_size)
 
 
 def accuracy(model, variables, split) -> float:
@@ -283,14 +276,12 @@ def ms(values) -> str:
   return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
-def row_table(rows: list[dict], name: str, hp: dict) -> str:
-  src = [r["source_test"] for r in rows]
+def table_row(rows: list[dict], name: str, hp: dict) -> list[str]:
+  """One method's row of the main table: means ± std over its seeds' runs."""
   tgt = [r["target_test"] for r in rows]
-  val = [r["target_val"] for r in rows]
-  per_seed = " / ".join(f"{t:.3f}" for t in tgt)
-  secs = " / ".join(f"{r['seconds']:.0f}" for r in rows)
-  return (f"| {name} | {json.dumps(hp) if hp else '-'} | {ms(src)} | {ms(val)} | {ms(tgt)} "
-          f"| {per_seed} | {secs} |")
+  return [name, json.dumps(hp) if hp else "-", ms([r["source_test"] for r in rows]),
+          ms([r["target_val"] for r in rows]), ms(tgt), " / ".join(f"{t:.3f}" for t in tgt),
+          " / ".join(f"{r['seconds']:.0f}" for r in rows)]
 
 
 def main():
@@ -342,15 +333,14 @@ def main():
               if r["method"] == method]
       scored.append((np.mean([r["target_val"] for r in rows]), hp))
       if len(grid) > 1:
-        sweep.append(f"| {method} | {json.dumps(hp)} | {seeds} | "
-                     f"{ms([r['target_val'] for r in rows])} | "
-                     f"{ms([r['source_test'] for r in rows])} |")
+        sweep.append([method, json.dumps(hp), seeds, ms([r["target_val"] for r in rows]),
+                      ms([r["source_test"] for r in rows])])
     _, hp = max(scored, key=lambda s: s[0])
     rows = runs_for(method, hp, args.seeds, args, data, done, path)
     for name in (method, f"{method}+adabn"):
       chosen = [r for r in rows if r["method"] == name]
       if chosen:
-        lines.append(row_table(chosen, name, hp))
+        lines.append(table_row(chosen, name, hp))
   print(f"\nMNIST (4,000 labelled) -> sklearn digits, layout {args.layout!r} (897 unlabelled "
         f"adaptation images; 100 labelled target validation; 800 target test); SmallCNN "
         f"width {args.width}, {args.steps} steps, batch {args.batch_size}+{args.batch_size}, "
@@ -359,12 +349,11 @@ def main():
         f"{args.domain_dropout}; seeds {args.seeds}\n")
   if sweep:
     print("Selection (target validation accuracy, mean ± std over seeds)\n")
-    print("| method | hyperparameters | seeds | target val acc | source test acc |\n"
-          "|---|---|---|---|---|")
-    print("\n".join(sweep) + "\n")
-  print("| method | hyperparameters | source test acc | target val acc | target test acc "
-        "| target test per seed | train seconds per seed (AdaBN: its own) |\n|---|---|---|---|---|---|---|")
-  print("\n".join(lines))
+    print(common.markdown_table(["method", "hyperparameters", "seeds", "target val acc",
+                                 "source test acc"], sweep) + "\n")
+  print(common.markdown_table(
+      ["method", "hyperparameters", "source test acc", "target val acc", "target test acc",
+       "target test per seed", "train seconds per seed (AdaBN: its own)"], lines))
   print(f"\n[{time.perf_counter() - t_all:.0f}s; AdaBN rows: the source test accuracy uses "
         "the source statistics]")
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import print_table as table
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,13 +53,6 @@ def evaluate(workdir: Path, out: str, *flags: str) -> dict:
   run("evaluate.py", "--workdir", str(workdir), "--step", "latest", "--out_dir",
       str(out_dir), *flags)
   return json.loads(next(out_dir.glob("eval_*.json")).read_text())
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-  print(f"\n{title}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-  for r in rows:
-    print("| " + " | ".join(r) + " |")
-  sys.stdout.flush()
 
 
 def domain(root: Path, steps: list[str]) -> None:

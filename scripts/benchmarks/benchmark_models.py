@@ -27,50 +27,22 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+import common
 
 MODELS = ("efficientnet_lite0", "mobilenet_v2")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _timeit(fn, iters: int, warmup: int) -> float:
-  """Median seconds per call (after warm-up)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-# ----------------------------------------------------------------- PyTorch side
-
-def _torch_model(name: str):
-  if name == "efficientnet_lite0":
-    from efficientnet_lite_pytorch import EfficientNet
-    return EfficientNet.from_name("efficientnet-lite0")
-  # torchvision's architecture and names, shared with the test fixture's generator
-  # (loaded from its file: tests/ is no package of the torch environment).
-  import importlib.util
-  path = os.path.join(ROOT, "tests", "fixtures", "torch_mobilenet_v2.py")
-  spec = importlib.util.spec_from_file_location("torch_mobilenet_v2", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.mobilenet_v2(num_classes=1000)
 
 
 def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
   import torch
   torch.manual_seed(0)
-  model = _torch_model(name)
+  model = common.torch_model(name)
   x = torch.randn(batch, 3, size, size)
   y = torch.randint(0, 1000, (batch,))
   out = {"threads": torch.get_num_threads(), "version": torch.__version__}
   model.eval()
   with torch.no_grad():
-    out["forward"] = batch / _timeit(lambda: model(x), iters, warmup)
+    out["forward"] = batch / common.median_seconds(lambda: model(x), iters, warmup=warmup)
   model.train()
   for opt_name, opt in (("sgd", torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)),
                         ("adam", torch.optim.Adam(model.parameters(), lr=1e-4))):
@@ -79,7 +51,7 @@ def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> d
       loss = torch.nn.functional.cross_entropy(model(x), y)
       loss.backward()
       opt.step()
-    out[opt_name] = batch / _timeit(step, iters, warmup)
+    out[opt_name] = batch / common.median_seconds(step, iters, warmup=warmup)
   return out
 
 
@@ -104,8 +76,8 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
   y = jnp.asarray(rng.integers(0, 1000, batch))
   out = {"backend": jax.default_backend()}
   fwd = jax.jit(lambda v, x: module.apply(v, x))
-  out["forward"] = batch / _timeit(lambda: fwd(variables, x).block_until_ready(),
-                                   iters, warmup)
+  out["forward"] = batch / common.median_seconds(lambda: fwd(variables, x).block_until_ready(),
+                                   iters, warmup=warmup)
   for opt_name, tx in (("sgd", optax.sgd(1e-3, momentum=0.9)), ("adam", optax.adam(1e-4))):
     params, stats = variables["params"], variables["batch_stats"]
     opt_state = tx.init(params)
@@ -129,7 +101,7 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
     def step(state=state):
       state[:] = train_step(*state, key)
       jax.block_until_ready(state[0])
-    out[opt_name] = batch / _timeit(step, iters, warmup)
+    out[opt_name] = batch / common.median_seconds(step, iters, warmup=warmup)
   return out
 
 
@@ -147,7 +119,8 @@ def jtl_predict(name: str, size: int, iters: int) -> dict:
   out = {}
   for b in (1, 64):
     x = np.zeros((b, size, size, 3), np.float32)
-    t = _timeit(lambda: predict(x).block_until_ready(), iters if b == 1 else max(2, iters // 3), 2)
+    t = common.median_seconds(lambda: predict(x), iters if b == 1 else max(2, iters // 3),
+                              warmup=2)
     out[f"b{b}"] = t
   return out
 

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parents[2]
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
@@ -89,15 +91,14 @@ def table(results: dict[str, dict[str, float]], args: argparse.Namespace, n: int
   c, u = results["cached"], results["uncached"]
   lines = [f"EfficientNet-Lite0 linear probe (configs/linear_probe.py) at {args.image_size} px, "
            f"{n} training images, batch {args.batch_size} ({per_epoch} steps/epoch), "
-           f"{args.epochs} epochs",
-           "| mode | one-off backbone pass s | head scan compile s | first epoch s "
-           "| s/epoch | process wall s | eval acc |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           f"{args.epochs} epochs"]
   cell = lambda v, digits: "-" if v != v else f"{v:.{digits}f}"  # NaN: no such cost
-  for name, r in results.items():
-    lines.append(f"| {name} | {cell(r['extract'], 2)} | {cell(r['compile'], 2)} "
-                 f"| {cell(r['first_epoch'], 2)} | {r['epoch']:.5f} | {r['wall']:.1f} "
-                 f"| {r['accuracy']:.3f} |")
+  rows = [[name, cell(r["extract"], 2), cell(r["compile"], 2), cell(r["first_epoch"], 2),
+           f"{r['epoch']:.5f}", f"{r['wall']:.1f}", f"{r['accuracy']:.3f}"]
+          for name, r in results.items()]
+  lines.append(common.markdown_table(
+      ["mode", "one-off backbone pass s", "head scan compile s", "first epoch s", "s/epoch",
+       "process wall s", "eval acc"], rows, align="lrrrrrr"))
   lines.append(f"per-epoch speed-up (uncached s/epoch / cached s/epoch): "
                f"{u['epoch'] / c['epoch']:.0f}x; counting the head scan's compilation in the "
                f"cached epochs: {u['epoch'] / (c['epoch'] + c['compile'] / args.epochs):.1f}x; "

@@ -10,7 +10,6 @@ as ratios to the forward pass, measured in one run, with compiled-FLOPs ratios.
 """
 
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -20,6 +19,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+import common
 import jtl
 from jtl import models
 
@@ -53,13 +53,7 @@ def timed(fn, *args):
   compiled = jax.jit(fn).lower(*args).compile() if not hasattr(fn, "lower") else fn.lower(*args).compile()
   flops = compiled.cost_analysis()
   flops = flops[0]["flops"] if isinstance(flops, list) else flops["flops"]
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)), flops
+  return common.median_seconds(lambda: compiled(*args), _REPEATS.value), flops
 
 
 def main(argv):

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import jtl
 import jtl.models
 from jtl import phases as phases_lib
 from jtl.recipes import strategies
+
+sys.path.insert(0, str(Path(__file__).parent))  # common.py, also when a test imports this file
+from common import markdown_table  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -369,29 +373,27 @@ def best_lrs(results, names, *, per_class, steps, image_size, model=DEFAULT_MODE
   return best
 
 
-def _final_line(name, per_class, lr, rows):
+def _final_row(name, per_class, lr, rows):
   accs = np.array([r["acc"] for r in rows])
-  per_seed = " / ".join(f"{100 * a:.1f}" for a in accs)
   std = 100 * accs.std(ddof=1) if len(rows) > 1 else 0
-  return (f"| {name} | {per_class} | {rows[0]['steps']} | {lr:g} | {rows[0]['trainable']:,} | "
-          f"{np.mean([r['seconds'] for r in rows]):.0f} | {len(rows)} | "
-          f"{100 * accs.mean():.1f}% | {std:.1f} | {per_seed} |")
+  return [name, per_class, rows[0]["steps"], f"{lr:g}", f"{rows[0]['trainable']:,}",
+          f"{np.mean([r['seconds'] for r in rows]):.0f}", len(rows), f"{100 * accs.mean():.1f}%",
+          f"{std:.1f}", " / ".join(f"{100 * a:.1f}" for a in accs)]
 
 
 def image_report(results, args, names):
   """Markdown tables: the sweep, then mean +- std over seeds per row."""
+  mine = lambda r: r["image_size"] == args.image_size and r["model"] == args.model
+  sweep = [[r["strategy"], f"{r['lr']:g}", f"{100 * r['acc']:.1f}%", f"{r['seconds']:.0f}"]
+           for r in results.rows if r["kind"] == "sweep" and mine(r)]
   lines = [f"\n### Sweep (validation accuracy; {args.sweep_per_class}/class, "
            f"{round(args.val_fraction * 100)}% of each class held out, seed 0, "
-           f"{args.sweep_steps} steps)\n", "| strategy | lr | val acc | train s |", "|---|---:|---:|---:|"]
-  mine = lambda r: r["image_size"] == args.image_size and r["model"] == args.model
-  for r in results.rows:
-    if r["kind"] == "sweep" and mine(r):
-      lines.append(f"| {r['strategy']} | {r['lr']:g} | {100 * r['acc']:.1f}% | {r['seconds']:.0f} |")
+           f"{args.sweep_steps} steps)\n",
+           markdown_table(["strategy", "lr", "val acc", "train s"], sweep, align="lrrr")]
   test_n = "all" if args.test_per_class is None else f"first {args.test_per_class}"
-  lines += [f"\n### {args.model}, {Path(args.cifar_dir).name} at {args.image_size}px (test: "
-            f"{test_n} images per class)\n",
-            "| strategy | labels/class | steps | lr | trainable params | train s (mean) | seeds "
-            "| test acc mean | std | per seed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+  lines.append(f"\n### {args.model}, {Path(args.cifar_dir).name} at {args.image_size}px (test: "
+               f"{test_n} images per class)\n")
+  finals_table = []
   for k in map(int, args.per_class.split(",")):
     for name in names:
       finals = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
@@ -400,7 +402,10 @@ def image_report(results, args, names):
       for lr in dict.fromkeys(map(rate, finals)):  # one line per learning rate run
         rows = sorted({results.key(r): r for r in reversed(finals) if rate(r) == lr}.values(),
                       key=lambda r: r["seed"])  # one per seed
-        lines.append(_final_line(name, k, lr, rows))
+        finals_table.append(_final_row(name, k, lr, rows))
+  lines.append(markdown_table(
+      ["strategy", "labels/class", "steps", "lr", "trainable params", "train s (mean)", "seeds",
+       "test acc mean", "std", "per seed"], finals_table, align="lrrrrrrrrl"))
   print("\n".join(lines), flush=True)
 
 

@@ -42,8 +42,9 @@ from jtl.models import text as text_models
 from jtl.optim import default_decay_mask
 from jtl.recipes import strategies
 
-sys.path.insert(0, str(Path(__file__).parent))  # the image benchmark's bookkeeping
+sys.path.insert(0, str(Path(__file__).parent))  # the image benchmark's bookkeeping, common.py
 from benchmark_strategies import Results, set_learning_rate, stratified_holdout
+from common import markdown_table
 
 KEY = ("kind", "strategy", "labels", "seed", "lr", "epochs", "max_length", "pooling")
 STRATEGIES: dict[str, Any] = {
@@ -195,19 +196,11 @@ def best(results: Results, name: str, pooling: str, args) -> tuple[float, float]
 def report(results: Results, args, names, test_n: int, majority: float) -> None:
   """Markdown: the sweep, then mean +- sample std over seeds per strategy."""
   sel = lambda r: r["labels"] == args.labels and r["max_length"] == args.max_length
-  lines = [f"\n### Sweep (validation accuracy; seed-0 draw of {args.labels}, "
-           f"{round(args.val_fraction * 100)}% of each class held out)\n",
-           "| strategy | pooling | lr | epochs | val acc | train s |", "|---|---|---:|---:|---:|---:|"]
-  for r in results.rows:
-    if r["kind"] == "sweep" and sel(r):
-      ep = r["epochs"] if r["strategy"] != "linear_probe" else f"{r['steps']} head steps"
-      lines.append(f"| {r['strategy']} | {r['pooling']} | {r['lr']:g} | {ep} | "
-                   f"{100 * r['acc']:.1f}% | {r['seconds']:.0f} |")
-  lines += [f"\n### MiniLM-L6, Rotten Tomatoes, {args.labels} labels, max {args.max_length} "
-            f"tokens (test: {test_n:,} snippets; majority class {100 * majority:.1f}%)\n",
-            "| strategy | lr | epochs (steps) | trainable params | train s (mean) | seeds | "
-            "test acc mean | std | per seed |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+  sweep = [[r["strategy"], r["pooling"], f"{r['lr']:g}",
+            r["epochs"] if r["strategy"] != "linear_probe" else f"{r['steps']} head steps",
+            f"{100 * r['acc']:.1f}%", f"{r['seconds']:.0f}"]
+           for r in results.rows if r["kind"] == "sweep" and sel(r)]
+  finals = []
   for name in names:
     rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name and sel(r)]
     rows = sorted({r["seed"]: r for r in rows}.values(), key=lambda r: r["seed"])
@@ -217,11 +210,19 @@ def report(results: Results, args, names, test_n: int, majority: float) -> None:
     std = 100 * accs.std(ddof=1) if len(rows) > 1 else float("nan")
     ep = f"{rows[0]['epochs']} ({rows[0]['steps']})" if name != "linear_probe" \
         else f"{rows[0]['steps']} head steps"
-    lines.append(f"| {name} | {rows[0]['lr']:g} | {ep} | {rows[0]['trainable']:,} | "
-                 f"{np.mean([r['seconds'] for r in rows]):.0f} | {len(rows)} | "
-                 f"{100 * accs.mean():.1f}% | {std:.1f} | "
-                 + " / ".join(f"{100 * a:.1f}" for a in accs) + " |")
-  print("\n".join(lines), flush=True)
+    finals.append([name, f"{rows[0]['lr']:g}", ep, f"{rows[0]['trainable']:,}",
+                   f"{np.mean([r['seconds'] for r in rows]):.0f}", len(rows),
+                   f"{100 * accs.mean():.1f}%", f"{std:.1f}",
+                   " / ".join(f"{100 * a:.1f}" for a in accs)])
+  print(f"\n### Sweep (validation accuracy; seed-0 draw of {args.labels}, "
+        f"{round(args.val_fraction * 100)}% of each class held out)\n\n"
+        + markdown_table(["strategy", "pooling", "lr", "epochs", "val acc", "train s"], sweep,
+                         align="llrrrr")
+        + f"\n\n### MiniLM-L6, Rotten Tomatoes, {args.labels} labels, max {args.max_length} "
+        f"tokens (test: {test_n:,} snippets; majority class {100 * majority:.1f}%)\n\n"
+        + markdown_table(["strategy", "lr", "epochs (steps)", "trainable params",
+                          "train s (mean)", "seeds", "test acc mean", "std", "per seed"],
+                         finals, align="lrrrrrrrl"), flush=True)
 
 
 def main() -> None:
