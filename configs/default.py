@@ -77,5 +77,8 @@ def get_config(arg=None):
   c.compute_dtype = ml_collections.config_dict.placeholder(str)  # "bfloat16" for mixed precision on TPU/GPU
   c.seed = 0
   c.on_nonfinite = "stop"  # NaN/inf loss: "stop" with an error, or "skip" the update
+  # Weight EMA: evaluate, save the best by and export the exponential moving average of the
+  # trained weights, ema = d * ema + (1 - d) * weights after each step (e.g. 0.999). None: off.
+  c.ema_decay = ml_collections.config_dict.placeholder(float)
   c.distributed = False  # True on multi-host TPU VM pods
   return c

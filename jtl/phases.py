@@ -47,7 +47,10 @@ def transfer_opt_state(old: optax.OptState, new: optax.OptState) -> optax.OptSta
 
 
 def switch_phase(state: TrainState, labels: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  """Re-splits the params by `labels`; the optimizer state carries over."""
+  """Re-splits the params by `labels`; the optimizer state carries over, and
+  so does the weight EMA (a newly trainable leaf's average starts at its
+  value, which it has kept while frozen: the EMA of the full params)."""
   trainable, frozen = partition.split(state.params, labels)
   opt_state = transfer_opt_state(state.opt_state, tx.init(trainable))
-  return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state)
+  ema = None if state.ema is None else partition.split(state.ema_params, labels)[0]
+  return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state, ema=ema)

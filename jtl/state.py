@@ -2,7 +2,10 @@
 
 `trainable` and `frozen` are the two halves of the params (see
 `jtl.partition.split`); `model_state` holds the model's mutable collections
-(e.g. {"batch_stats": ...}); `rng` feeds dropout. Change it with `.replace()`.
+(e.g. {"batch_stats": ...}); `rng` feeds dropout; `ema`, when weight EMA is
+on (`fit(ema_decay=...)`), is the exponential moving average of `trainable`
+(same structure), which evaluation and export use instead of the raw weights.
+Change it with `.replace()`.
 """
 
 from __future__ import annotations
@@ -25,11 +28,24 @@ class TrainState:
   opt_state: optax.OptState
   model_state: dict[str, PyTree]
   rng: jax.Array
+  ema: PyTree = None  # EMA of `trainable` (same tree), or None: weight EMA off
 
   @property
   def params(self) -> PyTree:
     """The full params (trainable and frozen merged)."""
     return partition.merge(self.trainable, self.frozen)
+
+  @property
+  def ema_params(self) -> PyTree:
+    """The full params with the EMA in place of the trainable ones (frozen
+    leaves never change, so they are their own average); `params` without EMA."""
+    return self.params if self.ema is None else partition.merge(self.ema, self.frozen)
+
+  @property
+  def eval_variables(self) -> dict[str, PyTree]:
+    """`variables` with the EMA weights when weight EMA is on: what evaluation
+    and export use."""
+    return {"params": self.ema_params, **self.model_state}
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -39,7 +55,7 @@ class TrainState:
 
 def create_train_state(variables: dict[str, PyTree], labels: PyTree,
                        tx: optax.GradientTransformation, *,
-                       rng: jax.Array | int = 0) -> TrainState:
+                       rng: jax.Array | int = 0, ema: bool = False) -> TrainState:
   """Splits `variables["params"]` by `labels` and initialises the optimizer.
 
   Args:
@@ -49,6 +65,9 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
     tx: the optimizer (see `jtl.optim.make_optimizer`), applied to the
       trainable partition only.
     rng: a PRNG key or an int seed, for dropout.
+    ema: keep an exponential moving average of the trainable params (for a
+      step made with `make_train_step(..., ema_decay=...)`); it starts at
+      the initial params.
   """
   if is_nnx_module(variables):
     variables = variables_of(variables)
@@ -64,4 +83,6 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
       opt_state=tx.init(trainable),
       model_state=variables,
       rng=rng,
+      # A copy: the train step donates the state, and one buffer cannot be donated twice.
+      ema=jax.tree.map(jnp.array, trainable) if ema else None,
   )

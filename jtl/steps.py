@@ -100,6 +100,7 @@ def make_train_step(
     microbatches: int = 1,
     compute_dtype: Any = None,
     axis_name: str | None = None,
+    ema_decay: float | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and un-jitted.
 
@@ -130,12 +131,17 @@ def make_train_step(
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
       gradients, metrics and statistics are averaged across that axis and
       the dropout rng differs per device.
+    ema_decay: weight EMA: after each update, `state.ema = ema_decay *
+      state.ema + (1 - ema_decay) * state.trainable` (the state made with
+      `create_train_state(..., ema=True)`).
 
   Metrics: loss, accuracy (when the outputs are logits), grad_norm (of the
   trainable gradients), and those of `loss_fn` and `batch_transform`.
   """
   if microbatches < 1:
     raise StepError(f"microbatches must be >= 1, got {microbatches}.")
+  if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+    raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
   adapter = as_model(model)
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
 
@@ -171,13 +177,27 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable,
-                              opt_state=opt_state, model_state=model_state, rng=rng)
+                              opt_state=opt_state, model_state=model_state, rng=rng,
+                              ema=update_ema(state.ema, trainable, ema_decay))
     if "correct" in aux:
       aux["accuracy"] = aux.pop("correct") / jnp.maximum(count, 1.0)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux, **extra}
     return new_state, metrics
 
   return train_step
+
+
+def update_ema(ema: PyTree, trainable: PyTree, decay: float | None) -> PyTree:
+  """`decay * ema + (1 - decay) * trainable`, leaf by leaf, in each EMA leaf's dtype."""
+  if (ema is None) != (decay is None):
+    raise StepError(
+        "Weight EMA needs both a state made with create_train_state(..., ema=True) and a "
+        f"train step made with ema_decay set; got ema {'set' if ema is not None else 'None'} "
+        f"and ema_decay={decay!r}.")
+  if ema is None:
+    return None
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                      ema, trainable)
 
 
 def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax.Array,
@@ -306,6 +326,7 @@ def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, d
       ok &= jnp.isfinite(metrics["grad_norm"])
     keep = lambda n, o: jnp.where(ok, n, o)
     new = new.replace(trainable=jax.tree.map(keep, new.trainable, state.trainable),
+                      ema=jax.tree.map(keep, new.ema, state.ema),
                       opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
                       model_state=jax.tree.map(keep, new.model_state, state.model_state))
     return new, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}

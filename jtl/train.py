@@ -249,7 +249,8 @@ def _batchnorm_refresher(module: Any, phases: _Phases, batches: Callable[[], Ite
     if phase not in compiled:
       compiled[phase] = make_recompute_batchnorm(
           module, skip=partition.frozen_module_paths(phases.items[phase][1]), mesh=mesh)
-    variables = compiled[phase](state.variables, batches())
+    # With weight EMA, the statistics are those of the EMA weights: the model evaluated and saved.
+    variables = compiled[phase](state.eval_variables, batches())
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return state.replace(model_state=jax.tree.map(place, model_state, state.model_state))
   return refresh
@@ -346,7 +347,7 @@ class _Loop:
     """Evaluates the current state, writes and logs the result, and keeps it
     as the latest eval metrics."""
     g = self.given
-    result = evaluate(g.eval_step, self.state.variables, g.eval_batches(), g.mesh)
+    result = evaluate(g.eval_step, self.state.eval_variables, g.eval_batches(), g.mesh)
     if g.writer:
       g.writer.write(step, "eval", result)
       g.writer.plot()
@@ -406,7 +407,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         batch_transform: steps.BatchTransform | None = None,
         batchnorm_batches: Callable[[], Iterable[Batch]] | None = None,
-        stop_on_signals: bool = True,
+        stop_on_signals: bool = True, ema_decay: float | None = None,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
@@ -459,12 +460,20 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       ignored. The previous handlers are restored on return. Multi-host,
       every process saves the same step (`jtl.preemption`). False: signals
       keep their usual effect.
+    ema_decay: weight EMA: the state keeps `ema = ema_decay * ema + (1 -
+      ema_decay) * trainable` after every update (`TrainState.ema`, saved
+      with each checkpoint and resumed exactly); evaluations, the best
+      checkpoint's choice and `restore_variables` (so evaluate.py and export)
+      use the EMA weights (`state.eval_variables`). None: off.
 
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
+  if ema_decay is not None and (isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0):
+    raise ConfigError(f"ema_decay must be a number in [0, 1) (e.g. 0.999; None: no weight "
+                      f"EMA), got {ema_decay!r}.")
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     raise ConfigError(f"log_every must be an integer >= 1 (steps between logged training "
                       f"metrics), got {log_every!r}.")
@@ -479,12 +488,13 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   compile_step = functools.partial(
       _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
       loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, ema_decay=ema_decay)
 
   def fresh_state(phase: int) -> tuple[TrainState, PyTree]:
     """The initial state of `phase` and its labels (what a restore fills)."""
     _, labels, tx = phases.items[phase]
-    return parallel.place_state(create_train_state(variables, labels, tx, rng=seed), mesh), labels
+    return parallel.place_state(create_train_state(variables, labels, tx, rng=seed,
+                                                  ema=ema_decay is not None), mesh), labels
 
   stop = StopRequests()
   with contextlib.ExitStack() as stack:

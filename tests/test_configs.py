@@ -66,6 +66,8 @@ def test_partial_config_takes_the_number_of_blocks():
 def test_invalid_values_are_reported_together():
   config = load(Path(__file__).parents[1] / "configs" / "default.py")
   config.batch_size, config.num_steps, config.model = 0, 0, "resnet51"
+  config.ema_decay = 1.0
   with pytest.raises(ConfigError) as e:
     experiment.validate(config)
   assert "batch_size" in str(e.value) and "num_steps" in str(e.value) and "resnet51" in str(e.value)
+  assert "ema_decay must be a number in [0, 1)" in str(e.value)

@@ -87,3 +87,18 @@ def test_fsdp_sharding_of_large_params_gives_the_same_result():
   reference, _ = run_jit(jax.devices()[:1])
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(jax.device_get(placed.params))):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_weight_ema_is_sharded_like_the_params():
+  model, tx, labels, _ = make()
+  variables = init(model, batch(16, classes=4)["inputs"])
+  state = jtl.create_train_state(variables, labels, tx, rng=3, ema=True)
+  mesh = jtl.make_mesh(fsdp=4)
+  shardings = jtl.parallel.state_shardings(state, mesh, fsdp_rules=[r"body/kernel"], min_size=64)
+  placed = jtl.place_state(state, mesh, shardings)
+  assert placed.ema["body"]["kernel"].sharding == placed.trainable["body"]["kernel"].sharding
+  assert placed.ema["body"]["kernel"].addressable_shards[0].data.shape == (48, 32)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels, ema_decay=0.5),
+                            mesh, shardings)
+  placed, _ = step(placed, jtl.shard_batch(batches()[0], mesh))
+  assert placed.ema["body"]["kernel"].addressable_shards[0].data.shape == (48, 32)

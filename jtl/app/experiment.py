@@ -76,6 +76,11 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
   if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
     problems.append(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+  ema = config.get("ema_decay")
+  if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float))
+                          or not 0 <= ema < 1):
+    problems.append(f"ema_decay must be a number in [0, 1) (e.g. 0.999) or None (no weight "
+                    f"EMA), got {ema!r}")
   problems += cached_probe_problems(config) or []
   problems += precise_batchnorm_problems(config)
   if config.get("rules") and (config.get("strategy") or {}).get("name"):
@@ -637,6 +642,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       microbatches=config.get("microbatches", 1), compute_dtype=compute_dtype,
       seed=config.get("seed", 0), meta=run_meta(config, classes),
       on_nonfinite=config.get("on_nonfinite", "stop"),
+      ema_decay=config.get("ema_decay"),
       batchnorm_batches=precise_batchnorm_batches(config, created.spec, variables),
       log_every=config.get("log_every", 10), progress=progress)
   return _write_report(config, workdir, result, summary)

@@ -50,8 +50,11 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
 
 
 def _to_saved(state: TrainState) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params, "model_state": state.model_state,
-          "opt_state": state.opt_state, "rng": state.rng}
+  saved = {"step": state.step, "params": state.params, "model_state": state.model_state,
+           "opt_state": state.opt_state, "rng": state.rng}
+  if state.ema is not None:  # the full EMA params: restorable into any phase's partition
+    saved["ema_params"] = state.ema_params
+  return saved
 
 
 def _finite_metrics(metrics: dict[str, Any] | None) -> dict[str, float | None] | None:
@@ -250,9 +253,10 @@ class CheckpointManager:
       raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
     trainable, frozen = partition.split(restored["params"], labels)
+    ema = partition.split(restored["ema_params"], labels)[0] if "ema_params" in restored else None
     return TrainState(step=restored["step"], trainable=trainable, frozen=frozen,
                       opt_state=restored["opt_state"], model_state=restored["model_state"],
-                      rng=restored["rng"])
+                      rng=restored["rng"], ema=ema)
 
   def restore_latest(self, make_target: Callable[[int], tuple[TrainState, PyTree]]
                      ) -> TrainState | None:
@@ -307,8 +311,13 @@ class CheckpointManager:
 
 
 def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "latest",
-                      metric: str | None = None, mode: str = "max") -> tuple[dict[str, Any], dict[str, Any]]:
+                      metric: str | None = None, mode: str = "max", ema: bool = True
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restores {"params": ..., **model_state} as host numpy arrays, for evaluation.
+
+  A run trained with weight EMA (`fit(ema_decay=...)`) gives its EMA params
+  as "params" (what it evaluated and is exported with); `ema=False` gives the
+  raw weights instead.
 
   Reads only the params and model statistics (never the optimizer state), so
   it needs no optimizer and works on any number of devices. `step` is a step
@@ -333,9 +342,11 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       if problem is not None:
         raise CheckpointError(f"{step_dir}: {problem}")
       variables = {}
-      for part in _nonempty_branches(step_dir / "state", ("params", "model_state")):
+      parts = _nonempty_branches(step_dir / "state", ("ema_params", "params", "model_state"))
+      drop = "params" if ema and "ema_params" in parts else "ema_params"
+      for part in (p for p in parts if p != drop):
         tree = jtree.unflatten(read(step_dir / "state", format="orbax", subtree=part))
-        variables.update({"params": tree} if part == "params" else tree)
+        variables.update({"params": tree} if part.endswith("params") else tree)
     except CheckpointError as e:
       failures.append(e)
       log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
