@@ -63,6 +63,9 @@ import numpy as np
 import jtl
 from jtl import models
 
+sys.path.insert(0, str(Path(__file__).parent))  # common.py, also when a test imports this file
+import common  # noqa: E402
+
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
     "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
@@ -402,11 +405,10 @@ def table(rows: list[dict], kind: str, second: list[dict] = ()) -> str:
              if r["mode"] == "forward" and not r.get("build")}
   cached = {(r["model"], r["mode"], r["batch"], _variant(r["build"])): r for r in second}
   fmt = lambda value, spec: "-" if value is None else format(value, spec)
-  lines = [f"Device: {kind} x {jax.device_count()}", "",
-           "| model | mode | batch | variant | jtl img/s | timm img/s | jtl/timm | TFLOP/step | "
-           "MFU % | step/forward | program GiB | jtl peak GiB | timm peak GiB | compile s | "
-           "cached compile s | timm compile+warm-up s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  header = ["model", "mode", "batch", "variant", "jtl img/s", "timm img/s", "jtl/timm",
+            "TFLOP/step", "MFU %", "step/forward", "program GiB", "jtl peak GiB",
+            "timm peak GiB", "compile s", "cached compile s", "timm compile+warm-up s"]
+  body = []
   for r in jtl_rows:
     t = timm.get((r["model"], r["mode"], r["batch"]), {})
     theirs, fwd = t.get("images_per_s"), forward.get((r["model"], r["batch"]))
@@ -421,18 +423,18 @@ def table(rows: list[dict], kind: str, second: list[dict] = ()) -> str:
              fmt(r.get("process_peak_gib"), ".2f"), fmt(t.get("peak_memory_gib"), ".2f"),
              fmt(r.get("compile_s"), ".1f"), fmt(second_row.get("cached_compile_s"), ".1f"),
              fmt(t.get("warmup_s"), ".1f")]
-    lines.append("| " + " | ".join(map(str, cells)) + " |")
-  return "\n".join(lines)
+    body.append(cells)
+  return f"Device: {kind} x {jax.device_count()}\n\n" + common.markdown_table(header, body)
 
 
 def kernels_table(rows: list[dict]) -> str:
   parts = []
   for r in rows:
     if r.get("top_kernels"):
+      cells = [[f"{k['ms']:.3f}", k["calls"], f"{k['percent']:.1f}", f"`{k['name']}`"]
+               for k in r["top_kernels"]]
       parts += [f"\nTop kernels, {r['model']} {r['mode']} batch {r['batch']} (one step):", "",
-                "| ms | calls | % | kernel |", "|---|---|---|---|"]
-      parts += [f"| {k['ms']:.3f} | {k['calls']} | {k['percent']:.1f} | `{k['name']}` |"
-                for k in r["top_kernels"]]
+                common.markdown_table(["ms", "calls", "%", "kernel"], cells)]
   return "\n".join(parts)
 
 
