@@ -77,18 +77,42 @@ def test_model_registered_by_the_config_file_through_finetune_evaluate_convert(p
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_model_by_module_path_trains_restores_and_evaluates(photos, tmp_path):
-  from own_model_pkg.models import TinyNet
+@pytest.fixture(scope="module")
+def reference_run(photos, tmp_path_factory):
+  """A 2-step run of model="own_model_pkg.models:TinyNet" at 16 px."""
+  workdir = tmp_path_factory.mktemp("reference_run")
   config = experiment.ml_collections.ConfigDict(_reference_config(photos))
-  experiment.finetune(config, tmp_path, progress=False)
-  final = json.loads((tmp_path / "final_report.json").read_text())["eval"]
-  run = workdirs.restore(tmp_path, step="latest")
+  experiment.finetune(config, workdir, progress=False)
+  return workdir
+
+
+def test_model_by_module_path_trains_restores_and_evaluates(reference_run):
+  from own_model_pkg.models import TinyNet
+  final = json.loads((reference_run / "final_report.json").read_text())["eval"]
+  run = workdirs.restore(reference_run, step="latest")
   assert isinstance(run.module, TinyNet) and run.module.num_classes == 3
   # The class's own normalization: its size and crop, not the zoo's 224 px default.
   assert (run.spec.image_size, run.spec.normalization.crop_fraction) == (16, 1.0)
   assert set(run.variables) == {"params", "batch_stats"}
-  result = evaluation.evaluate_workdir(tmp_path, step="latest")
+  result = evaluation.evaluate_workdir(reference_run, step="latest")
   assert result["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
+
+
+def test_load_gives_the_model_and_the_preprocessing_the_run_used(reference_run, photos):
+  """`workdirs.load`: raw photos in, the logits of the run's own evaluation out."""
+  run = workdirs.restore(reference_run, step="latest")
+  config = run.config
+  batch = next(iter(experiment.eval_batches(config, run.spec)()))
+  files = sorted((photos / "test").glob("*/*.png"))  # the folder source's order
+  raw = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+  assert raw[0].shape == (20, 24, 3)  # not square: the pipeline resizes the whole image
+  inputs = np.concatenate([np.asarray(run.preprocess(x)) for x in raw])
+  np.testing.assert_allclose(inputs, batch["inputs"][:len(raw)], atol=2e-4)
+  expected = np.asarray(run.module.apply(run.variables, batch["inputs"][:len(raw)]))
+  for api in ("linen", "nnx", "apply"):
+    model, preprocess = workdirs.load(reference_run, step="latest", api=api)
+    logits = np.asarray(model(preprocess(np.stack(raw))))
+    np.testing.assert_allclose(logits, expected, atol=1e-4, err_msg=api)
 
 
 def _reference_config(photos):

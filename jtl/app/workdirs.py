@@ -4,18 +4,22 @@ App layer: a workdir's checkpoints carry the run's config, so the model, its
 variables (method wrappers removed) and its LoRA adapters (with their alpha)
 can be rebuilt from the workdir alone. `restore` does that once for
 `scripts/convert.py`, `scripts/evaluate.py` and `jtl.app.experiment`;
-`export_hub_format` writes a run as a PEFT adapter folder or as merged
-weights in the HF / timm layout (`jtl.export.peft`, `hf_export`).
+`load` gives a run to the user's code as one ready model (Linen, NNX or an
+apply function) and the preprocessing the run used; `export_hub_format`
+writes a run as a PEFT adapter folder or as merged weights in the HF / timm
+layout (`jtl.export.peft`, `hf_export`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 
 from jtl import models
@@ -99,6 +103,71 @@ class Restored:
       return self.variables
     from jtl.recipes.strategies import lora  # pylint: disable=g-import-not-at-top
     return {**self.variables, "params": lora.merge_lora(self.variables["params"], self.alpha)}
+
+  @property
+  def preprocess(self) -> Callable[..., Any]:
+    """The run's preprocessing of raw inputs (`run_preprocessing`)."""
+    return run_preprocessing(self.config, self.spec)
+
+  def model(self, api: str = "linen") -> Any:
+    """The model with its weights (LoRA folded in), ready to call in eval mode.
+
+    Args:
+      api: "linen" (the module bound to its variables: `model(x)`, and its
+        other methods such as `model.features(x)`), "nnx" (an NNX module,
+        `models.to_nnx`) or "apply" (a jitted `apply(x)` function).
+    """
+    variables = self.merged_variables()
+    if api == "linen":
+      return self.module.bind(variables)
+    if api == "nnx":
+      return models.registry.to_nnx(self.module, variables)
+    if api == "apply":
+      return jax.jit(functools.partial(self.module.apply, variables))
+    raise ConfigError(f"api={api!r}: expected 'linen', 'nnx' or 'apply'.")
+
+
+def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
+                      ) -> Callable[..., Any]:
+  """What the run's evaluation pipeline did to raw inputs, as a function.
+
+  Images (RGB, 0..255, [H, W, 3] or [B, H, W, 3], any size) are resized
+  whole to the run's `image_size` (the config's, else the model's native
+  one: jtl's pipeline crops nothing) and normalised as the model's
+  `Normalization` says; texts are tokenised with the run's `max_length`.
+  The zoo's `spec.preprocess` is the published default instead (224 px and
+  its crop for most image models), which a run at another size did not see.
+  """
+  if spec.input_kind != "image" or spec.normalization is None:
+    max_length = config.get("max_length")
+    if spec.preprocess is not None and max_length:
+      return functools.partial(spec.preprocess, max_length=max_length)
+    return spec.preprocess
+  from jtl.models import preprocessing  # pylint: disable=g-import-not-at-top
+  size = config.get("image_size") or spec.image_size
+  return functools.partial(preprocessing.preprocess, normalization=spec.normalization,
+                           size=size, crop_fraction=None)
+
+
+class Ready(NamedTuple):
+  """What `load` returns: `model(preprocess(raw_inputs))` gives the logits."""
+  model: Any
+  preprocess: Callable[..., Any]
+
+
+def load(workdir: str | os.PathLike, *, step: int | str = "best", api: str = "linen") -> Ready:
+  """A finetune.py run's model, ready to call, and the preprocessing it used.
+
+  >>> model, preprocess = load("runs/default", api="nnx")  # doctest: +SKIP
+  >>> logits = model(preprocess(images))  # uint8 RGB images, any size  # doctest: +SKIP
+
+  Args:
+    workdir: the run's folder.
+    step: "best", "latest" or a step number.
+    api: "linen", "nnx" or "apply" (see `Restored.model`).
+  """
+  run = restore(workdir, step=step)
+  return Ready(run.model(api), run.preprocess)
 
 
 def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored:

@@ -173,7 +173,7 @@ def as_normalization(normalize: str | Normalization | Sequence[Any] | None) -> N
 
 
 def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
-               size: int | None, crop_fraction: float) -> jax.Array:
+               size: int | None, crop_fraction: float | None) -> jax.Array:
   """Central crop, resize to size x size, then `normalization.apply`.
 
   Args:
@@ -182,7 +182,8 @@ def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
     size: output height and width; None keeps the input as it is (only
       normalises).
     crop_fraction: side of the central square crop relative to the shorter
-      side.
+      side; None: no crop, the whole image resized to size x size (what
+      jtl's input pipeline does at evaluation).
 
   Raises:
     DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
@@ -191,14 +192,15 @@ def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
 
 
 def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224,
-                       crop_fraction: float = 0.875) -> jax.Array:
+                       crop_fraction: float | None = 0.875) -> jax.Array:
   """Central square crop, then antialiased bilinear resize; float32, 0..255 kept.
 
   Args:
     images: [H, W, 3] or [B, H, W, 3] RGB.
     size: output side; None returns the images unchanged (as float32 NHWC).
     crop_fraction: crop side relative to the shorter image side (0.875 is the
-      usual ImageNet evaluation crop).
+      usual ImageNet evaluation crop); None: no crop, the whole image resized
+      to size x size, clipped to 0..255 (as jtl's tf.data evaluation pipeline).
 
   Raises:
     DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
@@ -216,6 +218,11 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
   if size is None:
     return x
   h, w = x.shape[1:3]
+  if crop_fraction is None:
+    if (h, w) == (size, size):
+      return x
+    x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
+    return jnp.clip(x, 0.0, 255.0)
   side = max(1, int(round(min(h, w) * crop_fraction)))
   top, left = (h - side) // 2, (w - side) // 2
   x = x[:, top:top + side, left:left + side]
