@@ -35,7 +35,14 @@ class CheckpointError(JtlError):
 
 
 class LoadError(JtlError):
-  """Pretrained weights that do not fit the model they are loaded into."""
+  """Pretrained weights that do not fit the model they are loaded into.
+
+  `report`: the `jtl.checkpoint.LoadReport` of a strict load that failed, or None.
+  """
+
+  def __init__(self, message: str, report: object = None) -> None:
+    super().__init__(message)
+    self.report = report
 
 
 class ConfigError(JtlError):

@@ -406,16 +406,19 @@ def _check_dinov2(source: str, config: Mapping[str, Any]) -> int:
 
 
 def spec_for(source: str) -> registry.ModelSpec:
-  """The ModelSpec of the Hub repo "hf-hub:<owner>/<name>[@rev]" (config.json).
+  """The ModelSpec of the Hub repo "hf-hub:<owner>/<name>[@rev]" (config.json),
+  or of a local folder in the Hub layout (its path, or "hf-hub:<path>").
 
   Raises:
     ConfigError: an architecture jtl does not implement (lists `SUPPORTED`).
     CheckpointError: config.json cannot be downloaded or parsed.
   """
   from jtl.weights import hub  # pylint: disable=g-import-not-at-top
-  ref = hub.parse(source)
-  if ref is None or ref.filename is not None:
-    raise ConfigError(f"{source!r}: a Hub model is 'hf-hub:<owner>/<name>[@rev]'.")
+  if hub.local_repo(source) is None:
+    ref = hub.parse(source)
+    if ref is None or ref.filename is not None:
+      raise ConfigError(f"{source!r}: a Hub model is 'hf-hub:<owner>/<name>[@rev]', or a "
+                        "local folder holding its config.json and weights.")
   config = hub.read_config(source)
   if "architecture" in config:
     return _timm_spec(source, config)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jtl import tree as jtree
-from jtl.errors import ConfigError, bullet_list
+from jtl.errors import ConfigError, LoadError, bullet_list
 from jtl.models.preprocessing import Normalization
 
 Variables = dict[str, Any]
@@ -179,12 +179,21 @@ def is_reference(name: str) -> bool:
   return bool(sep) and attr.isidentifier() and all(p.isidentifier() for p in module.split("."))
 
 
+def is_hub_model(name: str) -> bool:
+  """Whether `name` is a Hub repo ("hf-hub:...") or a local folder in the Hub
+  layout (config.json and weights), which `get_spec` reads the config.json of."""
+  from jtl.weights import hub  # pylint: disable=g-import-not-at-top  (no jax)
+  return name.startswith(hub.HUB_PREFIX) or (name not in _REGISTRY
+                                              and hub.local_repo(name) is not None)
+
+
 def get_spec(name: str) -> ModelSpec:
-  """Returns the spec of `name`: a registered name, "hf-hub:<repo>" (the spec
-  its config.json describes), or "package.module:attribute" (user code: a
+  """Returns the spec of `name`: a registered name, "hf-hub:<repo>" or a local
+  Hub-layout folder (the spec its config.json describes; the folder's path
+  or "hf-hub:<path>"), or "package.module:attribute" (user code: a
   `ModelSpec`, or a Linen module class taking `num_classes`, see
   `spec_of_module`); a ConfigError lists the registered names."""
-  if name.startswith("hf-hub:"):
+  if is_hub_model(name):
     from jtl.models import hub_models  # imports every family
     return hub_models.spec_for(name)
   if name not in _REGISTRY and is_reference(name):
@@ -323,10 +332,12 @@ def create(name: str, *, num_classes: int | None = None,
 
   Args:
     name: a registered model name (see `list_models()`), or a Hub model repo
-      "hf-hub:<owner>/<name>[@<revision>]" (timm or transformers): its
-      config.json picks the zoo architecture, size and preprocessing, and its
-      weights are the default pretrained source (see
-      `jtl.models.hub_models.SUPPORTED`).
+      "hf-hub:<owner>/<name>[@<revision>]" (timm or transformers), or a local
+      folder in that layout (config.json and model.safetensors: its path, or
+      "hf-hub:<path>"): its config.json picks the zoo architecture, size and
+      preprocessing, and its weights are the default pretrained source (see
+      `jtl.models.hub_models.SUPPORTED`); or "package.module:Name" (your own
+      model, see `get_spec`).
     num_classes: classes of the new head; None keeps the checkpoint's
       (`spec.default_num_classes`), 0 builds the model without a head. A head
       whose class count differs from the checkpoint's keeps its fresh init and
@@ -345,7 +356,7 @@ def create(name: str, *, num_classes: int | None = None,
   """
   if api not in ("linen", "nnx"):
     raise ConfigError(f"api={api!r}: expected 'linen' or 'nnx'.")
-  from_hub = name.startswith("hf-hub:")
+  from_hub = is_hub_model(name)
   spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
   path = None if pretrained is False or pretrained is None else _weights(name, spec, pretrained)
@@ -358,11 +369,18 @@ def create(name: str, *, num_classes: int | None = None,
     # Shapes only (no init of what the checkpoint replaces): the loaded leaves
     # are the checkpoint's arrays, and only the leaves it lacks (a new head,
     # skipped ones) are initialised, so the peak stays near the file's size.
-    variables, report = weights.load_pretrained(
-        path, like=abstract_variables(spec, module, seed=seed),
-        converter=spec.converter, reinit_head=spec.head_pattern,
-        skip=_hub_skip() if from_hub else (),
-        init=lambda paths: init_leaves(spec, module, paths, seed=seed))
+    try:
+      variables, report = weights.load_pretrained(
+          path, like=abstract_variables(spec, module, seed=seed),
+          converter=spec.converter, reinit_head=spec.head_pattern,
+          skip=_hub_skip() if from_hub else (),
+          init=lambda paths: init_leaves(spec, module, paths, seed=seed))
+    except LoadError as e:
+      if from_hub:
+        raise
+      from jtl.weights import loading  # pylint: disable=g-import-not-at-top
+      raise LoadError(loading.strict_message(path, e.report, _hub_layout_hint(
+          name, path, e.report)), e.report) from None
     if report.reinitialised:
       logging.info("%s: head re-initialised for %d classes (checkpoint has "
                    "%d): %s", name, n, spec.default_num_classes,
@@ -371,6 +389,22 @@ def create(name: str, *, num_classes: int | None = None,
     return CreatedModel(to_nnx(module, variables, seed=seed), variables, report,
                         spec.preprocess, spec)
   return CreatedModel(module, variables, report, spec.preprocess, spec)
+
+
+def _hub_layout_hint(name: str, path: Any, report: Any) -> str:
+  """What to do when a zoo model's converter does not fit a file: for a timm /
+  transformers file, load it through its config.json (the hf-hub: form)."""
+  folder = path.parent if (path.parent / "config.json").is_file() else None
+  left = len(report.missing) + len(report.mismatched) if report is not None else 0
+  where = (f"the folder it is in, which has its config.json: models.create({str(folder)!r}) "
+           f"(--config.model={folder})" if folder is not None else
+           "its repo, models.create('hf-hub:<owner>/<repo>'), or a folder holding the file "
+           "with its config.json: models.create('/path/to/folder')")
+  return (f"If {path.name} is a timm / transformers checkpoint, zoo model {name!r} does not "
+          f"read its layout; load it with the architecture and layout its config.json "
+          f"describes, through {where}. Otherwise pass a checkpoint in {name!r}'s own "
+          f"layout. strict=False is no fix: it would leave {left} of {name!r}'s tensors at "
+          "their random init.")
 
 
 def _weights(name: str, spec: ModelSpec, pretrained: bool | str) -> Any:

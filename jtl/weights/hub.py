@@ -11,6 +11,13 @@ Two source forms, usable wherever jtl takes a checkpoint source (`read`,
   the first of `WEIGHT_FILES` it has; a sharded checkpoint
   (`model.safetensors.index.json`) brings all its shards.
 
+A local folder in the Hub layout (`config.json` next to one of
+`WEIGHT_FILES`: what `scripts/convert.py --format hf` writes, or
+`huggingface-cli download --local-dir` leaves) stands for a repo wherever
+`hf-hub:` does, named by its path or as `hf-hub:<path>` (`local_repo`); as
+in transformers' `from_pretrained`, an existing folder wins over a Hub repo
+of the same name.
+
 Files come through `huggingface_hub.hf_hub_download`, so its cache and
 environment apply, read when the download is made (not when jtl is
 imported): `HF_HOME` / `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_HUB_OFFLINE`,
@@ -65,6 +72,47 @@ class HubRef:
     if self.filename is None:
       return f"{HUB_PREFIX}{self.repo_id}{rev}"
     return f"{HF_PREFIX}{self.repo_id}{rev}/{self.filename}"
+
+
+def local_repo(source: Any) -> epath.Path | None:
+  """The local folder in the Hub layout that `source` names (a path, or
+  "hf-hub:<path>", holding a config.json), or None.
+
+  >>> local_repo("hf-hub:timm/surely-not-a-local-folder") is None
+  True
+  """
+  if isinstance(source, os.PathLike):
+    source = os.fspath(source)
+  if not isinstance(source, str) or source.startswith(HF_PREFIX):
+    return None
+  text = source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
+  if not text or "\0" in text:
+    return None
+  try:
+    path = epath.Path(os.path.expanduser(text))
+    return path if (path / "config.json").is_file() else None
+  except (OSError, ValueError):
+    return None
+
+
+def local_weights(folder: epath.Path) -> epath.Path:
+  """The weights of a local Hub-layout folder: the first of `WEIGHT_FILES`.
+
+  Raises:
+    CheckpointError: it has none of them, or a shard its index names is missing.
+  """
+  for filename in WEIGHT_FILES:
+    path = folder / filename
+    if path.is_file():
+      if filename.endswith(".index.json"):
+        absent = [s for s in shard_names(path) if not (folder / s).is_file()]
+        if absent:
+          raise CheckpointError(f"{path}: the shards {absent[:5]} it names are not in "
+                                f"{folder}.")
+      return path
+  raise CheckpointError(
+      f"{folder} has a config.json but none of the weight files {list(WEIGHT_FILES)}; "
+      "a Hub-layout folder holds both (convert.py --format hf writes them).")
 
 
 def is_hub(source: Any) -> bool:
@@ -264,7 +312,11 @@ def read_sharded(index_path: Any, read_fn: Any, **kwargs: Any) -> dict[str, Any]
 
 
 def resolve(source: str) -> epath.Path:
-  """The local path of an "hf://" file or an "hf-hub:" repo's weights."""
+  """The local path of an "hf://" file or an "hf-hub:" repo's (or local
+  Hub-layout folder's) weights."""
+  folder = local_repo(source)
+  if folder is not None:
+    return local_weights(folder)
   ref = parse(source)
   if ref.filename is None:
     return repo_weights(ref.repo_id, ref.revision)
@@ -276,17 +328,19 @@ def resolve(source: str) -> epath.Path:
 
 
 def read_config(source: str) -> dict[str, Any]:
-  """The `config.json` of the repo an "hf://" or "hf-hub:" source names."""
-  ref = parse(source)
-  path = download(ref.repo_id, "config.json", ref.revision)
+  """The `config.json` of the repo an "hf://" or "hf-hub:" source names (or
+  of a local Hub-layout folder)."""
+  folder = local_repo(source)
+  if folder is not None:
+    path, what = folder / "config.json", str(folder / "config.json")
+  else:
+    ref = parse(source)
+    path = download(ref.repo_id, "config.json", ref.revision)
+    what = _describe(ref.repo_id, ref.revision, "config.json")
   try:
     config = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-    raise CheckpointError(
-        f"{_describe(ref.repo_id, ref.revision, 'config.json')} is not valid "
-        f"JSON ({e}).") from None
+    raise CheckpointError(f"{what} is not valid JSON ({e}).") from None
   if not isinstance(config, dict):
-    raise CheckpointError(
-        f"{_describe(ref.repo_id, ref.revision, 'config.json')} is not a "
-        "JSON object.")
+    raise CheckpointError(f"{what} is not a JSON object.")
   return config

@@ -216,7 +216,7 @@ def load_pretrained(
   _report_source_only(flat_src, flat_like, rules, cats)
   report = LoadReport(**{k: tuple(v) for k, v in cats.items()})
   if strict and not report.ok:
-    raise LoadError(_strict_message(source, report))
+    raise LoadError(strict_message(source, report), report=report)
   _materialise(out, init)
   variables = tree_lib.map_with_path(lambda p, _: out[p], like)
   return variables, report
@@ -335,14 +335,16 @@ def _cast(path: str, src: np.ndarray, init: np.ndarray, dtype: Any,
   return src
 
 
-def _strict_message(source: Any, report: LoadReport) -> str:
+def strict_message(source: Any, report: LoadReport, advice: str | None = None) -> str:
+  """A failed strict load's message: what is missing, unexpected and
+  mismatched, then `advice` (default: how to fix or relax the load)."""
   where = "the given arrays" if isinstance(source, Mapping) else str(source)
   parts = [f"Checkpoint {where} does not fit the model:"]
   for name in ("missing", "unexpected", "mismatched"):
     entries = getattr(report, name)
     if entries:
       parts.append(f"{len(entries)} {name}:\n" + bullet_list(entries, limit=30))
-  parts.append(
+  parts.append(advice or
       "Fix the converter, or relax: skip=[regex, ...] for leaves to leave at "
       "their init, reinit_head= for the classifier, or strict=False to keep "
       "init values for everything that does not fit (listed in the report).")

@@ -171,7 +171,8 @@ def resolve(source: Any) -> epath.Path:
       "hf://<owner>/<name>[@<revision>]/<file>" or repo
       "hf-hub:<owner>/<name>[@<revision>]" (its weights; the index of a
       sharded checkpoint, with its shards next to it), or a path (str,
-      PathLike, `epath.Path`, gs://...).
+      PathLike, `epath.Path`, gs://...); a folder in the Hub layout
+      (config.json and model.safetensors, ...) stands for its weights file.
 
   Raises:
     CheckpointError: the package or file is missing, or a download fails.
@@ -200,6 +201,9 @@ def resolve(source: Any) -> epath.Path:
         f"{source}: no such file or directory, and not a registered source"
         + (". Did you mean:\n" + bullet_list(close) if close else
            f". Registered sources: {list_sources()}"))
+  if path.is_dir() and (path / "config.json").is_file():
+    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    return hub.local_weights(path)  # a Hub-layout folder: its weights file
   return path
 
 
