@@ -53,7 +53,7 @@ def test_pipeline_preset_jax_preprocess_and_pixel_affine_agree(spec):
   want = np.asarray(spec.preprocess(image))[0]
   assert want.shape == (n.image_size, n.image_size, 3)
   tf_out = np.asarray(images.eval_image(image, image_size=n.image_size, normalize=spec.normalization.preset,
-                                        crop_fraction=n.crop_fraction))
+                                        crop_fraction=n.crop_fraction, resize=n.resize))
   # tf.image.resize and jax.image.resize (both antialiased): float rounding
   # only (one grey level is 0.004..0.017 after normalisation).
   np.testing.assert_allclose(tf_out, want, atol=1e-5)

@@ -145,7 +145,9 @@ def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
     return spec.preprocess
   from jtl.models import preprocessing  # pylint: disable=g-import-not-at-top
   size = config.get("image_size") or spec.image_size
-  return functools.partial(preprocessing.preprocess, normalization=spec.normalization,
+  # The pipeline's resize is bilinear whatever the weights' published one.
+  normalization = dataclasses.replace(spec.normalization, resize="bilinear")
+  return functools.partial(preprocessing.preprocess, normalization=normalization,
                            size=size, crop_fraction=None)
 
 

@@ -16,6 +16,8 @@ Images enter as uint8 (or float 0..255) [H, W, C] and leave as float32
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -97,11 +99,21 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, hw: tuple[int, int], 
   return _resize(crop, hw)
 
 
-def central_crop(image: tf.Tensor, fraction: float) -> tf.Tensor:
-  """Keeps the central `fraction` of height and width (1.0 = whole image)."""
-  if fraction >= 1.0:
-    return image
-  return tf.image.central_crop(image, fraction)
+def resize_and_crop(image: tf.Tensor, hw: tuple[int, int], fraction: float,
+                    method: str = "bilinear") -> tf.Tensor:
+  """The published evaluation view (timm, torchvision; as JAX's
+  `preprocessing.center_crop_resize`): the shorter side resized to
+  floor(side / fraction), the longer in proportion, then the central hw."""
+  size = hw[0]
+  shape = tf.cast(tf.shape(image)[:2], tf.float64)
+  short = tf.cast(max(size, int(math.floor(size / fraction))), tf.float64)
+  h, w = shape[0], shape[1]
+  new_h = tf.cast(tf.where(h <= w, short, tf.floor(short * h / w)), tf.int32)
+  new_w = tf.cast(tf.where(h <= w, tf.floor(short * w / h), short), tf.int32)
+  image = tf.image.resize(image, tf.stack([new_h, new_w]), method=method, antialias=True)
+  top = tf.cast(tf.round(tf.cast(new_h - hw[0], tf.float64) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - hw[1], tf.float64) / 2.0), tf.int32)
+  return tf.image.crop_to_bounding_box(image, top, left, hw[0], hw[1])
 
 
 def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int | Sequence[int],
@@ -123,10 +135,18 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int | Sequence
 
 
 def eval_image(image: tf.Tensor, *, image_size: int | Sequence[int],
-               normalize: NormalizeSpec = None, crop_fraction: float = 1.0) -> tf.Tensor:
-  """Evaluation view of one image: central crop, resize, normalise."""
-  image = central_crop(to_rgb_float(image), crop_fraction)
-  image = tf.clip_by_value(_resize(image, image_hw(image_size)), 0.0, 255.0)
+               normalize: NormalizeSpec = None, crop_fraction: float = 1.0,
+               resize: str = "bilinear") -> tf.Tensor:
+  """Evaluation view of one image, normalised: with crop_fraction 1 the whole
+  image resized to image_size (bilinear); below 1 (square sizes) the
+  published view, `resize_and_crop` with `resize` ("bilinear" / "bicubic")."""
+  hw = image_hw(image_size)
+  image = to_rgb_float(image)
+  if crop_fraction < 1.0 and hw[0] == hw[1]:
+    image = resize_and_crop(image, hw, crop_fraction, resize)
+  else:
+    image = _resize(image, hw)
+  image = tf.clip_by_value(image, 0.0, 255.0)
   return tf.cast(get_normalizer(normalize)(image), tf.float32)
 
 

@@ -338,10 +338,12 @@ def hf_shapes(*, hidden_size: int, num_hidden_layers: int, image_size: int = NAT
 
 # --- zoo -------------------------------------------------------------------------
 
-# The facebook/dinov2-* evaluation preprocessing: central crop (resize 256,
-# crop 224), ImageNet mean/std; `preprocess(images, size=224, crop_fraction=0.875)`.
-NORMALIZATION = model_normalization("imagenet", image_size=INPUT_SIZE,
-                                    crop_fraction=INPUT_SIZE / 256)
+# The facebook/dinov2-* evaluation preprocessing (transformers' BitImageProcessor):
+# resize the shorter side to 256 (bicubic), central crop 224, ImageNet mean/std;
+# `preprocess(images, size=224, crop_fraction=0.875)`.
+NORMALIZATION = dataclasses.replace(
+    model_normalization("imagenet", image_size=INPUT_SIZE, crop_fraction=INPUT_SIZE / 256),
+    resize="bicubic")
 preprocess = NORMALIZATION.preprocessor()
 
 

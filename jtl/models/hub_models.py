@@ -254,7 +254,12 @@ def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
   preset = ("imagenet" if np.allclose(mean, imagenet.mean, atol=1e-3)
             and np.allclose(std, imagenet.std, atol=1e-3) else
             "vit" if np.allclose(mean, .5) and np.allclose(std, .5) else default_preset)
-  return Normalization(preset, mean=mean, std=std, image_size=size, crop_fraction=crop)
+  interpolation = cfg.get("interpolation", "bicubic")  # timm's default
+  if interpolation not in ("bilinear", "bicubic"):
+    raise ConfigError(f"pretrained_cfg interpolation {str(interpolation)[:40]!r}: jtl resizes "
+                      "'bilinear' or 'bicubic'.")
+  return Normalization(preset, mean=mean, std=std, image_size=size, crop_fraction=crop,
+                       resize=interpolation)
 
 
 def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ import numpy as np
 
 from jtl.errors import ConfigError, DataError
 
+# Resize methods of the evaluation view (jax.image.resize / tf.image.resize names).
+RESIZE_METHODS = ("bilinear", "bicubic")
 # torchvision's ImageNet statistics, on pixels scaled to 0..1.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,8 +47,11 @@ class Normalization:
       pipelines produce).
     image_size: evaluation resolution (square side).
     crop_fraction: side of the central square crop at evaluation, relative
-      to the shorter image side (0.875: resize 256, crop 224).
-    resize: resize method ("bilinear", antialiased, in JAX and tf.data).
+      to the resized shorter image side (0.875: resize 256, crop 224).
+    resize: resize method of the evaluation view, "bilinear" or "bicubic"
+      (antialiased; a timm pretrained_cfg's `interpolation`). jtl's tf.data
+      pipeline takes it for its central-crop evaluation and resizes
+      bilinear otherwise.
 
   >>> Normalization("unit", image_size=8).apply(np.full(3, 255.0, np.float32)).tolist()
   [1.0, 1.0, 1.0]
@@ -68,9 +74,9 @@ class Normalization:
       problems.append(f"mean {self.mean} / std {self.std}: expected 1 or 3 values each")
     if min(self.std, default=0.0) <= 0 or self.scale <= 0:
       problems.append(f"std {self.std} and scale {self.scale} must be > 0")
-    if self.channels != "RGB" or self.resize != "bilinear":
+    if self.channels != "RGB" or self.resize not in RESIZE_METHODS:
       problems.append(f"channels={self.channels!r}, resize={self.resize!r}: jtl's "
-                      "pipelines produce 'RGB' and resize 'bilinear'")
+                      f"pipelines produce 'RGB' and resize with one of {RESIZE_METHODS}")
     if not 0 < self.crop_fraction <= 1 or self.image_size < 1:
       problems.append(f"crop_fraction {self.crop_fraction} must lie in (0, 1], "
                       f"image_size {self.image_size} be >= 1")
@@ -84,7 +90,8 @@ class Normalization:
     [0.0]
     """
     return {"preset": self.preset, "mean": list(self.mean), "std": list(self.std),
-            "scale": self.scale, "image_size": self.image_size}
+            "scale": self.scale, "image_size": self.image_size,
+            "crop_fraction": self.crop_fraction, "resize": self.resize}
 
   def apply(self, x: Any) -> Any:
     """(x / scale - mean) / std on float pixels 0..255 [..., C]: NumPy, JAX or
@@ -101,7 +108,8 @@ class Normalization:
 
   def preprocessor(self) -> Callable[..., jax.Array]:
     """`preprocess(images, *, size=image_size, crop_fraction=crop_fraction)`:
-    uint8 RGB images -> central crop, resize, normalise (see `preprocess`)."""
+    uint8 RGB images -> resize (`resize`), central crop, normalise (see
+    `preprocess`): the published evaluation transform."""
     return functools.partial(preprocess, normalization=self, size=self.image_size,
                              crop_fraction=self.crop_fraction)
 
@@ -174,7 +182,8 @@ def as_normalization(normalize: str | Normalization | Sequence[Any] | None) -> N
 
 def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
                size: int | None, crop_fraction: float | None) -> jax.Array:
-  """Central crop, resize to size x size, then `normalization.apply`.
+  """Resize and central crop to size x size (`center_crop_resize`, with the
+  normalization's `resize` method), then `normalization.apply`.
 
   Args:
     images: uint8 or float [B, H, W, 3] or [H, W, 3] on a 0..255 scale.
@@ -188,19 +197,28 @@ def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
   Raises:
     DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
   """
-  return normalization.apply(center_crop_resize(images, size=size, crop_fraction=crop_fraction))
+  return normalization.apply(center_crop_resize(images, size=size, crop_fraction=crop_fraction,
+                                                resize=normalization.resize))
 
 
 def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224,
-                       crop_fraction: float | None = 0.875) -> jax.Array:
-  """Central square crop, then antialiased bilinear resize; float32, 0..255 kept.
+                       crop_fraction: float | None = 0.875, resize: str = "bilinear") -> jax.Array:
+  """The published evaluation view: resize, then central crop; float32, 0..255.
+
+  As timm's and torchvision's eval transforms: the shorter side is resized
+  (antialiased) to floor(size / crop_fraction), the longer in proportion,
+  then the central size x size square is cut (timm: `Resize(int(size /
+  crop_pct))`, `CenterCrop(size)`).
 
   Args:
     images: [H, W, 3] or [B, H, W, 3] RGB.
     size: output side; None returns the images unchanged (as float32 NHWC).
-    crop_fraction: crop side relative to the shorter image side (0.875 is the
-      usual ImageNet evaluation crop); None: no crop, the whole image resized
-      to size x size, clipped to 0..255 (as jtl's tf.data evaluation pipeline).
+    crop_fraction: crop side relative to the resized shorter side (0.875 is
+      the usual ImageNet evaluation crop: 256 then 224); None: no crop, the
+      whole image resized to size x size, clipped to 0..255 (as jtl's tf.data
+      evaluation pipeline).
+    resize: "bilinear" or "bicubic" (timm's `interpolation`; Keys' cubic,
+      a = -0.5, as PIL's).
 
   Raises:
     DataError: when the images are not RGB [B, H, W, 3] / [H, W, 3].
@@ -214,6 +232,8 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
   if x.ndim != 4 or x.shape[-1] != 3:
     raise DataError(f"Expected RGB images [batch, height, width, 3] (or one "
                     f"[height, width, 3]); found shape {tuple(jnp.shape(images))}.")
+  if resize not in RESIZE_METHODS:
+    raise DataError(f"resize={resize!r}: expected one of {RESIZE_METHODS}.")
   x = x.astype(jnp.float32)
   if size is None:
     return x
@@ -221,11 +241,13 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
   if crop_fraction is None:
     if (h, w) == (size, size):
       return x
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
+    x = jax.image.resize(x, (x.shape[0], size, size, 3), resize, antialias=True)
     return jnp.clip(x, 0.0, 255.0)
-  side = max(1, int(round(min(h, w) * crop_fraction)))
-  top, left = (h - side) // 2, (w - side) // 2
-  x = x[:, top:top + side, left:left + side]
-  if side != size:
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
-  return x
+  short = max(size, int(math.floor(size / crop_fraction)))
+  # torchvision's Resize(int): the shorter side to `short`, the longer truncated.
+  new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+  if (new_h, new_w) != (h, w):
+    x = jax.image.resize(x, (x.shape[0], new_h, new_w, 3), resize, antialias=True)
+  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  # Clipped as PIL's 8-bit result is (a bicubic kernel overshoots at edges).
+  return jnp.clip(x[:, top:top + size, left:left + size], 0.0, 255.0)
