@@ -37,7 +37,7 @@ class CheckpointError(JtlError):
 class LoadError(JtlError):
   """Pretrained weights that do not fit the model they are loaded into.
 
-  `report`: the `jtl.checkpoint.LoadReport` of a strict load that failed, or None.
+  `report`: the `jtl.weights.LoadReport` of a strict load that failed, or None.
   """
 
   def __init__(self, message: str, report: object = None) -> None:

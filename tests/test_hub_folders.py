@@ -11,7 +11,7 @@ from test_hub import _random, _timm_config, _timm_vit_reference, timm_vit_shapes
 
 import jtl
 from jtl import models
-from jtl.checkpoint import hf_export
+from jtl.export import hf_export
 from jtl.errors import CheckpointError, LoadError
 
 
@@ -49,7 +49,7 @@ def test_folder_loads_as_the_hub_repo_would(vit_folder):
   again = models.create(f"hf-hub:{folder}", num_classes=3, pretrained=str(folder))
   assert [e.path for e in again.report.reinitialised] == ["params/head/bias",
                                                           "params/head/kernel"]
-  assert sorted(jtl.read(folder)) == sorted(sd)
+  assert sorted(jtl.weights.read(folder)) == sorted(sd)
   nnx_model = models.create(str(folder), api="nnx").module
   np.testing.assert_allclose(np.asarray(nnx_model(X)), want, atol=1e-5)
 
@@ -86,4 +86,4 @@ def test_folder_without_weights_or_shards_is_a_clear_error(vit_folder, tmp_path)
   (tmp_path / "model.safetensors.index.json").write_text(
       '{"weight_map": {"a": "model-00001-of-00002.safetensors"}}')
   with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
-    jtl.read(tmp_path)
+    jtl.weights.read(tmp_path)

@@ -64,15 +64,15 @@ def test_readme_pmap_example_and_its_batchnorm_claims():
   def on_pmap(axis_name):
     step = jtl.pmap_train_step(jtl.make_train_step(module_cls(axis_name=axis_name), tx,
                                                    labels=labels, axis_name="batch"))
-    state, _ = step(jtl.replicate(state0), jtl.shard_for_pmap(batch))
-    return jax.device_get(jtl.unreplicate(state))
+    state, _ = step(jtl.parallel.replicate(state0), jtl.parallel.shard_for_pmap(batch))
+    return jax.device_get(jtl.parallel.unreplicate(state))
 
   mesh, synced, per_device = on_mesh(), on_pmap("batch"), on_pmap(None)
   np.testing.assert_allclose(namespace["state"].params["head"]["kernel"],
                              synced.params["head"]["kernel"], atol=1e-6)
-  want = jtl.flatten(mesh.variables)
-  assert set(jtl.flatten(synced.variables)) == set(want)
-  for path, x in jtl.flatten(synced.variables).items():
+  want = jtl.tree.flatten(mesh.variables)
+  assert set(jtl.tree.flatten(synced.variables)) == set(want)
+  for path, x in jtl.tree.flatten(synced.variables).items():
     np.testing.assert_allclose(x, want[path], atol=1e-5, err_msg=path)
   # Per-device statistics: 4 examples per device instead of the whole batch.
   assert not np.allclose(per_device.params["head"]["kernel"], mesh.params["head"]["kernel"],

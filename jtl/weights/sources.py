@@ -202,7 +202,7 @@ def resolve(source: Any) -> epath.Path:
         + (". Did you mean:\n" + bullet_list(close) if close else
            f". Registered sources: {list_sources()}"))
   if path.is_dir() and (path / "config.json").is_file():
-    from jtl.checkpoint import hub  # pylint: disable=g-import-not-at-top
+    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return hub.local_weights(path)  # a Hub-layout folder: its weights file
   return path
 
