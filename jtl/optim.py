@@ -48,7 +48,8 @@ def default_decay_mask(params: PyTree) -> PyTree:
 
 def trainable_label_set(labels: PyTree) -> list[str]:
   """Sorted distinct labels of trainable leaves."""
-  return sorted({l for l in jax.tree.leaves(labels) if not partition.is_frozen(l)})
+  return sorted({l for l in jax.tree.leaves(partition.as_labels(labels))
+                 if not partition.is_frozen(l)})
 
 
 def _check_keys(given: Mapping[str, Any], labels: list[str], what: str, *, require_all: bool) -> None:

@@ -21,6 +21,7 @@ arrays: gradients, optimizer state and weight decay never see a frozen leaf.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import jax
@@ -39,10 +40,22 @@ def _is_none(x: Any) -> bool:
 
 
 def _params_of(params: PyTree) -> PyTree:
-  """The params pytree, also when given an NNX module."""
+  """The params pytree, also when given an NNX module or an `nnx.State`."""
   if is_nnx_module(params):
     return variables_of(params)["params"]
-  return params
+  return as_labels(params)
+
+
+def as_labels(tree: PyTree) -> PyTree:
+  """A label (or params) tree as the pure nested dict jtl uses: an
+  `nnx.State`, such as `label_params(nnx.state(model, nnx.Param), rules)`'s
+  input or `jax.tree.map(f, nnx.state(model, nnx.Param))`, becomes its
+  `to_pure_dict()` (the paths of `label_params(model, rules)`); any other
+  tree is returned as it is."""
+  nnx = sys.modules.get("flax.nnx")  # an nnx.State exists only once flax.nnx is imported
+  if nnx is not None and isinstance(tree, nnx.State):
+    return nnx.to_pure_dict(tree) if hasattr(nnx, "to_pure_dict") else tree.to_pure_dict()
+  return tree
 
 
 def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
@@ -113,6 +126,7 @@ def split(params: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
   Works for any pytree; `merge(*split(params, labels))` rebuilds `params`
   exactly (same structure, same leaf objects).
   """
+  labels = as_labels(labels)
   _check_same_structure(params, labels, "params", "labels")
   trainable = jax.tree.map(lambda p, l: None if is_frozen(l) else p, params, labels)
   frozen = jax.tree.map(lambda p, l: p if is_frozen(l) else None, params, labels)
@@ -140,6 +154,7 @@ def merge(trainable: PyTree, frozen: PyTree) -> PyTree:
 
 def trainable_labels(labels: PyTree) -> PyTree:
   """The labels of trainable leaves, None where frozen (matches `split`)."""
+  labels = as_labels(labels)
   return jax.tree.map(lambda l: None if is_frozen(l) else l, labels, is_leaf=_is_none)
 
 
@@ -149,7 +164,7 @@ def frozen_module_paths(labels: PyTree) -> frozenset[str]:
   Used to run frozen BatchNorm layers with their stored statistics.
   """
   by_module: dict[str, list[bool]] = {}
-  for path, label in jtree.leaves_with_paths(labels):
+  for path, label in jtree.leaves_with_paths(as_labels(labels)):
     module = path.rsplit("/", 1)[0] if "/" in path else ""
     by_module.setdefault(module, []).append(is_frozen(label))
   return frozenset(m for m, flags in by_module.items() if all(flags))
@@ -214,7 +229,7 @@ def summarize(params: PyTree, labels: PyTree) -> Summary:
   """Counts leaves, parameters and bytes per label (frozen listed last).
 
   `params` may be a Flax NNX module, as for `label_params`."""
-  params = _params_of(params)
+  params, labels = _params_of(params), as_labels(labels)
   _check_same_structure(params, labels, "params", "labels")
   stats: dict[str, list[int]] = {}
   for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):

@@ -270,3 +270,28 @@ def test_linear_probe_on_cached_nnx_features_matches_the_module():
   logits = model(data[0]["inputs"])
   np.testing.assert_allclose(logits, feats[:16] @ probed["params"]["head"]["kernel"]
                              + probed["params"]["head"]["bias"], atol=1e-4)
+
+
+def test_labels_from_nnx_state_are_those_of_the_module():
+  """`label_params(nnx.state(model, nnx.Param), rules)` (and a tree.map over
+  that state) give labels every call takes, as `label_params(model, rules)`."""
+  _, _, model = twins()
+  want = jtl.label_params(model, RULES)
+  params = nnx.state(model, nnx.Param)
+  from_state = jtl.label_params(params, RULES)
+  mapped = jax.tree.map(lambda _: "frozen", params)  # a State of strings, built by hand
+  assert from_state == want
+  assert jtl.partition.as_labels(mapped) == jax.tree.map(lambda _: "frozen", want)
+  as_state = jax.tree.map(lambda x: x, params)  # labels kept as an nnx.State
+  nnx.replace_by_pure_dict(as_state, want)
+  results = []
+  for labels in (want, from_state, as_state):
+    tx = jtl.make_optimizer(labels, learning_rate=0.05)
+    state = jtl.create_train_state(model, labels, tx)
+    step = jax.jit(jtl.make_train_step(model, tx, labels=labels))
+    state, _ = step(state, batches()[0])
+    results.append(jax.device_get(state.params))
+  for other in results[1:]:
+    assert_close(other, results[0], atol=0)
+  assert jtl.partition.summarize(params, from_state).trainable_params == \
+      jtl.partition.summarize(model, want).trainable_params

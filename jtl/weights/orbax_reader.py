@@ -16,10 +16,13 @@ restored: TensorStore allocates the shape an array declares, so a damaged
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -324,10 +327,32 @@ def _latest_step(path: epath.Path) -> epath.Path | None:
   return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
+class _NoMissingMetadataWarning(logging.Filter):
+  """Drops Orbax's "Metadata file does not exist" warning: a CheckpointManager
+  step keeps `_CHECKPOINT_METADATA` beside its items, not in the item folder
+  read here, so the warning is about a file that was never meant to be there
+  (and reads as corruption). Damage is checked by `verify_orbax`."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  logger = logging.getLogger("absl")  # Orbax logs through absl
+  quiet = _NoMissingMetadataWarning()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def _metadata_tree(path: epath.Path) -> Any:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  md = ocp.PyTreeCheckpointer().metadata(path)
+  with _quiet_orbax():
+    md = ocp.PyTreeCheckpointer().metadata(path)
   md = getattr(md, "item_metadata", md)
   return getattr(md, "tree", md)
 
@@ -381,7 +406,8 @@ def _restore(path: epath.Path, keys: list[str], subtree: str) -> Any:
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                 partial_restore=bool(keys))
-  restored = ocp.PyTreeCheckpointer().restore(path, args=args)
+  with _quiet_orbax():
+    restored = ocp.PyTreeCheckpointer().restore(path, args=args)
   for key in keys:
     restored = restored[key]
   return restored
