@@ -46,6 +46,19 @@ def _params_of(params: PyTree) -> PyTree:
   return as_labels(params)
 
 
+def _labels_like(params: PyTree, labels: PyTree) -> PyTree:
+  """`labels` in the form of `params`: an `nnx.State` for a State (its leaves
+  end in "/value"), else the pure tree (`as_labels`)."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(params, nnx.State):
+    if isinstance(labels, nnx.State):
+      return labels
+    like = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(like, labels)
+    return like
+  return as_labels(labels)
+
+
 def as_labels(tree: PyTree) -> PyTree:
   """A label (or params) tree as the pure nested dict jtl uses: an
   `nnx.State`, such as `label_params(nnx.state(model, nnx.Param), rules)`'s
@@ -126,7 +139,7 @@ def split(params: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
   Works for any pytree; `merge(*split(params, labels))` rebuilds `params`
   exactly (same structure, same leaf objects).
   """
-  labels = as_labels(labels)
+  labels = _labels_like(params, labels)
   _check_same_structure(params, labels, "params", "labels")
   trainable = jax.tree.map(lambda p, l: None if is_frozen(l) else p, params, labels)
   frozen = jax.tree.map(lambda p, l: p if is_frozen(l) else None, params, labels)
