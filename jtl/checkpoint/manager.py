@@ -358,8 +358,8 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
 def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
   """Those of `names` that hold arrays in the saved state (a model without
   BatchNorm saves an empty model_state)."""
-  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-  tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+  from jtl.weights.orbax_reader import metadata_tree  # pylint: disable=g-import-not-at-top
+  tree = metadata_tree(state_dir)
   return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]
 
 

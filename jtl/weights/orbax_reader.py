@@ -348,7 +348,9 @@ def _quiet_orbax() -> Iterator[None]:
     logger.removeFilter(quiet)
 
 
-def _metadata_tree(path: epath.Path) -> Any:
+def metadata_tree(path: epath.Path) -> Any:
+  """The metadata tree of an Orbax PyTree item folder (without Orbax's
+  warning about the manager's `_CHECKPOINT_METADATA`, see `_quiet_orbax`)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   with _quiet_orbax():
@@ -400,7 +402,7 @@ def _restore(path: epath.Path, keys: list[str], subtree: str) -> Any:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   _check_fits(path, keys)
-  tree = _metadata_tree(path)
+  tree = metadata_tree(path)
   item = _branch(tree, keys, path, subtree)
   restore_args = jax.tree.map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
