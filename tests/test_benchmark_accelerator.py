@@ -83,3 +83,15 @@ def test_peak_table_matches_device_kinds():
   assert bench.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
   assert bench.peak_tflops("TPU v5 lite", None) == 197.0
   assert bench.peak_tflops("cpu", None) is None and bench.peak_tflops("cpu", 2.0) == 2.0
+
+
+def test_fused_row_counts_the_flops_of_the_model_as_written():
+  """Lowered for the CPU, the fused program recomputes attention for its
+  backward pass (the other platforms' branch): its MFU uses the Flax row's
+  count."""
+  flax_row = {"framework": "jtl", "model": "vit_b16", "mode": "full", "batch": 256, "build": {},
+              "tflops_per_step": 27.0}
+  fused = {**flax_row, "build": {"fused_attention": True}, "tflops_per_step": 28.1,
+           "step_ms": 100.0}
+  load()._flops_of_flax_row(fused, [flax_row], 989.0)
+  assert fused["tflops_per_step"] == 27.0 and abs(fused["mfu"] - 270.0 / 989.0) < 1e-12
