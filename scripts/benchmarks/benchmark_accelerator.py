@@ -415,7 +415,10 @@ def table(rows: list[dict], kind: str, second: list[dict] = ()) -> str:
     ratio = (r["step_ms"] / fwd["step_ms"] if fwd and r["mode"] in ("frozen", "partial")
              else None)
     second_row = cached.get((r["model"], r["mode"], r["batch"], _variant(r["build"])), {})
-    cells = [r["model"], r["mode"], r["batch"], _variant(r["build"]),
+    # A fused row whose program has no cuDNN call measured Flax's attention.
+    variant = _variant(r["build"]) + (
+        " (no cuDNN call: Flax's attention)" if r.get("cudnn_fmha_in_program") is False else "")
+    cells = [r["model"], r["mode"], r["batch"], variant,
              fmt(r["images_per_s"], ".1f"), fmt(theirs, ".1f"),
              fmt(theirs and r["images_per_s"] / theirs, ".2f"),
              fmt(r.get("tflops_per_step"), ".3f"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f"),
