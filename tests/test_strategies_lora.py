@@ -100,3 +100,79 @@ def test_lora_model_refuses_adapters_it_cannot_apply():
   folded = LoraWeights(Net(), alpha=2.0).apply(params, {}, x, train=False, rng=None)[0]
   merged = Net().apply({"params": merge_lora(params, 2.0)}, x)
   np.testing.assert_allclose(folded, merged, rtol=1e-6)
+
+
+def test_dora_starts_at_base_trains_m_a_b_merges_and_saves(tmp_path):
+  module, variables = tiny()
+  s = strategies.build({"name": "lora", "rank": 2, "alpha": 4.0, "dora": True}, module,
+                       variables, SPEC)
+  flat = jtl.tree.flatten(s.variables["params"])
+  dora_paths = {f"{m}/lora_{x}" for m in ADAPTED for x in ("a", "b", "magnitude")}
+  assert dora_paths <= set(flat)
+  for m in ADAPTED:  # m starts at the column norms of W ([fan_in, out])
+    kernel = np.asarray(flat[f"{m}/kernel"])
+    np.testing.assert_allclose(flat[f"{m}/lora_magnitude"],
+                               np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), axis=0),
+                               rtol=1e-6)
+  x = batch()["inputs"]
+  # B = 0: exactly the pretrained model.
+  np.testing.assert_array_equal(s.module.apply(s.variables, x), module.apply(variables, x))
+
+  tx = s.make_optimizer(learning_rate=0.1, optimizer="sgd")
+  state = jtl.create_train_state(s.variables, s.labels, tx)
+  step = jax.jit(jtl.make_train_step(s.module, tx, labels=s.labels))
+  for i in range(2):
+    state, _ = step(state, batch(seed=i))
+  # Only m, A, B (and the head) move; kernels and biases stay frozen.
+  assert changed(s.variables["params"], state.params) == dora_paths | {"head/kernel",
+                                                                       "head/bias"}
+  adapted_out = s.module.apply(state.variables, x)
+  merged = s.export_params(state.params)
+  assert set(jtl.tree.flatten(merged)) == set(jtl.tree.flatten(variables["params"]))
+  # The merge (m * V / ||V||_c in weight space) equals the unmerged forward
+  # (PEFT's activation-space form in the interceptor).
+  merged_out = module.apply({**state.model_state, "params": merged}, x)
+  np.testing.assert_allclose(merged_out, adapted_out, rtol=1e-5, atol=1e-5)
+  plain_lora = strategies.merge_lora(
+      {p: v for p, v in jtl.tree.flatten(state.params).items()
+       if not p.endswith("lora_magnitude")}, 4.0)
+  plain_out = module.apply({**state.model_state, "params": jtl.tree.unflatten(plain_lora)}, x)
+  assert np.abs(np.asarray(plain_out) - np.asarray(merged_out)).max() > 1e-4  # m matters
+  with pytest.raises(CheckpointError, match="DoRA magnitude"):
+    strategies.unmerge_lora(merged, strategies.adapter_params(state.params), 4.0)
+
+  path = tmp_path / "dora.safetensors"
+  strategies.save_adapters(state.params, path, alpha=4.0)
+  assert set(jtl.weights.read(path)) == dora_paths | {"head/kernel", "head/bias",
+                                                      "__lora_alpha__"}
+  loaded, alpha = strategies.load_adapters(variables["params"], path)
+  out = s.module.apply({**state.model_state, "params": loaded}, x)
+  np.testing.assert_allclose(out, adapted_out, atol=1e-6)
+  # LoraWeights (any model kind) folds DoRA in too.
+  weights_out, _ = strategies.LoraWeights(module, 4.0).apply(
+      loaded, dict(state.model_state), x, train=False, rng=None)
+  np.testing.assert_allclose(weights_out, adapted_out, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_gradients_reach_only_magnitude_and_adapters():
+  module, variables = tiny()
+  v = strategies.add_lora(module, variables, SPEC.example_input(1), targets=["block_0/dense"],
+                          rank=2, dora=True, seed=1)
+  flat = dict(jtl.tree.flatten(v["params"]))
+  flat["block_0/dense/lora_b"] = np.full_like(flat["block_0/dense/lora_b"], 0.1)
+  params = jtl.tree.unflatten(flat)
+  model = strategies.LoraModel(module, 4.0)
+  x = batch()["inputs"]
+  labels = jtl.partition.label_params(params, strategies.lora_rules(head_pattern=None))
+  trainable, frozen = jtl.partition.split(params, labels)
+
+  def loss(t):
+    out = model.apply({**v, "params": jtl.partition.merge(t, frozen)}, x)
+    return (out ** 2).sum()
+
+  grads = jtl.tree.flatten(jax.grad(loss)(trainable))
+  assert set(grads) == {f"block_0/dense/lora_{x}" for x in ("a", "b", "magnitude")}
+  assert all(np.abs(np.asarray(g)).max() > 0 for g in grads.values())
+  with pytest.raises(ConfigError, match="dora='yes'"):
+    strategies.add_lora(module, variables, SPEC.example_input(1), targets=[".*"], rank=2,
+                        dora="yes")

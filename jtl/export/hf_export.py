@@ -255,7 +255,7 @@ def to_torch_state_dict(variables: PyTree, layout: str) -> dict[str, np.ndarray]
   params = {p[len("params/"):]: v for p, v in flat.items() if p.startswith("params/")}
   stats = {p[len("batch_stats/"):]: v for p, v in flat.items() if p.startswith("batch_stats/")}
   other = [p for p in flat if not p.startswith(("params/", "batch_stats/"))]
-  adapters = [p for p in params if re.fullmatch(r"(.*/)?lora_[ab]", p)]
+  adapters = [p for p in params if re.fullmatch(lora_layout.LORA_LEAF, p)]
   if adapters:
     raise CheckpointError(f"{len(adapters)} LoRA leaves (e.g. {adapters[0]}) are still in "
                           "the params: merge them first (lora.merge_lora) or export "

@@ -72,8 +72,9 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     # None: cache when the run allows it (scripts/finetune.py); True: require it.
     "linear_probe": {"cache_features": None},
     "partial": {"num_blocks": 2},
-    # rank 8, alpha 16: chosen on validation (BENCHMARKS.md).
-    "lora": {"rank": 8, "alpha": 16.0, "targets": None},
+    # rank 8, alpha 16: chosen on validation (BENCHMARKS.md). dora: weight-
+    # decomposed LoRA (Liu et al. 2024): a trained magnitude per output column.
+    "lora": {"rank": 8, "alpha": 16.0, "targets": None, "dora": False},
     # probe_steps: head steps of the probe phase. cache_features (None: when
     # the run allows it): the probe trains on cached features, then all
     # parameters fine-tune from step 0 of the run. probe_learning_rate: the
@@ -253,7 +254,7 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
       import re  # pylint: disable=g-import-not-at-top
       targets = [re.escape(p) for p in layers if not re.fullmatch(head_regex, p + "/kernel")]
     variables = lora.add_lora(module, variables, example, targets=targets,
-                              rank=o["rank"], seed=o["seed"], layers=layers)
+                              rank=o["rank"], seed=o["seed"], layers=layers, dora=o["dora"])
     module = lora.LoraModel(module, o["alpha"])
     phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
   module, phases = _with_batchnorm_mode(o, module, variables, phases)

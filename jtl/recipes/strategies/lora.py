@@ -16,6 +16,13 @@ inference; it lives with the leaf layout in the core, `jtl.lora_layout`,
 which the exports use), `unmerge_lora` takes them out again, and `save_adapters` /
 `load_adapters` write and read only the adapters (and the head).
 
+DoRA (Liu et al. 2024, `add_lora(..., dora=True)`, the strategy's `dora`
+option): each adapted layer also trains a magnitude vector "lora_magnitude"
+[out], initialised to the column norms of W, and computes with
+m * (W + scale A B) / ||W + scale A B||_c (`jtl.lora_layout.dora_kernel`),
+so with B = 0 it is the pretrained layer. As in PEFT, the norm is
+part of the forward (no separate frozen copy); the merge folds m in.
+
 Flax NNX models: `adaptable_layers` / `add_lora` find `nnx.Linear`,
 `nnx.LinearGeneral` and ungrouped `nnx.Conv` layers and add the same two
 leaves to the module's params (`jtl.adapter.variables_of(module)`); `LoraWeights`
@@ -38,13 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import tree as jtree
-from jtl.adapter import as_model, is_nnx_module, variables_of
 from jtl import lora_layout
+from jtl.adapter import as_model, is_nnx_module, variables_of
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
 # The leaf layout and the merge live in the core (exports use them too).
 LORA_A, LORA_B, LORA_LEAF = lora_layout.LORA_A, lora_layout.LORA_B, lora_layout.LORA_LEAF
+LORA_M = lora_layout.LORA_M
 merge_lora, adapter_params = lora_layout.merge_lora, lora_layout.adapter_params
 _delta, _adapted_modules = lora_layout.delta, lora_layout.adapted_modules
 _ALPHA_KEY = "__lora_alpha__"
@@ -108,7 +116,7 @@ def select_targets(layers: Sequence[str], targets: Sequence[str] | str) -> list[
 
 def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
              targets: Sequence[str] | str, rank: int, seed: int = 0,
-             layers: Sequence[str] | None = None) -> dict[str, Any]:
+             layers: Sequence[str] | None = None, dora: bool = False) -> dict[str, Any]:
   """Returns `variables` with adapters on the layers matched by `targets`.
 
   Args:
@@ -120,9 +128,12 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
     rank: adapter rank r.
     seed: initialisation of A (uniform, +-1/sqrt(fan_in), as PEFT); B is 0.
     layers: `adaptable_layers(module, variables, inputs)` if already known.
+    dora: also add DoRA's magnitude "lora_magnitude" = ||kernel||_c per output.
   """
   if not (isinstance(rank, int) and rank >= 1):
     raise ConfigError(f"LoRA rank={rank!r}: expected an int >= 1.")
+  if not isinstance(dora, bool):
+    raise ConfigError(f"LoRA dora={dora!r}: expected true or false.")
   if variables is None:
     variables = variables_of(module)
   if layers is None:
@@ -137,6 +148,9 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
     flat[f"{path}/{LORA_A}"] = np.asarray(jax.random.uniform(
         jax.random.fold_in(key, i), (fan_in, rank), jnp.float32, -bound, bound))
     flat[f"{path}/{LORA_B}"] = np.zeros((rank, out), np.float32)
+    if dora:  # the same jnp reduction as the forward's, so B = 0 is the base model
+      flat[f"{path}/{LORA_M}"] = np.asarray(
+          lora_layout.column_norms(jnp.asarray(kernel, jnp.float32), fan_in))
   return {**variables, "params": jtree.unflatten(flat)}
 
 
@@ -163,9 +177,28 @@ def lora_interceptor(alpha: float):
       kernel_shape = mod.get_variable("params", "kernel").shape
       conv = mod.clone(parent=None, name=None, features=a.shape[-1], use_bias=False)
       low = conv.apply({"params": {"kernel": a.reshape(kernel_shape[:-1] + (a.shape[-1],))}}, x)
-    return out + ((low @ b) * scale).astype(out.dtype)
+    update = ((low @ b) * scale).astype(out.dtype)
+    if not mod.has_variable("params", LORA_M):
+      return out + update
+    return _dora_output(mod, out, update, alpha)
 
   return intercept
+
+
+def _dora_output(mod: nn.Module, out: Any, update: Any, alpha: float) -> Any:
+  """DoRA in activation space (PEFT's form): m / ||W + s A B||_c rescales the
+  layer's output without its bias, x W + s x A B; the bias is added after."""
+  kernel = mod.get_variable("params", "kernel")
+  a, b = mod.get_variable("params", LORA_A), mod.get_variable("params", LORA_B)
+  magnitude = mod.get_variable("params", LORA_M)
+  norms = lora_layout.column_norms(
+      kernel.astype(jnp.float32) + lora_layout.delta(a, b, kernel.shape, alpha), a.shape[0])
+  shape = (1,) * (out.ndim - 1) + out.shape[-1:]  # broadcast over the last axis
+  scale = (magnitude / norms).reshape(shape).astype(out.dtype)
+  if not mod.has_variable("params", "bias"):
+    return (out + update) * scale
+  bias = mod.get_variable("params", "bias").reshape(shape).astype(out.dtype)
+  return (out - bias + update) * scale + bias
 
 
 class LoraModel:
@@ -229,9 +262,18 @@ def lora_rules(head_pattern: str | None = r"head/.*") -> list[tuple[str, str | N
 
 
 def unmerge_lora(merged: PyTree, adapters: Mapping[str, Any], alpha: float) -> dict[str, Any]:
-  """Inverse of `merge_lora`: subtracts the adapters' update, puts them back."""
+  """Inverse of `merge_lora`: subtracts the adapters' update, puts them back.
+
+  DoRA adapters cannot be taken out of a merged kernel (it keeps only the
+  direction and m, not ||W + s A B||_c): a CheckpointError.
+  """
   flat = dict(jtree.flatten(merged))
   adapters = {p: v for p, v in adapters.items() if re.fullmatch(LORA_LEAF, p)}
+  if dora := sorted(p for p in adapters if p.endswith("/" + LORA_M)):
+    raise CheckpointError(
+        f"unmerge_lora: {dora[0]} is a DoRA magnitude; a merged DoRA kernel does not hold "
+        "the norm needed to take the adapter out. Keep the unmerged params (or the "
+        "adapters and the base model) and merge_lora them instead.")
   _check_slots(flat, adapters, "unmerge_lora")
   for m in _adapted_modules(adapters):
     a, b = adapters[f"{m}/{LORA_A}"], adapters[f"{m}/{LORA_B}"]
@@ -250,6 +292,13 @@ def _check_slots(flat: Mapping[str, Any], adapters: Mapping[str, Any], where: st
       problems.append(f"{p}: the params have no kernel at {module}/kernel")
       continue
     fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+    if leaf == LORA_M:
+      b = adapters.get(f"{module}/{LORA_B}")
+      width = np.shape(b)[-1] if b is not None else out
+      if np.shape(v) != (width,):
+        problems.append(f"{p}: shape {np.shape(v)}, expected ({width},) (one magnitude per "
+                        f"output column of {LORA_B})")
+      continue
     ok = (np.ndim(v) == 2 and (v.shape[0] == fan_in if leaf == LORA_A else v.shape[1] == out))
     if not ok:
       problems.append(f"{p}: shape {np.shape(v)} does not fit kernel {tuple(kernel.shape)} "
