@@ -32,7 +32,7 @@ def minilm():
 def test_real_weights_load_strictly(minilm):
   _, variables, report, _, _ = minilm
   assert report.ok and not report.adapted and not report.reinitialised
-  assert len(report.loaded) == 5 + 6 * 16  # embeddings + 6 layers
+  assert len(report.loaded) == 5 + 6 * 16 + 2  # embeddings + 6 layers + the pooler
   assert variables["params"]["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 384)
 
 
@@ -131,7 +131,7 @@ def test_spec_groups_cover_every_param():
   spec = registry.get_spec("minilm_l6")
   assert spec.pretrained == "minilm_l6/sentence" and spec.default_num_classes == 0
   assert [n for n, _ in spec.groups] == (
-      ["embeddings"] + [f"layer_{i}" for i in range(6)] + ["head"])
+      ["embeddings"] + [f"layer_{i}" for i in range(6)] + ["pooler", "head"])
   model = spec.build(num_classes=3)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.example_input(2)))
   patterns = [p for _, p in spec.groups]
@@ -144,7 +144,8 @@ def test_converter_names_and_passes_unknown_keys():
         "bert.pooler.dense.weight": np.ones((4, 4), np.float32),
         "cls.predictions.bias": np.ones(7, np.float32)}
   assert {k: v.shape for k, v in bert.convert_torch(sd).items()} == {
-      "params/layer_3/output_norm/scale": (4,), "cls.predictions.bias": (7,)}
+      "params/layer_3/output_norm/scale": (4,), "params/pooler/kernel": (4, 4),
+      "cls.predictions.bias": (7,)}
 
 
 def test_bad_inputs_raise_with_what_was_found():
@@ -168,3 +169,25 @@ def test_pairs_get_token_type_one():
   # [CLS] a cat [SEP] a dog [SEP]
   assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1]]
   assert batch["input_ids"][0, 0] == 101 and batch["input_ids"][0, -1] == 102
+
+
+def test_pooler_survives_import_and_export(minilm, tmp_path):
+  """BertModel's pooler is loaded (not dropped) and written back by the hf
+  export as it was, so transformers finds every BertModel tensor."""
+  from safetensors.numpy import load_file
+
+  from jtl.export import hf_export
+  model, variables, _, batch, _ = minilm
+  published = load_file(weights.resolve("minilm_l6/sentence"))
+  np.testing.assert_array_equal(variables["params"]["pooler"]["kernel"],
+                                published["pooler.dense.weight"].T)
+  out = load_file(hf_export.export_hf(model, variables, tmp_path) / "model.safetensors")
+  for name in ("pooler.dense.weight", "pooler.dense.bias"):
+    np.testing.assert_array_equal(out[name], published[name])
+  assert sorted(out) == sorted(k for k in published if k != "embeddings.position_ids")
+  # pooled: tanh of the pooler on the [CLS] state, as transformers' pooler_output.
+  h = model.apply(variables, batch, method=bert.Bert.hidden_states)
+  want = np.tanh(np.asarray(h)[:, 0] @ published["pooler.dense.weight"].T
+                 + published["pooler.dense.bias"])
+  np.testing.assert_allclose(model.apply(variables, batch, method=bert.Bert.pooled), want,
+                             atol=1e-5)

@@ -118,6 +118,8 @@ def test_merged_export_has_the_layout_the_consumer_loaded(name, tmp_path):
   recorded = MANIFEST["merged"][name]
   assert {k: [list(v.shape), str(v.dtype)] for k, v in tensors.items()} == recorded["tensors"]
   assert json.loads((out / "config.json").read_text()) == recorded["config.json"]
+  if name == "bert":  # what transformers' BertModel.from_pretrained reported missing
+    assert MANIFEST["bert_missing_keys"] == []  # (the pooler, before jtl kept it)
   # ... and maps back through jtl's importers to the merged variables exactly.
   if name == "bert":
     head = safetensors.numpy.load_file(str(out / "head.safetensors"))
@@ -147,8 +149,8 @@ def test_peft_trained_adapter_loads_into_jtl(name, caplog):
   # ViT: PEFT's qkv adapter (rank 4, dense B) -> query, key and value adapters.
   # DINOv2: q/k/v/o, fc1, fc2 in each of 2 layers and the patch projection.
   assert n_adapters == {"bert": 10, "vit": 13, "resnet": 12, "dinov2": 13}[name]
-  if name == "bert":  # PEFT's "dense" also hit BertModel's pooler, which jtl lacks
-    assert "pooler.dense" in caplog.text
+  if name == "bert":  # PEFT's "dense" also hit BertModel's pooler, which jtl keeps
+    assert "pooler.dense" in caplog.text  # but never computes with: its adapter is unused
   variables = {**base(name), "params": lora.merge_lora(params, alpha)}
   methods = {"bert": ["features"], "dinov2": [None, "tokens"]}.get(name, [None])
   for method in methods:

@@ -23,10 +23,11 @@ and renames them back when saving (`attention.attention.query` ...
 name in the files, which `to_torch_state_dict` writes.
 
 Notes:
-  * jtl's BERT has no pooler (it mean-pools); `BertModel` reports
-    `pooler.dense` as newly initialised. A classification head (jtl's Dense on
-    the mean-pooled features, not HF's [CLS] pooler) goes to `head.safetensors`
-    as `classifier.weight` [classes, hidden] / `classifier.bias`.
+  * jtl's BERT keeps `BertModel`'s pooler as it was loaded (`pooler.dense`,
+    which its mean-pooled features do not use), so `BertModel` finds it. A
+    classification head (jtl's Dense on the mean-pooled features, not HF's
+    [CLS] pooler) goes to `head.safetensors` as `classifier.weight`
+    [classes, hidden] / `classifier.bias`.
   * jtl's ViT MLP uses the tanh GELU of the published JAX models unless
     built with `exact_gelu=True` (timm / HF weights); timm's default is the
     erf GELU, so for a tanh-GELU ViT `config.json`'s model_args say
@@ -98,6 +99,7 @@ _MODULES: dict[str, list[tuple[str, str, str]]] = {
         (r"layer_(\d+)/intermediate", r"encoder.layer.\1.intermediate.dense", "linear"),
         (r"layer_(\d+)/output", r"encoder.layer.\1.output.dense", "linear"),
         (r"layer_(\d+)/output_norm", r"encoder.layer.\1.output.LayerNorm", "norm"),
+        (r"pooler", "pooler.dense", "linear"),
         (r"head", "classifier", "linear"),
     ],
     "timm_vit": [

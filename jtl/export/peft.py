@@ -85,7 +85,7 @@ _TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": No
                "dinov2": None, "dinov2_cls": None}
 _LOG = logging.getLogger(__name__)
 # Modules of the torch model that jtl's does not compute with: BERT's pooler
-# (jtl mean-pools; `bert.convert_torch` drops its weights too).
+# (jtl mean-pools; it keeps the pooler's weights as loaded, not its adapters).
 _UNUSED = {"bert": r"pooler\..*"}
 _AUTO_MAPPING = {
     "timm_vit": {"base_model_class": "VisionTransformer",

@@ -123,15 +123,22 @@ class Bert(nn.Module):
   Attributes:
     num_classes: size of the head; 0 returns the pooled features.
     config: encoder sizes (default all-MiniLM-L6-v2).
+    with_pooler: keep `BertModel`'s [CLS] pooler (Dense + tanh, params
+      "pooler/..."), so that it is loaded from and exported with the weights
+      (transformers finds it); `pooled` computes it. jtl's own features
+      mean-pool and never use it. False for a checkpoint without one.
   """
   num_classes: int = 0
   config: BertConfig = MINILM_L6
+  with_pooler: bool = True
 
   def setup(self):
     self.embeddings = Embeddings(self.config)
     self.layers = [Layer(self.config, name=f"layer_{i}")
                    for i in range(self.config.num_layers)]
     self.head_dropout = nn.Dropout(self.config.dropout)
+    if self.with_pooler:
+      self.pooler = nn.Dense(self.config.hidden_size)
     if self.num_classes:
       self.head = nn.Dense(self.num_classes)
 
@@ -147,9 +154,15 @@ class Bert(nn.Module):
       h = layer(h, mask, train=train)
     return h
 
+  def pooled(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
+    """transformers' `pooler_output`: tanh(Dense(the [CLS] token's state))."""
+    return jnp.tanh(self.pooler(self.hidden_states(x, train=train)[:, 0]))
+
   def features(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
     """Mean of the token states over the attention mask, float32 [B, hidden]."""
     h = self.hidden_states(x, train=train)
+    if self.with_pooler and self.is_initializing():
+      self.pooler(h[:, 0])  # creates its params (the forward pass never uses it)
     mask = jnp.asarray(x["attention_mask"], h.dtype)[:, :, None]
     total = jnp.sum(h * mask, axis=1)
     count = jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
@@ -172,7 +185,7 @@ class Bert(nn.Module):
 # Hugging Face BertModel names -> ours. Keys may carry a "bert." prefix (task
 # models) or "0.auto_model." (a saved SentenceTransformer).
 _PREFIXES = ("bert.", "0.auto_model.", "auto_model.", "model.")
-_DROPPED = re.compile(r"embeddings\.position_ids|pooler\..*")
+_DROPPED = re.compile(r"embeddings\.position_ids")
 _RULES = [
     (r"embeddings\.(word|position|token_type)_embeddings\.weight",
      r"embeddings/\1_embeddings/embedding"),
@@ -189,6 +202,7 @@ _RULES = [
     (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layer_\1/output/\2"),
     (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias|gamma|beta)",
      r"layer_\1/output_norm/\2"),
+    (r"pooler\.dense\.(weight|bias)", r"pooler/\1"),
     (r"classifier\.(weight|bias)", r"head/\1"),
 ]
 _LEAF = {"gamma": "scale", "beta": "bias"}
@@ -198,8 +212,8 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   """Maps a Hugging Face `BertModel` state dict to flat "params/..." paths.
 
   Linear weights (out, in) become kernels (in, out); LayerNorm weight/gamma
-  becomes "scale". The pooler and `position_ids` are dropped (mean pooling
-  does not use them). Keys it does not know are passed through unchanged so
+  becomes "scale"; the pooler becomes "pooler/kernel" and "pooler/bias";
+  `position_ids` is dropped. Keys it does not know are passed through unchanged so
   that a strict load reports them.
 
   >>> out = convert_torch({"encoder.layer.0.attention.self.query.weight":
@@ -257,10 +271,10 @@ def preprocess_minilm(texts: str | Sequence[str], *,
 
 
 def groups(num_layers: int) -> list[tuple[str, str]]:
-  """Layer groups bottom to top: embeddings, layer_0..layer_{n-1}, head."""
+  """Layer groups bottom to top: embeddings, layer_0..layer_{n-1}, pooler, head."""
   return ([("embeddings", r"embeddings/.*")]
           + [(f"layer_{i}", rf"layer_{i}/.*") for i in range(num_layers)]
-          + [("head", r"head/.*")])
+          + [("pooler", r"pooler/.*"), ("head", r"head/.*")])
 
 
 registry.register(registry.ModelSpec(
