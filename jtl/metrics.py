@@ -6,12 +6,16 @@ All three live in the workdir: `metrics.jsonl` (one JSON object per line,
 evaluation). Only process 0 writes. A NaN or inf is written as null (strict
 JSON). A resumed run first cuts the JSONL back to its resume step, so the
 steps it repeats appear once, and drops a line left partial by a kill.
+The workdir may be a bucket (`jtl.paths`): there the JSONL and the event file
+are uploaded whole at each write (objects have no append), and the plot is
+drawn in memory.
 TensorBoard files need tensorboardX and the plot matplotlib (`jtl[app]`);
 by default each is written when its package is installed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,7 +25,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from jtl import _optional
+from jtl import _optional, paths
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool | None = None,
                curves: bool | None = None, resume_step: int | None = None):
-    self.workdir = epath.Path(workdir)
+    self.workdir = paths.path(workdir)
     self.active = jax.process_index() == 0
     self.history: list[dict[str, Any]] = []
     self._tb = None
@@ -93,12 +97,15 @@ class MetricWriter:
               if resume_step is None or r.get("step", 0) <= resume_step]
       if dropped or len(kept) < len(self.history):
         self.history = kept
-        tmp = self.workdir / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.jsonl)
+        paths.write_atomic(self.jsonl, self._jsonl_text().encode())
     if _wanted(tensorboard, "tensorboardX", "TensorBoard logs"):
       tbx = _optional.require("tensorboardX", "TensorBoard logs (MetricWriter)")
-      self._tb = tbx.SummaryWriter(str(self.workdir / "tensorboard"))
+      if paths.is_remote(self.workdir):
+        _register_tensorboard_backend(self.workdir)
+      self._tb = tbx.SummaryWriter(os.fspath(self.workdir / "tensorboard"))
+
+  def _jsonl_text(self) -> str:
+    return "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.history)
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.active:
@@ -107,8 +114,9 @@ class MetricWriter:
     row = {"step": int(step), "split": split,
            **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
     self.history.append(row)
-    with open(self.jsonl, "a") as f:
-      f.write(json.dumps(row, allow_nan=False) + "\n")
+    line = json.dumps(row, allow_nan=False) + "\n"
+    paths.append_text(self.jsonl, line,
+                      whole=self._jsonl_text() if paths.is_remote(self.jsonl) else line)
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -137,13 +145,46 @@ class MetricWriter:
     ax_acc.set_xlabel("step"), ax_acc.set_ylabel("accuracy"), ax_acc.legend()
     ax_acc.set_ylim(0, 1)
     fig.tight_layout()
-    path = self.workdir / filename
-    tmp = self.workdir / (filename + ".tmp.png")
-    fig.savefig(str(tmp), dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+      return paths.save_figure(fig, self.workdir / filename)
+    finally:
+      plt.close(fig)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _EpathEventFile:
+  """A TensorBoard event file in a bucket: tensorboardX's record writer
+  appends to it; each flush uploads the whole file through epath."""
+
+  def __init__(self, path: str):
+    self.path = paths.path(path)
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory for a URL scheme (see `record_writer`)."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # buckets have no folders to create
+
+
+def _register_tensorboard_backend(workdir: epath.Path) -> None:
+  """Routes tensorboardX's event files under `workdir`'s scheme through epath
+  (its own gs:// writer uses google-cloud-storage, another client)."""
+  record_writer = _optional.require("tensorboardX.record_writer", "TensorBoard logs")
+  record_writer.register_writer_factory(os.fspath(workdir).split(":")[0], _EpathEventFiles())

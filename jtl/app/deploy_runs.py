@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl import data
+from jtl import data, paths
 from jtl.app import evaluation, experiment, methods, workdirs
 from jtl.export.writers import write_atomic
 from jtl.errors import ConfigError
@@ -74,7 +73,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
                                               run.spec, run.num_classes)
   size = int(config.get("image_size") or spec.image_size)
   shape = (size, size, 3)
-  out = os.fspath(out or os.path.join(os.fspath(workdir), "export", "model" + deploy.SUFFIX.get(
+  out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX.get(
       format, "")))
   affine = None
   images = labels = None
@@ -141,12 +140,12 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
     correct5 += float((top5 == label[:, None]).any(-1).sum())
   count = int(confusion.sum())
   result = {"workdir": os.fspath(workdir), "exported": os.fspath(path),
-            "format": runtime.format, "bytes": os.path.getsize(path), "split": split,
+            "format": runtime.format, "bytes": paths.size(path), "split": split,
             "loss": loss / max(count, 1), "accuracy": float(np.trace(confusion)) / max(count, 1),
             "top5_accuracy": correct5 / max(count, 1), "count": count,
             "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
             "confusion_matrix": confusion.tolist()}
-  out = os.fspath(out_dir or workdir)
-  write_atomic(Path(out) / f"eval_{evaluation.file_safe(split)}_{runtime.format}.json",
+  write_atomic(paths.path(out_dir or workdir)
+               / f"eval_{evaluation.file_safe(split)}_{runtime.format}.json",
                json.dumps(result, indent=2).encode())
   return result

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jtl import _optional, data, steps
+from jtl import _optional, data, paths, steps
 from jtl.app import methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.batchnorm import recompute_batchnorm
@@ -91,7 +91,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
             "per_class_accuracy_by_name": dict(zip(names, per_class)),
             "confusion_matrix": confusion.tolist()}
   try:
-    _write_eval(epath.Path(out), split, result, confusion, names,
+    _write_eval(paths.path(out), split, result, confusion, names,
                 title=f"{run.config.model} {split}")
   except OSError as e:  # the numbers are not lost with the files
     shown = {k: result[k] for k in ("step", "split", "accuracy", "top5_accuracy", "loss", "count")
@@ -172,8 +172,7 @@ def _add_sums(total: dict[str, float], sums: dict[str, Any]) -> None:
 def _write_eval(out: epath.Path, split: str, result: dict[str, Any], confusion: np.ndarray,
                 names: list[str], *, title: str) -> None:
   """Writes eval_<split>.json and confusion_<split>.png into `out`."""
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"eval_{file_safe(split)}.json").write_text(json.dumps(result, indent=2))
+  paths.write_atomic(out / f"eval_{file_safe(split)}.json", json.dumps(result, indent=2).encode())
   _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names, title=title)
 
 def file_safe(split: str) -> str:
@@ -199,8 +198,10 @@ def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *
                     title: str) -> None:
   plt = _optional.require("matplotlib.pyplot", "The confusion matrix PNG")
   fig = confusion_figure(confusion, names, title=title)
-  fig.savefig(str(path), dpi=100)
-  plt.close(fig)
+  try:
+    paths.save_figure(fig, path)
+  finally:
+    plt.close(fig)
 
 
 def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = "") -> Any:

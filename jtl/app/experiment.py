@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from jtl import data, models, parallel, partition
+from jtl import data, models, parallel, partition, paths
 from jtl.app import methods, workdirs
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
@@ -592,7 +592,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     parallel.initialize_distributed()
   preflight(config, workdir="" if workdir is None else workdir)
   config = resolve_schedule(config)
-  workdir = epath.Path(workdir)
+  workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
   created = build_model(config)
   module, variables, phases = build_training(config, created)
   cached_lp_ft = (config.get("strategy") or {}).get("name") == "lp_ft" and \
@@ -688,5 +688,5 @@ def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result
             "input_wait_fraction": result.input_wait_fraction,
             "trainable_params": summary.trainable_params, "total_params": summary.total_params}
   if jax.process_index() == 0:
-    (workdir / "final_report.json").write_text(json.dumps(report, indent=2))
+    paths.write_atomic(workdir / "final_report.json", json.dumps(report, indent=2).encode())
   return result

@@ -16,13 +16,13 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+from etils import epath
 
-from jtl import models
+from jtl import models, paths
 from jtl.app import methods
 from jtl.errors import ConfigError
 from jtl.tree import PyTree
@@ -33,15 +33,16 @@ def writable_problem(path: Any, what: str = "workdir") -> str | None:
   empty path (an unset shell variable), a file in the way, a read-only or
   full disk. Writes and removes one small probe file in `path` or, while it
   does not exist, in its nearest existing parent: nothing is left behind."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   if path is None or not str(os.fspath(path)).strip():
     return (f"{what} is empty (an unset shell variable?): pass the run's folder, e.g. "
             f"--{what} runs/default; jtl does not write into the current directory unasked")
-  folder = existing = epath.Path(path)
+  folder = existing = paths.path(path)
   try:
-    while not existing.exists() and existing.parent != existing:
+    # In a bucket objects need no folders: the probe goes into the workdir itself.
+    while not paths.is_remote(existing) and not existing.exists() \
+        and existing.parent != existing:
       existing = existing.parent
-    if not existing.is_dir():
+    if existing.is_file() if paths.is_remote(existing) else not existing.is_dir():
       return f"{what} {os.fspath(path)} is not a folder: {existing} is a file"
     probe = existing / f".jtl-write-check-{os.getpid()}"
     probe.write_bytes(b"jtl write check\n")
@@ -193,7 +194,8 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
 
 
 def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
-                      out: str | os.PathLike | None = None, step: int | str = "best") -> Path:
+                      out: str | os.PathLike | None = None, step: int | str = "best"
+                      ) -> epath.Path:
   """Exports a run as a PEFT adapter folder or as merged HF / timm weights.
 
   Args:
@@ -211,7 +213,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
   if format not in ("peft", "hf"):
     raise ConfigError(f"export_hub_format: format {format!r}; expected 'peft' or 'hf'.")
   run = restore(workdir, step=step)
-  out = Path(out or Path(workdir) / "export" / format)
+  out = paths.path(out or paths.path(workdir) / "export" / format)
   if format == "hf":
     return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha)
   if run.alpha is None:

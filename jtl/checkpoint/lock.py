@@ -2,11 +2,16 @@
 
 Two runs writing checkpoints into one workdir mix their steps and crash on each
 other's files, so a run takes `<workdir>/jtl.lock` before its first save and
-removes it when it ends. The file is created atomically with its content (a
-hard link of a complete temporary file), so a reader never sees it half
-written. A lock whose process has died on this host is taken over with a
-warning; one held on another host cannot be checked from here and is reported.
-On multi-host runs only process 0 takes the lock.
+removes it when it ends. The file is created only if absent, atomically with
+its content, so a reader never sees it half written: on a local disk as a
+hard link of a complete temporary file; in a bucket (`gs://`, no links there)
+as one upload with the precondition "no object of that name exists"
+(`ifGenerationMatch=0`, refused with 412 otherwise). Removing a lock (at the
+end, or taking over a stale one) removes only the version that was read:
+locally if its content is still the same, in a bucket with the precondition
+`ifGenerationMatch=<that generation>`. A lock whose process has died on this
+host is taken over with a warning; one held on another host cannot be checked
+from here and is reported. On multi-host runs only process 0 takes the lock.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jtl import paths
 from jtl.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -47,13 +53,13 @@ def _alive(owner: dict[str, Any]) -> bool:
   return started is None or _process_start(pid) in (None, started)
 
 
-def _read_owner(path: Path) -> dict[str, Any] | None:
+def _parse_owner(content: bytes | None) -> dict[str, Any] | None:
   """The lock's owner ({} when the file is damaged), None when there is none."""
-  try:
-    owner = json.loads(path.read_bytes())
-  except FileNotFoundError:
+  if content is None:
     return None
-  except (OSError, ValueError, RecursionError):
+  try:
+    owner = json.loads(content)
+  except (ValueError, RecursionError):
     return {}
   return owner if _is_owner(owner) else {}
 
@@ -71,16 +77,15 @@ def _is_owner(owner: Any) -> bool:
 DAMAGED_LOCK_AGE_S = 60.0
 
 
-def _damaged_lock(path: Path) -> bool:
-  """True (after a warning) when the damaged lock at `path` may be taken over;
-  else a CheckpointError saying how to clear it."""
+def _damaged_lock(lock: _LocalFile | _BucketObject, content: bytes) -> bool:
+  """True (after a warning) when the damaged lock `lock` (which read as
+  `content`) may be taken over; else a CheckpointError saying how to clear it."""
+  path = lock.path
   try:
-    age = time.time() - path.stat().st_mtime
-    head = path.read_bytes()[:60]
+    age = lock.age()
   except FileNotFoundError:
     return True
-  except OSError as e:
-    age, head = 0.0, f"unreadable: {e}".encode()
+  head = content[:60]
   what = "empty" if not head else f"starts {head!r}"
   if age >= DAMAGED_LOCK_AGE_S:
     log.warning("Taking over the damaged lock file %s (%s, %.0f s old): it names no process, "
@@ -93,6 +98,85 @@ def _damaged_lock(path: Path) -> bool:
       f"(rm {path}) and run again.")
 
 
+class _LocalFile:
+  """The lock as a file on a local disk (created by a hard link)."""
+
+  def __init__(self, path: Path):
+    self.path = path
+
+  def create(self, content: bytes) -> bool:
+    """Creates the file holding `content` if there is none; whether it did."""
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(content)
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    finally:
+      tmp.unlink(missing_ok=True)
+
+  def read(self) -> tuple[bytes | None, Any]:
+    """(content, version): (None, None) when absent; the version is the content."""
+    try:
+      content = self.path.read_bytes()
+    except FileNotFoundError:
+      return None, None
+    except OSError as e:
+      raise CheckpointError(f"Cannot read the lock file {self.path} ({e}).") from e
+    return content, content
+
+  def age(self) -> float:
+    """Seconds since the file was written."""
+    return time.time() - self.path.stat().st_mtime
+
+  def remove(self, version: Any) -> None:
+    """Removes the file if it is still the `version` that was read."""
+    if self.read()[1] == version:
+      self.path.unlink(missing_ok=True)
+
+
+class _BucketObject:
+  """The lock as an object in a bucket, through gcsfs (the GCS JSON API, or
+  the server that `STORAGE_EMULATOR_HOST` names)."""
+
+  def __init__(self, url: str):
+    self.path = paths.path(url)
+    self.fs = paths.gcs_filesystem()
+    self.bucket, self.key = url.split("://", 1)[1].split("/", 1)
+
+  def create(self, content: bytes) -> bool:
+    try:
+      # gcsfs sends mode="create" as ifGenerationMatch=0: the server refuses
+      # (412, FileExistsError) when the object exists, atomically.
+      self.fs.pipe_file(f"{self.bucket}/{self.key}", content, mode="create")
+      return True
+    except FileExistsError:
+      return False
+
+  def read(self) -> tuple[bytes | None, Any]:
+    """(content, generation) of one read; (None, None) when absent."""
+    try:
+      headers, content = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
+    except FileNotFoundError:
+      return None, None
+    return content, headers.get("x-goog-generation")
+
+  def age(self) -> float:
+    """Seconds since the object was written (the server's clock)."""
+    info = self.fs.info(f"{self.bucket}/{self.key}")
+    return time.time() - info["mtime"].timestamp()
+
+  def remove(self, version: Any) -> None:
+    """Deletes the object if it is still at generation `version`."""
+    try:
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                   **({"ifGenerationMatch": version} if version else {}))
+    except (FileNotFoundError, FileExistsError):  # gone, or replaced (412): not ours
+      pass
+
+
 class WorkdirLock:
   """Context manager holding `<workdir>/jtl.lock` for this process.
 
@@ -102,9 +186,15 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-    self.path = Path(workdir).absolute() / LOCK_NAME
+    if paths.is_remote(workdir):
+      self.path = paths.path(workdir) / LOCK_NAME
+      self._file: _LocalFile | _BucketObject = _BucketObject(os.fspath(self.path))
+    else:
+      self.path = Path(workdir).absolute() / LOCK_NAME
+      self._file = _LocalFile(self.path)
     self.enabled = enabled
     self.held = False
+    self._mine: dict[str, Any] | None = None
 
   def _owner(self) -> dict[str, Any]:
     pid = os.getpid()
@@ -114,36 +204,29 @@ class WorkdirLock:
   def acquire(self) -> None:
     if not self.enabled or self.held:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
     mine = self._owner()
-    tmp = self.path.with_name(f".{LOCK_NAME}.{mine['pid']}.tmp")
-    tmp.write_text(json.dumps(mine))
-    try:
-      for _ in range(3):
-        try:
-          os.link(tmp, self.path)
-          self.held = True
-          return
-        except FileExistsError:
-          self._take_over_if_stale(mine)
-      raise CheckpointError(f"Could not take the lock {self.path}; try again.")
-    finally:
-      tmp.unlink(missing_ok=True)
+    content = json.dumps(mine).encode()
+    for _ in range(3):
+      if self._file.create(content):
+        self.held, self._mine = True, mine
+        return
+      self._take_over_if_stale(mine)
+    raise CheckpointError(f"Could not take the lock {self.path}; try again.")
 
   def _take_over_if_stale(self, mine: dict[str, Any]) -> None:
-    owner = _read_owner(self.path)
+    content, version = self._file.read()
+    owner = _parse_owner(content)
     if owner is None:  # released meanwhile
       return
     if not owner:
-      if _damaged_lock(self.path) and _read_owner(self.path) == {}:
-        self.path.unlink(missing_ok=True)
+      if _damaged_lock(self._file, content):
+        self._file.remove(version)
       return
     same_host = owner.get("host") == mine["host"]
     if same_host and (owner.get("pid") == mine["pid"] or not _alive(owner)):
       log.warning("Taking over the lock %s of process %s on %s, which is no longer running.",
                   self.path, owner.get("pid"), owner.get("host"))
-      if _read_owner(self.path) == owner:
-        self.path.unlink(missing_ok=True)
+      self._file.remove(version)
       return
     where = "this host" if same_host else f"host {owner.get('host')!r}"
     raise CheckpointError(
@@ -154,8 +237,9 @@ class WorkdirLock:
 
   def release(self) -> None:
     if self.held:
-      if (_read_owner(self.path) or {}).get("pid") == os.getpid():
-        self.path.unlink(missing_ok=True)
+      content, version = self._file.read()
+      if _parse_owner(content) == self._mine:  # still ours (not taken over meanwhile)
+        self._file.remove(version)
       self.held = False
 
   def __enter__(self) -> WorkdirLock:

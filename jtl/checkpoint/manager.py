@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jtl import partition
+from jtl import partition, paths
 from jtl import tree as jtree
 from jtl.weights import orbax_reader
 from jtl.errors import CheckpointError, bullet_list
@@ -44,9 +44,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  path = epath.Path(workdir)
+  """`<workdir>/checkpoints`, local or in a bucket (`jtl.paths`)."""
+  path = paths.path(workdir)
   # Orbax refuses relative paths; "runs/x" means relative to the cwd.
-  return (path if path.is_absolute() else epath.Path(os.path.abspath(workdir))) / CHECKPOINT_DIR
+  return (path if path.is_absolute() else paths.path(os.path.abspath(workdir))) / CHECKPOINT_DIR
 
 
 def _to_saved(state: TrainState) -> dict[str, Any]:
@@ -82,6 +83,10 @@ def step_problem(step_dir: epath.Path) -> str | None:
 
   Cheap: reads metadata only (see `orbax_reader.verify_orbax`), never arrays.
   """
+  if not ocp.utils.is_checkpoint_finalized(step_dir):
+    # In a bucket Orbax writes in place and marks a finished save with a
+    # commit_success.txt file (no atomic rename there).
+    return "its save did not finish (not finalized by Orbax)"
   if not (step_dir / "state").is_dir():
     return "no state/ folder (not a complete checkpoint)"
   if not (step_dir / "meta" / "metadata").exists():

@@ -51,11 +51,12 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from jtl import paths
 from jtl import tree as jtree
 from jtl import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
@@ -382,16 +383,16 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
   Same tensors give the same bytes (keys are sorted by the format).
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  safetensors.numpy.save_file({k: np.array(v, order="C") for k, v in tensors.items()},
-                              str(path), metadata={"format": "pt"})
+  paths.write_atomic(path, safetensors.numpy.save(
+      {k: np.array(v, order="C") for k, v in tensors.items()}, metadata={"format": "pt"}))
 
 
-def _write_json(obj: Any, path: Path) -> None:
-  path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def _write_json(obj: Any, path: epath.Path) -> None:
+  paths.write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
-              alpha: float | None = None) -> Path:
+              alpha: float | None = None) -> epath.Path:
   """Writes merged fine-tuned weights in the HF (BERT) / timm (ViT, ResNet) layout.
 
   Args:
@@ -402,7 +403,7 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     alpha: LoRA alpha, needed when the params hold adapters.
 
   Returns:
-    out_dir as a Path.
+    out_dir as an `epath.Path` (a local folder or a bucket URL, `jtl.paths`).
 
   Example (from PyTorch):
     transformers.AutoModel.from_pretrained(out_dir)            # BERT, DINOv2
@@ -421,8 +422,7 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
                         "to merge them before export.")
     variables["params"] = lora_layout.merge_lora(params, alpha)
   sd = to_torch_state_dict(variables, layout)
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = paths.path(out_dir)
   if layout == "bert":
     head = {k: sd.pop(k) for k in list(sd) if k.startswith("classifier.")}
     if head:

@@ -71,7 +71,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
 
+from jtl import paths
 from jtl import tree as jtree
 from jtl.export import hf_export
 from jtl.errors import CheckpointError, ConfigError, bullet_list
@@ -289,7 +291,7 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
 def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
                 alpha: float | None = None, base_model_name_or_path: str | None = None,
                 modules_to_save: Sequence[str] | None = None,
-                task_type: str | None = "auto") -> Path:
+                task_type: str | None = "auto") -> epath.Path:
   """Writes the LoRA adapters of a jtl model as a PEFT adapter folder.
 
   Args:
@@ -305,7 +307,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       timm and DINOv2 (PeftModel on the base model's own forward).
 
   Returns:
-    out_dir as a Path.
+    out_dir as an `epath.Path` (a local folder or a bucket URL).
   """
   layout = hf_export.layout_of(module)
   alpha = getattr(module, "alpha", None) if alpha is None else alpha
@@ -321,8 +323,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   if bert_head:
     modules_to_save.remove("head")
   tensors, lora_cfg = peft_tensors(params, layout, modules_to_save=modules_to_save)
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = paths.path(out_dir)  # a local folder or a bucket URL
   if bert_head:
     head = hf_export.to_torch_state_dict({"params": {"head": params["head"]}}, layout)
     hf_export.write_safetensors(head, out / HEAD_FILE)
@@ -339,7 +340,8 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       "auto_mapping": None if task else _AUTO_MAPPING.get(layout),
   }
   hf_export.write_safetensors(tensors, out / WEIGHTS_FILE)
-  (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  paths.write_atomic(out / CONFIG_FILE,
+                     (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
   return out
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl import steps
+from jtl import paths, steps
+from jtl.export.writers import write_atomic
 from jtl.errors import CheckpointError, ConfigError
 from jtl.tree import PyTree, Rules, cast_floats, match_rules, path_name, unflatten
 
@@ -177,7 +177,7 @@ def save(path: str | os.PathLike, variables: PyTree, *, meta: dict[str, Any] | N
   (int8) and "params/a/kernel::scale" (float32); `meta` (JSON) goes into the
   file's metadata.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save as to_bytes  # pylint: disable=g-import-not-at-top
   flat: dict[str, np.ndarray] = {}
   for path_, leaf in _flat_q(variables).items():
     if _is_q(leaf):
@@ -189,13 +189,15 @@ def save(path: str | os.PathLike, variables: PyTree, *, meta: dict[str, Any] | N
         raise CheckpointError(f"{path}: {path_} is bfloat16; save float32 or int8 variables "
                               "(bf16 is a compute precision: prepare(..., 'bfloat16') at load).")
       flat[path_] = np.ascontiguousarray(arr)
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  save_file(flat, str(tmp), metadata={"jtl_quantized": "1",
-                                      "meta": json.dumps(meta or {})})
-  os.replace(tmp, path)
-  return path.stat().st_size
+  data = to_bytes(flat, metadata={"jtl_quantized": "1", "meta": json.dumps(meta or {})})
+  write_atomic(path, data)  # local or in a bucket (jtl.paths)
+  return len(data)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+  """The `__metadata__` of a safetensors file's bytes (its JSON header)."""
+  size = int.from_bytes(data[:8], "little")
+  return json.loads(data[8:8 + size]).get("__metadata__") or {}
 
 
 def _flat_q(tree: PyTree) -> dict[str, Any]:
@@ -206,13 +208,18 @@ def _flat_q(tree: PyTree) -> dict[str, Any]:
 def load(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
   """Reads `save`'s file: (variables with QTensors, meta)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  path = Path(path)
+  from safetensors.numpy import load as load_bytes  # pylint: disable=g-import-not-at-top
+  path = paths.path(path)
   if not path.is_file():
     raise CheckpointError(f"{path}: no such file; expected a file written by jtl.export.quantize.save.")
   try:
-    with safe_open(str(path), framework="numpy") as f:
-      metadata = f.metadata() or {}
-      arrays = {k: f.get_tensor(k) for k in f.keys()}
+    if paths.is_remote(path):
+      data = path.read_bytes()
+      metadata, arrays = _safetensors_metadata(data), load_bytes(data)
+    else:
+      with safe_open(os.fspath(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
   except Exception as e:  # name the file
     raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
   if metadata.get("jtl_quantized") != "1":

@@ -78,10 +78,9 @@ def load_exported(path: str | os.PathLike) -> Callable[..., jax.Array]:
   Raises:
     CheckpointError: the file is missing or is not a serialized jax.export.
   """
-  path = os.fspath(path)
+  from jtl import paths  # pylint: disable=g-import-not-at-top
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = paths.path(path).read_bytes()  # a local file or a bucket URL
   except OSError as e:
     raise CheckpointError(f"Cannot read exported model {path}: {e}.") from e
   try:

@@ -17,12 +17,12 @@ a half-written checkpoint at `path`.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from jtl import paths
 from jtl import tree as tree_lib
 from jtl.errors import CheckpointError
 
@@ -70,7 +70,7 @@ def write(variables_or_params: Any, path: Any, *,
     CheckpointError: unknown format, non-array leaves, an existing Orbax
       directory, or a write failure.
   """
-  path = epath.Path(path)
+  path = paths.path(path)
   fmt = format or _SUFFIXES.get(path.suffix)
   if fmt not in FORMATS:
     raise CheckpointError(
@@ -97,7 +97,7 @@ def write(variables_or_params: Any, path: Any, *,
 def _write_orbax(tree: dict[str, Any], path: epath.Path) -> epath.Path:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top - orbax only when asked
 
-  path = epath.Path(os.path.abspath(path))
+  path = paths.path(path if paths.is_remote(path) else os.path.abspath(path))
   if path.exists():
     raise CheckpointError(f"{path} exists; Orbax does not overwrite. Choose a new path.")
   checkpointer = ocp.StandardCheckpointer()
@@ -107,28 +107,14 @@ def _write_orbax(tree: dict[str, Any], path: epath.Path) -> epath.Path:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file in the same folder and a
-  rename, so a reader never sees a half-written file (object stores: a
-  temporary object and a rename). The folder is created if needed.
+  """Writes `data` to `path` so that a reader never sees a half-written file
+  (`jtl.paths.write_atomic`: locally a temporary file in the same folder and a
+  rename; in a bucket one upload). The folder is created if needed.
 
   Raises:
     CheckpointError: naming the path, when it cannot be written.
   """
-  path = epath.Path(path)
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in os.fspath(path):
-      tmp = path.parent / f".tmp-{path.name}"
-      tmp.write_bytes(data)
-      tmp.rename(path)
-      return
-    fd, tmp_name = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=".tmp-")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-      os.replace(tmp_name, os.fspath(path))
-    finally:
-      if os.path.exists(tmp_name):
-        os.remove(tmp_name)
+    paths.write_atomic(path, data)
   except OSError as e:
     raise CheckpointError(f"Cannot write {path}: {e}. Check that its folder is writable.") from e

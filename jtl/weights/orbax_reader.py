@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from jtl import paths
 from jtl.errors import CheckpointError, bullet_list
 
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
@@ -299,8 +300,8 @@ def verify_orbax(path: Any) -> None:
   Raises:
     CheckpointError: naming the directory and the damaged array.
   """
-  path = epath.Path(path)
-  if "://" not in os.fspath(path):
+  path = paths.path(path)
+  if not paths.is_remote(path):
     path = epath.Path(os.path.abspath(os.fspath(path)))
   if not path.is_dir():
     raise CheckpointError(f"{path}: no such checkpoint directory.")
@@ -447,7 +448,8 @@ def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
   """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays."""
   from jtl.weights.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
 
-  if "://" not in os.fspath(path):
+  path = paths.path(path)
+  if not paths.is_remote(path):
     path = epath.Path(os.path.abspath(os.fspath(path)))  # Orbax needs it
   keys = [k for k in (subtree or "").split("/") if k]
   path = checkpoint_dir(path)

@@ -28,6 +28,7 @@ from typing import Any
 
 from etils import epath
 
+from jtl import paths
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 
 _CHUNK = 1 << 20
@@ -189,7 +190,7 @@ def resolve(source: Any) -> epath.Path:
     m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", source)
     return _cached(source, m.group(1) if m else None, "urls")
   try:
-    path = epath.Path(source)
+    path = paths.path(source)
   except TypeError as e:
     raise CheckpointError(
         f"Cannot use {source!r} ({type(source).__name__}) as a checkpoint "

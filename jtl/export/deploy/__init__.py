@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from jtl import paths
 from jtl.errors import ConfigError
 from jtl.export.deploy.litert import (
   TANH_GELU_MAX_DIFF,
@@ -157,5 +158,5 @@ def export(module: Any, variables: PyTree | None, path: str | os.PathLike, *, fo
           "output": "float32 [batch, outputs] (logits, or the features of a model without head)",
           "input_pixels": pixel_affine is not None, **extra, **(meta or {})}
   write_meta(path, info)
-  return Exported(os.fspath(path), format, os.path.getsize(path), tuple(input_shape), info)
+  return Exported(os.fspath(path), format, paths.size(path), tuple(input_shape), info)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jtl import _optional
+from jtl import _optional, paths
 from jtl.errors import CheckpointError, ConfigError
 from jtl.export.deploy import litert
 from jtl.export.deploy.tracing import (
@@ -31,12 +31,11 @@ def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> None:
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   """The JSON sidecar of an exported file, or {} when there is none."""
-  side = os.fspath(path) + ".json"
-  if not os.path.exists(side):
+  side = paths.path(os.fspath(path) + ".json")
+  if not side.exists():
     return {}
   try:
-    with open(side, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(side.read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{side}: unreadable export sidecar ({e}).") from e
 
@@ -69,7 +68,7 @@ class Runtime:
 
   def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None):
     self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
+    if not paths.path(self.path).is_file():
       raise CheckpointError(f"{self.path}: no such file; export it first "
                             "(scripts/convert.py --workdir ... --format ...).")
     self.format = format_of(self.path)
@@ -84,6 +83,10 @@ class Runtime:
       raise CheckpointError(f"{self.path}: the {self.format} runtime cannot load it "
                             f"({type(e).__name__}: {e}).") from e
 
+  def _model(self) -> str | bytes:
+    """The file's path, or its bytes when it lies in a bucket (`jtl.paths`)."""
+    return paths.path(self.path).read_bytes() if paths.is_remote(self.path) else self.path
+
   def _init_onnx(self, num_threads: int | None) -> None:
     ort = _optional.require("onnxruntime", "Running ONNX files")
     options = ort.SessionOptions()
@@ -91,7 +94,8 @@ class Runtime:
     if num_threads:
       options.intra_op_num_threads = num_threads
       options.inter_op_num_threads = 1
-    self._session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+    self._session = ort.InferenceSession(self._model(), options,
+                                         providers=["CPUExecutionProvider"])
     inputs = self._session.get_inputs()
     self._onnx_names = [i.name for i in inputs]
     self.input_names = self._onnx_names if len(inputs) > 1 else ["x"]
@@ -99,7 +103,11 @@ class Runtime:
     self.input_shape = tuple(int(d) if isinstance(d, int) else None for d in inputs[0].shape[1:])
 
   def _init_tflite(self, num_threads: int | None) -> None:
-    self._interpreter = litert._interpreter()(model_path=self.path, num_threads=num_threads)
+    model = self._model()
+    interpreter = litert._interpreter()
+    self._interpreter = (interpreter(model_content=model, num_threads=num_threads)
+                         if isinstance(model, bytes) else
+                         interpreter(model_path=model, num_threads=num_threads))
     details = self._interpreter.get_input_details()
     if len(details) > 1:  # token inputs: match the file's names ("serving_..._input_ids:0")
       by_name = {n: [d for d in details if n in d["name"]] for n in TOKEN_INPUTS}

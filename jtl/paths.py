@@ -1,0 +1,122 @@
+"""One path abstraction for every file of a run: a local folder or a bucket.
+
+A workdir is a path, not a local folder: checkpoints, the lock, metrics,
+TensorBoard events, plots, reports, evaluation results and exports all go
+through `etils.epath` (arrays through Orbax/tensorstore), so `gs://bucket/run`
+works as `runs/x` does. Writers that want a local file (matplotlib, the ONNX
+and LiteRT converters) write into memory first; nothing is written outside
+the workdir.
+
+`gs://` goes through gcsfs (the GCS JSON API), for the files jtl writes and
+for the ones Orbax writes through epath (`EPATH_USE_TF=false`, unless set
+otherwise: TensorFlow's gfile ignores emulators). The standard variables
+are honoured, so any GCS-API server can stand in for the bucket:
+`STORAGE_EMULATOR_HOST` (gcsfs, anonymous there) and
+`TENSORSTORE_GCS_HTTP_URL` (Orbax's arrays; set from the former when unset,
+so the files and the arrays never go to different servers).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import tempfile
+from typing import Any
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for a URL (`gs://...`), False for a local path.
+
+  >>> is_remote("gs://bkt/run"), is_remote("runs/x")
+  (True, False)
+  """
+  return "://" in os.fspath(path)
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an `epath.Path` (local or `gs://`), with the bucket backend set up."""
+  if is_remote(p):
+    setup_gcs()
+  return p if isinstance(p, epath.Path) else epath.Path(p)
+
+
+@functools.lru_cache(maxsize=None)
+def setup_gcs() -> None:
+  """Points epath's `gs://` at gcsfs (plain JSON API client) and the array
+  store at the same server as the files; once per process."""
+  os.environ.setdefault("EPATH_USE_TF", "false")
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  if emulator:
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
+  import fsspec  # pylint: disable=g-import-not-at-top
+  import gcsfs.core  # pylint: disable=g-import-not-at-top
+  # gcsfs's default class first asks a gRPC control API for the bucket type,
+  # a call GCS-API servers other than Google's time out on (60 s per call);
+  # the plain class is the JSON API alone.
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+  options = fsspec.config.conf.setdefault("gcs", {})
+  # Another process may change the bucket (the lock, a resumed run): no stale listings.
+  options.setdefault("use_listings_cache", False)
+  if emulator:
+    options.setdefault("token", "anon")
+
+
+def gcs_filesystem() -> Any:
+  """The gcsfs filesystem that epath uses for `gs://` (after `setup_gcs`)."""
+  setup_gcs()
+  import fsspec  # pylint: disable=g-import-not-at-top
+  return fsspec.filesystem("gs")
+
+
+def write_atomic(dest: PathLike, data: bytes) -> None:
+  """Writes `data` so that a reader sees the old file or the new one, never a
+  part: locally a temporary file in the same folder and a rename; in a bucket
+  one upload (an object appears whole). The folder is created if needed.
+
+  Raises:
+    OSError: the destination cannot be written.
+  """
+  dest = path(dest)
+  if is_remote(dest):
+    dest.write_bytes(data)
+    return
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(dir=os.fspath(dest.parent), prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp_name, os.fspath(dest))
+  finally:
+    if os.path.exists(tmp_name):
+      os.remove(tmp_name)
+
+
+def append_text(dest: PathLike, text: str, *, whole: str) -> None:
+  """Appends `text` to a log file whose complete new content is `whole`:
+  locally an append, in a bucket (no appends there) one upload of `whole`."""
+  dest = path(dest)
+  if is_remote(dest):
+    dest.write_text(whole)
+    return
+  with open(os.fspath(dest), "a", encoding="utf-8") as f:
+    f.write(text)
+
+
+def save_figure(fig: Any, dest: PathLike, *, dpi: int = 100) -> epath.Path:
+  """A matplotlib figure as PNG at `dest`, drawn in memory (no local file)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  write_atomic(dest, buffer.getvalue())
+  return path(dest)
+
+
+def size(p: PathLike) -> int:
+  """The file's size in bytes."""
+  p = path(p)
+  return p.stat().length if is_remote(p) else os.path.getsize(os.fspath(p))

