@@ -6,7 +6,7 @@ zoo, partitioning, the train step and `fit`. The rest are extras (see
 pyproject.toml): "data" (TensorFlow, TFDS, pillow: `jtl.data` pipelines),
 "hub" (huggingface_hub, tokenizers), "app" (scripts/, configs/, `jtl.app`:
 ml-collections, matplotlib, tensorboardX, with data and hub), "deploy"
-(ONNX / LiteRT), "all".
+(ONNX / LiteRT), "gcs" (gcsfs: `gs://` workdirs and paths), "all".
 
 >>> require("json", "a doctest").dumps([1])
 '[1]'
@@ -34,6 +34,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "ml_collections": ("ml-collections", "pip install 'jtl[app]'"),
     "matplotlib": ("matplotlib", "pip install 'jtl[app]'"),
     "tensorboardX": ("tensorboardX", "pip install 'jtl[app]'"),
+    "gcsfs": ("gcsfs", "pip install 'jtl[gcs]'"),
     "onnx": ("onnx", "pip install 'jtl[deploy]'"),
     "onnx_ir": ("onnx-ir", "pip install 'jtl[deploy]'"),
     "onnxruntime": ("onnxruntime", "pip install 'jtl[deploy]'"),

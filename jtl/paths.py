@@ -13,7 +13,8 @@ otherwise: TensorFlow's gfile ignores emulators). The standard variables
 are honoured, so any GCS-API server can stand in for the bucket:
 `STORAGE_EMULATOR_HOST` (gcsfs, anonymous there) and
 `TENSORSTORE_GCS_HTTP_URL` (Orbax's arrays; set from the former when unset,
-so the files and the arrays never go to different servers).
+so the files and the arrays never go to different servers). gcsfs is the
+"gcs" extra (`pip install 'jtl[gcs]'`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import tempfile
 from typing import Any
 
 from etils import epath
+
+from jtl import _optional
 
 PathLike = str | os.PathLike
 
@@ -53,13 +56,13 @@ def setup_gcs() -> None:
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if emulator:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
-  import fsspec  # pylint: disable=g-import-not-at-top
-  import gcsfs.core  # pylint: disable=g-import-not-at-top
+  import fsspec  # pylint: disable=g-import-not-at-top  (etils[epath] brings it)
+  gcsfs_core = _optional.require("gcsfs.core", "gs:// paths (jtl.paths)")
   # gcsfs's default class first asks a gRPC control API for the bucket type,
   # a call GCS-API servers other than Google's time out on (60 s per call);
   # the plain class is the JSON API alone.
   for protocol in ("gs", "gcs"):
-    fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    fsspec.register_implementation(protocol, gcsfs_core.GCSFileSystem, clobber=True)
   options = fsspec.config.conf.setdefault("gcs", {})
   # Another process may change the bucket (the lock, a resumed run): no stale listings.
   options.setdefault("use_listings_cache", False)

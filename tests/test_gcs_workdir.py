@@ -144,6 +144,7 @@ def _finish(process: subprocess.Popen) -> str:
 def _final_params(url: str, workdir: str, monkeypatch) -> dict[str, np.ndarray]:
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+  monkeypatch.setenv("EPATH_USE_TF", "false")  # what jtl.paths sets, undone after the test
   from jtl import tree  # pylint: disable=g-import-not-at-top
   from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
   variables, meta = manager.restore_variables(workdir, step="latest")

@@ -47,6 +47,7 @@ from jtl.data.sources import (
   DatasetInfo,
   TfdsSource,
   host_tf,
+  plain,
   resolve_source,
 )
 from jtl.errors import DataError, bullet_list
@@ -129,7 +130,7 @@ def _index_stream(indices: np.ndarray, *, train: bool, seed: int,
     return tf.data.Dataset.from_tensor_slices(perm)
 
   end = _FOREVER if num_epochs is None else num_epochs
-  return tf.data.Dataset.range(epoch0, max(end, epoch0)).flat_map(epoch).skip(offset)
+  return tf.data.Dataset.range(epoch0, max(end, epoch0)).flat_map(plain(tf, epoch)).skip(offset)
 
 
 def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
@@ -152,7 +153,7 @@ def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
     with tf.control_dependencies([check]):
       return {key: ex[src.input_key], "label": tf.identity(label)}
 
-  ds = ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(plain(tf, pick), num_parallel_calls=tf.data.AUTOTUNE)
   if not train:
     return ds
   # Each epoch is its own seeded shuffle, so a resume skips at most one epoch
@@ -164,7 +165,7 @@ def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
                       reshuffle_each_iteration=False)
 
   end = _FOREVER if num_epochs is None else num_epochs
-  return tf.data.Dataset.range(epoch0, max(end, epoch0)).flat_map(epoch).skip(offset)
+  return tf.data.Dataset.range(epoch0, max(end, epoch0)).flat_map(plain(tf, epoch)).skip(offset)
 
 
 def _preprocess(ex: dict[str, tf.Tensor], index: tf.Tensor, *, kind: str, train: bool,
@@ -235,9 +236,9 @@ def _mixup(ds: tf.data.Dataset, *, seed: int, process_index: int, start_step: in
            alpha: float, num_classes: int) -> tf.data.Dataset:
   """Mixup of each batch, its randomness a function of (seed, process, step)."""
   mix_seed = tf.constant([seed, 10_000 + process_index], tf.int64)
-  return ds.enumerate(start_step).map(
-      lambda step, b: images.mixup(b, tf.random.experimental.stateless_fold_in(mix_seed, step),
-                                   alpha=alpha, num_classes=num_classes),
+  return ds.enumerate(start_step).map(plain(
+      tf, lambda step, b: images.mixup(b, tf.random.experimental.stateless_fold_in(mix_seed, step),
+                                       alpha=alpha, num_classes=num_classes)),
       num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -320,7 +321,8 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
   base = tf.constant([seed, 1 + pi], tf.int64)
   prep = functools.partial(_preprocess, kind=src.kind, train=train, seed=base,
                            image_kwargs=image_kwargs)
-  ds = ds.enumerate(start).map(lambda i, ex: prep(ex, i), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.enumerate(start).map(plain(tf, lambda i, ex: prep(ex, i)),
+                               num_parallel_calls=tf.data.AUTOTUNE)
 
   if train:
     num_batches = None

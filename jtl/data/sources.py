@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def plain(tf: Any, fn: Any) -> Any:
+  """`fn` for `tf.data.Dataset.map` without AutoGraph: its control flow is
+  Python's (on shapes, dtypes and options), and AutoGraph would write each
+  converted function's source into the temp directory, which a killed run
+  (SIGKILL: no exit handlers) leaves behind; nothing is written outside the
+  workdir."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def host_tf(feature: str = "jtl.data's input pipelines and TFDS datasets",
             extra: str | None = None) -> Any:
   """Imports TensorFlow for host-side input pipelines and returns the module.
@@ -193,7 +202,8 @@ class ArraySource:
         x.set_shape([None] + shape)
         return {"image": x, "label": tf.gather(labels, i)}
 
-      return indices.batch(64).map(gather, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+      return indices.batch(64).map(plain(tf, gather),
+                                   num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     if self.kind == "file":
       # File names as bytes: a name that is not UTF-8 is still a file.
       paths = tf.constant(np.array([os.fsencode(p) for p in self.inputs[split]], object))
@@ -205,13 +215,13 @@ class ArraySource:
         image.set_shape([None, None, 3])
         return {"image": image, "label": tf.gather(labels, i)}
 
-      return indices.map(load_file, num_parallel_calls=tf.data.AUTOTUNE)
+      return indices.map(plain(tf, load_file), num_parallel_calls=tf.data.AUTOTUNE)
     inputs = tf.constant(self.inputs[split])
 
     def load(i):
       return {"text": tf.gather(inputs, i), "label": tf.gather(labels, i)}
 
-    return indices.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return indices.map(plain(tf, load), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 @dataclasses.dataclass(frozen=True)
