@@ -41,6 +41,14 @@ single alpha gives the same update. A qkv adapter becomes adapters on query,
 key and value (block-diagonal ones, as jtl writes them, back into the
 separate adapters; `fold_unsupported=True` adds it to the kernels instead).
 
+DoRA (`add_lora(..., dora=True)`): the magnitude "lora_magnitude" [out]
+exports as PEFT's `<module>.lora_magnitude_vector` ([out] for a
+Linear, [1, out, 1, 1] for a Conv2d; PEFT's norm is over the input axes of
+the torch weight, jtl's over the adapter's fan_in: the same axes where the
+export keeps jtl's rank) with `use_dora: true`; a fused qkv's magnitude is
+the concatenation of query's, key's and value's (||W||_c, the identity
+rescale, for a projection without an adapter). Import reads it back.
+
 rank_pattern / alpha_pattern keys are matched as PEFT matches them (a regex
 on the module name or a part after a "."), but a key is data from a file:
 one whose backtracking has no small bound (nested quantifiers such as
@@ -73,7 +81,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from etils import epath
 
-from jtl import paths
+from jtl import lora_layout, paths
 from jtl import tree as jtree
 from jtl.export import hf_export
 from jtl.errors import CheckpointError, ConfigError, bullet_list
@@ -162,6 +170,33 @@ def _export_adapter(kind: str, kernel: np.ndarray, a: np.ndarray, b: np.ndarray
 
 
 _QKV = ("query", "key", "value")
+_MAGNITUDE = "lora_magnitude_vector"  # as peft 0.21 saves it (older: + ".weight")
+
+
+def _dora_magnitude(kind: str, leaves: Mapping[str, np.ndarray], exported_rank: int
+                    ) -> np.ndarray | str:
+  """PEFT's lora_magnitude_vector of one jtl DoRA layer; a problem string when
+  the torch layer's norm axes are not the adapter's (its rank grew on export)."""
+  if exported_rank != leaves["lora_a"].shape[1]:
+    return (f"DoRA adapter lora_a {leaves['lora_a'].shape} splits the kernel "
+            f"{leaves['kernel'].shape} after more than the torch layer's input axes, so its "
+            "magnitude is not per torch output; add DoRA with the kernel's input axes as fan_in")
+  m = np.asarray(leaves["lora_magnitude"], np.float32)
+  return m.reshape(1, -1, 1, 1) if kind == "conv" else m
+
+
+def _fused_magnitude(block: str, modules: Mapping[str, Mapping[str, np.ndarray]]
+                     ) -> np.ndarray | str:
+  """timm's fused qkv magnitude: query's, key's and value's (||W||_c without one)."""
+  parts = []
+  for name in _QKV:
+    leaves = modules[f"{block}/{name}"]
+    kernel = np.asarray(leaves["kernel"], np.float32)
+    if "lora_a" in leaves and leaves["lora_a"].shape[0] != kernel.shape[0]:
+      return f"{block}/{name}: a DoRA adapter on qkv needs lora_a [width, r]"
+    parts.append(leaves["lora_magnitude"] if "lora_magnitude" in leaves
+                 else np.asarray(lora_layout.column_norms(kernel, kernel.shape[0])))
+  return np.concatenate(parts).astype(np.float32)
 
 
 def _fused_qkv_lora(block: str, modules: Mapping[str, Mapping[str, np.ndarray]]
@@ -248,6 +283,13 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
         problems.append(fused)
         continue
       lora_a, lora_b, ranks[name], alpha_factors[name] = fused
+      block = path.rpartition("/")[0]
+      if any("lora_magnitude" in modules.get(f"{block}/{q}", {}) for q in _QKV):
+        magnitude = _fused_magnitude(block, modules)
+        if isinstance(magnitude, str):
+          problems.append(magnitude)
+          continue
+        tensors[f"{PREFIX}{name}.{_MAGNITUDE}"] = magnitude
     else:
       if "lora_b" not in leaves:
         problems.append(f"{path}: has lora_a but no lora_b")
@@ -260,6 +302,12 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
       ranks[name] = int(lora_a.shape[0])
       if ranks[name] != leaves["lora_a"].shape[1]:  # the rank grew: keep jtl's scale
         alpha_factors[name] = ranks[name] / leaves["lora_a"].shape[1]
+      if "lora_magnitude" in leaves:
+        magnitude = _dora_magnitude(kind, leaves, ranks[name])
+        if isinstance(magnitude, str):
+          problems.append(f"{path}: {magnitude}")
+          continue
+        tensors[f"{PREFIX}{name}.{_MAGNITUDE}"] = magnitude
     tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
     tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b
   if not ranks and not problems:
@@ -276,6 +324,10 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
     hf_export._convert_module(mapped[1], mapped[0], leaves, part)  # pylint: disable=protected-access
     tensors.update({PREFIX + k: v for k, v in part.items()})
     saved.append(mapped[0])
+  dora = {n for n in ranks if f"{PREFIX}{n}.{_MAGNITUDE}" in tensors}
+  if dora and dora != set(ranks):
+    problems.append(f"DoRA on {sorted(dora)[:3]}... but plain LoRA on "
+                    f"{sorted(set(ranks) - dora)[:3]}...: PEFT's use_dora covers every adapter")
   if problems:
     raise CheckpointError(f"Cannot write a PEFT {layout} adapter:\n" + bullet_list(problems))
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -284,7 +336,7 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
                              for n, k in sorted(ranks.items()) if k != r},
             "alpha_factors": {_pattern_key(n, candidates): f
                               for n, f in sorted(alpha_factors.items())},
-            "modules_to_save": saved or None}
+            "modules_to_save": saved or None, "use_dora": bool(dora)}
   return tensors, config
 
 
@@ -335,7 +387,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       "rank_pattern": lora_cfg["rank_pattern"],
       "alpha_pattern": {k: float(alpha) * f for k, f in lora_cfg["alpha_factors"].items()},
       "modules_to_save": lora_cfg["modules_to_save"], "fan_in_fan_out": False, "bias": "none",
-      "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+      "use_rslora": False, "use_dora": lora_cfg["use_dora"], "init_lora_weights": True,
       "layers_to_transform": None, "layers_pattern": None,
       "auto_mapping": None if task else _AUTO_MAPPING.get(layout),
   }
@@ -484,6 +536,7 @@ class _Settings(NamedTuple):
   alpha: float
   rank: int | None  # "r": PEFT's rank where rank_pattern names none
   rslora: bool
+  dora: bool
   alpha_pattern: list[tuple[_PatternKey, float]]
   rank_pattern: list[tuple[_PatternKey, float]]
 
@@ -494,7 +547,9 @@ def _check_config(config: Mapping[str, Any], where: str) -> _Settings:
   bad = []
   if config.get("peft_type") != "LORA":
     bad.append(f"peft_type {config.get('peft_type')!r:.60} (jtl reads 'LORA')")
-  for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
+  if config.get("use_dora") not in (True, False, None):
+    bad.append(f"use_dora={config.get('use_dora')!r:.60} (expected true or false)")
+  for key, ok in (("fan_in_fan_out", False), ("lora_bias", False)):
     if config.get(key, ok) not in (ok, None):
       bad.append(f"{key}={config.get(key)!r:.60} (jtl's LoRA has {key}={ok})")
   if config.get("bias", "none") not in ("none", None):
@@ -511,6 +566,7 @@ def _check_config(config: Mapping[str, Any], where: str) -> _Settings:
   if rslora not in (True, False, None):
     raise CheckpointError(f"{file} use_rslora={rslora!r:.40}; expected true or false.")
   return _Settings(float(alpha), None if rank is None else int(rank), bool(rslora),
+                   config.get("use_dora") is True,
                    _pattern_keys(config, "alpha_pattern", where, integer=False),
                    _pattern_keys(config, "rank_pattern", where, integer=True))
 
@@ -519,8 +575,9 @@ def _lora_pair(name: str, part: Mapping[str, np.ndarray], settings: _Settings
                ) -> tuple[np.ndarray, np.ndarray, float] | str:
   """(lora_A, lora_B, PEFT's scale) of one adapter; a problem string if the
   file's tensors or its config cannot be that adapter."""
-  if set(part) != {"lora_A.weight", "lora_B.weight"}:
-    return f"expected lora_A and lora_B, found {sorted(part)}"
+  want_keys = {"lora_A.weight", "lora_B.weight"} | ({_MAGNITUDE} if settings.dora else set())
+  if set(part) != want_keys:
+    return (f"expected {sorted(want_keys)} (use_dora={settings.dora}), found {sorted(part)}")
   a, b = part["lora_A.weight"], part["lora_B.weight"]
   if a.ndim < 2 or b.ndim < 2 or a.shape[0] == 0 or b.shape[1] != a.shape[0]:
     return (f"lora_A {a.shape} / lora_B {b.shape} are not a LoRA pair (expected "
@@ -553,18 +610,25 @@ def _group(tensors: Mapping[str, np.ndarray], where: str) -> dict[str, dict[str,
   for key, value in tensors.items():
     if not key.startswith(PREFIX):
       raise CheckpointError(f"{where}: key {key!r} does not start with {PREFIX!r}.")
-    m = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|weight|bias)", key[len(PREFIX):])
+    m = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?"
+                     r"|weight|bias)", key[len(PREFIX):])
     if m is None:
-      raise CheckpointError(f"{where}: key {key!r} is not a LoRA or module_to_save tensor "
-                            "(lora_embedding and DoRA magnitudes are not supported).")
-    groups.setdefault(m.group(1), {})[m.group(2)] = value
+      raise CheckpointError(f"{where}: key {key!r} is not a LoRA, DoRA or module_to_save "
+                            "tensor (lora_embedding is not supported).")
+    leaf = _MAGNITUDE if m.group(2).startswith(_MAGNITUDE) else m.group(2)
+    groups.setdefault(m.group(1), {})[leaf] = value
   return groups
 
 
 def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.ndarray,
-                 b: np.ndarray, scale: float, alpha: float, fold: bool) -> str | None:
-  """Puts one PEFT adapter into `flat`; returns a problem or None."""
+                 b: np.ndarray, scale: float, alpha: float, fold: bool,
+                 magnitude: np.ndarray | None = None) -> str | None:
+  """Puts one PEFT adapter (and DoRA magnitude) into `flat`; a problem or None."""
   r = a.shape[0]
+  if magnitude is not None:
+    magnitude = np.asarray(magnitude, np.float32).reshape(-1)
+    if kind == "qkv" and fold:
+      return "fold_unsupported cannot fold a DoRA qkv adapter (its magnitude rescales W)"
   if kind == "qkv" and fold:
     delta = (b.reshape(b.shape[0], r) @ a.reshape(r, -1)) * scale  # [3 * width, width]
     width = delta.shape[0] // 3
@@ -574,7 +638,7 @@ def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.nd
       flat[f"{path}/kernel"] = (kernel + part).astype(kernel.dtype)
     return None
   if kind == "qkv":
-    return _import_qkv(flat, jtl_paths, a, b, scale, alpha)
+    return _import_qkv(flat, jtl_paths, a, b, scale, alpha, magnitude)
   path = jtl_paths[0]
   kernel = np.asarray(flat[f"{path}/kernel"])
   if kind == "conv":
@@ -589,14 +653,18 @@ def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.nd
   if lora_a.shape != (fan_in, r) or lora_b.shape != (r, out):
     return (f"{path}: adapter [{fan_in}? x {r}] x [{r} x {out}?] does not fit kernel "
             f"{tuple(kernel.shape)} (file: lora_A {a.shape}, lora_B {b.shape})")
+  if magnitude is not None and magnitude.shape != (out,):
+    return f"{path}: DoRA magnitude of {magnitude.size} values, expected {out}"
   factor = scale / (alpha / r)  # jtl applies alpha / r; PEFT may differ per layer
   flat[f"{path}/lora_a"] = np.ascontiguousarray(lora_a, np.float32)
   flat[f"{path}/lora_b"] = np.ascontiguousarray(lora_b * factor, np.float32)
+  if magnitude is not None:
+    flat[f"{path}/lora_magnitude"] = magnitude
   return None
 
 
 def _import_qkv(flat: dict[str, Any], jtl_paths: list[str], a: np.ndarray, b: np.ndarray,
-                scale: float, alpha: float) -> str | None:
+                scale: float, alpha: float, magnitude: np.ndarray | None = None) -> str | None:
   """timm's fused qkv adapter (A [R, width], B [3 * width, R]) -> adapters on
   jtl's query, key and value: A_p [width, r_p] / B_p [r_p, heads * head_dim].
 
@@ -605,6 +673,8 @@ def _import_qkv(flat: dict[str, Any], jtl_paths: list[str], a: np.ndarray, b: np
   (rank r_p, exactly the adapters exported); otherwise (a qkv adapter PEFT
   trained) each gets all R columns: the same A and its rows of B. Either way
   the update is exactly PEFT's; B carries PEFT's scale over jtl's alpha / r_p.
+  A DoRA magnitude [3 * width] splits into the three projections' (each one
+  then gets an adapter, so that each has its magnitude).
   """
   paths = sorted(jtl_paths, key=lambda p: _QKV.index(p.rsplit("/", 1)[-1]))
   kernels = [np.asarray(flat[f"{p}/kernel"]) for p in paths]
@@ -617,9 +687,13 @@ def _import_qkv(flat: dict[str, Any], jtl_paths: list[str], a: np.ndarray, b: np
   rows = [b[starts[i]:starts[i + 1]] for i in range(3)]
   used = [np.flatnonzero(np.any(part != 0, axis=0)) for part in rows]
   disjoint = sum(len(u) for u in used) == len(set().union(*map(set, used)))
-  if not (disjoint and any(len(u) for u in used)):
+  if magnitude is not None and magnitude.shape != (sum(outs),):
+    return f"qkv DoRA magnitude of {magnitude.size} values, expected {sum(outs)}"
+  if not (disjoint and any(len(u) for u in used) and (magnitude is None or all(map(len, used)))):
     used = [np.arange(a.shape[0])] * 3
-  for path, part, cols in zip(paths, rows, used):
+  for i, (path, part, cols) in enumerate(zip(paths, rows, used)):
+    if magnitude is not None:
+      flat[f"{path}/lora_magnitude"] = magnitude[starts[i]:starts[i + 1]]
     if not len(cols):  # no update on this projection
       continue
     r_p = len(cols)
@@ -646,7 +720,8 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
       query/key/value kernels instead of making adapters on them.
 
   Returns:
-    (params with "lora_a"/"lora_b" leaves and the saved modules, alpha).
+    (params with "lora_a"/"lora_b" leaves (and "lora_magnitude" for a DoRA
+    adapter, `use_dora: true`) and the saved modules, alpha).
     Run with `LoraWeights(model, alpha)` / `merge_lora(params, alpha)`.
 
   Raises:
@@ -671,12 +746,13 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
       problems.append(f"{name}: no module of the jtl model maps to it ({sorted(part)})")
       continue
     kind = mapped[1]
-    if "lora_A.weight" in part or "lora_B.weight" in part:
+    if "lora_A.weight" in part or "lora_B.weight" in part or _MAGNITUDE in part:
       pair = _lora_pair(name, part, settings)
       if isinstance(pair, str):
         problems.append(f"{name}: {pair}")
         continue
-      problem = _import_lora(flat, paths, kind, *pair, alpha, fold_unsupported)
+      problem = _import_lora(flat, paths, kind, *pair, alpha, fold_unsupported,
+                             part.get(_MAGNITUDE))
       if problem:
         problems.append(f"{name}: {problem}")
     else:  # a module in modules_to_save: its whole weights
