@@ -105,7 +105,8 @@ class Layer(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    # train positional: it is nn.remat's static argument when Bert.remat is set
     c = self.config
     y = SelfAttention(c, name="attention")(x, mask, train=train)
     y = nn.Dropout(c.dropout)(y, deterministic=not train)
@@ -127,14 +128,19 @@ class Bert(nn.Module):
       "pooler/..."), so that it is loaded from and exported with the weights
       (transformers finds it); `pooled` computes it. jtl's own features
       mean-pool and never use it. False for a checkpoint without one.
+    remat: gradient checkpointing of every layer: its activations are
+      recomputed in the backward pass instead of kept (less memory, one more
+      forward pass; same params and gradients).
   """
   num_classes: int = 0
   config: BertConfig = MINILM_L6
   with_pooler: bool = True
+  remat: bool = False
 
   def setup(self):
     self.embeddings = Embeddings(self.config)
-    self.layers = [Layer(self.config, name=f"layer_{i}")
+    layer = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer  # 3: train
+    self.layers = [layer(self.config, name=f"layer_{i}")
                    for i in range(self.config.num_layers)]
     self.head_dropout = nn.Dropout(self.config.dropout)
     if self.with_pooler:
@@ -151,7 +157,7 @@ class Bert(nn.Module):
     types = jnp.zeros_like(ids) if types is None else jnp.asarray(types, jnp.int32)
     h = self.embeddings(ids, types, train=train)
     for layer in self.layers:
-      h = layer(h, mask, train=train)
+      h = layer(h, mask, train)
     return h
 
   def pooled(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:

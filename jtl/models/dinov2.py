@@ -150,6 +150,7 @@ class Dinov2(nn.Module):
     drop_path_rate: stochastic depth of the last block, rising linearly from 0
       at the first (0.1-0.2 is usual for fine-tuning; transformers'
       `drop_path_rate`).
+    remat: gradient checkpointing of every block (`jtl.models.vit.ViT.remat`).
   """
   num_classes: int = 0
   patch_size: int = 14
@@ -164,6 +165,7 @@ class Dinov2(nn.Module):
   interpolate_offset: float = 0.0
   dropout: float = 0.0
   drop_path_rate: float = 0.0
+  remat: bool = False
 
   def setup(self):
     p, grid = self.patch_size, self.image_size // self.patch_size
@@ -176,7 +178,7 @@ class Dinov2(nn.Module):
     self.Transformer = vit.Encoder(
         self.depth, int(self.width * self.mlp_ratio), self.num_heads, self.dropout,
         exact_gelu=True, drop_path_rate=self.drop_path_rate, eps=self.layer_norm_eps,
-        layerscale=self.layerscale_value)
+        layerscale=self.layerscale_value, remat=self.remat)
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
 

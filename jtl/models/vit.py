@@ -136,7 +136,7 @@ class Encoder1DBlock(nn.Module):
   layerscale: float | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # train positional: remat's static arg
     # Stochastic depth: a residual branch dropped for whole examples.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_0")(x)
@@ -156,6 +156,14 @@ class Encoder1DBlock(nn.Module):
     return x + drop_path(y, deterministic=not train)
 
 
+def remat_block(cls: type[nn.Module], *, static_argnum: int) -> type[nn.Module]:
+  """`cls` whose activations are recomputed in the backward pass instead of
+  stored (gradient checkpointing): the same params and outputs, less memory,
+  one more forward pass. `static_argnum` is the position of `train` in its
+  `__call__` (self is 0), a Python bool that must not be traced."""
+  return nn.remat(cls, static_argnums=(static_argnum,))
+
+
 class Encoder(nn.Module):
   """The stack of blocks and the final LayerNorm ("Transformer" in the npz)."""
   depth: int
@@ -167,14 +175,16 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   eps: float = 1e-6
   layerscale: float | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    block = remat_block(Encoder1DBlock, static_argnum=2) if self.remat else Encoder1DBlock
     for i in range(self.depth):
       drop_path = drop_path_rate_of(self.drop_path_rate, i, self.depth)
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
-                         self.fused_attention, drop_path, self.eps, self.layerscale,
-                         name=f"encoderblock_{i}")(x, train=train)
+      x = block(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
+                self.fused_attention, drop_path, self.eps, self.layerscale,
+                name=f"encoderblock_{i}")(x, train)
     return nn.LayerNorm(epsilon=self.eps, name="encoder_norm")(x)
 
 
@@ -198,6 +208,10 @@ class ViT(nn.Module):
       bf16/fp16 (`fused_attention`), same parameters; Flax's attention
       elsewhere. Off by default: not yet measured on a GPU (BENCHMARKS.md,
       "Accelerators").
+    remat: gradient checkpointing of every encoder block: its activations
+      are recomputed in the backward pass instead of kept (the train step's
+      temporary memory drops, a step costs one more forward pass; same
+      params and gradients). BENCHMARKS.md, "Gradient checkpointing".
   """
   num_classes: int = 1000
   patch_size: int = 16
@@ -212,6 +226,7 @@ class ViT(nn.Module):
   exact_gelu: bool = False
   fused_attention: bool = False
   drop_path_rate: float = 0.0
+  remat: bool = False
 
   def setup(self):
     p = self.patch_size
@@ -225,7 +240,8 @@ class ViT(nn.Module):
         (1, prefix + grid * grid, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout)
     self.Transformer = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout,
-                               self.exact_gelu, self.fused_attention, self.drop_path_rate)
+                               self.exact_gelu, self.fused_attention, self.drop_path_rate,
+                               remat=self.remat)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size)
     if self.num_classes:
