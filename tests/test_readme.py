@@ -131,6 +131,6 @@ def test_readme_restore_examples_run(tmp_path):
   exec(compile(_block("restore_variables(workdir"), "README.md", "exec"), nnx_ns)  # noqa: S102
   restored = nnx_ns["restored"]
   trained = jax.device_get(result.state)
-  np.testing.assert_array_equal(restored.head.kernel.value, trained.params["head"]["kernel"])
-  np.testing.assert_array_equal(restored.bn.mean.value, trained.model_state["state"]["bn"]["mean"])
+  np.testing.assert_array_equal(restored.head.kernel[...], trained.params["head"]["kernel"])
+  np.testing.assert_array_equal(restored.bn.mean[...], trained.model_state["state"]["bn"]["mean"])
   del jnp
