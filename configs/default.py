@@ -6,7 +6,7 @@ Partial fine-tuning: the last four blocks, the top conv and a new 10-class
 head train; the stem and the first twelve blocks stay frozen (their
 BatchNorm statistics too); the trained layers' statistics are recomputed on
 2,048 training images before each evaluation and save (precise BatchNorm,
-`precise_batchnorm`). Sized to finish in under 5 minutes on 2 CPU cores:
+`strategy.precise_batchnorm`). Sized to finish in under 5 minutes on 2 CPU cores:
 measured from a fresh clone (`make finetune`): 48 s of wall time with a warm
 XLA compilation cache (1 min 30 s with an empty one) for 300 steps of 64
 images at 64 px, reaching 96.5% test accuracy (top-5 100%) on the 1,000
@@ -51,18 +51,24 @@ def get_config(arg=None):
   c.weight_decay = 1e-4
   c.clip_norm = 1.0
   c.lr_multipliers = ml_collections.ConfigDict()
-  # Ordered (regex, label) rules, first match wins; "frozen" freezes.
-  c.rules = (
-      (r"(blocks_1[2-5]|top)/.*", "backbone_top"),
-      (r"head/.*", "head"),
-      (r".*", "frozen"),
-  )
-  # Precise BatchNorm for the rules: before each evaluation and save, the
-  # statistics of the BatchNorm layers that train are recomputed on this many
-  # unaugmented training images (0: off; None: strategies.PRECISE_BATCHNORM_IMAGES
-  # when the model has BatchNorm). A strategy has its own strategy.precise_batchnorm.
-  c.precise_batchnorm = ml_collections.config_dict.placeholder(int)
-  c.strategy = ml_collections.ConfigDict({"name": ""})  # or e.g. "lora"; see jtl.recipes.strategies
+  # What trains: a jtl.recipes.strategies strategy ("rules", "lora", "lp_ft", ...;
+  # configs/strategy.py:NAME gives any other). "rules": ordered (regex, label)
+  # rules, first match wins; "frozen" freezes.
+  c.strategy = ml_collections.ConfigDict({
+      "name": "rules",
+      "rules": (
+          (r"(blocks_1[2-5]|top)/.*", "backbone_top"),
+          (r"head/.*", "head"),
+          (r".*", "frozen"),
+      ),
+      # None: the strategy's (strategies.FREEZE_BATCHNORM; False for rules).
+      "freeze_batchnorm": ml_collections.config_dict.placeholder(object),
+      # Precise BatchNorm: before each evaluation and save, the statistics of the
+      # BatchNorm layers that train are recomputed on this many unaugmented
+      # training images (0: off; None: strategies.PRECISE_BATCHNORM_IMAGES when
+      # the model has BatchNorm statistics and they train).
+      "precise_batchnorm": ml_collections.config_dict.placeholder(int),
+  })
   # "" = fine-tuning; "distill", "dann", "coral", "adversarial": see jtl.app.methods
   c.method = ml_collections.ConfigDict({"name": ""})
   c.eval_dataset = ml_collections.config_dict.placeholder(str)  # None: `dataset`

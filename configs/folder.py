@@ -62,7 +62,6 @@ def get_config(arg=None):
   c.schedule = "cosine"
   c.warmup_steps = 0
   c.weight_decay = 1e-4
-  c.rules = ()
   c.strategy = ml_collections.ConfigDict({
       "name": "lp_ft", "probe_steps": strategies.PROBE_STEPS,
       "probe_learning_rate": strategies.PROBE_LEARNING_RATE,

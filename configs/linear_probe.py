@@ -15,7 +15,6 @@ from configs import default
 
 def get_config(arg=None):
   c = default.get_config(arg)
-  c.rules = ()
   c.strategy = ml_collections.ConfigDict({
       "name": "linear_probe", "cache_features": ml_collections.config_dict.placeholder(bool)})
   c.learning_rate = 1e-2

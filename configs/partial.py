@@ -10,5 +10,6 @@ def get_config(arg=None):
   n = int(arg) if arg else 4
   c = default.get_config()
   trainable = "|".join(f"blocks_{i}" for i in range(NUM_BLOCKS - n, NUM_BLOCKS))
-  c.rules = ((rf"({trainable}|top)/.*", "backbone_top"), (r"head/.*", "head"), (r".*", "frozen"))
+  c.strategy.rules = ((rf"({trainable}|top)/.*", "backbone_top"), (r"head/.*", "head"),
+                      (r".*", "frozen"))
   return c

@@ -13,7 +13,7 @@ def get_config(arg=None):
   c.model = "small_cnn"
   c.pretrained = False
   c.image_size = 28
-  c.rules = ((".*", "all"),)
+  c.strategy.rules = ((".*", "all"),)
   c.learning_rate = 2e-3
   c.num_steps = 300
   return c

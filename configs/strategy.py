@@ -22,38 +22,32 @@ import ml_collections
 from configs import default
 from jtl.recipes import strategies
 
-OPTIONS = {
-    "full": {}, "scratch": {}, "bitfit": {},
-    # None: features cached when nothing prevents it (no augmentation, no method).
-    "linear_probe": {"cache_features": ml_collections.config_dict.placeholder(bool)},
-    "llrd": {"layer_decay": strategies.LAYER_DECAY},
-    "partial": {"num_blocks": 4},
-    "lora": {"rank": 8, "alpha": 16.0},
-    # None: the probe phase trains on cached features unless a method prevents it.
-    "lp_ft": {"probe_steps": strategies.PROBE_STEPS,
-              "probe_learning_rate": strategies.PROBE_LEARNING_RATE,
-              "cache_features": ml_collections.config_dict.placeholder(bool)},
-    # One more group every 10% of the run (30 of the default 300 steps) up to
-    # partial's four: the shortest stage of 10 / 20 / 30% scored best on
-    # validation (digits 90.5 / 85.0 / 72.5, CIFAR-10 70.0 / 70.5 / 68.5;
-    # BENCHMARKS.md, "Strategies: learning rates and options"). Scale
-    # steps_per_stage with num_steps.
-    "gradual": {"steps_per_stage": 30, "blocks_per_stage": 1, "max_blocks": 4},
-}
+# Options whose default is None, by type (ml_collections needs one so that
+# --config.strategy.<option>=... can set them).
+_TYPES = {"cache_features": bool, "precise_batchnorm": int, "probe_learning_rate": float,
+          "layer_decay": float, "steps_per_stage": int, "max_blocks": int}
+# What this job sets beyond the strategies' defaults (`strategies.default_options`).
+# gradual: one more group every 10% of the run (30 of the default 300 steps)
+# up to partial's four: the shortest stage of 10 / 20 / 30% scored best on
+# validation (digits 90.5 / 85.0 / 72.5, CIFAR-10 70.0 / 70.5 / 68.5;
+# BENCHMARKS.md, "Strategies: learning rates and options"). Scale
+# steps_per_stage with num_steps.
+JOB = {"gradual": {"steps_per_stage": 30, "max_blocks": 4}}
+
+
+def options(name: str) -> ml_collections.ConfigDict:
+  """Strategy `name`'s options with their defaults, as config keys."""
+  o = {**strategies.default_options(name), **JOB.get(name, {})}
+  o.pop("rules", None)  # the rules strategy is configs/default.py's
+  return ml_collections.ConfigDict({
+      k: ml_collections.config_dict.placeholder(_TYPES.get(k, object)) if v is None else v
+      for k, v in o.items()})
 
 
 def get_config(arg=None):
   name = arg or "lora"
   c = default.get_config()
-  c.rules = ()
-  # None: the strategy's measured default (strategies.FREEZE_BATCHNORM); or True,
-  # "statistics", False. precise_batchnorm None: recompute the statistics on
-  # strategies.PRECISE_BATCHNORM_IMAGES training images before each evaluation
-  # and save when they train (freeze_batchnorm False); 0: off.
-  c.strategy = ml_collections.ConfigDict({
-      "name": name, "freeze_batchnorm": ml_collections.config_dict.placeholder(object),
-      "precise_batchnorm": ml_collections.config_dict.placeholder(int),
-      **OPTIONS[name]})
+  c.strategy = options(name)
   c.learning_rate = strategies.LEARNING_RATES[name]
   if name == "linear_probe":  # a frozen backbone: fixed features, cached once
     c.augment.crop = False

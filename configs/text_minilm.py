@@ -19,6 +19,6 @@ def get_config(arg=None):
   c.learning_rate = 5e-5
   c.warmup_steps = 40
   c.weight_decay = 0.01
-  c.rules = ((r"head/.*", "head"), (r".*", "encoder"))
+  c.strategy.rules = ((r"head/.*", "head"), (r".*", "encoder"))
   c.lr_multipliers = ml_collections.ConfigDict({"head": 20.0})
   return c

@@ -30,7 +30,7 @@ def test_config_validates(path):
     config.dataset = "folder:/path/to/images"
   experiment.validate(config)
   spec = models.get_spec(config.model)
-  assert config.rules or config.strategy.name
+  assert config.strategy.name
 
 
 @pytest.mark.parametrize("name", ["tpu_vit_b16_cifar10", "tpu_resnet50_flowers"])
@@ -39,7 +39,7 @@ def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
   spec = models.get_spec(config.model)
   module = spec.build(num_classes=10)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), spec.example_input(1)))
-  labels = experiment.partition.label_params(shapes["params"], list(config.rules))
+  labels = experiment.partition.label_params(shapes["params"], list(config.strategy.rules))
   experiment.build_optimizer(config, labels)
   config.data_dir = str(tmp_path)
   with pytest.raises(DataError, match="not prepared|tfds build"):
@@ -60,7 +60,7 @@ def test_strategy_configs_build_their_phases(name):
 
 def test_partial_config_takes_the_number_of_blocks():
   config = load(Path(__file__).parents[1] / "configs" / "partial.py", "2")
-  assert "blocks_14|blocks_15" in config.rules[0][0]
+  assert "blocks_14|blocks_15" in config.strategy.rules[0][0]
 
 
 def test_invalid_values_are_reported_together():

@@ -1,7 +1,7 @@
 """Config keys of the experiment that must act or fail, never do nothing
 (issue 17): model_kwargs reach the model's constructor, an unknown one is a
 ConfigError before any training step; strategy.cache_features outside a
-probe, and rules together with strategy.name, are errors."""
+probe, and keys of earlier configs (rules, precise_batchnorm), are errors."""
 
 import re
 
@@ -57,17 +57,23 @@ def test_model_kwarg_value_the_model_rejects_is_a_config_error():
 def test_cache_features_outside_a_probe_is_an_error():
   for name in ("", "full"):
     config = default.get_config()
-    config.rules = () if name else config.rules
     config.strategy = {"name": name, "cache_features": True}
     problems = experiment.config_problems(config)
     assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
                in p for p in problems), (name, problems)
 
 
-def test_rules_with_a_strategy_name_is_an_error():
-  config = default.get_config()  # its rules freeze the first blocks
-  config.strategy.name = "lora"
-  with pytest.raises(ConfigError, match="rules and strategy.name='lora' are both set"):
+def test_keys_of_earlier_configs_name_where_they_moved():
+  """Rules are a strategy (one way to say what trains, one BatchNorm option)."""
+  config = default.get_config()
+  config.rules, config.precise_batchnorm = ((".*", "all"),), 0
+  with pytest.raises(ConfigError) as e:
+    experiment.validate(config)
+  assert "rules is no key: set strategy.rules (with strategy.name='rules')" in str(e.value)
+  assert "precise_batchnorm is no key: set strategy.precise_batchnorm" in str(e.value)
+  config = default.get_config()
+  config.strategy.name = "lora"  # the rules are an option of the rules strategy only
+  with pytest.raises(ConfigError, match=r"Unknown option\(s\) for strategy 'lora': \['rules'\]"):
     experiment.validate(config)
 
 
@@ -77,9 +83,9 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   c = default.get_config()
   assert images(c) == strategies.PRECISE_BATCHNORM_IMAGES  # None: on with BatchNorm
   assert images(c, no_bn) == 0  # e.g. a ViT or BERT: nothing to recompute
-  c.precise_batchnorm = 0
+  c.strategy.precise_batchnorm = 0
   assert images(c) == 0
-  c.precise_batchnorm = 300
+  c.strategy.precise_batchnorm = 300
   assert images(c) == 300
   with pytest.raises(ConfigError, match=r"precise_batchnorm=300: model 'efficientnet_lite0' "
                                         r"has no BatchNorm statistics"):
@@ -88,16 +94,18 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   with pytest.raises(ConfigError, match=r"precise_batchnorm=300 is not supported with method "
                                         r"'distill'"):
     images(c)
-  c.precise_batchnorm = None
+  c.strategy.precise_batchnorm = None
   assert images(c) == 0
-  c.method.name, c.precise_batchnorm = "", -2
+  c.method.name = ""
+  c.strategy.precise_batchnorm = -2
   with pytest.raises(ConfigError, match=r"precise_batchnorm=-2: expected a number"):
     images(c)
   # Known from the config alone: reported with every other problem, before any weights load.
   assert any("precise_batchnorm=-2" in p for p in experiment.config_problems(c))
-  c.precise_batchnorm, c.strategy.name = 300, "full"
-  with pytest.raises(ConfigError, match="set strategy.precise_batchnorm instead"):
-    images(c)
+  c.strategy = {"name": "full", "precise_batchnorm": 300}  # the same key for every strategy
+  assert images(c) == 300
+  c.strategy.precise_batchnorm = None
+  assert images(c) == strategies.PRECISE_BATCHNORM_IMAGES and images(c, no_bn) == 0
 
 
 def test_num_classes_below_the_dataset_classes_is_refused_before_training(tmp_path):
@@ -184,3 +192,23 @@ def test_unwritable_or_empty_workdir_is_refused_in_the_preflight(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(needle)):
       experiment.finetune(c, workdir, progress=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos"]  # nothing left
+
+
+def test_num_epochs_keeps_the_users_step_values_and_names_both_keys_of_a_conflict(tmp_path):
+  """A value the user set is never overwritten: eval_every / checkpoint_every
+  in steps stay; 0 means one epoch; a step count set with its epoch
+  counterpart is a ConfigError naming both."""
+  config = default.get_config()
+  config.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"  # 4 training images
+  config.batch_size, config.num_steps, config.num_epochs = 2, 0, 3
+  config.warmup_steps, config.warmup_epochs = 0, 1.0
+  config.eval_every, config.checkpoint_every = 1, 0
+  resolved = experiment.resolve_schedule(config)
+  assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every,
+          resolved.warmup_steps) == (6, 1, 2, 2)
+  config.num_steps, config.warmup_steps = 300, 20
+  problems = experiment.config_problems(config)
+  assert "num_steps=300 and num_epochs=3 are both set" in "\n".join(problems)
+  assert "warmup_steps=20 and warmup_epochs=1.0 are both set" in "\n".join(problems)
+  with pytest.raises(ConfigError, match="num_steps=300 and num_epochs=3 are both set"):
+    experiment.resolve_schedule(config)

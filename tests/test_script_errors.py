@@ -56,7 +56,7 @@ def test_every_config_problem_in_one_error_before_training(tmp_path):
 
 
 def test_a_rule_that_labels_nothing_is_reported(tmp_path):
-  result = finetune(tmp_path, "--config.rules=(('haed/.*', 'head'), ('.*', 'frozen'))")
+  result = finetune(tmp_path, "--config.strategy.rules=(('haed/.*', 'head'), ('.*', 'frozen'))")
   assert_clean_failure(result, "rule ('haed/.*', 'head') labels no parameter of "
                                "efficientnet_lite0")
 

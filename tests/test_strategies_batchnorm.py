@@ -56,7 +56,8 @@ def test_measured_defaults_and_bad_mode():
   assert strategies.FREEZE_BATCHNORM["gradual"] is False
   assert {k: strategies.FREEZE_BATCHNORM.get(k, False) for k in expected} == expected
   for name, mode in expected.items():
-    assert strategies.build(name, module, variables, SPEC).options["freeze_batchnorm"] == mode
+    config = {"name": name, **({"num_blocks": 2} if name == "partial" else {})}  # 3 groups here
+    assert strategies.build(config, module, variables, SPEC).options["freeze_batchnorm"] == mode
   with pytest.raises(ConfigError, match=r"freeze_batchnorm='stats'.*'statistics'"):
     strategies.build({"name": "full", "freeze_batchnorm": "stats"}, module, variables, SPEC)
 

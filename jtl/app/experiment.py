@@ -41,6 +41,19 @@ REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
 BEST_METRICS = ("accuracy", "top5_accuracy")
 
 
+# Keys of earlier configs and where their meaning lives now (one key per idea).
+MOVED_KEYS = {"rules": "strategy.rules (with strategy.name='rules')",
+              "precise_batchnorm": "strategy.precise_batchnorm"}
+
+
+def strategy_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's `strategy` as a dict; no name (or "") is the "rules"
+  strategy, whose default rules train every parameter."""
+  raw = config.get("strategy") or {}
+  options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+  return {**options, "name": options.get("name") or "rules"}
+
+
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Problems of the config's own keys and values (no data or weights read)."""
   problems = [f"missing key {k!r}" for k in REQUIRED if k not in config]
@@ -59,6 +72,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
                     f"{epochs} and {config.get('warmup_epochs')}")
   elif not epochs and config.num_steps < 1:
     problems.append(f"num_steps must be >= 1 (or num_epochs >= 1), got {config.num_steps}")
+  problems += schedule_conflicts(config)
   if not config.learning_rate > 0:
     problems.append(f"learning_rate must be > 0, got {config.learning_rate}")
   for key in ("eval_every", "checkpoint_every", "warmup_steps"):
@@ -83,9 +97,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
                     f"EMA), got {ema!r}")
   problems += cached_probe_problems(config) or []
   problems += precise_batchnorm_problems(config)
-  if config.get("rules") and (config.get("strategy") or {}).get("name"):
-    problems.append(f"rules and strategy.name={config.strategy.name!r} are both set; the "
-                    "strategy makes its own rules: set rules=() or strategy.name=''")
+  problems += [f"{old} is no key: set {new}" for old, new in MOVED_KEYS.items() if old in config]
   try:
     spec = models.get_spec(config.model)
   except ConfigError as e:
@@ -305,8 +317,9 @@ def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: An
 def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   """Rules that label no parameter, or parameters no rule labels; checked on
   the model's parameter shapes (no weights are loaded)."""
-  rules = [tuple(r) for r in config.get("rules") or ()]
-  if not rules or (config.get("strategy") or {}).get("name"):
+  strategy = strategy_config(config)
+  rules = [tuple(r) for r in strategy.get("rules") or ()]
+  if strategy["name"] != "rules" or not rules:
     return []
   spec = models.get_spec(config.model)
   module = spec.build(num_classes=int(config.get("num_classes") or classes or 2))
@@ -316,8 +329,8 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   try:
     partition.label_params(shapes["params"], rules)
   except JtlError as e:
-    return [f"rules: {e}"]
-  return [f"rule {rule!r} labels no parameter of {config.model} (a typo, or every match "
+    return [f"strategy.rules: {e}"]
+  return [f"strategy.rules: rule {rule!r} labels no parameter of {config.model} (a typo, or every match "
           "is taken by an earlier rule)" for rule in partition.unused_rules(shapes["params"], rules)]
 
 
@@ -349,15 +362,33 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return sorted(keys)
 
 
+def schedule_conflicts(config: ml_collections.ConfigDict) -> list[str]:
+  """Keys in steps set together with their counterpart in epochs: the run
+  would have to drop one of the user's values, so both are named instead."""
+  epochs = config.get("num_epochs") or 0
+  if not epochs:
+    return []
+  pairs = [("num_steps", "num_epochs", epochs),
+           ("warmup_steps", "warmup_epochs", config.get("warmup_epochs") or 0)]
+  return [f"{steps_key}={config[steps_key]} and {epochs_key}={value} are both set: set "
+          f"{steps_key}=0 to count in epochs, or {epochs_key}=0 to count in steps"
+          for steps_key, epochs_key, value in pairs if value and config.get(steps_key)]
+
+
 def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config in epochs made concrete: with `num_epochs` > 0, a copy whose
   num_steps = num_epochs x steps per epoch (training examples // batch_size),
-  eval_every = checkpoint_every = one epoch, warmup_steps = warmup_epochs x
-  steps per epoch; batch_size shrinks to the training split when that is
-  smaller. Other configs are returned unchanged."""
+  warmup_steps = warmup_epochs x steps per epoch, and eval_every /
+  checkpoint_every one epoch where they are 0 (a value the user set, in
+  steps, is kept); batch_size shrinks to the training split when that is
+  smaller. Other configs are returned unchanged. A step count set with its
+  epoch counterpart is a ConfigError naming both (`schedule_conflicts`)."""
   epochs = config.get("num_epochs") or 0
   if not epochs:
     return config
+  conflicts = schedule_conflicts(config)
+  if conflicts:
+    raise ConfigError("Invalid config:\n" + bullet_list(conflicts))
   from jtl.data import sources  # pylint: disable=g-import-not-at-top
   n = sources.split_size(config.dataset, config.get("train_split", "train"), config.get("data_dir"))
   devices = jax.device_count()
@@ -366,7 +397,8 @@ def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.Config
     c.batch_size = max(devices, n // devices * devices)
   per_epoch = max(1, n // c.batch_size)
   c.num_steps = int(epochs * per_epoch)
-  c.eval_every = c.checkpoint_every = per_epoch
+  c.eval_every = config.get("eval_every") or per_epoch
+  c.checkpoint_every = config.get("checkpoint_every") or per_epoch
   c.warmup_steps = int(round(config.get("warmup_epochs", 0) * per_epoch))
   return c
 
@@ -455,75 +487,61 @@ def build_optimizer(config: ml_collections.ConfigDict, labels: Any) -> optax.Gra
 
 def build_training(config: ml_collections.ConfigDict, created: models.CreatedModel
                    ) -> tuple[Any, Any, list[tuple[int, Any, optax.GradientTransformation]]]:
-  """(module, variables, phases) from the config's strategy or its rules.
+  """(module, variables, phases) from the config's strategy (`strategy_config`).
 
   `phases` is [(start_step, labels, tx)], one entry unless the strategy
   changes the partition during training (LP-FT, gradual unfreezing).
   """
-  strategy_config = config.get("strategy")
-  if strategy_config and strategy_config.get("name"):
-    from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
-    strategy = strategies.build(strategy_config, created.module, created.variables, created.spec,
-                                verbose=False)
-    phases = []
-    for phase in strategy.phases:
-      labels = partition.label_params(strategy.variables["params"], list(phase.rules))
-      kwargs = optimizer_kwargs(config)
-      if strategy.name == "lp_ft" and phase.name == "linear_probe":
-        # The probe phase at its own learning rate (constant); the run's
-        # learning_rate, 10-100x lower, is the fine-tuning phase's.
-        kwargs["learning_rate"] = strategy.options["probe_learning_rate"]
-      phases.append((phase.start, labels, strategy.make_optimizer(labels, **kwargs)))
-    return strategy.module, strategy.variables, phases
-  rules = config.get("rules") or [(".*", "all")]
-  labels = partition.label_params(created.variables["params"], [tuple(r) for r in rules])
-  return created.module, created.variables, [(0, labels, build_optimizer(config, labels))]
+  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
+  strategy = strategies.build(strategy_config(config), created.module, created.variables,
+                              created.spec, verbose=False)
+  phases = []
+  for phase in strategy.phases:
+    labels = partition.label_params(strategy.variables["params"], list(phase.rules))
+    kwargs = optimizer_kwargs(config)
+    if phase.learning_rate is not None:  # e.g. LP-FT's probe: its own constant rate
+      kwargs["learning_rate"] = phase.learning_rate
+    phases.append((phase.start, labels, strategy.make_optimizer(labels, **kwargs)))
+  return strategy.module, strategy.variables, phases
 
 
 def precise_batchnorm_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Problems of the precise BatchNorm keys that the config alone shows: the
-  rules' `precise_batchnorm` with a strategy (which has its own
-  `strategy.precise_batchnorm`) or of a wrong type, and either key set with
-  a method (methods train through their own wrappers: off for them)."""
-  strategy = (config.get("strategy") or {}).get("name")
-  top = config.get("precise_batchnorm")
-  problems = []
-  if top is not None and strategy:
-    problems.append(f"precise_batchnorm={top!r} is the rules' option; with strategy "
-                    f"{strategy!r} set strategy.precise_batchnorm instead")
-  elif top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-    problems.append(f"precise_batchnorm={top!r}: expected a number of training images >= 0 "
-                    "(0: off), or None (on when the model has BatchNorm)")
-  key = "strategy.precise_batchnorm" if strategy else "precise_batchnorm"
-  given = config.strategy.get("precise_batchnorm") if strategy else top
+  """Problems of the strategy's options that the config alone shows (their
+  names and values, `strategies.resolve_options`), and precise BatchNorm
+  set with a method (methods train through their own wrappers: off for them)."""
+  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
+  try:
+    strategies.resolve_options(strategy_config(config))
+  except ConfigError as e:
+    return [str(e).rstrip(".")]
+  given = strategy_config(config).get("precise_batchnorm")
   if given and methods.method_name(config):
-    problems.append(f"{key}={given} is not supported with method "
-                    f"{methods.method_name(config)!r}: set it to 0")
-  return problems
+    return [f"strategy.precise_batchnorm={given} is not supported with method "
+            f"{methods.method_name(config)!r}: set it to 0"]
+  return []
 
 
 def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) -> int:
   """How many training images precise BatchNorm recomputes the statistics on
-  before each evaluation and save (0: off). A strategy resolves its own
-  `strategy.precise_batchnorm` (on where its statistics train). A rules
-  config reads the top-level `precise_batchnorm`: None means
-  `strategies.PRECISE_BATCHNORM_IMAGES` when the model has BatchNorm
-  statistics (`fit` recomputes only the layers that train). Off for methods."""
+  before each evaluation and save (0: off): the strategy's resolved
+  `strategy.precise_batchnorm` (by default on where its statistics train),
+  0 when the model has no BatchNorm statistics and the option is left at
+  None, and off for methods."""
   from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   problems = precise_batchnorm_problems(config)
   if problems:
     raise ConfigError("; ".join(problems) + ".")
   if methods.method_name(config):
     return 0
-  strategy = config.get("strategy")
-  if strategy and strategy.get("name"):
-    return strategies.resolve_options(strategy)["precise_batchnorm"]
-  top = config.get("precise_batchnorm")
-  has_statistics = bool(variables.get("batch_stats"))
-  if top and not has_statistics:
-    raise ConfigError(f"precise_batchnorm={top}: model {config.model!r} has no BatchNorm "
-                      "statistics (variables['batch_stats']); set precise_batchnorm=0.")
-  return strategies.PRECISE_BATCHNORM_IMAGES if top is None and has_statistics else top or 0
+  images = strategies.resolve_options(strategy_config(config))["precise_batchnorm"]
+  if variables.get("batch_stats"):
+    return images
+  given = strategy_config(config).get("precise_batchnorm")
+  if given:
+    raise ConfigError(f"strategy.precise_batchnorm={given}: model {config.model!r} has no "
+                      "BatchNorm statistics (variables['batch_stats']); set "
+                      "strategy.precise_batchnorm=0.")
+  return 0
 
 
 def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,

@@ -190,8 +190,8 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
     return _distill_method(options, module, variables, spec, image_size, train_batches)
   if name == "adversarial":
     return _adversarial_method(options, module, variables, spec, train_batches)
-  if config.get("strategy") and config.strategy.get("name"):
-    raise ConfigError(f"method {name!r} is built on config.rules; strategy "
+  if (config.get("strategy") or {}).get("name") not in (None, "", "rules"):
+    raise ConfigError(f"method {name!r} is built on strategy.rules; strategy "
                       f"{config.strategy.name!r} cannot be combined with it here.")
   return _domain_method(config, name, options, module, variables, spec, image_size,
                         train_batches, make_target_batches)

@@ -70,7 +70,7 @@ def finetune(name: str, args: argparse.Namespace) -> str:
                 num_steps=args.steps, eval_every=args.steps, checkpoint_every=args.steps,
                 log_every=25, warmup_steps=10, learning_rate=2e-3 if pretrained else 5e-3))
   if not pretrained:
-    c.rules = ((r".*", "all"),)
+    c.strategy.rules = ((r".*", "all"),)
   c.augment.flip = True
   experiment.finetune(c, workdir, progress=False)
   return workdir

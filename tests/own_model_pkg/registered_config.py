@@ -30,7 +30,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   del arg
   c = default.get_config()
   c.model, c.pretrained, c.image_size = "tiny_registered", False, 16
-  c.rules = ((".*", "all"),)
+  c.strategy.rules = ((".*", "all"),)
   c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps = 8, 16, 3, 0
   c.eval_every = c.checkpoint_every = 3
   c.log_every, c.learning_rate = 1, 0.05

@@ -18,6 +18,7 @@ from jtl.recipes.strategies.builder import (
   PROBE_STEPS,
   Strategy,
   build,
+  default_options,
   resolve_options,
 )
 from jtl.recipes.strategies.features import (
@@ -70,7 +71,7 @@ from jtl.recipes.strategies.schedules import (
 
 __all__ = [
     "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
-    "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "extract_features",
+    "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "default_options", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
     "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",

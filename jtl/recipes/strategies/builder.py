@@ -6,8 +6,10 @@
     # several phases (lp_ft, gradual): jtl.recipes.strategies.train_phases.
 
 `config` is a strategy name or a mapping / ConfigDict {"name": ..., options}.
-Strategies: "full", "scratch", "linear_probe", "partial", "bitfit", "lora",
-"lp_ft", "gradual", "llrd" (= "full" with layer_decay). Options every
+Strategies: "rules" (the config's own ordered (regex, label) rules; the
+default: every parameter trains), "full", "scratch", "linear_probe",
+"partial", "bitfit", "lora", "lp_ft", "gradual", "llrd" (= "full" with
+layer_decay). Options every
 strategy takes: head, layer_decay, stacked, freeze_batchnorm,
 precise_batchnorm, l2sp, l2sp_head, seed.
 """
@@ -68,10 +70,12 @@ _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
            "freeze_batchnorm": None, "precise_batchnorm": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
 _OPTIONS: dict[str, dict[str, Any]] = {
+    # Ordered (regex, label) rules, first match wins; "frozen" (or None) freezes.
+    "rules": {"rules": ((".*", "all"),)},
     "full": {}, "scratch": {}, "llrd": {}, "bitfit": {},
     # None: cache when the run allows it (scripts/finetune.py); True: require it.
     "linear_probe": {"cache_features": None},
-    "partial": {"num_blocks": 2},
+    "partial": {"num_blocks": 4},
     # rank 8, alpha 16: chosen on validation (BENCHMARKS.md). dora: weight-
     # decomposed LoRA (Liu et al. 2024): a trained magnitude per output column.
     "lora": {"rank": 8, "alpha": 16.0, "targets": None, "dora": False},
@@ -155,6 +159,14 @@ class Strategy:
     return "\n".join(lines)
 
 
+def default_options(name: str) -> dict[str, Any]:
+  """Every option of strategy `name` with its default (None: resolved by
+  `resolve_options`, or required): the one table `configs/strategy.py` reads."""
+  if name not in _OPTIONS:
+    raise ConfigError(f"strategy.name={name!r}: expected one of {sorted(_OPTIONS)}.")
+  return {**_COMMON, **_OPTIONS[name], "name": name}
+
+
 def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   """Fills in defaults and checks the keys of a strategy config."""
   if isinstance(config, str):
@@ -225,12 +237,15 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
   o = resolve_options(config)
   name = o["name"]
   groups = tuple(tuple(g) for g in spec.groups)
-  head = rules_lib.head_group(groups, o["head"])
+  # The rules name their own labels: a model without a "head" group takes them too.
+  head = o["head"] if name == "rules" else rules_lib.head_group(groups, o["head"])
   o["head"] = head
   if name == "scratch":
     from jtl.models import registry  # pylint: disable=g-import-not-at-top
     variables = registry.init_variables(spec, module, seed=o["seed"])
-  if name in ("full", "scratch", "llrd"):
+  if name == "rules":
+    phases = (schedules.Phase(0, tuple(tuple(r) for r in o["rules"]), name),)
+  elif name in ("full", "scratch", "llrd"):
     phases = (schedules.Phase(0, tuple(rules_lib.full_rules(groups)), name),)
   elif name == "linear_probe":
     phases = (schedules.Phase(0, tuple(rules_lib.linear_probe_rules(groups, head=head)), name),)
@@ -240,7 +255,9 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
   elif name == "bitfit":
     phases = (schedules.Phase(0, tuple(rules_lib.bitfit_rules(groups, head=head)), name),)
   elif name == "lp_ft":
-    phases = schedules.lp_ft_phases(groups, o["probe_steps"], head=head)
+    probe, finetune = schedules.lp_ft_phases(groups, o["probe_steps"], head=head)
+    # The probe at its own constant rate; the run's, 10-100x lower, fine-tunes.
+    phases = (dataclasses.replace(probe, learning_rate=o["probe_learning_rate"]), finetune)
   elif name == "gradual":
     phases = schedules.gradual_unfreezing_phases(
         groups, o["steps_per_stage"], head=head, blocks_per_stage=o["blocks_per_stage"],

@@ -35,10 +35,13 @@ from jtl.tree import PyTree
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """From step `start` on (steps done so far), train by `rules`."""
+  """From step `start` on (steps done so far), train by `rules`; at the
+  constant `learning_rate` when given (LP-FT's probe phase), else at the
+  run's schedule."""
   start: int
   rules: tuple[tuple[str, str | None], ...]
   name: str = ""
+  learning_rate: float | None = None
 
 
 def check_phases(phases: Sequence[Phase]) -> None:
