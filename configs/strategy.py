@@ -20,12 +20,9 @@ lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 import ml_collections
 
 from configs import default
+from jtl.app import keys
 from jtl.recipes import strategies
 
-# Options whose default is None, by type (ml_collections needs one so that
-# --config.strategy.<option>=... can set them).
-_TYPES = {"cache_features": bool, "precise_batchnorm": int, "probe_learning_rate": float,
-          "layer_decay": float, "steps_per_stage": int, "max_blocks": int}
 # What this job sets beyond the strategies' defaults (`strategies.default_options`).
 # gradual: one more group every 10% of the run (30 of the default 300 steps)
 # up to partial's four: the shortest stage of 10 / 20 / 30% scored best on
@@ -35,19 +32,10 @@ _TYPES = {"cache_features": bool, "precise_batchnorm": int, "probe_learning_rate
 JOB = {"gradual": {"steps_per_stage": 30, "max_blocks": 4}}
 
 
-def options(name: str) -> ml_collections.ConfigDict:
-  """Strategy `name`'s options with their defaults, as config keys."""
-  o = {**strategies.default_options(name), **JOB.get(name, {})}
-  o.pop("rules", None)  # the rules strategy is configs/default.py's
-  return ml_collections.ConfigDict({
-      k: ml_collections.config_dict.placeholder(_TYPES.get(k, object)) if v is None else v
-      for k, v in o.items()})
-
-
 def get_config(arg=None):
   name = arg or "lora"
   c = default.get_config()
-  c.strategy = options(name)
+  c.strategy = keys.strategy_options(name, **JOB.get(name, {}))
   c.learning_rate = strategies.LEARNING_RATES[name]
   if name == "linear_probe":  # a frozen backbone: fixed features, cached once
     c.augment.crop = False

@@ -71,3 +71,29 @@ def test_invalid_values_are_reported_together():
     experiment.validate(config)
   assert "batch_size" in str(e.value) and "num_steps" in str(e.value) and "resnet51" in str(e.value)
   assert "ema_decay must be a number in [0, 1)" in str(e.value)
+
+
+def test_readme_lists_every_key_with_its_default_as_the_table_does():
+  """The README's key table is `keys.table()` (regenerate it when a key changes)."""
+  from jtl.app import keys
+  readme = (Path(__file__).parents[1] / "README.md").read_text()
+  listed = readme.split("<!-- keys:begin -->\n")[1].split("\n<!-- keys:end -->")[0]
+  assert listed == keys.table()
+  config = load(Path(__file__).parents[1] / "configs" / "default.py")
+  leaves = {f"{k}.{leaf}" if isinstance(v, dict) and k == "augment" else k
+            for k, v in config.to_dict().items()
+            for leaf in (v if isinstance(v, dict) and k == "augment" else [None])}
+  assert leaves == {k.name for k in keys.KEYS}  # every key of the default job is listed
+
+
+def test_keys_left_out_take_the_table_defaults_and_given_ones_stay():
+  import ml_collections
+
+  from jtl.app import keys
+  partial = ml_collections.ConfigDict({"model": "small_cnn", "augment": {"flip": False},
+                                       "strategy": {"name": "lora", "rank": 4}})
+  complete = keys.complete(partial)
+  assert complete.augment.flip is False and complete.augment.crop_scale == (0.08, 1.0)
+  assert complete.strategy.to_dict() == {"name": "lora", "rank": 4}  # its own options only
+  assert complete.keep == 2 and complete.eval_every == 0 and complete.method.name == ""
+  assert keys.complete(ml_collections.ConfigDict()).strategy.rules == ((".*", "all"),)

@@ -39,7 +39,7 @@ def calibration_images(config: Any, spec: Any, count: int, *, split: str | None 
   split from jtl's own input pipeline (what the model takes)."""
   kwargs = experiment._pipeline_kwargs(config, spec)  # pylint: disable=protected-access
   batches = data.make_dataset(
-      config.dataset, split=split or config.get("train_split", "train"),
+      config.dataset, split=split or config.train_split,
       batch_size=min(count, 64), train=True, augment=False, flip=False, num_epochs=1,
       **kwargs)
   images, labels, n = [], [], 0
@@ -51,7 +51,7 @@ def calibration_images(config: Any, spec: Any, count: int, *, split: str | None 
       break
   if not images:
     raise ConfigError(f"No calibration images in {config.dataset!r} split "
-                      f"{split or config.get('train_split', 'train')!r}.")
+                      f"{split or config.train_split!r}.")
   return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
@@ -71,7 +71,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   run = _image_run(workdir, step)
   module, variables, config, spec, classes = (run.module, run.merged_variables(), run.config,
                                               run.spec, run.num_classes)
-  size = int(config.get("image_size") or spec.image_size)
+  size = int(config.image_size or spec.image_size)
   shape = (size, size, 3)
   out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX.get(
       format, "")))
@@ -117,8 +117,8 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
   run = _image_run(workdir, step)
   config, spec, classes = run.config, run.spec, run.num_classes
   runtime = deploy.load(path, num_threads=num_threads)
-  split = split or config.get("eval_split", "test")
-  size = int(config.get("image_size") or spec.image_size)
+  split = split or config.eval_split
+  size = int(config.image_size or spec.image_size)
   if runtime.input_shape[:2] != (size, size):
     raise ConfigError(f"{path} takes {runtime.input_shape} images; the workdir's pipeline "
                       f"makes {size}x{size}. Export it again from this workdir.")

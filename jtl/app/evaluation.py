@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from jtl import _optional, data, paths, steps
-from jtl.app import methods, workdirs
+from jtl.app import keys, methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.batchnorm import recompute_batchnorm
 from jtl.errors import ConfigError, JtlError
@@ -36,13 +36,14 @@ def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.Pat
   """After a run: the best checkpoint evaluated on `config.test_split` (if the
   key is set and the dataset has that split), written as eval_<split>.json
   and confusion_<split>.png; None otherwise."""
-  split = config.get("test_split")
+  config = keys.complete(config)
+  split = config.test_split
   if not split:
     return None
   from jtl.data import sources  # pylint: disable=g-import-not-at-top
-  dataset = config.get("eval_dataset") or config.dataset
+  dataset = config.eval_dataset or config.dataset
   try:
-    sources.split_size(dataset, split, config.get("data_dir"))
+    sources.split_size(dataset, split, config.data_dir)
   except JtlError as e:
     print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
     return None
@@ -76,7 +77,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   if problem:  # before the evaluation, not after it
     raise ConfigError(f"Cannot write the evaluation's results: {problem}.")
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
-  split = split or run.config.get("eval_split", "test")
+  split = split or run.config.eval_split
   variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
                                     save_quantized=save_quantized)
   robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
@@ -112,10 +113,10 @@ def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, preci
   config = run.config
   if adabn or methods.needs_adabn(config):
     # One unaugmented pass over the unlabelled train split of the evaluated data.
-    target = eval_batches(config, run.spec, config.get("train_split", "train"))
+    target = eval_batches(config, run.spec, config.train_split)
     variables = recompute_batchnorm(run.module, variables, target())
-    extra["adabn"] = {"dataset": config.get("eval_dataset") or config.dataset,
-                      "split": config.get("train_split", "train"),
+    extra["adabn"] = {"dataset": config.eval_dataset or config.dataset,
+                      "split": config.train_split,
                       "why": "asked" if adabn else "method.batchnorm='separate'"}
   variables = quantize.prepare(variables, precision)
   extra["precision"] = precision
@@ -187,8 +188,8 @@ def file_safe(split: str) -> str:
 def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   """The evaluated dataset's class names (their indices if it has none)."""
   try:
-    names = data.dataset_info(config.get("eval_dataset") or config.dataset,
-                              config.get("data_dir")).class_names
+    names = data.dataset_info(config.eval_dataset or config.dataset,
+                              config.data_dir).class_names
   except JtlError:
     names = []
   return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]

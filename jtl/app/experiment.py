@@ -30,12 +30,12 @@ from absl import logging
 from etils import epath
 
 from jtl import data, models, parallel, partition, paths
-from jtl.app import methods, workdirs
+from jtl.app import keys, methods, workdirs
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
 from jtl.train import FitResult, fit
 
-REQUIRED = ("model", "dataset", "batch_size", "num_steps", "learning_rate")
+REQUIRED = tuple(k.name for k in keys.KEYS if k.default is keys.REQUIRED)
 # What every evaluation reports (`jtl.train.evaluate`) and could pick the best
 # checkpoint by (the highest value wins).
 BEST_METRICS = ("accuracy", "top5_accuracy")
@@ -49,7 +49,7 @@ MOVED_KEYS = {"rules": "strategy.rules (with strategy.name='rules')",
 def strategy_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `strategy` as a dict; no name (or "") is the "rules"
   strategy, whose default rules train every parameter."""
-  raw = config.get("strategy") or {}
+  raw = config.strategy or {}
   options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
   return {**options, "name": options.get("name") or "rules"}
 
@@ -59,6 +59,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems = [f"missing key {k!r}" for k in REQUIRED if k not in config]
   if problems:
     return problems
+  config = keys.complete(config)
   devices = jax.device_count()
   if not config.dataset:
     problems.append("dataset is empty: pass --config.dataset=folder:/path/to/images (class "
@@ -66,31 +67,31 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   if config.batch_size < 1 or config.batch_size % devices:
     problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
                     f"{config.batch_size}")
-  epochs = config.get("num_epochs") or 0
-  if epochs < 0 or (epochs and config.get("warmup_epochs", 0) < 0):
+  epochs = config.num_epochs or 0
+  if epochs < 0 or (epochs and config.warmup_epochs < 0):
     problems.append(f"num_epochs must be >= 0 (0: num_steps counts) and warmup_epochs >= 0, got "
-                    f"{epochs} and {config.get('warmup_epochs')}")
+                    f"{epochs} and {config.warmup_epochs}")
   elif not epochs and config.num_steps < 1:
     problems.append(f"num_steps must be >= 1 (or num_epochs >= 1), got {config.num_steps}")
   problems += schedule_conflicts(config)
   if not config.learning_rate > 0:
     problems.append(f"learning_rate must be > 0, got {config.learning_rate}")
   for key in ("eval_every", "checkpoint_every", "warmup_steps"):
-    if config.get(key, 0) < 0:
-      problems.append(f"{key} must be >= 0, got {config.get(key)}")
+    if config[key] < 0:
+      problems.append(f"{key} must be >= 0, got {config[key]}")
   problems += _training_value_problems(config)
-  if config.get("keep", 2) < 1:
+  if config.keep < 1:
     problems.append(f"keep must be >= 1 (checkpoints kept), got {config.keep}")
-  if config.get("num_classes") and config.num_classes < 2:
+  if config.num_classes and config.num_classes < 2:
     problems.append(f"num_classes must be >= 2 (or 0: from the dataset), got {config.num_classes}")
-  if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
+  if config.compute_dtype not in (None, "float32", "bfloat16"):
     problems.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
                     f"{config.compute_dtype!r}")
-  if config.get("schedule", "cosine") not in ("cosine", "constant", "linear"):
+  if config.schedule not in ("cosine", "constant", "linear"):
     problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
-  if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
+  if config.on_nonfinite not in ("stop", "skip"):
     problems.append(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
-  ema = config.get("ema_decay")
+  ema = config.ema_decay
   if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float))
                           or not 0 <= ema < 1):
     problems.append(f"ema_decay must be a number in [0, 1) (e.g. 0.999) or None (no weight "
@@ -102,7 +103,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     spec = models.get_spec(config.model)
   except ConfigError as e:
     return problems + [str(e)]
-  size = config.get("image_size")
+  size = config.image_size
   if spec.input_kind == "image" and size is not None and size < spec.min_image_size:
     problems.append(f"image_size must be >= {spec.min_image_size} for {config.model} (or None "
                     f"for its native {spec.image_size}), got {size}")
@@ -113,7 +114,7 @@ def patch_size_problems(config: ml_collections.ConfigDict, spec: models.ModelSpe
   """An `image_size` that is no multiple of a patch model's (ViT, DINOv2)
   patch size: the strided patch embedding would drop the pixels past the
   last full patch (at 40 px with 16 px patches, 36% of them), silently."""
-  size = config.get("image_size")
+  size = config.image_size
   if spec.input_kind != "image" or not isinstance(size, int) or size < 1:
     return []  # None: the model's native size; < 1 is min_image_size's problem
   try:
@@ -138,17 +139,17 @@ def _training_value_problems(config: ml_collections.ConfigDict) -> list[str]:
   """log_every, weight_decay, clip_norm and best_metric, which the loop would
   otherwise reject late (a ZeroDivisionError, the first save) or not at all."""
   problems = []
-  log_every = config.get("log_every", 10)
+  log_every = config.log_every
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     problems.append(f"log_every must be an integer >= 1 (training metrics are logged every "
                     f"that many steps), got {log_every!r}")
-  decay = config.get("weight_decay", 0.0)
+  decay = config.weight_decay
   if not (_is_number(decay) and decay >= 0):
     problems.append(f"weight_decay must be a number >= 0 (0: none), got {decay!r}")
-  clip = config.get("clip_norm")
+  clip = config.clip_norm
   if clip is not None and not (_is_number(clip) and clip > 0):
     problems.append(f"clip_norm must be > 0 or None (no clipping), got {clip!r}")
-  best = config.get("best_metric", "accuracy")
+  best = config.best_metric
   if best not in (None, "", *BEST_METRICS):
     hint = (" (the best checkpoint is the one with the highest value, so a loss would keep "
             "the worst)" if isinstance(best, str) and "loss" in best else "")
@@ -174,7 +175,7 @@ def model_kwargs_problems(config: ml_collections.ConfigDict, spec: models.ModelS
   """Why `model_kwargs` do not build the model ([] when they do): an option
   its constructor does not take, or a value its init rejects (checked on
   shapes only: `jax.eval_shape`, no weights)."""
-  raw = config.get("model_kwargs") or {}
+  raw = config.model_kwargs or {}
   if not hasattr(raw, "items"):
     return [f"model_kwargs must be a dict of {config.model} constructor options, got {raw!r}"]
   kwargs = workdirs.model_kwargs(config)
@@ -208,18 +209,18 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
   """
   from jtl.data import sources  # pylint: disable=g-import-not-at-top
   problems, found = [], {}
-  uses = {"train_split": (config.dataset, config.get("train_split", "train")),
-          "eval_split": (config.get("eval_dataset") or config.dataset,
-                         config.get("eval_split", "test"))}
+  uses = {"train_split": (config.dataset, config.train_split),
+          "eval_split": (config.eval_dataset or config.dataset,
+                         config.eval_split)}
   for key, (dataset, split) in uses.items():
     try:
-      source = sources.resolve_source(dataset, config.get("data_dir"))
+      source = sources.resolve_source(dataset, config.data_dir)
       sources.split_size(source, split)
       found[key] = source
     except JtlError as e:
       problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
   classes = found["train_split"].info().num_classes if "train_split" in found else 0
-  if "train_split" in found and classes < 2 and not config.get("num_classes"):
+  if "train_split" in found and classes < 2 and not config.num_classes:
     problems.append(f"dataset {config.dataset!r} has {classes} class(es); fine-tuning a "
                     "classifier needs at least 2")
   problems += num_classes_problems(config, found, classes)
@@ -233,15 +234,15 @@ def num_classes_problems(config: ml_collections.ConfigDict, found: dict[str, Any
                          classes: int) -> list[str]:
   """`num_classes` below a dataset's class count: the labels at or above it
   would have no output (zero loss, never predicted), so it is refused."""
-  outputs = int(config.get("num_classes") or classes)
+  outputs = int(config.num_classes or classes)
   datasets = {"train_split": config.dataset,
-              "eval_split": config.get("eval_dataset") or config.dataset}
+              "eval_split": config.eval_dataset or config.dataset}
   problems, seen = [], set()
   for key, source in found.items():
     dataset, n = datasets[key], source.info().num_classes
     if outputs and n > outputs and dataset not in seen:
       seen.add(dataset)
-      given = (f"num_classes={outputs}" if config.get("num_classes") else
+      given = (f"num_classes={outputs}" if config.num_classes else
                f"num_classes=0 (the {outputs} classes of dataset {config.dataset!r})")
       problems.append(f"{given} is smaller than the {n} classes of dataset {dataset!r} "
                       f"({key}; labels 0..{n - 1}): labels {outputs}..{n - 1} would have no "
@@ -276,10 +277,10 @@ def _warn_duplicates(config: ml_collections.ConfigDict, found: dict[str, Any],
   """Warns, with the count, when evaluation files (eval_split, test_split)
   have the same bytes as a training file: they are not held out."""
   train = found["train_split"]
-  name, idx = train.indices(config.get("train_split", "train"))
+  name, idx = train.indices(config.train_split)
   seen = {digests[train.inputs[name][i]]: train.inputs[name][i] for i in idx}
-  evals = {"eval_split": (found.get("eval_split"), config.get("eval_split", "test"))}
-  if config.get("test_split") and config.test_split.split("[")[0] in train.labels:
+  evals = {"eval_split": (found.get("eval_split"), config.eval_split)}
+  if config.test_split and config.test_split.split("[")[0] in train.labels:
     evals["test_split"] = (train, config.test_split)
   for key, (source, split) in evals.items():
     if source is None or getattr(source, "kind", None) != "file":
@@ -292,7 +293,7 @@ def _warn_duplicates(config: ml_collections.ConfigDict, found: dict[str, Any],
       logging.warning("%d image(s) of %s=%r have the same content as a training image of %r "
                       "(e.g. %s): they are not held out, so their accuracy overstates the "
                       "model's. Remove the copies from one side.", len(copies), key, split,
-                      config.get("train_split", "train"), example)
+                      config.train_split, example)
 
 
 def folder_name(path: str) -> str:
@@ -303,15 +304,15 @@ def folder_name(path: str) -> str:
 
 def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: Any) -> None:
   labels = lambda src, split: getattr(src, "labels", {}).get(split.split("[")[0])
-  seen = labels(train, config.get("train_split", "train"))
-  wanted = labels(test, config.get("eval_split", "test"))
+  seen = labels(train, config.train_split)
+  wanted = labels(test, config.eval_split)
   if seen is None or wanted is None:
     return
   unseen = sorted(set(np.unique(wanted).tolist()) - set(np.unique(seen).tolist()))
   if unseen:
     names = [test.class_names[i] if i < len(test.class_names) else i for i in unseen]
     logging.warning("Eval classes %s have no training examples in %s of %s: they cannot be "
-                    "learned.", names, config.get("train_split", "train"), config.dataset)
+                    "learned.", names, config.train_split, config.dataset)
 
 
 def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
@@ -322,7 +323,7 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   if strategy["name"] != "rules" or not rules:
     return []
   spec = models.get_spec(config.model)
-  module = spec.build(num_classes=int(config.get("num_classes") or classes or 2))
+  module = spec.build(num_classes=int(config.num_classes or classes or 2))
   shapes = jax.eval_shape(
       lambda: module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
                           spec.example_input(1), train=False))
@@ -339,6 +340,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: Any = None) -> None:
   config values, datasets, splits, image files, classes and rules, and (given)
   that `workdir` is a folder the run can write. Raises one ConfigError listing
   every problem."""
+  config = keys.complete(config)
   problems = config_problems(config)
   if workdir is not None:
     problems += [p for p in [workdirs.writable_problem(workdir)] if p]
@@ -365,14 +367,14 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 def schedule_conflicts(config: ml_collections.ConfigDict) -> list[str]:
   """Keys in steps set together with their counterpart in epochs: the run
   would have to drop one of the user's values, so both are named instead."""
-  epochs = config.get("num_epochs") or 0
+  epochs = config.num_epochs or 0
   if not epochs:
     return []
   pairs = [("num_steps", "num_epochs", epochs),
-           ("warmup_steps", "warmup_epochs", config.get("warmup_epochs") or 0)]
+           ("warmup_steps", "warmup_epochs", config.warmup_epochs or 0)]
   return [f"{steps_key}={config[steps_key]} and {epochs_key}={value} are both set: set "
           f"{steps_key}=0 to count in epochs, or {epochs_key}=0 to count in steps"
-          for steps_key, epochs_key, value in pairs if value and config.get(steps_key)]
+          for steps_key, epochs_key, value in pairs if value and config[steps_key]]
 
 
 def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -383,29 +385,29 @@ def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.Config
   steps, is kept); batch_size shrinks to the training split when that is
   smaller. Other configs are returned unchanged. A step count set with its
   epoch counterpart is a ConfigError naming both (`schedule_conflicts`)."""
-  epochs = config.get("num_epochs") or 0
+  epochs = config.num_epochs or 0
   if not epochs:
     return config
   conflicts = schedule_conflicts(config)
   if conflicts:
     raise ConfigError("Invalid config:\n" + bullet_list(conflicts))
   from jtl.data import sources  # pylint: disable=g-import-not-at-top
-  n = sources.split_size(config.dataset, config.get("train_split", "train"), config.get("data_dir"))
+  n = sources.split_size(config.dataset, config.train_split, config.data_dir)
   devices = jax.device_count()
   c = ml_collections.ConfigDict(config.to_dict())
   if n < c.batch_size:
     c.batch_size = max(devices, n // devices * devices)
   per_epoch = max(1, n // c.batch_size)
   c.num_steps = int(epochs * per_epoch)
-  c.eval_every = config.get("eval_every") or per_epoch
-  c.checkpoint_every = config.get("checkpoint_every") or per_epoch
-  c.warmup_steps = int(round(config.get("warmup_epochs", 0) * per_epoch))
+  c.eval_every = config.eval_every or per_epoch
+  c.checkpoint_every = config.checkpoint_every or per_epoch
+  c.warmup_steps = int(round(config.warmup_epochs * per_epoch))
   return c
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  lr, steps_, warmup = config.learning_rate, config.num_steps, config.get("warmup_steps", 0)
-  kind = config.get("schedule", "cosine")
+  lr, steps_, warmup = config.learning_rate, config.num_steps, config.warmup_steps
+  kind = config.schedule
   if kind == "constant":
     decay = optax.constant_schedule(lr)
   elif kind == "linear":
@@ -418,26 +420,26 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
-  if config.get("num_classes"):
+  if config.num_classes:
     return int(config.num_classes)
-  return data.dataset_info(config.dataset, config.get("data_dir")).num_classes
+  return data.dataset_info(config.dataset, config.data_dir).num_classes
 
 
 def build_model(config: ml_collections.ConfigDict, *, pretrained: Any = None) -> models.CreatedModel:
   """The zoo model with `num_classes` outputs and pretrained weights merged."""
-  pretrained = config.get("pretrained", True) if pretrained is None else pretrained
+  pretrained = config.pretrained if pretrained is None else pretrained
   created = models.create(config.model, num_classes=num_classes(config), pretrained=pretrained,
-                          seed=config.get("seed", 0), **workdirs.model_kwargs(config))
+                          seed=config.seed, **workdirs.model_kwargs(config))
   return created
 
 
 def _pipeline_kwargs(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> dict[str, Any]:
-  kwargs: dict[str, Any] = {"data_dir": config.get("data_dir"), "seed": config.get("seed", 0)}
+  kwargs: dict[str, Any] = {"data_dir": config.data_dir, "seed": config.seed}
   if spec.input_kind == "image":
-    kwargs.update(image_size=config.get("image_size") or spec.image_size,
+    kwargs.update(image_size=config.image_size or spec.image_size,
                   normalize=spec.normalization)
   else:
-    kwargs.update(max_length=config.get("max_length"))
+    kwargs.update(max_length=config.max_length)
   return kwargs
 
 
@@ -445,16 +447,15 @@ def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
                   dataset: str | None = None, split: str | None = None):
   """`start_step -> iterator` over global training batches (this process's part);
   `dataset` / `split` default to the config's training data."""
-  aug = config.get("augment", ml_collections.ConfigDict())
+  aug = config.augment
   kwargs = _pipeline_kwargs(config, spec)
   if spec.input_kind == "image":
-    kwargs.update(augment=aug.get("crop", True), flip=aug.get("flip", True),
-                  crop_scale=tuple(aug.get("crop_scale", (0.08, 1.0))),
-                  mixup_alpha=aug.get("mixup_alpha", 0.0))
+    kwargs.update(augment=aug.crop, flip=aug.flip, crop_scale=tuple(aug.crop_scale),
+                  mixup_alpha=aug.mixup_alpha)
 
   def make(start_step: int) -> Iterator[dict[str, Any]]:
     return iter(data.make_dataset(dataset or config.dataset,
-                                  split=split or config.get("train_split", "train"),
+                                  split=split or config.train_split,
                                   batch_size=config.batch_size, train=True,
                                   start_step=start_step, **kwargs))
   return make
@@ -465,20 +466,20 @@ def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
   """`() -> one padded, masked, unaugmented pass` over `split` of `dataset`
   (default: the config's eval split of its eval dataset)."""
   kwargs = _pipeline_kwargs(config, spec)
-  split = split or config.get("eval_split", "test")
-  batch_size = config.get("eval_batch_size") or config.batch_size
+  split = split or config.eval_split
+  batch_size = config.eval_batch_size or config.batch_size
   # Eval batches are padded and masked, so rounding up to fill every device is free.
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
-  dataset = dataset or config.get("eval_dataset") or config.dataset
+  dataset = dataset or config.eval_dataset or config.dataset
   return lambda: data.make_dataset(dataset, split=split, batch_size=batch_size,
                                    train=False, **kwargs)
 
 
 def optimizer_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(learning_rate=learning_rate_schedule(config),
-              optimizer=config.get("optimizer", "adamw"),
-              weight_decay=config.get("weight_decay", 0.0), clip_norm=config.get("clip_norm"),
-              lr_multipliers=dict(config.get("lr_multipliers") or {}))
+              optimizer=config.optimizer,
+              weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+              lr_multipliers=dict(config.lr_multipliers or {}))
 
 
 def build_optimizer(config: ml_collections.ConfigDict, labels: Any) -> optax.GradientTransformation:
@@ -551,8 +552,8 @@ def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.Mo
   images = precise_batchnorm_images(config, variables)
   if not images:
     return None
-  batches = eval_batches(config, spec, config.get("train_split", "train"), config.dataset)
-  count = -(-images // (config.get("eval_batch_size") or config.batch_size))
+  batches = eval_batches(config, spec, config.train_split, config.dataset)
+  count = -(-images // (config.eval_batch_size or config.batch_size))
   return lambda: itertools.islice(batches(), count)
 
 
@@ -561,7 +562,7 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
   extracted once, the head trains on the cache); otherwise why
   `strategy.cache_features=True` cannot be honoured. With the default
   (None) the probe is cached exactly when nothing prevents it."""
-  strategy = config.get("strategy") or {}
+  strategy = config.strategy or {}
   option = strategy.get("cache_features")
   if strategy.get("name") == "lp_ft":
     return lp_ft_cache_problems(config) if option else None  # lp_ft is no linear probe
@@ -570,10 +571,10 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
             if option is not None else None)
   if option is False:
     return None
-  aug = config.get("augment") or {}
+  aug = config.augment
   problems = [f"augment.{k} is on: cached features need an unaugmented pipeline"
-              for k in ("crop", "flip") if aug.get(k, True)]
-  if aug.get("mixup_alpha"):
+              for k in ("crop", "flip") if aug[k]]
+  if aug.mixup_alpha:
     problems.append("augment.mixup_alpha > 0: cached features need an unaugmented pipeline")
   if methods.method_name(config):
     problems.append(f"method {methods.method_name(config)!r} trains through its own step")
@@ -585,7 +586,7 @@ def lp_ft_cache_problems(config: ml_collections.ConfigDict) -> list[str] | None:
   (one unaugmented backbone pass, then the head; fine-tuning then runs with
   the config's augmentation), [] when the option is off, else why
   `cache_features=True` cannot be honoured."""
-  strategy = config.get("strategy") or {}
+  strategy = config.strategy or {}
   if strategy.get("name") != "lp_ft" or strategy.get("cache_features") is False:
     return []
   if methods.method_name(config):
@@ -605,15 +606,17 @@ def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
 
 def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              *, progress: bool = True) -> FitResult:
-  """Runs the whole fine-tuning job described by `config` in `workdir`."""
-  if config.get("distributed"):  # before anything asks JAX for its devices
+  """Runs the whole fine-tuning job described by `config` in `workdir`
+  (keys it leaves out at their defaults, `jtl.app.keys`)."""
+  config = keys.complete(config)
+  if config.distributed:  # before anything asks JAX for its devices
     parallel.initialize_distributed()
   preflight(config, workdir="" if workdir is None else workdir)
   config = resolve_schedule(config)
   workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
   created = build_model(config)
   module, variables, phases = build_training(config, created)
-  cached_lp_ft = (config.get("strategy") or {}).get("name") == "lp_ft" and \
+  cached_lp_ft = (config.strategy or {}).get("name") == "lp_ft" and \
       lp_ft_cache_problems(config) is None
   if cached_lp_ft:
     variables, phases = _cached_probe_phase(config, created.spec, module, variables, phases,
@@ -640,14 +643,14 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     result = features.fit_cached_probe(
         module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
         head_tx=build_optimizer(config, head_labels),
-        train_pass=eval_batches(config, created.spec, config.get("train_split", "train"),
+        train_pass=eval_batches(config, created.spec, config.train_split,
                                 config.dataset)(),
         num_steps=config.num_steps, batch_size=config.batch_size, workdir=workdir,
-        eval_batches=eval_batches(config, created.spec), keep=config.get("keep", 2),
-        best_metric=config.get("best_metric", "accuracy"), meta=run_meta(config, classes),
-        seed=config.get("seed", 0))
+        eval_batches=eval_batches(config, created.spec), keep=config.keep,
+        best_metric=config.best_metric, meta=run_meta(config, classes),
+        seed=config.seed)
     return _write_report(config, workdir, result, summary)
-  compute_dtype = jnp.bfloat16 if config.get("compute_dtype") == "bfloat16" else None
+  compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
   result = fit(
       module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
       later_phases=phases[1:],
@@ -655,14 +658,13 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       **({"loss_fn": method.loss_fn} if method.loss_fn else {}),
       num_steps=config.num_steps,
       workdir=workdir, eval_batches=eval_batches(config, created.spec),
-      eval_every=config.get("eval_every", 0), checkpoint_every=config.get("checkpoint_every", 0),
-      keep=config.get("keep", 2), best_metric=config.get("best_metric", "accuracy"),
-      microbatches=config.get("microbatches", 1), compute_dtype=compute_dtype,
-      seed=config.get("seed", 0), meta=run_meta(config, classes),
-      on_nonfinite=config.get("on_nonfinite", "stop"),
-      ema_decay=config.get("ema_decay"),
+      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+      keep=config.keep, best_metric=config.best_metric,
+      microbatches=config.microbatches, compute_dtype=compute_dtype,
+      seed=config.seed, meta=run_meta(config, classes),
+      on_nonfinite=config.on_nonfinite, ema_decay=config.ema_decay,
       batchnorm_batches=precise_batchnorm_batches(config, created.spec, variables),
-      log_every=config.get("log_every", 10), progress=progress)
+      log_every=config.log_every, progress=progress)
   return _write_report(config, workdir, result, summary)
 
 
@@ -686,11 +688,11 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
   probe_lr = o.get("probe_learning_rate") or strategies.PROBE_LEARNING_RATE
   probe_steps = o.get("probe_steps") or strategies.PROBE_STEPS
   head_tx = make_optimizer(head_labels, learning_rate=probe_lr,
-                           optimizer=config.get("optimizer", "adamw"))
+                           optimizer=config.optimizer)
   variables, info = features.probe_head(
-      module, variables, eval_batches(config, spec, config.get("train_split", "train"),
+      module, variables, eval_batches(config, spec, config.train_split,
                                       config.dataset)(),
-      head_tx, num_steps=probe_steps, batch_size=config.batch_size, seed=config.get("seed", 0))
+      head_tx, num_steps=probe_steps, batch_size=config.batch_size, seed=config.seed)
   print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted in "
         f"{info['extract_seconds']:.1f}s, {probe_steps} head steps at learning rate "
         f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning (the partition below) at "

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jtl.app import keys
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import preprocessing
 from jtl.recipes import adversarial, distill, domain
@@ -58,7 +59,7 @@ DOMAIN_METHODS = ("dann", "coral")
 
 def method_name(config: ml_collections.ConfigDict) -> str:
   """The config's method ("" for plain fine-tuning)."""
-  method = config.get("method") or {}
+  method = config.method or {}
   name = method.get("name") or ""
   return "" if name == "finetune" else name
 
@@ -185,12 +186,12 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
   options = resolve_options(config)
   if not name:
     return Method("finetune", module, variables, _same_labels, None, None, train_batches)
-  image_size = config.get("image_size") or spec.image_size
+  image_size = config.image_size or spec.image_size
   if name == "distill":
     return _distill_method(options, module, variables, spec, image_size, train_batches)
   if name == "adversarial":
     return _adversarial_method(options, module, variables, spec, train_batches)
-  if (config.get("strategy") or {}).get("name") not in (None, "", "rules"):
+  if (config.strategy or {}).get("name") not in (None, "", "rules"):
     raise ConfigError(f"method {name!r} is built on strategy.rules; strategy "
                       f"{config.strategy.name!r} cannot be combined with it here.")
   return _domain_method(config, name, options, module, variables, spec, image_size,
@@ -211,10 +212,11 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
   from jtl.app import workdirs  # pylint: disable=g-import-not-at-top  (imports methods)
   t_spec = workdirs.model_spec(meta["model"], meta)
   # The teacher's constructor options (its run's `model_kwargs`), as the run built it.
-  t_kwargs = t_config.get("model_kwargs") or ml_collections.ConfigDict()
+  t_config = keys.complete(t_config)  # an older run's config lacks newer keys
+  t_kwargs = t_config.model_kwargs
   t_module = t_spec.build(num_classes=meta["num_classes"], **t_kwargs.to_dict())
   t_vars = plain_variables(t_config, t_vars)
-  t_size = t_config.get("image_size") or t_spec.image_size
+  t_size = t_config.image_size or t_spec.image_size
   convert = teacher_input_fn(spec.normalization, image_size,
                              t_spec.normalization, t_size)
   run_teacher = distill.teacher_fn(t_module, t_vars)
@@ -260,7 +262,7 @@ def _domain_method(config: ml_collections.ConfigDict, name: str, options: dict[s
     example = np.zeros((2, image_size, image_size, 3), np.float32)
   wrapped_module, wrapped_vars = domain.wrap(
       module, variables, example, method=name,
-      domain_hidden=options.get("domain_hidden", 1024), rng=config.get("seed", 0))
+      domain_hidden=options.get("domain_hidden", 1024), rng=config.seed)
 
   def wrap_labels(labels):
     out = {"model": labels}

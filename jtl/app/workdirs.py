@@ -23,7 +23,7 @@ import ml_collections
 from etils import epath
 
 from jtl import models, paths
-from jtl.app import methods
+from jtl.app import keys, methods
 from jtl.errors import ConfigError
 from jtl.tree import PyTree
 
@@ -58,7 +58,7 @@ def writable_problem(path: Any, what: str = "workdir") -> str | None:
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `model_kwargs`: options for the model's constructor
   (`spec.build`, e.g. {"drop_path_rate": 0.1}); {} when unset."""
-  kwargs = config.get("model_kwargs") or {}
+  kwargs = config.model_kwargs or {}
   return kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
 
 
@@ -140,12 +140,12 @@ def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
   its crop for most image models), which a run at another size did not see.
   """
   if spec.input_kind != "image" or spec.normalization is None:
-    max_length = config.get("max_length")
+    max_length = config.max_length
     if spec.preprocess is not None and max_length:
       return functools.partial(spec.preprocess, max_length=max_length)
     return spec.preprocess
   from jtl.models import preprocessing  # pylint: disable=g-import-not-at-top
-  size = config.get("image_size") or spec.image_size
+  size = config.image_size or spec.image_size
   # The pipeline's resize is bilinear whatever the weights' published one.
   normalization = dataclasses.replace(spec.normalization, resize="bilinear")
   return functools.partial(preprocessing.preprocess, normalization=normalization,
@@ -181,10 +181,10 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
   if "config" not in meta:
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
                       "scripts/finetune.py?")
-  config = ml_collections.ConfigDict(meta["config"])
+  config = keys.complete(ml_collections.ConfigDict(meta["config"]))  # older runs: fewer keys
   spec = model_spec(config.model, meta)
   module = spec.build(num_classes=meta["num_classes"], **model_kwargs(config))
-  strategy = config.get("strategy") or {}
+  strategy = config.strategy or {}
   alpha = None
   if strategy.get("name") == "lora":
     from jtl.recipes.strategies.builder import resolve_options  # pylint: disable=g-import-not-at-top
@@ -217,7 +217,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
   if format == "hf":
     return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha)
   if run.alpha is None:
-    strategy = (run.config.get("strategy") or {}).get("name") or "full fine-tuning"
+    strategy = (run.config.strategy or {}).get("name") or "full fine-tuning"
     raise ConfigError(f"{workdir}: --format peft exports LoRA adapters, but this run's "
                       f"strategy is {strategy!r}; use --format hf for merged weights.")
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None

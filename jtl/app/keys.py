@@ -1,0 +1,146 @@
+"""Every key of a run config, its default and its meaning: the one table.
+
+`configs/default.py` starts from `defaults()` and sets only what its job
+chooses; `complete(config)` fills the keys a config leaves out (a config
+written by hand, one saved by an older run) from the same table, so the app
+reads `config.<key>` strictly and no call site hides a default of its own.
+A strategy's options have their table in `jtl.recipes.strategies`
+(`default_options`); `strategy_options(name)` gives them as config keys.
+`table()` renders all of it as the README's list of keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from jtl.recipes import strategies
+
+REQUIRED = object()  # no default: the config must set the key
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  name: str
+  default: Any
+  meaning: str
+  type: type | None = None  # of a None default, so --config.<key>=... can set it
+
+
+KEYS: tuple[Key, ...] = (
+    Key("model", REQUIRED, "zoo model name (`jtl.models.list_models()`)"),
+    Key("model_kwargs", {}, "options of the model's constructor, e.g. {'drop_path_rate': 0.1} "
+        "(`jtl.app.experiment.model_options`)"),
+    Key("pretrained", True, "load the model's pretrained weights (False: random init)"),
+    Key("num_classes", 0, "outputs of the new head (0: the dataset's classes)"),
+    Key("dataset", REQUIRED, "a TFDS name or folder:/path/to/images"),
+    Key("data_dir", None, "TFDS data folder (None: TFDS's default)", str),
+    Key("train_split", "train", "the training split"),
+    Key("eval_split", "test", "the split evaluated during training"),
+    Key("test_split", None, "a held-out split evaluated once at the end (None: none)", str),
+    Key("eval_dataset", None, "the evaluated dataset (None: `dataset`)", str),
+    Key("image_size", None, "input size in pixels (None: the model's native size)", int),
+    Key("max_length", None, "tokens per text example (None: the model's)", int),
+    Key("batch_size", REQUIRED, "global training batch size (a multiple of the devices)"),
+    Key("eval_batch_size", None, "evaluation batch size (None: batch_size)", int),
+    Key("num_steps", REQUIRED, "training steps (0 with num_epochs > 0)"),
+    Key("num_epochs", 0, "training epochs (0: num_steps counts; else steps = epochs x "
+        "training examples // batch_size)"),
+    Key("warmup_epochs", 0.0, "warmup in epochs, with num_epochs (0: warmup_steps counts)"),
+    Key("log_every", 10, "steps between logged training metrics"),
+    Key("eval_every", 0, "steps between evaluations (0: at the end; one epoch with num_epochs)"),
+    Key("checkpoint_every", 0, "steps between checkpoints (0: at the end; one epoch with "
+        "num_epochs)"),
+    Key("keep", 2, "checkpoints kept (plus the best by best_metric)"),
+    Key("best_metric", "accuracy", "keep the best checkpoint by this eval metric (None: the "
+        "latest only)", str),
+    Key("optimizer", "adamw", "the optimizer (`jtl.optim.make_optimizer`)"),
+    Key("learning_rate", REQUIRED, "peak learning rate"),
+    Key("schedule", "cosine", "'cosine', 'linear' or 'constant' decay after warmup"),
+    Key("warmup_steps", 0, "linear warmup steps"),
+    Key("weight_decay", 0.0, "decoupled weight decay (0: none)"),
+    Key("clip_norm", None, "clip the global gradient norm to this (None: no clipping)", float),
+    Key("lr_multipliers", {}, "{label: factor} of the learning rate per partition label"),
+    Key("strategy", {"name": "rules", "rules": ((".*", "all"),)},
+        "what trains: a `jtl.recipes.strategies` strategy, its name and options "
+        "(`strategies.default_options`); 'rules': ordered (regex, label) rules, first match "
+        "wins, 'frozen' freezes"),
+    Key("method", {"name": ""}, "'' (fine-tuning), 'distill', 'dann', 'coral', 'adversarial' "
+        "and their options (`jtl.app.methods`)"),
+    Key("augment.crop", True, "random resized crops while training"),
+    Key("augment.crop_scale", (0.08, 1.0), "the crops' area range, as a fraction of the image"),
+    Key("augment.flip", True, "random horizontal flips while training"),
+    Key("augment.mixup_alpha", 0.0, "mixup's Beta(alpha, alpha) (0: off)"),
+    Key("microbatches", 1, "gradient accumulation: microbatches per step"),
+    Key("compute_dtype", None, "None (float32) or 'bfloat16' (mixed precision)", str),
+    Key("seed", 0, "seed of the head's init, the data order and dropout"),
+    Key("on_nonfinite", "stop", "a NaN/inf loss: 'stop' with an error, or 'skip' the update"),
+    Key("ema_decay", None, "weight EMA: evaluate, pick the best by and export the moving "
+        "average ema = d * ema + (1 - d) * weights after each step (e.g. 0.999; None: off)",
+        float),
+    Key("distributed", False, "initialize multi-host JAX (TPU VM pods)"),
+)
+# Options whose default is None, by type (see Key.type).
+_STRATEGY_TYPES = {"cache_features": bool, "precise_batchnorm": int,
+                   "probe_learning_rate": float, "layer_decay": float, "steps_per_stage": int,
+                   "max_blocks": int}
+
+
+def _value(default: Any, kind: type | None = None) -> Any:
+  if default is None:
+    return ml_collections.config_dict.placeholder(kind or object)
+  if isinstance(default, dict):
+    return ml_collections.ConfigDict({k: _value(v) for k, v in default.items()})
+  return default
+
+
+def strategy_options(name: str, **values: Any) -> ml_collections.ConfigDict:
+  """Strategy `name`'s options with their defaults (`strategies.default_options`)
+  as config keys, `values` set."""
+  options = {**strategies.default_options(name), **values}
+  return ml_collections.ConfigDict({
+      k: _value(v, _STRATEGY_TYPES.get(k)) for k, v in options.items()})
+
+
+def _default(key: Key) -> Any:
+  if key.name == "strategy":
+    return strategy_options("rules")
+  return _value(key.default, key.type)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key with a default (the required ones left out)."""
+  c = ml_collections.ConfigDict()
+  for key in KEYS:
+    if key.default is REQUIRED:
+      continue
+    parent, _, leaf = key.name.rpartition(".")
+    if parent and parent not in c:
+      c[parent] = ml_collections.ConfigDict()
+    (c[parent] if parent else c)[leaf] = _default(key)
+  return c
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every key it leaves out at its default (a
+  given strategy or method keeps exactly its own options)."""
+  c = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
+  for name, value in defaults().items():
+    if name not in c or c[name] is None and name in ("strategy", "method"):
+      c[name] = value
+    elif isinstance(value, ml_collections.ConfigDict) and name == "augment":
+      for leaf, v in value.items():
+        if leaf not in c[name]:
+          c[name][leaf] = v
+  return c
+
+
+def table() -> str:
+  """Every key, its default and meaning, as a Markdown table (the README's)."""
+  rows = ["| key | default | meaning |", "|---|---|---|"]
+  for key in KEYS:
+    default = "required" if key.default is REQUIRED else f"`{key.default!r}`"
+    rows.append(f"| `{key.name}` | {default} | {key.meaning} |")
+  return "\n".join(rows)
