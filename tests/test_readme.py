@@ -87,7 +87,7 @@ def _small_run(workdir, photos):
   from jtl.app import experiment
   c = default.get_config()
   c.model, c.pretrained, c.image_size, c.dataset = "small_cnn", False, 16, f"folder:{photos}"
-  c.rules, c.precise_batchnorm, c.eval_split = ((".*", "all"),), 0, "train"
+  c.strategy.rules, c.strategy.precise_batchnorm, c.eval_split = ((".*", "all"),), 0, "train"
   c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps = 8, 8, 2, 0
   c.eval_every = c.checkpoint_every = 2
   experiment.finetune(c, workdir, progress=False)
