@@ -17,8 +17,6 @@ lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 `learning_rate`, 100x lower (Kumar et al. 2022), BatchNorm frozen.
 """
 
-import ml_collections
-
 from configs import default
 from jtl.app import keys
 from jtl.recipes import strategies
