@@ -34,7 +34,7 @@ JOB = Path(__file__).with_name("gcs_finetune_job.py")
 BUCKET = "bkt"
 SMALL = ["--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8",
          "--config.num_steps=12", "--config.checkpoint_every=3", "--config.eval_every=6",
-         "--config.log_every=1", "--config.warmup_steps=0", "--config.precise_batchnorm=0",
+         "--config.log_every=1", "--config.warmup_steps=0", "--config.strategy.precise_batchnorm=0",
          "--config.keep=2"]
 
 
