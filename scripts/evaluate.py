@@ -18,6 +18,13 @@ Post-training options:
                                   evaluate an exported ONNX / LiteRT file in its
                                   runtime instead (eval_<split>_<format>.json)
 
+WiSE-FT after an LP-FT run (strategy.name='lp_ft', its probe on cached features):
+  --wise [--wise_alphas 0,0.25,0.5,0.75,1] [--split test]
+                                  (1 - a) * probe + a * fine-tuned for each a,
+                                  a chosen on the validation split (eval_split),
+                                  that model written to export/wise.safetensors,
+                                  scored once on --split; wise.json
+
 For PyTorch users, the checkpoint at --step instead of an evaluation (the same
 library call as scripts/convert.py --workdir --format peft|hf):
   --format peft [--export_dir DIR]  a LoRA run's adapters as a PEFT folder
@@ -64,6 +71,10 @@ _FORMAT = flags.DEFINE_enum("format", None, ["peft", "hf"], "Instead of evaluati
                             "HF / timm weights (hf), as scripts/convert.py --workdir does.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--format: output folder (default "
                                   "<workdir>/export/<format>).")
+_WISE = flags.DEFINE_bool("wise", False, "WiSE-FT: interpolate an LP-FT run's probe and "
+                          "fine-tuned weights, alpha chosen on the validation split.")
+_WISE_ALPHAS = flags.DEFINE_list("wise_alphas", ["0", "0.25", "0.5", "0.75", "1"],
+                                 "--wise: the alphas to evaluate (0: probe, 1: fine-tuned).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -88,6 +99,15 @@ def main(argv):
                                       out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
     print(json.dumps(shown, indent=2))
+    return
+  if _WISE.value:
+    try:
+      alphas = [float(a) for a in _WISE_ALPHAS.value]
+    except ValueError as e:
+      raise ConfigError(f"--wise_alphas: numbers in [0, 1], got {_WISE_ALPHAS.value}.") from e
+    result = evaluation.wise_workdir(_WORKDIR.value, alphas=alphas, step=step,
+                                     test_split=_SPLIT.value)
+    print(json.dumps(result, indent=2))
     return
   result = evaluation.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,

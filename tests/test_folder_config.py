@@ -85,6 +85,29 @@ def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_p
   assert test["split"] == "test" and test["count"] == 9
   assert set(test["per_class_accuracy_by_name"]) == set(CLASSES)
   assert (workdir / "eval_test.json").exists() and (workdir / "confusion_test.png").exists()
+  _wise_ft_checks(workdir, result)
+
+
+def _wise_ft_checks(workdir, result):
+  """WiSE-FT on the LP-FT run: alpha 1 is the fine-tuned model, 0 the saved probe."""
+  import jtl
+  from jtl.app import workdirs
+  probe = workdirs.load_probe(workdir)
+  wise = evaluation.wise_workdir(workdir, alphas=(0.0, 0.5, 1.0), test_split="test")
+  rows = {r["alpha"]: r for r in wise["rows"]}
+  assert set(rows) == {0.0, 0.5, 1.0}
+  assert wise["alpha"] == max(rows, key=lambda a: (rows[a]["accuracy"], a))
+  assert rows[1.0]["loss"] == pytest.approx(evaluation.evaluate_workdir(workdir, step="best")[
+      "loss"], rel=1e-5)  # the validation split, the best checkpoint
+  run = workdirs.restore(workdir, step="best")
+  validation = experiment.eval_batches(run.config, run.spec)
+  probe_eval = jtl.train.evaluate(jax.jit(jtl.steps.make_eval_step(run.module)), probe,
+                                  validation())
+  assert rows[0.0]["loss"] == pytest.approx(probe_eval["loss"], rel=1e-5)
+  assert rows[0.0]["loss"] != pytest.approx(rows[1.0]["loss"], rel=1e-3)
+  saved = jtl.weights.read(workdir / "export" / "wise.safetensors")
+  assert len(saved) == len(jax.tree.leaves(probe)) and wise["test"]["wise"]["count"] == 9
+  assert json.loads((workdir / "wise.json").read_text())["alpha"] == wise["alpha"]
 
 
 def test_full_with_statistics_training_recomputes_them_before_eval_and_save(photos, tmp_path):

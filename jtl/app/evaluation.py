@@ -228,3 +228,35 @@ def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = ""
               color="white" if v > dark else "black")
   fig.tight_layout()
   return fig
+
+
+def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | str = "best",
+                 test_split: str | None = None) -> dict[str, Any]:
+  """WiSE-FT on an LP-FT run: `theta(alpha) = (1 - alpha) * theta_probe + alpha
+  * theta_ft` (all variables, BatchNorm statistics too) for each alpha, scored
+  on the run's validation split (its eval_split); the best alpha's model is
+  written to <workdir>/export/wise.safetensors, and scored once on
+  `test_split` when given. Writes and returns wise.json: the chosen alpha, a
+  row per alpha, the test result."""
+  from jtl import export, train  # pylint: disable=g-import-not-at-top
+  from jtl.recipes.strategies import wise  # pylint: disable=g-import-not-at-top
+  run = workdirs.restore(workdir, step=step)
+  probe, ft = workdirs.load_probe(workdir), run.merged_variables()
+  if jax.tree.structure(probe) != jax.tree.structure(ft):
+    raise ConfigError(f"{workdir}: the saved probe ({workdirs.PROBE_VARIABLES}) and the "
+                      "checkpoint hold different variables; was the probe written by this run?")
+  eval_step = jax.jit(steps.make_eval_step(run.module))
+  validation = run.config.get("eval_split", "test")
+  score = lambda split: lambda v: train.evaluate(eval_step, v, eval_batches(
+      run.config, run.spec, split)())
+  alpha, rows = wise.choose_alpha(score(validation), probe, ft,
+                                  wise.WISE_ALPHAS if alphas is None else tuple(alphas))
+  chosen = wise.wise_ft(probe, ft, alpha)
+  model = export.write(chosen, paths.path(workdir) / "export" / "wise.safetensors")
+  result = {"workdir": str(workdir), "step": run.meta.get("step"), "validation_split": validation,
+            "alpha": alpha, "rows": rows, "model": str(model)}
+  if test_split:
+    result["test"] = {"split": test_split, **{a: score(test_split)(v) for a, v in (
+        ("wise", chosen), ("probe", probe), ("fine_tuned", ft))}}
+  paths.write_atomic(paths.path(workdir) / "wise.json", json.dumps(result, indent=2).encode())
+  return result

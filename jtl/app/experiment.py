@@ -697,6 +697,7 @@ def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpe
         f"{info['extract_seconds']:.1f}s, {probe_steps} head steps at learning rate "
         f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning (the partition below) at "
         f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
+  workdirs.save_probe(workdir, variables)  # WiSE-FT's other end (evaluate.py --wise)
   return variables, ft_phase
 
 

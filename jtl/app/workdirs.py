@@ -225,3 +225,29 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     source = source[len("hf-hub:"):]
   return peft.export_peft(run.module, run.variables, out, alpha=run.alpha,
                           base_model_name_or_path=source or run.config.model)
+
+
+# LP-FT's probe (pretrained backbone, probed head, before fine-tuning): the
+# other end of WiSE-FT's line (`evaluation.wise_workdir`).
+PROBE_VARIABLES = "probe/variables.safetensors"
+
+
+def save_probe(workdir: str | os.PathLike, variables: PyTree) -> None:
+  """Writes the probed variables of an LP-FT run into its workdir (process 0)."""
+  if jax.process_index() == 0:
+    from jtl import export  # pylint: disable=g-import-not-at-top
+    target = paths.path(workdir) / PROBE_VARIABLES
+    target.parent.mkdir(parents=True, exist_ok=True)
+    export.write(jax.device_get(variables), target)
+
+
+def load_probe(workdir: str | os.PathLike) -> PyTree:
+  """The variables `save_probe` wrote, as a nested dict of numpy arrays."""
+  from jtl import tree as jtree  # pylint: disable=g-import-not-at-top
+  from jtl.weights import read  # pylint: disable=g-import-not-at-top
+  source = paths.path(workdir) / PROBE_VARIABLES
+  if not source.exists():
+    raise ConfigError(f"{source} does not exist: WiSE-FT interpolates an LP-FT run's probe "
+                      "and fine-tuned weights, and only a run with strategy.name='lp_ft' and "
+                      "its probe phase on cached features saves the probe there.")
+  return jtree.unflatten(read(source))

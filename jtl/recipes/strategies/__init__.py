@@ -2,7 +2,7 @@
 
 Linear probe (optionally on cached features), partial fine-tuning of the top
 groups, gradual unfreezing and LP-FT phases, layer-wise learning-rate decay,
-BitFit, LoRA and L2-SP. `build(config, module, variables, spec)` picks one
+BitFit, LoRA and L2-SP; WiSE-FT weight interpolation after LP-FT. `build(config, module, variables, spec)` picks one
 from a config; the modules below are usable on their own.
 """
 
@@ -68,6 +68,7 @@ from jtl.recipes.strategies.schedules import (
   train_phases,
   transfer_opt_state,
 )
+from jtl.recipes.strategies.wise import WISE_ALPHAS, choose_alpha, wise_ft
 
 __all__ = [
     "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora",
@@ -77,5 +78,5 @@ __all__ = [
     "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",
     "merge_lora", "partial_rules", "phase_index", "probe_head", "resolve_options", "save_adapters",
     "switch_phase", "top_groups", "train_head", "train_phases", "transfer_opt_state",
-    "unmerge_lora", "with_head",
+    "unmerge_lora", "with_head", "WISE_ALPHAS", "choose_alpha", "wise_ft",
 ]
