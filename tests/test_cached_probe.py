@@ -52,6 +52,10 @@ def test_cache_features_true_with_augmentation_is_refused(tmp_path):
   config.augment.crop = True
   with pytest.raises(ConfigError, match="augment.crop is on: cached features need"):
     experiment.preflight(config)
+  config.augment.crop = False
+  config.augment.randaugment_n = 2
+  assert experiment.cached_probe_problems(config) == [
+      "augment.randaugment_n > 0: cached features need an unaugmented pipeline"]
   config.strategy.cache_features = None  # auto: falls back to the plain step
   assert experiment.cached_probe_problems(config) is None
 

@@ -451,7 +451,8 @@ def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
   kwargs = _pipeline_kwargs(config, spec)
   if spec.input_kind == "image":
     kwargs.update(augment=aug.crop, flip=aug.flip, crop_scale=tuple(aug.crop_scale),
-                  mixup_alpha=aug.mixup_alpha)
+                  mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
+                  randaugment=(aug.randaugment_n, aug.randaugment_m))
 
   def make(start_step: int) -> Iterator[dict[str, Any]]:
     return iter(data.make_dataset(dataset or config.dataset,
@@ -574,8 +575,8 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
   aug = config.augment
   problems = [f"augment.{k} is on: cached features need an unaugmented pipeline"
               for k in ("crop", "flip") if aug[k]]
-  if aug.mixup_alpha:
-    problems.append("augment.mixup_alpha > 0: cached features need an unaugmented pipeline")
+  problems += [f"augment.{k} > 0: cached features need an unaugmented pipeline"
+               for k in ("mixup_alpha", "cutmix_alpha", "randaugment_n") if aug[k]]
   if methods.method_name(config):
     problems.append(f"method {methods.method_name(config)!r} trains through its own step")
   return None if problems and option is None else problems

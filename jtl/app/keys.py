@@ -73,6 +73,10 @@ KEYS: tuple[Key, ...] = (
     Key("augment.crop_scale", (0.08, 1.0), "the crops' area range, as a fraction of the image"),
     Key("augment.flip", True, "random horizontal flips while training"),
     Key("augment.mixup_alpha", 0.0, "mixup's Beta(alpha, alpha) (0: off)"),
+    Key("augment.cutmix_alpha", 0.0, "CutMix's Beta(alpha, alpha) pasted area (0: off; with "
+        "mixup: one of the two per batch)"),
+    Key("augment.randaugment_n", 0, "RandAugment ops per training image (0: off)"),
+    Key("augment.randaugment_m", 9.0, "RandAugment's magnitude, 0..30 (10: the paper's top)"),
     Key("microbatches", 1, "gradient accumulation: microbatches per step"),
     Key("compute_dtype", None, "None (float32) or 'bfloat16' (mixed precision)", str),
     Key("seed", 0, "seed of the head's init, the data order and dropout"),

@@ -24,6 +24,7 @@ from typing import Any, Union
 import numpy as np
 
 from jtl import _optional
+from jtl.data import augment as augment_lib
 from jtl.errors import DataError
 from jtl.models import preprocessing
 
@@ -119,8 +120,10 @@ def resize_and_crop(image: tf.Tensor, hw: tuple[int, int], fraction: float,
 def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int | Sequence[int],
                 normalize: NormalizeSpec = None, augment: bool = True, flip: bool = True,
                 crop_scale: Sequence[float] = (0.08, 1.0),
-                crop_ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-  """Training view of one image: random resized crop, flip, normalise."""
+                crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                randaugment: tuple[int, float] | None = None) -> tf.Tensor:
+  """Training view of one image: random resized crop, flip, RandAugment
+  (`randaugment` = (n, m), `jtl.data.augment.randaugment`), normalise."""
   hw = image_hw(image_size)
   image = to_rgb_float(image)
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -131,6 +134,10 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int | Sequence
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = tf.clip_by_value(image, 0.0, 255.0)
+  if randaugment and randaugment[0]:
+    # Its own seed stream: the crop and flip of every example stay what they were.
+    ra_seed = tf.random.experimental.stateless_fold_in(seed, 7919)
+    image = augment_lib.randaugment(image, ra_seed, n=randaugment[0], m=randaugment[1])
   return tf.cast(get_normalizer(normalize)(image), tf.float32)
 
 

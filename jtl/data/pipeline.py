@@ -4,7 +4,7 @@ A batch is a dict of numpy arrays:
 
 - "inputs": float32 [B, H, W, 3] normalised images, or for text a dict of
   int32 [B, L] "input_ids", "attention_mask", "token_type_ids";
-- "label": int32 [B] (float32 [B, num_classes] soft labels with mixup);
+- "label": int32 [B] (float32 [B, num_classes] soft labels with mixup / CutMix);
 - "mask": bool [B], False on padding rows.
 
 `batch_size` is the global batch; each process gets `batch_size //
@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from jtl import _optional
+from jtl.data import augment as augment_lib
 from jtl.data import folder, images, text
 from jtl.data.sources import (
   ArraySource,
@@ -187,7 +188,8 @@ def _preprocess(ex: dict[str, tf.Tensor], index: tf.Tensor, *, kind: str, train:
 
 def _check_options(*, batch_size: int, process_count: int, start_step: int, train: bool,
                    num_epochs: int | None, mixup_alpha: float, crop_scale: Sequence[float],
-                   crop_fraction: float, shuffle_buffer: int) -> None:
+                   crop_fraction: float, shuffle_buffer: int, cutmix_alpha: float = 0.0,
+                   randaugment: tuple[int, float] | None = None) -> None:
   """One DataError listing every invalid make_dataset option."""
   problems = []
   if batch_size < 1 or batch_size % process_count:
@@ -199,6 +201,17 @@ def _check_options(*, batch_size: int, process_count: int, start_step: int, trai
     problems.append(f"num_epochs={num_epochs} must be >= 1 or None (endless)")
   if mixup_alpha < 0:
     problems.append(f"mixup_alpha={mixup_alpha} must be >= 0 (0 = no mixup)")
+  if not cutmix_alpha >= 0:
+    problems.append(f"cutmix_alpha={cutmix_alpha} must be >= 0 (0 = no CutMix)")
+  if randaugment is not None:
+    ok = (len(randaugment) == 2 and isinstance(randaugment[0], int)
+          and not isinstance(randaugment[0], bool) and randaugment[0] >= 0
+          and isinstance(randaugment[1], (int, float))
+          and 0 <= randaugment[1] <= augment_lib.MAX_MAGNITUDE)
+    if not ok:
+      problems.append(f"randaugment={randaugment!r} must be (n, m): n >= 0 ops (0 = off), "
+                      f"magnitude 0 <= m <= {augment_lib.MAX_MAGNITUDE:g} (10: the paper's top; config: "
+                      "augment.randaugment_n, augment.randaugment_m)")
   if not (len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1):
     problems.append(f"crop_scale={tuple(crop_scale)} must be (low, high) with "
                     "0 < low <= high <= 1")
@@ -233,13 +246,23 @@ def _example_stream(src: Any, split: str, pi: int, pc: int, *, train: bool, seed
 
 
 def _mixup(ds: tf.data.Dataset, *, seed: int, process_index: int, start_step: int,
-           alpha: float, num_classes: int) -> tf.data.Dataset:
-  """Mixup of each batch, its randomness a function of (seed, process, step)."""
+           alpha: float, num_classes: int, cutmix_alpha: float = 0.0) -> tf.data.Dataset:
+  """Mixup and/or CutMix of each batch (both on: one of the two per batch, at
+  even odds, as timm), its randomness a function of (seed, process, step)."""
   mix_seed = tf.constant([seed, 10_000 + process_index], tf.int64)
-  return ds.enumerate(start_step).map(plain(
-      tf, lambda step, b: images.mixup(b, tf.random.experimental.stateless_fold_in(mix_seed, step),
-                                       alpha=alpha, num_classes=num_classes)),
-      num_parallel_calls=tf.data.AUTOTUNE)
+  fold = tf.random.experimental.stateless_fold_in
+
+  def mix(step: tf.Tensor, b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    s = fold(mix_seed, step)  # mixup alone: the stream it always had
+    mixup = lambda: images.mixup(b, s, alpha=alpha, num_classes=num_classes)
+    cut = lambda: augment_lib.cutmix(b, fold(s, 2), alpha=cutmix_alpha, num_classes=num_classes)
+    if not cutmix_alpha:
+      return mixup()
+    if not alpha:
+      return cut()
+    return tf.cond(tf.random.stateless_uniform([], fold(s, 1)) < 0.5, cut, mixup)
+
+  return ds.enumerate(start_step).map(plain(tf, mix), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _padded_batches(ds: tf.data.Dataset, pad: int, batch_size: int) -> tf.data.Dataset:
@@ -258,6 +281,7 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
                  data_dir: str | os.PathLike | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  num_classes: int | None = None, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0, randaugment: tuple[int, float] | None = None,
                  augment: bool = True, flip: bool = True,
                  crop_scale: Sequence[float] = (0.08, 1.0), crop_fraction: float = 1.0,
                  shuffle_buffer: int = 10_000, tokenizer: Any = None,
@@ -285,6 +309,10 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
     process_index, process_count: this process's shard (default: jax's).
     num_classes: expected number of classes (default: the dataset's).
     mixup_alpha: if > 0, mixup with Beta(alpha, alpha); labels become soft.
+    cutmix_alpha: if > 0, CutMix (`jtl.data.augment.cutmix`), box area from
+      Beta(alpha, alpha); with mixup too, one of the two per batch.
+    randaugment: (n, m): n RandAugment ops at magnitude m (0..30) per training
+      image (`jtl.data.augment.randaugment`); None or n = 0: off.
     augment, flip, crop_scale: random resized crop (area fraction range) and
       horizontal flip for training.
     crop_fraction: central crop kept at evaluation before resizing.
@@ -298,14 +326,17 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
   pi, pc = _process(process_index, process_count)
   _check_options(batch_size=batch_size, process_count=pc, start_step=start_step, train=train,
                  num_epochs=num_epochs, mixup_alpha=mixup_alpha, crop_scale=crop_scale,
+                 cutmix_alpha=cutmix_alpha, randaugment=randaugment,
                  crop_fraction=crop_fraction, shuffle_buffer=shuffle_buffer)
   normalize = images.get_normalizer(normalize)
   images.image_hw(image_size)
   local_b = batch_size // pc
   src = resolve_source(source, data_dir, num_classes=num_classes, input_key=input_key,
                        label_key=label_key, on_bad_file=on_bad_file)
-  if mixup_alpha > 0 and src.kind == "text":
-    raise DataError(f"mixup_alpha={mixup_alpha} works on images only; {src.name!r} is text.")
+  if (mixup_alpha > 0 or cutmix_alpha > 0 or (randaugment and randaugment[0])) and (
+      src.kind == "text"):
+    raise DataError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}, "
+                    f"randaugment={randaugment}: image augmentations; {src.name!r} is text.")
   n_classes = src.info().num_classes
   start = start_step * local_b
 
@@ -315,7 +346,8 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
 
   image_kwargs: dict[str, Any] = {"image_size": image_size, "normalize": normalize}
   if train:
-    image_kwargs.update(augment=augment, flip=flip, crop_scale=crop_scale)
+    image_kwargs.update(augment=augment, flip=flip, crop_scale=crop_scale,
+                        randaugment=tuple(randaugment) if randaugment else None)
   else:
     image_kwargs.update(crop_fraction=crop_fraction)
   base = tf.constant([seed, 1 + pi], tf.int64)
@@ -329,9 +361,9 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
     if num_epochs is not None:
       num_batches = max(0, num_epochs * (total // pc) // local_b - start_step)
     ds = ds.batch(local_b, drop_remainder=True)
-    if mixup_alpha > 0:
+    if mixup_alpha > 0 or cutmix_alpha > 0:
       ds = _mixup(ds, seed=seed, process_index=pi, start_step=start_step, alpha=mixup_alpha,
-                  num_classes=n_classes)
+                  num_classes=n_classes, cutmix_alpha=cutmix_alpha)
   else:
     # Same batch count on every process: pad each shard to the largest one.
     num_batches = math.ceil(math.ceil(total / pc) / local_b)
