@@ -63,6 +63,11 @@ def test_cache_features_true_with_augmentation_is_refused(tmp_path):
 def test_the_probe_config_trains_on_cached_features_by_default():
   from configs import linear_probe  # pylint: disable=g-import-not-at-top
   assert experiment.cached_probe_problems(linear_probe.get_config()) == []
+  ema = linear_probe.get_config()
+  ema.ema_decay = 0.99  # the EMA lives in the train step: the plain step runs, not the cache
+  assert experiment.cached_probe_problems(ema) is None
+  ema.strategy.cache_features = True
+  assert any("ema_decay" in p for p in experiment.cached_probe_problems(ema))
 
 
 def test_cached_and_uncached_probes_train_the_same_head(tmp_path):

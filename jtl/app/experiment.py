@@ -579,6 +579,8 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
                for k in ("mixup_alpha", "cutmix_alpha", "randaugment_n") if aug[k]]
   if methods.method_name(config):
     problems.append(f"method {methods.method_name(config)!r} trains through its own step")
+  if config.get("ema_decay") is not None:
+    problems.append("ema_decay is set: weight EMA runs in the train step, not on the cache")
   return None if problems and option is None else problems
 
 
