@@ -53,10 +53,37 @@ def test_remat_gives_the_plain_models_params_and_gradients(name):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("model", ["vit_ti16", "dinov2_s14", "minilm_l6"])
+@pytest.mark.parametrize("model", ["vit_ti16", "dinov2_s14", "minilm_l6", "resnet18"])
 def test_remat_is_a_model_kwargs_option(model):
   spec = registry.get_spec(model)
   assert "remat" in experiment.model_options(spec)
   config = ml_collections.ConfigDict({"model": model, "model_kwargs": {"remat": True}})
   assert experiment.model_kwargs_problems(config, spec) == []
   assert spec.build(num_classes=2, remat=True).remat is True
+
+
+def test_resnet_remat_trains_like_the_plain_model_with_frozen_batchnorm():
+  """One train step of jtl's: params and BatchNorm statistics as the plain
+  model's; a frozen block's BatchNorm keeps its statistics under remat too."""
+  import jtl
+  from jtl.models import resnet
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 16, 16, 3))
+  batch = {"inputs": x, "label": jnp.arange(4) % 3}
+  states = []
+  for remat in (False, True):
+    module = resnet.ResNet(num_classes=3, stage_sizes=(1, 1), remat=remat)
+    variables = resnet.ResNet(num_classes=3, stage_sizes=(1, 1)).init(jax.random.PRNGKey(0), x)
+    labels = jtl.label_params(variables["params"], [("layer1_0/.*", "frozen"), (".*", "all")])
+    tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+    state = jtl.create_train_state(variables, labels, tx)
+    state, _ = jax.jit(jtl.make_train_step(module, tx, labels=labels))(state, batch)
+    states.append(state)
+  plain, checkpointed = states
+  for a, b in zip(jax.tree.leaves(plain.variables), jax.tree.leaves(checkpointed.variables),
+                  strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  frozen = variables["batch_stats"]["layer1_0"]["bn1"]["mean"]
+  np.testing.assert_array_equal(checkpointed.model_state["batch_stats"]["layer1_0"]["bn1"]["mean"],
+                                frozen)
+  assert not np.allclose(checkpointed.model_state["batch_stats"]["layer2_0"]["bn1"]["mean"],
+                         variables["batch_stats"]["layer2_0"]["bn1"]["mean"])

@@ -69,7 +69,7 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # train positional: remat's static arg
     bn = lambda name: _BatchNorm(name=name)
     y = _Conv(self.features, (3, 3), strides=self.strides,
               padding=[(1, 1), (1, 1)], name="conv1")(x)
@@ -89,7 +89,7 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # train positional: remat's static arg
     bn = lambda name: _BatchNorm(name=name)
     y = _Conv(self.features, (1, 1), name="conv1")(x)
     y = nn.relu(bn("bn1")(y, use_running_average=not train))
@@ -110,13 +110,18 @@ class ResNet(nn.Module):
     num_classes: size of the head; 0 returns the pooled features.
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
     bottleneck: Bottleneck blocks (ResNet-50+) instead of BasicBlocks.
+    remat: gradient checkpointing of every residual block: its activations
+      are recomputed in the backward pass instead of kept (less memory, one
+      more forward pass; same params, statistics and gradients).
   """
   num_classes: int = 1000
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   bottleneck: bool = False
+  remat: bool = False
 
   def setup(self):
     block = Bottleneck if self.bottleneck else BasicBlock
+    make = nn.remat(block, static_argnums=(2,)) if self.remat else block  # 2: train
     self.stem = Stem()
     blocks = []
     in_features = 64
@@ -125,7 +130,7 @@ class ResNet(nn.Module):
       for b in range(count):
         strides = 2 if (s > 0 and b == 0) else 1
         downsample = b == 0 and (strides != 1 or in_features != features * block.expansion)
-        blocks.append(block(features, strides, downsample, name=f"layer{s + 1}_{b}"))
+        blocks.append(make(features, strides, downsample, name=f"layer{s + 1}_{b}"))
         in_features = features * block.expansion
     self.blocks = blocks
     if self.num_classes:
@@ -135,7 +140,7 @@ class ResNet(nn.Module):
     """Global-average-pooled last-stage features, float32 [B, C]."""
     x = self.stem(x, train=train)
     for block in self.blocks:
-      x = block(x, train=train)
+      x = block(x, train)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -148,8 +153,8 @@ STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False),
           152: ((3, 8, 36, 3), True)}
 
 
-def resnet(depth: int, num_classes: int = 1000) -> ResNet:
-  """Builds ResNet-`depth` (18, 34, 50, 101 or 152).
+def resnet(depth: int, num_classes: int = 1000, *, remat: bool = False) -> ResNet:
+  """Builds ResNet-`depth` (18, 34, 50, 101 or 152); `remat`: `ResNet.remat`.
 
   >>> resnet(50, 10).bottleneck
   True
@@ -157,7 +162,8 @@ def resnet(depth: int, num_classes: int = 1000) -> ResNet:
   if depth not in STAGES:
     raise ConfigError(f"Unknown ResNet depth {depth!r}; expected one of {sorted(STAGES)}.")
   stage_sizes, bottleneck = STAGES[depth]
-  return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, bottleneck=bottleneck)
+  return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, bottleneck=bottleneck,
+                remat=remat)
 
 
 # torchvision names -> ours (module path, and leaf).
@@ -202,7 +208,8 @@ def groups(stage_sizes: Sequence[int]) -> list[tuple[str, str]]:
 for _depth in (18, 50):
   registry.register(registry.ModelSpec(
       name=f"resnet{_depth}",
-      build=functools.partial(lambda d, num_classes=1000: resnet(d, num_classes), _depth),
+      build=functools.partial(lambda d, num_classes=1000, remat=False: resnet(
+          d, num_classes, remat=remat), _depth),
       **registry.image_inputs(NORMALIZATION),
       groups=groups(STAGES[_depth][0]),
       pretrained=f"resnet{_depth}/imagenet",
