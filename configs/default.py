@@ -6,13 +6,16 @@ Partial fine-tuning: the last four blocks, the top conv and a new 10-class
 head train; the stem and the first twelve blocks stay frozen (their
 BatchNorm statistics too); the trained layers' statistics are recomputed on
 2,048 training images before each evaluation and save (precise BatchNorm,
-`strategy.precise_batchnorm`). Sized to finish in under 5 minutes on 2 CPU cores:
-measured from a fresh clone (`make finetune`): 48 s of wall time with a warm
-XLA compilation cache (1 min 30 s with an empty one) for 300 steps of 64
-images at 64 px, reaching 96.5% test accuracy (top-5 100%) on the 1,000
-held-out digits on 2026-11-28 with jax 0.10.2 (96.3% with the moving
-averages, before precise BatchNorm was on; 97.5% with the package versions
-of 2026-11-22).
+`strategy.precise_batchnorm`). Trains on 3,600 digits; the best checkpoint
+is picked on the other 400 (the validation split) and scored once on the
+1,000 test digits after training. Sized to finish in under 5 minutes on 2
+CPU cores: measured from a fresh clone (`make finetune`): 48 s of wall time
+with a warm XLA compilation cache (1 min 30 s with an empty one) for 300
+steps of 64 images at 64 px (2026-11-28, on all 4,000 training digits). With
+the validation split (2026-12-06, jax 0.10.2): 97.2% test accuracy (top-5
+99.9%) of the best checkpoint by validation accuracy (97.5%), step 300.
+Earlier figures picked the checkpoint on the test split itself: 96.5%
+(2026-11-28), 97.5% (2026-11-22).
 
   python scripts/finetune.py --config configs/default.py --workdir runs/default
 """
@@ -27,6 +30,12 @@ def get_config(arg=None):
   c = keys.defaults()
   c.model = "efficientnet_lite0"
   c.dataset = "jtl_mnist5k"
+  # The best checkpoint is picked on a validation split held out of the
+  # training digits (400 of 4,000; TFDS stores them shuffled); the test split
+  # scores that checkpoint once, after training (eval_test.json).
+  c.train_split = "train[:90%]"
+  c.eval_split = "train[90%:]"
+  c.test_split = "test"
   c.image_size = 64
   c.batch_size = 64
   c.eval_batch_size = 200

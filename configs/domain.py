@@ -34,6 +34,7 @@ def get_config(arg=None):
   c = small_cnn.get_config()
   c.num_steps = 1000  # the DANN schedules are functions of num_steps
   c.augment.crop = False
+  c.train_split = "train"  # every labelled source digit: the target picks the checkpoint
   c.eval_dataset = "jtl_digits"
   c.eval_split = "train[:100]"  # labelled target validation: picks the best checkpoint
   c.test_split = "test"

@@ -25,6 +25,8 @@ from jtl.state import TrainState
 from jtl.tree import PyTree, cast_floats
 
 Batch = dict[str, Any]
+# Top-k accuracy is reported for k = TOP_K, and only for more than TOP_K classes.
+TOP_K = 5
 LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
 
 
@@ -264,7 +266,8 @@ def make_eval_step(
   `state.variables`).
   The sums (loss, correct, correct_top5, count) cover only rows with
   mask=True, so a padded last batch counts every real example exactly once;
-  divide by `count` after summing over batches.
+  divide by `count` after summing over batches. `correct_top5` is there only
+  for more than 5 classes (with 5 or fewer every label is in the top 5).
   """
 
   adapter = as_model(model)
@@ -278,15 +281,15 @@ def make_eval_step(
     mask = _mask(batch)
     labels = _hard_labels(batch)
     losses = per_example_cross_entropy(logits, batch["label"])
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(logits, k)[1]
-    in_top_k = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
     sums = {
         "loss": jnp.sum(losses * mask),
         "correct": _correct(logits, batch),
-        "correct_top5": jnp.sum(in_top_k * mask),
         "count": jnp.sum(mask),
     }
+    if logits.shape[-1] > TOP_K:  # else always 1.0: no information
+      top_k = jax.lax.top_k(logits, TOP_K)[1]
+      in_top_k = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
+      sums["correct_top5"] = jnp.sum(in_top_k * mask)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums
@@ -295,12 +298,13 @@ def make_eval_step(
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
-  """Turns accumulated eval sums into loss, accuracy and top-5 accuracy."""
+  """Turns accumulated eval sums into loss, accuracy and (for more than 5
+  classes) top-5 accuracy."""
   count = max(float(sums["count"]), 1.0)
-  return {"loss": float(sums["loss"]) / count,
-          "accuracy": float(sums["correct"]) / count,
-          "top5_accuracy": float(sums["correct_top5"]) / count,
-          "count": int(sums["count"])}
+  out = {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+  if "correct_top5" in sums:
+    out["top5_accuracy"] = float(sums["correct_top5"]) / count
+  return {**out, "count": int(sums["count"])}
 
 
 def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]

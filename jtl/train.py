@@ -57,7 +57,7 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
     for k, v in jax.device_get(sums).items():
       total[k] = total.get(k, 0.0) + float(v)
   if not total:
-    return {"loss": float("nan"), "accuracy": float("nan"), "top5_accuracy": float("nan"), "count": 0}
+    return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
   return steps.summarize_eval(total)
 
 

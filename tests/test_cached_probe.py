@@ -18,7 +18,7 @@ from jtl.errors import ConfigError
 def probe_config(data):
   c = strategy_config.get_config("linear_probe")
   c.model, c.pretrained, c.image_size = "small_cnn", False, 28
-  c.dataset = f"folder:{data}"
+  c.dataset, c.train_split, c.eval_split = f"folder:{data}", "train", "test"
   c.batch_size, c.eval_batch_size, c.num_steps = 8, 8, 20
   c.warmup_steps, c.eval_every, c.checkpoint_every = 0, 0, 0
   return c

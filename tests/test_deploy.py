@@ -217,7 +217,8 @@ def _tiny_workdir(root):
             root / "photos" / split / name / f"{i}.png")
   config = configs.default.get_config()
   config.update(dict(model="small_cnn", pretrained=False, dataset=f"folder:{root / 'photos'}",
-                     image_size=28, batch_size=8, eval_batch_size=8))
+                     image_size=28, batch_size=8, eval_batch_size=8, train_split="train",
+                     eval_split="test"))
   created = models.create("small_cnn", num_classes=2, pretrained=False, seed=3)
   labels = jax.tree.map(lambda _: "all", created.variables["params"])
   train_state = state.create_train_state(created.variables, labels, optax.sgd(0.0))

@@ -42,6 +42,7 @@ def test_model_options_lists_the_constructor_fields():
 def test_unknown_model_kwarg_is_a_config_error_naming_key_and_model(tmp_path):
   config = config_with(dropout_rat=0.1)
   config.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"
+  config.train_split, config.eval_split = "train", "test"
   with pytest.raises(ConfigError, match=r"model_kwargs \['dropout_rat'\]: not options of model "
                      r"'efficientnet_lite0'; it takes \[.*'dropout_rate'"):
     experiment.finetune(config, tmp_path / "run", progress=False)

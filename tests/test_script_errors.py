@@ -35,7 +35,8 @@ def finetune(tmp_path, *overrides):
   if not data.exists():
     photo_folder(data)
   return run("finetune.py", "--config", ROOT / "configs" / "default.py",
-             "--workdir", tmp_path / "run", f"--config.dataset=folder:{data}", *overrides)
+             "--workdir", tmp_path / "run", f"--config.dataset=folder:{data}",
+             "--config.train_split=train", "--config.eval_split=test", *overrides)
 
 
 def assert_clean_failure(result, *needles):
@@ -90,7 +91,7 @@ def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplo
   from jtl.errors import ConfigError
   data = photo_folder(tmp_path / "photos")
   config = default.get_config()
-  config.dataset = f"folder:{data}"
+  config.dataset, config.train_split, config.eval_split = f"folder:{data}", "train", "test"
   for image in (data / "train" / "dog").iterdir():  # dogs only in the test split
     image.unlink()
   (data / "train" / "dog").rmdir()

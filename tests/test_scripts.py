@@ -43,7 +43,8 @@ def test_finetune_resume_and_evaluate(tmp_path, data_dir):
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
   assert "Pretrained load report" in first.stdout and "trainable:" in first.stdout
   report = json.loads((workdir / "final_report.json").read_text())
-  assert report["start_step"] == 0 and report["eval"]["count"] == 1000
+  # Checkpoints are picked on the 400 validation digits held out of training.
+  assert report["start_step"] == 0 and report["eval"]["count"] == 400
   assert (workdir / "curves.png").stat().st_size > 1000
   assert any((workdir / "tensorboard").iterdir())
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -55,7 +56,8 @@ def test_finetune_resume_and_evaluate(tmp_path, data_dir):
   report = json.loads((workdir / "final_report.json").read_text())
   assert report["start_step"] == 2  # resumed, did not start over
 
-  evaluated = script("evaluate.py", "--workdir", workdir, "--step", "best", data_dir=data_dir)
+  evaluated = script("evaluate.py", "--workdir", workdir, "--step", "best", "--split", "test",
+                     data_dir=data_dir)
   assert evaluated.returncode == 0, evaluated.stderr[-5000:]
   result = json.loads((workdir / "eval_test.json").read_text())
   assert result["count"] == 1000 and len(result["per_class_accuracy"]) == 10
