@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jtl.errors import StepError
 from jtl.tree import PyTree
@@ -74,6 +76,32 @@ def _flag(train_kwarg: str | None, train: bool) -> dict[str, bool]:
   if train_kwarg == "use_running_average":
     return {"use_running_average": not train}
   return {train_kwarg: train}
+
+
+_FLAGS = ("train", "deterministic", "use_running_average", "training", "is_training")
+
+
+def check_flag(module: Any, train_kwarg: str | None, method: Callable[..., Any] | None = None
+               ) -> None:
+  """Raises a StepError saying how to wrap `module` when its call takes no
+  `train_kwarg` keyword (e.g. a module whose flag is `deterministic`)."""
+  if train_kwarg is None or not isinstance(module, nn.Module):
+    return
+  fn = method if method is not None else type(module).__call__
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):  # no signature to read: let the call decide
+    return
+  if train_kwarg in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    return
+  flags = [f for f in _FLAGS if f in params]
+  hint = (f"jtl.LinenModel(module, train_kwarg={flags[0]!r})" if flags else
+          "jtl.LinenModel(module, train_kwarg=None) (no mode flag)")
+  raise StepError(
+      f"{type(module).__name__}.{getattr(fn, '__name__', '__call__')} takes no "
+      f"{train_kwarg!r} argument (its arguments: {', '.join(list(params)[1:])}), and jtl "
+      f"passes {train_kwarg}= to say training or evaluation. Wrap the module once: {hint}, "
+      "and pass that wherever the module went (make_train_step, make_eval_step, fit).")
 
 
 @contextlib.contextmanager
@@ -146,6 +174,7 @@ class LinenModel:
   def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
             rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
             ) -> tuple[Any, dict[str, PyTree]]:
+    check_flag(self.module, self.train_kwarg, self.call)
     variables = {"params": params, **model_state}
     mutable = list(model_state) if train and model_state else False
     kwargs = dict(_flag(self.train_kwarg, train), rngs={"dropout": rng} if rng is not None else {},
@@ -318,7 +347,9 @@ def update_module(module: Any, state: Any) -> Any:
   if not isinstance(module, nnx.Module):
     raise StepError(f"update_module needs a flax.nnx.Module, got {type(module).__name__}.")
   variables = state.variables if hasattr(state, "variables") else state
-  variables = jax.device_get(variables)
+  # Fresh device arrays, never host numpy views: those are read-only, and a
+  # train-mode call (BatchNorm writing its statistics) would fail on them.
+  variables = jax.tree.map(jnp.asarray, jax.device_get(variables))
   _, params, _, other = nnx.split(module, nnx.Param, nnx.RngState, ...)
   nnx.replace_by_pure_dict(params, variables["params"])
   updates = [params]

@@ -10,6 +10,9 @@ Change it with `.replace()`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ import optax
 
 from jtl import partition
 from jtl.adapter import is_nnx_module, variables_of
+from jtl.errors import PartitionError
 from jtl.tree import PyTree
 
 
@@ -53,6 +57,24 @@ class TrainState:
     return {"params": self.params, **self.model_state}
 
 
+def _with_params(variables: Any, labels: PyTree) -> dict[str, PyTree]:
+  """A copy of the variables dict, a bare params tree (the structure of
+  `labels`) wrapped as {"params": ...}; an error naming both otherwise."""
+  if not isinstance(variables, Mapping):
+    raise PartitionError(f"create_train_state: variables must be a dict, got "
+                         f"{type(variables).__name__}.")
+  if "params" in variables:
+    return dict(variables)
+  same = lambda t: jax.tree.structure(t, is_leaf=lambda x: x is None)
+  if same(variables) == same(labels):
+    return {"params": variables}
+  raise PartitionError(
+      f"create_train_state: variables have keys {sorted(variables)}, no 'params', and are "
+      f"not a params tree shaped like the labels (top-level keys "
+      f"{sorted(labels) if isinstance(labels, Mapping) else type(labels).__name__}). Pass "
+      "{'params': params, ...} (Flax variables) or the params tree the labels were made from.")
+
+
 def create_train_state(variables: dict[str, PyTree], labels: PyTree,
                        tx: optax.GradientTransformation, *,
                        rng: jax.Array | int = 0, ema: bool = False) -> TrainState:
@@ -60,7 +82,9 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
 
   Args:
     variables: a Flax variables dict: {"params": ..., "batch_stats": ...},
-      or a Flax NNX module (its variables, `jtl.adapter.variables_of(module)`).
+      a bare params tree shaped like `labels` (an `apply_fn(params, x)`'s
+      params: taken as {"params": variables}), or a Flax NNX module (its
+      variables, `jtl.adapter.variables_of(module)`).
     labels: label tree of `variables["params"]`.
     tx: the optimizer (see `jtl.optim.make_optimizer`), applied to the
       trainable partition only.
@@ -71,7 +95,7 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
   """
   if is_nnx_module(variables):
     variables = variables_of(variables)
-  variables = dict(variables)
+  variables = _with_params(variables, labels)
   params = variables.pop("params")
   trainable, frozen = partition.split(params, labels)
   if isinstance(rng, int):

@@ -30,6 +30,13 @@ def test_readme_nnx_and_apply_function_examples_run():
   np.testing.assert_array_equal(model.backbone.kernel.value,
                                 state.params["backbone"]["kernel"])  # frozen, written back
   assert np.isfinite(float(namespace["metrics"]["loss"]))
+  # The module is usable afterwards (issue 27, bug 4: update_module left read-only
+  # host arrays, and the train-mode call's BatchNorm update failed on them).
+  assert namespace["logits"].shape == (8, 3) and np.isfinite(namespace["logits"]).all()
+  model.train()
+  before = np.array(model.bn.mean.value)
+  model(namespace["batch"]["inputs"] + 1.0)
+  assert not np.allclose(model.bn.mean.value, before)  # the statistics were written
   namespace = {}
   exec(compile(fn_block, "README.md", "exec"), namespace)  # noqa: S102
   trained = namespace["state"].params

@@ -199,11 +199,16 @@ class CheckpointManager:
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saved(state)),
         meta=ocp.args.JsonSave({"step": int(step), "metrics": _finite_metrics(metrics),
-                                **(meta or {})}))
+                                **self._selection(), **(meta or {})}))
     try:
       return self._manager.save(step, args=args, force=True)
     except Exception as e:  # Orbax/tensorstore raise bare exceptions
       raise self._save_error(step, e) from e
+
+  def _selection(self) -> dict[str, str]:
+    # Recorded with each step, so that step="best" later needs no metric.
+    return {"best_metric": self.best_metric, "best_mode": self.best_mode} \
+        if self.best_metric else {}
 
   def _save_error(self, step: int | None, error: Exception) -> CheckpointError:
     text = str(error)
@@ -327,13 +332,17 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   Reads only the params and model statistics (never the optimizer state), so
   it needs no optimizer and works on any number of devices. `step` is a step
   number, "latest", or "best" (highest `metric` among the kept checkpoints,
-  or lowest with mode="min"). For "latest" and "best", a damaged step is
-  skipped with a warning and the next one (newest, or next best) is read.
+  or lowest with mode="min"; by default the metric and mode the run picked
+  its best checkpoint by, recorded in each step's meta). For "latest" and
+  "best", a damaged step is skipped with a warning and the next one (newest,
+  or next best) is read.
 
   Returns:
     (variables, meta) where meta is the JSON saved with the checkpoint.
   """
   directory = checkpoint_dir(workdir)
+  if step == "best" and metric is None:
+    metric, mode = recorded_metric(directory, mode)
   first = select_step(directory, step, metric=metric, mode=mode)
   candidates = [first]
   if step in (None, "latest", "best"):
@@ -386,6 +395,18 @@ def finished_steps(workdir: str | os.PathLike) -> list[int]:
   return [s for s in step_numbers(directory) if step_problem(directory / str(s)) is None]
 
 
+def recorded_metric(directory: epath.Path, mode: str = "max") -> tuple[str | None, str]:
+  """(metric, mode) the run picked its best checkpoint by, from the newest
+  step's meta that records it (`best_metric`, or an app run's saved config);
+  (None, mode) when no step does."""
+  for s in reversed(step_numbers(directory)):
+    meta = _read_meta(directory / str(s))
+    metric = meta.get("best_metric") or (meta.get("config") or {}).get("best_metric")
+    if metric:
+      return metric, meta.get("best_mode", mode)
+  return None, mode
+
+
 def _scores(directory: epath.Path, steps: list[int], metric: str | None) -> dict[int, float]:
   scores = {}
   for s in steps:
@@ -424,6 +445,11 @@ def select_step(directory: epath.Path, step: int | str | None, *, metric: str | 
     return steps[-1]
   if step == "best":
     best = _best(directory, steps, metric, mode) if metric else None
+    if best is None and not metric:
+      raise CheckpointError(
+          f"{directory}: step='best' needs a metric and none is recorded with the saved steps "
+          f"{steps} (the run had no best_metric); pass metric='accuracy' (or another metric "
+          "the run evaluated), or use step='latest'.")
     if best is None:
       raise CheckpointError(
           f"{directory}: no checkpoint has a finite metric {metric!r}; saved steps {steps}. "
