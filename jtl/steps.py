@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jtl import partition
-from jtl.adapter import as_model, frozen_batchnorm  # noqa: F401 (frozen_batchnorm re-exported)
+from jtl.adapter import Output, as_model, frozen_batchnorm, select_output  # noqa: F401
 from jtl.errors import StepError
 from jtl.state import TrainState
 from jtl.tree import PyTree, cast_floats
@@ -28,6 +28,8 @@ Batch = dict[str, Any]
 # Top-k accuracy is reported for k = TOP_K, and only for more than TOP_K classes.
 TOP_K = 5
 LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
+# -> {name: sum over the batch's rows with mask=True}; divided by the count at the end.
+EvalFn = Callable[[Any, Batch], dict[str, jax.Array]]
 
 
 def cross_entropy_loss(logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
@@ -63,6 +65,35 @@ def _logits(outputs: Any) -> jax.Array | None:
   if isinstance(outputs, (tuple, list)) and outputs:
     outputs = outputs[0]
   return outputs.astype(jnp.float32) if hasattr(outputs, "astype") else None
+
+
+def eval_logits(outputs: Any, batch: Batch, eval_output: Output = None) -> jax.Array:
+  """The logits [batch, classes] that evaluation scores, from a model's outputs.
+
+  The contract: `eval_output` (a dict key, a tuple index or a function of
+  the outputs) picks them; without it the outputs must be the logits
+  themselves or a tuple / list whose first element they are. Anything else
+  (a dict, a wrongly shaped array) raises a StepError at trace time that
+  says to pass `eval_output=` or `eval_fn=`.
+  """
+  picked = select_output(outputs, eval_output) if eval_output is not None else _logits(outputs)
+  n = jnp.shape(batch["label"])[0]
+  if picked is None or jnp.ndim(picked) != 2 or jnp.shape(picked)[0] != n:
+    if isinstance(outputs, dict):
+      what = f"a dict with keys {sorted(outputs)}"
+    elif isinstance(outputs, (tuple, list)):
+      what = f"a {type(outputs).__name__} of {len(outputs)} whose first element is not logits"
+    else:
+      what = f"{type(outputs).__name__} of shape {jnp.shape(outputs)}"
+    got = "" if eval_output is None else (
+        f"; eval_output={eval_output!r} gave {type(picked).__name__} of shape "
+        f"{jnp.shape(picked) if picked is not None else None}")
+    raise StepError(
+        f"Evaluation needs logits [batch={n}, classes] from the model, which returned {what}"
+        f"{got}. Pass eval_output= (a dict key such as 'logits', a tuple index, or a function "
+        "of the outputs giving the logits) or eval_fn=(outputs, batch) -> {name: masked sum} "
+        "to make_eval_step / fit.")
+  return picked.astype(jnp.float32)
 
 
 def _check_scalar(loss: Any) -> None:
@@ -256,6 +287,8 @@ def _count(batch: Batch) -> jax.Array:
 def make_eval_step(
     model: Any,
     *,
+    eval_output: Output = None,
+    eval_fn: EvalFn | None = None,
     compute_dtype: Any = None,
     axis_name: str | None = None,
 ) -> Callable[[dict[str, PyTree], Batch], dict[str, jax.Array]]:
@@ -268,6 +301,11 @@ def make_eval_step(
   mask=True, so a padded last batch counts every real example exactly once;
   divide by `count` after summing over batches. `correct_top5` is there only
   for more than 5 classes (with 5 or fewer every label is in the top 5).
+
+  What is scored: the logits that `eval_logits(outputs, batch, eval_output)`
+  finds (the outputs, the first of a tuple, or what `eval_output` picks);
+  or, with `eval_fn(outputs, batch) -> {name: sum over rows with mask=True}`,
+  those sums (plus `count`), for outputs that are not class scores.
   """
 
   adapter = as_model(model)
@@ -277,8 +315,11 @@ def make_eval_step(
     params = cast_floats(variables.pop("params"), compute_dtype)
     outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
                                train=False, rng=None)
-    logits = _logits(outputs)
     mask = _mask(batch)
+    if eval_fn is not None:
+      sums = {**eval_fn(cast_floats(outputs, jnp.float32), batch), "count": jnp.sum(mask)}
+      return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
+    logits = eval_logits(outputs, batch, eval_output)
     labels = _hard_labels(batch)
     losses = per_example_cross_entropy(logits, batch["label"])
     sums = {
@@ -298,12 +339,12 @@ def make_eval_step(
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
-  """Turns accumulated eval sums into loss, accuracy and (for more than 5
-  classes) top-5 accuracy."""
+  """Turns accumulated eval sums into means per example: loss, accuracy (from
+  "correct"), top-5 accuracy (from "correct_top5", more than 5 classes) and
+  any other sum of an `eval_fn`, with the count."""
   count = max(float(sums["count"]), 1.0)
-  out = {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
-  if "correct_top5" in sums:
-    out["top5_accuracy"] = float(sums["correct_top5"]) / count
+  names = {"correct": "accuracy", "correct_top5": "top5_accuracy"}
+  out = {names.get(k, k): float(v) / count for k, v in sums.items() if k != "count"}
   return {**out, "count": int(sums["count"])}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,7 +29,7 @@ from jtl.adapter import variables_of
 from jtl.batchnorm import make_recompute_batchnorm
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.errors import CheckpointError, ConfigError, DivergenceError, Preempted
+from jtl.errors import CheckpointError, ConfigError, DivergenceError, Preempted, StepError
 from jtl.metrics import MetricWriter
 from jtl.preemption import StopRequests, preempted
 from jtl.state import TrainState, create_train_state
@@ -59,6 +60,28 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
   if not total:
     return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
   return steps.summarize_eval(total)
+
+
+def _eval_checked(train_batches: Callable[[int], Iterator[Batch]], eval_step: Callable,
+                  variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
+  """`train_batches` whose first batch is first traced through `eval_step`
+  (shapes only, `jax.eval_shape`), so that outputs evaluation cannot score
+  (`steps.eval_logits`: a dict without eval_output=, ...) fail before the
+  first training step instead of at the first evaluation."""
+  def make(start_step: int) -> Iterator[Batch]:
+    batches = iter(train_batches(start_step))
+    first = next(batches, None)
+    if first is None:
+      return batches
+    try:
+      probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
+      jax.eval_shape(eval_step, variables(), probe)
+    except StepError:
+      raise
+    except Exception:  # noqa: BLE001 - e.g. a method's training batch: the evaluation decides
+      pass
+    return itertools.chain([first], batches)
+  return make
 
 
 def _check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> None:
@@ -408,6 +431,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         batch_transform: steps.BatchTransform | None = None,
         batchnorm_batches: Callable[[], Iterable[Batch]] | None = None,
         stop_on_signals: bool = True, ema_decay: float | None = None,
+        eval_output: Any = None, eval_fn: steps.EvalFn | None = None,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
@@ -453,6 +477,11 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       evaluated and saved normalises as it was trained, not with moving
       averages that trail the weights. Layers whose params are all frozen
       keep theirs.
+    eval_output, eval_fn: what evaluation scores when the model's output is
+      not the logits or a tuple with the logits first (`jtl.make_eval_step`):
+      a dict key / tuple index / function giving the logits, or
+      `eval_fn(outputs, batch) -> {name: masked sum}`. Checked on the first
+      training batch, before the first step.
     stop_on_signals: while `fit` runs (called from the main thread),
       SIGTERM and SIGINT (a preempted VM, Ctrl-C) finish the current step,
       save it synchronously, close the writers, release the lock and raise
@@ -506,9 +535,13 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         async_save=async_checkpoints)
     start_step = int(jax.device_get(state.step))
     phase = phases.at(start_step - 1) if start_step else 0
+    eval_step = jax.jit(steps.make_eval_step(module, eval_output=eval_output, eval_fn=eval_fn,
+                                             compute_dtype=compute_dtype))
+    if eval_batches is not None:
+      train_batches = _eval_checked(train_batches, eval_step, lambda: state.variables)
     loop = _Loop(_Given(
         phases=phases, compile_step=compile_step, mesh=mesh, mngr=mngr, writer=writer,
-        eval_step=jax.jit(steps.make_eval_step(module, compute_dtype=compute_dtype)),
+        eval_step=eval_step,
         eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
         bar=_progress_bar(stack, start_step, num_steps) if progress else None,
         stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),

@@ -162,3 +162,81 @@ def test_a_linen_module_with_another_flag_is_told_how_to_wrap_it():
   new, metrics = jax.jit(jtl.make_train_step(wrapped, tx, labels=labels))(state, b)
   assert np.isfinite(metrics["loss"]) and int(new.step) == 1
   assert jtl.summarize_eval(jtl.make_eval_step(wrapped)(new.variables, b))["count"] == 8
+
+
+def test_dict_outputs_with_a_custom_loss_name_what_evaluation_scores(tmp_path):
+  # Bug 5: a model returning a dict, trained with a custom loss, trained and
+  # then crashed at the first evaluation ('NoneType' object has no attribute 'shape').
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      h = nn.Dense(8)(x)
+      return {"features": h, "logits": nn.Dense(3, name="head")(h)}
+
+  module = Net()
+  variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2)
+  loss_fn = lambda out, b: jtl.steps.cross_entropy_loss(out["logits"], b)
+  rng = np.random.default_rng(0)
+  data = {"inputs": rng.standard_normal((16, 4)).astype(np.float32),
+          "label": rng.integers(0, 3, 16).astype(np.int32)}
+  evals = lambda: iter([{**data, "mask": np.ones(16, bool)}])
+  kwargs = dict(module=module, variables=variables, labels=labels, tx=tx, loss_fn=loss_fn,
+                train_batches=lambda start: iter([data] * 10), num_steps=2, eval_batches=evals,
+                eval_every=1, progress=False)
+  steps_run = []
+  with pytest.raises(jtl.errors.StepError, match=r"returned a dict with keys \['features', "
+                     r"'logits'\].*Pass eval_output="):
+    jtl.train.fit(**kwargs, log_every=1, on_log=lambda step, m: steps_run.append(step))
+  assert steps_run == []  # before the first training step
+  result = jtl.train.fit(**kwargs, eval_output="logits")
+  logits = module.apply({"params": result.state.params}, data["inputs"])["logits"]
+  assert result.eval_metrics["accuracy"] == pytest.approx(
+      np.mean(np.argmax(logits, -1) == data["label"]))
+  # Or an eval_fn for outputs that are not class scores: its sums, averaged.
+  eval_fn = lambda out, b: {"mse": jnp.sum(jnp.mean(out["features"] ** 2, -1) * b["mask"])}
+  scored = jtl.train.fit(**kwargs, eval_fn=eval_fn, best_metric="mse")
+  features = module.apply({"params": scored.state.params}, data["inputs"])["features"]
+  assert scored.eval_metrics["mse"] == pytest.approx(float(np.mean(features ** 2)), rel=1e-5)
+
+
+def test_lora_defaults_to_the_attention_projections_of_a_vit(tmp_path):
+  # Bug 3: a Linen ViT/DINOv2's default LoRA targets were its MLP and patch
+  # embedding, never query/key/value (Linen's DenseGeneral was not adaptable).
+  import dataclasses
+
+  from jtl.models import vit
+  module = vit.ViT(num_classes=2, patch_size=8, width=16, depth=2, mlp_dim=32, num_heads=2,
+                   image_size=16)  # a tiny ViT, described as the zoo's vit_ti16 is
+  spec = dataclasses.replace(models.get_spec("vit_ti16"), groups=vit.groups(2),
+                             example_input=lambda n: np.zeros((n, 16, 16, 3), np.float32))
+  variables = module.init(jax.random.PRNGKey(0), spec.example_input(1))
+  strategy = strategies.build({"name": "lora", "rank": 2}, module, variables, spec)
+  flat = jtl.tree.flatten(strategy.variables["params"])
+  adapted = sorted(p[:-len("/lora_a")] for p in flat if p.endswith("/lora_a"))
+  attention = [f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{name}"
+               for i in range(2) for name in ("key", "out", "query", "value")]
+  assert adapted == sorted(attention)
+  query = flat["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/lora_a"]
+  out = flat["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/lora_a"]
+  assert query.shape == out.shape == (16, 2)  # [inputs, r]: PEFT's Linear in_features
+  # LoraModel (the training path) computes what the merged kernels compute.
+  rng = np.random.default_rng(0)
+  flat = {p: (rng.standard_normal(v.shape).astype(np.float32) if p.endswith("lora_b")
+              else v) for p, v in flat.items()}
+  lora_vars = {**strategy.variables, "params": jtl.tree.unflatten(flat)}
+  x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  got = strategy.module.apply(lora_vars, x, method="features")
+  merged = {**lora_vars, "params": strategies.merge_lora(lora_vars["params"], 16.0)}
+  want = module.apply(merged, x, method="features")
+  plain = module.apply(variables, x, method="features")
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.max(np.abs(want - plain)) > 0.1  # the adapters act
+  # A target that matches no layer is an error naming it and the layers there are.
+  with pytest.raises(ConfigError, match=r"LoRA targets \['query'\] match no .*layer.*\n"
+                                        r"(.*\n)*.*MultiHeadDotProductAttention_0/query"):
+    strategies.build({"name": "lora", "targets": "query"}, module, variables, spec)

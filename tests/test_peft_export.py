@@ -522,3 +522,53 @@ def test_damaged_adapter_folder_is_one_checkpoint_error(tmp_path, edit, where):
   folder = _edited_adapter(tmp_path, "vit", **edit)
   with pytest.raises(CheckpointError, match=where):
     peft.import_peft(base("vit")["params"], folder, layout="timm_vit")
+
+
+def _peft_targets(target_modules, name):
+  """peft's `check_target_module_exists` (peft/tuners/tuners_utils.py): a
+  string is re.fullmatch'ed against the module name; a list matches the name
+  itself or a name ending with "." + an entry."""
+  if isinstance(target_modules, str):
+    return re.fullmatch(target_modules, name) is not None
+  return name in target_modules or any(name.endswith("." + t) for t in target_modules)
+
+
+def _torch_module_kinds(name):
+  """{module name: "Conv2d" | "Linear" | "other" | "container"} of the torch
+  model PEFT loaded (the fixture's tensor names: every prefix is a module)."""
+  kinds = {}
+  for key, (shape, _) in MANIFEST["merged"][name]["tensors"].items():
+    module, _, leaf = key.rpartition(".")
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+      kinds.setdefault(".".join(parts[:i]), "container")
+    if leaf == "weight":
+      kinds[module] = {4: "Conv2d", 2: "Linear"}.get(len(shape), "other")
+    kinds.setdefault(module, "other")
+  return kinds
+
+
+@pytest.mark.parametrize("name,adapt", [("vit", "fixture"), ("resnet", "fixture"),
+                                        ("resnet", "every_conv")])
+def test_target_modules_pick_exactly_the_adapted_linear_and_conv_modules(name, adapt, tmp_path):
+  """Issue 27, bug 2: a ResNet with LoRA on every conv (what strategy lora
+  does) was written with target_modules ["0", "conv1", "conv2"]; PEFT matches
+  "0" against layer1.0, a BasicBlock, and PeftModel.from_pretrained raises.
+  (timm layouts: the file's tensor names are the module names PEFT matches.)"""
+  variables = adapted(name)
+  if adapt == "every_conv":
+    convs = [p.rpartition("/")[0] for p, v in jtree.flatten(base(name)["params"]).items()
+             if p.endswith("/kernel") and v.ndim == 4]
+    variables = lora.add_lora(ref.build(name), base(name), ref.inputs(name), rank=2,
+                              targets=[re.escape(c) for c in convs])
+  out = peft.export_peft(lora.LoraModel(ref.build(name), ref.ALPHA), variables, tmp_path)
+  config = json.loads((out / peft.CONFIG_FILE).read_text())
+  import safetensors.numpy
+  saved = {k[len(peft.PREFIX):].rsplit(".lora_", 1)[0]
+           for k in safetensors.numpy.load_file(str(out / peft.WEIGHTS_FILE)) if ".lora_" in k}
+  kinds = _torch_module_kinds(name)
+  matched = {m for m in kinds if _peft_targets(config["target_modules"], m)}
+  assert matched == saved, (config["target_modules"], sorted(matched ^ saved))
+  assert {kinds[m] for m in matched} <= {"Conv2d", "Linear"}
+  if adapt == "every_conv":  # the stem, two per block, three downsamples
+    assert len(saved) == 1 + 2 * 4 + 3 and "layer2.0.downsample.0" in saved

@@ -57,9 +57,9 @@ damaged folder (JSON, fields, r = 0, safetensors) is one CheckpointError
 naming the file and field.
 
 Which jtl wrapper applies the imported adapters: `LoraModel` runs the ones on
-`nn.Dense` / `nn.Conv` layers (BERT, ResNet, ViT MLP and patch embedding);
-adapters on ViT's attention output (`attn.proj`, a DenseGeneral) need
-`LoraWeights` or `merge_lora`, which handle every adapter.
+`nn.Dense` / `nn.DenseGeneral` / `nn.Conv` layers (every zoo layer PEFT
+adapts, ViT's and DINOv2's attention projections included); `LoraWeights`
+and `merge_lora` handle every adapter too.
 
 Example:
   export_peft(lora_model, variables, "adapter/", base_model_name_or_path="timm/...")
@@ -117,20 +117,38 @@ def _modules(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return out
 
 
+def _module_names(candidates: Sequence[str]) -> set[str]:
+  """The torch module names PEFT matches target_modules against, as far as
+  the adaptable layers show them: those layers and every module holding one
+  (torch names each prefix: "layer1.0", a BasicBlock, holds "layer1.0.conv1")."""
+  names = set(candidates)
+  for name in candidates:
+    parts = name.split(".")
+    names.update(".".join(parts[:i]) for i in range(1, len(parts)))
+  return names
+
+
+def _peft_matches(targets: Sequence[str], name: str) -> bool:
+  """PEFT's rule for a list of target_modules (`check_target_module_exists`):
+  the name itself, or a name ending with "." + the entry."""
+  return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def _targets(adapted: Sequence[str], candidates: Sequence[str]) -> list[str] | str:
   """PEFT target_modules: short names ("query") when they pick exactly
-  `adapted`, else a regex that PEFT full-matches against module names (a list
-  entry would also match every module whose name ends with it)."""
-  short = {name.rsplit(".", 1)[-1] for name in adapted}
-  picked = {c for c in candidates if c.rsplit(".", 1)[-1] in short}
+  `adapted` among the modules (containers included: ResNet's "0" of
+  "downsample.0" would also pick the block "layer1.0", which PEFT cannot
+  adapt), else a regex of the full names that PEFT full-matches."""
+  short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+  picked = {n for n in _module_names(candidates) if _peft_matches(short, n)}
   if picked == set(adapted):
-    return sorted(short)
+    return short
   return "(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")"
 
 
 def _pattern_key(name: str, candidates: Sequence[str]) -> str:
   """A rank_pattern key that matches only `name` (PEFT: (.*\\.)?(key)$)."""
-  clash = any(c != name and c.endswith("." + name) for c in candidates)
+  clash = any(c != name and c.endswith("." + name) for c in _module_names(candidates))
   return "^" + re.escape(name) if clash else name
 
 

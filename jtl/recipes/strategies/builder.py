@@ -267,9 +267,8 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
     targets = o["targets"]
     example = spec.example_input(1)
     layers = lora.adaptable_layers(module, variables, example)
-    if targets is None:
-      import re  # pylint: disable=g-import-not-at-top
-      targets = [re.escape(p) for p in layers if not re.fullmatch(head_regex, p + "/kernel")]
+    if targets is None:  # the attention projections, or every layer but the head
+      targets = lora.default_targets(layers, head_regex)
     variables = lora.add_lora(module, variables, example, targets=targets,
                               rank=o["rank"], seed=o["seed"], layers=layers, dora=o["dora"])
     module = lora.LoraModel(module, o["alpha"])

@@ -60,7 +60,17 @@ _ALPHA_KEY = "__lora_alpha__"
 
 def _eligible(module: nn.Module) -> bool:
   return (isinstance(module, nn.Dense)
+          or (isinstance(module, nn.DenseGeneral) and not module.batch_dims)
           or (isinstance(module, nn.Conv) and module.feature_group_count == 1))
+
+
+def _input_axes(module: nn.Module) -> int:
+  """How many leading kernel axes are input axes: a DenseGeneral's `axis`
+  count (attention's query [width, heads, head_dim]: 1; its output
+  [heads, head_dim, width]: 2); every axis but the last for Dense and Conv."""
+  if isinstance(module, nn.DenseGeneral):
+    return len(module.axis) if isinstance(module.axis, Sequence) else 1
+  return -1
 
 
 def _module_path(module: nn.Module) -> str:
@@ -78,24 +88,44 @@ def _nnx_layers(module: Any) -> list[str]:
 
 def adaptable_layers(module: Any, variables: PyTree = None, inputs: Any = None,
                      **call_kwargs: Any) -> list[str]:
-  """Paths of the `nn.Dense` / ungrouped `nn.Conv` layers a forward pass calls
-  (Linen; traced abstractly with `jax.eval_shape`, so it costs no compute), or
-  of an NNX module's Linear / LinearGeneral / ungrouped Conv layers."""
+  """Paths of the `nn.Dense` / `nn.DenseGeneral` (attention's query, key,
+  value and output) / ungrouped `nn.Conv` layers a forward pass calls (Linen;
+  traced abstractly with `jax.eval_shape`, so it costs no compute), or of an
+  NNX module's Linear / LinearGeneral / ungrouped Conv layers."""
   if is_nnx_module(module):
     return _nnx_layers(module)
-  found: list[str] = []
+  return list(_linen_layers(module, variables, inputs, **call_kwargs))
+
+
+def _linen_layers(module: Any, variables: PyTree, inputs: Any, **call_kwargs: Any
+                  ) -> dict[str, int]:
+  """{path: `_input_axes`} of the adaptable Linen layers, in call order."""
+  found: dict[str, int] = {}
 
   def record(next_fun, args, kwargs, context):
     if context.method_name == "__call__" and _eligible(context.module):
       path = _module_path(context.module)
       if path not in found and context.module.has_variable("params", "kernel"):
-        found.append(path)
+        found[path] = _input_axes(context.module)
     return next_fun(*args, **kwargs)
 
   call_kwargs.setdefault("train", False)
   with nn.intercept_methods(record):
     jax.eval_shape(lambda v, x: module.apply(v, x, **call_kwargs), variables, inputs)
   return found
+
+
+def default_targets(layers: Sequence[str], head_pattern: str | None = r"head/.*") -> list[str]:
+  """LoRA's default targets: the attention projections (query, key, value and
+  the attention's output: the layers next to a query) when the model has
+  them, as PEFT adapts transformers; otherwise every layer but the head."""
+  attention = {p.rpartition("/")[0] for p in layers
+               if p.rpartition("/")[2] in ("query", "key", "value")}
+  chosen = [p for p in layers if p.rpartition("/")[0] in attention and p.count("/")]
+  if not chosen:
+    chosen = [p for p in layers
+              if not (head_pattern and re.fullmatch(head_pattern, p + "/kernel"))]
+  return [re.escape(p) for p in chosen]
 
 
 def select_targets(layers: Sequence[str], targets: Sequence[str] | str) -> list[str]:
@@ -136,6 +166,7 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
     raise ConfigError(f"LoRA dora={dora!r}: expected true or false.")
   if variables is None:
     variables = variables_of(module)
+  n_in = {} if is_nnx_module(module) else _linen_layers(module, variables, inputs)
   if layers is None:
     layers = adaptable_layers(module, variables, inputs)
   chosen = select_targets(layers, targets)
@@ -143,7 +174,8 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
   key = jax.random.PRNGKey(seed)
   for i, path in enumerate(chosen):
     kernel = flat[f"{path}/kernel"]
-    fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+    split = n_in.get(path, -1) % kernel.ndim  # after the input axes
+    fan_in, out = int(np.prod(kernel.shape[:split])), int(np.prod(kernel.shape[split:]))
     bound = 1.0 / np.sqrt(fan_in)
     flat[f"{path}/{LORA_A}"] = np.asarray(jax.random.uniform(
         jax.random.fold_in(key, i), (fan_in, rank), jnp.float32, -bound, bound))
@@ -164,25 +196,45 @@ def lora_interceptor(alpha: float):
     if not _eligible(mod):  # e.g. adapters imported from PEFT onto a DenseGeneral
       raise ConfigError(
           f"LoRA adapters at {_module_path(mod)} ({type(mod).__name__}): LoraModel adds "
-          "the low-rank path to nn.Dense and ungrouped nn.Conv layers only. Use "
+          "the low-rank path to nn.Dense, nn.DenseGeneral (no batch_dims) and ungrouped "
+          "nn.Conv layers only. Use "
           "jtl.recipes.strategies.LoraWeights (folds any adapter into its kernel) or merge_lora.")
     out = next_fun(*args, **kwargs)
     a = mod.get_variable("params", LORA_A).astype(out.dtype)
     b = mod.get_variable("params", LORA_B).astype(out.dtype)
     x = jnp.asarray(args[0]).astype(out.dtype)
     scale = alpha / a.shape[-1]
-    if isinstance(mod, nn.Dense):
-      low = x @ a
+    if isinstance(mod, nn.DenseGeneral):
+      update = _dense_general_update(mod, x, a, b, alpha).reshape(out.shape).astype(out.dtype)
     else:
-      kernel_shape = mod.get_variable("params", "kernel").shape
-      conv = mod.clone(parent=None, name=None, features=a.shape[-1], use_bias=False)
-      low = conv.apply({"params": {"kernel": a.reshape(kernel_shape[:-1] + (a.shape[-1],))}}, x)
-    update = ((low @ b) * scale).astype(out.dtype)
+      if isinstance(mod, nn.Dense):
+        low = x @ a
+      else:
+        kernel_shape = mod.get_variable("params", "kernel").shape
+        conv = mod.clone(parent=None, name=None, features=a.shape[-1], use_bias=False)
+        low = conv.apply({"params": {"kernel": a.reshape(kernel_shape[:-1] + (a.shape[-1],))}},
+                         x)
+      update = ((low @ b) * scale).astype(out.dtype)
     if not mod.has_variable("params", LORA_M):
       return out + update
     return _dora_output(mod, out, update, alpha)
 
   return intercept
+
+
+def _dense_general_update(mod: nn.Module, x: Any, a: Any, b: Any, alpha: float) -> Any:
+  """alpha / r * (x A) B of a DenseGeneral: x's `axis` axes contract with A
+  (split after the kernel's input axes: the low-rank path) or, for adapters
+  split after another axis (e.g. imported), with their kernel update."""
+  axes = tuple(ax % x.ndim for ax in (mod.axis if isinstance(mod.axis, Sequence)
+                                      else (mod.axis,)))
+  in_dims = tuple(x.shape[ax] for ax in axes)
+  contract = (axes, tuple(range(len(axes))))
+  if a.shape[0] == int(np.prod(in_dims)):
+    low = jnp.tensordot(x, a.reshape(in_dims + (a.shape[-1],)), axes=contract)
+    return (low @ b) * (alpha / a.shape[-1])
+  kernel_shape = mod.get_variable("params", "kernel").shape
+  return jnp.tensordot(x, _delta(a, b, kernel_shape, alpha).astype(x.dtype), axes=contract)
 
 
 def _dora_output(mod: nn.Module, out: Any, update: Any, alpha: float) -> Any:
@@ -193,7 +245,10 @@ def _dora_output(mod: nn.Module, out: Any, update: Any, alpha: float) -> Any:
   magnitude = mod.get_variable("params", LORA_M)
   norms = lora_layout.column_norms(
       kernel.astype(jnp.float32) + lora_layout.delta(a, b, kernel.shape, alpha), a.shape[0])
-  shape = (1,) * (out.ndim - 1) + out.shape[-1:]  # broadcast over the last axis
+  k = 1  # the output's feature axes (a DenseGeneral's can be several)
+  while int(np.prod(out.shape[-k:])) != magnitude.size and k < out.ndim:
+    k += 1
+  shape = (1,) * (out.ndim - k) + out.shape[-k:]  # broadcast over the feature axes
   scale = (magnitude / norms).reshape(shape).astype(out.dtype)
   if not mod.has_variable("params", "bias"):
     return (out + update) * scale
@@ -291,18 +346,23 @@ def _check_slots(flat: Mapping[str, Any], adapters: Mapping[str, Any], where: st
     if kernel is None:
       problems.append(f"{p}: the params have no kernel at {module}/kernel")
       continue
-    fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+    # a [prod(leading axes), r], b [r, prod(the other axes)], split anywhere
+    sizes = [(int(np.prod(kernel.shape[:k])), int(np.prod(kernel.shape[k:])))
+             for k in range(1, kernel.ndim)]
     if leaf == LORA_M:
       b = adapters.get(f"{module}/{LORA_B}")
-      width = np.shape(b)[-1] if b is not None else out
+      width = np.shape(b)[-1] if b is not None else sizes[-1][1]
       if np.shape(v) != (width,):
         problems.append(f"{p}: shape {np.shape(v)}, expected ({width},) (one magnitude per "
                         f"output column of {LORA_B})")
       continue
-    ok = (np.ndim(v) == 2 and (v.shape[0] == fan_in if leaf == LORA_A else v.shape[1] == out))
+    ok = np.ndim(v) == 2 and any((v.shape[0] == i) if leaf == LORA_A else (v.shape[1] == o)
+                                 for i, o in sizes)
     if not ok:
+      fan_in, out = sizes[-1]
       problems.append(f"{p}: shape {np.shape(v)} does not fit kernel {tuple(kernel.shape)} "
-                      f"(expected {LORA_A} (fan_in={fan_in}, r), {LORA_B} (r, {out}))")
+                      f"(expected {LORA_A} (fan_in={fan_in}, r), {LORA_B} (r, {out}), or the "
+                      "kernel split after another leading axis)")
   for m in _adapted_modules(adapters):
     if f"{m}/{LORA_B}" not in adapters:
       problems.append(f"{m}: has {LORA_A} but no {LORA_B}")
