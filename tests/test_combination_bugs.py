@@ -240,3 +240,37 @@ def test_lora_defaults_to_the_attention_projections_of_a_vit(tmp_path):
   with pytest.raises(ConfigError, match=r"LoRA targets \['query'\] match no .*layer.*\n"
                                         r"(.*\n)*.*MultiHeadDotProductAttention_0/query"):
     strategies.build({"name": "lora", "targets": "query"}, module, variables, spec)
+
+
+def test_a_schedule_change_on_resume_is_explicit_and_the_rate_is_logged(tmp_path):
+  # Bug 11: resuming with another num_steps silently rebuilt the cosine
+  # schedule (the rate jumped from 0 back up), and the rate was never logged.
+  import jax.numpy as jnp
+
+  from jtl.checkpoint import CheckpointManager
+  config = load_config("default")
+  config.num_steps, config.warmup_steps, config.learning_rate = 300, 0, 2e-3
+  assert experiment.schedule_config(config, tmp_path) is config  # a fresh workdir
+  params = {"head": {"w": jnp.zeros((2, 3))}}
+  labels = jtl.label_params(params, [(".*", "head")])
+  state = jtl.create_train_state(params, labels, jtl.make_optimizer(labels, learning_rate=0.1))
+  mngr = CheckpointManager(tmp_path, async_save=False)
+  mngr.save(300, state, meta=experiment.run_meta(config, 10), force=True)
+  mngr.close()
+  assert experiment.schedule_config(config, tmp_path) is config  # the same schedule
+  config.num_steps = 400
+  with pytest.raises(ConfigError, match=r"trained to step 300 with num_steps=300; this config "
+                     r"has num_steps=400\. .* the rate at step 300 would be 0\.000293 instead "
+                     r"of 0\. Choose: --config.resume_schedule=new"):
+    experiment.schedule_config(config, tmp_path)
+  config.resume_schedule = "new"
+  assert experiment.schedule_config(config, tmp_path) is config
+  config.resume_schedule = "old"
+  old = experiment.schedule_config(config, tmp_path)
+  assert old.num_steps == 300 and config.num_steps == 400  # trains to 400 on the old schedule
+  # The train metrics carry the schedule's rate at each step.
+  schedule = experiment.learning_rate_schedule(config)
+  transform = experiment.logging_learning_rate(None, schedule)
+  for step in (0, 150, 300):
+    _, metrics = transform(state.replace(step=jnp.int32(step)), {}, None)
+    assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(step)))

@@ -195,7 +195,7 @@ def test_import_jtl_deploy_loads_no_converter():
   assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
-def _tiny_workdir(root):
+def _tiny_workdir(root, image_size=28):
   """A workdir as scripts/finetune.py leaves it (config in the checkpoint's
   meta), holding a freshly initialised small_cnn; data: a folder of crops of
   two real photos."""
@@ -217,7 +217,7 @@ def _tiny_workdir(root):
             root / "photos" / split / name / f"{i}.png")
   config = configs.default.get_config()
   config.update(dict(model="small_cnn", pretrained=False, dataset=f"folder:{root / 'photos'}",
-                     image_size=28, batch_size=8, eval_batch_size=8, train_split="train",
+                     image_size=image_size, batch_size=8, eval_batch_size=8, train_split="train",
                      eval_split="test"))
   created = models.create("small_cnn", num_classes=2, pretrained=False, seed=3)
   labels = jax.tree.map(lambda _: "all", created.variables["params"])
@@ -246,6 +246,25 @@ def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   onnx_result = deploy_runs.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]
   assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4
+
+
+def test_onnx_sidecar_describes_the_file(tmp_path):
+  """Issue 27, bug 8: the sidecar named the input "x" while the graph's was
+  "in_0", and gave the model's native image_size (28) for a file at another."""
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+
+  from jtl.app import workdirs  # pylint: disable=g-import-not-at-top
+  workdir = _tiny_workdir(tmp_path, image_size=20)
+  exported = deploy_runs.export_workdir(workdir, "onnx")
+  meta = deploy.read_meta(exported.path)
+  session = ort.InferenceSession(exported.path, providers=["CPUExecutionProvider"])
+  assert [i.name for i in session.get_inputs()] == meta["inputs"] == ["x"]
+  assert meta["input_shape"] == [None, 20, 20, 3] and meta["normalize"]["image_size"] == 20
+  x = np.random.default_rng(0).standard_normal((3, 20, 20, 3)).astype(np.float32)
+  (got,) = session.run(None, dict(zip(meta["inputs"], [x])))
+  run = workdirs.restore(workdir, step="best")
+  want = run.module.apply(run.merged_variables(), x, train=False)
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 class _Tokens(nn.Module):

@@ -51,7 +51,11 @@ def test_finetune_resume_and_evaluate(tmp_path, data_dir):
   train_rows = [r for r in rows if r["split"] == "train"]
   assert {"loss", "steps_per_second", "examples_per_second", "input_wait_fraction"} <= set(train_rows[0])
 
-  second = finetune(workdir, 4, data_dir)
+  assert [r["learning_rate"] for r in train_rows] == pytest.approx([1e-2, 5e-3])  # cosine, 2 steps
+  # More steps on resume change the schedule: an error saying so, then the choice.
+  refused = finetune(workdir, 4, data_dir)
+  assert refused.returncode == 2 and "--config.resume_schedule=new" in refused.stderr
+  second = finetune(workdir, 4, data_dir, "--config.resume_schedule=new")
   assert second.returncode == 0, second.stderr[-5000:]
   report = json.loads((workdir / "final_report.json").read_text())
   assert report["start_step"] == 2  # resumed, did not start over

@@ -95,11 +95,24 @@ def test_lora_model_refuses_adapters_it_cannot_apply():
   params = Net().init(jax.random.PRNGKey(0), x)["params"]
   params["proj"]["lora_a"] = jnp.ones((8, 2)) * 0.1  # kernel (4, 2, 3) as (4*2, 3)
   params["proj"]["lora_b"] = jnp.ones((2, 3)) * 0.1
-  with pytest.raises(ConfigError, match=r"LoRA adapters at proj \(DenseGeneral\).*LoraWeights"):
-    LoraModel(Net(), alpha=2.0).apply({"params": params}, x)
   folded = LoraWeights(Net(), alpha=2.0).apply(params, {}, x, train=False, rng=None)[0]
   merged = Net().apply({"params": merge_lora(params, 2.0)}, x)
   np.testing.assert_allclose(folded, merged, rtol=1e-6)
+  # A DenseGeneral (attention's projections) runs in LoraModel too, split
+  # after its input axis (low rank) or, as here, after another (its update).
+  got = LoraModel(Net(), alpha=2.0).apply({"params": params}, x)
+  np.testing.assert_allclose(got, merged, rtol=1e-6)
+
+  class Batched(nn.Module):  # a DenseGeneral with batch_dims: no LoRA path for it
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.DenseGeneral(3, batch_dims=(0,), name="proj")(x)
+
+  params = Batched().init(jax.random.PRNGKey(0), x)["params"]
+  params["proj"]["lora_a"] = jnp.ones((8, 2)) * 0.1
+  params["proj"]["lora_b"] = jnp.ones((2, 3)) * 0.1
+  with pytest.raises(ConfigError, match=r"LoRA adapters at proj \(DenseGeneral\).*LoraWeights"):
+    LoraModel(Batched(), alpha=2.0).apply({"params": params}, x)
 
 
 def test_dora_starts_at_base_trains_m_a_b_merges_and_saves(tmp_path):

@@ -85,8 +85,10 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   if images is not None:
     feed = _to_pixels(images, affine) if affine is not None else images
     representative = [feed[i:i + 1] for i in range(len(feed))]
+  # The file's own resolution, not the model's native one.
+  normalization = dataclasses.replace(spec.normalization, image_size=size)
   meta = {"model": config.model, "num_classes": classes, "workdir": os.fspath(workdir),
-          "normalize": spec.normalization.describe()}
+          "normalize": normalization.describe()}
   exported = deploy.export(module, variables, out, format=format, input_shape=shape,
                     representative=representative, pixel_affine=affine, meta=meta)
   if format == "tflite_int8":

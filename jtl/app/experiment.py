@@ -39,6 +39,8 @@ REQUIRED = tuple(k.name for k in keys.KEYS if k.default is keys.REQUIRED)
 # What every evaluation reports (`jtl.train.evaluate`) and could pick the best
 # checkpoint by (the highest value wins).
 BEST_METRICS = ("accuracy", "top5_accuracy")
+# The config keys that shape the learning-rate schedule (`learning_rate_schedule`).
+SCHEDULE_KEYS = ("num_steps", "warmup_steps", "learning_rate", "schedule")
 
 
 # Keys of earlier configs and where their meaning lives now (one key per idea).
@@ -89,6 +91,9 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
                     f"{config.compute_dtype!r}")
   if config.schedule not in ("cosine", "constant", "linear"):
     problems.append(f"schedule must be 'cosine', 'constant' or 'linear', got {config.schedule!r}")
+  if config.resume_schedule not in (None, "new", "old"):
+    problems.append(f"resume_schedule must be None (a changed schedule is an error), 'new' or "
+                    f"'old', got {config.resume_schedule!r}")
   if config.on_nonfinite not in ("stop", "skip"):
     problems.append(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
   ema = config.ema_decay
@@ -419,6 +424,41 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def schedule_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                    ) -> ml_collections.ConfigDict:
+  """The config whose schedule keys (`SCHEDULE_KEYS`) build the optimizers of
+  a run in `workdir`: `config` itself for a fresh workdir or an unchanged
+  schedule. When the workdir's checkpoints were trained with another
+  schedule (e.g. more `num_steps` asked on resume), `resume_schedule` decides:
+  "new" rebuilds it from this config (the rate jumps at the resume step),
+  "old" keeps the saved one (a copy with its keys); None raises a
+  ConfigError showing both rates at the resume step."""
+  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
+  meta = manager.latest_meta(workdir)
+  saved = (meta or {}).get("config")
+  if not saved:
+    return config
+  changed = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != config.get(k)]
+  choice = config.get("resume_schedule")
+  if not changed or choice == "new":
+    return config
+  old = ml_collections.ConfigDict(config.to_dict())
+  for k in changed:
+    old[k] = saved[k]
+  if choice == "old":
+    return old
+  step = int(meta.get("step", 0))
+  rate = lambda c: float(learning_rate_schedule(c)(step))
+  raise ConfigError(
+      f"{workdir} holds a run trained to step {step} with "
+      + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this config has "
+      + ", ".join(f"{k}={config.get(k)!r}" for k in changed) + f". Resuming with it rebuilds "
+      f"the learning-rate schedule: the rate at step {step} would be {rate(config):.3g} "
+      f"instead of {rate(old):.3g}. Choose: --config.resume_schedule=new (this config's "
+      f"schedule from step {step} on), --config.resume_schedule=old (the run's own schedule "
+      "continues; a finished cosine stays at its end), or a new --workdir.")
+
+
 def num_classes(config: ml_collections.ConfigDict) -> int:
   if config.num_classes:
     return int(config.num_classes)
@@ -617,18 +657,19 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   preflight(config, workdir="" if workdir is None else workdir)
   config = resolve_schedule(config)
   workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
+  sched = schedule_config(config, workdir)  # before any weights load
   created = build_model(config)
-  module, variables, phases = build_training(config, created)
+  module, variables, phases = build_training(sched, created)
   cached_lp_ft = (config.strategy or {}).get("name") == "lp_ft" and \
       lp_ft_cache_problems(config) is None
   if cached_lp_ft:
-    variables, phases = _cached_probe_phase(config, created.spec, module, variables, phases,
+    variables, phases = _cached_probe_phase(sched, created.spec, module, variables, phases,
                                             workdir)
   method = methods.build(config, module, variables, created.spec,
                          train_batches(config, created.spec),
                          lambda ds, split: train_batches(config, created.spec, ds, split))
   if method.name in methods.DOMAIN_METHODS:
-    phases = [(start, method.labels(labels), build_optimizer(config, method.labels(labels)))
+    phases = [(start, method.labels(labels), build_optimizer(sched, method.labels(labels)))
               for start, labels, _ in phases]
   module, variables = method.module, method.variables
   summary = partition.summarize(variables["params"], phases[0][1])
@@ -657,7 +698,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   result = fit(
       module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
       later_phases=phases[1:],
-      train_batches=method.train_batches, batch_transform=method.batch_transform,
+      train_batches=method.train_batches,
+      batch_transform=logging_learning_rate(method.batch_transform,
+                                            learning_rate_schedule(sched)),
       **({"loss_fn": method.loss_fn} if method.loss_fn else {}),
       num_steps=config.num_steps,
       workdir=workdir, eval_batches=eval_batches(config, created.spec),
@@ -669,6 +712,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       batchnorm_batches=precise_batchnorm_batches(config, created.spec, variables),
       log_every=config.log_every, progress=progress)
   return _write_report(config, workdir, result, summary)
+
+
+def logging_learning_rate(batch_transform: Any, schedule: optax.Schedule) -> Any:
+  """`batch_transform` that also reports the schedule's learning rate at the
+  step ("learning_rate" in the train metrics; parameters with an
+  `lr_multipliers` entry train at that multiple of it)."""
+  def transform(state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+    batch, metrics = (batch, {}) if batch_transform is None else batch_transform(state, batch,
+                                                                                    rng)
+    return batch, {**metrics, "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
+  return transform
 
 
 def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec, module: Any,

@@ -81,6 +81,10 @@ KEYS: tuple[Key, ...] = (
     Key("compute_dtype", None, "None (float32) or 'bfloat16' (mixed precision)", str),
     Key("seed", 0, "seed of the head's init, the data order and dropout"),
     Key("on_nonfinite", "stop", "a NaN/inf loss: 'stop' with an error, or 'skip' the update"),
+    Key("resume_schedule", None, "resuming a workdir trained with another learning-rate "
+        "schedule (num_steps, warmup_steps, learning_rate, schedule): None: an error showing "
+        "both rates; 'new': this config's schedule from the resume step; 'old': the run's own",
+        str),
     Key("ema_decay", None, "weight EMA: evaluate, pick the best by and export the moving "
         "average ema = d * ema + (1 - d) * weights after each step (e.g. 0.999; None: off)",
         float),

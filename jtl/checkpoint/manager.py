@@ -395,6 +395,13 @@ def finished_steps(workdir: str | os.PathLike) -> list[int]:
   return [s for s in step_numbers(directory) if step_problem(directory / str(s)) is None]
 
 
+def latest_meta(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """The meta saved with a workdir's newest complete checkpoint step (what a
+  resume starts from); None when it has none."""
+  steps = finished_steps(workdir)
+  return _read_meta(checkpoint_dir(workdir) / str(steps[-1])) if steps else None
+
+
 def recorded_metric(directory: epath.Path, mode: str = "max") -> tuple[str | None, str]:
   """(metric, mode) the run picked its best checkpoint by, from the newest
   step's meta that records it (`best_metric`, or an app run's saved config);

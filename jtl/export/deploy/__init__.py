@@ -136,8 +136,9 @@ def export(module: Any, variables: PyTree | None, path: str | os.PathLike, *, fo
   fn = inference_fn(module, variables, train_kwarg=train_kwarg, pixel_affine=pixel_affine,
                     token_inputs=token_inputs)
   extra: dict[str, Any] = {}
-  if format == "onnx":
-    export_onnx(fn, path, input_shape=input_shape, token_inputs=token_inputs)
+  names = list(TOKEN_INPUTS) if token_inputs else ["x"]
+  if format == "onnx":  # the names the file's graph has (what onnxruntime is fed by)
+    names = export_onnx(fn, path, input_shape=input_shape, token_inputs=token_inputs)
   else:
     rewrites = export_tflite(fn, path, input_shape=input_shape, token_inputs=token_inputs,
                              representative=representative if format == "tflite_int8" else None)
@@ -154,7 +155,7 @@ def export(module: Any, variables: PyTree | None, path: str | os.PathLike, *, fo
   else:
     contract = "float32 NHWC, normalised as the model's preprocessing (jtl's pipeline)"
   info = {"format": format, "input_shape": [None, *map(int, input_shape)],
-          "inputs": list(TOKEN_INPUTS) if token_inputs else ["x"], "input": contract,
+          "inputs": names, "input": contract,
           "output": "float32 [batch, outputs] (logits, or the features of a model without head)",
           "input_pixels": pixel_affine is not None, **extra, **(meta or {})}
   write_meta(path, info)

@@ -144,8 +144,9 @@ def _jtl_onnx_plugins(plugin_system: Any):
 
 def export_onnx(fn: Callable[..., jax.Array], path: str | os.PathLike, *,
                 input_shape: Sequence[int], name: str = "jtl_model",
-                token_inputs: bool = False) -> None:
-  """Writes `fn` as a float32 ONNX model with a dynamic batch dimension.
+                token_inputs: bool = False) -> list[str]:
+  """Writes `fn` as a float32 ONNX model with a dynamic batch dimension and
+  returns the graph's input names ("x", or TOKEN_INPUTS).
 
   With `token_inputs`, the inputs are int32 "input_ids" and "attention_mask"
   [B, L], `input_shape` = (L,): the batch is dynamic, the length fixed (pad
@@ -173,7 +174,8 @@ def export_onnx(fn: Callable[..., jax.Array], path: str | os.PathLike, *,
         proto = to_onnx(fn, specs, return_mode="proto", model_name=name,
                         input_names=list(TOKEN_INPUTS))
       else:
-        proto = to_onnx(fn, [("B", *input_shape)], return_mode="proto", model_name=name)
+        proto = to_onnx(fn, [("B", *input_shape)], return_mode="proto", model_name=name,
+                        input_names=["x"])
   except Exception as e:  # any converter failure, reported with its cause
     raise ExportError(f"jax2onnx failed to convert the model: {type(e).__name__}: "
                       f"{str(e)[:2000]}") from e
@@ -181,3 +183,4 @@ def export_onnx(fn: Callable[..., jax.Array], path: str | os.PathLike, *,
   # onnxruntime infers them again without the mismatch warnings.
   del proto.graph.value_info[:]
   write_atomic(path, proto.SerializeToString())
+  return [i.name for i in proto.graph.input]

@@ -156,7 +156,9 @@ def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
             seed: int = 0, timings: dict[str, float] | None = None) -> TrainState:
     it = feature_batches(np.arange(len(features)), labels, batch_size, seed=seed)
     order = np.stack([next(it)["inputs"] for _ in range(num_steps)])
-    state = create_train_state(head_vars, hlabels, tx, rng=seed)
+    # Copies: `run` donates the state, and the head's arrays are the caller's
+    # (an NNX module's own, after `jtl.variables_of`).
+    state = create_train_state(jax.tree.map(jnp.array, head_vars), hlabels, tx, rng=seed)
     args = (state, jnp.asarray(features), jnp.asarray(labels), order)
     key = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(args))
     t0 = time.perf_counter()
