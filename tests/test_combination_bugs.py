@@ -60,7 +60,7 @@ def test_top5_accuracy_is_reported_only_for_more_than_5_classes():
     model = MLP(num_classes=classes)
     b = batch(16, classes=classes)
     variables = init(model, b["inputs"])
-    summary = jtl.summarize_eval(jtl.make_eval_step(model)(variables, b))
+    summary = jtl.steps.summarize_eval(jtl.make_eval_step(model)(variables, b))
     assert ("top5_accuracy" in summary) == (classes > 5), classes
   top5 = np.argsort(-model.apply(variables, b["inputs"]), -1)[:, :5]
   expected = np.mean((top5 == np.asarray(b["label"])[:, None]).any(-1))
@@ -161,7 +161,7 @@ def test_a_linen_module_with_another_flag_is_told_how_to_wrap_it():
   wrapped = jtl.LinenModel(module, train_kwarg="deterministic")
   new, metrics = jax.jit(jtl.make_train_step(wrapped, tx, labels=labels))(state, b)
   assert np.isfinite(metrics["loss"]) and int(new.step) == 1
-  assert jtl.summarize_eval(jtl.make_eval_step(wrapped)(new.variables, b))["count"] == 8
+  assert jtl.steps.summarize_eval(jtl.make_eval_step(wrapped)(new.variables, b))["count"] == 8
 
 
 def test_dict_outputs_with_a_custom_loss_name_what_evaluation_scores(tmp_path):

@@ -18,6 +18,7 @@ from jtl.recipes import strategies
 def config_with(**model_kwargs):
   c = default.get_config()
   c.num_classes = 10  # no dataset read
+  c.train_split, c.eval_split = "train", "test"  # what the tests' photo folders hold
   c.model_kwargs = model_kwargs
   return c
 
@@ -178,6 +179,7 @@ def test_unwritable_or_empty_workdir_is_refused_in_the_preflight(tmp_path):
   from configs import strategy as strategy_config
   c = strategy_config.get_config("linear_probe")
   c.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"
+  c.train_split, c.eval_split = "train", "test"
   c.model, c.pretrained, c.image_size, c.batch_size = "small_cnn", False, 28, 8
   experiment.preflight(c, workdir=tmp_path / "run")  # a new folder is fine
   (tmp_path / "file").write_text("x")
