@@ -5,11 +5,15 @@ params by the new labels and builds the new optimizer state;
 `transfer_opt_state` carries over the state of every leaf that stays
 trainable (moments, step counts), and newly trainable leaves start fresh.
 The fit loop (`jtl.train.fit`) and the strategies' schedules (LP-FT, gradual
-unfreezing) both use these.
+unfreezing) both use these. A `SelfTrained` first phase trains by its own
+means (the head on cached features) and `fit` checkpoints and evaluates it
+like any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +23,21 @@ from jtl import partition
 from jtl import tree as jtree
 from jtl.state import TrainState
 from jtl.tree import PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTrained:
+  """A first phase that trains itself, on a fresh start before step 1.
+
+  `run(variables, stop_point)` returns (the trained variables, a row of
+  train metrics) and calls `stop_point(when)` where it may stop (SIGTERM:
+  `fit` raises `Preempted` there, nothing saved). The run then goes on from
+  step `steps` (0: the phase is outside the run's step count, as LP-FT's
+  probe; the run's num_steps: it is the whole run, as a cached linear probe)
+  in the phase that runs there, with a fresh optimizer state.
+  """
+  run: Callable[[PyTree, Callable[[str], None]], tuple[PyTree, dict[str, float]]]
+  steps: int
 
 
 def _dtype(x: Any) -> np.dtype:

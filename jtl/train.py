@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -340,6 +341,18 @@ class _Loop:
       if g.stop.reached(step):  # after every step, on every process (multi-host sync)
         self._save_and_stop(step, num_steps, len(batch["label"]))
 
+  def end_first_phase(self, step: int, row: dict[str, float], last: bool) -> None:
+    """After a self-trained first phase: its metrics row logged at `step`;
+    evaluated and saved there when that ends the run."""
+    g = self.given
+    if step:
+      if g.writer:
+        g.writer.write(step, "train", row)
+      if g.on_log:
+        g.on_log(step, row)
+    if step and last:
+      self._evaluate_and_save(step, g.eval_batches is not None, g.mngr is not None, last=True)
+
   def _save_and_stop(self, step: int, num_steps: int, batch_size: int) -> None:
     """After a stop request (SIGTERM, SIGINT): the train metrics since the
     last log line written, `step` saved synchronously and `Preempted` raised
@@ -432,6 +445,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         batchnorm_batches: Callable[[], Iterable[Batch]] | None = None,
         stop_on_signals: bool = True, ema_decay: float | None = None,
         eval_output: Any = None, eval_fn: steps.EvalFn | None = None,
+        first_phase: phases_lib.SelfTrained | None = None,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
@@ -494,6 +508,12 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       with each checkpoint and resumed exactly); evaluations, the best
       checkpoint's choice and `restore_variables` (so evaluate.py and export)
       use the EMA weights (`state.eval_variables`). None: off.
+    first_phase: a phase that trains itself (`jtl.phases.SelfTrained`, e.g.
+      the head on cached features: `jtl.recipes.strategies.features.
+      cached_head_phase`), run on a fresh start before step 1; the run goes
+      on from its `steps` (its train-metrics row is logged there), evaluated
+      and saved there like any step when that ends the run. A resumed run
+      (a checkpoint found) skips it; a run stopped during it redoes it.
 
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
@@ -519,11 +539,15 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
       compute_dtype=compute_dtype, ema_decay=ema_decay)
 
-  def fresh_state(phase: int) -> tuple[TrainState, PyTree]:
-    """The initial state of `phase` and its labels (what a restore fills)."""
+  def fresh_state(phase: int, start: PyTree | None = None, step: int = 0
+                  ) -> tuple[TrainState, PyTree]:
+    """The initial state of `phase` (from `start` variables at `step`, by
+    default the given ones at 0) and its labels (what a restore fills)."""
     _, labels, tx = phases.items[phase]
-    return parallel.place_state(create_train_state(variables, labels, tx, rng=seed,
-                                                  ema=ema_decay is not None), mesh), labels
+    state = create_train_state(variables if start is None else start, labels, tx, rng=seed,
+                               ema=ema_decay is not None)
+    return parallel.place_state(state.replace(step=jnp.int32(step)) if step else state,
+                                mesh), labels
 
   stop = StopRequests()
   with contextlib.ExitStack() as stack:
@@ -533,8 +557,13 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         stack, workdir, lambda mngr: _restore_or_fresh(mngr, phases, fresh_state), meta=meta,
         save_every=checkpoint_every, keep=keep, best_metric=best_metric if eval_batches else None,
         async_save=async_checkpoints)
-    start_step = int(jax.device_get(state.step))
-    phase = phases.at(start_step - 1) if start_step else 0
+    start_step = begin = int(jax.device_get(state.step))
+    first_row = None
+    if first_phase is not None and start_step == 0:
+      state, first_row = _run_first_phase(first_phase, variables, phases, fresh_state, stop,
+                                          workdir)
+      begin = first_phase.steps
+    phase = phases.at(begin - 1) if begin else 0
     eval_step = jax.jit(steps.make_eval_step(module, eval_output=eval_output, eval_fn=eval_fn,
                                              compute_dtype=compute_dtype))
     if eval_batches is not None:
@@ -543,20 +572,46 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         phases=phases, compile_step=compile_step, mesh=mesh, mngr=mngr, writer=writer,
         eval_step=eval_step,
         eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
-        bar=_progress_bar(stack, start_step, num_steps) if progress else None,
+        bar=_progress_bar(stack, begin, num_steps) if progress else None,
         stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
         refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches, mesh)
                            if batchnorm_batches is not None else None),
         meta=meta, workdir=workdir, stop=stop), state=state, phase=phase,
         train_step=compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)
-    loop.run(train_batches(start_step), start_step, num_steps)
+    if first_row is not None:
+      loop.end_first_phase(begin, first_row, last=begin == num_steps)
+    loop.run(train_batches(begin), begin, num_steps)
     if mngr is not None and num_steps == start_step and eval_batches is not None:
       loop.evaluate(start_step)
   if stop.signum is not None:  # during the last step or the final save: all is saved
     raise _preempted(stop, loop.last_saved, num_steps, num_steps, workdir)
-  window = loop.window
-  total = window.busy if window.busy else 1e-9
+  return _result(loop, start_step, num_steps - begin, first_row)
+
+
+def _run_first_phase(first: phases_lib.SelfTrained, variables: PyTree, phases: _Phases,
+                     fresh_state: Callable[..., tuple[TrainState, PyTree]], stop: StopRequests,
+                     workdir: Any) -> tuple[TrainState, dict[str, float]]:
+  """Runs a self-trained first phase: (the state of the phase that runs at
+  its end, from its variables at step `first.steps`, and its metrics row)."""
+  def stop_point(when: str) -> None:
+    if stop.reached(0):  # on every process (multi-host sync), as after each step
+      raise preempted(stop, saved=None, when=when, workdir=workdir)
+
+  trained, row = first.run(variables, stop_point)
+  phase = phases.at(first.steps - 1) if first.steps else 0
+  return fresh_state(phase, trained, first.steps)[0], row
+
+
+def _result(loop: _Loop, start_step: int, steps_run: int,
+            first_row: dict[str, float] | None) -> FitResult:
+  """What `fit` returns; a run trained by its first phase alone reports that
+  phase's steps per second."""
+  window = getattr(loop, "window", None)
+  busy = window.busy if window else 0.0
+  speed = steps_run / busy if busy else 0.0
+  if not busy and first_row:
+    speed = first_row.get("steps_per_second", 0.0)
   return FitResult(state=loop.state, eval_metrics=loop.eval_metrics, start_step=start_step,
-                   steps_per_second=(num_steps - start_step) / total if window.busy else 0.0,
-                   input_wait_fraction=window.wait / total if window.busy else 0.0)
+                   steps_per_second=speed,
+                   input_wait_fraction=window.wait / busy if busy else 0.0)

@@ -336,8 +336,9 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
     partition.label_params(shapes["params"], rules)
   except JtlError as e:
     return [f"strategy.rules: {e}"]
-  return [f"strategy.rules: rule {rule!r} labels no parameter of {config.model} (a typo, or every match "
-          "is taken by an earlier rule)" for rule in partition.unused_rules(shapes["params"], rules)]
+  return [f"strategy.rules: rule {rule!r} labels no parameter of {config.model} (a typo, or "
+          "every match is taken by an earlier rule)"
+          for rule in partition.unused_rules(shapes["params"], rules)]
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: Any = None) -> None:
@@ -599,43 +600,84 @@ def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.Mo
 
 
 def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None:
-  """None: the run is not a cached linear probe; []: it is (features are
-  extracted once, the head trains on the cache); otherwise why
-  `strategy.cache_features=True` cannot be honoured. With the default
-  (None) the probe is cached exactly when nothing prevents it."""
-  strategy = config.strategy or {}
+  """None: the run does not train its head on cached features; []: it does
+  (`features.cached_head_phase`: the whole run for a linear probe, LP-FT's
+  probe phase before its steps); otherwise why `strategy.cache_features=True`
+  cannot be honoured. Whether and how a strategy caches is its own
+  (`strategies.cached_probe`); with the default (None) it caches exactly when
+  nothing prevents it."""
+  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
+  strategy = strategy_config(config)
   option = strategy.get("cache_features")
-  if strategy.get("name") == "lp_ft":
-    return lp_ft_cache_problems(config) if option else None  # lp_ft is no linear probe
-  if strategy.get("name") != "linear_probe":
-    return (["strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft' only"]
-            if option is not None else None)
-  if option is False:
-    return None
-  aug = config.augment
-  problems = [f"augment.{k} is on: cached features need an unaugmented pipeline"
-              for k in ("crop", "flip") if aug[k]]
-  problems += [f"augment.{k} > 0: cached features need an unaugmented pipeline"
-               for k in ("mixup_alpha", "cutmix_alpha", "randaugment_n") if aug[k]]
+  try:
+    plan = strategies.cached_probe(strategies.resolve_options(strategy))
+  except ConfigError:  # reported by precise_batchnorm_problems, with the strategy's options
+    plan = None
+  if plan is None:
+    names = " or ".join(repr(n) for n in strategies.CACHED_PROBES)
+    unsupported = strategy["name"] not in strategies.CACHED_PROBES and option is not None
+    return [f"strategy.cache_features applies to strategy.name={names} only"] \
+        if unsupported else None
+  problems = []
+  if plan.whole_run:  # the cache replaces every training step: nothing may be random
+    aug = config.augment
+    problems += [f"augment.{k} is on: cached features need an unaugmented pipeline"
+                 for k in ("crop", "flip") if aug[k]]
+    problems += [f"augment.{k} > 0: cached features need an unaugmented pipeline"
+                 for k in ("mixup_alpha", "cutmix_alpha", "randaugment_n") if aug[k]]
+    if config.ema_decay is not None:
+      problems.append("ema_decay is set: weight EMA runs in the train step, not on the cache")
   if methods.method_name(config):
-    problems.append(f"method {methods.method_name(config)!r} trains through its own step")
-  if config.get("ema_decay") is not None:
-    problems.append("ema_decay is set: weight EMA runs in the train step, not on the cache")
-  return None if problems and option is None else problems
+    problems.append(f"strategy {strategy['name']} with cache_features: method "
+                    f"{methods.method_name(config)!r} trains through its own step; set "
+                    "strategy.cache_features=False")
+  return None if problems and not plan.required else problems
 
 
-def lp_ft_cache_problems(config: ml_collections.ConfigDict) -> list[str] | None:
-  """For strategy lp_ft: None when its probe phase trains on cached features
-  (one unaugmented backbone pass, then the head; fine-tuning then runs with
-  the config's augmentation), [] when the option is off, else why
-  `cache_features=True` cannot be honoured."""
-  strategy = config.strategy or {}
-  if strategy.get("name") != "lp_ft" or strategy.get("cache_features") is False:
-    return []
-  if methods.method_name(config):
-    return [f"strategy lp_ft with cache_features: method {methods.method_name(config)!r} "
-            "trains through its own step; set strategy.cache_features=False"]
-  return None
+def cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec,
+                       module: Any, variables: Any, phases: list, workdir: epath.Path
+                       ) -> tuple[Any, list]:
+  """(`fit`'s first_phase, the phases `fit` steps through) of the run: the
+  head on cached features when `cached_probe_problems` says so (first phase:
+  the whole run, or before the later phases, which then start at step 0),
+  else (None, `phases`)."""
+  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
+  from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
+  if cached_probe_problems(config) != []:
+    return None, phases
+  plan = strategies.cached_probe(strategies.resolve_options(strategy_config(config)))
+  head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
+  head_tx = build_optimizer(config, head_labels) if plan.learning_rate is None else \
+      make_optimizer(head_labels, learning_rate=plan.learning_rate, optimizer=config.optimizer)
+  head_steps = config.num_steps if plan.whole_run else plan.head_steps
+  train_pass = eval_batches(config, spec, config.train_split, config.dataset)()
+  first = features.cached_head_phase(
+      module, train_pass, head_tx, head_steps=head_steps,
+      steps=config.num_steps if plan.whole_run else 0, batch_size=config.batch_size,
+      seed=config.seed)
+  if plan.whole_run:
+    print("Linear probe on cached features: one backbone pass over the training split, "
+          "then the head trains on the cache.\n", flush=True)
+    return first, phases
+  rest = [(start - phases[1][0], labels, tx) for start, labels, tx in phases[1:]]
+  run = _probe_before_run(first.run, config, head_steps, plan, workdir)
+  return dataclasses.replace(first, run=run), rest
+
+
+def _probe_before_run(run: Callable, config: ml_collections.ConfigDict, head_steps: int,
+                      plan: Any, workdir: epath.Path) -> Callable:
+  """`run` of a probe before the run's steps, printing what it did and saving
+  the probe (WiSE-FT's other end, `evaluate.py --wise`)."""
+  def told(variables: Any, stop_point: Callable[[str], None]) -> tuple[Any, dict[str, float]]:
+    variables, info = run(variables, stop_point)
+    workdirs.save_probe(workdir, variables)
+    lr = plan.learning_rate if plan.learning_rate is not None else config.learning_rate
+    print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted "
+          f"in {info['extract_seconds']:.1f}s, {head_steps} head steps at learning rate "
+          f"{lr:g} in {info['head_seconds']:.1f}s; now fine-tuning (the partition below) at "
+          f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
+    return variables, info
+  return told
 
 
 def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
@@ -660,11 +702,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   sched = schedule_config(config, workdir)  # before any weights load
   created = build_model(config)
   module, variables, phases = build_training(sched, created)
-  cached_lp_ft = (config.strategy or {}).get("name") == "lp_ft" and \
-      lp_ft_cache_problems(config) is None
-  if cached_lp_ft:
-    variables, phases = _cached_probe_phase(sched, created.spec, module, variables, phases,
-                                            workdir)
+  first_phase, phases = cached_probe_phase(config, created.spec, module, variables, phases,
+                                           workdir)
   method = methods.build(config, module, variables, created.spec,
                          train_batches(config, created.spec),
                          lambda ds, split: train_batches(config, created.spec, ds, split))
@@ -672,32 +711,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     phases = [(start, method.labels(labels), build_optimizer(sched, method.labels(labels)))
               for start, labels, _ in phases]
   module, variables = method.module, method.variables
-  summary = partition.summarize(variables["params"], phases[0][1])
-  print(f"Pretrained load report:\n{created.report}\n\nTrainable / frozen:\n{summary}\n", flush=True)
-  if method.describe:
-    print(f"Method {method.name}: {method.describe}\n", flush=True)
-  for start, labels, _ in phases[1:]:
-    print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
-  classes = num_classes(config)
-  if cached_probe_problems(config) == []:
-    from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
-    head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
-    print("Linear probe on cached features: one backbone pass over the training split, "
-          "then the head trains on the cache.\n", flush=True)
-    result = features.fit_cached_probe(
-        module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
-        head_tx=build_optimizer(config, head_labels),
-        train_pass=eval_batches(config, created.spec, config.train_split,
-                                config.dataset)(),
-        num_steps=config.num_steps, batch_size=config.batch_size, workdir=workdir,
-        eval_batches=eval_batches(config, created.spec), keep=config.keep,
-        best_metric=config.best_metric, meta=run_meta(config, classes),
-        seed=config.seed)
-    return _write_report(config, workdir, result, summary)
+  summary = _print_partition(created, method, variables, phases)
   compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
   result = fit(
       module=module, variables=variables, labels=phases[0][1], tx=phases[0][2],
-      later_phases=phases[1:],
+      later_phases=phases[1:], first_phase=first_phase,
       train_batches=method.train_batches,
       batch_transform=logging_learning_rate(method.batch_transform,
                                             learning_rate_schedule(sched)),
@@ -707,7 +725,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
       keep=config.keep, best_metric=config.best_metric,
       microbatches=config.microbatches, compute_dtype=compute_dtype,
-      seed=config.seed, meta=run_meta(config, classes),
+      seed=config.seed, meta=run_meta(config, num_classes(config)),
       on_nonfinite=config.on_nonfinite, ema_decay=config.ema_decay,
       batchnorm_batches=precise_batchnorm_batches(config, created.spec, variables),
       log_every=config.log_every, progress=progress)
@@ -725,37 +743,18 @@ def logging_learning_rate(batch_transform: Any, schedule: optax.Schedule) -> Any
   return transform
 
 
-def _cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec, module: Any,
-                        variables: Any, phases: list, workdir: epath.Path) -> tuple[Any, list]:
-  """LP-FT's probe phase on cached features (skipped when `workdir` already
-  holds a complete checkpoint: the run resumes its fine-tuning phase). Returns the
-  variables with the probed head and the one fine-tuning phase from step 0."""
-  from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
-  o = config.strategy
-  ft_labels = phases[-1][1]
-  ft_phase = [(0, ft_labels, build_optimizer(config, ft_labels))]
-  from jtl.checkpoint.manager import finished_steps  # pylint: disable=g-import-not-at-top
-  # Only a complete checkpoint counts: a save cut short by a kill leaves a
-  # temporary folder, and skipping the probe then would fine-tune an untrained head.
-  if finished_steps(workdir):
-    print("LP-FT: checkpoints found, resuming the fine-tuning phase.\n", flush=True)
-    return variables, ft_phase
-  head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
-  probe_lr = o.get("probe_learning_rate") or strategies.PROBE_LEARNING_RATE
-  probe_steps = o.get("probe_steps") or strategies.PROBE_STEPS
-  head_tx = make_optimizer(head_labels, learning_rate=probe_lr,
-                           optimizer=config.optimizer)
-  variables, info = features.probe_head(
-      module, variables, eval_batches(config, spec, config.train_split,
-                                      config.dataset)(),
-      head_tx, num_steps=probe_steps, batch_size=config.batch_size, seed=config.seed)
-  print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted in "
-        f"{info['extract_seconds']:.1f}s, {probe_steps} head steps at learning rate "
-        f"{probe_lr:g} in {info['head_seconds']:.1f}s; now fine-tuning (the partition below) at "
-        f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
-  workdirs.save_probe(workdir, variables)  # WiSE-FT's other end (evaluate.py --wise)
-  return variables, ft_phase
+def _print_partition(created: models.CreatedModel, method: Any, variables: Any,
+                     phases: list) -> partition.Summary:
+  """Prints the load report and each phase's trainable / frozen split;
+  returns the first phase's."""
+  summary = partition.summarize(variables["params"], phases[0][1])
+  print(f"Pretrained load report:\n{created.report}\n\nTrainable / frozen:\n{summary}\n",
+        flush=True)
+  if method.describe:
+    print(f"Method {method.name}: {method.describe}\n", flush=True)
+  for start, labels, _ in phases[1:]:
+    print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
+  return summary
 
 
 def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result: FitResult,

@@ -16,14 +16,18 @@ from jtl.recipes.strategies.builder import (
   PRECISE_BATCHNORM_IMAGES,
   PROBE_LEARNING_RATE,
   PROBE_STEPS,
+  CACHED_PROBES,
+  CachedProbe,
   Strategy,
   build,
+  cached_probe,
   default_options,
   resolve_options,
 )
 from jtl.recipes.strategies.features import (
   Head,
   cache_problems,
+  cached_head_phase,
   extract_features,
   feature_batches,
   head_trainer,
@@ -72,7 +76,7 @@ from jtl.recipes.strategies.schedules import (
 from jtl.recipes.strategies.wise import WISE_ALPHAS, choose_alpha, wise_ft
 
 __all__ = [
-    "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "adaptable_layers", "add_lora", "default_targets",
+    "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "CACHED_PROBES", "CachedProbe", "cached_probe", "cached_head_phase", "adaptable_layers", "add_lora", "default_targets",
     "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "default_options", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",

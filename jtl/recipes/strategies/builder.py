@@ -90,6 +90,42 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class CachedProbe:
+  """How a strategy trains its head on cached features (one unaugmented
+  backbone pass, then the head alone: `features.cached_head_phase`).
+
+  Attributes:
+    whole_run: the probe is the whole run (its num_steps head steps replace
+      every training step, so it needs an unaugmented pipeline); False: it
+      runs before the run's steps (LP-FT's probe), which then train the
+      strategy's later phases from step 0 with the config's augmentation.
+    head_steps: head steps when not the whole run.
+    learning_rate: the probe's constant learning rate (None: the run's).
+    required: cache_features=True (else None: when nothing prevents it).
+  """
+  whole_run: bool
+  head_steps: int | None
+  learning_rate: float | None
+  required: bool
+
+
+# The strategies whose first phase trains the head alone, so that it can train on cached features.
+CACHED_PROBES = ("linear_probe", "lp_ft")
+
+
+def cached_probe(options: Mapping[str, Any]) -> CachedProbe | None:
+  """The resolved `options`' cached probe, or None (a strategy without one,
+  or cache_features=False)."""
+  name, option = options["name"], options.get("cache_features")
+  if name not in CACHED_PROBES or option is False:
+    return None
+  if name == "lp_ft":
+    return CachedProbe(False, options["probe_steps"], options["probe_learning_rate"],
+                       option is True)
+  return CachedProbe(True, None, None, option is True)
+
+
+@dataclasses.dataclass(frozen=True)
 class Strategy:
   """What a strategy hands the training loop.
 

@@ -12,10 +12,9 @@ frozen backbone.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtl import parallel, partition, steps
+from jtl import parallel, partition, phases, steps
 from jtl import tree as jtree
 from jtl.adapter import NnxModel, as_model, is_nnx_module
 from jtl.errors import ConfigError, DataError
@@ -206,82 +205,57 @@ def probe_head(module: Any, variables: PyTree, train_pass: Iterable[dict[str, An
                                         "cached_examples": len(ys)}
 
 
+def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]],
+                      head_tx: optax.GradientTransformation, *, head_steps: int, steps: int,
+                      batch_size: int, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+                      ) -> phases.SelfTrained:
+  """The head trained on cached features, as `jtl.train.fit`'s first phase
+  (`first_phase=`): one backbone pass over `train_pass` (unaugmented) on all
+  devices of the mesh, then `head_steps` steps of `batch_size` on the cache
+  in one compiled scan (`head_trainer`, optimizer `head_tx` over
+  {"head": ...}). It counts `steps` of the run's steps: the run's num_steps
+  for a linear probe (the whole run), 0 for LP-FT's probe phase (its
+  fine-tuning runs every step). Its metrics row: extract_seconds,
+  head_seconds, head_compile_seconds, steps_per_second (head steps),
+  cached_examples."""
+  def run(variables: PyTree, stop_point: Callable[[str], None]
+          ) -> tuple[dict[str, Any], dict[str, float]]:
+    t0 = time.perf_counter()
+    feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
+    stop_point("after extracting the features")
+    t1 = time.perf_counter()
+    timings: dict[str, float] = {}
+    head = head_trainer(variables, head_tx)(feats, ys, num_steps=head_steps,
+                                            batch_size=min(batch_size, len(ys)), seed=seed,
+                                            timings=timings)
+    jax.block_until_ready(head.params)
+    t2 = time.perf_counter()
+    return with_head(variables, jax.device_get(head.params)), {
+        "extract_seconds": t1 - t0, "head_seconds": t2 - t1,
+        "head_compile_seconds": timings["compile_seconds"],
+        "steps_per_second": head_steps / (t2 - t1), "cached_examples": len(ys)}
+  return phases.SelfTrained(run, steps)
+
+
 def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
                      tx: optax.GradientTransformation, head_tx: optax.GradientTransformation,
                      train_pass: Iterable[dict[str, Any]], num_steps: int, batch_size: int,
                      workdir: Any = None, eval_batches: Any = None, keep: int = 2,
                      best_metric: str | None = "accuracy", meta: dict[str, Any] | None = None,
                      seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Any:
-  """A linear probe run like `jtl.train.fit`, on cached features.
-
-  The backbone runs once over `train_pass` (one unaugmented pass of the
-  training split) on all devices of the mesh; the head then trains for
-  `num_steps` steps of `batch_size` on the cache in one compiled scan
-  (`head_trainer`, optimizer `head_tx` over {"head": ...}); the result is
-  evaluated, logged and checkpointed in `workdir` like a `fit` run (a full
-  TrainState over `labels`/`tx` at step `num_steps`, so `scripts/evaluate.py`
-  and resuming work unchanged). A workdir that already holds step
-  `num_steps` is evaluated, not retrained; an unfinished one is retrained
-  from the start (the run is short). Returns a `jtl.train.FitResult` whose
-  `steps_per_second` counts head steps. A SIGTERM or SIGINT (as for `fit`)
-  stops it after the feature extraction, or after the save when the head
-  was training, with the lock released: `jtl.errors.Preempted`.
+  """A linear probe run by `jtl.train.fit` on cached features: its first
+  phase (`cached_head_phase`) is the whole run; `fit` then evaluates, logs
+  and checkpoints it in `workdir` (a full TrainState over `labels`/`tx` at
+  step `num_steps`, so `scripts/evaluate.py` and resuming work unchanged),
+  holds the lock and handles SIGTERM/SIGINT as for any run. A workdir that
+  already holds step `num_steps` is evaluated, not retrained; an unfinished
+  one is retrained from the start (the run is short). Returns a
+  `jtl.train.FitResult` whose `steps_per_second` counts head steps.
   """
   from jtl import train as jtrain  # pylint: disable=g-import-not-at-top  (Orbax: lazily)
-  from jtl.checkpoint.lock import WorkdirLock  # pylint: disable=g-import-not-at-top
-  from jtl.checkpoint.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
-  from jtl.metrics import MetricWriter  # pylint: disable=g-import-not-at-top
-  from jtl.preemption import StopRequests, preempted  # pylint: disable=g-import-not-at-top
-  mesh = mesh or parallel.make_mesh()
-  eval_step = jax.jit(steps.make_eval_step(module))
-  lock = contextlib.nullcontext() if workdir is None else WorkdirLock(
-      workdir, enabled=jax.process_index() == 0)
-  stop = StopRequests()
-  with stop, lock:  # the lock is released before the signal handlers are restored
-    mngr = None if workdir is None else CheckpointManager(
-        workdir, keep=keep, best_metric=best_metric if eval_batches else None, async_save=False)
-    try:
-      fresh = lambda s: (parallel.place_state(create_train_state(variables, labels, tx), mesh),
-                         labels)
-      done = mngr.restore_latest(fresh) if mngr and mngr.latest_step() == num_steps else None
-      if done is not None:
-        metrics = jtrain.evaluate(eval_step, done.variables, eval_batches(), mesh) \
-            if eval_batches else None
-        return jtrain.FitResult(done, metrics, num_steps, 0.0, 0.0)
-      t0 = time.perf_counter()
-      feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
-      if stop.reached(1):  # on every process (multi-host sync), as `fit` after each step
-        raise preempted(stop, saved=None, when="after extracting the features",
-                        workdir=workdir)
-      t1 = time.perf_counter()
-      timings: dict[str, float] = {}
-      head = head_trainer(variables, head_tx)(feats, ys, num_steps=num_steps,
-                                              batch_size=min(batch_size, len(ys)), seed=seed,
-                                              timings=timings)
-      jax.block_until_ready(head.params)
-      t2 = time.perf_counter()
-      trained = with_head(variables, jax.device_get(head.params))
-      state = parallel.place_state(
-          create_train_state(trained, labels, tx, rng=seed).replace(step=jnp.int32(num_steps)),
-          mesh)
-      metrics = jtrain.evaluate(eval_step, state.variables, eval_batches(), mesh) \
-          if eval_batches else None
-      if workdir is not None:
-        writer = MetricWriter(workdir, resume_step=0)
-        writer.write(num_steps, "train", {"extract_seconds": t1 - t0, "head_seconds": t2 - t1,
-                                          "head_compile_seconds": timings["compile_seconds"],
-                                          "steps_per_second": num_steps / (t2 - t1),
-                                          "cached_examples": len(ys)})
-        if metrics:
-          writer.write(num_steps, "eval", metrics)
-          writer.plot()
-        writer.close()
-        mngr.save(num_steps, state, metrics=metrics if best_metric else None, meta=meta,
-                  force=True)
-      if stop.reached(2):
-        raise preempted(stop, saved=num_steps if mngr else None,
-                        when="when training had finished", workdir=workdir)
-      return jtrain.FitResult(state, metrics, 0, num_steps / (t2 - t1), 0.0)
-    finally:
-      if mngr is not None:
-        mngr.close()
+  first = cached_head_phase(module, train_pass, head_tx, head_steps=num_steps, steps=num_steps,
+                            batch_size=batch_size, seed=seed, mesh=mesh)
+  return jtrain.fit(module=module, variables=variables, labels=labels, tx=tx,
+                    train_batches=lambda start: iter(()), num_steps=num_steps, workdir=workdir,
+                    eval_batches=eval_batches, keep=keep, best_metric=best_metric, meta=meta,
+                    seed=seed, mesh=mesh, progress=False, first_phase=first)
