@@ -246,7 +246,7 @@ def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | 
     raise ConfigError(f"{workdir}: the saved probe ({workdirs.PROBE_VARIABLES}) and the "
                       "checkpoint hold different variables; was the probe written by this run?")
   eval_step = jax.jit(steps.make_eval_step(run.module))
-  validation = run.config.get("eval_split", "test")
+  validation = run.config.eval_split
   score = lambda split: lambda v: train.evaluate(eval_step, v, eval_batches(
       run.config, run.spec, split)())
   alpha, rows = wise.choose_alpha(score(validation), probe, ft,

@@ -439,8 +439,8 @@ def schedule_config(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   saved = (meta or {}).get("config")
   if not saved:
     return config
-  changed = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != config.get(k)]
-  choice = config.get("resume_schedule")
+  changed = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != config[k]]
+  choice = config.resume_schedule
   if not changed or choice == "new":
     return config
   old = ml_collections.ConfigDict(config.to_dict())
@@ -453,7 +453,7 @@ def schedule_config(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   raise ConfigError(
       f"{workdir} holds a run trained to step {step} with "
       + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this config has "
-      + ", ".join(f"{k}={config.get(k)!r}" for k in changed) + f". Resuming with it rebuilds "
+      + ", ".join(f"{k}={config[k]!r}" for k in changed) + f". Resuming with it rebuilds "
       f"the learning-rate schedule: the rate at step {step} would be {rate(config):.3g} "
       f"instead of {rate(old):.3g}. Choose: --config.resume_schedule=new (this config's "
       f"schedule from step {step} on), --config.resume_schedule=old (the run's own schedule "
