@@ -126,6 +126,7 @@ def _reference_config(photos):
   c.model, c.pretrained, c.image_size = "own_model_pkg.models:TinyNet", False, 16
   c.model_kwargs = {"width": 4}
   c.dataset, c.strategy.rules = f"folder:{photos}", ((".*", "all"),)
+  c.train_split, c.eval_split = "train", "test"  # the folder's own splits
   c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps = 8, 16, 2, 0
   c.eval_every = c.checkpoint_every = 2
   c.strategy.precise_batchnorm, c.log_every = 0, 1
