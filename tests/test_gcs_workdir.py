@@ -35,7 +35,7 @@ BUCKET = "bkt"
 SMALL = ["--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8",
          "--config.num_steps=12", "--config.checkpoint_every=3", "--config.eval_every=6",
          "--config.log_every=1", "--config.warmup_steps=0", "--config.strategy.precise_batchnorm=0",
-         "--config.keep=2"]
+         "--config.keep=2", "--config.train_split=train", "--config.eval_split=test"]
 
 
 def _free_port() -> int:
