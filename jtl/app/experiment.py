@@ -702,6 +702,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   sched = schedule_config(config, workdir)  # before any weights load
   created = build_model(config)
   module, variables, phases = build_training(sched, created)
+  module, variables = as_api(config, module, variables)
   first_phase, phases = cached_probe_phase(config, created.spec, module, variables, phases,
                                            workdir)
   method = methods.build(config, module, variables, created.spec,
@@ -755,6 +756,27 @@ def _print_partition(created: models.CreatedModel, method: Any, variables: Any,
   for start, labels, _ in phases[1:]:
     print(f"From step {start}:\n{partition.summarize(variables['params'], labels)}\n", flush=True)
   return summary
+
+
+def as_api(config: ml_collections.ConfigDict, module: Any, variables: Any) -> tuple[Any, Any]:
+  """The model to train in the config's `api`: the Linen module as built, or
+  for "nnx" the same model as an NNX module (`models.to_nnx`, the Linen
+  parameter paths, BatchNorm statistics as its "state") with its variables.
+  Checkpoints then hold "state" for "batch_stats" (`workdirs.restore` maps
+  them back)."""
+  api = config.get("api") or "linen"
+  if api == "linen":
+    return module, variables
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  if api != "nnx":
+    raise ConfigError(f"api={api!r}: expected 'linen' or 'nnx'.")
+  if not isinstance(module, nn.Module):  # a strategy's wrapper (LoRA) or a method's
+    strategy = (config.get("strategy") or {}).get("name")
+    raise ConfigError(f"api='nnx' with strategy.name={strategy!r}: its model wrapper "
+                      f"({type(module).__name__}) is Linen only; set api='linen'.")
+  from jtl import adapter  # pylint: disable=g-import-not-at-top
+  model = models.registry.to_nnx(module, variables, seed=config.get("seed", 0))
+  return model, adapter.variables_of(model)
 
 
 def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result: FitResult,

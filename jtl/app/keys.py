@@ -34,6 +34,8 @@ KEYS: tuple[Key, ...] = (
     Key("model_kwargs", {}, "options of the model's constructor, e.g. {'drop_path_rate': 0.1} "
         "(`jtl.app.experiment.model_options`)"),
     Key("pretrained", True, "load the model's pretrained weights (False: random init)"),
+    Key("api", "linen", "'linen', or 'nnx': the zoo model trains as a Flax NNX module "
+        "(models.create(api='nnx')); checkpoints and exports are the same either way"),
     Key("num_classes", 0, "outputs of the new head (0: the dataset's classes)"),
     Key("dataset", REQUIRED, "a TFDS name or folder:/path/to/images"),
     Key("data_dir", None, "TFDS data folder (None: TFDS's default)", str),

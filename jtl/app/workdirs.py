@@ -189,6 +189,9 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
   if strategy.get("name") == "lora":
     from jtl.recipes.strategies.builder import resolve_options  # pylint: disable=g-import-not-at-top
     alpha = resolve_options(strategy)["alpha"]
+  if "state" in variables and "batch_stats" not in variables:  # trained with api="nnx"
+    variables = {**{k: v for k, v in variables.items() if k != "state"},
+                 "batch_stats": variables["state"]}
   return Restored(module, methods.plain_variables(config, variables), config, spec,
                   int(meta["num_classes"]), alpha, meta)
 

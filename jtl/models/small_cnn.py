@@ -52,7 +52,9 @@ class SmallCNN(nn.Module):
 def _register(name: str, width: int) -> None:
   registry.register(registry.ModelSpec(
       name=name,
-      build=lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes, width=width, **kw),
+      # `width` is this name's default; model_kwargs may still set it (model_options lists it).
+      build=lambda num_classes=10, **kw: SmallCNN(num_classes=num_classes,
+                                                  **{"width": width, **kw}),
       **registry.image_inputs(NORMALIZATION),
       groups=[(f"stage{i}", rf"stage{i}_.*") for i in range(3)] + [("head", r"head/.*")],
       default_num_classes=10,
