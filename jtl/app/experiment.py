@@ -328,7 +328,9 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   if strategy["name"] != "rules" or not rules:
     return []
   spec = models.get_spec(config.model)
-  module = spec.build(num_classes=int(config.num_classes or classes or 2))
+  # The model as the run builds it: model_kwargs change its layers (depth, blocks).
+  module = spec.build(num_classes=int(config.num_classes or classes or 2),
+                      **workdirs.model_kwargs(config))
   shapes = jax.eval_shape(
       lambda: module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
                           spec.example_input(1), train=False))

@@ -217,12 +217,17 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     raise ConfigError(f"export_hub_format: format {format!r}; expected 'peft' or 'hf'.")
   run = restore(workdir, step=step)
   out = paths.path(out or paths.path(workdir) / "export" / format)
-  if format == "hf":
-    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha)
-  if run.alpha is None:
+  if format == "peft" and run.alpha is None:
     strategy = (run.config.strategy or {}).get("name") or "full fine-tuning"
     raise ConfigError(f"{workdir}: --format peft exports LoRA adapters, but this run's "
                       f"strategy is {strategy!r}; use --format hf for merged weights.")
+  try:  # a family without an HF / timm layout: say which option and model
+    hf_export.layout_of(run.module)
+  except ConfigError as e:
+    raise ConfigError(f"{workdir}: --format {format} for model {run.config.model!r}: "
+                      f"{e}") from None
+  if format == "hf":
+    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha)
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]

@@ -288,8 +288,9 @@ def vit(variant: str, num_classes: int = 1000, *, patch_size: int = 16,
     raise ConfigError(f"Unknown ViT variant {variant!r}; expected one of "
                       f"{sorted(VARIANTS)}.")
   width, depth, mlp_dim, num_heads = VARIANTS[variant]
-  return ViT(num_classes=num_classes, patch_size=patch_size, width=width,
-             depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, **kwargs)
+  # The variant's sizes are defaults: model_kwargs may set them (model_options lists them).
+  sizes = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  return ViT(num_classes=num_classes, patch_size=patch_size, **{**sizes, **kwargs})
 
 
 # Both layouts -> big_vision names. vision_transformer numbers a block's

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import jax  # noqa: E402
 
 import support_matrix as sm  # noqa: E402
+from jtl.errors import Preempted  # noqa: E402
 
 # Random init compiles ~5x faster with "rbg" than threefry on XLA:CPU (the
 # weights are random anyway); one compilation cache for every cell.
@@ -43,6 +44,8 @@ def run_cell(family: str, strategy: str, api: str, work: Path, data: Path) -> li
   error = None
   try:
     sm.run_training(family, strategy, api, workdir, data)
+  except Preempted:  # SIGTERM / SIGINT: fit stopped at a step; stop the whole run
+    raise
   except Exception as e:  # pylint: disable=broad-except  (each cell reports its own)
     error = e
   observed = sm.outcome(error, workdir)
@@ -54,7 +57,7 @@ def run_cell(family: str, strategy: str, api: str, work: Path, data: Path) -> li
         sm.run_export(export, workdir)
         seen = sm.WORKS
       except Exception as e:  # pylint: disable=broad-except
-        seen = sm.outcome(e)
+        seen = sm.outcome(e, workdir, training=False)
     else:
       seen = observed  # the training cell's refusal (or failure) is the export's
     rows.append(_row(family, strategy, api, export, seen, time.perf_counter() - start))
@@ -83,9 +86,10 @@ def main() -> int:
   work = Path(tempfile.mkdtemp(prefix="jtl_matrix_"))
   data = sm.make_image_folder(work / "images")
   rows, start = [], time.perf_counter()
-  for family in args.family or sm.FAMILIES:
+  # Linen first (the whole family x strategy table), then NNX: a run cut short has the table.
+  for api in args.api or sm.APIS:
     for strategy in args.strategy or sm.STRATEGIES:
-      for api in args.api or sm.APIS:
+      for family in args.family or sm.FAMILIES:
         if (family, strategy, api) in done:
           continue
         cell = run_cell(family, strategy, api, work, data)
