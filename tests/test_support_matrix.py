@@ -15,18 +15,19 @@ from jtl.app import experiment
 README = Path(__file__).parents[1] / "README.md"
 
 # (family, strategy config, api, exports): each cell also runs evaluate's path.
-COVER = [
-    ("small_cnn", "strategy.py:full", "nnx", ["orbax", "hf", "onnx", "tflite"]),
+COVER = [  # the heavy exports (int8 calibration, LiteRT) on the smallest model
+    ("small_cnn", "strategy.py:full", "nnx", ["orbax", "hf", "onnx", "tflite", "tflite_int8"]),
     ("small_cnn", "strategy.py:lora", "nnx", []),
     ("small_cnn", "strategy.py:scratch", "linen", []),
     ("small_cnn", "strategy.py:gradual", "linen", []),
     ("small_cnn", "full.py", "linen", []),
     ("small_cnn", "linear_probe.py", "linen", ["peft"]),
+    ("small_cnn", "default.py", "linen", []),
     ("resnet", "partial.py", "linen", []),
     ("resnet", "strategy.py:lora", "linen", ["peft", "hf"]),
     ("vgg", "strategy.py:bitfit", "linen", []),
-    ("mobilenet_v2", "strategy.py:partial", "linen", ["tflite_int8"]),
-    ("efficientnet_lite", "default.py", "linen", []),
+    ("mobilenet_v2", "strategy.py:partial", "linen", []),
+    ("efficientnet_lite", "strategy.py:linear_probe", "linen", []),
     ("vit", "strategy.py:lp_ft", "nnx", ["hf"]),
     ("dinov2", "strategy.py:linear_probe", "linen", ["hf"]),
     ("bert", "strategy.py:llrd", "linen", ["onnx", "hf"]),
@@ -90,3 +91,21 @@ def test_model_kwargs_set_the_sizes_model_options_lists():
   small = vit.build(num_classes=3, depth=2, width=64, mlp_dim=128, num_heads=2)
   assert (small.depth, small.width, small.mlp_dim, small.num_heads) == (2, 64, 128, 2)
   assert vit.build(num_classes=3).depth == 12
+
+
+def test_inference_fn_takes_a_text_models_token_dict():
+  # evaluate.py on a BERT run raised "entry not a 2- or 3- tuple": the float32
+  # predictor cast the dict of token ids to float.
+  import jax
+  import numpy as np
+  from jtl.export import quantize
+  from jtl.models import bert
+  module = bert.Bert(num_classes=3, config=bert.BertConfig(
+      vocab_size=128, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32))
+  batch = bert.example_input(2)
+  variables = module.init(jax.random.PRNGKey(0), batch, train=False)
+  want = np.asarray(module.apply(variables, batch, train=False))
+  for precision in ("float32", "bfloat16"):
+    got = quantize.make_inference_fn(module, variables, precision=precision)(batch)
+    assert got.shape == (2, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.05 if precision == "bfloat16" else 1e-5)

@@ -147,9 +147,16 @@ def make_inference_fn(module: nn.Module, variables: PyTree, *,
   dtype = _compute_dtype(precision)
   variables = jax.tree.map(jnp.asarray, variables)
 
+  def cast(x: Any) -> Any:
+    """An image batch in the compute dtype; a text model's dict of token ids
+    and masks as it is (integers)."""
+    if isinstance(x, dict):
+      return jax.tree.map(jnp.asarray, x)
+    return jnp.asarray(x).astype(dtype)
+
   @jax.jit
   def predict(v, x):
-    out = module.apply(dequantize(v, dtype), jnp.asarray(x).astype(dtype), train=False)
+    out = module.apply(dequantize(v, dtype), cast(x), train=False)
     return out.astype(jnp.float32)
 
   return lambda x: predict(variables, x)
