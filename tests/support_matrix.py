@@ -118,6 +118,8 @@ def config_for(family: str, strategy: str, api: str, data: Path) -> Any:
         "rotten_tomatoes", 16, "train[:24]", "test[:12]")
   else:
     c.dataset, c.image_size = f"folder:{data}", f.image_size
+    c.train_split, c.eval_split = "train", "test"
+  c.test_split = None  # evaluate.py's path is run on the eval split below
   c.update(batch_size=8, eval_batch_size=8,  # 8: the test suite's 8 CPU devices
            num_steps=2, eval_every=2, checkpoint_every=2,
            log_every=1, warmup_steps=0)
