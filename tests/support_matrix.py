@@ -79,6 +79,8 @@ def _training_refusal(family: str, strategy: str, api: str) -> str:
     return "refused: LoRA's model wrapper is Linen only [api]"
   if family == "small_cnn" and strategy == "strategy.py:gradual":
     return "refused: the small CNN has 3 blocks, gradual's max_blocks is 4 [max_blocks]"
+  if family == "small_cnn" and strategy == "strategy.py:partial":
+    return "refused: the small CNN has 3 blocks, partial's num_blocks is 4 [num_blocks]"
   if strategy in ("partial.py", "default.py") and family != "efficientnet_lite":
     return "refused: the rules name EfficientNet-Lite0 blocks [rules]"
   return ""

@@ -20,6 +20,7 @@ COVER = [  # the heavy exports (int8 calibration, LiteRT) on the smallest model
     ("small_cnn", "strategy.py:lora", "nnx", []),
     ("small_cnn", "strategy.py:scratch", "linen", []),
     ("small_cnn", "strategy.py:gradual", "linen", []),
+    ("small_cnn", "strategy.py:partial", "linen", []),
     ("small_cnn", "full.py", "linen", []),
     ("small_cnn", "linear_probe.py", "linen", ["peft"]),
     ("small_cnn", "default.py", "linen", []),
