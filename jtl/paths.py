@@ -53,6 +53,12 @@ def setup_gcs() -> None:
   """Points epath's `gs://` at gcsfs (plain JSON API client) and the array
   store at the same server as the files; once per process."""
   os.environ.setdefault("EPATH_USE_TF", "false")
+  # epath decides once per process, at its first path (local ones too),
+  # whether gs:// goes through TensorFlow: forget that decision, so a process
+  # that made local paths before its first bucket path uses gcsfs as well.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  if hasattr(gpath, "_is_tf_installed"):
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if emulator:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)

@@ -207,3 +207,25 @@ def test_bucket_workdir_kill_resume_evaluate_convert_lock(gcs_server, tmp_path, 
   assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
   assert [r["step"] for r in rows if r["split"] == "eval"] == [6, 12]
   assert sorted(os.listdir(env.cwd)) == [] and sorted(os.listdir(env.tmp)) == []
+
+
+def test_bucket_paths_use_gcsfs_even_after_local_paths_were_made(monkeypatch):
+  # epath decides at its first path, local ones included, whether gs:// goes
+  # through TensorFlow's gfile (which ignores GCS-API emulators); a process
+  # (a test worker, research code) that made local paths and imported
+  # TensorFlow first must still get gcsfs for its first bucket path.
+  import tensorflow  # noqa: F401  pylint: disable=unused-import
+  from etils import epath
+  from etils.epath import gpath
+
+  from jtl import paths
+  for name in ("EPATH_USE_TF", "TENSORSTORE_GCS_HTTP_URL"):  # restored after the test
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+  paths.setup_gcs.cache_clear()
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  epath.Path("local/run")  # the decision is made (and cached) here
+  assert gpath._is_tf_installed()  # pylint: disable=protected-access
+  bucket = paths.path("gs://bkt/run")
+  assert type(bucket._backend).__name__ == "_FileSystemSpecBackend"  # pylint: disable=protected-access
+  paths.setup_gcs.cache_clear()  # the next bucket path sets up again, for its server

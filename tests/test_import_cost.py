@@ -16,7 +16,7 @@ import jtl
 
 # The modules that import TensorFlow/TFDS when they are imported: the pipeline
 # itself and what only it (or an explicit import) loads.
-TF_MODULES = {"jtl.data.pipeline", "jtl.data.images", "jtl.data.builders"}
+TF_MODULES = {"jtl.data.pipeline", "jtl.data.images", "jtl.data.augment", "jtl.data.builders"}
 HEAVY = ("tensorflow", "tensorflow_datasets", "keras", "tf_keras")
 
 

@@ -423,7 +423,7 @@ def test_huge_declared_orbax_shape_does_not_abort_the_interpreter(
   kv = _kv(item)
   kv["params.w/.zarray"] = _zarray_edit(
       shape=[10**6, 10**6], chunks=[10**6, 10**6])(kv["params.w/.zarray"])
-  code = ("import sys; from jtl.checkpoint import read; from jtl.errors "
+  code = ("import sys; from jtl.weights import read; from jtl.errors "
           "import CheckpointError\ntry:\n  read(sys.argv[1])\nexcept "
           "CheckpointError as e:\n  print('REFUSED', e)\n")
   proc = subprocess.run([sys.executable, "-c", code, str(item)],
