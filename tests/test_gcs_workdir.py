@@ -153,6 +153,7 @@ def _final_params(url: str, workdir: str, monkeypatch) -> dict[str, np.ndarray]:
   return tree.flatten(variables)
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_bucket_workdir_kill_resume_evaluate_convert_lock(gcs_server, tmp_path, monkeypatch):
   env = Env(tmp_path, gcs_server)
   top = f"jtl-test-{uuid.uuid4().hex[:8]}"  # fresh names on a server that outlives the test

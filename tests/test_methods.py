@@ -38,6 +38,7 @@ def train_rows(workdir):
   return [r for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_distillation_from_a_teacher_workdir(tmp_path, data_dir):
   teacher_dir = tmp_path / "teacher"
   experiment.finetune(small(distill_config.get_config("labels"), data_dir, steps=4),
@@ -55,6 +56,7 @@ def test_distillation_from_a_teacher_workdir(tmp_path, data_dir):
   assert variables["params"]["stage0_conv"]["kernel"].shape[-1] == 16  # the student's
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data_dir):
   workdir = tmp_path / "dann"
   experiment.finetune(small(domain_config.get_config("dann"), data_dir), workdir,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 JOB = Path(__file__).with_name("multihost_job.py")
 
@@ -54,6 +55,7 @@ def assert_same(a, b, atol=1e-5):
       np.testing.assert_allclose(a[k], b[k], atol=atol, err_msg=k)
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_two_processes_match_one_and_resume_across_kill_and_layouts(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
   codes, logs = launch(1, one, tmp_path / "one6.npz", 6)

@@ -44,6 +44,7 @@ def script(name, *args, cwd):
                         capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_model_registered_by_the_config_file_through_finetune_evaluate_convert(photos, tmp_path):
   workdir = tmp_path / "run"
   trained = script("finetune.py", "--config", PKG / "registered_config.py", "--workdir", workdir,

@@ -393,6 +393,7 @@ def _lora_workdir(root):
   return root / "run", variables
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_convert_script_exports_a_lora_workdir(tmp_path):
   import subprocess
   import sys

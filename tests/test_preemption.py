@@ -132,6 +132,7 @@ def test_a_preempted_job_exits_143_naming_the_step_saved(tmp_path):
   assert not (workdir / "jtl.lock").exists() and not (tmp_path / "unused.npz").exists()
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_two_processes_one_signalled_both_save_the_same_step_and_resume(tmp_path):
   from test_multihost import JOB as MULTIHOST_JOB
   from test_multihost import _port

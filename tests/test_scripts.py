@@ -37,6 +37,7 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
+@pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_finetune_resume_and_evaluate(tmp_path, data_dir):
   workdir = tmp_path / "run"
   first = finetune(workdir, 2, data_dir)
