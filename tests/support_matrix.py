@@ -9,7 +9,7 @@ exports of `scripts/convert.py`: `jtl.export.write` for orbax,
 `jtl.app.deploy_runs.export_workdir` for onnx / tflite / tflite_int8). Tiny
 sizes, random weights, 2 steps. `readme_table()` renders the README's table
 from the same lists (tests/test_support_matrix.py checks it is the README's);
-`scripts/benchmarks/support_matrix.py` runs every cell, the test suite a
+`scripts/benchmarks/benchmark_support_matrix.py` runs every cell, the test suite a
 covering subset.
 """
 

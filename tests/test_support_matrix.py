@@ -1,7 +1,7 @@
 """The support matrix (tests/support_matrix.py): the README's table is the
 generated one, and a covering subset of the cells runs through the app path
 (every family, strategy config, API, export and refusal reason at least
-once); scripts/benchmarks/support_matrix.py runs every cell."""
+once); scripts/benchmarks/benchmark_support_matrix.py runs every cell."""
 
 import re
 from pathlib import Path

@@ -4,7 +4,7 @@ strategy config x Linen / NNX, fine-tuned 2 steps through
 `jtl.app.experiment.finetune`, evaluated as scripts/evaluate.py does, then
 exported to each format as scripts/convert.py --workdir does.
 
-  python scripts/benchmarks/support_matrix.py [--family vit --strategy strategy.py:lora
+  python scripts/benchmarks/benchmark_support_matrix.py [--family vit --strategy strategy.py:lora
       --api linen] [--out /tmp/matrix.jsonl]
 
 Prints one line per cell as it completes (observed, expected, seconds) and
