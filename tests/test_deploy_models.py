@@ -131,6 +131,7 @@ _DINO_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a ViT int8 LiteRT conversion: make test-all
 def test_dinov2_int8_litert_runs(tmp_path):
   """Exact GELU used to calibrate to infinite ranges and abort LiteRT (in its
   own process here, so a regression fails the test instead of pytest)."""
@@ -196,6 +197,7 @@ def minilm(tmp_path_factory):
   return batch, ref, files
 
 
+@pytest.mark.slow  # text model conversions: make test-all
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_minilm_exports_with_token_inputs(minilm, fmt):
   batch, ref, files = minilm

@@ -80,6 +80,7 @@ def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data
   assert adapted["accuracy"] == pytest.approx(plain["accuracy"])  # the same AdaBN
 
 
+@pytest.mark.slow  # end to end: training, int8, PGD: make test-all
 def test_adversarial_training_then_int8_and_pgd_evaluation(tmp_path, data_dir):
   workdir = tmp_path / "adv"
   experiment.finetune(small(adversarial_config.get_config(), data_dir), workdir,

@@ -93,6 +93,7 @@ def test_two_processes_match_one_and_resume_across_kill_and_layouts(tmp_path):
   assert_same(a, b)
 
 
+@pytest.mark.slow  # two processes: make test-all
 def test_two_processes_recompute_nnx_batchnorm_statistics_of_the_global_batches(tmp_path):
   codes, logs = launch(2, tmp_path / "nnx", tmp_path / "nnx.npz", 2, api="nnx")
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]

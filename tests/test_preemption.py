@@ -110,6 +110,7 @@ def test_sigint_without_a_workdir_names_that_nothing_was_saved_and_fit_off_the_m
   assert [int(r.state.step) for r in results] == [2]
 
 
+@pytest.mark.slow  # a job in a subprocess: make test-all
 def test_a_preempted_job_exits_143_naming_the_step_saved(tmp_path):
   """A real process signalled from outside, exiting through the scripts'
   wrapper (resuming from the step is the SIGKILL test's job and the test above)."""

@@ -36,6 +36,7 @@ def grads(module, variables, inputs):
   return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
+@pytest.mark.slow  # zoo models at full width: make test-all
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_remat_gives_the_plain_models_params_and_gradients(name):
   build, inputs = CASES[name]
@@ -62,6 +63,7 @@ def test_remat_is_a_model_kwargs_option(model):
   assert spec.build(num_classes=2, remat=True).remat is True
 
 
+@pytest.mark.slow  # zoo model at full width: make test-all
 def test_resnet_remat_trains_like_the_plain_model_with_frozen_batchnorm():
   """One train step of jtl's: params and BatchNorm statistics as the plain
   model's; a frozen block's BatchNorm keeps its statistics under remat too."""

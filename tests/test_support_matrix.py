@@ -61,10 +61,10 @@ def images(tmp_path_factory):
 
 
 def _marked(cell: tuple) -> object:
-  """The zoo families' training cells are `slow` (make test-all runs them):
-  the default suite keeps the small CNN's cells and every refusal."""
+  """The cells that train are `slow` (make test-all runs them): the default
+  suite keeps every refusal (each is raised before training)."""
   family, strategy, api, _ = cell
-  heavy = family != "small_cnn" and sm.expected(family, strategy, api, None) == sm.WORKS
+  heavy = sm.expected(family, strategy, api, None) == sm.WORKS
   return pytest.param(*cell, marks=pytest.mark.slow) if heavy else cell
 
 

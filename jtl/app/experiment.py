@@ -355,7 +355,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: Any = None) -> None:
   if "dataset" in config:
     data, classes = data_problems(config)
     problems += data
-    if not data and "model" in config and not any("Unknown model" in p for p in problems):
+    if not data and "model" in config and not problems:  # the rules need a model that builds
       problems += rule_problems(config, classes)
   if problems:
     raise ConfigError("Invalid config:\n" + bullet_list(problems))
