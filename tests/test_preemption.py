@@ -18,25 +18,12 @@ import jax
 import numpy as np
 import pytest
 from models_for_tests import MLP, batch, init
+from test_reliability import fit_kwargs  # the MLP run those tests stop and resume
 from test_resume import run as resume_run
 
 import jtl
 from jtl.checkpoint.manager import finished_steps
 from jtl.errors import Preempted
-
-
-def fit_kwargs(workdir, **extra):
-  module = MLP()
-  variables = init(module, batch(8, classes=4)["inputs"])
-  labels = jtl.label_params(variables["params"], [(".*", "all")])
-  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
-  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
-  evals = lambda: [{**batch(8, classes=4, seed=99), "mask": np.ones(8, bool)}]
-  kwargs = dict(module=module, variables=variables, labels=labels, tx=tx, train_batches=data,
-                eval_batches=evals, workdir=workdir, checkpoint_every=2, eval_every=2, keep=1,
-                progress=False, async_checkpoints=False, log_every=1,
-                meta={"model": "mlp", "num_classes": 4})
-  return {**kwargs, **extra}
 
 
 # Item 3.1: a kill (or a full disk) during a metrics write leaves a partial line.
