@@ -283,3 +283,24 @@ def test_litert_graph_with_batch_in_a_reshape_runs_any_batch(tmp_path):
   runtime = deploy.load(tmp_path / "t.tflite")
   np.testing.assert_allclose(runtime(x), module.apply(variables, x), atol=1e-5)
   np.testing.assert_allclose(runtime(x[:1]), module.apply(variables, x[:1]), atol=1e-5)
+
+
+class _VggPool(nn.Module):
+  """VGG's head end: the adaptive 7x7 average pool, flattened, then a Dense."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    from jtl.models import vgg  # pylint: disable=g-import-not-at-top
+    return nn.Dense(3)(vgg.adaptive_avg_pool(x, 7).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_vgg_adaptive_pool_runs_in_litert(tmp_path, size):
+  # VGG at 32 px has a 1x1 map before the pool: its einsum with the pooling
+  # matrices became a SUM + TRANSPOSE that LiteRT failed to prepare (the
+  # support matrix's vgg x tflite / tflite_int8 cells).
+  module = _VggPool()
+  x = np.random.default_rng(0).standard_normal((2, size, size, 4)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(0), x[:1])
+  path = tmp_path / "pool.tflite"
+  deploy.export(module, variables, path, format="tflite", input_shape=(size, size, 4))
+  np.testing.assert_allclose(deploy.load(path)(x), module.apply(variables, x), atol=1e-5)

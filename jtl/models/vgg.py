@@ -38,12 +38,27 @@ def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
 
 
 def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
-  """torch's AdaptiveAvgPool2d((out, out)) on NHWC."""
+  """torch's AdaptiveAvgPool2d((out, out)) on NHWC.
+
+  Each output row / column is the mean of a static slice, concatenated: an
+  einsum with the pooling matrices is converted by TensorFlow's LiteRT
+  converter into a SUM and TRANSPOSE that fail to prepare when the map is
+  1x1 (VGG at 32 px).
+  """
   if x.shape[1:3] == (out, out):
     return x
-  ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], out))
-  pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], out))
-  return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
+  return _pool_axis(_pool_axis(x, 1, out), 2, out)
+
+
+def _pool_axis(x: jax.Array, axis: int, out: int) -> jax.Array:
+  """Adaptive average pooling of one axis to `out` (windows as `adaptive_pool_matrix`)."""
+  size = x.shape[axis]
+  parts = []
+  for i in range(out):
+    start, end = (i * size) // out, -(-((i + 1) * size) // out)
+    window = jax.lax.slice_in_dim(x, start, end, axis=axis)
+    parts.append(window if end - start == 1 else jnp.mean(window, axis=axis, keepdims=True))
+  return jnp.concatenate(parts, axis=axis)
 
 
 class Block(nn.Module):

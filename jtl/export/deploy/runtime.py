@@ -160,14 +160,18 @@ class Runtime:
     if self._batch_one_only and n != 1:
       return np.concatenate([self._run_tflite([a[i:i + 1] for a in arrays]) for i in range(n)])
     try:
-      return self._invoke(arrays)
+      out = self._invoke(arrays)
     except RuntimeError:
       if n == 1:
         raise
-      # A graph with the traced batch (1) in a reshape (ViT's tokens) cannot
-      # be resized: run it one example at a time.
+      out = None
+    if out is None or (n != 1 and out.shape[0] != n):
+      # A graph with the traced batch (1) in a reshape (ViT's tokens, a
+      # flatten) cannot be resized: it fails to prepare, or prepares and
+      # answers for one example. Run it one example at a time.
       self._batch_one_only = True
       return self._run_tflite(arrays)
+    return out
 
   def _invoke(self, arrays: list[np.ndarray]) -> np.ndarray:
     it = self._interpreter
