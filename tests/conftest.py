@@ -15,6 +15,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # with each other, never with fixed random draws, so the generator is free.
 jax.config.update("jax_default_prng_impl", "rbg")
 
+# Fixtures every test folder can ask for by name.
+from hub_helpers import fake_hub  # noqa: E402,F401 - the local Hub server
+
 # Fixture generators run with torch (never in the test suite): don't collect them.
 # A config file that registers a model at import: test_own_model.py checks that a
 # process which never imported it (doctest collection would) can restore the run.

@@ -5,6 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+import jtl
 
 
 class ConvNet(nn.Module):
@@ -45,3 +48,25 @@ def batch(n: int = 16, size: int = 8, channels: int = 3, classes: int = 10, seed
   kx, ky = jax.random.split(jax.random.PRNGKey(seed))
   return {"inputs": jax.random.normal(kx, (n, size, size, channels)),
           "label": jax.random.randint(ky, (n,), 0, classes)}
+
+
+def mlp_setup(learning_rate=0.1):
+  """An MLP for 4 classes, every leaf trained by SGD: (module, variables, labels, tx)."""
+  module = MLP()
+  variables = init(module, batch(8, classes=4)["inputs"])
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=learning_rate, optimizer="sgd")
+  return module, variables, labels, tx
+
+
+def fit_kwargs(workdir, learning_rate=0.1, **extra):
+  """`jtl.train.fit` arguments for the MLP run (checkpoints and evals every 2
+  steps, 100 distinct batches), with `extra` on top."""
+  module, variables, labels, tx = mlp_setup(learning_rate)
+  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
+  evals = lambda: [{**batch(8, classes=4, seed=99), "mask": np.ones(8, bool)}]
+  kwargs = dict(module=module, variables=variables, labels=labels, tx=tx, train_batches=data,
+                eval_batches=evals, workdir=workdir, checkpoint_every=2, eval_every=2, keep=1,
+                progress=False, async_checkpoints=False, log_every=1,
+                meta={"model": "mlp", "num_classes": 4})
+  return {**kwargs, **extra}

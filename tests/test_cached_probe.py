@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_script_errors import photo_folder
+from app_helpers import photo_folder
 
 from configs import strategy as strategy_config
 from jtl.app import evaluation, experiment

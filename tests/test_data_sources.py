@@ -330,7 +330,7 @@ def test_bmp_kinds_tensorflow_cannot_decode_are_read_as_the_check_reads_them(tmp
 def test_files_damaged_mid_file_are_named_before_training(tmp_path):
   """Issue 26: PNG/JPEG damaged in the middle passed the check, then stopped
   the run at its first evaluation with nothing saved."""
-  from test_experiment_config import config_with
+  from app_helpers import config_with
 
   from jtl.app import experiment
   from jtl.errors import ConfigError
@@ -397,7 +397,7 @@ def test_the_same_image_in_training_and_evaluation_splits_is_warned_with_the_cou
   """Issue 26: the same file content in train/ and test/ was accepted silently."""
   import shutil
 
-  from test_experiment_config import config_with
+  from app_helpers import config_with
 
   from jtl.app import experiment
   _write_folder(tmp_path)

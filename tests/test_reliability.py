@@ -11,32 +11,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from models_for_tests import MLP, batch, init
+from models_for_tests import MLP, batch, fit_kwargs, init
+from models_for_tests import mlp_setup as setup
 
 import jtl
 from jtl.checkpoint import CheckpointManager, restore_variables
 from jtl.checkpoint.lock import LOCK_NAME
 from jtl.errors import CheckpointError, DataError, DivergenceError
 from jtl.metrics import MetricWriter
-
-
-def setup(learning_rate=0.1):
-  module = MLP()
-  variables = init(module, batch(8, classes=4)["inputs"])
-  labels = jtl.label_params(variables["params"], [(".*", "all")])
-  tx = jtl.make_optimizer(labels, learning_rate=learning_rate, optimizer="sgd")
-  return module, variables, labels, tx
-
-
-def fit_kwargs(workdir, learning_rate=0.1, **extra):
-  module, variables, labels, tx = setup(learning_rate)
-  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
-  evals = lambda: [{**batch(8, classes=4, seed=99), "mask": np.ones(8, bool)}]
-  kwargs = dict(module=module, variables=variables, labels=labels, tx=tx, train_batches=data,
-                eval_batches=evals, workdir=workdir, checkpoint_every=2, eval_every=2, keep=1,
-                progress=False, async_checkpoints=False, log_every=1,
-                meta={"model": "mlp", "num_classes": 4})
-  return {**kwargs, **extra}
 
 
 def state_at(step):

@@ -6,23 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from jobs import RESUME_JOB as JOB
+from jobs import resume_env as env
+from jobs import start_resume_job as run
 
 from jtl.weights import read
-
-JOB = Path(__file__).with_name("resume_job.py")
-
-
-def env(tmp_path):
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
-
-
-def run(workdir, out, seconds_per_step="0"):
-  return subprocess.Popen([sys.executable, str(JOB), str(workdir), str(out), seconds_per_step],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env(Path(workdir).parent))
 
 
 def test_sigkill_then_resume_gives_identical_params(tmp_path):

@@ -2,32 +2,8 @@
 training step (issue 12, items 5-7). A small image folder stands in for the
 user's data; no weights are loaded, so each run takes seconds."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-ROOT = Path(__file__).parents[1]
-
-
-def run(name, *args, cwd=ROOT):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                        capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
-
-
-def photo_folder(root):
-  rng = np.random.default_rng(0)
-  for split in ("train", "test"):
-    for name in ("cat", "dog"):
-      (root / split / name).mkdir(parents=True)
-      for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(
-            root / split / name / f"{i}.jpg")
-  return root
+from app_helpers import ROOT, photo_folder
+from app_helpers import run_script as run
 
 
 def finetune(tmp_path, *overrides):

@@ -49,7 +49,7 @@ def build(directory: str) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_hub import _timm_config, timm_vit_shapes  # pylint: disable=g-import-not-at-top
+  from hub_helpers import _timm_config, timm_vit_shapes  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, "vit_b16_timm.safetensors")
   if os.path.exists(path):
     return path
