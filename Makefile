@@ -33,7 +33,7 @@ finetune: setup
 	$(PY) scripts/finetune.py --config configs/default.py --workdir runs/default
 
 # Test-only: jax's CUDA plugin and cuDNN wheels in a folder outside the venv,
-# so that tests/test_accelerator_programs.py can lower ViT's cuDNN fused
+# so that tests/core/test_accelerator_programs.py can lower ViT's cuDNN fused
 # attention for CUDA on a host without a GPU (jax traces that path only where
 # cuDNN is installed). Nothing else imports them.
 CUDA_LOWERING ?= $(HOME)/.cache/jtl/cuda-lowering

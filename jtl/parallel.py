@@ -164,7 +164,7 @@ def unreplicate(tree: PyTree) -> PyTree:
   Waits for the tree, then reads the first device's shard alone: indexing the
   whole array would run a computation across every device while the pmapped
   step may still be running, which has aborted XLA's CPU client (a rare crash
-  of tests/test_model_kinds.py).
+  of tests/core/test_model_kinds.py).
   """
   def first(x: Any) -> Any:
     if isinstance(x, jax.Array) and len(x.addressable_shards) > 1:

@@ -1,4 +1,4 @@
-"""scripts/finetune.py, unchanged, for the bucket workdir test (tests/test_gcs_workdir.py).
+"""scripts/finetune.py, unchanged, for the bucket workdir test (tests/app/test_gcs_workdir.py).
 
 usage: python gcs_finetune_job.py FINETUNE_FLAGS...
 

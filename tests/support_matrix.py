@@ -8,7 +8,7 @@ exports of `scripts/convert.py`: `jtl.export.write` for orbax,
 `jtl.app.workdirs.export_hub_format` for peft / hf,
 `jtl.app.deploy_runs.export_workdir` for onnx / tflite / tflite_int8). Tiny
 sizes, random weights, 2 steps. `readme_table()` renders the README's table
-from the same lists (tests/test_support_matrix.py checks it is the README's);
+from the same lists (tests/app/test_support_matrix.py checks it is the README's);
 `scripts/benchmarks/benchmark_support_matrix.py` runs every cell, the test suite a
 covering subset.
 """

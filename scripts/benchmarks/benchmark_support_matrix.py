@@ -10,7 +10,7 @@ exported to each format as scripts/convert.py --workdir does.
 Prints one line per cell as it completes (observed, expected, seconds) and
 then a table; appends each cell to --out as JSON lines (rows already there
 are skipped: a cut-off run continues). Exit status 1 when a cell disagrees.
-The test suite runs a covering subset (tests/test_support_matrix.py).
+The test suite runs a covering subset (tests/app/test_support_matrix.py).
 """
 
 import argparse

@@ -28,7 +28,7 @@ dies or hangs is restarted. Outcomes are counted per format: arrays, JtlError,
 other exception, hang, crash, over the memory cap; the goal is 0 in the last
 four. Cases in those classes are listed in <workdir>/findings.jsonl and are
 reproducible from (format, index) with --replay. Not part of the test suite
-(tests/test_fuzz_readers.py is the small CI version).
+(tests/weights/test_fuzz_readers.py is the small CI version).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import skimage.data
 from jtl.models import hub_models
 from jtl.models.preprocessing import Normalization
 
-REFERENCE = np.load(Path(__file__).parent / "fixtures" / "timm_preprocess_reference.npz")
+REFERENCE = np.load(Path(__file__).parents[1] / "fixtures" / "timm_preprocess_reference.npz")
 CONFIGS = json.loads(str(REFERENCE["meta"]))["configs"]
 PHOTOS = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
 

@@ -13,7 +13,7 @@ from jtl import tree, weights
 from jtl.errors import LoadError
 from jtl.models import mobilenet, registry
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures",
                        "efficientnet_lite0_reference.npz")
 
 

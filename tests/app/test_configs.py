@@ -11,7 +11,7 @@ from jtl import models
 from jtl.app import experiment
 from jtl.errors import ConfigError, DataError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.py"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.py"))
 
 
 def load(path, arg=None):
@@ -35,7 +35,7 @@ def test_config_validates(path):
 
 @pytest.mark.parametrize("name", ["tpu_vit_b16_cifar10", "tpu_resnet50_flowers"])
 def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
-  config = load(Path(__file__).parents[1] / "configs" / f"{name}.py")
+  config = load(Path(__file__).parents[2] / "configs" / f"{name}.py")
   spec = models.get_spec(config.model)
   module = spec.build(num_classes=10)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), spec.example_input(1)))
@@ -48,7 +48,7 @@ def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "lp_ft", "gradual", "bitfit", "llrd", "partial"])
 def test_strategy_configs_build_their_phases(name):
-  config = load(Path(__file__).parents[1] / "configs" / "strategy.py", name)
+  config = load(Path(__file__).parents[2] / "configs" / "strategy.py", name)
   config.pretrained = False
   experiment.validate(config)
   created = models.create(config.model, num_classes=10, pretrained=False)
@@ -59,12 +59,12 @@ def test_strategy_configs_build_their_phases(name):
 
 
 def test_partial_config_takes_the_number_of_blocks():
-  config = load(Path(__file__).parents[1] / "configs" / "partial.py", "2")
+  config = load(Path(__file__).parents[2] / "configs" / "partial.py", "2")
   assert "blocks_14|blocks_15" in config.strategy.rules[0][0]
 
 
 def test_invalid_values_are_reported_together():
-  config = load(Path(__file__).parents[1] / "configs" / "default.py")
+  config = load(Path(__file__).parents[2] / "configs" / "default.py")
   config.batch_size, config.num_steps, config.model = 0, 0, "resnet51"
   config.ema_decay = 1.0
   with pytest.raises(ConfigError) as e:
@@ -76,10 +76,10 @@ def test_invalid_values_are_reported_together():
 def test_readme_lists_every_key_with_its_default_as_the_table_does():
   """The README's key table is `keys.table()` (regenerate it when a key changes)."""
   from jtl.app import keys
-  readme = (Path(__file__).parents[1] / "README.md").read_text()
+  readme = (Path(__file__).parents[2] / "README.md").read_text()
   listed = readme.split("<!-- keys:begin -->\n")[1].split("\n<!-- keys:end -->")[0]
   assert listed == keys.table()
-  config = load(Path(__file__).parents[1] / "configs" / "default.py")
+  config = load(Path(__file__).parents[2] / "configs" / "default.py")
   leaves = {f"{k}.{leaf}" if isinstance(v, dict) and k == "augment" else k
             for k, v in config.to_dict().items()
             for leaf in (v if isinstance(v, dict) and k == "augment" else [None])}

@@ -30,7 +30,7 @@ import pytest
 from jobs import GCS_FINETUNE_JOB as JOB
 from jobs import free_port
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 BUCKET = "bkt"
 SMALL = ["--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8",
          "--config.num_steps=12", "--config.checkpoint_every=3", "--config.eval_every=6",

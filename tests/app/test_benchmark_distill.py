@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 spec = importlib.util.spec_from_file_location(
-    "benchmark_distill", Path(__file__).parents[1] / "scripts" / "benchmarks" / "benchmark_distill.py")
+    "benchmark_distill", Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_distill.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 

@@ -19,8 +19,8 @@ from jtl import models
 from jtl.app import evaluation, experiment, workdirs
 from jtl.errors import ConfigError
 
-ROOT = Path(__file__).parents[1]
-PKG = Path(__file__).parent / "own_model_pkg"
+ROOT = Path(__file__).parents[2]
+PKG = Path(__file__).parents[1] / "own_model_pkg"
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from jtl.export import write
 from jtl.weights import read
 from jtl.errors import JtlError
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 EXAMPLES = 200
 ORBAX_EXAMPLES = 40
 COUNTS: dict[str, dict[str, int]] = {}
@@ -181,7 +181,7 @@ def test_structure_aware_mutations(tmp_path, monkeypatch):
   folder targets (PEFT adapters, Hub config.json files)."""
   from jtl.weights import hub
   monkeypatch.setattr(hub, "download", hub.download)  # the hub_config target serves files
-  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "scripts" / "benchmarks"))
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[2] / "scripts" / "benchmarks"))
   import fuzz_readers
   monkeypatch.setattr(fuzz_readers, "BOMB_MIB", [1, 4])  # 300 MiB: slow here
   seeds = tmp_path / "seeds"

@@ -21,7 +21,7 @@ from etils import epath
 from jtl.weights import read, readers, register_source, resolve, sources
 from jtl.errors import CheckpointError, ConfigError
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 EXPECTED = dict(np.load(FIXTURES / "torch_expected.npz"))
 META = json.loads((FIXTURES / "torch_expected.json").read_text())
 

@@ -32,7 +32,7 @@ from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, dinov2, hub_models, resnet
 from jtl.recipes.strategies import lora
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 PEFT_DIR = FIXTURES / "peft"
 
 
@@ -398,7 +398,7 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   import subprocess
   import sys
   workdir, variables = _lora_workdir(tmp_path)
-  script = Path(__file__).parents[1] / "scripts" / "convert.py"
+  script = Path(__file__).parents[2] / "scripts" / "convert.py"
   result = subprocess.run([sys.executable, str(script), f"--workdir={workdir}", "--format=peft"],
                           check=False, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -422,7 +422,7 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
   assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
   # evaluate.py --format: the same library call, the same files.
-  evaluate = Path(__file__).parents[1] / "scripts" / "evaluate.py"
+  evaluate = Path(__file__).parents[2] / "scripts" / "evaluate.py"
   result = subprocess.run([sys.executable, str(evaluate), f"--workdir={workdir}", "--format=peft",
                            f"--export_dir={tmp_path / 'from_evaluate'}", "--step=best"],
                           check=False, capture_output=True, text=True, timeout=300)

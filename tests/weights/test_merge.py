@@ -15,7 +15,7 @@ import pytest
 from jtl.weights import LoadReport, adapt_input_conv, load_pretrained, read, resize_pos_embed
 from jtl.errors import LoadError
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 
 
 class TinyNet(nn.Module):

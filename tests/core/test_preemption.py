@@ -2,7 +2,7 @@
 SIGTERM/SIGINT finish the step, save it, release the lock and stop with a
 message naming the step, from which a re-run continues exactly; a partial
 metrics line does not derail the re-run. (Item 3.5, an unfinished
-save before LP-FT's first checkpoint: tests/test_folder_config.py.)"""
+save before LP-FT's first checkpoint: tests/app/test_folder_config.py.)"""
 
 import json
 import logging

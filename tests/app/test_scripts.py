@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SMALL = ["--config.num_steps={steps}", "--config.image_size=32", "--config.batch_size=16",
          "--config.eval_batch_size=250", "--config.eval_every=2", "--config.checkpoint_every=2",
          "--config.log_every=1", "--config.warmup_steps=0"]
@@ -25,7 +25,7 @@ def script(name, *args, data_dir, timeout=600):
 
 def finetune(workdir, steps, data_dir, *extra):
   # The plain training step (the probe config would train on cached features,
-  # tests/test_cached_probe.py): per-step logs, checkpoints and resuming.
+  # tests/app/test_cached_probe.py): per-step logs, checkpoints and resuming.
   args = ["--config", ROOT / "configs" / "linear_probe.py", "--workdir", workdir,
           f"--config.data_dir={data_dir}", "--config.strategy.cache_features=False",
           *[a.format(steps=steps) for a in SMALL], *extra]

@@ -14,7 +14,7 @@ from jtl import tree, weights
 from jtl.errors import DataError, LoadError
 from jtl.models import efficientnet, registry
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures",
                        "efficientnet_lite0_reference.npz")
 
 

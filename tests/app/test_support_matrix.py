@@ -12,7 +12,7 @@ import support_matrix as sm
 from jtl import models
 from jtl.app import experiment
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 
 # (family, strategy config, api, exports): each cell also runs evaluate's path.
 COVER = [  # the heavy exports (int8 calibration, LiteRT) on the smallest model

@@ -17,7 +17,7 @@ from jtl.app import experiment
 from jtl.errors import ConfigError, PartitionError
 from jtl.recipes import strategies
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def load_config(name, arg=None):

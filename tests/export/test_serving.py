@@ -14,7 +14,7 @@ from jtl.errors import CheckpointError
 from jtl.models import efficientnet
 from jtl.export import serving
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _small_model():

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 spec = importlib.util.spec_from_file_location(
-    "benchmark_strategies", Path(__file__).parents[1] / "scripts" / "benchmarks" / "benchmark_strategies.py")
+    "benchmark_strategies", Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_strategies.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
@@ -70,7 +70,7 @@ def test_labelled_subset_names_the_smallest_class():
 
 
 folders_spec = importlib.util.spec_from_file_location(
-    "make_small_folders", Path(__file__).parents[1] / "scripts" / "benchmarks" / "make_small_folders.py")
+    "make_small_folders", Path(__file__).parents[2] / "scripts" / "benchmarks" / "make_small_folders.py")
 folders = importlib.util.module_from_spec(folders_spec)
 folders_spec.loader.exec_module(folders)
 

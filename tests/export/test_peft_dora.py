@@ -21,7 +21,7 @@ from jtl.errors import CheckpointError
 from jtl.export import peft
 from jtl.recipes.strategies import lora
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 DORA_DIR = FIXTURES / "peft" / "dora"
 spec = importlib.util.spec_from_file_location("make_peft_dora_reference",
                                               FIXTURES / "make_peft_dora_reference.py")

@@ -9,7 +9,7 @@ import numpy as np
 
 from jtl.weights import read
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "convert.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "convert.py"
 
 
 def test_convert_real_weights_to_orbax(tmp_path):

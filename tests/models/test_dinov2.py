@@ -23,7 +23,7 @@ from jtl import models, tree, weights
 from jtl.errors import ConfigError, LoadError
 from jtl.models import dinov2, hub_models, registry
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY = FIXTURES / "dinov2_tiny"
 REF = dict(np.load(FIXTURES / "dinov2_reference.npz"))
 CONFIG = json.loads((TINY / "config.json").read_text())

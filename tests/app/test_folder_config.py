@@ -16,7 +16,7 @@ from jtl.app import evaluation, experiment
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CLASSES = ("cat", "dog", "ship")
 
 

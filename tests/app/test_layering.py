@@ -10,7 +10,7 @@ the test also fails when one of them is gone, so the list only shrinks.
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).parents[1] / "jtl"
+PACKAGE = Path(__file__).parents[2] / "jtl"
 APP = ("jtl.app",)  # the folders are the layers
 RECIPES = ("jtl.recipes",)
 TF_ALLOWED = ("jtl.data",)  # the input pipelines, loaded only when one is built

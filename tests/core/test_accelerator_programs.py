@@ -38,7 +38,7 @@ import pytest
 import jtl
 from jtl.models import registry
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CUDA_SITE = Path(os.environ.get("JTL_CUDA_LOWERING_SITE",
                                 Path.home() / ".cache" / "jtl" / "cuda-lowering"))
 # One model per family, the smallest; depthwise convs as the accelerator

@@ -84,7 +84,7 @@ print(json.dumps({
 def test_core_imports_and_fine_tunes_without_the_extras(tmp_path):
   out = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path), ",".join(_BLOCKED)],
                        capture_output=True, text=True, timeout=300, check=False,
-                       cwd=Path(__file__).parents[1])
+                       cwd=Path(__file__).parents[2])
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got["imported"] == []
@@ -144,7 +144,7 @@ def _optional_imports(path: Path) -> list[str]:
 
 def test_core_and_recipes_import_optional_packages_only_through_require(tmp_path):
   """So that every missing extra is named: jtl.app checks its extra at import."""
-  root = Path(__file__).parents[1] / "jtl"
+  root = Path(__file__).parents[2] / "jtl"
   found = [f for path in sorted(root.rglob("*.py")) if "app" not in path.relative_to(root).parts
            for f in _optional_imports(path)]
   assert found == []

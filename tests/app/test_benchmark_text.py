@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCRIPTS = Path(__file__).parents[1] / "scripts" / "benchmarks"
+SCRIPTS = Path(__file__).parents[2] / "scripts" / "benchmarks"
 sys.path.insert(0, str(SCRIPTS))
 spec = importlib.util.spec_from_file_location("benchmark_text", SCRIPTS / "benchmark_text.py")
 bench = importlib.util.module_from_spec(spec)

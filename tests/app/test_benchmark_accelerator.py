@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "benchmarks" / "benchmark_accelerator.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_accelerator.py"
 
 
 def load():

@@ -12,7 +12,7 @@ from jtl import tree, weights
 from jtl.errors import DataError, LoadError
 from jtl.models import bert, registry, text
 
-REF = np.load(Path(__file__).parent / "fixtures" / "minilm_reference.npz")
+REF = np.load(Path(__file__).parents[1] / "fixtures" / "minilm_reference.npz")
 SENTENCES = [str(s) for s in REF["sentences"]]
 
 
