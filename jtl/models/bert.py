@@ -283,12 +283,17 @@ def groups(num_layers: int) -> list[tuple[str, str]]:
           + [("pooler", r"pooler/.*"), ("head", r"head/.*")])
 
 
+def built_groups(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """`groups` of a BERT as built (model_kwargs may give it another config)."""
+  return groups(registry.numbered(params, "layer_"))
+
+
 registry.register(registry.ModelSpec(
     name="minilm_l6",
     build=lambda num_classes=0, **kw: Bert(num_classes=num_classes, **kw),
     example_input=example_input,
     preprocess=preprocess_minilm,
-    groups=groups(MINILM_L6.num_layers),
+    groups=groups(MINILM_L6.num_layers), groups_of=built_groups,
     pretrained="minilm_l6/sentence",
     converter=convert_torch,
     default_num_classes=0,

@@ -356,6 +356,11 @@ def groups(depth: int) -> list[tuple[str, str]]:
           + [("encoder_norm", r"Transformer/encoder_norm/.*"), ("head", r"head/.*")])
 
 
+def built_groups(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """`groups` of a DINOv2 as built (model_kwargs may set its depth)."""
+  return groups(registry.numbered(params.get("Transformer", {}), "encoderblock_"))
+
+
 def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: int = 14,
               image_size: int = NATIVE_IMAGE_SIZE, mlp_ratio: float = 4.0,
               layer_norm_eps: float = 1e-6, layerscale_value: float = 1.0,
@@ -374,7 +379,7 @@ def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: 
   return registry.ModelSpec(
       name=name, build=build,
       **registry.image_inputs(dataclasses.replace(NORMALIZATION, image_size=input_size)),
-      groups=groups(depth), pretrained=pretrained,
+      groups=groups(depth), groups_of=built_groups, pretrained=pretrained,
       converter=functools.partial(convert_hf, num_heads=num_heads),
       default_num_classes=num_classes, min_image_size=patch_size)
 

@@ -60,6 +60,27 @@ def block_groups(num_blocks: int) -> list[tuple[str, str]]:
           + [("top", r"top/.*"), ("head", r"head/.*")])
 
 
+def numbered(tree: Mapping[str, Any], prefix: str, *, start: int = 0) -> int:
+  """How many of `prefix`<start>, `prefix`<start + 1>, ... are keys of `tree`
+  (a built model's blocks, however many its constructor options gave it).
+
+  >>> numbered({"block_0": {}, "block_1": {}, "head": {}}, "block_")
+  2
+  """
+  count = 0
+  while f"{prefix}{start + count}" in tree:
+    count += 1
+  return count
+
+
+def layer_groups(spec: Any, params: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """The layer groups of a model as built (`spec.groups_of(params)`: a ViT
+  built with depth=2 has 2 block groups, not its registered 12), else
+  `spec.groups`."""
+  groups_of = getattr(spec, "groups_of", None)
+  return [tuple(g) for g in (groups_of(params) if groups_of else spec.groups)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """How to build, initialise, feed and load one zoo model.
@@ -73,6 +94,9 @@ class ModelSpec:
       module expects, e.g. resize and normalisation constants.
     groups: ordered (name, regex) layer groups, bottom (stem) to top (head),
       over "/"-joined parameter paths without the "params/" prefix.
+    groups_of: `groups_of(params) -> groups` of a model as built, for models
+      whose constructor options (model_kwargs: depth, blocks) change their
+      blocks; `layer_groups` calls it. None: `groups` holds for every build.
     pretrained: name of the default pretrained source (see
       `jtl.weights.resolve`), or None when no weights can be had.
     converter: maps a flat {name: array} state dict in the published layout to
@@ -96,6 +120,7 @@ class ModelSpec:
   example_input: Callable[[int], Any]
   preprocess: Callable[..., Any] | None = None
   groups: Sequence[tuple[str, str]] = ()
+  groups_of: Callable[[Mapping[str, Any]], Sequence[tuple[str, str]]] | None = None
   pretrained: str | None = None
   converter: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
   head_pattern: str = r"params/head/.*"
@@ -385,6 +410,8 @@ def create(name: str, *, num_classes: int | None = None,
       logging.info("%s: head re-initialised for %d classes (checkpoint has "
                    "%d): %s", name, n, spec.default_num_classes,
                    ", ".join(e.path for e in report.reinitialised))
+  if spec.groups_of is not None:  # the groups of the blocks this build has
+    spec = dataclasses.replace(spec, groups=layer_groups(spec, variables["params"]))
   if api == "nnx":
     return CreatedModel(to_nnx(module, variables, seed=seed), variables, report,
                         spec.preprocess, spec)

@@ -11,6 +11,7 @@ returns the 4096-d fc7 activations, the usual VGG features for linear probes.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -156,14 +157,26 @@ def convert_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 example_input = registry.image_input
 
 
-GROUPS = ([(f"block{b}", rf"block{b}/.*") for b in range(1, 6)]
+def groups(num_blocks: int) -> list[tuple[str, str]]:
+  """Layer groups bottom to top: block1 .. block<num_blocks>, fc6, fc7, head."""
+  return ([(f"block{b}", rf"block{b}/.*") for b in range(1, num_blocks + 1)]
           + [("fc6", r"fc6/.*"), ("fc7", r"fc7/.*"), ("head", r"head/.*")])
+
+
+GROUPS = groups(len(VGG16_BLOCKS))
+
+
+def built_groups(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """`groups` of a VGG as built (model_kwargs may set its blocks)."""
+  return groups(registry.numbered(params, "block", start=1))
+
+
 
 registry.register(registry.ModelSpec(
     name="vgg16",
     build=lambda num_classes=1000, **kw: VGG(num_classes=num_classes, **kw),
     **registry.image_inputs(resnet.NORMALIZATION),  # torchvision's evaluation
-    groups=GROUPS,
+    groups=GROUPS, groups_of=built_groups,
     pretrained="vgg16/imagenet",
     converter=convert_torch,
 ))

@@ -355,13 +355,18 @@ def groups(depth: int) -> list[tuple[str, str]]:
              ("head", r"head/.*")])
 
 
+def built_groups(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """`groups` of a ViT as built (model_kwargs may set its depth)."""
+  return groups(registry.numbered(params.get("Transformer", {}), "encoderblock_"))
+
+
 for _variant in VARIANTS:
   registry.register(registry.ModelSpec(
       name=f"vit_{_variant}16",
       build=functools.partial(
           lambda v, num_classes=21843, **kw: vit(v, num_classes, **kw), _variant),
       **registry.image_inputs(NORMALIZATION),
-      groups=groups(VARIANTS[_variant][1]),
+      groups=groups(VARIANTS[_variant][1]), groups_of=built_groups,
       pretrained=f"vit_{_variant}16/augreg_in21k",
       converter=convert_npz,
       default_num_classes=21843,

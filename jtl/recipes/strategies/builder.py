@@ -270,14 +270,15 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
     verbose: also print the trainable/frozen summary (it is always logged
       at INFO level).
   """
+  from jtl.models import registry  # pylint: disable=g-import-not-at-top
   o = resolve_options(config)
   name = o["name"]
-  groups = tuple(tuple(g) for g in spec.groups)
+  # The blocks of the model as built: model_kwargs may give it another depth.
+  groups = tuple(registry.layer_groups(spec, variables["params"]))
   # The rules name their own labels: a model without a "head" group takes them too.
   head = o["head"] if name == "rules" else rules_lib.head_group(groups, o["head"])
   o["head"] = head
   if name == "scratch":
-    from jtl.models import registry  # pylint: disable=g-import-not-at-top
     variables = registry.init_variables(spec, module, seed=o["seed"])
   if name == "rules":
     phases = (schedules.Phase(0, tuple(tuple(r) for r in o["rules"]), name),)
