@@ -31,8 +31,9 @@ def get_config(arg=None):
   c.model = "efficientnet_lite0"
   c.dataset = "jtl_mnist5k"
   # The best checkpoint is picked on a validation split held out of the
-  # training digits (400 of 4,000; TFDS stores them shuffled); the test split
-  # scores that checkpoint once, after training (eval_test.json).
+  # training digits (400 of 4,000; TFDS stores them shuffled; a slice of an
+  # image folder takes that part of every class); the test split scores that
+  # checkpoint once, after training (eval_test.json).
   c.train_split = "train[:90%]"
   c.eval_split = "train[90%:]"
   c.test_split = "test"

@@ -132,7 +132,8 @@ def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
   if not m or m.group(1) not in sizes:
     raise DataError(
         f"Unknown split {split!r}. Available splits: {sorted(sizes)} "
-        "(slices like 'train[:80%]' or 'train[100:]' also work, and for image folders and "
+        "(slices like 'train[:80%]' or 'train[100:]' also work (of an image folder: of "
+        "every class), and for image folders and "
         "arrays 'train[val10%]' / 'train[-val10%]': a 10% validation split of every "
         "class, fixed per file / the rest).")
   name, n = m.group(1), sizes[m.group(1)]
@@ -143,6 +144,46 @@ def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
     return round(n * int(s[:-1]) / 100) if s.endswith("%") else int(s)
 
   return name, slice(bound(m.group(2)), bound(m.group(3)))
+
+
+def class_order(labels: np.ndarray, keys: Sequence[bytes], seed: int = HOLDOUT_SEED
+                ) -> list[np.ndarray]:
+  """Each class's example indices in a seeded order fixed per example (the
+  hash of its key, `holdout_fraction`), classes in label order."""
+  fractions = np.array([holdout_fraction(k, seed) for k in keys])
+  return [idx[np.argsort(fractions[idx], kind="stable")]
+          for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+
+
+def stratified_slice(labels: np.ndarray, keys: Sequence[bytes], start: str | None,
+                     stop: str | None, seed: int = HOLDOUT_SEED) -> np.ndarray:
+  """The examples of a folder split's slice ("train[90%:]" -> start "90%"):
+  folders list files class by class, so a plain slice would hold few classes.
+  Percent bounds take that part of every class (rounded per class; "[:90%]"
+  and "[90%:]" are complementary); count bounds ("[:24]") take the first of
+  an order that interleaves the classes evenly. Within a class the order is
+  seeded (`class_order`). Sorted indices.
+
+  >>> y = np.array([0] * 8 + [1] * 8 + [2] * 8)
+  >>> keys = [str(i).encode() for i in range(24)]
+  >>> v = stratified_slice(y, keys, "90%", None)
+  >>> np.bincount(y[v]).tolist(), len(stratified_slice(y, keys, None, "90%"))
+  ([1, 1, 1], 21)
+  >>> np.bincount(y[stratified_slice(y, keys, None, "6")]).tolist()
+  [2, 2, 2]
+  """
+  per_class = class_order(labels, keys, seed)
+  if all(b is None or b.endswith("%") for b in (start, stop)):
+    def bound(b: str | None, n: int) -> int | None:
+      return None if b is None else round(n * int(b[:-1]) / 100)
+    parts = [idx[bound(start, len(idx)):bound(stop, len(idx))] for idx in per_class]
+    return np.sort(np.concatenate(parts)).astype(np.int64)
+  # One order over all classes: class c's k-th example at (k + 0.5) / n_c.
+  idx = np.concatenate(per_class)
+  position = np.concatenate([(np.arange(len(c)) + 0.5) / len(c) for c in per_class])
+  order = idx[np.argsort(position, kind="stable")]
+  _, sl = slice_split(f"s[{start or ''}:{stop or ''}]", {"s": len(order)})
+  return np.sort(order[sl]).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +212,9 @@ class ArraySource:
     return [os.fsencode("/".join(Path(p).parts[-2:])) for p in self.inputs[split]]
 
   def indices(self, split: str) -> tuple[str, np.ndarray]:
-    """Returns (split name, example indices) for a possibly sliced split, or
-    for a validation split ("train[val10%]", see `holdout_indices`) or its rest
+    """Returns (split name, example indices) for a possibly sliced split (of
+    an image folder: a slice of every class, `stratified_slice`), or for a
+    validation split ("train[val10%]", see `holdout_indices`) or its rest
     ("train[-val10%]")."""
     holdout = parse_holdout(split)
     if holdout is not None:
@@ -183,6 +225,9 @@ class ArraySource:
       return name, holdout_indices(self.labels[name], percent, keys=self.keys(name),
                                    rest=rest)
     name, sl = slice_split(split, self.info().num_examples)
+    if self.kind == "file" and "[" in split:  # a folder: every class in each slice
+      m = _SLICE.match(split.replace(" ", ""))
+      return name, stratified_slice(self.labels[name], self.keys(name), m.group(2), m.group(3))
     return name, np.arange(len(self.labels[name]))[sl]
 
   def load(self, split: str, indices: tf.data.Dataset) -> tf.data.Dataset:

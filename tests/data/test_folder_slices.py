@@ -1,0 +1,34 @@
+"""Slices of an image folder's split take every class: configs/default.py's
+validation split (train[90%:]) of a folder, whose files are listed class by
+class, held the last class only."""
+
+import importlib.util
+
+import numpy as np
+
+import support_matrix as sm
+from jtl.data import sources
+
+
+def _default_config():
+  spec = importlib.util.spec_from_file_location("configs.default", sm.ROOT / "configs/default.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_default_configs_validation_split_of_a_folder_holds_every_class(tmp_path):
+  root = sm.make_image_folder(tmp_path / "photos", classes=3, train=8, test=1)
+  src = sources.resolve_source(f"folder:{root}")
+  config = _default_config()
+  name, val = src.indices(config.eval_split)
+  _, train = src.indices(config.train_split)
+  labels = src.labels[name]
+  assert np.bincount(labels[val], minlength=3).tolist() == [1, 1, 1]
+  assert np.bincount(labels[train], minlength=3).tolist() == [7, 7, 7]
+  assert not set(val) & set(train) and len(val) + len(train) == 24
+  assert sources.split_size(src, config.eval_split) == 3
+  # Seeded: the same files every time; a count slice interleaves the classes.
+  np.testing.assert_array_equal(src.indices(config.eval_split)[1], val)
+  assert np.bincount(labels[src.indices("train[:6]")[1]]).tolist() == [2, 2, 2]
+  assert np.bincount(labels[src.indices("train[6:]")[1]]).tolist() == [6, 6, 6]
