@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import math
 import os
 import re
@@ -93,10 +92,6 @@ HEAD_FILE = "head.safetensors"  # BERT: jtl's head on the mean-pooled features
 PREFIX = "base_model.model."
 _TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": None,
                "dinov2": None, "dinov2_cls": None}
-_LOG = logging.getLogger(__name__)
-# Modules of the torch model that jtl's does not compute with: BERT's pooler
-# (jtl mean-pools; it keeps the pooler's weights as loaded, not its adapters).
-_UNUSED = {"bert": r"pooler\..*"}
 _AUTO_MAPPING = {
     "timm_vit": {"base_model_class": "VisionTransformer",
                  "parent_library": "timm.models.vision_transformer"},
@@ -753,11 +748,9 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
   flat = dict(jtree.flatten(params))
   owners = _torch_to_jtl(flat, layout)
   problems: list[str] = []
-  dropped = []
+  # Every adapter is imported, BERT's pooler's included: jtl's features
+  # mean-pool, but the pooler's merged kernel is exported for transformers.
   for name, part in sorted(_group(tensors, str(path)).items()):
-    if re.fullmatch(_UNUSED.get(layout, "$^"), name):
-      dropped.append(name)
-      continue
     paths = owners.get(name, [])
     mapped = hf_export.torch_module(layout, paths[0]) if paths else None
     if mapped is None:
@@ -791,9 +784,6 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
     raise CheckpointError(f"{path}: the PEFT adapter does not fit these {layout} params:\n"
                           + bullet_list(problems) + "\nLoad it into the model it was "
                           "trained for (same sizes; a head of the saved size)." + hint)
-  if dropped:
-    _LOG.warning("%s: skipped adapters on %s (jtl's %s does not use them).", path,
-                    ", ".join(dropped), layout)
   return jtree.unflatten(flat), alpha
 
 

@@ -148,9 +148,9 @@ def test_peft_trained_adapter_loads_into_jtl(name, caplog):
   n_adapters = sum(p.endswith("/lora_a") for p in jtree.flatten(params))
   # ViT: PEFT's qkv adapter (rank 4, dense B) -> query, key and value adapters.
   # DINOv2: q/k/v/o, fc1, fc2 in each of 2 layers and the patch projection.
-  assert n_adapters == {"bert": 10, "vit": 13, "resnet": 12, "dinov2": 13}[name]
-  if name == "bert":  # PEFT's "dense" also hit BertModel's pooler, which jtl keeps
-    assert "pooler.dense" in caplog.text  # but never computes with: its adapter is unused
+  # BERT: PEFT's "dense" also hit BertModel's pooler, imported (it was skipped).
+  assert n_adapters == {"bert": 11, "vit": 13, "resnet": 12, "dinov2": 13}[name]
+  assert "skipped" not in caplog.text
   variables = {**base(name), "params": lora.merge_lora(params, alpha)}
   methods = {"bert": ["features"], "dinov2": [None, "tokens"]}.get(name, [None])
   for method in methods:
@@ -162,6 +162,30 @@ def test_peft_trained_adapter_loads_into_jtl(name, caplog):
   # The trained adapter changed the model, so the comparison is not vacuous.
   plain = ref.build(name).apply(base(name), ref.inputs(name), method=methods[0])
   assert _max_diff(plain, REF[f"{name}/peft_trained/{methods[0] or 'logits'}"]) > 1e-3
+
+
+def test_peft_adapter_on_berts_pooler_is_imported(tmp_path):
+  """BertModel's pooler.dense adapter (PEFT's "dense" target hits it) was
+  skipped with a warning; its merged kernel is PEFT's W + (alpha / r) B A as
+  [in, out], so the exported pooler_output carries it. The PEFT-trained
+  folder with the pooler's B (zero there: PEFT's loss never used the pooler)
+  set to nonzero numbers."""
+  import shutil
+  import safetensors.numpy
+  folder = tmp_path / "bert"
+  shutil.copytree(PEFT_DIR / "peft_trained" / "bert", folder)
+  tensors = safetensors.numpy.load_file(str(folder / peft.WEIGHTS_FILE))
+  key = "base_model.model.pooler.dense.lora_B.weight"  # [out, r]
+  tensors[key] = np.random.default_rng(0).normal(size=tensors[key].shape).astype(np.float32)
+  safetensors.numpy.save_file(tensors, str(folder / peft.WEIGHTS_FILE))
+  a, b = tensors["base_model.model.pooler.dense.lora_A.weight"], tensors[key]  # [r, in]
+  params, alpha = peft.import_peft(base("bert")["params"], folder, layout="bert")
+  config = json.loads((folder / peft.CONFIG_FILE).read_text())
+  scale = config["alpha_pattern"]["dense"] / a.shape[0]  # PEFT's scale for "dense"
+  kernel = np.asarray(base("bert")["params"]["pooler"]["kernel"])
+  merged = np.asarray(lora.merge_lora(params, alpha)["pooler"]["kernel"])
+  np.testing.assert_allclose(merged, kernel + scale * (b @ a).T, rtol=1e-5, atol=1e-6)
+  assert np.abs(merged - kernel).max() > 0.1
 
 
 @pytest.mark.parametrize("name", ["vit", "resnet", "dinov2"])
