@@ -316,6 +316,17 @@ class DepthwiseConv(nn.Module):
     return y
 
 
+# Activation dtypes the closed form takes: float32 as is; half precision
+# (compute_dtype=bf16) read and written in its own dtype, every statistic and
+# the arithmetic of each pass in float32, as Flax's BatchNorm computes them.
+_FUSED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _f32(a: jax.Array) -> jax.Array:
+  """`a` in float32; a float32 array itself (no convert op in the program)."""
+  return a if a.dtype == jnp.float32 else a.astype(jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -324,6 +335,13 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
   Same numbers as `flax.linen.BatchNorm` (var = E[x^2] - E[x]^2), with the
   closed-form backward pass: two reductions and one elementwise pass, where
   autodiff of the forward takes several more passes over the activation.
+
+  Half-precision inputs (bf16, f16) stay half precision in memory: each pass
+  reads them, computes in float32 (statistics, normalisation, gradients) and
+  writes its result in half precision, so the forward and the backward each
+  convert only what they read and write. y has Flax's dtype (that of x,
+  scale and bias together), mean and var are float32, the gradients have
+  their inputs' dtypes. Float32 inputs take the float32 ops alone.
 
   >>> x = np.array([[1.0], [3.0]], np.float32)
   >>> y, mean, var = batch_norm_train(x, np.ones(1, np.float32),
@@ -337,30 +355,35 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
 def _batch_norm_forward(x, scale, bias, epsilon):
   axes = tuple(range(x.ndim - 1))
   row = (1,) * (x.ndim - 1) + (x.shape[-1],)
-  mean = jnp.mean(x, axes)
-  var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+  xf = _f32(x)
+  mean = jnp.mean(xf, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
   inv = lax.rsqrt(var + epsilon)
-  a = scale * inv
-  y = x * a.reshape(row) + (bias - mean * a).reshape(row)
-  return (y, mean, var), (x, mean, inv, scale)
+  a = _f32(scale) * inv
+  y = xf * a.reshape(row) + (_f32(bias) - mean * a).reshape(row)
+  y = y.astype(jnp.result_type(x, scale, bias))
+  # x is kept in its own dtype (half the memory of a float32 copy in bf16);
+  # bias only for its dtype (one value per channel).
+  return (y, mean, var), (x, mean, inv, scale, bias)
 
 
 def _batch_norm_bwd(epsilon, res, cotangents):
   del epsilon
-  x, mean, inv, scale = res
+  x, mean, inv, scale, bias = res
   g, g_mean, g_var = cotangents
   axes = tuple(range(x.ndim - 1))
   row = (1,) * (x.ndim - 1) + (x.shape[-1],)
   m = x.size // x.shape[-1]
-  xc = x - mean.reshape(row)
+  g = _f32(g)
+  xc = _f32(x) - mean.reshape(row)
   xhat = xc * inv.reshape(row)
   dbias = jnp.sum(g, axes)
   dscale = jnp.sum(g * xhat, axes)
-  dx = (scale * inv / m).reshape(row) * (
+  dx = (_f32(scale) * inv / m).reshape(row) * (
       m * g - dbias.reshape(row) - xhat * dscale.reshape(row))
   # The statistics are outputs too (for the running averages).
   dx = dx + (g_mean.reshape(row) + 2.0 * g_var.reshape(row) * xc) / m
-  return dx, dscale, dbias
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_bwd)
@@ -370,7 +393,8 @@ class BatchNorm(nn.BatchNorm):
   """`flax.linen.BatchNorm` with `batch_norm_train`'s backward in training.
 
   Same variables ("scale", "bias"; batch_stats "mean", "var"), same updates
-  and numbers. The fused path covers the zoo's case (float32, last axis, no
+  and numbers. The fused path covers the zoo's case (float32, or bf16/f16
+  activations under `compute_dtype` with float32 statistics; last axis, no
   mask or cross-device axis_name); anything else is flax's own code.
   """
 
@@ -379,11 +403,15 @@ class BatchNorm(nn.BatchNorm):
                mask: jax.Array | None = None):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
+    # An explicit dtype other than float32 (or float32 for half-precision
+    # inputs) asks for Flax's own output dtype rules: its code.
     fused = (not use_running_average and mask is None and self.axis_name is None
              and self.axis in (-1, x.ndim - 1) and self.use_bias
-             and self.use_scale and x.dtype == jnp.float32
-             and self.dtype in (None, jnp.float32)
-             and self.param_dtype == jnp.float32)
+             and self.use_scale and jnp.dtype(x.dtype) in _FUSED_DTYPES
+             and (self.dtype is None or (jnp.dtype(self.dtype) == jnp.float32
+                                         and x.dtype == jnp.float32))
+             and self.param_dtype == jnp.float32
+             and self.force_float32_reductions)
     if not fused:
       return super().__call__(x, use_running_average=use_running_average, mask=mask)
     c = x.shape[-1]

@@ -199,7 +199,7 @@ def test_batch_norm_equals_flax_in_values_gradients_and_statistics(momentum, eps
   gx_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref.apply(
       v, x, use_running_average=False, mutable=["batch_stats"])[0])))(x)
   np.testing.assert_allclose(gx_ours, gx_ref, rtol=1e-4, atol=1e-5)
-  # Eval mode and other dtypes are flax's own code path.
+  # Eval mode is flax's own code path.
   np.testing.assert_allclose(ours.apply(v, x, use_running_average=True),
                              ref.apply(v, x, use_running_average=True), atol=1e-6)
 
