@@ -3,6 +3,9 @@
   pip install -e .   # once: the benchmark scripts import the installed jtl
   python scripts/benchmarks/benchmark_accelerator.py --out runs/accelerator --budget_s 450
   python scripts/benchmarks/benchmark_accelerator.py --smoke --out /tmp/accel   # CPU, tiny (tested)
+  python scripts/benchmarks/benchmark_accelerator.py --count_ops cuda --out /tmp/counts \
+    --models efficientnet_lite0 --batches 256 --model_kwargs '{"formulation": "grouped"}'
+    # no device: the step lowered for CUDA, its BatchNorm passes counted
 
 Rows, per model (ViT-B/16, ResNet-50, EfficientNet-Lite0 at 224 px; with
 --smoke ViT-Ti/16, ResNet-18 and Lite0 at 32 px), in this order of priority:
@@ -160,6 +163,62 @@ def program_flops(fn: Callable, *args: Any) -> tuple[float | None, str | None]:
   if not flops:
     raise ValueError(f"cost analysis gave no FLOP count ({flops!r})")
   return float(flops), "program as written (HLO cost analysis, CPU lowering)"
+
+
+def activation_ops(text: str, batch: int) -> dict[str, int]:
+  """Ops on [batch, H, W, C] activations in a StableHLO module's text:
+  reductions of them (BatchNorm's statistics and gradients, pooling) and
+  converts that produce them (bf16 <-> f32). They tell which BatchNorm a
+  step runs: jtl's closed form has 4 reductions per layer (2 forward, 2
+  backward) and, in bf16, 5 converts (each pass's half-precision reads and
+  writes); Flax's autodiff of its forward has 5 and 6.
+
+  >>> line = "%3 = stablehlo.convert %2 : (tensor<8x4x4x2xbf16>) -> tensor<8x4x4x2xf32>"
+  >>> activation_ops(line, 8)
+  {'reductions': 0, 'converts': 1}
+  """
+  shape = re.compile(rf"tensor<{batch}x\d+x\d+x\d+x")
+  counts = {"reductions": 0, "converts": 0}
+  for line in text.splitlines():
+    if "stablehlo.reduce(" in line:
+      counts["reductions"] += bool(shape.match(line.rsplit(" : (", 1)[-1]))
+    elif "stablehlo.convert " in line:
+      counts["converts"] += bool(shape.match(line.rsplit("-> ", 1)[-1]))
+  return counts
+
+
+def lowered_step(name: str, batch: int, size: int, compute_dtype: Any, platform: str,
+                 **build: Any) -> str:
+  """StableHLO of a model's full fine-tuning step (AdamW) lowered for
+  `platform` from shapes alone: nothing is initialised, compiled or run."""
+  spec = models.get_spec(name)
+  module = spec.build(num_classes=1000, **build)
+  variables = models.registry.abstract_variables(spec, module)
+  labels = jtl.label_params(variables["params"], rules(spec, "full"))
+  tx = jtl.make_optimizer(labels, learning_rate=1e-4, weight_decay=0.05)
+  state = jax.eval_shape(lambda v: jtl.create_train_state(v, labels, tx), variables)
+  step = jtl.make_train_step(module, tx, labels=labels, compute_dtype=compute_dtype)
+  data = {"inputs": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  return jax.jit(step).trace(state, data).lower(lowering_platforms=(platform,)).as_text()
+
+
+def count_ops(args: argparse.Namespace) -> list[dict]:
+  """--count_ops: `activation_ops` of each model's full step at the largest
+  batch, float32 and bf16 compute, lowered for the platform named."""
+  batch = max(int(b) for b in args.batches.split(","))
+  rows = []
+  for name in args.pairs:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      text = lowered_step(name, batch, args.image_size, dtype, args.count_ops,
+                          **json.loads(args.model_kwargs))
+      rows.append({"model": name, "batch": batch, "image_size": args.image_size,
+                   "compute": jnp.dtype(dtype).name, "platform": args.count_ops,
+                   **activation_ops(text, batch)})
+      print("COUNT " + json.dumps(rows[-1]), flush=True)
+  Path(args.out).mkdir(parents=True, exist_ok=True)
+  (Path(args.out) / "op_counts.json").write_text(json.dumps(rows, indent=2))
+  return rows
 
 
 def program_gib(compiled) -> float:
@@ -509,6 +568,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--model_kwargs", default="{}",
                       help="JSON keyword arguments of every jtl model")
   parser.add_argument("--check_mesh", action="store_true")
+  parser.add_argument("--count_ops", choices=("cuda", "tpu", "cpu"), default=None,
+                      help="only lower each model's full step for this platform (no device "
+                           "needed) and count its activation reductions and converts")
   parser.add_argument("--second_run", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   pairs = SMOKE if args.smoke else FULL
@@ -602,6 +664,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   start = time.perf_counter()
   time_left = lambda: (args.budget_s or float("inf")) - (time.perf_counter() - start)
+  if args.count_ops:
+    return count_ops(args)
   cached_before = use_cache(args.cache_dir)
   if args.second_run:
     run_second(json.loads(args.second_run), args.image_size)

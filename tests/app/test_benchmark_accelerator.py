@@ -65,6 +65,18 @@ def test_budget_skips_rows_that_would_not_fit_and_says_so(tmp_path):
   assert all(line.endswith("time budget") for line in result["not_measured"][1:])
 
 
+def test_count_ops_lowers_without_running_and_counts_batchnorm_passes(tmp_path):
+  """--count_ops (BENCHMARKS.md, Lite0 hypothesis 2): the full step lowered
+  from shapes, float32 and bf16; SmallCNN's 3 BatchNorms take the closed form
+  in both (4 reductions each; 4 more: the pool and the 3 conv biases'
+  gradients), 5 converts each in bf16 (3 more: input, pool, its gradient)."""
+  rows = load().main(["--count_ops", "cpu", "--models", "small_cnn", "--batches", "2",
+                      "--image_size", "16", "--out", str(tmp_path)])
+  assert [(r["compute"], r["reductions"], r["converts"]) for r in rows] == [
+      ("float32", 4 * 3 + 4, 0), ("bfloat16", 4 * 3 + 4, 5 * 3 + 3)]
+  assert json.loads((tmp_path / "op_counts.json").read_text()) == rows
+
+
 def test_partial_rules_train_the_last_two_blocks_and_what_follows():
   from jtl.models import registry
   bench = load()
