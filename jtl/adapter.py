@@ -32,6 +32,7 @@ inputs_as_kwargs=True)`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import inspect
 import sys
@@ -135,8 +136,22 @@ def frozen_batchnorm(frozen_module_paths: Iterable[str]):
   if not paths:
     yield
     return
-  with nn.intercept_methods(interceptor):
-    yield
+  token = _FROZEN_PATHS.set(paths)  # for NNX layers inside a Linen module (`own_nnx`)
+  try:
+    with nn.intercept_methods(interceptor):
+      yield
+  finally:
+    _FROZEN_PATHS.reset(token)
+
+
+_FROZEN_PATHS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "jtl_frozen_batchnorm_paths", default=frozenset())
+
+
+def frozen_batchnorm_paths() -> frozenset[str]:
+  """The module paths `frozen_batchnorm` freezes in this context (a wrapper
+  of NNX layers, which Linen's interception does not reach, reads them)."""
+  return _FROZEN_PATHS.get()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,7 +105,31 @@ def _linen_recording(mask: jax.Array, skip: frozenset[str], recorded: Moments):
     finally:
       active.discard(path)
 
-  with nn.intercept_methods(record):
+  token = _LINEN_RECORDING.set((mask, skip, recorded))  # NNX layers inside (`nnx_in_linen`)
+  try:
+    with nn.intercept_methods(record):
+      yield
+  finally:
+    _LINEN_RECORDING.reset(token)
+
+
+# The Linen recording of this thread's trace: (mask, skip, recorded), or None.
+_LINEN_RECORDING: contextvars.ContextVar[tuple[Any, frozenset[str], Moments] | None] = (
+    contextvars.ContextVar("jtl_batchnorm_linen_recording", default=None))
+
+
+@contextlib.contextmanager
+def nnx_in_linen(module: Any, prefix: str = ""):
+  """Records the `nnx.BatchNorm` layers of an NNX `module` that a Linen
+  module at scope path `prefix` builds and calls (`jtl.models.own_nnx`),
+  when a recording is under way (Linen's interception does not reach them);
+  else nothing."""
+  recording = _LINEN_RECORDING.get()
+  if recording is None:
+    yield
+    return
+  mask, skip, recorded = recording
+  with _nnx_recording(module, mask, skip, recorded, prefix=prefix):
     yield
 
 
@@ -152,7 +176,8 @@ def _recording_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded: Moments):
+def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded: Moments,
+                   *, prefix: str = ""):
   """The `nnx.BatchNorm` layers of the merged `module` recorded and
   rewritten by `_as_batch_normalised`, keyed by graph path. NNX has no
   method interceptors (Linen's `nn.intercept_methods`), so each layer of
@@ -162,7 +187,7 @@ def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   layers: dict[int, tuple[Any, str]] = {}
   for path, layer in nnx.iter_modules(module):
-    key = "/".join(map(str, path))
+    key = "/".join([prefix, *map(str, path)] if prefix else map(str, path))
     if isinstance(layer, nnx.bridge.ToNNX) and path:
       raise ConfigError(f"recompute_batchnorm: {key!r} is a Linen module inside "
                         "nnx.bridge.ToNNX, nested in an NNX module; pass the bridged module "

@@ -216,8 +216,10 @@ def get_spec(name: str) -> ModelSpec:
   """Returns the spec of `name`: a registered name, "hf-hub:<repo>" or a local
   Hub-layout folder (the spec its config.json describes; the folder's path
   or "hf-hub:<path>"), or "package.module:attribute" (user code: a
-  `ModelSpec`, or a Linen module class taking `num_classes`, see
-  `spec_of_module`); a ConfigError lists the registered names."""
+  `ModelSpec`, a Linen module class taking `num_classes`, see
+  `spec_of_module`, or an NNX module class or factory taking `num_classes`
+  and `rngs`, see `own_nnx.spec_of_nnx`); a ConfigError lists the
+  registered names."""
   if is_hub_model(name):
     from jtl.models import hub_models  # imports every family
     return hub_models.spec_for(name)
@@ -227,8 +229,9 @@ def get_spec(name: str) -> ModelSpec:
     raise ConfigError(
         f"Unknown model {name!r}. Registered models:\n"
         + bullet_list(sorted(_REGISTRY))
-        + "\nYour own model: model='package.module:Name' (a ModelSpec or a Linen module "
-        "class), or jtl.models.register(ModelSpec(...)) in the config file.")
+        + "\nYour own model: model='package.module:Name' (a ModelSpec, a Linen module "
+        "class, or an NNX module class or factory), or jtl.models.register(ModelSpec(...)) "
+        "in the config file.")
   return _REGISTRY[name]
 
 
@@ -250,9 +253,12 @@ def _referenced_spec(name: str) -> ModelSpec:
     return dataclasses.replace(target, name=name)
   if isinstance(target, type) and issubclass(target, nn.Module):
     return spec_of_module(target, name=name)
+  from jtl.models import own_nnx  # pylint: disable=g-import-not-at-top
+  if own_nnx.is_nnx_model(target):
+    return own_nnx.spec_of_nnx(target, name=name)
   raise ConfigError(
-      f"model {name!r} is a {type(target).__name__}; expected a jtl.models.ModelSpec or a "
-      "Linen module class (an NNX model trains from Python: README, Python API).")
+      f"model {name!r} is a {type(target).__name__}; expected a jtl.models.ModelSpec, a "
+      "Linen module class, or an NNX module class / factory function taking rngs.")
 
 
 def _build_class(cls: type[nn.Module], num_classes: int, **kwargs: Any) -> nn.Module:

@@ -165,3 +165,127 @@ def test_spec_of_module_needs_num_classes_and_defaults_to_unit_pixels():
   variables = jax.eval_shape(spec.build(num_classes=5).init, jax.random.PRNGKey(0),
                              spec.example_input(1))
   assert variables["params"]["head"]["kernel"].shape == (8, 5)
+
+
+# --- An own NNX model: model="package.module:Name" (a class, or a factory) ---
+
+@pytest.fixture(scope="module")
+def nnx_run(photos, tmp_path_factory):
+  """A 2-step run of model="own_model_pkg.models:TinyNnxNet" with its BatchNorm
+  frozen by the rules (its statistics must stay as initialised)."""
+  workdir = tmp_path_factory.mktemp("nnx_run")
+  c = _reference_config(photos)
+  c["model"] = "own_model_pkg.models:TinyNnxNet"
+  c["strategy"]["rules"] = ((r"bn/.*", None), (".*", "all"))
+  experiment.finetune(experiment.ml_collections.ConfigDict(c), workdir, progress=False)
+  return workdir
+
+
+@pytest.mark.slow  # a fine-tuning run (the next test checks the module without one)
+def test_own_nnx_model_trains_restores_and_evaluates_as_the_nnx_module(nnx_run, photos):
+  from flax import nnx
+  from own_model_pkg.models import TinyNnxNet
+  final = json.loads((nnx_run / "final_report.json").read_text())["eval"]
+  run = workdirs.restore(nnx_run, step="latest")
+  assert run.meta["model"] == "own_model_pkg.models:TinyNnxNet"
+  # The NNX attribute paths; width=4 from model_kwargs; the frozen BatchNorm's statistics.
+  assert jax.tree.map(np.shape, run.variables) == {
+      "params": {"conv": {"kernel": (3, 3, 3, 4), "bias": (4,)}, "bn": {"scale": (4,), "bias": (4,)},
+                 "head": {"kernel": (4, 3), "bias": (3,)}},
+      "batch_stats": {"bn": {"mean": (4,), "var": (4,)}}}
+  np.testing.assert_array_equal(run.variables["batch_stats"]["bn"]["var"], np.ones(4))
+  assert (run.spec.image_size, run.spec.normalization.crop_fraction) == (16, 1.0)
+  assert experiment.model_options(run.spec) == ["width"]
+  result = evaluation.evaluate_workdir(nnx_run, step="latest")
+  assert result["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
+  # The restored module computes what the user's NNX module with these weights does.
+  model = TinyNnxNet(3, 4, rngs=nnx.Rngs(0))
+  nnx.update(model, nnx.State({**run.variables["params"], "bn": {
+      **run.variables["params"]["bn"], **run.variables["batch_stats"]["bn"]}}))
+  model.eval()
+  x = np.random.default_rng(1).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(run.module.apply(run.variables, x, train=False)),
+                             np.asarray(model(x)), atol=1e-5)
+
+
+def test_nnx_linen_runs_the_nnx_module_its_batchnorm_modes_and_precise_statistics():
+  from flax import nnx
+  from own_model_pkg.models import TinyNnxNet
+  import jtl
+  from jtl import adapter
+  module = models.get_spec("own_model_pkg.models:TinyNnxNet").build(num_classes=3, width=4)
+  x = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  nnx_model = TinyNnxNet(3, 4, rngs=nnx.Rngs(0))
+  nnx.update(nnx_model, nnx.State({**variables["params"], "bn": {
+      **variables["params"]["bn"], **variables["batch_stats"]["bn"]}}))
+  nnx_model.eval()
+  np.testing.assert_allclose(module.apply(variables, x), nnx_model(x), atol=1e-6)
+  # Training updates the statistics; a frozen BatchNorm (its params frozen) keeps them.
+  _, trained = module.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert np.abs(trained["batch_stats"]["bn"]["mean"]).max() > 1e-3
+  with adapter.frozen_batchnorm({"bn"}):
+    y, kept = module.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(kept["batch_stats"]["bn"]["mean"], np.zeros(4))
+  np.testing.assert_allclose(y, module.apply(variables, x), atol=1e-6)
+  # Precise BatchNorm: the population moments of the conv's output on the batch.
+  new = jtl.recompute_batchnorm(module, variables, [{"inputs": x}])
+  params = variables["params"]["conv"]
+  h = np.asarray(jax.lax.conv_general_dilated(
+      x, params["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ) + np.asarray(params["bias"])
+  np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], h.mean((0, 1, 2)), atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], h.var((0, 1, 2)), rtol=1e-4)
+
+
+def test_own_nnx_factory_and_bad_nnx_references():
+  spec = models.get_spec("own_model_pkg.models:tiny_nnx")
+  assert spec.image_size == 16 and spec.default_num_classes == 3
+  module = spec.build(num_classes=5, width=2)
+  variables = jax.eval_shape(lambda r, x: module.init(r, x, train=False),
+                             jax.random.PRNGKey(0), spec.example_input(1))
+  assert variables["params"]["head"]["kernel"].shape == (2, 5)
+  from own_model_pkg import models as pkg
+  from jtl.models import own_nnx
+  pkg.no_classes = lambda *, rngs: pkg.TinyNnxNet(rngs=rngs)
+  with pytest.raises(ConfigError, match="takes no `num_classes`"):
+    models.get_spec("own_model_pkg.models:no_classes")
+  assert not own_nnx.is_nnx_model(lambda num_classes: None)
+
+
+@pytest.mark.slow  # end to end through subprocesses: make test-all
+def test_own_nnx_model_through_finetune_evaluate_convert(photos, tmp_path):
+  workdir = tmp_path / "run"
+  config = tmp_path / "nnx_config.py"
+  config.write_text(
+      "from configs import default\n\n"
+      "def get_config(arg=None):\n"
+      "  c = default.get_config()\n"
+      "  c.model, c.pretrained, c.image_size = 'own_model_pkg.models:tiny_nnx', False, 16\n"
+      "  c.strategy.rules = (('.*', 'all'),)\n"
+      "  c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps = 8, 16, 2, 0\n"
+      "  c.eval_every = c.checkpoint_every = 2\n"
+      "  c.train_split, c.eval_split = 'train', 'test'\n"
+      "  return c\n")
+  env_path = f"{PKG.parent}{os.pathsep}{ROOT}"
+  run = lambda name, *args: subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+      text=True, timeout=600, cwd=tmp_path,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": env_path})
+  trained = run("finetune.py", "--config", config, "--workdir", workdir,
+                f"--config.dataset=folder:{photos}")
+  assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+  final = json.loads((workdir / "final_report.json").read_text())["eval"]
+  evaluated = run("evaluate.py", "--workdir", workdir, "--step", "latest")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads((workdir / "eval_test.json").read_text())["accuracy"] == pytest.approx(
+      final["accuracy"], abs=1e-6)
+  converted = run("convert.py", "--workdir", workdir, "--format", "onnx", "--step", "latest")
+  assert converted.returncode == 0, converted.stderr[-3000:]
+  restored = workdirs.restore(workdir, step="latest")
+  import onnxruntime as ort
+  x = np.random.default_rng(1).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  session = ort.InferenceSession(str(workdir / "export" / "model.onnx"))
+  got = session.run(None, {session.get_inputs()[0].name: x})[0]
+  want = np.asarray(restored.module.apply(restored.variables, x, train=False))
+  np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,8 +1,9 @@
-"""A user's own Linen classifier (not in jtl's zoo)."""
+"""A user's own Linen and NNX classifiers (not in jtl's zoo)."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jtl.models.preprocessing import model_normalization
 
@@ -20,3 +21,25 @@ class TinyNet(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x) if self.num_classes else x
+
+
+class TinyNnxNet(nnx.Module):
+  """The same network as an NNX module: `model="own_model_pkg.models:TinyNnxNet"`."""
+  normalization = model_normalization("unit", image_size=16, crop_fraction=1.0)
+
+  def __init__(self, num_classes: int = 3, width: int = 8, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, width, (3, 3), strides=(2, 2), padding="SAME", rngs=rngs)
+    self.bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+    self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nnx.relu(self.bn(self.conv(x)))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def tiny_nnx(num_classes: int = 3, width: int = 8, *, rngs: nnx.Rngs) -> TinyNnxNet:
+  """A factory of one: `model="own_model_pkg.models:tiny_nnx"`."""
+  return TinyNnxNet(num_classes, width, rngs=rngs)
+
+
+tiny_nnx.normalization = TinyNnxNet.normalization
