@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 
 from jtl import data, models, parallel, partition, paths
-from jtl.app import keys, methods, workdirs
+from jtl.app import keys, methods, model_choice, workdirs
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
 from jtl.train import FitResult, fit
@@ -104,10 +104,18 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems += cached_probe_problems(config) or []
   problems += precise_batchnorm_problems(config)
   problems += [f"{old} is no key: set {new}" for old, new in MOVED_KEYS.items() if old in config]
+  if config.model == model_choice.AUTO:
+    return problems + model_choice.problems(config, model_problems)
   try:
     spec = models.get_spec(config.model)
   except ConfigError as e:
     return problems + [str(e)]
+  return problems + model_problems(config, spec)
+
+
+def model_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> list[str]:
+  """Problems of `image_size` and `model_kwargs` for the config's model."""
+  problems = []
   size = config.image_size
   if spec.input_kind == "image" and size is not None and size < spec.min_image_size:
     problems.append(f"image_size must be >= {spec.min_image_size} for {config.model} (or None "
@@ -327,6 +335,9 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   rules = [tuple(r) for r in strategy.get("rules") or ()]
   if strategy["name"] != "rules" or not rules:
     return []
+  if config.model == model_choice.AUTO:  # the rules must fit every candidate
+    return [p for name, skip in model_choice.candidates(config)[0] if skip is None
+            for p in rule_problems(model_choice.with_model(config, name), classes)]
   spec = models.get_spec(config.model)
   # The model as the run builds it: model_kwargs change its layers (depth, blocks).
   module = spec.build(num_classes=int(config.num_classes or classes or 2),
@@ -649,8 +660,7 @@ def cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec
     return None, phases
   plan = strategies.cached_probe(strategies.resolve_options(strategy_config(config)))
   head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
-  head_tx = build_optimizer(config, head_labels) if plan.learning_rate is None else \
-      make_optimizer(head_labels, learning_rate=plan.learning_rate, optimizer=config.optimizer)
+  head_tx = head_optimizer(config, plan, head_labels)
   head_steps = config.num_steps if plan.whole_run else plan.head_steps
   train_pass = eval_batches(config, spec, config.train_split, config.dataset)()
   first = features.cached_head_phase(
@@ -664,6 +674,16 @@ def cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec
   rest = [(start - phases[1][0], labels, tx) for start, labels, tx in phases[1:]]
   run = _probe_before_run(first.run, config, head_steps, plan, workdir)
   return dataclasses.replace(first, run=run), rest
+
+
+def head_optimizer(config: ml_collections.ConfigDict, plan: Any, head_labels: Any
+                   ) -> optax.GradientTransformation:
+  """The optimizer of a cached probe (`strategies.CachedProbe`): the run's
+  own (its schedule) for a linear probe, the probe's constant rate for LP-FT."""
+  if plan.learning_rate is None:
+    return build_optimizer(config, head_labels)
+  return make_optimizer(head_labels, learning_rate=plan.learning_rate,
+                        optimizer=config.optimizer)
 
 
 def _probe_before_run(run: Callable, config: ml_collections.ConfigDict, head_steps: int,
@@ -701,6 +721,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   preflight(config, workdir="" if workdir is None else workdir)
   config = resolve_schedule(config)
   workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
+  if config.model == model_choice.AUTO:  # then the run is the chosen model's, as if named
+    config = model_choice.choose(config, workdir)
   sched = schedule_config(config, workdir)  # before any weights load
   created = build_model(config)
   module, variables, phases = build_training(sched, created)

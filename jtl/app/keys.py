@@ -30,7 +30,15 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("model", REQUIRED, "zoo model name (`jtl.models.list_models()`)"),
+    Key("model", REQUIRED, "zoo model name (`jtl.models.list_models()`), or 'auto': the "
+        "candidate of `model_candidates` whose cached linear probe scores best on eval_split "
+        "(`jtl.recipes.selection`; table in the workdir's model_selection.md)"),
+    Key("model_candidates", (), "model='auto': the models to try, cheapest first (zoo names, "
+        "hf-hub: refs); empty: the zoo's image models whose weights ship in an installed pip "
+        "package (EfficientNet-Lite0/1/2)"),
+    Key("model_budget_seconds", 1800.0, "model='auto': seconds for trying the candidates; one "
+        "whose feature pass (estimated from one batch) does not fit is skipped (None: no limit)",
+        float),
     Key("model_kwargs", {}, "options of the model's constructor, e.g. {'drop_path_rate': 0.1} "
         "(`jtl.app.experiment.model_options`)"),
     Key("pretrained", True, "load the model's pretrained weights (False: random init)"),

