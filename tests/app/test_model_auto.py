@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 from jtl.app import evaluation, experiment, model_choice
@@ -50,6 +51,7 @@ def auto_config(photos, candidates=(BLIND, COLOUR)):
   return c
 
 
+@pytest.mark.slow  # two candidates' input pipelines, then a whole LP-FT run: ~15 s
 def test_auto_picks_the_better_backbone_writes_the_table_and_the_run_is_its(
     photos, tmp_path, capsys):
   workdir = tmp_path / "run"
@@ -69,8 +71,9 @@ def test_auto_picks_the_better_backbone_writes_the_table_and_the_run_is_its(
   assert meta["model"] == meta["config"]["model"] == COLOUR
   test = evaluation.evaluate_test_split(auto_config(photos), workdir)
   assert test["count"] == 12 and test["accuracy"] == 1.0
-  # Resuming keeps the choice (no second selection).
-  experiment.finetune(auto_config(photos), workdir, progress=False)
+  # The workdir keeps its choice: no second selection.
+  config = experiment.resolve_schedule(auto_config(photos))
+  assert model_choice.choose(config, epath.Path(workdir)).model == COLOUR
   assert f"already chose {COLOUR}" in capsys.readouterr().out
 
 
