@@ -633,6 +633,24 @@ def _group(tensors: Mapping[str, np.ndarray], where: str) -> dict[str, dict[str,
   return groups
 
 
+def _task_model_names(groups: dict[str, dict[str, np.ndarray]], layout: str, where: str
+                      ) -> dict[str, dict[str, np.ndarray]]:
+  """BERT adapters PEFT saved for a task model (BertForSequenceClassification
+  ...: "bert.encoder...", "bert.pooler.dense") under BertModel's names. Its
+  classifier reads the [CLS] pooler output, jtl's head the mean-pooled
+  features: a CheckpointError, not a silently different head."""
+  if layout != "bert" or not any(n.startswith("bert.") for n in groups):
+    return groups
+  other = sorted(n for n in groups if not n.startswith("bert."))
+  if other:
+    raise CheckpointError(
+        f"{where}: an adapter of a BERT task model (keys under 'bert.') also saves {other}: "
+        "its classifier reads the [CLS] pooler output, jtl's BERT head the mean-pooled "
+        "features, so it cannot become jtl's head. Remove those tensors from "
+        f"{WEIGHTS_FILE} to import the encoder's adapters, and train jtl's head.")
+  return {n[len("bert."):]: part for n, part in groups.items()}
+
+
 def _import_lora(flat: dict[str, Any], jtl_paths: list[str], kind: str, a: np.ndarray,
                  b: np.ndarray, scale: float, alpha: float, fold: bool,
                  magnitude: np.ndarray | None = None) -> str | None:
@@ -750,7 +768,8 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
   problems: list[str] = []
   # Every adapter is imported, BERT's pooler's included: jtl's features
   # mean-pool, but the pooler's merged kernel is exported for transformers.
-  for name, part in sorted(_group(tensors, str(path)).items()):
+  for name, part in sorted(_task_model_names(_group(tensors, str(path)), layout,
+                                             str(path)).items()):
     paths = owners.get(name, [])
     mapped = hf_export.torch_module(layout, paths[0]) if paths else None
     if mapped is None:

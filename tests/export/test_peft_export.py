@@ -188,6 +188,31 @@ def test_peft_adapter_on_berts_pooler_is_imported(tmp_path):
   assert np.abs(merged - kernel).max() > 0.1
 
 
+def test_bert_task_model_adapter_imports_under_bertmodels_names(tmp_path):
+  """PEFT saves a BertForSequenceClassification adapter under "bert."
+  (base_model.model.bert.pooler.dense.lora_A.weight, ...): the same adapters
+  as BertModel's; its classifier (on the [CLS] pooler) is refused by name."""
+  import shutil
+  import safetensors.numpy
+  source = PEFT_DIR / "peft_trained" / "bert"
+  folder = tmp_path / "seq_cls"
+  shutil.copytree(source, folder)
+  tensors = safetensors.numpy.load_file(str(source / peft.WEIGHTS_FILE))
+  renamed = {k.replace(peft.PREFIX, peft.PREFIX + "bert.", 1): v for k, v in tensors.items()}
+  assert "base_model.model.bert.pooler.dense.lora_A.weight" in renamed
+  safetensors.numpy.save_file(renamed, str(folder / peft.WEIGHTS_FILE))
+  want, _ = peft.import_peft(base("bert")["params"], source, layout="bert")
+  got, _ = peft.import_peft(base("bert")["params"], folder, layout="bert")
+  want, got = jtree.flatten(want), jtree.flatten(got)
+  assert sorted(got) == sorted(want) and "pooler/lora_a" in got
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+  renamed["base_model.model.classifier.weight"] = np.zeros((2, 32), np.float32)
+  safetensors.numpy.save_file(renamed, str(folder / peft.WEIGHTS_FILE))
+  with pytest.raises(CheckpointError, match=r"\['classifier'\].*\[CLS\] pooler output"):
+    peft.import_peft(base("bert")["params"], folder, layout="bert")
+
+
 @pytest.mark.parametrize("name", ["vit", "resnet", "dinov2"])
 def test_export_then_import_restores_the_adapters_exactly(name, tmp_path):
   peft.export_peft(lora.LoraModel(ref.build(name), ref.ALPHA), adapted(name), tmp_path)
