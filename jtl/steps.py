@@ -177,20 +177,8 @@ def make_train_step(
     raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
   adapter = as_model(model)
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
-
-  def loss_and_aux(trainable, frozen, model_state, batch, rng):
-    params = cast_floats(partition.merge(trainable, frozen), compute_dtype)
-    outputs, new_model_state = adapter.apply(
-        params, model_state, cast_floats(batch["inputs"], compute_dtype), train=True, rng=rng,
-        frozen_paths=frozen_paths)
-    outputs = cast_floats(outputs, jnp.float32)
-    loss, aux = _loss_and_metrics(loss_fn, outputs, batch)
-    logits = _logits(outputs)
-    if "accuracy" not in aux and logits is not None and logits.shape[0] == batch["label"].shape[0]:
-      aux["correct"] = _correct(logits, batch)
-    return loss, (dict(new_model_state), aux)
-
-  grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+  grad_fn = jax.value_and_grad(_make_loss(adapter, frozen_paths, loss_fn, compute_dtype),
+                               has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
     rng, step_rng = jax.random.split(state.rng)
@@ -207,17 +195,42 @@ def make_train_step(
     if axis_name is not None:
       grads, loss, model_state, aux, extra, count = _across_devices(
           axis_name, grads, loss, model_state, aux, extra, count)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    new_state = state.replace(step=state.step + 1, trainable=trainable,
-                              opt_state=opt_state, model_state=model_state, rng=rng,
-                              ema=update_ema(state.ema, trainable, ema_decay))
+    new_state = _apply_update(tx, state, grads, model_state, rng, ema_decay)
     if "correct" in aux:
       aux["accuracy"] = aux.pop("correct") / jnp.maximum(count, 1.0)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux, **extra}
     return new_state, metrics
 
   return train_step
+
+
+def _make_loss(adapter: Any, frozen_paths: frozenset, loss_fn: LossFn, compute_dtype: Any
+               ) -> Callable[..., tuple[jax.Array, tuple[dict, dict]]]:
+  """`loss(trainable, frozen, model_state, batch, rng) -> (loss, (model_state,
+  metrics))`: the training forward pass in `compute_dtype`, the loss in float32,
+  and the count of correct predictions when the outputs are logits."""
+  def loss_and_aux(trainable, frozen, model_state, batch, rng):
+    params = cast_floats(partition.merge(trainable, frozen), compute_dtype)
+    outputs, new_model_state = adapter.apply(
+        params, model_state, cast_floats(batch["inputs"], compute_dtype), train=True, rng=rng,
+        frozen_paths=frozen_paths)
+    outputs = cast_floats(outputs, jnp.float32)
+    loss, aux = _loss_and_metrics(loss_fn, outputs, batch)
+    logits = _logits(outputs)
+    if "accuracy" not in aux and logits is not None and logits.shape[0] == batch["label"].shape[0]:
+      aux["correct"] = _correct(logits, batch)
+    return loss, (dict(new_model_state), aux)
+  return loss_and_aux
+
+
+def _apply_update(tx: optax.GradientTransformation, state: TrainState, grads: PyTree,
+                  model_state: PyTree, rng: jax.Array, ema_decay: float | None) -> TrainState:
+  """The state after one optimizer update of the trainable partition (and its EMA)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                       model_state=model_state, rng=rng,
+                       ema=update_ema(state.ema, trainable, ema_decay))
 
 
 def update_ema(ema: PyTree, trainable: PyTree, decay: float | None) -> PyTree:

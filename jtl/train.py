@@ -255,12 +255,15 @@ def _open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any]
   return mngr, writer, state
 
 
-def _batchnorm_refresher(module: Any, phases: _Phases, batches: Callable[[], Iterable[Batch]],
-                         mesh: jax.sharding.Mesh) -> Callable[[TrainState, int], TrainState]:
+def _batchnorm_refresher(module: Any, phases: _Phases,
+                         batches: Callable[[], Iterable[Batch]] | None, mesh: jax.sharding.Mesh
+                         ) -> Callable[[TrainState, int], TrainState] | None:
   """`refresh(state, phase)`: the state with the statistics of every BatchNorm
   layer that trains in `phase` recomputed on one pass of `batches` (precise
   BN; each process passes its own rows, as for training), placed as before.
-  Compiled once per phase."""
+  Compiled once per phase. None without `batches`."""
+  if batches is None:
+    return None
   compiled: dict[int, Callable] = {}
 
   def place(new: Any, old: jax.Array) -> jax.Array:
@@ -282,24 +285,25 @@ def _batchnorm_refresher(module: Any, phases: _Phases, batches: Callable[[], Ite
 
 @dataclasses.dataclass(frozen=True)
 class _Given:
-  """What `fit`'s step loop is given once."""
+  """What `fit`'s step loop is given once: fit's options, then (set by
+  `_run` once the workdir is open) the manager, writer, eval step and bar."""
   phases: _Phases
   compile_step: Callable[[PyTree, optax.GradientTransformation], Callable]
   mesh: jax.sharding.Mesh
-  mngr: CheckpointManager | None
-  writer: MetricWriter | None
-  eval_step: Callable
   eval_batches: Callable[[], Iterable[Batch]] | None
   eval_every: int
   log_every: int
   on_log: Callable[[int, dict[str, float]], None] | None
-  bar: Any
   stop_on_nonfinite: bool
   save_eval_metrics: bool  # a best_metric picks the best checkpoint by them
   refresh_batchnorm: Callable[[TrainState, int], TrainState] | None
   meta: dict[str, Any]
   workdir: Any
   stop: StopRequests
+  mngr: CheckpointManager | None = None
+  writer: MetricWriter | None = None
+  eval_step: Callable | None = None
+  bar: Any = None
 
 
 @dataclasses.dataclass
@@ -450,74 +454,70 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   """Fine-tunes `module` from `variables` for `num_steps` steps.
 
   Args:
-    module, variables: the model (a Flax Linen or NNX module, an apply
-      function, or a `jtl.LinenModel`/`NnxModel`/`FunctionModel`) and its
-      initial (pretrained) variables; for an NNX module, None takes its own
-      (`jtl.adapter.variables_of`).
+    module, variables: the model (a Linen or NNX module, an apply function, or a
+      `jtl.LinenModel`/`NnxModel`/`FunctionModel`) and its initial (pretrained)
+      variables; None: an NNX module's own (`jtl.adapter.variables_of`).
     labels, tx: the partition labels and the optimizer (`make_optimizer`).
     train_batches: `train_batches(start_step)` returns the iterator of global
       numpy batches from that step on (the input position on resume).
     num_steps: total number of training steps.
-    workdir: where checkpoints and metrics go; resumes from its newest intact
-      checkpoint. The run holds `<workdir>/jtl.lock` while it runs, so a
-      second run on the same workdir is refused. None: no checkpoints, no files.
+    workdir: checkpoints and metrics; resumes from its newest intact checkpoint; held
+      with `<workdir>/jtl.lock` (a second run there is refused). None: no files.
     eval_batches: `eval_batches()` returns one pass of padded, masked batches.
     eval_every, checkpoint_every: in steps (0: only at the end).
-    keep, best_metric: keep the last `keep` checkpoints plus the best by
-      this eval metric (across restarts).
+    keep, best_metric: the last `keep` checkpoints stay, and the best by this eval metric.
     mesh: device mesh (default: all devices, data parallel).
-    meta: JSON-able facts saved with each checkpoint ("model",
-      "num_classes", ...); resuming with a different model is refused.
-    on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a
-      `DivergenceError` naming the step, before anything later is saved;
-      "skip": such updates are not applied, and the train metrics count them
-      ("skipped", "skipped_total").
-    later_phases: (start_step, labels, tx) of later phases (gradual
-      unfreezing, LP-FT): from `start_step` on, the partition and optimizer
-      change; the optimizer state of leaves that stay trainable carries over.
-      Each phase compiles its step once. Resuming restores into the phase
-      the checkpoint was written in.
-    loss_fn, batch_transform: as for `jtl.make_train_step`; a method
-      (`jtl.recipes.distill.distill_parts`, `jtl.recipes.domain.adapt_parts`,
-      `jtl.recipes.adversarial.adversarial_parts`) gives the model, loss and batch
-      transform, and the one train step runs them with microbatches,
-      compute_dtype and the mesh.
-    batchnorm_batches: precise BatchNorm. `batchnorm_batches()` returns one
-      pass of (unaugmented) training batches, each process its own rows as
-      for `train_batches`, padding rows with mask=False. Before each
-      evaluation and each save, the stored statistics of every BatchNorm
-      layer that trains in the current phase are recomputed on it
-      (`jtl.recompute_batchnorm`, over the global batches), so the model
-      evaluated and saved normalises as it was trained, not with moving
-      averages that trail the weights. Layers whose params are all frozen
-      keep theirs.
-    eval_output, eval_fn: what evaluation scores when the model's output is
-      not the logits or a tuple with the logits first (`jtl.make_eval_step`):
-      a dict key / tuple index / function giving the logits, or
-      `eval_fn(outputs, batch) -> {name: masked sum}`. Checked on the first
-      training batch, before the first step.
-    stop_on_signals: while `fit` runs (called from the main thread),
-      SIGTERM and SIGINT (a preempted VM, Ctrl-C) finish the current step,
-      save it synchronously, close the writers, release the lock and raise
-      `jtl.errors.Preempted` naming the step saved; a second signal meanwhile is
-      ignored. The previous handlers are restored on return. Multi-host,
-      every process saves the same step (`jtl.preemption`). False: signals
-      keep their usual effect.
-    ema_decay: weight EMA: the state keeps `ema = ema_decay * ema + (1 -
-      ema_decay) * trainable` after every update (`TrainState.ema`, saved
-      with each checkpoint and resumed exactly); evaluations, the best
-      checkpoint's choice and `restore_variables` (so evaluate.py and export)
-      use the EMA weights (`state.eval_variables`). None: off.
-    first_phase: a phase that trains itself (`jtl.phases.SelfTrained`, e.g.
-      the head on cached features: `jtl.recipes.strategies.features.
-      cached_head_phase`), run on a fresh start before step 1; the run goes
-      on from its `steps` (its train-metrics row is logged there), evaluated
-      and saved there like any step when that ends the run. A resumed run
-      (a checkpoint found) skips it; a run stopped during it redoes it.
+    meta: JSON-able facts saved with each checkpoint ("model", "num_classes",
+      ...); resuming with a different model is refused.
+    on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a `DivergenceError`
+      naming the step, before anything later is saved; "skip": such updates are
+      not applied and the train metrics count them ("skipped", "skipped_total").
+    later_phases: (start_step, labels, tx) of later phases (`jtl.phases`: LP-FT,
+      gradual unfreezing); a resumed run restores into the phase that saved.
+    loss_fn, batch_transform, microbatches, compute_dtype: the train step's
+      (`jtl.make_train_step`), e.g. a method's parts (`jtl.recipes.distill.distill_parts`).
+    batchnorm_batches: precise BatchNorm: `batchnorm_batches()` returns one pass
+      of unaugmented training batches (each process its rows, padding masked) on
+      which the statistics of every BatchNorm layer that trains in the current
+      phase are recomputed before each evaluation and save (`jtl.recompute_batchnorm`).
+    eval_output, eval_fn: what evaluation scores when the output is not the logits
+      (`jtl.make_eval_step`); checked on the first training batch.
+    stop_on_signals: SIGTERM and SIGINT save the current step and raise
+      `jtl.errors.Preempted` (`jtl.preemption`); False: their usual effect.
+    ema_decay: weight EMA (`TrainState.ema`, saved and resumed); evaluations, the
+      best checkpoint and `restore_variables` use the EMA weights. None: off.
+    first_phase: a `jtl.phases.SelfTrained` phase (e.g. `jtl.recipes.strategies.
+      features.cached_head_phase`) run on a fresh start before step 1, skipped on
+      resume; its metrics are logged, evaluated and saved at its `steps`.
 
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
+  _check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every)
+  mesh = mesh or parallel.make_mesh()
+  phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
+  variables = _initial_variables(module, variables, batchnorm_batches)
+  compile_step = functools.partial(
+      _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
+      loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
+      compute_dtype=compute_dtype, ema_decay=ema_decay)
+  given = _Given(
+      phases=phases, compile_step=compile_step, mesh=mesh, eval_batches=eval_batches,
+      eval_every=eval_every, log_every=log_every, on_log=on_log,
+      stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
+      refresh_batchnorm=_batchnorm_refresher(module, phases, batchnorm_batches, mesh),
+      meta=dict(meta or {}), workdir=workdir, stop=StopRequests())
+  make_eval_step = functools.partial(steps.make_eval_step, module, eval_output=eval_output,
+                                     eval_fn=eval_fn, compute_dtype=compute_dtype)
+  return _run(given, make_eval_step, train_batches, num_steps, variables=variables, seed=seed,
+              ema=ema_decay is not None, first_phase=first_phase,
+              stop_on_signals=stop_on_signals, progress=progress, save_every=checkpoint_every,
+              keep=keep, best_metric=best_metric if eval_batches else None,
+              async_save=async_checkpoints)
+
+
+def _check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int) -> None:
+  """Refuses invalid values of `fit`'s options."""
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
   if ema_decay is not None and (isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0):
@@ -526,37 +526,47 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     raise ConfigError(f"log_every must be an integer >= 1 (steps between logged training "
                       f"metrics), got {log_every!r}.")
-  mesh = mesh or parallel.make_mesh()
-  meta = dict(meta or {})
-  phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
+
+
+def _initial_variables(module: Any, variables: PyTree | None,
+                       batchnorm_batches: Callable[[], Iterable[Batch]] | None) -> PyTree:
+  """The given variables, or an NNX module's own; refuses precise BatchNorm
+  for variables without BatchNorm statistics."""
   if variables is None:
     variables = variables_of(module)
   if batchnorm_batches is not None and set(variables) == {"params"}:
     raise ConfigError("fit(batchnorm_batches=...): the variables hold no BatchNorm statistics "
                       "(only 'params'); drop batchnorm_batches for a model without BatchNorm.")
-  compile_step = functools.partial(
-      _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
-      loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
-      compute_dtype=compute_dtype, ema_decay=ema_decay)
+  return variables
 
-  def fresh_state(phase: int, start: PyTree | None = None, step: int = 0
-                  ) -> tuple[TrainState, PyTree]:
-    """The initial state of `phase` (from `start` variables at `step`, by
-    default the given ones at 0) and its labels (what a restore fills)."""
-    _, labels, tx = phases.items[phase]
-    state = create_train_state(variables if start is None else start, labels, tx, rng=seed,
-                               ema=ema_decay is not None)
-    return parallel.place_state(state.replace(step=jnp.int32(step)) if step else state,
-                                mesh), labels
 
-  stop = StopRequests()
+def _fresh_state(variables: PyTree, phases: _Phases, phase: int, start: PyTree | None = None,
+                 step: int = 0, *, mesh: jax.sharding.Mesh, seed: int, ema: bool
+                 ) -> tuple[TrainState, PyTree]:
+  """The initial state of `phase` (from `start` variables at `step`, by
+  default the given ones at 0) and its labels (what a restore fills)."""
+  _, labels, tx = phases.items[phase]
+  state = create_train_state(variables if start is None else start, labels, tx, rng=seed,
+                             ema=ema)
+  return parallel.place_state(state.replace(step=jnp.int32(step)) if step else state,
+                              mesh), labels
+
+
+def _run(given: _Given, make_eval_step: Callable[[], Callable],
+         train_batches: Callable[[int], Iterator[Batch]], num_steps: int, *, variables: PyTree,
+         seed: int, ema: bool, first_phase: phases_lib.SelfTrained | None,
+         stop_on_signals: bool, progress: bool, **workdir_kwargs: Any) -> FitResult:
+  """`fit`'s run: the workdir opened (lock, manager, writer) and closed around
+  the first phase and the step loop."""
+  phases, stop, workdir = given.phases, given.stop, given.workdir
+  fresh_state = functools.partial(_fresh_state, variables, phases, mesh=given.mesh, seed=seed,
+                                  ema=ema)
   with contextlib.ExitStack() as stack:
     if stop_on_signals:
       stack.enter_context(stop)  # entered first: restored after the lock is released
     mngr, writer, state = _open_run(
-        stack, workdir, lambda mngr: _restore_or_fresh(mngr, phases, fresh_state), meta=meta,
-        save_every=checkpoint_every, keep=keep, best_metric=best_metric if eval_batches else None,
-        async_save=async_checkpoints)
+        stack, workdir, lambda mngr: _restore_or_fresh(mngr, phases, fresh_state),
+        meta=given.meta, **workdir_kwargs)
     start_step = begin = int(jax.device_get(state.step))
     first_row = None
     if first_phase is not None and start_step == 0:
@@ -564,25 +574,18 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
                                           workdir)
       begin = first_phase.steps
     phase = phases.at(begin - 1) if begin else 0
-    eval_step = jax.jit(steps.make_eval_step(module, eval_output=eval_output, eval_fn=eval_fn,
-                                             compute_dtype=compute_dtype))
-    if eval_batches is not None:
+    eval_step = jax.jit(make_eval_step())
+    if given.eval_batches is not None:
       train_batches = _eval_checked(train_batches, eval_step, lambda: state.variables)
-    loop = _Loop(_Given(
-        phases=phases, compile_step=compile_step, mesh=mesh, mngr=mngr, writer=writer,
-        eval_step=eval_step,
-        eval_batches=eval_batches, eval_every=eval_every, log_every=log_every, on_log=on_log,
-        bar=_progress_bar(stack, begin, num_steps) if progress else None,
-        stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
-        refresh_batchnorm=(_batchnorm_refresher(module, phases, batchnorm_batches, mesh)
-                           if batchnorm_batches is not None else None),
-        meta=meta, workdir=workdir, stop=stop), state=state, phase=phase,
-        train_step=compile_step(*phases.items[phase][1:]),
+    loop = _Loop(dataclasses.replace(
+        given, mngr=mngr, writer=writer, eval_step=eval_step,
+        bar=_progress_bar(stack, begin, num_steps) if progress else None),
+        state=state, phase=phase, train_step=given.compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)
     if first_row is not None:
       loop.end_first_phase(begin, first_row, last=begin == num_steps)
     loop.run(train_batches(begin), begin, num_steps)
-    if mngr is not None and num_steps == start_step and eval_batches is not None:
+    if mngr is not None and num_steps == start_step and given.eval_batches is not None:
       loop.evaluate(start_step)
   if stop.signum is not None:  # during the last step or the final save: all is saved
     raise _preempted(stop, loop.last_saved, num_steps, num_steps, workdir)

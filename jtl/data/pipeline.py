@@ -34,7 +34,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -274,6 +274,60 @@ def _padded_batches(ds: tf.data.Dataset, pad: int, batch_size: int) -> tf.data.D
   return ds.batch(batch_size, drop_remainder=True)
 
 
+def _check_kind(src: Any, *, mixup_alpha: float, cutmix_alpha: float,
+                randaugment: tuple[int, float] | None) -> None:
+  """Refuses image augmentations on a text source."""
+  if (mixup_alpha > 0 or cutmix_alpha > 0 or (randaugment and randaugment[0])) and (
+      src.kind == "text"):
+    raise DataError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}, "
+                    f"randaugment={randaugment}: image augmentations; {src.name!r} is text.")
+
+
+def _image_kwargs(train: bool, *, image_size: Any, normalize: Any, augment: bool, flip: bool,
+                  crop_scale: Sequence[float], randaugment: tuple[int, float] | None,
+                  crop_fraction: float) -> dict[str, Any]:
+  """The options of `images.train_image` (train) or `images.eval_image`."""
+  image_kwargs: dict[str, Any] = {"image_size": image_size, "normalize": normalize}
+  if train:
+    image_kwargs.update(augment=augment, flip=flip, crop_scale=crop_scale,
+                        randaugment=tuple(randaugment) if randaugment else None)
+  else:
+    image_kwargs.update(crop_fraction=crop_fraction)
+  return image_kwargs
+
+
+def _preprocessed(ds: tf.data.Dataset, kind: str, *, train: bool, seed: int,
+                  process_index: int, start: int, image_kwargs: dict[str, Any]
+                  ) -> tf.data.Dataset:
+  """Examples decoded and preprocessed; example i's augmentation seed is
+  (seed, 1 + process_index) folded with its position `start + i`."""
+  base = tf.constant([seed, 1 + process_index], tf.int64)
+  prep = functools.partial(_preprocess, kind=kind, train=train, seed=base,
+                           image_kwargs=image_kwargs)
+  return ds.enumerate(start).map(plain(tf, lambda i, ex: prep(ex, i)),
+                                 num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _train_batches(ds: tf.data.Dataset, local_b: int, *, total: int, process_count: int,
+                   num_epochs: int | None, start_step: int,
+                   mix: Callable[[tf.data.Dataset], tf.data.Dataset] | None
+                   ) -> tuple[tf.data.Dataset, int | None]:
+  """Full batches (mixed by `mix` when given) and their count (None: endless)."""
+  num_batches = None
+  if num_epochs is not None:
+    num_batches = max(0, num_epochs * (total // process_count) // local_b - start_step)
+  ds = ds.batch(local_b, drop_remainder=True)
+  return (mix(ds) if mix is not None else ds), num_batches
+
+
+def _eval_batches(ds: tf.data.Dataset, local_b: int, *, total: int, local_n: int,
+                  process_count: int) -> tuple[tf.data.Dataset, int]:
+  """One padded, masked pass and its batch count: the same count on every
+  process (each shard is padded to the largest one)."""
+  num_batches = math.ceil(math.ceil(total / process_count) / local_b)
+  return _padded_batches(ds, num_batches * local_b - local_n, local_b), num_batches
+
+
 def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
                  image_size: int | Sequence[int] = 224,
                  normalize: images.NormalizeSpec = None, seed: int = 0,
@@ -333,42 +387,24 @@ def make_dataset(source: Any, *, split: str, batch_size: int, train: bool,
   local_b = batch_size // pc
   src = resolve_source(source, data_dir, num_classes=num_classes, input_key=input_key,
                        label_key=label_key, on_bad_file=on_bad_file)
-  if (mixup_alpha > 0 or cutmix_alpha > 0 or (randaugment and randaugment[0])) and (
-      src.kind == "text"):
-    raise DataError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}, "
-                    f"randaugment={randaugment}: image augmentations; {src.name!r} is text.")
+  _check_kind(src, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, randaugment=randaugment)
   n_classes = src.info().num_classes
   start = start_step * local_b
-
   ds, total, local_n = _example_stream(src, split, pi, pc, train=train, seed=seed,
                                        num_epochs=num_epochs, start=start,
                                        shuffle_buffer=shuffle_buffer)
-
-  image_kwargs: dict[str, Any] = {"image_size": image_size, "normalize": normalize}
+  image_kwargs = _image_kwargs(train, image_size=image_size, normalize=normalize,
+                               augment=augment, flip=flip, crop_scale=crop_scale,
+                               randaugment=randaugment, crop_fraction=crop_fraction)
+  ds = _preprocessed(ds, src.kind, train=train, seed=seed, process_index=pi, start=start,
+                     image_kwargs=image_kwargs)
   if train:
-    image_kwargs.update(augment=augment, flip=flip, crop_scale=crop_scale,
-                        randaugment=tuple(randaugment) if randaugment else None)
+    mix = None if not (mixup_alpha > 0 or cutmix_alpha > 0) else functools.partial(
+        _mixup, seed=seed, process_index=pi, start_step=start_step, alpha=mixup_alpha,
+        num_classes=n_classes, cutmix_alpha=cutmix_alpha)
+    ds, num_batches = _train_batches(ds, local_b, total=total, process_count=pc,
+                                     num_epochs=num_epochs, start_step=start_step, mix=mix)
   else:
-    image_kwargs.update(crop_fraction=crop_fraction)
-  base = tf.constant([seed, 1 + pi], tf.int64)
-  prep = functools.partial(_preprocess, kind=src.kind, train=train, seed=base,
-                           image_kwargs=image_kwargs)
-  ds = ds.enumerate(start).map(plain(tf, lambda i, ex: prep(ex, i)),
-                               num_parallel_calls=tf.data.AUTOTUNE)
-
-  if train:
-    num_batches = None
-    if num_epochs is not None:
-      num_batches = max(0, num_epochs * (total // pc) // local_b - start_step)
-    ds = ds.batch(local_b, drop_remainder=True)
-    if mixup_alpha > 0 or cutmix_alpha > 0:
-      ds = _mixup(ds, seed=seed, process_index=pi, start_step=start_step, alpha=mixup_alpha,
-                  num_classes=n_classes, cutmix_alpha=cutmix_alpha)
-  else:
-    # Same batch count on every process: pad each shard to the largest one.
-    num_batches = math.ceil(math.ceil(total / pc) / local_b)
-    ds = _padded_batches(ds, num_batches * local_b - local_n, local_b)
-
-  ds = ds.prefetch(prefetch)
+    ds, num_batches = _eval_batches(ds, local_b, total=total, local_n=local_n, process_count=pc)
   tok = text.load_tokenizer(tokenizer, max_length=max_length) if src.kind == "text" else None
-  return BatchIterator(ds, src, split, num_batches, tok)
+  return BatchIterator(ds.prefetch(prefetch), src, split, num_batches, tok)

@@ -270,13 +270,36 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
   Raises:
     CheckpointError: adapters the format cannot hold (all listed), or none.
   """
-  flat = {p: np.asarray(v) for p, v in jtree.flatten(params).items()}
-  modules = _modules(flat)
+  modules = _modules({p: np.asarray(v) for p, v in jtree.flatten(params).items()})
+  tensors, ranks, alpha_factors, candidates, problems = _adapters(modules, layout)
+  if not ranks and not problems:
+    raise CheckpointError("The params hold no LoRA adapters (lora_a/lora_b leaves) to export.")
+  whole, saved, more = _saved_whole(layout, modules_to_save, modules)
+  tensors.update(whole)
+  problems += more
+  dora = {n for n in ranks if f"{PREFIX}{n}.{_MAGNITUDE}" in tensors}
+  if dora and dora != set(ranks):
+    problems.append(f"DoRA on {sorted(dora)[:3]}... but plain LoRA on "
+                    f"{sorted(set(ranks) - dora)[:3]}...: PEFT's use_dora covers every adapter")
+  if problems:
+    raise CheckpointError(f"Cannot write a PEFT {layout} adapter:\n" + bullet_list(problems))
+  return tensors, _lora_config(ranks, alpha_factors, candidates, saved, dora)
+
+
+# An adapter's PEFT tensors (names after the module's), its PEFT rank, its alpha
+# factor (None: 1) and a problem found after the rank was known; or a problem alone.
+_Adapter = tuple[dict[str, np.ndarray], int, float | None, str | None]
+
+
+def _adapters(modules: Mapping[str, Mapping[str, np.ndarray]], layout: str
+              ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, float], list[str],
+                         list[str]]:
+  """(tensors, rank and alpha factor per torch module, the torch modules an
+  adapter could target, problems) of every LoRA in `modules`."""
   tensors: dict[str, np.ndarray] = {}
-  problems: list[str] = []
   ranks: dict[str, int] = {}
   alpha_factors: dict[str, float] = {}
-  candidates = []
+  candidates, problems = [], []
   for path, leaves in sorted(modules.items()):
     mapped = hf_export.torch_module(layout, path) if "kernel" in leaves else None
     if mapped is not None and mapped[1] in _ADAPTABLE:
@@ -288,45 +311,65 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
       problems.append(f"{path}: no module of the base model holds it")
       continue
     name, kind = mapped
-    if kind == "qkv":  # one fused adapter per attention block, made once
-      if name in ranks:
-        continue
-      fused = _fused_qkv_lora(path.rpartition("/")[0], modules)
-      if isinstance(fused, str):
-        problems.append(fused)
-        continue
-      lora_a, lora_b, ranks[name], alpha_factors[name] = fused
-      block = path.rpartition("/")[0]
-      if any("lora_magnitude" in modules.get(f"{block}/{q}", {}) for q in _QKV):
-        magnitude = _fused_magnitude(block, modules)
-        if isinstance(magnitude, str):
-          problems.append(magnitude)
-          continue
-        tensors[f"{PREFIX}{name}.{_MAGNITUDE}"] = magnitude
-    else:
-      if "lora_b" not in leaves:
-        problems.append(f"{path}: has lora_a but no lora_b")
-        continue
-      pair = _export_adapter(kind, leaves["kernel"], leaves["lora_a"], leaves["lora_b"])
-      if isinstance(pair, str):
-        problems.append(f"{path}: {pair}")
-        continue
-      lora_a, lora_b = pair
-      ranks[name] = int(lora_a.shape[0])
-      if ranks[name] != leaves["lora_a"].shape[1]:  # the rank grew: keep jtl's scale
-        alpha_factors[name] = ranks[name] / leaves["lora_a"].shape[1]
-      if "lora_magnitude" in leaves:
-        magnitude = _dora_magnitude(kind, leaves, ranks[name])
-        if isinstance(magnitude, str):
-          problems.append(f"{path}: {magnitude}")
-          continue
-        tensors[f"{PREFIX}{name}.{_MAGNITUDE}"] = magnitude
-    tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
-    tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b
-  if not ranks and not problems:
-    raise CheckpointError("The params hold no LoRA adapters (lora_a/lora_b leaves) to export.")
-  saved = []
-  for path in modules_to_save:
+    if kind == "qkv" and name in ranks:  # one fused adapter per attention block, made once
+      continue
+    made = (_fused_adapter(path.rpartition("/")[0], modules) if kind == "qkv"
+            else _one_adapter(path, kind, leaves))
+    if isinstance(made, str):
+      problems.append(made)
+      continue
+    adapter, ranks[name], factor, problem = made
+    if factor is not None:
+      alpha_factors[name] = factor
+    if problem is not None:
+      problems.append(problem)
+    tensors.update({f"{PREFIX}{name}.{k}": v for k, v in adapter.items()})
+  return tensors, ranks, alpha_factors, candidates, problems
+
+
+def _fused_adapter(block: str, modules: Mapping[str, Mapping[str, np.ndarray]]
+                   ) -> _Adapter | str:
+  """The one adapter on timm's fused qkv of an attention `block` (`_fused_qkv_lora`)."""
+  fused = _fused_qkv_lora(block, modules)
+  if isinstance(fused, str):
+    return fused
+  lora_a, lora_b, rank, factor = fused
+  out = {}
+  if any("lora_magnitude" in modules.get(f"{block}/{q}", {}) for q in _QKV):
+    magnitude = _fused_magnitude(block, modules)
+    if isinstance(magnitude, str):
+      return {}, rank, factor, magnitude
+    out[_MAGNITUDE] = magnitude
+  return {**out, "lora_A.weight": lora_a, "lora_B.weight": lora_b}, rank, factor, None
+
+
+def _one_adapter(path: str, kind: str, leaves: Mapping[str, np.ndarray]) -> _Adapter | str:
+  """The adapter of the module at `path` (a torch Linear or Conv of `kind`)."""
+  if "lora_b" not in leaves:
+    return f"{path}: has lora_a but no lora_b"
+  pair = _export_adapter(kind, leaves["kernel"], leaves["lora_a"], leaves["lora_b"])
+  if isinstance(pair, str):
+    return f"{path}: {pair}"
+  lora_a, lora_b = pair
+  rank = int(lora_a.shape[0])
+  # The rank grew (e.g. a conv's adapter over kernel positions): keep jtl's scale.
+  factor = rank / leaves["lora_a"].shape[1] if rank != leaves["lora_a"].shape[1] else None
+  out = {}
+  if "lora_magnitude" in leaves:
+    magnitude = _dora_magnitude(kind, leaves, rank)
+    if isinstance(magnitude, str):
+      return {}, rank, factor, f"{path}: {magnitude}"
+    out[_MAGNITUDE] = magnitude
+  return {**out, "lora_A.weight": lora_a, "lora_B.weight": lora_b}, rank, factor, None
+
+
+def _saved_whole(layout: str, paths: Sequence[str],
+                 modules: Mapping[str, Mapping[str, np.ndarray]]
+                 ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """(tensors, torch module names, problems) of the modules saved whole."""
+  tensors: dict[str, np.ndarray] = {}
+  saved, problems = [], []
+  for path in paths:
     mapped = hf_export.torch_module(layout, path)
     leaves = modules.get(path)
     if mapped is None or not leaves or "lora_a" in leaves:
@@ -337,20 +380,19 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
     hf_export._convert_module(mapped[1], mapped[0], leaves, part)  # pylint: disable=protected-access
     tensors.update({PREFIX + k: v for k, v in part.items()})
     saved.append(mapped[0])
-  dora = {n for n in ranks if f"{PREFIX}{n}.{_MAGNITUDE}" in tensors}
-  if dora and dora != set(ranks):
-    problems.append(f"DoRA on {sorted(dora)[:3]}... but plain LoRA on "
-                    f"{sorted(set(ranks) - dora)[:3]}...: PEFT's use_dora covers every adapter")
-  if problems:
-    raise CheckpointError(f"Cannot write a PEFT {layout} adapter:\n" + bullet_list(problems))
+  return tensors, saved, problems
+
+
+def _lora_config(ranks: dict[str, int], alpha_factors: dict[str, float], candidates: list[str],
+                 saved: list[str], dora: set[str]) -> dict[str, Any]:
+  """The LoRA part of adapter_config.json (see `peft_tensors`)."""
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
-  config = {"r": r, "target_modules": _targets(sorted(ranks), candidates),
-            "rank_pattern": {_pattern_key(n, candidates): k
-                             for n, k in sorted(ranks.items()) if k != r},
-            "alpha_factors": {_pattern_key(n, candidates): f
-                              for n, f in sorted(alpha_factors.items())},
-            "modules_to_save": saved or None, "use_dora": bool(dora)}
-  return tensors, config
+  return {"r": r, "target_modules": _targets(sorted(ranks), candidates),
+          "rank_pattern": {_pattern_key(n, candidates): k
+                           for n, k in sorted(ranks.items()) if k != r},
+          "alpha_factors": {_pattern_key(n, candidates): f
+                            for n, f in sorted(alpha_factors.items())},
+          "modules_to_save": saved or None, "use_dora": bool(dora)}
 
 
 def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
