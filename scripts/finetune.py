@@ -2,6 +2,7 @@
 
   python scripts/finetune.py --config configs/default.py --workdir runs/default
   python scripts/finetune.py --config configs/default.py --config.num_steps=50 ...
+  python scripts/finetune.py --keys      # every config key, its default and meaning
 
 Running it again with the same --workdir resumes from the last checkpoint.
 Outputs in the workdir: checkpoints/, metrics.jsonl, tensorboard/, curves.png,
@@ -27,6 +28,8 @@ from jtl.app.cli import parse_flags_with_config_keys
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.DEFINE_bool("keys", False, "Print every config key with its default and meaning "
+                  "(jtl/app/keys.py), and exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from absl import flags
 
+from jtl.app import keys
+
 
 def prepare_process() -> None:
   """What an entry point does first: library INFO logs (Orbax, TFDS) off, as
@@ -135,9 +137,20 @@ def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str
 
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
   """absl flag parsing where an unknown `--config.key` lists the valid keys,
-  and any invalid flag value is one message with exit status 2."""
+  and any invalid flag value is one message with exit status 2. A script
+  with a --config flag prints every config key with its default and meaning
+  (`keys.listing()`) for `--keys` (then exits, status 0) and after absl's
+  `--helpfull` output."""
+  takes_config = "config" in flags.FLAGS
+  if takes_config and any(a in ("--keys", "-keys") for a in argv[1:]):
+    print(keys.listing())
+    raise SystemExit(0)
   try:
     return flags.FLAGS(argv)
+  except SystemExit:  # absl's --helpfull prints the flags and exits
+    if takes_config and any(a in ("--helpfull", "-helpfull") for a in argv[1:]):
+      print("\n" + keys.listing())
+    raise
   except Exception as e:  # ml_collections raises AttributeError/KeyError/flags errors
     try:
       unknown, valid, path = _unknown_config_keys(argv)

@@ -6,12 +6,14 @@ written by hand, one saved by an older run) from the same table, so the app
 reads `config.<key>` strictly and no call site hides a default of its own.
 A strategy's options have their table in `jtl.recipes.strategies`
 (`default_options`); `strategy_options(name)` gives them as config keys.
-`table()` renders all of it as the README's list of keys.
+`table()` renders all of it as the README's list of keys, `listing()` as
+the text `scripts/finetune.py --keys` (and `--helpfull`) prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from typing import Any
 
 import ml_collections
@@ -162,3 +164,18 @@ def table() -> str:
     default = "required" if key.default is REQUIRED else f"`{key.default!r}`"
     rows.append(f"| `{key.name}` | {default} | {key.meaning} |")
   return "\n".join(rows)
+
+
+def listing(width: int = 79) -> str:
+  """Every key, its default and meaning as plain text (`finetune.py --keys`).
+
+  >>> print(listing().splitlines()[1])
+    model (required)
+  """
+  lines = ["Config keys (set one with --config.<key>=<value>; jtl/app/keys.py):"]
+  for key in KEYS:
+    default = "required" if key.default is REQUIRED else f"default {key.default!r}"
+    lines.append(f"  {key.name} ({default})")
+    lines += textwrap.wrap(key.meaning, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                           break_on_hyphens=False, break_long_words=False)
+  return "\n".join(lines)

@@ -51,3 +51,29 @@ def test_runtime_settings_follow_the_tunables():
   # With them: no hint, synchronous dispatch (XLA allocates on the main heap).
   hint, async_dispatch = _probe(":".join(cli.HEAP_REUSE_TUNABLES))
   assert hint == "None" and async_dispatch == "False"
+
+
+def test_keys_lists_every_config_key_with_its_default_and_meaning(monkeypatch, capsys):
+  from absl import flags
+
+  from jtl.app import keys
+  with_config = flags.FlagValues()  # a script's flags, as finetune.py defines them
+  flags.DEFINE_string("config", None, "a configs/*.py file", flag_values=with_config)
+  monkeypatch.setattr(cli.flags, "FLAGS", with_config)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags_with_config_keys(["finetune.py", "--keys"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  assert {"  model (required)", "  microbatches (default 1)",
+          "  augment.crop_scale (default (0.08, 1.0))"} <= set(lines)
+  shown = [line.strip().split(" (", 1)[0] for line in lines if line.startswith("  ")
+           and not line.startswith("   ")]
+  assert shown == [k.name for k in keys.KEYS] and len(shown) > 60
+  text = " ".join(out.split())
+  assert [k.name for k in keys.KEYS if " ".join(k.meaning.split()) not in text] == []
+  # A script without --config (evaluate.py) has no --keys: an unknown flag, exit status 2.
+  monkeypatch.setattr(cli.flags, "FLAGS", flags.FlagValues())
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags_with_config_keys(["evaluate.py", "--keys"])
+  assert e.value.code == 2 and "keys" in capsys.readouterr().err
