@@ -27,7 +27,7 @@ test-all: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests jtl
 
 # glibc keeps freed memory in the heap, so XLA:CPU reuses its step buffers
-# instead of faulting in fresh pages (jtl.app.cli.configure_cpu_runtime, BENCHMARKS.md).
+# instead of faulting in fresh pages (jtl.app.cpu.configure_cpu_runtime, BENCHMARKS.md).
 finetune: export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 finetune: setup
 	$(PY) scripts/finetune.py --config configs/default.py --workdir runs/default

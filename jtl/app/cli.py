@@ -6,20 +6,23 @@ import functools
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
-from absl import flags
+import jax
+from absl import flags, logging
 
-from jtl.app import keys
+from jtl.app import cpu, keys
+from jtl.app.experiment import flat_keys
+from jtl.errors import ConfigError, JtlError
+from jtl.weights.sources import cache_dir
 
 
 def prepare_process() -> None:
   """What an entry point does first: library INFO logs (Orbax, TFDS) off, as
   they drown the progress bar; the CPU runtime configured, before any
   computation creates the CPU client; the persistent compilation cache on."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  configure_cpu_runtime()
+  cpu.configure_cpu_runtime()
   enable_compilation_cache()
 
 
@@ -27,68 +30,8 @@ def enable_compilation_cache() -> None:
   """Caches compiled XLA programs across runs (a restarted or resumed job, or
   evaluate.py after finetune.py, skips recompiling): $JAX_COMPILATION_CACHE_DIR
   if set, else <jtl cache dir>/xla (see jtl.weights.cache_dir)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from jtl.weights.sources import cache_dir  # pylint: disable=g-import-not-at-top
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-
-
-# glibc malloc settings (read at process start) under which freed memory stays
-# in the process heap: no allocation is served by a fresh mmap, and the heap
-# top is never handed back to the OS.
-HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=68719476736")
-
-
-def on_glibc() -> bool:
-  """Whether this process runs on Linux with glibc (where the tunables apply)."""
-  return sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-
-
-def missing_heap_tunables(environ: Mapping[str, str] | None = None) -> list[str]:
-  """The HEAP_REUSE_TUNABLES not in $GLIBC_TUNABLES.
-
-  >>> missing_heap_tunables({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
-  ['glibc.malloc.trim_threshold=68719476736']
-  """
-  environ = os.environ if environ is None else environ
-  given = environ.get("GLIBC_TUNABLES", "").split(":")
-  return [t for t in HEAP_REUSE_TUNABLES if t not in given]
-
-
-def configure_cpu_runtime(environ: Mapping[str, str] | None = None) -> str | None:
-  """Makes XLA:CPU reuse memory across steps; logs and returns a hint where it cannot.
-
-  Call it first thing, before any JAX computation creates the CPU client.
-
-  XLA:CPU allocates every step's buffers afresh, and glibc maps large blocks
-  from the OS and unmaps them on free, so each step faults in (and the
-  kernel zeroes) all its pages again: 650,000 faults and nearly half of a
-  MobileNetV2 training step at 224 px on 2 cores (BENCHMARKS.md). With
-  HEAP_REUSE_TUNABLES in $GLIBC_TUNABLES, freed blocks stay in the main heap;
-  with synchronous dispatch, set here, XLA allocates on the calling thread,
-  whose heap that is (worker-thread arenas still map large blocks afresh).
-  glibc reads the tunables only at process start, so where they are missing
-  this changes nothing and logs (and returns) a hint on the CPU backend naming
-  them. Off glibc it does nothing.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  if not on_glibc():
-    return None
-  environ = os.environ if environ is None else environ
-  missing = missing_heap_tunables(environ)
-  if not missing:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)  # affects CPU devices only
-    return None
-  if jax.default_backend() != "cpu":
-    return None
-  value = ":".join(filter(None, [environ.get("GLIBC_TUNABLES")] + missing))
-  hint = (f"XLA:CPU training steps ran about 2x faster when memory is reused across steps: "
-          f"start the process with GLIBC_TUNABLES={value} (glibc reads it only at "
-          "start-up; `make finetune` sets it).")
-  logging.warning(hint)
-  return hint
 
 
 def refuse_empty_paths(**flags: str | None) -> None:
@@ -100,7 +43,6 @@ def refuse_empty_paths(**flags: str | None) -> None:
   Traceback (most recent call last):
   jtl.errors.ConfigError: --workdir is empty (an unset shell variable?): pass a path, e.g. --workdir runs/default.
   """
-  from jtl.errors import ConfigError  # pylint: disable=g-import-not-at-top
   for name, value in flags.items():
     if value is not None and not value.strip():
       raise ConfigError(f"--{name} is empty (an unset shell variable?): pass a path, e.g. "
@@ -122,8 +64,6 @@ def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str
   ...   print("exit", e.code)
   exit 2
   """
-  from jtl.errors import JtlError  # pylint: disable=g-import-not-at-top
-
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> object:
     try:
@@ -170,7 +110,6 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
 
 
 def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-  from jtl.app.experiment import flat_keys  # pylint: disable=g-import-not-at-top
   path = None
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):

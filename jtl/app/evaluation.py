@@ -22,13 +22,16 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jtl import _optional, data, paths, steps
+from jtl import _optional, data, export, paths, steps, train
 from jtl.app import keys, methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.batchnorm import recompute_batchnorm
+from jtl.data import sources
 from jtl.errors import ConfigError, JtlError
-from jtl.optim import tree_bytes
 from jtl.export import quantize
+from jtl.optim import tree_bytes
+from jtl.recipes import adversarial
+from jtl.recipes.strategies import wise
 
 
 def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.PathLike
@@ -40,7 +43,6 @@ def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.Pat
   split = config.test_split
   if not split:
     return None
-  from jtl.data import sources  # pylint: disable=g-import-not-at-top
   dataset = config.eval_dataset or config.dataset
   try:
     sources.split_size(dataset, split, config.data_dir)
@@ -133,7 +135,6 @@ def _robust_eval_step(run: workdirs.Restored, attack: str, eps: float,
                       attack_steps: int) -> Callable:
   """The jitted eval step under a "pgd" / "fgsm" attack of radius `eps` in
   pixel units (on float variables)."""
-  from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
   mul, add = methods.pixel_affine(run.spec.normalization)
   return jax.jit(adversarial.make_robust_eval_step(
       run.module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
@@ -238,8 +239,6 @@ def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | 
   written to <workdir>/export/wise.safetensors, and scored once on
   `test_split` when given. Writes and returns wise.json: the chosen alpha, a
   row per alpha, the test result."""
-  from jtl import export, train  # pylint: disable=g-import-not-at-top
-  from jtl.recipes.strategies import wise  # pylint: disable=g-import-not-at-top
   run = workdirs.restore(workdir, step=step)
   probe, ft = workdirs.load_probe(workdir), run.merged_variables()
   if jax.tree.structure(probe) != jax.tree.structure(ft):

@@ -29,10 +29,14 @@ import optax
 from absl import logging
 from etils import epath
 
-from jtl import data, models, parallel, partition, paths
+from jtl import adapter, data, models, parallel, partition, paths
 from jtl.app import keys, methods, model_choice, workdirs
+from jtl.checkpoint import manager
+from jtl.data import folder, sources
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.optim import make_optimizer
+from jtl.recipes import strategies
+from jtl.recipes.strategies import features
 from jtl.train import FitResult, fit
 
 REQUIRED = tuple(k.name for k in keys.KEYS if k.default is keys.REQUIRED)
@@ -220,7 +224,6 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
   Returns (problems, number of classes of the training data, 0 if unknown).
   Classes of the eval split absent from the train split are warned about.
   """
-  from jtl.data import sources  # pylint: disable=g-import-not-at-top
   problems, found = [], {}
   uses = {"train_split": (config.dataset, config.train_split),
           "eval_split": (config.eval_dataset or config.dataset,
@@ -269,7 +272,6 @@ def image_file_problems(config: ml_collections.ConfigDict, found: dict[str, Any]
   does not decode is a problem (it would stop the run at its first
   evaluation); evaluation files with the same bytes as a training file are
   warned about (`_warn_duplicates`)."""
-  from jtl.data import folder  # pylint: disable=g-import-not-at-top
   sources = {s.name: s for s in found.values() if getattr(s, "kind", None) == "file"}
   problems, digests = [], {}
   for source in sources.values():
@@ -311,7 +313,6 @@ def _warn_duplicates(config: ml_collections.ConfigDict, found: dict[str, Any],
 
 def folder_name(path: str) -> str:
   """"<split>/<class>/<file>" of an image folder's file, printable."""
-  from jtl.data import folder  # pylint: disable=g-import-not-at-top
   return folder.shown("/".join(os.path.normpath(path).split(os.sep)[-3:]))
 
 
@@ -410,7 +411,6 @@ def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.Config
   conflicts = schedule_conflicts(config)
   if conflicts:
     raise ConfigError("Invalid config:\n" + bullet_list(conflicts))
-  from jtl.data import sources  # pylint: disable=g-import-not-at-top
   n = sources.split_size(config.dataset, config.train_split, config.data_dir)
   devices = jax.device_count()
   c = ml_collections.ConfigDict(config.to_dict())
@@ -447,7 +447,6 @@ def schedule_config(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   "new" rebuilds it from this config (the rate jumps at the resume step),
   "old" keeps the saved one (a copy with its keys); None raises a
   ConfigError showing both rates at the resume step."""
-  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
   meta = manager.latest_meta(workdir)
   saved = (meta or {}).get("config")
   if not saved:
@@ -548,7 +547,6 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   `phases` is [(start_step, labels, tx)], one entry unless the strategy
   changes the partition during training (LP-FT, gradual unfreezing).
   """
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   strategy = strategies.build(strategy_config(config), created.module, created.variables,
                               created.spec, verbose=False)
   phases = []
@@ -565,7 +563,6 @@ def precise_batchnorm_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Problems of the strategy's options that the config alone shows (their
   names and values, `strategies.resolve_options`), and precise BatchNorm
   set with a method (methods train through their own wrappers: off for them)."""
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   try:
     strategies.resolve_options(strategy_config(config))
   except ConfigError as e:
@@ -583,7 +580,6 @@ def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) 
   `strategy.precise_batchnorm` (by default on where its statistics train),
   0 when the model has no BatchNorm statistics and the option is left at
   None, and off for methods."""
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   problems = precise_batchnorm_problems(config)
   if problems:
     raise ConfigError("; ".join(problems) + ".")
@@ -619,7 +615,6 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
   cannot be honoured. Whether and how a strategy caches is its own
   (`strategies.cached_probe`); with the default (None) it caches exactly when
   nothing prevents it."""
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   strategy = strategy_config(config)
   option = strategy.get("cache_features")
   try:
@@ -654,8 +649,6 @@ def cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec
   head on cached features when `cached_probe_problems` says so (first phase:
   the whole run, or before the later phases, which then start at step 0),
   else (None, `phases`)."""
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
-  from jtl.recipes.strategies import features  # pylint: disable=g-import-not-at-top
   if cached_probe_problems(config) != []:
     return None, phases
   plan = strategies.cached_probe(strategies.resolve_options(strategy_config(config)))
@@ -798,7 +791,6 @@ def as_api(config: ml_collections.ConfigDict, module: Any, variables: Any) -> tu
     strategy = (config.get("strategy") or {}).get("name")
     raise ConfigError(f"api='nnx' with strategy.name={strategy!r}: its model wrapper "
                       f"({type(module).__name__}) is Linen only; set api='linen'.")
-  from jtl import adapter  # pylint: disable=g-import-not-at-top
   model = models.registry.to_nnx(module, variables, seed=config.get("seed", 0))
   return model, adapter.variables_of(model)
 

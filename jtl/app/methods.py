@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from jtl.app import keys
+from jtl.checkpoint import manager
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import preprocessing
 from jtl.recipes import adversarial, distill, domain
@@ -202,14 +203,14 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
              ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
   """The teacher of `options["teacher_workdir"]` on the student's batches
   (inputs converted to its pixels, size and normalisation), and its meta."""
-  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
   t_vars, meta = manager.restore_variables(options["teacher_workdir"],
                                            step=options["teacher_step"], metric="accuracy")
   t_config = ml_collections.ConfigDict(meta.get("config", {}))
   if "model" not in meta or not t_config:
     raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
                       "checkpoint; the teacher must be a scripts/finetune.py run.")
-  from jtl.app import workdirs  # pylint: disable=g-import-not-at-top  (imports methods)
+  # In the function: workdirs imports this module at its top (an import cycle).
+  from jtl.app import workdirs  # pylint: disable=g-import-not-at-top
   t_spec = workdirs.model_spec(meta["model"], meta)
   # The teacher's constructor options (its run's `model_kwargs`), as the run built it.
   t_config = keys.complete(t_config)  # an older run's config lacks newer keys

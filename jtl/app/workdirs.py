@@ -22,10 +22,17 @@ import jax
 import ml_collections
 from etils import epath
 
-from jtl import models, paths
+from jtl import export, models, paths
+from jtl import tree as jtree
 from jtl.app import keys, methods
+from jtl.checkpoint import manager
 from jtl.errors import ConfigError
+from jtl.export import hf_export, peft
+from jtl.models import preprocessing
+from jtl.recipes.strategies import lora
+from jtl.recipes.strategies.builder import resolve_options
 from jtl.tree import PyTree
+from jtl.weights import read
 
 
 def writable_problem(path: Any, what: str = "workdir") -> str | None:
@@ -102,7 +109,6 @@ class Restored:
     """The variables with LoRA adapters folded into the kernels (a plain model)."""
     if self.alpha is None:
       return self.variables
-    from jtl.recipes.strategies import lora  # pylint: disable=g-import-not-at-top
     return {**self.variables, "params": lora.merge_lora(self.variables["params"], self.alpha)}
 
   @property
@@ -144,7 +150,6 @@ def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
     if spec.preprocess is not None and max_length:
       return functools.partial(spec.preprocess, max_length=max_length)
     return spec.preprocess
-  from jtl.models import preprocessing  # pylint: disable=g-import-not-at-top
   size = config.image_size or spec.image_size
   # The pipeline's resize is bilinear whatever the weights' published one.
   normalization = dataclasses.replace(spec.normalization, resize="bilinear")
@@ -176,7 +181,6 @@ def load(workdir: str | os.PathLike, *, step: int | str = "best", api: str = "li
 def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored:
   """Rebuilds a finetune.py run's model and variables (params and statistics
   only, host arrays, any device count) from its checkpoint at `step`."""
-  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top  (Orbax)
   variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
   if "config" not in meta:
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
@@ -187,7 +191,6 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored
   strategy = config.strategy or {}
   alpha = None
   if strategy.get("name") == "lora":
-    from jtl.recipes.strategies.builder import resolve_options  # pylint: disable=g-import-not-at-top
     alpha = resolve_options(strategy)["alpha"]
   if "state" in variables and "batch_stats" not in variables:  # trained with api="nnx"
     variables = {**{k: v for k, v in variables.items() if k != "state"},
@@ -212,7 +215,6 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     ConfigError: "peft" for a run that did not train LoRA adapters, or a
       model without an HF/timm layout.
   """
-  from jtl.export import hf_export, peft  # pylint: disable=g-import-not-at-top
   if format not in ("peft", "hf"):
     raise ConfigError(f"export_hub_format: format {format!r}; expected 'peft' or 'hf'.")
   run = restore(workdir, step=step)
@@ -243,7 +245,6 @@ PROBE_VARIABLES = "probe/variables.safetensors"
 def save_probe(workdir: str | os.PathLike, variables: PyTree) -> None:
   """Writes the probed variables of an LP-FT run into its workdir (process 0)."""
   if jax.process_index() == 0:
-    from jtl import export  # pylint: disable=g-import-not-at-top
     target = paths.path(workdir) / PROBE_VARIABLES
     target.parent.mkdir(parents=True, exist_ok=True)
     export.write(jax.device_get(variables), target)
@@ -251,8 +252,6 @@ def save_probe(workdir: str | os.PathLike, variables: PyTree) -> None:
 
 def load_probe(workdir: str | os.PathLike) -> PyTree:
   """The variables `save_probe` wrote, as a nested dict of numpy arrays."""
-  from jtl import tree as jtree  # pylint: disable=g-import-not-at-top
-  from jtl.weights import read  # pylint: disable=g-import-not-at-top
   source = paths.path(workdir) / PROBE_VARIABLES
   if not source.exists():
     raise ConfigError(f"{source} does not exist: WiSE-FT interpolates an LP-FT run's probe "

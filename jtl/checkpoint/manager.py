@@ -38,6 +38,8 @@ from jtl.weights import orbax_reader
 from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
 from jtl.tree import PyTree
+from jtl.weights.orbax_reader import metadata_tree
+from jtl.weights.readers import read
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -347,7 +349,6 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   candidates = [first]
   if step in (None, "latest", "best"):
     candidates += [s for s in _ranked(directory, step, metric, mode) if s != first]
-  from jtl.weights.readers import read  # pylint: disable=g-import-not-at-top
   failures = []
   for chosen in candidates:
     step_dir = directory / str(chosen)
@@ -372,7 +373,6 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
 def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
   """Those of `names` that hold arrays in the saved state (a model without
   BatchNorm saves an empty model_state)."""
-  from jtl.weights.orbax_reader import metadata_tree  # pylint: disable=g-import-not-at-top
   tree = metadata_tree(state_dir)
   return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]
 

@@ -408,7 +408,8 @@ def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str |
   host_tf()
   tfds = _optional.require("tensorflow_datasets", "TFDS datasets")
 
-  # Importing the builders registers jtl's local datasets ("jtl_mnist5k", ...).
+  # Importing the builders registers jtl's local datasets ("jtl_mnist5k", ...). In the
+  # function: builders imports TensorFlow/TFDS, and `import jtl` imports this module.
   from jtl.data import builders  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir)

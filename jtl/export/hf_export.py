@@ -60,6 +60,7 @@ from jtl import paths
 from jtl import tree as jtree
 from jtl import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
+from jtl.models import bert, dinov2, resnet, vit
 from jtl.tree import PyTree
 
 LAYOUTS = ("bert", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls")
@@ -165,7 +166,6 @@ def saved_name(layout: str, name: str) -> str:
 
 def layout_of(module: Any) -> str:
   """The export layout of a jtl zoo module (LoRA wrappers are looked through)."""
-  from jtl.models import bert, dinov2, resnet, vit  # pylint: disable=g-import-not-at-top
   base = getattr(module, "base", module)
   if isinstance(base, bert.Bert):
     return "bert"
@@ -328,7 +328,6 @@ def _resnet_config(module: Any) -> dict[str, Any]:
   key = (*stages, bool(module.bottleneck))
   arch = standard.get(key, "resnet50" if module.bottleneck else "resnet18")
   args = {} if key in standard else {"layers": stages}
-  from jtl.models import resnet  # pylint: disable=g-import-not-at-top
   return {"architecture": arch, "num_classes": module.num_classes, "model_args": args,
           "pretrained_cfg": {"input_size": [3, 224, 224],
                              "mean": [float(v) for v in resnet.IMAGENET_MEAN],

@@ -85,6 +85,7 @@ from jtl import tree as jtree
 from jtl.export import hf_export
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
+from jtl.weights.readers import read
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -582,7 +583,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
   """A safetensors file through jtl's bounded reader (CheckpointError if damaged)."""
-  from jtl.weights.readers import read  # pylint: disable=g-import-not-at-top
   return read(path, format="safetensors")
 
 

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
+from jtl import paths
 from jtl.errors import CheckpointError
+from jtl.export.writers import write_atomic
 
 
 def make_predict_fn(module: nn.Module, variables: Any, *,
@@ -68,7 +70,6 @@ def export_predict(module: nn.Module, variables: Any, path: str | os.PathLike, *
   spec = jax.ShapeDtypeStruct((batch, *input_shape), dtype)
   fn = jax.jit(lambda x: module.apply(variables, x))
   exported = jax_export.export(fn, platforms=platforms)(spec)
-  from jtl.export.writers import write_atomic  # pylint: disable=g-import-not-at-top
   write_atomic(path, exported.serialize())
 
 
@@ -78,7 +79,6 @@ def load_exported(path: str | os.PathLike) -> Callable[..., jax.Array]:
   Raises:
     CheckpointError: the file is missing or is not a serialized jax.export.
   """
-  from jtl import paths  # pylint: disable=g-import-not-at-top
   try:
     data = paths.path(path).read_bytes()  # a local file or a bucket URL
   except OSError as e:

@@ -28,6 +28,7 @@ from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, vit
 from jtl.models.conversion import convert_with_rules
 from jtl.models.preprocessing import PRESETS, Normalization
+from jtl.weights import hub
 
 SUPPORTED = (
     "timm resnet18, resnet50 (e.g. timm/resnet50.a1_in1k)",
@@ -419,7 +420,6 @@ def spec_for(source: str) -> registry.ModelSpec:
     ConfigError: an architecture jtl does not implement (lists `SUPPORTED`).
     CheckpointError: config.json cannot be downloaded or parsed.
   """
-  from jtl.weights import hub  # pylint: disable=g-import-not-at-top
   if hub.local_repo(source) is None:
     ref = hub.parse(source)
     if ref is None or ref.filename is not None:

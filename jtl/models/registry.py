@@ -23,8 +23,10 @@ import jax
 import numpy as np
 
 from jtl import tree as jtree
+from jtl import weights
 from jtl.errors import ConfigError, LoadError, bullet_list
-from jtl.models.preprocessing import Normalization
+from jtl.models.preprocessing import Normalization, model_normalization
+from jtl.weights import hub, loading
 
 Variables = dict[str, Any]
 
@@ -189,9 +191,15 @@ def import_origin(where: Mapping[str, str | None]) -> None:
   loaded.loader.exec_module(code)
 
 
+def _hub_models() -> Any:
+  """`jtl.models.hub_models`, imported on first use."""
+  # In the function: hub_models imports this module (and every family) at its top.
+  from jtl.models import hub_models  # pylint: disable=g-import-not-at-top
+  return hub_models
+
+
 def _hub_skip() -> tuple[str, ...]:
-  from jtl.models import hub_models  # imports every family
-  return hub_models.SKIP
+  return _hub_models().SKIP
 
 
 def is_reference(name: str) -> bool:
@@ -207,7 +215,6 @@ def is_reference(name: str) -> bool:
 def is_hub_model(name: str) -> bool:
   """Whether `name` is a Hub repo ("hf-hub:...") or a local folder in the Hub
   layout (config.json and weights), which `get_spec` reads the config.json of."""
-  from jtl.weights import hub  # pylint: disable=g-import-not-at-top  (no jax)
   return name.startswith(hub.HUB_PREFIX) or (name not in _REGISTRY
                                               and hub.local_repo(name) is not None)
 
@@ -221,8 +228,7 @@ def get_spec(name: str) -> ModelSpec:
   and `rngs`, see `own_nnx.spec_of_nnx`); a ConfigError lists the
   registered names."""
   if is_hub_model(name):
-    from jtl.models import hub_models  # imports every family
-    return hub_models.spec_for(name)
+    return _hub_models().spec_for(name)
   if name not in _REGISTRY and is_reference(name):
     return _referenced_spec(name)
   if name not in _REGISTRY:
@@ -281,7 +287,6 @@ def spec_of_module(cls: type[nn.Module], *, name: str | None = None) -> ModelSpe
   if "num_classes" not in fields:
     raise ConfigError(f"{cls.__module__}.{cls.__qualname__} has no `num_classes` field; a "
                       "model the scripts build takes num_classes (0: no head).")
-  from jtl.models.preprocessing import model_normalization  # pylint: disable=g-import-not-at-top
   normalization = getattr(cls, "normalization", None)
   if not isinstance(normalization, Normalization):
     normalization = model_normalization("unit", crop_fraction=1.0)
@@ -396,7 +401,6 @@ def create(name: str, *, num_classes: int | None = None,
   if path is None:
     variables = init_variables(spec, module, seed=seed)
   else:
-    from jtl import weights  # weights imports models' users
     # Shapes only (no init of what the checkpoint replaces): the loaded leaves
     # are the checkpoint's arrays, and only the leaves it lacks (a new head,
     # skipped ones) are initialised, so the peak stays near the file's size.
@@ -409,7 +413,6 @@ def create(name: str, *, num_classes: int | None = None,
     except LoadError as e:
       if from_hub:
         raise
-      from jtl.weights import loading  # pylint: disable=g-import-not-at-top
       raise LoadError(loading.strict_message(path, e.report, _hub_layout_hint(
           name, path, e.report)), e.report) from None
     if report.reinitialised:
@@ -449,7 +452,6 @@ def _weights(name: str, spec: ModelSpec, pretrained: bool | str) -> Any:
         f"Model {name!r} has no default pretrained weights (spec.pretrained "
         "is None). Pass pretrained=False for a random init, or "
         "pretrained='<path or source name>'.")
-  from jtl import weights  # weights imports models' users
   path = weights.resolve(source)
   if spec.check_names is not None:
     spec.check_names(weights.tensor_names(path), str(path))

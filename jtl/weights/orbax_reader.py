@@ -446,6 +446,7 @@ def checkpoint_dir(path: epath.Path) -> epath.Path:
 
 def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
   """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays."""
+  # In the function: readers imports this module at its top (an import cycle).
   from jtl.weights.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
 
   path = paths.path(path)

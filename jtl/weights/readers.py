@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from jtl.weights import torch_files
+from jtl.weights import hub, torch_files
 from jtl.weights.orbax_reader import read_orbax
 from jtl.weights.sources import resolve
 from jtl.weights.torch_pickle import Budget
@@ -384,7 +384,6 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory.")
   if path.name.endswith(".index.json") and not path.is_dir():  # sharded (Hub)
-    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return select(hub.read_sharded(path, read, format=format,
                                    max_expansion=max_expansion), subtree, path)
   fmt = format or detect_format(path)
@@ -411,7 +410,6 @@ def tensor_names(source: Any) -> list[str]:
   """
   path = resolve(source)
   if path.name.endswith(".index.json") and path.is_file():
-    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return sorted(hub.weight_map(path))
   if path.is_file() and detect_format(path) == "safetensors":
     with path.open("rb") as f:

@@ -30,6 +30,7 @@ from etils import epath
 
 from jtl import paths
 from jtl.errors import CheckpointError, ConfigError, bullet_list
+from jtl.weights import hub
 
 _CHUNK = 1 << 20
 
@@ -210,7 +211,6 @@ def resolve(source: Any) -> epath.Path:
     CheckpointError: the package or file is missing, or a download fails.
   """
   if isinstance(source, str) and source.startswith(("hf://", "hf-hub:")):
-    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return hub.resolve(source)
   if isinstance(source, str) and source in _SOURCES:
     entry = _SOURCES[source]
@@ -234,7 +234,6 @@ def resolve(source: Any) -> epath.Path:
         + (". Did you mean:\n" + bullet_list(close) if close else
            f". Registered sources: {list_sources()}"))
   if path.is_dir() and (path / "config.json").is_file():
-    from jtl.weights import hub  # pylint: disable=g-import-not-at-top
     return hub.local_weights(path)  # a Hub-layout folder: its weights file
   return path
 

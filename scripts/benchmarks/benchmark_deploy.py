@@ -252,8 +252,8 @@ def survey_one(args: argparse.Namespace) -> None:
 
 def main() -> None:
   args = parse_args()
-  from jtl.app import cli  # pylint: disable=g-import-not-at-top
-  cli.configure_cpu_runtime()
+  from jtl.app import cpu  # pylint: disable=g-import-not-at-top
+  cpu.configure_cpu_runtime()
   os.makedirs(args.out, exist_ok=True)
   if args.survey_one:
     survey_one(args)

@@ -15,7 +15,7 @@ Both sides see the same environment, printed in the header. Run it with
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 (as `make finetune` does; glibc then keeps freed memory for reuse, which
 helps both sides) and without. jtl's workers call
-`jtl.app.cli.configure_cpu_runtime()` first, as the scripts do.
+`jtl.app.cpu.configure_cpu_runtime()` first, as the scripts do.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def torch_worker(name: str, size: int, batch: int, iters: int, warmup: int) -> d
 # --------------------------------------------------------------------- jtl side
 
 def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict:
-  from jtl.app import cli
-  cli.configure_cpu_runtime()  # as scripts/finetune.py does
+  from jtl.app import cpu
+  cpu.configure_cpu_runtime()  # as scripts/finetune.py does
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -106,8 +106,8 @@ def jtl_bench(name: str, size: int, batch: int, iters: int, warmup: int) -> dict
 
 
 def jtl_predict(name: str, size: int, iters: int) -> dict:
-  from jtl.app import cli
-  cli.configure_cpu_runtime()
+  from jtl.app import cpu
+  cpu.configure_cpu_runtime()
   import numpy as np
 
   import jtl.models  # noqa: F401

@@ -32,8 +32,8 @@ def main() -> None:
   p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
   a = p.parse_args()
 
-  from jtl.app import cli
-  cli.configure_cpu_runtime()  # as scripts/finetune.py does
+  from jtl.app import cpu
+  cpu.configure_cpu_runtime()  # as scripts/finetune.py does
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -17,13 +17,13 @@ import numpy as np
 from jax import lax
 
 from jtl import _optional
+from jtl.data import sources
 from jtl.errors import bullet_list
 from jtl.export.deploy.tracing import TOKEN_INPUTS, ExportError, OpUse, _examples, find_ops
 from jtl.export.writers import write_atomic
 
 
 def _tf(feature: str = "LiteRT export") -> Any:
-  from jtl.data import sources  # pylint: disable=g-import-not-at-top
   # TensorFlow with its GPUs hidden, as jtl's pipeline has it.
   return sources.host_tf(feature, extra="deploy")
 

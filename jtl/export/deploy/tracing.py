@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jtl import adapter
 from jtl.errors import JtlError
+from jtl.models import layers
 from jtl.tree import PyTree
 
 FORMATS = ("onnx", "tflite", "tflite_int8")
@@ -54,7 +56,6 @@ def _examples(input_shape: Sequence[int], token_inputs: bool) -> list[Any]:
 
 def _plain_conv_interceptor(next_fun, args, kwargs, context):
   """Runs jtl's CPU-specific conv layers in their plain form (same numbers)."""
-  from jtl.models import layers  # pylint: disable=g-import-not-at-top
   module = context.module
   if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
@@ -87,7 +88,6 @@ def inference_fn(module: Any, variables: PyTree | None = None, *,
     pixel_affine: (mul, add) per channel: the function then takes RGB
       0..255 and normalises as `x / 255 * mul + add` first.
   """
-  from jtl import adapter  # pylint: disable=g-import-not-at-top
   if isinstance(module, nn.Module):
     model = adapter.LinenModel(module, train_kwarg=train_kwarg)
   else:

@@ -25,6 +25,7 @@ import optax
 
 from jtl import optim, partition
 from jtl.errors import ConfigError, bullet_list
+from jtl.models import registry
 from jtl.recipes.strategies import batchnorm, llrd, lora, schedules
 from jtl.recipes.strategies import l2sp as l2sp_lib
 from jtl.recipes.strategies import rules as rules_lib

@@ -264,7 +264,9 @@ def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
   one is retrained from the start (the run is short). Returns a
   `jtl.train.FitResult` whose `steps_per_second` counts head steps.
   """
-  from jtl import train as jtrain  # pylint: disable=g-import-not-at-top  (Orbax: lazily)
+  # In the function: jtl.train imports Orbax, which `from jtl.recipes import strategies`
+  # does not load (Orbax loads when a run's checkpoint is written or restored).
+  from jtl import train as jtrain  # pylint: disable=g-import-not-at-top
   first = cached_head_phase(module, train_pass, head_tx, head_steps=num_steps, steps=num_steps,
                             batch_size=batch_size, seed=seed, mesh=mesh)
   return jtrain.fit(module=module, variables=variables, labels=labels, tx=tx,

@@ -48,7 +48,9 @@ from jtl import tree as jtree
 from jtl import lora_layout
 from jtl.adapter import as_model, is_nnx_module, variables_of
 from jtl.errors import CheckpointError, ConfigError, bullet_list
+from jtl.export import write
 from jtl.tree import PyTree
+from jtl.weights import read
 
 # The leaf layout and the merge live in the core (exports use them too).
 LORA_A, LORA_B, LORA_LEAF = lora_layout.LORA_A, lora_layout.LORA_B, lora_layout.LORA_LEAF
@@ -374,7 +376,6 @@ def save_adapters(params: PyTree, path: Any, *, alpha: float | None = None,
                   include: str | None = r"head/.*") -> None:
   """Writes only the adapters (and leaves matching `include`, the head) to
   npz/safetensors/msgpack by suffix; `alpha` is stored with them if given."""
-  from jtl.export import write  # pylint: disable=g-import-not-at-top
   flat = {p: np.asarray(v) for p, v in adapter_params(params, include=include).items()}
   if not any(re.fullmatch(LORA_LEAF, p) for p in flat):
     raise CheckpointError(f"{path}: the params hold no LoRA adapters to save; "
@@ -390,7 +391,6 @@ def load_adapters(params: PyTree, path: Any) -> tuple[dict[str, Any], float | No
   Leaves already present must keep their shape; missing adapter slots are
   created next to their kernels. Returns (params, alpha or None).
   """
-  from jtl.weights import read  # pylint: disable=g-import-not-at-top
   saved = dict(read(path))
   alpha = saved.pop(_ALPHA_KEY, None)
   flat = dict(jtree.flatten(params))
