@@ -271,7 +271,6 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
     verbose: also print the trainable/frozen summary (it is always logged
       at INFO level).
   """
-  from jtl.models import registry  # pylint: disable=g-import-not-at-top
   o = resolve_options(config)
   name = o["name"]
   # The blocks of the model as built: model_kwargs may give it another depth.
