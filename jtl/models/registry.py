@@ -259,6 +259,7 @@ def _referenced_spec(name: str) -> ModelSpec:
     return dataclasses.replace(target, name=name)
   if isinstance(target, type) and issubclass(target, nn.Module):
     return spec_of_module(target, name=name)
+  # In the function: own_nnx imports this module at its top (an import cycle).
   from jtl.models import own_nnx  # pylint: disable=g-import-not-at-top
   if own_nnx.is_nnx_model(target):
     return own_nnx.spec_of_nnx(target, name=name)
