@@ -22,7 +22,11 @@ import ml_collections
 from etils import epath
 
 from jtl import models, paths
+from jtl.checkpoint import manager
+from jtl.data import sources
 from jtl.errors import ConfigError, JtlError, bullet_list
+from jtl.recipes import selection, strategies
+from jtl.weights import sources as weight_sources
 
 AUTO = "auto"
 TABLE_JSON = "model_selection.json"
@@ -32,11 +36,10 @@ TABLE_MD = "model_selection.md"
 def default_candidates() -> list[str]:
   """The registered image models whose default weights ship in a pip package
   (found by `jtl.weights.sources` without the network when installed)."""
-  from jtl.weights import sources  # pylint: disable=g-import-not-at-top
   names = []
   for name in models.list_models():
     spec = models.get_spec(name)
-    source = sources.get_source(spec.pretrained) if spec.pretrained else None
+    source = weight_sources.get_source(spec.pretrained) if spec.pretrained else None
     if spec.input_kind == "image" and source is not None and source.package is not None:
       names.append(name)
   return names
@@ -56,7 +59,6 @@ def candidates(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str |
   """([(name, why it is skipped or None)], problems): every candidate must be
   a known image model, and one the user listed must have its weights on this
   machine (with `pretrained`); a default one without them is skipped."""
-  from jtl.weights import sources  # pylint: disable=g-import-not-at-top
   names, listed = candidate_names(config)
   entries, problems = [], []
   for name in names:
@@ -74,7 +76,7 @@ def candidates(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str |
     missing = None
     if config.pretrained:
       missing = ("it has no pretrained weights (spec.pretrained is None)" if not spec.pretrained
-                 else sources.offline_problem(spec.pretrained))
+                 else weight_sources.offline_problem(spec.pretrained))
     if missing and listed:
       problems.append(f"model_candidates: {name!r}: {missing}")
     entries.append((name, missing))
@@ -112,7 +114,6 @@ def with_model(config: ml_collections.ConfigDict, name: str) -> ml_collections.C
 def previous_choice(workdir: epath.Path) -> str | None:
   """The model a run in `workdir` already trains (its checkpoints' meta),
   or chose (its `model_selection.json`); None for a fresh workdir."""
-  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top  (Orbax)
   meta = manager.latest_meta(workdir) or {}
   if meta.get("model"):
     return str(meta["model"])
@@ -131,8 +132,6 @@ def choose(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collect
   entries, trouble = candidates(config)
   if trouble:
     raise ConfigError("Invalid config:\n" + bullet_list(trouble))
-  from jtl.data import sources  # pylint: disable=g-import-not-at-top
-  from jtl.recipes import selection  # pylint: disable=g-import-not-at-top
   images = sum(sources.split_size(d, s, config.data_dir) for d, s in (
       (config.dataset, config.train_split),
       (config.eval_dataset or config.dataset, config.eval_split)))
@@ -155,12 +154,18 @@ def choose(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collect
   return with_model(config, chosen.choice)
 
 
+def _experiment() -> Any:
+  """`jtl.app.experiment`, imported on first use."""
+  # In the function: experiment imports this module at its top (an import cycle).
+  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
+  return experiment
+
+
 def _probe(config: ml_collections.ConfigDict) -> tuple[int, Any]:
   """(head steps, head labels -> optimizer) of the run's own cached probe
   (LP-FT's probe phase, a linear probe), or of LP-FT's defaults for a
   strategy without one."""
-  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
-  from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
+  experiment = _experiment()
   plan = strategies.cached_probe(strategies.resolve_options(experiment.strategy_config(config)))
   if plan is None:
     plan = strategies.cached_probe(strategies.resolve_options("lp_ft"))
@@ -170,8 +175,7 @@ def _probe(config: ml_collections.ConfigDict) -> tuple[int, Any]:
 
 def _candidate(config: ml_collections.ConfigDict, name: str, skip: str | None) -> Any:
   """The `selection.Candidate` of model `name` in this run's data and preprocessing."""
-  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
-  from jtl.recipes import selection  # pylint: disable=g-import-not-at-top
+  experiment = _experiment()
   c = with_model(config, name)
   spec = models.get_spec(name)
 

@@ -84,6 +84,7 @@ IN_FUNCTION = {
     ("jtl.weights.orbax_reader", "jtl.weights.readers.select"),  # readers imports orbax_reader
     ("jtl.weights.orbax_reader", "jtl.weights.readers.to_flat_arrays"),
     ("jtl.app.methods", "jtl.app.workdirs"),  # workdirs imports methods
+    ("jtl.app.model_choice", "jtl.app.experiment"),  # experiment imports model_choice
 }
 
 
