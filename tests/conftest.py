@@ -15,8 +15,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # with each other, never with fixed random draws, so the generator is free.
 jax.config.update("jax_default_prng_impl", "rbg")
 
+import pytest  # noqa: E402
+
 # Fixtures every test folder can ask for by name.
 from hub_helpers import fake_hub  # noqa: E402,F401 - the local Hub server
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir for the datasets jtl builds locally (jtl_digits, ...):
+  built once per test process, shared by the tests that train on them."""
+  return tmp_path_factory.mktemp("tfds")
 
 # Fixture generators run with torch (never in the test suite): don't collect them.
 # A config file that registers a model at import: test_own_model.py checks that a

@@ -59,6 +59,19 @@ def mlp_setup(learning_rate=0.1):
   return module, variables, labels, tx
 
 
+def phased_mlp(learning_rate):
+  """The MLP with two partitions for a two-phase run (probe: the head alone;
+  full: head and body) and Adam at `learning_rate`:
+  (module, variables, probe, full, make_optimizer(labels), batches from a step)."""
+  module = MLP()
+  variables = init(module, batch(8, classes=4)["inputs"])
+  probe = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
+  full = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "body")])
+  make = lambda labels: jtl.make_optimizer(labels, learning_rate=learning_rate, optimizer="adam")
+  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
+  return module, variables, probe, full, make, data
+
+
 def fit_kwargs(workdir, learning_rate=0.1, **extra):
   """`jtl.train.fit` arguments for the MLP run (checkpoints and evals every 2
   steps, 100 distinct batches), with `extra` on top."""

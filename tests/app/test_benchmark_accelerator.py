@@ -6,20 +6,16 @@ the trace file, the second run from the compilation cache, the time budget,
 and the mesh check (the step sharded over the 8 devices equals the
 one-device step)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from app_helpers import ROOT, load_file
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_accelerator.py"
+SCRIPT = ROOT / "scripts" / "benchmarks" / "benchmark_accelerator.py"
 
 
 def load():
-  spec = importlib.util.spec_from_file_location("benchmark_accelerator", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file(SCRIPT)
 
 
 @pytest.mark.slow  # end to end through subprocesses: make test-all

@@ -2,16 +2,11 @@
 dataset: the stratified validation split and the on-device augmentation that
 teacher and student share (same seed -> same batches, for both students)."""
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
+from app_helpers import ROOT, load_file
 
-spec = importlib.util.spec_from_file_location(
-    "benchmark_distill", Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_distill.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_file(ROOT / "scripts" / "benchmarks" / "benchmark_distill.py")
 
 
 def test_validation_split_holds_out_a_tenth_of_every_class():

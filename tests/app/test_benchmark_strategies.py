@@ -4,20 +4,16 @@ validation splits, the learning rate written into the optimizer state (one
 compiled step serves every swept learning rate), and the digits folder of
 make_small_folders.py read back by load_folder."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from app_helpers import ROOT, load_file
 
-spec = importlib.util.spec_from_file_location(
-    "benchmark_strategies", Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_strategies.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_file(ROOT / "scripts" / "benchmarks" / "benchmark_strategies.py")
 
 
 def test_results_are_resumable(tmp_path):
@@ -69,10 +65,7 @@ def test_labelled_subset_names_the_smallest_class():
     bench.labelled_subset(y, 10, 0)
 
 
-folders_spec = importlib.util.spec_from_file_location(
-    "make_small_folders", Path(__file__).parents[2] / "scripts" / "benchmarks" / "make_small_folders.py")
-folders = importlib.util.module_from_spec(folders_spec)
-folders_spec.loader.exec_module(folders)
+folders = load_file(ROOT / "scripts" / "benchmarks" / "make_small_folders.py")
 
 
 def test_small_folders_round_trip_through_load_folder(tmp_path):

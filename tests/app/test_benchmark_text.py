@@ -1,17 +1,14 @@
 """scripts/benchmarks/benchmark_text.py's batching and draws, without a model:
 length-bucketed batches cover every snippet once, in few shapes."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
+from app_helpers import ROOT, load_file
 
-SCRIPTS = Path(__file__).parents[2] / "scripts" / "benchmarks"
+SCRIPTS = ROOT / "scripts" / "benchmarks"
 sys.path.insert(0, str(SCRIPTS))
-spec = importlib.util.spec_from_file_location("benchmark_text", SCRIPTS / "benchmark_text.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_file(SCRIPTS / "benchmark_text.py")
 
 
 def token_data(lengths, width=128):

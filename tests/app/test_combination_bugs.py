@@ -3,12 +3,11 @@ strategy, a strategy with an export, research code with the scripts. Each
 test failed before its fix."""
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from app_helpers import ROOT, load_config
 from models_for_tests import MLP, batch, init
 
 import jtl
@@ -17,14 +16,6 @@ from jtl.app import experiment
 from jtl.errors import ConfigError, PartitionError
 from jtl.recipes import strategies
 
-ROOT = Path(__file__).parents[2]
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @functools.lru_cache(maxsize=None)

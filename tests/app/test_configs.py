@@ -1,29 +1,22 @@
 """Every config loads and validates, and the network-only (TPU) configs build
 their model and point at their pipeline without downloading anything."""
 
-import importlib.util
-from pathlib import Path
+import functools
 
 import jax
 import pytest
+from app_helpers import ROOT, load_config
 
 from jtl import models
 from jtl.app import experiment
 from jtl.errors import ConfigError, DataError
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.py"))
-
-
-def load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_validates(path):
-  config = load(path)
+  config = load_config(path.stem)
   if not config.dataset:  # configs/folder.py: the user names the folder
     with pytest.raises(ConfigError, match="--config.dataset=folder:"):
       experiment.validate(config)
@@ -35,7 +28,7 @@ def test_config_validates(path):
 
 @pytest.mark.parametrize("name", ["tpu_vit_b16_cifar10", "tpu_resnet50_flowers"])
 def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
-  config = load(Path(__file__).parents[2] / "configs" / f"{name}.py")
+  config = load_config(name)
   spec = models.get_spec(config.model)
   module = spec.build(num_classes=10)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), spec.example_input(1)))
@@ -46,12 +39,19 @@ def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
     next(iter(experiment.eval_batches(config, spec)()))
 
 
+@functools.lru_cache(maxsize=None)
+def random_init(model):
+  """One random init per model, shared by the strategies (building a strategy
+  leaves the model and its variables as they were; the init compiles for ~10 s)."""
+  return models.create(model, num_classes=10, pretrained=False)
+
+
 @pytest.mark.parametrize("name", ["lora", "lp_ft", "gradual", "bitfit", "llrd", "partial"])
 def test_strategy_configs_build_their_phases(name):
-  config = load(Path(__file__).parents[2] / "configs" / "strategy.py", name)
+  config = load_config("strategy", name)
   config.pretrained = False
   experiment.validate(config)
-  created = models.create(config.model, num_classes=10, pretrained=False)
+  created = random_init(config.model)
   module, variables, phases = experiment.build_training(config, created)
   assert len(phases) == (2 if name == "lp_ft" else 1) or name == "gradual"
   summary = experiment.partition.summarize(variables["params"], phases[0][1])
@@ -59,12 +59,12 @@ def test_strategy_configs_build_their_phases(name):
 
 
 def test_partial_config_takes_the_number_of_blocks():
-  config = load(Path(__file__).parents[2] / "configs" / "partial.py", "2")
+  config = load_config("partial", "2")
   assert "blocks_14|blocks_15" in config.strategy.rules[0][0]
 
 
 def test_invalid_values_are_reported_together():
-  config = load(Path(__file__).parents[2] / "configs" / "default.py")
+  config = load_config("default")
   config.batch_size, config.num_steps, config.model = 0, 0, "resnet51"
   config.ema_decay = 1.0
   with pytest.raises(ConfigError) as e:
@@ -76,10 +76,10 @@ def test_invalid_values_are_reported_together():
 def test_readme_lists_every_key_with_its_default_as_the_table_does():
   """The README's key table is `keys.table()` (regenerate it when a key changes)."""
   from jtl.app import keys
-  readme = (Path(__file__).parents[2] / "README.md").read_text()
+  readme = (ROOT / "README.md").read_text()
   listed = readme.split("<!-- keys:begin -->\n")[1].split("\n<!-- keys:end -->")[0]
   assert listed == keys.table()
-  config = load(Path(__file__).parents[2] / "configs" / "default.py")
+  config = load_config("default")
   leaves = {f"{k}.{leaf}" if isinstance(v, dict) and k == "augment" else k
             for k, v in config.to_dict().items()
             for leaf in (v if isinstance(v, dict) and k == "augment" else [None])}

@@ -1,23 +1,17 @@
 """scripts/convert.py: the real EfficientNet-Lite0 .pth into npz and Orbax."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
+from app_helpers import run_script
 
 from jtl.weights import read
-
-SCRIPT = Path(__file__).parents[2] / "scripts" / "convert.py"
-
 
 def test_convert_real_weights_to_orbax(tmp_path):
   # One subprocess (npz/safetensors/msgpack writing is covered by test_writers.py).
   for out, fmt in [(tmp_path / "lite0_orbax", ["--format=orbax"])]:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--model=efficientnet_lite0",
-                             "--source=efficientnet_lite0/imagenet", f"--out={out}", *fmt],
-                            capture_output=True, text=True, timeout=600)
+    result = run_script("convert.py", "--model=efficientnet_lite0",
+                        "--source=efficientnet_lite0/imagenet", f"--out={out}", *fmt, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"loaded +247", result.stdout), result.stdout
     assert re.search(r"missing +0", result.stdout) and re.search(r"mismatched +0", result.stdout)

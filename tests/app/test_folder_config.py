@@ -2,7 +2,6 @@
 a per-file validation split, LP-FT with a cached probe phase, the best
 checkpoint evaluated on the folder's test split). A tiny folder, a few steps."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,36 +9,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from app_helpers import colour_photos, load_config
 from PIL import Image
 
 from jtl.app import evaluation, experiment
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError
 
-ROOT = Path(__file__).parents[2]
 CLASSES = ("cat", "dog", "ship")
-
-
-def load_config():
-  spec = importlib.util.spec_from_file_location("folder", ROOT / "configs" / "folder.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
   """train/<class>/ 12 images, test/<class>/ 3 images; each class its own colour."""
-  root = tmp_path_factory.mktemp("photos")
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 12), ("test", 3)):
-    for c, name in enumerate(CLASSES):
-      (root / split / name).mkdir(parents=True)
-      for i in range(n):
-        x = rng.integers(0, 60, (20, 24, 3))
-        x[..., c] += 180
-        Image.fromarray(x.astype(np.uint8)).save(root / split / name / f"{i:03d}.png")
-  return root
+  return colour_photos(tmp_path_factory.mktemp("photos"), CLASSES, {"train": 12, "test": 3},
+                       name="{i:03d}.png")
 
 
 def small(config, photos):
@@ -52,7 +36,7 @@ def small(config, photos):
 
 
 def test_folder_config_epochs_validation_split_lp_ft_and_test_eval(photos, tmp_path, capsys):
-  config = small(load_config(), photos)
+  config = small(load_config("folder"), photos)
   config.strategy.probe_steps, config.strategy.probe_learning_rate = 200, 3e-2
   resolved = experiment.resolve_schedule(config)
   # 36 training images, 2 held out for validation (by their paths' hashes): 34 // 8 = 4
@@ -114,7 +98,7 @@ def test_full_with_statistics_training_recomputes_them_before_eval_and_save(phot
   import ml_collections
 
   import jtl
-  config = small(load_config(), photos)
+  config = small(load_config("folder"), photos)
   config.strategy = ml_collections.ConfigDict({"name": "full", "freeze_batchnorm": False})
   config.num_epochs = 1
   result = experiment.finetune(config, tmp_path / "run", progress=False)
@@ -138,7 +122,7 @@ def test_full_with_statistics_training_recomputes_them_before_eval_and_save(phot
 
 
 def test_empty_dataset_and_holdout_of_tfds_are_clear_errors(tmp_path):
-  config = load_config()
+  config = load_config("folder")
   with pytest.raises(ConfigError, match=r"--config.dataset=folder:/path"):
     experiment.validate(config)
   config.dataset = f"folder:{tmp_path / 'missing'}"
@@ -147,7 +131,7 @@ def test_empty_dataset_and_holdout_of_tfds_are_clear_errors(tmp_path):
 
 
 def test_lp_ft_cache_with_a_method_is_refused():
-  config = load_config()
+  config = load_config("folder")
   config.dataset = "folder:/x"
   config.strategy.cache_features = True
   config.method.name = "distill"
@@ -218,7 +202,7 @@ def test_lp_ft_phases_without_cache_take_their_own_learning_rates():
   import jax.numpy as jnp
 
   from jtl import models, partition
-  config = load_config()
+  config = load_config("folder")
   config.dataset, config.model, config.pretrained = "folder:/x", "small_cnn", False
   config.strategy.cache_features = False
   config.strategy.probe_steps, config.strategy.probe_learning_rate = 5, 0.05

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from app_helpers import ROOT, colour_photos
 from jobs import GCS_FINETUNE_JOB as JOB
 from jobs import free_port
 
-ROOT = Path(__file__).parents[2]
 BUCKET = "bkt"
 SMALL = ["--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8",
          "--config.num_steps=12", "--config.checkpoint_every=3", "--config.eval_every=6",
@@ -77,20 +77,6 @@ def gcs_server():
     server.wait()
 
 
-def _photos(root: Path) -> Path:
-  """train/ and test/ folders of three classes, each class its own colour."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 16), ("test", 4)):
-    for c, name in enumerate(("red", "green", "blue")):
-      (root / split / name).mkdir(parents=True)
-      for i in range(n):
-        x = rng.integers(0, 60, (20, 20, 3))
-        x[..., c] += 180
-        Image.fromarray(x.astype(np.uint8)).save(root / split / name / f"{i:02d}.png")
-  return root
-
-
 def _objects(url: str, prefix: str) -> dict[str, int]:
   """{object name: size} under `prefix` in the bucket, straight from the API."""
   query = urllib.parse.urlencode({"prefix": prefix})
@@ -111,7 +97,8 @@ class Env:
     self.cwd, self.tmp = tmp_path / "cwd", tmp_path / "tmp"
     self.cwd.mkdir()
     self.tmp.mkdir()
-    self.photos = _photos(tmp_path / "photos")
+    self.photos = colour_photos(tmp_path / "photos", ("red", "green", "blue"),
+                                {"train": 16, "test": 4}, size=(20, 20), name="{i:02d}.png")
     self.vars = {**os.environ, "STORAGE_EMULATOR_HOST": url, "TMPDIR": str(self.tmp),
                  "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
                  "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}

@@ -16,13 +16,8 @@ from jtl.errors import ConfigError
 from jtl.export import quantize
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def small(config, data_dir, steps=3):
-  config.data_dir = data_dir
+  config.data_dir = str(data_dir)
   config.num_steps = steps
   config.batch_size = 32
   config.eval_batch_size = 400

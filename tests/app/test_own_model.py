@@ -5,43 +5,30 @@ the registration, which the workdir must let them redo."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from app_helpers import colour_photos, run_script
 from PIL import Image
 
 from jtl import models
 from jtl.app import evaluation, experiment, workdirs
 from jtl.errors import ConfigError
 
-ROOT = Path(__file__).parents[2]
 PKG = Path(__file__).parents[1] / "own_model_pkg"
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
   """train/<class>/ 8 images, test/<class>/ 4 images; each class its own colour."""
-  root = tmp_path_factory.mktemp("own_photos")
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 8), ("test", 4)):
-    for c, name in enumerate(("red", "green", "blue")):
-      (root / split / name).mkdir(parents=True)
-      for i in range(n):
-        x = rng.integers(0, 60, (20, 24, 3))
-        x[..., c] += 180
-        Image.fromarray(x.astype(np.uint8)).save(root / split / name / f"{i}.png")
-  return root
+  return colour_photos(tmp_path_factory.mktemp("own_photos"), ("red", "green", "blue"),
+                       {"train": 8, "test": 4})
 
 
 def script(name, *args, cwd):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                        capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+  return run_script(name, *args, cwd=cwd, timeout=600)
 
 
 @pytest.mark.slow  # end to end through subprocesses: make test-all

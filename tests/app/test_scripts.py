@@ -2,14 +2,10 @@
 MNIST digits), resume in the same workdir, evaluate, and clear errors."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from app_helpers import ROOT, run_script
 
-ROOT = Path(__file__).parents[2]
 SMALL = ["--config.num_steps={steps}", "--config.image_size=32", "--config.batch_size=16",
          "--config.eval_batch_size=250", "--config.eval_every=2", "--config.checkpoint_every=2",
          "--config.log_every=1", "--config.warmup_steps=0"]
@@ -17,10 +13,8 @@ SMALL = ["--config.num_steps={steps}", "--config.image_size=32", "--config.batch
 
 def script(name, *args, data_dir, timeout=600):
   # The runs share a compilation cache, as a restarted job on one machine does.
-  env = {**os.environ, "TFDS_DATA_DIR": str(data_dir), "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": str(data_dir / "xla_cache")}
-  return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+  return run_script(name, *args, timeout=timeout, env={
+      "TFDS_DATA_DIR": str(data_dir), "JAX_COMPILATION_CACHE_DIR": str(data_dir / "xla_cache")})
 
 
 def finetune(workdir, steps, data_dir, *extra):
@@ -30,11 +24,6 @@ def finetune(workdir, steps, data_dir, *extra):
           f"--config.data_dir={data_dir}", "--config.strategy.cache_features=False",
           *[a.format(steps=steps) for a in SMALL], *extra]
   return script("finetune.py", *args, data_dir=data_dir)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
 
 
 @pytest.mark.slow  # end to end through subprocesses: make test-all

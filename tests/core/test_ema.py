@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models_for_tests import MLP, batch, init
+from models_for_tests import batch, phased_mlp
 
 import jtl
 from jtl.checkpoint.manager import restore_variables
@@ -15,13 +15,7 @@ DECAY = 0.75
 
 
 def setup():
-  module = MLP()
-  variables = init(module, batch(8, classes=4)["inputs"])
-  probe = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
-  full = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "body")])
-  make = lambda labels: jtl.make_optimizer(labels, learning_rate=5e-2, optimizer="adam")
-  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
-  return module, variables, probe, full, make, data
+  return phased_mlp(learning_rate=5e-2)
 
 
 def test_ema_equals_the_hand_computed_average_over_3_steps():

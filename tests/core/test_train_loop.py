@@ -2,19 +2,13 @@
 
 import jax
 import numpy as np
-from models_for_tests import MLP, batch, init
+from models_for_tests import phased_mlp
 
 import jtl
 
 
 def setup():
-  module = MLP()
-  variables = init(module, batch(8, classes=4)["inputs"])
-  probe = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
-  full = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "body")])
-  make = lambda labels: jtl.make_optimizer(labels, learning_rate=1e-2, optimizer="adam")
-  data = lambda start: iter([batch(8, classes=4, seed=i) for i in range(start, 100)])
-  return module, variables, probe, full, make, data
+  return phased_mlp(learning_rate=1e-2)
 
 
 def test_phases_switch_partition_and_resume_across_the_boundary(tmp_path):

@@ -16,7 +16,6 @@ convs) with mixed ranks, and a changed head.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from app_helpers import load_file, run_script
 
 from jtl import tree as jtree
 from jtl.app import workdirs
@@ -37,11 +37,7 @@ PEFT_DIR = FIXTURES / "peft"
 
 
 def _load_ref():
-  spec = importlib.util.spec_from_file_location(
-      "make_peft_reference", FIXTURES / "make_peft_reference.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file(FIXTURES / "make_peft_reference.py")
 
 
 ref = _load_ref()
@@ -444,12 +440,8 @@ def _lora_workdir(root):
 
 @pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_convert_script_exports_a_lora_workdir(tmp_path):
-  import subprocess
-  import sys
   workdir, variables = _lora_workdir(tmp_path)
-  script = Path(__file__).parents[2] / "scripts" / "convert.py"
-  result = subprocess.run([sys.executable, str(script), f"--workdir={workdir}", "--format=peft"],
-                          check=False, capture_output=True, text=True, timeout=300)
+  result = run_script("convert.py", f"--workdir={workdir}", "--format=peft")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "adapter_model.safetensors" in result.stdout
   config = json.loads((workdir / "export" / "peft" / peft.CONFIG_FILE).read_text())
@@ -471,10 +463,8 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
   assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
   # evaluate.py --format: the same library call, the same files.
-  evaluate = Path(__file__).parents[2] / "scripts" / "evaluate.py"
-  result = subprocess.run([sys.executable, str(evaluate), f"--workdir={workdir}", "--format=peft",
-                           f"--export_dir={tmp_path / 'from_evaluate'}", "--step=best"],
-                          check=False, capture_output=True, text=True, timeout=300)
+  result = run_script("evaluate.py", f"--workdir={workdir}", "--format=peft",
+                      f"--export_dir={tmp_path / 'from_evaluate'}", "--step=best")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "adapter_model.safetensors" in result.stdout
   for name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
