@@ -5,41 +5,27 @@ lists are ConfigErrors naming the key, before any training."""
 
 import importlib.util
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
+from app_helpers import colour_photos, load_config
 from etils import epath
-from PIL import Image
 
 from jtl.app import evaluation, experiment, model_choice
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError
 
-ROOT = Path(__file__).parents[2]
 BLIND, COLOUR = "own_model_pkg.candidates:BLIND", "own_model_pkg.candidates:COLOUR"
 
 
 def folder_config():
-  spec = importlib.util.spec_from_file_location("folder", ROOT / "configs" / "folder.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config("folder")
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
   """train/<class>/ 20 images, test/<class>/ 4; each class its own colour."""
-  root = tmp_path_factory.mktemp("photos")
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 20), ("test", 4)):
-    for c, name in enumerate(("red", "green", "blue")):
-      (root / split / name).mkdir(parents=True)
-      for i in range(n):
-        x = rng.integers(0, 60, (16, 16, 3))
-        x[..., c] += 180
-        Image.fromarray(x.astype(np.uint8)).save(root / split / name / f"{i:03d}.png")
-  return root
+  return colour_photos(tmp_path_factory.mktemp("photos"), ("red", "green", "blue"),
+                       {"train": 20, "test": 4}, size=(16, 16), name="{i:03d}.png")
 
 
 def auto_config(photos, candidates=(BLIND, COLOUR)):

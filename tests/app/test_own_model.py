@@ -4,13 +4,14 @@ The scripts run as subprocesses: evaluate.py and convert.py start without
 the registration, which the workdir must let them redo."""
 
 import json
+import os
 import logging
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from app_helpers import colour_photos, run_script
+from app_helpers import ROOT, colour_photos, run_script
 from PIL import Image
 
 from jtl import models
@@ -255,10 +256,8 @@ def test_own_nnx_model_through_finetune_evaluate_convert(photos, tmp_path):
       "  c.train_split, c.eval_split = 'train', 'test'\n"
       "  return c\n")
   env_path = f"{PKG.parent}{os.pathsep}{ROOT}"
-  run = lambda name, *args: subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-      text=True, timeout=600, cwd=tmp_path,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": env_path})
+  run = lambda name, *args: run_script(name, *args, cwd=tmp_path, timeout=600,
+                                      env={"PYTHONPATH": env_path})
   trained = run("finetune.py", "--config", config, "--workdir", workdir,
                 f"--config.dataset=folder:{photos}")
   assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]

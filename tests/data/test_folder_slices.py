@@ -2,19 +2,15 @@
 validation split (train[90%:]) of a folder, whose files are listed class by
 class, held the last class only."""
 
-import importlib.util
-
 import numpy as np
+from app_helpers import load_config
 
 import support_matrix as sm
 from jtl.data import sources
 
 
 def _default_config():
-  spec = importlib.util.spec_from_file_location("configs.default", sm.ROOT / "configs/default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config("default")
 
 
 def test_default_configs_validation_split_of_a_folder_holds_every_class(tmp_path):

@@ -14,8 +14,6 @@ BatchNorm's are; and float32 is the same program as before.
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -23,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from app_helpers import ROOT, load_file
 
 import jtl
 from jtl.models import efficientnet, layers, mobilenet
 from jtl.tree import cast_floats
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "benchmarks" / "benchmark_accelerator.py"
+SCRIPT = ROOT / "scripts" / "benchmarks" / "benchmark_accelerator.py"
 BATCH, SIZE = 6, 16
 # (repeats, kernel, stride, expand, out): Lite0's first two kinds of stage.
 STAGES = ((1, 3, 1, 1, 8), (2, 3, 2, 6, 16))
@@ -53,10 +52,7 @@ def use_flax_batchnorm(mp: pytest.MonkeyPatch) -> None:
 
 @functools.cache
 def benchmark_script():
-  spec = importlib.util.spec_from_file_location("benchmark_accelerator", SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  return bench
+  return load_file(SCRIPT)
 
 
 def activation_ops(compute_dtype) -> dict[str, int]:
