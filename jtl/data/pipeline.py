@@ -2,8 +2,9 @@
 
 A batch is a dict of numpy arrays:
 
-- "inputs": float32 [B, H, W, 3] normalised images, or for text a dict of
-  int32 [B, L] "input_ids", "attention_mask", "token_type_ids";
+- "inputs": float32 [B, H, W, 3] normalised images, for text a dict of
+  int32 [B, L] "input_ids", "attention_mask", "token_type_ids", for audio
+  float32 [B, samples] clips;
 - "label": int32 [B] (float32 [B, num_classes] soft labels with mixup / CutMix);
 - "mask": bool [B], False on padding rows.
 
@@ -171,9 +172,14 @@ def _tfds_stream(src: TfdsSource, split: Any, *, train: bool, seed: int,
 
 def _preprocess(ex: dict[str, tf.Tensor], index: tf.Tensor, *, kind: str, train: bool,
                 seed: tf.Tensor, image_kwargs: dict[str, Any]) -> dict[str, tf.Tensor]:
-  out = {"label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
+  label = ex["label"]  # soft labels [C] stay float
+  out = {"label": label if label.dtype.is_floating else tf.cast(label, tf.int32),
+         "mask": tf.constant(True)}
   if kind == "text":
     out["text"] = ex["text"]
+    return out
+  if kind == "audio":  # fixed-length clips, fed as they are
+    out["inputs"] = ex["audio"]
     return out
   image = ex["image"]
   if image.dtype == tf.string:
@@ -276,11 +282,12 @@ def _padded_batches(ds: tf.data.Dataset, pad: int, batch_size: int) -> tf.data.D
 
 def _check_kind(src: Any, *, mixup_alpha: float, cutmix_alpha: float,
                 randaugment: tuple[int, float] | None) -> None:
-  """Refuses image augmentations on a text source."""
+  """Refuses image augmentations on a text or audio source."""
   if (mixup_alpha > 0 or cutmix_alpha > 0 or (randaugment and randaugment[0])) and (
-      src.kind == "text"):
+      src.kind in ("text", "audio")):
     raise DataError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}, "
-                    f"randaugment={randaugment}: image augmentations; {src.name!r} is text.")
+                    f"randaugment={randaugment}: image augmentations; {src.name!r} is "
+                    f"{src.kind}.")
 
 
 def _image_kwargs(train: bool, *, image_size: Any, normalize: Any, augment: bool, flip: bool,

@@ -3,7 +3,7 @@
 `resolve_source` turns the `source` argument of `make_dataset` into one of:
 
 - `ArraySource`: examples addressable by index (in-memory arrays, image
-  folders, the Rotten Tomatoes corpus); shuffled by exact per-epoch
+  folders, the Rotten Tomatoes corpus, audio clips such as FSDD's); shuffled by exact per-epoch
   permutations, resumed in O(1).
 - `TfdsSource`: a prepared TFDS dataset, read as a stream of records.
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from jtl import _optional
-from jtl.data import folder, text
+from jtl.data import audio, folder, ratings, text
 from jtl.errors import DataError, bullet_list
 
 if TYPE_CHECKING:
@@ -191,10 +191,11 @@ class ArraySource:
   """Index-addressable examples: {split: (inputs, labels)}.
 
   `inputs[split]` holds images (uint8/float [N, H, W(, C)]), image file paths
-  (`kind="file"`) or strings (`kind="text"`).
+  (`kind="file"`), strings (`kind="text"`) or audio clips (float32
+  [N, samples], `kind="audio"`).
   """
   name: str
-  kind: str  # "image", "file" or "text"
+  kind: str  # "image", "file", "text" or "audio"
   inputs: Mapping[str, np.ndarray]
   labels: Mapping[str, np.ndarray]
   class_names: list[str]
@@ -202,6 +203,10 @@ class ArraySource:
   def info(self) -> DatasetInfo:
     return DatasetInfo(len(self.class_names),
                        {s: len(v) for s, v in self.labels.items()}, list(self.class_names))
+
+  def soft(self) -> bool:
+    """True when labels are distributions [N, classes] (float), not ints."""
+    return any(y.ndim == 2 for y in self.labels.values())
 
   def keys(self, split: str) -> list[bytes] | None:
     """What decides an example's validation split: a file's path inside its
@@ -231,11 +236,11 @@ class ArraySource:
     return name, np.arange(len(self.labels[name]))[sl]
 
   def load(self, split: str, indices: tf.data.Dataset) -> tf.data.Dataset:
-    """Maps a dataset of indices to {"image"|"text": ..., "label": int32};
+    """Maps a dataset of indices to {"image"|"text"|"audio": ..., "label": int32};
     image files are decoded here (`folder.load_image`), to uint8 [H, W, 3]."""
     tf = host_tf()
-    labels = tf.constant(self.labels[split].astype(np.int32))
-    if self.kind == "image":
+    labels = tf.constant(self.labels[split].astype(np.float32 if self.soft() else np.int32))
+    if self.kind in ("image", "audio"):
       # Gather in numpy, a chunk at a time: a tf.constant copy of a large array
       # takes seconds per GB, and a graph constant is limited to 2 GB.
       array = self.inputs[split]
@@ -245,7 +250,7 @@ class ArraySource:
       def gather(i):
         x = tf.numpy_function(lambda j: array[j], [i], dtype, stateful=False)
         x.set_shape([None] + shape)
-        return {"image": x, "label": tf.gather(labels, i)}
+        return {self.kind: x, "label": tf.gather(labels, i)}
 
       return indices.batch(64).map(plain(tf, gather),
                                    num_parallel_calls=tf.data.AUTOTUNE).unbatch()
@@ -297,9 +302,34 @@ class TfdsSource:
           f"splits: {sorted(self.builder.info.splits)}.") from None
 
 
+def check_soft_labels(name: str, labels: Mapping[str, np.ndarray],
+                      num_classes: int | None) -> int:
+  """Checks soft labels: float [N, C] rows of non-negative numbers summing to
+  1, C = num_classes (when given) in every split; returns C."""
+  problems = []
+  widths = {y.shape[1] for y in labels.values() if y.ndim == 2}
+  for split, y in labels.items():
+    if y.ndim != 2 or not np.issubdtype(y.dtype, np.floating):
+      problems.append(f"split {split!r}: dtype {y.dtype} shape {y.shape}, expected float "
+                      "[N, classes] like the other splits")
+    elif (y < 0).any() or not np.allclose(y.sum(1), 1.0, atol=1e-4):
+      bad = np.flatnonzero((y < 0).any(1) | ~np.isclose(y.sum(1), 1.0, atol=1e-4))
+      problems.append(f"split {split!r}: rows {bad[:10].tolist()} are not distributions "
+                      "(non-negative, summing to 1)")
+  if len(widths) > 1 or (num_classes and widths and widths != {num_classes}):
+    problems.append(f"label widths {sorted(widths)} differ from each other or from "
+                    f"num_classes={num_classes}")
+  if problems:
+    raise DataError(f"Bad soft labels in dataset {name!r}:\n" + bullet_list(problems))
+  return widths.pop()
+
+
 def check_labels(name: str, labels: Mapping[str, np.ndarray],
                  num_classes: int | None) -> int:
-  """Checks integer labels lie in [0, num_classes); returns num_classes."""
+  """Checks integer labels lie in [0, num_classes), or soft labels
+  (`check_soft_labels`); returns num_classes."""
+  if any(y.ndim == 2 for y in labels.values()):
+    return check_soft_labels(name, labels, num_classes)
   problems = []
   for split, y in labels.items():
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -325,12 +355,13 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
   inputs, labels, problems = {}, {}, []
   kinds = set()
   for split, d in splits.items():
-    if not isinstance(d, Mapping) or "label" not in d or not ({"image", "text"} & set(d)):
-      problems.append(f"split {split!r}: expected a dict with 'image' (or 'text') "
+    if not isinstance(d, Mapping) or "label" not in d or not (
+        {"image", "text", "audio"} & set(d)):
+      problems.append(f"split {split!r}: expected a dict with 'image' (or 'text', 'audio') "
                       f"and 'label', got {type(d).__name__} "
                       f"{sorted(d) if isinstance(d, Mapping) else ''}")
       continue
-    key = "image" if "image" in d else "text"
+    key = next(k for k in ("image", "text", "audio") if k in d)
     x, y = np.asarray(d[key]), np.asarray(d["label"])
     if len(x) != len(y):
       problems.append(f"split {split!r}: {len(x)} {key}s but {len(y)} labels")
@@ -344,13 +375,18 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
                     "(multiply by 255).", split)
     if key == "text":
       x = x.astype(str).astype(object)
+    if key == "audio" and x.ndim != 2:
+      problems.append(f"split {split!r}: audio must be [N, samples] (one length), "
+                      f"got shape {x.shape}")
+    if key == "audio":
+      x = x.astype(np.float32)
     kinds.add(key)
     inputs[split], labels[split] = x, y
   if len(kinds) > 1:
-    problems.append("splits mix 'image' and 'text' inputs")
+    problems.append(f"splits mix {sorted(kinds)} inputs")
   if problems or not splits:
     raise DataError(
-        "In-memory source must be {split: {'image' or 'text': array, 'label': "
+        "In-memory source must be {split: {'image', 'text' or 'audio': array, 'label': "
         "int array}}; problems:\n" + bullet_list(problems or ["no splits given"]))
   n = check_labels("in-memory arrays", labels, num_classes)
   return ArraySource("in-memory arrays", kinds.pop(), inputs, labels,
@@ -459,8 +495,10 @@ def resolve_source(source: Any, data_dir: str | os.PathLike | None = None, *,
 
   Args:
     source: a TFDS name ("cifar10", "imagenette/320px", "jtl_mnist5k"),
-      "folder:/path" or a `Path` to an image folder, "rotten_tomatoes", or a
-      dict {split: {"image" or "text": array, "label": int array}}.
+      "folder:/path" or a `Path` to an image folder, "rotten_tomatoes",
+      "fsdd:/path" (the Free Spoken Digit Dataset's folder), "movielens100k"
+      (`jtl.data.ratings`: movies with soft labels over users), or a dict
+      {split: {"image", "text" or "audio": array, "label": int array}}.
     data_dir: TFDS data directory (TFDS's default when None).
     num_classes: expected class count; labels outside [0, num_classes) raise.
     input_key, label_key: TFDS feature names, when not "image"/"text", "label".
@@ -473,6 +511,16 @@ def resolve_source(source: Any, data_dir: str | os.PathLike | None = None, *,
     files, labels, names = folder.scan(path, on_bad_file=on_bad_file)
     n = check_labels(str(path), labels, num_classes)
     return ArraySource(f"folder:{path}", "file", files, labels, _names(names, n))
+  if isinstance(source, str) and source.startswith(audio.FSDD + ":"):
+    clips, labels = audio.fsdd(source[len(audio.FSDD) + 1:])
+    # Ten digits, whatever a (partial) copy holds.
+    n = check_labels(source, labels, num_classes or len(audio.FSDD_CLASSES))
+    return ArraySource(source, "audio", clips, labels, _names(list(audio.FSDD_CLASSES), n))
+  if isinstance(source, str) and source == ratings.MOVIELENS:
+    data = ratings.movielens100k()
+    n = check_labels(source, data.labels, num_classes)
+    return ArraySource(source, "text", data.texts, data.labels,
+                       _names([f"user {u}" for u in data.user_ids], n))
   if isinstance(source, str) and source == text.ROTTEN_TOMATOES:
     texts, labels = text.rotten_tomatoes()
     n = check_labels(source, labels, num_classes)
@@ -482,7 +530,7 @@ def resolve_source(source: Any, data_dir: str | os.PathLike | None = None, *,
     return _tfds_source(source, data_dir, input_key, label_key, num_classes)
   raise DataError(
       f"Cannot use source of type {type(source).__name__}; expected a TFDS name, "
-      "'folder:/path', a pathlib.Path, 'rotten_tomatoes' or a dict of arrays.")
+      "'folder:/path', a pathlib.Path, 'rotten_tomatoes', 'fsdd:/path' or a dict of arrays.")
 
 
 def split_size(source: Any, split: str, data_dir: str | os.PathLike | None = None) -> int:

@@ -7,6 +7,7 @@ from jtl.models import (
   dinov2,
   efficientnet,
   mobilenet,
+  speech,
   resnet,
   small_cnn,
   vgg,

@@ -2,7 +2,8 @@
 
 The format is detected from the content (an Orbax directory, a zip of `.npy`
 members, a torch zip archive, a pickle stream, a safetensors header, a msgpack
-map) and can be forced with `format=`. The result is always a flat dict of
+map; an ONNX model by its `.onnx` name: its initializers) and can be forced
+with `format=`. The result is always a flat dict of
 host numpy arrays: nested trees (Orbax, msgpack, npz) are keyed by "/"-joined
 paths, PyTorch and safetensors state dicts keep their own keys.
 
@@ -36,13 +37,13 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from jtl.weights import hub, torch_files
+from jtl.weights import hub, onnx_file, torch_files
 from jtl.weights.orbax_reader import read_orbax
 from jtl.weights.sources import resolve
 from jtl.weights.torch_pickle import Budget
 from jtl.errors import CheckpointError, JtlError, bullet_list
 
-FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch")
+FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch", "onnx")
 _MAX_SAFETENSORS_HEADER = 100 << 20
 # safetensors dtype names -> numpy (little-endian, as the format stores them).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -148,6 +149,8 @@ def detect_format(path: epath.Path) -> str:
   size = path.stat().length
   if not head:
     raise CheckpointError(f"{path}: the file is empty (0 bytes).")
+  if path.name.endswith(".onnx"):  # a protobuf has no magic bytes: the name says it
+    return "onnx"
   if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
     with guard(path, "a zip file"):
       return _zip_kind(path, _local_or_bytes(path))
@@ -327,7 +330,11 @@ def _read_torch(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
   return to_flat_arrays(obj, path, scalars=False)
 
 
-_READERS = {"npz": _read_npz, "safetensors": _read_safetensors,
+def _read_onnx(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
+  return onnx_file.parse(_file_bytes(path), str(path), budget)
+
+
+_READERS = {"onnx": _read_onnx, "npz": _read_npz, "safetensors": _read_safetensors,
             "msgpack": _read_msgpack, "torch": _read_torch}
 
 
@@ -360,7 +367,7 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
       source name such as "efficientnet_lite0/imagenet", or a Hub source
       "hf://<owner>/<name>[@rev]/<file>" / "hf-hub:<owner>/<name>[@rev]" (see
       `resolve`). A sharded checkpoint's `*.index.json` reads all its shards.
-    format: one of "orbax", "msgpack", "npz", "safetensors", "torch" to skip
+    format: one of "orbax", "msgpack", "npz", "safetensors", "torch", "onnx" (the initializers of an ONNX model) to skip
       detection from the content.
     subtree: keep only names under this "/"-joined prefix and strip it, e.g.
       "params/img". Orbax restores only that sub-tree from disk.

