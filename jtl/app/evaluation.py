@@ -158,7 +158,9 @@ def _eval_pass(run: workdirs.Restored, variables: Any, split: str, precision: st
   for batch in eval_batches(run.config, run.spec, split)():
     logits = np.asarray(predict(batch["inputs"]))
     mask = np.asarray(batch["mask"], bool)
-    np.add.at(confusion, (np.asarray(batch["label"])[mask], logits.argmax(-1)[mask]), 1)
+    labels = np.asarray(batch["label"])
+    labels = labels.argmax(-1) if labels.ndim == 2 else labels  # soft labels: the top class
+    np.add.at(confusion, (labels[mask], logits.argmax(-1)[mask]), 1)
     _add_sums(sums, eval_step(variables, batch))
     if robust_step is not None:
       _add_sums(robust_sums, robust_step(float_variables, batch))

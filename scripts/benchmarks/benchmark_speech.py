@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import markdown_table  # noqa: E402
 from configs import speech_fsdd  # noqa: E402
-from jtl.app import experiment  # noqa: E402
+from jtl.app import evaluation, experiment  # noqa: E402
 
 ARMS = {
     "fine-tune": {},
@@ -65,8 +65,9 @@ def config_for(arm: str, seed: int, args: argparse.Namespace):
 def run(arm: str, seed: int, args: argparse.Namespace) -> dict:
   workdir = Path(args.workdir) / f"{arm}-{seed}"
   start = time.perf_counter()
-  experiment.finetune(config_for(arm, seed, args), workdir, progress=False)
-  test = json.loads((workdir / "eval_test.json").read_text())
+  config = config_for(arm, seed, args)
+  experiment.finetune(config, workdir, progress=False)  # a finished workdir: nothing to do
+  test = evaluation.evaluate_test_split(config, workdir)  # the best step, once
   return {"arm": arm, "seed": seed, "train_split": args.train_split, "steps": args.steps,
           "test_accuracy": test["accuracy"], "best_step": test["step"],
           "seconds": round(time.perf_counter() - start, 1)}
