@@ -43,7 +43,7 @@ def test_speech_config_end_to_end(tmp_path):
   c.dataset = f"fsdd:{_fsdd(tmp_path / 'fsdd')}"
   c.train_split, c.eval_split = "train", "test[:20]"
   c.pretrained = importlib.util.find_spec("openwakeword") is not None
-  c.batch_size, c.eval_batch_size, c.num_steps = 4, 20, 2
+  c.batch_size, c.eval_batch_size, c.num_steps = 8, 24, 2  # tests run on 8 CPU devices
   c.eval_every = c.checkpoint_every = 2
   experiment.finetune(c, tmp_path / "run", progress=False)
   result = evaluation.evaluate_test_split(c, tmp_path / "run")
