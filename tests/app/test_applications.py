@@ -9,17 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from app_helpers import load_config
 
 from jtl.app import evaluation, experiment
-
-ROOT = Path(__file__).parents[2]
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _fsdd(root: Path) -> Path:
