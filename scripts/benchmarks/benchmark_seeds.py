@@ -214,6 +214,7 @@ def build_config(spec: dict[str, Any], folders: Path, image_size: int) -> Any:
   from jtl.app import keys  # pylint: disable=g-import-not-at-top
   from jtl.recipes import strategies  # pylint: disable=g-import-not-at-top
   c = folder.get_config()
+  c.model = "efficientnet_lite0"  # the folder config's default before model="auto"
   c.image_size = image_size
   c.train_split, c.eval_split = "train", "val"  # the folders' own validation split
   if spec["strategy"]:

@@ -22,7 +22,8 @@ def test_config_validates(path):
       experiment.validate(config)
     config.dataset = "folder:/path/to/images"
   experiment.validate(config)
-  spec = models.get_spec(config.model)
+  if config.model != "auto":  # configs/folder.py: chosen among model_candidates at run time
+    models.get_spec(config.model)
   assert config.strategy.name
 
 
