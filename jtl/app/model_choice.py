@@ -47,11 +47,12 @@ def default_candidates() -> list[str]:
 
 def candidate_names(config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
   """(the names to try, whether the user listed them): `model_candidates`,
-  a sequence or a comma-separated string, else `default_candidates()`."""
+  names or comma-separated names (`--config.model_candidates=a,b` arrives as
+  ("a,b",)), else `default_candidates()`."""
   given = config.model_candidates or ()
-  if isinstance(given, str):
-    given = [n for n in given.split(",") if n.strip()]
-  names = list(dict.fromkeys(str(n).strip() for n in given))  # in order, once each
+  given = [given] if isinstance(given, str) else given
+  split = [n.strip() for entry in given for n in str(entry).split(",") if n.strip()]
+  names = list(dict.fromkeys(split))  # in order, once each
   return (names, True) if names else (default_candidates(), False)
 
 

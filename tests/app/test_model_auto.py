@@ -81,6 +81,11 @@ def test_bad_candidates_are_config_errors_naming_the_key(photos, tmp_path, chang
   assert not (tmp_path / "run").exists()
 
 
+def test_candidates_given_as_a_tuple_or_comma_separated_on_the_command_line():
+  config = auto_config("unused", candidates=(f"{COLOUR}, {BLIND}", COLOUR))
+  assert model_choice.candidate_names(config) == ([COLOUR, BLIND], True)
+
+
 def test_default_candidates_are_the_zoo_models_with_weights_in_a_pip_package():
   assert model_choice.default_candidates() == [
       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
