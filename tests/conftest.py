@@ -21,6 +21,21 @@ import pytest  # noqa: E402
 from hub_helpers import fake_hub  # noqa: E402,F401 - the local Hub server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+  """XLA programs compiled once per test process: app runs (experiment.finetune,
+  the scripts' code paths) build fresh jitted steps each time, so each test
+  that trains twice, or like an earlier test, compiled the same programs again
+  (~45% of test_folder_config's CPU). jax's persistent cache, in this
+  process's temp folder (empty at its start, one per xdist worker: no
+  concurrent writers), serves them after the first compile; a cached program
+  is the same executable, so results do not change."""
+  path = tmp_path_factory.mktemp("xla_cache")
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return path
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A TFDS data_dir for the datasets jtl builds locally (jtl_digits, ...):

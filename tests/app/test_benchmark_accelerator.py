@@ -18,6 +18,22 @@ def load():
   return load_file(SCRIPT)
 
 
+@pytest.fixture(autouse=True)
+def own_compilation_cache():
+  """The benchmark points jax at its own cache (--cache_dir) and counts its
+  entries: the suite's cache (conftest.compile_cache) steps aside meanwhile."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  before = {k: getattr(jax.config, k) for k in keys}
+  compilation_cache.reset_cache()
+  yield
+  compilation_cache.reset_cache()
+  for k, v in before.items():
+    jax.config.update(k, v)
+
+
 @pytest.mark.slow  # end to end through subprocesses: make test-all
 def test_smoke_run_measures_every_mode_profiles_and_runs_again_from_the_cache(tmp_path):
   bench = load()

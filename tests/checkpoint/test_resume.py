@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from jobs import RESUME_JOB as JOB
 from jobs import resume_env as env
 from jobs import start_resume_job as run
@@ -15,6 +16,11 @@ from jobs import start_resume_job as run
 from jtl.weights import read
 
 
+# Training processes started, killed and restarted: make test-all. The
+# default run keeps the in-process stop and exact resume
+# (core/test_preemption.py) and the fallback past a damaged checkpoint
+# (checkpoint/test_reliability.py).
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_params(tmp_path):
   reference = run(tmp_path / "uninterrupted", tmp_path / "a.npz")
 

@@ -169,6 +169,9 @@ def test_nnx_from_the_zoo_gives_the_linen_logits_and_fine_tunes():
   assert np.isfinite(metrics["loss"])
 
 
+# Full-size inference of two more ImageNet models (~6 s of CPU each): make
+# test-all. Lite0's real photos and strict load stay in the default run.
+@pytest.mark.slow
 @pytest.mark.parametrize("n,params", [(1, 5_416_680), (2, 6_092_072)])
 def test_lite1_lite2_real_weights_classify_real_photos(n, params):
   """Lite1/Lite2 from their pip packages: strict load, cat and espresso."""

@@ -9,7 +9,7 @@ import pytest
 from beyond_models import TinyCNN, images, init, labels
 
 import jtl
-from jtl.recipes import domain
+from jtl.recipes import domain, strategies
 
 
 def test_gradient_reversal_flips_feature_gradient():
@@ -146,7 +146,7 @@ def test_dann_needs_domain_classifier_and_target():
     domain.make_adapt_train_step(module, tx, method="dann")
   with pytest.raises(jtl.ConfigError, match="method='mmd'"):
     domain.wrap(model, init(model, x), x, method="mmd")
-  wrapped = jtl.recipes.strategies.FrozenStatistics(model, ["bn"])
+  wrapped = strategies.FrozenStatistics(model, ["bn"])
   with pytest.raises(jtl.ConfigError, match=r"Linen module; got a FrozenStatistics"):
     domain.wrap(wrapped, init(model, x), x, method="dann")
 
