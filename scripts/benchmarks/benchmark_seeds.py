@@ -366,8 +366,9 @@ def report_ema(done: dict[str, dict], grid: list[str]) -> None:
     plain = _rows(done, "cifar100", strategy)
     chosen = _pick(done, "cifar100", [f"{strategy}+ema{d}" for d in grid])
     ema = _rows(done, "cifar100", chosen) if chosen else []
-    vals = " / ".join(f"{d}: {_ms([r['val'] for r in _rows(done, 'cifar100', f'{strategy}+ema{d}')])}"
-                      for d in grid)
+    vals = " / ".join(
+        f"{d}: {_ms([r['val'] for r in _rows(done, 'cifar100', f'{strategy}+ema{d}')])}"
+        for d in grid)
     rows.append([strategy, _ms([r["test"] for r in plain]), chosen.split("+ema")[1] if chosen
                  else "-", _ms([r["test"] for r in ema]), _ms([r["val"] for r in plain]), vals])
   common.print_table("EMA, CIFAR-10 100/class (test accuracy %, best checkpoint by validation)",
@@ -436,8 +437,9 @@ def main() -> None:
   p.add_argument("--image_size", type=int, default=32)
   p.add_argument("--epochs_100", type=int, default=3, help="epochs at 100 images per class")
   p.add_argument("--epochs_10", type=int, default=10, help="epochs at 10 images per class")
-  p.add_argument("--ema_grid", default="0.9", help="decays, picked on validation")
-  p.add_argument("--ra_grid", default="2/9", help="RandAugment N/M settings, picked on validation")
+  p.add_argument("--ema_grid", default="0.9,0.98", help="decays, picked on validation")
+  p.add_argument("--ra_grid", default="2/9,1/5",
+                 help="RandAugment N/M settings, picked on validation")
   p.add_argument("--mixup_alpha", type=float, default=0.2)
   p.add_argument("--cutmix_alpha", type=float, default=1.0)
   p.add_argument("--jobs", type=int, default=1)
