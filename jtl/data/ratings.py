@@ -19,7 +19,7 @@ liked have no label and are left out. `liked(split)` gives the 0/1 user x
 movie matrix that `recall_at_k` scores a ranking against.
 
 >>> scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1]])
->>> recall_at_k(scores, np.array([[1, 0, 1], [1, 0, 0]]), k=1).round(3)
+>>> round(recall_at_k(scores, np.array([[1, 0, 1], [1, 0, 0]]), k=1), 3)
 0.5
 """
 
