@@ -275,3 +275,38 @@ def test_own_nnx_model_through_finetune_evaluate_convert(photos, tmp_path):
   got = session.run(None, {session.get_inputs()[0].name: x})[0]
   want = np.asarray(restored.module.apply(restored.variables, x, train=False))
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_own_nnx_model_with_api_nnx_trains_as_its_linen_form():
+  """api="nnx" on an own NNX model: the app's NNX form (`experiment.as_api`,
+  ToNNX around the wrapper) keeps the wrapper's parameter paths, computes its
+  outputs, and two train steps end with the Linen form's params and statistics."""
+  import jtl
+  module = models.get_spec("own_model_pkg.models:TinyNnxNet").build(num_classes=3, width=4)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(8, 16, 16, 3)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  config = experiment.ml_collections.ConfigDict({"api": "nnx", "seed": 0})
+  model, nnx_variables = experiment.as_api(config, module, variables)
+  assert jtl.tree.flatten(nnx_variables["params"]).keys() == jtl.tree.flatten(
+      variables["params"]).keys()
+  np.testing.assert_allclose(model(x, train=False), module.apply(variables, x), atol=1e-6)
+
+  batches = [{"inputs": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
+              "label": rng.integers(0, 3, 8).astype(np.int32)} for _ in range(2)]
+
+  def train(m, v):
+    labels = jtl.label_params(v["params"], ((".*", "all"),))
+    tx = jtl.make_optimizer(labels, learning_rate=0.05)
+    state = jtl.create_train_state(v, labels, tx)
+    step = jax.jit(jtl.make_train_step(m, tx, labels=labels))
+    for b in batches:
+      state, _ = step(state, b)
+    return jax.device_get(state)
+
+  a, b = train(module, variables), train(model, nnx_variables)
+  for path, value in jtl.tree.flatten(a.params).items():
+    np.testing.assert_allclose(jtl.tree.flatten(b.params)[path], value, atol=1e-5, err_msg=path)
+  np.testing.assert_allclose(b.model_state["state"]["bn"]["mean"],
+                             a.model_state["batch_stats"]["bn"]["mean"], atol=1e-6)
+  assert not np.allclose(a.params["head"]["kernel"], variables["params"]["head"]["kernel"])
