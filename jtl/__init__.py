@@ -24,21 +24,13 @@ from jtl import checkpoint, data, errors, export, models, optim, parallel, parti
 from jtl import steps, tree, weights
 from jtl.adapter import FunctionModel, LinenModel, NnxModel, as_model, update_module
 from jtl.batchnorm import recompute_batchnorm
-from jtl.errors import ConfigError, JtlError
+from jtl.errors import JtlError
 from jtl.models import create
 from jtl.optim import make_optimizer
-from jtl.parallel import (
-  initialize_distributed,
-  jit_eval_step,
-  jit_train_step,
-  make_mesh,
-  place_state,
-  pmap_train_step,
-  shard_batch,
-)
-from jtl.partition import FROZEN, label_params, summarize
+from jtl.parallel import jit_eval_step, jit_train_step, make_mesh, place_state, shard_batch
+from jtl.partition import label_params, summarize
 from jtl.state import TrainState, create_train_state
-from jtl.steps import cross_entropy_loss, make_eval_step, make_train_step
+from jtl.steps import make_eval_step, make_train_step
 from jtl.weights import load_pretrained
 
 __version__ = "0.1.0"
@@ -68,10 +60,9 @@ __all__ = [
     "create", "load_pretrained", "FunctionModel", "LinenModel", "NnxModel", "as_model",
     "update_module",
     # what trains, how, where
-    "FROZEN", "label_params", "summarize", "make_optimizer", "TrainState", "create_train_state",
-    "cross_entropy_loss", "make_train_step", "make_eval_step", "recompute_batchnorm",
-    "make_mesh", "place_state", "shard_batch", "jit_train_step", "jit_eval_step",
-    "pmap_train_step", "initialize_distributed", "make_dataset",
+    "label_params", "summarize", "make_optimizer", "TrainState", "create_train_state",
+    "make_train_step", "make_eval_step", "recompute_batchnorm",
+    "make_mesh", "place_state", "shard_batch", "jit_train_step", "jit_eval_step", "make_dataset",
     # a run's checkpoints and errors
-    "CheckpointManager", "restore_variables", "JtlError", "ConfigError",
+    "CheckpointManager", "restore_variables", "JtlError",
 ]

@@ -84,7 +84,7 @@ def main(argv):
   die_at = int(argv[7]) if len(argv) > 7 else None
   if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jtl.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+    jtl.parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   if os.environ.get("MULTIHOST_API") == "nnx":
     module = nnx_net()
     variables = jtl.adapter.variables_of(module)

@@ -119,7 +119,7 @@ def finetune_teacher(args, data):
   labels = jtl.label_params(created.variables["params"], [(".*", "all")])
   tx = adam(labels, 1e-3, args.teacher_steps, warmup=20)
   step = jax.jit(jtl.make_train_step(module, tx, labels=labels,
-                                     loss_fn=lambda l, b: jtl.cross_entropy_loss(l, b, label_smoothing=0.1)))
+                                     loss_fn=lambda l, b: jtl.steps.cross_entropy_loss(l, b, label_smoothing=0.1)))
   state = jtl.create_train_state(created.variables, labels, tx)
   flip_rng = np.random.default_rng(0)
 

@@ -69,7 +69,7 @@ def test_readme_pmap_example_and_its_batchnorm_claims():
     return jax.device_get(state)
 
   def on_pmap(axis_name):
-    step = jtl.pmap_train_step(jtl.make_train_step(module_cls(axis_name=axis_name), tx,
+    step = jtl.parallel.pmap_train_step(jtl.make_train_step(module_cls(axis_name=axis_name), tx,
                                                    labels=labels, axis_name="batch"))
     state, _ = step(jtl.parallel.replicate(state0), jtl.parallel.shard_for_pmap(batch))
     return jax.device_get(jtl.parallel.unreplicate(state))

@@ -39,9 +39,9 @@ def test_recompute_changes_only_statistics_and_matches_population_moments():
   kept = jtl.recompute_batchnorm(model, v, [{"inputs": target}], skip=["bn0"])
   jax.tree.map(np.testing.assert_array_equal, kept["batch_stats"]["bn0"], v["batch_stats"]["bn0"])
   assert not np.allclose(kept["batch_stats"]["bn1"]["mean"], v["batch_stats"]["bn1"]["mean"])
-  with pytest.raises(jtl.ConfigError, match="batch_stats"):
+  with pytest.raises(jtl.errors.ConfigError, match="batch_stats"):
     jtl.recompute_batchnorm(model, {"params": v["params"]}, batches)
-  with pytest.raises(jtl.ConfigError, match="no .*unmasked.* rows"):
+  with pytest.raises(jtl.errors.ConfigError, match="no .*unmasked.* rows"):
     jtl.recompute_batchnorm(model, v, [{"inputs": target[:2], "mask": np.zeros(2, bool)}])
 
 
@@ -207,7 +207,7 @@ def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refuse
     def __call__(self, x):
       return self.inner(x)
 
-  with pytest.raises(jtl.ConfigError, match="'inner' is a Linen module inside nnx.bridge.ToNNX"):
+  with pytest.raises(jtl.errors.ConfigError, match="'inner' is a Linen module inside nnx.bridge.ToNNX"):
     jtl.recompute_batchnorm(Outer(), jtl.adapter.variables_of(Outer()), batches)
 
 
@@ -227,7 +227,7 @@ def _fit(tmp_path, labels_rules, **kwargs):
 
 def test_fit_recomputes_trained_batchnorm_statistics_before_eval_and_save(tmp_path):
   pool = [{"inputs": images(8, seed=s)} for s in (3, 4)]
-  model, v, x, result = _fit(tmp_path / "run", [("bn0/.*|conv0/.*", jtl.FROZEN), (".*", "all")],
+  model, v, x, result = _fit(tmp_path / "run", [("bn0/.*|conv0/.*", jtl.partition.FROZEN), (".*", "all")],
                              batchnorm_batches=lambda: iter(pool))
   state = result.state
   # bn0 is frozen: its statistics stay; bn1's are the population moments
@@ -246,7 +246,7 @@ def test_fit_recomputes_trained_batchnorm_statistics_before_eval_and_save(tmp_pa
   direct = train.evaluate(step, expected, [batch])
   assert result.eval_metrics["accuracy"] == pytest.approx(direct["accuracy"])
   # Without batchnorm_batches the statistics are the moving averages: different.
-  _, _, _, plain = _fit(tmp_path / "plain", [("bn0/.*|conv0/.*", jtl.FROZEN), (".*", "all")])
+  _, _, _, plain = _fit(tmp_path / "plain", [("bn0/.*|conv0/.*", jtl.partition.FROZEN), (".*", "all")])
   assert not np.allclose(plain.state.model_state["batch_stats"]["bn1"]["mean"],
                          expected["batch_stats"]["bn1"]["mean"], atol=1e-3)
 
@@ -281,7 +281,7 @@ def test_fit_recomputes_nnx_statistics_on_the_mesh():
 
 
 def test_fit_batchnorm_batches_needs_batchnorm_statistics():
-  with pytest.raises(jtl.ConfigError, match="batchnorm_batches"):
+  with pytest.raises(jtl.errors.ConfigError, match="batchnorm_batches"):
     train.fit(module=lambda p, x: x @ p["w"], variables={"params": {"w": jnp.ones((2, 2))}},
               labels={"w": "all"}, tx=optax.sgd(0.1), train_batches=lambda s: iter([]),
               num_steps=1, batchnorm_batches=lambda: [])

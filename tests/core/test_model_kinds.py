@@ -58,7 +58,7 @@ def train(model, variables, *, devices=None, pmap=False):
   tx = jtl.make_optimizer(labels, learning_rate=0.05, optimizer="adamw", clip_norm=1.0)
   state = jtl.create_train_state(variables, labels, tx)
   if pmap:
-    step = jtl.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
+    step = jtl.parallel.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
     state = jtl.parallel.replicate(state)
     for b in batches():
       state, _ = step(state, jtl.parallel.shard_for_pmap(b))

@@ -48,7 +48,7 @@ def test_adversarial_step_under_pmap_equals_the_mesh_step():
   on_mesh = jtl.jit_train_step(adversarial.make_adversarial_train_step(model, tx, **kwargs), mesh)
   mesh_state, mesh_metrics = run(lambda s, b: on_mesh(s, jtl.shard_batch(b, mesh)),
                                  jtl.place_state(state, mesh))
-  pmapped = jtl.pmap_train_step(adversarial.make_adversarial_train_step(
+  pmapped = jtl.parallel.pmap_train_step(adversarial.make_adversarial_train_step(
       model, tx, axis_name="batch", **kwargs))
   pmap_state, pmap_metrics = run(lambda s, b: pmapped(s, jtl.parallel.shard_for_pmap(b)),
                                  jtl.parallel.replicate(state))

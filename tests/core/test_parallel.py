@@ -37,7 +37,7 @@ def run_jit(devices):
 
 def run_pmap():
   model, tx, labels, state = make()
-  step = jtl.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
+  step = jtl.parallel.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="batch"))
   state = jtl.parallel.replicate(state)
   for b in batches():
     state, metrics = step(state, jtl.parallel.shard_for_pmap(b))

@@ -45,7 +45,7 @@ def two_phase_kwargs(workdir, **extra):
   (the shape of LP-FT and gradual unfreezing)."""
   kwargs = fit_kwargs(workdir, **extra)
   params = kwargs["variables"]["params"]
-  head = jtl.label_params(params, [("head/.*", "head"), (".*", jtl.FROZEN)])
+  head = jtl.label_params(params, [("head/.*", "head"), (".*", jtl.partition.FROZEN)])
   kwargs["later_phases"] = [(2, kwargs["labels"], kwargs["tx"])]
   kwargs["labels"] = head
   kwargs["tx"] = jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd")
@@ -182,7 +182,7 @@ def test_cached_probe_stopped_during_extraction_releases_the_lock(tmp_path):
 
   module = Probed()
   variables = init(module, batch(8, classes=4)["inputs"])
-  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", jtl.FROZEN)])
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", jtl.partition.FROZEN)])
   head = {"head": jax.tree.map(lambda _: "head", variables["params"]["head"])}
 
   def train_pass():  # preempted while the backbone runs over the training split

@@ -83,7 +83,7 @@ def test_gradient_matches_full_gradient_on_trainable_leaves():
     with jtl.steps.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
       logits, _ = model.apply({**variables, "params": params}, b["inputs"], train=True,
                               mutable=["batch_stats"])
-    return jtl.cross_entropy_loss(logits, b)
+    return jtl.steps.cross_entropy_loss(logits, b)
 
   full_grads = jax.grad(full_loss)(variables["params"])
   # SGD with lr 1: update = -grad.

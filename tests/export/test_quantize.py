@@ -24,7 +24,7 @@ def test_dequantized_within_half_step_per_channel():
   q4 = quantize.quantize_tensor(w, bits=4)
   assert np.abs(q4.qvalue).max() == 7
   assert np.all(np.abs(np.asarray(q4.dequantize()) - w) <= q4.scale / 2 + 1e-7)
-  with pytest.raises(jtl.ConfigError, match="bits=16"):
+  with pytest.raises(jtl.errors.ConfigError, match="bits=16"):
     quantize.quantize_tensor(w, bits=16)
 
 
@@ -68,5 +68,5 @@ def test_save_restore_evaluate(model, tmp_path):
   (tmp_path / "bad.safetensors").write_bytes(b"not a file")
   with pytest.raises(jtl.errors.CheckpointError, match="bad.safetensors"):
     quantize.load(tmp_path / "bad.safetensors")
-  with pytest.raises(jtl.ConfigError, match="precision='int4'"):
+  with pytest.raises(jtl.errors.ConfigError, match="precision='int4'"):
     quantize.make_inference_fn(m, v, precision="int4")

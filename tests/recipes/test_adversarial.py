@@ -38,7 +38,7 @@ def test_pgd_and_fgsm_stay_in_ball_and_raise_loss(setup):
       adversarial.model_loss(model, v, batch), x, eps=eps))(v, x))
   assert adv > clean and float(loss(v, x_fgsm)) > clean
   np.testing.assert_allclose(np.abs(x_fgsm - x), eps, rtol=1e-5)  # every pixel moves by eps
-  with pytest.raises(jtl.ConfigError, match="step_size"):
+  with pytest.raises(jtl.errors.ConfigError, match="step_size"):
     adversarial.pgd(lambda x: jnp.sum(x), x, eps=0.1, step_size=0.0, steps=3)
 
 
@@ -71,5 +71,5 @@ def test_attack_by_name_and_input_scale():
   run = adversarial.make_attack(attack="pgd", eps=2.0, steps=4, random_start=False,
                                 input_scale=0.5)
   np.testing.assert_allclose(run(loss, jnp.zeros(2), None), [1.0, -1.0])
-  with pytest.raises(jtl.ConfigError, match="attack='cw'"):
+  with pytest.raises(jtl.errors.ConfigError, match="attack='cw'"):
     adversarial.make_attack(attack="cw", eps=0.1)

@@ -49,7 +49,7 @@ def test_mask_and_bad_options():
   s, t = jnp.zeros((2, 3)), jnp.array([[5.0, 0, 0], [0, 0, 0]])
   masked = distill.distillation_loss(s, t, None, alpha=1.0, mask=jnp.array([False, True]))
   assert float(masked) == pytest.approx(0.0, abs=1e-6)
-  with pytest.raises(jtl.ConfigError, match="temperature=0"):
+  with pytest.raises(jtl.errors.ConfigError, match="temperature=0"):
     distill.make_distill_loss(temperature=0, alpha=2.0)
   with pytest.raises(jtl.errors.StepError, match="teacher_logits"):
     distill.make_distill_loss()(s, {"label": jnp.zeros(2, jnp.int32)})
@@ -120,5 +120,5 @@ def test_feature_matching_trains_projection_and_keeps_student_paths():
   moved = np.abs(np.asarray(state.params["projection"]["kernel"])
                  - np.asarray(variables["params"]["projection"]["kernel"])).max()
   assert moved > 1e-3
-  with pytest.raises(jtl.ConfigError, match="FeatureProjection"):
+  with pytest.raises(jtl.errors.ConfigError, match="FeatureProjection"):
     distill.make_distill_train_step(student, tx, feature_weight=1.0)

@@ -33,7 +33,7 @@ def test_dann_schedule_and_coral():
   assert float(lr(50)) == pytest.approx(0.01 / 6 ** 0.75, rel=1e-6)
   assert float(lr(100)) == pytest.approx(0.01 / 11 ** 0.75, rel=1e-6)
   assert float(lr(500)) == pytest.approx(float(lr(100)))  # held after num_steps
-  with pytest.raises(jtl.ConfigError, match="num_steps=0"):
+  with pytest.raises(jtl.errors.ConfigError, match="num_steps=0"):
     domain.dann_schedule(0)
   rng = np.random.default_rng(0)
   a = rng.normal(size=(50, 3)).astype(np.float32)
@@ -132,7 +132,7 @@ def test_domain_classifier_shape_and_dropout():
   assert not np.allclose(logits(True, k1), logits(True, k2))  # dropout in training
   eval_out = module.apply(wv, x, method=domain.AdaptModel.outputs)[2]
   np.testing.assert_array_equal(eval_out, module.apply(wv, x, method=domain.AdaptModel.outputs)[2])
-  with pytest.raises(jtl.ConfigError, match="domain_dropout=1.0"):
+  with pytest.raises(jtl.errors.ConfigError, match="domain_dropout=1.0"):
     domain.wrap(model, init(model, x), x, method="dann", domain_dropout=1.0)
 
 
@@ -142,12 +142,12 @@ def test_dann_needs_domain_classifier_and_target():
   module, wv = domain.wrap(model, init(model, x), x, method="coral")
   lab = jtl.label_params(wv["params"], [(".*", "all")])
   tx = jtl.make_optimizer(lab, learning_rate=0.01)
-  with pytest.raises(jtl.ConfigError, match="domain classifier"):
+  with pytest.raises(jtl.errors.ConfigError, match="domain classifier"):
     domain.make_adapt_train_step(module, tx, method="dann")
-  with pytest.raises(jtl.ConfigError, match="method='mmd'"):
+  with pytest.raises(jtl.errors.ConfigError, match="method='mmd'"):
     domain.wrap(model, init(model, x), x, method="mmd")
   wrapped = strategies.FrozenStatistics(model, ["bn"])
-  with pytest.raises(jtl.ConfigError, match=r"Linen module; got a FrozenStatistics"):
+  with pytest.raises(jtl.errors.ConfigError, match=r"Linen module; got a FrozenStatistics"):
     domain.wrap(wrapped, init(model, x), x, method="dann")
 
 
@@ -169,5 +169,5 @@ def test_separate_batchnorm_normalises_each_domain_and_keeps_source_statistics()
   jax.tree.map(np.testing.assert_array_equal, stats, source_stats)  # target left no trace
   lab = jtl.label_params(wv["params"], [(".*", "all")])
   tx = jtl.make_optimizer(lab, learning_rate=0.01)
-  with pytest.raises(jtl.ConfigError, match="batchnorm='per_domain'"):
+  with pytest.raises(jtl.errors.ConfigError, match="batchnorm='per_domain'"):
     domain.make_adapt_train_step(module, tx, labels=lab, batchnorm="per_domain")
