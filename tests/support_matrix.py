@@ -73,10 +73,18 @@ def expected(family: str, strategy: str, api: str, export: str | None) -> str:
   return WORKS
 
 
+# freeze_batchnorm="statistics" wraps a model that has BatchNorm in FrozenStatistics,
+# a Linen module (found by benchmark_support_matrix.py --api nnx).
+STATISTICS_STRATEGIES = ("strategy.py:bitfit", "strategy.py:llrd")
+BATCHNORM_FAMILIES = ("small_cnn", "resnet", "mobilenet_v2", "efficientnet_lite")
+
+
 def _training_refusal(family: str, strategy: str, api: str) -> str:
   """Why the config is refused before training ("" when it trains)."""
   if api == "nnx" and strategy == "strategy.py:lora":
     return "refused: LoRA's model wrapper is Linen only [api]"
+  if api == "nnx" and strategy in STATISTICS_STRATEGIES and family in BATCHNORM_FAMILIES:
+    return "refused: the wrapper that keeps BatchNorm statistics is Linen only [api]"
   if family == "small_cnn" and strategy == "strategy.py:gradual":
     return "refused: the small CNN has 3 blocks, gradual's max_blocks is 4 [max_blocks]"
   if family == "small_cnn" and strategy == "strategy.py:partial":
@@ -225,9 +233,13 @@ def readme_table() -> str:
       groups.setdefault(cells, []).append(strategy)
     for cells, strategies in groups.items():
       rows.append(f"| {family} | {', '.join(strategies)} | " + " | ".join(cells) + " |")
-  nnx = sorted({f"{s}: {_short(expected(f, s, 'nnx', None))}" for f in FAMILIES
-                for s in STRATEGIES
-                if expected(f, s, "nnx", None) != expected(f, s, "linen", None)})
+  differs: dict[tuple[str, str], list[str]] = {}
+  for s in STRATEGIES:
+    for f in FAMILIES:
+      if expected(f, s, "nnx", None) != expected(f, s, "linen", None):
+        differs.setdefault((s, _short(expected(f, s, "nnx", None))), []).append(f)
+  nnx = [f"{s} on {'every family' if len(fs) == len(FAMILIES) else ', '.join(fs)}: {why}"
+         for (s, why), fs in sorted(differs.items())]
   rows.append("")
   rows.append("With `api=\"nnx\"` every cell is the same, except " + "; ".join(nnx) + ".")
   return "\n".join(rows)
