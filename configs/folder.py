@@ -11,7 +11,9 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
   EfficientNet-Lite0/1/2 with its ImageNet weights (`model_candidates`; each
   at its native resolution and preprocessing: `image_size` None), the best
   on the validation split wins (table in the workdir's model_selection.md)
-  within `model_budget_seconds`, and the run trains it as if named. It beat
+  within `model_budget_seconds`, and the run trains it as if named
+  (`--config.model_candidates=efficientnet_lite0,hf-hub:timm/resnet50.a1_in1k`
+  tries your own list: zoo names, Hub repos, local Hub-layout folders). It beat
   the fixed Lite0 by 7-8 points of test accuracy on CIFAR-10 and the sklearn
   digits at about 1.7x its wall time (BENCHMARKS.md, "model=auto");
 - LP-FT (Kumar et al. 2022): a linear probe on cached features first (one

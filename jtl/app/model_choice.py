@@ -1,7 +1,9 @@
 """`model="auto"`: the config keys of the backbone chosen by measurement.
 
-The candidates are `model_candidates` (empty: the zoo's image models whose
-weights ship in an installed pip package, EfficientNet-Lite0/1/2);
+The candidates are `model_candidates` (zoo names, "hf-hub:<owner>/<name>"
+repos, local folders in the Hub layout, "package.module:Name"; empty: the
+zoo's image models whose weights ship in an installed pip package,
+EfficientNet-Lite0/1/2);
 `jtl.recipes.selection.select_backbone` fits the cached probe on each
 within `model_budget_seconds` and picks the best on the validation split.
 The table goes to the log and to the workdir (`model_selection.json`,
@@ -26,6 +28,7 @@ from jtl.checkpoint import manager
 from jtl.data import sources
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.recipes import selection, strategies
+from jtl.weights import hub
 from jtl.weights import sources as weight_sources
 
 AUTO = "auto"
@@ -59,7 +62,8 @@ def candidate_names(config: ml_collections.ConfigDict) -> tuple[list[str], bool]
 def candidates(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str | None]], list[str]]:
   """([(name, why it is skipped or None)], problems): every candidate must be
   a known image model, and one the user listed must have its weights on this
-  machine (with `pretrained`); a default one without them is skipped."""
+  machine or reachable (with `pretrained`; a Hub repo's are downloaded now,
+  `weights_problem`); a default one without them is skipped."""
   names, listed = candidate_names(config)
   entries, problems = [], []
   for name in names:
@@ -74,10 +78,7 @@ def candidates(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str |
       problems.append(f"model_candidates: {name!r} takes {spec.input_kind}; model='auto' "
                       "chooses among image models")
       continue
-    missing = None
-    if config.pretrained:
-      missing = ("it has no pretrained weights (spec.pretrained is None)" if not spec.pretrained
-                 else weight_sources.offline_problem(spec.pretrained))
+    missing = weights_problem(spec) if config.pretrained else None
     if missing and listed:
       problems.append(f"model_candidates: {name!r}: {missing}")
     entries.append((name, missing))
@@ -86,6 +87,24 @@ def candidates(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str |
     problems.append(f"model='auto' has no candidate with its weights on this machine ({why}): "
                     "install one, or list models in model_candidates")
   return entries, problems
+
+
+def weights_problem(spec: models.ModelSpec) -> str | None:
+  """Why the pretrained weights of `spec` cannot be loaded here (None: they can).
+
+  A Hub repo's ("hf-hub:...") are fetched now into the Hub cache (or found
+  there), as its feature pass would fetch them, so that an unreachable repo
+  or file is a config problem before any candidate runs; a local Hub-layout
+  folder must hold a weights file next to its config.json."""
+  if not spec.pretrained:
+    return "it has no pretrained weights (spec.pretrained is None)"
+  if hub.is_hub(spec.pretrained) or hub.local_repo(spec.pretrained) is not None:
+    try:
+      hub.resolve(spec.pretrained)
+    except JtlError as e:
+      return str(e)
+    return None
+  return weight_sources.offline_problem(spec.pretrained)
 
 
 def problems(config: ml_collections.ConfigDict, model_problems: Any) -> list[str]:
