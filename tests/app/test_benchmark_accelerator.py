@@ -78,7 +78,7 @@ def test_budget_skips_rows_that_would_not_fit_and_says_so(tmp_path):
 
 
 def test_count_ops_lowers_without_running_and_counts_batchnorm_passes(tmp_path):
-  """--count_ops (BENCHMARKS.md, Lite0 hypothesis 2): the full step lowered
+  """--count_ops (scripts/benchmarks/GPU_PLAN.md, Lite0 hypothesis 2): the full step lowered
   from shapes, float32 and bf16; SmallCNN's 3 BatchNorms take the closed form
   in both (4 reductions each; 4 more: the pool and the 3 conv biases'
   gradients), 5 converts each in bf16 (3 more: input, pool, its gradient)."""

@@ -1,5 +1,5 @@
 """BatchNorm under bf16 compute takes jtl's closed-form backward (issue 28,
-EfficientNet-Lite0 hypothesis 2 in BENCHMARKS.md).
+EfficientNet-Lite0 hypothesis 2 in scripts/benchmarks/GPU_PLAN.md).
 
 bf16 activations are read and written in bf16; the statistics and each
 pass's arithmetic are float32 (as Flax's BatchNorm computes them). Proved on
