@@ -54,10 +54,12 @@ MOVED_KEYS = {"rules": "strategy.rules (with strategy.name='rules')",
 
 def strategy_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `strategy` as a dict; no name (or "") is the "rules"
-  strategy, whose default rules train every parameter."""
+  strategy, whose default rules train every parameter. Its `seed` (LoRA's
+  init, scratch's re-init) is the run's `seed`: one knob for every draw."""
   raw = config.strategy or {}
   options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
-  return {**options, "name": options.get("name") or "rules"}
+  seed = config.seed if "seed" in config else 0
+  return {**options, "name": options.get("name") or "rules", "seed": seed}
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -108,6 +110,9 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems += cached_probe_problems(config) or []
   problems += precise_batchnorm_problems(config)
   problems += [f"{old} is no key: set {new}" for old, new in MOVED_KEYS.items() if old in config]
+  if "seed" in (config.strategy or {}):
+    problems.append("strategy.seed is no key: set seed (the run's one seed: head, data order, "
+                    "dropout, LoRA's init and scratch's re-init)")
   if config.model == model_choice.AUTO:
     return problems + model_choice.problems(config, model_problems)
   try:

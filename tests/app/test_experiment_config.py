@@ -207,3 +207,25 @@ def test_num_epochs_keeps_the_users_step_values_and_names_both_keys_of_a_conflic
   assert "warmup_steps=20 and warmup_epochs=1.0 are both set" in "\n".join(problems)
   with pytest.raises(ConfigError, match="num_steps=300 and num_epochs=3 are both set"):
     experiment.resolve_schedule(config)
+
+
+def test_the_runs_seed_draws_loras_init_and_strategy_seed_is_no_key():
+  """One seed per run: `--config.seed` reaches the LoRA init (it stayed at a
+  hidden strategy.seed=0 before, so seeds of a LoRA sweep shared one init)."""
+  def lora_leaves(seed):
+    config = config_with()
+    config.model, config.pretrained, config.image_size, config.seed = "small_cnn", False, 32, seed
+    config.strategy = ml_collections.ConfigDict({"name": "lora", "rank": 2})
+    _, variables, _ = experiment.build_training(config, experiment.build_model(config))
+    flat = {"/".join(map(str, k)): v for k, v in
+            __import__("jax").tree_util.tree_flatten_with_path(variables["params"])[0]}
+    return {k: v for k, v in flat.items() if "lora" in k.lower()}
+
+  one, again, other = lora_leaves(1), lora_leaves(1), lora_leaves(2)
+  assert one and one.keys() == other.keys()
+  assert all((one[k] == again[k]).all() for k in one)
+  assert any((one[k] != other[k]).any() for k in one)
+  config = default.get_config()
+  config.strategy.seed = 3
+  with pytest.raises(ConfigError, match="strategy.seed is no key: set seed"):
+    experiment.validate(config)
