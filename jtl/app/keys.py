@@ -91,7 +91,8 @@ KEYS: tuple[Key, ...] = (
     Key("augment.randaugment_m", 9.0, "RandAugment's magnitude, 0..30 (10: the paper's top)"),
     Key("microbatches", 1, "gradient accumulation: microbatches per step"),
     Key("compute_dtype", None, "None (float32) or 'bfloat16' (mixed precision)", str),
-    Key("seed", 0, "seed of the head's init, the data order and dropout"),
+    Key("seed", 0, "the run's one seed: the head's init, the data order, dropout, LoRA's init "
+        "and scratch's re-init"),
     Key("on_nonfinite", "stop", "a NaN/inf loss: 'stop' with an error, or 'skip' the update"),
     Key("resume_schedule", None, "resuming a workdir trained with another learning-rate "
         "schedule (num_steps, warmup_steps, learning_rate, schedule): None: an error showing "
