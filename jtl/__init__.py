@@ -50,7 +50,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+  # The public names only: not this file's own imports (importlib, Any) nor
+  # the submodules that importing the package leaves as attributes.
+  return sorted(__all__)
 
 __all__ = [
     # modules

@@ -79,6 +79,7 @@ print(json.dumps({
                                n.removeprefix("jtl.data."))],
     "dir": sorted(set(jtl.__all__) - set(dir(jtl))) + sorted(
         set(jtl.data.__all__) - set(dir(jtl.data))),
+    "extra": sorted(n for n in dir(jtl) if not n.startswith("_") and n not in jtl.__all__),
 }))
 """
 
@@ -89,4 +90,4 @@ def test_make_dataset_imports_tensorflow_when_it_builds_a_pipeline():
   got = json.loads(result.stdout.strip().splitlines()[-1])
   assert got == {"tf_before": False, "tf_after": True, "masks": [4, 4, 2],
                  "shape": [4, 2, 2, 3], "tf_gpus": 0, "same": True, "missing": [],
-                 "dir": []}
+                 "dir": [], "extra": []}
