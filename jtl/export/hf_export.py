@@ -3,7 +3,9 @@
 The inverse of the converters in `jtl.models.bert` / `jtl.models.hub_models`
 / `jtl.models.resnet` / `jtl.models.dinov2`: a jtl BERT becomes a
 transformers `BertModel` (`model.safetensors` + `config.json` that
-`AutoModel.from_pretrained` reads), a jtl ViT / ResNet becomes timm's
+`AutoModel.from_pretrained` reads) or, with pool="cls_pooler" and a head,
+`BertForSequenceClassification` (`classifier` on the [CLS] pooler output),
+a jtl ViT / ResNet becomes timm's
 `VisionTransformer` / `ResNet` state dict (`model.safetensors` + a timm Hub
 `config.json`: architecture, model_args, num_classes, pretrained_cfg), a jtl
 DINOv2 becomes transformers' `Dinov2Model` (no head) or
@@ -13,7 +15,7 @@ merged into their kernels first. Every jtl leaf is mapped (an unmapped one is
 an error naming it), and the result maps back through the forward converter
 to the same arrays.
 
-Layouts ("bert", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls") also
+Layouts ("bert", "bert_cls", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls") also
 name the module paths that `jtl.export.peft` writes adapters under:
 `torch_module(layout, path)`, the names of the modules in the live torch
 model. transformers >= 5 renames DINOv2's attention modules in memory
@@ -25,9 +27,12 @@ name in the files, which `to_torch_state_dict` writes.
 Notes:
   * jtl's BERT keeps `BertModel`'s pooler as it was loaded (`pooler.dense`,
     which its mean-pooled features do not use), so `BertModel` finds it. A
-    classification head (jtl's Dense on the mean-pooled features, not HF's
-    [CLS] pooler) goes to `head.safetensors` as `classifier.weight`
-    [classes, hidden] / `classifier.bias`.
+    classification head on the mean-pooled features (pool="mean", the
+    default; not HF's [CLS] pooler) goes to `head.safetensors` as
+    `classifier.weight` [classes, hidden] / `classifier.bias`. A BERT with
+    pool="cls_pooler" and a head is HF's `BertForSequenceClassification`
+    ("bert_cls": the encoder under "bert.", the head as `classifier`), all in
+    `model.safetensors`.
   * jtl's ViT MLP uses the tanh GELU of the published JAX models unless
     built with `exact_gelu=True` (timm / HF weights); timm's default is the
     erf GELU, so for a tanh-GELU ViT `config.json`'s model_args say
@@ -63,7 +68,7 @@ from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.models import bert, dinov2, resnet, vit
 from jtl.tree import PyTree
 
-LAYOUTS = ("bert", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls")
+LAYOUTS = ("bert", "bert_cls", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls")
 _LOG = logging.getLogger(__name__)
 
 # jtl module path -> (torch module path, kind). First match wins. Kinds:
@@ -89,21 +94,23 @@ _DINOV2 = [
 ]
 _DINOV2_TOP = {"cls": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
                "pos_embedding": "embeddings.position_embeddings"}
+_BERT = [
+    (r"embeddings/(word|position|token_type)_embeddings", r"embeddings.\1_embeddings",
+     "embed"),
+    (r"embeddings/layer_norm", "embeddings.LayerNorm", "norm"),
+    (r"layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2",
+     "linear"),
+    (r"layer_(\d+)/attention/output", r"encoder.layer.\1.attention.output.dense", "linear"),
+    (r"layer_(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm", "norm"),
+    (r"layer_(\d+)/intermediate", r"encoder.layer.\1.intermediate.dense", "linear"),
+    (r"layer_(\d+)/output", r"encoder.layer.\1.output.dense", "linear"),
+    (r"layer_(\d+)/output_norm", r"encoder.layer.\1.output.LayerNorm", "norm"),
+    (r"pooler", "pooler.dense", "linear"),
+]
 _MODULES: dict[str, list[tuple[str, str, str]]] = {
-    "bert": [
-        (r"embeddings/(word|position|token_type)_embeddings", r"embeddings.\1_embeddings",
-         "embed"),
-        (r"embeddings/layer_norm", "embeddings.LayerNorm", "norm"),
-        (r"layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2",
-         "linear"),
-        (r"layer_(\d+)/attention/output", r"encoder.layer.\1.attention.output.dense", "linear"),
-        (r"layer_(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm", "norm"),
-        (r"layer_(\d+)/intermediate", r"encoder.layer.\1.intermediate.dense", "linear"),
-        (r"layer_(\d+)/output", r"encoder.layer.\1.output.dense", "linear"),
-        (r"layer_(\d+)/output_norm", r"encoder.layer.\1.output.LayerNorm", "norm"),
-        (r"pooler", "pooler.dense", "linear"),
-        (r"head", "classifier", "linear"),
-    ],
+    "bert": [*_BERT, (r"head", "classifier", "linear")],  # BertModel (+ head.safetensors)
+    "bert_cls": [(p, "bert." + t, k) for p, t, k in _BERT]  # BertForSequenceClassification
+                + [(r"head", "classifier", "linear")],
     "timm_vit": [
         (r"embedding", "patch_embed.proj", "conv"),
         (r"Transformer/encoderblock_(\d+)/LayerNorm_0", r"blocks.\1.norm1", "norm"),
@@ -168,7 +175,7 @@ def layout_of(module: Any) -> str:
   """The export layout of a jtl zoo module (LoRA wrappers are looked through)."""
   base = getattr(module, "base", module)
   if isinstance(base, bert.Bert):
-    return "bert"
+    return "bert_cls" if base.num_classes and base.pool == "cls_pooler" else "bert"
   if isinstance(base, dinov2.Dinov2):
     if base.num_classes and base.pool != "cls_mean":
       raise ConfigError("transformers' Dinov2ForImageClassification puts its classifier on "
@@ -185,9 +192,9 @@ def layout_of(module: Any) -> str:
   if isinstance(base, resnet.ResNet):
     return "timm_resnet"
   raise ConfigError(f"No HF/timm export layout for {type(base).__name__}; supported: "
-                    "jtl.models.bert.Bert (HF BertModel), vit.ViT (timm "
-                    "VisionTransformer), resnet.ResNet (timm ResNet), dinov2.Dinov2 "
-                    "(HF Dinov2Model / Dinov2ForImageClassification).")
+                    "jtl.models.bert.Bert (HF BertModel / BertForSequenceClassification), "
+                    "vit.ViT (timm VisionTransformer), resnet.ResNet (timm ResNet), "
+                    "dinov2.Dinov2 (HF Dinov2Model / Dinov2ForImageClassification).")
 
 
 def _linear_weight(kernel: np.ndarray) -> np.ndarray:
@@ -294,9 +301,17 @@ def to_torch_state_dict(variables: PyTree, layout: str) -> dict[str, np.ndarray]
   return out
 
 
+def _labels(num_classes: int) -> dict[str, Any]:
+  """transformers' id2label / label2id (num_labels follows from them)."""
+  return {"id2label": {str(i): f"LABEL_{i}" for i in range(num_classes)},
+          "label2id": {f"LABEL_{i}": i for i in range(num_classes)}}
+
+
 def _bert_config(module: Any) -> dict[str, Any]:
   c = module.config
-  return {"architectures": ["BertModel"], "model_type": "bert",
+  task = module.num_classes and module.pool == "cls_pooler"  # BertForSequenceClassification
+  return {"architectures": ["BertForSequenceClassification" if task else "BertModel"],
+          **(_labels(module.num_classes) if task else {}), "model_type": "bert",
           "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
           "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
           "intermediate_size": c.intermediate_size, "hidden_act": "gelu",
@@ -362,8 +377,7 @@ def _dinov2_config(module: Any) -> dict[str, Any]:
       "use_swiglu_ffn": False, "use_mask_token": True, "apply_layernorm": True,
       "reshape_hidden_states": True, "dtype": "float32"}
   if module.num_classes:
-    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(module.num_classes)}
-    config["label2id"] = {f"LABEL_{i}": i for i in range(module.num_classes)}
+    config.update(_labels(module.num_classes))
   return config
 
 
@@ -372,8 +386,9 @@ def hub_config(module: Any) -> dict[str, Any]:
   Hub form else."""
   layout = layout_of(module)
   base = getattr(module, "base", module)
-  return {"bert": _bert_config, "timm_vit": _vit_config, "timm_resnet": _resnet_config,
-          "dinov2": _dinov2_config, "dinov2_cls": _dinov2_config}[layout](base)
+  return {"bert": _bert_config, "bert_cls": _bert_config, "timm_vit": _vit_config,
+          "timm_resnet": _resnet_config, "dinov2": _dinov2_config,
+          "dinov2_cls": _dinov2_config}[layout](base)
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -392,13 +407,13 @@ def _write_json(obj: Any, path: epath.Path) -> None:
 
 def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
               alpha: float | None = None) -> epath.Path:
-  """Writes merged fine-tuned weights in the HF (BERT) / timm (ViT, ResNet) layout.
+  """Writes merged fine-tuned weights in the HF (BERT, DINOv2) / timm (ViT, ResNet) layout.
 
   Args:
     module: the jtl module (or a `LoraModel`, whose alpha is used).
     variables: its variables; LoRA leaves are merged with `alpha`.
     out_dir: folder for `model.safetensors` and `config.json` (and, for a BERT
-      with a head, `head.safetensors`).
+      with a head on the mean-pooled features, `head.safetensors`).
     alpha: LoRA alpha, needed when the params hold adapters.
 
   Returns:
@@ -406,6 +421,7 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
 
   Example (from PyTorch):
     transformers.AutoModel.from_pretrained(out_dir)            # BERT, DINOv2
+    transformers.BertForSequenceClassification.from_pretrained(out_dir)  # pool="cls_pooler"
     transformers.Dinov2ForImageClassification.from_pretrained(out_dir)  # DINOv2 + head
     m = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"],
                           **cfg["model_args"])  # ViT / ResNet (act_layer included)

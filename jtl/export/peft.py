@@ -14,7 +14,8 @@ model under "base_model.model.", with the adapter name stripped:
 jtl holds an adapter as "lora_a" [fan_in, r] / "lora_b" [r, out] next to the
 layer's kernel with scale alpha / r (`jtl.recipes.strategies.lora`), so the export is
 a transpose (and for convolutions the HWIO <-> OIHW reshuffle) under the module
-names of `jtl.export.hf_export` ("bert": transformers BertModel,
+names of `jtl.export.hf_export` ("bert": transformers BertModel, "bert_cls":
+BertForSequenceClassification (a Bert with pool="cls_pooler" and a head),
 "timm_vit", "timm_resnet", "dinov2": transformers Dinov2Model, "dinov2_cls":
 Dinov2ForImageClassification). PEFT's scale lora_alpha / r is jtl's with
 lora_alpha = alpha; layers of another rank are listed in `rank_pattern`.
@@ -91,8 +92,13 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 HEAD_FILE = "head.safetensors"  # BERT: jtl's head on the mean-pooled features
 PREFIX = "base_model.model."
-_TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "timm_vit": None, "timm_resnet": None,
-               "dinov2": None, "dinov2_cls": None}
+_TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "bert_cls": "SEQ_CLS", "timm_vit": None,
+               "timm_resnet": None, "dinov2": None, "dinov2_cls": None}
+# Layouts of a task model: its backbone's modules under a prefix, and the
+# layout of the backbone alone (an import with the other one gets a hint).
+_TASK_MODELS = {"bert_cls": ("bert.", "bert", "BertForSequenceClassification", "BertModel"),
+                "dinov2_cls": ("dinov2.", "dinov2", "Dinov2ForImageClassification",
+                               "Dinov2Model")}
 _AUTO_MAPPING = {
     "timm_vit": {"base_model_class": "VisionTransformer",
                  "parent_library": "timm.models.vision_transformer"},
@@ -409,10 +415,13 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     alpha: LoRA alpha (default: the LoraModel's).
     base_model_name_or_path: the base model's Hub id or folder (recorded).
     modules_to_save: jtl module paths saved whole; default ["head"] when the
-      params have a head. For BERT the head (on the mean-pooled features, which
-      `BertModel` does not have) goes to head.safetensors beside the adapter.
-    task_type: PEFT task type; "auto": FEATURE_EXTRACTION for BERT, none for
-      timm and DINOv2 (PeftModel on the base model's own forward).
+      params have a head. For a BERT with pool="mean" the head (on the
+      mean-pooled features, which `BertModel` does not have) goes to
+      head.safetensors beside the adapter; with pool="cls_pooler" it is
+      BertForSequenceClassification's `classifier`.
+    task_type: PEFT task type; "auto": FEATURE_EXTRACTION for BERT, SEQ_CLS
+      for BertForSequenceClassification, none for timm and DINOv2 (PeftModel
+      on the base model's own forward).
 
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL).
@@ -678,18 +687,22 @@ def _group(tensors: Mapping[str, np.ndarray], where: str) -> dict[str, dict[str,
 def _task_model_names(groups: dict[str, dict[str, np.ndarray]], layout: str, where: str
                       ) -> dict[str, dict[str, np.ndarray]]:
   """BERT adapters PEFT saved for a task model (BertForSequenceClassification
-  ...: "bert.encoder...", "bert.pooler.dense") under BertModel's names. Its
-  classifier reads the [CLS] pooler output, jtl's head the mean-pooled
-  features: a CheckpointError, not a silently different head."""
+  ...: "bert.encoder...", "bert.pooler.dense") imported with layout "bert"
+  under BertModel's names. Its classifier reads the [CLS] pooler output, the
+  head of layout "bert" the mean-pooled features: a CheckpointError naming
+  the model kwarg and layout that load it whole, not a silently different
+  head."""
   if layout != "bert" or not any(n.startswith("bert.") for n in groups):
     return groups
   other = sorted(n for n in groups if not n.startswith("bert."))
   if other:
     raise CheckpointError(
         f"{where}: an adapter of a BERT task model (keys under 'bert.') also saves {other}: "
-        "its classifier reads the [CLS] pooler output, jtl's BERT head the mean-pooled "
-        "features, so it cannot become jtl's head. Remove those tensors from "
-        f"{WEIGHTS_FILE} to import the encoder's adapters, and train jtl's head.")
+        "BertForSequenceClassification's classifier reads the [CLS] pooler output, the head "
+        "of layout='bert' the mean-pooled features. To load it as the head, build the Bert "
+        "with pool='cls_pooler' (model_kwargs={'pool': 'cls_pooler'}) and import with "
+        "layout='bert_cls' (hf_export.layout_of(model)); or remove those tensors from "
+        f"{WEIGHTS_FILE} to import the encoder's adapters alone.")
   return {n[len("bert."):]: part for n, part in groups.items()}
 
 
@@ -786,9 +799,11 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
     params: the base model's jtl params (a head of the saved size if the
       adapter saves one).
     path: the folder PeftModel.save_pretrained (or `export_peft`) wrote.
-    layout: "bert", "timm_vit", "timm_resnet", "dinov2" (an adapter of
-      Dinov2Model) or "dinov2_cls" (Dinov2ForImageClassification); see
-      `hf_export.LAYOUTS`.
+    layout: "bert" (an adapter of BertModel; of a task model, its encoder's
+      adapters), "bert_cls" (BertForSequenceClassification, into a Bert with
+      pool="cls_pooler" and a head), "timm_vit", "timm_resnet", "dinov2" (an
+      adapter of Dinov2Model) or "dinov2_cls" (Dinov2ForImageClassification);
+      `hf_export.layout_of(model)` gives the model's; see `hf_export.LAYOUTS`.
     fold_unsupported: add the update of timm's fused qkv adapters to the
       query/key/value kernels instead of making adapters on them.
 
@@ -834,18 +849,25 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
     problems += _import_module(flat, "head", "linear",
                                {k.rpartition(".")[2]: v for k, v in head.items()}, HEAD_FILE)
   if problems:
-    hint = ""
-    if layout.startswith("dinov2"):
-      prefixed = any(name.startswith("dinov2.") for name in _group(tensors, str(path)))
-      other = "dinov2_cls" if prefixed else "dinov2"
-      if other != layout:
-        hint = (f" The keys are {'' if prefixed else 'not '}under 'dinov2.': an adapter of "
-                f"{'Dinov2ForImageClassification' if prefixed else 'Dinov2Model'}, "
-                f"layout={other!r}.")
     raise CheckpointError(f"{path}: the PEFT adapter does not fit these {layout} params:\n"
                           + bullet_list(problems) + "\nLoad it into the model it was "
-                          "trained for (same sizes; a head of the saved size)." + hint)
+                          "trained for (same sizes; a head of the saved size)."
+                          + _layout_hint(layout, tensors, str(path)))
   return jtree.unflatten(flat), alpha
+
+
+def _layout_hint(layout: str, tensors: Mapping[str, np.ndarray], where: str) -> str:
+  """Which layout the keys say, where it is another task model's or backbone's
+  (layout "bert" reads a task model's encoder adapters too: no hint)."""
+  for task, (prefix, backbone, task_class, backbone_class) in _TASK_MODELS.items():
+    if layout not in (task, backbone) or layout == "bert":
+      continue
+    prefixed = any(name.startswith(prefix) for name in _group(tensors, where))
+    other = task if prefixed else backbone
+    if other != layout:
+      return (f" The keys are {'' if prefixed else 'not '}under {prefix!r}: an adapter of "
+              f"{task_class if prefixed else backbone_class}, layout={other!r}.")
+  return ""
 
 
 def _import_module(flat: dict[str, Any], path: str, kind: str, part: Mapping[str, np.ndarray],

@@ -1,10 +1,14 @@
 """BERT text encoder (post-LayerNorm), with all-MiniLM-L6-v2 as the default.
 
 Inputs are token dicts {"input_ids", "attention_mask", "token_type_ids"?}
-of int32 [B, L] (see `jtl.models.text.tokenize`). `features` mean-pools the
-last hidden states over the attention mask, as sentence-transformers does;
-`embed` L2-normalises that, which is what all-MiniLM-L6-v2 returns. The head
-(`num_classes > 0`) is a Dense on the pooled features.
+of int32 [B, L] (see `jtl.models.text.tokenize`). What the head sees
+(`pool`): by default "mean", the last hidden states mean-pooled over the
+attention mask, as sentence-transformers does; "cls_pooler", transformers'
+`pooler_output` tanh(pooler(the [CLS] state)), what
+`BertForSequenceClassification`'s classifier reads (set it to load or export
+such a task model whole). `embed` L2-normalises the features, which for
+all-MiniLM-L6-v2 (mean) is what it returns. The head (`num_classes > 0`) is a
+Dense on the features.
 
 Parameter paths: "embeddings/word_embeddings/embedding",
 "embeddings/layer_norm/scale", "layer_0/attention/query/kernel",
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.errors import DataError
+from jtl.errors import ConfigError, DataError
 from jtl.models import registry, text
 
 
@@ -44,6 +48,7 @@ class BertConfig:
 
 
 MINILM_L6 = BertConfig()
+POOLS = ("mean", "cls_pooler")
 BERT_BASE = BertConfig(hidden_size=768, num_layers=12, num_heads=12,
                        intermediate_size=3072)
 
@@ -119,15 +124,20 @@ class Layer(nn.Module):
 
 
 class Bert(nn.Module):
-  """BERT encoder with mean pooling and an optional classification head.
+  """BERT encoder, its pooled features and an optional classification head.
 
   Attributes:
     num_classes: size of the head; 0 returns the pooled features.
     config: encoder sizes (default all-MiniLM-L6-v2).
     with_pooler: keep `BertModel`'s [CLS] pooler (Dense + tanh, params
       "pooler/..."), so that it is loaded from and exported with the weights
-      (transformers finds it); `pooled` computes it. jtl's own features
-      mean-pool and never use it. False for a checkpoint without one.
+      (transformers finds it); `pooled` computes it. With pool="mean" the
+      features never use it. False for a checkpoint without one.
+    pool: what `features` (and so the head) sees: "mean" (the token states
+      mean-pooled over the attention mask) or "cls_pooler" (`pooled`:
+      tanh(pooler(the [CLS] state)), as transformers'
+      `BertForSequenceClassification`; needs with_pooler). Settable from a
+      config as model_kwargs={"pool": "cls_pooler"}.
     remat: gradient checkpointing of every layer: its activations are
       recomputed in the backward pass instead of kept (less memory, one more
       forward pass; same params and gradients).
@@ -135,9 +145,16 @@ class Bert(nn.Module):
   num_classes: int = 0
   config: BertConfig = MINILM_L6
   with_pooler: bool = True
+  pool: str = "mean"
   remat: bool = False
 
   def setup(self):
+    if self.pool not in POOLS:
+      raise ConfigError(f"Bert.pool must be one of {POOLS}; found {self.pool!r} (set it "
+                        "with model_kwargs={'pool': ...}).")
+    if self.pool == "cls_pooler" and not self.with_pooler:
+      raise ConfigError("Bert pool='cls_pooler' reads the [CLS] pooler, but with_pooler=False; "
+                        "keep with_pooler=True (the default) or use pool='mean'.")
     self.embeddings = Embeddings(self.config)
     layer = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer  # 3: train
     self.layers = [layer(self.config, name=f"layer_{i}")
@@ -165,7 +182,10 @@ class Bert(nn.Module):
     return jnp.tanh(self.pooler(self.hidden_states(x, train=train)[:, 0]))
 
   def features(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
-    """Mean of the token states over the attention mask, float32 [B, hidden]."""
+    """What the head sees (see `pool`), float32 [B, hidden]: the mean of the
+    token states over the attention mask, or the [CLS] pooler output."""
+    if self.pool == "cls_pooler":
+      return self.pooled(x, train=train)
     h = self.hidden_states(x, train=train)
     if self.with_pooler and self.is_initializing():
       self.pooler(h[:, 0])  # creates its params (the forward pass never uses it)
@@ -175,7 +195,7 @@ class Bert(nn.Module):
     return total / count
 
   def embed(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
-    """Sentence embeddings: mean-pooled, then L2-normalised, [B, hidden]."""
+    """Sentence embeddings: the features L2-normalised, [B, hidden]."""
     f = self.features(x, train=train)
     norm = jnp.linalg.norm(f, axis=-1, keepdims=True)
     return f / jnp.maximum(norm, 1e-12)

@@ -37,7 +37,7 @@ SUPPORTED = (
     "timm mobilenetv2_100 (timm/mobilenetv2_100.ra_in1k)",
     "timm tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2",
     "transformers model_type 'bert' (google-bert/bert-base-uncased, "
-    "sentence-transformers/all-MiniLM-L6-v2)",
+    "sentence-transformers/all-MiniLM-L6-v2; BertModel, BertForSequenceClassification)",
     ("transformers model_type 'dinov2' (facebook/dinov2-small, facebook/dinov2-base; "
      "Dinov2Model or Dinov2ForImageClassification)"),
 )
@@ -349,6 +349,20 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
       check_names=_depth_check(_TIMM_BLOCK, depth, "model_args depth", source))
 
 
+def _bert_task(config: Mapping[str, Any], where: str) -> tuple[int, str]:
+  """(classes, pool) of a BERT config.json: a BertForSequenceClassification's
+  classifier reads the [CLS] pooler output (jtl's pool="cls_pooler"); else
+  no head and jtl's mean pooling."""
+  arch = config.get("architectures")
+  if not (isinstance(arch, list) and "BertForSequenceClassification" in arch):
+    return 0, "mean"
+  labels = config.get("id2label")
+  if labels is not None and not (isinstance(labels, dict) and len(labels) <= _LIMITS["classes"]):
+    raise _damaged(where, "id2label", labels, "an object {index: label}")
+  return (len(labels or {}) or _int_field(config.get("num_labels", 2), "num_labels", where,
+                                          "classes")), "cls_pooler"
+
+
 def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
   where = f"{source} (config.json model_type 'bert')"
   act = config.get("hidden_act", "gelu")
@@ -378,13 +392,14 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
   if c.hidden_size % c.num_heads:
     raise ConfigError(f"{where}: hidden_size {c.hidden_size} must be a multiple of "
                       f"num_attention_heads {c.num_heads}.")
+  classes, pool = _bert_task(config, where)
   base = registry.get_spec("minilm_l6")
   return dataclasses.replace(
       base, name=source, build=lambda num_classes=0, **kw: bert.Bert(
-          num_classes=num_classes, config=c, **kw),
+          num_classes=num_classes, config=c, **{"pool": pool, **kw}),
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
       groups_of=bert.built_groups,
-      preprocess=None, default_num_classes=0,
+      preprocess=None, default_num_classes=classes,
       check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
 
 

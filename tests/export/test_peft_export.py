@@ -187,7 +187,8 @@ def test_peft_adapter_on_berts_pooler_is_imported(tmp_path):
 def test_bert_task_model_adapter_imports_under_bertmodels_names(tmp_path):
   """PEFT saves a BertForSequenceClassification adapter under "bert."
   (base_model.model.bert.pooler.dense.lora_A.weight, ...): the same adapters
-  as BertModel's; its classifier (on the [CLS] pooler) is refused by name."""
+  as BertModel's; its classifier (on the [CLS] pooler) is refused by name with
+  layout="bert" (test_peft_bert_cls.py loads it whole, layout="bert_cls")."""
   import shutil
   import safetensors.numpy
   source = PEFT_DIR / "peft_trained" / "bert"
