@@ -73,18 +73,10 @@ def expected(family: str, strategy: str, api: str, export: str | None) -> str:
   return WORKS
 
 
-# freeze_batchnorm="statistics" wraps a model that has BatchNorm in FrozenStatistics,
-# a Linen module (found by benchmark_support_matrix.py --api nnx).
-STATISTICS_STRATEGIES = ("strategy.py:bitfit", "strategy.py:llrd")
-BATCHNORM_FAMILIES = ("small_cnn", "resnet", "mobilenet_v2", "efficientnet_lite")
-
-
 def _training_refusal(family: str, strategy: str, api: str) -> str:
   """Why the config is refused before training ("" when it trains)."""
   if api == "nnx" and strategy == "strategy.py:lora":
     return "refused: LoRA's model wrapper is Linen only [api]"
-  if api == "nnx" and strategy in STATISTICS_STRATEGIES and family in BATCHNORM_FAMILIES:
-    return "refused: the wrapper that keeps BatchNorm statistics is Linen only [api]"
   if family == "small_cnn" and strategy == "strategy.py:gradual":
     return "refused: the small CNN has 3 blocks, gradual's max_blocks is 4 [max_blocks]"
   if family == "small_cnn" and strategy == "strategy.py:partial":

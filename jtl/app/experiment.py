@@ -787,19 +787,25 @@ def as_api(config: ml_collections.ConfigDict, module: Any, variables: Any) -> tu
   for "nnx" the same model as an NNX module (`models.to_nnx`, the Linen
   parameter paths, BatchNorm statistics as its "state") with its variables.
   Checkpoints then hold "state" for "batch_stats" (`workdirs.restore` maps
-  them back)."""
+  them back). A `FrozenStatistics` module (freeze_batchnorm="statistics")
+  becomes the NNX module in a `FrozenStatisticsModel` of the same layers."""
   api = config.get("api") or "linen"
   if api == "linen":
     return module, variables
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   if api != "nnx":
     raise ConfigError(f"api={api!r}: expected 'linen' or 'nnx'.")
-  if not isinstance(module, nn.Module):  # a strategy's wrapper (LoRA) or a method's
+  kept = module.paths if isinstance(module, strategies.FrozenStatistics) else None
+  base = module.base if kept is not None else module
+  if not isinstance(base, nn.Module):  # a strategy's wrapper (LoRA) or a method's
     strategy = (config.get("strategy") or {}).get("name")
     raise ConfigError(f"api='nnx' with strategy.name={strategy!r}: its model wrapper "
                       f"({type(module).__name__}) is Linen only; set api='linen'.")
-  model = models.registry.to_nnx(module, variables, seed=config.get("seed", 0))
-  return model, adapter.variables_of(model)
+  model = models.registry.to_nnx(base, variables, seed=config.get("seed", 0))
+  nnx_variables = adapter.variables_of(model)
+  if kept is not None:  # the same BatchNorm layers keep their statistics in training
+    return strategies.FrozenStatisticsModel(model, kept), nnx_variables
+  return model, nnx_variables
 
 
 def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result: FitResult,

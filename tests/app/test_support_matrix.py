@@ -26,7 +26,7 @@ COVER = [  # the heavy exports (int8 calibration, LiteRT) on the smallest model
     ("small_cnn", "default.py", "linen", []),
     ("resnet", "partial.py", "linen", []),
     ("resnet", "strategy.py:lora", "linen", ["peft", "hf"]),
-    ("resnet", "strategy.py:bitfit", "nnx", []),  # BatchNorm statistics kept: Linen only
+    ("resnet", "strategy.py:bitfit", "nnx", []),  # statistics kept: FrozenStatisticsModel
     ("vgg", "strategy.py:bitfit", "linen", ["tflite"]),  # a 1x1 map before the pool
     ("mobilenet_v2", "strategy.py:partial", "linen", []),
     ("efficientnet_lite", "strategy.py:linear_probe", "linen", []),

@@ -8,7 +8,8 @@ from a config; the modules below are usable on their own.
 
 from __future__ import annotations
 
-from jtl.recipes.strategies.batchnorm import FrozenStatistics, batchnorm_paths, batchnorm_rule
+from jtl.recipes.strategies.batchnorm import (FrozenStatistics, FrozenStatisticsModel,
+                                              batchnorm_paths, batchnorm_rule)
 from jtl.recipes.strategies.builder import (
   FREEZE_BATCHNORM,
   LAYER_DECAY,
@@ -76,7 +77,7 @@ from jtl.recipes.strategies.schedules import (
 from jtl.recipes.strategies.wise import WISE_ALPHAS, choose_alpha, wise_ft
 
 __all__ = [
-    "FREEZE_BATCHNORM", "FrozenStatistics", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "CACHED_PROBES", "CachedProbe", "cached_probe", "cached_head_phase", "adaptable_layers", "add_lora", "default_targets",
+    "FREEZE_BATCHNORM", "FrozenStatistics", "FrozenStatisticsModel", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "CACHED_PROBES", "CachedProbe", "cached_probe", "cached_head_phase", "adaptable_layers", "add_lora", "default_targets",
     "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "default_options", "extract_features",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",

@@ -13,8 +13,9 @@ not the one that was trained (batch statistics). On small, shifted data
   scale and offset do not train (`batchnorm_rule`, a partition rule; the
   train step runs layers whose params are all frozen on stored statistics).
 - "statistics": stored statistics, but scale and offset train
-  (`FrozenStatistics`, a model wrapper). BitFit's default: its trainable
-  params are mostly BatchNorm offsets and scales.
+  (`FrozenStatistics`, a wrapper of a Linen module; `FrozenStatisticsModel`
+  the same for any model jtl calls, an NNX module included). BitFit's
+  default: its trainable params are mostly BatchNorm offsets and scales.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+
 from jtl import adapter
 from jtl import tree as jtree
+from jtl.errors import ConfigError
 from jtl.tree import PyTree
 
 
@@ -66,6 +70,10 @@ class FrozenStatistics:
   """
 
   def __init__(self, base: Any, paths: Iterable[str]):
+    if adapter.is_nnx_module(base) or getattr(base, "jtl_adapter", False):
+      raise ConfigError(f"FrozenStatistics wraps a Linen module; got a {type(base).__name__}: "
+                        "use FrozenStatisticsModel(model, paths) for an NNX module or an "
+                        "adapter.")
     self.base = base
     self.paths = frozenset(paths)
 
@@ -80,3 +88,36 @@ class FrozenStatistics:
 
   def __repr__(self) -> str:
     return f"FrozenStatistics({len(self.paths)} layers, base={type(self.base).__name__})"
+
+
+class FrozenStatisticsModel:
+  """`FrozenStatistics` for any model jtl calls (`jtl.adapter.as_model`): an
+  NNX module (`jtl.models.create(..., api="nnx")`'s `nnx.bridge.ToNNX`
+  around a Linen module, or an own NNX model), a `LinenModel`, `LoraWeights`.
+
+  A jtl adapter: in training its BatchNorm layers at `paths` join the step's
+  `frozen_paths`, the layers the core runs on their stored statistics (for
+  NNX on the merged copy being traced; nothing global is patched), so the
+  statistics stay bit-identical while scale and offset may train.
+
+  Example:
+    model = FrozenStatisticsModel(nnx_model, batchnorm_paths(variables))
+    step = jtl.make_train_step(model, tx, labels=labels)
+  """
+  jtl_adapter = True
+
+  def __init__(self, model: Any, paths: Iterable[str]):
+    self.model = adapter.as_model(model)
+    if isinstance(self.model, adapter.FunctionModel):
+      raise ConfigError("FrozenStatisticsModel: an apply function has no BatchNorm layers "
+                        "jtl can address; wrap a Linen or NNX module.")
+    self.paths = frozenset(paths)
+
+  def apply(self, params: PyTree, model_state: dict[str, PyTree], inputs: Any, *, train: bool,
+            rng: jax.Array | None, frozen_paths: frozenset[str] = frozenset()
+            ) -> tuple[Any, dict[str, PyTree]]:
+    return self.model.apply(params, model_state, inputs, train=train, rng=rng,
+                            frozen_paths=frozenset(frozen_paths) | self.paths)
+
+  def __repr__(self) -> str:
+    return f"FrozenStatisticsModel({len(self.paths)} layers, model={type(self.model).__name__})"
