@@ -121,8 +121,9 @@ def strategy_options(name: str, **values: Any) -> ml_collections.ConfigDict:
   """Strategy `name`'s options with their defaults (`strategies.default_options`)
   as config keys, `values` set."""
   options = {**strategies.default_options(name), **values}
+  # The strategy's seed is the run's `seed` (experiment.strategy_config): no key of its own.
   return ml_collections.ConfigDict({
-      k: _value(v, _STRATEGY_TYPES.get(k)) for k, v in options.items()})
+      k: _value(v, _STRATEGY_TYPES.get(k)) for k, v in options.items() if k != "seed"})
 
 
 def _default(key: Key) -> Any:
