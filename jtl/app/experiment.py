@@ -593,12 +593,13 @@ def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) 
   if methods.method_name(config):
     return 0
   images = strategies.resolve_options(strategy_config(config))["precise_batchnorm"]
-  if variables.get("batch_stats"):
+  # Linen keeps the statistics in "batch_stats", the app's NNX form (as_api) in "state".
+  if variables.get("batch_stats") or variables.get("state"):
     return images
   given = strategy_config(config).get("precise_batchnorm")
   if given:
     raise ConfigError(f"strategy.precise_batchnorm={given}: model {config.model!r} has no "
-                      "BatchNorm statistics (variables['batch_stats']); set "
+                      "BatchNorm statistics (variables['batch_stats'] or ['state']); set "
                       "strategy.precise_batchnorm=0.")
   return 0
 

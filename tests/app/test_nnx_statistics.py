@@ -79,3 +79,24 @@ def test_frozen_statistics_model_refuses_what_it_cannot_freeze():
   model, _ = experiment.as_api(config, module, variables)
   with pytest.raises(ConfigError, match="use FrozenStatisticsModel"):
     strategies.FrozenStatistics(model, ["stem/bn"])
+
+
+def test_precise_batchnorm_recomputes_with_api_nnx_as_with_linen():
+  """The NNX form keeps its statistics under "state": precise BatchNorm was
+  silently off for it (it looked for "batch_stats" only)."""
+  from jtl.app import keys  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  module = resnet.ResNet(num_classes=3, stage_sizes=(1,))
+  rng = np.random.default_rng(1)
+  variables = _random_variables(module, np.zeros((1, 16, 16, 3), np.float32), rng)
+  config = default.get_config()
+  config.model, config.api, config.strategy = "resnet18", "nnx", keys.strategy_options("full")
+  model, nnx_variables = experiment.as_api(config, module, variables)
+  images = experiment.precise_batchnorm_images(config, variables)
+  assert images > 0 and experiment.precise_batchnorm_images(config, nnx_variables) == images
+  batches = [{"inputs": rng.uniform(size=(4, 16, 16, 3)).astype(np.float32)} for _ in range(2)]
+  linen = jtl.recompute_batchnorm(module, variables, batches)["batch_stats"]
+  nnx = jtl.recompute_batchnorm(model, nnx_variables, batches)["state"]
+  for path, value in jtl.tree.flatten(linen).items():
+    np.testing.assert_allclose(jtl.tree.flatten(nnx)[path], value, rtol=1e-5, atol=1e-6,
+                               err_msg=path)
