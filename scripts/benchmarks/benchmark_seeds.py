@@ -31,6 +31,8 @@ Parts (--parts):
   python scripts/benchmarks/benchmark_seeds.py --cifar_dir ../shared/data/cifar10_subset \
       --out /tmp/seeds30 --parts ema,wise,augment --seeds 0,1,2
   python scripts/benchmarks/benchmark_seeds.py --out /tmp/seeds30 --report
+  python scripts/benchmarks/benchmark_seeds.py --out /tmp/seeds30 \
+      --diagnose cifar100/cutmix/seed0     # a finished run's probe vs fine-tuned model
 
 Results go to <out>/results.jsonl, one line per run; a run already there is
 skipped, so a stopped benchmark resumes where it was.
@@ -280,6 +282,57 @@ def worker(spec: dict[str, Any], folders: Path, image_size: int, workdir: Path) 
   return row
 
 
+def _confidence(outputs: Any, batch: dict[str, Any]) -> dict[str, Any]:
+  """Sums over real rows: the top softmax probability, the entropy (nats), the
+  logits' spread across classes (`steps.make_eval_step`'s eval_fn)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  p = jax.nn.softmax(outputs, -1)
+  mask = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(p.shape[0])
+  entropy = -(p * jnp.log(p + 1e-12)).sum(-1)
+  return {"max_prob": (p.max(-1) * mask).sum(), "entropy": (entropy * mask).sum(),
+          "logit_std": (outputs.std(-1) * mask).sum()}
+
+
+def diagnose(workdir: Path, mixup_alpha: float, cutmix_alpha: float) -> list[list[Any]]:
+  """Rows (model, batches, loss, accuracy, confidence) of an LP-FT run's probe
+  and fine-tuned model on the validation split and on one epoch of training
+  batches: unaugmented (what the probe fitted), crops + flips, + mixup, + CutMix.
+  Soft-label batches: loss = soft cross-entropy, accuracy = argmax vs argmax."""
+  import itertools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from jtl import steps, train  # pylint: disable=g-import-not-at-top
+  from jtl.app import evaluation, experiment, workdirs  # pylint: disable=g-import-not-at-top
+  run = workdirs.restore(workdir, step="best")
+  config = run.config.copy_and_resolve_references()
+  score = jax.jit(steps.make_eval_step(run.module))
+  confidence = jax.jit(steps.make_eval_step(run.module, eval_fn=_confidence))
+  epoch = {}  # training batches per epoch, from the unaugmented pass's count
+
+  def augmented(mixup: float, cutmix: float):
+    c = config.copy_and_resolve_references()
+    c.augment.mixup_alpha, c.augment.cutmix_alpha = mixup, cutmix
+    return lambda: itertools.islice(experiment.train_batches(c, run.spec)(0), epoch["n"])
+  sets = {"validation": evaluation.eval_batches(config, run.spec, config.eval_split),
+          "train, unaugmented": evaluation.eval_batches(config, run.spec, config.train_split),
+          "train, crops + flips": augmented(0.0, 0.0),
+          f"train, + mixup {mixup_alpha:g}": augmented(mixup_alpha, 0.0),
+          f"train, + CutMix {cutmix_alpha:g}": augmented(0.0, cutmix_alpha)}
+  rows = []
+  for name, variables in (("probe", workdirs.load_probe(workdir)),
+                          ("fine-tuned", run.merged_variables())):
+    for label, batches in sets.items():
+      r = train.evaluate(score, variables, batches())
+      if label == "train, unaugmented":
+        epoch.setdefault("n", r["count"] // config.batch_size)
+      c = train.evaluate(confidence, variables, batches())
+      rows.append([name, label, f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}",
+                   f"{c['max_prob']:.3f}", f"{c['entropy']:.3f}", f"{c['logit_std']:.3f}"])
+  return rows
+
+
 # ---------------------------------------------------------------- the runs, in worker processes
 
 def _done(results: Path) -> dict[str, dict]:
@@ -444,7 +497,13 @@ def main() -> None:
   p.add_argument("--cutmix_alpha", type=float, default=1.0)
   p.add_argument("--jobs", type=int, default=1)
   p.add_argument("--defer", default="", help="run keys to start last (running elsewhere)")
+  p.add_argument("--only", default="",
+                 help="run keys (e.g. cifar100/cutmix/seed0), comma-separated: run just these")
   p.add_argument("--report", action="store_true")
+  p.add_argument("--diagnose", default="",
+                 help="finished LP-FT run keys (e.g. cifar100/cutmix/seed0), comma-separated: "
+                      "probe and fine-tuned loss, accuracy and confidence on validation and on "
+                      "unaugmented / augmented training batches")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -452,6 +511,15 @@ def main() -> None:
   if args.worker:
     row = worker(json.loads(args.worker), folders, args.image_size, args.workdir)
     print("RESULT " + json.dumps(row), flush=True)
+    return
+  if args.diagnose:
+    for key in args.diagnose.split(","):
+      rows = diagnose(args.out / "runs" / key.replace("/", "_"), args.mixup_alpha,
+                      args.cutmix_alpha)
+      common.print_table(f"{key}: probe and fine-tuned model (soft labels: soft cross-entropy; "
+                         f"uniform predictions: loss ln 10 = 2.303)",
+                         ["model", "batches", "loss", "accuracy %", "max prob", "entropy",
+                          "logit std"], rows)
     return
   if args.report:
     done = _done(args.out / "results.jsonl")
@@ -465,7 +533,14 @@ def main() -> None:
     make_cifar(args.cifar_dir, folders, per_class)
   if "wise" in args.parts:
     make_mnist(folders)
-  run_all(args, run_specs(args))
+  specs = run_specs(args)
+  if args.only:
+    only = set(args.only.split(","))
+    if only - {run_key(s) for s in specs}:
+      raise SystemExit(f"--only: no such run in --parts {args.parts}: "
+                       f"{sorted(only - {run_key(s) for s in specs})}")
+    specs = [s for s in specs if run_key(s) in only]
+  run_all(args, specs)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,16 @@ def test_bad_augmentation_options_are_one_data_error():
     _batches(1, cutmix_alpha=-1, randaugment=(2, 40.0))
   with pytest.raises(DataError, match="randaugment=\\(1.5, 9\\)"):
     _batches(1, randaugment=(1.5, 9))
+
+
+def test_evaluation_batches_are_never_mixed():
+  """CutMix and mixup are training augmentations: an evaluation pass with
+  them on is the plain pass (integer labels, the same pixels)."""
+  kw = dict(split="train", batch_size=4, train=False, image_size=16, normalize="none")
+  plain = list(make_dataset(_arrays(), **kw))
+  mixed = list(make_dataset(_arrays(), cutmix_alpha=1.0, mixup_alpha=0.4, **kw))
+  assert len(plain) == len(mixed) == 4
+  for x, y in zip(plain, mixed):
+    assert y["label"].ndim == 1
+    np.testing.assert_array_equal(x["label"], y["label"])
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
