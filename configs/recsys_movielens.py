@@ -9,9 +9,13 @@ liked it, and the 943-way head (one 384-d vector and a bias per user) is
 trained with the multinomial likelihood (soft-label cross-entropy). Movies
 are split by id: the test movies (20%) and validation movies (10%) have no
 ratings in training, so every ranking is a cold start. The encoder is frozen
-and its mean-pooled features are computed once (a cached linear probe);
-`--config.strategy.name=full` fine-tunes it too. Recall@20 of the rankings:
-scripts/benchmarks/benchmark_recsys.py (BENCHMARKS.md).
+and its mean-pooled features are computed once (a cached linear probe).
+To fine-tune the encoder too: `--config.strategy.name=lp_ft
+--config.learning_rate=1e-4` (this probe on the cached features first, then
+every parameter at 1e-4, the library's LP-FT rate), or
+`--config.strategy.name=full --config.learning_rate=1e-4` (no probe first).
+Recall@20 of the rankings: scripts/benchmarks/benchmark_recsys.py
+(BENCHMARKS.md).
 
   python scripts/finetune.py --config configs/recsys_movielens.py --workdir runs/recsys
 """

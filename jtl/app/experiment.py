@@ -55,11 +55,21 @@ MOVED_KEYS = {"rules": "strategy.rules (with strategy.name='rules')",
 def strategy_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `strategy` as a dict; no name (or "") is the "rules"
   strategy, whose default rules train every parameter. Its `seed` (LoRA's
-  init, scratch's re-init) is the run's `seed`: one knob for every draw."""
+  init, scratch's re-init) is the run's `seed`: one knob for every draw.
+  Options left unset (None) that the named strategy does not take are
+  dropped: a config that declares one for its own strategy (a probe's
+  `cache_features`) still runs with `--config.strategy.name=full`; a value
+  that is set stays, an error."""
   raw = config.strategy or {}
   options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+  name = options.get("name") or "rules"
+  try:
+    taken = strategies.default_options(name)
+  except ConfigError:  # an unknown name: resolve_options reports it
+    taken = options
+  options = {k: v for k, v in options.items() if v is not None or k in taken}
   seed = config.seed if "seed" in config else 0
-  return {**options, "name": options.get("name") or "rules", "seed": seed}
+  return {**options, "name": name, "seed": seed}
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:

@@ -7,7 +7,7 @@ import re
 
 import ml_collections
 import pytest
-from app_helpers import config_with, photo_folder
+from app_helpers import config_with, load_config, photo_folder
 
 from configs import default
 from jtl.app import experiment, workdirs
@@ -55,6 +55,21 @@ def test_cache_features_outside_a_probe_is_an_error():
     problems = experiment.config_problems(config)
     assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
                in p for p in problems), (name, problems)
+
+
+def test_a_probe_configs_unset_probe_option_lets_full_fine_tuning_run():
+  """configs/recsys_movielens.py promises --config.strategy.name=full, but its
+  unset cache_features placeholder was an unknown option of 'full'."""
+  config = load_config("recsys_movielens")
+  config.strategy.name = "full"
+  assert experiment.strategy_config(config) == {"name": "full", "seed": config.seed}
+  assert experiment.config_problems(config) == []
+  config.strategy.cache_features = True  # set, it is still refused
+  assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
+             in p for p in experiment.config_problems(config))
+  config.strategy.name, config.strategy.cache_features = "lp_ft", None  # a probe keeps it
+  assert experiment.strategy_config(config) == {"name": "lp_ft", "cache_features": None,
+                                                "seed": config.seed}
 
 
 def test_keys_of_earlier_configs_name_where_they_moved():
