@@ -41,8 +41,12 @@ def main(argv):
   result = experiment.finetune(_CONFIG.value, _WORKDIR.value)
   test = evaluation.evaluate_test_split(_CONFIG.value, _WORKDIR.value)  # with test_split set
   if test is not None:
+    by_class = test["per_class_accuracy_by_name"]
+    # Hundreds of classes (a recommendation run's users) would bury the summary.
+    per_class = (by_class if len(by_class) <= 20 else
+                 f"{_WORKDIR.value}/eval_{evaluation.file_safe(test['split'])}.json")
     print(f"\nBest checkpoint (step {test['step']}) on {test['split']}: accuracy "
-          f"{test['accuracy']:.4f}; per class: {test['per_class_accuracy_by_name']}")
+          f"{test['accuracy']:.4f}; per class: {per_class}")
   print(f"\nDone. Final eval: {result.eval_metrics}\n"
         f"Outputs in {_WORKDIR.value}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, "
         "final_report.json")
