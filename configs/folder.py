@@ -46,6 +46,7 @@ statistics re-estimated; the probe alone 67.0%).
 import ml_collections
 
 from configs import default
+from jtl.app import keys
 from jtl.recipes import strategies
 
 
@@ -70,10 +71,8 @@ def get_config(arg=None):
   c.schedule = "cosine"
   c.warmup_steps = 0
   c.weight_decay = 1e-4
-  c.strategy = ml_collections.ConfigDict({
-      "name": "lp_ft", "probe_steps": strategies.PROBE_STEPS,
-      "probe_learning_rate": strategies.PROBE_LEARNING_RATE,
-      "cache_features": ml_collections.config_dict.placeholder(bool)})
+  # probe_steps, probe_learning_rate: the library's (strategies.PROBE_STEPS, PROBE_LEARNING_RATE).
+  c.strategy = keys.strategy_options("lp_ft")
   c.augment.crop = True
   c.augment.crop_scale = (0.35, 1.0)
   c.augment.flip = True

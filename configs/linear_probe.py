@@ -8,15 +8,13 @@ training split, on all devices) and the head trains on the cache
 augmentation turned back on or a method; False: the plain training step).
 """
 
-import ml_collections
-
 from configs import default
+from jtl.app import keys
 
 
 def get_config(arg=None):
   c = default.get_config(arg)
-  c.strategy = ml_collections.ConfigDict({
-      "name": "linear_probe", "cache_features": ml_collections.config_dict.placeholder(bool)})
+  c.strategy = keys.strategy_options("linear_probe")
   c.learning_rate = 1e-2
   c.weight_decay = 0.0
   c.augment.crop = False

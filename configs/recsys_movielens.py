@@ -20,9 +20,8 @@ Recall@20 of the rankings: scripts/benchmarks/benchmark_recsys.py
   python scripts/finetune.py --config configs/recsys_movielens.py --workdir runs/recsys
 """
 
-import ml_collections
-
 from configs import default
+from jtl.app import keys
 
 
 def get_config(arg=None):
@@ -45,8 +44,7 @@ def get_config(arg=None):
   c.learning_rate = 1e-2
   c.warmup_steps = 20
   c.weight_decay = 0.0
-  c.strategy = ml_collections.ConfigDict({
-      "name": "linear_probe", "cache_features": ml_collections.config_dict.placeholder(bool)})
+  c.strategy = keys.strategy_options("linear_probe")
   # Image augmentations do not apply; off, so that a linear probe trains on cached features.
   c.augment.crop = False
   c.augment.flip = False

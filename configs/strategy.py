@@ -1,7 +1,8 @@
 """Any jtl.recipes.strategies strategy on the default job (EfficientNet-Lite0 on
 MNIST digits): `--config configs/strategy.py:NAME`, NAME one of full,
 scratch, linear_probe, partial, bitfit, lora, lp_ft, gradual, llrd.
-Strategy options are config keys too, e.g. --config.strategy.rank=4.
+Strategy options are config keys too, e.g. --config.strategy.rank=4 (every
+strategy's, None: its default, so --config.strategy.name=... switches strategy).
 
 Learning rates are `jtl.recipes.strategies.LEARNING_RATES`: each strategy's best on a
 validation split in the sweep of scripts/benchmarks/benchmark_strategies.py

@@ -56,18 +56,16 @@ def strategy_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `strategy` as a dict; no name (or "") is the "rules"
   strategy, whose default rules train every parameter. Its `seed` (LoRA's
   init, scratch's re-init) is the run's `seed`: one knob for every draw.
-  Options left unset (None) that the named strategy does not take are
-  dropped: a config that declares one for its own strategy (a probe's
-  `cache_features`) still runs with `--config.strategy.name=full`; a value
-  that is set stays, an error."""
+  Options left unset (None) are dropped: None is the strategy's default
+  (`strategies.resolve_options` fills it in), and a config declares every
+  strategy's options (`keys.strategy_options`) so that
+  `--config.strategy.name=lp_ft --config.strategy.probe_steps=500` parses
+  whatever strategy the file names. A set option that the named strategy
+  does not take stays, an error (`resolve_options` names it)."""
   raw = config.strategy or {}
   options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
   name = options.get("name") or "rules"
-  try:
-    taken = strategies.default_options(name)
-  except ConfigError:  # an unknown name: resolve_options reports it
-    taken = options
-  options = {k: v for k, v in options.items() if v is not None or k in taken}
+  options = {k: v for k, v in options.items() if v is not None}
   seed = config.seed if "seed" in config else 0
   return {**options, "name": name, "seed": seed}
 

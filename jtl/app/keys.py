@@ -4,8 +4,10 @@
 chooses; `complete(config)` fills the keys a config leaves out (a config
 written by hand, one saved by an older run) from the same table, so the app
 reads `config.<key>` strictly and no call site hides a default of its own.
-A strategy's options have their table in `jtl.recipes.strategies`
-(`default_options`); `strategy_options(name)` gives them as config keys.
+A strategy's options have their defaults in `jtl.recipes.strategies`
+(`default_options`); `strategy_options(name)` declares every strategy's
+options as config keys (None: the named strategy's default), so that the
+command line can switch strategy and set the new one's options.
 `table()` renders all of it as the README's list of keys, `listing()` as
 the text `scripts/finetune.py --keys` (and `--helpfull`) prints.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from jtl.errors import ConfigError
 from jtl.recipes import strategies
 
 REQUIRED = object()  # no default: the config must set the key
@@ -75,10 +78,12 @@ KEYS: tuple[Key, ...] = (
     Key("weight_decay", 0.0, "decoupled weight decay (0: none)"),
     Key("clip_norm", None, "clip the global gradient norm to this (None: no clipping)", float),
     Key("lr_multipliers", {}, "{label: factor} of the learning rate per partition label"),
-    Key("strategy", {"name": "rules", "rules": ((".*", "all"),)},
-        "what trains: a `jtl.recipes.strategies` strategy, its name and options "
-        "(`strategies.default_options`); 'rules': ordered (regex, label) rules, first match "
-        "wins, 'frozen' freezes"),
+    Key("strategy", {"name": "rules"},
+        "what trains: a `jtl.recipes.strategies` strategy: its name ('rules', 'full', "
+        "'scratch', 'linear_probe', 'partial', 'bitfit', 'lora', 'lp_ft', 'gradual', 'llrd') "
+        "and its options, `strategy.<option>` below (None: the strategy's default, "
+        "`strategies.default_options`); an option the named strategy does not take must stay "
+        "None"),
     Key("method", {"name": ""}, "'' (fine-tuning), 'distill', 'dann', 'coral', 'adversarial' "
         "and their options (`jtl.app.methods`)"),
     Key("augment.crop", True, "random resized crops while training"),
@@ -103,10 +108,43 @@ KEYS: tuple[Key, ...] = (
         float),
     Key("distributed", False, "initialize multi-host JAX (TPU VM pods)"),
 )
-# Options whose default is None, by type (see Key.type).
-_STRATEGY_TYPES = {"cache_features": bool, "precise_batchnorm": int,
-                   "probe_learning_rate": float, "layer_decay": float, "steps_per_stage": int,
-                   "max_blocks": int}
+# Every strategy option (the union over the strategies: `strategies.option_defaults`),
+# its type, so that --config.strategy.<option>=... parses whatever strategy the
+# config names (object: a Python literal), and its meaning. Defaults live in
+# jtl/recipes/strategies/builder.py alone.
+STRATEGY_OPTIONS: dict[str, tuple[type, str]] = {
+    "head": (str, "the layer group that is the new head (the model's layer groups; L2-SP "
+             "leaves it out)"),
+    "layer_decay": (float, "layer-wise learning-rate decay per group below the head (None: "
+                    "off; llrd: `strategies.LAYER_DECAY`)"),
+    "stacked": (object, "{group: layers} of a model's stacked (scanned) groups, for "
+                "layer_decay (None: none)"),
+    "freeze_batchnorm": (object, "True: BatchNorm frozen whole; 'statistics': stored "
+                         "statistics, scale and offset train; False: statistics re-estimated "
+                         "(None: the strategy's, `strategies.FREEZE_BATCHNORM`)"),
+    "precise_batchnorm": (int, "training images the BatchNorm statistics are recomputed on "
+                          "before each evaluation and save (0: off; None: "
+                          "`strategies.PRECISE_BATCHNORM_IMAGES` where the statistics train)"),
+    "l2sp": (float, "L2-SP: pull of the backbone towards its pretrained weights (0: off)"),
+    "l2sp_head": (float, "plain L2 on the new head's weights (0: off)"),
+    "rules": (object, "rules: ordered (regex, label) rules, first match wins, 'frozen' "
+              "freezes"),
+    "cache_features": (bool, "linear_probe, lp_ft: the probe trains on cached features "
+                       "(None: when nothing prevents it; True: required; False: never)"),
+    "num_blocks": (int, "partial: the groups below the head that train"),
+    "rank": (int, "lora: the adapters' rank"),
+    "alpha": (float, "lora: the adapters' update is scaled by alpha / rank"),
+    "targets": (object, "lora: the adapted layers (None: the attention projections, or "
+                "every layer but the head)"),
+    "dora": (bool, "lora: weight-decomposed LoRA, a trained magnitude per output column"),
+    "probe_steps": (int, "lp_ft: head steps of the probe phase"),
+    "probe_learning_rate": (float, "lp_ft: the probe phase's learning rate (None: "
+                            "`strategies.PROBE_LEARNING_RATE`; the run's learning_rate is "
+                            "the fine-tuning phase's)"),
+    "steps_per_stage": (int, "gradual: steps between unfreezing stages (required)"),
+    "blocks_per_stage": (int, "gradual: groups unfrozen per stage"),
+    "max_blocks": (int, "gradual: most groups unfrozen below the head (None: all)"),
+}
 
 
 def _value(default: Any, kind: type | None = None) -> Any:
@@ -118,12 +156,30 @@ def _value(default: Any, kind: type | None = None) -> Any:
 
 
 def strategy_options(name: str, **values: Any) -> ml_collections.ConfigDict:
-  """Strategy `name`'s options with their defaults (`strategies.default_options`)
-  as config keys, `values` set."""
-  options = {**strategies.default_options(name), **values}
-  # The strategy's seed is the run's `seed` (experiment.strategy_config): no key of its own.
-  return ml_collections.ConfigDict({
-      k: _value(v, _STRATEGY_TYPES.get(k)) for k, v in options.items() if k != "seed"})
+  """Strategy `name` and every option of every strategy as config keys, so
+  that the command line can switch strategy and set its options: each None
+  (the strategy's default, `strategies.resolve_options`) unless `values` sets
+  it. Unset options the named strategy does not take are dropped when the
+  run reads them (`experiment.strategy_config`); set ones are an error."""
+  strategies.default_options(name)  # an unknown name: a ConfigError naming the strategies
+  unknown = sorted(set(values) - set(STRATEGY_OPTIONS))
+  if unknown:  # e.g. seed: the run's `seed` is the strategy's (experiment.strategy_config)
+    raise ConfigError(f"strategy_options({name!r}): unknown option(s) {unknown}; options: "
+                      f"{sorted(STRATEGY_OPTIONS)}.")
+  options = ml_collections.ConfigDict({"name": name})
+  for option, (kind, _) in STRATEGY_OPTIONS.items():
+    options[option] = _value(values.get(option), kind)
+  return options
+
+
+def strategy_option_defaults(option: str) -> str:
+  """`option`'s default per strategy, as text: 'lp_ft: 300'; one value that
+  every strategy shares: 'every strategy: 0.0'."""
+  every = strategies.option_defaults()
+  table = every[option]
+  if set(table) == set().union(*every.values()) and len(set(map(repr, table.values()))) == 1:
+    return f"every strategy: {next(iter(table.values()))!r}"
+  return "; ".join(f"{name}: {value!r}" for name, value in table.items())
 
 
 def _default(key: Key) -> Any:
@@ -165,6 +221,9 @@ def table() -> str:
   for key in KEYS:
     default = "required" if key.default is REQUIRED else f"`{key.default!r}`"
     rows.append(f"| `{key.name}` | {default} | {key.meaning} |")
+    if key.name == "strategy":
+      rows += [f"| `strategy.{option}` | {strategy_option_defaults(option)} | {meaning} |"
+               for option, (_, meaning) in STRATEGY_OPTIONS.items()]
   return "\n".join(rows)
 
 
@@ -178,6 +237,14 @@ def listing(width: int = 79) -> str:
   for key in KEYS:
     default = "required" if key.default is REQUIRED else f"default {key.default!r}"
     lines.append(f"  {key.name} ({default})")
-    lines += textwrap.wrap(key.meaning, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                           break_on_hyphens=False, break_long_words=False)
+    lines += _wrap(key.meaning, width, 6)
+    if key.name == "strategy":  # its options, indented under it
+      for option, (_, meaning) in STRATEGY_OPTIONS.items():
+        lines.append(f"    strategy.{option} ({strategy_option_defaults(option)})")
+        lines += _wrap(meaning, width, 8)
   return "\n".join(lines)
+
+
+def _wrap(text: str, width: int, indent: int) -> list[str]:
+  return textwrap.wrap(text, width, initial_indent=" " * indent, subsequent_indent=" " * indent,
+                       break_on_hyphens=False, break_long_words=False)

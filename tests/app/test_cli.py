@@ -72,6 +72,13 @@ def test_keys_lists_every_config_key_with_its_default_and_meaning(monkeypatch, c
   assert shown == [k.name for k in keys.KEYS] and len(shown) > 40
   text = " ".join(out.split())
   assert [k.name for k in keys.KEYS if " ".join(k.meaning.split()) not in text] == []
+  # Every strategy's options, under strategy: their defaults per strategy and meaning.
+  options = [line.strip().split(" (", 1)[0] for line in lines if line.startswith("    strategy.")]
+  assert options == [f"strategy.{o}" for o in keys.STRATEGY_OPTIONS]
+  assert "    strategy.probe_steps (lp_ft: 300)" in lines
+  assert "    strategy.num_blocks (partial: 4)" in lines
+  assert [o for o, (_, meaning) in keys.STRATEGY_OPTIONS.items()
+          if " ".join(meaning.split()) not in text] == []
   # A script without --config (evaluate.py) has no --keys: an unknown flag, exit status 2.
   monkeypatch.setattr(cli.flags, "FLAGS", flags.FlagValues())
   with pytest.raises(SystemExit) as e:

@@ -97,4 +97,7 @@ def test_keys_left_out_take_the_table_defaults_and_given_ones_stay():
   assert complete.augment.flip is False and complete.augment.crop_scale == (0.08, 1.0)
   assert complete.strategy.to_dict() == {"name": "lora", "rank": 4}  # its own options only
   assert complete.keep == 2 and complete.eval_every == 0 and complete.method.name == ""
-  assert keys.complete(ml_collections.ConfigDict()).strategy.rules == ((".*", "all"),)
+  filled = keys.complete(ml_collections.ConfigDict())
+  assert filled.strategy.name == "rules" and filled.strategy.rules is None  # None: the default
+  options = experiment.strategies.resolve_options(experiment.strategy_config(filled))
+  assert options["rules"] == ((".*", "all"),)  # every parameter trains

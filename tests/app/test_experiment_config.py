@@ -67,9 +67,71 @@ def test_a_probe_configs_unset_probe_option_lets_full_fine_tuning_run():
   config.strategy.cache_features = True  # set, it is still refused
   assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
              in p for p in experiment.config_problems(config))
-  config.strategy.name, config.strategy.cache_features = "lp_ft", None  # a probe keeps it
-  assert experiment.strategy_config(config) == {"name": "lp_ft", "cache_features": None,
+  config.strategy.name, config.strategy.cache_features = "lp_ft", None  # None: the default
+  assert experiment.strategy_config(config) == {"name": "lp_ft", "seed": config.seed}
+  assert strategies.resolve_options(experiment.strategy_config(config))["cache_features"] is None
+
+
+def _parsed(monkeypatch, *args):
+  """The config that `scripts/finetune.py` parses from `args` (its --config flag,
+  locked as there, and the command line's overrides)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from jtl.app import cli
+  with_config = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=with_config, lock_config=True)
+  argv = ["finetune.py", *args]
+  monkeypatch.setattr(cli.flags, "FLAGS", with_config)
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
+  cli.parse_flags_with_config_keys(argv)
+  return with_config.config
+
+
+def test_the_command_line_switches_strategy_and_sets_the_new_ones_options(monkeypatch):
+  """Issue 29 section 2: a config declares every strategy's options (None: the
+  strategy's default), so switching strategy on the command line can set the
+  new strategy's options, and the old strategy's defaults are not in the way."""
+  config = _parsed(monkeypatch, "--config=configs/recsys_movielens.py",
+                   "--config.strategy.name=lp_ft", "--config.strategy.probe_steps=500")
+  assert experiment.strategy_config(config) == {"name": "lp_ft", "probe_steps": 500,
                                                 "seed": config.seed}
+  options = strategies.resolve_options(experiment.strategy_config(config))
+  expected = {**strategies.default_options("lp_ft"), "probe_steps": 500, "seed": config.seed,
+              "probe_learning_rate": strategies.PROBE_LEARNING_RATE, "precise_batchnorm": 0,
+              "freeze_batchnorm": strategies.FREEZE_BATCHNORM["lp_ft"]}
+  assert options == expected and options["probe_steps"] == 500
+  assert not [p for p in experiment.config_problems(config) if "strateg" in p]
+  # configs/strategy.py:partial's num_blocks is partial's default, not set: full takes over.
+  config = _parsed(monkeypatch, "--config=configs/strategy.py:partial",
+                   "--config.strategy.name=full")
+  assert experiment.strategy_config(config) == {"name": "full", "seed": config.seed}
+  assert not [p for p in experiment.config_problems(config) if "strateg" in p]
+  # A set option that the named strategy does not take is still refused, by name.
+  config = _parsed(monkeypatch, "--config=configs/strategy.py:partial",
+                   "--config.strategy.name=full", "--config.strategy.num_blocks=2")
+  with pytest.raises(ConfigError, match=r"Unknown option\(s\) for strategy 'full': "
+                     r"\['num_blocks'\]"):
+    experiment.validate(config)
+
+
+def test_a_strategy_takes_its_defaults_for_options_given_as_none():
+  """None is the strategy's default, resolved in one place; where the default
+  is None, None keeps its own meaning (the strategy's mode, cache if possible)."""
+  from jtl.app import keys
+  assert set(keys.STRATEGY_OPTIONS) == set(strategies.option_defaults())
+  for name in strategies.LEARNING_RATES.keys() | {"rules"}:
+    declared = keys.strategy_options(name, **({"steps_per_stage": 5} if name == "gradual" else {}))
+    given = {k: v for k, v in declared.to_dict().items() if v is not None}
+    nones = {k: None for k in strategies.default_options(name) if k not in given}
+    with_nones = strategies.resolve_options({**given, **nones, "seed": None})
+    assert with_nones == strategies.resolve_options(given), name
+  options = strategies.resolve_options({"name": "lp_ft", "probe_steps": None, "head": None})
+  assert (options["probe_steps"], options["head"]) == (strategies.PROBE_STEPS, "head")
+  assert options["cache_features"] is None and options["freeze_batchnorm"] is True
+  assert strategies.resolve_options({"name": "partial", "num_blocks": None})["num_blocks"] == 4
+  # A saved config's strategy, as workdirs.restore reads it (every option declared).
+  assert strategies.resolve_options(keys.strategy_options("lora"))["alpha"] == 16.0
 
 
 def test_keys_of_earlier_configs_name_where_they_moved():

@@ -75,9 +75,10 @@ def test_config_dict_and_errors():
     strategies.build("lorax", module, variables, SPEC)
   with pytest.raises(ConfigError, match=r"num_blocks=7: expected 0..3"):
     strategies.build({"name": "partial", "num_blocks": 7}, module, variables, SPEC)
-  with pytest.raises(ConfigError, match="needs \\['probe_steps'\\]"):
-    strategies.build({"name": "lp_ft", "probe_steps": None}, module, variables, SPEC)
-  lp_ft = strategies.build("lp_ft", module, variables, SPEC, verbose=False)  # measured defaults
+  with pytest.raises(ConfigError, match="needs \\['steps_per_stage'\\]"):  # no default
+    strategies.build({"name": "gradual", "steps_per_stage": None}, module, variables, SPEC)
+  # None: the measured default (a config declares every strategy's options as None).
+  lp_ft = strategies.build({"name": "lp_ft", "probe_steps": None}, module, variables, SPEC)
   assert lp_ft.phases[1].start == strategies.PROBE_STEPS
   assert lp_ft.options["probe_learning_rate"] == strategies.PROBE_LEARNING_RATE
 

@@ -23,6 +23,7 @@ from jtl.recipes.strategies.builder import (
   build,
   cached_probe,
   default_options,
+  option_defaults,
   resolve_options,
 )
 from jtl.recipes.strategies.features import (
@@ -78,7 +79,7 @@ from jtl.recipes.strategies.wise import WISE_ALPHAS, choose_alpha, wise_ft
 
 __all__ = [
     "FREEZE_BATCHNORM", "FrozenStatistics", "FrozenStatisticsModel", "LAYER_DECAY", "LEARNING_RATES", "PRECISE_BATCHNORM_IMAGES", "PROBE_LEARNING_RATE", "PROBE_STEPS", "Head", "LoraModel", "LoraWeights", "Phase", "PhasedResult", "Strategy", "CACHED_PROBES", "CachedProbe", "cached_probe", "cached_head_phase", "adaptable_layers", "add_lora", "default_targets",
-    "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "default_options", "extract_features",
+    "adapter_params", "batchnorm_paths", "batchnorm_rule", "bitfit_rules", "build", "cache_problems", "default_options", "extract_features", "option_defaults",
     "feature_batches", "head_trainer", "full_rules", "gradual_unfreezing_phases", "group_rules", "l2sp",
     "l2sp_penalty", "layer_decay", "layer_decay_multipliers", "layer_decay_scales",
     "layer_depths", "linear_probe_rules", "load_adapters", "lora_rules", "lp_ft_phases",

@@ -204,8 +204,23 @@ def default_options(name: str) -> dict[str, Any]:
   return {**_COMMON, **_OPTIONS[name], "name": name}
 
 
+def option_defaults() -> dict[str, dict[str, Any]]:
+  """Every option of every strategy, {option: {strategy: its default}} over
+  the strategies that take it (the name and seed aside): the keys a config's
+  `strategy` declares (`jtl.app.keys.strategy_options`)."""
+  table: dict[str, dict[str, Any]] = {}
+  for name in _OPTIONS:
+    for option, value in default_options(name).items():
+      if option not in ("name", "seed"):
+        table.setdefault(option, {})[name] = value
+  return table
+
+
 def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
-  """Fills in defaults and checks the keys of a strategy config."""
+  """Fills in defaults and checks the keys of a strategy config. An option
+  given as None takes the strategy's default (where that default is None, the
+  strategy resolves it below, or it is required); a set option the strategy
+  does not take is an error naming it."""
   if isinstance(config, str):
     config = {"name": config}
   elif hasattr(config, "to_dict"):
@@ -216,12 +231,15 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   name = config.get("name")
   if name not in _OPTIONS:
     raise ConfigError(f"strategy.name={name!r}: expected one of {sorted(_OPTIONS)}.")
+  # None: the default, so an unset option of another strategy is no error (a
+  # config declares every strategy's options: `jtl.app.keys.strategy_options`).
+  config = {k: v for k, v in config.items() if v is not None}
   allowed = {**_COMMON, **_OPTIONS[name]}
   unknown = sorted(set(config) - set(allowed))
   if unknown:
     raise ConfigError(f"Unknown option(s) for strategy {name!r}: {unknown}. It takes:\n"
                       + bullet_list(sorted(allowed)))
-  options = {**allowed, **dict(config)}
+  options = {**allowed, **config}
   missing = [k for k, v in options.items() if v is None and k in _OPTIONS[name]
              and k not in ("targets", "max_blocks", "cache_features", "probe_learning_rate")]
   if missing:
