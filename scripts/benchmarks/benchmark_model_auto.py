@@ -16,7 +16,9 @@ selection alone: auto's run is the chosen backbone's run with the same seed
 Datasets: the CIFAR-10 folder (--cifar_dir; the first --per_class training
 images of each class, the first --test_per_class test images) and the sklearn
 digits folder (make_small_folders.py's split: 1,297 train, 500 test), both at
---image_size for every backbone.
+--image_size for every backbone, or each backbone's native size with
+--image_size 0 (the folder config's default: Lite0 224, Lite1 240, Lite2 260
+px; auto's candidates too).
 
   GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \\
   python scripts/benchmarks/benchmark_model_auto.py --cifar_dir /path/to/cifar10_subset \\
@@ -67,8 +69,8 @@ def run(folder: Path, model: str, seed: int, args: argparse.Namespace, workdir: 
   from jtl.app import evaluation, experiment, model_choice  # pylint: disable=g-import-not-at-top
   c = folder_config.get_config()
   c.dataset, c.model, c.seed = f"folder:{folder}", model, seed
-  c.image_size, c.num_epochs = args.image_size, args.num_epochs
-  t0 = time.perf_counter()
+  c.image_size, c.num_epochs = args.image_size or None, args.num_epochs  # 0: native
+  t0, cpu0 = time.perf_counter(), time.process_time()
   if model == "select":  # the selection alone; the run would be the chosen backbone's
     from etils import epath  # pylint: disable=g-import-not-at-top
     c.model = "auto"
@@ -76,12 +78,13 @@ def run(folder: Path, model: str, seed: int, args: argparse.Namespace, workdir: 
     chosen = json.loads((workdir / model_choice.TABLE_JSON).read_text())
     return {"model": model, "seed": seed, "choice": chosen["choice"],
             "selection_seconds": chosen["seconds"], "wall_seconds": time.perf_counter() - t0,
-            "candidates": chosen["candidates"]}
+            "cpu_seconds": time.process_time() - cpu0, "candidates": chosen["candidates"]}
   experiment.finetune(c, workdir, progress=False)
-  wall = time.perf_counter() - t0
+  # CPU seconds too (all threads): on a shared machine the wall time follows the load.
+  wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
   test = evaluation.evaluate_test_split(c, workdir)
   row = {"model": model, "seed": seed, "test_accuracy": test["accuracy"],
-         "test_count": test["count"], "wall_seconds": wall}
+         "test_count": test["count"], "wall_seconds": wall, "cpu_seconds": cpu}
   table = workdir / model_choice.TABLE_JSON
   if table.exists():
     chosen = json.loads(table.read_text())
@@ -103,7 +106,8 @@ def derived_auto(mine: list[dict]) -> list[dict]:
     if r["model"] == "select" and r["seed"] not in full and run is not None:
       out.append({**r, "model": "auto", "derived": True, "test_accuracy": run["test_accuracy"],
                   "test_count": run["test_count"],
-                  "wall_seconds": r["wall_seconds"] + run["wall_seconds"]})
+                  "wall_seconds": r["wall_seconds"] + run["wall_seconds"],
+                  "cpu_seconds": r.get("cpu_seconds", 0) + run.get("cpu_seconds", 0)})
   return out
 
 
@@ -118,6 +122,8 @@ def report(rows: list[dict], dataset: str) -> None:
   warm = sorted({r["seed"] for r in mine})[1:] or sorted({r["seed"] for r in mine})
   lite0 = {r["seed"]: r["wall_seconds"] for r in mine
            if r["model"] == BACKBONES[0] and r["seed"] in warm}
+  lite0_cpu = {r["seed"]: r["cpu_seconds"] for r in mine
+               if r["model"] == BACKBONES[0] and r["seed"] in warm and r.get("cpu_seconds")}
   out = []
   for model in (*BACKBONES, "auto"):
     rs = sorted((r for r in mine if r["model"] == model), key=lambda r: r["seed"])
@@ -126,15 +132,18 @@ def report(rows: list[dict], dataset: str) -> None:
     acc = [100 * r["test_accuracy"] for r in rs]
     sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
     ratio = [r["wall_seconds"] / lite0[r["seed"]] for r in rs if r["seed"] in lite0]
+    cpu_ratio = [r["cpu_seconds"] / lite0_cpu[r["seed"]] for r in rs
+                 if r["seed"] in lite0_cpu and r.get("cpu_seconds")]
     chosen = ", ".join(r["choice"].replace("efficientnet_", "") for r in rs if r.get("choice"))
     out.append([model.replace("efficientnet_", ""), f"{statistics.mean(acc):.1f} ± {sd:.1f}",
                 " / ".join(f"{a:.1f}" for a in acc), chosen or "-",
                 f"{statistics.mean(r['wall_seconds'] for r in rs if r['seed'] in warm):.0f}",
-                f"{statistics.mean(ratio):.2f}x" if ratio else "-"])
+                f"{statistics.mean(ratio):.2f}x" if ratio else "-",
+                f"{statistics.mean(cpu_ratio):.2f}x" if cpu_ratio else "-"])
   print(f"\n{dataset} ({mine[0]['test_count']} test images), seeds "
         f"{sorted({r['seed'] for r in mine})}")
   print(markdown_table(["backbone", "test acc % (mean ± sd)", "per seed", "auto's choice",
-                        f"wall s (seeds {warm})", "wall / lite0"], out))
+                        f"wall s (seeds {warm})", "wall / lite0", "CPU s / lite0"], out))
   for r in mine:
     if r["model"] == "auto":
       print(f"  seed {r['seed']}{' (derived: selection + the chosen run)' * bool(r.get('derived'))}"
@@ -151,7 +160,8 @@ def main() -> None:
   p.add_argument("--datasets", default="cifar10,digits")
   p.add_argument("--per_class", type=int, default=50)
   p.add_argument("--test_per_class", type=int, default=100)
-  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--image_size", type=int, default=64,
+                 help="pixels for every backbone; 0: each backbone's native size")
   p.add_argument("--num_epochs", type=int, default=2)
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--models", default=",".join((*BACKBONES, "auto")),
