@@ -182,8 +182,10 @@ def run_strategy(config, created, train, test, *, steps, batch, lr, seed, step_c
   build_config = {"name": "full", "freeze_batchnorm": config.get("freeze_batchnorm"),
                   "precise_batchnorm": config.get("precise_batchnorm")} \
       if name == "lp_ft" else config
-  s = strategies.build(build_config, created.module, created.variables, created.spec,
-                       verbose=False)
+  # The run's seed draws LoRA's init and scratch's re-init too (it stayed 0 before 2026-12-07).
+  build_config = {"name": build_config} if isinstance(build_config, str) else build_config
+  s = strategies.build({**build_config, "seed": seed}, created.module, created.variables,
+                       created.spec, verbose=False)
   # precise_batchnorm (on by default where statistics train): the statistics
   # of the layers that train are recomputed on up to that many unaugmented
   # training images under the final weights, as `jtl.train.fit` does before its
