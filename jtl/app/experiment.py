@@ -714,8 +714,14 @@ def _probe_before_run(run: Callable, config: ml_collections.ConfigDict, head_ste
 def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
   """What each checkpoint records of the run: the model, its classes, the
   config and, for a model registered outside jtl (a config file, the user's
-  package), where the registration was made (`workdirs.model_spec` redoes it)."""
-  meta = {"model": config.model, "num_classes": classes, "config": config.to_dict()}
+  package), where the registration was made (`workdirs.model_spec` redoes it).
+  The config's strategy is saved resolved (its options' values, not None for
+  "the default"), so a later jtl with other defaults restores the same model."""
+  saved = config.to_dict()
+  if config.get("strategy"):
+    resolved = strategies.resolve_options(strategy_config(config))
+    saved["strategy"] = {k: v for k, v in resolved.items() if k != "seed"}  # seed: top level
+  meta = {"model": config.model, "num_classes": classes, "config": saved}
   origin = models.registry.origin(config.model)
   return {**meta, "model_origin": origin} if origin else meta
 

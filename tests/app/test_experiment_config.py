@@ -306,3 +306,18 @@ def test_the_runs_seed_draws_loras_init_and_strategy_seed_is_no_key():
   config.strategy.seed = 3
   with pytest.raises(ConfigError, match="strategy.seed is no key: set seed"):
     experiment.validate(config)
+
+
+def test_checkpoints_record_the_strategy_options_resolved():
+  """A config leaves options at None ("the strategy's default"); the saved
+  config holds their values, so a later jtl with other defaults restores the
+  same model (LoRA's alpha scales the merged update)."""
+  from jtl.app import keys  # pylint: disable=g-import-not-at-top
+  config = config_with()
+  config.strategy = keys.strategy_options("lora", rank=4)
+  saved = experiment.run_meta(config, 10)["config"]["strategy"]
+  defaults = strategies.resolve_options({"name": "lora"})
+  assert saved["name"] == "lora" and saved["rank"] == 4 and "seed" not in saved
+  assert saved["alpha"] == defaults["alpha"] is not None
+  assert None not in (saved["head"], saved["dora"])
+  assert strategies.resolve_options(saved) == {**defaults, "rank": 4}
