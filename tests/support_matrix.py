@@ -67,7 +67,7 @@ def expected(family: str, strategy: str, api: str, export: str | None) -> str:
   if export == "peft" and strategy != "strategy.py:lora":
     return "refused: peft exports LoRA adapters [strategy]"
   if export in ("peft", "hf") and not f.hub_layout:
-    return "refused: no HF/timm layout for this family [hf]"
+    return f"refused: no HF/timm layout for this family [{export}]"
   if export in ("onnx", "tflite", "tflite_int8") and f.image_size is None:
     return "refused: deployment export takes image models [model]"
   return WORKS

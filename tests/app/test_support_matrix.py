@@ -18,6 +18,7 @@ README = Path(__file__).parents[2] / "README.md"
 COVER = [  # the heavy exports (int8 calibration, LiteRT) on the smallest model
     ("small_cnn", "strategy.py:full", "nnx", ["orbax", "hf", "onnx", "tflite", "tflite_int8"]),
     ("small_cnn", "strategy.py:lora", "nnx", []),
+    ("small_cnn", "strategy.py:lora", "linen", ["peft"]),  # no HF/timm layout: --format peft
     ("small_cnn", "strategy.py:scratch", "linen", []),
     ("small_cnn", "strategy.py:gradual", "linen", []),
     ("small_cnn", "strategy.py:partial", "linen", []),
