@@ -39,8 +39,8 @@ KEYS: tuple[Key, ...] = (
         "candidate of `model_candidates` whose cached linear probe scores best on eval_split "
         "(`jtl.recipes.selection`; table in the workdir's model_selection.md)"),
     Key("model_candidates", (), "model='auto': the models to try, cheapest first (zoo names, "
-        "hf-hub: refs, local Hub-layout folders); empty: the zoo's image models whose weights ship in an installed pip "
-        "package (EfficientNet-Lite0/1/2)"),
+        "hf-hub: refs, local Hub-layout folders); empty: the zoo's image models whose "
+        "weights ship in an installed pip package (EfficientNet-Lite0/1/2)"),
     Key("model_budget_seconds", 1800.0, "model='auto': seconds for trying the candidates; one "
         "whose feature pass (estimated from one batch) does not fit is skipped (None: no limit)",
         float),
