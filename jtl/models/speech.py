@@ -20,8 +20,9 @@ embeddings over time; `head` is a Dense on that.
 
 >>> import numpy as np
 >>> m = SpeechEmbedding(num_classes=10)
->>> v = m.init(jax.random.PRNGKey(0), np.zeros((1, MIN_SAMPLES), np.float32))
->>> m.apply(v, np.zeros((2, 16000), np.float32)).shape
+>>> x = np.zeros((2, 16000), np.float32)
+>>> v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)  # shapes only: no compile
+>>> jax.eval_shape(m.apply, v, x).shape
 (2, 10)
 """
 

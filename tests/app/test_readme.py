@@ -26,17 +26,17 @@ def test_readme_nnx_and_apply_function_examples_run():
   namespace = {}
   exec(compile(nnx_block, "README.md", "exec"), namespace)  # noqa: S102
   model, state = namespace["model"], namespace["state"]
-  np.testing.assert_array_equal(model.head.kernel.value, state.params["head"]["kernel"])
-  np.testing.assert_array_equal(model.backbone.kernel.value,
+  np.testing.assert_array_equal(model.head.kernel[...], state.params["head"]["kernel"])
+  np.testing.assert_array_equal(model.backbone.kernel[...],
                                 state.params["backbone"]["kernel"])  # frozen, written back
   assert np.isfinite(float(namespace["metrics"]["loss"]))
   # The module is usable afterwards (issue 27, bug 4: update_module left read-only
   # host arrays, and the train-mode call's BatchNorm update failed on them).
   assert namespace["logits"].shape == (8, 3) and np.isfinite(namespace["logits"]).all()
   model.train()
-  before = np.array(model.bn.mean.value)
+  before = np.array(model.bn.mean[...])
   model(namespace["batch"]["inputs"] + 1.0)
-  assert not np.allclose(model.bn.mean.value, before)  # the statistics were written
+  assert not np.allclose(model.bn.mean[...], before)  # the statistics were written
   namespace = {}
   exec(compile(fn_block, "README.md", "exec"), namespace)  # noqa: S102
   trained = namespace["state"].params

@@ -113,7 +113,7 @@ def test_nnx_module_directly_and_written_back():
   logits = model(x)
   losses = jtl.steps.per_example_cross_entropy(logits, batches()[0]["label"])
   np.testing.assert_allclose(float(jnp.sum(losses)), expected["loss"], rtol=1e-5)
-  np.testing.assert_array_equal(model.head.kernel.value, state.params["head"]["kernel"])
+  np.testing.assert_array_equal(model.head.kernel[...], state.params["head"]["kernel"])
 
 
 def test_dropout_keys_come_from_the_train_state():
