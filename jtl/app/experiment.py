@@ -659,26 +659,33 @@ def cached_probe_problems(config: ml_collections.ConfigDict) -> list[str] | None
 
 
 def cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec,
-                       module: Any, variables: Any, phases: list, workdir: epath.Path
+                       module: Any, variables: Any, phases: list, workdir: epath.Path,
+                       train_features: tuple[np.ndarray, np.ndarray] | None = None
                        ) -> tuple[Any, list]:
   """(`fit`'s first_phase, the phases `fit` steps through) of the run: the
   head on cached features when `cached_probe_problems` says so (first phase:
   the whole run, or before the later phases, which then start at step 0),
-  else (None, `phases`)."""
+  else (None, `phases`). `train_features`: this model's features over the
+  training pass below, already extracted (`model="auto"`'s selection,
+  `model_choice.Choice`); then the probe makes no backbone pass."""
   if cached_probe_problems(config) != []:
     return None, phases
   plan = strategies.cached_probe(strategies.resolve_options(strategy_config(config)))
   head_labels = jax.tree.map(lambda _: "head", {"head": variables["params"]["head"]})
   head_tx = head_optimizer(config, plan, head_labels)
   head_steps = config.num_steps if plan.whole_run else plan.head_steps
-  train_pass = eval_batches(config, spec, config.train_split, config.dataset)()
+  # The same pass as model_choice._candidate's: given features are of this one.
+  train_pass = None if train_features is not None else eval_batches(
+      config, spec, config.train_split, config.dataset)()
   first = features.cached_head_phase(
       module, train_pass, head_tx, head_steps=head_steps,
       steps=config.num_steps if plan.whole_run else 0, batch_size=config.batch_size,
-      seed=config.seed)
+      seed=config.seed, train_features=train_features)
   if plan.whole_run:
-    print("Linear probe on cached features: one backbone pass over the training split, "
-          "then the head trains on the cache.\n", flush=True)
+    source = ("the training features of the model='auto' selection (no backbone pass)"
+              if train_features is not None else "one backbone pass over the training split")
+    print(f"Linear probe on cached features: {source}, then the head trains on the cache.\n",
+          flush=True)
     return first, phases
   rest = [(start - phases[1][0], labels, tx) for start, labels, tx in phases[1:]]
   run = _probe_before_run(first.run, config, head_steps, plan, workdir)
@@ -703,8 +710,10 @@ def _probe_before_run(run: Callable, config: ml_collections.ConfigDict, head_ste
     variables, info = run(variables, stop_point)
     workdirs.save_probe(workdir, variables)
     lr = plan.learning_rate if plan.learning_rate is not None else config.learning_rate
-    print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples extracted "
-          f"in {info['extract_seconds']:.1f}s, {head_steps} head steps at learning rate "
+    source = ("reused from the model='auto' selection" if info["reused_features"]
+              else f"extracted in {info['extract_seconds']:.1f}s")
+    print(f"LP-FT probe phase on cached features: {info['cached_examples']} examples' features "
+          f"{source}, {head_steps} head steps at learning rate "
           f"{lr:g} in {info['head_seconds']:.1f}s; now fine-tuning (the partition below) at "
           f"{config.learning_rate:g} for {config.num_steps} steps.\n", flush=True)
     return variables, info
@@ -736,14 +745,20 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   preflight(config, workdir="" if workdir is None else workdir)
   config = resolve_schedule(config)
   workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
+  train_features = None
   if config.model == model_choice.AUTO:  # then the run is the chosen model's, as if named
-    config = model_choice.choose(config, workdir)
+    choice = model_choice.choose(config, workdir)
+    config = choice.config
+    # The selection's features come from the Linen module (a FrozenStatistics wrapper is
+    # the same in inference); an NNX module's pass is other code, so it extracts its own.
+    if (config.get("api") or "linen") == "linen":
+      train_features = choice.train_features
   sched = schedule_config(config, workdir)  # before any weights load
   created = build_model(config)
   module, variables, phases = build_training(sched, created)
   module, variables = as_api(config, module, variables)
   first_phase, phases = cached_probe_phase(config, created.spec, module, variables, phases,
-                                           workdir)
+                                           workdir, train_features)
   method = methods.build(config, module, variables, created.spec,
                          train_batches(config, created.spec),
                          lambda ds, split: train_batches(config, created.spec, ds, split))

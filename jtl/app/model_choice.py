@@ -9,18 +9,23 @@ within `model_budget_seconds` and picks the best on the validation split.
 The table goes to the log and to the workdir (`model_selection.json`,
 `model_selection.md`); the run then trains the chosen model exactly as a
 config naming it would, so its checkpoints record that model and
-`evaluate.py` / `convert.py` need nothing else. Resuming the workdir keeps
-its choice.
+`evaluate.py` / `convert.py` need nothing else. `choose` also hands the run
+the chosen model's training features from the selection (`Choice`): its
+cached probe (LP-FT's probe phase, a linear probe) trains on them instead of
+a second backbone pass over the same training split, and gives the same
+head. Resuming the workdir keeps its choice (and extracts again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from jtl import models, paths
@@ -34,6 +39,22 @@ from jtl.weights import sources as weight_sources
 AUTO = "auto"
 TABLE_JSON = "model_selection.json"
 TABLE_MD = "model_selection.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """What `choose` hands the run.
+
+  Attributes:
+    config: the config naming the chosen model.
+    train_features: (features, labels) of the chosen model over the run's
+      training split, the unaugmented pass of its cached probe
+      (`experiment.eval_batches(config, spec, config.train_split,
+      config.dataset)`), extracted with the Linen module; None when the
+      workdir already chose (a resumed run).
+  """
+  config: ml_collections.ConfigDict
+  train_features: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def default_candidates() -> list[str]:
@@ -141,14 +162,15 @@ def previous_choice(workdir: epath.Path) -> str | None:
   return json.loads(table.read_text()).get("choice") if table.exists() else None
 
 
-def choose(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
+def choose(config: ml_collections.ConfigDict, workdir: epath.Path) -> Choice:
   """The config with `model` set to the best candidate (a resumed workdir's
-  own choice); writes and prints the table. A resolved config (steps, not
+  own choice) and, for a fresh choice, the chosen model's training features
+  (`Choice`); writes and prints the table. A resolved config (steps, not
   epochs) is expected."""
   previous = previous_choice(workdir)
   if previous is not None:
     print(f"model='auto': {workdir} already chose {previous}; resuming with it.\n", flush=True)
-    return with_model(config, previous)
+    return Choice(with_model(config, previous))
   entries, trouble = candidates(config)
   if trouble:
     raise ConfigError("Invalid config:\n" + bullet_list(trouble))
@@ -171,7 +193,7 @@ def choose(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collect
                       f"{config.model_budget_seconds} (table above and in {workdir / TABLE_MD})"
                       ": raise it, or name a model.")
   print(f"model='auto' chose {chosen.choice}; the run trains it as if named.\n", flush=True)
-  return with_model(config, chosen.choice)
+  return Choice(with_model(config, chosen.choice), chosen.train_features)
 
 
 def _experiment() -> Any:
@@ -194,7 +216,9 @@ def _probe(config: ml_collections.ConfigDict) -> tuple[int, Any]:
 
 
 def _candidate(config: ml_collections.ConfigDict, name: str, skip: str | None) -> Any:
-  """The `selection.Candidate` of model `name` in this run's data and preprocessing."""
+  """The `selection.Candidate` of model `name` in this run's data and
+  preprocessing: its train pass is the one the run's cached probe makes
+  (`experiment.cached_probe_phase`), so that it can reuse the features."""
   experiment = _experiment()
   c = with_model(config, name)
   spec = models.get_spec(name)

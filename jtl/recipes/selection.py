@@ -6,9 +6,13 @@ the head alone on the cache: `strategies.features.feature_extractor` and
 `head_trainer`, the machinery of the cached probe phase) and picks the one
 whose probe scores best on the validation split. It returns the table of
 candidates (validation accuracy, feature time, parameters, inference ms per
-image) and the choice; the run then trains the chosen backbone as if it had
-been named. A time budget skips the candidates whose feature pass, estimated
-from one timed batch, would not fit in what is left of it.
+image) and the choice, with the chosen candidate's training features (only
+the best so far is kept, so memory holds at most two candidates' features);
+the run then trains the chosen backbone as if it had been named, and its
+cached probe may take those features instead of a second backbone pass
+(`features.cached_head_phase(train_features=...)`). A time budget skips the
+candidates whose feature pass, estimated from one timed batch, would not fit
+in what is left of it.
 """
 
 from __future__ import annotations
@@ -64,9 +68,16 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-  """The table (one row per candidate, in their order) and the chosen name."""
+  """The table (one row per candidate, in their order) and the chosen name.
+
+  `train_features` are the chosen candidate's (features [N, D], labels [N])
+  over its `train_pass`, as `features.extract_features` gives them (None
+  when nothing was chosen); not part of the table (`to_dict`, `markdown`).
+  """
   rows: tuple[Row, ...]
   choice: str | None
+  train_features: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
   def markdown(self) -> str:
     """The table as Markdown (the chosen row marked)."""
@@ -109,23 +120,29 @@ def select_backbone(candidates: Sequence[Candidate], *,
     log: called with a line per candidate.
 
   Returns:
-    The `Selection`; its choice is None when no candidate was measured.
+    The `Selection`; its choice is None when no candidate was measured, else
+    its `train_features` are the choice's.
   """
   start, rows = clock(), []
+  best, kept = None, None
   for candidate in candidates:
+    feats = None
     if candidate.skip is not None:
       rows.append(Row(candidate.name, note=f"skipped: {candidate.skip}"))
     else:
       left = None if budget_seconds is None else budget_seconds - (clock() - start)
-      rows.append(_measure(candidate, head_tx=head_tx, head_steps=head_steps,
-                           batch_size=batch_size, num_images=num_images, seed=seed,
-                           left=left, mesh=mesh, clock=clock))
+      row, feats = _measure(candidate, head_tx=head_tx, head_steps=head_steps,
+                            batch_size=batch_size, num_images=num_images, seed=seed,
+                            left=left, mesh=mesh, clock=clock)
+      rows.append(row)
+    # Strictly better only: a tie keeps the earlier (cheaper) candidate. Only the best
+    # so far keeps its features, to bound memory.
+    if rows[-1].val_accuracy is not None and (best is None
+                                              or rows[-1].val_accuracy > best.val_accuracy):
+      best, kept = rows[-1], feats
     if log is not None:
       log(_line(rows[-1]))
-  measured = [r for r in rows if r.val_accuracy is not None]
-  # max keeps the first of equal accuracies: the earlier (cheaper) candidate.
-  best = max(measured, key=lambda r: r.val_accuracy, default=None)
-  return Selection(tuple(rows), None if best is None else best.name)
+  return Selection(tuple(rows), None if best is None else best.name, kept)
 
 
 def _line(row: Row) -> str:
@@ -139,9 +156,11 @@ def _line(row: Row) -> str:
 def _measure(candidate: Candidate, *, head_tx: Callable[[PyTree], optax.GradientTransformation],
              head_steps: int, batch_size: int, num_images: int, seed: int,
              left: float | None, mesh: jax.sharding.Mesh | None,
-             clock: Callable[[], float]) -> Row:
-  """One candidate's row: load, time one batch, then (within `left`
-  seconds) both feature passes and the probe on the cache."""
+             clock: Callable[[], float]
+             ) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
+  """(One candidate's row, its training features and labels or None): load,
+  time one batch, then (within `left` seconds) both feature passes and the
+  probe on the cache."""
   t0 = clock()
   module, variables = candidate.load()
   params = sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
@@ -156,7 +175,8 @@ def _measure(candidate: Candidate, *, head_tx: Callable[[PyTree], optax.Gradient
   if left is not None and (clock() - t0) + estimate > left:
     return Row(candidate.name, params=params, ms_per_image=1e3 * per_image,
                note=f"skipped: its feature pass (~{math.ceil(estimate)}s) does not fit the "
-                    f"{max(0, math.floor(left - (clock() - t0)))}s left of the time budget")
+                    f"{max(0, math.floor(left - (clock() - t0)))}s left of the time budget"
+               ), None
   train_x, train_y = extract(itertools.chain([first], batches))
   val_x, val_y = extract(candidate.val_pass())
   t2 = clock()
@@ -169,4 +189,5 @@ def _measure(candidate: Candidate, *, head_tx: Callable[[PyTree], optax.Gradient
       {"params": head.params}, val_x)
   accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == val_y))
   return Row(candidate.name, val_accuracy=accuracy, feature_seconds=t2 - t0,
-             probe_seconds=clock() - t2, params=params, ms_per_image=1e3 * per_image)
+             probe_seconds=clock() - t2, params=params, ms_per_image=1e3 * per_image
+             ), (train_x, train_y)

@@ -8,6 +8,7 @@ naming the key, before any training."""
 import importlib.util
 import json
 
+import jax
 import numpy as np
 import pytest
 from app_helpers import colour_photos, load_config
@@ -43,7 +44,7 @@ def auto_config(photos, candidates=(BLIND, COLOUR)):
   return c
 
 
-@pytest.mark.slow  # two candidates' input pipelines, then a whole LP-FT run: ~15 s
+@pytest.mark.slow  # two candidates' input pipelines, then two whole LP-FT runs: ~20 s
 def test_auto_picks_the_better_backbone_writes_the_table_and_the_run_is_its(
     photos, tmp_path, capsys):
   workdir = tmp_path / "run"
@@ -65,8 +66,18 @@ def test_auto_picks_the_better_backbone_writes_the_table_and_the_run_is_its(
   assert test["count"] == 12 and test["accuracy"] == 1.0
   # The workdir keeps its choice: no second selection.
   config = experiment.resolve_schedule(auto_config(photos))
-  assert model_choice.choose(config, epath.Path(workdir)).model == COLOUR
+  resumed = model_choice.choose(config, epath.Path(workdir))
+  assert resumed.config.model == COLOUR and resumed.train_features is None
   assert f"already chose {COLOUR}" in capsys.readouterr().out
+  # Its probe phase trained on the selection's features, no second backbone pass, and
+  # gave the probe (WiSE-FT's end) of a run naming the model.
+  assert "examples' features reused from the model='auto' selection" in out
+  named = auto_config(photos)
+  named.model = COLOUR
+  experiment.finetune(named, tmp_path / "named", progress=False)
+  assert "examples' features extracted in" in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, workdirs.load_probe(workdir),
+               workdirs.load_probe(tmp_path / "named"))
 
 
 @pytest.mark.parametrize("change, key", [

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 from jtl.recipes import selection
+from jtl.recipes.strategies import features
 from own_model_pkg.candidates import Backbone
 
 
@@ -55,6 +56,20 @@ def test_the_candidate_whose_probe_scores_best_on_validation_wins():
   table = chosen.markdown()
   assert "| colour | 1.0000 |" in table and "| chosen |" in table
   assert chosen.to_dict()["choice"] == "colour"
+  assert "train_features" not in chosen.to_dict()
+
+
+def test_the_choice_hands_on_its_training_features():
+  blind, colour = candidate("blind", True), candidate("colour", False)
+  chosen = selection.select_backbone(
+      [blind, colour, candidate("blind_again", True)],  # a later, worse candidate
+      head_tx=adam, head_steps=5, batch_size=16, num_images=69)
+  assert chosen.choice == "colour"
+  # What the run's cached probe would extract over the same pass (padding dropped).
+  expected = features.extract_features(*colour.load(), colour.train_pass())
+  assert chosen.train_features[0].shape == (48, 7)
+  for got, want in zip(chosen.train_features, expected):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_candidate_that_does_not_fit_the_budget_is_skipped():
@@ -79,3 +94,4 @@ def test_a_candidate_that_does_not_fit_the_budget_is_skipped():
                                    batch_size=16, num_images=69, budget_seconds=50,
                                    clock=lambda: now[0])
   assert none.choice is None and "skipped" in none.rows[0].note
+  assert none.train_features is None

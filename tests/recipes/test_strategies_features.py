@@ -57,6 +57,34 @@ def test_cached_probe_matches_recomputed_probe():
   assert not changed(variables["batch_stats"], state.model_state["batch_stats"])
 
 
+def test_cached_head_phase_on_given_features_trains_the_same_head_without_a_backbone_pass():
+  module, variables = tiny()
+  data = batch(n=20, seed=3)
+  given = strategies.extract_features(module, variables,
+                                      eval_batches(data["inputs"], data["label"], 8))
+
+  def no_backbone_pass():  # model="auto" hands over the selection's features instead
+    raise AssertionError("the training pass was iterated")
+    yield  # pylint: disable=unreachable
+
+  kw = dict(head_steps=6, steps=0, batch_size=8, seed=1)
+  stops = []
+  extracted, row = strategies.cached_head_phase(
+      module, eval_batches(data["inputs"], data["label"], 8), optax.sgd(0.5), **kw
+  ).run(variables, stops.append)
+  reused, reused_row = strategies.cached_head_phase(
+      module, no_backbone_pass(), optax.sgd(0.5), train_features=given, **kw
+  ).run(variables, stops.append)
+  jax.tree.map(np.testing.assert_array_equal, reused, extracted)  # the same head, bit for bit
+  assert changed(variables["params"], reused["params"]) == {"head/kernel", "head/bias"}
+  assert row["reused_features"] == 0.0 and row["extract_seconds"] > 0
+  assert reused_row["reused_features"] == 1.0 and reused_row["extract_seconds"] == 0.0
+  assert reused_row["cached_examples"] == row["cached_examples"] == 20
+  assert stops == ["after extracting the features"]  # the extracting phase's only
+  with pytest.raises(ValueError, match="train_pass or train_features"):
+    strategies.cached_head_phase(module, None, optax.sgd(0.5), **kw)
+
+
 def test_feature_batches_cover_each_epoch_once():
   it = strategies.feature_batches(np.arange(12)[:, None], np.arange(12), 4, seed=0)
   epoch = np.concatenate([next(it)["label"] for _ in range(3)])

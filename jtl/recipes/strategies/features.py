@@ -217,9 +217,10 @@ def probe_head(module: Any, variables: PyTree, train_pass: Iterable[dict[str, An
                                         "cached_examples": len(ys)}
 
 
-def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]],
+def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]] | None,
                       head_tx: optax.GradientTransformation, *, head_steps: int, steps: int,
-                      batch_size: int, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+                      batch_size: int, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                      train_features: tuple[np.ndarray, np.ndarray] | None = None
                       ) -> phases.SelfTrained:
   """The head trained on cached features, as `jtl.train.fit`'s first phase
   (`first_phase=`): one backbone pass over `train_pass` (unaugmented) on all
@@ -227,14 +228,26 @@ def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]],
   in one compiled scan (`head_trainer`, optimizer `head_tx` over
   {"head": ...}). It counts `steps` of the run's steps: the run's num_steps
   for a linear probe (the whole run), 0 for LP-FT's probe phase (its
-  fine-tuning runs every step). Its metrics row: extract_seconds,
-  head_seconds, head_compile_seconds, steps_per_second (head steps),
-  cached_examples."""
+  fine-tuning runs every step).
+
+  `train_features`: (features, labels) that `extract_features` gave for this
+  backbone and this same pass (e.g. `model="auto"`'s selection,
+  `jtl.recipes.selection.Selection.train_features`); then there is no
+  backbone pass (`train_pass` may be None) and the head trains exactly as
+  after one. Its metrics row: extract_seconds (0 when given), head_seconds,
+  head_compile_seconds, steps_per_second (head steps), cached_examples,
+  reused_features (1.0 when given, else 0.0)."""
+  if train_pass is None and train_features is None:
+    raise ValueError("cached_head_phase needs train_pass or train_features.")
+
   def run(variables: PyTree, stop_point: Callable[[str], None]
           ) -> tuple[dict[str, Any], dict[str, float]]:
     t0 = time.perf_counter()
-    feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
-    stop_point("after extracting the features")
+    if train_features is None:
+      feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
+      stop_point("after extracting the features")
+    else:
+      feats, ys = train_features
     t1 = time.perf_counter()
     timings: dict[str, float] = {}
     head = head_trainer(variables, head_tx)(feats, ys, num_steps=head_steps,
@@ -243,9 +256,10 @@ def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]],
     jax.block_until_ready(head.params)
     t2 = time.perf_counter()
     return with_head(variables, jax.device_get(head.params)), {
-        "extract_seconds": t1 - t0, "head_seconds": t2 - t1,
-        "head_compile_seconds": timings["compile_seconds"],
-        "steps_per_second": head_steps / (t2 - t1), "cached_examples": len(ys)}
+        "extract_seconds": 0.0 if train_features is not None else t1 - t0,
+        "head_seconds": t2 - t1, "head_compile_seconds": timings["compile_seconds"],
+        "steps_per_second": head_steps / (t2 - t1), "cached_examples": len(ys),
+        "reused_features": float(train_features is not None)}
   return phases.SelfTrained(run, steps)
 
 
