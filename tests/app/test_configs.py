@@ -1,9 +1,11 @@
 """Every config loads and validates, and the network-only (TPU) configs build
 their model and point at their pipeline without downloading anything."""
 
+import dataclasses
 import functools
 
 import jax
+import numpy as np
 import pytest
 from app_helpers import ROOT, load_config
 
@@ -41,10 +43,16 @@ def test_tpu_configs_build_model_and_pipeline_offline(name, tmp_path):
 
 
 @functools.lru_cache(maxsize=None)
-def random_init(model):
-  """One random init per model, shared by the strategies (building a strategy
-  leaves the model and its variables as they were; the init compiles for ~10 s)."""
-  return models.create(model, num_classes=10, pretrained=False)
+def zero_init(model):
+  """The model with zeros of its variables' shapes, shared by the strategies:
+  they read names and shapes only (building a strategy leaves the model and
+  its variables as they were), and a real init compiles for ~10 s."""
+  spec = models.get_spec(model)
+  module = spec.build(num_classes=10)
+  shapes = models.registry.abstract_variables(spec, module)
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  spec = dataclasses.replace(spec, groups=models.registry.layer_groups(spec, variables["params"]))
+  return models.registry.CreatedModel(module, variables, None, spec.preprocess, spec)
 
 
 @pytest.mark.parametrize("name", ["lora", "lp_ft", "gradual", "bitfit", "llrd", "partial"])
@@ -52,7 +60,7 @@ def test_strategy_configs_build_their_phases(name):
   config = load_config("strategy", name)
   config.pretrained = False
   experiment.validate(config)
-  created = random_init(config.model)
+  created = zero_init(config.model)
   module, variables, phases = experiment.build_training(config, created)
   assert len(phases) == (2 if name == "lp_ft" else 1) or name == "gradual"
   summary = experiment.partition.summarize(variables["params"], phases[0][1])
