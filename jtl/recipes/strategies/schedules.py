@@ -73,10 +73,14 @@ def gradual_unfreezing_phases(groups: rules_lib.Groups, steps_per_stage: int, *,
   head = rules_lib.head_group(groups, head)
   below = len(groups) - 1
   max_blocks = below if max_blocks is None else max_blocks
-  if steps_per_stage < 1 or blocks_per_stage < 1 or not 0 <= max_blocks <= below:
-    raise ConfigError(
-        f"steps_per_stage={steps_per_stage} and blocks_per_stage={blocks_per_stage} must be "
-        f">= 1 and max_blocks={max_blocks} in 0..{below}.")
+  problems = [f"{k}={v} must be >= 1" for k, v in (("steps_per_stage", steps_per_stage),
+                                                   ("blocks_per_stage", blocks_per_stage)) if v < 1]
+  if not 0 <= max_blocks <= below:
+    problems.append(f"max_blocks={max_blocks} must be in 0..{below}: the model has {below} "
+                    f"layer groups below the head ({', '.join(g for g, _ in groups if g != head)}"
+                    "); lower it, or leave it None for all")
+  if problems:
+    raise ConfigError("gradual unfreezing: " + "; ".join(problems) + ".")
   phases, n = [], 0
   while True:
     names = rules_lib.top_groups(groups, n, head=head)
