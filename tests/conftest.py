@@ -6,6 +6,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA compiles at backend optimization level 0 without expensive LLVM passes
+# (jax_disable_most_optimizations): the suite's tiny programs spend far longer
+# compiling than running (test_steps + test_model_kinds: 128 -> 80 CPU s), and
+# every comparison here is between jtl's programs or within a tolerance, never
+# of speed. In the environment, so the scripts' subprocesses compile the same
+# way; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax
 
