@@ -2,8 +2,12 @@
 
 import os
 
+# XLA:CPU's legacy elemental emitters instead of its fusion emitters: the
+# tiny test programs compile ~4x faster (tests/models, with the level 0 below:
+# 165 -> 135 CPU s; test_steps + test_model_kinds 80 -> 37).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # XLA compiles at backend optimization level 0 without expensive LLVM passes
