@@ -1,13 +1,25 @@
 """Test setup: 8 fake CPU devices and strict numerics, before jax is imported."""
 
+import importlib.metadata
 import os
+
+
+def _checked_xla() -> bool:
+  """Whether the installed jaxlib's XLA is one known to take the flag below:
+  XLA aborts on a flag it does not know, so a newer jaxlib runs without it
+  (slower, not wrong) until someone checks it again."""
+  try:
+    return importlib.metadata.version("jaxlib").split(".")[:2] == ["0", "10"]
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
 
 # XLA:CPU's legacy elemental emitters instead of its fusion emitters: the
 # tiny test programs compile ~4x faster (tests/models, with the level 0 below:
 # 165 -> 135 CPU s; test_steps + test_model_kinds 80 -> 37).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false")
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    + (" --xla_cpu_use_fusion_emitters=false" if _checked_xla() else ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # XLA compiles at backend optimization level 0 without expensive LLVM passes
