@@ -81,7 +81,11 @@ def _training_refusal(family: str, strategy: str, api: str) -> str:
     return "refused: the small CNN has 3 blocks, gradual's max_blocks is 4 [max_blocks]"
   if family == "small_cnn" and strategy == "strategy.py:partial":
     return "refused: the small CNN has 3 blocks, partial's num_blocks is 4 [num_blocks]"
-  if strategy in ("partial.py", "default.py") and family != "efficientnet_lite":
+  # MobileNetV2's blocks_0..16 include every name these rules give (Lite0's
+  # blocks_12..15 and top): they train those, and its last block 16 stays
+  # frozen (the full run found it; configs/partial.py says so).
+  if strategy in ("partial.py", "default.py") and family not in ("efficientnet_lite",
+                                                                "mobilenet_v2"):
     return "refused: the rules name EfficientNet-Lite0 blocks [rules]"
   return ""
 
