@@ -14,10 +14,11 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
   within `model_budget_seconds`, and the run trains it as if named
   (`--config.model_candidates=efficientnet_lite0,hf-hub:timm/resnet50.a1_in1k`
   tries your own list: zoo names, Hub repos, local Hub-layout folders). At
-  native resolution on CIFAR-10 (30 images per class, 1 epoch, 3 seeds) it
-  chose Lite2 each time and beat the fixed Lite0 by 2.1 points of test
-  accuracy at 2.5x its wall time (the selection costs about one epoch of
-  Lite0 here; BENCHMARKS.md, "model=auto");
+  native resolution on CIFAR-10 (30 images per class, this config's 10
+  epochs, 3 seeds) it chose Lite2 each time: +1.8 points of test accuracy
+  over the fixed Lite0 (within one standard deviation) at 1.8x its wall time
+  (the selection costs about one epoch of Lite0 here; BENCHMARKS.md,
+  "model=auto");
 - LP-FT (Kumar et al. 2022): a linear probe on cached features first (one
   backbone pass over the unaugmented training images, then `probe_steps`
   head steps at `probe_learning_rate`: seconds), then every parameter but
