@@ -15,7 +15,8 @@ selection alone: auto's run is the chosen backbone's run with the same seed
 
 Datasets: the CIFAR-10 folder (--cifar_dir; the first --per_class training
 images of each class, the first --test_per_class test images) and the sklearn
-digits folder (make_small_folders.py's split: 1,297 train, 500 test), both at
+digits folder (make_small_folders.py's split: 1,297 train, 500 test; with
+--digits_per_class N, the first N training images of each digit), both at
 --image_size for every backbone, or each backbone's native size with
 --image_size 0 (the folder config's default: Lite0 224, Lite1 240, Lite2 260
 px; auto's candidates too).
@@ -160,6 +161,8 @@ def main() -> None:
   p.add_argument("--datasets", default="cifar10,digits")
   p.add_argument("--per_class", type=int, default=50)
   p.add_argument("--test_per_class", type=int, default=100)
+  p.add_argument("--digits_per_class", type=int, default=0,
+                 help="the first N training images of each digit (0: all 1,297; test: all 500)")
   p.add_argument("--image_size", type=int, default=64,
                  help="pixels for every backbone; 0: each backbone's native size")
   p.add_argument("--num_epochs", type=int, default=2)
@@ -188,6 +191,9 @@ def main() -> None:
                                     args.per_class, args.test_per_class)
     else:
       folders[name] = digits_folder(args.out / "folders" / "digits")
+      if args.digits_per_class:
+        folders[name] = subset_folder(folders[name], args.out / "folders" / "digits_subset",
+                                      args.digits_per_class, 50)
   done = {(r["dataset"], r["model"], r["seed"]) for r in rows}
   for seed in (int(s) for s in args.seeds.split(",")):
     for name, folder in folders.items():
