@@ -2,10 +2,10 @@
 
 `write` puts params (or all variables) in npz, safetensors, msgpack or an Orbax
 directory (every format `jtl.weights.read` takes). The submodules, loaded on
-first use: `peft` (LoRA adapters to and from PEFT folders), `hf_export`
-(merged HF / timm layouts), `serving` (a jax.export'ed predict function),
-`quantize` (int8 weights for inference), `deploy` (ONNX and LiteRT files, and
-running them).
+first use: `peft` (LoRA adapters written as PEFT folders), `peft_import`
+(PEFT folders read into jtl params), `hf_export` (merged HF / timm layouts),
+`serving` (a jax.export'ed predict function), `quantize` (int8 weights for
+inference), `deploy` (ONNX and LiteRT files, and running them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from jtl.export.writers import write
 
-_SUBMODULES = ("deploy", "hf_export", "peft", "quantize", "serving", "writers")
+_SUBMODULES = ("deploy", "hf_export", "peft", "peft_import", "quantize", "serving", "writers")
 
 
 def __getattr__(name: str) -> Any:

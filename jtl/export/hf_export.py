@@ -16,7 +16,8 @@ an error naming it), and the result maps back through the forward converter
 to the same arrays.
 
 Layouts ("bert", "bert_cls", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls") also
-name the module paths that `jtl.export.peft` writes adapters under:
+name the module paths that `jtl.export.peft` writes adapters under (and
+`peft_import` reads them from):
 `torch_module(layout, path)`, the names of the modules in the live torch
 model. transformers >= 5 renames DINOv2's attention modules in memory
 (`attention.q_proj` ... `attention.o_proj`, what PEFT saves adapters under)

@@ -643,7 +643,7 @@ def read_folder_case(fmt: str, path: str) -> Any:
   """Imports the PEFT adapter / creates the Hub model of each model folder in
   `path`; returns the last result."""
   from jtl import models  # pylint: disable=g-import-not-at-top
-  from jtl.export import peft  # pylint: disable=g-import-not-at-top
+  from jtl.export import peft_import  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   result = None
   for model in sorted(os.listdir(path)):
@@ -651,7 +651,7 @@ def read_folder_case(fmt: str, path: str) -> Any:
     if fmt == "peft":
       if model not in _BASE_PARAMS:
         _BASE_PARAMS[model] = _fixture_module().base_variables(model)["params"]
-      params, _ = peft.import_peft(_BASE_PARAMS[model], folder, layout=PEFT_LAYOUTS[model])
+      params, _ = peft_import.import_peft(_BASE_PARAMS[model], folder, layout=PEFT_LAYOUTS[model])
       result = {k: np.asarray(v) for k, v in jtree_flatten(params).items()}
     else:
       _serve_hub_from(folder)

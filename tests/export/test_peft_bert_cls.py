@@ -22,7 +22,7 @@ from app_helpers import load_file
 from jtl import tree as jtree
 from jtl.app import experiment
 from jtl.errors import CheckpointError
-from jtl.export import hf_export, peft
+from jtl.export import hf_export, peft, peft_import
 from jtl import models
 from jtl.models import bert, registry
 from jtl.recipes.strategies import lora
@@ -58,7 +58,7 @@ def test_peft_adapter_of_bert_for_sequence_classification_imports_whole():
   """PEFT's SEQ_CLS adapter (LoRA on query/value, classifier saved whole):
   jtl's logits after import == transformers' PeftModel's."""
   folder = DIR / "peft_trained"
-  params, alpha = peft.import_peft(base()["params"], folder, layout="bert_cls")
+  params, alpha = peft_import.import_peft(base()["params"], folder, layout="bert_cls")
   flat = jtree.flatten(params)
   assert sorted(p for p in flat if p.endswith("/lora_a")) == [
       f"layer_{i}/attention/{m}/lora_a" for i in (0, 1) for m in ("query", "value")]
@@ -77,11 +77,11 @@ def test_task_model_adapter_into_a_mean_pooled_head_names_the_kwarg():
   naming the model kwarg and the layout that load it."""
   with pytest.raises(CheckpointError, match=r"\['classifier'\].*pool='cls_pooler'.*"
                      r"model_kwargs=\{'pool': 'cls_pooler'\}.*layout='bert_cls'"):
-    peft.import_peft(base()["params"], DIR / "peft_trained", layout="bert")
+    peft_import.import_peft(base()["params"], DIR / "peft_trained", layout="bert")
   # ... and a BertModel adapter into "bert_cls" says which layout its keys are.
   with pytest.raises(CheckpointError, match=r"not under 'bert\.'.*BertModel, layout='bert'"):
-    peft.import_peft(base()["params"], FIXTURES / "peft" / "jtl_adapter" / "bert",
-                     layout="bert_cls")
+    peft_import.import_peft(base()["params"], FIXTURES / "peft" / "jtl_adapter" / "bert",
+                            layout="bert_cls")
 
 
 def test_export_is_what_bert_for_sequence_classification_loaded(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from jtl import tree as jtree
 from jtl.errors import CheckpointError
-from jtl.export import peft
+from jtl.export import peft, peft_import
 from jtl.recipes.strategies import lora
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -67,8 +67,8 @@ def test_jtl_dora_adapter_is_the_file_peft_loaded_and_gives_its_outputs(name, tm
 @pytest.mark.parametrize("name", dref.MODELS)
 def test_peft_trained_dora_adapter_imports_into_jtl(name):
   folder = DORA_DIR / "peft_trained" / name
-  params, alpha = peft.import_peft(ref.base_variables(name)["params"], folder,
-                                   layout=LAYOUT[name])
+  params, alpha = peft_import.import_peft(ref.base_variables(name)["params"], folder,
+                                          layout=LAYOUT[name])
   flat = jtree.flatten(params)
   magnitudes = [p for p in flat if p.endswith("/lora_magnitude")]
   # ViT: qkv (-> query, key, value), proj, fc1, fc2 in 2 blocks and the patch
@@ -87,8 +87,8 @@ def test_peft_trained_dora_adapter_imports_into_jtl(name):
 @pytest.mark.parametrize("name", dref.MODELS)
 def test_dora_export_then_import_is_exact_and_mixed_adapters_are_refused(name, tmp_path):
   peft.export_peft(lora.LoraModel(ref.build(name), ref.ALPHA), dora(name), tmp_path / "a")
-  params, _ = peft.import_peft(ref.base_variables(name)["params"], tmp_path / "a",
-                               layout=LAYOUT[name])
+  params, _ = peft_import.import_peft(ref.base_variables(name)["params"], tmp_path / "a",
+                                      layout=LAYOUT[name])
   got = jtree.flatten(params)
   want = jtree.flatten(dora(name)["params"])
   if name == "vit":  # a projection without an adapter in a DoRA qkv gets one (B = 0

@@ -27,7 +27,7 @@ from app_helpers import load_file, run_script
 
 from jtl import tree as jtree
 from jtl.app import workdirs
-from jtl.export import hf_export, peft
+from jtl.export import hf_export, peft, peft_import
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import bert, dinov2, hub_models, resnet
 from jtl.recipes.strategies import lora
@@ -138,7 +138,7 @@ def test_peft_trained_adapter_loads_into_jtl(name, caplog):
   """An adapter PEFT trained and saved gives PEFT's outputs in jtl."""
   folder = PEFT_DIR / "peft_trained" / name
   with caplog.at_level(logging.WARNING):
-    params, alpha = peft.import_peft(base(name)["params"], folder, layout=LAYOUT[name])
+    params, alpha = peft_import.import_peft(base(name)["params"], folder, layout=LAYOUT[name])
   config = json.loads((folder / peft.CONFIG_FILE).read_text())
   assert alpha == config["lora_alpha"]
   n_adapters = sum(p.endswith("/lora_a") for p in jtree.flatten(params))
@@ -175,7 +175,7 @@ def test_peft_adapter_on_berts_pooler_is_imported(tmp_path):
   tensors[key] = np.random.default_rng(0).normal(size=tensors[key].shape).astype(np.float32)
   safetensors.numpy.save_file(tensors, str(folder / peft.WEIGHTS_FILE))
   a, b = tensors["base_model.model.pooler.dense.lora_A.weight"], tensors[key]  # [r, in]
-  params, alpha = peft.import_peft(base("bert")["params"], folder, layout="bert")
+  params, alpha = peft_import.import_peft(base("bert")["params"], folder, layout="bert")
   config = json.loads((folder / peft.CONFIG_FILE).read_text())
   scale = config["alpha_pattern"]["dense"] / a.shape[0]  # PEFT's scale for "dense"
   kernel = np.asarray(base("bert")["params"]["pooler"]["kernel"])
@@ -198,8 +198,8 @@ def test_bert_task_model_adapter_imports_under_bertmodels_names(tmp_path):
   renamed = {k.replace(peft.PREFIX, peft.PREFIX + "bert.", 1): v for k, v in tensors.items()}
   assert "base_model.model.bert.pooler.dense.lora_A.weight" in renamed
   safetensors.numpy.save_file(renamed, str(folder / peft.WEIGHTS_FILE))
-  want, _ = peft.import_peft(base("bert")["params"], source, layout="bert")
-  got, _ = peft.import_peft(base("bert")["params"], folder, layout="bert")
+  want, _ = peft_import.import_peft(base("bert")["params"], source, layout="bert")
+  got, _ = peft_import.import_peft(base("bert")["params"], folder, layout="bert")
   want, got = jtree.flatten(want), jtree.flatten(got)
   assert sorted(got) == sorted(want) and "pooler/lora_a" in got
   for k in want:
@@ -207,13 +207,13 @@ def test_bert_task_model_adapter_imports_under_bertmodels_names(tmp_path):
   renamed["base_model.model.classifier.weight"] = np.zeros((2, 32), np.float32)
   safetensors.numpy.save_file(renamed, str(folder / peft.WEIGHTS_FILE))
   with pytest.raises(CheckpointError, match=r"\['classifier'\].*\[CLS\] pooler output"):
-    peft.import_peft(base("bert")["params"], folder, layout="bert")
+    peft_import.import_peft(base("bert")["params"], folder, layout="bert")
 
 
 @pytest.mark.parametrize("name", ["vit", "resnet", "dinov2"])
 def test_export_then_import_restores_the_adapters_exactly(name, tmp_path):
   peft.export_peft(lora.LoraModel(ref.build(name), ref.ALPHA), adapted(name), tmp_path)
-  params, alpha = peft.import_peft(base(name)["params"], tmp_path, layout=LAYOUT[name])
+  params, alpha = peft_import.import_peft(base(name)["params"], tmp_path, layout=LAYOUT[name])
   assert alpha == ref.ALPHA
   want, got = jtree.flatten(adapted(name)["params"]), jtree.flatten(params)
   assert sorted(want) == sorted(got)
@@ -250,8 +250,8 @@ def test_dinov2_adapter_with_transformers_4_names_imports_the_same(tmp_path):
   import safetensors.numpy
   assert any("attention.attention.key" in k for k in
              safetensors.numpy.load_file(str(v4 / peft.WEIGHTS_FILE)))
-  want, alpha = peft.import_peft(base("dinov2")["params"], folder, layout="dinov2_cls")
-  got, alpha_v4 = peft.import_peft(base("dinov2")["params"], v4, layout="dinov2_cls")
+  want, alpha = peft_import.import_peft(base("dinov2")["params"], folder, layout="dinov2_cls")
+  got, alpha_v4 = peft_import.import_peft(base("dinov2")["params"], v4, layout="dinov2_cls")
   want, got = jtree.flatten(want), jtree.flatten(got)
   assert alpha_v4 == alpha and sorted(want) == sorted(got)
   for k in want:
@@ -274,15 +274,15 @@ def test_dinov2_backbone_adapter_and_layout_mismatch(tmp_path):
   keys = safetensors.numpy.load_file(str(out / peft.WEIGHTS_FILE))
   assert "base_model.model.encoder.layer.1.attention.k_proj.lora_A.weight" in keys
   assert not any(k.startswith("base_model.model.dinov2.") for k in keys)
-  back, _ = peft.import_peft(jtree.unflatten({p: v for p, v in flat.items() if "lora" not in p}),
-                             out, layout="dinov2")
+  base_flat = {p: v for p, v in flat.items() if "lora" not in p}
+  back, _ = peft_import.import_peft(jtree.unflatten(base_flat), out, layout="dinov2")
   for p, v in flat.items():
     np.testing.assert_array_equal(np.asarray(jtree.flatten(back)[p]), v, err_msg=p)
   with pytest.raises(CheckpointError, match="layout='dinov2_cls'"):
-    peft.import_peft(base("dinov2")["params"], PEFT_DIR / "peft_trained" / "dinov2",
-                     layout="dinov2")
+    peft_import.import_peft(base("dinov2")["params"], PEFT_DIR / "peft_trained" / "dinov2",
+                            layout="dinov2")
   with pytest.raises(CheckpointError, match="layout='dinov2'"):
-    peft.import_peft(base("dinov2")["params"], out, layout="dinov2_cls")
+    peft_import.import_peft(base("dinov2")["params"], out, layout="dinov2_cls")
   # A head on the class token alone is not Dinov2ForImageClassification's.
   with pytest.raises(ConfigError, match="pool='cls'"):
     peft.export_peft(ref.build("dinov2").clone(pool="cls"), adapted("dinov2"), tmp_path / "b",
@@ -291,9 +291,9 @@ def test_dinov2_backbone_adapter_and_layout_mismatch(tmp_path):
 
 def test_peft_trained_qkv_adapter_folded_or_as_adapters_gives_the_same_model():
   folder = PEFT_DIR / "peft_trained" / "vit"
-  as_adapters, alpha = peft.import_peft(base("vit")["params"], folder, layout="timm_vit")
-  folded, _ = peft.import_peft(base("vit")["params"], folder, layout="timm_vit",
-                               fold_unsupported=True)
+  as_adapters, alpha = peft_import.import_peft(base("vit")["params"], folder, layout="timm_vit")
+  folded, _ = peft_import.import_peft(base("vit")["params"], folder, layout="timm_vit",
+                                      fold_unsupported=True)
   flat = jtree.flatten(as_adapters)
   q = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query"
   assert flat[f"{q}/lora_a"].shape == (32, 4) and flat[f"{q}/lora_b"].shape == (4, 32)
@@ -350,7 +350,7 @@ def test_head_split_qkv_lora_exports_exactly_with_a_larger_rank(tmp_path):
   peft.export_peft(ref.build("vit"), {"params": params}, tmp_path, alpha=4)
   config = json.loads((tmp_path / peft.CONFIG_FILE).read_text())
   assert config["r"] == 4 and config["alpha_pattern"] == {"blocks.1.attn.qkv": 8.0}
-  back, alpha = peft.import_peft(base("vit")["params"], tmp_path, layout="timm_vit")
+  back, alpha = peft_import.import_peft(base("vit")["params"], tmp_path, layout="timm_vit")
   got = jtree.flatten(back)
   assert got[f"{k}/lora_a"].shape == (32, 4) and f"{k.replace('key', 'query')}/lora_a" not in got
   want = jtree.flatten(lora.merge_lora(params, 4.0))[f"{k}/kernel"]
@@ -394,7 +394,7 @@ def test_unrepresentable_or_mismatched_adapters_are_named(tmp_path):
   shapes = jax.eval_shape(lambda: wrong.init(jax.random.PRNGKey(0), ref.inputs("bert")))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   with pytest.raises(CheckpointError, match="does not fit kernel") as e:
-    peft.import_peft(zeros["params"], PEFT_DIR / "jtl_adapter" / "bert", layout="bert")
+    peft_import.import_peft(zeros["params"], PEFT_DIR / "jtl_adapter" / "bert", layout="bert")
   assert str(e.value).count("does not fit") >= 7
   # Not a LoRA adapter / not a folder.
   (tmp_path / "cfg").mkdir()
@@ -402,9 +402,9 @@ def test_unrepresentable_or_mismatched_adapters_are_named(tmp_path):
   (tmp_path / "cfg" / peft.WEIGHTS_FILE).write_bytes(
       (PEFT_DIR / "jtl_adapter" / "bert" / peft.WEIGHTS_FILE).read_bytes())
   with pytest.raises(CheckpointError, match="peft_type 'IA3'"):
-    peft.import_peft(base("bert")["params"], tmp_path / "cfg", layout="bert")
+    peft_import.import_peft(base("bert")["params"], tmp_path / "cfg", layout="bert")
   with pytest.raises(CheckpointError, match="not a PEFT adapter folder"):
-    peft.import_peft(base("bert")["params"], tmp_path, layout="bert")
+    peft_import.import_peft(base("bert")["params"], tmp_path, layout="bert")
   with pytest.raises(ConfigError, match="pass alpha"):
     hf_export.export_hf(ref.build("bert"), adapted("bert"), tmp_path / "m")
 
@@ -448,7 +448,7 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   config = json.loads((workdir / "export" / "peft" / peft.CONFIG_FILE).read_text())
   assert config["target_modules"] == ["fc1"] and config["modules_to_save"] == ["head"]
   assert config["base_model_name_or_path"] == "vit_ti16/augreg_in21k"
-  params, alpha = peft.import_peft(jtree.unflatten(
+  params, alpha = peft_import.import_peft(jtree.unflatten(
       {p: v for p, v in jtree.flatten(variables["params"]).items() if "lora" not in p}),
       workdir / "export" / "peft", layout="timm_vit")
   assert alpha == 4.0
@@ -503,14 +503,14 @@ def _edited_adapter(tmp_path, name, config_edit=None, weights=None, tensors_edit
 def test_regex_pattern_keys_match_as_peft_does(tmp_path):
   """alpha_pattern / rank_pattern keys are regexes matched on the module name
   or a part of it after a ".": written as regexes they give the same import."""
-  want, _ = peft.import_peft(base("vit")["params"], PEFT_DIR / "jtl_adapter" / "vit",
-                             layout="timm_vit")
+  want, _ = peft_import.import_peft(base("vit")["params"], PEFT_DIR / "jtl_adapter" / "vit",
+                                    layout="timm_vit")
 
   def regexes(config):
     config["alpha_pattern"] = {r"^blocks\.0\.attn\.qkv$": 8.0, r"(?:.*)1\.attn\.qkv": 16.0}
     config["rank_pattern"] = {r"blocks\.[0]\.attn\.qkv": 4, r"attn.proj": 4, r"\d\.attn\.qkv": 8}
-  got, _ = peft.import_peft(base("vit")["params"], _edited_adapter(tmp_path, "vit", regexes),
-                            layout="timm_vit")
+  got, _ = peft_import.import_peft(base("vit")["params"], _edited_adapter(tmp_path, "vit", regexes),
+                                   layout="timm_vit")
   want, got = jtree.flatten(want), jtree.flatten(got)
   assert sorted(want) == sorted(got)
   for k in want:
@@ -527,7 +527,7 @@ def test_pattern_keys_that_could_backtrack_for_ever_are_refused(tmp_path, key):
   folder = _edited_adapter(tmp_path, "vit", hostile)
   with pytest.raises(CheckpointError, match=rf"adapter_config.json alpha_pattern key "
                      rf"{re.escape(repr(key))}"):
-    peft.import_peft(base("vit")["params"], folder, layout="timm_vit")
+    peft_import.import_peft(base("vit")["params"], folder, layout="timm_vit")
 
 
 def _zero_rank(tensors):
@@ -562,7 +562,7 @@ def test_damaged_adapter_folder_is_one_checkpoint_error(tmp_path, edit, where):
   SafetensorError."""
   folder = _edited_adapter(tmp_path, "vit", **edit)
   with pytest.raises(CheckpointError, match=where):
-    peft.import_peft(base("vit")["params"], folder, layout="timm_vit")
+    peft_import.import_peft(base("vit")["params"], folder, layout="timm_vit")
 
 
 def _peft_targets(target_modules, name):
