@@ -9,10 +9,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 import jax
+import ml_collections
 from absl import flags, logging
 
 from jtl.app import cpu, keys
-from jtl.app.experiment import flat_keys
 from jtl.errors import ConfigError, JtlError
 from jtl.weights.sources import cache_dir
 
@@ -125,3 +125,14 @@ def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str
   valid = flat_keys(module.get_config(arg) if arg else module.get_config())
   given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   return [k for k in given if k not in valid], valid, path
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """All "a.b" keys of a config (for error messages listing valid keys)."""
+  found = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      found.extend(flat_keys(v, f"{prefix}{k}."))
+    else:
+      found.append(prefix + k)
+  return sorted(found)

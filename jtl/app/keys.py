@@ -45,7 +45,7 @@ KEYS: tuple[Key, ...] = (
         "whose feature pass (estimated from one batch) does not fit is skipped (None: no limit)",
         float),
     Key("model_kwargs", {}, "options of the model's constructor, e.g. {'drop_path_rate': 0.1} "
-        "(`jtl.app.experiment.model_options`)"),
+        "(`jtl.app.preflight.model_options`)"),
     Key("pretrained", True, "load the model's pretrained weights (False: random init)"),
     Key("api", "linen", "'linen', or 'nnx': the zoo model trains as a Flax NNX module "
         "(models.create(api='nnx')); checkpoints and exports are the same either way"),
@@ -160,16 +160,34 @@ def strategy_options(name: str, **values: Any) -> ml_collections.ConfigDict:
   that the command line can switch strategy and set its options: each None
   (the strategy's default, `strategies.resolve_options`) unless `values` sets
   it. Unset options the named strategy does not take are dropped when the
-  run reads them (`experiment.strategy_config`); set ones are an error."""
+  run reads them (`strategy_config`); set ones are an error."""
   strategies.default_options(name)  # an unknown name: a ConfigError naming the strategies
   unknown = sorted(set(values) - set(STRATEGY_OPTIONS))
-  if unknown:  # e.g. seed: the run's `seed` is the strategy's (experiment.strategy_config)
+  if unknown:  # e.g. seed: the run's `seed` is the strategy's (strategy_config)
     raise ConfigError(f"strategy_options({name!r}): unknown option(s) {unknown}; options: "
                       f"{sorted(STRATEGY_OPTIONS)}.")
   options = ml_collections.ConfigDict({"name": name})
   for option, (kind, _) in STRATEGY_OPTIONS.items():
     options[option] = _value(values.get(option), kind)
   return options
+
+
+def strategy_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's `strategy` as a dict; no name (or "") is the "rules"
+  strategy, whose default rules train every parameter. Its `seed` (LoRA's
+  init, scratch's re-init) is the run's `seed`: one knob for every draw.
+  Options left unset (None) are dropped: None is the strategy's default
+  (`strategies.resolve_options` fills it in), and a config declares every
+  strategy's options (`strategy_options`) so that
+  `--config.strategy.name=lp_ft --config.strategy.probe_steps=500` parses
+  whatever strategy the file names. A set option that the named strategy
+  does not take stays, an error (`resolve_options` names it)."""
+  raw = config.strategy or {}
+  options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+  name = options.get("name") or "rules"
+  options = {k: v for k, v in options.items() if v is not None}
+  seed = config.seed if "seed" in config else 0
+  return {**options, "name": name, "seed": seed}
 
 
 def strategy_option_defaults(option: str) -> str:

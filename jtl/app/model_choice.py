@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 
 from jtl import models, paths
+from jtl.app import keys
 from jtl.checkpoint import manager
 from jtl.data import sources
 from jtl.errors import ConfigError, JtlError, bullet_list
@@ -208,7 +209,7 @@ def _probe(config: ml_collections.ConfigDict) -> tuple[int, Any]:
   (LP-FT's probe phase, a linear probe), or of LP-FT's defaults for a
   strategy without one."""
   experiment = _experiment()
-  plan = strategies.cached_probe(strategies.resolve_options(experiment.strategy_config(config)))
+  plan = strategies.cached_probe(strategies.resolve_options(keys.strategy_config(config)))
   if plan is None:
     plan = strategies.cached_probe(strategies.resolve_options("lp_ft"))
   steps = config.num_steps if plan.whole_run else plan.head_steps

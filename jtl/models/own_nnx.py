@@ -106,7 +106,7 @@ def spec_of_nnx(target: Callable[..., Any], *, name: str | None = None) -> regis
   def build(num_classes: int = default_classes, **kwargs: Any) -> NnxLinen:
     return NnxLinen(target, kwargs=FrozenDict({"num_classes": num_classes, **kwargs}))
 
-  # model_kwargs may set the constructor's own options (experiment.model_options).
+  # model_kwargs may set the constructor's own options (preflight.model_options).
   build.__signature__ = inspect.Signature(options)  # type: ignore[attr-defined]
   normalization = getattr(target, "normalization", None)
   if not isinstance(normalization, Normalization):

@@ -11,7 +11,7 @@ from PIL import Image
 from app_helpers import photo_folder
 
 from configs import strategy as strategy_config
-from jtl.app import evaluation, experiment
+from jtl.app import evaluation, experiment, preflight
 from jtl.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def probe_config(data):
 
 def test_linear_probe_trains_on_cached_features_and_evaluates(tmp_path):
   config = probe_config(photo_folder(tmp_path / "photos"))
-  assert experiment.cached_probe_problems(config) == []
+  assert preflight.cached_probe_problems(config) == []
   result = experiment.finetune(config, tmp_path / "run", progress=False)
   assert result.eval_metrics["count"] == 4 and result.steps_per_second > 0
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -51,23 +51,23 @@ def test_cache_features_true_with_augmentation_is_refused(tmp_path):
   config.strategy.cache_features = True
   config.augment.crop = True
   with pytest.raises(ConfigError, match="augment.crop is on: cached features need"):
-    experiment.preflight(config)
+    preflight.preflight(config)
   config.augment.crop = False
   config.augment.randaugment_n = 2
-  assert experiment.cached_probe_problems(config) == [
+  assert preflight.cached_probe_problems(config) == [
       "augment.randaugment_n > 0: cached features need an unaugmented pipeline"]
   config.strategy.cache_features = None  # auto: falls back to the plain step
-  assert experiment.cached_probe_problems(config) is None
+  assert preflight.cached_probe_problems(config) is None
 
 
 def test_the_probe_config_trains_on_cached_features_by_default():
   from configs import linear_probe  # pylint: disable=g-import-not-at-top
-  assert experiment.cached_probe_problems(linear_probe.get_config()) == []
+  assert preflight.cached_probe_problems(linear_probe.get_config()) == []
   ema = linear_probe.get_config()
   ema.ema_decay = 0.99  # the EMA lives in the train step: the plain step runs, not the cache
-  assert experiment.cached_probe_problems(ema) is None
+  assert preflight.cached_probe_problems(ema) is None
   ema.strategy.cache_features = True
-  assert any("ema_decay" in p for p in experiment.cached_probe_problems(ema))
+  assert any("ema_decay" in p for p in preflight.cached_probe_problems(ema))
 
 
 def test_cached_and_uncached_probes_train_the_same_head(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from app_helpers import ROOT, load_config
 
 from jtl import models
-from jtl.app import experiment
+from jtl.app import experiment, preflight
 from jtl.errors import ConfigError, DataError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -21,9 +21,9 @@ def test_config_validates(path):
   config = load_config(path.stem)
   if not config.dataset:  # configs/folder.py: the user names the folder
     with pytest.raises(ConfigError, match="--config.dataset=folder:"):
-      experiment.validate(config)
+      preflight.validate(config)
     config.dataset = "folder:/path/to/images"
-  experiment.validate(config)
+  preflight.validate(config)
   if config.model != "auto":  # configs/folder.py: chosen among model_candidates at run time
     models.get_spec(config.model)
   assert config.strategy.name
@@ -59,7 +59,7 @@ def zero_init(model):
 def test_strategy_configs_build_their_phases(name):
   config = load_config("strategy", name)
   config.pretrained = False
-  experiment.validate(config)
+  preflight.validate(config)
   created = zero_init(config.model)
   module, variables, phases = experiment.build_training(config, created)
   assert len(phases) == (2 if name == "lp_ft" else 1) or name == "gradual"
@@ -77,7 +77,7 @@ def test_invalid_values_are_reported_together():
   config.batch_size, config.num_steps, config.model = 0, 0, "resnet51"
   config.ema_decay = 1.0
   with pytest.raises(ConfigError) as e:
-    experiment.validate(config)
+    preflight.validate(config)
   assert "batch_size" in str(e.value) and "num_steps" in str(e.value) and "resnet51" in str(e.value)
   assert "ema_decay must be a number in [0, 1)" in str(e.value)
 
@@ -107,5 +107,5 @@ def test_keys_left_out_take_the_table_defaults_and_given_ones_stay():
   assert complete.keep == 2 and complete.eval_every == 0 and complete.method.name == ""
   filled = keys.complete(ml_collections.ConfigDict())
   assert filled.strategy.name == "rules" and filled.strategy.rules is None  # None: the default
-  options = experiment.strategies.resolve_options(experiment.strategy_config(filled))
+  options = experiment.strategies.resolve_options(keys.strategy_config(filled))
   assert options["rules"] == ((".*", "all"),)  # every parameter trains

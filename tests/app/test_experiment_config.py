@@ -10,14 +10,14 @@ import pytest
 from app_helpers import config_with, load_config, photo_folder
 
 from configs import default
-from jtl.app import experiment, workdirs
+from jtl.app import experiment, keys, preflight, workdirs
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
 
 
 def test_model_kwargs_reach_the_model_and_its_restore():
   config = config_with(dropout_rate=0.0, drop_connect_rate=0.05)
-  assert experiment.config_problems(config) == []
+  assert preflight.config_problems(config) == []
   created = experiment.build_model(config)  # real weights: loading skips the full init
   assert (created.module.dropout_rate, created.module.drop_connect_rate) == (0.0, 0.05)
   # The saved config rebuilds the same module (workdirs.restore builds with these).
@@ -27,7 +27,7 @@ def test_model_kwargs_reach_the_model_and_its_restore():
 
 def test_model_options_lists_the_constructor_fields():
   spec = experiment.models.get_spec("vit_ti16")
-  options = experiment.model_options(spec)
+  options = preflight.model_options(spec)
   assert {"drop_path_rate", "fused_attention", "image_size"} <= set(options)
   assert "num_classes" not in options and "parent" not in options
 
@@ -44,7 +44,7 @@ def test_unknown_model_kwarg_is_a_config_error_naming_key_and_model(tmp_path):
 
 def test_model_kwarg_value_the_model_rejects_is_a_config_error():
   config = config_with(stem_channels=-3)  # a known option whose value cannot build
-  problems = experiment.config_problems(config)
+  problems = preflight.config_problems(config)
   assert len(problems) == 1 and "do not build model 'efficientnet_lite0'" in problems[0]
 
 
@@ -52,7 +52,7 @@ def test_cache_features_outside_a_probe_is_an_error():
   for name in ("", "full"):
     config = default.get_config()
     config.strategy = {"name": name, "cache_features": True}
-    problems = experiment.config_problems(config)
+    problems = preflight.config_problems(config)
     assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
                in p for p in problems), (name, problems)
 
@@ -62,14 +62,14 @@ def test_a_probe_configs_unset_probe_option_lets_full_fine_tuning_run():
   unset cache_features placeholder was an unknown option of 'full'."""
   config = load_config("recsys_movielens")
   config.strategy.name = "full"
-  assert experiment.strategy_config(config) == {"name": "full", "seed": config.seed}
-  assert experiment.config_problems(config) == []
+  assert keys.strategy_config(config) == {"name": "full", "seed": config.seed}
+  assert preflight.config_problems(config) == []
   config.strategy.cache_features = True  # set, it is still refused
   assert any("strategy.cache_features applies to strategy.name='linear_probe' or 'lp_ft'"
-             in p for p in experiment.config_problems(config))
+             in p for p in preflight.config_problems(config))
   config.strategy.name, config.strategy.cache_features = "lp_ft", None  # None: the default
-  assert experiment.strategy_config(config) == {"name": "lp_ft", "seed": config.seed}
-  assert strategies.resolve_options(experiment.strategy_config(config))["cache_features"] is None
+  assert keys.strategy_config(config) == {"name": "lp_ft", "seed": config.seed}
+  assert strategies.resolve_options(keys.strategy_config(config))["cache_features"] is None
 
 
 def _parsed(monkeypatch, *args):
@@ -94,31 +94,30 @@ def test_the_command_line_switches_strategy_and_sets_the_new_ones_options(monkey
   new strategy's options, and the old strategy's defaults are not in the way."""
   config = _parsed(monkeypatch, "--config=configs/recsys_movielens.py",
                    "--config.strategy.name=lp_ft", "--config.strategy.probe_steps=500")
-  assert experiment.strategy_config(config) == {"name": "lp_ft", "probe_steps": 500,
+  assert keys.strategy_config(config) == {"name": "lp_ft", "probe_steps": 500,
                                                 "seed": config.seed}
-  options = strategies.resolve_options(experiment.strategy_config(config))
+  options = strategies.resolve_options(keys.strategy_config(config))
   expected = {**strategies.default_options("lp_ft"), "probe_steps": 500, "seed": config.seed,
               "probe_learning_rate": strategies.PROBE_LEARNING_RATE, "precise_batchnorm": 0,
               "freeze_batchnorm": strategies.FREEZE_BATCHNORM["lp_ft"]}
   assert options == expected and options["probe_steps"] == 500
-  assert not [p for p in experiment.config_problems(config) if "strateg" in p]
+  assert not [p for p in preflight.config_problems(config) if "strateg" in p]
   # configs/strategy.py:partial's num_blocks is partial's default, not set: full takes over.
   config = _parsed(monkeypatch, "--config=configs/strategy.py:partial",
                    "--config.strategy.name=full")
-  assert experiment.strategy_config(config) == {"name": "full", "seed": config.seed}
-  assert not [p for p in experiment.config_problems(config) if "strateg" in p]
+  assert keys.strategy_config(config) == {"name": "full", "seed": config.seed}
+  assert not [p for p in preflight.config_problems(config) if "strateg" in p]
   # A set option that the named strategy does not take is still refused, by name.
   config = _parsed(monkeypatch, "--config=configs/strategy.py:partial",
                    "--config.strategy.name=full", "--config.strategy.num_blocks=2")
   with pytest.raises(ConfigError, match=r"Unknown option\(s\) for strategy 'full': "
                      r"\['num_blocks'\]"):
-    experiment.validate(config)
+    preflight.validate(config)
 
 
 def test_a_strategy_takes_its_defaults_for_options_given_as_none():
   """None is the strategy's default, resolved in one place; where the default
   is None, None keeps its own meaning (the strategy's mode, cache if possible)."""
-  from jtl.app import keys
   assert set(keys.STRATEGY_OPTIONS) == set(strategies.option_defaults())
   for name in strategies.LEARNING_RATES.keys() | {"rules"}:
     declared = keys.strategy_options(name, **({"steps_per_stage": 5} if name == "gradual" else {}))
@@ -139,13 +138,13 @@ def test_keys_of_earlier_configs_name_where_they_moved():
   config = default.get_config()
   config.rules, config.precise_batchnorm = ((".*", "all"),), 0
   with pytest.raises(ConfigError) as e:
-    experiment.validate(config)
+    preflight.validate(config)
   assert "rules is no key: set strategy.rules (with strategy.name='rules')" in str(e.value)
   assert "precise_batchnorm is no key: set strategy.precise_batchnorm" in str(e.value)
   config = default.get_config()
   config.strategy.name = "lora"  # the rules are an option of the rules strategy only
   with pytest.raises(ConfigError, match=r"Unknown option\(s\) for strategy 'lora': \['rules'\]"):
-    experiment.validate(config)
+    preflight.validate(config)
 
 
 def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
@@ -172,7 +171,7 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   with pytest.raises(ConfigError, match=r"precise_batchnorm=-2: expected a number"):
     images(c)
   # Known from the config alone: reported with every other problem, before any weights load.
-  assert any("precise_batchnorm=-2" in p for p in experiment.config_problems(c))
+  assert any("precise_batchnorm=-2" in p for p in preflight.config_problems(c))
   c.strategy = {"name": "full", "precise_batchnorm": 300}  # the same key for every strategy
   assert images(c) == 300
   c.strategy.precise_batchnorm = None
@@ -193,28 +192,28 @@ def test_num_classes_below_the_dataset_classes_is_refused_before_training(tmp_pa
     experiment.finetune(config, tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
   config.num_classes = 0  # from the dataset: three outputs
-  problems, classes = experiment.data_problems(config)
+  problems, classes = preflight.data_problems(config)
   assert (problems, classes) == ([], 3)
   config.num_classes = 4  # more outputs than classes is allowed
-  assert experiment.data_problems(config) == ([], 3)
+  assert preflight.data_problems(config) == ([], 3)
 
 
 def test_patch_model_image_size_off_the_patch_grid_is_refused_with_the_nearest_sizes():
   """Issue 26: ViT at 40 px trained on 32 px (36% of the pixels dropped), silently."""
   config = config_with()
   config.model, config.image_size = "vit_ti16", 40
-  assert experiment.config_problems(config) == [
+  assert preflight.config_problems(config) == [
       "image_size=40 is not a multiple of vit_ti16's patch size 16: 36% of the pixels (past "
       "the last full patch) would be dropped; set image_size to 32 or 48"]
   config.model, config.image_size = "dinov2_s14", 100
-  assert experiment.config_problems(config) == [
+  assert preflight.config_problems(config) == [
       "image_size=100 is not a multiple of dinov2_s14's patch size 14: 4% of the pixels (past "
       "the last full patch) would be dropped; set image_size to 98 or 112"]
   config.model_kwargs = {"patch_size": 10}  # the model as configured decides
-  assert experiment.config_problems(config) == []
+  assert preflight.config_problems(config) == []
   for model, size in (("vit_ti16", 48), ("vit_ti16", None), ("efficientnet_lite0", 41)):
     config.model, config.image_size, config.model_kwargs = model, size, {}
-    assert experiment.config_problems(config) == [], model
+    assert preflight.config_problems(config) == [], model
 
 
 def test_training_values_the_loop_would_reject_late_are_config_errors():
@@ -223,9 +222,9 @@ def test_training_values_the_loop_would_reject_late_are_config_errors():
   clip_norm (accepted): one ConfigError before any weights load."""
   c = default.get_config()
   c.num_classes = 10
-  assert experiment.config_problems(c) == []
+  assert preflight.config_problems(c) == []
   c.log_every, c.best_metric, c.weight_decay, c.clip_norm = 0, "acc", -1e-4, -1.0
-  problems = "\n".join(experiment.config_problems(c))
+  problems = "\n".join(preflight.config_problems(c))
   for needle in ("log_every must be an integer >= 1, got 0".replace(", got", " (training "
                  "metrics are logged every that many steps), got"),
                  "best_metric must be one of ['accuracy', 'top5_accuracy']",
@@ -233,12 +232,12 @@ def test_training_values_the_loop_would_reject_late_are_config_errors():
                  "clip_norm must be > 0 or None (no clipping), got -1.0"):
     assert needle in problems, (needle, problems)
   c.log_every, c.best_metric, c.weight_decay, c.clip_norm = 5, "loss", 0.0, None
-  assert experiment.config_problems(c) == [
+  assert preflight.config_problems(c) == [
       "best_metric must be one of ['accuracy', 'top5_accuracy'] (what each evaluation reports) "
       "or None (keep only the latest), got 'loss' (the best checkpoint is the one with the "
       "highest value, so a loss would keep the worst)"]
   c.best_metric = "top5_accuracy"
-  assert experiment.config_problems(c) == []
+  assert preflight.config_problems(c) == []
 
 
 def test_unwritable_or_empty_workdir_is_refused_in_the_preflight(tmp_path):
@@ -250,7 +249,7 @@ def test_unwritable_or_empty_workdir_is_refused_in_the_preflight(tmp_path):
   c.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"
   c.train_split, c.eval_split = "train", "test"
   c.model, c.pretrained, c.image_size, c.batch_size = "small_cnn", False, 28, 8
-  experiment.preflight(c, workdir=tmp_path / "run")  # a new folder is fine
+  preflight.preflight(c, workdir=tmp_path / "run")  # a new folder is fine
   (tmp_path / "file").write_text("x")
   cases = [(tmp_path / "file", f"is not a folder: {tmp_path / 'file'} is a file"),
            (tmp_path / "file" / "run", f"is not a folder: {tmp_path / 'file'} is a file"),
@@ -259,7 +258,7 @@ def test_unwritable_or_empty_workdir_is_refused_in_the_preflight(tmp_path):
     cases.append(("/proc/jtl-run", "(its parent /proc) is not writable"))
   for workdir, needle in cases:
     with pytest.raises(ConfigError, match="Invalid config") as e:
-      experiment.preflight(c, workdir=workdir)
+      preflight.preflight(c, workdir=workdir)
     assert needle in str(e.value) and f"workdir {workdir}".strip() in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match=re.escape(needle)):
       experiment.finetune(c, workdir, progress=False)
@@ -279,7 +278,7 @@ def test_num_epochs_keeps_the_users_step_values_and_names_both_keys_of_a_conflic
   assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every,
           resolved.warmup_steps) == (6, 1, 2, 2)
   config.num_steps, config.warmup_steps = 300, 20
-  problems = experiment.config_problems(config)
+  problems = preflight.config_problems(config)
   assert "num_steps=300 and num_epochs=3 are both set" in "\n".join(problems)
   assert "warmup_steps=20 and warmup_epochs=1.0 are both set" in "\n".join(problems)
   with pytest.raises(ConfigError, match="num_steps=300 and num_epochs=3 are both set"):
@@ -305,14 +304,13 @@ def test_the_runs_seed_draws_loras_init_and_strategy_seed_is_no_key():
   config = default.get_config()
   config.strategy.seed = 3
   with pytest.raises(ConfigError, match="strategy.seed is no key: set seed"):
-    experiment.validate(config)
+    preflight.validate(config)
 
 
 def test_checkpoints_record_the_strategy_options_resolved():
   """A config leaves options at None ("the strategy's default"); the saved
   config holds their values, so a later jtl with other defaults restores the
   same model (LoRA's alpha scales the merged update)."""
-  from jtl.app import keys  # pylint: disable=g-import-not-at-top
   config = config_with()
   config.strategy = keys.strategy_options("lora", rank=4)
   saved = experiment.run_meta(config, 10)["config"]["strategy"]

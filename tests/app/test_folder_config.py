@@ -12,7 +12,7 @@ import pytest
 from app_helpers import colour_photos, load_config
 from PIL import Image
 
-from jtl.app import evaluation, experiment
+from jtl.app import evaluation, experiment, preflight
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError
 
@@ -124,10 +124,10 @@ def test_full_with_statistics_training_recomputes_them_before_eval_and_save(phot
 def test_empty_dataset_and_holdout_of_tfds_are_clear_errors(tmp_path):
   config = load_config("folder")
   with pytest.raises(ConfigError, match=r"--config.dataset=folder:/path"):
-    experiment.validate(config)
+    preflight.validate(config)
   config.dataset = f"folder:{tmp_path / 'missing'}"
   with pytest.raises(ConfigError, match="missing"):
-    experiment.preflight(config)
+    preflight.preflight(config)
 
 
 def test_lp_ft_cache_with_a_method_is_refused():
@@ -135,7 +135,7 @@ def test_lp_ft_cache_with_a_method_is_refused():
   config.dataset = "folder:/x"
   config.strategy.cache_features = True
   config.method.name = "distill"
-  problems = experiment.config_problems(config)
+  problems = preflight.config_problems(config)
   assert any("lp_ft" in p and "cache_features=False" in p for p in problems), problems
 
 

@@ -17,7 +17,7 @@ from hub_helpers import _random, _timm_config, timm_vit_shapes
 from safetensors.numpy import save as st_save
 
 from jtl import models
-from jtl.app import evaluation, experiment, model_choice, workdirs
+from jtl.app import evaluation, experiment, model_choice, preflight, workdirs
 from jtl.checkpoint import manager
 from jtl.errors import ConfigError
 
@@ -93,7 +93,7 @@ def test_bad_candidates_are_config_errors_naming_the_key(photos, tmp_path, chang
   for k, v in change.items():
     config[k] = v
   with pytest.raises(ConfigError, match="Invalid config") as e:
-    experiment.preflight(config, tmp_path / "run")
+    preflight.preflight(config, tmp_path / "run")
   assert key in str(e.value)
   assert not (tmp_path / "run").exists()
 
@@ -210,6 +210,6 @@ def test_listed_hub_models_whose_files_cannot_be_fetched_are_config_errors(
     ref = str(hub_folder(tmp_path / "vit", {"config.json": files["config.json"]}))
   config = hub_auto_config(photos, (ref,))
   with pytest.raises(ConfigError, match="Invalid config") as e:
-    experiment.preflight(config, tmp_path / "run")
+    preflight.preflight(config, tmp_path / "run")
   assert f"model_candidates: {ref!r}: " in str(e.value) and why in str(e.value)
   assert not (tmp_path / "run").exists()

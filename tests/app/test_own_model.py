@@ -15,7 +15,7 @@ from app_helpers import ROOT, colour_photos, run_script
 from PIL import Image
 
 from jtl import models
-from jtl.app import evaluation, experiment, workdirs
+from jtl.app import evaluation, experiment, preflight, workdirs
 from jtl.errors import ConfigError
 
 PKG = Path(__file__).parents[1] / "own_model_pkg"
@@ -183,7 +183,7 @@ def test_own_nnx_model_trains_restores_and_evaluates_as_the_nnx_module(nnx_run, 
       "batch_stats": {"bn": {"mean": (4,), "var": (4,)}}}
   np.testing.assert_array_equal(run.variables["batch_stats"]["bn"]["var"], np.ones(4))
   assert (run.spec.image_size, run.spec.normalization.crop_fraction) == (16, 1.0)
-  assert experiment.model_options(run.spec) == ["width"]
+  assert preflight.model_options(run.spec) == ["width"]
   result = evaluation.evaluate_workdir(nnx_run, step="latest")
   assert result["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
   # The restored module computes what the user's NNX module with these weights does.

@@ -63,7 +63,7 @@ def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplo
   import pytest
 
   from configs import default
-  from jtl.app import experiment
+  from jtl.app import preflight
   from jtl.errors import ConfigError
   data = photo_folder(tmp_path / "photos")
   config = default.get_config()
@@ -72,7 +72,7 @@ def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplo
     image.unlink()
   (data / "train" / "dog").rmdir()
   with caplog.at_level(logging.WARNING):
-    problems, classes = experiment.data_problems(config)
+    problems, classes = preflight.data_problems(config)
   assert problems == [] and classes == 2  # class names are the union over splits
   assert "Eval classes ['dog'] have no training examples" in caplog.text
   for image in (data / "test" / "dog").iterdir():  # now one class in all
@@ -80,7 +80,7 @@ def test_one_class_is_refused_and_unseen_eval_classes_are_warned(tmp_path, caplo
   (data / "test" / "dog").rmdir()
   with pytest.raises(ConfigError, match="has 1 class\\(es\\); fine-tuning a classifier needs "
                                         "at least 2"):
-    experiment.preflight(config)
+    preflight.preflight(config)
 
 
 def test_an_empty_workdir_flag_is_refused_by_every_script(tmp_path):

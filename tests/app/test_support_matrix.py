@@ -10,7 +10,7 @@ import pytest
 
 import support_matrix as sm
 from jtl import models
-from jtl.app import experiment
+from jtl.app import preflight
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -98,7 +98,7 @@ def test_model_kwargs_set_the_sizes_model_options_lists():
   assert spec.build(num_classes=3, width=8).width == 8
   assert spec.build(num_classes=3).width == 32
   vit = models.get_spec("vit_ti16")
-  assert {"depth", "width", "mlp_dim", "num_heads"} <= set(experiment.model_options(vit))
+  assert {"depth", "width", "mlp_dim", "num_heads"} <= set(preflight.model_options(vit))
   small = vit.build(num_classes=3, depth=2, width=64, mlp_dim=128, num_heads=2)
   assert (small.depth, small.width, small.mlp_dim, small.num_heads) == (2, 64, 128, 2)
   assert vit.build(num_classes=3).depth == 12

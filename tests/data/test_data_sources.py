@@ -399,18 +399,18 @@ def test_the_same_image_in_training_and_evaluation_splits_is_warned_with_the_cou
 
   from app_helpers import config_with
 
-  from jtl.app import experiment
+  from jtl.app import preflight
   _write_folder(tmp_path)
   config = config_with()
   config.dataset, config.num_classes = f"folder:{tmp_path}", 0
   with caplog.at_level(logging.WARNING):
-    experiment.preflight(config)
+    preflight.preflight(config)
   assert "same content" not in caplog.text
   shutil.copy(tmp_path / "train" / "cat" / "001.png", tmp_path / "test" / "dog" / "copy1.png")
   shutil.copy(tmp_path / "train" / "dog" / "000.png", tmp_path / "test" / "dog" / "copy2.png")
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    experiment.preflight(config)
+    preflight.preflight(config)
   assert ("2 image(s) of eval_split='test' have the same content as a training image of "
           "'train' (e.g. test/dog/copy1.png = train/cat/001.png, test/dog/copy2.png = "
           "train/dog/000.png)") in caplog.text

@@ -20,7 +20,7 @@ import pytest
 from app_helpers import load_file
 
 from jtl import tree as jtree
-from jtl.app import experiment
+from jtl.app import preflight
 from jtl.errors import CheckpointError
 from jtl.export import hf_export, peft, peft_import
 from jtl import models
@@ -123,8 +123,8 @@ def test_export_is_what_bert_for_sequence_classification_loaded(tmp_path):
 
 def test_pool_is_a_model_kwarg_checked_before_training():
   spec = registry.get_spec("minilm_l6")
-  assert "pool" in experiment.model_options(spec)
+  assert "pool" in preflight.model_options(spec)
   assert spec.build(num_classes=3, pool="cls_pooler").pool == "cls_pooler"
   config = ml_collections.ConfigDict({"model": "minilm_l6", "model_kwargs": {"pool": "cls"}})
   assert "Bert.pool must be one of ('mean', 'cls_pooler'); found 'cls'" in (
-      experiment.model_kwargs_problems(config, spec)[0])
+      preflight.model_kwargs_problems(config, spec)[0])

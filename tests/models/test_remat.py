@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jtl.app import experiment
+from jtl.app import preflight
 from jtl.models import bert, dinov2, registry, vit
 
 TINY_VIT = dict(patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2, image_size=8,
@@ -57,9 +57,9 @@ def test_remat_gives_the_plain_models_params_and_gradients(name):
 @pytest.mark.parametrize("model", ["vit_ti16", "dinov2_s14", "minilm_l6", "resnet18"])
 def test_remat_is_a_model_kwargs_option(model):
   spec = registry.get_spec(model)
-  assert "remat" in experiment.model_options(spec)
+  assert "remat" in preflight.model_options(spec)
   config = ml_collections.ConfigDict({"model": model, "model_kwargs": {"remat": True}})
-  assert experiment.model_kwargs_problems(config, spec) == []
+  assert preflight.model_kwargs_problems(config, spec) == []
   assert spec.build(num_classes=2, remat=True).remat is True
 
 
