@@ -30,6 +30,7 @@ import numpy as np
 
 from jtl.errors import ConfigError, DataError
 from jtl.models import registry, text
+from jtl.models.remat import can_scan, scan_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +174,22 @@ class Bert(nn.Module):
     types = x.get("token_type_ids")
     types = jnp.zeros_like(ids) if types is None else jnp.asarray(types, jnp.int32)
     h = self.embeddings(ids, types, train=train)
+    scanned = self._scanned(h, mask, train) if self.remat else None
+    if scanned is not None:
+      return scanned
     for layer in self.layers:
       h = layer(h, mask, train)
     return h
+
+  def _scanned(self, h: jax.Array, mask: jax.Array, train: bool) -> jax.Array | None:
+    """The layers as one checkpointed scan (`jtl.models.remat`), or None."""
+    if not can_scan(self, train):
+      return None
+    c = self.config
+    random = c.dropout > 0 or c.attention_dropout > 0
+    return scan_blocks(Layer(c, parent=None), [f"layer_{i}" for i in range(c.num_layers)],
+                       self.variables, h, mask, train,
+                       rng=self.make_rng("dropout") if random else None)
 
   def pooled(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
     """transformers' `pooler_output`: tanh(Dense(the [CLS] token's state))."""

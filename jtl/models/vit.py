@@ -32,6 +32,7 @@ import numpy as np
 from jtl.errors import ConfigError
 from jtl.models import registry
 from jtl.models.layers import drop_path_rate_of
+from jtl.models.remat import can_scan, scan_blocks, traced_drop_path
 from jtl.models.preprocessing import model_normalization
 
 
@@ -131,14 +132,18 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   exact_gelu: bool = False
   fused: bool = False
-  drop_path: float = 0.0
+  drop_path: float | jax.Array = 0.0
   eps: float = 1e-6
   layerscale: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # train positional: remat's static arg
-    # Stochastic depth: a residual branch dropped for whole examples.
-    drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+    # Stochastic depth: a residual branch dropped for whole examples (a traced
+    # rate: the block is one step of a scan, `jtl.models.remat`).
+    if isinstance(self.drop_path, (int, float)):
+      drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+    else:
+      drop_path = functools.partial(traced_drop_path, self, self.drop_path)
     y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_0")(x)
     attention_fn = fused_attention if self.fused else nn.dot_product_attention
     y = nn.MultiHeadDotProductAttention(
@@ -179,13 +184,29 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    block = remat_block(Encoder1DBlock, static_argnum=2) if self.remat else Encoder1DBlock
-    for i in range(self.depth):
-      drop_path = drop_path_rate_of(self.drop_path_rate, i, self.depth)
-      x = block(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
-                self.fused_attention, drop_path, self.eps, self.layerscale,
-                name=f"encoderblock_{i}")(x, train)
+    names = [f"encoderblock_{i}" for i in range(self.depth)]
+    rates = [drop_path_rate_of(self.drop_path_rate, i, self.depth) for i in range(self.depth)]
+    scanned = self._scanned(names, rates, x, train) if self.remat else None
+    if scanned is not None:
+      x = scanned
+    else:
+      block = remat_block(Encoder1DBlock, static_argnum=2) if self.remat else Encoder1DBlock
+      for name, rate in zip(names, rates):
+        x = block(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
+                  self.fused_attention, rate, self.eps, self.layerscale, name=name)(x, train)
     return nn.LayerNorm(epsilon=self.eps, name="encoder_norm")(x)
+
+  def _scanned(self, names: list[str], rates: list[float], x: jax.Array, train: bool
+               ) -> jax.Array | None:
+    """The blocks as one checkpointed scan (`jtl.models.remat`), or None."""
+    if not can_scan(self, train):
+      return None
+    template = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.exact_gelu,
+                              self.fused_attention, 0.0, self.eps, self.layerscale, parent=None)
+    random = self.dropout > 0 or self.drop_path_rate > 0
+    return scan_blocks(template, names, self.variables, x, train,
+                             rng=self.make_rng("dropout") if random else None,
+                             per_block={"drop_path": rates} if self.drop_path_rate > 0 else None)
 
 
 class ViT(nn.Module):

@@ -1,5 +1,10 @@
 """Gradient checkpointing (`remat` model option): the same params and the same
-gradients as the plain model, dropout and stochastic depth included."""
+gradients as the plain model; the transformers' blocks run as one
+checkpointed scan (`jtl.models.remat`), which keeps less memory on every
+backend; with dropout and stochastic depth its gradients are those of its
+own masks."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +15,13 @@ import pytest
 from jtl.app import preflight
 from jtl.models import bert, dinov2, registry, vit
 
-TINY_VIT = dict(patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2, image_size=8,
-                dropout=0.1, drop_path_rate=0.2)
-TINY_DINO = dict(patch_size=4, width=16, depth=2, num_heads=2, image_size=8, dropout=0.1,
-                 drop_path_rate=0.2)
+# No dropout: the scanned blocks draw their masks per block from the step's
+# key, the plain model per module name (`test_remat_dropout_gradients_...`).
+TINY_VIT = dict(patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2, image_size=8)
+TINY_DINO = dict(patch_size=4, width=16, depth=2, num_heads=2, image_size=8)
 TINY_BERT = bert.BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
-                            intermediate_size=32, max_position=16)
+                            intermediate_size=32, max_position=16, dropout=0.0,
+                            attention_dropout=0.0)
 IMAGES = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
 TEXT = {"input_ids": jax.random.randint(jax.random.PRNGKey(2), (4, 6), 0, 50),
         "attention_mask": jnp.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 6, [1] * 2 + [0] * 4])}
@@ -26,14 +32,69 @@ CASES = {
 }
 
 
-def grads(module, variables, inputs):
+def loss_fn(module, variables, inputs):
   labels = jnp.arange(4) % 3
 
   def loss(params):
     logits = module.apply({**variables, "params": params}, inputs, train=True,
                           rngs={"dropout": jax.random.PRNGKey(7)})
     return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels])
-  return jax.jit(jax.value_and_grad(loss))(variables["params"])
+  return loss
+
+
+def grads(module, variables, inputs):
+  return jax.jit(jax.value_and_grad(loss_fn(module, variables, inputs)))(variables["params"])
+
+
+def test_remat_scans_the_blocks_with_the_plain_gradients_and_less_memory():
+  """ViT (and so DINOv2's encoder): the blocks are one scanned loop in the
+  train step (a while loop in the program), the gradients are the plain
+  model's, and the compiled step's temporary memory drops (XLA:CPU keeps
+  every activation of per-block `nn.remat`; BENCHMARKS.md)."""
+  kw = dict(patch_size=4, width=32, depth=3, mlp_dim=128, num_heads=2, image_size=16)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3))
+  plain, checkpointed = vit.ViT(num_classes=0, **kw), vit.ViT(num_classes=0, remat=True, **kw)
+  variables = plain.init(jax.random.PRNGKey(0), x)
+  steps, temp = {}, {}
+  for name, module in (("plain", plain), ("remat", checkpointed)):
+    step = jax.jit(jax.value_and_grad(lambda p, m=module: jnp.mean(
+        m.apply({"params": p}, x, train=True) ** 2)))
+    compiled = step.lower(variables["params"]).compile()
+    temp[name] = compiled.memory_analysis().temp_size_in_bytes
+    steps[name] = compiled(variables["params"])
+  assert "while" in jax.jit(lambda p: checkpointed.apply({"params": p}, x, train=True)).lower(
+      variables["params"]).as_text()
+  (loss, g), (loss_r, g_r) = steps["plain"], steps["remat"]
+  np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
+  for (path, a), (_, b) in zip(jax.tree.leaves_with_path(g), jax.tree.leaves_with_path(g_r),
+                               strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert temp["remat"] < 0.7 * temp["plain"], temp  # -43% here; per-block nn.remat: 0%
+
+
+@pytest.mark.parametrize("name", ["vit", pytest.param("bert", marks=pytest.mark.slow)])
+def test_remat_dropout_gradients_are_those_of_its_masks(name):
+  """With dropout and stochastic depth on, the recomputed blocks use the
+  forward pass's masks: the gradient matches a central finite difference of
+  the same (fixed-key) loss along it."""
+  build, inputs = CASES[name]
+  model = build(True).clone(**(
+      {"dropout": 0.2, "drop_path_rate": 0.3} if name == "vit" else
+      {"config": dataclasses.replace(TINY_BERT, dropout=0.2, attention_dropout=0.2)}))
+  variables = model.init(jax.random.PRNGKey(0), inputs)
+  variables = {**variables, "params": jax.tree.map(  # a head that is not all zeros
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape), variables["params"])}
+  loss = loss_fn(model, variables, inputs)
+  value, g = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
+  eps = 1e-2
+  shifted = lambda s: loss(jax.tree.map(lambda p, d: p + s * eps * d / norm, variables["params"], g))
+  directional = (jax.jit(shifted)(1.0) - jax.jit(shifted)(-1.0)) / (2 * eps)
+  np.testing.assert_allclose(directional, norm, rtol=2e-2)
+  plain = build(False).clone(**{k: getattr(model, k) for k in ("dropout", "drop_path_rate")}
+                             ) if name == "vit" else None
+  if plain is not None:  # dropout is on: the plain model's masks are others
+    assert not np.isclose(value, loss_fn(plain, variables, inputs)(variables["params"]))
 
 
 @pytest.mark.slow  # zoo models at full width: make test-all
