@@ -141,7 +141,8 @@ class Bert(nn.Module):
       config as model_kwargs={"pool": "cls_pooler"}.
     remat: gradient checkpointing of every layer: its activations are
       recomputed in the backward pass instead of kept (less memory, one more
-      forward pass; same params and gradients).
+      forward pass; same params, and the same gradients without dropout; the
+      layers run as one checkpointed scan in training, `jtl.models.remat`).
   """
   num_classes: int = 0
   config: BertConfig = MINILM_L6

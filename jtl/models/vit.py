@@ -232,7 +232,10 @@ class ViT(nn.Module):
     remat: gradient checkpointing of every encoder block: its activations
       are recomputed in the backward pass instead of kept (the train step's
       temporary memory drops, a step costs one more forward pass; same
-      params and gradients). BENCHMARKS.md, "Gradient checkpointing".
+      params, and the same gradients without dropout). In training the
+      blocks run as one checkpointed `lax.scan` (`jtl.models.remat`; with
+      dropout or drop path the masks are drawn per block from the step's
+      key). BENCHMARKS.md, "Gradient checkpointing".
   """
   num_classes: int = 1000
   patch_size: int = 16

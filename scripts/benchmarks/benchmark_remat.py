@@ -10,9 +10,11 @@ without remat: XLA's memory analysis of jtl's compiled train step at
 activations kept for the backward pass, which remat recomputes instead), and
 the median step time at `--time_batch` on this machine's default device.
 Also what JAX's autodiff saves for the backward pass (its residuals), the
-program-level effect of remat, and how many of remat's optimization
-barriers survive compilation (XLA:CPU drops them all: on CPU the compiled
-temporaries do not shrink; see BENCHMARKS.md).
+program-level effect of remat, and whether the compiled step runs the blocks
+as one loop (`jtl.models.remat`: the transformers' blocks are a checkpointed
+`lax.scan`, which XLA cannot merge back into the forward pass; per-block
+`nn.remat`, the ResNets', reaches XLA as optimization barriers, which XLA:CPU
+drops, so there the compiled temporaries do not shrink; see BENCHMARKS.md).
 """
 
 import os
@@ -65,10 +67,10 @@ def memory(remat: bool) -> dict[str, float]:
   compiled = lowered.compile()
   m = compiled.memory_analysis()
   gib = lambda b: b / 2**30
-  # remat reaches XLA as optimization barriers around each block's recompute; a
-  # compiler that drops them can merge the recompute back into the forward (CSE).
-  return {"barriers_lowered": lowered.as_text().count("optimization_barrier"),
-          "barriers_compiled": compiled.as_text().count("opt-barrier"),
+  # A scanned stack of blocks is a while loop in the compiled program;
+  # per-block remat is optimization barriers, which a compiler may drop.
+  text = compiled.as_text()
+  return {"loops": text.count(" while("), "barriers": text.count("opt-barrier"),
           "temp": gib(m.temp_size_in_bytes), "args": gib(m.argument_size_in_bytes),
           "total": gib(m.argument_size_in_bytes + m.output_size_in_bytes
                        + m.temp_size_in_bytes - m.alias_size_in_bytes)}
@@ -109,14 +111,15 @@ def main(argv):
     mem[remat]["saved"] = saved_activations_gib(remat)
     seconds = step_seconds(remat) if _TIME_BATCH.value else None
     rows.append([f"remat={remat}", f"{mem[remat]['saved']:.3f}", f"{mem[remat]['temp']:.3f}", f"{mem[remat]['total']:.3f}",
-                 f"{mem[remat]['barriers_lowered']} / {mem[remat]['barriers_compiled']}",
+                 f"{mem[remat]['loops']} / {mem[remat]['barriers']}",
                  f"{seconds:.3f}" if seconds else "-"])
     print(rows[-1], flush=True)
   drop = 1 - mem[True]["temp"] / mem[False]["temp"]
   common.print_table(
       f"{_MODEL.value}, full fine-tuning, {_SIZE.value} px, device {jax.devices()[0].platform}: "
       f"memory of the step compiled at batch {_BATCH.value}, time at batch {_TIME_BATCH.value}",
-      ["", f"saved activations GiB (b={_BATCH.value})", f"XLA temp GiB (b={_BATCH.value})", "program GiB", "barriers lowered / compiled",
+      ["", f"saved activations GiB (b={_BATCH.value})", f"XLA temp GiB (b={_BATCH.value})", "program GiB",
+       "compiled loops / barriers",
        f"s/step (b={_TIME_BATCH.value})"], rows)
   saved = 1 - mem[True]["saved"] / mem[False]["saved"]
   print(f"\nwith remat: saved activations -{100 * saved:.1f}%, XLA temporary memory "
