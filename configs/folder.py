@@ -17,8 +17,9 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
   native resolution on CIFAR-10 (30 images per class, this config's 10
   epochs, 3 seeds) it chose Lite2 each time: +1.8 points of test accuracy
   over the fixed Lite0 (within one standard deviation) at 1.8x its wall time
-  (the selection costs about one epoch of Lite0 here; BENCHMARKS.md,
-  "model=auto");
+  (the selection costs about one epoch of Lite0 here); on the sklearn digits
+  (the same size) it chose Lite0 each time: the same accuracy at 1.4x
+  (BENCHMARKS.md, "model=auto");
 - LP-FT (Kumar et al. 2022): a linear probe on cached features first (one
   backbone pass over the unaugmented training images, then `probe_steps`
   head steps at `probe_learning_rate`: seconds), then every parameter but
