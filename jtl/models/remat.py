@@ -71,7 +71,20 @@ def scan_blocks(template: nn.Module, names: Sequence[str], variables: Mapping[st
     rngs = {"dropout": step["rng"]} if "rng" in step else None
     return block.apply(step["variables"], carry, *args, rngs=rngs), None
 
-  y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, xs)
+  # A block that changes its input's type (a float32 layer on bfloat16 inputs:
+  # mixed precision) runs before the loop, whose carry keeps one type.
+  first = 0
+  while first < len(names):
+    step = jax.tree.map(lambda a: a[first], xs)
+    out = jax.eval_shape(lambda c, s: body(c, s)[0], x, step)
+    if (out.shape, out.dtype) == (x.shape, x.dtype):
+      break
+    x, _ = jax.checkpoint(body)(x, step)
+    first += 1
+  if first == len(names):
+    return x
+  rest = jax.tree.map(lambda a: a[first:], xs)
+  y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, rest)
   return y
 
 
