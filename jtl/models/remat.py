@@ -83,8 +83,9 @@ def scan_blocks(template: nn.Module, names: Sequence[str], variables: Mapping[st
     first += 1
   if first == len(names):
     return x
-  rest = jax.tree.map(lambda a: a[first:], xs)
-  y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, rest)
+  if first:
+    xs = jax.tree.map(lambda a: a[first:], xs)
+  y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, xs)
   return y
 
 
