@@ -32,11 +32,13 @@ finetune: export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)gli
 finetune: setup
 	$(PY) scripts/finetune.py --config configs/default.py --workdir runs/default
 
-# Test-only: jax's CUDA plugin and cuDNN wheels in a folder outside the venv,
-# so that tests/core/test_accelerator_programs.py can lower ViT's cuDNN fused
-# attention for CUDA on a host without a GPU (jax traces that path only where
-# cuDNN is installed). Nothing else imports them.
+# Test-only: jax's CUDA plugin with its CUDA wheels (cuDNN, ptxas, ~5 GB) in
+# a folder outside the venv, for a host without a GPU: tests/core/
+# test_accelerator_programs.py lowers ViT's cuDNN fused attention for CUDA
+# (jax traces that path only where cuDNN is installed) and compiles steps for
+# a described H100 (scripts/benchmarks/gpu_aot.py, deviceless). Nothing else
+# imports them; without them those two tests are skipped.
 CUDA_LOWERING ?= $(HOME)/.cache/jtl/cuda-lowering
 cuda-lowering: setup
-	$(PY) -m pip install --quiet --no-deps --target $(CUDA_LOWERING) \
-	  "jax-cuda12-plugin==$$($(PY) -c 'import jax; print(jax.__version__)')" "nvidia-cudnn-cu12>=9.8,<10"
+	$(PY) -m pip install --quiet --target $(CUDA_LOWERING) \
+	  "jax-cuda12-plugin[with-cuda]==$$($(PY) -c 'import jax; print(jax.__version__)')"

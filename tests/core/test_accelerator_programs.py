@@ -19,6 +19,12 @@ is the program as the accelerator receives it, before XLA's own passes:
   `make cuda-lowering` (a folder outside the venv: the rest of the suite
   never sees them); without them it is skipped, and the next test checks
   what the same model lowers to without cuDNN (Flax's attention).
+
+With the same wheels, steps are also compiled for an H100 that is only
+described (scripts/benchmarks/gpu_aot.py: XLA's GPU compiler, ptxas and cuDNN
+run on this host): the frozen step after XLA's passes, and cuDNN's attention
+in the compiled program. How gpu_aot reads a compiled module is tested
+without them.
 """
 
 from __future__ import annotations
@@ -162,3 +168,92 @@ def test_fused_attention_without_cudnn_is_flax_attention():
     texts.append(re.sub(r"loc\(.*?\)|#loc\d*", "", text))
   assert texts[0] == texts[1] and heavy_ops(texts[0]) == (1, 97)
   assert "fmha" not in texts[0] and re.search(r"tensor<2x3x197x197x", texts[0])
+
+
+# --- Compiled for a GPU that is only described (scripts/benchmarks/gpu_aot.py) ---
+
+BENCHMARKS = ROOT / "scripts" / "benchmarks"
+
+COMPILED_HLO = """\
+HloModule jit_step, is_scheduled=true
+
+%fused_scale (p: f32[8,4]) -> f32[8,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  ROOT %m = f32[8,4]{1,0} multiply(%p, %p)
+}
+
+%body (arg: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %arg = (s32[], f32[8,4]{1,0}) parameter(0)
+  %x = f32[8,4]{1,0} get-tuple-element(%arg), index=1
+  %gemm = (f32[8,4]{1,0}, s8[16]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul"
+  %y = f32[8,4]{1,0} get-tuple-element(%gemm), index=0
+  ROOT %t = (s32[], f32[8,4]{1,0}) tuple(%i, %y)
+}
+
+ENTRY %main (a: f32[8,4]) -> f32[2,3,60,60] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %loop_multiply_fusion = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_scale
+  %input_reduce_fusion = f32[8]{0} fusion(%loop_multiply_fusion), kind=kInput, calls=%fused_scale
+  %w = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %copy.1 = f32[4,8]{0,1} copy(%a)
+  %conv = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a), custom_call_target="__cudnn$convForward"
+  ROOT %scores = f32[2,3,60,60]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_scale
+}
+"""
+
+
+def test_compiled_kernels_are_counted_by_kind_with_the_bytes_they_move():
+  """gpu_aot's reading of a compiled module: launches per kind (a loop body
+  once per known trip), bytes = operands + result, attention-score buffers."""
+  sys.path.insert(0, str(BENCHMARKS))
+  import gpu_aot
+  found = gpu_aot.kernels(COMPILED_HLO)
+  assert [k["kind"] for k in found] == [
+      "elementwise", "reduction", "gemm", "gemm", "gemm", "layout", "conv", "elementwise"]
+  assert [k["bytes"] for k in found][:3] == [128 + 128, 32 + 128, 128 + 16 + 2 * 128]
+  summary = gpu_aot.summarize(COMPILED_HLO, batch=2)
+  assert (summary["kernels"], summary["n_gemm"], summary["n_layout"]) == (8, 3, 1)
+  assert summary["score_buffers"] == 1
+  assert gpu_aot.summarize(COMPILED_HLO, batch=8)["score_buffers"] == 0
+
+
+AOT_PROGRAM = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_aot
+gpu_aot.setup()
+from pathlib import Path
+device = gpu_aot.target_device(Path(sys.argv[1]) / "gpu_targets" / "h100_sxm.txtpb")
+rows = {}
+for mode, build in (("forward", {}), ("frozen", {}), ("full", {}),
+                    ("full", {"fused_attention": True})):
+  row = gpu_aot.compile_row(device, "vit_ti16", mode, 4, 224, build)
+  rows[mode + ("_fused" if build else "")] = row
+print("RESULT " + json.dumps(rows))
+"""
+
+
+def test_steps_compiled_for_an_h100_on_this_host():
+  """ViT-Ti/16's programs compiled for an H100 by XLA's GPU compiler on this
+  host (deviceless): after XLA's passes, the frozen step's library calls are
+  the forward's plus the head's weight gradient, and the bytes it moves are
+  the forward's plus its weights' cast; the fused step's attention is cuDNN's (forward and backward per
+  layer), no score buffer is left and it needs less memory."""
+  if not (CUDA_SITE / "jax_plugins" / "xla_cuda12").is_dir():
+    pytest.skip(f"no CUDA plugin in {CUDA_SITE} (`make cuda-lowering` installs it)")
+  env = {**os.environ, "JTL_CUDA_LOWERING_SITE": str(CUDA_SITE),
+         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+  done = subprocess.run([sys.executable, "-c", AOT_PROGRAM, str(BENCHMARKS)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads(done.stdout.split("RESULT ", 1)[1])
+  forward, frozen, full, fused = (rows[k] for k in ("forward", "frozen", "full", "full_fused"))
+  assert frozen["n_gemm"] == forward["n_gemm"] + 1 and frozen["n_conv"] == forward["n_conv"]
+  # Beyond the forward's bytes: the fp32 weights read and their bf16 copy
+  # written each step (5.7 M parameters: 0.03 GiB; the forward row's weights
+  # are bf16 already) and the head's gradient.
+  assert frozen["gib_moved"] - forward["gib_moved"] <= 0.04
+  assert full["n_gemm"] >= 2.5 * forward["n_gemm"]
+  assert fused["n_attention"] == 24 and full["n_attention"] == 0
+  assert fused["score_buffers"] == 0 < full["score_buffers"]
+  assert fused["program_gib"] < full["program_gib"]

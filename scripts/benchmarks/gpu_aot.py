@@ -1,0 +1,311 @@
+"""The accelerator programs compiled for a GPU on a host without one (issue 28).
+
+XLA compiles for a GPU it is only described: a target file
+(`gpu_targets/h100_sxm.txtpb`: compute capability, SM count, shared memory,
+bandwidth, CUDA and cuDNN versions) stands in for the device
+(`jax.experimental.topologies.get_topology_desc(platform="cuda")`: deviceless
+ahead-of-time compilation, the CUDA plugin's compiler, ptxas and cuDNN run on
+the CPU). What comes out is the program the card would run: its kernels,
+library calls (cuBLAS, cuDNN) and device memory. No timings: nothing runs.
+
+  make cuda-lowering        # once: the CUDA plugin, cuDNN, ptxas (~5 GB, outside the venv)
+  python scripts/benchmarks/gpu_aot.py --out /tmp/aot
+  python scripts/benchmarks/gpu_aot.py --out /tmp/aot_nhwc --models efficientnet_lite0 \\
+      --modes full --xla_flags=--xla_gpu_force_conv_nhwc=true
+
+Per row (jtl's programs as benchmark_accelerator.py builds them: bf16
+compute, fp32 master weights, AdamW, donated state): the device memory the
+program needs (`memory_analysis()`: arguments + outputs + temporaries,
+donated buffers once) and its kernel launches by kind, with the bytes each
+kind reads and writes (operands + results of each launch: an upper bound on
+its HBM traffic): cuBLAS matmuls, cuDNN convolutions and fused attention,
+reduction and elementwise fusions, layout changes (copies, transposes).
+
+Where it differs from the program on a card: no autotuning (XLA's defaults
+pick gemm and convolution algorithms: which kernel runs, not what is computed
+or which buffers live), and Triton gemm fusion off
+(`--xla_gpu_enable_triton_gemm=false`: deviceless, XLA finds no Triton tiles
+for ViT's [50432, 768] matmuls and fails), so every matmul is a cuBLAS call.
+Cross-check: ViT-B/16's full step at batch 256 needs 24.5 GiB here; on the
+H200 of issue 18 XLA reported 24.4 GiB for the same step (jax 0.11.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SITE = Path(os.environ.get("JTL_CUDA_LOWERING_SITE",
+                           Path.home() / ".cache" / "jtl" / "cuda-lowering"))
+NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+             "opt-barrier", "partition-id", "replica-id", "add-dependency"}
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+KINDS = ("gemm", "conv", "attention", "reduction", "elementwise", "layout", "other")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape, tuples summed.
+
+  >>> shape_bytes("(bf16[256,197,768]{2,1,0}, f32[])")
+  77463556
+  """
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    size = math.prod(int(d) for d in dims.split(",") if d)
+    total += size * DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4)
+  return total
+
+
+def _closing(text: str, start: int) -> int:
+  """Index of the parenthesis closing the one at `start`."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {"(": 1, ")": -1}.get(text[i], 0)
+    if depth == 0:
+      return i
+  raise ValueError(f"unbalanced parentheses: {text[start:start + 80]}")
+
+
+def parse_instruction(line: str) -> dict | None:
+  """name, shape, opcode, operands and attributes of one HLO instruction line.
+
+  >>> i = parse_instruction('  %f = bf16[2,3]{1,0} fusion(%a, %b.1), kind=kLoop, calls=%c')
+  >>> i["name"], i["opcode"], i["operands"], i["attrs"]
+  ('f', 'fusion', ['a', 'b.1'], ', kind=kLoop, calls=%c')
+  """
+  m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+  if not m:
+    return None
+  rest = line[m.end():]
+  end = _closing(rest, 0) + 1 if rest.startswith("(") else rest.index(" ")
+  shape, rest = rest[:end], rest[end:].lstrip()
+  op = re.match(r"([\w\-]+)\(", rest)
+  if not op:
+    return None
+  close = _closing(rest, op.end() - 1)
+  return {"name": m.group(1), "shape": shape, "opcode": op.group(1),
+          "operands": re.findall(r"%([\w.\-]+)", rest[op.end():close]),
+          "attrs": rest[close + 1:]}
+
+
+def computations(text: str) -> tuple[dict[str, list[dict]], str]:
+  """({computation name: its instructions}, the entry's name) of an HLO module."""
+  comps, entry, current = {}, None, None
+  for line in text.splitlines():
+    head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      current = comps.setdefault(head.group(2), [])
+      entry = head.group(2) if head.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      inst = parse_instruction(line)
+      if inst:
+        current.append(inst)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return comps, entry
+
+
+def kernel_kind(inst: dict) -> str:
+  """What one launched instruction is: gemm, conv, attention, reduction,
+  elementwise, layout or other."""
+  op, name, attrs = inst["opcode"], inst["name"], inst["attrs"]
+  if op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', attrs)
+    target = target.group(1) if target else ""
+    if "fmha" in target or "Attention" in target:
+      return "attention"
+    if "conv" in target.lower():
+      return "conv"
+    return "gemm" if ("matmul" in target or "gemm" in target) else "other"
+  if op in ("copy", "transpose"):
+    return "layout"
+  if op == "fusion":
+    if "transpose" in name or re.match(r"(loop_)?copy", name):
+      return "layout"
+    if "kind=kCustom" in attrs:
+      return "gemm" if "gemm" in name or "dot" in name else "other"
+    if "kind=kInput" in attrs:
+      return "reduction"
+    return "elementwise"
+  if op in ("dot", "convolution"):
+    return "gemm" if op == "dot" else "conv"
+  if op in ("reduce", "reduce-window", "select-and-scatter"):
+    return "reduction"
+  return "other"
+
+
+def kernels(text: str) -> list[dict]:
+  """The launches of a compiled module, in order: the entry's instructions
+  that run a kernel or a library call, while loops' bodies repeated by their
+  known trip count. Each: kind, name, bytes (operands + result)."""
+  comps, entry = computations(text)
+  out: list[dict] = []
+
+  def walk(comp: str, repeat: int) -> None:
+    sizes = {i["name"]: shape_bytes(i["shape"]) for i in comps[comp]}
+    for inst in comps[comp]:
+      if inst["opcode"] == "while":
+        body = re.search(r"body=%([\w.\-]+)", inst["attrs"]).group(1)
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst["attrs"])
+        walk(body, repeat * int(trips.group(1)) if trips else repeat)
+        continue
+      if inst["opcode"] in NO_KERNEL:
+        continue
+      moved = shape_bytes(inst["shape"]) + sum(sizes.get(o, 0) for o in inst["operands"])
+      out.extend([{"kind": kernel_kind(inst), "name": inst["name"], "shape": inst["shape"],
+                   "bytes": moved}] * repeat)
+
+  walk(entry, 1)
+  return out
+
+
+def summarize(text: str, batch: int) -> dict[str, Any]:
+  """Launches and GiB moved per kind, and how many buffers hold attention
+  scores ([batch, heads, T, T], T >= 50)."""
+  found = kernels(text)
+  count = collections.Counter(k["kind"] for k in found)
+  moved = collections.Counter()
+  for k in found:
+    moved[k["kind"]] += k["bytes"]
+  scores = len(re.findall(rf"= \w+\[{batch},\d+,(\d{{2,}}),\1\]", text))
+  return {"kernels": len(found), **{f"n_{k}": count.get(k, 0) for k in KINDS},
+          "gib_moved": round(sum(moved.values()) / 2**30, 3),
+          **{f"gib_{k}": round(moved.get(k, 0) / 2**30, 3) for k in KINDS},
+          "score_buffers": scores}
+
+
+def setup(xla_flags: str = "") -> None:
+  """Makes the CUDA plugin of SITE compile for a described GPU; call before
+  jax is imported. jax's platform stays the CPU, so the plugin skips its
+  check for a GPU and serves compile-only devices."""
+  if "jax" in sys.modules:
+    raise RuntimeError("gpu_aot.setup() must run before jax is imported")
+  if not (SITE / "jax_plugins").is_dir():
+    sys.exit(f"no CUDA plugin in {SITE}: run `make cuda-lowering` (or set JTL_CUDA_LOWERING_SITE)")
+  sys.path[:0] = [str(SITE), str(HERE)]
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags,
+                                      "--xla_gpu_enable_triton_gemm=false"]).strip()
+
+
+def target_device(target: Path):
+  """A compile-only CUDA device described by `target` (a GpuTargetConfig)."""
+  from jax.experimental import topologies
+  topology = topologies.get_topology_desc(target.stem, "cuda", target_config=target.read_text(),
+                                          topology="1x1x1")
+  return topology.devices[0]
+
+
+def abstract_program(name: str, mode: str, batch: int, size: int, build: dict):
+  """(function, argument shapes, donated argnums) of one row from shapes
+  alone: the train step of `mode` (full, frozen, partial) or the bf16
+  eval-mode forward pass ("forward")."""
+  import jax
+  import jax.numpy as jnp
+
+  import jtl
+  from benchmark_accelerator import rules
+  from jtl import models
+  spec = models.get_spec(name)
+  module = spec.build(num_classes=1000, **build)
+  variables = models.registry.abstract_variables(spec, module)
+  inputs = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  if mode == "forward":
+    half = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, jnp.bfloat16 if a.dtype == jnp.float32 else a.dtype), variables)
+    return (lambda v, x: module.apply(v, x.astype(jnp.bfloat16), train=False)), (half, inputs), ()
+  labels = jtl.label_params(variables["params"], rules(spec, mode))
+  tx = jtl.make_optimizer(labels, learning_rate=1e-4, weight_decay=0.05)
+  state = jax.eval_shape(lambda v: jtl.create_train_state(v, labels, tx), variables)
+  step = jtl.make_train_step(module, tx, labels=labels, compute_dtype=jnp.bfloat16)
+  data = {"inputs": inputs, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  return step, (state, data), (0,)
+
+
+def compile_row(device, name: str, mode: str, batch: int, size: int, build: dict) -> dict:
+  """One row: the program compiled for `device`, its memory and kernels."""
+  import jax
+  fn, args, donate = abstract_program(name, mode, batch, size, build)
+  where = jax.sharding.SingleDeviceSharding(device)
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn, in_shardings=where, donate_argnums=donate).trace(*args).lower().compile()
+  m = compiled.memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return {"model": name, "mode": mode, "batch": batch, "image_size": size, "build": build,
+          "host_compile_s": round(time.perf_counter() - t0, 1),
+          "program_gib": round(total / 2**30, 2), "temp_gib": round(m.temp_size_in_bytes / 2**30, 2),
+          **summarize(compiled.as_text(), batch)}
+
+
+COLUMNS = ["model", "mode", "batch", "variant", "program_gib", "kernels", "n_gemm", "n_conv",
+           "n_attention", "n_reduction", "n_elementwise", "n_layout", "n_other", "gib_moved",
+           "gib_gemm", "gib_conv", "gib_attention", "gib_reduction", "gib_elementwise",
+           "gib_layout", "score_buffers"]
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  for row in rows:
+    row = {**row, "variant": json.dumps(row["build"]) if row["build"] else "-"}
+    lines.append("| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |")
+  return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--target", default=str(HERE / "gpu_targets" / "h100_sxm.txtpb"))
+  p.add_argument("--models", default="vit_b16,resnet50,efficientnet_lite0")
+  p.add_argument("--modes", default="full,frozen,forward,partial")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--variants", default='{"vit_b16": [{"fused_attention": true}], '
+                 '"efficientnet_lite0": [{"formulation": "grouped"}, {"formulation": "shifted"}]}',
+                 help="JSON: model -> list of build kwargs; each is a row per mode "
+                 "(a model listed here has no plain row)")
+  p.add_argument("--xla_flags", default="", help="added to XLA_FLAGS (an A/B: one process each)")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  args = parse_args(argv)
+  setup(args.xla_flags)
+  device = target_device(Path(args.target))
+  variants = json.loads(args.variants)
+  rows, out = [], Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  for mode in args.modes.split(","):
+    for name in args.models.split(","):
+      for build in variants.get(name, [{}]):
+        if build.get("fused_attention") and mode not in ("full", "partial"):
+          continue
+        try:
+          rows.append(compile_row(device, name, mode, args.batch, args.image_size, build))
+        except Exception as e:  # noqa: BLE001 - one row's failure never costs the others
+          rows.append({"model": name, "mode": mode, "batch": args.batch, "build": build,
+                       "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        rows[-1].update(device=device.device_kind, xla_flags=os.environ["XLA_FLAGS"])
+        print("ROW " + json.dumps(rows[-1]), flush=True)
+        (out / "aot.json").write_text(json.dumps(rows, indent=2))
+  text = f"{device.device_kind} (compiled on this host, nothing run)\n\n" + table(
+      [r for r in rows if "error" not in r])
+  (out / "aot.md").write_text(text + "\n")
+  print(text)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
