@@ -85,17 +85,17 @@ def _cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.
 def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     bias: jax.Array | None = None, mask: jax.Array | None = None,
                     **kwargs: Any) -> jax.Array:
-  """Flax's attention, or cuDNN's fused (flash) kernel in a program lowered
+  """`xla_attention`, or cuDNN's fused (flash) kernel in a program lowered
   for CUDA: bf16/fp16 inputs, no bias, mask or dropout. The fused kernel never
   writes the [batch, heads, tokens, tokens] scores to device memory.
 
   The choice is made by the platform the program is lowered for
   (`lax.platform_dependent`), not by the host's default backend, so a step
   lowered for CUDA on a CPU host is the GPU's program. Where cuDNN is absent
-  (no CUDA jaxlib plugin), or refuses the shapes, this is
-  `nn.dot_product_attention` itself (a warning says why on a GPU backend).
+  (no CUDA jaxlib plugin), or refuses the shapes, this is `xla_attention`
+  itself (a warning says why on a GPU backend).
   """
-  xla = functools.partial(nn.dot_product_attention, bias=bias, mask=mask, **kwargs)
+  xla = functools.partial(xla_attention, bias=bias, mask=mask, **kwargs)
   dropout = kwargs.get("dropout_rate", 0.0) and not kwargs.get("deterministic", True)
   if (bias is not None or mask is not None or dropout
       or query.dtype not in (jnp.bfloat16, jnp.float16)):
@@ -110,8 +110,41 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   except (ValueError, NotImplementedError, RuntimeError) as e:  # no cuDNN, or shapes
     if jax.default_backend() == "gpu":  # shown once per reason (warnings' registry)
       warnings.warn(f"fused_attention: cuDNN's kernel not used ({type(e).__name__}: {e}); "
-                    "running Flax's attention instead.", stacklevel=2)
+                    "running XLA's attention instead.", stacklevel=2)
     return xla(query, key, value)
+
+
+def _aligned_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                       **kwargs: Any) -> jax.Array:
+  """Flax's attention over tokens padded to a multiple of 8, the padded keys
+  masked out (exactly zero weight) and the padded queries sliced off."""
+  tokens = key.shape[1]
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, -tokens % 8), (0, 0), (0, 0)))
+  real_keys = (jnp.arange(tokens + -tokens % 8) < tokens)[None, None, None, :]
+  return nn.dot_product_attention(pad(query), pad(key), pad(value), mask=real_keys,
+                                  **kwargs)[:, :tokens]
+
+
+def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                  bias: jax.Array | None = None, mask: jax.Array | None = None,
+                  **kwargs: Any) -> jax.Array:
+  """Flax's attention; in a program lowered for CUDA, over tokens padded to a
+  multiple of 8 (ViT's 197 -> 200), the padding masked.
+
+  cuBLAS wants aligned matrices, so XLA pads each of the attention matmuls'
+  operands itself, the [batch x heads, T, T] scores and their gradients
+  included: ViT-B/16's full step at batch 256, compiled for an H100, has 96
+  such pad kernels moving 24 GiB. Padded once here, the same cuBLAS calls
+  read aligned operands and 72 of those kernels go (`scripts/benchmarks/
+  gpu_aot.py`: 187 -> 169 GiB moved per step). Other platforms keep Flax's
+  program (`lax.platform_dependent`: chosen by the platform lowered for).
+  """
+  plain = functools.partial(nn.dot_product_attention, bias=bias, mask=mask, **kwargs)
+  if (bias is not None or mask is not None or key.shape[1] % 8 == 0
+      or query.shape[1] != key.shape[1]):
+    return plain(query, key, value)
+  return jax.lax.platform_dependent(query, key, value, default=plain,
+                                    cuda=functools.partial(_aligned_attention, **kwargs))
 
 
 class LayerScale(nn.Module):
@@ -145,7 +178,7 @@ class Encoder1DBlock(nn.Module):
     else:
       drop_path = functools.partial(traced_drop_path, self, self.drop_path)
     y = nn.LayerNorm(epsilon=self.eps, name="LayerNorm_0")(x)
-    attention_fn = fused_attention if self.fused else nn.dot_product_attention
+    attention_fn = fused_attention if self.fused else xla_attention
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_fn=attention_fn,
         name="MultiHeadDotProductAttention_0")(y, y, deterministic=True)

@@ -175,6 +175,29 @@ def test_fused_attention_option_keeps_parameters_and_outputs_off_gpu():
                              jax.jit(plain.apply)(variables, x), atol=1e-6)
 
 
+def test_attention_over_tokens_padded_to_eight_is_flax_attention():
+  """The GPU program's attention (`xla_attention` lowered for CUDA: 197 tokens
+  padded to 200, the padded keys masked) gives Flax's outputs and gradients;
+  lowered for the CPU, the padding is not there."""
+  import flax.linen as nn
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(key, (2, 197, 3, 16)) for key in keys)
+
+  def grads(attention):
+    loss = lambda *qkv: (attention(*qkv) ** 2).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  np.testing.assert_allclose(vit._aligned_attention(q, k, v),
+                             nn.dot_product_attention(q, k, v), atol=1e-6)
+  for padded, plain in zip(grads(vit._aligned_attention), grads(nn.dot_product_attention)):
+    np.testing.assert_allclose(padded, plain, atol=1e-5)
+  scores = lambda platform: jax.jit(vit.xla_attention).trace(q, k, v).lower(
+      lowering_platforms=(platform,)).as_text()
+  cuda, cpu = scores("cuda"), scores("cpu")
+  assert "3x200x200xf32" in cuda and "3x197x197xf32" not in cuda
+  assert "3x197x197xf32" in cpu and "3x200x200xf32" not in cpu
+
+
 @pytest.mark.parametrize("family", ["vit", "dinov2"])
 def test_drop_path_drops_whole_residual_branches_in_training_only(family):
   """drop_path_rate=1 on a 2-block model: block 0 keeps its branches (rate 0),
