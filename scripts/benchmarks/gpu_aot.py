@@ -47,10 +47,15 @@ HERE = Path(__file__).resolve().parent
 SITE = Path(os.environ.get("JTL_CUDA_LOWERING_SITE",
                            Path.home() / ".cache" / "jtl" / "cuda-lowering"))
 NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-             "opt-barrier", "partition-id", "replica-id", "add-dependency"}
+             "opt-barrier", "partition-id", "replica-id", "add-dependency",
+             "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done"}
+COLLECTIVES = {"all-reduce", "all-reduce-start", "all-gather", "all-gather-start",
+               "reduce-scatter", "all-to-all", "collective-permute", "collective-permute-start",
+               "async-start"}
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-KINDS = ("gemm", "conv", "attention", "reduction", "elementwise", "layout", "other")
+KINDS = ("gemm", "conv", "attention", "reduction", "elementwise", "layout", "collective",
+         "other")
 
 
 def shape_bytes(shape: str) -> int:
@@ -119,8 +124,10 @@ def computations(text: str) -> tuple[dict[str, list[dict]], str]:
 
 def kernel_kind(inst: dict) -> str:
   """What one launched instruction is: gemm, conv, attention, reduction,
-  elementwise, layout or other."""
+  elementwise, layout, collective or other."""
   op, name, attrs = inst["opcode"], inst["name"], inst["attrs"]
+  if op in COLLECTIVES:
+    return "collective"
   if op == "custom-call":
     target = re.search(r'custom_call_target="([^"]+)"', attrs)
     target = target.group(1) if target else ""
@@ -149,7 +156,8 @@ def kernel_kind(inst: dict) -> str:
 def kernels(text: str) -> list[dict]:
   """The launches of a compiled module, in order: the entry's instructions
   that run a kernel or a library call, while loops' bodies repeated by their
-  known trip count. Each: kind, name, bytes (operands + result)."""
+  known trip count. Each: kind, name, bytes (operands + result; a
+  collective's: its result, the data each device sends)."""
   comps, entry = computations(text)
   out: list[dict] = []
 
@@ -163,8 +171,10 @@ def kernels(text: str) -> list[dict]:
         continue
       if inst["opcode"] in NO_KERNEL:
         continue
-      moved = shape_bytes(inst["shape"]) + sum(sizes.get(o, 0) for o in inst["operands"])
-      out.extend([{"kind": kernel_kind(inst), "name": inst["name"], "shape": inst["shape"],
+      kind = kernel_kind(inst)
+      moved = shape_bytes(inst["shape"]) + (0 if kind == "collective" else sum(
+          sizes.get(o, 0) for o in inst["operands"]))
+      out.extend([{"kind": kind, "name": inst["name"], "shape": inst["shape"],
                    "bytes": moved}] * repeat)
 
   walk(entry, 1)
@@ -200,12 +210,13 @@ def setup(xla_flags: str = "") -> None:
                                       "--xla_gpu_enable_triton_gemm=false"]).strip()
 
 
-def target_device(target: Path):
-  """A compile-only CUDA device described by `target` (a GpuTargetConfig)."""
+def target_devices(target: Path, count: int = 1) -> list:
+  """`count` compile-only CUDA devices on one host, each described by
+  `target` (a GpuTargetConfig)."""
   from jax.experimental import topologies
   topology = topologies.get_topology_desc(target.stem, "cuda", target_config=target.read_text(),
-                                          topology="1x1x1")
-  return topology.devices[0]
+                                          topology=f"1x1x{count}")
+  return list(topology.devices)
 
 
 def abstract_program(name: str, mode: str, batch: int, size: int, build: dict):
@@ -234,26 +245,33 @@ def abstract_program(name: str, mode: str, batch: int, size: int, build: dict):
   return step, (state, data), (0,)
 
 
-def compile_row(device, name: str, mode: str, batch: int, size: int, build: dict) -> dict:
-  """One row: the program compiled for `device`, its memory and kernels."""
+def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
+                build: dict) -> dict:
+  """One row: the program compiled for `devices` (more than one: data
+  parallel, jtl's mesh, the batch split, the state replicated), its memory
+  and kernels per device."""
   import jax
+
+  import jtl
   fn, args, donate = abstract_program(name, mode, batch, size, build)
-  where = jax.sharding.SingleDeviceSharding(device)
+  mesh = jtl.make_mesh(devices)
+  where = (jtl.parallel.replicated(mesh), jtl.parallel.batch_sharding(mesh))
   t0 = time.perf_counter()
   compiled = jax.jit(fn, in_shardings=where, donate_argnums=donate).trace(*args).lower().compile()
   m = compiled.memory_analysis()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
            - m.alias_size_in_bytes)
-  return {"model": name, "mode": mode, "batch": batch, "image_size": size, "build": build,
+  return {"model": name, "mode": mode, "batch": batch, "devices": len(devices),
+          "image_size": size, "build": build,
           "host_compile_s": round(time.perf_counter() - t0, 1),
           "program_gib": round(total / 2**30, 2), "temp_gib": round(m.temp_size_in_bytes / 2**30, 2),
           **summarize(compiled.as_text(), batch)}
 
 
-COLUMNS = ["model", "mode", "batch", "variant", "program_gib", "kernels", "n_gemm", "n_conv",
+COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "kernels", "n_gemm", "n_conv",
            "n_attention", "n_reduction", "n_elementwise", "n_layout", "n_other", "gib_moved",
            "gib_gemm", "gib_conv", "gib_attention", "gib_reduction", "gib_elementwise",
-           "gib_layout", "score_buffers"]
+           "gib_layout", "n_collective", "gib_collective", "score_buffers"]
 
 
 def table(rows: list[dict]) -> str:
@@ -270,7 +288,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--target", default=str(HERE / "gpu_targets" / "h100_sxm.txtpb"))
   p.add_argument("--models", default="vit_b16,resnet50,efficientnet_lite0")
   p.add_argument("--modes", default="full,frozen,forward,partial")
-  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--batch", type=int, default=256, help="the global batch")
+  p.add_argument("--devices", type=int, default=1,
+                 help="GPUs of one host: more than one compiles the data-parallel step")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--variants", default='{"vit_b16": [{"fused_attention": true}], '
                  '"efficientnet_lite0": [{"formulation": "grouped"}, {"formulation": "shifted"}]}',
@@ -283,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   setup(args.xla_flags)
-  device = target_device(Path(args.target))
+  devices = target_devices(Path(args.target), args.devices)
   variants = json.loads(args.variants)
   rows, out = [], Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -293,14 +313,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if build.get("fused_attention") and mode not in ("full", "partial"):
           continue
         try:
-          rows.append(compile_row(device, name, mode, args.batch, args.image_size, build))
+          rows.append(compile_row(devices, name, mode, args.batch, args.image_size, build))
         except Exception as e:  # noqa: BLE001 - one row's failure never costs the others
           rows.append({"model": name, "mode": mode, "batch": args.batch, "build": build,
                        "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        rows[-1].update(device=device.device_kind, xla_flags=os.environ["XLA_FLAGS"])
+        rows[-1].update(device=devices[0].device_kind, xla_flags=os.environ["XLA_FLAGS"])
         print("ROW " + json.dumps(rows[-1]), flush=True)
         (out / "aot.json").write_text(json.dumps(rows, indent=2))
-  text = f"{device.device_kind} (compiled on this host, nothing run)\n\n" + table(
+  text = f"{devices[0].device_kind} (compiled on this host, nothing run)\n\n" + table(
       [r for r in rows if "error" not in r])
   (out / "aot.md").write_text(text + "\n")
   print(text)

@@ -198,6 +198,8 @@ ENTRY %main (a: f32[8,4]) -> f32[2,3,60,60] {
   %input_reduce_fusion = f32[8]{0} fusion(%loop_multiply_fusion), kind=kInput, calls=%fused_scale
   %w = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %copy.1 = f32[4,8]{0,1} copy(%a)
+  %ars = f32[8,4]{1,0} all-reduce-start(%loop_multiply_fusion), channel_id=1, to_apply=%sum
+  %ard = f32[8,4]{1,0} all-reduce-done(%ars)
   %conv = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a), custom_call_target="__cudnn$convForward"
   ROOT %scores = f32[2,3,60,60]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_scale
 }
@@ -206,15 +208,18 @@ ENTRY %main (a: f32[8,4]) -> f32[2,3,60,60] {
 
 def test_compiled_kernels_are_counted_by_kind_with_the_bytes_they_move():
   """gpu_aot's reading of a compiled module: launches per kind (a loop body
-  once per known trip), bytes = operands + result, attention-score buffers."""
+  once per known trip, an async collective once), bytes = operands + result,
+  attention-score buffers."""
   sys.path.insert(0, str(BENCHMARKS))
   import gpu_aot
   found = gpu_aot.kernels(COMPILED_HLO)
   assert [k["kind"] for k in found] == [
-      "elementwise", "reduction", "gemm", "gemm", "gemm", "layout", "conv", "elementwise"]
+      "elementwise", "reduction", "gemm", "gemm", "gemm", "layout", "collective", "conv",
+      "elementwise"]
   assert [k["bytes"] for k in found][:3] == [128 + 128, 32 + 128, 128 + 16 + 2 * 128]
+  assert found[6]["bytes"] == 128  # a collective: the data it sends
   summary = gpu_aot.summarize(COMPILED_HLO, batch=2)
-  assert (summary["kernels"], summary["n_gemm"], summary["n_layout"]) == (8, 3, 1)
+  assert (summary["kernels"], summary["n_gemm"], summary["n_layout"]) == (9, 3, 1)
   assert summary["score_buffers"] == 1
   assert gpu_aot.summarize(COMPILED_HLO, batch=8)["score_buffers"] == 0
 
@@ -225,11 +230,11 @@ sys.path.insert(0, sys.argv[1])
 import gpu_aot
 gpu_aot.setup()
 from pathlib import Path
-device = gpu_aot.target_device(Path(sys.argv[1]) / "gpu_targets" / "h100_sxm.txtpb")
+devices = gpu_aot.target_devices(Path(sys.argv[1]) / "gpu_targets" / "h100_sxm.txtpb")
 rows = {}
 for mode, build in (("forward", {}), ("frozen", {}), ("full", {}),
                     ("full", {"fused_attention": True})):
-  row = gpu_aot.compile_row(device, "vit_ti16", mode, 4, 224, build)
+  row = gpu_aot.compile_row(devices, "vit_ti16", mode, 4, 224, build)
   rows[mode + ("_fused" if build else "")] = row
 print("RESULT " + json.dumps(rows))
 """

@@ -1,3 +1,6 @@
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +105,40 @@ def test_the_weight_ema_is_sharded_like_the_params():
                             mesh, shardings)
   placed, _ = step(placed, jtl.shard_batch(batches()[0], mesh))
   assert placed.ema["body"]["kernel"].addressable_shards[0].data.shape == (48, 32)
+
+
+def _all_reduced(text: str) -> tuple[int, int]:
+  """(elements of non-scalar arrays, scalars) that a compiled module's
+  all-reduces sum over devices."""
+  arrays = scalars = 0
+  for line in text.splitlines():
+    shape = re.match(r"\s*(?:ROOT )?%\S+ = (.*?) all-reduce(?:-start)?\(", line)
+    for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", shape.group(1) if shape else ""):
+      if dims:
+        arrays += math.prod(int(d) for d in dims.split(","))
+      else:
+        scalars += 1
+  return arrays, scalars
+
+
+@pytest.mark.parametrize("rules,trained", [
+    ([("head/.*", "head"), (".*", "frozen")], ["head"]),
+    ([(".*", "all")], ["head", "body"]),
+])
+def test_data_parallel_step_sums_only_the_trained_gradients_over_devices(rules, trained):
+  """Frozen weights cost no communication either: the step compiled for the
+  8-device mesh all-reduces the trained parameters' gradients (and the loss's
+  scalars), nothing of the frozen ones."""
+  model = MLP()
+  b = jax.tree.map(np.asarray, batch(16, classes=4))
+  variables = init(model, b["inputs"])
+  labels = jtl.label_params(variables["params"], rules)
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2)
+  mesh = jtl.make_mesh()
+  state = jtl.place_state(jtl.create_train_state(variables, labels, tx), mesh)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)
+  text = step.lower(state, jtl.shard_batch(b, mesh)).compile().as_text()
+  arrays, scalars = _all_reduced(text)
+  assert arrays == sum(np.size(p) for name in trained
+                       for p in jax.tree.leaves(variables["params"][name]))
+  assert 1 <= scalars <= 4
