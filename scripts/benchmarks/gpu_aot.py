@@ -265,7 +265,7 @@ def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
           "image_size": size, "build": build,
           "host_compile_s": round(time.perf_counter() - t0, 1),
           "program_gib": round(total / 2**30, 2), "temp_gib": round(m.temp_size_in_bytes / 2**30, 2),
-          **summarize(compiled.as_text(), batch)}
+          **summarize(compiled.as_text(), batch // len(devices))}
 
 
 COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "kernels", "n_gemm", "n_conv",
