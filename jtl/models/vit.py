@@ -136,7 +136,7 @@ def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   included: ViT-B/16's full step at batch 256, compiled for an H100, has 96
   such pad kernels moving 24 GiB. Padded once here, the same cuBLAS calls
   read aligned operands and 72 of those kernels go (`scripts/benchmarks/
-  gpu_aot.py`: 187 -> 169 GiB moved per step). Other platforms keep Flax's
+  deviceless.py`: 187 -> 169 GiB moved per step). Other platforms keep Flax's
   program (`lax.platform_dependent`: chosen by the platform lowered for).
   """
   plain = functools.partial(nn.dot_product_attention, bias=bias, mask=mask, **kwargs)

@@ -21,9 +21,9 @@ is the program as the accelerator receives it, before XLA's own passes:
   what the same model lowers to without cuDNN (Flax's attention).
 
 With the same wheels, steps are also compiled for an H100 that is only
-described (scripts/benchmarks/gpu_aot.py: XLA's GPU compiler, ptxas and cuDNN
+described (scripts/benchmarks/deviceless.py: XLA's GPU compiler, ptxas and cuDNN
 run on this host): the frozen step after XLA's passes, and cuDNN's attention
-in the compiled program. How gpu_aot reads a compiled module is tested
+in the compiled program. How deviceless reads a compiled module is tested
 without them.
 """
 
@@ -172,7 +172,7 @@ def test_fused_attention_without_cudnn_is_flax_attention():
   assert "fmha" not in texts[0] and re.search(r"tensor<2x3x200x200x", texts[0])
 
 
-# --- Compiled for a GPU that is only described (scripts/benchmarks/gpu_aot.py) ---
+# --- Compiled for a GPU that is only described (scripts/benchmarks/deviceless.py) ---
 
 BENCHMARKS = ROOT / "scripts" / "benchmarks"
 
@@ -207,34 +207,34 @@ ENTRY %main (a: f32[8,4]) -> f32[2,3,60,60] {
 
 
 def test_compiled_kernels_are_counted_by_kind_with_the_bytes_they_move():
-  """gpu_aot's reading of a compiled module: launches per kind (a loop body
+  """deviceless.py's reading of a compiled module: launches per kind (a loop body
   once per known trip, an async collective once), bytes = operands + result,
   attention-score buffers."""
   sys.path.insert(0, str(BENCHMARKS))
-  import gpu_aot
-  found = gpu_aot.kernels(COMPILED_HLO)
+  import deviceless
+  found = deviceless.kernels(COMPILED_HLO)
   assert [k["kind"] for k in found] == [
       "elementwise", "reduction", "gemm", "gemm", "gemm", "layout", "collective", "conv",
       "elementwise"]
   assert [k["bytes"] for k in found][:3] == [128 + 128, 32 + 128, 128 + 16 + 2 * 128]
   assert found[6]["bytes"] == 128  # a collective: the data it sends
-  summary = gpu_aot.summarize(COMPILED_HLO, batch=2)
+  summary = deviceless.summarize(COMPILED_HLO, batch=2)
   assert (summary["kernels"], summary["n_gemm"], summary["n_layout"]) == (9, 3, 1)
   assert summary["score_buffers"] == 1
-  assert gpu_aot.summarize(COMPILED_HLO, batch=8)["score_buffers"] == 0
+  assert deviceless.summarize(COMPILED_HLO, batch=8)["score_buffers"] == 0
 
 
 AOT_PROGRAM = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import gpu_aot
-gpu_aot.setup()
+import deviceless
+deviceless.setup()
 from pathlib import Path
-devices = gpu_aot.target_devices(Path(sys.argv[1]) / "gpu_targets" / "h100_sxm.txtpb")
+devices = deviceless.target_devices("cuda", str(Path(sys.argv[1]) / "gpu_targets" / "h100_sxm.txtpb"))
 rows = {}
 for mode, build in (("forward", {}), ("frozen", {}), ("full", {}),
                     ("full", {"fused_attention": True})):
-  row = gpu_aot.compile_row(devices, "vit_ti16", mode, 4, 224, build)
+  row = deviceless.compile_row(devices, "vit_ti16", mode, 4, 224, build)
   rows[mode + ("_fused" if build else "")] = row
 print("RESULT " + json.dumps(rows))
 """
@@ -264,3 +264,39 @@ def test_steps_compiled_for_an_h100_on_this_host():
   assert fused["n_attention"] == 24 and full["n_attention"] == 0
   assert fused["score_buffers"] == 0 < full["score_buffers"]
   assert fused["program_gib"] < full["program_gib"]
+
+
+TPU_SITE = Path(os.environ.get("JTL_TPU_COMPILER_SITE",
+                               Path.home() / ".cache" / "jtl" / "tpu-compiler"))
+TPU_PROGRAM = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import deviceless
+deviceless.setup("tpu")
+one, four = (deviceless.target_devices("tpu", t) for t in ("v5e:1x1", "v5e:2x2"))
+rows = {"one_full": deviceless.compile_row(one, "vit_ti16", "full", 2, None, {})}
+for mode in ("frozen", "full"):
+  rows["four_" + mode] = deviceless.compile_row(four, "vit_ti16", mode, 8, None, {})
+print("RESULT " + json.dumps(rows))
+"""
+
+
+def test_steps_compile_for_tpu_v5e_on_this_host():
+  """ViT-Ti/16's steps compiled by libtpu for TPU v5e chips on this host
+  (deviceless: a topology name stands in for the chips; every family's step
+  lowers for TPU above, compiling them all takes minutes): one chip's full
+  step, and the data-parallel steps of four, where the frozen step sends the
+  head's gradients only."""
+  if not (TPU_SITE / "libtpu").is_dir():
+    pytest.skip(f"no libtpu in {TPU_SITE} (`make tpu-compiler` installs it)")
+  env = {**os.environ, "JTL_TPU_COMPILER_SITE": str(TPU_SITE),
+         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+  done = subprocess.run([sys.executable, "-c", TPU_PROGRAM, str(BENCHMARKS)],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads(done.stdout.split("RESULT ", 1)[1])
+  assert rows["one_full"]["program_gib"] > 0 and rows["one_full"]["gib_collective"] == 0
+  frozen, full = rows["four_frozen"], rows["four_full"]
+  # ViT-Ti/16: 5.7 M parameters, its head 193,000 (1000 classes): >= 2 bytes each.
+  assert full["gib_collective"] >= 5.5e6 * 2 / 2**30
+  assert 0 < frozen["gib_collective"] <= 193_000 * 4 / 2**30 + 1e-4

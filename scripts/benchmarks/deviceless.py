@@ -1,29 +1,34 @@
-"""The accelerator programs compiled for a GPU on a host without one (issue 28).
+"""The accelerator programs compiled for a GPU or TPU on a host without one (issue 28).
 
-XLA compiles for a GPU it is only described: a target file
+XLA compiles for a device it is only described: for a GPU, a target file
 (`gpu_targets/h100_sxm.txtpb`: compute capability, SM count, shared memory,
-bandwidth, CUDA and cuDNN versions) stands in for the device
-(`jax.experimental.topologies.get_topology_desc(platform="cuda")`: deviceless
-ahead-of-time compilation, the CUDA plugin's compiler, ptxas and cuDNN run on
-the CPU). What comes out is the program the card would run: its kernels,
-library calls (cuBLAS, cuDNN) and device memory. No timings: nothing runs.
+bandwidth, CUDA and cuDNN versions; the CUDA plugin's compiler, ptxas and
+cuDNN run on the CPU); for a TPU, a topology name ("v5e:2x4": libtpu's
+compiler). `jax.experimental.topologies.get_topology_desc` makes the
+compile-only devices. What comes out is the program the device would run:
+its memory and, on a GPU, its kernels and library calls (cuBLAS, cuDNN).
+No timings: nothing runs.
 
   make cuda-lowering        # once: the CUDA plugin, cuDNN, ptxas (~5 GB, outside the venv)
-  python scripts/benchmarks/gpu_aot.py --out /tmp/aot
-  python scripts/benchmarks/gpu_aot.py --out /tmp/aot_nhwc --models efficientnet_lite0 \\
+  make tpu-compiler         # once: libtpu (~0.7 GB, outside the venv)
+  python scripts/benchmarks/deviceless.py --out /tmp/aot
+  python scripts/benchmarks/deviceless.py --out /tmp/aot_v5e --platform tpu --target v5e:1x1
+  python scripts/benchmarks/deviceless.py --out /tmp/aot_nhwc --models efficientnet_lite0 \\
       --modes full --xla_flags=--xla_gpu_force_conv_nhwc=true
 
 Per row (jtl's programs as benchmark_accelerator.py builds them: bf16
 compute, fp32 master weights, AdamW, donated state): the device memory the
 program needs (`memory_analysis()`: arguments + outputs + temporaries,
-donated buffers once) and its kernel launches by kind, with the bytes each
-kind reads and writes (operands + results of each launch: an upper bound on
-its HBM traffic): cuBLAS matmuls, cuDNN convolutions and fused attention,
-reduction and elementwise fusions, layout changes (copies, transposes).
+donated buffers once), what it sends in collectives (several devices: data
+parallel, the batch split) and, on a GPU, its kernel launches by kind, with
+the bytes each kind reads and writes (operands + results of each launch: an
+upper bound on its HBM traffic): cuBLAS matmuls, cuDNN convolutions and
+fused attention, reduction and elementwise fusions, layout changes (copies,
+transposes).
 
-Where it differs from the program on a card: no autotuning (XLA's defaults
-pick gemm and convolution algorithms: which kernel runs, not what is computed
-or which buffers live), and Triton gemm fusion off
+Where a GPU program differs from the one on a card: no autotuning (XLA's
+defaults pick gemm and convolution algorithms: which kernel runs, not what
+is computed or which buffers live), and Triton gemm fusion off
 (`--xla_gpu_enable_triton_gemm=false`: deviceless, XLA finds no Triton tiles
 for ViT's [50432, 768] matmuls and fails), so every matmul is a cuBLAS call.
 Cross-check: ViT-B/16's full step at batch 256 needs 24.5 GiB here; on the
@@ -44,8 +49,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SITE = Path(os.environ.get("JTL_CUDA_LOWERING_SITE",
-                           Path.home() / ".cache" / "jtl" / "cuda-lowering"))
+SITES = {  # where `make cuda-lowering` and `make tpu-compiler` install the compilers
+    "cuda": Path(os.environ.get("JTL_CUDA_LOWERING_SITE",
+                                Path.home() / ".cache" / "jtl" / "cuda-lowering")),
+    "tpu": Path(os.environ.get("JTL_TPU_COMPILER_SITE",
+                               Path.home() / ".cache" / "jtl" / "tpu-compiler")),
+}
+PLUGINS = {"cuda": ("jax_plugins/xla_cuda12", "make cuda-lowering"),
+           "tpu": ("libtpu", "make tpu-compiler")}
 NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
              "opt-barrier", "partition-id", "replica-id", "add-dependency",
              "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done"}
@@ -196,35 +207,49 @@ def summarize(text: str, batch: int) -> dict[str, Any]:
           "score_buffers": scores}
 
 
-def setup(xla_flags: str = "") -> None:
-  """Makes the CUDA plugin of SITE compile for a described GPU; call before
-  jax is imported. jax's platform stays the CPU, so the plugin skips its
-  check for a GPU and serves compile-only devices."""
+def setup(platform: str = "cuda", xla_flags: str = "") -> None:
+  """Makes the compiler for `platform` ("cuda": the CUDA plugin, "tpu":
+  libtpu) importable and lets it serve compile-only devices; call before jax
+  is imported. jax's own platform stays the CPU, so the CUDA plugin skips
+  its check for a GPU."""
   if "jax" in sys.modules:
-    raise RuntimeError("gpu_aot.setup() must run before jax is imported")
-  if not (SITE / "jax_plugins").is_dir():
-    sys.exit(f"no CUDA plugin in {SITE}: run `make cuda-lowering` (or set JTL_CUDA_LOWERING_SITE)")
-  sys.path[:0] = [str(SITE), str(HERE)]
+    raise RuntimeError("deviceless.setup() must run before jax is imported")
+  site, (marker, make) = SITES[platform], PLUGINS[platform]
+  if not (site / marker).is_dir():
+    sys.exit(f"no {platform} compiler in {site}: run `{make}` (or set "
+             f"{'JTL_CUDA_LOWERING_SITE' if platform == 'cuda' else 'JTL_TPU_COMPILER_SITE'})")
+  sys.path[:0] = [str(site), str(HERE)]
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags,
-                                      "--xla_gpu_enable_triton_gemm=false"]).strip()
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # libtpu asks, off a TPU VM
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no lock: compiling only
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags] + (
+      ["--xla_gpu_enable_triton_gemm=false"] if platform == "cuda" else [])).strip()
 
 
-def target_devices(target: Path, count: int = 1) -> list:
-  """`count` compile-only CUDA devices on one host, each described by
-  `target` (a GpuTargetConfig)."""
+def target_devices(platform: str, target: str, count: int = 1) -> list:
+  """Compile-only devices: `count` GPUs of one host, each described by the
+  GpuTargetConfig file `target`, or the chips of the TPU topology `target`
+  ("v5e:2x4": one host's 8 v5e chips)."""
   from jax.experimental import topologies
-  topology = topologies.get_topology_desc(target.stem, "cuda", target_config=target.read_text(),
-                                          topology=f"1x1x{count}")
-  return list(topology.devices)
+  if platform == "cuda":
+    path = Path(target)
+    return list(topologies.get_topology_desc(path.stem, "cuda", target_config=path.read_text(),
+                                             topology=f"1x1x{count}").devices)
+  bounds = [int(d) for d in target.split(":")[1].split("x")]
+  return list(topologies.get_topology_desc(
+      target, platform="tpu", chip_config_name="default", num_slices=1,
+      chips_per_host_bounds=tuple(bounds + [1] * (3 - len(bounds))),
+      wrap=(False, False, False)).devices)
 
 
-def abstract_program(name: str, mode: str, batch: int, size: int, build: dict):
+def abstract_program(name: str, mode: str, batch: int, size: int | None, build: dict):
   """(function, argument shapes, donated argnums) of one row from shapes
   alone: the train step of `mode` (full, frozen, partial) or the bf16
-  eval-mode forward pass ("forward")."""
+  eval-mode forward pass ("forward"), on `size` px images (None: the
+  model's own example input, text included)."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
 
   import jtl
   from benchmark_accelerator import rules
@@ -232,11 +257,14 @@ def abstract_program(name: str, mode: str, batch: int, size: int, build: dict):
   spec = models.get_spec(name)
   module = spec.build(num_classes=1000, **build)
   variables = models.registry.abstract_variables(spec, module)
-  inputs = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  inputs = (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32) if size else
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                         spec.example_input(batch)))
   if mode == "forward":
     half = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
         a.shape, jnp.bfloat16 if a.dtype == jnp.float32 else a.dtype), variables)
-    return (lambda v, x: module.apply(v, x.astype(jnp.bfloat16), train=False)), (half, inputs), ()
+    to_half = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return (lambda v, x: module.apply(v, jax.tree.map(to_half, x), train=False)), (half, inputs), ()
   labels = jtl.label_params(variables["params"], rules(spec, mode))
   tx = jtl.make_optimizer(labels, learning_rate=1e-4, weight_decay=0.05)
   state = jax.eval_shape(lambda v: jtl.create_train_state(v, labels, tx), variables)
@@ -261,11 +289,18 @@ def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
   m = compiled.memory_analysis()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
            - m.alias_size_in_bytes)
+  text = compiled.as_text()
+  if devices[0].platform == "tpu":  # its fusions are not kernels of the kinds above
+    sent = [k for k in kernels(text) if k["kind"] == "collective"]
+    summary = {"n_collective": len(sent),
+               "gib_collective": round(sum(k["bytes"] for k in sent) / 2**30, 5)}
+  else:
+    summary = summarize(text, batch // len(devices))
   return {"model": name, "mode": mode, "batch": batch, "devices": len(devices),
           "image_size": size, "build": build,
           "host_compile_s": round(time.perf_counter() - t0, 1),
           "program_gib": round(total / 2**30, 2), "temp_gib": round(m.temp_size_in_bytes / 2**30, 2),
-          **summarize(compiled.as_text(), batch // len(devices))}
+          **summary}
 
 
 COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "kernels", "n_gemm", "n_conv",
@@ -274,36 +309,47 @@ COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "kerne
            "gib_layout", "n_collective", "gib_collective", "score_buffers"]
 
 
-def table(rows: list[dict]) -> str:
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+TPU_COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "temp_gib",
+               "n_collective", "gib_collective", "host_compile_s"]
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:
     row = {**row, "variant": json.dumps(row["build"]) if row["build"] else "-"}
-    lines.append("| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |")
+    lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
   return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True)
-  p.add_argument("--target", default=str(HERE / "gpu_targets" / "h100_sxm.txtpb"))
+  p.add_argument("--platform", choices=("cuda", "tpu"), default="cuda")
+  p.add_argument("--target", default=None,
+                 help="cuda: a GpuTargetConfig file (default: gpu_targets/h100_sxm.txtpb); "
+                 "tpu: a topology (default: v5e:1x1)")
   p.add_argument("--models", default="vit_b16,resnet50,efficientnet_lite0")
   p.add_argument("--modes", default="full,frozen,forward,partial")
   p.add_argument("--batch", type=int, default=256, help="the global batch")
   p.add_argument("--devices", type=int, default=1,
-                 help="GPUs of one host: more than one compiles the data-parallel step")
+                 help="GPUs of one host (a TPU topology names its chips): more than one "
+                 "compiles the data-parallel step")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--variants", default='{"vit_b16": [{"fused_attention": true}], '
                  '"efficientnet_lite0": [{"formulation": "grouped"}, {"formulation": "shifted"}]}',
                  help="JSON: model -> list of build kwargs; each is a row per mode "
                  "(a model listed here has no plain row)")
   p.add_argument("--xla_flags", default="", help="added to XLA_FLAGS (an A/B: one process each)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.target = args.target or (str(HERE / "gpu_targets" / "h100_sxm.txtpb")
+                                if args.platform == "cuda" else "v5e:1x1")
+  return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
-  setup(args.xla_flags)
-  devices = target_devices(Path(args.target), args.devices)
+  setup(args.platform, args.xla_flags)
+  devices = target_devices(args.platform, args.target, args.devices)
   variants = json.loads(args.variants)
   rows, out = [], Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -320,8 +366,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows[-1].update(device=devices[0].device_kind, xla_flags=os.environ["XLA_FLAGS"])
         print("ROW " + json.dumps(rows[-1]), flush=True)
         (out / "aot.json").write_text(json.dumps(rows, indent=2))
+  columns = COLUMNS if args.platform == "cuda" else TPU_COLUMNS
   text = f"{devices[0].device_kind} (compiled on this host, nothing run)\n\n" + table(
-      [r for r in rows if "error" not in r])
+      [r for r in rows if "error" not in r], columns)
   (out / "aot.md").write_text(text + "\n")
   print(text)
   return rows
