@@ -21,10 +21,11 @@ is the program as the accelerator receives it, before XLA's own passes:
   what the same model lowers to without cuDNN (Flax's attention).
 
 With the same wheels, steps are also compiled for an H100 that is only
-described (scripts/benchmarks/deviceless.py: XLA's GPU compiler, ptxas and cuDNN
-run on this host): the frozen step after XLA's passes, and cuDNN's attention
-in the compiled program. How deviceless reads a compiled module is tested
-without them.
+described (scripts/benchmarks/deviceless.py: XLA's GPU compiler, ptxas and
+cuDNN run on this host): the frozen step after XLA's passes, and cuDNN's
+attention in the compiled program; with libtpu (`make tpu-compiler`), for
+TPU v5e chips (one, and four in data parallel). How deviceless.py reads a
+compiled module is tested without them.
 """
 
 from __future__ import annotations
