@@ -335,12 +335,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="GPUs of one host (a TPU topology names its chips): more than one "
                  "compiles the data-parallel step")
   p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--variants", default='{"vit_b16": [{"fused_attention": true}], '
-                 '"efficientnet_lite0": [{"formulation": "grouped"}, {"formulation": "shifted"}]}',
-                 help="JSON: model -> list of build kwargs; each is a row per mode "
-                 "(a model listed here has no plain row)")
+  p.add_argument("--variants", default=None,
+                 help="JSON: model -> list of build kwargs; each is a row per mode (a model "
+                 "listed here has no plain row). Default for cuda: ViT with fused attention, "
+                 "Lite0's grouped and shifted depthwise convolutions; for tpu: none")
   p.add_argument("--xla_flags", default="", help="added to XLA_FLAGS (an A/B: one process each)")
   args = p.parse_args(argv)
+  args.variants = args.variants or ('{}' if args.platform == "tpu" else (
+      '{"vit_b16": [{"fused_attention": true}], '
+      '"efficientnet_lite0": [{"formulation": "grouped"}, {"formulation": "shifted"}]}'))
   args.target = args.target or (str(HERE / "gpu_targets" / "h100_sxm.txtpb")
                                 if args.platform == "cuda" else "v5e:1x1")
   return args
