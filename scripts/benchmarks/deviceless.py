@@ -338,10 +338,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--variants", default=None,
                  help="JSON: model -> list of build kwargs; each is a row per mode (a model "
                  "listed here has no plain row). Default for cuda: ViT with fused attention, "
-                 "Lite0's grouped and shifted depthwise convolutions; for tpu: none")
+                 "Lite0's grouped and shifted depthwise convolutions; for tpu: Lite0's grouped")
   p.add_argument("--xla_flags", default="", help="added to XLA_FLAGS (an A/B: one process each)")
   args = p.parse_args(argv)
-  args.variants = args.variants or ('{}' if args.platform == "tpu" else (
+  # Lite0's depthwise convolutions as an accelerator runs them: its "auto"
+  # formulation is chosen by this host's backend (the CPU's shifted form).
+  args.variants = args.variants or ('{"efficientnet_lite0": [{"formulation": "grouped"}]}'
+                                    if args.platform == "tpu" else (
       '{"vit_b16": [{"fused_attention": true}], '
       '"efficientnet_lite0": [{"formulation": "grouped"}, {"formulation": "shifted"}]}'))
   args.target = args.target or (str(HERE / "gpu_targets" / "h100_sxm.txtpb")
