@@ -225,6 +225,18 @@ def test_compiled_kernels_are_counted_by_kind_with_the_bytes_they_move():
   assert deviceless.summarize(COMPILED_HLO, batch=8)["score_buffers"] == 0
 
 
+def run_deviceless(program: str, site_variable: str, site: Path) -> dict:
+  """What `program` prints after "RESULT " (JSON), run in a fresh Python
+  that finds deviceless.py and the compiler in `site` (named by
+  `site_variable`): the compilers load before jax, outside this process."""
+  env = {**os.environ, site_variable: str(site),
+         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+  done = subprocess.run([sys.executable, "-c", program, str(BENCHMARKS)],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.split("RESULT ", 1)[1])
+
+
 AOT_PROGRAM = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -245,16 +257,12 @@ def test_steps_compiled_for_an_h100_on_this_host():
   """ViT-Ti/16's programs compiled for an H100 by XLA's GPU compiler on this
   host (deviceless): after XLA's passes, the frozen step's library calls are
   the forward's plus the head's weight gradient, and the bytes it moves are
-  the forward's plus its weights' cast; the fused step's attention is cuDNN's (forward and backward per
-  layer), no score buffer is left and it needs less memory."""
+  the forward's plus its weights' cast; the fused step's attention is
+  cuDNN's (forward and backward per layer), no score buffer is left and it
+  needs less memory."""
   if not (CUDA_SITE / "jax_plugins" / "xla_cuda12").is_dir():
     pytest.skip(f"no CUDA plugin in {CUDA_SITE} (`make cuda-lowering` installs it)")
-  env = {**os.environ, "JTL_CUDA_LOWERING_SITE": str(CUDA_SITE),
-         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-  done = subprocess.run([sys.executable, "-c", AOT_PROGRAM, str(BENCHMARKS)],
-                        capture_output=True, text=True, env=env, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  rows = json.loads(done.stdout.split("RESULT ", 1)[1])
+  rows = run_deviceless(AOT_PROGRAM, "JTL_CUDA_LOWERING_SITE", CUDA_SITE)
   forward, frozen, full, fused = (rows[k] for k in ("forward", "frozen", "full", "full_fused"))
   assert frozen["n_gemm"] == forward["n_gemm"] + 1 and frozen["n_conv"] == forward["n_conv"]
   # Beyond the forward's bytes: the fp32 weights read and their bf16 copy
@@ -290,12 +298,7 @@ def test_steps_compile_for_tpu_v5e_on_this_host():
   head's gradients only."""
   if not (TPU_SITE / "libtpu").is_dir():
     pytest.skip(f"no libtpu in {TPU_SITE} (`make tpu-compiler` installs it)")
-  env = {**os.environ, "JTL_TPU_COMPILER_SITE": str(TPU_SITE),
-         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-  done = subprocess.run([sys.executable, "-c", TPU_PROGRAM, str(BENCHMARKS)],
-                        capture_output=True, text=True, env=env, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  rows = json.loads(done.stdout.split("RESULT ", 1)[1])
+  rows = run_deviceless(TPU_PROGRAM, "JTL_TPU_COMPILER_SITE", TPU_SITE)
   assert rows["one_full"]["program_gib"] > 0 and rows["one_full"]["gib_collective"] == 0
   frozen, full = rows["four_frozen"], rows["four_full"]
   # ViT-Ti/16: 5.7 M parameters, its head 193,000 (1000 classes): >= 2 bytes each.
