@@ -1,6 +1,7 @@
 """jtl.export.deploy on the zoo models the first deployment round could not export:
-ResNet / VGG max pools to ONNX, ResNet and DINOv2 (exact GELU) to int8
-LiteRT, MiniLM (token inputs) to ONNX and LiteRT; and the int8 range guard.
+ResNet / VGG max pools to ONNX, ViT's per-platform attention to ONNX, ResNet
+and DINOv2 (exact GELU) to int8 LiteRT, MiniLM (token inputs) to ONNX and
+LiteRT; and the int8 range guard.
 
 Small variants keep it fast: resnet18 at 64 px, a 1-layer DINOv2 at 28 px
 (the same layers as the zoo's, fewer of them), MiniLM with its real weights.
@@ -60,6 +61,21 @@ def test_resnet18_exports_to_onnx_with_its_max_pool(resnet18, tmp_path):
   # jax2onnx's plugins and flax's functions are as they were.
   assert plugin_system.PLUGIN_REGISTRY == registry_before
   assert nn.max_pool is flax.linen.pooling.max_pool
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_vit_exports_to_onnx_with_its_attention_in_plain_form(tmp_path, fused):
+  """ViT's attention picks its kernel per platform (`lax.platform_dependent`:
+  tokens padded to 8 for cuBLAS, cuDNN's fused kernel): the exported graph
+  has Flax's attention, the same numbers (17 tokens: the padded branch exists)."""
+  module = models.vit.vit("ti", 5, image_size=32, patch_size=8, depth=1, fused_attention=fused)
+  x = _noise((2, 32, 32, 3))
+  variables = module.init(jax.random.PRNGKey(0), x)
+  ref = np.asarray(jax.jit(deploy.inference_fn(module, variables))(x))
+  exported = deploy.export(module, variables, tmp_path / "vit.onnx", format="onnx",
+                           input_shape=(32, 32, 3))
+  runtime = deploy.load(exported.path, num_threads=2)
+  np.testing.assert_allclose(runtime(x), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
 
 
 class _Pools(nn.Module):

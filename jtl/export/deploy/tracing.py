@@ -16,7 +16,7 @@ from jax import lax
 
 from jtl import adapter
 from jtl.errors import JtlError
-from jtl.models import layers
+from jtl.models import layers, vit
 from jtl.tree import PyTree
 
 FORMATS = ("onnx", "tflite", "tflite_int8")
@@ -54,8 +54,10 @@ def _examples(input_shape: Sequence[int], token_inputs: bool) -> list[Any]:
 # Tracing the model in the form converters like.
 
 
-def _plain_conv_interceptor(next_fun, args, kwargs, context):
-  """Runs jtl's CPU-specific conv layers in their plain form (same numbers)."""
+def _plain_layers_interceptor(next_fun, args, kwargs, context):
+  """Runs jtl's platform-specific layers in their plain form (same numbers):
+  the CPU's conv formulations, and ViT's attention without its per-platform
+  branches (`lax.platform_dependent`, which converters cannot lower)."""
   module = context.module
   if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
@@ -64,6 +66,9 @@ def _plain_conv_interceptor(next_fun, args, kwargs, context):
   elif (isinstance(module, nn.Conv)
         and getattr(module, "conv_general_dilated", None) is layers.conv_general_dilated):
     plain = module.clone(parent=None, conv_general_dilated=lax.conv_general_dilated)
+  elif (isinstance(module, nn.MultiHeadDotProductAttention)
+        and module.attention_fn in (vit.xla_attention, vit.fused_attention)):
+    plain = module.clone(parent=None, attention_fn=nn.dot_product_attention)
   else:
     return next_fun(*args, **kwargs)
   return plain.apply({"params": module.variables["params"]}, *args, **kwargs)
@@ -98,7 +103,7 @@ def inference_fn(module: Any, variables: PyTree | None = None, *,
   state = {k: jax.tree.map(jnp.asarray, v) for k, v in variables.items() if k != "params"}
 
   def run(x: Any) -> jax.Array:
-    with nn.intercept_methods(_plain_conv_interceptor):
+    with nn.intercept_methods(_plain_layers_interceptor):
       out, _ = model.apply(params, state, x, train=False, rng=None)
     return out.astype(jnp.float32)
 
