@@ -187,20 +187,37 @@ def activation_ops(text: str, batch: int) -> dict[str, int]:
   return counts
 
 
+def abstract_program(name: str, mode: str, batch: int, size: int | None, build: dict,
+                     compute_dtype: Any = jnp.bfloat16):
+  """(function, argument shapes, donated argnums) of one row from shapes
+  alone, nothing initialised: the train step of `mode` (full, frozen,
+  partial; AdamW) or the bf16 eval-mode forward pass ("forward"), on `size`
+  px images (None: the model's own example input, text included)."""
+  spec = models.get_spec(name)
+  module = spec.build(num_classes=1000, **build)
+  variables = models.registry.abstract_variables(spec, module)
+  inputs = (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32) if size else
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                         spec.example_input(batch)))
+  if mode == "forward":
+    half = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, jnp.bfloat16 if a.dtype == jnp.float32 else a.dtype), variables)
+    to_half = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return (lambda v, x: module.apply(v, jax.tree.map(to_half, x), train=False)), (half, inputs), ()
+  labels = jtl.label_params(variables["params"], rules(spec, mode))
+  tx = jtl.make_optimizer(labels, learning_rate=1e-4, weight_decay=0.05)
+  state = jax.eval_shape(lambda v: jtl.create_train_state(v, labels, tx), variables)
+  step = jtl.make_train_step(module, tx, labels=labels, compute_dtype=compute_dtype)
+  data = {"inputs": inputs, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  return step, (state, data), (0,)
+
+
 def lowered_step(name: str, batch: int, size: int, compute_dtype: Any, platform: str,
                  **build: Any) -> str:
   """StableHLO of a model's full fine-tuning step (AdamW) lowered for
   `platform` from shapes alone: nothing is initialised, compiled or run."""
-  spec = models.get_spec(name)
-  module = spec.build(num_classes=1000, **build)
-  variables = models.registry.abstract_variables(spec, module)
-  labels = jtl.label_params(variables["params"], rules(spec, "full"))
-  tx = jtl.make_optimizer(labels, learning_rate=1e-4, weight_decay=0.05)
-  state = jax.eval_shape(lambda v: jtl.create_train_state(v, labels, tx), variables)
-  step = jtl.make_train_step(module, tx, labels=labels, compute_dtype=compute_dtype)
-  data = {"inputs": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  return jax.jit(step).trace(state, data).lower(lowering_platforms=(platform,)).as_text()
+  step, args, _ = abstract_program(name, "full", batch, size, build, compute_dtype)
+  return jax.jit(step).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def count_ops(args: argparse.Namespace) -> list[dict]:

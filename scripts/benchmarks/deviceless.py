@@ -242,37 +242,6 @@ def target_devices(platform: str, target: str, count: int = 1) -> list:
       wrap=(False, False, False)).devices)
 
 
-def abstract_program(name: str, mode: str, batch: int, size: int | None, build: dict):
-  """(function, argument shapes, donated argnums) of one row from shapes
-  alone: the train step of `mode` (full, frozen, partial) or the bf16
-  eval-mode forward pass ("forward"), on `size` px images (None: the
-  model's own example input, text included)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  import jtl
-  from benchmark_accelerator import rules
-  from jtl import models
-  spec = models.get_spec(name)
-  module = spec.build(num_classes=1000, **build)
-  variables = models.registry.abstract_variables(spec, module)
-  inputs = (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32) if size else
-            jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
-                         spec.example_input(batch)))
-  if mode == "forward":
-    half = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, jnp.bfloat16 if a.dtype == jnp.float32 else a.dtype), variables)
-    to_half = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    return (lambda v, x: module.apply(v, jax.tree.map(to_half, x), train=False)), (half, inputs), ()
-  labels = jtl.label_params(variables["params"], rules(spec, mode))
-  tx = jtl.make_optimizer(labels, learning_rate=1e-4, weight_decay=0.05)
-  state = jax.eval_shape(lambda v: jtl.create_train_state(v, labels, tx), variables)
-  step = jtl.make_train_step(module, tx, labels=labels, compute_dtype=jnp.bfloat16)
-  data = {"inputs": inputs, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  return step, (state, data), (0,)
-
-
 def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
                 build: dict) -> dict:
   """One row: the program compiled for `devices` (more than one: data
@@ -281,6 +250,7 @@ def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
   import jax
 
   import jtl
+  from benchmark_accelerator import abstract_program
   fn, args, donate = abstract_program(name, mode, batch, size, build)
   mesh = jtl.make_mesh(devices)
   where = (jtl.parallel.replicated(mesh), jtl.parallel.batch_sharding(mesh))
