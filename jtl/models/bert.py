@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError, DataError
-from jtl.models import registry, text
+from jtl.models import registry, text, wgrad
 from jtl.models.remat import can_scan, scan_blocks
 
 
@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
     head_dim = c.hidden_size // c.num_heads
 
     def split(name):
-      y = nn.Dense(c.hidden_size, name=name)(x)
+      y = wgrad.Dense(c.hidden_size, name=name)(x)
       return y.reshape(batch, length, c.num_heads, head_dim)
 
     q, k, v = split("query"), split("key"), split("value")
@@ -103,7 +103,7 @@ class SelfAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(c.attention_dropout)(probs, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, c.hidden_size)
-    return nn.Dense(c.hidden_size, name="output")(out)
+    return wgrad.Dense(c.hidden_size, name="output")(out)
 
 
 class Layer(nn.Module):
@@ -117,9 +117,9 @@ class Layer(nn.Module):
     y = SelfAttention(c, name="attention")(x, mask, train=train)
     y = nn.Dropout(c.dropout)(y, deterministic=not train)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="attention_norm")(x + y)
-    y = nn.Dense(c.intermediate_size, name="intermediate")(x)
+    y = wgrad.Dense(c.intermediate_size, name="intermediate")(x)
     y = nn.gelu(y, approximate=False)
-    y = nn.Dense(c.hidden_size, name="output")(y)
+    y = wgrad.Dense(c.hidden_size, name="output")(y)
     y = nn.Dropout(c.dropout)(y, deterministic=not train)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, name="output_norm")(x + y)
 
@@ -163,9 +163,9 @@ class Bert(nn.Module):
                    for i in range(self.config.num_layers)]
     self.head_dropout = nn.Dropout(self.config.dropout)
     if self.with_pooler:
-      self.pooler = nn.Dense(self.config.hidden_size)
+      self.pooler = wgrad.Dense(self.config.hidden_size)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes)
+      self.head = wgrad.Dense(self.num_classes)
 
   def hidden_states(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
     """Last-layer token states, float32 [B, L, hidden]."""

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry, vit
+from jtl.models import registry, vit, wgrad
 from jtl.models.preprocessing import model_normalization
 
 POOLS = ("cls_mean", "cls", "mean")
@@ -169,7 +169,7 @@ class Dinov2(nn.Module):
 
   def setup(self):
     p, grid = self.patch_size, self.image_size // self.patch_size
-    self.embedding = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID")
+    self.embedding = wgrad.Conv(self.width, (p, p), strides=(p, p), padding="VALID")
     self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
     self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, self.width))
     self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
@@ -180,7 +180,7 @@ class Dinov2(nn.Module):
         exact_gelu=True, drop_path_rate=self.drop_path_rate, eps=self.layer_norm_eps,
         layerscale=self.layerscale_value, remat=self.remat)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
+      self.head = wgrad.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
 
   def tokens(self, x: jax.Array, *, train: bool = False,
              mask: jax.Array | None = None) -> jax.Array:

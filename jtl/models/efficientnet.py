@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jtl.models import registry
+from jtl.models import registry, wgrad
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, conv_general_dilated, relu6
 from jtl.models.mobilenet import InvertedResidual, PooledConvNet
@@ -116,7 +116,7 @@ class EfficientNetLite(PooledConvNet):
     self.top = ConvBN(self.top_channels, 1, 1)
     self.dropout = nn.Dropout(self.dropout_rate)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes)
+      self.head = wgrad.Dense(self.num_classes)
 
 
 # EfficientNet-PyTorch module names -> this module's paths.

@@ -14,7 +14,8 @@ the layout of `flax.linen.Conv(feature_group_count=C)`.
 project convs of inverted residuals, ResNet bottlenecks): XLA differentiates a
 convolution into a convolution whose window is the whole image for the kernel
 gradient, which XLA:CPU runs 10x slower than the matmul it is. Written as a
-matmul, forward and both gradients are matmuls on every backend.
+matmul, forward and both gradients are matmuls on every backend. Both go
+through `wgrad`: their kernel gradients are float32 results.
 
 >>> import jax, numpy as np
 >>> x = np.arange(2 * 5 * 5 * 3, dtype=np.float32).reshape(2, 5, 5, 3)
@@ -38,6 +39,7 @@ import numpy as np  # noqa: F401 - the doctests use it
 from jax import lax
 
 from jtl.errors import ConfigError
+from jtl.models import wgrad
 
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 FORMULATIONS = ("auto", "shifted", "grouped")
@@ -124,7 +126,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *,
   if formulation == "auto":
     formulation = default_formulation()
   if formulation == "grouped":
-    return lax.conv_general_dilated(
+    return wgrad.conv_general_dilated(
         x, kernel.astype(x.dtype), (sh, sw), pads,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
   return _shifted(x, kernel.astype(x.dtype), (sh, sw),
@@ -259,7 +261,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   n = lhs.shape[0]
   if plain and (kh, kw) == (1, 1) and spatial_ones(window_strides) and zero_pad:
     _, h, w, _ = lhs.shape
-    y = lax.dot_general(lhs.reshape(n * h * w, cin), rhs.reshape(cin, cout),
+    y = wgrad.dot_general(lhs.reshape(n * h * w, cin), rhs.reshape(cin, cout),
                         (((1,), (0,)), ((), ())), precision=precision,
                         preferred_element_type=preferred_element_type)
     return y.reshape(n, h, w, cout)
@@ -273,11 +275,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     taps = _strided_taps(jnp.pad(lhs, ((0, 0), *pads, (0, 0))), kh, kw, strides)
     _, ho, wo, _ = taps[0].shape
     patches = jnp.concatenate(taps, axis=-1).reshape(n * ho * wo, kh * kw * cin)
-    y = lax.dot_general(patches, rhs.reshape(kh * kw * cin, cout),
+    y = wgrad.dot_general(patches, rhs.reshape(kh * kw * cin, cout),
                         (((1,), (0,)), ((), ())), precision=precision,
                         preferred_element_type=preferred_element_type)
     return y.reshape(n, ho, wo, cout)
-  return lax.conv_general_dilated(
+  return wgrad.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.models import preprocessing, registry
+from jtl.models import preprocessing, registry, wgrad
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import (
   BatchNorm,
@@ -161,7 +161,7 @@ class MobileNetV2(PooledConvNet):
     self.top = ConvBN(make_divisible(1280 * max(1.0, self.width)), 1, 1)
     self.dropout = nn.Dropout(self.dropout_rate)
     if self.num_classes:
-      self.head = nn.Dense(
+      self.head = wgrad.Dense(
           self.num_classes, kernel_init=nn.initializers.normal(0.01))
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import preprocessing, registry
+from jtl.models import preprocessing, registry, wgrad
 from jtl.models.conversion import convert_with_rules
 from jtl.models.layers import BatchNorm, conv_general_dilated
 
@@ -134,7 +134,7 @@ class ResNet(nn.Module):
         in_features = features * block.expansion
     self.blocks = blocks
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes)
+      self.head = wgrad.Dense(self.num_classes)
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Global-average-pooled last-stage features, float32 [B, C]."""

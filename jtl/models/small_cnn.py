@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtl.models import registry
+from jtl.models import registry, wgrad
 from jtl.models.layers import BatchNorm
 from jtl.models.preprocessing import model_normalization
 
@@ -33,11 +33,11 @@ class SmallCNN(nn.Module):
   width: int = 32
 
   def setup(self) -> None:
-    self.convs = [nn.Conv(self.width * 2 ** i, (3, 3), strides=(1, 1) if i == 0 else (2, 2),
+    self.convs = [wgrad.Conv(self.width * 2 ** i, (3, 3), strides=(1, 1) if i == 0 else (2, 2),
                           name=f"stage{i}_conv") for i in range(3)]
     self.bns = [BatchNorm(momentum=0.9, name=f"stage{i}_bn") for i in range(3)]
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes)
+      self.head = wgrad.Dense(self.num_classes)
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     for conv, bn in zip(self.convs, self.bns):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import CheckpointError
-from jtl.models import registry
+from jtl.models import registry, wgrad
 from jtl.models.layers import BatchNorm
 
 SAMPLE_RATE = 16_000
@@ -114,14 +114,14 @@ class SpeechEmbedding(nn.Module):
   num_classes: int = 0
 
   def setup(self) -> None:
-    self.conv0 = nn.Conv(24, (3, 3), padding="VALID", use_bias=False)
+    self.conv0 = wgrad.Conv(24, (3, 3), padding="VALID", use_bias=False)
     self.bn0 = BatchNorm(momentum=0.99, epsilon=1e-3)
-    self.convs = [nn.Conv(w, k, padding=((0, 0), (1, 1)) if k == (1, 3) else "VALID",
+    self.convs = [wgrad.Conv(w, k, padding=((0, 0), (1, 1)) if k == (1, 3) else "VALID",
                           name=f"conv{i}")
                   for i, ((k, _), w) in enumerate(zip(_CONVS, _WIDTHS), start=1)]
-    self.conv19 = nn.Conv(EMBED_DIM, (3, 1), padding="VALID", use_bias=False)
+    self.conv19 = wgrad.Conv(EMBED_DIM, (3, 1), padding="VALID", use_bias=False)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes)
+      self.head = wgrad.Dense(self.num_classes)
 
   def embeddings(self, waveform: jax.Array, *, train: bool = False) -> jax.Array:
     """[B, samples] -> [B, windows, 96]: one embedding per 76 frames, every 8."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.models import registry, resnet
+from jtl.models import registry, resnet, wgrad
 
 # Convs per block and their width, for VGG-16 ("D" in the paper).
 VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
@@ -70,7 +70,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for c in range(self.count):
-      x = nn.relu(nn.Conv(self.width, (3, 3), padding=[(1, 1), (1, 1)],
+      x = nn.relu(wgrad.Conv(self.width, (3, 3), padding=[(1, 1), (1, 1)],
                           name=f"conv{c + 1}")(x))
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
@@ -89,11 +89,11 @@ class VGG(nn.Module):
   def setup(self):
     for b, (count, width) in enumerate(self.blocks):
       setattr(self, f"block{b + 1}", Block(count, width))
-    self.fc6 = nn.Dense(4096)
-    self.fc7 = nn.Dense(4096)
+    self.fc6 = wgrad.Dense(4096)
+    self.fc7 = wgrad.Dense(4096)
     self.drop = nn.Dropout(self.dropout)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes)
+      self.head = wgrad.Dense(self.num_classes)
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """fc7 activations (after ReLU and dropout), float32 [B, 4096]."""

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry
+from jtl.models import registry, wgrad
 from jtl.models.layers import drop_path_rate_of
 from jtl.models.remat import can_scan, scan_blocks, traced_drop_path
 from jtl.models.preprocessing import model_normalization
@@ -58,9 +58,9 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0")(x), approximate=not self.exact_gelu)
+    x = nn.gelu(wgrad.Dense(self.mlp_dim, name="Dense_0")(x), approximate=not self.exact_gelu)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    return nn.Dense(width, name="Dense_1")(x)
+    return wgrad.Dense(width, name="Dense_1")(x)
 
 
 def _cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
@@ -181,6 +181,7 @@ class Encoder1DBlock(nn.Module):
     attention_fn = fused_attention if self.fused else xla_attention
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_fn=attention_fn,
+        qkv_dot_general=wgrad.dot_general, out_dot_general=wgrad.dot_general,
         name="MultiHeadDotProductAttention_0")(y, y, deterministic=True)
     if self.layerscale is not None:
       y = LayerScale(self.layerscale, name="LayerScale_0")(y)
@@ -287,7 +288,7 @@ class ViT(nn.Module):
 
   def setup(self):
     p = self.patch_size
-    self.embedding = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID")
+    self.embedding = wgrad.Conv(self.width, (p, p), strides=(p, p), padding="VALID")
     prefix = 1 if self.pool == "tok" else 0
     grid = self.image_size // p
     if prefix:
@@ -300,9 +301,9 @@ class ViT(nn.Module):
                                self.exact_gelu, self.fused_attention, self.drop_path_rate,
                                remat=self.remat)
     if self.representation_size:
-      self.pre_logits = nn.Dense(self.representation_size)
+      self.pre_logits = wgrad.Dense(self.representation_size)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
+      self.head = wgrad.Dense(self.num_classes, kernel_init=nn.initializers.zeros)
 
   def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Pooled, normalised encoder output (after pre_logits if any) [B, D]."""
