@@ -192,6 +192,35 @@ def kernels(text: str) -> list[dict]:
   return out
 
 
+def reduced_dtypes(text: str) -> dict[str, float]:
+  """GiB that the module's all-reduces read, by the dtype of what they read
+  (their operands: XLA:TPU may write a narrower result than it sums).
+
+  >>> reduced_dtypes(ENTRY_EXAMPLE)
+  {'bf16': 0.0, 'f32': 1.0}
+  """
+  comps, entry = computations(text)
+  shapes = {i["name"]: i["shape"] for c in comps.values() for i in c}
+  read: collections.Counter = collections.Counter()
+  for comp in comps.values():
+    for inst in comp:
+      if inst["opcode"] not in ("all-reduce", "all-reduce-start"):
+        continue
+      for operand in inst["operands"]:
+        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes.get(operand, "")):
+          if dims:  # arrays: the loss's scalars are not gradients
+            read[dtype] += math.prod(int(d) for d in dims.split(",")) * DTYPE_BYTES.get(dtype, 4)
+  return {d: round(read.get(d, 0) / 2**30, 4) for d in sorted({"bf16", "f32", *read})}
+
+
+ENTRY_EXAMPLE = """ENTRY %main {
+  %p = f32[16384,16384]{1,0} parameter(0)
+  %s = f32[] parameter(1)
+  %r = (bf16[16384,16384]{1,0}, f32[]) all-reduce(%p, %s), to_apply=%add
+}
+"""
+
+
 def summarize(text: str, batch: int) -> dict[str, Any]:
   """Launches and GiB moved per kind, and how many buffers hold attention
   scores ([batch, heads, T, T], T >= 50)."""
@@ -266,6 +295,8 @@ def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
                "gib_collective": round(sum(k["bytes"] for k in sent) / 2**30, 5)}
   else:
     summary = summarize(text, batch // len(devices))
+  if len(devices) > 1:
+    summary.update({f"gib_reduced_{d}": v for d, v in reduced_dtypes(text).items()})
   return {"model": name, "mode": mode, "batch": batch, "devices": len(devices),
           "image_size": size, "build": build,
           "host_compile_s": round(time.perf_counter() - t0, 1),
@@ -276,11 +307,13 @@ def compile_row(devices: list, name: str, mode: str, batch: int, size: int,
 COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "kernels", "n_gemm", "n_conv",
            "n_attention", "n_reduction", "n_elementwise", "n_layout", "n_other", "gib_moved",
            "gib_gemm", "gib_conv", "gib_attention", "gib_reduction", "gib_elementwise",
-           "gib_layout", "n_collective", "gib_collective", "score_buffers"]
+           "gib_layout", "n_collective", "gib_collective", "gib_reduced_f32",
+           "gib_reduced_bf16", "score_buffers"]
 
 
 TPU_COLUMNS = ["model", "mode", "batch", "devices", "variant", "program_gib", "temp_gib",
-               "n_collective", "gib_collective", "host_compile_s"]
+               "n_collective", "gib_collective", "gib_reduced_f32", "gib_reduced_bf16",
+               "host_compile_s"]
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
