@@ -1,6 +1,7 @@
 """What XLA's SPMD partitioner all-reduces in jtl's 8-device data-parallel
 train step under bf16 compute: prints {model: {dtype: elements all-reduced,
-"kernels": elements of its kernels, "others": of its other params}} as JSON.
+"weights": elements of its kernels and embedding tables looked up by id,
+"others": of its other params}} as JSON.
 
 Run by tests/models/test_wgrad.py in a process of its own: XLA reads the dump
 flags once, when its backend starts. Usage: reduced_dtypes_job.py DUMP_DIR
@@ -24,21 +25,29 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import jtl  # noqa: E402
-from jtl.models import resnet, vit  # noqa: E402
+from jtl.models import bert, resnet, vit  # noqa: E402
 from models_for_tests import MLP  # noqa: E402
 
+def images(size: int) -> np.ndarray:
+  return np.zeros((16, size, size, 3), np.float32)
+
+
+TOKENS = {"input_ids": np.arange(16 * 8, dtype=np.int32).reshape(16, 8) % 50,
+          "attention_mask": np.ones((16, 8), np.int32)}
 MODELS = {
     "vit": (vit.ViT(num_classes=4, width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4,
-                    image_size=16), 16),
-    "resnet": (resnet.ResNet(num_classes=4, stage_sizes=(1, 1), bottleneck=True), 16),
-    "plain_flax": (MLP(), 8),
+                    image_size=16), images(16)),
+    "resnet": (resnet.ResNet(num_classes=4, stage_sizes=(1, 1), bottleneck=True), images(16)),
+    "bert": (bert.Bert(num_classes=4, config=bert.BertConfig(
+        vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+        max_position=8)), TOKENS),
+    "plain_flax": (MLP(), images(8)),
 }
 
 
-def reduced(module, size: int) -> dict[str, int]:
+def reduced(module, x) -> dict[str, int]:
   before = set(DUMP.glob("*")) if DUMP.exists() else set()
-  x = np.zeros((16, size, size, 3), np.float32)
-  variables = module.init(jax.random.key(0), x[:2], train=False)
+  variables = module.init(jax.random.key(0), jax.tree.map(lambda a: a[:2], x), train=False)
   labels = jtl.label_params(variables["params"], [(".*", "all")])
   tx = jtl.make_optimizer(labels, learning_rate=1e-3)
   mesh = jtl.make_mesh()
@@ -54,10 +63,13 @@ def reduced(module, size: int) -> dict[str, int]:
       for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1) if m else ""):
         if dims:  # arrays; the loss's scalars are not gradients
           found[dtype] = found.get(dtype, 0) + int(np.prod([int(d) for d in dims.split(",")]))
-  kernels = sum(np.size(v) for path, v in jtl.tree.leaves_with_paths(variables["params"])
-                if path.endswith("kernel"))
-  others = sum(np.size(v) for v in jax.tree.leaves(variables["params"])) - kernels
-  return {**found, "kernels": int(kernels), "others": int(others)}
+  params = jtl.tree.leaves_with_paths(variables["params"])
+  # Kernels and the tables looked up by the batch's ids; BERT's position table
+  # is looked up once for the whole batch and reduced over it, like a bias.
+  weights = sum(np.size(v) for path, v in params if path.endswith(
+      ("/kernel", "word_embeddings/embedding", "token_type_embeddings/embedding")))
+  others = sum(np.size(v) for _, v in params) - weights
+  return {**found, "weights": int(weights), "others": int(others)}
 
 
 print(json.dumps({name: reduced(*spec) for name, spec in MODELS.items()}))

@@ -72,10 +72,10 @@ class Embeddings(nn.Module):
                train: bool) -> jax.Array:
     c = self.config
     length = input_ids.shape[1]
-    words = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
-    positions = nn.Embed(c.max_position, c.hidden_size,
+    words = wgrad.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
+    positions = wgrad.Embed(c.max_position, c.hidden_size,
                          name="position_embeddings")(jnp.arange(length)[None, :])
-    types = nn.Embed(c.type_vocab_size, c.hidden_size,
+    types = wgrad.Embed(c.type_vocab_size, c.hidden_size,
                      name="token_type_embeddings")(token_type_ids)
     x = words + positions + types
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layer_norm")(x)

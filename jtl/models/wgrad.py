@@ -187,6 +187,47 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any = N
                           int(feature_group_count), precision))
 
 
+@jax.custom_vjp
+def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+  return jnp.take(table, ids, axis=0)
+
+
+def _take_rows_fwd(table, ids):
+  return _take_rows(table, ids), (table, ids)
+
+
+def _take_rows_bwd(residuals, g):
+  table, ids = residuals
+  rows = jnp.zeros(table.shape, jnp.float32).at[ids].add(g.astype(jnp.float32))
+  return rows.astype(table.dtype), None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """`jnp.take(table, ids, axis=0)` (an embedding lookup) whose gradient
+  with respect to a half-precision table is summed over the batch in float32.
+
+  >>> table = jnp.arange(6, dtype=jnp.bfloat16).reshape(3, 2)
+  >>> take_rows(table, jnp.array([[2, 0]])).tolist()
+  [[[4.0, 5.0], [0.0, 1.0]]]
+  """
+  if jnp.finfo(table.dtype).bits > 16:
+    return jnp.take(table, ids, axis=0)
+  return _take_rows(table, ids)
+
+
+class Embed(nn.Embed):
+  """`nn.Embed` (same param) whose table gradient is a float32 sum (`take_rows`)."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.num_embeddings == 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+      return super().__call__(inputs)
+    (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    return take_rows(embedding, inputs)
+
+
 # The zoo's Flax layers with float32 weight gradients; same params, same names.
 Dense = functools.partial(nn.Dense, dot_general=dot_general)
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

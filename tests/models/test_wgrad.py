@@ -93,6 +93,18 @@ def test_conv_keeps_outputs_and_computes_the_kernel_gradient_in_float32(
   _check(ours, plain, lhs, rhs, lambda a, g: wgrad._kernel_gradient(a, g, rhs.shape, config))
 
 
+def test_embedding_table_gradient_is_a_float32_sum_of_its_rows():
+  rng = np.random.default_rng(0)
+  table, g = _bf16(rng, (10, 4)), _bf16(rng, (2, 3, 4))
+  ids = jnp.array([[1, 3, 1], [9, 0, 1]])
+  np.testing.assert_array_equal(wgrad.take_rows(table, ids), jnp.take(table, ids, axis=0))
+  grad = jax.vjp(lambda t: wgrad.take_rows(t, ids), table)[1](g)[0]
+  exact = np.zeros((10, 4), np.float32)
+  np.add.at(exact, np.asarray(ids), np.asarray(g, np.float32))
+  assert grad.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(grad, jnp.asarray(exact).astype(jnp.bfloat16))
+
+
 def test_float32_operands_and_batched_dots_are_lax_itself():
   x = jnp.ones((4, 3))
   dims = (((1,), (0,)), ((), ()))
@@ -109,17 +121,18 @@ def test_float32_operands_and_batched_dots_are_lax_itself():
 
 def test_data_parallel_bf16_steps_sum_the_zoo_weight_gradients_in_float32(tmp_path):
   """What XLA's partitioner all-reduces in an 8-device bf16 step (its
-  dump, in a process of its own): the zoo's ViT and ResNet sum every
-  kernel's gradient in float32 (bf16 sums are left for biases and position
-  embeddings: reductions over the batch); a model of plain Flax layers sums
-  its kernels' gradients in bf16 (jax#27496), which the zoo's layers avoid."""
+  dump, in a process of its own): the zoo's ViT, ResNet and BERT sum every
+  kernel's and id-indexed embedding table's gradient in float32 (bf16 sums
+  are left for biases and position embeddings: reductions over the batch); a
+  model of plain Flax layers sums its kernels' gradients in bf16
+  (jax#27496), which the zoo's layers avoid."""
   job = subprocess.run([sys.executable, str(TESTS / "reduced_dtypes_job.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
   assert job.returncode == 0, job.stderr[-3000:]
   reduced = json.loads(job.stdout.strip().splitlines()[-1])
-  for zoo in ("vit", "resnet"):
+  for zoo in ("vit", "resnet", "bert"):
     r = reduced[zoo]
-    assert r["f32"] >= r["kernels"] > 1000, reduced
+    assert r["f32"] >= r["weights"] > 1000, reduced
     assert r.get("bf16", 0) <= r["others"], reduced
   plain = reduced["plain_flax"]
-  assert plain.get("bf16", 0) >= plain["kernels"] > 1000 and plain.get("f32", 0) == 0, reduced
+  assert plain.get("bf16", 0) >= plain["weights"] > 1000 and plain.get("f32", 0) == 0, reduced
