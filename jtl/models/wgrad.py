@@ -1,21 +1,26 @@
 """Weight gradients that leave their matmul or convolution in float32.
 
-With bfloat16 compute (`compute_dtype`), autodiff writes each weight's
-gradient as the bf16 output of a matmul or convolution and casts it to the
-float32 master weight afterwards. On one device that rounds every weight
-gradient to bf16; over several devices XLA's partitioner also sums the bf16
-outputs across devices, before the cast (jax-ml/jax#27496: a bf16 all-reduce,
-where PyTorch's DDP sums float32 gradients).
+With bfloat16 compute (`compute_dtype`), the train step casts the float32
+master weights to bf16 and autodiff writes each weight's gradient as the bf16
+output of a matmul or convolution, cast back to float32 afterwards. Over
+several devices XLA's partitioner sums those bf16 outputs across devices,
+before the cast (jax-ml/jax#27496): a bf16 all-reduce, where PyTorch's DDP
+sums float32 gradients.
 
 `dot_general` and `conv_general_dilated` are drop-ins for Flax's hooks of the
 same names (`nn.Dense(dot_general=...)`, `nn.Conv(conv_general_dilated=...)`,
 `nn.MultiHeadDotProductAttention(qkv_dot_general=..., out_dot_general=...)`):
 the same forward pass and input gradient, and the weight's gradient computed
-with a float32 result (the matmul's own accumulator; tensor cores and TPU
-MXUs write it at bf16 speed). Devices then sum float32 gradients and the
-gradient reaching the optimizer was never rounded to bf16. The zoo's layers
-use them (`jtl.models.layers`); a model of your own can pass them to its
-Flax layers the same way.
+with a float32 result (the matmul's own accumulator, which tensor cores and
+TPU MXUs write at bf16 speed). Devices sum it in float32; it is rounded to the
+weight's dtype once, after the sum, as one device's gradient is. `Embed`
+does the same for embedding tables. Two exceptions: on GPUs convolution
+kernels keep bf16 results (XLA:GPU has no bf16 convolution with a float32
+result, see `_conv_bwd`); biases, norms and position embeddings, whose
+gradients are reductions over the batch, are summed as XLA writes them
+(bf16; 0.5% of ViT-B/16's all-reduced bytes). The zoo's layers use these
+(`jtl.models.layers`, `Dense`, `Conv`, `Embed`); a model of your own can pass
+them to its Flax layers the same way.
 
 >>> import jax, jax.numpy as jnp
 >>> x = jnp.linspace(-1, 1, 24, dtype=jnp.bfloat16).reshape(8, 3)
@@ -76,6 +81,13 @@ def _dot_bwd(dims, precision, residuals, g):
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
+def _half(*arrays: jax.Array) -> bool:
+  """Whether the operands share one floating dtype of at most 16 bits."""
+  dtype = arrays[0].dtype
+  return (all(a.dtype == dtype for a in arrays) and jnp.issubdtype(dtype, jnp.floating)
+          and jnp.finfo(dtype).bits <= 16)
+
+
 def _hashable(dims: Any) -> Any:
   (lc, rc), (lb, rb) = dims
   return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
@@ -92,8 +104,7 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
   `preferred_element_type`, sharding arguments) is `lax.dot_general` itself.
   """
   dims = _hashable(dimension_numbers)
-  if (dims[1] != ((), ()) or preferred_element_type is not None or kwargs
-      or lhs.dtype != rhs.dtype or jnp.finfo(lhs.dtype).bits > 16):
+  if dims[1] != ((), ()) or preferred_element_type is not None or kwargs or not _half(lhs, rhs):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kwargs)
   return _dot(lhs, rhs, dims, precision)
@@ -167,8 +178,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any = N
   """`lax.conv_general_dilated` whose gradient with respect to `rhs` (the
   kernel) is a float32 convolution result, cast to rhs's dtype, except on
   GPUs (see `_conv_bwd`); the same dispatch as `dot_general`."""
-  if (batch_group_count != 1 or preferred_element_type is not None or kwargs
-      or lhs.dtype != rhs.dtype or jnp.finfo(lhs.dtype).bits > 16):
+  if batch_group_count != 1 or preferred_element_type is not None or kwargs or not _half(lhs, rhs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -213,7 +223,7 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
   >>> take_rows(table, jnp.array([[2, 0]])).tolist()
   [[[4.0, 5.0], [0.0, 1.0]]]
   """
-  if jnp.finfo(table.dtype).bits > 16:
+  if not _half(table):
     return jnp.take(table, ids, axis=0)
   return _take_rows(table, ids)
 

@@ -105,7 +105,7 @@ def test_embedding_table_gradient_is_a_float32_sum_of_its_rows():
   np.testing.assert_array_equal(grad, jnp.asarray(exact).astype(jnp.bfloat16))
 
 
-def test_float32_operands_and_batched_dots_are_lax_itself():
+def test_float32_and_integer_operands_and_batched_dots_are_lax_itself():
   x = jnp.ones((4, 3))
   dims = (((1,), (0,)), ((), ()))
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: wgrad.dot_general(x, w, dims).sum()))(
@@ -115,6 +115,8 @@ def test_float32_operands_and_batched_dots_are_lax_itself():
   q = jnp.ones((2, 5, 4), jnp.bfloat16)
   assert "custom_vjp" not in str(jax.make_jaxpr(
       lambda q: wgrad.dot_general(q, q, batched))(q))
+  ints = jnp.ones((2, 3), jnp.int8)  # int8 inference (jtl.export.quantize)
+  np.testing.assert_array_equal(wgrad.dot_general(ints, ints.T, dims), np.full((2, 2), 3))
   assert "custom_vjp" in str(jax.make_jaxpr(
       lambda w: wgrad.dot_general(x.astype(jnp.bfloat16), w, dims))(jnp.ones((3, 2), jnp.bfloat16)))
 
