@@ -124,7 +124,8 @@ def test_float32_and_integer_operands_and_batched_dots_are_lax_itself():
 def test_data_parallel_bf16_steps_sum_the_zoo_weight_gradients_in_float32(tmp_path):
   """What XLA's partitioner all-reduces in an 8-device bf16 step (its
   dump, in a process of its own): the zoo's ViT, ResNet and BERT sum every
-  kernel's and id-indexed embedding table's gradient in float32 (bf16 sums
+  kernel's and id-indexed embedding table's gradient in float32, and a LoRA
+  ViT every adapter's (bf16 sums
   are left for biases and position embeddings: reductions over the batch); a
   model of plain Flax layers sums its kernels' gradients in bf16
   (jax#27496), which the zoo's layers avoid."""
@@ -132,9 +133,9 @@ def test_data_parallel_bf16_steps_sum_the_zoo_weight_gradients_in_float32(tmp_pa
                        capture_output=True, text=True, timeout=600)
   assert job.returncode == 0, job.stderr[-3000:]
   reduced = json.loads(job.stdout.strip().splitlines()[-1])
-  for zoo in ("vit", "resnet", "bert"):
+  for zoo in ("vit", "resnet", "bert", "vit_lora"):
     r = reduced[zoo]
-    assert r["f32"] >= r["weights"] > 1000, reduced
+    assert r["f32"] >= r["weights"] > 300, reduced
     assert r.get("bf16", 0) <= r["others"], reduced
   plain = reduced["plain_flax"]
   assert plain.get("bf16", 0) >= plain["weights"] > 1000 and plain.get("f32", 0) == 0, reduced

@@ -49,6 +49,7 @@ from jtl import lora_layout
 from jtl.adapter import as_model, is_nnx_module, variables_of
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.export import write
+from jtl.models import wgrad
 from jtl.tree import PyTree
 from jtl.weights import read
 
@@ -188,6 +189,12 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
   return {**variables, "params": jtree.unflatten(flat)}
 
 
+def _matmul(x: Any, w: Any) -> Any:
+  """x @ w, with w's gradient summed over devices in float32 under bf16
+  compute (`jtl.models.wgrad`): the adapters are all a LoRA step trains."""
+  return wgrad.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 def lora_interceptor(alpha: float):
   """A Flax method interceptor adding `alpha/r * (x A) B` to adapted layers."""
 
@@ -210,13 +217,13 @@ def lora_interceptor(alpha: float):
       update = _dense_general_update(mod, x, a, b, alpha).reshape(out.shape).astype(out.dtype)
     else:
       if isinstance(mod, nn.Dense):
-        low = x @ a
+        low = _matmul(x, a)
       else:
         kernel_shape = mod.get_variable("params", "kernel").shape
         conv = mod.clone(parent=None, name=None, features=a.shape[-1], use_bias=False)
         low = conv.apply({"params": {"kernel": a.reshape(kernel_shape[:-1] + (a.shape[-1],))}},
                          x)
-      update = ((low @ b) * scale).astype(out.dtype)
+      update = (_matmul(low, b) * scale).astype(out.dtype)
     if not mod.has_variable("params", LORA_M):
       return out + update
     return _dora_output(mod, out, update, alpha)
@@ -233,10 +240,11 @@ def _dense_general_update(mod: nn.Module, x: Any, a: Any, b: Any, alpha: float) 
   in_dims = tuple(x.shape[ax] for ax in axes)
   contract = (axes, tuple(range(len(axes))))
   if a.shape[0] == int(np.prod(in_dims)):
-    low = jnp.tensordot(x, a.reshape(in_dims + (a.shape[-1],)), axes=contract)
-    return (low @ b) * (alpha / a.shape[-1])
+    low = wgrad.dot_general(x, a.reshape(in_dims + (a.shape[-1],)), (contract, ((), ())))
+    return _matmul(low, b) * (alpha / a.shape[-1])
   kernel_shape = mod.get_variable("params", "kernel").shape
-  return jnp.tensordot(x, _delta(a, b, kernel_shape, alpha).astype(x.dtype), axes=contract)
+  return wgrad.dot_general(x, _delta(a, b, kernel_shape, alpha).astype(x.dtype),
+                           (contract, ((), ())))
 
 
 def _dora_output(mod: nn.Module, out: Any, update: Any, alpha: float) -> Any:
