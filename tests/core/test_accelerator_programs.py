@@ -249,6 +249,8 @@ for mode, build in (("forward", {}), ("frozen", {}), ("full", {}),
                     ("full", {"fused_attention": True})):
   row = deviceless.compile_row(devices, "vit_ti16", mode, 4, 224, build)
   rows[mode + ("_fused" if build else "")] = row
+two = deviceless.target_devices("cuda", str(Path(sys.argv[1]) / "gpu_targets" / "h100_sxm.txtpb"), 2)
+rows["two_full"] = deviceless.compile_row(two, "vit_ti16", "full", 8, 224, {})
 print("RESULT " + json.dumps(rows))
 """
 
@@ -259,7 +261,7 @@ def test_steps_compiled_for_an_h100_on_this_host():
   the forward's plus the head's weight gradient, and the bytes it moves are
   the forward's plus its weights' cast; the fused step's attention is
   cuDNN's (forward and backward per layer), no score buffer is left and it
-  needs less memory."""
+  needs less memory; over two GPUs, weight gradients are summed in float32."""
   if not (CUDA_SITE / "jax_plugins" / "xla_cuda12").is_dir():
     pytest.skip(f"no CUDA plugin in {CUDA_SITE} (`make cuda-lowering` installs it)")
   rows = run_deviceless(AOT_PROGRAM, "JTL_CUDA_LOWERING_SITE", CUDA_SITE)
@@ -273,6 +275,10 @@ def test_steps_compiled_for_an_h100_on_this_host():
   assert fused["n_attention"] == 24 and full["n_attention"] == 0
   assert fused["score_buffers"] == 0 < full["score_buffers"]
   assert fused["program_gib"] < full["program_gib"]
+  # Two GPUs: the weight gradients are summed in float32 (jtl.models.wgrad;
+  # 5.5 M of ViT-Ti's 5.7 M parameters are kernels), the rest in bf16.
+  two = rows["two_full"]
+  assert two["gib_reduced_f32"] >= 5.5e6 * 4 / 2**30 > 50 * two["gib_reduced_bf16"]
 
 
 TPU_SITE = Path(os.environ.get("JTL_TPU_COMPILER_SITE",
@@ -295,7 +301,7 @@ def test_steps_compile_for_tpu_v5e_on_this_host():
   (deviceless: a topology name stands in for the chips; every family's step
   lowers for TPU above, compiling them all takes minutes): one chip's full
   step, and the data-parallel steps of four, where the frozen step sends the
-  head's gradients only."""
+  head's gradients only and the full step sums float32 weight gradients."""
   if not (TPU_SITE / "libtpu").is_dir():
     pytest.skip(f"no libtpu in {TPU_SITE} (`make tpu-compiler` installs it)")
   rows = run_deviceless(TPU_PROGRAM, "JTL_TPU_COMPILER_SITE", TPU_SITE)
@@ -303,4 +309,6 @@ def test_steps_compile_for_tpu_v5e_on_this_host():
   frozen, full = rows["four_frozen"], rows["four_full"]
   # ViT-Ti/16: 5.7 M parameters, its head 193,000 (1000 classes): >= 2 bytes each.
   assert full["gib_collective"] >= 5.5e6 * 2 / 2**30
+  # What the all-reduces read: the kernels' float32 gradients (jtl.models.wgrad).
+  assert full["gib_reduced_f32"] >= 5.5e6 * 4 / 2**30 > 50 * full["gib_reduced_bf16"]
   assert 0 < frozen["gib_collective"] <= 193_000 * 4 / 2**30 + 1e-4
