@@ -74,8 +74,9 @@ def _dot_fwd(lhs, rhs, dims, precision):
 
 def _dot_bwd(dims, precision, residuals, g):
   lhs, rhs = residuals
-  _, lhs_vjp = jax.vjp(lambda a: lax.dot_general(a, rhs, dims, precision=precision), lhs)
-  return lhs_vjp(g)[0], _rhs_gradient(lhs, g, dims, rhs.ndim, precision).astype(rhs.dtype)
+  lhs_gradient = jax.linear_transpose(
+      lambda a: lax.dot_general(a, rhs, dims, precision=precision), lhs)(g)[0]
+  return lhs_gradient, _rhs_gradient(lhs, g, dims, rhs.ndim, precision).astype(rhs.dtype)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
@@ -154,7 +155,7 @@ def _conv_fwd(lhs, rhs, config):
 
 def _conv_bwd(config, residuals, g):
   lhs, rhs = residuals
-  _, lhs_vjp = jax.vjp(lambda a: _plain_conv(a, rhs, config), lhs)
+  lhs_gradient = jax.linear_transpose(lambda a: _plain_conv(a, rhs, config), lhs)(g)[0]
   # XLA:GPU has no half-precision convolution with a float32 result: it would
   # convert both operands and run cuDNN's float32 kernel gradient, several
   # times slower. There the gradient stays a bf16 result (and its sum over
@@ -163,7 +164,7 @@ def _conv_bwd(config, residuals, g):
       lambda: _kernel_gradient(lhs, g, rhs.shape, config, result).astype(rhs.dtype))
   kernel = lax.platform_dependent(cuda=gradient(None), rocm=gradient(None),
                                   default=gradient(jnp.float32))
-  return lhs_vjp(g)[0], kernel
+  return lhs_gradient, kernel
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
