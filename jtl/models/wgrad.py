@@ -102,9 +102,11 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
 
   Half-precision operands with a kernel of their own dtype (Flax layers cast
   the kernel before the call) take that path; anything else (batch dims,
-  `preferred_element_type`, sharding arguments) is `lax.dot_general` itself.
+  `preferred_element_type`, an `out_sharding`) is `lax.dot_general` itself.
   """
   dims = _hashable(dimension_numbers)
+  if kwargs.get("out_sharding", 0) is None:  # what flax.nnx passes when unsharded
+    del kwargs["out_sharding"]
   if dims[1] != ((), ()) or preferred_element_type is not None or kwargs or not _half(lhs, rhs):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kwargs)
@@ -179,6 +181,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any = N
   """`lax.conv_general_dilated` whose gradient with respect to `rhs` (the
   kernel) is a float32 convolution result, cast to rhs's dtype, except on
   GPUs (see `_conv_bwd`); the same dispatch as `dot_general`."""
+  if kwargs.get("out_sharding", 0) is None:
+    del kwargs["out_sharding"]
   if batch_group_count != 1 or preferred_element_type is not None or kwargs or not _half(lhs, rhs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

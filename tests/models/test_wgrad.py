@@ -121,6 +121,17 @@ def test_float32_and_integer_operands_and_batched_dots_are_lax_itself():
       lambda w: wgrad.dot_general(x.astype(jnp.bfloat16), w, dims))(jnp.ones((3, 2), jnp.bfloat16)))
 
 
+def test_flax_nnx_layers_take_the_float32_weight_gradient_path():
+  from flax import nnx
+  x = jnp.ones((4, 6, 6, 3), jnp.bfloat16)
+  layers = {"linear": nnx.Linear(3, 2, dtype=jnp.bfloat16, dot_general=wgrad.dot_general,
+                                 rngs=nnx.Rngs(0)),
+            "conv": nnx.Conv(3, 2, (3, 3), dtype=jnp.bfloat16,
+                             conv_general_dilated=wgrad.conv_general_dilated, rngs=nnx.Rngs(0))}
+  for name, layer in layers.items():
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda x, layer=layer: layer(x))(x)), name
+
+
 def test_data_parallel_bf16_steps_sum_the_zoo_weight_gradients_in_float32(tmp_path):
   """What XLA's partitioner all-reduces in an 8-device bf16 step (its
   dump, in a process of its own): the zoo's ViT, ResNet and BERT sum every
