@@ -20,7 +20,9 @@ result, see `_conv_bwd`); biases, norms and position embeddings, whose
 gradients are reductions over the batch, are summed as XLA writes them
 (bf16; 0.5% of ViT-B/16's all-reduced bytes). The zoo's layers use these
 (`jtl.models.layers`, `Dense`, `Conv`, `Embed`); a model of your own can pass
-them to its Flax layers the same way.
+them to its Flax layers the same way. Being custom VJPs, their half-precision
+path has no forward-mode derivative (`jax.jvp`); float32 operands are plain
+`lax`, with every derivative.
 
 >>> import jax, jax.numpy as jnp
 >>> x = jnp.linspace(-1, 1, 24, dtype=jnp.bfloat16).reshape(8, 3)
