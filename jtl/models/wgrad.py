@@ -241,7 +241,7 @@ class Embed(nn.Embed):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if self.num_embeddings == 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
       return super().__call__(inputs)
-    (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    embedding = self.embedding if self.dtype is None else self.embedding.astype(self.dtype)
     return take_rows(embedding, inputs)
 
 
