@@ -75,6 +75,12 @@ def base_optimizer(name: str | Callable[..., optax.GradientTransformation], *,
   `decay_mask` (default: leaves with ndim >= 2).
   """
   if callable(name):
+    if weight_decay:
+      raise OptimizerError(
+          f"weight_decay={weight_decay} with the optimizer factory {name!r}: jtl cannot tell "
+          "whether it decays decoupled or as L2, so give the decay to the factory itself, "
+          "e.g. optimizer=functools.partial(optax.adamw, weight_decay=1e-4), or pass the "
+          "optimizer by name ('adamw', 'sgd', ...).")
     return name(learning_rate=learning_rate, **kwargs)
   factory = getattr(optax, name, None)
   if factory is None or not callable(factory):
@@ -143,6 +149,13 @@ def make_optimizer(
         "least one rule a label other than 'frozen'.")
   tlabels = partition.trainable_labels(labels)
   if per_label is not None:
+    ignored = [f"{k}={v!r}" for k, v in (("weight_decay", weight_decay),
+                                          ("optimizer_kwargs", optimizer_kwargs)) if v]
+    if ignored:
+      raise OptimizerError(
+          f"make_optimizer(per_label=...) builds each label's transformation itself, so "
+          f"{', '.join(ignored)} would be ignored; put them into the per_label "
+          "transformations (e.g. optax.adamw(1e-3, weight_decay=1e-4)).")
     _check_keys(per_label, names, "per_label", require_all=True)
     core = optax.partition(dict(per_label), tlabels)
   else:

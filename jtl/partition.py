@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -59,6 +60,10 @@ def _labels_like(params: PyTree, labels: PyTree) -> PyTree:
   return as_labels(labels)
 
 
+class UnusedRuleWarning(UserWarning):
+  """A partition rule that labels no parameter (`label_params`)."""
+
+
 def as_labels(tree: PyTree) -> PyTree:
   """A label (or params) tree as the pure nested dict jtl uses: an
   `nnx.State`, such as `label_params(nnx.state(model, nnx.Param), rules)`'s
@@ -71,7 +76,7 @@ def as_labels(tree: PyTree) -> PyTree:
   return tree
 
 
-def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
+def label_params(params: PyTree, rules: jtree.Rules, *, warn_unused: bool = True) -> PyTree:
   """Labels every leaf by the first (regex, label) rule that fully matches.
 
   Args:
@@ -80,6 +85,9 @@ def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
       `jtl.adapter.variables_of(module)["params"]`).
     rules: ordered (regex, label) pairs over "/"-joined paths; a label of
       None or "frozen" freezes. First match wins; every leaf must match.
+    warn_unused: warn (`UnusedRuleWarning`) about rules that label no leaf
+      (`unused_rules`: a typo such as "haed/.*", or "head" where "head/.*"
+      was meant); False for rule sets written for many models.
 
   Returns:
     A tree of string labels with the structure of `params`.
@@ -92,6 +100,14 @@ def label_params(params: PyTree, rules: jtree.Rules) -> PyTree:
         "Rule labels must be strings or None (None means frozen); got:\n"
         + bullet_list(bad))
   labels = jtree.match_rules(params, rules, what="label")
+  unused = unused_rules(params, rules) if warn_unused else []
+  paths = jtree.leaves_with_paths(params)
+  if unused and paths:
+    warnings.warn(
+        f"{len(unused)} rule(s) label no parameter (nothing matches them fully, or only "
+        f"leaves an earlier rule took): {unused}. Paths look like "
+        f"{paths[0][0]!r}; a rule must match the whole path "
+        "(e.g. 'head/.*', not 'head').", UnusedRuleWarning, stacklevel=2)
   return jax.tree.map(lambda label: FROZEN if label is None else label, labels,
                       is_leaf=_is_none)
 

@@ -43,14 +43,41 @@ def cross_entropy_loss(logits: jax.Array, batch: Batch, *, label_smoothing: floa
 
 def per_example_cross_entropy(logits: jax.Array, labels: jax.Array,
                               label_smoothing: float = 0.0) -> jax.Array:
-  num_classes = logits.shape[-1]
-  if labels.ndim == logits.ndim:
+  """Softmax cross-entropy of each row: class indices `logits.shape[:-1]` or
+  soft labels of the logits' shape (a StepError at trace time otherwise)."""
+  check_labels(logits.shape, labels)
+  if labels.shape == logits.shape:
     targets = labels.astype(jnp.float32)
   else:
-    targets = jax.nn.one_hot(labels, num_classes)
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def check_labels(logits_shape: tuple[int, ...], labels: Any) -> None:
+  """Refuses labels that are neither class indices of shape `logits_shape[:-1]`
+  nor soft labels of shape `logits_shape` (shapes only: works at trace time).
+
+  >>> check_labels((4, 3), jnp.zeros((4, 1), jnp.int32))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jtl.errors.StepError: Labels of shape (4, 1) (int32) do not fit logits of shape (4, 3): ...
+  """
+  shape, dtype = tuple(jnp.shape(labels)), jnp.result_type(labels)
+  hard = shape == tuple(logits_shape[:-1])
+  soft = shape == tuple(logits_shape) and jnp.issubdtype(dtype, jnp.floating)
+  if hard or soft:
+    return
+  hint = ""
+  if shape == tuple(logits_shape[:-1]) + (1,):
+    hint = " Squeeze the last axis of the labels (label.reshape(-1))."
+  elif shape == tuple(logits_shape):
+    hint = " Soft labels must be floating point probabilities."
+  raise StepError(
+      f"Labels of shape {shape} ({dtype}) do not fit logits of shape {tuple(logits_shape)}: "
+      f"expected class indices of shape {tuple(logits_shape[:-1])} or soft labels (float "
+      f"probabilities) of shape {tuple(logits_shape)}.{hint}")
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -349,6 +376,26 @@ def make_eval_step(
     return sums
 
   return eval_step
+
+
+def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
+                   eval_output: Output = None, compute_dtype: Any = None) -> int | None:
+  """The number of classes of the logits `model` gives on `batch` (shapes only,
+  `jax.eval_shape`), or None when its outputs are not logits evaluation can
+  find (`eval_logits`)."""
+  adapter = as_model(model)
+
+  def logits(variables, batch):
+    variables = dict(variables)
+    params = cast_floats(variables.pop("params"), compute_dtype)
+    outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
+                               train=False, rng=None)
+    return eval_logits(outputs, batch, eval_output)
+
+  try:
+    return int(jax.eval_shape(logits, variables, batch).shape[-1])
+  except StepError:
+    return None
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:

@@ -63,26 +63,66 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
   return steps.summarize_eval(total)
 
 
-def _eval_checked(train_batches: Callable[[int], Iterator[Batch]], eval_step: Callable,
-                  variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
-  """`train_batches` whose first batch is first traced through `eval_step`
-  (shapes only, `jax.eval_shape`), so that outputs evaluation cannot score
-  (`steps.eval_logits`: a dict without eval_output=, ...) fail before the
-  first training step instead of at the first evaluation."""
+def _first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
+                         eval_step: Callable | None,
+                         output_classes: Callable[..., int | None] | None,
+                         variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
+  """`train_batches` whose first batch is checked before the first training
+  step: its keys, its labels against the classes of the model's logits
+  (shapes and values), and its trace through `eval_step` (shapes only,
+  `jax.eval_shape`), so that outputs evaluation cannot score (a dict without
+  eval_output=, ...) fail now instead of at the first evaluation."""
+  if not callable(train_batches):
+    raise StepError(
+        f"fit(train_batches=...) takes a function start_step -> iterator of batches (the "
+        f"input position on resume), got {type(train_batches).__name__}; e.g. "
+        "train_batches=lambda start: itertools.islice(itertools.cycle(batches), start, None).")
+
   def make(start_step: int) -> Iterator[Batch]:
     batches = iter(train_batches(start_step))
     first = next(batches, None)
     if first is None:
       return batches
+    _check_batch(first)
+    probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
     try:
-      probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
-      jax.eval_shape(eval_step, variables(), probe)
-    except StepError:
-      raise
-    except Exception:  # noqa: BLE001 - e.g. a method's training batch: the evaluation decides
-      pass
+      classes = output_classes(variables(), probe) if output_classes else None
+    except Exception:  # noqa: BLE001 - e.g. a method's training batch: its loss decides
+      classes = None
+    if classes is not None:
+      _check_label_values(first["label"], classes)
+    if eval_step is not None:
+      try:
+        jax.eval_shape(eval_step, variables(), probe)
+      except StepError:
+        raise
+      except Exception:  # noqa: BLE001 - e.g. a method's training batch: the evaluation decides
+        pass
     return itertools.chain([first], batches)
   return make
+
+
+def _check_batch(batch: Any) -> None:
+  """A training batch is a dict with "inputs" and "label"."""
+  if not isinstance(batch, dict) or not {"inputs", "label"} <= set(batch):
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise StepError(
+        f"A training batch must be a dict with 'inputs' and 'label' (and optionally 'mask'), "
+        f"got {got}. Yield {{'inputs': x, 'label': y}} from train_batches(start_step).")
+
+
+def _check_label_values(label: Any, num_classes: int) -> None:
+  """Integer labels must be class indices of the model's `num_classes` logits:
+  one out of range would train on an all-zero target (a loss of 0)."""
+  label = np.asarray(label)
+  if not np.issubdtype(label.dtype, np.integer) or label.size == 0:
+    return
+  low, high = int(label.min()), int(label.max())
+  if low < 0 or high >= num_classes:
+    raise StepError(
+        f"The first training batch has labels from {low} to {high}, but the model's logits "
+        f"have {num_classes} classes (labels 0..{num_classes - 1}). Give the head as many "
+        "outputs as the dataset has classes (num_classes), or map the labels to 0..C-1.")
 
 
 def _check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> None:
@@ -325,7 +365,7 @@ class _Loop:
     self.window = _Window(start=time.perf_counter())
     for step in range(start_step + 1, num_steps + 1):
       self._enter_phase_if_due(step)
-      batch = self._next_batch(batches)
+      batch = self._next_batch(batches, step, num_steps)
       self.state, metrics = self.train_step(self.state, parallel.shard_batch(batch, g.mesh))
       self.window.rows.append((step, metrics))
       self.unchecked.append((step, metrics))
@@ -403,10 +443,14 @@ class _Loop:
                                                  g.compile_step, g.mesh)
       logging.info("Phase %d from step %d", self.phase, step - 1)
 
-  def _next_batch(self, batches: Iterator[Batch]) -> Batch:
+  def _next_batch(self, batches: Iterator[Batch], step: int, num_steps: int) -> Batch:
     """The next batch; the time spent waiting for it counts as input wait."""
     t0 = time.perf_counter()
-    batch = next(batches)
+    batch = next(batches, None)
+    if batch is None:
+      raise StepError(
+          f"train_batches ran out before step {step} of num_steps={num_steps}: it must yield "
+          "a batch for every step (repeat the data, e.g. itertools.cycle, or lower num_steps).")
     self.window.wait += time.perf_counter() - t0
     return batch
 
@@ -494,6 +538,11 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
   _check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every)
+  for name, given_fn in (("eval_batches", eval_batches), ("batchnorm_batches", batchnorm_batches)):
+    if given_fn is not None and not callable(given_fn):
+      raise StepError(
+          f"fit({name}=...) takes a function that returns one pass of batches (called at each "
+          f"evaluation), got {type(given_fn).__name__}; e.g. {name}=lambda: batches.")
   mesh = mesh or parallel.make_mesh()
   phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   variables = _initial_variables(module, variables, batchnorm_batches)
@@ -509,7 +558,10 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       meta=dict(meta or {}), workdir=workdir, stop=StopRequests())
   make_eval_step = functools.partial(steps.make_eval_step, module, eval_output=eval_output,
                                      eval_fn=eval_fn, compute_dtype=compute_dtype)
-  return _run(given, make_eval_step, train_batches, num_steps, variables=variables, seed=seed,
+  output_classes = None if eval_fn is not None else functools.partial(
+      steps.output_classes, module, eval_output=eval_output, compute_dtype=compute_dtype)
+  return _run(given, make_eval_step, output_classes, train_batches, num_steps,
+              variables=variables, seed=seed,
               ema=ema_decay is not None, first_phase=first_phase,
               stop_on_signals=stop_on_signals, progress=progress, save_every=checkpoint_every,
               keep=keep, best_metric=best_metric if eval_batches else None,
@@ -553,6 +605,7 @@ def _fresh_state(variables: PyTree, phases: _Phases, phase: int, start: PyTree |
 
 
 def _run(given: _Given, make_eval_step: Callable[[], Callable],
+         output_classes: Callable[..., int | None] | None,
          train_batches: Callable[[int], Iterator[Batch]], num_steps: int, *, variables: PyTree,
          seed: int, ema: bool, first_phase: phases_lib.SelfTrained | None,
          stop_on_signals: bool, progress: bool, **workdir_kwargs: Any) -> FitResult:
@@ -575,8 +628,9 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
       begin = first_phase.steps
     phase = phases.at(begin - 1) if begin else 0
     eval_step = jax.jit(make_eval_step())
-    if given.eval_batches is not None:
-      train_batches = _eval_checked(train_batches, eval_step, lambda: state.variables)
+    train_batches = _first_batch_checked(
+        train_batches, eval_step if given.eval_batches is not None else None,
+        output_classes, lambda: state.variables)
     loop = _Loop(dataclasses.replace(
         given, mngr=mngr, writer=writer, eval_step=eval_step,
         bar=_progress_bar(stack, begin, num_steps) if progress else None),

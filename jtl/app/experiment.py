@@ -196,7 +196,8 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
                               created.spec, verbose=False)
   phases = []
   for phase in strategy.phases:
-    labels = partition.label_params(strategy.variables["params"], list(phase.rules))
+    labels = partition.label_params(strategy.variables["params"], list(phase.rules),
+                                    warn_unused=False)
     kwargs = optimizer_kwargs(config)
     if phase.learning_rate is not None:  # e.g. LP-FT's probe: its own constant rate
       kwargs["learning_rate"] = phase.learning_rate

@@ -410,7 +410,7 @@ def rule_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
       lambda: module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
                           spec.example_input(1), train=False))
   try:
-    partition.label_params(shapes["params"], rules)
+    partition.label_params(shapes["params"], rules, warn_unused=False)
   except JtlError as e:
     return [f"strategy.rules: {e}"]
   return [f"strategy.rules: rule {rule!r} labels no parameter of {config.model} (a typo, or "

@@ -45,6 +45,25 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _check_restored(restored: PyTree, abstract: PyTree, where: Any) -> None:
+  """Refuses a restore that left target leaves empty or added others: Orbax
+  fills a target array from a leaf saved as None (a parameter frozen, so
+  without optimizer state, when the checkpoint was written) with None."""
+  def paths(tree: PyTree) -> set[str]:
+    return {p for p, leaf in jtree.leaves_with_paths(tree) if leaf is not None}
+  missing = sorted(paths(abstract) - paths(restored))
+  extra = sorted(paths(restored) - paths(abstract))
+  if missing or extra:
+    raise CheckpointError(
+        f"{where}: the checkpoint was saved with another partition or optimizer than this run "
+        f"has (e.g. other rules, so other parameters train).\nIn this run, not in the "
+        f"checkpoint:\n{bullet_list(missing[:10]) or '  (none)'}\nIn the checkpoint, not in "
+        f"this run:\n{bullet_list(extra[:10]) or '  (none)'}\nResume with the rules and "
+        "optimizer it was saved with, or use a new workdir (to start from its weights, "
+        "restore them with jtl.restore_variables and pass them as the new run's variables).",
+    )
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   """`<workdir>/checkpoints`, local or in a bucket (`jtl.paths`)."""
   path = paths.path(workdir)
@@ -264,6 +283,7 @@ class CheckpointManager:
     except Exception as e:  # tensorstore raises bare exceptions on bad files
       raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
+    _check_restored(restored, abstract, self.directory / str(step))
     trainable, frozen = partition.split(restored["params"], labels)
     ema = partition.split(restored["ema_params"], labels)[0] if "ema_params" in restored else None
     return TrainState(step=restored["step"], trainable=trainable, frozen=frozen,

@@ -329,7 +329,8 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
     module = lora.LoraModel(module, o["alpha"])
     phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
   module, phases = _with_batchnorm_mode(o, module, variables, phases)
-  labels = partition.label_params(variables["params"], list(phases[0].rules))
+  labels = partition.label_params(variables["params"], list(phases[0].rules),
+                                  warn_unused=False)
   strategy = Strategy(name, module, dict(variables), phases, labels, o, groups)
   logging.getLogger(__name__).info("%s", strategy)
   if verbose:

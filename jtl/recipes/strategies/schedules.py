@@ -129,7 +129,7 @@ def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
     end = phases[i + 1].start if i + 1 < len(phases) else num_steps
     end = min(end, num_steps)
     params = variables["params"] if state is None else state.params
-    labels = partition.label_params(params, list(phase.rules))
+    labels = partition.label_params(params, list(phase.rules), warn_unused=False)
     tx = make_tx(labels)
     if on_phase:
       on_phase(phase, labels)

@@ -1,0 +1,148 @@
+"""Bad input to the library API fails loudly, before a training step, with a
+JtlError saying what is wrong; and phase switches keep optimizer state across
+optimizers of different shapes."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jtl
+from jtl import phases
+from jtl.errors import CheckpointError, OptimizerError, StepError
+from jtl.partition import UnusedRuleWarning
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return nn.Dense(3, name="head")(nn.relu(nn.Dense(16, name="backbone")(x)))
+
+
+def _setup(rules=(("head/.*", "head"), (".*", "frozen"))):
+  net = Net()
+  variables = net.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+  labels = jtl.label_params(variables["params"], list(rules))
+  return net, variables, labels, jtl.make_optimizer(labels, learning_rate=1e-2)
+
+
+def _batch(label):
+  rng = np.random.default_rng(0)
+  return {"inputs": rng.normal(size=(len(label), 8)).astype(np.float32), "label": label}
+
+
+def _fit(label=None, batches=None, **kw):
+  net, variables, labels, tx = _setup()
+  batch = _batch(np.arange(8) % 3 if label is None else label)
+  batches = batches or (lambda start: iter([batch] * 4))
+  return jtl.train.fit(module=net, variables=variables, labels=labels, tx=tx,
+                       train_batches=batches, num_steps=2, progress=False, **kw)
+
+
+def test_labels_with_a_trailing_axis_are_refused_not_broadcast():
+  net, variables, labels, tx = _setup()
+  state = jtl.create_train_state(variables, labels, tx)
+  step = jtl.make_train_step(net, tx, labels=labels)
+  with pytest.raises(StepError, match=r"Labels of shape \(8, 1\).*Squeeze the last axis"):
+    step(state, _batch(np.zeros((8, 1), np.int32)))
+  with pytest.raises(StepError, match=r"Labels of shape \(4,\).*logits of shape \(8, 3\)"):
+    step(state, {**_batch(np.zeros(8, np.int32)), "label": np.zeros(4, np.int32)})
+  # Soft labels of the logits' shape and class indices are what it takes.
+  _, soft = step(state, _batch(np.full((8, 3), 1 / 3, np.float32)))
+  _, hard = step(state, _batch(np.zeros(8, np.int32)))
+  assert np.isfinite(soft["loss"]) and np.isfinite(hard["loss"])
+
+
+@pytest.mark.parametrize("label", [np.full(8, 7), np.full(8, -1)])
+def test_fit_refuses_labels_outside_the_heads_classes_before_a_step(label):
+  with pytest.raises(StepError, match=r"labels from (7|-1) to (7|-1), but the model's logits "
+                                      r"have 3 classes"):
+    _fit(label)
+
+
+def test_fit_names_what_train_batches_must_be():
+  batch = _batch(np.zeros(8, np.int64))
+  with pytest.raises(StepError, match="takes a function start_step -> iterator"):
+    _fit(batches=[batch])
+  with pytest.raises(StepError, match="ran out before step 2 of num_steps=2"):
+    _fit(batches=lambda start: iter([batch]))
+  with pytest.raises(StepError, match="must be a dict with 'inputs' and 'label'"):
+    _fit(batches=lambda start: iter([{"x": batch["inputs"], "y": batch["label"]}] * 2))
+  with pytest.raises(StepError, match=r"fit\(eval_batches=...\) takes a function"):
+    _fit(eval_batches=[batch])
+
+
+def test_resuming_with_other_rules_is_a_checkpoint_error_naming_the_leaves(tmp_path):
+  net, variables, labels, tx = _setup()
+  batch = _batch(np.arange(8) % 3)
+  kw = dict(module=net, variables=variables, train_batches=lambda s: iter([batch] * 4),
+            progress=False, workdir=tmp_path)
+  jtl.train.fit(labels=labels, tx=tx, num_steps=2, **kw)
+  _, _, all_labels, all_tx = _setup(((".*", "all"),))
+  with pytest.raises(CheckpointError, match=r"another partition or optimizer(.|\n)*"
+                                            r"opt_state/0/mu/backbone/kernel"):
+    jtl.train.fit(labels=all_labels, tx=all_tx, num_steps=3, **kw)
+
+
+def _adam_counts(opt_state):
+  return {p: int(v) for p, v in jtl.tree.flatten(opt_state).items() if p.endswith("count")}
+
+
+def test_phase_switch_carries_moments_across_a_reshaped_chain():
+  """A probe with one optimizer shape, then fine-tuning with per-label rates
+  (another chain): the head's moments and the counts carry over."""
+  params = {"body": {"w": jnp.ones((4, 4))}, "head": {"w": jnp.ones((4, 2))}}
+  probe = jtl.label_params(params, [("head/.*", "head"), (".*", None)])
+  tune = jtl.label_params(params, [("head/.*", "head"), (".*", "body")])
+  tx_probe = jtl.make_optimizer(probe, learning_rate=0.5)
+  schedule = optax.cosine_decay_schedule(1.0, 10)
+  tx_tune = jtl.make_optimizer(tune, learning_rate=schedule, lr_multipliers={"body": 0.1})
+  state = jtl.create_train_state({"params": params}, probe, tx_probe)
+  step = jax.jit(jtl.make_train_step(lambda p, x: x @ p["body"]["w"] @ p["head"]["w"],
+                                     tx_probe, labels=probe))
+  batch = {"inputs": jnp.ones((2, 4)), "label": jnp.zeros(2, jnp.int32)}
+  for _ in range(5):
+    state, _ = step(state, batch)
+  switched = phases.switch_phase(state, tune, tx_tune)
+  flat = jtl.tree.flatten(switched.opt_state)
+  head_mu = [v for p, v in flat.items() if p.endswith("mu/head/w")]
+  body_mu = [v for p, v in flat.items() if p.endswith("mu/body/w")]
+  old_mu = [v for p, v in jtl.tree.flatten(state.opt_state).items() if p.endswith("mu/head/w")]
+  np.testing.assert_array_equal(head_mu[0], old_mu[0])
+  assert float(np.abs(head_mu[0]).sum()) > 0 and float(np.abs(body_mu[0]).sum()) == 0
+  # Every count (Adam's and the schedule's) continues at step 5.
+  assert set(_adam_counts(switched.opt_state).values()) == {5}
+
+
+def test_a_schedule_after_a_constant_rate_continues_at_the_step():
+  params = {"w": jnp.ones(3)}
+  constant = optax.adam(0.5)
+  scheduled = optax.adam(optax.linear_schedule(1.0, 0.0, 10))
+  old = constant.init(params)
+  old = (old[0]._replace(count=jnp.int32(4)),) + tuple(old[1:])
+  new = phases.transfer_opt_state(old, scheduled.init(params), step=4)
+  assert set(_adam_counts(new).values()) == {4}
+
+
+def test_make_optimizer_refuses_options_it_would_drop():
+  labels = {"w": "all"}
+  with pytest.raises(OptimizerError, match="give the decay to the factory itself"):
+    jtl.make_optimizer(labels, optimizer=optax.sgd, weight_decay=0.5)
+  with pytest.raises(OptimizerError, match=r"weight_decay=0.1 would be ignored"):
+    jtl.make_optimizer(labels, per_label={"all": optax.sgd(0.1)}, weight_decay=0.1)
+  decayed = jtl.make_optimizer(labels, optimizer=functools.partial(optax.adamw,
+                                                                   weight_decay=0.5))
+  params = {"w": jnp.ones((2, 2))}
+  updates, _ = decayed.update({"w": jnp.zeros((2, 2))}, decayed.init(params), params)
+  assert float(jnp.abs(updates["w"]).sum()) > 0  # the factory's own decay applies
+
+
+def test_label_params_warns_about_a_rule_that_labels_nothing():
+  params = {"head": {"kernel": 0}, "body": {"kernel": 0}}
+  with pytest.warns(UnusedRuleWarning, match=r"\('head', 'head'\).*must match the whole path"):
+    labels = jtl.label_params(params, [("head", "head"), (".*", "frozen")])
+  assert labels == {"head": {"kernel": "frozen"}, "body": {"kernel": "frozen"}}
