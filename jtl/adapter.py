@@ -210,7 +210,7 @@ class FunctionModel:
   Args:
     fn: the apply function.
     train_kwarg: keyword of its mode flag ("train" or "deterministic"), or None.
-    rng_kwarg: keyword for a dropout key, or None.
+    rng_kwarg: keyword for a dropout key (None in evaluation), or None.
     output: which output is the logits (see `LinenModel`).
 
   >>> import jax.numpy as jnp
@@ -229,7 +229,7 @@ class FunctionModel:
             ) -> tuple[Any, dict[str, PyTree]]:
     del frozen_paths
     kwargs = _flag(self.train_kwarg, train)
-    if self.rng_kwarg and rng is not None:
+    if self.rng_kwarg:  # None in evaluation, which has no dropout key
       kwargs[self.rng_kwarg] = rng
     return select_output(self.fn(params, inputs, **kwargs), self.output), model_state
 
@@ -250,8 +250,12 @@ class NnxModel:
 
   Args:
     module: the NNX module (its current weights are the initial variables).
-    call: `call(module, inputs)`, how to call it (default `module(inputs)`).
+    call: `call(module, inputs, **flag)`, how to call it (default
+      `module(inputs, **flag)`).
     output: which output is the logits (see `LinenModel`).
+    train_kwarg: a mode flag the call takes besides NNX's train/eval mode
+      (which jtl always sets): "train" (`train=True` when training),
+      "deterministic" (`deterministic=False` when training), ...; None: none.
 
   `variables` is {"params": <nnx.Param leaves as a pure dict>, "state": <the
   other variables except rng state>} (no "state" if there are none): what
@@ -262,10 +266,11 @@ class NnxModel:
   jtl_adapter = True
 
   def __init__(self, module: Any, *, call: Callable[..., Any] | None = None,
-               output: Output = None):
+               output: Output = None, train_kwarg: str | None = None):
     nnx = _nnx()
     if not isinstance(module, nnx.Module):
       raise StepError(f"NnxModel needs a flax.nnx.Module, got {type(module).__name__}.")
+    self.train_kwarg = train_kwarg
     self.graphdef, self._params, self._rngs, self._rest = nnx.split(
         module, nnx.Param, nnx.RngState, ...)
     self._streams = sorted({s.tag for _, s in nnx.iter_graph(module)
@@ -276,10 +281,12 @@ class NnxModel:
   def call_module(self, module: Any, inputs: Any, *, train: bool = False,
                   frozen_paths: frozenset[str] = frozenset()) -> Any:
     """The merged `module`'s output on `inputs` (in the mode it is set to)."""
+    flag = _flag(self.train_kwarg, train)
     if self.call is not None:
-      return self.call(module, inputs)
+      return self.call(module, inputs, **flag)
     if not self.bridged:
-      return module(inputs)
+      _check_nnx_flag(module, self.train_kwarg)
+      return module(inputs, **flag)
     # A Linen module inside `nnx.bridge.ToNNX` (e.g. from `jtl.models.create(...,
     # api="nnx")`): Linen's flag, mutable statistics and frozen BatchNorm.
     with frozen_batchnorm(frozen_paths if train else ()):
@@ -319,6 +326,28 @@ class NnxModel:
       return select_output(out, self.output), model_state
     rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]
     return select_output(out, self.output), {"state": nnx.to_pure_dict(rest)}
+
+
+def _check_nnx_flag(module: Any, train_kwarg: str | None) -> None:
+  """Raises a StepError saying how to wrap an NNX `module` whose `__call__`
+  requires a mode flag that jtl would not pass, or lacks the one named."""
+  try:
+    params = inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return
+  if train_kwarg is not None:
+    if train_kwarg not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+      raise StepError(
+          f"NnxModel(train_kwarg={train_kwarg!r}): {type(module).__name__}.__call__ takes no "
+          f"{train_kwarg!r} argument (its arguments: {', '.join(list(params)[1:])}).")
+    return
+  required = [n for n, p in params.items()
+              if n in _FLAGS and p.default is p.empty and p.kind is not p.VAR_KEYWORD]
+  if required:
+    raise StepError(
+        f"{type(module).__name__}.__call__ requires {required[0]}=, which jtl passes only "
+        f"when told: wrap the module once, jtl.NnxModel(module, train_kwarg={required[0]!r}), "
+        "and pass that wherever the module went (make_train_step, make_eval_step, fit).")
 
 
 def as_model(model: Any) -> Model:

@@ -221,7 +221,7 @@ def make_train_step(
     count = _count(batch)
     if axis_name is not None:
       grads, loss, model_state, aux, extra, count = _across_devices(
-          axis_name, grads, loss, model_state, aux, extra, count)
+          axis_name, grads, loss, model_state, aux, extra, count, batch.get("mask") is not None)
     new_state = _apply_update(tx, state, grads, model_state, rng, ema_decay)
     if "correct" in aux:
       aux["accuracy"] = aux.pop("correct") / jnp.maximum(count, 1.0)
@@ -279,30 +279,42 @@ def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax
   slices of it with `lax.scan` (statistics carried from slice to slice)."""
   if microbatches == 1:
     return grad_fn(state.trainable, state.frozen, state.model_state, batch, rng)
+  masked = batch.get("mask") is not None
 
   def accumulate(carry, xs):
     grad_sum, model_state = carry
     mb, i = xs
     (loss, (model_state, aux)), grads = grad_fn(
         state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i))
+    if masked:  # a slice's masked mean weighs by its rows: the whole batch's masked mean
+      grads = jax.tree.map(lambda g: g * _count(mb), grads)
     return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux)
 
   init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
+  slices = _split_microbatches(batch, microbatches)
   (grad_sum, model_state), (losses, auxes) = jax.lax.scan(
-      accumulate, init, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
-  grads = jax.tree.map(lambda g: g / microbatches, grad_sum)
-  aux = {k: (jnp.sum(v) if k == "correct" else jnp.mean(v)) for k, v in auxes.items()}
-  return (jnp.mean(losses), (model_state, aux)), grads
+      accumulate, init, (slices, jnp.arange(microbatches)))
+  counts = jax.vmap(_count)(slices) if masked else jnp.ones(microbatches)
+  total = jnp.maximum(jnp.sum(counts), 1.0) if masked else float(microbatches)
+  grads = jax.tree.map(lambda g: g / total, grad_sum)
+  aux = {k: (jnp.sum(v) if k == "correct" else jnp.sum(v * counts) / total)
+         for k, v in auxes.items()}
+  return (jnp.sum(losses * counts) / total, (model_state, aux)), grads
 
 
 def _across_devices(axis_name: str, grads: PyTree, loss: jax.Array, model_state: PyTree,
-                    aux: dict, extra: dict, count: jax.Array) -> tuple:
-  """Means over the pmap axis; correct-prediction and example counts summed."""
-  aux = {k: (jax.lax.psum(v, axis_name) if k == "correct" else jax.lax.pmean(v, axis_name))
-         for k, v in aux.items()}
-  return (jax.lax.pmean(grads, axis_name), jax.lax.pmean(loss, axis_name),
-          jax.lax.pmean(model_state, axis_name), aux, jax.lax.pmean(extra, axis_name),
-          jax.lax.psum(count, axis_name))
+                    aux: dict, extra: dict, count: jax.Array, masked: bool) -> tuple:
+  """Means over the pmap axis (with a mask, each device's masked mean weighs
+  by its rows: the global batch's masked mean); counts summed."""
+  total = jax.lax.psum(count, axis_name)
+  if masked:
+    weight = count / jnp.maximum(total, 1.0)
+    mean = lambda x: jax.lax.psum(jax.tree.map(lambda v: v * weight, x), axis_name)  # noqa: E731
+  else:
+    mean = lambda x: jax.lax.pmean(x, axis_name)  # noqa: E731
+  aux = {k: (jax.lax.psum(v, axis_name) if k == "correct" else mean(v)) for k, v in aux.items()}
+  return (mean(grads), mean(loss), jax.lax.pmean(model_state, axis_name), aux,
+          jax.lax.pmean(extra, axis_name), total)
 
 
 def _hard_labels(batch: Batch) -> jax.Array:

@@ -146,3 +146,51 @@ def test_label_params_warns_about_a_rule_that_labels_nothing():
   with pytest.warns(UnusedRuleWarning, match=r"\('head', 'head'\).*must match the whole path"):
     labels = jtl.label_params(params, [("head", "head"), (".*", "frozen")])
   assert labels == {"head": {"kernel": "frozen"}, "body": {"kernel": "frozen"}}
+
+
+def test_nnx_module_with_a_required_flag_names_the_wrapper_and_then_trains():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.body = nnx.Linear(4, 8, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x, *, train: bool):
+      return self.head(self.drop(nnx.relu(self.body(x)), deterministic=not train))
+
+  model = Net(nnx.Rngs(params=0, dropout=1))
+  labels = jtl.label_params(model, [("head/.*", "head"), (".*", "frozen")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2)
+  state = jtl.create_train_state(model, labels, tx)
+  batch = {"inputs": jnp.ones((8, 4)), "label": jnp.zeros((8,), jnp.int32)}
+  with pytest.raises(StepError, match=r"jtl.NnxModel\(module, train_kwarg='train'\)"):
+    jtl.make_train_step(model, tx, labels=labels)(state, batch)
+  wrapped = jtl.NnxModel(model, train_kwarg="train")
+  state, metrics = jax.jit(jtl.make_train_step(wrapped, tx, labels=labels))(state, batch)
+  evaluate = jax.jit(jtl.make_eval_step(wrapped))
+  # Evaluation passes train=False: dropout off, the same loss twice.
+  first, second = evaluate(state.variables, batch), evaluate(state.variables, batch)
+  assert float(first["loss"]) == float(second["loss"]) and np.isfinite(metrics["loss"])
+
+
+def test_lora_finds_the_layers_of_a_linen_model_with_another_flag():
+  from jtl.recipes import strategies
+
+  class Enc(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+      h = nn.Dropout(0.1)(nn.relu(nn.Dense(16, name="backbone")(x)), deterministic=deterministic)
+      return nn.Dense(3, name="head")(h)
+
+  x = jnp.ones((4, 8))
+  variables = Enc().init(jax.random.PRNGKey(0), x, deterministic=True)
+  with pytest.raises(StepError, match="train_kwarg='deterministic'"):
+    strategies.add_lora(Enc(), variables, x, targets="backbone", rank=2)
+  model = jtl.LinenModel(Enc(), train_kwarg="deterministic")
+  assert strategies.adaptable_layers(model, variables, x) == ["backbone", "head"]
+  assert strategies.adaptable_layers(Enc(), variables, x, deterministic=True) == [
+      "backbone", "head"]
+  adapted = strategies.add_lora(model, variables, x, targets="backbone", rank=2)
+  assert adapted["params"]["backbone"]["lora_a"].shape == (8, 2)

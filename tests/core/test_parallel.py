@@ -59,6 +59,33 @@ def test_one_device_eight_devices_jit_and_pmap_agree():
   np.testing.assert_allclose([loss8, lossp], loss1, rtol=1e-5)
 
 
+def test_a_masked_training_batch_gives_one_gradient_on_the_mesh_pmap_and_microbatches():
+  """The last 6 of 16 rows masked (whole devices and a whole microbatch among
+  them): every path trains on the masked mean of the 10 real rows."""
+  masked = {**batches()[0], "mask": np.arange(16) < 10}
+
+  def one_step(devices=None, pmap=False, microbatches=1):
+    model, tx, labels, state = make()
+    step = jtl.make_train_step(model, tx, labels=labels, microbatches=microbatches,
+                               axis_name="batch" if pmap else None)
+    if pmap:
+      state, metrics = jtl.parallel.pmap_train_step(step)(
+          jtl.parallel.replicate(state), jtl.parallel.shard_for_pmap(masked))
+      state, metrics = jtl.parallel.unreplicate(state), jtl.parallel.unreplicate(metrics)
+    else:
+      mesh = jtl.make_mesh(devices)
+      step = jtl.jit_train_step(step, mesh)
+      state, metrics = step(jtl.place_state(state, mesh), jtl.shard_batch(masked, mesh))
+    return jax.device_get(state.params), float(metrics["loss"])
+
+  reference, loss = one_step(jax.devices()[:1])
+  for params, other in (one_step(), one_step(pmap=True), one_step(jax.devices()[:1],
+                                                                  microbatches=4)):
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(params)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(other, loss, rtol=1e-5)
+
+
 def test_batch_is_split_over_all_devices():
   mesh = jtl.make_mesh()
   sharded = jtl.shard_batch(batches()[0], mesh)

@@ -94,7 +94,12 @@ def adaptable_layers(module: Any, variables: PyTree = None, inputs: Any = None,
   """Paths of the `nn.Dense` / `nn.DenseGeneral` (attention's query, key,
   value and output) / ungrouped `nn.Conv` layers a forward pass calls (Linen;
   traced abstractly with `jax.eval_shape`, so it costs no compute), or of an
-  NNX module's Linear / LinearGeneral / ungrouped Conv layers."""
+  NNX module's Linear / LinearGeneral / ungrouped Conv layers.
+
+  A Linen module is called as the train step calls it in evaluation mode:
+  `module(inputs, train=False)`, or as a `jtl.LinenModel` says (its flag,
+  `inputs_as_kwargs`, `call`); `call_kwargs`, when given, are the call's
+  keywords instead (e.g. `deterministic=True`)."""
   if is_nnx_module(module):
     return _nnx_layers(module)
   return list(_linen_layers(module, variables, inputs, **call_kwargs))
@@ -112,9 +117,14 @@ def _linen_layers(module: Any, variables: PyTree, inputs: Any, **call_kwargs: An
         found[path] = _input_axes(context.module)
     return next_fun(*args, **kwargs)
 
-  call_kwargs.setdefault("train", False)
+  if call_kwargs:  # the caller says how to call it
+    forward = lambda v, x: module.apply(v, x, **call_kwargs)  # noqa: E731
+  else:  # as the steps call it: a LinenModel's flag, inputs and method; else train=False
+    model = as_model(module)
+    forward = lambda v, x: model.apply(  # noqa: E731
+        v["params"], {k: c for k, c in v.items() if k != "params"}, x, train=False, rng=None)
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda v, x: module.apply(v, x, **call_kwargs), variables, inputs)
+    jax.eval_shape(forward, variables, inputs)
   return found
 
 
