@@ -100,10 +100,27 @@ def write_atomic(dest: PathLike, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from other users
     os.replace(tmp_name, os.fspath(dest))
   finally:
     if os.path.exists(tmp_name):
       os.remove(tmp_name)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+  """The process's umask: from /proc (Linux), else read by setting it and
+  setting it back (once: other threads may create files meanwhile)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def append_text(dest: PathLike, text: str, *, whole: str) -> None:

@@ -97,7 +97,8 @@ def _export_hub():
     created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
                             pretrained=_SOURCE.value)
     print(created.report)
-    path = hf_export.export_hf(created.module, created.variables, _OUT.value)
+    path = hf_export.export_hf(created.module, created.variables, _OUT.value,
+                               preprocess=created.preprocess)
   else:
     raise ConfigError(f"--format {_FORMAT.value} exports a fine-tuned --workdir (or, for hf, "
                       "a zoo --model with --source and --out).")

@@ -229,7 +229,8 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     raise ConfigError(f"{workdir}: --format {format} for model {run.config.model!r}: "
                       f"{e}") from None
   if format == "hf":
-    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha)
+    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha,
+                               preprocess=run.spec.preprocess)
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]

@@ -311,6 +311,10 @@ def preprocess_minilm(texts: str | Sequence[str], *,
   return text.trim_padding(text.tokenize(tokenizer, texts))
 
 
+# What an export (`export_hf`) copies beside the weights.
+preprocess_minilm.tokenizer_file = lambda: text.minilm_dir() / "tokenizer.json"
+
+
 def groups(num_layers: int) -> list[tuple[str, str]]:
   """Layer groups bottom to top: embeddings, layer_0..layer_{n-1}, pooler, head."""
   return ([("embeddings", r"embeddings/.*")]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from jtl.errors import CheckpointError, ConfigError, bullet_list
-from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, vit
+from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, text, vit
 from jtl.models.conversion import convert_with_rules
 from jtl.models.preprocessing import PRESETS, Normalization
 from jtl.weights import hub
@@ -399,8 +399,25 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
           num_classes=num_classes, config=c, **{"pool": pool, **kw}),
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
       groups_of=bert.built_groups,
-      preprocess=None, default_num_classes=classes,
+      preprocess=_hub_tokenizer(source), default_num_classes=classes,
       check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
+
+
+def _hub_tokenizer(source: str) -> Any:
+  """The preprocessing of a Hub BERT: its repo's (or folder's) tokenizer.json,
+  fetched at the first call (a LoadError there if the repo has none)."""
+  def tokenizer_file() -> Any:
+    local = hub.local_repo(source)
+    if local is not None:
+      return local / "tokenizer.json"
+    ref = hub.parse(source)
+    return hub.download(ref.repo_id, "tokenizer.json", ref.revision)
+
+  def preprocess(texts: Any, *, max_length: int | None = None) -> dict[str, np.ndarray]:
+    tokenizer = text.load_tokenizer(tokenizer_file(), max_length=max_length)
+    return text.trim_padding(text.tokenize(tokenizer, texts))
+  preprocess.tokenizer_file = tokenizer_file  # what an export copies beside the weights
+  return preprocess
 
 
 def _check_dinov2(source: str, config: Mapping[str, Any]) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jtl import tree as tree_lib
 from jtl.weights.adapt import adapt_input_conv, resize_pos_embed
-from jtl.weights.readers import read, to_flat_arrays
+from jtl.weights.readers import MAX_EXPANSION, read, select, to_flat_arrays
 from jtl.errors import JtlError, LoadError, bullet_list
 
 Shape = tuple[int, ...]
@@ -111,17 +111,19 @@ DEFAULT_ADAPTERS: tuple[tuple[str, Adapter], ...] = (
 )
 
 
-def _as_flat_source(source: Any) -> dict[str, np.ndarray]:
+def _as_flat_source(source: Any, **read_kwargs: Any) -> dict[str, np.ndarray]:
   if isinstance(source, Mapping):
-    return to_flat_arrays(source, "source")
-  return read(source)
+    flat = to_flat_arrays(source, "source")
+    return select(flat, read_kwargs["subtree"], "the given arrays") \
+        if read_kwargs.get("subtree") else flat
+  return read(source, **read_kwargs)
 
 
 def _converted_source(source: Any, converter: Callable[[Mapping[str, np.ndarray]],
-                                                       Mapping[str, Any]] | None
-                      ) -> dict[str, np.ndarray]:
+                                                       Mapping[str, Any]] | None,
+                      **read_kwargs: Any) -> dict[str, np.ndarray]:
   """The source as a flat {name: array} dict, through the converter if given."""
-  flat_src = _as_flat_source(source)
+  flat_src = _as_flat_source(source, **read_kwargs)
   if converter is None:
     return flat_src
   try:
@@ -168,6 +170,7 @@ def load_pretrained(
     reinit_head: str | None = r"params/head/.*", dtype: Any = None,
     adapt: bool | Sequence[tuple[str, Adapter]] = True,
     init: Callable[[Sequence[str]], Mapping[str, Any]] | None = None,
+    subtree: str | None = None, max_expansion: float | None = MAX_EXPANSION,
 ) -> tuple[Any, LoadReport]:
   """Returns `like` with its leaves replaced by the checkpoint's, and a report.
 
@@ -199,11 +202,15 @@ def load_pretrained(
       once with the paths of every abstract leaf that is not loaded (a new
       head, skipped or, when not strict, missing leaves); not called when
       the checkpoint provides them all.
+    subtree, max_expansion: as `jtl.weights.read`: only the names under this
+      prefix, stripped (e.g. "state" for a saved training state); the most
+      bytes of arrays a file may yield per byte on disk (None: no limit).
 
   Returns:
     (variables with the structure of `like`, holding numpy arrays; LoadReport)
   """
-  flat_src = _converted_source(source, converter)
+  flat_src = _converted_source(source, converter, subtree=subtree,
+                               max_expansion=max_expansion)
   flat_like = tree_lib.flatten(like)
   if converter is None:
     flat_src = _with_collections(flat_src, {p.split("/")[0] for p in flat_like})
@@ -216,7 +223,7 @@ def load_pretrained(
   _report_source_only(flat_src, flat_like, rules, cats)
   report = LoadReport(**{k: tuple(v) for k, v in cats.items()})
   if strict and not report.ok:
-    raise LoadError(strict_message(source, report), report=report)
+    raise LoadError(strict_message(source, report, _naming_hint(report)), report=report)
   _materialise(out, init)
   variables = tree_lib.map_with_path(lambda p, _: out[p], like)
   return variables, report
@@ -333,6 +340,40 @@ def _cast(path: str, src: np.ndarray, init: np.ndarray, dtype: Any,
                               f"{src.dtype} -> {target}"))
     return src.astype(target)
   return src
+
+
+def _naming_hint(report: LoadReport) -> str | None:
+  """Advice when the checkpoint holds the model's leaves under other names:
+  a prefix before them (a saved training state: subtree=) or "." separators."""
+  missing = [e.path for e in report.missing]
+  unexpected = [e.path for e in report.unexpected]
+  if not missing or not unexpected:
+    return None
+  prefixes: dict[str, int] = {}
+  examples: dict[str, tuple[str, str]] = {}
+  for name in unexpected:
+    plain = name.replace(".", "/")
+    for path in missing:
+      tail = _strip_collection(path)
+      if plain != name and plain.endswith(tail):
+        return ("The checkpoint's names use '.' where the model's use '/' (e.g. "
+                f"{name!r} for {path!r}): pass converter=lambda flat: {{k.replace('.', '/'): v "
+                "for k, v in flat.items()}, or a converter for its layout.")
+      for suffix in (path, tail):
+        if name.endswith("/" + suffix):
+          prefix = name[:-len(suffix) - 1]
+          prefixes[prefix] = prefixes.get(prefix, 0) + 1
+          examples.setdefault(prefix, (name, path))
+          break
+  if not prefixes:
+    return None
+  prefix = max(prefixes, key=prefixes.get)
+  found = prefix.split("/", 1)[1] if prefix.startswith("params/") else prefix
+  name, path = examples[prefix]
+  return (f"The checkpoint holds the model's leaves under the prefix {found!r} (e.g. "
+          f"{name!r} for {path!r}): pass subtree={found!r} to "
+          "load_pretrained (or jtl.weights.read) to load from there. strict=False would only "
+          "keep the init values.")
 
 
 def strict_message(source: Any, report: LoadReport, advice: str | None = None) -> str:

@@ -17,6 +17,7 @@ EXTERNAL) are refused with a message.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,9 +103,9 @@ def _tensor_array(msg: memoryview, where: str, budget: Any) -> tuple[str, np.nda
                           f"supported: {sorted(DTYPES)}.")
   np_dtype = np.dtype(DTYPES[dtype])
   dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]  # int64 two's complement
-  count = int(np.prod(dims)) if dims else 1
   if any(d < 0 for d in dims):
     raise CheckpointError(f"{where}: initializer {name!r} has negative dims {dims}.")
+  count = math.prod(dims)  # Python ints: np.prod would wrap around in int64
   budget.charge(count * np_dtype.itemsize, f"initializer {name!r} {dims}")
   if raw is not None:
     values = np.frombuffer(raw, np_dtype.newbyteorder("<"))

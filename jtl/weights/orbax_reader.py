@@ -63,6 +63,9 @@ class _Array:
     return math.prod(-(-n // c) for n, c in zip(self.shape, self.chunks))
 
 
+# Single-file weight formats, named in the error for a folder of them.
+_WEIGHT_SUFFIXES = (".safetensors", ".npz", ".msgpack", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+
 def _damaged(path: Any, what: str) -> CheckpointError:
   return CheckpointError(
       f"{path}: damaged Orbax checkpoint: {what}. Restore an earlier step, "
@@ -430,6 +433,12 @@ def checkpoint_dir(path: epath.Path) -> epath.Path:
     return path
   step = _latest_step(path)
   if step is None:
+    weights = sorted(p.name for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if weights and not path.name.isdigit():
+      raise CheckpointError(
+          f"{path}: a directory (read as an Orbax checkpoint) holding weight files "
+          f"{weights[:5]}: pass one of those files, or, for a Hugging Face Hub layout, "
+          "put its config.json beside them.")
     what = ("a numbered step folder without a checkpoint in it"
             if path.name.isdigit() else "a directory but not an Orbax checkpoint")
     raise CheckpointError(

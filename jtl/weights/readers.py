@@ -157,8 +157,12 @@ def detect_format(path: epath.Path) -> str:
   # safetensors first: its 8-byte header length can start with 80 02.
   if len(head) >= 9:
     n = int.from_bytes(head[:8], "little")
-    if n + 8 <= size and head[8:9] == b"{":
-      return "safetensors"
+    if head[8:9] == b"{" and (n + 8 <= size or n <= _MAX_SAFETENSORS_HEADER):
+      return "safetensors"  # a header longer than the file: truncated, said when read
+  elif path.name.endswith(".safetensors"):
+    raise CheckpointError(
+        f"{path}: a safetensors file cut short: {size} bytes, less than its 8-byte header "
+        "length and the header. Download or copy it again.")
   if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
     return "torch"
   if 0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF):
@@ -226,7 +230,8 @@ def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
           f"{big.filename!r}: {big.compress_size} bytes compressed, "
           f"{big.file_size} inflated), more than the limit of {budget.limit} "
           f"bytes {budget.hint}. The file is damaged or a zip bomb; if you "
-          "trust it, pass a larger max_expansion= to jtl.weights.read.")
+          "trust it (zero-heavy or pruned weights compress far), pass a larger "
+          "max_expansion= (None: no limit) to jtl.weights.read or jtl.load_pretrained.")
     for info in members:
       out[info.filename[:-len(".npy")]] = _npy_member(zf, info, path, budget)
   if not out:
@@ -267,7 +272,13 @@ def _safetensors_header(path: epath.Path, f: Any) -> tuple[dict[str, Any], int]:
   """Parses the JSON header; returns it without __metadata__, and its size."""
   head = f.read(8)
   n = int.from_bytes(head, "little") if len(head) == 8 else -1
-  if not 2 <= n <= min(_MAX_SAFETENSORS_HEADER, path.stat().length - 8):
+  size = path.stat().length
+  if 2 <= n <= _MAX_SAFETENSORS_HEADER and n > size - 8 and f.read(1) == b"{":
+    raise CheckpointError(
+        f"{path}: a safetensors file cut short: its header declares {n} bytes of JSON, but "
+        f"the file has only {size} bytes in all. Download or copy it again.")
+  f.seek(8)
+  if not 2 <= n <= min(_MAX_SAFETENSORS_HEADER, size - 8):
     raise CheckpointError(
         f"{path}: not a safetensors file (the 8-byte header length "
         f"{head.hex()} is missing, or larger than the file or "

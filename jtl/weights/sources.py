@@ -227,8 +227,10 @@ def resolve(source: Any) -> epath.Path:
         f"Cannot use {source!r} ({type(source).__name__}) as a checkpoint "
         "source: pass a path, a URL or a registered name.") from e
   if not path.exists():
-    close = [n for n in _SOURCES if isinstance(source, str) and (
-        n.split("/")[0] in source or source.split("/")[0] in n)]
+    if not isinstance(source, str) or source.startswith(("/", ".", "~")) or "://" in source:
+      raise CheckpointError(f"{source}: no such file or directory.")
+    head = source.split("/")[0]
+    close = [n for n in _SOURCES if head and (n.split("/")[0] in source or head in n)]
     raise CheckpointError(
         f"{source}: no such file or directory, and not a registered source"
         + (". Did you mean:\n" + bullet_list(close) if close else

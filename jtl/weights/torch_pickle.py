@@ -88,7 +88,8 @@ class Budget:
           f"{self.used} bytes, more than the limit of {self.limit} bytes "
           f"{self.hint}. The file is damaged or built to exhaust memory (a "
           "decompression or stride-0 bomb); if you trust it, pass a larger "
-          "max_expansion= (or max_expansion=None) to jtl.weights.read.")
+          "max_expansion= (or max_expansion=None) to jtl.weights.read or "
+          "jtl.load_pretrained (e.g. zero-heavy or pruned weights).")
 
 
 def _is_plain(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:

@@ -41,6 +41,15 @@ def test_reads_what_onnx_wrote(tmp_path):
     np.testing.assert_array_equal(got[name], want)
 
 
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
 def test_bad_files_are_refused(tmp_path):
   path = tmp_path / "m.onnx"
   onnx.save(_model([numpy_helper.from_array(np.ones(1000, np.float32), "w")]), path)
@@ -55,6 +64,12 @@ def test_bad_files_are_refused(tmp_path):
   (tmp_path / "huge.onnx").write_bytes(huge)
   with pytest.raises(CheckpointError, match="limit"):
     read(tmp_path / "huge.onnx")
+  # Dims whose product wraps around in int64 ([2**62 + 1, 4] -> 4 elements).
+  wrap = b"".join(bytes([0x08]) + _varint(d) for d in (2**62 + 1, 4))
+  tensor = wrap + bytes([0x10, 1]) + onnx_file._field(8, b"w") + onnx_file._field(9, b"\0" * 16)
+  (tmp_path / "wrap.onnx").write_bytes(onnx_file._field(7, onnx_file._field(5, tensor)))
+  with pytest.raises(CheckpointError, match="limit"):
+    read(tmp_path / "wrap.onnx")
   external = helper.make_tensor("e", onnx.TensorProto.FLOAT, [1], [0.0])
   external.data_location = onnx.TensorProto.EXTERNAL
   onnx.save(_model([external]), tmp_path / "ext.onnx")
