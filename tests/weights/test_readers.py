@@ -350,7 +350,8 @@ def test_detection_and_wrong_format_override(tmp_path):
       with pytest.raises(CheckpointError) as e:
         read(path, format=other)
       assert str(path) in str(e.value), (fmt, other)
-    with pytest.raises(CheckpointError, match=r"a directory \(read as an Orbax checkpoint\) holding weight files"):
+    with pytest.raises(CheckpointError,
+                       match=r"a directory \(read as an Orbax checkpoint\) holding weight files"):
       read(tmp_path, format="orbax")
   with pytest.raises(CheckpointError, match="Unknown format"):
     read(files["npz"], format="pickle")
