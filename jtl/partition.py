@@ -93,7 +93,8 @@ def label_params(params: PyTree, rules: jtree.Rules, *, warn_unused: bool = True
     A tree of string labels with the structure of `params`.
   """
   params = _params_of(params)
-  bad = [f"{pattern!r}: {label!r}" for pattern, label in rules
+  compiled = jtree.compile_rules(rules)  # the rules' own form first
+  bad = [f"{pattern.pattern!r}: {label!r}" for pattern, label in compiled
          if label is not None and not isinstance(label, str)]
   if bad:
     raise PartitionError(

@@ -391,10 +391,14 @@ def make_eval_step(
 
 
 def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
-                   eval_output: Output = None, compute_dtype: Any = None) -> int | None:
+                   eval_output: Output = None, eval_fn: EvalFn | None = None,
+                   compute_dtype: Any = None) -> int | None:
   """The number of classes of the logits `model` gives on `batch` (shapes only,
   `jax.eval_shape`), or None when its outputs are not logits evaluation can
-  find (`eval_logits`)."""
+  find (`eval_logits`) or are scored by an `eval_fn` (`make_eval_step`'s
+  options)."""
+  if eval_fn is not None:
+    return None
   adapter = as_model(model)
 
   def logits(variables, batch):

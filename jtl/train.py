@@ -65,7 +65,7 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
 
 def _first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
                          eval_step: Callable | None,
-                         output_classes: Callable[..., int | None] | None,
+                         output_classes: Callable[..., int | None],
                          variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
   """`train_batches` whose first batch is checked before the first training
   step: its keys, its labels against the classes of the model's logits
@@ -86,7 +86,7 @@ def _first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
     _check_batch(first)
     probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
     try:
-      classes = output_classes(variables(), probe) if output_classes else None
+      classes = output_classes(variables(), probe)
     except Exception:  # noqa: BLE001 - e.g. a method's training batch: its loss decides
       classes = None
     if classes is not None:
@@ -131,7 +131,8 @@ def _check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> 
     return
   saved = mngr.meta()
   clashes = [f"{k}: checkpoint has {saved.get(k)!r}, this run {v!r}"
-             for k, v in meta.items() if k in ("model", "num_classes") and saved.get(k) != v]
+             for k, v in meta.items() if (k in ("model", "num_classes") and saved.get(k) != v)
+             or (k == "class_names" and None not in (v, saved.get(k)) and saved[k] != v)]
   if clashes:
     raise CheckpointError(
         f"{workdir}: the checkpoint there belongs to a different model:\n  "
@@ -507,12 +508,12 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     num_steps: total number of training steps.
     workdir: checkpoints and metrics; resumes from its newest intact checkpoint; held
       with `<workdir>/jtl.lock` (a second run there is refused). None: no files.
-    eval_batches: `eval_batches()` returns one pass of padded, masked batches.
-    eval_every, checkpoint_every: in steps (0: only at the end).
+    eval_batches, eval_every, checkpoint_every: `eval_batches()` returns one pass of
+      padded, masked batches; evaluations and saves every so many steps (0: at the end).
     keep, best_metric: the last `keep` checkpoints stay, and the best by this eval metric.
     mesh: device mesh (default: all devices, data parallel).
     meta: JSON-able facts saved with each checkpoint ("model", "num_classes",
-      ...); resuming with a different model is refused.
+      "class_names", ...); resuming with different ones is refused.
     on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a `DivergenceError`
       naming the step, before anything later is saved; "skip": such updates are
       not applied and the train metrics count them ("skipped", "skipped_total").
@@ -520,14 +521,13 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       gradual unfreezing); a resumed run restores into the phase that saved.
     loss_fn, batch_transform, microbatches, compute_dtype: the train step's
       (`jtl.make_train_step`), e.g. a method's parts (`jtl.recipes.distill.distill_parts`).
-    batchnorm_batches: precise BatchNorm: `batchnorm_batches()` returns one pass
-      of unaugmented training batches (each process its rows, padding masked) on
-      which the statistics of every BatchNorm layer that trains in the current
-      phase are recomputed before each evaluation and save (`jtl.recompute_batchnorm`).
+    batchnorm_batches: precise BatchNorm: `batchnorm_batches()` gives one pass of
+      unaugmented training batches (each process its rows, padding masked) on which
+      the statistics of the BatchNorm layers that train in the current phase are
+      recomputed before each evaluation and save (`jtl.recompute_batchnorm`).
     eval_output, eval_fn: what evaluation scores when the output is not the logits
       (`jtl.make_eval_step`); checked on the first training batch.
-    stop_on_signals: SIGTERM and SIGINT save the current step and raise
-      `jtl.errors.Preempted` (`jtl.preemption`); False: their usual effect.
+    stop_on_signals: SIGTERM/SIGINT save the step, raise `Preempted` (False: not).
     ema_decay: weight EMA (`TrainState.ema`, saved and resumed); evaluations, the
       best checkpoint and `restore_variables` use the EMA weights. None: off.
     first_phase: a `jtl.phases.SelfTrained` phase (e.g. `jtl.recipes.strategies.
@@ -537,15 +537,11 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
-  _check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every)
-  for name, given_fn in (("eval_batches", eval_batches), ("batchnorm_batches", batchnorm_batches)):
-    if given_fn is not None and not callable(given_fn):
-      raise StepError(
-          f"fit({name}=...) takes a function that returns one pass of batches (called at each "
-          f"evaluation), got {type(given_fn).__name__}; e.g. {name}=lambda: batches.")
+  _check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every,
+                 eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
   mesh = mesh or parallel.make_mesh()
-  phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   variables = _initial_variables(module, variables, batchnorm_batches)
+  phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   compile_step = functools.partial(
       _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
       loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
@@ -556,20 +552,23 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
       refresh_batchnorm=_batchnorm_refresher(module, phases, batchnorm_batches, mesh),
       meta=dict(meta or {}), workdir=workdir, stop=StopRequests())
-  make_eval_step = functools.partial(steps.make_eval_step, module, eval_output=eval_output,
-                                     eval_fn=eval_fn, compute_dtype=compute_dtype)
-  output_classes = None if eval_fn is not None else functools.partial(
-      steps.output_classes, module, eval_output=eval_output, compute_dtype=compute_dtype)
-  return _run(given, make_eval_step, output_classes, train_batches, num_steps,
-              variables=variables, seed=seed,
-              ema=ema_decay is not None, first_phase=first_phase,
-              stop_on_signals=stop_on_signals, progress=progress, save_every=checkpoint_every,
-              keep=keep, best_metric=best_metric if eval_batches else None,
-              async_save=async_checkpoints)
+  scoring = dict(eval_output=eval_output, eval_fn=eval_fn, compute_dtype=compute_dtype)
+  return _run(given, functools.partial(steps.make_eval_step, module, **scoring),
+              functools.partial(steps.output_classes, module, **scoring), train_batches,
+              num_steps, variables=variables, seed=seed, ema=ema_decay is not None,
+              first_phase=first_phase, stop_on_signals=stop_on_signals, progress=progress,
+              save_every=checkpoint_every, keep=keep, async_save=async_checkpoints,
+              best_metric=best_metric if eval_batches else None)
 
 
-def _check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int) -> None:
+def _check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int,
+                   **batch_fns: Any) -> None:
   """Refuses invalid values of `fit`'s options."""
+  for name, given_fn in batch_fns.items():
+    if given_fn is not None and not callable(given_fn):
+      raise StepError(
+          f"fit({name}=...) takes a function that returns one pass of batches (called at each "
+          f"evaluation), got {type(given_fn).__name__}; e.g. {name}=lambda: batches.")
   if on_nonfinite not in ("stop", "skip"):
     raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
   if ema_decay is not None and (isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0):
@@ -605,7 +604,7 @@ def _fresh_state(variables: PyTree, phases: _Phases, phase: int, start: PyTree |
 
 
 def _run(given: _Given, make_eval_step: Callable[[], Callable],
-         output_classes: Callable[..., int | None] | None,
+         output_classes: Callable[..., int | None],
          train_batches: Callable[[int], Iterator[Batch]], num_steps: int, *, variables: PyTree,
          seed: int, ema: bool, first_phase: phases_lib.SelfTrained | None,
          stop_on_signals: bool, progress: bool, **workdir_kwargs: Any) -> FitResult:
@@ -640,7 +639,12 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
       loop.end_first_phase(begin, first_row, last=begin == num_steps)
     loop.run(train_batches(begin), begin, num_steps)
     if mngr is not None and num_steps == start_step and given.eval_batches is not None:
-      loop.evaluate(start_step)
+      # A finished run started again (a rescheduled job): its result, not a second row.
+      saved = mngr.meta().get("metrics")
+      if saved:
+        loop.eval_metrics = dict(saved)
+      else:
+        loop.evaluate(start_step)
   if stop.signum is not None:  # during the last step or the final save: all is saved
     raise _preempted(stop, loop.last_saved, num_steps, num_steps, workdir)
   return _result(loop, start_step, num_steps - begin, first_row)

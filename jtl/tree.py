@@ -115,6 +115,10 @@ def first_match(path: str, patterns: Sequence[str]) -> int | None:
 
 def compile_rules(rules: Rules) -> list[tuple[re.Pattern[str], Any]]:
   """Compiles (regex, value) rules, reporting every invalid regex at once."""
+  if isinstance(rules, Mapping):
+    raise PartitionError(
+        f"Rules are an ordered list of (regex, value) pairs (the first match wins), got a "
+        f"{type(rules).__name__}; write list(rules.items()) if its order is the one meant.")
   compiled, bad = [], []
   for i, rule in enumerate(rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2):

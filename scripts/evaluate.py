@@ -75,6 +75,9 @@ _WISE = flags.DEFINE_bool("wise", False, "WiSE-FT: interpolate an LP-FT run's pr
                           "fine-tuned weights, alpha chosen on the validation split.")
 _WISE_ALPHAS = flags.DEFINE_list("wise_alphas", ["0", "0.25", "0.5", "0.75", "1"],
                                  "--wise: the alphas to evaluate (0: probe, 1: fine-tuned).")
+_DATASET = flags.DEFINE_string("dataset", None, "Where the run's data is now, if it moved since "
+                               "(e.g. folder:/mnt/photos; default: where the run last found it).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "The TFDS data folder now, if it moved.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -109,10 +112,11 @@ def main(argv):
                                      test_split=_SPLIT.value)
     print(json.dumps(result, indent=2))
     return
+  data = {k: v for k, v in (("dataset", _DATASET.value), ("data_dir", _DATA_DIR.value)) if v}
   result = evaluation.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,
       precision=_PRECISION.value, save_quantized=_SAVE_Q.value, adabn=_ADABN.value,
-      attack=_ATTACK.value, eps=_EPS.value, attack_steps=_ATTACK_STEPS.value)
+      attack=_ATTACK.value, eps=_EPS.value, attack_steps=_ATTACK_STEPS.value, data=data)
   shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
   print(json.dumps(shown, indent=2))
   print("per-class accuracy:", [round(a, 3) for a in result["per_class_accuracy"]])

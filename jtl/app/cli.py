@@ -7,6 +7,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -85,8 +86,16 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
   if takes_config and any(a in ("--keys", "-keys") for a in argv[1:]):
     print(keys.listing())
     raise SystemExit(0)
+  # `--config.key=None` sets None (the keys' "None: ..." meaning); ml_collections
+  # would parse it as the string 'None', or fail for a number.
+  nones = [a.split("=", 1)[0][len("--config."):] for a in argv[1:]
+           if takes_config and a.startswith("--config.") and a.endswith("=None")]
+  argv = [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    for key in nones:
+      _set_none(flags.FLAGS.config, key)
+    return rest
   except SystemExit:  # absl's --helpfull prints the flags and exits
     if takes_config and any(a in ("--helpfull", "-helpfull") for a in argv[1:]):
       print("\n" + keys.listing())
@@ -107,6 +116,17 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
             f"Run {os.path.basename(argv[0]) if argv else 'the script'} --helpfull for the "
             "flags.", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def _set_none(config: Any, dotted: str) -> None:
+  """`config.<dotted> = None`, for a key the config has (else the unknown-key error)."""
+  *parents, name = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  if name not in node:
+    raise KeyError(f"unknown config key {dotted!r}")
+  node[name] = None
 
 
 def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:

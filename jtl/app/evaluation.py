@@ -50,16 +50,21 @@ def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.Pat
     print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
     return None
   # Without best_metric no checkpoint is "best": the latest is the run's result.
-  return evaluate_workdir(workdir, split=split, step="best" if config.best_metric else "latest")
+  return evaluate_workdir(workdir, split=split, step="best" if config.best_metric else "latest",
+                          data={k: config[k] for k in workdirs.DATA_KEYS})
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
                      step: int | str = "latest", out_dir: str | os.PathLike | None = None,
                      precision: str = "float32", save_quantized: str | os.PathLike | None = None,
                      adabn: bool = False, attack: str | None = None, eps: float = 0.1,
-                     attack_steps: int = 20) -> dict[str, Any]:
+                     attack_steps: int = 20, data: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
   """Restores a checkpoint (params only, any device count), evaluates it on
   `split`, and writes eval_<split>.json and confusion_<split>.png.
+
+  `data` ({"dataset": "folder:/new/path", ...}, `workdirs.DATA_KEYS`): where
+  the data is now, when it has moved since the run (`workdirs.restore`).
 
   Post-training options (their results go into the same JSON):
     precision: "float32", "bfloat16", "int8" or "int8_bfloat16"
@@ -74,7 +79,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
       with radius eps in pixel units ("adv_accuracy").
   """
-  run = workdirs.restore(workdir, step=step)
+  run = workdirs.restore(workdir, step=step, data=data)
   out = out_dir or workdir
   problem = workdirs.writable_problem(out, "out_dir" if out_dir else "workdir")
   if problem:  # before the evaluation, not after it
@@ -181,12 +186,19 @@ def _write_eval(out: epath.Path, split: str, result: dict[str, Any], confusion: 
   _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names, title=title)
 
 def file_safe(split: str) -> str:
-  """A split name for file names: "test[:64]" -> "test_64", "train[10%:]" -> "train_10pct".
+  """A split name for file names, one name per split: a slice's start and
+  end are marked ("from", "to"), so "train[:90%]" and "train[90%:]" differ.
 
-  >>> file_safe("test[:64]"), file_safe("train[10%:]"), file_safe("test")
-  ('test_64', 'train_10pct', 'test')
+  >>> file_safe("test[:64]"), file_safe("train[90%:]"), file_safe("train[10:20]")
+  ('test_to64', 'train_from90pct', 'train_10to20')
+  >>> file_safe("train[val10%]"), file_safe("test")
+  ('train_val10pct', 'test')
   """
-  return re.sub(r"[^\w.-]+", "_", split.replace("%", "pct")).strip("_")
+  def bounds(m: re.Match[str]) -> str:
+    start, end = m.group(1), m.group(2)
+    return "_" + (f"{start}to{end}" if start and end else f"to{end}" if end else f"from{start}")
+  named = re.sub(r"\[([^\]:]*):([^\]:]*)\]", bounds, split)
+  return re.sub(r"[^\w.-]+", "_", named.replace("%", "pct")).strip("_")
 
 
 def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:

@@ -29,7 +29,7 @@ import optax
 from etils import epath
 
 from jtl import adapter, data, models, parallel, partition, paths
-from jtl.app import keys, methods, model_choice, preflight, workdirs
+from jtl.app import keys, methods, model_choice, preflight, resume, workdirs
 from jtl.checkpoint import manager
 from jtl.data import sources
 from jtl.errors import ConfigError, bullet_list
@@ -107,14 +107,17 @@ def schedule_config(config: ml_collections.ConfigDict, workdir: str | os.PathLik
     return old
   step = int(meta.get("step", 0))
   rate = lambda c: float(learning_rate_schedule(c)(step))
+  new_rate, old_rate = rate(config), rate(old)
+  at_step = (f"the rate at step {step} would be {new_rate:.3g} instead of {old_rate:.3g}"
+             if f"{new_rate:.3g}" != f"{old_rate:.3g}" else
+             f"the same rate at step {step} ({new_rate:.3g}), another one after it")
   raise ConfigError(
       f"{workdir} holds a run trained to step {step} with "
       + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this config has "
       + ", ".join(f"{k}={config[k]!r}" for k in changed) + f". Resuming with it rebuilds "
-      f"the learning-rate schedule: the rate at step {step} would be {rate(config):.3g} "
-      f"instead of {rate(old):.3g}. Choose: --config.resume_schedule=new (this config's "
-      f"schedule from step {step} on), --config.resume_schedule=old (the run's own schedule "
-      "continues; a finished cosine stays at its end), or a new --workdir.")
+      f"the learning-rate schedule: {at_step}. Choose: --config.resume_schedule=new (this "
+      f"config's schedule from step {step} on), --config.resume_schedule=old (the run's own "
+      "schedule continues; a finished cosine stays at its end), or a new --workdir.")
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -312,7 +315,8 @@ def run_meta(config: ml_collections.ConfigDict, classes: int) -> dict[str, Any]:
   if config.get("strategy"):
     resolved = strategies.resolve_options(keys.strategy_config(config))
     saved["strategy"] = {k: v for k, v in resolved.items() if k != "seed"}  # seed: top level
-  meta = {"model": config.model, "num_classes": classes, "config": saved}
+  meta = {"model": config.model, "num_classes": classes, "config": saved,
+          "class_names": resume.dataset_classes(config)}
   origin = models.registry.origin(config.model)
   return {**meta, "model_origin": origin} if origin else meta
 
@@ -325,6 +329,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if config.distributed:  # before anything asks JAX for its devices
     parallel.initialize_distributed()
   preflight.preflight(config, workdir="" if workdir is None else workdir)
+  if workdir is not None:
+    resume.check_same_run(config, workdir)  # before anything is built or loaded
   config = resolve_schedule(config)
   workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
   train_features = None
@@ -427,6 +433,11 @@ def _write_report(config: ml_collections.ConfigDict, workdir: epath.Path, result
             "steps_per_second": result.steps_per_second,
             "input_wait_fraction": result.input_wait_fraction,
             "trainable_params": summary.trainable_params, "total_params": summary.total_params}
-  if jax.process_index() == 0:
-    paths.write_atomic(workdir / "final_report.json", json.dumps(report, indent=2).encode())
+  report_path = workdir / "final_report.json"
+  if result.start_step >= config.num_steps and report_path.exists():
+    # A finished run started again: its report stays the one of its training.
+    print(f"{workdir} holds a finished run (step {result.start_step}); its final_report.json "
+          "is kept.", flush=True)
+  elif jax.process_index() == 0:
+    paths.write_atomic(report_path, json.dumps(report, indent=2).encode())
   return result

@@ -296,6 +296,13 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
       found[key] = source
     except JtlError as e:
       problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
+  if config.test_split and not _optional_test_folder(config):
+    dataset = config.eval_dataset or config.dataset
+    try:
+      sources.split_size(sources.resolve_source(dataset, config.data_dir), config.test_split)
+    except JtlError as e:
+      problems.append(f"test_split={config.test_split!r} of dataset {dataset!r}: {e} (an empty "
+                      "--config.test_split= or None evaluates no test split)")
   classes = found["train_split"].info().num_classes if "train_split" in found else 0
   if "train_split" in found and classes < 2 and not config.num_classes:
     problems.append(f"dataset {config.dataset!r} has {classes} class(es); fine-tuning a "
@@ -305,6 +312,14 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
   if len(found) == 2:
     _warn_unseen_classes(config, found["train_split"], found["eval_split"])
   return problems, classes
+
+
+def _optional_test_folder(config: ml_collections.ConfigDict) -> bool:
+  """An image folder's test split is optional: a folder without `test/`
+  trains and validates, and has no final test evaluation."""
+  dataset = config.eval_dataset or config.dataset
+  return (config.test_split == "test" and isinstance(dataset, str)
+          and dataset.startswith("folder:"))
 
 
 def num_classes_problems(config: ml_collections.ConfigDict, found: dict[str, Any],

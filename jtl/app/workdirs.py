@@ -178,13 +178,34 @@ def load(workdir: str | os.PathLike, *, step: int | str = "best", api: str = "li
   return Ready(run.model(api), run.preprocess)
 
 
-def restore(workdir: str | os.PathLike, *, step: int | str = "best") -> Restored:
+# Where the data is: a resumed run may have found it elsewhere (a VM that came
+# back with the bucket or disk mounted at another path).
+DATA_KEYS = ("dataset", "data_dir", "eval_dataset")
+
+
+def restore(workdir: str | os.PathLike, *, step: int | str = "best",
+            data: Mapping[str, Any] | None = None) -> Restored:
   """Rebuilds a finetune.py run's model and variables (params and statistics
-  only, host arrays, any device count) from its checkpoint at `step`."""
-  variables, meta = manager.restore_variables(workdir, step=step, metric="accuracy")
+  only, host arrays, any device count) from its checkpoint at `step` ("best":
+  by the metric the run chose it by, accuracy for runs that recorded none).
+
+  The data keys (`DATA_KEYS`) are the newest checkpoint's: where the run last
+  found its data, also for an older best step; `data` ({"dataset": ...})
+  overrides them, for data that has moved since."""
+  metric = None
+  if step == "best" and manager.recorded_metric(manager.checkpoint_dir(workdir))[0] is None:
+    metric = "accuracy"
+  variables, meta = manager.restore_variables(workdir, step=step, metric=metric)
   if "config" not in meta:
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
                       "scripts/finetune.py?")
+  newest = (manager.latest_meta(workdir) or {}).get("config") or {}
+  unknown = sorted(set(data or {}) - set(DATA_KEYS))
+  if unknown:
+    raise ConfigError(f"restore(data=...): {unknown} are not data keys; expected {DATA_KEYS}.")
+  meta = {**meta, "config": {**meta["config"],
+                             **{k: newest[k] for k in DATA_KEYS if k in newest},
+                             **dict(data or {})}}
   config = keys.complete(ml_collections.ConfigDict(meta["config"]))  # older runs: fewer keys
   spec = model_spec(config.model, meta)
   module = spec.build(num_classes=meta["num_classes"], **model_kwargs(config))

@@ -142,9 +142,16 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
   files, labels, bad, ignored = {}, {}, [], []
   for split, split_dir in splits.items():
     paths, ys = [], []
+    empty = []
     for c in _class_dirs(split_dir):
+      before = len(paths) + len(bad)
       for f in sorted(c.iterdir()):
-        if not f.is_file() or _hidden(f):
+        if _hidden(f):
+          continue
+        if f.is_symlink() and not f.exists():
+          bad.append(f"{shown(f)}: a symbolic link to a missing file")
+          continue
+        if not f.is_file():
           continue
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
           ignored.append(shown(f))
@@ -153,6 +160,11 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
         else:
           paths.append(str(f))
           ys.append(class_names.index(c.name))
+      if len(paths) + len(bad) == before:
+        empty.append(shown(c))
+    if empty and split == "train":  # a class no example trains: an output never learnt
+      raise DataError(f"Class folder(s) of image folder {root} without image files: "
+                      f"{empty[:10]}. Add images or remove the folder(s).")
     if not paths:
       raise DataError(f"Split {split!r} of image folder {root} ({split_dir}) has no "
                       f"image files with extensions {IMAGE_EXTENSIONS}.")
@@ -165,7 +177,8 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
     raise DataError(
         f"{len(bad)} file(s) in image folder {root} are not usable JPEG/PNG/GIF/"
         "BMP images:\n" + bullet_list(bad) +
-        "\nDelete or replace them, or pass on_bad_file='skip' to leave them out.")
+        "\nDelete or replace them (library code can leave them out with "
+        "on_bad_file='skip').")
   if bad:
     log.warning("Skipped %d unreadable image file(s) in %s:\n%s", len(bad), root,
                 bullet_list(bad, limit=10))

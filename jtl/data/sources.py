@@ -447,6 +447,10 @@ def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str |
   # Importing the builders registers jtl's local datasets ("jtl_mnist5k", ...). In the
   # function: builders imports TensorFlow/TFDS, and `import jtl` imports this module.
   from jtl.data import builders  # pylint: disable=g-import-not-at-top
+  if name.startswith(("/", "./", "../", "~")) or ("/" in name and os.path.isdir(name)):
+    raise DataError(
+        f"dataset {name!r} is a path, not a TFDS name: for an image folder write "
+        f"'folder:{name}'.")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -456,6 +460,9 @@ def _tfds_source(name: str, data_dir: str | os.PathLike | None, input_key: str |
         f"TFDS does not know a dataset named {name!r}. Close names: {close or 'none'}. "
         "See https://www.tensorflow.org/datasets/catalog, or use "
         "'folder:/path' for an image folder or a dict of arrays.") from None
+  except ValueError as e:  # a name TFDS cannot parse
+    raise DataError(f"{name!r} is not a TFDS dataset name ({e}); use 'name', 'name:version' "
+                    "or 'folder:/path' for an image folder.") from None
   if not builder.is_prepared() and not builder.info.splits and not _tfds_is_mocked():
     if builder.name in builders.LOCAL_BUILDERS:
       builder = _build_local(name, data_dir, builder)

@@ -84,3 +84,22 @@ def test_keys_lists_every_config_key_with_its_default_and_meaning(monkeypatch, c
   with pytest.raises(SystemExit) as e:
     cli.parse_flags_with_config_keys(["evaluate.py", "--keys"])
   assert e.value.code == 2 and "keys" in capsys.readouterr().err
+
+
+def test_none_on_the_command_line_is_none(monkeypatch):
+  from absl import flags
+  from ml_collections import config_flags
+
+  ROOT = Path(__file__).resolve().parents[2]
+  with_config = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=with_config)
+  monkeypatch.setattr(cli.flags, "FLAGS", with_config)
+  cli.parse_flags_with_config_keys([
+      "finetune.py", f"--config={ROOT / 'configs' / 'default.py'}", "--config.clip_norm=None",
+      "--config.test_split=None", "--config.strategy.probe_steps=None"])
+  config = with_config.config
+  assert (config.clip_norm, config.test_split, config.strategy.probe_steps) == (None,) * 3
+  with pytest.raises(SystemExit) as e:  # a key the config lacks: the usual error
+    cli.parse_flags_with_config_keys([
+        "finetune.py", f"--config={ROOT / 'configs' / 'default.py'}", "--config.clip_nrom=None"])
+  assert e.value.code == 2

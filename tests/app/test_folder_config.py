@@ -217,3 +217,49 @@ def test_lp_ft_phases_without_cache_take_their_own_learning_rates():
     updates, _ = tx.update(grads, tx.init(trainable), trainable)
     step = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates))
     assert step == pytest.approx(lr, rel=1e-3)  # Adam's first step: the learning rate
+
+
+def test_a_moved_dataset_resumes_and_another_runs_workdir_is_refused(photos, tmp_path, capsys):
+  """A VM that comes back with the data elsewhere resumes (and evaluates) its
+  run; a config of another run is refused before anything loads; a finished
+  run started again keeps its rows and its report."""
+  here = shutil.copytree(photos, tmp_path / "here")
+  config = small(load_config("folder"), here)
+  config.num_epochs = 1
+  workdir = tmp_path / "run"
+  experiment.finetune(config, workdir, progress=False)
+  rows = (workdir / "metrics.jsonl").read_text()
+  report = (workdir / "final_report.json").read_text()
+  moved = here.rename(tmp_path / "there")
+  config.dataset = f"folder:{moved}"
+  experiment.finetune(config, workdir, progress=False)
+  assert "holds a finished run" in capsys.readouterr().out
+  assert (workdir / "metrics.jsonl").read_text() == rows  # no second evaluation row
+  assert (workdir / "final_report.json").read_text() == report
+  # scripts/finetune.py's test evaluation: the best checkpoint, the data where it is now.
+  assert evaluation.evaluate_test_split(config, workdir)["count"] == 9
+  # evaluate.py --dataset: where the data is now (the checkpoints say where it was).
+  with pytest.raises(DataError, match="here"):
+    evaluation.evaluate_workdir(workdir, split="test", step="best")
+  result = evaluation.evaluate_workdir(workdir, split="test", step="best",
+                                       data={"dataset": config.dataset})
+  assert result["count"] == 9
+  other = small(load_config("folder"), moved)
+  other.strategy.name, other.strategy.probe_steps = "full", None
+  with pytest.raises(ConfigError, match=r"another run(.|\n)*strategy: the workdir's run has "
+                                        r"'lp_ft', this config 'full'"):
+    experiment.finetune(other, workdir, progress=False)
+  cars = colour_photos(tmp_path / "cars", ("cat", "dog", "car"), {"train": 4})
+  other = small(load_config("folder"), cars)
+  with pytest.raises(ConfigError, match=r"dataset classes: the workdir's run has 3 \(cat, dog, "
+                                        r"ship\.\.\.\), this config's dataset 3 \(car, cat"):
+    experiment.finetune(other, workdir, progress=False)
+
+
+def test_a_test_split_the_dataset_lacks_is_found_before_training(photos):
+  config = small(load_config("folder"), photos)
+  config.test_split = "tset"
+  problems, _ = preflight.data_problems(config)
+  assert any("test_split='tset'" in p for p in problems)
+  config.test_split = "test"  # the folder config's own: optional for a folder without test/
+  assert not preflight.data_problems(config)[0]

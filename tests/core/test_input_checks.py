@@ -194,3 +194,8 @@ def test_lora_finds_the_layers_of_a_linen_model_with_another_flag():
       "backbone", "head"]
   adapted = strategies.add_lora(model, variables, x, targets="backbone", rank=2)
   assert adapted["params"]["backbone"]["lora_a"].shape == (8, 2)
+
+
+def test_rules_given_as_a_dict_say_they_must_be_ordered_pairs():
+  with pytest.raises(jtl.JtlError, match=r"ordered list of \(regex, value\) pairs.*got a dict"):
+    jtl.label_params({"head": {"kernel": 0}}, {"head/.*": "head"})

@@ -84,6 +84,22 @@ def test_folder_unreadable_file_raises_or_is_skipped(tmp_path, caplog):
   assert "notes.txt" in caplog.text  # files without an image extension are named too
 
 
+def test_empty_class_folders_and_broken_links_are_named(tmp_path):
+  _write_folder(tmp_path)
+  (tmp_path / "train" / "bird").mkdir()  # a class no training image teaches
+  with pytest.raises(DataError, match=r"without image files: \[.*bird"):
+    dataset_info(f"folder:{tmp_path}")
+  (tmp_path / "train" / "bird").rmdir()
+  (tmp_path / "train" / "dog" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+  with pytest.raises(DataError, match=r"gone\.jpg: a symbolic link to a missing file"):
+    dataset_info(f"folder:{tmp_path}")
+
+
+def test_a_path_given_as_a_tfds_name_points_to_folder(tmp_path):
+  with pytest.raises(DataError, match=f"is a path, not a TFDS name: .*'folder:{tmp_path}'"):
+    dataset_info(str(tmp_path))
+
+
 def test_folder_damaged_image_body_is_named_before_reading(tmp_path):
   _write_folder(tmp_path)
   target = tmp_path / "test" / "dog" / "001.png"
