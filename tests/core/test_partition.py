@@ -17,9 +17,10 @@ def params():
 
 
 def test_first_match_wins_and_none_freezes():
-  labels = jtl.label_params(params(), [
-      (r"head/.*", "head"), (r"backbone/block1/.*", "top"), (r"backbone/.*", None),
-      (r".*", "never")])
+  with pytest.warns(jtl.partition.UnusedRuleWarning, match=r"\('\.\*', 'never'\)"):
+    labels = jtl.label_params(params(), [
+        (r"head/.*", "head"), (r"backbone/block1/.*", "top"), (r"backbone/.*", None),
+        (r".*", "never")])
   assert jtl.tree.flatten(labels) == {
       "backbone/block0/conv/bias": "frozen", "backbone/block0/conv/kernel": "frozen",
       "backbone/block1/conv/kernel": "top", "head/bias": "head", "head/kernel": "head"}
