@@ -292,8 +292,12 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
   for key, (dataset, split) in uses.items():
     try:
       source = sources.resolve_source(dataset, config.data_dir)
-      sources.split_size(source, split)
+      size = sources.split_size(source, split)
       found[key] = source
+      if key == "train_split" and not config.num_epochs and 0 < size < config.batch_size:
+        logging.warning("batch_size=%d is larger than %s (%d examples): each batch repeats "
+                        "examples; a smaller batch_size or num_epochs (which caps the batch "
+                        "at the split) avoids it.", config.batch_size, split, size)
     except JtlError as e:
       problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
   if config.test_split and not _optional_test_folder(config):
