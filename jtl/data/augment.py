@@ -148,6 +148,13 @@ def cutmix_box(seed: tf.Tensor, height: int, width: int, alpha: float
   return mask, lam
 
 
+def as_soft_labels(label: tf.Tensor, num_classes: int) -> tf.Tensor:
+  """Class indices [B] as one-hot float32 [B, num_classes]; soft labels as they are."""
+  if label.dtype.is_floating and label.shape.rank == 2:
+    return tf.cast(label, tf.float32)
+  return tf.one_hot(label, num_classes, dtype=tf.float32)
+
+
 def cutmix(batch: dict[str, Any], seed: tf.Tensor, *, alpha: float,
            num_classes: int) -> dict[str, Any]:
   """Pastes one box of the batch reversed into every image; the labels mix
@@ -155,7 +162,7 @@ def cutmix(batch: dict[str, Any], seed: tf.Tensor, *, alpha: float,
   inputs = batch["inputs"]
   height, width = inputs.shape[1], inputs.shape[2]
   mask, lam = cutmix_box(seed, height, width, alpha)
-  onehot = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
+  onehot = as_soft_labels(batch["label"], num_classes)
   out = dict(batch)
   out["inputs"] = inputs * (1.0 - mask) + tf.reverse(inputs, [0]) * mask
   out["label"] = lam * onehot + (1.0 - lam) * tf.reverse(onehot, [0])

@@ -221,8 +221,12 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def load_image(path: str | bytes | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
   """The input pipeline's image: `decode` of the file's bytes. Raises
   ValueError naming the file when it does not decode."""
-  with open(path, "rb") as f:
-    data = f.read()
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:  # moved or deleted since the scan
+    raise ValueError(f"{shown(path)}: does not decode (it cannot be read: {e.strerror or e}; "
+                     "was it moved or deleted after the folder was listed?).") from None
   try:
     return decode(data, max_pixels)
   except Exception as e:  # noqa: BLE001 - any decoder failure is the file's

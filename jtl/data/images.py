@@ -56,11 +56,13 @@ def get_normalizer(normalize: NormalizeSpec) -> Normalizer:
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
   """Returns (height, width) for an int or (height, width) image size."""
-  if isinstance(image_size, (int, np.integer)):
-    return int(image_size), int(image_size)
-  size = tuple(int(s) for s in image_size)
+  if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+    size = (int(image_size),) * 2
+  else:
+    size = tuple(int(s) for s in image_size)
   if len(size) != 2 or min(size) <= 0:
-    raise DataError(f"image_size must be an int or (height, width), got {image_size!r}.")
+    raise DataError(f"image_size must be a positive int or (height, width) of positive ints, "
+                    f"got {image_size!r}.")
   return size  # type: ignore[return-value]
 
 
@@ -168,7 +170,7 @@ def mixup(batch: dict[str, Any], seed: tf.Tensor, *, alpha: float,
   a = tf.random.stateless_gamma([], g1, alpha)
   b = tf.random.stateless_gamma([], g2, alpha)
   lam = a / (a + b)
-  onehot = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
+  onehot = augment_lib.as_soft_labels(batch["label"], num_classes)
   inputs = batch["inputs"]
   out = dict(batch)
   out["inputs"] = lam * inputs + (1.0 - lam) * tf.reverse(inputs, [0])

@@ -83,7 +83,8 @@ class BatchIterator:
   def __next__(self) -> Batch:
     try:
       batch = next(self._it)
-    except tf.errors.InvalidArgumentError as e:
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnknownError) as e:  # a file damaged, or gone, since the scan
       raise DataError(self._explain(e)) from None
     if self._tokenizer is not None:
       batch["inputs"] = text.tokenize(batch.pop("text"), self._tokenizer)
@@ -205,7 +206,7 @@ def _check_options(*, batch_size: int, process_count: int, start_step: int, trai
     problems.append(f"start_step={start_step} must be >= 0, and 0 for evaluation")
   if num_epochs is not None and num_epochs < 1:
     problems.append(f"num_epochs={num_epochs} must be >= 1 or None (endless)")
-  if mixup_alpha < 0:
+  if not mixup_alpha >= 0:  # NaN too
     problems.append(f"mixup_alpha={mixup_alpha} must be >= 0 (0 = no mixup)")
   if not cutmix_alpha >= 0:
     problems.append(f"cutmix_alpha={cutmix_alpha} must be >= 0 (0 = no CutMix)")
@@ -324,7 +325,10 @@ def _train_batches(ds: tf.data.Dataset, local_b: int, *, total: int, process_cou
   if num_epochs is not None:
     num_batches = max(0, num_epochs * (total // process_count) // local_b - start_step)
   ds = ds.batch(local_b, drop_remainder=True)
-  return (mix(ds) if mix is not None else ds), num_batches
+  ds = mix(ds) if mix is not None else ds
+  # Every process the same count (shards differ by an example when the split
+  # does not divide): a host with one batch more would wait in a collective.
+  return (ds.take(num_batches) if num_batches is not None else ds), num_batches
 
 
 def _eval_batches(ds: tf.data.Dataset, local_b: int, *, total: int, local_n: int,

@@ -78,7 +78,13 @@ def write(variables_or_params: Any, path: Any, *,
         f"{path.suffix!r}; use one of {sorted(_SUFFIXES)} or pass format= "
         f"one of {list(FORMATS)}.")
   flat, bad = {}, []
-  for name, leaf in tree_lib.flatten(variables_or_params).items():
+  leaves = tree_lib.leaves_with_paths(variables_or_params)
+  names = [name for name, _ in leaves]
+  if len(set(names)) != len(names):  # {"a/b": x, "a": {"b": y}}: one would be lost
+    twice = sorted({n for n in names if names.count(n) > 1})
+    raise CheckpointError(f"{path}: leaves with the same '/'-joined name {twice[:5]} (a key "
+                          "holding '/'); rename them so that every leaf keeps its own name.")
+  for name, leaf in leaves:
     arr = np.asarray(leaf)
     if arr.dtype.kind not in "biufc" and arr.dtype.name != "bfloat16":
       bad.append(f"{name} ({type(leaf).__name__})")
@@ -89,6 +95,10 @@ def write(variables_or_params: Any, path: Any, *,
         + (f"these leaves are not: {bad}" if bad else "the tree has no leaves")
         + ".")
   if fmt == "orbax":
+    empty = [name for name, arr in flat.items() if arr.size == 0]
+    if empty:  # refused before Orbax starts a save it would leave unfinished
+      raise CheckpointError(f"{path}: Orbax cannot save arrays with no elements: {empty[:5]}; "
+                            "drop them, or write .npz / .safetensors / .msgpack.")
     return _write_orbax(tree_lib.unflatten(flat), path)
   write_atomic(path, _to_bytes(flat, fmt))
   return path
@@ -101,8 +111,11 @@ def _write_orbax(tree: dict[str, Any], path: epath.Path) -> epath.Path:
   if path.exists():
     raise CheckpointError(f"{path} exists; Orbax does not overwrite. Choose a new path.")
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, tree)
-  checkpointer.wait_until_finished()
+  try:
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+  except (ValueError, TypeError, OSError) as e:
+    raise CheckpointError(f"{path}: Orbax could not save the tree: {e}") from e
   return path
 
 

@@ -107,6 +107,35 @@ def test_multi_process_shards_are_disjoint_and_complete():
   assert not train[0] & train[1]
 
 
+def test_mixup_and_cutmix_mix_soft_labels_and_refuse_a_nan_alpha():
+  data = _arrays(n=8, classes=2)
+  for split in data.values():
+    split["label"] = np.eye(2, dtype=np.float32)[split["label"]] * 0.8 + 0.1
+  for kw in ({"mixup_alpha": 1.0}, {"cutmix_alpha": 1.0}):
+    batch = next(_train(data, augment=False, flip=False, **kw))
+    assert batch["label"].shape == (4, 2)
+    np.testing.assert_allclose(batch["label"].sum(1), 1.0, rtol=1e-6)
+    assert batch["label"].min() >= 0.1 - 1e-6  # mixes of rows whose entries are >= 0.1
+  with pytest.raises(DataError, match="mixup_alpha=nan must be >= 0"):
+    _train(data, mixup_alpha=float("nan"))
+  with pytest.raises(DataError, match="positive int"):
+    _train(_arrays(), image_size=-3)
+
+
+def test_uneven_shards_give_every_process_the_same_batch_count():
+  """10 examples over 3 processes (shards of 4, 3, 3): each yields len() batches,
+  the same count, so no host runs a step the others wait for."""
+  data = _arrays(n=10)
+  for pc, bs in ((3, 3), (4, 4)):
+    counts = []
+    for pi in range(pc):
+      it = make_dataset(data, split="train", batch_size=bs, train=True, num_epochs=1, seed=1,
+                        image_size=8, augment=False, flip=False, process_index=pi,
+                        process_count=pc)
+      counts.append((len(it), len(list(it))))
+    assert len(set(counts)) == 1 and counts[0][0] == counts[0][1], counts
+
+
 def test_augmentation_shapes_ranges_and_normalisation():
   data = _arrays(n=8, size=16)
   aug = next(_train(data, image_size=(12, 10), normalize="efficientnet"))

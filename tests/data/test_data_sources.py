@@ -95,6 +95,16 @@ def test_empty_class_folders_and_broken_links_are_named(tmp_path):
     dataset_info(f"folder:{tmp_path}")
 
 
+def test_a_file_deleted_after_the_scan_is_named(tmp_path):
+  _write_folder(tmp_path)
+  batches = make_dataset(f"folder:{tmp_path}", split="train", batch_size=6, train=False,
+                         image_size=8)
+  (tmp_path / "train" / "dog" / "001.png").unlink()
+  with pytest.raises(DataError, match=r"dog/001\.png: does not decode \(it cannot be read: .*"
+                                      r"moved or deleted"):
+    list(batches)
+
+
 def test_a_path_given_as_a_tfds_name_points_to_folder(tmp_path):
   with pytest.raises(DataError, match=f"is a path, not a TFDS name: .*'folder:{tmp_path}'"):
     dataset_info(str(tmp_path))

@@ -71,8 +71,12 @@ def test_export_errors_leave_existing_file_intact(tmp_path):
     write({"w": np.ones(3)}, tmp_path / "model.pkl")
   with pytest.raises(CheckpointError, match="no leaves"):
     write({}, path)
+  with pytest.raises(CheckpointError, match=r"same '/'-joined name \['a/b'\]"):
+    write({"a/b": np.ones(1), "a": {"b": np.zeros(1)}}, path)  # one of them would be lost
+  with pytest.raises(CheckpointError, match=r"no elements: \['e'\]"):
+    write({"e": np.zeros(0), "w": np.ones(2)}, tmp_path / "ckpt", format="orbax")
   assert path.read_bytes() == before
-  assert sorted(os.listdir(tmp_path)) == ["model.npz"]
+  assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no unfinished Orbax folder either
 
 
 def test_orbax_directory_round_trip_and_never_overwrites(tmp_path):
