@@ -142,6 +142,9 @@ def make_optimizer(
   Returns:
     An optax transformation to apply to the trainable partition.
   """
+  if isinstance(learning_rate, (int, float)) and not learning_rate >= 0:
+    raise OptimizerError(f"learning_rate={learning_rate!r}: expected a number >= 0 (or an "
+                         "optax schedule); a negative rate climbs the loss.")
   names = trainable_label_set(labels)
   if not names:
     raise OptimizerError(

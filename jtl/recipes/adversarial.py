@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jtl import steps as jsteps
@@ -43,8 +44,9 @@ def _check(eps: float, step_size: float | None, num_steps: int, bounds: Bounds) 
     problems.append(f"eps={eps!r}: expected a non-negative radius")
   if step_size is not None and not step_size > 0:
     problems.append(f"step_size={step_size!r}: expected a positive number (e.g. eps / 4)")
-  if num_steps < 1:
-    problems.append(f"steps={num_steps!r}: expected at least 1")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
+      or num_steps < 1:
+    problems.append(f"steps={num_steps!r}: expected an int >= 1")
   if bounds is not None and not bounds[0] < bounds[1]:
     problems.append(f"bounds={bounds!r}: expected (low, high) with low < high")
   if problems:
@@ -119,13 +121,17 @@ def make_attack(*, attack: str = "pgd", eps: float, step_size: float | None = No
                 ) -> Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array], jax.Array]:
   """`attack(loss_of_inputs, x, rng) -> x_adv` from config-style options.
 
-  eps, step_size and bounds are multiplied by `input_scale` (see module doc);
-  step_size defaults to 2.5 * eps / steps (Madry et al.).
+  eps and step_size are multiplied by `input_scale` (see module doc); bounds
+  are in input units already; step_size defaults to 2.5 * eps / steps (Madry
+  et al.).
   """
   if attack not in ATTACKS:
     raise ConfigError(f"attack={attack!r}: expected one of {ATTACKS}.")
+  _check(eps, step_size, steps, bounds)  # the options given, before any derived from them
+  if not (isinstance(input_scale, (int, float)) and input_scale > 0):
+    raise ConfigError(f"input_scale={input_scale!r}: expected a positive number (model input "
+                      "units per pixel unit).")
   step_size = 2.5 * eps / steps if step_size is None else step_size
-  _check(eps, step_size, steps, bounds)
   eps_in, step_in = eps * input_scale, step_size * input_scale
 
   def run(loss_of_inputs, x, rng):

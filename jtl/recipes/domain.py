@@ -257,6 +257,11 @@ def adapt_parts(module: AdaptModel, *, method: str = "dann", weight: float = 1.0
   `make_adapt_train_step`. The model evaluates as the plain classifier."""
   if method not in METHODS:
     raise ConfigError(f"method={method!r}: expected one of {METHODS}.")
+  if not (isinstance(weight, (int, float)) and weight >= 0):
+    raise ConfigError(f"weight={weight!r}: expected a number >= 0 (the adaptation loss's "
+                      "weight; a negative one would maximise it).")
+  if not callable(grl_scale) and not (isinstance(grl_scale, (int, float)) and grl_scale >= 0):
+    raise ConfigError(f"grl_scale={grl_scale!r}: expected a number >= 0 or a schedule.")
   if batchnorm not in BATCHNORM_MODES:
     raise ConfigError(f"batchnorm={batchnorm!r}: expected one of {BATCHNORM_MODES}.")
   if method == "dann" and not module.domain_hidden:

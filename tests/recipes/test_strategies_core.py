@@ -73,7 +73,7 @@ def test_config_dict_and_errors():
     strategies.build({"name": "partial", "rank": 3}, module, variables, SPEC)
   with pytest.raises(ConfigError, match="expected one of"):
     strategies.build("lorax", module, variables, SPEC)
-  with pytest.raises(ConfigError, match=r"num_blocks=7: expected 0..3"):
+  with pytest.raises(ConfigError, match=r"num_blocks=7: expected an int in 0..3"):
     strategies.build({"name": "partial", "num_blocks": 7}, module, variables, SPEC)
   with pytest.raises(ConfigError, match="needs \\['steps_per_stage'\\]"):  # no default
     strategies.build({"name": "gradual", "steps_per_stage": None}, module, variables, SPEC)

@@ -28,10 +28,13 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
       yield batch(seed=i)
       i += 1
 
+  def make_tx(labels, learning_rate=0.05):  # the probe phase passes its own rate
+    return strategy.make_optimizer(labels, learning_rate=learning_rate, optimizer="adam")
+
   seen = []
   result = strategies.train_phases(
       strategy.module, strategy.variables, strategy.phases,
-      lambda labels: strategy.make_optimizer(labels, learning_rate=0.05, optimizer="adam"),
+      make_tx,
       batches(), num_steps=5, loss_fn=loss_fn, on_phase=lambda p, l: seen.append(p.name))
   assert seen == ["linear_probe", "full"]
   assert len(traces) == 2
@@ -46,7 +49,9 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
                                 jtl.tree.flatten(variables["batch_stats"])["stem/bn/mean"])
 
   # Phase 1 alone, then switch by hand: the head's moments carry over, the rest start at 0.
-  tx0 = strategy.make_optimizer(strategy.labels, learning_rate=0.05, optimizer="adam")
+  probe_rate = strategy.phases[0].learning_rate  # lp_ft's probe: its own constant rate
+  assert probe_rate == strategies.PROBE_LEARNING_RATE != 0.05
+  tx0 = strategy.make_optimizer(strategy.labels, learning_rate=probe_rate, optimizer="adam")
   state = jtl.create_train_state(strategy.variables, strategy.labels, tx0)
   step0 = jax.jit(jtl.make_train_step(strategy.module, tx0, labels=strategy.labels))
   for i in range(2):
@@ -65,7 +70,7 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
   new, _ = step1(new, batch(seed=2))
   loop_state = strategies.train_phases(
       strategy.module, strategy.variables, strategy.phases,
-      lambda labels: strategy.make_optimizer(labels, learning_rate=0.05, optimizer="adam"),
+      make_tx,
       batches(), num_steps=3).state
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(loop_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

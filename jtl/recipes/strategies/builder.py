@@ -254,6 +254,11 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   options["precise_batchnorm"] = _precise_batchnorm_images(name, options)
   if name == "lp_ft" and options["probe_learning_rate"] is None:
     options["probe_learning_rate"] = PROBE_LEARNING_RATE
+  rate = options.get("probe_learning_rate")
+  if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                               and rate > 0):
+    raise ConfigError(f"strategy.probe_learning_rate={rate!r}: expected a positive number "
+                      f"(default {PROBE_LEARNING_RATE}).")
   if name == "llrd" and options["layer_decay"] is None:
     options["layer_decay"] = LAYER_DECAY
   if options["stacked"] is not None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from jtl import tree as jtree
 from jtl.errors import ConfigError, bullet_list
 
@@ -104,8 +106,9 @@ def top_groups(groups: Groups, num_blocks: int, *, head: str | None = "head") ->
   """The head plus the `num_blocks` groups just below it (bottom to top order)."""
   head = head_group(groups, head)
   others = [n for n, _ in groups if n != head]
-  if not 0 <= num_blocks <= len(others):
-    raise ConfigError(f"num_blocks={num_blocks}: expected 0..{len(others)} (the model has "
+  if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) \
+      or not 0 <= num_blocks <= len(others):
+    raise ConfigError(f"num_blocks={num_blocks!r}: expected an int in 0..{len(others)} (the model has "
                       f"{len(others)} groups below the head: {others}).")
   return others[len(others) - num_blocks:] + [head]
 

@@ -44,6 +44,22 @@ class Phase:
   learning_rate: float | None = None
 
 
+def _phase_tx(make_tx: Callable[..., Any], labels: PyTree, phase: Phase) -> Any:
+  """`make_tx(labels)`, at the phase's own learning rate when it has one."""
+  if phase.learning_rate is None:
+    return make_tx(labels)
+  try:
+    return make_tx(labels, learning_rate=phase.learning_rate)
+  except TypeError as e:
+    if "learning_rate" not in str(e):
+      raise
+    raise ConfigError(
+        f"Phase {phase.name or phase.start!r} trains at its own learning_rate="
+        f"{phase.learning_rate}, but make_tx takes no learning_rate= ({e}); accept it, e.g. "
+        "make_tx=lambda labels, learning_rate=1e-4: jtl.make_optimizer(labels, "
+        "learning_rate=learning_rate).") from None
+
+
 def check_phases(phases: Sequence[Phase]) -> None:
   """Raises ConfigError unless starts begin at 0 and strictly increase."""
   starts = [p.start for p in phases]
@@ -56,11 +72,16 @@ def phase_index(phases: Sequence[Phase], step: int) -> int:
   return max(i for i, p in enumerate(phases) if p.start <= step)
 
 
+def _count(value: Any) -> bool:
+  """An int >= 1 (not a bool, not a float)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 def lp_ft_phases(groups: rules_lib.Groups, probe_steps: int, *,
                  head: str | None = "head") -> tuple[Phase, ...]:
   """LP-FT (Kumar et al. 2022): the head alone for `probe_steps`, then all."""
-  if probe_steps < 1:
-    raise ConfigError(f"probe_steps={probe_steps}: expected >= 1.")
+  if not _count(probe_steps):
+    raise ConfigError(f"probe_steps={probe_steps!r}: expected an int >= 1.")
   return (Phase(0, tuple(rules_lib.linear_probe_rules(groups, head=head)), "linear_probe"),
           Phase(probe_steps, tuple(rules_lib.full_rules(groups)), "full"))
 
@@ -73,8 +94,9 @@ def gradual_unfreezing_phases(groups: rules_lib.Groups, steps_per_stage: int, *,
   head = rules_lib.head_group(groups, head)
   below = len(groups) - 1
   max_blocks = below if max_blocks is None else max_blocks
-  problems = [f"{k}={v} must be >= 1" for k, v in (("steps_per_stage", steps_per_stage),
-                                                   ("blocks_per_stage", blocks_per_stage)) if v < 1]
+  problems = [f"{k}={v!r} must be an int >= 1" for k, v in (
+      ("steps_per_stage", steps_per_stage), ("blocks_per_stage", blocks_per_stage))
+      if not _count(v)]
   if not 0 <= max_blocks <= below:
     problems.append(f"max_blocks={max_blocks} must be in 0..{below}: the model has {below} "
                     f"layer groups below the head ({', '.join(g for g, _ in groups if g != head)}"
@@ -112,7 +134,9 @@ def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
     module, variables: the model and its (pretrained) variables.
     phases: from `lp_ft_phases`, `gradual_unfreezing_phases`, or one
       `Phase(0, rules)` for a fixed partition.
-    make_tx: `make_tx(labels) -> tx` builds each phase's optimizer.
+    make_tx: `make_tx(labels) -> tx` builds each phase's optimizer; a phase with
+      its own `learning_rate` (LP-FT's probe) calls `make_tx(labels,
+      learning_rate=rate)` (e.g. `functools.partial(jtl.make_optimizer, ...)`).
     batches: iterator of global numpy batches.
     on_phase: called with (phase, labels) at each phase start (e.g. to print
       `jtl.summarize(params, labels)`).
@@ -130,7 +154,7 @@ def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
     end = min(end, num_steps)
     params = variables["params"] if state is None else state.params
     labels = partition.label_params(params, list(phase.rules), warn_unused=False)
-    tx = make_tx(labels)
+    tx = _phase_tx(make_tx, labels, phase)
     if on_phase:
       on_phase(phase, labels)
     if state is None:
