@@ -11,6 +11,7 @@ Batches are dicts: {"inputs": ..., "label": int [B] or soft [B, C],
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -417,10 +418,17 @@ def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
   """Turns accumulated eval sums into means per example: loss, accuracy (from
   "correct"), top-5 accuracy (from "correct_top5", more than 5 classes) and
-  any other sum of an `eval_fn`, with the count."""
+  any other sum of an `eval_fn`, with the count. A non-finite loss makes the
+  accuracies NaN too: NaN logits' argmax is class 0, a score of nothing.
+
+  >>> summarize_eval({"loss": float("nan"), "correct": 3.0, "count": 8})
+  {'loss': nan, 'accuracy': nan, 'count': 8}
+  """
   count = max(float(sums["count"]), 1.0)
   names = {"correct": "accuracy", "correct_top5": "top5_accuracy"}
   out = {names.get(k, k): float(v) / count for k, v in sums.items() if k != "count"}
+  if not math.isfinite(out.get("loss", 0.0)):
+    out.update({names[k]: float("nan") for k in names if k in sums})
   return {**out, "count": int(sums["count"])}
 
 

@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
+def default_mode(metric: str | None) -> str:
+  """Which way a metric improves: "min" for a loss or error, else "max".
+
+  >>> default_mode("loss"), default_mode("top5_error"), default_mode("accuracy")
+  ('min', 'min', 'max')
+  """
+  return "min" if metric and ("loss" in metric or "error" in metric) else "max"
+
+
 def _check_restored(restored: PyTree, abstract: PyTree, where: Any) -> None:
   """Refuses a restore that left target leaves empty or added others: Orbax
   fills a target array from a leaf saved as None (a parameter frozen, so
@@ -138,8 +147,9 @@ class CheckpointManager:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, save_every: int = 1000, keep: int = 2,
-               best_metric: str | None = None, best_mode: str = "max",
+               best_metric: str | None = None, best_mode: str | None = None,
                async_save: bool = True):
+    best_mode = best_mode or default_mode(best_metric)
     if best_mode not in ("max", "min"):
       raise CheckpointError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     if keep < 1:
@@ -343,7 +353,7 @@ class CheckpointManager:
 
 
 def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "latest",
-                      metric: str | None = None, mode: str = "max", ema: bool = True
+                      metric: str | None = None, mode: str | None = None, ema: bool = True
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restores {"params": ..., **model_state} as host numpy arrays, for evaluation.
 
@@ -354,8 +364,9 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   Reads only the params and model statistics (never the optimizer state), so
   it needs no optimizer and works on any number of devices. `step` is a step
   number, "latest", or "best" (highest `metric` among the kept checkpoints,
-  or lowest with mode="min"; by default the metric and mode the run picked
-  its best checkpoint by, recorded in each step's meta). For "latest" and
+  or lowest with mode="min", the default for a loss or error; by default the
+  metric and mode the run picked its best checkpoint by, recorded in each
+  step's meta). For "latest" and
   "best", a damaged step is skipped with a warning and the next one (newest,
   or next best) is read.
 
@@ -364,7 +375,8 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   """
   directory = checkpoint_dir(workdir)
   if step == "best" and metric is None:
-    metric, mode = recorded_metric(directory, mode)
+    metric, mode = recorded_metric(directory, mode or "max")
+  mode = mode or default_mode(metric)
   first = select_step(directory, step, metric=metric, mode=mode)
   candidates = [first]
   if step in (None, "latest", "best"):
@@ -378,6 +390,8 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
         raise CheckpointError(f"{step_dir}: {problem}")
       variables = {}
       parts = _nonempty_branches(step_dir / "state", ("ema_params", "params", "model_state"))
+      if "params" not in parts and "ema_params" not in parts:
+        raise CheckpointError(f"{step_dir}: its metadata lists no params (damaged)")
       drop = "params" if ema and "ema_params" in parts else "ema_params"
       for part in (p for p in parts if p != drop):
         tree = jtree.unflatten(read(step_dir / "state", format="orbax", subtree=part))
@@ -393,7 +407,13 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
 def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
   """Those of `names` that hold arrays in the saved state (a model without
   BatchNorm saves an empty model_state)."""
-  tree = metadata_tree(state_dir)
+  try:
+    tree = metadata_tree(state_dir)
+  except CheckpointError:
+    raise
+  except Exception as e:  # Orbax's own KeyError/ValueError on damaged metadata
+    raise CheckpointError(f"{state_dir}: its metadata cannot be read ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from e
   return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]
 
 

@@ -48,6 +48,24 @@ def test_best_checkpoint_survives_two_restarts(tmp_path):
   assert meta["step"] == 1
 
 
+def test_a_loss_is_kept_at_its_lowest_and_damaged_metadata_falls_back(tmp_path):
+  manager = CheckpointManager(tmp_path, save_every=1, keep=1, best_metric="loss",
+                              async_save=False)
+  for step, loss in ((1, 0.5), (2, 0.9), (3, 1.2)):
+    manager.save(step, state_at(step), metrics={"loss": loss})
+  manager.close()
+  assert steps_on_disk(tmp_path) == [1, 3] and manager.best_mode == "min"
+  assert restore_variables(tmp_path, step="best")[1]["step"] == 1
+  # Damaged metadata of the newest step: the next one, not {} or Orbax's KeyError.
+  sharding = tmp_path / "checkpoints" / "3" / "state" / "_sharding"
+  sharding.write_bytes(sharding.read_bytes()[:-40] + b"x" * 40)
+  variables, meta = restore_variables(tmp_path)
+  assert meta["step"] == 1 and set(variables) >= {"params"}
+  (tmp_path / "checkpoints" / "1" / "state" / "_METADATA").write_text('{"tree_metadata": 1}')
+  with pytest.raises(CheckpointError):
+    restore_variables(tmp_path)
+
+
 # Item 2: a diverging run stops, saves nothing non-finite, keeps the good ones.
 def test_diverging_resume_stops_and_keeps_the_good_checkpoints(tmp_path):
   good = jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path))
