@@ -45,6 +45,7 @@ KEYS: tuple[Key, ...] = (
         "whose feature pass (estimated from one batch) does not fit is skipped (None: no limit)",
         float),
     Key("model_kwargs", {}, "options of the model's constructor, e.g. {'drop_path_rate': 0.1} "
+        "for ViT/DINOv2, {'drop_connect_rate': 0.2} for EfficientNet-Lite "
         "(`jtl.app.preflight.model_options`)"),
     Key("pretrained", True, "load the model's pretrained weights (False: random init)"),
     Key("api", "linen", "'linen', or 'nnx': the zoo model trains as a Flax NNX module "

@@ -113,7 +113,7 @@ class ModelSpec:
       channels, resolution, crop), from which `image_inputs` derives
       preprocess, example_input and image_size; None for text models.
     check_names: `check_names(tensor_names, where)`, called by `create` with
-      the names in the pretrained checkpoint before the model is built;
+      the names in the pretrained checkpoint before anything is initialised;
       raises when they contradict the spec (a Hub config.json's layer count
       that the weights do not have). None: no check.
   """
@@ -396,8 +396,10 @@ def create(name: str, *, num_classes: int | None = None,
   from_hub = is_hub_model(name)
   spec = get_spec(name)
   n = spec.default_num_classes if num_classes is None else int(num_classes)
+  if n < 0:
+    raise ConfigError(f"num_classes={num_classes}: expected >= 0 (0: no head).")
+  module, spec = _built(name, spec, n, kwargs, seed)  # options checked before any weights
   path = None if pretrained is False or pretrained is None else _weights(name, spec, pretrained)
-  module = spec.build(num_classes=n, **kwargs)
   report = None
   if path is None:
     variables = init_variables(spec, module, seed=seed)
@@ -426,6 +428,36 @@ def create(name: str, *, num_classes: int | None = None,
     return CreatedModel(to_nnx(module, variables, seed=seed), variables, report,
                         spec.preprocess, spec)
   return CreatedModel(module, variables, report, spec.preprocess, spec)
+
+
+def _built(name: str, spec: ModelSpec, num_classes: int, kwargs: dict[str, Any], seed: int
+           ) -> tuple[nn.Module, ModelSpec]:
+  """(module, spec) of `spec.build(num_classes, **kwargs)`: an option the model
+  does not take, or values it cannot be built or initialised with, are a
+  ConfigError naming them; an `image_size` option gives the spec that size
+  (preprocessing and example input), as a patch model's position embedding
+  is adapted to it."""
+  try:
+    module = spec.build(num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    if "unexpected keyword" not in str(e):
+      raise
+    base = spec.build(num_classes=num_classes)
+    taken = [f.name for f in dataclasses.fields(base) if f.name not in ("parent", "name")] \
+        if dataclasses.is_dataclass(base) else []
+    raise ConfigError(f"Model {name!r} takes no option {sorted(kwargs)} ({e}); its options: "
+                      f"{taken}.") from None
+  if kwargs:  # shapes only: a value the model cannot use fails here, not mid-load
+    try:
+      abstract_variables(spec, module, seed=seed)
+    except (AssertionError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+      raise ConfigError(f"Model {name!r} cannot be built with {kwargs}: "
+                        f"{type(e).__name__}: {e}") from None
+  size = kwargs.get("image_size")
+  if size and spec.normalization is not None and size != spec.image_size:
+    spec = dataclasses.replace(spec, **image_inputs(
+        dataclasses.replace(spec.normalization, image_size=int(size))))
+  return module, spec
 
 
 def _hub_layout_hint(name: str, path: Any, report: Any) -> str:

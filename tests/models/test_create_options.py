@@ -1,0 +1,36 @@
+"""`jtl.models.create` with constructor options: what a model does not take,
+or cannot be built with, is a ConfigError before any weights are read; an
+`image_size` option gives the model's preprocessing that size."""
+
+import numpy as np
+import pytest
+
+from jtl import models
+from jtl.errors import ConfigError
+
+
+def test_an_option_the_model_lacks_names_the_ones_it_takes():
+  with pytest.raises(ConfigError, match=r"'resnet18' takes no option \['drop_path_rate'\].*"
+                                        r"its options: \[.*'remat'"):
+    models.create("resnet18", pretrained=True, drop_path_rate=0.1)  # before any download
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_heads": 5, "depth": 1}, "must be divisible by number of heads"),
+    ({"patch_size": 0, "depth": 1}, "ZeroDivisionError"),
+])
+def test_values_the_model_cannot_be_built_with_are_config_errors(kwargs, match):
+  with pytest.raises(ConfigError, match=rf"'vit_ti16' cannot be built with .*{match}"):
+    models.create("vit_ti16", pretrained=False, **kwargs)
+  with pytest.raises(ConfigError, match="num_classes=-1: expected >= 0"):
+    models.create("vit_ti16", pretrained=False, num_classes=-1)
+
+
+def test_an_image_size_option_resizes_the_preprocessing_too():
+  created = models.create("vit_ti16", pretrained=False, image_size=64, depth=1, num_classes=3)
+  assert created.spec.image_size == 64
+  image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)
+  inputs = created.preprocess(image[None])
+  assert inputs.shape == (1, 64, 64, 3)
+  logits = created.module.apply(created.variables, inputs, train=False)
+  assert logits.shape == (1, 3) and np.all(np.isfinite(logits))
