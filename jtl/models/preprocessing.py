@@ -211,7 +211,8 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
   crop_pct))`, `CenterCrop(size)`).
 
   Args:
-    images: [H, W, 3] or [B, H, W, 3] RGB.
+    images: [H, W, 3] or [B, H, W, 3] RGB (grayscale [H, W] / [..., 1] is
+      repeated, RGBA's alpha dropped, as the input pipeline decodes them).
     size: output side; None returns the images unchanged (as float32 NHWC).
     crop_fraction: crop side relative to the resized shorter side (0.875 is
       the usual ImageNet evaluation crop: 256 then 224); None: no crop, the
@@ -227,11 +228,16 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
   (1, 16, 16, 3)
   """
   x = jnp.asarray(images)
+  if x.ndim == 2:  # one grayscale image
+    x = x[..., None]
   if x.ndim == 3:
     x = x[None]
+  if x.ndim == 4 and x.shape[-1] in (1, 4):  # grayscale, RGBA: as the pipeline decodes them
+    x = jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
   if x.ndim != 4 or x.shape[-1] != 3:
     raise DataError(f"Expected RGB images [batch, height, width, 3] (or one "
-                    f"[height, width, 3]); found shape {tuple(jnp.shape(images))}.")
+                    f"[height, width, 3]; grayscale and RGBA are made RGB); found shape "
+                    f"{tuple(jnp.shape(images))}.")
   if resize not in RESIZE_METHODS:
     raise DataError(f"resize={resize!r}: expected one of {RESIZE_METHODS}.")
   x = x.astype(jnp.float32)

@@ -34,3 +34,13 @@ def test_an_image_size_option_resizes_the_preprocessing_too():
   assert inputs.shape == (1, 64, 64, 3)
   logits = created.module.apply(created.variables, inputs, train=False)
   assert logits.shape == (1, 3) and np.all(np.isfinite(logits))
+
+
+def test_preprocess_takes_grayscale_and_rgba_as_the_pipeline_decodes_them():
+  created = models.create("vit_ti16", pretrained=False, image_size=32, depth=1)
+  gray = np.random.default_rng(1).integers(0, 255, (24, 30), np.uint8)
+  rgb = np.repeat(gray[..., None], 3, axis=-1)
+  rgba = np.concatenate([rgb, np.full((24, 30, 1), 7, np.uint8)], axis=-1)
+  want = np.asarray(created.preprocess(rgb))
+  for image in (gray, gray[..., None], rgba):
+    np.testing.assert_array_equal(np.asarray(created.preprocess(image)), want)
