@@ -90,7 +90,7 @@ def _first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
     except Exception:  # noqa: BLE001 - e.g. a method's training batch: its loss decides
       classes = None
     if classes is not None:
-      _check_label_values(first["label"], classes)
+      _check_label_values(first["label"], first.get("mask"), classes)
     if eval_step is not None:
       try:
         jax.eval_shape(eval_step, variables(), probe)
@@ -111,10 +111,13 @@ def _check_batch(batch: Any) -> None:
         f"got {got}. Yield {{'inputs': x, 'label': y}} from train_batches(start_step).")
 
 
-def _check_label_values(label: Any, num_classes: int) -> None:
-  """Integer labels must be class indices of the model's `num_classes` logits:
-  one out of range would train on an all-zero target (a loss of 0)."""
+def _check_label_values(label: Any, mask: Any, num_classes: int) -> None:
+  """Integer labels of the rows that count (mask) must be class indices of the
+  model's `num_classes` logits: one out of range would train on an all-zero
+  target (a loss of 0)."""
   label = np.asarray(label)
+  if mask is not None and np.shape(mask) == label.shape[:1]:
+    label = label[np.asarray(mask, bool)]
   if not np.issubdtype(label.dtype, np.integer) or label.size == 0:
     return
   low, high = int(label.min()), int(label.max())

@@ -64,6 +64,13 @@ def test_fit_refuses_labels_outside_the_heads_classes_before_a_step(label):
     _fit(label)
 
 
+def test_padding_rows_masked_out_may_carry_any_label():
+  label = np.array([0, 1, 2, 0, 1, 2, -1, -1])
+  batch = {**_batch(label), "mask": label >= 0}
+  result = _fit(batches=lambda start: iter([batch] * 4))
+  assert int(result.state.step) == 2
+
+
 def test_fit_names_what_train_batches_must_be():
   batch = _batch(np.zeros(8, np.int64))
   with pytest.raises(StepError, match="takes a function start_step -> iterator"):
