@@ -136,8 +136,8 @@ def test_converter_passes_unknown_keys_for_strict_report():
 
 
 def test_preprocess_rejects_bad_shapes():
-  with pytest.raises(DataError, match=r"\(4, 4\)"):
-    efficientnet.preprocess(np.zeros((4, 4), np.uint8))
+  with pytest.raises(DataError, match=r"\(2, 4, 4, 5\)"):
+    efficientnet.preprocess(np.zeros((2, 4, 4, 5), np.uint8))
   x = efficientnet.preprocess(np.full((300, 400, 3), 255, np.uint8), size=64)
   assert x.shape == (1, 64, 64, 3)
   np.testing.assert_allclose(x, 1.0, atol=1e-5)  # (255 - 127) / 128

@@ -160,8 +160,8 @@ def test_bad_arguments_raise_config_errors():
     layers.depthwise_conv(x, np.zeros((3, 3, 1, 4)))
   with pytest.raises(ConfigError, match="padding='FULL'"):
     layers.depthwise_conv(x, np.zeros((3, 3, 1, 3)), padding="FULL")
-  with pytest.raises(DataError, match=r"\(5, 5, 1\)"):
-    preprocessing.center_crop_resize(np.zeros((5, 5, 1)))
+  with pytest.raises(DataError, match=r"\(5, 5, 2\)"):  # grayscale and RGBA are taken
+    preprocessing.center_crop_resize(np.zeros((5, 5, 2)))
 
 
 def test_drop_path_drops_whole_examples_and_rescales():

@@ -149,5 +149,5 @@ def test_preprocess_normalises_with_imagenet_constants():
   assert out.shape == (2, 4, 4, 3)
   np.testing.assert_allclose(out[0, 0, 0], (1 - resnet.IMAGENET_MEAN) / resnet.IMAGENET_STD,
                              rtol=1e-5)
-  with pytest.raises(DataError, match=r"\(8, 8\)"):
-    resnet.preprocess(np.zeros((8, 8), np.uint8))
+  with pytest.raises(DataError, match=r"\(8, 8, 2\)"):  # grayscale and RGBA are taken
+    resnet.preprocess(np.zeros((8, 8, 2), np.uint8))
