@@ -227,7 +227,11 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
   >>> center_crop_resize(np.zeros((40, 60, 3), np.uint8), size=16).shape
   (1, 16, 16, 3)
   """
-  x = jnp.asarray(images)
+  try:
+    x = jnp.asarray(images)
+  except (ValueError, TypeError) as e:  # e.g. a list of images of different sizes
+    raise DataError(f"Cannot stack the images into one array ({e}): pass a batch of one size, "
+                    "or preprocess the images one at a time.") from None
   if x.ndim == 2:  # one grayscale image
     x = x[..., None]
   if x.ndim == 3:

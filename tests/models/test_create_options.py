@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jtl import models
-from jtl.errors import ConfigError
+from jtl.errors import ConfigError, DataError
 
 
 def test_an_option_the_model_lacks_names_the_ones_it_takes():
@@ -44,3 +44,5 @@ def test_preprocess_takes_grayscale_and_rgba_as_the_pipeline_decodes_them():
   want = np.asarray(created.preprocess(rgb))
   for image in (gray, gray[..., None], rgba):
     np.testing.assert_array_equal(np.asarray(created.preprocess(image)), want)
+  with pytest.raises(DataError, match="one at a time"):
+    created.preprocess([rgb, rgb[:10]])
