@@ -287,15 +287,14 @@ def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax
     mb, i = xs
     (loss, (model_state, aux)), grads = grad_fn(
         state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i))
-    if masked:  # a slice's masked mean weighs by its rows: the whole batch's masked mean
-      grads = jax.tree.map(lambda g: g * _count(mb), grads)
-    return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux)
+    # A slice's masked mean weighs by its rows: the whole batch's masked mean.
+    weight = _count(mb) if masked else jnp.float32(1.0)
+    grads = jax.tree.map(lambda g: g * weight, grads) if masked else grads
+    return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux, weight)
 
   init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
-  slices = _split_microbatches(batch, microbatches)
-  (grad_sum, model_state), (losses, auxes) = jax.lax.scan(
-      accumulate, init, (slices, jnp.arange(microbatches)))
-  counts = jax.vmap(_count)(slices) if masked else jnp.ones(microbatches)
+  (grad_sum, model_state), (losses, auxes, counts) = jax.lax.scan(
+      accumulate, init, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
   total = jnp.maximum(jnp.sum(counts), 1.0) if masked else float(microbatches)
   grads = jax.tree.map(lambda g: g / total, grad_sum)
   aux = {k: (jnp.sum(v) if k == "correct" else jnp.sum(v * counts) / total)
@@ -337,6 +336,16 @@ def _count(batch: Batch) -> jax.Array:
   return jnp.sum(_mask(batch))
 
 
+def _eval_outputs(adapter: Any, variables: dict[str, PyTree], batch: Batch,
+                  compute_dtype: Any) -> Any:
+  """The model's evaluation-mode outputs on `batch` (`variables`: params and state)."""
+  variables = dict(variables)
+  params = cast_floats(variables.pop("params"), compute_dtype)
+  outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
+                             train=False, rng=None)
+  return outputs
+
+
 def make_eval_step(
     model: Any,
     *,
@@ -364,10 +373,7 @@ def make_eval_step(
   adapter = as_model(model)
 
   def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
-    variables = dict(variables)
-    params = cast_floats(variables.pop("params"), compute_dtype)
-    outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
-                               train=False, rng=None)
+    outputs = _eval_outputs(adapter, variables, batch, compute_dtype)
     mask = _mask(batch)
     if eval_fn is not None:
       sums = {**eval_fn(cast_floats(outputs, jnp.float32), batch), "count": jnp.sum(mask)}
@@ -401,14 +407,8 @@ def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
   if eval_fn is not None:
     return None
   adapter = as_model(model)
-
-  def logits(variables, batch):
-    variables = dict(variables)
-    params = cast_floats(variables.pop("params"), compute_dtype)
-    outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
-                               train=False, rng=None)
-    return eval_logits(outputs, batch, eval_output)
-
+  logits = lambda v, b: eval_logits(_eval_outputs(adapter, v, b, compute_dtype), b,  # noqa: E731
+                                    eval_output)
   try:
     return int(jax.eval_shape(logits, variables, batch).shape[-1])
   except StepError:

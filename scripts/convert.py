@@ -97,8 +97,9 @@ def _export_hub():
     created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
                             pretrained=_SOURCE.value)
     print(created.report)
+    spec = created.spec  # a text model's tokenizer goes with the weights
     path = hf_export.export_hf(created.module, created.variables, _OUT.value,
-                               preprocess=created.preprocess)
+                               tokenizer=spec.tokenizer_file and spec.tokenizer_file())
   else:
     raise ConfigError(f"--format {_FORMAT.value} exports a fine-tuned --workdir (or, for hf, "
                       "a zoo --model with --source and --out).")

@@ -250,8 +250,9 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     raise ConfigError(f"{workdir}: --format {format} for model {run.config.model!r}: "
                       f"{e}") from None
   if format == "hf":
+    spec = run.spec  # a text model's tokenizer goes with the weights
     return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha,
-                               preprocess=run.spec.preprocess)
+                               tokenizer=spec.tokenizer_file and spec.tokenizer_file())
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]

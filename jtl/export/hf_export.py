@@ -407,7 +407,7 @@ def _write_json(obj: Any, path: epath.Path) -> None:
 
 
 def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
-              alpha: float | None = None, preprocess: Any = None) -> epath.Path:
+              alpha: float | None = None, tokenizer: Any = None) -> epath.Path:
   """Writes merged fine-tuned weights in the HF (BERT, DINOv2) / timm (ViT, ResNet) layout.
 
   Args:
@@ -416,9 +416,9 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     out_dir: folder for `model.safetensors` and `config.json` (and, for a BERT
       with a head on the mean-pooled features, `head.safetensors`).
     alpha: LoRA alpha, needed when the params hold adapters.
-    preprocess: the model's preprocessing (`CreatedModel.preprocess`); a text
-      model's tokenizer (its `tokenizer_file()`) is copied beside the weights,
-      so that the folder loads with its preprocessing (`models.create(out_dir)`).
+    tokenizer: a text model's tokenizer.json (`spec.tokenizer_file()`), copied
+      beside the weights so that the folder loads with its preprocessing
+      (`models.create(out_dir)`); None: none.
 
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL, `jtl.paths`).
@@ -448,7 +448,6 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       write_safetensors(head, out / "head.safetensors")
   write_safetensors(sd, out / "model.safetensors")
   _write_json(hub_config(module), out / "config.json")
-  tokenizer_file = getattr(preprocess, "tokenizer_file", None)
-  if tokenizer_file is not None:
-    paths.write_atomic(out / "tokenizer.json", paths.path(tokenizer_file()).read_bytes())
+  if tokenizer is not None:
+    paths.write_atomic(out / "tokenizer.json", paths.path(tokenizer).read_bytes())
   return out

@@ -311,9 +311,6 @@ def preprocess_minilm(texts: str | Sequence[str], *,
   return text.trim_padding(text.tokenize(tokenizer, texts))
 
 
-# What an export (`export_hf`) copies beside the weights.
-preprocess_minilm.tokenizer_file = lambda: text.minilm_dir() / "tokenizer.json"
-
 
 def groups(num_layers: int) -> list[tuple[str, str]]:
   """Layer groups bottom to top: embeddings, layer_0..layer_{n-1}, pooler, head."""
@@ -332,6 +329,7 @@ registry.register(registry.ModelSpec(
     build=lambda num_classes=0, **kw: Bert(num_classes=num_classes, **kw),
     example_input=example_input,
     preprocess=preprocess_minilm,
+    tokenizer_file=lambda: text.minilm_dir() / "tokenizer.json",
     groups=groups(MINILM_L6.num_layers), groups_of=built_groups,
     pretrained="minilm_l6/sentence",
     converter=convert_torch,

@@ -399,24 +399,31 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
           num_classes=num_classes, config=c, **{"pool": pool, **kw}),
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
       groups_of=bert.built_groups,
-      preprocess=_hub_tokenizer(source), default_num_classes=classes,
+      preprocess=_hub_preprocess(source), tokenizer_file=_hub_tokenizer_file(source),
+      default_num_classes=classes,
       check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
 
 
-def _hub_tokenizer(source: str) -> Any:
-  """The preprocessing of a Hub BERT: its repo's (or folder's) tokenizer.json,
-  fetched at the first call (a LoadError there if the repo has none)."""
+def _hub_tokenizer_file(source: str) -> Any:
+  """`tokenizer_file()` of a Hub BERT: its repo's (or folder's) tokenizer.json,
+  fetched when first asked for."""
   def tokenizer_file() -> Any:
     local = hub.local_repo(source)
     if local is not None:
       return local / "tokenizer.json"
     ref = hub.parse(source)
     return hub.download(ref.repo_id, "tokenizer.json", ref.revision)
+  return tokenizer_file
+
+
+def _hub_preprocess(source: str) -> Any:
+  """The preprocessing of a Hub BERT: its tokenizer.json (a LoadError at the
+  first call if the repo has none)."""
+  tokenizer_file = _hub_tokenizer_file(source)
 
   def preprocess(texts: Any, *, max_length: int | None = None) -> dict[str, np.ndarray]:
     tokenizer = text.load_tokenizer(tokenizer_file(), max_length=max_length)
     return text.trim_padding(text.tokenize(tokenizer, texts))
-  preprocess.tokenizer_file = tokenizer_file  # what an export copies beside the weights
   return preprocess
 
 

@@ -116,6 +116,9 @@ class ModelSpec:
       the names in the pretrained checkpoint before anything is initialised;
       raises when they contradict the spec (a Hub config.json's layer count
       that the weights do not have). None: no check.
+    tokenizer_file: a text model's `tokenizer_file() -> path` of its
+      tokenizer.json (what its preprocessing tokenises with, and what an
+      export copies beside the weights); None for image models.
   """
   name: str
   build: Callable[..., nn.Module]
@@ -133,6 +136,7 @@ class ModelSpec:
   min_image_size: int = 32  # the smallest input the network's downsampling takes
   normalization: Normalization | None = None  # images: what the pipeline normalises with
   check_names: Callable[[Sequence[str], str], None] | None = None
+  tokenizer_file: Callable[[], Any] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -98,7 +98,7 @@ def test_zero_heavy_compressed_npz_loads_with_max_expansion(tmp_path):
 def test_an_exported_text_model_folder_keeps_its_tokenizer(tmp_path):
   created = models.create("minilm_l6", pretrained=True)
   hf_export.export_hf(created.module, created.variables, tmp_path / "hf",
-                      preprocess=created.preprocess)
+                      tokenizer=created.spec.tokenizer_file())
   again = models.create(str(tmp_path / "hf"))
   texts = ["A man is playing a guitar.", "Bread is baked in an oven."]
   want, got = created.preprocess(texts), again.preprocess(texts)
