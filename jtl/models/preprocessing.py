@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -201,6 +202,17 @@ def preprocess(images: np.ndarray | jax.Array, *, normalization: Normalization,
                                                 resize=normalization.resize))
 
 
+def _warn_if_unit_scale(x: jax.Array) -> None:
+  """Warns when concrete float pixels all lie in 0..1: they are read as 0..255,
+  so the model would see near-black images (ToTensor's scale, not PIL's)."""
+  if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(x.dtype, jnp.floating) or not x.size:
+    return
+  low, high = float(jnp.min(x)), float(jnp.max(x))
+  if 0.0 <= low and 0.0 < high <= 1.0:
+    warnings.warn(f"The float images lie in 0..{high:.3g}, but preprocessing takes pixels on a "
+                  "0..255 scale (as uint8 images): multiply them by 255 first.", stacklevel=3)
+
+
 def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224,
                        crop_fraction: float | None = 0.875, resize: str = "bilinear") -> jax.Array:
   """The published evaluation view: resize, then central crop; float32, 0..255.
@@ -244,6 +256,7 @@ def center_crop_resize(images: np.ndarray | jax.Array, *, size: int | None = 224
                     f"{tuple(jnp.shape(images))}.")
   if resize not in RESIZE_METHODS:
     raise DataError(f"resize={resize!r}: expected one of {RESIZE_METHODS}.")
+  _warn_if_unit_scale(x)
   x = x.astype(jnp.float32)
   if size is None:
     return x

@@ -451,6 +451,10 @@ def _built(name: str, spec: ModelSpec, num_classes: int, kwargs: dict[str, Any],
         if dataclasses.is_dataclass(base) else []
     raise ConfigError(f"Model {name!r} takes no option {sorted(kwargs)} ({e}); its options: "
                       f"{taken}.") from None
+  for key, value in kwargs.items():
+    if _is_probability(key) and isinstance(value, (int, float)) and not 0 <= value < 1:
+      raise ConfigError(f"Model {name!r}: {key}={value!r} is a drop probability; expected "
+                        f"0 <= {key} < 1 (0.1 is usual for fine-tuning).")
   if kwargs:  # shapes only: a value the model cannot use fails here, not mid-load
     try:
       abstract_variables(spec, module, seed=seed)
@@ -462,6 +466,12 @@ def _built(name: str, spec: ModelSpec, num_classes: int, kwargs: dict[str, Any],
     spec = dataclasses.replace(spec, **image_inputs(
         dataclasses.replace(spec.normalization, image_size=int(size))))
   return module, spec
+
+
+def _is_probability(option: str) -> bool:
+  """Whether a model option is a drop probability (`drop_path_rate`,
+  `dropout`, `attention_dropout`, `hidden_dropout_prob`, ...)."""
+  return option.endswith(("_rate", "_prob")) or "dropout" in option
 
 
 def _hub_layout_hint(name: str, path: Any, report: Any) -> str:

@@ -2,6 +2,8 @@
 or cannot be built with, is a ConfigError before any weights are read; an
 `image_size` option gives the model's preprocessing that size."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,21 @@ def test_preprocess_takes_grayscale_and_rgba_as_the_pipeline_decodes_them():
     np.testing.assert_array_equal(np.asarray(created.preprocess(image)), want)
   with pytest.raises(DataError, match="one at a time"):
     created.preprocess([rgb, rgb[:10]])
+
+
+@pytest.mark.parametrize("name, option", [("vit_ti16", "drop_path_rate"),
+                                          ("efficientnet_lite0", "dropout_rate")])
+def test_a_drop_probability_outside_0_to_1_is_refused(name, option):
+  with pytest.raises(ConfigError, match=rf"{option}=1.0 is a drop probability.*< 1"):
+    models.create(name, pretrained=True, **{option: 1.0})  # before any download
+
+
+def test_float_images_in_0_to_1_are_warned_about_as_they_are_read_as_0_to_255():
+  created = models.create("vit_ti16", pretrained=False, image_size=32, depth=1)
+  image = np.random.default_rng(2).uniform(0, 1, (32, 32, 3)).astype(np.float32)
+  with pytest.warns(UserWarning, match=r"in 0\.\.1, but .*multiply them by 255"):
+    created.preprocess(image)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    created.preprocess(image * 255)
+    created.preprocess(np.zeros((32, 32, 3), np.float32))
