@@ -76,12 +76,15 @@ def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str
   return wrapped
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "?", "h")
+
+
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
   """absl flag parsing where an unknown `--config.key` lists the valid keys,
   and any invalid flag value is one message with exit status 2. A script
   with a --config flag prints every config key with its default and meaning
   (`keys.listing()`) for `--keys` (then exits, status 0) and after absl's
-  `--helpfull` output."""
+  `--helpfull` output; asked-for help exits 0 (absl's own status is 1)."""
   takes_config = "config" in flags.FLAGS
   if takes_config and any(a in ("--keys", "-keys") for a in argv[1:]):
     print(keys.listing())
@@ -96,10 +99,12 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
     for key in nones:
       _set_none(flags.FLAGS.config, key)
     return rest
-  except SystemExit:  # absl's --helpfull prints the flags and exits
+  except SystemExit as e:  # absl's --help / --helpfull print the flags and exit 1
+    if not any(a.lstrip("-") in _HELP_FLAGS for a in argv[1:]):
+      raise
     if takes_config and any(a in ("--helpfull", "-helpfull") for a in argv[1:]):
       print("\n" + keys.listing())
-    raise
+    raise SystemExit(0) from e  # asked-for help is a success (as argparse's)
   except Exception as e:  # ml_collections raises AttributeError/KeyError/flags errors
     try:
       unknown, valid, path = _unknown_config_keys(argv)

@@ -103,3 +103,17 @@ def test_none_on_the_command_line_is_none(monkeypatch):
     cli.parse_flags_with_config_keys([
         "finetune.py", f"--config={ROOT / 'configs' / 'default.py'}", "--config.clip_nrom=None"])
   assert e.value.code == 2
+
+
+def test_asked_for_help_exits_0_and_an_unknown_flag_2(monkeypatch, capsys):
+  from absl import app, flags
+  script_flags = flags.FlagValues()
+  for help_flag in (app.HelpFlag(), app.HelpfullFlag()):
+    flags.DEFINE_flag(help_flag, flag_values=script_flags)
+  monkeypatch.setattr(cli.flags, "FLAGS", script_flags)
+  for argv, status in ((["convert.py", "--help"], 0), (["convert.py", "--helpfull"], 0),
+                       (["convert.py", "--bogus"], 2)):
+    with pytest.raises(SystemExit) as e:
+      cli.parse_flags_with_config_keys(argv)
+    assert e.value.code == status, argv
+  assert "Try --helpfull" in capsys.readouterr().out  # absl printed the usage
