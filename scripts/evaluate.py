@@ -120,6 +120,7 @@ def main(argv):
   shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
   print(json.dumps(shown, indent=2))
   print("per-class accuracy:", [round(a, 3) for a in result["per_class_accuracy"]])
+  print(f"Written: {result['results_file']} (and its confusion_*.png)")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ def main(argv):
   if test is not None:
     by_class = test["per_class_accuracy_by_name"]
     # Hundreds of classes (a recommendation run's users) would bury the summary.
-    per_class = (by_class if len(by_class) <= 20 else
-                 f"{_WORKDIR.value}/eval_{evaluation.file_safe(test['split'])}.json")
+    per_class = by_class if len(by_class) <= 20 else test["results_file"]
     print(f"\nBest checkpoint (step {test['step']}) on {test['split']}: accuracy "
           f"{test['accuracy']:.4f}; per class: {per_class}")
   print(f"\nDone. Final eval: {result.eval_metrics}\n"

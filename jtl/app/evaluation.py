@@ -2,7 +2,7 @@
 
 `evaluate_workdir` restores a run's checkpoint (any device count), optionally
 re-estimates BatchNorm on the unlabelled training split (AdaBN), quantizes it
-and attacks it, and writes eval_<split>.json (metrics, per-class accuracy by
+and attacks it, and writes eval_<name>.json (metrics, per-class accuracy by
 class name, the confusion matrix) and confusion_<split>.png, with the same
 input pipeline as training (`jtl.app.experiment`). `scripts/evaluate.py` and
 `scripts/finetune.py` (the test split after training) are its shells.
@@ -49,9 +49,35 @@ def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.Pat
   except JtlError as e:
     print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
     return None
-  # Without best_metric no checkpoint is "best": the latest is the run's result.
-  return evaluate_workdir(workdir, split=split, step="best" if config.best_metric else "latest",
+  return evaluate_workdir(workdir, split=split, step=result_step(config),
                           data={k: config[k] for k in workdirs.DATA_KEYS})
+
+
+def result_step(config: ml_collections.ConfigDict) -> str:
+  """The checkpoint that is a run's result: "best", or "latest" for a run
+  without best_metric (no checkpoint is "best" then)."""
+  return "best" if config.best_metric else "latest"
+
+
+def results_name(split: str, *, step: int | str = "best", run_step: str = "best",
+                 precision: str = "float32", adabn: bool = False,
+                 attack: str | None = None) -> str:
+  """The name of an evaluation's files: the split, then whatever differs from
+  the run's own evaluation of it (another checkpoint, precision, AdaBN asked
+  for, an attack), so that no evaluation overwrites another's.
+
+  >>> results_name("test"), results_name("test", step=1200, precision="int8")
+  ('test', 'test_step1200_int8')
+  >>> results_name("train[90%:]", step="latest", attack="pgd")
+  'train_from90pct_latest_pgd'
+  """
+  parts = [file_safe(split)]
+  if step != run_step:
+    parts.append(f"step{step}" if isinstance(step, int) else str(step))
+  parts += [precision] if precision != "float32" else []
+  parts += ["adabn"] if adabn else []
+  parts += [attack] if attack else []
+  return "_".join(parts)
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
@@ -61,7 +87,10 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
                      attack_steps: int = 20, data: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
   """Restores a checkpoint (params only, any device count), evaluates it on
-  `split`, and writes eval_<split>.json and confusion_<split>.png.
+  `split`, and writes eval_<name>.json and confusion_<name>.png, where the
+  name is the split's, then what differs from the run's own evaluation
+  (`results_name`: eval_test.json, eval_test_step1200_int8.json, ...); the
+  result's "results_file" says which.
 
   `data` ({"dataset": "folder:/new/path", ...}, `workdirs.DATA_KEYS`): where
   the data is now, when it has moved since the run (`workdirs.restore`).
@@ -86,6 +115,8 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     raise ConfigError(f"Cannot write the evaluation's results: {problem}.")
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or run.config.eval_split
+  name = results_name(split, step=step, run_step=result_step(run.config), precision=precision,
+                      adabn=adabn, attack=attack)
   variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
                                     save_quantized=save_quantized)
   robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
@@ -98,9 +129,10 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   result = {"workdir": str(workdir), "step": run.meta.get("step"), "split": split, **metrics,
             **extra, "class_names": names, "per_class_accuracy": per_class,
             "per_class_accuracy_by_name": dict(zip(names, per_class)),
-            "confusion_matrix": confusion.tolist()}
+            "confusion_matrix": confusion.tolist(),
+            "results_file": os.fspath(paths.path(out) / f"eval_{name}.json")}
   try:
-    _write_eval(paths.path(out), split, result, confusion, names,
+    _write_eval(paths.path(out), name, result, confusion, names,
                 title=f"{run.config.model} {split}")
   except OSError as e:  # the numbers are not lost with the files
     shown = {k: result[k] for k in ("step", "split", "accuracy", "top5_accuracy", "loss", "count")
@@ -179,11 +211,11 @@ def _add_sums(total: dict[str, float], sums: dict[str, Any]) -> None:
     total[k] = total.get(k, 0.0) + float(v)
 
 
-def _write_eval(out: epath.Path, split: str, result: dict[str, Any], confusion: np.ndarray,
+def _write_eval(out: epath.Path, name: str, result: dict[str, Any], confusion: np.ndarray,
                 names: list[str], *, title: str) -> None:
-  """Writes eval_<split>.json and confusion_<split>.png into `out`."""
-  paths.write_atomic(out / f"eval_{file_safe(split)}.json", json.dumps(result, indent=2).encode())
-  _plot_confusion(confusion, out / f"confusion_{file_safe(split)}.png", names, title=title)
+  """Writes eval_<name>.json and confusion_<name>.png into `out`."""
+  paths.write_atomic(out / f"eval_{name}.json", json.dumps(result, indent=2).encode())
+  _plot_confusion(confusion, out / f"confusion_{name}.png", names, title=title)
 
 def file_safe(split: str) -> str:
   """A split name for file names, one name per split: a slice's start and
