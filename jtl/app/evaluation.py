@@ -3,7 +3,7 @@
 `evaluate_workdir` restores a run's checkpoint (any device count), optionally
 re-estimates BatchNorm on the unlabelled training split (AdaBN), quantizes it
 and attacks it, and writes eval_<name>.json (metrics, per-class accuracy by
-class name, the confusion matrix) and confusion_<split>.png, with the same
+class name, the confusion matrix) and confusion_<name>.png, with the same
 input pipeline as training (`jtl.app.experiment`). `scripts/evaluate.py` and
 `scripts/finetune.py` (the test split after training) are its shells.
 """

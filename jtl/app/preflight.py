@@ -298,8 +298,9 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
         logging.warning("batch_size=%d is larger than %s (%d examples): each batch repeats "
                         "examples; a smaller batch_size or num_epochs (which caps the batch "
                         "at the split) avoids it.", config.batch_size, split, size)
-    except JtlError as e:
-      problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
+    except JtlError as e:  # a dataset's own problem is said once, not once per split
+      if not any(str(e) in p and repr(dataset) in p for p in problems):
+        problems.append(f"{key}={split!r} of dataset {dataset!r}: {e}")
   if config.test_split and not _optional_test_folder(config):
     dataset = config.eval_dataset or config.dataset
     try:

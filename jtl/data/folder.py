@@ -119,6 +119,20 @@ def _layout(root: Path) -> dict[str, Path]:
   return {c.name: c for c in children}
 
 
+def _refuse_untrained_classes(root: Path, splits: dict[str, Path]) -> None:
+  """A class folder in another split but not in train/ would be an output the
+  model never learns, scored as errors: refused, naming the folders."""
+  if "train" not in splits or len(splits) == 1:
+    return
+  trained = {c.name for c in _class_dirs(splits["train"])}
+  untrained = [shown(c) for split, d in splits.items() for c in _class_dirs(d)
+               if c.name not in trained]
+  if untrained:
+    raise DataError(f"Class folder(s) of image folder {root} have no folder of the same name in "
+                    f"{splits['train']}, so no example trains them:\n" + bullet_list(untrained)
+                    + "\nAdd training images of those classes, or fix the folder names.")
+
+
 def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
   """Lists an image folder: ({split: paths}, {split: labels}, class_names).
@@ -134,6 +148,7 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
     raise DataError(f"Image folder {root} does not exist or is not a directory.")
   splits = _layout(root)
   class_names = sorted({c.name for d in splits.values() for c in _class_dirs(d)})
+  _refuse_untrained_classes(root, splits)
   not_utf8 = [shown(n) for n in class_names if n != os.fsencode(n).decode("utf-8", "replace")]
   if not_utf8:
     raise DataError(f"Class folder names of image folder {root} must be UTF-8 text (they are "
