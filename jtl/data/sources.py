@@ -76,7 +76,7 @@ class DatasetInfo(NamedTuple):
   class_names: list[str]
 
 
-_SLICE = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+_SLICE = re.compile(r"^([\w.-]+)(?:\[(-?[\d.]+%?)?:(-?[\d.]+%?)?\])?$")
 _HOLDOUT = re.compile(r"^([\w.-]+)\[(-?)val(\d+)%\]$")
 HOLDOUT_SEED = 0
 
@@ -137,13 +137,39 @@ def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
         "arrays 'train[val10%]' / 'train[-val10%]': a 10% validation split of every "
         "class, fixed per file / the rest).")
   name, n = m.group(1), sizes[m.group(1)]
+  start, stop = m.group(2), m.group(3)
+  check_bounds(split, start, stop, n)
+  return name, slice(_bound(start, n), _bound(stop, n))
 
-  def bound(s: str | None) -> int | None:
-    if s is None:
-      return None
-    return round(n * int(s[:-1]) / 100) if s.endswith("%") else int(s)
 
-  return name, slice(bound(m.group(2)), bound(m.group(3)))
+def _bound(b: str | None, n: int) -> int | None:
+  """A slice bound in examples of a split of `n`: a percent rounded to the
+  closest (as TFDS's default "closest" rounding), a count as it is."""
+  if b is None:
+    return None
+  return int(round(float(b[:-1]) * n / 100.0)) if b.endswith("%") else int(b)
+
+
+def check_bounds(split: str, start: str | None, stop: str | None, n: int) -> None:
+  """A slice's bounds are both percents in [-100, 100] or both counts within
+  the split's `n` examples (TFDS reads a bound without "%" beside one with
+  it as a percent too, and refuses counts past the split's end): a DataError
+  otherwise, before any data is read."""
+  given = [b for b in (start, stop) if b is not None]
+  if len({b.endswith("%") for b in given}) > 1:
+    raise DataError(f"Split {split!r}: write both bounds in percent ('train[10%:50%]') or "
+                    "both as example counts ('train[100:500]'), not one of each.")
+  for b in given:
+    try:
+      value = float(b[:-1]) if b.endswith("%") else int(b)
+    except ValueError:
+      what = "a number" if b.endswith("%") else "a whole number of examples"
+      raise DataError(f"Split {split!r}: bound {b!r} is not {what}.") from None
+    if b.endswith("%") and abs(value) > 100:
+      raise DataError(f"Split {split!r}: percent bounds lie in [-100%, 100%], got {b}.")
+    if not b.endswith("%") and abs(value) > n:
+      raise DataError(f"Split {split!r}: bound {b} is past the split's {n} examples; use a "
+                      f"count up to {n} or a percent.")
 
 
 def class_order(labels: np.ndarray, keys: Sequence[bytes], seed: int = HOLDOUT_SEED
@@ -174,9 +200,7 @@ def stratified_slice(labels: np.ndarray, keys: Sequence[bytes], start: str | Non
   """
   per_class = class_order(labels, keys, seed)
   if all(b is None or b.endswith("%") for b in (start, stop)):
-    def bound(b: str | None, n: int) -> int | None:
-      return None if b is None else round(n * int(b[:-1]) / 100)
-    parts = [idx[bound(start, len(idx)):bound(stop, len(idx))] for idx in per_class]
+    parts = [idx[_bound(start, len(idx)):_bound(stop, len(idx))] for idx in per_class]
     return np.sort(np.concatenate(parts)).astype(np.int64)
   # One order over all classes: class c's k-th example at (k + 0.5) / n_c.
   idx = np.concatenate(per_class)

@@ -28,3 +28,26 @@ def test_default_configs_validation_split_of_a_folder_holds_every_class(tmp_path
   np.testing.assert_array_equal(src.indices(config.eval_split)[1], val)
   assert np.bincount(labels[src.indices("train[:6]")[1]]).tolist() == [2, 2, 2]
   assert np.bincount(labels[src.indices("train[6:]")[1]]).tolist() == [6, 6, 6]
+
+
+SPECS = ["train", "train[:90%]", "train[90%:]", "train[:33.5%]", "train[-12.5%:]", "train[10:20]",
+         "train[-10:]", "train[:-100%]", "train[:1000]"]
+BAD = {"train[:200%]": "percent bounds lie in", "train[10:50%]": "both bounds in percent",
+       "train[:1001]": "past the split's 1000 examples", "train[1.5:]": "whole number"}
+
+
+def test_slices_take_what_tfds_takes_and_its_refusals_are_data_errors():
+  import types
+
+  import pytest
+  from tensorflow_datasets.core import splits as tfds_splits
+
+  from jtl.errors import DataError
+  infos = {"train": types.SimpleNamespace(num_examples=1000)}
+  for spec in SPECS:  # the same examples as TFDS's own reading of the split
+    tfds = tfds_splits._rel_to_abs_instr(tfds_splits._str_to_relative_instruction(spec), infos)
+    _, ours = sources.slice_split(spec, {"train": 1000})
+    assert range(1000)[ours] == range(1000)[slice(tfds.from_, tfds.to)], spec
+  for spec, match in BAD.items():
+    with pytest.raises(DataError, match=match):
+      sources.slice_split(spec, {"train": 1000})
