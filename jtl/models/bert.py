@@ -319,6 +319,10 @@ def groups(num_layers: int) -> list[tuple[str, str]]:
           + [("pooler", r"pooler/.*"), ("head", r"head/.*")])
 
 
+# Layer-wise learning-rate decay trains the pooler at the head's rate.
+HEAD_LEVEL = ("pooler",)
+
+
 def built_groups(params: Mapping[str, Any]) -> list[tuple[str, str]]:
   """`groups` of a BERT as built (model_kwargs may give it another config)."""
   return groups(registry.numbered(params, "layer_"))
@@ -330,7 +334,7 @@ registry.register(registry.ModelSpec(
     example_input=example_input,
     preprocess=preprocess_minilm,
     tokenizer_file=lambda: text.minilm_dir() / "tokenizer.json",
-    groups=groups(MINILM_L6.num_layers), groups_of=built_groups,
+    groups=groups(MINILM_L6.num_layers), groups_of=built_groups, head_level=HEAD_LEVEL,
     pretrained="minilm_l6/sentence",
     converter=convert_torch,
     default_num_classes=0,

@@ -379,7 +379,8 @@ def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: 
   return registry.ModelSpec(
       name=name, build=build,
       **registry.image_inputs(dataclasses.replace(NORMALIZATION, image_size=input_size)),
-      groups=groups(depth), groups_of=built_groups, pretrained=pretrained,
+      groups=groups(depth), groups_of=built_groups, head_level=vit.HEAD_LEVEL,
+      pretrained=pretrained,
       converter=functools.partial(convert_hf, num_heads=num_heads),
       default_num_classes=num_classes, min_image_size=patch_size)
 

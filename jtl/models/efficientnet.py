@@ -175,6 +175,7 @@ for _n, _build in ((0, efficientnet_lite0), (1, efficientnet_lite1),
       build=_build,
       **registry.image_inputs(LITE_NORMALIZATION[_n]),
       groups=registry.block_groups(len(block_configs(LITE_STAGES[_n]))),
+      head_level=registry.BLOCK_HEAD_LEVEL,
       pretrained=f"efficientnet_lite{_n}/imagenet",
       converter=convert_torch,
   ))

@@ -343,7 +343,8 @@ def _timm_vit_spec(source: str, parsed: tuple[str, int, int], args: dict[str, An
       name=source, build=lambda num_classes=num_classes, **extra: vit.ViT(
           num_classes=num_classes, **{**kw, **extra}),
       **registry.image_inputs(_image_normalization(cfg, size, 0.9)),
-      groups=vit.groups(depth), groups_of=vit.built_groups, pretrained=source,
+      groups=vit.groups(depth), groups_of=vit.built_groups, head_level=vit.HEAD_LEVEL,
+      pretrained=source,
       converter=functools.partial(convert_timm_vit, num_heads=heads),
       default_num_classes=num_classes,
       check_names=_depth_check(_TIMM_BLOCK, depth, "model_args depth", source))
@@ -398,6 +399,7 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
       base, name=source, build=lambda num_classes=0, **kw: bert.Bert(
           num_classes=num_classes, config=c, **{"pool": pool, **kw}),
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
+      head_level=bert.HEAD_LEVEL,
       groups_of=bert.built_groups,
       preprocess=_hub_preprocess(source), tokenizer_file=_hub_tokenizer_file(source),
       default_num_classes=classes,

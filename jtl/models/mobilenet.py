@@ -210,7 +210,7 @@ registry.register(registry.ModelSpec(
     name="mobilenet_v2",
     build=mobilenet_v2,
     **registry.image_inputs(NORMALIZATION),
-    groups=registry.block_groups(len(block_configs())),
+    groups=registry.block_groups(len(block_configs())), head_level=registry.BLOCK_HEAD_LEVEL,
     pretrained="mobilenet_v2/imagenet",
     converter=convert_torch,
 ))

@@ -51,6 +51,11 @@ def image_inputs(normalization: Normalization) -> dict[str, Any]:
           "image_size": normalization.image_size}
 
 
+# The top conv of `block_groups` learns at the head's rate under layer-wise
+# decay (timm's EfficientNet/MobileNet group_matcher puts conv_head there).
+BLOCK_HEAD_LEVEL = ("top",)
+
+
 def block_groups(num_blocks: int) -> list[tuple[str, str]]:
   """Layer groups bottom to top: stem, blocks_0 .. blocks_{n-1}, top, head.
 
@@ -103,6 +108,9 @@ class ModelSpec:
       `jtl.weights.resolve`), or None when no weights can be had.
     converter: maps a flat {name: array} state dict in the published layout to
       a flat {"params/...": array, "batch_stats/...": array} dict.
+    head_level: groups that layer-wise learning-rate decay puts at the head's
+      level, not one below it: the encoder's final norm of a ViT, the top
+      conv of an EfficientNet, BERT's pooler (timm's, BEiT's and MAE's rule).
     head_pattern: regex of the classifier head's variable paths, re-initialised
       when its class count differs from the checkpoint's.
     input_kind, image_size: what the input pipeline must produce: "image"
@@ -128,6 +136,7 @@ class ModelSpec:
   groups_of: Callable[[Mapping[str, Any]], Sequence[tuple[str, str]]] | None = None
   pretrained: str | None = None
   converter: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+  head_level: tuple[str, ...] = ()
   head_pattern: str = r"params/head/.*"
   default_num_classes: int = 1000
   # What the input pipeline must produce for this model.

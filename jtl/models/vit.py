@@ -413,6 +413,10 @@ def groups(depth: int) -> list[tuple[str, str]]:
              ("head", r"head/.*")])
 
 
+# Layer-wise learning-rate decay trains the final norm at the head's rate (timm, BEiT, MAE).
+HEAD_LEVEL = ("encoder_norm",)
+
+
 def built_groups(params: Mapping[str, Any]) -> list[tuple[str, str]]:
   """`groups` of a ViT as built (model_kwargs may set its depth)."""
   return groups(registry.numbered(params.get("Transformer", {}), "encoderblock_"))
@@ -424,7 +428,7 @@ for _variant in VARIANTS:
       build=functools.partial(
           lambda v, num_classes=21843, **kw: vit(v, num_classes, **kw), _variant),
       **registry.image_inputs(NORMALIZATION),
-      groups=groups(VARIANTS[_variant][1]), groups_of=built_groups,
+      groups=groups(VARIANTS[_variant][1]), groups_of=built_groups, head_level=HEAD_LEVEL,
       pretrained=f"vit_{_variant}16/augreg_in21k",
       converter=convert_npz,
       default_num_classes=21843,

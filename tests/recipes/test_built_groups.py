@@ -80,10 +80,12 @@ def test_layer_decay_scales_follow_the_built_blocks(vit):
   updates, _ = tx.update(grads, tx.init(params), params)
   scale = lambda *path: abs(float(np.ravel(
       jax.tree.leaves(_get(updates, path))[0])[0]))
-  # head 1, encoder_norm 1/2, block 1 1/4, block 0 1/8, embedding 1/16.
-  got = [scale("Transformer", f"encoderblock_{i}") / scale("head") for i in (1, 0)]
+  # timm's param_groups_layer_decay (and BEiT's, MAE's): the final norm at the
+  # head's rate 1, block 1 1/2, block 0 1/4, embedding 1/8.
+  got = [scale("Transformer", "encoder_norm") / scale("head")]
+  got += [scale("Transformer", f"encoderblock_{i}") / scale("head") for i in (1, 0)]
   np.testing.assert_allclose(got + [scale("embedding") / scale("head")],
-                             [0.25, 0.125, 0.0625], rtol=1e-6)
+                             [1.0, 0.5, 0.25, 0.125], rtol=1e-6)
 
 
 def _get(tree, path):

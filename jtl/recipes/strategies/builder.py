@@ -140,6 +140,8 @@ class Strategy:
     labels: labels of the first phase over `variables["params"]`.
     options: the resolved options (defaults filled in).
     groups: the model's layer groups.
+    head_level: the groups layer-wise decay puts at the head's level
+      (`ModelSpec.head_level`: a final norm).
   """
   name: str
   module: Any
@@ -148,6 +150,7 @@ class Strategy:
   labels: PyTree
   options: dict[str, Any]
   groups: tuple[tuple[str, str], ...]
+  head_level: tuple[str, ...] = ()
 
   @property
   def rules(self) -> list[tuple[str, str | None]]:
@@ -176,7 +179,7 @@ class Strategy:
     if o["layer_decay"] is not None:
       trainable, _ = partition.split(self.variables["params"], labels)
       tx = optax.chain(tx, llrd.layer_decay(trainable, self.groups, o["layer_decay"],
-                                            stacked=o["stacked"]))
+                                            stacked=o["stacked"], head_level=self.head_level))
     if o["l2sp"] or o["l2sp_head"]:
       tx = optax.chain(l2sp_lib.l2sp(o["l2sp"], exclude=self.head_pattern,
                                      head_strength=o["l2sp_head"]), tx)
@@ -336,7 +339,8 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
   module, phases = _with_batchnorm_mode(o, module, variables, phases)
   labels = partition.label_params(variables["params"], list(phases[0].rules),
                                   warn_unused=False)
-  strategy = Strategy(name, module, dict(variables), phases, labels, o, groups)
+  head_level = tuple(n for n, _ in groups if n in getattr(spec, "head_level", ()))
+  strategy = Strategy(name, module, dict(variables), phases, labels, o, groups, head_level)
   logging.getLogger(__name__).info("%s", strategy)
   if verbose:
     print(strategy)

@@ -20,7 +20,7 @@ many depths as it has layers, and its leaves get a per-slice scale of shape
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,30 +33,40 @@ from jtl.recipes.strategies.rules import Groups, check_groups
 from jtl.tree import PyTree
 
 
-def layer_depths(groups: Groups, *, stacked: Mapping[str, int] | None = None
-                 ) -> dict[str, int | list[int]]:
-  """Depth from the top of every group; a stacked group gets one per layer."""
+def layer_depths(groups: Groups, *, stacked: Mapping[str, int] | None = None,
+                 head_level: Sequence[str] = ()) -> dict[str, int | list[int]]:
+  """Depth from the top of every group; a stacked group gets one per layer;
+  the groups named in `head_level` (a final norm) share the top group's
+  depth 0 (timm's, BEiT's and MAE's rule: the encoder's last norm learns at
+  the head's rate).
+
+  >>> layer_depths([("a", "a/.*"), ("norm", "norm/.*"), ("head", "head/.*")],
+  ...              head_level=["norm"])
+  {'a': 1, 'norm': 0, 'head': 0}
+  """
   names = check_groups(groups)
   stacked = dict(stacked or {})
-  unknown = sorted(set(stacked) - set(names))
+  unknown = sorted((set(stacked) | set(head_level)) - set(names))
   bad = [f"{k}: {v!r}" for k, v in stacked.items() if not (isinstance(v, int) and v >= 1)]
   if unknown or bad:
     raise ConfigError(
-        "stacked must map group names to their number of stacked layers (int >= 1)."
+        "stacked must map group names to their number of stacked layers (int >= 1), "
+        "head_level must name groups."
         + (f"\nUnknown groups: {unknown}; the groups are {names}." if unknown else "")
         + (f"\nBad counts:\n{bullet_list(bad)}" if bad else ""))
-  sizes = [stacked.get(n, 0) for n in names]
+  counted = [n for n in names if n not in head_level]
+  sizes = [stacked.get(n, 0) for n in counted]
   total = sum(max(s, 1) for s in sizes)
-  depths: dict[str, int | list[int]] = {}
+  depths: dict[str, int | list[int]] = {n: 0 for n in names if n in head_level}
   layer = 0
-  for name, size in zip(names, sizes):
+  for name, size in zip(counted, sizes):
     if size:
       depths[name] = [total - 1 - (layer + i) for i in range(size)]
       layer += size
     else:
       depths[name] = total - 1 - layer
       layer += 1
-  return depths
+  return {n: depths[n] for n in names}
 
 
 def layer_decay_multipliers(groups: Groups, decay: float) -> dict[str, float]:
@@ -75,16 +85,18 @@ def _check_decay(decay: float) -> None:
 
 
 def layer_decay_scales(params: PyTree, groups: Groups, decay: float, *,
-                       stacked: Mapping[str, int] | None = None) -> PyTree:
+                       stacked: Mapping[str, int] | None = None,
+                       head_level: Sequence[str] = ()) -> PyTree:
   """A tree of update scales, one per leaf of `params` (None entries kept).
 
   Leaves are assigned to groups by the groups' regexes (first match), so the
   scales hold for any labelling (LoRA adapters inside block 3 get block 3's
   scale). A leaf of a stacked group must have that many layers on axis 0 and
-  gets an array scale of shape (L, 1, ..., 1).
+  gets an array scale of shape (L, 1, ..., 1). `head_level`: see
+  `layer_depths`.
   """
   _check_decay(decay)
-  depths = layer_depths(groups, stacked=stacked)
+  depths = layer_depths(groups, stacked=stacked, head_level=head_level)
   group_of = jtree.match_rules(params, [(regex, name) for name, regex in groups],
                                what="layer group")
   problems: list[str] = []
@@ -109,10 +121,12 @@ def layer_decay_scales(params: PyTree, groups: Groups, decay: float, *,
 
 
 def layer_decay(trainable: PyTree, groups: Groups, decay: float, *,
-                stacked: Mapping[str, int] | None = None) -> optax.GradientTransformation:
+                stacked: Mapping[str, int] | None = None,
+                head_level: Sequence[str] = ()) -> optax.GradientTransformation:
   """`scale_by_tree` of `layer_decay_scales` over the trainable partition.
 
   Chain it after the optimizer: `optax.chain(tx, layer_decay(...))`, so the
   whole update (weight decay included) scales, as a per-group learning rate.
   """
-  return optim.scale_by_tree(layer_decay_scales(trainable, groups, decay, stacked=stacked))
+  return optim.scale_by_tree(layer_decay_scales(trainable, groups, decay, stacked=stacked,
+                                                head_level=head_level))
