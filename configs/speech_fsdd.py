@@ -20,6 +20,7 @@ is the same run from random weights (BENCHMARKS.md compares the two).
 import ml_collections
 
 from configs import default
+from jtl.app import keys
 
 
 def get_config(arg=None):
@@ -39,10 +40,10 @@ def get_config(arg=None):
   c.warmup_steps = 20
   c.weight_decay = 1e-4
   c.clip_norm = 1.0
-  c.strategy = ml_collections.ConfigDict({"name": "rules", "rules": (
-      (r"head/.*", "head"), (r".*", "backbone"))})
+  c.strategy = keys.strategy_options("rules", rules=(
+      (r"head/.*", "head"), (r".*", "backbone")))
   c.lr_multipliers = ml_collections.ConfigDict({"backbone": 0.1})
-  # Image augmentations do not apply; off, so that a linear probe trains on cached features.
+  # Image augmentations do not apply to audio; off.
   c.augment.crop = False
   c.augment.flip = False
   return c

@@ -1,5 +1,5 @@
 """TPU VM: ResNet-50 (torchvision ImageNet weights) fine-tuned on
-oxford_flowers102 at 224 px, with layer-wise learning rates (head 10x).
+oxford_flowers102 at 224 px, with the head at 10x the backbone's learning rate.
 
 Needs network access for the weights and `tfds build oxford_flowers102`.
   python scripts/finetune.py --config configs/tpu_resnet50_flowers.py \\

@@ -1,6 +1,6 @@
 """The XLA:CPU runtime a script sets up first (`jtl.app.cli.prepare_process`).
 
-It imports nothing of jtl, so that tests/test_cli.py can load this file
+It imports nothing of jtl, so that tests/app/test_cli.py can load this file
 alone in a fresh process (importing jtl would take seconds there).
 """
 

@@ -10,7 +10,7 @@ import pytest
 from app_helpers import ROOT, load_config
 
 from jtl import models
-from jtl.app import experiment, preflight
+from jtl.app import experiment, keys, preflight
 from jtl.errors import ConfigError, DataError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -27,6 +27,17 @@ def test_config_validates(path):
   if config.model != "auto":  # configs/folder.py: chosen among model_candidates at run time
     models.get_spec(config.model)
   assert config.strategy.name
+  # Every strategy's option is a key, so the command line can switch strategy.
+  assert set(config.strategy.keys()) == {"name", *keys.STRATEGY_OPTIONS}
+
+
+def test_switching_away_from_rules_says_to_clear_them():
+  config = load_config("default")
+  config.strategy.name, config.strategy.probe_steps = "lp_ft", 5
+  with pytest.raises(ConfigError, match=r"--config.strategy.rules=None"):
+    preflight.validate(config)
+  config.strategy.rules = None
+  preflight.validate(config)
 
 
 @pytest.mark.parametrize("name", ["tpu_vit_b16_cifar10", "tpu_resnet50_flowers"])

@@ -240,8 +240,10 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   allowed = {**_COMMON, **_OPTIONS[name]}
   unknown = sorted(set(config) - set(allowed))
   if unknown:
+    hint = ("\nThe rules are the 'rules' strategy's: set strategy.rules=None "
+            "(--config.strategy.rules=None) to use another strategy." if "rules" in unknown else "")
     raise ConfigError(f"Unknown option(s) for strategy {name!r}: {unknown}. It takes:\n"
-                      + bullet_list(sorted(allowed)))
+                      + bullet_list(sorted(allowed)) + hint)
   options = {**allowed, **config}
   missing = [k for k, v in options.items() if v is None and k in _OPTIONS[name]
              and k not in ("targets", "max_blocks", "cache_features", "probe_learning_rate")]
