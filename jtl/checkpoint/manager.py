@@ -45,6 +45,27 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _write_arrays_whole_in_one_process() -> None:
+  """In one process, Orbax writes each replicated array whole, not in slices
+  spread over its devices: the slices buy nothing when one host writes all
+  the data, and cost a compile per leaf shape and device at the first save
+  (20 leaves on 8 devices: 160 programs, ~19 s on CPU). Orbax's default
+  handler only (a handler the user registered stays); multi-process runs keep
+  replica-parallel writes, where each host writes its part."""
+  if jax.process_count() > 1:
+    return
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if type(handler) is ocp.type_handlers.ArrayHandler and handler._use_replica_parallel:  # pylint: disable=protected-access
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # Orbax warns of any override
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+      absl_log.setLevel(level)
+
+
 def default_mode(metric: str | None) -> str:
   """Which way a metric improves: "min" for a loss or error, else "max".
 
@@ -163,6 +184,7 @@ class CheckpointManager:
     # survives restarts (Orbax's own policy forgets metrics across processes).
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True, create=True)
+    _write_arrays_whole_in_one_process()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
     # A finished step's files do not change (this run owns the workdir), so
