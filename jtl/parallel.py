@@ -100,6 +100,8 @@ def place_state(state: PyTree, mesh: Mesh, shardings: PyTree | None = None) -> P
 
 
 def _check_divisible(batch: PyTree, n: int, what: str) -> None:
+  if all(np.ndim(x) and np.shape(x)[0] % n == 0 for x in jax.tree.leaves(batch)):
+    return  # every step: the paths are only needed to name a problem
   for path, x in jtree.leaves_with_paths(batch):
     if np.ndim(x) == 0 or np.shape(x)[0] % n:
       raise DeviceError(

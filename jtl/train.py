@@ -50,13 +50,18 @@ class FitResult:
 
 def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
              mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  """Sums eval-step results over `batches` and returns loss/accuracy/top-5."""
-  total: dict[str, float] = {}
+  """Sums eval-step results over `batches` and returns loss/accuracy/top-5.
+
+  The per-batch sums stay on the device until the pass ends (no wait for the
+  device per batch); they are added on the host in float64."""
+  results = []
   for batch in batches:
     if mesh is not None:
       batch = parallel.shard_batch(batch, mesh)
-    sums = eval_step(variables, batch)
-    for k, v in jax.device_get(sums).items():
+    results.append(eval_step(variables, batch))
+  total: dict[str, float] = {}
+  for sums in jax.device_get(results):
+    for k, v in sums.items():
       total[k] = total.get(k, 0.0) + float(v)
   if not total:
     return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
@@ -367,10 +372,14 @@ class _Loop:
     """Steps start_step + 1 to num_steps, with their logs, evals and saves."""
     g = self.given
     self.window = _Window(start=time.perf_counter())
+    ahead = None
     for step in range(start_step + 1, num_steps + 1):
       self._enter_phase_if_due(step)
-      batch = self._next_batch(batches, step, num_steps)
-      self.state, metrics = self.train_step(self.state, parallel.shard_batch(batch, g.mesh))
+      batch, batch_size = ahead or self._device_batch(batches, step, num_steps)
+      self.state, metrics = self.train_step(self.state, batch)
+      # The next batch is read and sent while this step computes, so that a
+      # log, evaluation or save (which wait for the device) leaves it ready.
+      ahead = self._device_batch(batches, step + 1, num_steps) if step < num_steps else None
       self.window.rows.append((step, metrics))
       self.unchecked.append((step, metrics))
       last = step == num_steps
@@ -381,13 +390,13 @@ class _Loop:
       if due_log or due_eval or due_save:
         self._check_finite()
       if due_log:
-        _report(step, self.window.summary(len(batch["label"])), g.writer, g.on_log, g.bar)
+        _report(step, self.window.summary(batch_size), g.writer, g.on_log, g.bar)
       if g.bar:
         g.bar.update(1)
       if due_eval or due_save:
         self._evaluate_and_save(step, due_eval, due_save, last)
       if g.stop.reached(step):  # after every step, on every process (multi-host sync)
-        self._save_and_stop(step, num_steps, len(batch["label"]))
+        self._save_and_stop(step, num_steps, batch_size)
 
   def end_first_phase(self, step: int, row: dict[str, float], last: bool) -> None:
     """After a self-trained first phase: its metrics row logged at `step`;
@@ -447,6 +456,12 @@ class _Loop:
                                                  g.compile_step, g.mesh)
       logging.info("Phase %d from step %d", self.phase, step - 1)
 
+  def _device_batch(self, batches: Iterator[Batch], step: int, num_steps: int
+                    ) -> tuple[Batch, int]:
+    """Step `step`'s batch on the mesh, and its per-process size."""
+    batch = self._next_batch(batches, step, num_steps)
+    return parallel.shard_batch(batch, self.given.mesh), len(batch["label"])
+
   def _next_batch(self, batches: Iterator[Batch], step: int, num_steps: int) -> Batch:
     """The next batch; the time spent waiting for it counts as input wait."""
     t0 = time.perf_counter()
@@ -461,8 +476,12 @@ class _Loop:
   def _check_finite(self) -> None:
     """Checks the steps since the last check for NaN/inf (on_nonfinite="stop"),
     before anything of the latest step is saved."""
-    if self.given.stop_on_nonfinite:
-      _stop_if_diverged(self.unchecked, self.last_saved, self.given.workdir)
+    if self.given.stop_on_nonfinite and self.unchecked:
+      fetched = jax.device_get(self.unchecked)
+      # The log line reads the same values: fetched once, not again there.
+      by_step = dict(fetched)
+      self.window.rows = [(s, by_step.get(s, m)) for s, m in self.window.rows]
+      _stop_if_diverged(fetched, self.last_saved, self.given.workdir)
     self.unchecked = []
 
 

@@ -30,3 +30,31 @@ def test_phases_switch_partition_and_resume_across_the_boundary(tmp_path):
   assert resumed.start_step == 4
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_the_next_batch_is_on_its_way_while_a_step_computes_and_eval_waits_once(monkeypatch):
+  module, variables, probe, _, make, data = setup()
+  read = []
+
+  def batches(start):
+    for i, b in enumerate(data(start)):
+      read.append(start + i + 1)  # the step this batch trains
+      yield b
+
+  seen = {}
+  jtl.train.fit(module=module, variables=variables, labels=probe, tx=make(probe),
+                train_batches=batches, num_steps=4, log_every=1, progress=False,
+                on_log=lambda step, row: seen.setdefault(step, list(read)))
+  # At each step's log line the batch of the step after it was already read
+  # (and sent to the devices); none past the last step.
+  assert {step: max(r) for step, r in seen.items()} == {1: 2, 2: 3, 3: 4, 4: 4}
+
+  fetches = []
+  device_get = jax.device_get
+  monkeypatch.setattr(jtl.train.jax, "device_get", lambda x: fetches.append(1) or device_get(x))
+  eval_step = jax.jit(jtl.make_eval_step(module))
+  eval_batches = [{**b, "mask": np.ones(8, bool)} for b in list(data(0))[:5]]
+  metrics = jtl.train.evaluate(eval_step, variables, eval_batches)
+  assert len(fetches) == 1 and metrics["count"] == 40  # one wait for 5 batches
+  one_by_one = [jtl.train.evaluate(eval_step, variables, [b])["loss"] for b in eval_batches]
+  np.testing.assert_allclose(metrics["loss"], np.mean(one_by_one), rtol=1e-6)
