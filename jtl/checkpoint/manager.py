@@ -190,6 +190,7 @@ class CheckpointManager:
     # A finished step's files do not change (this run owns the workdir), so
     # each is checked once, not at every save.
     self._problems: dict[int, str | None] = {}
+    self._step_scores: dict[int, float | None] = {}  # read once per step, as _problems
 
   def _step_dirs(self) -> list[int]:
     return step_numbers(self.directory)
@@ -279,14 +280,18 @@ class CheckpointManager:
     """Deletes intact steps that are neither among the last `keep` nor the best."""
     steps = self.intact_steps()
     kept = set(steps[-self.keep:])
-    best = _best(self.directory, steps, self.best_metric, self.best_mode) \
-        if self.best_metric else None
-    if best is not None:
-      kept.add(best)
+    if self.best_metric:
+      for s in steps:
+        if s not in self._step_scores:
+          self._step_scores[s] = _scores(self.directory, [s], self.best_metric).get(s)
+      scores = {s: self._step_scores[s] for s in steps if self._step_scores[s] is not None}
+      if scores:
+        kept.add((max if self.best_mode == "max" else min)(scores, key=scores.get))
     for step in steps:
       if step not in kept:
         self._manager.delete(step)
         self._problems.pop(step, None)
+        self._step_scores.pop(step, None)
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON saved with `step` (default: the newest intact step)."""
