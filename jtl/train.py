@@ -224,9 +224,9 @@ def _open_workdir(stack: contextlib.ExitStack, workdir: Any, meta: dict[str, Any
                   async_save: bool) -> CheckpointManager:
   """Takes the workdir's lock and opens its checkpoint manager, both closed by
   `stack`; refuses a workdir whose checkpoints were written for another model."""
-  stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
+  lock = stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
   mngr = CheckpointManager(workdir, save_every=save_every, keep=keep,
-                           best_metric=best_metric, async_save=async_save)
+                           best_metric=best_metric, async_save=async_save, lock=lock)
   stack.push(_exit_quietly_on_error(mngr.close))
   _check_meta(mngr, meta, workdir)
   return mngr

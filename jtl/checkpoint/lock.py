@@ -10,8 +10,13 @@ as one upload with the precondition "no object of that name exists"
 end, or taking over a stale one) removes only the version that was read:
 locally if its content is still the same, in a bucket with the precondition
 `ifGenerationMatch=<that generation>`. A lock whose process has died on this
-host is taken over with a warning; one held on another host cannot be checked
-from here and is reported. On multi-host runs only process 0 takes the lock.
+machine is taken over with a warning, as is one written before this machine
+last booted; one held on another host, or in another container (another PID
+namespace) of this machine, cannot be checked from here and is reported. The
+holder checks that the lock is still its own before each save
+(`WorkdirLock.verify`), so a run whose lock was taken over or deleted stops
+instead of writing beside another. On multi-host runs only process 0 takes
+the lock.
 """
 
 from __future__ import annotations
@@ -37,6 +42,31 @@ def _process_start(pid: int) -> str | None:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
   except (OSError, IndexError):
     return None
+
+
+def _machine() -> dict[str, Any]:
+  """What tells this machine and PID namespace apart from others of the same
+  host name (containers share a kernel's boot id but not its PID namespace)."""
+  def read(read_fn: Any) -> Any:
+    try:
+      return read_fn()
+    except OSError:
+      return None
+  return {"boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+          "pid_namespace": read(lambda: os.stat("/proc/self/ns/pid").st_ino)}
+
+
+def _where(owner: dict[str, Any], mine: dict[str, Any]) -> str:
+  """"here" (this machine and PID namespace: the owner's pid can be checked),
+  "rebooted" (this host before its last boot: the owner is gone) or
+  "elsewhere". A field the lock lacks (an older jtl's) is not compared."""
+  if owner.get("host") != mine["host"]:
+    return "elsewhere"
+  def differs(key: str) -> bool:
+    return owner.get(key) is not None and mine.get(key) is not None and owner[key] != mine[key]
+  if differs("boot_id"):
+    return "rebooted"
+  return "elsewhere" if differs("pid_namespace") else "here"
 
 
 def _alive(owner: dict[str, Any]) -> bool:
@@ -199,7 +229,7 @@ class WorkdirLock:
   def _owner(self) -> dict[str, Any]:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            **_machine(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
   def acquire(self) -> None:
     if not self.enabled or self.held:
@@ -222,18 +252,40 @@ class WorkdirLock:
       if _damaged_lock(self._file, content):
         self._file.remove(version)
       return
-    same_host = owner.get("host") == mine["host"]
-    if same_host and (owner.get("pid") == mine["pid"] or not _alive(owner)):
-      log.warning("Taking over the lock %s of process %s on %s, which is no longer running.",
-                  self.path, owner.get("pid"), owner.get("host"))
+    where = _where(owner, mine)
+    if where == "rebooted" or (where == "here" and not _alive(owner)):
+      log.warning("Taking over the lock %s of process %s on %s, which is no longer running%s.",
+                  self.path, owner.get("pid"), owner.get("host"),
+                  " (the machine has booted since)" if where == "rebooted" else "")
       self._file.remove(version)
       return
-    where = "this host" if same_host else f"host {owner.get('host')!r}"
+    if where == "here":
+      where = "this host"
+    elif owner.get("host") == mine["host"]:
+      where = "this host name, in another container or machine (PID namespace)"
+    else:
+      where = f"host {owner.get('host')!r}"
     raise CheckpointError(
         f"Workdir {self.path.parent} is in use by another run: process {owner.get('pid')} on "
         f"{where}, since {owner.get('since')} (lock file {self.path}). One run owns a "
         "workdir: wait for that run to finish or stop it, or pass another --workdir. "
         f"If that process is gone (e.g. its host was preempted), delete {self.path}.")
+
+  def verify(self) -> None:
+    """Raises a CheckpointError when this process no longer holds the lock
+    (taken over, or deleted): called before each save, so that a run that
+    lost its workdir writes nothing more into it."""
+    if not self.held:
+      return
+    content, _ = self._file.read()
+    owner = _parse_owner(content)
+    if owner != self._mine:
+      now = (f"held by process {owner.get('pid')} on {owner.get('host')!r}" if owner
+             else "deleted" if owner is None else "damaged")
+      raise CheckpointError(
+          f"This run no longer holds the lock {self.path}: it is {now}. Another run may be "
+          f"writing to {self.path.parent}, so this one stops without saving. Make sure one run "
+          "uses the workdir, then run again to resume from its newest checkpoint.")
 
   def release(self) -> None:
     if self.held:

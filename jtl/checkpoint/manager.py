@@ -169,7 +169,7 @@ class CheckpointManager:
 
   def __init__(self, workdir: str | os.PathLike, *, save_every: int = 1000, keep: int = 2,
                best_metric: str | None = None, best_mode: str | None = None,
-               async_save: bool = True):
+               async_save: bool = True, lock: Any = None):
     best_mode = best_mode or default_mode(best_metric)
     if best_mode not in ("max", "min"):
       raise CheckpointError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
@@ -180,6 +180,7 @@ class CheckpointManager:
     self.keep = keep
     self.best_metric = best_metric
     self.best_mode = best_mode
+    self._lock = lock  # a WorkdirLock: verified before each save
     # Orbax deletes nothing: `_prune` decides from the files, so the best
     # survives restarts (Orbax's own policy forgets metrics across processes).
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
@@ -249,6 +250,8 @@ class CheckpointManager:
           + bullet_list(bad, limit=10) + f"\nThe kept checkpoints {self._step_dirs()} are "
           "left as they are.")
     self.wait()  # the previous save is complete before it counts for pruning
+    if self._lock is not None:
+      self._lock.verify()  # nothing is written or pruned by a run that lost the workdir
     self._prune()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saved(state)),

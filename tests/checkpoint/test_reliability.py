@@ -152,6 +152,39 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
   assert steps_on_disk(tmp_path) == [2] and not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_lock_of_another_container_is_refused_and_one_from_before_a_reboot_taken(tmp_path,
+                                                                                  caplog):
+  """Two containers with one host name (a fixed --hostname, hostNetwork) both
+  held the lock: a pid of another PID namespace was checked in this one."""
+  from jtl.checkpoint import lock
+  mine = lock.WorkdirLock(tmp_path)._owner()
+  if mine["boot_id"] is None or mine["pid_namespace"] is None:
+    pytest.skip("no /proc boot id or PID namespace here")
+  path = tmp_path / LOCK_NAME
+  # pid 1 with another start time reads as dead in this namespace: it may not be.
+  other = {**mine, "pid": 1, "process_start": "1", "pid_namespace": mine["pid_namespace"] + 1}
+  path.write_text(json.dumps(other))
+  with pytest.raises(CheckpointError, match="process 1 on this host name, in another "
+                                            "container or machine"):
+    lock.WorkdirLock(tmp_path).acquire()
+  path.write_text(json.dumps({**other, "boot_id": "an-earlier-boot"}))
+  with caplog.at_level(logging.WARNING), lock.WorkdirLock(tmp_path):
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+  assert "the machine has booted since" in caplog.text
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(tmp_path):
+  def take_over_at_3(step, row):
+    if step == 3:  # another run's lock replaces this one's (deleted, then taken)
+      (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "other-vm"}))
+
+  with pytest.raises(CheckpointError, match=r"no longer holds the lock .* held by process 4242 "
+                                            r"on 'other-vm'.* stops without saving"):
+    jtl.train.fit(num_steps=6, **fit_kwargs(tmp_path, on_log=take_over_at_3))
+  assert steps_on_disk(tmp_path) == [2]  # nothing written after the lock was lost
+  assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 4242  # theirs, kept
+
+
 @pytest.mark.parametrize("content", [b"", b"{\"pid\": 12", b"\x00\xff garbage", b"[1, 2]",
                                      b'{"pid": "x", "host": null}', b'{"pid": 0, "host": "h"}'])
 def test_damaged_lock_file_is_called_damaged_and_taken_over_once_old(tmp_path, caplog, content):
