@@ -48,6 +48,11 @@ def path(p: PathLike) -> epath.Path:
   return p if isinstance(p, epath.Path) else epath.Path(p)
 
 
+# Seconds a GCS request may wait to connect, and then for each read.
+GCS_CONNECT_TIMEOUT_S = 30.0
+GCS_READ_TIMEOUT_S = 120.0
+
+
 @functools.lru_cache(maxsize=None)
 def setup_gcs() -> None:
   """Points epath's `gs://` at gcsfs (plain JSON API client) and the array
@@ -72,6 +77,12 @@ def setup_gcs() -> None:
   options = fsspec.config.conf.setdefault("gcs", {})
   # Another process may change the bucket (the lock, a resumed run): no stale listings.
   options.setdefault("use_listings_cache", False)
+  # A request the server never answers: gcsfs waited forever (a run hung at its
+  # last save, SIGTERM or not). Per socket read, so a long upload is no timeout;
+  # gcsfs retries a timed-out request.
+  import aiohttp  # pylint: disable=g-import-not-at-top  (gcsfs brings it)
+  options.setdefault("requests_timeout", aiohttp.ClientTimeout(
+      total=None, sock_connect=GCS_CONNECT_TIMEOUT_S, sock_read=GCS_READ_TIMEOUT_S))
   if emulator:
     options.setdefault("token", "anon")
 

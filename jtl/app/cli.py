@@ -6,6 +6,8 @@ import functools
 import importlib.util
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,8 +74,31 @@ def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str
     except JtlError as e:
       sys.stdout.flush()
       print(f"\n{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-      raise SystemExit(getattr(e, "exit_code", 2)) from None
+      code = getattr(e, "exit_code", 2)
+      if main.__module__ == "__main__":  # a script's process, not a caller's
+        _exit_even_if_threads_hang(code)
+      raise SystemExit(code) from None
   return wrapped
+
+
+# After an error, what a script's exit may wait for: Orbax's and tensorstore's
+# worker threads still retrying an abandoned upload kept a process whose save
+# to gs:// failed alive for minutes, so a supervisor never saw its status.
+EXIT_GRACE_S = 30.0
+
+
+def _exit_even_if_threads_hang(code: int) -> None:
+  """Ends the process with `code` once EXIT_GRACE_S have passed, should the
+  interpreter's exit still be waiting for threads then (the error is
+  already printed and the workdir's lock released)."""
+  def watchdog() -> None:
+    time.sleep(EXIT_GRACE_S)
+    waiting = [t.name for t in threading.enumerate() if not t.daemon]
+    print(f"Exiting without waiting for background threads {waiting}.", file=sys.stderr,
+          flush=True)
+    os._exit(code)  # pylint: disable=protected-access
+
+  threading.Thread(target=watchdog, name="jtl-exit-watchdog", daemon=True).start()
 
 
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "?", "h")

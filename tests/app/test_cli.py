@@ -117,3 +117,28 @@ def test_asked_for_help_exits_0_and_an_unknown_flag_2(monkeypatch, capsys):
       cli.parse_flags_with_config_keys(argv)
     assert e.value.code == status, argv
   assert "Try --helpfull" in capsys.readouterr().out  # absl printed the usage
+
+
+STUCK = """
+import threading, time
+from jtl.app import cli
+from jtl.errors import CheckpointError
+cli.EXIT_GRACE_S = 0.5
+threading.Thread(target=time.sleep, args=(600,), name="stuck-upload").start()  # not daemon
+
+@cli.exit_on_jtl_error
+def main(argv):
+  raise CheckpointError("Saving a checkpoint to gs://bucket/run failed.")
+
+main([])
+"""
+
+
+def test_a_script_exits_with_its_error_status_though_a_thread_hangs(tmp_path):
+  script = tmp_path / "script.py"
+  script.write_text(STUCK)
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+  assert done.returncode == 2  # not held for the 600 s the thread sleeps
+  assert "CheckpointError: Saving a checkpoint" in done.stderr
+  assert "without waiting for background threads ['MainThread', 'stuck-upload']" in done.stderr

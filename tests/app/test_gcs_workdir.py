@@ -211,3 +211,56 @@ def test_bucket_paths_use_gcsfs_even_after_local_paths_were_made(monkeypatch):
   bucket = paths.path("gs://bkt/run")
   assert type(bucket._backend).__name__ == "_FileSystemSpecBackend"  # pylint: disable=protected-access
   paths.setup_gcs.cache_clear()  # the next bucket path sets up again, for its server
+
+
+def test_a_bucket_request_the_server_never_answers_times_out_and_is_retried(monkeypatch):
+  # One unanswered request (a stalled connection) hung a run at its last save
+  # for good, SIGTERM or not: gcsfs had no timeout.
+  import http.server
+  import threading
+
+  import fsspec
+
+  from jtl import paths
+
+  class OneStall(http.server.BaseHTTPRequestHandler):
+    requests = 0
+
+    def do_GET(self):  # noqa: N802
+      OneStall.requests += 1
+      if OneStall.requests == 1:
+        released.wait(120)  # never answers while the client waits
+        return
+      self.send_response(200)
+      self.send_header("x-goog-generation", "7")
+      self.send_header("Content-Length", "2")
+      self.end_headers()
+      self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+      pass
+
+  released = threading.Event()
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OneStall)
+  server.daemon_threads = True
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+  monkeypatch.setattr(paths, "GCS_READ_TIMEOUT_S", 0.5)
+  monkeypatch.setitem(fsspec.config.conf, "gcs", {})
+  paths.setup_gcs.cache_clear()
+  try:
+    fs = paths.gcs_filesystem()
+    fs.clear_instance_cache()
+    fs = paths.gcs_filesystem()
+    got = []
+    call = threading.Thread(target=lambda: got.append(
+        fs.call("GET", "b/{}/o/{}", "bkt", "jtl.lock", alt="media")), daemon=True)
+    call.start()
+    call.join(60)
+    assert got and got[0][1] == b"ok", "the request still waits for the stalled answer"
+    assert OneStall.requests == 2  # the stalled one, then its retry
+  finally:
+    released.set()
+    server.shutdown()
+    paths.setup_gcs.cache_clear()
+    fs.clear_instance_cache()
