@@ -45,6 +45,25 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _remove_unfinished_saves(directory: epath.Path) -> None:
+  """In a bucket: deletes step folders without Orbax's commit marker that are
+  newer than every finished step (saves a kill interrupted); an older one
+  lost its marker afterwards (a deletion stopped part-way), so it is kept
+  where it is, unused, with a warning naming it."""
+  steps = step_numbers(directory)
+  finished = [s for s in steps if ocp.utils.is_checkpoint_finalized(directory / str(s))]
+  newest = max(finished, default=-1)
+  for step in sorted(set(steps) - set(finished)):
+    if step > newest:
+      log.info("Removing %s: its save did not finish.", directory / str(step))
+      (directory / str(step)).rmtree()
+    else:
+      log.warning("Checkpoint %s has no commit marker (commit_success.txt), though newer steps "
+                  "finished: its deletion stopped part-way, or the marker was removed. It is not "
+                  "used and left as it is; restore the marker if its files are complete.",
+                  directory / str(step))
+
+
 def _write_arrays_whole_in_one_process() -> None:
   """In one process, Orbax writes each replicated array whole, not in slices
   spread over its devices: the slices buy nothing when one host writes all
@@ -183,8 +202,14 @@ class CheckpointManager:
     self._lock = lock  # a WorkdirLock: verified before each save
     # Orbax deletes nothing: `_prune` decides from the files, so the best
     # survives restarts (Orbax's own policy forgets metrics across processes).
+    # In a bucket Orbax's clean-up of unfinished saves takes every step without
+    # its commit marker for one, a finished best whose deletion stopped
+    # part-way too: there `_remove_unfinished_saves` decides instead.
+    remote = paths.is_remote(self.directory)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True, create=True)
+                                           cleanup_tmp_directories=not remote, create=True)
+    if remote and jax.process_index() == 0:
+      _remove_unfinished_saves(self.directory)
     _write_arrays_whole_in_one_process()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))

@@ -264,3 +264,38 @@ def test_a_bucket_request_the_server_never_answers_times_out_and_is_retried(monk
     server.shutdown()
     paths.setup_gcs.cache_clear()
     fs.clear_instance_cache()
+
+
+def test_a_bucket_step_without_its_commit_marker_is_kept_unless_newest(gcs_server, monkeypatch,
+                                                                      caplog):
+  # Orbax's clean-up deleted every step folder of a bucket without
+  # commit_success.txt: a best step whose deletion (gsutil rm, a prune killed
+  # part-way) removed only the marker was lost with no word.
+  import logging
+
+  from jtl import paths
+  from jtl.checkpoint import CheckpointManager
+  import jtl
+  for name, value in (("STORAGE_EMULATOR_HOST", gcs_server),
+                      ("TENSORSTORE_GCS_HTTP_URL", gcs_server), ("EPATH_USE_TF", "false")):
+    monkeypatch.setenv(name, value)
+  paths.setup_gcs.cache_clear()
+  run = f"markers-{uuid.uuid4().hex[:8]}"
+  variables = {"params": {"w": np.ones(3, np.float32)}}
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  state = jtl.create_train_state(variables, labels, jtl.make_optimizer(labels, learning_rate=0.1))
+  mngr = CheckpointManager(f"gs://{BUCKET}/{run}", save_every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    mngr.save(step, state.replace(step=np.int32(step)))
+  mngr.close()
+  fs = paths.gcs_filesystem()
+  fs.rm(f"{BUCKET}/{run}/checkpoints/1/commit_success.txt")  # a deletion stopped part-way
+  fs.rm(f"{BUCKET}/{run}/checkpoints/3/commit_success.txt")  # a save killed before its end
+  with caplog.at_level(logging.WARNING):
+    reopened = CheckpointManager(f"gs://{BUCKET}/{run}", save_every=1)
+  assert reopened.all_steps() == [2]
+  folders = {name.split("/")[2] for name in _objects(gcs_server, f"{run}/checkpoints/")}
+  assert folders == {"1", "2"}  # the unfinished newest save is gone, the older step kept
+  assert "checkpoints/1 has no commit marker" in caplog.text
+  reopened.close()
+  paths.setup_gcs.cache_clear()
