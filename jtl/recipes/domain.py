@@ -81,14 +81,18 @@ def dann_lr_schedule(learning_rate: float, num_steps: int, *, alpha: float = 10.
   return schedule
 
 
-def coral_loss(source: jax.Array, target: jax.Array) -> jax.Array:
-  """||Cov(source) - Cov(target)||_F^2 / (4 d^2) over [N, d] features."""
-  def cov(f):
+def coral_loss(source: jax.Array, target: jax.Array, source_mask: jax.Array | None = None,
+               target_mask: jax.Array | None = None) -> jax.Array:
+  """||Cov(source) - Cov(target)||_F^2 / (4 d^2) over [N, d] features; the
+  covariances of the rows a mask marks real (all rows without one)."""
+  def cov(f, mask):
     f = f.astype(jnp.float32)
-    c = f - jnp.mean(f, axis=0, keepdims=True)
-    return c.T @ c / jnp.maximum(f.shape[0] - 1, 1)
+    w = (jnp.ones(f.shape[:1]) if mask is None else mask.astype(jnp.float32))[:, None]
+    n = jnp.sum(w)
+    c = (f - jnp.sum(w * f, axis=0, keepdims=True) / jnp.maximum(n, 1.0)) * w
+    return c.T @ c / jnp.maximum(n - 1, 1.0)
   d = source.shape[-1]
-  return jnp.sum(jnp.square(cov(source) - cov(target))) / (4.0 * d * d)
+  return jnp.sum(jnp.square(cov(source, source_mask) - cov(target, target_mask))) / (4.0 * d * d)
 
 
 def _keep_batchnorm_statistics(next_fun, args, kwargs, context):
@@ -235,13 +239,18 @@ def _adapt_objective(method: str, weight: float):
     cls_loss = cross_entropy_loss(logits[:n], batch)
     adapt = jnp.zeros(())
     metrics = {}
+    # A padded batch's mask marks its real rows; target rows by their own, if given.
+    source_mask = batch.get("mask")
+    target_mask = batch.get("target_mask", source_mask)
     if method == "dann":
       domain_label = jnp.concatenate([jnp.zeros(n), jnp.ones(logits.shape[0] - n)])
-      adapt = jnp.mean(optax.sigmoid_binary_cross_entropy(dom, domain_label))
-      metrics["domain_accuracy"] = jnp.mean(
-          jnp.concatenate([dom[:n] < 0, dom[n:] >= 0]).astype(jnp.float32))
+      rows = None if source_mask is None else jnp.concatenate([source_mask, target_mask])
+      adapt = masked_mean(optax.sigmoid_binary_cross_entropy(dom.reshape(-1), domain_label),
+                          rows)
+      metrics["domain_accuracy"] = masked_mean(
+          jnp.concatenate([dom[:n] < 0, dom[n:] >= 0]).reshape(-1).astype(jnp.float32), rows)
     elif method == "coral":
-      adapt = coral_loss(feats[:n], feats[n:])
+      adapt = coral_loss(feats[:n], feats[n:], source_mask, target_mask)
     hit = (jnp.argmax(logits[:n], -1) == batch["label"]).astype(jnp.float32)
     return cls_loss + weight * adapt, {"class_loss": cls_loss, "adapt_loss": adapt,
                                        "accuracy": masked_mean(hit, batch.get("mask")),

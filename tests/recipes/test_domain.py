@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +172,40 @@ def test_separate_batchnorm_normalises_each_domain_and_keeps_source_statistics()
   tx = jtl.make_optimizer(lab, learning_rate=0.01)
   with pytest.raises(jtl.errors.ConfigError, match="batchnorm='per_domain'"):
     domain.make_adapt_train_step(module, tx, labels=lab, batchnorm="per_domain")
+
+
+class NoBatchNorm(nn.Module):
+  """TinyCNN without BatchNorm, whose batch statistics would see padded rows."""
+
+  def setup(self):
+    self.conv = nn.Conv(8, (3, 3))
+    self.head = nn.Dense(4)
+
+  def features(self, x, *, train: bool = False):
+    return jnp.mean(nn.relu(self.conv(x)), axis=(1, 2))
+
+  def __call__(self, x, *, train: bool = False):
+    return self.head(self.features(x, train=train))
+
+
+@pytest.mark.parametrize("method", ["dann", "coral"])
+def test_a_padded_batch_adapts_on_its_real_rows_only(method):
+  model = NoBatchNorm()
+  x, y = images(8), labels(8)
+  tgt = images(8, seed=9, shift=1.5)
+  module, wv = domain.wrap(model, init(model, x), x, method=method, domain_hidden=16,
+                           domain_dropout=0.0)
+  lab = jtl.label_params(wv["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(lab, learning_rate=0.01, optimizer="sgd")
+  step = jax.jit(domain.make_adapt_train_step(module, tx, labels=lab, method=method))
+  state = jtl.create_train_state(wv, lab, tx)
+  real = {"inputs": x[:5], "label": y[:5], "target_inputs": tgt[:5]}
+  # Rows 5..7 are padding (garbage inputs), masked out: the same step as on 5 rows.
+  junk = lambda a: np.concatenate([a[:5], 100.0 + 0 * a[5:]]) if a.ndim > 1 else a
+  padded = {"inputs": junk(x), "label": y, "target_inputs": junk(tgt),
+            "mask": np.arange(8) < 5}
+  (a, ma), (b, mb) = step(state, real), step(state, padded)
+  assert float(ma["adapt_loss"]) == pytest.approx(float(mb["adapt_loss"]), rel=1e-5)
+  for u, v in zip(jax.tree.leaves(a.params["domain"] if method == "dann" else a.params),
+                  jax.tree.leaves(b.params["domain"] if method == "dann" else b.params)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-4, atol=1e-6)
