@@ -1,7 +1,8 @@
 """Post-training weight quantization (int8, per output channel) and bf16 inference.
 
 A quantized leaf is a `QTensor`: int8 values and one float32 scale per output
-channel (the last axis of Dense, Conv and depthwise kernels), symmetric and
+channel (the last axis of Dense, Conv and depthwise kernels; (head, column)
+of an attention projection's [width, heads, head_dim] kernel), symmetric and
 rounded to nearest, so `|dequantize(q) - w| <= scale / 2` elementwise. The
 weights stay int8 in memory and on disk; they are dequantized inside the
 compiled forward pass (`make_inference_fn`, `make_quantized_eval_step`), so
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +39,7 @@ import numpy as np
 from jtl import paths, steps
 from jtl.export.writers import write_atomic
 from jtl.errors import CheckpointError, ConfigError
-from jtl.tree import PyTree, Rules, cast_floats, match_rules, path_name, unflatten
+from jtl.tree import PyTree, Rules, cast_floats, map_with_path, match_rules, path_name, unflatten
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int8_bfloat16")
 DEFAULT_RULES: Rules = ((r"(.*/)?kernel", True), (r".*", False))
@@ -62,14 +64,16 @@ def _is_q(x: Any) -> bool:
   return isinstance(x, QTensor)
 
 
-def quantize_tensor(w: Any, *, bits: int = 8, channel_axis: int = -1) -> QTensor:
-  """Symmetric per-channel quantization of `w` along `channel_axis`."""
+def quantize_tensor(w: Any, *, bits: int = 8,
+                    channel_axis: int | tuple[int, ...] = -1) -> QTensor:
+  """Symmetric per-channel quantization of `w`: one scale per index of the
+  `channel_axis` axis (or axes)."""
   if not 2 <= bits <= 8:
     raise ConfigError(f"bits={bits}: expected 2..8 (values are stored as int8).")
   w = np.asarray(w, np.float32)
   qmax = 2 ** (bits - 1) - 1
-  axis = channel_axis % w.ndim
-  reduce = tuple(i for i in range(w.ndim) if i != axis)
+  axes = {a % w.ndim for a in np.atleast_1d(channel_axis).tolist()}
+  reduce = tuple(i for i in range(w.ndim) if i not in axes)
   amax = np.max(np.abs(w), axis=reduce, keepdims=True)
   scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
   q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
@@ -90,12 +94,26 @@ def quantize_params(params: PyTree, *, rules: Rules = DEFAULT_RULES, bits: int =
   """
   selected = match_rules(params, rules, what="quantization choice")
 
-  def quantize(leaf: Any, choose: Any) -> Any:
+  def quantize(path: str, leaf: Any, choose: Any) -> Any:
     if choose and np.ndim(leaf) >= 2 and np.size(leaf) >= min_size:
-      return quantize_tensor(leaf, bits=bits)
+      return quantize_tensor(leaf, bits=bits, channel_axis=output_axes(path, np.ndim(leaf)))
     return leaf
 
-  return jax.tree.map(quantize, params, selected)
+  return map_with_path(quantize, params, selected)
+
+
+def output_axes(path: str, ndim: int) -> int | tuple[int, ...]:
+  """The output channel axes of a kernel: the last; both (head, column) axes of
+  an attention projection's [width, heads, head_dim] kernel (Flax
+  `MultiHeadDotProductAttention`'s query/key/value), whose heads differ in
+  range.
+
+  >>> output_axes("encoderblock_0/MultiHeadDotProductAttention_0/query/kernel", 3)
+  (-2, -1)
+  >>> output_axes("encoderblock_0/MultiHeadDotProductAttention_0/out/kernel", 3)
+  -1
+  """
+  return (-2, -1) if ndim == 3 and re.search(r"(^|/)(query|key|value)/kernel$", path) else -1
 
 
 def quantize_variables(variables: PyTree, **kwargs: Any) -> PyTree:

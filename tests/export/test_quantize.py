@@ -28,6 +28,25 @@ def test_dequantized_within_half_step_per_channel():
     quantize.quantize_tensor(w, bits=16)
 
 
+def test_attention_projections_get_a_scale_per_head_and_column(tmp_path):
+  # [width, heads, head_dim]: heads of different ranges shared one scale per
+  # column, so a small head kept few of its 255 levels.
+  rng = np.random.default_rng(1)
+  query = rng.normal(size=(32, 4, 8)).astype(np.float32) * np.array(
+      [0.01, 1.0, 0.1, 3.0], np.float32)[:, None]
+  params = {"MultiHeadDotProductAttention_0": {"query": {"kernel": query},
+                                               "out": {"kernel": query.transpose(1, 2, 0)}}}
+  q = quantize.quantize_params(params)["MultiHeadDotProductAttention_0"]
+  assert q["query"]["kernel"].scale.shape == (1, 4, 8) and q["out"]["kernel"].scale.shape == (
+      1, 1, 32)
+  err = np.abs(np.asarray(q["query"]["kernel"].dequantize()) - query)
+  assert err[:, 0].max() <= np.abs(query[:, 0]).max() / 254 + 1e-9  # the small head's own step
+  quantize.save(tmp_path / "q.safetensors", {"params": {"a": q}})
+  loaded, _ = quantize.load(tmp_path / "q.safetensors")
+  np.testing.assert_array_equal(loaded["params"]["a"]["query"]["kernel"].dequantize(),
+                                q["query"]["kernel"].dequantize())
+
+
 @pytest.fixture(scope="module")
 def model():
   m = TinyCNN(4, width=16)
