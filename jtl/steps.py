@@ -435,7 +435,9 @@ def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
 def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Wraps a train step so that an update whose loss or gradient norm is NaN
-  or inf is not applied: params, optimizer state and model statistics stay
+  or inf, or that would make a trainable weight or a model statistic NaN or
+  inf (an update that overflows), is not applied: params, optimizer state
+  and model statistics stay
   as they were; the step counter and rng advance (the batch is consumed).
   The metrics gain "skipped" (1.0 for a skipped update, else 0.0).
 
@@ -447,12 +449,20 @@ def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, d
   >>> new, metrics = skip_nonfinite(bad)(state, {})
   >>> new.trainable["w"].tolist(), int(new.step), float(metrics["skipped"])
   ([1.0, 1.0], 1, 1.0)
+  >>> overflow = lambda s, b: (s.replace(trainable={"w": s.trainable["w"] * jnp.inf}),
+  ...                          {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(1.0)})
+  >>> new, metrics = skip_nonfinite(overflow)(state, {})
+  >>> new.trainable["w"].tolist(), float(metrics["skipped"])
+  ([1.0, 1.0], 1.0)
   """
   def guarded(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     new, metrics = train_step(state, batch)
     ok = jnp.isfinite(metrics["loss"])
     if "grad_norm" in metrics:
       ok &= jnp.isfinite(metrics["grad_norm"])
+    for leaf in jax.tree.leaves((new.trainable, new.model_state)):
+      if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        ok &= jnp.all(jnp.isfinite(leaf))
     keep = lambda n, o: jnp.where(ok, n, o)
     new = new.replace(trainable=jax.tree.map(keep, new.trainable, state.trainable),
                       ema=jax.tree.map(keep, new.ema, state.ema),
