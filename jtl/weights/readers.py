@@ -39,7 +39,7 @@ from etils import epath
 
 from jtl.weights import hub, onnx_file, torch_files
 from jtl.weights.orbax_reader import read_orbax
-from jtl.weights.sources import resolve
+from jtl.weights.sources import cached_download_hint, resolve
 from jtl.weights.torch_pickle import Budget
 from jtl.errors import CheckpointError, JtlError, bullet_list
 
@@ -399,6 +399,18 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
     raise CheckpointError(
         f"Unknown format={format!r} for {source}; expected one of {FORMATS}.")
   path = resolve(source)
+  try:
+    return _read_path(path, format, subtree, max_expansion)
+  except CheckpointError as e:
+    hint = cached_download_hint(path)
+    if not hint or hint in str(e):
+      raise
+    raise CheckpointError(str(e) + hint) from e
+
+
+def _read_path(path: epath.Path, format: str | None,  # pylint: disable=redefined-builtin
+               subtree: str | None, max_expansion: float | None) -> dict[str, np.ndarray]:
+  """`read` of a resolved path."""
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory.")
   if path.name.endswith(".index.json") and not path.is_dir():  # sharded (Hub)
