@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import http.server
 import io
+import pickle
+import struct
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -87,3 +90,67 @@ def test_a_damaged_cached_download_says_to_delete_it(tmp_path, monkeypatch, serv
   url = serve({"/m.safetensors": b"\x10" + b"\x00" * 7 + b"{not json at all"})
   with pytest.raises(CheckpointError, match="cached by jtl: delete it"):
     read(url + "/m.safetensors")
+
+
+# Pickle pieces for hand-built torch files (as a hostile writer would build them).
+P = pickle
+
+
+def _put(i: int) -> bytes:
+  return P.LONG_BINPUT + struct.pack("<I", i)
+
+
+def _get(i: int) -> bytes:
+  return P.LONG_BINGET + struct.pack("<I", i)
+
+
+def _ustr(text: str) -> bytes:
+  raw = text.encode()
+  return P.BINUNICODE + struct.pack("<I", len(raw)) + raw
+
+
+def _doublings(n: int, tuples: bool = False) -> bytes:
+  """memo[n]: a list (tuple) of two memo[n-1]: 2**n leaves in O(n) bytes."""
+  out = (P.EMPTY_TUPLE if tuples else P.EMPTY_LIST) + _put(0)
+  for i in range(1, n + 1):
+    pair = _get(i - 1) + _get(i - 1)
+    out += (pair + P.TUPLE2 if tuples else P.MARK + pair + P.LIST) + _put(i)
+  return out
+
+
+def _torch_zip(path, pkl: bytes) -> None:
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", P.PROTO + b"\x02" + pkl + P.STOP)
+
+
+@pytest.mark.parametrize("use", ["encode", "key", "persistent_id"])
+def test_pickle_memo_bombs_are_refused(tmp_path, use):
+  n = 40  # 2**40 elements reached from a file of about 600 bytes
+  if use == "encode":  # _codecs.encode(<shared list>, "latin1")
+    value = (P.GLOBAL + b"_codecs\nencode\n" + _get(n) + _ustr("latin1")
+             + P.TUPLE2 + P.REDUCE)
+    pkl = _doublings(n) + P.EMPTY_DICT + _ustr("a") + value + P.SETITEM
+  elif use == "key":  # a shared tuple as a dict key: hashing walks it all
+    pkl = _doublings(n, tuples=True) + P.EMPTY_DICT + _get(n) + P.BININT1 + b"\x01"
+    pkl += P.SETITEM
+  else:  # an error message that would print the persistent id
+    pkl = _doublings(n) + P.EMPTY_DICT + _ustr("a") + _get(n) + P.BINPERSID + P.SETITEM
+  _torch_zip(tmp_path / "bomb.pt", pkl)
+  with pytest.raises(CheckpointError, match="bomb.pt: more than 1000000 entries"):
+    read(tmp_path / "bomb.pt")
+
+
+@pytest.mark.parametrize("pkl, match", [
+    (_doublings(3, tuples=True) + P.EMPTY_DICT + _get(3) + P.BININT1 + b"\x01"
+     + P.SETITEM, "a dict key is a tuple"),
+    (_doublings(3) + P.EMPTY_DICT + _ustr("a") + P.GLOBAL + b"_codecs\nencode\n"
+     + _get(3) + _ustr("latin1") + P.TUPLE2 + P.REDUCE + P.SETITEM,
+     "_codecs.encode of a list"),
+    (P.EMPTY_DICT + _ustr("a") + P.EMPTY_LIST + P.DUP + P.APPEND + P.SETITEM,
+     "DUP refused"),
+    (P.EMPTY_LIST + _put(0) + _get(0) + P.APPEND, "changes a list after referring"),
+])
+def test_small_pickles_that_could_grow_are_refused(tmp_path, pkl, match):
+  _torch_zip(tmp_path / "small.pt", pkl)
+  with pytest.raises(CheckpointError, match=match):
+    read(tmp_path / "small.pt")
