@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
+import msgpack
 import numpy as np
 from etils import epath
 
@@ -55,6 +56,7 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
         "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
         "F8_E8M0": ml_dtypes.float8_e8m0fnu}.items()}
 _MAX_NODES = 1_000_000  # a state dict has thousands; guards shared-list bombs
+_NODE_BYTES = 64  # what a msgpack map or list entry costs in memory, at least
 MAX_EXPANSION = 4.0
 EXPANSION_FLOOR = 64 << 20
 
@@ -104,11 +106,9 @@ def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
         scalars and isinstance(node, (bool, int, float, complex))):
       if isinstance(node, int) and not -2**63 <= node < 2**63:
         return
-      if np.asarray(node).dtype.hasobject:
-        raise CheckpointError(f"{path}: {name!r} holds Python objects")
       if name in out:
         raise CheckpointError(f"{path}: the key {name!r} appears twice")
-      out[name] = np.asarray(node)
+      out[name] = numeric_array(np.asarray(node), path, name)
       return
     else:
       return
@@ -121,6 +121,23 @@ def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
 
   visit(tree, prefix)
   return out
+
+
+def numeric_array(arr: np.ndarray, path: Any, name: str) -> np.ndarray:
+  """`arr` in native byte order if it holds numbers jtl can load (bool, int,
+  uint, float, ml_dtypes' bfloat16 and float8), else a CheckpointError."""
+  dtype = arr.dtype
+  ml = getattr(dtype.type, "__module__", "") == "ml_dtypes"
+  if dtype.fields is not None or dtype.subdtype is not None or not (
+      dtype.kind in "biuf" or ml):
+    what = "Python objects" if dtype.hasobject else f"dtype {dtype.str!r} ({dtype})"
+    raise CheckpointError(
+        f"{path}: {name!r} holds {what}; jtl reads only bool, int, uint and float "
+        "arrays (bfloat16 and float8 too). Convert it to one of them before "
+        "saving, or drop it.")
+  if dtype.byteorder not in ("=", "|") and dtype != dtype.newbyteorder("="):
+    arr = arr.astype(dtype.newbyteorder("="))
+  return arr
 
 
 def _head(path: epath.Path, n: int = 16) -> bytes:
@@ -208,6 +225,7 @@ def _npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any,
       raise CheckpointError(
           f"{path}: member {info.filename!r} holds Python objects, which "
           "jtl does not unpickle.")
+    numeric_array(np.zeros(0, dtype), path, info.filename[:-len(".npy")])
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes > info.file_size:
       raise CheckpointError(
@@ -215,7 +233,8 @@ def _npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any,
           f"({nbytes} bytes) but holds only {info.file_size} bytes.")
     budget.charge(nbytes, f"member {info.filename!r} (shape {shape})")
     raw = torch_files.read_exact(f, nbytes, f"{path}: member {info.filename!r}")
-  return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+  arr = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+  return numeric_array(arr, path, info.filename[:-len(".npy")])
 
 
 def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
@@ -317,9 +336,28 @@ def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]
 
 
 def _read_msgpack(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
+  """flax.serialization's msgpack, with every length bounded by the file's size
+  and every map, list and array charged to `budget` as it is built."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
-  tree = serialization.msgpack_restore(path.read_bytes())
+  data = path.read_bytes()
+  size = len(data)  # no container holds more elements than the file has bytes
+
+  def node(obj: Any) -> Any:
+    budget.charge(_NODE_BYTES * (1 + len(obj)), f"a msgpack {type(obj).__name__} "
+                  f"of {len(obj)} entries ({_NODE_BYTES} bytes each)")
+    return obj
+
+  def ext(code: int, raw: bytes) -> Any:
+    out = serialization._msgpack_ext_unpack(code, raw)  # pylint: disable=protected-access
+    budget.charge(getattr(out, "nbytes", len(raw)), f"a msgpack array ({len(raw)} bytes)")
+    return out
+
+  tree = msgpack.unpackb(
+      data, ext_hook=ext, raw=False, strict_map_key=False, object_hook=node,
+      list_hook=node, max_str_len=size, max_bin_len=size, max_array_len=size,
+      max_map_len=size, max_ext_len=size)
+  tree = serialization._unchunk_array_leaves_in_place(tree)  # pylint: disable=protected-access
   if not isinstance(tree, Mapping):
     raise CheckpointError(
         f"{path}: the msgpack data is a {type(tree).__name__}, not a mapping "

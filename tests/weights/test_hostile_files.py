@@ -10,11 +10,13 @@ import struct
 import threading
 import zipfile
 
+import msgpack
 import numpy as np
 import pytest
+from flax import serialization
 
 from jtl.errors import CheckpointError
-from jtl.weights import read, resolve
+from jtl.weights import read, readers, resolve
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -154,3 +156,49 @@ def test_small_pickles_that_could_grow_are_refused(tmp_path, pkl, match):
   _torch_zip(tmp_path / "small.pt", pkl)
   with pytest.raises(CheckpointError, match=match):
     read(tmp_path / "small.pt")
+
+
+def test_msgpack_containers_are_charged_to_the_budget(tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "EXPANSION_FLOOR", 0)
+  n = 100_000  # {"a": [{}] * n}: 100 KB that would become n Python dicts
+  path = tmp_path / "flood.msgpack"
+  path.write_bytes(b"\x81\xa1a\xdd" + n.to_bytes(4, "big") + b"\x80" * n)
+  with pytest.raises(CheckpointError, match="flood.msgpack: a msgpack dict .* more than the limit"):
+    read(path)
+  monkeypatch.undo()
+  ok = tmp_path / "ok.msgpack"
+  ok.write_bytes(serialization.msgpack_serialize({"a": {"b": np.arange(3.0)}}))
+  np.testing.assert_array_equal(read(ok)["a/b"], np.arange(3.0))
+
+
+def _msgpack_array(name: str, value: np.ndarray) -> bytes:
+  """{name: value} as flax's msgpack ext, the dtype spelled with its byte order."""
+  raw = msgpack.packb((value.shape, value.dtype.str, value.tobytes()))
+  return msgpack.packb({name: msgpack.ExtType(1, raw)})
+
+
+@pytest.mark.parametrize("value", [
+    np.array(["abc"]), np.array([1 + 2j]), np.zeros(2, "i4,f4"),
+    np.array(["2024-01-01"], "datetime64[D]")], ids=["str", "complex", "struct", "datetime"])
+@pytest.mark.parametrize("fmt", ["npz", "msgpack"])
+def test_arrays_that_are_not_numbers_are_refused(tmp_path, fmt, value):
+  path = tmp_path / f"w.{fmt}"
+  if fmt == "npz":
+    np.savez(path, x=value)
+  else:
+    path.write_bytes(_msgpack_array("x", value))
+  with pytest.raises(CheckpointError, match=rf"w.{fmt}: .*'x'.* holds dtype .*bool, int"):
+    read(path)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "msgpack"])
+def test_big_endian_arrays_are_read_in_native_order(tmp_path, fmt):
+  value = np.arange(4, dtype=">f4")
+  path = tmp_path / f"w.{fmt}"
+  if fmt == "npz":
+    np.savez(path, x=value)
+  else:
+    path.write_bytes(_msgpack_array("x", value))
+  got = read(path)["x"]
+  assert got.dtype == np.dtype("=f4")
+  np.testing.assert_array_equal(got, np.arange(4.0))
