@@ -46,6 +46,7 @@ from jtl.errors import CheckpointError, JtlError, bullet_list
 
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch", "onnx")
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_SAFETENSORS_HEADER_BYTES = 16 << 20  # headers above it: only in files over 1 GiB
 # safetensors dtype names -> numpy (little-endian, as the format stores them).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t).newbyteorder("<") for name, t in {
@@ -176,6 +177,10 @@ def detect_format(path: epath.Path) -> str:
     n = int.from_bytes(head[:8], "little")
     if head[8:9] == b"{" and (n + 8 <= size or n <= _MAX_SAFETENSORS_HEADER):
       return "safetensors"  # a header longer than the file: truncated, said when read
+    if head[8:9] == b"{" and head[9:10] in (b'"', b"}", b" ", b"\n"):
+      raise CheckpointError(
+          f"{path}: a safetensors file cut short or damaged: its header declares {n} bytes "
+          f"of JSON, but the file has only {size} bytes in all. Download or copy it again.")
   elif path.name.endswith(".safetensors"):
     raise CheckpointError(
         f"{path}: a safetensors file cut short: {size} bytes, less than its 8-byte header "
@@ -302,14 +307,35 @@ def _safetensors_header(path: epath.Path, f: Any) -> tuple[dict[str, Any], int]:
         f"{path}: not a safetensors file (the 8-byte header length "
         f"{head.hex()} is missing, or larger than the file or "
         f"{_MAX_SAFETENSORS_HEADER}).")
+  limit = max(_SAFETENSORS_HEADER_BYTES, min(_MAX_SAFETENSORS_HEADER, size // 64))
+  if n > limit:
+    raise CheckpointError(
+        f"{path}: the safetensors header declares {n} bytes of JSON, more than the "
+        f"{limit} bytes a file of {size} bytes may have (real headers take a few "
+        "hundred bytes per tensor). The file is damaged or built to exhaust memory.")
+
+  def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+      keys = [k for k, _ in pairs]
+      twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+      raise CheckpointError(
+          f"{path}: the safetensors header names {twice!r:.80} twice; the file is "
+          "damaged (a writer never repeats a name). Export it again.")
+    return out
+
   try:
-    header = json.loads(f.read(n))
+    header = json.loads(f.read(n), object_pairs_hook=unique)
   except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise CheckpointError(
         f"{path}: the safetensors header is not valid JSON ({e}).") from None
   if not isinstance(header, dict):
     raise CheckpointError(f"{path}: the safetensors header is not an object")
-  header.pop("__metadata__", None)
+  meta = header.pop("__metadata__", {})
+  if not (isinstance(meta, dict) and all(type(v) is str for v in meta.values())):
+    raise CheckpointError(
+        f"{path}: the safetensors __metadata__ is not an object of strings (a "
+        f"{type(meta).__name__}); the file is damaged. Export it again.")
   return header, n
 
 
@@ -320,6 +346,10 @@ def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]
     size = path.stat().length - 8 - n
     entries = {k: _safetensors_entry(path, k, v, size)
                for k, v in header.items()}
+    if not entries:
+      raise CheckpointError(
+          f"{path}: a safetensors file without tensors (its header is empty); "
+          "export the weights again.")
     spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
       if begin < end:

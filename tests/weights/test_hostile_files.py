@@ -202,3 +202,40 @@ def test_big_endian_arrays_are_read_in_native_order(tmp_path, fmt):
   got = read(path)["x"]
   assert got.dtype == np.dtype("=f4")
   np.testing.assert_array_equal(got, np.arange(4.0))
+
+
+def _safetensors(path, header: bytes, data: bytes = b"", n: int | None = None) -> None:
+  path.write_bytes(struct.pack("<Q", len(header) if n is None else n) + header + data)
+
+
+_W = b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"{" + _W + b", " + _W + b"}", "names 'w' twice"),
+    (b'{"__metadata__": [[], [], []], ' + _W + b"}", "__metadata__ is not an object of strings"),
+    (b"{}", "without tensors"),
+    (b'{"__metadata__": {"format": "pt"}}', "without tensors"),
+], ids=["duplicate", "metadata_lists", "empty", "metadata_only"])
+def test_safetensors_headers_that_are_refused(tmp_path, header, match):
+  _safetensors(tmp_path / "w.safetensors", header, b"\0" * 4)
+  with pytest.raises(CheckpointError, match=f"w.safetensors: .*{match}"):
+    read(tmp_path / "w.safetensors")
+
+
+def test_a_safetensors_header_above_the_bound_is_refused_before_parsing(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "_SAFETENSORS_HEADER_BYTES", 1024)
+  meta = b'{"__metadata__": {"a": "' + b"x" * 2000 + b'"}, ' + _W + b"}"
+  _safetensors(tmp_path / "w.safetensors", meta, b"\0" * 4)
+  with pytest.raises(CheckpointError, match=r"declares 2\d+ bytes of JSON, more than the 1024"):
+    read(tmp_path / "w.safetensors")
+  small = b'{"__metadata__": {"a": "b"}, ' + _W + b"}"
+  _safetensors(tmp_path / "ok.safetensors", small, b"\0\0\x80\x3f")
+  assert read(tmp_path / "ok.safetensors")["w"].tolist() == [1.0]
+
+
+def test_a_safetensors_header_longer_than_the_file_is_called_cut_short(tmp_path):
+  _safetensors(tmp_path / "w.safetensors", b'{"w": {"dtype', n=10**15)
+  with pytest.raises(CheckpointError, match="cut short"):
+    read(tmp_path / "w.safetensors")
