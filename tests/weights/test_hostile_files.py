@@ -16,7 +16,7 @@ import pytest
 from flax import serialization
 
 from jtl.errors import CheckpointError
-from jtl.weights import read, readers, resolve
+from jtl.weights import onnx_file, read, readers, resolve
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -239,3 +239,40 @@ def test_a_safetensors_header_longer_than_the_file_is_called_cut_short(tmp_path)
   _safetensors(tmp_path / "w.safetensors", b'{"w": {"dtype', n=10**15)
   with pytest.raises(CheckpointError, match="cut short"):
     read(tmp_path / "w.safetensors")
+
+
+def _onnx(path, *tensors: bytes) -> None:
+  graph = b"".join(onnx_file._field(5, t) for t in tensors)  # pylint: disable=protected-access
+  path.write_bytes(bytes([0x08, 7]) + onnx_file._field(7, graph))  # pylint: disable=protected-access
+
+
+def _onnx_tensor(name: str, dtype: int, fields: bytes) -> bytes:
+  return fields + bytes([0x10, dtype]) + onnx_file._field(8, name.encode())  # pylint: disable=protected-access
+
+
+def test_onnx_packed_values_are_counted_and_charged_before_decoding(tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "EXPANSION_FLOOR", 0)
+  n = 100_000  # int32_data: n one-byte varints, which decode to n Python ints
+  dims = bytes([0x08]) + onnx_file._varint_bytes(n)  # pylint: disable=protected-access
+  packed = onnx_file._field(5, b"\x01" * n)  # pylint: disable=protected-access
+  _onnx(tmp_path / "ints.onnx", _onnx_tensor("w", 6, dims + packed))
+  with pytest.raises(CheckpointError, match="ints.onnx: decoding initializer 'w'"):
+    read(tmp_path / "ints.onnx")
+  assert read(tmp_path / "ints.onnx", max_expansion=None)["w"].sum() == n
+  packed = onnx_file._field(7, b"\x01" * n)  # pylint: disable=protected-access
+  _onnx(tmp_path / "lie.onnx", _onnx_tensor("w", 7, bytes([0x08, 1]) + packed))
+  monkeypatch.setattr(onnx_file, "_typed_values", None)  # never reached
+  with pytest.raises(CheckpointError, match=rf"dims \[1\] \(1 values\) but holds {n}"):
+    read(tmp_path / "lie.onnx")
+
+
+def test_onnx_dims_and_names_are_checked(tmp_path):
+  raw = onnx_file._field(9, b"\0" * 4)  # pylint: disable=protected-access
+  dims = onnx_file._field(1, b"\x01" * 1000)  # pylint: disable=protected-access
+  _onnx(tmp_path / "dims.onnx", _onnx_tensor("w", 1, dims + raw))
+  with pytest.raises(CheckpointError, match="dims.onnx: .*more than 64 values"):
+    read(tmp_path / "dims.onnx")
+  one = _onnx_tensor("w", 1, bytes([0x08, 1]) + raw)
+  _onnx(tmp_path / "twice.onnx", one, one)
+  with pytest.raises(CheckpointError, match="twice.onnx: two initializers are named 'w'"):
+    read(tmp_path / "twice.onnx")
