@@ -242,24 +242,24 @@ def test_a_safetensors_header_longer_than_the_file_is_called_cut_short(tmp_path)
 
 
 def _onnx(path, *tensors: bytes) -> None:
-  graph = b"".join(onnx_file._field(5, t) for t in tensors)  # pylint: disable=protected-access
-  path.write_bytes(bytes([0x08, 7]) + onnx_file._field(7, graph))  # pylint: disable=protected-access
+  graph = b"".join(onnx_file._field(5, t) for t in tensors)
+  path.write_bytes(bytes([0x08, 7]) + onnx_file._field(7, graph))
 
 
 def _onnx_tensor(name: str, dtype: int, fields: bytes) -> bytes:
-  return fields + bytes([0x10, dtype]) + onnx_file._field(8, name.encode())  # pylint: disable=protected-access
+  return fields + bytes([0x10, dtype]) + onnx_file._field(8, name.encode())
 
 
 def test_onnx_packed_values_are_counted_and_charged_before_decoding(tmp_path, monkeypatch):
   monkeypatch.setattr(readers, "EXPANSION_FLOOR", 0)
   n = 100_000  # int32_data: n one-byte varints, which decode to n Python ints
-  dims = bytes([0x08]) + onnx_file._varint_bytes(n)  # pylint: disable=protected-access
-  packed = onnx_file._field(5, b"\x01" * n)  # pylint: disable=protected-access
+  dims = bytes([0x08]) + onnx_file._varint_bytes(n)
+  packed = onnx_file._field(5, b"\x01" * n)
   _onnx(tmp_path / "ints.onnx", _onnx_tensor("w", 6, dims + packed))
   with pytest.raises(CheckpointError, match="ints.onnx: decoding initializer 'w'"):
     read(tmp_path / "ints.onnx")
   assert read(tmp_path / "ints.onnx", max_expansion=None)["w"].sum() == n
-  packed = onnx_file._field(7, b"\x01" * n)  # pylint: disable=protected-access
+  packed = onnx_file._field(7, b"\x01" * n)
   _onnx(tmp_path / "lie.onnx", _onnx_tensor("w", 7, bytes([0x08, 1]) + packed))
   monkeypatch.setattr(onnx_file, "_typed_values", None)  # never reached
   with pytest.raises(CheckpointError, match=rf"dims \[1\] \(1 values\) but holds {n}"):
@@ -267,8 +267,8 @@ def test_onnx_packed_values_are_counted_and_charged_before_decoding(tmp_path, mo
 
 
 def test_onnx_dims_and_names_are_checked(tmp_path):
-  raw = onnx_file._field(9, b"\0" * 4)  # pylint: disable=protected-access
-  dims = onnx_file._field(1, b"\x01" * 1000)  # pylint: disable=protected-access
+  raw = onnx_file._field(9, b"\0" * 4)
+  dims = onnx_file._field(1, b"\x01" * 1000)
   _onnx(tmp_path / "dims.onnx", _onnx_tensor("w", 1, dims + raw))
   with pytest.raises(CheckpointError, match="dims.onnx: .*more than 64 values"):
     read(tmp_path / "dims.onnx")
