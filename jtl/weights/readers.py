@@ -454,8 +454,9 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
       `EXPANSION_FLOOR` (64 MiB) bytes of arrays; a file that asks for more
       (a zip bomb, stride-0 tensors over a tiny storage) is refused before
       anything is allocated. Tied weights (plain views of one torch storage)
-      count once. None lifts the limit. Orbax directories are checked by
-      `verify_orbax` instead (declared sizes against the bytes on disk).
+      count once. None lifts the limit. An Orbax directory passes
+      `verify_orbax` first, then the arrays it declares are held to the same
+      limit with the folder's bytes on disk as its size.
 
   Returns:
     {name: np.ndarray} on the host.
@@ -487,7 +488,7 @@ def _read_path(path: epath.Path, format: str | None,  # pylint: disable=redefine
   fmt = format or detect_format(path)
   if fmt == "orbax":
     with guard(path, "an Orbax checkpoint"):
-      return read_orbax(path, subtree)
+      return read_orbax(path, subtree, max_expansion, EXPANSION_FLOOR)
   if path.is_dir():
     raise CheckpointError(
         f"{path}: a directory, but format={fmt!r} needs a file.")

@@ -276,3 +276,26 @@ def test_onnx_dims_and_names_are_checked(tmp_path):
   _onnx(tmp_path / "twice.onnx", one, one)
   with pytest.raises(CheckpointError, match="twice.onnx: two initializers are named 'w'"):
     read(tmp_path / "twice.onnx")
+
+
+def _orbax(path, tree, ocdbt: bool) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt)).save(path, tree)
+
+
+@pytest.mark.parametrize("ocdbt", [True, False], ids=["ocdbt", "files"])
+def test_orbax_declared_sizes_are_held_to_max_expansion(tmp_path, monkeypatch, ocdbt):
+  _orbax(tmp_path / "ck", {"z": np.zeros((64, 64), np.float32), "b": np.ones(3)}, ocdbt)
+  flat = read(tmp_path / "ck")  # Orbax stores all-zero chunks: an all-zero array loads
+  assert flat["z"].shape == (64, 64) and not flat["z"].any() and flat["b"].tolist() == [1] * 3
+  monkeypatch.setattr(readers, "EXPANSION_FLOOR", 0)
+  with pytest.raises(CheckpointError, match=r"ck: the arrays to restore .*max_expansion=0.5"):
+    read(tmp_path / "ck", max_expansion=0.5)
+  assert read(tmp_path / "ck", max_expansion=None)["z"].shape == (64, 64)
+
+
+def test_orbax_missing_chunk_is_named(tmp_path):
+  _orbax(tmp_path / "ck", {"w": np.ones((4, 4), np.float32)}, ocdbt=False)
+  (tmp_path / "ck" / "w" / "0.0").unlink()
+  with pytest.raises(CheckpointError, match=r"ck: .*array 'w'.*chunk 0.0 is missing"):
+    read(tmp_path / "ck")
