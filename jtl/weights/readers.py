@@ -257,7 +257,12 @@ def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
           "trust it (zero-heavy or pruned weights compress far), pass a larger "
           "max_expansion= (None: no limit) to jtl.weights.read or jtl.load_pretrained.")
     for info in members:
-      out[info.filename[:-len(".npy")]] = _npy_member(zf, info, path, budget)
+      name = info.filename[:-len(".npy")]
+      if name in out:
+        raise CheckpointError(
+            f"{path}: the zip holds two members named {info.filename!r}; the file is "
+            "damaged (np.savez writes each name once). Save it again.")
+      out[name] = _npy_member(zf, info, path, budget)
   if not out:
     raise CheckpointError(f"{path}: a zip file without .npy members, so not npz")
   return out

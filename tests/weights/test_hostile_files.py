@@ -31,15 +31,18 @@ class _Server:
   def __init__(self, files: dict):
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):  # noqa: N802 - the http.server name
-        if self.path not in files:
-          self.send_error(404)
+        answer = files.get(self.path.split("?")[0], 404)
+        if isinstance(answer, int):
+          self.send_error(answer)
           return
-        body, length = files[self.path]
+        body, length = answer
         self.send_response(200)
         self.send_header("Content-Length", str(length))
         self.end_headers()
         self.wfile.write(body)
         self.close_connection = True
+
+      do_HEAD = do_GET  # noqa: N815
 
       def log_message(self, *args):
         pass
@@ -299,3 +302,28 @@ def test_orbax_missing_chunk_is_named(tmp_path):
   (tmp_path / "ck" / "w" / "0.0").unlink()
   with pytest.raises(CheckpointError, match=r"ck: .*array 'w'.*chunk 0.0 is missing"):
     read(tmp_path / "ck")
+
+
+def test_a_hub_server_error_is_reported_as_such(tmp_path, monkeypatch, serve):
+  url = serve({"/org/repo/resolve/main/model.safetensors": 500})
+  monkeypatch.setenv("HF_ENDPOINT", url)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+    monkeypatch.delenv(name, raising=False)
+  hf_http = pytest.importorskip("huggingface_hub.utils._http")
+  monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # no retry backoff
+  with pytest.raises(CheckpointError, match="answered HTTP 500.*retry later") as e:
+    read("hf://org/repo/model.safetensors")
+  assert "cannot be reached" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_npz_with_two_members_of_one_name_is_refused(tmp_path):
+  path = tmp_path / "twice.npz"
+  with zipfile.ZipFile(path, "w") as zf:
+    for value in (np.zeros(2), np.ones(2)):
+      buf = io.BytesIO()
+      np.save(buf, value)
+      zf.writestr("w.npy", buf.getvalue())
+  with pytest.raises(CheckpointError, match="twice.npz: the zip holds two members named 'w.npy'"):
+    read(path)
