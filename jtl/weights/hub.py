@@ -220,6 +220,12 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None, filename: str,
           f"the Hub cache {s['cache_dir']}. Download it once with the network "
           "(unset HF_HUB_OFFLINE), or point HF_HOME / HF_HUB_CACHE at a cache "
           "that has it.")
+    cause = getattr(getattr(e.__cause__, "response", None), "status_code", None)
+    if isinstance(cause, int) and cause >= 500:
+      return CheckpointError(
+          f"Cannot download {what}: {s['endpoint']} answered HTTP {cause} (a "
+          f"server error) and the file is not in the Hub cache {s['cache_dir']}. "
+          "The Hub may be down or overloaded: retry later.")
     return CheckpointError(
         f"Cannot download {what}: {s['endpoint']} cannot be reached "
         f"({type(e.__cause__ or e).__name__}) and the file is not in the Hub "

@@ -31,6 +31,7 @@ DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: 
           13: np.uint64}
 # Typed repeated fields: field number -> (wire decoder, numpy dtype of what it holds).
 _TYPED = {4: "<f4", 5: "varint", 7: "varint", 10: "<f8"}
+_DECODE_BYTES = 48  # a typed value decoded: a Python int in a list, then int64s
 
 
 def _varint(buf: memoryview, i: int, where: str) -> tuple[int, int]:
@@ -70,10 +71,17 @@ def fields(buf: memoryview, where: str) -> Iterator[tuple[int, int, Any]]:
     yield num, wire, value
 
 
-def _ints(wire: int, value: Any, where: str) -> list[int]:
-  """A repeated integer field, packed (one length-delimited run) or not."""
+_MAX_DIMS = 64
+
+
+def _ints(wire: int, value: Any, where: str, limit: int) -> list[int]:
+  """A repeated integer field, packed (one length-delimited run) or not; at
+  most `limit` values (counted before any is decoded)."""
   if wire == 0:
     return [value]
+  if _count(4, wire, value) > limit:
+    raise CheckpointError(f"{where}: a packed integer field holds more than {limit} "
+                          "values; the file is damaged.")
   out, i = [], 0
   while i < len(value):
     v, i = _varint(value, i, where)
@@ -81,12 +89,35 @@ def _ints(wire: int, value: Any, where: str) -> list[int]:
   return out
 
 
+def _count(num: int, wire: int, value: Any) -> int:
+  """How many values a typed field holds, without decoding them."""
+  if wire != 2:
+    return 1
+  if _TYPED.get(num, "varint") == "varint":  # one byte without the high bit per value
+    return int(np.count_nonzero(np.frombuffer(value, np.uint8) < 0x80))
+  return len(value) // np.dtype(_TYPED[num]).itemsize
+
+
+def _typed_values(typed: list[Any], where: str, count: int) -> np.ndarray:
+  parts = []
+  for num, wire, value in typed:
+    if _TYPED[num] == "varint":
+      parts.append(np.array(_ints(wire, value, where, count), np.uint64).astype(np.int64))
+    else:
+      parts.append(np.frombuffer(value, _TYPED[num]) if wire == 2
+                   else np.array([value], np.uint64).view(_TYPED[num]))
+  return np.concatenate(parts) if parts else np.zeros(0)
+
+
 def _tensor_array(msg: memoryview, where: str, budget: Any) -> tuple[str, np.ndarray]:
   dims: list[int] = []
-  dtype, name, raw, typed = 1, "", None, []
+  dtype, name, raw, typed, held, unpacked = 1, "", None, [], 0, False
   for num, wire, value in fields(msg, where):
     if num == 1:
-      dims += _ints(wire, value, where)
+      dims += _ints(wire, value, where, _MAX_DIMS)
+      if len(dims) > _MAX_DIMS:
+        raise CheckpointError(f"{where}: an initializer has more than {_MAX_DIMS} dims; "
+                              "the file is damaged.")
     elif num == 2:
       dtype = value
     elif num == 8:
@@ -97,7 +128,10 @@ def _tensor_array(msg: memoryview, where: str, budget: Any) -> tuple[str, np.nda
       raise CheckpointError(f"{where}: initializer {name!r} is stored in an external "
                             "data file; only weights inside the .onnx file are read.")
     elif num in _TYPED:
-      typed.append((num, wire, value))
+      held += _count(num, wire, value)
+      unpacked |= wire != 2
+      if wire == 2:  # one packed run: keep it; single values are decoded on a second pass
+        typed.append((num, wire, value))
   if dtype not in DTYPES:
     raise CheckpointError(f"{where}: initializer {name!r} has ONNX data type {dtype}; "
                           f"supported: {sorted(DTYPES)}.")
@@ -106,18 +140,17 @@ def _tensor_array(msg: memoryview, where: str, budget: Any) -> tuple[str, np.nda
   if any(d < 0 for d in dims):
     raise CheckpointError(f"{where}: initializer {name!r} has negative dims {dims}.")
   count = math.prod(dims)  # Python ints: np.prod would wrap around in int64
+  if raw is None and held != count:
+    raise CheckpointError(f"{where}: initializer {name!r} declares dims {dims} "
+                          f"({count} values) but holds {held}.")
   budget.charge(count * np_dtype.itemsize, f"initializer {name!r} {dims}")
   if raw is not None:
     values = np.frombuffer(raw, np_dtype.newbyteorder("<"))
   else:
-    parts = []
-    for num, wire, value in typed:
-      if _TYPED[num] == "varint":
-        parts.append(np.array(_ints(wire, value, where), np.uint64).astype(np.int64))
-      else:
-        parts.append(np.frombuffer(value, _TYPED[num]) if wire == 2
-                     else np.array([value], np.uint64).view(_TYPED[num]))
-    values = np.concatenate(parts) if parts else np.zeros(0)
+    if unpacked:  # single values: read again, now that their count is known
+      typed = [(n, w, v) for n, w, v in fields(msg, where) if n in _TYPED]
+    budget.charge(count * _DECODE_BYTES, f"decoding initializer {name!r} ({count} values)")
+    values = _typed_values(typed, where, count)
   if values.size != count:
     raise CheckpointError(f"{where}: initializer {name!r} declares dims {dims} "
                           f"({count} values) but holds {values.size}.")
@@ -143,21 +176,29 @@ def parse(data: bytes | bytearray | memoryview, where: str,
   for num, wire, value in fields(graph, where):
     if num == 5 and wire == 2:
       name, array = _tensor_array(value, where, budget)
+      if name in out:
+        raise CheckpointError(
+            f"{where}: two initializers are named {name!r}; the file is damaged "
+            "(an ONNX graph names each weight once). Export it again.")
       out[name] = array
   if not out:
     raise CheckpointError(f"{where}: the ONNX graph has no initializers (no weights).")
   return out
 
 
-def _field(num: int, payload: bytes) -> bytes:
-  """A length-delimited protobuf field (doctest and test helper)."""
-  n, size = len(payload), b""
+def _varint_bytes(n: int) -> bytes:
+  """`n` as a protobuf varint (test helper)."""
+  out = b""
   while True:
-    size += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+    out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
     n >>= 7
     if not n:
-      break
-  return bytes([num << 3 | 2]) + size + payload
+      return out
+
+
+def _field(num: int, payload: bytes) -> bytes:
+  """A length-delimited protobuf field (doctest and test helper)."""
+  return bytes([num << 3 | 2]) + _varint_bytes(len(payload)) + payload
 
 
 def _tensor(name: str, dims: list[int], dtype: int, raw: bytes) -> bytes:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +32,7 @@ from etils import epath
 
 from jtl import paths
 from jtl.errors import CheckpointError, bullet_list
+from jtl.weights.torch_pickle import Budget
 
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
 _META_KEYS = (".zarray", ".zattrs", ".zgroup", "zarr.json")
@@ -218,6 +221,24 @@ def _head(store: Any, key: bytes, head: Any, tail: Any, probe: Any,
     return store.read(key).result().value[:18]
 
 
+def _first_missing(name: str, arr: _Array, keys: list[bytes]) -> str:
+  """"; chunk 0.1 is missing" for the first grid chunk not in `keys` ("" if
+  the grid is too large to list)."""
+  if arr.num_chunks > 1_000_000:
+    return ""
+  stored = set()
+  for key in keys:
+    leaf = key.decode(errors="replace")[len(name) + 1:]
+    parts = re.split(r"[./]", leaf[2:] if leaf.startswith(("c/", "c.")) else leaf)
+    if all(p.isdigit() for p in parts):
+      stored.add(tuple(int(p) for p in parts))
+  grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks)]
+  for index in itertools.product(*grid):
+    if index not in stored:
+      return f"; chunk {'.'.join(map(str, index)) or '0'} is missing"
+  return ""
+
+
 def _check_chunks(path: Any, name: str, arr: _Array, keys: list[bytes],
                   reads: list[tuple[Any, Any]], all_stored: bool,
                   store: Any) -> None:
@@ -226,7 +247,9 @@ def _check_chunks(path: Any, name: str, arr: _Array, keys: list[bytes],
       arr.num_chunks == 0 and keys):
     raise _damaged(path, f"array {name!r} declares shape {list(arr.shape)} in "
                    f"chunks of {list(arr.chunks)}, that is {arr.num_chunks} "
-                   f"chunks ({arr.nbytes} bytes), but {len(keys)} are stored")
+                   f"chunks ({arr.nbytes} bytes), but {len(keys)} are stored"
+                   + _first_missing(name, arr, keys) + " (its _METADATA says "
+                   "Orbax stored every chunk, zeros included)")
   for key, (head, tail, probe) in zip(keys, reads):
     chunk = key.decode(errors="replace")
     try:
@@ -387,12 +410,24 @@ def _physical_memory() -> int | None:
     return None
 
 
-def _check_fits(path: epath.Path, keys: list[str]) -> None:
-  """verify_orbax, then: the arrays to restore fit in this host's memory."""
+def _disk_bytes(path: epath.Path) -> int:
+  """The bytes of every file under the folder `path`."""
+  if not paths.is_remote(path):
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(os.fspath(path)) for f in files)
+  return sum(p.stat().length for p in path.rglob("*") if p.is_file())
+
+
+def _check_fits(path: epath.Path, keys: list[str], budget: Budget | None) -> None:
+  """verify_orbax, then: the arrays to restore fit in `budget` (max_expansion x
+  the folder's bytes on disk + the floor) and in this host's memory."""
   sizes = _inspect(path)
   prefix = ".".join(keys)
   total = sum(b for n, b in sizes.items()
               if not prefix or n == prefix or n.startswith(prefix + "."))
+  if budget is not None:
+    budget.charge(total, f"the arrays to restore ({total} bytes declared; chunks "
+                  "equal to the fill value may be left out on disk)")
   memory = _physical_memory()
   if memory and total > memory:
     raise CheckpointError(
@@ -401,11 +436,12 @@ def _check_fits(path: epath.Path, keys: list[str]) -> None:
         "restore it sharded with the CheckpointManager.")
 
 
-def _restore(path: epath.Path, keys: list[str], subtree: str) -> Any:
+def _restore(path: epath.Path, keys: list[str], subtree: str,
+             budget: Budget | None = None) -> Any:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  _check_fits(path, keys)
+  _check_fits(path, keys, budget)
   tree = metadata_tree(path)
   item = _branch(tree, keys, path, subtree)
   restore_args = jax.tree.map(
@@ -453,8 +489,13 @@ def checkpoint_dir(path: epath.Path) -> epath.Path:
   return step
 
 
-def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
-  """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays."""
+def read_orbax(path: epath.Path, subtree: str | None, max_expansion: float | None = None,
+               floor: int = 0) -> dict[str, np.ndarray]:
+  """Restores the checkpoint (or its `subtree`) at `path` as numpy arrays.
+
+  With `max_expansion`, the arrays may declare at most `max_expansion` x the
+  checkpoint folder's bytes on disk + `floor` bytes (as the file readers).
+  """
   # In the function: readers imports this module at its top (an import cycle).
   from jtl.weights.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
 
@@ -463,8 +504,14 @@ def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
     path = epath.Path(os.path.abspath(os.fspath(path)))  # Orbax needs it
   keys = [k for k in (subtree or "").split("/") if k]
   path = checkpoint_dir(path)
+  budget = None
+  if max_expansion is not None:
+    size = _disk_bytes(path)
+    budget = Budget(str(path), int(max_expansion * size) + floor,
+                    f"(max_expansion={max_expansion} x the checkpoint's {size} bytes "
+                    f"on disk + {floor})")
   if _is_pytree_dir(path):
-    return select(to_flat_arrays(_restore(path, keys, subtree or ""), path,
+    return select(to_flat_arrays(_restore(path, keys, subtree or "", budget), path,
                                  prefix=subtree or ""), subtree, path)
   items = _items(path)
   if keys:
@@ -473,10 +520,10 @@ def read_orbax(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
           f"{path}: no item {keys[0]!r} for subtree {subtree!r}. Items:\n"
           + bullet_list(items))
     return select(to_flat_arrays(
-        _restore(path / keys[0], keys[1:], subtree or ""), path / keys[0],
+        _restore(path / keys[0], keys[1:], subtree or "", budget), path / keys[0],
         prefix=subtree or ""), subtree, path)
   out: dict[str, np.ndarray] = {}
   for name in items:
-    out.update(to_flat_arrays(_restore(path / name, [], ""), path / name,
+    out.update(to_flat_arrays(_restore(path / name, [], "", budget), path / name,
                               prefix=name))
   return out

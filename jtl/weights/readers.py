@@ -34,17 +34,19 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
+import msgpack
 import numpy as np
 from etils import epath
 
 from jtl.weights import hub, onnx_file, torch_files
 from jtl.weights.orbax_reader import read_orbax
-from jtl.weights.sources import resolve
+from jtl.weights.sources import cached_download_hint, resolve
 from jtl.weights.torch_pickle import Budget
 from jtl.errors import CheckpointError, JtlError, bullet_list
 
 FORMATS = ("orbax", "msgpack", "npz", "safetensors", "torch", "onnx")
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_SAFETENSORS_HEADER_BYTES = 16 << 20  # headers above it: only in files over 1 GiB
 # safetensors dtype names -> numpy (little-endian, as the format stores them).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t).newbyteorder("<") for name, t in {
@@ -55,6 +57,7 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
         "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
         "F8_E8M0": ml_dtypes.float8_e8m0fnu}.items()}
 _MAX_NODES = 1_000_000  # a state dict has thousands; guards shared-list bombs
+_NODE_BYTES = 64  # what a msgpack map or list entry costs in memory, at least
 MAX_EXPANSION = 4.0
 EXPANSION_FLOOR = 64 << 20
 
@@ -104,11 +107,9 @@ def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
         scalars and isinstance(node, (bool, int, float, complex))):
       if isinstance(node, int) and not -2**63 <= node < 2**63:
         return
-      if np.asarray(node).dtype.hasobject:
-        raise CheckpointError(f"{path}: {name!r} holds Python objects")
       if name in out:
         raise CheckpointError(f"{path}: the key {name!r} appears twice")
-      out[name] = np.asarray(node)
+      out[name] = numeric_array(np.asarray(node), path, name)
       return
     else:
       return
@@ -121,6 +122,23 @@ def to_flat_arrays(tree: Any, path: Any, *, scalars: bool = True,
 
   visit(tree, prefix)
   return out
+
+
+def numeric_array(arr: np.ndarray, path: Any, name: str) -> np.ndarray:
+  """`arr` in native byte order if it holds numbers jtl can load (bool, int,
+  uint, float, ml_dtypes' bfloat16 and float8), else a CheckpointError."""
+  dtype = arr.dtype
+  ml = getattr(dtype.type, "__module__", "") == "ml_dtypes"
+  if dtype.fields is not None or dtype.subdtype is not None or not (
+      dtype.kind in "biuf" or ml):
+    what = "Python objects" if dtype.hasobject else f"dtype {dtype.str!r} ({dtype})"
+    raise CheckpointError(
+        f"{path}: {name!r} holds {what}; jtl reads only bool, int, uint and float "
+        "arrays (bfloat16 and float8 too). Convert it to one of them before "
+        "saving, or drop it.")
+  if dtype.byteorder not in ("=", "|") and dtype != dtype.newbyteorder("="):
+    arr = arr.astype(dtype.newbyteorder("="))
+  return arr
 
 
 def _head(path: epath.Path, n: int = 16) -> bytes:
@@ -159,6 +177,10 @@ def detect_format(path: epath.Path) -> str:
     n = int.from_bytes(head[:8], "little")
     if head[8:9] == b"{" and (n + 8 <= size or n <= _MAX_SAFETENSORS_HEADER):
       return "safetensors"  # a header longer than the file: truncated, said when read
+    if head[8:9] == b"{" and head[9:10] in (b'"', b"}", b" ", b"\n"):
+      raise CheckpointError(
+          f"{path}: a safetensors file cut short or damaged: its header declares {n} bytes "
+          f"of JSON, but the file has only {size} bytes in all. Download or copy it again.")
   elif path.name.endswith(".safetensors"):
     raise CheckpointError(
         f"{path}: a safetensors file cut short: {size} bytes, less than its 8-byte header "
@@ -208,6 +230,7 @@ def _npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any,
       raise CheckpointError(
           f"{path}: member {info.filename!r} holds Python objects, which "
           "jtl does not unpickle.")
+    numeric_array(np.zeros(0, dtype), path, info.filename[:-len(".npy")])
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes > info.file_size:
       raise CheckpointError(
@@ -215,7 +238,8 @@ def _npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any,
           f"({nbytes} bytes) but holds only {info.file_size} bytes.")
     budget.charge(nbytes, f"member {info.filename!r} (shape {shape})")
     raw = torch_files.read_exact(f, nbytes, f"{path}: member {info.filename!r}")
-  return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+  arr = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+  return numeric_array(arr, path, info.filename[:-len(".npy")])
 
 
 def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
@@ -233,7 +257,12 @@ def _read_npz(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
           "trust it (zero-heavy or pruned weights compress far), pass a larger "
           "max_expansion= (None: no limit) to jtl.weights.read or jtl.load_pretrained.")
     for info in members:
-      out[info.filename[:-len(".npy")]] = _npy_member(zf, info, path, budget)
+      name = info.filename[:-len(".npy")]
+      if name in out:
+        raise CheckpointError(
+            f"{path}: the zip holds two members named {info.filename!r}; the file is "
+            "damaged (np.savez writes each name once). Save it again.")
+      out[name] = _npy_member(zf, info, path, budget)
   if not out:
     raise CheckpointError(f"{path}: a zip file without .npy members, so not npz")
   return out
@@ -283,14 +312,35 @@ def _safetensors_header(path: epath.Path, f: Any) -> tuple[dict[str, Any], int]:
         f"{path}: not a safetensors file (the 8-byte header length "
         f"{head.hex()} is missing, or larger than the file or "
         f"{_MAX_SAFETENSORS_HEADER}).")
+  limit = max(_SAFETENSORS_HEADER_BYTES, min(_MAX_SAFETENSORS_HEADER, size // 64))
+  if n > limit:
+    raise CheckpointError(
+        f"{path}: the safetensors header declares {n} bytes of JSON, more than the "
+        f"{limit} bytes a file of {size} bytes may have (real headers take a few "
+        "hundred bytes per tensor). The file is damaged or built to exhaust memory.")
+
+  def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+      keys = [k for k, _ in pairs]
+      twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+      raise CheckpointError(
+          f"{path}: the safetensors header names {twice!r:.80} twice; the file is "
+          "damaged (a writer never repeats a name). Export it again.")
+    return out
+
   try:
-    header = json.loads(f.read(n))
+    header = json.loads(f.read(n), object_pairs_hook=unique)
   except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise CheckpointError(
         f"{path}: the safetensors header is not valid JSON ({e}).") from None
   if not isinstance(header, dict):
     raise CheckpointError(f"{path}: the safetensors header is not an object")
-  header.pop("__metadata__", None)
+  meta = header.pop("__metadata__", {})
+  if not (isinstance(meta, dict) and all(type(v) is str for v in meta.values())):
+    raise CheckpointError(
+        f"{path}: the safetensors __metadata__ is not an object of strings (a "
+        f"{type(meta).__name__}); the file is damaged. Export it again.")
   return header, n
 
 
@@ -301,6 +351,10 @@ def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]
     size = path.stat().length - 8 - n
     entries = {k: _safetensors_entry(path, k, v, size)
                for k, v in header.items()}
+    if not entries:
+      raise CheckpointError(
+          f"{path}: a safetensors file without tensors (its header is empty); "
+          "export the weights again.")
     spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
       if begin < end:
@@ -317,9 +371,28 @@ def _read_safetensors(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]
 
 
 def _read_msgpack(path: epath.Path, budget: Budget) -> dict[str, np.ndarray]:
+  """flax.serialization's msgpack, with every length bounded by the file's size
+  and every map, list and array charged to `budget` as it is built."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
-  tree = serialization.msgpack_restore(path.read_bytes())
+  data = path.read_bytes()
+  size = len(data)  # no container holds more elements than the file has bytes
+
+  def node(obj: Any) -> Any:
+    budget.charge(_NODE_BYTES * (1 + len(obj)), f"a msgpack {type(obj).__name__} "
+                  f"of {len(obj)} entries ({_NODE_BYTES} bytes each)")
+    return obj
+
+  def ext(code: int, raw: bytes) -> Any:
+    out = serialization._msgpack_ext_unpack(code, raw)  # pylint: disable=protected-access
+    budget.charge(getattr(out, "nbytes", len(raw)), f"a msgpack array ({len(raw)} bytes)")
+    return out
+
+  tree = msgpack.unpackb(
+      data, ext_hook=ext, raw=False, strict_map_key=False, object_hook=node,
+      list_hook=node, max_str_len=size, max_bin_len=size, max_array_len=size,
+      max_map_len=size, max_ext_len=size)
+  tree = serialization._unchunk_array_leaves_in_place(tree)  # pylint: disable=protected-access
   if not isinstance(tree, Mapping):
     raise CheckpointError(
         f"{path}: the msgpack data is a {type(tree).__name__}, not a mapping "
@@ -386,8 +459,9 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
       `EXPANSION_FLOOR` (64 MiB) bytes of arrays; a file that asks for more
       (a zip bomb, stride-0 tensors over a tiny storage) is refused before
       anything is allocated. Tied weights (plain views of one torch storage)
-      count once. None lifts the limit. Orbax directories are checked by
-      `verify_orbax` instead (declared sizes against the bytes on disk).
+      count once. None lifts the limit. An Orbax directory passes
+      `verify_orbax` first, then the arrays it declares are held to the same
+      limit with the folder's bytes on disk as its size.
 
   Returns:
     {name: np.ndarray} on the host.
@@ -399,6 +473,18 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
     raise CheckpointError(
         f"Unknown format={format!r} for {source}; expected one of {FORMATS}.")
   path = resolve(source)
+  try:
+    return _read_path(path, format, subtree, max_expansion)
+  except CheckpointError as e:
+    hint = cached_download_hint(path)
+    if not hint or hint in str(e):
+      raise
+    raise CheckpointError(str(e) + hint) from e
+
+
+def _read_path(path: epath.Path, format: str | None,  # pylint: disable=redefined-builtin
+               subtree: str | None, max_expansion: float | None) -> dict[str, np.ndarray]:
+  """`read` of a resolved path."""
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory.")
   if path.name.endswith(".index.json") and not path.is_dir():  # sharded (Hub)
@@ -407,7 +493,7 @@ def read(source: Any, *, format: str | None = None,  # pylint: disable=redefined
   fmt = format or detect_format(path)
   if fmt == "orbax":
     with guard(path, "an Orbax checkpoint"):
-      return read_orbax(path, subtree)
+      return read_orbax(path, subtree, max_expansion, EXPANSION_FLOOR)
   if path.is_dir():
     raise CheckpointError(
         f"{path}: a directory, but format={fmt!r} needs a file.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import importlib.util
 import os
 import re
@@ -163,14 +164,26 @@ def download(url: str, dest: epath.Path, *, sha256: str | None = None,
     with os.fdopen(fd, "wb") as out:
       try:
         with urllib.request.urlopen(_http_url(url), timeout=timeout) as resp:
+          expected = _content_length(resp)
+          received = 0
           while chunk := resp.read(_CHUNK):
             digest.update(chunk)
             out.write(chunk)
-      except (OSError, ValueError) as e:
+            received += len(chunk)
+      except http.client.IncompleteRead as e:
+        raise CheckpointError(
+            f"{url}: the download was cut short ({e}). Nothing was cached; "
+            "retry the download.") from e
+      except (OSError, ValueError, http.client.HTTPException) as e:
         raise CheckpointError(
             f"Cannot download {url}: {e}. Check the network, or download "
             f"the file yourself and put it at {dest} (or pass its local "
             "path).") from e
+    if expected is not None and received != expected:
+      raise CheckpointError(
+          f"{url}: the download was cut short: received {received} of the "
+          f"{expected} bytes the server announced (Content-Length). Nothing "
+          "was cached; retry the download.")
     got = digest.hexdigest()
     if sha256 and not got.startswith(sha256.lower()):
       raise CheckpointError(
@@ -183,9 +196,34 @@ def download(url: str, dest: epath.Path, *, sha256: str | None = None,
   return dest
 
 
+def _content_length(resp: Any) -> int | None:
+  """The Content-Length header as an int, or None when absent or unreadable."""
+  value = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
+  try:
+    return int(value) if value is not None else None
+  except ValueError:
+    return None
+
+
 def _cache_path(url: str, name: str) -> epath.Path:
+  """<cache>/<name>/<sha256(url)[:16]>/<basename>: two URLs with the same
+  file name never share a cache file."""
   filename = os.path.basename(urllib.parse.urlparse(url).path) or "download"
-  return cache_dir() / re.sub(r"[^\w.-]", "_", name) / filename
+  key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+  return cache_dir() / re.sub(r"[^\w.-]", "_", name) / key / filename
+
+
+def cached_download_hint(path: Any) -> str:
+  """A sentence for errors about a file inside `cache_dir()` ("" otherwise)."""
+  try:
+    inside = os.path.commonpath([os.path.abspath(os.fspath(path)),
+                                 os.path.abspath(os.fspath(cache_dir()))])
+  except (TypeError, ValueError):
+    return ""
+  if inside != os.path.abspath(os.fspath(cache_dir())):
+    return ""
+  return (f" {path} is a download cached by jtl: delete it to download it "
+          "again.")
 
 
 def _cached(url: str, sha256: str | None, name: str) -> epath.Path:

@@ -13,12 +13,25 @@ from __future__ import annotations
 import collections
 import math
 import pickle
+import reprlib
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from jtl.errors import CheckpointError
+
+# Elements reachable through memo GETs of containers, summed over every GET:
+# a state dict refers back to a few containers; a memo bomb to 2**N.
+MAX_SHARED_ENTRIES = 1_000_000
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+
+
+def short(obj: Any) -> str:
+  """A repr of at most a few dozen characters, whatever `obj` holds."""
+  return _SHORT.repr(obj)
 
 # Storage class name (as pickled, `torch.<Name>`) -> numpy dtype.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -106,11 +119,15 @@ def _build(storage: Storage, offset: Any, size: Any, stride: Any,
            budget: Budget | None = None, name: str = "") -> np.ndarray:
   """The tensor's array: a view of its storage when no elements overlap
   (tied weights then share memory, as in torch), else a charged copy."""
-  size, stride, offset = tuple(size), tuple(stride), int(offset)
+  if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+          and type(offset) is int):
+    raise ValueError(f"bad tensor geometry size={short(size)} "
+                     f"stride={short(stride)} offset={short(offset)}")
+  size, stride = tuple(size), tuple(stride)
   if len(size) != len(stride) or any(
       not isinstance(v, int) or v < 0 for v in size + stride) or offset < 0:
-    raise ValueError(f"bad tensor geometry size={size} stride={stride} "
-                     f"offset={offset}")
+    raise ValueError(f"bad tensor geometry size={short(size)} "
+                     f"stride={short(stride)} offset={short(offset)}")
   flat = storage.data
   numel = math.prod(size)  # Python ints: no silent int64 overflow
   if numel == 0:
@@ -195,9 +212,11 @@ class _TensorType:
 
 def _encode(text: str, encoding: str = "utf-8") -> bytes:
   # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
-  if encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-    raise ValueError(f"codec {encoding!r} not allowed")
-  return str(text).encode(encoding)
+  if type(encoding) is not str or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+    raise ValueError(f"codec {short(encoding)} not allowed")
+  if type(text) is not str:
+    raise ValueError(f"_codecs.encode of a {type(text).__name__}, not a str")
+  return text.encode(encoding)
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -222,6 +241,10 @@ class _Refused(Exception):
   pass
 
 
+class _TooShared(Exception):
+  pass
+
+
 class _SafeUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
   """The pure-Python unpickler with the opcodes that can hurt taken out.
 
@@ -234,16 +257,110 @@ class _SafeUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
 
   dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
+  def __init__(self, *args: Any, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self._shared: set[int] = set()  # ids of containers fetched from the memo
+    self._shared_left = MAX_SHARED_ENTRIES
+
   def _load_build(self) -> None:
     if not isinstance(self.stack[-2], dict):
       raise ValueError(f"BUILD on a {type(self.stack[-2]).__name__} refused")
+    self._mutable(self.stack[-2])
     pickle._Unpickler.load_build(self)  # pylint: disable=protected-access
 
   def _refuse(self) -> None:
     raise ValueError("BYTEARRAY8 refused (never used by torch.save)")
 
+  def _refuse_dup(self) -> None:
+    raise ValueError("DUP refused (never written by pickle or torch.save)")
+
+  def _charge_shared(self, obj: Any) -> None:
+    """A container fetched again from the memo is charged every element it
+    reaches (shared ones as often as they are reached) and frozen."""
+    if not isinstance(obj, _CONTAINERS):
+      return
+    self._shared.add(id(obj))
+    todo, count = [obj], 0
+    while todo:
+      node = todo.pop()
+      count += 1
+      if count > self._shared_left:
+        raise _TooShared()
+      if isinstance(node, dict):
+        todo.extend(node.keys())
+        todo.extend(node.values())
+      elif isinstance(node, _CONTAINERS):
+        todo.extend(node)
+    self._shared_left -= count
+
+  def _mutable(self, obj: Any) -> None:
+    if id(obj) in self._shared:
+      raise ValueError(
+          f"the pickle changes a {type(obj).__name__} after referring to it "
+          "again (a cycle, or a structure shared to blow up in size); refused")
+
+  def _get(self) -> None:
+    self._raw_get()
+    self._charge_shared(self.stack[-1])
+
+  def _binget(self) -> None:
+    self._raw_binget()
+    self._charge_shared(self.stack[-1])
+
+  def _long_binget(self) -> None:
+    self._raw_long_binget()
+    self._charge_shared(self.stack[-1])
+
+  def _target(self, kind: type) -> Any:
+    target = self.stack[-1]
+    if not isinstance(target, kind):
+      raise ValueError(f"items added to a {type(target).__name__}, not a "
+                       f"{kind.__name__}")
+    self._mutable(target)
+    return target
+
+  def _set_items(self, items: list[Any]) -> None:
+    target = self._target(dict)
+    for i in range(0, len(items) - 1, 2):
+      key = items[i]
+      if type(key) not in (str, int):
+        raise ValueError(f"a dict key is a {type(key).__name__} "
+                         f"({short(key)}), not a string or an int")
+      target[key] = items[i + 1]
+
+  def _setitem(self) -> None:
+    value, key = self.stack.pop(), self.stack.pop()
+    self._set_items([key, value])
+
+  def _setitems(self) -> None:
+    self._set_items(self.pop_mark())
+
+  def _append(self) -> None:
+    value = self.stack.pop()
+    self._target(list).append(value)
+
+  def _appends(self) -> None:
+    items = self.pop_mark()
+    self._target(list).extend(items)
+
+  def _additems(self) -> None:
+    items = self.pop_mark()
+    self._target(set).update(items)
+
+  _raw_get = pickle._Unpickler.load_get  # pylint: disable=protected-access
+  _raw_binget = pickle._Unpickler.load_binget  # pylint: disable=protected-access
+  _raw_long_binget = pickle._Unpickler.load_long_binget  # pylint: disable=protected-access
   dispatch[pickle.BUILD[0]] = _load_build
   dispatch[pickle.BYTEARRAY8[0]] = _refuse
+  dispatch[pickle.DUP[0]] = _refuse_dup
+  dispatch[pickle.GET[0]] = _get
+  dispatch[pickle.BINGET[0]] = _binget
+  dispatch[pickle.LONG_BINGET[0]] = _long_binget
+  dispatch[pickle.SETITEM[0]] = _setitem
+  dispatch[pickle.SETITEMS[0]] = _setitems
+  dispatch[pickle.APPEND[0]] = _append
+  dispatch[pickle.APPENDS[0]] = _appends
+  dispatch[pickle.ADDITEMS[0]] = _additems
 
   def find_class(self, module: str, name: str) -> Any:
     raise _Refused(f"{module}.{name}")
@@ -263,20 +380,23 @@ class StateDictUnpickler(_SafeUnpickler):
 
   def persistent_load(self, pid: Any) -> Any:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-      raise ValueError(f"unknown persistent id {pid!r:.80}")
-    storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+      raise ValueError(f"unknown persistent id {short(pid)}")
+    storage_type, key, numel = pid[1], pid[2], pid[4]
+    if type(key) not in (str, int):
+      raise ValueError(f"storage key {short(key)} is not a string")
+    key = str(key)
     if isinstance(storage_type, np.dtype):  # newer torch pickles the dtype
       dtype = storage_type
     elif isinstance(storage_type, StorageType):
       dtype = storage_type.dtype
     else:
-      raise ValueError(f"storage type {storage_type!r:.80} is not a known "
+      raise ValueError(f"storage type {short(storage_type)} is not a known "
                        "tensor storage (float/int/bool types only)")
     if len(pid) > 5 and pid[5] is not None:
       raise ValueError(f"storage {key} is a storage view (torch < 0.4), "
                        "which jtl does not read")
     if not isinstance(numel, int) or numel < 0:
-      raise ValueError(f"storage {key} has a bad element count {numel!r:.40}")
+      raise ValueError(f"storage {key} has a bad element count {short(numel)}")
     return self._load_storage(key, dtype, numel)
 
 
@@ -297,6 +417,12 @@ def unpickle(path: str, data: Any, load_storage: Any, *,
         "containers may appear in a state dict, and jtl never runs pickled "
         "code. If you trust this file, load it with torch and re-save "
         "`model.state_dict()` (or export to safetensors).") from None
+  except _TooShared:
+    raise CheckpointError(
+        f"{path}: more than {MAX_SHARED_ENTRIES} entries reached through "
+        "structures the pickle refers to again; the file is damaged or a "
+        "structure is shared many times over (a memo bomb). A state dict "
+        "saved by torch.save shares almost nothing.") from None
 
 
 class PlainUnpickler(_SafeUnpickler):
