@@ -160,7 +160,7 @@ def main() -> None:
 def _row(arm: str, steps, got: list[dict]) -> list:
   t = [r["test_recall"] for r in got]
   return [arm, steps, len(got), f"{100 * np.mean([r['val_recall'] for r in got]):.1f}",
-          f"{100 * np.mean(t):.1f} ± {100 * np.std(t):.1f}",
+          f"{100 * np.mean(t):.1f} ± {100 * np.std(t, ddof=1):.1f}",
           " / ".join(f"{100 * x:.1f}" for x in t),
           f"{np.mean([r['seconds'] for r in got]):.0f}"]
 

@@ -102,7 +102,7 @@ def main() -> None:
     acc = [r["test_accuracy"] for r in rows if r["arm"] == arm
            and r["train_split"] == args.train_split and r["steps"] == args.steps]
     if acc:
-      table.append([arm, len(acc), f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc):.1f}",
+      table.append([arm, len(acc), f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc, ddof=1):.1f}",
                     " / ".join(f"{100 * a:.1f}" for a in acc)])
   print(markdown_table(["arm", "seeds", "test accuracy % (mean ± std)", "per seed"], table))
 

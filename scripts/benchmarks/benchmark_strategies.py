@@ -396,6 +396,10 @@ def image_report(results, args, names):
   lines.append(f"\n### {args.model}, {Path(args.cifar_dir).name} at {args.image_size}px (test: "
                f"{test_n} images per class)\n")
   finals_table = []
+  # A rate run on the test split but not picked on validation is marked so: only
+  # the picked row is a result (a wider grid rerun adds rows, never a choice).
+  picked = best_lrs(results, names, per_class=args.sweep_per_class, steps=args.sweep_steps,
+                    image_size=args.image_size, model=args.model)
   for k in map(int, args.per_class.split(",")):
     for name in names:
       finals = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
@@ -404,10 +408,12 @@ def image_report(results, args, names):
       for lr in dict.fromkeys(map(rate, finals)):  # one line per learning rate run
         rows = sorted({results.key(r): r for r in reversed(finals) if rate(r) == lr}.values(),
                       key=lambda r: r["seed"])  # one per seed
-        finals_table.append(_final_row(name, k, lr, rows))
+        choice = "yes" if picked.get(name, (None,))[0] == lr else "NO (not a result)"
+        finals_table.append([*_final_row(name, k, lr, rows), choice])
   lines.append(markdown_table(
       ["strategy", "labels/class", "steps", "lr", "trainable params", "train s (mean)", "seeds",
-       "test acc mean", "std", "per seed"], finals_table, align="lrrrrrrrrl"))
+       "test acc mean", "std", "per seed", "picked on validation"], finals_table,
+      align="lrrrrrrrrll"))
   print("\n".join(lines), flush=True)
 
 

@@ -202,7 +202,9 @@ def report(results: Results, args, names, test_n: int, majority: float) -> None:
            for r in results.rows if r["kind"] == "sweep" and sel(r)]
   finals = []
   for name in names:
-    rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name and sel(r)]
+    picked = best(results, name, "mean", args)  # only the rate validation picked is a result
+    rows = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name and sel(r)
+            and picked is not None and r["lr"] == picked[0]]
     rows = sorted({r["seed"]: r for r in rows}.values(), key=lambda r: r["seed"])
     if not rows:
       continue

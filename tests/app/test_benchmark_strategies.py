@@ -85,3 +85,23 @@ def test_small_folders_round_trip_through_load_folder(tmp_path):
   (tmp_path / "val").mkdir()
   with pytest.raises(SystemExit, match="no class folders"):
     bench.load_folder(tmp_path, "val", None)
+
+
+def test_the_report_marks_which_test_rows_validation_picked(tmp_path, capsys):
+  results = bench.Results(tmp_path / "rows.jsonl")
+  same = dict(per_class=10, image_size=64, model="efficientnet_lite0", head_lr=1e-2,
+              trainable=5, seconds=1.0)
+  for lr, acc in ((1e-3, 0.7), (3e-3, 0.6)):
+    results.add({"kind": "sweep", "strategy": "full", "seed": 0, "lr": lr, "steps": 20,
+                 "acc": acc, **same})
+  for lr, acc in ((1e-3, 0.5), (3e-3, 0.9)):  # the better test row was not picked
+    results.add({"kind": "final", "strategy": "full", "seed": 0, "lr": lr, "steps": 40,
+                 "acc": acc, **same})
+  args = type("Args", (), dict(image_size=64, model="efficientnet_lite0", sweep_per_class=10,
+                               val_fraction=0.2, sweep_steps=20, test_per_class=None,
+                               cifar_dir="cifar", per_class="10"))
+  bench.image_report(results, args, ["full"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| full")]
+  picks = {row.split("|")[4].strip(): row.split("|")[-2].strip() for row in rows if "%" in row
+           and row.count("|") > 8}
+  assert picks == {"0.001": "yes", "0.003": "NO (not a result)"}
