@@ -20,10 +20,12 @@ other); elsewhere a signal keeps its usual effect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -128,6 +130,30 @@ class StopRequests:
     if self.signum is None and self.synced:
       return "a preemption notice (SIGTERM to one of the processes)"
     return self.signal_name
+
+
+@contextlib.contextmanager
+def stop_at_once(doing: str, then: str) -> Iterator[None]:
+  """During work that has nothing to save (`doing`: "model='auto' selection"),
+  SIGTERM and SIGINT raise `Preempted` at once, saying what `then` happens
+  ("run again to redo it"), instead of ending the process without a word
+  (SIGTERM) or with a traceback (SIGINT). Main thread only, as StopRequests."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum: int, frame: Any) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    raise Preempted(f"Stopped by {name} during {doing}; nothing was saved. {then}",
+                    step=None, signal_name=name, exit_code=128 + signum)
+
+  previous = {signum: signal.signal(signum, handle) for signum in SIGNALS}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def preempted(stop: StopRequests, *, saved: int | None, when: str, workdir: Any) -> Preempted:

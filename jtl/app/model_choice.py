@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jtl import models, paths
+from jtl import models, paths, preemption
 from jtl.app import keys
 from jtl.checkpoint import manager
 from jtl.data import sources
@@ -182,11 +182,13 @@ def choose(config: ml_collections.ConfigDict, workdir: epath.Path) -> Choice:
   print(f"model='auto': a cached linear probe on each of {len(entries)} candidates "
         f"({head_steps} head steps), the best on {config.eval_split} wins.", flush=True)
   t0 = time.perf_counter()
-  chosen = selection.select_backbone(
-      [_candidate(config, name, skip) for name, skip in entries], head_tx=head_tx,
-      head_steps=head_steps, batch_size=config.batch_size, num_images=images,
-      seed=config.seed, budget_seconds=config.model_budget_seconds,
-      log=lambda line: print("  " + line, flush=True))
+  with preemption.stop_at_once("model='auto' selection", f"Run again with --workdir {workdir} "
+                               "to redo the selection (nothing of it is kept)."):
+    chosen = selection.select_backbone(
+        [_candidate(config, name, skip) for name, skip in entries], head_tx=head_tx,
+        head_steps=head_steps, batch_size=config.batch_size, num_images=images,
+        seed=config.seed, budget_seconds=config.model_budget_seconds,
+        log=lambda line: print("  " + line, flush=True))
   _write(workdir, chosen, time.perf_counter() - t0, config)
   print(f"\n{chosen.markdown()}\n", flush=True)
   if chosen.choice is None:

@@ -198,3 +198,22 @@ def test_cached_probe_stopped_during_extraction_releases_the_lock(tmp_path):
         head_tx=jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd"),
         train_pass=train_pass(), num_steps=5, batch_size=8, workdir=tmp_path)
   assert not (tmp_path / "jtl.lock").exists() and finished_steps(tmp_path) == []
+
+
+def test_a_signal_during_work_with_nothing_to_save_stops_at_once_saying_so():
+  import os
+  import signal
+  import time
+
+  import pytest
+
+  from jtl import preemption
+  from jtl.errors import Preempted
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(Preempted, match=r"Stopped by SIGTERM during model='auto' selection; "
+                                      r"nothing was saved\. Run again") as e:
+    with preemption.stop_at_once("model='auto' selection", "Run again to redo it."):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)  # the handler raises before this ends
+  assert e.value.exit_code == 143 and e.value.step is None
+  assert signal.getsignal(signal.SIGTERM) is before  # put back
