@@ -418,7 +418,9 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     alpha: LoRA alpha, needed when the params hold adapters.
     tokenizer: a text model's tokenizer.json (`spec.tokenizer_file()`), copied
       beside the weights so that the folder loads with its preprocessing
-      (`models.create(out_dir)`); None: none.
+      (`models.create(out_dir)`), with the tokenizer files found beside it
+      (`TOKENIZER_FILES`: tokenizer_config.json's lower-casing and maximum
+      length, which `AutoTokenizer` reads); None: none.
 
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL, `jtl.paths`).
@@ -449,5 +451,13 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   write_safetensors(sd, out / "model.safetensors")
   _write_json(hub_config(module), out / "config.json")
   if tokenizer is not None:
-    paths.write_atomic(out / "tokenizer.json", paths.path(tokenizer).read_bytes())
+    tokenizer = paths.path(tokenizer)
+    paths.write_atomic(out / "tokenizer.json", tokenizer.read_bytes())
+    for name in TOKENIZER_FILES:
+      if (tokenizer.parent / name).exists():
+        paths.write_atomic(out / name, (tokenizer.parent / name).read_bytes())
   return out
+
+
+# What transformers' tokenizers read beside tokenizer.json.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")

@@ -100,6 +100,9 @@ def test_an_exported_text_model_folder_keeps_its_tokenizer(tmp_path):
   hf_export.export_hf(created.module, created.variables, tmp_path / "hf",
                       tokenizer=created.spec.tokenizer_file())
   again = models.create(str(tmp_path / "hf"))
+  source = created.spec.tokenizer_file().parent
+  for name in hf_export.TOKENIZER_FILES:  # what transformers' AutoTokenizer reads
+    assert (tmp_path / "hf" / name).read_bytes() == (source / name).read_bytes()
   texts = ["A man is playing a guitar.", "Bread is baked in an oven."]
   want, got = created.preprocess(texts), again.preprocess(texts)
   assert sorted(got) == sorted(want)
