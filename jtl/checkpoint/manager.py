@@ -34,6 +34,7 @@ from etils import epath
 
 from jtl import partition, paths
 from jtl import tree as jtree
+from jtl.checkpoint import integrity
 from jtl.weights import orbax_reader
 from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
@@ -278,10 +279,12 @@ class CheckpointManager:
     if self._lock is not None:
       self._lock.verify()  # nothing is written or pruned by a run that lost the workdir
     self._prune()
+    saved = _to_saved(state)
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saved(state)),
+        state=ocp.args.StandardSave(saved),
         meta=ocp.args.JsonSave({"step": int(step), "metrics": _finite_metrics(metrics),
-                                **self._selection(), **(meta or {})}))
+                                **self._selection(), **(meta or {}),
+                                FINGERPRINTS: integrity.fingerprints(saved)}))
     try:
       return self._manager.save(step, args=args, force=True)
     except Exception as e:  # Orbax/tensorstore raise bare exceptions
@@ -349,6 +352,7 @@ class CheckpointManager:
       raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
     _check_restored(restored, abstract, self.directory / str(step))
+    _check_fingerprints(self.directory / str(step), integrity.fingerprints(restored))
     trainable, frozen = partition.split(restored["params"], labels)
     ema = partition.split(restored["ema_params"], labels)[0] if "ema_params" in restored else None
     return TrainState(step=restored["step"], trainable=trainable, frozen=frozen,
@@ -449,7 +453,10 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
         raise CheckpointError(f"{step_dir}: its metadata lists no params (damaged)")
       drop = "params" if ema and "ema_params" in parts else "ema_params"
       for part in (p for p in parts if p != drop):
-        tree = jtree.unflatten(read(step_dir / "state", format="orbax", subtree=part))
+        flat = read(step_dir / "state", format="orbax", subtree=part)
+        _check_fingerprints(step_dir, {f"{part}/{path}": integrity.host_fingerprint(x)
+                                       for path, x in flat.items()})
+        tree = jtree.unflatten(flat)
         variables.update({"params": tree} if part.endswith("params") else tree)
     except CheckpointError as e:
       failures.append(e)
@@ -457,6 +464,21 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       continue
     return variables, _read_meta(step_dir)
   raise failures[0]
+
+
+# The meta key of the arrays' fingerprints (`jtl.checkpoint.integrity`).
+FINGERPRINTS = "fingerprints"
+
+
+def _check_fingerprints(step_dir: epath.Path, actual: dict[str, int]) -> None:
+  """A CheckpointError naming the arrays of `step_dir` read back other than
+  they were saved (Orbax keeps no checksum: a flipped bit loads silently)."""
+  changed = integrity.differing(_read_meta(step_dir).get(FINGERPRINTS), actual)
+  if changed:
+    raise CheckpointError(
+        f"{step_dir}: the data of {len(changed)} array(s) differ from what was saved (a "
+        "flipped bit or a damaged chunk on the storage):\n" + bullet_list(changed, limit=10)
+        + "\nThe checkpoint is damaged; an earlier one is used where there is one.")
 
 
 def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
