@@ -379,10 +379,11 @@ class CheckpointManager:
         errors.append((step, e))
         continue
       for bad, error in errors:
+        kept = _unused_name(self.directory, f"{bad}.damaged")
         log.warning("Checkpoint step %d is damaged; resuming from step %d instead. It is "
-                    "kept as %s.damaged. %s", bad, step, self.directory / str(bad), error)
+                    "kept as %s. %s", bad, step, self.directory / kept, error)
         if jax.process_index() == 0:  # one host moves it; the others only skip it
-          (self.directory / str(bad)).rename(self.directory / f"{bad}.damaged")
+          (self.directory / str(bad)).rename(self.directory / kept)
         self._problems.pop(bad, None)
       if errors and hasattr(self._manager, "reload"):
         self._manager.reload()
@@ -464,6 +465,15 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       continue
     return variables, _read_meta(step_dir)
   raise failures[0]
+
+
+def _unused_name(directory: epath.Path, name: str) -> str:
+  """`name`, or `name-2`, `name-3`, ... when taken (a step damaged twice)."""
+  candidate, n = name, 1
+  while (directory / candidate).exists():
+    n += 1
+    candidate = f"{name}-{n}"
+  return candidate
 
 
 # The meta key of the arrays' fingerprints (`jtl.checkpoint.integrity`).
