@@ -403,7 +403,15 @@ def _branch(tree: Any, keys: list[str], where: epath.Path, subtree: str) -> Any:
       f"{subtree!r}. Names at that level:\n" + bullet_list(found, limit=20))
 
 
-def _physical_memory() -> int | None:
+def _available_memory() -> int | None:
+  """The bytes this host can still allocate (MemAvailable; else its memory)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
   try:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (AttributeError, ValueError, OSError):
@@ -428,12 +436,12 @@ def _check_fits(path: epath.Path, keys: list[str], budget: Budget | None) -> Non
   if budget is not None:
     budget.charge(total, f"the arrays to restore ({total} bytes declared; chunks "
                   "equal to the fill value may be left out on disk)")
-  memory = _physical_memory()
+  memory = _available_memory()
   if memory and total > memory:
     raise CheckpointError(
-        f"{path}: the arrays to restore declare {total} bytes, more than this "
-        f"machine's {memory} bytes of memory. Read a subtree= of it, or "
-        "restore it sharded with the CheckpointManager.")
+        f"{path}: the arrays to restore declare {total} bytes, more than the {memory} bytes "
+        "of memory this machine has available. Read a subtree= of it, or restore it sharded "
+        "with the CheckpointManager.")
 
 
 def _restore(path: epath.Path, keys: list[str], subtree: str,
