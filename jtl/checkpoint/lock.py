@@ -52,21 +52,25 @@ def _machine() -> dict[str, Any]:
       return read_fn()
     except OSError:
       return None
-  return {"boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+  return {"machine_id": read(lambda: Path("/etc/machine-id").read_text().strip() or None),
+          "boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
           "pid_namespace": read(lambda: os.stat("/proc/self/ns/pid").st_ino)}
 
 
 def _where(owner: dict[str, Any], mine: dict[str, Any]) -> str:
   """"here" (this machine and PID namespace: the owner's pid can be checked),
-  "rebooted" (this host before its last boot: the owner is gone) or
-  "elsewhere". A field the lock lacks (an older jtl's) is not compared."""
+  "rebooted" (this machine, by its machine id, before its last boot: the
+  owner is gone) or "elsewhere" (another machine of the same host name
+  included). A field the lock lacks (an older jtl's) is not compared."""
   if owner.get("host") != mine["host"]:
     return "elsewhere"
   def differs(key: str) -> bool:
     return owner.get(key) is not None and mine.get(key) is not None and owner[key] != mine[key]
+  def same(key: str) -> bool:
+    return owner.get(key) is not None and owner.get(key) == mine.get(key)
   if differs("boot_id"):
-    return "rebooted"
-  return "elsewhere" if differs("pid_namespace") else "here"
+    return "rebooted" if same("machine_id") else "elsewhere"
+  return "elsewhere" if differs("pid_namespace") or differs("machine_id") else "here"
 
 
 def _alive(owner: dict[str, Any]) -> bool:
@@ -277,7 +281,12 @@ class WorkdirLock:
     lost its workdir writes nothing more into it."""
     if not self.held:
       return
-    content, _ = self._file.read()
+    try:
+      content, _ = self._file.read()
+    except Exception as e:  # noqa: BLE001 - a network error: no evidence the lock was lost
+      log.warning("Could not read the lock %s to check it is still this run's (%s); saving.",
+                  self.path, e)
+      return
     owner = _parse_owner(content)
     if owner != self._mine:
       now = (f"held by process {owner.get('pid')} on {owner.get('host')!r}" if owner

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -209,7 +210,9 @@ class CheckpointManager:
     remote = paths.is_remote(self.directory)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=not remote, create=True)
-    if remote and jax.process_index() == 0:
+    # Only the run holding the workdir's lock (process 0) clears: a manager
+    # opened to read a workdir (evaluation) must not delete a live run's save.
+    if remote and lock is not None and getattr(lock, "held", False):
       _remove_unfinished_saves(self.directory)
     _write_arrays_whole_in_one_process()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -277,7 +280,7 @@ class CheckpointManager:
           "left as they are.")
     self.wait()  # the previous save is complete before it counts for pruning
     if self._lock is not None:
-      self._lock.verify()  # nothing is written or pruned by a run that lost the workdir
+      self._verify_lock()  # nothing is written or pruned by a run that lost the workdir
     self._prune()
     saved = _to_saved(state)
     args = ocp.args.Composite(
@@ -289,6 +292,22 @@ class CheckpointManager:
       return self._manager.save(step, args=args, force=True)
     except Exception as e:  # Orbax/tensorstore raise bare exceptions
       raise self._save_error(step, e) from e
+
+  def _verify_lock(self) -> None:
+    """Raises on every process when process 0 (the lock's holder) lost the
+    lock: a save is collective, so the others must stop with it."""
+    lost = None
+    try:
+      self._lock.verify()
+    except CheckpointError as e:
+      lost = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.broadcast_one_to_all(np.int32(lost is not None)) and lost is None:
+        lost = CheckpointError(f"Process 0 no longer holds the lock of {self.directory.parent}:"
+                               " this run stops without saving (process 0 says why).")
+    if lost is not None:
+      raise lost
 
   def _selection(self) -> dict[str, str]:
     # Recorded with each step, so that step="best" later needs no metric.
@@ -312,9 +331,18 @@ class CheckpointManager:
     steps = self.intact_steps()
     kept = set(steps[-self.keep:])
     if self.best_metric:
+      unread = []
       for s in steps:
         if s not in self._step_scores:
-          self._step_scores[s] = _scores(self.directory, [s], self.best_metric).get(s)
+          meta = _read_meta(self.directory / str(s))
+          if meta:
+            self._step_scores[s] = _score(meta, self.best_metric)
+          else:
+            unread.append(s)
+      if unread:  # a failed read (a timeout) must not cost the best: no deletion now
+        log.warning("Keeping every checkpoint for now: the meta of step(s) %s could not be "
+                    "read, and one of them may be the best.", unread)
+        return
       scores = {s: self._step_scores[s] for s in steps if self._step_scores[s] is not None}
       if scores:
         kept.add((max if self.best_mode == "max" else min)(scores, key=scores.get))
@@ -541,14 +569,15 @@ def recorded_metric(directory: epath.Path, mode: str = "max") -> tuple[str | Non
   return None, mode
 
 
+def _score(meta: dict[str, Any], metric: str | None) -> float | None:
+  """A step's finite `metric` from its meta, else None."""
+  value = (meta.get("metrics") or {}).get(metric) if metric else None
+  return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _scores(directory: epath.Path, steps: list[int], metric: str | None) -> dict[int, float]:
-  scores = {}
-  for s in steps:
-    value = ((_read_meta(directory / str(s)).get("metrics") or {}).get(metric)
-             if metric else None)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-      scores[s] = float(value)
-  return scores
+  scores = {s: _score(_read_meta(directory / str(s)), metric) for s in steps}
+  return {s: v for s, v in scores.items() if v is not None}
 
 
 def _best(directory: epath.Path, steps: list[int], metric: str, mode: str) -> int | None:

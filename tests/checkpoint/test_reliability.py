@@ -158,8 +158,8 @@ def test_a_lock_of_another_container_is_refused_and_one_from_before_a_reboot_tak
   held the lock: a pid of another PID namespace was checked in this one."""
   from jtl.checkpoint import lock
   mine = lock.WorkdirLock(tmp_path)._owner()
-  if mine["boot_id"] is None or mine["pid_namespace"] is None:
-    pytest.skip("no /proc boot id or PID namespace here")
+  if None in (mine["boot_id"], mine["pid_namespace"], mine["machine_id"]):
+    pytest.skip("no machine id, /proc boot id or PID namespace here")
   path = tmp_path / LOCK_NAME
   # pid 1 with another start time reads as dead in this namespace: it may not be.
   other = {**mine, "pid": 1, "process_start": "1", "pid_namespace": mine["pid_namespace"] + 1}
@@ -167,7 +167,11 @@ def test_a_lock_of_another_container_is_refused_and_one_from_before_a_reboot_tak
   with pytest.raises(CheckpointError, match="process 1 on this host name, in another "
                                             "container or machine"):
     lock.WorkdirLock(tmp_path).acquire()
-  path.write_text(json.dumps({**other, "boot_id": "an-earlier-boot"}))
+  # Another machine of the same host name (its own machine id) may be alive.
+  path.write_text(json.dumps({**other, "boot_id": "its-boot", "machine_id": "another"}))
+  with pytest.raises(CheckpointError, match="process 1 on this host name, in another"):
+    lock.WorkdirLock(tmp_path).acquire()
+  path.write_text(json.dumps({**other, "boot_id": "an-earlier-boot"}))  # this machine, rebooted
   with caplog.at_level(logging.WARNING), lock.WorkdirLock(tmp_path):
     assert json.loads(path.read_text())["pid"] == os.getpid()
   assert "the machine has booted since" in caplog.text
