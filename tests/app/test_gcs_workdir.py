@@ -291,8 +291,12 @@ def test_a_bucket_step_without_its_commit_marker_is_kept_unless_newest(gcs_serve
   fs = paths.gcs_filesystem()
   fs.rm(f"{BUCKET}/{run}/checkpoints/1/commit_success.txt")  # a deletion stopped part-way
   fs.rm(f"{BUCKET}/{run}/checkpoints/3/commit_success.txt")  # a save killed before its end
-  with caplog.at_level(logging.WARNING):
-    reopened = CheckpointManager(f"gs://{BUCKET}/{run}", save_every=1)
+  reader = CheckpointManager(f"gs://{BUCKET}/{run}")  # a reader (evaluation) deletes nothing
+  assert len({name.split("/")[2] for name in _objects(gcs_server, f"{run}/checkpoints/")}) == 3
+  reader.close()
+  from jtl.checkpoint.lock import WorkdirLock
+  with caplog.at_level(logging.WARNING), WorkdirLock(f"gs://{BUCKET}/{run}") as lock:
+    reopened = CheckpointManager(f"gs://{BUCKET}/{run}", save_every=1, lock=lock)
   assert reopened.all_steps() == [2]
   folders = {name.split("/")[2] for name in _objects(gcs_server, f"{run}/checkpoints/")}
   assert folders == {"1", "2"}  # the unfinished newest save is gone, the older step kept
