@@ -378,8 +378,9 @@ class _Loop:
       batch, batch_size = ahead or self._device_batch(batches, step, num_steps)
       self.state, metrics = self.train_step(self.state, batch)
       # The next batch is read and sent while this step computes, so that a
-      # log, evaluation or save (which wait for the device) leaves it ready.
-      ahead = self._device_batch(batches, step + 1, num_steps) if step < num_steps else None
+      # log, evaluation or save (which wait for the device) leaves it ready;
+      # an error reading it is raised after this step's log, evaluation and save.
+      ahead, failed = self._read_ahead(batches, step, num_steps)
       self.window.rows.append((step, metrics))
       self.unchecked.append((step, metrics))
       last = step == num_steps
@@ -397,6 +398,8 @@ class _Loop:
         self._evaluate_and_save(step, due_eval, due_save, last)
       if g.stop.reached(step):  # after every step, on every process (multi-host sync)
         self._save_and_stop(step, num_steps, batch_size)
+      if failed is not None:
+        raise failed
 
   def end_first_phase(self, step: int, row: dict[str, float], last: bool) -> None:
     """After a self-trained first phase: its metrics row logged at `step`;
@@ -455,6 +458,17 @@ class _Loop:
       self.state, self.train_step = _enter_phase(self.state, g.phases.items[self.phase],
                                                  g.compile_step, g.mesh)
       logging.info("Phase %d from step %d", self.phase, step - 1)
+
+  def _read_ahead(self, batches: Iterator[Batch], step: int, num_steps: int
+                  ) -> tuple[tuple[Batch, int] | None, Exception | None]:
+    """(the batch of step + 1 on the devices, None) or (None, the error that
+    reading it raised); (None, None) after the last step."""
+    if step >= num_steps:
+      return None, None
+    try:
+      return self._device_batch(batches, step + 1, num_steps), None
+    except Exception as e:  # noqa: BLE001 - raised by `run` once this step is logged and saved
+      return None, e
 
   def _device_batch(self, batches: Iterator[Batch], step: int, num_steps: int
                     ) -> tuple[Batch, int]:

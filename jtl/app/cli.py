@@ -75,8 +75,7 @@ def exit_on_jtl_error(main: Callable[[list[str]], object]) -> Callable[[list[str
       sys.stdout.flush()
       print(f"\n{type(e).__name__}: {e}", file=sys.stderr, flush=True)
       code = getattr(e, "exit_code", 2)
-      if main.__module__ == "__main__":  # a script's process, not a caller's
-        _exit_even_if_threads_hang(code)
+      _exit_even_if_threads_hang(code)
       raise SystemExit(code) from None
   return wrapped
 
@@ -88,9 +87,10 @@ EXIT_GRACE_S = 30.0
 
 
 def _exit_even_if_threads_hang(code: int) -> None:
-  """Ends the process with `code` once EXIT_GRACE_S have passed, should the
-  interpreter's exit still be waiting for threads then (the error is
-  already printed and the workdir's lock released)."""
+  """Once the interpreter exits (never while a caller that caught the
+  SystemExit, e.g. IPython's %run, goes on), ends the process with `code`
+  if it still waits for threads EXIT_GRACE_S later (the error is already
+  printed and the workdir's lock released)."""
   def watchdog() -> None:
     time.sleep(EXIT_GRACE_S)
     waiting = [t.name for t in threading.enumerate() if not t.daemon]
@@ -98,7 +98,13 @@ def _exit_even_if_threads_hang(code: int) -> None:
           flush=True)
     os._exit(code)  # pylint: disable=protected-access
 
-  threading.Thread(target=watchdog, name="jtl-exit-watchdog", daemon=True).start()
+  def at_exit() -> None:  # before the interpreter joins the threads that may hang
+    threading.Thread(target=watchdog, name="jtl-exit-watchdog", daemon=True).start()
+
+  # threading's exit hooks run before it joins non-daemon threads (atexit's, after).
+  register = getattr(threading, "_register_atexit", None)
+  if register is not None:
+    register(at_exit)
 
 
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "?", "h")

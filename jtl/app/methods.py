@@ -275,7 +275,8 @@ def _domain_method(config: ml_collections.ConfigDict, name: str, options: dict[s
 
   def with_targets(start_step: int) -> Iterator[dict[str, Any]]:
     for batch, target in zip(train_batches(start_step), targets(start_step)):
-      yield {**batch, "target_inputs": target["inputs"]}
+      mask = {"target_mask": target["mask"]} if "mask" in target else {}
+      yield {**batch, "target_inputs": target["inputs"], **mask}
 
   grl = domain.dann_schedule(config.num_steps, gamma=options.get("grl_gamma", 10.0))
   model, loss_fn, transform = domain.adapt_parts(wrapped_module, method=name,

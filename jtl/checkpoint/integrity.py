@@ -37,14 +37,32 @@ from jtl.tree import PyTree
 _STRIDE = (2 * 0x9E3779B1) % 2**32
 
 
+def _bits(dtype: Any) -> int:
+  """Bits per element of a numeric dtype (int4 and float4 included)."""
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jnp.iinfo(dtype).bits
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.finfo(dtype).bits
+  return 8 * np.dtype(dtype).itemsize
+
+
+def _widened(x: Any, xp: Any) -> Any:
+  """`x` with sub-byte elements (int4, float4) widened exactly to 8 or 32 bits."""
+  if x.dtype == xp.bool_ or _bits(x.dtype) >= 8:
+    return x
+  if jnp.issubdtype(x.dtype, jnp.signedinteger):
+    return x.astype(xp.int8)
+  return x.astype(xp.uint8 if jnp.issubdtype(x.dtype, jnp.integer) else xp.float32)
+
+
 def _words(x: jax.Array) -> jax.Array:
   """The bits of `x` as uint32, one per element (8-byte elements as two)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
+  x = _widened(x, jnp)
   if x.dtype == jnp.bool_:
     return x.astype(jnp.uint32).ravel()
-  size = x.dtype.itemsize
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
 
 
@@ -67,7 +85,7 @@ def fingerprints(tree: PyTree) -> dict[str, int]:
 
 def host_fingerprint(x: Any) -> int:
   """`fingerprints`' number for one host array."""
-  x = np.ascontiguousarray(x)
+  x = np.ascontiguousarray(_widened(np.asarray(x), np))
   if x.dtype == np.bool_:
     words = x.astype(np.uint32).ravel()
   else:

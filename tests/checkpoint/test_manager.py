@@ -146,3 +146,16 @@ def test_a_meta_that_cannot_be_read_once_never_costs_the_best(tmp_path, monkeypa
   mngr.save(5, state.replace(step=np.int32(5)), metrics={"accuracy": 0.4})
   mngr.close()
   assert CheckpointManager(tmp_path).all_steps() == [1, 4, 5]  # the last 2 and the best
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4", "uint4", "bool",
+                                   "float8_e4m3fn"])
+def test_fingerprints_agree_on_the_host_and_the_devices_and_see_one_bit(dtype):
+  from jtl.checkpoint import integrity
+  x = np.asarray(jax.numpy.asarray(np.arange(-8, 16).reshape(4, 6) % 7, dtype))
+  on_device = integrity.fingerprints({"x": jax.device_put(x, jtl.make_mesh().devices.flat[1])})
+  assert on_device == {"x": integrity.host_fingerprint(x)}
+  flipped = np.array(x)
+  flipped.reshape(-1)[5] = not flipped.reshape(-1)[5] if dtype == "bool" else flipped.reshape(
+      -1)[5] + 1
+  assert integrity.host_fingerprint(flipped) != integrity.host_fingerprint(x)

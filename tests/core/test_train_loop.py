@@ -58,3 +58,21 @@ def test_the_next_batch_is_on_its_way_while_a_step_computes_and_eval_waits_once(
   assert len(fetches) == 1 and metrics["count"] == 40  # one wait for 5 batches
   one_by_one = [jtl.train.evaluate(eval_step, variables, [b])["loss"] for b in eval_batches]
   np.testing.assert_allclose(metrics["loss"], np.mean(one_by_one), rtol=1e-6)
+
+
+def test_a_batch_that_fails_to_load_raises_after_the_step_before_it_is_saved(tmp_path):
+  module, variables, probe, _, make, data = setup()
+
+  def batches(start):
+    for i, b in enumerate(data(start)):
+      if start + i + 1 == 5:  # the batch of step 5: a file that cannot be decoded
+        raise jtl.errors.DataError("broken.jpg cannot be decoded")
+      yield b
+
+  import pytest
+  with pytest.raises(jtl.errors.DataError, match="broken.jpg"):
+    jtl.train.fit(module=module, variables=variables, labels=probe, tx=make(probe),
+                  train_batches=batches, num_steps=8, workdir=tmp_path, checkpoint_every=4,
+                  async_checkpoints=False, progress=False)
+  from jtl.checkpoint import CheckpointManager
+  assert CheckpointManager(tmp_path).all_steps() == [4]  # step 4's save came first

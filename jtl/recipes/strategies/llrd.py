@@ -69,14 +69,16 @@ def layer_depths(groups: Groups, *, stacked: Mapping[str, int] | None = None,
   return {n: depths[n] for n in names}
 
 
-def layer_decay_multipliers(groups: Groups, decay: float) -> dict[str, float]:
-  """{group: decay ** depth} for groups without stacked layers (lr_multipliers).
+def layer_decay_multipliers(groups: Groups, decay: float, *,
+                            head_level: Sequence[str] = ()) -> dict[str, float]:
+  """{group: decay ** depth} for groups without stacked layers (lr_multipliers);
+  `head_level`: see `layer_depths`.
 
   >>> layer_decay_multipliers([("a", "a/.*"), ("b", "b/.*"), ("head", "head/.*")], 0.5)
   {'a': 0.25, 'b': 0.5, 'head': 1.0}
   """
   _check_decay(decay)
-  return {n: float(decay) ** d for n, d in layer_depths(groups).items()}
+  return {n: float(decay) ** d for n, d in layer_depths(groups, head_level=head_level).items()}
 
 
 def _check_decay(decay: float) -> None:
