@@ -50,7 +50,8 @@ from jtl.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
-_STEP = flags.DEFINE_string("step", "latest", "'latest', 'best' or a step number.")
+_STEP = flags.DEFINE_string("step", "", "'latest', 'best' or a step number (default: the run's "
+                            "result: 'best' when it picked one by best_metric, else 'latest').")
 _OUT = flags.DEFINE_string("out_dir", None, "Where to write results (default: the workdir).")
 _PRECISION = flags.DEFINE_enum("precision", "float32",
                                ["float32", "bfloat16", "int8", "int8_bfloat16"],
@@ -87,7 +88,8 @@ def main(argv):
   cli.refuse_empty_paths(workdir=_WORKDIR.value, out_dir=_OUT.value,
                          export_dir=_EXPORT_DIR.value, save_quantized=_SAVE_Q.value)
   cli.prepare_process()
-  step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
+  step = (int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
+          or evaluation.workdir_result_step(_WORKDIR.value))
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
   if _FORMAT.value:

@@ -25,6 +25,7 @@ from etils import epath
 from jtl import _optional, data, export, paths, steps, train
 from jtl.app import keys, methods, workdirs
 from jtl.app.experiment import eval_batches
+from jtl.checkpoint import manager
 from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
 from jtl.errors import ConfigError, JtlError
@@ -59,6 +60,12 @@ def result_step(config: ml_collections.ConfigDict) -> str:
   return "best" if config.best_metric else "latest"
 
 
+def workdir_result_step(workdir: str | os.PathLike) -> str:
+  """`result_step` of the run in `workdir`, from what its checkpoints record."""
+  metric, _ = manager.recorded_metric(manager.checkpoint_dir(workdir))
+  return "best" if metric else "latest"
+
+
 def results_name(split: str, *, step: int | str = "best", run_step: str = "best",
                  precision: str = "float32", adabn: bool = False,
                  attack: str | None = None) -> str:
@@ -81,13 +88,14 @@ def results_name(split: str, *, step: int | str = "best", run_step: str = "best"
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
-                     step: int | str = "latest", out_dir: str | os.PathLike | None = None,
+                     step: int | str | None = None, out_dir: str | os.PathLike | None = None,
                      precision: str = "float32", save_quantized: str | os.PathLike | None = None,
                      adabn: bool = False, attack: str | None = None, eps: float = 0.1,
                      attack_steps: int = 20, data: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
   """Restores a checkpoint (params only, any device count), evaluates it on
-  `split`, and writes eval_<name>.json and confusion_<name>.png, where the
+  `split` (default: `eval_split`), and writes eval_<name>.json and
+  confusion_<name>.png, where the
   name is the split's, then what differs from the run's own evaluation
   (`results_name`: eval_test.json, eval_test_step1200_int8.json, ...); the
   result's "results_file" says which.
@@ -108,6 +116,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
       with radius eps in pixel units ("adv_accuracy").
   """
+  step = workdir_result_step(workdir) if step is None else step
   run = workdirs.restore(workdir, step=step, data=data)
   out = out_dir or workdir
   problem = workdirs.writable_problem(out, "out_dir" if out_dir else "workdir")
