@@ -401,7 +401,8 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
       head_level=bert.HEAD_LEVEL,
       groups_of=bert.built_groups,
-      preprocess=_hub_preprocess(source, c.max_position), tokenizer_file=_hub_tokenizer_file(source),
+      preprocess=_hub_preprocess(source, c.max_position),
+      tokenizer_file=_hub_tokenizer_file(source),
       default_num_classes=classes,
       check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
 

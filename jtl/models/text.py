@@ -94,10 +94,12 @@ def load_tokenizer(path: str | os.PathLike[str], *,
 def check_max_length(max_length: int | None, max_position: int | None) -> None:
   """Refuses a token length below 2 or above the model's position count.
 
-  >>> check_max_length(600, 512)
-  Traceback (most recent call last):
-  ...
-  jtl.errors.ConfigError: max_length=600 is more than the model's 512 positions (max_position_embeddings); use max_length <= 512.
+  >>> try:
+  ...   check_max_length(600, 512)
+  ... except ConfigError as e:
+  ...   print(e)
+  max_length=600 is more than the model's 512 positions (max_position_embeddings); \
+use max_length <= 512.
   """
   if max_length is None:
     return
