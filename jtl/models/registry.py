@@ -424,7 +424,8 @@ def create(name: str, *, num_classes: int | None = None,
     # skipped ones) are initialised, so the peak stays near the file's size.
     try:
       variables, report = weights.load_pretrained(
-          _with_exported_head(path, n) if from_hub else path, like=abstract_variables(spec, module, seed=seed),
+          _with_exported_head(path, n) if from_hub else path,
+          like=abstract_variables(spec, module, seed=seed),
           converter=spec.converter, reinit_head=spec.head_pattern,
           skip=_hub_skip() if from_hub else (),
           init=lambda paths: init_leaves(spec, module, paths, seed=seed))
