@@ -139,9 +139,29 @@ def _pipeline_kwargs(config: ml_collections.ConfigDict, spec: models.ModelSpec) 
   if spec.input_kind == "image":
     kwargs.update(image_size=config.image_size or spec.image_size,
                   normalize=spec.normalization)
+  elif spec.input_kind == "text":
+    kwargs.update(tokenizer=text_tokenizer(config, spec))
   else:
     kwargs.update(max_length=config.max_length)
   return kwargs
+
+
+def text_tokenizer(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> Any:
+  """The text model's own tokenizer (`spec.tokenizer_file()`, MiniLM's when the
+  spec has none), padding to `config.max_length` and truncating at the
+  model's positions; a ConfigError when its vocabulary outgrows the model's."""
+  path = spec.tokenizer_file() if spec.tokenizer_file else None
+  sizes = models.bert.text_config(spec)
+  max_position = sizes.max_position if sizes else None
+  tokenizer = data.text.load_tokenizer(path, max_length=config.max_length,
+                                       max_position=max_position)
+  if sizes and tokenizer.get_vocab_size() > sizes.vocab_size:
+    raise ConfigError(
+        f"The tokenizer {path} of model {config.model!r} has {tokenizer.get_vocab_size()} "
+        f"tokens but the model's vocab_size is {sizes.vocab_size}: ids past it would "
+        "give NaN. Use the model's own tokenizer.json (the one its weights were "
+        "trained with) beside its config.json.")
+  return tokenizer
 
 
 def train_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,

@@ -130,7 +130,24 @@ def model_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) ->
   if spec.input_kind == "image" and size is not None and size < spec.min_image_size:
     problems.append(f"image_size must be >= {spec.min_image_size} for {config.model} (or None "
                     f"for its native {spec.image_size}), got {size}")
-  return problems + patch_size_problems(config, spec) + model_kwargs_problems(config, spec)
+  return (problems + max_length_problems(config, spec) + patch_size_problems(config, spec)
+          + model_kwargs_problems(config, spec))
+
+
+def max_length_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> list[str]:
+  """A text model's `max_length` below 2 (no room for [CLS] and [SEP]) or
+  above its position count (the position lookup would give NaN)."""
+  length = config.max_length
+  if spec.input_kind != "text" or length is None:
+    return []
+  if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+    return [f"max_length must be an integer >= 2 (tokens per text, [CLS] and [SEP] "
+            f"included) or None (the tokenizer's own), got {length!r}"]
+  sizes = models.bert.text_config(spec)
+  if sizes is not None and length > sizes.max_position:
+    return [f"max_length={length} is more than {config.model}'s {sizes.max_position} "
+            f"positions (max_position_embeddings); set max_length <= {sizes.max_position}"]
+  return []
 
 
 def patch_size_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> list[str]:

@@ -252,7 +252,8 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
   if format == "hf":
     spec = run.spec  # a text model's tokenizer goes with the weights
     return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha,
-                               tokenizer=spec.tokenizer_file and spec.tokenizer_file())
+                               tokenizer=spec.tokenizer_file and spec.tokenizer_file(),
+                               max_length=run.config.max_length)
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]

@@ -12,9 +12,10 @@ users who will like it (rate it 4 or 5). An example is one movie: its input
 the text "<title> (<year>). <genres>", its label the users who liked it, as a
 distribution over the 943 users (1/k for each of its k fans: a soft label,
 so the model's softmax over users is trained with the multinomial likelihood
-of Mult-VAE, Liang et al. 2018). Movies are split by a hash of their id:
-20% "test", 10% "validation", the rest "train"; a movie's ratings are all in
-its split, so the test movies are new to the model. Movies that nobody
+of Mult-VAE, Liang et al. 2018). Movies are split by a hash of their title
+and year (not their id: ML-100K lists some films under two ids, which must
+not land on both sides): 20% "test", 10% "validation", the rest "train"; a
+movie's ratings are all in its split, so the test movies are new to the model. Movies that nobody
 liked have no label and are left out. `liked(split)` gives the 0/1 user x
 movie matrix that `recall_at_k` scores a ranking against.
 
@@ -49,8 +50,18 @@ class Ratings(NamedTuple):
   user_ids: list[str]
 
 
-def _split_of(item: str) -> str:
-  digest = hashlib.md5(item.encode("utf-8")).digest()
+def split_key(title: str, year: str) -> str:
+  """What a movie's split is drawn from: "title (year)", lower-cased, runs of
+  spaces as one, so that a film listed under two ids lands in one split.
+
+  >>> split_key(" Chasing  Amy ", "1997")
+  'chasing amy (1997)'
+  """
+  return " ".join(f"{title} ({year})".lower().split())
+
+
+def _split_of(key: str) -> str:
+  digest = hashlib.md5(key.encode("utf-8")).digest()
   u = int.from_bytes(digest[:4], "big") / 2**32
   return next((name for name, upper in _SPLITS if u < upper), "train")
 
@@ -66,10 +77,16 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
 
 def item_texts(folder: Path) -> dict[str, str]:
   """{item id: "<title> (<year>). <genre>, <genre>"} from ml-100k.item."""
+  return {item: text for item, (text, _) in _items(folder).items()}
+
+
+def _items(folder: Path) -> dict[str, tuple[str, str]]:
+  """{item id: (its text, its split_key)} from ml-100k.item."""
   out = {}
   for row in _read_tsv(folder / "ml-100k.item"):
     genres = ", ".join(row.get("class", "").split())
-    out[row["item_id"]] = f"{row['movie_title']} ({row['release_year']}). {genres}".strip()
+    title, year = row["movie_title"], row["release_year"]
+    out[row["item_id"]] = (f"{title} ({year}). {genres}".strip(), split_key(title, year))
   return out
 
 
@@ -80,7 +97,7 @@ def movielens100k(folder: str | Path | None = None) -> Ratings:
     folder = package_file("recbole", "dataset_example", "ml-100k", "ml-100k.inter",
                           install=_INSTALL).parent
   folder = Path(folder)
-  texts = item_texts(folder)
+  items = _items(folder)
   rows = _read_tsv(folder / "ml-100k.inter")
   user_ids = sorted({r["user_id"] for r in rows}, key=int)
   user_index = {u: i for i, u in enumerate(user_ids)}
@@ -91,12 +108,13 @@ def movielens100k(folder: str | Path | None = None) -> Ratings:
   out: dict[str, dict[str, list]] = {s: {"texts": [], "liked": []} for s in
                                      ("train", "validation", "test")}
   for item in sorted(fans, key=int):
-    if item not in texts:
+    if item not in items:
       raise DataError(f"{folder}: item {item} is rated but has no row in ml-100k.item.")
     row = np.zeros(len(user_ids), np.float32)
     row[sorted(fans[item])] = 1.0
-    split = out[_split_of(item)]
-    split["texts"].append(texts[item])
+    text, key = items[item]
+    split = out[_split_of(key)]
+    split["texts"].append(text)
     split["liked"].append(row)
   liked = {s: np.stack(d["liked"]) for s, d in out.items()}
   return Ratings({s: np.array(d["texts"], dtype=object) for s, d in out.items()},

@@ -375,6 +375,53 @@ def check_labels(name: str, labels: Mapping[str, np.ndarray],
   return num_classes
 
 
+def _texts(split: str, values: Any, problems: list[str]) -> np.ndarray:
+  """An object array of str from a 1-D array or list of str / UTF-8 bytes;
+  what is not is added to `problems` (naming the indices)."""
+  if isinstance(values, np.ndarray) and values.ndim != 1:
+    problems.append(f"split {split!r}: texts must be 1-D (one string per example), got "
+                    f"shape {values.shape}; join or pick the columns first")
+    return np.array([], dtype=object)
+  texts = np.empty(len(values), dtype=object)
+  wrong, undecodable = [], []
+  for i, value in enumerate(values):
+    if isinstance(value, bytes):
+      try:
+        value = value.decode("utf-8")
+      except UnicodeDecodeError:
+        undecodable.append(i)
+    elif not isinstance(value, str):
+      wrong.append(i)
+    texts[i] = str(value) if isinstance(value, str) else ""
+  if wrong:
+    kinds = sorted({type(values[i]).__name__ for i in wrong})
+    problems.append(f"split {split!r}: texts {wrong[:10]} ({len(wrong)} in all) are {kinds}, "
+                    "not str or bytes; drop them or replace them by strings")
+  if undecodable:
+    problems.append(f"split {split!r}: texts {undecodable[:10]} ({len(undecodable)} in all) "
+                    "are bytes that are not UTF-8; decode them with their encoding first")
+  return texts
+
+
+def _audio(split: str, values: Any, problems: list[str]) -> np.ndarray:
+  """Float32 clips [N, samples] in 16-bit units (a warning for [-1, 1] floats);
+  ragged or wrongly shaped clips are added to `problems`."""
+  try:
+    x = np.asarray(values)
+  except ValueError:
+    x = None
+  if x is None or x.dtype == object or x.ndim != 2:
+    lengths = sorted({np.shape(c) for c in values})[:5] if x is None or x.dtype == object else ()
+    found = f"clips of shapes {lengths}" if lengths else f"shape {x.shape}"
+    problems.append(f"split {split!r}: audio must be [N, samples] (one length, mono), got "
+                    f"{found}; pad or crop the clips to one length (jtl.data.audio.fit_length)")
+    return np.zeros((0, 0), np.float32)
+  if np.issubdtype(x.dtype, np.floating) and x.size and 0 < np.abs(x).max() <= 1.0:
+    log.warning("Float audio of split %r lies in [-1, 1]; jtl expects 16-bit units "
+                "(-32768..32767): multiply by 32768.", split)
+  return x.astype(np.float32)
+
+
 def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySource:
   inputs, labels, problems = {}, {}, []
   kinds = set()
@@ -386,7 +433,13 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
                       f"{sorted(d) if isinstance(d, Mapping) else ''}")
       continue
     key = next(k for k in ("image", "text", "audio") if k in d)
-    x, y = np.asarray(d[key]), np.asarray(d["label"])
+    y = np.asarray(d["label"])
+    if key == "text":
+      x = _texts(split, d[key], problems)
+    elif key == "audio":
+      x = _audio(split, d[key], problems)
+    else:
+      x = np.asarray(d[key])
     if len(x) != len(y):
       problems.append(f"split {split!r}: {len(x)} {key}s but {len(y)} labels")
     if key == "image" and not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3))):
@@ -397,13 +450,6 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
       if x.size and x.max() <= 1.0:
         log.warning("Float images of split %r lie in [0, 1]; jtl expects 0..255 values "
                     "(multiply by 255).", split)
-    if key == "text":
-      x = x.astype(str).astype(object)
-    if key == "audio" and x.ndim != 2:
-      problems.append(f"split {split!r}: audio must be [N, samples] (one length), "
-                      f"got shape {x.shape}")
-    if key == "audio":
-      x = x.astype(np.float32)
     kinds.add(key)
     inputs[split], labels[split] = x, y
   if len(kinds) > 1:

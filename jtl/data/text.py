@@ -32,6 +32,7 @@ import numpy as np
 
 from jtl import _optional
 from jtl.errors import DataError
+from jtl.models import text as model_text
 
 if TYPE_CHECKING:
   import tokenizers
@@ -83,14 +84,17 @@ def default_tokenizer_path() -> Path:
 
 
 def load_tokenizer(tokenizer: str | os.PathLike | tokenizers.Tokenizer | None = None, *,
-                   max_length: int | None = None) -> tokenizers.Tokenizer:
+                   max_length: int | None = None,
+                   max_position: int | None = None) -> tokenizers.Tokenizer:
   """Loads a tokenizer.json (default: MiniLM's) padding/truncating to a length.
 
   Args:
     tokenizer: path of a tokenizer.json, a `tokenizers.Tokenizer` (copied, not
       changed) or None for all-MiniLM-L6-v2's.
-    max_length: pad and truncate to this many tokens; None keeps the file's
-      own setting, which must pad to a fixed length.
+    max_length: pad and truncate to this many tokens (at least 2); None keeps
+      the file's own setting, which must pad to a fixed length.
+    max_position: the model's position count: truncation and padding never
+      go past it, and a larger max_length is a ConfigError.
   """
   tk = _optional.require("tokenizers", "Tokenizing text")
   if isinstance(tokenizer, tk.Tokenizer):
@@ -101,11 +105,13 @@ def load_tokenizer(tokenizer: str | os.PathLike | tokenizers.Tokenizer | None = 
       tok = tk.Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
       raise DataError(f"Cannot read tokenizer file {path}: {e}") from None
+  model_text.check_max_length(max_length, max_position)
   if max_length is not None:
     pad_id = tok.padding["pad_id"] if tok.padding else 0
     pad_token = tok.padding["pad_token"] if tok.padding else "[PAD]"
     tok.enable_truncation(max_length)
     tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
+  model_text.cap_truncation(tok, max_position)
   padding = tok.padding
   if not padding or padding.get("length") is None or tok.truncation is None:
     raise DataError(
@@ -119,7 +125,7 @@ def tokenize(texts: Sequence[str | bytes], tokenizer: tokenizers.Tokenizer
              ) -> dict[str, np.ndarray]:
   """Returns {"input_ids", "attention_mask", "token_type_ids"}: int32 [B, L]."""
   strs = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts]
-  encodings = tokenizer.encode_batch(strs)
+  encodings = tokenizer.encode_batch(model_text.cut_texts(tokenizer, strs))
   return {
       "input_ids": np.array([e.ids for e in encodings], np.int32),
       "attention_mask": np.array([e.attention_mask for e in encodings], np.int32),

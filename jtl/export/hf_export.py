@@ -407,7 +407,8 @@ def _write_json(obj: Any, path: epath.Path) -> None:
 
 
 def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
-              alpha: float | None = None, tokenizer: Any = None) -> epath.Path:
+              alpha: float | None = None, tokenizer: Any = None,
+              max_length: int | None = None) -> epath.Path:
   """Writes merged fine-tuned weights in the HF (BERT, DINOv2) / timm (ViT, ResNet) layout.
 
   Args:
@@ -421,6 +422,8 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       (`models.create(out_dir)`), with the tokenizer files found beside it
       (`TOKENIZER_FILES`: tokenizer_config.json's lower-casing and maximum
       length, which `AutoTokenizer` reads); None: none.
+    max_length: the tokens per text the run trained with, written into the
+      copied tokenizer.json's truncation and padding; None keeps the file's.
 
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL, `jtl.paths`).
@@ -452,11 +455,26 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   _write_json(hub_config(module), out / "config.json")
   if tokenizer is not None:
     tokenizer = paths.path(tokenizer)
-    paths.write_atomic(out / "tokenizer.json", tokenizer.read_bytes())
+    paths.write_atomic(out / "tokenizer.json",
+                       _with_length(tokenizer.read_bytes(), max_length))
     for name in TOKENIZER_FILES:
       if (tokenizer.parent / name).exists():
         paths.write_atomic(out / name, (tokenizer.parent / name).read_bytes())
   return out
+
+
+def _with_length(tokenizer_json: bytes, max_length: int | None) -> bytes:
+  """A tokenizer.json truncating and padding to `max_length` tokens (None: as is)."""
+  if max_length is None:
+    return tokenizer_json
+  tok = json.loads(tokenizer_json)
+  truncation = tok.get("truncation") or {"direction": "Right", "strategy": "LongestFirst",
+                                         "stride": 0}
+  padding = tok.get("padding") or {"direction": "Right", "pad_to_multiple_of": None,
+                                   "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+  tok["truncation"] = {**truncation, "max_length": max_length}
+  tok["padding"] = {**padding, "strategy": {"Fixed": max_length}}
+  return (json.dumps(tok, ensure_ascii=False) + "\n").encode()
 
 
 # What transformers' tokenizers read beside tokenizer.json.

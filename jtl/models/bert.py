@@ -63,6 +63,32 @@ def _check_inputs(x: Any) -> None:
         "Use jtl.models.text.tokenize to build it.")
 
 
+def _check_ranges(x: Mapping[str, Any], c: BertConfig) -> None:
+  """Refuses a sequence longer than the position table (its shape, at trace
+  time) and, when the ids are concrete (not traced), ids outside the
+  embedding tables: a lookup past a table's end gives NaN for the batch."""
+  length = np.shape(x["input_ids"])[-1]
+  if length > c.max_position:
+    raise DataError(
+        f"input_ids has {length} tokens per row but the model has {c.max_position} "
+        "positions (max_position_embeddings); tokenise with max_length <= "
+        f"{c.max_position} (config key max_length).")
+  tables = (("input_ids", c.vocab_size, "vocab_size"),
+            ("token_type_ids", c.type_vocab_size, "type_vocab_size"))
+  for key, size, name in tables:
+    value = x.get(key)
+    if value is None or isinstance(value, jax.core.Tracer):
+      continue
+    ids = np.asarray(value)
+    bad = np.argwhere((ids < 0) | (ids >= size))
+    if bad.size:
+      where = tuple(int(i) for i in bad[0])
+      raise DataError(
+          f"{key}{list(where)} = {int(ids[where])} is outside the model's {name} {size} "
+          f"({len(bad)} ids out of range); tokenise with the model's own tokenizer "
+          "(spec.preprocess or spec.tokenizer_file()).")
+
+
 class Embeddings(nn.Module):
   """Word + position + token-type embeddings, then LayerNorm and dropout."""
   config: BertConfig
@@ -170,6 +196,7 @@ class Bert(nn.Module):
   def hidden_states(self, x: Mapping[str, Any], *, train: bool = False) -> jax.Array:
     """Last-layer token states, float32 [B, L, hidden]."""
     _check_inputs(x)
+    _check_ranges(x, self.config)
     ids = jnp.asarray(x["input_ids"], jnp.int32)
     mask = jnp.asarray(x["attention_mask"], jnp.int32)
     types = x.get("token_type_ids")
@@ -307,9 +334,17 @@ def preprocess_minilm(texts: str | Sequence[str], *,
   The tokenizer file pads and truncates to 128 tokens; `max_length` changes
   that.
   """
-  tokenizer = text.load_tokenizer(text.minilm_dir(), max_length=max_length)
+  tokenizer = text.load_tokenizer(text.minilm_dir(), max_length=max_length,
+                                  max_position=MINILM_L6.max_position)
   return text.trim_padding(text.tokenize(tokenizer, texts))
 
+
+
+def text_config(spec: registry.ModelSpec) -> BertConfig | None:
+  """The `BertConfig` (vocab_size, max_position, ...) a text model's spec
+  builds, or None when its module is not a BERT."""
+  config = getattr(spec.build(num_classes=0), "config", None)
+  return config if isinstance(config, BertConfig) else None
 
 
 def groups(num_layers: int) -> list[tuple[str, str]]:

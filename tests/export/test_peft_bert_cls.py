@@ -24,7 +24,7 @@ from jtl.app import preflight
 from jtl.errors import CheckpointError
 from jtl.export import hf_export, peft, peft_import
 from jtl import models
-from jtl.models import bert, registry
+from jtl.models import bert, registry, text
 from jtl.recipes.strategies import lora
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -128,3 +128,25 @@ def test_pool_is_a_model_kwarg_checked_before_training():
   config = ml_collections.ConfigDict({"model": "minilm_l6", "model_kwargs": {"pool": "cls"}})
   assert "Bert.pool must be one of ('mean', 'cls_pooler'); found 'cls'" in (
       preflight.model_kwargs_problems(config, spec)[0])
+
+
+def test_an_hf_export_of_a_mean_pooled_head_reloads_with_its_head_and_max_length(tmp_path):
+  config = bert.BertConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                           max_position=32)
+  module = bert.Bert(num_classes=3, config=config)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), bert.example_input(1))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+  tokenizer = text.minilm_dir() / "tokenizer.json"
+  out = hf_export.export_hf(module, variables, tmp_path / "hf", tokenizer=tokenizer,
+                            max_length=16)
+  saved = json.loads((out / "tokenizer.json").read_text())
+  assert saved["truncation"]["max_length"] == 16 and saved["padding"]["strategy"] == {
+      "Fixed": 16}
+  created = models.create(str(out), num_classes=3)
+  assert not created.report.reinitialised
+  batch = created.spec.preprocess(["a fine film", "word " * 40])
+  assert batch["input_ids"].shape == (2, 16)
+  apply = jax.jit(module.apply)  # the same module config: one compilation
+  np.testing.assert_allclose(apply(created.variables, batch), apply(variables, batch),
+                             atol=1e-5)

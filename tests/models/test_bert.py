@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from jtl import tree, weights
-from jtl.errors import DataError, LoadError
+from jtl.data import text as data_text
+from jtl.errors import ConfigError, DataError, LoadError
 from jtl.models import bert, registry, text
 
 REF = np.load(Path(__file__).parents[1] / "fixtures" / "minilm_reference.npz")
@@ -191,3 +193,77 @@ def test_pooler_survives_import_and_export(minilm, tmp_path):
                  + published["pooler.dense.bias"])
   np.testing.assert_allclose(model.apply(variables, batch, method=bert.Bert.pooled), want,
                              atol=1e-5)
+
+
+TINY = bert.BertConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2,
+                       intermediate_size=16, max_position=8)
+
+
+def _tiny_batch(length, ids=3, types=0):
+  return {"input_ids": np.full((1, length), ids, np.int32),
+          "attention_mask": np.ones((1, length), np.int32),
+          "token_type_ids": np.full((1, length), types, np.int32)}
+
+
+def test_sequences_past_the_positions_and_ids_past_the_tables_are_data_errors():
+  model = bert.Bert(config=TINY)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), _tiny_batch(8))  # 8: fine
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  with pytest.raises(DataError, match=r"input_ids has 9 tokens per row but the model has 8 "
+                     r"positions.*max_length <= 8"):
+    jax.jit(model.apply)(variables, _tiny_batch(9))  # the shape, at trace time
+  with pytest.raises(DataError, match=r"input_ids\[0, 0\] = 50 is outside the model's "
+                     r"vocab_size 50 \(4 ids out of range\)"):
+    model.apply(variables, _tiny_batch(4, ids=50))
+  with pytest.raises(DataError, match=r"token_type_ids\[0, 0\] = 2 is outside .* type_vocab_size"):
+    model.apply(variables, _tiny_batch(4, types=2))
+
+
+def _tokenizer_file(tmp_path, **changes):
+  """MiniLM's tokenizer.json with top-level fields replaced (e.g. truncation=None)."""
+  tokenizer = json.loads((text.minilm_dir() / "tokenizer.json").read_text())
+  path = tmp_path / "tokenizer.json"
+  path.write_text(json.dumps({**tokenizer, **changes}))
+  return path
+
+
+def test_a_tokenizer_without_truncation_truncates_at_the_models_positions(tmp_path):
+  path = _tokenizer_file(tmp_path, truncation=None, padding=None)
+  long_text = "word " * 40
+  assert text.tokenize(text.load_tokenizer(path), long_text)["input_ids"].shape == (1, 42)
+  tokenizer = text.load_tokenizer(path, max_position=8)
+  assert text.tokenize(tokenizer, [long_text, "a"])["input_ids"].shape == (2, 8)
+  short = text.tokenize(text.load_tokenizer(path, max_length=6, max_position=8), long_text)
+  assert short["input_ids"].shape == (1, 6)
+  for tokenizer_from in (text.load_tokenizer, data_text.load_tokenizer):
+    with pytest.raises(ConfigError, match=r"max_length=9 is more than the model's 8 positions"):
+      tokenizer_from(path, max_length=9, max_position=8)
+    for length in (0, 1):
+      with pytest.raises(ConfigError, match=f"max_length={length} leaves no room"):
+        tokenizer_from(path, max_length=length)
+  # The data pipeline's tokenizer (fixed padding) is capped the same way.
+  capped = data_text.load_tokenizer(_tokenizer_file(tmp_path), max_position=8)
+  assert data_text.tokenize([long_text], capped)["input_ids"].shape == (1, 8)
+
+
+def test_a_hub_folders_preprocess_never_passes_its_positions(tmp_path):
+  folder = tmp_path / "hub"
+  folder.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    (folder / name).symlink_to(text.minilm_dir() / name)
+  _tokenizer_file(folder, truncation=None, padding=None)
+  spec = registry.get_spec(str(folder))
+  assert spec.preprocess(["word " * 600])["input_ids"].shape == (1, 512)
+
+
+def test_a_huge_line_is_cut_before_tokenising_with_the_same_ids():
+  line = "word " * 200_000  # 1 MB
+  head = line[:16 * text.CHARS_PER_TOKEN]
+  tokenizer = text.load_tokenizer(text.minilm_dir(), max_length=16)
+  np.testing.assert_array_equal(text.tokenize(tokenizer, [line])["input_ids"],
+                                text.tokenize(tokenizer, [head])["input_ids"])
+  assert text.cut_texts(tokenizer, [line]) == [head]
+  pipeline_tokenizer = data_text.load_tokenizer(max_length=16)
+  assert data_text.model_text.cut_texts(pipeline_tokenizer, [line]) == [head]
+  np.testing.assert_array_equal(data_text.tokenize([line], pipeline_tokenizer)["input_ids"],
+                                data_text.tokenize([head], pipeline_tokenizer)["input_ids"])

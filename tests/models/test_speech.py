@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jtl import models
+from jtl.errors import DataError
 from jtl.models import speech
 from jtl.weights import read
 
@@ -64,5 +65,16 @@ def test_shapes_and_short_clips_are_refused():
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
   assert jax.eval_shape(module.apply, variables, x).shape == (2, 3)
   assert variables["params"]["conv1"]["kernel"].shape == (1, 3, 24, 24)
-  with pytest.raises(ValueError, match=str(speech.MIN_SAMPLES)):
+  with pytest.raises(DataError, match=str(speech.MIN_SAMPLES)):
     jax.eval_shape(module.apply, variables, x[:, :speech.MIN_SAMPLES - 1])
+
+
+def test_preprocess_refuses_stereo_and_short_clips_and_warns_on_unit_floats():
+  clip = np.full(speech.MIN_SAMPLES, 1000, np.int16)
+  assert speech.preprocess(clip).shape == (1, speech.MIN_SAMPLES)
+  with pytest.raises(DataError, match=r"got shape \(12512, 2\); mix stereo"):
+    speech.preprocess(np.stack([clip, clip], 1))
+  with pytest.raises(DataError, match=r"got shape \(100,\).*pad short clips"):
+    speech.preprocess(clip[:100])
+  with pytest.warns(UserWarning, match=r"lies in \[-1, 1\].*multiply it by 32768"):
+    speech.preprocess(clip / 32768.0)
