@@ -77,10 +77,28 @@ def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def fingerprints(tree: PyTree) -> dict[str, int]:
-  """{"/"-joined path: fingerprint} of every array of `tree` (None skipped)."""
+  """{"/"-joined path: fingerprint} of every array of `tree` (None skipped):
+  on the accelerator where the arrays are, on the host (no compile) where
+  they already are in host memory (the CPU backend)."""
   leaves = [(path, x) for path, x in jtree.leaves_with_paths(tree) if x is not None]
-  sums = jax.device_get(_sums([jnp.asarray(x) for _, x in leaves]))
-  return {path: int(s) for (path, _), s in zip(leaves, sums)}
+  on_host = [not _on_accelerator(x) for _, x in leaves]
+  device = [jnp.asarray(x) for (_, x), host in zip(leaves, on_host) if not host]
+  sums = iter(jax.device_get(_sums(device)) if device else [])
+  return {path: host_fingerprint(_host_value(x)) if host else int(next(sums))
+          for (path, x), host in zip(leaves, on_host)}
+
+
+def _on_accelerator(x: Any) -> bool:
+  """Whether `x` is computed on where it is: an accelerator's array, or one
+  that spans other processes (their parts are not in this host's memory)."""
+  return isinstance(x, jax.Array) and (not x.is_fully_addressable
+                                       or any(d.platform != "cpu" for d in x.devices()))
+
+
+def _host_value(x: Any) -> np.ndarray:
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x)
 
 
 def host_fingerprint(x: Any) -> int:
