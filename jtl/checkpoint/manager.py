@@ -380,7 +380,8 @@ class CheckpointManager:
       raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
     _check_restored(restored, abstract, self.directory / str(step))
-    _check_fingerprints(self.directory / str(step), integrity.fingerprints(restored))
+    step_dir = self.directory / str(step)
+    _check_fingerprints(step_dir, _read_meta(step_dir), integrity.fingerprints(restored))
     trainable, frozen = partition.split(restored["params"], labels)
     ema = partition.split(restored["ema_params"], labels)[0] if "ema_params" in restored else None
     return TrainState(step=restored["step"], trainable=trainable, frozen=frozen,
@@ -481,17 +482,18 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       if "params" not in parts and "ema_params" not in parts:
         raise CheckpointError(f"{step_dir}: its metadata lists no params (damaged)")
       drop = "params" if ema and "ema_params" in parts else "ema_params"
+      meta = _read_meta(step_dir)  # once: a round trip per read in a bucket
       for part in (p for p in parts if p != drop):
         flat = read(step_dir / "state", format="orbax", subtree=part)
-        _check_fingerprints(step_dir, {f"{part}/{path}": integrity.host_fingerprint(x)
-                                       for path, x in flat.items()})
+        _check_fingerprints(step_dir, meta, {f"{part}/{path}": integrity.host_fingerprint(x)
+                                             for path, x in flat.items()})
         tree = jtree.unflatten(flat)
         variables.update({"params": tree} if part.endswith("params") else tree)
     except CheckpointError as e:
       failures.append(e)
       log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
       continue
-    return variables, _read_meta(step_dir)
+    return variables, meta
   raise failures[0]
 
 
@@ -508,10 +510,11 @@ def _unused_name(directory: epath.Path, name: str) -> str:
 FINGERPRINTS = "fingerprints"
 
 
-def _check_fingerprints(step_dir: epath.Path, actual: dict[str, int]) -> None:
+def _check_fingerprints(step_dir: epath.Path, meta: dict[str, Any],
+                        actual: dict[str, int]) -> None:
   """A CheckpointError naming the arrays of `step_dir` read back other than
   they were saved (Orbax keeps no checksum: a flipped bit loads silently)."""
-  changed = integrity.differing(_read_meta(step_dir).get(FINGERPRINTS), actual)
+  changed = integrity.differing(meta.get(FINGERPRINTS), actual)
   if changed:
     raise CheckpointError(
         f"{step_dir}: the data of {len(changed)} array(s) differ from what was saved (a "
