@@ -81,20 +81,22 @@ def test_remat_dropout_gradients_are_those_of_its_masks(name):
   model = build(True).clone(**(
       {"dropout": 0.2, "drop_path_rate": 0.3} if name == "vit" else
       {"config": dataclasses.replace(TINY_BERT, dropout=0.2, attention_dropout=0.2)}))
-  variables = model.init(jax.random.PRNGKey(0), inputs)
-  variables = {**variables, "params": jax.tree.map(  # a head that is not all zeros
-      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape), variables["params"])}
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), inputs)
+  variables = {**variables, "params": jax.jit(lambda params: jax.tree.map(  # a nonzero head
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape), params))(
+          variables["params"])}
   loss = loss_fn(model, variables, inputs)
   value, g = jax.jit(jax.value_and_grad(loss))(variables["params"])
   norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
   eps = 1e-2
-  shifted = lambda s: loss(jax.tree.map(lambda p, d: p + s * eps * d / norm, variables["params"], g))
-  directional = (jax.jit(shifted)(1.0) - jax.jit(shifted)(-1.0)) / (2 * eps)
+  shifted = jax.jit(lambda s: loss(jax.tree.map(lambda p, d: p + s * eps * d / norm,
+                                                 variables["params"], g)))
+  directional = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
   np.testing.assert_allclose(directional, norm, rtol=2e-2)
   plain = build(False).clone(**{k: getattr(model, k) for k in ("dropout", "drop_path_rate")}
                              ) if name == "vit" else None
   if plain is not None:  # dropout is on: the plain model's masks are others
-    assert not np.isclose(value, loss_fn(plain, variables, inputs)(variables["params"]))
+    assert not np.isclose(value, jax.jit(loss_fn(plain, variables, inputs))(variables["params"]))
 
 
 @pytest.mark.slow  # zoo models at full width: make test-all
