@@ -5,6 +5,9 @@ Every step is jit-compiled once and runs data parallel over all devices of
 the mesh. The loop resumes from the workdir's latest checkpoint (state and
 input position), logs to JSONL/TensorBoard/PNG, and measures how much of each
 step's wall time is spent waiting for input.
+
+Its parts: what `fit` refuses (`jtl.fit_checks`), its workdir and reports
+(`jtl.fit_io`), the state and step of each of its phases (`jtl.fit_phases`).
 """
 
 from __future__ import annotations
@@ -12,28 +15,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
-from jtl import parallel, partition, steps
+from jtl import parallel, steps
 from jtl import phases as phases_lib
-from jtl.adapter import variables_of
-from jtl.batchnorm import make_recompute_batchnorm
-from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.errors import CheckpointError, ConfigError, DivergenceError, Preempted, StepError
+from jtl.errors import Preempted, StepError
+from jtl.fit_checks import (
+  _check_options,
+  _first_batch_checked,
+  _initial_variables,
+  _stop_if_diverged,
+)
+from jtl.fit_io import _open_run, _progress_bar, _report, _Window
+from jtl.fit_phases import (
+  _batchnorm_refresher,
+  _compile_train_step,
+  _enter_phase,
+  _fresh_state,
+  _Phases,
+  _restore_or_fresh,
+  _run_first_phase,
+)
 from jtl.metrics import MetricWriter
 from jtl.preemption import StopRequests, preempted
-from jtl.state import TrainState, create_train_state
+from jtl.state import TrainState
 from jtl.tree import PyTree
 
 Batch = dict[str, Any]
@@ -66,270 +79,6 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
   if not total:
     return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
   return steps.summarize_eval(total)
-
-
-def _first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
-                         eval_step: Callable | None,
-                         output_classes: Callable[..., int | None],
-                         variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
-  """`train_batches` whose first batch is checked before the first training
-  step: its keys, its labels against the classes of the model's logits
-  (shapes and values), and its trace through `eval_step` (shapes only,
-  `jax.eval_shape`), so that outputs evaluation cannot score (a dict without
-  eval_output=, ...) fail now instead of at the first evaluation."""
-  if not callable(train_batches):
-    raise StepError(
-        f"fit(train_batches=...) takes a function start_step -> iterator of batches (the "
-        f"input position on resume), got {type(train_batches).__name__}; e.g. "
-        "train_batches=lambda start: itertools.islice(itertools.cycle(batches), start, None).")
-
-  def make(start_step: int) -> Iterator[Batch]:
-    batches = iter(train_batches(start_step))
-    first = next(batches, None)
-    if first is None:
-      return batches
-    _check_batch(first)
-    probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
-    try:
-      classes = output_classes(variables(), probe)
-    except Exception:  # noqa: BLE001 - e.g. a method's training batch: its loss decides
-      classes = None
-    if classes is not None:
-      _check_label_values(first["label"], first.get("mask"), classes)
-    if eval_step is not None:
-      try:
-        jax.eval_shape(eval_step, variables(), probe)
-      except StepError:
-        raise
-      except Exception:  # noqa: BLE001 - e.g. a method's training batch: the evaluation decides
-        pass
-    return itertools.chain([first], batches)
-  return make
-
-
-def _check_batch(batch: Any) -> None:
-  """A training batch is a dict with "inputs" and "label"."""
-  if not isinstance(batch, dict) or not {"inputs", "label"} <= set(batch):
-    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise StepError(
-        f"A training batch must be a dict with 'inputs' and 'label' (and optionally 'mask'), "
-        f"got {got}. Yield {{'inputs': x, 'label': y}} from train_batches(start_step).")
-
-
-def _check_label_values(label: Any, mask: Any, num_classes: int) -> None:
-  """Integer labels of the rows that count (mask) must be class indices of the
-  model's `num_classes` logits: one out of range would train on an all-zero
-  target (a loss of 0)."""
-  label = np.asarray(label)
-  if mask is not None and np.shape(mask) == label.shape[:1]:
-    label = label[np.asarray(mask, bool)]
-  if not np.issubdtype(label.dtype, np.integer) or label.size == 0:
-    return
-  low, high = int(label.min()), int(label.max())
-  if low < 0 or high >= num_classes:
-    raise StepError(
-        f"The first training batch has labels from {low} to {high}, but the model's logits "
-        f"have {num_classes} classes (labels 0..{num_classes - 1}). Give the head as many "
-        "outputs as the dataset has classes (num_classes), or map the labels to 0..C-1.")
-
-
-def _check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> None:
-  """Refuses to resume a checkpoint made by a different model setup."""
-  if mngr.latest_step() is None:
-    return
-  saved = mngr.meta()
-  clashes = [f"{k}: checkpoint has {saved.get(k)!r}, this run {v!r}"
-             for k, v in meta.items() if (k in ("model", "num_classes") and saved.get(k) != v)
-             or (k == "class_names" and None not in (v, saved.get(k)) and saved[k] != v)]
-  if clashes:
-    raise CheckpointError(
-        f"{workdir}: the checkpoint there belongs to a different model:\n  "
-        + "\n  ".join(clashes) + "\nUse a new --workdir, or the same model settings.")
-
-
-def _exit_quietly_on_error(close: Callable[[], None]) -> Callable[..., bool]:
-  """An ExitStack exit callback: runs `close`; when the run is already failing,
-  a failure to close is logged, so the user sees the one real error."""
-  def exit_(exc_type, exc, tb) -> bool:
-    del exc, tb
-    try:
-      close()
-    except Exception as e:
-      if exc_type is None:
-        raise
-      logging.error("While stopping after an error, closing also failed: %s", e)
-    return False
-  return exit_
-
-
-def _nonfinite_step(steps_and_metrics: list[tuple[int, dict[str, Any]]]
-                    ) -> tuple[int, dict[str, float]] | None:
-  """The first (step, metrics) whose loss or grad_norm is NaN or inf."""
-  for step, metrics in jax.device_get(steps_and_metrics):
-    values = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics}
-    if not all(np.isfinite(v) for v in values.values()):
-      return step, values
-  return None
-
-
-def _divergence(step: int, values: dict[str, float], last_saved: int | None,
-                workdir: Any) -> DivergenceError:
-  shown = ", ".join(f"{k} {v}" for k, v in values.items())
-  kept = (f"The last checkpoint, step {last_saved} in {workdir}, is from before it and is kept."
-          if last_saved is not None else "Nothing was saved by this run after it.")
-  return DivergenceError(
-      f"Training diverged at step {step}: {shown}. The run stops and saves nothing from "
-      f"step {step} on. {kept} Lower the learning rate, add clip_norm or warmup, or set "
-      "on_nonfinite='skip' (config key on_nonfinite) to skip such updates instead.")
-
-
-@dataclasses.dataclass
-class _Window:
-  """Train metrics since the last log line, and the time they took."""
-  start: float
-  rows: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
-  wait: float = 0.0
-  busy: float = 0.0
-  skipped: float = 0.0
-
-  def summary(self, batch_size: int) -> dict[str, float]:
-    fetched = [m for _, m in jax.device_get(self.rows)]  # blocks: the window's compute is done
-    now = time.perf_counter()
-    row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    if "skipped" in row:
-      row["skipped"] = float(np.sum([m["skipped"] for m in fetched]))
-      self.skipped += row["skipped"]
-      row["skipped_total"] = self.skipped
-    elapsed = now - self.start
-    self.busy += elapsed
-    row["steps_per_second"] = len(fetched) / elapsed
-    row["examples_per_second"] = len(fetched) * batch_size / elapsed
-    row["input_wait_fraction"] = self.wait / max(self.busy, 1e-9)
-    self.rows, self.start = [], time.perf_counter()
-    return row
-
-
-@dataclasses.dataclass(frozen=True)
-class _Phases:
-  """(start_step, labels, tx) of each phase of a run, sorted by start step."""
-  items: list[tuple[int, PyTree, optax.GradientTransformation]]
-
-  def at(self, completed_steps: int) -> int:
-    """The phase that runs the step after `completed_steps`."""
-    return max(i for i, p in enumerate(self.items) if p[0] <= completed_steps)
-
-
-def _open_workdir(stack: contextlib.ExitStack, workdir: Any, meta: dict[str, Any],
-                  save_every: int, keep: int, best_metric: str | None,
-                  async_save: bool) -> CheckpointManager:
-  """Takes the workdir's lock and opens its checkpoint manager, both closed by
-  `stack`; refuses a workdir whose checkpoints were written for another model."""
-  lock = stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
-  mngr = CheckpointManager(workdir, save_every=save_every, keep=keep,
-                           best_metric=best_metric, async_save=async_save, lock=lock)
-  stack.push(_exit_quietly_on_error(mngr.close))
-  _check_meta(mngr, meta, workdir)
-  return mngr
-
-
-def _progress_bar(stack: contextlib.ExitStack, start_step: int, num_steps: int) -> Any:
-  """A tqdm bar on process 0 when steps remain (closed by `stack`), else None."""
-  if jax.process_index() != 0 or num_steps <= start_step:
-    return None
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-  stack.callback(bar.close)
-  return bar
-
-
-def _report(step: int, row: dict[str, float], writer: MetricWriter | None,
-            on_log: Callable[[int, dict[str, float]], None] | None, bar: Any) -> None:
-  """One train-metrics row to the metrics file, the callback and the bar."""
-  if writer:
-    writer.write(step, "train", row)
-  if on_log:
-    on_log(step, row)
-  if bar:
-    bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_second']:.2f}",
-                    ex_s=f"{row['examples_per_second']:.1f}",
-                    wait=f"{100 * row['input_wait_fraction']:.0f}%")
-  if row.get("skipped"):
-    logging.warning("Skipped %d non-finite update(s) up to step %d (%d in all).",
-                    row["skipped"], step, row["skipped_total"])
-
-
-def _restore_or_fresh(mngr: CheckpointManager | None, phases: _Phases,
-                      fresh_state: Callable[[int], tuple[TrainState, PyTree]]) -> TrainState:
-  """The newest intact checkpoint's state (restored into the phase that wrote
-  it), or the fresh state of phase 0."""
-  state = None
-  if mngr is not None:
-    # A checkpoint at step s was written by the phase that ran step s.
-    state = mngr.restore_latest(lambda s: fresh_state(phases.at(s - 1) if s else 0))
-  return state if state is not None else fresh_state(0)[0]
-
-
-def _enter_phase(state: TrainState, phase: tuple[int, PyTree, optax.GradientTransformation],
-                 compile_step: Callable, mesh: jax.sharding.Mesh) -> tuple[TrainState, Callable]:
-  """(state, train step) of a new phase: its partition and optimizer, the
-  optimizer state of leaves that stay trainable carried over."""
-  _, labels, tx = phase
-  state = parallel.place_state(phases_lib.switch_phase(jax.device_get(state), labels, tx), mesh)
-  return state, compile_step(labels, tx)
-
-
-def _stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: int | None,
-                      workdir: Any) -> None:
-  """Raises DivergenceError at the first of these steps with a NaN/inf loss or
-  gradient norm (this reads the metrics back from the device)."""
-  bad = _nonfinite_step(unchecked)
-  if bad is not None:
-    raise _divergence(*bad, last_saved, workdir)
-
-
-def _open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any], TrainState],
-              **workdir_kwargs: Any) -> tuple[CheckpointManager | None, MetricWriter | None,
-                                              TrainState]:
-  """(checkpoint manager, metric writer, start state) of a run, the first two
-  None without a workdir and closed by `stack`. `restore(mngr)` gives the state."""
-  if workdir is None:
-    return None, None, restore(None)
-  mngr = _open_workdir(stack, workdir, **workdir_kwargs)
-  state = restore(mngr)
-  start_step = int(jax.device_get(state.step))
-  if start_step:
-    logging.info("Resuming from step %d in %s", start_step, workdir)
-  writer = MetricWriter(workdir, resume_step=start_step)
-  stack.callback(writer.close)
-  return mngr, writer, state
-
-
-def _batchnorm_refresher(module: Any, phases: _Phases,
-                         batches: Callable[[], Iterable[Batch]] | None, mesh: jax.sharding.Mesh
-                         ) -> Callable[[TrainState, int], TrainState] | None:
-  """`refresh(state, phase)`: the state with the statistics of every BatchNorm
-  layer that trains in `phase` recomputed on one pass of `batches` (precise
-  BN; each process passes its own rows, as for training), placed as before.
-  Compiled once per phase. None without `batches`."""
-  if batches is None:
-    return None
-  compiled: dict[int, Callable] = {}
-
-  def place(new: Any, old: jax.Array) -> jax.Array:
-    if isinstance(new, jax.Array) and new.sharding == old.sharding:  # not recomputed
-      return new
-    value = np.asarray(new, old.dtype)  # the same on every process
-    return jax.make_array_from_callback(value.shape, old.sharding, lambda index: value[index])
-
-  def refresh(state: TrainState, phase: int) -> TrainState:
-    if phase not in compiled:
-      compiled[phase] = make_recompute_batchnorm(
-          module, skip=partition.frozen_module_paths(phases.items[phase][1]), mesh=mesh)
-    # With weight EMA, the statistics are those of the EMA weights: the model evaluated and saved.
-    variables = compiled[phase](state.eval_variables, batches())
-    model_state = {k: v for k, v in variables.items() if k != "params"}
-    return state.replace(model_state=jax.tree.map(place, model_state, state.model_state))
-  return refresh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,14 +256,6 @@ def _preempted(stop: StopRequests, saved: int | None, step: int, num_steps: int,
   return preempted(stop, saved=saved, when=when, workdir=workdir)
 
 
-def _compile_train_step(labels: PyTree, tx: optax.GradientTransformation, *, module: Any,
-                        mesh: jax.sharding.Mesh, skip_nonfinite: bool,
-                        **step_kwargs: Any) -> Callable:
-  """The jitted train step of one phase (`steps.make_train_step`'s options)."""
-  step = steps.make_train_step(module, tx, labels=labels, **step_kwargs)
-  return parallel.jit_train_step(steps.skip_nonfinite(step) if skip_nonfinite else step, mesh)
-
-
 def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.GradientTransformation,
         train_batches: Callable[[int], Iterator[Batch]], num_steps: int,
         workdir: str | os.PathLike | None = None,
@@ -597,48 +338,6 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
               best_metric=best_metric if eval_batches else None)
 
 
-def _check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int,
-                   **batch_fns: Any) -> None:
-  """Refuses invalid values of `fit`'s options."""
-  for name, given_fn in batch_fns.items():
-    if given_fn is not None and not callable(given_fn):
-      raise StepError(
-          f"fit({name}=...) takes a function that returns one pass of batches (called at each "
-          f"evaluation), got {type(given_fn).__name__}; e.g. {name}=lambda: batches.")
-  if on_nonfinite not in ("stop", "skip"):
-    raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
-  if ema_decay is not None and (isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0):
-    raise ConfigError(f"ema_decay must be a number in [0, 1) (e.g. 0.999; None: no weight "
-                      f"EMA), got {ema_decay!r}.")
-  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-    raise ConfigError(f"log_every must be an integer >= 1 (steps between logged training "
-                      f"metrics), got {log_every!r}.")
-
-
-def _initial_variables(module: Any, variables: PyTree | None,
-                       batchnorm_batches: Callable[[], Iterable[Batch]] | None) -> PyTree:
-  """The given variables, or an NNX module's own; refuses precise BatchNorm
-  for variables without BatchNorm statistics."""
-  if variables is None:
-    variables = variables_of(module)
-  if batchnorm_batches is not None and set(variables) == {"params"}:
-    raise ConfigError("fit(batchnorm_batches=...): the variables hold no BatchNorm statistics "
-                      "(only 'params'); drop batchnorm_batches for a model without BatchNorm.")
-  return variables
-
-
-def _fresh_state(variables: PyTree, phases: _Phases, phase: int, start: PyTree | None = None,
-                 step: int = 0, *, mesh: jax.sharding.Mesh, seed: int, ema: bool
-                 ) -> tuple[TrainState, PyTree]:
-  """The initial state of `phase` (from `start` variables at `step`, by
-  default the given ones at 0) and its labels (what a restore fills)."""
-  _, labels, tx = phases.items[phase]
-  state = create_train_state(variables if start is None else start, labels, tx, rng=seed,
-                             ema=ema)
-  return parallel.place_state(state.replace(step=jnp.int32(step)) if step else state,
-                              mesh), labels
-
-
 def _run(given: _Given, make_eval_step: Callable[[], Callable],
          output_classes: Callable[..., int | None],
          train_batches: Callable[[int], Iterator[Batch]], num_steps: int, *, variables: PyTree,
@@ -684,20 +383,6 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
   if stop.signum is not None:  # during the last step or the final save: all is saved
     raise _preempted(stop, loop.last_saved, num_steps, num_steps, workdir)
   return _result(loop, start_step, num_steps - begin, first_row)
-
-
-def _run_first_phase(first: phases_lib.SelfTrained, variables: PyTree, phases: _Phases,
-                     fresh_state: Callable[..., tuple[TrainState, PyTree]], stop: StopRequests,
-                     workdir: Any) -> tuple[TrainState, dict[str, float]]:
-  """Runs a self-trained first phase: (the state of the phase that runs at
-  its end, from its variables at step `first.steps`, and its metrics row)."""
-  def stop_point(when: str) -> None:
-    if stop.reached(0):  # on every process (multi-host sync), as after each step
-      raise preempted(stop, saved=None, when=when, workdir=workdir)
-
-  trained, row = first.run(variables, stop_point)
-  phase = phases.at(first.steps - 1) if first.steps else 0
-  return fresh_state(phase, trained, first.steps)[0], row
 
 
 def _result(loop: _Loop, start_step: int, steps_run: int,

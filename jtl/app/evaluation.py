@@ -25,7 +25,7 @@ from etils import epath
 from jtl import _optional, data, export, paths, steps, train
 from jtl.app import keys, methods, workdirs
 from jtl.app.experiment import eval_batches
-from jtl.checkpoint import manager
+from jtl.checkpoint import layout
 from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
 from jtl.errors import ConfigError, JtlError
@@ -62,7 +62,7 @@ def result_step(config: ml_collections.ConfigDict) -> str:
 
 def workdir_result_step(workdir: str | os.PathLike) -> str:
   """`result_step` of the run in `workdir`, from what its checkpoints record."""
-  metric, _ = manager.recorded_metric(manager.checkpoint_dir(workdir))
+  metric, _ = layout.recorded_metric(layout.checkpoint_dir(workdir))
   return "best" if metric else "latest"
 
 

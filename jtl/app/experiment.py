@@ -30,7 +30,7 @@ from etils import epath
 
 from jtl import adapter, data, models, parallel, partition, paths
 from jtl.app import keys, methods, model_choice, preflight, resume, workdirs
-from jtl.checkpoint import manager
+from jtl.checkpoint import layout
 from jtl.data import sources
 from jtl.errors import ConfigError, bullet_list
 from jtl.optim import make_optimizer
@@ -92,7 +92,7 @@ def schedule_config(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   "new" rebuilds it from this config (the rate jumps at the resume step),
   "old" keeps the saved one (a copy with its keys); None raises a
   ConfigError showing both rates at the resume step."""
-  meta = manager.latest_meta(workdir)
+  meta = layout.latest_meta(workdir)
   saved = (meta or {}).get("config")
   if not saved:
     return config

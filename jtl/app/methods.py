@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from jtl.app import keys
-from jtl.checkpoint import manager
+from jtl.checkpoint.restore import restore_variables
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import preprocessing
 from jtl.recipes import adversarial, distill, domain
@@ -203,8 +203,8 @@ def _teacher(options: dict[str, Any], spec: Any, image_size: int,
              ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
   """The teacher of `options["teacher_workdir"]` on the student's batches
   (inputs converted to its pixels, size and normalisation), and its meta."""
-  t_vars, meta = manager.restore_variables(options["teacher_workdir"],
-                                           step=options["teacher_step"], metric="accuracy")
+  t_vars, meta = restore_variables(options["teacher_workdir"],
+                                   step=options["teacher_step"], metric="accuracy")
   t_config = ml_collections.ConfigDict(meta.get("config", {}))
   if "model" not in meta or not t_config:
     raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "

@@ -30,7 +30,7 @@ from etils import epath
 
 from jtl import models, paths, preemption
 from jtl.app import keys
-from jtl.checkpoint import manager
+from jtl.checkpoint import layout
 from jtl.data import sources
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.recipes import selection, strategies
@@ -156,7 +156,7 @@ def with_model(config: ml_collections.ConfigDict, name: str) -> ml_collections.C
 def previous_choice(workdir: epath.Path) -> str | None:
   """The model a run in `workdir` already trains (its checkpoints' meta),
   or chose (its `model_selection.json`); None for a fresh workdir."""
-  meta = manager.latest_meta(workdir) or {}
+  meta = layout.latest_meta(workdir) or {}
   if meta.get("model"):
     return str(meta["model"])
   table = workdir / TABLE_JSON

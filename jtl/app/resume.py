@@ -18,7 +18,7 @@ import ml_collections
 
 from jtl import data
 from jtl.app import keys, methods, model_choice
-from jtl.checkpoint import manager
+from jtl.checkpoint import layout
 from jtl.errors import ConfigError, JtlError, bullet_list
 
 
@@ -48,7 +48,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   >>> check_same_run(keys.complete(ml_collections.ConfigDict({"model": "vit_ti16"})),
   ...                tempfile.mkdtemp())  # an empty workdir: nothing to compare
   """
-  meta = manager.latest_meta(workdir) or {}
+  meta = layout.latest_meta(workdir) or {}
   saved = meta.get("config")
   if not saved:
     return

@@ -25,7 +25,8 @@ from etils import epath
 from jtl import export, models, paths
 from jtl import tree as jtree
 from jtl.app import keys, methods
-from jtl.checkpoint import manager
+from jtl.checkpoint import layout
+from jtl.checkpoint.restore import restore_variables
 from jtl.errors import ConfigError
 from jtl.export import hf_export, peft
 from jtl.models import preprocessing
@@ -193,13 +194,13 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
   found its data, also for an older best step; `data` ({"dataset": ...})
   overrides them, for data that has moved since."""
   metric = None
-  if step == "best" and manager.recorded_metric(manager.checkpoint_dir(workdir))[0] is None:
+  if step == "best" and layout.recorded_metric(layout.checkpoint_dir(workdir))[0] is None:
     metric = "accuracy"
-  variables, meta = manager.restore_variables(workdir, step=step, metric=metric)
+  variables, meta = restore_variables(workdir, step=step, metric=metric)
   if "config" not in meta:
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
                       "scripts/finetune.py?")
-  newest = (manager.latest_meta(workdir) or {}).get("config") or {}
+  newest = (layout.latest_meta(workdir) or {}).get("config") or {}
   unknown = sorted(set(data or {}) - set(DATA_KEYS))
   if unknown:
     raise ConfigError(f"restore(data=...): {unknown} are not data keys; expected {DATA_KEYS}.")

@@ -16,11 +16,13 @@ each step's meta. A state with a NaN or inf is never saved, and a non-finite
 metric never counts as best. A damaged step (truncated files, a stray folder)
 is skipped with a warning naming it, and resuming falls back to the newest
 intact step.
+
+What a checkpoint folder holds and which step is read: `jtl.checkpoint.layout`;
+a run's variables read without a manager: `jtl.checkpoint.restore`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,15 +38,22 @@ from etils import epath
 from jtl import partition, paths
 from jtl import tree as jtree
 from jtl.checkpoint import integrity
-from jtl.weights import orbax_reader
+from jtl.checkpoint.layout import (
+  _best,
+  _read_meta,
+  _score,
+  checkpoint_dir,
+  default_mode,
+  select_step,
+  step_numbers,
+  step_problem,
+)
+from jtl.checkpoint.restore import FINGERPRINTS, _check_fingerprints
 from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
 from jtl.tree import PyTree
-from jtl.weights.orbax_reader import metadata_tree
-from jtl.weights.readers import read
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoints"
 
 
 def _remove_unfinished_saves(directory: epath.Path) -> None:
@@ -87,15 +96,6 @@ def _write_arrays_whole_in_one_process() -> None:
       absl_log.setLevel(level)
 
 
-def default_mode(metric: str | None) -> str:
-  """Which way a metric improves: "min" for a loss or error, else "max".
-
-  >>> default_mode("loss"), default_mode("top5_error"), default_mode("accuracy")
-  ('min', 'min', 'max')
-  """
-  return "min" if metric and ("loss" in metric or "error" in metric) else "max"
-
-
 def _check_restored(restored: PyTree, abstract: PyTree, where: Any) -> None:
   """Refuses a restore that left target leaves empty or added others: Orbax
   fills a target array from a leaf saved as None (a parameter frozen, so
@@ -113,13 +113,6 @@ def _check_restored(restored: PyTree, abstract: PyTree, where: Any) -> None:
         "optimizer it was saved with, or use a new workdir (to start from its weights, "
         "restore them with jtl.restore_variables and pass them as the new run's variables).",
     )
-
-
-def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  """`<workdir>/checkpoints`, local or in a bucket (`jtl.paths`)."""
-  path = paths.path(workdir)
-  # Orbax refuses relative paths; "runs/x" means relative to the cwd.
-  return (path if path.is_absolute() else paths.path(os.path.abspath(workdir))) / CHECKPOINT_DIR
 
 
 def _to_saved(state: TrainState) -> dict[str, Any]:
@@ -148,32 +141,6 @@ def nonfinite_paths(tree: PyTree) -> list[str]:
             if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   flags = jax.device_get(_nonfinite([x for _, x in floats]))
   return [path for (path, _), bad in zip(floats, flags) if bad]
-
-
-def step_problem(step_dir: epath.Path) -> str | None:
-  """Why `step_dir` is not a complete, readable checkpoint (None if it is).
-
-  Cheap: reads metadata only (see `orbax_reader.verify_orbax`), never arrays.
-  """
-  if not ocp.utils.is_checkpoint_finalized(step_dir):
-    # In a bucket Orbax writes in place and marks a finished save with a
-    # commit_success.txt file (no atomic rename there).
-    return "its save did not finish (not finalized by Orbax)"
-  if not (step_dir / "state").is_dir():
-    return "no state/ folder (not a complete checkpoint)"
-  if not (step_dir / "meta" / "metadata").exists():
-    return "no meta/metadata file (not a complete checkpoint)"
-  try:
-    json.loads((step_dir / "meta" / "metadata").read_text())
-  except (OSError, ValueError) as e:
-    return f"unreadable meta/metadata ({e})"
-  verify = getattr(orbax_reader, "verify_orbax", None)
-  if verify is not None:
-    try:
-      verify(step_dir / "state")
-    except CheckpointError as e:
-      return str(e)
-  return None
 
 
 class CheckpointManager:
@@ -441,62 +408,6 @@ class CheckpointManager:
       self._manager.close()
 
 
-def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "latest",
-                      metric: str | None = None, mode: str | None = None, ema: bool = True
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Restores {"params": ..., **model_state} as host numpy arrays, for evaluation.
-
-  A run trained with weight EMA (`fit(ema_decay=...)`) gives its EMA params
-  as "params" (what it evaluated and is exported with); `ema=False` gives the
-  raw weights instead.
-
-  Reads only the params and model statistics (never the optimizer state), so
-  it needs no optimizer and works on any number of devices. `step` is a step
-  number, "latest", or "best" (highest `metric` among the kept checkpoints,
-  or lowest with mode="min", the default for a loss or error; by default the
-  metric and mode the run picked its best checkpoint by, recorded in each
-  step's meta). For "latest" and
-  "best", a damaged step is skipped with a warning and the next one (newest,
-  or next best) is read.
-
-  Returns:
-    (variables, meta) where meta is the JSON saved with the checkpoint.
-  """
-  directory = checkpoint_dir(workdir)
-  if step == "best" and metric is None:
-    metric, mode = recorded_metric(directory, mode or "max")
-  mode = mode or default_mode(metric)
-  first = select_step(directory, step, metric=metric, mode=mode)
-  candidates = [first]
-  if step in (None, "latest", "best"):
-    candidates += [s for s in _ranked(directory, step, metric, mode) if s != first]
-  failures = []
-  for chosen in candidates:
-    step_dir = directory / str(chosen)
-    try:
-      problem = step_problem(step_dir)
-      if problem is not None:
-        raise CheckpointError(f"{step_dir}: {problem}")
-      variables = {}
-      parts = _nonempty_branches(step_dir / "state", ("ema_params", "params", "model_state"))
-      if "params" not in parts and "ema_params" not in parts:
-        raise CheckpointError(f"{step_dir}: its metadata lists no params (damaged)")
-      drop = "params" if ema and "ema_params" in parts else "ema_params"
-      meta = _read_meta(step_dir)  # once: a round trip per read in a bucket
-      for part in (p for p in parts if p != drop):
-        flat = read(step_dir / "state", format="orbax", subtree=part)
-        _check_fingerprints(step_dir, meta, {f"{part}/{path}": integrity.host_fingerprint(x)
-                                             for path, x in flat.items()})
-        tree = jtree.unflatten(flat)
-        variables.update({"params": tree} if part.endswith("params") else tree)
-    except CheckpointError as e:
-      failures.append(e)
-      log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
-      continue
-    return variables, meta
-  raise failures[0]
-
-
 def _unused_name(directory: epath.Path, name: str) -> str:
   """`name`, or `name-2`, `name-3`, ... when taken (a step damaged twice)."""
   candidate, n = name, 1
@@ -504,133 +415,3 @@ def _unused_name(directory: epath.Path, name: str) -> str:
     n += 1
     candidate = f"{name}-{n}"
   return candidate
-
-
-# The meta key of the arrays' fingerprints (`jtl.checkpoint.integrity`).
-FINGERPRINTS = "fingerprints"
-
-
-def _check_fingerprints(step_dir: epath.Path, meta: dict[str, Any],
-                        actual: dict[str, int]) -> None:
-  """A CheckpointError naming the arrays of `step_dir` read back other than
-  they were saved (Orbax keeps no checksum: a flipped bit loads silently)."""
-  changed = integrity.differing(meta.get(FINGERPRINTS), actual)
-  if changed:
-    raise CheckpointError(
-        f"{step_dir}: the data of {len(changed)} array(s) differ from what was saved (a "
-        "flipped bit or a damaged chunk on the storage):\n" + bullet_list(changed, limit=10)
-        + "\nThe checkpoint is damaged; an earlier one is used where there is one.")
-
-
-def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
-  """Those of `names` that hold arrays in the saved state (a model without
-  BatchNorm saves an empty model_state)."""
-  try:
-    tree = metadata_tree(state_dir)
-  except CheckpointError:
-    raise
-  except Exception as e:  # Orbax's own KeyError/ValueError on damaged metadata
-    raise CheckpointError(f"{state_dir}: its metadata cannot be read ({type(e).__name__}: "
-                          f"{str(e)[:200]})") from e
-  return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]
-
-
-def step_numbers(directory: epath.Path) -> list[int]:
-  """The numbered step folders in `directory`, ascending."""
-  if not directory.exists():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def finished_steps(workdir: str | os.PathLike) -> list[int]:
-  """The complete, readable checkpoint steps of a run's workdir, ascending.
-
-  An unfinished save (Orbax's `<step>.orbax-checkpoint-tmp*` folder, left by
-  a kill during the save) or a damaged step is not a checkpoint: a run
-  that finds only such folders starts from the beginning.
-  """
-  directory = checkpoint_dir(workdir)
-  return [s for s in step_numbers(directory) if step_problem(directory / str(s)) is None]
-
-
-def latest_meta(workdir: str | os.PathLike) -> dict[str, Any] | None:
-  """The meta saved with a workdir's newest complete checkpoint step (what a
-  resume starts from); None when it has none."""
-  steps = finished_steps(workdir)
-  return _read_meta(checkpoint_dir(workdir) / str(steps[-1])) if steps else None
-
-
-def recorded_metric(directory: epath.Path, mode: str = "max") -> tuple[str | None, str]:
-  """(metric, mode) the run picked its best checkpoint by, from the newest
-  step's meta that records it (`best_metric`, or an app run's saved config);
-  (None, mode) when no step does."""
-  for s in reversed(step_numbers(directory)):
-    meta = _read_meta(directory / str(s))
-    metric = meta.get("best_metric") or (meta.get("config") or {}).get("best_metric")
-    if metric:
-      return metric, meta.get("best_mode", mode)
-  return None, mode
-
-
-def _score(meta: dict[str, Any], metric: str | None) -> float | None:
-  """A step's finite `metric` from its meta, else None."""
-  value = (meta.get("metrics") or {}).get(metric) if metric else None
-  return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _scores(directory: epath.Path, steps: list[int], metric: str | None) -> dict[int, float]:
-  scores = {s: _score(_read_meta(directory / str(s)), metric) for s in steps}
-  return {s: v for s, v in scores.items() if v is not None}
-
-
-def _best(directory: epath.Path, steps: list[int], metric: str, mode: str) -> int | None:
-  scores = _scores(directory, steps, metric)
-  return (max if mode == "max" else min)(scores, key=scores.get) if scores else None
-
-
-def _ranked(directory: epath.Path, step: int | str | None, metric: str | None,
-            mode: str) -> list[int]:
-  """Fallback order: newest first for "latest", best first for "best"."""
-  steps = step_numbers(directory)
-  if step != "best":
-    return steps[::-1]
-  scores = _scores(directory, steps, metric)
-  return sorted(scores, key=scores.get, reverse=mode == "max")
-
-
-def select_step(directory: epath.Path, step: int | str | None, *, metric: str | None = None,
-                mode: str = "max") -> int:
-  """Resolves "latest", "best" (by a finite `metric` in the saved meta) or a
-  step number to a checkpoint step in `directory`."""
-  steps = step_numbers(directory)
-  if not steps:
-    raise CheckpointError(
-        f"{directory}: no checkpoints. Train first (scripts/finetune.py --workdir "
-        f"{directory.parent}).")
-  if step in (None, "latest"):
-    return steps[-1]
-  if step == "best":
-    best = _best(directory, steps, metric, mode) if metric else None
-    if best is None and not metric:
-      raise CheckpointError(
-          f"{directory}: step='best' needs a metric and none is recorded with the saved steps "
-          f"{steps} (the run had no best_metric); pass metric='accuracy' (or another metric "
-          "the run evaluated), or use step='latest'.")
-    if best is None:
-      raise CheckpointError(
-          f"{directory}: no checkpoint has a finite metric {metric!r}; saved steps {steps}. "
-          "Use step='latest', or evaluate during training so checkpoints carry metrics.")
-    return best
-  if isinstance(step, str) and not step.isdigit():
-    raise CheckpointError(f"step must be 'latest', 'best' or a step number, got {step!r}.")
-  if int(step) not in steps:
-    raise CheckpointError(f"{directory}: no checkpoint at step {step}; saved steps: {steps}.")
-  return int(step)
-
-
-def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
-  path = step_dir / "meta" / "metadata"
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return {}

@@ -10,6 +10,10 @@
 This module imports TensorFlow and TFDS only when a source needs them
 (`host_tf`), so in-memory arrays, folders and text resolve without them.
 
+Which examples a split name means ("train[:80%]", "train[val10%]") is
+`jtl.data.splits`; the checks of labels and in-memory inputs are
+`jtl.data.checks`.
+
 >>> import numpy as np
 >>> src = resolve_source({"train": {"image": np.zeros((4, 2, 2, 3), np.uint8),
 ...                                 "label": np.array([0, 1, 2, 1])}})
@@ -22,11 +26,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import logging
 import os
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +36,14 @@ import numpy as np
 
 from jtl import _optional
 from jtl.data import audio, folder, ratings, text
+from jtl.data.checks import _audio, _texts, check_labels
+from jtl.data.splits import (
+  _SLICE,
+  holdout_indices,
+  parse_holdout,
+  slice_split,
+  stratified_slice,
+)
 from jtl.errors import DataError, bullet_list
 
 if TYPE_CHECKING:
@@ -74,140 +84,6 @@ class DatasetInfo(NamedTuple):
   num_classes: int
   num_examples: dict[str, int]
   class_names: list[str]
-
-
-_SLICE = re.compile(r"^([\w.-]+)(?:\[(-?[\d.]+%?)?:(-?[\d.]+%?)?\])?$")
-_HOLDOUT = re.compile(r"^([\w.-]+)\[(-?)val(\d+)%\]$")
-HOLDOUT_SEED = 0
-
-
-def parse_holdout(split: str) -> tuple[str, bool, int] | None:
-  """"train[val10%]" -> ("train", False, 10); "train[-val10%]" -> ("train", True, 10);
-  None for any other split.
-
-  >>> parse_holdout("train[-val10%]"), parse_holdout("train[:10%]")
-  (('train', True, 10), None)
-  """
-  m = _HOLDOUT.match(split.replace(" ", ""))
-  return (m.group(1), m.group(2) == "-", int(m.group(3))) if m else None
-
-
-def holdout_fraction(key: bytes, seed: int = HOLDOUT_SEED) -> float:
-  """A fixed number in [0, 1) for an example's key (its file's path inside
-  the split folder, or its index): the example is held out below `percent`."""
-  digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + key).digest()
-  return int.from_bytes(digest[:8], "little") / 2**64
-
-
-def holdout_indices(labels: np.ndarray, percent: int, *, keys: Sequence[bytes] | None = None,
-                    rest: bool = False, seed: int = HOLDOUT_SEED) -> np.ndarray:
-  """A validation split: each example is held out when the hash of its key
-  (`keys`: the file's path inside the split folder; default: its index)
-  falls in the first `percent`% (`holdout_fraction`), so about `percent`% of
-  every class; the only example of a class always trains. Each example
-  decides alone: adding or removing files never moves any other file
-  between the splits (a resumed run's validation images stay unseen).
-  `rest=True` gives the other examples. Sorted indices into `labels`.
-
-  >>> y = np.array([0] * 1000 + [1] * 500 + [2])
-  >>> v, r = holdout_indices(y, 20), holdout_indices(y, 20, rest=True)
-  >>> np.bincount(y[v], minlength=3).tolist(), len(v) + len(r), set(v) & set(r)
-  ([178, 102, 0], 1501, set())
-  """
-  if not 0 < percent < 100:
-    raise DataError(f"A validation split takes 1..99% of each class, got {percent}%.")
-  keys = [str(i).encode() for i in range(len(labels))] if keys is None else keys
-  held = np.array([holdout_fraction(k, seed) < percent / 100 for k in keys], bool)
-  classes, counts = np.unique(labels, return_counts=True)
-  held &= ~np.isin(labels, classes[counts < 2])
-  return np.flatnonzero(~held if rest else held)
-
-
-def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
-  """Parses "train", "train[:80%]" or "test[10:20]" into (name, slice).
-
-  Validation splits ("train[val10%]", "train[-val10%]") are not slices: see
-  `holdout_indices`, `split_size` and `ArraySource.indices`."""
-  m = _SLICE.match(split.replace(" ", ""))
-  if not m or m.group(1) not in sizes:
-    raise DataError(
-        f"Unknown split {split!r}. Available splits: {sorted(sizes)} "
-        "(slices like 'train[:80%]' or 'train[100:]' also work (of an image folder: of "
-        "every class), and for image folders and "
-        "arrays 'train[val10%]' / 'train[-val10%]': a 10% validation split of every "
-        "class, fixed per file / the rest).")
-  name, n = m.group(1), sizes[m.group(1)]
-  start, stop = m.group(2), m.group(3)
-  check_bounds(split, start, stop, n)
-  return name, slice(_bound(start, n), _bound(stop, n))
-
-
-def _bound(b: str | None, n: int) -> int | None:
-  """A slice bound in examples of a split of `n`: a percent rounded to the
-  closest (as TFDS's default "closest" rounding), a count as it is."""
-  if b is None:
-    return None
-  return int(round(float(b[:-1]) * n / 100.0)) if b.endswith("%") else int(b)
-
-
-def check_bounds(split: str, start: str | None, stop: str | None, n: int) -> None:
-  """A slice's bounds are both percents in [-100, 100] or both counts within
-  the split's `n` examples (TFDS reads a bound without "%" beside one with
-  it as a percent too, and refuses counts past the split's end): a DataError
-  otherwise, before any data is read."""
-  given = [b for b in (start, stop) if b is not None]
-  if len({b.endswith("%") for b in given}) > 1:
-    raise DataError(f"Split {split!r}: write both bounds in percent ('train[10%:50%]') or "
-                    "both as example counts ('train[100:500]'), not one of each.")
-  for b in given:
-    try:
-      value = float(b[:-1]) if b.endswith("%") else int(b)
-    except ValueError:
-      what = "a number" if b.endswith("%") else "a whole number of examples"
-      raise DataError(f"Split {split!r}: bound {b!r} is not {what}.") from None
-    if b.endswith("%") and abs(value) > 100:
-      raise DataError(f"Split {split!r}: percent bounds lie in [-100%, 100%], got {b}.")
-    if not b.endswith("%") and abs(value) > n:
-      raise DataError(f"Split {split!r}: bound {b} is past the split's {n} examples; use a "
-                      f"count up to {n} or a percent.")
-
-
-def class_order(labels: np.ndarray, keys: Sequence[bytes], seed: int = HOLDOUT_SEED
-                ) -> list[np.ndarray]:
-  """Each class's example indices in a seeded order fixed per example (the
-  hash of its key, `holdout_fraction`), classes in label order."""
-  fractions = np.array([holdout_fraction(k, seed) for k in keys])
-  return [idx[np.argsort(fractions[idx], kind="stable")]
-          for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
-
-
-def stratified_slice(labels: np.ndarray, keys: Sequence[bytes], start: str | None,
-                     stop: str | None, seed: int = HOLDOUT_SEED) -> np.ndarray:
-  """The examples of a folder split's slice ("train[90%:]" -> start "90%"):
-  folders list files class by class, so a plain slice would hold few classes.
-  Percent bounds take that part of every class (rounded per class; "[:90%]"
-  and "[90%:]" are complementary); count bounds ("[:24]") take the first of
-  an order that interleaves the classes evenly. Within a class the order is
-  seeded (`class_order`). Sorted indices.
-
-  >>> y = np.array([0] * 8 + [1] * 8 + [2] * 8)
-  >>> keys = [str(i).encode() for i in range(24)]
-  >>> v = stratified_slice(y, keys, "90%", None)
-  >>> np.bincount(y[v]).tolist(), len(stratified_slice(y, keys, None, "90%"))
-  ([1, 1, 1], 21)
-  >>> np.bincount(y[stratified_slice(y, keys, None, "6")]).tolist()
-  [2, 2, 2]
-  """
-  per_class = class_order(labels, keys, seed)
-  if all(b is None or b.endswith("%") for b in (start, stop)):
-    parts = [idx[_bound(start, len(idx)):_bound(stop, len(idx))] for idx in per_class]
-    return np.sort(np.concatenate(parts)).astype(np.int64)
-  # One order over all classes: class c's k-th example at (k + 0.5) / n_c.
-  idx = np.concatenate(per_class)
-  position = np.concatenate([(np.arange(len(c)) + 0.5) / len(c) for c in per_class])
-  order = idx[np.argsort(position, kind="stable")]
-  _, sl = slice_split(f"s[{start or ''}:{stop or ''}]", {"s": len(order)})
-  return np.sort(order[sl]).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,102 +200,6 @@ class TfdsSource:
       raise DataError(
           f"Cannot read split {split!r} of TFDS dataset {self.name!r}: {e} Available "
           f"splits: {sorted(self.builder.info.splits)}.") from None
-
-
-def check_soft_labels(name: str, labels: Mapping[str, np.ndarray],
-                      num_classes: int | None) -> int:
-  """Checks soft labels: float [N, C] rows of non-negative numbers summing to
-  1, C = num_classes (when given) in every split; returns C."""
-  problems = []
-  widths = {y.shape[1] for y in labels.values() if y.ndim == 2}
-  for split, y in labels.items():
-    if y.ndim != 2 or not np.issubdtype(y.dtype, np.floating):
-      problems.append(f"split {split!r}: dtype {y.dtype} shape {y.shape}, expected float "
-                      "[N, classes] like the other splits")
-    elif (y < 0).any() or not np.allclose(y.sum(1), 1.0, atol=1e-4):
-      bad = np.flatnonzero((y < 0).any(1) | ~np.isclose(y.sum(1), 1.0, atol=1e-4))
-      problems.append(f"split {split!r}: rows {bad[:10].tolist()} are not distributions "
-                      "(non-negative, summing to 1)")
-  if len(widths) > 1 or (num_classes and widths and widths != {num_classes}):
-    problems.append(f"label widths {sorted(widths)} differ from each other or from "
-                    f"num_classes={num_classes}")
-  if problems:
-    raise DataError(f"Bad soft labels in dataset {name!r}:\n" + bullet_list(problems))
-  return widths.pop()
-
-
-def check_labels(name: str, labels: Mapping[str, np.ndarray],
-                 num_classes: int | None) -> int:
-  """Checks integer labels lie in [0, num_classes), or soft labels
-  (`check_soft_labels`); returns num_classes."""
-  if any(y.ndim == 2 for y in labels.values()):
-    return check_soft_labels(name, labels, num_classes)
-  problems = []
-  for split, y in labels.items():
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-      problems.append(f"split {split!r}: labels must be a 1-D integer array, got "
-                      f"dtype {y.dtype} shape {y.shape}")
-  if problems:
-    raise DataError(f"Bad labels in dataset {name!r}:\n" + bullet_list(problems))
-  if num_classes is None:
-    num_classes = 1 + max((int(y.max()) for y in labels.values() if y.size), default=0)
-  for split, y in labels.items():
-    bad = np.unique(y[(y < 0) | (y >= num_classes)])
-    if bad.size:
-      problems.append(f"split {split!r}: label value(s) {bad[:20].tolist()} "
-                      f"({int(np.isin(y, bad).sum())} example(s))")
-  if problems:
-    raise DataError(
-        f"Labels outside [0, {num_classes}) in dataset {name!r}:\n"
-        + bullet_list(problems) + "\nFix the labels or pass the right num_classes.")
-  return num_classes
-
-
-def _texts(split: str, values: Any, problems: list[str]) -> np.ndarray:
-  """An object array of str from a 1-D array or list of str / UTF-8 bytes;
-  what is not is added to `problems` (naming the indices)."""
-  if isinstance(values, np.ndarray) and values.ndim != 1:
-    problems.append(f"split {split!r}: texts must be 1-D (one string per example), got "
-                    f"shape {values.shape}; join or pick the columns first")
-    return np.array([], dtype=object)
-  texts = np.empty(len(values), dtype=object)
-  wrong, undecodable = [], []
-  for i, value in enumerate(values):
-    if isinstance(value, bytes):
-      try:
-        value = value.decode("utf-8")
-      except UnicodeDecodeError:
-        undecodable.append(i)
-    elif not isinstance(value, str):
-      wrong.append(i)
-    texts[i] = str(value) if isinstance(value, str) else ""
-  if wrong:
-    kinds = sorted({type(values[i]).__name__ for i in wrong})
-    problems.append(f"split {split!r}: texts {wrong[:10]} ({len(wrong)} in all) are {kinds}, "
-                    "not str or bytes; drop them or replace them by strings")
-  if undecodable:
-    problems.append(f"split {split!r}: texts {undecodable[:10]} ({len(undecodable)} in all) "
-                    "are bytes that are not UTF-8; decode them with their encoding first")
-  return texts
-
-
-def _audio(split: str, values: Any, problems: list[str]) -> np.ndarray:
-  """Float32 clips [N, samples] in 16-bit units (a warning for [-1, 1] floats);
-  ragged or wrongly shaped clips are added to `problems`."""
-  try:
-    x = np.asarray(values)
-  except ValueError:
-    x = None
-  if x is None or x.dtype == object or x.ndim != 2:
-    lengths = sorted({np.shape(c) for c in values})[:5] if x is None or x.dtype == object else ()
-    found = f"clips of shapes {lengths}" if lengths else f"shape {x.shape}"
-    problems.append(f"split {split!r}: audio must be [N, samples] (one length, mono), got "
-                    f"{found}; pad or crop the clips to one length (jtl.data.audio.fit_length)")
-    return np.zeros((0, 0), np.float32)
-  if np.issubdtype(x.dtype, np.floating) and x.size and 0 < np.abs(x).max() <= 1.0:
-    log.warning("Float audio of split %r lies in [-1, 1]; jtl expects 16-bit units "
-                "(-32768..32767): multiply by 32768.", split)
-  return x.astype(np.float32)
 
 
 def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySource:

@@ -62,18 +62,18 @@ def test_top5_accuracy_is_reported_only_for_more_than_5_classes():
 def test_no_config_picks_its_best_checkpoint_on_the_test_split(path):
   # Bug 7: default.py and text_minilm.py evaluated on "test" with best_metric
   # set, so `evaluate.py --step best` scored a checkpoint picked on test.
-  from jtl.data import sources
+  from jtl.data import splits
   config = load_config(path.stem)
   train, held = config.get("train_split", "train"), config.get("eval_split", "test")
   if config.get("eval_dataset") and config.eval_dataset != config.dataset:
     train = None  # another dataset (domain adaptation): disjoint from the training data
   assert not config.get("best_metric") or not held.startswith("test"), held
-  holdout = sources.parse_holdout(held)
+  holdout = splits.parse_holdout(held)
   if train is not None and holdout is not None:  # a stratified part and its rest
-    assert sources.parse_holdout(train) == (holdout[0], True, holdout[2])
+    assert splits.parse_holdout(train) == (holdout[0], True, holdout[2])
   elif train is not None:  # slices of one split must not overlap
     sizes = {"train": 1000, "test": 100, "validation": 100}
-    (a, sa), (b, sb) = (sources.slice_split(s, sizes) for s in (train, held))
+    (a, sa), (b, sb) = (splits.slice_split(s, sizes) for s in (train, held))
     assert a != b or not set(range(1000)[sa]) & set(range(1000)[sb]), (train, held)
   if path.stem in ("default", "text_minilm"):
     assert config.test_split == "test"  # scored once, after training

@@ -128,8 +128,8 @@ def _final_params(url: str, workdir: str, monkeypatch) -> dict[str, np.ndarray]:
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
   monkeypatch.setenv("EPATH_USE_TF", "false")  # what jtl.paths sets, undone after the test
   from jtl import tree  # pylint: disable=g-import-not-at-top
-  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
-  variables, meta = manager.restore_variables(workdir, step="latest")
+  from jtl.checkpoint.restore import restore_variables  # pylint: disable=g-import-not-at-top
+  variables, meta = restore_variables(workdir, step="latest")
   assert meta["step"] == 12
   return tree.flatten(variables)
 

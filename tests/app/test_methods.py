@@ -12,7 +12,7 @@ from configs import adversarial as adversarial_config
 from configs import distill as distill_config
 from configs import domain as domain_config
 from jtl.app import evaluation, experiment, methods
-from jtl.checkpoint import manager
+from jtl.checkpoint.restore import restore_variables
 from jtl.errors import ConfigError
 from jtl.export import quantize
 
@@ -47,7 +47,7 @@ def test_distillation_from_a_teacher_workdir(tmp_path, data_dir):
   assert all(r["soft_loss"] > 0 for r in rows)  # the teacher's targets were used
   assert all(np.isfinite(r["loss"]) for r in rows)
   assert result.eval_metrics["count"] == 400  # the validation digits
-  variables, meta = manager.restore_variables(tmp_path / "student", step="latest")
+  variables, meta = restore_variables(tmp_path / "student", step="latest")
   assert meta["model"] == "small_cnn_w16"
   assert variables["params"]["stage0_conv"]["kernel"].shape[-1] == 16  # the student's
 
@@ -60,7 +60,7 @@ def test_dann_trains_on_target_images_and_evaluates_on_the_target(tmp_path, data
   rows = train_rows(workdir)
   assert {"domain_accuracy", "adapt_loss", "grl_scale"} <= set(rows[0])
   assert rows[0]["grl_scale"] < rows[-1]["grl_scale"]  # the DANN schedule ramps up
-  variables, _ = manager.restore_variables(workdir, step="latest")
+  variables, _ = restore_variables(workdir, step="latest")
   assert set(variables["params"]) == {"model", "domain"}
   assert variables["params"]["domain"]["fc1"]["kernel"].shape[-1] == 1024
   # The config's DANN normalises each domain apart (batchnorm "separate"): its

@@ -18,7 +18,7 @@ from safetensors.numpy import save as st_save
 
 from jtl import models
 from jtl.app import evaluation, experiment, model_choice, preflight, workdirs
-from jtl.checkpoint import manager
+from jtl.checkpoint import layout
 from jtl.errors import ConfigError
 
 BLIND, COLOUR = "own_model_pkg.candidates:BLIND", "own_model_pkg.candidates:COLOUR"
@@ -60,7 +60,7 @@ def test_auto_picks_the_better_backbone_writes_the_table_and_the_run_is_its(
   # The run is the chosen model's: its probe phase, checkpoints and meta.
   assert "LP-FT probe phase on cached features" in out
   assert result.eval_metrics["accuracy"] == 1.0
-  meta = manager.latest_meta(workdir)
+  meta = layout.latest_meta(workdir)
   assert meta["model"] == meta["config"]["model"] == COLOUR
   test = evaluation.evaluate_test_split(auto_config(photos), workdir)
   assert test["count"] == 12 and test["accuracy"] == 1.0
@@ -165,7 +165,7 @@ def test_auto_scores_a_hub_repo_and_a_local_folder_trains_the_winner_and_restore
   assert f"| {HUB_VIT} | 1.0000 |" in (workdir / model_choice.TABLE_MD).read_text()
   # The run is the hub model's, with its pretrained weights (the head re-initialised).
   assert "loaded            38" in out and "LP-FT probe phase on cached features" in out
-  meta = manager.latest_meta(workdir)
+  meta = layout.latest_meta(workdir)
   assert meta["model"] == meta["config"]["model"] == HUB_VIT
   # Restored from the workdir alone (as evaluate.py does): the same validation accuracy.
   again = evaluation.evaluate_workdir(workdir, split=config.eval_split, step="latest")

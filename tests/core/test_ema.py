@@ -8,7 +8,7 @@ import pytest
 from models_for_tests import batch, phased_mlp
 
 import jtl
-from jtl.checkpoint.manager import restore_variables
+from jtl.checkpoint.restore import restore_variables
 from jtl.errors import ConfigError, StepError
 
 DECAY = 0.75

@@ -21,7 +21,7 @@ from models_for_tests import MLP, batch, fit_kwargs, init  # test_reliability's 
 from jobs import start_resume_job as resume_run
 
 import jtl
-from jtl.checkpoint.manager import finished_steps
+from jtl.checkpoint.layout import finished_steps
 from jtl.errors import Preempted
 
 

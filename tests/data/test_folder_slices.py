@@ -6,7 +6,7 @@ import numpy as np
 from app_helpers import load_config
 
 import support_matrix as sm
-from jtl.data import sources
+from jtl.data import sources, splits
 
 
 def _default_config():
@@ -46,8 +46,8 @@ def test_slices_take_what_tfds_takes_and_its_refusals_are_data_errors():
   infos = {"train": types.SimpleNamespace(num_examples=1000)}
   for spec in SPECS:  # the same examples as TFDS's own reading of the split
     tfds = tfds_splits._rel_to_abs_instr(tfds_splits._str_to_relative_instruction(spec), infos)
-    _, ours = sources.slice_split(spec, {"train": 1000})
+    _, ours = splits.slice_split(spec, {"train": 1000})
     assert range(1000)[ours] == range(1000)[slice(tfds.from_, tfds.to)], spec
   for spec, match in BAD.items():
     with pytest.raises(DataError, match=match):
-      sources.slice_split(spec, {"train": 1000})
+      splits.slice_split(spec, {"train": 1000})

@@ -1,0 +1,120 @@
+"""A run's variables read back from its checkpoints without a manager, and
+the check every restore makes: the arrays are the ones saved.
+
+`restore_variables` gives the params and model state of a step as host
+numpy arrays, for evaluation and export (no optimizer, any number of
+devices). Each save records a fingerprint per array in the step's meta
+(`FINGERPRINTS`, `jtl.checkpoint.integrity`); `_check_fingerprints` compares
+them with the arrays read, here and in `CheckpointManager.restore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+from etils import epath
+
+from jtl import tree as jtree
+from jtl.checkpoint import integrity
+from jtl.checkpoint.layout import (
+  _ranked,
+  _read_meta,
+  checkpoint_dir,
+  default_mode,
+  recorded_metric,
+  select_step,
+  step_problem,
+)
+from jtl.errors import CheckpointError, bullet_list
+from jtl.weights.orbax_reader import metadata_tree
+from jtl.weights.readers import read
+
+log = logging.getLogger(__name__)
+
+
+def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "latest",
+                      metric: str | None = None, mode: str | None = None, ema: bool = True
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Restores {"params": ..., **model_state} as host numpy arrays, for evaluation.
+
+  A run trained with weight EMA (`fit(ema_decay=...)`) gives its EMA params
+  as "params" (what it evaluated and is exported with); `ema=False` gives the
+  raw weights instead.
+
+  Reads only the params and model statistics (never the optimizer state), so
+  it needs no optimizer and works on any number of devices. `step` is a step
+  number, "latest", or "best" (highest `metric` among the kept checkpoints,
+  or lowest with mode="min", the default for a loss or error; by default the
+  metric and mode the run picked its best checkpoint by, recorded in each
+  step's meta). For "latest" and
+  "best", a damaged step is skipped with a warning and the next one (newest,
+  or next best) is read.
+
+  Returns:
+    (variables, meta) where meta is the JSON saved with the checkpoint.
+  """
+  directory = checkpoint_dir(workdir)
+  if step == "best" and metric is None:
+    metric, mode = recorded_metric(directory, mode or "max")
+  mode = mode or default_mode(metric)
+  first = select_step(directory, step, metric=metric, mode=mode)
+  candidates = [first]
+  if step in (None, "latest", "best"):
+    candidates += [s for s in _ranked(directory, step, metric, mode) if s != first]
+  failures = []
+  for chosen in candidates:
+    step_dir = directory / str(chosen)
+    try:
+      problem = step_problem(step_dir)
+      if problem is not None:
+        raise CheckpointError(f"{step_dir}: {problem}")
+      variables = {}
+      parts = _nonempty_branches(step_dir / "state", ("ema_params", "params", "model_state"))
+      if "params" not in parts and "ema_params" not in parts:
+        raise CheckpointError(f"{step_dir}: its metadata lists no params (damaged)")
+      drop = "params" if ema and "ema_params" in parts else "ema_params"
+      meta = _read_meta(step_dir)  # once: a round trip per read in a bucket
+      for part in (p for p in parts if p != drop):
+        flat = read(step_dir / "state", format="orbax", subtree=part)
+        _check_fingerprints(step_dir, meta, {f"{part}/{path}": integrity.host_fingerprint(x)
+                                             for path, x in flat.items()})
+        tree = jtree.unflatten(flat)
+        variables.update({"params": tree} if part.endswith("params") else tree)
+    except CheckpointError as e:
+      failures.append(e)
+      log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
+      continue
+    return variables, meta
+  raise failures[0]
+
+
+# The meta key of the arrays' fingerprints (`jtl.checkpoint.integrity`).
+FINGERPRINTS = "fingerprints"
+
+
+def _check_fingerprints(step_dir: epath.Path, meta: dict[str, Any],
+                        actual: dict[str, int]) -> None:
+  """A CheckpointError naming the arrays of `step_dir` read back other than
+  they were saved (Orbax keeps no checksum: a flipped bit loads silently)."""
+  changed = integrity.differing(meta.get(FINGERPRINTS), actual)
+  if changed:
+    raise CheckpointError(
+        f"{step_dir}: the data of {len(changed)} array(s) differ from what was saved (a "
+        "flipped bit or a damaged chunk on the storage):\n" + bullet_list(changed, limit=10)
+        + "\nThe checkpoint is damaged; an earlier one is used where there is one.")
+
+
+def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
+  """Those of `names` that hold arrays in the saved state (a model without
+  BatchNorm saves an empty model_state)."""
+  try:
+    tree = metadata_tree(state_dir)
+  except CheckpointError:
+    raise
+  except Exception as e:  # Orbax's own KeyError/ValueError on damaged metadata
+    raise CheckpointError(f"{state_dir}: its metadata cannot be read ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from e
+  return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]
