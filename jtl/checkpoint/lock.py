@@ -12,7 +12,15 @@ locally if its content is still the same, in a bucket with the precondition
 `ifGenerationMatch=<that generation>`. A lock whose process has died on this
 machine is taken over with a warning, as is one written before this machine
 last booted; one held on another host, or in another container (another PID
-namespace) of this machine, cannot be checked from here and is reported. The
+namespace) of this machine, cannot be checked from here: its lease decides.
+The holder renews the lock every `RENEW_S` (the file's modification time, in
+a bucket the object's, with `ifGenerationMatch` on its generation), and one
+not renewed for its `lease_s` (`LEASE_S`) has no live run behind it: a VM
+deleted after a preemption, a container restarted. A new run waits until
+such a lock is either renewed (a live run: refused) or past its lease (taken
+over), so a preempted run's workdir is free again within `LEASE_S`, with no
+one deleting its lock by hand. (In a bucket, the lease's age is the reader's
+clock against the server's: VMs keep theirs within a second by NTP.) The
 holder checks that the lock is still its own before each save
 (`WorkdirLock.verify`), so a run whose lock was taken over or deleted stops
 instead of writing beside another. On multi-host runs only process 0 takes
@@ -25,7 +33,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,13 @@ from jtl.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "jtl.lock"
+# The holder renews its lock every RENEW_S; one not renewed for LEASE_S (six
+# renewals missed: a network outage of minutes still keeps it) is stale.
+RENEW_S = 30.0
+LEASE_S = 180.0
+# How often a run waiting on another's lease reads the lock again.
+POLL_S = 5.0
+RENEWED_KEY = "jtl-renewed"  # a bucket lock's metadata: when its holder last renewed it
 
 
 def _process_start(pid: int) -> str | None:
@@ -161,9 +178,23 @@ class _LocalFile:
       raise CheckpointError(f"Cannot read the lock file {self.path} ({e}).") from e
     return content, content
 
+  def modified(self) -> float:
+    """When the file was last written or renewed (seconds since the epoch)."""
+    return self.path.stat().st_mtime
+
   def age(self) -> float:
-    """Seconds since the file was written."""
-    return time.time() - self.path.stat().st_mtime
+    """Seconds since the file was written or renewed."""
+    return time.time() - self.modified()
+
+  def renew(self, version: Any) -> bool:
+    """Marks the file renewed now if it is still `version`; whether it was."""
+    if self.read()[1] != version:
+      return False
+    try:
+      os.utime(self.path)
+    except FileNotFoundError:
+      return False
+    return True
 
   def remove(self, version: Any) -> None:
     """Removes the file if it is still the `version` that was read."""
@@ -197,10 +228,31 @@ class _BucketObject:
       return None, None
     return content, headers.get("x-goog-generation")
 
+  def modified(self) -> float:
+    """When the object was written (the server's clock) or last renewed (the
+    holder's, in its metadata: GCS emulators leave `updated` as it was),
+    read from the server: gcsfs's listings cache may hold an older time."""
+    info = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+    written = datetime.fromisoformat(info["updated"].replace("Z", "+00:00")).timestamp()
+    try:
+      renewed = float((info.get("metadata") or {}).get(RENEWED_KEY, 0.0))
+    except ValueError:
+      renewed = 0.0
+    return max(written, renewed)
+
   def age(self) -> float:
-    """Seconds since the object was written (the server's clock)."""
-    info = self.fs.info(f"{self.bucket}/{self.key}")
-    return time.time() - info["mtime"].timestamp()
+    """Seconds since the object was written or renewed."""
+    return time.time() - self.modified()
+
+  def renew(self, version: Any) -> bool:
+    """Marks the object renewed now (a metadata update: atomic with the
+    generation's check) if it is still at generation `version`; whether it was."""
+    try:
+      self.fs.call("PATCH", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=version,
+                   json={"metadata": {RENEWED_KEY: f"{time.time():.3f}"}})
+    except (FileNotFoundError, FileExistsError):  # gone, or replaced (412): not ours
+      return False
+    return True
 
   def remove(self, version: Any) -> None:
     """Deletes the object if it is still at generation `version`."""
@@ -212,7 +264,8 @@ class _BucketObject:
 
 
 class WorkdirLock:
-  """Context manager holding `<workdir>/jtl.lock` for this process.
+  """Context manager holding `<workdir>/jtl.lock` for this process, renewed
+  every `RENEW_S` by a thread of its own while held.
 
   Example:
     with WorkdirLock(workdir):
@@ -229,11 +282,14 @@ class WorkdirLock:
     self.enabled = enabled
     self.held = False
     self._mine: dict[str, Any] | None = None
+    self._version: Any = None  # of the lock this run wrote: what it renews
+    self._stop_renewing = threading.Event()
+    self._renewer: threading.Thread | None = None
 
   def _owner(self) -> dict[str, Any]:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
-            **_machine(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            **_machine(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "lease_s": LEASE_S}
 
   def acquire(self) -> None:
     if not self.enabled or self.held:
@@ -243,6 +299,8 @@ class WorkdirLock:
     for _ in range(3):
       if self._file.create(content):
         self.held, self._mine = True, mine
+        self._version = self._file.read()[1]
+        self._start_renewing()
         return
       self._take_over_if_stale(mine)
     raise CheckpointError(f"Could not take the lock {self.path}; try again.")
@@ -263,17 +321,71 @@ class WorkdirLock:
                   " (the machine has booted since)" if where == "rebooted" else "")
       self._file.remove(version)
       return
-    if where == "here":
-      where = "this host"
-    elif owner.get("host") == mine["host"]:
-      where = "this host name, in another container or machine (PID namespace)"
-    else:
-      where = f"host {owner.get('host')!r}"
-    raise CheckpointError(
-        f"Workdir {self.path.parent} is in use by another run: process {owner.get('pid')} on "
-        f"{where}, since {owner.get('since')} (lock file {self.path}). One run owns a "
-        "workdir: wait for that run to finish or stop it, or pass another --workdir. "
-        f"If that process is gone (e.g. its host was preempted), delete {self.path}.")
+    if where != "here" and _renews(owner):
+      expired = self._lease_ran_out(owner, version)
+      if expired is None:  # released or replaced meanwhile: try again
+        return
+      if expired:
+        log.warning("Taking over the lock %s of process %s on %s: it was not renewed for "
+                    "%.0f s (its lease), so that run is gone (e.g. its VM was preempted).",
+                    self.path, owner.get("pid"), owner.get("host"), expired)
+        self._file.remove(version)
+        return
+    raise _in_use(self.path, owner, mine, where)
+
+  def _lease_ran_out(self, owner: dict[str, Any], version: Any) -> float | None:
+    """Waits until `owner`'s lock is renewed (0.0: a live run holds it) or its
+    lease runs out (the seconds it went without renewal); None when the lock
+    was released or replaced meanwhile."""
+    lease = float(owner["lease_s"])
+    try:
+      first = self._file.modified()
+    except FileNotFoundError:
+      return None
+    age = time.time() - first
+    if age < lease:
+      log.warning("The lock %s is held by process %s on %s, renewed %.0f s ago. Waiting up to "
+                  "%.0f s: a live run renews it (then this run stops), a gone one does not "
+                  "(then this run takes it over).", self.path, owner.get("pid"),
+                  owner.get("host"), age, lease - age)
+    while age < lease:
+      time.sleep(min(POLL_S, lease - age))
+      try:
+        modified = self._file.modified()
+      except FileNotFoundError:
+        return None
+      if modified > first:  # renewed, or replaced by another run
+        return 0.0 if self._file.read()[1] == version else None
+      age = time.time() - first
+    return age
+
+  def _start_renewing(self) -> None:
+    self._stop_renewing.clear()
+    self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
+                                     name=f"jtl-lock-renewer {self.path}")
+    self._renewer.start()
+
+  def _renew_until_released(self) -> None:
+    while not self._stop_renewing.wait(RENEW_S):
+      if not self.renew():
+        return
+
+  def renew(self) -> bool:
+    """Renews the lock once; False when it is no longer this run's (the
+    next `verify` stops the run). A failed request is retried at the next
+    renewal."""
+    try:
+      if self._file.renew(self._version):
+        return True
+    except Exception as e:  # noqa: BLE001 - a network error: the lease allows for outages
+      if not self._stop_renewing.is_set():
+        log.warning("Could not renew the lock %s (%s); trying again in %.0f s.", self.path, e,
+                    RENEW_S)
+      return True
+    if not self._stop_renewing.is_set():  # not the release's own removal
+      log.warning("The lock %s is no longer this run's (taken over or deleted): the run "
+                  "stops at its next save.", self.path)
+    return False
 
   def verify(self) -> None:
     """Raises a CheckpointError when this process no longer holds the lock
@@ -297,6 +409,10 @@ class WorkdirLock:
           "uses the workdir, then run again to resume from its newest checkpoint.")
 
   def release(self) -> None:
+    if self._renewer is not None:
+      self._stop_renewing.set()
+      self._renewer.join(timeout=5.0)  # a renewal stuck on the network does not hold the exit
+      self._renewer = None
     if self.held:
       content, version = self._file.read()
       if _parse_owner(content) == self._mine:  # still ours (not taken over meanwhile)
@@ -309,3 +425,26 @@ class WorkdirLock:
 
   def __exit__(self, *exc: Any) -> None:
     self.release()
+
+
+def _renews(owner: dict[str, Any]) -> bool:
+  """Whether the lock's holder renews it (a jtl with leases wrote it)."""
+  lease = owner.get("lease_s")
+  return isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0
+
+
+def _in_use(path: Any, owner: dict[str, Any], mine: dict[str, Any], where: str
+            ) -> CheckpointError:
+  """The error for a lock a live run holds (`where`: as `_where` says)."""
+  if where == "here":
+    where, gone = "this host", ""
+  else:
+    gone = (f" (it renewed the lock within its lease of {owner['lease_s']:.0f} s)"
+            if _renews(owner) else f". If that process is gone (e.g. its host was preempted), "
+            f"delete {path}")
+    where = ("this host name, in another container or machine (PID namespace)"
+             if owner.get("host") == mine["host"] else f"host {owner.get('host')!r}")
+  return CheckpointError(
+      f"Workdir {path.parent} is in use by another run: process {owner.get('pid')} on "
+      f"{where}, since {owner.get('since')}{gone}; lock file {path}. One run owns a "
+      "workdir: wait for that run to finish or stop it, or pass another --workdir.")

@@ -303,3 +303,31 @@ def test_a_bucket_step_without_its_commit_marker_is_kept_unless_newest(gcs_serve
   assert "checkpoints/1 has no commit marker" in caplog.text
   reopened.close()
   paths.setup_gcs.cache_clear()
+
+
+def test_a_bucket_lock_is_renewed_and_one_past_its_lease_taken_over(gcs_server, monkeypatch,
+                                                                    caplog):
+  """The lease in a bucket: the holder's renewal moves the lock's time on
+  (the object's metadata); a lock another VM stopped renewing is taken over
+  once its lease has run out."""
+  import logging
+
+  from jtl import paths
+  from jtl.checkpoint import lock
+  for name, value in (("STORAGE_EMULATOR_HOST", gcs_server),
+                      ("TENSORSTORE_GCS_HTTP_URL", gcs_server), ("EPATH_USE_TF", "false")):
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(lock, "POLL_S", 0.01)
+  paths.setup_gcs.cache_clear()
+  run = f"lease-{uuid.uuid4().hex[:8]}"
+  with lock.WorkdirLock(f"gs://{BUCKET}/{run}") as held:
+    written = held._file.modified()  # pylint: disable=protected-access
+    time.sleep(0.01)
+    assert held.renew() and held._file.modified() > written  # pylint: disable=protected-access
+  assert f"{run}/jtl.lock" not in _objects(gcs_server, run)
+  gone = {"pid": 7, "host": "preempted-vm", "since": "earlier", "lease_s": 0.2}
+  paths.gcs_filesystem().pipe_file(f"{BUCKET}/{run}/jtl.lock", json.dumps(gone).encode())
+  with caplog.at_level(logging.WARNING), lock.WorkdirLock(f"gs://{BUCKET}/{run}"):
+    assert json.loads(_object(gcs_server, f"{run}/jtl.lock"))["pid"] == os.getpid()
+  assert "preempted-vm: it was not renewed for" in caplog.text
+  paths.setup_gcs.cache_clear()

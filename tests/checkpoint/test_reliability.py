@@ -5,8 +5,11 @@ checkpoint is skipped (issue 12, items 1-4, 11, 12)."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -164,8 +167,10 @@ def test_a_lock_of_another_container_is_refused_and_one_from_before_a_reboot_tak
                                                  "pid_namespace": 4026531836})
   mine = lock.WorkdirLock(tmp_path)._owner()
   path = tmp_path / LOCK_NAME
-  # pid 1 with another start time reads as dead in this namespace: it may not be.
+  # pid 1 with another start time reads as dead in this namespace: it may not
+  # be. Written by a jtl without leases (none recorded): nothing expires it.
   other = {**mine, "pid": 1, "process_start": "1", "pid_namespace": mine["pid_namespace"] + 1}
+  del other["lease_s"]
   path.write_text(json.dumps(other))
   with pytest.raises(CheckpointError, match="process 1 on this host name, in another "
                                             "container or machine"):
@@ -178,6 +183,65 @@ def test_a_lock_of_another_container_is_refused_and_one_from_before_a_reboot_tak
   with caplog.at_level(logging.WARNING), lock.WorkdirLock(tmp_path):
     assert json.loads(path.read_text())["pid"] == os.getpid()
   assert "the machine has booted since" in caplog.text
+
+
+def test_a_lock_not_renewed_within_its_lease_is_taken_over_from_anywhere(tmp_path, caplog,
+                                                                        monkeypatch):
+  """A preempted VM's run (another host, or a restarted container: no pid to
+  check) left its lock: it is free once its holder has not renewed it for
+  its lease, with no one deleting it by hand; one renewed meanwhile is a
+  live run's, and refused."""
+  from jtl.checkpoint import lock
+  monkeypatch.setattr(lock, "POLL_S", 0.01)
+  path = tmp_path / LOCK_NAME
+  gone = {"pid": 7, "host": "preempted-vm", "since": "earlier", "lease_s": 60.0}
+  path.write_text(json.dumps(gone))
+  old = time.time() - 61
+  os.utime(path, (old, old))
+  with caplog.at_level(logging.WARNING), lock.WorkdirLock(tmp_path):
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+  assert re.search(r"preempted-vm: it was not renewed for 6\d s \(its lease\)", caplog.text)
+  path.write_text(json.dumps(gone))  # fresh, and renewed by its (live) holder
+  stop = threading.Event()
+
+  def holder_renews():
+    while not stop.wait(0.02):
+      os.utime(path)
+  renewer = threading.Thread(target=holder_renews)
+  renewer.start()
+  try:
+    with pytest.raises(CheckpointError, match="process 7 on host 'preempted-vm', since earlier "
+                                              r"\(it renewed the lock within its lease of 60 s"):
+      lock.WorkdirLock(tmp_path).acquire()
+  finally:
+    stop.set()
+    renewer.join()
+  assert json.loads(path.read_text()) == gone
+
+
+def test_the_holder_renews_its_lock_until_it_releases_it(tmp_path, monkeypatch):
+  from jtl.checkpoint import lock
+  path = tmp_path / LOCK_NAME
+  held = lock.WorkdirLock(tmp_path)
+  with held:
+    old = time.time() - 1000
+    os.utime(path, (old, old))
+    assert held.renew() and path.stat().st_mtime > old + 900
+    assert held._renewer.is_alive()  # pylint: disable=protected-access
+    path.write_text(json.dumps({"pid": 4242, "host": "other-vm", "lease_s": 60.0}))
+    assert not held.renew()  # another run's lock now: not renewed, and the run stops
+    with pytest.raises(CheckpointError, match="no longer holds the lock"):
+      held.verify()
+  assert held._renewer is None  # pylint: disable=protected-access
+  path.unlink()
+  monkeypatch.setattr(lock, "RENEW_S", 0.01)  # the thread renews on its own
+  with lock.WorkdirLock(tmp_path) as held:
+    os.utime(path, (old, old))
+    deadline = time.monotonic() + 60
+    while path.stat().st_mtime < old + 900 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert path.stat().st_mtime > old + 900
+  assert not path.exists()
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(tmp_path):
