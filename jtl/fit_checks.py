@@ -21,10 +21,10 @@ from jtl.steps import Batch
 from jtl.tree import PyTree
 
 
-def _first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
-                         eval_step: Callable | None,
-                         output_classes: Callable[..., int | None],
-                         variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
+def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
+                        eval_step: Callable | None,
+                        output_classes: Callable[..., int | None],
+                        variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
   """`train_batches` whose first batch is checked before the first training
   step: its keys, its labels against the classes of the model's logits
   (shapes and values), and its trace through `eval_step` (shapes only,
@@ -86,7 +86,7 @@ def _check_label_values(label: Any, mask: Any, num_classes: int) -> None:
         "outputs as the dataset has classes (num_classes), or map the labels to 0..C-1.")
 
 
-def _check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> None:
+def check_meta(mngr: CheckpointManager, meta: dict[str, Any], workdir: Any) -> None:
   """Refuses to resume a checkpoint made by a different model setup."""
   if mngr.latest_step() is None:
     return
@@ -121,8 +121,8 @@ def _divergence(step: int, values: dict[str, float], last_saved: int | None,
       "on_nonfinite='skip' (config key on_nonfinite) to skip such updates instead.")
 
 
-def _stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: int | None,
-                      workdir: Any) -> None:
+def stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: int | None,
+                     workdir: Any) -> None:
   """Raises DivergenceError at the first of these steps with a NaN/inf loss or
   gradient norm (this reads the metrics back from the device)."""
   bad = _nonfinite_step(unchecked)
@@ -130,8 +130,8 @@ def _stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: i
     raise _divergence(*bad, last_saved, workdir)
 
 
-def _check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int,
-                   **batch_fns: Any) -> None:
+def check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int,
+                  **batch_fns: Any) -> None:
   """Refuses invalid values of `fit`'s options."""
   for name, given_fn in batch_fns.items():
     if given_fn is not None and not callable(given_fn):
@@ -148,8 +148,8 @@ def _check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int
                       f"metrics), got {log_every!r}.")
 
 
-def _initial_variables(module: Any, variables: PyTree | None,
-                       batchnorm_batches: Callable[[], Iterable[Batch]] | None) -> PyTree:
+def initial_variables(module: Any, variables: PyTree | None,
+                      batchnorm_batches: Callable[[], Iterable[Batch]] | None) -> PyTree:
   """The given variables, or an NNX module's own; refuses precise BatchNorm
   for variables without BatchNorm statistics."""
   if variables is None:

@@ -1,6 +1,6 @@
 """`fit`'s workdir and reports: the workdir opened (its lock, its checkpoint
 manager, the metric writer) and closed on every exit path, the progress bar,
-and each log window's train metrics (`_Window`) written, passed on and shown.
+and each log window's train metrics (`LogWindow`) written, passed on and shown.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from absl import logging
 
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.fit_checks import _check_meta
+from jtl.fit_checks import check_meta
 from jtl.metrics import MetricWriter
 from jtl.state import TrainState
 
@@ -38,7 +38,7 @@ def _exit_quietly_on_error(close: Callable[[], None]) -> Callable[..., bool]:
 
 
 @dataclasses.dataclass
-class _Window:
+class LogWindow:
   """Train metrics since the last log line, and the time they took."""
   start: float
   rows: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
@@ -72,11 +72,11 @@ def _open_workdir(stack: contextlib.ExitStack, workdir: Any, meta: dict[str, Any
   mngr = CheckpointManager(workdir, save_every=save_every, keep=keep,
                            best_metric=best_metric, async_save=async_save, lock=lock)
   stack.push(_exit_quietly_on_error(mngr.close))
-  _check_meta(mngr, meta, workdir)
+  check_meta(mngr, meta, workdir)
   return mngr
 
 
-def _progress_bar(stack: contextlib.ExitStack, start_step: int, num_steps: int) -> Any:
+def progress_bar(stack: contextlib.ExitStack, start_step: int, num_steps: int) -> Any:
   """A tqdm bar on process 0 when steps remain (closed by `stack`), else None."""
   if jax.process_index() != 0 or num_steps <= start_step:
     return None
@@ -86,8 +86,8 @@ def _progress_bar(stack: contextlib.ExitStack, start_step: int, num_steps: int) 
   return bar
 
 
-def _report(step: int, row: dict[str, float], writer: MetricWriter | None,
-            on_log: Callable[[int, dict[str, float]], None] | None, bar: Any) -> None:
+def report(step: int, row: dict[str, float], writer: MetricWriter | None,
+           on_log: Callable[[int, dict[str, float]], None] | None, bar: Any) -> None:
   """One train-metrics row to the metrics file, the callback and the bar."""
   if writer:
     writer.write(step, "train", row)
@@ -102,8 +102,8 @@ def _report(step: int, row: dict[str, float], writer: MetricWriter | None,
                     row["skipped"], step, row["skipped_total"])
 
 
-def _open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any], TrainState],
-              **workdir_kwargs: Any) -> tuple[CheckpointManager | None, MetricWriter | None,
+def open_run(stack: contextlib.ExitStack, workdir: Any, restore: Callable[[Any], TrainState],
+             **workdir_kwargs: Any) -> tuple[CheckpointManager | None, MetricWriter | None,
                                               TrainState]:
   """(checkpoint manager, metric writer, start state) of a run, the first two
   None without a workdir and closed by `stack`. `restore(mngr)` gives the state."""

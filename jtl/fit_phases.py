@@ -1,4 +1,4 @@
-"""A run's phases as `fit` runs them: which phase runs a step (`_Phases`),
+"""A run's phases as `fit` runs them: which phase runs a step (`Phases`),
 each phase's fresh state and compiled train step, the switch at a phase
 start, the state a run starts from (its newest checkpoint or fresh), a
 self-trained first phase, and precise BatchNorm recomputed per phase. The
@@ -27,7 +27,7 @@ from jtl.tree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
-class _Phases:
+class Phases:
   """(start_step, labels, tx) of each phase of a run, sorted by start step."""
   items: list[tuple[int, PyTree, optax.GradientTransformation]]
 
@@ -36,8 +36,8 @@ class _Phases:
     return max(i for i, p in enumerate(self.items) if p[0] <= completed_steps)
 
 
-def _restore_or_fresh(mngr: CheckpointManager | None, phases: _Phases,
-                      fresh_state: Callable[[int], tuple[TrainState, PyTree]]) -> TrainState:
+def restore_or_fresh(mngr: CheckpointManager | None, phases: Phases,
+                     fresh_state: Callable[[int], tuple[TrainState, PyTree]]) -> TrainState:
   """The newest intact checkpoint's state (restored into the phase that wrote
   it), or the fresh state of phase 0."""
   state = None
@@ -47,8 +47,8 @@ def _restore_or_fresh(mngr: CheckpointManager | None, phases: _Phases,
   return state if state is not None else fresh_state(0)[0]
 
 
-def _enter_phase(state: TrainState, phase: tuple[int, PyTree, optax.GradientTransformation],
-                 compile_step: Callable, mesh: jax.sharding.Mesh) -> tuple[TrainState, Callable]:
+def enter_phase(state: TrainState, phase: tuple[int, PyTree, optax.GradientTransformation],
+                compile_step: Callable, mesh: jax.sharding.Mesh) -> tuple[TrainState, Callable]:
   """(state, train step) of a new phase: its partition and optimizer, the
   optimizer state of leaves that stay trainable carried over."""
   _, labels, tx = phase
@@ -56,9 +56,9 @@ def _enter_phase(state: TrainState, phase: tuple[int, PyTree, optax.GradientTran
   return state, compile_step(labels, tx)
 
 
-def _batchnorm_refresher(module: Any, phases: _Phases,
-                         batches: Callable[[], Iterable[Batch]] | None, mesh: jax.sharding.Mesh
-                         ) -> Callable[[TrainState, int], TrainState] | None:
+def batchnorm_refresher(module: Any, phases: Phases,
+                        batches: Callable[[], Iterable[Batch]] | None, mesh: jax.sharding.Mesh
+                        ) -> Callable[[TrainState, int], TrainState] | None:
   """`refresh(state, phase)`: the state with the statistics of every BatchNorm
   layer that trains in `phase` recomputed on one pass of `batches` (precise
   BN; each process passes its own rows, as for training), placed as before.
@@ -84,17 +84,17 @@ def _batchnorm_refresher(module: Any, phases: _Phases,
   return refresh
 
 
-def _compile_train_step(labels: PyTree, tx: optax.GradientTransformation, *, module: Any,
-                        mesh: jax.sharding.Mesh, skip_nonfinite: bool,
-                        **step_kwargs: Any) -> Callable:
+def compile_train_step(labels: PyTree, tx: optax.GradientTransformation, *, module: Any,
+                       mesh: jax.sharding.Mesh, skip_nonfinite: bool,
+                       **step_kwargs: Any) -> Callable:
   """The jitted train step of one phase (`steps.make_train_step`'s options)."""
   step = steps.make_train_step(module, tx, labels=labels, **step_kwargs)
   return parallel.jit_train_step(steps.skip_nonfinite(step) if skip_nonfinite else step, mesh)
 
 
-def _fresh_state(variables: PyTree, phases: _Phases, phase: int, start: PyTree | None = None,
-                 step: int = 0, *, mesh: jax.sharding.Mesh, seed: int, ema: bool
-                 ) -> tuple[TrainState, PyTree]:
+def new_phase_state(variables: PyTree, phases: Phases, phase: int, start: PyTree | None = None,
+                    step: int = 0, *, mesh: jax.sharding.Mesh, seed: int, ema: bool
+                    ) -> tuple[TrainState, PyTree]:
   """The initial state of `phase` (from `start` variables at `step`, by
   default the given ones at 0) and its labels (what a restore fills)."""
   _, labels, tx = phases.items[phase]
@@ -104,9 +104,9 @@ def _fresh_state(variables: PyTree, phases: _Phases, phase: int, start: PyTree |
                               mesh), labels
 
 
-def _run_first_phase(first: phases_lib.SelfTrained, variables: PyTree, phases: _Phases,
-                     fresh_state: Callable[..., tuple[TrainState, PyTree]], stop: StopRequests,
-                     workdir: Any) -> tuple[TrainState, dict[str, float]]:
+def run_first_phase(first: phases_lib.SelfTrained, variables: PyTree, phases: Phases,
+                    fresh_state: Callable[..., tuple[TrainState, PyTree]], stop: StopRequests,
+                    workdir: Any) -> tuple[TrainState, dict[str, float]]:
   """Runs a self-trained first phase: (the state of the phase that runs at
   its end, from its variables at step `first.steps`, and its metrics row)."""
   def stop_point(when: str) -> None:

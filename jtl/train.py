@@ -29,20 +29,20 @@ from jtl import phases as phases_lib
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import Preempted, StepError
 from jtl.fit_checks import (
-  _check_options,
-  _first_batch_checked,
-  _initial_variables,
-  _stop_if_diverged,
+  check_options,
+  first_batch_checked,
+  initial_variables,
+  stop_if_diverged,
 )
-from jtl.fit_io import _open_run, _progress_bar, _report, _Window
+from jtl.fit_io import open_run, progress_bar, report, LogWindow
 from jtl.fit_phases import (
-  _batchnorm_refresher,
-  _compile_train_step,
-  _enter_phase,
-  _fresh_state,
-  _Phases,
-  _restore_or_fresh,
-  _run_first_phase,
+  batchnorm_refresher,
+  compile_train_step,
+  enter_phase,
+  new_phase_state,
+  Phases,
+  restore_or_fresh,
+  run_first_phase,
 )
 from jtl.metrics import MetricWriter
 from jtl.preemption import StopRequests, preempted
@@ -85,7 +85,7 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
 class _Given:
   """What `fit`'s step loop is given once: fit's options, then (set by
   `_run` once the workdir is open) the manager, writer, eval step and bar."""
-  phases: _Phases
+  phases: Phases
   compile_step: Callable[[PyTree, optax.GradientTransformation], Callable]
   mesh: jax.sharding.Mesh
   eval_batches: Callable[[], Iterable[Batch]] | None
@@ -113,14 +113,14 @@ class _Loop:
   phase: int
   train_step: Callable
   last_saved: int | None
-  window: _Window = dataclasses.field(init=False)  # set by `run`
+  window: LogWindow = dataclasses.field(init=False)  # set by `run`
   unchecked: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
   eval_metrics: dict[str, float] | None = None
 
   def run(self, batches: Iterator[Batch], start_step: int, num_steps: int) -> None:
     """Steps start_step + 1 to num_steps, with their logs, evals and saves."""
     g = self.given
-    self.window = _Window(start=time.perf_counter())
+    self.window = LogWindow(start=time.perf_counter())
     ahead = None
     for step in range(start_step + 1, num_steps + 1):
       self._enter_phase_if_due(step)
@@ -140,7 +140,7 @@ class _Loop:
       if due_log or due_eval or due_save:
         self._check_finite()
       if due_log:
-        _report(step, self.window.summary(batch_size), g.writer, g.on_log, g.bar)
+        report(step, self.window.summary(batch_size), g.writer, g.on_log, g.bar)
       if g.bar:
         g.bar.update(1)
       if due_eval or due_save:
@@ -171,7 +171,7 @@ class _Loop:
     g = self.given
     if self.window.rows:
       self._check_finite()
-      _report(step, self.window.summary(batch_size), g.writer, g.on_log, None)
+      report(step, self.window.summary(batch_size), g.writer, g.on_log, None)
     if g.mngr is not None:
       if self.last_saved != step and g.mngr.save(step, self.state, meta=g.meta, force=True):
         self.last_saved = step
@@ -204,8 +204,8 @@ class _Loop:
     g = self.given
     if g.phases.at(step - 1) != self.phase:
       self.phase = g.phases.at(step - 1)
-      self.state, self.train_step = _enter_phase(self.state, g.phases.items[self.phase],
-                                                 g.compile_step, g.mesh)
+      self.state, self.train_step = enter_phase(self.state, g.phases.items[self.phase],
+                                                g.compile_step, g.mesh)
       logging.info("Phase %d from step %d", self.phase, step - 1)
 
   def _read_ahead(self, batches: Iterator[Batch], step: int, num_steps: int
@@ -244,7 +244,7 @@ class _Loop:
       # The log line reads the same values: fetched once, not again there.
       by_step = dict(fetched)
       self.window.rows = [(s, by_step.get(s, m)) for s, m in self.window.rows]
-      _stop_if_diverged(fetched, self.last_saved, self.given.workdir)
+      stop_if_diverged(fetched, self.last_saved, self.given.workdir)
     self.unchecked = []
 
 
@@ -314,20 +314,20 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
-  _check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every,
-                 eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
+  check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every,
+                eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
   mesh = mesh or parallel.make_mesh()
-  variables = _initial_variables(module, variables, batchnorm_batches)
-  phases = _Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
+  variables = initial_variables(module, variables, batchnorm_batches)
+  phases = Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   compile_step = functools.partial(
-      _compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
+      compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
       loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
       compute_dtype=compute_dtype, ema_decay=ema_decay)
   given = _Given(
       phases=phases, compile_step=compile_step, mesh=mesh, eval_batches=eval_batches,
       eval_every=eval_every, log_every=log_every, on_log=on_log,
       stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
-      refresh_batchnorm=_batchnorm_refresher(module, phases, batchnorm_batches, mesh),
+      refresh_batchnorm=batchnorm_refresher(module, phases, batchnorm_batches, mesh),
       meta=dict(meta or {}), workdir=workdir, stop=StopRequests())
   scoring = dict(eval_output=eval_output, eval_fn=eval_fn, compute_dtype=compute_dtype)
   return _run(given, functools.partial(steps.make_eval_step, module, **scoring),
@@ -346,28 +346,28 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
   """`fit`'s run: the workdir opened (lock, manager, writer) and closed around
   the first phase and the step loop."""
   phases, stop, workdir = given.phases, given.stop, given.workdir
-  fresh_state = functools.partial(_fresh_state, variables, phases, mesh=given.mesh, seed=seed,
-                                  ema=ema)
+  fresh_state = functools.partial(new_phase_state, variables, phases, mesh=given.mesh,
+                                  seed=seed, ema=ema)
   with contextlib.ExitStack() as stack:
     if stop_on_signals:
       stack.enter_context(stop)  # entered first: restored after the lock is released
-    mngr, writer, state = _open_run(
-        stack, workdir, lambda mngr: _restore_or_fresh(mngr, phases, fresh_state),
+    mngr, writer, state = open_run(
+        stack, workdir, lambda mngr: restore_or_fresh(mngr, phases, fresh_state),
         meta=given.meta, **workdir_kwargs)
     start_step = begin = int(jax.device_get(state.step))
     first_row = None
     if first_phase is not None and start_step == 0:
-      state, first_row = _run_first_phase(first_phase, variables, phases, fresh_state, stop,
-                                          workdir)
+      state, first_row = run_first_phase(first_phase, variables, phases, fresh_state, stop,
+                                         workdir)
       begin = first_phase.steps
     phase = phases.at(begin - 1) if begin else 0
     eval_step = jax.jit(make_eval_step())
-    train_batches = _first_batch_checked(
+    train_batches = first_batch_checked(
         train_batches, eval_step if given.eval_batches is not None else None,
         output_classes, lambda: state.variables)
     loop = _Loop(dataclasses.replace(
         given, mngr=mngr, writer=writer, eval_step=eval_step,
-        bar=_progress_bar(stack, begin, num_steps) if progress else None),
+        bar=progress_bar(stack, begin, num_steps) if progress else None),
         state=state, phase=phase, train_step=given.compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)
     if first_row is not None:

@@ -90,7 +90,7 @@ def latest_meta(workdir: str | os.PathLike) -> dict[str, Any] | None:
   """The meta saved with a workdir's newest complete checkpoint step (what a
   resume starts from); None when it has none."""
   steps = finished_steps(workdir)
-  return _read_meta(checkpoint_dir(workdir) / str(steps[-1])) if steps else None
+  return read_meta(checkpoint_dir(workdir) / str(steps[-1])) if steps else None
 
 
 def recorded_metric(directory: epath.Path, mode: str = "max") -> tuple[str | None, str]:
@@ -98,31 +98,31 @@ def recorded_metric(directory: epath.Path, mode: str = "max") -> tuple[str | Non
   step's meta that records it (`best_metric`, or an app run's saved config);
   (None, mode) when no step does."""
   for s in reversed(step_numbers(directory)):
-    meta = _read_meta(directory / str(s))
+    meta = read_meta(directory / str(s))
     metric = meta.get("best_metric") or (meta.get("config") or {}).get("best_metric")
     if metric:
       return metric, meta.get("best_mode", mode)
   return None, mode
 
 
-def _score(meta: dict[str, Any], metric: str | None) -> float | None:
+def score(meta: dict[str, Any], metric: str | None) -> float | None:
   """A step's finite `metric` from its meta, else None."""
   value = (meta.get("metrics") or {}).get(metric) if metric else None
   return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _scores(directory: epath.Path, steps: list[int], metric: str | None) -> dict[int, float]:
-  scores = {s: _score(_read_meta(directory / str(s)), metric) for s in steps}
+  scores = {s: score(read_meta(directory / str(s)), metric) for s in steps}
   return {s: v for s, v in scores.items() if v is not None}
 
 
-def _best(directory: epath.Path, steps: list[int], metric: str, mode: str) -> int | None:
+def best_scored(directory: epath.Path, steps: list[int], metric: str, mode: str) -> int | None:
   scores = _scores(directory, steps, metric)
   return (max if mode == "max" else min)(scores, key=scores.get) if scores else None
 
 
-def _ranked(directory: epath.Path, step: int | str | None, metric: str | None,
-            mode: str) -> list[int]:
+def ranked_steps(directory: epath.Path, step: int | str | None, metric: str | None,
+                 mode: str) -> list[int]:
   """Fallback order: newest first for "latest", best first for "best"."""
   steps = step_numbers(directory)
   if step != "best":
@@ -143,7 +143,7 @@ def select_step(directory: epath.Path, step: int | str | None, *, metric: str | 
   if step in (None, "latest"):
     return steps[-1]
   if step == "best":
-    best = _best(directory, steps, metric, mode) if metric else None
+    best = best_scored(directory, steps, metric, mode) if metric else None
     if best is None and not metric:
       raise CheckpointError(
           f"{directory}: step='best' needs a metric and none is recorded with the saved steps "
@@ -161,7 +161,7 @@ def select_step(directory: epath.Path, step: int | str | None, *, metric: str | 
   return int(step)
 
 
-def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
+def read_meta(step_dir: epath.Path) -> dict[str, Any]:
   path = step_dir / "meta" / "metadata"
   try:
     return json.loads(path.read_text())

@@ -39,16 +39,16 @@ from jtl import partition, paths
 from jtl import tree as jtree
 from jtl.checkpoint import integrity
 from jtl.checkpoint.layout import (
-  _best,
-  _read_meta,
-  _score,
+  best_scored,
+  read_meta,
+  score,
   checkpoint_dir,
   default_mode,
   select_step,
   step_numbers,
   step_problem,
 )
-from jtl.checkpoint.restore import FINGERPRINTS, _check_fingerprints
+from jtl.checkpoint.restore import FINGERPRINTS, check_fingerprints
 from jtl.errors import CheckpointError, bullet_list
 from jtl.state import TrainState
 from jtl.tree import PyTree
@@ -216,7 +216,7 @@ class CheckpointManager:
     """The intact step with the best finite `best_metric` (None if none has it)."""
     if not self.best_metric:
       return None
-    return _best(self.directory, self.intact_steps(), self.best_metric, self.best_mode)
+    return best_scored(self.directory, self.intact_steps(), self.best_metric, self.best_mode)
 
   def all_steps(self) -> list[int]:
     return self.intact_steps()
@@ -301,9 +301,9 @@ class CheckpointManager:
       unread = []
       for s in steps:
         if s not in self._step_scores:
-          meta = _read_meta(self.directory / str(s))
+          meta = read_meta(self.directory / str(s))
           if meta:
-            self._step_scores[s] = _score(meta, self.best_metric)
+            self._step_scores[s] = score(meta, self.best_metric)
           else:
             unread.append(s)
       if unread:  # a failed read (a timeout) must not cost the best: no deletion now
@@ -323,7 +323,7 @@ class CheckpointManager:
     """The JSON saved with `step` (default: the newest intact step)."""
     if step is None:
       step = self.latest_step()
-    return _read_meta(self.directory / str(self._resolve(step)))
+    return read_meta(self.directory / str(self._resolve(step)))
 
   def _resolve(self, step: int | str | None) -> int:
     return select_step(self.directory, step, metric=self.best_metric, mode=self.best_mode)
@@ -348,7 +348,7 @@ class CheckpointManager:
                             f"{type(e).__name__}: {str(e)[:500]}") from e
     _check_restored(restored, abstract, self.directory / str(step))
     step_dir = self.directory / str(step)
-    _check_fingerprints(step_dir, _read_meta(step_dir), integrity.fingerprints(restored))
+    check_fingerprints(step_dir, read_meta(step_dir), integrity.fingerprints(restored))
     trainable, frozen = partition.split(restored["params"], labels)
     ema = partition.split(restored["ema_params"], labels)[0] if "ema_params" in restored else None
     return TrainState(step=restored["step"], trainable=trainable, frozen=frozen,

@@ -4,7 +4,7 @@ the check every restore makes: the arrays are the ones saved.
 `restore_variables` gives the params and model state of a step as host
 numpy arrays, for evaluation and export (no optimizer, any number of
 devices). Each save records a fingerprint per array in the step's meta
-(`FINGERPRINTS`, `jtl.checkpoint.integrity`); `_check_fingerprints` compares
+(`FINGERPRINTS`, `jtl.checkpoint.integrity`); `check_fingerprints` compares
 them with the arrays read, here and in `CheckpointManager.restore`.
 """
 
@@ -20,8 +20,8 @@ from etils import epath
 from jtl import tree as jtree
 from jtl.checkpoint import integrity
 from jtl.checkpoint.layout import (
-  _ranked,
-  _read_meta,
+  ranked_steps,
+  read_meta,
   checkpoint_dir,
   default_mode,
   recorded_metric,
@@ -63,7 +63,7 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   first = select_step(directory, step, metric=metric, mode=mode)
   candidates = [first]
   if step in (None, "latest", "best"):
-    candidates += [s for s in _ranked(directory, step, metric, mode) if s != first]
+    candidates += [s for s in ranked_steps(directory, step, metric, mode) if s != first]
   failures = []
   for chosen in candidates:
     step_dir = directory / str(chosen)
@@ -76,10 +76,10 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       if "params" not in parts and "ema_params" not in parts:
         raise CheckpointError(f"{step_dir}: its metadata lists no params (damaged)")
       drop = "params" if ema and "ema_params" in parts else "ema_params"
-      meta = _read_meta(step_dir)  # once: a round trip per read in a bucket
+      meta = read_meta(step_dir)  # once: a round trip per read in a bucket
       for part in (p for p in parts if p != drop):
         flat = read(step_dir / "state", format="orbax", subtree=part)
-        _check_fingerprints(step_dir, meta, {f"{part}/{path}": integrity.host_fingerprint(x)
+        check_fingerprints(step_dir, meta, {f"{part}/{path}": integrity.host_fingerprint(x)
                                              for path, x in flat.items()})
         tree = jtree.unflatten(flat)
         variables.update({"params": tree} if part.endswith("params") else tree)
@@ -95,8 +95,8 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
 FINGERPRINTS = "fingerprints"
 
 
-def _check_fingerprints(step_dir: epath.Path, meta: dict[str, Any],
-                        actual: dict[str, int]) -> None:
+def check_fingerprints(step_dir: epath.Path, meta: dict[str, Any],
+                       actual: dict[str, int]) -> None:
   """A CheckpointError naming the arrays of `step_dir` read back other than
   they were saved (Orbax keeps no checksum: a flipped bit loads silently)."""
   changed = integrity.differing(meta.get(FINGERPRINTS), actual)

@@ -66,7 +66,7 @@ def check_labels(name: str, labels: Mapping[str, np.ndarray],
   return num_classes
 
 
-def _texts(split: str, values: Any, problems: list[str]) -> np.ndarray:
+def checked_texts(split: str, values: Any, problems: list[str]) -> np.ndarray:
   """An object array of str from a 1-D array or list of str / UTF-8 bytes;
   what is not is added to `problems` (naming the indices)."""
   if isinstance(values, np.ndarray) and values.ndim != 1:
@@ -94,7 +94,7 @@ def _texts(split: str, values: Any, problems: list[str]) -> np.ndarray:
   return texts
 
 
-def _audio(split: str, values: Any, problems: list[str]) -> np.ndarray:
+def checked_audio(split: str, values: Any, problems: list[str]) -> np.ndarray:
   """Float32 clips [N, samples] in 16-bit units (a warning for [-1, 1] floats);
   ragged or wrongly shaped clips are added to `problems`."""
   try:

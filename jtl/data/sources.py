@@ -36,9 +36,9 @@ import numpy as np
 
 from jtl import _optional
 from jtl.data import audio, folder, ratings, text
-from jtl.data.checks import _audio, _texts, check_labels
+from jtl.data.checks import checked_audio, checked_texts, check_labels
 from jtl.data.splits import (
-  _SLICE,
+  SLICE,
   holdout_indices,
   parse_holdout,
   slice_split,
@@ -131,7 +131,7 @@ class ArraySource:
                                    rest=rest)
     name, sl = slice_split(split, self.info().num_examples)
     if self.kind == "file" and "[" in split:  # a folder: every class in each slice
-      m = _SLICE.match(split.replace(" ", ""))
+      m = SLICE.match(split.replace(" ", ""))
       return name, stratified_slice(self.labels[name], self.keys(name), m.group(2), m.group(3))
     return name, np.arange(len(self.labels[name]))[sl]
 
@@ -215,9 +215,9 @@ def _array_source(splits: Mapping[str, Any], num_classes: int | None) -> ArraySo
     key = next(k for k in ("image", "text", "audio") if k in d)
     y = np.asarray(d["label"])
     if key == "text":
-      x = _texts(split, d[key], problems)
+      x = checked_texts(split, d[key], problems)
     elif key == "audio":
-      x = _audio(split, d[key], problems)
+      x = checked_audio(split, d[key], problems)
     else:
       x = np.asarray(d[key])
     if len(x) != len(y):

@@ -15,7 +15,7 @@ import numpy as np
 
 from jtl.errors import DataError
 
-_SLICE = re.compile(r"^([\w.-]+)(?:\[(-?[\d.]+%?)?:(-?[\d.]+%?)?\])?$")
+SLICE = re.compile(r"^([\w.-]+)(?:\[(-?[\d.]+%?)?:(-?[\d.]+%?)?\])?$")
 _HOLDOUT = re.compile(r"^([\w.-]+)\[(-?)val(\d+)%\]$")
 HOLDOUT_SEED = 0
 
@@ -67,7 +67,7 @@ def slice_split(split: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
 
   Validation splits ("train[val10%]", "train[-val10%]") are not slices: see
   `holdout_indices`, `split_size` and `ArraySource.indices`."""
-  m = _SLICE.match(split.replace(" ", ""))
+  m = SLICE.match(split.replace(" ", ""))
   if not m or m.group(1) not in sizes:
     raise DataError(
         f"Unknown split {split!r}. Available splits: {sorted(sizes)} "

@@ -137,9 +137,9 @@ def test_a_meta_that_cannot_be_read_once_never_costs_the_best(tmp_path, monkeypa
   _, _, _, state = setup()
   mngr = CheckpointManager(tmp_path, save_every=1, keep=2, best_metric="accuracy",
                            async_save=False)
-  read, failing = layout._read_meta, {"1"}
+  read, failing = layout.read_meta, {"1"}
   for module in (layout, manager):  # where it is defined, and where pruning looks it up
-    monkeypatch.setattr(module, "_read_meta", lambda d: {} if d.name in failing else read(d))
+    monkeypatch.setattr(module, "read_meta", lambda d: {} if d.name in failing else read(d))
   for step, acc in zip(range(1, 5), [0.9, 0.1, 0.2, 0.3]):
     mngr.save(step, state.replace(step=np.int32(step)), metrics={"accuracy": acc})
     if step == 4:  # step 1's meta unreadable (a timeout) while it fell out of the last 2
