@@ -3,7 +3,8 @@
 Orbax and tensorstore keep no checksum of array data, so a bit flipped in a
 stored chunk (a bad disk, a damaged copy between buckets) restored silently.
 Each save records one 32-bit fingerprint per array in the step's meta
-(computed on the devices, in one compiled pass over the state), and each
+(computed on the devices, in one compiled pass over the state that also
+finds any NaN or inf: `inspect`), and each
 restore recomputes those of what it read: a difference names the arrays and
 the step is treated as damaged (`restore_latest` and `restore_variables`
 fall back to the previous good one).
@@ -66,26 +67,50 @@ def _words(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
 
 
+def _is_float(x: Any) -> bool:
+  return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and jnp.issubdtype(
+      x.dtype, jnp.inexact)
+
+
 @jax.jit
-def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
-  out = []
+def _sums_and_flags(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Each leaf's fingerprint, and whether it holds a NaN or inf (floats only)."""
+  sums, flags = [], []
   for x in leaves:
     words = _words(x)
     weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(_STRIDE) + jnp.uint32(1)
-    out.append(jnp.sum(words * weights, dtype=jnp.uint32))
-  return out
+    sums.append(jnp.sum(words * weights, dtype=jnp.uint32))
+    flags.append(~jnp.all(jnp.isfinite(x)) if _is_float(x) else jnp.bool_(False))
+  return sums, flags
 
 
-def fingerprints(tree: PyTree) -> dict[str, int]:
-  """{"/"-joined path: fingerprint} of every array of `tree` (None skipped):
-  on the accelerator where the arrays are, on the host (no compile) where
-  they already are in host memory (the CPU backend)."""
+def inspect(tree: PyTree) -> tuple[dict[str, int], list[str]]:
+  """({"/"-joined path: fingerprint} of every array of `tree`, None skipped;
+  the paths of float arrays holding a NaN or inf), in one pass: one compiled
+  program over the arrays on an accelerator, numpy (no compile) over those
+  already in host memory (the CPU backend)."""
   leaves = [(path, x) for path, x in jtree.leaves_with_paths(tree) if x is not None]
   on_host = [not _on_accelerator(x) for _, x in leaves]
   device = [jnp.asarray(x) for (_, x), host in zip(leaves, on_host) if not host]
-  sums = iter(jax.device_get(_sums(device)) if device else [])
-  return {path: host_fingerprint(_host_value(x)) if host else int(next(sums))
-          for (path, x), host in zip(leaves, on_host)}
+  sums, flags = jax.device_get(_sums_and_flags(device)) if device else ([], [])
+  sums, flags = iter(sums), iter(flags)
+  prints, bad = {}, []
+  for (path, x), host in zip(leaves, on_host):
+    if host:
+      value = _host_value(x)
+      prints[path] = host_fingerprint(value)
+      nonfinite = _is_float(value) and not np.isfinite(value).all()
+    else:
+      prints[path], nonfinite = int(next(sums)), bool(next(flags))
+    if nonfinite:
+      bad.append(path)
+  return prints, bad
+
+
+def fingerprints(tree: PyTree) -> dict[str, int]:
+  """{"/"-joined path: fingerprint} of every array of `tree` (None skipped),
+  as `inspect` computes them."""
+  return inspect(tree)[0]
 
 
 def _on_accelerator(x: Any) -> bool:

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -130,19 +129,6 @@ def _finite_metrics(metrics: dict[str, Any] | None) -> dict[str, float | None] |
   return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
-@jax.jit
-def _nonfinite(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [~jnp.all(jnp.isfinite(x)) for x in leaves]
-
-
-def nonfinite_paths(tree: PyTree) -> list[str]:
-  """The "/"-joined paths of the float leaves of `tree` holding a NaN or inf."""
-  floats = [(path, x) for path, x in jtree.leaves_with_paths(tree)
-            if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  flags = jax.device_get(_nonfinite([x for _, x in floats]))
-  return [path for (path, _), bad in zip(floats, flags) if bad]
-
-
 class CheckpointManager:
   """Saves every `save_every` steps (and on request), keeps the last `keep`
   checkpoints plus the best one by `best_metric`, asynchronously.
@@ -239,7 +225,8 @@ class CheckpointManager:
       raise CheckpointError(
           f"best_metric {self.best_metric!r} is not among the metrics given to save(): "
           f"{sorted(metrics)}.")
-    bad = nonfinite_paths(_to_saved(state))
+    saved = _to_saved(state)
+    prints, bad = integrity.inspect(saved)  # one pass over the arrays for both
     if bad:
       raise CheckpointError(
           f"Not saving step {step} to {self.directory}: the state holds NaN or inf in\n"
@@ -249,12 +236,11 @@ class CheckpointManager:
     if self._lock is not None:
       self._verify_lock()  # nothing is written or pruned by a run that lost the workdir
     self._prune()
-    saved = _to_saved(state)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(saved),
         meta=ocp.args.JsonSave({"step": int(step), "metrics": _finite_metrics(metrics),
                                 **self._selection(), **(meta or {}),
-                                FINGERPRINTS: integrity.fingerprints(saved)}))
+                                FINGERPRINTS: prints}))
     try:
       return self._manager.save(step, args=args, force=True)
     except Exception as e:  # Orbax/tensorstore raise bare exceptions

@@ -154,10 +154,17 @@ def test_a_meta_that_cannot_be_read_once_never_costs_the_best(tmp_path, monkeypa
 def test_fingerprints_agree_on_the_host_and_the_devices_and_see_one_bit(dtype):
   from jtl.checkpoint import integrity
   x = np.asarray(jax.numpy.asarray(np.arange(-8, 16).reshape(4, 6) % 7, dtype))
-  # The compiled program an accelerator runs, and the host's numpy: the same number.
-  on_device = int(integrity._sums([jax.device_put(x, jtl.make_mesh().devices.flat[1])])[0])
-  assert on_device == integrity.host_fingerprint(x) == integrity.fingerprints({"x": x})["x"]
+  # The compiled program an accelerator runs, and the host's numpy: the same
+  # number, and the same verdict on NaN (the save's check, in the same pass).
+  device = jtl.make_mesh().devices.flat[1]
+  sums, flags = integrity._sums_and_flags([jax.device_put(x, device)])
+  assert int(sums[0]) == integrity.host_fingerprint(x) == integrity.fingerprints({"x": x})["x"]
+  assert not flags[0] and integrity.inspect({"x": x})[1] == []
   flipped = np.array(x)
   flipped.reshape(-1)[5] = not flipped.reshape(-1)[5] if dtype == "bool" else flipped.reshape(
       -1)[5] + 1
   assert integrity.host_fingerprint(flipped) != integrity.host_fingerprint(x)
+  if np.issubdtype(x.dtype, np.inexact) or "float" in dtype:
+    flipped.reshape(-1)[5] = np.nan
+    assert bool(integrity._sums_and_flags([jax.device_put(flipped, device)])[1][0])
+    assert integrity.inspect({"x": flipped})[1] == ["x"]
