@@ -77,7 +77,7 @@ def test_trainable_bn_updates_its_statistics():
 
 def test_gradient_matches_full_gradient_on_trainable_leaves():
   model, variables, labels, state, step, b = setup(HEAD_ONLY, lr=1.0)
-  new, metrics = step(state, b)
+  new, metrics = jax.jit(step)(state, b)
 
   def full_loss(params):
     with jtl.steps.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
@@ -85,7 +85,7 @@ def test_gradient_matches_full_gradient_on_trainable_leaves():
                               mutable=["batch_stats"])
     return jtl.steps.cross_entropy_loss(logits, b)
 
-  full_grads = jax.grad(full_loss)(variables["params"])
+  full_grads = jax.jit(jax.grad(full_loss))(variables["params"])
   # SGD with lr 1: update = -grad.
   np.testing.assert_allclose(variables["params"]["head"]["kernel"] - new.params["head"]["kernel"],
                              full_grads["head"]["kernel"], atol=1e-6)

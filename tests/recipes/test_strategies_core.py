@@ -135,7 +135,7 @@ def test_layer_decay_per_slice_of_stacked_blocks():
   for tx in (optax.sgd(1.0), optax.chain(optax.sgd(1.0), strategies.layer_decay(
       variables["params"], groups, 0.5, stacked={"blocks": 3}))):
     state = jtl.create_train_state(variables, labels, tx)
-    state, _ = jtl.make_train_step(module, tx)(state, b)
+    state, _ = jax.jit(jtl.make_train_step(module, tx))(state, b)
     deltas.append(jax.tree.map(jnp.subtract, state.params, variables["params"]))
   plain, decayed = deltas
   k_plain, k_dec = plain["blocks"]["dense"]["kernel"], decayed["blocks"]["dense"]["kernel"]
