@@ -52,7 +52,7 @@ def enter_phase(state: TrainState, phase: tuple[int, PyTree, optax.GradientTrans
   """(state, train step) of a new phase: its partition and optimizer, the
   optimizer state of leaves that stay trainable carried over."""
   _, labels, tx = phase
-  state = parallel.place_state(phases_lib.switch_phase(jax.device_get(state), labels, tx), mesh)
+  state = parallel.place_state(phases_lib.switch_phase(state, labels, tx), mesh)
   return state, compile_step(labels, tx)
 
 

@@ -32,6 +32,25 @@ def test_phases_switch_partition_and_resume_across_the_boundary(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_a_phase_switch_keeps_the_state_on_the_devices(monkeypatch):
+  """LP-FT's switch re-splits the params and carries the optimizer state over
+  on the devices: the state is not fetched to the host and sent back (on a
+  GPU or TPU, the whole model twice per phase)."""
+  from jtl import fit_phases
+  module, variables, probe, full, make, _ = setup()
+  mesh = jtl.make_mesh()
+  state = jtl.place_state(jtl.create_train_state(variables, probe, make(probe)), mesh)
+  fetched, device_get = [], jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: fetched.append(x) or device_get(x))
+  switched, _ = fit_phases.enter_phase(state, (3, full, make(full)), lambda *a: None, mesh)
+  monkeypatch.undo()
+  assert sum(np.size(x) for x in jax.tree.leaves(fetched)) == 0
+  assert set(jtl.tree.flatten(switched.trainable)) == set(jtl.tree.flatten(variables["params"]))
+  for a, b in zip(jax.tree.leaves(switched.params), jax.tree.leaves(state.params), strict=True):
+    assert a.sharding.mesh.devices.size == mesh.devices.size
+    np.testing.assert_array_equal(a, b)
+
+
 def test_the_next_batch_is_on_its_way_while_a_step_computes_and_eval_waits_once(monkeypatch):
   module, variables, probe, _, make, data = setup()
   read = []

@@ -160,7 +160,7 @@ def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
     if state is None:
       state = create_train_state(variables, labels, tx, rng=seed)
     else:
-      state = switch_phase(jax.device_get(state), labels, tx)
+      state = switch_phase(state, labels, tx)
     state = parallel.place_state(state, mesh)
     step = parallel.jit_train_step(
         steps.make_train_step(module, tx, labels=labels, loss_fn=loss_fn), mesh)
