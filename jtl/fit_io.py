@@ -14,9 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jtl.checkpoint.lock import WorkdirLock
 from jtl.checkpoint.manager import CheckpointManager
+from jtl.errors import CheckpointError
 from jtl.fit_checks import check_meta
 from jtl.metrics import MetricWriter
 from jtl.state import TrainState
@@ -63,12 +65,32 @@ class LogWindow:
     return row
 
 
+def _take_lock(stack: contextlib.ExitStack, workdir: Any) -> WorkdirLock:
+  """The workdir's lock, taken by process 0 (released by `stack`). With several
+  processes, whether process 0 got it is sent to all of them, so that a
+  refusal stops every process instead of leaving the others waiting in the
+  checkpoint manager's first collective."""
+  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  refused = None
+  try:
+    stack.enter_context(lock)
+  except CheckpointError as e:
+    refused = e
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+      refused = CheckpointError(f"Process 0 could not take the lock of {workdir}: this process "
+                                "stops with it (process 0 says why).")
+  if refused is not None:
+    raise refused
+  return lock
+
+
 def _open_workdir(stack: contextlib.ExitStack, workdir: Any, meta: dict[str, Any],
                   save_every: int, keep: int, best_metric: str | None,
                   async_save: bool) -> CheckpointManager:
   """Takes the workdir's lock and opens its checkpoint manager, both closed by
   `stack`; refuses a workdir whose checkpoints were written for another model."""
-  lock = stack.enter_context(WorkdirLock(workdir, enabled=jax.process_index() == 0))
+  lock = _take_lock(stack, workdir)
   mngr = CheckpointManager(workdir, save_every=save_every, keep=keep,
                            best_metric=best_metric, async_save=async_save, lock=lock)
   stack.push(_exit_quietly_on_error(mngr.close))

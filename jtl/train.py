@@ -139,6 +139,8 @@ class _Loop:
       due_log = step % g.log_every == 0 or last
       if due_log or due_eval or due_save:
         self._check_finite()
+        if g.mngr is not None:
+          g.mngr.check_lock()  # nothing more is written by a run that lost its workdir
       if due_log:
         report(step, self.window.summary(batch_size), g.writer, g.on_log, g.bar)
       if g.bar:

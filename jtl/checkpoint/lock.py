@@ -19,8 +19,10 @@ not renewed for its `lease_s` (`LEASE_S`) has no live run behind it: a VM
 deleted after a preemption, a container restarted. A new run waits until
 such a lock is either renewed (a live run: refused) or past its lease (taken
 over), so a preempted run's workdir is free again within `LEASE_S`, with no
-one deleting its lock by hand. (In a bucket, the lease's age is the reader's
-clock against the server's: VMs keep theirs within a second by NTP.) The
+one deleting its lock by hand. The lock's age compares two machines' clocks,
+so the waiter also times the wait on its own: at least two of the holder's
+renewal periods, at most the lease. A renewal proves the process lives, not
+that it makes progress: a run hung in a collective keeps its lock. The
 holder checks that the lock is still its own before each save
 (`WorkdirLock.verify`), so a run whose lock was taken over or deleted stops
 instead of writing beside another. On multi-host runs only process 0 takes
@@ -29,6 +31,7 @@ the lock.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -178,13 +181,15 @@ class _LocalFile:
       raise CheckpointError(f"Cannot read the lock file {self.path} ({e}).") from e
     return content, content
 
-  def modified(self) -> float:
-    """When the file was last written or renewed (seconds since the epoch)."""
-    return self.path.stat().st_mtime
+  def stamp(self) -> tuple[float, Any]:
+    """(when the file was last written or renewed, in seconds since the epoch;
+    a token that any renewal or rewrite changes: the mtime in ns)."""
+    stat = self.path.stat()
+    return stat.st_mtime, stat.st_mtime_ns
 
   def age(self) -> float:
     """Seconds since the file was written or renewed."""
-    return time.time() - self.modified()
+    return time.time() - self.stamp()[0]
 
   def renew(self, version: Any) -> bool:
     """Marks the file renewed now if it is still `version`; whether it was."""
@@ -196,10 +201,26 @@ class _LocalFile:
       return False
     return True
 
-  def remove(self, version: Any) -> None:
-    """Removes the file if it is still the `version` that was read."""
-    if self.read()[1] == version:
-      self.path.unlink(missing_ok=True)
+  def remove(self, version: Any, token: Any = None, *, takeover: bool = True) -> None:
+    """Removes the file if it is still the `version` that was read (and, with
+    `token`, not renewed since). In a takeover the check and the removal hold
+    an flock on a sidecar file (`.jtl.lock.takeover`, left in place: removing
+    it would let two runs lock two files), so two runs taking over one stale
+    lock at once cannot both remove it: the second would remove the first's
+    new lock."""
+    if not takeover:  # the holder's own release
+      if self.read()[1] == version:
+        self.path.unlink(missing_ok=True)
+      return
+    guard = self.path.with_name(f".{self.path.name}.takeover")
+    with open(guard, "a") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+      try:
+        still = self.read()[1] == version and (token is None or self.stamp()[1] == token)
+      except FileNotFoundError:
+        still = False
+      if still:
+        self.path.unlink(missing_ok=True)
 
 
 class _BucketObject:
@@ -228,21 +249,23 @@ class _BucketObject:
       return None, None
     return content, headers.get("x-goog-generation")
 
-  def modified(self) -> float:
-    """When the object was written (the server's clock) or last renewed (the
-    holder's, in its metadata: GCS emulators leave `updated` as it was),
-    read from the server: gcsfs's listings cache may hold an older time."""
+  def stamp(self) -> tuple[float, Any]:
+    """(when the object was written, by the server's clock, or last renewed,
+    by the holder's in its metadata: GCS emulators leave `updated` as it was;
+    (generation, metageneration, renewal mark), which any renewal or rewrite
+    changes), read from the server: gcsfs's listings cache may hold older ones."""
     info = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
     written = datetime.fromisoformat(info["updated"].replace("Z", "+00:00")).timestamp()
+    mark = (info.get("metadata") or {}).get(RENEWED_KEY)
     try:
-      renewed = float((info.get("metadata") or {}).get(RENEWED_KEY, 0.0))
+      renewed = float(mark or 0.0)
     except ValueError:
       renewed = 0.0
-    return max(written, renewed)
+    return max(written, renewed), (info.get("generation"), info.get("metageneration"), mark)
 
   def age(self) -> float:
     """Seconds since the object was written or renewed."""
-    return time.time() - self.modified()
+    return time.time() - self.stamp()[0]
 
   def renew(self, version: Any) -> bool:
     """Marks the object renewed now (a metadata update: atomic with the
@@ -254,11 +277,15 @@ class _BucketObject:
       return False
     return True
 
-  def remove(self, version: Any) -> None:
-    """Deletes the object if it is still at generation `version`."""
+  def remove(self, version: Any, token: Any = None, *, takeover: bool = True) -> None:
+    """Deletes the object if it is still at generation `version` (and, with
+    `token`, at its metageneration: not renewed since), atomically."""
+    del takeover  # the server's preconditions guard every deletion
+    conditions = {"ifGenerationMatch": version} if version else {}
+    if token is not None and token[1] is not None:
+      conditions["ifMetagenerationMatch"] = token[1]
     try:
-      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
-                   **({"ifGenerationMatch": version} if version else {}))
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, **conditions)
     except (FileNotFoundError, FileExistsError):  # gone, or replaced (412): not ours
       pass
 
@@ -285,11 +312,13 @@ class WorkdirLock:
     self._version: Any = None  # of the lock this run wrote: what it renews
     self._stop_renewing = threading.Event()
     self._renewer: threading.Thread | None = None
+    self.lost = False  # set by the renewer when the lock is no longer this run's
 
   def _owner(self) -> dict[str, Any]:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
-            **_machine(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "lease_s": LEASE_S}
+            **_machine(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "lease_s": LEASE_S,
+            "renew_s": RENEW_S}
 
   def acquire(self) -> None:
     if not self.enabled or self.held:
@@ -298,12 +327,31 @@ class WorkdirLock:
     content = json.dumps(mine).encode()
     for _ in range(3):
       if self._file.create(content):
-        self.held, self._mine = True, mine
+        self.held, self._mine, self.lost = True, mine, False
         self._version = self._file.read()[1]
+        self._renew_first()
         self._start_renewing()
         return
       self._take_over_if_stale(mine)
     raise CheckpointError(f"Could not take the lock {self.path}; try again.")
+
+  def _renew_first(self) -> None:
+    """Renews once before training: a run that cannot renew its lock (a
+    bucket where it may create objects but not update them) would lose it to
+    the next run after its lease, so it stops now, naming why."""
+    try:
+      renewed = self._file.renew(self._version)
+    except Exception as e:  # noqa: BLE001 - any failure: the lock cannot be kept
+      self.release()
+      raise CheckpointError(
+          f"Took the lock {self.path} but cannot renew it ({type(e).__name__}: {e}). A run "
+          f"renews its lock every {RENEW_S:.0f} s, or another run takes the workdir over after "
+          f"{LEASE_S:.0f} s: in a bucket it needs permission to update objects "
+          "(storage.objects.update), as well as to create and delete them.") from e
+    if not renewed:
+      self.held = False
+      raise CheckpointError(f"The lock {self.path} was replaced as soon as it was taken: "
+                            "another run is starting on this workdir; try again.")
 
   def _take_over_if_stale(self, mine: dict[str, Any]) -> None:
     content, version = self._file.read()
@@ -322,42 +370,48 @@ class WorkdirLock:
       self._file.remove(version)
       return
     if where != "here" and _renews(owner):
-      expired = self._lease_ran_out(owner, version)
-      if expired is None:  # released or replaced meanwhile: try again
+      outcome, token, unrenewed = self._watch(owner, version)
+      if outcome == "changed":  # released or replaced meanwhile: try again
         return
-      if expired:
+      if outcome == "expired":
         log.warning("Taking over the lock %s of process %s on %s: it was not renewed for "
                     "%.0f s (its lease), so that run is gone (e.g. its VM was preempted).",
-                    self.path, owner.get("pid"), owner.get("host"), expired)
-        self._file.remove(version)
+                    self.path, owner.get("pid"), owner.get("host"), unrenewed)
+        self._file.remove(version, token)  # only if still not renewed
         return
     raise _in_use(self.path, owner, mine, where)
 
-  def _lease_ran_out(self, owner: dict[str, Any], version: Any) -> float | None:
-    """Waits until `owner`'s lock is renewed (0.0: a live run holds it) or its
-    lease runs out (the seconds it went without renewal); None when the lock
-    was released or replaced meanwhile."""
+  def _watch(self, owner: dict[str, Any], version: Any) -> tuple[str, Any, float]:
+    """Watches `owner`'s lock until it is renewed ("renewed": a live run holds
+    it), released or replaced ("changed"), or its lease runs out ("expired").
+    Returns (outcome, the lock's last token, seconds it went unrenewed).
+
+    Clocks differ between machines, so the lock's age (this clock against
+    the holder's or the server's) only shortens the wait: this run sees the
+    lock go unrenewed for two of its holder's renewal periods on its own
+    clock before calling it gone, and never waits longer than the lease."""
     lease = float(owner["lease_s"])
+    renew_s = owner.get("renew_s")
+    renew_s = float(renew_s) if _positive(renew_s) else RENEW_S
     try:
-      first = self._file.modified()
+      written, token = self._file.stamp()
     except FileNotFoundError:
-      return None
-    age = time.time() - first
-    if age < lease:
-      log.warning("The lock %s is held by process %s on %s, renewed %.0f s ago. Waiting up to "
-                  "%.0f s: a live run renews it (then this run stops), a gone one does not "
-                  "(then this run takes it over).", self.path, owner.get("pid"),
-                  owner.get("host"), age, lease - age)
-    while age < lease:
-      time.sleep(min(POLL_S, lease - age))
+      return "changed", None, 0.0
+    age = max(0.0, time.time() - written)
+    wait = min(lease, max(lease - age, 2 * renew_s))
+    log.warning("The lock %s is held by process %s on %s, renewed %.0f s ago. Waiting up to %.0f "
+                "s: a live run renews it (then this run stops), a gone one does not (then this "
+                "run takes it over).", self.path, owner.get("pid"), owner.get("host"), age, wait)
+    start = time.monotonic()
+    while (waited := time.monotonic() - start) < wait:
+      time.sleep(min(POLL_S, wait - waited))
       try:
-        modified = self._file.modified()
+        now = self._file.stamp()[1]
       except FileNotFoundError:
-        return None
-      if modified > first:  # renewed, or replaced by another run
-        return 0.0 if self._file.read()[1] == version else None
-      age = time.time() - first
-    return age
+        return "changed", None, 0.0
+      if now != token:  # renewed, or replaced by another run
+        return ("renewed" if self._file.read()[1] == version else "changed"), None, 0.0
+    return "expired", token, max(age, waited)
 
   def _start_renewing(self) -> None:
     self._stop_renewing.clear()
@@ -371,9 +425,9 @@ class WorkdirLock:
         return
 
   def renew(self) -> bool:
-    """Renews the lock once; False when it is no longer this run's (the
-    next `verify` stops the run). A failed request is retried at the next
-    renewal."""
+    """Renews the lock once; False when it is no longer this run's (`lost`:
+    the run stops at its next log line, evaluation or save). A failed
+    request is retried at the next renewal."""
     try:
       if self._file.renew(self._version):
         return True
@@ -383,8 +437,9 @@ class WorkdirLock:
                     RENEW_S)
       return True
     if not self._stop_renewing.is_set():  # not the release's own removal
+      self.lost = True
       log.warning("The lock %s is no longer this run's (taken over or deleted): the run "
-                  "stops at its next save.", self.path)
+                  "stops before it writes to the workdir again.", self.path)
     return False
 
   def verify(self) -> None:
@@ -416,7 +471,7 @@ class WorkdirLock:
     if self.held:
       content, version = self._file.read()
       if _parse_owner(content) == self._mine:  # still ours (not taken over meanwhile)
-        self._file.remove(version)
+        self._file.remove(version, takeover=False)
       self.held = False
 
   def __enter__(self) -> WorkdirLock:
@@ -427,10 +482,13 @@ class WorkdirLock:
     self.release()
 
 
+def _positive(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _renews(owner: dict[str, Any]) -> bool:
   """Whether the lock's holder renews it (a jtl with leases wrote it)."""
-  lease = owner.get("lease_s")
-  return isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0
+  return _positive(owner.get("lease_s"))
 
 
 def _in_use(path: Any, owner: dict[str, Any], mine: dict[str, Any], where: str

@@ -246,6 +246,15 @@ class CheckpointManager:
     except Exception as e:  # Orbax/tensorstore raise bare exceptions
       raise self._save_error(step, e) from e
 
+  def check_lock(self) -> None:
+    """Raises when this run's lock was found taken over or deleted by its
+    renewals (no request: called before each log line, evaluation and save).
+    In one process only: with several, the save's `_verify_lock` decides for
+    all of them together."""
+    if self._lock is not None and getattr(self._lock, "lost", False) and \
+        jax.process_count() == 1:
+      self._lock.verify()
+
   def _verify_lock(self) -> None:
     """Raises on every process when process 0 (the lock's holder) lost the
     lock: a save is collective, so the others must stop with it."""

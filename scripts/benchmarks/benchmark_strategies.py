@@ -142,7 +142,7 @@ def train_steps(s, name, config, variables, train, *, steps, batch, lr, seed, fl
           s.variables["params"], list(s.phases[phase].rules))
       tx = s.make_optimizer(labels, learning_rate=lr, optimizer=_INJECTED_ADAM)
       state = jtl.create_train_state(variables, labels, tx, rng=seed) if phase == 0 else \
-          phases_lib.switch_phase(jax.device_get(state), labels, tx)
+          phases_lib.switch_phase(state, labels, tx)
       key = (name, json.dumps(config, sort_keys=True, default=str), phase)
       if key not in step_cache:
         step_cache[key] = jax.jit(jtl.make_train_step(s.module, tx, labels=labels))

@@ -321,11 +321,13 @@ def test_a_bucket_lock_is_renewed_and_one_past_its_lease_taken_over(gcs_server, 
   paths.setup_gcs.cache_clear()
   run = f"lease-{uuid.uuid4().hex[:8]}"
   with lock.WorkdirLock(f"gs://{BUCKET}/{run}") as held:
-    written = held._file.modified()  # pylint: disable=protected-access
+    written, token = held._file.stamp()  # pylint: disable=protected-access
     time.sleep(0.01)
-    assert held.renew() and held._file.modified() > written  # pylint: disable=protected-access
+    assert held.renew()
+    renewed, renewed_token = held._file.stamp()  # pylint: disable=protected-access
+    assert renewed > written and renewed_token != token
   assert f"{run}/jtl.lock" not in _objects(gcs_server, run)
-  gone = {"pid": 7, "host": "preempted-vm", "since": "earlier", "lease_s": 0.2}
+  gone = {"pid": 7, "host": "preempted-vm", "since": "earlier", "lease_s": 0.2, "renew_s": 0.01}
   paths.gcs_filesystem().pipe_file(f"{BUCKET}/{run}/jtl.lock", json.dumps(gone).encode())
   with caplog.at_level(logging.WARNING), lock.WorkdirLock(f"gs://{BUCKET}/{run}"):
     assert json.loads(_object(gcs_server, f"{run}/jtl.lock"))["pid"] == os.getpid()

@@ -70,8 +70,9 @@ def test_restore_onto_other_device_counts(tmp_path):
     mngr.save(1, replicated)
   # One process writes each replicated array whole: no slice program per leaf
   # shape and device (Orbax's replica-parallel writes compiled 8 per shape).
-  # (The NaN check and the fingerprints are one program each, over the whole state.)
-  assert [name for name in compiled if "_nonfinite" not in name and "_sums" not in name] == []
+  # The NaN check and the fingerprints run on the host here (the CPU's arrays
+  # are in host memory): nothing compiles at all.
+  assert compiled == []
   mngr.close()
   target1 = jtl.place_state(jtl.create_train_state(variables, labels, tx), mesh1)
   on1 = CheckpointManager(tmp_path / "on8").restore(target1, labels)

@@ -194,29 +194,65 @@ def test_a_lock_not_renewed_within_its_lease_is_taken_over_from_anywhere(tmp_pat
   from jtl.checkpoint import lock
   monkeypatch.setattr(lock, "POLL_S", 0.01)
   path = tmp_path / LOCK_NAME
-  gone = {"pid": 7, "host": "preempted-vm", "since": "earlier", "lease_s": 60.0}
+  # Its holder renewed every 0.01 s: this run watches it for two of those.
+  gone = {"pid": 7, "host": "preempted-vm", "since": "earlier", "lease_s": 60.0, "renew_s": 0.01}
   path.write_text(json.dumps(gone))
   old = time.time() - 61
   os.utime(path, (old, old))
   with caplog.at_level(logging.WARNING), lock.WorkdirLock(tmp_path):
     assert json.loads(path.read_text())["pid"] == os.getpid()
   assert re.search(r"preempted-vm: it was not renewed for 6\d s \(its lease\)", caplog.text)
-  path.write_text(json.dumps(gone))  # fresh, and renewed by its (live) holder
-  stop = threading.Event()
+  # A live holder renewing it, fresh or (this clock ahead of the holder's)
+  # seemingly long past its lease: refused either way, on seeing a renewal
+  # within two of its renewal periods (5 s) on this clock.
+  for written in (time.time(), time.time() - 1000):
+    path.write_text(json.dumps({**gone, "renew_s": 5.0}))
+    os.utime(path, (written, written))
+    stop = threading.Event()
 
-  def holder_renews():
-    while not stop.wait(0.02):
-      os.utime(path)
-  renewer = threading.Thread(target=holder_renews)
-  renewer.start()
-  try:
-    with pytest.raises(CheckpointError, match="process 7 on host 'preempted-vm', since earlier "
-                                              r"\(it renewed the lock within its lease of 60 s"):
-      lock.WorkdirLock(tmp_path).acquire()
-  finally:
-    stop.set()
-    renewer.join()
-  assert json.loads(path.read_text()) == gone
+    def holder_renews():
+      while not stop.wait(0.02):
+        os.utime(path)
+    renewer = threading.Thread(target=holder_renews)
+    renewer.start()
+    try:
+      with pytest.raises(CheckpointError, match="process 7 on host 'preempted-vm', since "
+                                                r"earlier \(it renewed the lock within its lease"):
+        lock.WorkdirLock(tmp_path).acquire()
+    finally:
+      stop.set()
+      renewer.join()
+    assert json.loads(path.read_text())["renew_s"] == 5.0  # theirs, kept
+
+
+def test_two_runs_taking_over_one_stale_lock_remove_it_once(tmp_path, monkeypatch):
+  """Waiters on one lease wake together: B checks the stale lock, A removes
+  it and creates its own, then B's removal must not take A's new lock."""
+  from jtl.checkpoint import lock
+  path = tmp_path / LOCK_NAME
+  path.write_text("stale")
+  checked, resume = threading.Event(), threading.Event()
+  local_file = lock._LocalFile  # pylint: disable=protected-access
+  read = local_file.read
+
+  def read_then_pause_in_b(self):
+    got = read(self)
+    if threading.current_thread().name == "B":
+      checked.set()
+      resume.wait(30)
+    return got
+  monkeypatch.setattr(local_file, "read", read_then_pause_in_b)
+  stale = local_file(path)
+  b = threading.Thread(target=stale.remove, args=(b"stale",), name="B")
+  b.start()
+  assert checked.wait(30)
+  a = threading.Thread(name="A", target=lambda: (stale.remove(b"stale"), stale.create(b"A's")))
+  a.start()
+  a.join(0.3)  # without the takeover guard A removes and creates here, before B goes on
+  resume.set()
+  b.join(30)
+  a.join(30)
+  assert path.read_bytes() == b"A's"
 
 
 def test_the_holder_renews_its_lock_until_it_releases_it(tmp_path, monkeypatch):
@@ -242,6 +278,45 @@ def test_the_holder_renews_its_lock_until_it_releases_it(tmp_path, monkeypatch):
       time.sleep(0.01)
     assert path.stat().st_mtime > old + 900
   assert not path.exists()
+
+
+def test_a_lock_the_renewals_find_lost_stops_the_run_before_it_writes_again(tmp_path,
+                                                                            monkeypatch):
+  """The renewer finds the lock another run's (its lease ran out while
+  renewals failed): the run stops at its next log line, not at its next
+  save, so it writes no metrics into the workdir the other run now owns."""
+  from jtl import fit_io
+  from jtl.checkpoint import lock
+  locks = []
+
+  class Recorded(lock.WorkdirLock):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      locks.append(self)
+  monkeypatch.setattr(fit_io, "WorkdirLock", Recorded)
+
+  def taken_over_at_3(step, row):
+    if step == 3:
+      (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "other-vm"}))
+      assert not locks[0].renew()  # what the renewer thread finds at its next renewal
+
+  with pytest.raises(CheckpointError, match=r"no longer holds the lock .* held by process 4242"):
+    jtl.train.fit(num_steps=8, **fit_kwargs(tmp_path, on_log=taken_over_at_3,
+                                            checkpoint_every=100))
+  logged = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert max(logged) == 3
+
+
+def test_a_run_that_cannot_renew_its_lock_stops_before_training(tmp_path, monkeypatch):
+  from jtl.checkpoint import lock
+
+  def forbidden(self, version):
+    raise PermissionError("403 Forbidden: storage.objects.update")
+  monkeypatch.setattr(lock._LocalFile, "renew", forbidden)  # pylint: disable=protected-access
+  with pytest.raises(CheckpointError, match=r"cannot renew it \(PermissionError: 403 Forbidden"):
+    jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path))
+  assert not (tmp_path / LOCK_NAME).exists()  # taken, then given back
+  assert not (tmp_path / "checkpoints").exists() or steps_on_disk(tmp_path) == []
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(tmp_path):
