@@ -31,7 +31,6 @@ the lock.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -44,6 +43,11 @@ from typing import Any
 
 from jtl import paths
 from jtl.errors import CheckpointError
+
+try:
+  import fcntl  # POSIX; on Windows a takeover's check and removal are not serialised
+except ImportError:  # pragma: no cover
+  fcntl = None
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "jtl.lock"
@@ -214,7 +218,8 @@ class _LocalFile:
       return
     guard = self.path.with_name(f".{self.path.name}.takeover")
     with open(guard, "a") as f:
-      fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+      if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
       try:
         still = self.read()[1] == version and (token is None or self.stamp()[1] == token)
       except FileNotFoundError:
