@@ -14,11 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from jtl.checkpoint.lock import WorkdirLock
+from jtl.checkpoint.lock import WorkdirLock, raise_on_every_process
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.errors import CheckpointError
 from jtl.fit_checks import check_meta
 from jtl.metrics import MetricWriter
 from jtl.state import TrainState
@@ -71,17 +69,9 @@ def _take_lock(stack: contextlib.ExitStack, workdir: Any) -> WorkdirLock:
   refusal stops every process instead of leaving the others waiting in the
   checkpoint manager's first collective."""
   lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
-  refused = None
-  try:
-    stack.enter_context(lock)
-  except CheckpointError as e:
-    refused = e
-  if jax.process_count() > 1:
-    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
-      refused = CheckpointError(f"Process 0 could not take the lock of {workdir}: this process "
-                                "stops with it (process 0 says why).")
-  if refused is not None:
-    raise refused
+  raise_on_every_process(lambda: stack.enter_context(lock),
+                         f"Process 0 could not take the lock of {workdir}: this process stops "
+                         "with it (process 0 says why).")
   return lock
 
 

@@ -38,8 +38,13 @@ import socket
 import threading
 import time
 from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jtl import paths
 from jtl.errors import CheckpointError
@@ -511,3 +516,20 @@ def _in_use(path: Any, owner: dict[str, Any], mine: dict[str, Any], where: str
       f"Workdir {path.parent} is in use by another run: process {owner.get('pid')} on "
       f"{where}, since {owner.get('since')}{gone}; lock file {path}. One run owns a "
       "workdir: wait for that run to finish or stop it, or pass another --workdir.")
+
+
+def raise_on_every_process(check: Callable[[], Any], others: str) -> None:
+  """Runs `check` (on process 0 it may raise a CheckpointError about the
+  lock, which only process 0 holds); with several processes, whether it
+  raised is sent to all, and the others raise CheckpointError(`others`), so
+  that none is left waiting in the next collective."""
+  failed = None
+  try:
+    check()
+  except CheckpointError as e:
+    failed = e
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(failed is not None)) and failed is None:
+      failed = CheckpointError(others)
+  if failed is not None:
+    raise failed

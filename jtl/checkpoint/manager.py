@@ -30,13 +30,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from jtl import partition, paths
 from jtl import tree as jtree
 from jtl.checkpoint import integrity
+from jtl.checkpoint import lock as lock_lib
 from jtl.checkpoint.layout import (
   best_scored,
   read_meta,
@@ -258,18 +258,9 @@ class CheckpointManager:
   def _verify_lock(self) -> None:
     """Raises on every process when process 0 (the lock's holder) lost the
     lock: a save is collective, so the others must stop with it."""
-    lost = None
-    try:
-      self._lock.verify()
-    except CheckpointError as e:
-      lost = e
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      if multihost_utils.broadcast_one_to_all(np.int32(lost is not None)) and lost is None:
-        lost = CheckpointError(f"Process 0 no longer holds the lock of {self.directory.parent}:"
-                               " this run stops without saving (process 0 says why).")
-    if lost is not None:
-      raise lost
+    lock_lib.raise_on_every_process(
+        self._lock.verify, f"Process 0 no longer holds the lock of {self.directory.parent}: "
+        "this run stops without saving (process 0 says why).")
 
   def _selection(self) -> dict[str, str]:
     # Recorded with each step, so that step="best" later needs no metric.
