@@ -11,13 +11,17 @@ final variables to OUT.npz. With DIE_AT,
 process 1 exits abruptly after that step (a preempted host). With
 MULTIHOST_API=nnx in the environment the model is the NNX `NnxNet`; with
 MULTIHOST_SECONDS_PER_STEP, each step takes at least that long (time to
-signal a process mid-run). A run stopped by SIGTERM exits as the scripts do
+signal a process mid-run). With MULTIHOST_TAKE_LOCK_AT, process 0 overwrites
+the workdir's lock after that step as another host's run would (the run
+has lost its workdir). A run stopped by SIGTERM exits as the scripts do
 (`Preempted`: 128 + the signal, the message on stderr).
 """
 
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 if __name__ == "__main__":  # before jax is imported: this process's CPU devices
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // int(sys.argv[2])}"
@@ -97,6 +101,9 @@ def main(argv):
   def on_log(step, row):
     if die_at is not None and step == die_at and jax.process_index() == 1:
       os._exit(17)  # no cleanup, like a preempted host
+    if str(step) == os.environ.get("MULTIHOST_TAKE_LOCK_AT") and jax.process_index() == 0:
+      other = {"pid": 4242, "host": "another-host", "since": "now", "lease_s": 180, "renew_s": 30}
+      (Path(workdir) / "jtl.lock").write_text(json.dumps(other))
     time.sleep(float(os.environ.get("MULTIHOST_SECONDS_PER_STEP", 0)))
 
   result = jtl.train.fit(

@@ -3,6 +3,7 @@ CPU devices each) train like one process with 8 devices, write checkpoints
 that one process restores (and the reverse), and resume exactly after one of
 them is killed (issue 18)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,10 @@ from jobs import MULTIHOST_JOB as JOB
 from jobs import free_port as _port
 
 
-def launch(processes, workdir, out, steps, die_at=None, timeout=240, api="linen"):
+def launch(processes, workdir, out, steps, die_at=None, timeout=240, api="linen", env=None):
   """Runs the job as `processes` processes; returns their exit codes."""
   port = _port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}
   env["MULTIHOST_API"] = api
   procs = [subprocess.Popen(
       [sys.executable, str(JOB), str(i), str(processes), str(port), str(workdir), str(out),
@@ -102,3 +103,32 @@ def test_two_processes_recompute_nnx_batchnorm_statistics_of_the_global_batches(
     assert not np.allclose(final["state"]["bn"][leaf], initial[leaf], atol=1e-3)
     np.testing.assert_allclose(final["state"]["bn"][leaf], direct["state"]["bn"][leaf],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # two processes: make test-all
+def test_a_lock_held_elsewhere_stops_both_processes_before_training(tmp_path):
+  # Only process 0 takes the lock; before its refusal was broadcast, process 1
+  # waited in the first collective until the scheduler's timeout.
+  workdir = tmp_path / "busy"
+  workdir.mkdir()
+  (workdir / "jtl.lock").write_text(json.dumps({"pid": 4242, "host": "another-host",
+                                                "since": "2026-12-07 10:00:00 UTC"}))
+  codes, logs = launch(2, workdir, tmp_path / "unused.npz", 4, timeout=120)
+  assert codes == [2, 2], logs[0][-3000:] + logs[1][-3000:]
+  assert "is in use by another run: process 4242 on host 'another-host'" in logs[0]
+  assert "Process 0 could not take the lock" in logs[1]
+  assert not (workdir / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow  # two processes: make test-all
+def test_a_lock_taken_over_mid_run_stops_both_processes_at_the_next_save(tmp_path):
+  workdir = tmp_path / "taken"
+  codes, logs = launch(2, workdir, tmp_path / "unused.npz", 6, timeout=120,
+                       env={"MULTIHOST_TAKE_LOCK_AT": "3"})
+  assert codes == [2, 2], logs[0][-3000:] + logs[1][-3000:]
+  assert "This run no longer holds the lock" in logs[0]
+  assert "Process 0 no longer holds the lock" in logs[1]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2]  # the save at step 4 wrote nothing
+  assert json.loads((workdir / "jtl.lock").read_text())["pid"] == 4242  # left to its owner
