@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jtl.checkpoint.lock import WorkdirLock, raise_on_every_process
+from jtl.checkpoint.lock import Heartbeat, WorkdirLock, raise_on_every_process
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.fit_checks import check_meta
 from jtl.metrics import MetricWriter
@@ -63,12 +63,13 @@ class LogWindow:
     return row
 
 
-def _take_lock(stack: contextlib.ExitStack, workdir: Any) -> WorkdirLock:
+def _take_lock(stack: contextlib.ExitStack, workdir: Any, heartbeat: Heartbeat | None
+               ) -> WorkdirLock:
   """The workdir's lock, taken by process 0 (released by `stack`). With several
   processes, whether process 0 got it is sent to all of them, so that a
   refusal stops every process instead of leaving the others waiting in the
   checkpoint manager's first collective."""
-  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0, heartbeat=heartbeat)
   raise_on_every_process(lambda: stack.enter_context(lock),
                          f"Process 0 could not take the lock of {workdir}: this process stops "
                          "with it (process 0 says why).")
@@ -77,10 +78,11 @@ def _take_lock(stack: contextlib.ExitStack, workdir: Any) -> WorkdirLock:
 
 def _open_workdir(stack: contextlib.ExitStack, workdir: Any, meta: dict[str, Any],
                   save_every: int, keep: int, best_metric: str | None,
-                  async_save: bool) -> CheckpointManager:
-  """Takes the workdir's lock and opens its checkpoint manager, both closed by
-  `stack`; refuses a workdir whose checkpoints were written for another model."""
-  lock = _take_lock(stack, workdir)
+                  async_save: bool, heartbeat: Heartbeat | None) -> CheckpointManager:
+  """Takes the workdir's lock (renewed while `heartbeat` beats) and opens its
+  checkpoint manager, both closed by `stack`; refuses a workdir whose
+  checkpoints were written for another model."""
+  lock = _take_lock(stack, workdir, heartbeat)
   mngr = CheckpointManager(workdir, save_every=save_every, keep=keep,
                            best_metric=best_metric, async_save=async_save, lock=lock)
   stack.push(_exit_quietly_on_error(mngr.close))

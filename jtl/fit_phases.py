@@ -19,6 +19,7 @@ import optax
 from jtl import parallel, partition, steps
 from jtl import phases as phases_lib
 from jtl.batchnorm import make_recompute_batchnorm
+from jtl.checkpoint.lock import Heartbeat
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.preemption import StopRequests, preempted
 from jtl.state import TrainState, create_train_state
@@ -106,10 +107,13 @@ def new_phase_state(variables: PyTree, phases: Phases, phase: int, start: PyTree
 
 def run_first_phase(first: phases_lib.SelfTrained, variables: PyTree, phases: Phases,
                     fresh_state: Callable[..., tuple[TrainState, PyTree]], stop: StopRequests,
-                    workdir: Any) -> tuple[TrainState, dict[str, float]]:
+                    workdir: Any, heartbeat: Heartbeat
+                    ) -> tuple[TrainState, dict[str, float]]:
   """Runs a self-trained first phase: (the state of the phase that runs at
-  its end, from its variables at step `first.steps`, and its metrics row)."""
+  its end, from its variables at step `first.steps`, and its metrics row).
+  Its stop points beat `heartbeat`, as the step loop's batches do."""
   def stop_point(when: str) -> None:
+    heartbeat.beat()
     if stop.reached(0):  # on every process (multi-host sync), as after each step
       raise preempted(stop, saved=None, when=when, workdir=workdir)
 

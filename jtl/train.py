@@ -26,6 +26,7 @@ from absl import logging
 
 from jtl import parallel, steps
 from jtl import phases as phases_lib
+from jtl.checkpoint.lock import Heartbeat
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import Preempted, StepError
 from jtl.fit_checks import (
@@ -98,6 +99,7 @@ class _Given:
   meta: dict[str, Any]
   workdir: Any
   stop: StopRequests
+  heartbeat: Heartbeat  # beaten at each batch read: the workdir's lock lapses without
   mngr: CheckpointManager | None = None
   writer: MetricWriter | None = None
   eval_step: Callable | None = None
@@ -282,11 +284,10 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       `jtl.LinenModel`/`NnxModel`/`FunctionModel`) and its initial (pretrained)
       variables; None: an NNX module's own (`jtl.adapter.variables_of`).
     labels, tx: the partition labels and the optimizer (`make_optimizer`).
-    train_batches: `train_batches(start_step)` returns the iterator of global
-      numpy batches from that step on (the input position on resume).
-    num_steps: total number of training steps.
+    train_batches, num_steps: `train_batches(start_step)` returns the iterator of global
+      numpy batches from that step on (the input position on resume); total steps.
     workdir: checkpoints and metrics; resumes from its newest intact checkpoint; held
-      with `<workdir>/jtl.lock` (a second run there is refused). None: no files.
+      with `<workdir>/jtl.lock` (a second run is refused; see `WorkdirLock`). None: no files.
     eval_batches, eval_every, checkpoint_every: `eval_batches()` returns one pass of
       padded, masked batches; evaluations and saves every so many steps (0: at the end).
     keep, best_metric: the last `keep` checkpoints stay, and the best by this eval metric.
@@ -309,9 +310,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     stop_on_signals: SIGTERM/SIGINT save the step, raise `Preempted` (False: not).
     ema_decay: weight EMA (`TrainState.ema`, saved and resumed); evaluations, the
       best checkpoint and `restore_variables` use the EMA weights. None: off.
-    first_phase: a `jtl.phases.SelfTrained` phase (e.g. `jtl.recipes.strategies.
-      features.cached_head_phase`) run on a fresh start before step 1, skipped on
-      resume; its metrics are logged, evaluated and saved at its `steps`.
+    first_phase: a `jtl.phases.SelfTrained` phase (e.g. `features.cached_head_phase`), run on a
+      fresh start before step 1 (skipped on resume), logged, evaluated and saved at its `steps`.
 
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
@@ -320,6 +320,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
                 eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
   mesh = mesh or parallel.make_mesh()
   variables = initial_variables(module, variables, batchnorm_batches)
+  heartbeat = Heartbeat()  # beaten by each batch read: see `WorkdirLock`
+  eval_batches, batchnorm_batches = map(heartbeat.each_batch, (eval_batches, batchnorm_batches))
   phases = Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
   compile_step = functools.partial(
       compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
@@ -330,7 +332,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       eval_every=eval_every, log_every=log_every, on_log=on_log,
       stop_on_nonfinite=on_nonfinite == "stop", save_eval_metrics=bool(best_metric),
       refresh_batchnorm=batchnorm_refresher(module, phases, batchnorm_batches, mesh),
-      meta=dict(meta or {}), workdir=workdir, stop=StopRequests())
+      meta=dict(meta or {}), workdir=workdir, stop=StopRequests(), heartbeat=heartbeat)
   scoring = dict(eval_output=eval_output, eval_fn=eval_fn, compute_dtype=compute_dtype)
   return _run(given, functools.partial(steps.make_eval_step, module, **scoring),
               functools.partial(steps.output_classes, module, **scoring), train_batches,
@@ -355,17 +357,17 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
       stack.enter_context(stop)  # entered first: restored after the lock is released
     mngr, writer, state = open_run(
         stack, workdir, lambda mngr: restore_or_fresh(mngr, phases, fresh_state),
-        meta=given.meta, **workdir_kwargs)
+        meta=given.meta, heartbeat=given.heartbeat, **workdir_kwargs)
     start_step = begin = int(jax.device_get(state.step))
     first_row = None
     if first_phase is not None and start_step == 0:
       state, first_row = run_first_phase(first_phase, variables, phases, fresh_state, stop,
-                                         workdir)
+                                         workdir, given.heartbeat)
       begin = first_phase.steps
     phase = phases.at(begin - 1) if begin else 0
     eval_step = jax.jit(make_eval_step())
     train_batches = first_batch_checked(
-        train_batches, eval_step if given.eval_batches is not None else None,
+        given.heartbeat.each_batch(train_batches), eval_step if given.eval_batches is not None else None,
         output_classes, lambda: state.variables)
     loop = _Loop(dataclasses.replace(
         given, mngr=mngr, writer=writer, eval_step=eval_step,

@@ -21,9 +21,12 @@ such a lock is either renewed (a live run: refused) or past its lease (taken
 over), so a preempted run's workdir is free again within `LEASE_S`, with no
 one deleting its lock by hand. The lock's age compares two machines' clocks,
 so the waiter also times the wait on its own: at least two of the holder's
-renewal periods, at most the lease. A renewal proves the process lives, not
-that it makes progress: a run hung in a collective keeps its lock. The
-holder checks that the lock is still its own before each save
+renewal periods, at most the lease. A renewal alone would prove that the
+process lives, not that it makes progress, so `fit` gives its lock a
+`Heartbeat`, beaten at each batch read: a run that reads none for `STALL_S`
+(hung in a collective after a peer host died, a deadlocked input pipeline)
+stops renewing, and its workdir is free again `STALL_S` + `LEASE_S` after the
+hang. The holder checks that the lock is still its own before each save
 (`WorkdirLock.verify`), so a run whose lock was taken over or deleted stops
 instead of writing beside another. On multi-host runs only process 0 takes
 the lock.
@@ -38,7 +41,7 @@ import socket
 import threading
 import time
 from datetime import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,9 @@ LOCK_NAME = "jtl.lock"
 # renewals missed: a network outage of minutes still keeps it) is stale.
 RENEW_S = 30.0
 LEASE_S = 180.0
+# A run given a Heartbeat renews its lock only while it beat within STALL_S: far
+# above a step, an evaluation pass or a compile, so only a hung run lets it lapse.
+STALL_S = 3600.0
 # How often a run waiting on another's lease reads the lock again.
 POLL_S = 5.0
 RENEWED_KEY = "jtl-renewed"  # a bucket lock's metadata: when its holder last renewed it
@@ -300,6 +306,41 @@ class _BucketObject:
       pass
 
 
+class Heartbeat:
+  """When a run last made progress: `beat()` at each batch it reads (wrap the
+  batch functions with `each_batch`). A `WorkdirLock` given one stops
+  renewing after `STALL_S` without a beat, and renews again at the next.
+
+  Example:
+    heartbeat = Heartbeat()
+    batches = heartbeat.each_batch(lambda: iter(range(3)))
+    list(batches())  # three beats
+  """
+
+  def __init__(self) -> None:
+    self.last = time.monotonic()
+
+  def beat(self) -> None:
+    self.last = time.monotonic()
+
+  def idle(self) -> float:
+    """Seconds since the last beat."""
+    return time.monotonic() - self.last
+
+  def each_batch(self, batches: Callable[..., Iterable[Any]] | None
+                 ) -> Callable[..., Iterator[Any]] | None:
+    """`batches` (a function returning an iterable of batches, or None),
+    beating at each batch read."""
+    if batches is None:
+      return None
+
+    def beating(*args: Any) -> Iterator[Any]:
+      for batch in batches(*args):
+        self.beat()
+        yield batch
+    return beating
+
+
 class WorkdirLock:
   """Context manager holding `<workdir>/jtl.lock` for this process, renewed
   every `RENEW_S` by a thread of its own while held.
@@ -309,7 +350,8 @@ class WorkdirLock:
       ...  # train and checkpoint; a second run on `workdir` gets a CheckpointError
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+               heartbeat: Heartbeat | None = None):
     if paths.is_remote(workdir):
       self.path = paths.path(workdir) / LOCK_NAME
       self._file: _LocalFile | _BucketObject = _BucketObject(os.fspath(self.path))
@@ -323,12 +365,14 @@ class WorkdirLock:
     self._stop_renewing = threading.Event()
     self._renewer: threading.Thread | None = None
     self.lost = False  # set by the renewer when the lock is no longer this run's
+    self.heartbeat = heartbeat  # None: renewed while the process lives
+    self._stall_warned = False
 
   def _owner(self) -> dict[str, Any]:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
             **_machine(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "lease_s": LEASE_S,
-            "renew_s": RENEW_S}
+            "renew_s": RENEW_S, **({"stall_s": STALL_S} if self.heartbeat else {})}
 
   def acquire(self) -> None:
     if not self.enabled or self.held:
@@ -431,8 +475,24 @@ class WorkdirLock:
 
   def _renew_until_released(self) -> None:
     while not self._stop_renewing.wait(RENEW_S):
-      if not self.renew():
+      if not self.renew_unless_stalled():
         return
+
+  def renew_unless_stalled(self) -> bool:
+    """The renewer's turn: renews the lock (`renew`) unless the run's
+    heartbeat is `STALL_S` old, warning once per stall. False: the lock was
+    found lost, renewals end."""
+    idle = self.heartbeat.idle() if self.heartbeat else 0.0
+    if idle < STALL_S:
+      self._stall_warned = False
+      return self.renew()
+    if not self._stall_warned:
+      self._stall_warned = True
+      log.warning("This run read no batch for %.0f s (hung?): it stops renewing its lock %s, "
+                  "so another run may take the workdir over %.0f s from now. If this run goes "
+                  "on, it renews the lock again, or stops before writing if it was taken.",
+                  idle, self.path, LEASE_S)
+    return True
 
   def renew(self) -> bool:
     """Renews the lock once; False when it is no longer this run's (`lost`:
@@ -501,13 +561,20 @@ def _renews(owner: dict[str, Any]) -> bool:
   return _positive(owner.get("lease_s"))
 
 
+def _stall(owner: dict[str, Any]) -> str:
+  """When a hung holder stops renewing, for the in-use message."""
+  stall = owner.get("stall_s")
+  return (f"; if that run hangs, it stops renewing after {stall / 60:.0f} min without progress"
+          if _positive(stall) else "")
+
+
 def _in_use(path: Any, owner: dict[str, Any], mine: dict[str, Any], where: str
             ) -> CheckpointError:
   """The error for a lock a live run holds (`where`: as `_where` says)."""
   if where == "here":
     where, gone = "this host", ""
   else:
-    gone = (f" (it renewed the lock within its lease of {owner['lease_s']:.0f} s)"
+    gone = (f" (it renewed the lock within its lease of {owner['lease_s']:.0f} s{_stall(owner)})"
             if _renews(owner) else f". If that process is gone (e.g. its host was preempted), "
             f"delete {path}")
     where = ("this host name, in another container or machine (PID namespace)"

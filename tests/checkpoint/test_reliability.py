@@ -308,6 +308,48 @@ def test_a_lock_the_renewals_find_lost_stops_the_run_before_it_writes_again(tmp_
   assert max(logged) == 3
 
 
+def test_a_run_that_reads_no_batch_for_an_hour_stops_renewing_until_it_reads_again(tmp_path,
+                                                                                   caplog):
+  from jtl.checkpoint import lock
+  path = tmp_path / LOCK_NAME
+  heartbeat = lock.Heartbeat()
+  with lock.WorkdirLock(tmp_path, heartbeat=heartbeat) as held:
+    assert json.loads(path.read_text())["stall_s"] == lock.STALL_S
+    old = time.time() - 1000
+    heartbeat.last -= lock.STALL_S + 1  # hung since an hour: a dead peer, a stuck pipeline
+    for _ in range(3):
+      os.utime(path, (old, old))
+      with caplog.at_level(logging.WARNING, logger=lock.__name__):
+        assert held.renew_unless_stalled()  # renewals go on, but skip the lock
+      assert path.stat().st_mtime == old  # left to lapse: another run may take it over
+    assert caplog.text.count("read no batch for") == 1  # warned once per stall
+    next(heartbeat.each_batch(lambda: iter([{"x": 1}]))())  # the run goes on
+    assert held.renew_unless_stalled() and path.stat().st_mtime > old + 900
+
+
+def test_fit_beats_its_locks_heartbeat_at_each_batch_read(tmp_path, monkeypatch):
+  from jtl import fit_io
+  from jtl.checkpoint import lock
+  locks = []
+
+  class Recorded(lock.WorkdirLock):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      locks.append(self)
+  monkeypatch.setattr(fit_io, "WorkdirLock", Recorded)
+  idle = []
+
+  def stall(step, row):  # as if each step had hung for an hour
+    idle.append(locks[0].heartbeat.idle())
+    locks[0].heartbeat.last -= lock.STALL_S
+  jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path, on_log=stall, eval_every=100))
+  # Steps 1-3 read the next step's batch after the last stall (the train batches
+  # beat; the last step reads none); the evaluation after the last log line
+  # read its batches (they beat too).
+  assert len(idle) == 4 and max(idle[:3]) < lock.STALL_S / 2 < idle[3], idle
+  assert locks[0].heartbeat.idle() < lock.STALL_S / 2
+
+
 def test_a_run_that_cannot_renew_its_lock_stops_before_training(tmp_path, monkeypatch):
   from jtl.checkpoint import lock
 
