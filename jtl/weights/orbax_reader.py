@@ -24,6 +24,7 @@ from etils import epath
 from jtl import paths
 from jtl.errors import CheckpointError, bullet_list
 from jtl.weights import orbax_verify
+from jtl.weights.formats import to_flat_arrays
 from jtl.weights.torch_pickle import Budget
 
 # Single-file weight formats, named in the error for a folder of them.
@@ -191,7 +192,7 @@ def read_orbax(path: epath.Path, subtree: str | None, max_expansion: float | Non
   checkpoint folder's bytes on disk + `floor` bytes (as the file readers).
   """
   # In the function: readers imports this module at its top (an import cycle).
-  from jtl.weights.readers import select, to_flat_arrays  # pylint: disable=g-import-not-at-top
+  from jtl.weights.readers import select  # pylint: disable=g-import-not-at-top
 
   path = paths.path(path)
   if not paths.is_remote(path):
