@@ -422,7 +422,7 @@ def _print_partition(created: models.CreatedModel, method: Any, variables: Any,
 
 def as_api(config: ml_collections.ConfigDict, module: Any, variables: Any) -> tuple[Any, Any]:
   """The model to train in the config's `api`: the Linen module as built, or
-  for "nnx" the same model as an NNX module (`models.to_nnx`, the Linen
+  for "nnx" the same model as an NNX module (`models.creation.to_nnx`, the Linen
   parameter paths, BatchNorm statistics as its "state") with its variables.
   Checkpoints then hold "state" for "batch_stats" (`workdirs.restore` maps
   them back). A `FrozenStatistics` module (freeze_batchnorm="statistics")
@@ -439,7 +439,7 @@ def as_api(config: ml_collections.ConfigDict, module: Any, variables: Any) -> tu
     strategy = (config.get("strategy") or {}).get("name")
     raise ConfigError(f"api='nnx' with strategy.name={strategy!r}: its model wrapper "
                       f"({type(module).__name__}) is Linen only; set api='linen'.")
-  model = models.registry.to_nnx(base, variables, seed=config.get("seed", 0))
+  model = models.creation.to_nnx(base, variables, seed=config.get("seed", 0))
   nnx_variables = adapter.variables_of(model)
   if kept is not None:  # the same BatchNorm layers keep their statistics in training
     return strategies.FrozenStatisticsModel(model, kept), nnx_variables

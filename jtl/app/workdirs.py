@@ -123,13 +123,13 @@ class Restored:
     Args:
       api: "linen" (the module bound to its variables: `model(x)`, and its
         other methods such as `model.features(x)`), "nnx" (an NNX module,
-        `models.to_nnx`) or "apply" (a jitted `apply(x)` function).
+        `models.creation.to_nnx`) or "apply" (a jitted `apply(x)` function).
     """
     variables = self.merged_variables()
     if api == "linen":
       return self.module.bind(variables)
     if api == "nnx":
-      return models.registry.to_nnx(self.module, variables)
+      return models.creation.to_nnx(self.module, variables)
     if api == "apply":
       return jax.jit(functools.partial(self.module.apply, variables))
     raise ConfigError(f"api={api!r}: expected 'linen', 'nnx' or 'apply'.")

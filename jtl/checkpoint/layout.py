@@ -21,7 +21,7 @@ from etils import epath
 
 from jtl import paths
 from jtl.errors import CheckpointError
-from jtl.weights import orbax_reader
+from jtl.weights import orbax_verify
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -45,7 +45,7 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
 def step_problem(step_dir: epath.Path) -> str | None:
   """Why `step_dir` is not a complete, readable checkpoint (None if it is).
 
-  Cheap: reads metadata only (see `orbax_reader.verify_orbax`), never arrays.
+  Cheap: reads metadata only (see `orbax_verify.verify_orbax`), never arrays.
   """
   if not ocp.utils.is_checkpoint_finalized(step_dir):
     # In a bucket Orbax writes in place and marks a finished save with a
@@ -59,7 +59,7 @@ def step_problem(step_dir: epath.Path) -> str | None:
     json.loads((step_dir / "meta" / "metadata").read_text())
   except (OSError, ValueError) as e:
     return f"unreadable meta/metadata ({e})"
-  verify = getattr(orbax_reader, "verify_orbax", None)
+  verify = getattr(orbax_verify, "verify_orbax", None)
   if verify is not None:
     try:
       verify(step_dir / "state")

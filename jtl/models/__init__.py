@@ -9,6 +9,7 @@ from __future__ import annotations
 from jtl.models import (
   bert,
   conversion,
+  creation,
   dinov2,
   efficientnet,
   layers,
@@ -22,10 +23,9 @@ from jtl.models import (
   vgg,
   vit,
 )
+from jtl.models.creation import CreatedModel, create
 from jtl.models.registry import (
-  CreatedModel,
   ModelSpec,
-  create,
   get_spec,
   image_inputs,
   list_models,

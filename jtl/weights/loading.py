@@ -22,7 +22,8 @@ import numpy as np
 
 from jtl import tree as tree_lib
 from jtl.weights.adapt import adapt_input_conv, resize_pos_embed
-from jtl.weights.readers import MAX_EXPANSION, read, select, to_flat_arrays
+from jtl.weights.formats import to_flat_arrays
+from jtl.weights.readers import MAX_EXPANSION, read, select
 from jtl.errors import JtlError, LoadError, bullet_list
 
 Shape = tuple[int, ...]

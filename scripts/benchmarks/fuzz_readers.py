@@ -729,7 +729,7 @@ def read_case(fmt: str, path: str) -> tuple[str, str]:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from jtl.weights import read  # pylint: disable=g-import-not-at-top
-  from jtl.weights.orbax_reader import verify_orbax  # pylint: disable=g-import-not-at-top
+  from jtl.weights.orbax_verify import verify_orbax  # pylint: disable=g-import-not-at-top
   from jtl.errors import JtlError  # pylint: disable=g-import-not-at-top
   calls = ([lambda: read_folder_case(fmt, path)] if fmt in FOLDER_FORMATS else
            [lambda: read(path), lambda: read(path, format=FORCED[fmt])])

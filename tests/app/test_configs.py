@@ -63,7 +63,7 @@ def zero_init(model):
   shapes = models.registry.abstract_variables(spec, module)
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   spec = dataclasses.replace(spec, groups=models.registry.layer_groups(spec, variables["params"]))
-  return models.registry.CreatedModel(module, variables, None, spec.preprocess, spec)
+  return models.creation.CreatedModel(module, variables, None, spec.preprocess, spec)
 
 
 @pytest.mark.parametrize("name", ["lora", "lp_ft", "gradual", "bitfit", "llrd", "partial"])

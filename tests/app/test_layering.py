@@ -82,7 +82,6 @@ IN_FUNCTION = {
     ("jtl.models.registry", "jtl.models.hub_models"),  # it imports registry
     ("jtl.models.registry", "jtl.models.own_nnx"),  # it imports registry
     ("jtl.weights.orbax_reader", "jtl.weights.readers.select"),  # readers imports orbax_reader
-    ("jtl.weights.orbax_reader", "jtl.weights.readers.to_flat_arrays"),
     ("jtl.app.methods", "jtl.app.workdirs"),  # workdirs imports methods
     ("jtl.app.model_choice", "jtl.app.experiment"),  # experiment imports model_choice
 }

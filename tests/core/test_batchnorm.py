@@ -177,7 +177,7 @@ def test_recompute_bridged_linen_module_equals_linen_and_nested_bridge_is_refuse
   import flax.linen as nn
   from flax import nnx
 
-  from jtl.models.registry import to_nnx
+  from jtl.models.creation import to_nnx
 
   class Block(nn.Module):
     @nn.compact

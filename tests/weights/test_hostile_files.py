@@ -16,7 +16,7 @@ import pytest
 from flax import serialization
 
 from jtl.errors import CheckpointError
-from jtl.weights import onnx_file, read, readers, resolve
+from jtl.weights import formats, onnx_file, read, readers, resolve
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -228,7 +228,7 @@ def test_safetensors_headers_that_are_refused(tmp_path, header, match):
 
 def test_a_safetensors_header_above_the_bound_is_refused_before_parsing(
     tmp_path, monkeypatch):
-  monkeypatch.setattr(readers, "_SAFETENSORS_HEADER_BYTES", 1024)
+  monkeypatch.setattr(formats, "_SAFETENSORS_HEADER_BYTES", 1024)
   meta = b'{"__metadata__": {"a": "' + b"x" * 2000 + b'"}, ' + _W + b"}"
   _safetensors(tmp_path / "w.safetensors", meta, b"\0" * 4)
   with pytest.raises(CheckpointError, match=r"declares 2\d+ bytes of JSON, more than the 1024"):

@@ -376,7 +376,7 @@ _DAMAGE = {  # key in the OCDBT store -> edit (None: delete), expected message
 def test_verify_orbax_names_the_damaged_array(orbax_run, tmp_path, damage):
   import tensorstore as ts
 
-  from jtl.weights.orbax_reader import verify_orbax
+  from jtl.weights.orbax_verify import verify_orbax
   item = _copy_item(orbax_run, tmp_path, damage)
   key, edit, match = _DAMAGE[damage]
   kv = _kv(item)
@@ -392,7 +392,7 @@ def test_verify_orbax_names_the_damaged_array(orbax_run, tmp_path, damage):
 
 
 def test_verify_orbax_files(orbax_run, tmp_path, monkeypatch):
-  from jtl.weights.orbax_reader import verify_orbax
+  from jtl.weights.orbax_verify import verify_orbax
   monkeypatch.chdir(orbax_run.parent)
   assert verify_orbax(os.path.join("ckpts", "2", "state")) is None  # relative
   item = _copy_item(orbax_run, tmp_path, "stray")
