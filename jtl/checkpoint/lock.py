@@ -40,7 +40,6 @@ import os
 import socket
 import threading
 import time
-from datetime import datetime
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jtl import paths
+from jtl.checkpoint.lock_files import BucketObject, LocalFile
 from jtl.errors import CheckpointError
-
-try:
-  import fcntl  # POSIX; on Windows a takeover's check and removal are not serialised
-except ImportError:  # pragma: no cover
-  fcntl = None
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "jtl.lock"
@@ -68,7 +63,6 @@ LEASE_S = 180.0
 STALL_S = 3600.0
 # How often a run waiting on another's lease reads the lock again.
 POLL_S = 5.0
-RENEWED_KEY = "jtl-renewed"  # a bucket lock's metadata: when its holder last renewed it
 
 
 def _process_start(pid: int) -> str | None:
@@ -146,7 +140,7 @@ def _is_owner(owner: Any) -> bool:
 DAMAGED_LOCK_AGE_S = 60.0
 
 
-def _damaged_lock(lock: _LocalFile | _BucketObject, content: bytes) -> bool:
+def _damaged_lock(lock: LocalFile | BucketObject, content: bytes) -> bool:
   """True (after a warning) when the damaged lock `lock` (which read as
   `content`) may be taken over; else a CheckpointError saying how to clear it."""
   path = lock.path
@@ -165,145 +159,6 @@ def _damaged_lock(lock: _LocalFile | _BucketObject, content: bytes) -> bool:
       f"pid and host) and only {age:.0f} s old. jtl takes a damaged lock over once it is "
       f"{DAMAGED_LOCK_AGE_S:.0f} s old; if no other run uses this workdir, delete it now "
       f"(rm {path}) and run again.")
-
-
-class _LocalFile:
-  """The lock as a file on a local disk (created by a hard link)."""
-
-  def __init__(self, path: Path):
-    self.path = path
-
-  def create(self, content: bytes) -> bool:
-    """Creates the file holding `content` if there is none; whether it did."""
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content)
-    try:
-      os.link(tmp, self.path)
-      return True
-    except FileExistsError:
-      return False
-    finally:
-      tmp.unlink(missing_ok=True)
-
-  def read(self) -> tuple[bytes | None, Any]:
-    """(content, version): (None, None) when absent; the version is the content."""
-    try:
-      content = self.path.read_bytes()
-    except FileNotFoundError:
-      return None, None
-    except OSError as e:
-      raise CheckpointError(f"Cannot read the lock file {self.path} ({e}).") from e
-    return content, content
-
-  def stamp(self) -> tuple[float, Any]:
-    """(when the file was last written or renewed, in seconds since the epoch;
-    a token that any renewal or rewrite changes: the mtime in ns)."""
-    stat = self.path.stat()
-    return stat.st_mtime, stat.st_mtime_ns
-
-  def age(self) -> float:
-    """Seconds since the file was written or renewed."""
-    return time.time() - self.stamp()[0]
-
-  def renew(self, version: Any) -> bool:
-    """Marks the file renewed now if it is still `version`; whether it was."""
-    if self.read()[1] != version:
-      return False
-    try:
-      os.utime(self.path)
-    except FileNotFoundError:
-      return False
-    return True
-
-  def remove(self, version: Any, token: Any = None, *, takeover: bool = True) -> None:
-    """Removes the file if it is still the `version` that was read (and, with
-    `token`, not renewed since). In a takeover the check and the removal hold
-    an flock on a sidecar file (`.jtl.lock.takeover`, left in place: removing
-    it would let two runs lock two files), so two runs taking over one stale
-    lock at once cannot both remove it: the second would remove the first's
-    new lock."""
-    if not takeover:  # the holder's own release
-      if self.read()[1] == version:
-        self.path.unlink(missing_ok=True)
-      return
-    guard = self.path.with_name(f".{self.path.name}.takeover")
-    with open(guard, "a") as f:
-      if fcntl is not None:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-      try:
-        still = self.read()[1] == version and (token is None or self.stamp()[1] == token)
-      except FileNotFoundError:
-        still = False
-      if still:
-        self.path.unlink(missing_ok=True)
-
-
-class _BucketObject:
-  """The lock as an object in a bucket, through gcsfs (the GCS JSON API, or
-  the server that `STORAGE_EMULATOR_HOST` names)."""
-
-  def __init__(self, url: str):
-    self.path = paths.path(url)
-    self.fs = paths.gcs_filesystem()
-    self.bucket, self.key = url.split("://", 1)[1].split("/", 1)
-
-  def create(self, content: bytes) -> bool:
-    try:
-      # gcsfs sends mode="create" as ifGenerationMatch=0: the server refuses
-      # (412, FileExistsError) when the object exists, atomically.
-      self.fs.pipe_file(f"{self.bucket}/{self.key}", content, mode="create")
-      return True
-    except FileExistsError:
-      return False
-
-  def read(self) -> tuple[bytes | None, Any]:
-    """(content, generation) of one read; (None, None) when absent."""
-    try:
-      headers, content = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
-    except FileNotFoundError:
-      return None, None
-    return content, headers.get("x-goog-generation")
-
-  def stamp(self) -> tuple[float, Any]:
-    """(when the object was written, by the server's clock, or last renewed,
-    by the holder's in its metadata: GCS emulators leave `updated` as it was;
-    (generation, metageneration, renewal mark), which any renewal or rewrite
-    changes), read from the server: gcsfs's listings cache may hold older ones."""
-    info = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
-    written = datetime.fromisoformat(info["updated"].replace("Z", "+00:00")).timestamp()
-    mark = (info.get("metadata") or {}).get(RENEWED_KEY)
-    try:
-      renewed = float(mark or 0.0)
-    except ValueError:
-      renewed = 0.0
-    return max(written, renewed), (info.get("generation"), info.get("metageneration"), mark)
-
-  def age(self) -> float:
-    """Seconds since the object was written or renewed."""
-    return time.time() - self.stamp()[0]
-
-  def renew(self, version: Any) -> bool:
-    """Marks the object renewed now (a metadata update: atomic with the
-    generation's check) if it is still at generation `version`; whether it was."""
-    try:
-      self.fs.call("PATCH", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=version,
-                   json={"metadata": {RENEWED_KEY: f"{time.time():.3f}"}})
-    except (FileNotFoundError, FileExistsError):  # gone, or replaced (412): not ours
-      return False
-    return True
-
-  def remove(self, version: Any, token: Any = None, *, takeover: bool = True) -> None:
-    """Deletes the object if it is still at generation `version` (and, with
-    `token`, at its metageneration: not renewed since), atomically."""
-    del takeover  # the server's preconditions guard every deletion
-    conditions = {"ifGenerationMatch": version} if version else {}
-    if token is not None and token[1] is not None:
-      conditions["ifMetagenerationMatch"] = token[1]
-    try:
-      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, **conditions)
-    except (FileNotFoundError, FileExistsError):  # gone, or replaced (412): not ours
-      pass
 
 
 class Heartbeat:
@@ -354,10 +209,10 @@ class WorkdirLock:
                heartbeat: Heartbeat | None = None):
     if paths.is_remote(workdir):
       self.path = paths.path(workdir) / LOCK_NAME
-      self._file: _LocalFile | _BucketObject = _BucketObject(os.fspath(self.path))
+      self._file: LocalFile | BucketObject = BucketObject(os.fspath(self.path))
     else:
       self.path = Path(workdir).absolute() / LOCK_NAME
-      self._file = _LocalFile(self.path)
+      self._file = LocalFile(self.path)
     self.enabled = enabled
     self.held = False
     self._mine: dict[str, Any] | None = None

@@ -229,11 +229,11 @@ def test_a_lock_not_renewed_within_its_lease_is_taken_over_from_anywhere(tmp_pat
 def test_two_runs_taking_over_one_stale_lock_remove_it_once(tmp_path, monkeypatch):
   """Waiters on one lease wake together: B checks the stale lock, A removes
   it and creates its own, then B's removal must not take A's new lock."""
-  from jtl.checkpoint import lock
+  from jtl.checkpoint import lock_files
   path = tmp_path / LOCK_NAME
   path.write_text("stale")
   checked, resume = threading.Event(), threading.Event()
-  local_file = lock._LocalFile  # pylint: disable=protected-access
+  local_file = lock_files.LocalFile
   read = local_file.read
 
   def read_then_pause_in_b(self):
@@ -351,11 +351,11 @@ def test_fit_beats_its_locks_heartbeat_at_each_batch_read(tmp_path, monkeypatch)
 
 
 def test_a_run_that_cannot_renew_its_lock_stops_before_training(tmp_path, monkeypatch):
-  from jtl.checkpoint import lock
+  from jtl.checkpoint import lock_files
 
   def forbidden(self, version):
     raise PermissionError("403 Forbidden: storage.objects.update")
-  monkeypatch.setattr(lock._LocalFile, "renew", forbidden)  # pylint: disable=protected-access
+  monkeypatch.setattr(lock_files.LocalFile, "renew", forbidden)
   with pytest.raises(CheckpointError, match=r"cannot renew it \(PermissionError: 403 Forbidden"):
     jtl.train.fit(num_steps=2, **fit_kwargs(tmp_path))
   assert not (tmp_path / LOCK_NAME).exists()  # taken, then given back
