@@ -366,10 +366,9 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
       begin = first_phase.steps
     phase = phases.at(begin - 1) if begin else 0
     eval_step = jax.jit(make_eval_step())
-    train_batches = first_batch_checked(
-        given.heartbeat.each_batch(train_batches),
-        eval_step if given.eval_batches is not None else None, output_classes,
-        lambda: state.variables)
+    train_batches = given.heartbeat.each_batch(first_batch_checked(
+        train_batches, eval_step if given.eval_batches is not None else None, output_classes,
+        lambda: state.variables))
     loop = _Loop(dataclasses.replace(
         given, mngr=mngr, writer=writer, eval_step=eval_step,
         bar=progress_bar(stack, begin, num_steps) if progress else None),
