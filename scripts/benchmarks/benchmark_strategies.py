@@ -362,16 +362,27 @@ class Results:
       f.write(json.dumps(row) + "\n")
 
 
-def best_lrs(results, names, *, per_class, steps, image_size, model=DEFAULT_MODEL):
-  """{strategy: (best lr, its validation accuracy)} from the sweep rows."""
+def sweep_means(results, name, *, per_class, steps, image_size, model=DEFAULT_MODEL, seeds=(0,)):
+  """{lr: [validation accuracy of each sweep seed]} of `name`, for the rates
+  swept on every one of `seeds`."""
+  by_lr = {}
+  for r in results.rows:
+    if (r["kind"] == "sweep" and r["strategy"] == name and r["per_class"] == per_class
+        and r["steps"] == steps and r["image_size"] == image_size
+        and r.get("model", DEFAULT_MODEL) == model and r["seed"] in seeds):
+      by_lr.setdefault(r["lr"], {})[r["seed"]] = r["acc"]
+  return {lr: [accs[s] for s in seeds] for lr, accs in by_lr.items() if set(accs) == set(seeds)}
+
+
+def best_lrs(results, names, *, seeds=(0,), **sweep):
+  """{strategy: (best lr, its mean validation accuracy over the sweep seeds)}."""
   best = {}
   for name in names:
-    rows = [r for r in results.rows if r["kind"] == "sweep" and r["strategy"] == name
-            and r["per_class"] == per_class and r["steps"] == steps
-            and r["image_size"] == image_size and r.get("model", DEFAULT_MODEL) == model]
-    if rows:
-      r = max(rows, key=lambda r: (r["acc"], -r["lr"]))
-      best[name] = (r["lr"], r["acc"])
+    means = {lr: float(np.mean(a)) for lr, a in sweep_means(results, name, seeds=seeds,
+                                                             **sweep).items()}
+    if means:
+      lr = max(means, key=lambda lr: (means[lr], -lr))
+      best[name] = (lr, means[lr])
   return best
 
 
@@ -383,15 +394,24 @@ def _final_row(name, per_class, lr, rows):
           f"{std:.1f}", " / ".join(f"{100 * a:.1f}" for a in accs)]
 
 
+def sweep_seeds(args):
+  return tuple(map(int, args.sweep_seeds.split(",")))
+
+
 def image_report(results, args, names):
   """Markdown tables: the sweep, then mean +- std over seeds per row."""
   mine = lambda r: r["image_size"] == args.image_size and r["model"] == args.model
-  sweep = [[r["strategy"], f"{r['lr']:g}", f"{100 * r['acc']:.1f}%", f"{r['seconds']:.0f}"]
-           for r in results.rows if r["kind"] == "sweep" and mine(r)]
+  seeds = sweep_seeds(args)
+  sweep = [[name, f"{lr:g}", f"{100 * np.mean(accs):.1f}%",
+            " / ".join(f"{100 * a:.1f}" for a in accs)]
+           for name in names
+           for lr, accs in sorted(sweep_means(
+               results, name, per_class=args.sweep_per_class, steps=args.sweep_steps,
+               image_size=args.image_size, model=args.model, seeds=seeds).items())]
   lines = [f"\n### Sweep (validation accuracy; {args.sweep_per_class}/class, "
-           f"{round(args.val_fraction * 100)}% of each class held out, seed 0, "
-           f"{args.sweep_steps} steps)\n",
-           markdown_table(["strategy", "lr", "val acc", "train s"], sweep, align="lrrr")]
+           f"{round(args.val_fraction * 100)}% of each class held out, seeds "
+           f"{','.join(map(str, seeds))}, {args.sweep_steps} steps)\n",
+           markdown_table(["strategy", "lr", "val acc (mean)", "per seed"], sweep, align="lrrl")]
   test_n = "all" if args.test_per_class is None else f"first {args.test_per_class}"
   lines.append(f"\n### {args.model}, {Path(args.cifar_dir).name} at {args.image_size}px (test: "
                f"{test_n} images per class)\n")
@@ -399,7 +419,7 @@ def image_report(results, args, names):
   # A rate run on the test split but not picked on validation is marked so: only
   # the picked row is a result (a wider grid rerun adds rows, never a choice).
   picked = best_lrs(results, names, per_class=args.sweep_per_class, steps=args.sweep_steps,
-                    image_size=args.image_size, model=args.model)
+                    image_size=args.image_size, model=args.model, seeds=seeds)
   for k in map(int, args.per_class.split(",")):
     for name in names:
       finals = [r for r in results.rows if r["kind"] == "final" and r["strategy"] == name
@@ -450,28 +470,36 @@ def run_images(args, results):
           f"({sec:.0f}s)", flush=True)
     return r
 
-  # 1. Sweep on a validation split of the labelled images (never the test split).
-  idx = labelled_subset(y_all, args.sweep_per_class, 0)
-  fit_i, val_i = stratified_holdout(y_all[idx], args.val_fraction)
-  fit = (prep(x_all[idx][fit_i]), y_all[idx][fit_i])
-  val = (prep(x_all[idx][val_i]), y_all[idx][val_i])
-  feats = None
+  # 1. Sweep on a validation split of the labelled images (never the test split);
+  # each sweep seed draws its own labelled subset, holdout and initialisation.
   sweep = dict(per_class=args.sweep_per_class, steps=args.sweep_steps, **same)
-  for name in names:
-    if name == "linear_probe":
-      for lr in GRID[name]:
-        if feats is None and not results.get(kind="sweep", strategy=name, seed=0, lr=lr, **sweep):
-          s = strategies.build("linear_probe", created.module, created.variables, created.spec,
-                               verbose=False)
-          feats = strategies.extract_features(s.module, s.variables,
-                                              padded_batches(*fit, args.batch))
-        row("sweep", name, args.sweep_per_class, 0, lr, lr, args.sweep_steps, fit, val, feats)
-  head_lr = best_lrs(results, ["linear_probe"], **sweep).get("linear_probe", (1e-2,))[0]
-  for name in names:
-    if name != "linear_probe":
-      for lr in GRID[name]:
-        row("sweep", name, args.sweep_per_class, 0, lr, head_lr, args.sweep_steps, fit, val, None)
-  chosen = best_lrs(results, names, **sweep)
+  splits = {}
+  for seed in sweep_seeds(args):
+    idx = labelled_subset(y_all, args.sweep_per_class, seed)
+    fit_i, val_i = stratified_holdout(y_all[idx], args.val_fraction, seed)
+    splits[seed] = ((prep(x_all[idx][fit_i]), y_all[idx][fit_i]),
+                    (prep(x_all[idx][val_i]), y_all[idx][val_i]))
+  for seed, (fit, val) in splits.items():
+    feats = None
+    for lr in GRID["linear_probe"] if "linear_probe" in names else ():
+      if feats is None and not results.get(kind="sweep", strategy="linear_probe", seed=seed,
+                                           lr=lr, **sweep):
+        s = strategies.build("linear_probe", created.module, created.variables, created.spec,
+                             verbose=False)
+        feats = strategies.extract_features(s.module, s.variables,
+                                            padded_batches(*fit, args.batch))
+      row("sweep", "linear_probe", args.sweep_per_class, seed, lr, lr, args.sweep_steps, fit,
+          val, feats)
+  seeds = sweep_seeds(args)
+  head_lr = best_lrs(results, ["linear_probe"], seeds=seeds, **sweep).get(
+      "linear_probe", (1e-2,))[0]
+  for seed, (fit, val) in splits.items():
+    for name in names:
+      if name != "linear_probe":
+        for lr in GRID[name]:
+          row("sweep", name, args.sweep_per_class, seed, lr, head_lr, args.sweep_steps, fit, val,
+              None)
+  chosen = best_lrs(results, names, seeds=seeds, **sweep)
   print("\nchosen on validation:", {n: f"lr {lr:g} (val {100 * a:.1f}%)"
                                     for n, (lr, a) in chosen.items()}, flush=True)
 
@@ -518,6 +546,9 @@ def main():
                   help="first N test images per class (default: all)")
   ap.add_argument("--sweep_per_class", type=int, default=100)
   ap.add_argument("--sweep_steps", type=int, default=20)
+  ap.add_argument("--sweep_seeds", default="0",
+                  help="seeds of the validation sweep, each with its own labelled subset and "
+                  "holdout; the rate with the best mean validation accuracy is picked")
   ap.add_argument("--val_fraction", type=float, default=0.2)
   ap.add_argument("--head_steps", type=int, default=300,
                   help="head steps on cached features (linear probe, LP-FT's probe phase)")

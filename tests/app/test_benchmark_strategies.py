@@ -59,6 +59,22 @@ def test_rows_before_the_model_flag_are_lite0s(tmp_path):
   assert results.get(**old, model="efficientnet_lite1") is None
 
 
+def test_the_rate_is_picked_by_its_mean_over_the_sweep_seeds(tmp_path):
+  results = bench.Results(tmp_path / "rows.jsonl")
+  common = dict(kind="sweep", strategy="lp_ft", per_class=100, steps=20, image_size=128,
+                model="efficientnet_lite0")
+  for seed, accs in {0: (0.90, 0.80), 1: (0.60, 0.78), 2: (0.62, 0.79)}.items():
+    for lr, acc in zip((1e-4, 3e-5), accs):
+      results.add({**common, "seed": seed, "lr": lr, "acc": acc})
+  results.add({**common, "seed": 0, "lr": 1e-3, "acc": 0.99})  # not swept on seeds 1 and 2
+  sweep = dict(per_class=100, steps=20, image_size=128)
+  assert bench.best_lrs(results, ["lp_ft"], **sweep)["lp_ft"] == (1e-3, 0.99)  # seed 0 alone
+  lr, mean = bench.best_lrs(results, ["lp_ft"], seeds=(0, 1, 2), **sweep)["lp_ft"]
+  assert lr == 3e-5 and mean == pytest.approx(0.79)  # 1e-4 wins seed 0 but not the mean
+  assert bench.sweep_means(results, "lp_ft", seeds=(0, 1), **sweep) == {
+      1e-4: [0.90, 0.60], 3e-5: [0.80, 0.78]}
+
+
 def test_labelled_subset_names_the_smallest_class():
   y = np.array([0] * 12 + [1] * 8)
   with pytest.raises(SystemExit, match="smallest training class has 8"):
@@ -99,7 +115,7 @@ def test_the_report_marks_which_test_rows_validation_picked(tmp_path, capsys):
                  "acc": acc, **same})
   args = type("Args", (), dict(image_size=64, model="efficientnet_lite0", sweep_per_class=10,
                                val_fraction=0.2, sweep_steps=20, test_per_class=None,
-                               cifar_dir="cifar", per_class="10"))
+                               cifar_dir="cifar", per_class="10", sweep_seeds="0"))
   bench.image_report(results, args, ["full"])
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| full")]
   picks = {row.split("|")[4].strip(): row.split("|")[-2].strip() for row in rows if "%" in row
