@@ -191,3 +191,31 @@ def test_dora_gradients_reach_only_magnitude_and_adapters():
   with pytest.raises(ConfigError, match="dora='yes'"):
     strategies.add_lora(module, variables, SPEC.example_input(1), targets=[".*"], rank=2,
                         dora="yes")
+
+
+def test_lora_on_an_apply_function_asks_for_its_layers():
+  """A plain function has no modules to inspect: add_lora says to pass
+  `layers=` (with the paths its params hold a kernel at), and then works."""
+  import jax.numpy as jnp
+
+  def apply_fn(params, x):
+    h = jnp.tanh(x @ params["body"]["kernel"] + params["body"]["bias"][None])
+    return h @ params["head"]["kernel"]
+
+  variables = {"params": {"body": {"kernel": np.ones((4, 8), np.float32),
+                                   "bias": np.zeros(8, np.float32)},
+                          "head": {"kernel": np.zeros((8, 3), np.float32)}}}
+  x = np.ones((2, 4), np.float32)
+  assert strategies.adaptable_layers(apply_fn, variables, x) == []
+  with pytest.raises(ConfigError, match=r"(?s)layers of an apply function \(apply_fn\) cannot "
+                     r"be discovered.*layers=\['body', 'head'\].*- body\n  - head"):
+    strategies.add_lora(apply_fn, variables, x, targets=["body"], rank=2)
+  with pytest.raises(ConfigError, match=r"(?s)apply function \(apply_fn\).*layers="):
+    strategies.add_lora(jtl.FunctionModel(apply_fn), variables, x, targets=["body"], rank=2)
+  with pytest.raises(ConfigError, match=r"(?s)\['body/kernel'\] hold no \"kernel\".*- body"):
+    strategies.add_lora(apply_fn, variables, x, targets=".*", rank=2, layers=["body/kernel"])
+  adapted = strategies.add_lora(apply_fn, variables, x, targets=["body"], rank=2,
+                                layers=["body", "head"])
+  assert sorted(adapted["params"]["body"]) == ["bias", "kernel", "lora_a", "lora_b"]
+  assert sorted(adapted["params"]["head"]) == ["kernel"]
+
