@@ -219,3 +219,50 @@ def test_lora_on_an_apply_function_asks_for_its_layers():
   assert sorted(adapted["params"]["body"]) == ["bias", "kernel", "lora_a", "lora_b"]
   assert sorted(adapted["params"]["head"]) == ["kernel"]
 
+
+def test_a_lora_runs_restored_params_warn_and_merge_into_the_trained_model(tmp_path, caplog):
+  """`restore_variables` gives a LoRA run's params as trained (adapters apart),
+  which a plain `module.apply` ignores: it warns, naming the layers and
+  merge_lora, and merge_lora of them is the trained LoRA model."""
+  import logging
+
+  import flax.linen as nn
+
+  from jtl.checkpoint import restore
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.relu(nn.Dense(8, name="body")(x.reshape(x.shape[0], -1)))
+      return nn.Dense(3, name="head")(nn.Dense(8, name="neck")(h))
+
+  module = Mlp()
+  variables = module.init(jax.random.PRNGKey(0), SPEC.example_input(1))
+  v = strategies.add_lora(module, variables, SPEC.example_input(1), targets=["body", "neck"],
+                          rank=2)
+  labels = jtl.label_params(v["params"], strategies.lora_rules())
+  lora = strategies.LoraModel(module, 4.0)
+  result = jtl.train.fit(module=lora, variables=v, labels=labels,
+                         tx=jtl.make_optimizer(labels, learning_rate=0.1),
+                         train_batches=lambda start: (batch(seed=i) for i in range(start, 9)),
+                         num_steps=2, workdir=tmp_path / "run", progress=False)
+  with caplog.at_level(logging.WARNING, logger=restore.__name__):
+    restored, _ = jtl.restore_variables(tmp_path / "run")
+  (message,) = [r.getMessage() for r in caplog.records if "LoRA adapters" in r.getMessage()]
+  for part in ("2 layer(s) unmerged: body, neck", "ignores them",
+               "LoraModel(module, alpha)", "LoraWeights(model, alpha)",
+               'jtl.recipes.strategies.merge_lora(variables["params"], alpha)',
+               "does not record it"):
+    assert part in message, part
+  x = batch()["inputs"]
+  trained = lora.apply(jax.device_get(result.state).variables, x)
+  merged = {**restored, "params": strategies.merge_lora(restored["params"], 4.0)}
+  np.testing.assert_allclose(module.apply(merged, x), trained, rtol=1e-5, atol=1e-5)
+  assert np.abs(module.apply(restored, x) - trained).max() > 1e-3  # what the warning is about
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=restore.__name__):
+    jtl.restore_variables(tmp_path / "run", warn_lora=False)  # the caller merges them
+    restore._warn_unmerged_lora(tmp_path, restored["params"],  # an app run's saved config
+                                {"config": {"strategy": {"name": "lora", "alpha": 16.0}}})
+  (message,) = [r.getMessage() for r in caplog.records]
+  assert "the run's alpha=16.0 (its config's strategy.alpha)" in message
