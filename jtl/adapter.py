@@ -231,7 +231,58 @@ class FunctionModel:
     kwargs = _flag(self.train_kwarg, train)
     if self.rng_kwarg:  # None in evaluation, which has no dropout key
       kwargs[self.rng_kwarg] = rng
+    check_function_call(self, params, inputs, kwargs)
     return select_output(self.fn(params, inputs, **kwargs), self.output), model_state
+
+
+def function_name(fn: Any) -> str:
+  """`fn`'s name for a message (a functools.partial's: its function's)."""
+  fn = getattr(fn, "func", fn)
+  return getattr(fn, "__name__", type(fn).__name__)
+
+
+def check_function_call(model: FunctionModel, params: PyTree, inputs: Any,
+                        kwargs: dict[str, Any]) -> None:
+  """Raises a StepError saying how to wrap `model.fn` when it cannot be called
+  as `fn(params, inputs, **kwargs)` (a flag it requires that jtl does not pass,
+  or a keyword jtl passes that it does not take), before its TypeError would."""
+  try:
+    signature = inspect.signature(model.fn)
+  except (TypeError, ValueError):  # no signature to read: let the call decide
+    return
+  try:
+    signature.bind(params, inputs, **kwargs)
+    return
+  except TypeError:
+    pass
+  name, args = function_name(model.fn), signature.parameters
+  positional = [n for n, p in args.items() if p.kind in (p.POSITIONAL_ONLY,
+                                                         p.POSITIONAL_OR_KEYWORD)][:2]
+  missing = [n for n, p in args.items() if p.default is p.empty and n not in kwargs
+             and n not in positional and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  unknown = [k for k in kwargs if k not in args]
+  flags = [f for f in _FLAGS if f in args]
+  if model.train_kwarg in unknown or (flags and flags[0] in missing):
+    problem = (f"takes no {model.train_kwarg!r} argument" if model.train_kwarg in unknown
+               else f"requires {flags[0]}=, which jtl passes only when told")
+    hint = (f"jtl.FunctionModel({name}, train_kwarg={flags[0]!r})" if flags
+            else f"jtl.FunctionModel({name}, train_kwarg=None) (no mode flag)")
+  elif unknown:  # rng_kwarg
+    problem = f"takes no {unknown[0]!r} argument"
+    hint = (f"jtl.FunctionModel({name}, rng_kwarg=None) (no dropout key), or rng_kwarg= "
+            "naming the keyword its key goes to")
+  else:
+    problem = (f"requires {', '.join(f'{n}=' for n in missing)}" if missing
+               else "does not take these arguments")
+    hint = (f"functools.partial({name}, ...) or defaults for what jtl does not pass, "
+            "then jtl.FunctionModel(fn, train_kwarg=..., rng_kwarg=...) for a mode flag "
+            "and a dropout key")
+  passed = "".join(f", {k}=..." for k in kwargs)
+  raise StepError(
+      f"Apply function {name}{signature} {problem}: jtl calls it as "
+      f"{name}(params, inputs{passed}) (train_kwarg={model.train_kwarg!r}, rng_kwarg="
+      f"{model.rng_kwarg!r}). Wrap the function once: {hint}, and pass that wherever it "
+      "went (make_train_step, make_eval_step, fit).")
 
 
 def _nnx():

@@ -196,7 +196,8 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
   metric = None
   if step == "best" and layout.recorded_metric(layout.checkpoint_dir(workdir))[0] is None:
     metric = "accuracy"
-  variables, meta = restore_variables(workdir, step=step, metric=metric)
+  # `Restored` keeps the adapters apart and merges them with the run's alpha.
+  variables, meta = restore_variables(workdir, step=step, metric=metric, warn_lora=False)
   if "config" not in meta:
     raise ConfigError(f"{workdir}: the checkpoint has no saved config; was it written by "
                       "scripts/finetune.py?")

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from jtl import lora_layout
 from jtl import tree as jtree
 from jtl.checkpoint import integrity
 from jtl.checkpoint.layout import (
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "latest",
-                      metric: str | None = None, mode: str | None = None, ema: bool = True
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+                      metric: str | None = None, mode: str | None = None, ema: bool = True,
+                      warn_lora: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restores {"params": ..., **model_state} as host numpy arrays, for evaluation.
 
   A run trained with weight EMA (`fit(ema_decay=...)`) gives its EMA params
@@ -52,6 +53,10 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   step's meta). For "latest" and
   "best", a damaged step is skipped with a warning and the next one (newest,
   or next best) is read.
+
+  A LoRA run's params hold its adapters unmerged ("lora_a", "lora_b", as it
+  trained them), which the plain module ignores: a warning says so and how to
+  fold them in (`merge_lora`); `warn_lora=False` when the caller does that.
 
   Returns:
     (variables, meta) where meta is the JSON saved with the checkpoint.
@@ -87,8 +92,32 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
       failures.append(e)
       log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
       continue
+    if warn_lora:
+      _warn_unmerged_lora(step_dir, variables["params"], meta)
     return variables, meta
   raise failures[0]
+
+
+def _warn_unmerged_lora(step_dir: epath.Path, params: Any, meta: dict[str, Any]) -> None:
+  """Logs how to use the LoRA adapters `params` hold, if any: a plain Linen
+  module's apply ignores the extra leaves and gives the un-adapted outputs."""
+  layers = lora_layout.adapted_modules(jtree.flatten(params))
+  if not layers:
+    return
+  strategy = (meta.get("config") or {}).get("strategy") or {}
+  alpha = (f"the run's alpha={strategy['alpha']!r} (its config's strategy.alpha)"
+           if strategy.get("name") == "lora" and "alpha" in strategy else
+           "the alpha the run's LoraModel / LoraWeights had (the checkpoint does not record it)")
+  shown = ", ".join(layers[:10]) + (" ..." if len(layers) > 10 else "")
+  log.warning(
+      "%s: the params hold the LoRA adapters (%s, %s) of %d layer(s) unmerged: %s. The "
+      "plain module does not use them (a Linen module.apply(variables, x) ignores them and "
+      "gives the model without its adapters; an NNX module has no place for them). Call it "
+      "through the LoRA wrapper it trained with (jtl.recipes.strategies.LoraModel(module, "
+      "alpha) for a Linen module, LoraWeights(model, alpha) for any model), or fold them "
+      "into the kernels for the plain module: variables[\"params\"] = "
+      "jtl.recipes.strategies.merge_lora(variables[\"params\"], alpha), with %s.",
+      step_dir, lora_layout.LORA_A, lora_layout.LORA_B, len(layers), shown, alpha)
 
 
 # The meta key of the arrays' fingerprints (`jtl.checkpoint.integrity`).

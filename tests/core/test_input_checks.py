@@ -206,3 +206,43 @@ def test_lora_finds_the_layers_of_a_linen_model_with_another_flag():
 def test_rules_given_as_a_dict_say_they_must_be_ordered_pairs():
   with pytest.raises(jtl.JtlError, match=r"ordered list of \(regex, value\) pairs.*got a dict"):
     jtl.label_params({"head": {"kernel": 0}}, {"head/.*": "head"})
+
+
+def test_apply_function_called_without_its_flag_names_the_wrapper_and_then_trains():
+  """A plain apply function gets the StepError Linen and NNX modules get (not
+  the function's TypeError), with the FunctionModel that calls it right."""
+  def fn(params, x, *, train):
+    return x @ params["head"]["kernel"]
+
+  def plain(params, x):
+    return x @ params["head"]["kernel"]
+
+  params = {"head": {"kernel": np.zeros((8, 3), np.float32)}}
+  labels = jtl.label_params(params, [(".*", "head")])
+  tx = jtl.make_optimizer(labels, learning_rate=1e-2)
+  state = jtl.create_train_state({"params": params}, labels, tx)
+  batch = _batch(np.arange(8) % 3)
+  fit = functools.partial(jtl.train.fit, variables={"params": params}, labels=labels, tx=tx,
+                          train_batches=lambda start: iter([batch] * 2), num_steps=1,
+                          progress=False)
+  with pytest.raises(StepError, match=r"fn\(params, x, \*, train\) requires train=.*"
+                     r"jtl.FunctionModel\(fn, train_kwarg='train'\)"):
+    fit(module=fn)
+  with pytest.raises(StepError, match=r"takes no 'training' argument.*fn\(params, inputs, "
+                     r"training=...\).*jtl.FunctionModel\(fn, train_kwarg='train'\)"):
+    fit(module=jtl.FunctionModel(fn, train_kwarg="training"))
+  with pytest.raises(StepError, match=r"takes no 'train'.*FunctionModel\(plain, train_kwarg=None"):
+    jtl.make_train_step(jtl.FunctionModel(plain, train_kwarg="train"), tx, labels=labels)(
+        state, batch)
+  with pytest.raises(StepError, match=r"takes no 'rng'.*FunctionModel\(fn, rng_kwarg=None\)"):
+    jtl.make_eval_step(jtl.FunctionModel(fn, train_kwarg="train", rng_kwarg="rng"))(
+        state.variables, batch)
+  # Read through jax.jit and functools.partial; a bound flag or **kwargs passes.
+  with pytest.raises(StepError, match=r"FunctionModel\(fn, train_kwarg='train'\)"):
+    jtl.make_eval_step(jax.jit(fn, static_argnames="train"))(state.variables, batch)
+  jtl.make_eval_step(functools.partial(fn, train=False))(state.variables, batch)
+  jtl.make_eval_step(jtl.FunctionModel(lambda p, x, **kw: plain(p, x), train_kwarg="training"))(
+      state.variables, batch)
+  step = jax.jit(jtl.make_train_step(jtl.FunctionModel(fn, train_kwarg="train"), tx,
+                                     labels=labels))
+  assert np.isfinite(float(step(state, batch)[1]["loss"]))

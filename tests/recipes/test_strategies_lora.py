@@ -191,3 +191,78 @@ def test_dora_gradients_reach_only_magnitude_and_adapters():
   with pytest.raises(ConfigError, match="dora='yes'"):
     strategies.add_lora(module, variables, SPEC.example_input(1), targets=[".*"], rank=2,
                         dora="yes")
+
+
+def test_lora_on_an_apply_function_asks_for_its_layers():
+  """A plain function has no modules to inspect: add_lora says to pass
+  `layers=` (with the paths its params hold a kernel at), and then works."""
+  import jax.numpy as jnp
+
+  def apply_fn(params, x):
+    h = jnp.tanh(x @ params["body"]["kernel"] + params["body"]["bias"][None])
+    return h @ params["head"]["kernel"]
+
+  variables = {"params": {"body": {"kernel": np.ones((4, 8), np.float32),
+                                   "bias": np.zeros(8, np.float32)},
+                          "head": {"kernel": np.zeros((8, 3), np.float32)}}}
+  x = np.ones((2, 4), np.float32)
+  assert strategies.adaptable_layers(apply_fn, variables, x) == []
+  with pytest.raises(ConfigError, match=r"(?s)layers of an apply function \(apply_fn\) cannot "
+                     r"be discovered.*layers=\['body', 'head'\].*- body\n  - head"):
+    strategies.add_lora(apply_fn, variables, x, targets=["body"], rank=2)
+  with pytest.raises(ConfigError, match=r"(?s)apply function \(apply_fn\).*layers="):
+    strategies.add_lora(jtl.FunctionModel(apply_fn), variables, x, targets=["body"], rank=2)
+  with pytest.raises(ConfigError, match=r"(?s)\['body/kernel'\] hold no \"kernel\".*- body"):
+    strategies.add_lora(apply_fn, variables, x, targets=".*", rank=2, layers=["body/kernel"])
+  adapted = strategies.add_lora(apply_fn, variables, x, targets=["body"], rank=2,
+                                layers=["body", "head"])
+  assert sorted(adapted["params"]["body"]) == ["bias", "kernel", "lora_a", "lora_b"]
+  assert sorted(adapted["params"]["head"]) == ["kernel"]
+
+
+def test_a_lora_runs_restored_params_warn_and_merge_into_the_trained_model(tmp_path, caplog):
+  """`restore_variables` gives a LoRA run's params as trained (adapters apart),
+  which a plain `module.apply` ignores: it warns, naming the layers and
+  merge_lora, and merge_lora of them is the trained LoRA model."""
+  import logging
+
+  import flax.linen as nn
+
+  from jtl.checkpoint import restore
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.relu(nn.Dense(8, name="body")(x.reshape(x.shape[0], -1)))
+      return nn.Dense(3, name="head")(nn.Dense(8, name="neck")(h))
+
+  module = Mlp()
+  variables = module.init(jax.random.PRNGKey(0), SPEC.example_input(1))
+  v = strategies.add_lora(module, variables, SPEC.example_input(1), targets=["body", "neck"],
+                          rank=2)
+  labels = jtl.label_params(v["params"], strategies.lora_rules())
+  lora = strategies.LoraModel(module, 4.0)
+  result = jtl.train.fit(module=lora, variables=v, labels=labels,
+                         tx=jtl.make_optimizer(labels, learning_rate=0.1),
+                         train_batches=lambda start: (batch(seed=i) for i in range(start, 9)),
+                         num_steps=2, workdir=tmp_path / "run", progress=False)
+  with caplog.at_level(logging.WARNING, logger=restore.__name__):
+    restored, _ = jtl.restore_variables(tmp_path / "run")
+  (message,) = [r.getMessage() for r in caplog.records if "LoRA adapters" in r.getMessage()]
+  for part in ("2 layer(s) unmerged: body, neck", "ignores them",
+               "LoraModel(module, alpha)", "LoraWeights(model, alpha)",
+               'jtl.recipes.strategies.merge_lora(variables["params"], alpha)',
+               "does not record it"):
+    assert part in message, part
+  x = batch()["inputs"]
+  trained = lora.apply(jax.device_get(result.state).variables, x)
+  merged = {**restored, "params": strategies.merge_lora(restored["params"], 4.0)}
+  np.testing.assert_allclose(module.apply(merged, x), trained, rtol=1e-5, atol=1e-5)
+  assert np.abs(module.apply(restored, x) - trained).max() > 1e-3  # what the warning is about
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=restore.__name__):
+    jtl.restore_variables(tmp_path / "run", warn_lora=False)  # the caller merges them
+    restore._warn_unmerged_lora(tmp_path, restored["params"],  # an app run's saved config
+                                {"config": {"strategy": {"name": "lora", "alpha": 16.0}}})
+  (message,) = [r.getMessage() for r in caplog.records]
+  assert "the run's alpha=16.0 (its config's strategy.alpha)" in message

@@ -46,7 +46,7 @@ import numpy as np
 
 from jtl import tree as jtree
 from jtl import lora_layout
-from jtl.adapter import as_model, is_nnx_module, variables_of
+from jtl.adapter import FunctionModel, as_model, function_name, is_nnx_module, variables_of
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.export import write
 from jtl.models import wgrad
@@ -99,7 +99,8 @@ def adaptable_layers(module: Any, variables: PyTree = None, inputs: Any = None,
   A Linen module is called as the train step calls it in evaluation mode:
   `module(inputs, train=False)`, or as a `jtl.LinenModel` says (its flag,
   `inputs_as_kwargs`, `call`); `call_kwargs`, when given, are the call's
-  keywords instead (e.g. `deterministic=True`)."""
+  keywords instead (e.g. `deterministic=True`). A plain apply function has no
+  layers to find ([]): give `add_lora` its `layers=` (the paths holding a kernel)."""
   if is_nnx_module(module):
     return _nnx_layers(module)
   return list(_linen_layers(module, variables, inputs, **call_kwargs))
@@ -153,7 +154,8 @@ def select_targets(layers: Sequence[str], targets: Sequence[str] | str) -> list[
   if unused or not targets:
     raise ConfigError(
         f"LoRA targets {unused or targets} match no Dense/Conv layer (regexes must fully "
-        "match a layer path). The adaptable layers are:\n" + bullet_list(layers, limit=40))
+        "match a layer path). The adaptable layers are:\n"
+        + (bullet_list(layers, limit=40) if layers else "  (none)"))
   return chosen
 
 
@@ -170,7 +172,8 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
     targets: regexes over layer paths, e.g. r".*/attention/(query|value)".
     rank: adapter rank r.
     seed: initialisation of A (uniform, +-1/sqrt(fan_in), as PEFT); B is 0.
-    layers: `adaptable_layers(module, variables, inputs)` if already known.
+    layers: the layer paths to choose from (each holds a "kernel"; default
+      `adaptable_layers(module, variables, inputs)`); needed for an apply function.
     dora: also add DoRA's magnitude "lora_magnitude" = ||kernel||_c per output.
   """
   if not (isinstance(rank, int) and rank >= 1):
@@ -179,11 +182,14 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
     raise ConfigError(f"LoRA dora={dora!r}: expected true or false.")
   if variables is None:
     variables = variables_of(module)
+  flat = jtree.flatten(variables["params"])
+  if layers is None and _is_function(module):
+    raise ConfigError(_function_layers_message(module, flat))
   n_in = {} if is_nnx_module(module) else _linen_layers(module, variables, inputs)
   if layers is None:
     layers = adaptable_layers(module, variables, inputs)
   chosen = select_targets(layers, targets)
-  flat = jtree.flatten(variables["params"])
+  _check_kernels(chosen, flat)
   key = jax.random.PRNGKey(seed)
   for i, path in enumerate(chosen):
     kernel = flat[f"{path}/kernel"]
@@ -197,6 +203,39 @@ def add_lora(module: Any, variables: PyTree = None, inputs: Any = None, *,
       flat[f"{path}/{LORA_M}"] = np.asarray(
           lora_layout.column_norms(jnp.asarray(kernel, jnp.float32), fan_in))
   return {**variables, "params": jtree.unflatten(flat)}
+
+
+def _is_function(module: Any) -> bool:
+  """Whether `module` is a plain apply function (no Linen / NNX layers to find)."""
+  return not is_nnx_module(module) and isinstance(as_model(module), FunctionModel)
+
+
+def _kernel_layers(flat: Mapping[str, Any]) -> list[str]:
+  """Paths of the params holding a "kernel" of 2 or more axes."""
+  return [p[: -len("/kernel")] for p, v in flat.items()
+          if p.endswith("/kernel") and np.ndim(v) >= 2]
+
+
+def _function_layers_message(module: Any, flat: Mapping[str, Any]) -> str:
+  """Why add_lora needs `layers=` for an apply function, with its kernels' paths."""
+  name = function_name(getattr(module, "fn", module))  # a FunctionModel's function
+  kernels = _kernel_layers(flat)
+  example = f"layers={kernels[:4]!r}" if kernels else 'layers=["body/dense", ...]'
+  return (f"add_lora: the layers of an apply function ({name}) cannot be discovered: it has "
+          "no Linen or NNX modules to inspect. Pass layers=[...], the params paths holding "
+          f"the kernels to adapt (without \"/kernel\"), e.g. {example}; targets then "
+          "select among them. Its params with a kernel:\n"
+          + (bullet_list(kernels, limit=40) if kernels else "  (none)"))
+
+
+def _check_kernels(chosen: Sequence[str], flat: Mapping[str, Any]) -> None:
+  """Raises a ConfigError naming the chosen layers whose params hold no kernel."""
+  missing = [p for p in chosen if f"{p}/kernel" not in flat]
+  if missing:
+    raise ConfigError(
+        f"LoRA layers {missing} hold no \"kernel\" in the params (a layer is the path above "
+        "its kernel, e.g. \"body\" for body/kernel). The params with a kernel:\n"
+        + bullet_list(_kernel_layers(flat), limit=40))
 
 
 def _matmul(x: Any, w: Any) -> Any:
