@@ -37,8 +37,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jtl.app import keys
-from jtl.checkpoint.restore import restore_variables
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import preprocessing
 from jtl.recipes import adversarial, distill, domain
@@ -201,27 +199,21 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
 
 def _teacher(options: dict[str, Any], spec: Any, image_size: int,
              ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
-  """The teacher of `options["teacher_workdir"]` on the student's batches
-  (inputs converted to its pixels, size and normalisation), and its meta."""
-  t_vars, meta = restore_variables(options["teacher_workdir"],
-                                   step=options["teacher_step"], metric="accuracy")
-  t_config = ml_collections.ConfigDict(meta.get("config", {}))
-  if "model" not in meta or not t_config:
-    raise ConfigError(f"{options['teacher_workdir']}: no model/config saved with the "
-                      "checkpoint; the teacher must be a scripts/finetune.py run.")
+  """The teacher of `options["teacher_workdir"]` (as `workdirs.restore` rebuilds
+  a run: a LoRA run's adapters folded in, an NNX run's statistics renamed) on
+  the student's batches (inputs converted to its pixels, size and
+  normalisation), and its meta."""
   # In the function: workdirs imports this module at its top (an import cycle).
   from jtl.app import workdirs  # pylint: disable=g-import-not-at-top
-  t_spec = workdirs.model_spec(meta["model"], meta)
-  # The teacher's constructor options (its run's `model_kwargs`), as the run built it.
-  t_config = keys.complete(t_config)  # an older run's config lacks newer keys
-  t_kwargs = t_config.model_kwargs
-  t_module = t_spec.build(num_classes=meta["num_classes"], **t_kwargs.to_dict())
-  t_vars = plain_variables(t_config, t_vars)
-  t_size = t_config.image_size or t_spec.image_size
-  convert = teacher_input_fn(spec.normalization, image_size,
-                             t_spec.normalization, t_size)
-  run_teacher = distill.teacher_fn(t_module, t_vars)
-  return lambda x: run_teacher(convert(x)), meta
+  try:
+    run = workdirs.restore(options["teacher_workdir"], step=options["teacher_step"])
+  except ConfigError as e:
+    raise ConfigError(f"method.teacher_workdir: {e} The teacher must be a scripts/finetune.py "
+                      "run.") from e
+  t_size = run.config.image_size or run.spec.image_size
+  convert = teacher_input_fn(spec.normalization, image_size, run.spec.normalization, t_size)
+  run_teacher = distill.teacher_fn(run.module, run.merged_variables())
+  return lambda x: run_teacher(convert(x)), run.meta
 
 
 def _distill_method(options: dict[str, Any], module: Any, variables: PyTree, spec: Any,

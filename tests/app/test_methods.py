@@ -141,3 +141,23 @@ def test_pixel_affine_matches_the_pipeline_presets():
   np.testing.assert_allclose(add, -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]),
                              rtol=1e-5)
   np.testing.assert_allclose(mul, 1 / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
+
+
+@pytest.mark.slow  # a LoRA run through the app (20 s on 2 CPU): make test-all
+def test_a_lora_teacher_teaches_with_its_adapters_folded_in(tmp_path, data_dir):
+  from configs import small_cnn
+  from jtl.app import keys, workdirs
+  teacher = small(small_cnn.get_config(), data_dir, steps=1)
+  teacher.strategy = keys.strategy_options("lora")
+  teacher.learning_rate = 0.1  # one step moves the adapters well away from zero
+  experiment.finetune(teacher, tmp_path / "teacher", progress=False)
+  run = workdirs.restore(tmp_path / "teacher", step="latest")
+  size = run.config.image_size
+  fn, meta = methods._teacher(  # pylint: disable=protected-access
+      {"teacher_workdir": str(tmp_path / "teacher"), "teacher_step": "latest"}, run.spec, size)
+  assert meta["step"] == 1
+  x = np.random.default_rng(0).uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+  merged = run.module.apply(run.merged_variables(), x)
+  unmerged = run.module.apply(run.variables, x)  # Linen ignores the adapter leaves
+  assert np.abs(np.asarray(merged) - np.asarray(unmerged)).max() > 1e-3
+  np.testing.assert_allclose(fn(x), merged, atol=1e-5)
