@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from jtl.errors import StepError
 from jtl.tree import PyTree
-from jtl.variable_checks import check_variables
+from jtl.variable_checks import check_variables, linen_variable_errors
 
 Output = str | int | Callable[[Any], Any] | None
 
@@ -195,7 +195,7 @@ class LinenModel:
     mutable = list(model_state) if train and model_state else False
     kwargs = dict(_flag(self.train_kwarg, train), rngs={"dropout": rng} if rng is not None else {},
                   mutable=mutable, method=self.call)
-    with frozen_batchnorm(frozen_paths if train else ()):
+    with frozen_batchnorm(frozen_paths if train else ()), linen_variable_errors(self.module):
       if self.inputs_as_kwargs:
         out = self.module.apply(variables, **inputs, **kwargs)
       else:

@@ -4,7 +4,9 @@ An NNX module holds its own variables, so a variables tree given with it is
 compared with them by path and shape before it is used (`fit`,
 `update_module`): a tree covering only part of the module would train the
 rest from the module's own (random) weights, and another module's shapes
-would fail inside the first trace.
+would fail inside the first trace. A Linen module holds none; flax finds a
+mismatch when the module is first traced, and `linen_variable_errors` turns
+flax's error into a StepError that keeps its facts and says what to do.
 
 >>> import numpy as np
 >>> module = {"params": {"head": {"kernel": np.zeros((4, 3))}}}
@@ -20,11 +22,13 @@ jtl.errors.StepError: fit: the variables do not fit the module ...
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import flax.errors
 import numpy as np
 
 from jtl import tree as jtree
@@ -84,3 +88,40 @@ def check_variables(given: Any, expected: PyTree, *, what: str, advice: str,
     parts.append(f"{len(lora)} of the leaves not in the module are LoRA adapters "
                  f"({lora[0]}, ...), which the plain module has no place for: {lora_advice}.")
   raise StepError("\n".join(parts + [advice]).rstrip())
+
+
+_LINEN_ERRORS = (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError,
+                 flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError,
+                 flax.errors.ApplyScopeInvalidVariablesStructureError)
+
+
+def _linen_message(module: Any, error: Exception) -> str:
+  """flax's facts (without its documentation link) and what to do."""
+  fact = re.sub(r"\s*\(https?://[^)]*\)\s*$", "", str(error)).rstrip(".")
+  name = type(module).__name__
+  collection = re.search(r'collection "([^"]+)"', fact)
+  if collection and collection.group(1) != "params":
+    todo = (f"Pass the full variables dict ({{'params': ..., '{collection.group(1)}': ...}}, "
+            "as module.init(...) or the pretrained load returns it), not only its 'params'.")
+  elif isinstance(error, flax.errors.ScopeParamShapeError):
+    todo = ("The variables must be this module's: from module.init(...) or the pretrained "
+            "load of the same architecture and sizes (widths, num_classes), initialised on "
+            "inputs shaped as the training inputs (a layer after a flatten depends on the "
+            "image size).")
+  else:
+    todo = ("The variables must be this module's, every layer: from module.init(...) or the "
+            "pretrained load (jtl.load_pretrained(source, like=module.init(...))) of the same "
+            "architecture.")
+  return f"{name}: the variables do not fit the module: {fact}. {todo}"
+
+
+@contextlib.contextmanager
+def linen_variable_errors(module: Any) -> Iterator[None]:
+  """Within this context, flax's errors for variables that do not fit the
+  Linen `module` (another module's shapes, a missing layer or collection)
+  are StepErrors. flax raises them while the call is traced, so the traced
+  program is the same."""
+  try:
+    yield
+  except _LINEN_ERRORS as e:
+    raise StepError(_linen_message(module, e)) from e
