@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from jtl.errors import StepError
 from jtl.tree import PyTree
+from jtl.variable_checks import check_variables, linen_variable_errors
 
 Output = str | int | Callable[[Any], Any] | None
 
@@ -194,7 +195,7 @@ class LinenModel:
     mutable = list(model_state) if train and model_state else False
     kwargs = dict(_flag(self.train_kwarg, train), rngs={"dropout": rng} if rng is not None else {},
                   mutable=mutable, method=self.call)
-    with frozen_batchnorm(frozen_paths if train else ()):
+    with frozen_batchnorm(frozen_paths if train else ()), linen_variable_errors(self.module):
       if self.inputs_as_kwargs:
         out = self.module.apply(variables, **inputs, **kwargs)
       else:
@@ -437,19 +438,31 @@ def variables_of(model: Any) -> dict[str, PyTree]:
 def update_module(module: Any, state: Any) -> Any:
   """Writes a trained `TrainState` (or {"params": ..., "state": ...}
   variables) back into the NNX `module`, in place, and returns it, so that
-  `module(x)` uses the fine-tuned weights."""
+  `module(x)` uses the fine-tuned weights.
+
+  An update may be partial: the paths the variables lack keep the module's
+  values (only "params": the BatchNorm statistics stay). A path the module
+  lacks or holds in another shape is a StepError listing them all, raised
+  before anything is written; LoRA adapter leaves must be folded into the
+  kernels first (`jtl.recipes.strategies.merge_lora`).
+  """
   nnx = _nnx()
   if not isinstance(module, nnx.Module):
     raise StepError(f"update_module needs a flax.nnx.Module, got {type(module).__name__}.")
   variables = state.variables if hasattr(state, "variables") else state
+  _, params, _, other = nnx.split(module, nnx.Param, nnx.RngState, ...)
+  check_variables(
+      variables, {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(other)},
+      what=f"update_module({type(module).__name__}, ...)", allow_missing=True,
+      advice="Pass variables of a module built as this one (its run's checkpoint, "
+      "jtl.restore_variables; jtl.adapter.variables_of(module)); nothing was written.")
   # Fresh device arrays, never host numpy views: those are read-only, and a
   # train-mode call (BatchNorm writing its statistics) would fail on them.
   variables = jax.tree.map(jnp.asarray, jax.device_get(variables))
-  _, params, _, other = nnx.split(module, nnx.Param, nnx.RngState, ...)
-  nnx.replace_by_pure_dict(params, variables["params"])
-  updates = [params]
-  if variables.get("state"):
-    nnx.replace_by_pure_dict(other, variables["state"])
-    updates.append(other)
+  updates = []
+  for key, part in (("params", params), ("state", other)):
+    if variables.get(key):
+      nnx.replace_by_pure_dict(part, variables[key])
+      updates.append(part)
   nnx.update(module, *updates)
   return module

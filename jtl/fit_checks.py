@@ -1,8 +1,9 @@
-"""What `fit` refuses: options out of range, variables without the BatchNorm
-statistics precise BatchNorm needs, a first training batch the model cannot
-train or evaluate on (checked before the first step), a workdir whose
-checkpoints belong to another model, and a diverged run (a NaN or inf loss
-or gradient norm, `DivergenceError` naming the step).
+"""What `fit` refuses: options out of range, variables that do not fit an NNX
+module (paths and shapes), variables without the BatchNorm statistics precise
+BatchNorm needs, a first training batch the model cannot train or evaluate on
+(checked before the first step), a workdir whose checkpoints belong to another
+model, and a diverged run (a NaN or inf loss or gradient norm,
+`DivergenceError` naming the step).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtl.adapter import variables_of
+from jtl.adapter import NnxModel, is_nnx_module, variables_of
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError, StepError
 from jtl.steps import Batch
 from jtl.tree import PyTree
+from jtl.variable_checks import MERGE_LORA, check_variables
 
 
 def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
@@ -150,10 +152,21 @@ def check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int,
 
 def initial_variables(module: Any, variables: PyTree | None,
                       batchnorm_batches: Callable[[], Iterable[Batch]] | None) -> PyTree:
-  """The given variables, or an NNX module's own; refuses precise BatchNorm
+  """The given variables, or an NNX module's own; refuses variables that are
+  not an NNX module's (every path, the same shapes), and precise BatchNorm
   for variables without BatchNorm statistics."""
   if variables is None:
     variables = variables_of(module)
+  elif isinstance(module, NnxModel) or is_nnx_module(module):
+    # The module fills what the variables lack with its own weights, which the
+    # checkpoints would not hold: refused, as another module's shapes are.
+    check_variables(
+        variables, variables_of(module), what=f"fit(module={type(module).__name__}, variables=...)",
+        advice="Pass the module's own variables: variables=None (its weights as they are), "
+        "jtl.adapter.variables_of(module) after loading weights into it, or "
+        "jtl.load_pretrained(source, like=jtl.adapter.variables_of(module))[0].",
+        lora_advice="train them with module=jtl.recipes.strategies.LoraWeights(module, alpha), "
+        f"or {MERGE_LORA}")
   if batchnorm_batches is not None and set(variables) == {"params"}:
     raise ConfigError("fit(batchnorm_batches=...): the variables hold no BatchNorm statistics "
                       "(only 'params'); drop batchnorm_batches for a model without BatchNorm.")

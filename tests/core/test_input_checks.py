@@ -246,3 +246,38 @@ def test_apply_function_called_without_its_flag_names_the_wrapper_and_then_train
   step = jax.jit(jtl.make_train_step(jtl.FunctionModel(fn, train_kwarg="train"), tx,
                                      labels=labels))
   assert np.isfinite(float(step(state, batch)[1]["loss"]))
+
+
+class BnNet(nn.Module):
+  width: int = 16
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    h = nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(self.width, name="body")(x))
+    return nn.Dense(3, name="head")(nn.relu(h))
+
+
+def _linen_variables(width=16, drop=None, collections=("params", "batch_stats")):
+  variables = BnNet(width).init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+  params = {k: v for k, v in variables["params"].items() if k != drop}
+  return {c: params if c == "params" else variables[c] for c in collections}
+
+
+@pytest.mark.parametrize("variables, expected", [
+    (_linen_variables(width=32), r'BnNet: the variables do not fit the module: For parameter '
+     r'"kernel" in "/body".*shape \(8, 16\).*shape \(8, 32\)\. The variables must be this '
+     r"module's: from module\.init"),
+    (_linen_variables(drop="body"), r'Could not find parameter named "kernel" in scope '
+     r'"/body"\. The variables must be this module\'s, every layer'),
+    (_linen_variables(collections=("params",)), r'from collection "batch_stats" in "/bn".*'
+     r"Pass the full variables dict \({'params': \.\.\., 'batch_stats': \.\.\.}"),
+], ids=["other shapes", "a layer missing", "no batch_stats"])
+def test_fit_explains_linen_variables_that_do_not_fit_the_module(variables, expected):
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
+  batch = _batch(np.arange(8) % 3)
+  for eval_batches in (None, lambda: [{**batch, "mask": np.ones(8, bool)}]):
+    with pytest.raises(StepError, match=expected) as error:
+      jtl.train.fit(module=BnNet(), variables=variables, labels=labels,
+                    tx=jtl.make_optimizer(labels), train_batches=lambda start: iter([batch] * 2),
+                    num_steps=1, progress=False, eval_batches=eval_batches)
+    assert "https://" not in str(error.value)

@@ -295,3 +295,84 @@ def test_labels_from_nnx_state_are_those_of_the_module():
     assert_close(other, results[0], atol=0)
   assert jtl.partition.summarize(params, from_state).trainable_params == \
       jtl.partition.summarize(model, want).trainable_params
+
+
+class TinyNnx(nnx.Module):
+  """body (Linear + BatchNorm) and head; `width` changes the body's shapes."""
+
+  def __init__(self, width=8, *, rngs):
+    self.body = nnx.Linear(4, width, rngs=rngs)
+    self.bn = nnx.BatchNorm(width, rngs=rngs)
+    self.head = nnx.Linear(width, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.bn(self.body(x))))
+
+
+def _fit_nnx(module, variables, starts=None):
+  """fit on `variables`; `starts` collects the steps its batches were asked from."""
+  def train_batches(start):
+    (starts if starts is not None else []).append(start)
+    return iter([{"inputs": np.ones((8, 4), np.float32), "label": np.zeros(8, np.int32)}] * 2)
+
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")],
+                            warn_unused=False)
+  return jtl.train.fit(module=module, variables=variables, labels=labels,
+                       tx=jtl.make_optimizer(labels, learning_rate=0.1),
+                       train_batches=train_batches, num_steps=1, progress=False)
+
+
+def test_fit_refuses_variables_covering_part_of_an_nnx_module_before_a_step():
+  # Only the head: the module's own random body and its statistics would train
+  # unsaved; the error lists what is missing and says what to pass.
+  head_only = {"params": {"head": jtl.adapter.variables_of(TinyNnx(rngs=nnx.Rngs(1)))
+                          ["params"]["head"]}}
+  starts = []
+  with pytest.raises(jtl.errors.StepError) as error:
+    _fit_nnx(TinyNnx(rngs=nnx.Rngs(0)), head_only, starts)
+  assert starts == []  # refused before a batch was read
+  message = str(error.value)
+  assert message.startswith("fit(module=TinyNnx, variables=...): the variables do not fit")
+  for missing in ("params/body/kernel (4, 8)", "params/bn/scale (8,)", "state/bn/mean (8,)"):
+    assert f"  - {missing}\n" in message
+  assert "params/head" not in message and "variables=None" in message
+  assert "jtl.adapter.variables_of(module)" in message
+
+
+def test_fit_refuses_another_nnx_modules_variables_naming_both_shapes():
+  other = jtl.adapter.variables_of(TinyNnx(width=16, rngs=nnx.Rngs(0)))
+  other["params"]["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
+  with pytest.raises(jtl.errors.StepError) as error:
+    _fit_nnx(TinyNnx(rngs=nnx.Rngs(0)), other)
+  message = str(error.value)
+  for shapes in ("params/body/kernel: (4, 16) in the variables, (4, 8) in the module",
+                 "params/head/kernel: (16, 3) in the variables, (8, 3) in the module",
+                 "state/bn/var: (16,) in the variables, (8,) in the module"):
+    assert shapes in message
+  assert "Not in the module (1):\n  - params/extra/kernel (2, 2)" in message
+
+
+def test_update_module_refuses_unknown_and_misshaped_paths_and_writes_nothing():
+  module = TinyNnx(rngs=nnx.Rngs(0))
+  before = jax.device_get(jtl.adapter.variables_of(module))
+  wider = jtl.adapter.variables_of(TinyNnx(width=16, rngs=nnx.Rngs(1)))
+  wider["batch_stats"] = wider["state"]
+  with pytest.raises(jtl.errors.StepError) as error:
+    jtl.update_module(module, wider)
+  message = str(error.value)
+  assert "params/body/kernel: (4, 16) in the variables, (4, 8) in the module" in message
+  assert "  - batch_stats/bn/mean (16,)" in message and "under 'state'" in message
+  # LoRA adapters left in the params: fold them in first, with merge_lora.
+  lora = jtl.adapter.variables_of(TinyNnx(rngs=nnx.Rngs(1)))
+  lora["params"]["head"].update(lora_a=np.zeros((8, 2), np.float32),
+                                lora_b=np.zeros((2, 3), np.float32))
+  with pytest.raises(jtl.errors.StepError,
+                     match=r"(?s)params/head/lora_a \(8, 2\).*are LoRA adapters.*"
+                           r"jtl\.recipes\.strategies\.merge_lora\(variables\[\"params\"\], "
+                           r"alpha\)"):
+    jtl.update_module(module, lora)
+  assert_close(jtl.adapter.variables_of(module), before, atol=0)  # nothing was written
+  # A partial update is one: params only, the statistics stay the module's.
+  new = jtl.adapter.variables_of(TinyNnx(rngs=nnx.Rngs(2)))
+  jtl.update_module(module, {"params": new["params"]})
+  assert_close(jtl.adapter.variables_of(module), {**new, "state": before["state"]}, atol=0)
