@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import os
+import re
 import sys
 import threading
 import time
@@ -111,22 +113,24 @@ _HELP_FLAGS = ("help", "helpshort", "helpfull", "?", "h")
 
 
 def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
-  """absl flag parsing where an unknown `--config.key` lists the valid keys,
-  and any invalid flag value is one message with exit status 2. A script
-  with a --config flag prints every config key with its default and meaning
-  (`keys.listing()`) for `--keys` (then exits, status 0) and after absl's
-  `--helpfull` output; asked-for help exits 0 (absl's own status is 1)."""
+  """absl flag parsing where an unknown `--config.key` names the nearest
+  valid keys, and any invalid flag value or config file is one message with
+  exit status 2. A script with a --config flag prints every config key with
+  its default and meaning (`keys.listing()`) for `--keys` (then exits, status
+  0) and after absl's `--helpfull` output; asked-for help exits 0 (absl's own
+  status is 1). `--config.<key>=None` sets None; the last occurrence of a key
+  wins, as for any flag."""
   takes_config = "config" in flags.FLAGS
   if takes_config and any(a in ("--keys", "-keys") for a in argv[1:]):
     print(keys.listing())
     raise SystemExit(0)
-  # `--config.key=None` sets None (the keys' "None: ..." meaning); ml_collections
-  # would parse it as the string 'None', or fail for a number.
-  nones = [a.split("=", 1)[0][len("--config."):] for a in argv[1:]
-           if takes_config and a.startswith("--config.") and a.endswith("=None")]
-  argv = [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
+  if takes_config:
+    _refuse_missing_config_file(argv)
+  nones, parsed = _split_nones(argv) if takes_config else ([], list(argv))
   try:
-    rest = flags.FLAGS(argv)
+    rest = flags.FLAGS(parsed)
+    if takes_config:
+      _config_or_exit(argv)
     for key in nones:
       _set_none(flags.FLAGS.config, key)
     return rest
@@ -137,21 +141,132 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
       print("\n" + keys.listing())
     raise SystemExit(0) from e  # asked-for help is a success (as argparse's)
   except Exception as e:  # ml_collections raises AttributeError/KeyError/flags errors
-    try:
-      unknown, valid, path = _unknown_config_keys(argv)
-    except Exception:  # noqa: BLE001 - the config file itself is broken: report e below
-      unknown, valid, path = [], [], None
-    if unknown:
-      print(f"ConfigError: unknown config key(s) {unknown} for {path}. Valid keys:\n  "
-            + "\n  ".join(valid), file=sys.stderr)
-      if any(k.startswith("model_kwargs.") for k in unknown):
-        print("Model options are one dict on the command line: "
-              "--config.model_kwargs=\"{'drop_path_rate': 0.1}\"", file=sys.stderr)
-    else:
-      print(f"ConfigError: invalid command line: {type(e).__name__}: {e}\n"
-            f"Run {os.path.basename(argv[0]) if argv else 'the script'} --helpfull for the "
-            "flags.", file=sys.stderr)
-    raise SystemExit(2) from None
+    _exit_with(_command_line_error(argv, e))
+
+
+def _exit_with(message: str) -> None:
+  print(f"ConfigError: {message}", file=sys.stderr)
+  raise SystemExit(2) from None
+
+
+def _config_key(arg: str) -> str | None:
+  """"a.b" of `--config.a.b=...` or `--config.a.b` (None for other args)."""
+  return arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else None
+
+
+def _split_nones(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(keys to set to None after parsing, argv without its `--config.<key>=None`
+  args). ml_collections would parse None as the string 'None', or fail for a
+  number. A None that a later arg of the same key overrides is dropped: the
+  last occurrence wins."""
+  nones, kept = [], list(argv[:1])
+  for i, arg in enumerate(argv[1:], 1):
+    key = _config_key(arg)
+    if key is None or not arg.endswith("=None"):
+      kept.append(arg)
+    elif not any(_config_key(later) == key for later in argv[i + 1:]):
+      nones.append(key)
+  return nones, kept
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  """The value of the last `--config=` / `--config <path>` flag."""
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
+
+
+def _refuse_missing_config_file(argv: Sequence[str]) -> None:
+  """One message naming a `--config` file that does not exist and the config
+  files next to where it was looked for (ml_collections' own error is a
+  traceback, raised only when the config is first read)."""
+  path = _config_path(argv)
+  if path is None or not path.partition(":")[0].strip():
+    return
+  file = path.partition(":")[0]
+  if os.path.isfile(file):
+    return
+  folder = os.path.dirname(file) or "."
+  folder = folder if os.path.isdir(folder) else "configs"
+  found = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")) \
+      if os.path.isdir(folder) else []
+  listed = (f"; config files in {folder}/: {', '.join(found)}" if found else "")
+  _exit_with(f"--config={path}: no config file {file!r} (looked from {os.getcwd()}){listed}. "
+             f"Pass an existing file, e.g. --config=configs/default.py.")
+
+
+def _last_line(text: str) -> str:
+  """The last non-empty line of a message that embeds a traceback."""
+  return next((l.strip() for l in reversed(str(text).splitlines()) if l.strip()), str(text))
+
+
+def _config_or_exit(argv: Sequence[str]) -> None:
+  """Reads the parsed config once, so that a config file that failed to load
+  (ml_collections defers that error to the first read) is one message."""
+  try:
+    flags.FLAGS.config  # pylint: disable=pointless-statement
+  except Exception as e:  # noqa: BLE001 - any loading failure of the user's file
+    _exit_with(f"--config={_config_path(argv)} could not be loaded: {_last_line(e)}")
+
+
+def _command_line_error(argv: Sequence[str], e: Exception) -> str:
+  """The one message for a command line absl or ml_collections refused."""
+  text, path = str(e), _config_path(argv)
+  if "Error whilst parsing config file" in text:  # get_config(arg) raised
+    file, _, arg = (path or "").partition(":")
+    return f"--config={path}: {file}'s get_config({arg!r}) failed: {_last_line(text)}"
+  as_dict = re.match(r"flag --config\.([\w.]+)=(.*): Failed to parse .* as a ConfigDict: "
+                     r"(\w+)\((['\"])(.*?)\4", text, re.S)
+  if as_dict:
+    key, value, kind, _, why = as_dict.groups()
+    return (f"--config.{key}={value} could not be parsed as a dict ({kind}: {why}): write "
+            f"a Python dict literal in quotes, e.g. --config.{key}=\"{{'name': 1.0}}\"")
+  try:
+    unknown, valid, path = _unknown_config_keys(argv)
+  except Exception:  # noqa: BLE001 - the config file itself is broken: report e below
+    unknown, valid = [], []
+  if unknown:
+    return _unknown_keys_message(unknown, valid, path)
+  script = os.path.basename(argv[0]) if argv else "the script"
+  return (f"invalid command line: {type(e).__name__}: {e}{_space_none_hint(argv)}\n"
+          f"Run {script} --helpfull for the flags.")
+
+
+def _space_none_hint(argv: Sequence[str]) -> str:
+  """For `--config.clip_norm None`: only the `=None` form means None."""
+  for arg, following in zip(argv, list(argv[1:]) + [""]):
+    key = _config_key(arg)
+    if key and "=" not in arg and following == "None":
+      return (f"\n'--config.{key} None' passes the text 'None': write --config.{key}=None "
+              "(with '=') for None.")
+  return ""
+
+
+def _unknown_keys_message(unknown: list[str], valid: list[str], path: str | None) -> str:
+  """Unknown keys with the nearest valid ones (all of them when none is near),
+  and how to set what a dotted key cannot reach."""
+  near = {k: ["seed"] if k == "strategy.seed" else difflib.get_close_matches(k, valid, n=3)
+          for k in unknown}
+  lines = [f"unknown config key(s) {unknown} for {path}."]
+  lines += [f"  {k}: did you mean {' or '.join(close)}?" for k, close in near.items() if close]
+  if any(k.startswith("model_kwargs.") for k in unknown):
+    lines.append("Model options are one dict on the command line: "
+                 "--config.model_kwargs=\"{'drop_path_rate': 0.1}\"")
+  if any(k.startswith("method.") for k in unknown):
+    lines.append("A method's options are set with its name, as one dict: "
+                 "--config.method=\"{'name': 'distill', 'teacher_workdir': 'runs/teacher'}\" "
+                 "(or start from its config: configs/distill.py, domain.py, adversarial.py)")
+  if "strategy.seed" in unknown:
+    lines.append("The strategy's seed (LoRA's init, scratch's re-init) is the run's one seed.")
+  if all(near.values()):
+    lines.append("Every key with its default and meaning: --keys")
+  else:
+    lines.append("Valid keys:\n  " + "\n  ".join(valid))
+  return "\n".join(lines)
 
 
 def _set_none(config: Any, dotted: str) -> None:
@@ -166,12 +281,8 @@ def _set_none(config: Any, dotted: str) -> None:
 
 
 def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-  path = None
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
+  """(the `--config.<key>`s the config file lacks, its valid keys, the file)."""
+  path = _config_path(argv)
   if path is None:
     return [], [], None
   file, _, arg = path.partition(":")
@@ -179,15 +290,22 @@ def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   valid = flat_keys(module.get_config(arg) if arg else module.get_config())
-  given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  return [k for k in given if k not in valid], valid, path
+  # A dict-valued key (model_kwargs, method) is set whole: its own name is valid too.
+  known = lambda k: k in valid or any(v.startswith(k + ".") for v in valid)  # noqa: E731
+  given = [_config_key(a) for a in argv if a.startswith("--config.")]
+  return [k for k in given if not known(k)], valid, path
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """All "a.b" keys of a config (for error messages listing valid keys)."""
+  """All "a.b" keys of a config (for error messages listing valid keys); an
+  empty dict (model_kwargs, lr_multipliers) is a key itself.
+
+  >>> flat_keys(ml_collections.ConfigDict({"a": 1, "b": {"c": 2}, "d": {}}))
+  ['a', 'b.c', 'd']
+  """
   found = []
   for k, v in config.items():
-    if isinstance(v, ml_collections.ConfigDict):
+    if isinstance(v, ml_collections.ConfigDict) and len(v):
       found.extend(flat_keys(v, f"{prefix}{k}."))
     else:
       found.append(prefix + k)

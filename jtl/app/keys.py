@@ -60,7 +60,8 @@ KEYS: tuple[Key, ...] = (
     Key("image_size", None, "input size in pixels (None: the model's native size)", int),
     Key("max_length", None, "tokens per text example (None: the model's)", int),
     Key("batch_size", REQUIRED, "global training batch size (a multiple of the devices)"),
-    Key("eval_batch_size", None, "evaluation batch size (None: batch_size)", int),
+    Key("eval_batch_size", None, "evaluation batch size, rounded up to a multiple of the "
+        "devices (None or 0: batch_size)", int),
     Key("num_steps", REQUIRED, "training steps (0 with num_epochs > 0)"),
     Key("num_epochs", 0, "training epochs (0: num_steps counts; else steps = epochs x "
         "training examples // batch_size)"),

@@ -88,7 +88,13 @@ def resolve_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     f"{domain.BATCHNORM_MODES} ('joint': one BatchNorm batch of both domains; "
                     "'separate': each domain its own, target evaluated after AdaBN)")
   if problems:
-    raise ConfigError(f"method {name!r} needs:\n" + bullet_list(problems))
+    example = {"name": name, **{p.split(":")[0].split("=")[0][len("method."):]: "..."
+                                for p in problems}}
+    # `--config.method.<option>` parses only for options the config file declares.
+    raise ConfigError(f"method {name!r} needs:\n" + bullet_list(problems) + "\nSet the "
+                      f"method with its options as one dict: --config.method=\"{example}\" "
+                      "(or start from its config: configs/distill.py, domain.py, "
+                      "adversarial.py).")
   return options
 
 

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jtl import models, partition
+from jtl import models, partition, steps
 from jtl.app import keys, methods, model_choice, workdirs
 from jtl.data import folder, sources
 from jtl.errors import ConfigError, JtlError, bullet_list
@@ -47,13 +47,24 @@ def preflight(config: ml_collections.ConfigDict, workdir: Any = None) -> None:
   problems = config_problems(config)
   if workdir is not None:
     problems += [p for p in [workdirs.writable_problem(workdir)] if p]
+    problems += workdir_in_data_problems(config, workdir)
   if "dataset" in config:
     data, classes = data_problems(config)
-    problems += data
+    problems += data + best_metric_problems(config, classes)
     if not data and "model" in config and not problems:  # the rules need a model that builds
       problems += rule_problems(config, classes)
   if problems:
     raise ConfigError("Invalid config:\n" + bullet_list(problems))
+  _warn_warmup(config)
+
+
+def _warn_warmup(config: ml_collections.ConfigDict) -> None:
+  """Warmup as long as the run: the learning rate never reaches its peak."""
+  if not config.num_epochs and 0 < config.num_steps <= config.warmup_steps:
+    logging.warning("warmup_steps=%d >= num_steps=%d: the learning rate rises for the whole "
+                    "run and never reaches learning_rate=%g; set warmup_steps below num_steps "
+                    "(e.g. %d).", config.warmup_steps, config.num_steps, config.learning_rate,
+                    config.num_steps // 10)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -73,9 +84,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   if not config.dataset:
     problems.append("dataset is empty: pass --config.dataset=folder:/path/to/images (class "
                     "folders, or train/ and test/ folders of class folders) or a TFDS name")
-  if config.batch_size < 1 or config.batch_size % devices:
-    problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
-                    f"{config.batch_size}")
+  problems += batch_size_problems(config, devices)
   epochs = config.num_epochs or 0
   if epochs < 0 or (epochs and config.warmup_epochs < 0):
     problems.append(f"num_epochs must be >= 0 (0: num_steps counts) and warmup_epochs >= 0, got "
@@ -121,6 +130,63 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   except ConfigError as e:
     return problems + [str(e)]
   return problems + model_problems(config, spec)
+
+
+def batch_size_problems(config: ml_collections.ConfigDict, devices: int) -> list[str]:
+  """batch_size, and eval_batch_size (None or 0: batch_size; evaluation pads
+  its batches, so it is rounded up to a multiple of the devices), which the
+  first evaluation would otherwise refuse, after training steps."""
+  problems = []
+  if config.batch_size < 1 or config.batch_size % devices:
+    problems.append(f"batch_size must be a positive multiple of the {devices} devices, got "
+                    f"{config.batch_size}")
+  size = config.eval_batch_size
+  if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+    problems.append(f"eval_batch_size must be an integer >= 1 (rounded up to a multiple of the "
+                    f"{devices} devices) or None or 0 (batch_size), got {size!r}")
+  return problems
+
+
+def best_metric_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
+  """A best_metric that no evaluation of this run will report: top-5 accuracy
+  is reported only for more than `steps.TOP_K` outputs (with fewer, every
+  label is in the top 5); found otherwise at the first save, after training."""
+  outputs = int(config.num_classes or classes)
+  if config.best_metric != "top5_accuracy" or not 0 < outputs <= steps.TOP_K:
+    return []
+  return [f"best_metric='top5_accuracy' is reported only for more than {steps.TOP_K} classes, "
+          f"and this run has {outputs} (dataset {config.dataset!r}): set best_metric="
+          "'accuracy' (or None: keep only the latest)"]
+
+
+def _folder_of(dataset: Any) -> str | None:
+  """The local path of a 'folder:' dataset (None for any other dataset)."""
+  if not isinstance(dataset, str) or not dataset.startswith("folder:"):
+    return None
+  path = dataset[len("folder:"):]
+  return os.path.realpath(os.path.expanduser(path)) if path.strip() else None
+
+
+def workdir_in_data_problems(config: ml_collections.ConfigDict, workdir: Any) -> list[str]:
+  """A workdir equal to or inside an image folder the run reads: its
+  checkpoints/ and tensorboard/ would be written among the photos, then read
+  as class folders. (A dataset inside the workdir is fine.)"""
+  if not str(workdir).strip() or "://" in str(workdir):
+    return []
+  work = os.path.realpath(os.path.expanduser(str(workdir)))
+  read = ["dataset"] + (["eval_dataset"] if config.eval_dataset not in (None, "", config.dataset)
+                        else [])
+  problems = []
+  for key in read:
+    data = _folder_of(config[key])
+    if data is None or os.path.commonpath([work, data]) != data:
+      continue
+    problems.append(
+        f"the workdir is inside the dataset folder: workdir {workdir} is in {key}="
+        f"{config[key]!r}, so the run's checkpoints/ and tensorboard/ would be written "
+        f"among its images and read back as class folders. Put the workdir outside it, "
+        f"e.g. --workdir={os.path.join(os.path.dirname(data), 'runs', 'run')}")
+  return problems
 
 
 def model_problems(config: ml_collections.ConfigDict, spec: models.ModelSpec) -> list[str]:
@@ -330,6 +396,7 @@ def data_problems(config: ml_collections.ConfigDict) -> tuple[list[str], int]:
     problems.append(f"dataset {config.dataset!r} has {classes} class(es); fine-tuning a "
                     "classifier needs at least 2")
   problems += num_classes_problems(config, found, classes)
+  problems += class_name_problems(config, found)
   problems += image_file_problems(config, found)
   if len(found) == 2:
     _warn_unseen_classes(config, found["train_split"], found["eval_split"])
@@ -362,6 +429,27 @@ def num_classes_problems(config: ml_collections.ConfigDict, found: dict[str, Any
                       f"({key}; labels 0..{n - 1}): labels {outputs}..{n - 1} would have no "
                       f"output. Set num_classes={n} (or 0: from the dataset)")
   return problems
+
+
+def class_name_problems(config: ml_collections.ConfigDict, found: dict[str, Any]) -> list[str]:
+  """An eval_dataset (also the test split's dataset) whose classes are not the
+  training dataset's, in the same order: labels are class indices, so its
+  accuracy would score other classes and pick the best checkpoint on them."""
+  if "train_split" not in found or "eval_split" not in found or \
+      config.eval_dataset in (None, "", config.dataset):
+    return []
+  train = list(found["train_split"].info().class_names)
+  other = list(found["eval_split"].info().class_names)
+  if train == other:
+    return []
+  only_train = [n for n in train if n not in other]
+  only_eval = [n for n in other if n not in train]
+  detail = (f"only in dataset: {only_train}; only in eval_dataset: {only_eval}"
+            if only_train or only_eval else f"the same names in another order: {train} and {other}")
+  return [f"eval_dataset {config.eval_dataset!r} has other classes than dataset "
+          f"{config.dataset!r} ({detail}): its label i would be scored as the training data's "
+          f"class i, so validation and test accuracy would mean nothing. Give both the same "
+          f"class folders, or set eval_dataset=None"]
 
 
 def image_file_problems(config: ml_collections.ConfigDict, found: dict[str, Any]) -> list[str]:

@@ -280,12 +280,19 @@ def _build_local(name: str, data_dir: str | os.PathLike | None, builder: Any) ->
   lock, then find it prepared (TFDS renames its finished folder into place,
   and a second rename would fail with FileExistsError)."""
   tfds = _optional.require("tensorflow_datasets", "TFDS datasets")
-  with _build_lock(builder):
-    builder = tfds.builder(name, data_dir=data_dir)  # what the lock's holder left
-    if not builder.is_prepared():
-      log.warning("Building the local dataset %s into %s (no download).",
-                  builder.name, builder.data_dir)
-      builder.download_and_prepare()
+  try:
+    with _build_lock(builder):
+      builder = tfds.builder(name, data_dir=data_dir)  # what the lock's holder left
+      if not builder.is_prepared():
+        log.warning("Building the local dataset %s into %s (no download).",
+                    builder.name, builder.data_dir)
+        builder.download_and_prepare()
+  except OSError as e:  # the lock file or the build: a data_dir not ours, read-only, a file
+    where = data_dir or "~/tensorflow_datasets"
+    raise DataError(
+        f"Cannot build the local dataset {name!r} in data_dir {str(where)!r}: {e}. Pass a "
+        f"data_dir you can write (--config.data_dir=/path/to/tfds_data), or build it there "
+        f"once as a user who can.") from None
   return builder
 
 
@@ -364,6 +371,10 @@ def resolve_source(source: Any, data_dir: str | os.PathLike | None = None, *,
   if isinstance(source, Mapping):
     return _array_source(source, num_classes)
   if isinstance(source, Path) or (isinstance(source, str) and source.startswith("folder:")):
+    if isinstance(source, str) and not source.removeprefix("folder:").strip():
+      # Path("") is the current directory: a run would train on whatever is there.
+      raise DataError(f"the folder path of {source!r} is empty (an unset shell variable?): "
+                      "pass folder:/path/to/images (folder:. for the current directory).")
     path = Path(str(source).removeprefix("folder:")).expanduser()
     files, labels, names = folder.scan(path, on_bad_file=on_bad_file)
     n = check_labels(str(path), labels, num_classes)

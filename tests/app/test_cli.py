@@ -142,3 +142,79 @@ def test_a_script_exits_with_its_error_status_though_a_thread_hangs(tmp_path):
   assert done.returncode == 2  # not held for the 600 s the thread sleeps
   assert "CheckpointError: Saving a checkpoint" in done.stderr
   assert "without waiting for background threads ['MainThread', 'stuck-upload']" in done.stderr
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _parse(monkeypatch, capsys, *args):
+  """finetune.py's flag parsing of `args` (sys.argv too: ml_collections reads
+  the overrides there): (the config, None) or (None, the error's text)."""
+  from absl import flags
+  from ml_collections import config_flags
+  script_flags = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=script_flags, lock_config=True)
+  argv = ["finetune.py", *args]
+  monkeypatch.setattr(cli.flags, "FLAGS", script_flags)
+  monkeypatch.setattr(sys, "argv", argv)
+  monkeypatch.chdir(ROOT)
+  try:
+    cli.parse_flags_with_config_keys(argv)
+  except SystemExit as e:
+    assert e.code == 2
+    return None, capsys.readouterr().err
+  return script_flags.config, None
+
+
+def test_dict_keys_are_valid_so_the_real_error_is_reported(monkeypatch, capsys):
+  """Audit item 3: model_kwargs / lr_multipliers were 'unknown config keys'
+  whenever another error existed, hiding it."""
+  cnn = "--config=configs/small_cnn.py"
+  config, _ = _parse(monkeypatch, capsys, cnn, "--config.model_kwargs={'width': 16}",
+                     "--config.lr_multipliers={'all': 2.0}")
+  assert config.model_kwargs.to_dict() == {"width": 16} and config.lr_multipliers.all == 2.0
+  for dict_key in ("--config.model_kwargs={'width': 16}", "--config.lr_multipliers={'all': 2.0}"):
+    _, err = _parse(monkeypatch, capsys, cnn, dict_key, "--config.num_steps=ten")
+    assert "unknown config key" not in err and "--config.num_steps=ten" in err, err
+  _, err = _parse(monkeypatch, capsys, cnn, "--config.model_kwargs={'width': 16")
+  assert err.startswith("ConfigError: --config.model_kwargs={'width': 16 could not be parsed as "
+                        "a dict (SyntaxError: '{' was never closed)"), err
+
+
+def test_the_last_none_or_value_of_a_key_wins(monkeypatch, capsys):
+  """Audit item 4: `--config.key=None` won whatever its position."""
+  cnn = "--config=configs/small_cnn.py"
+  config, _ = _parse(monkeypatch, capsys, cnn, "--config.test_split=None",
+                     "--config.test_split=tset")
+  assert config.test_split == "tset"
+  config, _ = _parse(monkeypatch, capsys, cnn, "--config.test_split=tset",
+                     "--config.test_split=None")
+  assert config.test_split is None
+  _, err = _parse(monkeypatch, capsys, cnn, "--config.clip_norm", "None")
+  assert "write --config.clip_norm=None (with '=') for None" in err, err
+
+
+def test_a_missing_or_failing_config_file_is_one_message(monkeypatch, capsys):
+  """Audit item 8: raw OSError tracebacks / a traceback inside the message."""
+  _, err = _parse(monkeypatch, capsys, "--config=configs/nope.py", "--config.num_steps=3")
+  assert "ConfigError: --config=configs/nope.py: no config file 'configs/nope.py'" in err, err
+  assert "config files in configs/: adversarial.py, default.py" in err and "Traceback" not in err
+  _, err = _parse(monkeypatch, capsys, "--config=configs/partial.py:abc")
+  assert err.strip() == ("ConfigError: --config=configs/partial.py:abc: configs/partial.py's "
+                         "get_config('abc') failed: ValueError: invalid literal for int() with "
+                         "base 10: 'abc'"), err
+
+
+def test_an_unknown_key_names_the_nearest_valid_ones(monkeypatch, capsys):
+  """Audit items 10 and 11: a typo gets suggestions, not 60 keys; a method's
+  option and strategy.seed say how to set them."""
+  cnn = "--config=configs/small_cnn.py"
+  _, err = _parse(monkeypatch, capsys, cnn, "--config.learning_rat=3")
+  assert "learning_rat: did you mean learning_rate" in err and "  api\n" not in err, err
+  _, err = _parse(monkeypatch, capsys, cnn, "--config.strategy.seed=3")
+  assert "strategy.seed: did you mean seed?" in err, err
+  _, err = _parse(monkeypatch, capsys, cnn, "--config.method.teacher_workdir=/x")
+  assert "--config.method=\"{'name': 'distill', 'teacher_workdir': 'runs/teacher'}\"" in err
+  config, _ = _parse(monkeypatch, capsys, cnn,
+                     "--config.method={'name': 'distill', 'teacher_workdir': '/x'}")
+  assert config.method.teacher_workdir == "/x"

@@ -62,12 +62,16 @@ def test_finetune_resume_and_evaluate(tmp_path, data_dir):
   assert (workdir / "confusion_test.png").exists()
 
 
-def test_unknown_config_key_lists_valid_keys(tmp_path, data_dir):
+def test_unknown_config_key_names_the_nearest_valid_keys(tmp_path, data_dir):
   result = script("finetune.py", "--config", ROOT / "configs" / "default.py", "--workdir",
                   tmp_path, "--config.learnin_rate=0.1", data_dir=data_dir)
   assert result.returncode != 0
   assert "unknown config key(s) ['learnin_rate']" in result.stderr
-  assert "learning_rate" in result.stderr and "augment.crop_scale" in result.stderr
+  assert "learnin_rate: did you mean learning_rate" in result.stderr
+  assert "--keys" in result.stderr  # every key, without a list of 60 here
+  result = script("finetune.py", "--config", ROOT / "configs" / "default.py", "--workdir",
+                  tmp_path, "--config.zzzz=0.1", data_dir=data_dir)
+  assert "Valid keys:" in result.stderr and "augment.crop_scale" in result.stderr
 
 
 def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):

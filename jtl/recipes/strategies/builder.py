@@ -242,8 +242,11 @@ def resolve_options(config: str | Mapping[str, Any]) -> dict[str, Any]:
   if unknown:
     hint = ("\nThe rules are the 'rules' strategy's: set strategy.rules=None "
             "(--config.strategy.rules=None) to use another strategy." if "rules" in unknown else "")
+    # A run config sets the seed as its own `seed` key (no strategy.seed).
+    takes = [f"{k} (in a run config: its `seed` key)" if k == "seed" else k
+             for k in sorted(allowed)]
     raise ConfigError(f"Unknown option(s) for strategy {name!r}: {unknown}. It takes:\n"
-                      + bullet_list(sorted(allowed)) + hint)
+                      + bullet_list(takes) + hint)
   options = {**allowed, **config}
   missing = [k for k, v in options.items() if v is None and k in _OPTIONS[name]
              and k not in ("targets", "max_blocks", "cache_features", "probe_learning_rate")]
