@@ -5,6 +5,11 @@
 Writes eval_<split>.json (accuracy, top-5, loss, per-class accuracy, confusion
 matrix) and confusion_<split>.png into the workdir (or --out_dir).
 
+Data moved since the run: --dataset folder:/where/it/is/now. Its classes (the
+folder names) must be the run's, in its order, or nothing is scored; the files
+are then eval_<split>_on_<folder name>.json / .png, so an evaluation on other
+data never overwrites the run's own eval_<split>.json.
+
 Post-training options:
   --precision int8 [--save_quantized model_int8.safetensors]   quantized eval
   --adabn                         AdaBN on the evaluated dataset's train split
@@ -77,7 +82,9 @@ _WISE = flags.DEFINE_bool("wise", False, "WiSE-FT: interpolate an LP-FT run's pr
 _WISE_ALPHAS = flags.DEFINE_list("wise_alphas", ["0", "0.25", "0.5", "0.75", "1"],
                                  "--wise: the alphas to evaluate (0: probe, 1: fine-tuned).")
 _DATASET = flags.DEFINE_string("dataset", None, "Where the run's data is now, if it moved since "
-                               "(e.g. folder:/mnt/photos; default: where the run last found it).")
+                               "(e.g. folder:/mnt/photos; default: where the run last found it); "
+                               "its classes must be the run's. Results: "
+                               "eval_<split>_on_<folder name>.json.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "The TFDS data folder now, if it moved.")
 flags.mark_flag_as_required("workdir")
 

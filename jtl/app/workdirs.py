@@ -97,6 +97,8 @@ class Restored:
     num_classes: classes of its head.
     alpha: the LoRA alpha of a LoRA run, else None.
     meta: the checkpoint's meta (step, metrics, ...).
+    data_changed: those of `DATA_KEYS` that `restore(data=...)` changed from
+      where the run last found its data (its data elsewhere, or other data).
   """
   module: Any
   variables: PyTree
@@ -105,6 +107,7 @@ class Restored:
   num_classes: int
   alpha: float | None
   meta: dict[str, Any]
+  data_changed: tuple[str, ...] = ()
 
   def merged_variables(self) -> PyTree:
     """The variables with LoRA adapters folded into the kernels (a plain model)."""
@@ -205,9 +208,9 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
   unknown = sorted(set(data or {}) - set(DATA_KEYS))
   if unknown:
     raise ConfigError(f"restore(data=...): {unknown} are not data keys; expected {DATA_KEYS}.")
-  meta = {**meta, "config": {**meta["config"],
-                             **{k: newest[k] for k in DATA_KEYS if k in newest},
-                             **dict(data or {})}}
+  recorded = {**meta["config"], **{k: newest[k] for k in DATA_KEYS if k in newest}}
+  changed = tuple(k for k in DATA_KEYS if k in (data or {}) and data[k] != recorded.get(k))
+  meta = {**meta, "config": {**recorded, **dict(data or {})}}
   config = keys.complete(ml_collections.ConfigDict(meta["config"]))  # older runs: fewer keys
   spec = model_spec(config.model, meta)
   module = spec.build(num_classes=meta["num_classes"], **model_kwargs(config))
@@ -219,7 +222,7 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
     variables = {**{k: v for k, v in variables.items() if k != "state"},
                  "batch_stats": variables["state"]}
   return Restored(module, methods.plain_variables(config, variables), config, spec,
-                  int(meta["num_classes"]), alpha, meta)
+                  int(meta["num_classes"]), alpha, meta, changed)
 
 
 def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
