@@ -51,6 +51,7 @@ sys.path.append(os.getcwd())
 from absl import app, flags
 
 from jtl.app import cli, evaluation
+from jtl.checkpoint import restore
 from jtl.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
@@ -111,6 +112,7 @@ def main(argv):
                                       out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
     print(json.dumps(shown, indent=2))
+    _print_fallback(result)
     return
   if _WISE.value:
     try:
@@ -120,6 +122,7 @@ def main(argv):
     result = evaluation.wise_workdir(_WORKDIR.value, alphas=alphas, step=step,
                                      test_split=_SPLIT.value)
     print(json.dumps(result, indent=2))
+    _print_fallback(result)
     return
   data = {k: v for k, v in (("dataset", _DATASET.value), ("data_dir", _DATA_DIR.value)) if v}
   result = evaluation.evaluate_workdir(
@@ -130,6 +133,15 @@ def main(argv):
   print(json.dumps(shown, indent=2))
   print("per-class accuracy:", [round(a, 3) for a in result["per_class_accuracy"]])
   print(f"Written: {result['results_file']} (and its confusion_*.png)")
+  _print_fallback(result)
+
+
+def _print_fallback(result):
+  """Last, where it is seen: a damaged step asked for and the one read instead."""
+  note = restore.fallback_note(result)
+  if note:
+    print(f"NOTE: {note} The result file records it (\"step\", \"requested_step\", "
+          "\"skipped_damaged\"); the warning above says what is damaged.")
 
 
 if __name__ == "__main__":

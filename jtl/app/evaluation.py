@@ -25,7 +25,7 @@ from etils import epath
 from jtl import _optional, data, export, paths, steps, train
 from jtl.app import keys, methods, workdirs
 from jtl.app.experiment import eval_batches
-from jtl.checkpoint import layout
+from jtl.checkpoint import layout, restore
 from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError, JtlError, bullet_list
@@ -115,6 +115,10 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   (`results_name`: eval_test.json, eval_test_step1200_int8.json, ...); the
   result's "results_file" says which.
 
+  The result records the step read, the step asked for and the damaged steps
+  skipped to reach it (`restore.step_record`); a result of another step than
+  the one asked for is named by the step read (eval_test_step4.json).
+
   `data` ({"dataset": "folder:/new/path", ...}, `workdirs.DATA_KEYS`): where
   the data is now, when it has moved since the run (`workdirs.restore`). Its
   classes must be the run's (`check_classes`, before anything is scored), and
@@ -146,7 +150,9 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or run.config.eval_split
   other_data = not own_data and evaluated in run.data_changed
-  name = results_name(split, step=step, run_step=result_step(run.config), precision=precision,
+  # A damaged step asked for ("best") is not what was evaluated: the files say which was.
+  read = run.meta["step"] if run.meta.get(restore.SKIPPED) else step
+  name = results_name(split, step=read, run_step=result_step(run.config), precision=precision,
                       adabn=adabn, attack=attack,
                       dataset=run.config[evaluated] if other_data else None)
   variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
@@ -158,7 +164,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
   names = _class_names(run.config, run.meta["num_classes"])
   per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
-  result = {"workdir": str(workdir), "step": run.meta.get("step"), "split": split, **metrics,
+  result = {"workdir": str(workdir), **restore.step_record(run.meta), "split": split, **metrics,
             **extra, "class_names": names, "per_class_accuracy": per_class,
             "per_class_accuracy_by_name": dict(zip(names, per_class)),
             "confusion_matrix": confusion.tolist(),
@@ -381,7 +387,8 @@ def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | 
                                   wise.WISE_ALPHAS if alphas is None else tuple(alphas))
   chosen = wise.wise_ft(probe, ft, alpha)
   model = export.write(chosen, paths.path(workdir) / "export" / "wise.safetensors")
-  result = {"workdir": str(workdir), "step": run.meta.get("step"), "validation_split": validation,
+  result = {"workdir": str(workdir), **restore.step_record(run.meta),
+            "validation_split": validation,
             "alpha": alpha, "rows": rows, "model": str(model)}
   if test_split:
     result["test"] = {"split": test_split, **{a: score(test_split)(v) for a, v in (

@@ -11,6 +11,7 @@ from app_helpers import colour_photos
 
 from configs import small_cnn
 from jtl.app import evaluation, experiment
+from jtl.checkpoint.layout import select_step
 from jtl.errors import DataError
 
 CLASSES = ("cat", "dog", "ship")
@@ -82,3 +83,33 @@ def test_moved_data_gets_its_own_files_and_a_missing_folder_names_the_flag(run, 
   with pytest.raises(DataError, match=r"does not exist(.|\n)*If it has moved, pass where it is "
                                       r"now: scripts/evaluate.py --dataset=folder:"):
     evaluation.evaluate_workdir(workdir, split="test")
+
+
+def test_a_damaged_best_is_evaluated_as_the_step_read_and_recorded(run):
+  workdir, _ = run
+  best = select_step(workdir / "checkpoints", "best", metric="accuracy")
+  other = ({2, 4} - {best}).pop()
+  metadata = workdir / "checkpoints" / str(best) / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:100])  # truncate -s 100
+  result = evaluation.evaluate_workdir(workdir, split="test")  # the run's result: "best"
+  assert (result["step"], result["requested_step"], result["skipped_damaged"]) == (
+      other, "best", [best])
+  # Not the run's own result (its best): named by the step read.
+  assert result["results_file"] == str(workdir / f"eval_test_step{other}.json")
+  assert not (workdir / "eval_test.json").exists()
+  saved = json.loads((workdir / f"eval_test_step{other}.json").read_text())
+  assert saved["skipped_damaged"] == [best] and saved["requested_step"] == "best"
+
+
+def test_an_export_of_a_damaged_best_records_the_step_in_its_sidecar(run, tmp_path):
+  pytest.importorskip("jax2onnx")
+  from jtl.app import deploy_runs
+  from jtl.export import deploy
+  workdir, _ = run
+  best = select_step(workdir / "checkpoints", "best", metric="accuracy")
+  metadata = workdir / "checkpoints" / str(best) / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:100])
+  exported = deploy_runs.export_workdir(workdir, "onnx", out=tmp_path / "m.onnx")
+  sidecar = deploy.read_meta(exported.path)
+  assert (sidecar["step"], sidecar["requested_step"], sidecar["skipped_damaged"]) == (
+      ({2, 4} - {best}).pop(), "best", [best])
