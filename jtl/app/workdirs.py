@@ -27,7 +27,7 @@ from jtl import tree as jtree
 from jtl.app import keys, methods
 from jtl.checkpoint import layout
 from jtl.checkpoint.restore import restore_variables
-from jtl.errors import ConfigError
+from jtl.errors import CheckpointError, ConfigError
 from jtl.export import hf_export, peft
 from jtl.models import preprocessing
 from jtl.recipes.strategies import lora
@@ -45,6 +45,10 @@ def writable_problem(path: Any, what: str = "workdir") -> str | None:
     return (f"{what} is empty (an unset shell variable?): pass the run's folder, e.g. "
             f"--{what} runs/default; jtl does not write into the current directory unasked")
   folder = existing = paths.path(path)
+  try:
+    paths.check_reachable(folder)  # a bucket out of reach: not a full disk
+  except CheckpointError as e:
+    return f"{what}: {e}"
   try:
     # In a bucket objects need no folders: the probe goes into the workdir itself.
     while not paths.is_remote(existing) and not existing.exists() \
