@@ -81,9 +81,11 @@ def main(argv):
   if missing:
     raise ConfigError(f"Converting a checkpoint needs {', '.join(missing)} (or --workdir "
                       f"with --format one of {_DEPLOY_FORMATS} to export for deployment).")
+  # Before the weights load: a suffix that names no format, or another one.
+  fmt = export.writers.output_format(_OUT.value, _FORMAT.value, option="--format=")
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
-  print(f"Wrote {export.write(created.variables, _OUT.value, format=_FORMAT.value)}")
+  print(f"Wrote {export.write(created.variables, _OUT.value, format=fmt)}")
 
 
 def _export_hub():
