@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
+import socket
 import tempfile
+import urllib.parse
 from typing import Any
 
 from etils import epath
 
 from jtl import _optional
+from jtl.errors import CheckpointError
 
 PathLike = str | os.PathLike
 
@@ -85,6 +89,77 @@ def setup_gcs() -> None:
       total=None, sock_connect=GCS_CONNECT_TIMEOUT_S, sock_read=GCS_READ_TIMEOUT_S))
   if emulator:
     options.setdefault("token", "anon")
+  # gcsfs logs each failed request with its traceback (after its retries); the
+  # error that follows says it in one message.
+  gcsfs_log = logging.getLogger("gcsfs")
+  if not any(isinstance(f, _OneLine) for f in gcsfs_log.filters):
+    gcsfs_log.addFilter(_OneLine())
+
+
+class _OneLine(logging.Filter):
+  """Keeps a log record's message, drops its traceback."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+# A name that does not resolve is no passing outage: gcsfs retried it for
+# about 50 s before failing (EAI_AGAIN, a resolver's passing failure, is left to it).
+_NOT_RESOLVED = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def check_reachable(p: PathLike) -> None:
+  """Raises a CheckpointError naming `p` and what to check (network, DNS,
+  credentials, STORAGE_EMULATOR_HOST) when the bucket of a `gs://` path
+  cannot be reached; once per bucket and server in a process. Local paths
+  pass.
+
+  >>> check_reachable("runs/x")  # local: nothing to check
+  """
+  if not is_remote(p):
+    return
+  url = os.fspath(p)
+  bucket = url.split("://", 1)[1].split("/", 1)[0]
+  try:
+    _reach(url.split("://", 1)[1].rstrip("/"), bucket, os.environ.get("STORAGE_EMULATOR_HOST"))
+  except CheckpointError:
+    raise
+  except Exception as e:  # aiohttp's, google.auth's, gcsfs's and the OS's own error classes
+    raise CheckpointError(unreachable_message(url, e)) from e
+
+
+@functools.lru_cache(maxsize=None)
+def _reach(target: str, bucket: str, emulator: str | None) -> None:
+  """One request for `target` (bucket/path), raising what it meets; cached
+  per `bucket` and `emulator` once it succeeds."""
+  del bucket  # the cache's key
+  setup_gcs()
+  # Before the filesystem: making one probes for credentials (~17 s without a network).
+  location = getattr(_optional.require("gcsfs.core", "gs:// paths (jtl.paths)"), "_location",
+                     None)
+  server = urllib.parse.urlsplit(location() if location else (
+      emulator if emulator and "://" in emulator else
+      f"http://{emulator}" if emulator else "https://storage.googleapis.com"))
+  try:
+    socket.getaddrinfo(server.hostname, server.port or 443)
+  except socket.gaierror as e:
+    if e.errno in _NOT_RESOLVED:
+      raise socket.gaierror(e.errno, f"the name {server.hostname} does not resolve "
+                            f"({e.strerror})") from e
+  gcs_filesystem().exists(target)
+
+
+def unreachable_message(url: str, error: BaseException) -> str:
+  """What a bucket URL that cannot be reached needs checked, for an error."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  server = (f"the GCS-API server STORAGE_EMULATOR_HOST={emulator} (is it running? unset the "
+            "variable for Google Cloud Storage)" if emulator else "storage.googleapis.com")
+  return (f"Cannot reach {url} ({type(error).__name__}: {str(error)[:300]}). Check the "
+          f"network and DNS ({server} must be reachable from this machine) and the "
+          "credentials: `gcloud auth application-default login`, or "
+          "GOOGLE_APPLICATION_CREDENTIALS=<a service account key .json> with access to the "
+          "bucket.")
 
 
 def gcs_filesystem() -> Any:

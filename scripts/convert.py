@@ -81,9 +81,11 @@ def main(argv):
   if missing:
     raise ConfigError(f"Converting a checkpoint needs {', '.join(missing)} (or --workdir "
                       f"with --format one of {_DEPLOY_FORMATS} to export for deployment).")
+  # Before the weights load: a suffix that names no format, or another one.
+  fmt = export.writers.output_format(_OUT.value, _FORMAT.value, option="--format=")
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
-  print(f"Wrote {export.write(created.variables, _OUT.value, format=_FORMAT.value)}")
+  print(f"Wrote {export.write(created.variables, _OUT.value, format=fmt)}")
 
 
 def _export_hub():
@@ -109,6 +111,7 @@ def _export_hub():
 def _export():
   """A workdir or a pretrained zoo model to ONNX / LiteRT (jtl.export.deploy)."""
   from jtl.app import deploy_runs  # only this path needs the converters
+  from jtl.checkpoint import restore  # with Orbax, which only a --workdir needs
   from jtl.export import deploy  # only this path needs the converters
   if _FORMAT.value not in _DEPLOY_FORMATS:
     raise ConfigError(f"--workdir exports for deployment: --format must be one of "
@@ -140,6 +143,10 @@ def _export():
         f"input: {exported.meta['input']} {exported.meta['input_shape']}")
   if "calibration_check" in exported.meta:
     print("int8 calibration check:", exported.meta["calibration_check"])
+  note = restore.fallback_note(exported.meta)
+  if note:  # last, where it is seen
+    print(f"NOTE: {note} Its sidecar {exported.path}.json records it (\"step\", "
+          "\"requested_step\", \"skipped_damaged\"); the warning above says what is damaged.")
 
 
 if __name__ == "__main__":

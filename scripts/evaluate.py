@@ -5,6 +5,11 @@
 Writes eval_<split>.json (accuracy, top-5, loss, per-class accuracy, confusion
 matrix) and confusion_<split>.png into the workdir (or --out_dir).
 
+Data moved since the run: --dataset folder:/where/it/is/now. Its classes (the
+folder names) must be the run's, in its order, or nothing is scored; the files
+are then eval_<split>_on_<folder name>.json / .png, so an evaluation on other
+data never overwrites the run's own eval_<split>.json.
+
 Post-training options:
   --precision int8 [--save_quantized model_int8.safetensors]   quantized eval
   --adabn                         AdaBN on the evaluated dataset's train split
@@ -46,6 +51,7 @@ sys.path.append(os.getcwd())
 from absl import app, flags
 
 from jtl.app import cli, evaluation
+from jtl.checkpoint import restore
 from jtl.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir written by scripts/finetune.py.")
@@ -77,7 +83,9 @@ _WISE = flags.DEFINE_bool("wise", False, "WiSE-FT: interpolate an LP-FT run's pr
 _WISE_ALPHAS = flags.DEFINE_list("wise_alphas", ["0", "0.25", "0.5", "0.75", "1"],
                                  "--wise: the alphas to evaluate (0: probe, 1: fine-tuned).")
 _DATASET = flags.DEFINE_string("dataset", None, "Where the run's data is now, if it moved since "
-                               "(e.g. folder:/mnt/photos; default: where the run last found it).")
+                               "(e.g. folder:/mnt/photos; default: where the run last found it); "
+                               "its classes must be the run's. Results: "
+                               "eval_<split>_on_<folder name>.json.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "The TFDS data folder now, if it moved.")
 flags.mark_flag_as_required("workdir")
 
@@ -104,6 +112,7 @@ def main(argv):
                                       out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
     print(json.dumps(shown, indent=2))
+    _print_fallback(result)
     return
   if _WISE.value:
     try:
@@ -113,6 +122,7 @@ def main(argv):
     result = evaluation.wise_workdir(_WORKDIR.value, alphas=alphas, step=step,
                                      test_split=_SPLIT.value)
     print(json.dumps(result, indent=2))
+    _print_fallback(result)
     return
   data = {k: v for k, v in (("dataset", _DATASET.value), ("data_dir", _DATA_DIR.value)) if v}
   result = evaluation.evaluate_workdir(
@@ -123,6 +133,15 @@ def main(argv):
   print(json.dumps(shown, indent=2))
   print("per-class accuracy:", [round(a, 3) for a in result["per_class_accuracy"]])
   print(f"Written: {result['results_file']} (and its confusion_*.png)")
+  _print_fallback(result)
+
+
+def _print_fallback(result):
+  """Last, where it is seen: a damaged step asked for and the one read instead."""
+  note = restore.fallback_note(result)
+  if note:
+    print(f"NOTE: {note} The result file records it (\"step\", \"requested_step\", "
+          "\"skipped_damaged\"); the warning above says what is damaged.")
 
 
 if __name__ == "__main__":

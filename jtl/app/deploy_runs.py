@@ -20,6 +20,7 @@ import numpy as np
 
 from jtl import data, paths, steps
 from jtl.app import evaluation, experiment, methods, workdirs
+from jtl.checkpoint import restore
 from jtl.export.writers import write_atomic
 from jtl.errors import ConfigError
 from jtl.export import deploy
@@ -88,7 +89,7 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   # The file's own resolution, not the model's native one.
   normalization = dataclasses.replace(spec.normalization, image_size=size)
   meta = {"model": config.model, "num_classes": classes, "workdir": os.fspath(workdir),
-          "normalize": normalization.describe()}
+          **restore.step_record(run.meta), "normalize": normalization.describe()}
   exported = deploy.export(module, variables, out, format=format, input_shape=shape,
                     representative=representative, pixel_affine=affine, meta=meta)
   if format == "tflite_int8":
@@ -141,7 +142,8 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
     top5 = np.argsort(-logits, axis=-1)[:, :steps.TOP_K]
     correct5 += float((top5 == label[:, None]).any(-1).sum())
   count = int(confusion.sum())
-  result = {"workdir": os.fspath(workdir), "exported": os.fspath(path),
+  result = {"workdir": os.fspath(workdir), **restore.step_record(run.meta),
+            "exported": os.fspath(path),
             "format": runtime.format, "bytes": paths.size(path), "split": split,
             "loss": loss / max(count, 1), "accuracy": float(np.trace(confusion)) / max(count, 1),
             **({"top5_accuracy": correct5 / max(count, 1)} if classes > steps.TOP_K else {}),

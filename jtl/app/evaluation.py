@@ -25,10 +25,10 @@ from etils import epath
 from jtl import _optional, data, export, paths, steps, train
 from jtl.app import keys, methods, workdirs
 from jtl.app.experiment import eval_batches
-from jtl.checkpoint import layout
+from jtl.checkpoint import layout, restore
 from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
-from jtl.errors import ConfigError, JtlError
+from jtl.errors import ConfigError, DataError, JtlError, bullet_list
 from jtl.export import quantize
 from jtl.optim import tree_bytes
 from jtl.recipes import adversarial
@@ -51,7 +51,7 @@ def evaluate_test_split(config: ml_collections.ConfigDict, workdir: str | os.Pat
     print(f"No final evaluation on test_split={split!r}: {e}", flush=True)
     return None
   return evaluate_workdir(workdir, split=split, step=result_step(config),
-                          data={k: config[k] for k in workdirs.DATA_KEYS})
+                          data={k: config[k] for k in workdirs.DATA_KEYS}, own_data=True)
 
 
 def result_step(config: ml_collections.ConfigDict) -> str:
@@ -68,17 +68,21 @@ def workdir_result_step(workdir: str | os.PathLike) -> str:
 
 def results_name(split: str, *, step: int | str = "best", run_step: str = "best",
                  precision: str = "float32", adabn: bool = False,
-                 attack: str | None = None) -> str:
+                 attack: str | None = None, dataset: str | None = None) -> str:
   """The name of an evaluation's files: the split, then whatever differs from
-  the run's own evaluation of it (another checkpoint, precision, AdaBN asked
-  for, an attack), so that no evaluation overwrites another's.
+  the run's own evaluation of it (data other than where the run last found
+  it, another checkpoint, precision, AdaBN asked for, an attack), so that no
+  evaluation overwrites another's.
 
   >>> results_name("test"), results_name("test", step=1200, precision="int8")
   ('test', 'test_step1200_int8')
   >>> results_name("train[90%:]", step="latest", attack="pgd")
   'train_from90pct_latest_pgd'
+  >>> results_name("test", dataset="folder:/mnt/photos_2024")
+  'test_on_photos_2024'
   """
   parts = [file_safe(split)]
+  parts += [f"on_{data_label(dataset)}"] if dataset else []
   if step != run_step:
     parts.append(f"step{step}" if isinstance(step, int) else str(step))
   parts += [precision] if precision != "float32" else []
@@ -87,12 +91,23 @@ def results_name(split: str, *, step: int | str = "best", run_step: str = "best"
   return "_".join(parts)
 
 
+def data_label(dataset: str) -> str:
+  """A dataset in file names: a folder's last name, a TFDS name as written.
+
+  >>> data_label("folder:/mnt/photos/"), data_label("cifar10:3.0.2")
+  ('photos', 'cifar10_3.0.2')
+  """
+  if dataset.startswith("folder:"):
+    dataset = os.path.basename(dataset[len("folder:"):].rstrip("/\\")) or "folder"
+  return file_safe(dataset) or "data"
+
+
 def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
                      step: int | str | None = None, out_dir: str | os.PathLike | None = None,
                      precision: str = "float32", save_quantized: str | os.PathLike | None = None,
                      adabn: bool = False, attack: str | None = None, eps: float = 0.1,
-                     attack_steps: int = 20, data: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+                     attack_steps: int = 20, data: dict[str, Any] | None = None,
+                     own_data: bool = False) -> dict[str, Any]:
   """Restores a checkpoint (params only, any device count), evaluates it on
   `split` (default: `eval_split`), and writes eval_<name>.json and
   confusion_<name>.png, where the
@@ -100,8 +115,17 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   (`results_name`: eval_test.json, eval_test_step1200_int8.json, ...); the
   result's "results_file" says which.
 
+  The result records the step read, the step asked for and the damaged steps
+  skipped to reach it (`restore.step_record`); a result of another step than
+  the one asked for is named by the step read (eval_test_step4.json).
+
   `data` ({"dataset": "folder:/new/path", ...}, `workdirs.DATA_KEYS`): where
-  the data is now, when it has moved since the run (`workdirs.restore`).
+  the data is now, when it has moved since the run (`workdirs.restore`). Its
+  classes must be the run's (`check_classes`, before anything is scored), and
+  data other than where the run last found it gets its own files
+  (eval_test_on_<folder name>.json), so the run's own results are never
+  overwritten by an evaluation on other data; `own_data=True` (the run's own
+  final evaluation, its config compared with the run's) keeps the run's names.
 
   Post-training options (their results go into the same JSON):
     precision: "float32", "bfloat16", "int8" or "int8_bfloat16"
@@ -118,14 +142,19 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   """
   step = workdir_result_step(workdir) if step is None else step
   run = workdirs.restore(workdir, step=step, data=data)
+  evaluated = check_classes(run, workdir)
   out = out_dir or workdir
   problem = workdirs.writable_problem(out, "out_dir" if out_dir else "workdir")
   if problem:  # before the evaluation, not after it
     raise ConfigError(f"Cannot write the evaluation's results: {problem}.")
   variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or run.config.eval_split
-  name = results_name(split, step=step, run_step=result_step(run.config), precision=precision,
-                      adabn=adabn, attack=attack)
+  other_data = not own_data and evaluated in run.data_changed
+  # A damaged step asked for ("best") is not what was evaluated: the files say which was.
+  read = run.meta["step"] if run.meta.get(restore.SKIPPED) else step
+  name = results_name(split, step=read, run_step=result_step(run.config), precision=precision,
+                      adabn=adabn, attack=attack,
+                      dataset=run.config[evaluated] if other_data else None)
   variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
                                     save_quantized=save_quantized)
   robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
@@ -135,7 +164,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     extra["attack"] = {"name": attack, "eps": eps, "steps": attack_steps}
   names = _class_names(run.config, run.meta["num_classes"])
   per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
-  result = {"workdir": str(workdir), "step": run.meta.get("step"), "split": split, **metrics,
+  result = {"workdir": str(workdir), **restore.step_record(run.meta), "split": split, **metrics,
             **extra, "class_names": names, "per_class_accuracy": per_class,
             "per_class_accuracy_by_name": dict(zip(names, per_class)),
             "confusion_matrix": confusion.tolist(),
@@ -151,6 +180,56 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
         f"into {os.fspath(out)} ({type(e).__name__}: {e.strerror or e}). Pass --out_dir "
         "(out_dir=) a writable folder with free space to keep them.") from e
   return result
+
+
+def check_classes(run: workdirs.Restored, workdir: Any = "the workdir") -> str:
+  """Raises a DataError, before anything is scored, when the dataset `run`
+  evaluates on has other classes than the run trained on (its checkpoint's
+  "class_names"): its labels would be scored against other outputs. Returns
+  the config key that names that dataset ("dataset" or "eval_dataset")."""
+  config = run.config
+  key = "eval_dataset" if config.eval_dataset else "dataset"
+  dataset = config[key]
+  try:
+    names = [str(n) for n in data.dataset_info(dataset, config.data_dir).class_names]
+  except JtlError as e:
+    if key in run.data_changed:
+      raise
+    raise type(e)(
+        f"{e}\nThe run last found its data at {key}={dataset!r}. If it has moved, pass where "
+        "it is now: scripts/evaluate.py --dataset=folder:/new/path (--data_dir for a TFDS "
+        "data folder; data={'dataset': ...} in Python).") from e
+  if key == "eval_dataset" and key not in run.data_changed:
+    return key  # a domain run's own target data, named as its source's or not
+  problems = _class_differences(run.meta.get("class_names"), names, run.num_classes)
+  if problems:
+    raise DataError(
+        f"The classes of {key}={dataset!r} are not those of the run in {os.fspath(workdir)} "
+        f"(its checkpoint of step {run.meta.get('step')}):\n{bullet_list(problems)}\n"
+        "Its labels would be scored against the wrong outputs of the model. Pass data with "
+        "the run's classes, in its order (its folder names), e.g. "
+        "--dataset=folder:<where the run's data is now>.")
+  return key
+
+
+def _class_differences(ours: list[str] | None, theirs: list[str], classes: int) -> list[str]:
+  """What differs between the run's class names and the dataset's (any order
+  change too: label i is output i)."""
+  if ours is None:  # an older run's meta: only the count is known
+    return [] if len(theirs) == classes else [
+        f"the dataset has {len(theirs)} classes, the run's head {classes}"]
+  ours = [str(n) for n in ours]
+  problems = []
+  missing = [n for n in ours if n not in theirs]
+  extra = [n for n in theirs if n not in ours]
+  if missing:
+    problems.append(f"missing (the run's, not in this dataset): {', '.join(missing)}")
+  if extra:
+    problems.append(f"extra (in this dataset, not the run's): {', '.join(extra)}")
+  if not problems and ours != theirs:
+    problems.append(f"reordered: the run's order is {', '.join(ours)}; this dataset's "
+                    f"{', '.join(theirs)}")
+  return problems
 
 
 def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, precision: str,
@@ -308,7 +387,8 @@ def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | 
                                   wise.WISE_ALPHAS if alphas is None else tuple(alphas))
   chosen = wise.wise_ft(probe, ft, alpha)
   model = export.write(chosen, paths.path(workdir) / "export" / "wise.safetensors")
-  result = {"workdir": str(workdir), "step": run.meta.get("step"), "validation_split": validation,
+  result = {"workdir": str(workdir), **restore.step_record(run.meta),
+            "validation_split": validation,
             "alpha": alpha, "rows": rows, "model": str(model)}
   if test_split:
     result["test"] = {"split": test_split, **{a: score(test_split)(v) for a, v in (

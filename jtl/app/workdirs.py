@@ -27,7 +27,7 @@ from jtl import tree as jtree
 from jtl.app import keys, methods
 from jtl.checkpoint import layout
 from jtl.checkpoint.restore import restore_variables
-from jtl.errors import ConfigError
+from jtl.errors import CheckpointError, ConfigError
 from jtl.export import hf_export, peft
 from jtl.models import preprocessing
 from jtl.recipes.strategies import lora
@@ -45,6 +45,10 @@ def writable_problem(path: Any, what: str = "workdir") -> str | None:
     return (f"{what} is empty (an unset shell variable?): pass the run's folder, e.g. "
             f"--{what} runs/default; jtl does not write into the current directory unasked")
   folder = existing = paths.path(path)
+  try:
+    paths.check_reachable(folder)  # a bucket out of reach: not a full disk
+  except CheckpointError as e:
+    return f"{what}: {e}"
   try:
     # In a bucket objects need no folders: the probe goes into the workdir itself.
     while not paths.is_remote(existing) and not existing.exists() \
@@ -97,6 +101,8 @@ class Restored:
     num_classes: classes of its head.
     alpha: the LoRA alpha of a LoRA run, else None.
     meta: the checkpoint's meta (step, metrics, ...).
+    data_changed: those of `DATA_KEYS` that `restore(data=...)` changed from
+      where the run last found its data (its data elsewhere, or other data).
   """
   module: Any
   variables: PyTree
@@ -105,6 +111,7 @@ class Restored:
   num_classes: int
   alpha: float | None
   meta: dict[str, Any]
+  data_changed: tuple[str, ...] = ()
 
   def merged_variables(self) -> PyTree:
     """The variables with LoRA adapters folded into the kernels (a plain model)."""
@@ -205,9 +212,9 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
   unknown = sorted(set(data or {}) - set(DATA_KEYS))
   if unknown:
     raise ConfigError(f"restore(data=...): {unknown} are not data keys; expected {DATA_KEYS}.")
-  meta = {**meta, "config": {**meta["config"],
-                             **{k: newest[k] for k in DATA_KEYS if k in newest},
-                             **dict(data or {})}}
+  recorded = {**meta["config"], **{k: newest[k] for k in DATA_KEYS if k in newest}}
+  changed = tuple(k for k in DATA_KEYS if k in (data or {}) and data[k] != recorded.get(k))
+  meta = {**meta, "config": {**recorded, **dict(data or {})}}
   config = keys.complete(ml_collections.ConfigDict(meta["config"]))  # older runs: fewer keys
   spec = model_spec(config.model, meta)
   module = spec.build(num_classes=meta["num_classes"], **model_kwargs(config))
@@ -219,7 +226,7 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
     variables = {**{k: v for k, v in variables.items() if k != "state"},
                  "batch_stats": variables["state"]}
   return Restored(module, methods.plain_variables(config, variables), config, spec,
-                  int(meta["num_classes"]), alpha, meta)
+                  int(meta["num_classes"]), alpha, meta, changed)
 
 
 def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin

@@ -36,8 +36,10 @@ def default_mode(metric: str | None) -> str:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  """`<workdir>/checkpoints`, local or in a bucket (`jtl.paths`)."""
+  """`<workdir>/checkpoints`, local or in a bucket (`jtl.paths`; a bucket that
+  cannot be reached is a CheckpointError saying what to check)."""
   path = paths.path(workdir)
+  paths.check_reachable(path)
   # Orbax refuses relative paths; "runs/x" means relative to the cwd.
   return (path if path.is_absolute() else paths.path(os.path.abspath(workdir))) / CHECKPOINT_DIR
 

@@ -52,14 +52,18 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   metric and mode the run picked its best checkpoint by, recorded in each
   step's meta). For "latest" and
   "best", a damaged step is skipped with a warning and the next one (newest,
-  or next best) is read.
+  or next best) is read; the meta returned says so (`REQUESTED`: the step
+  asked for, `SKIPPED`: the damaged steps skipped, [] when none;
+  `fallback_note` words it for a script's last lines). An explicit step
+  number that is damaged is a CheckpointError, with nothing else tried.
 
   A LoRA run's params hold its adapters unmerged ("lora_a", "lora_b", as it
   trained them), which the plain module ignores: a warning says so and how to
   fold them in (`merge_lora`); `warn_lora=False` when the caller does that.
 
   Returns:
-    (variables, meta) where meta is the JSON saved with the checkpoint.
+    (variables, meta) where meta is the JSON saved with the checkpoint, plus
+    `REQUESTED` and `SKIPPED`.
   """
   directory = checkpoint_dir(workdir)
   if step == "best" and metric is None:
@@ -70,7 +74,7 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
   if step in (None, "latest", "best"):
     candidates += [s for s in ranked_steps(directory, step, metric, mode) if s != first]
   failures = []
-  for chosen in candidates:
+  for i, chosen in enumerate(candidates):
     step_dir = directory / str(chosen)
     try:
       problem = step_problem(step_dir)
@@ -89,13 +93,55 @@ def restore_variables(workdir: str | os.PathLike, *, step: int | str | None = "l
         tree = jtree.unflatten(flat)
         variables.update({"params": tree} if part.endswith("params") else tree)
     except CheckpointError as e:
-      failures.append(e)
-      log.warning("Checkpoint step %d cannot be read, trying the next: %s", chosen, e)
+      failures.append((chosen, e))
+      if i + 1 < len(candidates):  # an explicit step has no next to try: its error is raised
+        log.warning("Checkpoint step %d cannot be read, trying step %d (%s): %s", chosen,
+                    candidates[i + 1], "next best" if step == "best" else "next newest", e)
+      elif i:
+        log.warning("Checkpoint step %d cannot be read either: %s", chosen, e)
       continue
     if warn_lora:
       _warn_unmerged_lora(step_dir, variables["params"], meta)
-    return variables, meta
-  raise failures[0]
+    skipped = [s for s, _ in failures]
+    return variables, {**meta, REQUESTED: step if step is not None else "latest",
+                       SKIPPED: skipped}
+  raise failures[0][1]
+
+
+# What `restore_variables` adds to a step's meta: the step asked for ("best",
+# "latest" or a number) and the damaged steps it skipped to reach the one read.
+REQUESTED = "requested_step"
+SKIPPED = "skipped_damaged"
+
+
+def step_record(meta: dict[str, Any]) -> dict[str, Any]:
+  """The step read, the step asked for and the damaged steps skipped, for a
+  result file or an export's sidecar (from `restore_variables`' meta).
+
+  >>> step_record({"step": 4, "requested_step": "best", "skipped_damaged": [2]})
+  {'step': 4, 'requested_step': 'best', 'skipped_damaged': [2]}
+  """
+  return {"step": meta.get("step"), REQUESTED: meta.get(REQUESTED),
+          SKIPPED: list(meta.get(SKIPPED) or [])}
+
+
+def fallback_note(meta: dict[str, Any]) -> str | None:
+  """A sentence saying which step was read instead of a damaged one asked for
+  (None when the step asked for was read).
+
+  >>> fallback_note({"step": 4, "requested_step": "best", "skipped_damaged": [2]})
+  'The best checkpoint (step 2) is damaged: step 4, the next best, was used instead.'
+  """
+  skipped = meta.get(SKIPPED)
+  if not skipped:
+    return None
+  requested = meta.get(REQUESTED)
+  steps = ", ".join(str(s) for s in skipped)
+  what = "best" if requested == "best" else "newest"
+  return (f"The {what} checkpoint (step {steps}) is damaged: step {meta.get('step')}, the next "
+          f"{what}, was used instead." if len(skipped) == 1 else
+          f"The {what} checkpoints (steps {steps}) are damaged: step {meta.get('step')}, the "
+          f"next {what}, was used instead.")
 
 
 def _warn_unmerged_lora(step_dir: epath.Path, params: Any, meta: dict[str, Any]) -> None:

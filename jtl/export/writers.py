@@ -17,6 +17,7 @@ a half-written checkpoint at `path`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,39 @@ def _to_bytes(flat: dict[str, np.ndarray], fmt: str) -> bytes:
 FORMATS = ("npz", "safetensors", "msgpack", "orbax")
 
 
+def output_format(path: Any, format: str | None = None, *,  # pylint: disable=redefined-builtin
+                  option: str = "format=") -> str:
+  """The format `write` writes `path` in: `format`, else the one its suffix
+  names. `option` is how the caller's users pass the format (a script's
+  "--format=").
+
+  >>> output_format("m.npz"), output_format("m_orbax", "orbax")
+  ('npz', 'orbax')
+
+  Raises:
+    CheckpointError: a suffix that names no format while `format` is not
+      given, or one that names another format than `format` (a safetensors
+      file named .npz, which np.load refuses).
+  """
+  suffix = paths.path(path).suffix
+  named = _SUFFIXES.get(suffix)
+  if format is None and named is None:
+    raise CheckpointError(
+        f"{path}: cannot tell the export format from the suffix {suffix!r}; use one of "
+        f"{sorted(_SUFFIXES)}, or pass {option}<format>, one of {list(FORMATS)}.")
+  if format is not None and format not in FORMATS:
+    raise CheckpointError(f"{path}: unknown export format {format!r}; pass {option}<format>, "
+                          f"one of {list(FORMATS)}.")
+  if format is not None and named is not None and named != format:
+    right = {v: k for k, v in _SUFFIXES.items()}.get(format, "")
+    raise CheckpointError(
+        f"{path}: the suffix {suffix!r} is the {named} format's, but {option}{format} was "
+        f"asked for; readers go by the suffix. Name the file "
+        f"{paths.path(path).with_suffix(right).name if right else 'without it'}, or pass "
+        f"{option}{named}.")
+  return format or named
+
+
 def write(variables_or_params: Any, path: Any, *,
            format: str | None = None) -> epath.Path:  # pylint: disable=redefined-builtin
   """Writes every leaf of a params/variables tree to one file (or, for Orbax,
@@ -67,16 +101,12 @@ def write(variables_or_params: Any, path: Any, *,
       `read(path, subtree="params")`) reads, and never overwrites one.
 
   Raises:
-    CheckpointError: unknown format, non-array leaves, an existing Orbax
-      directory, or a write failure.
+    CheckpointError: unknown format, a suffix of another format
+      (`output_format`), non-array leaves, an existing Orbax directory, or a
+      write failure.
   """
   path = paths.path(path)
-  fmt = format or _SUFFIXES.get(path.suffix)
-  if fmt not in FORMATS:
-    raise CheckpointError(
-        f"{path}: cannot tell the export format from the suffix "
-        f"{path.suffix!r}; use one of {sorted(_SUFFIXES)} or pass format= "
-        f"one of {list(FORMATS)}.")
+  fmt = output_format(path, format)
   flat, bad = {}, []
   leaves = tree_lib.leaves_with_paths(variables_or_params)
   names = [name for name, _ in leaves]
@@ -130,4 +160,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   try:
     paths.write_atomic(path, data)
   except OSError as e:
+    blocking = _file_in_the_way(path)
+    if blocking is not None:
+      raise CheckpointError(f"Cannot write {path}: {blocking} is a file, not a folder; pass "
+                            "an output path inside a folder (or move that file away).") from e
     raise CheckpointError(f"Cannot write {path}: {e}. Check that its folder is writable.") from e
+
+
+def _file_in_the_way(path: str | os.PathLike) -> str | None:
+  """The nearest parent of a local `path` that is a file (None: none is)."""
+  if paths.is_remote(path):
+    return None  # a bucket has no folders to be in the way
+  for parent in Path(os.path.abspath(os.fspath(path))).parents:
+    if parent.exists():
+      return os.fspath(parent) if not parent.is_dir() else None
+  return None

@@ -333,3 +333,75 @@ def test_a_bucket_lock_is_renewed_and_one_past_its_lease_taken_over(gcs_server, 
     assert json.loads(_object(gcs_server, f"{run}/jtl.lock"))["pid"] == os.getpid()
   assert "preempted-vm: it was not renewed for" in caplog.text
   paths.setup_gcs.cache_clear()
+
+
+@pytest.fixture
+def fresh_gcs(monkeypatch):
+  """jtl's bucket set-up and gcsfs's filesystems made anew for this test's
+  server (STORAGE_EMULATOR_HOST), and undone after it."""
+  import fsspec
+  import gcsfs
+
+  from jtl import paths
+  for name in ("TENSORSTORE_GCS_HTTP_URL",):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  monkeypatch.setitem(fsspec.config.conf, "gcs", {})
+  reach = paths._reach  # pylint: disable=protected-access
+  clears = [paths.setup_gcs.cache_clear, reach.cache_clear,
+            gcsfs.GCSFileSystem.clear_instance_cache]
+  for clear in clears:
+    clear()
+  yield paths
+  for clear in clears:
+    clear()
+
+
+def test_a_bucket_whose_server_name_does_not_resolve_is_one_error_at_once(fresh_gcs,
+                                                                          monkeypatch):
+  # A name that does not resolve is no passing outage: gcsfs retried it for
+  # ~50 s, then evaluate.py / convert.py showed a raw traceback and
+  # finetune.py asked for "a disk with free space".
+  import socket
+
+  from jtl.app import evaluation, workdirs
+  from jtl.errors import CheckpointError
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://jtl-test.invalid:4443")
+  asked = []
+
+  def not_resolved(host, *args, **kwargs):
+    asked.append(host)
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+  monkeypatch.setattr(socket, "getaddrinfo", not_resolved)
+  with pytest.raises(CheckpointError) as e:
+    evaluation.workdir_result_step("gs://bkt/run")  # evaluate.py's first read
+  message = str(e.value)
+  for part in ("Cannot reach gs://bkt/run", "the name jtl-test.invalid does not resolve",
+               "STORAGE_EMULATOR_HOST=http://jtl-test.invalid:4443",
+               "gcloud auth application-default login", "GOOGLE_APPLICATION_CREDENTIALS"):
+    assert part in message, message
+  assert asked == ["jtl-test.invalid"]  # asked once, never retried
+  problem = workdirs.writable_problem("gs://bkt/run")  # finetune.py's preflight
+  assert problem.startswith("workdir: Cannot reach gs://bkt/run") and "free space" not in problem
+
+
+def test_a_bucket_server_that_refuses_is_one_error_and_gcsfs_logs_no_traceback(
+    fresh_gcs, monkeypatch, caplog):
+  import asyncio
+  import logging
+
+  from jtl.checkpoint import layout
+  from jtl.errors import CheckpointError
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # closed
+
+  async def no_wait(_):  # gcsfs's retries without their 1+2+4+8+16 s back-off
+    return None
+
+  monkeypatch.setattr(asyncio, "sleep", no_wait)
+  with caplog.at_level(logging.DEBUG, logger="gcsfs"), pytest.raises(
+      CheckpointError, match=r"Cannot reach gs://bkt/run \(Client\w*Error.*is it running"):
+    layout.checkpoint_dir("gs://bkt/run")  # every read of a run's checkpoints
+  logged = [r for r in caplog.records if r.name == "gcsfs"]
+  assert any("out of retries" in r.getMessage() for r in logged)
+  assert all(r.exc_info is None and not r.exc_text for r in logged)  # one line each

@@ -90,3 +90,20 @@ def test_an_empty_workdir_flag_is_refused_by_every_script(tmp_path):
     result = run(script, "--workdir=", *args, cwd=cwd)
     assert_clean_failure(result, "ConfigError: --workdir is empty (an unset shell variable?)")
   assert list(cwd.iterdir()) == []
+
+
+def test_convert_names_its_format_flag_before_loading_any_weights(tmp_path):
+  """An --out suffix that names no format, or another one than --format, is
+  refused naming --format (not the library's format=), before the source is
+  read (it does not exist here)."""
+  source = tmp_path / "missing.npz"
+  result = run("convert.py", "--model=small_cnn", f"--source={source}",
+               f"--out={tmp_path / 'o.xyz'}")
+  assert_clean_failure(result, "cannot tell the export format from the suffix '.xyz'",
+                       "or pass --format=<format>, one of")
+  assert "format= " not in result.stderr
+  result = run("convert.py", "--model=small_cnn", f"--source={source}",
+               f"--out={tmp_path / 'x.npz'}", "--format=safetensors")
+  assert_clean_failure(result, "the suffix '.npz' is the npz format's, but --format=safetensors",
+                       "Name the file x.safetensors, or pass --format=npz")
+  assert sorted(p.name for p in tmp_path.iterdir()) == []

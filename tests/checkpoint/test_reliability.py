@@ -69,6 +69,34 @@ def test_a_loss_is_kept_at_its_lowest_and_damaged_metadata_falls_back(tmp_path):
     restore_variables(tmp_path)
 
 
+def test_a_damaged_best_is_recorded_as_skipped_and_an_explicit_step_tries_no_next(tmp_path,
+                                                                                caplog):
+  from jtl.checkpoint import restore
+  manager = CheckpointManager(tmp_path, save_every=1, keep=2, best_metric="accuracy",
+                              async_save=False)
+  for step, accuracy in ((2, 0.9), (4, 0.5)):
+    manager.save(step, state_at(step), metrics={"accuracy": accuracy})
+  manager.close()
+  _, meta = restore_variables(tmp_path, step="best")
+  assert restore.step_record(meta) == {"step": 2, "requested_step": "best",
+                                       "skipped_damaged": []}
+  assert restore.fallback_note(meta) is None
+  metadata = tmp_path / "checkpoints" / "2" / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:100])  # truncate -s 100
+  with caplog.at_level(logging.WARNING):
+    _, meta = restore_variables(tmp_path, step="best")
+  assert restore.step_record(meta) == {"step": 4, "requested_step": "best",
+                                       "skipped_damaged": [2]}
+  assert "step 2 cannot be read, trying step 4 (next best)" in caplog.text
+  assert restore.fallback_note(meta) == (
+      "The best checkpoint (step 2) is damaged: step 4, the next best, was used instead.")
+  assert restore_variables(tmp_path, step="latest")[1]["skipped_damaged"] == []
+  caplog.clear()
+  with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="checkpoints/2"):
+    restore_variables(tmp_path, step=2)
+  assert "trying" not in caplog.text  # an explicit step: nothing else is tried
+
+
 # Item 2: a diverging run stops, saves nothing non-finite, keeps the good ones.
 def test_diverging_resume_stops_and_keeps_the_good_checkpoints(tmp_path):
   good = jtl.train.fit(num_steps=4, **fit_kwargs(tmp_path))

@@ -79,6 +79,30 @@ def test_export_errors_leave_existing_file_intact(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no unfinished Orbax folder either
 
 
+def test_a_suffix_of_another_format_and_a_file_in_the_way_are_refused(tmp_path):
+  from jtl.export import writers
+  # A safetensors file named .npz: np.load refused it; nothing is written.
+  with pytest.raises(CheckpointError, match=r"model.npz: the suffix '.npz' is the npz format's, "
+                                            r"but format=safetensors was asked for(.|\n)*Name "
+                                            r"the file model.safetensors, or pass format=npz"):
+    write({"w": np.ones(3)}, tmp_path / "model.npz", format="safetensors")
+  with pytest.raises(CheckpointError, match="is the msgpack format's, but format=orbax"):
+    write({"w": np.ones(3)}, tmp_path / "ckpt.msgpack", format="orbax")
+  assert os.listdir(tmp_path) == []
+  # scripts/convert.py names its flag.
+  with pytest.raises(CheckpointError, match=r"suffix '.xyz'; .* or pass --format=<format>"):
+    writers.output_format(tmp_path / "o.xyz", option="--format=")
+  with pytest.raises(CheckpointError, match="but --format=npz was asked for"):
+    writers.output_format(tmp_path / "o.safetensors", "npz", option="--format=")
+  assert writers.output_format(tmp_path / "o.bin", "npz") == "npz"
+  (tmp_path / "afile").write_text("x")
+  for out in ("afile/m.npz", "afile/sub/m.npz"):
+    with pytest.raises(CheckpointError, match=r"afile is a file, not a folder; pass an output "
+                                              r"path inside a folder"):
+      write({"w": np.ones(3)}, tmp_path / out)
+  assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_orbax_directory_round_trip_and_never_overwrites(tmp_path):
   """Orbax is one more format of `export` (no second writer in the manager)."""
   variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
