@@ -24,7 +24,7 @@ The folder holds class folders (`photos/<class>/*.jpg`), or `train/` and
   backbone pass over the unaugmented training images, then `probe_steps`
   head steps at `probe_learning_rate`: seconds), then every parameter but
   BatchNorm's (kept with their pretrained statistics: `freeze_batchnorm`)
-  fine-tunes at `learning_rate`, 100x lower, with augmentation on (random
+  fine-tunes at `learning_rate`, 300x lower, with augmentation on (random
   resized crops, horizontal flips);
 - a schedule in epochs (`num_epochs`; steps per epoch = training images //
   batch_size), cosine decay, an evaluation and a checkpoint every epoch on a
@@ -41,8 +41,9 @@ folder by `scripts/benchmarks/benchmark_strategies.py` (two sweep rounds, 20 and
 steps, EfficientNet-Lite0 at 128 px, 100 labelled images per class; table in
 BENCHMARKS.md, "Strategies: learning rates and options" and "BatchNorm
 modes"): the probe's learning rate (1e-2 of 3e-3..1e-1), the fine-tuning
-phase's (1e-4), the probe's head steps (`strategies.PROBE_STEPS`, 300:
-validation accuracy plateaus from 300 on, on CIFAR-10 and the sklearn
+phase's (3e-5 of 1e-5..3e-4: the best mean over CIFAR-10 and the sklearn
+digits, 3 seeds each), the probe's head steps (`strategies.PROBE_STEPS`,
+300: validation accuracy plateaus from 300 on, on CIFAR-10 and the sklearn
 digits) and frozen BatchNorm (LP-FT 67.5% on validation against 55.5% with
 statistics re-estimated; the probe alone 67.0%).
 """

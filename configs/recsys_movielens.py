@@ -11,8 +11,8 @@ are split by id: the test movies (20%) and validation movies (10%) have no
 ratings in training, so every ranking is a cold start. The encoder is frozen
 and its mean-pooled features are computed once (a cached linear probe).
 To fine-tune the encoder too: `--config.strategy.name=lp_ft
---config.learning_rate=1e-4` (this probe on the cached features first, then
-every parameter at 1e-4, the library's LP-FT rate), or
+--config.learning_rate=3e-4` (this probe on the cached features first, then
+every parameter at 3e-4, the rate picked on the validation movies), or
 `--config.strategy.name=full --config.learning_rate=1e-4` (no probe first).
 Recall@20 of the rankings: scripts/benchmarks/benchmark_recsys.py
 (BENCHMARKS.md).

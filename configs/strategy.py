@@ -15,7 +15,7 @@ the pretrained statistics and train its scale and offset
 (`freeze_batchnorm="statistics"`); lp_ft freezes it whole.
 lp_ft trains its probe phase on cached features (`probe_steps` head steps at
 `probe_learning_rate`), then fine-tunes every parameter at the run's
-`learning_rate`, 100x lower (Kumar et al. 2022), BatchNorm frozen.
+`learning_rate`, 300x lower (cf. Kumar et al. 2022), BatchNorm frozen.
 """
 
 from configs import default
