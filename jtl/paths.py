@@ -142,12 +142,17 @@ def _reach(target: str, bucket: str, emulator: str | None) -> None:
       emulator if emulator and "://" in emulator else
       f"http://{emulator}" if emulator else "https://storage.googleapis.com"))
   try:
-    socket.getaddrinfo(server.hostname, server.port or 443)
+    if not _behind_proxy():  # a proxy resolves the name, not this machine
+      socket.getaddrinfo(server.hostname, server.port or 443)
   except socket.gaierror as e:
     if e.errno in _NOT_RESOLVED:
       raise socket.gaierror(e.errno, f"the name {server.hostname} does not resolve "
                             f"({e.strerror})") from e
   gcs_filesystem().exists(target)
+
+
+def _behind_proxy() -> bool:
+  return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
 
 def unreachable_message(url: str, error: BaseException) -> str:
