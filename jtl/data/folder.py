@@ -7,7 +7,7 @@ Unreadable files. Every image file is checked when the folder is scanned,
 before any training step: its header must parse (PIL reads the header only),
 its size must stay within `max_pixels` (a 10,000 x 10,000 PNG would cost
 gigabytes once decoded), and it must end the way its format ends (JPEG's EOI
-marker, PNG's IEND chunk, GIF's trailer, BMP's declared size); a file that
+marker, PNG's IEND chunk, GIF's trailer, BMP's and WebP's declared size); a file that
 does not is decoded in full to tell a truncated image from harmless trailing
 bytes. Decoding is `load_image`'s everywhere: the input pipeline, this check
 and `verify` (the before-training check of every file: the decode, and a
@@ -16,8 +16,8 @@ the one function, so a file that passes cannot fail later. It applies the
 EXIF orientation (a phone photo is used upright, as a viewer shows it).
 With `on_bad_file="raise"` (default) a `DataError` names every bad file
 and why; with `on_bad_file="skip"` they are left out and a warning gives their
-count and names. Files without an image extension (README) are ignored
-with a warning; hidden files and folders (".DS_Store", "._photo.jpg",
+count and names. Files without an image extension (README; the extensions:
+`IMAGE_EXTENSIONS`) are ignored with a warning, once per folder and process; hidden files and folders (".DS_Store", "._photo.jpg",
 "__MACOSX") are ignored silently and never decide the layout (only visible
 image files make a folder a class folder). File names need not be UTF-8
 (they are read as bytes); class folder names must be (they are printed and
@@ -42,9 +42,17 @@ from jtl.errors import DataError, bullet_list
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+IMAGE_FORMATS = "JPEG/PNG/GIF/BMP/WebP"
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold (about 9,459 x 9,459)
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_warned_ignored: set[tuple[str, ...]] = set()  # (root, *files): warned once per process
+
+
+def _image_head(head: bytes) -> bool:
+  """Whether a file's first 12 bytes start an image (WebP: a RIFF "WEBP" file)."""
+  return any(head.startswith(sig) for sig in _SIGNATURES) or (
+      head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _ends_complete(path: Path, image_format: str | None) -> bool:
@@ -56,6 +64,9 @@ def _ends_complete(path: Path, image_format: str | None) -> bool:
     if image_format == "BMP":
       f.seek(2)
       return size >= int.from_bytes(f.read(4), "little")
+    if image_format == "WEBP":  # the RIFF size counts the bytes after its first 8
+      f.seek(4)
+      return size >= int.from_bytes(f.read(4), "little") + 8
   ends = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
   return tail.endswith(ends[image_format]) if image_format in ends else True
 
@@ -69,8 +80,8 @@ def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
   try:
     with open(path, "rb") as f:
       head = f.read(12)
-    if not any(head.startswith(sig) for sig in _SIGNATURES):
-      return "not a JPEG/PNG/GIF/BMP file (its first bytes are no image signature)"
+    if not _image_head(head):
+      return f"not a {IMAGE_FORMATS} file (its first bytes are no image signature)"
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       with Image.open(path) as im:  # reads the header only
@@ -185,13 +196,14 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
                       f"image files with extensions {IMAGE_EXTENSIONS}.")
     files[split] = np.array(paths, dtype=object)
     labels[split] = np.array(ys, np.int64)
-  if ignored:
-    log.warning("Ignored %d file(s) without an image extension in %s:\n%s",
-                len(ignored), root, bullet_list(ignored, limit=10))
+  if ignored and (key := (str(root), *ignored)) not in _warned_ignored:
+    _warned_ignored.add(key)  # the folder is scanned again for each split and evaluation
+    log.warning("Ignored %d file(s) without an image extension %s in %s:\n%s",
+                len(ignored), IMAGE_EXTENSIONS, root, bullet_list(ignored, limit=10))
   if bad and on_bad_file == "raise":
     raise DataError(
-        f"{len(bad)} file(s) in image folder {root} are not usable JPEG/PNG/GIF/"
-        "BMP images:\n" + bullet_list(bad) +
+        f"{len(bad)} file(s) in image folder {root} are not usable {IMAGE_FORMATS} "
+        "images:\n" + bullet_list(bad) +
         "\nDelete or replace them (library code can leave them out with "
         "on_bad_file='skip').")
   if bad:
@@ -217,7 +229,7 @@ def _rgb(im: Any) -> np.ndarray:
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 [H, W, 3], upright: PIL decodes
+  """Decodes JPEG/PNG/GIF/BMP/WebP bytes to uint8 [H, W, 3], upright: PIL decodes
   the whole file (any damage raises), the first frame of an animation, the
   EXIF orientation applied (as `PIL.ImageOps.exif_transpose`)."""
   import warnings  # pylint: disable=g-import-not-at-top

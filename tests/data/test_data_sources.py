@@ -145,6 +145,31 @@ def test_folder_truncated_jpeg_and_huge_png_are_found_at_scan(tmp_path):
   assert "huge.png: 10000 x 10000 = 100,000,000 pixels, above max_pixels" in message
 
 
+def test_webp_photos_are_read_and_a_truncated_one_is_found_at_scan(tmp_path, caplog):
+  _write_folder(tmp_path)
+  image = np.zeros((6, 5, 3), np.uint8)
+  image[..., 1] = 200
+  for i in range(2):
+    Image.fromarray(image).save(tmp_path / "train" / "dog" / f"photo{i}.webp", lossless=True)
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):  # scanned again for each split: warned once
+      info = dataset_info(f"folder:{tmp_path}")
+  assert info.num_examples == {"test": 4, "train": 8}
+  assert caplog.text.count("Ignored 1 file(s) without an image extension") == 1
+  batches = list(make_dataset(f"folder:{tmp_path}", split="train", batch_size=8, train=False,
+                              image_size=4))
+  green = [b["inputs"][i] for b in batches for i in range(len(b["mask"]))
+           if b["mask"][i] and abs(b["inputs"][i][..., 1].mean() - 200) < 0.5]
+  assert len(green) == 2 and all(abs(g[..., 0].mean()) < 0.5 for g in green)
+  noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+  Image.fromarray(noise).save(tmp_path / "train" / "dog" / "photo1.webp", lossless=True)
+  whole = (tmp_path / "train" / "dog" / "photo1.webp").read_bytes()
+  (tmp_path / "train" / "dog" / "photo1.webp").write_bytes(whole[:-10])  # its end cut off
+  # (PIL reads a WebP whole to open it: a cut one fails as its header.)
+  with pytest.raises(DataError, match=r"not usable .*WebP images:\n  - .*photo1\.webp: "):
+    dataset_info(f"folder:{tmp_path}")
+
+
 def test_unknown_tfds_name_lists_close_names(tmp_path):
   with pytest.raises(DataError, match=r"(?s)'cifar_10'.*Close names: \[.*'cifar10'"):
     dataset_info("cifar_10", data_dir=tmp_path)
