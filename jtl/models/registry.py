@@ -240,6 +240,11 @@ def get_spec(name: str) -> ModelSpec:
     return _hub_models().spec_for(name)
   if name not in _REGISTRY and is_reference(name):
     return _referenced_spec(name)
+  if name not in _REGISTRY and os.path.isdir(os.path.expanduser(name)):
+    raise ConfigError(
+        f"Model {name!r} is a folder but not one in the Hugging Face Hub layout: it needs a "
+        "config.json (a timm or transformers model's) beside its weights (model.safetensors "
+        "or pytorch_model.bin). Point to the folder that holds them, or name a zoo model.")
   if name not in _REGISTRY:
     raise ConfigError(
         f"Unknown model {name!r}. Registered models:\n"

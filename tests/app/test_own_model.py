@@ -133,6 +133,12 @@ def test_bad_model_references_say_what_to_do(name, message):
     models.get_spec(name)
 
 
+def test_a_folder_without_a_config_json_is_named_as_such(tmp_path):
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  with pytest.raises(ConfigError, match="is a folder but not one in the Hugging Face Hub layout"):
+    models.get_spec(str(tmp_path))
+
+
 def test_spec_of_module_needs_num_classes_and_defaults_to_unit_pixels():
   import flax.linen as nn
 
