@@ -309,11 +309,9 @@ def test_the_holder_renews_its_lock_until_it_releases_it(tmp_path, monkeypatch):
   assert not path.exists()
 
 
-def test_a_lock_the_renewals_find_lost_stops_the_run_before_it_writes_again(tmp_path,
-                                                                            monkeypatch):
-  """The renewer finds the lock another run's (its lease ran out while
-  renewals failed): the run stops at its next log line, not at its next
-  save, so it writes no metrics into the workdir the other run now owns."""
+@pytest.fixture
+def fit_locks(monkeypatch):
+  """The WorkdirLocks that `fit` takes, in order."""
   from jtl import fit_io
   from jtl.checkpoint import lock
   locks = []
@@ -323,6 +321,15 @@ def test_a_lock_the_renewals_find_lost_stops_the_run_before_it_writes_again(tmp_
       super().__init__(*args, **kwargs)
       locks.append(self)
   monkeypatch.setattr(fit_io, "WorkdirLock", Recorded)
+  return locks
+
+
+def test_a_lock_the_renewals_find_lost_stops_the_run_before_it_writes_again(tmp_path,
+                                                                            fit_locks):
+  """The renewer finds the lock another run's (its lease ran out while
+  renewals failed): the run stops at its next log line, not at its next
+  save, so it writes no metrics into the workdir the other run now owns."""
+  locks = fit_locks
 
   def taken_over_at_3(step, row):
     if step == 3:
@@ -355,16 +362,9 @@ def test_a_run_that_reads_no_batch_for_an_hour_stops_renewing_until_it_reads_aga
     assert held.renew_unless_stalled() and path.stat().st_mtime > old + 900
 
 
-def test_fit_beats_its_locks_heartbeat_at_each_batch_read(tmp_path, monkeypatch):
-  from jtl import fit_io
+def test_fit_beats_its_locks_heartbeat_at_each_batch_read(tmp_path, fit_locks):
   from jtl.checkpoint import lock
-  locks = []
-
-  class Recorded(lock.WorkdirLock):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      locks.append(self)
-  monkeypatch.setattr(fit_io, "WorkdirLock", Recorded)
+  locks = fit_locks
   idle = []
 
   def stall(step, row):  # as if each step had hung for an hour
