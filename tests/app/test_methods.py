@@ -161,3 +161,51 @@ def test_a_lora_teacher_teaches_with_its_adapters_folded_in(tmp_path, data_dir):
   unmerged = run.module.apply(run.variables, x)  # Linen ignores the adapter leaves
   assert np.abs(np.asarray(merged) - np.asarray(unmerged)).max() > 1e-3
   np.testing.assert_allclose(fn(x), merged, atol=1e-5)
+
+
+def _pixel_radius(x_adv, pixels, mul, add):
+  """Per channel: the largest pixel change and the pixels' range of `x_adv`."""
+  back = ((np.asarray(x_adv) - add) / mul).reshape(-1, 3)
+  return np.abs(back - pixels.reshape(-1, 3)).max(0), back.min(0), back.max(0)
+
+
+def test_attacks_are_eps_in_every_channel_under_imagenet_normalisation(monkeypatch):
+  """Pixel-unit eps becomes each channel's own radius and bounds (ImageNet's
+  std differ per channel): one scalar scale made them 0.1013 / 0.0991 / 0.0996
+  and pushed pixels out of [0, 1]."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from beyond_models import TinyCNN, init, labels  # pylint: disable=g-import-not-at-top
+
+  import jtl  # pylint: disable=g-import-not-at-top
+  from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
+  mul, add = methods.pixel_affine("imagenet")
+  pixels = np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 3)).astype(np.float32)
+  pixels[:, :2], pixels[:, 2:4] = 0.0, 1.0  # black and white: the bounds bind
+  x, y = pixels * mul + add, labels(8)
+  model = TinyCNN(4)
+  v = init(model, x)
+  config = adversarial_config.get_config()
+  config.method.steps = 10
+  spec = type("Spec", (), {"normalization": "imagenet", "image_size": 8})()
+  method = methods.build(config, model, v, spec, None, None)
+  lab = jtl.label_params(v["params"], [(".*", "all")])
+  state = jtl.create_train_state(v, lab, jtl.make_optimizer(lab, learning_rate=0.1))
+  attacked, _ = jax.jit(method.batch_transform)(state, {"inputs": x, "label": y}, None)
+  eps = config.method.eps
+  radius, low, high = _pixel_radius(attacked["inputs"], pixels, mul, add)
+  assert np.all(radius <= eps + 1e-5) and np.all(radius >= eps - 1e-5), radius
+  assert low.min() >= -1e-5 and high.max() <= 1 + 1e-5, (low, high)
+  # scripts/evaluate.py --attack: the robust eval step gets the same units.
+  given = {}
+  monkeypatch.setattr(adversarial, "make_robust_eval_step", lambda m, **kw: given.update(kw))
+  run = type("Run", (), {"spec": spec, "module": model})()
+  jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda f: f)
+  evaluation._robust_eval_step(run, "pgd", eps, 10)  # pylint: disable=protected-access
+  attack = adversarial.make_attack(
+      attack="pgd", eps=eps, steps=10, input_scale=given["input_scale"], bounds=given["bounds"])
+  x_adv = jit(lambda x: attack(adversarial.model_loss(model, v, {"label": y}), x,
+                               jax.random.PRNGKey(1)))(x)
+  radius, low, high = _pixel_radius(x_adv, pixels, mul, add)
+  assert np.all(radius <= eps + 1e-5) and np.all(radius >= eps - 1e-5), radius
+  assert low.min() >= -1e-5 and high.max() <= 1 + 1e-5, (low, high)
