@@ -246,6 +246,16 @@ def adversarial_parts(module: Any, *, attack: str = "pgd", eps: float,
   return module, loss, _adversarial_transform(module, run_attack, clean_fraction)
 
 
+def _batch_salt(inputs: jax.Array) -> jax.Array:
+  """A uint32 hash of `inputs` that no split over devices changes: their bits
+  summed as integers, whose wrapping addition is associative (a float sum
+  rounds by the order a mesh reduces in)."""
+  bits = inputs
+  if jnp.issubdtype(inputs.dtype, jnp.floating):
+    bits = jax.lax.bitcast_convert_type(inputs.astype(jnp.float32), jnp.uint32)
+  return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
 def make_robust_eval_step(module: nn.Module, *, attack: str = "pgd", eps: float,
                           step_size: float | None = None, steps: int = 20,
                           random_start: bool = True, bounds: Bounds = None,
@@ -254,16 +264,14 @@ def make_robust_eval_step(module: nn.Module, *, attack: str = "pgd", eps: float,
   """`eval_step(variables, batch) -> sums` (as `jtl.make_eval_step`) under attack.
 
   The random start is seeded by `seed` and the batch's inputs, so the result
-  is deterministic.
+  is deterministic, on one device as on a mesh.
   """
   run_attack = make_attack(attack=attack, eps=eps, step_size=step_size, steps=steps,
                            random_start=random_start, bounds=bounds, input_scale=input_scale)
   clean_eval = jsteps.make_eval_step(module)
 
   def eval_step(variables: PyTree, batch: Batch) -> dict[str, jax.Array]:
-    salt = jnp.sum(jnp.abs(batch["inputs"])).astype(jnp.float32)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed),
-                             jax.lax.bitcast_convert_type(salt, jnp.int32))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), _batch_salt(batch["inputs"]))
     x_adv = run_attack(model_loss(module, variables, batch), batch["inputs"], rng)
     return clean_eval(variables, {**batch, "inputs": x_adv})
 
