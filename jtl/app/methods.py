@@ -16,7 +16,8 @@ config (model, data, rules, optimizer, schedule, checkpoints) is unchanged:
   the running statistics the source's, so the target is evaluated after AdaBN
   (`needs_adabn`; `jtl.app.evaluation.evaluate_workdir` applies it by itself).
   Checkpoints hold the wrapped model ("model/...", "domain/...");
-  `plain_variables` unwraps them.
+  `plain_variables` unwraps them. The strategy's L2-SP and layer-wise decay
+  act on "model/..."; the domain classifier trains with the optimizer alone.
 - "adversarial": PGD or FGSM inputs made with the current params
   (`attack`, `eps`, `step_size`, `steps`, `clean_fraction`;
   `jtl.recipes.adversarial`). eps and step_size are in pixel units (0..1 of the
@@ -201,7 +202,9 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
       the target domain, with the same preprocessing.
 
   For DANN / CORAL the caller rebuilds each phase's optimizer from
-  `method.labels(labels)`, the partition of the wrapped model.
+  `method.labels(labels)`, the partition of the wrapped model, with the
+  strategy's L2-SP and layer-wise decay on its "model" subtree
+  (`experiment.wrapped_phases`).
   """
   name = method_name(config)
   options = resolve_options(config)

@@ -209,3 +209,45 @@ def test_attacks_are_eps_in_every_channel_under_imagenet_normalisation(monkeypat
   radius, low, high = _pixel_radius(x_adv, pixels, mul, add)
   assert np.all(radius <= eps + 1e-5) and np.all(radius >= eps - 1e-5), radius
   assert low.min() >= -1e-5 and high.max() <= 1 + 1e-5, (low, high)
+
+
+@pytest.mark.parametrize("name", ["dann", "coral"])
+def test_domain_methods_keep_the_strategys_l2sp_and_layer_decay(name):
+  """The optimizer of the wrapped model ("model/...", "domain/...") is the
+  strategy's: L2-SP toward the pretrained weights and layer-wise decay on the
+  model's params, as without the method; once it was a plain optimizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from jtl import partition  # pylint: disable=g-import-not-at-top
+  from jtl.recipes.strategies.l2sp import L2SPState  # pylint: disable=g-import-not-at-top
+  config = domain_config.get_config(name)
+  config.pretrained, config.num_classes = False, 10  # no dataset read
+  config.warmup_steps = 0  # a first update that is not zero
+  if name == "dann":
+    config.method.domain_hidden = 16
+  config.strategy.l2sp, config.strategy.l2sp_head, config.strategy.layer_decay = 0.5, 0.1, 0.5
+  created = experiment.build_model(config)
+  strategy = experiment.build_strategy(config, created)
+  _, variables, phases = experiment.build_training(config, created, strategy)
+  no_batches = lambda *_: (lambda start: iter(()))  # noqa: E731
+  method = methods.build(config, created.module, variables, created.spec, no_batches(),
+                         no_batches)
+  [(_, labels, tx)] = experiment.wrapped_phases(config, strategy, method, phases)
+  params = method.variables["params"]
+  trainable, _ = partition.split(params, labels)
+  state = tx.init(trainable)
+  [ref] = [s.reference for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, L2SPState)) if isinstance(s, L2SPState)]
+  assert set(ref) == {"model"}
+  jax.tree.map(np.testing.assert_array_equal, ref["model"], variables["params"])
+  # An update of the wrapped model's params is the plain strategy's on "model/".
+  moved = jax.tree.map(lambda p: p + 0.1, trainable)
+  grads = jax.tree.map(lambda p: 0.01 * np.sign(np.asarray(p) + 0.5), trainable)
+  update = lambda tx, grads, params: tx.update(grads, tx.init(params), params)[0]  # noqa: E731
+  updates, plain = jax.jit(lambda g, p: (update(tx, g, p), update(
+      phases[0][2], g["model"], p["model"])))(grads, moved)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updates["model"], plain)
+  assert float(optax.tree_utils.tree_norm(plain)) > 0
+  if name == "dann":  # the domain classifier trains with the optimizer alone
+    assert float(optax.tree_utils.tree_norm(updates["domain"])) > 0
