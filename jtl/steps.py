@@ -7,6 +7,13 @@ one. Frozen BatchNorm layers run with their stored statistics.
 
 Batches are dicts: {"inputs": ..., "label": int [B] or soft [B, C],
 "mask": bool [B] (optional; eval counts only mask=True rows)}.
+
+A training batch's mask takes its padding rows out of the losses and metrics,
+not out of a BatchNorm layer in train mode: its batch statistics count every
+row, so padding changes the real rows' normalisation, loss, gradients and the
+running statistics. Do not pad training batches of a model whose BatchNorm
+trains (freeze its statistics, or drop the last partial batch as
+`jtl.data.make_dataset` does: its training batches are always full).
 """
 
 from __future__ import annotations
@@ -177,7 +184,9 @@ def make_train_step(
       call it (see `jtl.adapter`).
     tx: the optimizer over the trainable partition.
     labels: the label tree; BatchNorm layers whose params are all frozen run
-      with stored statistics. Without labels every BatchNorm trains.
+      with stored statistics. Without labels every BatchNorm trains. A training
+      BatchNorm's statistics count every row, padding (mask=False) included:
+      do not pad its training batches (module doc).
     loss_fn: `loss_fn(outputs, batch) -> scalar` or `-> (scalar, metrics)`,
       where `outputs` is what the model returns (logits, or a method's tuple)
       and metrics are extra scalars to report.
@@ -192,9 +201,8 @@ def make_train_step(
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
       gradients, metrics and statistics are averaged across that axis and
       the dropout rng differs per device.
-    ema_decay: weight EMA: after each update, `state.ema = ema_decay *
-      state.ema + (1 - ema_decay) * state.trainable` (the state made with
-      `create_train_state(..., ema=True)`).
+    ema_decay: weight EMA after each update, `ema = ema_decay * ema + (1 -
+      ema_decay) * trainable` (a state from `create_train_state(..., ema=True)`).
 
   Metrics: loss, accuracy (when the outputs are logits), grad_norm (of the
   trainable gradients), and those of `loss_fn` and `batch_transform`.

@@ -261,10 +261,10 @@ def _robust_eval_step(run: workdirs.Restored, attack: str, eps: float,
                       attack_steps: int) -> Callable:
   """The jitted eval step under a "pgd" / "fgsm" attack of radius `eps` in
   pixel units (on float variables)."""
-  mul, add = methods.pixel_affine(run.spec.normalization)
+  input_scale, bounds = methods.attack_units(run.spec.normalization)
   return jax.jit(adversarial.make_robust_eval_step(
-      run.module, attack=attack, eps=eps, steps=attack_steps, input_scale=float(np.mean(mul)),
-      bounds=(float(np.min(add)), float(np.max(mul + add)))))
+      run.module, attack=attack, eps=eps, steps=attack_steps, input_scale=input_scale,
+      bounds=bounds))
 
 
 def _eval_pass(run: workdirs.Restored, variables: Any, split: str, precision: str,

@@ -208,15 +208,23 @@ def build_optimizer(config: ml_collections.ConfigDict, labels: Any) -> optax.Gra
   return make_optimizer(labels, **optimizer_kwargs(config))
 
 
-def build_training(config: ml_collections.ConfigDict, created: models.CreatedModel
+def build_strategy(config: ml_collections.ConfigDict, created: models.CreatedModel
+                   ) -> strategies.Strategy:
+  """The config's strategy (`keys.strategy_config`) over the created model."""
+  return strategies.build(keys.strategy_config(config), created.module, created.variables,
+                          created.spec, verbose=False)
+
+
+def build_training(config: ml_collections.ConfigDict, created: models.CreatedModel,
+                   strategy: strategies.Strategy | None = None
                    ) -> tuple[Any, Any, list[tuple[int, Any, optax.GradientTransformation]]]:
-  """(module, variables, phases) from the config's strategy (`keys.strategy_config`).
+  """(module, variables, phases) from the config's strategy (`build_strategy`,
+  unless given).
 
   `phases` is [(start_step, labels, tx)], one entry unless the strategy
   changes the partition during training (LP-FT, gradual unfreezing).
   """
-  strategy = strategies.build(keys.strategy_config(config), created.module, created.variables,
-                              created.spec, verbose=False)
+  strategy = strategy or build_strategy(config, created)
   phases = []
   for phase in strategy.phases:
     labels = partition.label_params(strategy.variables["params"], list(phase.rules),
@@ -226,6 +234,17 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
       kwargs["learning_rate"] = phase.learning_rate
     phases.append((phase.start, labels, strategy.make_optimizer(labels, **kwargs)))
   return strategy.module, strategy.variables, phases
+
+
+def wrapped_phases(config: ml_collections.ConfigDict, strategy: strategies.Strategy,
+                   method: methods.Method, phases: list) -> list:
+  """`phases` over a domain method's wrapped model (the strategy's params under
+  "model/"): labels wrapped (`method.labels`), each optimizer the strategy's
+  with its L2-SP and layer-wise decay on the "model" subtree."""
+  return [(start, method.labels(labels),
+           strategy.make_optimizer(method.labels(labels), under="model",
+                                   **optimizer_kwargs(config)))
+          for start, labels, _ in phases]
 
 
 def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) -> int:
@@ -363,7 +382,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       train_features = choice.train_features
   sched = schedule_config(config, workdir)  # before any weights load
   created = build_model(config)
-  module, variables, phases = build_training(sched, created)
+  strategy = build_strategy(sched, created)
+  module, variables, phases = build_training(sched, created, strategy)
   module, variables = as_api(config, module, variables)
   first_phase, phases = cached_probe_phase(config, created.spec, module, variables, phases,
                                            workdir, train_features)
@@ -371,8 +391,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                          train_batches(config, created.spec),
                          lambda ds, split: train_batches(config, created.spec, ds, split))
   if method.name in methods.DOMAIN_METHODS:
-    phases = [(start, method.labels(labels), build_optimizer(sched, method.labels(labels)))
-              for start, labels, _ in phases]
+    phases = wrapped_phases(sched, strategy, method, phases)
   module, variables = method.module, method.variables
   summary = _print_partition(created, method, variables, phases)
   compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None

@@ -16,7 +16,8 @@ config (model, data, rules, optimizer, schedule, checkpoints) is unchanged:
   the running statistics the source's, so the target is evaluated after AdaBN
   (`needs_adabn`; `jtl.app.evaluation.evaluate_workdir` applies it by itself).
   Checkpoints hold the wrapped model ("model/...", "domain/...");
-  `plain_variables` unwraps them.
+  `plain_variables` unwraps them. The strategy's L2-SP and layer-wise decay
+  act on "model/..."; the domain classifier trains with the optimizer alone.
 - "adversarial": PGD or FGSM inputs made with the current params
   (`attack`, `eps`, `step_size`, `steps`, `clean_fraction`;
   `jtl.recipes.adversarial`). eps and step_size are in pixel units (0..1 of the
@@ -124,6 +125,22 @@ def pixel_affine(normalize: Any) -> tuple[np.ndarray, np.ndarray]:
   return preprocessing.as_normalization(normalize).affine()
 
 
+def attack_units(normalize: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+  """(input_scale, bounds) per channel that make an attack's pixel-unit eps
+  exactly eps in every channel and keep its pixels in [0, 1].
+
+  One number for all channels would give each channel mul_c / mean(mul) times
+  eps, and one (low, high) pair would let pixels leave [0, 1].
+
+  >>> scale, (low, high) = attack_units(((127.5,) * 3, (63.75, 127.5, 255.0)))
+  >>> scale.tolist(), low.tolist(), high.tolist()
+  ([4.0, 2.0, 1.0], [-2.0, -1.0, -0.5], [2.0, 1.0, 0.5])
+  """
+  mul, add = pixel_affine(normalize)
+  mul, add = np.asarray(mul, np.float32), np.asarray(add, np.float32)
+  return mul, (add, mul + add)
+
+
 def teacher_input_fn(student_normalize: Any, student_size: int, teacher_normalize: Any,
                      teacher_size: int) -> Callable[[jax.Array], jax.Array]:
   """Maps a student batch to the teacher's inputs (pixels, resize, normalise)."""
@@ -185,7 +202,9 @@ def build(config: ml_collections.ConfigDict, module: Any, variables: PyTree, spe
       the target domain, with the same preprocessing.
 
   For DANN / CORAL the caller rebuilds each phase's optimizer from
-  `method.labels(labels)`, the partition of the wrapped model.
+  `method.labels(labels)`, the partition of the wrapped model, with the
+  strategy's L2-SP and layer-wise decay on its "model" subtree
+  (`experiment.wrapped_phases`).
   """
   name = method_name(config)
   options = resolve_options(config)
@@ -237,13 +256,11 @@ def _distill_method(options: dict[str, Any], module: Any, variables: PyTree, spe
 def _adversarial_method(options: dict[str, Any], module: Any, variables: PyTree, spec: Any,
                         train_batches: Batches) -> Method:
   """Adversarial training (FGSM / PGD) on the normalised inputs."""
-  # Attack radii are in pixel units: the normalisation's affine converts them.
-  mul, add = pixel_affine(spec.normalization)
-  bounds = (float(np.min(add)), float(np.max(mul + add)))
+  input_scale, bounds = attack_units(spec.normalization)
   model, loss_fn, transform = adversarial.adversarial_parts(
       module, attack=options["attack"], eps=options["eps"], step_size=options["step_size"],
       steps=options["steps"], clean_fraction=options["clean_fraction"],
-      input_scale=float(np.mean(mul)), bounds=bounds)
+      input_scale=input_scale, bounds=bounds)
   return Method("adversarial", model, variables, _same_labels, loss_fn, transform,
                 train_batches,
                 f"{options['attack']} eps={options['eps']} (pixel units), "

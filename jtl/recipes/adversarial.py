@@ -3,7 +3,10 @@
 `eps`, `step_size` and `bounds` are in the units of the model's inputs (after
 normalisation); `input_scale` converts from pixel units: with inputs
 (x - 127) / 128 and eps = 8/255 of the pixel range, pass `eps=8/255,
-input_scale=255/128`.
+input_scale=255/128`. With per-channel normalisation (x - mean) / std, pass
+arrays: `input_scale=1/std` and `bounds=(-mean/std, (1-mean)/std)` for pixels
+in [0, 1]; they broadcast over the inputs' last (channel) axis, so each
+channel's pixel radius is exactly eps.
 
 - `fgsm` / `pgd`: perturb inputs to raise a loss, staying within eps.
 - `make_adversarial_train_step`: `jtl.make_train_step` on adversarial inputs
@@ -34,42 +37,53 @@ from jtl.state import TrainState
 from jtl.steps import Batch
 from jtl.tree import PyTree
 
-Bounds = tuple[float, float] | None
+# A number, or one per channel (broadcast over the inputs' last axis).
+Radius = float | np.ndarray
+Bounds = tuple[Radius, Radius] | None
 ATTACKS = ("fgsm", "pgd")
 
 
-def _check(eps: float, step_size: float | None, num_steps: int, bounds: Bounds) -> None:
+def _check(eps: Radius, step_size: Radius | None, num_steps: int, bounds: Bounds) -> None:
   problems = []
-  if not eps >= 0:
+  if not np.all(np.asarray(eps) >= 0):
     problems.append(f"eps={eps!r}: expected a non-negative radius")
-  if step_size is not None and not step_size > 0:
+  if step_size is not None and not np.all(np.asarray(step_size) > 0):
     problems.append(f"step_size={step_size!r}: expected a positive number (e.g. eps / 4)")
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
       or num_steps < 1:
     problems.append(f"steps={num_steps!r}: expected an int >= 1")
-  if bounds is not None and not bounds[0] < bounds[1]:
+  if bounds is not None and not np.all(np.asarray(bounds[0]) < np.asarray(bounds[1])):
     problems.append(f"bounds={bounds!r}: expected (low, high) with low < high")
   if problems:
     raise ConfigError("Invalid attack options:\n  " + "\n  ".join(problems))
 
 
-def _project(x_adv: jax.Array, x: jax.Array, eps: float, bounds: Bounds) -> jax.Array:
+def _like(value: Radius, x: jax.Array) -> jax.Array:
+  """`value` in x's dtype (float32 per-channel values must not promote bf16
+  inputs), a per-channel array shaped to broadcast over x's last axis (explicit
+  ranks: `jax_numpy_rank_promotion="raise"` refuses implicit ones)."""
+  value = jnp.asarray(value, x.dtype)
+  return value.reshape((1,) * (x.ndim - 1) + value.shape) if value.ndim else value
+
+
+def _project(x_adv: jax.Array, x: jax.Array, eps: Radius, bounds: Bounds) -> jax.Array:
+  eps = _like(eps, x)
   x_adv = jnp.clip(x_adv, x - eps, x + eps)
   if bounds is not None:
-    x_adv = jnp.clip(x_adv, bounds[0], bounds[1])
+    x_adv = jnp.clip(x_adv, _like(bounds[0], x), _like(bounds[1], x))
   return x_adv
 
 
-def fgsm(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: float,
+def fgsm(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: Radius,
          bounds: Bounds = None) -> jax.Array:
   """One signed-gradient step of size eps: x + eps * sign(grad loss(x))."""
   _check(eps, None, 1, bounds)
   g = jax.grad(loss_of_inputs)(x)
-  return jax.lax.stop_gradient(_project(x + eps * jnp.sign(g), x, eps, bounds))
+  return jax.lax.stop_gradient(_project(x + _like(eps, x) * jnp.sign(g), x, eps, bounds))
 
 
-def pgd(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: float,
-        step_size: float, steps: int, rng: jax.Array | None = None,
+def pgd(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: Radius,
+        step_size: Radius, steps: int, rng: jax.Array | None = None,
         bounds: Bounds = None) -> jax.Array:
   """Projected gradient ascent in the L-inf ball of radius eps around x.
 
@@ -77,19 +91,22 @@ def pgd(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: 
     loss_of_inputs: scalar loss as a function of the inputs (summed over
       examples, so each example ascends its own loss).
     x: clean inputs.
-    eps, step_size, steps: ball radius, signed step length, iterations.
+    eps, step_size, steps: ball radius, signed step length, iterations
+      (eps and step_size: numbers or per-channel arrays).
     rng: a key for a uniform random start in the ball; None starts at x.
-    bounds: (low, high) valid input range, or None.
+    bounds: (low, high) valid input range (numbers or per-channel arrays), or None.
   """
   _check(eps, step_size, steps, bounds)
   x = jax.lax.stop_gradient(x)
   x_adv = x
   if rng is not None:
-    x_adv = _project(x + jax.random.uniform(rng, x.shape, x.dtype, -eps, eps), x, eps, bounds)
+    radius = _like(eps, x)
+    x_adv = _project(x + jax.random.uniform(rng, x.shape, x.dtype, -radius, radius), x, eps,
+                     bounds)
   grad = jax.grad(loss_of_inputs)
 
   def body(_, xa):
-    return _project(xa + step_size * jnp.sign(grad(xa)), x, eps, bounds)
+    return _project(xa + _like(step_size, x) * jnp.sign(grad(xa)), x, eps, bounds)
 
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, x_adv))
 
@@ -115,22 +132,35 @@ def model_loss(module: Any, variables: PyTree, batch: Batch) -> Callable[[jax.Ar
   return loss
 
 
+def _input_scale(input_scale: Radius) -> Radius:
+  """`input_scale` checked: a positive number, or a 1-D array of them (per channel)."""
+  scale = None
+  if not isinstance(input_scale, (str, bool)):
+    try:
+      scale = np.asarray(input_scale, np.float64)
+    except (TypeError, ValueError):
+      pass
+  if scale is None or scale.ndim > 1 or scale.size == 0 \
+      or not np.all(np.isfinite(scale) & (scale > 0)):
+    raise ConfigError(f"input_scale={input_scale!r}: expected a positive number, or one per "
+                      "channel (model input units per pixel unit).")
+  return float(scale) if scale.ndim == 0 else scale
+
+
 def make_attack(*, attack: str = "pgd", eps: float, step_size: float | None = None,
                 steps: int = 10, random_start: bool = True, bounds: Bounds = None,
-                input_scale: float = 1.0
+                input_scale: Radius = 1.0
                 ) -> Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array], jax.Array]:
   """`attack(loss_of_inputs, x, rng) -> x_adv` from config-style options.
 
-  eps and step_size are multiplied by `input_scale` (see module doc); bounds
-  are in input units already; step_size defaults to 2.5 * eps / steps (Madry
-  et al.).
+  eps and step_size are multiplied by `input_scale` (a number, or an array per
+  channel; see module doc); bounds are in input units already; step_size
+  defaults to 2.5 * eps / steps (Madry et al.).
   """
   if attack not in ATTACKS:
     raise ConfigError(f"attack={attack!r}: expected one of {ATTACKS}.")
   _check(eps, step_size, steps, bounds)  # the options given, before any derived from them
-  if not (isinstance(input_scale, (int, float)) and input_scale > 0):
-    raise ConfigError(f"input_scale={input_scale!r}: expected a positive number (model input "
-                      "units per pixel unit).")
+  input_scale = _input_scale(input_scale)
   step_size = 2.5 * eps / steps if step_size is None else step_size
   eps_in, step_in = eps * input_scale, step_size * input_scale
 
@@ -176,7 +206,7 @@ def _weighted_cross_entropy(logits: jax.Array, batch: Batch) -> jax.Array:
 def make_adversarial_train_step(
     module: nn.Module, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
     attack: str = "pgd", eps: float, step_size: float | None = None, steps: int = 7,
-    random_start: bool = True, bounds: Bounds = None, input_scale: float = 1.0,
+    random_start: bool = True, bounds: Bounds = None, input_scale: Radius = 1.0,
     clean_fraction: float = 0.0, loss_fn: jsteps.LossFn | None = None,
     **train_step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -200,7 +230,7 @@ def make_adversarial_train_step(
 
 def adversarial_parts(module: Any, *, attack: str = "pgd", eps: float,
                       step_size: float | None = None, steps: int = 7, random_start: bool = True,
-                      bounds: Bounds = None, input_scale: float = 1.0,
+                      bounds: Bounds = None, input_scale: Radius = 1.0,
                       clean_fraction: float = 0.0, loss_fn: jsteps.LossFn | None = None
                       ) -> tuple[Any, jsteps.LossFn, Callable]:
   """(model, loss_fn, batch_transform) of adversarial training, for
@@ -216,24 +246,32 @@ def adversarial_parts(module: Any, *, attack: str = "pgd", eps: float,
   return module, loss, _adversarial_transform(module, run_attack, clean_fraction)
 
 
+def _batch_salt(inputs: jax.Array) -> jax.Array:
+  """A uint32 hash of `inputs` that no split over devices changes: their bits
+  summed as integers, whose wrapping addition is associative (a float sum
+  rounds by the order a mesh reduces in)."""
+  bits = inputs
+  if jnp.issubdtype(inputs.dtype, jnp.floating):
+    bits = jax.lax.bitcast_convert_type(inputs.astype(jnp.float32), jnp.uint32)
+  return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
 def make_robust_eval_step(module: nn.Module, *, attack: str = "pgd", eps: float,
                           step_size: float | None = None, steps: int = 20,
                           random_start: bool = True, bounds: Bounds = None,
-                          input_scale: float = 1.0, seed: int = 0,
+                          input_scale: Radius = 1.0, seed: int = 0,
                           ) -> Callable[[PyTree, Batch], dict[str, jax.Array]]:
   """`eval_step(variables, batch) -> sums` (as `jtl.make_eval_step`) under attack.
 
   The random start is seeded by `seed` and the batch's inputs, so the result
-  is deterministic.
+  is deterministic, on one device as on a mesh.
   """
   run_attack = make_attack(attack=attack, eps=eps, step_size=step_size, steps=steps,
                            random_start=random_start, bounds=bounds, input_scale=input_scale)
   clean_eval = jsteps.make_eval_step(module)
 
   def eval_step(variables: PyTree, batch: Batch) -> dict[str, jax.Array]:
-    salt = jnp.sum(jnp.abs(batch["inputs"])).astype(jnp.float32)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed),
-                             jax.lax.bitcast_convert_type(salt, jnp.int32))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), _batch_salt(batch["inputs"]))
     x_adv = run_attack(model_loss(module, variables, batch), batch["inputs"], rng)
     return clean_eval(variables, {**batch, "inputs": x_adv})
 

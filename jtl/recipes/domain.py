@@ -232,6 +232,17 @@ def _adapt_transform(method: str, schedule: Callable[[jax.Array], jax.Array]):
   return transform
 
 
+def _domain_rows(source_mask: jax.Array | None, target_mask: jax.Array | None, n_source: int,
+                 n_target: int) -> jax.Array | None:
+  """The real rows of [source; target] (None: all); a domain without a mask
+  is all real, so a target_mask counts without a source mask too."""
+  if source_mask is None and target_mask is None:
+    return None
+  real = lambda mask, n: jnp.ones((n,), jnp.float32) if mask is None else (  # noqa: E731
+      mask.astype(jnp.float32))
+  return jnp.concatenate([real(source_mask, n_source), real(target_mask, n_target)])
+
+
 def _adapt_objective(method: str, weight: float):
   def loss_fn(outputs: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     logits, feats, dom = outputs
@@ -244,7 +255,7 @@ def _adapt_objective(method: str, weight: float):
     target_mask = batch.get("target_mask", source_mask)
     if method == "dann":
       domain_label = jnp.concatenate([jnp.zeros(n), jnp.ones(logits.shape[0] - n)])
-      rows = None if source_mask is None else jnp.concatenate([source_mask, target_mask])
+      rows = _domain_rows(source_mask, target_mask, n, logits.shape[0] - n)
       adapt = masked_mean(optax.sigmoid_binary_cross_entropy(dom.reshape(-1), domain_label),
                           rows)
       metrics["domain_accuracy"] = masked_mean(

@@ -161,3 +161,93 @@ def test_a_lora_teacher_teaches_with_its_adapters_folded_in(tmp_path, data_dir):
   unmerged = run.module.apply(run.variables, x)  # Linen ignores the adapter leaves
   assert np.abs(np.asarray(merged) - np.asarray(unmerged)).max() > 1e-3
   np.testing.assert_allclose(fn(x), merged, atol=1e-5)
+
+
+def _pixel_radius(x_adv, pixels, mul, add):
+  """Per channel: the largest pixel change and the pixels' range of `x_adv`."""
+  back = ((np.asarray(x_adv) - add) / mul).reshape(-1, 3)
+  return np.abs(back - pixels.reshape(-1, 3)).max(0), back.min(0), back.max(0)
+
+
+def test_attacks_are_eps_in_every_channel_under_imagenet_normalisation(monkeypatch):
+  """Pixel-unit eps becomes each channel's own radius and bounds (ImageNet's
+  std differ per channel): one scalar scale made them 0.1013 / 0.0991 / 0.0996
+  and pushed pixels out of [0, 1]."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from beyond_models import TinyCNN, init, labels  # pylint: disable=g-import-not-at-top
+
+  import jtl  # pylint: disable=g-import-not-at-top
+  from jtl.recipes import adversarial  # pylint: disable=g-import-not-at-top
+  mul, add = methods.pixel_affine("imagenet")
+  pixels = np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 3)).astype(np.float32)
+  pixels[:, :2], pixels[:, 2:4] = 0.0, 1.0  # black and white: the bounds bind
+  x, y = pixels * mul + add, labels(8)
+  model = TinyCNN(4)
+  v = init(model, x)
+  config = adversarial_config.get_config()
+  config.method.steps = 10
+  spec = type("Spec", (), {"normalization": "imagenet", "image_size": 8})()
+  method = methods.build(config, model, v, spec, None, None)
+  lab = jtl.label_params(v["params"], [(".*", "all")])
+  state = jtl.create_train_state(v, lab, jtl.make_optimizer(lab, learning_rate=0.1))
+  attacked, _ = jax.jit(method.batch_transform)(state, {"inputs": x, "label": y}, None)
+  eps = config.method.eps
+  radius, low, high = _pixel_radius(attacked["inputs"], pixels, mul, add)
+  assert np.all(radius <= eps + 1e-5) and np.all(radius >= eps - 1e-5), radius
+  assert low.min() >= -1e-5 and high.max() <= 1 + 1e-5, (low, high)
+  # scripts/evaluate.py --attack: the robust eval step gets the same units.
+  given = {}
+  monkeypatch.setattr(adversarial, "make_robust_eval_step", lambda m, **kw: given.update(kw))
+  run = type("Run", (), {"spec": spec, "module": model})()
+  jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda f: f)
+  evaluation._robust_eval_step(run, "pgd", eps, 10)  # pylint: disable=protected-access
+  attack = adversarial.make_attack(
+      attack="pgd", eps=eps, steps=10, input_scale=given["input_scale"], bounds=given["bounds"])
+  x_adv = jit(lambda x: attack(adversarial.model_loss(model, v, {"label": y}), x,
+                               jax.random.PRNGKey(1)))(x)
+  radius, low, high = _pixel_radius(x_adv, pixels, mul, add)
+  assert np.all(radius <= eps + 1e-5) and np.all(radius >= eps - 1e-5), radius
+  assert low.min() >= -1e-5 and high.max() <= 1 + 1e-5, (low, high)
+
+
+@pytest.mark.parametrize("name", ["dann", "coral"])
+def test_domain_methods_keep_the_strategys_l2sp_and_layer_decay(name):
+  """The optimizer of the wrapped model ("model/...", "domain/...") is the
+  strategy's: L2-SP toward the pretrained weights and layer-wise decay on the
+  model's params, as without the method; once it was a plain optimizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from jtl import partition  # pylint: disable=g-import-not-at-top
+  from jtl.recipes.strategies.l2sp import L2SPState  # pylint: disable=g-import-not-at-top
+  config = domain_config.get_config(name)
+  config.pretrained, config.num_classes = False, 10  # no dataset read
+  config.warmup_steps = 0  # a first update that is not zero
+  if name == "dann":
+    config.method.domain_hidden = 16
+  config.strategy.l2sp, config.strategy.l2sp_head, config.strategy.layer_decay = 0.5, 0.1, 0.5
+  created = experiment.build_model(config)
+  strategy = experiment.build_strategy(config, created)
+  _, variables, phases = experiment.build_training(config, created, strategy)
+  no_batches = lambda *_: (lambda start: iter(()))  # noqa: E731
+  method = methods.build(config, created.module, variables, created.spec, no_batches(),
+                         no_batches)
+  [(_, labels, tx)] = experiment.wrapped_phases(config, strategy, method, phases)
+  params = method.variables["params"]
+  trainable, _ = partition.split(params, labels)
+  state = tx.init(trainable)
+  [ref] = [s.reference for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, L2SPState)) if isinstance(s, L2SPState)]
+  assert set(ref) == {"model"}
+  jax.tree.map(np.testing.assert_array_equal, ref["model"], variables["params"])
+  # An update of the wrapped model's params is the plain strategy's on "model/".
+  moved = jax.tree.map(lambda p: p + 0.1, trainable)
+  grads = jax.tree.map(lambda p: 0.01 * np.sign(np.asarray(p) + 0.5), trainable)
+  update = lambda tx, grads, params: tx.update(grads, tx.init(params), params)[0]  # noqa: E731
+  updates, plain = jax.jit(lambda g, p: (update(tx, g, p), update(
+      phases[0][2], g["model"], p["model"])))(grads, moved)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updates["model"], plain)
+  assert float(optax.tree_utils.tree_norm(plain)) > 0
+  if name == "dann":  # the domain classifier trains with the optimizer alone
+    assert float(optax.tree_utils.tree_norm(updates["domain"])) > 0

@@ -73,3 +73,17 @@ def test_attack_by_name_and_input_scale():
   np.testing.assert_allclose(run(loss, jnp.zeros(2), None), [1.0, -1.0])
   with pytest.raises(jtl.errors.ConfigError, match="attack='cw'"):
     adversarial.make_attack(attack="cw", eps=0.1)
+
+
+def test_robust_eval_draws_the_same_random_start_on_a_mesh(setup):
+  """The random start's seed comes from the batch's inputs as integer bits:
+  a float sum of them rounded differently when a mesh split the batch."""
+  model, v, _, _ = setup
+  x = np.clip(images(16, seed=3) * 0.3 + 0.5, 0, 1)
+  batch = {"inputs": x, "label": labels(16), "mask": np.arange(16) % 5 != 3}
+  robust = adversarial.make_robust_eval_step(model, eps=0.1, steps=2, bounds=(0.0, 1.0))
+  mesh = jtl.parallel.make_mesh()
+  assert mesh.size > 1  # conftest's host devices
+  one = jax.jit(robust)(v, batch)
+  meshed = jtl.parallel.jit_eval_step(robust, mesh)(v, jtl.parallel.shard_batch(batch, mesh))
+  np.testing.assert_allclose(float(meshed["loss"]), float(one["loss"]), rtol=1e-6)

@@ -209,3 +209,26 @@ def test_a_padded_batch_adapts_on_its_real_rows_only(method):
   for u, v in zip(jax.tree.leaves(a.params["domain"] if method == "dann" else a.params),
                   jax.tree.leaves(b.params["domain"] if method == "dann" else b.params)):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dann", "coral"])
+def test_a_padded_target_adapts_on_its_real_rows_without_a_source_mask(method):
+  """target_mask alone (a full source batch) masks the target's padding: DANN
+  once put every target row into its domain loss when "mask" was absent."""
+  model = NoBatchNorm()
+  x, y = images(8), labels(8)
+  tgt = images(8, seed=9, shift=1.5)
+  module, wv = domain.wrap(model, init(model, x), x, method=method, domain_hidden=16,
+                           domain_dropout=0.0)
+  lab = jtl.label_params(wv["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(lab, learning_rate=0.01, optimizer="sgd")
+  step = jax.jit(domain.make_adapt_train_step(module, tx, labels=lab, method=method))
+  state = jtl.create_train_state(wv, lab, tx)
+  padded_target = np.concatenate([tgt[:5], np.full_like(tgt[5:], 50.0)])
+  (_, real), (_, padded) = (
+      step(state, {"inputs": x, "label": y, "target_inputs": tgt[:5]}),
+      step(state, {"inputs": x, "label": y, "target_inputs": padded_target,
+                   "target_mask": np.arange(8) < 5}))
+  assert float(padded["adapt_loss"]) == pytest.approx(float(real["adapt_loss"]), rel=1e-5)
+  if method == "dann":
+    assert float(padded["domain_accuracy"]) == pytest.approx(float(real["domain_accuracy"]))

@@ -38,6 +38,8 @@ def test_counts_must_be_ints():
     adversarial.make_attack(eps=0.1, steps=0)  # not a ZeroDivisionError of its default step
   with pytest.raises(ConfigError, match="input_scale=-1.0"):
     adversarial.make_attack(eps=0.1, input_scale=-1.0)
+  with pytest.raises(ConfigError, match=r"input_scale=\[1.0, 0.0\].*one per channel"):
+    adversarial.make_attack(eps=0.1, input_scale=[1.0, 0.0])
   with pytest.raises(OptimizerError, match="learning_rate=-0.1"):
     jtl.make_optimizer({"w": "all"}, learning_rate=-0.1)
 

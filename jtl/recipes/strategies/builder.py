@@ -128,6 +128,28 @@ def cached_probe(options: Mapping[str, Any]) -> CachedProbe | None:
   return CachedProbe(True, None, None, option is True)
 
 
+def _prefixed(prefix: str, regex: str) -> str:
+  return f"{prefix}(?:{regex})" if prefix else regex
+
+
+def _only_under(key: str | None, inner: optax.GradientTransformation
+                ) -> optax.GradientTransformation:
+  """`inner` on the subtree {key: tree[key]} of a dict tree (None: the whole
+  tree); the other keys' updates pass through unchanged."""
+  if key is None:
+    return inner
+
+  def init_fn(params):
+    return inner.init({key: params[key]})
+
+  def update_fn(updates, state, params=None):
+    sub = None if params is None else {key: params[key]}
+    out, state = inner.update({key: updates[key]}, state, sub)
+    return {**updates, **out}, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 @dataclasses.dataclass(frozen=True)
 class Strategy:
   """What a strategy hands the training loop.
@@ -171,20 +193,32 @@ class Strategy:
     return partition.summarize(self.variables["params"],
                                self.labels if labels is None else labels)
 
-  def make_optimizer(self, labels: PyTree | None = None, **kwargs: Any
-                     ) -> optax.GradientTransformation:
+  def make_optimizer(self, labels: PyTree | None = None, *, under: str | None = None,
+                     **kwargs: Any) -> optax.GradientTransformation:
     """`jtl.make_optimizer(labels, **kwargs)` plus this strategy's pieces:
-    layer-wise decay scales after it and L2-SP before it."""
+    layer-wise decay scales after it and L2-SP before it.
+
+    `under`: the key of `labels` under which this strategy's params sit in a
+    wrapping model's tree (a domain method's "model"); the pieces act on that
+    subtree, their paths and the L2-SP reference keeping the key, and the
+    wrapper's own params (the domain classifier) get the optimizer alone.
+    """
     labels = self.labels if labels is None else labels
     tx = optim.make_optimizer(labels, **kwargs)
+    own = labels if under is None else labels[under]
+    prefix = "" if under is None else f"{under}/"
+    nest = (lambda t: t) if under is None else (lambda t: {under: t})  # noqa: E731
     o = self.options
     if o["layer_decay"] is not None:
-      trainable, _ = partition.split(self.variables["params"], labels)
-      tx = optax.chain(tx, llrd.layer_decay(trainable, self.groups, o["layer_decay"],
-                                            stacked=o["stacked"], head_level=self.head_level))
+      trainable, _ = partition.split(self.variables["params"], own)
+      groups = tuple((n, _prefixed(prefix, r)) for n, r in self.groups)
+      tx = optax.chain(tx, _only_under(under, llrd.layer_decay(
+          nest(trainable), groups, o["layer_decay"], stacked=o["stacked"],
+          head_level=self.head_level)))
     if o["l2sp"] or o["l2sp_head"]:
-      tx = optax.chain(l2sp_lib.l2sp(o["l2sp"], exclude=self.head_pattern,
-                                     head_strength=o["l2sp_head"]), tx)
+      tx = optax.chain(_only_under(under, l2sp_lib.l2sp(
+          o["l2sp"], exclude=_prefixed(prefix, self.head_pattern),
+          head_strength=o["l2sp_head"])), tx)
     return tx
 
   def export_params(self, params: PyTree) -> PyTree:
