@@ -13,7 +13,7 @@ from app_helpers import config_with, load_config, photo_folder
 
 from configs import default, text_minilm
 from jtl import data, models
-from jtl.app import experiment, keys, preflight, workdirs
+from jtl.app import experiment, keys, preflight, preflight_data, workdirs
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
 
@@ -195,10 +195,10 @@ def test_num_classes_below_the_dataset_classes_is_refused_before_training(tmp_pa
     experiment.finetune(config, tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
   config.num_classes = 0  # from the dataset: three outputs
-  problems, classes = preflight.data_problems(config)
+  problems, classes = preflight_data.data_problems(config)
   assert (problems, classes) == ([], 3)
   config.num_classes = 4  # more outputs than classes is allowed
-  assert preflight.data_problems(config) == ([], 3)
+  assert preflight_data.data_problems(config) == ([], 3)
 
 
 def test_patch_model_image_size_off_the_patch_grid_is_refused_with_the_nearest_sizes():

@@ -12,7 +12,7 @@ import pytest
 from app_helpers import colour_photos, load_config
 from PIL import Image
 
-from jtl.app import evaluation, experiment, preflight
+from jtl.app import evaluation, experiment, preflight, preflight_data
 from jtl.data import sources
 from jtl.errors import ConfigError, DataError
 
@@ -259,7 +259,7 @@ def test_a_moved_dataset_resumes_and_another_runs_workdir_is_refused(photos, tmp
 def test_a_test_split_the_dataset_lacks_is_found_before_training(photos):
   config = small(load_config("folder"), photos)
   config.test_split = "tset"
-  problems, _ = preflight.data_problems(config)
+  problems, _ = preflight_data.data_problems(config)
   assert any("test_split='tset'" in p for p in problems)
   config.test_split = "test"  # the folder config's own: optional for a folder without test/
-  assert not preflight.data_problems(config)[0]
+  assert not preflight_data.data_problems(config)[0]

@@ -61,7 +61,7 @@ def test_one_class_is_refused_and_a_class_only_in_test_too(tmp_path):
   import pytest
 
   from configs import default
-  from jtl.app import preflight
+  from jtl.app import preflight, preflight_data
   from jtl.errors import ConfigError
   data = photo_folder(tmp_path / "photos")
   config = default.get_config()
@@ -69,7 +69,7 @@ def test_one_class_is_refused_and_a_class_only_in_test_too(tmp_path):
   for image in (data / "train" / "dog").iterdir():  # dogs only in the test split
     image.unlink()
   (data / "train" / "dog").rmdir()
-  problems, _ = preflight.data_problems(config)  # an output never trained, scored as errors
+  problems, _ = preflight_data.data_problems(config)  # an output never trained, scored as errors
   assert len(problems) == 1 and "have no folder of the same name" in problems[0]
   assert "test/dog" in problems[0] and "Add training images" in problems[0]
   for image in (data / "test" / "dog").iterdir():  # now one class in all
