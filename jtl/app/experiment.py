@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 
 from jtl import adapter, data, models, parallel, partition, paths
@@ -252,7 +253,8 @@ def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) 
   before each evaluation and save (0: off): the strategy's resolved
   `strategy.precise_batchnorm` (by default on where its statistics train),
   0 when the model has no BatchNorm statistics and the option is left at
-  None, and off for methods."""
+  None (a `freeze_batchnorm` set for such a model is warned about), and off
+  for methods."""
   problems = preflight.precise_batchnorm_problems(config)
   if problems:
     raise ConfigError("; ".join(problems) + ".")
@@ -262,6 +264,10 @@ def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) 
   # Linen keeps the statistics in "batch_stats", the app's NNX form (as_api) in "state".
   if variables.get("batch_stats") or variables.get("state"):
     return images
+  frozen = keys.strategy_config(config).get("freeze_batchnorm")
+  if frozen is not None:  # set by hand, yet nothing for it to act on
+    logging.warning("strategy.freeze_batchnorm=%r has no effect: model %r has no BatchNorm "
+                    "layers.", frozen, config.model)
   given = keys.strategy_config(config).get("precise_batchnorm")
   if given:
     raise ConfigError(f"strategy.precise_batchnorm={given}: model {config.model!r} has no "

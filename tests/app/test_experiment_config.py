@@ -5,6 +5,7 @@ probe, and keys of earlier configs (rules, precise_batchnorm), are errors."""
 
 import json
 import re
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -163,6 +164,11 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   with pytest.raises(ConfigError, match=r"precise_batchnorm=300: model 'efficientnet_lite0' "
                                         r"has no BatchNorm statistics"):
     images(c, no_bn)
+  c.strategy.precise_batchnorm, c.strategy.freeze_batchnorm = None, "statistics"
+  with mock.patch.object(experiment.logging, "warning") as warn:
+    assert images(c, no_bn) == images(c) == 0  # "statistics": stored, not recomputed
+  assert warn.call_count == 1 and "has no effect" in warn.call_args[0][0]  # no BatchNorm only
+  c.strategy.precise_batchnorm, c.strategy.freeze_batchnorm = 300, None
   c.method.name = "distill"  # methods train through their own wrappers
   with pytest.raises(ConfigError, match=r"precise_batchnorm=300 is not supported with method "
                                         r"'distill'"):
