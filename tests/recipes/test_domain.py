@@ -188,8 +188,9 @@ class NoBatchNorm(nn.Module):
     return self.head(self.features(x, train=train))
 
 
-@pytest.mark.parametrize("method", ["dann", "coral"])
-def test_a_padded_batch_adapts_on_its_real_rows_only(method):
+def _adapt_setup(method):
+  """(source images, labels, target images, the jitted adaptation step, its
+  start state) of a small model without BatchNorm, trained by SGD."""
   model = NoBatchNorm()
   x, y = images(8), labels(8)
   tgt = images(8, seed=9, shift=1.5)
@@ -199,6 +200,12 @@ def test_a_padded_batch_adapts_on_its_real_rows_only(method):
   tx = jtl.make_optimizer(lab, learning_rate=0.01, optimizer="sgd")
   step = jax.jit(domain.make_adapt_train_step(module, tx, labels=lab, method=method))
   state = jtl.create_train_state(wv, lab, tx)
+  return x, y, tgt, step, state
+
+
+@pytest.mark.parametrize("method", ["dann", "coral"])
+def test_a_padded_batch_adapts_on_its_real_rows_only(method):
+  x, y, tgt, step, state = _adapt_setup(method)
   real = {"inputs": x[:5], "label": y[:5], "target_inputs": tgt[:5]}
   # Rows 5..7 are padding (garbage inputs), masked out: the same step as on 5 rows.
   junk = lambda a: np.concatenate([a[:5], 100.0 + 0 * a[5:]]) if a.ndim > 1 else a
@@ -215,15 +222,7 @@ def test_a_padded_batch_adapts_on_its_real_rows_only(method):
 def test_a_padded_target_adapts_on_its_real_rows_without_a_source_mask(method):
   """target_mask alone (a full source batch) masks the target's padding: DANN
   once put every target row into its domain loss when "mask" was absent."""
-  model = NoBatchNorm()
-  x, y = images(8), labels(8)
-  tgt = images(8, seed=9, shift=1.5)
-  module, wv = domain.wrap(model, init(model, x), x, method=method, domain_hidden=16,
-                           domain_dropout=0.0)
-  lab = jtl.label_params(wv["params"], [(".*", "all")])
-  tx = jtl.make_optimizer(lab, learning_rate=0.01, optimizer="sgd")
-  step = jax.jit(domain.make_adapt_train_step(module, tx, labels=lab, method=method))
-  state = jtl.create_train_state(wv, lab, tx)
+  x, y, tgt, step, state = _adapt_setup(method)
   padded_target = np.concatenate([tgt[:5], np.full_like(tgt[5:], 50.0)])
   (_, real), (_, padded) = (
       step(state, {"inputs": x, "label": y, "target_inputs": tgt[:5]}),
