@@ -28,6 +28,7 @@ from jtl.app.experiment import eval_batches
 from jtl.checkpoint import layout, restore
 from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
+from jtl.data.checks import class_differences
 from jtl.errors import ConfigError, DataError, JtlError, bullet_list
 from jtl.export import quantize
 from jtl.optim import tree_bytes
@@ -218,18 +219,17 @@ def _class_differences(ours: list[str] | None, theirs: list[str], classes: int) 
   if ours is None:  # an older run's meta: only the count is known
     return [] if len(theirs) == classes else [
         f"the dataset has {len(theirs)} classes, the run's head {classes}"]
-  ours = [str(n) for n in ours]
+  differences = class_differences(ours, theirs)
+  if differences is None:
+    return []
+  missing, extra = differences
   problems = []
-  missing = [n for n in ours if n not in theirs]
-  extra = [n for n in theirs if n not in ours]
   if missing:
     problems.append(f"missing (the run's, not in this dataset): {', '.join(missing)}")
   if extra:
     problems.append(f"extra (in this dataset, not the run's): {', '.join(extra)}")
-  if not problems and ours != theirs:
-    problems.append(f"reordered: the run's order is {', '.join(ours)}; this dataset's "
-                    f"{', '.join(theirs)}")
-  return problems
+  return problems or [f"reordered: the run's order is {', '.join(map(str, ours))}; this "
+                      f"dataset's {', '.join(theirs)}"]
 
 
 def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, precision: str,

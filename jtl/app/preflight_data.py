@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from jtl.data import folder, sources
+from jtl.data.checks import class_differences
 from jtl.errors import JtlError, bullet_list
 
 
@@ -98,10 +99,10 @@ def class_name_problems(config: ml_collections.ConfigDict, found: dict[str, Any]
     return []
   train = list(found["train_split"].info().class_names)
   other = list(found["eval_split"].info().class_names)
-  if train == other:
+  differences = class_differences(train, other)
+  if differences is None:
     return []
-  only_train = [n for n in train if n not in other]
-  only_eval = [n for n in other if n not in train]
+  only_train, only_eval = differences
   detail = (f"only in dataset: {only_train}; only in eval_dataset: {only_eval}"
             if only_train or only_eval else f"the same names in another order: {train} and {other}")
   return [f"eval_dataset {config.eval_dataset!r} has other classes than dataset "

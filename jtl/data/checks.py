@@ -2,12 +2,13 @@
 labels (class indices within the classes, or soft labels: distributions
 over them), in-memory texts (str or UTF-8 bytes) and audio clips ([N,
 samples]). Each check names every problem at once in one DataError.
+`class_differences` compares two lists of class names where label i is class i.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,3 +112,20 @@ def checked_audio(split: str, values: Any, problems: list[str]) -> np.ndarray:
     log.warning("Float audio of split %r lies in [-1, 1]; jtl expects 16-bit units "
                 "(-32768..32767): multiply by 32768.", split)
   return x.astype(np.float32)
+
+
+def class_differences(expected: Sequence[Any], found: Sequence[Any]
+                      ) -> tuple[list[str], list[str]] | None:
+  """None when `found` names the classes of `expected` in its order (label i
+  is class i); else (the names only in `expected`, those only in `found`),
+  both empty when only the order differs.
+
+  >>> class_differences(["cat", "dog"], ["cat", "dog"]) is None
+  True
+  >>> class_differences(["cat", "dog"], ["dog", "ship"]), class_differences("ab", "ba")
+  ((['cat'], ['ship']), ([], []))
+  """
+  expected, found = [str(n) for n in expected], [str(n) for n in found]
+  if expected == found:
+    return None
+  return [n for n in expected if n not in found], [n for n in found if n not in expected]
