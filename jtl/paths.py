@@ -112,7 +112,7 @@ _NOT_RESOLVED = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NON
 def check_reachable(p: PathLike) -> None:
   """Raises a CheckpointError naming `p` and what to check (network, DNS,
   credentials, STORAGE_EMULATOR_HOST) when the bucket of a `gs://` path
-  cannot be reached; once per bucket and server in a process. Local paths
+  cannot be reached; once per path and server in a process. Local paths
   pass.
 
   >>> check_reachable("runs/x")  # local: nothing to check
@@ -120,9 +120,8 @@ def check_reachable(p: PathLike) -> None:
   if not is_remote(p):
     return
   url = os.fspath(p)
-  bucket = url.split("://", 1)[1].split("/", 1)[0]
   try:
-    _reach(url.split("://", 1)[1].rstrip("/"), bucket, os.environ.get("STORAGE_EMULATOR_HOST"))
+    _reach(url.split("://", 1)[1].rstrip("/"), os.environ.get("STORAGE_EMULATOR_HOST"))
   except CheckpointError:
     raise
   except Exception as e:  # aiohttp's, google.auth's, gcsfs's and the OS's own error classes
@@ -130,10 +129,10 @@ def check_reachable(p: PathLike) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _reach(target: str, bucket: str, emulator: str | None) -> None:
-  """One request for `target` (bucket/path), raising what it meets; cached
-  per `bucket` and `emulator` once it succeeds."""
-  del bucket  # the cache's key
+def _reach(target: str, emulator: str | None) -> None:
+  """One request for `target` (bucket/path: the workdir, which needs no
+  bucket-level permission), raising what it meets; cached per path and
+  server once it succeeds."""
   setup_gcs()
   # Before the filesystem: making one probes for credentials (~17 s without a network).
   location = getattr(_optional.require("gcsfs.core", "gs:// paths (jtl.paths)"), "_location",
