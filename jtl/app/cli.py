@@ -118,8 +118,8 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
   exit status 2. A script with a --config flag prints every config key with
   its default and meaning (`keys.listing()`) for `--keys` (then exits, status
   0) and after absl's `--helpfull` output; asked-for help exits 0 (absl's own
-  status is 1). `--config.<key>=None` sets None; the last occurrence of a key
-  wins, as for any flag."""
+  status is 1). `--config.<key>=None` or `--config.<key> None` sets None; the
+  last occurrence of a key wins, as for any flag."""
   takes_config = "config" in flags.FLAGS
   if takes_config and any(a in ("--keys", "-keys") for a in argv[1:]):
     print(keys.listing())
@@ -156,16 +156,19 @@ def _config_key(arg: str) -> str | None:
 
 def _split_nones(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """(keys to set to None after parsing, argv without its `--config.<key>=None`
-  args). ml_collections would parse None as the string 'None', or fail for a
-  number. A None that a later arg of the same key overrides is dropped: the
-  last occurrence wins."""
-  nones, kept = [], list(argv[:1])
-  for i, arg in enumerate(argv[1:], 1):
-    key = _config_key(arg)
-    if key is None or not arg.endswith("=None"):
+  and `--config.<key> None` args). ml_collections would parse None as the
+  string 'None', or fail for a number. A None that a later arg of the same key
+  overrides is dropped: the last occurrence wins."""
+  nones, kept, args = [], list(argv[:1]), list(argv[1:])
+  i = 0
+  while i < len(args):
+    arg, key = args[i], _config_key(args[i])
+    spaced = key is not None and "=" not in arg and args[i + 1:i + 2] == ["None"]
+    if key is None or not (arg.endswith("=None") or spaced):
       kept.append(arg)
-    elif not any(_config_key(later) == key for later in argv[i + 1:]):
+    elif not any(_config_key(later) == key for later in args[i + 1:]):
       nones.append(key)
+    i += 2 if spaced else 1
   return nones, kept
 
 
@@ -232,18 +235,8 @@ def _command_line_error(argv: Sequence[str], e: Exception) -> str:
   if unknown:
     return _unknown_keys_message(unknown, valid, path)
   script = os.path.basename(argv[0]) if argv else "the script"
-  return (f"invalid command line: {type(e).__name__}: {e}{_space_none_hint(argv)}\n"
+  return (f"invalid command line: {type(e).__name__}: {e}\n"
           f"Run {script} --helpfull for the flags.")
-
-
-def _space_none_hint(argv: Sequence[str]) -> str:
-  """For `--config.clip_norm None`: only the `=None` form means None."""
-  for arg, following in zip(argv, list(argv[1:]) + [""]):
-    key = _config_key(arg)
-    if key and "=" not in arg and following == "None":
-      return (f"\n'--config.{key} None' passes the text 'None': write --config.{key}=None "
-              "(with '=') for None.")
-  return ""
 
 
 def _unknown_keys_message(unknown: list[str], valid: list[str], path: str | None) -> str:

@@ -190,8 +190,12 @@ def test_the_last_none_or_value_of_a_key_wins(monkeypatch, capsys):
   config, _ = _parse(monkeypatch, capsys, cnn, "--config.test_split=tset",
                      "--config.test_split=None")
   assert config.test_split is None
-  _, err = _parse(monkeypatch, capsys, cnn, "--config.clip_norm", "None")
-  assert "write --config.clip_norm=None (with '=') for None" in err, err
+  config, _ = _parse(monkeypatch, capsys, cnn, "--config.clip_norm", "None",
+                     "--config.test_split", "None", "--config.num_steps", "7")
+  assert (config.clip_norm, config.test_split, config.num_steps) == (None, None, 7)
+  config, _ = _parse(monkeypatch, capsys, cnn, "--config.test_split", "None",
+                     "--config.test_split=tset")
+  assert config.test_split == "tset"
 
 
 def test_a_missing_or_failing_config_file_is_one_message(monkeypatch, capsys):
