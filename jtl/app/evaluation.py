@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from jtl import _optional, data, export, paths, steps, train
-from jtl.app import keys, methods, workdirs
+from jtl.app import figures, keys, methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.checkpoint import layout, restore
 from jtl.batchnorm import recompute_batchnorm
@@ -334,36 +334,11 @@ def _class_names(config: ml_collections.ConfigDict, classes: int) -> list[str]:
 def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *,
                     title: str) -> None:
   plt = _optional.require("matplotlib.pyplot", "The confusion matrix PNG")
-  fig = confusion_figure(confusion, names, title=title)
+  fig = figures.confusion_figure(confusion, names, title=title)
   try:
     paths.save_figure(fig, path)
   finally:
     plt.close(fig)
-
-
-def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = "") -> Any:
-  """The confusion matrix as a matplotlib figure: true classes down, predicted
-  across, labelled with the class names (up to 50 classes), counts written in
-  each cell (up to 20 classes), white on dark cells and black on light ones."""
-  matplotlib = _optional.require("matplotlib", "The confusion matrix figure")
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  n = len(confusion)
-  side = min(4 + 0.45 * n, 24)
-  fig, ax = plt.subplots(figsize=(side + 1, side))
-  image = ax.imshow(confusion, cmap="Blues")
-  fig.colorbar(image)
-  ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
-  if n <= 50:  # class names on the axes; integer ticks only where they would not fit
-    ax.set_xticks(range(n), names, rotation=90 if n > 5 else 0)
-    ax.set_yticks(range(n), names)
-  if n <= 20:
-    dark = confusion.max() / 2 if confusion.size else 0
-    for (i, j), v in np.ndenumerate(confusion):  # white on dark cells, black on light ones
-      ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-              color="white" if v > dark else "black")
-  fig.tight_layout()
-  return fig
 
 
 def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | str = "best",

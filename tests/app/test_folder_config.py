@@ -184,19 +184,6 @@ def test_adding_a_photo_moves_no_other_photo_between_validation_and_training(tmp
   assert held == {"/".join(Path(f).parts[-2:]) for f, s in after.items() if s == "val"}
 
 
-def test_confusion_figure_has_class_names_and_readable_counts():
-  import matplotlib.pyplot as plt
-  confusion = np.array([[9, 1], [0, 7]])
-  fig = evaluation.confusion_figure(confusion, ["cat", "dog"], title="t")
-  ax = fig.axes[0]
-  assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
-  assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog"]
-  assert list(ax.get_xticks()) == [0, 1]  # one tick per class, not -0.5..1.5
-  colors = {t.get_text(): t.get_color() for t in ax.texts}
-  assert colors == {"9": "white", "7": "white", "1": "black", "0": "black"}
-  plt.close(fig)
-
-
 def test_lp_ft_phases_without_cache_take_their_own_learning_rates():
   import jax
   import jax.numpy as jnp
