@@ -118,14 +118,27 @@ def class_differences(expected: Sequence[Any], found: Sequence[Any]
                       ) -> tuple[list[str], list[str]] | None:
   """None when `found` names the classes of `expected` in its order (label i
   is class i); else (the names only in `expected`, those only in `found`),
-  both empty when only the order differs.
+  both empty when only the order differs. Names that are only the label
+  numbers ("0", "1", ...: a source without names, such as TFDS's cifar10_1)
+  name nothing: then only the class counts are compared.
 
   >>> class_differences(["cat", "dog"], ["cat", "dog"]) is None
   True
   >>> class_differences(["cat", "dog"], ["dog", "ship"]), class_differences("ab", "ba")
   ((['cat'], ['ship']), ([], []))
+  >>> class_differences(["cat", "dog"], ["0", "1"]) is None
+  True
   """
   expected, found = [str(n) for n in expected], [str(n) for n in found]
   if expected == found:
     return None
+  if len(expected) == len(found) and (_numbered(expected) or _numbered(found)):
+    log.info("One side's classes have no names (only label numbers): only their count, %d, "
+             "was compared.", len(found))
+    return None
   return [n for n in expected if n not in found], [n for n in found if n not in expected]
+
+
+def _numbered(names: list[str]) -> bool:
+  """Whether the names are only the label numbers, "0" to "n-1" in order."""
+  return names == [str(i) for i in range(len(names))]

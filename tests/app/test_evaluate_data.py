@@ -61,6 +61,19 @@ def test_reordered_classes_are_refused():
   assert _class_differences(["a", "b"], ["a", "b"], 2) == []
 
 
+def test_a_dataset_without_class_names_is_compared_by_count():
+  """Audit: CIFAR-10 -> TFDS's cifar10_1 (a ClassLabel without names: "0".."9")
+  was refused as 'other classes'."""
+  from jtl.app.evaluation import _class_differences  # pylint: disable=protected-access
+  named = ["airplane", "automobile", "bird"]
+  assert _class_differences(named, ["0", "1", "2"], 3) == []
+  assert _class_differences(["0", "1", "2"], named, 3) == []
+  assert _class_differences(named, ["0", "1"], 3) == [
+      "missing (the run's, not in this dataset): airplane, automobile, bird",
+      "extra (in this dataset, not the run's): 0, 1"]
+  assert _class_differences(named, ["0", "2", "1"], 3) != []  # folders named by numbers
+
+
 def test_moved_data_gets_its_own_files_and_a_missing_folder_names_the_flag(run, tmp_path):
   workdir, photos = run
   own = evaluation.evaluate_workdir(workdir, split="test")
