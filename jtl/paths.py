@@ -68,10 +68,11 @@ def setup_gcs() -> None:
   from etils.epath import gpath  # pylint: disable=g-import-not-at-top
   if hasattr(gpath, "_is_tf_installed"):
     gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
-  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-  if emulator:
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
   import fsspec  # pylint: disable=g-import-not-at-top  (etils[epath] brings it)
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  endpoint = fsspec.config.conf.get("gcs", {}).get("endpoint_url") or emulator
+  if endpoint:  # FSSPEC_GCS_ENDPOINT_URL (Private Service Connect, say) or an emulator
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", endpoint)
   gcsfs_core = _optional.require("gcsfs.core", "gs:// paths (jtl.paths)")
   # gcsfs's default class first asks a gRPC control API for the bucket type,
   # a call GCS-API servers other than Google's time out on (60 s per call);
@@ -119,27 +120,39 @@ def check_reachable(p: PathLike) -> None:
   """
   if not is_remote(p):
     return
-  url = os.fspath(p)
+  url, endpoint = os.fspath(p), _endpoint()
   try:
-    _reach(url.split("://", 1)[1].rstrip("/"), os.environ.get("STORAGE_EMULATOR_HOST"))
+    _reach(url.split("://", 1)[1].rstrip("/"), endpoint)
   except CheckpointError:
     raise
   except Exception as e:  # aiohttp's, google.auth's, gcsfs's and the OS's own error classes
-    raise CheckpointError(unreachable_message(url, e)) from e
+    raise CheckpointError(unreachable_message(url, e, endpoint)) from e
+
+
+def _endpoint() -> str:
+  """The GCS-API server gcsfs will use: fsspec's `gcs.endpoint_url` setting
+  (FSSPEC_GCS_ENDPOINT_URL: a Private Service Connect endpoint, say), else
+  STORAGE_EMULATOR_HOST, else storage.googleapis.com."""
+  setup_gcs()
+  import fsspec  # pylint: disable=g-import-not-at-top
+  configured = fsspec.config.conf.get("gcs", {}).get("endpoint_url")
+  if configured:
+    return configured
+  location = getattr(_optional.require("gcsfs.core", "gs:// paths (jtl.paths)"), "_location",
+                     None)
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  return location() if location else (
+      emulator if emulator and "://" in emulator else
+      f"http://{emulator}" if emulator else "https://storage.googleapis.com")
 
 
 @functools.lru_cache(maxsize=None)
-def _reach(target: str, emulator: str | None) -> None:
+def _reach(target: str, endpoint: str) -> None:
   """One request for `target` (bucket/path: the workdir, which needs no
-  bucket-level permission), raising what it meets; cached per path and
-  server once it succeeds."""
-  setup_gcs()
-  # Before the filesystem: making one probes for credentials (~17 s without a network).
-  location = getattr(_optional.require("gcsfs.core", "gs:// paths (jtl.paths)"), "_location",
-                     None)
-  server = urllib.parse.urlsplit(location() if location else (
-      emulator if emulator and "://" in emulator else
-      f"http://{emulator}" if emulator else "https://storage.googleapis.com"))
+  bucket-level permission) at `endpoint`, raising what it meets; cached per
+  path and server once it succeeds."""
+  # The name first: making the filesystem probes for credentials (~17 s without a network).
+  server = urllib.parse.urlsplit(endpoint)
   try:
     if not _behind_proxy():  # a proxy resolves the name, not this machine
       socket.getaddrinfo(server.hostname, server.port or 443)
@@ -154,11 +167,12 @@ def _behind_proxy() -> bool:
   return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
 
-def unreachable_message(url: str, error: BaseException) -> str:
-  """What a bucket URL that cannot be reached needs checked, for an error."""
+def unreachable_message(url: str, error: BaseException, endpoint: str) -> str:
+  """What a bucket URL that cannot be reached at `endpoint` needs checked."""
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   server = (f"the GCS-API server STORAGE_EMULATOR_HOST={emulator} (is it running? unset the "
-            "variable for Google Cloud Storage)" if emulator else "storage.googleapis.com")
+            "variable for Google Cloud Storage)" if emulator and emulator in endpoint else
+            urllib.parse.urlsplit(endpoint).hostname)
   return (f"Cannot reach {url} ({type(error).__name__}: {str(error)[:300]}). Check the "
           f"network and DNS ({server} must be reachable from this machine) and the "
           "credentials: `gcloud auth application-default login`, or "

@@ -337,8 +337,8 @@ def test_a_bucket_lock_is_renewed_and_one_past_its_lease_taken_over(gcs_server, 
 
 @pytest.fixture
 def fresh_gcs(monkeypatch):
-  """jtl's bucket set-up and gcsfs's filesystems made anew for this test's
-  server (STORAGE_EMULATOR_HOST), and undone after it."""
+  """jtl's bucket set-up and gcsfs's (and epath's) filesystems made anew for
+  this test's server, and undone after it."""
   import fsspec
   import gcsfs
 
@@ -347,9 +347,12 @@ def fresh_gcs(monkeypatch):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("EPATH_USE_TF", "false")
   monkeypatch.setitem(fsspec.config.conf, "gcs", {})
+  from etils.epath import backend as epath_backend
   reach = paths._reach  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  epath_filesystems = epath_backend._FileSystemSpecBackend._get_filesystem
   clears = [paths.setup_gcs.cache_clear, reach.cache_clear,
-            gcsfs.GCSFileSystem.clear_instance_cache]
+            gcsfs.GCSFileSystem.clear_instance_cache, epath_filesystems.cache_clear]
   for clear in clears:
     clear()
   yield paths
@@ -386,6 +389,32 @@ def test_a_bucket_whose_server_name_does_not_resolve_is_one_error_at_once(fresh_
   assert asked == ["jtl-test.invalid"]  # asked once, never retried
   problem = workdirs.writable_problem("gs://bkt/run")  # finetune.py's preflight
   assert problem.startswith("workdir: Cannot reach gs://bkt/run") and "free space" not in problem
+
+
+def test_a_bucket_reached_through_fsspecs_endpoint_url_is_accepted(gcs_server, fresh_gcs,
+                                                                    monkeypatch):
+  """Audit: a working setup through gcsfs's own endpoint setting
+  (FSSPEC_GCS_ENDPOINT_URL: a Private Service Connect endpoint, a GCS-API
+  server) was refused: the check resolved storage.googleapis.com instead."""
+  import fsspec
+  import socket
+
+  from jtl.app import workdirs
+  for name in ("STORAGE_EMULATOR_HOST", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setitem(fsspec.config.conf, "gcs", {"endpoint_url": gcs_server, "token": "anon"})
+  resolve, asked = socket.getaddrinfo, []
+
+  def only_the_endpoint(host, *args, **kwargs):  # as in a VPC that reaches GCS only via PSC
+    asked.append(host)
+    if host != "127.0.0.1":
+      raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return resolve(host, *args, **kwargs)
+
+  monkeypatch.setattr(socket, "getaddrinfo", only_the_endpoint)
+  assert workdirs.writable_problem(f"gs://{BUCKET}/psc-{uuid.uuid4().hex[:8]}") is None, asked
+  assert asked[0] == "127.0.0.1"
+  assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == gcs_server  # the arrays go there too
 
 
 def test_a_bucket_server_that_refuses_is_one_error_and_gcsfs_logs_no_traceback(
