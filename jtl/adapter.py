@@ -17,7 +17,7 @@ layers then run with their stored statistics. Three adapters give it:
 - `NnxModel(module, ...)`: a Flax NNX module. It is split once
   (`nnx.split`) into its graph definition and state; `params` are its
   `nnx.Param` leaves as a pure dict, `model_state` = {"state": its other
-  variables (BatchStat, ...)}. Inside the pure step it is merged again, put
+  variables (BatchStat, ...; not the values it sows)}. Inside the pure step it is merged again, put
   in train or eval mode, its frozen BatchNorm layers set to their stored
   statistics and its rng streams reseeded from the step's key.
   `update_module(module, state)` writes a trained state back.
@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jtl import tree as jtree
 from jtl.errors import StepError
 from jtl.tree import PyTree
 from jtl.variable_checks import check_variables, linen_variable_errors
@@ -291,6 +292,24 @@ def _nnx():
   return nnx
 
 
+def split_nnx(module: Any) -> tuple[Any, Any, Any, Any]:
+  """(graphdef, params, rng state, the rest) of an NNX `module`, without its
+  sown values (`Module.sow`, nnx.Intermediate): a call's outputs, not state
+  to train or checkpoint, which the next call would add to. `module` keeps them."""
+  nnx = _nnx()
+  if nnx.state(module, nnx.Intermediate):  # a copy without them: the graphdef lacks them too
+    module = nnx.clone(module)
+    nnx.pop(module, nnx.Intermediate)
+  return nnx.split(module, nnx.Param, nnx.RngState, ...)
+
+
+def sown_paths(module: Any) -> set[str]:
+  """The "state/..." paths of the values an NNX `module` holds sown, which
+  its variables leave out (`split_nnx`)."""
+  nnx = _nnx()
+  return set(jtree.flatten({"state": nnx.to_pure_dict(nnx.state(module, nnx.Intermediate))}))
+
+
 def is_nnx_module(x: Any) -> bool:
   """Whether `x` is a Flax NNX module (without importing NNX if nothing did)."""
   nnx = sys.modules.get("flax.nnx")
@@ -310,7 +329,8 @@ class NnxModel:
       "deterministic" (`deterministic=False` when training), ...; None: none.
 
   `variables` is {"params": <nnx.Param leaves as a pure dict>, "state": <the
-  other variables except rng state>} (no "state" if there are none): what
+  other variables except rng state and sown values (`split_nnx`)>} (no
+  "state" if there are none): what
   `label_params`, `create_train_state` and checkpoints take. A Linen module
   wrapped in `nnx.bridge.ToNNX` is called with its `train=` flag and mutable
   BatchNorm statistics.
@@ -323,8 +343,7 @@ class NnxModel:
     if not isinstance(module, nnx.Module):
       raise StepError(f"NnxModel needs a flax.nnx.Module, got {type(module).__name__}.")
     self.train_kwarg = train_kwarg
-    self.graphdef, self._params, self._rngs, self._rest = nnx.split(
-        module, nnx.Param, nnx.RngState, ...)
+    self.graphdef, self._params, self._rngs, self._rest = split_nnx(module)
     self._streams = sorted({s.tag for _, s in nnx.iter_graph(module)
                             if isinstance(s, nnx.RngStream)})
     self.call, self.output = call, output
@@ -376,7 +395,7 @@ class NnxModel:
     out = self.call_module(module, inputs, train=train, frozen_paths=frozen_paths)
     if not train or "state" not in model_state:
       return select_output(out, self.output), model_state
-    rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]
+    rest = split_nnx(module)[3]
     return select_output(out, self.output), {"state": nnx.to_pure_dict(rest)}
 
 
@@ -450,10 +469,11 @@ def update_module(module: Any, state: Any) -> Any:
   if not isinstance(module, nnx.Module):
     raise StepError(f"update_module needs a flax.nnx.Module, got {type(module).__name__}.")
   variables = state.variables if hasattr(state, "variables") else state
-  _, params, _, other = nnx.split(module, nnx.Param, nnx.RngState, ...)
+  _, params, _, other = split_nnx(module)
   check_variables(
       variables, {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(other)},
       what=f"update_module({type(module).__name__}, ...)", allow_missing=True,
+      sown=sown_paths(module),
       advice="Pass variables of a module built as this one (its run's checkpoint, "
       "jtl.restore_variables; jtl.adapter.variables_of(module)); nothing was written.")
   # Fresh device arrays, never host numpy views: those are read-only, and a

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import parallel
-from jtl.adapter import NnxModel, as_model
+from jtl.adapter import NnxModel, as_model, split_nnx
 from jtl.errors import ConfigError
 from jtl.tree import PyTree, flatten, unflatten
 
@@ -254,7 +254,7 @@ def _write_nnx(model: NnxModel, variables: PyTree,
       mean, var = stats[key]
       layer.mean.set_value(np.asarray(mean, layer.mean.get_value().dtype))
       layer.var.set_value(np.asarray(var, layer.var.get_value().dtype))
-  rest = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
+  rest = nnx.to_pure_dict(split_nnx(module)[3])
   return {**variables, "state": rest}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtl.adapter import NnxModel, is_nnx_module, variables_of
+from jtl.adapter import NnxModel, is_nnx_module, sown_paths, variables_of
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError, StepError
 from jtl.steps import Batch
@@ -166,7 +166,7 @@ def initial_variables(module: Any, variables: PyTree | None,
         "jtl.adapter.variables_of(module) after loading weights into it, or "
         "jtl.load_pretrained(source, like=jtl.adapter.variables_of(module))[0].",
         lora_advice="train them with module=jtl.recipes.strategies.LoraWeights(module, alpha), "
-        f"or {MERGE_LORA}")
+        f"or {MERGE_LORA}", sown=sown_paths(module) if is_nnx_module(module) else ())
   if batchnorm_batches is not None and set(variables) == {"params"}:
     raise ConfigError("fit(batchnorm_batches=...): the variables hold no BatchNorm statistics "
                       "(only 'params'); drop batchnorm_batches for a model without BatchNorm.")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import flax.errors
@@ -54,10 +54,12 @@ def _pure(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_variables(given: Any, expected: PyTree, *, what: str, advice: str,
-                    allow_missing: bool = False, lora_advice: str = MERGE_LORA) -> None:
+                    allow_missing: bool = False, lora_advice: str = MERGE_LORA,
+                    sown: Collection[str] = ()) -> None:
   """Raises one StepError listing the paths of `given` that the module's
   variables `expected` (arrays or abstract leaves) lack, those of another
   shape and, unless `allow_missing`, the module's paths that `given` lacks.
+  `sown`: the paths of values an NNX module sowed, not among its variables.
   `what` (the call) starts the message and `advice` ends it. Shapes only:
   nothing is computed or compiled."""
   if not isinstance(given, Mapping):
@@ -87,6 +89,11 @@ def check_variables(given: Any, expected: PyTree, *, what: str, advice: str,
   if lora:
     parts.append(f"{len(lora)} of the leaves not in the module are LoRA adapters "
                  f"({lora[0]}, ...), which the plain module has no place for: {lora_advice}.")
+  outputs = [p for p in extra if p in sown]
+  if outputs:
+    parts.append(f"{len(outputs)} of them ({outputs[0]}, ...) are values the module sowed "
+                 "(Module.sow, nnx.Intermediate): its outputs, not variables to train or "
+                 "load; leave them out, as jtl.adapter.variables_of(module) does.")
   raise StepError("\n".join(parts + [advice]).rstrip())
 
 

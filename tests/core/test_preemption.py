@@ -185,19 +185,24 @@ def test_cached_probe_stopped_during_extraction_releases_the_lock(tmp_path):
   labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", jtl.partition.FROZEN)])
   head = {"head": jax.tree.map(lambda _: "head", variables["params"]["head"])}
 
-  def train_pass():  # preempted while the backbone runs over the training split
-    yield batch(8, classes=4, seed=0)
-    os.kill(os.getpid(), signal.SIGTERM)
-    yield batch(8, classes=4, seed=1)
+  read = []
 
-  with pytest.raises(Preempted, match=r"SIGTERM after extracting the features\. Nothing "
-                                          r"was saved yet in .* its lock is released"):
+  def train_pass():  # preempted while the backbone runs over the training split
+    for seed in range(4):
+      if seed == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      read.append(seed)
+      yield batch(8, classes=4, seed=seed)
+
+  with pytest.raises(Preempted, match=r"SIGTERM while extracting the features \(at batch 2\)"
+                                          r"\. Nothing was saved yet in .* its lock is released"):
     features.fit_cached_probe(
         module=module, variables=variables, labels=labels,
         tx=jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd"),
         head_tx=jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd"),
         train_pass=train_pass(), num_steps=5, batch_size=8, workdir=tmp_path)
   assert not (tmp_path / "jtl.lock").exists() and finished_steps(tmp_path) == []
+  assert read == [0, 1]  # stopped at the next batch read, not after the whole pass
 
 
 def test_a_signal_during_work_with_nothing_to_save_stops_at_once_saying_so():

@@ -80,7 +80,8 @@ def test_cached_head_phase_on_given_features_trains_the_same_head_without_a_back
   assert row["reused_features"] == 0.0 and row["extract_seconds"] > 0
   assert reused_row["reused_features"] == 1.0 and reused_row["extract_seconds"] == 0.0
   assert reused_row["cached_examples"] == row["cached_examples"] == 20
-  assert stops == ["after extracting the features"]  # the extracting phase's only
+  assert stops == [*(f"while extracting the features (at batch {n})" for n in (1, 2, 3)),
+                   "after extracting the features"]  # the extracting phase's, none when reused
   with pytest.raises(ValueError, match="train_pass or train_features"):
     strategies.cached_head_phase(module, None, optax.sgd(0.5), **kw)
 

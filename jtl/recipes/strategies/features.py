@@ -236,7 +236,8 @@ def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]] | None,
   backbone pass (`train_pass` may be None) and the head trains exactly as
   after one. Its metrics row: extract_seconds (0 when given), head_seconds,
   head_compile_seconds, steps_per_second (head steps), cached_examples,
-  reused_features (1.0 when given, else 0.0)."""
+  reused_features (1.0 when given, else 0.0). Each batch read of the pass,
+  and its end, is a stop point (`jtl.phases.SelfTrained`)."""
   if train_pass is None and train_features is None:
     raise ValueError("cached_head_phase needs train_pass or train_features.")
 
@@ -244,7 +245,8 @@ def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]] | None,
           ) -> tuple[dict[str, Any], dict[str, float]]:
     t0 = time.perf_counter()
     if train_features is None:
-      feats, ys = extract_features(module, variables, train_pass, mesh=mesh)
+      feats, ys = extract_features(module, variables, _each_read(train_pass, stop_point),
+                                   mesh=mesh)
       stop_point("after extracting the features")
     else:
       feats, ys = train_features
@@ -261,6 +263,16 @@ def cached_head_phase(module: Any, train_pass: Iterable[dict[str, Any]] | None,
         "steps_per_second": head_steps / (t2 - t1), "cached_examples": len(ys),
         "reused_features": float(train_features is not None)}
   return phases.SelfTrained(run, steps)
+
+
+def _each_read(batches: Iterable[dict[str, Any]], stop_point: Callable[[str], None]
+               ) -> Iterator[dict[str, Any]]:
+  """`batches`, with `stop_point` called at each batch read: under `fit` it beats
+  the workdir lock's heartbeat (a pass over a big split can outlast its
+  `STALL_S`) and stops a preempted run there, not after the whole pass."""
+  for n, batch in enumerate(batches, 1):
+    stop_point(f"while extracting the features (at batch {n})")
+    yield batch
 
 
 def fit_cached_probe(*, module: Any, variables: PyTree, labels: PyTree,
