@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import importlib.util
@@ -127,6 +128,7 @@ def parse_flags_with_config_keys(argv: Sequence[str]) -> list[str]:
   if takes_config:
     _refuse_missing_config_file(argv)
   nones, parsed = _split_nones(argv) if takes_config else ([], list(argv))
+  parsed = _name_lists_as_tuples(parsed) if takes_config else parsed
   try:
     rest = flags.FLAGS(parsed)
     if takes_config:
@@ -170,6 +172,41 @@ def _split_nones(argv: Sequence[str]) -> tuple[list[str], list[str]]:
       nones.append(key)
     i += 2 if spaced else 1
   return nones, kept
+
+
+def _name_lists_as_tuples(argv: list[str]) -> list[str]:
+  """`--config.k=a,hf-hub:o/n` for a key whose default is a tuple, as
+  `--config.k=('a', 'hf-hub:o/n')`: ml_collections reads a tuple's value as
+  a Python literal, which names with ':' or '/' are not."""
+  path = _config_path(argv)
+  try:
+    config = _load_config(path) if path else None
+  except Exception:  # noqa: BLE001 - a broken config file is reported by the parse itself
+    config = None
+  if config is None:
+    return argv
+  tuples = {k for k in flat_keys(config) if isinstance(_lookup(config, k), (tuple, list))}
+  rewritten = []
+  for arg in argv:
+    key, _, value = arg[len("--config."):].partition("=")
+    if arg.startswith("--config.") and key in tuples and value and not _is_literal(value):
+      arg = f"--config.{key}={tuple(v.strip() for v in value.split(',') if v.strip())!r}"
+    rewritten.append(arg)
+  return rewritten
+
+
+def _is_literal(text: str) -> bool:
+  try:
+    ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return False
+  return True
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+  for part in dotted.split("."):
+    config = config[part]
+  return config
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -278,15 +315,20 @@ def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str
   path = _config_path(argv)
   if path is None:
     return [], [], None
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("_jtl_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  valid = flat_keys(module.get_config(arg) if arg else module.get_config())
+  valid = flat_keys(_load_config(path))
   # A dict-valued key (model_kwargs, method) is set whole: its own name is valid too.
   known = lambda k: k in valid or any(v.startswith(k + ".") for v in valid)  # noqa: E731
   given = [_config_key(a) for a in argv if a.startswith("--config.")]
   return [k for k in given if not known(k)], valid, path
+
+
+def _load_config(path: str) -> ml_collections.ConfigDict:
+  """The config a `--config` value (file, optionally `:arg`) names."""
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_jtl_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

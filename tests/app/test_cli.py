@@ -198,6 +198,20 @@ def test_the_last_none_or_value_of_a_key_wins(monkeypatch, capsys):
   assert config.test_split == "tset"
 
 
+def test_a_tuple_key_takes_comma_separated_names_with_colons_and_slashes(monkeypatch, capsys):
+  """Audit: configs/folder.py's documented `--config.model_candidates=a,hf-hub:o/n`
+  exited 2: ml_collections reads a tuple's value as a Python literal."""
+  folder = "--config=configs/folder.py"
+  config, err = _parse(monkeypatch, capsys, folder,
+                       "--config.model_candidates=efficientnet_lite0,hf-hub:timm/resnet50.a1_in1k")
+  assert config.model_candidates == ("efficientnet_lite0", "hf-hub:timm/resnet50.a1_in1k"), err
+  config, _ = _parse(monkeypatch, capsys, folder, "--config.model_candidates=efficientnet_lite1")
+  assert config.model_candidates == ("efficientnet_lite1",)
+  config, _ = _parse(monkeypatch, capsys, folder,
+                     "--config.model_candidates=('a', 'local/folder')")
+  assert config.model_candidates == ("a", "local/folder")
+
+
 def test_a_missing_or_failing_config_file_is_one_message(monkeypatch, capsys):
   """Audit item 8: raw OSError tracebacks / a traceback inside the message."""
   _, err = _parse(monkeypatch, capsys, "--config=configs/nope.py", "--config.num_steps=3")
