@@ -10,6 +10,7 @@ Nothing here loads weights or builds a model.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -179,7 +180,8 @@ def _warn_unseen_classes(config: ml_collections.ConfigDict, train: Any, test: An
 def workdir_in_data_problems(config: ml_collections.ConfigDict, workdir: Any) -> list[str]:
   """A workdir equal to or inside an image folder the run reads: its
   checkpoints/ and tensorboard/ would be written among the photos, then read
-  as class folders. (A dataset inside the workdir is fine.)"""
+  as class folders. (A dataset inside the workdir is fine, as is a workdir in
+  a hidden folder of the dataset, which the scan skips.)"""
   if not str(workdir).strip() or "://" in str(workdir):
     return []
   work = os.path.realpath(os.path.expanduser(str(workdir)))
@@ -190,6 +192,8 @@ def workdir_in_data_problems(config: ml_collections.ConfigDict, workdir: Any) ->
     data = _folder_of(config[key])
     if data is None or os.path.commonpath([work, data]) != data:
       continue
+    if any(folder.is_hidden(Path(part)) for part in Path(os.path.relpath(work, data)).parts):
+      continue  # photos/.runs/a: the scan skips hidden folders
     problems.append(
         f"the workdir is inside the dataset folder: workdir {workdir} is in {key}="
         f"{config[key]!r}, so the run's checkpoints/ and tensorboard/ would be written "

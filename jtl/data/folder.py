@@ -102,17 +102,18 @@ def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
 _SYSTEM_DIRS = ("__MACOSX", "$RECYCLE.BIN", "System Volume Information")
 
 
-def _hidden(path: Path) -> bool:
-  """Hidden (".DS_Store", "._x.jpg", ".ipynb_checkpoints") or system files and folders."""
+def is_hidden(path: Path) -> bool:
+  """Hidden (".DS_Store", "._x.jpg", ".ipynb_checkpoints") or system files and
+  folders, which an image folder's scan skips."""
   return path.name.startswith(".") or path.name in _SYSTEM_DIRS
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
-  return sorted(p for p in split_dir.iterdir() if p.is_dir() and not _hidden(p))
+  return sorted(p for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p))
 
 
 def _holds_images(folder: Path) -> bool:
-  return any(f.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(f) and f.is_file()
+  return any(f.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(f) and f.is_file()
              for f in folder.iterdir())
 
 
@@ -172,7 +173,7 @@ def scan(root: Path, *, on_bad_file: str = "raise", max_pixels: int = MAX_PIXELS
     for c in _class_dirs(split_dir):
       before = len(paths) + len(bad)
       for f in sorted(c.iterdir()):
-        if _hidden(f):
+        if is_hidden(f):
           continue
         if f.is_symlink() and not f.exists():
           bad.append(f"{shown(f)}: a symbolic link to a missing file")

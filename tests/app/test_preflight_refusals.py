@@ -74,6 +74,9 @@ def test_a_workdir_inside_the_dataset_folder_is_refused_before_anything_is_writt
   inside = colour_photos(tmp_path / "run" / "data", ("cat", "dog"), {"train": 1, "test": 1},
                          size=(8, 8))
   preflight.preflight(small(inside), workdir=tmp_path / "run")
+  # Nor is a hidden folder of the dataset, which the scan skips (audit).
+  preflight.preflight(small(photos), workdir=photos / ".runs" / "a")
+  preflight.preflight(small(photos), workdir=photos / "train" / ".run")
 
 
 def test_an_eval_dataset_with_other_classes_is_refused(photos, tmp_path):
