@@ -139,12 +139,20 @@ def _check_scalar(loss: Any) -> None:
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
+  """[B, ...] -> [n, B / n, ...] by stride: micro-batch i holds rows i, i + n, ...
+
+  By stride, not contiguous rows: each device's block of a batch sharded over
+  a mesh holds rows of every micro-batch, so the rows axis stays sharded and
+  the scan over micro-batches stays data parallel (contiguous slices put the
+  micro-batch axis on the devices: every device gathered and ran the whole
+  batch). Every batch entry (labels, mask, ...) is split alike.
+  """
   def reshape(x):
     if x.shape[0] % n:
       raise StepError(
           f"Batch size {x.shape[0]} does not divide into {n} micro-batches; "
           "choose a batch size that is a multiple of microbatches.")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return jnp.moveaxis(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 1, 0)
   return jax.tree.map(reshape, batch)
 
 
@@ -195,7 +203,9 @@ def make_train_step(
       teacher targets, adversarial inputs, a schedule of the step); its
       metrics are reported.
     microbatches: accumulate gradients over this many micro-batches (inside
-      the compiled step, with `lax.scan`) before one update.
+      the compiled step, with `lax.scan`) before one update; micro-batch i
+      holds rows i, i + microbatches, ... (on a mesh, let the batch size be a
+      multiple of microbatches x devices).
     compute_dtype: e.g. jnp.bfloat16 for mixed precision: params stay fp32
       (master copy), the forward/backward pass runs in this dtype.
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:

@@ -60,8 +60,9 @@ def test_one_device_eight_devices_jit_and_pmap_agree():
 
 
 def test_a_masked_training_batch_gives_one_gradient_on_the_mesh_pmap_and_microbatches():
-  """The last 6 of 16 rows masked (whole devices and a whole microbatch among
-  them): every path trains on the masked mean of the 10 real rows."""
+  """The last 6 of 16 rows masked (whole devices among them; micro-batches
+  with 3, 3, 2 and 2 real rows): every path trains on the masked mean of the
+  10 real rows."""
   masked = {**batches()[0], "mask": np.arange(16) < 10}
 
   def one_step(devices=None, pmap=False, microbatches=1):
@@ -169,3 +170,34 @@ def test_data_parallel_step_sums_only_the_trained_gradients_over_devices(rules, 
   assert arrays == sum(np.size(p) for name in trained
                        for p in jax.tree.leaves(variables["params"][name]))
   assert 1 <= scalars <= 4
+
+
+def test_microbatches_on_a_mesh_stay_data_parallel():
+  """Gradient accumulation on a 4-device mesh: each device runs its own 64 /
+  (4 micro-batches x 4 devices) = 4 rows per micro-batch, nothing of the batch
+  is gathered across devices, and the update is the whole batch's."""
+  model = MLP()
+  b = {**jax.tree.map(np.asarray, batch(64, classes=4)), "mask": np.arange(64) < 50}
+  variables = init(model, b["inputs"])
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=0.5, optimizer="sgd")
+  mesh = jtl.make_mesh(jax.devices()[:4])
+
+  def one_step(microbatches):
+    state = jtl.place_state(jtl.create_train_state(variables, labels, tx), mesh)
+    step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels,
+                                                  microbatches=microbatches), mesh)
+    sharded = jtl.shard_batch(b, mesh)
+    text = step.lower(state, sharded).compile().as_text()
+    state, metrics = step(state, sharded)
+    return text, jax.device_get(state.params), float(metrics["loss"])
+
+  text, micro, loss = one_step(4)
+  assert "all-gather" not in text
+  # The hidden layer's activations [rows, 32] on a device (not the [192, 32] kernel).
+  assert {int(r) for r in re.findall(r"f32\[(\d+),32\]", text)} - {192} == {4}
+  _, whole, whole_loss = one_step(1)
+  for a, c in zip(jax.tree.leaves(whole), jax.tree.leaves(micro)):
+    np.testing.assert_allclose(a, c, atol=1e-6)  # tolerance: fp32 summation order
+  np.testing.assert_allclose(loss, whole_loss, rtol=1e-6)
+  assert np.abs(whole["head"]["kernel"] - variables["params"]["head"]["kernel"]).max() > 1e-3
