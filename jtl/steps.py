@@ -210,7 +210,8 @@ def make_train_step(
       (master copy), the forward/backward pass runs in this dtype.
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
       gradients, metrics and statistics are averaged across that axis and
-      the dropout rng differs per device.
+      the dropout rng differs per device. The step's `axis_name` attribute
+      records it (`jtl.parallel.pmap_train_step` and `jit_train_step` check it).
     ema_decay: weight EMA after each update, `ema = ema_decay * ema + (1 -
       ema_decay) * trainable` (a state from `create_train_state(..., ema=True)`).
 
@@ -247,6 +248,7 @@ def make_train_step(
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux, **extra}
     return new_state, metrics
 
+  train_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_train_step
   return train_step
 
 
@@ -386,6 +388,9 @@ def make_eval_step(
   finds (the outputs, the first of a tuple, or what `eval_output` picks);
   or, with `eval_fn(outputs, batch) -> {name: sum over rows with mask=True}`,
   those sums (plus `count`), for outputs that are not class scores.
+
+  `axis_name`: set under `jax.pmap` (`jtl.parallel.pmap_eval_step`): the sums
+  are summed over that axis, so every device holds the whole batch's.
   """
 
   adapter = as_model(model)
@@ -412,6 +417,7 @@ def make_eval_step(
       sums = jax.lax.psum(sums, axis_name)
     return sums
 
+  eval_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_eval_step
   return eval_step
 
 
@@ -487,4 +493,6 @@ def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, d
                       opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
                       model_state=jax.tree.map(keep, new.model_state, state.model_state))
     return new, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
+  if hasattr(train_step, "axis_name"):
+    guarded.axis_name = train_step.axis_name
   return guarded

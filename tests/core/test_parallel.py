@@ -201,3 +201,31 @@ def test_microbatches_on_a_mesh_stay_data_parallel():
     np.testing.assert_allclose(a, c, atol=1e-6)  # tolerance: fp32 summation order
   np.testing.assert_allclose(loss, whole_loss, rtol=1e-6)
   assert np.abs(whole["head"]["kernel"] - variables["params"]["head"]["kernel"]).max() > 1e-3
+
+
+def test_pmap_and_jit_refuse_a_step_built_for_the_other():
+  """pmap needs the step's axis_name (without it the replicas diverge and an
+  eval counts one device's rows); jit on a mesh needs none."""
+  model, tx, labels, state = make()
+  for_jit = jtl.make_train_step(model, tx, labels=labels)
+  for_pmap = jtl.make_train_step(model, tx, labels=labels, axis_name="batch")
+  with pytest.raises(DeviceError, match=r"axis_name='batch'.*was built with axis_name=None"):
+    jtl.parallel.pmap_train_step(for_jit)
+  with pytest.raises(DeviceError, match="axis_name=None"):
+    jtl.parallel.pmap_train_step(jtl.steps.skip_nonfinite(for_jit))
+  with pytest.raises(DeviceError, match="was built with axis_name='other'"):
+    jtl.parallel.pmap_train_step(jtl.make_train_step(model, tx, labels=labels, axis_name="other"))
+  with pytest.raises(DeviceError, match="without axis_name.*axis_name='batch', for jax.pmap"):
+    jtl.jit_train_step(for_pmap, jtl.make_mesh())
+  with pytest.raises(DeviceError, match="pmap_eval_step needs"):
+    jtl.parallel.pmap_eval_step(jtl.make_eval_step(model))
+  with pytest.raises(DeviceError, match="jit_eval_step takes"):
+    jtl.jit_eval_step(jtl.make_eval_step(model, axis_name="batch"), jtl.make_mesh())
+  # The steps built for each run as before; the pmapped eval counts every device's rows.
+  evals = {**batches()[0], "mask": np.arange(16) < 13}
+  sums = jtl.parallel.pmap_eval_step(jtl.make_eval_step(model, axis_name="batch"))(
+      jtl.parallel.replicate(state.variables), jtl.parallel.shard_for_pmap(evals))
+  assert float(jtl.parallel.unreplicate(sums)["count"]) == 13.0
+  metrics = jtl.parallel.pmap_train_step(jtl.steps.skip_nonfinite(for_pmap))(
+      jtl.parallel.replicate(state), jtl.parallel.shard_for_pmap(batches()[0]))[1]
+  assert np.ptp(np.asarray(metrics["loss"])) == 0.0  # averaged: every replica's the same
