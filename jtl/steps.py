@@ -205,7 +205,11 @@ def make_train_step(
     microbatches: accumulate gradients over this many micro-batches (inside
       the compiled step, with `lax.scan`) before one update; micro-batch i
       holds rows i, i + microbatches, ... (on a mesh, let the batch size be a
-      multiple of microbatches x devices).
+      multiple of microbatches x devices). A training BatchNorm normalises each
+      micro-batch with its own batch statistics (as gradient accumulation in
+      PyTorch does), so the update is not the whole batch's; its running
+      averages take one momentum step per train step, with the mean of the
+      micro-batches' statistics.
     compute_dtype: e.g. jnp.bfloat16 for mixed precision: params stay fp32
       (master copy), the forward/backward pass runs in this dtype.
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
@@ -297,29 +301,52 @@ def update_ema(ema: PyTree, trainable: PyTree, decay: float | None) -> PyTree:
 def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax.Array,
                     microbatches: int) -> tuple[tuple[jax.Array, tuple[PyTree, dict]], PyTree]:
   """`grad_fn` on the whole batch, or gradients averaged over `microbatches`
-  slices of it with `lax.scan` (statistics carried from slice to slice)."""
+  slices of it with `lax.scan`. Each slice starts from the step's statistics
+  and the new ones are their mean (`_mean_model_state`)."""
   if microbatches == 1:
     return grad_fn(state.trainable, state.frozen, state.model_state, batch, rng)
   masked = batch.get("mask") is not None
+  start = state.model_state
 
   def accumulate(carry, xs):
-    grad_sum, model_state = carry
+    grad_sum, moved = carry
     mb, i = xs
     (loss, (model_state, aux)), grads = grad_fn(
-        state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i))
+        state.trainable, state.frozen, start, mb, jax.random.fold_in(rng, i))
     # A slice's masked mean weighs by its rows: the whole batch's masked mean.
     weight = _count(mb) if masked else jnp.float32(1.0)
     grads = jax.tree.map(lambda g: g * weight, grads) if masked else grads
-    return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux, weight)
+    moved = jax.tree.map(lambda m, new, old: m + (new - old) if _floating(old) else new,
+                         moved, model_state, start)
+    return (jax.tree.map(jnp.add, grad_sum, grads), moved), (loss, aux, weight)
 
-  init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
-  (grad_sum, model_state), (losses, auxes, counts) = jax.lax.scan(
+  init = (jax.tree.map(jnp.zeros_like, state.trainable),
+          jax.tree.map(lambda x: jnp.zeros_like(x) if _floating(x) else x, start))
+  (grad_sum, moved), (losses, auxes, counts) = jax.lax.scan(
       accumulate, init, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
   total = jnp.maximum(jnp.sum(counts), 1.0) if masked else float(microbatches)
   grads = jax.tree.map(lambda g: g / total, grad_sum)
   aux = {k: (jnp.sum(v) if k == "correct" else jnp.sum(v * counts) / total)
          for k, v in auxes.items()}
+  model_state = _mean_model_state(start, moved, microbatches)
   return (jnp.sum(losses * counts) / total, (model_state, aux)), grads
+
+
+def _floating(x: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _mean_model_state(start: PyTree, moved: PyTree, microbatches: int) -> PyTree:
+  """The mean of the micro-batches' new statistics (each from `start`; `moved`:
+  the sum of their changes), for floating leaves; the last for the others.
+
+  A running average updated once per micro-batch would move `microbatches`
+  times per step (momentum 0.9 acting as 0.9**k); the mean of the updates is
+  one momentum update with the mean of the micro-batches' batch statistics.
+  Summed as changes, so statistics that do not train stay bit for bit.
+  """
+  return jax.tree.map(
+      lambda x, m: (x + m / microbatches).astype(x.dtype) if _floating(x) else m, start, moved)
 
 
 def _across_devices(axis_name: str, grads: PyTree, loss: jax.Array, model_state: PyTree,
