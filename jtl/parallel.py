@@ -49,9 +49,26 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, *, fsdp: int = 1) -> 
   return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
 
 
+def check_mesh(mesh: Mesh) -> Mesh:
+  """`mesh`, when its axes are jtl's ("data", "fsdp"); else a DeviceError.
+
+  Not any mesh: jtl splits the batch over both axes and shards only over
+  "fsdp"; another mesh's axes (a "model" axis, say) would be taken for data
+  axes and its intent silently lost.
+  """
+  if set(mesh.axis_names) != {DATA_AXIS, FSDP_AXIS}:
+    shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+    raise DeviceError(
+        f"The mesh has axes {shape}; jtl expects the axes ({DATA_AXIS!r}, {FSDP_AXIS!r}) "
+        f"(batch split over both, FSDP over {FSDP_AXIS!r}). Build it with "
+        "jtl.make_mesh(devices) (data parallel over its devices) or "
+        "jtl.make_mesh(devices, fsdp=k).")
+  return mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every device of the mesh."""
-  return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
+  return NamedSharding(check_mesh(mesh), P((DATA_AXIS, FSDP_AXIS)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,7 +90,7 @@ def state_shardings(state: PyTree, mesh: Mesh, *, fsdp_rules: Sequence[str] = ()
   """NamedShardings for every leaf: replicated, or FSDP-sharded when the mesh
   has an "fsdp" axis > 1 and the leaf's path matches one of `fsdp_rules`
   (regexes) and it has at least `min_size` elements."""
-  size = mesh.shape[FSDP_AXIS]
+  size = check_mesh(mesh).shape[FSDP_AXIS]
   patterns = [re.compile(r) for r in fsdp_rules]
 
   def spec(path: str, leaf: Any) -> NamedSharding:

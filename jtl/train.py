@@ -291,7 +291,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     eval_batches, eval_every, checkpoint_every: `eval_batches()` returns one pass of
       padded, masked batches; evaluations and saves every so many steps (0: at the end).
     keep, best_metric: the last `keep` checkpoints stay, and the best by this eval metric.
-    mesh: device mesh (default: all devices, data parallel).
+    mesh: device mesh from `jtl.make_mesh` (default: all devices, data parallel).
     meta: JSON-able facts saved with each checkpoint ("model", "num_classes",
       "class_names", ...); resuming with different ones is refused.
     on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a `DivergenceError`
@@ -318,7 +318,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   """
   check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every,
                 eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
-  mesh = mesh or parallel.make_mesh()
+  mesh = parallel.check_mesh(mesh or parallel.make_mesh())
   variables = initial_variables(module, variables, batchnorm_batches)
   heartbeat = Heartbeat()  # beaten by each batch read: see `WorkdirLock`
   eval_batches, batchnorm_batches = map(heartbeat.each_batch, (eval_batches, batchnorm_batches))

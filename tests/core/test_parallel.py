@@ -229,3 +229,24 @@ def test_pmap_and_jit_refuse_a_step_built_for_the_other():
   metrics = jtl.parallel.pmap_train_step(jtl.steps.skip_nonfinite(for_pmap))(
       jtl.parallel.replicate(state), jtl.parallel.shard_for_pmap(batches()[0]))[1]
   assert np.ptp(np.asarray(metrics["loss"])) == 0.0  # averaged: every replica's the same
+
+
+def test_a_mesh_with_other_axes_is_a_clear_error():
+  """A mesh without jtl's ("data", "fsdp") axes is refused where it enters
+  (not a KeyError 'fsdp' from place_state, nor jax's error from shard_batch)."""
+  model, tx, labels, state = make()
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  message = r"axes \{'data': 4\}; jtl expects the axes \('data', 'fsdp'\).*jtl.make_mesh"
+  with pytest.raises(DeviceError, match=message):
+    jtl.place_state(state, mesh)
+  with pytest.raises(DeviceError, match=message):
+    jtl.shard_batch(batches()[0], mesh)
+  with pytest.raises(DeviceError, match=message):
+    jtl.train.fit(module=model, variables=state.variables, labels=labels, tx=tx, mesh=mesh,
+                  train_batches=lambda start: iter(batches()), num_steps=1, progress=False)
+  # The same devices as jtl.make_mesh builds them: an axis order of one's own is fine.
+  grid = np.asarray(jax.devices()[:4]).reshape(4, 1)
+  for axes in (("data", "fsdp"), ("fsdp", "data")):
+    own = jax.sharding.Mesh(grid if axes[0] == "data" else grid.T, axes)
+    sharded = jtl.shard_batch(batches()[0], own)
+    assert sharded["inputs"].addressable_shards[0].data.shape == (4, 8, 8, 3)
