@@ -225,9 +225,10 @@ class _Loop:
 
   def _device_batch(self, batches: Iterator[Batch], step: int, num_steps: int
                     ) -> tuple[Batch, int]:
-    """Step `step`'s batch on the mesh, and its per-process size."""
-    batch = self._next_batch(batches, step, num_steps)
-    return parallel.shard_batch(batch, self.given.mesh), len(batch["label"])
+    """Step `step`'s batch on the mesh, and its global size (every process's
+    rows: examples_per_second counts the whole run's)."""
+    batch = parallel.shard_batch(self._next_batch(batches, step, num_steps), self.given.mesh)
+    return batch, int(batch["label"].shape[0])
 
   def _next_batch(self, batches: Iterator[Batch], step: int, num_steps: int) -> Batch:
     """The next batch; the time spent waiting for it counts as input wait."""

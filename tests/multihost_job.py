@@ -149,6 +149,8 @@ def main(argv):
       other = {"pid": 4242, "host": "another-host", "since": "now", "lease_s": 180, "renew_s": 30}
       (Path(workdir) / "jtl.lock").write_text(json.dumps(other))
     time.sleep(float(os.environ.get("MULTIHOST_SECONDS_PER_STEP", 0)))
+    rate = row["examples_per_second"] / row["steps_per_second"]
+    print(f"step {step}: {rate:.1f} examples per step", flush=True)
 
   result = jtl.train.fit(
       module=module, variables=variables, labels=labels, tx=tx, train_batches=local_batches,

@@ -155,3 +155,15 @@ def test_two_processes_train_the_cached_probe_of_one(tmp_path):
     np.testing.assert_array_equal(two["labels"], want)
     # Tolerance: the features of 4 + 4 devices against 8, then 5 head steps.
     assert_same(one, two)
+
+
+@pytest.mark.slow  # two processes: make test-all
+def test_two_processes_log_the_global_examples_per_second(tmp_path):
+  """examples_per_second counts every process's rows (the global batch of 16),
+  not one process's 8."""
+  codes, logs = launch(2, tmp_path / "rate", tmp_path / "unused.npz", 2)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  from multihost_job import GLOBAL_BATCH
+  for log in logs:
+    rates = [line for line in log.splitlines() if "examples per step" in line]
+    assert rates == [f"step {s}: {GLOBAL_BATCH:.1f} examples per step" for s in (1, 2)], log[-3000:]
