@@ -1,8 +1,8 @@
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 from models_for_tests import MLP, ConvNet, batch, init
@@ -181,6 +181,26 @@ def test_microbatches_move_batchnorm_statistics_once_per_step():
   new, _ = step(jtl.create_train_state(variables, head, tx), b)
   for a, c in zip(jax.tree.leaves(new.model_state), jax.tree.leaves(variables["batch_stats"])):
     np.testing.assert_array_equal(a, c)
+
+
+def test_a_donating_step_leaves_the_callers_variables_usable():
+  """Without place_state: the state holds copies, so the donated state is not
+  the caller's pretrained variables (kept for WiSE-FT, L2-SP)."""
+  model = ConvNet(width=8)
+  b = jax.tree.map(np.asarray, batch(8))
+  variables = jax.device_put(init(model, b["inputs"]))  # e.g. weights loaded onto the device
+  before = np.asarray(model.apply(variables, b["inputs"]))
+  labels = jtl.label_params(variables["params"], HEAD_ONLY)
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+  mesh = jtl.make_mesh(jax.devices()[:1])
+  rng = jax.random.PRNGKey(1)
+  state = jtl.create_train_state(variables, labels, tx, rng=rng)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)  # donates
+  state, _ = step(state, jtl.shard_batch(b, mesh))
+  assert not any(x.is_deleted() for x in jax.tree.leaves((variables, rng)))
+  np.testing.assert_array_equal(model.apply(variables, b["inputs"]), before)
+  moved = np.abs(state.params["head"]["kernel"] - variables["params"]["head"]["kernel"]).max()
+  assert moved > 1e-4
 
 
 def test_bf16_compute_keeps_fp32_master_params():

@@ -189,7 +189,8 @@ def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
     order = np.stack([next(it)["inputs"] for _ in range(num_steps)])
     # Copies: `run` donates the state, and the head's arrays are the caller's
     # (an NNX module's own, after `jtl.variables_of`).
-    state = create_train_state(jax.tree.map(jnp.array, head_vars), hlabels, tx, rng=seed)
+    state = create_train_state(jax.tree.map(jnp.array, head_vars), hlabels, tx, rng=seed,
+                               copy=False)
     args = (state, jnp.asarray(features), jnp.asarray(labels), order)
     key = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(args))
     t0 = time.perf_counter()
