@@ -131,6 +131,28 @@ def eval_logits(outputs: Any, batch: Batch, eval_output: Output = None) -> jax.A
   return picked.astype(jnp.float32)
 
 
+def check_compute_dtype(compute_dtype: Any) -> Any:
+  """`compute_dtype` as a dtype (None stays None), a StepError unless it is a
+  floating one: an integer dtype would cast every weight to an integer.
+
+  >>> check_compute_dtype("bfloat16")
+  dtype(bfloat16)
+  """
+  if compute_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(compute_dtype)
+  except (TypeError, ValueError):
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    shown = repr(compute_dtype) if dtype is None else dtype.name
+    raise StepError(
+        f"compute_dtype={shown} is not a floating dtype: expected None (float32 "
+        "throughout) or one such as jnp.bfloat16, jnp.float16 or 'bfloat16' (the forward "
+        "and backward passes run in it; the params stay float32).")
+  return dtype
+
+
 def _check_scalar(loss: Any) -> None:
   if jnp.shape(loss) != ():
     raise StepError(
@@ -210,8 +232,9 @@ def make_train_step(
       PyTorch does), so the update is not the whole batch's; its running
       averages take one momentum step per train step, with the mean of the
       micro-batches' statistics.
-    compute_dtype: e.g. jnp.bfloat16 for mixed precision: params stay fp32
-      (master copy), the forward/backward pass runs in this dtype.
+    compute_dtype: e.g. jnp.bfloat16 or "bfloat16" for mixed precision: params
+      stay fp32 (master copy), the forward/backward pass runs in this floating
+      dtype (another is a StepError).
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
       gradients, metrics and statistics are averaged across that axis and
       the dropout rng differs per device. The step's `axis_name` attribute
@@ -226,6 +249,7 @@ def make_train_step(
     raise StepError(f"microbatches must be >= 1, got {microbatches}.")
   if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
     raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
+  compute_dtype = check_compute_dtype(compute_dtype)
   adapter = as_model(model)
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
   grad_fn = jax.value_and_grad(_make_loss(adapter, frozen_paths, loss_fn, compute_dtype),
@@ -419,7 +443,7 @@ def make_eval_step(
   `axis_name`: set under `jax.pmap` (`jtl.parallel.pmap_eval_step`): the sums
   are summed over that axis, so every device holds the whole batch's.
   """
-
+  compute_dtype = check_compute_dtype(compute_dtype)
   adapter = as_model(model)
 
   def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
@@ -457,6 +481,7 @@ def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
   options)."""
   if eval_fn is not None:
     return None
+  compute_dtype = check_compute_dtype(compute_dtype)
   adapter = as_model(model)
   logits = lambda v, b: eval_logits(_eval_outputs(adapter, v, b, compute_dtype), b,  # noqa: E731
                                     eval_output)

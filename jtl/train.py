@@ -317,8 +317,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
-  check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every,
-                eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
+  check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, compute_dtype=compute_dtype,
+                log_every=log_every, eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
   mesh = parallel.check_mesh(mesh or parallel.make_mesh())
   variables = initial_variables(module, variables, batchnorm_batches)
   heartbeat = Heartbeat()  # beaten by each batch read: see `WorkdirLock`

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models_for_tests import MLP, ConvNet, batch, init
+from models_for_tests import MLP, ConvNet, batch, init, mlp_setup
 
 import jtl
 from jtl.errors import StepError
@@ -211,6 +211,28 @@ def test_bf16_compute_keeps_fp32_master_params():
   assert np.isfinite(metrics["loss"])
   _, fp32_metrics = jax.jit(setup([(".*", "all")], optimizer="adam", lr=1e-3)[4])(state, b)
   np.testing.assert_allclose(metrics["loss"], fp32_metrics["loss"], rtol=5e-2)
+
+
+def test_compute_dtype_must_be_floating():
+  """An integer compute dtype cast every weight to 0 and trained nothing;
+  a dtype's name is taken as the dtype."""
+  model, variables, labels, tx = mlp_setup()
+  for bad, shown in ((jnp.int8, "int8"), ("int32", "int32"), ("fp8", "'fp8'")):
+    with pytest.raises(StepError, match=f"compute_dtype={shown} is not a floating dtype"):
+      jtl.make_train_step(model, tx, labels=labels, compute_dtype=bad)
+    with pytest.raises(StepError, match=f"compute_dtype={shown} is not a floating"):
+      jtl.make_eval_step(model, compute_dtype=bad)
+  with pytest.raises(StepError, match="compute_dtype=int8 is not a floating dtype"):
+    jtl.train.fit(module=model, variables=variables, labels=labels, tx=tx, num_steps=1,
+                  train_batches=lambda start: iter([batch(8, classes=4)]), progress=False,
+                  compute_dtype=jnp.int8)
+  state = jtl.create_train_state(variables, labels, tx)
+  b = batch(8, classes=4)
+  by_name, by_type = (jax.jit(jtl.make_train_step(model, tx, labels=labels, compute_dtype=d))(
+      state, b)[0] for d in ("bfloat16", jnp.bfloat16))
+  np.testing.assert_array_equal(by_name.params["head"]["kernel"], by_type.params["head"]["kernel"])
+  moved = by_name.params["head"]["kernel"] - variables["params"]["head"]["kernel"]
+  assert np.abs(moved).max() > 1e-3
 
 
 def test_dropout_rng_changes_every_step():
