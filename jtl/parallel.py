@@ -204,9 +204,18 @@ def pmap_eval_step(eval_step: Callable) -> Callable:
 
 
 def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
-  """Stacks one copy of `tree` per local device (pmap shards the leading axis)."""
+  """Stacks one copy of `tree` per local device (pmap shards the leading axis);
+  typed PRNG keys (`jax.random.key`) too."""
   n = len(jax.local_devices() if devices is None else devices)
-  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+  stack = lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x))  # noqa: E731
+
+  def copies(x: Any) -> Any:
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # A key array has no numpy form: stack its raw data, then wrap it again.
+      return jax.random.wrap_key_data(stack(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    return stack(x)
+  return jax.tree.map(copies, tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:

@@ -250,3 +250,25 @@ def test_a_mesh_with_other_axes_is_a_clear_error():
     own = jax.sharding.Mesh(grid if axes[0] == "data" else grid.T, axes)
     sharded = jtl.shard_batch(batches()[0], own)
     assert sharded["inputs"].addressable_shards[0].data.shape == (4, 8, 8, 3)
+
+
+def test_pmap_trains_a_state_with_a_typed_key():
+  """A typed PRNG key (jax.random.key) replicates like the rest of the state,
+  and the pmapped step trains as the mesh does."""
+  model, tx, labels, _ = make()
+  variables = init(model, batch(16, classes=4)["inputs"])
+  state = jtl.create_train_state(variables, labels, tx, rng=jax.random.key(3))
+  replicated = jtl.parallel.replicate(state)
+  assert replicated.rng.shape == (8,)
+  assert jnp.issubdtype(replicated.rng.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(replicated.rng)[5],
+                                jax.random.key_data(state.rng))
+  step = jtl.parallel.pmap_train_step(jtl.make_train_step(model, tx, labels=labels,
+                                                          axis_name="batch"))
+  pmapped, _ = step(replicated, jtl.parallel.shard_for_pmap(batches()[0]))
+  mesh = jtl.make_mesh()
+  on_mesh, _ = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)(
+      jtl.place_state(state, mesh), jtl.shard_batch(batches()[0], mesh))
+  for a, b in zip(jax.tree.leaves(jax.device_get(on_mesh.params)),
+                  jax.tree.leaves(jax.device_get(jtl.parallel.unreplicate(pmapped).params))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
