@@ -14,6 +14,14 @@ row, so padding changes the real rows' normalisation, loss, gradients and the
 running statistics. Do not pad training batches of a model whose BatchNorm
 trains (freeze its statistics, or drop the last partial batch as
 `jtl.data.make_dataset` does: its training batches are always full).
+
+With `microbatches=k`, micro-batch i holds rows i, i + k, ...: on a mesh each
+device's rows hold some of every micro-batch, so the step stays data parallel
+(let the batch size be a multiple of k x devices). A BatchNorm that trains
+normalises each micro-batch with its own batch statistics (as gradient
+accumulation in PyTorch does), so the update is not the whole batch's; its
+running averages take one momentum step per train step, with the mean of
+the micro-batches' statistics.
 """
 
 from __future__ import annotations
@@ -225,16 +233,9 @@ def make_train_step(
       teacher targets, adversarial inputs, a schedule of the step); its
       metrics are reported.
     microbatches: accumulate gradients over this many micro-batches (inside
-      the compiled step, with `lax.scan`) before one update; micro-batch i
-      holds rows i, i + microbatches, ... (on a mesh, let the batch size be a
-      multiple of microbatches x devices). A training BatchNorm normalises each
-      micro-batch with its own batch statistics (as gradient accumulation in
-      PyTorch does), so the update is not the whole batch's; its running
-      averages take one momentum step per train step, with the mean of the
-      micro-batches' statistics.
-    compute_dtype: e.g. jnp.bfloat16 or "bfloat16" for mixed precision: params
-      stay fp32 (master copy), the forward/backward pass runs in this floating
-      dtype (another is a StepError).
+      the compiled step, with `lax.scan`) before one update (module doc).
+    compute_dtype: a floating dtype (jnp.bfloat16, "bfloat16") for mixed precision:
+      params stay fp32 (master copy), the forward/backward pass runs in it.
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
       gradients, metrics and statistics are averaged across that axis and
       the dropout rng differs per device. The step's `axis_name` attribute
@@ -245,11 +246,7 @@ def make_train_step(
   Metrics: loss, accuracy (when the outputs are logits), grad_norm (of the
   trainable gradients), and those of `loss_fn` and `batch_transform`.
   """
-  if microbatches < 1:
-    raise StepError(f"microbatches must be >= 1, got {microbatches}.")
-  if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-    raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
-  compute_dtype = check_compute_dtype(compute_dtype)
+  compute_dtype = _checked_options(microbatches, ema_decay, compute_dtype)
   adapter = as_model(model)
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
   grad_fn = jax.value_and_grad(_make_loss(adapter, frozen_paths, loss_fn, compute_dtype),
@@ -278,6 +275,15 @@ def make_train_step(
 
   train_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_train_step
   return train_step
+
+
+def _checked_options(microbatches: int, ema_decay: float | None, compute_dtype: Any) -> Any:
+  """`make_train_step`'s options refused when out of range; the compute dtype."""
+  if microbatches < 1:
+    raise StepError(f"microbatches must be >= 1, got {microbatches}.")
+  if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+    raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
+  return check_compute_dtype(compute_dtype)
 
 
 def _make_loss(adapter: Any, frozen_paths: frozenset, loss_fn: LossFn, compute_dtype: Any
