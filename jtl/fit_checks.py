@@ -18,7 +18,7 @@ import numpy as np
 from jtl.adapter import NnxModel, is_nnx_module, sown_paths, variables_of
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError, StepError
-from jtl.steps import Batch
+from jtl.steps import Batch, check_compute_dtype
 from jtl.tree import PyTree
 from jtl.variable_checks import MERGE_LORA, check_variables
 
@@ -133,8 +133,9 @@ def stop_if_diverged(unchecked: list[tuple[int, dict[str, Any]]], last_saved: in
 
 
 def check_options(*, on_nonfinite: str, ema_decay: float | None, log_every: int,
-                  **batch_fns: Any) -> None:
+                  compute_dtype: Any, **batch_fns: Any) -> None:
   """Refuses invalid values of `fit`'s options."""
+  check_compute_dtype(compute_dtype)
   for name, given_fn in batch_fns.items():
     if given_fn is not None and not callable(given_fn):
       raise StepError(

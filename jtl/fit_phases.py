@@ -100,7 +100,7 @@ def new_phase_state(variables: PyTree, phases: Phases, phase: int, start: PyTree
   default the given ones at 0) and its labels (what a restore fills)."""
   _, labels, tx = phases.items[phase]
   state = create_train_state(variables if start is None else start, labels, tx, rng=seed,
-                             ema=ema)
+                             ema=ema, copy=False)  # place_state copies
   return parallel.place_state(state.replace(step=jnp.int32(step)) if step else state,
                               mesh), labels
 

@@ -49,9 +49,26 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, *, fsdp: int = 1) -> 
   return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
 
 
+def check_mesh(mesh: Mesh) -> Mesh:
+  """`mesh`, when its axes are jtl's ("data", "fsdp"); else a DeviceError.
+
+  Not any mesh: jtl splits the batch over both axes and shards only over
+  "fsdp"; another mesh's axes (a "model" axis, say) would be taken for data
+  axes and its intent silently lost.
+  """
+  if set(mesh.axis_names) != {DATA_AXIS, FSDP_AXIS}:
+    shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+    raise DeviceError(
+        f"The mesh has axes {shape}; jtl expects the axes ({DATA_AXIS!r}, {FSDP_AXIS!r}) "
+        f"(batch split over both, FSDP over {FSDP_AXIS!r}). Build it with "
+        "jtl.make_mesh(devices) (data parallel over its devices) or "
+        "jtl.make_mesh(devices, fsdp=k).")
+  return mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every device of the mesh."""
-  return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
+  return NamedSharding(check_mesh(mesh), P((DATA_AXIS, FSDP_AXIS)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,7 +90,7 @@ def state_shardings(state: PyTree, mesh: Mesh, *, fsdp_rules: Sequence[str] = ()
   """NamedShardings for every leaf: replicated, or FSDP-sharded when the mesh
   has an "fsdp" axis > 1 and the leaf's path matches one of `fsdp_rules`
   (regexes) and it has at least `min_size` elements."""
-  size = mesh.shape[FSDP_AXIS]
+  size = check_mesh(mesh).shape[FSDP_AXIS]
   patterns = [re.compile(r) for r in fsdp_rules]
 
   def spec(path: str, leaf: Any) -> NamedSharding:
@@ -124,13 +141,34 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def _check_axis_name(step: Callable, want: str | None, runner: str, kind: str) -> None:
+  """Refuses a step whose recorded `axis_name` (`make_train_step` and
+  `make_eval_step` set it; a step of one's own has none and passes) is not
+  `want`: under pmap a step without it trains each replica on its own rows
+  (the replicas diverge), on a mesh one with it has no axis to name."""
+  if not hasattr(step, "axis_name") or step.axis_name == want:
+    return
+  if want is None:
+    raise DeviceError(
+        f"{runner} takes a step built without axis_name (the mesh combines its devices "
+        f"itself); this one was built with axis_name={step.axis_name!r}, for jax.pmap. Build "
+        f"it with make_{kind}(..., axis_name=None), or run it with jtl.parallel.pmap_{kind}.")
+  raise DeviceError(
+      f"{runner} needs a step built with axis_name={want!r} (jtl.parallel.PMAP_AXIS); this one "
+      f"was built with axis_name={step.axis_name!r}, so its devices would not combine their "
+      f"results (each replica would train or count its own rows alone). Build it with "
+      f"make_{kind}(..., axis_name={want!r}), or use jtl.parallel.jit_{kind} on a mesh.")
+
+
 def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: PyTree | None = None,
                    *, donate: bool = True) -> Callable:
   """jit-compiles `train_step(state, batch)` for the mesh.
 
   The state keeps `state_sharding` (default: whatever placement the state
   already has); the batch is split over devices; metrics are replicated.
+  A step built with `axis_name` (for pmap) is refused with a DeviceError.
   """
+  _check_axis_name(train_step, None, "jit_train_step", "train_step")
   kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if state_sharding is not None:
     kwargs["in_shardings"] = (state_sharding, batch_sharding(mesh))
@@ -141,6 +179,7 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: PyTree | No
 def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
   """jit-compiles `eval_step(variables, batch)` for the mesh: the batch split
   over its devices, the sums replicated on all of them."""
+  _check_axis_name(eval_step, None, "jit_eval_step", "eval_step")
   return jax.jit(eval_step, out_shardings=replicated(mesh))
 
 
@@ -150,14 +189,33 @@ PMAP_AXIS = "batch"
 
 
 def pmap_train_step(train_step: Callable, *, donate: bool = True) -> Callable:
-  """`jax.pmap` of a step built with `make_train_step(..., axis_name="batch")`."""
+  """`jax.pmap` of a step built with `make_train_step(..., axis_name="batch")`
+  (one built with another axis name, or none, is refused with a DeviceError)."""
+  _check_axis_name(train_step, PMAP_AXIS, "pmap_train_step", "train_step")
   return jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
 
 
+def pmap_eval_step(eval_step: Callable) -> Callable:
+  """`jax.pmap` of a step built with `make_eval_step(..., axis_name="batch")`:
+  `eval_step(replicated variables, shard_for_pmap(batch))`, each device
+  holding the whole batch's sums (another axis name, or none, is refused)."""
+  _check_axis_name(eval_step, PMAP_AXIS, "pmap_eval_step", "eval_step")
+  return jax.pmap(eval_step, axis_name=PMAP_AXIS)
+
+
 def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
-  """Stacks one copy of `tree` per local device (pmap shards the leading axis)."""
+  """Stacks one copy of `tree` per local device (pmap shards the leading axis);
+  typed PRNG keys (`jax.random.key`) too."""
   n = len(jax.local_devices() if devices is None else devices)
-  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+  stack = lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x))  # noqa: E731
+
+  def copies(x: Any) -> Any:
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # A key array has no numpy form: stack its raw data, then wrap it again.
+      return jax.random.wrap_key_data(stack(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    return stack(x)
+  return jax.tree.map(copies, tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:

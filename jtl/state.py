@@ -77,7 +77,8 @@ def _with_params(variables: Any, labels: PyTree) -> dict[str, PyTree]:
 
 def create_train_state(variables: dict[str, PyTree], labels: PyTree,
                        tx: optax.GradientTransformation, *,
-                       rng: jax.Array | int = 0, ema: bool = False) -> TrainState:
+                       rng: jax.Array | int = 0, ema: bool = False,
+                       copy: bool = True) -> TrainState:
   """Splits `variables["params"]` by `labels` and initialises the optimizer.
 
   Args:
@@ -92,10 +93,18 @@ def create_train_state(variables: dict[str, PyTree], labels: PyTree,
     ema: keep an exponential moving average of the trainable params (for a
       step made with `make_train_step(..., ema_decay=...)`); it starts at
       the initial params.
+    copy: copy the jax arrays of `variables` and `rng` into the state: a train
+      step that donates the state (`jit_train_step`'s default) then never
+      deletes arrays the caller still holds (the pretrained variables, for
+      WiSE-FT or L2-SP). False: reuse them (for a state that `place_state`,
+      which copies, puts on the mesh next).
   """
   if is_nnx_module(variables):
     variables = variables_of(variables)
   variables = _with_params(variables, labels)
+  if copy:  # numpy leaves need none: device_put copies them
+    variables = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, variables)
+    rng = jnp.copy(rng) if isinstance(rng, jax.Array) else rng
   params = variables.pop("params")
   trainable, frozen = partition.split(params, labels)
   if isinstance(rng, int):

@@ -14,6 +14,14 @@ row, so padding changes the real rows' normalisation, loss, gradients and the
 running statistics. Do not pad training batches of a model whose BatchNorm
 trains (freeze its statistics, or drop the last partial batch as
 `jtl.data.make_dataset` does: its training batches are always full).
+
+With `microbatches=k`, micro-batch i holds rows i, i + k, ...: on a mesh each
+device's rows hold some of every micro-batch, so the step stays data parallel
+(let the batch size be a multiple of k x devices). A BatchNorm that trains
+normalises each micro-batch with its own batch statistics (as gradient
+accumulation in PyTorch does), so the update is not the whole batch's; its
+running averages take one momentum step per train step, with the mean of
+the micro-batches' statistics.
 """
 
 from __future__ import annotations
@@ -131,6 +139,28 @@ def eval_logits(outputs: Any, batch: Batch, eval_output: Output = None) -> jax.A
   return picked.astype(jnp.float32)
 
 
+def check_compute_dtype(compute_dtype: Any) -> Any:
+  """`compute_dtype` as a dtype (None stays None), a StepError unless it is a
+  floating one: an integer dtype would cast every weight to an integer.
+
+  >>> check_compute_dtype("bfloat16")
+  dtype(bfloat16)
+  """
+  if compute_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(compute_dtype)
+  except (TypeError, ValueError):
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    shown = repr(compute_dtype) if dtype is None else dtype.name
+    raise StepError(
+        f"compute_dtype={shown} is not a floating dtype: expected None (float32 "
+        "throughout) or one such as jnp.bfloat16, jnp.float16 or 'bfloat16' (the forward "
+        "and backward passes run in it; the params stay float32).")
+  return dtype
+
+
 def _check_scalar(loss: Any) -> None:
   if jnp.shape(loss) != ():
     raise StepError(
@@ -139,12 +169,20 @@ def _check_scalar(loss: Any) -> None:
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
+  """[B, ...] -> [n, B / n, ...] by stride: micro-batch i holds rows i, i + n, ...
+
+  By stride, not contiguous rows: each device's block of a batch sharded over
+  a mesh holds rows of every micro-batch, so the rows axis stays sharded and
+  the scan over micro-batches stays data parallel (contiguous slices put the
+  micro-batch axis on the devices: every device gathered and ran the whole
+  batch). Every batch entry (labels, mask, ...) is split alike.
+  """
   def reshape(x):
     if x.shape[0] % n:
       raise StepError(
           f"Batch size {x.shape[0]} does not divide into {n} micro-batches; "
           "choose a batch size that is a multiple of microbatches.")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return jnp.moveaxis(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 1, 0)
   return jax.tree.map(reshape, batch)
 
 
@@ -195,22 +233,20 @@ def make_train_step(
       teacher targets, adversarial inputs, a schedule of the step); its
       metrics are reported.
     microbatches: accumulate gradients over this many micro-batches (inside
-      the compiled step, with `lax.scan`) before one update.
-    compute_dtype: e.g. jnp.bfloat16 for mixed precision: params stay fp32
-      (master copy), the forward/backward pass runs in this dtype.
+      the compiled step, with `lax.scan`) before one update (module doc).
+    compute_dtype: a floating dtype (jnp.bfloat16, "bfloat16") for mixed precision:
+      params stay fp32 (master copy), the forward/backward pass runs in it.
     axis_name: set when running under `jax.pmap(..., axis_name=...)`:
       gradients, metrics and statistics are averaged across that axis and
-      the dropout rng differs per device.
+      the dropout rng differs per device. The step's `axis_name` attribute
+      records it (`jtl.parallel.pmap_train_step` and `jit_train_step` check it).
     ema_decay: weight EMA after each update, `ema = ema_decay * ema + (1 -
       ema_decay) * trainable` (a state from `create_train_state(..., ema=True)`).
 
   Metrics: loss, accuracy (when the outputs are logits), grad_norm (of the
   trainable gradients), and those of `loss_fn` and `batch_transform`.
   """
-  if microbatches < 1:
-    raise StepError(f"microbatches must be >= 1, got {microbatches}.")
-  if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-    raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
+  compute_dtype = _checked_options(microbatches, ema_decay, compute_dtype)
   adapter = as_model(model)
   frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
   grad_fn = jax.value_and_grad(_make_loss(adapter, frozen_paths, loss_fn, compute_dtype),
@@ -237,7 +273,17 @@ def make_train_step(
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux, **extra}
     return new_state, metrics
 
+  train_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_train_step
   return train_step
+
+
+def _checked_options(microbatches: int, ema_decay: float | None, compute_dtype: Any) -> Any:
+  """`make_train_step`'s options refused when out of range; the compute dtype."""
+  if microbatches < 1:
+    raise StepError(f"microbatches must be >= 1, got {microbatches}.")
+  if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+    raise StepError(f"ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}.")
+  return check_compute_dtype(compute_dtype)
 
 
 def _make_loss(adapter: Any, frozen_paths: frozenset, loss_fn: LossFn, compute_dtype: Any
@@ -285,29 +331,52 @@ def update_ema(ema: PyTree, trainable: PyTree, decay: float | None) -> PyTree:
 def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax.Array,
                     microbatches: int) -> tuple[tuple[jax.Array, tuple[PyTree, dict]], PyTree]:
   """`grad_fn` on the whole batch, or gradients averaged over `microbatches`
-  slices of it with `lax.scan` (statistics carried from slice to slice)."""
+  slices of it with `lax.scan`. Each slice starts from the step's statistics
+  and the new ones are their mean (`_mean_model_state`)."""
   if microbatches == 1:
     return grad_fn(state.trainable, state.frozen, state.model_state, batch, rng)
   masked = batch.get("mask") is not None
+  start = state.model_state
 
   def accumulate(carry, xs):
-    grad_sum, model_state = carry
+    grad_sum, moved = carry
     mb, i = xs
     (loss, (model_state, aux)), grads = grad_fn(
-        state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i))
+        state.trainable, state.frozen, start, mb, jax.random.fold_in(rng, i))
     # A slice's masked mean weighs by its rows: the whole batch's masked mean.
     weight = _count(mb) if masked else jnp.float32(1.0)
     grads = jax.tree.map(lambda g: g * weight, grads) if masked else grads
-    return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, aux, weight)
+    moved = jax.tree.map(lambda m, new, old: m + (new - old) if _floating(old) else new,
+                         moved, model_state, start)
+    return (jax.tree.map(jnp.add, grad_sum, grads), moved), (loss, aux, weight)
 
-  init = (jax.tree.map(jnp.zeros_like, state.trainable), state.model_state)
-  (grad_sum, model_state), (losses, auxes, counts) = jax.lax.scan(
+  init = (jax.tree.map(jnp.zeros_like, state.trainable),
+          jax.tree.map(lambda x: jnp.zeros_like(x) if _floating(x) else x, start))
+  (grad_sum, moved), (losses, auxes, counts) = jax.lax.scan(
       accumulate, init, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
   total = jnp.maximum(jnp.sum(counts), 1.0) if masked else float(microbatches)
   grads = jax.tree.map(lambda g: g / total, grad_sum)
   aux = {k: (jnp.sum(v) if k == "correct" else jnp.sum(v * counts) / total)
          for k, v in auxes.items()}
+  model_state = _mean_model_state(start, moved, microbatches)
   return (jnp.sum(losses * counts) / total, (model_state, aux)), grads
+
+
+def _floating(x: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _mean_model_state(start: PyTree, moved: PyTree, microbatches: int) -> PyTree:
+  """The mean of the micro-batches' new statistics (each from `start`; `moved`:
+  the sum of their changes), for floating leaves; the last for the others.
+
+  A running average updated once per micro-batch would move `microbatches`
+  times per step (momentum 0.9 acting as 0.9**k); the mean of the updates is
+  one momentum update with the mean of the micro-batches' batch statistics.
+  Summed as changes, so statistics that do not train stay bit for bit.
+  """
+  return jax.tree.map(
+      lambda x, m: (x + m / microbatches).astype(x.dtype) if _floating(x) else m, start, moved)
 
 
 def _across_devices(axis_name: str, grads: PyTree, loss: jax.Array, model_state: PyTree,
@@ -376,8 +445,11 @@ def make_eval_step(
   finds (the outputs, the first of a tuple, or what `eval_output` picks);
   or, with `eval_fn(outputs, batch) -> {name: sum over rows with mask=True}`,
   those sums (plus `count`), for outputs that are not class scores.
-  """
 
+  `axis_name`: set under `jax.pmap` (`jtl.parallel.pmap_eval_step`): the sums
+  are summed over that axis, so every device holds the whole batch's.
+  """
+  compute_dtype = check_compute_dtype(compute_dtype)
   adapter = as_model(model)
 
   def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
@@ -402,6 +474,7 @@ def make_eval_step(
       sums = jax.lax.psum(sums, axis_name)
     return sums
 
+  eval_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_eval_step
   return eval_step
 
 
@@ -414,6 +487,7 @@ def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
   options)."""
   if eval_fn is not None:
     return None
+  compute_dtype = check_compute_dtype(compute_dtype)
   adapter = as_model(model)
   logits = lambda v, b: eval_logits(_eval_outputs(adapter, v, b, compute_dtype), b,  # noqa: E731
                                     eval_output)
@@ -477,4 +551,6 @@ def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, d
                       opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
                       model_state=jax.tree.map(keep, new.model_state, state.model_state))
     return new, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
+  if hasattr(train_step, "axis_name"):
+    guarded.axis_name = train_step.axis_name
   return guarded

@@ -225,9 +225,10 @@ class _Loop:
 
   def _device_batch(self, batches: Iterator[Batch], step: int, num_steps: int
                     ) -> tuple[Batch, int]:
-    """Step `step`'s batch on the mesh, and its per-process size."""
-    batch = self._next_batch(batches, step, num_steps)
-    return parallel.shard_batch(batch, self.given.mesh), len(batch["label"])
+    """Step `step`'s batch on the mesh, and its global size (every process's
+    rows: examples_per_second counts the whole run's)."""
+    batch = parallel.shard_batch(self._next_batch(batches, step, num_steps), self.given.mesh)
+    return batch, int(batch["label"].shape[0])
 
   def _next_batch(self, batches: Iterator[Batch], step: int, num_steps: int) -> Batch:
     """The next batch; the time spent waiting for it counts as input wait."""
@@ -291,7 +292,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     eval_batches, eval_every, checkpoint_every: `eval_batches()` returns one pass of
       padded, masked batches; evaluations and saves every so many steps (0: at the end).
     keep, best_metric: the last `keep` checkpoints stay, and the best by this eval metric.
-    mesh: device mesh (default: all devices, data parallel).
+    mesh: device mesh from `jtl.make_mesh` (default: all devices, data parallel).
     meta: JSON-able facts saved with each checkpoint ("model", "num_classes",
       "class_names", ...); resuming with different ones is refused.
     on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a `DivergenceError`
@@ -316,9 +317,9 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   Raises:
     Preempted: after a SIGTERM or SIGINT, once the step is saved.
   """
-  check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, log_every=log_every,
-                eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
-  mesh = mesh or parallel.make_mesh()
+  check_options(on_nonfinite=on_nonfinite, ema_decay=ema_decay, compute_dtype=compute_dtype,
+                log_every=log_every, eval_batches=eval_batches, batchnorm_batches=batchnorm_batches)
+  mesh = parallel.check_mesh(mesh or parallel.make_mesh())
   variables = initial_variables(module, variables, batchnorm_batches)
   heartbeat = Heartbeat()  # beaten by each batch read: see `WorkdirLock`
   eval_batches, batchnorm_batches = map(heartbeat.each_batch, (eval_batches, batchnorm_batches))

@@ -11,7 +11,8 @@ final variables to OUT.npz. With DIE_AT,
 process 1 exits abruptly after that step (a preempted host). With
 MULTIHOST_API=nnx in the environment the model is the NNX `NnxNet`; with
 MULTIHOST_SECONDS_PER_STEP, each step takes at least that long (time to
-signal a process mid-run). With MULTIHOST_TAKE_LOCK_AT, process 0 overwrites
+signal a process mid-run). With MULTIHOST_API=cached_probe the run is a
+linear probe on cached features (`cached_probe`). With MULTIHOST_TAKE_LOCK_AT, process 0 overwrites
 the workdir's lock after that step as another host's run would (the run
 has lost its workdir). A run stopped by SIGTERM exits as the scripts do
 (`Preempted`: 128 + the signal, the message on stderr).
@@ -82,6 +83,45 @@ def batchnorm_batches():
     yield {"inputs": global_batch(seed)["inputs"][mine], "mask": mask[mine]}
 
 
+class ProbeNet(nn.Module):
+  """A frozen body with a `features` method, for the cached linear probe."""
+
+  def setup(self):
+    self.body = nn.Dense(32)
+    self.head = nn.Dense(5)
+
+  def features(self, x, *, train=False):
+    del train
+    return nn.relu(self.body(x.reshape((x.shape[0], -1))))
+
+  def __call__(self, x, *, train=False):
+    return self.head(self.features(x))
+
+
+def cached_probe(workdir, out, steps):
+  """The cached features of two global batches (the last 4 rows of the second
+  are padding), each process feeding its rows, and `features.fit_cached_probe`
+  on them; every process writes them and its head to OUT.<process>.npz."""
+  from jtl.recipes.strategies import features
+  module = ProbeNet()
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", "frozen")])
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+  rows = GLOBAL_BATCH // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  train_pass = [{k: v[mine] for k, v in {**global_batch(seed), "mask": np.arange(GLOBAL_BATCH)
+                                         < GLOBAL_BATCH - padding}.items()}
+                for seed, padding in ((1000, 0), (1001, 4))]
+  feats, ys = features.extract_features(module, variables, train_pass)
+  result = features.fit_cached_probe(
+      module=module, variables=variables, labels=labels, tx=tx, head_tx=tx,
+      train_pass=train_pass, num_steps=steps, batch_size=8, workdir=workdir,
+      meta={"model": "probe_net", "num_classes": 5})
+  head = jax.device_get(result.state.params["head"])
+  np.savez(out.replace(".npz", f".{jax.process_index()}.npz"), features=feats, labels=ys,
+           **jtl.tree.flatten(head))
+
+
 def main(argv):
   process_id, num_processes, port = (int(a) for a in argv[1:4])
   workdir, out, steps = argv[4], argv[5], int(argv[6])
@@ -89,6 +129,10 @@ def main(argv):
   if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jtl.parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+  if os.environ.get("MULTIHOST_API") == "cached_probe":
+    cached_probe(workdir, out, steps)
+    print("done", flush=True)
+    return
   if os.environ.get("MULTIHOST_API") == "nnx":
     module = nnx_net()
     variables = jtl.adapter.variables_of(module)
@@ -105,6 +149,8 @@ def main(argv):
       other = {"pid": 4242, "host": "another-host", "since": "now", "lease_s": 180, "renew_s": 30}
       (Path(workdir) / "jtl.lock").write_text(json.dumps(other))
     time.sleep(float(os.environ.get("MULTIHOST_SECONDS_PER_STEP", 0)))
+    rate = row["examples_per_second"] / row["steps_per_second"]
+    print(f"step {step}: {rate:.1f} examples per step", flush=True)
 
   result = jtl.train.fit(
       module=module, variables=variables, labels=labels, tx=tx, train_batches=local_batches,

@@ -275,4 +275,5 @@ def make_robust_eval_step(module: nn.Module, *, attack: str = "pgd", eps: float,
     x_adv = run_attack(model_loss(module, variables, batch), batch["inputs"], rng)
     return clean_eval(variables, {**batch, "inputs": x_adv})
 
+  eval_step.axis_name = None  # no pmap axis: jtl.parallel.pmap_eval_step refuses it
   return eval_step

@@ -37,7 +37,8 @@ import optax
 from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
-from jtl.steps import Batch, LossFn, cross_entropy_loss, make_train_step, masked_mean
+from jtl.steps import (Batch, LossFn, check_compute_dtype, cross_entropy_loss, make_train_step,
+                       masked_mean)
 from jtl.tree import PyTree, cast_floats
 
 
@@ -133,6 +134,7 @@ def teacher_fn(module: nn.Module, variables: PyTree, *, features: bool = False,
   The teacher runs in inference mode (stored BatchNorm statistics, no dropout).
   """
   variables = jax.tree.map(jnp.asarray, variables)
+  compute_dtype = check_compute_dtype(compute_dtype)
 
   def run(x):
     v = variables

@@ -132,3 +132,38 @@ def test_a_lock_taken_over_mid_run_stops_both_processes_at_the_next_save(tmp_pat
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2]  # the save at step 4 wrote nothing
   assert json.loads((workdir / "jtl.lock").read_text())["pid"] == 4242  # left to its owner
+
+
+@pytest.mark.slow  # two processes: make test-all
+def test_two_processes_train_the_cached_probe_of_one(tmp_path):
+  """A linear probe on cached features: 2 processes x 4 devices gather every
+  process's features (and labels, masks) and train the head of 1 x 8."""
+  codes, logs = launch(1, tmp_path / "one", tmp_path / "one.npz", 5, api="cached_probe")
+  assert codes == [0], logs[0][-3000:]
+  codes, logs = launch(2, tmp_path / "two", tmp_path / "two.npz", 5, api="cached_probe")
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  one = params(tmp_path / "one.0.npz")
+  import jax
+  from multihost_job import ProbeNet, global_batch
+  want = np.concatenate([global_batch(1000)["label"], global_batch(1001)["label"][:-4]])
+  np.testing.assert_array_equal(one["labels"], want)  # the 28 real rows, in order
+  assert one["features"].shape == (28, 32)
+  initial = ProbeNet().init(jax.random.PRNGKey(0), np.zeros((1, 6, 6, 3), np.float32))
+  assert np.abs(one["kernel"] - initial["params"]["head"]["kernel"]).max() > 1e-3  # trained
+  for process in (0, 1):
+    two = params(tmp_path / f"two.{process}.npz")
+    np.testing.assert_array_equal(two["labels"], want)
+    # Tolerance: the features of 4 + 4 devices against 8, then 5 head steps.
+    assert_same(one, two)
+
+
+@pytest.mark.slow  # two processes: make test-all
+def test_two_processes_log_the_global_examples_per_second(tmp_path):
+  """examples_per_second counts every process's rows (the global batch of 16),
+  not one process's 8."""
+  codes, logs = launch(2, tmp_path / "rate", tmp_path / "unused.npz", 2)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  from multihost_job import GLOBAL_BATCH
+  for log in logs:
+    rates = [line for line in log.splitlines() if "examples per step" in line]
+    assert rates == [f"step {s}: {GLOBAL_BATCH:.1f} examples per step" for s in (1, 2)], log[-3000:]

@@ -1,10 +1,11 @@
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models_for_tests import MLP, ConvNet, batch, init
+from models_for_tests import MLP, ConvNet, batch, init, mlp_setup
 
 import jtl
 from jtl.errors import StepError
@@ -147,6 +148,61 @@ def test_microbatches_give_the_full_batch_update():
     jtl.make_train_step(model, tx, labels=labels, microbatches=3)(state, b)
 
 
+class _BNHead(nn.Module):
+  """BatchNorm on the inputs themselves, so its batch statistics are known."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    x = nn.BatchNorm(momentum=0.9, name="bn")(x, use_running_average=not train)
+    return nn.Dense(4, name="head")(x)
+
+
+def test_microbatches_move_batchnorm_statistics_once_per_step():
+  """4 micro-batches (rows i, i+4, ...): one momentum update with the mean of
+  their 4 batch means and variances, not 4 updates (0.9**4: 3.44x as far)."""
+  x = np.random.RandomState(0).randn(16, 6).astype(np.float32) * 2.0 + 3.0
+  b = {"inputs": x, "label": np.arange(16, dtype=np.int32) % 4}
+  model = _BNHead()
+  variables = init(model, x)
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+  step = jax.jit(jtl.make_train_step(model, tx, labels=labels, microbatches=4))
+  new, _ = step(jtl.create_train_state(variables, labels, tx), b)
+  stats = new.model_state["batch_stats"]["bn"]
+  parts = [x[i::4] for i in range(4)]
+  mean = np.mean([p.mean(0) for p in parts], 0)
+  var = np.mean([p.var(0) for p in parts], 0)
+  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)  # from 0
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-5)  # from 1
+  assert np.abs(var - x.var(0)).max() > 0.05  # per micro-batch, not the whole batch's
+  head = jtl.label_params(variables["params"], HEAD_ONLY)  # a frozen BatchNorm stays bit for bit
+  tx = jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd")
+  step = jax.jit(jtl.make_train_step(model, tx, labels=head, microbatches=4))
+  new, _ = step(jtl.create_train_state(variables, head, tx), b)
+  for a, c in zip(jax.tree.leaves(new.model_state), jax.tree.leaves(variables["batch_stats"])):
+    np.testing.assert_array_equal(a, c)
+
+
+def test_a_donating_step_leaves_the_callers_variables_usable():
+  """Without place_state: the state holds copies, so the donated state is not
+  the caller's pretrained variables (kept for WiSE-FT, L2-SP)."""
+  model = ConvNet(width=8)
+  b = jax.tree.map(np.asarray, batch(8))
+  variables = jax.device_put(init(model, b["inputs"]))  # e.g. weights loaded onto the device
+  before = np.asarray(model.apply(variables, b["inputs"]))
+  labels = jtl.label_params(variables["params"], HEAD_ONLY)
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+  mesh = jtl.make_mesh(jax.devices()[:1])
+  rng = jax.random.PRNGKey(1)
+  state = jtl.create_train_state(variables, labels, tx, rng=rng)
+  step = jtl.jit_train_step(jtl.make_train_step(model, tx, labels=labels), mesh)  # donates
+  state, _ = step(state, jtl.shard_batch(b, mesh))
+  assert not any(x.is_deleted() for x in jax.tree.leaves((variables, rng)))
+  np.testing.assert_array_equal(model.apply(variables, b["inputs"]), before)
+  moved = np.abs(state.params["head"]["kernel"] - variables["params"]["head"]["kernel"]).max()
+  assert moved > 1e-4
+
+
 def test_bf16_compute_keeps_fp32_master_params():
   *_, state, step, b = setup([(".*", "all")], optimizer="adam", lr=1e-3,
                              compute_dtype=jnp.bfloat16)
@@ -155,6 +211,28 @@ def test_bf16_compute_keeps_fp32_master_params():
   assert np.isfinite(metrics["loss"])
   _, fp32_metrics = jax.jit(setup([(".*", "all")], optimizer="adam", lr=1e-3)[4])(state, b)
   np.testing.assert_allclose(metrics["loss"], fp32_metrics["loss"], rtol=5e-2)
+
+
+def test_compute_dtype_must_be_floating():
+  """An integer compute dtype cast every weight to 0 and trained nothing;
+  a dtype's name is taken as the dtype."""
+  model, variables, labels, tx = mlp_setup()
+  for bad, shown in ((jnp.int8, "int8"), ("int32", "int32"), ("fp8", "'fp8'")):
+    with pytest.raises(StepError, match=f"compute_dtype={shown} is not a floating dtype"):
+      jtl.make_train_step(model, tx, labels=labels, compute_dtype=bad)
+    with pytest.raises(StepError, match=f"compute_dtype={shown} is not a floating"):
+      jtl.make_eval_step(model, compute_dtype=bad)
+  with pytest.raises(StepError, match="compute_dtype=int8 is not a floating dtype"):
+    jtl.train.fit(module=model, variables=variables, labels=labels, tx=tx, num_steps=1,
+                  train_batches=lambda start: iter([batch(8, classes=4)]), progress=False,
+                  compute_dtype=jnp.int8)
+  state = jtl.create_train_state(variables, labels, tx)
+  b = batch(8, classes=4)
+  by_name, by_type = (jax.jit(jtl.make_train_step(model, tx, labels=labels, compute_dtype=d))(
+      state, b)[0] for d in ("bfloat16", jnp.bfloat16))
+  np.testing.assert_array_equal(by_name.params["head"]["kernel"], by_type.params["head"]["kernel"])
+  moved = by_name.params["head"]["kernel"] - variables["params"]["head"]["kernel"]
+  assert np.abs(moved).max() > 1e-3
 
 
 def test_dropout_rng_changes_every_step():

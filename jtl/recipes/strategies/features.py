@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from jtl import parallel, partition, phases, steps
 from jtl import tree as jtree
@@ -65,7 +66,9 @@ def extract_features(module: Any, variables: PyTree, batches: Iterable[dict[str,
 
   Batches are {"inputs", "label", "mask"?} (an evaluation pass of
   `jtl.data.make_dataset`); rows with mask=False are dropped. Batch sizes
-  must be divisible by the number of devices of `mesh` (default: all).
+  must be divisible by the number of devices of `mesh` (default: all). In a
+  multi-host run each process passes its rows and gets every process's
+  (the global batches' features, in the mesh's row order).
   """
   return feature_extractor(module, variables, mesh=mesh, method=method)(batches)
 
@@ -83,15 +86,32 @@ def feature_extractor(module: Any, variables: PyTree, *, mesh: jax.sharding.Mesh
   def extract(batches: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
     for batch in batches:
-      out = fn(variables, parallel.shard_batch(batch["inputs"], mesh))
-      keep = np.ones(len(batch["label"]), bool) if batch.get("mask") is None \
-          else np.asarray(batch["mask"], bool)
-      feats.append(np.asarray(jax.device_get(out))[keep])
-      labels.append(np.asarray(batch["label"])[keep])
+      feat, label, keep = _batch_features(fn, variables, batch, mesh)
+      feats.append(feat[keep])
+      labels.append(label[keep])
     if not feats:
       raise DataError("extract_features got no batches; pass one evaluation pass of the data.")
     return np.concatenate(feats), np.concatenate(labels)
   return extract
+
+
+def _batch_features(fn: Callable, variables: PyTree, batch: dict[str, Any],
+                    mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(features, labels, mask) of a batch's rows. In a multi-host run, of every
+  process's rows (the global batch, the same on every process: each trains
+  the same head on all examples), labels and mask gathered with the features
+  through the same sharding, so their rows stay paired."""
+  mask = np.ones(len(batch["label"]), bool) if batch.get("mask") is None \
+      else np.asarray(batch["mask"], bool)
+  if jax.process_count() == 1:
+    out = fn(variables, parallel.shard_batch(batch["inputs"], mesh))
+    return np.asarray(jax.device_get(out)), np.asarray(batch["label"]), mask
+  local = {"inputs": batch["inputs"], "label": batch["label"], "mask": mask}
+  sharded = parallel.shard_batch(local, mesh)
+  out = fn(variables, sharded["inputs"])
+  rows = multihost_utils.process_allgather(
+      {"features": out, "label": sharded["label"], "mask": sharded["mask"]}, tiled=True)
+  return np.asarray(rows["features"]), np.asarray(rows["label"]), np.asarray(rows["mask"], bool)
 
 
 def _feature_fn(module: Any, method: str):
@@ -169,7 +189,8 @@ def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
     order = np.stack([next(it)["inputs"] for _ in range(num_steps)])
     # Copies: `run` donates the state, and the head's arrays are the caller's
     # (an NNX module's own, after `jtl.variables_of`).
-    state = create_train_state(jax.tree.map(jnp.array, head_vars), hlabels, tx, rng=seed)
+    state = create_train_state(jax.tree.map(jnp.array, head_vars), hlabels, tx, rng=seed,
+                               copy=False)
     args = (state, jnp.asarray(features), jnp.asarray(labels), order)
     key = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(args))
     t0 = time.perf_counter()

@@ -158,7 +158,7 @@ def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
     if on_phase:
       on_phase(phase, labels)
     if state is None:
-      state = create_train_state(variables, labels, tx, rng=seed)
+      state = create_train_state(variables, labels, tx, rng=seed, copy=False)  # placed next
     else:
       state = switch_phase(state, labels, tx)
     state = parallel.place_state(state, mesh)
