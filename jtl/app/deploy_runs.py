@@ -62,7 +62,10 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
                    max_drop: float = deploy.DEFAULT_MAX_ACCURACY_DROP) -> deploy.Exported:
   """Exports a fine-tuned checkpoint to `format` ("onnx", "tflite", "tflite_int8").
 
-  The input size is the config's `image_size` (the size it was evaluated at).
+  The input size is the config's `image_size` (the size it was evaluated at);
+  the model is the one evaluate.py scores (`Restored.deployable_variables`:
+  LoRA merged, AdaBN applied where the method needs it, recorded as the
+  sidecar's "adabn").
   For int8, `num_calibration` images of the training split calibrate the
   quantization and then check it: accuracy of the int8 file against the
   float32 model on them (`check_int8`, warns past `max_drop` points); the
@@ -70,8 +73,8 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   `<workdir>/export/model<suffix>`.
   """
   run = _image_run(workdir, step)
-  module, variables, config, spec, classes = (run.module, run.merged_variables(), run.config,
-                                              run.spec, run.num_classes)
+  module, config, spec, classes = run.module, run.config, run.spec, run.num_classes
+  variables, adabn = run.deployable_variables()  # the model evaluate.py scores
   size = int(config.image_size or spec.image_size)
   shape = (size, size, 3)
   out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX.get(
@@ -89,7 +92,8 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   # The file's own resolution, not the model's native one.
   normalization = dataclasses.replace(spec.normalization, image_size=size)
   meta = {"model": config.model, "num_classes": classes, "workdir": os.fspath(workdir),
-          **restore.step_record(run.meta), "normalize": normalization.describe()}
+          **restore.step_record(run.meta), "normalize": normalization.describe(),
+          **({"adabn": adabn} if adabn else {})}
   exported = deploy.export(module, variables, out, format=format, input_shape=shape,
                     representative=representative, pixel_affine=affine, meta=meta)
   if format == "tflite_int8":

@@ -26,7 +26,6 @@ from jtl import _optional, data, export, paths, steps, train
 from jtl.app import figures, keys, methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.checkpoint import layout, restore
-from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
 from jtl.data.checks import class_differences
 from jtl.errors import ConfigError, DataError, JtlError, bullet_list
@@ -148,7 +147,6 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   problem = workdirs.writable_problem(out, "out_dir" if out_dir else "workdir")
   if problem:  # before the evaluation, not after it
     raise ConfigError(f"Cannot write the evaluation's results: {problem}.")
-  variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or run.config.eval_split
   other_data = not own_data and evaluated in run.data_changed
   # A damaged step asked for ("best") is not what was evaluated: the files say which was.
@@ -156,7 +154,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   name = results_name(split, step=read, run_step=result_step(run.config), precision=precision,
                       adabn=adabn, attack=attack,
                       dataset=run.config[evaluated] if other_data else None)
-  variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
+  variables, extra = _post_training(run, adabn=adabn, precision=precision,
                                     save_quantized=save_quantized)
   robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
   metrics, robust, confusion = _eval_pass(run, variables, split, precision, robust_step)
@@ -232,20 +230,15 @@ def _class_differences(ours: list[str] | None, theirs: list[str], classes: int) 
                       f"dataset's {', '.join(theirs)}"]
 
 
-def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, precision: str,
+def _post_training(run: workdirs.Restored, *, adabn: bool, precision: str,
                    save_quantized: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
-  """`evaluate_workdir`'s variables after AdaBN (when asked, or when the method
-  needs it) and quantization to `precision` (also saved when asked), and what
-  was done, for the report."""
-  extra: dict[str, Any] = {}
+  """`evaluate_workdir`'s variables: the plain model (LoRA folded in) after
+  AdaBN when asked or when the method needs it (`Restored.deployable_variables`,
+  what the exports ship too), quantized to `precision` (also saved when
+  asked), and what was done, for the report."""
   config = run.config
-  if adabn or methods.needs_adabn(config):
-    # One unaugmented pass over the unlabelled train split of the evaluated data.
-    target = eval_batches(config, run.spec, config.train_split)
-    variables = recompute_batchnorm(run.module, variables, target())
-    extra["adabn"] = {"dataset": config.eval_dataset or config.dataset,
-                      "split": config.train_split,
-                      "why": "asked" if adabn else "method.batchnorm='separate'"}
+  variables, adabn_record = run.deployable_variables(adabn=adabn)
+  extra: dict[str, Any] = {"adabn": adabn_record} if adabn_record else {}
   variables = quantize.prepare(variables, precision)
   extra["precision"] = precision
   extra["model_bytes"] = tree_bytes(variables)

@@ -7,7 +7,9 @@ can be rebuilt from the workdir alone. `restore` does that once for
 `load` gives a run to the user's code as one ready model (Linen, NNX or an
 apply function) and the preprocessing the run used; `export_hub_format`
 writes a run as a PEFT adapter folder or as merged weights in the HF / timm
-layout (`jtl.export.peft`, `hf_export`).
+layout (`jtl.export.peft`, `hf_export`). Every one of them, and evaluate.py,
+takes the model from `Restored.deployable_variables` (AdaBN applied where
+the run's method needs it), so what is shipped is what was scored.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from etils import epath
 from jtl import export, models, paths
 from jtl import tree as jtree
 from jtl.app import keys, methods
+from jtl.batchnorm import recompute_batchnorm
 from jtl.checkpoint import layout
 from jtl.checkpoint.restore import restore_variables
-from jtl.errors import CheckpointError, ConfigError
+from jtl.errors import CheckpointError, ConfigError, JtlError
 from jtl.export import hf_export, peft
 from jtl.models import preprocessing
 from jtl.recipes.strategies import lora
@@ -119,27 +122,59 @@ class Restored:
       return self.variables
     return {**self.variables, "params": lora.merge_lora(self.variables["params"], self.alpha)}
 
+  def deployable_variables(self, *, adabn: bool = False
+                           ) -> tuple[PyTree, dict[str, Any] | None]:
+    """The variables of the model the run's evaluation scores, and what AdaBN did.
+
+    `merged_variables`, with the BatchNorm statistics re-estimated on the
+    unlabelled train split of the evaluated data (AdaBN: one unaugmented
+    pass) when `adabn` asks for it or the run's method needs it
+    (`methods.needs_adabn`: a DANN / CORAL run with batchnorm "separate"
+    keeps the source's running statistics). The record names that data and
+    why (None: no AdaBN). evaluate.py, the exports and `load` all take the
+    model from here, so a shipped model is the one that was scored.
+    """
+    variables = self.merged_variables()
+    config = self.config
+    if not (adabn or methods.needs_adabn(config)):
+      return variables, None
+    why = "asked" if adabn else "method.batchnorm='separate'"
+    record = {"dataset": config.eval_dataset or config.dataset, "split": config.train_split,
+              "why": why}
+    # experiment (the input pipelines) imports workdirs: imported when AdaBN runs.
+    from jtl.app import experiment  # pylint: disable=g-import-not-at-top
+    target = experiment.eval_batches(config, self.spec, config.train_split)
+    try:
+      return recompute_batchnorm(self.module, variables, target()), record
+    except JtlError as e:
+      raise type(e)(
+          f"{e}\nThe model of this run re-estimates its BatchNorm statistics ({why}: AdaBN) "
+          f"on {record['dataset']!r} split {record['split']!r} before it is evaluated or "
+          "exported, so that data must be readable there (evaluate.py: --dataset="
+          "folder:/new/path where it has moved).") from e
+
   @property
   def preprocess(self) -> Callable[..., Any]:
     """The run's preprocessing of raw inputs (`run_preprocessing`)."""
     return run_preprocessing(self.config, self.spec)
 
   def model(self, api: str = "linen") -> Any:
-    """The model with its weights (LoRA folded in), ready to call in eval mode.
+    """The model with its weights (LoRA folded in, AdaBN applied where the
+    method needs it: `deployable_variables`), ready to call in eval mode.
 
     Args:
       api: "linen" (the module bound to its variables: `model(x)`, and its
         other methods such as `model.features(x)`), "nnx" (an NNX module,
         `models.creation.to_nnx`) or "apply" (a jitted `apply(x)` function).
     """
-    variables = self.merged_variables()
+    if api not in ("linen", "nnx", "apply"):  # before an AdaBN pass
+      raise ConfigError(f"api={api!r}: expected 'linen', 'nnx' or 'apply'.")
+    variables, _ = self.deployable_variables()
     if api == "linen":
       return self.module.bind(variables)
     if api == "nnx":
       return models.creation.to_nnx(self.module, variables)
-    if api == "apply":
-      return jax.jit(functools.partial(self.module.apply, variables))
-    raise ConfigError(f"api={api!r}: expected 'linen', 'nnx' or 'apply'.")
+    return jax.jit(functools.partial(self.module.apply, variables))
 
 
 def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
@@ -258,11 +293,19 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
   except ConfigError as e:
     raise ConfigError(f"{workdir}: --format {format} for model {run.config.model!r}: "
                       f"{e}") from None
+  if format == "peft" and methods.needs_adabn(run.config):
+    raise ConfigError(
+        f"{workdir}: --format peft writes the LoRA adapters for the base model's own "
+        "BatchNorm statistics, but this run's model (method.batchnorm='separate') is "
+        "evaluated with statistics re-estimated on its target data (AdaBN), which an adapter "
+        "folder cannot carry. Use --format hf: merged weights with those statistics.")
   if format == "hf":
     spec = run.spec  # a text model's tokenizer goes with the weights
-    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha,
+    variables, adabn = run.deployable_variables()  # LoRA merged, AdaBN applied
+    return hf_export.export_hf(run.module, variables, out,
                                tokenizer=spec.tokenizer_file and spec.tokenizer_file(),
-                               max_length=run.config.max_length)
+                               max_length=run.config.max_length,
+                               record={"adabn": adabn} if adabn else None)
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]

@@ -408,7 +408,8 @@ def _write_json(obj: Any, path: epath.Path) -> None:
 
 def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
               alpha: float | None = None, tokenizer: Any = None,
-              max_length: int | None = None) -> epath.Path:
+              max_length: int | None = None,
+              record: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes merged fine-tuned weights in the HF (BERT, DINOv2) / timm (ViT, ResNet) layout.
 
   Args:
@@ -424,6 +425,8 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       length, which `AutoTokenizer` reads); None: none.
     max_length: the tokens per text the run trained with, written into the
       copied tokenizer.json's truncation and padding; None keeps the file's.
+    record: entries added to config.json as they are (what was done to the
+      weights, e.g. {"adabn": {...}}: BatchNorm statistics re-estimated).
 
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL, `jtl.paths`).
@@ -452,7 +455,7 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     if head:
       write_safetensors(head, out / "head.safetensors")
   write_safetensors(sd, out / "model.safetensors")
-  _write_json(hub_config(module), out / "config.json")
+  _write_json({**hub_config(module), **(record or {})}, out / "config.json")
   if tokenizer is not None:
     tokenizer = paths.path(tokenizer)
     paths.write_atomic(out / "tokenizer.json",

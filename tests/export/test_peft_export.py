@@ -21,10 +21,14 @@ import logging
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from app_helpers import load_file, run_script
+from app_helpers import colour_photos, load_file, run_script
+from run_helpers import saved_run
 
+from configs import default
+from jtl import models
 from jtl import tree as jtree
 from jtl.app import workdirs
 from jtl.export import hf_export, peft, peft_import
@@ -480,6 +484,47 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   assert not any("lora" in p for p in folded)
   np.testing.assert_allclose(folded["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"],
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
+
+
+def _dann_resnet_workdir(root):
+  """A LoRA run (no adapter trained yet) of DANN with method.batchnorm='separate'
+  on resnet18 at 32 px: its running statistics are the source domain's
+  (shifted by 3 from the target's)."""
+  photos = colour_photos(root / "photos", ("cat", "dog"), {"train": 4, "test": 2},
+                         size=(40, 40))
+  config = default.get_config()
+  config.update({"model": "resnet18", "pretrained": False, "image_size": 32,
+                 "dataset": f"folder:{photos}", "train_split": "train", "eval_split": "test",
+                 "batch_size": 8, "eval_batch_size": 8})
+  config.strategy = {"name": "lora", "rank": 2, "alpha": 4.0}
+  config.method = {"name": "dann", "target_dataset": f"folder:{photos}",
+                   "batchnorm": "separate"}
+  v = jax.tree.map(np.asarray, models.create("resnet18", num_classes=2, pretrained=False,
+                                             seed=0).variables)
+  domain_head = {"Dense_0": {"kernel": np.zeros((512, 1), np.float32),
+                             "bias": np.zeros((1,), np.float32)}}
+  wrapped = {"params": {"model": v["params"], "domain": domain_head},
+             "batch_stats": {"model": jax.tree.map(lambda a: a + 3.0, v["batch_stats"])}}
+  return saved_run(root / "run", config, wrapped), photos
+
+
+def test_hub_exports_of_a_separate_batchnorm_dann_run_are_the_evaluated_model(tmp_path):
+  """Audit: --format hf shipped the source-domain statistics, not the AdaBN
+  ones evaluate.py scores with; --format peft cannot carry them."""
+  workdir, _ = _dann_resnet_workdir(tmp_path)
+  out = workdirs.export_hub_format(workdir, "hf", out=tmp_path / "hf")
+  config = json.loads((out / "config.json").read_text())
+  assert config["adabn"]["why"] == "method.batchnorm='separate'"
+  rebuilt = models.create(str(out), num_classes=2)
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  loaded = np.asarray(workdirs.load(workdir).model(x))
+  np.testing.assert_allclose(rebuilt.module.apply(rebuilt.variables, x), loaded, atol=1e-4)
+  run = workdirs.restore(workdir)
+  source = np.asarray(run.module.apply(run.merged_variables(), x, train=False))
+  assert np.abs(loaded - source).max() > 0.1  # AdaBN changed the model
+  with pytest.raises(ConfigError, match=r"AdaBN(.|\n)*Use --format hf"):
+    workdirs.export_hub_format(workdir, "peft", out=tmp_path / "peft")
+  assert not (tmp_path / "peft").exists()
 
 
 def _edited_adapter(tmp_path, name, config_edit=None, weights=None, tensors_edit=None):
