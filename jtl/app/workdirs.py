@@ -188,16 +188,27 @@ def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
   The zoo's `spec.preprocess` is the published default instead (224 px and
   its crop for most image models), which a run at another size did not see.
   """
-  if spec.input_kind != "image" or spec.normalization is None:
+  inputs = run_inputs(config, spec)
+  if inputs is None:
     max_length = config.max_length
     if spec.preprocess is not None and max_length:
       return functools.partial(spec.preprocess, max_length=max_length)
     return spec.preprocess
-  size = config.image_size or spec.image_size
-  # The pipeline's resize is bilinear whatever the weights' published one.
-  normalization = dataclasses.replace(spec.normalization, resize="bilinear")
-  return functools.partial(preprocessing.preprocess, normalization=normalization,
-                           size=size, crop_fraction=None)
+  return inputs.preprocessor()
+
+
+def run_inputs(config: ml_collections.ConfigDict, spec: models.ModelSpec
+               ) -> preprocessing.Normalization | None:
+  """The images of the run's evaluation pipeline, for an image model (else
+  None): the model's `Normalization` at the side the whole image was resized
+  to (the config's `image_size`, else the model's native one; no crop:
+  crop_fraction None) and with the pipeline's resize, bilinear whatever the
+  weights' published one."""
+  if spec.input_kind != "image" or spec.normalization is None:
+    return None
+  size = int(config.image_size or spec.image_size)
+  return dataclasses.replace(spec.normalization, resize="bilinear", image_size=size,
+                             crop_fraction=None)
 
 
 class Ready(NamedTuple):
@@ -305,6 +316,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     return hf_export.export_hf(run.module, variables, out,
                                tokenizer=spec.tokenizer_file and spec.tokenizer_file(),
                                max_length=run.config.max_length,
+                               inputs=run_inputs(run.config, spec),  # the run's, not published
                                record={"adabn": adabn} if adabn else None)
   source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
   if source and source.startswith("hf-hub:"):

@@ -486,6 +486,28 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
 
 
+def test_hf_export_of_a_run_reloads_with_the_runs_preprocessing(tmp_path):
+  """Audit: config.json recorded the published preprocessing (224 px, crop_pct
+  0.875 / 0.9), not the run's (32 px, the whole image resized): the folder
+  reloaded gave logits 3.28 away from workdirs.load's, top-1 agreement 50%."""
+  workdir, _ = _lora_workdir(tmp_path)  # vit_ti16 (224 px) fine-tuned at 32 px
+  out = workdirs.export_hub_format(workdir, "hf", out=tmp_path / "hf")
+  config = json.loads((out / "config.json").read_text())
+  assert config["model_args"]["img_size"] == 32
+  assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+  assert {k: config["pretrained_cfg"][k] for k in ("crop_pct", "crop_mode", "interpolation",
+                                                    "mean", "std")} == {
+      "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear",
+      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+  rebuilt = models.create(str(out), num_classes=2)
+  assert rebuilt.variables["params"]["pos_embedding"].shape == (1, 1 + 2 * 2, 192)
+  images = np.random.default_rng(0).integers(0, 256, (3, 40, 52, 3), np.uint8)
+  ready = workdirs.load(workdir)
+  want = np.asarray(ready.model(ready.preprocess(images)))
+  got = rebuilt.module.apply(rebuilt.variables, rebuilt.preprocess(images))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def _dann_resnet_workdir(root):
   """A LoRA run (no adapter trained yet) of DANN with method.batchnorm='separate'
   on resnet18 at 32 px: its running statistics are the source domain's
@@ -517,11 +539,16 @@ def test_hub_exports_of_a_separate_batchnorm_dann_run_are_the_evaluated_model(tm
   assert config["adabn"]["why"] == "method.batchnorm='separate'"
   rebuilt = models.create(str(out), num_classes=2)
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-  loaded = np.asarray(workdirs.load(workdir).model(x))
+  ready = workdirs.load(workdir)
+  loaded = np.asarray(ready.model(x))
   np.testing.assert_allclose(rebuilt.module.apply(rebuilt.variables, x), loaded, atol=1e-4)
   run = workdirs.restore(workdir)
   source = np.asarray(run.module.apply(run.merged_variables(), x, train=False))
   assert np.abs(loaded - source).max() > 0.1  # AdaBN changed the model
+  # The folder's own preprocessing is the run's (32 px, the whole image resized).
+  images = np.random.default_rng(1).integers(0, 256, (3, 40, 52, 3), np.uint8)
+  np.testing.assert_allclose(rebuilt.module.apply(rebuilt.variables, rebuilt.preprocess(images)),
+                             ready.model(ready.preprocess(images)), atol=1e-4)
   with pytest.raises(ConfigError, match=r"AdaBN(.|\n)*Use --format hf"):
     workdirs.export_hub_format(workdir, "peft", out=tmp_path / "peft")
   assert not (tmp_path / "peft").exists()
