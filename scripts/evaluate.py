@@ -21,7 +21,8 @@ Post-training options:
   --attack pgd --eps 0.1          also accuracy under attack (pixel units)
   --exported runs/default/export/model.int8.tflite
                                   evaluate an exported ONNX / LiteRT file in its
-                                  runtime instead (eval_<split>_<format>.json)
+                                  runtime instead (eval_<split>_step<N>_<format>.json,
+                                  N: the step it was exported from)
 
 WiSE-FT after an LP-FT run (strategy.name='lp_ft', its probe on cached features):
   --wise [--wise_alphas 0,0.25,0.5,0.75,1] [--split test]

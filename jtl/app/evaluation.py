@@ -68,11 +68,12 @@ def workdir_result_step(workdir: str | os.PathLike) -> str:
 
 def results_name(split: str, *, step: int | str = "best", run_step: str = "best",
                  precision: str = "float32", adabn: bool = False,
-                 attack: str | None = None, dataset: str | None = None) -> str:
+                 attack: str | None = None, dataset: str | None = None,
+                 exported: str | None = None) -> str:
   """The name of an evaluation's files: the split, then whatever differs from
   the run's own evaluation of it (data other than where the run last found
-  it, another checkpoint, precision, AdaBN asked for, an attack), so that no
-  evaluation overwrites another's.
+  it, another checkpoint, precision, AdaBN asked for, an attack, an exported
+  file's format: its runtime), so that no evaluation overwrites another's.
 
   >>> results_name("test"), results_name("test", step=1200, precision="int8")
   ('test', 'test_step1200_int8')
@@ -80,6 +81,8 @@ def results_name(split: str, *, step: int | str = "best", run_step: str = "best"
   'train_from90pct_latest_pgd'
   >>> results_name("test", dataset="folder:/mnt/photos_2024")
   'test_on_photos_2024'
+  >>> results_name("test", step=2, exported="tflite_int8")
+  'test_step2_tflite_int8'
   """
   parts = [file_safe(split)]
   parts += [f"on_{data_label(dataset)}"] if dataset else []
@@ -88,6 +91,7 @@ def results_name(split: str, *, step: int | str = "best", run_step: str = "best"
   parts += [precision] if precision != "float32" else []
   parts += ["adabn"] if adabn else []
   parts += [attack] if attack else []
+  parts += [exported] if exported else []
   return "_".join(parts)
 
 

@@ -8,6 +8,7 @@ about 1e-5, the logits span about 30); the int8 file keeps the top-1 class.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -21,7 +22,7 @@ from jax import lax
 from run_helpers import saved_run
 
 from jtl import models
-from jtl.app import deploy_runs
+from jtl.app import deploy_runs, evaluation, workdirs
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import efficientnet
 from jtl.export import deploy
@@ -232,14 +233,39 @@ def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   result = deploy_runs.evaluate_exported(workdir, exported.path)
   assert result["count"] == 12 and result["format"] == "tflite_int8"
   assert sum(map(sum, result["confusion_matrix"])) == 12
-  assert (workdir / "eval_test_tflite_int8.json").exists()
+  assert result["results_file"] == str(workdir / "eval_test_step1_tflite_int8.json")
   # The float file in the same runtime agrees with jtl's own evaluation.
   onnx_file = deploy_runs.export_workdir(workdir, "onnx", input_pixels=True).path
-  from jtl.app import evaluation  # pylint: disable=g-import-not-at-top
   reference = evaluation.evaluate_workdir(workdir, step="best")
   onnx_result = deploy_runs.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]
   assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4
+
+
+def test_exported_files_are_evaluated_as_the_step_they_hold(tmp_path):
+  """Audit: evaluate.py --exported recorded the workdir's best step, not the
+  file's, and named the result by the format alone: step1.onnx's result was
+  overwritten by step2.onnx's; a sidecar of another model was never compared."""
+  workdir = _tiny_workdir(tmp_path)  # step 1
+  other = models.create("small_cnn", num_classes=2, pretrained=False, seed=5).variables
+  saved_run(workdir, workdirs.restore(workdir).config, other, step=2, accuracy=0.9)  # best
+  files = [deploy_runs.export_workdir(workdir, "onnx", step=s, out=tmp_path / f"step{s}.onnx")
+           for s in (1, 2)]
+  results = [deploy_runs.evaluate_exported(workdir, f.path, step="best") for f in files]
+  assert [r["step"] for r in results] == [1, 2]
+  assert results[0]["loss"] != results[1]["loss"]
+  for s, result in zip((1, 2), results):
+    assert result["results_file"] == str(workdir / f"eval_test_step{s}_onnx.json")
+    saved = json.loads((workdir / f"eval_test_step{s}_onnx.json").read_text())
+    assert (saved["step"], saved["loss"], saved["exported"]) == (s, result["loss"],
+                                                                 files[s - 1].path)
+  before = sorted(p.name for p in workdir.iterdir())
+  for edit, named in (({"num_classes": 3}, "'small_cnn' with 3 classes"),
+                      ({"model": "resnet18"}, "'resnet18' with 2 classes")):
+    deploy.write_meta(files[0].path, {**files[0].meta, **edit})
+    with pytest.raises(ConfigError, match=f"exported from the workdir .* from model {named}"):
+      deploy_runs.evaluate_exported(workdir, files[0].path)
+  assert sorted(p.name for p in workdir.iterdir()) == before
 
 
 def _dann_workdir(root):
@@ -259,7 +285,6 @@ def test_a_separate_batchnorm_dann_run_ships_the_model_evaluate_scores(tmp_path)
   """Audit: evaluate.py scores such a run after AdaBN (target statistics) but
   convert.py --workdir and workdirs.load gave the source statistics (ONNX
   logits 11.86 away, loss 0.693 for the evaluated 0.657)."""
-  from jtl.app import evaluation, workdirs  # pylint: disable=g-import-not-at-top
   workdir = _dann_workdir(tmp_path)
   evaluated = evaluation.evaluate_workdir(workdir, split="test")
   assert evaluated["adabn"]["why"] == "method.batchnorm='separate'"
@@ -281,7 +306,6 @@ def test_onnx_sidecar_describes_the_file(tmp_path):
   "in_0", and gave the model's native image_size (28) for a file at another."""
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
 
-  from jtl.app import workdirs  # pylint: disable=g-import-not-at-top
   workdir = _tiny_workdir(tmp_path, image_size=20)
   exported = deploy_runs.export_workdir(workdir, "onnx")
   meta = deploy.read_meta(exported.path)
