@@ -70,15 +70,18 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   quantization and then check it: accuracy of the int8 file against the
   float32 model on them (`check_int8`, warns past `max_drop` points); the
   result goes into the sidecar JSON. `out` defaults to
-  `<workdir>/export/model<suffix>`.
+  `<workdir>/export/model<suffix>`; a name of another format (m.tflite for
+  "onnx") is refused first (`deploy.output_format`).
   """
+  if format not in deploy.FORMATS:
+    raise ConfigError(f"format={format!r}: expected one of {deploy.FORMATS}.")
+  out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX[format]))
+  deploy.output_format(out, format)  # m.tflite holding ONNX: refused before any work
   run = _image_run(workdir, step)
   module, config, spec, classes = run.module, run.config, run.spec, run.num_classes
   variables, adabn = run.deployable_variables()  # the model evaluate.py scores
   size = int(config.image_size or spec.image_size)
   shape = (size, size, 3)
-  out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX.get(
-      format, "")))
   affine = None
   images = labels = None
   if format == "tflite_int8" or input_pixels:

@@ -268,6 +268,29 @@ def test_exported_files_are_evaluated_as_the_step_they_hold(tmp_path):
   assert sorted(p.name for p in workdir.iterdir()) == before
 
 
+def test_a_file_name_of_another_format_is_refused_before_any_work(tmp_path):
+  """Audit: format="onnx" with out=m.tflite wrote ONNX bytes that LiteRT
+  refused (and LiteRT under m.onnx); now the suffix is checked as
+  jtl.export.write checks it, before the workdir is even read."""
+  assert [deploy.output_format(n) for n in ("m.onnx", "m.tflite", "m.int8.tflite")] == [
+      "onnx", "tflite", "tflite_int8"]
+  assert deploy.output_format("m.tflite", "tflite_int8") == "tflite_int8"  # a flatbuffer too
+  for fmt, name, right in (("onnx", "m.tflite", "m.onnx"), ("tflite", "m.onnx", "m.tflite"),
+                           ("tflite_int8", "m.onnx", "m.int8.tflite"),
+                           ("tflite", "m.int8.tflite", "m.tflite")):
+    with pytest.raises(CheckpointError, match=rf"is the \w+ format's, but format={fmt} was "
+                                              rf"asked for(.|\n)*Name the file {right}"):
+      deploy_runs.export_workdir(tmp_path / "no_run", fmt, out=tmp_path / name)
+  module = nn.Dense(3)
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.float32))
+  with pytest.raises(CheckpointError, match="the suffix '.onnx' is the onnx format's"):
+    deploy.export(module, variables, tmp_path / "d.onnx", format="tflite", input_shape=(4,),
+                  train_kwarg=None)
+  with pytest.raises(CheckpointError, match="cannot tell the export format from the suffix"):
+    deploy.output_format(tmp_path / "m.bin")
+  assert os.listdir(tmp_path) == []
+
+
 def _dann_workdir(root):
   """A DANN run with method.batchnorm='separate' (a small_cnn whose running
   statistics are the source domain's: shifted by 3 from the target's)."""
