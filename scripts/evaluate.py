@@ -64,7 +64,7 @@ _PRECISION = flags.DEFINE_enum("precision", "float32",
                                ["float32", "bfloat16", "int8", "int8_bfloat16"],
                                "Inference precision (int8: per-channel weight quantization).")
 _SAVE_Q = flags.DEFINE_string("save_quantized", None,
-                              "Also save the variables at --precision to this safetensors file.")
+                              "Also save the variables at --precision to this .safetensors file.")
 _ADABN = flags.DEFINE_bool("adabn", False, "Re-estimate BatchNorm statistics on the evaluated "
                            "dataset's (unlabelled) train split first (always done for "
                            "a DANN/CORAL run with method.batchnorm='separate').")

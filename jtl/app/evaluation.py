@@ -136,7 +136,8 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
       (`jtl.export.quantize`; int8 = per-channel weight quantization); the report
       adds the stored model size.
     save_quantized: also write the variables at `precision` to this
-      safetensors file (`jtl.export.quantize.load` reads it back).
+      .safetensors file (`jtl.export.quantize.load` reads it back; another
+      suffix is refused before the evaluation).
     adabn: first re-estimate BatchNorm statistics on the unlabelled
       training split of the evaluated dataset (AdaBN, `jtl.recipes.domain`). Always
       done for a domain run with batchnorm "separate" (`methods.needs_adabn`):
@@ -144,6 +145,8 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
       with radius eps in pixel units ("adv_accuracy").
   """
+  if save_quantized:  # model_int8.npz holding safetensors bytes: refused before any work
+    quantize.check_save_path(save_quantized)
   step = workdir_result_step(workdir) if step is None else step
   run = workdirs.restore(workdir, step=step, data=data)
   evaluated = check_classes(run, workdir)
