@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+from absl import logging
 from etils import epath
 
 from jtl import export, models, paths
@@ -318,11 +319,27 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
                                max_length=run.config.max_length,
                                inputs=run_inputs(run.config, spec),  # the run's, not published
                                record={"adabn": adabn} if adabn else None)
-  source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
+  return peft.export_peft(run.module, run.variables, out, alpha=run.alpha,
+                          base_model_name_or_path=base_model_name(run))
+
+
+def base_model_name(run: Restored) -> str | None:
+  """The base model a run's LoRA adapters were trained on, for a PEFT
+  folder's base_model_name_or_path: the run's `pretrained` source (the
+  model's published one for True); None, with a warning, for a run from a
+  random initialisation (pretrained=False), which no published model is."""
+  pretrained = run.config.pretrained
+  if pretrained is None or pretrained is False:
+    logging.warning(
+        "%s was trained from a random initialisation (pretrained=False): its adapters fit "
+        "that base alone, which is not saved with them; base_model_name_or_path is null. "
+        "Export the merged model with --format hf instead.", run.config.model)
+    return None
+  source = pretrained if isinstance(pretrained, str) else run.spec.pretrained
+  source = source if isinstance(source, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]
-  return peft.export_peft(run.module, run.variables, out, alpha=run.alpha,
-                          base_model_name_or_path=source or run.config.model)
+  return source or run.config.model
 
 
 # LP-FT's probe (pretrained backbone, probed head, before fine-tuning): the

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -451,7 +452,7 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   assert "adapter_model.safetensors" in result.stdout
   config = json.loads((workdir / "export" / "peft" / peft.CONFIG_FILE).read_text())
   assert config["target_modules"] == ["fc1"] and config["modules_to_save"] == ["head"]
-  assert config["base_model_name_or_path"] == "vit_ti16/augreg_in21k"
+  assert config["base_model_name_or_path"] is None  # a pretrained=False run's base
   params, alpha = peft_import.import_peft(jtree.unflatten(
       {p: v for p, v in jtree.flatten(variables["params"]).items() if "lora" not in p}),
       workdir / "export" / "peft", layout="timm_vit")
@@ -486,11 +487,36 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
 
 
-def test_hf_export_of_a_run_reloads_with_the_runs_preprocessing(tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """`_lora_workdir`, made once for the module (vit_ti16's init: ~10 s on 2 cores)."""
+  return _lora_workdir(tmp_path_factory.mktemp("lora"))[0]
+
+
+def test_peft_base_model_is_the_runs_pretrained_source(lora_run, tmp_path, caplog):
+  """Audit: a pretrained=False run's adapter_config named the published weights
+  ('vit_ti16/augreg_in21k') as the base its adapters were trained on."""
+  workdir = shutil.copytree(lora_run, tmp_path / "run")  # pretrained=False
+  for pretrained, base in ((False, None), (True, "vit_ti16/augreg_in21k"),
+                           ("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k",
+                            "timm/vit_tiny_patch16_224.augreg_in21k")):
+    for meta in workdir.glob("checkpoints/*/meta/metadata"):
+      saved = json.loads(meta.read_text())
+      saved["config"]["pretrained"] = pretrained
+      meta.write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      out = workdirs.export_hub_format(workdir, "peft", out=tmp_path / str(pretrained))
+    config = json.loads((out / peft.CONFIG_FILE).read_text())
+    assert config["base_model_name_or_path"] == base
+    assert ("random initialisation (pretrained=False)" in caplog.text) == (base is None)
+
+
+def test_hf_export_of_a_run_reloads_with_the_runs_preprocessing(lora_run, tmp_path):
   """Audit: config.json recorded the published preprocessing (224 px, crop_pct
   0.875 / 0.9), not the run's (32 px, the whole image resized): the folder
   reloaded gave logits 3.28 away from workdirs.load's, top-1 agreement 50%."""
-  workdir, _ = _lora_workdir(tmp_path)  # vit_ti16 (224 px) fine-tuned at 32 px
+  workdir = lora_run  # vit_ti16 (224 px) fine-tuned at 32 px
   out = workdirs.export_hub_format(workdir, "hf", out=tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
   assert config["model_args"]["img_size"] == 32
