@@ -260,7 +260,8 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
   if unknown:
     raise ConfigError(f"restore(data=...): {unknown} are not data keys; expected {DATA_KEYS}.")
   recorded = {**meta["config"], **{k: newest[k] for k in DATA_KEYS if k in newest}}
-  changed = tuple(k for k in DATA_KEYS if k in (data or {}) and data[k] != recorded.get(k))
+  changed = tuple(k for k in DATA_KEYS
+                  if k in (data or {}) and not same_data(k, data[k], recorded.get(k)))
   meta = {**meta, "config": {**recorded, **dict(data or {})}}
   config = keys.complete(ml_collections.ConfigDict(meta["config"]))  # older runs: fewer keys
   spec = model_spec(config.model, meta)
@@ -274,6 +275,32 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
                  "batch_stats": variables["state"]}
   return Restored(module, methods.plain_variables(config, variables), config, spec,
                   int(meta["num_classes"]), alpha, meta, changed)
+
+
+def same_data(key: str, given: Any, recorded: Any) -> bool:
+  """Whether a data key (`DATA_KEYS`) names the same data as the run's record:
+  folders (a "folder:" dataset, a data_dir) are compared as the real paths
+  they are (os.path.realpath: a trailing slash, a symlink, the absolute form
+  of a relative path, which is resolved against the current directory).
+
+  >>> same_data("dataset", "folder:/data/photos/", "folder:/data/photos")
+  True
+  """
+  if given == recorded:
+    return True
+  if not (isinstance(given, str) and isinstance(recorded, str)):
+    return False
+  prefix = "folder:" if key in ("dataset", "eval_dataset") else ""
+  if not (given.startswith(prefix) and recorded.startswith(prefix)):
+    return False
+  return _real_folder(given[len(prefix):]) == _real_folder(recorded[len(prefix):])
+
+
+def _real_folder(folder: str) -> str:
+  """A local folder's real path; a bucket's URL without its trailing slash."""
+  if paths.is_remote(folder):
+    return folder.rstrip("/")
+  return os.path.realpath(os.path.expanduser(folder))
 
 
 def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
