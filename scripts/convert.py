@@ -51,7 +51,8 @@ _OUT = flags.DEFINE_string("out", None, "Output path (with --workdir: default "
                            "<workdir>/export/model.<format>).")
 _FORMAT = flags.DEFINE_enum("format", None, ["npz", "safetensors", "msgpack", "orbax",
                                              *_DEPLOY_FORMATS, *_HUB_FORMATS],
-                            "Output format (default: from --out's suffix).")
+                            "Output format (default: from --out's suffix: .npz, "
+                            ".safetensors, .msgpack, .onnx, .tflite, .int8.tflite).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the head (default: the model's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Export this fine-tuned workdir (with a "
                                "deployment --format) instead of converting --source.")
@@ -74,7 +75,8 @@ def main(argv):
   if _FORMAT.value in _HUB_FORMATS:
     _export_hub()
     return
-  if _WORKDIR.value or _FORMAT.value in _DEPLOY_FORMATS:
+  if _WORKDIR.value or _FORMAT.value in _DEPLOY_FORMATS or (
+      _FORMAT.value is None and _names_a_deployment_file(_OUT.value)):
     _export()
     return
   missing = [f"--{f.name}" for f in (_MODEL, _SOURCE, _OUT) if not f.value]
@@ -86,6 +88,25 @@ def main(argv):
   created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value, pretrained=_SOURCE.value)
   print(created.report)
   print(f"Wrote {export.write(created.variables, _OUT.value, format=fmt)}")
+
+
+def _names_a_deployment_file(path):
+  """Whether `path` ends as an ONNX / LiteRT file does (.onnx, .tflite, .int8.tflite)."""
+  return bool(path) and path.endswith(tuple(export.deploy.SUFFIX_FORMATS))
+
+
+def _deployment_format():
+  """--format, else the one --out's suffix names; checked against --out's
+  suffix before any weights load (ONNX bytes are never written as m.tflite)."""
+  from jtl.export import deploy  # only this path needs the converters
+  fmt = _FORMAT.value
+  if fmt is not None and fmt not in _DEPLOY_FORMATS:
+    raise ConfigError(f"--workdir exports for deployment: --format must be one of "
+                      f"{_DEPLOY_FORMATS}, got {fmt!r}.")
+  if fmt is None and not _OUT.value:
+    raise ConfigError(f"--workdir exports for deployment: pass --format, one of "
+                      f"{_DEPLOY_FORMATS}, or an --out named .onnx, .tflite or .int8.tflite.")
+  return deploy.output_format(_OUT.value, fmt, option="--format=") if _OUT.value else fmt
 
 
 def _export_hub():
@@ -113,19 +134,17 @@ def _export():
   from jtl.app import deploy_runs  # only this path needs the converters
   from jtl.checkpoint import restore  # with Orbax, which only a --workdir needs
   from jtl.export import deploy  # only this path needs the converters
-  if _FORMAT.value not in _DEPLOY_FORMATS:
-    raise ConfigError(f"--workdir exports for deployment: --format must be one of "
-                      f"{_DEPLOY_FORMATS}, got {_FORMAT.value!r}.")
+  fmt = _deployment_format()
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
     exported = deploy_runs.export_workdir(
-        _WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step,
+        _WORKDIR.value, fmt, out=_OUT.value, step=step,
         num_calibration=_CALIB.value, input_pixels=_PIXELS.value, max_drop=_MAX_DROP.value)
   else:
     if not (_MODEL.value and _SOURCE.value and _OUT.value):
       raise ConfigError("Exporting a zoo model needs --model, --source and --out "
                         "(or pass --workdir).")
-    if _FORMAT.value == "tflite_int8":
+    if fmt == "tflite_int8":
       raise ConfigError("tflite_int8 needs calibration images from a training split: "
                         "export a fine-tuned --workdir.")
     created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
@@ -136,7 +155,7 @@ def _export():
       from jtl.app import methods
       affine = methods.pixel_affine(norm)
     exported = deploy.export(created.module, created.variables, _OUT.value,
-                             format=_FORMAT.value, input_shape=(size, size, 3),
+                             format=fmt, input_shape=(size, size, 3),
                              pixel_affine=affine, meta={"model": _MODEL.value,
                                                         "normalize": norm and norm.describe()})
   print(f"Wrote {exported.path} ({exported.format}, {exported.bytes / 1e6:.2f} MB); "

@@ -21,7 +21,8 @@ Post-training options:
   --attack pgd --eps 0.1          also accuracy under attack (pixel units)
   --exported runs/default/export/model.int8.tflite
                                   evaluate an exported ONNX / LiteRT file in its
-                                  runtime instead (eval_<split>_<format>.json)
+                                  runtime instead (eval_<split>_step<N>_<format>.json,
+                                  N: the step it was exported from)
 
 WiSE-FT after an LP-FT run (strategy.name='lp_ft', its probe on cached features):
   --wise [--wise_alphas 0,0.25,0.5,0.75,1] [--split test]
@@ -63,7 +64,7 @@ _PRECISION = flags.DEFINE_enum("precision", "float32",
                                ["float32", "bfloat16", "int8", "int8_bfloat16"],
                                "Inference precision (int8: per-channel weight quantization).")
 _SAVE_Q = flags.DEFINE_string("save_quantized", None,
-                              "Also save the variables at --precision to this safetensors file.")
+                              "Also save the variables at --precision to this .safetensors file.")
 _ADABN = flags.DEFINE_bool("adabn", False, "Re-estimate BatchNorm statistics on the evaluated "
                            "dataset's (unlabelled) train split first (always done for "
                            "a DANN/CORAL run with method.batchnorm='separate').")

@@ -62,20 +62,26 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
                    max_drop: float = deploy.DEFAULT_MAX_ACCURACY_DROP) -> deploy.Exported:
   """Exports a fine-tuned checkpoint to `format` ("onnx", "tflite", "tflite_int8").
 
-  The input size is the config's `image_size` (the size it was evaluated at).
+  The input size is the config's `image_size` (the size it was evaluated at);
+  the model is the one evaluate.py scores (`Restored.deployable_variables`:
+  LoRA merged, AdaBN applied where the method needs it, recorded as the
+  sidecar's "adabn").
   For int8, `num_calibration` images of the training split calibrate the
   quantization and then check it: accuracy of the int8 file against the
   float32 model on them (`check_int8`, warns past `max_drop` points); the
   result goes into the sidecar JSON. `out` defaults to
-  `<workdir>/export/model<suffix>`.
+  `<workdir>/export/model<suffix>`; a name of another format (m.tflite for
+  "onnx") is refused first (`deploy.output_format`).
   """
+  if format not in deploy.FORMATS:
+    raise ConfigError(f"format={format!r}: expected one of {deploy.FORMATS}.")
+  out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX[format]))
+  deploy.output_format(out, format)  # m.tflite holding ONNX: refused before any work
   run = _image_run(workdir, step)
-  module, variables, config, spec, classes = (run.module, run.merged_variables(), run.config,
-                                              run.spec, run.num_classes)
+  module, config, spec, classes = run.module, run.config, run.spec, run.num_classes
+  variables, adabn = run.deployable_variables()  # the model evaluate.py scores
   size = int(config.image_size or spec.image_size)
   shape = (size, size, 3)
-  out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX.get(
-      format, "")))
   affine = None
   images = labels = None
   if format == "tflite_int8" or input_pixels:
@@ -89,7 +95,8 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   # The file's own resolution, not the model's native one.
   normalization = dataclasses.replace(spec.normalization, image_size=size)
   meta = {"model": config.model, "num_classes": classes, "workdir": os.fspath(workdir),
-          **restore.step_record(run.meta), "normalize": normalization.describe()}
+          **restore.step_record(run.meta), "normalize": normalization.describe(),
+          **({"adabn": adabn} if adabn else {})}
   exported = deploy.export(module, variables, out, format=format, input_shape=shape,
                     representative=representative, pixel_affine=affine, meta=meta)
   if format == "tflite_int8":
@@ -115,17 +122,29 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
                       ) -> dict[str, Any]:
   """Evaluates an exported file in its runtime on a split of the workdir's
   dataset, with the same pipeline as `evaluate_workdir`; writes
-  eval_<split>_<format>.json (accuracy, top-5, loss, per-class accuracy,
-  confusion matrix) into `out_dir` (default: the workdir)."""
+  eval_<split>_step<N>_<format>.json (accuracy, top-5, loss, per-class
+  accuracy, confusion matrix) into `out_dir` (default: the workdir).
+
+  The result records the step the file was exported from (its sidecar's,
+  `convert.py --workdir`), and is named by it (`evaluation.results_name`), so
+  evaluating another export never overwrites it. `step` picks the checkpoint
+  whose config gives the data and pipeline.
+
+  Raises:
+    ConfigError: the sidecar names another model or class count than the
+      workdir's run (before anything is scored).
+  """
   run = _image_run(workdir, step)
   config, spec, classes = run.config, run.spec, run.num_classes
+  meta = deploy.read_meta(path)
+  _check_exported_from(path, meta, run, workdir)
   runtime = deploy.load(path, num_threads=num_threads)
   split = split or config.eval_split
   size = int(config.image_size or spec.image_size)
   if runtime.input_shape[:2] != (size, size):
     raise ConfigError(f"{path} takes {runtime.input_shape} images; the workdir's pipeline "
                       f"makes {size}x{size}. Export it again from this workdir.")
-  input_pixels = deploy.read_meta(path).get("input_pixels")
+  input_pixels = meta.get("input_pixels")
   affine = methods.pixel_affine(spec.normalization) if input_pixels else None
   confusion = np.zeros((classes, classes), np.int64)
   loss = correct5 = 0.0
@@ -142,15 +161,37 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
     top5 = np.argsort(-logits, axis=-1)[:, :steps.TOP_K]
     correct5 += float((top5 == label[:, None]).any(-1).sum())
   count = int(confusion.sum())
-  result = {"workdir": os.fspath(workdir), **restore.step_record(run.meta),
-            "exported": os.fspath(path),
+  run_step = evaluation.result_step(config)
+  # Named and recorded by the file's step (None: no jtl sidecar), not the workdir's best.
+  file_step = meta.get("step")
+  name = evaluation.results_name(split, step=run_step if file_step is None else file_step,
+                                 run_step=run_step, exported=runtime.format)
+  target = paths.path(out_dir or workdir) / f"eval_{name}.json"
+  result = {"workdir": os.fspath(workdir), **restore.step_record(meta),
+            "exported": os.fspath(path), "exported_from": meta.get("workdir"),
+            "model": meta.get("model", config.model),
             "format": runtime.format, "bytes": paths.size(path), "split": split,
             "loss": loss / max(count, 1), "accuracy": float(np.trace(confusion)) / max(count, 1),
             **({"top5_accuracy": correct5 / max(count, 1)} if classes > steps.TOP_K else {}),
             "count": count,
             "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
-            "confusion_matrix": confusion.tolist()}
-  write_atomic(paths.path(out_dir or workdir)
-               / f"eval_{evaluation.file_safe(split)}_{runtime.format}.json",
-               json.dumps(result, indent=2).encode())
+            "confusion_matrix": confusion.tolist(), "results_file": os.fspath(target)}
+  write_atomic(target, json.dumps(result, indent=2).encode())
   return result
+
+
+def _check_exported_from(path: Any, meta: dict[str, Any], run: workdirs.Restored,
+                         workdir: Any) -> None:
+  """A ConfigError when the exported file's sidecar names another model or
+  class count than the run in `workdir`: its outputs would be scored against
+  another run's labels."""
+  theirs = (meta.get("model", run.config.model), meta.get("num_classes", run.num_classes))
+  if theirs == (run.config.model, run.num_classes):
+    return
+  where = f" from the workdir {meta['workdir']}" if meta.get("workdir") else ""
+  raise ConfigError(
+      f"{path} was exported{where} from model {theirs[0]!r} with {theirs[1]} classes (its "
+      f"sidecar {os.fspath(path)}.json), but the workdir {os.fspath(workdir)} holds a run of "
+      f"{run.config.model!r} with {run.num_classes} classes. Pass the workdir the file was "
+      "exported from (--workdir), or export this workdir's run (scripts/convert.py "
+      "--workdir).")

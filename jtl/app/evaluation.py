@@ -26,7 +26,6 @@ from jtl import _optional, data, export, paths, steps, train
 from jtl.app import figures, keys, methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.checkpoint import layout, restore
-from jtl.batchnorm import recompute_batchnorm
 from jtl.data import sources
 from jtl.data.checks import class_differences
 from jtl.errors import ConfigError, DataError, JtlError, bullet_list
@@ -69,11 +68,12 @@ def workdir_result_step(workdir: str | os.PathLike) -> str:
 
 def results_name(split: str, *, step: int | str = "best", run_step: str = "best",
                  precision: str = "float32", adabn: bool = False,
-                 attack: str | None = None, dataset: str | None = None) -> str:
+                 attack: str | None = None, dataset: str | None = None,
+                 exported: str | None = None) -> str:
   """The name of an evaluation's files: the split, then whatever differs from
   the run's own evaluation of it (data other than where the run last found
-  it, another checkpoint, precision, AdaBN asked for, an attack), so that no
-  evaluation overwrites another's.
+  it, another checkpoint, precision, AdaBN asked for, an attack, an exported
+  file's format: its runtime), so that no evaluation overwrites another's.
 
   >>> results_name("test"), results_name("test", step=1200, precision="int8")
   ('test', 'test_step1200_int8')
@@ -81,6 +81,8 @@ def results_name(split: str, *, step: int | str = "best", run_step: str = "best"
   'train_from90pct_latest_pgd'
   >>> results_name("test", dataset="folder:/mnt/photos_2024")
   'test_on_photos_2024'
+  >>> results_name("test", step=2, exported="tflite_int8")
+  'test_step2_tflite_int8'
   """
   parts = [file_safe(split)]
   parts += [f"on_{data_label(dataset)}"] if dataset else []
@@ -89,6 +91,7 @@ def results_name(split: str, *, step: int | str = "best", run_step: str = "best"
   parts += [precision] if precision != "float32" else []
   parts += ["adabn"] if adabn else []
   parts += [attack] if attack else []
+  parts += [exported] if exported else []
   return "_".join(parts)
 
 
@@ -133,7 +136,8 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
       (`jtl.export.quantize`; int8 = per-channel weight quantization); the report
       adds the stored model size.
     save_quantized: also write the variables at `precision` to this
-      safetensors file (`jtl.export.quantize.load` reads it back).
+      .safetensors file (`jtl.export.quantize.load` reads it back; another
+      suffix is refused before the evaluation).
     adabn: first re-estimate BatchNorm statistics on the unlabelled
       training split of the evaluated dataset (AdaBN, `jtl.recipes.domain`). Always
       done for a domain run with batchnorm "separate" (`methods.needs_adabn`):
@@ -141,6 +145,8 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
     attack, eps, attack_steps: also report accuracy under "pgd" / "fgsm"
       with radius eps in pixel units ("adv_accuracy").
   """
+  if save_quantized:  # model_int8.npz holding safetensors bytes: refused before any work
+    quantize.check_save_path(save_quantized)
   step = workdir_result_step(workdir) if step is None else step
   run = workdirs.restore(workdir, step=step, data=data)
   evaluated = check_classes(run, workdir)
@@ -148,7 +154,6 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   problem = workdirs.writable_problem(out, "out_dir" if out_dir else "workdir")
   if problem:  # before the evaluation, not after it
     raise ConfigError(f"Cannot write the evaluation's results: {problem}.")
-  variables = run.merged_variables()  # the plain model, LoRA adapters folded in
   split = split or run.config.eval_split
   other_data = not own_data and evaluated in run.data_changed
   # A damaged step asked for ("best") is not what was evaluated: the files say which was.
@@ -156,7 +161,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str | None = None,
   name = results_name(split, step=read, run_step=result_step(run.config), precision=precision,
                       adabn=adabn, attack=attack,
                       dataset=run.config[evaluated] if other_data else None)
-  variables, extra = _post_training(run, variables, adabn=adabn, precision=precision,
+  variables, extra = _post_training(run, adabn=adabn, precision=precision,
                                     save_quantized=save_quantized)
   robust_step = _robust_eval_step(run, attack, eps, attack_steps) if attack else None
   metrics, robust, confusion = _eval_pass(run, variables, split, precision, robust_step)
@@ -232,20 +237,15 @@ def _class_differences(ours: list[str] | None, theirs: list[str], classes: int) 
                       f"dataset's {', '.join(theirs)}"]
 
 
-def _post_training(run: workdirs.Restored, variables: Any, *, adabn: bool, precision: str,
+def _post_training(run: workdirs.Restored, *, adabn: bool, precision: str,
                    save_quantized: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
-  """`evaluate_workdir`'s variables after AdaBN (when asked, or when the method
-  needs it) and quantization to `precision` (also saved when asked), and what
-  was done, for the report."""
-  extra: dict[str, Any] = {}
+  """`evaluate_workdir`'s variables: the plain model (LoRA folded in) after
+  AdaBN when asked or when the method needs it (`Restored.deployable_variables`,
+  what the exports ship too), quantized to `precision` (also saved when
+  asked), and what was done, for the report."""
   config = run.config
-  if adabn or methods.needs_adabn(config):
-    # One unaugmented pass over the unlabelled train split of the evaluated data.
-    target = eval_batches(config, run.spec, config.train_split)
-    variables = recompute_batchnorm(run.module, variables, target())
-    extra["adabn"] = {"dataset": config.eval_dataset or config.dataset,
-                      "split": config.train_split,
-                      "why": "asked" if adabn else "method.batchnorm='separate'"}
+  variables, adabn_record = run.deployable_variables(adabn=adabn)
+  extra: dict[str, Any] = {"adabn": adabn_record} if adabn_record else {}
   variables = quantize.prepare(variables, precision)
   extra["precision"] = precision
   extra["model_bytes"] = tree_bytes(variables)

@@ -7,7 +7,9 @@ can be rebuilt from the workdir alone. `restore` does that once for
 `load` gives a run to the user's code as one ready model (Linen, NNX or an
 apply function) and the preprocessing the run used; `export_hub_format`
 writes a run as a PEFT adapter folder or as merged weights in the HF / timm
-layout (`jtl.export.peft`, `hf_export`).
+layout (`jtl.export.peft`, `hf_export`). Every one of them, and evaluate.py,
+takes the model from `Restored.deployable_variables` (AdaBN applied where
+the run's method needs it), so what is shipped is what was scored.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+from absl import logging
 from etils import epath
 
 from jtl import export, models, paths
 from jtl import tree as jtree
 from jtl.app import keys, methods
+from jtl.batchnorm import recompute_batchnorm
 from jtl.checkpoint import layout
 from jtl.checkpoint.restore import restore_variables
-from jtl.errors import CheckpointError, ConfigError
+from jtl.errors import CheckpointError, ConfigError, JtlError
 from jtl.export import hf_export, peft
 from jtl.models import preprocessing
 from jtl.recipes.strategies import lora
@@ -119,27 +123,59 @@ class Restored:
       return self.variables
     return {**self.variables, "params": lora.merge_lora(self.variables["params"], self.alpha)}
 
+  def deployable_variables(self, *, adabn: bool = False
+                           ) -> tuple[PyTree, dict[str, Any] | None]:
+    """The variables of the model the run's evaluation scores, and what AdaBN did.
+
+    `merged_variables`, with the BatchNorm statistics re-estimated on the
+    unlabelled train split of the evaluated data (AdaBN: one unaugmented
+    pass) when `adabn` asks for it or the run's method needs it
+    (`methods.needs_adabn`: a DANN / CORAL run with batchnorm "separate"
+    keeps the source's running statistics). The record names that data and
+    why (None: no AdaBN). evaluate.py, the exports and `load` all take the
+    model from here, so a shipped model is the one that was scored.
+    """
+    variables = self.merged_variables()
+    config = self.config
+    if not (adabn or methods.needs_adabn(config)):
+      return variables, None
+    why = "asked" if adabn else "method.batchnorm='separate'"
+    record = {"dataset": config.eval_dataset or config.dataset, "split": config.train_split,
+              "why": why}
+    # experiment (the input pipelines) imports workdirs: imported when AdaBN runs.
+    from jtl.app import experiment  # pylint: disable=g-import-not-at-top
+    target = experiment.eval_batches(config, self.spec, config.train_split)
+    try:
+      return recompute_batchnorm(self.module, variables, target()), record
+    except JtlError as e:
+      raise type(e)(
+          f"{e}\nThe model of this run re-estimates its BatchNorm statistics ({why}: AdaBN) "
+          f"on {record['dataset']!r} split {record['split']!r} before it is evaluated or "
+          "exported, so that data must be readable there (evaluate.py: --dataset="
+          "folder:/new/path where it has moved).") from e
+
   @property
   def preprocess(self) -> Callable[..., Any]:
     """The run's preprocessing of raw inputs (`run_preprocessing`)."""
     return run_preprocessing(self.config, self.spec)
 
   def model(self, api: str = "linen") -> Any:
-    """The model with its weights (LoRA folded in), ready to call in eval mode.
+    """The model with its weights (LoRA folded in, AdaBN applied where the
+    method needs it: `deployable_variables`), ready to call in eval mode.
 
     Args:
       api: "linen" (the module bound to its variables: `model(x)`, and its
         other methods such as `model.features(x)`), "nnx" (an NNX module,
         `models.creation.to_nnx`) or "apply" (a jitted `apply(x)` function).
     """
-    variables = self.merged_variables()
+    if api not in ("linen", "nnx", "apply"):  # before an AdaBN pass
+      raise ConfigError(f"api={api!r}: expected 'linen', 'nnx' or 'apply'.")
+    variables, _ = self.deployable_variables()
     if api == "linen":
       return self.module.bind(variables)
     if api == "nnx":
       return models.creation.to_nnx(self.module, variables)
-    if api == "apply":
-      return jax.jit(functools.partial(self.module.apply, variables))
-    raise ConfigError(f"api={api!r}: expected 'linen', 'nnx' or 'apply'.")
+    return jax.jit(functools.partial(self.module.apply, variables))
 
 
 def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
@@ -153,16 +189,27 @@ def run_preprocessing(config: ml_collections.ConfigDict, spec: models.ModelSpec
   The zoo's `spec.preprocess` is the published default instead (224 px and
   its crop for most image models), which a run at another size did not see.
   """
-  if spec.input_kind != "image" or spec.normalization is None:
+  inputs = run_inputs(config, spec)
+  if inputs is None:
     max_length = config.max_length
     if spec.preprocess is not None and max_length:
       return functools.partial(spec.preprocess, max_length=max_length)
     return spec.preprocess
-  size = config.image_size or spec.image_size
-  # The pipeline's resize is bilinear whatever the weights' published one.
-  normalization = dataclasses.replace(spec.normalization, resize="bilinear")
-  return functools.partial(preprocessing.preprocess, normalization=normalization,
-                           size=size, crop_fraction=None)
+  return inputs.preprocessor()
+
+
+def run_inputs(config: ml_collections.ConfigDict, spec: models.ModelSpec
+               ) -> preprocessing.Normalization | None:
+  """The images of the run's evaluation pipeline, for an image model (else
+  None): the model's `Normalization` at the side the whole image was resized
+  to (the config's `image_size`, else the model's native one; no crop:
+  crop_fraction None) and with the pipeline's resize, bilinear whatever the
+  weights' published one."""
+  if spec.input_kind != "image" or spec.normalization is None:
+    return None
+  size = int(config.image_size or spec.image_size)
+  return dataclasses.replace(spec.normalization, resize="bilinear", image_size=size,
+                             crop_fraction=None)
 
 
 class Ready(NamedTuple):
@@ -213,7 +260,8 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
   if unknown:
     raise ConfigError(f"restore(data=...): {unknown} are not data keys; expected {DATA_KEYS}.")
   recorded = {**meta["config"], **{k: newest[k] for k in DATA_KEYS if k in newest}}
-  changed = tuple(k for k in DATA_KEYS if k in (data or {}) and data[k] != recorded.get(k))
+  changed = tuple(k for k in DATA_KEYS
+                  if k in (data or {}) and not same_data(k, data[k], recorded.get(k)))
   meta = {**meta, "config": {**recorded, **dict(data or {})}}
   config = keys.complete(ml_collections.ConfigDict(meta["config"]))  # older runs: fewer keys
   spec = model_spec(config.model, meta)
@@ -227,6 +275,32 @@ def restore(workdir: str | os.PathLike, *, step: int | str = "best",
                  "batch_stats": variables["state"]}
   return Restored(module, methods.plain_variables(config, variables), config, spec,
                   int(meta["num_classes"]), alpha, meta, changed)
+
+
+def same_data(key: str, given: Any, recorded: Any) -> bool:
+  """Whether a data key (`DATA_KEYS`) names the same data as the run's record:
+  folders (a "folder:" dataset, a data_dir) are compared as the real paths
+  they are (os.path.realpath: a trailing slash, a symlink, the absolute form
+  of a relative path, which is resolved against the current directory).
+
+  >>> same_data("dataset", "folder:/data/photos/", "folder:/data/photos")
+  True
+  """
+  if given == recorded:
+    return True
+  if not (isinstance(given, str) and isinstance(recorded, str)):
+    return False
+  prefix = "folder:" if key in ("dataset", "eval_dataset") else ""
+  if not (given.startswith(prefix) and recorded.startswith(prefix)):
+    return False
+  return _real_folder(given[len(prefix):]) == _real_folder(recorded[len(prefix):])
+
+
+def _real_folder(folder: str) -> str:
+  """A local folder's real path; a bucket's URL without its trailing slash."""
+  if paths.is_remote(folder):
+    return folder.rstrip("/")
+  return os.path.realpath(os.path.expanduser(folder))
 
 
 def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
@@ -258,16 +332,41 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
   except ConfigError as e:
     raise ConfigError(f"{workdir}: --format {format} for model {run.config.model!r}: "
                       f"{e}") from None
+  if format == "peft" and methods.needs_adabn(run.config):
+    raise ConfigError(
+        f"{workdir}: --format peft writes the LoRA adapters for the base model's own "
+        "BatchNorm statistics, but this run's model (method.batchnorm='separate') is "
+        "evaluated with statistics re-estimated on its target data (AdaBN), which an adapter "
+        "folder cannot carry. Use --format hf: merged weights with those statistics.")
   if format == "hf":
     spec = run.spec  # a text model's tokenizer goes with the weights
-    return hf_export.export_hf(run.module, run.variables, out, alpha=run.alpha,
+    variables, adabn = run.deployable_variables()  # LoRA merged, AdaBN applied
+    return hf_export.export_hf(run.module, variables, out,
                                tokenizer=spec.tokenizer_file and spec.tokenizer_file(),
-                               max_length=run.config.max_length)
-  source = run.spec.pretrained if isinstance(run.spec.pretrained, str) else None
+                               max_length=run.config.max_length,
+                               inputs=run_inputs(run.config, spec),  # the run's, not published
+                               record={"adabn": adabn} if adabn else None)
+  return peft.export_peft(run.module, run.variables, out, alpha=run.alpha,
+                          base_model_name_or_path=base_model_name(run))
+
+
+def base_model_name(run: Restored) -> str | None:
+  """The base model a run's LoRA adapters were trained on, for a PEFT
+  folder's base_model_name_or_path: the run's `pretrained` source (the
+  model's published one for True); None, with a warning, for a run from a
+  random initialisation (pretrained=False), which no published model is."""
+  pretrained = run.config.pretrained
+  if pretrained is None or pretrained is False:
+    logging.warning(
+        "%s was trained from a random initialisation (pretrained=False): its adapters fit "
+        "that base alone, which is not saved with them; base_model_name_or_path is null. "
+        "Export the merged model with --format hf instead.", run.config.model)
+    return None
+  source = pretrained if isinstance(pretrained, str) else run.spec.pretrained
+  source = source if isinstance(source, str) else None
   if source and source.startswith("hf-hub:"):
     source = source[len("hf-hub:"):]
-  return peft.export_peft(run.module, run.variables, out, alpha=run.alpha,
-                          base_model_name_or_path=source or run.config.model)
+  return source or run.config.model
 
 
 # LP-FT's probe (pretrained backbone, probed head, before fine-tuning): the

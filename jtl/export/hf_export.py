@@ -67,7 +67,9 @@ from jtl import tree as jtree
 from jtl import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.models import bert, dinov2, resnet, vit
+from jtl.models.preprocessing import Normalization
 from jtl.tree import PyTree
+from jtl.weights.adapt import resize_pos_embed
 
 LAYOUTS = ("bert", "bert_cls", "timm_vit", "timm_resnet", "dinov2", "dinov2_cls")
 _LOG = logging.getLogger(__name__)
@@ -322,33 +324,52 @@ def _bert_config(module: Any) -> dict[str, Any]:
           "position_embedding_type": "absolute", "torch_dtype": "float32"}
 
 
-def _vit_config(module: Any) -> dict[str, Any]:
+def _run_inputs(inputs: Normalization, num_classes: int) -> dict[str, Any]:
+  """timm's pretrained_cfg for images made as `inputs` says: resized to its
+  image_size with its resize method, the whole image (crop_fraction None:
+  crop_mode "squash", as jtl's input pipeline) or its central crop, then its
+  affine (as mean and std on 0..1 pixels)."""
+  # (p / scale - mean) / std = (p / 255 - mean * scale / 255) / (std * scale / 255)
+  unit = inputs.scale / 255.0
+  mean = np.broadcast_to(np.asarray(inputs.mean, np.float64) * unit, (3,))
+  std = np.broadcast_to(np.asarray(inputs.std, np.float64) * unit, (3,))
+  side, crop = int(inputs.image_size), inputs.crop_fraction
+  return {"input_size": [3, side, side], "mean": [float(v) for v in mean],
+          "std": [float(v) for v in std], "crop_pct": 1.0 if crop is None else float(crop),
+          "crop_mode": "squash" if crop is None else "center",
+          "interpolation": inputs.resize, "num_classes": num_classes}
+
+
+def _vit_config(module: Any, inputs: Normalization | None = None) -> dict[str, Any]:
   names = {192: "vit_tiny", 384: "vit_small"}
   arch = f"{names.get(module.width, 'vit_base')}_patch16_224"
+  size = module.image_size if inputs is None else int(inputs.image_size)
   args = {"embed_dim": module.width, "depth": module.depth, "num_heads": module.num_heads,
           "mlp_ratio": module.mlp_dim / module.width, "patch_size": module.patch_size,
-          "img_size": module.image_size}
+          "img_size": size}
   if not module.exact_gelu:  # jtl's default tanh GELU; timm's nn.GELU is erf
     args["act_layer"] = "gelu_tanh"
+  published = {"input_size": [3, size, size], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+               "crop_pct": 0.9, "num_classes": module.num_classes}
   return {"architecture": arch, "num_classes": module.num_classes,
           "num_features": module.width, "model_args": args,
-          "pretrained_cfg": {"input_size": [3, module.image_size, module.image_size],
-                             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                             "crop_pct": 0.9, "num_classes": module.num_classes}}
+          "pretrained_cfg": published if inputs is None else _run_inputs(
+              inputs, module.num_classes)}
 
 
-def _resnet_config(module: Any) -> dict[str, Any]:
+def _resnet_config(module: Any, inputs: Normalization | None = None) -> dict[str, Any]:
   stages = [int(s) for s in module.stage_sizes]
   standard = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34",
               (3, 4, 6, 3, True): "resnet50"}
   key = (*stages, bool(module.bottleneck))
   arch = standard.get(key, "resnet50" if module.bottleneck else "resnet18")
   args = {} if key in standard else {"layers": stages}
+  published = {"input_size": [3, 224, 224], "mean": [float(v) for v in resnet.IMAGENET_MEAN],
+               "std": [float(v) for v in resnet.IMAGENET_STD], "crop_pct": 0.875,
+               "num_classes": module.num_classes}
   return {"architecture": arch, "num_classes": module.num_classes, "model_args": args,
-          "pretrained_cfg": {"input_size": [3, 224, 224],
-                             "mean": [float(v) for v in resnet.IMAGENET_MEAN],
-                             "std": [float(v) for v in resnet.IMAGENET_STD], "crop_pct": 0.875,
-                             "num_classes": module.num_classes}}
+          "pretrained_cfg": published if inputs is None else _run_inputs(
+              inputs, module.num_classes)}
 
 
 def _dinov2_config(module: Any) -> dict[str, Any]:
@@ -382,14 +403,30 @@ def _dinov2_config(module: Any) -> dict[str, Any]:
   return config
 
 
-def hub_config(module: Any) -> dict[str, Any]:
+def hub_config(module: Any, inputs: Normalization | None = None) -> dict[str, Any]:
   """The config.json of the export: transformers' for BERT and DINOv2, timm's
-  Hub form else."""
+  Hub form else (with `inputs`: the preprocessing of a fine-tuning run, see
+  `export_hf`)."""
   layout = layout_of(module)
   base = getattr(module, "base", module)
-  return {"bert": _bert_config, "bert_cls": _bert_config, "timm_vit": _vit_config,
-          "timm_resnet": _resnet_config, "dinov2": _dinov2_config,
+  if layout in ("timm_vit", "timm_resnet"):
+    return (_vit_config if layout == "timm_vit" else _resnet_config)(base, inputs)
+  return {"bert": _bert_config, "bert_cls": _bert_config, "dinov2": _dinov2_config,
           "dinov2_cls": _dinov2_config}[layout](base)
+
+
+def _vit_at(module: Any, variables: dict[str, Any], size: int) -> dict[str, Any]:
+  """ViT variables for `size` px inputs: the position embedding resized to
+  that patch grid as the module's forward pass resizes it on the fly (what a
+  run at another size than the module's computed), so that timm's strict
+  img_size model holds the same numbers."""
+  module = getattr(module, "base", module)
+  grid, own = size // module.patch_size, module.image_size // module.patch_size
+  if grid == own:
+    return variables
+  params = dict(variables["params"])
+  params["pos_embedding"] = resize_pos_embed(np.asarray(params["pos_embedding"]), grid)
+  return {**variables, "params": params}
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -408,7 +445,8 @@ def _write_json(obj: Any, path: epath.Path) -> None:
 
 def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
               alpha: float | None = None, tokenizer: Any = None,
-              max_length: int | None = None) -> epath.Path:
+              max_length: int | None = None, inputs: Normalization | None = None,
+              record: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes merged fine-tuned weights in the HF (BERT, DINOv2) / timm (ViT, ResNet) layout.
 
   Args:
@@ -424,6 +462,17 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       length, which `AutoTokenizer` reads); None: none.
     max_length: the tokens per text the run trained with, written into the
       copied tokenizer.json's truncation and padding; None keeps the file's.
+    inputs: for a timm layout (ViT, ResNet), the images the weights were
+      fine-tuned and evaluated on: resized to `inputs.image_size` with its
+      `resize` method, the whole image (crop_fraction None, as jtl's input
+      pipeline: crop_pct 1.0, crop_mode "squash") or its central crop,
+      normalised by its affine. Written as pretrained_cfg's input_size
+      [3, s, s], crop_pct, crop_mode, interpolation, mean and std, and as a
+      ViT's img_size s (its position embedding resized to that grid, as the
+      run's forward pass did). None: the module's own size and the family's
+      published preprocessing.
+    record: entries added to config.json as they are (what was done to the
+      weights, e.g. {"adabn": {...}}: BatchNorm statistics re-estimated).
 
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL, `jtl.paths`).
@@ -445,6 +494,8 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       raise ConfigError("The params hold LoRA adapters: pass alpha= (or the LoraModel) "
                         "to merge them before export.")
     variables["params"] = lora_layout.merge_lora(params, alpha)
+  if inputs is not None and layout == "timm_vit":
+    variables = _vit_at(module, variables, int(inputs.image_size))
   sd = to_torch_state_dict(variables, layout)
   out = paths.path(out_dir)
   if layout == "bert":
@@ -452,7 +503,7 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
     if head:
       write_safetensors(head, out / "head.safetensors")
   write_safetensors(sd, out / "model.safetensors")
-  _write_json(hub_config(module), out / "config.json")
+  _write_json({**hub_config(module, inputs), **(record or {})}, out / "config.json")
   if tokenizer is not None:
     tokenizer = paths.path(tokenizer)
     paths.write_atomic(out / "tokenizer.json",

@@ -195,14 +195,28 @@ def make_quantized_eval_step(module: nn.Module, *, precision: str = "int8"
   return eval_step
 
 
+def check_save_path(path: str | os.PathLike) -> None:
+  """A CheckpointError unless `path` is named .safetensors: `save` writes
+  safetensors bytes, and readers (np.load, `jtl.weights.read`) go by the
+  suffix. Callers check it before the work whose result is saved."""
+  name = paths.path(path).name
+  if not name.endswith(".safetensors"):
+    stem = name[:-len(paths.path(path).suffix)] if paths.path(path).suffix else name
+    raise CheckpointError(
+        f"{path}: quantized variables are written as a safetensors file, which readers tell "
+        f"by its suffix (np.load refuses one named .npz); name it {stem}.safetensors.")
+
+
 def save(path: str | os.PathLike, variables: PyTree, *, meta: dict[str, Any] | None = None) -> int:
-  """Writes (quantized) variables to a safetensors file; returns its size in bytes.
+  """Writes (quantized) variables to a .safetensors file; returns its size in bytes.
 
   A QTensor at "params/a/kernel" is stored as "params/a/kernel::qvalue"
   (int8) and "params/a/kernel::scale" (float32); `meta` (JSON) goes into the
-  file's metadata.
+  file's metadata. Another suffix than .safetensors is refused
+  (`check_save_path`).
   """
   from safetensors.numpy import save as to_bytes  # pylint: disable=g-import-not-at-top
+  check_save_path(path)
   flat: dict[str, np.ndarray] = {}
   for path_, leaf in _flat_q(variables).items():
     if _is_q(leaf):

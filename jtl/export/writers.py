@@ -17,6 +17,7 @@ a half-written checkpoint at `path`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from jtl import paths
 from jtl import tree as tree_lib
 from jtl.errors import CheckpointError
 
-_SUFFIXES = {".npz": "npz", ".safetensors": "safetensors",
-             ".msgpack": "msgpack"}
+# A file name's ending -> the formats written under it (the first: the one it names).
+_SUFFIXES = {".npz": ("npz",), ".safetensors": ("safetensors",), ".msgpack": ("msgpack",)}
 
 
 def _to_bytes(flat: dict[str, np.ndarray], fmt: str) -> bytes:
@@ -56,10 +57,14 @@ FORMATS = ("npz", "safetensors", "msgpack", "orbax")
 
 
 def output_format(path: Any, format: str | None = None, *,  # pylint: disable=redefined-builtin
-                  option: str = "format=") -> str:
+                  option: str = "format=", suffixes: Mapping[str, tuple[str, ...]] | None = None,
+                  formats: tuple[str, ...] = FORMATS) -> str:
   """The format `write` writes `path` in: `format`, else the one its suffix
   names. `option` is how the caller's users pass the format (a script's
-  "--format=").
+  "--format="). `suffixes` maps a file name's ending to the formats written
+  under it, the first the one it names (default: `write`'s; the deployment
+  files' are `jtl.export.deploy.SUFFIX_FORMATS`), `formats` lists the
+  formats there are.
 
   >>> output_format("m.npz"), output_format("m_orbax", "orbax")
   ('npz', 'orbax')
@@ -67,25 +72,29 @@ def output_format(path: Any, format: str | None = None, *,  # pylint: disable=re
   Raises:
     CheckpointError: a suffix that names no format while `format` is not
       given, or one that names another format than `format` (a safetensors
-      file named .npz, which np.load refuses).
+      file named .npz, which np.load refuses; ONNX bytes named .tflite).
   """
-  suffix = paths.path(path).suffix
-  named = _SUFFIXES.get(suffix)
-  if format is None and named is None:
+  suffixes = _SUFFIXES if suffixes is None else suffixes
+  name = paths.path(path).name
+  # The longest ending first: "m.int8.tflite" is ".int8.tflite", not ".tflite".
+  suffix = next((s for s in sorted(suffixes, key=len, reverse=True) if name.endswith(s)), None)
+  named = suffixes[suffix] if suffix else ()
+  if format is None and not named:
     raise CheckpointError(
-        f"{path}: cannot tell the export format from the suffix {suffix!r}; use one of "
-        f"{sorted(_SUFFIXES)}, or pass {option}<format>, one of {list(FORMATS)}.")
-  if format is not None and format not in FORMATS:
+        f"{path}: cannot tell the export format from the suffix "
+        f"{paths.path(path).suffix!r}; use one of {sorted(suffixes)}, or pass "
+        f"{option}<format>, one of {list(formats)}.")
+  if format is not None and format not in formats:
     raise CheckpointError(f"{path}: unknown export format {format!r}; pass {option}<format>, "
-                          f"one of {list(FORMATS)}.")
-  if format is not None and named is not None and named != format:
-    right = {v: k for k, v in _SUFFIXES.items()}.get(format, "")
+                          f"one of {list(formats)}.")
+  if format is not None and named and format not in named:
+    right = next((s for s, fmts in suffixes.items() if fmts[0] == format), "")
+    stem = name[:-len(suffix)]
     raise CheckpointError(
-        f"{path}: the suffix {suffix!r} is the {named} format's, but {option}{format} was "
+        f"{path}: the suffix {suffix!r} is the {named[0]} format's, but {option}{format} was "
         f"asked for; readers go by the suffix. Name the file "
-        f"{paths.path(path).with_suffix(right).name if right else 'without it'}, or pass "
-        f"{option}{named}.")
-  return format or named
+        f"{stem + right if right else 'without it'}, or pass {option}{named[0]}.")
+  return format or named[0]
 
 
 def write(variables_or_params: Any, path: Any, *,

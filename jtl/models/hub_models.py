@@ -259,8 +259,10 @@ def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
   if interpolation not in ("bilinear", "bicubic"):
     raise ConfigError(f"pretrained_cfg interpolation {str(interpolation)[:40]!r}: jtl resizes "
                       "'bilinear' or 'bicubic'.")
-  return Normalization(preset, mean=mean, std=std, image_size=size, crop_fraction=crop,
-                       resize=interpolation)
+  # timm's "squash": the whole image resized, no crop (a jtl run's export).
+  squash = cfg.get("crop_mode") == "squash"
+  return Normalization(preset, mean=mean, std=std, image_size=size,
+                       crop_fraction=None if squash else crop, resize=interpolation)
 
 
 def _timm_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:

@@ -48,7 +48,9 @@ class Normalization:
       pipelines produce).
     image_size: evaluation resolution (square side).
     crop_fraction: side of the central square crop at evaluation, relative
-      to the resized shorter image side (0.875: resize 256, crop 224).
+      to the resized shorter image side (0.875: resize 256, crop 224); None:
+      no crop, the whole image resized to image_size x image_size (jtl's
+      input pipeline; timm's crop_mode "squash").
     resize: resize method of the evaluation view, "bilinear" or "bicubic"
       (antialiased; a timm pretrained_cfg's `interpolation`). jtl's tf.data
       pipeline takes it for its central-crop evaluation and resizes
@@ -63,7 +65,7 @@ class Normalization:
   scale: float = 255.0
   channels: str = "RGB"
   image_size: int = 224
-  crop_fraction: float = 0.875
+  crop_fraction: float | None = 0.875
   resize: str = "bilinear"
 
   def __post_init__(self) -> None:
@@ -78,8 +80,9 @@ class Normalization:
     if self.channels != "RGB" or self.resize not in RESIZE_METHODS:
       problems.append(f"channels={self.channels!r}, resize={self.resize!r}: jtl's "
                       f"pipelines produce 'RGB' and resize with one of {RESIZE_METHODS}")
-    if not 0 < self.crop_fraction <= 1 or self.image_size < 1:
-      problems.append(f"crop_fraction {self.crop_fraction} must lie in (0, 1], "
+    crop = self.crop_fraction
+    if (crop is not None and not 0 < crop <= 1) or self.image_size < 1:
+      problems.append(f"crop_fraction {crop} must lie in (0, 1] (or be None: no crop), "
                       f"image_size {self.image_size} be >= 1")
     if problems:
       raise ConfigError("Normalization: " + "; ".join(problems) + ".")

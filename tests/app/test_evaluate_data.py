@@ -10,7 +10,7 @@ import pytest
 from app_helpers import colour_photos
 
 from configs import small_cnn
-from jtl.app import evaluation, experiment
+from jtl.app import evaluation, experiment, workdirs
 from jtl.checkpoint.layout import select_step
 from jtl.errors import DataError
 
@@ -96,6 +96,24 @@ def test_moved_data_gets_its_own_files_and_a_missing_folder_names_the_flag(run, 
   with pytest.raises(DataError, match=r"does not exist(.|\n)*If it has moved, pass where it is "
                                       r"now: scripts/evaluate.py --dataset=folder:"):
     evaluation.evaluate_workdir(workdir, split="test")
+
+
+def test_the_runs_own_folder_spelled_otherwise_is_its_own_data(run, tmp_path, monkeypatch):
+  """Audit: --dataset naming the run's folder with a trailing slash, through a
+  symlink or relative to the current directory was taken for other data
+  (eval_test_on_photos.json / eval_test_on_link.json, not eval_test.json)."""
+  workdir, photos = run
+  (tmp_path / "link").symlink_to(photos)
+  monkeypatch.chdir(photos.parent)
+  recorded = f"folder:{photos}"
+  for given in (f"folder:{photos}/", f"folder:{tmp_path / 'link'}", f"folder:{photos.name}",
+                f"folder:{photos.parent}/./{photos.name}"):
+    assert workdirs.same_data("dataset", given, recorded), given
+  assert not workdirs.same_data("dataset", f"folder:{tmp_path}", recorded)
+  assert not workdirs.same_data("dataset", "cifar10", recorded)
+  result = evaluation.evaluate_workdir(workdir, split="test",
+                                       data={"dataset": f"folder:{tmp_path / 'link'}"})
+  assert result["results_file"] == str(workdir / "eval_test.json")
 
 
 def test_a_damaged_best_is_evaluated_as_the_step_read_and_recorded(run):

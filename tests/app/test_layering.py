@@ -83,6 +83,7 @@ IN_FUNCTION = {
     ("jtl.models.registry", "jtl.models.own_nnx"),  # it imports registry
     ("jtl.weights.orbax_reader", "jtl.weights.readers.select"),  # readers imports orbax_reader
     ("jtl.app.methods", "jtl.app.workdirs"),  # workdirs imports methods
+    ("jtl.app.workdirs", "jtl.app.experiment"),  # experiment imports workdirs
     ("jtl.app.model_choice", "jtl.app.experiment"),  # experiment imports model_choice
 }
 

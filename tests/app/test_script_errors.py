@@ -107,3 +107,18 @@ def test_convert_names_its_format_flag_before_loading_any_weights(tmp_path):
   assert_clean_failure(result, "the suffix '.npz' is the npz format's, but --format=safetensors",
                        "Name the file x.safetensors, or pass --format=npz")
   assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_convert_checks_a_deployment_files_suffix_and_infers_its_format(tmp_path):
+  """Audit: convert.py --workdir W --format onnx --out m.tflite wrote ONNX bytes
+  as m.tflite, and without --format failed with "got None" although --format
+  says "default: from --out's suffix". The suffix is checked before the
+  workdir is read (it does not exist here), and names the format."""
+  result = run("convert.py", f"--workdir={tmp_path / 'run'}", "--format=onnx",
+               f"--out={tmp_path / 'm.tflite'}")
+  assert_clean_failure(result, "the suffix '.tflite' is the tflite format's, but --format=onnx",
+                       "Name the file m.onnx, or pass --format=tflite")
+  result = run("convert.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'm.onnx'}")
+  assert_clean_failure(result, "CheckpointError:", "no checkpoints")  # on to the workdir
+  assert "got None" not in result.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == []

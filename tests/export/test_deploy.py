@@ -8,6 +8,7 @@ about 1e-5, the logits span about 30); the int8 file keeps the top-1 class.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 import skimage.data
 from jax import lax
+from run_helpers import saved_run
 
 from jtl import models
-from jtl.app import deploy_runs
+from jtl.app import deploy_runs, evaluation, workdirs
 from jtl.errors import CheckpointError, ConfigError
 from jtl.models import efficientnet
 from jtl.export import deploy
@@ -195,17 +197,13 @@ def test_import_jtl_deploy_loads_no_converter():
   assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
-def _tiny_workdir(root, image_size=28):
+def _tiny_workdir(root, image_size=28, variables=None, **config_updates):
   """A workdir as scripts/finetune.py leaves it (config in the checkpoint's
-  meta), holding a freshly initialised small_cnn; data: a folder of crops of
-  two real photos."""
-  import optax  # pylint: disable=g-import-not-at-top
+  meta), holding `variables` (default: a freshly initialised small_cnn);
+  data: a folder of crops of two real photos."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   import configs.default  # pylint: disable=g-import-not-at-top
-  from jtl import state  # pylint: disable=g-import-not-at-top
-  from jtl.app import experiment  # pylint: disable=g-import-not-at-top
-  from jtl.checkpoint import manager  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   photos = {"cat": skimage.data.chelsea(), "cup": skimage.data.coffee()}
   for split, count in (("train", 16), ("test", 6)):
@@ -219,14 +217,11 @@ def _tiny_workdir(root, image_size=28):
   config.update(dict(model="small_cnn", pretrained=False, dataset=f"folder:{root / 'photos'}",
                      image_size=image_size, batch_size=8, eval_batch_size=8, train_split="train",
                      eval_split="test"))
-  created = models.create("small_cnn", num_classes=2, pretrained=False, seed=3)
-  labels = jax.tree.map(lambda _: "all", created.variables["params"])
-  train_state = state.create_train_state(created.variables, labels, optax.sgd(0.0))
-  mngr = manager.CheckpointManager(root / "run", best_metric="accuracy", async_save=False)
-  mngr.save(1, train_state, metrics={"accuracy": 0.5}, meta=experiment.run_meta(config, 2),
-            force=True)
-  mngr.close()
-  return root / "run"
+  for key, value in config_updates.items():  # whole keys (method={...}), not merged
+    config[key] = value
+  if variables is None:
+    variables = models.create("small_cnn", num_classes=2, pretrained=False, seed=3).variables
+  return saved_run(root / "run", config, variables)
 
 
 def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
@@ -238,14 +233,95 @@ def test_workdir_export_and_evaluation_in_the_runtime(tmp_path):
   result = deploy_runs.evaluate_exported(workdir, exported.path)
   assert result["count"] == 12 and result["format"] == "tflite_int8"
   assert sum(map(sum, result["confusion_matrix"])) == 12
-  assert (workdir / "eval_test_tflite_int8.json").exists()
+  assert result["results_file"] == str(workdir / "eval_test_step1_tflite_int8.json")
   # The float file in the same runtime agrees with jtl's own evaluation.
   onnx_file = deploy_runs.export_workdir(workdir, "onnx", input_pixels=True).path
-  from jtl.app import evaluation  # pylint: disable=g-import-not-at-top
   reference = evaluation.evaluate_workdir(workdir, step="best")
   onnx_result = deploy_runs.evaluate_exported(workdir, onnx_file)
   assert onnx_result["accuracy"] == reference["accuracy"]
   assert abs(onnx_result["loss"] - reference["loss"]) < 1e-4
+
+
+def test_exported_files_are_evaluated_as_the_step_they_hold(tmp_path):
+  """Audit: evaluate.py --exported recorded the workdir's best step, not the
+  file's, and named the result by the format alone: step1.onnx's result was
+  overwritten by step2.onnx's; a sidecar of another model was never compared."""
+  workdir = _tiny_workdir(tmp_path)  # step 1
+  other = models.create("small_cnn", num_classes=2, pretrained=False, seed=5).variables
+  saved_run(workdir, workdirs.restore(workdir).config, other, step=2, accuracy=0.9)  # best
+  files = [deploy_runs.export_workdir(workdir, "onnx", step=s, out=tmp_path / f"step{s}.onnx")
+           for s in (1, 2)]
+  results = [deploy_runs.evaluate_exported(workdir, f.path, step="best") for f in files]
+  assert [r["step"] for r in results] == [1, 2]
+  assert results[0]["loss"] != results[1]["loss"]
+  for s, result in zip((1, 2), results):
+    assert result["results_file"] == str(workdir / f"eval_test_step{s}_onnx.json")
+    saved = json.loads((workdir / f"eval_test_step{s}_onnx.json").read_text())
+    assert (saved["step"], saved["loss"], saved["exported"]) == (s, result["loss"],
+                                                                 files[s - 1].path)
+  before = sorted(p.name for p in workdir.iterdir())
+  for edit, named in (({"num_classes": 3}, "'small_cnn' with 3 classes"),
+                      ({"model": "resnet18"}, "'resnet18' with 2 classes")):
+    deploy.write_meta(files[0].path, {**files[0].meta, **edit})
+    with pytest.raises(ConfigError, match=f"exported from the workdir .* from model {named}"):
+      deploy_runs.evaluate_exported(workdir, files[0].path)
+  assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_a_file_name_of_another_format_is_refused_before_any_work(tmp_path):
+  """Audit: format="onnx" with out=m.tflite wrote ONNX bytes that LiteRT
+  refused (and LiteRT under m.onnx); now the suffix is checked as
+  jtl.export.write checks it, before the workdir is even read."""
+  assert [deploy.output_format(n) for n in ("m.onnx", "m.tflite", "m.int8.tflite")] == [
+      "onnx", "tflite", "tflite_int8"]
+  assert deploy.output_format("m.tflite", "tflite_int8") == "tflite_int8"  # a flatbuffer too
+  for fmt, name, right in (("onnx", "m.tflite", "m.onnx"), ("tflite", "m.onnx", "m.tflite"),
+                           ("tflite_int8", "m.onnx", "m.int8.tflite"),
+                           ("tflite", "m.int8.tflite", "m.tflite")):
+    with pytest.raises(CheckpointError, match=rf"is the \w+ format's, but format={fmt} was "
+                                              rf"asked for(.|\n)*Name the file {right}"):
+      deploy_runs.export_workdir(tmp_path / "no_run", fmt, out=tmp_path / name)
+  module = nn.Dense(3)
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.float32))
+  with pytest.raises(CheckpointError, match="the suffix '.onnx' is the onnx format's"):
+    deploy.export(module, variables, tmp_path / "d.onnx", format="tflite", input_shape=(4,),
+                  train_kwarg=None)
+  with pytest.raises(CheckpointError, match="cannot tell the export format from the suffix"):
+    deploy.output_format(tmp_path / "m.bin")
+  assert os.listdir(tmp_path) == []
+
+
+def _dann_workdir(root):
+  """A DANN run with method.batchnorm='separate' (a small_cnn whose running
+  statistics are the source domain's: shifted by 3 from the target's)."""
+  created = models.create("small_cnn", num_classes=2, pretrained=False, seed=3)
+  v = jax.tree.map(np.asarray, created.variables)
+  domain_head = {"Dense_0": {"kernel": np.zeros((128, 1), np.float32),
+                             "bias": np.zeros((1,), np.float32)}}
+  wrapped = {"params": {"model": v["params"], "domain": domain_head},
+             "batch_stats": {"model": jax.tree.map(lambda a: a + 3.0, v["batch_stats"])}}
+  return _tiny_workdir(root, variables=wrapped, method={
+      "name": "dann", "target_dataset": f"folder:{root / 'photos'}", "batchnorm": "separate"})
+
+
+def test_a_separate_batchnorm_dann_run_ships_the_model_evaluate_scores(tmp_path):
+  """Audit: evaluate.py scores such a run after AdaBN (target statistics) but
+  convert.py --workdir and workdirs.load gave the source statistics (ONNX
+  logits 11.86 away, loss 0.693 for the evaluated 0.657)."""
+  workdir = _dann_workdir(tmp_path)
+  evaluated = evaluation.evaluate_workdir(workdir, split="test")
+  assert evaluated["adabn"]["why"] == "method.batchnorm='separate'"
+  exported = deploy_runs.export_workdir(workdir, "onnx", out=tmp_path / "m.onnx")
+  assert deploy.read_meta(exported.path)["adabn"] == evaluated["adabn"]
+  in_runtime = deploy_runs.evaluate_exported(workdir, exported.path, split="test")
+  assert abs(in_runtime["loss"] - evaluated["loss"]) < 1e-4
+  assert in_runtime["accuracy"] == evaluated["accuracy"]
+  x = np.random.default_rng(0).standard_normal((4, 28, 28, 3)).astype(np.float32)
+  loaded = np.asarray(workdirs.load(workdir).model(x))
+  np.testing.assert_allclose(deploy.load(exported.path)(x), loaded, atol=1e-4)
+  run = workdirs.restore(workdir)
+  source = np.asarray(run.module.apply(run.merged_variables(), x, train=False))
+  assert np.abs(loaded - source).max() > 1.0  # the statistics did change
 
 
 def test_onnx_sidecar_describes_the_file(tmp_path):
@@ -253,7 +329,6 @@ def test_onnx_sidecar_describes_the_file(tmp_path):
   "in_0", and gave the model's native image_size (28) for a file at another."""
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
 
-  from jtl.app import workdirs  # pylint: disable=g-import-not-at-top
   workdir = _tiny_workdir(tmp_path, image_size=20)
   exported = deploy_runs.export_workdir(workdir, "onnx")
   meta = deploy.read_meta(exported.path)

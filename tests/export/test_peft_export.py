@@ -19,12 +19,17 @@ import functools
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from app_helpers import load_file, run_script
+from app_helpers import colour_photos, load_file, run_script
+from run_helpers import saved_run
 
+from configs import default
+from jtl import models
 from jtl import tree as jtree
 from jtl.app import workdirs
 from jtl.export import hf_export, peft, peft_import
@@ -447,7 +452,7 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   assert "adapter_model.safetensors" in result.stdout
   config = json.loads((workdir / "export" / "peft" / peft.CONFIG_FILE).read_text())
   assert config["target_modules"] == ["fc1"] and config["modules_to_save"] == ["head"]
-  assert config["base_model_name_or_path"] == "vit_ti16/augreg_in21k"
+  assert config["base_model_name_or_path"] is None  # a pretrained=False run's base
   params, alpha = peft_import.import_peft(jtree.unflatten(
       {p: v for p, v in jtree.flatten(variables["params"]).items() if "lora" not in p}),
       workdir / "export" / "peft", layout="timm_vit")
@@ -480,6 +485,99 @@ def test_convert_script_exports_a_lora_workdir(tmp_path):
   assert not any("lora" in p for p in folded)
   np.testing.assert_allclose(folded["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"],
                              merged["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """`_lora_workdir`, made once for the module (vit_ti16's init: ~10 s on 2 cores)."""
+  return _lora_workdir(tmp_path_factory.mktemp("lora"))[0]
+
+
+def test_peft_base_model_is_the_runs_pretrained_source(lora_run, tmp_path, caplog):
+  """Audit: a pretrained=False run's adapter_config named the published weights
+  ('vit_ti16/augreg_in21k') as the base its adapters were trained on."""
+  workdir = shutil.copytree(lora_run, tmp_path / "run")  # pretrained=False
+  for pretrained, base in ((False, None), (True, "vit_ti16/augreg_in21k"),
+                           ("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k",
+                            "timm/vit_tiny_patch16_224.augreg_in21k")):
+    for meta in workdir.glob("checkpoints/*/meta/metadata"):
+      saved = json.loads(meta.read_text())
+      saved["config"]["pretrained"] = pretrained
+      meta.write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      out = workdirs.export_hub_format(workdir, "peft", out=tmp_path / str(pretrained))
+    config = json.loads((out / peft.CONFIG_FILE).read_text())
+    assert config["base_model_name_or_path"] == base
+    assert ("random initialisation (pretrained=False)" in caplog.text) == (base is None)
+
+
+def test_hf_export_of_a_run_reloads_with_the_runs_preprocessing(lora_run, tmp_path):
+  """Audit: config.json recorded the published preprocessing (224 px, crop_pct
+  0.875 / 0.9), not the run's (32 px, the whole image resized): the folder
+  reloaded gave logits 3.28 away from workdirs.load's, top-1 agreement 50%."""
+  workdir = lora_run  # vit_ti16 (224 px) fine-tuned at 32 px
+  out = workdirs.export_hub_format(workdir, "hf", out=tmp_path / "hf")
+  config = json.loads((out / "config.json").read_text())
+  assert config["model_args"]["img_size"] == 32
+  assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+  assert {k: config["pretrained_cfg"][k] for k in ("crop_pct", "crop_mode", "interpolation",
+                                                    "mean", "std")} == {
+      "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear",
+      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+  rebuilt = models.create(str(out), num_classes=2)
+  assert rebuilt.variables["params"]["pos_embedding"].shape == (1, 1 + 2 * 2, 192)
+  images = np.random.default_rng(0).integers(0, 256, (3, 40, 52, 3), np.uint8)
+  ready = workdirs.load(workdir)
+  want = np.asarray(ready.model(ready.preprocess(images)))
+  got = rebuilt.module.apply(rebuilt.variables, rebuilt.preprocess(images))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def _dann_resnet_workdir(root):
+  """A LoRA run (no adapter trained yet) of DANN with method.batchnorm='separate'
+  on resnet18 at 32 px: its running statistics are the source domain's
+  (shifted by 3 from the target's)."""
+  photos = colour_photos(root / "photos", ("cat", "dog"), {"train": 4, "test": 2},
+                         size=(40, 40))
+  config = default.get_config()
+  config.update({"model": "resnet18", "pretrained": False, "image_size": 32,
+                 "dataset": f"folder:{photos}", "train_split": "train", "eval_split": "test",
+                 "batch_size": 8, "eval_batch_size": 8})
+  config.strategy = {"name": "lora", "rank": 2, "alpha": 4.0}
+  config.method = {"name": "dann", "target_dataset": f"folder:{photos}",
+                   "batchnorm": "separate"}
+  v = jax.tree.map(np.asarray, models.create("resnet18", num_classes=2, pretrained=False,
+                                             seed=0).variables)
+  domain_head = {"Dense_0": {"kernel": np.zeros((512, 1), np.float32),
+                             "bias": np.zeros((1,), np.float32)}}
+  wrapped = {"params": {"model": v["params"], "domain": domain_head},
+             "batch_stats": {"model": jax.tree.map(lambda a: a + 3.0, v["batch_stats"])}}
+  return saved_run(root / "run", config, wrapped), photos
+
+
+def test_hub_exports_of_a_separate_batchnorm_dann_run_are_the_evaluated_model(tmp_path):
+  """Audit: --format hf shipped the source-domain statistics, not the AdaBN
+  ones evaluate.py scores with; --format peft cannot carry them."""
+  workdir, _ = _dann_resnet_workdir(tmp_path)
+  out = workdirs.export_hub_format(workdir, "hf", out=tmp_path / "hf")
+  config = json.loads((out / "config.json").read_text())
+  assert config["adabn"]["why"] == "method.batchnorm='separate'"
+  rebuilt = models.create(str(out), num_classes=2)
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  ready = workdirs.load(workdir)
+  loaded = np.asarray(ready.model(x))
+  np.testing.assert_allclose(rebuilt.module.apply(rebuilt.variables, x), loaded, atol=1e-4)
+  run = workdirs.restore(workdir)
+  source = np.asarray(run.module.apply(run.merged_variables(), x, train=False))
+  assert np.abs(loaded - source).max() > 0.1  # AdaBN changed the model
+  # The folder's own preprocessing is the run's (32 px, the whole image resized).
+  images = np.random.default_rng(1).integers(0, 256, (3, 40, 52, 3), np.uint8)
+  np.testing.assert_allclose(rebuilt.module.apply(rebuilt.variables, rebuilt.preprocess(images)),
+                             ready.model(ready.preprocess(images)), atol=1e-4)
+  with pytest.raises(ConfigError, match=r"AdaBN(.|\n)*Use --format hf"):
+    workdirs.export_hub_format(workdir, "peft", out=tmp_path / "peft")
+  assert not (tmp_path / "peft").exists()
 
 
 def _edited_adapter(tmp_path, name, config_edit=None, weights=None, tensors_edit=None):

@@ -9,6 +9,7 @@ import pytest
 from beyond_models import TinyCNN, images, init, labels
 
 import jtl
+from jtl.app import evaluation
 from jtl.export import quantize
 
 
@@ -71,6 +72,21 @@ def test_params_size_and_forward(model):
   np.testing.assert_allclose(out["float32"], ref, rtol=1e-6)
   for p in ("bfloat16", "int8"):
     assert 0 < np.abs(out[p] - ref).max() < 0.05 * np.abs(ref).max() + 0.02
+
+
+def test_quantized_variables_are_saved_only_as_safetensors(model, tmp_path):
+  """Audit: --save_quantized model_int8.npz wrote safetensors bytes that np.load
+  refused; now another suffix is refused, by evaluate.py before the workdir is
+  even read (it does not exist here)."""
+  _, v, _ = model
+  for name in ("model_int8.npz", "model_int8.msgpack", "model_int8"):
+    with pytest.raises(jtl.errors.CheckpointError,
+                       match=rf"{name}: .* safetensors(.|\n)*name it model_int8.safetensors"):
+      quantize.save(tmp_path / name, quantize.quantize_variables(v))
+    with pytest.raises(jtl.errors.CheckpointError, match=rf"{name}: .*name it"):
+      evaluation.evaluate_workdir(tmp_path / "run", precision="int8",
+                                  save_quantized=tmp_path / name)
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_save_restore_evaluate(model, tmp_path):

@@ -54,6 +54,7 @@ import numpy as np
 
 from jtl import paths
 from jtl.errors import ConfigError
+from jtl.export import writers
 from jtl.export.deploy.litert import (
   TANH_GELU_MAX_DIFF,
   export_tflite,
@@ -74,6 +75,7 @@ from jtl.export.deploy.tracing import (
   DEFAULT_MAX_ACCURACY_DROP,
   FORMATS,
   SUFFIX,
+  SUFFIX_FORMATS,
   TOKEN_INPUTS,
   ExportError,
   OpUse,
@@ -84,11 +86,31 @@ from jtl.export.deploy.tracing import (
 from jtl.tree import PyTree
 
 __all__ = [
-    "DEFAULT_MAX_ACCURACY_DROP", "FORMATS", "SUFFIX", "TANH_GELU_MAX_DIFF", "TOKEN_INPUTS",
-    "ExportError", "Exported", "OpUse", "QuantizationWarning", "Runtime", "check_int8", "export",
-    "export_onnx", "export_tflite", "find_ops", "format_of", "inference_fn", "int8_form", "load",
-    "read_meta", "tflite_tensor_types", "unresolvable_int8_tensors", "write_meta",
+    "DEFAULT_MAX_ACCURACY_DROP", "FORMATS", "SUFFIX", "SUFFIX_FORMATS", "TANH_GELU_MAX_DIFF",
+    "TOKEN_INPUTS", "ExportError", "Exported", "OpUse", "QuantizationWarning", "Runtime",
+    "check_int8", "export", "export_onnx", "export_tflite", "find_ops", "format_of",
+    "inference_fn", "int8_form", "load", "output_format", "read_meta", "tflite_tensor_types",
+    "unresolvable_int8_tensors", "write_meta",
 ]
+
+
+def output_format(path: str | os.PathLike,
+                  format: str | None = None,  # pylint: disable=redefined-builtin
+                  *, option: str = "format=") -> str:
+  """The deployment format of the file `path`: `format`, else the one its name
+  ends in (.onnx, .tflite, .int8.tflite: `SUFFIX_FORMATS`), checked as
+  `jtl.export.writers.output_format` checks weight files: runtimes and
+  readers go by the suffix, so ONNX bytes are never written under .tflite.
+
+  >>> output_format("m.int8.tflite"), output_format("m.tflite", "tflite_int8")
+  ('tflite_int8', 'tflite_int8')
+
+  Raises:
+    CheckpointError: a suffix that names no deployment format while `format`
+      is not given, or one that names another format.
+  """
+  return writers.output_format(path, format, option=option, suffixes=SUFFIX_FORMATS,
+                               formats=FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +146,12 @@ def export(module: Any, variables: PyTree | None, path: str | os.PathLike, *, fo
 
   Raises:
     ConfigError: unknown format, or int8 without representative images.
+    CheckpointError: a file name of another format (`output_format`).
     ExportError: the converter cannot convert the model (layer and op named).
   """
   if format not in FORMATS:
     raise ConfigError(f"format={format!r}: expected one of {FORMATS}.")
+  output_format(path, format)  # before tracing: m.tflite holding ONNX bytes
   if format == "tflite_int8" and representative is None:
     raise ConfigError("format='tflite_int8' needs representative images to calibrate "
                       "the int8 ranges (a few hundred from the training split).")

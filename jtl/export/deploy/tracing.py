@@ -21,6 +21,10 @@ from jtl.tree import PyTree
 
 FORMATS = ("onnx", "tflite", "tflite_int8")
 SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tflite_int8": ".int8.tflite"}
+# A file name's ending -> the formats written under it, the first the one it
+# names (an int8 LiteRT file is a .tflite flatbuffer too).
+SUFFIX_FORMATS = {".onnx": ("onnx",), ".int8.tflite": ("tflite_int8",),
+                  ".tflite": ("tflite", "tflite_int8")}
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # points (percent) lost by int8 before the check warns
 
 
