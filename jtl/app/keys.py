@@ -96,7 +96,9 @@ KEYS: tuple[Key, ...] = (
         "mixup: one of the two per batch)"),
     Key("augment.randaugment_n", 0, "RandAugment ops per training image (0: off)"),
     Key("augment.randaugment_m", 9.0, "RandAugment's magnitude, 0..30 (10: the paper's top)"),
-    Key("microbatches", 1, "gradient accumulation: microbatches per step"),
+    Key("microbatches", 1, "gradient accumulation: micro-batches per step (micro-batch i: "
+        "rows i, i+k, ...; a training BatchNorm normalises each alone and moves its running "
+        "averages once per step)"),
     Key("compute_dtype", None, "None (float32) or 'bfloat16' (mixed precision)", str),
     Key("seed", 0, "the run's one seed: the head's init, the data order, dropout, LoRA's init "
         "and scratch's re-init"),
