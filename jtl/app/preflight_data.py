@@ -192,14 +192,29 @@ def workdir_in_data_problems(config: ml_collections.ConfigDict, workdir: Any) ->
     data = _folder_of(config[key])
     if data is None or os.path.commonpath([work, data]) != data:
       continue
-    if any(folder.is_hidden(Path(part)) for part in Path(os.path.relpath(work, data)).parts):
-      continue  # photos/.runs/a: the scan skips hidden folders
+    if _behind_a_hidden_folder(data, work):
+      continue
     problems.append(
         f"the workdir is inside the dataset folder: workdir {workdir} is in {key}="
         f"{config[key]!r}, so the run's checkpoints/ and tensorboard/ would be written "
         f"among its images and read back as class folders. Put the workdir outside it, "
         f"e.g. --workdir={os.path.join(os.path.dirname(data), 'runs', 'run')}")
   return problems
+
+
+def _behind_a_hidden_folder(data: str, work: str) -> bool:
+  """Whether the run writes `work` only behind a hidden folder of `data`,
+  which the scan skips (photos/.runs/a): one of its parts is hidden and every
+  part before it exists already (photos/runs/.a would create the visible
+  photos/runs, which the next scan reads as a class folder)."""
+  path = Path(data)
+  for part in Path(os.path.relpath(work, data)).parts:
+    if folder.is_hidden(Path(part)):
+      return True
+    path = path / part
+    if not path.exists():
+      return False
+  return False
 
 
 def _folder_of(dataset: Any) -> str | None:

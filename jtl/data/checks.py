@@ -120,7 +120,8 @@ def class_differences(expected: Sequence[Any], found: Sequence[Any]
   is class i); else (the names only in `expected`, those only in `found`),
   both empty when only the order differs. Names that are only the label
   numbers ("0", "1", ...: a source without names, such as TFDS's cifar10_1)
-  name nothing: then only the class counts are compared.
+  against names that are not numbers compare only the class counts (with a
+  warning); numbers against other numbers are names like any others.
 
   >>> class_differences(["cat", "dog"], ["cat", "dog"]) is None
   True
@@ -132,11 +133,18 @@ def class_differences(expected: Sequence[Any], found: Sequence[Any]
   expected, found = [str(n) for n in expected], [str(n) for n in found]
   if expected == found:
     return None
-  if len(expected) == len(found) and (_numbered(expected) or _numbered(found)):
-    log.info("One side's classes have no names (only label numbers): only their count, %d, "
-             "was compared.", len(found))
+  if len(expected) == len(found) and _numbered(expected) != _numbered(found) \
+      and not (_integers(expected) and _integers(found)):
+    log.warning("The classes of one dataset are only numbered (%s, ...) and the other's are "
+                "named (%s, ...): only their count, %d, could be compared. Check that label i "
+                "is the same class in both.", *(found if _numbered(found) else expected)[:1],
+                *(expected if _numbered(found) else found)[:1], len(found))
     return None
   return [n for n in expected if n not in found], [n for n in found if n not in expected]
+
+
+def _integers(names: list[str]) -> bool:
+  return all(n.isdigit() for n in names)
 
 
 def _numbered(names: list[str]) -> bool:

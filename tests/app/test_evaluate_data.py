@@ -72,6 +72,8 @@ def test_a_dataset_without_class_names_is_compared_by_count():
       "missing (the run's, not in this dataset): airplane, automobile, bird",
       "extra (in this dataset, not the run's): 0, 1"]
   assert _class_differences(named, ["0", "2", "1"], 3) != []  # folders named by numbers
+  assert _class_differences(["0", "1", "2"], ["0", "2", "5"], 3) == [  # digit folders
+      "missing (the run's, not in this dataset): 1", "extra (in this dataset, not the run's): 5"]
 
 
 def test_moved_data_gets_its_own_files_and_a_missing_folder_names_the_flag(run, tmp_path):

@@ -77,6 +77,9 @@ def test_a_workdir_inside_the_dataset_folder_is_refused_before_anything_is_writt
   # Nor is a hidden folder of the dataset, which the scan skips (audit).
   preflight.preflight(small(photos), workdir=photos / ".runs" / "a")
   preflight.preflight(small(photos), workdir=photos / "train" / ".run")
+  # But not one that would first create a visible folder: photos/runs would be a class.
+  message = refused(small(photos), workdir=photos / "runs" / ".a")
+  assert "the workdir is inside the dataset folder" in message
 
 
 def test_an_eval_dataset_with_other_classes_is_refused(photos, tmp_path):
