@@ -175,9 +175,10 @@ def _split_nones(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _name_lists_as_tuples(argv: list[str]) -> list[str]:
-  """`--config.k=a,hf-hub:o/n` for a key whose default is a tuple, as
-  `--config.k=('a', 'hf-hub:o/n')`: ml_collections reads a tuple's value as
-  a Python literal, which names with ':' or '/' are not."""
+  """`--config.k=a,hf-hub:o/n` (or `--config.k a,hf-hub:o/n`) for a key whose
+  default is a tuple, as `--config.k=('a', 'hf-hub:o/n')`: ml_collections
+  reads a tuple's value as a Python literal, which names with ':' or '/' are
+  not."""
   path = _config_path(argv)
   try:
     config = _load_config(path) if path else None
@@ -186,12 +187,18 @@ def _name_lists_as_tuples(argv: list[str]) -> list[str]:
   if config is None:
     return argv
   tuples = {k for k in flat_keys(config) if isinstance(_lookup(config, k), (tuple, list))}
-  rewritten = []
-  for arg in argv:
-    key, _, value = arg[len("--config."):].partition("=")
-    if arg.startswith("--config.") and key in tuples and value and not _is_literal(value):
-      arg = f"--config.{key}={tuple(v.strip() for v in value.split(',') if v.strip())!r}"
-    rewritten.append(arg)
+  rewritten, args = [], list(argv)
+  while args:
+    arg = args.pop(0)
+    key, equals, value = arg[len("--config."):].partition("=")
+    if arg.startswith("--config.") and key in tuples and not equals and args:
+      value = args.pop(0)  # the spaced form, `--config.k a,b`
+    elif not (arg.startswith("--config.") and key in tuples):
+      rewritten.append(arg)
+      continue
+    if value and not _is_literal(value):
+      value = repr(tuple(v.strip() for v in value.split(",") if v.strip()))
+    rewritten.append(f"--config.{key}={value}")
   return rewritten
 
 

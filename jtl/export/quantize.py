@@ -192,6 +192,7 @@ def make_quantized_eval_step(module: nn.Module, *, precision: str = "int8"
   def eval_step(variables: PyTree, batch: steps.Batch) -> dict[str, jax.Array]:
     return inner(dequantize(variables, jnp.float32), batch)
 
+  eval_step.axis_name = inner.axis_name  # for jtl.parallel's checks: a mesh step, no pmap
   return eval_step
 
 

@@ -207,6 +207,10 @@ def test_a_tuple_key_takes_comma_separated_names_with_colons_and_slashes(monkeyp
   assert config.model_candidates == ("efficientnet_lite0", "hf-hub:timm/resnet50.a1_in1k"), err
   config, _ = _parse(monkeypatch, capsys, folder, "--config.model_candidates=efficientnet_lite1")
   assert config.model_candidates == ("efficientnet_lite1",)
+  config, err = _parse(monkeypatch, capsys, folder, "--config.model_candidates",
+                       "efficientnet_lite0,hf-hub:timm/resnet50.a1_in1k", "--config.num_epochs=2")
+  assert config.model_candidates == ("efficientnet_lite0", "hf-hub:timm/resnet50.a1_in1k"), err
+  assert config.num_epochs == 2
   config, _ = _parse(monkeypatch, capsys, folder,
                      "--config.model_candidates=('a', 'local/folder')")
   assert config.model_candidates == ("a", "local/folder")

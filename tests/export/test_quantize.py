@@ -105,3 +105,11 @@ def test_save_restore_evaluate(model, tmp_path):
     quantize.load(tmp_path / "bad.safetensors")
   with pytest.raises(jtl.errors.ConfigError, match="precision='int4'"):
     quantize.make_inference_fn(m, v, precision="int4")
+
+
+def test_the_quantized_eval_step_is_refused_by_pmap_as_a_mesh_step():
+  """Review: it lacked the axis_name that jtl.parallel checks, so pmap_eval_step
+  took it and each device counted only its own rows."""
+  step = quantize.make_quantized_eval_step(TinyCNN())
+  with pytest.raises(jtl.errors.DeviceError, match="pmap_eval_step needs"):
+    jtl.parallel.pmap_eval_step(step)
