@@ -18,6 +18,8 @@ import numpy as np
 
 from jtl import _optional
 
+_LOG = logging.getLogger(__name__)
+
 
 def confusion_figure(confusion: np.ndarray, names: list[str], *, title: str = "",
                      fonts: Sequence[str] | None = None) -> Any:
@@ -62,10 +64,12 @@ def label_fonts(names: Sequence[str], fonts: Sequence[str] | None = None
   >>> labels, numbered
   (['cat', 'dog'], [])
   """
-  files = list(fonts) if fonts is not None else _installed_fonts()
   missing = {c for name in names for c in name if not c.isspace()}
+  if fonts is None:  # most names need no other font: look at the others only then
+    default = _default_font()
+    fonts = [default] if missing <= _charmap(default) else _installed_fonts()
   chosen = []
-  for file in files:
+  for file in fonts:
     if _family(file).startswith("Last Resort"):
       continue  # its "glyphs" for every character are boxes naming the Unicode block
     covered = missing & _charmap(file)
@@ -76,7 +80,7 @@ def label_fonts(names: Sequence[str], fonts: Sequence[str] | None = None
       break
   numbered = [i for i, name in enumerate(names) if missing & set(name)]
   if numbered:
-    logging.warning(
+    _LOG.warning(
         "No installed font draws the class names %s: the confusion matrix numbers them by "
         "their label instead. Install a font that covers them (e.g. `apt install "
         "fonts-noto-cjk` for Chinese, Japanese or Korean) to see the names.",
@@ -86,12 +90,18 @@ def label_fonts(names: Sequence[str], fonts: Sequence[str] | None = None
   return [_family(file) for file in chosen], labels, numbered
 
 
+def _default_font() -> str:
+  """matplotlib's default font file (rcParams' family)."""
+  from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+  return font_manager.findfont(font_manager.FontProperties())
+
+
 def _installed_fonts() -> list[str]:
   """matplotlib's default font file, then every other font file it knows or
   the system has (sorted, for the same choice on every run): its font list is
   cached, so it lacks fonts installed after matplotlib first ran."""
   from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
-  default = font_manager.findfont(font_manager.FontProperties())  # rcParams' font
+  default = _default_font()
   known = {f.fname for f in font_manager.fontManager.ttflist}
   others = (known | set(font_manager.findSystemFonts())) - {default}
   return [default, *sorted(others, key=lambda file: (not _regular(file), file))]
