@@ -67,7 +67,8 @@ from jtl import tree as jtree
 from jtl import lora_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.models import bert, dinov2, resnet, vit
-from jtl.models.preprocessing import Normalization
+from jtl.models.preprocessing import (IMAGE_PROCESSOR_FILE, Normalization,
+                                     image_processor_config, unit_mean_std)
 from jtl.tree import PyTree
 from jtl.weights.adapt import resize_pos_embed
 
@@ -329,13 +330,10 @@ def _run_inputs(inputs: Normalization, num_classes: int) -> dict[str, Any]:
   image_size with its resize method, the whole image (crop_fraction None:
   crop_mode "squash", as jtl's input pipeline) or its central crop, then its
   affine (as mean and std on 0..1 pixels)."""
-  # (p / scale - mean) / std = (p / 255 - mean * scale / 255) / (std * scale / 255)
-  unit = inputs.scale / 255.0
-  mean = np.broadcast_to(np.asarray(inputs.mean, np.float64) * unit, (3,))
-  std = np.broadcast_to(np.asarray(inputs.std, np.float64) * unit, (3,))
+  mean, std = unit_mean_std(inputs)
   side, crop = int(inputs.image_size), inputs.crop_fraction
-  return {"input_size": [3, side, side], "mean": [float(v) for v in mean],
-          "std": [float(v) for v in std], "crop_pct": 1.0 if crop is None else float(crop),
+  return {"input_size": [3, side, side], "mean": mean,
+          "std": std, "crop_pct": 1.0 if crop is None else float(crop),
           "crop_mode": "squash" if crop is None else "center",
           "interpolation": inputs.resize, "num_classes": num_classes}
 
@@ -462,15 +460,19 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       length, which `AutoTokenizer` reads); None: none.
     max_length: the tokens per text the run trained with, written into the
       copied tokenizer.json's truncation and padding; None keeps the file's.
-    inputs: for a timm layout (ViT, ResNet), the images the weights were
-      fine-tuned and evaluated on: resized to `inputs.image_size` with its
-      `resize` method, the whole image (crop_fraction None, as jtl's input
-      pipeline: crop_pct 1.0, crop_mode "squash") or its central crop,
-      normalised by its affine. Written as pretrained_cfg's input_size
-      [3, s, s], crop_pct, crop_mode, interpolation, mean and std, and as a
-      ViT's img_size s (its position embedding resized to that grid, as the
-      run's forward pass did). None: the module's own size and the family's
-      published preprocessing.
+    inputs: for an image layout, the images the weights were fine-tuned and
+      evaluated on: resized to `inputs.image_size` with its `resize` method,
+      the whole image (crop_fraction None, as jtl's input pipeline) or its
+      central crop, normalised by its affine. timm (ViT, ResNet): written as
+      pretrained_cfg's input_size [3, s, s], crop_pct, crop_mode ("squash":
+      no crop), interpolation, mean and std, and as a ViT's img_size s (its
+      position embedding resized to that grid, as the run's forward pass
+      did). DINOv2: written as transformers' BitImageProcessor
+      preprocessor_config.json (size {"height": s, "width": s}, no center
+      crop, resample); config.json keeps the module's image_size, the grid
+      of the position embedding that jtl and transformers interpolate to the
+      input's. None: the module's own size and the family's published
+      preprocessing (DINOv2: `dinov2.published_normalization`).
     record: entries added to config.json as they are (what was done to the
       weights, e.g. {"adabn": {...}}: BatchNorm statistics re-estimated).
 
@@ -504,6 +506,9 @@ def export_hf(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
       write_safetensors(head, out / "head.safetensors")
   write_safetensors(sd, out / "model.safetensors")
   _write_json({**hub_config(module, inputs), **(record or {})}, out / "config.json")
+  if layout in ("dinov2", "dinov2_cls"):  # the inputs, for AutoImageProcessor and jtl
+    published = dinov2.published_normalization(getattr(module, "base", module).image_size)
+    _write_json(image_processor_config(inputs or published), out / IMAGE_PROCESSOR_FILE)
   if tokenizer is not None:
     tokenizer = paths.path(tokenizer)
     paths.write_atomic(out / "tokenizer.json",

@@ -31,7 +31,7 @@ sequence (`last_hidden_state`).
 (`embeddings.*`, `encoder.layer.N.attention.attention.query.*`, ... as the Hub
 repos and `save_pretrained` write them; also the in-memory names of
 transformers >= 5, `attention.q_proj`, ...). `hub_spec` maps a config.json with
-`model_type: "dinov2"` to a ModelSpec.
+`model_type: "dinov2"` (and its preprocessor_config.json) to a ModelSpec.
 
 >>> dinov2("s").width, dinov2("b").num_heads
 (384, 12)
@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl.errors import ConfigError
-from jtl.models import registry, vit, wgrad
-from jtl.models.preprocessing import model_normalization
+from jtl.models import preprocessing, registry, vit, wgrad
+from jtl.models.preprocessing import Normalization, model_normalization
 
 POOLS = ("cls_mean", "cls", "mean")
 VARIANTS = {"s": (384, 12, 6), "b": (768, 12, 12)}  # width, depth, heads
@@ -349,6 +349,14 @@ NORMALIZATION = dataclasses.replace(
 preprocess = NORMALIZATION.preprocessor()
 
 
+def published_normalization(image_size: int = NATIVE_IMAGE_SIZE) -> Normalization:
+  """The published preprocessing of a DINOv2 whose position embeddings are
+  sized for `image_size` px: `NORMALIZATION` (224 px), a smaller one's own
+  size with the same crop. What a Hub folder without a preprocessor_config.json
+  gets (`hub_spec`), and what an export without a run's inputs writes."""
+  return dataclasses.replace(NORMALIZATION, image_size=min(INPUT_SIZE, image_size))
+
+
 def groups(depth: int) -> list[tuple[str, str]]:
   """Layer groups bottom to top: embedding, one per block, encoder_norm, head."""
   return ([("embedding", r"embedding/.*|cls|mask_token|pos_embedding")]
@@ -365,10 +373,12 @@ def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: 
               image_size: int = NATIVE_IMAGE_SIZE, mlp_ratio: float = 4.0,
               layer_norm_eps: float = 1e-6, layerscale_value: float = 1.0,
               pretrained: str | None = None, num_classes: int = 0,
-              input_size: int = INPUT_SIZE) -> registry.ModelSpec:
+              input_size: int = INPUT_SIZE,
+              normalization: Normalization | None = None) -> registry.ModelSpec:
   """The ModelSpec of a DINOv2 of this size; `input_size` is what the input
   pipeline feeds (224 for the published models; the position embeddings are
-  interpolated from `image_size`)."""
+  interpolated from `image_size`), with `NORMALIZATION`'s crop and affine
+  unless `normalization` (a preprocessor_config.json's) says otherwise."""
   arch = {"patch_size": patch_size, "width": width, "depth": depth, "num_heads": num_heads,
           "mlp_ratio": mlp_ratio, "image_size": image_size, "layer_norm_eps": layer_norm_eps,
           "layerscale_value": layerscale_value}
@@ -378,7 +388,8 @@ def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: 
 
   return registry.ModelSpec(
       name=name, build=build,
-      **registry.image_inputs(dataclasses.replace(NORMALIZATION, image_size=input_size)),
+      **registry.image_inputs(normalization or dataclasses.replace(NORMALIZATION,
+                                                                   image_size=input_size)),
       groups=groups(depth), groups_of=built_groups, head_level=vit.HEAD_LEVEL,
       pretrained=pretrained,
       converter=functools.partial(convert_hf, num_heads=num_heads),
@@ -388,9 +399,17 @@ def make_spec(name: str, *, width: int, depth: int, num_heads: int, patch_size: 
 _HUB_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
-def hub_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
+def hub_spec(source: str, config: Mapping[str, Any],
+             preprocessor: Mapping[str, Any] | None = None) -> registry.ModelSpec:
   """ModelSpec of a transformers config.json with model_type "dinov2"
   (Dinov2Model, or Dinov2ForImageClassification with its `id2label` classes).
+
+  Its preprocessing is the repo's preprocessor_config.json (`preprocessor`,
+  read by `preprocessing.from_image_processor`: an exported run's size,
+  resize and no crop; facebook/dinov2-*'s is `NORMALIZATION`), else
+  `published_normalization` of config.json's image_size. config.json's
+  image_size sizes the position embeddings only (interpolated to the input's
+  grid, as in transformers).
 
   The training-time options drop_path_rate, hidden_dropout_prob and
   attention_probs_dropout_prob (0 in the published configs) are not read from
@@ -423,10 +442,13 @@ def hub_spec(source: str, config: Mapping[str, Any]) -> registry.ModelSpec:
   classes = 0
   if "Dinov2ForImageClassification" in (config.get("architectures") or ()):
     classes = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+  inputs = (published_normalization(image) if preprocessor is None else
+            preprocessing.from_image_processor(
+                preprocessor, f"{source}: {preprocessing.IMAGE_PROCESSOR_FILE}"))
   return make_spec(source, width=width, depth=depth, num_heads=heads, patch_size=patch,
                    image_size=image, mlp_ratio=ratio, layer_norm_eps=eps,
                    layerscale_value=scale, pretrained=source, num_classes=classes,
-                   input_size=min(INPUT_SIZE, image))
+                   normalization=inputs)
 
 
 for _variant, (_width, _depth, _heads) in VARIANTS.items():

@@ -27,7 +27,7 @@ import numpy as np
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.models import bert, dinov2, efficientnet, mobilenet, registry, resnet, text, vit
 from jtl.models.conversion import convert_with_rules
-from jtl.models.preprocessing import PRESETS, Normalization
+from jtl.models.preprocessing import IMAGE_PROCESSOR_FILE, PRESETS, Normalization, preset_of
 from jtl.weights import hub
 
 SUPPORTED = (
@@ -252,9 +252,7 @@ def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
       or not np.all(np.isfinite(mean)) or not np.all(np.isfinite(std)) or not 0 < crop <= 1):
     raise ConfigError(f"pretrained_cfg: mean {mean}, std {std} or crop_pct {crop} "
                       "is not 3 values / 3 positive values / in (0, 1].")
-  preset = ("imagenet" if np.allclose(mean, imagenet.mean, atol=1e-3)
-            and np.allclose(std, imagenet.std, atol=1e-3) else
-            "vit" if np.allclose(mean, .5) and np.allclose(std, .5) else default_preset)
+  preset = preset_of(mean, std) or default_preset
   interpolation = cfg.get("interpolation", "bicubic")  # timm's default
   if interpolation not in ("bilinear", "bicubic"):
     raise ConfigError(f"pretrained_cfg interpolation {str(interpolation)[:40]!r}: jtl resizes "
@@ -478,7 +476,9 @@ def spec_for(source: str) -> registry.ModelSpec:
     return _bert_spec(source, config)
   if model_type == "dinov2":
     depth = _check_dinov2(source, config)
-    return dataclasses.replace(dinov2.hub_spec(source, config), check_names=_depth_check(
-        _HF_LAYER, depth, "num_hidden_layers", source))
+    processor = hub.read_json(source, IMAGE_PROCESSOR_FILE, optional=True)
+    return dataclasses.replace(dinov2.hub_spec(source, config, processor),
+                               check_names=_depth_check(_HF_LAYER, depth,
+                                                        "num_hidden_layers", source))
   raise _unsupported(f"the model (model_type {model_type!r:.100}, architectures "
                      f"{config.get('architectures')!r:.200})", source)

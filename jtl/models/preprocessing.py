@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -153,6 +153,166 @@ def model_normalization(preset: str, *, image_size: int = 224,
   """
   return dataclasses.replace(as_normalization(preset), image_size=image_size,
                              crop_fraction=crop_fraction)
+
+
+def unit_mean_std(normalization: Normalization) -> tuple[list[float], list[float]]:
+  """The affine's mean and std per channel on 0..1 pixels (p / 255), as timm's
+  pretrained_cfg and transformers' image processors write them.
+
+  >>> unit_mean_std(PRESETS["vit"])
+  ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+  """
+  # (p / scale - mean) / std = (p / 255 - mean * scale / 255) / (std * scale / 255)
+  unit = normalization.scale / 255.0
+  mean = np.broadcast_to(np.asarray(normalization.mean, np.float64) * unit, (3,))
+  std = np.broadcast_to(np.asarray(normalization.std, np.float64) * unit, (3,))
+  return [float(v) for v in mean], [float(v) for v in std]
+
+
+def preset_of(mean: Any, std: Any) -> str | None:
+  """The preset ("imagenet", "vit") with this mean and std on 0..1 pixels (to
+  1e-3), else None."""
+  imagenet = PRESETS["imagenet"]
+  if np.allclose(mean, imagenet.mean, atol=1e-3) and np.allclose(std, imagenet.std, atol=1e-3):
+    return "imagenet"
+  return "vit" if np.allclose(mean, .5) and np.allclose(std, .5) else None
+
+
+# --- transformers' image-processor file ----------------------------------------
+
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+# PIL resampling codes (an image processor's `resample`) of jtl's resize methods.
+PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
+_PROCESSOR_TYPES = ("BitImageProcessor", "BitImageProcessorFast")
+MAX_SIDE = 4096  # past any published model's input: a file asking more is damaged
+# BitImageProcessor's own defaults: what transformers takes for a key the file lacks.
+_BIT_DEFAULTS = {"do_resize": True, "size": {"shortest_edge": 224}, "resample": 3,
+                 "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": (0.48145466, 0.4578275, 0.40821073),  # OPENAI_CLIP_MEAN
+                 "image_std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+def image_processor_config(normalization: Normalization) -> dict[str, Any]:
+  """transformers' BitImageProcessor preprocessor_config.json (the form of
+  facebook/dinov2-*) for images made as `normalization` says: the whole image
+  resized to image_size x image_size (crop_fraction None: size height/width,
+  no crop), or the shorter side resized as `center_crop_resize` does and the
+  central square; `from_image_processor` reads it back.
+
+  >>> image_processor_config(Normalization("unit", image_size=8, crop_fraction=None))["size"]
+  {'height': 8, 'width': 8}
+  """
+  side, crop = int(normalization.image_size), normalization.crop_fraction
+  mean, std = unit_mean_std(normalization)
+  size = ({"height": side, "width": side} if crop is None else
+          {"shortest_edge": max(side, int(math.floor(side / crop)))})
+  return {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": size,
+          "resample": PIL_RESAMPLE[normalization.resize], "do_center_crop": crop is not None,
+          "crop_size": {"height": side, "width": side}, "do_rescale": True,
+          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
+          "image_std": std, "do_convert_rgb": True}
+
+
+def from_image_processor(config: Mapping[str, Any], where: str) -> Normalization:
+  """The `Normalization` of a transformers BitImageProcessor config
+  (`image_processor_config`'s form, or facebook/dinov2-*'s: shorter side 256,
+  bicubic, central 224, ImageNet mean/std). A key the file lacks takes
+  BitImageProcessor's default, as transformers does; keys jtl does not need
+  (do_convert_rgb: jtl's images are RGB) are not read.
+
+  Raises:
+    ConfigError: naming `where` (the file) and the key, for a value jtl's
+      preprocessing does not reproduce: another processor or resample, a
+      size form other than shortest_edge or a square, a crop larger than the
+      resize or contradicting a square resize, no resize.
+  """
+  def get(key: str) -> Any:
+    return config.get(key, _BIT_DEFAULTS.get(key))
+
+  def bad(key: str, expected: str) -> ConfigError:
+    return ConfigError(f"{where}: {key}={get(key)!r:.80}; expected {expected} (jtl reproduces "
+                       "BitImageProcessor's resize, central crop and normalisation).")
+
+  if config.get("image_processor_type", _PROCESSOR_TYPES[0]) not in _PROCESSOR_TYPES:
+    raise bad("image_processor_type", " or ".join(_PROCESSOR_TYPES))
+  for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+    if not isinstance(get(key), bool):
+      raise bad(key, "true or false")
+  if not get("do_resize"):
+    raise bad("do_resize", "true (a model of jtl takes one image size)")
+  methods = {code: name for name, code in PIL_RESAMPLE.items()}
+  resample = get("resample")
+  if isinstance(resample, bool) or resample not in methods:
+    raise bad("resample", "2 (bilinear) or 3 (bicubic)")
+  side, crop = _processor_geometry(get, bad)
+  scale, mean, std = _processor_affine(get, bad)
+  unit = scale / 255.0
+  preset = preset_of(np.asarray(mean) * unit, np.asarray(std) * unit)
+  return Normalization(preset, mean=mean, std=std, scale=scale, image_size=side,
+                       crop_fraction=crop, resize=methods[resample])
+
+
+def _processor_side(value: Any, key: str, bad: Callable[..., ConfigError]) -> int:
+  """An image processor's size or crop_size as one side (an int is
+  shortest_edge for size, a square for crop_size, as transformers reads it)."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    value = {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
+  if isinstance(value, dict) and set(value) == {"height", "width"}:
+    value = {"side": value["height"]} if value["height"] == value["width"] else None
+  elif isinstance(value, dict) and set(value) == {"shortest_edge"} and key == "size":
+    value = {"side": value["shortest_edge"]}
+  side = value.get("side") if isinstance(value, dict) else None
+  if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_SIDE:
+    forms = '{"shortest_edge": n} or ' if key == "size" else ""
+    raise bad(key, forms + f'{{"height": n, "width": n}} (a square), n from 1 to {MAX_SIDE}')
+  return side
+
+
+def _processor_geometry(get: Callable[[str], Any], bad: Callable[..., ConfigError]
+                        ) -> tuple[int, float | None]:
+  """(image_size, crop_fraction) of an image processor's resize and crop."""
+  side = _processor_side(get("size"), "size", bad)
+  crop = _processor_side(get("crop_size"), "crop_size", bad) if get("do_center_crop") else None
+  size = get("size")
+  if not (isinstance(size, int) or "shortest_edge" in size):  # a square resize
+    if crop not in (None, side):  # a crop of the squashed image: not jtl's
+      raise bad("crop_size", f"size's {side} x {side} with do_center_crop (or do_center_crop "
+                "false)")
+    return side, None
+  if crop is None:  # the shorter side resized, the aspect kept: not one size
+    raise bad("do_center_crop", "true with size shortest_edge (one image size)")
+  if crop > side:
+    raise bad("crop_size", f"at most size's shortest_edge {side}")
+  fraction = crop / side
+  while math.floor(crop / fraction) < side:  # float rounding: the resize must be `side` again
+    fraction = float(np.nextafter(fraction, 0.0))
+  return crop, fraction
+
+
+def _processor_affine(get: Callable[[str], Any], bad: Callable[..., ConfigError]
+                      ) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
+  """(scale, mean, std) of an image processor's rescale and normalisation."""
+  scale = 1.0
+  if get("do_rescale"):
+    factor = get("rescale_factor")
+    if (isinstance(factor, bool) or not isinstance(factor, (int, float))
+        or not math.isfinite(factor) or factor <= 0):
+      raise bad("rescale_factor", "a positive number (1/255)")
+    scale = 255.0 if math.isclose(factor * 255.0, 1.0, rel_tol=1e-9) else 1.0 / factor
+  if not get("do_normalize"):
+    return scale, (0.0,), (1.0,)
+  values = []
+  for key in ("image_mean", "image_std"):
+    value = get(key)
+    value = [value] if isinstance(value, (int, float)) else value
+    ok = isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value)
+    if not ok or (key == "image_std" and min(value) <= 0):
+      raise bad(key, "1 or 3 finite numbers" + (", each > 0" if key == "image_std" else ""))
+    values.append(tuple(float(v) for v in value))
+  return scale, values[0], values[1]
 
 
 def as_normalization(normalize: str | Normalization | Sequence[Any] | None) -> Normalization:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import urllib.parse
@@ -55,6 +56,7 @@ HUB_PREFIX = "hf-hub:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 _FEATURE = "hf:// and hf-hub: sources (the Hugging Face Hub)"
+_LOG = logging.getLogger(__name__)
 _REPO = r"[\w.-]+/[\w.-]+"
 _HF_RE = re.compile(rf"hf://({_REPO})(?:@([^/]+))?/(.+)")
 _HUB_RE = re.compile(rf"hf-hub:({_REPO})(?:@([^/]+))?/?")
@@ -336,13 +338,34 @@ def resolve(source: str) -> epath.Path:
 def read_config(source: str) -> dict[str, Any]:
   """The `config.json` of the repo an "hf://" or "hf-hub:" source names (or
   of a local Hub-layout folder)."""
+  return read_json(source, "config.json")
+
+
+def read_json(source: str, filename: str, *, optional: bool = False) -> dict[str, Any] | None:
+  """The JSON object file `filename` of the repo an "hf://" or "hf-hub:"
+  source names (or of a local Hub-layout folder). With `optional`, None when
+  the repo has no such file (or, offline, the cache lacks it: logged).
+
+  Raises:
+    CheckpointError: the file is missing (not `optional`), cannot be
+      downloaded or is not a JSON object.
+  """
   folder = local_repo(source)
   if folder is not None:
-    path, what = folder / "config.json", str(folder / "config.json")
+    path, what = folder / filename, str(folder / filename)
+    if optional and not path.is_file():
+      return None
   else:
     ref = parse(source)
-    path = download(ref.repo_id, "config.json", ref.revision)
-    what = _describe(ref.repo_id, ref.revision, "config.json")
+    try:
+      path = download(ref.repo_id, filename, ref.revision)
+    except _Missing as e:
+      if not optional:
+        raise
+      if "HF_HUB_OFFLINE" in str(e):  # the repo may hold it: say what stands in
+        _LOG.warning("%s Going on without it (the model family's defaults).", e)
+      return None
+    what = _describe(ref.repo_id, ref.revision, filename)
   try:
     config = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

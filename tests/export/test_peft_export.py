@@ -534,6 +534,31 @@ def test_hf_export_of_a_run_reloads_with_the_runs_preprocessing(lora_run, tmp_pa
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_hf_export_of_a_dinov2_run_reloads_with_the_runs_preprocessing(tmp_path):
+  """Audit: a DINOv2 folder had no preprocessor_config.json, so it reloaded with
+  the published view (shorter side 64, central 56, bicubic for this 56 px
+  model), not the run's (the whole image resized to 42 px, bilinear)."""
+  config = default.get_config()  # the tiny transformers folder, fine-tuned at 42 px
+  config.update({"model": str(FIXTURES / "dinov2_tiny"), "pretrained": True, "image_size": 42})
+  v = models.create(config.model, num_classes=2, seed=0).variables
+  rng = np.random.default_rng(0)
+  head = {"kernel": rng.standard_normal((64, 2)).astype(np.float32),
+          "bias": np.zeros((2,), np.float32)}
+  workdir = saved_run(tmp_path / "run", config, {"params": {**v["params"], "head": head}})
+  out = workdirs.export_hub_format(workdir, "hf", out=tmp_path / "hf")
+  assert json.loads((out / "config.json").read_text())["image_size"] == 56  # the embeddings'
+  processor = json.loads((out / "preprocessor_config.json").read_text())
+  assert {k: processor[k] for k in ("size", "do_center_crop", "resample", "image_mean")} == {
+      "size": {"height": 42, "width": 42}, "do_center_crop": False, "resample": 2,
+      "image_mean": [0.485, 0.456, 0.406]}
+  rebuilt = models.create(str(out))
+  images = rng.integers(0, 256, (3, 40, 52, 3), np.uint8)
+  ready = workdirs.load(workdir)
+  want = np.asarray(ready.model(ready.preprocess(images)))
+  got = rebuilt.module.apply(rebuilt.variables, rebuilt.preprocess(images))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def _dann_resnet_workdir(root):
   """A LoRA run (no adapter trained yet) of DANN with method.batchnorm='separate'
   on resnet18 at 32 px: its running statistics are the source domain's

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 import jtl
 from jtl import models, tree, weights
 from jtl.errors import ConfigError, LoadError
-from jtl.models import dinov2, hub_models, registry
+from jtl.models import dinov2, hub_models, preprocessing, registry
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY = FIXTURES / "dinov2_tiny"
@@ -134,6 +134,9 @@ def test_hf_export_rewrites_the_transformers_files(tiny, tmp_path, with_head):
   back = dinov2.hub_spec("exported", written)
   assert back.default_num_classes == (3 if with_head else 0)
   assert back.build(num_classes=module.num_classes) == module
+  # No run's inputs: the preprocessor_config.json is the published view, as without one.
+  processor = json.loads((out / "preprocessor_config.json").read_text())
+  assert dinov2.hub_spec("exported", written, processor).normalization == back.normalization
 
 
 def test_hf_export_refuses_what_transformers_cannot_hold(tiny, tmp_path):
@@ -175,6 +178,37 @@ def published_config(width: int, heads: int) -> bytes:
       "num_hidden_layers": 12, "patch_size": 14, "qkv_bias": True,
       "torch_dtype": "float32", "transformers_version": "4.31.0.dev0",
       "use_swiglu_ffn": False}).encode()
+
+
+# facebook/dinov2-small's and -base's preprocessor_config.json as published.
+PUBLISHED_PROCESSOR = {
+    "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+    "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "BitImageProcessor",
+    "image_std": [0.229, 0.224, 0.225], "resample": 3,
+    "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 256}}
+
+
+def test_published_preprocessor_config_is_jtls_default_dinov2_preprocessing(fake_hub):
+  """A Hub repo's preprocessor_config.json picks the preprocessing now; the
+  published one must give exactly the zoo's (resize 256, crop 224, bicubic,
+  ImageNet), and one jtl cannot reproduce is refused by file and key."""
+  zoo = registry.get_spec("dinov2_s14").normalization
+  assert preprocessing.from_image_processor(PUBLISHED_PROCESSOR, "x") == zoo == dinov2.NORMALIZATION
+  assert preprocessing.image_processor_config(zoo) == PUBLISHED_PROCESSOR  # written back as is
+  fake_hub.add("test-org/dinov2-small", {
+      "config.json": published_config(384, 6),
+      "preprocessor_config.json": json.dumps(PUBLISHED_PROCESSOR).encode()})
+  assert hub_models.spec_for("hf-hub:test-org/dinov2-small").normalization == zoo
+  for key, value in (("resample", 0), ("size", {"height": 224, "width": 200}),
+                     ("do_center_crop", False), ("crop_size", {"height": 300, "width": 300}),
+                     ("image_processor_type", "ViTImageProcessor"), ("image_std", [0.2, 0])):
+    with pytest.raises(ConfigError, match=f"x/preprocessor_config.json: {key}="):
+      preprocessing.from_image_processor({**PUBLISHED_PROCESSOR, key: value},
+                                         "x/preprocessor_config.json")
+  square = {**PUBLISHED_PROCESSOR, "size": {"height": 256, "width": 256}}  # squashed, then cut
+  with pytest.raises(ConfigError, match="crop_size="):
+    preprocessing.from_image_processor(square, "x")
 
 
 @pytest.mark.parametrize("name,width,heads,params", [
