@@ -257,8 +257,13 @@ def _image_normalization(cfg: Mapping[str, Any], size: int, default_crop: float,
   if interpolation not in ("bilinear", "bicubic"):
     raise ConfigError(f"pretrained_cfg interpolation {str(interpolation)[:40]!r}: jtl resizes "
                       "'bilinear' or 'bicubic'.")
-  # timm's "squash": the whole image resized, no crop (a jtl run's export).
-  squash = cfg.get("crop_mode") == "squash"
+  # timm's "squash" at crop_pct 1: the whole image resized, no crop (a jtl run's export).
+  mode = cfg.get("crop_mode", "center")
+  squash = mode == "squash"
+  if mode not in ("center", "squash") or (squash and crop < 1):
+    raise ConfigError(f"pretrained_cfg crop_mode {str(mode)[:40]!r} with crop_pct {crop}: jtl "
+                      "preprocesses 'center' crops, or 'squash' at crop_pct 1 (the whole image "
+                      "resized); timm's squash then crop and 'border' are not implemented.")
   return Normalization(preset, mean=mean, std=std, image_size=size,
                        crop_fraction=None if squash else crop, resize=interpolation)
 

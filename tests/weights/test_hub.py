@@ -276,6 +276,9 @@ def test_damaged_config_values_are_config_errors_before_anything_is_allocated(fa
       (vit, ("model_args", "patch_size"), None, r"model_args patch_size=None"),
       (vit, ("model_args", "act_layer"), ["gelu"], r"act_layer \['gelu'\]"),
       (vit, ("pretrained_cfg", "mean"), ["a", "b", "c"], r"mean .* is not 3 values"),
+      (vit, ("pretrained_cfg", "crop_mode"), "squash", r"crop_mode 'squash' with crop_pct 0.9: "
+       "jtl preprocesses 'center' crops, or 'squash' at crop_pct 1"),
+      (vit, ("pretrained_cfg", "crop_mode"), "border", r"crop_mode 'border'"),
       (vit, ("pretrained_cfg",), [1], r"pretrained_cfg=\[1\]; expected a JSON object"),
       (vit, ("num_classes",), 10**9, r"num_classes=1000000000; expected an integer from 0"),
       (bert_cfg, ("hidden_size",), float("inf"), r"hidden_size=inf"),
