@@ -112,7 +112,8 @@ def _setup(name: str, mode: str, batch: int, size: int, mesh: jax.sharding.Mesh,
   labels = jtl.label_params(created.variables["params"], rules(created.spec, mode))
   tx = jtl.make_optimizer(labels, learning_rate=1e-4 if optimizer == "adamw" else 0.1,
                           optimizer=optimizer, weight_decay=0.05 if optimizer == "adamw" else 0.0)
-  state = jtl.place_state(jtl.create_train_state(created.variables, labels, tx), mesh)
+  # copy=False: place_state copies (one copy of the weights, not two, beside the caller's).
+  state = jtl.place_state(jtl.create_train_state(created.variables, labels, tx, copy=False), mesh)
   step = jtl.make_train_step(created.module, tx, labels=labels, compute_dtype=compute_dtype)
   rng = np.random.default_rng(0)
   data = {"inputs": rng.normal(size=(batch, size, size, 3)).astype(np.float32),

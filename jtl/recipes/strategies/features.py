@@ -187,10 +187,9 @@ def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
             seed: int = 0, timings: dict[str, float] | None = None) -> TrainState:
     it = feature_batches(np.arange(len(features)), labels, batch_size, seed=seed)
     order = np.stack([next(it)["inputs"] for _ in range(num_steps)])
-    # Copies: `run` donates the state, and the head's arrays are the caller's
-    # (an NNX module's own, after `jtl.variables_of`).
-    state = create_train_state(jax.tree.map(jnp.array, head_vars), hlabels, tx, rng=seed,
-                               copy=False)
+    # Copied (create_train_state's default): `run` donates the state, and the
+    # head's arrays are the caller's (an NNX module's own, after `jtl.variables_of`).
+    state = create_train_state(head_vars, hlabels, tx, rng=seed)
     args = (state, jnp.asarray(features), jnp.asarray(labels), order)
     key = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(args))
     t0 = time.perf_counter()
@@ -290,7 +289,10 @@ def _each_read(batches: Iterable[dict[str, Any]], stop_point: Callable[[str], No
                ) -> Iterator[dict[str, Any]]:
   """`batches`, with `stop_point` called at each batch read: under `fit` it beats
   the workdir lock's heartbeat (a pass over a big split can outlast its
-  `STALL_S`) and stops a preempted run there, not after the whole pass."""
+  `STALL_S`) and stops a preempted single-process run there, not after the
+  whole pass. (JAX's multi-host preemption service agrees on a step number
+  past the largest reported one, so a multi-host run stops at its first
+  training step instead, every process together.)"""
   for n, batch in enumerate(batches, 1):
     stop_point(f"while extracting the features (at batch {n})")
     yield batch
