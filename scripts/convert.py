@@ -65,12 +65,25 @@ _PIXELS = flags.DEFINE_bool("input_pixels", False, "Fold the normalisation in: t
                             "file takes RGB 0..255 (default: normalised inputs, as jtl's pipeline).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Zoo-model export: input size "
                                    "(default: the model's).")
+_DATASET = flags.DEFINE_string("dataset", None, "With --workdir: where the run's data is now, "
+                               "if it moved (e.g. folder:/mnt/photos): int8 calibration and "
+                               "AdaBN (domain runs with batchnorm 'separate') read it.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "With --workdir: the TFDS data folder now, "
+                                "if it moved.")
+
+
+def _moved_data() -> dict[str, str]:
+  """--dataset / --data_dir, as `workdirs.restore(data=...)` takes them."""
+  return {k: v for k, v in (("dataset", _DATASET.value), ("data_dir", _DATA_DIR.value)) if v}
 
 
 @cli.exit_on_jtl_error
 def main(argv):
   del argv
   cli.refuse_empty_paths(workdir=_WORKDIR.value, out=_OUT.value)
+  if _moved_data() and not _WORKDIR.value:
+    raise ConfigError("--dataset / --data_dir say where a --workdir run's data is now; "
+                      "pass --workdir too, or leave them out.")
   logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, TFDS) drown the progress bar
   if _FORMAT.value in _HUB_FORMATS:
     _export_hub()
@@ -115,7 +128,8 @@ def _export_hub():
   from jtl.export import hf_export
   if _WORKDIR.value:
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
-    path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step)
+    path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_OUT.value, step=step,
+                                      data=_moved_data())
   elif _FORMAT.value == "hf" and _MODEL.value and _SOURCE.value and _OUT.value:
     created = models.create(_MODEL.value, num_classes=_NUM_CLASSES.value,
                             pretrained=_SOURCE.value)
@@ -139,7 +153,8 @@ def _export():
     step = int(_STEP.value) if _STEP.value.isdigit() else _STEP.value
     exported = deploy_runs.export_workdir(
         _WORKDIR.value, fmt, out=_OUT.value, step=step,
-        num_calibration=_CALIB.value, input_pixels=_PIXELS.value, max_drop=_MAX_DROP.value)
+        num_calibration=_CALIB.value, input_pixels=_PIXELS.value, max_drop=_MAX_DROP.value,
+        data=_moved_data())
   else:
     if not (_MODEL.value and _SOURCE.value and _OUT.value):
       raise ConfigError("Exporting a zoo model needs --model, --source and --out "

@@ -26,8 +26,9 @@ from jtl.errors import ConfigError
 from jtl.export import deploy
 
 
-def _image_run(workdir: str | os.PathLike, step: int | str) -> workdirs.Restored:
-  run = workdirs.restore(workdir, step=step)
+def _image_run(workdir: str | os.PathLike, step: int | str,
+               data: dict[str, Any] | None = None) -> workdirs.Restored:
+  run = workdirs.restore(workdir, step=step, data=data)
   if run.spec.input_kind != "image":
     raise ConfigError(f"{workdir}: model {run.config.model!r} takes {run.spec.input_kind}; "
                       "deployment export supports image models.")
@@ -59,7 +60,8 @@ def calibration_images(config: Any, spec: Any, count: int, *, split: str | None 
 def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
                    out: str | os.PathLike | None = None, step: int | str = "best",
                    num_calibration: int = 300, input_pixels: bool = False,
-                   max_drop: float = deploy.DEFAULT_MAX_ACCURACY_DROP) -> deploy.Exported:
+                   max_drop: float = deploy.DEFAULT_MAX_ACCURACY_DROP,
+                   data: dict[str, Any] | None = None) -> deploy.Exported:
   """Exports a fine-tuned checkpoint to `format` ("onnx", "tflite", "tflite_int8").
 
   The input size is the config's `image_size` (the size it was evaluated at);
@@ -71,13 +73,14 @@ def export_workdir(workdir: str | os.PathLike, format: str, *,  # pylint: disabl
   float32 model on them (`check_int8`, warns past `max_drop` points); the
   result goes into the sidecar JSON. `out` defaults to
   `<workdir>/export/model<suffix>`; a name of another format (m.tflite for
-  "onnx") is refused first (`deploy.output_format`).
+  "onnx") is refused first (`deploy.output_format`). `data`: where the run's
+  data is now, if it moved (`workdirs.restore`; calibration and AdaBN read it).
   """
   if format not in deploy.FORMATS:
     raise ConfigError(f"format={format!r}: expected one of {deploy.FORMATS}.")
   out = os.fspath(out or paths.path(workdir) / "export" / ("model" + deploy.SUFFIX[format]))
   deploy.output_format(out, format)  # m.tflite holding ONNX: refused before any work
-  run = _image_run(workdir, step)
+  run = _image_run(workdir, step, data)
   module, config, spec, classes = run.module, run.config, run.spec, run.num_classes
   variables, adabn = run.deployable_variables()  # the model evaluate.py scores
   size = int(config.image_size or spec.image_size)

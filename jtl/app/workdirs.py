@@ -116,6 +116,9 @@ class Restored:
   alpha: float | None
   meta: dict[str, Any]
   data_changed: tuple[str, ...] = ()
+  # deployable_variables' results by `adabn`: one AdaBN pass however often asked.
+  _deployable: dict[bool, Any] = dataclasses.field(default_factory=dict, repr=False,
+                                                   compare=False)
 
   def merged_variables(self) -> PyTree:
     """The variables with LoRA adapters folded into the kernels (a plain model)."""
@@ -135,6 +138,11 @@ class Restored:
     why (None: no AdaBN). evaluate.py, the exports and `load` all take the
     model from here, so a shipped model is the one that was scored.
     """
+    if adabn not in self._deployable:
+      self._deployable[adabn] = self._with_adabn(adabn)
+    return self._deployable[adabn]
+
+  def _with_adabn(self, adabn: bool) -> tuple[PyTree, dict[str, Any] | None]:
     variables = self.merged_variables()
     config = self.config
     if not (adabn or methods.needs_adabn(config)):
@@ -151,8 +159,9 @@ class Restored:
       raise type(e)(
           f"{e}\nThe model of this run re-estimates its BatchNorm statistics ({why}: AdaBN) "
           f"on {record['dataset']!r} split {record['split']!r} before it is evaluated or "
-          "exported, so that data must be readable there (evaluate.py: --dataset="
-          "folder:/new/path where it has moved).") from e
+          "exported, so that data must be readable there. If it has moved, say where it is "
+          "now: --dataset=folder:/new/path (or --data_dir) for evaluate.py and convert.py, "
+          "data={'dataset': 'folder:/new/path'} for workdirs.load / restore.") from e
 
   @property
   def preprocess(self) -> Callable[..., Any]:
@@ -218,7 +227,8 @@ class Ready(NamedTuple):
   preprocess: Callable[..., Any]
 
 
-def load(workdir: str | os.PathLike, *, step: int | str = "best", api: str = "linen") -> Ready:
+def load(workdir: str | os.PathLike, *, step: int | str = "best", api: str = "linen",
+         data: dict[str, Any] | None = None) -> Ready:
   """A finetune.py run's model, ready to call, and the preprocessing it used.
 
   >>> model, preprocess = load("runs/default", api="nnx")  # doctest: +SKIP
@@ -228,8 +238,10 @@ def load(workdir: str | os.PathLike, *, step: int | str = "best", api: str = "li
     workdir: the run's folder.
     step: "best", "latest" or a step number.
     api: "linen", "nnx" or "apply" (see `Restored.model`).
+    data: where the run's data is now, if it moved (`restore`); read only by
+      a run whose model re-estimates its BatchNorm statistics (AdaBN).
   """
-  run = restore(workdir, step=step)
+  run = restore(workdir, step=step, data=data)
   return Ready(run.model(api), run.preprocess)
 
 
@@ -304,8 +316,8 @@ def _real_folder(folder: str) -> str:
 
 
 def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: disable=redefined-builtin
-                      out: str | os.PathLike | None = None, step: int | str = "best"
-                      ) -> epath.Path:
+                      out: str | os.PathLike | None = None, step: int | str = "best",
+                      data: dict[str, Any] | None = None) -> epath.Path:
   """Exports a run as a PEFT adapter folder or as merged HF / timm weights.
 
   Args:
@@ -314,6 +326,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
       "hf" (merged weights in the HF / timm layout, `hf_export.export_hf`).
     out: destination folder (default <workdir>/export/<format>).
     step: "best", "latest" or a step number.
+    data: where the run's data is now, if it moved (`restore`; AdaBN reads it).
 
   Raises:
     ConfigError: "peft" for a run that did not train LoRA adapters, or a
@@ -321,7 +334,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
   """
   if format not in ("peft", "hf"):
     raise ConfigError(f"export_hub_format: format {format!r}; expected 'peft' or 'hf'.")
-  run = restore(workdir, step=step)
+  run = restore(workdir, step=step, data=data)
   out = paths.path(out or paths.path(workdir) / "export" / format)
   if format == "peft" and run.alpha is None:
     strategy = (run.config.strategy or {}).get("name") or "full fine-tuning"
