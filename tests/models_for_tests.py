@@ -59,6 +59,33 @@ def mlp_setup(learning_rate=0.1):
   return module, variables, labels, tx
 
 
+class Probed(nn.Module):
+  """A body with a `features` method and a head: what a cached probe needs."""
+
+  def setup(self):
+    self.body, self.head = nn.Dense(8), nn.Dense(4)
+
+  def features(self, x, *, train=False):
+    del train
+    return nn.tanh(self.body(x.reshape((x.shape[0], -1))))
+
+  def __call__(self, x, *, train=False):
+    return self.head(self.features(x))
+
+
+def cached_probe_kwargs(**extra):
+  """`features.fit_cached_probe`'s model arguments for `Probed` (the head
+  trains, the body is frozen; SGD 0.1), plus `extra`."""
+  module = Probed()
+  variables = init(module, batch(8, classes=4)["inputs"])
+  labels = jtl.label_params(variables["params"],
+                            [("head/.*", "head"), (".*", jtl.partition.FROZEN)])
+  head = {"head": jax.tree.map(lambda _: "head", variables["params"]["head"])}
+  return {"module": module, "variables": variables, "labels": labels,
+          "tx": jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd"),
+          "head_tx": jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd"), **extra}
+
+
 def phased_mlp(learning_rate):
   """The MLP with two partitions for a two-phase run (probe: the head alone;
   full: head and body) and Adam at `learning_rate`:

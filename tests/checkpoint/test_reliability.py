@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from models_for_tests import MLP, batch, fit_kwargs, init
+from models_for_tests import MLP, batch, cached_probe_kwargs, fit_kwargs, init
 from models_for_tests import mlp_setup as setup
 
 import jtl
@@ -382,28 +382,9 @@ def test_a_cached_probes_feature_extraction_beats_the_heartbeat_at_each_batch_re
                                                                                    fit_locks):
   """The backbone pass of a cached linear probe reads the whole training split
   (hours on a big one): each of its batch reads beats, as a step's does."""
-  import flax.linen as nn
-
   from jtl.checkpoint import lock
   from jtl.recipes.strategies import features
   locks = fit_locks
-
-  class Probed(nn.Module):
-    def setup(self):
-      self.body, self.head = nn.Dense(8), nn.Dense(4)
-
-    def features(self, x, *, train=False):
-      del train
-      return nn.tanh(self.body(x.reshape((x.shape[0], -1))))
-
-    def __call__(self, x, *, train=False):
-      return self.head(self.features(x))
-
-  module = Probed()
-  variables = init(module, batch(8, classes=4)["inputs"])
-  labels = jtl.label_params(variables["params"],
-                            [("head/.*", "head"), (".*", jtl.partition.FROZEN)])
-  head = {"head": jax.tree.map(lambda _: "head", variables["params"]["head"])}
   idle = []
 
   def train_pass():  # as if each batch had taken an hour to read
@@ -411,11 +392,8 @@ def test_a_cached_probes_feature_extraction_beats_the_heartbeat_at_each_batch_re
       idle.append(locks[0].heartbeat.idle())
       locks[0].heartbeat.last -= lock.STALL_S
       yield batch(8, classes=4, seed=seed)
-  features.fit_cached_probe(
-      module=module, variables=variables, labels=labels,
-      tx=jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd"),
-      head_tx=jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd"),
-      train_pass=train_pass(), num_steps=3, batch_size=8, workdir=tmp_path)
+  features.fit_cached_probe(**cached_probe_kwargs(
+      train_pass=train_pass(), num_steps=3, batch_size=8, workdir=tmp_path))
   # Each batch read after the first finds the beat of the one before it.
   assert len(idle) == 4 and max(idle[1:]) < lock.STALL_S / 2, idle
   assert locks[0].heartbeat.idle() < lock.STALL_S / 2

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from models_for_tests import MLP, batch, fit_kwargs, init  # test_reliability's MLP run
+from models_for_tests import batch, cached_probe_kwargs, fit_kwargs
 from jobs import start_resume_job as resume_run
 
 import jtl
@@ -165,25 +165,7 @@ def test_two_processes_one_signalled_both_save_the_same_step_and_resume(tmp_path
 
 
 def test_cached_probe_stopped_during_extraction_releases_the_lock(tmp_path):
-  import flax.linen as nn
-
   from jtl.recipes.strategies import features
-
-  class Probed(nn.Module):
-    def setup(self):
-      self.body, self.head = nn.Dense(8), nn.Dense(4)
-
-    def features(self, x, *, train=False):
-      del train
-      return nn.tanh(self.body(x.reshape((x.shape[0], -1))))
-
-    def __call__(self, x, *, train=False):
-      return self.head(self.features(x))
-
-  module = Probed()
-  variables = init(module, batch(8, classes=4)["inputs"])
-  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", jtl.partition.FROZEN)])
-  head = {"head": jax.tree.map(lambda _: "head", variables["params"]["head"])}
 
   read = []
 
@@ -196,11 +178,8 @@ def test_cached_probe_stopped_during_extraction_releases_the_lock(tmp_path):
 
   with pytest.raises(Preempted, match=r"SIGTERM while extracting the features \(at batch 2\)"
                                           r"\. Nothing was saved yet in .* its lock is released"):
-    features.fit_cached_probe(
-        module=module, variables=variables, labels=labels,
-        tx=jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd"),
-        head_tx=jtl.make_optimizer(head, learning_rate=0.1, optimizer="sgd"),
-        train_pass=train_pass(), num_steps=5, batch_size=8, workdir=tmp_path)
+    features.fit_cached_probe(**cached_probe_kwargs(
+        train_pass=train_pass(), num_steps=5, batch_size=8, workdir=tmp_path))
   assert not (tmp_path / "jtl.lock").exists() and finished_steps(tmp_path) == []
   assert read == [0, 1]  # stopped at the next batch read, not after the whole pass
 
