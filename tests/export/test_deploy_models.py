@@ -112,6 +112,7 @@ def test_edge_padded_max_pool_equals_the_padded_one():
   assert record == ["max_pool"]
 
 
+@pytest.mark.slow  # 9 s: calibrates and converts resnet18 (the small CNN's int8 is fast)
 def test_resnet18_int8_litert_runs_in_xnnpack(resnet18, tmp_path):
   module, variables, x, ref = resnet18
   calibration = [_noise((1, 64, 64, 3), seed=s) for s in range(8)]

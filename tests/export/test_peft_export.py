@@ -581,6 +581,7 @@ def _dann_resnet_workdir(root):
   return saved_run(root / "run", config, wrapped), photos
 
 
+@pytest.mark.slow  # builds resnet18, two AdaBN passes (10 s); test_deploy checks ONNX fast
 def test_hub_exports_of_a_separate_batchnorm_dann_run_are_the_evaluated_model(tmp_path):
   """Audit: --format hf shipped the source-domain statistics, not the AdaBN
   ones evaluate.py scores with; --format peft cannot carry them."""

@@ -154,6 +154,7 @@ def test_resnet_remat_trains_like_the_plain_model_with_frozen_batchnorm():
                          variables["batch_stats"]["layer2_0"]["bn1"]["mean"])
 
 
+@pytest.mark.slow  # 11 s; the float32 scan test stays in the fast set
 def test_remat_under_mixed_precision_trains_like_the_plain_model():
   """bfloat16 compute (`compute_dtype`): BERT's first layer turns the
   bfloat16 embeddings into float32 states, so it runs before the scanned

@@ -132,6 +132,7 @@ def test_flax_nnx_layers_take_the_float32_weight_gradient_path():
     assert "custom_vjp" in str(jax.make_jaxpr(lambda x, layer=layer: layer(x))(x)), name
 
 
+@pytest.mark.slow  # 15 s: five models compiled for 8 devices in a process of its own
 def test_data_parallel_bf16_steps_sum_the_zoo_weight_gradients_in_float32(tmp_path):
   """What XLA's partitioner all-reduces in an 8-device bf16 step (its
   dump, in a process of its own): the zoo's ViT, ResNet and BERT sum every
