@@ -101,16 +101,19 @@ def main(argv):
           or evaluation.workdir_result_step(_WORKDIR.value))
   if step not in ("latest", "best") and not isinstance(step, int):
     raise ConfigError(f"--step must be 'latest', 'best' or a step number, got {_STEP.value!r}.")
+  # Where the run's data is now, if it moved: every path below reads it from there.
+  data = {k: v for k, v in (("dataset", _DATASET.value), ("data_dir", _DATA_DIR.value)) if v}
   if _FORMAT.value:
     from jtl.app import workdirs
     path = workdirs.export_hub_format(_WORKDIR.value, _FORMAT.value, out=_EXPORT_DIR.value,
-                                      step=step)
+                                      step=step, data=data)
     print(f"Wrote {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))
     return
   if _EXPORTED.value:
     from jtl.app import deploy_runs  # only this path needs the runtimes
     result = deploy_runs.evaluate_exported(_WORKDIR.value, _EXPORTED.value, split=_SPLIT.value,
-                                      out_dir=_OUT.value, step=step, num_threads=_THREADS.value)
+                                      out_dir=_OUT.value, step=step, num_threads=_THREADS.value,
+                                      data=data)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class_accuracy")}
     print(json.dumps(shown, indent=2))
     _print_fallback(result)
@@ -121,11 +124,10 @@ def main(argv):
     except ValueError as e:
       raise ConfigError(f"--wise_alphas: numbers in [0, 1], got {_WISE_ALPHAS.value}.") from e
     result = evaluation.wise_workdir(_WORKDIR.value, alphas=alphas, step=step,
-                                     test_split=_SPLIT.value)
+                                     test_split=_SPLIT.value, data=data)
     print(json.dumps(result, indent=2))
     _print_fallback(result)
     return
-  data = {k: v for k, v in (("dataset", _DATASET.value), ("data_dir", _DATA_DIR.value)) if v}
   result = evaluation.evaluate_workdir(
       _WORKDIR.value, split=_SPLIT.value, step=step, out_dir=_OUT.value,
       precision=_PRECISION.value, save_quantized=_SAVE_Q.value, adabn=_ADABN.value,

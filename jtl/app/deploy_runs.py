@@ -121,8 +121,8 @@ def _to_pixels(x: np.ndarray, affine: tuple[Any, Any]) -> np.ndarray:
 
 def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
                       split: str | None = None, out_dir: str | os.PathLike | None = None,
-                      step: int | str = "best", num_threads: int | None = None
-                      ) -> dict[str, Any]:
+                      step: int | str = "best", num_threads: int | None = None,
+                      data: dict[str, Any] | None = None) -> dict[str, Any]:
   """Evaluates an exported file in its runtime on a split of the workdir's
   dataset, with the same pipeline as `evaluate_workdir`; writes
   eval_<split>_step<N>_<format>.json (accuracy, top-5, loss, per-class
@@ -131,16 +131,19 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
   The result records the step the file was exported from (its sidecar's,
   `convert.py --workdir`), and is named by it (`evaluation.results_name`), so
   evaluating another export never overwrites it. `step` picks the checkpoint
-  whose config gives the data and pipeline.
+  whose config gives the data and pipeline; `data`, where that data is now
+  (`workdirs.restore`; its classes checked as `evaluate_workdir` checks them,
+  the result named `..._on_<folder>` as there).
 
   Raises:
     ConfigError: the sidecar names another model or class count than the
       workdir's run (before anything is scored).
   """
-  run = _image_run(workdir, step)
+  run = _image_run(workdir, step, data)
   config, spec, classes = run.config, run.spec, run.num_classes
   meta = deploy.read_meta(path)
   _check_exported_from(path, meta, run, workdir)
+  evaluated = evaluation.check_classes(run, workdir)
   runtime = deploy.load(path, num_threads=num_threads)
   split = split or config.eval_split
   size = int(config.image_size or spec.image_size)
@@ -167,8 +170,10 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
   run_step = evaluation.result_step(config)
   # Named and recorded by the file's step (None: no jtl sidecar), not the workdir's best.
   file_step = meta.get("step")
-  name = evaluation.results_name(split, step=run_step if file_step is None else file_step,
-                                 run_step=run_step, exported=runtime.format)
+  name = evaluation.results_name(
+      split, step=run_step if file_step is None else file_step, run_step=run_step,
+      exported=runtime.format,
+      dataset=config[evaluated] if evaluated in run.data_changed else None)
   target = paths.path(out_dir or workdir) / f"eval_{name}.json"
   result = {"workdir": os.fspath(workdir), **restore.step_record(meta),
             "exported": os.fspath(path), "exported_from": meta.get("workdir"),

@@ -342,14 +342,17 @@ def _plot_confusion(confusion: np.ndarray, path: epath.Path, names: list[str], *
 
 
 def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | str = "best",
-                 test_split: str | None = None) -> dict[str, Any]:
+                 test_split: str | None = None,
+                 data: dict[str, Any] | None = None) -> dict[str, Any]:
   """WiSE-FT on an LP-FT run: `theta(alpha) = (1 - alpha) * theta_probe + alpha
   * theta_ft` (all variables, BatchNorm statistics too) for each alpha, scored
   on the run's validation split (its eval_split); the best alpha's model is
   written to <workdir>/export/wise.safetensors, and scored once on
   `test_split` when given. Writes and returns wise.json: the chosen alpha, a
-  row per alpha, the test result."""
-  run = workdirs.restore(workdir, step=step)
+  row per alpha, the test result. `data`: where the run's data is now, if it
+  moved (`workdirs.restore`; its classes must be the run's)."""
+  run = workdirs.restore(workdir, step=step, data=data)
+  check_classes(run, workdir)
   probe, ft = workdirs.load_probe(workdir), run.merged_variables()
   if jax.tree.structure(probe) != jax.tree.structure(ft):
     raise ConfigError(f"{workdir}: the saved probe ({workdirs.PROBE_VARIABLES}) and the "

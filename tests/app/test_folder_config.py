@@ -92,6 +92,11 @@ def _wise_ft_checks(workdir, result):
   saved = jtl.weights.read(workdir / "export" / "wise.safetensors")
   assert len(saved) == len(jax.tree.leaves(probe)) and wise["test"]["wise"]["count"] == 9
   assert json.loads((workdir / "wise.json").read_text())["alpha"] == wise["alpha"]
+  # The data elsewhere (evaluate.py --wise ignored --dataset): the same rows from there.
+  moved = shutil.copytree(run.config.dataset[len("folder:"):], workdir.parent / "moved")
+  again = evaluation.wise_workdir(workdir, alphas=(0.0, 0.5, 1.0),
+                                  data={"dataset": f"folder:{moved}"})
+  assert again["rows"] == wise["rows"]
 
 
 def test_full_with_statistics_training_recomputes_them_before_eval_and_save(photos, tmp_path):

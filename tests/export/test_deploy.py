@@ -261,6 +261,12 @@ def test_exported_files_are_evaluated_as_the_step_they_hold(tmp_path):
     saved = json.loads((workdir / f"eval_test_step{s}_onnx.json").read_text())
     assert (saved["step"], saved["loss"], saved["exported"]) == (s, result["loss"],
                                                                  files[s - 1].path)
+  # The run's data moved: evaluate.py --exported ignored --dataset.
+  (tmp_path / "photos").rename(tmp_path / "moved")
+  moved = deploy_runs.evaluate_exported(workdir, files[0].path,
+                                        data={"dataset": f"folder:{tmp_path / 'moved'}"})
+  assert moved["loss"] == results[0]["loss"]
+  assert moved["results_file"] == str(workdir / "eval_test_on_moved_step1_onnx.json")
   before = sorted(p.name for p in workdir.iterdir())
   for edit, named in (({"num_classes": 3}, "'small_cnn' with 3 classes"),
                       ({"model": "resnet18"}, "'resnet18' with 2 classes")):
