@@ -117,8 +117,9 @@ class Restored:
   meta: dict[str, Any]
   data_changed: tuple[str, ...] = ()
   # deployable_variables' results by `adabn`: one AdaBN pass however often asked.
-  _deployable: dict[bool, Any] = dataclasses.field(default_factory=dict, repr=False,
-                                                   compare=False)
+  # Not an init field: `dataclasses.replace(run, variables=...)` starts a fresh one.
+  _deployable: dict[bool, Any] = dataclasses.field(default_factory=dict, init=False,
+                                                   repr=False, compare=False)
 
   def merged_variables(self) -> PyTree:
     """The variables with LoRA adapters folded into the kernels (a plain model)."""
