@@ -2,6 +2,7 @@
 training step (issue 12, items 5-7). A small image folder stands in for the
 user's data; no weights are loaded, so each run takes seconds."""
 
+import pytest
 from app_helpers import ROOT, photo_folder
 from app_helpers import run_script as run
 
@@ -109,6 +110,7 @@ def test_convert_names_its_format_flag_before_loading_any_weights(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # two convert.py processes; deploy.output_format is tested fast
 def test_convert_checks_a_deployment_files_suffix_and_infers_its_format(tmp_path):
   """Audit: convert.py --workdir W --format onnx --out m.tflite wrote ONNX bytes
   as m.tflite, and without --format failed with "got None" although --format

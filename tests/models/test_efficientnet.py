@@ -143,6 +143,7 @@ def test_preprocess_rejects_bad_shapes():
   np.testing.assert_allclose(x, 1.0, atol=1e-5)  # (255 - 127) / 128
 
 
+@pytest.mark.slow  # 9 s; tests/core/test_model_kinds checks Linen/NNX twins fast
 def test_nnx_from_the_zoo_gives_the_linen_logits_and_fine_tunes():
   import jtl
   from jtl import models
