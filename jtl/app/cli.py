@@ -329,8 +329,10 @@ def _unknown_config_keys(argv: Sequence[str]) -> tuple[list[str], list[str], str
   return [k for k in given if not known(k)], valid, path
 
 
+@functools.lru_cache(maxsize=8)
 def _load_config(path: str) -> ml_collections.ConfigDict:
-  """The config a `--config` value (file, optionally `:arg`) names."""
+  """The config a `--config` value (file, optionally `:arg`) names (read, not
+  changed: cached, as the tuple keys and the unknown-key check both ask)."""
   file, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_jtl_config", file)
   module = importlib.util.module_from_spec(spec)

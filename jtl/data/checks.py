@@ -135,10 +135,10 @@ def class_differences(expected: Sequence[Any], found: Sequence[Any]
     return None
   if len(expected) == len(found) and _numbered(expected) != _numbered(found) \
       and not (_integers(expected) and _integers(found)):
+    numbered, named = (found, expected) if _numbered(found) else (expected, found)
     log.warning("The classes of one dataset are only numbered (%s, ...) and the other's are "
                 "named (%s, ...): only their count, %d, could be compared. Check that label i "
-                "is the same class in both.", *(found if _numbered(found) else expected)[:1],
-                *(expected if _numbered(found) else found)[:1], len(found))
+                "is the same class in both.", numbered[0], named[0], len(found))
     return None
   return [n for n in expected if n not in found], [n for n in found if n not in expected]
 
