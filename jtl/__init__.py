@@ -7,9 +7,9 @@ The top level holds the path a user's code takes (create or load a model,
 label its params, build the optimizer, state and step, fit, restore); the
 rest lives in its module: `jtl.weights` (weights in), `jtl.export` (outputs),
 `jtl.checkpoint` (a run's checkpoints), `jtl.partition`, `jtl.tree`,
-`jtl.optim`, `jtl.parallel`, `jtl.steps`, `jtl.data`, `jtl.models`,
-`jtl.errors`, and the recipes under `jtl.recipes` (`strategies`, `distill`,
-`domain`, `adversarial`).
+`jtl.optim`, `jtl.parallel`, `jtl.steps` (the train step), `jtl.eval_steps`,
+`jtl.losses`, `jtl.data`, `jtl.models`, `jtl.errors`, and the recipes under
+`jtl.recipes` (`strategies`, `distill`, `domain`, `adversarial`).
 
 `import jtl` imports neither TensorFlow nor TFDS: they are loaded when an input
 pipeline is first built (`jtl.make_dataset`) or a TFDS dataset is read, and
@@ -21,7 +21,7 @@ import importlib
 from typing import Any
 
 from jtl import checkpoint, data, errors, export, models, optim, parallel, partition, recipes
-from jtl import steps, tree, weights
+from jtl import eval_steps, losses, steps, tree, weights
 from jtl.adapter import FunctionModel, LinenModel, NnxModel, as_model, update_module
 from jtl.batchnorm import recompute_batchnorm
 from jtl.errors import JtlError
@@ -30,7 +30,8 @@ from jtl.optim import make_optimizer
 from jtl.parallel import jit_eval_step, jit_train_step, make_mesh, place_state, shard_batch
 from jtl.partition import label_params, summarize
 from jtl.state import TrainState, create_train_state
-from jtl.steps import make_eval_step, make_train_step
+from jtl.eval_steps import make_eval_step
+from jtl.steps import make_train_step
 from jtl.weights import load_pretrained
 
 __version__ = "0.1.0"
@@ -56,8 +57,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     # modules
-    "checkpoint", "data", "errors", "export", "models", "optim", "parallel", "partition",
-    "recipes", "steps", "train", "tree", "weights",
+    "checkpoint", "data", "errors", "eval_steps", "export", "losses", "models", "optim",
+    "parallel", "partition", "recipes", "steps", "train", "tree", "weights",
     # a model and its weights
     "create", "load_pretrained", "FunctionModel", "LinenModel", "NnxModel", "as_model",
     "update_module",

@@ -18,8 +18,8 @@ import numpy as np
 from jtl.adapter import NnxModel, is_nnx_module, sown_paths, variables_of
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError, StepError
-from jtl.steps import Batch, check_compute_dtype
-from jtl.tree import PyTree
+from jtl.losses import Batch
+from jtl.tree import PyTree, check_compute_dtype
 from jtl.variable_checks import MERGE_LORA, check_variables
 
 

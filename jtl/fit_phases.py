@@ -23,7 +23,7 @@ from jtl.checkpoint.lock import Heartbeat
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.preemption import StopRequests, preempted
 from jtl.state import TrainState, create_train_state
-from jtl.steps import Batch
+from jtl.losses import Batch
 from jtl.tree import PyTree
 
 

@@ -1,4 +1,4 @@
-"""Pure, un-jitted train and eval steps over a TrainState.
+"""The pure, un-jitted train step over a TrainState (the eval step: `jtl.eval_steps`).
 
 Gradients are taken with respect to the trainable partition only; frozen
 params enter the loss as plain inputs, so no frozen gradient is ever computed
@@ -6,7 +6,7 @@ and nothing downstream (clipping, gradient-norm logging, weight decay) reads
 one. Frozen BatchNorm layers run with their stored statistics.
 
 Batches are dicts: {"inputs": ..., "label": int [B] or soft [B, C],
-"mask": bool [B] (optional; eval counts only mask=True rows)}.
+"mask": bool [B] (optional)} (`jtl.losses`).
 
 A training batch's mask takes its padding rows out of the losses and metrics,
 not out of a BatchNorm layer in train mode: its batch statistics count every
@@ -26,7 +26,6 @@ the micro-batches' statistics.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,137 +34,18 @@ import jax.numpy as jnp
 import optax
 
 from jtl import partition
-from jtl.adapter import Output, as_model, frozen_batchnorm, select_output  # noqa: F401
+from jtl.adapter import as_model
 from jtl.errors import StepError
 from jtl.state import TrainState
-from jtl.tree import PyTree, cast_floats
-
-Batch = dict[str, Any]
-# Top-k accuracy is reported for k = TOP_K, and only for more than TOP_K classes.
-TOP_K = 5
-LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
-# -> {name: sum over the batch's rows with mask=True}; divided by the count at the end.
-EvalFn = Callable[[Any, Batch], dict[str, jax.Array]]
-
-
-def cross_entropy_loss(logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
-  """Mean softmax cross-entropy over the rows with mask=True.
-
-  Accepts integer labels [B] or soft labels [B, C] (e.g. from mixup).
-  """
-  return masked_mean(per_example_cross_entropy(logits, batch["label"], label_smoothing),
-                     batch.get("mask"))
-
-
-def per_example_cross_entropy(logits: jax.Array, labels: jax.Array,
-                              label_smoothing: float = 0.0) -> jax.Array:
-  """Softmax cross-entropy of each row: class indices `logits.shape[:-1]` or
-  soft labels of the logits' shape (a StepError at trace time otherwise)."""
-  check_labels(logits.shape, labels)
-  if labels.shape == logits.shape:
-    targets = labels.astype(jnp.float32)
-  else:
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def check_labels(logits_shape: tuple[int, ...], labels: Any) -> None:
-  """Refuses labels that are neither class indices of shape `logits_shape[:-1]`
-  nor soft labels of shape `logits_shape` (shapes only: works at trace time).
-
-  >>> check_labels((4, 3), jnp.zeros((4, 1), jnp.int32))  # doctest: +ELLIPSIS
-  Traceback (most recent call last):
-  ...
-  jtl.errors.StepError: Labels of shape (4, 1) (int32) do not fit logits of shape (4, 3): ...
-  """
-  shape, dtype = tuple(jnp.shape(labels)), jnp.result_type(labels)
-  hard = shape == tuple(logits_shape[:-1])
-  soft = shape == tuple(logits_shape) and jnp.issubdtype(dtype, jnp.floating)
-  if hard or soft:
-    return
-  hint = ""
-  if shape == tuple(logits_shape[:-1]) + (1,):
-    hint = " Squeeze the last axis of the labels (label.reshape(-1))."
-  elif shape == tuple(logits_shape):
-    hint = " Soft labels must be floating point probabilities."
-  raise StepError(
-      f"Labels of shape {shape} ({dtype}) do not fit logits of shape {tuple(logits_shape)}: "
-      f"expected class indices of shape {tuple(logits_shape[:-1])} or soft labels (float "
-      f"probabilities) of shape {tuple(logits_shape)}.{hint}")
-
-
-def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-  if mask is None:
-    return jnp.mean(values)
-  mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def _logits(outputs: Any) -> jax.Array | None:
-  """The float32 logits among a model's outputs (an array, or the first of a tuple)."""
-  if isinstance(outputs, (tuple, list)) and outputs:
-    outputs = outputs[0]
-  return outputs.astype(jnp.float32) if hasattr(outputs, "astype") else None
-
-
-def eval_logits(outputs: Any, batch: Batch, eval_output: Output = None) -> jax.Array:
-  """The logits [batch, classes] that evaluation scores, from a model's outputs.
-
-  The contract: `eval_output` (a dict key, a tuple index or a function of
-  the outputs) picks them; without it the outputs must be the logits
-  themselves or a tuple / list whose first element they are. Anything else
-  (a dict, a wrongly shaped array) raises a StepError at trace time that
-  says to pass `eval_output=` or `eval_fn=`.
-  """
-  picked = select_output(outputs, eval_output) if eval_output is not None else _logits(outputs)
-  n = jnp.shape(batch["label"])[0]
-  if picked is None or jnp.ndim(picked) != 2 or jnp.shape(picked)[0] != n:
-    if isinstance(outputs, dict):
-      what = f"a dict with keys {sorted(outputs)}"
-    elif isinstance(outputs, (tuple, list)):
-      what = f"a {type(outputs).__name__} of {len(outputs)} whose first element is not logits"
-    else:
-      what = f"{type(outputs).__name__} of shape {jnp.shape(outputs)}"
-    got = "" if eval_output is None else (
-        f"; eval_output={eval_output!r} gave {type(picked).__name__} of shape "
-        f"{jnp.shape(picked) if picked is not None else None}")
-    raise StepError(
-        f"Evaluation needs logits [batch={n}, classes] from the model, which returned {what}"
-        f"{got}. Pass eval_output= (a dict key such as 'logits', a tuple index, or a function "
-        "of the outputs giving the logits) or eval_fn=(outputs, batch) -> {name: masked sum} "
-        "to make_eval_step / fit.")
-  return picked.astype(jnp.float32)
-
-
-def check_compute_dtype(compute_dtype: Any) -> Any:
-  """`compute_dtype` as a dtype (None stays None), a StepError unless it is a
-  floating one: an integer dtype would cast every weight to an integer.
-
-  >>> check_compute_dtype("bfloat16")
-  dtype(bfloat16)
-  """
-  if compute_dtype is None:
-    return None
-  try:
-    dtype = jnp.dtype(compute_dtype)
-  except (TypeError, ValueError):
-    dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    shown = repr(compute_dtype) if dtype is None else dtype.name
-    raise StepError(
-        f"compute_dtype={shown} is not a floating dtype: expected None (float32 "
-        "throughout) or one such as jnp.bfloat16, jnp.float16 or 'bfloat16' (the forward "
-        "and backward passes run in it; the params stay float32).")
-  return dtype
+from jtl.losses import Batch, LossFn, correct_count, cross_entropy_loss, logits_of, row_count
+from jtl.tree import PyTree, cast_floats, check_compute_dtype
 
 
 def _check_scalar(loss: Any) -> None:
   if jnp.shape(loss) != ():
     raise StepError(
         f"loss_fn must return a scalar, got shape {jnp.shape(loss)}. Reduce "
-        "per-example losses with a (masked) mean, e.g. jtl.steps.masked_mean.")
+        "per-example losses with a (masked) mean, e.g. jtl.losses.masked_mean.")
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -263,7 +143,7 @@ def make_train_step(
 
     (loss, (model_state, aux)), grads = _value_and_grad(grad_fn, state, batch, step_rng,
                                                         microbatches)
-    count = _count(batch)
+    count = row_count(batch)
     if axis_name is not None:
       grads, loss, model_state, aux, extra, count = _across_devices(
           axis_name, grads, loss, model_state, aux, extra, count, batch.get("mask") is not None)
@@ -298,9 +178,9 @@ def _make_loss(adapter: Any, frozen_paths: frozenset, loss_fn: LossFn, compute_d
         frozen_paths=frozen_paths)
     outputs = cast_floats(outputs, jnp.float32)
     loss, aux = _loss_and_metrics(loss_fn, outputs, batch)
-    logits = _logits(outputs)
+    logits = logits_of(outputs)
     if "accuracy" not in aux and logits is not None and logits.shape[0] == batch["label"].shape[0]:
-      aux["correct"] = _correct(logits, batch)
+      aux["correct"] = correct_count(logits, batch)
     return loss, (dict(new_model_state), aux)
   return loss_and_aux
 
@@ -344,7 +224,7 @@ def _value_and_grad(grad_fn: Callable, state: TrainState, batch: Batch, rng: jax
     (loss, (model_state, aux)), grads = grad_fn(
         state.trainable, state.frozen, start, mb, jax.random.fold_in(rng, i))
     # A slice's masked mean weighs by its rows: the whole batch's masked mean.
-    weight = _count(mb) if masked else jnp.float32(1.0)
+    weight = row_count(mb) if masked else jnp.float32(1.0)
     grads = jax.tree.map(lambda g: g * weight, grads) if masked else grads
     moved = jax.tree.map(lambda m, new, old: m + (new - old) if _floating(old) else new,
                          moved, model_state, start)
@@ -392,126 +272,6 @@ def _across_devices(axis_name: str, grads: PyTree, loss: jax.Array, model_state:
   aux = {k: (jax.lax.psum(v, axis_name) if k == "correct" else mean(v)) for k, v in aux.items()}
   return (mean(grads), mean(loss), jax.lax.pmean(model_state, axis_name), aux,
           jax.lax.pmean(extra, axis_name), total)
-
-
-def _hard_labels(batch: Batch) -> jax.Array:
-  label = batch["label"]
-  return jnp.argmax(label, -1) if label.ndim == 2 else label
-
-
-def _mask(batch: Batch) -> jax.Array:
-  mask = batch.get("mask")
-  return jnp.ones(batch["label"].shape[0], jnp.float32) if mask is None else mask.astype(jnp.float32)
-
-
-def _correct(logits: jax.Array, batch: Batch) -> jax.Array:
-  hit = (jnp.argmax(logits, -1) == _hard_labels(batch)).astype(jnp.float32)
-  return jnp.sum(hit * _mask(batch))
-
-
-def _count(batch: Batch) -> jax.Array:
-  return jnp.sum(_mask(batch))
-
-
-def _eval_outputs(adapter: Any, variables: dict[str, PyTree], batch: Batch,
-                  compute_dtype: Any) -> Any:
-  """The model's evaluation-mode outputs on `batch` (`variables`: params and state)."""
-  variables = dict(variables)
-  params = cast_floats(variables.pop("params"), compute_dtype)
-  outputs, _ = adapter.apply(params, variables, cast_floats(batch["inputs"], compute_dtype),
-                             train=False, rng=None)
-  return outputs
-
-
-def make_eval_step(
-    model: Any,
-    *,
-    eval_output: Output = None,
-    eval_fn: EvalFn | None = None,
-    compute_dtype: Any = None,
-    axis_name: str | None = None,
-) -> Callable[[dict[str, PyTree], Batch], dict[str, jax.Array]]:
-  """Returns `eval_step(variables, batch) -> sums`, pure and un-jitted.
-
-  `model` is any model `make_train_step` takes (Linen, NNX, apply function,
-  adapter). `variables` is {"params": ..., "batch_stats": ...} (e.g.
-  `state.variables`).
-  The sums (loss, correct, correct_top5, count) cover only rows with
-  mask=True, so a padded last batch counts every real example exactly once;
-  divide by `count` after summing over batches. `correct_top5` is there only
-  for more than 5 classes (with 5 or fewer every label is in the top 5).
-
-  What is scored: the logits that `eval_logits(outputs, batch, eval_output)`
-  finds (the outputs, the first of a tuple, or what `eval_output` picks);
-  or, with `eval_fn(outputs, batch) -> {name: sum over rows with mask=True}`,
-  those sums (plus `count`), for outputs that are not class scores.
-
-  `axis_name`: set under `jax.pmap` (`jtl.parallel.pmap_eval_step`): the sums
-  are summed over that axis, so every device holds the whole batch's.
-  """
-  compute_dtype = check_compute_dtype(compute_dtype)
-  adapter = as_model(model)
-
-  def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
-    outputs = _eval_outputs(adapter, variables, batch, compute_dtype)
-    mask = _mask(batch)
-    if eval_fn is not None:
-      sums = {**eval_fn(cast_floats(outputs, jnp.float32), batch), "count": jnp.sum(mask)}
-      return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
-    logits = eval_logits(outputs, batch, eval_output)
-    labels = _hard_labels(batch)
-    losses = per_example_cross_entropy(logits, batch["label"])
-    sums = {
-        "loss": jnp.sum(losses * mask),
-        "correct": _correct(logits, batch),
-        "count": jnp.sum(mask),
-    }
-    if logits.shape[-1] > TOP_K:  # else always 1.0: no information
-      top_k = jax.lax.top_k(logits, TOP_K)[1]
-      in_top_k = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
-      sums["correct_top5"] = jnp.sum(in_top_k * mask)
-    if axis_name is not None:
-      sums = jax.lax.psum(sums, axis_name)
-    return sums
-
-  eval_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_eval_step
-  return eval_step
-
-
-def output_classes(model: Any, variables: dict[str, PyTree], batch: Batch, *,
-                   eval_output: Output = None, eval_fn: EvalFn | None = None,
-                   compute_dtype: Any = None) -> int | None:
-  """The number of classes of the logits `model` gives on `batch` (shapes only,
-  `jax.eval_shape`), or None when its outputs are not logits evaluation can
-  find (`eval_logits`) or are scored by an `eval_fn` (`make_eval_step`'s
-  options)."""
-  if eval_fn is not None:
-    return None
-  compute_dtype = check_compute_dtype(compute_dtype)
-  adapter = as_model(model)
-  logits = lambda v, b: eval_logits(_eval_outputs(adapter, v, b, compute_dtype), b,  # noqa: E731
-                                    eval_output)
-  try:
-    return int(jax.eval_shape(logits, variables, batch).shape[-1])
-  except StepError:
-    return None
-
-
-def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
-  """Turns accumulated eval sums into means per example: loss, accuracy (from
-  "correct"), top-5 accuracy (from "correct_top5", more than 5 classes) and
-  any other sum of an `eval_fn`, with the count. A non-finite loss makes the
-  accuracies NaN too: NaN logits' argmax is class 0, a score of nothing.
-
-  >>> summarize_eval({"loss": float("nan"), "correct": 3.0, "count": 8})
-  {'loss': nan, 'accuracy': nan, 'count': 8}
-  """
-  count = max(float(sums["count"]), 1.0)
-  names = {"correct": "accuracy", "correct_top5": "top5_accuracy"}
-  out = {names.get(k, k): float(v) / count for k, v in sums.items() if k != "count"}
-  if not math.isfinite(out.get("loss", 0.0)):
-    out.update({names[k]: float("nan") for k in names if k in sums})
-  return {**out, "count": int(sums["count"])}
 
 
 def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]

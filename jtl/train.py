@@ -24,7 +24,7 @@ import jax
 import optax
 from absl import logging
 
-from jtl import parallel, steps
+from jtl import eval_steps, losses, parallel, steps
 from jtl import phases as phases_lib
 from jtl.checkpoint.lock import Heartbeat
 from jtl.checkpoint.manager import CheckpointManager
@@ -79,7 +79,7 @@ def evaluate(eval_step: Callable, variables: PyTree, batches: Iterable[Batch],
       total[k] = total.get(k, 0.0) + float(v)
   if not total:
     return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
-  return steps.summarize_eval(total)
+  return eval_steps.summarize_eval(total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +266,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         workdir: str | os.PathLike | None = None,
         eval_batches: Callable[[], Iterable[Batch]] | None = None, eval_every: int = 0,
         checkpoint_every: int = 0, keep: int = 2, best_metric: str | None = "accuracy",
-        mesh: jax.sharding.Mesh | None = None, loss_fn: steps.LossFn = steps.cross_entropy_loss,
+        mesh: jax.sharding.Mesh | None = None, loss_fn: losses.LossFn = losses.cross_entropy_loss,
         microbatches: int = 1, compute_dtype: Any = None, seed: int = 0,
         meta: dict[str, Any] | None = None, log_every: int = 10, progress: bool = True,
         async_checkpoints: bool = True, on_nonfinite: str = "stop",
@@ -275,7 +275,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
         batch_transform: steps.BatchTransform | None = None,
         batchnorm_batches: Callable[[], Iterable[Batch]] | None = None,
         stop_on_signals: bool = True, ema_decay: float | None = None,
-        eval_output: Any = None, eval_fn: steps.EvalFn | None = None,
+        eval_output: Any = None, eval_fn: eval_steps.EvalFn | None = None,
         first_phase: phases_lib.SelfTrained | None = None,
         ) -> FitResult:
   """Fine-tunes `module` from `variables` for `num_steps` steps.
@@ -335,8 +335,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       refresh_batchnorm=batchnorm_refresher(module, phases, batchnorm_batches, mesh),
       meta=dict(meta or {}), workdir=workdir, stop=StopRequests(), heartbeat=heartbeat)
   scoring = dict(eval_output=eval_output, eval_fn=eval_fn, compute_dtype=compute_dtype)
-  return _run(given, functools.partial(steps.make_eval_step, module, **scoring),
-              functools.partial(steps.output_classes, module, **scoring), train_batches,
+  return _run(given, functools.partial(eval_steps.make_eval_step, module, **scoring),
+              functools.partial(eval_steps.output_classes, module, **scoring), train_batches,
               num_steps, variables=variables, seed=seed, ema=ema_decay is not None,
               first_phase=first_phase, stop_on_signals=stop_on_signals, progress=progress,
               save_every=checkpoint_every, keep=keep, async_save=async_checkpoints,

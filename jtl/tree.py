@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from jtl.errors import PartitionError, bullet_list
+from jtl.errors import PartitionError, StepError, bullet_list
 
 PyTree = Any
 Rules = Sequence[tuple[str, Any]]
@@ -40,6 +41,28 @@ def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
   return jax.tree.map(
       lambda x: x.astype(dtype) if jax.numpy.issubdtype(jax.numpy.result_type(x),
                                                          jax.numpy.floating) else x, tree)
+
+
+def check_compute_dtype(compute_dtype: Any) -> Any:
+  """`compute_dtype` as a dtype (None stays None), a StepError unless it is a
+  floating one: an integer dtype would cast every weight to an integer.
+
+  >>> check_compute_dtype("bfloat16")
+  dtype(bfloat16)
+  """
+  if compute_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(compute_dtype)
+  except (TypeError, ValueError):
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    shown = repr(compute_dtype) if dtype is None else dtype.name
+    raise StepError(
+        f"compute_dtype={shown} is not a floating dtype: expected None (float32 "
+        "throughout) or one such as jnp.bfloat16, jnp.float16 or 'bfloat16' (the forward "
+        "and backward passes run in it; the params stay float32).")
+  return dtype
 
 
 def key_name(key: Any) -> str:

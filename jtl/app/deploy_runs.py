@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl import data, paths, steps
+from jtl import data, eval_steps, paths
 from jtl.app import evaluation, experiment, methods, workdirs
 from jtl.checkpoint import restore
 from jtl.export.writers import write_atomic
@@ -164,7 +164,7 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
     np.add.at(confusion, (label, logits.argmax(-1)), 1)
     logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
     loss += float(-jnp.take_along_axis(logp, jnp.asarray(label)[:, None], axis=-1).sum())
-    top5 = np.argsort(-logits, axis=-1)[:, :steps.TOP_K]
+    top5 = np.argsort(-logits, axis=-1)[:, :eval_steps.TOP_K]
     correct5 += float((top5 == label[:, None]).any(-1).sum())
   count = int(confusion.sum())
   run_step = evaluation.result_step(config)
@@ -180,7 +180,7 @@ def evaluate_exported(workdir: str | os.PathLike, path: str | os.PathLike, *,
             "model": meta.get("model", config.model),
             "format": runtime.format, "bytes": paths.size(path), "split": split,
             "loss": loss / max(count, 1), "accuracy": float(np.trace(confusion)) / max(count, 1),
-            **({"top5_accuracy": correct5 / max(count, 1)} if classes > steps.TOP_K else {}),
+            **({"top5_accuracy": correct5 / max(count, 1)} if classes > eval_steps.TOP_K else {}),
             "count": count,
             "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
             "confusion_matrix": confusion.tolist(), "results_file": os.fspath(target)}

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jtl import _optional, data, export, paths, steps, train
+from jtl import _optional, data, eval_steps, export, paths, train
 from jtl.app import figures, keys, methods, workdirs
 from jtl.app.experiment import eval_batches
 from jtl.checkpoint import layout, restore
@@ -289,8 +289,8 @@ def _eval_pass(run: workdirs.Restored, variables: Any, split: str, precision: st
     _add_sums(sums, eval_step(variables, batch))
     if robust_step is not None:
       _add_sums(robust_sums, robust_step(float_variables, batch))
-  robust = steps.summarize_eval(robust_sums) if robust_step is not None else None
-  return steps.summarize_eval(sums), robust, confusion
+  robust = eval_steps.summarize_eval(robust_sums) if robust_step is not None else None
+  return eval_steps.summarize_eval(sums), robust, confusion
 
 
 def _add_sums(total: dict[str, float], sums: dict[str, Any]) -> None:
@@ -357,7 +357,7 @@ def wise_workdir(workdir: str | os.PathLike, *, alphas: Any = None, step: int | 
   if jax.tree.structure(probe) != jax.tree.structure(ft):
     raise ConfigError(f"{workdir}: the saved probe ({workdirs.PROBE_VARIABLES}) and the "
                       "checkpoint hold different variables; was the probe written by this run?")
-  eval_step = jax.jit(steps.make_eval_step(run.module))
+  eval_step = jax.jit(eval_steps.make_eval_step(run.module))
   validation = run.config.eval_split
   score = lambda split: lambda v: train.evaluate(eval_step, v, eval_batches(
       run.config, run.spec, split)())

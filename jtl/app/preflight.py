@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jtl import models, partition, steps
+from jtl import eval_steps, models, partition
 from jtl.app import keys, methods, model_choice, preflight_data, workdirs
 from jtl.errors import ConfigError, JtlError, bullet_list
 from jtl.recipes import strategies
@@ -147,12 +147,12 @@ def batch_size_problems(config: ml_collections.ConfigDict, devices: int) -> list
 
 def best_metric_problems(config: ml_collections.ConfigDict, classes: int) -> list[str]:
   """A best_metric that no evaluation of this run will report: top-5 accuracy
-  is reported only for more than `steps.TOP_K` outputs (with fewer, every
+  is reported only for more than `eval_steps.TOP_K` outputs (with fewer, every
   label is in the top 5); found otherwise at the first save, after training."""
   outputs = int(config.num_classes or classes)
-  if config.best_metric != "top5_accuracy" or not 0 < outputs <= steps.TOP_K:
+  if config.best_metric != "top5_accuracy" or not 0 < outputs <= eval_steps.TOP_K:
     return []
-  return [f"best_metric='top5_accuracy' is reported only for more than {steps.TOP_K} classes, "
+  return [f"best_metric='top5_accuracy' is reported only for more than {eval_steps.TOP_K} classes, "
           f"and this run has {outputs} (dataset {config.dataset!r}): set best_metric="
           "'accuracy' (or None: keep only the latest)"]
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtl import paths, steps
+from jtl import eval_steps, losses, paths
 from jtl.export.writers import write_atomic
 from jtl.errors import CheckpointError, ConfigError
 from jtl.tree import PyTree, Rules, cast_floats, map_with_path, match_rules, path_name, unflatten
@@ -181,15 +181,15 @@ def make_inference_fn(module: nn.Module, variables: PyTree, *,
 
 
 def make_quantized_eval_step(module: nn.Module, *, precision: str = "int8"
-                             ) -> Callable[[PyTree, steps.Batch], dict[str, jax.Array]]:
+                             ) -> Callable[[PyTree, losses.Batch], dict[str, jax.Array]]:
   """`eval_step(variables, batch) -> sums` as `jtl.make_eval_step`, where
   `variables` may hold `QTensor`s (dequantized inside the step)."""
   if precision not in PRECISIONS:
     raise ConfigError(f"precision={precision!r}: expected one of {PRECISIONS}.")
   dtype = _compute_dtype(precision)
-  inner = steps.make_eval_step(module, compute_dtype=None if dtype == jnp.float32 else dtype)
+  inner = eval_steps.make_eval_step(module, compute_dtype=None if dtype == jnp.float32 else dtype)
 
-  def eval_step(variables: PyTree, batch: steps.Batch) -> dict[str, jax.Array]:
+  def eval_step(variables: PyTree, batch: losses.Batch) -> dict[str, jax.Array]:
     return inner(dequantize(variables, jnp.float32), batch)
 
   eval_step.axis_name = inner.axis_name  # for jtl.parallel's checks: a mesh step, no pmap

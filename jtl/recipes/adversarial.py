@@ -31,10 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jtl import adapter as jadapter
+from jtl import eval_steps as jeval_steps
+from jtl import losses as jlosses
 from jtl import steps as jsteps
 from jtl.errors import ConfigError
 from jtl.state import TrainState
-from jtl.steps import Batch
+from jtl.losses import Batch
 from jtl.tree import PyTree
 
 # A number, or one per channel (broadcast over the inputs' last axis).
@@ -114,7 +117,7 @@ def pgd(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array, *, eps: 
 def _predict(module: Any, variables: PyTree, x: jax.Array) -> jax.Array:
   """The logits of any model (`jtl.as_model`) in inference mode."""
   state = {k: v for k, v in variables.items() if k != "params"}
-  out = jsteps.as_model(module).apply(variables["params"], state, x, train=False, rng=None)[0]
+  out = jadapter.as_model(module).apply(variables["params"], state, x, train=False, rng=None)[0]
   return out.astype(jnp.float32)
 
 
@@ -124,7 +127,7 @@ def model_loss(module: Any, variables: PyTree, batch: Batch) -> Callable[[jax.Ar
 
   def loss(x):
     logits = _predict(module, variables, x)
-    per_example = jsteps.per_example_cross_entropy(logits, batch["label"])
+    per_example = jlosses.per_example_cross_entropy(logits, batch["label"])
     if mask is not None:
       per_example = per_example * mask.astype(per_example.dtype)
     return jnp.sum(per_example)
@@ -182,8 +185,8 @@ def _adversarial_transform(module: Any, run_attack: Callable, clean_fraction: fl
     variables = state.variables
     x_adv = run_attack(model_loss(module, variables, batch), batch["inputs"], rng)
     logits = _predict(module, variables, x_adv)
-    adv_acc = jsteps.masked_mean(
-        (jnp.argmax(logits, -1) == jsteps._hard_labels(batch)).astype(jnp.float32),  # pylint: disable=protected-access
+    adv_acc = jlosses.masked_mean(
+        (jnp.argmax(logits, -1) == jlosses.hard_labels(batch)).astype(jnp.float32),
         batch.get("mask"))
     if not clean_fraction:
       return {**batch, "inputs": x_adv}, {"adv_accuracy": adv_acc}
@@ -199,15 +202,15 @@ def _adversarial_transform(module: Any, run_attack: Callable, clean_fraction: fl
 def _weighted_cross_entropy(logits: jax.Array, batch: Batch) -> jax.Array:
   """f * CE(clean rows) + (1 - f) * CE(adversarial rows), as row weights (the
   two halves are the same examples, so their masked counts are equal)."""
-  per_example = jsteps.per_example_cross_entropy(logits, batch["label"])
-  return 2.0 * jsteps.masked_mean(per_example * batch["loss_weight"], batch.get("mask"))
+  per_example = jlosses.per_example_cross_entropy(logits, batch["label"])
+  return 2.0 * jlosses.masked_mean(per_example * batch["loss_weight"], batch.get("mask"))
 
 
 def make_adversarial_train_step(
     module: nn.Module, tx: optax.GradientTransformation, *, labels: PyTree | None = None,
     attack: str = "pgd", eps: float, step_size: float | None = None, steps: int = 7,
     random_start: bool = True, bounds: Bounds = None, input_scale: Radius = 1.0,
-    clean_fraction: float = 0.0, loss_fn: jsteps.LossFn | None = None,
+    clean_fraction: float = 0.0, loss_fn: jlosses.LossFn | None = None,
     **train_step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """`jtl.make_train_step` whose batch inputs are first attacked.
@@ -231,8 +234,8 @@ def make_adversarial_train_step(
 def adversarial_parts(module: Any, *, attack: str = "pgd", eps: float,
                       step_size: float | None = None, steps: int = 7, random_start: bool = True,
                       bounds: Bounds = None, input_scale: Radius = 1.0,
-                      clean_fraction: float = 0.0, loss_fn: jsteps.LossFn | None = None
-                      ) -> tuple[Any, jsteps.LossFn, Callable]:
+                      clean_fraction: float = 0.0, loss_fn: jlosses.LossFn | None = None
+                      ) -> tuple[Any, jlosses.LossFn, Callable]:
   """(model, loss_fn, batch_transform) of adversarial training, for
   `jtl.make_train_step` or `jtl.train.fit`; see `make_adversarial_train_step`."""
   if not 0.0 <= clean_fraction < 1.0:
@@ -242,7 +245,7 @@ def adversarial_parts(module: Any, *, attack: str = "pgd", eps: float,
                       "clean_fraction=0.")
   run_attack = make_attack(attack=attack, eps=eps, step_size=step_size, steps=steps,
                            random_start=random_start, bounds=bounds, input_scale=input_scale)
-  loss = _weighted_cross_entropy if clean_fraction else (loss_fn or jsteps.cross_entropy_loss)
+  loss = _weighted_cross_entropy if clean_fraction else (loss_fn or jlosses.cross_entropy_loss)
   return module, loss, _adversarial_transform(module, run_attack, clean_fraction)
 
 
@@ -268,7 +271,7 @@ def make_robust_eval_step(module: nn.Module, *, attack: str = "pgd", eps: float,
   """
   run_attack = make_attack(attack=attack, eps=eps, step_size=step_size, steps=steps,
                            random_start=random_start, bounds=bounds, input_scale=input_scale)
-  clean_eval = jsteps.make_eval_step(module)
+  clean_eval = jeval_steps.make_eval_step(module)
 
   def eval_step(variables: PyTree, batch: Batch) -> dict[str, jax.Array]:
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), _batch_salt(batch["inputs"]))

@@ -37,9 +37,9 @@ import optax
 from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
-from jtl.steps import (Batch, LossFn, check_compute_dtype, cross_entropy_loss, make_train_step,
-                       masked_mean)
-from jtl.tree import PyTree, cast_floats
+from jtl.losses import Batch, LossFn, cross_entropy_loss, masked_mean
+from jtl.steps import make_train_step
+from jtl.tree import PyTree, cast_floats, check_compute_dtype
 
 
 def _check_options(temperature: float, alpha: float) -> None:

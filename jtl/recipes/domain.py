@@ -31,7 +31,8 @@ import optax
 from jtl.adapter import LinenModel
 from jtl.errors import ConfigError, StepError
 from jtl.state import TrainState
-from jtl.steps import Batch, cross_entropy_loss, make_train_step, masked_mean
+from jtl.losses import Batch, cross_entropy_loss, masked_mean
+from jtl.steps import make_train_step
 from jtl.tree import PyTree
 
 METHODS = ("source_only", "dann", "coral")

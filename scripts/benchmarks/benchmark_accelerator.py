@@ -371,7 +371,7 @@ def fused_numerics(name: str, batch: int, size: int) -> dict[str, Any]:
   def loss(p, module, dtype):
     p = jax.tree.map(lambda a: a.astype(dtype), p)
     logits = module.apply({"params": p}, x.astype(dtype), train=False).astype(jnp.float32)
-    return jtl.steps.cross_entropy_loss(logits, {"label": y}), logits
+    return jtl.losses.cross_entropy_loss(logits, {"label": y}), logits
 
   out = {}
   for key, module, dtype in (("fp32", created.module, jnp.float32),

@@ -88,7 +88,7 @@ def accuracy(module, variables, x, y, batch_size=250, eval_step=None):
     sums = jax.device_get(eval_step(variables, {"inputs": xb, "label": yb, "mask": mask}))
     for k, v in sums.items():
       total[k] = total.get(k, 0.0) + float(v)
-  return jtl.steps.summarize_eval(total)["accuracy"]
+  return jtl.eval_steps.summarize_eval(total)["accuracy"]
 
 
 def adam(labels, lr, steps, warmup=0):
@@ -119,7 +119,7 @@ def finetune_teacher(args, data):
   labels = jtl.label_params(created.variables["params"], [(".*", "all")])
   tx = adam(labels, 1e-3, args.teacher_steps, warmup=20)
   step = jax.jit(jtl.make_train_step(module, tx, labels=labels,
-                                     loss_fn=lambda l, b: jtl.steps.cross_entropy_loss(l, b, label_smoothing=0.1)))
+                                     loss_fn=lambda l, b: jtl.losses.cross_entropy_loss(l, b, label_smoothing=0.1)))
   state = jtl.create_train_state(created.variables, labels, tx)
   flip_rng = np.random.default_rng(0)
 

@@ -134,7 +134,7 @@ def train_teacher(args, data, tr, va, out: Path):
   size = args.teacher_size
 
   def loss_fn(logits, batch):
-    return jtl.steps.cross_entropy_loss(logits, batch, label_smoothing=0.1)
+    return jtl.losses.cross_entropy_loss(logits, batch, label_smoothing=0.1)
 
   step = jax.jit(jtl.make_train_step(module, tx, labels=strategy.labels, loss_fn=loss_fn,
                                      compute_dtype=dtype), donate_argnums=0)

@@ -245,14 +245,14 @@ def wise_scores(workdir: Path, splits: list[str]) -> dict[str, Any]:
   test_split = splits[0]), then probe / fine-tuned / WiSE on the other splits."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jtl import steps, train  # pylint: disable=g-import-not-at-top
+  from jtl import eval_steps, train  # pylint: disable=g-import-not-at-top
   from jtl.app import evaluation, workdirs  # pylint: disable=g-import-not-at-top
   from jtl.recipes.strategies import wise  # pylint: disable=g-import-not-at-top
   result = evaluation.wise_workdir(workdir, test_split=splits[0])
   run = workdirs.restore(workdir, step="best")
   models = {"probe": workdirs.load_probe(workdir), "fine_tuned": run.merged_variables()}
   models["wise"] = wise.wise_ft(models["probe"], models["fine_tuned"], result["alpha"])
-  eval_step = jax.jit(steps.make_eval_step(run.module))
+  eval_step = jax.jit(eval_steps.make_eval_step(run.module))
   scores = {splits[0]: {k: result["test"][k]["accuracy"] for k in models}}
   for entry in splits[1:]:
     config = run.config.copy_and_resolve_references()
@@ -284,7 +284,7 @@ def worker(spec: dict[str, Any], folders: Path, image_size: int, workdir: Path) 
 
 def _confidence(outputs: Any, batch: dict[str, Any]) -> dict[str, Any]:
   """Sums over real rows: the top softmax probability, the entropy (nats), the
-  logits' spread across classes (`steps.make_eval_step`'s eval_fn)."""
+  logits' spread across classes (`eval_steps.make_eval_step`'s eval_fn)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   p = jax.nn.softmax(outputs, -1)
@@ -303,12 +303,12 @@ def diagnose(workdir: Path, mixup_alpha: float, cutmix_alpha: float) -> list[lis
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jtl import steps, train  # pylint: disable=g-import-not-at-top
+  from jtl import eval_steps, train  # pylint: disable=g-import-not-at-top
   from jtl.app import evaluation, experiment, workdirs  # pylint: disable=g-import-not-at-top
   run = workdirs.restore(workdir, step="best")
   config = run.config.copy_and_resolve_references()
-  score = jax.jit(steps.make_eval_step(run.module))
-  confidence = jax.jit(steps.make_eval_step(run.module, eval_fn=_confidence))
+  score = jax.jit(eval_steps.make_eval_step(run.module))
+  confidence = jax.jit(eval_steps.make_eval_step(run.module, eval_fn=_confidence))
   epoch = {}  # training batches per epoch, from the unaugmented pass's count
 
   def augmented(mixup: float, cutmix: float):

@@ -41,7 +41,7 @@ def naive_step(module, variables, labels):
       logits, new_stats = module.apply({"params": p, "batch_stats": batch_stats}, batch["inputs"],
                                        train=True, mutable=["batch_stats"],
                                        rngs={"dropout": jax.random.PRNGKey(0)})
-      return jtl.steps.cross_entropy_loss(logits, batch), new_stats
+      return jtl.losses.cross_entropy_loss(logits, batch), new_stats
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, new_stats["batch_stats"], loss, optax.tree.norm(grads)

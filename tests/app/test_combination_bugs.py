@@ -51,7 +51,7 @@ def test_top5_accuracy_is_reported_only_for_more_than_5_classes():
     model = MLP(num_classes=classes)
     b = batch(16, classes=classes)
     variables = init(model, b["inputs"])
-    summary = jtl.steps.summarize_eval(jtl.make_eval_step(model)(variables, b))
+    summary = jtl.eval_steps.summarize_eval(jtl.make_eval_step(model)(variables, b))
     assert ("top5_accuracy" in summary) == (classes > 5), classes
   top5 = np.argsort(-model.apply(variables, b["inputs"]), -1)[:, :5]
   expected = np.mean((top5 == np.asarray(b["label"])[:, None]).any(-1))
@@ -152,7 +152,7 @@ def test_a_linen_module_with_another_flag_is_told_how_to_wrap_it():
   wrapped = jtl.LinenModel(module, train_kwarg="deterministic")
   new, metrics = jax.jit(jtl.make_train_step(wrapped, tx, labels=labels))(state, b)
   assert np.isfinite(metrics["loss"]) and int(new.step) == 1
-  assert jtl.steps.summarize_eval(jtl.make_eval_step(wrapped)(new.variables, b))["count"] == 8
+  assert jtl.eval_steps.summarize_eval(jtl.make_eval_step(wrapped)(new.variables, b))["count"] == 8
 
 
 def test_dict_outputs_with_a_custom_loss_name_what_evaluation_scores(tmp_path):
@@ -171,7 +171,7 @@ def test_dict_outputs_with_a_custom_loss_name_what_evaluation_scores(tmp_path):
   variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
   labels = jtl.label_params(variables["params"], [(".*", "all")])
   tx = jtl.make_optimizer(labels, learning_rate=1e-2)
-  loss_fn = lambda out, b: jtl.steps.cross_entropy_loss(out["logits"], b)
+  loss_fn = lambda out, b: jtl.losses.cross_entropy_loss(out["logits"], b)
   rng = np.random.default_rng(0)
   data = {"inputs": rng.standard_normal((16, 4)).astype(np.float32),
           "label": rng.integers(0, 3, 16).astype(np.int32)}

@@ -85,7 +85,7 @@ def _wise_ft_checks(workdir, result):
       "loss"], rel=1e-5)  # the validation split, the best checkpoint
   run = workdirs.restore(workdir, step="best")
   validation = experiment.eval_batches(run.config, run.spec)
-  probe_eval = jtl.train.evaluate(jax.jit(jtl.steps.make_eval_step(run.module)), probe,
+  probe_eval = jtl.train.evaluate(jax.jit(jtl.eval_steps.make_eval_step(run.module)), probe,
                                   validation())
   assert rows[0.0]["loss"] == pytest.approx(probe_eval["loss"], rel=1e-5)
   assert rows[0.0]["loss"] != pytest.approx(rows[1.0]["loss"], rel=1e-3)

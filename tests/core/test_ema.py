@@ -84,7 +84,7 @@ def test_evaluation_and_restore_use_the_ema_weights(tmp_path):
                          workdir=tmp_path, async_checkpoints=False, progress=False,
                          ema_decay=DECAY)
   state = result.state
-  eval_step = jax.jit(jtl.steps.make_eval_step(module))
+  eval_step = jax.jit(jtl.eval_steps.make_eval_step(module))
   with_ema = jtl.train.evaluate(eval_step, state.eval_variables, evals)
   raw = jtl.train.evaluate(eval_step, state.variables, evals)
   assert result.eval_metrics["loss"] == pytest.approx(with_ema["loss"], rel=1e-6)

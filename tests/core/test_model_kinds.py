@@ -111,7 +111,7 @@ def test_nnx_module_directly_and_written_back():
   jtl.update_module(model, state)
   model.eval()
   logits = model(x)
-  losses = jtl.steps.per_example_cross_entropy(logits, batches()[0]["label"])
+  losses = jtl.losses.per_example_cross_entropy(logits, batches()[0]["label"])
   np.testing.assert_allclose(float(jnp.sum(losses)), expected["loss"], rtol=1e-5)
   np.testing.assert_array_equal(model.head.kernel[...], state.params["head"]["kernel"])
 

@@ -42,7 +42,7 @@ def test_frozen_leaves_and_frozen_bn_stats_do_not_change():
 def test_frozen_bn_forward_equals_eval_mode():
   model, variables, labels, state, step, b = setup(HEAD_ONLY)
   eval_logits = model.apply(variables, b["inputs"], train=False)
-  with jtl.steps.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
+  with jtl.adapter.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
     train_logits, _ = model.apply(variables, b["inputs"], train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(train_logits, eval_logits, atol=1e-6)
 
@@ -59,7 +59,7 @@ def test_frozen_bn_with_the_flag_in_the_constructor_or_positional():
 
   x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 3.0
   v = Net().init(jax.random.PRNGKey(0), x)
-  with jtl.steps.frozen_batchnorm(["bn0", "bn1"]):
+  with jtl.adapter.frozen_batchnorm(["bn0", "bn1"]):
     out, new = Net().apply(v, x, train=True, mutable=["batch_stats"])
   for name in ("bn0", "bn1"):  # stored statistics used and kept
     jax.tree.map(np.testing.assert_array_equal, new["batch_stats"][name], v["batch_stats"][name])
@@ -81,10 +81,10 @@ def test_gradient_matches_full_gradient_on_trainable_leaves():
   new, metrics = jax.jit(step)(state, b)
 
   def full_loss(params):
-    with jtl.steps.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
+    with jtl.adapter.frozen_batchnorm(jtl.partition.frozen_module_paths(labels)):
       logits, _ = model.apply({**variables, "params": params}, b["inputs"], train=True,
                               mutable=["batch_stats"])
-    return jtl.steps.cross_entropy_loss(logits, b)
+    return jtl.losses.cross_entropy_loss(logits, b)
 
   full_grads = jax.jit(jax.grad(full_loss))(variables["params"])
   # SGD with lr 1: update = -grad.
@@ -258,7 +258,7 @@ def test_eval_counts_masked_batch_exactly():
   ce = -jax.nn.log_softmax(logits)[np.arange(8), b["label"]]
   np.testing.assert_allclose(sums["loss"], np.sum(np.where(mask, ce, 0)), rtol=1e-5)
   assert "correct_top5" not in sums  # 4 classes: always in the top 5, not reported
-  summary = jtl.steps.summarize_eval(sums)
+  summary = jtl.eval_steps.summarize_eval(sums)
   assert summary["count"] == 5 and 0 <= summary["accuracy"] <= 1
   assert "top5_accuracy" not in summary
 

@@ -205,7 +205,7 @@ def test_batch_norm_equals_flax_in_values_gradients_and_statistics(momentum, eps
 
 
 def test_batch_norm_under_the_frozen_interceptor_uses_stored_statistics():
-  from jtl.steps import frozen_batchnorm
+  from jtl.adapter import frozen_batchnorm
   x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 3, 3, 2)) + 2.0, jnp.float32)
   bn = layers.BatchNorm(momentum=0.9)
   v = bn.init(jax.random.PRNGKey(0), x, use_running_average=False)

@@ -55,7 +55,7 @@ def test_a_phase_trains_at_its_own_learning_rate():
   make_tx = functools.partial(jtl.make_optimizer, optimizer="sgd", learning_rate=1e-4)
   result = strategies.train_phases(apply, {"params": params}, phases, make_tx,
                                    iter([batch] * 2), num_steps=1)
-  grad = jax.grad(lambda h: jtl.steps.cross_entropy_loss(
+  grad = jax.grad(lambda h: jtl.losses.cross_entropy_loss(
       apply({**params, "head": {"w": h}}, batch["inputs"]), batch))(params["head"]["w"])
   np.testing.assert_allclose(result.state.params["head"]["w"], params["head"]["w"] - 0.5 * grad,
                              rtol=1e-6)

@@ -20,7 +20,7 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
 
   def loss_fn(logits, b):
     traces.append(1)  # runs only while tracing
-    return jtl.steps.cross_entropy_loss(logits, b)
+    return jtl.losses.cross_entropy_loss(logits, b)
 
   def batches():
     i = 0

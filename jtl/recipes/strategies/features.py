@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jtl import parallel, partition, phases, steps
+from jtl import losses, parallel, partition, phases, steps
 from jtl import tree as jtree
 from jtl.adapter import NnxModel, as_model, is_nnx_module
 from jtl.errors import ConfigError, DataError
@@ -157,7 +157,7 @@ def with_head(variables: PyTree, head_params: PyTree) -> dict[str, Any]:
 
 
 def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
-                 loss_fn: steps.LossFn = steps.cross_entropy_loss):
+                 loss_fn: losses.LossFn = losses.cross_entropy_loss):
   """Compiles head training on cached features once; returns
   `train(features, labels, *, num_steps, batch_size, seed=0, timings=None) -> TrainState`.
 
@@ -205,7 +205,7 @@ def head_trainer(variables: PyTree, tx: optax.GradientTransformation, *,
 
 def train_head(features: np.ndarray, labels: np.ndarray, variables: PyTree,
                tx: optax.GradientTransformation, *, num_steps: int, batch_size: int,
-               seed: int = 0, loss_fn: steps.LossFn = steps.cross_entropy_loss) -> TrainState:
+               seed: int = 0, loss_fn: losses.LossFn = losses.cross_entropy_loss) -> TrainState:
   """Trains the model's head on cached features; returns the head's TrainState.
 
   `variables` are the full model's; its head initialises the probe. Put the

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import optax
 
-from jtl import parallel, partition, steps
+from jtl import losses, parallel, partition, steps
 from jtl.errors import ConfigError, bullet_list
 from jtl.phases import switch_phase, transfer_opt_state  # noqa: F401 (re-exported)
 from jtl.recipes.strategies import rules as rules_lib
@@ -126,7 +126,7 @@ def train_phases(module: Any, variables: PyTree, phases: Sequence[Phase],
                  make_tx: Callable[[PyTree], optax.GradientTransformation],
                  batches: Iterator[dict[str, Any]], num_steps: int, *,
                  mesh: jax.sharding.Mesh | None = None,
-                 loss_fn: steps.LossFn = steps.cross_entropy_loss, seed: int = 0,
+                 loss_fn: losses.LossFn = losses.cross_entropy_loss, seed: int = 0,
                  on_phase: Callable[[Phase, PyTree], None] | None = None) -> PhasedResult:
   """Trains through `phases` for `num_steps` steps, data parallel on `mesh`.
 
