@@ -32,7 +32,7 @@ from jtl.batchnorm import recompute_batchnorm
 from jtl.checkpoint import layout
 from jtl.checkpoint.restore import restore_variables
 from jtl.errors import CheckpointError, ConfigError, JtlError
-from jtl.export import hf_export, peft
+from jtl.export import hf_export, hf_layout, peft
 from jtl.models import preprocessing
 from jtl.recipes.strategies import lora
 from jtl.recipes.strategies.builder import resolve_options
@@ -342,7 +342,7 @@ def export_hub_format(workdir: str | os.PathLike, format: str, *,  # pylint: dis
     raise ConfigError(f"{workdir}: --format peft exports LoRA adapters, but this run's "
                       f"strategy is {strategy!r}; use --format hf for merged weights.")
   try:  # a family without an HF / timm layout: say which option and model
-    hf_export.layout_of(run.module)
+    hf_layout.layout_of(run.module)
   except ConfigError as e:
     raise ConfigError(f"{workdir}: --format {format} for model {run.config.model!r}: "
                       f"{e}") from None

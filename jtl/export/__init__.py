@@ -15,7 +15,8 @@ from typing import Any
 
 from jtl.export.writers import write
 
-_SUBMODULES = ("deploy", "hf_export", "peft", "peft_import", "quantize", "serving", "writers")
+_SUBMODULES = ("deploy", "hf_export", "hf_layout", "peft", "peft_import", "quantize", "serving",
+               "writers")
 
 
 def __getattr__(name: str) -> Any:

@@ -67,7 +67,7 @@ from etils import epath
 
 from jtl import lora_layout, paths
 from jtl import tree as jtree
-from jtl.export import hf_export
+from jtl.export import hf_export, hf_layout
 from jtl.errors import CheckpointError, ConfigError, bullet_list
 from jtl.tree import PyTree
 
@@ -249,7 +249,7 @@ def peft_tensors(params: PyTree, layout: str, *, modules_to_save: Sequence[str] 
 
   Args:
     params: jtl params holding "lora_a"/"lora_b" leaves.
-    layout: one of `hf_export.LAYOUTS`.
+    layout: one of `hf_layout.LAYOUTS`.
     modules_to_save: jtl module paths saved whole (e.g. a new head, "head").
 
   Raises:
@@ -286,7 +286,7 @@ def _adapters(modules: Mapping[str, Mapping[str, np.ndarray]], layout: str
   alpha_factors: dict[str, float] = {}
   candidates, problems = [], []
   for path, leaves in sorted(modules.items()):
-    mapped = hf_export.torch_module(layout, path) if "kernel" in leaves else None
+    mapped = hf_layout.torch_module(layout, path) if "kernel" in leaves else None
     if mapped is not None and mapped[1] in _ADAPTABLE:
       candidates.append(mapped[0])
     if "lora_a" not in leaves:
@@ -355,14 +355,14 @@ def _saved_whole(layout: str, paths: Sequence[str],
   tensors: dict[str, np.ndarray] = {}
   saved, problems = [], []
   for path in paths:
-    mapped = hf_export.torch_module(layout, path)
+    mapped = hf_layout.torch_module(layout, path)
     leaves = modules.get(path)
     if mapped is None or not leaves or "lora_a" in leaves:
       problems.append(f"{path}: modules_to_save needs a plain mapped module "
                       f"(found {sorted(leaves or [])}, maps to {mapped})")
       continue
     part: dict[str, np.ndarray] = {}
-    hf_export._convert_module(mapped[1], mapped[0], leaves, part)  # pylint: disable=protected-access
+    hf_layout.convert_module(mapped[1], mapped[0], leaves, part)
     tensors.update({PREFIX + k: v for k, v in part.items()})
     saved.append(mapped[0])
   return tensors, saved, problems
@@ -404,7 +404,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   Returns:
     out_dir as an `epath.Path` (a local folder or a bucket URL).
   """
-  layout = hf_export.layout_of(module)
+  layout = hf_layout.layout_of(module)
   alpha = getattr(module, "alpha", None) if alpha is None else alpha
   if not (isinstance(alpha, (int, float)) and alpha > 0):
     raise ConfigError(f"export_peft: alpha={alpha!r}; pass the LoRA alpha the adapters "
@@ -420,7 +420,7 @@ def export_peft(module: Any, variables: PyTree, out_dir: str | os.PathLike, *,
   tensors, lora_cfg = peft_tensors(params, layout, modules_to_save=modules_to_save)
   out = paths.path(out_dir)  # a local folder or a bucket URL
   if bert_head:
-    head = hf_export.to_torch_state_dict({"params": {"head": params["head"]}}, layout)
+    head = hf_layout.to_torch_state_dict({"params": {"head": params["head"]}}, layout)
     hf_export.write_safetensors(head, out / HEAD_FILE)
   task = _TASK_TYPES[layout] if task_type == "auto" else task_type
   config = {

@@ -43,7 +43,7 @@ import numpy as np
 
 from jtl import tree as jtree
 from jtl.errors import CheckpointError, bullet_list
-from jtl.export import hf_export
+from jtl.export import hf_layout
 from jtl.export.peft import _MAGNITUDE, _QKV, CONFIG_FILE, HEAD_FILE, PREFIX, WEIGHTS_FILE, _modules
 from jtl.tree import PyTree
 from jtl.weights.readers import read
@@ -250,10 +250,10 @@ def _torch_to_jtl(flat: Mapping[str, Any], layout: str) -> dict[str, list[str]]:
   module paths (with a kernel) it covers."""
   out: dict[str, list[str]] = {}
   for module, leaves in _modules(flat).items():
-    mapped = hf_export.torch_module(layout, module) if "kernel" in leaves else None
+    mapped = hf_layout.torch_module(layout, module) if "kernel" in leaves else None
     if mapped is not None:
       out.setdefault(mapped[0], []).append(module)
-      saved = hf_export.saved_name(layout, mapped[0])
+      saved = hf_layout.saved_name(layout, mapped[0])
       if saved != mapped[0]:
         out.setdefault(saved, []).append(module)
   return out
@@ -291,7 +291,7 @@ def _task_model_names(groups: dict[str, dict[str, np.ndarray]], layout: str, whe
         "BertForSequenceClassification's classifier reads the [CLS] pooler output, the head "
         "of layout='bert' the mean-pooled features. To load it as the head, build the Bert "
         "with pool='cls_pooler' (model_kwargs={'pool': 'cls_pooler'}) and import with "
-        "layout='bert_cls' (hf_export.layout_of(model)); or remove those tensors from "
+        "layout='bert_cls' (hf_layout.layout_of(model)); or remove those tensors from "
         f"{WEIGHTS_FILE} to import the encoder's adapters alone.")
   return {n[len("bert."):]: part for n, part in groups.items()}
 
@@ -393,7 +393,7 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
       adapters), "bert_cls" (BertForSequenceClassification, into a Bert with
       pool="cls_pooler" and a head), "timm_vit", "timm_resnet", "dinov2" (an
       adapter of Dinov2Model) or "dinov2_cls" (Dinov2ForImageClassification);
-      `hf_export.layout_of(model)` gives the model's; see `hf_export.LAYOUTS`.
+      `hf_layout.layout_of(model)` gives the model's; see `hf_layout.LAYOUTS`.
     fold_unsupported: add the update of timm's fused qkv adapters to the
       query/key/value kernels instead of making adapters on them.
 
@@ -406,7 +406,7 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
     CheckpointError: keys that map to no module, shapes that do not fit, or
       LoRA variants jtl does not implement; all listed together.
   """
-  hf_export._check_layout(layout)  # pylint: disable=protected-access
+  hf_layout.check_layout(layout)
   config, tensors = read_adapter(path)
   settings = _check_config(config, str(path))
   alpha = settings.alpha
@@ -418,7 +418,7 @@ def import_peft(params: PyTree, path: str | os.PathLike, *, layout: str,
   for name, part in sorted(_task_model_names(_group(tensors, str(path)), layout,
                                              str(path)).items()):
     paths = owners.get(name, [])
-    mapped = hf_export.torch_module(layout, paths[0]) if paths else None
+    mapped = hf_layout.torch_module(layout, paths[0]) if paths else None
     if mapped is None:
       problems.append(f"{name}: no module of the jtl model maps to it ({sorted(part)})")
       continue

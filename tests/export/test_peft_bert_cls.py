@@ -22,7 +22,7 @@ from app_helpers import load_file
 from jtl import tree as jtree
 from jtl.app import preflight
 from jtl.errors import CheckpointError
-from jtl.export import hf_export, peft, peft_import
+from jtl.export import hf_export, hf_layout, peft, peft_import
 from jtl import models
 from jtl.models import bert, registry, text
 from jtl.recipes.strategies import lora
@@ -89,8 +89,8 @@ def test_export_is_what_bert_for_sequence_classification_loaded(tmp_path):
   loaded (same sha256), the merged layout and config it loaded strictly, the
   adapter PeftModel loaded (same bytes); jtl's adapted logits == both."""
   module = gen.build()
-  assert hf_export.layout_of(module) == "bert_cls"
-  assert hf_export.layout_of(module.clone(num_classes=0)) == "bert"  # BertModel
+  assert hf_layout.layout_of(module) == "bert_cls"
+  assert hf_layout.layout_of(module.clone(num_classes=0)) == "bert"  # BertModel
   out = hf_export.export_hf(module, base(), tmp_path / "base")
   assert (hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
           == MANIFEST["base_sha256"])
