@@ -18,9 +18,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import numpy as np
 
 from jtl import tree as tree_lib
+from jtl.adapter import is_nnx_module, update_module, variables_of
 from jtl.weights.adapt import adapt_input_conv, resize_pos_embed
 from jtl.weights.formats import to_flat_arrays
 from jtl.weights.readers import MAX_EXPANSION, read, select
@@ -57,6 +59,8 @@ class LoadReport:
     reinitialised: head leaves whose class count differs (kept from init).
     adapted: leaves reshaped by an adapter (position embeddings, input conv).
     cast: loaded leaves whose dtype was changed.
+    renamed: checkpoint leaves read under the model's collection name: a
+      Linen checkpoint's "batch_stats/..." as an NNX model's "state/...".
   """
   loaded: tuple[Entry, ...] = ()
   skipped: tuple[Entry, ...] = ()
@@ -66,6 +70,7 @@ class LoadReport:
   reinitialised: tuple[Entry, ...] = ()
   adapted: tuple[Entry, ...] = ()
   cast: tuple[Entry, ...] = ()
+  renamed: tuple[Entry, ...] = ()
 
   @property
   def ok(self) -> bool:
@@ -140,12 +145,29 @@ def _converted_source(source: Any, converter: Callable[[Mapping[str, np.ndarray]
   return {k: np.asarray(v) for k, v in flat_src.items()}
 
 
-def _with_collections(flat_src: dict[str, np.ndarray], collections: set[str]
-                      ) -> dict[str, np.ndarray]:
-  """Prefixes "params/" to unconverted names when none starts with a collection."""
-  if "params" in collections and not any(k.split("/")[0] in collections for k in flat_src):
+def _with_collections(flat_src: dict[str, np.ndarray], flat_like: Mapping[str, Any],
+                      renamed: list[Entry]) -> dict[str, np.ndarray]:
+  """The source's names as the model's paths: "params/" before them when none
+  starts with a collection of the model; a Linen checkpoint's "batch_stats/"
+  as "state/" for an NNX model's variables (each one listed in `renamed`)."""
+  collections = {p.split("/")[0] for p in flat_like}
+  found = {k.split("/")[0] for k in flat_src}
+  if "params" in collections and not found & collections:
     return {f"params/{k}": v for k, v in flat_src.items()}
-  return flat_src
+  # Not "state" -> "batch_stats": "state/" also heads a saved training state.
+  if not ({"state", "batch_stats"} & collections == {"state"}
+          and {"state", "batch_stats"} & found == {"batch_stats"}):
+    return flat_src
+  out = {}
+  for name, value in flat_src.items():
+    if name.startswith("batch_stats/"):
+      path = "state/" + name[len("batch_stats/"):]
+      model_leaf = flat_like.get(path)
+      renamed.append(Entry(path, value.shape, None if model_leaf is None else
+                           tuple(model_leaf.shape), f"the checkpoint's {name}"))
+      name = path
+    out[name] = value
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +183,15 @@ class _Rules:
                for p in self.skip)
 
   def is_head(self, path: str) -> bool:
-    return self.reinit_head is not None and re.fullmatch(self.reinit_head, path) is not None
+    return self.reinit_head is not None and any(
+        re.fullmatch(self.reinit_head, p) for p in (path, _strip_collection(path)))
 
 
 def load_pretrained(
-    source: Any, like: Mapping[str, Any], *,
+    source: Any, like: Any, *,
     converter: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
     skip: Sequence[str] = (), strict: bool = True,
-    reinit_head: str | None = r"params/head/.*", dtype: Any = None,
+    reinit_head: str | None = r"head/.*", dtype: Any = None,
     adapt: bool | Sequence[tuple[str, Adapter]] = True,
     init: Callable[[Sequence[str]], Mapping[str, Any]] | None = None,
     subtree: str | None = None, max_expansion: float | None = MAX_EXPANSION,
@@ -179,21 +202,28 @@ def load_pretrained(
     source: anything `read` accepts, or an already-read (flat or nested)
       dict of arrays.
     like: freshly initialised variables, e.g. {"params": ..., "batch_stats":
-      ...}; gives the structure, shapes, dtypes and the values kept for
-      leaves that are not loaded. Its leaves may be abstract (anything with
-      `shape` and `dtype` that is not an array, e.g. the `jax.ShapeDtypeStruct`s
-      of `jax.eval_shape(module.init, ...)`): then `init` makes only the
-      leaves the checkpoint does not provide, and no memory is spent on an
-      init of the leaves it does.
-    converter: maps the source's flat dict to {"params/...": array,
-      "batch_stats/...": array}. Without it, source names are model paths (a
-      "params/" prefix is added when the source has no collection names).
+      ...} (or an apply function's params); gives the structure, shapes, dtypes
+      and the values kept for leaves that are not loaded. Its leaves may be
+      abstract (anything with `shape` and `dtype` that is not an array, e.g. the
+      `jax.ShapeDtypeStruct`s of `jax.eval_shape(module.init, ...)`): then
+      `init` makes only the leaves the checkpoint does not provide, and no
+      memory is spent on an init of the leaves it does. Or an NNX module: its
+      variables (`jtl.adapter.variables_of`: "params/...", "state/...") are
+      loaded and written into it (`jtl.adapter.update_module`), and the module
+      is returned; nothing is written when the load fails.
+    converter: maps the source's flat dict to model paths ({"params/...":
+      array, "batch_stats/...": array}). Its names, or the source's without
+      it, get "params/" before them when none starts with a collection of the
+      model; for a model with "state" but no "batch_stats" (an NNX model's),
+      "batch_stats/" names are read as "state/" (listed as `renamed`).
     skip: regexes; matching leaves (full path, or path without the collection)
       keep their init and are listed as skipped.
     strict: raise one LoadError for anything missing, unexpected or
       mismatched; False keeps init values for those and reports them.
-    reinit_head: regex of the classifier head; when only its class count (last
-      axis) differs, the model's init is kept and reported as reinitialised.
+    reinit_head: regex of the classifier head, matched as `skip` is (so the
+      default fits "params/head/..." and a bare params tree's "head/..."); when
+      only its class count (last axis) differs, the model's init is kept and
+      reported as reinitialised.
     dtype: cast loaded floating arrays to this dtype; by default they are cast
       to the dtype of the corresponding `like` leaf.
     adapt: True applies the built-in adapters (ViT position-embedding resize,
@@ -208,16 +238,40 @@ def load_pretrained(
       bytes of arrays a file may yield per byte on disk (None: no limit).
 
   Returns:
-    (variables with the structure of `like`, holding numpy arrays; LoadReport)
+    (variables with the structure of `like`, holding numpy arrays, or the NNX
+    module `like` holding the loaded weights; LoadReport)
   """
+  nnx_module = like if is_nnx_module(like) else None
+  like = variables_of(nnx_module) if nnx_module is not None else _checked_like(like)
   flat_src = _converted_source(source, converter, subtree=subtree,
                                max_expansion=max_expansion)
-  flat_like = tree_lib.flatten(like)
-  if converter is None:
-    flat_src = _with_collections(flat_src, {p.split("/")[0] for p in flat_like})
   adapters = list(DEFAULT_ADAPTERS) if adapt is True else list(adapt or ())
   rules = _Rules(skip=skip, reinit_head=reinit_head, adapters=adapters, dtype=dtype)
+  variables, report = _load(source, flat_src, like, rules, strict, init)
+  if nnx_module is not None:
+    return update_module(nnx_module, variables), report
+  return variables, report
+
+
+def _checked_like(like: Any) -> Any:
+  """`like`, unless it is a model that keeps its variables outside (a LoadError)."""
+  if getattr(like, "jtl_adapter", False) or isinstance(like, nn.Module) or callable(like):
+    raise LoadError(
+        f"load_pretrained(source, like=<{type(like).__name__}>): `like` must be the "
+        "model's variables or an NNX module, not a model that keeps its variables "
+        "outside: pass module.init(rng, x) (or jax.eval_shape of it) for a Linen module, "
+        "the params for an apply function, jtl.adapter.variables_of(model) for an "
+        "NnxModel (or the NNX module itself).")
+  return like
+
+
+def _load(source: Any, flat_src: dict[str, np.ndarray], like: Any, rules: _Rules,
+          strict: bool, init: Callable[[Sequence[str]], Mapping[str, Any]] | None
+          ) -> tuple[Any, LoadReport]:
+  """`load_pretrained` on variables `like`, from the (converted) flat source."""
+  flat_like = tree_lib.flatten(like)
   cats: dict[str, list[Entry]] = {f.name: [] for f in dataclasses.fields(LoadReport)}
+  flat_src = _with_collections(flat_src, flat_like, cats["renamed"])
   source_has_head = any(rules.is_head(p) for p in flat_src)
   out = {path: _place_leaf(path, leaf, flat_src, rules, source_has_head, cats)
          for path, leaf in flat_like.items()}
@@ -226,8 +280,7 @@ def load_pretrained(
   if strict and not report.ok:
     raise LoadError(strict_message(source, report, _naming_hint(report)), report=report)
   _materialise(out, init)
-  variables = tree_lib.map_with_path(lambda p, _: out[p], like)
-  return variables, report
+  return tree_lib.map_with_path(lambda p, _: out[p], like), report
 
 
 def _place_leaf(path: str, model_leaf: Any, flat_src: Mapping[str, np.ndarray],
@@ -345,11 +398,18 @@ def _cast(path: str, src: np.ndarray, init: np.ndarray, dtype: Any,
 
 def _naming_hint(report: LoadReport) -> str | None:
   """Advice when the checkpoint holds the model's leaves under other names:
-  a prefix before them (a saved training state: subtree=) or "." separators."""
+  another collection name (a converter renaming it), a prefix before them (a
+  saved training state: subtree=) or "." separators."""
   missing = [e.path for e in report.missing]
   unexpected = [e.path for e in report.unexpected]
   if not missing or not unexpected:
     return None
+  model_side = (report.loaded, report.missing, report.mismatched, report.reinitialised,
+                report.skipped)
+  renaming = _collection_hint(missing, unexpected, {
+      e.path.split("/")[0] for entries in model_side for e in entries if e.model_shape})
+  if renaming:
+    return renaming
   prefixes: dict[str, int] = {}
   examples: dict[str, tuple[str, str]] = {}
   for name in unexpected:
@@ -360,7 +420,9 @@ def _naming_hint(report: LoadReport) -> str | None:
         return ("The checkpoint's names use '.' where the model's use '/' (e.g. "
                 f"{name!r} for {path!r}): pass converter=lambda flat: {{k.replace('.', '/'): v "
                 "for k, v in flat.items()}, or a converter for its layout.")
-      for suffix in (path, tail):
+      # Without its collection only under "params/": what subtree= then loads
+      # gets "params/" before it, never another collection's name.
+      for suffix in (path, tail) if path.startswith("params/") else (path,):
         if name.endswith("/" + suffix):
           prefix = name[:-len(suffix) - 1]
           prefixes[prefix] = prefixes.get(prefix, 0) + 1
@@ -375,6 +437,36 @@ def _naming_hint(report: LoadReport) -> str | None:
           f"{name!r} for {path!r}): pass subtree={found!r} to "
           "load_pretrained (or jtl.weights.read) to load from there. strict=False would only "
           "keep the init values.")
+
+
+def _collection_hint(missing: Sequence[str], unexpected: Sequence[str],
+                     collections: set[str]) -> str | None:
+  """Advice when checkpoint names differ from the model's only in their first
+  part, the collection (an NNX run's "state" for a Linen model's
+  "batch_stats"): a converter renaming the most frequent one. A name the
+  model has as a collection (`collections`) is no rename."""
+  model_collections: dict[str, set[str]] = {}
+  for path in missing:
+    if "/" in path:
+      collection, rest = path.split("/", 1)
+      model_collections.setdefault(rest, set()).add(collection)
+  pairs: dict[tuple[str, str], int] = {}
+  examples: dict[tuple[str, str], tuple[str, str]] = {}
+  for name in unexpected:
+    collection, _, rest = name.partition("/")
+    if collection in collections:
+      continue
+    for other in sorted(model_collections.get(rest, set()) - {collection}):
+      pairs[collection, other] = pairs.get((collection, other), 0) + 1
+      examples.setdefault((collection, other), (name, f"{other}/{rest}"))
+  if not pairs:
+    return None
+  old, new = max(pairs, key=pairs.get)
+  name, path = examples[old, new]
+  return (f"The checkpoint holds the model's {new!r} leaves under {old!r} (e.g. {name!r} for "
+          f"{path!r}): pass converter=lambda flat: {{({new + '/'!r} + k[len({old + '/'!r}):] "
+          f"if k.startswith({old + '/'!r}) else k): v for k, v in flat.items()}} to "
+          "load_pretrained to rename it. strict=False would only keep the init values.")
 
 
 def strict_message(source: Any, report: LoadReport, advice: str | None = None) -> str:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from jtl.weights import LoadReport, adapt_input_conv, load_pretrained, read, resize_pos_embed
 from jtl.errors import LoadError
@@ -156,6 +157,20 @@ def test_head_with_other_class_count_is_reinitialised():
     load_pretrained(_src(classes=1000), _like(), reinit_head=None)
 
 
+def test_head_of_a_bare_params_tree_is_reinitialised():
+  # An apply function's params, no "params/" collection: the default head
+  # pattern matches "head/w" as it matches "params/head/kernel".
+  params = {"body": {"w": np.zeros((2, 3), np.float32)},
+            "head": {"w": np.full((3, 4), 7.0, np.float32)}}
+  src = {"body/w": np.ones((2, 3), np.float32), "head/w": np.ones((3, 10), np.float32)}
+  variables, report = load_pretrained(src, params)
+  assert report.ok and [e.path for e in report.loaded] == ["body/w"]
+  assert [e.note for e in report.reinitialised] == [
+      "checkpoint has 10 classes, model 4: re-initialised"]
+  np.testing.assert_array_equal(variables["head"]["w"], 7.0)
+  np.testing.assert_array_equal(variables["body"]["w"], 1.0)
+
+
 def test_head_mismatch_outside_class_dim_is_an_error():
   src = _src()
   src["params/head/kernel"] = np.ones((8, 10), np.float32)
@@ -274,3 +289,40 @@ def test_head_absent_from_a_headless_checkpoint_is_reinitialised_not_missing():
   assert [e.path for e in report.reinitialised] == ["params/head/kernel"]
   assert not report.missing and report.ok
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"], 7.0)
+
+
+class _NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.body = nnx.Linear(2, 3, rngs=rngs)
+    self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.body(x))
+
+
+def test_an_nnx_module_is_loaded_in_place_from_a_linen_checkpoint():
+  net = _NnxNet(nnx.Rngs(0))
+  linen = {"params/body/kernel": np.ones((2, 3), np.float32),
+           "params/body/bias": np.full(3, 2.0, np.float32),
+           "params/bn/scale": np.full(3, 3.0, np.float32),
+           "params/bn/bias": np.full(3, 4.0, np.float32),
+           "batch_stats/bn/mean": np.full(3, 5.0, np.float32),
+           "batch_stats/bn/var": np.full(3, 6.0, np.float32)}
+  out, report = load_pretrained(linen, net)
+  assert out is net and report.ok and len(report.loaded) == 6
+  # The Linen checkpoint's "batch_stats/" is the NNX model's "state/", reported.
+  assert [(e.path, e.note) for e in report.renamed] == [
+      ("state/bn/mean", "the checkpoint's batch_stats/bn/mean"),
+      ("state/bn/var", "the checkpoint's batch_stats/bn/var")]
+  assert re.search(r"^renamed +2  state/bn/mean", str(report), re.M)
+  np.testing.assert_array_equal(net.body.kernel[...], 1.0)
+  np.testing.assert_array_equal(net.bn.var[...], 6.0)
+  # A failed load names the variables' paths and writes nothing.
+  with pytest.raises(LoadError, match=r"1 missing:\n  - params/body/bias \(3,\)"):
+    load_pretrained({k: v * 0 for k, v in linen.items() if k != "params/body/bias"}, net)
+  np.testing.assert_array_equal(net.body.kernel[...], 1.0)
+
+
+def test_a_model_without_its_variables_is_refused():
+  with pytest.raises(LoadError, match=r"like=<TinyNet>.*pass module.init\(rng, x\)"):
+    load_pretrained(_src(), TinyNet())

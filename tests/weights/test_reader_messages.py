@@ -3,6 +3,7 @@ loader looks: each message names the file and the fix, and the fix works."""
 
 import io
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -68,15 +69,39 @@ def test_a_saved_training_state_points_to_subtree_and_subtree_loads_it(tmp_path)
   assert report.ok and len(report.loaded) == 2
 
 
-def test_dotted_names_point_to_a_converter(tmp_path):
+def _suggested_converter(message: str):
+  """The converter a LoadError's advice suggests, evaluated as written."""
+  return eval(re.search(r"converter=(lambda flat: \{[^{}]*\})", message).group(1))  # noqa: S307
+
+
+def test_dotted_names_point_to_a_converter_that_loads_as_written(tmp_path):
   save_file({"body.kernel": np.ones((4, 3), np.float32), "body.bias": np.ones(3, np.float32)},
             tmp_path / "dots.safetensors")
-  with pytest.raises(LoadError, match=r"use '\.' where the model's use '/'"):
+  with pytest.raises(LoadError, match=r"use '\.' where the model's use '/'") as e:
     weights.load_pretrained(tmp_path / "dots.safetensors", LIKE)
-  variables, report = weights.load_pretrained(
-      tmp_path / "dots.safetensors", LIKE,
-      converter=lambda flat: {"params/" + k.replace(".", "/"): v for k, v in flat.items()})
-  assert report.ok
+  # Its output gets "params/" before it, as the source's names without a converter.
+  variables, report = weights.load_pretrained(tmp_path / "dots.safetensors", LIKE,
+                                              converter=_suggested_converter(str(e.value)))
+  assert report.ok and len(report.loaded) == 2
+  np.testing.assert_array_equal(variables["params"]["body"]["kernel"], 1.0)
+
+
+def test_another_collection_name_points_to_a_renaming_converter(tmp_path):
+  # An NNX run's "state/" checkpoint for a Linen model's "batch_stats/": not
+  # a prefix to strip with subtree=, a collection to rename.
+  like = {**LIKE, "batch_stats": {"bn": {"mean": np.zeros(3, np.float32)}}}
+  np.savez(tmp_path / "nnx.npz", **{"params/body/kernel": np.ones((4, 3), np.float32),
+                                    "params/body/bias": np.ones(3, np.float32),
+                                    "state/bn/mean": np.full(3, 2.0, np.float32)})
+  with pytest.raises(LoadError, match=r"the model's 'batch_stats' leaves under 'state' "
+                                      r"\(e\.g\. 'state/bn/mean' for 'batch_stats/bn/mean'\)"
+                     ) as e:
+    weights.load_pretrained(tmp_path / "nnx.npz", like)
+  assert "subtree=" not in str(e.value)
+  variables, report = weights.load_pretrained(tmp_path / "nnx.npz", like,
+                                              converter=_suggested_converter(str(e.value)))
+  assert report.ok and len(report.loaded) == 3
+  np.testing.assert_array_equal(variables["batch_stats"]["bn"]["mean"], 2.0)
 
 
 def test_zero_heavy_compressed_npz_loads_with_max_expansion(tmp_path):
