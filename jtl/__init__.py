@@ -14,32 +14,37 @@ rest lives in its module: `jtl.weights` (weights in), `jtl.export` (outputs),
 `import jtl` imports neither TensorFlow nor TFDS: they are loaded when an input
 pipeline is first built (`jtl.make_dataset`) or a TFDS dataset is read, and
 Orbax when a training checkpoint is written or restored (`jtl.train`,
-`jtl.CheckpointManager`).
+`jtl.CheckpointManager`). The model zoo, the weight readers and the input
+pipelines load on first use too (`jtl.create`, `jtl.models`,
+`jtl.load_pretrained`, `jtl.weights`, `jtl.data`).
 """
 
 import importlib
 from typing import Any
 
-from jtl import checkpoint, data, errors, export, models, optim, parallel, partition, recipes
-from jtl import eval_steps, losses, steps, tree, weights
+from jtl import checkpoint, errors, export, optim, parallel, partition, recipes
+from jtl import eval_steps, losses, steps, tree
 from jtl.adapter import FunctionModel, LinenModel, NnxModel, as_model, update_module
 from jtl.batchnorm import recompute_batchnorm
 from jtl.errors import JtlError
-from jtl.models import create
 from jtl.optim import make_optimizer
 from jtl.parallel import jit_eval_step, jit_train_step, make_mesh, place_state, shard_batch
 from jtl.partition import label_params, summarize
 from jtl.state import TrainState, create_train_state
 from jtl.eval_steps import make_eval_step
 from jtl.steps import make_train_step
-from jtl.weights import load_pretrained
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so that `import jtl` costs about what `import jax`
-# costs: `make_dataset` brings TensorFlow, the others Orbax.
-_LAZY = {"make_dataset": "jtl.data", "CheckpointManager": "jtl.checkpoint",
-         "restore_variables": "jtl.checkpoint", "train": None}
+# Loaded on first use (name -> its module; None: the submodule itself), so
+# that `import jtl` costs about what `import jax, flax` costs: the model zoo
+# (every family's module) with `models` and `create`, the weight readers with
+# `weights` and `load_pretrained`, the input pipelines with `data`;
+# `make_dataset` brings TensorFlow, `train` and the checkpoint names Orbax.
+_LAZY = {"models": None, "create": "jtl.models", "weights": None,
+         "load_pretrained": "jtl.weights", "data": None, "make_dataset": "jtl.data",
+         "CheckpointManager": "jtl.checkpoint", "restore_variables": "jtl.checkpoint",
+         "train": None}
 
 
 def __getattr__(name: str) -> Any:

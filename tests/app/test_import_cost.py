@@ -1,4 +1,5 @@
-"""`import jtl` loads neither TensorFlow nor TFDS, prints nothing, hides no devices.
+"""`import jtl` loads neither TensorFlow nor TFDS, nor the model zoo, prints nothing,
+hides no devices.
 
 Each check runs in a fresh interpreter: this test process has TensorFlow loaded
 by other tests already. Timings are measured by scripts/benchmarks/benchmark_import.py.
@@ -18,6 +19,9 @@ import jtl
 # itself and what only it (or an explicit import) loads.
 TF_MODULES = {"jtl.data.pipeline", "jtl.data.images", "jtl.data.augment", "jtl.data.builders"}
 HEAVY = ("tensorflow", "tensorflow_datasets", "keras", "tf_keras")
+# The packages `import jtl` leaves to first use (`jtl.create`, `jtl.load_pretrained`,
+# `jtl.data`): the zoo's every family, the weight readers, the input pipelines.
+LAZY_PACKAGES = ("jtl.models", "jtl.weights", "jtl.data")
 
 
 def _modules_without_tf() -> list[str]:
@@ -38,10 +42,16 @@ heavy = {heavy!r}
 loaded = lambda: sorted(m for m in sys.modules if m.split(".")[0] in heavy)
 import jtl
 after_jtl = loaded(), sorted(m for m in sys.modules if m.split(".")[0] == "orbax")
+lazy = sorted(m for m in sys.modules if m.startswith({lazy!r}))
+from jtl import create, load_pretrained, models
+import jtl.models.efficientnet
+same = [create is jtl.models.create, load_pretrained is jtl.weights.load_pretrained,
+        models is jtl.models, jtl.models.efficientnet is sys.modules["jtl.models.efficientnet"]]
 for name in {modules!r}:
   __import__(name)
 with open({out!r}, "w") as f:
-  json.dump({{"jtl": after_jtl[0], "orbax": after_jtl[1], "all": loaded()}}, f)
+  json.dump({{"jtl": after_jtl[0], "orbax": after_jtl[1], "all": loaded(), "lazy": lazy,
+             "same": same}}, f)
 """
 
 
@@ -50,12 +60,14 @@ def test_import_jtl_and_core_modules_load_no_tensorflow_and_print_nothing(tmp_pa
   assert {"jtl.models", "jtl.weights.readers", "jtl.partition", "jtl.train",
           "jtl.data.sources"} <= set(modules)
   out = tmp_path / "loaded.json"
-  result = _run(PROBE.format(heavy=HEAVY, modules=modules, out=str(out)))
+  result = _run(PROBE.format(heavy=HEAVY, lazy=LAZY_PACKAGES, modules=modules, out=str(out)))
   assert result.returncode == 0, result.stderr
   assert (result.stdout, result.stderr) == ("", "")
   loaded = json.loads(out.read_text())
   assert loaded["jtl"] == [], "`import jtl` imported " + ", ".join(loaded["jtl"][:5])
   assert loaded["orbax"] == [], "`import jtl` imported orbax; load it on first use"
+  assert loaded["lazy"] == [], "`import jtl` imported " + ", ".join(loaded["lazy"][:5])
+  assert loaded["same"] == [True, True, True, True]
   assert loaded["all"] == [], ("importing jtl's modules (but the pipeline's) imported "
                                + ", ".join(loaded["all"][:5]))
 
