@@ -155,7 +155,7 @@ def test_label_params_warns_about_a_rule_that_labels_nothing():
   assert labels == {"head": {"kernel": "frozen"}, "body": {"kernel": "frozen"}}
 
 
-def test_nnx_module_with_a_required_flag_names_the_wrapper_and_then_trains():
+def test_nnx_module_with_a_required_flag_gets_it_and_an_opt_out_names_the_wrapper():
   from flax import nnx
 
   class Net(nnx.Module):
@@ -167,16 +167,24 @@ def test_nnx_module_with_a_required_flag_names_the_wrapper_and_then_trains():
     def __call__(self, x, *, train: bool):
       return self.head(self.drop(nnx.relu(self.body(x)), deterministic=not train))
 
+  class TwoFlags(Net):
+    def __call__(self, x, *, train: bool = False, deterministic: bool = True):
+      return super().__call__(x, train=train)
+
   model = Net(nnx.Rngs(params=0, dropout=1))
   labels = jtl.label_params(model, [("head/.*", "head"), (".*", "frozen")])
   tx = jtl.make_optimizer(labels, learning_rate=1e-2)
   state = jtl.create_train_state(model, labels, tx)
   batch = {"inputs": jnp.ones((8, 4)), "label": jnp.zeros((8,), jnp.int32)}
-  with pytest.raises(StepError, match=r"jtl.NnxModel\(module, train_kwarg='train'\)"):
-    jtl.make_train_step(model, tx, labels=labels)(state, batch)
-  wrapped = jtl.NnxModel(model, train_kwarg="train")
-  state, metrics = jax.jit(jtl.make_train_step(wrapped, tx, labels=labels))(state, batch)
-  evaluate = jax.jit(jtl.make_eval_step(wrapped))
+  with pytest.raises(StepError, match=r"requires train=, which NnxModel\(train_kwarg=None\) "
+                     r"does not pass.*jtl.NnxModel\(module, train_kwarg='train'\)"):
+    jtl.make_train_step(jtl.NnxModel(model, train_kwarg=None), tx, labels=labels)(state, batch)
+  with pytest.raises(StepError, match=r"takes several mode flags \(train, deterministic\).*"
+                     r"jtl.NnxModel\(module, train_kwarg='train'\)"):
+    jtl.NnxModel(TwoFlags(nnx.Rngs(0)))
+  assert jtl.NnxModel(model).train_kwarg == "train"  # the flag it takes is passed
+  state, metrics = jax.jit(jtl.make_train_step(model, tx, labels=labels))(state, batch)
+  evaluate = jax.jit(jtl.make_eval_step(model))
   # Evaluation passes train=False: dropout off, the same loss twice.
   first, second = evaluate(state.variables, batch), evaluate(state.variables, batch)
   assert float(first["loss"]) == float(second["loss"]) and np.isfinite(metrics["loss"])
@@ -225,9 +233,10 @@ def test_apply_function_called_without_its_flag_names_the_wrapper_and_then_train
   fit = functools.partial(jtl.train.fit, variables={"params": params}, labels=labels, tx=tx,
                           train_batches=lambda start: iter([batch] * 2), num_steps=1,
                           progress=False)
-  with pytest.raises(StepError, match=r"fn\(params, x, \*, train\) requires train=.*"
+  with pytest.raises(StepError, match=r"fn\(params, x, \*, train\) requires train=, which "
+                     r"train_kwarg=None does not pass.*"
                      r"jtl.FunctionModel\(fn, train_kwarg='train'\)"):
-    fit(module=fn)
+    fit(module=jtl.FunctionModel(fn, train_kwarg=None))
   with pytest.raises(StepError, match=r"takes no 'training' argument.*fn\(params, inputs, "
                      r"training=...\).*jtl.FunctionModel\(fn, train_kwarg='train'\)"):
     fit(module=jtl.FunctionModel(fn, train_kwarg="training"))
@@ -237,9 +246,11 @@ def test_apply_function_called_without_its_flag_names_the_wrapper_and_then_train
   with pytest.raises(StepError, match=r"takes no 'rng'.*FunctionModel\(fn, rng_kwarg=None\)"):
     jtl.make_eval_step(jtl.FunctionModel(fn, train_kwarg="train", rng_kwarg="rng"))(
         state.variables, batch)
-  # Read through jax.jit and functools.partial; a bound flag or **kwargs passes.
-  with pytest.raises(StepError, match=r"FunctionModel\(fn, train_kwarg='train'\)"):
-    jtl.make_eval_step(jax.jit(fn, static_argnames="train"))(state.variables, batch)
+  # The flag it takes is passed, read through jax.jit; a flag functools.partial
+  # binds stays as bound; **kwargs passes.
+  assert jtl.FunctionModel(jax.jit(fn, static_argnames="train")).train_kwarg == "train"
+  jtl.make_eval_step(jax.jit(fn, static_argnames="train"))(state.variables, batch)
+  assert jtl.FunctionModel(functools.partial(fn, train=False)).train_kwarg is None
   jtl.make_eval_step(functools.partial(fn, train=False))(state.variables, batch)
   jtl.make_eval_step(jtl.FunctionModel(lambda p, x, **kw: plain(p, x), train_kwarg="training"))(
       state.variables, batch)

@@ -1,6 +1,7 @@
 """Every model API through the same calls: a Linen module, its NNX twin and a
 plain apply function train to the same params (issue 13)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -432,3 +433,126 @@ def test_an_nnx_module_called_before_fit_keeps_its_sown_values_out_of_its_variab
     with pytest.raises(jtl.errors.StepError, match=r"(?s)Not in the module \(1\):\n  - "
                        r"state/feat/0 \(2, 8\).*are values the module sowed"):
       call()
+
+
+class FlagNnx(nnx.Module):
+  """The common NNX style: an optional mode flag passed on to the layers."""
+
+  def __init__(self, rngs):
+    self.body = nnx.Linear(4, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    return self.head(self.drop(self.bn(self.body(x), use_running_average=not train),
+                               deterministic=not train))
+
+
+def _losses(model, rules, variables, seeds=(0, 0, 1), evaluate=False):
+  """(each seed's first-step training loss, the first seed's state, the
+  evaluation loss when `evaluate`)."""
+  labels = jtl.label_params(variables["params"], rules)
+  tx = jtl.make_optimizer(labels, learning_rate=0.1)
+  step = jax.jit(jtl.make_train_step(model, tx, labels=labels))
+  runs = [step(jtl.create_train_state(variables, labels, tx, rng=s), SMALL) for s in seeds]
+  state = runs[0][0]
+  loss = float(jtl.make_eval_step(model)(state.variables, SMALL)["loss"]) if evaluate else None
+  return [float(m["loss"]) for _, m in runs], state, loss
+
+
+SMALL = {"inputs": np.linspace(-2, 2, 32, dtype=np.float32).reshape(8, 4),
+         "label": np.arange(8) % 3, "mask": np.ones(8, bool)}
+
+
+def test_the_mode_flag_a_call_takes_is_passed_and_frozen_statistics_stay():
+  """An optional `train=False` was never passed: the module trained in its
+  evaluation mode (BatchNorm statistics still, no dropout), silently. A
+  frozen BatchNorm stays frozen though the call passes use_running_average."""
+  model = FlagNnx(nnx.Rngs(0))
+  variables = jtl.adapter.variables_of(model)
+  assert jtl.NnxModel(model).train_kwarg == "train"
+  assert jtl.NnxModel(model, train_kwarg=None).train_kwarg is None  # the opt-out
+  (a, b, c), state, _ = _losses(model, [(".*", "all")], variables)
+  assert a == b != c  # dropout on, its keys from the train state
+  assert np.abs(state.model_state["state"]["bn"]["mean"]).min() > 0  # statistics moved
+  # The head alone trains: the BatchNorm's statistics stay bit-identical.
+  _, state, _ = _losses(model, [("head/.*", "head"), (".*", "frozen")], variables, seeds=(0,))
+  np.testing.assert_array_equal(state.model_state["state"]["bn"]["mean"],
+                                variables["state"]["bn"]["mean"])
+
+  def apply_fn(params, x, train=False, rng=None):  # the same for an apply function
+    h = x @ params["w"]
+    return h * jax.random.bernoulli(rng, 0.5, h.shape) * 2 if train else h
+
+  assert (jtl.FunctionModel(apply_fn).train_kwarg, jtl.FunctionModel(apply_fn).rng_kwarg) == (
+      "train", "rng")
+  (a, b, c), _, _ = _losses(apply_fn, [(".*", "w")], {"params": {"w": np.ones((4, 3),
+                                                                                np.float32)}})
+  assert a == b != c
+
+
+def test_an_nnx_layer_given_its_key_at_call_time_gets_one_in_training():
+  class CallRngs(nnx.Module):
+    def __init__(self, rngs):
+      self.body, self.drop = nnx.Linear(4, 3, rngs=rngs), nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs=None):
+      return self.drop(self.body(x), rngs=rngs)
+
+  class NoKey(CallRngs):
+    def __call__(self, x):
+      return self.drop(self.body(x))
+
+  model = CallRngs(nnx.Rngs(0))
+  variables = jtl.adapter.variables_of(model)
+  assert jtl.NnxModel(model).rng_kwarg == "rngs"
+  (a, b, c), _, ev = _losses(model, [(".*", "all")], variables, evaluate=True)
+  assert a == b != c and np.isfinite(ev)  # evaluation: rngs=None, no dropout
+  with pytest.raises(jtl.errors.StepError, match=r"NoKey: `deterministic` is False, but no "
+                     r"`rngs` argument.*rng_kwarg names \(now None.*__call__ an `rngs=None`"):
+    _losses(NoKey(nnx.Rngs(0)), [(".*", "all")], variables, seeds=(0,))
+
+
+class NoisyLinen(nn.Module):
+  """Draws from a stream of its own ("noise") besides dropout's, and counts
+  its calls, in evaluation too."""
+  in_eval: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    h = nn.Dropout(0.5, deterministic=not train)(nn.Dense(8, name="body")(x))
+    if train or self.in_eval:
+      h = h + jax.random.normal(self.make_rng("noise"), h.shape)
+    count = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+    if not self.is_initializing():
+      count.value += 1
+    return nn.Dense(3, name="head")(h)
+
+
+def test_linen_rng_streams_and_collections_updated_in_evaluation_are_options():
+  """make_rng("noise") was flax's raw InvalidRngError, and a collection the
+  module updates in evaluation its raw ModifyScopeVariableError."""
+  x = SMALL["inputs"]
+  variables = NoisyLinen().init(jax.random.PRNGKey(0), x)
+  with pytest.raises(jtl.errors.StepError, match=r"NoisyLinen draws from the rng stream "
+                     r"'noise'.*jtl.LinenModel\(module, rng_streams=\('dropout', 'noise'\)\)"):
+    _losses(NoisyLinen(), [(".*", "all")], variables, seeds=(0,))
+  with pytest.raises(jtl.errors.StepError, match=r"updates 'counters/calls' in evaluation.*"
+                     r"jtl.LinenModel\(module, eval_mutable=\('counters',\)\)"):
+    jtl.make_eval_step(NoisyLinen())(variables, SMALL)
+  model = jtl.LinenModel(NoisyLinen(), rng_streams=("dropout", "noise"), eval_mutable="counters")
+  (a, b, c), state, ev = _losses(model, [(".*", "all")], variables, evaluate=True)
+  assert a == b != c and np.isfinite(ev)
+  assert int(state.model_state["counters"]["calls"]) == 1  # training keeps its updates
+  # Dropout's key is the step's key as before; each other stream folds it in.
+  key = jax.random.PRNGKey(7)
+  out, _ = model.apply(variables["params"], {"counters": variables["counters"]}, x, train=True,
+                       rng=key)
+  expected, _ = NoisyLinen().apply(variables, x, train=True, mutable=["counters"], rngs={
+      "dropout": key, "noise": jax.random.fold_in(key, 1)})
+  np.testing.assert_array_equal(out, expected)
+  with pytest.raises(jtl.errors.StepError, match=r"'noise'.*in evaluation, where jtl passes "
+                     "no random keys"):
+    jtl.make_eval_step(jtl.LinenModel(NoisyLinen(in_eval=True), eval_mutable="counters"))(
+        variables, SMALL)
