@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,10 +42,14 @@ def _is_none(x: Any) -> bool:
 
 
 def _params_of(params: PyTree) -> PyTree:
-  """The params pytree, also when given an NNX module or an `nnx.State`."""
+  """The params pytree, also when given an NNX module, an `nnx.State` or Flax
+  variables (a dict with a "params" key, as `create_train_state` reads it)."""
   if is_nnx_module(params):
     return variables_of(params)["params"]
-  return as_labels(params)
+  params = as_labels(params)
+  if isinstance(params, Mapping) and "params" in params:
+    return params["params"]
+  return params
 
 
 def _labels_like(params: PyTree, labels: PyTree) -> PyTree:
@@ -81,8 +86,10 @@ def label_params(params: PyTree, rules: jtree.Rules, *, warn_unused: bool = True
 
   Args:
     params: any pytree of arrays (Flax Linen dicts, a pure dict of NNX
-      params), or a Flax NNX module (its `nnx.Param` leaves are labelled, as
-      `jtl.adapter.variables_of(module)["params"]`).
+      params), a Flax NNX module (its `nnx.Param` leaves are labelled, as
+      `jtl.adapter.variables_of(module)["params"]`), or Flax variables, a
+      dict with a "params" key ({"params": ..., "batch_stats": ...}, what
+      `create_train_state` takes): its "params" are labelled, as there.
     rules: ordered (regex, label) pairs over "/"-joined paths; a label of
       None or "frozen" freezes. First match wins; every leaf must match.
     warn_unused: warn (`UnusedRuleWarning`) about rules that label no leaf
@@ -90,7 +97,8 @@ def label_params(params: PyTree, rules: jtree.Rules, *, warn_unused: bool = True
       was meant); False for rule sets written for many models.
 
   Returns:
-    A tree of string labels with the structure of `params`.
+    A tree of string labels with the structure of the params labelled
+    (`variables["params"]` for Flax variables).
   """
   params = _params_of(params)
   compiled = jtree.compile_rules(rules)  # the rules' own form first
@@ -188,16 +196,55 @@ def trainable_labels(labels: PyTree) -> PyTree:
   return jax.tree.map(lambda l: None if is_frozen(l) else l, labels, is_leaf=_is_none)
 
 
-def frozen_module_paths(labels: PyTree) -> frozenset[str]:
+def frozen_module_paths(labels: PyTree, state: PyTree | None = None) -> frozenset[str]:
   """Module paths all of whose params are frozen ("backbone/bn0", ...).
 
-  Used to run frozen BatchNorm layers with their stored statistics.
+  Used to run frozen BatchNorm layers with their stored statistics. With
+  the model's `state` (its variables other than "params", such as
+  `TrainState.model_state`: {"batch_stats": ...} for Linen, {"state": ...}
+  for NNX; a "params" entry is ignored), also the modules that hold state
+  but no params of their own (a BatchNorm without scale and offset) whose
+  nearest ancestor with params has all of them frozen: "backbone/bn" of a
+  frozen "backbone". One at the top level beside a trained head has the
+  root as that ancestor and stays unfrozen (nothing tells which side it is
+  on): `strategies.FrozenStatistics` keeps any layer's statistics by path.
+
+  >>> labels = {"backbone": {"conv": {"kernel": "frozen"}}, "head": {"kernel": "head"}}
+  >>> state = {"batch_stats": {"backbone": {"bn": {"mean": 0.0, "var": 1.0}}}}
+  >>> sorted(frozen_module_paths(labels)), sorted(frozen_module_paths(labels, state))
+  (['backbone/conv'], ['backbone/bn', 'backbone/conv'])
   """
   by_module: dict[str, list[bool]] = {}
+  under: dict[str, bool] = {}  # every ancestor ("" the root): all params under it frozen
   for path, label in jtree.leaves_with_paths(as_labels(labels)):
     module = path.rsplit("/", 1)[0] if "/" in path else ""
     by_module.setdefault(module, []).append(is_frozen(label))
-  return frozenset(m for m, flags in by_module.items() if all(flags))
+    parts = path.split("/")
+    for i in range(len(parts)):
+      prefix = "/".join(parts[:i])
+      under[prefix] = under.get(prefix, True) and is_frozen(label)
+  frozen = {m for m, flags in by_module.items() if all(flags)}
+  for module in _state_modules(state) - set(by_module):
+    parts = module.split("/")  # the module's own subtree first, then its ancestors'
+    ancestor = next(("/".join(parts[:i]) for i in range(len(parts), -1, -1)
+                     if "/".join(parts[:i]) in under), None)
+    if ancestor is not None and under[ancestor]:
+      frozen.add(module)
+  return frozenset(frozen)
+
+
+def _state_modules(state: PyTree | None) -> set[str]:
+  """The module paths of a model state's leaves, in every collection but "params"."""
+  state = as_labels(state)
+  if not isinstance(state, Mapping):
+    return set()
+  modules = set()
+  for name, collection in state.items():
+    if name == "params":
+      continue
+    for path, _ in jtree.leaves_with_paths(as_labels(collection)):
+      modules.add(path.rsplit("/", 1)[0] if "/" in path else "")
+  return modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +305,7 @@ def _human(n: int) -> str:
 def summarize(params: PyTree, labels: PyTree) -> Summary:
   """Counts leaves, parameters and bytes per label (frozen listed last).
 
-  `params` may be a Flax NNX module, as for `label_params`."""
+  `params` may be a Flax NNX module or Flax variables, as for `label_params`."""
   params, labels = _params_of(params), as_labels(labels)
   _check_same_structure(params, labels, "params", "labels")
   stats: dict[str, list[int]] = {}

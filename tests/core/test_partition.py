@@ -1,3 +1,5 @@
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,3 +116,60 @@ def test_summary_counts_and_table():
 def test_frozen_module_paths():
   labels = jtl.label_params(params(), [("head/kernel", "head"), (".*", None)])
   assert jtl.partition.frozen_module_paths(labels) == {"backbone/block0/conv", "backbone/block1/conv"}
+
+
+def test_frozen_module_paths_with_statistics_only_layers():
+  """A BatchNorm without scale and offset has no params: it is frozen with
+  its nearest ancestor that has params, given the model's state."""
+  labels = jtl.label_params(params(), [("head/kernel", "head"), (".*", None)])
+  stats = {"mean": np.zeros(8), "var": np.ones(8)}
+  state = {"batch_stats": {"backbone": {"block0": {"bn": stats}, "bn": stats}, "top_bn": stats}}
+  frozen = {"backbone/block0/conv", "backbone/block1/conv"}
+  assert jtl.partition.frozen_module_paths(labels, state) == frozen | {
+      "backbone/block0/bn", "backbone/bn"}  # top_bn: the root trains (its head)
+  assert jtl.partition.frozen_module_paths(labels, {"params": params(), **state}) == frozen | {
+      "backbone/block0/bn", "backbone/bn"}
+  trained = jtl.label_params(params(), [("backbone/block1/.*", "top"), (".*", None)])
+  assert jtl.partition.frozen_module_paths(trained, state) == {
+      "backbone/block0/conv", "backbone/block0/bn", "head"}  # backbone/bn: block1 trains
+
+
+class BackboneNnx(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(4, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, use_scale=False, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.dense(x))
+
+
+class NetNnx(nnx.Module):
+  def __init__(self, rngs):
+    self.backbone = BackboneNnx(rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.backbone(x))
+
+
+def test_frozen_module_paths_of_an_nnx_statistics_only_batchnorm():
+  variables = jtl.adapter.variables_of(nnx.eval_shape(lambda: NetNnx(nnx.Rngs(0))))
+  labels = jtl.label_params(variables, [("head/.*", "head"), (".*", None)])
+  frozen = jtl.partition.frozen_module_paths(labels, {"state": variables["state"]})
+  assert frozen == {"backbone/dense", "backbone/bn"}  # NnxModel.apply's frozen_paths
+
+
+def test_label_params_of_flax_variables_labels_their_params():
+  module = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=True), nn.Dense(2)])
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.ones((1, 3)))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  rules = [("layers_2/.*", "head"), (".*", None)]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # every rule labels a parameter
+    labels = jtl.label_params(variables, rules)
+  assert labels == jtl.label_params(variables["params"], rules)
+  assert jtl.tree.flatten(labels)["layers_2/kernel"] == "head"
+  assert jtl.partition.summarize(variables, labels).trainable_params == 4 * 2 + 2
+  tx = jtl.make_optimizer(labels)
+  state = jtl.create_train_state(variables, labels, tx)
+  assert set(jtl.tree.flatten(state.trainable)) >= {"layers_2/kernel", "layers_2/bias"}

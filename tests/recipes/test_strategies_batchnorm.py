@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from strategies_helpers import SPEC, batch, changed, tiny
 
 import jtl
+from jtl import models
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
 from jtl.recipes.strategies import batchnorm
@@ -76,3 +80,52 @@ def test_precise_batchnorm_is_on_where_statistics_train():
     resolve(precise_batchnorm=500)
   with pytest.raises(ConfigError, match=r"precise_batchnorm=-1: expected a number"):
     resolve(freeze_batchnorm=False, precise_batchnorm=-1)
+
+
+class OwnNnx(nnx.Module):
+  """An own NNX model: statistics under "state", a BatchNorm in a list too."""
+
+  def __init__(self, rngs):
+    self.stem = nnx.Linear(4, 8, rngs=rngs)
+    self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
+    self.blocks = nnx.List([nnx.BatchNorm(8, use_scale=False, use_bias=False, rngs=rngs)])
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.blocks[0](self.stem_bn(self.stem(x))))
+
+
+def test_batchnorm_layers_of_nnx_models():
+  model = OwnNnx(nnx.Rngs(0))
+  variables = jtl.adapter.variables_of(model)
+  layers = ("blocks/0", "stem_bn")
+  assert batchnorm.batchnorm_paths(variables) == layers  # from "state" alone
+  assert batchnorm.batchnorm_paths(variables, model) == layers  # asked of the module
+  assert batchnorm.batchnorm_paths(variables, jtl.NnxModel(model)) == layers
+  assert batchnorm.batchnorm_rule(variables, model) == (r"(blocks/0|stem_bn)/.*", None)
+  # LP-FT's fine-tuning phase keeps BatchNorm's scale and offset frozen.
+  spec = SimpleNamespace(groups=[("stem", r"(stem|stem_bn|blocks)/.*"), ("head", r"head/.*")])
+  finetune = strategies.build("lp_ft", model, variables, spec).phases[1]
+  labels = jtl.label_params(variables, list(finetune.rules), warn_unused=False)
+  assert labels["stem_bn"] == {"scale": "frozen", "bias": "frozen"}
+  assert labels["stem"]["kernel"] == "stem"
+  # The zoo's NNX form (a Linen module in nnx.bridge.ToNNX) has its Linen form's layers.
+  module, linen_variables = tiny()
+  bridged = models.creation.to_nnx(module, linen_variables)
+  bridged_variables = jtl.adapter.variables_of(bridged)
+  assert (batchnorm.batchnorm_paths(bridged_variables, bridged)
+          == batchnorm.batchnorm_paths(bridged_variables)
+          == batchnorm.batchnorm_paths(linen_variables) == ("stem/bn",))
+
+
+def test_frozen_statistics_model_keeps_an_nnx_models_statistics():
+  model = OwnNnx(nnx.Rngs(0))
+  variables = jtl.adapter.variables_of(model)
+  wrapped = batchnorm.FrozenStatisticsModel(model, batchnorm.batchnorm_paths(variables, model))
+  x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 3.0
+  state = {"state": variables["state"]}
+  _, kept = wrapped.apply(variables["params"], state, x, train=True, rng=None)
+  _, moved = wrapped.model.apply(variables["params"], state, x, train=True, rng=None)
+  assert not changed(variables["state"], kept["state"])  # bit-identical
+  assert changed(variables["state"], moved["state"]) == {
+      "stem_bn/mean", "stem_bn/var", "blocks/0/mean", "blocks/0/var"}

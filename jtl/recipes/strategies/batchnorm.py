@@ -32,25 +32,64 @@ from jtl.errors import ConfigError
 from jtl.tree import PyTree
 
 
-def batchnorm_paths(variables: PyTree) -> tuple[str, ...]:
-  """Module paths of the layers that hold `batch_stats`, sorted.
+def batchnorm_paths(variables: PyTree, module: Any = None) -> tuple[str, ...]:
+  """Module paths of the BatchNorm layers, sorted.
+
+  Linen variables: the layers that hold `batch_stats`. NNX variables
+  ({"params", "state"}, `jtl.adapter.variables_of`): with the NNX `module`
+  (or its `NnxModel`), its `nnx.BatchNorm` layers (a Linen module inside
+  `nnx.bridge.ToNNX`: its `nnx.BatchStat` statistics' layers, at their Linen
+  paths); without it, the modules whose "state" holds both a `mean` and a
+  `var`, the statistics of an `nnx.BatchNorm`. A Linen `module` is not
+  read (its variables say which layers hold statistics).
 
   >>> batchnorm_paths({"params": {}, "batch_stats": {"b0": {"bn": {"mean": 0, "var": 1}}}})
   ('b0/bn',)
+  >>> batchnorm_paths({"params": {}, "state": {"b0": {"bn": {"mean": 0, "var": 1}}}})
+  ('b0/bn',)
   """
-  stats = variables.get("batch_stats") if isinstance(variables, Mapping) else None
-  if not stats:
+  if isinstance(module, adapter.NnxModel):
+    own = module.variables
+    module = module.merge(own["params"], own)
+  if adapter.is_nnx_module(module):
+    return tuple(sorted(_nnx_batchnorm_paths(module)))
+  if not isinstance(variables, Mapping):
     return ()
-  return tuple(sorted({p.rsplit("/", 1)[0] for p, _ in jtree.leaves_with_paths(stats)}))
+  if variables.get("batch_stats"):
+    modules = {p.rsplit("/", 1)[0] for p, _ in jtree.leaves_with_paths(variables["batch_stats"])}
+    return tuple(sorted(modules))
+  leaves: dict[str, set[str]] = {}
+  for path, _ in jtree.leaves_with_paths(variables.get("state") or {}):
+    if "/" in path:
+      parent, name = path.rsplit("/", 1)
+      leaves.setdefault(parent, set()).add(name)
+  return tuple(sorted(m for m, names in leaves.items() if {"mean", "var"} <= names))
 
 
-def batchnorm_rule(variables: PyTree) -> tuple[str, None] | None:
-  """A rule freezing every BatchNorm layer's params (None when the model has none).
+def _nnx_batchnorm_paths(module: Any) -> set[str]:
+  """The NNX `module`'s `nnx.BatchNorm` layers, and the Linen layers with
+  statistics inside its `nnx.bridge.ToNNX` modules (the zoo's api="nnx")."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  found: set[str] = set()
+  for path, sub in nnx.iter_modules(module):
+    prefix = "/".join(map(str, path))
+    if isinstance(sub, nnx.BatchNorm):
+      found.add(prefix)
+    elif isinstance(sub, nnx.bridge.ToNNX):
+      stats = nnx.to_pure_dict(nnx.state(sub, nnx.BatchStat))
+      found |= {"/".join(filter(None, (prefix, p.rsplit("/", 1)[0])))
+                for p, _ in jtree.leaves_with_paths(stats) if "/" in p}
+  return found
+
+
+def batchnorm_rule(variables: PyTree, module: Any = None) -> tuple[str, None] | None:
+  """A rule freezing every BatchNorm layer's params (None when the model has
+  none); the layers are `batchnorm_paths(variables, module)`'s.
 
   >>> batchnorm_rule({"params": {}, "batch_stats": {"b0": {"bn": {"mean": 0, "var": 1}}}})
   ('(b0/bn)/.*', None)
   """
-  paths = batchnorm_paths(variables)
+  paths = batchnorm_paths(variables, module)
   if not paths:
     return None
   return ("(" + "|".join(re.escape(m) for m in paths) + ")/.*", None)
@@ -101,7 +140,7 @@ class FrozenStatisticsModel:
   statistics stay bit-identical while scale and offset may train.
 
   Example:
-    model = FrozenStatisticsModel(nnx_model, batchnorm_paths(variables))
+    model = FrozenStatisticsModel(nnx_model, batchnorm_paths(variables, nnx_model))
     step = jtl.make_train_step(model, tx, labels=labels)
   """
   jtl_adapter = True
