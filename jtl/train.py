@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,7 +29,7 @@ from jtl import eval_steps, losses, parallel, steps
 from jtl import phases as phases_lib
 from jtl.checkpoint.lock import Heartbeat
 from jtl.checkpoint.manager import CheckpointManager
-from jtl.errors import Preempted, StepError
+from jtl.errors import ConfigError, Preempted, StepError, bullet_list
 from jtl.fit_checks import (
   check_options,
   first_batch_checked,
@@ -298,8 +299,8 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
     on_nonfinite: "stop": a NaN/inf loss or gradient norm raises a `DivergenceError`
       naming the step, before anything later is saved; "skip": such updates are
       not applied and the train metrics count them ("skipped", "skipped_total").
-    later_phases: (start_step, labels, tx) of later phases (`jtl.phases`: LP-FT,
-      gradual unfreezing); a resumed run restores into the phase that saved.
+    later_phases: (start_step, labels, tx) of later phases (LP-FT, gradual unfreezing: a
+      strategy's `Strategy.fit_phases`); a resumed run restores into the phase that saved.
     loss_fn, batch_transform, microbatches, compute_dtype: the train step's
       (`jtl.make_train_step`), e.g. a method's parts (`jtl.recipes.distill.distill_parts`).
     batchnorm_batches: precise BatchNorm: `batchnorm_batches()` gives one pass of
@@ -323,7 +324,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
   variables = initial_variables(module, variables, batchnorm_batches)
   heartbeat = Heartbeat()  # beaten by each batch read: see `WorkdirLock`
   eval_batches, batchnorm_batches = map(heartbeat.each_batch, (eval_batches, batchnorm_batches))
-  phases = Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
+  phases = _phases(labels, tx, later_phases)
   compile_step = functools.partial(
       compile_train_step, module=module, mesh=mesh, skip_nonfinite=on_nonfinite == "skip",
       loss_fn=loss_fn, batch_transform=batch_transform, microbatches=microbatches,
@@ -341,6 +342,42 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
               first_phase=first_phase, stop_on_signals=stop_on_signals, progress=progress,
               save_every=checkpoint_every, keep=keep, async_save=async_checkpoints,
               best_metric=best_metric if eval_batches else None)
+
+
+# Core names the recipe's helper in its advice only (no import: core never imports recipes).
+_FIT_PHASES = ("A strategy's phases in this form: labels, tx, later_phases = "
+               "strategy.fit_phases(learning_rate=...) (jtl.recipes.strategies.Strategy."
+               "fit_phases), then fit(labels=labels, tx=tx, later_phases=later_phases)")
+
+
+def _phases(labels: PyTree, tx: optax.GradientTransformation, later_phases: Any) -> Phases:
+  """`fit`'s phases: (0, labels, tx) and `later_phases`, each a (start_step >= 1,
+  labels, tx) tuple (else a ConfigError saying what each entry must be)."""
+  if isinstance(later_phases, (str, bytes)) or not isinstance(later_phases, Sequence):
+    raise ConfigError(f"fit(later_phases={later_phases!r}): expected a sequence of "
+                      f"(start_step, labels, tx) tuples. {_FIT_PHASES}.")
+  problems = []
+  for i, phase in enumerate(later_phases):
+    if hasattr(phase, "rules") and hasattr(phase, "start"):  # a strategies.Phase
+      problems.append(f"later_phases[{i}] is a strategy's Phase ({getattr(phase, 'name', '')!r} "
+                      f"from step {phase.start}): rules, not labels and an optimizer")
+    elif not (isinstance(phase, tuple) and len(phase) == 3):
+      problems.append(f"later_phases[{i}] is {type(phase).__name__} {phase!r:.80}, not a "
+                      "(start_step, labels, tx) tuple")
+    elif not (isinstance(phase[0], numbers.Integral) and not isinstance(phase[0], bool)
+              and phase[0] >= 1):
+      problems.append(f"later_phases[{i}] starts at step {phase[0]!r}: expected an int >= 1 "
+                      "(step 0 is the first phase's: fit's labels and tx)")
+    elif not (hasattr(phase[2], "init") and hasattr(phase[2], "update")):
+      problems.append(f"later_phases[{i}]'s tx is {type(phase[2]).__name__}, not an optax "
+                      "GradientTransformation")
+  starts = [p[0] for p in later_phases if isinstance(p, tuple) and len(p) == 3]
+  if not problems and len(set(starts)) < len(starts):
+    problems.append(f"later_phases start at steps {starts}: two phases at one step")
+  if problems:
+    raise ConfigError("fit(later_phases=...) takes (start_step, labels, tx) tuples:\n"
+                      + bullet_list(problems) + f"\n{_FIT_PHASES}.")
+  return Phases(sorted([(0, labels, tx), *later_phases], key=lambda p: p[0]))
 
 
 def _run(given: _Given, make_eval_step: Callable[[], Callable],

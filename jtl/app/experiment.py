@@ -226,26 +226,19 @@ def build_training(config: ml_collections.ConfigDict, created: models.CreatedMod
   changes the partition during training (LP-FT, gradual unfreezing).
   """
   strategy = strategy or build_strategy(config, created)
-  phases = []
-  for phase in strategy.phases:
-    labels = partition.label_params(strategy.variables["params"], list(phase.rules),
-                                    warn_unused=False)
-    kwargs = optimizer_kwargs(config)
-    if phase.learning_rate is not None:  # e.g. LP-FT's probe: its own constant rate
-      kwargs["learning_rate"] = phase.learning_rate
-    phases.append((phase.start, labels, strategy.make_optimizer(labels, **kwargs)))
-  return strategy.module, strategy.variables, phases
+  labels, tx, later = strategy.fit_phases(**optimizer_kwargs(config))
+  return strategy.module, strategy.variables, [(0, labels, tx), *later]
 
 
 def wrapped_phases(config: ml_collections.ConfigDict, strategy: strategies.Strategy,
-                   method: methods.Method, phases: list) -> list:
-  """`phases` over a domain method's wrapped model (the strategy's params under
-  "model/"): labels wrapped (`method.labels`), each optimizer the strategy's
-  with its L2-SP and layer-wise decay on the "model" subtree."""
-  return [(start, method.labels(labels),
-           strategy.make_optimizer(method.labels(labels), under="model",
-                                   **optimizer_kwargs(config)))
-          for start, labels, _ in phases]
+                   method: methods.Method) -> list:
+  """The strategy's phases over a domain method's wrapped model (its params
+  under "model/"): labels wrapped (`method.labels`), each optimizer the
+  strategy's with its L2-SP and layer-wise decay on the "model" subtree, and
+  a phase's own learning rate (LP-FT's probe) kept (`Strategy.fit_phases`)."""
+  labels, tx, later = strategy.fit_phases(under="model", wrap_labels=method.labels,
+                                          **optimizer_kwargs(config))
+  return [(0, labels, tx), *later]
 
 
 def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) -> int:
@@ -397,7 +390,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                          train_batches(config, created.spec),
                          lambda ds, split: train_batches(config, created.spec, ds, split))
   if method.name in methods.DOMAIN_METHODS:
-    phases = wrapped_phases(sched, strategy, method, phases)
+    # A domain method has no cached probe (preflight), so these are all the phases.
+    phases = wrapped_phases(sched, strategy, method)
   module, variables = method.module, method.variables
   summary = _print_partition(created, method, variables, phases)
   compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None

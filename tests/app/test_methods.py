@@ -233,7 +233,7 @@ def test_domain_methods_keep_the_strategys_l2sp_and_layer_decay(name):
   no_batches = lambda *_: (lambda start: iter(()))  # noqa: E731
   method = methods.build(config, created.module, variables, created.spec, no_batches(),
                          no_batches)
-  [(_, labels, tx)] = experiment.wrapped_phases(config, strategy, method, phases)
+  [(_, labels, tx)] = experiment.wrapped_phases(config, strategy, method)
   params = method.variables["params"]
   trainable, _ = partition.split(params, labels)
   state = tx.init(trainable)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import types
+
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from strategies_helpers import SPEC, batch, changed, tiny
 
 import jtl
@@ -60,6 +63,45 @@ def test_lora_trains_only_adapters_and_head_and_merges(tmp_path, capsys):
     assert alpha == 4.0
     out = s.module.apply({**state.model_state, "params": loaded}, x)
     np.testing.assert_allclose(out, adapted_out, atol=1e-6)
+
+
+class _OwnNnx(nnx.Module):
+  """An own NNX model (no Linen `apply`): two Linear layers."""
+
+  def __init__(self, rngs):
+    self.body = nnx.Linear(4, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.body(x)))
+
+
+def test_lora_strategy_trains_an_own_nnx_model_and_merges():
+  """build("lora") on an NNX module folds the adapters in (LoraWeights); it
+  once wrapped it in the Linen-only LoraModel and the first step failed with
+  an AttributeError (no `apply`)."""
+  model = _OwnNnx(nnx.Rngs(0))
+  # No example_input: an NNX module's layers are found without a trace.
+  spec = types.SimpleNamespace(groups=[("body", r"body/.*"), ("head", r"head/.*")])
+  s = strategies.build({"name": "lora", "rank": 2, "alpha": 4.0}, model,
+                       jtl.adapter.variables_of(model), spec)
+  assert isinstance(s.module, strategies.LoraWeights)
+  tx = s.make_optimizer(learning_rate=0.1, optimizer="sgd")
+  state = jtl.create_train_state(s.variables, s.labels, tx)
+  step = jax.jit(jtl.make_train_step(s.module, tx, labels=s.labels))
+  rng = np.random.default_rng(0)
+  for _ in range(2):  # B moves at step 1, A (no gradient while B = 0) at step 2
+    state, _ = step(state, {"inputs": rng.normal(size=(8, 4)).astype(np.float32),
+                            "label": rng.integers(0, 3, 8).astype(np.int32)})
+  before, after = jtl.tree.flatten(s.variables["params"]), jtl.tree.flatten(state.params)
+  for path in ("body/kernel", "body/bias"):  # the base weights: bit-equal
+    np.testing.assert_array_equal(after[path], before[path])
+  assert changed(s.variables["params"], state.params) == {
+      "body/lora_a", "body/lora_b", "head/kernel", "head/bias"}
+  x = rng.normal(size=(5, 4)).astype(np.float32)
+  adapted, _ = s.module.apply(state.params, {}, x, train=False, rng=None)
+  jtl.adapter.update_module(model, {"params": s.export_params(state.params)})
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(adapted), rtol=1e-5, atol=1e-6)
 
 
 def test_lora_errors_name_the_problem(tmp_path):

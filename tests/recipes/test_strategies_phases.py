@@ -35,11 +35,11 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
   result = strategies.train_phases(
       strategy.module, strategy.variables, strategy.phases,
       make_tx,
-      batches(), num_steps=5, loss_fn=loss_fn, on_phase=lambda p, l: seen.append(p.name))
+      batches(), num_steps=3, loss_fn=loss_fn, on_phase=lambda p, l: seen.append(p.name))
   assert seen == ["linear_probe", "full"]
   assert len(traces) == 2
-  assert result.losses.shape == (5,) and np.all(np.isfinite(result.losses))
-  assert int(result.state.step) == 5 and result.phase_starts == [0, 2]
+  assert result.losses.shape == (3,) and np.all(np.isfinite(result.losses))
+  assert int(result.state.step) == 3 and result.phase_starts == [0, 2]
   # Everything trained but BatchNorm, frozen by lp_ft's default (stored statistics too).
   bn = {k for k in jtl.tree.flatten(variables["params"]) if "/bn/" in k}
   assert bn and changed(variables["params"], result.state.params) == \
@@ -68,12 +68,49 @@ def test_lp_ft_compiles_once_per_phase_and_carries_state():
   # Same numbers as the loop: phase 2's first step from the switched state.
   step1 = jax.jit(jtl.make_train_step(strategy.module, tx1, labels=full))
   new, _ = step1(new, batch(seed=2))
-  loop_state = strategies.train_phases(
-      strategy.module, strategy.variables, strategy.phases,
-      make_tx,
-      batches(), num_steps=3).state
-  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(loop_state.params)):
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(result.state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # fit, with the phases in its form (Strategy.fit_phases), trains the same params.
+  labels, tx, later = strategy.fit_phases(learning_rate=0.05, optimizer="adam")
+  assert [start for start, _, _ in later] == [2]
+  fitted = jtl.train.fit(module=strategy.module, variables=strategy.variables, labels=labels,
+                         tx=tx, later_phases=later, train_batches=lambda start: batches(),
+                         num_steps=3, progress=False).state
+  for a, b in zip(jax.tree.leaves(fitted.params), jax.tree.leaves(result.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_phases_keep_the_probe_rate_under_a_wrapper_and_fit_refuses_phase_objects():
+  """`Strategy.fit_phases` is fit's form of the phases (the app's one path):
+  the probe at its own rate, also under a wrapping model's labels; fit names
+  it when given the strategy's Phase objects (once a raw TypeError)."""
+  module, variables = tiny()
+  strategy = strategies.build({"name": "lp_ft", "probe_steps": 2}, module, variables, SPEC)
+  wrapped = {"model": strategy.variables["params"], "disc": {"w": np.ones(2, np.float32)}}
+  labels, tx, later = strategy.fit_phases(
+      under="model", wrap_labels=lambda l: {"model": l, "disc": {"w": "disc"}},
+      learning_rate=0.05, optimizer="sgd")
+  bn = {p for p in jtl.tree.flatten(wrapped) if "/bn/" in p}  # frozen by lp_ft's default
+  for phase_tx, phase_labels, rate, trains in (
+      (tx, labels, strategies.PROBE_LEARNING_RATE,
+       {"model/head/kernel", "model/head/bias", "disc/w"}),
+      (later[0][2], later[0][1], 0.05, set(jtl.tree.flatten(wrapped)) - bn)):
+    trainable, _ = jtl.partition.split(wrapped, phase_labels)
+    ones = jax.tree.map(np.ones_like, trainable)
+    updates, _ = phase_tx.update(ones, phase_tx.init(trainable), trainable)
+    assert set(jtl.tree.flatten(updates)) == trains
+    for path, update in jtl.tree.flatten(updates).items():
+      np.testing.assert_allclose(update, -rate, rtol=1e-6, err_msg=path)
+  with pytest.raises(ConfigError, match="give both or neither"):
+    strategy.fit_phases(under="model", learning_rate=0.05)
+  labels, tx, _ = strategy.fit_phases(learning_rate=0.05)
+  for bad, says in ((strategy.phases[1:], r"later_phases\[0\] is a strategy's Phase \('full'"),
+                    ([(0, labels, tx)], r"later_phases\[0\] starts at step 0"),
+                    ([(2, labels)], r"later_phases\[0\] is tuple")):
+    with pytest.raises(ConfigError, match=r"(?s)" + says + r".*strategy\.fit_phases\("):
+      jtl.train.fit(module=strategy.module, variables=strategy.variables, labels=labels,
+                    tx=tx, later_phases=bad, train_batches=lambda start: iter(()),
+                    num_steps=3, progress=False)
 
 
 def test_gradual_unfreezing_phases_unfreeze_from_the_top():

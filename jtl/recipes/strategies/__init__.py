@@ -3,7 +3,8 @@
 Linear probe (optionally on cached features), partial fine-tuning of the top
 groups, gradual unfreezing and LP-FT phases, layer-wise learning-rate decay,
 BitFit, LoRA and L2-SP; WiSE-FT weight interpolation after LP-FT. `build(config, module, variables, spec)` picks one
-from a config; the modules below are usable on their own.
+from a config (its `Strategy.fit_phases`: the phases as `jtl.train.fit` takes them); the
+modules below are usable on their own.
 """
 
 from __future__ import annotations

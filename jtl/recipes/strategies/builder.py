@@ -3,7 +3,11 @@
     strategy = jtl.recipes.strategies.build(config.strategy, module, variables, spec)
     tx = strategy.make_optimizer(learning_rate=1e-3, weight_decay=1e-4)
     # train strategy.module from strategy.variables with strategy.labels, tx;
-    # several phases (lp_ft, gradual): jtl.recipes.strategies.train_phases.
+    # every phase (lp_ft, gradual) in jtl.train.fit's form:
+    labels, tx, later_phases = strategy.fit_phases(learning_rate=1e-3)
+    jtl.train.fit(module=strategy.module, variables=strategy.variables, labels=labels,
+                  tx=tx, later_phases=later_phases, ...)
+    # (or without checkpoints and evaluation: jtl.recipes.strategies.train_phases).
 
 `config` is a strategy name or a mapping / ConfigDict {"name": ..., options}.
 Strategies: "rules" (the config's own ordered (regex, label) rules; the
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
 
 from jtl import optim, partition
+from jtl.adapter import is_nnx_module
 from jtl.errors import ConfigError, bullet_list
 from jtl.models import registry
 from jtl.recipes.strategies import batchnorm, llrd, lora, schedules
@@ -69,6 +74,8 @@ FREEZE_BATCHNORM: dict[str, bool | str] = {
 # the moving averages that trail the weights of a short run (Wu & Johnson,
 # 2021, use a few thousand images). precise_batchnorm=0 turns it off.
 PRECISE_BATCHNORM_IMAGES = 2048
+# A later phase as `jtl.train.fit(later_phases=)` takes it: (start_step, labels, tx).
+_FitPhase = tuple[int, PyTree, optax.GradientTransformation]
 _COMMON = {"name": None, "head": "head", "layer_decay": None, "stacked": None,
            "freeze_batchnorm": None, "precise_batchnorm": None,
            "l2sp": 0.0, "l2sp_head": 0.0, "seed": 0}
@@ -156,7 +163,9 @@ class Strategy:
 
   Attributes:
     name: the strategy's name.
-    module: the model to train (a `lora.LoraModel` wrapper for LoRA).
+    module: the model to train (for LoRA a wrapper that adds the adapters:
+      `lora.LoraModel` around a Linen module, `lora.LoraWeights` around an
+      NNX one).
     variables: its initial variables (with adapters for LoRA; re-initialised
       for "scratch").
     phases: one or more `schedules.Phase`; `phases[0].rules` is the partition
@@ -220,6 +229,39 @@ class Strategy:
           o["l2sp"], exclude=_prefixed(prefix, self.head_pattern),
           head_strength=o["l2sp_head"])), tx)
     return tx
+
+  def fit_phases(self, *, under: str | None = None,
+                 wrap_labels: Callable[[PyTree], PyTree] | None = None,
+                 **optimizer_kwargs: Any) -> tuple[PyTree, optax.GradientTransformation,
+                                                   list[_FitPhase]]:
+    """Every phase in the form `jtl.train.fit` takes: (labels, tx, later_phases),
+    the first phase's labels and optimizer and the later phases' (start_step,
+    labels, tx), for `fit(labels=, tx=, later_phases=)`.
+
+    Each phase's labels are its rules over `variables["params"]`, its
+    optimizer `make_optimizer(labels, **optimizer_kwargs)` (this strategy's
+    layer-wise decay and L2-SP included), at the phase's own constant
+    `learning_rate` where it has one (LP-FT's probe) and the given one else.
+
+    `wrap_labels`, `under`: for a model wrapping this one (a domain method),
+    `wrap_labels(labels)` gives the wrapper's labels, which hold this
+    strategy's under the key `under` (`make_optimizer(under=)`); both or neither.
+    """
+    if (wrap_labels is None) != (under is None):
+      raise ConfigError(f"Strategy.fit_phases: under={under!r} and wrap_labels={wrap_labels!r} "
+                        "go together (the wrapper's labels and the key of this strategy's "
+                        "params in them): give both or neither.")
+    wrap = wrap_labels or (lambda labels: labels)
+    phases = []
+    for phase in self.phases:
+      labels = wrap(partition.label_params(self.variables["params"], list(phase.rules),
+                                           warn_unused=False))
+      kwargs = dict(optimizer_kwargs)
+      if phase.learning_rate is not None:  # e.g. LP-FT's probe: its own constant rate
+        kwargs["learning_rate"] = phase.learning_rate
+      phases.append((phase.start, labels, self.make_optimizer(labels, under=under, **kwargs)))
+    (_, labels, tx), *later = phases
+    return labels, tx, later
 
   def export_params(self, params: PyTree) -> PyTree:
     """Params for the plain model: LoRA adapters merged into their kernels."""
@@ -332,7 +374,7 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
 
   Args:
     config: strategy name, or a mapping / ConfigDict {"name", options...}.
-    module: the Flax module (e.g. `jtl.models.create(...).module`).
+    module: the Flax module (e.g. `jtl.models.create(...).module`), Linen or NNX.
     variables: its pretrained variables.
     spec: its ModelSpec (for `groups`, and `example_input` for LoRA/scratch).
     verbose: also print the trainable/frozen summary (it is always logged
@@ -369,13 +411,16 @@ def build(config: str | Mapping[str, Any], module: Any, variables: PyTree, spec:
   else:  # lora
     head_regex = dict(groups)[head]
     targets = o["targets"]
-    example = spec.example_input(1)
+    example = None if is_nnx_module(module) else spec.example_input(1)  # NNX: not traced
     layers = lora.adaptable_layers(module, variables, example)
     if targets is None:  # the attention projections, or every layer but the head
       targets = lora.default_targets(layers, head_regex)
     variables = lora.add_lora(module, variables, example, targets=targets,
                               rank=o["rank"], seed=o["seed"], layers=layers, dora=o["dora"])
-    module = lora.LoraModel(module, o["alpha"])
+    # LoraModel intercepts Linen calls; an NNX module (no `apply`) folds the
+    # adapters into its kernels inside each step instead.
+    module = (lora.LoraWeights(module, o["alpha"]) if is_nnx_module(module)
+              else lora.LoraModel(module, o["alpha"]))
     phases = (schedules.Phase(0, tuple(lora.lora_rules(head_regex)), name),)
   module, phases = _with_batchnorm_mode(o, module, variables, phases)
   labels = partition.label_params(variables["params"], list(phases[0].rules),
