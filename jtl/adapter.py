@@ -92,6 +92,17 @@ _FLAGS = ("train", "deterministic", "use_running_average", "training", "is_train
 _AUTO = "auto"  # NnxModel's and FunctionModel's default: the keyword read from the call
 
 
+def mode_flag(fn: Callable[..., Any], train: bool, *, wrapper: str) -> dict[str, bool]:
+  """The keyword argument saying training or evaluation that `fn` takes (one
+  of train, deterministic, use_running_average, training, is_training, with
+  the meaning inverted where it is), as {name: value}; {} when it takes none.
+
+  >>> mode_flag(lambda self, x, deterministic=True: x, True, wrapper="Net")
+  {'deterministic': False}
+  """
+  return _flag(_infer_kwarg(fn, _FLAGS, wrapper=wrapper, option="train_kwarg"), train)
+
+
 def _keywords(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
   """The named parameters jtl may pass `fn` by keyword: all but the first two
   positional ones (self / module / params, and the inputs) and those a
@@ -525,7 +536,7 @@ class NnxModel:
       nnx.reseed(module, **{tag: jax.random.fold_in(rng, i) for i, tag in enumerate(self._streams)})
     module.set_attributes(deterministic=not train, use_running_average=not train,
                           raise_if_not_found=False)
-    with _frozen_nnx_batchnorm(module, frozen_paths if train else ()), self._call_errors():
+    with frozen_nnx_batchnorm(module, frozen_paths if train else ()), self._call_errors():
       out = self.call_module(module, inputs, train=train, frozen_paths=frozen_paths, rng=rng)
     if not train or "state" not in model_state:
       return select_output(out, self.output), model_state
@@ -575,7 +586,7 @@ def _frozen_nnx_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _frozen_nnx_batchnorm(module: Any, frozen_paths: Iterable[str]) -> Iterator[None]:
+def frozen_nnx_batchnorm(module: Any, frozen_paths: Iterable[str]) -> Iterator[None]:
   """Within this context the nnx.BatchNorm layers of the merged `module` at
   these paths run on their stored statistics. NNX has no method interceptors
   (Linen's `frozen_batchnorm`), and a flag given at call time would override

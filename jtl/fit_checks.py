@@ -164,8 +164,8 @@ def initial_variables(module: Any, variables: PyTree | None,
     check_variables(
         variables, variables_of(module), what=f"fit(module={type(module).__name__}, variables=...)",
         advice="Pass the module's own variables: variables=None (its weights as they are), "
-        "jtl.adapter.variables_of(module) after loading weights into it, or "
-        "jtl.load_pretrained(source, like=jtl.adapter.variables_of(module))[0].",
+        "jtl.adapter.variables_of(module) after loading weights into it (with "
+        "jtl.load_pretrained(source, module), which loads into the module).",
         lora_advice="train them with module=jtl.recipes.strategies.LoraWeights(module, alpha), "
         f"or {MERGE_LORA}", sown=sown_paths(module) if is_nnx_module(module) else ())
   if batchnorm_batches is not None and set(variables) == {"params"}:

@@ -77,7 +77,8 @@ def batchnorm_refresher(module: Any, phases: Phases,
   def refresh(state: TrainState, phase: int) -> TrainState:
     if phase not in compiled:
       compiled[phase] = make_recompute_batchnorm(
-          module, skip=partition.frozen_module_paths(phases.items[phase][1]), mesh=mesh)
+          module, skip=partition.frozen_module_paths(phases.items[phase][1], state.model_state),
+          mesh=mesh)
     # With weight EMA, the statistics are those of the EMA weights: the model evaluated and saved.
     variables = compiled[phase](state.eval_variables, batches())
     model_state = {k: v for k, v in variables.items() if k != "params"}

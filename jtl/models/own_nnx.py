@@ -63,13 +63,14 @@ class NnxLinen(nnx.bridge.ToLinen):
     def run(module: nnx.Module, inputs: Any) -> Any:
       module.set_attributes(deterministic=not train, use_running_average=not train,
                             raise_if_not_found=False)
-      if train and frozen:
-        for path, sub in nnx.iter_modules(module):
-          name = "/".join(map(str, path))
-          if isinstance(sub, nnx.BatchNorm) and (f"{prefix}/{name}" if prefix else name) in frozen:
-            sub.use_running_average = True
-      with batchnorm.nnx_in_linen(module, prefix):  # precise BatchNorm's recording
-        return module(inputs)
+      # A mode flag the call takes is passed too: it would override the attributes.
+      flag = adapter.mode_flag(type(module).__call__, train,
+                               wrapper=f"jtl.NnxModel({type(module).__name__}(...)")
+      names = {"/".join(map(str, p)) for p, _ in nnx.iter_modules(module)}
+      frozen_here = [n for n in names if (f"{prefix}/{n}" if prefix else n) in frozen]
+      with adapter.frozen_nnx_batchnorm(module, frozen_here if train else ()), \
+          batchnorm.nnx_in_linen(module, prefix):  # precise BatchNorm's recording
+        return module(inputs, **flag)
 
     return nnx.bridge.ToLinen.__call__(self, x, nnx_method=run)
 

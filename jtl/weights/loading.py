@@ -183,8 +183,10 @@ class _Rules:
                for p in self.skip)
 
   def is_head(self, path: str) -> bool:
+    # Only "params/" comes off: a bare params tree's first name is a module
+    # ("encoder/head/w" is not a head), and a head is params.
     return self.reinit_head is not None and any(
-        re.fullmatch(self.reinit_head, p) for p in (path, _strip_collection(path)))
+        re.fullmatch(self.reinit_head, p) for p in (path, path.removeprefix("params/")))
 
 
 def load_pretrained(
@@ -220,8 +222,9 @@ def load_pretrained(
       keep their init and are listed as skipped.
     strict: raise one LoadError for anything missing, unexpected or
       mismatched; False keeps init values for those and reports them.
-    reinit_head: regex of the classifier head, matched as `skip` is (so the
-      default fits "params/head/..." and a bare params tree's "head/..."); when
+    reinit_head: regex of the classifier head, matched against the path and
+      the path without "params/" (so the default fits "params/head/..." and a
+      bare params tree's "head/..."); when
       only its class count (last axis) differs, the model's init is kept and
       reported as reinitialised.
     dtype: cast loaded floating arrays to this dtype; by default they are cast

@@ -232,6 +232,29 @@ def test_nnx_linen_runs_the_nnx_module_its_batchnorm_modes_and_precise_statistic
   np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], h.var((0, 1, 2)), rtol=1e-4)
 
 
+def test_nnx_linen_passes_the_mode_flag_the_nnx_call_takes():
+  from flax import nnx
+  from jtl import adapter
+  from jtl.models import own_nnx
+
+  class FlagNet(nnx.Module):  # the common NNX style: the mode as a call argument
+    def __init__(self, num_classes=3, *, rngs):
+      self.body, self.bn = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+      self.head = nnx.Linear(8, num_classes, rngs=rngs)
+
+    def __call__(self, x, train: bool = False):
+      return self.head(self.bn(self.body(x), use_running_average=not train))
+
+  module = own_nnx.spec_of_nnx(FlagNet, name="t:FlagNet").build(num_classes=3)
+  x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 2.0
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  _, trained = module.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert np.abs(trained["batch_stats"]["bn"]["mean"]).max() > 1e-3  # trained in train mode
+  with adapter.frozen_batchnorm({"bn"}):
+    _, kept = module.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(kept["batch_stats"]["bn"]["mean"], np.zeros(8))
+
+
 def test_own_nnx_factory_and_bad_nnx_references():
   spec = models.get_spec("own_model_pkg.models:tiny_nnx")
   assert spec.image_size == 16 and spec.default_num_classes == 3

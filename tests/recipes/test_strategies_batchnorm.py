@@ -129,3 +129,17 @@ def test_frozen_statistics_model_keeps_an_nnx_models_statistics():
   assert not changed(variables["state"], kept["state"])  # bit-identical
   assert changed(variables["state"], moved["state"]) == {
       "stem_bn/mean", "stem_bn/var", "blocks/0/mean", "blocks/0/var"}
+
+
+def test_bitfit_on_an_own_nnx_model_keeps_its_statistics():
+  model = OwnNnx(nnx.Rngs(0))
+  variables = jtl.adapter.variables_of(model)
+  spec = SimpleNamespace(groups=[("stem", r"(stem|stem_bn|blocks)/.*"), ("head", r"head/.*")])
+  s = strategies.build("bitfit", model, variables, spec, verbose=False)  # "statistics" mode
+  tx = jtl.make_optimizer(s.labels, learning_rate=0.1)
+  state = jtl.create_train_state(variables, s.labels, tx)
+  x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 3.0
+  new, _ = jtl.make_train_step(s.module, tx, labels=s.labels)(
+      state, {"inputs": x, "label": np.arange(8) % 3})
+  assert not changed(state.model_state["state"], new.model_state["state"])
+  assert changed(state.trainable, new.trainable) >= {"stem_bn/scale", "stem_bn/bias"}

@@ -169,6 +169,11 @@ def test_head_of_a_bare_params_tree_is_reinitialised():
       "checkpoint has 10 classes, model 4: re-initialised"]
   np.testing.assert_array_equal(variables["head"]["w"], 7.0)
   np.testing.assert_array_equal(variables["body"]["w"], 1.0)
+  # A module named head deeper in a bare tree is not the classifier: a mismatch.
+  nested = {"encoder": {"head": {"w": np.zeros((3, 4), np.float32)}}}
+  _, report = load_pretrained({"encoder/head/w": np.ones((3, 10), np.float32)}, nested,
+                              strict=False)
+  assert [e.path for e in report.mismatched] == ["encoder/head/w"] and not report.reinitialised
 
 
 def test_head_mismatch_outside_class_dim_is_an_error():

@@ -438,8 +438,12 @@ def _with_batchnorm_mode(o: dict[str, Any], module: Any, variables: PyTree,
                          ) -> tuple[Any, tuple[schedules.Phase, ...]]:
   """Applies the resolved `freeze_batchnorm` mode."""
   mode = o["freeze_batchnorm"]
-  if mode is True and (rule := batchnorm.batchnorm_rule(variables)) is not None:
+  if mode is True and (rule := batchnorm.batchnorm_rule(variables, module)) is not None:
     phases = tuple(dataclasses.replace(p, rules=(rule,) + tuple(p.rules)) for p in phases)
-  elif mode == "statistics" and (paths := batchnorm.batchnorm_paths(variables)):
-    module = batchnorm.FrozenStatistics(module, paths)
+  elif mode == "statistics" and (paths := batchnorm.batchnorm_paths(variables, module)):
+    # A Linen module is wrapped around its apply; an NNX module or a jtl
+    # adapter (LoraWeights) through the step's frozen paths.
+    linen = not (is_nnx_module(module) or getattr(module, "jtl_adapter", False))
+    wrapper = batchnorm.FrozenStatistics if linen else batchnorm.FrozenStatisticsModel
+    module = wrapper(module, paths)
   return module, phases
