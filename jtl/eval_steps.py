@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from jtl.adapter import Output, as_model, select_output
 from jtl.errors import StepError
-from jtl.losses import (Batch, correct_count, hard_labels, logits_of, per_example_cross_entropy,
-                        row_mask)
+from jtl.losses import (Batch, check_batch, correct_count, describe_outputs, hard_labels,
+                        logits_of, per_example_cross_entropy, row_mask)
 from jtl.tree import PyTree, cast_floats, check_compute_dtype
 
 # Top-k accuracy is reported for k = TOP_K, and only for more than TOP_K classes.
@@ -34,12 +34,7 @@ def eval_logits(outputs: Any, batch: Batch, eval_output: Output = None) -> jax.A
   picked = select_output(outputs, eval_output) if eval_output is not None else logits_of(outputs)
   n = jnp.shape(batch["label"])[0]
   if picked is None or jnp.ndim(picked) != 2 or jnp.shape(picked)[0] != n:
-    if isinstance(outputs, dict):
-      what = f"a dict with keys {sorted(outputs)}"
-    elif isinstance(outputs, (tuple, list)):
-      what = f"a {type(outputs).__name__} of {len(outputs)} whose first element is not logits"
-    else:
-      what = f"{type(outputs).__name__} of shape {jnp.shape(outputs)}"
+    what = describe_outputs(outputs)
     got = "" if eval_output is None else (
         f"; eval_output={eval_output!r} gave {type(picked).__name__} of shape "
         f"{jnp.shape(picked) if picked is not None else None}")
@@ -91,6 +86,9 @@ def make_eval_step(
   adapter = as_model(model)
 
   def eval_step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
+    # An eval_fn's sums need no labels where a mask counts the rows.
+    check_batch(batch, needs_label=eval_fn is None or "mask" not in batch,
+                what="An evaluation batch")
     outputs = _eval_outputs(adapter, variables, batch, compute_dtype)
     mask = row_mask(batch)
     if eval_fn is not None:

@@ -15,10 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from jtl import parallel
 from jtl.adapter import NnxModel, is_nnx_module, sown_paths, variables_of
 from jtl.checkpoint.manager import CheckpointManager
 from jtl.errors import CheckpointError, ConfigError, DivergenceError, StepError
-from jtl.losses import Batch
+from jtl.losses import Batch, check_batch
+from jtl.state import TrainState
 from jtl.tree import PyTree, check_compute_dtype
 from jtl.variable_checks import MERGE_LORA, check_variables
 
@@ -26,12 +28,17 @@ from jtl.variable_checks import MERGE_LORA, check_variables
 def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
                         eval_step: Callable | None,
                         output_classes: Callable[..., int | None],
-                        variables: Callable[[], PyTree]) -> Callable[[int], Iterator[Batch]]:
+                        variables: Callable[[], PyTree],
+                        trace_train_step: Callable[[Batch], Any] | None = None
+                        ) -> Callable[[int], Iterator[Batch]]:
   """`train_batches` whose first batch is checked before the first training
-  step: its keys, its labels against the classes of the model's logits
-  (shapes and values), and its trace through `eval_step` (shapes only,
-  `jax.eval_shape`), so that outputs evaluation cannot score (a dict without
-  eval_output=, ...) fail now instead of at the first evaluation."""
+  step: its format (`jtl.losses.check_batch`), its trace through the train
+  step (`trace_train_step(batch)`, e.g. `trace_first_step`: shapes only, so
+  that a loss that cannot take the model's outputs fails now), its labels
+  against the classes of the model's logits (shapes and values), and its
+  trace through `eval_step` (shapes only, `jax.eval_shape`), so that outputs
+  evaluation cannot score (a dict without eval_output=, ...) fail now
+  instead of at the first evaluation."""
   if not callable(train_batches):
     raise StepError(
         f"fit(train_batches=...) takes a function start_step -> iterator of batches (the "
@@ -43,7 +50,9 @@ def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
     first = next(batches, None)
     if first is None:
       return batches
-    _check_batch(first)
+    check_batch(first, what="A training batch (from train_batches)")
+    if trace_train_step is not None:
+      trace_train_step(first)
     probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
     try:
       classes = output_classes(variables(), probe)
@@ -62,13 +71,13 @@ def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
   return make
 
 
-def _check_batch(batch: Any) -> None:
-  """A training batch is a dict with "inputs" and "label"."""
-  if not isinstance(batch, dict) or not {"inputs", "label"} <= set(batch):
-    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise StepError(
-        f"A training batch must be a dict with 'inputs' and 'label' (and optionally 'mask'), "
-        f"got {got}. Yield {{'inputs': x, 'label': y}} from train_batches(start_step).")
+def trace_first_step(train_step: Callable, state: TrainState, batch: Batch,
+                     mesh: jax.sharding.Mesh) -> None:
+  """Traces the jitted `train_step` on `batch` placed as the step loop places
+  it (`jax.eval_shape`: no computation; the first step reuses this trace), so
+  that what only the training pass reads (the loss of the model's outputs, a
+  batch_transform) fails before the first step."""
+  jax.eval_shape(train_step, state, parallel.shard_batch(batch, mesh))
 
 
 def _check_label_values(label: Any, mask: Any, num_classes: int) -> None:

@@ -1,12 +1,14 @@
 """Losses and per-row counts over a batch, shared by the train and eval steps.
 
 Batches are dicts: {"inputs": ..., "label": int [B] or soft [B, C],
-"mask": bool [B] (optional; only rows with mask=True count)}.
+"mask": bool [B] (optional; only rows with mask=True count)}; other keys
+pass on to a `loss_fn` or `batch_transform` (a method's batches carry more).
+Both steps refuse any other batch at trace time (`check_batch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -19,11 +21,67 @@ Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], Any]  # -> scalar, or (scalar, {name: scalar metric})
 
 
-def cross_entropy_loss(logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
+# Keys a batch of another library's convention gives for the two jtl reads.
+_NEAR_MISSES = {"inputs": ("input", "image", "images", "img", "x", "pixel_values", "features"),
+                "label": ("labels", "y", "target", "targets", "class", "label_ids")}
+
+
+def check_batch(batch: Any, *, needs_label: bool = True, what: str = "A batch") -> None:
+  """Refuses a batch that is not a dict with "inputs" (and "label" when
+  `needs_label`), naming the keys to rename ("image" -> "inputs", "labels" ->
+  "label"). Other keys pass. Types and keys only: free at trace time.
+
+  >>> check_batch({"image": 0, "labels": 0})  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jtl.errors.StepError: A batch must be a dict ... Rename 'image' -> 'inputs', 'labels' -> 'label'.
+  """
+  if isinstance(batch, Mapping):
+    missing = [k for k in ("inputs", "label") if k not in batch and (needs_label or k == "inputs")]
+    if not missing:
+      return
+    got = (f"a dict with keys {sorted(map(str, batch))}, without "
+           f"{' and '.join(map(repr, missing))}")
+    renames = [f"{k!r} -> {want!r}" for want in missing for k in batch
+               if str(k).lower() in _NEAR_MISSES[want]]
+    fix = f" Rename {', '.join(renames)}." if renames else ""
+  elif isinstance(batch, (tuple, list)):
+    got = f"a {type(batch).__name__} of {len(batch)}"
+    fix = " Turn (x, y) pairs into {'inputs': x, 'label': y} in the data pipeline."
+  else:
+    got, fix = type(batch).__name__, ""
+  raise StepError(
+      f"{what} must be a dict with 'inputs' and 'label' (class indices [B] or soft labels "
+      "[B, C]) and optionally 'mask' (bool [B], the rows that count; other keys pass on to "
+      f"loss_fn and batch_transform); got {got}.{fix}")
+
+
+def describe_outputs(outputs: Any) -> str:
+  """A model's outputs in a few words, for errors about where the logits are."""
+  if isinstance(outputs, dict):
+    return f"a dict with keys {sorted(map(str, outputs))}"
+  if isinstance(outputs, (tuple, list)):
+    return f"a {type(outputs).__name__} of {len(outputs)} whose first element is not logits"
+  return f"{type(outputs).__name__} of shape {jnp.shape(outputs)}"
+
+
+def cross_entropy_loss(outputs: Any, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
   """Mean softmax cross-entropy over the rows with mask=True.
 
-  Accepts integer labels [B] or soft labels [B, C] (e.g. from mixup).
+  `outputs`: the logits, or a tuple / list whose first element they are
+  (what evaluation scores, `logits_of`); other outputs (a dict) raise a
+  StepError at trace time that says to pass `loss_fn=` or an adapter's
+  `output=`. Accepts integer labels [B] or soft labels [B, C] (e.g. from mixup).
   """
+  logits = logits_of(outputs)
+  if logits is None:
+    raise StepError(
+        "The default loss (jtl.losses.cross_entropy_loss) needs the logits: the model's "
+        f"output or the first element of a tuple; the model returned "
+        f"{describe_outputs(outputs)}. Pass loss_fn=(outputs, batch) -> loss, e.g. lambda out, "
+        "b: jtl.losses.cross_entropy_loss(out['logits'], b), or pick the logits for training "
+        "and evaluation alike with an adapter: jtl.LinenModel(module, output='logits') "
+        "(jtl.NnxModel and jtl.FunctionModel take output= too).")
   return masked_mean(per_example_cross_entropy(logits, batch["label"], label_smoothing),
                      batch.get("mask"))
 

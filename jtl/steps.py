@@ -6,7 +6,8 @@ and nothing downstream (clipping, gradient-norm logging, weight decay) reads
 one. Frozen BatchNorm layers run with their stored statistics.
 
 Batches are dicts: {"inputs": ..., "label": int [B] or soft [B, C],
-"mask": bool [B] (optional)} (`jtl.losses`).
+"mask": bool [B] (optional)}, other keys passed on; any other batch is
+refused when the step is traced (`jtl.losses.check_batch`).
 
 A training batch's mask takes its padding rows out of the losses and metrics,
 not out of a BatchNorm layer in train mode: its batch statistics count every
@@ -26,7 +27,7 @@ the micro-batches' statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -37,7 +38,8 @@ from jtl import partition
 from jtl.adapter import as_model
 from jtl.errors import StepError
 from jtl.state import TrainState
-from jtl.losses import Batch, LossFn, correct_count, cross_entropy_loss, logits_of, row_count
+from jtl.losses import (Batch, LossFn, check_batch, correct_count, cross_entropy_loss, logits_of,
+                        row_count)
 from jtl.tree import PyTree, cast_floats, check_compute_dtype
 
 
@@ -107,7 +109,9 @@ def make_train_step(
       do not pad its training batches (module doc).
     loss_fn: `loss_fn(outputs, batch) -> scalar` or `-> (scalar, metrics)`,
       where `outputs` is what the model returns (logits, or a method's tuple)
-      and metrics are extra scalars to report.
+      and metrics are extra scalars to report. The default,
+      `jtl.losses.cross_entropy_loss`, takes the logits as evaluation does
+      (the outputs or a tuple's first element) and refuses a dict.
     batch_transform: `batch_transform(state, batch, rng) -> (batch,
       metrics)`, run on the whole batch before the gradient, outside it (e.g.
       teacher targets, adversarial inputs, a schedule of the step); its
@@ -136,11 +140,7 @@ def make_train_step(
     rng, step_rng = jax.random.split(state.rng)
     if axis_name is not None:
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
-    extra: dict[str, Any] = {}
-    if batch_transform is not None:
-      batch, extra = batch_transform(state, batch, jax.random.fold_in(step_rng, 1))
-      batch = jax.lax.stop_gradient(batch)
-
+    batch, extra = _step_batch(batch_transform, loss_fn, state, batch, step_rng)
     (loss, (model_state, aux)), grads = _value_and_grad(grad_fn, state, batch, step_rng,
                                                         microbatches)
     count = row_count(batch)
@@ -155,6 +155,26 @@ def make_train_step(
 
   train_step.axis_name = axis_name  # checked by jtl.parallel's pmap_/jit_train_step
   return train_step
+
+
+def _step_batch(batch_transform: BatchTransform | None, loss_fn: LossFn, state: TrainState,
+                batch: Batch, step_rng: jax.Array) -> tuple[Batch, dict[str, Any]]:
+  """The batch the step reads and the transform's metrics: `batch` checked, or
+  what `batch_transform` makes of it (a dict given to it; the keys the step
+  reads are checked after it, which may build them), outside the gradient."""
+  if batch_transform is None or not isinstance(batch, Mapping):
+    _check_train_batch(batch, loss_fn)
+  if batch_transform is None:
+    return batch, {}
+  batch, extra = batch_transform(state, batch, jax.random.fold_in(step_rng, 1))
+  _check_train_batch(batch, loss_fn, "A training batch (after batch_transform)")
+  return jax.lax.stop_gradient(batch), extra
+
+
+def _check_train_batch(batch: Batch, loss_fn: LossFn, what: str = "A training batch") -> None:
+  """`check_batch` for the step: "label" is read by the default loss, and by the
+  row count of a batch without a mask; a custom loss with a mask may go without."""
+  check_batch(batch, needs_label=loss_fn is cross_entropy_loss or "mask" not in batch, what=what)
 
 
 def _checked_options(microbatches: int, ema_decay: float | None, compute_dtype: Any) -> Any:
@@ -179,7 +199,8 @@ def _make_loss(adapter: Any, frozen_paths: frozenset, loss_fn: LossFn, compute_d
     outputs = cast_floats(outputs, jnp.float32)
     loss, aux = _loss_and_metrics(loss_fn, outputs, batch)
     logits = logits_of(outputs)
-    if "accuracy" not in aux and logits is not None and logits.shape[0] == batch["label"].shape[0]:
+    if ("accuracy" not in aux and logits is not None and "label" in batch
+        and logits.shape[0] == batch["label"].shape[0]):
       aux["correct"] = correct_count(logits, batch)
     return loss, (dict(new_model_state), aux)
   return loss_and_aux

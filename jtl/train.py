@@ -35,6 +35,7 @@ from jtl.fit_checks import (
   first_batch_checked,
   initial_variables,
   stop_if_diverged,
+  trace_first_step,
 )
 from jtl.fit_io import open_run, progress_bar, report, LogWindow
 from jtl.fit_phases import (
@@ -404,14 +405,16 @@ def _run(given: _Given, make_eval_step: Callable[[], Callable],
       begin = first_phase.steps
     phase = phases.at(begin - 1) if begin else 0
     eval_step = jax.jit(make_eval_step())
-    train_batches = given.heartbeat.each_batch(first_batch_checked(
-        train_batches, eval_step if given.eval_batches is not None else None, output_classes,
-        lambda: state.variables))
     loop = _Loop(dataclasses.replace(
         given, mngr=mngr, writer=writer, eval_step=eval_step,
         bar=progress_bar(stack, begin, num_steps) if progress else None),
         state=state, phase=phase, train_step=given.compile_step(*phases.items[phase][1:]),
         last_saved=mngr.latest_step() if mngr else None)
+    # Read at the loop's first step, once its phase is entered: that step's trace.
+    train_batches = given.heartbeat.each_batch(first_batch_checked(
+        train_batches, eval_step if given.eval_batches is not None else None, output_classes,
+        lambda: state.variables,
+        lambda batch: trace_first_step(loop.train_step, loop.state, batch, given.mesh)))
     if first_row is not None:
       loop.end_first_phase(begin, first_row, last=begin == num_steps)
     loop.run(train_batches(begin), begin, num_steps)

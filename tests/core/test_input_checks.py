@@ -77,10 +77,38 @@ def test_fit_names_what_train_batches_must_be():
     _fit(batches=[batch])
   with pytest.raises(StepError, match="ran out before step 2 of num_steps=2"):
     _fit(batches=lambda start: iter([batch]))
-  with pytest.raises(StepError, match="must be a dict with 'inputs' and 'label'"):
+  with pytest.raises(StepError, match="must be a dict with 'inputs' and 'label'.*"
+                                      "Rename 'x' -> 'inputs', 'y' -> 'label'"):
     _fit(batches=lambda start: iter([{"x": batch["inputs"], "y": batch["label"]}] * 2))
   with pytest.raises(StepError, match=r"fit\(eval_batches=...\) takes a function"):
     _fit(eval_batches=[batch])
+
+
+class DictNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return {"logits": Net(name="net")(x)}
+
+
+def test_fit_traces_the_default_loss_before_the_first_step():
+  # A dict output and the default loss: fit's check traces the training step
+  # first, so its advice (an adapter's output=, which training and evaluation
+  # both read) comes before the evaluation check's and before any step.
+  variables = DictNet().init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  batch = _batch(np.arange(8) % 3)
+  kw = dict(variables=variables, labels=labels, tx=jtl.make_optimizer(labels), num_steps=1,
+            train_batches=lambda start: iter([batch]), progress=False,
+            eval_batches=lambda: [{**batch, "mask": np.ones(8, bool)}])
+  steps_run = []
+  with pytest.raises(StepError, match=r"default loss .* returned a dict with keys \['logits'\]"
+                                      r"\. Pass loss_fn=.*output='logits'"):
+    jtl.train.fit(module=DictNet(), log_every=1, on_log=lambda s, m: steps_run.append(s), **kw)
+  assert steps_run == []
+  result = jtl.train.fit(module=jtl.LinenModel(DictNet(), output="logits"), **kw)
+  logits = DictNet().apply({"params": result.state.params}, batch["inputs"])["logits"]
+  ce = -jax.nn.log_softmax(logits)[np.arange(8), batch["label"]]
+  assert result.eval_metrics["loss"] == pytest.approx(float(np.mean(ce)), rel=1e-5)
 
 
 def test_resuming_with_other_rules_is_a_checkpoint_error_naming_the_leaves(tmp_path):

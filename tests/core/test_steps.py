@@ -288,3 +288,59 @@ def test_non_scalar_loss_is_rejected():
                             loss_fn=lambda logits, batch: jnp.sum(logits, axis=-1))
   with pytest.raises(StepError, match=r"scalar, got shape \(16,\)"):
     bad(state, b)
+
+
+class _TupleNet(nn.Module):
+  as_dict: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    h = nn.Dense(8, name="body")(x)
+    logits = nn.Dense(3, name="head")(h)
+    return {"logits": logits, "feat": h} if self.as_dict else (logits, {"feat": h})
+
+
+def test_default_loss_takes_the_logits_as_evaluation_does():
+  x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4)
+  b = {"inputs": x, "label": np.array([0, 1, 2, 0], np.int32)}
+  variables = _TupleNet().init(jax.random.PRNGKey(0), x)
+  labels = jtl.label_params(variables["params"], [(".*", "all")])
+  tx = jtl.make_optimizer(labels, learning_rate=0.1, optimizer="sgd")
+  state = jtl.create_train_state(variables, labels, tx)
+  logits = _TupleNet().apply(variables, x)[0]
+  ce = float(np.mean(-jax.nn.log_softmax(logits)[np.arange(4), b["label"]]))
+  # A tuple (logits, aux): trained and scored by its first element alike.
+  _, metrics = jax.jit(jtl.make_train_step(_TupleNet(), tx, labels=labels))(state, b)
+  sums = jax.jit(jtl.make_eval_step(_TupleNet()))(variables, b)
+  np.testing.assert_allclose([metrics["loss"], sums["loss"] / 4], [ce, ce], rtol=1e-5)
+  # A dict: the loss says what to pass, at trace time; an adapter's output= picks them.
+  with pytest.raises(StepError, match=r"returned a dict with keys \['feat', 'logits'\]\. "
+                                      r"Pass loss_fn=.*output='logits'"):
+    jax.eval_shape(jtl.make_train_step(_TupleNet(True), tx, labels=labels), state, b)
+  picked = jtl.LinenModel(_TupleNet(True), output="logits")
+  _, metrics = jax.jit(jtl.make_train_step(picked, tx, labels=labels))(state, b)
+  np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)
+
+
+def test_batches_of_another_format_say_what_to_rename():
+  model, variables, labels, state, step, b = setup(HEAD_ONLY, model=MLP())
+  x, y = b["inputs"], np.arange(16) % 4
+  fmt = r"must be a dict with 'inputs' and 'label' .*; got "
+  for bad, fix in [((x, y), r"a tuple of 2\. Turn \(x, y\) pairs into"),
+                   ({"image": x, "labels": y}, r"a dict with keys \['image', 'labels'\], without "
+                    r"'inputs' and 'label'\. Rename 'image' -> 'inputs', 'labels' -> 'label'\."),
+                   ({"inputs": x, "y": y}, r".*, without 'label'\. Rename 'y' -> 'label'\.")]:
+    with pytest.raises(StepError, match="A training batch " + fmt + fix):
+      jax.eval_shape(step, state, bad)
+  with pytest.raises(StepError, match=r"An evaluation batch .*Rename 'x' -> 'inputs'"):
+    jax.eval_shape(jtl.make_eval_step(model), variables, {"x": x, "label": y})
+  # Other keys pass on to the loss; a custom loss with a mask needs no label.
+  _, extra = jax.jit(step)(state, {"inputs": x, "label": y, "weight": np.ones(16)})
+  logits = model.apply(variables, x)
+  ce = -jax.nn.log_softmax(logits)[np.arange(16), y]
+  np.testing.assert_allclose(extra["loss"], np.mean(ce), rtol=1e-5)
+  tx = jtl.make_optimizer(labels)
+  unlabeled = jtl.make_train_step(model, tx, labels=labels, loss_fn=lambda out, _: jnp.mean(out**2))
+  _, m = jax.jit(unlabeled)(jtl.create_train_state(variables, labels, tx),
+                            {"inputs": x, "mask": np.ones(16, bool)})
+  np.testing.assert_allclose(m["loss"], np.mean(np.asarray(logits) ** 2), rtol=1e-5)
