@@ -132,11 +132,13 @@ def make_train_step(
   """
   compute_dtype = _checked_options(microbatches, ema_decay, compute_dtype)
   adapter = as_model(model)
-  frozen_paths = partition.frozen_module_paths(labels) if labels is not None else frozenset()
-  grad_fn = jax.value_and_grad(_make_loss(adapter, frozen_paths, loss_fn, compute_dtype),
-                               has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
+    # With the state: a BatchNorm without params under a frozen module is frozen too.
+    frozen_paths = (partition.frozen_module_paths(labels, state.model_state)
+                    if labels is not None else frozenset())
+    grad_fn = jax.value_and_grad(_make_loss(adapter, frozen_paths, loss_fn, compute_dtype),
+                                 has_aux=True)
     rng, step_rng = jax.random.split(state.rng)
     if axis_name is not None:
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 from beyond_models import TinyCNN, images, init, labels
@@ -285,3 +286,25 @@ def test_fit_batchnorm_batches_needs_batchnorm_statistics():
     train.fit(module=lambda p, x: x @ p["w"], variables={"params": {"w": jnp.ones((2, 2))}},
               labels={"w": "all"}, tx=optax.sgd(0.1), train_batches=lambda s: iter([]),
               num_steps=1, batchnorm_batches=lambda: [])
+
+
+def test_a_batchnorm_without_params_in_a_frozen_backbone_keeps_its_statistics():
+  class Backbone(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(8)(x)  # a BatchNorm with no scale or offset: no params to label
+      return nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False)(x)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3, name="head")(Backbone(name="backbone")(x, train))
+
+  variables = Net().init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+  labels = jtl.label_params(variables["params"], [("head/.*", "head"), (".*", None)])
+  tx = jtl.make_optimizer(labels)
+  state = jtl.create_train_state(variables, labels, tx)
+  batch = {"inputs": jnp.ones((8, 4)) + jnp.arange(8.0)[:, None], "label": jnp.arange(8) % 3}
+  new, _ = jtl.make_train_step(Net(), tx, labels=labels)(state, batch)
+  np.testing.assert_array_equal(new.model_state["batch_stats"]["backbone"]["BatchNorm_0"]["mean"],
+                                np.zeros(8))
