@@ -92,15 +92,23 @@ _FLAGS = ("train", "deterministic", "use_running_average", "training", "is_train
 _AUTO = "auto"  # NnxModel's and FunctionModel's default: the keyword read from the call
 
 
-def mode_flag(fn: Callable[..., Any], train: bool, *, wrapper: str) -> dict[str, bool]:
-  """The keyword argument saying training or evaluation that `fn` takes (one
-  of train, deterministic, use_running_average, training, is_training, with
-  the meaning inverted where it is), as {name: value}; {} when it takes none.
+def call_kwargs(fn: Callable[..., Any], train: bool, key: jax.Array | None) -> dict[str, Any]:
+  """What jtl passes an NNX module's call `fn` that no adapter names (an own
+  NNX model run by a config, `jtl.models.own_nnx`): every mode flag it takes
+  (train, deterministic, use_running_average, training, is_training, each
+  with its own meaning), and `rngs` if it takes it (`nnx.Rngs(key)` in
+  training, None in evaluation).
 
-  >>> mode_flag(lambda self, x, deterministic=True: x, True, wrapper="Net")
-  {'deterministic': False}
+  >>> call_kwargs(lambda self, x, train=False, deterministic=None: x, True, None)
+  {'train': True, 'deterministic': False}
   """
-  return _flag(_infer_kwarg(fn, _FLAGS, wrapper=wrapper, option="train_kwarg"), train)
+  params = _keywords(fn) or {}
+  kwargs: dict[str, Any] = {}
+  for name in (n for n in _FLAGS if n in params):
+    kwargs.update(_flag(name, train))
+  if "rngs" in params:
+    kwargs["rngs"] = _nnx().Rngs(key) if train and key is not None else None
+  return kwargs
 
 
 def _keywords(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
@@ -363,7 +371,8 @@ class FunctionModel:
 def function_name(fn: Any) -> str:
   """`fn`'s name for a message (a functools.partial's: its function's)."""
   fn = getattr(fn, "func", fn)
-  return getattr(fn, "__name__", type(fn).__name__)
+  name = getattr(fn, "__name__", type(fn).__name__)
+  return getattr(fn, "__qualname__", name) if name == "__call__" else name  # Net.__call__
 
 
 def check_function_call(model: FunctionModel, params: PyTree, inputs: Any,

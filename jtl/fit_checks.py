@@ -50,9 +50,12 @@ def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
     first = next(batches, None)
     if first is None:
       return batches
-    check_batch(first, what="A training batch (from train_batches)")
     if trace_train_step is not None:
-      trace_train_step(first)
+      trace_train_step(first)  # the step checks the batch it reads (a transform's output)
+    else:
+      check_batch(first, what="A training batch (from train_batches)")
+    if not _plain(first):  # built into one by a batch_transform, or a loss without labels
+      return itertools.chain([first], batches)
     probe = {**first, "mask": np.ones(np.shape(first["label"])[:1], bool)}
     try:
       classes = output_classes(variables(), probe)
@@ -69,6 +72,15 @@ def first_batch_checked(train_batches: Callable[[int], Iterator[Batch]],
         pass
     return itertools.chain([first], batches)
   return make
+
+
+def _plain(batch: Batch) -> bool:
+  """Whether `batch` is one that evaluation could read too: "inputs" and "label"."""
+  try:
+    check_batch(batch)
+  except StepError:
+    return False
+  return True
 
 
 def trace_first_step(train_step: Callable, state: TrainState, batch: Batch,

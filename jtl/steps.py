@@ -27,6 +27,8 @@ the micro-batches' statistics.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -297,8 +299,10 @@ def _across_devices(axis_name: str, grads: PyTree, loss: jax.Array, model_state:
           jax.lax.pmean(extra, axis_name), total)
 
 
-def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-                   ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def skip_nonfinite(train_step: TrainStep) -> TrainStep:
   """Wraps a train step so that an update whose loss or gradient norm is NaN
   or inf, or that would make a trainable weight NaN or inf (an update that
   overflows), is not applied: params, optimizer state and model statistics
@@ -337,3 +341,20 @@ def skip_nonfinite(train_step: Callable[[TrainState, Batch], tuple[TrainState, d
   if hasattr(train_step, "axis_name"):
     guarded.axis_name = train_step.axis_name
   return guarded
+
+
+# Names this module held before the eval step and the losses had their own
+# modules: still found here, with a DeprecationWarning naming the new place.
+_MOVED = {**dict.fromkeys(("make_eval_step", "eval_logits", "summarize_eval", "output_classes",
+                           "TOP_K", "EvalFn"), "jtl.eval_steps"),
+          **dict.fromkeys(("cross_entropy_loss", "per_example_cross_entropy", "masked_mean",
+                           "check_labels"), "jtl.losses"),
+          "check_compute_dtype": "jtl.tree", "frozen_batchnorm": "jtl.adapter"}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _MOVED:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  warnings.warn(f"jtl.steps.{name} is now {_MOVED[name]}.{name}", DeprecationWarning,
+                stacklevel=2)
+  return getattr(importlib.import_module(_MOVED[name]), name)

@@ -18,7 +18,7 @@ import functools
 import numbers
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -230,7 +230,8 @@ class _Loop:
     """Step `step`'s batch on the mesh, and its global size (every process's
     rows: examples_per_second counts the whole run's)."""
     batch = parallel.shard_batch(self._next_batch(batches, step, num_steps), self.given.mesh)
-    return batch, int(batch["label"].shape[0])
+    rows = batch["label"] if "label" in batch else jax.tree.leaves(batch)[0]  # a transform's
+    return batch, int(rows.shape[0])
 
   def _next_batch(self, batches: Iterator[Batch], step: int, num_steps: int) -> Batch:
     """The next batch; the time spent waiting for it counts as input wait."""
@@ -353,10 +354,12 @@ _FIT_PHASES = ("A strategy's phases in this form: labels, tx, later_phases = "
 
 def _phases(labels: PyTree, tx: optax.GradientTransformation, later_phases: Any) -> Phases:
   """`fit`'s phases: (0, labels, tx) and `later_phases`, each a (start_step >= 1,
-  labels, tx) tuple (else a ConfigError saying what each entry must be)."""
-  if isinstance(later_phases, (str, bytes)) or not isinstance(later_phases, Sequence):
+  labels, tx) triple, a tuple or list (else a ConfigError saying what each entry
+  must be)."""
+  if isinstance(later_phases, (str, bytes, Mapping)) or not isinstance(later_phases, Iterable):
     raise ConfigError(f"fit(later_phases={later_phases!r}): expected a sequence of "
                       f"(start_step, labels, tx) tuples. {_FIT_PHASES}.")
+  later_phases = [tuple(p) if isinstance(p, list) else p for p in later_phases]
   problems = []
   for i, phase in enumerate(later_phases):
     if hasattr(phase, "rules") and hasattr(phase, "start"):  # a strategies.Phase

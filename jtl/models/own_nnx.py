@@ -63,14 +63,16 @@ class NnxLinen(nnx.bridge.ToLinen):
     def run(module: nnx.Module, inputs: Any) -> Any:
       module.set_attributes(deterministic=not train, use_running_average=not train,
                             raise_if_not_found=False)
-      # A mode flag the call takes is passed too: it would override the attributes.
-      flag = adapter.mode_flag(type(module).__call__, train,
-                               wrapper=f"jtl.NnxModel({type(module).__name__}(...)")
+      # The mode flags the call takes are passed too (they would override the
+      # attributes), and its call-time key: there is no NnxModel here to name them.
+      takes_rngs = "rngs" in inspect.signature(type(module).__call__).parameters
+      key = self.make_rng("dropout") if train and takes_rngs else None  # drawn only if taken
+      kwargs = adapter.call_kwargs(type(module).__call__, train, key)
       names = {"/".join(map(str, p)) for p, _ in nnx.iter_modules(module)}
       frozen_here = [n for n in names if (f"{prefix}/{n}" if prefix else n) in frozen]
       with adapter.frozen_nnx_batchnorm(module, frozen_here if train else ()), \
           batchnorm.nnx_in_linen(module, prefix):  # precise BatchNorm's recording
-        return module(inputs, **flag)
+        return module(inputs, **kwargs)
 
     return nnx.bridge.ToLinen.__call__(self, x, nnx_method=run)
 

@@ -237,21 +237,26 @@ def test_nnx_linen_passes_the_mode_flag_the_nnx_call_takes():
   from jtl import adapter
   from jtl.models import own_nnx
 
-  class FlagNet(nnx.Module):  # the common NNX style: the mode as a call argument
+  class FlagNet(nnx.Module):  # the common NNX style: the mode and key as call arguments
     def __init__(self, num_classes=3, *, rngs):
       self.body, self.bn = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
-      self.head = nnx.Linear(8, num_classes, rngs=rngs)
+      self.drop, self.head = nnx.Dropout(0.5), nnx.Linear(8, num_classes, rngs=rngs)
 
-    def __call__(self, x, train: bool = False):
-      return self.head(self.bn(self.body(x), use_running_average=not train))
+    def __call__(self, x, train: bool = False, deterministic: bool | None = None, rngs=None):
+      h = self.bn(self.body(x), use_running_average=not train)
+      return self.head(self.drop(h, deterministic=deterministic, rngs=rngs))
 
   module = own_nnx.spec_of_nnx(FlagNet, name="t:FlagNet").build(num_classes=3)
   x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32) + 2.0
   variables = module.init(jax.random.PRNGKey(0), x, train=False)
-  _, trained = module.apply(variables, x, train=True, mutable=["batch_stats"])
+  run = lambda seed: module.apply(variables, x, train=True, mutable=["batch_stats"],  # noqa: E731
+                                  rngs={"dropout": jax.random.PRNGKey(seed)})
+  (y1, trained), (y2, _) = run(1), run(2)
   assert np.abs(trained["batch_stats"]["bn"]["mean"]).max() > 1e-3  # trained in train mode
+  assert np.abs(y1 - y2).max() > 1e-3  # dropout on, with the key it was given
+  np.testing.assert_array_equal(module.apply(variables, x), module.apply(variables, x))
   with adapter.frozen_batchnorm({"bn"}):
-    _, kept = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, kept = run(1)
   np.testing.assert_array_equal(kept["batch_stats"]["bn"]["mean"], np.zeros(8))
 
 

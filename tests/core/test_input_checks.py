@@ -320,3 +320,21 @@ def test_fit_explains_linen_variables_that_do_not_fit_the_module(variables, expe
                     tx=jtl.make_optimizer(labels), train_batches=lambda start: iter([batch] * 2),
                     num_steps=1, progress=False, eval_batches=eval_batches)
     assert "https://" not in str(error.value)
+
+
+def test_fit_takes_the_batches_its_step_takes():
+  # A batch_transform builds the keys the step reads; a custom loss with a mask needs no label.
+  apply_fn = lambda params, x: x @ params["w"]  # noqa: E731
+  labels, tx = {"w": "all"}, optax.sgd(0.1)
+  def rename(state, batch, rng):
+    return {"inputs": batch["image"], "label": batch["labels"]}, {}
+  raw = {"image": np.ones((8, 4), np.float32), "labels": np.arange(8) % 3}
+  unlabeled = {"inputs": np.ones((8, 4), np.float32), "mask": np.ones(8, bool)}
+  squared = lambda outputs, batch: jnp.mean((outputs - 1.0) ** 2)  # noqa: E731
+  for kwargs, batch, loss in ((dict(batch_transform=rename), raw, np.log(3.0)),
+                              (dict(loss_fn=squared), unlabeled, 1.0)):
+    logged = []
+    jtl.train.fit(module=apply_fn, variables={"params": {"w": jnp.zeros((4, 3))}},
+                  labels=labels, tx=tx, train_batches=lambda s: iter([batch] * 2), num_steps=1,
+                  progress=False, log_every=1, on_log=lambda step, m: logged.append(m), **kwargs)
+    np.testing.assert_allclose(logged[0]["loss"], loss, rtol=1e-6)

@@ -344,3 +344,12 @@ def test_batches_of_another_format_say_what_to_rename():
   _, m = jax.jit(unlabeled)(jtl.create_train_state(variables, labels, tx),
                             {"inputs": x, "mask": np.ones(16, bool)})
   np.testing.assert_allclose(m["loss"], np.mean(np.asarray(logits) ** 2), rtol=1e-5)
+
+
+def test_names_that_moved_out_of_steps_are_found_with_a_warning():
+  with pytest.warns(DeprecationWarning, match=r"jtl.steps.make_eval_step is now jtl.eval_steps"):
+    assert jtl.steps.make_eval_step is jtl.eval_steps.make_eval_step
+  with pytest.warns(DeprecationWarning, match=r"jtl.losses.masked_mean"):
+    assert jtl.steps.masked_mean is jtl.losses.masked_mean
+  with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+    jtl.steps.nothing  # noqa: B018

@@ -59,7 +59,8 @@ def test_adversarial_train_step_and_robust_eval(setup):
   robust = jax.jit(adversarial.make_robust_eval_step(model, **opts))
   clean = jax.jit(jtl.make_eval_step(model))
   batch = {"inputs": x, "label": y, "mask": np.array([True] * 6 + [False] * 2)}
-  r, c = jtl.eval_steps.summarize_eval(robust(v, batch)), jtl.eval_steps.summarize_eval(clean(v, batch))
+  summarize = jtl.eval_steps.summarize_eval
+  r, c = summarize(robust(v, batch)), summarize(clean(v, batch))
   assert r["count"] == c["count"] == 6
   assert r["loss"] > c["loss"] and r["accuracy"] <= c["accuracy"]
   again = jtl.eval_steps.summarize_eval(robust(v, batch))

@@ -111,6 +111,9 @@ def test_fit_phases_keep_the_probe_rate_under_a_wrapper_and_fit_refuses_phase_ob
       jtl.train.fit(module=strategy.module, variables=strategy.variables, labels=labels,
                     tx=tx, later_phases=bad, train_batches=lambda start: iter(()),
                     num_steps=3, progress=False)
+  # Lists and generators of triples are phases as tuples are.
+  for given in ([[2, labels, tx]], (p for p in [(2, labels, tx)])):
+    assert [p[0] for p in jtl.train._phases(labels, tx, given).items] == [0, 2]
 
 
 def test_gradual_unfreezing_phases_unfreeze_from_the_top():
