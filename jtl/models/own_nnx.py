@@ -6,7 +6,9 @@ evaluation, restore from a workdir and every export.
 `NnxLinen` is flax's `nnx.bridge.ToLinen` with Linen's `train` flag: the NNX
 module is built from its class and the Linen variables at each call (as
 ToLinen does; under jit the unused init is dead code), put in train or eval
-mode (`deterministic`, `use_running_average`), and called. Its variables are
+mode (`deterministic`, `use_running_average`), and called with the mode flags
+its `__call__` takes and, if it takes `rngs`, a key drawn from Linen's
+"dropout" stream in training (`jtl.adapter.call_kwargs`). Its variables are
 the NNX state at the NNX attribute paths: "params" (`nnx.Param`, e.g.
 "head/kernel") and "batch_stats" (`nnx.BatchStat`). BatchNorm layers whose
 params a strategy freezes run on their stored statistics
