@@ -34,6 +34,12 @@ class CheckpointError(JtlError):
   """A checkpoint file or directory that cannot be read or written."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """An intact checkpoint saved from another state than the one it is restored
+  into: another model, partition, optimizer or phase. Never taken for damage:
+  a resume stops at it, with no older step tried and nothing renamed."""
+
+
 class LoadError(JtlError):
   """Pretrained weights that do not fit the model they are loaded into.
 

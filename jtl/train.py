@@ -185,13 +185,17 @@ class _Loop:
     raise _preempted(g.stop, self.last_saved if g.mngr else None, step, num_steps, g.workdir)
 
   def _evaluate_and_save(self, step: int, due_eval: bool, due_save: bool, last: bool) -> None:
-    """Precise BatchNorm first (when asked), then the evaluation and the save."""
+    """Precise BatchNorm first (when asked), then the evaluation and the save:
+    at a checkpoint step, or at any evaluation that beats the best kept
+    checkpoint's best_metric (so the best is never an unsaved state)."""
     g = self.given
     if g.refresh_batchnorm is not None:
       self.state = g.refresh_batchnorm(self.state, self.phase)
     evaluated = self.evaluate(step) if due_eval else None
-    if due_save and g.mngr.save(step, self.state, meta=g.meta, force=last,
-                                metrics=evaluated if g.save_eval_metrics else None):
+    metrics = evaluated if g.save_eval_metrics else None
+    best = not due_save and g.mngr is not None and g.mngr.beats_best(metrics)
+    if (due_save or best) and g.mngr.save(step, self.state, meta=g.meta, force=last or best,
+                                          metrics=metrics):
       self.last_saved = step
 
   def evaluate(self, step: int) -> dict[str, float]:
@@ -294,7 +298,7 @@ def fit(*, module: Any, variables: PyTree | None, labels: PyTree, tx: optax.Grad
       with `<workdir>/jtl.lock` (a second run is refused; see `WorkdirLock`). None: no files.
     eval_batches, eval_every, checkpoint_every: `eval_batches()` returns one pass of
       padded, masked batches; evaluations and saves every so many steps (0: at the end).
-    keep, best_metric: the last `keep` checkpoints stay, and the best by this eval metric.
+    keep, best_metric: the last `keep` checkpoints stay, and the best evaluation (saved too).
     mesh: device mesh from `jtl.make_mesh` (default: all devices, data parallel).
     meta: JSON-able facts saved with each checkpoint ("model", "num_classes",
       "class_names", ...); resuming with different ones is refused.

@@ -43,14 +43,16 @@ from jtl.train import FitResult, fit
 SCHEDULE_KEYS = ("num_steps", "warmup_steps", "learning_rate", "schedule")
 
 
-def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve_schedule(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None
+                     ) -> ml_collections.ConfigDict:
   """A config in epochs made concrete: with `num_epochs` > 0, a copy whose
   num_steps = num_epochs x steps per epoch (training examples // batch_size),
   warmup_steps = warmup_epochs x steps per epoch, and eval_every /
   checkpoint_every one epoch where they are 0 (a value the user set, in
   steps, is kept); batch_size shrinks to the training split when that is
-  smaller. Other configs are returned unchanged. A step count set with its
-  epoch counterpart is a ConfigError naming both (`preflight.schedule_conflicts`)."""
+  smaller (`_small_split_batch`: in `workdir`'s run, the batch it trained with).
+  Other configs are returned unchanged. A step count set with its epoch
+  counterpart is a ConfigError naming both (`preflight.schedule_conflicts`)."""
   epochs = config.num_epochs or 0
   if not epochs:
     return config
@@ -58,16 +60,39 @@ def resolve_schedule(config: ml_collections.ConfigDict) -> ml_collections.Config
   if conflicts:
     raise ConfigError("Invalid config:\n" + bullet_list(conflicts))
   n = sources.split_size(config.dataset, config.train_split, config.data_dir)
-  devices = jax.device_count()
   c = ml_collections.ConfigDict(config.to_dict())
   if n < c.batch_size:
-    c.batch_size = max(devices, n // devices * devices)
+    c.batch_size = _small_split_batch(config, n, workdir)
   per_epoch = max(1, n // c.batch_size)
   c.num_steps = int(epochs * per_epoch)
   c.eval_every = config.eval_every or per_epoch
   c.checkpoint_every = config.checkpoint_every or per_epoch
   c.warmup_steps = int(round(config.warmup_epochs * per_epoch))
   return c
+
+
+def _small_split_batch(config: ml_collections.ConfigDict, n: int,
+                       workdir: str | os.PathLike | None) -> int:
+  """The batch size of a run whose training split has `n` < batch_size
+  examples: the most that fill every device evenly. On resume, the one
+  `workdir`'s checkpoints record: the same on another device count, as the
+  data position (steps x batch) and the steps per epoch count in it; a
+  ConfigError when these devices do not divide it."""
+  devices = jax.device_count()
+  saved = ((layout.latest_meta(workdir) or {}).get("config") or {}) if workdir else {}
+  batch = saved.get("batch_size")
+  if not isinstance(batch, int) or not 0 < batch <= n:  # a fresh run (or no such record)
+    return max(devices, n // devices * devices)
+  if batch % devices:
+    fitting = [d for d in range(1, batch + 1) if batch % d == 0]
+    raise ConfigError(
+        f"{workdir} holds a run trained with batch_size={batch} (its training split has {n} "
+        f"examples, fewer than batch_size={config.batch_size}, so the batch was made a multiple "
+        f"of the devices it ran on), and this machine has {devices} devices, which do not "
+        f"divide {batch}: resuming with {max(devices, n // devices * devices)} would change "
+        f"the batch and the data order. Resume on a number of devices that divides {batch} "
+        f"({', '.join(map(str, fitting))}), or use a new --workdir.")
+  return batch
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -190,12 +215,17 @@ def eval_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
   (default: the config's eval split of its eval dataset)."""
   kwargs = _pipeline_kwargs(config, spec)
   split = split or config.eval_split
-  batch_size = config.eval_batch_size or config.batch_size
-  # Eval batches are padded and masked, so rounding up to fill every device is free.
-  batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+  batch_size = _eval_batch_size(config)
   dataset = dataset or config.eval_dataset or config.dataset
   return lambda: data.make_dataset(dataset, split=split, batch_size=batch_size,
                                    train=False, **kwargs)
+
+
+def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """eval_batch_size (or batch_size) rounded up to a multiple of the devices:
+  eval batches are padded and masked, so filling every device is free."""
+  batch_size = config.eval_batch_size or config.batch_size
+  return -(-batch_size // jax.device_count()) * jax.device_count()
 
 
 def optimizer_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -271,14 +301,29 @@ def precise_batchnorm_images(config: ml_collections.ConfigDict, variables: Any) 
 
 def precise_batchnorm_batches(config: ml_collections.ConfigDict, spec: models.ModelSpec,
                               variables: Any) -> Callable[[], Iterator[Any]] | None:
-  """`fit`'s `batchnorm_batches`: `precise_batchnorm_images` unaugmented
-  training images, or None when that is 0."""
+  """`fit`'s `batchnorm_batches`: the first `precise_batchnorm_images`
+  unaugmented training images (each process its share), or None when that
+  is 0. The rows past them are masked out, so the set is the same whatever
+  the eval batch is rounded up to on these devices."""
   images = precise_batchnorm_images(config, variables)
   if not images:
     return None
   batches = eval_batches(config, spec, config.train_split, config.dataset)
-  count = -(-images // (config.eval_batch_size or config.batch_size))
-  return lambda: itertools.islice(batches(), count)
+  share = -(-images // jax.process_count())  # the same batch count on every process
+  local_batch = _eval_batch_size(config) // jax.process_count()
+  return lambda: _first_rows(batches(), share, local_batch)
+
+
+def _first_rows(batches: Iterator[dict[str, Any]], rows: int, local_batch: int
+                ) -> Iterator[dict[str, Any]]:
+  """The batches of a padded, masked pass that hold its first `rows` real
+  rows, the real rows past them masked out (mask=False: not counted)."""
+  seen = 0
+  for batch in itertools.islice(batches, -(-rows // local_batch)):
+    mask = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)), bool)
+    keep = mask & (seen + np.cumsum(mask) <= rows)
+    seen += int(mask.sum())
+    yield {**batch, "mask": keep}
 
 
 def cached_probe_phase(config: ml_collections.ConfigDict, spec: models.ModelSpec,
@@ -369,7 +414,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   preflight.preflight(config, workdir="" if workdir is None else workdir)
   if workdir is not None:
     resume.check_same_run(config, workdir)  # before anything is built or loaded
-  config = resolve_schedule(config)
+  config = resolve_schedule(config, workdir)
   workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://...)
   train_features = None
   if config.model == model_choice.AUTO:  # then the run is the chosen model's, as if named

@@ -15,7 +15,8 @@ restarts: the last `keep` intact steps plus the best by the metric saved in
 each step's meta. A state with a NaN or inf is never saved, and a non-finite
 metric never counts as best. A damaged step (truncated files, a stray folder)
 is skipped with a warning naming it, and resuming falls back to the newest
-intact step.
+intact step; an intact step saved from another state (model, partition,
+optimizer, phase) is no damage: resuming stops there, nothing renamed.
 
 What a checkpoint folder holds and which step is read: `jtl.checkpoint.layout`;
 a run's variables read without a manager: `jtl.checkpoint.restore`.
@@ -47,8 +48,8 @@ from jtl.checkpoint.layout import (
   step_numbers,
   step_problem,
 )
-from jtl.checkpoint.restore import FINGERPRINTS, check_fingerprints
-from jtl.errors import CheckpointError, bullet_list
+from jtl.checkpoint.restore import FINGERPRINTS, check_fingerprints, saved_shapes
+from jtl.errors import CheckpointError, CheckpointMismatchError, bullet_list
 from jtl.state import TrainState
 from jtl.tree import PyTree
 
@@ -95,23 +96,38 @@ def _write_arrays_whole_in_one_process() -> None:
       absl_log.setLevel(level)
 
 
-def _check_restored(restored: PyTree, abstract: PyTree, where: Any) -> None:
-  """Refuses a restore that left target leaves empty or added others: Orbax
-  fills a target array from a leaf saved as None (a parameter frozen, so
-  without optimizer state, when the checkpoint was written) with None."""
-  def paths(tree: PyTree) -> set[str]:
-    return {p for p, leaf in jtree.leaves_with_paths(tree) if leaf is not None}
-  missing = sorted(paths(abstract) - paths(restored))
-  extra = sorted(paths(restored) - paths(abstract))
-  if missing or extra:
-    raise CheckpointError(
-        f"{where}: the checkpoint was saved with another partition or optimizer than this run "
-        f"has (e.g. other rules, so other parameters train).\nIn this run, not in the "
-        f"checkpoint:\n{bullet_list(missing[:10]) or '  (none)'}\nIn the checkpoint, not in "
-        f"this run:\n{bullet_list(extra[:10]) or '  (none)'}\nResume with the rules and "
-        "optimizer it was saved with, or use a new workdir (to start from its weights, "
-        "restore them with jtl.restore_variables and pass them as the new run's variables).",
-    )
+def _check_fits(saved: dict[str, tuple[int, ...] | None], abstract: PyTree,
+                where: Any) -> None:
+  """Raises a CheckpointMismatchError when the arrays a step holds (`saved`,
+  from its metadata) are not the target's, before any is read: Orbax would
+  restore a subset the target asks for and drop the rest silently, and fill
+  a target array from a leaf saved as None (a parameter frozen, so without
+  optimizer state, when the checkpoint was written) with None."""
+  target = {p: x for p, x in jtree.leaves_with_paths(abstract) if x is not None}
+  missing = sorted(set(target) - set(saved))
+  extra = sorted(set(saved) - set(target))
+  reshaped = sorted(
+      f"{p}: saved {saved[p]}, this run {tuple(x.shape)}" for p, x in target.items()
+      if p in saved and saved[p] is not None and saved[p] != tuple(x.shape)
+      and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+  if not (missing or extra or reshaped):
+    return
+  roots = {p.split("/")[0].split(":")[0] for p in missing + extra + reshaped}
+  what = ("another model (other parameters, statistics or shapes)"
+          if roots & {"params", "model_state"} else
+          "another partition or optimizer (e.g. other rules or phases, so other parameters "
+          "train at this step)")
+  ema = ("\nweight EMA (fit(ema_decay=)) is on in one of them only." if "ema_params" in roots
+         else "")
+  raise CheckpointMismatchError(
+      f"{where}: the checkpoint does not fit the state of this run: it was saved with {what} "
+      f"than this run has.\nIn this run, not in the checkpoint:\n"
+      f"{bullet_list(missing, limit=10) or '  (none)'}\nIn the checkpoint, not in this run:\n"
+      f"{bullet_list(extra, limit=10) or '  (none)'}"
+      + (f"\nOther shapes:\n{bullet_list(reshaped, limit=10)}" if reshaped else "") + ema
+      + "\nNo checkpoint was renamed or deleted. Resume with the model, rules, phases and "
+      "optimizer it was saved with, or use a new workdir (to start from its weights, restore "
+      "them with jtl.restore_variables and pass them as the new run's variables).")
 
 
 def _to_saved(state: TrainState) -> dict[str, Any]:
@@ -284,19 +300,11 @@ class CheckpointManager:
     steps = self.intact_steps()
     kept = set(steps[-self.keep:])
     if self.best_metric:
-      unread = []
-      for s in steps:
-        if s not in self._step_scores:
-          meta = read_meta(self.directory / str(s))
-          if meta:
-            self._step_scores[s] = score(meta, self.best_metric)
-          else:
-            unread.append(s)
+      scores, unread = self._scores(steps)
       if unread:  # a failed read (a timeout) must not cost the best: no deletion now
         log.warning("Keeping every checkpoint for now: the meta of step(s) %s could not be "
                     "read, and one of them may be the best.", unread)
         return
-      scores = {s: self._step_scores[s] for s in steps if self._step_scores[s] is not None}
       if scores:
         kept.add((max if self.best_mode == "max" else min)(scores, key=scores.get))
     for step in steps:
@@ -304,6 +312,36 @@ class CheckpointManager:
         self._manager.delete(step)
         self._problems.pop(step, None)
         self._step_scores.pop(step, None)
+
+  def _scores(self, steps: list[int]) -> tuple[dict[int, float], list[int]]:
+    """({step: finite best_metric} of `steps`, each step's meta read once;
+    the steps whose meta cannot be read now)."""
+    unread = []
+    for s in steps:
+      if s not in self._step_scores:
+        meta = read_meta(self.directory / str(s))
+        if meta:
+          self._step_scores[s] = score(meta, self.best_metric)
+        else:
+          unread.append(s)
+    scores = {s: self._step_scores[s] for s in steps
+              if s in self._step_scores and self._step_scores[s] is not None}
+    return scores, unread
+
+  def beats_best(self, metrics: dict[str, Any] | None) -> bool:
+    """Whether `metrics` (an evaluation) beat every kept step's `best_metric`
+    (True when no step has one): a state worth saving, so that the best
+    evaluation is kept even when it falls between checkpoint steps. False
+    without a best_metric, a finite value of it, or when a meta cannot be read."""
+    value = score({"metrics": _finite_metrics(metrics)}, self.best_metric)
+    if not self.best_metric or value is None:
+      return False
+    self.wait()  # a save under way counts (and is never checked half-written)
+    scores, unread = self._scores(self.intact_steps())
+    if unread:  # it may be the best: saved at the next checkpoint step as before
+      return False
+    best = (max if self.best_mode == "max" else min)(scores.values(), default=None)
+    return best is None or (value > best if self.best_mode == "max" else value < best)
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON saved with `step` (default: the newest intact step)."""
@@ -319,9 +357,13 @@ class CheckpointManager:
 
     The params are split again by `labels`; the target's shardings decide
     where arrays go, so a run saved on 8 devices restores onto 1 and back.
+    A step whose saved arrays (paths, shapes: its metadata, read first) are
+    not the target's is a CheckpointMismatchError naming them.
     """
     step = self._resolve(step)
+    step_dir = self.directory / str(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saved(target))
+    _check_fits(saved_shapes(step_dir / "state"), abstract, step_dir)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
@@ -332,8 +374,6 @@ class CheckpointManager:
     except Exception as e:  # tensorstore raises bare exceptions on bad files
       raise CheckpointError(f"{self.directory}/{step}: the checkpoint is damaged: "
                             f"{type(e).__name__}: {str(e)[:500]}") from e
-    _check_restored(restored, abstract, self.directory / str(step))
-    step_dir = self.directory / str(step)
     check_fingerprints(step_dir, read_meta(step_dir), integrity.fingerprints(restored))
     trainable, frozen = partition.split(restored["params"], labels)
     ema = partition.split(restored["ema_params"], labels)[0] if "ema_params" in restored else None
@@ -348,7 +388,10 @@ class CheckpointManager:
     `make_target(step)` gives the (state, labels) to restore step `step`
     into. A damaged newer step is logged, renamed to `<step>.damaged` (kept
     for inspection, out of the way of new saves) and skipped. If no step
-    reads back, the newest one's error is raised (e.g. a different model).
+    reads back, the newest one's error is raised. A step saved from another
+    state (another model, partition, optimizer or phase: a
+    CheckpointMismatchError) is raised at once, nothing renamed: the newer
+    steps are this run's, intact.
     """
     errors: list[tuple[int, CheckpointError]] = []
     for step in reversed(self._step_dirs()):
@@ -357,6 +400,8 @@ class CheckpointManager:
         if problem is not None:
           raise CheckpointError(f"{self.directory / str(step)}: {problem}")
         state = self.restore(*make_target(step), step=step)
+      except CheckpointMismatchError:
+        raise
       except CheckpointError as e:
         errors.append((step, e))
         continue

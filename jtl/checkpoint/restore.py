@@ -182,14 +182,32 @@ def check_fingerprints(step_dir: epath.Path, meta: dict[str, Any],
         + "\nThe checkpoint is damaged; an earlier one is used where there is one.")
 
 
-def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
-  """Those of `names` that hold arrays in the saved state (a model without
-  BatchNorm saves an empty model_state)."""
+def _saved_tree(state_dir: epath.Path) -> Any:
+  """The metadata tree of a step's state/ folder (what Orbax saved: each
+  array's path and shape); a CheckpointError when it cannot be read."""
   try:
-    tree = metadata_tree(state_dir)
+    return metadata_tree(state_dir)
   except CheckpointError:
     raise
   except Exception as e:  # Orbax's own KeyError/ValueError on damaged metadata
     raise CheckpointError(f"{state_dir}: its metadata cannot be read ({type(e).__name__}: "
                           f"{str(e)[:200]})") from e
+
+
+def saved_shapes(state_dir: epath.Path) -> dict[str, tuple[int, ...] | None]:
+  """{"/"-joined path: shape (None: not recorded)} of every array a step's
+  state/ folder holds (a leaf saved as None, e.g. a frozen parameter's
+  optimizer state, is none), from its metadata alone; a CheckpointError when
+  that cannot be read."""
+  tree = _saved_tree(state_dir)
+  if not isinstance(tree, dict):
+    raise CheckpointError(f"{state_dir}: its metadata lists no saved state (damaged)")
+  shape = lambda leaf: None if getattr(leaf, "shape", None) is None else tuple(leaf.shape)
+  return {path: shape(leaf) for path, leaf in jtree.leaves_with_paths(tree) if leaf is not None}
+
+
+def _nonempty_branches(state_dir: epath.Path, names: tuple[str, ...]) -> list[str]:
+  """Those of `names` that hold arrays in the saved state (a model without
+  BatchNorm saves an empty model_state)."""
+  tree = _saved_tree(state_dir)
   return [n for n in names if isinstance(tree, dict) and jax.tree.leaves(tree.get(n))]

@@ -7,14 +7,17 @@ import json
 import re
 from unittest import mock
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
-from app_helpers import config_with, load_config, photo_folder
+from app_helpers import colour_photos, config_with, load_config, photo_folder
 
 from configs import default, text_minilm
+import jtl
 from jtl import data, models
 from jtl.app import experiment, keys, preflight, preflight_data, workdirs
+from jtl.checkpoint import CheckpointManager
 from jtl.errors import ConfigError
 from jtl.recipes import strategies
 
@@ -187,6 +190,25 @@ def test_precise_batchnorm_of_rules_configs_resolves_and_fails_clearly():
   assert images(c) == strategies.PRECISE_BATCHNORM_IMAGES and images(c, no_bn) == 0
 
 
+
+def test_precise_batchnorm_recomputes_on_the_same_images_on_any_device_count(tmp_path,
+                                                                            monkeypatch):
+  """precise_batchnorm=10 with eval batches of 6: 12 images on 1 or 2
+  devices, 16 on 8 (batches rounded up to 8, as many taken): the first 10
+  rows now, the rest masked out."""
+  c = default.get_config()
+  c.dataset = f"folder:{colour_photos(tmp_path, ('a', 'b'), {'train': 8}, size=(8, 8))}"
+  c.train_split, c.image_size, c.eval_batch_size = "train", 8, 6
+  c.strategy.precise_batchnorm = 10
+  spec = models.registry.get_spec(c.model)
+  used = {}
+  for devices in (1, 2, 8):
+    monkeypatch.setattr(jax, "device_count", lambda devices=devices: devices)
+    batches = experiment.precise_batchnorm_batches(c, spec, {"batch_stats": {"bn": {}}})
+    rows = [x for b in batches() for x, real in zip(b["inputs"], b["mask"]) if real]
+    used[devices] = sorted(round(float(x.sum()), 3) for x in rows)
+  assert len(used[1]) == 10 and used[1] == used[2] == used[8]
+
 def test_num_classes_below_the_dataset_classes_is_refused_before_training(tmp_path):
   """Issue 26: MNIST with num_classes=3 trained (labels 3..9 gave zero loss)."""
   photos = photo_folder(tmp_path / "photos")
@@ -292,6 +314,34 @@ def test_num_epochs_keeps_the_users_step_values_and_names_both_keys_of_a_conflic
   assert "warmup_steps=20 and warmup_epochs=1.0 are both set" in "\n".join(problems)
   with pytest.raises(ConfigError, match="num_steps=300 and num_epochs=3 are both set"):
     experiment.resolve_schedule(config)
+
+
+def test_a_resume_on_other_devices_keeps_the_batch_a_small_split_gave(tmp_path, monkeypatch):
+  """A training split smaller than batch_size makes the batch a multiple of
+  the devices; a run resumed on other devices kept its step count but took
+  another batch (36 -> 32 from 2 to 8 devices), so the data position and
+  the run changed silently. The checkpoints' batch is kept, or refused."""
+  config = default.get_config()
+  config.dataset = f"folder:{photo_folder(tmp_path / 'photos')}"  # 4 training images
+  config.batch_size, config.num_steps, config.num_epochs = 48, 0, 3
+  workdir = tmp_path / "run"
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  first = experiment.resolve_schedule(config, workdir)
+  assert (first.batch_size, first.num_steps) == (3, 3)
+  params = {"head": {"w": np.zeros((2, 3), np.float32)}}
+  labels = jtl.label_params(params, [(".*", "head")])
+  state = jtl.create_train_state(params, labels, jtl.make_optimizer(labels, learning_rate=0.1))
+  mngr = CheckpointManager(workdir, async_save=False)
+  mngr.save(1, state, meta=experiment.run_meta(first, 2), force=True)
+  mngr.close()
+  monkeypatch.setattr(jax, "device_count", lambda: 1)  # one device divides 3: kept
+  resumed = experiment.resolve_schedule(config, workdir)
+  assert (resumed.batch_size, resumed.num_steps) == (3, 3)
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  with pytest.raises(ConfigError, match=r"trained with batch_size=3 .*this machine has 2 "
+                                        r"devices, which do not divide 3.* \(1, 3\)"):
+    experiment.resolve_schedule(config, workdir)
+  assert experiment.resolve_schedule(config, tmp_path / "new").batch_size == 4  # fresh: 2 x 2
 
 
 def test_the_runs_seed_draws_loras_init_and_strategy_seed_is_no_key():

@@ -51,6 +51,27 @@ def test_best_checkpoint_survives_two_restarts(tmp_path):
   assert meta["step"] == 1
 
 
+def test_the_best_evaluation_between_checkpoint_steps_is_saved(tmp_path):
+  """Evaluations every step, checkpoints every 4: the best (step 2's) was
+  never saved, only steps where both fell could be the best."""
+  scores = iter([0.1, 0.9, 0.2, 0.3])  # step 2's evaluation is the best
+  rows = lambda b, score: {**b, "score": np.full(8, score, np.float32)}
+  kwargs = fit_kwargs(
+      tmp_path, eval_every=1, checkpoint_every=4, best_metric="score",
+      train_batches=lambda start: iter([rows(batch(8, classes=4, seed=i), 0.0)
+                                        for i in range(start, 10)]),
+      eval_batches=lambda: [{**rows(batch(8, classes=4, seed=99), next(scores)),
+                             "mask": np.ones(8, bool)}],
+      eval_fn=lambda outputs, b: {"score": (b["score"] * b["mask"]).sum()})
+  jtl.train.fit(num_steps=4, **kwargs)
+  assert steps_on_disk(tmp_path) == [2, 4]  # keep=1: the last and the best
+  best, meta = restore_variables(tmp_path, step="best")
+  assert meta["step"] == 2 and meta["metrics"]["score"] == pytest.approx(0.9)
+  at_2 = jtl.train.fit(num_steps=2, **{**kwargs, "workdir": None, "eval_batches": None})
+  jax.tree.map(np.testing.assert_array_equal, best["params"],
+               jax.device_get(at_2.state.params))
+
+
 def test_a_loss_is_kept_at_its_lowest_and_damaged_metadata_falls_back(tmp_path):
   manager = CheckpointManager(tmp_path, save_every=1, keep=1, best_metric="loss",
                               async_save=False)

@@ -13,7 +13,7 @@ import pytest
 
 import jtl
 from jtl import phases
-from jtl.errors import CheckpointError, OptimizerError, StepError
+from jtl.errors import CheckpointError, CheckpointMismatchError, OptimizerError, StepError
 from jtl.partition import UnusedRuleWarning
 
 
@@ -121,6 +121,46 @@ def test_resuming_with_other_rules_is_a_checkpoint_error_naming_the_leaves(tmp_p
   with pytest.raises(CheckpointError, match=r"another partition or optimizer(.|\n)*"
                                             r"opt_state/0/mu/backbone/kernel"):
     jtl.train.fit(labels=all_labels, tx=all_tx, num_steps=3, **kw)
+  # Fewer leaves trained than saved (the backbone frozen on resume): Orbax
+  # restored the head's subset and dropped the backbone's moments silently.
+  kw["workdir"] = tmp_path / "all"
+  jtl.train.fit(labels=all_labels, tx=all_tx, num_steps=2, **kw)
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"checkpoints/2: (.|\n)*In this run, not in the checkpoint:\n  "
+                           r"\(none\)\nIn the checkpoint, not in this run:\n  - "
+                           r"opt_state/0/mu/backbone/bias\n  - opt_state/0/mu/backbone/kernel"):
+    jtl.train.fit(labels=labels, tx=tx, num_steps=3, **kw)
+
+
+def _phased_fit(workdir, *, switch, num_steps):
+  """The head alone, then everything from step `switch` (LP-FT's shape)."""
+  net, variables, head, head_tx = _setup()
+  _, _, full, full_tx = _setup(((".*", "all"),))
+  batches = [_batch(np.arange(8) % 3)] * 8
+  evals = lambda: [{**_batch(np.arange(8) % 3), "mask": np.ones(8, bool)}]
+  return jtl.train.fit(module=net, variables=variables, labels=head, tx=head_tx,
+                       later_phases=[(switch, full, full_tx)], num_steps=num_steps,
+                       train_batches=lambda s: iter(batches[s:]), eval_batches=evals,
+                       eval_every=1, checkpoint_every=1, best_metric="loss", keep=10,
+                       async_checkpoints=False, progress=False, workdir=workdir)
+
+
+def _on_disk(workdir):
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def test_a_resume_into_a_partition_that_trains_more_keeps_every_checkpoint(tmp_path):
+  """The head alone trained steps 1-3; rerun with the switch at step 2, step
+  3 lies in the fine-tuning phase: refused at step 3, not taken for damage
+  (which renamed step 3, the best, to 3.damaged and rewound to step 2)."""
+  _phased_fit(tmp_path, switch=10, num_steps=3)
+  best = jtl.checkpoint.CheckpointManager(tmp_path, best_metric="loss").best_step()
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"checkpoints/3: the checkpoint does not fit the state of this run: "
+                           r"it was saved with another partition or optimizer(.|\n)*In this "
+                           r"run, not in the checkpoint:\n  - opt_state/0/mu/backbone/bias"):
+    _phased_fit(tmp_path, switch=2, num_steps=4)
+  assert _on_disk(tmp_path) == ["1", "2", "3"] and best == 3
 
 
 def _adam_counts(opt_state):
