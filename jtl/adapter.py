@@ -602,14 +602,24 @@ def frozen_nnx_batchnorm(module: Any, frozen_paths: Iterable[str]) -> Iterator[N
   an attribute, so each such layer of this copy, made for the trace, is
   given a frozen subclass of its own class until the context ends."""
   nnx, paths = _nnx(), frozenset(frozen_paths)
-  layers = [(sub, type(sub)) for path, sub in nnx.iter_modules(module) if paths
+  layers = [sub for path, sub in nnx.iter_modules(module) if paths
             and isinstance(sub, nnx.BatchNorm) and "/".join(map(str, path)) in paths]
+  with classes_swapped(layers, _frozen_nnx_class):
+    yield
+
+
+@contextlib.contextmanager
+def classes_swapped(layers: Iterable[Any], subclass: Callable[[type], type]) -> Iterator[None]:
+  """Within this context each of `layers` is an instance of `subclass(its
+  class)` (how jtl changes what an NNX layer's call does: NNX has no method
+  interceptors); their own classes are back after it."""
+  classes = [(layer, type(layer)) for layer in layers]
   try:
-    for layer, cls in layers:
-      object.__setattr__(layer, "__class__", _frozen_nnx_class(cls))
+    for layer, cls in classes:
+      object.__setattr__(layer, "__class__", subclass(cls))
     yield
   finally:
-    for layer, cls in layers:
+    for layer, cls in classes:
       object.__setattr__(layer, "__class__", cls)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import parallel
-from jtl.adapter import NnxModel, as_model, split_nnx
+from jtl.adapter import NnxModel, as_model, classes_swapped, split_nnx
 from jtl.errors import ConfigError
 from jtl.tree import PyTree, flatten, unflatten
 
@@ -195,14 +195,10 @@ def _nnx_recording(module: Any, rows: jax.Array, skip: frozenset[str], recorded:
     if isinstance(layer, nnx.BatchNorm) and key not in skip:
       layers[id(layer)] = (layer, key)
   token = _NNX_TRACE.set(_NnxTrace({i: key for i, (_, key) in layers.items()}, rows, recorded))
-  classes = [(layer, type(layer)) for layer, _ in layers.values()]
   try:
-    for layer, cls in classes:
-      object.__setattr__(layer, "__class__", _recording_class(cls))
-    yield
+    with classes_swapped([layer for layer, _ in layers.values()], _recording_class):
+      yield
   finally:
-    for layer, cls in classes:
-      object.__setattr__(layer, "__class__", cls)
     _NNX_TRACE.reset(token)
 
 
